@@ -1,0 +1,217 @@
+"""backer's own SQLite tables: derived indexes over the journal plus local caches.
+
+Everything here except ``local`` and the chunk locations can be rebuilt by replaying
+the journal; they exist so that questions like "what is live at this path" or "what
+was this path before" are one indexed lookup instead of a walk of the CRDT.
+
+- ``live``: the live versions per path (the CRDT's present keys).
+- ``versions``: every version ever seen, with author and journal position (history).
+- ``local``: what the disk held at the last scan — (size, mtime_ns, inode, mode) and
+  the version it matched — so unchanged files are recognised without rehashing.
+- ``manifests``: chunk lists by content id; ``chunks``: where a chunk's bytes can be
+  read locally (verified by hash when read, so a stale row is harmless).
+- ``members``: devices admitted to the share; ``meta``: share id, key, positions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import sqlite_utils
+
+from .content import Manifest
+from .records import Kind, Version, split_key
+from .state import Delta
+
+
+@dataclass(frozen=True)
+class LocalEntry:
+    """What the scanner last saw on disk at a path, and the version it recorded."""
+
+    path: str
+    version_id: str
+    size: int
+    mtime_ns: int
+    inode: int
+    mode: int
+
+    @property
+    def stat_key(self) -> tuple[int, int, int, int]:
+        return self.size, self.mtime_ns, self.inode, self.mode
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    version_id: str
+    version: Version
+    author: bytes
+    position: int
+    live: bool
+
+
+class Catalog:
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
+        self.conn: sqlite3.Connection = db.conn
+        if "live" not in db.table_names():
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        with self.conn:
+            for statement in (
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB)",
+                "CREATE TABLE live (path TEXT, vid TEXT, record BLOB, "
+                "PRIMARY KEY (path, vid)) WITHOUT ROWID",
+                "CREATE TABLE versions (vid TEXT PRIMARY KEY, path TEXT, record BLOB, "
+                "author BLOB, position INTEGER)",
+                "CREATE INDEX versions_path ON versions (path, position)",
+                "CREATE TABLE local (path TEXT PRIMARY KEY, vid TEXT, size INTEGER, "
+                "mtime_ns INTEGER, inode INTEGER, mode INTEGER) WITHOUT ROWID",
+                "CREATE TABLE manifests (id BLOB PRIMARY KEY, body BLOB) WITHOUT ROWID",
+                "CREATE TABLE chunks (hash BLOB PRIMARY KEY, path TEXT, offset INTEGER, "
+                "length INTEGER) WITHOUT ROWID",
+                "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB)",
+            ):
+                self.conn.execute(statement)
+
+    # -- meta ------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: bytes | None = None) -> bytes | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: bytes | str | int) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_int(self, key: str) -> int:
+        value = self.get_meta(key)
+        return int(value) if value is not None else 0
+
+    # -- replicated state ------------------------------------------------------------
+
+    def apply_delta(self, delta: Delta, author: bytes, position: int) -> None:
+        """Record what one journal event changed in the live set and in history."""
+        added = [(*split_key(key), version.encode()) for key, version in delta.added.items()]
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO versions (path, vid, record, author, position) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(path, vid, record, author, position) for path, vid, record in added],
+        )
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO live (path, vid, record) VALUES (?, ?, ?)", added
+        )
+        self.conn.executemany(
+            "DELETE FROM live WHERE path = ? AND vid = ?",
+            [split_key(key) for key in delta.removed],
+        )
+
+    def live_versions(self, path: str) -> dict[str, Version]:
+        rows = self.conn.execute("SELECT vid, record FROM live WHERE path = ?", (path,))
+        return {vid: Version.decode(record) for vid, record in rows}
+
+    def all_live(self) -> Iterator[tuple[str, str, Version]]:
+        rows = self.conn.execute("SELECT path, vid, record FROM live ORDER BY path, vid")
+        for path, vid, record in rows:
+            yield path, vid, Version.decode(record)
+
+    def version(self, version_id: str) -> Version | None:
+        row = self.conn.execute(
+            "SELECT record FROM versions WHERE vid = ?", (version_id,)
+        ).fetchone()
+        return Version.decode(row[0]) if row else None
+
+    def history(self, path: str) -> list[HistoryEntry]:
+        rows = self.conn.execute(
+            "SELECT v.vid, v.record, v.author, v.position, l.vid IS NOT NULL FROM versions v "
+            "LEFT JOIN live l ON l.path = v.path AND l.vid = v.vid "
+            "WHERE v.path = ? ORDER BY v.position, v.vid",
+            (path,),
+        )
+        return [
+            HistoryEntry(vid, Version.decode(record), author, position, bool(live))
+            for vid, record, author, position, live in rows
+        ]
+
+    def versions_at(self, position: int) -> list[tuple[str, str, Version]]:
+        rows = self.conn.execute(
+            "SELECT path, vid, record FROM versions WHERE position = ? ORDER BY path", (position,)
+        )
+        return [(path, vid, Version.decode(record)) for path, vid, record in rows]
+
+    # -- local disk cache ------------------------------------------------------------
+
+    def local_entries(self) -> dict[str, LocalEntry]:
+        rows = self.conn.execute("SELECT path, vid, size, mtime_ns, inode, mode FROM local")
+        return {row[0]: LocalEntry(*row) for row in rows}
+
+    def set_local(self, entries: Iterable[LocalEntry]) -> None:
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO local (path, vid, size, mtime_ns, inode, mode) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(e.path, e.version_id, e.size, e.mtime_ns, e.inode, e.mode) for e in entries],
+        )
+
+    def drop_local(self, paths: Iterable[str]) -> None:
+        self.conn.executemany("DELETE FROM local WHERE path = ?", [(p,) for p in paths])
+
+    # -- content ---------------------------------------------------------------------
+
+    def put_manifest(self, manifest: Manifest, path: str) -> bytes:
+        """Store a manifest and note where its chunks can be read; returns its id."""
+        manifest_id = manifest.id
+        self.conn.execute(
+            "INSERT OR IGNORE INTO manifests (id, body) VALUES (?, ?)",
+            (manifest_id, manifest.encode()),
+        )
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO chunks (hash, path, offset, length) VALUES (?, ?, ?, ?)",
+            [(c.hash, path, c.offset, c.length) for c in manifest.chunks],
+        )
+        return manifest_id
+
+    def manifest(self, manifest_id: bytes) -> Manifest | None:
+        row = self.conn.execute(
+            "SELECT body FROM manifests WHERE id = ?", (manifest_id,)
+        ).fetchone()
+        return Manifest.decode(row[0]) if row else None
+
+    def chunk_location(self, chunk_hash: bytes) -> tuple[str, int, int] | None:
+        row = self.conn.execute(
+            "SELECT path, offset, length FROM chunks WHERE hash = ?", (chunk_hash,)
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    # -- membership ------------------------------------------------------------------
+
+    def add_member(self, key: bytes, name: str, added_by: bytes) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO members (key, name, added_by) VALUES (?, ?, ?)",
+            (key, name, added_by),
+        )
+
+    def members(self) -> dict[bytes, str]:
+        return dict(self.conn.execute("SELECT key, name FROM members ORDER BY rowid"))
+
+    # -- totals ----------------------------------------------------------------------
+
+    def totals(self) -> dict[str, int]:
+        """Counts of live entries by kind, bytes of live files, and conflicted paths."""
+        counts = {kind: 0 for kind in Kind}
+        total_bytes = 0
+        for _, _, version in self.all_live():
+            counts[version.kind] += 1
+            if version.kind == Kind.FILE:
+                total_bytes += version.size
+        conflicts = self.conn.execute(
+            "SELECT count(*) FROM (SELECT path FROM live GROUP BY path HAVING count(*) > 1)"
+        ).fetchone()[0]
+        return {
+            "files": counts[Kind.FILE],
+            "directories": counts[Kind.DIRECTORY],
+            "symlinks": counts[Kind.SYMLINK],
+            "deleted": counts[Kind.DELETED],
+            "bytes": total_bytes,
+            "conflicts": conflicts,
+        }

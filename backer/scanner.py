@@ -1,0 +1,209 @@
+"""Find what changed on disk since the last scan, hashing only what must be hashed.
+
+A walk stats every entry (never following symlinks) and compares (size, mtime_ns,
+inode, mode) with the ``local`` cache; only new or changed regular files are read,
+chunked and hashed, in worker threads. A file that changes while it is being read is
+re-read; one that keeps changing, or cannot be read, is reported and left as it was
+recorded — an unreadable file is never mistaken for a deleted one.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .catalog import LocalEntry
+from .content import Manifest, manifest_of_file
+from .ignore import IgnoreRules
+from .paths import METADATA_DIR, BadPath, check, normalize
+from .records import Kind
+
+READ_ATTEMPTS = 3
+FRESH_NS = 2_000_000_000  # an mtime this recent may still change within its granularity
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One entry found on disk."""
+
+    path: str  # share-relative, NFC
+    disk_path: Path
+    kind: Kind
+    size: int
+    mtime_ns: int
+    inode: int
+    mode: int
+
+    @property
+    def stat_key(self) -> tuple[int, int, int, int]:
+        return self.size, self.mtime_ns, self.inode, self.mode
+
+    @property
+    def executable(self) -> bool:
+        return self.kind == Kind.FILE and bool(self.mode & stat.S_IXUSR)
+
+
+@dataclass
+class Observation:
+    """What a scan found: a new state for changed paths, and what is gone."""
+
+    changed: list[tuple[Seen, Manifest | None, bytes]] = field(default_factory=list)
+    refreshed: list[LocalEntry] = field(default_factory=list)  # same content, new stat
+    deleted: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    hashed_bytes: int = 0
+
+
+ProgressCallback = Callable[[int], None]
+
+
+def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, Seen], set[str]]:
+    """Every non-ignored entry under ``root``; also the directories that could not be read."""
+    seen: dict[str, Seen] = {}
+    unreadable: set[str] = set()
+    stack: list[tuple[Path, str]] = [(root, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            errors.append(f"{prefix or '.'}: cannot list directory: {exc.strerror}")
+            unreadable.add(prefix)
+            continue
+        for entry in entries:
+            if not prefix and entry.name == METADATA_DIR:
+                continue
+            try:
+                path = check(normalize(prefix + entry.name))
+            except BadPath as exc:
+                errors.append(f"{prefix + entry.name!r}: skipped: {exc}")
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                errors.append(f"{path}: cannot stat: {exc.strerror}")
+                unreadable.add(path)
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                kind = Kind.DIRECTORY
+            elif stat.S_ISREG(info.st_mode):
+                kind = Kind.FILE
+            elif stat.S_ISLNK(info.st_mode):
+                kind = Kind.SYMLINK
+            else:
+                errors.append(f"{path}: skipped: not a regular file, directory or symlink")
+                continue
+            if rules.ignored(path, kind == Kind.DIRECTORY):
+                continue
+            if path in seen:
+                errors.append(f"{path}: skipped: another name here has the same NFC form")
+                continue
+            mtime = 0 if kind == Kind.DIRECTORY else info.st_mtime_ns
+            size = 0 if kind == Kind.DIRECTORY else info.st_size
+            seen[path] = Seen(path, Path(entry.path), kind, size, mtime, info.st_ino, info.st_mode)
+            if kind == Kind.DIRECTORY:
+                stack.append((Path(entry.path), path + "/"))
+    return seen, unreadable
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    info = os.lstat(path)
+    return info.st_size, info.st_mtime_ns, info.st_ino, info.st_mode
+
+
+def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, str | None]:
+    """Hash a file, or read a link, making sure it did not change while being read.
+
+    Returns the (possibly re-statted) entry, its manifest for files, the content bytes
+    of the version (manifest id or link target) and an error message or None.
+    """
+    current = seen
+    for _ in range(READ_ATTEMPTS):
+        try:
+            before = (current.size, current.mtime_ns, current.inode, current.mode)
+            if current.kind == Kind.SYMLINK:
+                manifest, content = None, os.fsencode(os.readlink(current.disk_path))
+            else:
+                manifest = manifest_of_file(current.disk_path, current.size)
+                content = manifest.id
+            after = _stat_key(current.disk_path)
+        except OSError as exc:
+            return current, None, b"", f"{seen.path}: cannot read: {exc.strerror}"
+        if after == before:
+            return current, manifest, content, None
+        size, mtime_ns, inode, mode = after
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            break
+        kind = Kind.FILE if stat.S_ISREG(mode) else Kind.SYMLINK
+        current = Seen(seen.path, seen.disk_path, kind, size, mtime_ns, inode, mode)
+    return current, None, b"", f"{seen.path}: kept changing while being read; will retry"
+
+
+def cache_entry(seen: Seen, version_id: str, now_ns: int) -> LocalEntry:
+    """The ``local`` row for an entry; too-fresh mtimes are cached so they re-hash next time."""
+    mtime = seen.mtime_ns if now_ns - seen.mtime_ns > FRESH_NS else -1
+    return LocalEntry(seen.path, version_id, seen.size, mtime, seen.inode, seen.mode)
+
+
+def observe(
+    root: Path,
+    local: dict[str, LocalEntry],
+    recorded_content: Callable[[LocalEntry], tuple[Kind, bytes, bool] | None],
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> Observation:
+    """Compare the disk with the ``local`` cache and return what changed.
+
+    ``recorded_content`` maps a cache entry to the (kind, content, executable) of the
+    version it recorded, so a file whose stat changed but whose bytes did not (a
+    touch, a copy-back) produces no new version.
+    """
+    result = Observation()
+    seen, unreadable = walk(root, IgnoreRules.load(root), result.errors)
+    now_ns = time.time_ns()
+    to_read: list[Seen] = []
+    for path, entry in seen.items():
+        cached = local.get(path)
+        if cached is not None and cached.stat_key == entry.stat_key:
+            result.unchanged += 1
+        elif entry.kind == Kind.DIRECTORY:
+            if cached is not None and stat.S_ISDIR(cached.mode):
+                result.refreshed.append(cache_entry(entry, cached.version_id, now_ns))
+            else:
+                result.changed.append((entry, None, b""))
+        else:
+            to_read.append(entry)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        for entry, manifest, content, error in pool.map(read_stable, to_read):
+            if progress is not None:
+                progress(entry.size)
+            if error is not None:
+                result.errors.append(error)
+                unreadable.add(entry.path)
+                continue
+            result.hashed_bytes += entry.size if manifest is not None else 0
+            cached = local.get(entry.path)
+            recorded = recorded_content(cached) if cached is not None else None
+            if recorded == (entry.kind, content, entry.executable):
+                assert cached is not None
+                result.refreshed.append(cache_entry(entry, cached.version_id, now_ns))
+            else:
+                result.changed.append((entry, manifest, content))
+    result.deleted = sorted(
+        path for path in local if path not in seen and not _under_any(path, unreadable)
+    )
+    return result
+
+
+def _under_any(path: str, prefixes: set[str]) -> bool:
+    """True when ``path`` is, or is below, one of ``prefixes`` ('' is the root)."""
+    if "" in prefixes or path in prefixes:
+        return True
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in prefixes for i in range(1, len(parts)))

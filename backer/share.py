@@ -1,0 +1,258 @@
+"""A share on disk: its metadata directory, journal, state and catalog, kept in step.
+
+Data flow for a local change: the scanner reports what changed; :meth:`Share.commit`
+turns it into versions, writes them to the CRDT in one transaction, appends the
+update bytes as a signed journal event, then records the resulting delta in the
+catalog. Start-up loads the last document snapshot and replays only the journal
+events after it, so the catalog can always be rebuilt from the journal.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import nacl.signing
+import sqlite_utils
+
+from journal import CorruptJournal, Event, Journal
+
+from .catalog import Catalog, LocalEntry
+from .errors import BackerError
+from .membership import SHARE_ID_BYTES, EventKind, admitted, genesis_payload
+from .paths import METADATA_DIR
+from .records import Kind, Version, new_version_id
+from .scanner import ProgressCallback, Seen, cache_entry, observe
+from .state import Delta, FileState
+
+DB_FILE = "backer.db"
+BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
+
+
+@dataclass
+class ScanSummary:
+    added: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    hashed_bytes: int = 0
+    events: int = 0
+    seconds: float = 0.0
+
+
+def find_root(start: Path) -> Path | None:
+    """The share containing ``start`` (itself or an ancestor), if any."""
+    for candidate in (start, *start.parents):
+        if (candidate / METADATA_DIR / DB_FILE).exists():
+            return candidate
+    return None
+
+
+def _open_db(path: Path) -> sqlite_utils.Database:
+    try:
+        db = sqlite_utils.Database(str(path))
+        db.conn.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise BackerError(f"share database {path} is corrupted: {exc}") from exc
+    return db
+
+
+class Share:
+    """One synced folder on this device."""
+
+    def __init__(self, root: Path, key: nacl.signing.SigningKey) -> None:
+        self.root = root
+        self.key = key
+        self.device = bytes(key.verify_key)
+        self.db = _open_db(root / METADATA_DIR / DB_FILE)
+        try:
+            self.journal = Journal(self.db)
+            self.catalog = Catalog(self.db)
+        except (CorruptJournal, sqlite3.DatabaseError) as exc:
+            raise BackerError(f"share database is corrupted: {exc}") from exc
+        self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+        self._replay()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, key: nacl.signing.SigningKey) -> Share:
+        """Make ``root`` a new share with this device as its founding member."""
+        if not root.exists():
+            raise BackerError(f"directory does not exist: {root}")
+        if not root.is_dir():
+            raise BackerError(f"not a directory: {root}")
+        if (root / METADATA_DIR).exists():
+            raise BackerError(f"already a share: {root}")
+        outer = find_root(root.parent)
+        if outer is not None:
+            raise BackerError(f"{root} is inside the share {outer}; shares cannot nest")
+        (root / METADATA_DIR).mkdir(mode=0o700)
+        db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
+        os.chmod(root / METADATA_DIR / DB_FILE, 0o600)
+        catalog = Catalog(db)
+        share_id = secrets.token_bytes(SHARE_ID_BYTES)
+        with db.conn:
+            catalog.set_meta("share_id", share_id)
+            catalog.set_meta("share_key", secrets.token_bytes(32))
+            catalog.set_meta("device", bytes(key.verify_key))
+        db.conn.close()
+        share = cls(root, key)
+        share._append(EventKind.GENESIS, genesis_payload(share_id, socket.gethostname()))
+        return share
+
+    @classmethod
+    def open(cls, start: Path, key: nacl.signing.SigningKey) -> Share:
+        if not start.exists():
+            raise BackerError(f"directory does not exist: {start}")
+        root = find_root(start.resolve())
+        if root is None:
+            raise BackerError(f"not inside a share: {start} (run 'backer init' first)")
+        share = cls(root, key)
+        if share.catalog.get_meta("device") != share.device:
+            raise BackerError(
+                f"the share {root} belongs to another device key (is BACKER_HOME set right?)"
+            )
+        return share
+
+    def close(self) -> None:
+        self.save_snapshot()
+        self.db.conn.close()
+
+    def __enter__(self) -> Share:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def share_id(self) -> bytes:
+        value = self.catalog.get_meta("share_id")
+        assert value is not None
+        return value
+
+    # -- journal -> state -> catalog ---------------------------------------------------
+
+    def _replay(self) -> None:
+        """Apply journal events that the snapshot or the catalog has not seen yet."""
+        doc_position = self.catalog.get_int("doc_position")
+        catalog_position = self.catalog.get_int("catalog_position")
+        for position, event in self.journal.since(min(doc_position, catalog_position)):
+            delta = Delta()
+            if event.kind == EventKind.STATE:
+                delta = self.state.apply(event.payload)
+            if position > catalog_position:
+                with self.db.conn:
+                    self._record(position, event, delta)
+
+    def _record(self, position: int, event: Event, delta: Delta) -> None:
+        """Fold one stored event into the catalog (inside the caller's transaction)."""
+        admission = admitted(event, self.catalog.members())
+        if admission is not None:
+            self.catalog.add_member(admission[0], admission[1], event.author)
+        if delta:
+            self.catalog.apply_delta(delta, event.author, position)
+        self.catalog.set_meta("catalog_position", position)
+
+    def _append(self, kind: EventKind, payload: bytes, delta: Delta | None = None) -> Event:
+        (event,) = self.journal.append(self.key, [(kind, payload)])
+        with self.db.conn:
+            self._record(self.journal.position(), event, delta or Delta())
+        return event
+
+    def is_member(self, author: bytes) -> bool:
+        return author in self.catalog.members()
+
+    def save_snapshot(self) -> None:
+        """Keep the document in SQLite so that start-up does not replay everything."""
+        position = self.catalog.get_int("catalog_position")
+        if position == self.catalog.get_int("doc_position"):
+            return
+        with self.db.conn:
+            self.catalog.set_meta("doc_snapshot", self.state.snapshot())
+            self.catalog.set_meta("doc_position", position)
+
+    # -- local changes -----------------------------------------------------------------
+
+    def commit(self, versions: Iterable[tuple[str, Version]]) -> dict[str, str]:
+        """Record local versions, each superseding every live version of its path.
+
+        Writes one journal event per batch; returns the new version id of each path.
+        """
+        assigned: dict[str, str] = {}
+        batch: list[tuple[str, str, Version]] = []
+        for path, version in versions:
+            supersedes = tuple(sorted(self.catalog.live_versions(path)))
+            version_id = new_version_id()
+            assigned[path] = version_id
+            batch.append((path, version_id, replace(version, supersedes=supersedes)))
+            if len(batch) == BATCH_VERSIONS:
+                self._commit_batch(batch)
+                batch = []
+        if batch:
+            self._commit_batch(batch)
+        return assigned
+
+    def _commit_batch(self, batch: list[tuple[str, str, Version]]) -> None:
+        update, delta = self.state.write(batch)
+        self._append(EventKind.STATE, update, delta)
+
+    def scan(self, progress: ProgressCallback | None = None) -> ScanSummary:
+        """Scan the folder and record every change as new versions."""
+        started = time.monotonic()
+        local = self.catalog.local_entries()
+        found = observe(self.root, local, self._recorded_content, progress)
+        summary = ScanSummary(errors=found.errors, unchanged=found.unchanged)
+        summary.hashed_bytes = found.hashed_bytes
+        now_ms = time.time_ns() // 1_000_000
+        now_ns = time.time_ns()
+        device = self.device[:8]
+        versions: list[tuple[str, Version]] = []
+        for seen, manifest, content in sorted(found.changed, key=lambda c: c[0].path):
+            live = self.catalog.live_versions(seen.path)
+            existed = any(v.kind != Kind.DELETED for v in live.values())
+            (summary.modified if existed else summary.added).append(seen.path)
+            versions.append((seen.path, _version_of(seen, content, device, now_ms)))
+            if manifest is not None:
+                self.catalog.put_manifest(manifest, seen.path)
+        for path in found.deleted:
+            live = self.catalog.live_versions(path)
+            if any(v.kind != Kind.DELETED for v in live.values()):
+                summary.deleted.append(path)
+                versions.append((path, Version(Kind.DELETED, device=device, time_ms=now_ms)))
+        position = self.journal.position()
+        assigned = self.commit(versions)
+        summary.events = self.journal.position() - position
+        cache = [cache_entry(seen, assigned[seen.path], now_ns) for seen, _, _ in found.changed]
+        with self.db.conn:
+            self.catalog.set_local([*cache, *found.refreshed])
+            self.catalog.drop_local(found.deleted)
+            self.catalog.set_meta("last_scan_ms", now_ms)
+        self.save_snapshot()
+        summary.seconds = time.monotonic() - started
+        return summary
+
+    def _recorded_content(self, entry: LocalEntry) -> tuple[Kind, bytes, bool] | None:
+        version = self.catalog.version(entry.version_id)
+        if version is None:
+            return None
+        return version.kind, version.content, version.executable
+
+
+def _version_of(seen: Seen, content: bytes, device: bytes, now_ms: int) -> Version:
+    return Version(
+        seen.kind,
+        seen.size,
+        seen.mtime_ns,
+        seen.executable,
+        content,
+        device,
+        now_ms,
+    )

@@ -1,0 +1,438 @@
+"""Per-author, hash-chained, signed append-only logs in one SQLite database.
+
+Schema and tooling go through sqlite-utils; the hot paths (ingest, reads) use the
+plain ``sqlite3`` connection underneath, which is several times faster per row.
+
+Storage keeps, per author, the events (``raw`` is exactly what was signed), the peaks
+of the merkle tree at the current length, every tree node of depth
+>= ``KEEP_DEPTH`` (so the root at any earlier length costs at most a few dozen leaf
+reads), the latest signed checkpoint, and evidence of any fork seen.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nacl.signing
+import sqlite_utils
+
+from .event import NO_PREVIOUS, Checkpoint, Event, InvalidEvent
+from .merkle import Peaks, depth, leaf_span, peak_indices, subtree_hash
+
+KEEP_DEPTH = 5
+
+
+class JournalError(Exception):
+    """Base class for journal failures that callers report rather than crash on."""
+
+
+class RejectedBatch(JournalError):
+    """A received batch failed verification; nothing of it was stored."""
+
+
+class CorruptJournal(JournalError):
+    """Stored events no longer match their hashes, chain or signed checkpoint."""
+
+
+@dataclass(frozen=True)
+class Fork:
+    """Evidence that one author signed two different histories."""
+
+    author: bytes
+    seq: int
+    ours: bytes
+    theirs: bytes
+
+
+@dataclass(frozen=True)
+class Range:
+    """Events ``[start, end)`` of ``author``'s log."""
+
+    author: bytes
+    start: int
+    end: int
+
+
+@dataclass
+class IngestResult:
+    added: list[Event] = field(default_factory=list)
+    duplicates: int = 0
+    forks: list[Fork] = field(default_factory=list)
+
+
+@dataclass
+class _AuthorState:
+    rowid: int
+    peaks: Peaks
+    head: bytes
+    checkpoint: Checkpoint | None
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Journal:
+    """The journal of one device: every author's log it has verified."""
+
+    def __init__(self, database: str | Path | sqlite_utils.Database) -> None:
+        """Open (creating if needed) the journal tables in ``database``.
+
+        Pass a :class:`sqlite_utils.Database` to share one connection with the
+        application's own tables.
+        """
+        if isinstance(database, sqlite_utils.Database):
+            self.db = database
+        else:
+            self.db = sqlite_utils.Database(str(database))
+        self.conn: sqlite3.Connection = self.db.conn
+        try:
+            self.db.enable_wal()
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self._create_schema()
+        except sqlite3.DatabaseError as exc:
+            raise CorruptJournal(f"journal database is unreadable: {exc}") from exc
+
+    def _create_schema(self) -> None:
+        if "authors" in self.db.table_names():
+            return
+        with self.conn:
+            self.db["authors"].create(
+                {"id": int, "key": bytes, "peaks": bytes, "head": bytes, "checkpoint": bytes},
+                pk="id",
+            )
+            self.db["authors"].create_index(["key"], unique=True)
+            self.db["events"].create(
+                {"rowid": int, "author": int, "seq": int, "id": bytes, "raw": bytes}, pk="rowid"
+            )
+            self.db["events"].create_index(["author", "seq"], unique=True)
+            self.conn.execute(
+                "CREATE TABLE nodes (author INTEGER, idx INTEGER, hash BLOB, "
+                "PRIMARY KEY (author, idx)) WITHOUT ROWID"
+            )
+            self.db["forks"].create(
+                {"author": bytes, "seq": int, "ours": bytes, "theirs": bytes, "seen_ms": int}
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- reading -----------------------------------------------------------------
+
+    def _author(self, author: bytes) -> _AuthorState | None:
+        row = self.conn.execute(
+            "SELECT id, peaks, head, checkpoint FROM authors WHERE key = ?", (author,)
+        ).fetchone()
+        if row is None:
+            return None
+        checkpoint = Checkpoint.decode(row[3]) if row[3] else None
+        return _AuthorState(row[0], Peaks.decode(row[1]), row[2], checkpoint)
+
+    def authors(self) -> list[bytes]:
+        return [r[0] for r in self.conn.execute("SELECT key FROM authors ORDER BY id")]
+
+    def length(self, author: bytes) -> int:
+        state = self._author(author)
+        return state.peaks.length if state else 0
+
+    def summary(self) -> dict[bytes, Checkpoint]:
+        """Latest signed checkpoint per author: what a peer needs to find what it lacks."""
+        rows = self.conn.execute("SELECT key, checkpoint FROM authors WHERE checkpoint IS NOT NULL")
+        return {key: Checkpoint.decode(raw) for key, raw in rows}
+
+    def events(self, author: bytes, start: int = 0, end: int | None = None) -> Iterator[Event]:
+        state = self._author(author)
+        if state is None:
+            return
+        stop = state.peaks.length if end is None else end
+        rows = self.conn.execute(
+            "SELECT raw FROM events WHERE author = ? AND seq >= ? AND seq < ? ORDER BY seq",
+            (state.rowid, start, stop),
+        )
+        for (raw,) in rows:
+            yield Event.decode(raw)
+
+    def since(self, position: int = 0) -> Iterator[tuple[int, Event]]:
+        """Events stored after local position ``position``, in the order they arrived."""
+        rows = self.conn.execute(
+            "SELECT rowid, raw FROM events WHERE rowid > ? ORDER BY rowid", (position,)
+        )
+        for rowid, raw in rows:
+            yield rowid, Event.decode(raw)
+
+    def position(self) -> int:
+        """The local arrival position of the newest stored event."""
+        return self.conn.execute("SELECT coalesce(max(rowid), 0) FROM events").fetchone()[0]
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    def forks(self) -> list[Fork]:
+        rows = self.conn.execute("SELECT author, seq, ours, theirs FROM forks ORDER BY rowid")
+        return [Fork(*row) for row in rows]
+
+    def root_at(self, author: bytes, length: int) -> bytes:
+        """Merkle root of the first ``length`` events of ``author``'s log."""
+        state = self._author(author)
+        if state is None or length > state.peaks.length:
+            raise ValueError("log is shorter than the requested length")
+        if length == state.peaks.length:
+            return state.peaks.root()
+        hashes = []
+        for index in peak_indices(length):
+            if depth(index) >= KEEP_DEPTH:
+                row = self.conn.execute(
+                    "SELECT hash FROM nodes WHERE author = ? AND idx = ?", (state.rowid, index)
+                ).fetchone()
+                hashes.append(row[0])
+            else:
+                start, end = leaf_span(index)
+                leaves = self.conn.execute(
+                    "SELECT id FROM events WHERE author = ? AND seq >= ? AND seq < ? ORDER BY seq",
+                    (state.rowid, start, end),
+                ).fetchall()
+                hashes.append(subtree_hash([leaf for (leaf,) in leaves]))
+        return Peaks(length, list(zip(peak_indices(length), hashes, strict=True))).root()
+
+    def missing_for(self, peer: dict[bytes, Checkpoint]) -> tuple[list[Range], list[Fork]]:
+        """The ranges a peer with summary ``peer`` lacks, and forks its summary reveals.
+
+        The peer's checkpoints must already be signature-checked (see
+        :meth:`check_summary`). A peer whose log of an author is not a prefix of ours
+        gets nothing of that author: its history and ours diverge.
+        """
+        ranges, forks = [], []
+        for author, ours in self.summary().items():
+            theirs = peer.get(author)
+            their_length = theirs.length if theirs else 0
+            diverged = (
+                theirs is not None
+                and 0 < their_length <= ours.length
+                and self.root_at(author, their_length) != theirs.root
+            )
+            if diverged:
+                forks.append(Fork(author, their_length, ours.encode(), theirs.encode()))
+                continue
+            if their_length < ours.length:
+                ranges.append(Range(author, their_length, ours.length))
+        for fork in forks:
+            self._record_fork(fork)
+        return ranges, forks
+
+    @staticmethod
+    def check_summary(summary: Iterable[Checkpoint]) -> dict[bytes, Checkpoint]:
+        """Verify a peer's checkpoints; raise :class:`RejectedBatch` on any bad one."""
+        checked = {}
+        for checkpoint in summary:
+            try:
+                checkpoint.verify()
+            except InvalidEvent as exc:
+                raise RejectedBatch(f"checkpoint of {checkpoint.author.hex()[:16]}: {exc}") from exc
+            checked[checkpoint.author] = checkpoint
+        return checked
+
+    # -- writing -----------------------------------------------------------------
+
+    def append(
+        self,
+        key: nacl.signing.SigningKey,
+        entries: Sequence[tuple[int, bytes]],
+        time_ms: int | None = None,
+    ) -> list[Event]:
+        """Sign ``(kind, payload)`` entries onto our own log, with one checkpoint."""
+        author = bytes(key.verify_key)
+        state = self._author(author)
+        seq = state.peaks.length if state else 0
+        prev = state.head if state else NO_PREVIOUS
+        stamp = _now_ms() if time_ms is None else time_ms
+        events = []
+        for kind, payload in entries:
+            event = Event.create(key, seq, prev, stamp, kind, payload)
+            events.append(event)
+            seq, prev = seq + 1, event.id
+        peaks = state.peaks.copy() if state else Peaks()
+        nodes = peaks.extend((e.id for e in events), KEEP_DEPTH)
+        checkpoint = Checkpoint.create(key, peaks.length, peaks.root())
+        with self.conn:
+            self._store(author, state, events, peaks, nodes, checkpoint)
+        return events
+
+    def ingest(
+        self,
+        raw_events: Sequence[bytes],
+        checkpoint: Checkpoint | None,
+        is_member: Callable[[bytes], bool],
+    ) -> IngestResult:
+        """Verify and store one author's events; idempotent, all or nothing.
+
+        With a ``checkpoint`` covering the batch's end, one signature check vouches
+        for every event (their ids are leaves of the signed root); without one, each
+        event's own signature is checked. Events we already hold are skipped; a
+        different event at a sequence number we hold is recorded as a fork and not
+        stored.
+        """
+        try:
+            events = sorted((Event.decode(raw) for raw in raw_events), key=lambda e: e.seq)
+        except InvalidEvent as exc:
+            raise RejectedBatch(str(exc)) from exc
+        if not events:
+            return IngestResult()
+        author = events[0].author
+        if any(e.author != author for e in events):
+            raise RejectedBatch("a batch must hold one author's events")
+        if not is_member(author):
+            raise RejectedBatch(f"author {author.hex()[:16]} is not a member")
+        if checkpoint is not None and checkpoint.author != author:
+            raise RejectedBatch("checkpoint is signed by another author")
+        state = self._author(author)
+        length = state.peaks.length if state else 0
+        result = IngestResult()
+        known = [e for e in events if e.seq < length]
+        fresh = [e for e in events if e.seq >= length]
+        for event in known:
+            ours = self.conn.execute(
+                "SELECT id, raw FROM events WHERE author = ? AND seq = ?", (state.rowid, event.seq)
+            ).fetchone()
+            if ours[0] == event.id:
+                result.duplicates += 1
+                continue
+            try:
+                event.verify()
+            except InvalidEvent as exc:
+                raise RejectedBatch(f"event {event.seq}: {exc}") from exc
+            result.forks.append(Fork(author, event.seq, ours[1], event.raw))
+        if result.forks:
+            for fork in result.forks:
+                self._record_fork(fork)
+            return result
+        peaks = state.peaks.copy() if state else Peaks()
+        head = state.head if state else NO_PREVIOUS
+        nodes: list[tuple[int, bytes]] = []
+        for event in fresh:
+            if event.seq != peaks.length:
+                raise RejectedBatch(f"gap in log: expected event {peaks.length}, got {event.seq}")
+            if event.prev != head:
+                raise RejectedBatch(f"event {event.seq} does not chain to event {event.seq - 1}")
+            head = event.id
+            completed = peaks.push(event.id)
+            if len(completed) >= KEEP_DEPTH:
+                nodes.extend(completed[KEEP_DEPTH - 1 :])
+        self._check_signatures(fresh, peaks, checkpoint)
+        if fresh:
+            covers_all = checkpoint is not None and checkpoint.length == peaks.length
+            kept_checkpoint = checkpoint if covers_all else (state.checkpoint if state else None)
+            with self.conn:
+                self._store(author, state, fresh, peaks, nodes, kept_checkpoint)
+            result.added = fresh
+        return result
+
+    def _check_signatures(
+        self,
+        fresh: list[Event],
+        peaks: Peaks,
+        checkpoint: Checkpoint | None,
+    ) -> None:
+        if checkpoint is not None and checkpoint.length == peaks.length:
+            if checkpoint.root != peaks.root():
+                raise RejectedBatch("events do not match the signed checkpoint root")
+            try:
+                checkpoint.verify()
+            except InvalidEvent as exc:
+                raise RejectedBatch(f"checkpoint: {exc}") from exc
+            return
+        for event in fresh:
+            try:
+                event.verify()
+            except InvalidEvent as exc:
+                raise RejectedBatch(f"event {event.seq}: {exc}") from exc
+
+    def _store(
+        self,
+        author: bytes,
+        state: _AuthorState | None,
+        events: list[Event],
+        peaks: Peaks,
+        nodes: list[tuple[int, bytes]],
+        checkpoint: Checkpoint | None,
+    ) -> None:
+        encoded_checkpoint = checkpoint.encode() if checkpoint else None
+        if state is None:
+            rowid = self.conn.execute(
+                "INSERT INTO authors (key, peaks, head, checkpoint) VALUES (?, ?, ?, ?)",
+                (author, peaks.encode(), events[-1].id, encoded_checkpoint),
+            ).lastrowid
+        else:
+            rowid = state.rowid
+            self.conn.execute(
+                "UPDATE authors SET peaks = ?, head = ?, checkpoint = ? WHERE id = ?",
+                (peaks.encode(), events[-1].id, encoded_checkpoint, rowid),
+            )
+        self.conn.executemany(
+            "INSERT INTO events (author, seq, id, raw) VALUES (?, ?, ?, ?)",
+            [(rowid, e.seq, e.id, e.raw) for e in events],
+        )
+        self.conn.executemany(
+            "INSERT INTO nodes (author, idx, hash) VALUES (?, ?, ?)",
+            [(rowid, index, digest) for index, digest in nodes],
+        )
+
+    def _record_fork(self, fork: Fork) -> None:
+        with self.conn:
+            exists = self.conn.execute(
+                "SELECT 1 FROM forks WHERE author = ? AND seq = ? AND theirs = ?",
+                (fork.author, fork.seq, fork.theirs),
+            ).fetchone()
+            if not exists:
+                self.conn.execute(
+                    "INSERT INTO forks (author, seq, ours, theirs, seen_ms) VALUES (?, ?, ?, ?, ?)",
+                    (fork.author, fork.seq, fork.ours, fork.theirs, _now_ms()),
+                )
+
+    # -- integrity -----------------------------------------------------------------
+
+    def verify(self) -> int:
+        """Re-check every stored event against ids, chains, trees and checkpoints.
+
+        Returns the number of events checked; raises :class:`CorruptJournal`.
+        """
+        checked = 0
+        for author in self.authors():
+            state = self._author(author)
+            assert state is not None
+            peaks, head = Peaks(), NO_PREVIOUS
+            checkpoint = state.checkpoint
+            rows = self.conn.execute(
+                "SELECT seq, id, raw FROM events WHERE author = ? ORDER BY seq", (state.rowid,)
+            )
+            for seq, stored_id, raw in rows:
+                where = f"event {seq} of {author.hex()[:16]}"
+                try:
+                    event = Event.decode(raw)
+                except InvalidEvent as exc:
+                    raise CorruptJournal(f"{where}: {exc}") from exc
+                expected = (author, seq, head, stored_id)
+                if (event.author, event.seq, event.prev, event.id) != expected:
+                    raise CorruptJournal(f"{where}: id or chain does not match")
+                if checkpoint is None or seq >= checkpoint.length:
+                    try:
+                        event.verify()
+                    except InvalidEvent as exc:
+                        raise CorruptJournal(f"{where}: {exc}") from exc
+                head = event.id
+                peaks.push(event.id)
+                at_checkpoint = checkpoint is not None and peaks.length == checkpoint.length
+                if at_checkpoint and peaks.root() != checkpoint.root:
+                    raise CorruptJournal(f"{where}: log does not match its signed root")
+                checked += 1
+            if peaks.encode() != state.peaks.encode() or head != state.head:
+                raise CorruptJournal(f"log of {author.hex()[:16]} is truncated or altered")
+            if checkpoint is not None:
+                try:
+                    checkpoint.verify()
+                except InvalidEvent as exc:
+                    raise CorruptJournal(f"checkpoint of {author.hex()[:16]}: {exc}") from exc
+        return checked
