@@ -122,6 +122,15 @@ class Catalog:
         ).fetchone()
         return Version.decode(row[0]) if row else None
 
+    def change_type(self, version: Version) -> str:
+        """'added', 'modified' or 'deleted': what ``version`` did to its path."""
+        if version.kind == Kind.DELETED:
+            return "deleted"
+        replaced = (self.version(v) for v in version.supersedes)
+        if any(old is not None and old.kind != Kind.DELETED for old in replaced):
+            return "modified"
+        return "added"
+
     def history(self, path: str) -> list[HistoryEntry]:
         rows = self.conn.execute(
             "SELECT v.vid, v.record, v.author, v.position, l.vid IS NOT NULL FROM versions v "

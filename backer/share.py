@@ -116,6 +116,7 @@ class Share:
         if root is None:
             raise BackerError(f"not inside a share: {start} (run 'backer init' first)")
         share = cls(root, key)
+        share.journal.verify()
         if share.catalog.get_meta("device") != share.device:
             raise BackerError(
                 f"the share {root} belongs to another device key (is BACKER_HOME set right?)"

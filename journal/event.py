@@ -92,6 +92,12 @@ class Event(NamedTuple):
         signature = raw[-SIG_SIZE:]
         return cls(author, seq, prev, time_ms, kind, payload, signature, raw, blake3(raw).digest())
 
+    def __repr__(self) -> str:
+        return (
+            f"Event(author={self.author.hex()[:12]}, seq={self.seq}, kind={self.kind}, "
+            f"payload={len(self.payload)} B, id={self.id.hex()[:12]})"
+        )
+
     def verify(self) -> None:
         """Check the author's signature over the body; raise :class:`InvalidEvent`."""
         _verify(self.author, self.raw[:-SIG_SIZE], self.signature)

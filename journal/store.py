@@ -289,11 +289,15 @@ class Journal:
         if checkpoint is not None and checkpoint.author != author:
             raise RejectedBatch("checkpoint is signed by another author")
         state = self._author(author)
-        length = state.peaks.length if state else 0
+        stored = state.peaks.length if state else 0
+        if checkpoint is not None:
+            try:
+                checkpoint.verify()
+            except InvalidEvent as exc:
+                raise RejectedBatch(f"checkpoint: {exc}") from exc
         result = IngestResult()
-        known = [e for e in events if e.seq < length]
-        fresh = [e for e in events if e.seq >= length]
-        for event in known:
+        for event in (e for e in events if e.seq < stored):
+            assert state is not None
             ours = self.conn.execute(
                 "SELECT id, raw FROM events WHERE author = ? AND seq = ?", (state.rowid, event.seq)
             ).fetchone()
@@ -305,10 +309,21 @@ class Journal:
             except InvalidEvent as exc:
                 raise RejectedBatch(f"event {event.seq}: {exc}") from exc
             result.forks.append(Fork(author, event.seq, ours[1], event.raw))
+        stale_checkpoint_diverges = (
+            checkpoint is not None
+            and not result.forks
+            and checkpoint.length <= stored
+            and self.root_at(author, checkpoint.length) != checkpoint.root
+        )
+        if stale_checkpoint_diverges:
+            assert checkpoint is not None and state is not None
+            ours_signed = state.checkpoint.encode() if state.checkpoint else b""
+            result.forks.append(Fork(author, checkpoint.length, ours_signed, checkpoint.encode()))
         if result.forks:
             for fork in result.forks:
                 self._record_fork(fork)
             return result
+        fresh = [e for e in events if e.seq >= stored]
         peaks = state.peaks.copy() if state else Peaks()
         head = state.head if state else NO_PREVIOUS
         nodes: list[tuple[int, bytes]] = []
@@ -321,7 +336,18 @@ class Journal:
             completed = peaks.push(event.id)
             if len(completed) >= KEEP_DEPTH:
                 nodes.extend(completed[KEEP_DEPTH - 1 :])
-        self._check_signatures(fresh, peaks, checkpoint)
+            at_checkpoint = checkpoint is not None and peaks.length == checkpoint.length
+            if at_checkpoint and peaks.root() != checkpoint.root:  # type: ignore[union-attr]
+                raise RejectedBatch("events do not match the signed checkpoint root")
+        if checkpoint is not None and checkpoint.length > peaks.length:
+            raise RejectedBatch("checkpoint covers events that are not in the batch")
+        vouched = checkpoint.length if checkpoint is not None else 0
+        for event in fresh:
+            if event.seq >= vouched:  # not covered by the checkpoint: check its own signature
+                try:
+                    event.verify()
+                except InvalidEvent as exc:
+                    raise RejectedBatch(f"event {event.seq}: {exc}") from exc
         if fresh:
             covers_all = checkpoint is not None and checkpoint.length == peaks.length
             kept_checkpoint = checkpoint if covers_all else (state.checkpoint if state else None)
@@ -329,26 +355,6 @@ class Journal:
                 self._store(author, state, fresh, peaks, nodes, kept_checkpoint)
             result.added = fresh
         return result
-
-    def _check_signatures(
-        self,
-        fresh: list[Event],
-        peaks: Peaks,
-        checkpoint: Checkpoint | None,
-    ) -> None:
-        if checkpoint is not None and checkpoint.length == peaks.length:
-            if checkpoint.root != peaks.root():
-                raise RejectedBatch("events do not match the signed checkpoint root")
-            try:
-                checkpoint.verify()
-            except InvalidEvent as exc:
-                raise RejectedBatch(f"checkpoint: {exc}") from exc
-            return
-        for event in fresh:
-            try:
-                event.verify()
-            except InvalidEvent as exc:
-                raise RejectedBatch(f"event {event.seq}: {exc}") from exc
 
     def _store(
         self,

@@ -1,0 +1,1 @@
+"""backer: peer-to-peer folder mirroring between one person's own computers."""

@@ -1,0 +1,50 @@
+"""Shared fixtures: every test device gets its own BACKER_HOME under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nacl.signing
+import pytest
+
+
+@pytest.fixture
+def key() -> nacl.signing.SigningKey:
+    return nacl.signing.SigningKey.generate()
+
+
+@pytest.fixture
+def backer_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("BACKER_HOME", str(home))
+    return home
+
+
+CliResult = subprocess.CompletedProcess[str]
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
+    """Run the real ``backer`` CLI in a subprocess with its own BACKER_HOME."""
+    home = tmp_path / "cli-home"
+
+    def run(*args: str, cwd: Path | None = None, check: bool = True) -> CliResult:
+        env = {**os.environ, "BACKER_HOME": str(home)}
+        env.pop("BACKER_DEBUG", None)
+        result = subprocess.run(
+            [sys.executable, "-m", "backer", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"backer {args} failed: {result.stderr}")
+        return result
+
+    return run
