@@ -73,8 +73,9 @@ def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, S
         try:
             entries = list(os.scandir(directory))
         except OSError as exc:
-            errors.append(f"{prefix or '.'}: cannot list directory: {exc.strerror}")
-            unreadable.add(prefix)
+            here = prefix.rstrip("/")
+            errors.append(f"{here or '.'}: cannot list directory: {exc.strerror}")
+            unreadable.add(here)
             continue
         for entry in entries:
             if not prefix and entry.name == METADATA_DIR:

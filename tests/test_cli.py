@@ -1,0 +1,157 @@
+"""End-to-end: the real ``backer`` CLI in subprocesses on real directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from backer.identity import parse_device_id
+
+
+def backdate(root: Path) -> None:
+    """Make every mtime older than the scanner's 'fresh' window."""
+    for path in [root, *root.rglob("*")]:
+        if ".backer" in path.parts:
+            continue
+        info = path.lstat()
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns - 10**10), follow_symlinks=False)
+
+
+def log_changes(run_cli, root: Path, *args: str) -> list[list[tuple[str, str]]]:
+    events = json.loads(run_cli("log", "--json", *args, cwd=root).stdout)
+    return [
+        [(c["change"], c["path"]) for c in e["changes"]] for e in events if e["kind"] == "state"
+    ]
+
+
+@pytest.fixture
+def share_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    (root / "2024").mkdir(parents=True)
+    (root / "2024" / "beach.jpg").write_bytes(os.urandom(200_000))
+    (root / "notes.txt").write_text("first\n")
+    (root / "empty").mkdir()
+    return root
+
+
+def test_init_edit_rename_delete_scan_and_what_log_history_status_show(
+    run_cli, share_dir: Path
+) -> None:
+    out = run_cli("init", str(share_dir)).stdout
+    assert "initialised share" in out and "4 added" in out
+    assert log_changes(run_cli, share_dir) == [
+        [("added", "2024"), ("added", "2024/beach.jpg"), ("added", "empty"), ("added", "notes.txt")]
+    ]
+
+    (share_dir / "notes.txt").write_text("first\nsecond\n")
+    (share_dir / "2024").rename(share_dir / "summer")
+    (share_dir / "empty").rmdir()
+    out = run_cli("scan", cwd=share_dir).stdout
+    assert "2 added, 1 modified, 3 deleted" in out
+    assert log_changes(run_cli, share_dir)[1] == [
+        ("deleted", "2024"),
+        ("deleted", "2024/beach.jpg"),
+        ("deleted", "empty"),
+        ("modified", "notes.txt"),
+        ("added", "summer"),
+        ("added", "summer/beach.jpg"),
+    ]
+    assert log_changes(run_cli, share_dir, "notes.txt") == [
+        [("added", "notes.txt")],
+        [("modified", "notes.txt")],
+    ]
+
+    history = json.loads(run_cli("history", "notes.txt", "--json", cwd=share_dir).stdout)
+    assert [(h["size"], h["live"]) for h in history] == [(6, False), (13, True)]
+    assert history[1]["supersedes"] == [history[0]["version"]]
+    beach = json.loads(run_cli("history", "summer/beach.jpg", "--json", cwd=share_dir).stdout)
+    old_beach = json.loads(run_cli("history", "2024/beach.jpg", "--json", cwd=share_dir).stdout)
+    assert beach[0]["hash"] == old_beach[0]["hash"]  # a rename keeps the content id
+    assert old_beach[-1]["kind"] == "deleted"
+    text = run_cli("history", "notes.txt", cwd=share_dir).stdout.splitlines()
+    assert text[1].startswith("* ") and "13 B" in text[1]
+
+    status = json.loads(run_cli("status", "--json", cwd=share_dir / "summer").stdout)
+    assert (status["files"], status["directories"], status["bytes"]) == (2, 1, 200_013)
+    assert status["conflicts"] == 0 and status["forks"] == 0
+    assert [d["id"] for d in status["devices"]] == [run_cli("id").stdout.strip()]
+
+    backdate(share_dir)
+    run_cli("scan", cwd=share_dir)
+    out = run_cli("scan", cwd=share_dir).stdout
+    assert "0 added, 0 modified, 0 deleted, 3 unchanged, 0 bytes hashed" in out
+
+
+def test_id_is_stable_and_valid(run_cli) -> None:
+    first = run_cli("id").stdout.strip()
+    assert run_cli("id").stdout.strip() == first
+    parse_device_id(first)
+
+
+def assert_clean_error(result, fragment: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_clear_errors_for_bad_directories(run_cli, share_dir: Path, tmp_path: Path) -> None:
+    assert_clean_error(run_cli("init", str(tmp_path / "missing"), check=False), "does not exist")
+    assert_clean_error(
+        run_cli("init", str(share_dir / "notes.txt"), check=False), "not a directory"
+    )
+    assert_clean_error(run_cli("scan", cwd=share_dir, check=False), "not inside a share")
+    assert_clean_error(
+        run_cli("status", "--dir", str(tmp_path / "nope"), check=False), "does not exist"
+    )
+    run_cli("init", str(share_dir))
+    assert_clean_error(run_cli("init", str(share_dir), check=False), "already a share")
+    assert_clean_error(run_cli("init", str(share_dir / "empty"), check=False), "shares cannot nest")
+    assert_clean_error(run_cli("history", "nothing-here", cwd=share_dir, check=False), "no history")
+    assert_clean_error(
+        run_cli("history", str(tmp_path), cwd=share_dir, check=False), "not inside the share"
+    )
+
+
+def test_tampered_journal_is_detected_not_crashed_on(run_cli, share_dir: Path) -> None:
+    run_cli("init", str(share_dir))
+    db = sqlite3.connect(share_dir / ".backer" / "backer.db")
+    raw = db.execute("SELECT raw FROM events WHERE seq = 1").fetchone()[0]
+    tampered = raw.replace(b"notes.txt", b"notes.exe")
+    assert tampered != raw
+    db.execute("UPDATE events SET raw = ? WHERE seq = 1", (tampered,))
+    db.commit()
+    db.close()
+    for command in (["status"], ["scan"], ["log"]):
+        assert_clean_error(run_cli(*command, cwd=share_dir, check=False), "does not match")
+
+
+def test_garbage_database_is_a_clear_error(run_cli, share_dir: Path) -> None:
+    run_cli("init", str(share_dir))
+    (share_dir / ".backer" / "backer.db").write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (share_dir / ".backer" / f"backer.db{suffix}").unlink(missing_ok=True)
+    assert_clean_error(run_cli("status", cwd=share_dir, check=False), "corrupted")
+
+
+def test_another_devices_key_cannot_open_the_share(
+    run_cli, share_dir: Path, tmp_path: Path
+) -> None:
+    run_cli("init", str(share_dir))
+    env_home = tmp_path / "other-home"
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "backer", "status"],
+        cwd=share_dir,
+        env={**os.environ, "BACKER_HOME": str(env_home)},
+        capture_output=True,
+        text=True,
+    )
+    assert_clean_error(result, "belongs to another device key")

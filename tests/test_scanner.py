@@ -1,0 +1,200 @@
+"""The scanner on real files: what it records, what it skips, what it never trusts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from backer.content import manifest_of_bytes
+from backer.records import Kind
+from backer.scanner import Seen, read_stable
+from backer.share import Share
+
+
+@pytest.fixture
+def share(tmp_path: Path, key) -> Share:
+    root = tmp_path / "share"
+    root.mkdir()
+    return Share.create(root, key)
+
+
+def live(share: Share) -> dict[str, object]:
+    return {path: version for path, _, version in share.catalog.all_live()}
+
+
+def age(path: Path, seconds: int = 10) -> None:
+    """Backdate a file so that its mtime is not 'fresh' (see scanner.FRESH_NS)."""
+    info = path.lstat()
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns - seconds * 10**9), follow_symlinks=False)
+
+
+def test_records_files_dirs_symlinks_exec_bit_and_empty_dirs(share: Share) -> None:
+    root = share.root
+    (root / "docs").mkdir()
+    (root / "docs" / "a.txt").write_bytes(b"hello")
+    (root / "empty").mkdir()
+    (root / "run.sh").write_bytes(b"#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    os.symlink("../outside/secret", root / "docs" / "link")
+    summary = share.scan()
+    assert summary.errors == []
+    versions = live(share)
+    assert sorted(versions) == ["docs", "docs/a.txt", "docs/link", "empty", "run.sh"]
+    assert versions["empty"].kind == Kind.DIRECTORY
+    assert versions["run.sh"].executable and not versions["docs/a.txt"].executable
+    assert versions["docs/link"].kind == Kind.SYMLINK
+    assert versions["docs/link"].link_target == "../outside/secret"
+    assert versions["docs/a.txt"].content == manifest_of_bytes(b"hello").id
+
+
+def test_symlinked_directories_are_never_followed(share: Share, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.txt").write_text("not ours")
+    os.symlink(outside, share.root / "escape")
+    share.scan()
+    assert sorted(live(share)) == ["escape"]
+
+
+def test_unchanged_files_are_not_rehashed(share: Share) -> None:
+    for n in range(20):
+        (share.root / f"f{n}").write_bytes(os.urandom(1000))
+        age(share.root / f"f{n}")
+    first = share.scan()
+    assert first.hashed_bytes == 20_000
+    second = share.scan()
+    assert (second.hashed_bytes, second.unchanged, second.events) == (0, 20, 0)
+
+
+def test_touched_but_identical_file_makes_no_new_version(share: Share) -> None:
+    path = share.root / "a"
+    path.write_bytes(b"same")
+    age(path)
+    share.scan()
+    os.utime(path)  # new mtime, same bytes
+    summary = share.scan()
+    assert summary.modified == [] and summary.events == 0 and summary.hashed_bytes == 4
+
+
+def test_fresh_mtime_is_rehashed_next_time(share: Share) -> None:
+    path = share.root / "a"
+    path.write_bytes(b"one")
+    share.scan()
+    # same size, same mtime second — a write the stat cache alone could miss
+    info = path.stat()
+    path.write_bytes(b"two")
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert share.scan().modified == ["a"]
+
+
+def test_ignore_rules_and_defaults(share: Share) -> None:
+    root = share.root
+    (root / ".backerignore").write_text("*.log\nbuild/\n!keep.log\n")
+    (root / "x.log").write_text("x")
+    (root / "keep.log").write_text("k")
+    (root / "build").mkdir()
+    (root / "build" / "out.o").write_text("o")
+    (root / "notes.backer-tmp").write_text("partial download")
+    share.scan()
+    assert sorted(live(share)) == [".backerignore", "keep.log"]
+
+
+def test_paths_are_recorded_nfc(share: Share) -> None:
+    decomposed = unicodedata.normalize("NFD", "café.txt")
+    (share.root / decomposed).write_text("x")
+    share.scan()
+    assert list(live(share)) == [unicodedata.normalize("NFC", "café.txt")]
+
+
+def test_rename_and_delete_of_a_directory(share: Share) -> None:
+    (share.root / "d").mkdir()
+    (share.root / "d" / "f").write_text("x")
+    share.scan()
+    (share.root / "d").rename(share.root / "e")
+    summary = share.scan()
+    assert summary.added == ["e", "e/f"] and summary.deleted == ["d", "d/f"]
+    assert live(share)["d/f"].kind == Kind.DELETED
+    shutil.rmtree(share.root / "e")
+    assert share.scan().deleted == ["e", "e/f"]
+
+
+def test_file_changed_while_being_read_is_read_again(share: Share) -> None:
+    path = share.root / "busy"
+    path.write_bytes(b"before")
+    info = path.lstat()
+    stale = Seen(
+        "busy", path, Kind.FILE, info.st_size, info.st_mtime_ns - 1, info.st_ino, info.st_mode
+    )
+    current, _, content, error = read_stable(stale)
+    assert error is None
+    assert content == manifest_of_bytes(b"before").id
+    assert current.mtime_ns == info.st_mtime_ns  # recorded with the stat it was read under
+
+
+def test_file_that_vanishes_while_being_read_is_reported(share: Share) -> None:
+    path = share.root / "gone"
+    path.write_bytes(b"x")
+    info = path.lstat()
+    seen = Seen("gone", path, Kind.FILE, info.st_size, info.st_mtime_ns, info.st_ino, info.st_mode)
+    path.unlink()
+    _, manifest, _, error = read_stable(seen)
+    assert manifest is None and "cannot read" in error
+
+
+UNREADABLE_SCRIPT = """
+import sys
+from pathlib import Path
+import nacl.signing
+from backer.share import Share
+root = Path(sys.argv[1])
+share = Share.open(root, nacl.signing.SigningKey(bytes(32)))
+summary = share.scan()
+print("|".join(summary.errors))
+print("|".join(summary.deleted))
+"""
+
+
+def _without_file_override() -> list[str]:
+    """Root reads everything; drop that power so unreadable files are unreadable."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_unreadable_files_and_dirs_are_reported_never_deleted(tmp_path: Path) -> None:
+    import nacl.signing
+
+    prefix = _without_file_override()
+    root = tmp_path / "share"
+    root.mkdir()
+    share = Share.create(root, nacl.signing.SigningKey(bytes(32)))
+    (root / "secret.txt").write_text("s")
+    (root / "private").mkdir()
+    (root / "private" / "inner.txt").write_text("i")
+    share.scan()
+    share.close()
+    if prefix:
+        subprocess.run(["chown", "-R", "65534:65534", str(root / "secret.txt")], check=True)
+        subprocess.run(["chown", "-R", "65534:65534", str(root / "private")], check=True)
+    (root / "secret.txt").chmod(0)
+    (root / "private").chmod(0)
+    age(root / "secret.txt")
+    result = subprocess.run(
+        [*prefix, sys.executable, "-c", UNREADABLE_SCRIPT, str(root)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        check=True,
+    )
+    errors, deleted = result.stdout.splitlines()
+    assert "secret.txt: cannot read" in errors and "private: cannot list directory" in errors
+    assert deleted == ""
