@@ -17,6 +17,8 @@ import struct
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
 from blake3 import blake3
 from pyfastcdc import FastCDC
@@ -36,8 +38,7 @@ def chunker() -> FastCDC:
     return FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
 
 
-@dataclass(frozen=True)
-class ChunkRef:
+class ChunkRef(NamedTuple):
     hash: bytes
     offset: int
     length: int
@@ -53,12 +54,14 @@ class Manifest:
     def size(self) -> int:
         return sum(c.length for c in self.chunks)
 
-    def encode(self) -> bytes:
+    @cached_property
+    def encoded(self) -> bytes:
         return b"".join(_ENTRY.pack(c.hash, c.length) for c in self.chunks)
 
-    @property
+    @cached_property
     def id(self) -> bytes:
-        return blake3(self.encode()).digest()
+        """The content id: BLAKE3 of the encoded chunk list."""
+        return blake3(self.encoded).digest()
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:

@@ -45,6 +45,19 @@ def check(path: str) -> str:
     return path
 
 
+def check_name(name: str) -> str:
+    """Validate and NFC-normalise one directory entry's name (the scanner's fast path)."""
+    if not name.isascii():
+        name = normalize(name)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadPath(f"name is not valid Unicode: {name!r}") from exc
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise BadPath(f"name is not portable: {name!r}")
+    return name
+
+
 def parent(path: str) -> str:
     """The containing directory ('' for the share root)."""
     return path.rpartition("/")[0]

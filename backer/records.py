@@ -39,7 +39,7 @@ def _id_bytes(version_id: str) -> bytes:
     return raw
 
 
-@dataclass(frozen=True)
+@dataclass
 class Version:
     """The value stored under ``path \\0 version-id`` in the shared map."""
 

@@ -15,24 +15,26 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
+from typing import NamedTuple
 
 from .catalog import LocalEntry
 from .content import Manifest, manifest_of_file
 from .ignore import IgnoreRules
-from .paths import METADATA_DIR, BadPath, check, normalize
+from .paths import METADATA_DIR, BadPath, check_name
 from .records import Kind
 
 READ_ATTEMPTS = 3
+THREADED_FROM = 1024 * 1024  # smaller files hash faster inline than through a thread pool
 FRESH_NS = 2_000_000_000  # an mtime this recent may still change within its granularity
 
 
-@dataclass(frozen=True)
-class Seen:
-    """One entry found on disk."""
+class Seen(NamedTuple):
+    """One entry found on disk (a tuple: a scan makes one per file)."""
 
     path: str  # share-relative, NFC
-    disk_path: Path
+    disk_path: str
     kind: Kind
     size: int
     mtime_ns: int
@@ -67,7 +69,7 @@ def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, S
     """Every non-ignored entry under ``root``; also the directories that could not be read."""
     seen: dict[str, Seen] = {}
     unreadable: set[str] = set()
-    stack: list[tuple[Path, str]] = [(root, "")]
+    stack: list[tuple[str, str]] = [(os.fspath(root), "")]
     while stack:
         directory, prefix = stack.pop()
         try:
@@ -81,7 +83,7 @@ def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, S
             if not prefix and entry.name == METADATA_DIR:
                 continue
             try:
-                path = check(normalize(prefix + entry.name))
+                path = prefix + check_name(entry.name)
             except BadPath as exc:
                 errors.append(f"{prefix + entry.name!r}: skipped: {exc}")
                 continue
@@ -107,13 +109,13 @@ def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, S
                 continue
             mtime = 0 if kind == Kind.DIRECTORY else info.st_mtime_ns
             size = 0 if kind == Kind.DIRECTORY else info.st_size
-            seen[path] = Seen(path, Path(entry.path), kind, size, mtime, info.st_ino, info.st_mode)
+            seen[path] = Seen(path, entry.path, kind, size, mtime, info.st_ino, info.st_mode)
             if kind == Kind.DIRECTORY:
-                stack.append((Path(entry.path), path + "/"))
+                stack.append((entry.path, path + "/"))
     return seen, unreadable
 
 
-def _stat_key(path: Path) -> tuple[int, int, int, int]:
+def _stat_key(path: str) -> tuple[int, int, int, int]:
     info = os.lstat(path)
     return info.st_size, info.st_mtime_ns, info.st_ino, info.st_mode
 
@@ -180,8 +182,12 @@ def observe(
                 result.changed.append((entry, None, b""))
         else:
             to_read.append(entry)
+    small = [e for e in to_read if e.size < THREADED_FROM]
+    large = [e for e in to_read if e.size >= THREADED_FROM]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
-        for entry, manifest, content, error in pool.map(read_stable, to_read):
+        for entry, manifest, content, error in chain(
+            map(read_stable, small), pool.map(read_stable, large)
+        ):
             if progress is not None:
                 progress(entry.size)
             if error is not None:

@@ -14,8 +14,7 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.signing
@@ -182,56 +181,52 @@ class Share:
 
     # -- local changes -----------------------------------------------------------------
 
-    def commit(self, versions: Iterable[tuple[str, Version]]) -> dict[str, str]:
+    def commit(self, versions: list[tuple[str, Version]]) -> dict[str, str]:
         """Record local versions, each superseding every live version of its path.
 
         Writes one journal event per batch; returns the new version id of each path.
         """
         assigned: dict[str, str] = {}
-        batch: list[tuple[str, str, Version]] = []
-        for path, version in versions:
-            supersedes = tuple(sorted(self.catalog.live_versions(path)))
-            version_id = new_version_id()
-            assigned[path] = version_id
-            batch.append((path, version_id, replace(version, supersedes=supersedes)))
-            if len(batch) == BATCH_VERSIONS:
-                self._commit_batch(batch)
-                batch = []
-        if batch:
-            self._commit_batch(batch)
+        for start in range(0, len(versions), BATCH_VERSIONS):
+            batch = versions[start : start + BATCH_VERSIONS]
+            live = self.catalog.live_for([path for path, _ in batch])
+            writes = []
+            for path, version in batch:
+                version_id = new_version_id()
+                assigned[path] = version_id
+                version.supersedes = tuple(sorted(live.get(path, ())))
+                writes.append((path, version_id, version))
+            update, delta = self.state.write(writes)
+            self._append(EventKind.STATE, update, delta)
         return assigned
-
-    def _commit_batch(self, batch: list[tuple[str, str, Version]]) -> None:
-        update, delta = self.state.write(batch)
-        self._append(EventKind.STATE, update, delta)
 
     def scan(self, progress: ProgressCallback | None = None) -> ScanSummary:
         """Scan the folder and record every change as new versions."""
         started = time.monotonic()
-        local = self.catalog.local_entries()
-        found = observe(self.root, local, self._recorded_content, progress)
-        summary = ScanSummary(errors=found.errors, unchanged=found.unchanged)
-        summary.hashed_bytes = found.hashed_bytes
-        now_ms = time.time_ns() // 1_000_000
+        found = observe(self.root, self.catalog.local_entries(), self._recorded_content, progress)
+        summary = ScanSummary(
+            errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
+        )
         now_ns = time.time_ns()
+        now_ms = now_ns // 1_000_000
         device = self.device[:8]
+        changed = sorted(found.changed, key=lambda c: c[0].path)
+        live = self.catalog.live_for([seen.path for seen, _, _ in changed] + found.deleted)
         versions: list[tuple[str, Version]] = []
-        for seen, manifest, content in sorted(found.changed, key=lambda c: c[0].path):
-            live = self.catalog.live_versions(seen.path)
-            existed = any(v.kind != Kind.DELETED for v in live.values())
+        for seen, _, content in changed:
+            existed = any(v.kind != Kind.DELETED for v in live.get(seen.path, {}).values())
             (summary.modified if existed else summary.added).append(seen.path)
             versions.append((seen.path, _version_of(seen, content, device, now_ms)))
-            if manifest is not None:
-                self.catalog.put_manifest(manifest, seen.path)
         for path in found.deleted:
-            live = self.catalog.live_versions(path)
-            if any(v.kind != Kind.DELETED for v in live.values()):
+            if any(v.kind != Kind.DELETED for v in live.get(path, {}).values()):
                 summary.deleted.append(path)
                 versions.append((path, Version(Kind.DELETED, device=device, time_ms=now_ms)))
         position = self.journal.position()
+        with self.db.conn:
+            self.catalog.put_manifests((s.path, m) for s, m, _ in changed if m is not None)
         assigned = self.commit(versions)
         summary.events = self.journal.position() - position
-        cache = [cache_entry(seen, assigned[seen.path], now_ns) for seen, _, _ in found.changed]
+        cache = [cache_entry(seen, assigned[seen.path], now_ns) for seen, _, _ in changed]
         with self.db.conn:
             self.catalog.set_local([*cache, *found.refreshed])
             self.catalog.drop_local(found.deleted)
