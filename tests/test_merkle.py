@@ -53,3 +53,21 @@ def test_root_commits_to_length_and_order() -> None:
     shorter = Peaks()
     shorter.extend([a])
     assert shorter.root() != one.root()
+
+
+@given(
+    before=st.integers(min_value=0, max_value=200),
+    added=st.integers(min_value=0, max_value=200),
+    keep=st.integers(min_value=1, max_value=6),
+)
+def test_extend_by_levels_equals_pushing_leaf_by_leaf(before: int, added: int, keep: int) -> None:
+    leaves = [os.urandom(32) for _ in range(before + added)]
+    one, two = Peaks(), Peaks()
+    one.extend(leaves[:before])
+    two.extend(leaves[:before])
+    pushed = []
+    for leaf in leaves[before:]:
+        pushed += [node for node in one.push(leaf) if depth(node[0]) >= keep]
+    kept = two.extend(leaves[before:], keep)
+    assert one == two
+    assert sorted(kept) == sorted(pushed)
