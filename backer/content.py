@@ -7,14 +7,15 @@ around it and everything after it still matches. Sizes (see docs/decisions.md): 
 content id is the BLAKE3 hash of its manifest, so identical contents share one id.
 
 Hashing large files is pipelined: one thread cuts (pyfastcdc releases the GIL) while
-another hashes the chunks already cut (BLAKE3 releases it too).
+another hashes the chunks already cut (BLAKE3 releases it too), and a third reads
+ahead so that a cold file streams from disk.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,7 @@ AVG_CHUNK = 64 * 1024
 MAX_CHUNK = 256 * 1024
 PIPELINE_FROM = 4 * 1024 * 1024
 _BATCH = 64
+_READ_AHEAD = 256 * 1024 * 1024
 _ENTRY = struct.Struct(">32sI")
 
 _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backer-hash")
@@ -78,6 +80,43 @@ def _hash_views(views: list[tuple[int, memoryview]]) -> list[ChunkRef]:
     return [ChunkRef(blake3(view).digest(), offset, len(view)) for offset, view in views]
 
 
+class _ReadAhead:
+    """Reads a file into the page cache a bounded distance ahead of the chunker.
+
+    The chunker reads through mmap, whose page faults on a cold file come in far below
+    the disk's sequential speed; plain large reads in a helper thread (I/O releases the
+    GIL) keep the disk streaming. It stays at most ``_READ_AHEAD`` bytes ahead so that a
+    file larger than memory is not read twice.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = path
+        self.position = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="backer-readahead", daemon=True)
+
+    def _run(self) -> None:
+        buffer = bytearray(8 * 1024 * 1024)
+        read = 0
+        with open(self.path, "rb", buffering=0) as handle:
+            while not self._done.is_set():
+                if read - self.position > _READ_AHEAD:
+                    self._done.wait(0.005)
+                    continue
+                count = handle.readinto(buffer)
+                if not count:
+                    return
+                read += count
+
+    def __enter__(self) -> _ReadAhead:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def manifest_of_bytes(data: bytes) -> Manifest:
     """Chunk and hash an in-memory buffer (small files, tests)."""
     views = [(c.offset, c.data) for c in chunker().cut_buf(data)] if data else []
@@ -91,16 +130,12 @@ def manifest_of_file(path: str | os.PathLike[str], size: int) -> Manifest:
             return manifest_of_bytes(handle.read())
     pending: list[Future[list[ChunkRef]]] = []
     batch: list[tuple[int, memoryview]] = []
-    for chunk in chunker().cut_file(os.fspath(path)):
-        batch.append((chunk.offset, chunk.data))
-        if len(batch) == _BATCH:
-            pending.append(_hasher.submit(_hash_views, batch))
-            batch = []
+    with _ReadAhead(path) as read_ahead:
+        for chunk in chunker().cut_file(os.fspath(path)):
+            read_ahead.position = chunk.offset
+            batch.append((chunk.offset, chunk.data))
+            if len(batch) == _BATCH:
+                pending.append(_hasher.submit(_hash_views, batch))
+                batch = []
     refs = [ref for future in pending for ref in future.result()] + _hash_views(batch)
     return Manifest(tuple(refs))
-
-
-def iter_chunks(data: bytes, manifest: Manifest) -> Iterator[tuple[ChunkRef, bytes]]:
-    """Pair each chunk of ``manifest`` with its bytes in ``data``."""
-    for ref in manifest.chunks:
-        yield ref, data[ref.offset : ref.offset + ref.length]

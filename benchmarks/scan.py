@@ -17,6 +17,7 @@ All data lives in a temporary directory that is removed at the end, also on Ctrl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import nacl.signing
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,17 +68,21 @@ def read_all(path: Path) -> int:
 
 
 def run_child(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float, str]:
-    """Run a command; return (seconds, peak RSS in MiB of that very child, stdout)."""
+    """Run a command; return (seconds, peak RSS in MiB sampled every 20 ms, stdout)."""
     started = time.perf_counter()
-    child = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None
-    stdout = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - started
-    if child.returncode != 0:
-        raise SystemExit(f"{args} failed with status {child.returncode}")
-    return seconds, usage.ru_maxrss / 1024, stdout
+    with tempfile.TemporaryFile(mode="w+") as out:
+        child = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, text=True)
+        watched = psutil.Process(child.pid)
+        peak = 0
+        while child.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, watched.memory_info().rss)
+            time.sleep(0.02)
+        seconds = time.perf_counter() - started
+        if child.returncode != 0:
+            raise SystemExit(f"{args} failed with status {child.returncode}")
+        out.seek(0)
+        return seconds, peak / MIB, out.read()
 
 
 def bench_big_file(work: Path, size_mib: int) -> None:
