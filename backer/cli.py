@@ -68,7 +68,7 @@ def _progress(label: str) -> Iterator[Any]:
     columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, transient=True, console=None) as bar:
         task = bar.add_task(label, total=None)
-        yield lambda size: bar.advance(task, size)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _open(directory: str) -> Share:

@@ -62,7 +62,8 @@ class Observation:
     hashed_bytes: int = 0
 
 
-ProgressCallback = Callable[[int], None]
+ProgressCallback = Callable[[int, int], None]
+"""Called as ``progress(bytes_done, bytes_total)`` while files are hashed."""
 
 
 def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, Seen], set[str]]:
@@ -182,14 +183,16 @@ def observe(
                 result.changed.append((entry, None, b""))
         else:
             to_read.append(entry)
+    done, total = 0, sum(e.size for e in to_read)
     small = [e for e in to_read if e.size < THREADED_FROM]
     large = [e for e in to_read if e.size >= THREADED_FROM]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
         for entry, manifest, content, error in chain(
             map(read_stable, small), pool.map(read_stable, large)
         ):
+            done += entry.size
             if progress is not None:
-                progress(entry.size)
+                progress(done, total)
             if error is not None:
                 result.errors.append(error)
                 unreadable.add(entry.path)
