@@ -36,6 +36,7 @@ class LocalEntry(NamedTuple):
     mtime_ns: int
     inode: int
     mode: int
+    settled: bool  # False: the mtime was too recent to trust, so rehash at the next scan
 
     @property
     def stat_key(self) -> tuple[int, int, int, int]:
@@ -68,7 +69,7 @@ class Catalog:
                 "author BLOB, position INTEGER)",
                 "CREATE INDEX versions_path ON versions (path, position)",
                 "CREATE TABLE local (path TEXT PRIMARY KEY, vid TEXT, size INTEGER, "
-                "mtime_ns INTEGER, inode INTEGER, mode INTEGER) WITHOUT ROWID",
+                "mtime_ns INTEGER, inode INTEGER, mode INTEGER, settled INTEGER) WITHOUT ROWID",
                 "CREATE TABLE manifests (id BLOB PRIMARY KEY, body BLOB) WITHOUT ROWID",
                 "CREATE TABLE chunks (hash BLOB PRIMARY KEY, path TEXT, offset INTEGER, "
                 "length INTEGER) WITHOUT ROWID",
@@ -123,6 +124,12 @@ class Catalog:
                 found.setdefault(path, {})[vid] = Version.decode(record)
         return found
 
+    def conflicted_paths(self) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT path FROM live GROUP BY path HAVING count(*) > 1 ORDER BY path"
+        )
+        return [path for (path,) in rows]
+
     def live_versions(self, path: str) -> dict[str, Version]:
         rows = self.conn.execute("SELECT vid, record FROM live WHERE path = ?", (path,))
         return {vid: Version.decode(record) for vid, record in rows}
@@ -168,15 +175,17 @@ class Catalog:
     # -- local disk cache ------------------------------------------------------------
 
     def local_entries(self) -> dict[str, LocalEntry]:
-        rows = self.conn.execute("SELECT path, vid, size, mtime_ns, inode, mode FROM local")
+        rows = self.conn.execute(
+            "SELECT path, vid, size, mtime_ns, inode, mode, settled FROM local"
+        )
         make = LocalEntry._make
         return {row[0]: make(row) for row in rows}
 
     def set_local(self, entries: Iterable[LocalEntry]) -> None:
         self.conn.executemany(
-            "INSERT OR REPLACE INTO local (path, vid, size, mtime_ns, inode, mode) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [(e.path, e.version_id, e.size, e.mtime_ns, e.inode, e.mode) for e in entries],
+            "INSERT OR REPLACE INTO local (path, vid, size, mtime_ns, inode, mode, settled) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            entries,
         )
 
     def drop_local(self, paths: Iterable[str]) -> None:
@@ -194,6 +203,13 @@ class Catalog:
         self.conn.executemany(
             "INSERT OR REPLACE INTO chunks (hash, path, offset, length) VALUES (?, ?, ?, ?)",
             sorted((c.hash, path, c.offset, c.length) for path, m in manifests for c in m.chunks),
+        )
+
+    def put_received_manifest(self, manifest: Manifest) -> None:
+        """Store a manifest received from a peer (its chunks are not local yet)."""
+        self.conn.execute(
+            "INSERT OR IGNORE INTO manifests (id, body) VALUES (?, ?)",
+            (manifest.id, manifest.encoded),
         )
 
     def manifest(self, manifest_id: bytes) -> Manifest | None:
@@ -229,9 +245,7 @@ class Catalog:
             counts[version.kind] += 1
             if version.kind == Kind.FILE:
                 total_bytes += version.size
-        conflicts = self.conn.execute(
-            "SELECT count(*) FROM (SELECT path FROM live GROUP BY path HAVING count(*) > 1)"
-        ).fetchone()[0]
+        conflicts = len(self.conflicted_paths())
         return {
             "files": counts[Kind.FILE],
             "directories": counts[Kind.DIRECTORY],

@@ -117,8 +117,7 @@ def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, S
 
 
 def _stat_key(path: str) -> tuple[int, int, int, int]:
-    info = os.lstat(path)
-    return info.st_size, info.st_mtime_ns, info.st_ino, info.st_mode
+    return stat_key_of(os.lstat(path))
 
 
 def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, str | None]:
@@ -149,10 +148,19 @@ def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, str | None]:
     return current, None, b"", f"{seen.path}: kept changing while being read; will retry"
 
 
-def cache_entry(seen: Seen, version_id: str, now_ns: int) -> LocalEntry:
-    """The ``local`` row for an entry; too-fresh mtimes are cached so they re-hash next time."""
-    mtime = seen.mtime_ns if now_ns - seen.mtime_ns > FRESH_NS else -1
-    return LocalEntry(seen.path, version_id, seen.size, mtime, seen.inode, seen.mode)
+def cache_entry(
+    path: str, version_id: str, stat_key: tuple[int, int, int, int], now_ns: int
+) -> LocalEntry:
+    """The ``local`` row for what is on disk at ``path`` (as ``stat_key``) now."""
+    size, mtime_ns, inode, mode = stat_key
+    return LocalEntry(path, version_id, size, mtime_ns, inode, mode, now_ns - mtime_ns > FRESH_NS)
+
+
+def stat_key_of(info: os.stat_result) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, inode, mode) as the scanner records them (directories: no size, mtime)."""
+    if stat.S_ISDIR(info.st_mode):
+        return 0, 0, info.st_ino, info.st_mode
+    return info.st_size, info.st_mtime_ns, info.st_ino, info.st_mode
 
 
 def observe(
@@ -174,11 +182,13 @@ def observe(
     to_read: list[Seen] = []
     for path, entry in seen.items():
         cached = local.get(path)
-        if cached is not None and cached.stat_key == entry.stat_key:
+        if cached is not None and cached.settled and cached.stat_key == entry.stat_key:
             result.unchanged += 1
         elif entry.kind == Kind.DIRECTORY:
             if cached is not None and stat.S_ISDIR(cached.mode):
-                result.refreshed.append(cache_entry(entry, cached.version_id, now_ns))
+                result.refreshed.append(
+                    cache_entry(entry.path, cached.version_id, entry.stat_key, now_ns)
+                )
             else:
                 result.changed.append((entry, None, b""))
         else:
@@ -202,7 +212,9 @@ def observe(
             recorded = recorded_content(cached) if cached is not None else None
             if recorded == (entry.kind, content, entry.executable):
                 assert cached is not None
-                result.refreshed.append(cache_entry(entry, cached.version_id, now_ns))
+                result.refreshed.append(
+                    cache_entry(entry.path, cached.version_id, entry.stat_key, now_ns)
+                )
             else:
                 result.changed.append((entry, manifest, content))
     result.deleted = sorted(

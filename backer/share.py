@@ -20,17 +20,19 @@ from pathlib import Path
 import nacl.signing
 import sqlite_utils
 
-from journal import CorruptJournal, Event, Journal
+from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, RejectedBatch
 
 from .catalog import Catalog, LocalEntry
 from .errors import BackerError
-from .membership import SHARE_ID_BYTES, EventKind, admitted, genesis_payload
+from .materializer import resolve
+from .membership import SHARE_ID_BYTES, EventKind, admitted, genesis_payload, member_payload
 from .paths import METADATA_DIR
 from .records import Kind, Version, new_version_id
 from .scanner import ProgressCallback, Seen, cache_entry, observe
 from .state import Delta, FileState
 
 DB_FILE = "backer.db"
+MAX_RESOLUTION_ROUNDS = 5  # a conflict copy can itself collide; a few rounds settle it
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 
 
@@ -82,8 +84,14 @@ class Share:
     # -- lifecycle ---------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: Path, key: nacl.signing.SigningKey) -> Share:
-        """Make ``root`` a new share with this device as its founding member."""
+    def create(
+        cls,
+        root: Path,
+        key: nacl.signing.SigningKey,
+        joining: tuple[bytes, bytes] | None = None,
+    ) -> Share:
+        """Make ``root`` a share: a new one with this device as founding member, or,
+        with ``joining=(share_id, share_key)``, an empty replica that a peer fills."""
         if not root.exists():
             raise BackerError(f"directory does not exist: {root}")
         if not root.is_dir():
@@ -97,15 +105,25 @@ class Share:
         db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
         os.chmod(root / METADATA_DIR / DB_FILE, 0o600)
         catalog = Catalog(db)
-        share_id = secrets.token_bytes(SHARE_ID_BYTES)
+        share_id, share_key = joining or (
+            secrets.token_bytes(SHARE_ID_BYTES),
+            secrets.token_bytes(32),
+        )
         with db.conn:
             catalog.set_meta("share_id", share_id)
-            catalog.set_meta("share_key", secrets.token_bytes(32))
+            catalog.set_meta("share_key", share_key)
             catalog.set_meta("device", bytes(key.verify_key))
         db.conn.close()
         share = cls(root, key)
-        share._append(EventKind.GENESIS, genesis_payload(share_id, socket.gethostname()))
+        if joining is None:
+            share._append(EventKind.GENESIS, genesis_payload(share_id, socket.gethostname()))
         return share
+
+    def admit(self, device_key: bytes, name: str) -> Event:
+        """Add a device to the share's members (a MEMBER_ADD event signed by us)."""
+        if not self.is_member(self.device):
+            raise BackerError("only a member can admit another device")
+        return self._append(EventKind.MEMBER_ADD, member_payload(device_key, name))
 
     @classmethod
     def open(cls, start: Path, key: nacl.signing.SigningKey) -> Share:
@@ -131,6 +149,12 @@ class Share:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def share_key(self) -> bytes:
+        value = self.catalog.get_meta("share_key")
+        assert value is not None
+        return value
 
     @property
     def share_id(self) -> bytes:
@@ -170,6 +194,57 @@ class Share:
     def is_member(self, author: bytes) -> bool:
         return author in self.catalog.members()
 
+    # -- remote changes ----------------------------------------------------------------
+
+    def ingest(self, raws: list[bytes], checkpoint: Checkpoint | None) -> IngestResult:
+        """Verify and store one author's events from a peer, then apply them in order.
+
+        A device that holds no journal yet (a joiner) accepts only a log that starts
+        with this share's GENESIS event.
+        """
+        members = self.catalog.members()
+        if not members:
+            first = Event.decode(raws[0]) if raws else None
+            founding = (
+                first is not None
+                and first.seq == 0
+                and first.kind == EventKind.GENESIS
+                and first.payload[:SHARE_ID_BYTES] == self.share_id
+            )
+            if not founding:
+                raise RejectedBatch("a new device must first receive the share's genesis")
+        result = self.journal.ingest(
+            raws, checkpoint, lambda author: not members or author in members
+        )
+        position = self.journal.position() - len(result.added)
+        for event in result.added:
+            position += 1
+            delta = self.state.apply(event.payload) if event.kind == EventKind.STATE else Delta()
+            with self.db.conn:
+                self._record(position, event, delta)
+        return result
+
+    def resolve_conflicts(self) -> int:
+        """Record the deterministic resolution of every conflicted path (see materializer).
+
+        Every device computes the same keys, so concurrent resolutions agree. Returns the
+        number of paths resolved.
+        """
+        resolved = 0
+        for _ in range(MAX_RESOLUTION_ROUNDS):
+            writes: list[tuple[str, str, Version]] = []
+            removals: list[tuple[str, str]] = []
+            for path in self.catalog.conflicted_paths():
+                resolution = resolve(path, self.catalog.live_versions(path))
+                removals += [(path, vid) for vid in resolution.drop]
+                writes += resolution.copies
+                resolved += 1
+            if not writes and not removals:
+                break
+            update, delta = self.state.write(writes, removals)
+            self._append(EventKind.STATE, update, delta)
+        return resolved
+
     def save_snapshot(self) -> None:
         """Keep the document in SQLite so that start-up does not replay everything."""
         position = self.catalog.get_int("catalog_position")
@@ -182,19 +257,14 @@ class Share:
     # -- local changes -----------------------------------------------------------------
 
     def commit(self, versions: list[tuple[str, Version]]) -> dict[str, str]:
-        """Record local versions, each superseding every live version of its path.
-
-        Writes one journal event per batch; returns the new version id of each path.
-        """
+        """Record local versions (their ``supersedes`` already set), one journal event
+        per batch; returns the new version id of each path."""
         assigned: dict[str, str] = {}
         for start in range(0, len(versions), BATCH_VERSIONS):
-            batch = versions[start : start + BATCH_VERSIONS]
-            live = self.catalog.live_for([path for path, _ in batch])
             writes = []
-            for path, version in batch:
+            for path, version in versions[start : start + BATCH_VERSIONS]:
                 version_id = new_version_id()
                 assigned[path] = version_id
-                version.supersedes = tuple(sorted(live.get(path, ())))
                 writes.append((path, version_id, version))
             update, delta = self.state.write(writes)
             self._append(EventKind.STATE, update, delta)
@@ -203,7 +273,8 @@ class Share:
     def scan(self, progress: ProgressCallback | None = None) -> ScanSummary:
         """Scan the folder and record every change as new versions."""
         started = time.monotonic()
-        found = observe(self.root, self.catalog.local_entries(), self._recorded_content, progress)
+        local = self.catalog.local_entries()
+        found = observe(self.root, local, self._recorded_content, progress)
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )
@@ -213,20 +284,29 @@ class Share:
         changed = sorted(found.changed, key=lambda c: c[0].path)
         live = self.catalog.live_for([seen.path for seen, _, _ in changed] + found.deleted)
         versions: list[tuple[str, Version]] = []
+        # A local change supersedes only the version the disk held (the cached one):
+        # remote versions this device has not written yet are concurrent with it.
         for seen, _, content in changed:
             existed = any(v.kind != Kind.DELETED for v in live.get(seen.path, {}).values())
             (summary.modified if existed else summary.added).append(seen.path)
-            versions.append((seen.path, _version_of(seen, content, device, now_ms)))
+            version = _version_of(seen, content, device, now_ms)
+            version.supersedes = _based_on(local.get(seen.path))
+            versions.append((seen.path, version))
         for path in found.deleted:
-            if any(v.kind != Kind.DELETED for v in live.get(path, {}).values()):
-                summary.deleted.append(path)
-                versions.append((path, Version(Kind.DELETED, device=device, time_ms=now_ms)))
+            summary.deleted.append(path)
+            based_on = _based_on(local.get(path))
+            versions.append(
+                (path, Version(Kind.DELETED, device=device, time_ms=now_ms, supersedes=based_on))
+            )
         position = self.journal.position()
         with self.db.conn:
             self.catalog.put_manifests((s.path, m) for s, m, _ in changed if m is not None)
         assigned = self.commit(versions)
         summary.events = self.journal.position() - position
-        cache = [cache_entry(seen, assigned[seen.path], now_ns) for seen, _, _ in changed]
+        cache = [
+            cache_entry(seen.path, assigned[seen.path], seen.stat_key, now_ns)
+            for seen, _, _ in changed
+        ]
         with self.db.conn:
             self.catalog.set_local([*cache, *found.refreshed])
             self.catalog.drop_local(found.deleted)
@@ -240,6 +320,10 @@ class Share:
         if version is None:
             return None
         return version.kind, version.content, version.executable
+
+
+def _based_on(cached: LocalEntry | None) -> tuple[str, ...]:
+    return (cached.version_id,) if cached is not None else ()
 
 
 def _version_of(seen: Seen, content: bytes, device: bytes, now_ms: int) -> Version:

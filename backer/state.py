@@ -67,12 +67,21 @@ class FileState:
         self._update, self._delta = b"", Delta()
         return update, delta
 
-    def write(self, versions: Iterable[tuple[str, str, Version]]) -> tuple[bytes, Delta]:
-        """Record local versions ``(path, version_id, version)`` in one transaction.
+    def write(
+        self,
+        versions: Iterable[tuple[str, str, Version]],
+        removals: Iterable[tuple[str, str]] = (),
+    ) -> tuple[bytes, Delta]:
+        """Record local versions ``(path, version_id, version)`` and remove the keys
+        ``(path, version_id)`` of ``removals``, in one transaction.
 
         Returns the update bytes (the payload of the journal event) and the delta.
         """
         with self.doc.transaction():
+            for path, version_id in removals:
+                key = make_key(path, version_id)
+                if key in self.files:
+                    del self.files[key]
             for path, version_id, version in versions:
                 self.files[make_key(path, version_id)] = version.encode()
                 for old in version.supersedes:

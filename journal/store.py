@@ -115,6 +115,10 @@ class Journal:
                 "CREATE TABLE nodes (author INTEGER, idx INTEGER, hash BLOB, "
                 "PRIMARY KEY (author, idx)) WITHOUT ROWID"
             )
+            self.conn.execute(
+                "CREATE TABLE checkpoints (author INTEGER, length INTEGER, raw BLOB, "
+                "PRIMARY KEY (author, length)) WITHOUT ROWID"
+            )
             self.db["forks"].create(
                 {"author": bytes, "seq": int, "ours": bytes, "theirs": bytes, "seen_ms": int}
             )
@@ -164,6 +168,26 @@ class Journal:
         )
         for rowid, raw in rows:
             yield rowid, Event.decode(raw)
+
+    def checkpoint_at(self, author: bytes, length: int) -> Checkpoint | None:
+        """The author's signed checkpoint at exactly ``length``, if we ever stored one."""
+        row = self.conn.execute(
+            "SELECT c.raw FROM checkpoints c JOIN authors a ON a.id = c.author "
+            "WHERE a.key = ? AND c.length = ?",
+            (author, length),
+        ).fetchone()
+        return Checkpoint.decode(row[0]) if row else None
+
+    def in_ranges(self, ranges: list[Range]) -> Iterator[Event]:
+        """The events of ``ranges``, in the order they arrived here (a causal order)."""
+        if not ranges:
+            return
+        ids = {key: rowid for rowid, key in self.conn.execute("SELECT id, key FROM authors")}
+        clauses = " OR ".join("(author = ? AND seq >= ? AND seq < ?)" for _ in ranges)
+        params = [value for r in ranges for value in (ids[r.author], r.start, r.end)]
+        rows = self.conn.execute(f"SELECT raw FROM events WHERE {clauses} ORDER BY rowid", params)
+        for (raw,) in rows:
+            yield Event.decode(raw)
 
     def position(self) -> int:
         """The local arrival position of the newest stored event."""
@@ -387,6 +411,11 @@ class Journal:
             "INSERT INTO nodes (author, idx, hash) VALUES (?, ?, ?)",
             [(rowid, index, digest) for index, digest in nodes],
         )
+        if checkpoint is not None:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO checkpoints (author, length, raw) VALUES (?, ?, ?)",
+                (rowid, checkpoint.length, encoded_checkpoint),
+            )
 
     def _record_fork(self, fork: Fork) -> None:
         with self.conn:

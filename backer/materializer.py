@@ -1,0 +1,321 @@
+"""Turn the merged state into files on disk: resolve, plan deterministically, apply safely.
+
+1. :func:`resolve` (pure) decides, from a path's live versions alone, what every device
+   will decide: a modification beats a concurrent deletion; identical contents are one
+   version; otherwise the newest version (directories before files) keeps the path and
+   each other content becomes a conflict copy
+   ``name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext`` whose name, key and record derive
+   only from the losing version itself. The share records that resolution in the state,
+   so all devices converge on the same keys.
+2. :func:`plan` compares the live state with what this device last put on (or saw on)
+   disk and lists the operations, in a fixed order: directories and files in path
+   order, then deletions deepest first.
+3. :class:`Materializer` applies them: temp file in the target directory, every chunk
+   verified, fsync, then a re-check that the target is exactly as the plan saw it (if
+   not, it is a local edit: it is left alone for the scanner, never clobbered), the old
+   contents hard-linked into ``.backer/versions/``, an atomic rename and a directory
+   fsync. A crash leaves the old file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import errno
+import os
+import secrets
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blake3 import blake3
+
+from .catalog import Catalog, LocalEntry
+from .chunks import ChunkStore
+from .ignore import TEMP_SUFFIX
+from .paths import METADATA_DIR, BadPath, check
+from .records import VERSION_ID_BYTES, Kind, Version
+from .scanner import cache_entry, stat_key_of
+
+VERSIONS_DIR = "versions"
+
+
+# -- resolution (pure) ----------------------------------------------------------------------
+
+
+@dataclass
+class Resolution:
+    """What to change in the state so that ``path`` has exactly one live version."""
+
+    drop: list[str] = field(default_factory=list)  # version ids to remove at the path
+    copies: list[tuple[str, str, Version]] = field(default_factory=list)  # (path, vid, version)
+
+
+def conflict_path(path: str, version: Version) -> str:
+    """``dir/name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext``, from the version's own data."""
+    parent, _, name = path.rpartition("/")
+    dot = name.rfind(".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    stamp = dt.datetime.fromtimestamp(version.time_ms / 1000, tz=dt.UTC).strftime("%Y%m%d-%H%M%S")
+    device = base64.b32encode(version.device).decode()[:7]
+    copy = f"{stem}.sync-conflict-{stamp}-{device}{ext}"
+    return f"{parent}/{copy}" if parent else copy
+
+
+def copy_version_id(version_id: str) -> str:
+    """The key of the conflict copy of ``version_id``: the same on every device."""
+    digest = blake3(b"conflict-copy:" + version_id.encode()).digest()[:VERSION_ID_BYTES]
+    return base64.urlsafe_b64encode(digest).decode()
+
+
+def _signature(version: Version) -> tuple[Kind, bytes, bool]:
+    return version.kind, version.content, version.executable
+
+
+def _precedence(item: tuple[str, Version]) -> tuple[bool, int, bytes, str]:
+    vid, version = item
+    return version.kind == Kind.DIRECTORY, version.time_ms, version.device, vid
+
+
+def resolve(path: str, live: dict[str, Version]) -> Resolution:
+    """Deterministic resolution of a path's live versions (see the module docstring)."""
+    result = Resolution()
+    if len(live) < 2:
+        return result
+    existing = {vid: v for vid, v in live.items() if v.kind != Kind.DELETED}
+    if not existing:
+        result.drop = sorted(live)[1:]
+        return result
+    result.drop = sorted(vid for vid, v in live.items() if v.kind == Kind.DELETED)
+    winner_id, winner = max(existing.items(), key=_precedence)
+    groups: dict[tuple[Kind, bytes, bool], list[tuple[str, Version]]] = {}
+    for item in existing.items():
+        groups.setdefault(_signature(item[1]), []).append(item)
+    for signature, members in sorted(groups.items(), key=lambda g: max(map(_precedence, g[1]))):
+        result.drop.extend(sorted(vid for vid, _ in members if vid != winner_id))
+        if signature == _signature(winner):
+            continue
+        loser_id, loser = max(members, key=_precedence)
+        copy = Version(
+            loser.kind,
+            loser.size,
+            loser.mtime_ns,
+            loser.executable,
+            loser.content,
+            loser.device,
+            loser.time_ms,
+        )
+        result.copies.append((conflict_path(path, loser), copy_version_id(loser_id), copy))
+    return result
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operation:
+    path: str
+    version_id: str
+    version: Version
+
+    @property
+    def is_deletion(self) -> bool:
+        return self.version.kind == Kind.DELETED
+
+
+def plan(catalog: Catalog) -> list[Operation]:
+    """Operations that bring the disk to the live state: creations and updates in path
+    order (parents first), then deletions deepest first."""
+    local = catalog.local_entries()
+    writes, deletions = [], []
+    for path, vid, version in catalog.all_live():
+        cached = local.get(path)
+        if cached is not None and cached.version_id == vid:
+            continue
+        if version.kind == Kind.DELETED:
+            if cached is not None:
+                deletions.append(Operation(path, vid, version))
+        else:
+            writes.append(Operation(path, vid, version))
+    return sorted(writes, key=lambda op: op.path) + sorted(
+        deletions, key=lambda op: op.path, reverse=True
+    )
+
+
+def manifests_needed(operations: Iterable[Operation], catalog: Catalog) -> list[bytes]:
+    needed = {
+        op.version.content
+        for op in operations
+        if op.version.kind == Kind.FILE and catalog.manifest(op.version.content) is None
+    }
+    return sorted(needed)
+
+
+def chunks_needed(
+    operations: Iterable[Operation], catalog: Catalog, store: ChunkStore
+) -> list[bytes]:
+    hashes = []
+    for op in operations:
+        if op.version.kind != Kind.FILE:
+            continue
+        manifest = catalog.manifest(op.version.content)
+        if manifest is not None:
+            hashes.extend(ref.hash for ref in manifest.chunks)
+    return store.missing(hashes)
+
+
+# -- applying -----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    written: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    kept_local_edits: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+
+
+class LocalEdit(Exception):
+    """The target changed since the plan was made: leave it to the scanner."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Materializer:
+    """Applies a plan to one share's directory; never writes outside it."""
+
+    def __init__(self, root: Path, catalog: Catalog, store: ChunkStore) -> None:
+        self.root = root
+        self.catalog = catalog
+        self.store = store
+        self.versions = root / METADATA_DIR / VERSIONS_DIR
+
+    def apply(self, operations: list[Operation]) -> Report:
+        report = Report()
+        local = self.catalog.local_entries()
+        for op in operations:
+            try:
+                check(op.path)
+                self._apply_one(op, local.get(op.path), report)
+            except LocalEdit:
+                report.kept_local_edits.append(op.path)
+            except (BadPath, OSError, ValueError) as exc:
+                report.errors.append(f"{op.path}: {exc}")
+        return report
+
+    def _target(self, path: str) -> Path:
+        """The on-disk path, refusing any parent that is not a real directory."""
+        current = self.root
+        for part in path.split("/")[:-1]:
+            current = current / part
+            info = os.lstat(current)
+            if not stat.S_ISDIR(info.st_mode):
+                raise LocalEdit(path)
+        return current / path.rpartition("/")[2]
+
+    def _unchanged(self, target: Path, cached: LocalEntry | None) -> os.stat_result | None:
+        """The target's stat if it is exactly as last recorded; raise LocalEdit if not."""
+        try:
+            info = os.lstat(target)
+        except FileNotFoundError:
+            if cached is None:
+                return None
+            raise LocalEdit(str(target)) from None
+        if cached is None or stat_key_of(info) != cached.stat_key:
+            raise LocalEdit(str(target))
+        return info
+
+    def _preserve(self, target: Path, path: str) -> None:
+        """Keep the replaced or deleted contents in ``.backer/versions/``."""
+        stamp = dt.datetime.now(tz=dt.UTC).strftime("%Y%m%d-%H%M%S")
+        kept = self.versions / f"{path}~{stamp}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(target, kept, follow_symlinks=False)
+        except FileExistsError:
+            os.link(
+                target, kept.with_name(f"{kept.name}-{secrets.token_hex(3)}"), follow_symlinks=False
+            )
+
+    def _apply_one(self, op: Operation, cached: LocalEntry | None, report: Report) -> None:
+        target = self._target(op.path)
+        kind = op.version.kind
+        if kind == Kind.DELETED:
+            info = self._unchanged(target, cached)
+            if info is not None and stat.S_ISDIR(info.st_mode):
+                try:
+                    target.rmdir()
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise LocalEdit(op.path) from exc
+                    raise
+            elif info is not None:
+                self._preserve(target, op.path)
+                target.unlink()
+            _fsync_dir(target.parent)
+            self.catalog.drop_local([op.path])
+            report.deleted.append(op.path)
+            return
+        if kind == Kind.DIRECTORY:
+            try:
+                info = os.lstat(target)
+            except FileNotFoundError:
+                target.mkdir()
+                _fsync_dir(target.parent)
+                info = os.lstat(target)
+            if not stat.S_ISDIR(info.st_mode):
+                raise LocalEdit(op.path)
+            self._record(op, info)
+            return
+        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        try:
+            if kind == Kind.SYMLINK:
+                os.symlink(op.version.link_target, temp)
+            else:
+                self._write_file(temp, op.version)
+            previous = self._unchanged(target, cached)
+            if previous is not None and stat.S_ISDIR(previous.st_mode):
+                raise LocalEdit(op.path)
+            if previous is not None:
+                self._preserve(target, op.path)
+            os.replace(temp, target)
+        finally:
+            temp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+        info = os.lstat(target)
+        self._record(op, info)
+        if kind == Kind.FILE:
+            manifest = self.catalog.manifest(op.version.content)
+            assert manifest is not None
+            self.catalog.put_manifests([(op.path, manifest)])
+            report.bytes_written += op.version.size
+        report.written.append(op.path)
+
+    def _write_file(self, temp: Path, version: Version) -> None:
+        manifest = self.catalog.manifest(version.content)
+        if manifest is None or manifest.id != version.content:
+            raise ValueError("manifest is missing or does not match the version")
+        mode = 0o755 if version.executable else 0o644
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as handle:
+            for ref in manifest.chunks:
+                data = self.store.read(ref.hash)
+                if data is None or len(data) != ref.length:
+                    raise ValueError(f"chunk {ref.hash.hex()[:12]} is not available")
+                handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, mode)
+
+    def _record(self, op: Operation, info: os.stat_result) -> None:
+        entry = cache_entry(op.path, op.version_id, stat_key_of(info), time.time_ns())
+        self.catalog.set_local([entry])

@@ -1,0 +1,74 @@
+"""Test helpers: devices in temp dirs and an in-memory pump between two sessions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nacl.signing
+
+from backer.session import Session
+from backer.share import Share
+from backer.wire import FrameReader, Message
+
+
+def make_devices(tmp_path: Path, count: int) -> list[Share]:
+    """A founding share and ``count - 1`` empty replicas, all admitted as members."""
+    keys = [nacl.signing.SigningKey.generate() for _ in range(count)]
+    roots = [tmp_path / f"device{n}" for n in range(count)]
+    for root in roots:
+        root.mkdir()
+    founder = Share.create(roots[0], keys[0])
+    shares = [founder]
+    for key, root in zip(keys[1:], roots[1:], strict=True):
+        founder.admit(bytes(key.verify_key), root.name)
+        shares.append(Share.create(root, key, joining=(founder.share_id, founder.share_key)))
+    return shares
+
+
+def _wire(messages: list[Message], reader: FrameReader) -> list[Message]:
+    """Encode and decode, so that every test also exercises the framing."""
+    return list(reader.feed(b"".join(m.encode() for m in messages)))
+
+
+def pump(a: Session, b: Session, max_rounds: int = 10_000) -> None:
+    """Deliver messages both ways until neither side has anything more to say."""
+    to_b, to_a = a.start(), b.start()
+    readers = FrameReader(), FrameReader()
+    for _ in range(max_rounds):
+        if not to_a and not to_b:
+            return
+        incoming_b, to_b = _wire(to_b, readers[1]), []
+        incoming_a, to_a = _wire(to_a, readers[0]), []
+        for message in incoming_b:
+            to_a += b.receive(message)
+        for message in incoming_a:
+            to_b += a.receive(message)
+    raise AssertionError("sessions did not go quiet")
+
+
+def sync(a: Share, b: Share) -> tuple[Session, Session]:
+    """Scan both, then run one session between them to completion."""
+    a.scan()
+    b.scan()
+    left, right = Session(a, "a"), Session(b, "b")
+    pump(left, right)
+    assert left.complete and right.complete, (left.stats, right.stats)
+    return left, right
+
+
+def tree(root: Path) -> dict[str, tuple[str, bytes | str, int]]:
+    """Everything under ``root`` except .backer: kind, content or target, mode bits."""
+    result: dict[str, tuple[str, bytes | str, int]] = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if relative == ".backer" or relative.startswith(".backer/"):
+            continue
+        info = path.lstat()
+        if path.is_symlink():
+            result[relative] = ("link", os.readlink(path), 0)
+        elif path.is_dir():
+            result[relative] = ("dir", b"", 0)
+        else:
+            result[relative] = ("file", path.read_bytes(), info.st_mode & 0o111)
+    return result

@@ -1,0 +1,113 @@
+"""Two and three devices syncing through the sans-IO session, in memory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.helpers import make_devices, sync, tree
+
+
+def test_initial_sync_copies_files_dirs_links_modes_and_empty_dirs(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "docs").mkdir()
+    (a.root / "docs" / "report.txt").write_bytes(os.urandom(300_000))
+    (a.root / "empty").mkdir()
+    (a.root / "run.sh").write_text("#!/bin/sh\n")
+    (a.root / "run.sh").chmod(0o755)
+    os.symlink("docs/report.txt", a.root / "latest")
+    _, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert right.stats.files_written == 3 and right.stats.chunk_bytes_received >= 300_000
+
+
+def test_edits_on_both_sides_and_renames_move_no_chunk_bytes(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "album").mkdir()
+    for n in range(20):
+        (a.root / "album" / f"{n}.jpg").write_bytes(os.urandom(20_000))
+    sync(a, b)
+    (a.root / "album").rename(a.root / "photos")
+    (b.root / "new-on-b.txt").write_text("from b")
+    left, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert "photos/0.jpg" in tree(b.root) and "album" not in tree(b.root)
+    assert right.stats.chunk_bytes_received == 0 and left.stats.chunk_bytes_received == 6
+
+
+def test_concurrent_edits_become_the_same_conflict_copy_everywhere(tmp_path: Path) -> None:
+    a, b, c = make_devices(tmp_path, 3)
+    (a.root / "notes.txt").write_text("base")
+    sync(a, b)
+    sync(a, c)
+    (a.root / "notes.txt").write_text("edited on a")
+    (b.root / "notes.txt").write_text("edited on b, longer")
+    sync(a, b)
+    sync(b, c)
+    sync(a, c)
+    sync(a, b)
+    trees = [tree(d.root) for d in (a, b, c)]
+    assert trees[0] == trees[1] == trees[2]
+    copies = [p for p in trees[0] if ".sync-conflict-" in p]
+    assert (
+        len(copies) == 1
+        and copies[0].startswith("notes.sync-conflict-")
+        and copies[0].endswith(".txt")
+    )
+    contents = {trees[0]["notes.txt"][1], trees[0][copies[0]][1]}
+    assert contents == {b"edited on a", b"edited on b, longer"}
+    assert all(d.catalog.conflicted_paths() == [] for d in (a, b, c))
+
+
+def test_identical_concurrent_edits_are_not_a_conflict(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    (a.root / "same.txt").write_text("same")
+    (b.root / "same.txt").write_text("same")
+    sync(a, b)
+    assert sorted(tree(a.root)) == ["same.txt"] == sorted(tree(b.root))
+
+
+def test_modification_beats_concurrent_deletion(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "keep.txt").write_text("v1")
+    sync(a, b)
+    (a.root / "keep.txt").unlink()
+    (b.root / "keep.txt").write_text("v2 from b")
+    sync(a, b)
+    assert (a.root / "keep.txt").read_text() == "v2 from b" == (b.root / "keep.txt").read_text()
+
+
+def test_local_edit_made_after_the_scan_is_never_clobbered(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f.txt").write_text("one")
+    sync(a, b)
+    (a.root / "f.txt").write_text("two from a")
+    a.scan()
+    b.scan()
+    (b.root / "f.txt").write_text("unscanned edit on b")  # after b's scan, before the sync
+    from backer.session import Session
+    from tests.helpers import pump
+
+    left, right = Session(a, "a"), Session(b, "b")
+    pump(left, right)
+    assert (b.root / "f.txt").read_text() == "unscanned edit on b"
+    assert right.reports[-1].kept_local_edits == ["f.txt"]
+    sync(a, b)  # the next scan records the edit; it conflicts with a's and nothing is lost
+    contents = sorted(p.read_text() for p in b.root.iterdir() if p.is_file())
+    assert contents == ["two from a", "unscanned edit on b"]
+    assert tree(a.root) == tree(b.root)
+
+
+def test_replaced_and_deleted_contents_are_kept_in_versions(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "doc.txt").write_text("first")
+    (a.root / "gone.txt").write_text("bye")
+    sync(a, b)
+    (a.root / "doc.txt").write_text("second")
+    (a.root / "gone.txt").unlink()
+    sync(a, b)
+    kept = {
+        p.name.split("~")[0]: p.read_text() for p in (b.root / ".backer" / "versions").iterdir()
+    }
+    assert kept == {"doc.txt": "first", "gone.txt": "bye"}
