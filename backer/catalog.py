@@ -74,6 +74,8 @@ class Catalog:
                 "CREATE TABLE chunks (hash BLOB PRIMARY KEY, path TEXT, offset INTEGER, "
                 "length INTEGER) WITHOUT ROWID",
                 "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB)",
+                "CREATE TABLE invites (id BLOB PRIMARY KEY, psk BLOB, expires_ms INTEGER, "
+                "used_by BLOB)",
             ):
                 self.conn.execute(statement)
 
@@ -231,6 +233,25 @@ class Catalog:
             "INSERT OR IGNORE INTO members (key, name, added_by) VALUES (?, ?, ?)",
             (key, name, added_by),
         )
+
+    def add_invite(self, invite_id: bytes, psk: bytes, expires_ms: int) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO invites (id, psk, expires_ms) VALUES (?, ?, ?)",
+            (invite_id, psk, expires_ms),
+        )
+
+    def use_invite(self, invite_id: bytes, device_key: bytes) -> None:
+        self.conn.execute(
+            "UPDATE invites SET used_by = ? WHERE id = ? AND used_by IS NULL",
+            (device_key, invite_id),
+        )
+
+    def invite(self, invite_id: bytes) -> tuple[bytes, int, bytes | None] | None:
+        """(psk, expires_ms, used_by) of an invite this device has seen."""
+        row = self.conn.execute(
+            "SELECT psk, expires_ms, used_by FROM invites WHERE id = ?", (invite_id,)
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
 
     def members(self) -> dict[bytes, str]:
         return dict(self.conn.execute("SELECT key, name FROM members ORDER BY rowid"))

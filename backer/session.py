@@ -51,6 +51,7 @@ from .wire import (
     Summary,
     WantChunks,
     WantManifests,
+    Welcome,
 )
 
 EVENTS_PER_MESSAGE = 2000
@@ -76,8 +77,10 @@ class SyncStats:
 class Session:
     """One side of a sync session with one peer."""
 
-    def __init__(self, share: Share, name: str = "") -> None:
+    def __init__(self, share: Share, name: str = "", welcome: bool = False) -> None:
+        """``welcome``: the peer just joined with an invite; start by giving it the key."""
         self.share = share
+        self.welcome = welcome
         self.store = ChunkStore(share.root, share.catalog)
         self.name = name
         self.stats = SyncStats()
@@ -100,7 +103,8 @@ class Session:
 
     def start(self) -> list[Message]:
         checkpoints = [c.encode() for c in self.share.journal.summary().values()]
-        return [Hello(PROTOCOL_VERSION, self.name.encode()), Summary(checkpoints)]
+        opening: list[Message] = [Welcome(self.share.share_key)] if self.welcome else []
+        return [*opening, Hello(PROTOCOL_VERSION, self.name.encode()), Summary(checkpoints)]
 
     @property
     def idle(self) -> bool:
@@ -129,6 +133,12 @@ class Session:
             raise ProtocolError(
                 f"peer speaks protocol {message.version}, we speak {PROTOCOL_VERSION}"
             )
+        return []
+
+    def _on_welcome(self, message: Welcome) -> list[Message]:
+        if self.share.share_key or len(message.share_key) != 32:
+            raise ProtocolError("unexpected Welcome")
+        self.share.set_share_key(message.share_key)
         return []
 
     def _on_summary(self, message: Summary) -> list[Message]:

@@ -25,7 +25,16 @@ from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, Re
 from .catalog import Catalog, LocalEntry
 from .errors import BackerError
 from .materializer import resolve
-from .membership import SHARE_ID_BYTES, EventKind, admitted, genesis_payload, member_payload
+from .membership import (
+    NO_INVITE,
+    SHARE_ID_BYTES,
+    EventKind,
+    admitted,
+    genesis_payload,
+    invite_payload,
+    member_payload,
+    parse_invite,
+)
 from .paths import METADATA_DIR
 from .records import Kind, Version, new_version_id
 from .scanner import ProgressCallback, Seen, cache_entry, observe
@@ -119,11 +128,28 @@ class Share:
             share._append(EventKind.GENESIS, genesis_payload(share_id, socket.gethostname()))
         return share
 
-    def admit(self, device_key: bytes, name: str) -> Event:
+    def admit(self, device_key: bytes, name: str, invite_id: bytes = NO_INVITE) -> Event:
         """Add a device to the share's members (a MEMBER_ADD event signed by us)."""
         if not self.is_member(self.device):
             raise BackerError("only a member can admit another device")
-        return self._append(EventKind.MEMBER_ADD, member_payload(device_key, name))
+        return self._append(EventKind.MEMBER_ADD, member_payload(device_key, name, invite_id))
+
+    def create_invite(self, lifetime_s: int) -> tuple[bytes, bytes]:
+        """A single-use invite, valid ``lifetime_s`` seconds: (invite id, one-time key)."""
+        invite_id, psk = secrets.token_bytes(16), secrets.token_bytes(32)
+        expires_ms = time.time_ns() // 1_000_000 + lifetime_s * 1000
+        self._append(EventKind.INVITE, invite_payload(invite_id, psk, expires_ms))
+        return invite_id, psk
+
+    def invite_key(self, invite_id: bytes) -> bytes | None:
+        """The one-time key of a valid invite (known, unused, unexpired), else None."""
+        found = self.catalog.invite(invite_id)
+        if found is None:
+            return None
+        psk, expires_ms, used_by = found
+        if used_by is not None or expires_ms < time.time_ns() // 1_000_000:
+            return None
+        return psk
 
     @classmethod
     def open(cls, start: Path, key: nacl.signing.SigningKey) -> Share:
@@ -152,9 +178,12 @@ class Share:
 
     @property
     def share_key(self) -> bytes:
-        value = self.catalog.get_meta("share_key")
-        assert value is not None
-        return value
+        """The secret every member holds (empty on a joiner until it is welcomed)."""
+        return self.catalog.get_meta("share_key") or b""
+
+    def set_share_key(self, share_key: bytes) -> None:
+        with self.db.conn:
+            self.catalog.set_meta("share_key", share_key)
 
     @property
     def share_id(self) -> bytes:
@@ -178,9 +207,15 @@ class Share:
 
     def _record(self, position: int, event: Event, delta: Delta) -> None:
         """Fold one stored event into the catalog (inside the caller's transaction)."""
-        admission = admitted(event, self.catalog.members())
+        members = self.catalog.members()
+        admission = admitted(event, members)
         if admission is not None:
-            self.catalog.add_member(admission[0], admission[1], event.author)
+            device_key, name, invite_id = admission
+            self.catalog.add_member(device_key, name, event.author)
+            if invite_id != NO_INVITE:
+                self.catalog.use_invite(invite_id, device_key)
+        if event.kind == EventKind.INVITE and event.author in members:
+            self.catalog.add_invite(*parse_invite(event.payload))
         if delta:
             self.catalog.apply_delta(delta, event.author, position)
         self.catalog.set_meta("catalog_position", position)

@@ -174,6 +174,14 @@ class Error(Message):
     reason: bytes
 
 
+@dataclass
+class Welcome(Message):
+    """To a device joining with an invite: the share key it now holds as a member."""
+
+    TYPE = 11
+    share_key: bytes
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -187,6 +195,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Chunk,
         Done,
         Error,
+        Welcome,
     )
 }
 

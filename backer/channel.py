@@ -1,0 +1,165 @@
+"""An authenticated, encrypted byte stream over any duplex transport, sans-IO.
+
+The initiator opens with a clear 17-byte header — a mode byte (``S`` to sync, ``J`` to
+join with an invite) and the share id or invite id — that tells the responder which
+pre-shared key to use; the header is also the Noise prologue, so tampering with it
+fails the handshake. Then ``Noise_XXpsk0_25519_AESGCM_SHA256``:
+
+- psk0: the share key (or the invite's one-time secret) is mixed in before the first
+  message, so a peer without it fails at once and learns nothing, not even our key;
+- XX: both sides prove their static key; it is derived from the device's Ed25519
+  key, which each side also sends (encrypted) so that the other can check membership
+  against its journal before any application data flows;
+- ephemeral keys give forward secrecy.
+
+On the wire every Noise message is ``u16 length | message``; application data is cut
+into records of at most 65,519 plaintext bytes (the Noise maximum minus the tag).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import nacl.bindings
+import nacl.signing
+
+from .noise import MAX_MESSAGE, TAG_LEN, CipherState, HandshakeState, NoiseError
+
+PROTOCOL_NAME = "Noise_XXpsk0_25519_AESGCM_SHA256"
+PROLOGUE = b"backer/1 "
+HEADER_LEN = 17
+MODE_SYNC = b"S"
+MODE_JOIN = b"J"
+MAX_PLAINTEXT = MAX_MESSAGE - TAG_LEN
+
+
+class ChannelError(Exception):
+    """The secure channel failed: wrong key, not a member, tampering, garbage."""
+
+
+def _x25519_private(key: nacl.signing.SigningKey) -> bytes:
+    return nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(bytes(key) + bytes(key.verify_key))
+
+
+def _x25519_public(device_key: bytes) -> bytes:
+    try:
+        return nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(device_key)
+    except Exception as exc:
+        raise ChannelError("peer sent an invalid device key") from exc
+
+
+PskLookup = Callable[[bytes], bytes | None]
+"""Responder: header -> pre-shared key, or None to refuse."""
+PeerCheck = Callable[[bytes, bytes], str | None]
+"""(peer device key, header) -> None to accept, or the reason for refusing."""
+
+
+class SecureChannel:
+    """One end of a channel. Feed it received bytes; send what :meth:`data_to_send` gives."""
+
+    def __init__(
+        self,
+        key: nacl.signing.SigningKey,
+        check_peer: PeerCheck,
+        *,
+        header: bytes | None = None,
+        psk: bytes | None = None,
+        lookup_psk: PskLookup | None = None,
+    ) -> None:
+        """An initiator passes ``header`` and ``psk``; a responder passes ``lookup_psk``."""
+        self.key = key
+        self.check_peer = check_peer
+        self.initiator = header is not None
+        self.lookup_psk = lookup_psk
+        self.header = header or b""
+        self.peer: bytes | None = None
+        self._handshake: HandshakeState | None = None
+        self._send: CipherState | None = None
+        self._receive: CipherState | None = None
+        self._buffer = bytearray()
+        self._outgoing = bytearray()
+        if self.initiator:
+            if len(self.header) != HEADER_LEN or psk is None:
+                raise ValueError("an initiator needs a 17-byte header and a psk")
+            self._handshake = self._new_handshake(psk)
+            self._outgoing += self.header
+            self._record(self._handshake.write_message())
+
+    @property
+    def established(self) -> bool:
+        return self._send is not None
+
+    def _new_handshake(self, psk: bytes) -> HandshakeState:
+        return HandshakeState(
+            PROTOCOL_NAME,
+            self.initiator,
+            PROLOGUE + self.header,
+            static_private=_x25519_private(self.key),
+            psks=[psk],
+        )
+
+    def _record(self, message: bytes) -> None:
+        self._outgoing += len(message).to_bytes(2, "big") + message
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    def send(self, plaintext: bytes) -> None:
+        """Encrypt application data into records (queued for :meth:`data_to_send`)."""
+        if self._send is None:
+            raise ChannelError("channel is not established")
+        view = memoryview(plaintext)
+        for start in range(0, len(view), MAX_PLAINTEXT):
+            self._record(self._send.encrypt(b"", bytes(view[start : start + MAX_PLAINTEXT])))
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Consume bytes from the peer; return the application plaintext they carried."""
+        self._buffer += data
+        plaintext = bytearray()
+        try:
+            if not self.initiator and self._handshake is None and not self.established:
+                if len(self._buffer) < HEADER_LEN:
+                    return b""
+                self.header = bytes(self._buffer[:HEADER_LEN])
+                del self._buffer[:HEADER_LEN]
+                psk = self.lookup_psk(self.header) if self.lookup_psk else None
+                if psk is None:
+                    raise ChannelError("unknown share or invite")
+                self._handshake = self._new_handshake(psk)
+            while len(self._buffer) >= 2:
+                size = int.from_bytes(self._buffer[:2], "big")
+                if len(self._buffer) < 2 + size:
+                    break
+                message = bytes(self._buffer[2 : 2 + size])
+                del self._buffer[: 2 + size]
+                if self._receive is not None:
+                    plaintext += self._receive.decrypt(b"", message)
+                else:
+                    self._handshake_step(message)
+        except NoiseError as exc:
+            raise ChannelError(f"handshake or record failed: {exc}") from exc
+        return bytes(plaintext)
+
+    def _handshake_step(self, message: bytes) -> None:
+        handshake = self._handshake
+        assert handshake is not None
+        payload = handshake.read_message(message)
+        if payload:
+            self._accept(payload, handshake.rs)
+        if not handshake.complete:
+            self._record(handshake.write_message(bytes(self.key.verify_key)))
+        if handshake.complete:
+            if self.peer is None:
+                raise ChannelError("peer never identified itself")
+            self._send, self._receive = handshake.split()
+            self._handshake = None
+
+    def _accept(self, device_key: bytes, remote_static: bytes | None) -> None:
+        if len(device_key) != 32 or remote_static != _x25519_public(device_key):
+            raise ChannelError("peer's device key does not match its handshake key")
+        reason = self.check_peer(device_key, self.header)
+        if reason is not None:
+            raise ChannelError(reason)
+        self.peer = device_key

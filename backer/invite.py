@@ -1,0 +1,54 @@
+"""Invite tokens: everything a new device needs to find the share and prove the invite.
+
+A token is base64url text of ``"BKI1" | share id 16 | invite id 16 | one-time key 32 |
+inviter device key 32 | addresses`` (comma-separated ``host:port``). The one-time key
+is the pre-shared key of the joiner's first handshake; the invite itself is a journal
+event, so any member that has seen it can admit the joiner, once, before it expires.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from .errors import BackerError
+
+MAGIC = b"BKI1"
+
+
+@dataclass(frozen=True)
+class InviteToken:
+    share_id: bytes
+    invite_id: bytes
+    psk: bytes
+    inviter: bytes
+    addresses: tuple[str, ...]
+
+    def encode(self) -> str:
+        raw = MAGIC + self.share_id + self.invite_id + self.psk + self.inviter
+        raw += ",".join(self.addresses).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> InviteToken:
+        try:
+            raw = base64.urlsafe_b64decode(text.strip() + "=" * (-len(text.strip()) % 4))
+        except (binascii.Error, ValueError) as exc:
+            raise BackerError("not an invite token (bad encoding)") from exc
+        if not raw.startswith(MAGIC) or len(raw) < 100:
+            raise BackerError("not an invite token")
+        body = raw[len(MAGIC) :]
+        try:
+            addresses = tuple(a for a in body[96:].decode().split(",") if a)
+        except UnicodeDecodeError as exc:
+            raise BackerError("not an invite token (bad addresses)") from exc
+        return cls(body[:16], body[16:32], body[32:64], body[64:96], addresses)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:port``) into a (host, port) pair."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise BackerError(f"not an address (expected HOST:PORT): {text!r}")
+    return host.strip("[]"), int(port)

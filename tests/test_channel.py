@@ -1,0 +1,78 @@
+"""The secure channel: mutual authentication, membership, refusal without learning."""
+
+from __future__ import annotations
+
+import os
+
+import nacl.signing
+import pytest
+
+from backer.channel import MODE_SYNC, ChannelError, SecureChannel
+
+SHARE_ID = os.urandom(16)
+HEADER = MODE_SYNC + SHARE_ID
+
+
+def pair(initiator_psk: bytes, responder_psk: bytes, members: set[bytes]):
+    alice, bob = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    members = members or {bytes(alice.verify_key), bytes(bob.verify_key)}
+
+    def check(peer: bytes, header: bytes) -> str | None:
+        return None if peer in members else "not a member of this share"
+
+    client = SecureChannel(alice, check, header=HEADER, psk=initiator_psk)
+    server = SecureChannel(bob, check, lookup_psk=lambda h: responder_psk if h == HEADER else None)
+    return alice, bob, client, server
+
+
+def shake(client: SecureChannel, server: SecureChannel) -> None:
+    for _ in range(4):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+
+
+def test_members_with_the_share_key_authenticate_each_other_and_talk() -> None:
+    psk = os.urandom(32)
+    alice, bob, client, server = pair(psk, psk, set())
+    shake(client, server)
+    assert client.established and server.established
+    assert client.peer == bytes(bob.verify_key) and server.peer == bytes(alice.verify_key)
+    big = os.urandom(200_000)
+    client.send(big)
+    wire = client.data_to_send()
+    assert big not in wire
+    assert server.receive_data(wire[:1000]) + server.receive_data(wire[1000:]) == big
+
+
+def test_wrong_share_key_is_refused_before_anything_is_revealed() -> None:
+    _, _, client, server = pair(os.urandom(32), os.urandom(32), set())
+    with pytest.raises(ChannelError):
+        server.receive_data(client.data_to_send())
+    assert server.data_to_send() == b""  # the server sent nothing, not even its key
+
+
+def test_non_member_is_refused_at_the_handshake() -> None:
+    psk = os.urandom(32)
+    outsider = nacl.signing.SigningKey.generate()
+    _, _, client, server = pair(psk, psk, {bytes(outsider.verify_key)})
+    server.receive_data(client.data_to_send())
+    with pytest.raises(ChannelError, match="not a member"):
+        client.receive_data(server.data_to_send())
+
+
+def test_tampered_record_closes_the_channel() -> None:
+    psk = os.urandom(32)
+    _, _, client, server = pair(psk, psk, set())
+    shake(client, server)
+    client.send(b"hello")
+    wire = bytearray(client.data_to_send())
+    wire[5] ^= 0x20
+    with pytest.raises(ChannelError):
+        server.receive_data(bytes(wire))
+
+
+def test_garbage_instead_of_a_handshake_is_refused() -> None:
+    psk = os.urandom(32)
+    _, _, _, server = pair(psk, psk, set())
+    with pytest.raises(ChannelError):
+        server.receive_data(HEADER + b"\x00\x20" + os.urandom(32))
