@@ -7,10 +7,14 @@ with status 70 (set ``BACKER_DEBUG=1`` for the traceback).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import os
+import shutil
+import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -22,11 +26,16 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from journal import JournalError
 
+from . import transport
 from .catalog import HistoryEntry
+from .channel import MODE_JOIN, SecureChannel
 from .errors import BackerError
 from .identity import device_id, load_or_create_key, short_id
+from .invite import InviteToken, parse_address
 from .membership import EventKind
+from .paths import METADATA_DIR
 from .records import Kind, Version
+from .session import Session
 from .share import ScanSummary, Share
 
 EXIT_ERROR = 1
@@ -245,6 +254,217 @@ def history(path: str, directory: str, as_json: bool) -> None:
             f"{marker} {_when(e.version.time_ms)}  {short_id(e.author)}  "
             f"{e.version_id}  {_describe(e.version)}"
         )
+
+
+# -- replication commands ------------------------------------------------------------------
+
+
+def _summary_line(peer: bytes | None, session: Session) -> str:
+    stats = session.stats
+    errors = sum(len(r.errors) for r in session.reports)
+    kept = sum(len(r.kept_local_edits) for r in session.reports)
+    who = device_id(peer)[:7] if peer else "peer"
+    return (
+        f"synced with {who}: {stats.events_received} events received, {stats.events_sent} sent; "
+        f"{stats.files_written} files written, {stats.files_deleted} deleted; "
+        f"chunk bytes received {stats.chunk_bytes_received}, sent {stats.chunk_bytes_sent}; "
+        f"chunks reused {stats.chunks_reused}, fetched {stats.chunks_fetched}; "
+        f"local edits kept {kept}; errors {errors}"
+    )
+
+
+def _remember_peer(share: Share, address: str) -> None:
+    known = [a for a in (share.catalog.get_meta("peers") or b"").decode().split("\n") if a]
+    if address not in known:
+        with share.db.conn:
+            share.catalog.set_meta("peers", "\n".join([address, *known]).encode())
+
+
+async def _sync_once(share: Share, streams: transport.Streams) -> Session:
+    key = share.key
+    channel = transport.initiator(share, key)
+    return await transport.run_session(streams, channel, transport.connect(share, _name()), True)
+
+
+def _name() -> str:
+    return socket.gethostname()
+
+
+def _run(coroutine: Any) -> Any:
+    try:
+        return asyncio.run(coroutine)
+    except transport.SessionClosed as exc:
+        raise BackerError(f"sync failed: {exc}") from exc
+
+
+@cli.command()
+@click.argument("address", required=False)
+@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@click.option(
+    "--command", help="Sync over this command's stdin/stdout, e.g. 'ssh host backer stdio DIR'."
+)
+def sync(address: str | None, directory: str, command: str | None) -> None:
+    """Reconcile with a peer both ways, then exit (ADDRESS or the peers used before)."""
+    with _open(directory) as share:
+        if command:
+            session = _run(_sync_with(share, transport.command_streams(command)))
+            click.echo(_summary_line(session.peer, session))
+            return
+        addresses = (
+            [address]
+            if address
+            else [a for a in (share.catalog.get_meta("peers") or b"").decode().split("\n") if a]
+        )
+        if not addresses:
+            raise BackerError("no peer known yet: give an address (HOST:PORT)")
+        failures = []
+        for candidate in addresses:
+            host, port = parse_address(candidate)
+            try:
+                session = _run(_sync_with(share, transport.tcp_streams(host, port)))
+            except BackerError as exc:
+                failures.append(str(exc))
+                continue
+            _remember_peer(share, candidate)
+            click.echo(_summary_line(session.peer, session))
+            return
+        raise BackerError("; ".join(failures))
+
+
+async def _sync_with(share: Share, opening: Any) -> Session:
+    return await _sync_once(share, await opening)
+
+
+@cli.command()
+@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+def stdio(directory: str) -> None:
+    """Serve one sync session over stdin/stdout (the remote end of 'sync --command')."""
+    with _open(directory) as share:
+
+        async def serve_one() -> Session:
+            streams = await transport.stdio_streams()
+            channel = transport.responder(share, share.key)
+            return await transport.run_session(
+                streams, channel, transport.accept(share, _name()), False
+            )
+
+        session = _run(serve_one())
+        click.echo(_summary_line(session.peer, session), err=True)
+
+
+async def _serve(share: Share, host: str, port: int, until_joined: bytes | None = None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_address = writer.get_extra_info("peername")
+        streams = transport.Streams(reader, writer, writer.close)
+        channel = transport.responder(share, share.key)
+        try:
+            session = await transport.run_session(
+                streams, channel, transport.accept(share, _name()), False
+            )
+        except transport.SessionClosed as exc:
+            click.echo(f"closed session with {peer_address}: {exc}", err=True)
+            return
+        click.echo(_summary_line(session.peer, session), err=True)
+        if until_joined is not None and share.invite_key(until_joined) is None:
+            stop.set()
+
+    try:
+        server = await asyncio.start_server(handle, host, port)
+    except OSError as exc:
+        raise BackerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
+    click.echo(f"listening on {bound}", err=True)
+    async with server:
+        await stop.wait()
+
+
+@cli.command()
+@click.option(
+    "--listen", default="0.0.0.0:7654", show_default=True, help="HOST:PORT to accept peers on."
+)
+@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+def serve(listen: str, directory: str) -> None:
+    """Accept sync sessions from members (and joiners with an invite) until interrupted."""
+    host, port = parse_address(listen)
+    with _open(directory) as share:
+        asyncio.run(_serve(share, host, port))
+
+
+@cli.command()
+@click.option(
+    "--listen",
+    default="0.0.0.0:7654",
+    show_default=True,
+    help="HOST:PORT to wait on (and put in the token).",
+)
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    help="Address to put in the token instead (repeatable).",
+)
+@click.option("--expires", default=86400, show_default=True, help="Seconds the invite stays valid.")
+@click.option(
+    "--no-wait", is_flag=True, help="Print the token and exit; a running 'serve' admits the joiner."
+)
+@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+def invite(
+    listen: str, addresses: tuple[str, ...], expires: int, no_wait: bool, directory: str
+) -> None:
+    """Print a single-use, expiring invite token, and wait for the device to join."""
+    host, port = parse_address(listen)
+    with _open(directory) as share:
+        invite_id, psk = share.create_invite(expires)
+        advertised = addresses or (listen,)
+        token = InviteToken(share.share_id, invite_id, psk, share.device, tuple(advertised))
+        click.echo(token.encode())
+        sys.stdout.flush()
+        if not no_wait:
+            asyncio.run(_serve(share, host, port, until_joined=invite_id))
+
+
+@cli.command()
+@click.argument("token")
+@click.argument("directory", default=".", type=click.Path(file_okay=True))
+def join(token: str, directory: str) -> None:
+    """Join a share with an invite TOKEN and mirror it into DIRECTORY."""
+    invitation = InviteToken.decode(token)
+    root = Path(os.path.abspath(directory))
+    root.mkdir(parents=True, exist_ok=True)
+    key = load_or_create_key()
+    share = Share.create(root, key, joining=(invitation.share_id, b""))
+    failures = []
+    with share:
+        for address in invitation.addresses:
+
+            async def attempt(host: str, port: int) -> Session:
+                streams = await transport.tcp_streams(host, port)
+                channel = SecureChannel(
+                    key,
+                    lambda peer, header: None,  # only a member can know the invite's key
+                    header=MODE_JOIN + invitation.invite_id,
+                    psk=invitation.psk,
+                )
+                return await transport.run_session(
+                    streams, channel, transport.connect(share, _name()), True
+                )
+
+            try:
+                session = _run(attempt(*parse_address(address)))
+            except BackerError as exc:
+                failures.append(str(exc))
+                continue
+            _remember_peer(share, address)
+            click.echo(f"joined share {share.share_id.hex()} at {root}")
+            click.echo(_summary_line(session.peer, session))
+            return
+    shutil.rmtree(root / METADATA_DIR, ignore_errors=True)
+    raise BackerError("could not join: " + "; ".join(failures or ["the token names no address"]))
 
 
 def main() -> None:

@@ -77,9 +77,13 @@ class SyncStats:
 class Session:
     """One side of a sync session with one peer."""
 
-    def __init__(self, share: Share, name: str = "", welcome: bool = False) -> None:
-        """``welcome``: the peer just joined with an invite; start by giving it the key."""
+    def __init__(
+        self, share: Share, name: str = "", welcome: bool = False, peer: bytes | None = None
+    ) -> None:
+        """``welcome``: the peer just joined with an invite; start by giving it the key.
+        ``peer``: its authenticated device key, when a channel established one."""
         self.share = share
+        self.peer = peer
         self.welcome = welcome
         self.store = ChunkStore(share.root, share.catalog)
         self.name = name
