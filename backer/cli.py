@@ -60,6 +60,7 @@ def _version_json(version: Version) -> dict[str, Any]:
     return {
         "kind": version.kind.name.lower(),
         "size": version.size,
+        "permissions": oct(version.permissions),
         "executable": version.executable,
         "hash": version.content.hex() if version.kind == Kind.FILE else None,
         "target": version.link_target if version.kind == Kind.SYMLINK else None,
@@ -265,8 +266,8 @@ def _summary_line(peer: bytes | None, session: Session) -> str:
     kept = sum(len(r.kept_local_edits) for r in session.reports)
     who = device_id(peer)[:7] if peer else "peer"
     return (
-        f"synced with {who}: {stats.events_received} events received, {stats.events_sent} sent; "
-        f"{stats.files_written} files written, {stats.files_deleted} deleted; "
+        f"synced with {who}: events received {stats.events_received}, sent {stats.events_sent}; "
+        f"files written {stats.files_written}, deleted {stats.files_deleted}; "
         f"chunk bytes received {stats.chunk_bytes_received}, sent {stats.chunk_bytes_sent}; "
         f"chunks reused {stats.chunks_reused}, fetched {stats.chunks_fetched}; "
         f"local edits kept {kept}; errors {errors}"

@@ -36,7 +36,7 @@ from .catalog import Catalog, LocalEntry
 from .chunks import ChunkStore
 from .ignore import TEMP_SUFFIX
 from .paths import METADATA_DIR, BadPath, check
-from .records import VERSION_ID_BYTES, Kind, Version
+from .records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version
 from .scanner import cache_entry, stat_key_of
 
 VERSIONS_DIR = "versions"
@@ -70,8 +70,8 @@ def copy_version_id(version_id: str) -> str:
     return base64.urlsafe_b64encode(digest).decode()
 
 
-def _signature(version: Version) -> tuple[Kind, bytes, bool]:
-    return version.kind, version.content, version.executable
+def _signature(version: Version) -> tuple[Kind, bytes, int]:
+    return version.kind, version.content, version.permissions
 
 
 def _precedence(item: tuple[str, Version]) -> tuple[bool, int, bytes, str]:
@@ -90,7 +90,7 @@ def resolve(path: str, live: dict[str, Version]) -> Resolution:
         return result
     result.drop = sorted(vid for vid, v in live.items() if v.kind == Kind.DELETED)
     winner_id, winner = max(existing.items(), key=_precedence)
-    groups: dict[tuple[Kind, bytes, bool], list[tuple[str, Version]]] = {}
+    groups: dict[tuple[Kind, bytes, int], list[tuple[str, Version]]] = {}
     for item in existing.items():
         groups.setdefault(_signature(item[1]), []).append(item)
     for signature, members in sorted(groups.items(), key=lambda g: max(map(_precedence, g[1]))):
@@ -102,7 +102,7 @@ def resolve(path: str, live: dict[str, Version]) -> Resolution:
             loser.kind,
             loser.size,
             loser.mtime_ns,
-            loser.executable,
+            loser.permissions,
             loser.content,
             loser.device,
             loser.time_ms,
@@ -274,6 +274,10 @@ class Materializer:
                 info = os.lstat(target)
             if not stat.S_ISDIR(info.st_mode):
                 raise LocalEdit(op.path)
+            wanted = op.version.permissions
+            if wanted and stat.S_IMODE(info.st_mode) & PERMISSION_BITS != wanted:
+                os.chmod(target, wanted)
+                info = os.lstat(target)
             self._record(op, info)
             return
         temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -304,7 +308,7 @@ class Materializer:
         manifest = self.catalog.manifest(version.content)
         if manifest is None or manifest.id != version.content:
             raise ValueError("manifest is missing or does not match the version")
-        mode = 0o755 if version.executable else 0o644
+        mode = version.permissions or 0o644
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         with os.fdopen(fd, "wb") as handle:
             for ref in manifest.chunks:

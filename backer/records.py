@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 VERSION_ID_BYTES = 9
-_HEAD = struct.Struct(">BBQqQ8sB")  # kind, flags, size, mtime_ns, time_ms, device, n superseded
-_EXEC = 1
+_HEAD = struct.Struct(
+    ">BHQqQ8sB"
+)  # kind, permissions, size, mtime_ns, time_ms, device, n superseded
+PERMISSION_BITS = 0o777
 
 
 class Kind(IntEnum):
@@ -46,17 +48,16 @@ class Version:
     kind: Kind
     size: int = 0
     mtime_ns: int = 0
-    executable: bool = False
+    permissions: int = 0  # mode & 0o777; synced like Syncthing does, not just the exec bit
     content: bytes = b""  # file: manifest hash; symlink: UTF-8 target
     device: bytes = bytes(8)  # first 8 bytes of the writer's public key
     time_ms: int = 0
     supersedes: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
-        flags = _EXEC if self.executable else 0
         head = _HEAD.pack(
             self.kind,
-            flags,
+            self.permissions & PERMISSION_BITS,
             self.size,
             self.mtime_ns,
             self.time_ms,
@@ -68,7 +69,7 @@ class Version:
     @classmethod
     def decode(cls, data: bytes) -> Version:
         data = bytes(data)
-        kind, flags, size, mtime_ns, time_ms, device, count = _HEAD.unpack_from(data)
+        kind, permissions, size, mtime_ns, time_ms, device, count = _HEAD.unpack_from(data)
         start = _HEAD.size
         end = start + count * VERSION_ID_BYTES
         if len(data) < end:
@@ -77,9 +78,7 @@ class Version:
             base64.urlsafe_b64encode(data[i : i + VERSION_ID_BYTES]).decode()
             for i in range(start, end, VERSION_ID_BYTES)
         )
-        return cls(
-            Kind(kind), size, mtime_ns, bool(flags & _EXEC), data[end:], device, time_ms, supersedes
-        )
+        return cls(Kind(kind), size, mtime_ns, permissions, data[end:], device, time_ms, supersedes)
 
     def same_content(self, other: Version | None) -> bool:
         """True when writing ``self`` over ``other`` would change nothing on disk."""
@@ -87,8 +86,12 @@ class Version:
             other is not None
             and self.kind == other.kind
             and self.content == other.content
-            and self.executable == other.executable
+            and self.permissions == other.permissions
         )
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.permissions & 0o100)
 
     @property
     def link_target(self) -> str:

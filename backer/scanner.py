@@ -23,7 +23,7 @@ from .catalog import LocalEntry
 from .content import Manifest, manifest_of_file
 from .ignore import IgnoreRules
 from .paths import METADATA_DIR, BadPath, check_name
-from .records import Kind
+from .records import PERMISSION_BITS, Kind
 
 READ_ATTEMPTS = 3
 THREADED_FROM = 1024 * 1024  # smaller files hash faster inline than through a thread pool
@@ -46,8 +46,9 @@ class Seen(NamedTuple):
         return self.size, self.mtime_ns, self.inode, self.mode
 
     @property
-    def executable(self) -> bool:
-        return self.kind == Kind.FILE and bool(self.mode & stat.S_IXUSR)
+    def permissions(self) -> int:
+        """Permission bits worth syncing: files' and directories' (links have none)."""
+        return 0 if self.kind == Kind.SYMLINK else self.mode & PERMISSION_BITS
 
 
 @dataclass
@@ -166,13 +167,13 @@ def stat_key_of(info: os.stat_result) -> tuple[int, int, int, int]:
 def observe(
     root: Path,
     local: dict[str, LocalEntry],
-    recorded_content: Callable[[LocalEntry], tuple[Kind, bytes, bool] | None],
+    recorded_content: Callable[[LocalEntry], tuple[Kind, bytes, int] | None],
     progress: ProgressCallback | None = None,
     workers: int | None = None,
 ) -> Observation:
     """Compare the disk with the ``local`` cache and return what changed.
 
-    ``recorded_content`` maps a cache entry to the (kind, content, executable) of the
+    ``recorded_content`` maps a cache entry to the (kind, content, permissions) of the
     version it recorded, so a file whose stat changed but whose bytes did not (a
     touch, a copy-back) produces no new version.
     """
@@ -185,10 +186,10 @@ def observe(
         if cached is not None and cached.settled and cached.stat_key == entry.stat_key:
             result.unchanged += 1
         elif entry.kind == Kind.DIRECTORY:
-            if cached is not None and stat.S_ISDIR(cached.mode):
-                result.refreshed.append(
-                    cache_entry(entry.path, cached.version_id, entry.stat_key, now_ns)
-                )
+            recorded = recorded_content(cached) if cached is not None else None
+            if cached is not None and recorded == (Kind.DIRECTORY, b"", entry.permissions):
+                refreshed = cache_entry(entry.path, cached.version_id, entry.stat_key, now_ns)
+                result.refreshed.append(refreshed)
             else:
                 result.changed.append((entry, None, b""))
         else:
@@ -210,7 +211,7 @@ def observe(
             result.hashed_bytes += entry.size if manifest is not None else 0
             cached = local.get(entry.path)
             recorded = recorded_content(cached) if cached is not None else None
-            if recorded == (entry.kind, content, entry.executable):
+            if recorded == (entry.kind, content, entry.permissions):
                 assert cached is not None
                 result.refreshed.append(
                     cache_entry(entry.path, cached.version_id, entry.stat_key, now_ns)

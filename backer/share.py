@@ -350,11 +350,11 @@ class Share:
         summary.seconds = time.monotonic() - started
         return summary
 
-    def _recorded_content(self, entry: LocalEntry) -> tuple[Kind, bytes, bool] | None:
+    def _recorded_content(self, entry: LocalEntry) -> tuple[Kind, bytes, int] | None:
         version = self.catalog.version(entry.version_id)
         if version is None:
             return None
-        return version.kind, version.content, version.executable
+        return version.kind, version.content, version.permissions
 
 
 def _based_on(cached: LocalEntry | None) -> tuple[str, ...]:
@@ -366,7 +366,7 @@ def _version_of(seen: Seen, content: bytes, device: bytes, now_ms: int) -> Versi
         seen.kind,
         seen.size,
         seen.mtime_ns,
-        seen.executable,
+        seen.permissions,
         content,
         device,
         now_ms,

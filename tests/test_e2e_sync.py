@@ -1,0 +1,120 @@
+"""Three devices mirroring a folder through the real CLI over TCP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import Device, join, snapshot, summary_number
+
+
+@pytest.fixture
+def trio(tmp_path: Path):
+    a, b, c = (Device(tmp_path, name) for name in "abc")
+    a.root.mkdir()
+    (a.root / "docs").mkdir()
+    (a.root / "docs" / "readme.txt").write_text("hello\n")
+    (a.root / "empty").mkdir()
+    (a.root / "tool.sh").write_text("#!/bin/sh\necho hi\n")
+    (a.root / "tool.sh").chmod(0o755)
+    os.symlink("docs/readme.txt", a.root / "link")
+    a.run("init", str(a.root))
+    with a.serving() as address:
+        join(a, b, address)
+        join(a, c, address)
+        yield a, b, c, address
+
+
+def converge(devices, address: str, rounds: int = 2) -> None:
+    for _ in range(rounds):
+        for device in devices[1:]:
+            device.sync(address)
+
+
+def test_three_devices_mirror_edits_from_every_side(trio) -> None:
+    a, b, c, address = trio
+    assert snapshot(b.root) == snapshot(a.root) == snapshot(c.root)
+    (a.root / "docs" / "readme.txt").write_text("hello, edited on a\n")
+    (b.root / "from-b").mkdir()
+    (b.root / "from-b" / "photo.bin").write_bytes(os.urandom(700_000))
+    os.symlink("../tool.sh", b.root / "from-b" / "tool-link")
+    (c.root / "tool.sh").chmod(0o700)
+    (c.root / "empty").rmdir()
+    (c.root / "new-empty").mkdir()
+    converge([a, b, c], address)
+    reference = snapshot(a.root)
+    assert snapshot(b.root) == reference == snapshot(c.root)
+    assert reference["tool.sh"][2] & 0o100 and "empty" not in reference
+    assert reference["from-b/tool-link"] == ("link", "../tool.sh")
+    assert reference["new-empty"] == ("dir",)
+
+
+def test_concurrent_edits_give_the_same_conflict_copy_everywhere(trio) -> None:
+    a, b, c, address = trio
+    (b.root / "docs" / "readme.txt").write_text("b's version\n")
+    (c.root / "docs" / "readme.txt").write_text("c's longer version\n")
+    converge([a, b, c], address, rounds=3)
+    trees = [snapshot(d.root) for d in (a, b, c)]
+    assert trees[0] == trees[1] == trees[2]
+    copies = [p for p in trees[0] if ".sync-conflict-" in p]
+    assert len(copies) == 1 and copies[0].startswith("docs/readme.sync-conflict-")
+    assert {trees[0]["docs/readme.txt"][1], trees[0][copies[0]][1]} == {
+        b"b's version\n",
+        b"c's longer version\n",
+    }
+
+
+def test_modification_survives_a_concurrent_deletion(trio) -> None:
+    a, b, c, address = trio
+    (b.root / "docs" / "readme.txt").unlink()
+    (c.root / "docs" / "readme.txt").write_text("c kept working on it\n")
+    converge([a, b, c], address, rounds=3)
+    for device in (a, b, c):
+        assert (device.root / "docs" / "readme.txt").read_text() == "c kept working on it\n"
+
+
+def test_renaming_a_directory_of_100_files_moves_no_chunk_bytes(trio) -> None:
+    a, b, _, address = trio
+    (a.root / "album").mkdir()
+    for n in range(100):
+        (a.root / "album" / f"{n:03}.jpg").write_bytes(os.urandom(3000))
+    b.sync(address)
+    (a.root / "album").rename(a.root / "renamed")
+    out = b.sync(address)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert summary_number(out, "chunk bytes received") == 0
+    assert summary_number(out, "files written") == 100
+
+
+def test_stdio_end_works_like_ssh(trio) -> None:
+    a, b, _, _ = trio
+    (b.root / "over-stdio.txt").write_text("piped")
+    remote = " ".join([f"env BACKER_HOME={a.home}", *a.command("stdio", "--dir", str(a.root))])
+    out = b.run("sync", "--command", remote, "--dir", str(b.root)).stdout
+    assert "synced with" in out
+    assert (a.root / "over-stdio.txt").read_text() == "piped"
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_unreachable_peer_is_a_clear_error(trio) -> None:
+    _, b, _, _ = trio
+    result = b.run("sync", "127.0.0.1:1", "--dir", str(b.root), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "cannot reach 127.0.0.1:1" in result.stderr
+
+
+def test_used_or_garbage_token_is_refused(tmp_path: Path, trio) -> None:
+    a, _, _, address = trio
+    token = a.run("invite", "--no-wait", "--address", address, "--dir", str(a.root)).stdout.strip()
+    d, e = Device(tmp_path, "d"), Device(tmp_path, "e")
+    d.run("join", token, str(d.root))
+    time.sleep(0.2)
+    result = e.run("join", token, str(e.root), check=False)
+    assert result.returncode == 1 and "could not join" in result.stderr
+    assert not (e.root / ".backer").exists()
+    result = e.run("join", "not-a-token", str(e.root), check=False)
+    assert result.returncode == 1 and "not an invite token" in result.stderr
