@@ -81,8 +81,9 @@ def _progress(label: str) -> Iterator[Any]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def _open(directory: str) -> Share:
-    return Share.open(Path(directory), load_or_create_key())
+def _open(directory: str, exclusive: bool = True) -> Share:
+    """The share containing ``directory``; ``exclusive=False`` for read-only commands."""
+    return Share.open(Path(directory), load_or_create_key(), exclusive)
 
 
 def _share_path(share: Share, path: str) -> str:
@@ -141,7 +142,7 @@ def scan(directory: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(directory: str, as_json: bool) -> None:
     """Show the share: files, bytes, devices, conflicts, last scan."""
-    with _open(directory) as share:
+    with _open(directory, exclusive=False) as share:
         totals = share.catalog.totals()
         last_scan = share.catalog.get_int("last_scan_ms")
         report = {
@@ -187,7 +188,7 @@ def _matches(path: str, wanted: str) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def log(path: str | None, directory: str, as_json: bool) -> None:
     """Show the journal, oldest first; with PATH, only events that touched it."""
-    with _open(directory) as share:
+    with _open(directory, exclusive=False) as share:
         wanted = _share_path(share, path) if path else ""
         lines: list[dict[str, Any]] = []
         for position, event in share.journal.since(0):
@@ -232,7 +233,7 @@ def log(path: str | None, directory: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def history(path: str, directory: str, as_json: bool) -> None:
     """Show every version of PATH: when, by which device, size and hash."""
-    with _open(directory) as share:
+    with _open(directory, exclusive=False) as share:
         key = _share_path(share, path)
         entries: list[HistoryEntry] = share.catalog.history(key)
     if not entries:

@@ -45,6 +45,14 @@ def check(path: str) -> str:
     return path
 
 
+def is_valid(path: str) -> bool:
+    try:
+        check(path)
+    except BadPath:
+        return False
+    return True
+
+
 def check_name(name: str) -> str:
     """Validate and NFC-normalise one directory entry's name (the scanner's fast path)."""
     if not name.isascii():

@@ -9,6 +9,7 @@ events after it, so the catalog can always be rebuilt from the journal.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import socket
@@ -16,6 +17,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import nacl.signing
 import sqlite_utils
@@ -35,12 +37,13 @@ from .membership import (
     member_payload,
     parse_invite,
 )
-from .paths import METADATA_DIR
-from .records import Kind, Version, new_version_id
+from .paths import METADATA_DIR, is_valid
+from .records import Kind, Version, new_version_id, split_key
 from .scanner import ProgressCallback, Seen, cache_entry, observe
 from .state import Delta, FileState
 
 DB_FILE = "backer.db"
+LOCK_FILE = "lock"
 MAX_RESOLUTION_ROUNDS = 5  # a conflict copy can itself collide; a few rounds settle it
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 
@@ -65,6 +68,19 @@ def find_root(start: Path) -> Path | None:
     return None
 
 
+def _take_lock(root: Path) -> IO[bytes]:
+    """One process changes a share at a time (serve, sync, scan, join)."""
+    handle = open(root / METADATA_DIR / LOCK_FILE, "ab")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise BackerError(
+            f"the share {root} is in use by another backer process (serve, sync or scan)"
+        ) from None
+    return handle
+
+
 def _open_db(path: Path) -> sqlite_utils.Database:
     try:
         db = sqlite_utils.Database(str(path))
@@ -77,10 +93,12 @@ def _open_db(path: Path) -> sqlite_utils.Database:
 class Share:
     """One synced folder on this device."""
 
-    def __init__(self, root: Path, key: nacl.signing.SigningKey) -> None:
+    def __init__(self, root: Path, key: nacl.signing.SigningKey, exclusive: bool = True) -> None:
+        """``exclusive``: this process may change the share (and must be the only one)."""
         self.root = root
         self.key = key
         self.device = bytes(key.verify_key)
+        self._lock = _take_lock(root) if exclusive else None
         self.db = _open_db(root / METADATA_DIR / DB_FILE)
         try:
             self.journal = Journal(self.db)
@@ -88,6 +106,7 @@ class Share:
         except (CorruptJournal, sqlite3.DatabaseError) as exc:
             raise BackerError(f"share database is corrupted: {exc}") from exc
         self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+        self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self._replay()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -152,13 +171,13 @@ class Share:
         return psk
 
     @classmethod
-    def open(cls, start: Path, key: nacl.signing.SigningKey) -> Share:
+    def open(cls, start: Path, key: nacl.signing.SigningKey, exclusive: bool = True) -> Share:
         if not start.exists():
             raise BackerError(f"directory does not exist: {start}")
         root = find_root(start.resolve())
         if root is None:
             raise BackerError(f"not inside a share: {start} (run 'backer init' first)")
-        share = cls(root, key)
+        share = cls(root, key, exclusive)
         share.journal.verify()
         if share.catalog.get_meta("device") != share.device:
             raise BackerError(
@@ -167,7 +186,9 @@ class Share:
         return share
 
     def close(self) -> None:
-        self.save_snapshot()
+        if self._lock is not None:
+            self.save_snapshot()
+            self._lock.close()
         self.db.conn.close()
 
     def __enter__(self) -> Share:
@@ -217,6 +238,9 @@ class Share:
         if event.kind == EventKind.INVITE and event.author in members:
             self.catalog.add_invite(*parse_invite(event.payload))
         if delta:
+            for key in [k for k in delta.added if not is_valid(split_key(k)[0])]:
+                del delta.added[key]
+                self.rejected_paths.append(split_key(key)[0])
             self.catalog.apply_delta(delta, event.author, position)
         self.catalog.set_meta("catalog_position", position)
 

@@ -44,9 +44,9 @@ class Device:
         return self.run("sync", address, "--dir", str(self.root)).stdout
 
     @contextlib.contextmanager
-    def serving(self) -> Iterator[str]:
-        """``backer serve`` on a fresh port; stopped by its PID when the block ends."""
-        port = free_port()
+    def serving(self, port: int | None = None) -> Iterator[str]:
+        """``backer serve`` (on a fresh port by default); stopped by its PID at the end."""
+        port = port or free_port()
         process = subprocess.Popen(
             self.command("serve", "--listen", f"127.0.0.1:{port}", "--dir", str(self.root)),
             env=self.env,
@@ -68,11 +68,10 @@ class Device:
             self.serve_log = process.stderr.read()
 
 
-def join(founder: Device, device: Device, address: str) -> None:
-    token = founder.run(
-        "invite", "--no-wait", "--address", address, "--dir", str(founder.root)
-    ).stdout
-    device.run("join", token.strip(), str(device.root))
+def invite(founder: Device, address: str) -> str:
+    """A token naming ``address``, made while no other process holds the share."""
+    args = ("invite", "--no-wait", "--address", address, "--dir", str(founder.root))
+    return founder.run(*args).stdout.strip()
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import Device, join, snapshot, summary_number
+from tests.e2e import Device, free_port, invite, snapshot, summary_number
 
 
 @pytest.fixture
@@ -22,9 +22,11 @@ def trio(tmp_path: Path):
     (a.root / "tool.sh").chmod(0o755)
     os.symlink("docs/readme.txt", a.root / "link")
     a.run("init", str(a.root))
-    with a.serving() as address:
-        join(a, b, address)
-        join(a, c, address)
+    port = free_port()
+    tokens = [invite(a, f"127.0.0.1:{port}") for _ in range(2)]
+    with a.serving(port) as address:
+        b.run("join", tokens[0], str(b.root))
+        c.run("join", tokens[1], str(c.root))
         yield a, b, c, address
 
 
@@ -90,13 +92,14 @@ def test_renaming_a_directory_of_100_files_moves_no_chunk_bytes(trio) -> None:
 
 
 def test_stdio_end_works_like_ssh(trio) -> None:
-    a, b, _, _ = trio
+    _, b, c, address = trio
+    b.sync(address)  # b joined before c: it learns of c's membership from a
     (b.root / "over-stdio.txt").write_text("piped")
-    remote = " ".join([f"env BACKER_HOME={a.home}", *a.command("stdio", "--dir", str(a.root))])
+    remote = " ".join([f"env BACKER_HOME={c.home}", *c.command("stdio", "--dir", str(c.root))])
     out = b.run("sync", "--command", remote, "--dir", str(b.root)).stdout
     assert "synced with" in out
-    assert (a.root / "over-stdio.txt").read_text() == "piped"
-    assert snapshot(a.root) == snapshot(b.root)
+    assert (c.root / "over-stdio.txt").read_text() == "piped"
+    assert snapshot(c.root) == snapshot(b.root)
 
 
 def test_unreachable_peer_is_a_clear_error(trio) -> None:
@@ -107,14 +110,37 @@ def test_unreachable_peer_is_a_clear_error(trio) -> None:
     assert "cannot reach 127.0.0.1:1" in result.stderr
 
 
-def test_used_or_garbage_token_is_refused(tmp_path: Path, trio) -> None:
-    a, _, _, address = trio
-    token = a.run("invite", "--no-wait", "--address", address, "--dir", str(a.root)).stdout.strip()
-    d, e = Device(tmp_path, "d"), Device(tmp_path, "e")
-    d.run("join", token, str(d.root))
-    time.sleep(0.2)
-    result = e.run("join", token, str(e.root), check=False)
+def test_used_or_garbage_token_is_refused(tmp_path: Path) -> None:
+    a, d, e = (Device(tmp_path, name) for name in "ade")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port):
+        d.run("join", token, str(d.root))
+        result = e.run("join", token, str(e.root), check=False)
     assert result.returncode == 1 and "could not join" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
     assert not (e.root / ".backer").exists()
     result = e.run("join", "not-a-token", str(e.root), check=False)
     assert result.returncode == 1 and "not an invite token" in result.stderr
+
+
+def test_expired_invite_is_refused(tmp_path: Path) -> None:
+    a, d = Device(tmp_path, "a"), Device(tmp_path, "d")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    port = free_port()
+    args = ("invite", "--no-wait", "--expires", "0", "--address", f"127.0.0.1:{port}")
+    token = a.run(*args, "--dir", str(a.root)).stdout.strip()
+    time.sleep(0.01)
+    with a.serving(port):
+        result = d.run("join", token, str(d.root), check=False)
+    assert result.returncode == 1 and "could not join" in result.stderr
+
+
+def test_a_second_process_cannot_change_a_busy_share(trio) -> None:
+    a, _, _, _ = trio
+    result = a.run("scan", "--dir", str(a.root), check=False)
+    assert result.returncode == 1 and "in use by another backer process" in result.stderr
+    assert a.run("status", "--dir", str(a.root)).returncode == 0  # reading is fine
