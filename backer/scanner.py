@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from .catalog import LocalEntry
 from .content import Manifest, manifest_of_file
-from .ignore import IgnoreRules
+from .ignore import TEMP_SUFFIX, IgnoreRules
 from .paths import METADATA_DIR, BadPath, check_name
 from .records import PERMISSION_BITS, Kind
 
@@ -59,6 +59,7 @@ class Observation:
     refreshed: list[LocalEntry] = field(default_factory=list)  # same content, new stat
     deleted: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    leftovers: list[str] = field(default_factory=list)  # temp files of interrupted writes
     unchanged: int = 0
     hashed_bytes: int = 0
 
@@ -67,8 +68,13 @@ ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` while files are hashed."""
 
 
-def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, Seen], set[str]]:
-    """Every non-ignored entry under ``root``; also the directories that could not be read."""
+def walk(
+    root: Path, rules: IgnoreRules, errors: list[str], leftovers: list[str]
+) -> tuple[dict[str, Seen], set[str]]:
+    """Every non-ignored entry under ``root``; also the directories that could not be read.
+
+    backer's own temp files (from a write that was interrupted) go to ``leftovers``.
+    """
     seen: dict[str, Seen] = {}
     unreadable: set[str] = set()
     stack: list[tuple[str, str]] = [(os.fspath(root), "")]
@@ -103,6 +109,9 @@ def walk(root: Path, rules: IgnoreRules, errors: list[str]) -> tuple[dict[str, S
                 kind = Kind.SYMLINK
             else:
                 errors.append(f"{path}: skipped: not a regular file, directory or symlink")
+                continue
+            if kind == Kind.FILE and path.endswith(TEMP_SUFFIX):
+                leftovers.append(entry.path)
                 continue
             if rules.ignored(path, kind == Kind.DIRECTORY):
                 continue
@@ -178,7 +187,7 @@ def observe(
     touch, a copy-back) produces no new version.
     """
     result = Observation()
-    seen, unreadable = walk(root, IgnoreRules.load(root), result.errors)
+    seen, unreadable = walk(root, IgnoreRules.load(root), result.errors, result.leftovers)
     now_ns = time.time_ns()
     to_read: list[Seen] = []
     for path, entry in seen.items():

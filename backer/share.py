@@ -334,6 +334,8 @@ class Share:
         started = time.monotonic()
         local = self.catalog.local_entries()
         found = observe(self.root, local, self._recorded_content, progress)
+        for leftover in found.leftovers:  # we hold the share's lock: no write is under way
+            Path(leftover).unlink(missing_ok=True)
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )

@@ -139,7 +139,7 @@ def accept(share: Share, name: str) -> Callable[[SecureChannel], Session]:
                 channel.peer, f"joined with invite {channel.header[1:5].hex()}", channel.header[1:]
             )
         share.scan()
-        return Session(share, name, welcome=joining)
+        return Session(share, name, welcome=joining, peer=channel.peer)
 
     return established
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -144,3 +146,58 @@ def test_a_second_process_cannot_change_a_busy_share(trio) -> None:
     result = a.run("scan", "--dir", str(a.root), check=False)
     assert result.returncode == 1 and "in use by another backer process" in result.stderr
     assert a.run("status", "--dir", str(a.root)).returncode == 0  # reading is fine
+
+
+BIG = 256 * 1024 * 1024
+
+
+def _write_random(path: Path, size: int) -> None:
+    with open(path, "wb") as handle:
+        for _ in range(size // (4 * 1024 * 1024)):
+            handle.write(os.urandom(4 * 1024 * 1024))
+
+
+def test_ten_bytes_inserted_in_a_256_mib_file_move_at_most_512_kib(tmp_path: Path) -> None:
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    _write_random(a.root / "disk.img", BIG)
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        b.run("join", token, str(b.root))
+        with open(a.root / "disk.img", "r+b") as handle:
+            handle.seek(BIG // 2)
+            tail = handle.read()
+            handle.seek(BIG // 2)
+            handle.write(b"0123456789" + tail)
+        out = b.sync(address)
+    received = summary_number(out, "chunk bytes received")
+    assert 0 < received <= 512 * 1024, out
+    assert (a.root / "disk.img").read_bytes() == (b.root / "disk.img").read_bytes()
+
+
+def test_a_sync_killed_mid_transfer_reruns_to_convergence_without_torn_files(
+    tmp_path: Path,
+) -> None:
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "small.txt").write_text("small")
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        b.run("join", token, str(b.root))
+        expected = os.urandom(BIG // 2)
+        (a.root / "big.bin").write_bytes(expected)
+        for delay in (0.5, 1.5, 2.5):  # kill at different stages; each must leave no torn file
+            process = subprocess.Popen(b.command("sync", address, "--dir", str(b.root)), env=b.env)
+            time.sleep(delay)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            target = b.root / "big.bin"
+            assert not target.exists() or target.read_bytes() == expected
+        b.sync(address)
+    assert (b.root / "big.bin").read_bytes() == expected
+    assert snapshot(a.root) == snapshot(b.root)
+    assert not [p for p in b.root.rglob("*") if p.name.endswith(".backer-tmp")]
