@@ -282,10 +282,17 @@ def _remember_peer(share: Share, address: str) -> None:
             share.catalog.set_meta("peers", "\n".join([address, *known]).encode())
 
 
-async def _sync_once(share: Share, streams: transport.Streams) -> Session:
-    key = share.key
-    channel = transport.initiator(share, key)
-    return await transport.run_session(streams, channel, transport.connect(share, _name()), True)
+async def _sync_once(
+    share: Share, streams: transport.Streams, channel: SecureChannel | None = None
+) -> Session:
+    """One one-shot session as initiator (a member's channel unless one is given)."""
+    channel = channel or transport.initiator(share, share.key)
+    with _progress("receiving") as progress:
+        report = None
+        if progress is not None:
+            report = lambda s: progress(s.stats.chunk_bytes_received, s.bytes_to_fetch)  # noqa: E731
+        connect = transport.connect(share, _name())
+        return await transport.run_session(streams, channel, connect, True, report)
 
 
 def _name() -> str:
@@ -452,9 +459,7 @@ def join(token: str, directory: str) -> None:
                     header=MODE_JOIN + invitation.invite_id,
                     psk=invitation.psk,
                 )
-                return await transport.run_session(
-                    streams, channel, transport.connect(share, _name()), True
-                )
+                return await _sync_once(share, streams, channel)
 
             try:
                 session = _run(attempt(*parse_address(address)))

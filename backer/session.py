@@ -102,6 +102,7 @@ class Session:
         self.chunk_queue: deque[bytes] = deque()
         self.chunks_in_flight: dict[bytes, int] = {}
         self.chunks_planned = False
+        self.bytes_to_fetch = 0  # chunk bytes this session expects to receive (for progress)
 
     # -- driving ------------------------------------------------------------------------
 
@@ -312,10 +313,14 @@ class Session:
     def _plan_chunks(self) -> None:
         assert self.operations is not None
         needed = chunks_needed(self.operations, self.share.catalog, self.store)
-        total = 0
+        wanted, total = set(needed), 0
         for op in self.operations:
             manifest = self.share.catalog.manifest(op.version.content)
-            total += len(manifest.chunks) if manifest is not None else 0
+            for ref in manifest.chunks if manifest is not None else ():
+                total += 1
+                if ref.hash in wanted:
+                    self.bytes_to_fetch += ref.length
+                    wanted.discard(ref.hash)
         self.stats.chunks_reused += max(0, total - len(needed))
         self.chunk_queue.extend(needed)
         self.chunks_planned = True

@@ -53,6 +53,7 @@ async def run_session(
     channel: SecureChannel,
     on_established: Callable[[SecureChannel], Session],
     one_shot: bool,
+    progress: Callable[[Session], None] | None = None,
 ) -> Session:
     """Drive one connection to its end; return the session (raise SessionClosed)."""
     frames = FrameReader()
@@ -78,6 +79,8 @@ async def run_session(
             if session is not None:
                 for message in frames.feed(plaintext):
                     send(session.receive(message))
+                if progress is not None:
+                    progress(session)
             _write(streams, channel.data_to_send())
             await _drain(streams)
     except (ChannelError, ProtocolError, BackerError) as exc:
