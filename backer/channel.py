@@ -128,16 +128,20 @@ class SecureChannel:
                 if psk is None:
                     raise ChannelError("unknown share or invite")
                 self._handshake = self._new_handshake(psk)
-            while len(self._buffer) >= 2:
-                size = int.from_bytes(self._buffer[:2], "big")
-                if len(self._buffer) < 2 + size:
-                    break
-                message = bytes(self._buffer[2 : 2 + size])
-                del self._buffer[: 2 + size]
-                if self._receive is not None:
-                    plaintext += self._receive.decrypt(b"", message)
-                else:
-                    self._handshake_step(message)
+            offset = 0
+            try:
+                while len(self._buffer) - offset >= 2:
+                    size = int.from_bytes(self._buffer[offset : offset + 2], "big")
+                    if len(self._buffer) - offset < 2 + size:
+                        break
+                    message = bytes(self._buffer[offset + 2 : offset + 2 + size])
+                    offset += 2 + size
+                    if self._receive is not None:
+                        plaintext += self._receive.decrypt(b"", message)
+                    else:
+                        self._handshake_step(message)
+            finally:
+                del self._buffer[:offset]  # once per call: not once per record
         except NoiseError as exc:
             raise ChannelError(f"handshake or record failed: {exc}") from exc
         return bytes(plaintext)

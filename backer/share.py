@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
 import socket
 import sqlite3
 import time
@@ -25,6 +26,7 @@ import sqlite_utils
 from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, RejectedBatch
 
 from .catalog import Catalog, LocalEntry
+from .chunks import INCOMING_DIR
 from .errors import BackerError
 from .materializer import resolve
 from .membership import (
@@ -99,6 +101,8 @@ class Share:
         self.key = key
         self.device = bytes(key.verify_key)
         self._lock = _take_lock(root) if exclusive else None
+        if exclusive:  # chunks received by a session that did not finish: start afresh
+            shutil.rmtree(root / METADATA_DIR / INCOMING_DIR, ignore_errors=True)
         self.db = _open_db(root / METADATA_DIR / DB_FILE)
         try:
             self.journal = Journal(self.db)

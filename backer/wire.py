@@ -208,18 +208,24 @@ class FrameReader:
         self.max_frame = max_frame
 
     def feed(self, data: bytes) -> Iterator[Message]:
+        """Yield every complete message; the consumed prefix is dropped once, at the end
+        (dropping it per message would move the rest of the buffer each time)."""
         self.buffer += data
-        while len(self.buffer) >= 4:
-            (size,) = _LENGTH.unpack_from(self.buffer)
-            if size > self.max_frame or size == 0:
-                raise ProtocolError(
-                    f"frame of {size} bytes is outside the allowed 1..{self.max_frame}"
-                )
-            if len(self.buffer) < 4 + size:
-                return
-            body = bytes(self.buffer[4 : 4 + size])
-            del self.buffer[: 4 + size]
-            message_type = MESSAGE_TYPES.get(body[0])
-            if message_type is None:
-                raise ProtocolError(f"unknown message type {body[0]}")
-            yield message_type.decode_body(_Reader(body[1:]))
+        offset = 0
+        try:
+            while len(self.buffer) - offset >= 4:
+                (size,) = _LENGTH.unpack_from(self.buffer, offset)
+                if size > self.max_frame or size == 0:
+                    raise ProtocolError(
+                        f"frame of {size} bytes is outside the allowed 1..{self.max_frame}"
+                    )
+                if len(self.buffer) - offset < 4 + size:
+                    return
+                body = bytes(self.buffer[offset + 4 : offset + 4 + size])
+                offset += 4 + size
+                message_type = MESSAGE_TYPES.get(body[0])
+                if message_type is None:
+                    raise ProtocolError(f"unknown message type {body[0]}")
+                yield message_type.decode_body(_Reader(body[1:]))
+        finally:
+            del self.buffer[:offset]

@@ -86,12 +86,20 @@ def tree_digest(root: Path) -> dict[str, str]:
     return digests
 
 
+def backdate(root: Path) -> None:
+    """Files an hour old, as on a real disk (fresh mtimes make the scanner re-hash)."""
+    old = time.time() - 3600
+    for path in root.rglob("*"):
+        os.utime(path, (old, old))
+
+
 def make_large(root: Path, total_mib: int) -> int:
     root.mkdir(parents=True)
     for n in range(4):
         with open(root / f"large-{n}.bin", "wb") as handle:
             for _ in range(total_mib // 4 // 4):
                 handle.write(os.urandom(4 * MIB))
+    backdate(root)
     return total_mib * MIB
 
 
@@ -104,6 +112,7 @@ def make_small(root: Path, count: int) -> int:
         size = 1024 + (index * 7919) % (15 * 1024)
         (directory / f"file{index:05d}.txt").write_bytes(os.urandom(size))
         total += size
+    backdate(root)
     return total
 
 
