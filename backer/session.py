@@ -295,7 +295,7 @@ class Session:
         if self.chunk_queue or self.chunks_in_flight:
             return out
         self._apply()
-        out += self._push_new_events()
+        out += self.push()
         if self.dirty:
             return out + self._advance()
         return [*out, Done(self.events_messages_received)]
@@ -353,8 +353,10 @@ class Session:
             requests.append(WantChunks(batch))
         return requests
 
-    def _push_new_events(self) -> list[Message]:
-        """Events this device holds that the peer has not been sent (e.g. resolutions)."""
+    def push(self) -> list[Message]:
+        """Events this device holds that the peer has not been sent: its own new local
+        changes, resolutions, or events another session brought in. Sessions are
+        long-lived: call this whenever the journal grows."""
         if self.peer_lengths is None:
             return []
         ranges = []

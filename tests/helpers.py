@@ -32,8 +32,14 @@ def _wire(messages: list[Message], reader: FrameReader) -> list[Message]:
 
 
 def pump(a: Session, b: Session, max_rounds: int = 10_000) -> None:
-    """Deliver messages both ways until neither side has anything more to say."""
-    to_b, to_a = a.start(), b.start()
+    """Start two sessions and deliver messages both ways until both go quiet."""
+    exchange(a, b, a.start(), b.start(), max_rounds)
+
+
+def exchange(
+    a: Session, b: Session, to_b: list[Message], to_a: list[Message], max_rounds: int = 10_000
+) -> None:
+    """Deliver ``to_b`` and ``to_a`` and every reply until neither side says more."""
     readers = FrameReader(), FrameReader()
     for _ in range(max_rounds):
         if not to_a and not to_b:

@@ -111,3 +111,21 @@ def test_replaced_and_deleted_contents_are_kept_in_versions(tmp_path: Path) -> N
         p.name.split("~")[0]: p.read_text() for p in (b.root / ".backer" / "versions").iterdir()
     }
     assert kept == {"doc.txt": "first", "gone.txt": "bye"}
+
+
+def test_a_long_lived_session_pushes_later_changes_both_ways(tmp_path: Path) -> None:
+    from backer.session import Session
+    from tests.helpers import exchange, pump
+
+    a, b = make_devices(tmp_path, 2)
+    left, right = Session(a, "a"), Session(b, "b")
+    pump(left, right)
+    for source, target, pusher in ((a, b, left), (b, a, right)):
+        (source.root / f"later-{source.root.name}.txt").write_text("pushed")
+        source.scan()
+        if pusher is left:
+            exchange(left, right, left.push(), [])
+        else:
+            exchange(left, right, [], right.push())
+        assert (target.root / f"later-{source.root.name}.txt").read_text() == "pushed"
+    assert tree(a.root) == tree(b.root)
