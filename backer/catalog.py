@@ -26,6 +26,8 @@ from .content import Manifest
 from .records import Kind, Version, split_key
 from .state import Delta
 
+EMPTY_MANIFEST = Manifest(())
+
 
 class LocalEntry(NamedTuple):
     """What the scanner last saw on disk at a path, and the version it recorded."""
@@ -215,10 +217,16 @@ class Catalog:
         )
 
     def manifest(self, manifest_id: bytes) -> Manifest | None:
+        if manifest_id == EMPTY_MANIFEST.id:  # every device has the empty file's manifest
+            return EMPTY_MANIFEST
         row = self.conn.execute(
             "SELECT body FROM manifests WHERE id = ?", (manifest_id,)
         ).fetchone()
         return Manifest.decode(row[0]) if row else None
+
+    def move_chunk_locations(self, old_path: str, new_path: str) -> None:
+        """Chunks read from ``old_path`` can now be read from ``new_path``."""
+        self.conn.execute("UPDATE chunks SET path = ? WHERE path = ?", (new_path, old_path))
 
     def chunk_location(self, chunk_hash: bytes) -> tuple[str, int, int] | None:
         row = self.conn.execute(

@@ -39,11 +39,15 @@ class ChunkStore:
             return None
         path, offset, length = location
         try:
-            with open(self.root / path, "rb") as handle:
-                handle.seek(offset)
-                data = handle.read(length)
+            fd = os.open(self.root / path, os.O_RDONLY | os.O_NOFOLLOW)  # never via a link
         except OSError:
             return None
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         return data if blake3(data).digest() == chunk_hash else None
 
     def read(self, chunk_hash: bytes) -> bytes | None:

@@ -235,16 +235,15 @@ class Materializer:
         return info
 
     def _preserve(self, target: Path, path: str) -> None:
-        """Keep the replaced or deleted contents in ``.backer/versions/``."""
+        """Keep the replaced or deleted contents in ``.backer/versions/``; their chunks
+        stay readable there (a later write in the same plan may need them)."""
         stamp = dt.datetime.now(tz=dt.UTC).strftime("%Y%m%d-%H%M%S")
         kept = self.versions / f"{path}~{stamp}"
         kept.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(target, kept, follow_symlinks=False)
-        except FileExistsError:
-            os.link(
-                target, kept.with_name(f"{kept.name}-{secrets.token_hex(3)}"), follow_symlinks=False
-            )
+        if kept.exists() or kept.is_symlink():
+            kept = kept.with_name(f"{kept.name}-{secrets.token_hex(3)}")
+        os.link(target, kept, follow_symlinks=False)
+        self.catalog.move_chunk_locations(path, kept.relative_to(self.root).as_posix())
 
     def _apply_one(self, op: Operation, cached: LocalEntry | None, report: Report) -> None:
         target = self._target(op.path)
@@ -267,13 +266,18 @@ class Materializer:
             return
         if kind == Kind.DIRECTORY:
             try:
-                info = os.lstat(target)
+                found: os.stat_result | None = os.lstat(target)
             except FileNotFoundError:
+                found = None
+            if found is not None and not stat.S_ISDIR(found.st_mode):
+                self._unchanged(target, cached)  # a file or link we recorded: replace it
+                self._preserve(target, op.path)
+                target.unlink()
+                found = None
+            if found is None:
                 target.mkdir()
                 _fsync_dir(target.parent)
-                info = os.lstat(target)
-            if not stat.S_ISDIR(info.st_mode):
-                raise LocalEdit(op.path)
+            info = os.lstat(target)
             wanted = op.version.permissions
             if wanted and stat.S_IMODE(info.st_mode) & PERMISSION_BITS != wanted:
                 os.chmod(target, wanted)

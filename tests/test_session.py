@@ -129,3 +129,36 @@ def test_a_long_lived_session_pushes_later_changes_both_ways(tmp_path: Path) -> 
             exchange(left, right, [], right.push())
         assert (target.root / f"later-{source.root.name}.txt").read_text() == "pushed"
     assert tree(a.root) == tree(b.root)
+
+
+def test_empty_files_sync(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "empty.txt").write_bytes(b"")
+    sync(a, b)
+    assert (b.root / "empty.txt").read_bytes() == b""
+
+
+def test_a_file_replaced_by_a_link_in_conflict_keeps_its_content_as_a_copy(tmp_path: Path) -> None:
+    # found by the simulation: the copy needed chunks of the very file the link replaced
+    a, b = make_devices(tmp_path, 2)
+    os.symlink("f", b.root / "f")
+    (a.root / "f").write_bytes(b"same")
+    sync(a, b)
+    sync(a, b)
+    for device in (a, b):
+        copies = [p for p in device.root.iterdir() if ".sync-conflict-" in p.name]
+        assert len(copies) == 1 and copies[0].read_bytes() == b"same"
+    assert tree(a.root) == tree(b.root)
+
+
+def test_a_recorded_link_gives_way_to_a_concurrent_directory(tmp_path: Path) -> None:
+    # found by the simulation: the directory won the path but the link was never replaced
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "a").mkdir()
+    os.symlink("f", a.root / "a" / "c")
+    (b.root / "a" / "c").mkdir(parents=True)
+    os.symlink("f", b.root / "a" / "c" / "h")
+    for _ in range(3):
+        sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert (a.root / "a" / "c" / "h").is_symlink()

@@ -1,0 +1,81 @@
+"""What must hold once a cluster has gone quiet: convergence, integrity, no lost write."""
+
+from __future__ import annotations
+
+from backer.content import manifest_of_bytes
+from backer.records import Kind
+
+from .cluster import Cluster, disk_tree
+
+
+class InvariantBroken(AssertionError):
+    """A property of the whole cluster does not hold."""
+
+
+def converge(cluster: Cluster, rounds: int | None = None) -> int:
+    """Heal every link and sync node 0 with each other node until nothing changes."""
+    rounds = rounds or len(cluster.nodes) + 3
+    for round_number in range(rounds):
+        before = [disk_tree(node.root) for node in cluster.nodes]
+        for other in range(1, len(cluster.nodes)):
+            if not cluster.sync(0, other):
+                raise InvariantBroken(f"session 0<->{other} did not complete on a healed network")
+        after = [disk_tree(node.root) for node in cluster.nodes]
+        if round_number and before == after and all(t == after[0] for t in after):
+            return round_number + 1
+    return rounds
+
+
+def check_quiescent(cluster: Cluster) -> None:
+    shares = [node.open() for node in cluster.nodes]
+    trees = [disk_tree(node.root) for node in cluster.nodes]
+    for node, tree in zip(cluster.nodes[1:], trees[1:], strict=True):
+        if tree != trees[0]:
+            only_here = sorted(set(tree) ^ set(trees[0]))
+            differing = sorted(p for p in set(tree) & set(trees[0]) if tree[p] != trees[0][p])
+            raise InvariantBroken(
+                f"{node.name} differs from node0: paths {only_here[:5]}, contents {differing[:5]}"
+            )
+    lives = [sorted((p, v) for p, v, _ in share.catalog.all_live()) for share in shares]
+    if any(live != lives[0] for live in lives):
+        raise InvariantBroken("live versions differ between nodes")
+    summaries = [{a: c.length for a, c in share.journal.summary().items()} for share in shares]
+    if any(summary != summaries[0] for summary in summaries):
+        raise InvariantBroken(f"journals differ: {summaries}")
+    for node, share in zip(cluster.nodes, shares, strict=True):
+        share.journal.verify()
+        if share.catalog.conflicted_paths():
+            raise InvariantBroken(
+                f"{node.name} still has conflicts {share.catalog.conflicted_paths()}"
+            )
+        if share.journal.forks():
+            raise InvariantBroken(f"{node.name} saw a fork")
+        leftovers = [p for p in node.root.rglob("*.backer-tmp")]
+        if leftovers:
+            raise InvariantBroken(f"{node.name} has temp files {leftovers}")
+    check_no_lost_write(cluster)
+
+
+def check_no_lost_write(cluster: Cluster) -> None:
+    """Every file version ever recorded is on every disk, or a later version saw it."""
+    versions = {}
+    for node in cluster.nodes:
+        for row in node.open().catalog.conn.execute("SELECT vid, path, record FROM versions"):
+            versions[row[0]] = row[1:]
+    from backer.records import Version
+
+    decoded = {vid: (path, Version.decode(record)) for vid, (path, record) in versions.items()}
+    superseded = {old for _, version in decoded.values() for old in version.supersedes}
+    for node in cluster.nodes:
+        on_disk = {
+            manifest_of_bytes(entry[1]).id
+            for entry in disk_tree(node.root).values()
+            if entry[0] == "file"
+        }
+        for vid, (path, version) in decoded.items():
+            if version.kind != Kind.FILE or vid in superseded:
+                continue
+            if version.content not in on_disk:
+                raise InvariantBroken(
+                    f"{node.name} lost the write {vid} of {path!r} ({version.size} bytes)"
+                )

@@ -1,0 +1,142 @@
+"""The hypothesis state machine: random edits, syncs, cuts and crashes on a cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from .cluster import Cluster
+from .invariants import check_quiescent, converge
+
+NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
+DIRS = ["a", "b", "a/c"]
+FILES = ["f", "g", "a/f", "a/c/h", "b/g", "a/c"]
+CONTENTS = [b"", b"same", b"other", b"x" * 70_000]
+
+node_index = st.integers(min_value=0, max_value=NODES - 1)
+file_path = st.sampled_from(FILES)
+dir_path = st.sampled_from(DIRS)
+content = st.one_of(st.sampled_from(CONTENTS), st.binary(max_size=300))
+
+
+class ClusterMachine(RuleBasedStateMachine):
+    """Every rule acts on real files or real sessions; teardown checks the invariants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = Path(tempfile.mkdtemp(prefix="backer-sim-"))
+        self.cluster = Cluster(self.base, seed=0, size=NODES)
+        self.stats = {"syncs": 0, "cuts": 0, "crashes": 0, "edits": 0}
+
+    def _fs(self, action) -> None:
+        try:
+            action()
+            self.stats["edits"] += 1
+        except OSError:
+            pass  # the namespace collides (a file where a directory is): nothing happens
+
+    def root(self, node: int) -> Path:
+        return self.cluster.nodes[node].root
+
+    @rule(node=node_index, path=file_path, data=content)
+    def write(self, node: int, path: str, data: bytes) -> None:
+        def act() -> None:
+            target = self.root(node) / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+        self._fs(act)
+
+    @rule(node=node_index, path=file_path, data=st.binary(min_size=1, max_size=100))
+    def append(self, node: int, path: str, data: bytes) -> None:
+        self._fs(
+            lambda: (
+                (self.root(node) / path).open("ab").write(data)
+                if (self.root(node) / path).is_file()
+                else None
+            )
+        )
+
+    @rule(node=node_index, path=file_path)
+    def truncate(self, node: int, path: str) -> None:
+        self._fs(lambda: os.truncate(self.root(node) / path, 1))
+
+    @rule(node=node_index, path=st.one_of(file_path, dir_path))
+    def delete(self, node: int, path: str) -> None:
+        def act() -> None:
+            target = self.root(node) / path
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+
+        self._fs(act)
+
+    @rule(
+        node=node_index,
+        source=st.one_of(file_path, dir_path),
+        destination=st.one_of(file_path, dir_path),
+    )
+    def rename(self, node: int, source: str, destination: str) -> None:
+        def act() -> None:
+            target = self.root(node) / destination
+            if target.exists() or (self.root(node) / source) in target.parents:
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.root(node) / source).rename(target)
+
+        self._fs(act)
+
+    @rule(node=node_index, path=dir_path)
+    def mkdir(self, node: int, path: str) -> None:
+        self._fs(lambda: (self.root(node) / path).mkdir(parents=True))
+
+    @rule(node=node_index, path=file_path, link=st.sampled_from(["f", "../g", "a/c"]))
+    def symlink(self, node: int, path: str, link: str) -> None:
+        def act() -> None:
+            (self.root(node) / path).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(link, self.root(node) / path)
+
+        self._fs(act)
+
+    @rule(node=node_index, path=file_path)
+    def toggle_exec(self, node: int, path: str) -> None:
+        def act() -> None:
+            target = self.root(node) / path
+            if target.is_file() and not target.is_symlink():
+                target.chmod(target.stat().st_mode ^ 0o111)
+
+        self._fs(act)
+
+    @rule(
+        a=node_index, b=node_index, cut=st.one_of(st.none(), st.integers(min_value=1, max_value=30))
+    )
+    def sync(self, a: int, b: int, cut: int | None) -> None:
+        if a == b:
+            return
+        self.cluster.sync(a, b, cut)
+        self.stats["syncs"] += 1
+        self.stats["cuts"] += cut is not None
+
+    @precondition(lambda self: NODES > 1)
+    @rule(node=node_index)
+    def crash(self, node: int) -> None:
+        self.cluster.nodes[node].crash()
+        self.stats["crashes"] += 1
+
+    @invariant()
+    def no_temp_files(self) -> None:
+        for node in self.cluster.nodes:
+            assert not list(node.root.rglob("*.backer-tmp"))
+
+    def teardown(self) -> None:
+        try:
+            converge(self.cluster)
+            check_quiescent(self.cluster)
+        finally:
+            self.cluster.close()
