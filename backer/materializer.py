@@ -213,11 +213,20 @@ class Materializer:
         return report
 
     def _target(self, path: str) -> Path:
-        """The on-disk path, refusing any parent that is not a real directory."""
+        """The on-disk path, refusing any parent that is not a real directory.
+
+        A missing parent is created: an entry that is live needs its directories even
+        if one of them was deleted concurrently elsewhere (the next scan records them,
+        and a re-created directory beats its deletion like any modification).
+        """
         current = self.root
         for part in path.split("/")[:-1]:
             current = current / part
-            info = os.lstat(current)
+            try:
+                info = os.lstat(current)
+            except FileNotFoundError:
+                current.mkdir()
+                continue
             if not stat.S_ISDIR(info.st_mode):
                 raise LocalEdit(path)
         return current / path.rpartition("/")[2]
@@ -292,8 +301,11 @@ class Materializer:
                 self._write_file(temp, op.version)
             previous = self._unchanged(target, cached)
             if previous is not None and stat.S_ISDIR(previous.st_mode):
-                raise LocalEdit(op.path)
-            if previous is not None:
+                try:  # a recorded directory gives way only once it is empty
+                    target.rmdir()
+                except OSError as exc:
+                    raise LocalEdit(op.path) from exc
+            elif previous is not None:
                 self._preserve(target, op.path)
             os.replace(temp, target)
         finally:

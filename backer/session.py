@@ -72,6 +72,7 @@ class SyncStats:
     chunk_bytes_sent: int = 0
     chunks_reused: int = 0
     chunks_fetched: int = 0
+    conflicts_resolved: int = 0
 
 
 class Session:
@@ -302,7 +303,7 @@ class Session:
 
     def _plan(self) -> list[Message]:
         self.dirty = False
-        self.share.resolve_conflicts()
+        self.stats.conflicts_resolved += self.share.resolve_conflicts()
         self.operations = plan(self.share.catalog)
         self.chunks_planned = False
         wanted = manifests_needed(self.operations, self.share.catalog)

@@ -61,6 +61,7 @@ class Cluster:
     nodes: list[Node] = field(default_factory=list)
     traffic: Traffic = field(default_factory=Traffic)
     refused: int = 0
+    conflicts: int = 0
 
     def __post_init__(self) -> None:
         self.random = random.Random(self.seed)
@@ -91,10 +92,15 @@ class Cluster:
         left_share, right_share = self.nodes[a].open(), self.nodes[b].open()
         left_share.scan()
         right_share.scan()
-        left, right = (
-            Session(left_share, self.nodes[a].name),
-            Session(right_share, self.nodes[b].name),
-        )
+        left = Session(left_share, self.nodes[a].name)
+        right = Session(right_share, self.nodes[b].name)
+        try:
+            return self._exchange(left, right, cut_after)
+        finally:
+            self.conflicts += left.stats.conflicts_resolved + right.stats.conflicts_resolved
+
+    def _exchange(self, left: Session, right: Session, cut_after: int | None) -> bool:
+        """Deliver both sessions' messages until they go quiet (or the link is cut)."""
         to_right, to_left = left.start(), right.start()
         readers = FrameReader(), FrameReader()
         delivered = 0

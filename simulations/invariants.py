@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from backer.content import manifest_of_bytes
-from backer.records import Kind
+from backer.materializer import copy_version_id
+from backer.records import Kind, Version
 
 from .cluster import Cluster, disk_tree
 
@@ -57,15 +58,36 @@ def check_quiescent(cluster: Cluster) -> None:
 
 
 def check_no_lost_write(cluster: Cluster) -> None:
-    """Every file version ever recorded is on every disk, or a later version saw it."""
-    versions = {}
-    for node in cluster.nodes:
-        for row in node.open().catalog.conn.execute("SELECT vid, path, record FROM versions"):
-            versions[row[0]] = row[1:]
-    from backer.records import Version
+    """Every file version ever recorded is on every disk, or is accounted for.
 
-    decoded = {vid: (path, Version.decode(record)) for vid, (path, record) in versions.items()}
+    A version is accounted for when a later version saw it (supersedes it), when its
+    conflict copy is accounted for, or when another version of the same path with the
+    same content is (identical concurrent writes are merged into one).
+    """
+    decoded: dict[str, tuple[str, Version]] = {}
+    for node in cluster.nodes:
+        for vid, path, record in node.open().catalog.conn.execute(
+            "SELECT vid, path, record FROM versions"
+        ):
+            decoded[vid] = (path, Version.decode(record))
     superseded = {old for _, version in decoded.values() for old in version.supersedes}
+    same_content: dict[tuple[str, bytes], list[str]] = {}
+    for vid, (path, version) in decoded.items():
+        same_content.setdefault((path, version.content), []).append(vid)
+
+    def accounted(vid: str, seen: frozenset[str] = frozenset()) -> bool:
+        if vid in superseded:
+            return True
+        if vid in seen:
+            return False
+        seen = seen | {vid}
+        copy = copy_version_id(vid)
+        if copy in decoded and accounted(copy, seen):
+            return True
+        path, version = decoded[vid]
+        twins = same_content[(path, version.content)]
+        return any(accounted(twin, seen) for twin in twins if twin != vid)
+
     for node in cluster.nodes:
         on_disk = {
             manifest_of_bytes(entry[1]).id
@@ -73,9 +95,9 @@ def check_no_lost_write(cluster: Cluster) -> None:
             if entry[0] == "file"
         }
         for vid, (path, version) in decoded.items():
-            if version.kind != Kind.FILE or vid in superseded:
+            if version.kind != Kind.FILE or version.content in on_disk:
                 continue
-            if version.content not in on_disk:
+            if not accounted(vid):
                 raise InvariantBroken(
                     f"{node.name} lost the write {vid} of {path!r} ({version.size} bytes)"
                 )

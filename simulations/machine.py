@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from .cluster import Cluster
 from .invariants import check_quiescent, converge
@@ -27,11 +27,11 @@ content = st.one_of(st.sampled_from(CONTENTS), st.binary(max_size=300))
 class ClusterMachine(RuleBasedStateMachine):
     """Every rule acts on real files or real sessions; teardown checks the invariants."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: int = NODES) -> None:
         super().__init__()
         self.base = Path(tempfile.mkdtemp(prefix="backer-sim-"))
-        self.cluster = Cluster(self.base, seed=0, size=NODES)
-        self.stats = {"syncs": 0, "cuts": 0, "crashes": 0, "edits": 0}
+        self.cluster = Cluster(self.base, seed=0, size=nodes)
+        self.stats = {"syncs": 0, "cuts": 0, "crashes": 0, "edits": 0, "conflicts": 0, "bytes": 0}
 
     def _fs(self, action) -> None:
         try:
@@ -119,11 +119,13 @@ class ClusterMachine(RuleBasedStateMachine):
     def sync(self, a: int, b: int, cut: int | None) -> None:
         if a == b:
             return
+        before = self.cluster.traffic.bytes, self.cluster.conflicts
         self.cluster.sync(a, b, cut)
+        self.stats["bytes"] += self.cluster.traffic.bytes - before[0]
+        self.stats["conflicts"] += self.cluster.conflicts - before[1]
         self.stats["syncs"] += 1
         self.stats["cuts"] += cut is not None
 
-    @precondition(lambda self: NODES > 1)
     @rule(node=node_index)
     def crash(self, node: int) -> None:
         self.cluster.nodes[node].crash()

@@ -1,0 +1,76 @@
+"""Campaign runner: ``python -m simulations run --nodes 5 --seeds 1000 --steps 200``.
+
+Each seed drives the same rules as the hypothesis state machine through a seeded random
+walk, so a seed always replays the same trace. On a failure it prints the seed and a
+shrunk list of steps that still reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .campaign import Failure, run_seed, shrink
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m simulations", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a randomized campaign")
+    run.add_argument("--nodes", type=int, default=3)
+    run.add_argument("--seeds", type=int, default=100)
+    run.add_argument("--steps", type=int, default=100)
+    run.add_argument("--first-seed", type=int, default=0)
+    run.add_argument(
+        "--max-seconds", type=float, default=None, help="stop starting new seeds after this"
+    )
+    run.add_argument("--no-shrink", action="store_true", help="report failing seeds, unshrunk")
+    args = parser.parse_args()
+    started = time.monotonic()
+    totals = {
+        "scenarios": 0,
+        "steps": 0,
+        "syncs": 0,
+        "cuts": 0,
+        "crashes": 0,
+        "conflicts": 0,
+        "bytes": 0,
+    }
+    failures = 0
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        if args.max_seconds and time.monotonic() - started > args.max_seconds:
+            break
+        try:
+            stats = run_seed(seed, args.nodes, args.steps)
+        except Failure as failure:
+            failures += 1
+            print(f"FAIL seed={seed}: {failure.reason}", flush=True)
+            if args.no_shrink:
+                continue
+            steps, reason = shrink(seed, args.nodes, failure.steps)
+            print(f"  shrunk failure: {reason}", flush=True)
+            print(f"  reproduce with {len(steps)} steps:", flush=True)
+            for name, arguments in steps:
+                shown = {
+                    k: (v[:24] + b"..." if isinstance(v, bytes) and len(v) > 24 else v)
+                    for k, v in arguments.items()
+                }
+                print(f"    {name} {shown}", flush=True)
+            continue
+        totals["scenarios"] += 1
+        for key in ("steps", "syncs", "cuts", "crashes", "conflicts", "bytes"):
+            totals[key] += stats[key]
+    elapsed = time.monotonic() - started
+    print(
+        f"{totals['scenarios'] + failures} scenarios ({args.nodes} nodes), "
+        f"{totals['steps']} steps, "
+        f"{totals['syncs']} syncs ({totals['cuts']} cut mid-way), {totals['crashes']} crashes, "
+        f"{totals['conflicts']} conflicts resolved, {totals['bytes']} bytes on the wire, "
+        f"{failures} failures, {elapsed:.0f} s"
+    )
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Seeded random walks over the state machine's rules, and shrinking of failures."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from .invariants import InvariantBroken
+from .machine import CONTENTS, DIRS, FILES, ClusterMachine
+
+
+class Failure(Exception):
+    def __init__(self, reason: str, steps: list[tuple[str, dict[str, Any]]]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.steps = steps
+
+
+def _random_step(rnd: random.Random, nodes: int) -> tuple[str, dict[str, Any]]:
+    node = rnd.randrange(nodes)
+    paths = FILES + DIRS
+    choice = rnd.choices(
+        [
+            "write",
+            "append",
+            "truncate",
+            "delete",
+            "rename",
+            "mkdir",
+            "symlink",
+            "toggle_exec",
+            "sync",
+            "crash",
+        ],
+        weights=[25, 6, 3, 8, 6, 4, 2, 2, 30, 3],
+    )[0]
+    if choice == "write":
+        data = rnd.choice(CONTENTS) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
+        return choice, {"node": node, "path": rnd.choice(FILES), "data": data}
+    if choice == "append":
+        return choice, {
+            "node": node,
+            "path": rnd.choice(FILES),
+            "data": rnd.randbytes(rnd.randrange(1, 100)),
+        }
+    if choice in ("truncate", "toggle_exec"):
+        return choice, {"node": node, "path": rnd.choice(FILES)}
+    if choice == "delete":
+        return choice, {"node": node, "path": rnd.choice(paths)}
+    if choice == "rename":
+        return choice, {"node": node, "source": rnd.choice(paths), "destination": rnd.choice(paths)}
+    if choice == "mkdir":
+        return choice, {"node": node, "path": rnd.choice(DIRS)}
+    if choice == "symlink":
+        return choice, {
+            "node": node,
+            "path": rnd.choice(FILES),
+            "link": rnd.choice(["f", "../g", "a/c"]),
+        }
+    if choice == "sync":
+        cut = rnd.randrange(1, 30) if rnd.random() < 0.2 else None
+        return choice, {"a": node, "b": rnd.randrange(nodes), "cut": cut}
+    return choice, {"node": node}
+
+
+def replay(nodes: int, steps: list[tuple[str, dict[str, Any]]]) -> ClusterMachine:
+    """Run ``steps`` then the quiescence checks; raise Failure if anything breaks."""
+    machine = ClusterMachine(nodes)
+    done: list[tuple[str, dict[str, Any]]] = []
+    try:
+        for name, arguments in steps:
+            done.append((name, arguments))
+            getattr(machine, name)(**arguments)
+            machine.no_temp_files()
+    except (AssertionError, InvariantBroken, Exception) as exc:
+        machine.cluster.close()
+        raise Failure(f"{type(exc).__name__}: {exc}", done) from exc
+    try:
+        machine.teardown()
+    except Exception as exc:
+        raise Failure(f"{type(exc).__name__}: {exc}", done) from exc
+    return machine
+
+
+def run_seed(seed: int, nodes: int, count: int) -> dict[str, int]:
+    rnd = random.Random(seed)
+    steps = [_random_step(rnd, nodes) for _ in range(count)]
+    machine = replay(nodes, steps)
+    return {
+        "steps": count,
+        "syncs": machine.stats["syncs"],
+        "cuts": machine.stats["cuts"],
+        "crashes": machine.stats["crashes"],
+        "conflicts": machine.stats["conflicts"],
+        "bytes": machine.stats["bytes"],
+    }
+
+
+def shrink(
+    seed: int, nodes: int, steps: list[tuple[str, dict[str, Any]]], budget: int = 150
+) -> tuple[list[tuple[str, dict[str, Any]]], str]:
+    """Drop steps one at a time while it still fails (bounded by ``budget`` replays);
+    return the shorter list and the failure it produces."""
+    current, reason = list(steps), ""
+    index = 0
+    while index < len(current) and budget > 0:
+        candidate = current[:index] + current[index + 1 :]
+        budget -= 1
+        try:
+            replay(nodes, candidate)
+        except Failure as failure:
+            current, reason = candidate, failure.reason
+            continue
+        index += 1
+    return current, reason
