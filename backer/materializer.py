@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import base64
+import bisect
 import datetime as dt
 import errno
 import os
@@ -98,16 +99,39 @@ def resolve(path: str, live: dict[str, Version]) -> Resolution:
         if signature == _signature(winner):
             continue
         loser_id, loser = max(members, key=_precedence)
-        copy = Version(
-            loser.kind,
-            loser.size,
-            loser.mtime_ns,
-            loser.permissions,
-            loser.content,
-            loser.device,
-            loser.time_ms,
-        )
-        result.copies.append((conflict_path(path, loser), copy_version_id(loser_id), copy))
+        result.copies.append(_conflict_copy(path, loser_id, loser))
+    return result
+
+
+def _conflict_copy(path: str, version_id: str, version: Version) -> tuple[str, str, Version]:
+    """The (path, key, record) of the conflict copy of one version: the same everywhere."""
+    copy = Version(
+        version.kind,
+        version.size,
+        version.mtime_ns,
+        version.permissions,
+        version.content,
+        version.device,
+        version.time_ms,
+    )
+    return conflict_path(path, version), copy_version_id(version_id), copy
+
+
+def resolve_shadowed(live: Iterable[tuple[str, str, Version]]) -> dict[str, Resolution]:
+    """Files and links that have live entries below them (one device deleted a directory
+    and made a file of that name while another wrote inside it): the directory is
+    needed, so each such file or link moves to its conflict copy. Pure, deterministic."""
+    existing = sorted((p, vid, v) for p, vid, v in live if v.kind != Kind.DELETED)
+    paths = [p for p, _, _ in existing]
+    result: dict[str, Resolution] = {}
+    for path, vid, version in existing:
+        if version.kind == Kind.DIRECTORY:
+            continue
+        below = bisect.bisect_left(paths, path + "/")
+        if below < len(paths) and paths[below].startswith(path + "/"):
+            resolution = result.setdefault(path, Resolution())
+            resolution.drop.append(vid)
+            resolution.copies.append(_conflict_copy(path, vid, version))
     return result
 
 
@@ -131,7 +155,7 @@ def plan(catalog: Catalog) -> list[Operation]:
     local = catalog.local_entries()
     writes, deletions = [], []
     for path, vid, version in catalog.all_live():
-        cached = local.get(path)
+        cached = local.pop(path, None)
         if cached is not None and cached.version_id == vid:
             continue
         if version.kind == Kind.DELETED:
@@ -139,6 +163,8 @@ def plan(catalog: Catalog) -> list[Operation]:
                 deletions.append(Operation(path, vid, version))
         else:
             writes.append(Operation(path, vid, version))
+    for path, cached in local.items():  # nothing live here any more (moved to a copy)
+        deletions.append(Operation(path, cached.version_id, Version(Kind.DELETED)))
     return sorted(writes, key=lambda op: op.path) + sorted(
         deletions, key=lambda op: op.path, reverse=True
     )

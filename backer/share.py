@@ -28,7 +28,7 @@ from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, Re
 from .catalog import Catalog, LocalEntry
 from .chunks import INCOMING_DIR
 from .errors import BackerError
-from .materializer import resolve
+from .materializer import resolve, resolve_shadowed
 from .membership import (
     NO_INVITE,
     SHARE_ID_BYTES,
@@ -297,8 +297,13 @@ class Share:
         for _ in range(MAX_RESOLUTION_ROUNDS):
             writes: list[tuple[str, str, Version]] = []
             removals: list[tuple[str, str]] = []
-            for path in self.catalog.conflicted_paths():
-                resolution = resolve(path, self.catalog.live_versions(path))
+            resolutions = {
+                path: resolve(path, self.catalog.live_versions(path))
+                for path in self.catalog.conflicted_paths()
+            }
+            if not resolutions:
+                resolutions = resolve_shadowed(self.catalog.all_live())
+            for path, resolution in resolutions.items():
                 removals += [(path, vid) for vid in resolution.drop]
                 writes += resolution.copies
                 resolved += 1

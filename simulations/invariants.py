@@ -13,18 +13,26 @@ class InvariantBroken(AssertionError):
     """A property of the whole cluster does not hold."""
 
 
+def _fingerprint(cluster: Cluster) -> list[tuple]:
+    fingerprints = []
+    for node in cluster.nodes:
+        summary = {a: c.length for a, c in node.open().journal.summary().items()}
+        fingerprints.append((sorted(summary.items()), sorted(disk_tree(node.root).items())))
+    return fingerprints
+
+
 def converge(cluster: Cluster, rounds: int | None = None) -> int:
-    """Heal every link and sync node 0 with each other node until nothing changes."""
-    rounds = rounds or len(cluster.nodes) + 3
-    for round_number in range(rounds):
-        before = [disk_tree(node.root) for node in cluster.nodes]
+    """Heal every link; sync node 0 with each other node until all journals and trees
+    agree (resolutions made during one round reach the others in the next)."""
+    rounds = rounds or 2 * len(cluster.nodes) + 4
+    for round_number in range(1, rounds + 1):
         for other in range(1, len(cluster.nodes)):
             if not cluster.sync(0, other):
                 raise InvariantBroken(f"session 0<->{other} did not complete on a healed network")
-        after = [disk_tree(node.root) for node in cluster.nodes]
-        if round_number and before == after and all(t == after[0] for t in after):
-            return round_number + 1
-    return rounds
+        prints = _fingerprint(cluster)
+        if all(p == prints[0] for p in prints):
+            return round_number
+    raise InvariantBroken(f"no convergence after {rounds} rounds of syncs on a healed network")
 
 
 def check_quiescent(cluster: Cluster) -> None:
@@ -61,8 +69,9 @@ def check_no_lost_write(cluster: Cluster) -> None:
     """Every file version ever recorded is on every disk, or is accounted for.
 
     A version is accounted for when a later version saw it (supersedes it), when its
-    conflict copy is accounted for, or when another version of the same path with the
-    same content is (identical concurrent writes are merged into one).
+    conflict copy is accounted for (or, for a copy, the write it copies), or when
+    another version of the same path with the same content is (identical concurrent
+    writes are merged into one).
     """
     decoded: dict[str, tuple[str, Version]] = {}
     for node in cluster.nodes:
@@ -71,6 +80,7 @@ def check_no_lost_write(cluster: Cluster) -> None:
         ):
             decoded[vid] = (path, Version.decode(record))
     superseded = {old for _, version in decoded.values() for old in version.supersedes}
+    origin = {copy_version_id(vid): vid for vid in decoded}  # conflict copy -> its loser
     same_content: dict[tuple[str, bytes], list[str]] = {}
     for vid, (path, version) in decoded.items():
         same_content.setdefault((path, version.content), []).append(vid)
@@ -84,6 +94,8 @@ def check_no_lost_write(cluster: Cluster) -> None:
         copy = copy_version_id(vid)
         if copy in decoded and accounted(copy, seen):
             return True
+        if vid in origin and accounted(origin[vid], seen):
+            return True  # a copy of a write that a later write saw
         path, version = decoded[vid]
         twins = same_content[(path, version.content)]
         return any(accounted(twin, seen) for twin in twins if twin != vid)

@@ -162,3 +162,22 @@ def test_a_recorded_link_gives_way_to_a_concurrent_directory(tmp_path: Path) -> 
         sync(a, b)
     assert tree(a.root) == tree(b.root)
     assert (a.root / "a" / "c" / "h").is_symlink()
+
+
+def test_a_file_made_where_a_peer_still_writes_inside_a_directory(tmp_path: Path) -> None:
+    # found by the simulation: a file at d and a live d/y could never both be written
+    import shutil
+
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "d").mkdir()
+    (a.root / "d" / "x").write_text("x")
+    sync(a, b)
+    shutil.rmtree(a.root / "d")
+    (a.root / "d").write_text("now a file")
+    (b.root / "d" / "y").write_text("written inside")
+    for _ in range(3):
+        sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert (a.root / "d" / "y").read_text() == "written inside"
+    copies = [p for p in a.root.iterdir() if p.name.startswith("d.sync-conflict-")]
+    assert [c.read_text() for c in copies] == ["now a file"]
