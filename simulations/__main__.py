@@ -69,6 +69,7 @@ def main() -> None:
         f"{totals['conflicts']} conflicts resolved, {totals['bytes']} bytes on the wire, "
         f"{failures} failures, {elapsed:.0f} s"
     )
+    print(f"simulations: {totals['scenarios']} passed, {failures} failed")
     sys.exit(1 if failures else 0)
 
 
