@@ -154,8 +154,11 @@ def plan(catalog: Catalog) -> list[Operation]:
     order (parents first), then deletions deepest first."""
     local = catalog.local_entries()
     writes, deletions = [], []
+    unresolved = set(catalog.conflicted_paths())  # left for the next resolution round
     for path, vid, version in catalog.all_live():
         cached = local.pop(path, None)
+        if path in unresolved:
+            continue
         if cached is not None and cached.version_id == vid:
             continue
         if version.kind == Kind.DELETED:

@@ -46,7 +46,7 @@ from .state import Delta, FileState
 
 DB_FILE = "backer.db"
 LOCK_FILE = "lock"
-MAX_RESOLUTION_ROUNDS = 5  # a conflict copy can itself collide; a few rounds settle it
+MAX_RESOLUTION_ROUNDS = 50  # copies of one device's same-second losers collide in a chain
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 
 
