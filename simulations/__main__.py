@@ -26,6 +26,7 @@ def main() -> None:
         "--max-seconds", type=float, default=None, help="stop starting new seeds after this"
     )
     run.add_argument("--no-shrink", action="store_true", help="report failing seeds, unshrunk")
+    run.add_argument("--max-failures", type=int, default=None, help="stop after this many")
     args = parser.parse_args()
     started = time.monotonic()
     totals = {
@@ -40,6 +41,8 @@ def main() -> None:
     failures = 0
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         if args.max_seconds and time.monotonic() - started > args.max_seconds:
+            break
+        if args.max_failures is not None and failures >= args.max_failures:
             break
         try:
             stats = run_seed(seed, args.nodes, args.steps)
