@@ -73,8 +73,8 @@ class Catalog:
                 "CREATE TABLE local (path TEXT PRIMARY KEY, vid TEXT, size INTEGER, "
                 "mtime_ns INTEGER, inode INTEGER, mode INTEGER, settled INTEGER) WITHOUT ROWID",
                 "CREATE TABLE manifests (id BLOB PRIMARY KEY, body BLOB) WITHOUT ROWID",
-                "CREATE TABLE chunks (hash BLOB PRIMARY KEY, path TEXT, offset INTEGER, "
-                "length INTEGER) WITHOUT ROWID",
+                "CREATE TABLE chunks (hash BLOB, path TEXT, offset INTEGER, "
+                "length INTEGER, PRIMARY KEY (hash, path)) WITHOUT ROWID",
                 "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB)",
                 "CREATE TABLE invites (id BLOB PRIMARY KEY, psk BLOB, expires_ms INTEGER, "
                 "used_by BLOB)",
@@ -226,13 +226,17 @@ class Catalog:
 
     def move_chunk_locations(self, old_path: str, new_path: str) -> None:
         """Chunks read from ``old_path`` can now be read from ``new_path``."""
-        self.conn.execute("UPDATE chunks SET path = ? WHERE path = ?", (new_path, old_path))
+        self.conn.execute(
+            "UPDATE OR REPLACE chunks SET path = ? WHERE path = ?", (new_path, old_path)
+        )
 
-    def chunk_location(self, chunk_hash: bytes) -> tuple[str, int, int] | None:
-        row = self.conn.execute(
-            "SELECT path, offset, length FROM chunks WHERE hash = ?", (chunk_hash,)
-        ).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+    def chunk_locations(self, chunk_hash: bytes) -> list[tuple[str, int, int]]:
+        """Every place this chunk's bytes were seen (any may be stale: verify on read)."""
+        rows = self.conn.execute(
+            "SELECT path, offset, length FROM chunks WHERE hash = ?",
+            (chunk_hash,),
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
 
     # -- membership ------------------------------------------------------------------
 

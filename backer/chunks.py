@@ -34,21 +34,20 @@ class ChunkStore:
         self._pack_path = self.incoming / f"pack-{secrets.token_hex(4)}"  # one per session
 
     def _read_local(self, chunk_hash: bytes) -> bytes | None:
-        location = self.catalog.chunk_location(chunk_hash)
-        if location is None:
-            return None
-        path, offset, length = location
-        try:
-            fd = os.open(self.root / path, os.O_RDONLY | os.O_NOFOLLOW)  # never via a link
-        except OSError:
-            return None
-        try:
-            data = os.pread(fd, length, offset)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        return data if blake3(data).digest() == chunk_hash else None
+        for path, offset, length in self.catalog.chunk_locations(chunk_hash):
+            try:
+                fd = os.open(self.root / path, os.O_RDONLY | os.O_NOFOLLOW)  # never via a link
+            except OSError:
+                continue
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if blake3(data).digest() == chunk_hash:
+                return data
+        return None
 
     def read(self, chunk_hash: bytes) -> bytes | None:
         """The verified bytes of a chunk, from those received or from any local file."""
