@@ -75,6 +75,8 @@ class Catalog:
                 "CREATE TABLE manifests (id BLOB PRIMARY KEY, body BLOB) WITHOUT ROWID",
                 "CREATE TABLE chunks (hash BLOB, path TEXT, offset INTEGER, "
                 "length INTEGER, PRIMARY KEY (hash, path)) WITHOUT ROWID",
+                "CREATE TABLE supersedes (old TEXT, new TEXT, PRIMARY KEY (old, new)) "
+                "WITHOUT ROWID",
                 "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB)",
                 "CREATE TABLE invites (id BLOB PRIMARY KEY, psk BLOB, expires_ms INTEGER, "
                 "used_by BLOB)",
@@ -108,6 +110,10 @@ class Catalog:
             ),
         )
         self.conn.executemany(
+            "INSERT OR IGNORE INTO supersedes (old, new) VALUES (?, ?)",
+            [(old, split_key(key)[1]) for key, v in delta.added.items() for old in v.supersedes],
+        )
+        self.conn.executemany(
             "INSERT OR REPLACE INTO live (path, vid, record) VALUES (?, ?, ?)", added
         )
         self.conn.executemany(
@@ -127,6 +133,13 @@ class Catalog:
             for path, vid, record in rows:
                 found.setdefault(path, {})[vid] = Version.decode(record)
         return found
+
+    def superseded_by_other_than(self, old: str, new: str) -> bool:
+        """Whether a version other than ``new`` names ``old`` as superseded."""
+        row = self.conn.execute(
+            "SELECT 1 FROM supersedes WHERE old = ? AND new != ? LIMIT 1", (old, new)
+        ).fetchone()
+        return row is not None
 
     def conflicted_paths(self) -> list[str]:
         rows = self.conn.execute(

@@ -27,7 +27,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +104,8 @@ def resolve(path: str, live: dict[str, Version]) -> Resolution:
 
 
 def _conflict_copy(path: str, version_id: str, version: Version) -> tuple[str, str, Version]:
-    """The (path, key, record) of the conflict copy of one version: the same everywhere."""
+    """The (path, key, record) of the conflict copy of one version: the same everywhere.
+    The copy names the version it carries in ``supersedes`` (its lineage)."""
     copy = Version(
         version.kind,
         version.size,
@@ -113,8 +114,30 @@ def _conflict_copy(path: str, version_id: str, version: Version) -> tuple[str, s
         version.content,
         version.device,
         version.time_ms,
+        (version_id,),
     )
     return conflict_path(path, version), copy_version_id(version_id), copy
+
+
+def is_copy_of(version_id: str, version: Version) -> str | None:
+    """The version a conflict copy carries, if ``version`` is one."""
+    if len(version.supersedes) == 1 and copy_version_id(version.supersedes[0]) == version_id:
+        return version.supersedes[0]
+    return None
+
+
+def resolve_moot_copies(
+    live: Iterable[tuple[str, str, Version]], superseded_elsewhere: Callable[[str, str], bool]
+) -> dict[str, Resolution]:
+    """Conflict copies whose source version its own device later replaced or deleted:
+    the person moved on from that version, and its bytes may be gone from every disk,
+    so the copy is dropped (the later version is live and conflicts in its own right)."""
+    result: dict[str, Resolution] = {}
+    for path, vid, version in live:
+        source = is_copy_of(vid, version)
+        if source is not None and superseded_elsewhere(source, vid):
+            result.setdefault(path, Resolution()).drop.append(vid)
+    return result
 
 
 def resolve_shadowed(live: Iterable[tuple[str, str, Version]]) -> dict[str, Resolution]:

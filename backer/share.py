@@ -28,7 +28,7 @@ from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, Re
 from .catalog import Catalog, LocalEntry
 from .chunks import INCOMING_DIR
 from .errors import BackerError
-from .materializer import resolve, resolve_shadowed
+from .materializer import resolve, resolve_moot_copies, resolve_shadowed
 from .membership import (
     NO_INVITE,
     SHARE_ID_BYTES,
@@ -303,6 +303,9 @@ class Share:
             }
             if not resolutions:
                 resolutions = resolve_shadowed(self.catalog.all_live())
+            if not resolutions:
+                check = self.catalog.superseded_by_other_than
+                resolutions = resolve_moot_copies(self.catalog.all_live(), check)
             for path, resolution in resolutions.items():
                 removals += [(path, vid) for vid in resolution.drop]
                 writes += resolution.copies

@@ -79,7 +79,12 @@ def check_no_lost_write(cluster: Cluster) -> None:
             "SELECT vid, path, record FROM versions"
         ):
             decoded[vid] = (path, Version.decode(record))
-    superseded = {old for _, version in decoded.values() for old in version.supersedes}
+    superseded = {  # by a later write, not by the conflict copy that carries it
+        old
+        for vid, (_, version) in decoded.items()
+        for old in version.supersedes
+        if copy_version_id(old) != vid
+    }
     origin = {copy_version_id(vid): vid for vid in decoded}  # conflict copy -> its loser
     same_content: dict[tuple[str, bytes], list[str]] = {}
     for vid, (path, version) in decoded.items():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, settings
 
+from simulations.campaign import run_seed
 from simulations.machine import ClusterMachine
 
 TestCluster = ClusterMachine.TestCase
@@ -13,3 +15,13 @@ TestCluster.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+
+
+@pytest.mark.parametrize(
+    ("seed", "nodes"), [(4, 3), (7, 3), (19, 3), (35, 3), (518, 5), (524, 5), (535, 5)]
+)
+def test_campaign_seeds_that_once_failed(seed: int, nodes: int) -> None:
+    """Seeds that found bugs (chunk index with one location per chunk, conflict copies
+    of versions their own device replaced, shadowed files, unconverged journals)."""
+    stats = run_seed(seed, nodes, 200)
+    assert stats["steps"] == 200
