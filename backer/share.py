@@ -28,7 +28,7 @@ from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, Re
 from .catalog import Catalog, LocalEntry
 from .chunks import INCOMING_DIR
 from .errors import BackerError
-from .materializer import resolve, resolve_moot_copies, resolve_shadowed
+from .materializer import is_copy_of, resolve, resolve_moot_copies, resolve_shadowed
 from .membership import (
     NO_INVITE,
     SHARE_ID_BYTES,
@@ -304,8 +304,7 @@ class Share:
             if not resolutions:
                 resolutions = resolve_shadowed(self.catalog.all_live())
             if not resolutions:
-                check = self.catalog.superseded_by_other_than
-                resolutions = resolve_moot_copies(self.catalog.all_live(), check)
+                resolutions = resolve_moot_copies(self.catalog.all_live(), self._source_replaced)
             for path, resolution in resolutions.items():
                 removals += [(path, vid) for vid in resolution.drop]
                 writes += resolution.copies
@@ -315,6 +314,19 @@ class Share:
             update, delta = self.state.write(writes, removals)
             self._append(EventKind.STATE, update, delta)
         return resolved
+
+    def _source_replaced(self, source: str, copy: str) -> bool:
+        """Whether a conflict copy's source — or, for a copy of a copy, any source up
+        its lineage — was superseded by a version other than the copy made from it."""
+        for _ in range(MAX_RESOLUTION_ROUNDS):
+            if self.catalog.superseded_by_other_than(source, copy):
+                return True
+            record = self.catalog.version(source)
+            parent = is_copy_of(source, record) if record is not None else None
+            if parent is None:
+                return False
+            source, copy = parent, source
+        return False
 
     def save_snapshot(self) -> None:
         """Keep the document in SQLite so that start-up does not replay everything."""

@@ -18,7 +18,7 @@ TestCluster.settings = settings(
 
 
 @pytest.mark.parametrize(
-    ("seed", "nodes"), [(4, 3), (7, 3), (19, 3), (35, 3), (518, 5), (524, 5), (535, 5)]
+    ("seed", "nodes"), [(4, 3), (7, 3), (19, 3), (35, 3), (518, 5), (524, 5), (535, 5), (786, 5)]
 )
 def test_campaign_seeds_that_once_failed(seed: int, nodes: int) -> None:
     """Seeds that found bugs (chunk index with one location per chunk, conflict copies
