@@ -167,10 +167,6 @@ class Operation:
     version_id: str
     version: Version
 
-    @property
-    def is_deletion(self) -> bool:
-        return self.version.kind == Kind.DELETED
-
 
 def plan(catalog: Catalog) -> list[Operation]:
     """Operations that bring the disk to the live state: creations and updates in path

@@ -104,6 +104,3 @@ class FileState:
         for key, value in self.files.items():
             path, version_id = split_key(key)
             yield path, version_id, Version.decode(value)
-
-    def __len__(self) -> int:
-        return len(self.files)
