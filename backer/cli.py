@@ -17,7 +17,7 @@ import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from .invite import InviteToken, parse_address
 from .membership import EventKind
 from .paths import METADATA_DIR
 from .records import Kind, Version
-from .session import Session
+from .replicator import Replicator
+from .session import Session, WireStats
 from .share import ScanSummary, Share
 
 EXIT_ERROR = 1
@@ -261,87 +262,115 @@ def history(path: str, directory: str, as_json: bool) -> None:
 # -- replication commands ------------------------------------------------------------------
 
 
-def _summary_line(peer: bytes | None, session: Session) -> str:
-    stats = session.stats
-    errors = sum(len(r.errors) for r in session.reports)
-    kept = sum(len(r.kept_local_edits) for r in session.reports)
-    who = device_id(peer)[:7] if peer else "peer"
-    return (
-        f"synced with {who}: events received {stats.events_received}, sent {stats.events_sent}; "
-        f"files written {stats.files_written}, deleted {stats.files_deleted}; "
-        f"chunk bytes received {stats.chunk_bytes_received}, sent {stats.chunk_bytes_sent}; "
-        f"chunks reused {stats.chunks_reused}, fetched {stats.chunks_fetched}; "
-        f"local edits kept {kept}; errors {errors}"
+def _summary_line(sessions: list[Session], replicator: Replicator | None = None) -> str:
+    """What moved: wire counters of ``sessions``; with ``replicator``, what was applied."""
+    who = ", ".join(device_id(s.peer)[:7] if s.peer else "peer" for s in sessions)
+    total = WireStats()
+    for session in sessions:
+        for name, value in vars(session.stats).items():
+            setattr(total, name, getattr(total, name) + value)
+    line = (
+        f"synced with {who}: events received {total.events_received}, sent {total.events_sent}; "
     )
+    if replicator is not None:
+        applied = replicator.stats
+        errors = sum(len(r.errors) for r in replicator.reports)
+        kept = sum(len(r.kept_local_edits) for r in replicator.reports)
+        line += f"files written {applied.files_written}, deleted {applied.files_deleted}; "
+    line += (
+        f"chunk bytes received {total.chunk_bytes_received}, sent {total.chunk_bytes_sent}; "
+    )
+    if replicator is not None:
+        line += (
+            f"chunks reused {replicator.stats.chunks_reused}, fetched {total.chunks_fetched}; "
+            f"local edits kept {kept}; errors {errors}"
+        )
+    return line.rstrip("; ")
+
+
+def _known_peers(share: Share) -> list[str]:
+    return [a for a in (share.catalog.get_meta("peers") or b"").decode().split("\n") if a]
 
 
 def _remember_peer(share: Share, address: str) -> None:
-    known = [a for a in (share.catalog.get_meta("peers") or b"").decode().split("\n") if a]
+    known = _known_peers(share)
     if address not in known:
         with share.db.conn:
             share.catalog.set_meta("peers", "\n".join([address, *known]).encode())
 
 
-async def _sync_once(
-    share: Share, streams: transport.Streams, channel: SecureChannel | None = None
-) -> Session:
-    """One one-shot session as initiator (a member's channel unless one is given)."""
-    channel = channel or transport.initiator(share, share.key)
+async def _sync_over(
+    hub: transport.Hub,
+    openings: list[Awaitable[transport.Streams]],
+    channel: Callable[[], SecureChannel] | None = None,
+) -> list[Session | BaseException]:
+    """One-shot sessions over every stream at once, sharing ``hub`` (so chunk requests
+    spread over all peers); a session's result, or the error that ended it."""
+    replicator = hub.replicator
     with _progress("receiving") as progress:
-        report = None
-        if progress is not None:
-            report = lambda s: progress(s.stats.chunk_bytes_received, s.bytes_to_fetch)  # noqa: E731
-        connect = transport.connect(share, _name())
-        return await transport.run_session(streams, channel, connect, True, report)
+
+        def report(session: Session) -> None:
+            if progress is not None:
+                progress(replicator.stats.bytes_fetched, replicator.stats.bytes_to_fetch)
+
+        async def one(opening: Awaitable[transport.Streams]) -> Session:
+            streams = await opening
+            secure = channel() if channel else transport.initiator(hub.share, hub.share.key)
+            return await hub.run(streams, secure, hub.connect, True, report)
+
+        return await asyncio.gather(*(one(o) for o in openings), return_exceptions=True)
 
 
 def _name() -> str:
     return socket.gethostname()
 
 
-def _run(coroutine: Any) -> Any:
-    try:
-        return asyncio.run(coroutine)
-    except transport.SessionClosed as exc:
-        raise BackerError(f"sync failed: {exc}") from exc
+def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list[Session]:
+    """The sessions that completed; report the others (raise if none completed)."""
+    failures = []
+    for label, outcome in zip(labels, outcomes, strict=True):
+        if isinstance(outcome, transport.SessionClosed):
+            failures.append(f"{label}: sync failed: {outcome}")
+        elif isinstance(outcome, BackerError):
+            failures.append(str(outcome))
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    done = [o for o in outcomes if isinstance(o, Session)]
+    if not done:
+        raise BackerError("; ".join(failures))
+    for failure in failures:
+        click.echo(f"backer: warning: {failure}", err=True)
+    return done
 
 
 @cli.command()
-@click.argument("address", required=False)
+@click.argument("addresses", nargs=-1)
 @click.option("--dir", "directory", default=".", help="A directory inside the share.")
 @click.option(
     "--command", help="Sync over this command's stdin/stdout, e.g. 'ssh host backer stdio DIR'."
 )
-def sync(address: str | None, directory: str, command: str | None) -> None:
-    """Reconcile with a peer both ways, then exit (ADDRESS or the peers used before)."""
+def sync(addresses: tuple[str, ...], directory: str, command: str | None) -> None:
+    """Reconcile with peers both ways, then exit: every ADDRESS at once (HOST:PORT), or
+    else every peer used before. Chunks are fetched from all of them."""
     with _open(directory) as share:
+        hub = transport.Hub(share, _name())
         if command:
-            session = _run(_sync_with(share, transport.command_streams(command)))
-            click.echo(_summary_line(session.peer, session))
+            outcomes = asyncio.run(_sync_over(hub, [transport.command_streams(command)]))
+            click.echo(_summary_line(_results(outcomes, [command]), hub.replicator))
             return
-        addresses = (
-            [address]
-            if address
-            else [a for a in (share.catalog.get_meta("peers") or b"").decode().split("\n") if a]
-        )
-        if not addresses:
+        targets = list(addresses) or _known_peers(share)
+        if not targets:
             raise BackerError("no peer known yet: give an address (HOST:PORT)")
-        failures = []
-        for candidate in addresses:
-            host, port = parse_address(candidate)
-            try:
-                session = _run(_sync_with(share, transport.tcp_streams(host, port)))
-            except BackerError as exc:
-                failures.append(str(exc))
-                continue
-            _remember_peer(share, candidate)
-            click.echo(_summary_line(session.peer, session))
-            return
-        raise BackerError("; ".join(failures))
-
-
-async def _sync_with(share: Share, opening: Any) -> Session:
-    return await _sync_once(share, await opening)
+        openings = [transport.tcp_streams(*parse_address(t)) for t in targets]
+        outcomes = asyncio.run(_sync_over(hub, openings))
+        sessions = _results(outcomes, targets)
+        for target, outcome in zip(targets, outcomes, strict=True):
+            if isinstance(outcome, Session):
+                _remember_peer(share, target)
+        click.echo(_summary_line(sessions, hub.replicator))
+        if len(sessions) > 1:
+            for session in sessions:
+                click.echo("  " + _summary_line([session]).replace("synced with", "from"))
 
 
 @cli.command()
@@ -349,16 +378,18 @@ async def _sync_with(share: Share, opening: Any) -> Session:
 def stdio(directory: str) -> None:
     """Serve one sync session over stdin/stdout (the remote end of 'sync --command')."""
     with _open(directory) as share:
+        hub = transport.Hub(share, _name())
 
         async def serve_one() -> Session:
             streams = await transport.stdio_streams()
             channel = transport.responder(share, share.key)
-            return await transport.run_session(
-                streams, channel, transport.accept(share, _name()), False
-            )
+            return await hub.run(streams, channel, hub.accept, False)
 
-        session = _run(serve_one())
-        click.echo(_summary_line(session.peer, session), err=True)
+        try:
+            session = asyncio.run(serve_one())
+        except transport.SessionClosed as exc:
+            raise BackerError(f"sync failed: {exc}") from exc
+        click.echo(_summary_line([session], hub.replicator), err=True)
 
 
 async def _serve(share: Share, host: str, port: int, until_joined: bytes | None = None) -> None:
@@ -366,19 +397,18 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    hub = transport.Hub(share, _name())
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_address = writer.get_extra_info("peername")
         streams = transport.Streams(reader, writer, writer.close)
         channel = transport.responder(share, share.key)
         try:
-            session = await transport.run_session(
-                streams, channel, transport.accept(share, _name()), False
-            )
+            session = await hub.run(streams, channel, hub.accept, False)
         except transport.SessionClosed as exc:
             click.echo(f"closed session with {peer_address}: {exc}", err=True)
             return
-        click.echo(_summary_line(session.peer, session), err=True)
+        click.echo(_summary_line([session]), err=True)
         if until_joined is not None and share.invite_key(until_joined) is None:
             stop.set()
 
@@ -449,26 +479,27 @@ def join(token: str, directory: str) -> None:
     share = Share.create(root, key, joining=(invitation.share_id, b""))
     failures = []
     with share:
-        for address in invitation.addresses:
+        for address in invitation.addresses:  # one at a time: the invite is single-use
 
-            async def attempt(host: str, port: int) -> Session:
-                streams = await transport.tcp_streams(host, port)
-                channel = SecureChannel(
+            def channel() -> SecureChannel:
+                return SecureChannel(
                     key,
                     lambda peer, header: None,  # only a member can know the invite's key
                     header=MODE_JOIN + invitation.invite_id,
                     psk=invitation.psk,
                 )
-                return await _sync_once(share, streams, channel)
 
+            hub = transport.Hub(share, _name())
+            opening = transport.tcp_streams(*parse_address(address))
+            outcomes = asyncio.run(_sync_over(hub, [opening], channel))
             try:
-                session = _run(attempt(*parse_address(address)))
+                sessions = _results(outcomes, [address])
             except BackerError as exc:
                 failures.append(str(exc))
                 continue
             _remember_peer(share, address)
             click.echo(f"joined share {share.share_id.hex()} at {root}")
-            click.echo(_summary_line(session.peer, session))
+            click.echo(_summary_line(sessions, hub.replicator))
             return
     shutil.rmtree(root / METADATA_DIR, ignore_errors=True)
     raise BackerError("could not join: " + "; ".join(failures or ["the token names no address"]))

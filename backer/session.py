@@ -10,9 +10,10 @@ Both sides run the same machine:
 2. on the peer's ``Summary``: send, in this device's arrival order (a causal order),
    every event the peer lacks, then ``CaughtUp``; forks are recorded, never sent;
 3. on ``Events``: verify and store each author's run (one signature per run), apply it;
-4. once the peer is caught up, *materialize*: resolve conflicts, plan, ask for missing
-   manifests, then for chunks that no local file holds (bounded bytes in flight), then
-   apply the plan; push any event this produced, and send ``Done``;
+4. once the peer is caught up, the share's :class:`~backer.replicator.Replicator`
+   (shared by every open session of the device) materializes: resolve conflicts, plan,
+   ask for missing manifests and chunks, apply; then push any event this produced, and
+   send ``Done``;
 5. answer ``WantManifests`` / ``WantChunks`` from local data at any time.
 
 A one-shot sync is complete when the peer caught us up, our materialization is idle,
@@ -21,21 +22,11 @@ and the peer's ``Done`` acknowledges every ``Events`` message we sent.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 from journal import Checkpoint, Event, JournalError, Range
 
-from .chunks import ChunkStore
-from .content import Manifest
-from .materializer import (
-    Materializer,
-    Operation,
-    Report,
-    chunks_needed,
-    manifests_needed,
-    plan,
-)
+from .replicator import CHUNKS_PER_REQUEST, MANIFESTS_PER_REQUEST, Replicator
 from .share import Share
 from .wire import (
     PROTOCOL_VERSION,
@@ -55,41 +46,41 @@ from .wire import (
 )
 
 EVENTS_PER_MESSAGE = 2000
-MANIFESTS_PER_REQUEST = 500
-CHUNKS_PER_REQUEST = 64
-MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024
 MAX_PENDING_RUN_BYTES = 256 * 1024 * 1024
 _NEVER = 2**63
 
 
 @dataclass
-class SyncStats:
+class WireStats:
     events_received: int = 0
     events_sent: int = 0
-    files_written: int = 0
-    files_deleted: int = 0
     chunk_bytes_received: int = 0
     chunk_bytes_sent: int = 0
-    chunks_reused: int = 0
     chunks_fetched: int = 0
-    conflicts_resolved: int = 0
 
 
 class Session:
     """One side of a sync session with one peer."""
 
     def __init__(
-        self, share: Share, name: str = "", welcome: bool = False, peer: bytes | None = None
+        self,
+        share: Share,
+        name: str = "",
+        welcome: bool = False,
+        peer: bytes | None = None,
+        replicator: Replicator | None = None,
     ) -> None:
         """``welcome``: the peer just joined with an invite; start by giving it the key.
-        ``peer``: its authenticated device key, when a channel established one."""
+        ``peer``: its authenticated device key, when a channel established one.
+        ``replicator``: shared with the device's other open sessions (else a private one)."""
         self.share = share
         self.peer = peer
         self.welcome = welcome
-        self.store = ChunkStore(share.root, share.catalog)
+        self.replicator = replicator or Replicator(share)
+        self.replicator.attach(self)
         self.name = name
-        self.stats = SyncStats()
-        self.reports: list[Report] = []
+        self.stats = WireStats()
+        self.outbox: list[Message] = []
         self.forks: list[str] = []
         self.peer_lengths: dict[bytes, int] | None = None
         self.peer_caught_up = False
@@ -97,13 +88,8 @@ class Session:
         self.events_messages_sent = 0
         self.events_messages_received = 0
         self.peer_acknowledged = -1
-        self.dirty = False
-        self.operations: list[Operation] | None = None
-        self.manifests_outstanding: set[bytes] = set()
-        self.chunk_queue: deque[bytes] = deque()
-        self.chunks_in_flight: dict[bytes, int] = {}
-        self.chunks_planned = False
-        self.bytes_to_fetch = 0  # chunk bytes this session expects to receive (for progress)
+        self.peer_files_written = 0
+        self.bytes_in_flight = 0  # chunk bytes asked of this peer (kept by the replicator)
 
     # -- driving ------------------------------------------------------------------------
 
@@ -113,24 +99,31 @@ class Session:
         return [*opening, Hello(PROTOCOL_VERSION, self.name.encode()), Summary(checkpoints)]
 
     @property
-    def idle(self) -> bool:
-        return self.operations is None and not self.dirty
-
-    @property
     def complete(self) -> bool:
         """A one-shot sync may end: both sides caught up and applied."""
         return (
             self.peer_caught_up
-            and self.idle
+            and self.replicator.idle
             and self.peer_acknowledged == self.events_messages_sent
         )
 
     def receive(self, message: Message) -> list[Message]:
-        """Handle one message from the peer; return what to send back."""
+        """Handle one message from the peer; return what to send back to it.
+
+        Other sessions sharing the replicator may have messages in their ``outbox``
+        afterwards (relayed events, chunk requests): the transport flushes those."""
         handler = getattr(self, f"_on_{type(message).__name__.lower()}", None)
         if handler is None:
             raise ProtocolError(f"unexpected message {type(message).__name__}")
-        return handler(message)
+        return handler(message) + self.take_outbox()
+
+    def take_outbox(self) -> list[Message]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def close(self) -> None:
+        """The connection is gone: hand what was asked of this peer to the others."""
+        self.replicator.detach(self)
 
     # -- journal exchange ---------------------------------------------------------------
 
@@ -212,16 +205,21 @@ class Session:
             self.peer_lengths[author] = max(self.peer_lengths.get(author, 0), last)
         self.stats.events_received += len(result.added)
         if result.added:
-            self.dirty = True
-        return self._advance()
+            self.replicator.journal_grew()
+        self.replicator.advance()
+        return []
 
     def _on_caughtup(self, message: CaughtUp) -> list[Message]:
         self.peer_caught_up = True
-        self.dirty = True
-        return self._advance()
+        self.replicator.dirty = True
+        self.replicator.advance()
+        return []
 
     def _on_done(self, message: Done) -> list[Message]:
         self.peer_acknowledged = message.events_received
+        if message.files_written > self.peer_files_written:
+            self.peer_files_written = message.files_written
+            self.replicator.peer_wrote_files()
         return []
 
     def _on_error(self, message: Error) -> list[Message]:
@@ -243,116 +241,26 @@ class Session:
             raise ProtocolError("too many chunks asked at once")
         replies: list[Message] = []
         for chunk_hash in message.hashes:
-            data = self.store.read(chunk_hash) or b""
+            data = self.replicator.store.read(chunk_hash) or b""
             self.stats.chunk_bytes_sent += len(data)
             replies.append(Chunk(chunk_hash, data))
         return replies
 
-    # -- fetching and applying ------------------------------------------------------------
+    # -- fetching -------------------------------------------------------------------------
 
     def _on_manifests(self, message: Manifests) -> list[Message]:
         if len(message.ids) != len(message.bodies):
             raise ProtocolError("manifest ids and bodies differ in number")
         for manifest_id, body in zip(message.ids, message.bodies, strict=True):
-            if manifest_id not in self.manifests_outstanding:
-                raise ProtocolError("a manifest we did not ask for")
-            self.manifests_outstanding.discard(manifest_id)
-            if not body:
-                continue
-            try:
-                manifest = Manifest.decode(body)
-            except ValueError as exc:
-                raise ProtocolError(f"malformed manifest: {exc}") from exc
-            if manifest.id != manifest_id:
-                raise ProtocolError("a manifest does not match its id")
-            self.share.catalog.put_received_manifest(manifest)
+            self.replicator.manifest_arrived(self, manifest_id, body)
         self.share.db.conn.commit()
-        return self._advance()
+        self.replicator.advance()
+        return []
 
     def _on_chunk(self, message: Chunk) -> list[Message]:
-        if self.chunks_in_flight.pop(message.hash, None) is None:
-            raise ProtocolError("a chunk we did not ask for")
-        if message.data:
-            if not self.store.put(message.hash, message.data):
-                raise ProtocolError("a chunk does not match its hash")
-            self.stats.chunk_bytes_received += len(message.data)
-            self.stats.chunks_fetched += 1
-        return self._advance()
-
-    def _advance(self) -> list[Message]:
-        """Move the materialization forward as far as it can go without waiting."""
-        out: list[Message] = []
-        if not self.peer_caught_up:
-            return out
-        if self.operations is None:
-            if not self.dirty:
-                return out
-            out += self._plan()
-        if self.manifests_outstanding:
-            return out
-        if not self.chunks_planned:
-            self._plan_chunks()
-        out += self._request_chunks()
-        if self.chunk_queue or self.chunks_in_flight:
-            return out
-        self._apply()
-        out += self.push()
-        if self.dirty:
-            return out + self._advance()
-        return [*out, Done(self.events_messages_received)]
-
-    def _plan(self) -> list[Message]:
-        self.dirty = False
-        self.stats.conflicts_resolved += self.share.resolve_conflicts()
-        self.operations = plan(self.share.catalog)
-        self.chunks_planned = False
-        wanted = manifests_needed(self.operations, self.share.catalog)
-        self.manifests_outstanding = set(wanted)
-        step = MANIFESTS_PER_REQUEST
-        return [WantManifests(wanted[i : i + step]) for i in range(0, len(wanted), step)]
-
-    def _plan_chunks(self) -> None:
-        assert self.operations is not None
-        needed = chunks_needed(self.operations, self.share.catalog, self.store)
-        wanted, total = set(needed), 0
-        for op in self.operations:
-            manifest = self.share.catalog.manifest(op.version.content)
-            for ref in manifest.chunks if manifest is not None else ():
-                total += 1
-                if ref.hash in wanted:
-                    self.bytes_to_fetch += ref.length
-                    wanted.discard(ref.hash)
-        self.stats.chunks_reused += max(0, total - len(needed))
-        self.chunk_queue.extend(needed)
-        self.chunks_planned = True
-
-    def _apply(self) -> None:
-        assert self.operations is not None
-        report = Materializer(self.share.root, self.share.catalog, self.store).apply(
-            self.operations
-        )
-        self.share.db.conn.commit()
-        self.store.clear_incoming()
-        self.reports.append(report)
-        self.stats.files_written += len(report.written)
-        self.stats.files_deleted += len(report.deleted)
-        self.operations = None
-
-    def _request_chunks(self) -> list[Message]:
-        requests: list[Message] = []
-        batch: list[bytes] = []
-        in_flight = sum(self.chunks_in_flight.values())
-        while self.chunk_queue and in_flight < MAX_BYTES_IN_FLIGHT:
-            chunk_hash = self.chunk_queue.popleft()
-            self.chunks_in_flight[chunk_hash] = 256 * 1024  # the most a chunk can be
-            in_flight += 256 * 1024
-            batch.append(chunk_hash)
-            if len(batch) == CHUNKS_PER_REQUEST:
-                requests.append(WantChunks(batch))
-                batch = []
-        if batch:
-            requests.append(WantChunks(batch))
-        return requests
+        self.replicator.chunk_arrived(self, message.hash, message.data)
+        self.replicator.advance()
+        return []
 
     def push(self) -> list[Message]:
         """Events this device holds that the peer has not been sent: its own new local

@@ -19,9 +19,10 @@ import nacl.signing
 
 from .channel import HEADER_LEN, MODE_JOIN, MODE_SYNC, ChannelError, SecureChannel
 from .errors import BackerError
+from .replicator import Replicator
 from .session import Session
 from .share import Share
-from .wire import Error, FrameReader, Message, ProtocolError
+from .wire import Error, FrameReader, ProtocolError
 
 READ_SIZE = 1 << 20
 HANDSHAKE_TIMEOUT_S = 20.0
@@ -48,56 +49,135 @@ async def _drain(streams: Streams) -> None:
         await streams.writer.drain()
 
 
-async def run_session(
-    streams: Streams,
-    channel: SecureChannel,
-    on_established: Callable[[SecureChannel], Session],
-    one_shot: bool,
-    progress: Callable[[Session], None] | None = None,
-) -> Session:
-    """Drive one connection to its end; return the session (raise SessionClosed)."""
-    frames = FrameReader()
-    session: Session | None = None
-
-    def send(messages: list[Message]) -> None:
-        if messages:
-            channel.send(b"".join(m.encode() for m in messages))
-
-    _write(streams, channel.data_to_send())
+async def _read_unless(
+    reader: asyncio.StreamReader, stop: asyncio.Event, timeout: float | None
+) -> bytes | None:
+    """The next bytes from ``reader``, or None as soon as ``stop`` is set."""
+    read = asyncio.ensure_future(reader.read(READ_SIZE))
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        while not (one_shot and session is not None and session.complete):
-            timeout = None if channel.established else HANDSHAKE_TIMEOUT_S
-            data = await asyncio.wait_for(streams.reader.read(READ_SIZE), timeout)
-            if not data:
-                if session is not None and not one_shot:
-                    return session
-                raise SessionClosed("the peer closed the connection")
-            plaintext = channel.receive_data(data)
-            if channel.established and session is None:
-                session = on_established(channel)
-                send(session.start())
-            if session is not None:
-                for message in frames.feed(plaintext):
-                    send(session.receive(message))
-                if progress is not None:
-                    progress(session)
-            _write(streams, channel.data_to_send())
-            await _drain(streams)
-    except (ChannelError, ProtocolError, BackerError) as exc:
-        with contextlib.suppress(Exception):
-            if channel.established:
-                send([Error(str(exc).encode())])
-                _write(streams, channel.data_to_send())
-                await _drain(streams)
-        raise SessionClosed(str(exc)) from exc
-    except TimeoutError as exc:
-        raise SessionClosed("the handshake timed out") from exc
-    except (ConnectionError, OSError) as exc:
-        raise SessionClosed(f"connection lost: {exc}") from exc
+        done, _ = await asyncio.wait(
+            (read, stopped), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
-        streams.close()
-    assert session is not None
-    return session
+        stopped.cancel()
+    if read in done:
+        return read.result()
+    read.cancel()
+    if stop.is_set():
+        return None
+    raise TimeoutError
+
+
+class Hub:
+    """The open sessions of one share in this process. They share one
+    :class:`~backer.replicator.Replicator`, and whatever any step produces for any of
+    them (relayed events, chunk requests spread over peers) is flushed after the step."""
+
+    def __init__(self, share: Share, name: str) -> None:
+        self.share = share
+        self.name = name
+        self.replicator = Replicator(share)
+        self._flushers: dict[Session, Callable[[], None]] = {}
+
+    def flush(self) -> None:
+        for flush in list(self._flushers.values()):
+            flush()
+
+    def scan(self) -> None:
+        """Scan the share; relay whatever it recorded to every open session."""
+        if self.share.scan().events:
+            self.replicator.journal_grew()
+            self.replicator.advance()
+        self.flush()
+
+    def accept(self, channel: SecureChannel) -> Session:
+        """Responder side once the channel is up: admit a joiner, then sync."""
+        assert channel.peer is not None
+        joining = channel.header[:1] == MODE_JOIN
+        if joining and not self.share.is_member(channel.peer):
+            self.share.admit(
+                channel.peer, f"joined with invite {channel.header[1:5].hex()}", channel.header[1:]
+            )
+            self.replicator.journal_grew()
+        self.scan()
+        return Session(
+            self.share, self.name, welcome=joining, peer=channel.peer, replicator=self.replicator
+        )
+
+    def connect(self, channel: SecureChannel) -> Session:
+        """Initiator side once the channel is up: scan, then sync."""
+        self.scan()
+        return Session(self.share, self.name, peer=channel.peer, replicator=self.replicator)
+
+    async def run(
+        self,
+        streams: Streams,
+        channel: SecureChannel,
+        open_session: Callable[[SecureChannel], Session],
+        one_shot: bool,
+        progress: Callable[[Session], None] | None = None,
+    ) -> Session:
+        """Drive one connection to its end; return its session (raise SessionClosed).
+
+        ``open_session`` is :meth:`accept` or :meth:`connect`. One-shot sessions end when
+        both sides are caught up and applied; others run until the peer hangs up."""
+        frames = FrameReader()
+        session: Session | None = None
+
+        finished = asyncio.Event()  # set when another connection's step completed ours
+
+        def flush() -> None:
+            if session is not None and session.outbox:
+                channel.send(b"".join(m.encode() for m in session.take_outbox()))
+            _write(streams, channel.data_to_send())
+            if one_shot and session is not None and session.complete:
+                finished.set()
+
+        _write(streams, channel.data_to_send())
+        try:
+            while not (one_shot and session is not None and session.complete):
+                timeout = None if channel.established else HANDSHAKE_TIMEOUT_S
+                data = await _read_unless(streams.reader, finished, timeout)
+                if data is None:
+                    continue
+                if not data:
+                    if session is not None and not one_shot:
+                        return session
+                    raise SessionClosed("the peer closed the connection")
+                plaintext = channel.receive_data(data)
+                if channel.established and session is None:
+                    session = open_session(channel)
+                    session.outbox[:0] = session.start()
+                    self._flushers[session] = flush
+                if session is not None:
+                    for message in frames.feed(plaintext):
+                        replies = session.receive(message)  # drains the outbox: then append
+                        session.outbox += replies
+                    if progress is not None:
+                        progress(session)
+                flush()
+                self.flush()
+                await _drain(streams)
+        except (ChannelError, ProtocolError, BackerError) as exc:
+            with contextlib.suppress(Exception):
+                if channel.established:
+                    channel.send(Error(str(exc).encode()).encode())
+                    _write(streams, channel.data_to_send())
+                    await _drain(streams)
+            raise SessionClosed(str(exc)) from exc
+        except TimeoutError as exc:
+            raise SessionClosed("the handshake timed out") from exc
+        except (ConnectionError, OSError) as exc:
+            raise SessionClosed(f"connection lost: {exc}") from exc
+        finally:
+            streams.close()
+            if session is not None:
+                self._flushers.pop(session, None)
+                session.close()
+                self.flush()
+        assert session is not None
+        return session
 
 
 # -- the two ends -------------------------------------------------------------------------
@@ -129,32 +209,6 @@ def responder(share: Share, key: nacl.signing.SigningKey) -> SecureChannel:
         return "not a member of this share"
 
     return SecureChannel(key, check, lookup_psk=lookup)
-
-
-def accept(share: Share, name: str) -> Callable[[SecureChannel], Session]:
-    """Responder side once the channel is up: admit a joiner, then sync."""
-
-    def established(channel: SecureChannel) -> Session:
-        assert channel.peer is not None
-        joining = channel.header[:1] == MODE_JOIN
-        if joining and not share.is_member(channel.peer):
-            share.admit(
-                channel.peer, f"joined with invite {channel.header[1:5].hex()}", channel.header[1:]
-            )
-        share.scan()
-        return Session(share, name, welcome=joining, peer=channel.peer)
-
-    return established
-
-
-def connect(share: Share, name: str) -> Callable[[SecureChannel], Session]:
-    """Initiator side once the channel is up: scan, then sync."""
-
-    def established(channel: SecureChannel) -> Session:
-        share.scan()
-        return Session(share, name, peer=channel.peer)
-
-    return established
 
 
 # -- streams --------------------------------------------------------------------------------

@@ -160,10 +160,12 @@ class Chunk(Message):
 @dataclass
 class Done(Message):
     """The sender has applied everything it received, after ``events_received`` Events
-    messages from the receiver."""
+    messages from the receiver; ``files_written`` counts every file it has written so far
+    (when it grows, content the receiver could not find may now be there)."""
 
     TYPE = 9
     events_received: int
+    files_written: int
 
 
 @dataclass

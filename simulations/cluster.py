@@ -97,7 +97,8 @@ class Cluster:
         try:
             return self._exchange(left, right, cut_after)
         finally:
-            self.conflicts += left.stats.conflicts_resolved + right.stats.conflicts_resolved
+            for session in (left, right):
+                self.conflicts += session.replicator.stats.conflicts_resolved
 
     def _exchange(self, left: Session, right: Session, cut_after: int | None) -> bool:
         """Deliver both sessions' messages until they go quiet (or the link is cut)."""

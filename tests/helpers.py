@@ -53,6 +53,47 @@ def exchange(
     raise AssertionError("sessions did not go quiet")
 
 
+class Links:
+    """In-memory connections between sessions, several per device if need be: messages a
+    session's replicator leaves in any outbox are delivered too (relays, spread requests)."""
+
+    def __init__(self, pairs: list[tuple[Session, Session]]) -> None:
+        self.pairs = list(pairs)
+        self.open = [True] * len(pairs)
+        self.readers = [(FrameReader(), FrameReader()) for _ in pairs]
+        for a, b in pairs:
+            a.outbox[:0], b.outbox[:0] = a.start(), b.start()
+
+    def step(self) -> bool:
+        """Deliver everything in flight once, both ways on every open link; False when
+        nothing was in flight."""
+        moved = False
+        for index, (a, b) in enumerate(self.pairs):
+            if not self.open[index]:
+                continue
+            to_b = _wire(a.take_outbox(), self.readers[index][1])
+            to_a = _wire(b.take_outbox(), self.readers[index][0])
+            moved |= bool(to_a or to_b)
+            for receiver, messages in ((b, to_b), (a, to_a)):
+                for message in messages:
+                    replies = receiver.receive(message)
+                    receiver.outbox += replies
+        return moved
+
+    def run(self, max_rounds: int = 10_000) -> None:
+        for _ in range(max_rounds):
+            if not self.step():
+                return
+        raise AssertionError("sessions did not go quiet")
+
+    def drop(self, index: int) -> None:
+        """The link breaks: what was in flight is lost, both sessions are closed."""
+        self.open[index] = False
+        for session in self.pairs[index]:
+            session.take_outbox()
+            session.close()
+
+
 def sync(a: Share, b: Share) -> tuple[Session, Session]:
     """Scan both, then run one session between them to completion."""
     a.scan()

@@ -84,7 +84,7 @@ def test_a_symlinked_parent_is_never_followed_when_writing(tmp_path: Path) -> No
     right = Session(b, "b")
     pump(Session(a, "a"), right)
     assert list(outside.iterdir()) == []
-    assert right.reports[-1].kept_local_edits == ["dir/f.txt"]
+    assert right.replicator.reports[-1].kept_local_edits == ["dir/f.txt"]
 
 
 def test_oversized_and_unknown_frames_are_protocol_errors() -> None:
@@ -136,7 +136,8 @@ def test_serve_drops_garbage_wrong_keys_and_outsiders_and_keeps_serving(tmp_path
             channel = transport.SecureChannel(
                 outsider.key, lambda peer, header: None, header=b"S" + share_id, psk=share_key
             )
-            await transport.run_session(streams, channel, transport.connect(outsider, "x"), True)
+            hub = transport.Hub(outsider, "x")
+            await hub.run(streams, channel, hub.connect, True)
 
         with pytest.raises(transport.SessionClosed):
             asyncio.run(attempt())

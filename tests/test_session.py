@@ -18,7 +18,7 @@ def test_initial_sync_copies_files_dirs_links_modes_and_empty_dirs(tmp_path: Pat
     os.symlink("docs/report.txt", a.root / "latest")
     _, right = sync(a, b)
     assert tree(a.root) == tree(b.root)
-    assert right.stats.files_written == 3 and right.stats.chunk_bytes_received >= 300_000
+    assert right.replicator.stats.files_written == 3 and right.stats.chunk_bytes_received >= 300_000
 
 
 def test_edits_on_both_sides_and_renames_move_no_chunk_bytes(tmp_path: Path) -> None:
@@ -92,7 +92,7 @@ def test_local_edit_made_after_the_scan_is_never_clobbered(tmp_path: Path) -> No
     left, right = Session(a, "a"), Session(b, "b")
     pump(left, right)
     assert (b.root / "f.txt").read_text() == "unscanned edit on b"
-    assert right.reports[-1].kept_local_edits == ["f.txt"]
+    assert right.replicator.reports[-1].kept_local_edits == ["f.txt"]
     sync(a, b)  # the next scan records the edit; it conflicts with a's and nothing is lost
     contents = sorted(p.read_text() for p in b.root.iterdir() if p.is_file())
     assert contents == ["two from a", "unscanned edit on b"]

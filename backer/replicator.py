@@ -1,0 +1,240 @@
+"""Bring one share's files in line with its state, fetching content from every peer at hand.
+
+A device may hold several sessions at once (``serve`` accepts many; ``sync`` dials every
+known peer). They share one :class:`Replicator`: one plan, one queue of wanted chunks,
+one materialization at a time — so two sessions never race to write the same file —
+and chunk requests spread over all sessions whose peer has caught us up, each to the
+session with the fewest bytes in flight (faster peers drain sooner and get more). A peer
+that lacks a chunk or manifest answers empty; it is then asked of another peer, and given
+up only when every connected peer lacked it (the file waits for a later sync).
+
+Sans-IO like the session: it never touches a socket. It appends messages to the
+``outbox`` of the sessions it speaks through; the transport flushes every outbox after
+each step. Events a session brings in are relayed to the other sessions at once
+(:meth:`journal_grew`), which is how ``serve`` passes one peer's changes on to another.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .chunks import ChunkStore
+from .content import Manifest
+from .materializer import Materializer, Operation, Report, chunks_needed, manifests_needed, plan
+from .share import Share
+from .wire import Done, ProtocolError, WantChunks, WantManifests
+
+if TYPE_CHECKING:
+    from .session import Session
+
+MANIFESTS_PER_REQUEST = 500
+CHUNKS_PER_REQUEST = 64
+MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024  # per peer
+MAX_CHUNK = 256 * 1024  # what a request reserves before the chunk's size is known
+
+
+@dataclass
+class ApplyStats:
+    files_written: int = 0
+    files_deleted: int = 0
+    chunks_reused: int = 0
+    conflicts_resolved: int = 0
+    bytes_to_fetch: int = 0  # chunk bytes planned to arrive, and those that did (progress)
+    bytes_fetched: int = 0
+
+
+class Replicator:
+    """The materialization of one share, shared by all of its open sessions."""
+
+    def __init__(self, share: Share) -> None:
+        self.share = share
+        self.store = ChunkStore(share.root, share.catalog)
+        self.sessions: list[Session] = []
+        self.stats = ApplyStats()
+        self.reports: list[Report] = []
+        self.dirty = False
+        self.operations: list[Operation] | None = None
+        self.chunks_planned = False
+        self.manifests_asked: dict[bytes, Session] = {}
+        self.chunk_queue: deque[bytes] = deque()
+        self.chunks_asked: dict[bytes, Session] = {}
+        self.lacking: dict[bytes, set[Session]] = {}  # chunk or manifest -> peers without it
+        self.gave_up = False  # content no peer had at the last try: ask again when one writes
+
+    @property
+    def idle(self) -> bool:
+        return self.operations is None and not self.dirty
+
+    def attach(self, session: Session) -> None:
+        self.sessions.append(session)
+
+    def detach(self, session: Session) -> None:
+        """A session ended: what it was asked goes to the remaining peers."""
+        if session not in self.sessions:
+            return
+        self.sessions.remove(session)
+        for table in (self.manifests_asked, self.chunks_asked):
+            for key in [k for k, asker in table.items() if asker is session]:
+                del table[key]
+                self.lacking.setdefault(key, set()).add(session)
+                if table is self.chunks_asked:
+                    self.chunk_queue.appendleft(key)
+                else:
+                    self._ask_manifests([key])
+        self.advance()
+
+    def peer_wrote_files(self) -> None:
+        """A peer wrote files since it last said so: try again what it lacked then.
+
+        (A peer that relays events to us may receive their content only after.)"""
+        if self.gave_up:
+            self.dirty = True
+            self.advance()
+
+    def journal_grew(self) -> None:
+        """New events are in the journal (received, scanned or resolved): relay them."""
+        self.dirty = True
+        for session in self.sessions:
+            session.outbox += session.push()
+
+    # -- the steps ------------------------------------------------------------------------
+
+    def _fetchers(self) -> list[Session]:
+        return [s for s in self.sessions if s.peer_caught_up]
+
+    def advance(self) -> None:
+        """Move the materialization forward as far as it can go without waiting."""
+        while self._fetchers():
+            if self.operations is None:
+                if not self.dirty:
+                    return
+                self._plan()
+            if self.manifests_asked:
+                return
+            if not self.chunks_planned:
+                self._plan_chunks()
+            self._request_chunks()
+            if self.chunk_queue or self.chunks_asked:
+                return
+            self._apply()
+            for session in self.sessions:
+                session.outbox += session.push()
+            if not self.dirty:
+                for session in self.sessions:
+                    done = Done(session.events_messages_received, self.stats.files_written)
+                    session.outbox.append(done)
+                return
+
+    def _plan(self) -> None:
+        self.dirty = False
+        resolved = self.share.resolve_conflicts()
+        self.stats.conflicts_resolved += resolved
+        self.operations = plan(self.share.catalog)
+        self.chunks_planned = False
+        self.lacking.clear()
+        self.gave_up = False
+        self._ask_manifests(manifests_needed(self.operations, self.share.catalog))
+
+    def _least_busy(self, key: bytes) -> Session | None:
+        """The fetching session with the fewest bytes in flight that may have ``key``."""
+        lacking = self.lacking.get(key, set())
+        candidates = [s for s in self._fetchers() if s not in lacking]
+        return min(candidates, key=lambda s: s.bytes_in_flight, default=None)
+
+    def _ask_manifests(self, ids: list[bytes]) -> None:
+        batches: dict[Session, list[bytes]] = {}
+        for manifest_id in ids:
+            session = self._least_busy(manifest_id)
+            if session is not None:
+                self.manifests_asked[manifest_id] = session
+                batches.setdefault(session, []).append(manifest_id)
+        step = MANIFESTS_PER_REQUEST
+        for session, wanted in batches.items():
+            for i in range(0, len(wanted), step):
+                session.outbox.append(WantManifests(wanted[i : i + step]))
+
+    def _plan_chunks(self) -> None:
+        assert self.operations is not None
+        needed = chunks_needed(self.operations, self.share.catalog, self.store)
+        wanted, total = set(needed), 0
+        for op in self.operations:
+            manifest = self.share.catalog.manifest(op.version.content)
+            for ref in manifest.chunks if manifest is not None else ():
+                total += 1
+                if ref.hash in wanted:
+                    self.stats.bytes_to_fetch += ref.length
+                    wanted.discard(ref.hash)
+        self.stats.chunks_reused += max(0, total - len(needed))
+        self.chunk_queue.extend(needed)
+        self.chunks_planned = True
+
+    def _request_chunks(self) -> None:
+        batches: dict[Session, list[bytes]] = {}
+        while self.chunk_queue:
+            chunk_hash = self.chunk_queue[0]
+            session = self._least_busy(chunk_hash)
+            if session is None:  # no connected peer has it: the files needing it wait
+                self.chunk_queue.popleft()
+                self.gave_up = True
+                continue
+            if session.bytes_in_flight >= MAX_BYTES_IN_FLIGHT:
+                break
+            self.chunk_queue.popleft()
+            self.chunks_asked[chunk_hash] = session
+            session.bytes_in_flight += MAX_CHUNK
+            batch = batches.setdefault(session, [])
+            batch.append(chunk_hash)
+            if len(batch) == CHUNKS_PER_REQUEST:
+                session.outbox.append(WantChunks(batch))
+                batches[session] = []
+        for session, batch in batches.items():
+            if batch:
+                session.outbox.append(WantChunks(batch))
+
+    def _apply(self) -> None:
+        assert self.operations is not None
+        report = Materializer(self.share.root, self.share.catalog, self.store).apply(
+            self.operations
+        )
+        self.share.db.conn.commit()
+        self.store.clear_incoming()
+        self.reports.append(report)
+        self.stats.files_written += len(report.written)
+        self.stats.files_deleted += len(report.deleted)
+        self.operations = None
+
+    # -- answers from peers ---------------------------------------------------------------
+
+    def manifest_arrived(self, session: Session, manifest_id: bytes, body: bytes) -> None:
+        if self.manifests_asked.get(manifest_id) is not session:
+            raise ProtocolError("a manifest we did not ask for")
+        del self.manifests_asked[manifest_id]
+        if not body:
+            self.lacking.setdefault(manifest_id, set()).add(session)
+            self._ask_manifests([manifest_id])
+            self.gave_up |= manifest_id not in self.manifests_asked
+            return
+        try:
+            manifest = Manifest.decode(body)
+        except ValueError as exc:
+            raise ProtocolError(f"malformed manifest: {exc}") from exc
+        if manifest.id != manifest_id:
+            raise ProtocolError("a manifest does not match its id")
+        self.share.catalog.put_received_manifest(manifest)
+
+    def chunk_arrived(self, session: Session, chunk_hash: bytes, data: bytes) -> None:
+        if self.chunks_asked.get(chunk_hash) is not session:
+            raise ProtocolError("a chunk we did not ask for")
+        del self.chunks_asked[chunk_hash]
+        session.bytes_in_flight -= MAX_CHUNK
+        if not data:
+            self.lacking.setdefault(chunk_hash, set()).add(session)
+            self.chunk_queue.appendleft(chunk_hash)
+            return
+        if not self.store.put(chunk_hash, data):
+            raise ProtocolError("a chunk does not match its hash")
+        self.stats.bytes_fetched += len(data)
+        session.stats.chunk_bytes_received += len(data)
+        session.stats.chunks_fetched += 1
