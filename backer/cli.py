@@ -17,7 +17,7 @@ import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,18 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 
 from journal import JournalError
 
-from . import transport
+from . import control, transport
 from .catalog import HistoryEntry
 from .channel import MODE_JOIN, SecureChannel
 from .errors import BackerError
 from .identity import device_id, load_or_create_key, short_id
-from .invite import InviteToken, parse_address
+from .invite import InviteToken, advertised, parse_address
 from .membership import EventKind
 from .paths import METADATA_DIR
 from .records import Kind, Version
 from .replicator import Replicator
 from .session import Session, WireStats
-from .share import ScanSummary, Share
+from .share import ScanSummary, Share, ShareBusy
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -392,7 +392,25 @@ def stdio(directory: str) -> None:
         click.echo(_summary_line([session], hub.replicator), err=True)
 
 
+def _new_invite(share: Share, expires: int, addresses: tuple[str, ...]) -> tuple[bytes, str]:
+    """Record a single-use invite; its id and the token text naming ``addresses``."""
+    invite_id, psk = share.create_invite(expires)
+    return invite_id, InviteToken(share.share_id, invite_id, psk, share.device, addresses).encode()
+
+
+async def _invite_outcome(share: Share, invite_id: bytes) -> str:
+    """Wait until the invite is used (the joiner's device id) or expires (raise)."""
+    while share.invite_key(invite_id) is not None:
+        await asyncio.sleep(0.2)
+    found = share.catalog.invite(invite_id)
+    if found is None or found[2] is None:
+        raise BackerError("the invite expired before anyone joined")
+    return device_id(found[2])
+
+
 async def _serve(share: Share, host: str, port: int, until_joined: bytes | None = None) -> None:
+    """Accept sessions (all through one hub) and control requests until a signal, or
+    until the invite ``until_joined`` was used."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -416,9 +434,23 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
         server = await asyncio.start_server(handle, host, port)
     except OSError as exc:
         raise BackerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets)
-    click.echo(f"listening on {bound}", err=True)
-    async with server:
+    bound = [s.getsockname()[:2] for s in server.sockets]
+    reachable = tuple(dict.fromkeys(a for h, p in bound for a in advertised(h, p)))
+
+    async def on_request(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if request.get("op") != "invite":
+            yield {"error": f"unknown request {request.get('op')!r}"}
+            return
+        addresses = tuple(request.get("addresses") or reachable)
+        invite_id, token = _new_invite(share, int(request["expires"]), addresses)
+        hub.replicator.journal_grew()  # connected members learn of it: they may admit too
+        hub.flush()
+        yield {"token": token}
+        if request.get("wait"):
+            yield {"joined": await _invite_outcome(share, invite_id)}
+
+    click.echo(f"listening on {', '.join(f'{h}:{p}' for h, p in bound)}", err=True)
+    async with server, control.serving(share.root, on_request):
         await stop.wait()
 
 
@@ -455,13 +487,28 @@ def serve(listen: str, directory: str) -> None:
 def invite(
     listen: str, addresses: tuple[str, ...], expires: int, no_wait: bool, directory: str
 ) -> None:
-    """Print a single-use, expiring invite token, and wait for the device to join."""
+    """Print a single-use, expiring invite token, and wait for the device to join.
+
+    While 'serve' runs for the share, it makes the invite (and admits the joiner)."""
+    if expires <= 0:
+        raise BackerError("--expires must be a positive number of seconds")
+    for address in addresses:
+        parse_address(address)
     host, port = parse_address(listen)
-    with _open(directory) as share:
-        invite_id, psk = share.create_invite(expires)
-        advertised = addresses or (listen,)
-        token = InviteToken(share.share_id, invite_id, psk, share.device, tuple(advertised))
-        click.echo(token.encode())
+    try:
+        share = _open(directory)
+    except ShareBusy as busy:
+        wanted = {"op": "invite", "expires": expires, "addresses": addresses, "wait": not no_wait}
+        for reply in control.request(busy.root, wanted):
+            if "token" in reply:
+                click.echo(reply["token"])
+                sys.stdout.flush()
+            else:
+                click.echo(f"device {reply['joined']} joined", err=True)
+        return
+    with share:
+        invite_id, token = _new_invite(share, expires, addresses or advertised(host, port))
+        click.echo(token)
         sys.stdout.flush()
         if not no_wait:
             asyncio.run(_serve(share, host, port, until_joined=invite_id))

@@ -62,6 +62,7 @@ class Replicator:
         self.chunks_asked: dict[bytes, Session] = {}
         self.lacking: dict[bytes, set[Session]] = {}  # chunk or manifest -> peers without it
         self.gave_up = False  # content no peer had at the last try: ask again when one writes
+        self.awaited = 0  # peers being dialled that have not caught us up yet: plan after them
 
     @property
     def idle(self) -> bool:
@@ -108,7 +109,7 @@ class Replicator:
         """Move the materialization forward as far as it can go without waiting."""
         while self._fetchers():
             if self.operations is None:
-                if not self.dirty:
+                if not self.dirty or self.awaited:
                     return
                 self._plan()
             if self.manifests_asked:

@@ -70,6 +70,16 @@ def find_root(start: Path) -> Path | None:
     return None
 
 
+class ShareBusy(BackerError):
+    """Another process holds the share (``serve`` can take some requests: see control)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(
+            f"the share {root} is in use by another backer process (serve, sync or scan)"
+        )
+        self.root = root
+
+
 def _take_lock(root: Path) -> IO[bytes]:
     """One process changes a share at a time (serve, sync, scan, join)."""
     handle = open(root / METADATA_DIR / LOCK_FILE, "ab")  # noqa: SIM115 - held until close()
@@ -77,9 +87,7 @@ def _take_lock(root: Path) -> IO[bytes]:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise BackerError(
-            f"the share {root} is in use by another backer process (serve, sync or scan)"
-        ) from None
+        raise ShareBusy(root) from None
     return handle
 
 

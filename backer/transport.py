@@ -121,9 +121,20 @@ class Hub:
         """Drive one connection to its end; return its session (raise SessionClosed).
 
         ``open_session`` is :meth:`accept` or :meth:`connect`. One-shot sessions end when
-        both sides are caught up and applied; others run until the peer hangs up."""
+        both sides are caught up and applied; others run until the peer hangs up. While
+        a one-shot peer has not caught us up, no new plan starts: the plan then sees what
+        every dialled peer brings, and its chunk requests spread over all of them."""
         frames = FrameReader()
         session: Session | None = None
+        awaited = one_shot
+        self.replicator.awaited += awaited
+
+        def stop_awaiting() -> None:
+            nonlocal awaited
+            if awaited:
+                awaited = False
+                self.replicator.awaited -= 1
+                self.replicator.advance()
 
         finished = asyncio.Event()  # set when another connection's step completed ours
 
@@ -154,6 +165,8 @@ class Hub:
                     for message in frames.feed(plaintext):
                         replies = session.receive(message)  # drains the outbox: then append
                         session.outbox += replies
+                    if session.peer_caught_up:
+                        stop_awaiting()
                     if progress is not None:
                         progress(session)
                 flush()
@@ -172,10 +185,11 @@ class Hub:
             raise SessionClosed(f"connection lost: {exc}") from exc
         finally:
             streams.close()
+            stop_awaiting()
             if session is not None:
                 self._flushers.pop(session, None)
                 session.close()
-                self.flush()
+            self.flush()
         assert session is not None
         return session
 

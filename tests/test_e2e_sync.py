@@ -133,9 +133,9 @@ def test_expired_invite_is_refused(tmp_path: Path) -> None:
     a.root.mkdir()
     a.run("init", str(a.root))
     port = free_port()
-    args = ("invite", "--no-wait", "--expires", "0", "--address", f"127.0.0.1:{port}")
+    args = ("invite", "--no-wait", "--expires", "1", "--address", f"127.0.0.1:{port}")
     token = a.run(*args, "--dir", str(a.root)).stdout.strip()
-    time.sleep(0.01)
+    time.sleep(1.1)
     with a.serving(port):
         result = d.run("join", token, str(d.root), check=False)
     assert result.returncode == 1 and "could not join" in result.stderr

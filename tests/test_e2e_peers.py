@@ -1,0 +1,71 @@
+"""Several peers at once through the real CLI: a device fetching from two, and invites
+made while ``serve`` holds the share."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.e2e import Device, free_port, invite, snapshot, summary_number
+
+
+def _founder(tmp_path: Path) -> tuple[Device, int]:
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    (a.root / "big.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    a.run("init", str(a.root))
+    return a, free_port()
+
+
+def test_sync_with_two_peers_fetches_from_both(tmp_path: Path) -> None:
+    a, port = _founder(tmp_path)
+    b, c = Device(tmp_path, "b"), Device(tmp_path, "c")
+    tokens = [invite(a, f"127.0.0.1:{port}") for _ in range(2)]
+    with a.serving(port) as at_a:
+        b.run("join", tokens[0], str(b.root))
+        c.run("join", tokens[1], str(c.root))
+        (a.root / "second.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+        b.sync(at_a)
+        with b.serving() as at_b:
+            output = c.run("sync", at_a, at_b, "--dir", str(c.root)).stdout
+    lines = output.strip().splitlines()
+    assert len(lines) == 3, output
+    per_peer = [summary_number(line, "chunk bytes received") for line in lines[1:]]
+    assert min(per_peer) > 1024 * 1024, output
+    assert sum(per_peer) == summary_number(lines[0], "chunk bytes received")
+    assert snapshot(c.root) == snapshot(a.root) == snapshot(b.root)
+
+
+def test_invites_while_serve_holds_the_share(tmp_path: Path) -> None:
+    a, port = _founder(tmp_path)
+    b, c = Device(tmp_path, "b"), Device(tmp_path, "c")
+    with a.serving(port) as at_a:
+        no_wait = a.run("invite", "--no-wait", "--address", at_a, "--dir", str(a.root))
+        b.run("join", no_wait.stdout.strip(), str(b.root))
+        waiting = subprocess.Popen(
+            a.command("invite", "--address", at_a, "--dir", str(a.root)),
+            env=a.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert waiting.stdout is not None
+            token = waiting.stdout.readline().strip()
+            c.run("join", token, str(c.root))
+            _, said = waiting.communicate(timeout=30)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+                waiting.wait()
+    assert waiting.returncode == 0 and "joined" in said, said
+    assert snapshot(b.root) == snapshot(a.root) == snapshot(c.root)
+    assert not (a.root / ".backer" / "control").exists()
+
+
+def test_an_invite_needs_a_positive_lifetime(tmp_path: Path) -> None:
+    a, _ = _founder(tmp_path)
+    result = a.run("invite", "--no-wait", "--expires", "0", "--dir", str(a.root), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "backer: error: --expires must be a positive number of seconds"
