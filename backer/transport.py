@@ -1,8 +1,10 @@
-"""The I/O edge: run a secure channel and a sync session over asyncio byte streams.
+"""The I/O edge: run secure channels and sync sessions over asyncio byte streams.
 
 Everything above this module is sans-IO. Here bytes are read from a stream (TCP, a
 child process's pipes, our own stdin/stdout), fed to the channel and the session,
-and whatever they produce is written back. A protocol or channel error closes the
+and whatever they produce is written back. A :class:`Hub` holds all of one share's
+open connections, so what one connection's step produces for another (relayed events,
+chunk requests) is written out at once. A protocol or channel error closes the
 session with a reason (sent to the peer when the channel is up, and raised here).
 """
 
