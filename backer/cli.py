@@ -283,9 +283,10 @@ def _summary_line(sessions: list[Session], replicator: Replicator | None = None)
     if replicator is not None:
         line += (
             f"chunks reused {replicator.stats.chunks_reused}, fetched {total.chunks_fetched}; "
-            f"local edits kept {kept}; errors {errors}"
+            f"local edits kept {kept}; errors {errors}; "
         )
-    return line.rstrip("; ")
+    line += f"wire bytes received {total.wire_bytes_received}, sent {total.wire_bytes_sent}"
+    return line
 
 
 def _known_peers(share: Share) -> list[str]:

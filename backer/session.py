@@ -57,6 +57,8 @@ class WireStats:
     chunk_bytes_received: int = 0
     chunk_bytes_sent: int = 0
     chunks_fetched: int = 0
+    wire_bytes_received: int = 0  # set by the transport when the connection ends
+    wire_bytes_sent: int = 0
 
 
 class Session:

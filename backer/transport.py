@@ -39,11 +39,14 @@ class Streams:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter | asyncio.WriteTransport
     close: Callable[[], None]
+    received: int = 0  # bytes on the wire, handshake and framing included
+    sent: int = 0
 
 
 def _write(streams: Streams, data: bytes) -> None:
     if data:
         streams.writer.write(data)
+        streams.sent += len(data)
 
 
 async def _drain(streams: Streams) -> None:
@@ -154,6 +157,7 @@ class Hub:
                 data = await _read_unless(streams.reader, finished, timeout)
                 if data is None:
                     continue
+                streams.received += len(data)
                 if not data:
                     if session is not None and not one_shot:
                         return session
@@ -191,6 +195,8 @@ class Hub:
             if session is not None:
                 self._flushers.pop(session, None)
                 session.close()
+                session.stats.wire_bytes_received = streams.received
+                session.stats.wire_bytes_sent = streams.sent
             self.flush()
         assert session is not None
         return session

@@ -91,7 +91,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return result
 
 
-def summary_number(output: str, label: str) -> int:
-    """A number from the sync summary line, e.g. ``chunk bytes received``."""
-    tail = output.split(label, 1)[1]
+def summary_number(output: str, label: str, last: bool = False) -> int:
+    """A number from the sync summary line, e.g. ``chunk bytes received`` (the first
+    occurrence of ``label``, or the last)."""
+    tail = output.rsplit(label, 1)[1] if last else output.split(label, 1)[1]
     return int(tail.split()[0].rstrip(";,"))

@@ -91,6 +91,8 @@ def test_renaming_a_directory_of_100_files_moves_no_chunk_bytes(trio) -> None:
     assert snapshot(a.root) == snapshot(b.root)
     assert summary_number(out, "chunk bytes received") == 0
     assert summary_number(out, "files written") == 100
+    wire = summary_number(out, "wire bytes received") + summary_number(out, "sent", last=True)
+    assert 0 < wire < 100 * 3000 // 10, out  # the metadata of 100 moves, not their bytes
 
 
 def test_stdio_end_works_like_ssh(trio) -> None:
