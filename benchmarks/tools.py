@@ -1,0 +1,369 @@
+"""The tools under test, each driven the same way: set up a full source ``a`` and an
+empty target ``b``, then ``initial()`` and, after each mutation of ``a``, ``propagate()``.
+Each step returns its wall time, bytes on the wire and the peak RSS of every process.
+
+Only loopback is used. "In sync" is never assumed: the runner compares both trees by
+path, size and SHA-256 after every step (and Syncthing's own status decides when to
+stop its clock; see :class:`Syncthing`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .measure import PeakRss, Processes, free_port, run_measured, tree_listing, wait_for_port
+
+STEP_TIMEOUT_S = 1800
+
+
+@dataclass
+class Step:
+    seconds: float
+    wire_bytes: int | None  # None: the tool has no wire (two local roots)
+    rss_mib: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+class Tool:
+    name = ""
+    exclude: tuple[str, ...] = ()  # the tool's own metadata inside the synced roots
+
+    def __init__(self, work: Path, source: Path, target: Path, processes: Processes) -> None:
+        self.work, self.a, self.b, self.processes = work, source, target, processes
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Untimed preparation (daemons, keys, the source's own index)."""
+
+    def initial(self) -> Step:
+        raise NotImplementedError
+
+    def propagate(self, weak_hash: bool = True) -> Step:
+        raise NotImplementedError
+
+
+def _number(text: str, label: str) -> int:
+    found = re.search(re.escape(label) + r"[:\s]+([\d,]+)", text)
+    if found is None:
+        raise RuntimeError(f"no {label!r} in output: {text[-500:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+class Backer(Tool):
+    """``backer serve`` on ``a``; ``backer join`` then ``backer sync`` from ``b``."""
+
+    name = "backer"
+    exclude = (".backer",)
+
+    def version(self) -> str:
+        return subprocess.run(
+            [*self._command, "--version"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    @property
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "backer"]
+
+    def _env(self, side: str) -> dict[str, str]:
+        return {**os.environ, "BACKER_HOME": str(self.work / f"backer-home-{side}")}
+
+    def setup(self) -> None:
+        self.index_seconds, _, _ = run_measured(
+            self.processes, [*self._command, "init", str(self.a)], self._env("a")
+        )
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.token = subprocess.run(
+            [*self._command, "invite", "--no-wait", "--address", self.address,
+             "--dir", str(self.a)],
+            env=self._env("a"), capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        self.serve = self.processes.start(
+            [*self._command, "serve", "--listen", self.address, "--dir", str(self.a)],
+            env=self._env("a"),
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(port)
+
+    def _step(self, args: list[str]) -> Step:
+        seconds, rss, out = run_measured(
+            self.processes, [*self._command, *args], self._env("b"), serve=self.serve.pid
+        )
+        wire = _number(out, "wire bytes received") + int(out.rsplit("sent ", 1)[1].split()[0])
+        return Step(seconds, wire, {"a (serve)": rss["serve"], "b": rss["command"]})
+
+    def initial(self) -> Step:
+        return self._step(["join", self.token, str(self.b)])
+
+    def propagate(self, weak_hash: bool = True) -> Step:
+        return self._step(["sync", self.address, "--dir", str(self.b)])
+
+
+class Rsync(Tool):
+    """An rsync daemon serving ``a`` (so the delta algorithm runs); ``b`` pulls."""
+
+    name = "rsync"
+
+    def version(self) -> str:
+        out = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout
+        return out.splitlines()[0]
+
+    def setup(self) -> None:
+        self.port = free_port()
+        config = self.work / "rsyncd.conf"
+        config.write_text(
+            f"port = {self.port}\naddress = 127.0.0.1\nuse chroot = false\n"
+            f"uid = {os.getuid()}\ngid = {os.getgid()}\n"
+            f"[data]\npath = {self.a}\nread only = true\n"
+        )
+        self.daemon = self.processes.start(
+            ["rsync", "--daemon", "--no-detach", f"--config={config}"]
+        )
+        wait_for_port(self.port)
+
+    def _step(self) -> Step:
+        self.b.mkdir(exist_ok=True)
+        url = f"rsync://127.0.0.1:{self.port}/data/"
+        seconds, rss, out = run_measured(
+            self.processes,
+            ["rsync", "-a", "--delete", "--stats", url, f"{self.b}/"],
+            daemon=self.daemon.pid,
+        )
+        wire = _number(out, "Total bytes sent") + _number(out, "Total bytes received")
+        return Step(seconds, wire, {"a (daemon)": rss["daemon"], "b": rss["command"]})
+
+    def initial(self) -> Step:
+        return self._step()
+
+    def propagate(self, weak_hash: bool = True) -> Step:
+        return self._step()
+
+
+class Unison(Tool):
+    """Two local roots, ``-batch -auto`` (no wire: Unison syncs local roots directly)."""
+
+    name = "unison"
+
+    def version(self) -> str:
+        return subprocess.run(
+            ["unison", "-version"], capture_output=True, text=True
+        ).stdout.strip()
+
+    def _step(self) -> Step:
+        self.b.mkdir(exist_ok=True)
+        home = self.work / "unison-home"
+        home.mkdir(exist_ok=True)
+        env = {**os.environ, "HOME": str(home), "UNISON": str(home / ".unison")}
+        args = ["unison", str(self.a), str(self.b), "-batch", "-auto", "-times", "-silent",
+                "-confirmbigdel=false"]  # fmt: skip
+        seconds, rss, _ = run_measured(self.processes, args, env)
+        return Step(seconds, None, {"unison": rss["command"]})
+
+    def initial(self) -> Step:
+        return self._step()
+
+    def propagate(self, weak_hash: bool = True) -> Step:
+        return self._step()
+
+
+# -- Syncthing ------------------------------------------------------------------------------
+
+FOLDER = "bench"
+_OPTIONS = {
+    "globalAnnounceEnabled": "false",
+    "localAnnounceEnabled": "false",
+    "relaysEnabled": "false",
+    "natEnabled": "false",
+    "startBrowser": "false",
+    "urAccepted": "-1",
+    "autoUpgradeIntervalH": "0",
+    "crashReportingEnabled": "false",
+    "setLowPriority": "false",
+}
+
+
+class _Rest:
+    def __init__(self, port: int, key: str) -> None:
+        self.base, self.key = f"http://127.0.0.1:{port}", key
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"X-API-Key": self.key}
+        )
+        with urllib.request.urlopen(request, timeout=STEP_TIMEOUT_S) as response:
+            payload = response.read()
+        return json.loads(payload) if payload.strip() else None
+
+
+class _Instance:
+    """One headless Syncthing with its own home, GUI/REST and listen port on 127.0.0.1."""
+
+    def __init__(self, home: Path, processes: Processes) -> None:
+        self.home = home
+        self.gui_port, self.listen_port = free_port(), free_port()
+        self.rest = _Rest(self.gui_port, f"bench-{self.gui_port}")
+        subprocess.run(
+            ["syncthing", "generate", f"--home={home}", "--no-default-folder",
+             "--skip-port-probing"],
+            capture_output=True, check=True,
+        )  # fmt: skip
+        config = (home / "config.xml").read_text()
+        gui = f"<address>127.0.0.1:{self.gui_port}</address>\n<apikey>{self.rest.key}</apikey>"
+        config = re.sub(r"<address>[^<]*</address>\s*<apikey>[^<]*</apikey>", gui, config)
+        settings = {**_OPTIONS, "listenAddress": f"tcp://127.0.0.1:{self.listen_port}"}
+        for tag, value in settings.items():  # all set before the first start
+            config, count = re.subn(f"<{tag}>[^<]*</{tag}>", f"<{tag}>{value}</{tag}>", config)
+            if count != 1:
+                raise RuntimeError(f"Syncthing config has {count} <{tag}> elements")
+        (home / "config.xml").write_text(config)
+        self.process = processes.start(
+            ["syncthing", "serve", f"--home={home}", "--no-browser", "--no-restart",
+             "--no-upgrade"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "STNODEFAULTFOLDER": "1"},
+        )  # fmt: skip
+        wait_for_port(self.gui_port)
+        self.id = self._until(lambda: self.rest.call("GET", "/rest/system/status")["myID"])
+
+    @staticmethod
+    def _until(probe: Any, seconds: float = 60) -> Any:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                result = probe()
+                if result:
+                    return result
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("Syncthing did not get there in time")
+            time.sleep(0.05)
+
+    def add_device(self, other: _Instance) -> None:
+        device = self.rest.call("GET", "/rest/config/defaults/device")
+        device.update(
+            deviceID=other.id, name=other.home.name,
+            addresses=[f"tcp://127.0.0.1:{other.listen_port}"],
+        )  # fmt: skip
+        self.rest.call("PUT", f"/rest/config/devices/{other.id}", device)
+
+    def add_folder(self, path: Path, peer: _Instance) -> None:
+        folder = self.rest.call("GET", "/rest/config/defaults/folder")
+        folder.update(
+            id=FOLDER, label=FOLDER, path=str(path), type="sendreceive",
+            devices=[{"deviceID": self.id}, {"deviceID": peer.id}],
+            fsWatcherEnabled=True, fsWatcherDelayS=1, rescanIntervalS=3600,
+        )  # fmt: skip
+        self.rest.call("PUT", f"/rest/config/folders/{FOLDER}", folder)
+
+    def status(self) -> dict[str, Any]:
+        return self.rest.call("GET", f"/rest/db/status?folder={FOLDER}")
+
+    def wire_bytes(self, peer: _Instance) -> int:
+        connection = self.rest.call("GET", "/rest/system/connections")["connections"][peer.id]
+        return int(connection["inBytesTotal"]) + int(connection["outBytesTotal"])
+
+
+class Syncthing(Tool):
+    """Two headless instances; the folder is shared once ``a`` has indexed it, so its
+    initial time, like backer's, starts from an indexed source. Mutations are announced
+    with a REST rescan of ``a`` at once (no watcher delay counted against it). The clock
+    stops when ``a`` has rescanned (its sequence moved), ``b`` is idle needing nothing,
+    ``a`` rates ``b`` 100 % complete and both trees list the same paths and sizes."""
+
+    name = "syncthing"
+    exclude = (".stfolder", ".stversions")
+
+    def version(self) -> str:
+        out = subprocess.run(["syncthing", "--version"], capture_output=True, text=True).stdout
+        return " ".join(out.split()[:2])
+
+    def setup(self) -> None:
+        self.weak_hash_off = False
+        self.one = _Instance(self.work / "st-a", self.processes)
+        self.two = _Instance(self.work / "st-b", self.processes)
+        self.one.add_device(self.two)
+        self.two.add_device(self.one)
+        _Instance._until(
+            lambda: self.two.rest.call("GET", "/rest/system/connections")["connections"][
+                self.one.id
+            ]["connected"]
+        )
+        files = len(tree_listing(self.a))
+        self.one.add_folder(self.a, self.two)
+        _Instance._until(
+            lambda: (s := self.one.status())["state"] == "idle" and s["localFiles"] == files,
+            STEP_TIMEOUT_S,
+        )
+
+    def _in_sync(self, sequence_before: int) -> bool:
+        one, two = self.one.status(), self.two.status()
+        if one["state"] != "idle" or one["sequence"] <= sequence_before:
+            return False
+        if two["state"] != "idle" or two["needTotalItems"] != 0:
+            return False
+        completion = self.one.rest.call(
+            "GET", f"/rest/db/completion?folder={FOLDER}&device={self.two.id}"
+        )
+        if completion["completion"] < 100:
+            return False
+        return tree_listing(self.a, self.exclude) == tree_listing(self.b, self.exclude)
+
+    def _measure(self, start: Any, sequence_before: int) -> Step:
+        sampler = PeakRss({"a": self.one.process.pid, "b": self.two.process.pid})
+        sampler.start()
+        wire_before = self.two.wire_bytes(self.one)
+        started = time.perf_counter()
+        start()
+        _Instance._until(lambda: self._in_sync(sequence_before), STEP_TIMEOUT_S)
+        seconds = time.perf_counter() - started
+        rss = sampler.stop()
+        return Step(seconds, self.two.wire_bytes(self.one) - wire_before, rss)
+
+    def initial(self) -> Step:
+        self.b.mkdir(exist_ok=True)
+        return self._measure(lambda: self.two.add_folder(self.b, self.one), -1)
+
+    def propagate(self, weak_hash: bool = True) -> Step:
+        if not weak_hash and not self.weak_hash_off:
+            for instance in (self.one, self.two):  # 25 % is the default; over 100 is never
+                instance.rest.call(
+                    "PATCH", f"/rest/config/folders/{FOLDER}", {"weakHashThresholdPct": 101}
+                )
+            self.weak_hash_off = True
+            for instance in (self.one, self.two):  # the folder restarts: let it settle
+                _Instance._until(lambda i=instance: i.status()["state"] == "idle")
+        sequence = self.one.status()["sequence"]
+
+        def rescan() -> None:
+            self.one.rest.call("POST", f"/rest/db/scan?folder={FOLDER}")
+
+        step = self._measure(rescan, sequence)
+        step.note = "" if weak_hash else "weak hash off"
+        return step
+
+
+TOOLS: dict[str, type[Tool]] = {
+    "backer": Backer,
+    "syncthing": Syncthing,
+    "rsync": Rsync,
+    "unison": Unison,
+}
+PACKAGES = {"syncthing": "syncthing", "rsync": "rsync", "unison": "unison"}
+
+
+def available(name: str) -> bool:
+    return name == "backer" or shutil.which(name) is not None
