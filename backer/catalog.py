@@ -54,10 +54,14 @@ class HistoryEntry:
     live: bool
 
 
+MANIFEST_CACHE = 32_768  # a plan looks each manifest up several times
+
+
 class Catalog:
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
         self.conn: sqlite3.Connection = db.conn
+        self._manifests: dict[bytes, Manifest] = {}  # content-addressed, so never stale
         if "live" not in db.table_names():
             self._create_schema()
 
@@ -232,10 +236,18 @@ class Catalog:
     def manifest(self, manifest_id: bytes) -> Manifest | None:
         if manifest_id == EMPTY_MANIFEST.id:  # every device has the empty file's manifest
             return EMPTY_MANIFEST
+        cached = self._manifests.get(manifest_id)
+        if cached is not None:
+            return cached
         row = self.conn.execute(
             "SELECT body FROM manifests WHERE id = ?", (manifest_id,)
         ).fetchone()
-        return Manifest.decode(row[0]) if row else None
+        if row is None:
+            return None
+        if len(self._manifests) >= MANIFEST_CACHE:
+            self._manifests.clear()
+        manifest = self._manifests[manifest_id] = Manifest.decode(row[0])
+        return manifest
 
     def move_chunk_locations(self, old_path: str, new_path: str) -> None:
         """Chunks read from ``old_path`` can now be read from ``new_path``."""

@@ -31,8 +31,7 @@ if TYPE_CHECKING:
 
 MANIFESTS_PER_REQUEST = 500
 CHUNKS_PER_REQUEST = 64
-MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024  # per peer
-MAX_CHUNK = 256 * 1024  # what a request reserves before the chunk's size is known
+MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024  # per peer: requests stop there until chunks arrive
 
 
 @dataclass
@@ -59,6 +58,7 @@ class Replicator:
         self.chunks_planned = False
         self.manifests_asked: dict[bytes, Session] = {}
         self.chunk_queue: deque[bytes] = deque()
+        self.chunk_lengths: dict[bytes, int] = {}  # of the chunks planned, from manifests
         self.chunks_asked: dict[bytes, Session] = {}
         self.lacking: dict[bytes, set[Session]] = {}  # chunk or manifest -> peers without it
         self.gave_up = False  # content no peer had at the last try: ask again when one writes
@@ -135,6 +135,7 @@ class Replicator:
         self.operations = plan(self.share.catalog)
         self.chunks_planned = False
         self.lacking.clear()
+        self.chunk_lengths.clear()
         self.gave_up = False
         self._ask_manifests(manifests_needed(self.operations, self.share.catalog))
 
@@ -166,6 +167,7 @@ class Replicator:
                 total += 1
                 if ref.hash in wanted:
                     self.stats.bytes_to_fetch += ref.length
+                    self.chunk_lengths[ref.hash] = ref.length
                     wanted.discard(ref.hash)
         self.stats.chunks_reused += max(0, total - len(needed))
         self.chunk_queue.extend(needed)
@@ -184,7 +186,7 @@ class Replicator:
                 break
             self.chunk_queue.popleft()
             self.chunks_asked[chunk_hash] = session
-            session.bytes_in_flight += MAX_CHUNK
+            session.bytes_in_flight += self.chunk_lengths[chunk_hash]
             batch = batches.setdefault(session, [])
             batch.append(chunk_hash)
             if len(batch) == CHUNKS_PER_REQUEST:
@@ -229,7 +231,7 @@ class Replicator:
         if self.chunks_asked.get(chunk_hash) is not session:
             raise ProtocolError("a chunk we did not ask for")
         del self.chunks_asked[chunk_hash]
-        session.bytes_in_flight -= MAX_CHUNK
+        session.bytes_in_flight -= self.chunk_lengths[chunk_hash]
         if not data:
             self.lacking.setdefault(chunk_hash, set()).add(session)
             self.chunk_queue.appendleft(chunk_hash)
