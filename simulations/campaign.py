@@ -31,8 +31,12 @@ def _random_step(rnd: random.Random, nodes: int) -> tuple[str, dict[str, Any]]:
             "toggle_exec",
             "sync",
             "crash",
+            "connect",
+            "deliver",
+            "disconnect",
+            "scan",
         ],
-        weights=[25, 6, 3, 8, 6, 4, 2, 2, 30, 3],
+        weights=[25, 6, 3, 8, 6, 4, 2, 2, 22, 3, 4, 14, 2, 3],
     )[0]
     if choice == "write":
         data = rnd.choice(CONTENTS) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
@@ -60,6 +64,10 @@ def _random_step(rnd: random.Random, nodes: int) -> tuple[str, dict[str, Any]]:
     if choice == "sync":
         cut = rnd.randrange(1, 30) if rnd.random() < 0.2 else None
         return choice, {"a": node, "b": rnd.randrange(nodes), "cut": cut}
+    if choice in ("connect", "disconnect"):
+        return choice, {"a": node, "b": rnd.randrange(nodes)}
+    if choice == "deliver":
+        return choice, {"a": node, "b": rnd.randrange(nodes), "count": rnd.randrange(1, 40)}
     return choice, {"node": node}
 
 

@@ -1,10 +1,13 @@
 """A cluster of real backer nodes in one process, connected by in-memory sessions.
 
 Each node is a real share (journal, state, scanner, materializer) in its own temp
-directory. Connections are pairs of sans-IO sessions whose messages go through the
-real framing; delivery is driven by a seeded scheduler, so one seed replays one trace.
-A connection can be cut after any number of messages (a dropped link mid-transfer),
-and a node can crash (its in-memory state is dropped; disk and journal stay).
+directory, with one :class:`~backer.replicator.Replicator` shared by all of its open
+connections, as in ``backer serve``. A link is a pair of sans-IO sessions whose
+messages go through the real framing into two FIFO queues (a stream is ordered); the
+seeded scheduler decides which link and which direction delivers next, so deliveries
+across links are delayed and reordered, and files can change while a link is half way.
+A link can be cut at any message; a node can crash (its in-memory state, sessions
+included, is dropped; disk and journal stay).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from pathlib import Path
 
 import nacl.signing
 
+from backer.replicator import Replicator
 from backer.session import Session
 from backer.share import Share
-from backer.wire import FrameReader, Message, ProtocolError
+from backer.wire import FrameReader, ProtocolError
 
 
 @dataclass
@@ -36,21 +40,53 @@ class Node:
     key: nacl.signing.SigningKey
     root: Path
     share: Share | None = None
+    replicator: Replicator | None = None
     crashes: int = 0
+    conflicts: int = 0  # resolved by replicators this node has had
 
     def open(self) -> Share:
         if self.share is None:
             self.share = Share(self.root, self.key)
         return self.share
 
+    def hub(self) -> Replicator:
+        """The replicator all of this node's open links share."""
+        if self.replicator is None:
+            self.replicator = Replicator(self.open())
+        return self.replicator
+
+    def scan(self) -> None:
+        """What a file watcher would trigger: scan, and relay to the open links."""
+        if self.open().scan().events:
+            self.hub().journal_grew()
+            self.hub().advance()
+
     def crash(self) -> None:
         """Lose everything in memory (no snapshot saved, no clean close)."""
+        if self.replicator is not None:
+            self.conflicts += self.replicator.stats.conflicts_resolved
+            self.replicator = None
         if self.share is not None:
             self.share.db.conn.close()
             if self.share._lock is not None:
                 self.share._lock.close()
             self.share = None
             self.crashes += 1
+
+
+@dataclass
+class Link:
+    """An open connection: ``queues[i]`` holds the frames on their way to ``sessions[i]``."""
+
+    sessions: tuple[Session, Session]
+    readers: tuple[FrameReader, FrameReader] = field(
+        default_factory=lambda: (FrameReader(), FrameReader())
+    )
+    queues: tuple[list[bytes], list[bytes]] = field(default_factory=lambda: ([], []))
+
+    @property
+    def quiet(self) -> bool:
+        return not (self.queues[0] or self.queues[1])
 
 
 @dataclass
@@ -61,7 +97,7 @@ class Cluster:
     nodes: list[Node] = field(default_factory=list)
     traffic: Traffic = field(default_factory=Traffic)
     refused: int = 0
-    conflicts: int = 0
+    links: dict[tuple[int, int], Link] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.random = random.Random(self.seed)
@@ -78,58 +114,111 @@ class Cluster:
             node.share = Share.create(node.root, node.key, joining=joined)
 
     def close(self) -> None:
+        self.links.clear()
         for node in self.nodes:
             if node.share is not None:
                 node.share.close()
                 node.share = None
         shutil.rmtree(self.base, ignore_errors=True)
 
-    def sync(self, a: int, b: int, cut_after: int | None = None) -> bool:
-        """Scan both nodes, run a session between them; True if it completed.
+    @property
+    def conflicts(self) -> int:
+        return sum(
+            n.conflicts + (n.replicator.stats.conflicts_resolved if n.replicator else 0)
+            for n in self.nodes
+        )
 
-        With ``cut_after``, the link drops after that many messages (both sessions are
-        discarded, as on a broken connection)."""
-        left_share, right_share = self.nodes[a].open(), self.nodes[b].open()
-        left_share.scan()
-        right_share.scan()
-        left = Session(left_share, self.nodes[a].name)
-        right = Session(right_share, self.nodes[b].name)
-        try:
-            return self._exchange(left, right, cut_after)
-        finally:
-            for session in (left, right):
-                self.conflicts += session.replicator.stats.conflicts_resolved
+    # -- links ------------------------------------------------------------------------------
 
-    def _exchange(self, left: Session, right: Session, cut_after: int | None) -> bool:
-        """Deliver both sessions' messages until they go quiet (or the link is cut)."""
-        to_right, to_left = left.start(), right.start()
-        readers = FrameReader(), FrameReader()
+    def connect(self, a: int, b: int) -> Link | None:
+        """Open a link (if none is open): both nodes scan, then their sessions start."""
+        if a == b:
+            return None
+        key = (min(a, b), max(a, b))
+        if key in self.links:
+            return self.links[key]
+        ends = self.nodes[key[0]], self.nodes[key[1]]
+        for node in ends:
+            node.scan()
+        sessions = tuple(Session(n.open(), n.name, replicator=n.hub()) for n in ends)
+        for session in sessions:
+            session.outbox[:0] = session.start()
+        link = self.links[key] = Link(sessions)  # type: ignore[arg-type]
+        self._collect()
+        return link
+
+    def disconnect(self, a: int, b: int) -> None:
+        """Drop a link: what was in flight is lost; each side hands its requests on."""
+        link = self.links.pop((min(a, b), max(a, b)), None)
+        if link is None:
+            return
+        for session in link.sessions:
+            session.take_outbox()
+            session.close()
+        self._collect()
+
+    def _collect(self) -> None:
+        """Move every session's outbox onto its link, one frame per message."""
+        for link in self.links.values():
+            for index, session in enumerate(link.sessions):
+                for message in session.take_outbox():
+                    frame = message.encode()
+                    self.traffic.bytes += len(frame)
+                    link.queues[1 - index].append(frame)
+
+    def deliver(self, a: int, b: int, count: int) -> int:
+        """Deliver up to ``count`` messages on the link a-b, the seed choosing the
+        direction of each; return how many were delivered (a refused one closes it)."""
+        key = (min(a, b), max(a, b))
         delivered = 0
-        while to_left or to_right:
-            # deterministic interleaving: which direction goes first is the seed's choice
-            directions = [(to_right, right, readers[1], "r"), (to_left, left, readers[0], "l")]
-            self.random.shuffle(directions)
-            new_left: list[Message] = []
-            new_right: list[Message] = []
-            for queue, session, reader, side in directions:
-                if not queue:
-                    continue
-                data = b"".join(m.encode() for m in queue)
-                self.traffic.bytes += len(data)
-                for message in reader.feed(data):
-                    delivered += 1
-                    self.traffic.messages += 1
-                    try:
-                        replies = session.receive(message)
-                    except ProtocolError:
-                        self.refused += 1
-                        return False  # the session closes, as it would on a real link
-                    (new_left if side == "r" else new_right).extend(replies)
-                    if cut_after is not None and delivered >= cut_after:
-                        return False
-                queue.clear()
-            to_left, to_right = new_left, new_right
-        return left.complete and right.complete
+        while delivered < count and key in self.links:
+            link = self.links[key]
+            directions = [i for i in (0, 1) if link.queues[i]]
+            if not directions:
+                break
+            index = self.random.choice(directions)
+            frame = link.queues[index].pop(0)
+            delivered += 1
+            self.traffic.messages += 1
+            session = link.sessions[index]
+            for message in link.readers[index].feed(frame):
+                try:
+                    replies = session.receive(message)
+                except ProtocolError:
+                    self.refused += 1
+                    self.disconnect(a, b)  # the session closes, as on a real link
+                    return delivered
+                session.outbox += replies
+            self._collect()
+        return delivered
+
+    def sync(self, a: int, b: int, cut_after: int | None = None) -> bool:
+        """Connect (or reuse the link), deliver on it until it is quiet, then close it;
+        True if both sessions completed. With ``cut_after``, the link drops after that
+        many messages, as a connection lost mid-transfer."""
+        link = self.connect(a, b)
+        if link is None:
+            return False
+        delivered = 0
+        while not link.quiet:
+            delivered += self.deliver(a, b, 1)
+            if (min(a, b), max(a, b)) not in self.links:
+                return False
+            if cut_after is not None and delivered >= cut_after:
+                self.disconnect(a, b)
+                return False
+        complete = all(s.complete for s in link.sessions)
+        self.disconnect(a, b)
+        return complete
+
+    def scan(self, node: int) -> None:
+        self.nodes[node].scan()
+        self._collect()
+
+    def crash(self, node: int) -> None:
+        for a, b in [k for k in self.links if node in k]:
+            self.disconnect(a, b)
+        self.nodes[node].crash()
 
     def write(self, node: int, path: str, data: bytes) -> None:
         target = self.nodes[node].root / path

@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from .cluster import Cluster
-from .invariants import check_quiescent, converge
+from .invariants import (
+    check_bytes_scale_with_difference,
+    check_order_independence,
+    check_quiescent,
+    converge,
+)
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
@@ -119,16 +124,37 @@ class ClusterMachine(RuleBasedStateMachine):
     def sync(self, a: int, b: int, cut: int | None) -> None:
         if a == b:
             return
-        before = self.cluster.traffic.bytes, self.cluster.conflicts
+        before = self.cluster.traffic.bytes
         self.cluster.sync(a, b, cut)
-        self.stats["bytes"] += self.cluster.traffic.bytes - before[0]
-        self.stats["conflicts"] += self.cluster.conflicts - before[1]
+        self.stats["bytes"] += self.cluster.traffic.bytes - before
         self.stats["syncs"] += 1
         self.stats["cuts"] += cut is not None
 
+    @rule(a=node_index, b=node_index)
+    def connect(self, a: int, b: int) -> None:
+        """A long-lived link, delivered a few messages at a time by ``deliver``."""
+        self.cluster.connect(a, b)
+
+    @rule(a=node_index, b=node_index, count=st.integers(min_value=1, max_value=40))
+    def deliver(self, a: int, b: int, count: int) -> None:
+        before = self.cluster.traffic.bytes
+        self.cluster.deliver(a, b, count)
+        self.stats["bytes"] += self.cluster.traffic.bytes - before
+
+    @rule(a=node_index, b=node_index)
+    def disconnect(self, a: int, b: int) -> None:
+        self.cluster.disconnect(a, b)
+
+    @rule(node=node_index)
+    def scan(self, node: int) -> None:
+        """A file watcher firing: the node records its edits and tells its open links."""
+        before = self.cluster.traffic.bytes
+        self.cluster.scan(node)
+        self.stats["bytes"] += self.cluster.traffic.bytes - before
+
     @rule(node=node_index)
     def crash(self, node: int) -> None:
-        self.cluster.nodes[node].crash()
+        self.cluster.crash(node)
         self.stats["crashes"] += 1
 
     @invariant()
@@ -139,6 +165,9 @@ class ClusterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             converge(self.cluster)
+            self.stats["conflicts"] = self.cluster.conflicts
             check_quiescent(self.cluster)
+            check_order_independence(self.cluster, self.cluster.random)
+            check_bytes_scale_with_difference(self.cluster, self.cluster.random)
         finally:
             self.cluster.close()
