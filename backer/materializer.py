@@ -259,10 +259,12 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
 
 
-def _make_durable(root: Path, files: list[Path]) -> None:
-    """Flush ``files`` (all on the share's filesystem) to disk: one ``syncfs`` where the
-    system has it (Linux), else an fsync per file."""
-    if _syncfs is not None:
+def _make_durable(root: Path, files: list[Path], size: int) -> None:
+    """Flush ``files`` (``size`` bytes, all on the share's filesystem) to disk: for many
+    small files one ``syncfs`` where the system has it (Linux); else, and for large files
+    (whose own bytes dominate, and ``syncfs`` would also flush unrelated dirty pages such
+    as the incoming pack), an fsync per file."""
+    if _syncfs is not None and size < len(files) * SYNCFS_BELOW_AVERAGE:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             if _syncfs(fd) == 0:
@@ -289,6 +291,7 @@ class _Staged:
 
 STAGE_FILES = 1000
 STAGE_BYTES = 256 * 1024 * 1024
+SYNCFS_BELOW_AVERAGE = 1024 * 1024  # average file size under which one syncfs is cheaper
 
 
 class Materializer:
@@ -422,7 +425,7 @@ class Materializer:
         still exactly as the plan saw it; fsync each directory touched, once."""
         if not staged:
             return
-        _make_durable(self.root, [s.temp for s in staged])
+        _make_durable(self.root, [s.temp for s in staged], sum(s.op.version.size for s in staged))
         directories: set[Path] = set()
         for item in staged:
             op, target = item.op, item.target

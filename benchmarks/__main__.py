@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,8 +72,9 @@ def run_tool(
             plan.append((mutation.__doc__ or mutation.__name__, mutation, weak_hash))
         for index, (label, mutation, weak_hash) in enumerate(plan):
             if mutation is not None:
+                tool.before_mutation(weak_hash)
                 label = mutation(source, seed + index, tool.exclude)
-                step = tool.propagate(weak_hash)
+                step = tool.propagate()
             else:
                 step = tool.initial()
             if tree_digest(source, tool.exclude) != tree_digest(target, tool.exclude):
@@ -135,6 +137,7 @@ def main() -> None:
         install_anchors(names)
     names = [n for n in names if available(n)]
     work = Path(tempfile.mkdtemp(prefix="backer-bench-", dir=args.workdir))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
     raw: dict[str, object] = {}
     try:
         print(f"# backer benchmarks — {os.cpu_count()} cores, Python {platform.python_version()}")

@@ -50,7 +50,10 @@ class Tool:
     def initial(self) -> Step:
         raise NotImplementedError
 
-    def propagate(self, weak_hash: bool = True) -> Step:
+    def before_mutation(self, weak_hash: bool) -> None:
+        """Settings for the next mutation, applied before the data changes."""
+
+    def propagate(self) -> Step:
         raise NotImplementedError
 
 
@@ -107,7 +110,7 @@ class Backer(Tool):
     def initial(self) -> Step:
         return self._step(["join", self.token, str(self.b)])
 
-    def propagate(self, weak_hash: bool = True) -> Step:
+    def propagate(self) -> Step:
         return self._step(["sync", self.address, "--dir", str(self.b)])
 
 
@@ -147,7 +150,7 @@ class Rsync(Tool):
     def initial(self) -> Step:
         return self._step()
 
-    def propagate(self, weak_hash: bool = True) -> Step:
+    def propagate(self) -> Step:
         return self._step()
 
 
@@ -174,7 +177,7 @@ class Unison(Tool):
     def initial(self) -> Step:
         return self._step()
 
-    def propagate(self, weak_hash: bool = True) -> Step:
+    def propagate(self) -> Step:
         return self._step()
 
 
@@ -292,7 +295,7 @@ class Syncthing(Tool):
         return " ".join(out.split()[:2])
 
     def setup(self) -> None:
-        self.weak_hash_off = False
+        self.weak_hash = True
         self.one = _Instance(self.work / "st-a", self.processes)
         self.two = _Instance(self.work / "st-b", self.processes)
         self.one.add_device(self.two)
@@ -337,22 +340,26 @@ class Syncthing(Tool):
         self.b.mkdir(exist_ok=True)
         return self._measure(lambda: self.two.add_folder(self.b, self.one), -1)
 
-    def propagate(self, weak_hash: bool = True) -> Step:
-        if not weak_hash and not self.weak_hash_off:
-            for instance in (self.one, self.two):  # 25 % is the default; over 100 is never
-                instance.rest.call(
-                    "PATCH", f"/rest/config/folders/{FOLDER}", {"weakHashThresholdPct": 101}
-                )
-            self.weak_hash_off = True
-            for instance in (self.one, self.two):  # the folder restarts: let it settle
-                _Instance._until(lambda i=instance: i.status()["state"] == "idle")
+    def before_mutation(self, weak_hash: bool) -> None:
+        if weak_hash == self.weak_hash:
+            return
+        for instance in (self.one, self.two):  # 25 % is the default; over 100 is never
+            threshold = 25 if weak_hash else 101
+            instance.rest.call(
+                "PATCH", f"/rest/config/folders/{FOLDER}", {"weakHashThresholdPct": threshold}
+            )
+        self.weak_hash = weak_hash
+        for instance in (self.one, self.two):  # the folder restarts: let it settle
+            _Instance._until(lambda i=instance: i.status()["state"] == "idle")
+
+    def propagate(self) -> Step:
         sequence = self.one.status()["sequence"]
 
         def rescan() -> None:
             self.one.rest.call("POST", f"/rest/db/scan?folder={FOLDER}")
 
         step = self._measure(rescan, sequence)
-        step.note = "" if weak_hash else "weak hash off"
+        step.note = "" if self.weak_hash else "weak hash off"
         return step
 
 
