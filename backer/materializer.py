@@ -32,13 +32,13 @@ import errno
 import os
 import secrets
 import stat
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from blake3 import blake3
 
+from . import entropy
 from .catalog import Catalog, LocalEntry
 from .chunks import ChunkStore
 from .ignore import TEMP_SUFFIX
@@ -466,7 +466,9 @@ class Materializer:
                     raise ValueError(f"chunk {ref.hash.hex()[:12]} is not available")
                 handle.write(data)
         os.chmod(temp, mode)
+        if version.mtime_ns:  # as the writer's disk had it (rsync -a, Syncthing do the same)
+            os.utime(temp, ns=(version.mtime_ns, version.mtime_ns))
 
     def _record(self, op: Operation, info: os.stat_result) -> None:
-        entry = cache_entry(op.path, op.version_id, stat_key_of(info), time.time_ns())
+        entry = cache_entry(op.path, op.version_id, stat_key_of(info), entropy.now_ns())
         self.catalog.set_local([entry])

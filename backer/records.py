@@ -10,10 +10,11 @@ which hands integers back as floats.
 from __future__ import annotations
 
 import base64
-import secrets
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+
+from . import entropy
 
 VERSION_ID_BYTES = 9
 _HEAD = struct.Struct(
@@ -31,7 +32,7 @@ class Kind(IntEnum):
 
 def new_version_id() -> str:
     """A random id: unique without coordination, so concurrent writes never share a key."""
-    return base64.urlsafe_b64encode(secrets.token_bytes(VERSION_ID_BYTES)).decode()
+    return base64.urlsafe_b64encode(entropy.token(VERSION_ID_BYTES)).decode()
 
 
 def _id_bytes(version_id: str) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
+from . import entropy
 from .catalog import LocalEntry
 from .content import Manifest, manifest_of_file
 from .ignore import TEMP_SUFFIX, IgnoreRules
@@ -188,7 +188,7 @@ def observe(
     """
     result = Observation()
     seen, unreadable = walk(root, IgnoreRules.load(root), result.errors, result.leftovers)
-    now_ns = time.time_ns()
+    now_ns = entropy.now_ns()
     to_read: list[Seen] = []
     for path, entry in seen.items():
         cached = local.get(path)

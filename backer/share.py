@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import shutil
 import socket
 import sqlite3
@@ -25,6 +24,7 @@ import sqlite_utils
 
 from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, RejectedBatch
 
+from . import entropy
 from .catalog import Catalog, LocalEntry
 from .chunks import INCOMING_DIR
 from .errors import BackerError
@@ -146,8 +146,8 @@ class Share:
         os.chmod(root / METADATA_DIR / DB_FILE, 0o600)
         catalog = Catalog(db)
         share_id, share_key = joining or (
-            secrets.token_bytes(SHARE_ID_BYTES),
-            secrets.token_bytes(32),
+            entropy.token(SHARE_ID_BYTES),
+            entropy.token(32),
         )
         with db.conn:
             catalog.set_meta("share_id", share_id)
@@ -167,7 +167,7 @@ class Share:
 
     def create_invite(self, lifetime_s: int) -> tuple[bytes, bytes]:
         """A single-use invite, valid ``lifetime_s`` seconds: (invite id, one-time key)."""
-        invite_id, psk = secrets.token_bytes(16), secrets.token_bytes(32)
+        invite_id, psk = entropy.token(16), entropy.token(32)
         expires_ms = time.time_ns() // 1_000_000 + lifetime_s * 1000
         self._append(EventKind.INVITE, invite_payload(invite_id, psk, expires_ms))
         return invite_id, psk
@@ -257,7 +257,7 @@ class Share:
         self.catalog.set_meta("catalog_position", position)
 
     def _append(self, kind: EventKind, payload: bytes, delta: Delta | None = None) -> Event:
-        (event,) = self.journal.append(self.key, [(kind, payload)])
+        (event,) = self.journal.append(self.key, [(kind, payload)], entropy.now_ms())
         with self.db.conn:
             self._record(self.journal.position(), event, delta or Delta())
         return event
@@ -371,7 +371,7 @@ class Share:
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )
-        now_ns = time.time_ns()
+        now_ns = entropy.now_ns()
         now_ms = now_ns // 1_000_000
         device = self.device[:8]
         changed = sorted(found.changed, key=lambda c: c[0].path)

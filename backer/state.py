@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
+from . import entropy
 from .records import Version, make_key, split_key
 
 ROOT = "files"
@@ -38,10 +39,11 @@ class Delta:
 
 
 class FileState:
-    """The CRDT document. A fresh random Yjs client id every time one is created."""
+    """The CRDT document. A fresh random Yjs client id every time one is created
+    (a reused id with a lost state would let two updates claim the same clock)."""
 
     def __init__(self, snapshot: bytes | None = None) -> None:
-        self.doc: Doc = Doc()
+        self.doc: Doc = Doc(client_id=entropy.client_id())
         self.files: Map = self.doc.get(ROOT, type=Map)
         self._delta = Delta()
         self._update = b""

@@ -71,9 +71,11 @@ def _random_step(rnd: random.Random, nodes: int) -> tuple[str, dict[str, Any]]:
     return choice, {"node": node}
 
 
-def replay(nodes: int, steps: list[tuple[str, dict[str, Any]]]) -> ClusterMachine:
+def replay(
+    nodes: int, steps: list[tuple[str, dict[str, Any]]], seed: int = 0
+) -> ClusterMachine:
     """Run ``steps`` then the quiescence checks; raise Failure if anything breaks."""
-    machine = ClusterMachine(nodes)
+    machine = ClusterMachine(nodes, seed)
     done: list[tuple[str, dict[str, Any]]] = []
     try:
         for name, arguments in steps:
@@ -81,7 +83,7 @@ def replay(nodes: int, steps: list[tuple[str, dict[str, Any]]]) -> ClusterMachin
             getattr(machine, name)(**arguments)
             machine.no_temp_files()
     except (AssertionError, InvariantBroken, Exception) as exc:
-        machine.cluster.close()
+        machine.abandon()
         raise Failure(f"{type(exc).__name__}: {exc}", done) from exc
     try:
         machine.teardown()
@@ -93,8 +95,9 @@ def replay(nodes: int, steps: list[tuple[str, dict[str, Any]]]) -> ClusterMachin
 def run_seed(seed: int, nodes: int, count: int) -> dict[str, int]:
     rnd = random.Random(seed)
     steps = [_random_step(rnd, nodes) for _ in range(count)]
-    machine = replay(nodes, steps)
+    machine = replay(nodes, steps, seed)
     return {
+        "fingerprint": machine.fingerprint,
         "steps": count,
         "syncs": machine.stats["syncs"],
         "cuts": machine.stats["cuts"],
@@ -115,7 +118,7 @@ def shrink(
         candidate = current[:index] + current[index + 1 :]
         budget -= 1
         try:
-            replay(nodes, candidate)
+            replay(nodes, candidate, seed)
         except Failure as failure:
             current, reason = candidate, failure.reason
             continue

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import nacl.signing
+from blake3 import blake3
 
 from backer.content import manifest_of_bytes
 from backer.materializer import copy_version_id
@@ -190,3 +191,13 @@ def check_bytes_scale_with_difference(cluster: Cluster, rng: random.Random) -> N
         cost = cluster.traffic.bytes - before
         if not payload <= cost <= payload + limit:
             raise InvariantBroken(f"{label} moved {cost} bytes (expected {payload} + <= {limit})")
+
+
+def fingerprint(cluster: Cluster) -> bytes:
+    """One hash of every node's journal (authors, lengths, merkle roots) and of the bytes
+    moved: two runs of one seed must give the same."""
+    parts = [str(cluster.traffic.bytes).encode()]
+    for node in cluster.nodes:
+        for author, checkpoint in sorted(node.open().journal.summary().items()):
+            parts += [author, checkpoint.length.to_bytes(8, "big"), checkpoint.root]
+    return blake3(b"".join(parts)).digest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -10,12 +11,15 @@ from pathlib import Path
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from backer import entropy
+
 from .cluster import Cluster
 from .invariants import (
     check_bytes_scale_with_difference,
     check_order_independence,
     check_quiescent,
     converge,
+    fingerprint,
 )
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
@@ -32,18 +36,29 @@ content = st.one_of(st.sampled_from(CONTENTS), st.binary(max_size=300))
 class ClusterMachine(RuleBasedStateMachine):
     """Every rule acts on real files or real sessions; teardown checks the invariants."""
 
-    def __init__(self, nodes: int = NODES) -> None:
+    def __init__(self, nodes: int = NODES, seed: int = 0) -> None:
         super().__init__()
+        self.seeded = contextlib.ExitStack()
+        self.seeded.enter_context(entropy.seeded(seed))  # the run is a function of the seed
         self.base = Path(tempfile.mkdtemp(prefix="backer-sim-"))
-        self.cluster = Cluster(self.base, seed=0, size=nodes)
+        self.cluster = Cluster(self.base, seed=seed, size=nodes)
         self.stats = {"syncs": 0, "cuts": 0, "crashes": 0, "edits": 0, "conflicts": 0, "bytes": 0}
+        self.fingerprint = b""
 
-    def _fs(self, action) -> None:
+    def _fs(self, action, *touched: Path) -> None:
+        """Run a file-system edit; the files it touched get a modification time from the
+        seeded clock (so a seed replays byte for byte)."""
         try:
             action()
             self.stats["edits"] += 1
         except OSError:
-            pass  # the namespace collides (a file where a directory is): nothing happens
+            return  # the namespace collides (a file where a directory is): nothing happens
+        stamp = entropy.now_ns()
+        for path in touched:
+            if os.path.lexists(path):
+                os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
+            if os.path.islink(path) and os.path.exists(path):  # the edit went to its target
+                os.utime(os.path.realpath(path), ns=(stamp, stamp))
 
     def root(self, node: int) -> Path:
         return self.cluster.nodes[node].root
@@ -55,7 +70,7 @@ class ClusterMachine(RuleBasedStateMachine):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
 
-        self._fs(act)
+        self._fs(act, self.root(node) / path)
 
     @rule(node=node_index, path=file_path, data=st.binary(min_size=1, max_size=100))
     def append(self, node: int, path: str, data: bytes) -> None:
@@ -64,12 +79,13 @@ class ClusterMachine(RuleBasedStateMachine):
                 (self.root(node) / path).open("ab").write(data)
                 if (self.root(node) / path).is_file()
                 else None
-            )
+            ),
+            self.root(node) / path,
         )
 
     @rule(node=node_index, path=file_path)
     def truncate(self, node: int, path: str) -> None:
-        self._fs(lambda: os.truncate(self.root(node) / path, 1))
+        self._fs(lambda: os.truncate(self.root(node) / path, 1), self.root(node) / path)
 
     @rule(node=node_index, path=st.one_of(file_path, dir_path))
     def delete(self, node: int, path: str) -> None:
@@ -107,7 +123,7 @@ class ClusterMachine(RuleBasedStateMachine):
             (self.root(node) / path).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(link, self.root(node) / path)
 
-        self._fs(act)
+        self._fs(act, self.root(node) / path)
 
     @rule(node=node_index, path=file_path)
     def toggle_exec(self, node: int, path: str) -> None:
@@ -116,7 +132,7 @@ class ClusterMachine(RuleBasedStateMachine):
             if target.is_file() and not target.is_symlink():
                 target.chmod(target.stat().st_mode ^ 0o111)
 
-        self._fs(act)
+        self._fs(act, self.root(node) / path)
 
     @rule(
         a=node_index, b=node_index, cut=st.one_of(st.none(), st.integers(min_value=1, max_value=30))
@@ -162,12 +178,19 @@ class ClusterMachine(RuleBasedStateMachine):
         for node in self.cluster.nodes:
             assert not list(node.root.rglob("*.backer-tmp"))
 
+    def abandon(self) -> None:
+        """Stop without the final checks (a step already failed)."""
+        self.cluster.close()
+        self.seeded.close()
+
     def teardown(self) -> None:
         try:
             converge(self.cluster)
             self.stats["conflicts"] = self.cluster.conflicts
             check_quiescent(self.cluster)
+            self.fingerprint = fingerprint(self.cluster)
             check_order_independence(self.cluster, self.cluster.random)
             check_bytes_scale_with_difference(self.cluster, self.cluster.random)
         finally:
             self.cluster.close()
+            self.seeded.close()
