@@ -30,7 +30,7 @@ from . import control, transport
 from .catalog import HistoryEntry
 from .channel import MODE_JOIN, SecureChannel
 from .errors import BackerError
-from .identity import device_id, load_or_create_key, short_id
+from .identity import device_id, home, load_or_create_key, short_id
 from .invite import InviteToken, advertised, parse_address
 from .membership import EventKind
 from .paths import METADATA_DIR
@@ -84,7 +84,7 @@ def _progress(label: str) -> Iterator[Any]:
 
 def _open(directory: str, exclusive: bool = True) -> Share:
     """The share containing ``directory``; ``exclusive=False`` for read-only commands."""
-    return Share.open(Path(directory), load_or_create_key(), exclusive)
+    return Share.open(Path(directory), load_or_create_key(), exclusive, home())
 
 
 def _share_path(share: Share, path: str) -> str:
@@ -124,7 +124,8 @@ def id() -> None:
 def init(directory: str) -> None:
     """Make DIRECTORY a new share, with this device as its first member."""
     root = Path(os.path.abspath(directory))
-    with Share.create(root, load_or_create_key()) as share, _progress("scanning") as progress:
+    key = load_or_create_key()
+    with Share.create(root, key, home=home()) as share, _progress("scanning") as progress:
         summary = share.scan(progress)
         click.echo(f"initialised share {share.share_id.hex()} at {root}")
         _print_scan(summary)
@@ -132,9 +133,20 @@ def init(directory: str) -> None:
 
 @cli.command()
 @click.option("--dir", "directory", default=".", help="A directory inside the share.")
-def scan(directory: str) -> None:
+@click.option(
+    "--forget-lost-history",
+    is_flag=True,
+    help="After a restore from an old copy: give up this device's newer events that no "
+    "peer returned (their files are scanned again).",
+)
+def scan(directory: str, forget_lost_history: bool) -> None:
     """Record every change made to the share's files since the last scan."""
     with _open(directory) as share, _progress("scanning") as progress:
+        if forget_lost_history:
+            lost = share.forget_lost_history()
+            click.echo(f"gave up {lost} events of this device that no peer returned")
+        if share.own_events_missing:
+            raise BackerError(share.behind_itself)
         _print_scan(share.scan(progress))
 
 
@@ -524,7 +536,7 @@ def join(token: str, directory: str) -> None:
     root = Path(os.path.abspath(directory))
     root.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key()
-    share = Share.create(root, key, joining=(invitation.share_id, b""))
+    share = Share.create(root, key, joining=(invitation.share_id, b""), home=home())
     failures = []
     with share:
         for address in invitation.addresses:  # one at a time: the invite is single-use

@@ -24,7 +24,7 @@ import sqlite_utils
 
 from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, RejectedBatch
 
-from . import entropy
+from . import entropy, recovery
 from .catalog import Catalog, LocalEntry
 from .chunks import INCOMING_DIR
 from .errors import BackerError
@@ -103,9 +103,18 @@ def _open_db(path: Path) -> sqlite_utils.Database:
 class Share:
     """One synced folder on this device."""
 
-    def __init__(self, root: Path, key: nacl.signing.SigningKey, exclusive: bool = True) -> None:
-        """``exclusive``: this process may change the share (and must be the only one)."""
+    def __init__(
+        self,
+        root: Path,
+        key: nacl.signing.SigningKey,
+        exclusive: bool = True,
+        home: Path | None = None,
+    ) -> None:
+        """``exclusive``: this process may change the share (and must be the only one).
+        ``home``: the device's own directory (outside the share), where the length of its
+        own log is kept to notice a share restored from an older copy (see recovery)."""
         self.root = root
+        self.home = home
         self.key = key
         self.device = bytes(key.verify_key)
         self._lock = _take_lock(root) if exclusive else None
@@ -120,6 +129,7 @@ class Share:
         self.state = FileState(self.catalog.get_meta("doc_snapshot"))
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self._replay()
+        self.own_events_missing = self._own_events_missing()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -129,6 +139,7 @@ class Share:
         root: Path,
         key: nacl.signing.SigningKey,
         joining: tuple[bytes, bytes] | None = None,
+        home: Path | None = None,
     ) -> Share:
         """Make ``root`` a share: a new one with this device as founding member, or,
         with ``joining=(share_id, share_key)``, an empty replica that a peer fills."""
@@ -154,7 +165,7 @@ class Share:
             catalog.set_meta("share_key", share_key)
             catalog.set_meta("device", bytes(key.verify_key))
         db.conn.close()
-        share = cls(root, key)
+        share = cls(root, key, home=home)
         if joining is None:
             share._append(EventKind.GENESIS, genesis_payload(share_id, socket.gethostname()))
         return share
@@ -183,13 +194,19 @@ class Share:
         return psk
 
     @classmethod
-    def open(cls, start: Path, key: nacl.signing.SigningKey, exclusive: bool = True) -> Share:
+    def open(
+        cls,
+        start: Path,
+        key: nacl.signing.SigningKey,
+        exclusive: bool = True,
+        home: Path | None = None,
+    ) -> Share:
         if not start.exists():
             raise BackerError(f"directory does not exist: {start}")
         root = find_root(start.resolve())
         if root is None:
             raise BackerError(f"not inside a share: {start} (run 'backer init' first)")
-        share = cls(root, key, exclusive)
+        share = cls(root, key, exclusive, home)
         share.journal.verify()
         if share.catalog.get_meta("device") != share.device:
             raise BackerError(
@@ -257,10 +274,41 @@ class Share:
         self.catalog.set_meta("catalog_position", position)
 
     def _append(self, kind: EventKind, payload: bytes, delta: Delta | None = None) -> Event:
+        if self.own_events_missing:
+            raise BackerError(self.behind_itself)
         (event,) = self.journal.append(self.key, [(kind, payload)], entropy.now_ms())
         with self.db.conn:
             self._record(self.journal.position(), event, delta or Delta())
+        if self.home is not None:
+            recovery.record_own_length(self.home, self.share_id, event.seq + 1)
         return event
+
+    # -- a share restored from an older copy -------------------------------------------
+
+    def _own_length(self) -> int:
+        checkpoint = self.journal.summary().get(self.device)
+        return checkpoint.length if checkpoint else 0
+
+    def _own_events_missing(self) -> int:
+        if self.home is None:
+            return 0
+        return max(0, recovery.own_length(self.home, self.share_id) - self._own_length())
+
+    @property
+    def behind_itself(self) -> str:
+        return (
+            f"this share was restored from an older copy: {self.own_events_missing} of this "
+            "device's own newer events are missing; sync with a peer to get them back (or, "
+            "if no device ever received them, 'backer scan --forget-lost-history')"
+        )
+
+    def forget_lost_history(self) -> int:
+        """Give up the events no peer returned (see recovery); how many were given up."""
+        lost = self.own_events_missing
+        if self.home is not None and lost:
+            recovery.record_own_length(self.home, self.share_id, self._own_length())
+        self.own_events_missing = 0
+        return lost
 
     def is_member(self, author: bytes) -> bool:
         return author in self.catalog.members()
@@ -293,14 +341,19 @@ class Share:
             delta = self.state.apply(event.payload) if event.kind == EventKind.STATE else Delta()
             with self.db.conn:
                 self._record(position, event, delta)
+        if self.own_events_missing and raws and Event.decode(raws[0]).author == self.device:
+            self.own_events_missing = self._own_events_missing()  # a peer gave some back
         return result
 
     def resolve_conflicts(self) -> int:
         """Record the deterministic resolution of every conflicted path (see materializer).
 
         Every device computes the same keys, so concurrent resolutions agree. Returns the
-        number of paths resolved.
+        number of paths resolved. Nothing while this share is behind itself (see
+        recovery): a resolution is an event of our own.
         """
+        if self.own_events_missing:
+            return 0
         resolved = 0
         for _ in range(MAX_RESOLUTION_ROUNDS):
             writes: list[tuple[str, str, Version]] = []
@@ -362,7 +415,10 @@ class Share:
         return assigned
 
     def scan(self, progress: ProgressCallback | None = None) -> ScanSummary:
-        """Scan the folder and record every change as new versions."""
+        """Scan the folder and record every change as new versions (none while the share
+        is behind itself: the change would be an event of our own; see recovery)."""
+        if self.own_events_missing:
+            return ScanSummary(errors=[self.behind_itself])
         started = time.monotonic()
         local = self.catalog.local_entries()
         found = observe(self.root, local, self._recorded_content, progress)

@@ -35,6 +35,7 @@ def main() -> None:
         "syncs": 0,
         "cuts": 0,
         "crashes": 0,
+        "restores": 0,
         "conflicts": 0,
         "bytes": 0,
     }
@@ -62,13 +63,14 @@ def main() -> None:
                 print(f"    {name} {shown}", flush=True)
             continue
         totals["scenarios"] += 1
-        for key in ("steps", "syncs", "cuts", "crashes", "conflicts", "bytes"):
+        for key in ("steps", "syncs", "cuts", "crashes", "restores", "conflicts", "bytes"):
             totals[key] += stats[key]
     elapsed = time.monotonic() - started
     print(
         f"{totals['scenarios'] + failures} scenarios ({args.nodes} nodes), "
         f"{totals['steps']} steps, "
         f"{totals['syncs']} syncs ({totals['cuts']} cut mid-way), {totals['crashes']} crashes, "
+        f"{totals['restores']} restores from old backups, "
         f"{totals['conflicts']} conflicts resolved, {totals['bytes']} bytes on the wire, "
         f"{failures} failures, {elapsed:.0f} s"
     )

@@ -35,8 +35,10 @@ def _random_step(rnd: random.Random, nodes: int) -> tuple[str, dict[str, Any]]:
             "deliver",
             "disconnect",
             "scan",
+            "backup",
+            "restore",
         ],
-        weights=[25, 6, 3, 8, 6, 4, 2, 2, 22, 3, 4, 14, 2, 3],
+        weights=[25, 6, 3, 8, 6, 4, 2, 2, 22, 3, 4, 14, 2, 3, 2, 1],
     )[0]
     if choice == "write":
         data = rnd.choice(CONTENTS) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
@@ -102,6 +104,7 @@ def run_seed(seed: int, nodes: int, count: int) -> dict[str, int]:
         "syncs": machine.stats["syncs"],
         "cuts": machine.stats["cuts"],
         "crashes": machine.stats["crashes"],
+        "restores": machine.stats["restores"],
         "conflicts": machine.stats["conflicts"],
         "bytes": machine.stats["bytes"],
     }

@@ -39,6 +39,7 @@ class Node:
     name: str
     key: nacl.signing.SigningKey
     root: Path
+    home: Path  # the device's own directory (its key's place): never restored with a share
     share: Share | None = None
     replicator: Replicator | None = None
     crashes: int = 0
@@ -46,7 +47,7 @@ class Node:
 
     def open(self) -> Share:
         if self.share is None:
-            self.share = Share(self.root, self.key)
+            self.share = Share(self.root, self.key, home=self.home)
         return self.share
 
     def hub(self) -> Replicator:
@@ -105,13 +106,13 @@ class Cluster:
         for index, key in enumerate(keys):
             root = self.base / f"node{index}"
             root.mkdir(parents=True)
-            self.nodes.append(Node(f"node{index}", key, root))
-        founder = Share.create(self.nodes[0].root, keys[0])
+            self.nodes.append(Node(f"node{index}", key, root, self.base / f"home{index}"))
+        founder = Share.create(self.nodes[0].root, keys[0], home=self.nodes[0].home)
         self.nodes[0].share = founder
         for node in self.nodes[1:]:
             founder.admit(bytes(node.key.verify_key), node.name)
             joined = (founder.share_id, founder.share_key)
-            node.share = Share.create(node.root, node.key, joining=joined)
+            node.share = Share.create(node.root, node.key, joining=joined, home=node.home)
 
     def close(self) -> None:
         self.links.clear()
@@ -214,6 +215,25 @@ class Cluster:
     def scan(self, node: int) -> None:
         self.nodes[node].scan()
         self._collect()
+
+    def backup(self, node: int) -> None:
+        """Copy the node's ``.backer/`` as it is on disk now (a crash-consistent copy)."""
+        source = self.nodes[node].root / ".backer"
+        target = self.base / f"backup{node}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("lock"))
+
+    def restore(self, node: int) -> bool:
+        """The node crashes and comes back with its last backup of ``.backer/`` (its files
+        and its home stay as they are); False if it has no backup."""
+        backup = self.base / f"backup{node}"
+        if not backup.exists():
+            return False
+        self.crash(node)
+        metadata = self.nodes[node].root / ".backer"
+        shutil.rmtree(metadata)
+        shutil.copytree(backup, metadata, symlinks=True)
+        return True
 
     def crash(self, node: int) -> None:
         for a, b in [k for k in self.links if node in k]:

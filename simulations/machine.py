@@ -42,7 +42,9 @@ class ClusterMachine(RuleBasedStateMachine):
         self.seeded.enter_context(entropy.seeded(seed))  # the run is a function of the seed
         self.base = Path(tempfile.mkdtemp(prefix="backer-sim-"))
         self.cluster = Cluster(self.base, seed=seed, size=nodes)
-        self.stats = {"syncs": 0, "cuts": 0, "crashes": 0, "edits": 0, "conflicts": 0, "bytes": 0}
+        self.stats = dict.fromkeys(
+            ("syncs", "cuts", "crashes", "restores", "edits", "conflicts", "bytes"), 0
+        )
         self.fingerprint = b""
 
     def _fs(self, action, *touched: Path) -> None:
@@ -167,6 +169,16 @@ class ClusterMachine(RuleBasedStateMachine):
         before = self.cluster.traffic.bytes
         self.cluster.scan(node)
         self.stats["bytes"] += self.cluster.traffic.bytes - before
+
+    @rule(node=node_index)
+    def backup(self, node: int) -> None:
+        self.cluster.backup(node)
+
+    @rule(node=node_index)
+    def restore(self, node: int) -> None:
+        """The device comes back from an old backup of its ``.backer/``."""
+        if self.cluster.restore(node):
+            self.stats["restores"] += 1
 
     @rule(node=node_index)
     def crash(self, node: int) -> None:

@@ -1,0 +1,72 @@
+"""A device whose ``.backer/`` comes back from an old backup: it never forks its own log."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nacl.signing
+
+from backer.share import Share
+from tests.e2e import Device, free_port, invite, snapshot
+
+
+def _pair(tmp_path: Path) -> tuple[Device, Device, int]:
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "base.txt").write_text("base")
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port):
+        b.run("join", token, str(b.root))
+    return a, b, port
+
+
+def _restore(device: Device, backup: Path) -> None:
+    shutil.rmtree(device.root / ".backer")
+    shutil.copytree(backup, device.root / ".backer", symlinks=True)
+
+
+def _forks(device: Device) -> list:
+    share = Share(device.root, nacl.signing.SigningKey.generate(), exclusive=False)
+    try:
+        return share.journal.forks()
+    finally:
+        share.close()
+
+
+def test_a_restored_device_waits_for_its_own_events_then_goes_on(tmp_path: Path) -> None:
+    a, b, port = _pair(tmp_path)
+    backup = tmp_path / "b-backup"
+    shutil.copytree(b.root / ".backer", backup, symlinks=True)
+    (b.root / "after-backup.txt").write_text("written after the backup")
+    with a.serving(port) as address:
+        b.sync(address)
+        _restore(b, backup)
+        refused = b.run("scan", "--dir", str(b.root), check=False)
+        assert refused.returncode == 1 and "restored from an older copy" in refused.stderr
+        b.sync(address)  # gives this device its own newer events back
+        (b.root / "later.txt").write_text("a new edit after the recovery")
+        b.sync(address)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert (a.root / "later.txt").read_text() == "a new edit after the recovery"
+    assert _forks(a) == [] and _forks(b) == []
+
+
+def test_events_nobody_received_can_be_given_up_without_losing_files(tmp_path: Path) -> None:
+    a, b, port = _pair(tmp_path)
+    backup = tmp_path / "b-backup"
+    shutil.copytree(b.root / ".backer", backup, symlinks=True)
+    (b.root / "never-synced.txt").write_text("recorded, then the disk was restored")
+    b.run("scan", "--dir", str(b.root))
+    _restore(b, backup)
+    with a.serving(port) as address:
+        b.sync(address)  # a never had those events: still behind
+        assert b.run("scan", "--dir", str(b.root), check=False).returncode == 1
+        given_up = b.run("scan", "--forget-lost-history", "--dir", str(b.root))
+        assert "gave up 1 events" in given_up.stdout
+        b.sync(address)
+    assert (a.root / "never-synced.txt").read_text() == "recorded, then the disk was restored"
+    assert snapshot(a.root) == snapshot(b.root)
+    assert _forks(a) == [] and _forks(b) == []
