@@ -207,19 +207,6 @@ def manifests_needed(operations: Iterable[Operation], catalog: Catalog) -> list[
     return sorted(needed)
 
 
-def chunks_needed(
-    operations: Iterable[Operation], catalog: Catalog, store: ChunkStore
-) -> list[bytes]:
-    hashes = []
-    for op in operations:
-        if op.version.kind != Kind.FILE:
-            continue
-        manifest = catalog.manifest(op.version.content)
-        if manifest is not None:
-            hashes.extend(ref.hash for ref in manifest.chunks)
-    return store.missing(hashes)
-
-
 # -- applying -----------------------------------------------------------------------------
 
 
@@ -262,8 +249,8 @@ _syncfs = getattr(_libc, "syncfs", None)
 def _make_durable(root: Path, files: list[Path], size: int) -> None:
     """Flush ``files`` (``size`` bytes, all on the share's filesystem) to disk: for many
     small files one ``syncfs`` where the system has it (Linux); else, and for large files
-    (whose own bytes dominate, and ``syncfs`` would also flush unrelated dirty pages such
-    as the incoming pack), an fsync per file."""
+    (whose own bytes dominate, while ``syncfs`` would also flush whatever else is dirty on
+    the filesystem), an fsync per file."""
     if _syncfs is not None and size < len(files) * SYNCFS_BELOW_AVERAGE:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -281,17 +268,112 @@ def _make_durable(root: Path, files: list[Path], size: int) -> None:
 
 @dataclass
 class _Staged:
-    """A file or link written to its temp name, waiting for its batch to be committed."""
+    """A file or link being put together under its temp name."""
 
     op: Operation
     cached: LocalEntry | None
     temp: Path
     target: Path
+    missing: int = 0  # chunks still to arrive
+
+
+class Assembly:
+    """One plan being applied: temp files waiting for chunks from peers.
+
+    Each received chunk (verified by its hash before it gets here) is written straight to
+    every offset of every file that needs it — one write per byte, no staging area —
+    and the files are moved into place by :meth:`finish`, in plan order, in batches
+    made durable together. A crash leaves only temp files, removed by the next scan.
+    """
+
+    def __init__(self, materializer: Materializer, operations: list[Operation]) -> None:
+        self.materializer = materializer
+        self.operations = operations
+        self.report = Report()
+        self.staged: dict[str, _Staged] = {}
+        self.missing: dict[bytes, int] = {}  # chunk hash -> length, in plan order
+        self._places: dict[bytes, list[tuple[_Staged, int]]] = {}
+        self._open: dict[Path, int] = {}  # a few temp files kept open while chunks arrive
+
+    def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
+        self.missing.setdefault(chunk_hash, length)
+        self._places.setdefault(chunk_hash, []).append((staged, offset))
+        staged.missing += 1
+
+    def place(self, chunk_hash: bytes, data: bytes) -> None:
+        """Write a verified chunk wherever the plan needs it."""
+        for staged, offset in self._places.pop(chunk_hash, ()):
+            if staged.op.path not in self.staged:
+                continue  # that file already failed
+            with _reported(staged.op.path, self.report):
+                try:
+                    os.pwrite(self._fd(staged.temp), data, offset)
+                    staged.missing -= 1
+                except OSError:
+                    del self.staged[staged.op.path]
+                    raise
+        self.missing.pop(chunk_hash, None)
+
+    def _fd(self, temp: Path) -> int:
+        fd = self._open.get(temp)
+        if fd is None:
+            if len(self._open) >= OPEN_TEMP_FILES:
+                os.close(self._open.pop(next(iter(self._open))))
+            fd = self._open[temp] = os.open(temp, os.O_WRONLY | os.O_NOFOLLOW)
+        return fd
+
+    def _close_all(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+    def finish(self) -> Report:
+        """Move every complete file into place (plan order, durable batches), report the
+        ones whose chunks never came, then apply the deletions."""
+        self._close_all()
+        report, materializer = self.report, self.materializer
+        local = materializer.catalog.local_entries()
+        batch: list[_Staged] = []
+        batch_bytes = 0
+        for op in self.operations:
+            if op.version.kind == Kind.DIRECTORY:
+                continue
+            full = len(batch) >= STAGE_FILES or batch_bytes >= STAGE_BYTES
+            if full or op.version.kind == Kind.DELETED:  # deletions come last
+                materializer._commit(batch, report)
+                batch, batch_bytes = [], 0
+            if op.version.kind == Kind.DELETED:
+                with _reported(op.path, report):
+                    check(op.path)
+                    materializer._delete(op, local.get(op.path), report)
+                continue
+            staged = self.staged.pop(op.path, None)
+            if staged is None:
+                continue  # already reported
+            with _reported(op.path, report):
+                if staged.missing:
+                    staged.temp.unlink(missing_ok=True)
+                    raise ValueError(f"{staged.missing} chunks were not available")
+                if op.version.kind == Kind.FILE and op.version.mtime_ns:
+                    mtime = op.version.mtime_ns  # as on the writer's disk (as rsync -a does)
+                    os.utime(staged.temp, ns=(mtime, mtime))
+                batch.append(staged)
+                batch_bytes += op.version.size
+        materializer._commit(batch, report)
+        return report
+
+    def abandon(self) -> None:
+        """Drop the temp files of a plan that will not finish."""
+        self._close_all()
+        for staged in self.staged.values():
+            staged.temp.unlink(missing_ok=True)
+        self.staged.clear()
 
 
 STAGE_FILES = 1000
 STAGE_BYTES = 256 * 1024 * 1024
 SYNCFS_BELOW_AVERAGE = 1024 * 1024  # average file size under which one syncfs is cheaper
+OPEN_TEMP_FILES = 64
 
 
 class Materializer:
@@ -303,28 +385,23 @@ class Materializer:
         self.store = store
         self.versions = root / METADATA_DIR / VERSIONS_DIR
 
-    def apply(self, operations: list[Operation]) -> Report:
-        report = Report()
+    def start(self, operations: list[Operation]) -> Assembly:
+        """Begin applying a plan: directories are made now (files need them); every file
+        and link gets its temp file beside its target, filled at once with the chunks any
+        local file holds; what is still missing arrives through :meth:`Assembly.place`,
+        and :meth:`Assembly.finish` moves everything into place."""
+        assembly = Assembly(self, operations)
         local = self.catalog.local_entries()
-        staged: list[_Staged] = []
-        staged_bytes = 0
         for op in operations:
-            kind = op.version.kind
-            full = len(staged) >= STAGE_FILES or staged_bytes >= STAGE_BYTES
-            if full or kind == Kind.DELETED:  # deletions come last, after every write
-                self._commit(staged, report)
-                staged, staged_bytes = [], 0
-            with _reported(op.path, report):
+            if op.version.kind == Kind.DELETED:
+                continue
+            with _reported(op.path, assembly.report):
                 check(op.path)
-                if kind == Kind.DELETED:
-                    self._delete(op, local.get(op.path), report)
-                elif kind == Kind.DIRECTORY:
+                if op.version.kind == Kind.DIRECTORY:
                     self._make_directory(op, local.get(op.path))
                 else:
-                    staged.append(self._stage(op, local.get(op.path)))
-                    staged_bytes += op.version.size
-        self._commit(staged, report)
-        return report
+                    assembly.staged[op.path] = self._stage(op, local.get(op.path), assembly)
+        return assembly
 
     def _target(self, path: str) -> Path:
         """The on-disk path, refusing any parent that is not a real directory.
@@ -406,19 +483,34 @@ class Materializer:
             info = os.lstat(target)
         self._record(op, info)
 
-    def _stage(self, op: Operation, cached: LocalEntry | None) -> _Staged:
-        """Write a file's or link's new contents to a temp name beside its target."""
+    def _stage(self, op: Operation, cached: LocalEntry | None, assembly: Assembly) -> _Staged:
+        """A temp file (or link) beside the target, with every chunk found locally."""
         target = self._target(op.path)
         temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        staged = _Staged(op, cached, temp, target)
+        if op.version.kind == Kind.SYMLINK:
+            os.symlink(op.version.link_target, temp)
+            return staged
+        manifest = self.catalog.manifest(op.version.content)
+        if manifest is None or manifest.id != op.version.content:
+            raise ValueError("manifest is missing or does not match the version")
+        mode = op.version.permissions or 0o644
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         try:
-            if op.version.kind == Kind.SYMLINK:
-                os.symlink(op.version.link_target, temp)
-            else:
-                self._write_file(temp, op.version)
+            os.fchmod(fd, mode)
+            os.ftruncate(fd, op.version.size)
+            for ref in manifest.chunks:
+                data = self.store.read(ref.hash)
+                if data is not None and len(data) == ref.length:
+                    os.pwrite(fd, data, ref.offset)
+                else:
+                    assembly.wait_for(ref.hash, ref.length, staged, ref.offset)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        return _Staged(op, cached, temp, target)
+        finally:
+            os.close(fd)
+        return staged
 
     def _commit(self, staged: list[_Staged], report: Report) -> None:
         """Make the staged temp files durable, then move each into place if its target is
@@ -452,22 +544,6 @@ class Materializer:
                 report.written.append(op.path)
         for directory in sorted(directories):
             _fsync_dir(directory)
-
-    def _write_file(self, temp: Path, version: Version) -> None:
-        manifest = self.catalog.manifest(version.content)
-        if manifest is None or manifest.id != version.content:
-            raise ValueError("manifest is missing or does not match the version")
-        mode = version.permissions or 0o644
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "wb") as handle:
-            for ref in manifest.chunks:
-                data = self.store.read(ref.hash)
-                if data is None or len(data) != ref.length:
-                    raise ValueError(f"chunk {ref.hash.hex()[:12]} is not available")
-                handle.write(data)
-        os.chmod(temp, mode)
-        if version.mtime_ns:  # as the writer's disk had it (rsync -a, Syncthing do the same)
-            os.utime(temp, ns=(version.mtime_ns, version.mtime_ns))
 
     def _record(self, op: Operation, info: os.stat_result) -> None:
         entry = cache_entry(op.path, op.version_id, stat_key_of(info), entropy.now_ns())

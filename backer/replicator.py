@@ -20,9 +20,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from blake3 import blake3
+
 from .chunks import ChunkStore
 from .content import Manifest
-from .materializer import Materializer, Operation, Report, chunks_needed, manifests_needed, plan
+from .materializer import Assembly, Materializer, Operation, Report, manifests_needed, plan
 from .share import Share
 from .wire import Done, ProtocolError, WantChunks, WantManifests
 
@@ -59,6 +61,7 @@ class Replicator:
         self.manifests_asked: dict[bytes, Session] = {}
         self.chunk_queue: deque[bytes] = deque()
         self.chunk_lengths: dict[bytes, int] = {}  # of the chunks planned, from manifests
+        self.assembly: Assembly | None = None  # temp files of the plan, filling up
         self.chunks_asked: dict[bytes, Session] = {}
         self.lacking: dict[bytes, set[Session]] = {}  # chunk or manifest -> peers without it
         self.gave_up = False  # content no peer had at the last try: ask again when one writes
@@ -158,19 +161,20 @@ class Replicator:
                 session.outbox.append(WantManifests(wanted[i : i + step]))
 
     def _plan_chunks(self) -> None:
+        """Start the assembly: temp files filled with every chunk found locally; the
+        rest is queued for the peers."""
         assert self.operations is not None
-        needed = chunks_needed(self.operations, self.share.catalog, self.store)
-        wanted, total = set(needed), 0
+        materializer = Materializer(self.share.root, self.share.catalog, self.store)
+        self.assembly = materializer.start(self.operations)
+        self.share.temps_in_use = {staged.temp for staged in self.assembly.staged.values()}
+        total = 0
         for op in self.operations:
             manifest = self.share.catalog.manifest(op.version.content)
-            for ref in manifest.chunks if manifest is not None else ():
-                total += 1
-                if ref.hash in wanted:
-                    self.stats.bytes_to_fetch += ref.length
-                    self.chunk_lengths[ref.hash] = ref.length
-                    wanted.discard(ref.hash)
-        self.stats.chunks_reused += max(0, total - len(needed))
-        self.chunk_queue.extend(needed)
+            total += len(manifest.chunks) if manifest is not None else 0
+        self.chunk_lengths = dict(self.assembly.missing)
+        self.stats.bytes_to_fetch += sum(self.chunk_lengths.values())
+        self.stats.chunks_reused += max(0, total - len(self.chunk_lengths))
+        self.chunk_queue.extend(self.chunk_lengths)
         self.chunks_planned = True
 
     def _request_chunks(self) -> None:
@@ -197,12 +201,11 @@ class Replicator:
                 session.outbox.append(WantChunks(batch))
 
     def _apply(self) -> None:
-        assert self.operations is not None
-        report = Materializer(self.share.root, self.share.catalog, self.store).apply(
-            self.operations
-        )
+        assert self.operations is not None and self.assembly is not None
+        report = self.assembly.finish()
         self.share.db.conn.commit()
-        self.store.clear_incoming()
+        self.share.temps_in_use = set()
+        self.assembly = None
         self.reports.append(report)
         self.stats.files_written += len(report.written)
         self.stats.files_deleted += len(report.deleted)
@@ -236,8 +239,10 @@ class Replicator:
             self.lacking.setdefault(chunk_hash, set()).add(session)
             self.chunk_queue.appendleft(chunk_hash)
             return
-        if not self.store.put(chunk_hash, data):
+        if blake3(data).digest() != chunk_hash:
             raise ProtocolError("a chunk does not match its hash")
+        assert self.assembly is not None
+        self.assembly.place(chunk_hash, data)
         self.stats.bytes_fetched += len(data)
         session.stats.chunk_bytes_received += len(data)
         session.stats.chunks_fetched += 1

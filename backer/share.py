@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import socket
 import sqlite3
 import time
@@ -26,7 +25,6 @@ from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, Re
 
 from . import entropy, recovery
 from .catalog import Catalog, LocalEntry
-from .chunks import INCOMING_DIR
 from .errors import BackerError
 from .materializer import is_copy_of, resolve, resolve_moot_copies, resolve_shadowed
 from .membership import (
@@ -118,8 +116,6 @@ class Share:
         self.key = key
         self.device = bytes(key.verify_key)
         self._lock = _take_lock(root) if exclusive else None
-        if exclusive:  # chunks received by a session that did not finish: start afresh
-            shutil.rmtree(root / METADATA_DIR / INCOMING_DIR, ignore_errors=True)
         self.db = _open_db(root / METADATA_DIR / DB_FILE)
         try:
             self.journal = Journal(self.db)
@@ -128,6 +124,7 @@ class Share:
             raise BackerError(f"share database is corrupted: {exc}") from exc
         self.state = FileState(self.catalog.get_meta("doc_snapshot"))
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
+        self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
         self._replay()
         self.own_events_missing = self._own_events_missing()
 
@@ -417,13 +414,14 @@ class Share:
     def scan(self, progress: ProgressCallback | None = None) -> ScanSummary:
         """Scan the folder and record every change as new versions (none while the share
         is behind itself: the change would be an event of our own; see recovery)."""
-        if self.own_events_missing:
-            return ScanSummary(errors=[self.behind_itself])
         started = time.monotonic()
         local = self.catalog.local_entries()
         found = observe(self.root, local, self._recorded_content, progress)
-        for leftover in found.leftovers:  # we hold the share's lock: no write is under way
-            Path(leftover).unlink(missing_ok=True)
+        for leftover in found.leftovers:  # we hold the lock: only our own writes are under way
+            if Path(leftover) not in self.temps_in_use:
+                Path(leftover).unlink(missing_ok=True)
+        if self.own_events_missing:
+            return ScanSummary(errors=[self.behind_itself])
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )

@@ -27,6 +27,7 @@ from .share import Share
 from .wire import Error, FrameReader, ProtocolError
 
 READ_SIZE = 1 << 20
+WRITE_BUFFER = 32 << 20  # bytes queued before a writer waits (asyncio's default: 64 KiB)
 HANDSHAKE_TIMEOUT_S = 20.0
 
 
@@ -131,6 +132,8 @@ class Hub:
         every dialled peer brings, and its chunk requests spread over all of them."""
         frames = FrameReader()
         session: Session | None = None
+        if isinstance(streams.writer, asyncio.StreamWriter):  # keep reading while a large
+            streams.writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)  # reply drains
         awaited = one_shot
         self.replicator.awaited += awaited
 

@@ -83,7 +83,7 @@ def replay(
         for name, arguments in steps:
             done.append((name, arguments))
             getattr(machine, name)(**arguments)
-            machine.no_temp_files()
+            machine.no_stray_temp_files()
     except (AssertionError, InvariantBroken, Exception) as exc:
         machine.abandon()
         raise Failure(f"{type(exc).__name__}: {exc}", done) from exc

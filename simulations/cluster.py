@@ -44,6 +44,7 @@ class Node:
     replicator: Replicator | None = None
     crashes: int = 0
     conflicts: int = 0  # resolved by replicators this node has had
+    unswept: bool = False  # crashed, and no scan since has removed its temp files
 
     def open(self) -> Share:
         if self.share is None:
@@ -58,7 +59,9 @@ class Node:
 
     def scan(self) -> None:
         """What a file watcher would trigger: scan, and relay to the open links."""
-        if self.open().scan().events:
+        summary = self.open().scan()
+        self.unswept = False
+        if summary.events:
             self.hub().journal_grew()
             self.hub().advance()
 
@@ -73,6 +76,14 @@ class Node:
                 self.share._lock.close()
             self.share = None
             self.crashes += 1
+            self.unswept = True
+
+    def stray_temp_files(self) -> list[Path]:
+        """Temp files that are neither being assembled nor left by a crash not yet swept."""
+        if self.unswept:
+            return []
+        in_use = self.share.temps_in_use if self.share is not None else set()
+        return [p for p in self.root.rglob("*.backer-tmp") if p not in in_use]
 
 
 @dataclass

@@ -186,9 +186,9 @@ class ClusterMachine(RuleBasedStateMachine):
         self.stats["crashes"] += 1
 
     @invariant()
-    def no_temp_files(self) -> None:
+    def no_stray_temp_files(self) -> None:
         for node in self.cluster.nodes:
-            assert not list(node.root.rglob("*.backer-tmp"))
+            assert not node.stray_temp_files(), node.stray_temp_files()
 
     def abandon(self) -> None:
         """Stop without the final checks (a step already failed)."""
