@@ -46,6 +46,22 @@ from .wire import (
 )
 
 EVENTS_PER_MESSAGE = 2000
+EVENT_BYTES_PER_MESSAGE = 4 * 1024 * 1024  # well under the frame limit (a scan event of
+# 1,000 files is ~110 KB)
+
+
+def _split(run: list[Event]) -> list[list[Event]]:
+    """Consecutive parts of a run, each within the count and byte limits of a message."""
+    parts: list[list[Event]] = [[]]
+    size = 0
+    for event in run:
+        too_many = len(parts[-1]) >= EVENTS_PER_MESSAGE
+        if parts[-1] and (too_many or size + len(event.raw) > EVENT_BYTES_PER_MESSAGE):
+            parts.append([])
+            size = 0
+        parts[-1].append(event)
+        size += len(event.raw)
+    return parts
 MAX_PENDING_RUN_BYTES = 256 * 1024 * 1024
 _NEVER = 2**63
 
@@ -171,9 +187,7 @@ class Session:
         for run in runs:
             author, end = run[0].author, run[-1].seq + 1
             checkpoint = self.share.journal.checkpoint_at(author, end)
-            parts = [
-                run[i : i + EVENTS_PER_MESSAGE] for i in range(0, len(run), EVENTS_PER_MESSAGE)
-            ]
+            parts = _split(run)
             for index, part in enumerate(parts):
                 last = index == len(parts) - 1
                 raw_checkpoint = checkpoint.encode() if last and checkpoint else b""

@@ -192,6 +192,12 @@ class Hub:
             raise SessionClosed("the handshake timed out") from exc
         except (ConnectionError, OSError) as exc:
             raise SessionClosed(f"connection lost: {exc}") from exc
+        except Exception as exc:  # a bug of ours: close this session with a reason, not others
+            with contextlib.suppress(Exception):
+                if channel.established:
+                    channel.send(Error(b"internal error").encode())
+                    _write(streams, channel.data_to_send())
+            raise SessionClosed(f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
             streams.close()
             stop_awaiting()

@@ -181,3 +181,21 @@ def test_a_file_made_where_a_peer_still_writes_inside_a_directory(tmp_path: Path
     assert (a.root / "d" / "y").read_text() == "written inside"
     copies = [p for p in a.root.iterdir() if p.name.startswith("d.sync-conflict-")]
     assert [c.read_text() for c in copies] == ["now a file"]
+
+
+def test_a_long_run_of_large_events_is_split_under_the_frame_limit(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A scan of 100,000 files made a run of ~11 MB that went out as one Events message
+    over the 8 MiB frame limit; runs are now split by bytes as well as by count."""
+    import backer.session
+
+    monkeypatch.setattr(backer.session, "EVENT_BYTES_PER_MESSAGE", 2000)
+    a, b = make_devices(tmp_path, 2)
+    for n in range(60):
+        (a.root / f"file-{n:03}.txt").write_text(f"contents {n}")
+        a.scan()  # one event per scan: a long run of small events
+    left, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert right.stats.events_received >= 60
+    assert left.events_messages_sent > 4  # split by bytes, not sent as one message
