@@ -25,6 +25,7 @@ from blake3 import blake3
 from .chunks import ChunkStore
 from .content import Manifest
 from .materializer import Assembly, Materializer, Operation, Report, manifests_needed, plan
+from .records import Kind
 from .share import Share
 from .wire import Done, ProtocolError, WantChunks, WantManifests
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 MANIFESTS_PER_REQUEST = 500
 CHUNKS_PER_REQUEST = 64
 MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024  # per peer: requests stop there until chunks arrive
+WINDOW_FILES = 5_000
+WINDOW_BYTES = 1024 * 1024 * 1024
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Replicator:
         self.reports: list[Report] = []
         self.dirty = False
         self.operations: list[Operation] | None = None
-        self.chunks_planned = False
+        self.window_start = 0  # where the next window of the plan begins
         self.manifests_asked: dict[bytes, Session] = {}
         self.chunk_queue: deque[bytes] = deque()
         self.chunk_lengths: dict[bytes, int] = {}  # of the chunks planned, from manifests
@@ -117,12 +120,14 @@ class Replicator:
                 self._plan()
             if self.manifests_asked:
                 return
-            if not self.chunks_planned:
-                self._plan_chunks()
+            if self.assembly is None:
+                self._start_window()
             self._request_chunks()
             if self.chunk_queue or self.chunks_asked:
                 return
-            self._apply()
+            self._finish_window()
+            if self.operations is not None:
+                continue  # the next window of the plan
             for session in self.sessions:
                 session.outbox += session.push()
             if not self.dirty:
@@ -136,7 +141,7 @@ class Replicator:
         resolved = self.share.resolve_conflicts()
         self.stats.conflicts_resolved += resolved
         self.operations = plan(self.share.catalog)
-        self.chunks_planned = False
+        self.window_start = 0
         self.lacking.clear()
         self.chunk_lengths.clear()
         self.gave_up = False
@@ -160,22 +165,40 @@ class Replicator:
             for i in range(0, len(wanted), step):
                 session.outbox.append(WantManifests(wanted[i : i + step]))
 
-    def _plan_chunks(self) -> None:
-        """Start the assembly: temp files filled with every chunk found locally; the
-        rest is queued for the peers."""
+    def _window(self) -> list[Operation]:
+        """The next slice of the plan to assemble: up to WINDOW_FILES files or
+        WINDOW_BYTES bytes, so that memory stays bounded and a long first sync keeps what
+        it has written if it is interrupted. Deletions (last in a plan) come as one."""
         assert self.operations is not None
+        start = end = self.window_start
+        files = size = 0
+        while end < len(self.operations) and files < WINDOW_FILES and size < WINDOW_BYTES:
+            version = self.operations[end].version
+            if version.kind == Kind.DELETED:
+                if end == start:
+                    end = len(self.operations)
+                break
+            files += 1
+            size += version.size
+            end += 1
+        self.window_start = end
+        return self.operations[start:end]
+
+    def _start_window(self) -> None:
+        """Assemble the next window: temp files filled with every chunk found locally;
+        the rest is queued for the peers."""
+        window = self._window()
         materializer = Materializer(self.share.root, self.share.catalog, self.store)
-        self.assembly = materializer.start(self.operations)
+        self.assembly = materializer.start(window)
         self.share.temps_in_use = {staged.temp for staged in self.assembly.staged.values()}
         total = 0
-        for op in self.operations:
+        for op in window:
             manifest = self.share.catalog.manifest(op.version.content)
             total += len(manifest.chunks) if manifest is not None else 0
         self.chunk_lengths = dict(self.assembly.missing)
         self.stats.bytes_to_fetch += sum(self.chunk_lengths.values())
         self.stats.chunks_reused += max(0, total - len(self.chunk_lengths))
         self.chunk_queue.extend(self.chunk_lengths)
-        self.chunks_planned = True
 
     def _request_chunks(self) -> None:
         batches: dict[Session, list[bytes]] = {}
@@ -200,7 +223,7 @@ class Replicator:
             if batch:
                 session.outbox.append(WantChunks(batch))
 
-    def _apply(self) -> None:
+    def _finish_window(self) -> None:
         assert self.operations is not None and self.assembly is not None
         report = self.assembly.finish()
         self.share.db.conn.commit()
@@ -209,7 +232,8 @@ class Replicator:
         self.reports.append(report)
         self.stats.files_written += len(report.written)
         self.stats.files_deleted += len(report.deleted)
-        self.operations = None
+        if self.window_start >= len(self.operations):
+            self.operations = None
 
     # -- answers from peers ---------------------------------------------------------------
 

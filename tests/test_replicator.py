@@ -124,3 +124,22 @@ async def _until(condition: object, seconds: float = 20) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition not reached in time")
+
+
+def test_a_plan_larger_than_a_window_is_applied_window_by_window(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import backer.replicator
+
+    monkeypatch.setattr(backer.replicator, "WINDOW_FILES", 7)
+    a, b = make_devices(tmp_path, 2)
+    for n in range(30):
+        (a.root / f"d{n % 3}").mkdir(exist_ok=True)
+        (a.root / f"d{n % 3}" / f"{n}.bin").write_bytes(os.urandom(3000 + n))
+    _, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert len(right.replicator.reports) >= 30 // 7  # one report per window
+    for n in range(0, 30, 2):
+        (a.root / f"d{n % 3}" / f"{n}.bin").unlink()
+    _, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
