@@ -54,7 +54,7 @@ class HistoryEntry:
     live: bool
 
 
-MANIFEST_CACHE = 32_768  # a plan looks each manifest up several times
+MANIFEST_CACHE = 16_384  # a plan looks each manifest up several times, near in time
 
 
 class Catalog:
@@ -195,12 +195,18 @@ class Catalog:
 
     # -- local disk cache ------------------------------------------------------------
 
-    def local_entries(self) -> dict[str, LocalEntry]:
-        rows = self.conn.execute(
-            "SELECT path, vid, size, mtime_ns, inode, mode, settled FROM local"
-        )
+    def local_entries(self, paths: Iterable[str] | None = None) -> dict[str, LocalEntry]:
+        """The scan cache: every entry, or only those of ``paths``."""
+        select = "SELECT path, vid, size, mtime_ns, inode, mode, settled FROM local"
         make = LocalEntry._make
-        return {row[0]: make(row) for row in rows}
+        if paths is None:
+            return {row[0]: make(row) for row in self.conn.execute(select)}
+        wanted, found = list(paths), {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            query = f"{select} WHERE path IN ({','.join('?' * len(part))})"
+            found.update((row[0], make(row)) for row in self.conn.execute(query, part))
+        return found
 
     def set_local(self, entries: Iterable[LocalEntry]) -> None:
         self.conn.executemany(
@@ -244,8 +250,8 @@ class Catalog:
         ).fetchone()
         if row is None:
             return None
-        if len(self._manifests) >= MANIFEST_CACHE:
-            self._manifests.clear()
+        if len(self._manifests) >= MANIFEST_CACHE:  # forget the oldest (dicts keep order)
+            del self._manifests[next(iter(self._manifests))]
         manifest = self._manifests[manifest_id] = Manifest.decode(row[0])
         return manifest
 

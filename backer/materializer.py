@@ -275,6 +275,19 @@ class _Staged:
     temp: Path
     target: Path
     missing: int = 0  # chunks still to arrive
+    created: bool = False
+
+    def open(self) -> int:
+        """A write descriptor on the temp file, which is created (sized, with the
+        version's permissions) the first time."""
+        if self.created:
+            return os.open(self.temp, os.O_WRONLY | os.O_NOFOLLOW)
+        mode = self.op.version.permissions or 0o644
+        fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        self.created = True
+        os.fchmod(fd, mode)
+        os.ftruncate(fd, self.op.version.size)
+        return fd
 
 
 class Assembly:
@@ -307,19 +320,19 @@ class Assembly:
                 continue  # that file already failed
             with _reported(staged.op.path, self.report):
                 try:
-                    os.pwrite(self._fd(staged.temp), data, offset)
+                    os.pwrite(self._fd(staged), data, offset)
                     staged.missing -= 1
                 except OSError:
                     del self.staged[staged.op.path]
                     raise
         self.missing.pop(chunk_hash, None)
 
-    def _fd(self, temp: Path) -> int:
-        fd = self._open.get(temp)
+    def _fd(self, staged: _Staged) -> int:
+        fd = self._open.get(staged.temp)
         if fd is None:
             if len(self._open) >= OPEN_TEMP_FILES:
                 os.close(self._open.pop(next(iter(self._open))))
-            fd = self._open[temp] = os.open(temp, os.O_WRONLY | os.O_NOFOLLOW)
+            fd = self._open[staged.temp] = staged.open()
         return fd
 
     def _close_all(self) -> None:
@@ -332,7 +345,7 @@ class Assembly:
         ones whose chunks never came, then apply the deletions."""
         self._close_all()
         report, materializer = self.report, self.materializer
-        local = materializer.catalog.local_entries()
+        local = materializer.catalog.local_entries(op.path for op in self.operations)
         batch: list[_Staged] = []
         batch_bytes = 0
         for op in self.operations:
@@ -384,6 +397,9 @@ class Materializer:
         self.catalog = catalog
         self.store = store
         self.versions = root / METADATA_DIR / VERSIONS_DIR
+        # parents seen to be real directories while staging (nothing is renamed or
+        # deleted then); None while moving into place, where every path is checked afresh
+        self._checked_parents: set[str] | None = None
 
     def start(self, operations: list[Operation]) -> Assembly:
         """Begin applying a plan: directories are made now (files need them); every file
@@ -391,7 +407,8 @@ class Materializer:
         local file holds; what is still missing arrives through :meth:`Assembly.place`,
         and :meth:`Assembly.finish` moves everything into place."""
         assembly = Assembly(self, operations)
-        local = self.catalog.local_entries()
+        local = self.catalog.local_entries(op.path for op in operations)
+        self._checked_parents = set()
         for op in operations:
             if op.version.kind == Kind.DELETED:
                 continue
@@ -401,6 +418,7 @@ class Materializer:
                     self._make_directory(op, local.get(op.path))
                 else:
                     assembly.staged[op.path] = self._stage(op, local.get(op.path), assembly)
+        self._checked_parents = None
         return assembly
 
     def _target(self, path: str) -> Path:
@@ -410,8 +428,12 @@ class Materializer:
         if one of them was deleted concurrently elsewhere (the next scan records them,
         and a re-created directory beats its deletion like any modification).
         """
+        parent, _, name = path.rpartition("/")
+        checked = self._checked_parents
+        if checked is not None and parent in checked:
+            return self.root / path
         current = self.root
-        for part in path.split("/")[:-1]:
+        for part in parent.split("/") if parent else ():
             current = current / part
             try:
                 info = os.lstat(current)
@@ -420,7 +442,9 @@ class Materializer:
                 continue
             if not stat.S_ISDIR(info.st_mode):
                 raise LocalEdit(path)
-        return current / path.rpartition("/")[2]
+        if checked is not None:
+            checked.add(parent)
+        return current / name
 
     def _unchanged(self, target: Path, cached: LocalEntry | None) -> os.stat_result | None:
         """The target's stat if it is exactly as last recorded; raise LocalEdit if not."""
@@ -494,22 +518,23 @@ class Materializer:
         manifest = self.catalog.manifest(op.version.content)
         if manifest is None or manifest.id != op.version.content:
             raise ValueError("manifest is missing or does not match the version")
-        mode = op.version.permissions or 0o644
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        fd = None  # created with the first chunk to write: one open per file, not two
         try:
-            os.fchmod(fd, mode)
-            os.ftruncate(fd, op.version.size)
             for ref in manifest.chunks:
                 data = self.store.read(ref.hash)
                 if data is not None and len(data) == ref.length:
+                    fd = staged.open() if fd is None else fd
                     os.pwrite(fd, data, ref.offset)
                 else:
                     assembly.wait_for(ref.hash, ref.length, staged, ref.offset)
+            if fd is None and not staged.missing:  # an empty file
+                fd = staged.open()
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         return staged
 
     def _commit(self, staged: list[_Staged], report: Report) -> None:
