@@ -348,6 +348,7 @@ class Assembly:
         local = materializer.catalog.local_entries(op.path for op in self.operations)
         batch: list[_Staged] = []
         batch_bytes = 0
+        deleted_from: set[Path] = set()
         for op in self.operations:
             if op.version.kind == Kind.DIRECTORY:
                 continue
@@ -358,7 +359,7 @@ class Assembly:
             if op.version.kind == Kind.DELETED:
                 with _reported(op.path, report):
                     check(op.path)
-                    materializer._delete(op, local.get(op.path), report)
+                    materializer._delete(op, local.get(op.path), report, deleted_from)
                 continue
             staged = self.staged.pop(op.path, None)
             if staged is None:
@@ -373,6 +374,9 @@ class Assembly:
                 batch.append(staged)
                 batch_bytes += op.version.size
         materializer._commit(batch, report)
+        for directory in sorted(deleted_from, reverse=True):
+            with contextlib.suppress(FileNotFoundError):  # itself deleted after its entries
+                _fsync_dir(directory)
         return report
 
     def abandon(self) -> None:
@@ -469,7 +473,11 @@ class Materializer:
         os.link(target, kept, follow_symlinks=False)
         self.catalog.move_chunk_locations(path, kept.relative_to(self.root).as_posix())
 
-    def _delete(self, op: Operation, cached: LocalEntry | None, report: Report) -> None:
+    def _delete(
+        self, op: Operation, cached: LocalEntry | None, report: Report, touched: set[Path]
+    ) -> None:
+        """Remove a recorded entry (its contents kept in versions/); its directory goes
+        into ``touched``, to be fsynced once for all deletions."""
         target = self._target(op.path)
         info = self._unchanged(target, cached)
         if info is not None and stat.S_ISDIR(info.st_mode):
@@ -482,7 +490,7 @@ class Materializer:
         elif info is not None:
             self._preserve(target, op.path)
             target.unlink()
-        _fsync_dir(target.parent)
+        touched.add(target.parent)
         self.catalog.drop_local([op.path])
         report.deleted.append(op.path)
 
