@@ -57,6 +57,7 @@ class Observation:
 
     changed: list[tuple[Seen, Manifest | None, bytes]] = field(default_factory=list)
     refreshed: list[LocalEntry] = field(default_factory=list)  # same content, new stat
+    reindexed: list[tuple[str, Manifest]] = field(default_factory=list)  # re-hashed files
     deleted: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)  # temp files of interrupted writes
@@ -225,6 +226,8 @@ def observe(
                 result.refreshed.append(
                     cache_entry(entry.path, cached.version_id, entry.stat_key, now_ns)
                 )
+                if manifest is not None:  # read anyway: let peers fetch its chunks here
+                    result.reindexed.append((entry.path, manifest))
             else:
                 result.changed.append((entry, manifest, content))
     result.deleted = sorted(

@@ -68,6 +68,9 @@ def find_root(start: Path) -> Path | None:
     return None
 
 
+WAITING_FOR_GENESIS = "this device has not received the share's history yet: sync first"
+
+
 class ShareBusy(BackerError):
     """Another process holds the share (``serve`` can take some requests: see control)."""
 
@@ -291,6 +294,20 @@ class Share:
             return 0
         return max(0, recovery.own_length(self.home, self.share_id) - self._own_length())
 
+    def _adopt_own(self, delta: Delta) -> None:
+        """A version this device recorded and lost with the restore described its own
+        disk: point the scan cache at it (with a stat that never matches, so the next
+        scan re-reads the file), so that what the disk holds now — the same bytes, an
+        edit, or nothing — is recorded as seen after it, never beside it."""
+        for key, version in delta.added.items():
+            path, version_id = split_key(key)
+            if not is_valid(path):
+                continue
+            if version.kind == Kind.DELETED:
+                self.catalog.drop_local([path])
+            else:
+                self.catalog.set_local([LocalEntry(path, version_id, -1, 0, 0, 0, False)])
+
     @property
     def behind_itself(self) -> str:
         return (
@@ -333,11 +350,14 @@ class Share:
             raws, checkpoint, lambda author: not members or author in members
         )
         position = self.journal.position() - len(result.added)
+        recovering = bool(self.own_events_missing)
         for event in result.added:
             position += 1
             delta = self.state.apply(event.payload) if event.kind == EventKind.STATE else Delta()
             with self.db.conn:
                 self._record(position, event, delta)
+                if recovering and event.author == self.device:
+                    self._adopt_own(delta)
         if self.own_events_missing and raws and Event.decode(raws[0]).author == self.device:
             self.own_events_missing = self._own_events_missing()  # a peer gave some back
         return result
@@ -420,8 +440,14 @@ class Share:
         for leftover in found.leftovers:  # we hold the lock: only our own writes are under way
             if Path(leftover) not in self.temps_in_use:
                 Path(leftover).unlink(missing_ok=True)
-        if self.own_events_missing:
-            return ScanSummary(errors=[self.behind_itself])
+        waiting = self.behind_itself if self.own_events_missing else None
+        if not self.catalog.members():  # a joiner: its log must not start before genesis,
+            waiting = WAITING_FOR_GENESIS  # or it could not be relayed
+        if waiting is not None:  # record nothing; still say where chunks are for peers
+            with self.db.conn:
+                self.catalog.put_manifests(found.reindexed)
+                self.catalog.put_manifests((s.path, m) for s, m, _ in found.changed if m)
+            return ScanSummary(errors=[waiting])
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )
@@ -456,6 +482,7 @@ class Share:
         ]
         with self.db.conn:
             self.catalog.set_local([*cache, *found.refreshed])
+            self.catalog.put_manifests(found.reindexed)
             self.catalog.drop_local(found.deleted)
             self.catalog.set_meta("last_scan_ms", now_ms)
         self.save_snapshot()

@@ -199,3 +199,20 @@ def test_a_long_run_of_large_events_is_split_under_the_frame_limit(
     assert tree(a.root) == tree(b.root)
     assert right.stats.events_received >= 60
     assert left.events_messages_sent > 4  # split by bytes, not sent as one message
+
+
+def test_a_joiner_records_nothing_before_the_share_history_so_it_can_relay_it(
+    tmp_path: Path,
+) -> None:
+    """A joiner that scanned its files before its first sync put its own events ahead of
+    the genesis in its journal; a device joining through it was then refused ("must
+    first receive the share's genesis"). Found by the replay invariant (seed 527)."""
+    a, b, c = make_devices(tmp_path, 3)
+    (b.root / "already-here.txt").write_text("on the joiner before it synced")
+    summary = b.scan()
+    assert summary.events == 0 and "history" in summary.errors[0]
+    sync(a, b)
+    sync(b, c)  # c learns everything through b (b records its file now)
+    sync(a, b)
+    assert tree(a.root) == tree(b.root) == tree(c.root)
+    assert (c.root / "already-here.txt").read_text() == "on the joiner before it synced"
