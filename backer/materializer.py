@@ -324,6 +324,7 @@ class Assembly:
                     staged.missing -= 1
                 except OSError:
                     del self.staged[staged.op.path]
+                    staged.temp.unlink(missing_ok=True)
                     raise
         self.missing.pop(chunk_hash, None)
 
@@ -378,13 +379,6 @@ class Assembly:
             with contextlib.suppress(FileNotFoundError):  # itself deleted after its entries
                 _fsync_dir(directory)
         return report
-
-    def abandon(self) -> None:
-        """Drop the temp files of a plan that will not finish."""
-        self._close_all()
-        for staged in self.staged.values():
-            staged.temp.unlink(missing_ok=True)
-        self.staged.clear()
 
 
 STAGE_FILES = 1000

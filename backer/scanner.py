@@ -111,7 +111,7 @@ def walk(
             else:
                 errors.append(f"{path}: skipped: not a regular file, directory or symlink")
                 continue
-            if kind == Kind.FILE and path.endswith(TEMP_SUFFIX):
+            if kind != Kind.DIRECTORY and path.endswith(TEMP_SUFFIX):  # links are staged too
                 leftovers.append(entry.path)
                 continue
             if rules.ignored(path, kind == Kind.DIRECTORY):

@@ -198,3 +198,14 @@ def test_unreadable_files_and_dirs_are_reported_never_deleted(tmp_path: Path) ->
     errors, deleted = result.stdout.splitlines()
     assert "secret.txt: cannot read" in errors and "private: cannot list directory" in errors
     assert deleted == ""
+
+
+def test_temp_links_of_an_interrupted_apply_are_removed_like_temp_files(share: Share) -> None:
+    """Links are staged under a temp name too; one left by a crash was neither removed
+    nor recorded (found by the campaign, seed 580)."""
+    os.symlink("target", share.root / ".link.0e9c9dfb.backer-tmp")
+    (share.root / ".file.12345678.backer-tmp").write_text("partial")
+    share.scan()
+    assert not os.path.lexists(share.root / ".link.0e9c9dfb.backer-tmp")
+    assert not (share.root / ".file.12345678.backer-tmp").exists()
+    assert list(live(share)) == []
