@@ -117,6 +117,10 @@ class Replicator:
             if self.operations is None:
                 if not self.dirty or self.awaited:
                     return
+                if self.share.own_events_missing:  # restored from an older copy: nothing
+                    self.dirty = False  # is applied until its own history is back (its
+                    self._acknowledge()  # scan cache would misjudge its disk)
+                    return
                 self._plan()
             if self.manifests_asked:
                 return
@@ -131,10 +135,14 @@ class Replicator:
             for session in self.sessions:
                 session.outbox += session.push()
             if not self.dirty:
-                for session in self.sessions:
-                    done = Done(session.events_messages_received, self.stats.files_written)
-                    session.outbox.append(done)
+                self._acknowledge()
                 return
+
+    def _acknowledge(self) -> None:
+        """Tell every peer that what it sent has been taken in (``Done``)."""
+        for session in self.sessions:
+            done = Done(session.events_messages_received, self.stats.files_written)
+            session.outbox.append(done)
 
     def _plan(self) -> None:
         self.dirty = False

@@ -19,14 +19,16 @@ TestCluster.settings = settings(
 
 @pytest.mark.parametrize(
     ("seed", "nodes"),
-    [(4, 3), (7, 3), (19, 3), (35, 3), (90, 3), (512, 5), (518, 5), (524, 5), (527, 5),
-     (529, 5), (535, 5), (786, 5)],
+    [(4, 3), (7, 3), (19, 3), (35, 3), (90, 3), (181, 3), (512, 5), (518, 5), (524, 5),
+     (527, 5), (529, 5), (535, 5), (545, 5), (580, 5), (786, 5)],
 )  # fmt: skip
 def test_campaign_seeds_that_once_failed(seed: int, nodes: int) -> None:
     """Seeds that found bugs (chunk index with one location per chunk, conflict copies
     of versions their own device replaced, shadowed files, unconverged journals; a
-    restored device's lost versions beside its new ones (90, 529), joiners' events ahead
-    of the genesis (527), a recovery check made one round too early (512))."""
+    restored device's lost versions beside its new ones (90, 529), a restored device
+    applying peers' changes before its own history was back (545), joiners' events ahead
+    of the genesis (527), temp links never swept (181, 580), a recovery check made one
+    round too early (512))."""
     stats = run_seed(seed, nodes, 200)
     assert stats["steps"] == 200
 
