@@ -44,7 +44,7 @@ class Node:
     replicator: Replicator | None = None
     crashes: int = 0
     conflicts: int = 0  # resolved by replicators this node has had
-    unswept: bool = False  # crashed, and no scan since has removed its temp files
+    stray_after_scan: list[Path] = field(default_factory=list)  # temps a scan left behind
 
     def open(self) -> Share:
         if self.share is None:
@@ -60,7 +60,7 @@ class Node:
     def scan(self) -> None:
         """What a file watcher would trigger: scan, and relay to the open links."""
         summary = self.open().scan()
-        self.unswept = False
+        self.stray_after_scan = self.stray_temp_files()
         if summary.events:
             self.hub().journal_grew()
             self.hub().advance()
@@ -76,12 +76,10 @@ class Node:
                 self.share._lock.close()
             self.share = None
             self.crashes += 1
-            self.unswept = True
 
     def stray_temp_files(self) -> list[Path]:
-        """Temp files that are neither being assembled nor left by a crash not yet swept."""
-        if self.unswept:
-            return []
+        """Temp files that no assembly in progress is using (a crash's, or one whose
+        directory the person renamed mid-transfer): the next scan must sweep them."""
         in_use = self.share.temps_in_use if self.share is not None else set()
         return [p for p in self.root.rglob("*.backer-tmp") if p not in in_use]
 
