@@ -20,7 +20,7 @@ TestCluster.settings = settings(
 @pytest.mark.parametrize(
     ("seed", "nodes"),
     [(4, 3), (7, 3), (19, 3), (35, 3), (90, 3), (181, 3), (512, 5), (518, 5), (524, 5),
-     (527, 5), (529, 5), (535, 5), (545, 5), (580, 5), (786, 5)],
+     (527, 5), (529, 5), (535, 5), (545, 5), (580, 5), (786, 5), (839, 5), (992, 5)],
 )  # fmt: skip
 def test_campaign_seeds_that_once_failed(seed: int, nodes: int) -> None:
     """Seeds that found bugs (chunk index with one location per chunk, conflict copies
@@ -28,7 +28,7 @@ def test_campaign_seeds_that_once_failed(seed: int, nodes: int) -> None:
     restored device's lost versions beside its new ones (90, 529), a restored device
     applying peers' changes before its own history was back (545), joiners' events ahead
     of the genesis (527), temp links never swept (181, 580), a recovery check made one
-    round too early (512))."""
+    round too early (512), temp files moved with a renamed directory (839, 992))."""
     stats = run_seed(seed, nodes, 200)
     assert stats["steps"] == 200
 
