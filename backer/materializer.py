@@ -436,6 +436,9 @@ class Materializer:
             try:
                 info = os.lstat(current)
             except FileNotFoundError:
+                recorded = current.relative_to(self.root).as_posix()
+                if self.catalog.local_entries([recorded]):  # gone since the last scan: a
+                    raise LocalEdit(path) from None  # deletion the scanner must record first
                 current.mkdir()
                 continue
             if not stat.S_ISDIR(info.st_mode):
@@ -494,6 +497,8 @@ class Materializer:
             found: os.stat_result | None = os.lstat(target)
         except FileNotFoundError:
             found = None
+        if found is None and cached is not None:  # recorded here and gone: a deletion the
+            raise LocalEdit(op.path)  # scanner has not recorded yet, never to be papered over
         if found is not None and not stat.S_ISDIR(found.st_mode):
             self._unchanged(target, cached)  # a file or link we recorded: replace it
             self._preserve(target, op.path)
