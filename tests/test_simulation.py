@@ -19,7 +19,8 @@ TestCluster.settings = settings(
 
 @pytest.mark.parametrize(
     ("seed", "nodes"),
-    [(4, 3), (7, 3), (19, 3), (35, 3), (90, 3), (181, 3), (512, 5), (518, 5), (524, 5),
+    [(4, 3), (7, 3), (19, 3), (35, 3), (90, 3), (181, 3), (479, 3), (494, 3), (512, 5),
+     (518, 5), (524, 5),
      (527, 5), (529, 5), (535, 5), (545, 5), (580, 5), (786, 5), (839, 5), (992, 5)],
 )  # fmt: skip
 def test_campaign_seeds_that_once_failed(seed: int, nodes: int) -> None:
@@ -28,7 +29,8 @@ def test_campaign_seeds_that_once_failed(seed: int, nodes: int) -> None:
     restored device's lost versions beside its new ones (90, 529), a restored device
     applying peers' changes before its own history was back (545), joiners' events ahead
     of the genesis (527), temp links never swept (181, 580), a recovery check made one
-    round too early (512), temp files moved with a renamed directory (839, 992))."""
+    round too early (512), temp files moved with a renamed directory (839, 992), a
+    directory made where a recorded file had just been deleted (479, 494))."""
     stats = run_seed(seed, nodes, 200)
     assert stats["steps"] == 200
 
