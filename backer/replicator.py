@@ -151,7 +151,6 @@ class Replicator:
         self.operations = plan(self.share.catalog)
         self.window_start = 0
         self.lacking.clear()
-        self.chunk_lengths.clear()
         self.gave_up = False
         self._ask_manifests(manifests_needed(self.operations, self.share.catalog))
 
