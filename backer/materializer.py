@@ -2,7 +2,7 @@
 
 1. :func:`resolve` (pure) decides, from a path's live versions alone, what every device
    will decide: a modification beats a concurrent deletion; identical contents are one
-   version; otherwise the newest version (directories before files) keeps the path and
+   version; otherwise the version modified last (directories before files) keeps the path and
    each other content becomes a conflict copy
    ``name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext`` whose name, key and record derive
    only from the losing version itself. The share records that resolution in the state,
@@ -81,9 +81,19 @@ def _signature(version: Version) -> tuple[Kind, bytes, int]:
     return version.kind, version.content, version.permissions
 
 
-def _precedence(item: tuple[str, Version]) -> tuple[bool, int, bytes, str]:
+def _precedence(item: tuple[str, Version]) -> tuple[bool, int, int, bytes, str]:
+    """Which of two concurrent versions keeps the path: a directory over a file, then the
+    later modification time on the writer's disk (the edit made last, as Syncthing
+    decides — not whichever device happened to scan last), then the later record time,
+    the writer's key and the version id, so every device picks the same one."""
     vid, version = item
-    return version.kind == Kind.DIRECTORY, version.time_ms, version.device, vid
+    return (
+        version.kind == Kind.DIRECTORY,
+        version.mtime_ns,
+        version.time_ms,
+        version.device,
+        vid,
+    )
 
 
 def resolve(path: str, live: dict[str, Version]) -> Resolution:

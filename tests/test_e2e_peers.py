@@ -69,3 +69,22 @@ def test_an_invite_needs_a_positive_lifetime(tmp_path: Path) -> None:
     result = a.run("invite", "--no-wait", "--expires", "0", "--dir", str(a.root), check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == "backer: error: --expires must be a positive number of seconds"
+
+
+def test_a_joiners_older_file_never_beats_the_shares_newer_one(tmp_path: Path) -> None:
+    a, port = _founder(tmp_path)
+    (a.root / "report.txt").write_text("the share's newer report")
+    a.run("scan", "--dir", str(a.root))
+    b = Device(tmp_path, "b")
+    b.root.mkdir()
+    (b.root / "report.txt").write_text("an old copy on the joiner")
+    os.utime(b.root / "report.txt", ns=(1_600_000_000_000_000_000,) * 2)
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as at_a:
+        b.run("join", token, str(b.root))
+        b.sync(at_a)
+    for device in (a, b):
+        files = snapshot(device.root)
+        assert files["report.txt"][1] == b"the share's newer report"
+        copies = [p for p in files if p.startswith("report.sync-conflict-")]
+        assert len(copies) == 1 and files[copies[0]][1] == b"an old copy on the joiner"

@@ -216,3 +216,20 @@ def test_a_joiner_records_nothing_before_the_share_history_so_it_can_relay_it(
     sync(a, b)
     assert tree(a.root) == tree(b.root) == tree(c.root)
     assert (c.root / "already-here.txt").read_text() == "on the joiner before it synced"
+
+
+def test_the_edit_made_last_wins_not_the_device_that_scanned_last(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "plan.txt").write_text("base")
+    sync(a, b)
+    (b.root / "plan.txt").write_text("edited later, on b")
+    (a.root / "plan.txt").write_text("edited first, on a")
+    os.utime(a.root / "plan.txt", ns=(1_700_000_000_000_000_000,) * 2)
+    os.utime(b.root / "plan.txt", ns=(1_700_000_100_000_000_000,) * 2)
+    b.scan()  # b records its later edit first; a's earlier edit is recorded after it
+    sync(a, b)
+    trees = [tree(d.root) for d in (a, b)]
+    assert trees[0] == trees[1]
+    assert trees[0]["plan.txt"][1] == b"edited later, on b"
+    copies = [p for p in trees[0] if ".sync-conflict-" in p]
+    assert len(copies) == 1 and trees[0][copies[0]][1] == b"edited first, on a"
