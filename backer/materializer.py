@@ -256,24 +256,45 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
 
 
-def _make_durable(root: Path, files: list[Path], size: int) -> None:
-    """Flush ``files`` (``size`` bytes, all on the share's filesystem) to disk: for many
+def _make_durable(root: Path, staged: list[_Staged], report: Report) -> list[_Staged]:
+    """Flush the staged files to disk; return the entries that are durable. For many
     small files one ``syncfs`` where the system has it (Linux); else, and for large files
     (whose own bytes dominate, while ``syncfs`` would also flush whatever else is dirty on
-    the filesystem), an fsync per file."""
+    the filesystem), an fsync per file. A link is never opened (that would follow it):
+    its durability is the directory fsync after its rename. A file whose fsync fails is
+    reported and dropped (its temp removed)."""
+    files = [s for s in staged if s.op.version.kind == Kind.FILE]
+    size = sum(s.op.version.size for s in files)
     if _syncfs is not None and size < len(files) * SYNCFS_BELOW_AVERAGE:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             if _syncfs(fd) == 0:
-                return
+                return staged
         finally:
             os.close(fd)
-    for path in files:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    durable = []
+    for item in staged:
+        if item.op.version.kind == Kind.FILE:
+            with _reported(item.op.path, report), _removing(item.temp):
+                fd = os.open(item.temp, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                durable.append(item)
+        else:
+            durable.append(item)
+    return durable
+
+
+@contextlib.contextmanager
+def _removing(temp: Path) -> Iterator[None]:
+    """Remove ``temp`` if the block fails: a temp file whose write failed never stays."""
+    try:
+        yield
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -559,7 +580,7 @@ class Materializer:
         still exactly as the plan saw it; fsync each directory touched, once."""
         if not staged:
             return
-        _make_durable(self.root, [s.temp for s in staged], sum(s.op.version.size for s in staged))
+        staged = _make_durable(self.root, staged, report)
         directories: set[Path] = set()
         for item in staged:
             op, target = item.op, item.target
