@@ -184,15 +184,20 @@ class Operation:
     version: Version
 
 
-def plan(catalog: Catalog) -> list[Operation]:
+def plan(
+    catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None
+) -> list[Operation]:
     """Operations that bring the disk to the live state: creations and updates in path
-    order (parents first), then deletions deepest first."""
+    order (parents first), then deletions deepest first. Paths ``excluded`` by this
+    device's ignore rules are never written or deleted."""
     local = catalog.local_entries()
     writes, deletions = [], []
     unresolved = set(catalog.conflicted_paths())  # left for the next resolution round
     for path, vid, version in catalog.all_live():
         cached = local.pop(path, None)
         if path in unresolved:
+            continue
+        if excluded is not None and excluded(path, version.kind == Kind.DIRECTORY):
             continue
         if cached is not None and cached.version_id == vid:
             continue
@@ -202,6 +207,8 @@ def plan(catalog: Catalog) -> list[Operation]:
         else:
             writes.append(Operation(path, vid, version))
     for path, cached in local.items():  # nothing live here any more (moved to a copy)
+        if excluded is not None and excluded(path, stat.S_ISDIR(cached.mode)):
+            continue
         deletions.append(Operation(path, cached.version_id, Version(Kind.DELETED)))
     return sorted(writes, key=lambda op: op.path) + sorted(
         deletions, key=lambda op: op.path, reverse=True

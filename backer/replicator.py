@@ -24,6 +24,7 @@ from blake3 import blake3
 
 from .chunks import ChunkStore
 from .content import Manifest
+from .ignore import IgnoreRules
 from .materializer import Assembly, Materializer, Operation, Report, manifests_needed, plan
 from .records import Kind
 from .share import Share
@@ -148,7 +149,7 @@ class Replicator:
         self.dirty = False
         resolved = self.share.resolve_conflicts()
         self.stats.conflicts_resolved += resolved
-        self.operations = plan(self.share.catalog)
+        self.operations = plan(self.share.catalog, IgnoreRules.load(self.share.root).excluded)
         self.window_start = 0
         self.lacking.clear()
         self.gave_up = False

@@ -59,6 +59,7 @@ class Observation:
     refreshed: list[LocalEntry] = field(default_factory=list)  # same content, new stat
     reindexed: list[tuple[str, Manifest]] = field(default_factory=list)  # re-hashed files
     deleted: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)  # recorded, now ignored: not deleted
     errors: list[str] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)  # temp files of interrupted writes
     unchanged: int = 0
@@ -188,7 +189,8 @@ def observe(
     touch, a copy-back) produces no new version.
     """
     result = Observation()
-    seen, unreadable = walk(root, IgnoreRules.load(root), result.errors, result.leftovers)
+    rules = IgnoreRules.load(root)
+    seen, unreadable = walk(root, rules, result.errors, result.leftovers)
     now_ns = entropy.now_ns()
     to_read: list[Seen] = []
     for path, entry in seen.items():
@@ -230,9 +232,13 @@ def observe(
                     result.reindexed.append((entry.path, manifest))
             else:
                 result.changed.append((entry, manifest, content))
-    result.deleted = sorted(
-        path for path in local if path not in seen and not _under_any(path, unreadable)
-    )
+    for path in sorted(local.keys() - seen.keys()):
+        if _under_any(path, unreadable):
+            continue
+        if rules.excluded(path, stat.S_ISDIR(local[path].mode)):
+            result.forgotten.append(path)  # a rule stops syncing; it never deletes
+        else:
+            result.deleted.append(path)
     return result
 
 

@@ -25,6 +25,7 @@ from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, Re
 
 from . import entropy, recovery
 from .catalog import Catalog, LocalEntry
+from .content import Manifest
 from .errors import BackerError
 from .materializer import is_copy_of, resolve, resolve_moot_copies, resolve_shadowed
 from .membership import (
@@ -39,7 +40,7 @@ from .membership import (
 )
 from .paths import METADATA_DIR, is_valid
 from .records import Kind, Version, new_version_id, split_key
-from .scanner import ProgressCallback, Seen, cache_entry, observe
+from .scanner import Observation, ProgressCallback, Seen, cache_entry, observe
 from .state import Delta, FileState
 
 DB_FILE = "backer.db"
@@ -456,6 +457,7 @@ class Share:
         device = self.device[:8]
         changed = sorted(found.changed, key=lambda c: c[0].path)
         live = self.catalog.live_for([seen.path for seen, _, _ in changed] + found.deleted)
+        changed = self._adopt_identical(changed, local, live, found, now_ns)
         versions: list[tuple[str, Version]] = []
         # A local change supersedes only the version the disk held (the cached one):
         # remote versions this device has not written yet are concurrent with it.
@@ -484,10 +486,43 @@ class Share:
             self.catalog.set_local([*cache, *found.refreshed])
             self.catalog.put_manifests(found.reindexed)
             self.catalog.drop_local(found.deleted)
+            self.catalog.drop_local(found.forgotten)
             self.catalog.set_meta("last_scan_ms", now_ms)
         self.save_snapshot()
         summary.seconds = time.monotonic() - started
         return summary
+
+    def _adopt_identical(
+        self,
+        changed: list[tuple[Seen, Manifest | None, bytes]],
+        local: dict[str, LocalEntry],
+        live: dict[str, dict[str, Version]],
+        found: Observation,
+        now_ns: int,
+    ) -> list[tuple[Seen, Manifest | None, bytes]]:
+        """An entry this device has no record of (a path no longer ignored, a file put
+        in place by hand) that is identical to a live version is that version: it is
+        adopted into the scan cache instead of recorded again. The rest is returned."""
+        remaining = []
+        for seen, manifest, content in changed:
+            same = None
+            if seen.path not in local:
+                wanted = (seen.kind, content, seen.permissions)
+                same = next(
+                    (
+                        vid
+                        for vid, v in sorted(live.get(seen.path, {}).items())
+                        if (v.kind, v.content, v.permissions) == wanted
+                    ),
+                    None,
+                )
+            if same is None:
+                remaining.append((seen, manifest, content))
+                continue
+            found.refreshed.append(cache_entry(seen.path, same, seen.stat_key, now_ns))
+            if manifest is not None:
+                found.reindexed.append((seen.path, manifest))
+        return remaining
 
     def _recorded_content(self, entry: LocalEntry) -> tuple[Kind, bytes, int] | None:
         version = self.catalog.version(entry.version_id)
