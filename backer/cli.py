@@ -37,7 +37,7 @@ from .paths import METADATA_DIR
 from .records import Kind, Version
 from .replicator import Replicator
 from .session import Session, WireStats
-from .share import ScanSummary, Share, ShareBusy
+from .share import ScanSummary, Share, ShareBusy, is_damage
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -581,7 +581,9 @@ def main() -> None:
     except (sqlite3.DatabaseError, OSError) as exc:
         if os.environ.get("BACKER_DEBUG"):
             raise
-        click.echo(f"backer: error: {exc}", err=True)
+        damaged = isinstance(exc, sqlite3.DatabaseError) and is_damage(exc)
+        hint = "; the share database is damaged: run 'backer repair --from HOST:PORT'"
+        click.echo(f"backer: error: {exc}{hint if damaged else ''}", err=True)
         sys.exit(EXIT_ERROR)
     except Exception as exc:
         if os.environ.get("BACKER_DEBUG"):

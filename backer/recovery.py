@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 MARKS_DIR = "heads"
 
@@ -30,13 +31,63 @@ def own_length(home: Path, share_id: bytes) -> int:
 
 def record_own_length(home: Path, share_id: bytes, length: int) -> None:
     """Durably note the log's length after an append (temp file, fsync, rename)."""
-    path = _mark(home, share_id)
+    _write_durably(_mark(home, share_id), str(length).encode())
+
+
+def _write_durably(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_name(path.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, str(length).encode())
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(temp, path)
+
+
+# -- a share whose .backer/ was lost ----------------------------------------------------
+
+SHARE_SUFFIX = ".share"
+
+
+class KnownShare(NamedTuple):
+    """What the device home remembers of a share: enough to rejoin it in place."""
+
+    share_id: bytes
+    share_key: bytes
+    root: Path
+
+
+def remember_share(home: Path, share_id: bytes, share_key: bytes, root: Path) -> None:
+    """Note the share's folder and key beside its log length (only when they changed).
+
+    The share key is as secret as the device key next to it (same directory, mode 0600);
+    with both, ``backer repair`` can rebuild a lost ``.backer/`` from any peer."""
+    path = _mark(home, share_id).with_suffix(SHARE_SUFFIX)
+    text = f"{share_key.hex()}\n{root}\n"
+    try:
+        if path.read_text() == text:
+            return
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    _write_durably(path, text.encode())
+
+
+def share_at(home: Path, start: Path) -> KnownShare | None:
+    """The share this device remembers at ``start`` or one of its parents, if any."""
+    wanted = {start, *start.parents}
+    for path in sorted((home / MARKS_DIR).glob("*" + SHARE_SUFFIX)):
+        try:
+            key_hex, root = path.read_text().split("\n")[:2]
+            known = KnownShare(bytes.fromhex(path.stem), bytes.fromhex(key_hex), Path(root))
+        except (OSError, ValueError):
+            continue
+        if known.root in wanted:
+            return known
+    return None
+
+
+def knows_any_share(home: Path) -> bool:
+    """Whether this device has been a member of any share (its home holds a log mark)."""
+    return any((home / MARKS_DIR).glob("*")) if (home / MARKS_DIR).is_dir() else False

@@ -21,7 +21,15 @@ from typing import IO
 import nacl.signing
 import sqlite_utils
 
-from journal import Checkpoint, CorruptJournal, Event, IngestResult, Journal, RejectedBatch
+from journal import (
+    Checkpoint,
+    CorruptJournal,
+    Event,
+    IngestResult,
+    Journal,
+    JournalError,
+    RejectedBatch,
+)
 
 from . import entropy, recovery
 from .catalog import Catalog, LocalEntry
@@ -93,13 +101,60 @@ def _take_lock(root: Path) -> IO[bytes]:
     return handle
 
 
-def _open_db(path: Path) -> sqlite_utils.Database:
-    try:
-        db = sqlite_utils.Database(str(path))
-        db.conn.execute("PRAGMA quick_check").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise BackerError(f"share database {path} is corrupted: {exc}") from exc
-    return db
+def _check_db(db: sqlite_utils.Database) -> None:
+    """Raise if the database is not a whole share database (sqlite's quick check, and
+    the tables and identity every share has; an emptied file would otherwise look new)."""
+    db.conn.execute("PRAGMA quick_check").fetchone()
+    if not {"meta", "live"} <= set(db.table_names()):
+        raise ValueError("its tables are missing")
+    if db.conn.execute("SELECT 1 FROM meta WHERE key = 'share_id'").fetchone() is None:
+        raise ValueError("the share id is missing")
+
+
+REPAIR_HINT = "run 'backer repair --from HOST:PORT --dir {root}' to rebuild it from a peer"
+
+
+class DamagedShare(BackerError):
+    """The share's database cannot be trusted; ``backer repair`` rebuilds it in place."""
+
+    def __init__(self, root: Path, reason: object) -> None:
+        super().__init__(
+            f"the share database in {root / METADATA_DIR} is damaged ({reason}); "
+            + REPAIR_HINT.format(root=root)
+            + " (your files are left as they are)"
+        )
+        self.root = root
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether an error reading the share's own database means the database is damaged
+    (not merely busy, unreadable or on a full disk)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return str(exc).startswith("no such")
+    return isinstance(exc, (sqlite3.DatabaseError, JournalError, ValueError))
+
+
+def lost_share_error(start: Path, home: Path | None) -> BackerError:
+    """The error for a folder that holds no share: say so, and if it looks like a share
+    that lost its ``.backer/`` (the device remembers one here, or was a member of some
+    share and the folder has files), point at ``backer repair``, not at a new share."""
+    for candidate in (start, *start.parents):
+        if (candidate / METADATA_DIR).is_dir():  # the directory is there, its database not
+            return DamagedShare(candidate, f"{DB_FILE} is missing")
+    known = recovery.share_at(home, start) if home is not None else None
+    if known is not None:
+        return BackerError(
+            f"the share {known.share_id.hex()} at {known.root} has lost its {METADATA_DIR}/ "
+            "directory; " + REPAIR_HINT.format(root=known.root)
+            + " ('backer init' would make a new, unrelated share)"
+        )
+    if home is not None and recovery.knows_any_share(home) and any(start.iterdir()):
+        return BackerError(
+            f"not inside a share: {start}; if it was a share that lost its {METADATA_DIR}/, "
+            f"run 'backer repair --token TOKEN --dir {start}' with an invite from a peer "
+            "('backer init' makes a new, unrelated share)"
+        )
+    return BackerError(f"not inside a share: {start} (run 'backer init' first)")
 
 
 class Share:
@@ -120,17 +175,23 @@ class Share:
         self.key = key
         self.device = bytes(key.verify_key)
         self._lock = _take_lock(root) if exclusive else None
-        self.db = _open_db(root / METADATA_DIR / DB_FILE)
-        try:
-            self.journal = Journal(self.db)
-            self.catalog = Catalog(self.db)
-        except (CorruptJournal, sqlite3.DatabaseError) as exc:
-            raise BackerError(f"share database is corrupted: {exc}") from exc
-        self.state = FileState(self.catalog.get_meta("doc_snapshot"))
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
-        self._replay()
-        self.own_events_missing = self._own_events_missing()
+        self.db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
+        try:
+            _check_db(self.db)
+            self.journal = Journal(self.db)
+            self.catalog = Catalog(self.db)
+            self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+            self._replay()
+            self.own_events_missing = self._own_events_missing()
+        except Exception as exc:
+            self._release()
+            if is_damage(exc):
+                raise DamagedShare(root, exc) from exc
+            raise
+        if home is not None and self.share_key:
+            recovery.remember_share(home, self.share_id, self.share_key, root)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -141,19 +202,23 @@ class Share:
         key: nacl.signing.SigningKey,
         joining: tuple[bytes, bytes] | None = None,
         home: Path | None = None,
+        repairing: bool = False,
     ) -> Share:
         """Make ``root`` a share: a new one with this device as founding member, or,
-        with ``joining=(share_id, share_key)``, an empty replica that a peer fills."""
+        with ``joining=(share_id, share_key)``, an empty replica that a peer fills.
+        ``repairing``: ``.backer/`` stays (its damaged database was moved aside)."""
         if not root.exists():
             raise BackerError(f"directory does not exist: {root}")
         if not root.is_dir():
             raise BackerError(f"not a directory: {root}")
-        if (root / METADATA_DIR).exists():
+        if (root / METADATA_DIR / DB_FILE).exists() or (
+            (root / METADATA_DIR).exists() and not repairing
+        ):
             raise BackerError(f"already a share: {root}")
         outer = find_root(root.parent)
         if outer is not None:
             raise BackerError(f"{root} is inside the share {outer}; shares cannot nest")
-        (root / METADATA_DIR).mkdir(mode=0o700)
+        (root / METADATA_DIR).mkdir(mode=0o700, exist_ok=repairing)
         db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
         os.chmod(root / METADATA_DIR / DB_FILE, 0o600)
         catalog = Catalog(db)
@@ -206,9 +271,13 @@ class Share:
             raise BackerError(f"directory does not exist: {start}")
         root = find_root(start.resolve())
         if root is None:
-            raise BackerError(f"not inside a share: {start} (run 'backer init' first)")
+            raise lost_share_error(start.resolve(), home)
         share = cls(root, key, exclusive, home)
-        share.journal.verify()
+        try:
+            share.journal.verify()
+        except CorruptJournal as exc:
+            share._release()
+            raise DamagedShare(root, exc) from exc
         if share.catalog.get_meta("device") != share.device:
             raise BackerError(
                 f"the share {root} belongs to another device key (is BACKER_HOME set right?)"
@@ -218,8 +287,13 @@ class Share:
     def close(self) -> None:
         if self._lock is not None:
             self.save_snapshot()
-            self._lock.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the database and the lock without writing anything more."""
         self.db.conn.close()
+        if self._lock is not None:
+            self._lock.close()
 
     def __enter__(self) -> Share:
         return self
@@ -235,6 +309,8 @@ class Share:
     def set_share_key(self, share_key: bytes) -> None:
         with self.db.conn:
             self.catalog.set_meta("share_key", share_key)
+        if self.home is not None:
+            recovery.remember_share(self.home, self.share_id, share_key, self.root)
 
     @property
     def share_id(self) -> bytes:

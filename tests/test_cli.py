@@ -136,7 +136,7 @@ def test_garbage_database_is_a_clear_error(run_cli, share_dir: Path) -> None:
     (share_dir / ".backer" / "backer.db").write_bytes(b"this is not a database" * 100)
     for suffix in ("-wal", "-shm"):
         (share_dir / ".backer" / f"backer.db{suffix}").unlink(missing_ok=True)
-    assert_clean_error(run_cli("status", cwd=share_dir, check=False), "corrupted")
+    assert_clean_error(run_cli("status", cwd=share_dir, check=False), "backer repair")
 
 
 def test_another_devices_key_cannot_open_the_share(
