@@ -16,6 +16,7 @@ was this path before" are one indexed lookup instead of a walk of the CRDT.
 from __future__ import annotations
 
 import sqlite3
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -54,6 +55,10 @@ class HistoryEntry:
     live: bool
 
 
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
 MANIFEST_CACHE = 16_384  # a plan looks each manifest up several times, near in time
 
 
@@ -62,6 +67,7 @@ class Catalog:
         self.db = db
         self.conn: sqlite3.Connection = db.conn
         self._manifests: dict[bytes, Manifest] = {}  # content-addressed, so never stale
+        self.conn.create_function("nfc", 1, _nfc, deterministic=True)
         if "live" not in db.table_names():
             self._create_schema()
 
@@ -186,6 +192,14 @@ class Catalog:
             HistoryEntry(vid, Version.decode(record), author, position, bool(live))
             for vid, record, author, position, live in rows
         ]
+
+    def spellings(self, path: str) -> list[str]:
+        """Recorded paths that are ``path`` under some Unicode normalisation (a person
+        typing a name cannot tell NFC from NFD)."""
+        rows = self.conn.execute(
+            "SELECT DISTINCT path FROM versions WHERE nfc(path) = ? ORDER BY path", (_nfc(path),)
+        )
+        return [p for (p,) in rows]
 
     def versions_at(self, position: int) -> list[tuple[str, str, Version]]:
         rows = self.conn.execute(

@@ -97,6 +97,19 @@ def _share_path(share: Share, path: str) -> str:
     return relative.as_posix() if str(relative) != "." else ""
 
 
+def _recorded_path(share: Share, key: str) -> str:
+    """The path as recorded: ``key`` itself, or the one recorded spelling that differs
+    from it only by Unicode normalisation (NFC as typed, NFD as macOS writes, or back)."""
+    if share.catalog.history(key):
+        return key
+    spellings = share.catalog.spellings(key)
+    if len(spellings) == 1:
+        return spellings[0]
+    if spellings:
+        raise BackerError(f"{key!r} matches several recorded names: {', '.join(spellings)}")
+    raise BackerError(f"no history for {key!r} in this share")
+
+
 def _print_scan(summary: ScanSummary) -> None:
     for error in summary.errors:
         click.echo(f"warning: {error}", err=True)
@@ -247,10 +260,8 @@ def log(path: str | None, directory: str, as_json: bool) -> None:
 def history(path: str, directory: str, as_json: bool) -> None:
     """Show every version of PATH: when, by which device, size and hash."""
     with _open(directory, exclusive=False) as share:
-        key = _share_path(share, path)
+        key = _recorded_path(share, _share_path(share, path))
         entries: list[HistoryEntry] = share.catalog.history(key)
-    if not entries:
-        raise BackerError(f"no history for {key!r} in this share")
     if as_json:
         rows = [
             {

@@ -1,9 +1,12 @@
 """Share-relative paths: the one spelling every device agrees on.
 
-A path in the state is relative, '/'-separated, NFC-normalised Unicode, with no empty,
-'.' or '..' component, no NUL, and never inside the metadata directory. Everything
-that names a path — the scanner now, received events later — goes through
-:func:`check`, so nothing can point outside the share.
+A path in the state is relative, '/'-separated Unicode spelled exactly as on the disk
+of the device that recorded it (NFC or NFD alike: a receiver writes the same bytes),
+with no empty, '.' or '..' component, no NUL or backslash, and no component that is the
+metadata directory's name once case and Unicode normalisation are folded away (on a
+case- or normalisation-insensitive filesystem ``.Backer`` is ``.backer``). Everything
+that names a path — the scanner, received events — goes through :func:`check`, so
+nothing can point outside the share or into its metadata.
 """
 
 from __future__ import annotations
@@ -17,8 +20,17 @@ class BadPath(ValueError):
     """A path that must never be stored or written."""
 
 
-def normalize(path: str) -> str:
-    return unicodedata.normalize("NFC", path)
+def fold(name: str) -> str:
+    """The form under which two names are one on a case- and normalisation-insensitive
+    filesystem (macOS, Windows): Unicode's canonical caseless match, NFD(casefold(NFD))."""
+    if name.isascii():
+        return name.lower()
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+
+def is_reserved(name: str) -> bool:
+    """Whether one path component names (or, folded, could name) a metadata directory."""
+    return fold(name) == METADATA_DIR
 
 
 def check(path: str) -> str:
@@ -29,13 +41,11 @@ def check(path: str) -> str:
         raise BadPath(f"path contains NUL: {path!r}")
     if path.startswith("/") or path.startswith("\\") or (len(path) > 1 and path[1] == ":"):
         raise BadPath(f"absolute path: {path!r}")
-    if normalize(path) != path:
-        raise BadPath(f"path is not NFC-normalised: {path!r}")
     parts = path.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise BadPath(f"path has an empty, '.' or '..' component: {path!r}")
-    if parts[0] == METADATA_DIR:
-        raise BadPath(f"path is inside {METADATA_DIR}/: {path!r}")
+    if any(is_reserved(part) for part in parts):
+        raise BadPath(f"path names a {METADATA_DIR}/ directory: {path!r}")
     if any("\\" in part for part in parts):
         raise BadPath(f"path contains a backslash: {path!r}")
     try:
@@ -54,9 +64,8 @@ def is_valid(path: str) -> bool:
 
 
 def check_name(name: str) -> str:
-    """Validate and NFC-normalise one directory entry's name (the scanner's fast path)."""
+    """Validate one directory entry's name, kept as spelled (the scanner's fast path)."""
     if not name.isascii():
-        name = normalize(name)
         try:
             name.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -64,3 +73,4 @@ def check_name(name: str) -> str:
     if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise BadPath(f"name is not portable: {name!r}")
     return name
+

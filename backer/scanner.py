@@ -22,7 +22,7 @@ from . import entropy
 from .catalog import LocalEntry
 from .content import Manifest, manifest_of_file
 from .ignore import TEMP_SUFFIX, IgnoreRules
-from .paths import METADATA_DIR, BadPath, check_name
+from .paths import METADATA_DIR, BadPath, check_name, fold, is_reserved
 from .records import PERMISSION_BITS, Kind
 
 READ_ATTEMPTS = 3
@@ -33,7 +33,7 @@ FRESH_NS = 2_000_000_000  # an mtime this recent may still change within its gra
 class Seen(NamedTuple):
     """One entry found on disk (a tuple: a scan makes one per file)."""
 
-    path: str  # share-relative, NFC
+    path: str  # share-relative, spelled as on disk
     disk_path: str
     kind: Kind
     size: int
@@ -83,20 +83,29 @@ def walk(
     while stack:
         directory, prefix = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
             here = prefix.rstrip("/")
             errors.append(f"{here or '.'}: cannot list directory: {exc.strerror}")
             unreadable.add(here)
             continue
+        folded: dict[str, str] = {}
         for entry in entries:
-            if not prefix and entry.name == METADATA_DIR:
+            if is_reserved(entry.name):
+                if prefix or entry.name != METADATA_DIR:
+                    errors.append(_reserved(prefix + entry.name, entry.path))
                 continue
             try:
                 path = prefix + check_name(entry.name)
             except BadPath as exc:
                 errors.append(f"{prefix + entry.name!r}: skipped: {exc}")
                 continue
+            twin = folded.setdefault(fold(entry.name), path)
+            if twin != path:  # both are synced; only some filesystems can hold both
+                errors.append(
+                    f"{path}: same name as {twin} once case and Unicode normalisation are "
+                    "ignored: a device whose filesystem ignores them can keep only one"
+                )
             try:
                 info = entry.stat(follow_symlinks=False)
             except OSError as exc:
@@ -117,15 +126,19 @@ def walk(
                 continue
             if rules.ignored(path, kind == Kind.DIRECTORY):
                 continue
-            if path in seen:
-                errors.append(f"{path}: skipped: another name here has the same NFC form")
-                continue
             mtime = 0 if kind == Kind.DIRECTORY else info.st_mtime_ns
             size = 0 if kind == Kind.DIRECTORY else info.st_size
             seen[path] = Seen(path, entry.path, kind, size, mtime, info.st_ino, info.st_mode)
             if kind == Kind.DIRECTORY:
                 stack.append((entry.path, path + "/"))
     return seen, unreadable
+
+
+def _reserved(path: str, disk_path: str) -> str:
+    """Why a directory entry named like the metadata directory is skipped."""
+    if os.path.isfile(os.path.join(disk_path, "backer.db")):
+        return f"{path}: skipped: the metadata of another share inside this one"
+    return f"{path}: skipped: reserved name (backer's metadata directory is {METADATA_DIR})"
 
 
 def _stat_key(path: str) -> tuple[int, int, int, int]:

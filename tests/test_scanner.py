@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from backer.content import manifest_of_bytes
+from backer.paths import BadPath, check
 from backer.records import Kind
 from backer.scanner import Seen, read_stable
 from backer.share import Share
@@ -105,11 +106,52 @@ def test_ignore_rules_and_defaults(share: Share) -> None:
     assert sorted(live(share)) == [".backerignore", "keep.log"]
 
 
-def test_paths_are_recorded_nfc(share: Share) -> None:
+def test_nfd_name_is_recorded_as_spelled_on_disk(share: Share) -> None:
     decomposed = unicodedata.normalize("NFD", "café.txt")
     (share.root / decomposed).write_text("x")
-    share.scan()
-    assert list(live(share)) == [unicodedata.normalize("NFC", "café.txt")]
+    summary = share.scan()
+    assert list(live(share)) == [decomposed] and summary.errors == []
+    assert share.scan().events == 0
+
+
+def test_names_equal_but_for_normalisation_or_case_are_kept_reported_and_stable(
+    share: Share,
+) -> None:
+    nfc, nfd = (unicodedata.normalize(form, "résumé.txt") for form in ("NFC", "NFD"))
+    (share.root / nfc).write_text("composed")
+    (share.root / nfd).write_text("decomposed")
+    (share.root / "README").write_text("upper")
+    (share.root / "readme").write_text("lower")
+    first = share.scan()
+    assert sorted(live(share)) == sorted(["README", "readme", nfc, nfd])
+    reported = sorted(e.split(":")[0] for e in first.errors)
+    assert reported == sorted([max(nfc, nfd), "readme"])  # the later name, by code point
+    for _ in range(2):  # no loop: the same report, nothing recorded again
+        again = share.scan()
+        assert again.events == 0 and again.errors == first.errors
+
+
+def test_reserved_names_are_refused_case_and_normalisation_folded() -> None:
+    for bad in (".backer/x", ".Backer/backer.db", "a/.BACKER/x", "a/.backer"):
+        with pytest.raises(BadPath):
+            check(bad)
+    for good in (unicodedata.normalize("NFD", "café"), "a/.backerignore", "backer/x"):
+        assert check(good) == good
+
+
+def test_init_on_the_parent_of_a_share_skips_its_metadata(tmp_path: Path, key) -> None:
+    inner = tmp_path / "outer" / "inner"
+    inner.mkdir(parents=True)
+    (inner / "photo.jpg").write_bytes(b"jpeg")
+    Share.create(inner, key).close()
+    (tmp_path / "outer" / ".Backer").mkdir()
+    share = Share.create(tmp_path / "outer", key)
+    summary = share.scan()
+    assert sorted(live(share)) == ["inner", "inner/photo.jpg"]
+    assert summary.errors == [
+        ".Backer: skipped: reserved name (backer's metadata directory is .backer)",
+        "inner/.backer: skipped: the metadata of another share inside this one",
+    ]
 
 
 def test_rename_and_delete_of_a_directory(share: Share) -> None:
