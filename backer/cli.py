@@ -349,6 +349,12 @@ def _name() -> str:
     return socket.gethostname()
 
 
+def _check_applied(hub: transport.Hub, hint: str = "") -> None:
+    """A plan stopped by a full disk fails the command (after its summary)."""
+    if hub.replicator.disk_full is not None:
+        raise BackerError(f"{hub.replicator.disk_full}{hint}")
+
+
 def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list[Session]:
     """The sessions that completed; report the others (raise if none completed)."""
     failures = []
@@ -381,6 +387,7 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None) -> Non
         if command:
             outcomes = asyncio.run(_sync_over(hub, [transport.command_streams(command)]))
             click.echo(_summary_line(_results(outcomes, [command]), hub.replicator))
+            _check_applied(hub)
             return
         targets = list(addresses) or _known_peers(share)
         if not targets:
@@ -395,6 +402,7 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None) -> Non
         if len(sessions) > 1:
             for session in sessions:
                 click.echo("  " + _summary_line([session]).replace("synced with", "from"))
+        _check_applied(hub)
 
 
 @cli.command()
@@ -414,6 +422,7 @@ def stdio(directory: str) -> None:
         except transport.SessionClosed as exc:
             raise BackerError(f"sync failed: {exc}") from exc
         click.echo(_summary_line([session], hub.replicator), err=True)
+        _check_applied(hub)
 
 
 def _new_invite(share: Share, expires: int, addresses: tuple[str, ...]) -> tuple[bytes, str]:
@@ -451,6 +460,8 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
             click.echo(f"closed session with {peer_address}: {exc}", err=True)
             return
         click.echo(_summary_line([session]), err=True)
+        if hub.replicator.disk_full is not None:
+            click.echo(f"backer: warning: {hub.replicator.disk_full}", err=True)
         if until_joined is not None and share.invite_key(until_joined) is None:
             stop.set()
 
@@ -571,6 +582,7 @@ def join(token: str, directory: str) -> None:
             _remember_peer(share, address)
             click.echo(f"joined share {share.share_id.hex()} at {root}")
             click.echo(_summary_line(sessions, hub.replicator))
+            _check_applied(hub, "; joined: run 'backer sync' to finish once there is room")
             return
     shutil.rmtree(root / METADATA_DIR, ignore_errors=True)
     raise BackerError("could not join: " + "; ".join(failures or ["the token names no address"]))

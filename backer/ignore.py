@@ -60,3 +60,7 @@ class IgnoreRules:
             if found:
                 return True
         return self.ignored(path, is_dir)
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of backer's own temp files."""
+    return name.endswith(TEMP_SUFFIX)

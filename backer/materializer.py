@@ -11,7 +11,8 @@
    disk and lists the operations, in a fixed order: directories and files in path
    order, then deletions deepest first.
 3. :class:`Materializer` applies them: temp file in the target directory, every chunk
-   verified, made durable, then a re-check that the target is exactly as the plan saw
+   verified, every write checked, the finished file re-hashed against its manifest,
+   made durable, then a re-check that the target is exactly as the plan saw
    it (if not, it is a local edit: it is left alone for the scanner, never clobbered),
    the old contents hard-linked into ``.backer/versions/``, an atomic rename and a
    directory fsync. A crash leaves the old file or the new one, never a torn one.
@@ -41,6 +42,8 @@ from blake3 import blake3
 from . import entropy
 from .catalog import Catalog, LocalEntry
 from .chunks import ChunkStore
+from .content import Manifest
+from .errors import BackerError
 from .ignore import TEMP_SUFFIX
 from .paths import METADATA_DIR, BadPath, check
 from .records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version
@@ -240,15 +243,67 @@ class LocalEdit(Exception):
     """The target changed since the plan was made: leave it to the scanner."""
 
 
+MB = 1024 * 1024
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+SPACE_RESERVE = 8 * MB  # kept free for the database and the directories a window adds
+
+
+class DiskFull(BackerError):
+    """The share's filesystem has no room: the transfer stops (every temp file of the
+    window removed) and the next run, once there is room, takes it up again."""
+
+    def __init__(self, directory: Path, short: int) -> None:
+        super().__init__(f"disk full: {max(1, -(-short // MB))} MB more needed in {directory}")
+
+
+class _OutOfSpace(Exception):
+    """ENOSPC or EDQUOT: not one file's problem, the whole window stops."""
+
+
+def _free_bytes(directory: Path) -> int:
+    info = os.statvfs(directory)
+    return info.f_bavail * info.f_frsize
+
+
 @contextlib.contextmanager
 def _reported(path: str, report: Report) -> Iterator[None]:
-    """Whatever stops one operation is reported against its path; the others go on."""
+    """Whatever stops one operation is reported against its path; the others go on.
+    A full disk is not one path's problem: it goes up as :class:`_OutOfSpace`."""
     try:
         yield
     except LocalEdit:
         report.kept_local_edits.append(path)
-    except (BadPath, OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise _OutOfSpace(path) from exc
         report.errors.append(f"{path}: {exc}")
+    except (BadPath, ValueError) as exc:
+        report.errors.append(f"{path}: {exc}")
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """``pwrite`` until every byte is written: a short write is continued, and the
+    error that usually follows it (ENOSPC, EIO) is raised."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "a write made no progress")
+        view, offset = view[written:], offset + written
+
+
+def verify(path: Path, manifest: Manifest) -> None:
+    """Re-read a finished file and check every chunk's BLAKE3 against the manifest, so
+    that bytes a write lost or mangled never become a recorded version."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        if os.fstat(fd).st_size != manifest.size:
+            raise ValueError("the written file has the wrong size")
+        for ref in manifest.chunks:
+            if blake3(os.pread(fd, ref.length, ref.offset)).digest() != ref.hash:
+                raise ValueError("the written bytes do not match the version; not applied")
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -257,6 +312,14 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir_reported(directory: Path, root: Path, report: Report) -> None:
+    """fsync a directory after renames or removals in it (one gone since, deleted after
+    its entries, needs none); a failure is reported against it."""
+    path = directory.relative_to(root).as_posix() or "."
+    with _reported(path, report), contextlib.suppress(FileNotFoundError):
+        _fsync_dir(directory)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -345,6 +408,7 @@ class Assembly:
         self.missing: dict[bytes, int] = {}  # chunk hash -> length, in plan order
         self._places: dict[bytes, list[tuple[_Staged, int]]] = {}
         self._open: dict[Path, int] = {}  # a few temp files kept open while chunks arrive
+        self._batch: list[_Staged] = []  # complete files on their way into place
 
     def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
         self.missing.setdefault(chunk_hash, length)
@@ -353,18 +417,56 @@ class Assembly:
 
     def place(self, chunk_hash: bytes, data: bytes) -> None:
         """Write a verified chunk wherever the plan needs it."""
-        for staged, offset in self._places.pop(chunk_hash, ()):
-            if staged.op.path not in self.staged:
-                continue  # that file already failed
-            with _reported(staged.op.path, self.report):
-                try:
-                    os.pwrite(self._fd(staged), data, offset)
+        with self.stopping_when_full():
+            for staged, offset in self._places.pop(chunk_hash, ()):
+                if staged.op.path not in self.staged:
+                    continue  # that file already failed
+                with _reported(staged.op.path, self.report), self._dropping(staged):
+                    _write_all(self._fd(staged), data, offset)
                     staged.missing -= 1
-                except OSError:
-                    del self.staged[staged.op.path]
-                    staged.temp.unlink(missing_ok=True)
-                    raise
-        self.missing.pop(chunk_hash, None)
+            self.missing.pop(chunk_hash, None)
+
+    @contextlib.contextmanager
+    def _dropping(self, staged: _Staged) -> Iterator[None]:
+        """A file whose write fails is dropped from the plan, its temp file removed."""
+        try:
+            yield
+        except BaseException:
+            self.staged.pop(staged.op.path, None)
+            fd = self._open.pop(staged.temp, None)
+            if fd is not None:
+                os.close(fd)
+            staged.temp.unlink(missing_ok=True)
+            raise
+
+    @contextlib.contextmanager
+    def stopping_when_full(self) -> Iterator[None]:
+        """Turn a full disk into :class:`DiskFull`, after removing every temp file of the
+        window: nothing half-made stays, and the room they took is free again."""
+        try:
+            yield
+        except (_OutOfSpace, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in NO_SPACE:
+                raise
+            self.abort()
+            written = set(self.report.written)
+            needed = SPACE_RESERVE + sum(
+                op.version.size
+                for op in self.operations
+                if op.version.kind == Kind.FILE and op.path not in written
+            )
+            root = self.materializer.root
+            raise DiskFull(root, needed - _free_bytes(root)) from exc
+
+    def abort(self) -> None:
+        """Give up the window: every temp file of it is removed."""
+        self._close_all()
+        for staged in [*self.staged.values(), *self._batch]:
+            staged.temp.unlink(missing_ok=True)
+        self.staged.clear()
+        self._batch = []
+        self._places.clear()
+        self.missing.clear()
 
     def _fd(self, staged: _Staged) -> int:
         fd = self._open.get(staged.temp)
@@ -382,10 +484,14 @@ class Assembly:
     def finish(self) -> Report:
         """Move every complete file into place (plan order, durable batches), report the
         ones whose chunks never came, then apply the deletions."""
+        with self.stopping_when_full():
+            return self._finish()
+
+    def _finish(self) -> Report:
         self._close_all()
         report, materializer = self.report, self.materializer
         local = materializer.catalog.local_entries(op.path for op in self.operations)
-        batch: list[_Staged] = []
+        batch = self._batch = []
         batch_bytes = 0
         deleted_from: set[Path] = set()
         for op in self.operations:
@@ -394,7 +500,8 @@ class Assembly:
             full = len(batch) >= STAGE_FILES or batch_bytes >= STAGE_BYTES
             if full or op.version.kind == Kind.DELETED:  # deletions come last
                 materializer._commit(batch, report)
-                batch, batch_bytes = [], 0
+                batch.clear()
+                batch_bytes = 0
             if op.version.kind == Kind.DELETED:
                 with _reported(op.path, report):
                     check(op.path)
@@ -403,19 +510,22 @@ class Assembly:
             staged = self.staged.pop(op.path, None)
             if staged is None:
                 continue  # already reported
-            with _reported(op.path, report):
+            with _reported(op.path, report), _removing(staged.temp):
                 if staged.missing:
-                    staged.temp.unlink(missing_ok=True)
                     raise ValueError(f"{staged.missing} chunks were not available")
-                if op.version.kind == Kind.FILE and op.version.mtime_ns:
-                    mtime = op.version.mtime_ns  # as on the writer's disk (as rsync -a does)
-                    os.utime(staged.temp, ns=(mtime, mtime))
+                if op.version.kind == Kind.FILE:
+                    manifest = materializer.catalog.manifest(op.version.content)
+                    if manifest is None:
+                        raise ValueError("manifest is missing")
+                    verify(staged.temp, manifest)
+                    if op.version.mtime_ns:  # as on the writer's disk (as rsync -a does)
+                        mtime = op.version.mtime_ns
+                        os.utime(staged.temp, ns=(mtime, mtime))
                 batch.append(staged)
                 batch_bytes += op.version.size
         materializer._commit(batch, report)
         for directory in sorted(deleted_from, reverse=True):
-            with contextlib.suppress(FileNotFoundError):  # itself deleted after its entries
-                _fsync_dir(directory)
+            _fsync_dir_reported(directory, materializer.root, report)
         return report
 
 
@@ -442,19 +552,28 @@ class Materializer:
         and link gets its temp file beside its target, filled at once with the chunks any
         local file holds; what is still missing arrives through :meth:`Assembly.place`,
         and :meth:`Assembly.finish` moves everything into place."""
+        needed = sum(op.version.size for op in operations if op.version.kind == Kind.FILE)
+        if needed:  # the temp files hold whole new copies (replaced ones are kept)
+            free = _free_bytes(self.root)
+            if needed + SPACE_RESERVE > free:
+                raise DiskFull(self.root, needed + SPACE_RESERVE - free)
         assembly = Assembly(self, operations)
         local = self.catalog.local_entries(op.path for op in operations)
         self._checked_parents = set()
-        for op in operations:
-            if op.version.kind == Kind.DELETED:
-                continue
-            with _reported(op.path, assembly.report):
-                check(op.path)
-                if op.version.kind == Kind.DIRECTORY:
-                    self._make_directory(op, local.get(op.path))
-                else:
-                    assembly.staged[op.path] = self._stage(op, local.get(op.path), assembly)
-        self._checked_parents = None
+        try:
+            with assembly.stopping_when_full():
+                for op in operations:
+                    if op.version.kind == Kind.DELETED:
+                        continue
+                    with _reported(op.path, assembly.report):
+                        check(op.path)
+                        cached = local.get(op.path)
+                        if op.version.kind == Kind.DIRECTORY:
+                            self._make_directory(op, cached)
+                        else:
+                            assembly.staged[op.path] = self._stage(op, cached, assembly)
+        finally:
+            self._checked_parents = None
         return assembly
 
     def _target(self, path: str) -> Path:
@@ -569,7 +688,7 @@ class Materializer:
                 data = self.store.read(ref.hash)
                 if data is not None and len(data) == ref.length:
                     fd = staged.open() if fd is None else fd
-                    os.pwrite(fd, data, ref.offset)
+                    _write_all(fd, data, ref.offset)
                 else:
                     assembly.wait_for(ref.hash, ref.length, staged, ref.offset)
             if fd is None and not staged.missing:  # an empty file
@@ -613,7 +732,7 @@ class Materializer:
                     report.bytes_written += op.version.size
                 report.written.append(op.path)
         for directory in sorted(directories):
-            _fsync_dir(directory)
+            _fsync_dir_reported(directory, self.root, report)
 
     def _record(self, op: Operation, info: os.stat_result) -> None:
         entry = cache_entry(op.path, op.version_id, stat_key_of(info), entropy.now_ns())

@@ -25,7 +25,15 @@ from blake3 import blake3
 from .chunks import ChunkStore
 from .content import Manifest
 from .ignore import IgnoreRules
-from .materializer import Assembly, Materializer, Operation, Report, manifests_needed, plan
+from .materializer import (
+    Assembly,
+    DiskFull,
+    Materializer,
+    Operation,
+    Report,
+    manifests_needed,
+    plan,
+)
 from .records import Kind
 from .share import Share
 from .wire import Done, ProtocolError, WantChunks, WantManifests
@@ -70,6 +78,7 @@ class Replicator:
         self.lacking: dict[bytes, set[Session]] = {}  # chunk or manifest -> peers without it
         self.gave_up = False  # content no peer had at the last try: ask again when one writes
         self.awaited = 0  # peers being dialled that have not caught us up yet: plan after them
+        self.disk_full: DiskFull | None = None  # why the last plan stopped, if the disk did
 
     @property
     def idle(self) -> bool:
@@ -114,9 +123,28 @@ class Replicator:
 
     def advance(self) -> None:
         """Move the materialization forward as far as it can go without waiting."""
+        try:
+            self._advance()
+        except DiskFull as problem:
+            self._stop(problem)
+
+    def _stop(self, problem: DiskFull) -> None:
+        """The disk is full: the plan stops (the assembly removed its temp files), what
+        was applied is committed, the sessions go on; a later plan tries again."""
+        self.disk_full = problem
+        self.share.db.conn.commit()
+        if self.assembly is not None:
+            self.reports.append(self.assembly.report)
+        self.operations = self.assembly = None
+        self.share.temps_in_use = set()
+        self.chunk_queue.clear()
+        self.dirty = False
+        self._acknowledge()
+
+    def _advance(self) -> None:
         while self._fetchers():
             if self.operations is None:
-                if not self.dirty or self.awaited:
+                if not self.dirty or self.awaited or self.chunks_asked:  # (asked before a stop)
                     return
                 if self.share.own_events_missing:  # restored from an older copy: nothing
                     self.dirty = False  # is applied until its own history is back (its
@@ -147,6 +175,8 @@ class Replicator:
 
     def _plan(self) -> None:
         self.dirty = False
+        self.disk_full = None
+        self.chunk_queue.clear()  # (requests of a stopped plan that a lost peer handed back)
         resolved = self.share.resolve_conflicts()
         self.stats.conflicts_resolved += resolved
         self.operations = plan(self.share.catalog, IgnoreRules.load(self.share.root).excluded)
@@ -273,8 +303,13 @@ class Replicator:
             return
         if blake3(data).digest() != chunk_hash:
             raise ProtocolError("a chunk does not match its hash")
-        assert self.assembly is not None
-        self.assembly.place(chunk_hash, data)
+        if self.assembly is None:  # the plan stopped (disk full) while this was on its way
+            return
+        try:
+            self.assembly.place(chunk_hash, data)
+        except DiskFull as problem:
+            self._stop(problem)
+            return
         self.stats.bytes_fetched += len(data)
         session.stats.chunk_bytes_received += len(data)
         session.stats.chunks_fetched += 1

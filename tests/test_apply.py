@@ -6,7 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.helpers import make_devices, sync, tree
+import nacl.signing
+import pytest
+
+from backer.content import manifest_of_bytes
+from backer.ignore import is_temp_name
+from backer.materializer import verify
+from backer.session import Session
+from backer.share import Share
+from tests.helpers import Links, make_devices, small_disk, sync, tree
 
 
 def test_links_mixed_with_files_above_the_syncfs_threshold_are_applied(tmp_path: Path) -> None:
@@ -25,3 +33,70 @@ def test_links_mixed_with_files_above_the_syncfs_threshold_are_applied(tmp_path:
     _, right = sync(a, b)
     assert tree(a.root) == tree(b.root)
     assert not [r.errors for r in right.replicator.reports if r.errors]
+
+
+def _pair_on(tmp_path: Path, replica_root: Path) -> tuple[Share, Share]:
+    """A founder under ``tmp_path`` and a member whose share lives at ``replica_root``."""
+    a_key, b_key = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
+    (tmp_path / "a").mkdir()
+    replica_root.mkdir()
+    a = Share.create(tmp_path / "a", a_key)
+    a.admit(bytes(b_key.verify_key), "b")
+    return a, Share.create(replica_root, b_key, joining=(a.share_id, a.share_key))
+
+
+def _same_or_absent(source: Path, replica: Path) -> None:
+    theirs = tree(source)
+    for path, entry in tree(replica).items():
+        assert entry == theirs[path], path
+    assert not [p for p in replica.rglob("*") if is_temp_name(p.name)]
+
+
+def test_a_disk_that_fills_mid_transfer_stops_it_with_nothing_torn_and_a_later_sync_finishes(
+    tmp_path: Path,
+) -> None:
+    """Writes were unchecked: a short write at ENOSPC left zeros that were recorded."""
+    with small_disk(tmp_path / "disk", "32m") as disk:
+        a, b = _pair_on(tmp_path, disk / "b")
+        for n in range(4):
+            (a.root / f"f{n}.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 1000 * n))
+        a.scan()
+        b.scan()
+        left, right = Session(a, "a"), Session(b, "b")
+        links = Links([(left, right)])
+        for _ in range(100):
+            if right.replicator.assembly is not None:
+                break
+            links.step()
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(disk / "filler", "wb") as filler:  # another program fills the disk
+            filler.write(b"x" * (free - 3 * 1024 * 1024))
+        links.run()
+        problem = right.replicator.disk_full
+        assert problem is not None and str(problem).startswith("disk full: ")
+        assert f"MB more needed in {b.root}" in str(problem)
+        _same_or_absent(a.root, b.root)
+        assert len(tree(b.root)) < 4
+        b.scan()
+        assert all(
+            v.content == a.catalog.live_versions(p).popitem()[1].content
+            for p, _, v in b.catalog.all_live()
+        )
+        (disk / "filler").unlink()
+        _, right = sync(a, b)
+        assert tree(a.root) == tree(b.root)
+
+
+def test_verify_rejects_a_file_whose_bytes_differ_from_its_manifest(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    (tmp_path / "f").write_bytes(data)
+    manifest = manifest_of_bytes(data)
+    verify(tmp_path / "f", manifest)
+    with open(tmp_path / "f", "r+b") as handle:
+        handle.seek(200_000)
+        handle.write(b"\0" * 4096)
+    with pytest.raises(ValueError, match="do not match"):
+        verify(tmp_path / "f", manifest)
+    os.truncate(tmp_path / "f", 100)
+    with pytest.raises(ValueError, match="wrong size"):
+        verify(tmp_path / "f", manifest)

@@ -4,9 +4,12 @@ odd names, interrupted transfers, links that point out of the share."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
+from backer.ignore import is_temp_name
 from tests.e2e import Device, free_port, invite, snapshot
+from tests.helpers import small_disk
 
 
 def _founder(tmp_path: Path) -> tuple[Device, Device]:
@@ -31,3 +34,35 @@ def test_a_share_with_a_symlink_and_a_20_mb_file_is_joined_and_synced(tmp_path: 
         out = b.sync(address)
     assert "errors 0" in out, out
     assert snapshot(b.root) == snapshot(a.root)
+
+
+def _same_or_absent(source: Path, replica: Path) -> None:
+    """Every file the replica holds is byte-identical to the source's; no temp files."""
+    theirs = snapshot(source)
+    for path, entry in snapshot(replica).items():
+        assert entry == theirs[path], path
+    assert not [p for p in replica.rglob("*") if is_temp_name(p.name)]
+
+
+def test_join_into_a_full_disk_stops_clearly_and_the_next_sync_finishes(tmp_path: Path) -> None:
+    a, b = _founder(tmp_path)
+    for n in range(8):
+        (a.root / f"part{n}.bin").write_bytes(os.urandom(5 * 1024 * 1024))
+    (a.root / "small.txt").write_text("small")
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with small_disk(tmp_path / "disk", "24m") as disk, a.serving(port) as address:
+        b.root = disk / "b"
+        result = b.run("join", token, str(b.root), check=False)
+        assert result.returncode == 1, result
+        error = result.stderr.strip()
+        assert len(error.splitlines()) == 1 and "disk full: " in error, error
+        assert f"MB more needed in {b.root}" in error, error
+        _same_or_absent(a.root, b.root)
+        result = b.run("sync", address, "--dir", str(b.root), check=False)
+        assert result.returncode == 1 and "disk full: " in result.stderr
+        _same_or_absent(a.root, b.root)
+        subprocess.run(["mount", "-o", "remount,size=80m", str(disk)], check=True)
+        b.sync(address)
+        assert snapshot(b.root) == snapshot(a.root)
