@@ -246,6 +246,7 @@ class LocalEdit(Exception):
 MB = 1024 * 1024
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 SPACE_RESERVE = 8 * MB  # kept free for the database and the directories a window adds
+NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows alike)
 
 
 class DiskFull(BackerError):
@@ -290,6 +291,33 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
         if written <= 0:
             raise OSError(errno.EIO, "a write made no progress")
         view, offset = view[written:], offset + written
+
+
+def _open_directory_at(parent: int, name: str) -> int:
+    """The directory ``name`` under the descriptor ``parent``, made (0700) if missing;
+    a link there is never followed (ELOOP or ENOTDIR)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except FileNotFoundError:
+        os.mkdir(name, 0o700, dir_fd=parent)
+        return os.open(name, flags, dir_fd=parent)
+
+
+def _create_internal(parent: int, name: str, data: bytes) -> None:
+    """A new file of backer's own under ``parent``: ``O_EXCL|O_NOFOLLOW``, mode 0600."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(name, flags, 0o600, dir_fd=parent)
+    try:
+        _write_all(fd, data, 0)
+    finally:
+        os.close(fd)
+
+
+def _fitted(name: str, suffix: str) -> str:
+    """``name + suffix``, the name cut (on a character boundary) to fit NAME_MAX bytes."""
+    room = NAME_MAX - len(os.fsencode(suffix))
+    return os.fsencode(name)[:room].decode("utf-8", "ignore") + suffix
 
 
 def verify(path: Path, manifest: Manifest) -> None:
@@ -542,7 +570,6 @@ class Materializer:
         self.root = root
         self.catalog = catalog
         self.store = store
-        self.versions = root / METADATA_DIR / VERSIONS_DIR
         # parents seen to be real directories while staging (nothing is renamed or
         # deleted then); None while moving into place, where every path is checked afresh
         self._checked_parents: set[str] | None = None
@@ -618,14 +645,59 @@ class Materializer:
 
     def _preserve(self, target: Path, path: str) -> None:
         """Keep the replaced or deleted contents in ``.backer/versions/``; their chunks
-        stay readable there (a later write in the same plan may need them)."""
+        stay readable there (a later write in the same plan may need them).
+
+        Nothing there is ever a link, and nothing is reached through one: each directory
+        is opened (or made) by name under its parent's descriptor with ``O_NOFOLLOW``; a
+        file is kept as a hard link made at such a descriptor, a symlink as a small
+        regular file holding its target (``name~STAMP.symlink``). A component that is
+        not a real directory (a name a peer chose to collide) is not entered: the entry
+        is kept in the deepest directory reached."""
         stamp = dt.datetime.now(tz=dt.UTC).strftime("%Y%m%d-%H%M%S")
-        kept = self.versions / f"{path}~{stamp}"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        if kept.exists() or kept.is_symlink():
-            kept = kept.with_name(f"{kept.name}-{secrets.token_hex(3)}")
-        os.link(target, kept, follow_symlinks=False)
-        self.catalog.move_chunk_locations(path, kept.relative_to(self.root).as_posix())
+        parent, _, name = path.rpartition("/")
+        fd, reached = self._versions_directory(parent.split("/") if parent else [])
+        try:
+            link = stat.S_ISLNK(os.lstat(target).st_mode)
+            suffix = f"~{stamp}.symlink" if link else f"~{stamp}"
+            text = os.fsencode(os.readlink(target)) if link else None
+            kept = _fitted(name, suffix)
+            for _ in range(8):  # a name taken (same second, or a long name cut): another
+                try:
+                    if text is None:
+                        os.link(target, kept, dst_dir_fd=fd, follow_symlinks=False)
+                    else:
+                        _create_internal(fd, kept, text)
+                    break
+                except FileExistsError:
+                    kept = _fitted(name, f"{suffix}-{secrets.token_hex(3)}")
+            else:
+                raise OSError(errno.EEXIST, "no free name in .backer/versions")
+        finally:
+            os.close(fd)
+        if text is None:
+            kept_path = "/".join([METADATA_DIR, VERSIONS_DIR, *reached, kept])
+            self.catalog.move_chunk_locations(path, kept_path)
+
+    def _versions_directory(self, parts: list[str]) -> tuple[int, list[str]]:
+        """A descriptor on ``.backer/versions/PARTS`` (made as needed), never through a
+        link, and the parts actually reached."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        reached: list[str] = []
+        try:
+            for index, part in enumerate([METADATA_DIR, VERSIONS_DIR, *parts]):
+                try:
+                    child = _open_directory_at(fd, part)
+                except OSError as exc:
+                    if index < 2 or exc.errno not in (errno.ENOTDIR, errno.ELOOP, errno.EEXIST):
+                        raise
+                    break
+                os.close(fd)
+                fd = child
+                reached += [part] if index >= 2 else []
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, reached
 
     def _delete(
         self, op: Operation, cached: LocalEntry | None, report: Report, touched: set[Path]

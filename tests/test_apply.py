@@ -100,3 +100,4 @@ def test_verify_rejects_a_file_whose_bytes_differ_from_its_manifest(tmp_path: Pa
     os.truncate(tmp_path / "f", 100)
     with pytest.raises(ValueError, match="wrong size"):
         verify(tmp_path / "f", manifest)
+
