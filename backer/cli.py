@@ -182,6 +182,10 @@ def status(directory: str, as_json: bool) -> None:
             ],
             "events": share.journal.count(),
             "forks": len(share.journal.forks()),
+            "quarantined": [
+                {"author": device_id(author), "seq": seq, "reason": reason}
+                for author, seq, reason in share.journal.quarantined()
+            ],
             "last_scan": _when(last_scan) if last_scan else None,
         }
     if as_json:
@@ -195,6 +199,11 @@ def status(directory: str, as_json: bool) -> None:
     )
     click.echo(f"conflicts {totals['conflicts']}")
     click.echo(f"journal   {report['events']} events, {report['forks']} forks")
+    for held in report["quarantined"]:
+        click.echo(
+            f"quarantined event {held['seq']} of {held['author'][:7]} (never applied, "
+            f"not relayed): {held['reason']}"
+        )
     click.echo(f"last scan {report['last_scan'] or 'never'}")
     click.echo(f"devices   {len(report['devices'])}")
     for device in report["devices"]:

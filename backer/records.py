@@ -10,6 +10,8 @@ which hands integers back as floats.
 from __future__ import annotations
 
 import base64
+import binascii
+import datetime as dt
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -21,6 +23,14 @@ _HEAD = struct.Struct(
     ">BHQqQ8sB"
 )  # kind, permissions, size, mtime_ns, time_ms, device, n superseded
 PERMISSION_BITS = 0o777
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31 23:59:59.999 UTC, the last instant datetime has
+MAX_SIZE = 2**50  # 1 PiB: larger than any file, small enough for every size computation
+MAX_LINK_TARGET = 4096  # PATH_MAX
+CONTENT_ID_BYTES = 32
+
+
+class BadVersion(ValueError):
+    """A version record that is malformed or out of range: never stored, never applied."""
 
 
 class Kind(IntEnum):
@@ -36,10 +46,28 @@ def new_version_id() -> str:
 
 
 def _id_bytes(version_id: str) -> bytes:
-    raw = base64.urlsafe_b64decode(version_id)
-    if len(raw) != VERSION_ID_BYTES:
-        raise ValueError(f"bad version id {version_id!r}")
+    try:
+        raw = base64.urlsafe_b64decode(version_id.encode("ascii"))
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise BadVersion(f"bad version id {version_id!r}") from exc
+    if len(raw) != VERSION_ID_BYTES or base64.urlsafe_b64encode(raw).decode() != version_id:
+        raise BadVersion(f"bad version id {version_id!r}")
     return raw
+
+
+def check_version_id(version_id: str) -> str:
+    """``version_id`` if it is the one spelling of 9 bytes that :func:`new_version_id` makes."""
+    _id_bytes(version_id)
+    return version_id
+
+
+def timestamp(time_ms: int, form: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """A UTC time as text; total: times outside what datetime holds are clamped, so a
+    peer's absurd time can never make naming or printing fail."""
+    clamped = min(max(time_ms, 0), MAX_TIME_MS)
+    return (dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=clamped)).strftime(
+        form
+    )
 
 
 @dataclass
@@ -69,17 +97,48 @@ class Version:
 
     @classmethod
     def decode(cls, data: bytes) -> Version:
+        """Parse a record; raise :class:`BadVersion` for bytes no encoder makes (see
+        :meth:`check` for the ranges a received record must also respect)."""
         data = bytes(data)
+        if len(data) < _HEAD.size:
+            raise BadVersion("version record is truncated")
         kind, permissions, size, mtime_ns, time_ms, device, count = _HEAD.unpack_from(data)
         start = _HEAD.size
         end = start + count * VERSION_ID_BYTES
         if len(data) < end:
-            raise ValueError("version record is truncated")
+            raise BadVersion("version record is truncated")
+        try:
+            version_kind = Kind(kind)
+        except ValueError as exc:
+            raise BadVersion(f"unknown version kind {kind}") from exc
         supersedes = tuple(
             base64.urlsafe_b64encode(data[i : i + VERSION_ID_BYTES]).decode()
             for i in range(start, end, VERSION_ID_BYTES)
         )
-        return cls(Kind(kind), size, mtime_ns, permissions, data[end:], device, time_ms, supersedes)
+        return cls(
+            version_kind, size, mtime_ns, permissions, data[end:], device, time_ms, supersedes
+        )
+
+    def check(self) -> Version:
+        """Raise :class:`BadVersion` unless every field is in the range an honest device
+        records: a received version is checked before it is stored."""
+        if self.permissions & ~PERMISSION_BITS:
+            raise BadVersion(f"permissions {self.permissions:o} beyond 0o777")
+        if not 0 <= self.time_ms <= MAX_TIME_MS:
+            raise BadVersion(f"time {self.time_ms} ms is out of range")
+        if not 0 <= self.size <= MAX_SIZE:
+            raise BadVersion(f"size {self.size} is out of range")
+        if self.kind == Kind.FILE and len(self.content) != CONTENT_ID_BYTES:
+            raise BadVersion("a file version must name a 32-byte content id")
+        if self.kind == Kind.SYMLINK and not 0 < len(self.content) <= MAX_LINK_TARGET:
+            raise BadVersion("a symlink target must be 1 to 4096 bytes")
+        if self.kind == Kind.SYMLINK and b"\0" in self.content:
+            raise BadVersion("a symlink target contains NUL")
+        if self.kind in (Kind.DIRECTORY, Kind.DELETED) and (self.content or self.size):
+            raise BadVersion(f"a {self.kind.name.lower()} version carries content")
+        if len(set(self.supersedes)) != len(self.supersedes):
+            raise BadVersion("a version supersedes the same version twice")
+        return self
 
     def same_content(self, other: Version | None) -> bool:
         """True when writing ``self`` over ``other`` would change nothing on disk."""
@@ -109,5 +168,5 @@ def make_key(path: str, version_id: str) -> str:
 def split_key(key: str) -> tuple[str, str]:
     path, sep, version_id = key.rpartition(SEPARATOR)
     if not sep:
-        raise ValueError(f"state key without a version id: {key!r}")
+        raise BadVersion(f"state key without a version id: {key!r}")
     return path, version_id

@@ -14,6 +14,7 @@ import os
 import socket
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -49,7 +50,7 @@ from .membership import (
 from .paths import METADATA_DIR, is_valid
 from .records import Kind, Version, new_version_id, split_key
 from .scanner import Observation, ProgressCallback, Seen, cache_entry, observe
-from .state import Delta, FileState
+from .state import BadUpdate, Delta, FileState, parse_update
 
 DB_FILE = "backer.db"
 LOCK_FILE = "lock"
@@ -182,7 +183,10 @@ class Share:
             _check_db(self.db)
             self.journal = Journal(self.db)
             self.catalog = Catalog(self.db)
+            new_bindings = self._create_bindings()
             self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+            if new_bindings:
+                self._bind_stored_clients()
             self._replay()
             self.own_events_missing = self._own_events_missing()
         except Exception as exc:
@@ -321,19 +325,99 @@ class Share:
     # -- journal -> state -> catalog ---------------------------------------------------
 
     def _replay(self) -> None:
-        """Apply journal events that the snapshot or the catalog has not seen yet."""
+        """Apply journal events that the snapshot or the catalog has not seen yet.
+
+        A stored event that cannot be applied (stored before payloads were checked, or by
+        a bug) is quarantined with the rest of its author's log: set aside, reported by
+        ``status``, never relayed; the document is rebuilt without it."""
+        while not self._replay_until_quarantine():
+            self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+
+    def _replay_until_quarantine(self) -> bool:
         doc_position = self.catalog.get_int("doc_position")
         catalog_position = self.catalog.get_int("catalog_position")
+        held = self.journal.quarantine_starts()
         for position, event in self.journal.since(min(doc_position, catalog_position)):
-            delta = Delta()
-            if event.kind == EventKind.STATE:
-                delta = self.state.apply(event.payload)
+            if event.seq >= held.get(event.author, event.seq + 1):
+                if position > catalog_position:
+                    with self.db.conn:
+                        self.catalog.set_meta("catalog_position", position)
+                continue
+            try:
+                delta, clients = self._apply_checked(event)
+            except BadUpdate as exc:
+                with self.db.conn:
+                    self.journal.quarantine([event], str(exc))
+                return False
             if position > catalog_position:
                 with self.db.conn:
-                    self._record(position, event, delta)
+                    self._record(position, event, delta, clients)
+        return True
 
-    def _record(self, position: int, event: Event, delta: Delta) -> None:
+    def _reload_state(self) -> None:
+        """Rebuild the document from the snapshot and the stored journal, after an
+        update that was not stored may have half-changed it."""
+        self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+        self._replay()
+
+    def _apply_checked(self, event: Event) -> tuple[Delta, set[int]]:
+        """Check and apply one event's payload: the delta and the Yjs client ids it uses.
+        Raises :class:`BadUpdate` (the document must then be reloaded)."""
+        if event.kind != EventKind.STATE:
+            return Delta(), set()
+        author = event.author
+        shape = self.state.check(event.payload, lambda c: self._owner(c) not in (None, author))
+        delta = self.state.apply(event.payload)
+        paths: dict[str, str] = {}
+        for key, version in delta.added.items():
+            path, version_id = split_key(key)
+            row = self.db.conn.execute(
+                "SELECT path, record FROM versions WHERE vid = ?", (version_id,)
+            ).fetchone()
+            known = (path, version.encode()) if row is None else tuple(row)
+            if paths.setdefault(version_id, path) != path or known != (path, version.encode()):
+                raise BadUpdate(f"rewrites the recorded version {version_id}")
+        return delta, set(shape.clients)
+
+    # -- Yjs client ids belong to the journal author that first used them --------------
+
+    def _create_bindings(self) -> bool:
+        if "clients" in self.db.table_names():
+            return False
+        with self.db.conn:
+            self.db.conn.execute(
+                "CREATE TABLE clients (client INTEGER PRIMARY KEY, author BLOB NOT NULL)"
+            )
+        return True
+
+    def _bind_stored_clients(self) -> None:
+        """A share from before client ids were bound: bind those its journal used."""
+        with self.db.conn:
+            for _, event in self.journal.since(0):
+                if event.kind == EventKind.STATE:
+                    try:
+                        clients = parse_update(event.payload).clients
+                    except BadUpdate:
+                        continue
+                    self._claim(clients, event.author)
+
+    def _owner(self, client: int) -> bytes | None:
+        row = self.db.conn.execute(
+            "SELECT author FROM clients WHERE client = ?", (client,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def _claim(self, clients: Iterable[int], author: bytes) -> None:
+        self.db.conn.executemany(
+            "INSERT OR IGNORE INTO clients (client, author) VALUES (?, ?)",
+            [(client, author) for client in clients],
+        )
+
+    def _record(
+        self, position: int, event: Event, delta: Delta, clients: Iterable[int] = ()
+    ) -> None:
         """Fold one stored event into the catalog (inside the caller's transaction)."""
+        self._claim(clients, event.author)
         members = self.catalog.members()
         admission = admitted(event, members)
         if admission is not None:
@@ -354,8 +438,9 @@ class Share:
         if self.own_events_missing:
             raise BackerError(self.behind_itself)
         (event,) = self.journal.append(self.key, [(kind, payload)], entropy.now_ms())
+        clients = parse_update(payload).clients if kind == EventKind.STATE else {}
         with self.db.conn:
-            self._record(self.journal.position(), event, delta or Delta())
+            self._record(self.journal.position(), event, delta or Delta(), clients)
         if self.home is not None:
             recovery.record_own_length(self.home, self.share_id, event.seq + 1)
         return event
@@ -423,16 +508,40 @@ class Share:
             )
             if not founding:
                 raise RejectedBatch("a new device must first receive the share's genesis")
-        result = self.journal.ingest(
-            raws, checkpoint, lambda author: not members or author in members
-        )
+        held = self.journal.quarantine_starts()
+        checked: list[tuple[Delta, set[int]]] = []
+
+        def admit(events: list[Event]) -> None:
+            """Check and apply every new event before any is stored."""
+            if events[0].author in held:  # the rest of a quarantined log: kept, not applied
+                return
+            for event in events:
+                try:
+                    checked.append(self._apply_checked(event))
+                except BadUpdate as exc:
+                    self._reload_state()
+                    raise RejectedBatch(
+                        f"event {event.seq} of {event.author.hex()[:16]}: {exc}"
+                    ) from exc
+
+        try:
+            result = self.journal.ingest(
+                raws, checkpoint, lambda author: not members or author in members, admit
+            )
+        except sqlite3.Error:
+            self._reload_state()
+            raise
         position = self.journal.position() - len(result.added)
-        recovering = bool(self.own_events_missing)
-        for event in result.added:
-            position += 1
-            delta = self.state.apply(event.payload) if event.kind == EventKind.STATE else Delta()
+        if result.added and result.added[0].author in held:
             with self.db.conn:
-                self._record(position, event, delta)
+                self.journal.quarantine(result.added, "follows a quarantined event")
+                self.catalog.set_meta("catalog_position", self.journal.position())
+            return result
+        recovering = bool(self.own_events_missing)
+        for event, (delta, clients) in zip(result.added, checked, strict=True):
+            position += 1
+            with self.db.conn:
+                self._record(position, event, delta, clients)
                 if recovering and event.author == self.device:
                     self._adopt_own(delta)
         if self.own_events_missing and raws and Event.decode(raws[0]).author == self.device:

@@ -12,19 +12,163 @@ Every change, local or remote, comes out of :meth:`FileState.apply` or
 is maintained by a single code path. Updates must be applied in causal order (each
 device's journal order): a version that arrives already deleted is integrated and
 removed in one step and never shows up in a delta.
+
+A received update is hostile until checked. :func:`parse_update` reads the Yjs v1
+encoding itself and accepts only what :meth:`FileState.write` produces: items of the
+root map ``files`` holding one byte string, under client ids that the event's author
+owns (:meth:`FileState.check`), continuing from what the document already holds. Only
+then is it handed to yrs, whose failures (including panics, which are BaseExceptions)
+become :class:`BadUpdate` too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
 from . import entropy
-from .records import Version, make_key, split_key
+from .paths import BadPath, check
+from .records import BadVersion, Version, check_version_id, make_key, split_key
 
 ROOT = "files"
+MAX_CLIENT = 2**53  # Yjs client ids are JavaScript-safe integers
+MAX_CLOCK = 2**32  # yrs counts clocks in 32 bits
+_ANY = 8  # Yjs content refs
+_DELETED = 1
+_GC = 0
+_SKIP = 10
+_BUFFER = 116  # lib0 "any" type tag of a byte string
+_ORIGIN, _RIGHT_ORIGIN, _PARENT_SUB = 0x80, 0x40, 0x20
+
+
+class BadUpdate(ValueError):
+    """A STATE payload that must not be applied: malformed, out of range, or touching
+    what its author does not own."""
+
+
+@dataclass
+class UpdateShape:
+    """What a parsed update would do: per client id the clock range it adds, the
+    ``(key, value)`` of each item that names its key, and the ids its items continue."""
+
+    clients: dict[int, tuple[int, int]] = field(default_factory=dict)
+    writes: list[tuple[str, bytes]] = field(default_factory=list)
+    origins: list[tuple[int, int]] = field(default_factory=list)
+
+
+class _Cursor:
+    """Bounds-checked reads of lib0 encodings."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.offset = 0
+
+    def uint(self, limit: int = 2**64) -> int:
+        value = shift = 0
+        while True:
+            if self.offset >= len(self.data):
+                raise BadUpdate("update is truncated")
+            byte = self.data[self.offset]
+            self.offset += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise BadUpdate("integer too long")
+        if value >= limit:
+            raise BadUpdate(f"integer {value} is out of range")
+        return value
+
+    def byte(self) -> int:
+        if self.offset >= len(self.data):
+            raise BadUpdate("update is truncated")
+        self.offset += 1
+        return self.data[self.offset - 1]
+
+    def raw(self) -> bytes:
+        size = self.uint(len(self.data) + 1)
+        if self.offset + size > len(self.data):
+            raise BadUpdate("update is truncated")
+        chunk = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return chunk
+
+    def text(self) -> str:
+        try:
+            return self.raw().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadUpdate("a string is not UTF-8") from exc
+
+
+def check_entry(key: str, value: bytes) -> tuple[str, str, Version]:
+    """``(path, version id, version)`` of a state entry; raise :class:`BadUpdate` unless
+    the path is a valid share path, the id one a device makes, the record in range."""
+    try:
+        path, version_id = split_key(key)
+        return check(path), check_version_id(version_id), Version.decode(value).check()
+    except (BadPath, BadVersion) as exc:
+        raise BadUpdate(f"bad entry: {exc}") from exc
+
+
+def parse_update(update: bytes) -> UpdateShape:
+    """Read a Yjs v1 update, accepting only what :meth:`FileState.write` makes (plus
+    garbage-collected and skipped ranges); raise :class:`BadUpdate` otherwise."""
+    reader = _Cursor(bytes(update))
+    shape = UpdateShape()
+    for _ in range(reader.uint(len(reader.data) + 1)):
+        count = reader.uint(len(reader.data) + 1)
+        client = reader.uint(MAX_CLIENT)
+        start = clock = reader.uint(MAX_CLOCK)
+        if client in shape.clients:
+            raise BadUpdate(f"client {client} appears twice")
+        for _ in range(count):
+            info = reader.byte()
+            ref = info & 0x1F
+            if ref in (_GC, _SKIP):
+                clock += reader.uint(MAX_CLOCK)
+            else:
+                clock += _item(reader, info, shape)
+            if clock > MAX_CLOCK:
+                raise BadUpdate("clock out of range")
+        shape.clients[client] = (start, clock)
+    for _ in range(reader.uint(len(reader.data) + 1)):  # the delete set: any client's items
+        reader.uint(MAX_CLIENT)
+        for _ in range(reader.uint(len(reader.data) + 1)):
+            if reader.uint(MAX_CLOCK) + reader.uint(MAX_CLOCK) > MAX_CLOCK:
+                raise BadUpdate("deleted range out of range")
+    if reader.offset != len(reader.data):
+        raise BadUpdate("update has trailing bytes")
+    return shape
+
+
+def _item(reader: _Cursor, info: int, shape: UpdateShape) -> int:
+    """Read one item of the ``files`` map; return its length in clock ticks."""
+    if info & _RIGHT_ORIGIN:
+        raise BadUpdate("an item with a right origin (not a map entry)")
+    key = None
+    if info & _ORIGIN:  # continues an existing entry: its key is the origin's
+        shape.origins.append((reader.uint(MAX_CLIENT), reader.uint(MAX_CLOCK)))
+    else:
+        if reader.uint(2) != 1 or reader.text() != ROOT:
+            raise BadUpdate(f"an item outside the {ROOT!r} map")
+        if not info & _PARENT_SUB:
+            raise BadUpdate("an item without a key")
+        key = reader.text()
+    ref = info & 0x1F
+    if ref == _DELETED:
+        length = reader.uint(MAX_CLOCK)
+        if not length:
+            raise BadUpdate("an empty deleted item")
+        return length
+    if ref != _ANY or reader.uint() != 1 or reader.byte() != _BUFFER:
+        raise BadUpdate("an entry whose value is not one byte string")
+    value = reader.raw()
+    if key is not None:
+        shape.writes.append((key, value))
+    return 1
 
 
 @dataclass
@@ -46,6 +190,7 @@ class FileState:
         self.doc: Doc = Doc(client_id=entropy.client_id())
         self.files: Map = self.doc.get(ROOT, type=Map)
         self._delta = Delta()
+        self._added: dict[str, bytes] = {}  # raw values: decoded once the transaction is over
         self._update = b""
         if snapshot:
             self.doc.apply_update(snapshot)
@@ -55,18 +200,21 @@ class FileState:
     def _on_files(self, event: MapEvent) -> None:
         for key, change in event.keys.items():
             if change["action"] in ("add", "update"):
-                self._delta.added[key] = Version.decode(change["newValue"])
+                self._added[key] = change["newValue"]
                 continue
-            was_added_here = self._delta.added.pop(key, None) is not None
+            was_added_here = self._added.pop(key, None) is not None
             if change["action"] == "delete" and not was_added_here:
                 self._delta.removed.append(key)
 
     def _on_transaction(self, event: TransactionEvent) -> None:
         self._update = event.update
 
-    def _take(self) -> tuple[bytes, Delta]:
-        update, delta = self._update, self._delta
-        self._update, self._delta = b"", Delta()
+    def _take(self, received: bool = False) -> tuple[bytes, Delta]:
+        """The transaction's update and delta; a ``received`` one's entries are checked."""
+        update, delta, added = self._update, self._delta, self._added
+        self._update, self._delta, self._added = b"", Delta(), {}
+        for key, value in added.items():
+            delta.added[key] = check_entry(key, value)[2] if received else Version.decode(value)
         return update, delta
 
     def write(
@@ -93,9 +241,50 @@ class FileState:
         return self._take()
 
     def apply(self, update: bytes) -> Delta:
-        """Merge a remote (or replayed) update; idempotent and order-free."""
-        self.doc.apply_update(update)
-        return self._take()[1]
+        """Merge an update that :meth:`check` accepted (or one of our own).
+
+        Raises :class:`BadUpdate` if yrs fails or the result holds an invalid entry; the
+        document may then be half-changed and must be reloaded (see Share)."""
+        try:
+            self.doc.apply_update(update)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # yrs panics surface as BaseExceptions
+            self._take_raw()
+            raise BadUpdate(f"the CRDT could not apply it: {type(exc).__name__}: {exc}") from exc
+        return self._take(received=True)[1]
+
+    def _take_raw(self) -> None:
+        self._update, self._delta, self._added = b"", Delta(), {}
+
+    def clock(self) -> dict[int, int]:
+        """The document's state vector: per client id, the next clock it expects."""
+        reader = _Cursor(self.doc.get_state())
+        vector = {}
+        for _ in range(reader.uint()):
+            client = reader.uint()
+            vector[client] = reader.uint()
+        return vector
+
+    def check(self, update: bytes, owned_by_other: Callable[[int], bool]) -> UpdateShape:
+        """Raise :class:`BadUpdate` unless ``update`` may be applied: well-formed (see
+        :func:`parse_update`), every entry it names valid, no item under a client id
+        that ``owned_by_other`` says belongs to another author, no gap after what the
+        document holds, and every entry it continues already present."""
+        shape = parse_update(update)
+        for key, value in shape.writes:
+            check_entry(key, value)
+        vector = self.clock()
+        for client, (start, _) in shape.clients.items():
+            if owned_by_other(client):
+                raise BadUpdate(f"items under client id {client}, which another device owns")
+            if start > vector.get(client, 0):
+                raise BadUpdate(f"client id {client} skips clocks {vector.get(client, 0)}..{start}")
+        for client, clock in shape.origins:
+            known = max(vector.get(client, 0), shape.clients.get(client, (0, 0))[1])
+            if clock >= known:
+                raise BadUpdate("an item continues an entry this device does not hold")
+        return shape
 
     def snapshot(self) -> bytes:
         """The whole document, for the start-up checkpoint kept in SQLite."""

@@ -99,6 +99,11 @@ class Journal:
             raise CorruptJournal(f"journal database is unreadable: {exc}") from exc
 
     def _create_schema(self) -> None:
+        with self.conn:
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS quarantine (author BLOB, seq INTEGER, reason TEXT, "
+                "PRIMARY KEY (author, seq)) WITHOUT ROWID"
+            )
         if "authors" in self.db.table_names():
             return
         with self.conn:
@@ -179,15 +184,42 @@ class Journal:
         return Checkpoint.decode(row[0]) if row else None
 
     def in_ranges(self, ranges: list[Range]) -> Iterator[Event]:
-        """The events of ``ranges``, in the order they arrived here (a causal order)."""
+        """The events of ``ranges``, in the order they arrived here (a causal order),
+        short of any quarantined event and the rest of its author's log (never relayed)."""
         if not ranges:
             return
+        held = self.quarantine_starts()
         ids = {key: rowid for rowid, key in self.conn.execute("SELECT id, key FROM authors")}
         clauses = " OR ".join("(author = ? AND seq >= ? AND seq < ?)" for _ in ranges)
-        params = [value for r in ranges for value in (ids[r.author], r.start, r.end)]
+        params = [
+            value
+            for r in ranges
+            for value in (ids[r.author], r.start, min(r.end, held.get(r.author, r.end)))
+        ]
         rows = self.conn.execute(f"SELECT raw FROM events WHERE {clauses} ORDER BY rowid", params)
         for (raw,) in rows:
             yield Event.decode(raw)
+
+    # -- quarantine: stored events that cannot be applied --------------------------
+
+    def quarantine(self, events: Iterable[Event], reason: str) -> None:
+        """Set stored events aside: never applied again, never relayed (nor anything of
+        their author's log after them). Inside the caller's transaction."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO quarantine (author, seq, reason) VALUES (?, ?, ?)",
+            [(e.author, e.seq, reason) for e in events],
+        )
+
+    def quarantine_starts(self) -> dict[bytes, int]:
+        """Per author with quarantined events, the first one's sequence number."""
+        rows = self.conn.execute("SELECT author, min(seq) FROM quarantine GROUP BY author")
+        return dict(rows.fetchall())
+
+    def quarantined(self) -> list[tuple[bytes, int, str]]:
+        """Every quarantined ``(author, seq, reason)``, for reports."""
+        return self.conn.execute(
+            "SELECT author, seq, reason FROM quarantine ORDER BY author, seq"
+        ).fetchall()
 
     def position(self) -> int:
         """The local arrival position of the newest stored event."""
@@ -291,8 +323,12 @@ class Journal:
         raw_events: Sequence[bytes],
         checkpoint: Checkpoint | None,
         is_member: Callable[[bytes], bool],
+        admit: Callable[[list[Event]], None] | None = None,
     ) -> IngestResult:
         """Verify and store one author's events; idempotent, all or nothing.
+
+        ``admit`` sees the new events once they are verified and before anything is
+        stored; it raises :class:`RejectedBatch` to refuse them all (payload checks).
 
         With a ``checkpoint`` covering the batch's end, one signature check vouches
         for every event (their ids are leaves of the signed root); without one, each
@@ -374,6 +410,8 @@ class Journal:
                     event.verify()
                 except InvalidEvent as exc:
                     raise RejectedBatch(f"event {event.seq}: {exc}") from exc
+        if fresh and admit is not None:
+            admit(fresh)
         if fresh:
             covers_all = checkpoint is not None and checkpoint.length == peaks.length
             kept_checkpoint = checkpoint if covers_all else (state.checkpoint if state else None)

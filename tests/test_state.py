@@ -21,7 +21,7 @@ def live_by_path(state: FileState) -> dict[str, set[str]]:
 
 def write(state: FileState, path: str, size: int) -> bytes:
     supersedes = tuple(sorted(live_by_path(state).get(path, set())))
-    version = Version(Kind.FILE, size=size, supersedes=supersedes)
+    version = Version(Kind.FILE, size=size, content=bytes(32), supersedes=supersedes)
     update, _ = state.write([(path, new_version_id(), version)])
     return update
 
