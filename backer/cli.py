@@ -458,15 +458,12 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     hub = transport.Hub(share, _name())
+    listener = transport.Listener(hub, lambda line: click.echo(line, err=True))
+    listener.install(loop)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer_address = writer.get_extra_info("peername")
-        streams = transport.Streams(reader, writer, writer.close)
-        channel = transport.responder(share, share.key)
-        try:
-            session = await hub.run(streams, channel, hub.accept, False)
-        except transport.SessionClosed as exc:
-            click.echo(f"closed session with {peer_address}: {exc}", err=True)
+        session = await listener.handle(reader, writer)
+        if session is None:
             return
         click.echo(_summary_line([session]), err=True)
         if hub.replicator.disk_full is not None:
@@ -599,6 +596,7 @@ def join(token: str, directory: str) -> None:
 
 def main() -> None:
     """Console entry point: run the CLI, turning errors into one line and an exit code."""
+    transport.raise_fd_limit()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

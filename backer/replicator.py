@@ -16,6 +16,7 @@ each step. Events a session brings in are relayed to the other sessions at once
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 MANIFESTS_PER_REQUEST = 500
 CHUNKS_PER_REQUEST = 64
 MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024  # per peer: requests stop there until chunks arrive
+MAX_CHUNKS_IN_FLIGHT = 4096  # per peer, however small the chunks (a peer queues at most
+MANIFESTS_IN_FLIGHT = 2000  # session.MAX_OWED requests of ours)
 WINDOW_FILES = 5_000
 WINDOW_BYTES = 1024 * 1024 * 1024
 
@@ -71,6 +74,7 @@ class Replicator:
         self.operations: list[Operation] | None = None
         self.window_start = 0  # where the next window of the plan begins
         self.manifests_asked: dict[bytes, Session] = {}
+        self.manifest_queue: deque[bytes] = deque()  # needed, not yet asked of a peer
         self.chunk_queue: deque[bytes] = deque()
         self.chunk_lengths: dict[bytes, int] = {}  # of the chunks planned, from manifests
         self.assembly: Assembly | None = None  # temp files of the plan, filling up
@@ -92,14 +96,16 @@ class Replicator:
         if session not in self.sessions:
             return
         self.sessions.remove(session)
-        for table in (self.manifests_asked, self.chunks_asked):
+        for table, queue in (
+            (self.manifests_asked, self.manifest_queue),
+            (self.chunks_asked, self.chunk_queue),
+        ):
             for key in [k for k, asker in table.items() if asker is session]:
                 del table[key]
                 self.lacking.setdefault(key, set()).add(session)
-                if table is self.chunks_asked:
-                    self.chunk_queue.appendleft(key)
-                else:
-                    self._ask_manifests([key])
+                queue.appendleft(key)
+        session.chunks_in_flight = session.manifests_in_flight = session.bytes_in_flight = 0
+        session.waiting_since = None
         self.advance()
 
     def peer_wrote_files(self) -> None:
@@ -151,7 +157,8 @@ class Replicator:
                     self._acknowledge()  # scan cache would misjudge its disk)
                     return
                 self._plan()
-            if self.manifests_asked:
+            self._request_manifests()
+            if self.manifests_asked or self.manifest_queue:
                 return
             if self.assembly is None:
                 self._start_window()
@@ -183,7 +190,7 @@ class Replicator:
         self.window_start = 0
         self.lacking.clear()
         self.gave_up = False
-        self._ask_manifests(manifests_needed(self.operations, self.share.catalog))
+        self.manifest_queue.extend(manifests_needed(self.operations, self.share.catalog))
 
     def _least_busy(self, key: bytes) -> Session | None:
         """The fetching session with the fewest bytes in flight that may have ``key``."""
@@ -191,13 +198,37 @@ class Replicator:
         candidates = [s for s in self._fetchers() if s not in lacking]
         return min(candidates, key=lambda s: s.bytes_in_flight, default=None)
 
-    def _ask_manifests(self, ids: list[bytes]) -> None:
+    @staticmethod
+    def _asked(session: Session) -> None:
+        """A request went to ``session``: its answer is awaited from now on, unless an
+        earlier one still is."""
+        if session.waiting_since is None:
+            session.waiting_since = time.monotonic()
+
+    @staticmethod
+    def _answered(session: Session) -> None:
+        """An answer came from ``session``: the clock restarts, or stops if nothing more
+        is outstanding."""
+        outstanding = session.chunks_in_flight or session.manifests_in_flight
+        session.waiting_since = time.monotonic() if outstanding else None
+
+    def _request_manifests(self) -> None:
+        """Ask for queued manifests, up to MANIFESTS_IN_FLIGHT per peer."""
         batches: dict[Session, list[bytes]] = {}
-        for manifest_id in ids:
+        while self.manifest_queue:
+            manifest_id = self.manifest_queue[0]
             session = self._least_busy(manifest_id)
-            if session is not None:
-                self.manifests_asked[manifest_id] = session
-                batches.setdefault(session, []).append(manifest_id)
+            if session is None:  # no connected peer has it: the file waits
+                self.manifest_queue.popleft()
+                self.gave_up = True
+                continue
+            if session.manifests_in_flight >= MANIFESTS_IN_FLIGHT:
+                break
+            self.manifest_queue.popleft()
+            self.manifests_asked[manifest_id] = session
+            session.manifests_in_flight += 1
+            self._asked(session)
+            batches.setdefault(session, []).append(manifest_id)
         step = MANIFESTS_PER_REQUEST
         for session, wanted in batches.items():
             for i in range(0, len(wanted), step):
@@ -247,11 +278,16 @@ class Replicator:
                 self.chunk_queue.popleft()
                 self.gave_up = True
                 continue
-            if session.bytes_in_flight >= MAX_BYTES_IN_FLIGHT:
+            if (
+                session.bytes_in_flight >= MAX_BYTES_IN_FLIGHT
+                or session.chunks_in_flight >= MAX_CHUNKS_IN_FLIGHT
+            ):
                 break
             self.chunk_queue.popleft()
             self.chunks_asked[chunk_hash] = session
             session.bytes_in_flight += self.chunk_lengths[chunk_hash]
+            session.chunks_in_flight += 1
+            self._asked(session)
             batch = batches.setdefault(session, [])
             batch.append(chunk_hash)
             if len(batch) == CHUNKS_PER_REQUEST:
@@ -279,10 +315,11 @@ class Replicator:
         if self.manifests_asked.get(manifest_id) is not session:
             raise ProtocolError("a manifest we did not ask for")
         del self.manifests_asked[manifest_id]
+        session.manifests_in_flight -= 1
+        self._answered(session)
         if not body:
             self.lacking.setdefault(manifest_id, set()).add(session)
-            self._ask_manifests([manifest_id])
-            self.gave_up |= manifest_id not in self.manifests_asked
+            self.manifest_queue.appendleft(manifest_id)
             return
         try:
             manifest = Manifest.decode(body)
@@ -297,6 +334,8 @@ class Replicator:
             raise ProtocolError("a chunk we did not ask for")
         del self.chunks_asked[chunk_hash]
         session.bytes_in_flight -= self.chunk_lengths[chunk_hash]
+        session.chunks_in_flight -= 1
+        self._answered(session)
         if not data:
             self.lacking.setdefault(chunk_hash, set()).add(session)
             self.chunk_queue.appendleft(chunk_hash)

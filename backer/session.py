@@ -14,7 +14,10 @@ Both sides run the same machine:
    (shared by every open session of the device) materializes: resolve conflicts, plan,
    ask for missing manifests and chunks, apply; then push any event this produced, and
    send ``Done``;
-5. answer ``WantManifests`` / ``WantChunks`` from local data at any time.
+5. answer ``WantManifests`` / ``WantChunks`` from local data at any time, lazily:
+   requests are queued (at most ``MAX_OWED``) and replies are built only as the
+   transport asks for them (:meth:`Session.take_outbox` with a byte budget), so a peer
+   that asks without reading costs a bounded amount of memory.
 
 A one-shot sync is complete when the peer caught us up, our materialization is idle,
 and the peer's ``Done`` acknowledges every ``Events`` message we sent.
@@ -22,7 +25,10 @@ and the peer's ``Done`` acknowledges every ``Events`` message we sent.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from journal import Checkpoint, Event, JournalError, Range
 
@@ -36,8 +42,10 @@ from .wire import (
     Error,
     Events,
     Hello,
+    ManifestPart,
     Manifests,
     Message,
+    Ping,
     ProtocolError,
     Summary,
     WantChunks,
@@ -48,22 +56,40 @@ from .wire import (
 EVENTS_PER_MESSAGE = 2000
 EVENT_BYTES_PER_MESSAGE = 4 * 1024 * 1024  # well under the frame limit (a scan event of
 # 1,000 files is ~110 KB)
-
-
-def _split(run: list[Event]) -> list[list[Event]]:
-    """Consecutive parts of a run, each within the count and byte limits of a message."""
-    parts: list[list[Event]] = [[]]
-    size = 0
-    for event in run:
-        too_many = len(parts[-1]) >= EVENTS_PER_MESSAGE
-        if parts[-1] and (too_many or size + len(event.raw) > EVENT_BYTES_PER_MESSAGE):
-            parts.append([])
-            size = 0
-        parts[-1].append(event)
-        size += len(event.raw)
-    return parts
 MAX_PENDING_RUN_BYTES = 256 * 1024 * 1024
+MAX_OWED = 16_384  # requests queued from one peer (an honest one has at most
+# MAX_CHUNKS_IN_FLIGHT + MANIFESTS_IN_FLIGHT outstanding)
+REPLY_BYTES = 4 * 1024 * 1024  # Manifests, Summary parts and ManifestPart slices stay below
+MAX_MANIFEST_BYTES = 128 * 1024 * 1024  # 3.7M chunks: a 57 GB file even at the minimum
+# chunk size
+MAX_SUMMARY_BYTES = 64 * 1024 * 1024
 _NEVER = 2**63
+_CHUNK, _MANIFEST = 0, 1
+T = TypeVar("T")
+
+
+def _event_size(event: Event) -> int:
+    return len(event.raw) + 4
+
+
+def _blob_size(blob: bytes) -> int:
+    return len(blob) + 4
+
+
+def _parts(
+    items: list[T], size: Callable[[T], int], limit: int, count: int = 1 << 30
+) -> list[list[T]]:
+    """Consecutive slices of ``items``, each within ``count`` items and ``limit`` bytes
+    (one item at least), so that no message approaches the frame limit."""
+    parts: list[list[T]] = [[]]
+    total = 0
+    for item in items:
+        if parts[-1] and (len(parts[-1]) >= count or total + size(item) > limit):
+            parts.append([])
+            total = 0
+        parts[-1].append(item)
+        total += size(item)
+    return parts
 
 
 @dataclass
@@ -108,22 +134,37 @@ class Session:
         self.peer_acknowledged = -1
         self.peer_files_written = 0
         self.bytes_in_flight = 0  # chunk bytes asked of this peer (kept by the replicator)
+        self.chunks_in_flight = 0  # requests outstanding with this peer, and since when it
+        self.manifests_in_flight = 0  # last answered one (None: nothing outstanding)
+        self.waiting_since: float | None = None
+        self.lazy = False  # the transport builds replies as its output drains
+        self.owed: deque[tuple[int, bytes]] = deque()  # requests of the peer not yet answered
+        self.sending_part: tuple[bytes, bytes, int] | None = None  # id, body, offset
+        self.receiving_part: tuple[bytes, int, bytearray] | None = None  # id, total, so far
+        self.summary_parts: list[bytes] = []
 
     # -- driving ------------------------------------------------------------------------
 
     def start(self) -> list[Message]:
         checkpoints = [c.encode() for c in self.share.journal.summary().values()]
         opening: list[Message] = [Welcome(self.share.share_key)] if self.welcome else []
-        return [*opening, Hello(PROTOCOL_VERSION, self.name.encode()), Summary(checkpoints)]
+        parts = _parts(checkpoints, _blob_size, REPLY_BYTES)
+        summary = [Summary(part, int(i < len(parts) - 1)) for i, part in enumerate(parts)]
+        return [*opening, Hello(PROTOCOL_VERSION, self.name.encode()), *summary]
 
     @property
     def complete(self) -> bool:
-        """A one-shot sync may end: both sides caught up and applied."""
+        """A one-shot sync may end: both sides caught up and applied, nothing owed."""
         return (
             self.peer_caught_up
             and self.replicator.idle
             and self.peer_acknowledged == self.events_messages_sent
+            and not self.owed
         )
+
+    def overdue(self, now: float, limit: float) -> bool:
+        """Whether requests to this peer have gone unanswered for ``limit`` seconds."""
+        return self.waiting_since is not None and now - self.waiting_since > limit
 
     def receive(self, message: Message) -> list[Message]:
         """Handle one message from the peer; return what to send back to it.
@@ -133,10 +174,17 @@ class Session:
         handler = getattr(self, f"_on_{type(message).__name__.lower()}", None)
         if handler is None:
             raise ProtocolError(f"unexpected message {type(message).__name__}")
-        return handler(message) + self.take_outbox()
+        return handler(message) + self.take_outbox(0 if self.lazy else None)
 
-    def take_outbox(self) -> list[Message]:
+    def take_outbox(self, budget: int | None = None) -> list[Message]:
+        """The messages queued for the peer, then replies to its requests: all of them
+        (``budget`` None), or about ``budget`` bytes of them (one at least, if positive)."""
         out, self.outbox = self.outbox, []
+        built = 0
+        while self.owed and (budget is None or built < budget):
+            reply = self._reply()
+            built += len(reply.encode()) if budget is not None else 0
+            out.append(reply)
         return out
 
     def close(self) -> None:
@@ -161,10 +209,14 @@ class Session:
     def _on_summary(self, message: Summary) -> list[Message]:
         if self.peer_lengths is not None:
             raise ProtocolError("a second summary")
+        self.summary_parts += message.checkpoints
+        if sum(map(len, self.summary_parts)) > MAX_SUMMARY_BYTES:
+            raise ProtocolError("the summary is too large")
+        if message.more:
+            return []
+        raws, self.summary_parts = self.summary_parts, []
         try:
-            peer = self.share.journal.check_summary(
-                Checkpoint.decode(raw) for raw in message.checkpoints
-            )
+            peer = self.share.journal.check_summary(Checkpoint.decode(raw) for raw in raws)
         except (JournalError, ValueError) as exc:
             raise ProtocolError(f"bad summary: {exc}") from exc
         ranges, forks = self.share.journal.missing_for(peer)
@@ -187,7 +239,7 @@ class Session:
         for run in runs:
             author, end = run[0].author, run[-1].seq + 1
             checkpoint = self.share.journal.checkpoint_at(author, end)
-            parts = _split(run)
+            parts = _parts(run, _event_size, EVENT_BYTES_PER_MESSAGE, EVENTS_PER_MESSAGE)
             for index, part in enumerate(parts):
                 last = index == len(parts) - 1
                 raw_checkpoint = checkpoint.encode() if last and checkpoint else b""
@@ -238,6 +290,9 @@ class Session:
             self.replicator.peer_wrote_files()
         return []
 
+    def _on_ping(self, message: Ping) -> list[Message]:
+        return []
+
     def _on_error(self, message: Error) -> list[Message]:
         raise ProtocolError(f"peer closed the session: {message.reason.decode(errors='replace')}")
 
@@ -246,21 +301,54 @@ class Session:
     def _on_wantmanifests(self, message: WantManifests) -> list[Message]:
         if len(message.ids) > MANIFESTS_PER_REQUEST:
             raise ProtocolError("too many manifests asked at once")
-        bodies = []
-        for manifest_id in message.ids:
-            manifest = self.share.catalog.manifest(manifest_id)
-            bodies.append(manifest.encoded if manifest else b"")
-        return [Manifests(message.ids, bodies)]
+        self._owe(_MANIFEST, message.ids)
+        return []
 
     def _on_wantchunks(self, message: WantChunks) -> list[Message]:
         if len(message.hashes) > CHUNKS_PER_REQUEST:
             raise ProtocolError("too many chunks asked at once")
-        replies: list[Message] = []
-        for chunk_hash in message.hashes:
-            data = self.replicator.store.read(chunk_hash) or b""
+        self._owe(_CHUNK, message.hashes)
+        return []
+
+    def _owe(self, kind: int, keys: list[bytes]) -> None:
+        if len(self.owed) + len(keys) > MAX_OWED:
+            raise ProtocolError(f"more than {MAX_OWED} requests outstanding")
+        self.owed.extend((kind, key) for key in keys)
+
+    def _manifest_body(self, manifest_id: bytes) -> bytes:
+        manifest = self.share.catalog.manifest(manifest_id)
+        return manifest.encoded if manifest else b""
+
+    def _reply(self) -> Message:
+        """The next reply owed: one chunk, a batch of manifests, or a slice of a large one."""
+        kind, key = self.owed[0]
+        if kind == _CHUNK:
+            self.owed.popleft()
+            data = self.replicator.store.read(key) or b""
             self.stats.chunk_bytes_sent += len(data)
-            replies.append(Chunk(chunk_hash, data))
-        return replies
+            return Chunk(key, data)
+        if self.sending_part is None:
+            body = self._manifest_body(key)
+            if len(body) > REPLY_BYTES:
+                self.sending_part = (key, body, 0)
+        if self.sending_part is not None:
+            key, body, offset = self.sending_part
+            end = offset + REPLY_BYTES
+            self.sending_part = (key, body, end) if end < len(body) else None
+            if self.sending_part is None:
+                self.owed.popleft()
+            return ManifestPart(key, len(body), body[offset:end])
+        ids: list[bytes] = []
+        bodies: list[bytes] = []
+        size = 0
+        while self.owed and self.owed[0][0] == _MANIFEST and len(ids) < MANIFESTS_PER_REQUEST:
+            body = self._manifest_body(self.owed[0][1])
+            if ids and (len(body) > REPLY_BYTES or size + len(body) > REPLY_BYTES):
+                break
+            ids.append(self.owed.popleft()[1])
+            bodies.append(body)
+            size += len(body) + 40
+        return Manifests(ids, bodies)
 
     # -- fetching -------------------------------------------------------------------------
 
@@ -272,6 +360,24 @@ class Session:
         self.share.db.conn.commit()
         self.replicator.advance()
         return []
+
+    def _on_manifestpart(self, message: ManifestPart) -> list[Message]:
+        if message.total > MAX_MANIFEST_BYTES or not message.data:
+            raise ProtocolError("a manifest part is empty or its manifest too large")
+        if self.receiving_part is None:
+            if self.replicator.manifests_asked.get(message.id) is not self:
+                raise ProtocolError("a manifest we did not ask for")
+            self.receiving_part = (message.id, message.total, bytearray())
+        manifest_id, total, body = self.receiving_part
+        if (manifest_id, total) != (message.id, message.total):
+            raise ProtocolError("parts of two manifests interleaved")
+        body += message.data
+        if len(body) > total:
+            raise ProtocolError("a manifest's parts exceed its size")
+        if len(body) < total:
+            return []
+        self.receiving_part = None
+        return self._on_manifests(Manifests([manifest_id], [bytes(body)]))
 
     def _on_chunk(self, message: Chunk) -> list[Message]:
         self.replicator.chunk_arrived(self, message.hash, message.data)

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
+import resource
 import shlex
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import nacl.signing
 
@@ -24,55 +29,126 @@ from .errors import BackerError
 from .replicator import Replicator
 from .session import Session
 from .share import Share
-from .wire import Error, FrameReader, ProtocolError
+from .wire import Error, FrameReader, Ping, ProtocolError
 
 READ_SIZE = 1 << 20
-WRITE_BUFFER = 32 << 20  # bytes queued before a writer waits (asyncio's default: 64 KiB)
-HANDSHAKE_TIMEOUT_S = 20.0
+
+
+def _scale() -> float:
+    """``BACKER_TIME_SCALE`` multiplies every deadline below (tests make them short)."""
+    try:
+        return max(float(os.environ.get("BACKER_TIME_SCALE", "1")), 0.001)
+    except ValueError:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one connection may cost and how long it may stay silent (docs/security.md)."""
+
+    handshake_s: float = 20.0  # from connect to an established channel, whatever trickles in
+    keepalive_s: float = 15.0  # a Ping when nothing was sent for this long
+    idle_s: float = 60.0  # nothing received for this long: the peer is gone (or suspended)
+    request_s: float = 120.0  # requests outstanding with no answer for this long: same
+    reply_bytes: int = 4 << 20  # replies are built only while less than this is unsent
+    unsent_bytes: int = 256 << 20  # more than this unsent: the peer does not read; closed
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        scale = _scale()
+        return cls(**{f.name: f.default * scale for f in fields(cls) if f.name.endswith("_s")})
 
 
 class SessionClosed(Exception):
     """The session ended early; the message says why."""
 
 
+class RateLimitedLog:
+    """One line per reason per ``interval`` seconds; the lines held back are counted and
+    the count goes with the next line of that reason (a flood of failing strangers must
+    not fill a disk with log lines)."""
+
+    MAX_REASONS = 1000
+
+    def __init__(
+        self,
+        emit: Callable[[str], None],
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.emit = emit
+        self.interval = interval
+        self.clock = clock
+        self.reasons: dict[str, tuple[float, int]] = {}  # reason -> (last shown, held back)
+
+    def __call__(self, reason: str, detail: str = "") -> None:
+        """Log ``detail + reason``; ``reason`` alone decides what counts as the same line."""
+        now = self.clock()
+        shown, held = self.reasons.get(reason, (-math.inf, 0))
+        if now - shown < self.interval:
+            self.reasons[reason] = (shown, held + 1)
+            return
+        if len(self.reasons) >= self.MAX_REASONS:
+            self.reasons = {r: v for r, v in self.reasons.items() if now - v[0] < self.interval}
+        more = f" ({held} more like this in the last {now - shown:.0f} s)" if held else ""
+        self.reasons[reason] = (now, 0)
+        self.emit(f"{detail}{reason}{more}")
+
+
+class Admission:
+    """Connections still in their handshake (not yet authenticated): at most ``total``,
+    at most ``per_address`` from one address. When full, the oldest is closed to make
+    room: a stranger trickling bytes cannot keep a member out, whose handshake takes
+    milliseconds, and cannot hold more than ``total`` descriptors."""
+
+    def __init__(self, total: int = 256, per_address: int = 32) -> None:
+        self.total = total
+        self.per_address = per_address
+        self.pending: dict[object, tuple[str, Callable[[], None]]] = {}  # oldest first
+
+    def enter(self, address: str, evict: Callable[[], None]) -> object:
+        """Admit a new connection; ``evict`` closes it if room is needed later."""
+        same = [t for t, (a, _) in self.pending.items() if a == address]
+        if len(same) >= self.per_address:
+            self._evict(same[0])
+        if len(self.pending) >= self.total:
+            self._evict(next(iter(self.pending)))
+        ticket = object()
+        self.pending[ticket] = (address, evict)
+        return ticket
+
+    def leave(self, ticket: object) -> None:
+        """The connection is authenticated or gone."""
+        self.pending.pop(ticket, None)
+
+    def _evict(self, ticket: object) -> None:
+        _, evict = self.pending.pop(ticket)
+        evict()
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard limit: every peer is a descriptor."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 @dataclass
 class Streams:
     reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter | asyncio.WriteTransport
+    writer: asyncio.StreamWriter
     close: Callable[[], None]
     received: int = 0  # bytes on the wire, handshake and framing included
     sent: int = 0
+    spoke: float = field(default_factory=time.monotonic)  # when we last wrote
 
 
 def _write(streams: Streams, data: bytes) -> None:
     if data:
         streams.writer.write(data)
         streams.sent += len(data)
-
-
-async def _drain(streams: Streams) -> None:
-    if isinstance(streams.writer, asyncio.StreamWriter):
-        await streams.writer.drain()
-
-
-async def _read_unless(
-    reader: asyncio.StreamReader, stop: asyncio.Event, timeout: float | None
-) -> bytes | None:
-    """The next bytes from ``reader``, or None as soon as ``stop`` is set."""
-    read = asyncio.ensure_future(reader.read(READ_SIZE))
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        done, _ = await asyncio.wait(
-            (read, stopped), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        stopped.cancel()
-    if read in done:
-        return read.result()
-    read.cancel()
-    if stop.is_set():
-        return None
-    raise TimeoutError
+        streams.spoke = time.monotonic()
 
 
 class Hub:
@@ -80,9 +156,10 @@ class Hub:
     :class:`~backer.replicator.Replicator`, and whatever any step produces for any of
     them (relayed events, chunk requests spread over peers) is flushed after the step."""
 
-    def __init__(self, share: Share, name: str) -> None:
+    def __init__(self, share: Share, name: str, limits: Limits | None = None) -> None:
         self.share = share
         self.name = name
+        self.limits = limits or Limits.from_env()
         self.replicator = Replicator(share)
         self._flushers: dict[Session, Callable[[], None]] = {}
 
@@ -123,17 +200,23 @@ class Hub:
         open_session: Callable[[SecureChannel], Session],
         one_shot: bool,
         progress: Callable[[Session], None] | None = None,
+        established: Callable[[], None] | None = None,
     ) -> Session:
         """Drive one connection to its end; return its session (raise SessionClosed).
 
-        ``open_session`` is :meth:`accept` or :meth:`connect`. One-shot sessions end when
-        both sides are caught up and applied; others run until the peer hangs up. While
-        a one-shot peer has not caught us up, no new plan starts: the plan then sees what
-        every dialled peer brings, and its chunk requests spread over all of them."""
+        ``open_session`` is :meth:`accept` or :meth:`connect`; ``established`` is called
+        once the peer is authenticated. One-shot sessions end when both sides are caught
+        up and applied; others run until the peer hangs up. While a one-shot peer has not
+        caught us up, no new plan starts: the plan then sees what every dialled peer
+        brings, and its chunk requests spread over all of them.
+
+        Reading never waits for writing: replies to the peer's requests are built only
+        while less than ``limits.reply_bytes`` is unsent, and more as it drains."""
+        limits = self.limits
         frames = FrameReader()
         session: Session | None = None
-        if isinstance(streams.writer, asyncio.StreamWriter):  # keep reading while a large
-            streams.writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)  # reply drains
+        writer = streams.writer
+        writer.transport.set_write_buffer_limits(high=limits.reply_bytes)
         awaited = one_shot
         self.replicator.awaited += awaited
 
@@ -144,52 +227,101 @@ class Hub:
                 self.replicator.awaited -= 1
                 self.replicator.advance()
 
-        finished = asyncio.Event()  # set when another connection's step completed ours
+        wake = asyncio.Event()  # another connection's step gave us something to do
+
+        def unsent() -> int:
+            return writer.transport.get_write_buffer_size()
 
         def flush() -> None:
-            if session is not None and session.outbox:
-                channel.send(b"".join(m.encode() for m in session.take_outbox()))
+            if session is not None:
+                messages = session.take_outbox(max(limits.reply_bytes - unsent(), 0))
+                if messages:
+                    channel.send(b"".join(m.encode() for m in messages))
             _write(streams, channel.data_to_send())
-            if one_shot and session is not None and session.complete:
-                finished.set()
+            wake.set()
 
+        start = time.monotonic()
+        heard = start  # when the peer last sent anything
+        tasks: dict[str, asyncio.Future[Any]] = {}
         _write(streams, channel.data_to_send())
         try:
             while not (one_shot and session is not None and session.complete):
-                timeout = None if channel.established else HANDSHAKE_TIMEOUT_S
-                data = await _read_unless(streams.reader, finished, timeout)
-                if data is None:
-                    continue
-                streams.received += len(data)
-                if not data:
-                    if session is not None and not one_shot:
-                        return session
-                    raise SessionClosed("the peer closed the connection")
-                plaintext = channel.receive_data(data)
-                if channel.established and session is None:
-                    session = open_session(channel)
-                    session.outbox[:0] = session.start()
-                    self._flushers[session] = flush
-                if session is not None:
-                    for message in frames.feed(plaintext):
-                        replies = session.receive(message)  # drains the outbox: then append
-                        session.outbox += replies
-                    if session.peer_caught_up:
-                        stop_awaiting()
-                    if progress is not None:
-                        progress(session)
+                now = time.monotonic()
+                if session is None:
+                    timeout = start + limits.handshake_s - now
+                    if timeout <= 0:
+                        raise TimeoutError
+                else:
+                    if now - heard > limits.idle_s:
+                        raise BackerError(
+                            f"peer unresponsive: nothing received for {limits.idle_s:.0f} s"
+                        )
+                    if session.overdue(now, limits.request_s):
+                        raise BackerError(
+                            f"peer unresponsive: no answer to a request for "
+                            f"{limits.request_s:.0f} s"
+                        )
+                    if now - streams.spoke >= limits.keepalive_s:
+                        channel.send(Ping().encode())
+                        _write(streams, channel.data_to_send())
+                    timeout = max(
+                        min(heard + limits.idle_s, streams.spoke + limits.keepalive_s) - now, 0
+                    ) + 0.01
+                if unsent() > limits.unsent_bytes:
+                    raise BackerError(
+                        f"the peer does not read: over {limits.unsent_bytes >> 20} MiB unsent"
+                    )
+                if "read" not in tasks:
+                    tasks["read"] = asyncio.ensure_future(streams.reader.read(READ_SIZE))
+                if "wake" not in tasks:
+                    tasks["wake"] = asyncio.ensure_future(wake.wait())
+                if session is not None and session.owed and "drain" not in tasks:
+                    tasks["drain"] = asyncio.ensure_future(writer.drain())
+                await asyncio.wait(
+                    tasks.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                done = {name for name, task in tasks.items() if task.done()}
+                results = {name: tasks.pop(name).result() for name in done}
+                wake.clear()
+                if "read" in results:
+                    data = results["read"]
+                    heard = time.monotonic()
+                    streams.received += len(data)
+                    if not data:
+                        if session is not None and not one_shot:
+                            return session
+                        raise SessionClosed(
+                            "the peer closed the connection"
+                            + ("" if channel.established else " during the handshake")
+                        )
+                    plaintext = channel.receive_data(data)
+                    if channel.established and session is None:
+                        if established is not None:
+                            established()
+                        session = open_session(channel)
+                        session.lazy = True
+                        session.outbox[:0] = session.start()
+                        self._flushers[session] = flush
+                    if session is not None:
+                        for message in frames.feed(plaintext):
+                            replies = session.receive(message)  # drains the outbox: then
+                            session.outbox += replies  # append (not in one statement)
+                        if session.peer_caught_up:
+                            stop_awaiting()
+                        if progress is not None:
+                            progress(session)
                 flush()
                 self.flush()
-                await _drain(streams)
         except (ChannelError, ProtocolError, BackerError) as exc:
             with contextlib.suppress(Exception):
                 if channel.established:
                     channel.send(Error(str(exc).encode()).encode())
                     _write(streams, channel.data_to_send())
-                    await _drain(streams)
             raise SessionClosed(str(exc)) from exc
         except TimeoutError as exc:
-            raise SessionClosed("the handshake timed out") from exc
+            raise SessionClosed(
+                f"the handshake did not complete within {limits.handshake_s:.0f} s"
+            ) from exc
         except (ConnectionError, OSError) as exc:
             raise SessionClosed(f"connection lost: {exc}") from exc
         except Exception as exc:  # a bug of ours: close this session with a reason, not others
@@ -199,6 +331,8 @@ class Hub:
                     _write(streams, channel.data_to_send())
             raise SessionClosed(f"internal error: {type(exc).__name__}: {exc}") from exc
         finally:
+            for task in tasks.values():
+                task.cancel()
             streams.close()
             stop_awaiting()
             if session is not None:
@@ -209,6 +343,55 @@ class Hub:
             self.flush()
         assert session is not None
         return session
+
+
+class Listener:
+    """What ``serve`` does with each accepted connection: admit it among the strangers
+    still in their handshake (see :class:`Admission`), run its session, and log its end
+    in at most one line per reason per interval."""
+
+    def __init__(
+        self, hub: Hub, emit: Callable[[str], None], admission: Admission | None = None
+    ) -> None:
+        self.hub = hub
+        self.admission = admission or Admission()
+        self.log = RateLimitedLog(emit)
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Route asyncio's own error reports (e.g. ``accept`` out of descriptors) through
+        the rate-limited log, without tracebacks."""
+        loop.set_exception_handler(lambda _, context: self.log(str(context.get("message"))))
+
+    async def handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Session | None:
+        """Serve one connection; its session, or None if it ended early (logged)."""
+        address = writer.get_extra_info("peername")
+        host = str(address[0] if isinstance(address, tuple) else address)
+        evicted = False
+
+        def evict() -> None:
+            nonlocal evicted
+            evicted = True
+            writer.transport.abort()
+
+        ticket = self.admission.enter(host, evict)
+        streams = Streams(reader, writer, writer.close)
+        channel = responder(self.hub.share, self.hub.share.key)
+        try:
+            return await self.hub.run(
+                streams,
+                channel,
+                self.hub.accept,
+                False,
+                established=lambda: self.admission.leave(ticket),
+            )
+        except SessionClosed as exc:
+            reason = "closed to make room for newer handshakes" if evicted else str(exc)
+            self.log(reason, f"closed session with {host}: ")
+            return None
+        finally:
+            self.admission.leave(ticket)
 
 
 # -- the two ends -------------------------------------------------------------------------
@@ -277,5 +460,8 @@ async def stdio_streams() -> Streams:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=READ_SIZE)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
-    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)
-    return Streams(reader, transport, transport.close)
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.streams.FlowControlMixin(loop), sys.stdout.buffer
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return Streams(reader, writer, transport.close)

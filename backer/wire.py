@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 8 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 
@@ -102,10 +102,12 @@ class Hello(Message):
 
 @dataclass
 class Summary(Message):
-    """The sender's signed checkpoint of every author's log it holds."""
+    """The sender's signed checkpoint of every author's log it holds; with many authors
+    it spans several messages (``more`` = 1 until the last)."""
 
     TYPE = 2
     checkpoints: list[bytes]
+    more: int
 
 
 @dataclass
@@ -140,6 +142,17 @@ class Manifests(Message):
     TYPE = 6
     ids: list[bytes]
     bodies: list[bytes]
+
+
+@dataclass
+class ManifestPart(Message):
+    """A slice of one manifest too large for a ``Manifests`` message: the parts of one
+    manifest come in order, back to back, until ``total`` bytes have arrived."""
+
+    TYPE = 12
+    id: bytes
+    total: int
+    data: bytes
 
 
 @dataclass
@@ -184,6 +197,14 @@ class Welcome(Message):
     share_key: bytes
 
 
+@dataclass
+class Ping(Message):
+    """Nothing to say: sent when a connection was quiet for a while, so that the peer
+    can tell a quiet peer from a vanished one."""
+
+    TYPE = 13
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -198,6 +219,8 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Done,
         Error,
         Welcome,
+        ManifestPart,
+        Ping,
     )
 }
 

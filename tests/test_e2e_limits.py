@@ -1,0 +1,183 @@
+"""Resource limits and liveness through the real CLI over TCP: strangers that trickle,
+members that ask without reading, peers that stop answering."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import resource
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+
+from backer.content import manifest_of_bytes
+from backer.identity import load_or_create_key
+from backer.session import Session
+from backer.share import Share
+from backer.transport import SecureChannel, initiator
+from backer.wire import WantChunks
+from tests.e2e import Device, free_port, invite, snapshot
+
+
+@contextlib.contextmanager
+def serving(
+    device: Device, port: int, files_limit: int | None = None, **env: str
+) -> Iterator[subprocess.Popen[str]]:
+    """``backer serve`` with its log in a file (a flood must not block it on a pipe),
+    optionally started with a soft limit of ``files_limit`` descriptors (hard: 4,096)."""
+
+    def limit() -> None:
+        if files_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files_limit, 4096))
+
+    log = device.root.parent / f"serve-{port}.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            device.command("serve", "--listen", f"127.0.0.1:{port}", "--dir", str(device.root)),
+            env={**device.env, **env},
+            stderr=stderr,
+            text=True,
+            preexec_fn=limit,
+        )
+    process.log = log  # type: ignore[attr-defined]
+    try:
+        for _ in range(200):
+            if "listening" in log.read_text():
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(log.read_text())
+        yield process
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _pair(tmp_path: Path) -> tuple[Device, Device, int]:
+    """A founder with a file and a member that joined it; the founder's port."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "first.txt").write_text("first\n")
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with serving(a, port):
+        b.run("join", token, str(b.root))
+    return a, b, port
+
+
+class Trickler(threading.Thread):
+    """``count`` connections from 127.0.0.2 that send one byte every ``every`` seconds and
+    never finish a handshake; each one closed by the server is opened again."""
+
+    def __init__(self, port: int, count: int, every: float, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.port, self.count, self.every, self.seconds = port, count, every, seconds
+        self.stop = threading.Event()
+        self.opened = 0
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind(("127.0.0.2", 0))
+        sock.connect_ex(("127.0.0.1", self.port))
+        self.opened += 1
+        return sock
+
+    def run(self) -> None:
+        sockets = [self._open() for _ in range(self.count)]
+        deadline = time.monotonic() + self.seconds
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            for index, sock in enumerate(sockets):
+                try:
+                    sock.send(b"S")
+                except OSError as exc:
+                    if exc.errno in (errno.EAGAIN, errno.ENOTCONN):
+                        continue  # still connecting, or the server has not read yet
+                    sock.close()
+                    sockets[index] = self._open()
+            self.stop.wait(self.every)
+        for sock in sockets:
+            sock.close()
+
+
+def test_finding_4_slow_unauthenticated_connections_do_not_keep_a_member_out(
+    tmp_path: Path,
+) -> None:
+    a, b, port = _pair(tmp_path)
+    (a.root / "second.txt").write_text("written while strangers trickle\n")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))  # for the trickler
+    with serving(a, port, files_limit=512, BACKER_TIME_SCALE="0.25") as server:
+        trickler = Trickler(port, 1000, every=1.0, seconds=90)
+        trickler.start()
+        try:
+            time.sleep(3)  # all 1,000 are in
+            started = time.monotonic()
+            result = b.run("sync", f"127.0.0.1:{port}", "--dir", str(b.root), timeout=60)
+            took = time.monotonic() - started
+            descriptors = psutil.Process(server.pid).num_fds()
+        finally:
+            trickler.stop.set()
+            trickler.join()
+        log = server.log.read_text()  # type: ignore[attr-defined]
+    assert result.returncode == 0, result.stderr
+    assert snapshot(b.root) == snapshot(a.root)
+    assert took < 30, took
+    assert trickler.opened >= 1000
+    assert descriptors < 400, descriptors  # at most 256 strangers at a time
+    assert len(log.splitlines()) < 50 and "Traceback" not in log, log[:2000]
+
+
+
+def _member_connection(share: Share, port: int) -> tuple[socket.socket, SecureChannel]:
+    """A raw TCP connection of ``share``'s device, authenticated, Hello and Summary sent,
+    and nothing more."""
+    channel = initiator(share, share.key)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(channel.data_to_send())
+    while not channel.established:
+        channel.receive_data(sock.recv(65536))
+        sock.sendall(channel.data_to_send())
+    channel.send(b"".join(m.encode() for m in Session(share, "reader").start()))
+    sock.sendall(channel.data_to_send())
+    return sock, channel
+
+
+def test_finding_5_a_member_asking_without_reading_keeps_serve_bounded(tmp_path: Path) -> None:
+    a, b, port = _pair(tmp_path)
+    data = os.urandom(16 * 1024 * 1024)
+    (a.root / "big.bin").write_bytes(data)
+    hashes = [c.hash for c in manifest_of_bytes(data).chunks]
+    with serving(a, port) as server:
+        process = psutil.Process(server.pid)
+        b.sync(f"127.0.0.1:{port}")  # serve has scanned big.bin; b is a member
+        baseline = process.memory_info().rss
+        key = load_or_create_key(b.home)
+        with Share.open(b.root, key, exclusive=False, home=b.home) as share:
+            sock, channel = _member_connection(share, port)
+            wanted = [hashes[i % len(hashes)] for i in range(16_000)]  # ~1.3 GB of replies
+            for start in range(0, len(wanted), 64):
+                channel.send(WantChunks(wanted[start : start + 64]).encode())
+            sock.sendall(channel.data_to_send())  # ~530 KB of requests; never read a reply
+            peak = baseline
+            for _ in range(40):
+                time.sleep(0.1)
+                peak = max(peak, process.memory_info().rss)
+            sock.close()
+    assert peak - baseline < RSS_BOUND, (baseline, peak)
+
+
+RSS_BOUND = 64 * 1024 * 1024  # docs/security.md
