@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from .identity import device_id, home, load_or_create_key, short_id
 from .invite import InviteToken, advertised, parse_address
 from .membership import EventKind
 from .paths import METADATA_DIR
-from .records import Kind, Version
+from .records import Kind, Version, timestamp
 from .replicator import Replicator
 from .session import Session, WireStats
 from .share import ScanSummary, Share, ShareBusy, is_damage
@@ -44,8 +43,15 @@ EXIT_INTERNAL = 70
 
 
 def _when(time_ms: int) -> str:
-    stamp = dt.datetime.fromtimestamp(time_ms / 1000, tz=dt.UTC)
-    return stamp.strftime("%Y-%m-%d %H:%M:%S")
+    return timestamp(time_ms)
+
+
+def _kind_name(kind: int) -> str:
+    """An event kind as text; a kind this version does not know is shown by number."""
+    try:
+        return EventKind(kind).name.lower()
+    except ValueError:
+        return f"kind-{kind}"
 
 
 def _describe(version: Version) -> str:
@@ -240,7 +246,7 @@ def log(path: str | None, directory: str, as_json: bool) -> None:
                     "time": _when(event.time_ms),
                     "author": device_id(event.author),
                     "seq": event.seq,
-                    "kind": EventKind(event.kind).name.lower(),
+                    "kind": _kind_name(event.kind),
                     "id": event.id.hex(),
                     "changes": [
                         {

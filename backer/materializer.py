@@ -46,7 +46,7 @@ from .content import Manifest
 from .errors import BackerError
 from .ignore import TEMP_SUFFIX
 from .paths import METADATA_DIR, BadPath, check
-from .records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version
+from .records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
 from .scanner import cache_entry, stat_key_of
 
 VERSIONS_DIR = "versions"
@@ -68,7 +68,7 @@ def conflict_path(path: str, version: Version) -> str:
     parent, _, name = path.rpartition("/")
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
-    stamp = dt.datetime.fromtimestamp(version.time_ms / 1000, tz=dt.UTC).strftime("%Y%m%d-%H%M%S")
+    stamp = timestamp(version.time_ms, "%Y%m%d-%H%M%S")
     device = base64.b32encode(version.device).decode()[:7]
     copy = f"{stem}.sync-conflict-{stamp}-{device}{ext}"
     return f"{parent}/{copy}" if parent else copy

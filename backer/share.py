@@ -31,6 +31,7 @@ from journal import (
     JournalError,
     RejectedBatch,
 )
+from journal.event import MAX_PAYLOAD
 
 from . import entropy, recovery
 from .catalog import Catalog, LocalEntry
@@ -38,6 +39,7 @@ from .content import Manifest
 from .errors import BackerError
 from .materializer import is_copy_of, resolve, resolve_moot_copies, resolve_shadowed
 from .membership import (
+    INVITE_ID_BYTES,
     NO_INVITE,
     SHARE_ID_BYTES,
     EventKind,
@@ -48,13 +50,19 @@ from .membership import (
     parse_invite,
 )
 from .paths import METADATA_DIR, is_valid
-from .records import Kind, Version, new_version_id, split_key
+from .records import MAX_TIME_MS, Kind, Version, new_version_id, split_key
 from .scanner import Observation, ProgressCallback, Seen, cache_entry, observe
 from .state import BadUpdate, Delta, FileState, parse_update
 
 DB_FILE = "backer.db"
 LOCK_FILE = "lock"
 MAX_RESOLUTION_ROUNDS = 50  # copies of one device's same-second losers collide in a chain
+MAX_DEVICE_NAME = 1024  # bytes of a device name in a membership event
+_PAYLOAD_BYTES = {
+    EventKind.GENESIS: (SHARE_ID_BYTES, SHARE_ID_BYTES + MAX_DEVICE_NAME),
+    EventKind.MEMBER_ADD: (32 + INVITE_ID_BYTES, 32 + INVITE_ID_BYTES + MAX_DEVICE_NAME),
+    EventKind.INVITE: (56, 56),
+}
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 
 
@@ -363,6 +371,7 @@ class Share:
     def _apply_checked(self, event: Event) -> tuple[Delta, set[int]]:
         """Check and apply one event's payload: the delta and the Yjs client ids it uses.
         Raises :class:`BadUpdate` (the document must then be reloaded)."""
+        _check_event(event)
         if event.kind != EventKind.STATE:
             return Delta(), set()
         author = event.author
@@ -714,6 +723,20 @@ class Share:
         if version is None:
             return None
         return version.kind, version.content, version.permissions
+
+
+def _check_event(event: Event) -> None:
+    """Raise :class:`BadUpdate` for an event kind this version does not know, a time
+    outside what can be shown, or a membership payload of the wrong size."""
+    try:
+        kind = EventKind(event.kind)
+    except ValueError as exc:
+        raise BadUpdate(f"unknown event kind {event.kind}") from exc
+    if event.time_ms > MAX_TIME_MS:
+        raise BadUpdate(f"event time {event.time_ms} ms is out of range")
+    low, high = _PAYLOAD_BYTES.get(kind, (0, MAX_PAYLOAD))
+    if not low <= len(event.payload) <= high:
+        raise BadUpdate(f"a {kind.name.lower()} event of {len(event.payload)} bytes")
 
 
 def _based_on(cached: LocalEntry | None) -> tuple[str, ...]:

@@ -44,8 +44,8 @@ _ORIGIN, _RIGHT_ORIGIN, _PARENT_SUB = 0x80, 0x40, 0x20
 
 
 class BadUpdate(ValueError):
-    """A STATE payload that must not be applied: malformed, out of range, or touching
-    what its author does not own."""
+    """A received event that must not be applied: a STATE payload that is malformed,
+    out of range or touching what its author does not own, or an event out of range."""
 
 
 @dataclass

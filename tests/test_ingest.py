@@ -10,6 +10,7 @@ import pytest
 from pycrdt import Doc, Map
 
 from backer.identity import load_or_create_key
+from backer.materializer import conflict_path, resolve
 from backer.membership import EventKind
 from backer.records import Kind, Version, new_version_id
 from backer.session import Session
@@ -207,3 +208,48 @@ def test_a_members_unappliable_event_does_not_brick_the_honest_device_e2e(
     assert not any(
         line["author"] == member_id and line["kind"] == "state" for line in json.loads(log)
     )
+
+
+# -- absurd times and unknown kinds ---------------------------------------------------------
+
+
+def test_conflict_copy_naming_survives_an_absurd_time() -> None:
+    absurd = Version(Kind.FILE, 1, content=bytes(32), device=b"m" * 8, time_ms=2**64 - 1)
+    honest = Version(Kind.FILE, 1, content=b"\1" * 32, device=b"h" * 8, time_ms=1)
+    assert "sync-conflict-99991231-235959" in conflict_path("dir/a.txt", absurd)
+    resolution = resolve("a.txt", {"AAAAAAAAAAAA": absurd, "BBBBBBBBBBBB": honest})
+    assert len(resolution.copies) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "time_ms", "payload", "reason"),
+    [
+        (EventKind.INVITE, 1, b"short", "invite event of 5 bytes"),
+        (99, 1, b"", "unknown event kind 99"),
+        (EventKind.STATE, 2**64 - 1, b"\0\0", "out of range"),
+    ],
+)
+def test_unknown_kinds_and_absurd_event_times_are_refused_at_ingest(
+    tmp_path: Path, kind: int, time_ms: int, payload: bytes, reason: str
+) -> None:
+    honest, member = make_devices(tmp_path, 2)
+    sync(honest, member)
+    member.journal.append(member.key, [(kind, payload)], time_ms)
+    with pytest.raises(ProtocolError, match=reason):
+        pump(Session(member, "m"), Session(honest, "h"))
+
+
+def test_log_and_history_survive_absurd_times_and_unknown_kinds(tmp_path: Path) -> None:
+    device = Device(tmp_path, "d")
+    device.root.mkdir()
+    (device.root / "a.txt").write_text("x")
+    device.run("init", str(device.root))
+    key = load_or_create_key(device.home)
+    with Share.open(device.root, key, home=device.home) as share:  # stored unchecked, as
+        share.journal.append(share.key, [(99, b"")], 2**64 - 1)  # an earlier version did
+    for command in ("log", "history"):
+        args = (command, str(device.root / "a.txt")) if command == "history" else (command,)
+        for extra in ((), ("--json",)):
+            result = device.run(*args, *extra, "--dir", str(device.root), check=False)
+            assert result.returncode == 0, result.stderr
+    assert "kind-99" in device.run("log", "--dir", str(device.root)).stdout
