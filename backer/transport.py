@@ -312,6 +312,8 @@ class Hub:
                             progress(session)
                 flush()
                 self.flush()
+        except SessionClosed:
+            raise
         except (ChannelError, ProtocolError, BackerError) as exc:
             with contextlib.suppress(Exception):
                 if channel.established:

@@ -3,6 +3,7 @@ members that ask without reading, peers that stop answering."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -21,7 +22,7 @@ from backer.content import manifest_of_bytes
 from backer.identity import load_or_create_key
 from backer.session import Session
 from backer.share import Share
-from backer.transport import SecureChannel, initiator
+from backer.transport import Hub, Limits, Listener, SecureChannel, initiator
 from backer.wire import WantChunks
 from tests.e2e import Device, free_port, invite, snapshot
 
@@ -181,3 +182,72 @@ def test_finding_5_a_member_asking_without_reading_keeps_serve_bounded(tmp_path:
 
 
 RSS_BOUND = 64 * 1024 * 1024  # docs/security.md
+
+
+def test_issue_9_item_8_a_suspended_peer_is_detected_within_the_deadline(tmp_path: Path) -> None:
+    a, b, port = _pair(tmp_path)
+    (a.root / "big.bin").write_bytes(os.urandom(96 * 1024 * 1024))
+    env = {**b.env, "BACKER_TIME_SCALE": "0.1"}  # nothing received for 6 s: unresponsive
+    with serving(a, port) as server:
+        sync = subprocess.Popen(
+            b.command("sync", f"127.0.0.1:{port}", "--dir", str(b.root)),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3000):  # until the transfer has begun
+            if any(".backer-tmp" in p.name for p in b.root.iterdir()) or sync.poll() is not None:
+                break
+            time.sleep(0.01)
+        os.kill(server.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            _, stderr = sync.communicate(timeout=60)
+        finally:
+            sync.kill()
+        took = time.monotonic() - stopped
+    assert sync.returncode == 1, stderr
+    assert "peer unresponsive: nothing received for 6 s" in stderr, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert took < 6 + 5, took
+
+
+def test_finding_12_a_peer_that_never_answers_requests_is_dropped(
+    tmp_path: Path, monkeypatch
+) -> None:
+    a, b, port = _pair(tmp_path)
+    (a.root / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    # a runs in this process: it pings, but takes chunk requests and never answers them
+    monkeypatch.setattr(Session, "_on_wantchunks", lambda self, message: [])
+    stop = threading.Event()
+
+    async def serve() -> None:
+        with Share.open(a.root, load_or_create_key(a.home), home=a.home) as share:
+            hub = Hub(share, "a", Limits(keepalive_s=0.2))
+            listener = Listener(hub, print)
+            server = await asyncio.start_server(listener.handle, "127.0.0.1", port)
+            async with server:
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        env = {**b.env, "BACKER_TIME_SCALE": "0.05"}  # no answer for 6 s: unresponsive
+        result = subprocess.run(
+            b.command("sync", f"127.0.0.1:{port}", "--dir", str(b.root)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+    assert result.returncode == 1, result.stderr
+    assert "peer unresponsive: no answer to a request for 6 s" in result.stderr, result.stderr
+    assert took < 6 + 5, took
