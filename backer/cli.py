@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +45,25 @@ EXIT_INTERNAL = 70
 
 def _when(time_ms: int) -> str:
     return timestamp(time_ms)
+
+
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _shown(text: str) -> str:
+    """``text`` safe for a terminal: names come from other devices, and a control
+    character (C0, DEL, C1) or a bidi override in them could drive the terminal or
+    disguise what is printed, so each is written as an escape (``\\x1b``, ``\\u202e``)."""
+    return _UNSHOWN.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _say(text: str, err: bool = False) -> None:
+    click.echo(_shown(text), err=err)
 
 
 def _kind_name(kind: int) -> str:
@@ -118,7 +138,7 @@ def _recorded_path(share: Share, key: str) -> str:
 
 def _print_scan(summary: ScanSummary) -> None:
     for error in summary.errors:
-        click.echo(f"warning: {error}", err=True)
+        _say(f"warning: {error}", err=True)
     click.echo(
         f"scanned in {summary.seconds:.2f}s: {len(summary.added)} added, "
         f"{len(summary.modified)} modified, {len(summary.deleted)} deleted, "
@@ -197,23 +217,23 @@ def status(directory: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"share     {report['share_id']} at {report['root']}")
-    click.echo(f"device    {report['device']}")
-    click.echo(
+    _say(f"share     {report['share_id']} at {report['root']}")
+    _say(f"device    {report['device']}")
+    _say(
         f"contents  {totals['files']} files, {totals['directories']} directories, "
         f"{totals['symlinks']} symlinks, {totals['bytes']} bytes"
     )
-    click.echo(f"conflicts {totals['conflicts']}")
-    click.echo(f"journal   {report['events']} events, {report['forks']} forks")
+    _say(f"conflicts {totals['conflicts']}")
+    _say(f"journal   {report['events']} events, {report['forks']} forks")
     for held in report["quarantined"]:
-        click.echo(
+        _say(
             f"quarantined event {held['seq']} of {held['author'][:7]} (never applied, "
             f"not relayed): {held['reason']}"
         )
-    click.echo(f"last scan {report['last_scan'] or 'never'}")
-    click.echo(f"devices   {len(report['devices'])}")
+    _say(f"last scan {report['last_scan'] or 'never'}")
+    _say(f"devices   {len(report['devices'])}")
     for device in report["devices"]:
-        click.echo(f"  {device['id']}  {device['name']}")
+        _say(f"  {device['id']}  {device['name']}")
 
 
 _MARKS = {"added": "+", "modified": "~", "deleted": "-"}
@@ -263,9 +283,9 @@ def log(path: str | None, directory: str, as_json: bool) -> None:
         click.echo(json.dumps(lines, indent=2))
         return
     for line in lines:
-        click.echo(f"{line['time']}  {line['author'][:7]}#{line['seq']}  {line['kind']}")
+        _say(f"{line['time']}  {line['author'][:7]}#{line['seq']}  {line['kind']}")
         for change in line["changes"]:
-            click.echo(f"    {_MARKS[change['change']]} {change['path']}")
+            _say(f"    {_MARKS[change['change']]} {change['path']}")
 
 
 @cli.command()
@@ -291,7 +311,7 @@ def history(path: str, directory: str, as_json: bool) -> None:
         return
     for e in entries:
         marker = "*" if e.live else " "
-        click.echo(
+        _say(
             f"{marker} {_when(e.version.time_ms)}  {short_id(e.author)}  "
             f"{e.version_id}  {_describe(e.version)}"
         )
@@ -384,7 +404,7 @@ def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list
     if not done:
         raise BackerError("; ".join(failures))
     for failure in failures:
-        click.echo(f"backer: warning: {failure}", err=True)
+        _say(f"backer: warning: {failure}", err=True)
     return done
 
 
@@ -612,17 +632,17 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (BackerError, JournalError) as exc:
-        click.echo(f"backer: error: {exc}", err=True)
+        _say(f"backer: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     except (sqlite3.DatabaseError, OSError) as exc:
         if os.environ.get("BACKER_DEBUG"):
             raise
         damaged = isinstance(exc, sqlite3.DatabaseError) and is_damage(exc)
         hint = "; the share database is damaged: run 'backer repair --from HOST:PORT'"
-        click.echo(f"backer: error: {exc}{hint if damaged else ''}", err=True)
+        _say(f"backer: error: {exc}{hint if damaged else ''}", err=True)
         sys.exit(EXIT_ERROR)
     except Exception as exc:
         if os.environ.get("BACKER_DEBUG"):
             raise
-        click.echo(f"backer: internal error: {type(exc).__name__}: {exc}", err=True)
+        _say(f"backer: internal error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(EXIT_INTERNAL)

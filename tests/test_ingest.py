@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nacl.signing
 import pytest
 from pycrdt import Doc, Map
 
@@ -253,3 +254,34 @@ def test_log_and_history_survive_absurd_times_and_unknown_kinds(tmp_path: Path) 
             result = device.run(*args, *extra, "--dir", str(device.root), check=False)
             assert result.returncode == 0, result.stderr
     assert "kind-99" in device.run("log", "--dir", str(device.root)).stdout
+
+
+# -- what other devices named reaches the terminal escaped -----------------------------------
+
+OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"  # would set the clipboard of the reader's terminal
+BIDI = "\u202etxt.exe"
+
+
+def test_status_log_and_history_escape_control_and_bidi_characters(tmp_path: Path) -> None:
+    device = Device(tmp_path, "d")
+    device.root.mkdir()
+    name = f"x{OSC52}\x9b31m{BIDI}"
+    (device.root / name).write_text("payload")
+    device.run("init", str(device.root))
+    key = load_or_create_key(device.home)
+    other = nacl.signing.SigningKey.generate()
+    with Share.open(device.root, key, home=device.home) as share:
+        share.admit(bytes(other.verify_key), f"laptop{OSC52}\x7f")
+    outputs = [
+        device.run("status", "--dir", str(device.root)).stdout,
+        device.run("log", "--dir", str(device.root)).stdout,
+        device.run("history", str(device.root / name), "--dir", str(device.root)).stdout,
+    ]
+    for text in outputs:
+        assert not any(ch in text for ch in "\x1b\x07\x9b\x7f\u202e"), repr(text)
+    assert "laptop\\x1b]52;c;cm0gLXJmIH4K\\x07\\x7f" in outputs[0]
+    assert "x\\x1b]52;c;cm0gLXJmIH4K\\x07\\x9b31m\\u202etxt.exe" in outputs[1]
+    status = json.loads(device.run("status", "--json", "--dir", str(device.root)).stdout)
+    assert f"laptop{OSC52}\x7f" in [d["name"] for d in status["devices"]]
+    log = json.loads(device.run("log", "--json", "--dir", str(device.root)).stdout)
+    assert name in [c["path"] for line in log for c in line["changes"]]
