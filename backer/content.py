@@ -68,12 +68,40 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
         if len(data) % _ENTRY.size:
-            raise ValueError("manifest size is not a whole number of entries")
+            raise BadManifest("manifest size is not a whole number of entries")
         chunks, offset = [], 0
         for digest, length in _ENTRY.iter_unpack(data):
             chunks.append(ChunkRef(digest, offset, length))
             offset += length
         return cls(tuple(chunks))
+
+
+class BadManifest(ValueError):
+    """A manifest that no honest chunking makes, or that does not add up to its file."""
+
+
+def check_manifest(manifest: Manifest, size: int | None = None) -> Manifest:
+    """``manifest`` if its chunks are what FastCDC cuts — every chunk but the last within
+    [MIN_CHUNK, MAX_CHUNK], the last within [1, MAX_CHUNK], offsets contiguous — and,
+    given the version's declared ``size``, if they add up to it exactly.
+
+    A received manifest is a promise about sizes: unchecked, a few hundred KiB on the
+    wire could declare a file of any size (or a declared size could come with no
+    content at all, leaving a sparse giant)."""
+    chunks = manifest.chunks
+    if size is not None and len(chunks) > size // MIN_CHUNK + 1:
+        raise BadManifest(f"{len(chunks)} chunks for {size} bytes")
+    offset = 0
+    for index, ref in enumerate(chunks):
+        shortest = 1 if index == len(chunks) - 1 else MIN_CHUNK
+        if not shortest <= ref.length <= MAX_CHUNK:
+            raise BadManifest(f"chunk {index} of {ref.length} bytes")
+        if ref.offset != offset:
+            raise BadManifest(f"chunk {index} is not where the previous one ends")
+        offset += ref.length
+    if size is not None and offset != size:
+        raise BadManifest(f"chunks add up to {offset} bytes, the version declares {size}")
+    return manifest
 
 
 def _hash_views(views: list[tuple[int, memoryview]]) -> list[ChunkRef]:

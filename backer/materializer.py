@@ -42,7 +42,7 @@ from blake3 import blake3
 from . import entropy
 from .catalog import Catalog, LocalEntry
 from .chunks import ChunkStore
-from .content import Manifest
+from .content import Manifest, check_manifest
 from .errors import BackerError
 from .ignore import TEMP_SUFFIX
 from .paths import METADATA_DIR, BadPath, check
@@ -754,6 +754,7 @@ class Materializer:
         manifest = self.catalog.manifest(op.version.content)
         if manifest is None or manifest.id != op.version.content:
             raise ValueError("manifest is missing or does not match the version")
+        check_manifest(manifest, op.version.size)
         fd = None  # created with the first chunk to write: one open per file, not two
         try:
             for ref in manifest.chunks:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from blake3 import blake3
 
 from .chunks import ChunkStore
-from .content import Manifest
+from .content import BadManifest, Manifest, check_manifest
 from .ignore import IgnoreRules
 from .materializer import (
     Assembly,
@@ -327,6 +327,10 @@ class Replicator:
             raise ProtocolError(f"malformed manifest: {exc}") from exc
         if manifest.id != manifest_id:
             raise ProtocolError("a manifest does not match its id")
+        try:  # the sender relays what a version's author made: that file's problem
+            check_manifest(manifest)
+        except BadManifest:
+            return
         self.share.catalog.put_received_manifest(manifest)
 
     def chunk_arrived(self, session: Session, chunk_hash: bytes, data: bytes) -> None:
@@ -342,6 +346,8 @@ class Replicator:
             return
         if blake3(data).digest() != chunk_hash:
             raise ProtocolError("a chunk does not match its hash")
+        if len(data) != self.chunk_lengths[chunk_hash]:  # the manifest lied: no peer can
+            return  # give it otherwise; its files stay unwritten and are reported
         if self.assembly is None:  # the plan stopped (disk full) while this was on its way
             return
         try:

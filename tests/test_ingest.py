@@ -4,12 +4,22 @@ bricks a device, never spreads, and never silently overrides another device's wr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nacl.signing
 import pytest
 from pycrdt import Doc, Map
 
+from backer.content import (
+    MAX_CHUNK,
+    MIN_CHUNK,
+    BadManifest,
+    ChunkRef,
+    Manifest,
+    check_manifest,
+    manifest_of_bytes,
+)
 from backer.identity import load_or_create_key
 from backer.materializer import conflict_path, resolve
 from backer.membership import EventKind
@@ -285,3 +295,85 @@ def test_status_log_and_history_escape_control_and_bidi_characters(tmp_path: Pat
     assert f"laptop{OSC52}\x7f" in [d["name"] for d in status["devices"]]
     log = json.loads(device.run("log", "--json", "--dir", str(device.root)).stdout)
     assert name in [c["path"] for line in log for c in line["changes"]]
+
+
+# -- manifests are promises about sizes --------------------------------------------------
+
+
+def _publish(member: Share, path: str, version: Version) -> None:
+    update, delta = member.state.write([(path, new_version_id(), version)])
+    member._append(EventKind.STATE, update, delta)
+
+
+def _receive(honest: Share, member: Share) -> Session:
+    receiver = Session(honest, "h")
+    pump(Session(member, "m"), receiver)
+    return receiver
+
+
+def test_a_manifest_declaring_more_than_its_chunks_hold_never_becomes_a_file(
+    tmp_path: Path,
+) -> None:
+    honest, member = make_devices(tmp_path, 2)
+    sync(honest, member)
+    data = os.urandom(400 * 1024)  # what the wire carries
+    write_file(member, "small.bin", data)
+    real = manifest_of_bytes(data)
+    *head, last = real.chunks
+    lying_length = 2**30 - sum(c.length for c in head)  # the last chunk "is" the rest of 1 GiB
+    lie = Manifest((*head, last._replace(length=lying_length)))
+    with member.db.conn:
+        member.catalog.put_received_manifest(lie)
+    _publish(member, "big.bin", Version(Kind.FILE, 2**30, content=lie.id, time_ms=1))
+    receiver = _receive(honest, member)
+    assert not (honest.root / "big.bin").exists()
+    assert (honest.root / "small.bin").read_bytes() == data
+    assert any("big.bin" in e for r in receiver.replicator.reports for e in r.errors)
+    assert honest.catalog.manifest(lie.id) is None  # refused, never stored
+
+
+def test_a_declared_size_with_empty_content_is_refused(tmp_path: Path) -> None:
+    honest, member = make_devices(tmp_path, 2)
+    sync(honest, member)
+    empty = manifest_of_bytes(b"")
+    _publish(member, "sparse.bin", Version(Kind.FILE, 8 * 2**30, content=empty.id, time_ms=1))
+    receiver = _receive(honest, member)
+    assert not (honest.root / "sparse.bin").exists()
+    assert any("8589934592" in e for r in receiver.replicator.reports for e in r.errors)
+
+
+def test_a_received_chunk_must_be_as_long_as_its_manifest_says(tmp_path: Path) -> None:
+    honest, member = make_devices(tmp_path, 2)
+    sync(honest, member)
+    first, second = os.urandom(40 * 1024), os.urandom(40 * 1024)
+    write_file(member, "a.bin", first)
+    write_file(member, "b.bin", second)
+    a, b = manifest_of_bytes(first).chunks[0], manifest_of_bytes(second).chunks[0]
+    short, long = a._replace(length=20 * 1024), b._replace(offset=20 * 1024, length=60 * 1024)
+    swapped = Manifest((short, long))  # adds up, within bounds, but the lengths are lies
+    with member.db.conn:
+        member.catalog.put_received_manifest(swapped)
+    _publish(member, "c.bin", Version(Kind.FILE, 80 * 1024, content=swapped.id, time_ms=1))
+    receiver = _receive(honest, member)
+    assert not (honest.root / "c.bin").exists()
+    assert any("c.bin" in e for r in receiver.replicator.reports for e in r.errors)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "size", "reason"),
+    [
+        ([MAX_CHUNK + 1], MAX_CHUNK + 1, "chunk 0"),
+        ([MIN_CHUNK - 1, 100], MIN_CHUNK + 99, "chunk 0"),
+        ([0], 0, "chunk 0"),
+        ([MIN_CHUNK, MIN_CHUNK], 3 * MIN_CHUNK, "add up"),
+    ],
+)
+def test_manifest_checks(lengths: list[int], size: int, reason: str) -> None:
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    manifest = Manifest(
+        tuple(ChunkRef(bytes(32), o, n) for o, n in zip(offsets, lengths, strict=True))
+    )
+    with pytest.raises(BadManifest, match=reason):
+        check_manifest(manifest, size)
+    check_manifest(manifest_of_bytes(os.urandom(300_000)), 300_000)
+    check_manifest(manifest_of_bytes(b""), 0)
