@@ -56,7 +56,8 @@ from .wire import (
 EVENTS_PER_MESSAGE = 2000
 EVENT_BYTES_PER_MESSAGE = 4 * 1024 * 1024  # well under the frame limit (a scan event of
 # 1,000 files is ~110 KB)
-MAX_PENDING_RUN_BYTES = 256 * 1024 * 1024
+MAX_PENDING_BYTES = 256 * 1024 * 1024  # per session, over every author: the author is
+# read from bytes not verified yet, so a per-author cap would be no cap
 MAX_OWED = 16_384  # requests queued from one peer (an honest one has at most
 # MAX_CHUNKS_IN_FLIGHT + MANIFESTS_IN_FLIGHT outstanding)
 REPLY_BYTES = 4 * 1024 * 1024  # Manifests, Summary parts and ManifestPart slices stay below
@@ -129,6 +130,7 @@ class Session:
         self.peer_lengths: dict[bytes, int] | None = None
         self.peer_caught_up = False
         self.pending_run: dict[bytes, list[bytes]] = {}
+        self.pending_bytes = 0
         self.events_messages_sent = 0
         self.events_messages_received = 0
         self.peer_acknowledged = -1
@@ -253,14 +255,19 @@ class Session:
         self.events_messages_received += 1
         if not message.events:
             raise ProtocolError("empty Events message")
-        author = Event.decode(message.events[0]).author
+        try:
+            author = Event.decode(message.events[0]).author
+        except ValueError as exc:
+            raise ProtocolError(f"malformed event: {exc}") from exc
         run = self.pending_run.setdefault(author, [])
         run.extend(message.events)
-        if sum(map(len, run)) > MAX_PENDING_RUN_BYTES:
-            raise ProtocolError("a run of events without a checkpoint is too long")
+        self.pending_bytes += sum(map(len, message.events))
+        if self.pending_bytes > MAX_PENDING_BYTES:
+            raise ProtocolError("events awaiting the end of their run exceed the session's cap")
         if message.more:
             return []
         del self.pending_run[author]
+        self.pending_bytes -= sum(map(len, run))
         checkpoint = Checkpoint.decode(message.checkpoint) if message.checkpoint else None
         try:
             result = self.share.ingest(run, checkpoint)

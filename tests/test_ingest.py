@@ -24,10 +24,10 @@ from backer.identity import load_or_create_key
 from backer.materializer import conflict_path, resolve
 from backer.membership import EventKind
 from backer.records import Kind, Version, new_version_id
-from backer.session import Session
+from backer.session import MAX_PENDING_BYTES, Session
 from backer.share import Share
 from backer.state import ROOT
-from backer.wire import ProtocolError
+from backer.wire import Events, ProtocolError
 from journal import Event
 from tests.e2e import Device, free_port, invite
 from tests.helpers import make_devices, pump, sync
@@ -377,3 +377,20 @@ def test_manifest_checks(lengths: list[int], size: int, reason: str) -> None:
         check_manifest(manifest, size)
     check_manifest(manifest_of_bytes(os.urandom(300_000)), 300_000)
     check_manifest(manifest_of_bytes(b""), 0)
+
+
+# -- buffered, not yet verified events have one cap per session ------------------------------
+
+
+def test_pending_events_of_fake_authors_share_one_cap_per_session(tmp_path: Path) -> None:
+    (honest,) = make_devices(tmp_path, 1)
+    session = Session(honest, "h")
+    payload = bytes(4 * 1024 * 1024)
+    with pytest.raises(ProtocolError, match="cap"):
+        for n in range(MAX_PENDING_BYTES // len(payload) + 2):  # each author far below it
+            fake = nacl.signing.SigningKey(n.to_bytes(32, "big"))
+            event = Event.create(fake, 0, bytes(32), 1, EventKind.STATE, payload)
+            session.receive(Events(b"", [event.raw], 1))
+    assert sum(map(len, (r for run in session.pending_run.values() for r in run))) <= (
+        MAX_PENDING_BYTES + len(payload) + 1024
+    )
