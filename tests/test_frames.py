@@ -1,0 +1,67 @@
+"""Honest data never hits the frame limit: large manifests, many manifests, many authors."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+import backer.session
+from backer.content import MAX_CHUNK, MIN_CHUNK, ChunkRef, Manifest
+from backer.session import Session
+from backer.wire import MAX_FRAME, ManifestPart, Manifests, Summary, WantManifests
+from tests.helpers import exchange, make_devices, sync
+
+
+def _manifest(count: int, seed: int) -> Manifest:
+    rng = random.Random(seed)
+    chunks, offset = [], 0
+    for _ in range(count):
+        length = rng.randint(MIN_CHUNK, MAX_CHUNK)
+        chunks.append(ChunkRef(rng.randbytes(32), offset, length))
+        offset += length
+    return Manifest(tuple(chunks))
+
+
+def test_finding_13_manifests_larger_than_a_frame_cross_a_session(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    left, right = sync(a, b)
+    huge = _manifest(300_000, 1)  # a ~40 GB file: 10.8 MB of manifest
+    many = [_manifest(500, n) for n in range(2, 502)]  # 500 files of ~65 MB: 9 MB
+    for manifest in (huge, *many):
+        a.catalog.put_received_manifest(manifest)
+    wanted = [m.id for m in (*many[:250], huge, *many[250:])]
+    for manifest_id in wanted:  # as b's replicator does when it asks
+        right.replicator.manifests_asked[manifest_id] = right
+    right.manifests_in_flight = len(wanted)
+    sent = []
+    for start in range(0, len(wanted), 500):
+        request = WantManifests(wanted[start : start + 500])
+        replies = left.receive(request)
+        sent += replies
+        exchange(left, right, replies, [])
+    assert max(len(m.encode()) for m in sent) < MAX_FRAME
+    assert sum(isinstance(m, ManifestPart) for m in sent) == 3
+    assert sum(isinstance(m, Manifests) for m in sent) >= 3
+    assert not right.replicator.manifests_asked and right.receiving_part is None
+    for manifest in (huge, *many):
+        assert b.catalog.manifest(manifest.id) == manifest
+
+
+def test_finding_13_a_summary_of_many_authors_is_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Summary parts are cut by bytes; with a limit below two checkpoints, one each."""
+    monkeypatch.setattr(backer.session, "REPLY_BYTES", 200)
+    a, b, c = make_devices(tmp_path, 3)
+    (c.root / "from-c.txt").write_text("c")
+    sync(a, b)
+    sync(a, c)
+    (b.root / "from-b.txt").write_text("b")
+    sync(a, b)
+    summaries = [m for m in Session(a, "a").start() if isinstance(m, Summary)]
+    authors = len(a.journal.summary())
+    assert authors >= 2 and [m.more for m in summaries] == [1] * (authors - 1) + [0]
+    sync(a, c)
+    assert (c.root / "from-b.txt").read_text() == "b"
