@@ -13,7 +13,10 @@ fails the handshake. Then ``Noise_XXpsk0_25519_AESGCM_SHA256``:
 - ephemeral keys give forward secrecy.
 
 On the wire every Noise message is ``u16 length | message``; application data is cut
-into records of at most 65,519 plaintext bytes (the Noise maximum minus the tag).
+into records of at most 65,519 plaintext bytes (the Noise maximum minus the tag). A
+responder that refuses a connection says why before closing, in the clear, with a
+record no Noise message can be: length 0 and one reason code (:data:`REFUSALS`). A code
+is all it says, so a stranger learns nothing about the share.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable
 import nacl.bindings
 import nacl.signing
 
-from .noise import MAX_MESSAGE, TAG_LEN, CipherState, HandshakeState, NoiseError
+from .noise import DH_LEN, MAX_MESSAGE, TAG_LEN, CipherState, HandshakeState, NoiseError
 
 PROTOCOL_NAME = "Noise_XXpsk0_25519_AESGCM_SHA256"
 PROLOGUE = b"backer/1 "
@@ -31,10 +34,32 @@ HEADER_LEN = 17
 MODE_SYNC = b"S"
 MODE_JOIN = b"J"
 MAX_PLAINTEXT = MAX_MESSAGE - TAG_LEN
+RESPONSE_LEN = DH_LEN + (DH_LEN + TAG_LEN) + (32 + TAG_LEN)  # e, s, device key: the
+# responder's one handshake message
+
+UNKNOWN, NOT_MEMBER, FAILED, BUSY, TOO_SLOW = 1, 2, 3, 4, 5
+REFUSALS = {
+    UNKNOWN: "unknown share or invite (the token is wrong, used or expired, "
+    "or that device does not hold this share)",
+    NOT_MEMBER: "this device is not a member of the share",
+    FAILED: "the handshake failed (wrong share key or invite secret, or damaged data)",
+    BUSY: "too many connections are being set up there; try again",
+    TOO_SLOW: "the handshake took too long",
+}
 
 
 class ChannelError(Exception):
-    """The secure channel failed: wrong key, not a member, tampering, garbage."""
+    """The secure channel failed: wrong key, not a member, tampering, garbage.
+    ``refusal``: the code a responder sends before closing (None: send nothing)."""
+
+    def __init__(self, message: str, refusal: int | None = FAILED) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
+def refusal(code: int) -> bytes:
+    """The clear record that tells a connecting peer why it is being closed."""
+    return b"\0\0" + bytes([code])
 
 
 def _x25519_private(key: nacl.signing.SigningKey) -> bytes:
@@ -126,12 +151,22 @@ class SecureChannel:
                 del self._buffer[:HEADER_LEN]
                 psk = self.lookup_psk(self.header) if self.lookup_psk else None
                 if psk is None:
-                    raise ChannelError("unknown share or invite")
+                    raise ChannelError("unknown share or invite", UNKNOWN)
                 self._handshake = self._new_handshake(psk)
             offset = 0
             try:
                 while len(self._buffer) - offset >= 2:
                     size = int.from_bytes(self._buffer[offset : offset + 2], "big")
+                    if size == 0 and self.initiator:
+                        if len(self._buffer) - offset < 3:
+                            break
+                        reason = REFUSALS.get(self._buffer[offset + 2], "no reason given")
+                        raise ChannelError(f"the peer refused: {reason}", None)
+                    if self.initiator and self._handshake is not None and size != RESPONSE_LEN:
+                        raise ChannelError(
+                            "the peer does not speak backer's protocol (is it a backer serve?)",
+                            None,
+                        )
                     if len(self._buffer) - offset < 2 + size:
                         break
                     message = bytes(self._buffer[offset + 2 : offset + 2 + size])
@@ -165,5 +200,5 @@ class SecureChannel:
             raise ChannelError("peer's device key does not match its handshake key")
         reason = self.check_peer(device_key, self.header)
         if reason is not None:
-            raise ChannelError(reason)
+            raise ChannelError(reason, NOT_MEMBER)
         self.peer = device_key

@@ -18,13 +18,22 @@ import resource
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import nacl.signing
 
-from .channel import HEADER_LEN, MODE_JOIN, MODE_SYNC, ChannelError, SecureChannel
+from .channel import (
+    BUSY,
+    HEADER_LEN,
+    MODE_JOIN,
+    MODE_SYNC,
+    TOO_SLOW,
+    ChannelError,
+    SecureChannel,
+    refusal,
+)
 from .errors import BackerError
 from .replicator import Replicator
 from .session import Session
@@ -142,6 +151,7 @@ class Streams:
     received: int = 0  # bytes on the wire, handshake and framing included
     sent: int = 0
     spoke: float = field(default_factory=time.monotonic)  # when we last wrote
+    exit_status: Callable[[], Awaitable[int | None]] | None = None  # of a child at the other end
 
 
 def _write(streams: Streams, data: bytes) -> None:
@@ -290,6 +300,9 @@ class Hub:
                     if not data:
                         if session is not None and not one_shot:
                             return session
+                        status = await streams.exit_status() if streams.exit_status else None
+                        if status:
+                            raise SessionClosed(f"the command exited with status {status}")
                         raise SessionClosed(
                             "the peer closed the connection"
                             + ("" if channel.established else " during the handshake")
@@ -319,8 +332,13 @@ class Hub:
                 if channel.established:
                     channel.send(Error(str(exc).encode()).encode())
                     _write(streams, channel.data_to_send())
+                elif isinstance(exc, ChannelError) and exc.refusal and not channel.initiator:
+                    _write(streams, refusal(exc.refusal))
             raise SessionClosed(str(exc)) from exc
         except TimeoutError as exc:
+            if not channel.initiator:
+                with contextlib.suppress(Exception):
+                    _write(streams, refusal(TOO_SLOW))
             raise SessionClosed(
                 f"the handshake did not complete within {limits.handshake_s:.0f} s"
             ) from exc
@@ -375,6 +393,7 @@ class Listener:
         def evict() -> None:
             nonlocal evicted
             evicted = True
+            writer.write(refusal(BUSY))  # goes out at once: the socket's buffer is empty
             writer.transport.abort()
 
         ticket = self.admission.enter(host, evict)
@@ -454,7 +473,12 @@ async def command_streams(command: str) -> Streams:
         if process.stdin is not None:
             process.stdin.close()
 
-    return Streams(process.stdout, process.stdin, close)
+    async def exit_status() -> int | None:
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(process.wait(), 2)
+        return None
+
+    return Streams(process.stdout, process.stdin, close, exit_status=exit_status)
 
 
 async def stdio_streams() -> Streams:

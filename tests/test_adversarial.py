@@ -12,6 +12,7 @@ import nacl.signing
 import pytest
 
 from backer import transport
+from backer.channel import FAILED, UNKNOWN, refusal
 from backer.membership import EventKind
 from backer.records import Kind, Version, new_version_id
 from backer.session import Session
@@ -119,10 +120,11 @@ def test_serve_drops_garbage_wrong_keys_and_outsiders_and_keeps_serving(tmp_path
         a.run("status", "--json", "--dir", str(a.root)).stdout.split('"share_id": "')[1][:32]
     )
     with a.serving(port) as address:
-        # garbage: not even a header we know
-        assert _raw_exchange(port, os.urandom(5000)) == b""
+        # garbage: not even a header we know; told so with a reason code, nothing more
+        assert _raw_exchange(port, os.urandom(5000)) == refusal(UNKNOWN)
         # the right share id but the wrong share key: refused at the first message
-        assert _raw_exchange(port, b"S" + share_id + b"\x00\x30" + os.urandom(48)) == b""
+        wrong_key = b"S" + share_id + b"\x00\x30" + os.urandom(48)
+        assert _raw_exchange(port, wrong_key) == refusal(FAILED)
         # a device with the share key that is not a member
         outsider_root = tmp_path / "outsider"
         outsider_root.mkdir()
