@@ -46,6 +46,15 @@ class LocalEntry(NamedTuple):
         return self.size, self.mtime_ns, self.inode, self.mode
 
 
+class Problem(NamedTuple):
+    """Why one path could not be recorded or applied (or, ``warning``, what the person
+    should know about it although it is synced)."""
+
+    path: str
+    reason: str
+    warning: bool = False
+
+
 @dataclass(frozen=True)
 class HistoryEntry:
     version_id: str
@@ -70,6 +79,10 @@ class Catalog:
         self.conn.create_function("nfc", 1, _nfc, deterministic=True)
         if "live" not in db.table_names():
             self._create_schema()
+        self.conn.execute(  # added later than the rest: older shares get it on open
+            "CREATE TABLE IF NOT EXISTS problems (path TEXT, source TEXT, reason TEXT, "
+            "warning INTEGER, since_ms INTEGER, PRIMARY KEY (path, source)) WITHOUT ROWID"
+        )
 
     def _create_schema(self) -> None:
         with self.conn:
@@ -231,6 +244,48 @@ class Catalog:
 
     def drop_local(self, paths: Iterable[str]) -> None:
         self.conn.executemany("DELETE FROM local WHERE path = ?", [(p,) for p in paths])
+
+    # -- per-file problems -----------------------------------------------------------
+
+    def note_problems(
+        self,
+        source: str,
+        problems: Iterable[Problem],
+        now_ms: int,
+        resolved: Iterable[str] = (),
+        replace: bool = False,
+    ) -> list[Problem]:
+        """Keep ``source``'s ('scan' or 'apply') problems until resolved: ``replace``
+        drops every earlier one of that source (a scan sees them all again), otherwise
+        those of the ``resolved`` paths go. Returns the problems not known before (path
+        and reason), so a warning already shown is not repeated on every run."""
+        problems = list(problems)
+        known = {
+            (path, reason)
+            for path, reason in self.conn.execute(
+                "SELECT path, reason FROM problems WHERE source = ?", (source,)
+            )
+        }
+        if replace:
+            self.conn.execute("DELETE FROM problems WHERE source = ?", (source,))
+        self.conn.executemany(
+            "DELETE FROM problems WHERE source = ? AND path = ?", [(source, p) for p in resolved]
+        )
+        self.conn.executemany(
+            "INSERT INTO problems (path, source, reason, warning, since_ms) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (path, source) DO UPDATE SET reason = excluded.reason, "
+            "warning = excluded.warning, since_ms = CASE WHEN problems.reason = excluded.reason "
+            "THEN problems.since_ms ELSE excluded.since_ms END",
+            [(p.path, source, p.reason, p.warning, now_ms) for p in problems],
+        )
+        return [p for p in problems if (p.path, p.reason) not in known]
+
+    def problems(self) -> list[tuple[str, Problem, int]]:
+        """Every unresolved problem: (source, problem, since when in ms), by path."""
+        rows = self.conn.execute(
+            "SELECT source, path, reason, warning, since_ms FROM problems ORDER BY path, source"
+        )
+        return [(src, Problem(p, reason, bool(w)), since) for src, p, reason, w, since in rows]
 
     # -- content ---------------------------------------------------------------------
 

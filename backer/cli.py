@@ -17,7 +17,7 @@ import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from journal import JournalError
 
 from . import control, transport
-from .catalog import HistoryEntry
+from .catalog import HistoryEntry, Problem
 from .channel import MODE_JOIN, SecureChannel
 from .errors import BackerError
 from .identity import device_id, home, load_or_create_key, short_id
@@ -37,10 +37,12 @@ from .paths import METADATA_DIR
 from .records import Kind, Version, timestamp
 from .replicator import Replicator
 from .session import Session, WireStats
-from .share import ScanSummary, Share, ShareBusy, is_damage
+from .share import Share, ShareBusy, is_damage
 
 EXIT_ERROR = 1
+EXIT_FILES_FAILED = 3  # the command did its job, but some files could not be recorded/applied
 EXIT_INTERNAL = 70
+SHOWN_PER_REASON = 10
 
 
 def _when(time_ms: int) -> str:
@@ -136,14 +138,72 @@ def _recorded_path(share: Share, key: str) -> str:
     raise BackerError(f"no history for {key!r} in this share")
 
 
-def _print_scan(summary: ScanSummary) -> None:
-    for error in summary.errors:
-        _say(f"warning: {error}", err=True)
+def _problem_lines(problems: Iterable[Problem], limit: int = SHOWN_PER_REASON) -> list[str]:
+    """Problems grouped by reason (errors first, then the largest groups): the first
+    ``limit`` paths of each and how many more."""
+    groups: dict[tuple[bool, str], list[str]] = {}
+    for problem in problems:
+        groups.setdefault((problem.warning, problem.reason), []).append(problem.path)
+    lines = []
+    for (warning, reason), paths in sorted(groups.items(), key=lambda g: (g[0][0], -len(g[1]))):
+        label = "warning" if warning else "error"
+        if len(paths) == 1:
+            lines.append(f"{label}: {paths[0]}: {reason}")
+            continue
+        lines.append(f"{label}: {reason}: {len(paths)} files")
+        lines += [f"    {path}" for path in sorted(paths)[:limit]]
+        if len(paths) > limit:
+            lines.append(f"    ... and {len(paths) - limit} more")
+    return lines
+
+
+def _problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
+    return [{"path": p.path, "reason": p.reason, "warning": p.warning} for p in problems]
+
+
+def _failures(share: Share) -> int:
+    """How many files this process could not record or apply (warnings aside)."""
+    return sum(1 for problem in share.problems.values() if not problem.warning)
+
+
+def _report_problems(share: Share) -> int:
+    """Print this process's problems not reported before (grouped) on stderr, and the
+    exit status they call for."""
+    current = set(share.problems.values())
+    fresh = [p for p in dict.fromkeys(share.fresh_problems) if p in current]
+    for line in _problem_lines(fresh):
+        _say(line, err=True)
+    known = len(current) - len(fresh)
+    if known > 0:
+        click.echo(f"{known} problems reported before remain (see 'backer status')", err=True)
+    return EXIT_FILES_FAILED if _failures(share) else 0
+
+
+def _scan_and_report(share: Share, as_json: bool) -> int:
+    """Scan, print the summary (or JSON), and return the exit status."""
+    with _progress("scanning") as progress:
+        summary = share.scan(progress)
+    if summary.waiting:
+        _say(f"warning: {summary.waiting}", err=True)
+    if as_json:
+        report = {
+            "added": summary.added,
+            "modified": summary.modified,
+            "deleted": summary.deleted,
+            "unchanged": summary.unchanged,
+            "hashed_bytes": summary.hashed_bytes,
+            "seconds": round(summary.seconds, 3),
+            "problems": _problems_json(summary.errors),
+        }
+        click.echo(json.dumps(report, indent=2))
+        return EXIT_FILES_FAILED if _failures(share) else 0
     click.echo(
         f"scanned in {summary.seconds:.2f}s: {len(summary.added)} added, "
         f"{len(summary.modified)} modified, {len(summary.deleted)} deleted, "
-        f"{summary.unchanged} unchanged, {summary.hashed_bytes} bytes hashed"
+        f"{summary.unchanged} unchanged, {summary.hashed_bytes} bytes hashed, "
+        f"{_failures(share)} files failed"
     )
+    return _report_problems(share)
 
 
 @click.group()
@@ -164,10 +224,10 @@ def init(directory: str) -> None:
     """Make DIRECTORY a new share, with this device as its first member."""
     root = Path(os.path.abspath(directory))
     key = load_or_create_key()
-    with Share.create(root, key, home=home()) as share, _progress("scanning") as progress:
-        summary = share.scan(progress)
+    with Share.create(root, key, home=home()) as share:
         click.echo(f"initialised share {share.share_id.hex()} at {root}")
-        _print_scan(summary)
+        status = _scan_and_report(share, as_json=False)
+    sys.exit(status)
 
 
 @cli.command()
@@ -178,15 +238,20 @@ def init(directory: str) -> None:
     help="After a restore from an old copy: give up this device's newer events that no "
     "peer returned (their files are scanned again).",
 )
-def scan(directory: str, forget_lost_history: bool) -> None:
-    """Record every change made to the share's files since the last scan."""
-    with _open(directory) as share, _progress("scanning") as progress:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def scan(directory: str, forget_lost_history: bool, as_json: bool) -> None:
+    """Record every change made to the share's files since the last scan.
+
+    Files that cannot be recorded are listed with the reason (each one once; 'status'
+    keeps listing them until a scan records them) and the exit status is 3."""
+    with _open(directory) as share:
         if forget_lost_history:
             lost = share.forget_lost_history()
-            click.echo(f"gave up {lost} events of this device that no peer returned")
+            click.echo(f"gave up {lost} events of this device that no peer returned", err=as_json)
         if share.own_events_missing:
             raise BackerError(share.behind_itself)
-        _print_scan(share.scan(progress))
+        status = _scan_and_report(share, as_json)
+    sys.exit(status)
 
 
 @cli.command()
@@ -213,6 +278,10 @@ def status(directory: str, as_json: bool) -> None:
                 for author, seq, reason in share.journal.quarantined()
             ],
             "last_scan": _when(last_scan) if last_scan else None,
+            "problems": [
+                {**_problems_json([problem])[0], "during": source, "since": _when(since)}
+                for source, problem, since in share.catalog.problems()
+            ],
         }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -231,6 +300,10 @@ def status(directory: str, as_json: bool) -> None:
             f"not relayed): {held['reason']}"
         )
     _say(f"last scan {report['last_scan'] or 'never'}")
+    problems = [Problem(p["path"], p["reason"], p["warning"]) for p in report["problems"]]
+    _say(f"problems  {len(problems)}")
+    for line in _problem_lines(problems):
+        _say(f"  {line}")
     _say(f"devices   {len(report['devices'])}")
     for device in report["devices"]:
         _say(f"  {device['id']}  {device['name']}")
@@ -320,31 +393,60 @@ def history(path: str, directory: str, as_json: bool) -> None:
 # -- replication commands ------------------------------------------------------------------
 
 
-def _summary_line(sessions: list[Session], replicator: Replicator | None = None) -> str:
-    """What moved: wire counters of ``sessions``; with ``replicator``, what was applied."""
-    who = ", ".join(device_id(s.peer)[:7] if s.peer else "peer" for s in sessions)
+def _summary(sessions: list[Session], replicator: Replicator | None = None) -> dict[str, Any]:
+    """What moved: wire counters of ``sessions``; with ``replicator``, what was applied
+    (and how many files failed in this process)."""
     total = WireStats()
     for session in sessions:
         for name, value in vars(session.stats).items():
             setattr(total, name, getattr(total, name) + value)
-    line = (
-        f"synced with {who}: events received {total.events_received}, sent {total.events_sent}; "
-    )
+    summary: dict[str, Any] = {
+        "peers": [device_id(s.peer) if s.peer else None for s in sessions],
+        **vars(total),
+    }
     if replicator is not None:
-        applied = replicator.stats
-        errors = sum(len(r.errors) for r in replicator.reports)
-        kept = sum(len(r.kept_local_edits) for r in replicator.reports)
-        line += f"files written {applied.files_written}, deleted {applied.files_deleted}; "
-    line += (
-        f"chunk bytes received {total.chunk_bytes_received}, sent {total.chunk_bytes_sent}; "
-    )
+        summary["files_written"] = replicator.stats.files_written
+        summary["files_deleted"] = replicator.stats.files_deleted
+        summary["chunks_reused"] = replicator.stats.chunks_reused
+        summary["local_edits_kept"] = sum(len(r.kept_local_edits) for r in replicator.reports)
+        summary["errors"] = _failures(replicator.share)
+    return summary
+
+
+def _summary_line(sessions: list[Session], replicator: Replicator | None = None) -> str:
+    s = _summary(sessions, replicator)
+    who = ", ".join(p[:7] if p else "peer" for p in s["peers"])
+    line = f"synced with {who}: events received {s['events_received']}, sent {s['events_sent']}; "
+    if replicator is not None:
+        line += f"files written {s['files_written']}, deleted {s['files_deleted']}; "
+    line += f"chunk bytes received {s['chunk_bytes_received']}, sent {s['chunk_bytes_sent']}; "
     if replicator is not None:
         line += (
-            f"chunks reused {replicator.stats.chunks_reused}, fetched {total.chunks_fetched}; "
-            f"local edits kept {kept}; errors {errors}; "
+            f"chunks reused {s['chunks_reused']}, fetched {s['chunks_fetched']}; "
+            f"local edits kept {s['local_edits_kept']}; errors {s['errors']}; "
         )
-    line += f"wire bytes received {total.wire_bytes_received}, sent {total.wire_bytes_sent}"
-    return line
+    return line + f"wire bytes received {s['wire_bytes_received']}, sent {s['wire_bytes_sent']}"
+
+
+def _report_sync(
+    sessions: list[Session], hub: transport.Hub, as_json: bool, hint: str = ""
+) -> int:
+    """Print what a sync did (a line per peer too when there were several), and the
+    problems; return the exit status (a full disk fails the command, after that)."""
+    if as_json:
+        report = _summary(sessions, hub.replicator)
+        report["per_peer"] = [_summary([s]) for s in sessions] if len(sessions) > 1 else []
+        report["problems"] = _problems_json(hub.share.problems.values())
+        click.echo(json.dumps(report, indent=2))
+        status = EXIT_FILES_FAILED if _failures(hub.share) else 0
+    else:
+        click.echo(_summary_line(sessions, hub.replicator))
+        if len(sessions) > 1:
+            for session in sessions:
+                click.echo("  " + _summary_line([session]).replace("synced with", "from"))
+        status = _report_problems(hub.share)
+    _check_applied(hub, hint)
+    return status
 
 
 def _known_peers(share: Share) -> list[str]:
@@ -414,30 +516,30 @@ def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list
 @click.option(
     "--command", help="Sync over this command's stdin/stdout, e.g. 'ssh host backer stdio DIR'."
 )
-def sync(addresses: tuple[str, ...], directory: str, command: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_json: bool) -> None:
     """Reconcile with peers both ways, then exit: every ADDRESS at once (HOST:PORT), or
-    else every peer used before. Chunks are fetched from all of them."""
+    else every peer used before. Chunks are fetched from all of them.
+
+    Files that cannot be recorded or applied are listed with the reason (each one once;
+    'status' keeps listing them until resolved) and the exit status is 3."""
     with _open(directory) as share:
         hub = transport.Hub(share, _name())
         if command:
             outcomes = asyncio.run(_sync_over(hub, [transport.command_streams(command)]))
-            click.echo(_summary_line(_results(outcomes, [command]), hub.replicator))
-            _check_applied(hub)
-            return
-        targets = list(addresses) or _known_peers(share)
-        if not targets:
-            raise BackerError("no peer known yet: give an address (HOST:PORT)")
-        openings = [transport.tcp_streams(*parse_address(t)) for t in targets]
-        outcomes = asyncio.run(_sync_over(hub, openings))
-        sessions = _results(outcomes, targets)
-        for target, outcome in zip(targets, outcomes, strict=True):
-            if isinstance(outcome, Session):
-                _remember_peer(share, target)
-        click.echo(_summary_line(sessions, hub.replicator))
-        if len(sessions) > 1:
-            for session in sessions:
-                click.echo("  " + _summary_line([session]).replace("synced with", "from"))
-        _check_applied(hub)
+            status = _report_sync(_results(outcomes, [command]), hub, as_json)
+        else:
+            targets = list(addresses) or _known_peers(share)
+            if not targets:
+                raise BackerError("no peer known yet: give an address (HOST:PORT)")
+            openings = [transport.tcp_streams(*parse_address(t)) for t in targets]
+            outcomes = asyncio.run(_sync_over(hub, openings))
+            sessions = _results(outcomes, targets)
+            for target, outcome in zip(targets, outcomes, strict=True):
+                if isinstance(outcome, Session):
+                    _remember_peer(share, target)
+            status = _report_sync(sessions, hub, as_json)
+    sys.exit(status)
 
 
 @cli.command()
@@ -592,6 +694,7 @@ def join(token: str, directory: str) -> None:
     key = load_or_create_key()
     share = Share.create(root, key, joining=(invitation.share_id, b""), home=home())
     failures = []
+    status = None
     with share:
         for address in invitation.addresses:  # one at a time: the invite is single-use
 
@@ -613,9 +716,11 @@ def join(token: str, directory: str) -> None:
                 continue
             _remember_peer(share, address)
             click.echo(f"joined share {share.share_id.hex()} at {root}")
-            click.echo(_summary_line(sessions, hub.replicator))
-            _check_applied(hub, "; joined: run 'backer sync' to finish once there is room")
-            return
+            hint = "; joined: run 'backer sync' to finish once there is room"
+            status = _report_sync(sessions, hub, as_json=False, hint=hint)
+            break
+    if status is not None:
+        sys.exit(status)
     shutil.rmtree(root / METADATA_DIR, ignore_errors=True)
     raise BackerError("could not join: " + "; ".join(failures or ["the token names no address"]))
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from blake3 import blake3
 
 from . import entropy
-from .catalog import Catalog, LocalEntry
+from .catalog import Catalog, LocalEntry, Problem
 from .chunks import ChunkStore
 from .content import Manifest, check_manifest
 from .errors import BackerError
@@ -235,7 +235,7 @@ class Report:
     written: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     kept_local_edits: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
     bytes_written: int = 0
 
 
@@ -277,9 +277,9 @@ def _reported(path: str, report: Report) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in NO_SPACE:
             raise _OutOfSpace(path) from exc
-        report.errors.append(f"{path}: {exc}")
+        report.errors.append(Problem(path, exc.strerror or str(exc)))
     except (BadPath, ValueError) as exc:
-        report.errors.append(f"{path}: {exc}")
+        report.errors.append(Problem(path, str(exc)))
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

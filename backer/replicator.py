@@ -304,6 +304,7 @@ class Replicator:
         self.share.temps_in_use = set()
         self.assembly = None
         self.reports.append(report)
+        self.share.note_applied(report)
         self.stats.files_written += len(report.written)
         self.stats.files_deleted += len(report.deleted)
         if self.window_start >= len(self.operations):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import entropy
-from .catalog import LocalEntry
+from .catalog import LocalEntry, Problem
 from .content import Manifest, manifest_of_file
 from .ignore import TEMP_SUFFIX, IgnoreRules
 from .paths import METADATA_DIR, BadPath, check_name, fold, is_reserved
@@ -60,7 +60,7 @@ class Observation:
     reindexed: list[tuple[str, Manifest]] = field(default_factory=list)  # re-hashed files
     deleted: list[str] = field(default_factory=list)
     forgotten: list[str] = field(default_factory=list)  # recorded, now ignored: not deleted
-    errors: list[str] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
     leftovers: list[str] = field(default_factory=list)  # temp files of interrupted writes
     unchanged: int = 0
     hashed_bytes: int = 0
@@ -71,7 +71,7 @@ ProgressCallback = Callable[[int, int], None]
 
 
 def walk(
-    root: Path, rules: IgnoreRules, errors: list[str], leftovers: list[str]
+    root: Path, rules: IgnoreRules, errors: list[Problem], leftovers: list[str]
 ) -> tuple[dict[str, Seen], set[str]]:
     """Every non-ignored entry under ``root``; also the directories that could not be read.
 
@@ -86,7 +86,7 @@ def walk(
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as exc:
             here = prefix.rstrip("/")
-            errors.append(f"{here or '.'}: cannot list directory: {exc.strerror}")
+            errors.append(Problem(here or ".", f"cannot list directory: {exc.strerror}"))
             unreadable.add(here)
             continue
         folded: dict[str, str] = {}
@@ -98,18 +98,23 @@ def walk(
             try:
                 path = prefix + check_name(entry.name)
             except BadPath as exc:
-                errors.append(f"{prefix + entry.name!r}: skipped: {exc}")
+                errors.append(Problem(repr(prefix + entry.name), f"skipped: {exc}"))
                 continue
             twin = folded.setdefault(fold(entry.name), path)
             if twin != path:  # both are synced; only some filesystems can hold both
                 errors.append(
-                    f"{path}: same name as {twin} once case and Unicode normalisation are "
-                    "ignored: a device whose filesystem ignores them can keep only one"
+                    Problem(
+                        path,
+                        f"same name as {twin} once case and Unicode "
+                        "normalisation are ignored: a device whose filesystem ignores them can "
+                        "keep only one",
+                        warning=True,
+                    )
                 )
             try:
                 info = entry.stat(follow_symlinks=False)
             except OSError as exc:
-                errors.append(f"{path}: cannot stat: {exc.strerror}")
+                errors.append(Problem(path, f"cannot stat: {exc.strerror}"))
                 unreadable.add(path)
                 continue
             if stat.S_ISDIR(info.st_mode):
@@ -119,7 +124,7 @@ def walk(
             elif stat.S_ISLNK(info.st_mode):
                 kind = Kind.SYMLINK
             else:
-                errors.append(f"{path}: skipped: not a regular file, directory or symlink")
+                errors.append(Problem(path, "skipped: not a regular file, directory or symlink"))
                 continue
             if kind != Kind.DIRECTORY and path.endswith(TEMP_SUFFIX):  # links are staged too
                 leftovers.append(entry.path)
@@ -134,22 +139,23 @@ def walk(
     return seen, unreadable
 
 
-def _reserved(path: str, disk_path: str) -> str:
-    """Why a directory entry named like the metadata directory is skipped."""
+def _reserved(path: str, disk_path: str) -> Problem:
+    """Why a directory entry named like the metadata directory is skipped (another
+    share's metadata is expected, so only a warning)."""
     if os.path.isfile(os.path.join(disk_path, "backer.db")):
-        return f"{path}: skipped: the metadata of another share inside this one"
-    return f"{path}: skipped: reserved name (backer's metadata directory is {METADATA_DIR})"
+        return Problem(path, "skipped: the metadata of another share inside this one", True)
+    return Problem(path, f"skipped: reserved name (backer's metadata directory is {METADATA_DIR})")
 
 
 def _stat_key(path: str) -> tuple[int, int, int, int]:
     return stat_key_of(os.lstat(path))
 
 
-def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, str | None]:
+def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | None]:
     """Hash a file, or read a link, making sure it did not change while being read.
 
     Returns the (possibly re-statted) entry, its manifest for files, the content bytes
-    of the version (manifest id or link target) and an error message or None.
+    of the version (manifest id or link target) and the problem, if any.
     """
     current = seen
     for _ in range(READ_ATTEMPTS):
@@ -162,7 +168,7 @@ def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, str | None]:
                 content = manifest.id
             after = _stat_key(current.disk_path)
         except OSError as exc:
-            return current, None, b"", f"{seen.path}: cannot read: {exc.strerror}"
+            return current, None, b"", Problem(seen.path, f"cannot read: {exc.strerror}")
         if after == before:
             return current, manifest, content, None
         size, mtime_ns, inode, mode = after
@@ -170,7 +176,7 @@ def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, str | None]:
             break
         kind = Kind.FILE if stat.S_ISREG(mode) else Kind.SYMLINK
         current = Seen(seen.path, seen.disk_path, kind, size, mtime_ns, inode, mode)
-    return current, None, b"", f"{seen.path}: kept changing while being read; will retry"
+    return current, None, b"", Problem(seen.path, "kept changing while being read; will retry")
 
 
 def cache_entry(

@@ -34,10 +34,10 @@ from journal import (
 from journal.event import MAX_PAYLOAD
 
 from . import entropy, recovery
-from .catalog import Catalog, LocalEntry
+from .catalog import Catalog, LocalEntry, Problem
 from .content import Manifest
 from .errors import BackerError
-from .materializer import is_copy_of, resolve, resolve_moot_copies, resolve_shadowed
+from .materializer import Report, is_copy_of, resolve, resolve_moot_copies, resolve_shadowed
 from .membership import (
     INVITE_ID_BYTES,
     NO_INVITE,
@@ -71,7 +71,9 @@ class ScanSummary:
     added: list[str] = field(default_factory=list)
     modified: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)  # this scan's, known or not
+    fresh: list[Problem] = field(default_factory=list)  # those not reported before
+    waiting: str | None = None  # why nothing was recorded (a joiner, a restored share)
     unchanged: int = 0
     hashed_bytes: int = 0
     events: int = 0
@@ -186,6 +188,8 @@ class Share:
         self._lock = _take_lock(root) if exclusive else None
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
+        self.problems: dict[tuple[str, str], Problem] = {}  # this process's, by (source, path)
+        self.fresh_problems: list[Problem] = []  # this process's not reported before
         self.db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
         try:
             _check_db(self.db)
@@ -642,7 +646,7 @@ class Share:
             with self.db.conn:
                 self.catalog.put_manifests(found.reindexed)
                 self.catalog.put_manifests((s.path, m) for s, m, _ in found.changed if m)
-            return ScanSummary(errors=[waiting])
+            return ScanSummary(waiting=waiting)
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )
@@ -682,9 +686,37 @@ class Share:
             self.catalog.drop_local(found.deleted)
             self.catalog.drop_local(found.forgotten)
             self.catalog.set_meta("last_scan_ms", now_ms)
+            summary.fresh = self._note_problems("scan", found.errors, replace=True)
+            recorded = [seen.path for seen, _, _ in changed] + found.deleted
+            self._note_problems("apply", [], resolved=recorded)  # the disk's version won
         self.save_snapshot()
         summary.seconds = time.monotonic() - started
         return summary
+
+    def note_applied(self, report: Report) -> None:
+        """Keep the problems of one applied window; a path written or deleted is fine."""
+        with self.db.conn:
+            self._note_problems("apply", report.errors, report.written + report.deleted)
+
+    def _note_problems(
+        self,
+        source: str,
+        problems: list[Problem],
+        resolved: list[str] | None = None,
+        replace: bool = False,
+    ) -> list[Problem]:
+        """Record problems in the catalog (``status`` lists them until resolved) and in
+        this process's tally (a command's summary and exit status); the fresh ones."""
+        fresh = self.catalog.note_problems(
+            source, problems, entropy.now_ms(), resolved or (), replace
+        )
+        if replace:
+            self.problems = {k: p for k, p in self.problems.items() if k[0] != source}
+        for path in resolved or ():
+            self.problems.pop((source, path), None)
+        self.problems.update(((source, p.path), p) for p in problems)
+        self.fresh_problems += fresh
+        return fresh
 
     def _adopt_identical(
         self,

@@ -124,7 +124,7 @@ def test_names_equal_but_for_normalisation_or_case_are_kept_reported_and_stable(
     (share.root / "readme").write_text("lower")
     first = share.scan()
     assert sorted(live(share)) == sorted(["README", "readme", nfc, nfd])
-    reported = sorted(e.split(":")[0] for e in first.errors)
+    reported = sorted(e.path for e in first.errors)
     assert reported == sorted([max(nfc, nfd), "readme"])  # the later name, by code point
     for _ in range(2):  # no loop: the same report, nothing recorded again
         again = share.scan()
@@ -148,7 +148,7 @@ def test_init_on_the_parent_of_a_share_skips_its_metadata(tmp_path: Path, key) -
     share = Share.create(tmp_path / "outer", key)
     summary = share.scan()
     assert sorted(live(share)) == ["inner", "inner/photo.jpg"]
-    assert summary.errors == [
+    assert [f"{e.path}: {e.reason}" for e in summary.errors] == [
         ".Backer: skipped: reserved name (backer's metadata directory is .backer)",
         "inner/.backer: skipped: the metadata of another share inside this one",
     ]
@@ -186,7 +186,7 @@ def test_file_that_vanishes_while_being_read_is_reported(share: Share) -> None:
     seen = Seen("gone", path, Kind.FILE, info.st_size, info.st_mtime_ns, info.st_ino, info.st_mode)
     path.unlink()
     _, manifest, _, error = read_stable(seen)
-    assert manifest is None and "cannot read" in error
+    assert manifest is None and error is not None and "cannot read" in error.reason
 
 
 UNREADABLE_SCRIPT = """
@@ -197,7 +197,7 @@ from backer.share import Share
 root = Path(sys.argv[1])
 share = Share.open(root, nacl.signing.SigningKey(bytes(32)))
 summary = share.scan()
-print("|".join(summary.errors))
+print("|".join(f"{e.path}: {e.reason}" for e in summary.errors))
 print("|".join(summary.deleted))
 """
 
