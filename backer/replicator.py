@@ -141,6 +141,7 @@ class Replicator:
         self.share.db.conn.commit()
         if self.assembly is not None:
             self.reports.append(self.assembly.report)
+            self.share.note_applied(self.assembly.report)
         self.operations = self.assembly = None
         self.share.temps_in_use = set()
         self.chunk_queue.clear()
