@@ -21,6 +21,7 @@ from typing import IO
 
 import nacl.signing
 import sqlite_utils
+from blake3 import blake3
 
 from journal import (
     Checkpoint,
@@ -156,7 +157,8 @@ def lost_share_error(start: Path, home: Path | None) -> BackerError:
     if known is not None:
         return BackerError(
             f"the share {known.share_id.hex()} at {known.root} has lost its {METADATA_DIR}/ "
-            "directory; " + REPAIR_HINT.format(root=known.root)
+            "directory; "
+            + REPAIR_HINT.format(root=known.root)
             + " ('backer init' would make a new, unrelated share)"
         )
     if home is not None and recovery.knows_any_share(home) and any(start.iterdir()):
@@ -196,7 +198,7 @@ class Share:
             self.journal = Journal(self.db)
             self.catalog = Catalog(self.db)
             new_bindings = self._create_bindings()
-            self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+            self._doc_position = self._load_snapshot()
             if new_bindings:
                 self._bind_stored_clients()
             self._replay()
@@ -336,6 +338,19 @@ class Share:
 
     # -- journal -> state -> catalog ---------------------------------------------------
 
+    def _load_snapshot(self) -> int:
+        """Load the document snapshot; return the journal position it covers. A snapshot
+        whose checksum does not match (damaged bytes, or one saved before checksums) is
+        only a cache: the document is rebuilt from the journal instead."""
+        snapshot = self.catalog.get_meta("doc_snapshot")
+        if snapshot is not None and blake3(snapshot).digest() == self.catalog.get_meta(
+            "doc_snapshot_hash"
+        ):
+            self.state = FileState(snapshot)
+            return self.catalog.get_int("doc_position")
+        self.state = FileState()
+        return 0
+
     def _replay(self) -> None:
         """Apply journal events that the snapshot or the catalog has not seen yet.
 
@@ -343,13 +358,12 @@ class Share:
         a bug) is quarantined with the rest of its author's log: set aside, reported by
         ``status``, never relayed; the document is rebuilt without it."""
         while not self._replay_until_quarantine():
-            self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+            self._doc_position = self._load_snapshot()
 
     def _replay_until_quarantine(self) -> bool:
-        doc_position = self.catalog.get_int("doc_position")
         catalog_position = self.catalog.get_int("catalog_position")
         held = self.journal.quarantine_starts()
-        for position, event in self.journal.since(min(doc_position, catalog_position)):
+        for position, event in self.journal.since(min(self._doc_position, catalog_position)):
             if event.seq >= held.get(event.author, event.seq + 1):
                 if position > catalog_position:
                     with self.db.conn:
@@ -369,7 +383,7 @@ class Share:
     def _reload_state(self) -> None:
         """Rebuild the document from the snapshot and the stored journal, after an
         update that was not stored may have half-changed it."""
-        self.state = FileState(self.catalog.get_meta("doc_snapshot"))
+        self._doc_position = self._load_snapshot()
         self._replay()
 
     def _apply_checked(self, event: Event) -> tuple[Delta, set[int]]:
@@ -608,11 +622,14 @@ class Share:
     def save_snapshot(self) -> None:
         """Keep the document in SQLite so that start-up does not replay everything."""
         position = self.catalog.get_int("catalog_position")
-        if position == self.catalog.get_int("doc_position"):
+        if position == self._doc_position:
             return
+        snapshot = self.state.snapshot()
         with self.db.conn:
-            self.catalog.set_meta("doc_snapshot", self.state.snapshot())
+            self.catalog.set_meta("doc_snapshot", snapshot)
+            self.catalog.set_meta("doc_snapshot_hash", blake3(snapshot).digest())
             self.catalog.set_meta("doc_position", position)
+        self._doc_position = position
 
     # -- local changes -----------------------------------------------------------------
 
