@@ -60,7 +60,8 @@ class Limits:
     idle_s: float = 60.0  # nothing received for this long: the peer is gone (or suspended)
     request_s: float = 120.0  # requests outstanding with no answer for this long: same
     reply_bytes: int = 4 << 20  # replies are built only while less than this is unsent
-    unsent_bytes: int = 256 << 20  # more than this unsent: the peer does not read; closed
+    unsent_bytes: int = 1 << 30  # more than this unsent, or output that has not moved for
+    # idle_s: the peer does not read; closed
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -252,6 +253,7 @@ class Hub:
 
         start = time.monotonic()
         heard = start  # when the peer last sent anything
+        draining, last_delivered = start, 0  # when our output last moved, and how far
         tasks: dict[str, asyncio.Future[Any]] = {}
         _write(streams, channel.data_to_send())
         try:
@@ -277,9 +279,13 @@ class Hub:
                     timeout = max(
                         min(heard + limits.idle_s, streams.spoke + limits.keepalive_s) - now, 0
                     ) + 0.01
-                if unsent() > limits.unsent_bytes:
+                delivered = streams.sent - unsent()  # taken by the kernel: the peer reads
+                if delivered > last_delivered or not unsent():
+                    last_delivered, draining = delivered, now
+                if unsent() > limits.unsent_bytes or now - draining > limits.idle_s:
                     raise BackerError(
-                        f"the peer does not read: over {limits.unsent_bytes >> 20} MiB unsent"
+                        f"the peer does not read: {unsent() >> 10} KiB unsent, none taken "
+                        f"for {now - draining:.0f} s"
                     )
                 if "read" not in tasks:
                     tasks["read"] = asyncio.ensure_future(streams.reader.read(READ_SIZE))

@@ -23,7 +23,7 @@ from backer.identity import load_or_create_key
 from backer.session import Session
 from backer.share import Share
 from backer.transport import Hub, Limits, Listener, SecureChannel, initiator
-from backer.wire import WantChunks
+from backer.wire import PROTOCOL_VERSION, Hello, Message, Ping, Summary, WantChunks
 from tests.e2e import Device, free_port, invite, snapshot
 
 
@@ -143,16 +143,23 @@ def test_finding_4_slow_unauthenticated_connections_do_not_keep_a_member_out(
 
 
 
-def _member_connection(share: Share, port: int) -> tuple[socket.socket, SecureChannel]:
-    """A raw TCP connection of ``share``'s device, authenticated, Hello and Summary sent,
-    and nothing more."""
+def _member_connection(
+    share: Share, port: int, opening: list[Message] | None = None, buffer: int | None = None
+) -> tuple[socket.socket, SecureChannel]:
+    """A raw TCP connection of ``share``'s device, authenticated, ``opening`` sent (by
+    default Hello and Summary), and nothing more; ``buffer``: its receive buffer size."""
     channel = initiator(share, share.key)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = socket.socket()
+    if buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
     sock.sendall(channel.data_to_send())
     while not channel.established:
         channel.receive_data(sock.recv(65536))
         sock.sendall(channel.data_to_send())
-    channel.send(b"".join(m.encode() for m in Session(share, "reader").start()))
+    opening = Session(share, "reader").start() if opening is None else opening
+    channel.send(b"".join(m.encode() for m in opening))
     sock.sendall(channel.data_to_send())
     return sock, channel
 
@@ -251,3 +258,50 @@ def test_finding_12_a_peer_that_never_answers_requests_is_dropped(
     assert result.returncode == 1, result.stderr
     assert "peer unresponsive: no answer to a request for 6 s" in result.stderr, result.stderr
     assert took < 6 + 5, took
+
+
+def test_finding_14_a_member_that_pings_but_never_reads_is_dropped(tmp_path: Path) -> None:
+    a, b, port = _pair(tmp_path)
+    for n in range(3000):  # ~330 KB of events for a peer that says it has none
+        (a.root / f"f{n}.txt").write_text(str(n))
+    lines: list[str] = []
+    stop = threading.Event()
+
+    async def serve() -> None:
+        with Share.open(a.root, load_or_create_key(a.home), home=a.home) as share:
+            hub = Hub(share, "a", Limits(keepalive_s=0.2, idle_s=2))
+            listener = Listener(hub, lines.append)
+
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+                )
+                await listener.handle(reader, writer)
+
+            server = await asyncio.start_server(handle, "127.0.0.1", port)
+            async with server:
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        time.sleep(0.5)
+        with Share.open(b.root, load_or_create_key(b.home), exclusive=False, home=b.home) as share:
+            opening: list[Message] = [Hello(PROTOCOL_VERSION, b"reader"), Summary([], 0)]
+            sock, channel = _member_connection(share, port, opening, buffer=4096)
+            started = time.monotonic()
+            for _ in range(200):  # it talks, so it is not silent; it never reads
+                if any("does not read" in line for line in lines):
+                    break
+                channel.send(Ping().encode())
+                with contextlib.suppress(OSError):
+                    sock.sendall(channel.data_to_send())
+                time.sleep(0.1)
+            took = time.monotonic() - started
+            sock.close()
+    finally:
+        stop.set()
+        thread.join()
+    assert any("the peer does not read" in line for line in lines), lines
+    assert took < 2 + 5, took
