@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -209,7 +211,18 @@ def _scan_and_report(share: Share, as_json: bool) -> int:
 @click.group()
 @click.version_option(package_name="backer")
 def cli() -> None:
-    """backer mirrors a folder between all of your own computers."""
+    """backer mirrors a folder between all of your own computers.
+
+    \b
+    Environment:
+      BACKER_HOME   this device's directory (its key, what it knows of its shares);
+                    default: the platform's config directory for backer
+      BACKER_DEBUG  set to 1 to get the traceback of an unexpected error
+
+    \b
+    Exit status: 0 done; 1 error (one line on stderr); 3 done, but some files could
+    not be recorded or applied (listed with the reason); 70 internal error.
+    """
 
 
 @cli.command()
@@ -309,6 +322,23 @@ def status(directory: str, as_json: bool) -> None:
         _say(f"  {device['id']}  {device['name']}")
 
 
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _parse_since(text: str) -> int:
+    """``--since``: a UTC date and time as ``log`` prints them, or an age (``12h``); in ms."""
+    text = text.strip()
+    if text[:-1].isdigit() and text[-1:] in _AGE_UNITS:
+        return max(0, time.time_ns() // 1_000_000 - int(text[:-1]) * _AGE_UNITS[text[-1]] * 1000)
+    for pattern in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            stamp = dt.datetime.strptime(text, pattern).replace(tzinfo=dt.UTC)
+        except ValueError:
+            continue
+        return int(stamp.timestamp() * 1000)
+    raise BackerError(f"--since: not a date ('YYYY-MM-DD[ HH:MM[:SS]]', UTC) or an age: {text!r}")
+
+
 _MARKS = {"added": "+", "modified": "~", "deleted": "-"}
 
 
@@ -320,12 +350,30 @@ def _matches(path: str, wanted: str) -> bool:
 @click.argument("path", required=False)
 @click.option("--dir", "directory", default=".", help="A directory inside the share.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def log(path: str | None, directory: str, as_json: bool) -> None:
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Only the N most recent events (shown oldest first).",
+)
+@click.option(
+    "--since",
+    "since_text",
+    metavar="WHEN",
+    help="Only events from WHEN on: 'YYYY-MM-DD[ HH:MM[:SS]]' (UTC, as printed) or an age "
+    "such as 30m, 12h, 7d.",
+)
+def log(
+    path: str | None, directory: str, as_json: bool, limit: int | None, since_text: str | None
+) -> None:
     """Show the journal, oldest first; with PATH, only events that touched it."""
+    since_ms = _parse_since(since_text) if since_text else 0
     with _open(directory, exclusive=False) as share:
         wanted = _share_path(share, path) if path else ""
+        events = [(p, e) for p, e in share.journal.since(0) if e.time_ms >= since_ms]
         lines: list[dict[str, Any]] = []
-        for position, event in share.journal.since(0):
+        for position, event in reversed(events):  # newest first, so --limit stops early
+            if limit is not None and len(lines) >= limit:
+                break
             changes = [
                 (p, vid, v)
                 for p, vid, v in share.catalog.versions_at(position)
@@ -352,6 +400,7 @@ def log(path: str | None, directory: str, as_json: bool) -> None:
                     ],
                 }
             )
+    lines.reverse()
     if as_json:
         click.echo(json.dumps(lines, indent=2))
         return
@@ -514,7 +563,8 @@ def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list
 @click.argument("addresses", nargs=-1)
 @click.option("--dir", "directory", default=".", help="A directory inside the share.")
 @click.option(
-    "--command", help="Sync over this command's stdin/stdout, e.g. 'ssh host backer stdio DIR'."
+    "--command",
+    help="Sync over this command's stdin/stdout, e.g. 'ssh host backer stdio --dir DIR'.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_json: bool) -> None:
@@ -685,11 +735,14 @@ def invite(
 
 @cli.command()
 @click.argument("token")
-@click.argument("directory", default=".", type=click.Path(file_okay=True))
-def join(token: str, directory: str) -> None:
-    """Join a share with an invite TOKEN and mirror it into DIRECTORY."""
+@click.argument("directory", required=False, type=click.Path(file_okay=True))
+def join(token: str, directory: str | None) -> None:
+    """Join a share with an invite TOKEN and mirror it into DIRECTORY (default: the
+    current directory)."""
     invitation = InviteToken.decode(token)
-    root = Path(os.path.abspath(directory))
+    root = Path(os.path.abspath(directory or "."))
+    if directory is None:
+        _say(f"joining into the current directory, {root}", err=True)
     root.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key()
     share = Share.create(root, key, joining=(invitation.share_id, b""), home=home())

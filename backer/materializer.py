@@ -737,8 +737,8 @@ class Materializer:
             target.mkdir()
             _fsync_dir(target.parent)
         info = os.lstat(target)
-        wanted = op.version.permissions
-        if wanted and stat.S_IMODE(info.st_mode) & PERMISSION_BITS != wanted:
+        wanted = op.version.permissions  # exactly, 0o000 included (it is not "unset")
+        if stat.S_IMODE(info.st_mode) & PERMISSION_BITS != wanted:
             os.chmod(target, wanted)
             info = os.lstat(target)
         self._record(op, info)

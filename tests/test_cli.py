@@ -155,3 +155,48 @@ def test_another_devices_key_cannot_open_the_share(
         text=True,
     )
     assert_clean_error(result, "belongs to another device key")
+
+
+def test_log_limit_and_since(run_cli, share_dir: Path) -> None:
+    run_cli("init", str(share_dir))
+    for n in range(3):
+        (share_dir / "notes.txt").write_text(f"edit {n}\n")
+        run_cli("scan", cwd=share_dir)
+    every = json.loads(run_cli("log", "--json", cwd=share_dir).stdout)
+    last_two = json.loads(run_cli("log", "--json", "--limit", "2", cwd=share_dir).stdout)
+    assert len(every) > 2 and last_two == every[-2:]
+    edits = json.loads(run_cli("log", "notes.txt", "--json", "--limit", "1", cwd=share_dir).stdout)
+    assert [c["change"] for e in edits for c in e["changes"]] == ["modified"]
+    assert json.loads(run_cli("log", "--json", "--since", "1h", cwd=share_dir).stdout) == every
+    since = every[-1]["time"]
+    assert json.loads(run_cli("log", "--json", "--since", since, cwd=share_dir).stdout)
+    assert json.loads(run_cli("log", "--json", "--since", "2999-01-01", cwd=share_dir).stdout) == []
+    text = run_cli("log", "--limit", "1", cwd=share_dir).stdout.splitlines()
+    assert text[0].endswith("state") and text[1:] == ["    ~ notes.txt"]
+    bad = run_cli("log", "--since", "yesterday", cwd=share_dir, check=False)
+    assert bad.returncode == 1 and len(bad.stderr.splitlines()) == 1 and "--since" in bad.stderr
+
+
+def test_help_names_the_environment_exit_codes_and_a_working_stdio_example(run_cli) -> None:
+    def words(*args: str) -> str:
+        return " ".join(run_cli(*args).stdout.split())
+
+    top = words("--help")
+    assert "BACKER_HOME" in top and "BACKER_DEBUG" in top and "3 done, but some files" in top
+    assert "'ssh host backer stdio --dir DIR'" in words("sync", "--help")
+    assert "(default: the current directory)" in words("join", "--help")
+
+
+def test_init_on_the_parent_of_a_share_reports_it_and_keeps_its_metadata_out(
+    run_cli, tmp_path: Path
+) -> None:
+    inner = tmp_path / "outer" / "inner"
+    inner.mkdir(parents=True)
+    (inner / "photo.jpg").write_bytes(b"jpeg")
+    run_cli("init", str(inner))
+    out = run_cli("init", str(tmp_path / "outer"))
+    assert "warning: inner/.backer: skipped: the metadata of another share inside this one" in (
+        out.stderr
+    )
+    status = json.loads(run_cli("status", "--json", cwd=tmp_path / "outer").stdout)
+    assert (status["files"], status["directories"]) == (1, 1)
