@@ -1,0 +1,173 @@
+"""Fuzz targets: every decoder a peer (or a pasted token) can reach, each of which must
+either accept its input or reject it with its own exception type — nothing else.
+
+``tests/test_fuzz.py`` runs them under hypothesis on every test run (bounded);
+``tests/fuzz_campaign.py`` runs them coverage-guided for as long as asked. Inputs that
+once crashed a target are kept in ``tests/fuzz_cases/`` (named ``TARGET-anything``)
+and replayed on every test run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import functools
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import nacl.signing
+
+from backer.content import BadManifest, Manifest, check_manifest, manifest_of_bytes
+from backer.errors import BackerError
+from backer.invite import InviteToken
+from backer.records import BadVersion, Kind, Version
+from backer.session import Session
+from backer.share import Share
+from backer.state import BadUpdate, FileState
+from backer.wire import MESSAGE_TYPES, Events, FrameReader, Manifests, Message, ProtocolError
+from journal import Checkpoint, Event, InvalidEvent
+
+CASES = Path(__file__).parent / "fuzz_cases"
+_KEY = nacl.signing.SigningKey(bytes(range(32)))
+_OTHER_CLIENT = 7  # a client id "owned by another device" in the state target
+
+
+def _base_state() -> tuple[bytes, int, list[bytes]]:
+    """A small document, the client id that wrote it, and updates of every shape."""
+    state = FileState()
+    updates = []
+    for n, version in enumerate(
+        [
+            Version(Kind.FILE, 5, 1, 0o644, bytes(32), b"d" * 8, 1),
+            Version(Kind.DIRECTORY, device=b"d" * 8, time_ms=2),
+            Version(Kind.SYMLINK, 3, content=b"../x", device=b"d" * 8, time_ms=3),
+        ]
+    ):
+        update, _ = state.write([(f"p{n}/f", f"AAAAAAAAAAA{n}", version)])
+        updates.append(update)
+    update, _ = state.write(
+        [("p0/f", "BBBBBBBBBBBB", Version(Kind.DELETED, supersedes=("AAAAAAAAAAA0",)))]
+    )
+    updates.append(update)
+    return state.snapshot(), state.doc.client_id, updates
+
+
+_SNAPSHOT, _OWN_CLIENT, _UPDATES = _base_state()
+
+
+def frames(data: bytes) -> None:
+    """Wire framing and every message body."""
+    with contextlib.suppress(ProtocolError):
+        list(FrameReader().feed(data))
+
+
+def events(data: bytes) -> None:
+    """Journal events and checkpoints, signatures included."""
+    with contextlib.suppress(InvalidEvent):
+        Event.decode(data).verify()
+    with contextlib.suppress(InvalidEvent):
+        Checkpoint.decode(data).verify()
+
+
+def state(data: bytes) -> None:
+    """STATE payloads: the parser, the checks against a document, then yrs itself."""
+    document = FileState(_SNAPSHOT)
+    try:
+        document.check(data, lambda client: client == _OTHER_CLIENT)
+        document.apply(data)
+    except BadUpdate:
+        pass
+
+
+def versions(data: bytes) -> None:
+    """Version records, as decoded from the replicated state."""
+    with contextlib.suppress(BadVersion):
+        Version.decode(data).check()
+
+
+def manifests(data: bytes) -> None:
+    """Manifests as received, checked against a declared size (the first 8 bytes)."""
+    size = int.from_bytes(data[:8], "big")
+    with contextlib.suppress(BadManifest):
+        check_manifest(Manifest.decode(data[8:]), size)
+
+
+def invites(data: bytes) -> None:
+    """Invite tokens as pasted by a user: any text."""
+    with contextlib.suppress(BackerError):
+        InviteToken.decode(data.decode("utf-8", "replace"))
+
+
+@functools.cache
+def _share() -> Share:
+    """A member's share with one file, in a temp dir that lives as long as the process."""
+    root = Path(tempfile.mkdtemp(prefix="backer-fuzz-"))
+    atexit.register(shutil.rmtree, root, True)
+    (root / "a.txt").write_bytes(b"content")
+    return Share.create(root, _KEY)
+
+
+def session(data: bytes) -> None:
+    """Whole messages as a connected member would send them, handled by a live session."""
+    receiver = Session(_share(), "fuzz")
+    try:
+        for message in FrameReader().feed(data):
+            receiver.receive(message)
+    except ProtocolError:
+        pass
+    finally:
+        receiver.close()
+        _share().db.conn.rollback()
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    f.__name__: f for f in (frames, events, state, versions, manifests, invites, session)
+}
+
+
+def seeds() -> dict[str, list[bytes]]:
+    """Valid inputs of every target: where mutation starts."""
+    event = Event.create(_KEY, 0, bytes(32), 1, 3, _UPDATES[0])
+    checkpoint = Checkpoint.create(_KEY, 1, bytes(32))
+    manifest = manifest_of_bytes(bytes(range(256)) * 400)
+    messages = [_sample(cls) for cls in MESSAGE_TYPES.values()]
+    messages.append(dataclasses.replace(_sample(Events), events=[event.raw]))
+    messages.append(Manifests([manifest.id], [manifest.encoded]))
+    token = InviteToken(bytes(16), bytes(16), bytes(32), bytes(32), ("127.0.0.1:7654",))
+    return {
+        "frames": [m.encode() for m in messages],
+        "events": [event.raw, checkpoint.encode()],
+        "state": [*_UPDATES, _SNAPSHOT],
+        "versions": [
+            Version(Kind.FILE, 5, 1, 0o644, bytes(32), b"d" * 8, 1, ("AAAAAAAAAAAA",)).encode()
+        ],
+        "manifests": [manifest.size.to_bytes(8, "big") + manifest.encoded],
+        "invites": [token.encode().encode()],
+        "session": [b"".join(m.encode() for m in messages[:2]), *(m.encode() for m in messages)],
+    }
+
+
+def _sample(cls: type[Message]) -> Message:
+    """A well-formed message of any type, whatever its fields."""
+    values: list[object] = []
+    for field in dataclasses.fields(cls):
+        kind = str(field.type)
+        values.append(1 if kind == "int" else b"x" * 32 if kind == "bytes" else [b"x" * 32])
+    return cls(*values)
+
+
+def saved_cases() -> list[tuple[str, bytes]]:
+    """Inputs that once crashed a target, kept as regression cases."""
+    if not CASES.is_dir():
+        return []
+    return [(p.name.split("-")[0], p.read_bytes()) for p in sorted(CASES.iterdir())]
+
+
+def one_input(data: bytes) -> None:
+    """The campaign's entry: the first byte picks the target."""
+    if data:
+        names = list(TARGETS)
+        TARGETS[names[data[0] % len(names)]](data[1:])
