@@ -268,8 +268,8 @@ class Session:
             return []
         del self.pending_run[author]
         self.pending_bytes -= sum(map(len, run))
-        checkpoint = Checkpoint.decode(message.checkpoint) if message.checkpoint else None
         try:
+            checkpoint = Checkpoint.decode(message.checkpoint) if message.checkpoint else None
             result = self.share.ingest(run, checkpoint)
         except (JournalError, ValueError) as exc:
             raise ProtocolError(f"rejected events: {exc}") from exc

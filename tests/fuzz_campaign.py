@@ -3,8 +3,8 @@ every target of tests/fuzz.py at once, one byte of each input picking the target
 
     python -m tests.fuzz_campaign --seconds 600 [--corpus DIR] [libFuzzer options]
 
-A crash stops it with the input saved as ``crash-*``: keep that file in
-``tests/fuzz_cases/`` as ``TARGET-name`` so that every test run replays it.
+A crash stops it with the input saved as ``crash-*``: keep that file, less its first
+byte, in ``tests/fuzz_cases/`` as ``TARGET-name`` so that every test run replays it.
 """
 
 from __future__ import annotations
