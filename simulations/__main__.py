@@ -12,6 +12,20 @@ import sys
 import time
 
 from .campaign import Failure, run_seed, shrink
+from .machine import ALL, DEFAULT_WORLD, FAMILIES
+
+
+def world_of(text: str) -> frozenset[str]:
+    """``all``, ``classic`` (none), or families separated by commas."""
+    if text == "all":
+        return ALL
+    names = frozenset(n for n in text.split(",") if n and n != "classic")
+    unknown = names - ALL
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown families {sorted(unknown)}; known: {sorted(ALL)}"
+        )
+    return names
 
 
 def main() -> None:
@@ -27,6 +41,14 @@ def main() -> None:
     )
     run.add_argument("--no-shrink", action="store_true", help="report failing seeds, unshrunk")
     run.add_argument("--max-failures", type=int, default=None, help="stop after this many")
+    run.add_argument(
+        "--world",
+        type=world_of,
+        default=DEFAULT_WORLD,
+        help="real-world families: 'all', 'classic' (none) or a comma list of "
+        + ", ".join(f"{k} ({v})" for k, v in FAMILIES.items())
+        + f"; default {','.join(sorted(DEFAULT_WORLD)) or 'classic'}",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     totals = {
@@ -38,6 +60,8 @@ def main() -> None:
         "restores": 0,
         "conflicts": 0,
         "bytes": 0,
+        "faults": 0,
+        "aborts": 0,
     }
     failures = 0
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -46,13 +70,13 @@ def main() -> None:
         if args.max_failures is not None and failures >= args.max_failures:
             break
         try:
-            stats = run_seed(seed, args.nodes, args.steps)
+            stats = run_seed(seed, args.nodes, args.steps, args.world)
         except Failure as failure:
             failures += 1
             print(f"FAIL seed={seed}: {failure.reason}", flush=True)
             if args.no_shrink:
                 continue
-            steps, reason = shrink(seed, args.nodes, failure.steps)
+            steps, reason = shrink(seed, args.nodes, failure.steps, world=args.world)
             print(f"  shrunk failure: {reason}", flush=True)
             print(f"  reproduce with {len(steps)} steps:", flush=True)
             for name, arguments in steps:
@@ -63,7 +87,7 @@ def main() -> None:
                 print(f"    {name} {shown}", flush=True)
             continue
         totals["scenarios"] += 1
-        for key in ("steps", "syncs", "cuts", "crashes", "restores", "conflicts", "bytes"):
+        for key in totals.keys() - {"scenarios"}:
             totals[key] += stats[key]
     elapsed = time.monotonic() - started
     print(
@@ -72,8 +96,10 @@ def main() -> None:
         f"{totals['syncs']} syncs ({totals['cuts']} cut mid-way), {totals['crashes']} crashes, "
         f"{totals['restores']} restores from old backups, "
         f"{totals['conflicts']} conflicts resolved, {totals['bytes']} bytes on the wire, "
+        f"{totals['faults']} disk faults injected ({totals['aborts']} ended a process), "
         f"{failures} failures, {elapsed:.0f} s"
     )
+    print(f"world: {','.join(sorted(args.world)) or 'classic'}")
     print(f"simulations: {totals['scenarios']} passed, {failures} failed")
     sys.exit(1 if failures else 0)
 

@@ -6,7 +6,41 @@ import random
 import re
 from typing import Any
 
-from .machine import CONTENTS, DIRS, FILES, ClusterMachine
+from .machine import (
+    CLASSIC,
+    DIRS,
+    DISK_BUDGETS,
+    FAULT_RATES,
+    PATTERNS,
+    ClusterMachine,
+    world_contents,
+    world_files,
+)
+
+RULES = [
+    "write",
+    "append",
+    "truncate",
+    "delete",
+    "rename",
+    "mkdir",
+    "symlink",
+    "toggle_exec",
+    "sync",
+    "crash",
+    "connect",
+    "deliver",
+    "disconnect",
+    "scan",
+    "backup",
+    "restore",
+]
+WEIGHTS = [25, 6, 3, 8, 6, 4, 2, 2, 22, 3, 4, 14, 2, 3, 2, 1]
+WORLD_RULES = {  # family: (rule, weight)
+    "ignore": [("ignore", 4)],
+    "faults": [("faults", 3), ("faults_stop", 3)],
+    "disk": [("disk_full", 2), ("disk_freed", 2)],
+}
 
 
 class Failure(Exception):
@@ -16,41 +50,29 @@ class Failure(Exception):
         self.steps = steps
 
 
-def _random_step(rnd: random.Random, nodes: int) -> tuple[str, dict[str, Any]]:
+def _random_step(
+    rnd: random.Random, nodes: int, world: frozenset[str] = CLASSIC
+) -> tuple[str, dict[str, Any]]:
     node = rnd.randrange(nodes)
-    paths = FILES + DIRS
-    choice = rnd.choices(
-        [
-            "write",
-            "append",
-            "truncate",
-            "delete",
-            "rename",
-            "mkdir",
-            "symlink",
-            "toggle_exec",
-            "sync",
-            "crash",
-            "connect",
-            "deliver",
-            "disconnect",
-            "scan",
-            "backup",
-            "restore",
-        ],
-        weights=[25, 6, 3, 8, 6, 4, 2, 2, 22, 3, 4, 14, 2, 3, 2, 1],
-    )[0]
+    files, contents = world_files(world), world_contents(world)
+    paths = files + DIRS
+    rules, weights = list(RULES), list(WEIGHTS)
+    for family, extra in WORLD_RULES.items():
+        if family in world:
+            rules += [rule for rule, _ in extra]
+            weights += [weight for _, weight in extra]
+    choice = rnd.choices(rules, weights=weights)[0]
     if choice == "write":
-        data = rnd.choice(CONTENTS) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
-        return choice, {"node": node, "path": rnd.choice(FILES), "data": data}
+        data = rnd.choice(contents) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
+        return choice, {"node": node, "path": rnd.choice(files), "data": data}
     if choice == "append":
         return choice, {
             "node": node,
-            "path": rnd.choice(FILES),
+            "path": rnd.choice(files),
             "data": rnd.randbytes(rnd.randrange(1, 100)),
         }
     if choice in ("truncate", "toggle_exec"):
-        return choice, {"node": node, "path": rnd.choice(FILES)}
+        return choice, {"node": node, "path": rnd.choice(files)}
     if choice == "delete":
         return choice, {"node": node, "path": rnd.choice(paths)}
     if choice == "rename":
@@ -60,9 +82,15 @@ def _random_step(rnd: random.Random, nodes: int) -> tuple[str, dict[str, Any]]:
     if choice == "symlink":
         return choice, {
             "node": node,
-            "path": rnd.choice(FILES),
+            "path": rnd.choice(files),
             "link": rnd.choice(["f", "../g", "a/c"]),
         }
+    if choice == "ignore":
+        return choice, {"node": node, "pattern": rnd.choice(PATTERNS), "add": rnd.random() < 0.6}
+    if choice == "faults":
+        return choice, {"node": node, "seed": rnd.getrandbits(32), "rate": rnd.choice(FAULT_RATES)}
+    if choice == "disk_full":
+        return choice, {"node": node, "budget": rnd.choice(DISK_BUDGETS)}
     if choice == "sync":
         cut = rnd.randrange(1, 30) if rnd.random() < 0.2 else None
         return choice, {"a": node, "b": rnd.randrange(nodes), "cut": cut}
@@ -74,10 +102,13 @@ def _random_step(rnd: random.Random, nodes: int) -> tuple[str, dict[str, Any]]:
 
 
 def replay(
-    nodes: int, steps: list[tuple[str, dict[str, Any]]], seed: int = 0
+    nodes: int,
+    steps: list[tuple[str, dict[str, Any]]],
+    seed: int = 0,
+    world: frozenset[str] = CLASSIC,
 ) -> ClusterMachine:
     """Run ``steps`` then the quiescence checks; raise Failure if anything breaks."""
-    machine = ClusterMachine(nodes, seed)
+    machine = ClusterMachine(nodes, seed, world)
     done: list[tuple[str, dict[str, Any]]] = []
     try:
         for name, arguments in steps:
@@ -94,10 +125,10 @@ def replay(
     return machine
 
 
-def run_seed(seed: int, nodes: int, count: int) -> dict[str, int]:
+def run_seed(seed: int, nodes: int, count: int, world: frozenset[str] = CLASSIC) -> dict[str, int]:
     rnd = random.Random(seed)
-    steps = [_random_step(rnd, nodes) for _ in range(count)]
-    machine = replay(nodes, steps, seed)
+    steps = [_random_step(rnd, nodes, world) for _ in range(count)]
+    machine = replay(nodes, steps, seed, world)
     return {
         "fingerprint": machine.fingerprint,
         "steps": count,
@@ -107,6 +138,8 @@ def run_seed(seed: int, nodes: int, count: int) -> dict[str, int]:
         "restores": machine.stats["restores"],
         "conflicts": machine.stats["conflicts"],
         "bytes": machine.stats["bytes"],
+        "faults": sum(machine.cluster.disks.injected.values()),
+        "aborts": machine.cluster.aborts,
     }
 
 
@@ -116,13 +149,17 @@ def _kind(reason: str) -> str:
 
 
 def shrink(
-    seed: int, nodes: int, steps: list[tuple[str, dict[str, Any]]], budget: int = 150
+    seed: int,
+    nodes: int,
+    steps: list[tuple[str, dict[str, Any]]],
+    budget: int = 150,
+    world: frozenset[str] = CLASSIC,
 ) -> tuple[list[tuple[str, dict[str, Any]]], str]:
     """Drop steps one at a time while it still fails the same way (bounded by ``budget``
     replays); return the shorter list and the failure it produces."""
     current, reason = list(steps), ""
     try:
-        replay(nodes, current, seed)
+        replay(nodes, current, seed, world)
     except Failure as failure:
         reason = failure.reason
     kind = _kind(reason)
@@ -131,7 +168,7 @@ def shrink(
         candidate = current[:index] + current[index + 1 :]
         budget -= 1
         try:
-            replay(nodes, candidate, seed)
+            replay(nodes, candidate, seed, world)
         except Failure as failure:
             if _kind(failure.reason) == kind:
                 current, reason = candidate, failure.reason

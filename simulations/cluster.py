@@ -7,23 +7,33 @@ messages go through the real framing into two FIFO queues (a stream is ordered);
 seeded scheduler decides which link and which direction delivers next, so deliveries
 across links are delayed and reordered, and files can change while a link is half way.
 A link can be cut at any message; a node can crash (its in-memory state, sessions
-included, is dropped; disk and journal stay).
+included, is dropped; disk and journal stay). A node's disk can fail or fill up
+(:mod:`.faults`); an error that escapes backer there ends that node's process, as it
+would end ``backer sync``. Around every step backer takes, :mod:`.world` checks what
+it did to each node's files.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import functools
 import random
 import shutil
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.signing
 
+from backer.ignore import IgnoreRules
 from backer.replicator import Replicator
 from backer.session import Session
 from backer.share import Share
 from backer.wire import FrameReader, ProtocolError
+
+from .faults import Disks
+from .world import InvariantBroken, Watch, ignored, is_backer_temp
 
 
 @dataclass
@@ -58,8 +68,14 @@ class Node:
         return self.replicator
 
     def scan(self) -> None:
-        """What a file watcher would trigger: scan, and relay to the open links."""
-        summary = self.open().scan()
+        """What a file watcher would trigger: scan, and relay to the open links. A rule
+        only stops syncing: no deletion is recorded for a path the rules ignore."""
+        share = self.open()
+        rules, local = IgnoreRules.load(self.root), share.catalog.local_entries()
+        summary = share.scan()
+        for path in summary.deleted:
+            if ignored(rules, path, stat.S_ISDIR(local[path].mode)):
+                raise InvariantBroken(f"{self.name} recorded the deletion of ignored {path!r}")
         self.stray_after_scan = self.stray_temp_files()
         if summary.events:
             self.hub().journal_grew()
@@ -81,7 +97,9 @@ class Node:
         """Temp files that no assembly in progress is using (a crash's, or one whose
         directory the person renamed mid-transfer): the next scan must sweep them."""
         in_use = self.share.temps_in_use if self.share is not None else set()
-        return [p for p in self.root.rglob("*.backer-tmp") if p not in in_use]
+        return [
+            p for p in self.root.rglob("*.backer-tmp") if is_backer_temp(p.name) and p not in in_use
+        ]
 
 
 @dataclass
@@ -108,6 +126,10 @@ class Cluster:
     traffic: Traffic = field(default_factory=Traffic)
     refused: int = 0
     links: dict[tuple[int, int], Link] = field(default_factory=dict)
+    disks: Disks = field(default_factory=Disks)
+    watch: Watch = field(default_factory=Watch)
+    aborts: int = 0  # node processes ended by a disk error
+    _acting: int = 0
 
     def __post_init__(self) -> None:
         self.random = random.Random(self.seed)
@@ -138,6 +160,35 @@ class Cluster:
             for n in self.nodes
         )
 
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[None]:
+        """A step of backer's: what it did to each node's files is checked afterwards."""
+        self._acting += 1
+        if self._acting == 1:
+            self.watch.start([n.root for n in self.nodes])
+        try:
+            yield
+        finally:
+            self._acting -= 1
+        if self._acting == 0:
+            names = [n.name for n in self.nodes]
+            self.watch.check(names, [n.root for n in self.nodes], [n.share for n in self.nodes])
+
+    def guarded(self, index: int, action: Callable[[], object]) -> bool:
+        """Run backer code of one node; an error while its disk is failing ends that
+        node's process (False), as it ends ``backer sync``; any other error is a bug."""
+        try:
+            action()
+        except ProtocolError:
+            raise  # the peer's fault: the session is refused
+        except Exception:
+            if not self.disks.active(self.nodes[index].root):
+                raise
+            self.aborts += 1
+            self.crash(index)
+            return False
+        return True
+
     # -- links ------------------------------------------------------------------------------
 
     def connect(self, a: int, b: int) -> Link | None:
@@ -147,25 +198,37 @@ class Cluster:
         key = (min(a, b), max(a, b))
         if key in self.links:
             return self.links[key]
-        ends = self.nodes[key[0]], self.nodes[key[1]]
-        for node in ends:
-            node.scan()
-        sessions = tuple(Session(n.open(), n.name, replicator=n.hub()) for n in ends)
-        for session in sessions:
-            session.outbox[:0] = session.start()
-        link = self.links[key] = Link(sessions)  # type: ignore[arg-type]
-        self._collect()
+        with self.acting():
+            if not all(self._scan(i) for i in key):
+                return None
+            sessions: list[Session] = []
+            for index in key:
+                node = self.nodes[index]
+
+                def start(node: Node = node) -> None:
+                    session = Session(node.open(), node.name, replicator=node.hub())
+                    session.outbox[:0] = session.start()
+                    sessions.append(session)
+
+                if not self.guarded(index, start):
+                    for started in sessions:
+                        started.close()
+                    return None
+            link = self.links[key] = Link((sessions[0], sessions[1]))
+            self._collect()
         return link
 
     def disconnect(self, a: int, b: int) -> None:
         """Drop a link: what was in flight is lost; each side hands its requests on."""
-        link = self.links.pop((min(a, b), max(a, b)), None)
+        key = (min(a, b), max(a, b))
+        link = self.links.pop(key, None)
         if link is None:
             return
-        for session in link.sessions:
-            session.take_outbox()
-            session.close()
-        self._collect()
+        with self.acting():
+            for index, session in zip(key, link.sessions, strict=True):
+                session.take_outbox()
+                self.guarded(index, session.close)
+            self._collect()
 
     def _collect(self) -> None:
         """Move every session's outbox onto its link, one frame per message."""
@@ -180,6 +243,10 @@ class Cluster:
         """Deliver up to ``count`` messages on the link a-b, the seed choosing the
         direction of each; return how many were delivered (a refused one closes it)."""
         key = (min(a, b), max(a, b))
+        with self.acting():
+            return self._deliver(key, count)
+
+    def _deliver(self, key: tuple[int, int], count: int) -> int:
         delivered = 0
         while delivered < count and key in self.links:
             link = self.links[key]
@@ -193,19 +260,30 @@ class Cluster:
             session = link.sessions[index]
             for message in link.readers[index].feed(frame):
                 try:
-                    replies = session.receive(message)
+                    if not self.guarded(
+                        key[index], functools.partial(self._receive, session, message)
+                    ):
+                        return delivered
                 except ProtocolError:
                     self.refused += 1
-                    self.disconnect(a, b)  # the session closes, as on a real link
+                    self.disconnect(*key)  # the session closes, as on a real link
                     return delivered
-                session.outbox += replies
             self._collect()
         return delivered
+
+    @staticmethod
+    def _receive(session: Session, message: object) -> None:
+        replies = session.receive(message)  # type: ignore[arg-type]
+        session.outbox += replies  # receiving may have replaced the outbox
 
     def sync(self, a: int, b: int, cut_after: int | None = None) -> bool:
         """Connect (or reuse the link), deliver on it until it is quiet, then close it;
         True if both sessions completed. With ``cut_after``, the link drops after that
         many messages, as a connection lost mid-transfer."""
+        with self.acting():
+            return self._sync(a, b, cut_after)
+
+    def _sync(self, a: int, b: int, cut_after: int | None) -> bool:
         link = self.connect(a, b)
         if link is None:
             return False
@@ -222,8 +300,17 @@ class Cluster:
         return complete
 
     def scan(self, node: int) -> None:
-        self.nodes[node].scan()
-        self._collect()
+        with self.acting():
+            self._scan(node)
+            self._collect()
+
+    def _scan(self, index: int) -> bool:
+        node = self.nodes[index]
+        if not self.guarded(index, node.scan):
+            return False
+        if self.disks.active(node.root):  # it may not have listed every directory
+            node.stray_after_scan = []
+        return True
 
     def backup(self, node: int) -> None:
         """Copy the node's ``.backer/`` as it is on disk now (a crash-consistent copy)."""
@@ -255,23 +342,3 @@ class Cluster:
         if target.is_symlink() or target.is_dir():
             return
         target.write_bytes(data)
-
-
-def disk_tree(root: Path) -> dict[str, tuple]:
-    """What a user sees under ``root`` (outside .backer): kinds, bytes, link targets, modes."""
-    result: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        relative_dir = os.path.relpath(dirpath, root)
-        if relative_dir == ".":
-            dirnames[:] = [d for d in dirnames if d != ".backer"]
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            relative = path.relative_to(root).as_posix()
-            info = path.lstat()
-            if path.is_symlink():
-                result[relative] = ("link", os.readlink(path))
-            elif path.is_dir():
-                result[relative] = ("dir", info.st_mode & 0o777)
-            else:
-                result[relative] = ("file", path.read_bytes(), info.st_mode & 0o777)
-    return result

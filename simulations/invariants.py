@@ -12,26 +12,33 @@ import nacl.signing
 from blake3 import blake3
 
 from backer.content import manifest_of_bytes
+from backer.ignore import IgnoreRules
 from backer.materializer import copy_version_id
 from backer.records import Kind, Version
 from backer.share import Share
 from journal import Checkpoint, Event, Range
 
-from .cluster import Cluster, disk_tree
+from .cluster import Cluster
+from .world import (
+    InvariantBroken,
+    entries,
+    ignored,
+    is_backer_temp,
+    scratch_dir,
+    synced_tree,
+    synced_trees,
+)
 
 FRESH_FILE = 200_000
 OVERHEAD = 24 * 1024  # summaries, events, manifests: what a sync costs besides file bytes
 
 
-class InvariantBroken(AssertionError):
-    """A property of the whole cluster does not hold."""
-
-
 def _fingerprint(cluster: Cluster) -> list[tuple]:
     fingerprints = []
-    for node in cluster.nodes:
+    trees = synced_trees([node.root for node in cluster.nodes])
+    for node, tree in zip(cluster.nodes, trees, strict=True):
         summary = {a: c.length for a, c in node.open().journal.summary().items()}
-        fingerprints.append((sorted(summary.items()), sorted(disk_tree(node.root).items())))
+        fingerprints.append((sorted(summary.items()), sorted(tree.items())))
     return fingerprints
 
 
@@ -50,7 +57,21 @@ def converge(cluster: Cluster, rounds: int | None = None) -> int:
         prints = _fingerprint(cluster)
         if all(p == prints[0] for p in prints):
             return round_number
-    raise InvariantBroken(f"no convergence after {rounds} rounds of syncs on a healed network")
+    raise InvariantBroken(
+        f"no convergence after {rounds} rounds of syncs on a healed network: {_differences(prints)}"
+    )
+
+
+def _differences(prints: list[tuple[list, list]]) -> str:
+    """Where the first node that differs from node 0 differs (journals or paths)."""
+    for index, (summary, tree) in enumerate(prints[1:], start=1):
+        if summary != prints[0][0]:
+            return f"node{index}'s journal differs from node0's"
+        theirs, ours = dict(tree), dict(prints[0][1])
+        differing = sorted(p for p in theirs.keys() | ours.keys() if theirs.get(p) != ours.get(p))
+        if differing:
+            return f"node{index} differs from node0 at {differing[:3]}"
+    return "?"
 
 
 def forget_history_nobody_has(cluster: Cluster) -> None:
@@ -71,7 +92,7 @@ def forget_history_nobody_has(cluster: Cluster) -> None:
 
 def check_quiescent(cluster: Cluster) -> None:
     shares = [node.open() for node in cluster.nodes]
-    trees = [disk_tree(node.root) for node in cluster.nodes]
+    trees = synced_trees([node.root for node in cluster.nodes])
     for node, tree in zip(cluster.nodes[1:], trees[1:], strict=True):
         if tree != trees[0]:
             only_here = sorted(set(tree) ^ set(trees[0]))
@@ -93,7 +114,7 @@ def check_quiescent(cluster: Cluster) -> None:
             )
         if share.journal.forks():
             raise InvariantBroken(f"{node.name} saw a fork")
-        leftovers = [p for p in node.root.rglob("*.backer-tmp")]
+        leftovers = [p for p in node.root.rglob("*.backer-tmp") if is_backer_temp(p.name)]
         if leftovers:
             raise InvariantBroken(f"{node.name} has temp files {leftovers}")
     check_no_lost_write(cluster)
@@ -102,7 +123,9 @@ def check_quiescent(cluster: Cluster) -> None:
 def check_no_lost_write(cluster: Cluster) -> None:
     """Every file version ever recorded is on every disk, or is accounted for.
 
-    A version is accounted for when a later version saw it (supersedes it), when its
+    A version at a path the device's rules ignore (or where a directory holds ignored
+    files) need not be on its disk. Else a
+    version is accounted for when a later version saw it (supersedes it), when its
     conflict copy is accounted for (or, for a copy, the write it copies), or when
     another version of the same path with the same content is (identical concurrent
     writes are merged into one).
@@ -140,14 +163,18 @@ def check_no_lost_write(cluster: Cluster) -> None:
         return any(accounted(twin, seen) for twin in twins if twin != vid)
 
     for node in cluster.nodes:
-        on_disk = {
-            manifest_of_bytes(entry[1]).id
-            for entry in disk_tree(node.root).values()
-            if entry[0] == "file"
+        on_disk = {  # ignored files too: ignoring a path keeps its bytes
+            manifest_of_bytes(data).id
+            for kind, data in entries(node.root).values()
+            if kind == "file"
         }
+        rules, pinned = IgnoreRules.load(node.root), set[str]()
+        synced_tree(node.root, pinned)
         for vid, (path, version) in decoded.items():
             if version.kind != Kind.FILE or version.content in on_disk:
                 continue
+            if ignored(rules, path) or any(path == p or path.startswith(p + "/") for p in pinned):
+                continue  # this device leaves that path alone, or cannot have a file there
             if not accounted(vid):
                 raise InvariantBroken(
                     f"{node.name} lost the write {vid} of {path!r} ({version.size} bytes)"
@@ -163,7 +190,7 @@ def check_order_independence(cluster: Cluster, rng: random.Random) -> None:
     lengths = {a: c.length for a, c in cluster.nodes[0].open().journal.summary().items()}
     for node in cluster.nodes:
         source = node.open()
-        base = Path(tempfile.mkdtemp(prefix="backer-replay-"))
+        base = Path(tempfile.mkdtemp(prefix="backer-replay-", dir=scratch_dir()))
         try:
             key = nacl.signing.SigningKey(rng.randbytes(32))
             replica = Share.create(base, key, joining=(source.share_id, source.share_key))

@@ -1,4 +1,8 @@
-"""The hypothesis state machine: random edits, syncs, cuts and crashes on a cluster."""
+"""The hypothesis state machine: random edits, syncs, cuts and crashes on a cluster.
+
+The *world* is the set of real-world families switched on (see :data:`FAMILIES`); with
+none, a scenario is exactly what it was before they existed (old seeds replay).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import contextlib
 import os
 import shutil
 import tempfile
+import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from backer import entropy
+from backer import entropy, materializer
+from backer.ignore import IGNORE_FILE
 
 from .cluster import Cluster
 from .invariants import (
@@ -21,6 +28,7 @@ from .invariants import (
     converge,
     fingerprint,
 )
+from .world import scratch_dir
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
@@ -28,20 +36,84 @@ FILES = ["f", "g", "a/f", "a/c/h", "b/g", "a/c"]
 CONTENTS = [b"", b"same", b"other", b"x" * 70_000]
 
 node_index = st.integers(min_value=0, max_value=NODES - 1)
-file_path = st.sampled_from(FILES)
 dir_path = st.sampled_from(DIRS)
 content = st.one_of(st.sampled_from(CONTENTS), st.binary(max_size=300))
+
+FAMILIES = {
+    "faults": "a node's disk I/O fails (seeded ENOSPC, EIO, EDQUOT, short writes, failing "
+    "fsync/syncfs/rename/mkdir/link/reads), switched on and off per node",
+    "disk": "a node's disk fills up (a byte budget) and is freed later",
+    "durability": "small batching thresholds and 20 KB files: symlinks and large files "
+    "share batches, so both durability paths run",
+    "ignore": ".backerignore patterns added and removed, matching existing files",
+    "unicode": "NFD and NFC spellings of names (macOS writes NFD)",
+    "long": "names of 200, 240 and 255 bytes (NAME_MAX counts bytes, temp names too)",
+    "case": "names that differ only by case",
+    "tmpnames": "a person's own files named *.backer-tmp",
+    "strict": "(a check) a file backer removes or replaces was replaced by a recorded "
+    "event, not only kept",
+}
+ALL = frozenset(FAMILIES)
+CLASSIC: frozenset[str] = frozenset()
+DEFAULT_WORLD = frozenset({"faults", "disk", "durability", "unicode", "case"})  # CI, tests
+NAMES = {
+    "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it
+    "long": ["k" * 200, "a/" + "m" * 240, "n" * 255],  # 240: its temp name is too long
+    "case": ["F", "a/F"],  # case variants of f and a/f
+}
+TMPNAMES = ["notes.backer-tmp", "a/notes.backer-tmp"]
+LOGS = ["x.log", "a/x.log"]
+PATTERNS = ["*.log", "g", "a/c", "b/", "/f", "h", "F", "m*", "*.backer-tmp"]
+LARGE = b"y" * 20_000  # above the simulation's durability threshold
+SMALL_THRESHOLDS = {  # so a few small files exercise batching and both durability paths
+    "SYNCFS_BELOW_AVERAGE": 4096,
+    "STAGE_FILES": 3,
+    "STAGE_BYTES": 64 * 1024,
+}
+FAULT_RATES = [0.02, 0.1, 0.3]
+DISK_BUDGETS = [0, 5_000, 60_000]
+
+
+def world_files(world: frozenset[str]) -> list[str]:
+    """The file names a scenario in ``world`` edits (the classic ones first)."""
+    names = [name for family, some in NAMES.items() if family in world for name in some]
+    return (
+        FILES
+        + (LOGS if "ignore" in world else [])
+        + names
+        + (TMPNAMES if "tmpnames" in world else [])
+    )
+
+
+def world_contents(world: frozenset[str]) -> list[bytes]:
+    return CONTENTS + ([LARGE] if "durability" in world else [])
+
+
+any_file = st.sampled_from(world_files(ALL))
 
 
 class ClusterMachine(RuleBasedStateMachine):
     """Every rule acts on real files or real sessions; teardown checks the invariants."""
 
-    def __init__(self, nodes: int = NODES, seed: int = 0) -> None:
+    world: frozenset[str] = DEFAULT_WORLD
+
+    def __init__(
+        self, nodes: int = NODES, seed: int = 0, world: Iterable[str] | None = None
+    ) -> None:
         super().__init__()
+        if world is not None:
+            self.world = frozenset(world)
+        self.files = set(world_files(self.world))
         self.seeded = contextlib.ExitStack()
         self.seeded.enter_context(entropy.seeded(seed))  # the run is a function of the seed
-        self.base = Path(tempfile.mkdtemp(prefix="backer-sim-"))
+        if "durability" in self.world:
+            for name, value in SMALL_THRESHOLDS.items():
+                self.seeded.callback(setattr, materializer, name, getattr(materializer, name))
+                setattr(materializer, name, value)
+        self.base = Path(tempfile.mkdtemp(prefix="backer-sim-", dir=scratch_dir()))
         self.cluster = Cluster(self.base, seed=seed, size=nodes)
+        self.cluster.watch.strict = "strict" in self.world
+        self.seeded.enter_context(self.cluster.disks.installed())
         self.stats = dict.fromkeys(
             ("syncs", "cuts", "crashes", "restores", "edits", "conflicts", "bytes"), 0
         )
@@ -65,34 +137,59 @@ class ClusterMachine(RuleBasedStateMachine):
     def root(self, node: int) -> Path:
         return self.cluster.nodes[node].root
 
-    @rule(node=node_index, path=file_path, data=content)
+    def _spelled(self, node: int, path: str) -> str:
+        """``path`` as its person's filesystem sees it: a name already on disk in another
+        Unicode spelling (NFC or NFD) is that name, as on macOS."""
+        current, parts = self.root(node), []
+        for part in path.split("/"):
+            if not part.isascii() and not os.path.lexists(current / part) and current.is_dir():
+                wanted = unicodedata.normalize("NFC", part)
+                same = [n for n in os.listdir(current) if unicodedata.normalize("NFC", n) == wanted]
+                part = same[0] if same else part
+            parts.append(part)
+            current = current / part
+        return "/".join(parts)
+
+    def _path(self, node: int, path: str) -> str | None:
+        """The spelling to edit, or None when ``path`` is not in this world."""
+        return self._spelled(node, path) if path in self.files or path in DIRS else None
+
+    @rule(node=node_index, path=any_file, data=content)
     def write(self, node: int, path: str, data: bytes) -> None:
+        spelled = self._path(node, path)
+        if spelled is None:
+            return
+
         def act() -> None:
-            target = self.root(node) / path
+            target = self.root(node) / spelled
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
 
-        self._fs(act, self.root(node) / path)
+        self._fs(act, self.root(node) / spelled)
 
-    @rule(node=node_index, path=file_path, data=st.binary(min_size=1, max_size=100))
+    @rule(node=node_index, path=any_file, data=st.binary(min_size=1, max_size=100))
     def append(self, node: int, path: str, data: bytes) -> None:
-        self._fs(
-            lambda: (
-                (self.root(node) / path).open("ab").write(data)
-                if (self.root(node) / path).is_file()
-                else None
-            ),
-            self.root(node) / path,
-        )
+        spelled = self._path(node, path)
+        if spelled is None:
+            return
+        target = self.root(node) / spelled
+        self._fs(lambda: target.open("ab").write(data) if target.is_file() else None, target)
 
-    @rule(node=node_index, path=file_path)
+    @rule(node=node_index, path=any_file)
     def truncate(self, node: int, path: str) -> None:
-        self._fs(lambda: os.truncate(self.root(node) / path, 1), self.root(node) / path)
+        spelled = self._path(node, path)
+        if spelled is None:
+            return
+        self._fs(lambda: os.truncate(self.root(node) / spelled, 1), self.root(node) / spelled)
 
-    @rule(node=node_index, path=st.one_of(file_path, dir_path))
+    @rule(node=node_index, path=st.one_of(any_file, dir_path))
     def delete(self, node: int, path: str) -> None:
+        spelled = self._path(node, path)
+        if spelled is None:
+            return
+
         def act() -> None:
-            target = self.root(node) / path
+            target = self.root(node) / spelled
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             else:
@@ -102,16 +199,20 @@ class ClusterMachine(RuleBasedStateMachine):
 
     @rule(
         node=node_index,
-        source=st.one_of(file_path, dir_path),
-        destination=st.one_of(file_path, dir_path),
+        source=st.one_of(any_file, dir_path),
+        destination=st.one_of(any_file, dir_path),
     )
     def rename(self, node: int, source: str, destination: str) -> None:
+        spelled, onto = self._path(node, source), self._path(node, destination)
+        if spelled is None or onto is None:
+            return
+
         def act() -> None:
-            target = self.root(node) / destination
-            if target.exists() or (self.root(node) / source) in target.parents:
+            target = self.root(node) / onto
+            if target.exists() or (self.root(node) / spelled) in target.parents:
                 return
             target.parent.mkdir(parents=True, exist_ok=True)
-            (self.root(node) / source).rename(target)
+            (self.root(node) / spelled).rename(target)
 
         self._fs(act)
 
@@ -119,22 +220,68 @@ class ClusterMachine(RuleBasedStateMachine):
     def mkdir(self, node: int, path: str) -> None:
         self._fs(lambda: (self.root(node) / path).mkdir(parents=True))
 
-    @rule(node=node_index, path=file_path, link=st.sampled_from(["f", "../g", "a/c"]))
+    @rule(node=node_index, path=any_file, link=st.sampled_from(["f", "../g", "a/c"]))
     def symlink(self, node: int, path: str, link: str) -> None:
+        spelled = self._path(node, path)
+        if spelled is None:
+            return
+
         def act() -> None:
-            (self.root(node) / path).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(link, self.root(node) / path)
+            (self.root(node) / spelled).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(link, self.root(node) / spelled)
 
-        self._fs(act, self.root(node) / path)
+        self._fs(act, self.root(node) / spelled)
 
-    @rule(node=node_index, path=file_path)
+    @rule(node=node_index, path=any_file)
     def toggle_exec(self, node: int, path: str) -> None:
+        spelled = self._path(node, path)
+        if spelled is None:
+            return
+
         def act() -> None:
-            target = self.root(node) / path
+            target = self.root(node) / spelled
             if target.is_file() and not target.is_symlink():
                 target.chmod(target.stat().st_mode ^ 0o111)
 
-        self._fs(act, self.root(node) / path)
+        self._fs(act, self.root(node) / spelled)
+
+    @rule(node=node_index, pattern=st.sampled_from(PATTERNS), add=st.booleans())
+    def ignore(self, node: int, pattern: str, add: bool) -> None:
+        """A person adds or removes a ``.backerignore`` pattern (matching files that exist)."""
+        if "ignore" not in self.world:
+            return
+        target = self.root(node) / IGNORE_FILE
+
+        def act() -> None:
+            lines = target.read_text().splitlines() if target.is_file() else []
+            lines = [line for line in lines if line != pattern] + ([pattern] if add else [])
+            target.write_text("".join(line + "\n" for line in lines))
+
+        self._fs(act, target)
+
+    @rule(
+        node=node_index,
+        seed=st.integers(min_value=0, max_value=2**32),
+        rate=st.sampled_from(FAULT_RATES),
+    )
+    def faults(self, node: int, seed: int, rate: float) -> None:
+        """The node's disk starts failing: each of backer's disk calls fails at ``rate``."""
+        if "faults" in self.world:
+            self.cluster.disks.faults_on(self.root(node), seed, rate)
+
+    @rule(node=node_index)
+    def faults_stop(self, node: int) -> None:
+        self.cluster.disks.faults_off(self.root(node))
+
+    @rule(node=node_index, budget=st.sampled_from(DISK_BUDGETS))
+    def disk_full(self, node: int, budget: int) -> None:
+        """The node's disk takes ``budget`` more bytes, then is full."""
+        if "disk" in self.world:
+            self.cluster.disks.fill(self.root(node), budget)
+
+    @rule(node=node_index)
+    def disk_freed(self, node: int) -> None:
+        self.cluster.disks.free(self.root(node))
 
     @rule(
         a=node_index, b=node_index, cut=st.one_of(st.none(), st.integers(min_value=1, max_value=30))
@@ -197,6 +344,7 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            self.cluster.disks.calm()  # faults stop, disks are freed; then the network heals
             converge(self.cluster)
             self.stats["conflicts"] = self.cluster.conflicts
             check_quiescent(self.cluster)

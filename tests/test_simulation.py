@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, settings
 
-from simulations.campaign import run_seed
+from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import ClusterMachine
 
 TestCluster = ClusterMachine.TestCase
@@ -42,3 +42,85 @@ def test_a_seed_replays_byte_for_byte() -> None:
     assert first["fingerprint"] == second["fingerprint"]
     assert first["bytes"] == second["bytes"]
     assert other["fingerprint"] != first["fingerprint"]
+
+
+def _passes(steps: list[tuple[str, dict]], world: frozenset[str]) -> None:
+    """Replay a short trace; a broken invariant fails the test with the harness's reason."""
+    try:
+        replay(3, steps, 0, world)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
+def test_a_link_beside_a_large_file_syncs() -> None:
+    """A staged link in a batch above the syncfs threshold took the per-file fsync path,
+    which opened it with O_NOFOLLOW (ELOOP): the whole session failed."""
+    steps = [
+        ("write", {"node": 0, "path": "f", "data": b"y" * 20_000}),
+        ("symlink", {"node": 0, "path": "g", "link": "f"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+    ]
+    _passes(steps, frozenset({"durability"}))
+
+
+def test_an_ignore_rule_deletes_nothing_anywhere() -> None:
+    """A pattern added on one device became a recorded deletion on every other one."""
+    steps = [
+        ("write", {"node": 0, "path": "a/x.log", "data": b"log"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("ignore", {"node": 0, "pattern": "*.log", "add": True}),
+        ("scan", {"node": 0}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+    ]
+    _passes(steps, frozenset({"ignore"}))
+
+
+def test_an_nfd_name_reaches_peers() -> None:
+    """An NFD name was recorded under its NFC form: peers never got its chunks."""
+    steps = [
+        ("write", {"node": 0, "path": "a/re\u0301sume\u0301", "data": b"cv"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+    ]
+    _passes(steps, frozenset({"unicode"}))
+
+
+def test_a_full_disk_then_freed_converges() -> None:
+    """A receiver whose disk is full creates nothing (no temp left behind, nothing
+    recorded); once space is freed, the next syncs finish the job."""
+    steps = [
+        ("write", {"node": 0, "path": "f", "data": b"x" * 70_000}),
+        ("write", {"node": 0, "path": "a/f", "data": b"small"}),
+        ("disk_full", {"node": 1, "budget": 0}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("scan", {"node": 1}),
+        ("disk_freed", {"node": 1}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+    ]
+    _passes(steps, frozenset({"disk"}))
+
+
+def _scan_with_failing_reads(seed: int) -> tuple[dict[str, int], list[str], bytes]:
+    machine = ClusterMachine(3, seed, frozenset({"faults"}))
+    try:
+        for index in range(8):
+            (machine.root(0) / f"file{index}").write_bytes(bytes([index]) * 100)
+        machine.faults(0, seed, 0.5)
+        summary = machine.cluster.nodes[0].open().scan()
+        machine.write(0, "f", b"the harness's own writes never fail")
+        return (
+            dict(machine.cluster.disks.injected),
+            summary.errors,
+            (machine.root(0) / "f").read_bytes(),
+        )
+    finally:
+        machine.abandon()
+
+
+def test_disk_faults_come_from_the_seed_and_only_hit_backer() -> None:
+    """The fault layer fails backer's own disk calls (here the scanner's reads) as the
+    seed says, the same way on every run; the harness's edits are never failed."""
+    first, second, other = (_scan_with_failing_reads(s) for s in (3, 3, 4))
+    assert first == second
+    assert first[0] and first[1], "faults at rate 0.5 must hit some of 8 reads"
+    assert first[0] != other[0] or first[1] != other[1]
+    assert first[2] == b"the harness's own writes never fail"

@@ -1,0 +1,297 @@
+"""A seeded fault layer over one node's disk, as the real world has it.
+
+Real disks fill up and fail: a write can be short or fail with ``ENOSPC``, ``EIO`` or
+``EDQUOT``, and so can fsync, rename, link and mkdir. While installed, :class:`Disks`
+replaces the ``os`` functions (and the content hasher's ``open``) with proxies that
+fail — seeded, so a seed replays the same faults — but only for calls made by backer's
+materializer, scanner, hasher and chunk store, and only on a node whose faults are
+switched on (a plan). The harness's own edits, the journal and the database are never
+touched. A plan can also be a disk budget: ``statvfs`` reports it as the free space,
+writes beyond it are short, then fail with ``ENOSPC``, until the disk is freed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from backer import content, materializer
+
+FAULTED = frozenset({"backer.materializer", "backer.scanner", "backer.content", "backer.chunks"})
+CALLERS_SEEN_THROUGH = frozenset({"pathlib", "os", "posixpath", "genericpath", "contextlib"})
+SHORT = "short write"
+
+# What each call can do on a real disk, besides succeeding.
+FAILURES: dict[str, tuple[int | str, ...]] = {
+    "create": (errno.ENOSPC, errno.EDQUOT, errno.EIO),
+    "read": (errno.EIO,),
+    "write": (SHORT, errno.ENOSPC, errno.EDQUOT, errno.EIO),
+    "fsync": (errno.EIO, errno.ENOSPC),
+    "syncfs": (errno.EIO,),
+    "rename": (errno.EIO, errno.ENOSPC),
+    "mkdir": (errno.ENOSPC, errno.EDQUOT, errno.EIO),
+    "link": (errno.ENOSPC, errno.EDQUOT, errno.EIO),
+    "truncate": (errno.EIO, errno.EFBIG),
+    "metadata": (errno.EIO,),
+    "remove": (errno.EIO,),
+}
+NEEDS_SPACE = frozenset({"create", "mkdir", "link"})
+
+
+class InjectedFault(OSError):
+    """An error the fault layer made up (never one the code under test raised)."""
+
+
+@dataclass
+class Plan:
+    """One node's faults: a failure rate per call and/or a disk budget in bytes."""
+
+    rate: float = 0.0
+    random: random.Random = field(default_factory=random.Random)
+    budget: int | None = None  # bytes the disk still takes; None: no limit
+
+    @property
+    def active(self) -> bool:
+        return self.rate > 0 or self.budget is not None
+
+
+class Disks:
+    """The fault plans of every node, by root directory; a context manager installs them."""
+
+    def __init__(self) -> None:
+        self.plans: dict[str, Plan] = {}
+        self.fds: dict[int, Plan] = {}
+        self.injected: Counter[str] = Counter()
+
+    # -- switching ---------------------------------------------------------------------
+
+    def _plan(self, root: os.PathLike[str]) -> Plan:
+        return self.plans.setdefault(os.fspath(root) + os.sep, Plan())
+
+    def faults_on(self, root: os.PathLike[str], seed: int, rate: float) -> None:
+        plan = self._plan(root)
+        plan.rate, plan.random = rate, random.Random(seed)
+
+    def faults_off(self, root: os.PathLike[str]) -> None:
+        self._plan(root).rate = 0.0
+
+    def fill(self, root: os.PathLike[str], budget: int) -> None:
+        """The node's disk takes ``budget`` more bytes, then is full."""
+        self._plan(root).budget = budget
+
+    def free(self, root: os.PathLike[str]) -> None:
+        self._plan(root).budget = None
+
+    def active(self, root: os.PathLike[str]) -> bool:
+        plan = self.plans.get(os.fspath(root) + os.sep)
+        return plan is not None and plan.active
+
+    def calm(self) -> None:
+        """Faults stop and every disk is freed (the network heals next)."""
+        for plan in self.plans.values():
+            plan.rate, plan.budget = 0.0, None
+
+    # -- deciding ----------------------------------------------------------------------
+
+    def _for_path(self, path: Any, dir_fd: int | None = None) -> Plan | None:
+        if not isinstance(path, str | bytes | os.PathLike):
+            return None
+        name = os.fsdecode(path)
+        if dir_fd is not None and not os.path.isabs(name):  # relative to an open directory
+            return self._for_fd(dir_fd)
+        for root, plan in self.plans.items():
+            if plan.active and name.startswith(root):
+                return plan if _from_backer() else None
+        return None
+
+    def _for_fd(self, fd: int) -> Plan | None:
+        plan = self.fds.get(fd)
+        return plan if plan is not None and plan.active and _from_backer() else None
+
+    def _maybe_fail(self, plan: Plan | None, call: str, path: Any = None) -> int | str | None:
+        """Raise (or, for a short write, return ``SHORT``) when the plan says so."""
+        if plan is None:
+            return None
+        if call in NEEDS_SPACE and plan.budget == 0:
+            self._raise(call, errno.ENOSPC, path)
+        if plan.rate and plan.random.random() < plan.rate:
+            failure = plan.random.choice(FAILURES[call])
+            if failure == SHORT:
+                self.injected[SHORT] += 1
+                return SHORT
+            self._raise(call, int(failure), path)
+        return None
+
+    def _raise(self, call: str, code: int, path: Any) -> None:
+        self.injected[f"{call} {errno.errorcode[code]}"] += 1
+        name = os.fsdecode(path) if path is not None else None
+        raise InjectedFault(code, os.strerror(code), name)
+
+    # -- installing --------------------------------------------------------------------
+
+    @contextmanager
+    def installed(self) -> Iterator[Disks]:
+        real = {name: getattr(os, name) for name in _PROXIES}
+        real_syncfs = materializer._syncfs
+        proxies = {name: make(self, real[name]) for name, make in _PROXIES.items()}
+        try:
+            for name, proxy in proxies.items():
+                setattr(os, name, proxy)
+            content.open = _faulty_open(self, builtins.open)  # type: ignore[attr-defined]
+            if real_syncfs is not None:
+                materializer._syncfs = _faulty_syncfs(self, real_syncfs)
+            yield self
+        finally:
+            for name, function in real.items():
+                setattr(os, name, function)
+            del content.open  # type: ignore[attr-defined]
+            materializer._syncfs = real_syncfs
+
+
+def _from_backer() -> bool:
+    """True when the os call comes from backer's disk I/O (through pathlib or not)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module != __name__ and module not in CALLERS_SEEN_THROUGH:
+            return module in FAULTED
+        frame = frame.f_back
+    return False
+
+
+# Each proxy takes the fault plans and the real function.
+Proxy = Callable[[Disks, Callable[..., Any]], Callable[..., Any]]
+
+
+def _open(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
+    def proxy(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        plan = disks._for_path(path, kw.get("dir_fd"))
+        disks._maybe_fail(plan, "create" if flags & os.O_CREAT else "read", path)
+        fd = real(path, flags, mode, **kw)
+        if plan is not None:
+            disks.fds[fd] = plan
+        return fd
+
+    return proxy
+
+
+def _close(disks: Disks, real: Callable[..., None]) -> Callable[..., None]:
+    def proxy(fd: int) -> None:
+        disks.fds.pop(fd, None)
+        real(fd)
+
+    return proxy
+
+
+def _pwrite(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
+    def proxy(fd: int, data: bytes, offset: int) -> int:
+        plan = disks._for_fd(fd)
+        if plan is None:
+            return real(fd, data, offset)
+        view = memoryview(data)
+        if plan.budget is not None:
+            if plan.budget == 0 and len(view):
+                disks._raise("write", errno.ENOSPC, None)
+            view = view[: plan.budget]
+        if disks._maybe_fail(plan, "write") == SHORT and len(view) > 1:
+            view = view[: plan.random.randrange(1, len(view))]
+        written = real(fd, view, offset)
+        if plan.budget is not None:
+            plan.budget -= written
+        return written
+
+    return proxy
+
+
+def _on_fd(call: str) -> Proxy:
+    def make(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+        def proxy(fd: int, *args: Any) -> Any:
+            disks._maybe_fail(disks._for_fd(fd), call)
+            return real(fd, *args)
+
+        return proxy
+
+    return make
+
+
+def _on_path(call: str, argument: int = 0) -> Proxy:
+    """A proxy for a call whose ``argument``-th parameter is the path it changes."""
+
+    def make(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+        def proxy(*args: Any, **kw: Any) -> Any:
+            path = args[argument] if len(args) > argument else None
+            at = kw.get("dst_dir_fd" if argument else "dir_fd")
+            disks._maybe_fail(disks._for_path(path, at), call, path)
+            return real(*args, **kw)
+
+        return proxy
+
+    return make
+
+
+def _statvfs(disks: Disks, real: Callable[..., os.statvfs_result]) -> Callable[..., Any]:
+    """Free space as the budget says, on a node whose disk is filling up."""
+
+    def proxy(path: Any) -> os.statvfs_result:
+        info = real(path)
+        plan = disks._for_path(path)
+        if plan is None or plan.budget is None:
+            return info
+        free = plan.budget // info.f_frsize
+        fields = list(info)
+        fields[3] = fields[4] = free  # f_bfree, f_bavail
+        return os.statvfs_result(fields)
+
+    return proxy
+
+
+_PROXIES: dict[str, Proxy] = {
+    "open": _open,
+    "close": _close,
+    "pwrite": _pwrite,
+    "pread": _on_fd("read"),
+    "fsync": _on_fd("fsync"),
+    "ftruncate": _on_fd("truncate"),
+    "fchmod": _on_fd("metadata"),
+    "replace": _on_path("rename", 1),
+    "rename": _on_path("rename", 1),
+    "mkdir": _on_path("mkdir"),
+    "link": _on_path("link", 1),
+    "symlink": _on_path("link", 1),
+    "utime": _on_path("metadata"),
+    "chmod": _on_path("metadata"),
+    "unlink": _on_path("remove"),
+    "rmdir": _on_path("remove"),
+    "scandir": _on_path("read"),
+    "readlink": _on_path("read"),
+    "statvfs": _statvfs,
+}
+
+
+def _faulty_open(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+    """The hasher's ``open``: reading a file can fail with EIO."""
+
+    def proxy(path: Any, *args: Any, **kw: Any) -> Any:
+        disks._maybe_fail(disks._for_path(path), "read", path)
+        return real(path, *args, **kw)
+
+    return proxy
+
+
+def _faulty_syncfs(disks: Disks, real: Callable[[int], int]) -> Callable[[int], int]:
+    def proxy(fd: int) -> int:
+        try:
+            disks._maybe_fail(disks._for_fd(fd), "syncfs")
+        except InjectedFault:
+            return -1
+        return real(fd)
+
+    return proxy

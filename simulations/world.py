@@ -1,0 +1,219 @@
+"""What backer may do to a device's files, checked around every step backer takes.
+
+- **Only verified bytes are recorded**: every local version a device has recorded, whose
+  file is still exactly as recorded (same size, mtime, inode, mode), holds the bytes of
+  that version (its manifest id, or its link target). A short write or an unverified
+  file that became visible breaks this at once.
+- **Ignore rules never turn into deletions**: no scan records the deletion of a path its
+  rules ignore (checked by :meth:`Node.scan`), and an entry that the device's rules
+  ignored before a step and still ignore is never removed or changed by backer.
+- **No user file goes without a trace**: a file or link that backer removes or replaces
+  was recorded at that path, is no longer live there, and its bytes are kept in
+  ``.backer/versions/``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backer.content import manifest_of_bytes
+from backer.ignore import TEMP_SUFFIX, IgnoreRules
+from backer.materializer import VERSIONS_DIR
+from backer.records import Kind, Version
+from backer.scanner import stat_key_of
+from backer.share import Share
+
+METADATA = ".backer"
+Entry = tuple[str, bytes]  # ("file", bytes) or ("link", target)
+
+
+class InvariantBroken(AssertionError):
+    """A property of the whole cluster does not hold."""
+
+
+def scratch_dir() -> str | None:
+    """Where nodes live: ``BACKER_SIM_DIR``, else memory (``/dev/shm``) where there is
+    one: a simulated crash loses no page cache, so flushing to a real disk only costs
+    time (3/4 of a campaign's wall time on a busy disk)."""
+    chosen = os.environ.get("BACKER_SIM_DIR")
+    if chosen is None and os.access("/dev/shm", os.W_OK):
+        chosen = "/dev/shm"
+    return chosen
+
+
+def is_backer_temp(name: str) -> bool:
+    """backer's own temp names (``.NAME.XXXXXXXX.backer-tmp``); a person's files named
+    ``*.backer-tmp`` (never starting with a dot here) are theirs."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def entries(root: Path) -> dict[str, Entry]:
+    """Files and links under ``root`` by their on-disk relative name (outside .backer,
+    backer's temps left out)."""
+    found: dict[str, Entry] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == os.fspath(root):
+            dirnames[:] = [d for d in dirnames if d != METADATA]
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            if is_backer_temp(name):
+                continue
+            full = os.path.join(dirpath, name)
+            relative = os.path.relpath(full, root).replace(os.sep, "/")
+            if os.path.islink(full):
+                found[relative] = ("link", os.fsencode(os.readlink(full)))
+            else:
+                with open(full, "rb") as handle:
+                    found[relative] = ("file", handle.read())
+    return found
+
+
+def ignored(rules: IgnoreRules, path: str, is_dir: bool = False) -> bool:
+    """Whether the scanner leaves ``path`` alone: it, or a directory above it, is ignored."""
+    parts = path.split("/")
+    for depth in range(1, len(parts)):
+        if rules.ignored("/".join(parts[:depth]), True):
+            return True
+    return rules.ignored(path, is_dir)
+
+
+def kept_versions(root: Path) -> set[Entry]:
+    """What ``.backer/versions/`` keeps (a kept link is a file holding its target)."""
+    kept = set(entries(root / METADATA / VERSIONS_DIR).values())
+    return kept | {("link", data) for kind, data in kept if kind == "file"}
+
+
+@dataclass
+class Watch:
+    """Each node's files before a step of backer's, and the recorded files verified."""
+
+    strict: bool = False  # also: what backer removes was replaced by a recorded event
+    before: list[dict[str, Entry]] = field(default_factory=list)
+    verified: dict[tuple[str, str], tuple] = field(default_factory=dict)
+
+    rules: list[IgnoreRules] = field(default_factory=list)
+
+    def start(self, roots: list[Path]) -> None:
+        self.before = [entries(root) for root in roots]
+        self.rules = [IgnoreRules.load(root) for root in roots]
+
+    def check(self, names: list[str], roots: list[Path], shares: list[Share | None]) -> None:
+        for name, root, share, before, rules in zip(
+            names, roots, shares, self.before, self.rules, strict=True
+        ):
+            check_untouched(name, root, share if self.strict else None, before, rules)
+            if share is not None:
+                self.check_recorded_bytes(name, root, share)
+
+    def check_recorded_bytes(self, name: str, root: Path, share: Share) -> None:
+        """A recorded local version whose file is as recorded holds that version's bytes."""
+        for entry in share.catalog.local_entries().values():
+            try:
+                info = os.lstat(root / entry.path)
+            except OSError:  # gone, or a name this filesystem cannot hold
+                continue
+            if stat_key_of(info) != entry.stat_key:
+                continue  # changed since: the next scan records it
+            key = (name, entry.path)
+            if self.verified.get(key) == (entry.version_id, entry.stat_key):
+                continue
+            version = share.catalog.version(entry.version_id)
+            if version is None or version.kind == Kind.DIRECTORY:
+                continue
+            path = root / entry.path
+            if version.kind == Kind.FILE:
+                found = manifest_of_bytes(path.read_bytes()).id if path.is_file() else b""
+            else:
+                found = os.fsencode(os.readlink(path)) if path.is_symlink() else b""
+            if found != version.content:
+                raise InvariantBroken(
+                    f"{name} recorded {entry.path!r} as {entry.version_id} ({version.size} "
+                    "bytes) but its bytes on disk are not that version's"
+                )
+            self.verified[key] = (entry.version_id, entry.stat_key)
+
+
+def check_untouched(
+    name: str, root: Path, share: Share | None, before: dict[str, Entry], rules: IgnoreRules
+) -> None:
+    """After a step of backer's: nothing its rules ignored all along was removed or
+    changed; any other file or link backer removed or replaced is kept and (given the
+    ``share``) was recorded there and replaced by a recorded event. (A rule that arrives
+    in a step does not bind the plan made before it.)"""
+    after = entries(root)
+    now = IgnoreRules.load(root)
+    kept: set[Entry] | None = None
+    for path, entry in before.items():
+        if after.get(path) == entry:
+            continue
+        removed = path not in after
+        what = "removed" if removed else "changed"
+        if ignored(now, path) and ignored(rules, path):
+            raise InvariantBroken(f"{name} {what} {path!r}, which its ignore rules leave alone")
+        kept = kept_versions(root) if kept is None else kept
+        if entry not in kept:
+            raise InvariantBroken(f"{name} {what} {path!r} without keeping its old bytes")
+        if share is not None and not _recorded_and_replaced(share, path, entry):
+            raise InvariantBroken(
+                f"{name} {what} {path!r}, whose bytes were not a replaced version"
+            )
+
+
+def _recorded_and_replaced(share: Share, path: str, entry: Entry) -> bool:
+    """Whether ``entry``'s bytes were recorded at ``path`` as a version that a recorded
+    event replaced there (a later version or deletion, or a lost conflict)."""
+    kind, data = entry
+    content = manifest_of_bytes(data).id if kind == "file" else data
+    wanted = Kind.FILE if kind == "file" else Kind.SYMLINK
+    recorded = {
+        vid: Version.decode(record)
+        for vid, record in share.catalog.conn.execute(
+            "SELECT vid, record FROM versions WHERE path = ?", (path,)
+        )
+    }
+    superseded = {old for v in recorded.values() for old in v.supersedes}
+    live = share.catalog.live_for([path]).get(path, {})
+    return any(
+        v.kind == wanted and v.content == content and (vid in superseded or vid not in live)
+        for vid, v in recorded.items()
+    )
+
+
+def synced_trees(roots: list[Path]) -> list[dict[str, tuple]]:
+    """What a person sees under each root and backer syncs, comparable across nodes:
+    ignored entries are left out, and so is every path at or above an ignored entry on
+    any node (a directory holding an ignored file cannot give way to a file)."""
+    pinned: set[str] = set()
+    trees = [synced_tree(root, pinned) for root in roots]
+    return [
+        {p: v for p, v in tree.items() if not any(p == q or p.startswith(q + "/") for q in pinned)}
+        for tree in trees
+    ]
+
+
+def synced_tree(root: Path, pinned: set[str]) -> dict[str, tuple]:
+    """Kinds, bytes, link targets and modes by name as spelled on disk, ignored entries
+    left out (the directories above them go into ``pinned``)."""
+    rules = IgnoreRules.load(root)
+    result: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == os.fspath(root):
+            dirnames[:] = [d for d in dirnames if d != METADATA]
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            relative = path.relative_to(root).as_posix()
+            info = path.lstat()
+            if ignored(rules, relative, stat.S_ISDIR(info.st_mode)):
+                parts = relative.split("/")
+                pinned.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+                continue
+            if path.is_symlink():
+                value: tuple = ("link", os.readlink(path))
+            elif path.is_dir():
+                value = ("dir", info.st_mode & 0o777)
+            else:
+                value = ("file", path.read_bytes(), info.st_mode & 0o777)
+            result[relative] = value
+    return result
