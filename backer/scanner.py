@@ -182,9 +182,16 @@ def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | Non
 def cache_entry(
     path: str, version_id: str, stat_key: tuple[int, int, int, int], now_ns: int
 ) -> LocalEntry:
-    """The ``local`` row for what is on disk at ``path`` (as ``stat_key``) now."""
+    """The ``local`` row for what is on disk at ``path`` (as ``stat_key``) now.
+
+    It is settled (trusted at the next scan without re-hashing) unless its mtime is
+    within FRESH_NS of this observation, on either side: only then could a write in the
+    same timestamp tick leave the stat unchanged. An mtime far in this device's future
+    (a file from a peer whose clock is ahead) is as safe as one far in its past: any
+    local write moves it to now."""
     size, mtime_ns, inode, mode = stat_key
-    return LocalEntry(path, version_id, size, mtime_ns, inode, mode, now_ns - mtime_ns > FRESH_NS)
+    settled = abs(now_ns - mtime_ns) > FRESH_NS
+    return LocalEntry(path, version_id, size, mtime_ns, inode, mode, settled)
 
 
 def stat_key_of(info: os.stat_result) -> tuple[int, int, int, int]:

@@ -16,6 +16,7 @@ from backer.paths import BadPath, check
 from backer.records import Kind
 from backer.scanner import Seen, read_stable
 from backer.share import Share
+from tests.helpers import make_devices, sync
 
 
 @pytest.fixture
@@ -92,6 +93,34 @@ def test_fresh_mtime_is_rehashed_next_time(share: Share) -> None:
     path.write_bytes(b"two")
     os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
     assert share.scan().modified == ["a"]
+
+
+def test_mtime_in_this_devices_future_is_not_rehashed_on_every_scan(share: Share) -> None:
+    """A device whose clock is behind receives files with mtimes in its future."""
+    path = share.root / "from-a-fast-clock"
+    path.write_bytes(b"x" * 5000)
+    ahead = path.stat().st_mtime_ns + 3600 * 10**9
+    os.utime(path, ns=(ahead, ahead))
+    assert share.scan().hashed_bytes == 5000
+    again = share.scan()
+    assert (again.hashed_bytes, again.unchanged) == (0, 1)
+    path.write_bytes(b"y" * 5000)  # a local write moves the mtime back to now: noticed
+    assert share.scan().modified == ["from-a-fast-clock"]
+
+
+def test_received_file_with_a_future_mtime_is_trusted_after_it_is_written(
+    tmp_path: Path,
+) -> None:
+    a, b = make_devices(tmp_path, 2)
+    path = a.root / "report.pdf"
+    path.write_bytes(os.urandom(20_000))
+    ahead = path.stat().st_mtime_ns + 3600 * 10**9
+    os.utime(path, ns=(ahead, ahead))
+    a.scan()
+    sync(a, b)
+    assert (b.root / "report.pdf").stat().st_mtime_ns == ahead
+    for _ in range(2):
+        assert b.scan().hashed_bytes == 0
 
 
 def test_ignore_rules_and_defaults(share: Share) -> None:
