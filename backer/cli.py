@@ -325,8 +325,8 @@ def status(directory: str, as_json: bool) -> None:
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def _parse_since(text: str) -> int:
-    """``--since``: a UTC date and time as ``log`` prints them, or an age (``12h``); in ms."""
+def _parse_time(text: str) -> int:
+    """``--since``, ``--at``: a UTC date and time as printed, or an age (``12h``); in ms."""
     text = text.strip()
     if text[:-1].isdigit() and text[-1:] in _AGE_UNITS:
         return max(0, time.time_ns() // 1_000_000 - int(text[:-1]) * _AGE_UNITS[text[-1]] * 1000)
@@ -336,7 +336,7 @@ def _parse_since(text: str) -> int:
         except ValueError:
             continue
         return int(stamp.timestamp() * 1000)
-    raise BackerError(f"--since: not a date ('YYYY-MM-DD[ HH:MM[:SS]]', UTC) or an age: {text!r}")
+    raise BackerError(f"not a date ('YYYY-MM-DD[ HH:MM[:SS]]', UTC) or an age (12h): {text!r}")
 
 
 _MARKS = {"added": "+", "modified": "~", "deleted": "-"}
@@ -366,7 +366,7 @@ def log(
     path: str | None, directory: str, as_json: bool, limit: int | None, since_text: str | None
 ) -> None:
     """Show the journal, oldest first; with PATH, only events that touched it."""
-    since_ms = _parse_since(since_text) if since_text else 0
+    since_ms = _parse_time(since_text) if since_text else 0
     with _open(directory, exclusive=False) as share:
         wanted = _share_path(share, path) if path else ""
         events = [(p, e) for p, e in share.journal.since(0) if e.time_ms >= since_ms]
@@ -437,6 +437,45 @@ def history(path: str, directory: str, as_json: bool) -> None:
             f"{marker} {_when(e.version.time_ms)}  {short_id(e.author)}  "
             f"{e.version_id}  {_describe(e.version)}"
         )
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--version", "version_id", help="The version to bring back (an id from 'history').")
+@click.option(
+    "--at",
+    "at_text",
+    metavar="WHEN",
+    help="The version that was current at WHEN: 'YYYY-MM-DD[ HH:MM[:SS]]' (UTC) or an "
+    "age such as 2h.",
+)
+@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+def restore(path: str, version_id: str | None, at_text: str | None, directory: str) -> None:
+    """Bring back an earlier version of PATH (see 'history'). It becomes a new version,
+    so every device gets it; what PATH holds now is kept in .backer/versions/."""
+    if (version_id is None) == (at_text is None):
+        raise BackerError("give either --version or --at")
+    with _open(directory) as share:
+        key = _recorded_path(share, _share_path(share, path))
+        entries = share.catalog.history(key)
+        if version_id is not None:
+            chosen = next((e for e in entries if e.version_id == version_id), None)
+            if chosen is None:
+                raise BackerError(f"no version {version_id} of {key!r}")
+        else:
+            at_ms = _parse_time(at_text or "")
+            earlier = [e for e in entries if e.version.time_ms <= at_ms]
+            if not earlier:
+                raise BackerError(f"{key!r} has no version from before {_when(at_ms)}")
+            chosen = max(earlier, key=lambda e: (e.version.time_ms, e.position))
+        report = share.restore(key, chosen.version_id)
+        if report.kept_local_edits:
+            raise BackerError(f"{key!r} changed while it was being restored; nothing replaced")
+        if not report.errors:
+            when = _when(chosen.version.time_ms)
+            _say(f"restored {key} to version {chosen.version_id} of {when}")
+        status = _report_problems(share)
+    sys.exit(status)
 
 
 # -- replication commands ------------------------------------------------------------------

@@ -200,3 +200,44 @@ def test_init_on_the_parent_of_a_share_reports_it_and_keeps_its_metadata_out(
     )
     status = json.loads(run_cli("status", "--json", cwd=tmp_path / "outer").stdout)
     assert (status["files"], status["directories"]) == (1, 1)
+
+
+def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_current(
+    run_cli, tmp_path: Path
+) -> None:
+    import unicodedata
+
+    root = tmp_path / "share"
+    root.mkdir()
+    name = unicodedata.normalize("NFD", "résumé.txt")  # as macOS writes it
+    (root / name).write_text("first draft\n")
+    (root / "copy.txt").write_text("first draft\n")  # the bytes stay on this disk
+    run_cli("init", str(root))
+    (root / name).write_text("second draft, regretted\n")  # overwritten in place
+    run_cli("scan", cwd=root)
+    typed = unicodedata.normalize("NFC", name)  # as a person types it
+    first, second = json.loads(run_cli("history", typed, "--json", cwd=root).stdout)
+    out = run_cli("restore", typed, "--version", first["version"], cwd=root)
+    assert f"restored {name} to version {first['version']}" in out.stdout
+    assert (root / name).read_text() == "first draft\n"
+    history = json.loads(run_cli("history", typed, "--json", cwd=root).stdout)
+    assert len(history) == 3 and history[2]["live"] and history[2]["hash"] == first["hash"]
+    assert history[2]["supersedes"] == [second["version"]]
+    kept = [p.read_text() for p in (root / ".backer" / "versions").rglob("*") if p.is_file()]
+    assert kept == ["second draft, regretted\n"]
+    assert "0 added, 0 modified, 0 deleted" in run_cli("scan", cwd=root).stdout
+    (root / name).unlink()
+    run_cli("scan", cwd=root)
+    latest = run_cli("restore", name, "--at", "2999-01-01", cwd=root, check=False)
+    assert latest.returncode == 1 and "is its deletion" in latest.stderr
+    run_cli("restore", name, "--version", second["version"], cwd=root)  # from versions/
+    assert (root / name).read_text() == "second draft, regretted\n"
+    (root / "copy.txt").write_text("edited too\n")
+    (root / name).write_text("third\n")
+    run_cli("scan", cwd=root)
+    gone = run_cli("restore", typed, "--version", first["version"], cwd=root, check=False)
+    assert gone.returncode == 1 and "no longer on this device" in gone.stderr
+    too_early = run_cli("restore", name, "--at", "2000-01-01", cwd=root, check=False)
+    assert too_early.returncode == 1 and "no version from before" in too_early.stderr
+    neither = run_cli("restore", name, cwd=root, check=False)
+    assert neither.returncode == 1 and "--version or --at" in neither.stderr
