@@ -93,6 +93,18 @@ def _parts(
     return parts
 
 
+OPENING, SUMMARY, SYNCING = 0, 1, 2
+PHASE_NAMES = {OPENING: "before Hello", SUMMARY: "before the Summary", SYNCING: "after Summary"}
+LEGAL: dict[int, frozenset[type[Message]]] = {  # which message the peer may send when
+    OPENING: frozenset({Welcome, Hello}),  # Welcome: to a joiner, first
+    SUMMARY: frozenset({Summary}),  # in parts until ``more`` is 0
+    SYNCING: frozenset(
+        {Events, CaughtUp, WantManifests, Manifests, ManifestPart, WantChunks, Chunk, Done}
+    ),
+}
+ANY_PHASE = frozenset({Ping, Error})
+
+
 @dataclass
 class WireStats:
     events_received: int = 0
@@ -144,6 +156,7 @@ class Session:
         self.sending_part: tuple[bytes, bytes, int] | None = None  # id, body, offset
         self.receiving_part: tuple[bytes, int, bytearray] | None = None  # id, total, so far
         self.summary_parts: list[bytes] = []
+        self.phase = OPENING  # what the peer may send next: see LEGAL
 
     # -- driving ------------------------------------------------------------------------
 
@@ -173,10 +186,12 @@ class Session:
 
         Other sessions sharing the replicator may have messages in their ``outbox``
         afterwards (relayed events, chunk requests): the transport flushes those."""
-        handler = getattr(self, f"_on_{type(message).__name__.lower()}", None)
-        if handler is None:
-            raise ProtocolError(f"unexpected message {type(message).__name__}")
-        return handler(message) + self.take_outbox(0 if self.lazy else None)
+        kind = type(message)
+        if kind not in LEGAL[self.phase] and kind not in ANY_PHASE:
+            raise ProtocolError(f"unexpected {kind.__name__} {PHASE_NAMES[self.phase]}")
+        replies = getattr(self, f"_on_{kind.__name__.lower()}")(message)
+        self.outbox += replies  # after what was queued before (e.g. our own Hello)
+        return self.take_outbox(0 if self.lazy else None)
 
     def take_outbox(self, budget: int | None = None) -> list[Message]:
         """The messages queued for the peer, then replies to its requests: all of them
@@ -200,6 +215,7 @@ class Session:
             raise ProtocolError(
                 f"peer speaks protocol {message.version}, we speak {PROTOCOL_VERSION}"
             )
+        self.phase = SUMMARY
         return []
 
     def _on_welcome(self, message: Welcome) -> list[Message]:
@@ -216,6 +232,7 @@ class Session:
             raise ProtocolError("the summary is too large")
         if message.more:
             return []
+        self.phase = SYNCING
         raws, self.summary_parts = self.summary_parts, []
         try:
             peer = self.share.journal.check_summary(Checkpoint.decode(raw) for raw in raws)

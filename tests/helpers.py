@@ -13,7 +13,7 @@ import pytest
 
 from backer.session import Session
 from backer.share import Share
-from backer.wire import FrameReader, Message
+from backer.wire import PROTOCOL_VERSION, FrameReader, Hello, Message, Summary
 
 
 def make_devices(tmp_path: Path, count: int) -> list[Share]:
@@ -33,6 +33,14 @@ def make_devices(tmp_path: Path, count: int) -> list[Share]:
 def _wire(messages: list[Message], reader: FrameReader) -> list[Message]:
     """Encode and decode, so that every test also exercises the framing."""
     return list(reader.feed(b"".join(m.encode() for m in messages)))
+
+
+def syncing(session: Session) -> Session:
+    """``session`` as it is once its peer said Hello and sent an empty Summary: ready for
+    Events, requests and answers (a test that sends those directly starts here)."""
+    session.receive(Hello(PROTOCOL_VERSION, b"peer"))
+    session.receive(Summary([], 0))
+    return session
 
 
 def pump(a: Session, b: Session, max_rounds: int = 10_000) -> None:

@@ -19,7 +19,7 @@ from backer.session import Session
 from backer.share import Share
 from backer.wire import MAX_FRAME, Events, FrameReader, ProtocolError
 from tests.e2e import Device, free_port, invite, snapshot
-from tests.helpers import make_devices, pump, sync
+from tests.helpers import make_devices, pump, sync, syncing
 
 
 def test_a_tampered_event_is_rejected_and_nothing_of_it_stored(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_a_tampered_event_is_rejected_and_nothing_of_it_stored(tmp_path: Path) -
     checkpoint = a.journal.summary()[author]
     tampered = bytearray(raws[-1])
     tampered[-70] ^= 1
-    session = Session(b, "b")
+    session = syncing(Session(b, "b"))
     with pytest.raises(ProtocolError, match="rejected events"):
         session.receive(Events(checkpoint.encode(), [*raws[:-1], bytes(tampered)], 0))
     assert b.journal.count() == 0
@@ -50,7 +50,7 @@ def test_events_forged_by_a_non_member_are_rejected(tmp_path: Path) -> None:
     checkpoint = outsider.journal.summary()[outsider.device]
     before = b.journal.count()
     with pytest.raises(ProtocolError, match="not a member"):
-        Session(b, "b").receive(Events(checkpoint.encode(), [event.raw], 0))
+        syncing(Session(b, "b")).receive(Events(checkpoint.encode(), [event.raw], 0))
     assert b.journal.count() == before and not (b.root / "evil.txt").exists()
 
 

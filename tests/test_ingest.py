@@ -30,7 +30,7 @@ from backer.state import ROOT
 from backer.wire import Events, ProtocolError
 from journal import Event
 from tests.e2e import Device, free_port, invite
-from tests.helpers import make_devices, pump, sync
+from tests.helpers import make_devices, pump, sync, syncing
 
 UNAPPLIABLE = b"\x01\xff"  # a Yjs update that ends in the middle of its first struct
 
@@ -384,7 +384,7 @@ def test_manifest_checks(lengths: list[int], size: int, reason: str) -> None:
 
 def test_pending_events_of_fake_authors_share_one_cap_per_session(tmp_path: Path) -> None:
     (honest,) = make_devices(tmp_path, 1)
-    session = Session(honest, "h")
+    session = syncing(Session(honest, "h"))
     payload = bytes(4 * 1024 * 1024)
     with pytest.raises(ProtocolError, match="cap"):
         for n in range(MAX_PENDING_BYTES // len(payload) + 2):  # each author far below it
