@@ -368,6 +368,7 @@ class Share:
         a bug) is quarantined with the rest of its author's log: set aside, reported by
         ``status``, never relayed; the document is rebuilt without it."""
         while not self._replay_until_quarantine():
+            self.state.close()
             self._doc_position = self._load_snapshot()
 
     def _replay_until_quarantine(self) -> bool:
@@ -393,6 +394,7 @@ class Share:
     def _reload_state(self) -> None:
         """Rebuild the document from the snapshot and the stored journal, after an
         update that was not stored may have half-changed it."""
+        self.state.close()
         self._doc_position = self._load_snapshot()
         self._replay()
 
@@ -404,7 +406,7 @@ class Share:
             return Delta(), set()
         author = event.author
         shape = self.state.check(event.payload, lambda c: self._owner(c) not in (None, author))
-        delta = self.state.apply(event.payload)
+        delta = self.state.apply(event.payload, shape)
         paths: dict[str, str] = {}
         for key, version in delta.added.items():
             path, version_id = split_key(key)

@@ -194,8 +194,16 @@ class FileState:
         self._update = b""
         if snapshot:
             self.doc.apply_update(snapshot)
-        self.files.observe(self._on_files)
-        self.doc.observe(self._on_transaction)
+        self._subscriptions = (
+            self.files.observe(self._on_files),
+            self.doc.observe(self._on_transaction),
+        )
+
+    def close(self) -> None:
+        """Drop the observers: yrs holds them, and with them this whole document (a
+        document replaced after a refused update would otherwise never be freed)."""
+        self.files.unobserve(self._subscriptions[0])
+        self.doc.unobserve(self._subscriptions[1])
 
     def _on_files(self, event: MapEvent) -> None:
         for key, change in event.keys.items():
@@ -209,12 +217,16 @@ class FileState:
     def _on_transaction(self, event: TransactionEvent) -> None:
         self._update = event.update
 
-    def _take(self, received: bool = False) -> tuple[bytes, Delta]:
-        """The transaction's update and delta; a ``received`` one's entries are checked."""
+    def _take(self, checked: Callable[[str, bytes], bool] | None = None) -> tuple[bytes, Delta]:
+        """The transaction's update and delta. With ``checked`` (a received update),
+        every entry it does not vouch for is checked."""
         update, delta, added = self._update, self._delta, self._added
         self._update, self._delta, self._added = b"", Delta(), {}
         for key, value in added.items():
-            delta.added[key] = check_entry(key, value)[2] if received else Version.decode(value)
+            if checked is None or checked(key, value):
+                delta.added[key] = Version.decode(value)
+            else:
+                delta.added[key] = check_entry(key, value)[2]
         return update, delta
 
     def write(
@@ -240,8 +252,9 @@ class FileState:
                         del self.files[old_key]
         return self._take()
 
-    def apply(self, update: bytes) -> Delta:
-        """Merge an update that :meth:`check` accepted (or one of our own).
+    def apply(self, update: bytes, shape: UpdateShape | None = None) -> Delta:
+        """Merge an update that :meth:`check` accepted (its ``shape``: the entries it
+        checked are not checked again).
 
         Raises :class:`BadUpdate` if yrs fails or the result holds an invalid entry; the
         document may then be half-changed and must be reloaded (see Share)."""
@@ -252,7 +265,8 @@ class FileState:
         except BaseException as exc:  # yrs panics surface as BaseExceptions
             self._take_raw()
             raise BadUpdate(f"the CRDT could not apply it: {type(exc).__name__}: {exc}") from exc
-        return self._take(received=True)[1]
+        vouched = dict(shape.writes) if shape is not None else {}
+        return self._take(lambda key, value: vouched.get(key) == value)[1]
 
     def _take_raw(self) -> None:
         self._update, self._delta, self._added = b"", Delta(), {}

@@ -76,10 +76,12 @@ def state(data: bytes) -> None:
     """STATE payloads: the parser, the checks against a document, then yrs itself."""
     document = FileState(_SNAPSHOT)
     try:
-        document.check(data, lambda client: client == _OTHER_CLIENT)
-        document.apply(data)
+        shape = document.check(data, lambda client: client == _OTHER_CLIENT)
+        document.apply(data, shape)
     except BadUpdate:
         pass
+    finally:
+        document.close()
 
 
 def versions(data: bytes) -> None:
