@@ -325,7 +325,7 @@ def status(directory: str, as_json: bool) -> None:
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def _parse_time(text: str) -> int:
+def _parse_time(text: str, option: str) -> int:
     """``--since``, ``--at``: a UTC date and time as printed, or an age (``12h``); in ms."""
     text = text.strip()
     if text[:-1].isdigit() and text[-1:] in _AGE_UNITS:
@@ -336,7 +336,7 @@ def _parse_time(text: str) -> int:
         except ValueError:
             continue
         return int(stamp.timestamp() * 1000)
-    raise BackerError(f"not a date ('YYYY-MM-DD[ HH:MM[:SS]]', UTC) or an age (12h): {text!r}")
+    raise BackerError(f"{option}: not a date ('YYYY-MM-DD[ HH:MM[:SS]]', UTC) or an age: {text!r}")
 
 
 _MARKS = {"added": "+", "modified": "~", "deleted": "-"}
@@ -366,7 +366,7 @@ def log(
     path: str | None, directory: str, as_json: bool, limit: int | None, since_text: str | None
 ) -> None:
     """Show the journal, oldest first; with PATH, only events that touched it."""
-    since_ms = _parse_time(since_text) if since_text else 0
+    since_ms = _parse_time(since_text, "--since") if since_text else 0
     with _open(directory, exclusive=False) as share:
         wanted = _share_path(share, path) if path else ""
         events = [(p, e) for p, e in share.journal.since(0) if e.time_ms >= since_ms]
@@ -463,7 +463,7 @@ def restore(path: str, version_id: str | None, at_text: str | None, directory: s
             if chosen is None:
                 raise BackerError(f"no version {version_id} of {key!r}")
         else:
-            at_ms = _parse_time(at_text or "")
+            at_ms = _parse_time(at_text or "", "--at")
             earlier = [e for e in entries if e.version.time_ms <= at_ms]
             if not earlier:
                 raise BackerError(f"{key!r} has no version from before {_when(at_ms)}")
