@@ -67,6 +67,7 @@ from .state import BadUpdate, Delta, FileState, parse_update
 
 DB_FILE = "backer.db"
 LOCK_FILE = "lock"
+RESOLUTIONS_PER_EVENT = 2000  # ~160 bytes each: one event stays far below a frame
 MAX_RESOLUTION_ROUNDS = 50  # copies of one device's same-second losers collide in a chain
 MAX_DEVICE_NAME = 1024  # bytes of a device name in a membership event
 _PAYLOAD_BYTES = {
@@ -598,8 +599,6 @@ class Share:
             return 0
         resolved = 0
         for _ in range(MAX_RESOLUTION_ROUNDS):
-            writes: list[tuple[str, str, Version]] = []
-            removals: list[tuple[str, str]] = []
             resolutions = {
                 path: resolve(path, self.catalog.live_versions(path))
                 for path in self.catalog.conflicted_paths()
@@ -608,14 +607,21 @@ class Share:
                 resolutions = resolve_shadowed(self.catalog.all_live())
             if not resolutions:
                 resolutions = resolve_moot_copies(self.catalog.all_live(), self._source_replaced)
-            for path, resolution in resolutions.items():
-                removals += [(path, vid) for vid in resolution.drop]
-                writes += resolution.copies
-                resolved += 1
-            if not writes and not removals:
+            changed = False
+            paths = list(resolutions.items())
+            for start in range(0, len(paths), RESOLUTIONS_PER_EVENT):  # events stay small
+                writes: list[tuple[str, str, Version]] = []  # enough to travel (a frame)
+                removals: list[tuple[str, str]] = []
+                for path, resolution in paths[start : start + RESOLUTIONS_PER_EVENT]:
+                    removals += [(path, vid) for vid in resolution.drop]
+                    writes += resolution.copies
+                    resolved += 1
+                if writes or removals:
+                    update, delta = self.state.write(writes, removals)
+                    self._append(EventKind.STATE, update, delta)
+                    changed = True
+            if not changed:
                 break
-            update, delta = self.state.write(writes, removals)
-            self._append(EventKind.STATE, update, delta)
         return resolved
 
     def _source_replaced(self, source: str, copy: str) -> bool:

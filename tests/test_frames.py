@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 import backer.session
+import backer.share
 from backer.content import MAX_CHUNK, MIN_CHUNK, ChunkRef, Manifest
 from backer.session import Session
 from backer.wire import MAX_FRAME, ManifestPart, Manifests, Summary, WantManifests
@@ -65,3 +67,27 @@ def test_finding_13_a_summary_of_many_authors_is_split(
     assert authors >= 2 and [m.more for m in summaries] == [1] * (authors - 1) + [0]
     sync(a, c)
     assert (c.root / "from-b.txt").read_text() == "b"
+
+
+def test_finding_13_many_conflicts_resolve_in_events_that_fit_a_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One event per RESOLUTIONS_PER_EVENT paths (2,000: ~320 KB); with 100 here, 1,000
+    conflicts take ten events, as 100,000 take fifty."""
+    monkeypatch.setattr(backer.share, "RESOLUTIONS_PER_EVENT", 100)
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    count = 1000
+    for share, target in ((a, "from-a"), (b, "from-b")):
+        (share.root / "d").mkdir()
+        for n in range(count):
+            os.symlink(target, share.root / "d" / f"l{n}")
+    before = b.journal.length(b.device)
+    _, right = sync(a, b)
+    assert right.replicator.stats.conflicts_resolved >= count  # and the directory d
+    resolutions = list(b.journal.events(b.device, before + 1))  # after b's own scan
+    assert len(resolutions) >= count // 100
+    assert max(len(e.raw) for e in resolutions) < 100 * 400
+    assert a.catalog.totals()["conflicts"] == b.catalog.totals()["conflicts"] == 0
+    names = sorted(os.listdir(a.root / "d"))
+    assert len(names) == 2 * count and names == sorted(os.listdir(b.root / "d"))
