@@ -1,5 +1,6 @@
-"""The long fuzzing campaign: coverage-guided (atheris, ``pip install atheris``) over
-every target of tests/fuzz.py at once, one byte of each input picking the target::
+"""The long fuzzing campaign: coverage-guided (atheris, ``pip install -e '.[fuzz]'``)
+over every target of tests/fuzz.py at once, one byte of each input picking the target.
+From the repository's root::
 
     python -m tests.fuzz_campaign --seconds 600 [--corpus DIR] [libFuzzer options]
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import atheris
@@ -22,7 +24,9 @@ with atheris.instrument_imports(include=["backer", "journal"]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=600)
-    parser.add_argument("--corpus", type=Path, default=Path("fuzz-corpus"))
+    parser.add_argument(
+        "--corpus", type=Path, default=Path(tempfile.gettempdir()) / "backer-fuzz-corpus"
+    )
     args, rest = parser.parse_known_args()
     args.corpus.mkdir(parents=True, exist_ok=True)
     names = list(TARGETS)
