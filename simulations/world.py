@@ -184,7 +184,8 @@ def _recorded_and_replaced(share: Share, path: str, entry: Entry) -> bool:
 def synced_trees(roots: list[Path]) -> list[dict[str, tuple]]:
     """What a person sees under each root and backer syncs, comparable across nodes:
     ignored entries are left out, and so is every path at or above an ignored entry on
-    any node (a directory holding an ignored file cannot give way to a file)."""
+    any node (a directory holding an ignored file, or an ignored directory, cannot give
+    way to a file)."""
     pinned: set[str] = set()
     trees = [synced_tree(root, pinned) for root in roots]
     return [
@@ -195,7 +196,7 @@ def synced_trees(roots: list[Path]) -> list[dict[str, tuple]]:
 
 def synced_tree(root: Path, pinned: set[str]) -> dict[str, tuple]:
     """Kinds, bytes, link targets and modes by name as spelled on disk, ignored entries
-    left out (the directories above them go into ``pinned``)."""
+    left out (they and the directories above them go into ``pinned``)."""
     rules = IgnoreRules.load(root)
     result: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -207,7 +208,7 @@ def synced_tree(root: Path, pinned: set[str]) -> dict[str, tuple]:
             info = path.lstat()
             if ignored(rules, relative, stat.S_ISDIR(info.st_mode)):
                 parts = relative.split("/")
-                pinned.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+                pinned.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
                 continue
             if path.is_symlink():
                 value: tuple = ("link", os.readlink(path))
