@@ -85,12 +85,14 @@ def test_an_nfd_name_reaches_peers() -> None:
 
 
 def test_a_full_disk_then_freed_converges() -> None:
-    """A receiver whose disk is full creates nothing (no temp left behind, nothing
-    recorded); once space is freed, the next syncs finish the job."""
+    """A receiver whose disk fills up in the middle of a file (a short write, then
+    ENOSPC) records nothing it did not verify and leaves no temp behind; once space is
+    freed, the next syncs finish the job. (An unchecked short pwrite recorded a file
+    zero-filled after 5,000 bytes as the right version.)"""
     steps = [
         ("write", {"node": 0, "path": "f", "data": b"x" * 70_000}),
         ("write", {"node": 0, "path": "a/f", "data": b"small"}),
-        ("disk_full", {"node": 1, "budget": 0}),
+        ("disk_full", {"node": 1, "budget": 5_000}),
         ("sync", {"a": 0, "b": 1, "cut": None}),
         ("scan", {"node": 1}),
         ("disk_freed", {"node": 1}),
