@@ -12,12 +12,40 @@ again like a new file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pathspec
+from blake3 import blake3
 
 IGNORE_FILE = ".backerignore"
-TEMP_SUFFIX = ".backer-tmp"
+TEMP_PREFIX = ".backer-"
+TEMP_SUFFIX = ".tmp"
+_ID = 16  # hex digits of the (path, version) identity, then as many of its check
+TEMP_NAME_BYTES = len(TEMP_PREFIX) + 2 * _ID + len(TEMP_SUFFIX)  # 44: fits any NAME_MAX
+
+
+def _check(identity: str) -> str:
+    return blake3(b"backer temp file " + identity.encode()).hexdigest()[:_ID]
+
+
+def temp_name(path: str, version_id: str) -> str:
+    """The name of the temp file that writes ``version_id`` at ``path``, beside it.
+
+    Fixed length (44 bytes, whatever the target's name), the same on every attempt (so
+    an interrupted transfer's verified bytes are found again), and self-certifying: the
+    identity is followed by a hash of it, so a user's file is never taken for one of
+    ours (a chance of 2^-64 for a name of exactly this shape)."""
+    identity = blake3(os.fsencode(f"{path}\0{version_id}")).hexdigest()[:_ID]
+    return f"{TEMP_PREFIX}{identity}{_check(identity)}{TEMP_SUFFIX}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one backer made for a temp file (see :func:`temp_name`)."""
+    if len(name) != TEMP_NAME_BYTES or not name.startswith(TEMP_PREFIX):
+        return False
+    identity = name[len(TEMP_PREFIX) : len(TEMP_PREFIX) + _ID]
+    return name == f"{TEMP_PREFIX}{identity}{_check(identity)}{TEMP_SUFFIX}"
 
 
 class IgnoreRules:
@@ -40,7 +68,7 @@ class IgnoreRules:
     def ignored(self, path: str, is_dir: bool) -> bool:
         """Whether the rules match ``path`` itself (the walk never enters an ignored
         directory, so it need not ask about parents)."""
-        if path.endswith(TEMP_SUFFIX):
+        if is_temp_name(path.rpartition("/")[2]):
             return True
         if self.spec is None:
             return False
@@ -50,7 +78,7 @@ class IgnoreRules:
         """Whether ``path`` is out of the walk: ignored itself or below an ignored
         directory. For paths that come from the state rather than from the disk."""
         if self.spec is None:
-            return path.endswith(TEMP_SUFFIX)
+            return is_temp_name(path.rpartition("/")[2])
         parts = path.split("/")
         for depth in range(1, len(parts)):
             parent = "/".join(parts[:depth])
@@ -60,7 +88,3 @@ class IgnoreRules:
             if found:
                 return True
         return self.ignored(path, is_dir)
-
-def is_temp_name(name: str) -> bool:
-    """Whether a file name is one of backer's own temp files."""
-    return name.endswith(TEMP_SUFFIX)

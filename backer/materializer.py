@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import datetime as dt
 import errno
+import functools
 import os
 import secrets
 import stat
@@ -42,9 +43,9 @@ from blake3 import blake3
 from . import entropy
 from .catalog import Catalog, LocalEntry, Problem
 from .chunks import ChunkStore
-from .content import Manifest, check_manifest
+from .content import ChunkRef, Manifest, check_manifest
 from .errors import BackerError
-from .ignore import TEMP_SUFFIX
+from .ignore import temp_name
 from .paths import METADATA_DIR, BadPath, check
 from .records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
 from .scanner import cache_entry, stat_key_of
@@ -187,9 +188,7 @@ class Operation:
     version: Version
 
 
-def plan(
-    catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None
-) -> list[Operation]:
+def plan(catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None) -> list[Operation]:
     """Operations that bring the disk to the live state: creations and updates in path
     order (parents first), then deletions deepest first. Paths ``excluded`` by this
     device's ignore rules are never written or deleted."""
@@ -225,6 +224,31 @@ def manifests_needed(operations: Iterable[Operation], catalog: Catalog) -> list[
         if op.version.kind == Kind.FILE and catalog.manifest(op.version.content) is None
     }
     return sorted(needed)
+
+
+def stale_temps(
+    root: Path, catalog: Catalog, found: Iterable[Path], in_use: set[Path]
+) -> list[Path]:
+    """The temp files among ``found`` (backer's, by their names) that nothing will use:
+    neither an assembly in progress (``in_use``) nor the next attempt at a version
+    still to be written here — an interrupted transfer's temp is kept, so that its
+    verified chunks are not fetched again."""
+    candidates = [p for p in found if p not in in_use]
+    if not candidates:
+        return []
+    directories = {p.parent for p in candidates}
+    pending = {
+        path: vid
+        for path, vid, version in catalog.all_live()
+        if version.kind in (Kind.FILE, Kind.SYMLINK) and (root / path).parent in directories
+    }
+    written = catalog.local_entries(pending)
+    wanted = {
+        (root / path).with_name(temp_name(path, vid))
+        for path, vid in pending.items()
+        if path not in written or written[path].version_id != vid
+    }
+    return [p for p in candidates if p not in wanted]
 
 
 # -- applying -----------------------------------------------------------------------------
@@ -320,16 +344,25 @@ def _fitted(name: str, suffix: str) -> str:
     return os.fsencode(name)[:room].decode("utf-8", "ignore") + suffix
 
 
-def verify(path: Path, manifest: Manifest) -> None:
+def verify(fd: int, manifest: Manifest) -> None:
     """Re-read a finished file and check every chunk's BLAKE3 against the manifest, so
     that bytes a write lost or mangled never become a recorded version."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    if os.fstat(fd).st_size != manifest.size:
+        raise ValueError("the written file has the wrong size")
+    for ref in manifest.chunks:
+        if not _holds(fd, ref):
+            raise ValueError("the written bytes do not match the version; not applied")
+
+
+def seal(temp: Path, manifest: Manifest, version: Version) -> None:
+    """Verify a complete temp file (:func:`verify`), then give it the version's
+    permissions and the writer's modification time (as ``rsync -a`` does)."""
+    fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        if os.fstat(fd).st_size != manifest.size:
-            raise ValueError("the written file has the wrong size")
-        for ref in manifest.chunks:
-            if blake3(os.pread(fd, ref.length, ref.offset)).digest() != ref.hash:
-                raise ValueError("the written bytes do not match the version; not applied")
+        verify(fd, manifest)
+        os.fchmod(fd, version.permissions or 0o644)
+        if version.mtime_ns:
+            os.utime(fd, ns=(version.mtime_ns, version.mtime_ns))
     finally:
         os.close(fd)
 
@@ -407,16 +440,52 @@ class _Staged:
     created: bool = False
 
     def open(self) -> int:
-        """A write descriptor on the temp file, which is created (sized, with the
-        version's permissions) the first time."""
+        """A write descriptor on the temp file, which is created (0600, sized: a hole
+        where nothing is written) the first time; the version's permissions are set
+        once it is complete (:func:`seal`), so a read-only file can still be filled."""
         if self.created:
             return os.open(self.temp, os.O_WRONLY | os.O_NOFOLLOW)
-        mode = self.op.version.permissions or 0o644
-        fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         self.created = True
-        os.fchmod(fd, mode)
         os.ftruncate(fd, self.op.version.size)
         return fd
+
+    def resume(self, manifest: Manifest) -> set[int]:
+        """Offsets of the chunks that an interrupted attempt at this very version (same
+        path and version, so the same temp name) already wrote: each is re-read and
+        kept only if its hash matches. A temp of the wrong size or kind is removed."""
+        try:
+            fd = os.open(self.temp, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return set()
+        except OSError:  # a link of ours (links are staged under the same names)
+            self.temp.unlink()
+            return set()
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size != self.op.version.size:
+                self.temp.unlink()
+                return set()
+            self.created = True
+            return {ref.offset for ref in manifest.chunks if not is_zero(ref) and _holds(fd, ref)}
+        finally:
+            os.close(fd)
+
+
+def _holds(fd: int, ref: ChunkRef) -> bool:
+    """Whether the file ``fd`` holds the chunk ``ref`` at its offset."""
+    return blake3(os.pread(fd, ref.length, ref.offset)).digest() == ref.hash
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_hash(length: int) -> bytes:
+    return blake3(bytes(length)).digest()
+
+
+def is_zero(ref: ChunkRef) -> bool:
+    """An all-zero chunk: never written nor fetched, the temp file's hole reads as it
+    (so sparse files stay sparse)."""
+    return ref.hash == _zero_hash(ref.length)
 
 
 class Assembly:
@@ -493,6 +562,7 @@ class Assembly:
             staged.temp.unlink(missing_ok=True)
         self.staged.clear()
         self._batch = []
+        self.materializer.relock(self.report)
         self._places.clear()
         self.missing.clear()
 
@@ -512,8 +582,11 @@ class Assembly:
     def finish(self) -> Report:
         """Move every complete file into place (plan order, durable batches), report the
         ones whose chunks never came, then apply the deletions."""
-        with self.stopping_when_full():
-            return self._finish()
+        try:
+            with self.stopping_when_full():
+                return self._finish()
+        finally:
+            self.materializer.relock(self.report)
 
     def _finish(self) -> Report:
         self._close_all()
@@ -545,10 +618,10 @@ class Assembly:
                     manifest = materializer.catalog.manifest(op.version.content)
                     if manifest is None:
                         raise ValueError("manifest is missing")
-                    verify(staged.temp, manifest)
-                    if op.version.mtime_ns:  # as on the writer's disk (as rsync -a does)
-                        mtime = op.version.mtime_ns
-                        os.utime(staged.temp, ns=(mtime, mtime))
+                    seal(staged.temp, manifest, op.version)
+                elif op.version.mtime_ns:  # a link's own time (never its target's)
+                    mtime = op.version.mtime_ns
+                    os.utime(staged.temp, ns=(mtime, mtime), follow_symlinks=False)
                 batch.append(staged)
                 batch_bytes += op.version.size
         materializer._commit(batch, report)
@@ -573,13 +646,14 @@ class Materializer:
         # parents seen to be real directories while staging (nothing is renamed or
         # deleted then); None while moving into place, where every path is checked afresh
         self._checked_parents: set[str] | None = None
+        self._unlocked: dict[Path, int] = {}  # read-only directories opened while applying
 
     def start(self, operations: list[Operation]) -> Assembly:
         """Begin applying a plan: directories are made now (files need them); every file
         and link gets its temp file beside its target, filled at once with the chunks any
         local file holds; what is still missing arrives through :meth:`Assembly.place`,
         and :meth:`Assembly.finish` moves everything into place."""
-        needed = sum(op.version.size for op in operations if op.version.kind == Kind.FILE)
+        needed = self._room_needed(operations)
         if needed:  # the temp files hold whole new copies (replaced ones are kept)
             free = _free_bytes(self.root)
             if needed + SPACE_RESERVE > free:
@@ -602,6 +676,23 @@ class Materializer:
         finally:
             self._checked_parents = None
         return assembly
+
+    def _room_needed(self, operations: list[Operation]) -> int:
+        """Bytes the temp files of ``operations`` will take: their chunks that are not
+        all zero (holes), less what the temps of interrupted attempts already hold."""
+        needed = 0
+        for op in operations:
+            if op.version.kind != Kind.FILE:
+                continue
+            manifest = self.catalog.manifest(op.version.content)
+            size = op.version.size
+            if manifest is not None:
+                size = sum(ref.length for ref in manifest.chunks if not is_zero(ref))
+            temp = (self.root / op.path).with_name(temp_name(op.path, op.version_id))
+            with contextlib.suppress(OSError):
+                size -= os.lstat(temp).st_blocks * 512
+            needed += max(0, size)
+        return needed
 
     def _target(self, path: str) -> Path:
         """The on-disk path, refusing any parent that is not a real directory.
@@ -627,9 +718,27 @@ class Materializer:
                 continue
             if not stat.S_ISDIR(info.st_mode):
                 raise LocalEdit(path)
+        self._unlock(current)
         if checked is not None:
             checked.add(parent)
         return current / name
+
+    def _unlock(self, directory: Path) -> None:
+        """Make a read-only directory of ours writable (u+w) while entries are put into
+        or taken out of it; :meth:`relock` gives it back its mode at the end."""
+        if directory in self._unlocked or os.access(directory, os.W_OK):
+            return
+        mode = stat.S_IMODE(os.lstat(directory).st_mode)
+        os.chmod(directory, mode | stat.S_IWUSR | stat.S_IXUSR)
+        self._unlocked[directory] = mode
+
+    def relock(self, report: Report) -> None:
+        """Give every directory :meth:`_unlock` opened its mode back."""
+        for directory, mode in sorted(self._unlocked.items(), reverse=True):
+            path = directory.relative_to(self.root).as_posix() or "."
+            with _reported(path, report), contextlib.suppress(FileNotFoundError):
+                os.chmod(directory, mode)
+        self._unlocked.clear()
 
     def _unchanged(self, target: Path, cached: LocalEntry | None) -> os.stat_result | None:
         """The target's stat if it is exactly as last recorded; raise LocalEdit if not."""
@@ -746,9 +855,10 @@ class Materializer:
     def _stage(self, op: Operation, cached: LocalEntry | None, assembly: Assembly) -> _Staged:
         """A temp file (or link) beside the target, with every chunk found locally."""
         target = self._target(op.path)
-        temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        temp = target.with_name(temp_name(op.path, op.version_id))
         staged = _Staged(op, cached, temp, target)
         if op.version.kind == Kind.SYMLINK:
+            temp.unlink(missing_ok=True)  # an interrupted attempt's (ours, by its name)
             os.symlink(op.version.link_target, temp)
             return staged
         manifest = self.catalog.manifest(op.version.content)
@@ -757,14 +867,17 @@ class Materializer:
         check_manifest(manifest, op.version.size)
         fd = None  # created with the first chunk to write: one open per file, not two
         try:
+            held = staged.resume(manifest)
             for ref in manifest.chunks:
+                if ref.offset in held or is_zero(ref):
+                    continue
                 data = self.store.read(ref.hash)
                 if data is not None and len(data) == ref.length:
                     fd = staged.open() if fd is None else fd
                     _write_all(fd, data, ref.offset)
                 else:
                     assembly.wait_for(ref.hash, ref.length, staged, ref.offset)
-            if fd is None and not staged.missing:  # an empty file
+            if fd is None and not staged.created and not staged.missing:  # nothing to write
                 fd = staged.open()
         except BaseException:
             temp.unlink(missing_ok=True)

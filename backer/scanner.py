@@ -21,7 +21,7 @@ from typing import NamedTuple
 from . import entropy
 from .catalog import LocalEntry, Problem
 from .content import Manifest, manifest_of_file
-from .ignore import TEMP_SUFFIX, IgnoreRules
+from .ignore import IgnoreRules, is_temp_name
 from .paths import METADATA_DIR, BadPath, check_name, fold, is_reserved
 from .records import PERMISSION_BITS, Kind
 
@@ -126,7 +126,7 @@ def walk(
             else:
                 errors.append(Problem(path, "skipped: not a regular file, directory or symlink"))
                 continue
-            if kind != Kind.DIRECTORY and path.endswith(TEMP_SUFFIX):  # links are staged too
+            if kind != Kind.DIRECTORY and is_temp_name(entry.name):  # links are staged too
                 leftovers.append(entry.path)
                 continue
             if rules.ignored(path, kind == Kind.DIRECTORY):

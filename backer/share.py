@@ -48,6 +48,7 @@ from .materializer import (
     resolve,
     resolve_moot_copies,
     resolve_shadowed,
+    stale_temps,
 )
 from .membership import (
     INVITE_ID_BYTES,
@@ -671,9 +672,6 @@ class Share:
         started = time.monotonic()
         local = self.catalog.local_entries()
         found = observe(self.root, local, self._recorded_content, progress)
-        for leftover in found.leftovers:  # we hold the lock: only our own writes are under way
-            if Path(leftover) not in self.temps_in_use:
-                Path(leftover).unlink(missing_ok=True)
         waiting = self.behind_itself if self.own_events_missing else None
         if not self.catalog.members():  # a joiner: its log must not start before genesis,
             waiting = WAITING_FOR_GENESIS  # or it could not be relayed
@@ -681,6 +679,7 @@ class Share:
             with self.db.conn:
                 self.catalog.put_manifests(found.reindexed)
                 self.catalog.put_manifests((s.path, m) for s, m, _ in found.changed if m)
+            self._sweep(found.leftovers)
             return ScanSummary(waiting=waiting)
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
@@ -725,6 +724,7 @@ class Share:
             recorded = [seen.path for seen, _, _ in changed] + found.deleted
             self._note_problems("apply", [], resolved=recorded)  # the disk's version won
         self.save_snapshot()
+        self._sweep(found.leftovers)
         summary.seconds = time.monotonic() - started
         return summary
 
@@ -788,6 +788,13 @@ class Share:
         self.problems.update(((source, p.path), p) for p in problems)
         self.fresh_problems += fresh
         return fresh
+
+    def _sweep(self, leftovers: list[str]) -> None:
+        """Remove the temp files a scan found that nothing will use, judged by what is
+        live once the scan is recorded (we hold the lock: only our own writes run)."""
+        found = [Path(p) for p in leftovers]
+        for leftover in stale_temps(self.root, self.catalog, found, self.temps_in_use):
+            leftover.unlink(missing_ok=True)
 
     def _adopt_identical(
         self,

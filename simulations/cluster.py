@@ -27,6 +27,7 @@ from pathlib import Path
 import nacl.signing
 
 from backer.ignore import IgnoreRules
+from backer.materializer import stale_temps
 from backer.replicator import Replicator
 from backer.session import Session
 from backer.share import Share
@@ -96,10 +97,10 @@ class Node:
     def stray_temp_files(self) -> list[Path]:
         """Temp files that no assembly in progress is using (a crash's, or one whose
         directory the person renamed mid-transfer): the next scan must sweep them."""
-        in_use = self.share.temps_in_use if self.share is not None else set()
-        return [
-            p for p in self.root.rglob("*.backer-tmp") if is_backer_temp(p.name) and p not in in_use
-        ]
+        found = [p for p in self.root.rglob("*") if is_backer_temp(p.name)]
+        if self.share is None:
+            return found
+        return stale_temps(self.root, self.share.catalog, found, self.share.temps_in_use)
 
 
 @dataclass

@@ -114,7 +114,7 @@ def check_quiescent(cluster: Cluster) -> None:
             )
         if share.journal.forks():
             raise InvariantBroken(f"{node.name} saw a fork")
-        leftovers = [p for p in node.root.rglob("*.backer-tmp") if is_backer_temp(p.name)]
+        leftovers = [p for p in node.root.rglob("*") if is_backer_temp(p.name)]
         if leftovers:
             raise InvariantBroken(f"{node.name} has temp files {leftovers}")
     check_no_lost_write(cluster)

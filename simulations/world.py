@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backer.content import manifest_of_bytes
-from backer.ignore import TEMP_SUFFIX, IgnoreRules
+from backer.ignore import IgnoreRules, is_temp_name
 from backer.materializer import VERSIONS_DIR
 from backer.records import Kind, Version
 from backer.scanner import stat_key_of
@@ -45,9 +45,9 @@ def scratch_dir() -> str | None:
 
 
 def is_backer_temp(name: str) -> bool:
-    """backer's own temp names (``.NAME.XXXXXXXX.backer-tmp``); a person's files named
-    ``*.backer-tmp`` (never starting with a dot here) are theirs."""
-    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+    """backer's own temp names (they carry a check, see ``backer.ignore.temp_name``); a
+    person's files named ``*.backer-tmp`` are theirs."""
+    return is_temp_name(name)
 
 
 def entries(root: Path) -> dict[str, Entry]:

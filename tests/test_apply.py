@@ -91,13 +91,59 @@ def test_verify_rejects_a_file_whose_bytes_differ_from_its_manifest(tmp_path: Pa
     data = os.urandom(300_000)
     (tmp_path / "f").write_bytes(data)
     manifest = manifest_of_bytes(data)
-    verify(tmp_path / "f", manifest)
+
+    def check() -> None:
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        try:
+            verify(fd, manifest)
+        finally:
+            os.close(fd)
+
+    check()
     with open(tmp_path / "f", "r+b") as handle:
         handle.seek(200_000)
         handle.write(b"\0" * 4096)
     with pytest.raises(ValueError, match="do not match"):
-        verify(tmp_path / "f", manifest)
+        check()
     os.truncate(tmp_path / "f", 100)
     with pytest.raises(ValueError, match="wrong size"):
-        verify(tmp_path / "f", manifest)
+        check()
 
+
+def test_a_replaced_file_with_a_255_byte_name_is_kept_in_versions(tmp_path: Path) -> None:
+    """``name~STAMP`` exceeded NAME_MAX: the replacement failed on every sync."""
+    a, b = make_devices(tmp_path, 2)
+    name = "é" * 100 + "x" * 55  # 255 bytes in UTF-8
+    (a.root / name).write_text("first")
+    sync(a, b)
+    (a.root / name).write_text("second")
+    _, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert not [r.errors for r in right.replicator.reports if r.errors]
+    (kept,) = (b.root / ".backer" / "versions").iterdir()
+    assert kept.read_text() == "first" and len(os.fsencode(kept.name)) <= 255
+
+
+def test_a_sparse_file_arrives_sparse_and_its_holes_are_not_fetched(tmp_path: Path) -> None:
+    """A 1 GiB file with 12 KiB allocated arrived fully allocated."""
+    a, b = make_devices(tmp_path, 2)
+    with open(a.root / "disk.img", "wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+        for offset in (0, 20 * 1024 * 1024, 63 * 1024 * 1024):
+            handle.seek(offset)
+            handle.write(os.urandom(4096))
+    _, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert (b.root / "disk.img").stat().st_blocks * 512 < 4 * 1024 * 1024
+    assert right.stats.chunk_bytes_received < 2 * 1024 * 1024
+
+
+def test_a_symlink_keeps_its_own_modification_time(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "target.txt").write_text("t")
+    os.symlink("target.txt", a.root / "link")
+    os.utime(a.root / "link", ns=(1_500_000_000_000_000_000,) * 2, follow_symlinks=False)
+    sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert (b.root / "link").lstat().st_mtime_ns == 1_500_000_000_000_000_000
+    assert (b.root / "target.txt").stat().st_mtime_ns == (a.root / "target.txt").stat().st_mtime_ns

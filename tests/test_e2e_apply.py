@@ -4,11 +4,17 @@ odd names, interrupted transfers, links that point out of the share."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
+import pytest
+
 from backer.ignore import is_temp_name
-from tests.e2e import Device, free_port, invite, snapshot
+from tests.e2e import Device, free_port, invite, snapshot, summary_number
 from tests.helpers import small_disk
 
 
@@ -102,3 +108,124 @@ def test_a_replaced_symlink_kept_in_versions_never_lets_a_member_write_outside_t
     assert not [p for p in _versions(b).rglob("*") if p.is_symlink()]
     assert kept[0].read_text() == str(outside)  # the link's target, as a regular file
     assert snapshot(b.root) == snapshot(a.root)
+
+
+def _joined(a: Device, b: Device) -> int:
+    """``a`` makes a share of its root, ``b`` joins it; the port ``a`` serves on."""
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port):
+        b.run("join", token, str(b.root))
+    return port
+
+
+def test_a_user_file_named_like_an_old_temp_survives_init_scan_and_sync(tmp_path: Path) -> None:
+    """Every ``*.backer-tmp`` was deleted by init and scan, anywhere, silently."""
+    a, b = _founder(tmp_path)
+    (a.root / "notes.backer-tmp").write_text("my notes")
+    (a.root / "sub").mkdir()
+    (a.root / "sub" / ".x.1234abcd.backer-tmp").write_text("mine too")
+    port = _joined(a, b)
+    a.run("scan", "--dir", str(a.root))
+    with a.serving(port) as address:
+        b.sync(address)
+    assert (a.root / "notes.backer-tmp").read_text() == "my notes"
+    assert snapshot(b.root) == snapshot(a.root)
+    assert (b.root / "sub" / ".x.1234abcd.backer-tmp").read_text() == "mine too"
+
+
+def test_a_255_byte_name_reaches_a_peer(tmp_path: Path) -> None:
+    """The temp name was the target's plus 21 bytes: names over 234 bytes never arrived."""
+    a, b = _founder(tmp_path)
+    name = "ü" * 120 + "n" * 15  # 255 bytes in UTF-8
+    (a.root / name).write_text("long")
+    (a.root / ("d" * 255)).mkdir()
+    (a.root / ("d" * 255) / ("f" * 255)).write_bytes(os.urandom(100_000))
+    os.symlink(name, a.root / ("l" * 255))
+    port = _joined(a, b)
+    assert snapshot(b.root) == snapshot(a.root)
+    (a.root / name).write_text("longer, replaced")
+    with a.serving(port) as address:
+        out = b.sync(address)
+    assert "errors 0" in out, out
+    assert snapshot(b.root) == snapshot(a.root)
+
+
+def test_a_rerun_after_an_interrupted_transfer_fetches_only_what_was_not_received(
+    tmp_path: Path,
+) -> None:
+    """A killed transfer threw away everything received for the window in progress."""
+    a, b = _founder(tmp_path)
+    port = _joined(a, b)
+    size = 192 * 1024 * 1024
+    expected = os.urandom(size)
+    (a.root / "big.bin").write_bytes(expected)
+    with a.serving(port) as address:
+        process = subprocess.Popen(b.command("sync", address, "--dir", str(b.root)), env=b.env)
+        try:
+            held = 0
+            for _ in range(3000):  # at most 60 s
+                temps = [p for p in b.root.iterdir() if is_temp_name(p.name)]
+                held = temps[0].stat().st_blocks * 512 if temps else 0
+                if held >= size // 2 or process.poll() is not None:
+                    break
+                time.sleep(0.02)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        assert not (b.root / "big.bin").exists() and held >= size // 2
+        out = b.sync(address)
+    received = summary_number(out, "chunk bytes received")
+    assert received <= size - size // 2 + 4 * 1024 * 1024, out
+    assert (b.root / "big.bin").read_bytes() == expected
+    assert not [p for p in b.root.iterdir() if is_temp_name(p.name)]
+
+
+class _Unprivileged(Device):
+    """A device whose commands run as uid/gid 65534 when the tests run as root."""
+
+    def command(self, *args: str) -> list[str]:
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        return (drop if os.geteuid() == 0 else []) + super().command(*args)
+
+
+def test_files_inside_a_read_only_directory_are_written_and_its_mode_kept(
+    tmp_path: Path,
+) -> None:
+    """As a non-root user, files inside a 0555 directory never arrived (errors 1 on
+    every sync)."""
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to drop root")
+    base = Path(tempfile.mkdtemp(prefix="backer-ro-"))  # outside root's private tmp
+    try:
+        a, b = _Unprivileged(base, "a"), _Unprivileged(base, "b")
+        (a.root / "ro" / "sub").mkdir(parents=True)
+        (a.root / "ro" / "kept.txt").write_text("first")
+        (a.root / "ro" / "gone.txt").write_text("bye")
+        (a.root / "ro" / "sub" / "deep.txt").write_text("deep")
+        if os.geteuid() == 0:
+            os.chown(base, 65534, 65534)
+            for path in [a.root, *a.root.rglob("*")]:
+                os.chown(path, 65534, 65534)
+        (a.root / "ro" / "sub").chmod(0o555)
+        (a.root / "ro").chmod(0o555)
+        port = _joined(a, b)
+        assert snapshot(b.root) == snapshot(a.root)
+        assert (b.root / "ro").stat().st_mode & 0o777 == 0o555
+        (a.root / "ro").chmod(0o755)
+        (a.root / "ro" / "kept.txt").write_text("second")
+        (a.root / "ro" / "gone.txt").unlink()
+        (a.root / "ro" / "new.txt").write_text("new")
+        (a.root / "ro").chmod(0o555)
+        with a.serving(port) as address:
+            out = b.sync(address)
+        assert "errors 0" in out, out
+        assert snapshot(b.root) == snapshot(a.root)
+        assert (b.root / "ro").stat().st_mode & 0o777 == 0o555
+        assert (b.root / "ro" / "sub").stat().st_mode & 0o777 == 0o555
+    finally:
+        for path in base.rglob("*"):
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(0o755)
+        shutil.rmtree(base)

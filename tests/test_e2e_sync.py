@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from backer.ignore import is_temp_name
 from tests.e2e import Device, free_port, invite, snapshot, summary_number
 
 
@@ -202,4 +203,4 @@ def test_a_sync_killed_mid_transfer_reruns_to_convergence_without_torn_files(
         b.sync(address)
     assert (b.root / "big.bin").read_bytes() == expected
     assert snapshot(a.root) == snapshot(b.root)
-    assert not [p for p in b.root.rglob("*") if p.name.endswith(".backer-tmp")]
+    assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]

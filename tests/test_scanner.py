@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from backer.content import manifest_of_bytes
+from backer.ignore import temp_name
 from backer.paths import BadPath, check
 from backer.records import Kind
 from backer.scanner import Seen, read_stable
@@ -130,7 +131,7 @@ def test_ignore_rules_and_defaults(share: Share) -> None:
     (root / "keep.log").write_text("k")
     (root / "build").mkdir()
     (root / "build" / "out.o").write_text("o")
-    (root / "notes.backer-tmp").write_text("partial download")
+    (root / temp_name("download.bin", "v1")).write_text("partial download")
     share.scan()
     assert sorted(live(share)) == [".backerignore", "keep.log"]
 
@@ -274,9 +275,10 @@ def test_unreadable_files_and_dirs_are_reported_never_deleted(tmp_path: Path) ->
 def test_temp_links_of_an_interrupted_apply_are_removed_like_temp_files(share: Share) -> None:
     """Links are staged under a temp name too; one left by a crash was neither removed
     nor recorded (found by the campaign, seed 580)."""
-    os.symlink("target", share.root / ".link.0e9c9dfb.backer-tmp")
-    (share.root / ".file.12345678.backer-tmp").write_text("partial")
+    link, file = temp_name("link", "v1"), temp_name("file", "v2")
+    os.symlink("target", share.root / link)
+    (share.root / file).write_text("partial")
     share.scan()
-    assert not os.path.lexists(share.root / ".link.0e9c9dfb.backer-tmp")
-    assert not (share.root / ".file.12345678.backer-tmp").exists()
+    assert not os.path.lexists(share.root / link)
+    assert not (share.root / file).exists()
     assert list(live(share)) == []
