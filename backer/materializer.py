@@ -611,9 +611,11 @@ class Assembly:
             staged = self.staged.pop(op.path, None)
             if staged is None:
                 continue  # already reported
+            if staged.missing:  # its temp stays: a later attempt keeps what did arrive
+                missing = f"{staged.missing} chunks were not available"
+                report.errors.append(Problem(op.path, missing))
+                continue
             with _reported(op.path, report), _removing(staged.temp):
-                if staged.missing:
-                    raise ValueError(f"{staged.missing} chunks were not available")
                 if op.version.kind == Kind.FILE:
                     manifest = materializer.catalog.manifest(op.version.content)
                     if manifest is None:
