@@ -20,6 +20,7 @@ import psutil
 
 from backer.content import manifest_of_bytes
 from backer.identity import load_or_create_key
+from backer.ignore import is_temp_name
 from backer.session import Session
 from backer.share import Share
 from backer.transport import Hub, Limits, Listener, SecureChannel, initiator
@@ -204,7 +205,7 @@ def test_issue_9_item_8_a_suspended_peer_is_detected_within_the_deadline(tmp_pat
             text=True,
         )
         for _ in range(3000):  # until the transfer has begun
-            if any(".backer-tmp" in p.name for p in b.root.iterdir()) or sync.poll() is not None:
+            if any(is_temp_name(p.name) for p in b.root.iterdir()) or sync.poll() is not None:
                 break
             time.sleep(0.01)
         os.kill(server.pid, signal.SIGSTOP)
