@@ -280,10 +280,13 @@ class Catalog:
         )
         return [p for p in problems if (p.path, p.reason) not in known]
 
-    def problems(self) -> list[tuple[str, Problem, int]]:
-        """Every unresolved problem: (source, problem, since when in ms), by path."""
+    def problems(self, source: str | None = None) -> list[tuple[str, Problem, int]]:
+        """Every unresolved problem (of one ``source``): (source, problem, since when in
+        ms), by path."""
         rows = self.conn.execute(
-            "SELECT source, path, reason, warning, since_ms FROM problems ORDER BY path, source"
+            "SELECT source, path, reason, warning, since_ms FROM problems "
+            "WHERE ?1 IS NULL OR source = ?1 ORDER BY path, source",
+            (source,),
         )
         return [(src, Problem(p, reason, bool(w)), since) for src, p, reason, w, since in rows]
 

@@ -188,6 +188,7 @@ class Replicator:
         resolved = self.share.resolve_conflicts()
         self.stats.conflicts_resolved += resolved
         self.operations = plan(self.share.catalog, IgnoreRules.load(self.share.root).excluded)
+        self.share.note_planned({op.path for op in self.operations})
         self.window_start = 0
         self.lacking.clear()
         self.gave_up = False

@@ -764,6 +764,14 @@ class Share:
         self.note_applied(report)
         return report
 
+    def note_planned(self, paths: set[str]) -> None:
+        """A path that failed to apply and is no longer in the plan needs nothing any
+        more (deleted or superseded elsewhere, or now as the state says): resolved."""
+        stale = [p.path for _, p, _ in self.catalog.problems("apply") if p.path not in paths]
+        if stale:
+            with self.db.conn:
+                self._note_problems("apply", [], stale)
+
     def note_applied(self, report: Report) -> None:
         """Keep the problems of one applied window; a path written or deleted is fine."""
         with self.db.conn:

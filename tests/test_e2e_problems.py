@@ -83,3 +83,21 @@ def test_files_that_cannot_be_written_are_grouped_by_reason_and_exit_3(tmp_path:
         b.run("sync", address, "--dir", str(b.root))
     assert (b.root / "docs" / "11.txt").read_text() == "file 11"
     assert status_problems(b) == []
+
+
+def test_a_failed_file_that_is_deleted_elsewhere_is_no_longer_listed(tmp_path: Path) -> None:
+    a, b = Unprivileged(tmp_path, "a"), Unprivileged(tmp_path, "b")
+    (a.root / "docs").mkdir(parents=True)
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        b.run("join", token, str(b.root))
+        os.chown(b.root / "docs", 65534, 65534)
+        (a.root / "docs" / "draft.txt").write_text("never arrives")
+        assert b.run("sync", address, "--dir", str(b.root), check=False).returncode == 3
+        assert [p["path"] for p in status_problems(b)] == ["docs/draft.txt"]
+        (a.root / "docs" / "draft.txt").unlink()
+        done = b.run("sync", address, "--dir", str(b.root))
+        assert "errors 0" in done.stdout
+    assert status_problems(b) == []
