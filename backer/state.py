@@ -124,11 +124,16 @@ def parse_update(update: bytes) -> UpdateShape:
         start = clock = reader.uint(MAX_CLOCK)
         if client in shape.clients:
             raise BadUpdate(f"client {client} appears twice")
+        if not count:
+            raise BadUpdate(f"client {client} has no items")
         for _ in range(count):
             info = reader.byte()
             ref = info & 0x1F
             if ref in (_GC, _SKIP):
-                clock += reader.uint(MAX_CLOCK)
+                length = reader.uint(MAX_CLOCK)
+                if not length:  # yrs takes it, then panics dividing by it (snapshots)
+                    raise BadUpdate("an empty garbage-collected range")
+                clock += length
             else:
                 clock += _item(reader, info, shape)
             if clock > MAX_CLOCK:

@@ -73,11 +73,13 @@ def events(data: bytes) -> None:
 
 
 def state(data: bytes) -> None:
-    """STATE payloads: the parser, the checks against a document, then yrs itself."""
+    """STATE payloads: the parser, the checks against a document, then yrs itself (a
+    panic is a BaseException: it fails the target)."""
     document = FileState(_SNAPSHOT)
     try:
         shape = document.check(data, lambda client: client == _OTHER_CLIENT)
         document.apply(data, shape)
+        document.snapshot()  # an accepted update must leave a document yrs can encode
     except BadUpdate:
         pass
     finally:

@@ -394,3 +394,25 @@ def test_pending_events_of_fake_authors_share_one_cap_per_session(tmp_path: Path
     assert sum(map(len, (r for run in session.pending_run.values() for r in run))) <= (
         MAX_PENDING_BYTES + len(payload) + 1024
     )
+
+
+# -- the variant that makes yrs panic ---------------------------------------------------------
+
+POISON = bytes.fromhex("01010501000000")  # client 5 from clock 1: one garbage range of length 0
+
+
+def test_an_update_that_makes_yrs_panic_later_is_refused_before_yrs_sees_it(
+    tmp_path: Path,
+) -> None:
+    bare = Doc()
+    bare.apply_update(POISON)  # yrs takes it ...
+    with pytest.raises(BaseException, match="divide by zero"):
+        bare.get_update()  # ... and every later snapshot of that document panics
+    honest, member = make_devices(tmp_path, 2)
+    sync(honest, member)
+    forge(member, POISON)
+    with pytest.raises(ProtocolError, match="rejected events"):
+        pump(Session(member, "m"), Session(honest, "h"))
+    honest.state.snapshot()
+    honest.close()
+    Share.open(honest.root, honest.key).close()
