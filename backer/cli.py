@@ -168,14 +168,22 @@ def _failures(share: Share) -> int:
     return sum(1 for problem in share.problems.values() if not problem.warning)
 
 
+def _print_fresh(share: Share) -> list[Problem]:
+    """Print (grouped, on stderr) the problems this process met that were not reported
+    before and are still there; they are not printed again."""
+    current = set(share.problems.values())
+    fresh = [p for p in dict.fromkeys(share.fresh_problems) if p in current]
+    share.fresh_problems.clear()
+    for line in _problem_lines(fresh):
+        _say(line, err=True)
+    return fresh
+
+
 def _report_problems(share: Share) -> int:
     """Print this process's problems not reported before (grouped) on stderr, and the
     exit status they call for."""
-    current = set(share.problems.values())
-    fresh = [p for p in dict.fromkeys(share.fresh_problems) if p in current]
-    for line in _problem_lines(fresh):
-        _say(line, err=True)
-    known = len(current) - len(fresh)
+    fresh = _print_fresh(share)
+    known = len(share.problems) - len(fresh)
     if known > 0:
         click.echo(f"{known} problems reported before remain (see 'backer status')", err=True)
     return EXIT_FILES_FAILED if _failures(share) else 0
@@ -683,6 +691,7 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
         if session is None:
             return
         click.echo(_summary_line([session]), err=True)
+        _print_fresh(share)
         if hub.replicator.disk_full is not None:
             click.echo(f"backer: warning: {hub.replicator.disk_full}", err=True)
         if until_joined is not None and share.invite_key(until_joined) is None:

@@ -86,7 +86,9 @@ def test_files_that_cannot_be_written_are_grouped_by_reason_and_exit_3(tmp_path:
     assert status_problems(b) == []
 
 
-def test_a_failed_file_that_is_deleted_elsewhere_is_no_longer_listed(tmp_path: Path) -> None:
+def test_a_failed_file_deleted_elsewhere_is_no_longer_listed_and_serve_lists_once(
+    tmp_path: Path,
+) -> None:
     a, b = Unprivileged(tmp_path, "a"), Unprivileged(tmp_path, "b")
     (a.root / "docs").mkdir(parents=True)
     a.run("init", str(a.root))
@@ -96,9 +98,13 @@ def test_a_failed_file_that_is_deleted_elsewhere_is_no_longer_listed(tmp_path: P
         b.run("join", token, str(b.root))
         os.chown(b.root / "docs", 65534, 65534)
         (a.root / "docs" / "draft.txt").write_text("never arrives")
+        (a.root / "private.txt").write_text("a cannot read it")
+        (a.root / "private.txt").chmod(0)
         assert b.run("sync", address, "--dir", str(b.root), check=False).returncode == 3
         assert [p["path"] for p in status_problems(b)] == ["docs/draft.txt"]
         (a.root / "docs" / "draft.txt").unlink()
         done = b.run("sync", address, "--dir", str(b.root))
         assert "errors 0" in done.stdout
     assert status_problems(b) == []
+    assert a.serve_log.count("private.txt") == 1  # serve lists it once, not at every session
+    assert "error: private.txt: cannot read: Permission denied" in a.serve_log
