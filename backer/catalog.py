@@ -10,7 +10,9 @@ was this path before" are one indexed lookup instead of a walk of the CRDT.
   the version it matched — so unchanged files are recognised without rehashing.
 - ``manifests``: chunk lists by content id; ``chunks``: where a chunk's bytes can be
   read locally (verified by hash when read, so a stale row is harmless).
-- ``members``: devices admitted to the share; ``meta``: share id, key, positions.
+- ``members``: devices admitted to the share (``kept`` set once removed: how many of its
+  events stay valid); ``invites``: invites seen, with the signed event that made each;
+  ``meta``: share id, share keys, positions.
 """
 
 from __future__ import annotations
@@ -83,6 +85,21 @@ class Catalog:
             "CREATE TABLE IF NOT EXISTS problems (path TEXT, source TEXT, reason TEXT, "
             "warning INTEGER, since_ms INTEGER, PRIMARY KEY (path, source)) WITHOUT ROWID"
         )
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        """Columns added since a share was made (a share made by an older backer)."""
+        for table, column in (
+            ("members", "added_seq"),
+            ("members", "kept"),
+            ("members", "removed_by"),
+            ("members", "removed_seq"),
+            ("invites", "raw"),
+        ):
+            names = [row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")]
+            if column not in names:
+                with self.conn:
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
     def _create_schema(self) -> None:
         with self.conn:
@@ -100,9 +117,10 @@ class Catalog:
                 "length INTEGER, PRIMARY KEY (hash, path)) WITHOUT ROWID",
                 "CREATE TABLE supersedes (old TEXT, new TEXT, PRIMARY KEY (old, new)) "
                 "WITHOUT ROWID",
-                "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB)",
+                "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB, "
+                "added_seq INTEGER, kept INTEGER, removed_by BLOB, removed_seq INTEGER)",
                 "CREATE TABLE invites (id BLOB PRIMARY KEY, psk BLOB, expires_ms INTEGER, "
-                "used_by BLOB)",
+                "used_by BLOB, raw BLOB)",
             ):
                 self.conn.execute(statement)
 
@@ -343,23 +361,73 @@ class Catalog:
 
     # -- membership ------------------------------------------------------------------
 
-    def add_member(self, key: bytes, name: str, added_by: bytes) -> None:
+    def add_member(self, key: bytes, name: str, added_by: bytes, seq: int) -> None:
         self.conn.execute(
-            "INSERT OR IGNORE INTO members (key, name, added_by) VALUES (?, ?, ?)",
-            (key, name, added_by),
+            "INSERT OR IGNORE INTO members (key, name, added_by, added_seq) VALUES (?, ?, ?, ?)",
+            (key, name, added_by, seq),
         )
 
-    def add_invite(self, invite_id: bytes, psk: bytes, expires_ms: int) -> None:
+    def remove_member(self, key: bytes, kept: int, removed_by: bytes, seq: int) -> None:
         self.conn.execute(
-            "INSERT OR IGNORE INTO invites (id, psk, expires_ms) VALUES (?, ?, ?)",
-            (invite_id, psk, expires_ms),
+            "UPDATE members SET kept = ?, removed_by = ?, removed_seq = ? WHERE key = ?",
+            (kept, removed_by, seq, key),
         )
 
-    def use_invite(self, invite_id: bytes, device_key: bytes) -> None:
+    def undo_member_changes(self, author: bytes, seq: int) -> tuple[list[bytes], list[bytes]]:
+        """Undo the admissions and removals ``author`` signed from event ``seq`` on (it
+        was removed at that point): (devices no longer removed, devices no longer in)."""
+        restored = [
+            key
+            for (key,) in self.conn.execute(
+                "SELECT key FROM members WHERE removed_by = ? AND removed_seq >= ?", (author, seq)
+            )
+        ]
         self.conn.execute(
-            "UPDATE invites SET used_by = ? WHERE id = ? AND used_by IS NULL",
-            (device_key, invite_id),
+            "UPDATE members SET kept = NULL, removed_by = NULL, removed_seq = NULL "
+            "WHERE removed_by = ? AND removed_seq >= ?",
+            (author, seq),
         )
+        dropped = [
+            key
+            for (key,) in self.conn.execute(
+                "SELECT key FROM members WHERE added_by = ? AND added_seq >= ? AND key != ?",
+                (author, seq, author),
+            )
+        ]
+        self.conn.execute(
+            "DELETE FROM members WHERE added_by = ? AND added_seq >= ? AND key != ?",
+            (author, seq, author),
+        )
+        return restored, dropped
+
+    def member_table(self) -> tuple[dict[bytes, str], dict[bytes, int]]:
+        """(every admitted key -> name, removed key -> how many of its events count)."""
+        names, removed = {}, {}
+        for key, name, kept in self.conn.execute(
+            "SELECT key, name, kept FROM members ORDER BY rowid"
+        ):
+            names[key] = name
+            if kept is not None:
+                removed[key] = kept
+        return names, removed
+
+    def add_invite(self, invite_id: bytes, psk: bytes, expires_ms: int, raw: bytes) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO invites (id, psk, expires_ms, raw) VALUES (?, ?, ?, ?)",
+            (invite_id, psk, expires_ms, raw),
+        )
+
+    def use_invite(self, invite_id: bytes, device_key: bytes, now_ms: int = 0) -> bool:
+        """Mark an unused invite used (unexpired at ``now_ms``); whether it was."""
+        cursor = self.conn.execute(
+            "UPDATE invites SET used_by = ? WHERE id = ? AND used_by IS NULL AND expires_ms >= ?",
+            (device_key, invite_id, now_ms),
+        )
+        return cursor.rowcount == 1
+
+    def revoke_invites(self, marker: bytes) -> None:
+        """Every unused invite becomes unusable (``marker`` as its user)."""
+        self.conn.execute("UPDATE invites SET used_by = ? WHERE used_by IS NULL", (marker,))
 
     def invite(self, invite_id: bytes) -> tuple[bytes, int, bytes | None] | None:
         """(psk, expires_ms, used_by) of an invite this device has seen."""
@@ -368,8 +436,10 @@ class Catalog:
         ).fetchone()
         return (row[0], row[1], row[2]) if row else None
 
-    def members(self) -> dict[bytes, str]:
-        return dict(self.conn.execute("SELECT key, name FROM members ORDER BY rowid"))
+    def invite_event(self, invite_id: bytes) -> bytes:
+        """The signed event that made an invite (empty if unknown)."""
+        row = self.conn.execute("SELECT raw FROM invites WHERE id = ?", (invite_id,)).fetchone()
+        return row[0] or b"" if row else b""
 
     # -- totals ----------------------------------------------------------------------
 

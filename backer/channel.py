@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import nacl.bindings
 import nacl.signing
 
+from .identity import curve_private, curve_public
+from .membership import REMOVED
 from .noise import DH_LEN, MAX_MESSAGE, TAG_LEN, CipherState, HandshakeState, NoiseError
 
 PROTOCOL_NAME = "Noise_XXpsk0_25519_AESGCM_SHA256"
@@ -35,9 +36,9 @@ MODE_SYNC = b"S"
 MODE_JOIN = b"J"
 MAX_PLAINTEXT = MAX_MESSAGE - TAG_LEN
 RESPONSE_LEN = DH_LEN + (DH_LEN + TAG_LEN) + (32 + TAG_LEN)  # e, s, device key: the
-# responder's one handshake message
+# responder's one handshake message (to a joiner, longer by the invite's proof)
 
-UNKNOWN, NOT_MEMBER, FAILED, BUSY, TOO_SLOW = 1, 2, 3, 4, 5
+UNKNOWN, NOT_MEMBER, FAILED, BUSY, TOO_SLOW, WAS_REMOVED = 1, 2, 3, 4, 5, 6
 REFUSALS = {
     UNKNOWN: "unknown share or invite (the token is wrong, used or expired, "
     "or that device does not hold this share)",
@@ -45,6 +46,7 @@ REFUSALS = {
     FAILED: "the handshake failed (wrong share key or invite secret, or damaged data)",
     BUSY: "too many connections are being set up there; try again",
     TOO_SLOW: "the handshake took too long",
+    WAS_REMOVED: REMOVED,
 }
 
 
@@ -62,21 +64,19 @@ def refusal(code: int) -> bytes:
     return b"\0\0" + bytes([code])
 
 
-def _x25519_private(key: nacl.signing.SigningKey) -> bytes:
-    return nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(bytes(key) + bytes(key.verify_key))
-
-
 def _x25519_public(device_key: bytes) -> bytes:
     try:
-        return nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(device_key)
-    except Exception as exc:
+        return curve_public(device_key)
+    except ValueError as exc:
         raise ChannelError("peer sent an invalid device key") from exc
 
 
-PskLookup = Callable[[bytes], bytes | None]
-"""Responder: header -> pre-shared key, or None to refuse."""
-PeerCheck = Callable[[bytes, bytes], str | None]
-"""(peer device key, header) -> None to accept, or the reason for refusing."""
+PskLookup = Callable[[bytes], list[bytes]]
+"""Responder: header -> the pre-shared keys to try, newest first (none: refuse)."""
+PeerCheck = Callable[[bytes, bytes, bytes], str | None]
+"""(peer device key, header, proof) -> None to accept, or the reason for refusing. The
+proof is what the responder's ``proof`` gave for the header (e.g. a signed invite)."""
+Proof = Callable[[bytes], bytes]
 
 
 class SecureChannel:
@@ -90,12 +90,16 @@ class SecureChannel:
         header: bytes | None = None,
         psk: bytes | None = None,
         lookup_psk: PskLookup | None = None,
+        proof: Proof | None = None,
     ) -> None:
-        """An initiator passes ``header`` and ``psk``; a responder passes ``lookup_psk``."""
+        """An initiator passes ``header`` and ``psk``; a responder passes ``lookup_psk``
+        and, optionally, ``proof``: bytes it sends with its identity for that header."""
         self.key = key
         self.check_peer = check_peer
         self.initiator = header is not None
         self.lookup_psk = lookup_psk
+        self.proof = proof
+        self._candidates: list[bytes] = []
         self.header = header or b""
         self.peer: bytes | None = None
         self._handshake: HandshakeState | None = None
@@ -119,7 +123,7 @@ class SecureChannel:
             PROTOCOL_NAME,
             self.initiator,
             PROLOGUE + self.header,
-            static_private=_x25519_private(self.key),
+            static_private=curve_private(self.key),
             psks=[psk],
         )
 
@@ -144,15 +148,14 @@ class SecureChannel:
         self._buffer += data
         plaintext = bytearray()
         try:
-            if not self.initiator and self._handshake is None and not self.established:
+            if not self.initiator and not self.header:
                 if len(self._buffer) < HEADER_LEN:
                     return b""
                 self.header = bytes(self._buffer[:HEADER_LEN])
                 del self._buffer[:HEADER_LEN]
-                psk = self.lookup_psk(self.header) if self.lookup_psk else None
-                if psk is None:
+                self._candidates = self.lookup_psk(self.header) if self.lookup_psk else []
+                if not self._candidates:
                     raise ChannelError("unknown share or invite", UNKNOWN)
-                self._handshake = self._new_handshake(psk)
             offset = 0
             try:
                 while len(self._buffer) - offset >= 2:
@@ -162,7 +165,12 @@ class SecureChannel:
                             break
                         reason = REFUSALS.get(self._buffer[offset + 2], "no reason given")
                         raise ChannelError(f"the peer refused: {reason}", None)
-                    if self.initiator and self._handshake is not None and size != RESPONSE_LEN:
+                    exact = self.header[:1] == MODE_SYNC
+                    if (
+                        self.initiator
+                        and self._handshake is not None
+                        and (size != RESPONSE_LEN if exact else size < RESPONSE_LEN)
+                    ):
                         raise ChannelError(
                             "the peer does not speak backer's protocol (is it a backer serve?)",
                             None,
@@ -173,6 +181,8 @@ class SecureChannel:
                     offset += 2 + size
                     if self._receive is not None:
                         plaintext += self._receive.decrypt(b"", message)
+                    elif self._handshake is None:
+                        self._first_message(message)
                     else:
                         self._handshake_step(message)
             finally:
@@ -181,6 +191,18 @@ class SecureChannel:
             raise ChannelError(f"handshake or record failed: {exc}") from exc
         return bytes(plaintext)
 
+    def _first_message(self, message: bytes) -> None:
+        """Responder: the initiator's first message opens with one of the candidate keys
+        (a share's current key or an older one, see docs/decisions.md)."""
+        for psk in self._candidates:
+            self._handshake = self._new_handshake(psk)
+            try:
+                self._handshake_step(message)
+                return
+            except NoiseError:
+                self._handshake = None
+        raise ChannelError("handshake failed: wrong share key or invite key")
+
     def _handshake_step(self, message: bytes) -> None:
         handshake = self._handshake
         assert handshake is not None
@@ -188,17 +210,19 @@ class SecureChannel:
         if payload:
             self._accept(payload, handshake.rs)
         if not handshake.complete:
-            self._record(handshake.write_message(bytes(self.key.verify_key)))
+            proof = self.proof(self.header) if self.proof and not self.initiator else b""
+            self._record(handshake.write_message(bytes(self.key.verify_key) + proof))
         if handshake.complete:
             if self.peer is None:
                 raise ChannelError("peer never identified itself")
             self._send, self._receive = handshake.split()
             self._handshake = None
 
-    def _accept(self, device_key: bytes, remote_static: bytes | None) -> None:
+    def _accept(self, payload: bytes, remote_static: bytes | None) -> None:
+        device_key, proof = payload[:32], payload[32:]
         if len(device_key) != 32 or remote_static != _x25519_public(device_key):
             raise ChannelError("peer's device key does not match its handshake key")
-        reason = self.check_peer(device_key, self.header)
+        reason = self.check_peer(device_key, self.header, proof)
         if reason is not None:
-            raise ChannelError(reason, NOT_MEMBER)
+            raise ChannelError(reason, WAS_REMOVED if reason == REMOVED else NOT_MEMBER)
         self.peer = device_key

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import re
@@ -32,14 +33,14 @@ from . import control, transport
 from .catalog import HistoryEntry, Problem
 from .channel import MODE_JOIN, SecureChannel
 from .errors import BackerError
-from .identity import device_id, home, load_or_create_key, short_id
+from .identity import device_id, home, load_or_create_key, parse_device_id, short_id
 from .invite import InviteToken, advertised, parse_address
 from .membership import EventKind
 from .paths import METADATA_DIR
 from .records import Kind, Version, timestamp
 from .replicator import Replicator
 from .session import Session, WireStats
-from .share import Share, ShareBusy, is_damage
+from .share import DB_FILE, Share, ShareBusy, is_damage
 
 EXIT_ERROR = 1
 EXIT_FILES_FAILED = 3  # the command did its job, but some files could not be recorded/applied
@@ -289,8 +290,7 @@ def status(directory: str, as_json: bool) -> None:
             "device": device_id(share.device),
             **totals,
             "devices": [
-                {"id": device_id(key), "name": name}
-                for key, name in share.catalog.members().items()
+                {"id": device_id(key), "name": name} for key, name in share.members.active.items()
             ],
             "events": share.journal.count(),
             "forks": len(share.journal.forks()),
@@ -558,11 +558,15 @@ def _remember_peer(share: Share, address: str) -> None:
 
 async def _sync_over(
     hub: transport.Hub,
-    openings: list[Awaitable[transport.Streams]],
+    openings: list[Callable[[], Awaitable[transport.Streams]]],
     channel: Callable[[], SecureChannel] | None = None,
 ) -> list[Session | BaseException]:
     """One-shot sessions over every stream at once, sharing ``hub`` (so chunk requests
-    spread over all peers); a session's result, or the error that ended it."""
+    spread over all peers); a session's result, or the error that ended it.
+
+    A member presents its newest share key; a peer that has not seen that key's
+    rotation yet refuses the handshake, so the older keys are tried in turn, each on a
+    new connection (see docs/decisions.md)."""
     replicator = hub.replicator
     with _progress("receiving") as progress:
 
@@ -570,10 +574,17 @@ async def _sync_over(
             if progress is not None:
                 progress(replicator.stats.bytes_fetched, replicator.stats.bytes_to_fetch)
 
-        async def one(opening: Awaitable[transport.Streams]) -> Session:
-            streams = await opening
-            secure = channel() if channel else transport.initiator(hub.share, hub.share.key)
-            return await hub.run(streams, secure, hub.connect, True, report)
+        async def one(opening: Callable[[], Awaitable[transport.Streams]]) -> Session:
+            keys = [b""] if channel else hub.share.share_keys or [b""]
+            for index, psk in enumerate(keys, 1):
+                share, key = hub.share, hub.share.key
+                secure = channel() if channel else transport.initiator(share, key, psk)
+                try:
+                    return await hub.run(await opening(), secure, hub.connect, True, report)
+                except transport.SessionClosed:
+                    if secure.established or index == len(keys):
+                        raise
+            raise AssertionError("unreachable: the last attempt returns or raises")
 
         return await asyncio.gather(*(one(o) for o in openings), return_exceptions=True)
 
@@ -623,13 +634,16 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_jso
     with _open(directory) as share:
         hub = transport.Hub(share, _name())
         if command:
-            outcomes = asyncio.run(_sync_over(hub, [transport.command_streams(command)]))
+            opening = functools.partial(transport.command_streams, command)
+            outcomes = asyncio.run(_sync_over(hub, [opening]))
             status = _report_sync(_results(outcomes, [command]), hub, as_json)
         else:
             targets = list(addresses) or _known_peers(share)
             if not targets:
                 raise BackerError("no peer known yet: give an address (HOST:PORT)")
-            openings = [transport.tcp_streams(*parse_address(t)) for t in targets]
+            openings = [
+                functools.partial(transport.tcp_streams, *parse_address(t)) for t in targets
+            ]
             outcomes = asyncio.run(_sync_over(hub, openings))
             sessions = _results(outcomes, targets)
             for target, outcome in zip(targets, outcomes, strict=True):
@@ -659,6 +673,32 @@ def stdio(directory: str) -> None:
         _check_applied(hub)
 
 
+def _find_device(share: Share, text: str) -> bytes:
+    """The member (or removed device) whose id is ``text`` or starts with it."""
+    wanted = text.strip().upper().replace("-", "")
+    if len(wanted) < 7:
+        raise BackerError(f"give a device id, or at least its first 7 characters: {text!r}")
+    if len(wanted) == 56:
+        return parse_device_id(wanted)
+    found = [k for k in share.members.names if device_id(k).replace("-", "").startswith(wanted)]
+    if len(found) != 1:
+        problem = "matches no device" if not found else "matches several devices"
+        raise BackerError(f"{text!r} {problem} of this share (see 'backer device list')")
+    return found[0]
+
+
+def _remove_device(share: Share, text: str) -> tuple[bytes, str]:
+    """Remove a device; (its key, what to tell the person)."""
+    device = _find_device(share, text)
+    name = share.members.names.get(device, "")
+    share.remove_device(device)
+    others = len(share.members.active) - 1
+    return device, (
+        f"removed device {device_id(device)} ({name}); the share key was changed and "
+        f"sealed to the {others} other remaining device(s): each gets it at its next sync"
+    )
+
+
 def _new_invite(share: Share, expires: int, addresses: tuple[str, ...]) -> tuple[bytes, str]:
     """Record a single-use invite; its id and the token text naming ``addresses``."""
     invite_id, psk = share.create_invite(expires)
@@ -667,12 +707,9 @@ def _new_invite(share: Share, expires: int, addresses: tuple[str, ...]) -> tuple
 
 async def _invite_outcome(share: Share, invite_id: bytes) -> str:
     """Wait until the invite is used (the joiner's device id) or expires (raise)."""
-    while share.invite_key(invite_id) is not None:
+    while (joiner := share.invite_outcome(invite_id)) is None:
         await asyncio.sleep(0.2)
-    found = share.catalog.invite(invite_id)
-    if found is None or found[2] is None:
-        raise BackerError("the invite expired before anyone joined")
-    return device_id(found[2])
+    return device_id(joiner)
 
 
 async def _serve(share: Share, host: str, port: int, until_joined: bytes | None = None) -> None:
@@ -694,7 +731,7 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
         _print_fresh(share)
         if hub.replicator.disk_full is not None:
             click.echo(f"backer: warning: {hub.replicator.disk_full}", err=True)
-        if until_joined is not None and share.invite_key(until_joined) is None:
+        if until_joined is not None and share.catalog.invite(until_joined)[2] is not None:
             stop.set()
 
     try:
@@ -705,6 +742,17 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
     reachable = tuple(dict.fromkeys(a for h, p in bound for a in advertised(h, p)))
 
     async def on_request(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if request.get("op") == "remove":
+            try:
+                removed, said = _remove_device(share, str(request.get("device", "")))
+            except BackerError as exc:
+                yield {"error": str(exc)}
+                return
+            hub.disconnect(removed)  # before its removal is relayed: it learns nothing new
+            hub.replicator.journal_grew()
+            hub.flush()
+            yield {"removed": said}
+            return
         if request.get("op") != "invite":
             yield {"error": f"unknown request {request.get('op')!r}"}
             return
@@ -731,6 +779,53 @@ def serve(listen: str, directory: str) -> None:
     host, port = parse_address(listen)
     with _open(directory) as share:
         asyncio.run(_serve(share, host, port))
+
+
+@cli.group()
+def device() -> None:
+    """The share's devices: list them, remove a lost or stolen one."""
+
+
+@device.command("list")
+@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def device_list(directory: str, as_json: bool) -> None:
+    """List the share's devices, removed ones included."""
+    with _open(directory, exclusive=False) as share:
+        rows = [
+            {
+                "id": device_id(k),
+                "name": name,
+                "removed": k in share.members.removed,
+                "this": k == share.device,
+            }
+            for k, name in share.members.names.items()
+        ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "removed" if row["removed"] else "member "
+        this = "  (this device)" if row.get("this") else ""
+        _say(f"{row['id']}  {state}  {row['name']}{this}")
+
+
+@device.command("remove")
+@click.argument("device_id_text", metavar="DEVICE")
+@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+def device_remove(device_id_text: str, directory: str) -> None:
+    """Remove DEVICE (its id, or its first characters as 'device list' shows them):
+    e.g. a lost or stolen laptop. Peers refuse it from then on, its later events are
+    rejected, and the share key changes for the remaining devices. While 'serve' runs
+    for the share, 'serve' does it (and drops the device's open sessions)."""
+    try:
+        share = _open(directory)
+    except ShareBusy as busy:
+        for reply in control.request(busy.root, {"op": "remove", "device": device_id_text}):
+            _say(reply["removed"])
+        return
+    with share:
+        _say(_remove_device(share, device_id_text)[1])
 
 
 @cli.command()
@@ -781,34 +876,80 @@ def invite(
             asyncio.run(_serve(share, host, port, until_joined=invite_id))
 
 
+def _read_token(token: str | None, token_file: str | None) -> InviteToken:
+    """The invite token from the argument, from stdin (``-``) or from a file."""
+    if token_file is not None:
+        try:
+            text = Path(token_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BackerError(f"cannot read the token file {token_file}: {exc}") from exc
+    elif token == "-":
+        text = sys.stdin.read()
+    elif token:
+        text = token
+    else:
+        raise BackerError("no invite token: give TOKEN, '-' to read it from stdin, or --token-file")
+    return InviteToken.decode(text)
+
+
+def _joining_share(root: Path, key: Any, invitation: InviteToken) -> Share:
+    """The share to join into: a new one, or the one an interrupted join of the same
+    share left (it is resumed: the device it admitted is welcomed again)."""
+    metadata = root / METADATA_DIR
+    if (metadata / DB_FILE).exists():
+        share = Share.open(root, key, home=home())
+        if share.root != root or share.share_id != invitation.share_id:
+            share.close()
+            raise BackerError(f"already a share: {share.root} (not the one this token invites to)")
+        return share
+    if metadata.is_dir() and not any(metadata.iterdir()):
+        metadata.rmdir()  # a join killed before it made its database
+    return Share.create(root, key, joining=(invitation.share_id, b""), home=home())
+
+
 @cli.command()
-@click.argument("token")
+@click.argument("token", required=False)
 @click.argument("directory", required=False, type=click.Path(file_okay=True))
-def join(token: str, directory: str | None) -> None:
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    help="Read the token from this file (then the only argument is DIRECTORY).",
+)
+def join(token: str | None, directory: str | None, token_file: str | None) -> None:
     """Join a share with an invite TOKEN and mirror it into DIRECTORY (default: the
-    current directory)."""
-    invitation = InviteToken.decode(token)
+    current directory).
+
+    TOKEN '-' reads the token from stdin. A TOKEN on the command line is visible to
+    other users of this machine (e.g. in 'ps') while join runs: prefer '-' or
+    --token-file. An interrupted join can be run again with the same token."""
+    if token_file is not None and token is not None:
+        if directory is not None:
+            raise BackerError("give either TOKEN or --token-file, not both")
+        token, directory = None, token
+    invitation = _read_token(token, token_file)
     root = Path(os.path.abspath(directory or "."))
     if directory is None:
         _say(f"joining into the current directory, {root}", err=True)
     root.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key()
-    share = Share.create(root, key, joining=(invitation.share_id, b""), home=home())
+    share = _joining_share(root, key, invitation)
     failures = []
     status = None
     with share:
         for address in invitation.addresses:  # one at a time: the invite is single-use
 
             def channel() -> SecureChannel:
+                if share.share_key:  # welcomed before an interruption: a member now
+                    return transport.initiator(share, key)
                 return SecureChannel(
                     key,
-                    lambda peer, header: None,  # only a member can know the invite's key
+                    invitation.check_responder,
                     header=MODE_JOIN + invitation.invite_id,
                     psk=invitation.psk,
                 )
 
             hub = transport.Hub(share, _name())
-            opening = transport.tcp_streams(*parse_address(address))
+            opening = functools.partial(transport.tcp_streams, *parse_address(address))
             outcomes = asyncio.run(_sync_over(hub, [opening], channel))
             try:
                 sessions = _results(outcomes, [address])
@@ -820,9 +961,11 @@ def join(token: str, directory: str | None) -> None:
             hint = "; joined: run 'backer sync' to finish once there is room"
             status = _report_sync(sessions, hub, as_json=False, hint=hint)
             break
+        nothing_yet = not share.share_key and not share.journal.count()
     if status is not None:
         sys.exit(status)
-    shutil.rmtree(root / METADATA_DIR, ignore_errors=True)
+    if nothing_yet:
+        shutil.rmtree(root / METADATA_DIR, ignore_errors=True)
     raise BackerError("could not join: " + "; ".join(failures or ["the token names no address"]))
 
 

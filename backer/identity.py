@@ -13,6 +13,7 @@ import base64
 import os
 from pathlib import Path
 
+import nacl.bindings
 import nacl.signing
 import platformdirs
 
@@ -84,3 +85,16 @@ def parse_device_id(text: str) -> bytes:
 def short_id(public_key: bytes) -> str:
     """The first group of the device id: enough to tell a person's devices apart."""
     return device_id(public_key)[:7]
+
+
+def curve_private(key: nacl.signing.SigningKey) -> bytes:
+    """The X25519 private key of a device (for Noise and for keys sealed to it)."""
+    return nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(bytes(key) + bytes(key.verify_key))
+
+
+def curve_public(device_key: bytes) -> bytes:
+    """The X25519 public key of a device key; ValueError if it is not a valid key."""
+    try:
+        return nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(device_key)
+    except Exception as exc:  # libsodium rejects points off the curve
+        raise ValueError("not a valid device key") from exc

@@ -13,7 +13,10 @@ import binascii
 import socket
 from dataclasses import dataclass
 
+from journal import Event
+
 from .errors import BackerError
+from .membership import EventKind, parse_invite
 
 MAGIC = b"BKI1"
 
@@ -45,6 +48,27 @@ class InviteToken:
         except UnicodeDecodeError as exc:
             raise BackerError("not an invite token (bad addresses)") from exc
         return cls(body[:16], body[16:32], body[32:64], body[64:96], addresses)
+
+    def check_responder(self, peer: bytes, header: bytes, proof: bytes) -> str | None:
+        """A joiner accepts the inviter, or a device that shows the inviter's signed
+        event for this invite (a member that has seen it); anyone else who merely knows
+        the one-time key (any holder of the token) could serve a fake share."""
+        if peer == self.inviter or self._signed_by_inviter(proof):
+            return None
+        return "the peer is not the inviter and shows no invite signed by it: refused"
+
+    def _signed_by_inviter(self, raw: bytes) -> bool:
+        try:
+            event = Event.decode(raw)
+            event.verify()
+        except ValueError:
+            return False
+        invite_id, psk, _ = parse_invite(event.payload)
+        return (
+            event.author == self.inviter
+            and event.kind == EventKind.INVITE
+            and (invite_id, psk) == (self.invite_id, self.psk)
+        )
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -411,8 +411,10 @@ class Session:
     def push(self) -> list[Message]:
         """Events this device holds that the peer has not been sent: its own new local
         changes, resolutions, or events another session brought in. Sessions are
-        long-lived: call this whenever the journal grows."""
-        if self.peer_lengths is None:
+        long-lived: call this whenever the journal grows. Nothing to a removed device."""
+        if self.peer_lengths is None or (
+            self.peer is not None and self.peer not in self.share.members
+        ):
             return []
         ranges = []
         for author, checkpoint in self.share.journal.summary().items():

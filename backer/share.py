@@ -35,7 +35,7 @@ from journal import (
 )
 from journal.event import MAX_PAYLOAD
 
-from . import entropy, recovery
+from . import entropy, membership, recovery
 from .catalog import Catalog, LocalEntry, Problem
 from .chunks import ChunkStore
 from .content import Manifest
@@ -55,11 +55,14 @@ from .membership import (
     NO_INVITE,
     SHARE_ID_BYTES,
     EventKind,
-    admitted,
+    Members,
     genesis_payload,
     invite_payload,
+    key_payload,
     member_payload,
+    open_key,
     parse_invite,
+    remove_payload,
 )
 from .paths import METADATA_DIR, is_valid
 from .records import MAX_TIME_MS, Kind, Version, new_version_id, split_key
@@ -101,6 +104,7 @@ def find_root(start: Path) -> Path | None:
     return None
 
 
+REVOKED = bytes(32)  # the "user" of an invite revoked by a removal
 WAITING_FOR_GENESIS = "this device has not received the share's history yet: sync first"
 
 
@@ -209,6 +213,7 @@ class Share:
             _check_db(self.db)
             self.journal = Journal(self.db)
             self.catalog = Catalog(self.db)
+            self.members = Members(*self.catalog.member_table())
             new_bindings = self._create_bindings()
             self._doc_position = self._load_snapshot()
             if new_bindings:
@@ -268,9 +273,41 @@ class Share:
 
     def admit(self, device_key: bytes, name: str, invite_id: bytes = NO_INVITE) -> Event:
         """Add a device to the share's members (a MEMBER_ADD event signed by us)."""
-        if not self.is_member(self.device):
+        if self.device not in self.members:
             raise BackerError("only a member can admit another device")
+        if device_key in self.members.names:
+            raise BackerError(
+                "that device was admitted before (a removed device cannot be admitted again: "
+                "it needs a new key)"
+            )
+        if self.members.full:
+            raise BackerError(
+                f"the share has admitted its maximum of {membership.MAX_MEMBERS} devices"
+            )
         return self._append(EventKind.MEMBER_ADD, member_payload(device_key, name, invite_id))
+
+    def admit_joiner(self, device_key: bytes, invite_id: bytes) -> None:
+        """Admit a device that proved an invite's key. The invite is marked used in one
+        transaction before the admission, so of two joiners racing on one token exactly
+        one gets in; the device that used it may come back (an interrupted join)."""
+        if self.own_events_missing:
+            raise BackerError(self.behind_itself)
+        if self.members.full:
+            raise BackerError(
+                f"the share has admitted its maximum of {membership.MAX_MEMBERS} devices"
+            )
+        with self.db.conn:
+            claimed = self.catalog.use_invite(invite_id, device_key, time.time_ns() // 1_000_000)
+        if claimed:
+            name = f"joined with invite {invite_id[:4].hex()}"
+            self._append(EventKind.MEMBER_ADD, member_payload(device_key, name, invite_id))
+            return
+        found = self.catalog.invite(invite_id)
+        if found is not None and found[2] == device_key and device_key in self.members:
+            return  # it was admitted with this invite and is back for the rest of the join
+        if found is None or found[2] is None:
+            raise BackerError("this invite has expired")
+        raise BackerError("this invite has already been used")
 
     def create_invite(self, lifetime_s: int) -> tuple[bytes, bytes]:
         """A single-use invite, valid ``lifetime_s`` seconds: (invite id, one-time key)."""
@@ -280,14 +317,82 @@ class Share:
         return invite_id, psk
 
     def invite_key(self, invite_id: bytes) -> bytes | None:
-        """The one-time key of a valid invite (known, unused, unexpired), else None."""
+        """The one-time key a joiner may use: that of an invite still valid, or of one a
+        device already used (it may be back to finish its join; :meth:`admit_joiner`
+        then checks it is the same device)."""
         found = self.catalog.invite(invite_id)
         if found is None:
             return None
         psk, expires_ms, used_by = found
-        if used_by is not None or expires_ms < time.time_ns() // 1_000_000:
+        if used_by == REVOKED or (used_by is None and expires_ms < time.time_ns() // 1_000_000):
             return None
         return psk
+
+    def invite_outcome(self, invite_id: bytes) -> bytes | None:
+        """The device that used an invite; None while it is still valid and unused;
+        raise once it expired or was revoked."""
+        found = self.catalog.invite(invite_id)
+        if found is None:
+            raise BackerError("unknown invite")
+        _, expires_ms, used_by = found
+        if used_by == REVOKED:
+            raise BackerError("the invite was revoked when a device was removed")
+        if used_by is None and expires_ms < time.time_ns() // 1_000_000:
+            raise BackerError("the invite expired before anyone joined")
+        return used_by
+
+    # -- removal and share keys --------------------------------------------------------
+
+    def remove_device(self, device_key: bytes) -> None:
+        """Remove a device: its events from here on are refused everywhere this removal
+        reaches, unused invites are revoked, and a new share key is sealed to each
+        remaining member (one journal append, so neither happens without the other)."""
+        if device_key == self.device:
+            raise BackerError("a device cannot remove itself: remove it from another device")
+        refusal = self.members.refusal(device_key)
+        if refusal is not None:
+            raise BackerError(f"cannot remove that device: {refusal}")
+        kept = self.journal.length(device_key)
+        remaining = [d for d in self.members.active if d != device_key]  # admission order
+        epoch = self.key_epoch + 1
+        self._append_all(
+            [
+                (EventKind.MEMBER_REMOVE, remove_payload(device_key, kept)),
+                (EventKind.KEY, key_payload(epoch, entropy.token(32), remaining)),
+            ]
+        )
+
+    @property
+    def key_epoch(self) -> int:
+        rank = self.catalog.get_meta("key_rank") or bytes(4)
+        return int.from_bytes(rank[:4], "big")
+
+    @property
+    def share_keys(self) -> list[bytes]:
+        """Every share key this device holds, the current one first: a responder accepts
+        any of them from a member (see docs/decisions.md)."""
+        older = self.catalog.get_meta("old_share_keys") or b""
+        keys = [self.share_key, *(older[i : i + 32] for i in range(0, len(older), 32))]
+        return [k for k in keys if k]
+
+    def _take_key(self, event: Event) -> None:
+        """A KEY event sealed to us: its key becomes current if it ranks above ours
+        (epoch, then event id: the same choice on every device), else an older one."""
+        opened = open_key(event.payload, self.key)
+        if opened is None:
+            return
+        epoch, key = opened
+        keys = self.share_keys
+        if key in keys:
+            return
+        rank = epoch.to_bytes(4, "big") + event.id
+        if rank > (self.catalog.get_meta("key_rank") or b""):
+            keys.insert(0, key)
+            self.catalog.set_meta("key_rank", rank)
+        else:
+            keys.insert(1, key)
+        self.catalog.set_meta("share_key", keys[0])
+        self.catalog.set_meta("old_share_keys", b"".join(keys[1:]))
 
     @classmethod
     def open(
@@ -459,15 +564,21 @@ class Share:
     ) -> None:
         """Fold one stored event into the catalog (inside the caller's transaction)."""
         self._claim(clients, event.author)
-        members = self.catalog.members()
-        admission = admitted(event, members)
+        admission = self.members.admitted(event)
         if admission is not None:
             device_key, name, invite_id = admission
-            self.catalog.add_member(device_key, name, event.author)
+            self.catalog.add_member(device_key, name, event.author, event.seq)
+            self.members.names[device_key] = name
             if invite_id != NO_INVITE:
                 self.catalog.use_invite(invite_id, device_key)
-        if event.kind == EventKind.INVITE and event.author in members:
-            self.catalog.add_invite(*parse_invite(event.payload))
+        removal = self.members.removal(event)
+        if removal is not None:
+            self._remove(*removal, event)
+        if self.members.valid_author(event.author, event.seq):
+            if event.kind == EventKind.INVITE:
+                self.catalog.add_invite(*parse_invite(event.payload), event.raw)
+            elif event.kind == EventKind.KEY:
+                self._take_key(event)
         if delta:
             for key in [k for k in delta.added if not is_valid(split_key(k)[0])]:
                 del delta.added[key]
@@ -475,16 +586,41 @@ class Share:
             self.catalog.apply_delta(delta, event.author, position)
         self.catalog.set_meta("catalog_position", position)
 
+    def _remove(self, device: bytes, kept: int, event: Event) -> None:
+        """Apply a removal: what the device signed from its removal point on no longer
+        counts, so admissions and removals it made there (reaching us before the news
+        of its removal) are undone; unused invites are revoked (it knows their keys)."""
+        self.catalog.remove_member(device, kept, event.author, event.seq)
+        self.members.removed[device] = kept
+        restored, dropped = self.catalog.undo_member_changes(device, kept)
+        for key in restored:
+            self.members.removed.pop(key, None)
+        for key in dropped:
+            self.members.names.pop(key, None)
+            self.members.removed.pop(key, None)
+        self.catalog.revoke_invites(REVOKED)
+
     def _append(self, kind: EventKind, payload: bytes, delta: Delta | None = None) -> Event:
+        return self._append_all([(kind, payload)], delta)
+
+    def _append_all(
+        self, entries: list[tuple[EventKind, bytes]], delta: Delta | None = None
+    ) -> Event:
+        """Sign ``entries`` onto our log in one append (``delta``: of a single STATE
+        entry); fold them into the catalog; return the last event."""
         if self.own_events_missing:
             raise BackerError(self.behind_itself)
-        (event,) = self.journal.append(self.key, [(kind, payload)], entropy.now_ms())
-        clients = parse_update(payload).clients if kind == EventKind.STATE else {}
+        events = self.journal.append(self.key, entries, entropy.now_ms())
+        position = self.journal.position() - len(events)
         with self.db.conn:
-            self._record(self.journal.position(), event, delta or Delta(), clients)
+            for event in events:
+                position += 1
+                state = event.kind == EventKind.STATE
+                clients = parse_update(event.payload).clients if state else {}
+                self._record(position, event, delta or Delta(), clients)
         if self.home is not None:
-            recovery.record_own_length(self.home, self.share_id, event.seq + 1)
-        return event
+            recovery.record_own_length(self.home, self.share_id, events[-1].seq + 1)
+        return events[-1]
 
     # -- a share restored from an older copy -------------------------------------------
 
@@ -528,7 +664,20 @@ class Share:
         return lost
 
     def is_member(self, author: bytes) -> bool:
-        return author in self.catalog.members()
+        return author in self.members
+
+    def _within_removal(
+        self, raws: list[bytes], checkpoint: Checkpoint | None
+    ) -> tuple[list[bytes], Checkpoint | None]:
+        """A removed author's run cut to the events made before its removal point (a
+        peer that got the rest before it learned of the removal may still send them)."""
+        kept = self.members.removed.get(Event.decode(raws[0]).author) if raws else None
+        if kept is None:
+            return raws, checkpoint
+        raws = [raw for raw in raws if Event.decode(raw).seq < kept]
+        if checkpoint is not None and checkpoint.length > kept:
+            checkpoint = None  # each kept event's own signature is checked instead
+        return raws, checkpoint
 
     # -- remote changes ----------------------------------------------------------------
 
@@ -538,7 +687,7 @@ class Share:
         A device that holds no journal yet (a joiner) accepts only a log that starts
         with this share's GENESIS event.
         """
-        members = self.catalog.members()
+        members = self.members
         if not members:
             first = Event.decode(raws[0]) if raws else None
             founding = (
@@ -549,6 +698,7 @@ class Share:
             )
             if not founding:
                 raise RejectedBatch("a new device must first receive the share's genesis")
+        raws, checkpoint = self._within_removal(raws, checkpoint)
         held = self.journal.quarantine_starts()
         checked: list[tuple[Delta, set[int]]] = []
 
@@ -567,7 +717,7 @@ class Share:
 
         try:
             result = self.journal.ingest(
-                raws, checkpoint, lambda author: not members or author in members, admit
+                raws, checkpoint, lambda author: not members or author in members.names, admit
             )
         except sqlite3.Error:
             self._reload_state()
@@ -673,7 +823,7 @@ class Share:
         local = self.catalog.local_entries()
         found = observe(self.root, local, self._recorded_content, progress)
         waiting = self.behind_itself if self.own_events_missing else None
-        if not self.catalog.members():  # a joiner: its log must not start before genesis,
+        if not self.members:  # a joiner: its log must not start before genesis,
             waiting = WAITING_FOR_GENESIS  # or it could not be relayed
         if waiting is not None:  # record nothing; still say where chunks are for peers
             with self.db.conn:

@@ -154,6 +154,10 @@ class Streams:
     spoke: float = field(default_factory=time.monotonic)  # when we last wrote
     exit_status: Callable[[], Awaitable[int | None]] | None = None  # of a child at the other end
 
+    def abort(self) -> None:
+        """Close at once, dropping unsent data (``close`` would still send it)."""
+        self.writer.transport.abort()
+
 
 def _write(streams: Streams, data: bytes) -> None:
     if data:
@@ -173,10 +177,18 @@ class Hub:
         self.limits = limits or Limits.from_env()
         self.replicator = Replicator(share)
         self._flushers: dict[Session, Callable[[], None]] = {}
+        self._closers: dict[Session, Callable[[], None]] = {}
 
     def flush(self) -> None:
         for flush in list(self._flushers.values()):
             flush()
+
+    def disconnect(self, device: bytes) -> None:
+        """Drop every open session with ``device`` at once, unsent data included (it
+        was just removed from the share)."""
+        for session, close in list(self._closers.items()):
+            if session.peer == device:
+                close()
 
     def scan(self) -> None:
         """Scan the share; relay whatever it recorded to every open session."""
@@ -189,10 +201,8 @@ class Hub:
         """Responder side once the channel is up: admit a joiner, then sync."""
         assert channel.peer is not None
         joining = channel.header[:1] == MODE_JOIN
-        if joining and not self.share.is_member(channel.peer):
-            self.share.admit(
-                channel.peer, f"joined with invite {channel.header[1:5].hex()}", channel.header[1:]
-            )
+        if joining:
+            self.share.admit_joiner(channel.peer, channel.header[1:])
             self.replicator.journal_grew()
         self.scan()
         return Session(
@@ -321,6 +331,7 @@ class Hub:
                         session.lazy = True
                         session.outbox[:0] = session.start()
                         self._flushers[session] = flush
+                        self._closers[session] = streams.abort
                     if session is not None:
                         for message in frames.feed(plaintext):
                             replies = session.receive(message)  # drains the outbox: then
@@ -363,6 +374,7 @@ class Hub:
             stop_awaiting()
             if session is not None:
                 self._flushers.pop(session, None)
+                self._closers.pop(session, None)
                 session.close()
                 session.stats.wire_bytes_received = streams.received
                 session.stats.wire_bytes_sent = streams.sent
@@ -424,32 +436,44 @@ class Listener:
 # -- the two ends -------------------------------------------------------------------------
 
 
-def initiator(share: Share, key: nacl.signing.SigningKey) -> SecureChannel:
-    """A channel that asks to sync the share with a member."""
+def initiator(share: Share, key: nacl.signing.SigningKey, psk: bytes = b"") -> SecureChannel:
+    """A channel that asks to sync the share with a member, with ``psk`` (one of the
+    share keys; default: the current one)."""
+    if not share.share_key:
+        raise BackerError(
+            "this device has not finished joining the share: run 'backer join' again "
+            "with the same token"
+        )
 
-    def check(peer: bytes, header: bytes) -> str | None:
-        return None if share.is_member(peer) else "the peer is not a member of this share"
+    def check(peer: bytes, header: bytes, proof: bytes) -> str | None:
+        if peer in share.members:
+            return None
+        if peer in share.members.removed:
+            return "the peer was removed from this share"
+        return "the peer is not a member of this share"
 
-    return SecureChannel(key, check, header=MODE_SYNC + share.share_id, psk=share.share_key)
+    return SecureChannel(key, check, header=MODE_SYNC + share.share_id, psk=psk or share.share_key)
 
 
 def responder(share: Share, key: nacl.signing.SigningKey) -> SecureChannel:
-    """A channel that accepts members with the share key, or a joiner with a valid invite."""
+    """A channel that accepts members with any share key we hold (removed devices are
+    refused by their device key), or a joiner with an invite (checked by :meth:`Hub.accept`);
+    to a joiner it proves the invite with the inviter's signed invite event."""
 
-    def lookup(header: bytes) -> bytes | None:
+    def lookup(header: bytes) -> list[bytes]:
         mode, ident = header[:1], header[1:HEADER_LEN]
         if mode == MODE_SYNC and ident == share.share_id:
-            return share.share_key
-        if mode == MODE_JOIN:
-            return share.invite_key(ident)
-        return None
+            return share.share_keys
+        psk = share.invite_key(ident) if mode == MODE_JOIN else None
+        return [psk] if psk else []
 
-    def check(peer: bytes, header: bytes) -> str | None:
-        if header[:1] == MODE_JOIN or share.is_member(peer):
-            return None
-        return "not a member of this share"
+    def check(peer: bytes, header: bytes, proof: bytes) -> str | None:
+        return None if header[:1] == MODE_JOIN else share.members.refusal(peer)
 
-    return SecureChannel(key, check, lookup_psk=lookup)
+    def proof(header: bytes) -> bytes:
+        return share.catalog.invite_event(header[1:]) if header[:1] == MODE_JOIN else b""
+
+    return SecureChannel(key, check, lookup_psk=lookup, proof=proof)
 
 
 # -- streams --------------------------------------------------------------------------------

@@ -138,7 +138,10 @@ def test_serve_drops_garbage_wrong_keys_and_outsiders_and_keeps_serving(tmp_path
         async def attempt() -> None:
             streams = await transport.tcp_streams("127.0.0.1", port)
             channel = transport.SecureChannel(
-                outsider.key, lambda peer, header: None, header=b"S" + share_id, psk=share_key
+                outsider.key,
+                lambda peer, header, proof: None,
+                header=b"S" + share_id,
+                psk=share_key,
             )
             hub = transport.Hub(outsider, "x")
             await hub.run(streams, channel, hub.connect, True)

@@ -17,11 +17,11 @@ def pair(initiator_psk: bytes, responder_psk: bytes, members: set[bytes]):
     alice, bob = nacl.signing.SigningKey.generate(), nacl.signing.SigningKey.generate()
     members = members or {bytes(alice.verify_key), bytes(bob.verify_key)}
 
-    def check(peer: bytes, header: bytes) -> str | None:
+    def check(peer: bytes, header: bytes, proof: bytes) -> str | None:
         return None if peer in members else "not a member of this share"
 
     client = SecureChannel(alice, check, header=HEADER, psk=initiator_psk)
-    server = SecureChannel(bob, check, lookup_psk=lambda h: responder_psk if h == HEADER else None)
+    server = SecureChannel(bob, check, lookup_psk=lambda h: [responder_psk] if h == HEADER else [])
     return alice, bob, client, server
 
 
