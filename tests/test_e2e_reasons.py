@@ -26,7 +26,7 @@ def _one_error_line(stderr: str, expected: str) -> None:
     assert "internal error" not in stderr and "SessionClosed" not in stderr, stderr
 
 
-def test_issue_9_item_12_a_used_token_reads_unknown_invite(tmp_path: Path) -> None:
+def test_issue_9_item_12_a_used_token_reads_already_used(tmp_path: Path) -> None:
     a, port = _founder(tmp_path)
     token = invite(a, f"127.0.0.1:{port}")
     b, c = Device(tmp_path, "b"), Device(tmp_path, "c")
@@ -34,8 +34,8 @@ def test_issue_9_item_12_a_used_token_reads_unknown_invite(tmp_path: Path) -> No
         b.run("join", token, str(b.root))
         result = c.run("join", token, str(c.root), check=False)
     assert result.returncode == 1
-    _one_error_line(result.stderr, "the peer refused: unknown share or invite")
-    assert "unknown share or invite" in a.serve_log
+    _one_error_line(result.stderr, "this invite has already been used")
+    assert "this invite has already been used" in a.serve_log
 
 
 def test_issue_9_item_12_a_garbled_token_secret_reads_handshake_failed(tmp_path: Path) -> None:
