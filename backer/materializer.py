@@ -65,13 +65,17 @@ class Resolution:
 
 
 def conflict_path(path: str, version: Version) -> str:
-    """``dir/name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext``, from the version's own data."""
+    """``dir/name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext``, from the version's own data;
+    the stem (then the extension) is cut so that the name fits NAME_MAX bytes."""
     parent, _, name = path.rpartition("/")
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
     stamp = timestamp(version.time_ms, "%Y%m%d-%H%M%S")
     device = base64.b32encode(version.device).decode()[:7]
-    copy = f"{stem}.sync-conflict-{stamp}-{device}{ext}"
+    mark = f".sync-conflict-{stamp}-{device}"
+    if len(os.fsencode(mark + ext)) > NAME_MAX // 2:
+        stem, ext = name, ""  # an extension that long is part of the name
+    copy = _fitted(stem, mark + ext)
     return f"{parent}/{copy}" if parent else copy
 
 
@@ -186,6 +190,14 @@ class Operation:
     path: str
     version_id: str
     version: Version
+    on_disk: str | None = None  # the version recorded here when planned ("": none)
+
+    def still_planned(self, cached: LocalEntry | None) -> None:
+        """Raise LocalEdit if a scan recorded another version here since the plan: the
+        operation was decided against what the disk held then, never against a newer
+        local version."""
+        if self.on_disk is not None and (cached.version_id if cached else "") != self.on_disk:
+            raise LocalEdit(self.path)
 
 
 def plan(catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None) -> list[Operation]:
@@ -203,15 +215,17 @@ def plan(catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None) 
             continue
         if cached is not None and cached.version_id == vid:
             continue
+        on_disk = cached.version_id if cached is not None else ""
         if version.kind == Kind.DELETED:
             if cached is not None:
-                deletions.append(Operation(path, vid, version))
+                deletions.append(Operation(path, vid, version, on_disk))
         else:
-            writes.append(Operation(path, vid, version))
+            writes.append(Operation(path, vid, version, on_disk))
     for path, cached in local.items():  # nothing live here any more (moved to a copy)
         if excluded is not None and excluded(path, stat.S_ISDIR(cached.mode)):
             continue
-        deletions.append(Operation(path, cached.version_id, Version(Kind.DELETED)))
+        gone = Version(Kind.DELETED)
+        deletions.append(Operation(path, cached.version_id, gone, cached.version_id))
     return sorted(writes, key=lambda op: op.path) + sorted(
         deletions, key=lambda op: op.path, reverse=True
     )
@@ -606,7 +620,9 @@ class Assembly:
             if op.version.kind == Kind.DELETED:
                 with _reported(op.path, report):
                     check(op.path)
-                    materializer._delete(op, local.get(op.path), report, deleted_from)
+                    cached = local.get(op.path)
+                    op.still_planned(cached)
+                    materializer._delete(op, cached, report, deleted_from)
                 continue
             staged = self.staged.pop(op.path, None)
             if staged is None:
@@ -671,6 +687,7 @@ class Materializer:
                     with _reported(op.path, assembly.report):
                         check(op.path)
                         cached = local.get(op.path)
+                        op.still_planned(cached)
                         if op.version.kind == Kind.DIRECTORY:
                             self._make_directory(op, cached)
                         else:

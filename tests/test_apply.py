@@ -147,3 +147,48 @@ def test_a_symlink_keeps_its_own_modification_time(tmp_path: Path) -> None:
     assert tree(a.root) == tree(b.root)
     assert (b.root / "link").lstat().st_mtime_ns == 1_500_000_000_000_000_000
     assert (b.root / "target.txt").stat().st_mtime_ns == (a.root / "target.txt").stat().st_mtime_ns
+
+
+def test_a_deletion_planned_before_a_scan_never_removes_the_version_that_scan_recorded(
+    tmp_path: Path,
+) -> None:
+    """Deletions re-read the scan cache when applied: a file edited and scanned after
+    the plan was deleted with its newer version (found by the simulations' strict check)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f.txt").write_text("v1")
+    sync(a, b)
+    (a.root / "f.txt").unlink()
+    (a.root / "g.bin").write_bytes(os.urandom(300_000))  # a window that waits for chunks
+    a.scan()
+    b.scan()
+    left, right = Session(a, "a"), Session(b, "b")
+    links = Links([(left, right)])
+    for _ in range(100):
+        if right.replicator.chunks_asked:
+            break
+        links.step()
+    assert right.replicator.chunks_asked
+    (b.root / "f.txt").write_text("edited on b after the plan")
+    assert b.scan().added == ["f.txt"]  # (live is the deletion, so it counts as added)
+    links.run()
+    assert not [r for r in right.replicator.reports if "f.txt" in r.deleted + r.written]
+    assert (b.root / "f.txt").read_text() == "edited on b after the plan"
+    sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert (a.root / "f.txt").read_text() == "edited on b after the plan"
+
+
+def test_a_conflict_on_a_255_byte_name_gets_a_copy_that_fits_name_max(tmp_path: Path) -> None:
+    """The copy's name added 33 bytes to the original's: it could never be written."""
+    a, b = make_devices(tmp_path, 2)
+    name = "ü" * 120 + "n" * 11 + ".txt"  # 255 bytes
+    (a.root / name).write_text("base")
+    sync(a, b)
+    (a.root / name).write_text("edited on a")
+    (b.root / name).write_text("edited on b, longer")
+    sync(a, b)
+    _, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    (copy,) = [p for p in tree(a.root) if ".sync-conflict-" in p]
+    assert len(os.fsencode(copy)) <= 255 and copy.endswith(".txt")
+    assert not [r.errors for r in right.replicator.reports if r.errors]
