@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 from backer.content import manifest_of_bytes
 from backer.identity import load_or_create_key
@@ -143,7 +144,6 @@ def test_finding_4_slow_unauthenticated_connections_do_not_keep_a_member_out(
     assert len(log.splitlines()) < 50 and "Traceback" not in log, log[:2000]
 
 
-
 def _member_connection(
     share: Share, port: int, opening: list[Message] | None = None, buffer: int | None = None
 ) -> tuple[socket.socket, SecureChannel]:
@@ -221,28 +221,47 @@ def test_issue_9_item_8_a_suspended_peer_is_detected_within_the_deadline(tmp_pat
     assert took < 6 + 5, took
 
 
-def test_finding_12_a_peer_that_never_answers_requests_is_dropped(
-    tmp_path: Path, monkeypatch
-) -> None:
-    a, b, port = _pair(tmp_path)
-    (a.root / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
-    # a runs in this process: it pings, but takes chunk requests and never answers them
-    monkeypatch.setattr(Session, "_on_wantchunks", lambda self, message: [])
+@contextlib.contextmanager
+def serving_here(
+    device: Device, port: int, limits: Limits, log: list[str], send_buffer: int | None = None
+) -> Iterator[None]:
+    """``device`` served from this process (so that a test can change how its sessions
+    behave), in a thread of its own; ``send_buffer``: each connection's send buffer size."""
     stop = threading.Event()
 
     async def serve() -> None:
-        with Share.open(a.root, load_or_create_key(a.home), home=a.home) as share:
-            hub = Hub(share, "a", Limits(keepalive_s=0.2))
-            listener = Listener(hub, print)
-            server = await asyncio.start_server(listener.handle, "127.0.0.1", port)
+        with Share.open(device.root, load_or_create_key(device.home), home=device.home) as share:
+            listener = Listener(Hub(share, device.root.name, limits), log.append)
+
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                if send_buffer is not None:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+                await listener.handle(reader, writer)
+
+            server = await asyncio.start_server(handle, "127.0.0.1", port)
             async with server:
                 while not stop.is_set():
                     await asyncio.sleep(0.05)
 
     thread = threading.Thread(target=asyncio.run, args=(serve(),))
     thread.start()
+    time.sleep(0.5)
     try:
-        time.sleep(0.5)
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_finding_12_a_peer_that_never_answers_requests_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, port = _pair(tmp_path)
+    (a.root / "big.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    # a runs in this process: it pings, but takes chunk requests and never answers them
+    monkeypatch.setattr(Session, "_on_wantchunks", lambda self, message: [])
+    with serving_here(a, port, Limits(keepalive_s=0.2), []):
         started = time.monotonic()
         env = {**b.env, "BACKER_TIME_SCALE": "0.05"}  # no answer for 6 s: unresponsive
         result = subprocess.run(
@@ -253,12 +272,41 @@ def test_finding_12_a_peer_that_never_answers_requests_is_dropped(
             timeout=60,
         )
         took = time.monotonic() - started
-    finally:
-        stop.set()
-        thread.join()
     assert result.returncode == 1, result.stderr
     assert "peer unresponsive: no answer to a request for 6 s" in result.stderr, result.stderr
     assert took < 6 + 5, took
+
+
+def test_finding_12_what_a_silent_peer_was_asked_comes_from_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, port = _pair(tmp_path)
+    c = Device(tmp_path, "c")
+    token = invite(a, f"127.0.0.1:{port}")
+    data = os.urandom(8 * 1024 * 1024)
+    with serving(a, port):
+        c.run("join", token, str(c.root))
+        b.sync(f"127.0.0.1:{port}")  # b learns that c is a member
+        (a.root / "big.bin").write_bytes(data)
+        c.sync(f"127.0.0.1:{port}")
+    assert (c.root / "big.bin").read_bytes() == data
+    monkeypatch.setattr(Session, "_on_wantchunks", lambda self, message: [])  # c: silent
+    c_port = free_port()
+    with (
+        serving(a, port, BACKER_TIME_SCALE="0.05"),
+        serving_here(c, c_port, Limits(keepalive_s=0.2), []),
+    ):
+        env = {**b.env, "BACKER_TIME_SCALE": "0.05"}
+        result = subprocess.run(
+            b.command("sync", f"127.0.0.1:{port}", f"127.0.0.1:{c_port}", "--dir", str(b.root)),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    assert f"127.0.0.1:{c_port}: sync failed: peer unresponsive" in result.stderr
+    assert (b.root / "big.bin").read_bytes() == data
 
 
 def test_finding_14_a_member_that_pings_but_never_reads_is_dropped(tmp_path: Path) -> None:
@@ -266,43 +314,21 @@ def test_finding_14_a_member_that_pings_but_never_reads_is_dropped(tmp_path: Pat
     for n in range(3000):  # ~330 KB of events for a peer that says it has none
         (a.root / f"f{n}.txt").write_text(str(n))
     lines: list[str] = []
-    stop = threading.Event()
-
-    async def serve() -> None:
-        with Share.open(a.root, load_or_create_key(a.home), home=a.home) as share:
-            hub = Hub(share, "a", Limits(keepalive_s=0.2, idle_s=2))
-            listener = Listener(hub, lines.append)
-
-            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                writer.get_extra_info("socket").setsockopt(
-                    socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
-                )
-                await listener.handle(reader, writer)
-
-            server = await asyncio.start_server(handle, "127.0.0.1", port)
-            async with server:
-                while not stop.is_set():
-                    await asyncio.sleep(0.05)
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),))
-    thread.start()
-    try:
-        time.sleep(0.5)
-        with Share.open(b.root, load_or_create_key(b.home), exclusive=False, home=b.home) as share:
-            opening: list[Message] = [Hello(PROTOCOL_VERSION, b"reader"), Summary([], 0)]
-            sock, channel = _member_connection(share, port, opening, buffer=4096)
-            started = time.monotonic()
-            for _ in range(200):  # it talks, so it is not silent; it never reads
-                if any("does not read" in line for line in lines):
-                    break
-                channel.send(Ping().encode())
-                with contextlib.suppress(OSError):
-                    sock.sendall(channel.data_to_send())
-                time.sleep(0.1)
-            took = time.monotonic() - started
-            sock.close()
-    finally:
-        stop.set()
-        thread.join()
+    with (
+        serving_here(a, port, Limits(keepalive_s=0.2, idle_s=2), lines, send_buffer=4096),
+        Share.open(b.root, load_or_create_key(b.home), exclusive=False, home=b.home) as share,
+    ):
+        opening: list[Message] = [Hello(PROTOCOL_VERSION, b"reader"), Summary([], 0)]
+        sock, channel = _member_connection(share, port, opening, buffer=4096)
+        started = time.monotonic()
+        for _ in range(200):  # it talks, so it is not silent; it never reads
+            if any("does not read" in line for line in lines):
+                break
+            channel.send(Ping().encode())
+            with contextlib.suppress(OSError):
+                sock.sendall(channel.data_to_send())
+            time.sleep(0.1)
+        took = time.monotonic() - started
+        sock.close()
     assert any("the peer does not read" in line for line in lines), lines
     assert took < 2 + 5, took
