@@ -720,7 +720,7 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     hub = transport.Hub(share, _name())
-    listener = transport.Listener(hub, lambda line: click.echo(line, err=True))
+    listener = transport.Listener(hub, lambda line: _say(line, err=True))
     listener.install(loop)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
