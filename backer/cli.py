@@ -377,6 +377,7 @@ def log(
     since_ms = _parse_time(since_text, "--since") if since_text else 0
     with _open(directory, exclusive=False) as share:
         wanted = _share_path(share, path) if path else ""
+        wanted = _recorded_path(share, wanted) if wanted else ""  # either Unicode spelling
         events = [(p, e) for p, e in share.journal.since(0) if e.time_ms >= since_ms]
         lines: list[dict[str, Any]] = []
         for position, event in reversed(events):  # newest first, so --limit stops early

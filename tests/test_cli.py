@@ -217,6 +217,8 @@ def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_curre
     run_cli("scan", cwd=root)
     typed = unicodedata.normalize("NFC", name)  # as a person types it
     first, second = json.loads(run_cli("history", typed, "--json", cwd=root).stdout)
+    assert len(json.loads(run_cli("log", typed, "--json", cwd=root).stdout)) == 2
+    assert json.loads(run_cli("log", ".", "--json", cwd=root).stdout)[0]["kind"] == "genesis"
     out = run_cli("restore", typed, "--version", first["version"], cwd=root)
     assert f"restored {name} to version {first['version']}" in out.stdout
     assert (root / name).read_text() == "first draft\n"
