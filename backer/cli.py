@@ -893,10 +893,29 @@ def _read_token(token: str | None, token_file: str | None) -> InviteToken:
     return InviteToken.decode(text)
 
 
+def _unfinished_create(path: Path) -> bool:
+    """Whether a share database was cut short while being made: no journal yet and no
+    share id (a share that ever held an event has its journal tables)."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+            if "events" in tables:
+                return False
+            if "meta" not in tables:
+                return True
+            return db.execute("SELECT 1 FROM meta WHERE key = 'share_id'").fetchone() is None
+    except sqlite3.DatabaseError:
+        return False
+
+
 def _joining_share(root: Path, key: Any, invitation: InviteToken) -> Share:
     """The share to join into: a new one, or the one an interrupted join of the same
     share left (it is resumed: the device it admitted is welcomed again)."""
     metadata = root / METADATA_DIR
+    if (metadata / DB_FILE).exists() and _unfinished_create(metadata / DB_FILE):
+        for leftover in metadata.iterdir():  # a join killed while it made its database
+            if leftover.name.startswith(DB_FILE) or leftover.name == "lock":
+                leftover.unlink()
     if (metadata / DB_FILE).exists():
         share = Share.open(root, key, home=home())
         if share.root != root or share.share_id != invitation.share_id:

@@ -1,17 +1,27 @@
 """Ask the process that holds a share to act on it: the control channel.
 
 Only one process may change a share at a time (its lock). A command that must change
-the share while ``serve`` holds it — ``invite`` — sends its request to ``serve``
-instead: over TCP on 127.0.0.1, to the port written with a random secret in
-``.backer/control`` (mode 0600, so only the share's owner can read it). One JSON object
-per line each way; the request carries the secret, the server answers with one or more
-lines and closes.
+the share while ``serve`` holds it — ``invite``, ``device remove`` — sends its request
+to ``serve`` instead: over TCP on 127.0.0.1, to the port written with a random secret
+and ``serve``'s pid in ``.backer/control`` (mode 0600, so only the share's owner can
+read it). One JSON object per line each way:
+
+1. the server sends a challenge (a random nonce);
+2. the client sends its request with its own nonce and an HMAC of both nonces under
+   the secret (the secret itself never crosses the socket);
+3. the server answers first with an HMAC of both nonces the other way round, then its
+   replies, and closes.
+
+Each side thus proves it knows the secret, so a local process that took the port of a
+``serve`` that died cannot answer ``invite`` with a token of its choosing; and a
+control file whose pid is not alive is removed as stale.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import os
@@ -31,30 +41,51 @@ Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` (mode 0600) by a fresh temp file: never through a link left there."""
     temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    temp.unlink(missing_ok=True)  # a crash's leftover, or a link: removed, not followed
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     os.replace(temp, path)
 
 
+def _proof(secret: str, who: bytes, first: str, second: str) -> str:
+    """What proves knowledge of the secret for this pair of nonces, from ``who``."""
+    message = who + bytes.fromhex(first) + bytes.fromhex(second)
+    return hmac.new(bytes.fromhex(secret), message, hashlib.sha256).hexdigest()
+
+
+async def _read_json(reader: asyncio.StreamReader) -> dict[str, Any]:
+    line = await asyncio.wait_for(reader.readline(), 10)
+    value = json.loads(line[:MAX_REQUEST] or b"{}")
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
 @contextlib.asynccontextmanager
 async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
     """Answer control requests for the share at ``root`` while the block runs."""
-    secret = secrets.token_hex(16)
+    secret = secrets.token_hex(32)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        challenge = secrets.token_hex(16)
+
+        def send(reply: dict[str, Any]) -> None:
+            writer.write(json.dumps(reply).encode() + b"\n")
+
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
-            request = json.loads(line[:MAX_REQUEST] or b"{}")
-            if not isinstance(request, dict) or not hmac.compare_digest(
-                str(request.pop("secret", "")), secret
-            ):
-                replies: AsyncIterator[dict[str, Any]] = _one({"error": "not authorized"})
-            else:
-                replies = handle(request)
-            async for reply in replies:
-                writer.write(json.dumps(reply).encode() + b"\n")
+            send({"challenge": challenge})
+            request = await _read_json(reader)
+            nonce = str(request.pop("nonce", ""))
+            expected = _proof(secret, b"client", challenge, nonce)
+            if not hmac.compare_digest(str(request.pop("proof", "")), expected):
+                send({"error": "not authorized"})
+                return
+            send({"proof": _proof(secret, b"server", nonce, challenge)})
+            async for reply in handle(request):
+                send(reply)
                 await writer.drain()
         except (OSError, ValueError, TimeoutError):
             pass  # a broken request only ends its own connection
@@ -64,7 +95,8 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     path = root / METADATA_DIR / CONTROL_FILE
     port = server.sockets[0].getsockname()[1]
-    _write_private(path, json.dumps({"port": port, "secret": secret}).encode())
+    where = {"port": port, "secret": secret, "pid": os.getpid()}
+    _write_private(path, json.dumps(where).encode())
     try:
         async with server:
             yield
@@ -72,22 +104,55 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
         path.unlink(missing_ok=True)
 
 
-async def _one(reply: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    yield reply
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def request(root: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Send ``message`` to the process serving the share at ``root``; yield its replies."""
+    busy = BackerError(
+        f"the share {root} is in use by another backer process that takes no requests"
+    )
+    path = root / METADATA_DIR / CONTROL_FILE
     try:
-        where = json.loads((root / METADATA_DIR / CONTROL_FILE).read_bytes())
-        connection = socket.create_connection(("127.0.0.1", int(where["port"])), timeout=10)
+        where = json.loads(path.read_bytes())
+        port, secret, pid = int(where["port"]), str(where["secret"]), int(where["pid"])
+        bytes.fromhex(secret)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BackerError(
-            f"the share {root} is in use by another backer process that takes no requests"
-        ) from exc
+        raise busy from exc
+    if not _alive(pid):
+        path.unlink(missing_ok=True)  # left by a serve that was killed
+        raise busy
+    try:
+        connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    except OSError as exc:
+        raise busy from exc
+    impostor = BackerError(
+        f"the process answering for the share {root} does not know its control secret: "
+        "its answer was ignored"
+    )
     with connection, connection.makefile("rwb") as stream:
-        stream.write(json.dumps({**message, "secret": where["secret"]}).encode() + b"\n")
-        stream.flush()
+        try:
+            challenge = str(json.loads(stream.readline())["challenge"])
+            nonce = secrets.token_hex(16)
+            proof = _proof(secret, b"client", challenge, nonce)
+            stream.write(json.dumps({**message, "nonce": nonce, "proof": proof}).encode() + b"\n")
+            stream.flush()
+            answer = json.loads(stream.readline())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise impostor from exc
+        if "error" in answer:
+            raise BackerError(str(answer["error"]))
+        if not hmac.compare_digest(
+            str(answer.get("proof", "")), _proof(secret, b"server", nonce, challenge)
+        ):
+            raise impostor
         connection.settimeout(None)  # a waiting request ends when the server says so
         for line in stream:
             reply = json.loads(line)
