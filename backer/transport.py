@@ -248,18 +248,20 @@ class Hub:
                 self.replicator.awaited -= 1
                 self.replicator.advance()
 
-        wake = asyncio.Event()  # another connection's step gave us something to do
+        finished = asyncio.Event()  # another connection's step completed this one-shot sync
 
         def unsent() -> int:
             return writer.transport.get_write_buffer_size()
 
         def flush() -> None:
             if session is not None:
-                messages = session.take_outbox(max(limits.reply_bytes - unsent(), 0))
+                room = limits.reply_bytes + 1 - unsent()  # so that what is left waits for
+                messages = session.take_outbox(max(room, 0))  # a drain (over the high mark)
                 if messages:
                     channel.send(b"".join(m.encode() for m in messages))
             _write(streams, channel.data_to_send())
-            wake.set()
+            if one_shot and session is not None and session.complete:
+                finished.set()
 
         start = time.monotonic()
         heard = start  # when the peer last sent anything
@@ -299,8 +301,8 @@ class Hub:
                     )
                 if "read" not in tasks:
                     tasks["read"] = asyncio.ensure_future(streams.reader.read(READ_SIZE))
-                if "wake" not in tasks:
-                    tasks["wake"] = asyncio.ensure_future(wake.wait())
+                if "finished" not in tasks:
+                    tasks["finished"] = asyncio.ensure_future(finished.wait())
                 if session is not None and session.owed and "drain" not in tasks:
                     tasks["drain"] = asyncio.ensure_future(writer.drain())
                 await asyncio.wait(
@@ -308,7 +310,6 @@ class Hub:
                 )
                 done = {name for name, task in tasks.items() if task.done()}
                 results = {name: tasks.pop(name).result() for name in done}
-                wake.clear()
                 if "read" in results:
                     data = results["read"]
                     heard = time.monotonic()

@@ -24,9 +24,19 @@ from backer.identity import load_or_create_key
 from backer.ignore import is_temp_name
 from backer.session import Session
 from backer.share import Share
-from backer.transport import Hub, Limits, Listener, SecureChannel, initiator
+from backer.transport import (
+    Hub,
+    Limits,
+    Listener,
+    SecureChannel,
+    Streams,
+    initiator,
+    responder,
+    tcp_streams,
+)
 from backer.wire import PROTOCOL_VERSION, Hello, Message, Ping, Summary, WantChunks
 from tests.e2e import Device, free_port, invite, snapshot
+from tests.helpers import make_devices, sync
 
 
 @contextlib.contextmanager
@@ -332,3 +342,31 @@ def test_finding_14_a_member_that_pings_but_never_reads_is_dropped(tmp_path: Pat
         sock.close()
     assert any("the peer does not read" in line for line in lines), lines
     assert took < 2 + 5, took
+
+
+def test_an_idle_open_session_costs_no_cpu(tmp_path: Path) -> None:
+    """Both ends of a long-lived session wait, they do not poll (each step used to wake
+    its own connection again)."""
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+
+    async def scenario() -> float:
+        served = Hub(a, "a")
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            streams = Streams(reader, writer, writer.close)
+            await served.run(streams, responder(a, a.key), served.accept, False)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        hub = Hub(b, "b")
+        streams = await tcp_streams("127.0.0.1", server.sockets[0].getsockname()[1])
+        task = asyncio.create_task(hub.run(streams, initiator(b, b.key), hub.connect, False))
+        await asyncio.sleep(1)  # both caught up: nothing left to say
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+        await asyncio.sleep(2)
+        spent = resource.getrusage(resource.RUSAGE_SELF).ru_utime - before
+        task.cancel()
+        server.close()
+        return spent
+
+    assert asyncio.run(scenario()) < 0.1
