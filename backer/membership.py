@@ -24,6 +24,7 @@ from .identity import curve_private, curve_public
 SHARE_ID_BYTES = 16
 KEY_BYTES = 32
 SEALED_BYTES = 32 + KEY_BYTES + 16  # a sealed box: ephemeral public key, key, tag
+KEY_ENTRY_BYTES = 32 + SEALED_BYTES  # a member's device key and the key sealed to it
 INVITE_ID_BYTES = 16
 NO_INVITE = bytes(INVITE_ID_BYTES)
 MAX_MEMBERS = 1000
@@ -75,7 +76,7 @@ def key_payload(epoch: int, share_key: bytes, members: list[bytes]) -> bytes:
 
 def open_key(payload: bytes, key: nacl.signing.SigningKey) -> tuple[int, bytes] | None:
     """(epoch, share key) of a KEY event if it was sealed to the device ``key``."""
-    entry, device = 32 + SEALED_BYTES, bytes(key.verify_key)
+    entry, device = KEY_ENTRY_BYTES, bytes(key.verify_key)
     for start in range(4, len(payload) - entry + 1, entry):
         if payload[start : start + 32] == device:
             box = nacl.public.SealedBox(nacl.public.PrivateKey(curve_private(key)))

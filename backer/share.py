@@ -78,6 +78,8 @@ _PAYLOAD_BYTES = {
     EventKind.GENESIS: (SHARE_ID_BYTES, SHARE_ID_BYTES + MAX_DEVICE_NAME),
     EventKind.MEMBER_ADD: (32 + INVITE_ID_BYTES, 32 + INVITE_ID_BYTES + MAX_DEVICE_NAME),
     EventKind.INVITE: (56, 56),
+    EventKind.MEMBER_REMOVE: (40, 40),
+    EventKind.KEY: (4, 4 + membership.KEY_ENTRY_BYTES * membership.MAX_MEMBERS),
 }
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 

@@ -14,6 +14,7 @@ from backer.errors import BackerError
 from backer.membership import EventKind, member_payload, open_key
 from backer.session import Session
 from backer.state import Delta
+from backer.wire import ProtocolError
 from tests.helpers import make_devices, pump, sync
 
 
@@ -131,3 +132,13 @@ def test_ingest_never_reads_the_member_table_per_event(tmp_path: Path) -> None:
     assert len(b.members.active) == membership.MAX_MEMBERS
     assert not [s for s in statements if "FROM members" in s]
     assert elapsed < 30, elapsed
+
+
+def test_membership_events_of_the_wrong_size_are_refused_before_storing(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    a._append(EventKind.MEMBER_REMOVE, b.device + bytes(9))
+    before = b.journal.count()
+    with pytest.raises(ProtocolError, match="member_remove event of 41 bytes"):
+        pump(Session(a, "a"), Session(b, "b"))
+    assert b.journal.count() == before and b.device in b.members
