@@ -684,7 +684,8 @@ class Share:
     # -- remote changes ----------------------------------------------------------------
 
     def ingest(self, raws: list[bytes], checkpoint: Checkpoint | None) -> IngestResult:
-        """Verify and store one author's events from a peer, then apply them in order.
+        """Verify one author's events from a peer, check and apply each in order, and
+        only then store them; any failure refuses them all (see docs/security.md).
 
         A device that holds no journal yet (a joiner) accepts only a log that starts
         with this share's GENESIS event.

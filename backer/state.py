@@ -106,6 +106,8 @@ class _Cursor:
 def check_entry(key: str, value: bytes) -> tuple[str, str, Version]:
     """``(path, version id, version)`` of a state entry; raise :class:`BadUpdate` unless
     the path is a valid share path, the id one a device makes, the record in range."""
+    if not isinstance(value, bytes):
+        raise BadUpdate(f"an entry whose value is a {type(value).__name__}")
     try:
         path, version_id = split_key(key)
         return check(path), check_version_id(version_id), Version.decode(value).check()
@@ -226,7 +228,7 @@ class FileState:
         """The transaction's update and delta. With ``checked`` (a received update),
         every entry it does not vouch for is checked."""
         update, delta, added = self._update, self._delta, self._added
-        self._update, self._delta, self._added = b"", Delta(), {}
+        self._reset()
         for key, value in added.items():
             if checked is None or checked(key, value):
                 delta.added[key] = Version.decode(value)
@@ -268,12 +270,12 @@ class FileState:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # yrs panics surface as BaseExceptions
-            self._take_raw()
+            self._reset()
             raise BadUpdate(f"the CRDT could not apply it: {type(exc).__name__}: {exc}") from exc
         vouched = dict(shape.writes) if shape is not None else {}
         return self._take(lambda key, value: vouched.get(key) == value)[1]
 
-    def _take_raw(self) -> None:
+    def _reset(self) -> None:
         self._update, self._delta, self._added = b"", Delta(), {}
 
     def clock(self) -> dict[int, int]:
