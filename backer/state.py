@@ -106,7 +106,7 @@ class _Cursor:
 def check_entry(key: str, value: bytes) -> tuple[str, str, Version]:
     """``(path, version id, version)`` of a state entry; raise :class:`BadUpdate` unless
     the path is a valid share path, the id one a device makes, the record in range."""
-    if not isinstance(value, bytes):
+    if not isinstance(value, bytes | bytearray):  # yrs hands byte strings back as either
         raise BadUpdate(f"an entry whose value is a {type(value).__name__}")
     try:
         path, version_id = split_key(key)
