@@ -30,8 +30,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColu
 from journal import JournalError
 
 from . import control, transport
+from . import repair as repair_mod
 from .catalog import HistoryEntry, Problem
-from .channel import MODE_JOIN, SecureChannel
+from .channel import MODE_JOIN, MODE_SYNC, SecureChannel
 from .errors import BackerError
 from .identity import device_id, home, load_or_create_key, parse_device_id, short_id
 from .invite import InviteToken, advertised, parse_address
@@ -987,6 +988,62 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     if nothing_yet:
         shutil.rmtree(root / METADATA_DIR, ignore_errors=True)
     raise BackerError("could not join: " + "; ".join(failures or ["the token names no address"]))
+
+
+@cli.command()
+@click.option(
+    "--from", "addresses", multiple=True, help="HOST:PORT of a device of the share (repeatable)."
+)
+@click.option("--token", help="An invite from a device of the share (if this key was lost too).")
+@click.option("--dir", "directory", default=".", help="The share's folder (or a folder inside it).")
+def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> None:
+    """Rebuild a damaged or lost .backer/ from a peer, in place: files whose content is
+    a live version are recognised as it (no bytes move, no version is recorded); the
+    rest is scanned as local changes. The damaged database is kept aside."""
+    invitation = InviteToken.decode(token) if token else None
+    key = load_or_create_key()
+    target = repair_mod.locate(Path(os.path.abspath(directory)), key, home(), invitation)
+    targets = list(addresses) or (list(invitation.addresses) if invitation else target.peers)
+    if not targets:
+        raise BackerError("no peer to repair from: give one with --from HOST:PORT")
+    openings = [transport.tcp_streams(*parse_address(t)) for t in targets]
+    share = repair_mod.begin(target, key, home())
+    header, psk = MODE_SYNC + target.share_id, target.share_key
+    if invitation is not None:
+        header, psk = MODE_JOIN + invitation.invite_id, invitation.psk
+
+    def channel() -> SecureChannel:  # membership is checked once the journal is back
+        return SecureChannel(key, lambda peer, header: None, header=header, psk=psk)
+
+    hub = transport.Hub(share, _name())
+    try:
+        outcomes = asyncio.run(_sync_over(hub, openings, channel))
+        sessions = _results(outcomes, targets)
+        outcome = repair_mod.finish(share, [s.peer for s in sessions])
+    except BaseException:
+        repair_mod.abandon(share)
+        raise
+    with share:
+        for address, result in zip(targets, outcomes, strict=True):
+            if isinstance(result, Session):
+                _remember_peer(share, address)
+        click.echo(f"repaired share {share.share_id.hex()} at {share.root}")
+        click.echo(_summary_line(sessions))
+        scan = outcome.scan
+        click.echo(
+            f"recognised {outcome.recognised} entries as their recorded versions; "
+            f"recorded {len(scan.added)} added and {len(scan.modified)} modified as local "
+            "changes"
+        )
+        if outcome.lost_events:
+            click.echo(
+                f"gave up {outcome.lost_events} events of this device that no peer had "
+                "(their files were scanned again)"
+            )
+        if target.damaged_copy is not None:
+            click.echo(f"the damaged database is kept as {target.damaged_copy}")
+        status = _report_problems(share)
+    sys.exit(status)
 
 
 def main() -> None:

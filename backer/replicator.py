@@ -153,9 +153,9 @@ class Replicator:
             if self.operations is None:
                 if not self.dirty or self.awaited or self.chunks_asked:  # (asked before a stop)
                     return
-                if self.share.own_events_missing:  # restored from an older copy: nothing
-                    self.dirty = False  # is applied until its own history is back (its
-                    self._acknowledge()  # scan cache would misjudge its disk)
+                if self.share.own_events_missing or self.share.repairing:  # restored from
+                    self.dirty = False  # an older copy, or being repaired: nothing is applied
+                    self._acknowledge()  # (its scan cache would misjudge its disk)
                     return
                 self._plan()
             self._request_manifests()

@@ -120,7 +120,7 @@ class ShareBusy(BackerError):
         self.root = root
 
 
-def _take_lock(root: Path) -> IO[bytes]:
+def take_lock(root: Path) -> IO[bytes]:
     """One process changes a share at a time (serve, sync, scan, join)."""
     handle = open(root / METADATA_DIR / LOCK_FILE, "ab")  # noqa: SIM115 - held until close()
     try:
@@ -205,9 +205,10 @@ class Share:
         self.home = home
         self.key = key
         self.device = bytes(key.verify_key)
-        self._lock = _take_lock(root) if exclusive else None
+        self._lock = take_lock(root) if exclusive else None
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
+        self.repairing = False  # rebuilding the journal from a peer: scan and apply nothing
         self.problems: dict[tuple[str, str], Problem] = {}  # this process's, by (source, path)
         self.fresh_problems: list[Problem] = []  # this process's not reported before
         self.db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
@@ -822,6 +823,8 @@ class Share:
     def scan(self, progress: ProgressCallback | None = None) -> ScanSummary:
         """Scan the folder and record every change as new versions (none while the share
         is behind itself: the change would be an event of our own; see recovery)."""
+        if self.repairing:  # the disk is recognised once the journal is back (see repair)
+            return ScanSummary(waiting="the share is being repaired")
         started = time.monotonic()
         local = self.catalog.local_entries()
         found = observe(self.root, local, self._recorded_content, progress)

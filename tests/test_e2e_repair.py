@@ -3,6 +3,7 @@ internal error, and ``repair`` bringing the device back in place (real CLI proce
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import Device
+from tests.e2e import Device, free_port, invite, snapshot, summary_number
 
 
 def _damaged(result: subprocess.CompletedProcess[str]) -> None:
@@ -105,3 +106,138 @@ def test_a_lost_metadata_directory_points_at_repair_not_init(device: Device) -> 
     assert "lost its .backer/" in result.stderr
     (device.root / ".backer").mkdir()  # the directory is back, its database is not
     _damaged(device.run("status", "--dir", str(device.root), check=False))
+
+
+# -- backer repair ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    """a serving, b joined and in sync with it; b has recorded a file of its own."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "docs").mkdir()
+    for i in range(12):
+        (a.root / "docs" / f"photo-{i}.bin").write_bytes(os.urandom(90_000))
+    os.symlink("docs/photo-1.bin", a.root / "link")
+    (a.root / "empty").mkdir()
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        b.run("join", token, str(b.root))
+        (b.root / "from-b.txt").write_text("written on b")
+        b.sync(address)
+        yield a, b, address
+
+
+def _events(device: Device) -> int:
+    status = device.run("status", "--json", "--dir", str(device.root)).stdout
+    return json.loads(status)["events"]
+
+
+def _disk(root: Path) -> dict[str, tuple[int, int]]:
+    """Inode and mtime of every entry outside .backer/."""
+    return {
+        p.relative_to(root).as_posix(): (p.lstat().st_ino, p.lstat().st_mtime_ns)
+        for p in root.rglob("*")
+        if ".backer" not in p.relative_to(root).parts
+    }
+
+
+def _repair(device: Device, *args: str) -> str:
+    return device.run("repair", *args, "--dir", str(device.root)).stdout
+
+
+def test_repair_after_losing_metadata_moves_no_bytes_and_records_no_version(pair) -> None:
+    a, b, address = pair
+    events = _events(a)
+    disk = _disk(b.root)
+    shutil.rmtree(b.root / ".backer")
+    out = _repair(b, "--from", address)
+    assert summary_number(out, "chunk bytes received") == 0
+    assert summary_number(out, "events received") == events
+    assert "recorded 0 added and 0 modified" in out
+    assert _disk(b.root) == disk  # no file rewritten, not even touched
+    for _ in range(2):
+        assert summary_number(b.sync(address), "chunk bytes received") == 0
+    assert _events(a) == events == _events(b)  # no new version anywhere
+    assert snapshot(a.root) == snapshot(b.root)
+    assert _disk(b.root) == disk
+    (b.root / "from-b.txt").write_text("edited after the repair")  # b goes on as before
+    b.sync(address)
+    assert (a.root / "from-b.txt").read_text() == "edited after the repair"
+
+
+def test_repair_of_a_damaged_database_keeps_it_aside(pair) -> None:
+    a, b, address = pair
+    db = b.root / ".backer" / "backer.db"
+    os.truncate(db, db.stat().st_size // 2)
+    disk = _disk(b.root)
+    out = _repair(b, "--from", address)
+    assert summary_number(out, "chunk bytes received") == 0
+    kept = [p for p in (b.root / ".backer").glob("backer.db.damaged-*") if "-wal" not in p.name]
+    kept = [p for p in kept if "-shm" not in p.name]
+    assert len(kept) == 1 and f"kept as {kept[0]}" in out
+    assert _disk(b.root) == disk
+    b.sync(address)
+    assert snapshot(a.root) == snapshot(b.root)
+
+
+def test_repair_records_what_differs_as_local_changes_and_loses_nothing(pair) -> None:
+    a, b, address = pair
+    shutil.rmtree(b.root / ".backer")
+    (b.root / "from-b.txt").write_text("b's own file, edited while the metadata was lost")
+    (b.root / "docs" / "photo-3.bin").write_bytes(b"a's file, edited on b")
+    (b.root / "new-on-b.txt").write_text("new")
+    (b.root / "docs" / "photo-5.bin").unlink()  # gone from b: comes back, is not deleted
+    out = _repair(b, "--from", address)
+    assert summary_number(out, "chunk bytes received") == 0
+    assert "recognised 13 entries" in out
+    assert "recorded 1 added and 2 modified" in out  # photo-3: no basis, so concurrent
+    for _ in range(2):
+        b.sync(address)
+    assert snapshot(a.root) == snapshot(b.root)
+    assert (a.root / "from-b.txt").read_text().startswith("b's own file, edited")
+    assert (a.root / "new-on-b.txt").read_text() == "new"
+    assert (b.root / "docs" / "photo-5.bin").stat().st_size == 90_000
+    photos = {p.read_bytes() for p in (a.root / "docs").glob("photo-3*")}
+    assert b"a's file, edited on b" in photos and len(photos) == 2  # a conflict copy
+
+
+def test_repair_gives_up_own_events_no_peer_has(pair) -> None:
+    a, b, address = pair
+    (b.root / "never-synced.txt").write_text("recorded on b, never sent")
+    b.run("scan", "--dir", str(b.root))
+    shutil.rmtree(b.root / ".backer")
+    out = _repair(b, "--from", address)
+    assert "gave up 1 events of this device that no peer had" in out
+    assert "recorded 1 added" in out
+    b.sync(address)
+    assert (a.root / "never-synced.txt").read_text() == "recorded on b, never sent"
+    assert snapshot(a.root) == snapshot(b.root)
+    assert "0 forks" in a.run("status", "--dir", str(a.root)).stdout
+
+
+def test_repair_with_an_invite_when_the_device_key_is_lost_too(pair) -> None:
+    a, b, address = pair
+    shutil.rmtree(b.root / ".backer")
+    shutil.rmtree(b.home)
+    disk = _disk(b.root)
+    args = ("invite", "--no-wait", "--address", address, "--dir", str(a.root))
+    token = a.run(*args).stdout.strip()  # serve, holding the share, makes it
+    out = _repair(b, "--token", token)
+    assert summary_number(out, "chunk bytes received") == 0
+    assert "recorded 0 added and 0 modified" in out
+    assert _disk(b.root) == disk
+    b.sync(address)
+    assert snapshot(a.root) == snapshot(b.root) and _disk(b.root) == disk
+
+
+def test_repair_refuses_a_healthy_share_and_needs_a_peer(pair) -> None:
+    _, b, _ = pair
+    healthy = b.run("repair", "--from", "127.0.0.1:1", "--dir", str(b.root), check=False)
+    assert healthy.returncode == 1 and "not damaged" in healthy.stderr
+    shutil.rmtree(b.root / ".backer")
+    no_peer = b.run("repair", "--dir", str(b.root), check=False)
+    assert no_peer.returncode == 1 and "--from HOST:PORT" in no_peer.stderr
