@@ -1006,14 +1006,14 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> Non
     targets = list(addresses) or (list(invitation.addresses) if invitation else target.peers)
     if not targets:
         raise BackerError("no peer to repair from: give one with --from HOST:PORT")
-    openings = [transport.tcp_streams(*parse_address(t)) for t in targets]
+    openings = [functools.partial(transport.tcp_streams, *parse_address(t)) for t in targets]
     share = repair_mod.begin(target, key, home())
-    header, psk = MODE_SYNC + target.share_id, target.share_key
-    if invitation is not None:
-        header, psk = MODE_JOIN + invitation.invite_id, invitation.psk
-
     def channel() -> SecureChannel:  # membership is checked once the journal is back
-        return SecureChannel(key, lambda peer, header: None, header=header, psk=psk)
+        if invitation is not None:
+            header = MODE_JOIN + invitation.invite_id
+            return SecureChannel(key, invitation.check_responder, header=header, psk=invitation.psk)
+        header = MODE_SYNC + target.share_id
+        return SecureChannel(key, lambda *_: None, header=header, psk=target.share_key)
 
     hub = transport.Hub(share, _name())
     try:

@@ -148,10 +148,9 @@ def finish(share: Share, peers: list[bytes | None]) -> Outcome:
     checked before: only members know the share key or an invite's, but a removed
     device may still know the key), give up own events no peer had, then recognise the
     disk."""
-    members = share.catalog.members()
-    if not members:
+    if not share.members:
         raise BackerError("the peer did not give the share's history back")
-    if any(peer not in members for peer in peers):
+    if any(peer not in share.members for peer in peers):
         raise BackerError("a peer that is not a member of the share answered")
     lost = share.forget_lost_history() if share.own_events_missing else 0
     gone = [p for p in share.catalog.local_entries() if not os.path.lexists(share.root / p)]
