@@ -31,6 +31,7 @@ from journal import JournalError
 
 from . import control, transport
 from . import repair as repair_mod
+from . import verify as verify_mod
 from .catalog import HistoryEntry, Problem
 from .channel import MODE_JOIN, MODE_SYNC, SecureChannel
 from .errors import BackerError
@@ -988,6 +989,35 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     if nothing_yet:
         shutil.rmtree(root / METADATA_DIR, ignore_errors=True)
     raise BackerError("could not join: " + "; ".join(failures or ["the token names no address"]))
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify(path: str | None, directory: str, as_json: bool) -> None:
+    """Re-hash files (all, or those under PATH) whose stat is as last scanned and report
+    each whose bytes no longer match its recorded version (bit rot, a bad disk); exit
+    status 3 if any. Such a file is never sent to peers as that version."""
+    with _open(directory, exclusive=False) as share:
+        wanted = _recorded_path(share, _share_path(share, path)) if path else ""
+        with _progress("verifying") as progress:
+            found = verify_mod.verify(share, wanted, progress)
+    if as_json:
+        click.echo(json.dumps(vars(found), indent=2))
+    else:
+        for bad in found.mismatched:
+            _say(f"{bad}: content does not match its recorded version", err=True)
+        for unreadable in found.unreadable:
+            _say(f"{unreadable}: cannot be read", err=True)
+        click.echo(
+            f"verified {found.checked} files and links ({found.checked_bytes} bytes): "
+            f"{len(found.mismatched)} do not match their recorded version, "
+            f"{len(found.unreadable)} unreadable, {len(found.changed)} changed since the "
+            "last scan (not checked)"
+        )
+    if found.mismatched or found.unreadable:
+        sys.exit(EXIT_FILES_FAILED)
 
 
 @cli.command()

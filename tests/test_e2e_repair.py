@@ -241,3 +241,66 @@ def test_repair_refuses_a_healthy_share_and_needs_a_peer(pair) -> None:
     shutil.rmtree(b.root / ".backer")
     no_peer = b.run("repair", "--dir", str(b.root), check=False)
     assert no_peer.returncode == 1 and "--from HOST:PORT" in no_peer.stderr
+
+
+# -- backer verify ------------------------------------------------------------------------
+
+
+def _rot(path: Path, offset: int) -> None:
+    """Flip one byte in place, keeping size, inode and mtime (what bit rot looks like)."""
+    info = path.stat()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert path.stat().st_ino == info.st_ino and path.stat().st_mtime_ns == info.st_mtime_ns
+
+
+def _settled_share(tmp_path: Path) -> Device:
+    """A share whose files are older than the scanner's freshness window, so that a scan
+    trusts their stat from now on."""
+    a = Device(tmp_path, "a")
+    (a.root / "photos").mkdir(parents=True)
+    (a.root / "photos" / "big.bin").write_bytes(os.urandom(1_500_000))
+    (a.root / "notes.txt").write_text("notes\n")
+    os.symlink("notes.txt", a.root / "link")
+    for path in [*a.root.rglob("*")]:
+        os.utime(path, ns=(10**18, 10**18), follow_symlinks=False)
+    a.run("init", str(a.root))
+    return a
+
+
+def test_verify_reports_a_file_whose_bytes_rotted_under_an_unchanged_stat(
+    tmp_path: Path,
+) -> None:
+    a = _settled_share(tmp_path)
+    clean = a.run("verify", "--dir", str(a.root))
+    assert "verified 3 files and links" in clean.stdout and "0 do not match" in clean.stdout
+    _rot(a.root / "photos" / "big.bin", 700_000)
+    assert "0 added, 0 modified" in a.run("scan", "--dir", str(a.root)).stdout  # unnoticed
+    found = a.run("verify", "--dir", str(a.root), check=False)
+    assert found.returncode == 3
+    assert "photos/big.bin: content does not match its recorded version" in found.stderr
+    assert "1 do not match" in found.stdout
+    elsewhere = a.run("verify", str(a.root / "notes.txt"), "--dir", str(a.root))
+    assert "verified 1 files" in elsewhere.stdout
+    report = json.loads(a.run("verify", "--json", "--dir", str(a.root), check=False).stdout)
+    assert report["mismatched"] == ["photos/big.bin"] and report["checked"] == 3
+
+
+def test_a_peer_never_receives_the_bytes_of_a_rotted_file(tmp_path: Path) -> None:
+    a = _settled_share(tmp_path)
+    original = (a.root / "photos" / "big.bin").read_bytes()
+    _rot(a.root / "photos" / "big.bin", 700_000)
+    rotted = (a.root / "photos" / "big.bin").read_bytes()
+    b = Device(tmp_path, "b")
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port):
+        b.run("join", token, str(b.root), check=False)
+    assert (b.root / "notes.txt").read_text() == "notes\n"
+    received = b.root / "photos" / "big.bin"
+    assert not received.exists() or received.read_bytes() == original
+    assert not any(p.read_bytes() == rotted for p in b.root.rglob("*") if p.is_file())
