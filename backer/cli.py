@@ -923,6 +923,8 @@ def _joining_share(root: Path, key: Any, invitation: InviteToken) -> Share:
         if share.root != root or share.share_id != invitation.share_id:
             share.close()
             raise BackerError(f"already a share: {share.root} (not the one this token invites to)")
+        if not share.members:  # welcomed, then cut off before the history: ask again,
+            share.set_share_key(b"")  # with the inviter checked as on the first attempt
         return share
     if metadata.is_dir() and not any(metadata.iterdir()):
         metadata.rmdir()  # a join killed before it made its database

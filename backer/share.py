@@ -666,9 +666,6 @@ class Share:
         self.own_events_missing = 0
         return lost
 
-    def is_member(self, author: bytes) -> bool:
-        return author in self.members
-
     def _within_removal(
         self, raws: list[bytes], checkpoint: Checkpoint | None
     ) -> tuple[list[bytes], Checkpoint | None]:
