@@ -106,6 +106,15 @@ def test_a_lost_metadata_directory_points_at_repair_not_init(device: Device) -> 
     assert "lost its .backer/" in result.stderr
     (device.root / ".backer").mkdir()  # the directory is back, its database is not
     _damaged(device.run("status", "--dir", str(device.root), check=False))
+    moved = device.root.parent / "moved"  # a folder the home does not know by its path
+    shutil.rmtree(device.root / ".backer")
+    device.root.rename(moved)
+    result = device.run("scan", "--dir", str(moved), check=False)
+    assert result.returncode == 1 and "backer repair --token" in result.stderr
+    empty = moved.parent / "empty"
+    empty.mkdir()
+    result = device.run("scan", "--dir", str(empty), check=False)
+    assert "backer init" in result.stderr and "repair" not in result.stderr
 
 
 # -- backer repair ------------------------------------------------------------------------
