@@ -916,7 +916,7 @@ class Materializer:
         for item in staged:
             op, target = item.op, item.target
             with _reported(op.path, report):
-                try:
+                with _removing(item.temp):
                     previous = self._unchanged(target, item.cached)
                     if previous is not None and stat.S_ISDIR(previous.st_mode):
                         try:  # a recorded directory gives way only once it is empty
@@ -926,8 +926,6 @@ class Materializer:
                     elif previous is not None:
                         self._preserve(target, op.path)
                     os.replace(item.temp, target)
-                finally:
-                    item.temp.unlink(missing_ok=True)
                 directories.add(target.parent)
                 self._record(op, os.lstat(target))
                 if op.version.kind == Kind.FILE:
