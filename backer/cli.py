@@ -1063,7 +1063,8 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> Non
         click.echo(_summary_line(sessions))
         scan = outcome.scan
         click.echo(
-            f"recognised {outcome.recognised} entries as their recorded versions; "
+            f"recognised {outcome.recognised} entries as their recorded versions "
+            f"({outcome.older} older ones, updated at the next sync); "
             f"recorded {len(scan.added)} added and {len(scan.modified)} modified as local "
             "changes"
         )

@@ -3,9 +3,9 @@
 The journal is the truth and every peer holds it, so nothing on this device's disk has
 to move: a fresh, empty replica of the share is made beside the files (the damaged
 database is kept aside, never deleted), a peer gives the whole journal back (nothing is
-scanned or applied meanwhile), and then one ordinary scan recognises every file whose
-content is a live version of its path as that version — without recording a new version
-or fetching a byte — and records what differs as local changes (conflicts where they are
+scanned or applied meanwhile), then every file whose content is a version of its path
+is recognised as that version — without recording a new version or fetching a byte —
+and one ordinary scan records what differs as local changes (conflicts where they are
 concurrent). The device's own events that no peer holds are given up, as with
 ``backer scan --forget-lost-history``: the files they described are still on disk and
 are scanned again. A repair never records a deletion: a file this device wrote and no
@@ -26,10 +26,11 @@ from pathlib import Path
 
 import nacl.signing
 
-from . import recovery
+from . import entropy, recovery
 from .errors import BackerError
 from .invite import InviteToken
 from .paths import METADATA_DIR
+from .scanner import cache_entry, observe
 from .share import DB_FILE, DamagedShare, ScanSummary, Share, find_root, take_lock
 
 DB_SIDECARS = ("", "-wal", "-shm")  # sqlite's files of one database
@@ -51,6 +52,7 @@ class Outcome:
     """What the repair found on disk once the journal was back."""
 
     recognised: int
+    older: int  # of those, entries equal to an older version: the next sync updates them
     lost_events: int
     scan: ScanSummary
 
@@ -156,8 +158,40 @@ def finish(share: Share, peers: list[bytes | None]) -> Outcome:
     gone = [p for p in share.catalog.local_entries() if not os.path.lexists(share.root / p)]
     with share.db.conn:  # own versions no longer on disk: fetched again, never deleted
         share.catalog.drop_local(gone)
+    older = _recognise(share)
     share.repairing = False
     summary = share.scan()
     recorded = len(summary.added) + len(summary.modified)
     recognised = len(share.catalog.local_entries()) - recorded
-    return Outcome(recognised, lost, summary)
+    return Outcome(recognised, older, lost, summary)
+
+
+def _recognise(share: Share) -> int:
+    """Take every entry on disk that equals a version of its path (kind, content,
+    permission bits) as that version: a live one, else the newest older one (the device
+    was behind; the next sync updates it like any stale copy). Entries the recovered
+    own versions already describe are left to the scan. Returns how many were older."""
+    local = share.catalog.local_entries()
+    found = observe(share.root, local, lambda entry: None)
+    now_ns = entropy.now_ns()
+    entries, manifests, older = [], [], 0
+    for seen, manifest, content in found.changed:
+        if seen.path in local:
+            continue
+        wanted = (seen.kind, content, seen.permissions)
+        equal = [
+            h
+            for h in share.catalog.history(seen.path)
+            if (h.version.kind, h.version.content, h.version.permissions) == wanted
+        ]
+        if not equal:
+            continue
+        chosen = max(equal, key=lambda h: (h.live, h.position))
+        older += not chosen.live
+        entries.append(cache_entry(seen.path, chosen.version_id, seen.stat_key, now_ns))
+        if manifest is not None:
+            manifests.append((seen.path, manifest))
+    with share.db.conn:
+        share.catalog.set_local(entries)
+        share.catalog.put_manifests(manifests)
+    return older

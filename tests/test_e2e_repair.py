@@ -313,3 +313,20 @@ def test_a_peer_never_receives_the_bytes_of_a_rotted_file(tmp_path: Path) -> Non
     received = b.root / "photos" / "big.bin"
     assert not received.exists() or received.read_bytes() == original
     assert not any(p.read_bytes() == rotted for p in b.root.rglob("*") if p.is_file())
+
+
+def test_repair_recognises_files_a_device_was_behind_on_as_their_older_versions(pair) -> None:
+    a, b, address = pair
+    photo = "docs/photo-2.bin"
+    old = (b.root / photo).read_bytes()
+    (a.root / photo).write_bytes(b"a newer photo")
+    b.sync(address)  # serve scans a's edit as b connects
+    events = _events(a)
+    shutil.rmtree(b.root / ".backer")
+    (b.root / photo).write_bytes(old)  # b as if it had never received the newer photo
+    out = _repair(b, "--from", address)
+    assert "(1 older ones" in out and "recorded 0 added and 0 modified" in out
+    b.sync(address)
+    assert (b.root / photo).read_bytes() == b"a newer photo"
+    assert snapshot(a.root) == snapshot(b.root)  # no conflict copy anywhere
+    assert _events(a) == events
