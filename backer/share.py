@@ -164,6 +164,18 @@ def is_damage(exc: BaseException) -> bool:
     return isinstance(exc, (sqlite3.DatabaseError, JournalError, ValueError))
 
 
+OPEN_NEEDS_BYTES = 1024 * 1024  # what SQLite may need to open a share (WAL and its index)
+
+
+def _out_of_room(root: Path) -> bool:
+    """Whether the share's filesystem is (all but) full."""
+    try:
+        info = os.statvfs(root)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < OPEN_NEEDS_BYTES
+
+
 def lost_share_error(start: Path, home: Path | None) -> BackerError:
     """The error for a folder that holds no share: say so, and if it looks like a share
     that lost its ``.backer/`` (the device remembers one here, or was a member of some
@@ -410,7 +422,15 @@ class Share:
         root = find_root(start.resolve())
         if root is None:
             raise lost_share_error(start.resolve(), home)
-        share = cls(root, key, exclusive, home)
+        try:
+            share = cls(root, key, exclusive, home)
+        except (sqlite3.OperationalError, OSError) as exc:
+            if _out_of_room(root):  # SQLite says only "disk I/O error" when it cannot grow
+                raise BackerError(
+                    f"disk full: no room left in {root} to open the share database; "
+                    "free some space and run the command again"
+                ) from exc
+            raise
         try:
             share.journal.verify()
         except CorruptJournal as exc:
