@@ -202,7 +202,7 @@ def test_finding_5_a_member_asking_without_reading_keeps_serve_bounded(tmp_path:
 RSS_BOUND = 64 * 1024 * 1024  # docs/security.md
 
 
-def test_issue_9_item_8_a_suspended_peer_is_detected_within_the_deadline(tmp_path: Path) -> None:
+def test_a_suspended_peer_is_detected_within_the_deadline(tmp_path: Path) -> None:
     a, b, port = _pair(tmp_path)
     (a.root / "big.bin").write_bytes(os.urandom(96 * 1024 * 1024))
     env = {**b.env, "BACKER_TIME_SCALE": "0.1"}  # nothing received for 6 s: unresponsive

@@ -26,7 +26,7 @@ def _one_error_line(stderr: str, expected: str) -> None:
     assert "internal error" not in stderr and "SessionClosed" not in stderr, stderr
 
 
-def test_issue_9_item_12_a_used_token_reads_already_used(tmp_path: Path) -> None:
+def test_a_used_token_reads_already_used(tmp_path: Path) -> None:
     a, port = _founder(tmp_path)
     token = invite(a, f"127.0.0.1:{port}")
     b, c = Device(tmp_path, "b"), Device(tmp_path, "c")
@@ -38,7 +38,7 @@ def test_issue_9_item_12_a_used_token_reads_already_used(tmp_path: Path) -> None
     assert "this invite has already been used" in a.serve_log
 
 
-def test_issue_9_item_12_a_garbled_token_secret_reads_handshake_failed(tmp_path: Path) -> None:
+def test_a_garbled_token_secret_reads_handshake_failed(tmp_path: Path) -> None:
     a, port = _founder(tmp_path)
     token = InviteToken.decode(invite(a, f"127.0.0.1:{port}"))
     garbled = dataclasses.replace(token, psk=bytes(32)).encode()
@@ -49,7 +49,7 @@ def test_issue_9_item_12_a_garbled_token_secret_reads_handshake_failed(tmp_path:
     _one_error_line(result.stderr, "the peer refused: the handshake failed")
 
 
-def test_issue_9_item_12_a_service_that_is_not_backer_is_named(tmp_path: Path) -> None:
+def test_a_service_that_is_not_backer_is_named(tmp_path: Path) -> None:
     a, _ = _founder(tmp_path)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -69,7 +69,7 @@ def test_issue_9_item_12_a_service_that_is_not_backer_is_named(tmp_path: Path) -
     _one_error_line(result.stderr, "the peer does not speak backer's protocol")
 
 
-def test_issue_9_item_12_a_wrong_stdio_command_reads_its_exit_status(tmp_path: Path) -> None:
+def test_a_wrong_stdio_command_reads_its_exit_status(tmp_path: Path) -> None:
     a, _ = _founder(tmp_path)
     wrong = f"{sys.executable} -m backer stdio {a.root}"  # DIR needs --dir
     result = a.run("sync", "--command", wrong, "--dir", str(a.root), check=False)
