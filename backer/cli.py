@@ -42,7 +42,7 @@ from .paths import METADATA_DIR
 from .records import Kind, Version, timestamp
 from .replicator import Replicator
 from .session import Session, WireStats
-from .share import DB_FILE, Share, ShareBusy, is_damage
+from .share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
 
 EXIT_ERROR = 1
 EXIT_FILES_FAILED = 3  # the command did its job, but some files could not be recorded/applied
@@ -895,26 +895,11 @@ def _read_token(token: str | None, token_file: str | None) -> InviteToken:
     return InviteToken.decode(text)
 
 
-def _unfinished_create(path: Path) -> bool:
-    """Whether a share database was cut short while being made: no journal yet and no
-    share id (a share that ever held an event has its journal tables)."""
-    try:
-        with contextlib.closing(sqlite3.connect(path)) as db:
-            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
-            if "events" in tables:
-                return False
-            if "meta" not in tables:
-                return True
-            return db.execute("SELECT 1 FROM meta WHERE key = 'share_id'").fetchone() is None
-    except sqlite3.DatabaseError:
-        return False
-
-
 def _joining_share(root: Path, key: Any, invitation: InviteToken) -> Share:
     """The share to join into: a new one, or the one an interrupted join of the same
     share left (it is resumed: the device it admitted is welcomed again)."""
     metadata = root / METADATA_DIR
-    if (metadata / DB_FILE).exists() and _unfinished_create(metadata / DB_FILE):
+    if (metadata / DB_FILE).exists() and unfinished_create(metadata / DB_FILE):
         for leftover in metadata.iterdir():  # a join killed while it made its database
             if leftover.name.startswith(DB_FILE) or leftover.name == "lock":
                 leftover.unlink()

@@ -9,6 +9,7 @@ events after it, so the catalog can always be rebuilt from the journal.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -156,6 +157,33 @@ class DamagedShare(BackerError):
         self.root = root
 
 
+class UnfinishedShare(BackerError):
+    """A share database cut short while it was being made (a killed ``join`` or
+    ``init``): nothing was recorded in it yet, so the way on is to run that again."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(
+            f"the share in {root} was never finished (an interrupted 'join' or 'init'): "
+            "run 'backer join' again with the same token, or 'backer init' again"
+        )
+        self.root = root
+
+
+def unfinished_create(path: Path) -> bool:
+    """Whether a share database was cut short while being made: no journal yet and no
+    share id (a share that ever held an event has its journal tables)."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+            if "events" in tables:
+                return False
+            if "meta" not in tables:
+                return True
+            return db.execute("SELECT 1 FROM meta WHERE key = 'share_id'").fetchone() is None
+    except sqlite3.DatabaseError:
+        return False
+
+
 def is_damage(exc: BaseException) -> bool:
     """Whether an error reading the share's own database means the database is damaged
     (not merely busy, unreadable or on a full disk)."""
@@ -237,6 +265,8 @@ class Share:
             self.own_events_missing = self._own_events_missing()
         except Exception as exc:
             self._release()
+            if unfinished_create(root / METADATA_DIR / DB_FILE):
+                raise UnfinishedShare(root) from exc
             if is_damage(exc):
                 raise DamagedShare(root, exc) from exc
             raise

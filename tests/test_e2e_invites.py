@@ -4,6 +4,7 @@ joiner, interrupted joins, tokens kept out of ``ps``, and the control channel.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -321,3 +322,25 @@ def test_control_tmp_is_never_written_through_a_link(tmp_path: Path) -> None:
         token = a.run("invite", "--no-wait", "--address", at_a, "--dir", str(a.root))
         assert token.returncode == 0 and token.stdout.strip()
     assert victim.read_text() == "keep me"
+
+
+def test_a_join_killed_while_making_its_database_says_to_join_again(tmp_path: Path) -> None:
+    """A join killed as its database was being made (tables begun, no share id yet):
+    every command said 'damaged, run repair', repair could not tell the share, and
+    join said 'already a share'."""
+    a, port = _founder(tmp_path)
+    token = invite(a, f"127.0.0.1:{port}")
+    b = Device(tmp_path, "b")
+    (b.root / ".backer").mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(b.root / ".backer" / "backer.db")) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB)")
+        db.execute("CREATE TABLE live (path TEXT, vid TEXT)")
+        db.commit()
+    for command in (("status",), ("sync", f"127.0.0.1:{port}"), ("repair", "--token", token)):
+        result = b.run(*command, "--dir", str(b.root), check=False)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "was never finished (an interrupted 'join' or 'init')" in result.stderr
+        assert "run 'backer join' again with the same token" in result.stderr
+    with a.serving(port):
+        b.run("join", token, str(b.root))
+    assert snapshot(b.root) == snapshot(a.root)
