@@ -265,8 +265,10 @@ class Share:
             self.own_events_missing = self._own_events_missing()
         except Exception as exc:
             self._release()
-            if unfinished_create(root / METADATA_DIR / DB_FILE):
-                raise UnfinishedShare(root) from exc
+            remembered = home is not None and recovery.share_at(home, root) is not None
+            if not remembered and unfinished_create(root / METADATA_DIR / DB_FILE):
+                raise UnfinishedShare(root) from exc  # (an emptied database of a known
+                # share looks the same, but the device home remembers that share)
             if is_damage(exc):
                 raise DamagedShare(root, exc) from exc
             raise
