@@ -1,6 +1,6 @@
 """Where backer takes the randomness and the time that end up in what it records.
 
-Version ids, Yjs client ids, share ids and timestamps go into the journal; taking them
+Version ids, Yjs client id nonces, share ids and timestamps go into the journal; taking them
 from this one place lets a simulation replay a whole multi-node run byte for byte from
 one seed (:func:`seeded`), while a real device uses the OS's randomness and clock.
 """
@@ -52,11 +52,6 @@ def now_ns() -> int:
 
 def now_ms() -> int:
     return _source.now_ns() // 1_000_000
-
-
-def client_id() -> int:
-    """A Yjs client id (32 bits, as Yjs itself draws them)."""
-    return int.from_bytes(_source.token(4), "big")
 
 
 @contextlib.contextmanager

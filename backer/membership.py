@@ -4,7 +4,9 @@ Membership is itself journal events: the share's first event (GENESIS, naming th
 share id) makes its author the founding member; MEMBER_ADD events signed by a member
 admit further devices; MEMBER_REMOVE events remove one, from a point of its log on
 (its events from there on are refused), and the remover's KEY event hands a new share
-key to every remaining member, sealed to each one's device key. :class:`Members` is the
+key to every remaining member, sealed to each one's device key. A CLIENT event binds the
+Yjs client id it derives (from its author's key) to its author before that author's
+STATE events use it. :class:`Members` is the
 member table kept in memory: ingest and every handshake ask it, never the database.
 """
 
@@ -40,6 +42,7 @@ class EventKind(IntEnum):
     INVITE = 4
     MEMBER_REMOVE = 5
     KEY = 6
+    CLIENT = 7  # declares a Yjs client id: its nonce, hashed with the author's key
 
 
 def genesis_payload(share_id: bytes, device_name: str) -> bytes:

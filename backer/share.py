@@ -68,7 +68,7 @@ from .membership import (
 from .paths import METADATA_DIR, is_valid
 from .records import MAX_TIME_MS, Kind, Version, new_version_id, split_key
 from .scanner import Observation, ProgressCallback, Seen, cache_entry, observe
-from .state import BadUpdate, Delta, FileState, parse_update
+from .state import CLIENT_NONCE_BYTES, BadUpdate, Delta, FileState, derive_client, parse_update
 
 DB_FILE = "backer.db"
 LOCK_FILE = "lock"
@@ -81,6 +81,7 @@ _PAYLOAD_BYTES = {
     EventKind.INVITE: (56, 56),
     EventKind.MEMBER_REMOVE: (40, 40),
     EventKind.KEY: (4, 4 + membership.KEY_ENTRY_BYTES * membership.MAX_MEMBERS),
+    EventKind.CLIENT: (CLIENT_NONCE_BYTES, CLIENT_NONCE_BYTES),
 }
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 
@@ -250,6 +251,7 @@ class Share:
         self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
         self.repairing = False  # rebuilding the journal from a peer: scan and apply nothing
         self.problems: dict[tuple[str, str], Problem] = {}  # this process's, by (source, path)
+        self._pending_clients: dict[int, bytes] = {}  # declared by checked, unstored events
         self.fresh_problems: list[Problem] = []  # this process's not reported before
         self.db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
         try:
@@ -514,13 +516,14 @@ class Share:
         """Load the document snapshot; return the journal position it covers. A snapshot
         whose checksum does not match (damaged bytes, or one saved before checksums) is
         only a cache: the document is rebuilt from the journal instead."""
+        self._pending_clients.clear()
         snapshot = self.catalog.get_meta("doc_snapshot")
         if snapshot is not None and blake3(snapshot).digest() == self.catalog.get_meta(
             "doc_snapshot_hash"
         ):
-            self.state = FileState(snapshot)
+            self.state = FileState(snapshot, self.device)
             return self.catalog.get_int("doc_position")
-        self.state = FileState()
+        self.state = FileState(None, self.device)
         return 0
 
     def _replay(self) -> None:
@@ -543,14 +546,14 @@ class Share:
                         self.catalog.set_meta("catalog_position", position)
                 continue
             try:
-                delta, clients = self._apply_checked(event)
+                delta = self._apply_checked(event)
             except BadUpdate as exc:
                 with self.db.conn:
                     self.journal.quarantine([event], str(exc))
                 return False
             if position > catalog_position:
                 with self.db.conn:
-                    self._record(position, event, delta, clients)
+                    self._record(position, event, delta)
         return True
 
     def _reload_state(self) -> None:
@@ -560,14 +563,21 @@ class Share:
         self._doc_position = self._load_snapshot()
         self._replay()
 
-    def _apply_checked(self, event: Event) -> tuple[Delta, set[int]]:
-        """Check and apply one event's payload: the delta and the Yjs client ids it uses.
+    def _apply_checked(self, event: Event) -> Delta:
+        """Check and apply one event's payload; a CLIENT declaration binds its client id
+        in memory until stored, so the STATE events after it in one run may use it.
         Raises :class:`BadUpdate` (the document must then be reloaded)."""
         _check_event(event)
-        if event.kind != EventKind.STATE:
-            return Delta(), set()
         author = event.author
-        shape = self.state.check(event.payload, lambda c: self._owner(c) not in (None, author))
+        if event.kind == EventKind.CLIENT:
+            client = derive_client(author, event.payload)
+            if self._bound_to(client) not in (None, author):
+                raise BadUpdate(f"declares client id {client}, which another device owns")
+            self._pending_clients[client] = author
+            return Delta()
+        if event.kind != EventKind.STATE:
+            return Delta()
+        shape = self.state.check(event.payload, lambda client: self._refusal(client, author))
         delta = self.state.apply(event.payload, shape)
         paths: dict[str, str] = {}
         for key, version in delta.added.items():
@@ -578,9 +588,9 @@ class Share:
             known = (path, version.encode()) if row is None else tuple(row)
             if paths.setdefault(version_id, path) != path or known != (path, version.encode()):
                 raise BadUpdate(f"rewrites the recorded version {version_id}")
-        return delta, set(shape.clients)
+        return delta
 
-    # -- Yjs client ids belong to the journal author that first used them --------------
+    # -- Yjs client ids belong to the author that declared them ------------------------
 
     def _create_bindings(self) -> bool:
         if "clients" in self.db.table_names():
@@ -592,7 +602,8 @@ class Share:
         return True
 
     def _bind_stored_clients(self) -> None:
-        """A share from before client ids were bound: bind those its journal used."""
+        """A share from before client ids were bound: bind those its journal used (to
+        the first author seen using each; declared ids came later)."""
         with self.db.conn:
             for _, event in self.journal.since(0):
                 if event.kind == EventKind.STATE:
@@ -601,6 +612,19 @@ class Share:
                     except BadUpdate:
                         continue
                     self._claim(clients, event.author)
+
+    def _refusal(self, client: int, author: bytes) -> str | None:
+        """Why ``author``'s STATE event may not hold items under ``client``, if it may not."""
+        owner = self._bound_to(client)
+        if owner == author:
+            return None
+        if owner is None:
+            return f"items under an undeclared client id {client}"
+        return f"items under client id {client}, which another device owns"
+
+    def _bound_to(self, client: int) -> bytes | None:
+        """The author ``client`` is bound to: by a stored event or one being checked."""
+        return self._pending_clients.get(client) or self._owner(client)
 
     def _owner(self, client: int) -> bytes | None:
         row = self.db.conn.execute(
@@ -614,11 +638,12 @@ class Share:
             [(client, author) for client in clients],
         )
 
-    def _record(
-        self, position: int, event: Event, delta: Delta, clients: Iterable[int] = ()
-    ) -> None:
+    def _record(self, position: int, event: Event, delta: Delta) -> None:
         """Fold one stored event into the catalog (inside the caller's transaction)."""
-        self._claim(clients, event.author)
+        if event.kind == EventKind.CLIENT:
+            client = derive_client(event.author, event.payload)
+            self._claim([client], event.author)
+            self._pending_clients.pop(client, None)
         admission = self.members.admitted(event)
         if admission is not None:
             device_key, name, invite_id = admission
@@ -662,17 +687,20 @@ class Share:
         self, entries: list[tuple[EventKind, bytes]], delta: Delta | None = None
     ) -> Event:
         """Sign ``entries`` onto our log in one append (``delta``: of a single STATE
-        entry); fold them into the catalog; return the last event."""
+        entry), preceded by the declaration of our client id before its first STATE
+        event; fold them into the catalog; return the last event."""
         if self.own_events_missing:
             raise BackerError(self.behind_itself)
+        writes = any(kind == EventKind.STATE for kind, _ in entries)
+        if writes and self._owner(self.state.doc.client_id) != self.device:
+            entries = [(EventKind.CLIENT, self.state.nonce), *entries]
         events = self.journal.append(self.key, entries, entropy.now_ms())
         position = self.journal.position() - len(events)
         with self.db.conn:
             for event in events:
                 position += 1
                 state = event.kind == EventKind.STATE
-                clients = parse_update(event.payload).clients if state else {}
-                self._record(position, event, delta or Delta(), clients)
+                self._record(position, event, (delta or Delta()) if state else Delta())
         if self.home is not None:
             recovery.record_own_length(self.home, self.share_id, events[-1].seq + 1)
         return events[-1]
@@ -753,7 +781,7 @@ class Share:
                 raise RejectedBatch("a new device must first receive the share's genesis")
         raws, checkpoint = self._within_removal(raws, checkpoint)
         held = self.journal.quarantine_starts()
-        checked: list[tuple[Delta, set[int]]] = []
+        checked: list[Delta] = []
 
         def admit(events: list[Event]) -> None:
             """Check and apply every new event before any is stored."""
@@ -782,10 +810,10 @@ class Share:
                 self.catalog.set_meta("catalog_position", self.journal.position())
             return result
         recovering = bool(self.own_events_missing)
-        for event, (delta, clients) in zip(result.added, checked, strict=True):
+        for event, delta in zip(result.added, checked, strict=True):
             position += 1
             with self.db.conn:
-                self._record(position, event, delta, clients)
+                self._record(position, event, delta)
                 if recovering and event.author == self.device:
                     self._adopt_own(delta)
         if self.own_events_missing and raws and Event.decode(raws[0]).author == self.device:

@@ -15,10 +15,10 @@ removed in one step and never shows up in a delta.
 
 A received update is hostile until checked. :func:`parse_update` reads the Yjs v1
 encoding itself and accepts only what :meth:`FileState.write` produces: items of the
-root map ``files`` holding one byte string, under client ids that the event's author
-owns (:meth:`FileState.check`), continuing from what the document already holds. Only
-then is it handed to yrs, whose failures (including panics, which are BaseExceptions)
-become :class:`BadUpdate` too.
+root map ``files`` holding one byte string, under client ids bound to the event's author
+(:meth:`FileState.check`; a device declares each id it derives, see :func:`derive_client`),
+continuing from what the document already holds. Only then is it handed to yrs, whose
+failures (including panics, which are BaseExceptions) become :class:`BadUpdate` too.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from blake3 import blake3
 from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
 from . import entropy
@@ -35,6 +36,7 @@ from .records import BadVersion, Version, check_version_id, make_key, split_key
 ROOT = "files"
 MAX_CLIENT = 2**53  # Yjs client ids are JavaScript-safe integers
 MAX_CLOCK = 2**32  # yrs counts clocks in 32 bits
+CLIENT_NONCE_BYTES = 16
 _ANY = 8  # Yjs content refs
 _DELETED = 1
 _GC = 0
@@ -178,6 +180,13 @@ def _item(reader: _Cursor, info: int, shape: UpdateShape) -> int:
     return 1
 
 
+def derive_client(device: bytes, nonce: bytes) -> int:
+    """The Yjs client id that ``device`` declares with ``nonce`` (a CLIENT event): a hash
+    of its own key, so no other device can declare it and take its items for its own."""
+    digest = blake3(b"backer yjs client" + device + nonce).digest()[:8]
+    return int.from_bytes(digest, "big") & (MAX_CLIENT - 1)
+
+
 @dataclass
 class Delta:
     """Keys that became live and keys that stopped being live in one transaction."""
@@ -190,11 +199,13 @@ class Delta:
 
 
 class FileState:
-    """The CRDT document. A fresh random Yjs client id every time one is created
-    (a reused id with a lost state would let two updates claim the same clock)."""
+    """The CRDT document. A fresh Yjs client id every time one is created (a reused id
+    with a lost state would let two updates claim the same clock), derived from
+    ``device`` and a fresh ``nonce`` that the share declares before its first write."""
 
-    def __init__(self, snapshot: bytes | None = None) -> None:
-        self.doc: Doc = Doc(client_id=entropy.client_id())
+    def __init__(self, snapshot: bytes | None = None, device: bytes = bytes(32)) -> None:
+        self.nonce = entropy.token(CLIENT_NONCE_BYTES)
+        self.doc: Doc = Doc(client_id=derive_client(device, self.nonce))
         self.files: Map = self.doc.get(ROOT, type=Map)
         self._delta = Delta()
         self._added: dict[str, bytes] = {}  # raw values: decoded once the transaction is over
@@ -287,18 +298,19 @@ class FileState:
             vector[client] = reader.uint()
         return vector
 
-    def check(self, update: bytes, owned_by_other: Callable[[int], bool]) -> UpdateShape:
+    def check(self, update: bytes, refusal: Callable[[int], str | None]) -> UpdateShape:
         """Raise :class:`BadUpdate` unless ``update`` may be applied: well-formed (see
-        :func:`parse_update`), every entry it names valid, no item under a client id
-        that ``owned_by_other`` says belongs to another author, no gap after what the
-        document holds, and every entry it continues already present."""
+        :func:`parse_update`), every entry it names valid, no item under a client id for
+        which ``refusal`` gives a reason (one not bound to the event's author), no gap
+        after what the document holds, and every entry it continues already present."""
         shape = parse_update(update)
         for key, value in shape.writes:
             check_entry(key, value)
         vector = self.clock()
         for client, (start, _) in shape.clients.items():
-            if owned_by_other(client):
-                raise BadUpdate(f"items under client id {client}, which another device owns")
+            reason = refusal(client)
+            if reason is not None:
+                raise BadUpdate(reason)
             if start > vector.get(client, 0):
                 raise BadUpdate(f"client id {client} skips clocks {vector.get(client, 0)}..{start}")
         for client, clock in shape.origins:

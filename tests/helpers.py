@@ -11,9 +11,11 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
+from backer.membership import EventKind
 from backer.session import Session
 from backer.share import Share
 from backer.wire import PROTOCOL_VERSION, FrameReader, Hello, Message, Summary
+from journal import Event
 
 
 def make_devices(tmp_path: Path, count: int) -> list[Share]:
@@ -28,6 +30,17 @@ def make_devices(tmp_path: Path, count: int) -> list[Share]:
         founder.admit(bytes(key.verify_key), root.name)
         shares.append(Share.create(root, key, joining=(founder.share_id, founder.share_key)))
     return shares
+
+
+def forge(share: Share, payload: bytes) -> Event:
+    """A validly signed STATE event of ``share``'s device carrying ``payload`` as is,
+    after the CLIENT event declaring the share's Yjs client id if its log lacks one (as
+    the share itself sends it): whether a peer accepts it then depends on the payload."""
+    nonce = share.state.nonce
+    entries = [(EventKind.STATE, payload)]
+    if not any(e.payload == nonce for e in share.journal.events(share.device)):
+        entries.insert(0, (EventKind.CLIENT, nonce))
+    return share.journal.append(share.key, entries)[-1]
 
 
 def _wire(messages: list[Message], reader: FrameReader) -> list[Message]:

@@ -30,15 +30,9 @@ from backer.state import ROOT
 from backer.wire import Events, ProtocolError
 from journal import Event
 from tests.e2e import Device, free_port, invite
-from tests.helpers import make_devices, pump, sync, syncing
+from tests.helpers import forge, make_devices, pump, sync, syncing
 
 UNAPPLIABLE = b"\x01\xff"  # a Yjs update that ends in the middle of its first struct
-
-
-def forge(share: Share, payload: bytes) -> Event:
-    """A validly signed STATE event of ``share``'s device carrying ``payload`` as is."""
-    (event,) = share.journal.append(share.key, [(EventKind.STATE, payload)])
-    return event
 
 
 def write_file(share: Share, name: str, data: bytes) -> None:
@@ -54,7 +48,7 @@ def test_an_unappliable_state_event_is_refused_before_it_is_stored(tmp_path: Pat
     with pytest.raises(ProtocolError, match="rejected events"):
         pump(Session(member, "m"), Session(honest, "h"))
     assert honest.journal.count() == stored
-    assert honest.journal.length(member.device) == bad.seq
+    assert honest.journal.length(member.device) == bad.seq - 1  # its run's declaration too
     honest.close()
     reopened = Share.open(honest.root, honest.key)  # opens, replays, works
     write_file(reopened, "after.txt", b"still fine")
@@ -63,7 +57,7 @@ def test_an_unappliable_state_event_is_refused_before_it_is_stored(tmp_path: Pat
 
 def _foreign_value_update(share: Share, key: str, value: object) -> bytes:
     """An update writing ``value`` (not a version record) under ``key`` of the files map."""
-    doc = Doc()
+    doc = Doc(client_id=share.state.doc.client_id)
     doc.apply_update(share.state.snapshot())
     files = doc.get(ROOT, type=Map)
     before = doc.get_state()
@@ -112,7 +106,9 @@ def test_a_stored_unappliable_event_is_quarantined_not_fatal_and_not_relayed(
     sync(honest, third)
     bad = forge(member, UNAPPLIABLE)
     later = forge(member, b"\x00\x00")
-    raws = [bad.raw, later.raw]
+    held = honest.journal.length(member.device)
+    raws = [e.raw for e in member.journal.events(member.device, held)]
+    assert raws[-2:] == [bad.raw, later.raw]
     # stored the way an earlier version of backer stored it: first, unchecked
     honest.journal.ingest(raws, member.journal.summary()[member.device], lambda _: True)
     honest.close()
@@ -132,11 +128,11 @@ def test_status_reports_a_quarantined_event(tmp_path: Path) -> None:
     device.run("init", str(device.root))
     key = load_or_create_key(device.home)
     with Share.open(device.root, key, home=device.home) as share:
-        forge(share, UNAPPLIABLE)  # stored unchecked: replayed (and set aside) on next open
+        bad = forge(share, UNAPPLIABLE)  # stored unchecked: replayed (and set aside) on next open
     text = device.run("status", "--dir", str(device.root)).stdout
-    assert "quarantined event 1 of" in text, text
+    assert f"quarantined event {bad.seq} of" in text, text
     report = json.loads(device.run("status", "--json", "--dir", str(device.root)).stdout)
-    assert report["quarantined"][0]["seq"] == 1
+    assert report["quarantined"][0]["seq"] == bad.seq
     assert "truncated" in report["quarantined"][0]["reason"]
     device.run("scan", "--dir", str(device.root))
 
@@ -170,6 +166,59 @@ def test_a_forged_item_under_another_devices_client_id_cannot_drop_its_write(
     write_file(writer, "second.txt", b"two")  # the writer's next item: the forged clock
     sync(writer, victim)
     assert victim.catalog.live_versions("second.txt")
+    assert not victim.catalog.live_versions("decoy.txt")
+
+
+def _relay_first(member: Share, victim: Share, raws: list[bytes]) -> None:
+    """``member`` sends ``victim`` its own last events before any other device's."""
+    checkpoint = member.journal.summary()[member.device]
+    syncing(Session(victim, "v")).receive(Events(checkpoint.encode(), raws, 0))
+
+
+def test_a_member_relaying_another_devices_items_cannot_take_its_client_id(
+    tmp_path: Path,
+) -> None:
+    victim, writer, member = make_devices(tmp_path, 3)
+    sync(victim, writer)
+    sync(victim, member)
+    sync(writer, member)
+    lacking = victim.state.doc.get_state()
+    write_file(writer, "w1.txt", b"the writer's")
+    sync(writer, member)  # the member now holds the writer's items, under its client id
+    relayed = forge(member, member.state.doc.get_update(lacking))  # signed by the member
+    run = list(member.journal.events(member.device, victim.journal.length(member.device)))
+    assert relayed in run
+    with pytest.raises(ProtocolError, match="undeclared client id"):
+        _relay_first(member, victim, [e.raw for e in run])
+    write_file(writer, "w2.txt", b"the writer's next")
+    sync(writer, victim)
+    assert victim.journal.length(writer.device) == writer.journal.length(writer.device)
+    assert victim.catalog.live_versions("w1.txt") and victim.catalog.live_versions("w2.txt")
+    assert (victim.root / "w2.txt").read_bytes() == b"the writer's next"
+
+
+def test_a_client_declaration_whose_nonce_does_not_derive_the_used_client_id_is_refused(
+    tmp_path: Path,
+) -> None:
+    victim, writer, member = make_devices(tmp_path, 3)
+    sync(victim, member)
+    sync(victim, writer)
+    write_file(writer, "w1.txt", b"the writer's")
+    own = writer.journal.events(writer.device)
+    declared = [e.payload for e in own if e.kind == EventKind.CLIENT]
+    assert declared == [writer.state.nonce]
+    # the writer's own nonce, declared by the member: it derives the member's id, not this one
+    stolen = _forge_under_client(member, writer.state.doc.client_id, "decoy.txt")
+    start = victim.journal.length(member.device)
+    member.journal.append(
+        member.key, [(EventKind.CLIENT, writer.state.nonce), (EventKind.STATE, stolen)]
+    )
+    run = [e.raw for e in member.journal.events(member.device, start)]
+    with pytest.raises(ProtocolError, match="undeclared client id"):
+        _relay_first(member, victim, run)
+    assert victim.journal.length(member.device) == start
+    sync(writer, victim)
+    assert victim.catalog.live_versions("w1.txt")
     assert not victim.catalog.live_versions("decoy.txt")
 
 

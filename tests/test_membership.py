@@ -36,7 +36,7 @@ def test_events_a_removed_device_made_after_its_removal_point_are_rejected(
     (c.root / "stolen.txt").write_text("written by the thief")
     c.scan()
     sync(b, c)  # b has not heard of the removal: it takes c's new event
-    assert b.journal.length(c.device) == kept + 1
+    assert b.journal.length(c.device) == kept + 2  # its client id's declaration, its write
     sync(a, b)  # a gets the removal's news to b, and refuses c's event from b
     assert a.journal.length(c.device) == kept
     assert b.members.removed == {c.device: kept}
