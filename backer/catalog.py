@@ -85,6 +85,9 @@ class Catalog:
             "CREATE TABLE IF NOT EXISTS problems (path TEXT, source TEXT, reason TEXT, "
             "warning INTEGER, since_ms INTEGER, PRIMARY KEY (path, source)) WITHOUT ROWID"
         )
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS forgotten (path TEXT PRIMARY KEY, vid TEXT) WITHOUT ROWID"
+        )
         self._add_columns()
 
     def _add_columns(self) -> None:
@@ -262,6 +265,32 @@ class Catalog:
 
     def drop_local(self, paths: Iterable[str]) -> None:
         self.conn.executemany("DELETE FROM local WHERE path = ?", [(p,) for p in paths])
+
+    # -- paths that became ignored -----------------------------------------------------
+
+    def forget(self, entries: Iterable[LocalEntry]) -> None:
+        """Leave these scan-cache entries (their paths became ignored), keeping the
+        version each held: the basis of whatever the disk holds if the rule goes."""
+        entries = list(entries)
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO forgotten (path, vid) VALUES (?, ?)",
+            [(e.path, e.version_id) for e in entries],
+        )
+        self.drop_local(e.path for e in entries)
+
+    def forgotten_basis(self, paths: Iterable[str]) -> dict[str, str]:
+        """The version this device last held at each of ``paths`` before they became
+        ignored (only for paths it has not recorded since)."""
+        found = {}
+        for path in paths:
+            row = self.conn.execute("SELECT vid FROM forgotten WHERE path = ?", (path,))
+            vid = row.fetchone()
+            if vid is not None:
+                found[path] = vid[0]
+        return found
+
+    def drop_forgotten(self, paths: Iterable[str]) -> None:
+        self.conn.executemany("DELETE FROM forgotten WHERE path = ?", [(p,) for p in paths])
 
     # -- per-file problems -----------------------------------------------------------
 

@@ -6,8 +6,8 @@ matching directory is not descended into, as in git.
 
 A rule only ever stops syncing (as in Syncthing): an ignored path is neither recorded
 nor written nor deleted on this device; a path that becomes ignored is forgotten
-locally (no deletion is recorded for it), and one that stops being ignored is scanned
-again like a new file.
+locally (no deletion is recorded for it; the version it held is kept as the basis of
+a later edit), and one that stops being ignored is scanned again.
 """
 
 from __future__ import annotations

@@ -922,15 +922,18 @@ class Share:
         device = self.device[:8]
         changed = sorted(found.changed, key=lambda c: c[0].path)
         live = self.catalog.live_for([seen.path for seen, _, _ in changed] + found.deleted)
-        changed = self._adopt_identical(changed, local, live, found, now_ns)
+        basis = self.catalog.forgotten_basis(s.path for s, _, _ in changed if s.path not in local)
+        changed = self._adopt_identical(changed, local, live, basis, found, now_ns)
         versions: list[tuple[str, Version]] = []
-        # A local change supersedes only the version the disk held (the cached one):
-        # remote versions this device has not written yet are concurrent with it.
+        # A local change supersedes only the version the disk held (the cached one, or
+        # for a path no longer ignored the one it held when the rule came): remote
+        # versions this device has not written yet are concurrent with it.
         for seen, _, content in changed:
             existed = any(v.kind != Kind.DELETED for v in live.get(seen.path, {}).values())
             (summary.modified if existed else summary.added).append(seen.path)
             version = _version_of(seen, content, device, now_ms)
-            version.supersedes = _based_on(local.get(seen.path))
+            held = basis.get(seen.path)
+            version.supersedes = (held,) if held else _based_on(local.get(seen.path))
             versions.append((seen.path, version))
         for path in found.deleted:
             summary.deleted.append(path)
@@ -951,7 +954,10 @@ class Share:
             self.catalog.set_local([*cache, *found.refreshed])
             self.catalog.put_manifests(found.reindexed)
             self.catalog.drop_local(found.deleted)
-            self.catalog.drop_local(found.forgotten)
+            self.catalog.forget(local[path] for path in found.forgotten)
+            self.catalog.drop_forgotten(
+                [seen.path for seen, _, _ in changed] + [e.path for e in found.refreshed]
+            )
             self.catalog.set_meta("last_scan_ms", now_ms)
             summary.fresh = self._note_problems("scan", found.errors, replace=True)
             recorded = [seen.path for seen, _, _ in changed] + found.deleted
@@ -1042,21 +1048,29 @@ class Share:
         changed: list[tuple[Seen, Manifest | None, bytes]],
         local: dict[str, LocalEntry],
         live: dict[str, dict[str, Version]],
+        basis: dict[str, str],
         found: Observation,
         now_ns: int,
     ) -> list[tuple[Seen, Manifest | None, bytes]]:
         """An entry this device has no record of (a path no longer ignored, a file put
-        in place by hand) that is identical to a live version is that version: it is
-        adopted into the scan cache instead of recorded again. The rest is returned."""
+        in place by hand) that is identical to a live version, or to the version it held
+        when it became ignored, is that version: it is adopted into the scan cache
+        instead of recorded again (a newer live version then simply replaces it, as any
+        received version does). The rest is returned."""
         remaining = []
         for seen, manifest, content in changed:
             same = None
             if seen.path not in local:
                 wanted = (seen.kind, content, seen.permissions)
+                candidates = dict(sorted(live.get(seen.path, {}).items()))
+                held = basis.get(seen.path)
+                version = self.catalog.version(held) if held else None
+                if held and version is not None:
+                    candidates.setdefault(held, version)
                 same = next(
                     (
                         vid
-                        for vid, v in sorted(live.get(seen.path, {}).items())
+                        for vid, v in candidates.items()
                         if (v.kind, v.content, v.permissions) == wanted
                     ),
                     None,

@@ -233,3 +233,38 @@ def test_the_edit_made_last_wins_not_the_device_that_scanned_last(tmp_path: Path
     assert trees[0]["plan.txt"][1] == b"edited later, on b"
     copies = [p for p in trees[0] if ".sync-conflict-" in p]
     assert len(copies) == 1 and trees[0][copies[0]][1] == b"edited first, on a"
+
+
+def test_a_file_edited_while_ignored_comes_back_as_its_own_next_version(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f.txt").write_text("recorded before the rule")
+    sync(a, b)
+    (a.root / ".backerignore").write_text("f.txt\n")
+    a.scan()
+    (a.root / "f.txt").write_text("edited while ignored")
+    a.scan()
+    (a.root / ".backerignore").unlink()
+    sync(a, b)
+    trees = [tree(d.root) for d in (a, b)]
+    assert trees[0] == trees[1]
+    assert trees[0]["f.txt"][1] == b"edited while ignored"
+    assert not [p for p in trees[0] if ".sync-conflict-" in p]
+
+
+def test_an_unchanged_file_unignored_after_a_remote_edit_takes_that_edit(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f.txt").write_text("v1")
+    sync(a, b)
+    (b.root / ".backerignore").write_text("f.txt\n")
+    b.scan()
+    (a.root / "f.txt").write_text("v2, edited on a while b ignored it")
+    sync(a, b)
+    assert (b.root / "f.txt").read_text() == "v1"  # b's rules leave it alone
+    (b.root / ".backerignore").unlink()
+    (a.root / ".backerignore").unlink(missing_ok=True)
+    sync(a, b)
+    sync(a, b)
+    trees = [tree(d.root) for d in (a, b)]
+    assert trees[0] == trees[1]
+    assert trees[0]["f.txt"][1] == b"v2, edited on a while b ignored it"
+    assert not [p for p in trees[0] if ".sync-conflict-" in p]
