@@ -45,7 +45,7 @@ from .catalog import Catalog, LocalEntry, Problem
 from .chunks import ChunkStore
 from .content import ChunkRef, Manifest, check_manifest
 from .errors import BackerError
-from .ignore import temp_name
+from .ignore import IgnoreRules, temp_name
 from .paths import METADATA_DIR, BadPath, check
 from .records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
 from .scanner import cache_entry, stat_key_of
@@ -246,15 +246,19 @@ def stale_temps(
     """The temp files among ``found`` (backer's, by their names) that nothing will use:
     neither an assembly in progress (``in_use``) nor the next attempt at a version
     still to be written here — an interrupted transfer's temp is kept, so that its
-    verified chunks are not fetched again."""
+    verified chunks are not fetched again. A version at a path this device's rules
+    ignore is never written here, so its temp goes too."""
     candidates = [p for p in found if p not in in_use]
     if not candidates:
         return []
     directories = {p.parent for p in candidates}
+    excluded = IgnoreRules.load(root).excluded
     pending = {
         path: vid
         for path, vid, version in catalog.all_live()
-        if version.kind in (Kind.FILE, Kind.SYMLINK) and (root / path).parent in directories
+        if version.kind in (Kind.FILE, Kind.SYMLINK)
+        and (root / path).parent in directories
+        and not excluded(path, False)
     }
     written = catalog.local_entries(pending)
     wanted = {
@@ -275,6 +279,7 @@ class Report:
     kept_local_edits: list[str] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
     bytes_written: int = 0
+    kept_temps: list[Path] = field(default_factory=list)  # incomplete: for a later attempt
 
 
 class LocalEdit(Exception):
@@ -630,6 +635,7 @@ class Assembly:
             if staged.missing:  # its temp stays: a later attempt keeps what did arrive
                 missing = f"{staged.missing} chunks were not available"
                 report.errors.append(Problem(op.path, missing))
+                report.kept_temps.append(staged.temp)
                 continue
             with _reported(op.path, report), _removing(staged.temp):
                 if op.version.kind == Kind.FILE:

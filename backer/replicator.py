@@ -309,8 +309,10 @@ class Replicator:
         self.share.note_applied(report)
         self.stats.files_written += len(report.written)
         self.stats.files_deleted += len(report.deleted)
+        self.share.resumable_temps.update(report.kept_temps)
         if self.window_start >= len(self.operations):
             self.operations = None
+            self.share.sweep_resumable()  # a kept temp whose version was since replaced
 
     # -- answers from peers ---------------------------------------------------------------
 

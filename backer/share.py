@@ -249,6 +249,7 @@ class Share:
         self._lock = take_lock(root) if exclusive else None
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
+        self.resumable_temps: set[Path] = set()  # kept for a later attempt at their version
         self.repairing = False  # rebuilding the journal from a peer: scan and apply nothing
         self.problems: dict[tuple[str, str], Problem] = {}  # this process's, by (source, path)
         self._pending_clients: dict[int, bytes] = {}  # declared by checked, unstored events
@@ -1039,9 +1040,17 @@ class Share:
     def _sweep(self, leftovers: list[str]) -> None:
         """Remove the temp files a scan found that nothing will use, judged by what is
         live once the scan is recorded (we hold the lock: only our own writes run)."""
-        found = [Path(p) for p in leftovers]
-        for leftover in stale_temps(self.root, self.catalog, found, self.temps_in_use):
+        self.resumable_temps.update(Path(p) for p in leftovers)
+        self.sweep_resumable()
+
+    def sweep_resumable(self) -> None:
+        """Remove the kept temp files (of interrupted or incomplete writes) that nothing
+        will use any more: the version each was for is no longer to be written here.
+        Run after every scan and every plan, so none outlives its version."""
+        stale = stale_temps(self.root, self.catalog, self.resumable_temps, self.temps_in_use)
+        for leftover in stale:
             leftover.unlink(missing_ok=True)
+        self.resumable_temps.difference_update(stale)
 
     def _adopt_identical(
         self,

@@ -282,3 +282,22 @@ def test_temp_links_of_an_interrupted_apply_are_removed_like_temp_files(share: S
     assert not os.path.lexists(share.root / link)
     assert not (share.root / file).exists()
     assert list(live(share)) == []
+
+
+def test_a_kept_temp_at_a_path_that_became_ignored_is_swept(share: Share) -> None:
+    """A temp kept for a later attempt at a version this device will never write (its
+    rules now ignore the path) stayed for good: found by the simulations, seed 10."""
+    root = share.root
+    (root / "f.txt").write_text("to be received")
+    share.scan()
+    vid = share.catalog.local_entries(["f.txt"])["f.txt"].version_id
+    with share.db.conn:  # as on a device that has the version but not yet its bytes
+        share.catalog.drop_local(["f.txt"])
+    (root / "f.txt").unlink()
+    temp = root / temp_name("f.txt", vid)
+    temp.write_text("to be rec")  # what an interrupted transfer left
+    share.scan()
+    assert temp.exists()  # kept: the next attempt re-uses its verified chunks
+    (root / ".backerignore").write_text("f.txt\n")
+    share.scan()
+    assert not temp.exists()
