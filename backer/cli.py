@@ -20,12 +20,11 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from journal import JournalError
 
@@ -39,6 +38,7 @@ from .identity import device_id, home, load_or_create_key, parse_device_id, shor
 from .invite import InviteToken, advertised, parse_address
 from .membership import EventKind
 from .paths import METADATA_DIR
+from .progress import ProgressCallback, reporter
 from .records import Kind, Version, timestamp
 from .replicator import Replicator
 from .session import Session, WireStats
@@ -103,16 +103,18 @@ def _version_json(version: Version) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _progress(label: str) -> Iterator[Any]:
-    """A byte counter on a terminal, nothing otherwise (pipes and tests stay clean)."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, transient=True, console=None) as bar:
-        task = bar.add_task(label, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+def _quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    ctx.meta["backer.quiet"] = value
+
+
+quiet_option = click.option(
+    "-q", "--quiet", is_flag=True, expose_value=False, callback=_quiet, help="Show no progress."
+)
+
+
+def _progress(label: str) -> contextlib.AbstractContextManager[ProgressCallback | None]:
+    """The command's progress display (see :mod:`backer.progress`), unless ``--quiet``."""
+    return reporter(label, click.get_current_context().meta.get("backer.quiet", False))
 
 
 def _open(directory: str, exclusive: bool = True) -> Share:
@@ -229,6 +231,8 @@ def cli() -> None:
       BACKER_HOME   this device's directory (its key, what it knows of its shares);
                     default: the platform's config directory for backer
       BACKER_DEBUG  set to 1 to get the traceback of an unexpected error
+      BACKER_PROGRESS_INTERVAL  seconds between progress lines when stderr is not
+                    a terminal (default 10; none for shorter runs; --quiet: none)
 
     \b
     Exit status: 0 done; 1 error (one line on stderr); 3 done, but some files could
@@ -244,6 +248,7 @@ def id() -> None:
 
 @cli.command()
 @click.argument("directory", default=".", type=click.Path(file_okay=True))
+@quiet_option
 def init(directory: str) -> None:
     """Make DIRECTORY a new share, with this device as its first member."""
     root = Path(os.path.abspath(directory))
@@ -263,6 +268,7 @@ def init(directory: str) -> None:
     "peer returned (their files are scanned again).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@quiet_option
 def scan(directory: str, forget_lost_history: bool, as_json: bool) -> None:
     """Record every change made to the share's files since the last scan.
 
@@ -575,7 +581,9 @@ async def _sync_over(
 
         def report(session: Session) -> None:
             if progress is not None:
-                progress(replicator.stats.bytes_fetched, replicator.stats.bytes_to_fetch)
+                stats = replicator.stats
+                files = stats.files_written, stats.files_to_write
+                progress(*files, stats.bytes_fetched, stats.bytes_to_fetch)
 
         async def one(opening: Callable[[], Awaitable[transport.Streams]]) -> Session:
             keys = [b""] if channel else hub.share.share_keys or [b""]
@@ -628,6 +636,7 @@ def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list
     help="Sync over this command's stdin/stdout, e.g. 'ssh host backer stdio --dir DIR'.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@quiet_option
 def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_json: bool) -> None:
     """Reconcile with peers both ways, then exit: every ADDRESS at once (HOST:PORT), or
     else every peer used before. Chunks are fetched from all of them.
@@ -924,6 +933,7 @@ def _joining_share(root: Path, key: Any, invitation: InviteToken) -> Share:
     type=click.Path(dir_okay=False),
     help="Read the token from this file (then the only argument is DIRECTORY).",
 )
+@quiet_option
 def join(token: str | None, directory: str | None, token_file: str | None) -> None:
     """Join a share with an invite TOKEN and mirror it into DIRECTORY (default: the
     current directory).
@@ -982,6 +992,7 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
 @click.argument("path", required=False)
 @click.option("--dir", "directory", default=".", help="A directory inside the share.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@quiet_option
 def verify(path: str | None, directory: str, as_json: bool) -> None:
     """Re-hash files (all, or those under PATH) whose stat is as last scanned and report
     each whose bytes no longer match its recorded version (bit rot, a bad disk); exit

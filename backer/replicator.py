@@ -53,6 +53,7 @@ WINDOW_BYTES = 1024 * 1024 * 1024
 
 @dataclass
 class ApplyStats:
+    files_to_write: int = 0  # planned (files, links, directories), and those written
     files_written: int = 0
     files_deleted: int = 0
     chunks_reused: int = 0
@@ -189,6 +190,7 @@ class Replicator:
         self.stats.conflicts_resolved += resolved
         self.operations = plan(self.share.catalog, IgnoreRules.load(self.share.root).excluded)
         self.share.note_planned({op.path for op in self.operations})
+        self.stats.files_to_write += sum(op.version.kind != Kind.DELETED for op in self.operations)
         self.window_start = 0
         self.lacking.clear()
         self.gave_up = False

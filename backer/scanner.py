@@ -23,6 +23,7 @@ from .catalog import LocalEntry, Problem
 from .content import Manifest, manifest_of_file
 from .ignore import IgnoreRules, is_temp_name
 from .paths import METADATA_DIR, BadPath, check_name, fold, is_reserved
+from .progress import ProgressCallback
 from .records import PERMISSION_BITS, Kind
 
 READ_ATTEMPTS = 3
@@ -64,10 +65,6 @@ class Observation:
     leftovers: list[str] = field(default_factory=list)  # temp files of interrupted writes
     unchanged: int = 0
     hashed_bytes: int = 0
-
-
-ProgressCallback = Callable[[int, int], None]
-"""Called as ``progress(bytes_done, bytes_total)`` while files are hashed."""
 
 
 def walk(
@@ -232,7 +229,7 @@ def observe(
                 result.changed.append((entry, None, b""))
         else:
             to_read.append(entry)
-    done, total = 0, sum(e.size for e in to_read)
+    files_done, done, total = 0, 0, sum(e.size for e in to_read)
     small = [e for e in to_read if e.size < THREADED_FROM]
     large = [e for e in to_read if e.size >= THREADED_FROM]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
@@ -240,8 +237,9 @@ def observe(
             map(read_stable, small), pool.map(read_stable, large)
         ):
             done += entry.size
+            files_done += 1
             if progress is not None:
-                progress(done, total)
+                progress(files_done, len(to_read), done, total)
             if error is not None:
                 result.errors.append(error)
                 unreadable.add(entry.path)

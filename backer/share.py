@@ -66,8 +66,9 @@ from .membership import (
     remove_payload,
 )
 from .paths import METADATA_DIR, is_valid
+from .progress import ProgressCallback
 from .records import MAX_TIME_MS, Kind, Version, new_version_id, split_key
-from .scanner import Observation, ProgressCallback, Seen, cache_entry, observe
+from .scanner import Observation, Seen, cache_entry, observe
 from .state import CLIENT_NONCE_BYTES, BadUpdate, Delta, FileState, derive_client, parse_update
 
 DB_FILE = "backer.db"

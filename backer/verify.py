@@ -12,10 +12,12 @@ version anyway: every chunk read from a local file is re-hashed before it is sen
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
+from .progress import ProgressCallback
 from .records import Kind
-from .scanner import ProgressCallback, Seen, read_stable, stat_key_of
+from .scanner import Seen, read_stable, stat_key_of
 from .share import Share
 
 
@@ -40,6 +42,7 @@ def verify(
     result = Verification()
     entries = [e for e in share.catalog.local_entries().values() if _under(e.path, prefix)]
     total = sum(e.size for e in entries)
+    files = sum(1 for e in entries if not stat.S_ISDIR(e.mode))
     for entry in sorted(entries):
         version = share.catalog.version(entry.version_id)
         if version is None or version.kind not in (Kind.FILE, Kind.SYMLINK):
@@ -64,7 +67,7 @@ def verify(
         result.checked += 1
         result.checked_bytes += entry.size if version.kind == Kind.FILE else 0
         if progress is not None:
-            progress(result.checked_bytes, total)
+            progress(result.checked, files, result.checked_bytes, total)
         if content != version.content:
             result.mismatched.append(entry.path)
     return result

@@ -1,0 +1,107 @@
+"""Progress of a long command (scan, verify, sync, join): files and bytes done of their
+totals, the rate and the time left, computed by ``rich.progress``.
+
+On a terminal it is one live line on stderr. Otherwise (a log, systemd) it is a plain
+line on stderr at most every ``BACKER_PROGRESS_INTERVAL`` seconds (10 by default), the
+first only once that long has passed, so short runs print nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from .errors import BackerError
+
+INTERVAL_ENV = "BACKER_PROGRESS_INTERVAL"
+DEFAULT_INTERVAL = 10.0
+
+ProgressCallback = Callable[[int, int, int, int], None]
+"""Called as ``progress(files_done, files_total, bytes_done, bytes_total)``."""
+
+
+def interval() -> float:
+    """Seconds between plain progress lines, from the environment (for logs and tests)."""
+    text = os.environ.get(INTERVAL_ENV, "")
+    if not text:
+        return DEFAULT_INTERVAL
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # (also NaN)
+        raise BackerError(f"{INTERVAL_ENV} must be a number of seconds, not {text!r}")
+    return seconds
+
+
+def _columns() -> list[ProgressColumn]:
+    """What both displays show: files, bytes, rate, time left."""
+    return [
+        TextColumn("{task.fields[files]}/{task.fields[files_total]} files"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    ]
+
+
+class _Lines:
+    """Plain progress lines for a non-terminal stderr, at most one per ``every`` seconds."""
+
+    def __init__(self, bar: Progress, task: TaskID, label: str, every: float) -> None:
+        self.bar, self.task, self.label = bar, task, label
+        self.columns = _columns()
+        self.every = every
+        self.next_at = time.monotonic() + every
+
+    def maybe_print(self) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        self.next_at = now + self.every
+        task = self.bar.tasks[self.task]
+        files, size, rate, left = (str(c.render(task)) for c in self.columns)
+        print(f"backer: {self.label}: {files}, {size}, {rate}, {left} left", file=sys.stderr)
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def reporter(label: str, quiet: bool = False) -> Iterator[ProgressCallback | None]:
+    """A progress callback for the duration of the block (None when ``quiet``)."""
+    if quiet:
+        yield None
+        return
+    every = interval()
+    live = sys.stderr.isatty()
+    columns = [TextColumn("{task.description}"), BarColumn(), *_columns()]
+    console = Console(stderr=True)
+    with Progress(*columns, transient=True, console=console, disable=not live) as bar:
+        task = bar.add_task(label, total=None, files=0, files_total=0)
+        lines = None if live else _Lines(bar, task, label, every)
+
+        def update(files_done: int, files_total: int, bytes_done: int, bytes_total: int) -> None:
+            bar.update(
+                task,
+                completed=bytes_done,
+                total=bytes_total or None,
+                files=files_done,
+                files_total=files_total,
+            )
+            if lines is not None:
+                lines.maybe_print()
+
+        yield update

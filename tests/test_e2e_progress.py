@@ -1,0 +1,89 @@
+"""Progress when stderr is a log, not a terminal: plain lines with files, bytes, rate and
+time left at most every BACKER_PROGRESS_INTERVAL seconds; none with --quiet or for runs
+shorter than the interval. (Finding: progress was shown only on a terminal and only
+in bytes.)"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from tests.e2e import Device, free_port, invite, snapshot
+
+LINE = re.compile(
+    r"^backer: (\w+): (\d+)/(\d+) files, ([\d.]+)/([\d.]+) ([kMG]?B), (\S+ \S+|\?), (\S+) left$"
+)
+FILES, FILE_BYTES = 12, 300_000
+
+
+def progress_lines(stderr: str, label: str) -> list[re.Match[str]]:
+    return [m for m in map(LINE.match, stderr.splitlines()) if m and m.group(1) == label]
+
+
+def device_with_files(tmp_path: Path, name: str = "a") -> Device:
+    device = Device(tmp_path, name)
+    device.root.mkdir()
+    for i in range(FILES):
+        (device.root / f"file-{i}.bin").write_bytes(os.urandom(FILE_BYTES))
+    return device
+
+
+def test_progress_is_logged_with_file_counts_and_bytes_when_not_a_terminal(
+    tmp_path: Path,
+) -> None:
+    a = device_with_files(tmp_path)
+    a.env["BACKER_PROGRESS_INTERVAL"] = "0"
+    scanned = progress_lines(a.run("init", str(a.root)).stderr, "scanning")
+    assert len(scanned) == FILES  # one per file hashed, each interval (0 s) apart
+    last = scanned[-1]
+    assert last.group(2, 3) == (str(FILES), str(FILES))
+    assert last.group(4, 5, 6) == ("3.6", "3.6", "MB")
+    assert [int(m.group(2)) for m in scanned] == list(range(1, FILES + 1))
+
+    b = Device(tmp_path, "b")
+    b.env["BACKER_PROGRESS_INTERVAL"] = "0"
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port):
+        joined = b.run("join", token, str(b.root)).stderr
+    received = progress_lines(joined, "receiving")
+    assert received, joined
+    assert received[-1].group(2, 3) == (str(FILES), str(FILES))
+    assert received[-1].group(4, 5, 6) == ("3.6", "3.6", "MB")
+    assert snapshot(b.root) == snapshot(a.root)
+
+
+def test_quiet_prints_no_progress(tmp_path: Path) -> None:
+    a = device_with_files(tmp_path)
+    a.env["BACKER_PROGRESS_INTERVAL"] = "0"
+    result = a.run("init", str(a.root), "--quiet")
+    assert result.stderr == ""
+    (a.root / "new.bin").write_bytes(os.urandom(FILE_BYTES))
+    assert a.run("scan", "-q", "--dir", str(a.root)).stderr == ""
+
+
+def test_a_run_shorter_than_the_interval_prints_no_progress(tmp_path: Path) -> None:
+    a = device_with_files(tmp_path)
+    assert "BACKER_PROGRESS_INTERVAL" not in a.env  # the default: 10 s
+    result = a.run("init", str(a.root))
+    assert result.stderr == ""
+    a.env["BACKER_PROGRESS_INTERVAL"] = "60"
+    (a.root / "new.bin").write_bytes(os.urandom(FILE_BYTES))
+    assert a.run("scan", "--dir", str(a.root)).stderr == ""
+
+
+def test_a_bad_progress_interval_is_a_one_line_error(tmp_path: Path) -> None:
+    a = device_with_files(tmp_path)
+    a.env["BACKER_PROGRESS_INTERVAL"] = "soon"
+    a.run("init", str(a.root), "--quiet")
+    result = a.run("scan", "--dir", str(a.root), check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "backer: error: BACKER_PROGRESS_INTERVAL must be a number of seconds, not 'soon'"
+    ]
+
+
+def test_help_lists_the_progress_interval_next_to_backer_home(tmp_path: Path) -> None:
+    shown = Device(tmp_path, "a").run("--help").stdout
+    assert "BACKER_HOME" in shown and "BACKER_PROGRESS_INTERVAL" in shown
