@@ -581,9 +581,7 @@ async def _sync_over(
 
         def report(session: Session) -> None:
             if progress is not None:
-                stats = replicator.stats
-                files = stats.files_written, stats.files_to_write
-                progress(*files, stats.bytes_fetched, stats.bytes_to_fetch)
+                progress(*replicator.progress())
 
         async def one(opening: Callable[[], Awaitable[transport.Streams]]) -> Session:
             keys = [b""] if channel else hub.share.share_keys or [b""]

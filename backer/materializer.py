@@ -525,10 +525,12 @@ class Assembly:
         self._places: dict[bytes, list[tuple[_Staged, int]]] = {}
         self._open: dict[Path, int] = {}  # a few temp files kept open while chunks arrive
         self._batch: list[_Staged] = []  # complete files on their way into place
+        self.waiting = 0  # staged files still missing chunks (progress)
 
     def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
         self.missing.setdefault(chunk_hash, length)
         self._places.setdefault(chunk_hash, []).append((staged, offset))
+        self.waiting += staged.missing == 0
         staged.missing += 1
 
     def place(self, chunk_hash: bytes, data: bytes) -> None:
@@ -540,6 +542,7 @@ class Assembly:
                 with _reported(staged.op.path, self.report), self._dropping(staged):
                     _write_all(self._fd(staged), data, offset)
                     staged.missing -= 1
+                    self.waiting -= staged.missing == 0
             self.missing.pop(chunk_hash, None)
 
     @contextlib.contextmanager
@@ -549,6 +552,7 @@ class Assembly:
             yield
         except BaseException:
             self.staged.pop(staged.op.path, None)
+            self.waiting -= staged.missing > 0
             fd = self._open.pop(staged.temp, None)
             if fd is not None:
                 os.close(fd)

@@ -190,7 +190,8 @@ class Replicator:
         self.stats.conflicts_resolved += resolved
         self.operations = plan(self.share.catalog, IgnoreRules.load(self.share.root).excluded)
         self.share.note_planned({op.path for op in self.operations})
-        self.stats.files_to_write += sum(op.version.kind != Kind.DELETED for op in self.operations)
+        written = (Kind.FILE, Kind.SYMLINK)  # (what a report counts as written)
+        self.stats.files_to_write += sum(op.version.kind in written for op in self.operations)
         self.window_start = 0
         self.lacking.clear()
         self.gave_up = False
@@ -256,6 +257,14 @@ class Replicator:
             end += 1
         self.window_start = end
         return self.operations[start:end]
+
+    def progress(self) -> tuple[int, int, int, int]:
+        """(files done, files planned, chunk bytes fetched, chunk bytes planned): a file
+        of the current window is done once it has all its chunks."""
+        files = self.stats.files_written
+        if self.assembly is not None:
+            files += len(self.assembly.staged) - self.assembly.waiting
+        return files, self.stats.files_to_write, self.stats.bytes_fetched, self.stats.bytes_to_fetch
 
     def _start_window(self) -> None:
         """Assemble the next window: temp files filled with every chunk found locally;

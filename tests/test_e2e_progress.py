@@ -51,6 +51,8 @@ def test_progress_is_logged_with_file_counts_and_bytes_when_not_a_terminal(
     assert received, joined
     assert received[-1].group(2, 3) == (str(FILES), str(FILES))
     assert received[-1].group(4, 5, 6) == ("3.6", "3.6", "MB")
+    done = [int(m.group(2)) for m in received]
+    assert done == sorted(done) and any(0 < n < FILES for n in done)  # file by file
     assert snapshot(b.root) == snapshot(a.root)
 
 
