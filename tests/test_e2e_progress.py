@@ -5,8 +5,13 @@ in bytes.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
 import re
+import select
+import subprocess
+import time
 from pathlib import Path
 
 from tests.e2e import Device, free_port, invite, snapshot
@@ -89,3 +94,27 @@ def test_a_bad_progress_interval_is_a_one_line_error(tmp_path: Path) -> None:
 def test_help_lists_the_progress_interval_next_to_backer_home(tmp_path: Path) -> None:
     shown = Device(tmp_path, "a").run("--help").stdout
     assert "BACKER_HOME" in shown and "BACKER_PROGRESS_INTERVAL" in shown
+
+
+def test_on_a_terminal_the_live_display_shows_files_and_bytes(tmp_path: Path) -> None:
+    a = device_with_files(tmp_path)
+    a.env.update(TERM="xterm", COLUMNS="120")
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            a.command("init", str(a.root)), env=a.env, stderr=terminal, stdout=subprocess.PIPE
+        )
+        os.close(terminal)
+        shown, deadline = b"", time.monotonic() + 60
+        with contextlib.suppress(OSError):  # EIO once the child has closed the terminal
+            while time.monotonic() < deadline:
+                if select.select([controller], [], [], 1)[0]:
+                    if not (chunk := os.read(controller, 65536)):
+                        break
+                    shown += chunk
+        assert process.wait(timeout=60) == 0
+    finally:
+        os.close(controller)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    assert "scanning" in text and f"/{FILES} files" in text, text
+    assert not progress_lines(text, "scanning")  # live, not log lines
