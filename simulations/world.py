@@ -196,13 +196,17 @@ def synced_trees(roots: list[Path]) -> list[dict[str, tuple]]:
 
 def synced_tree(root: Path, pinned: set[str]) -> dict[str, tuple]:
     """Kinds, bytes, link targets and modes by name as spelled on disk, ignored entries
-    left out (they and the directories above them go into ``pinned``)."""
+    left out (they and the directories above them go into ``pinned``). backer's own
+    temps pin nothing: a kept temp (chunks not yet anywhere) would hide the missing file
+    beside it, and convergence would stop a round before it arrives."""
     rules = IgnoreRules.load(root)
     result: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath == os.fspath(root):
             dirnames[:] = [d for d in dirnames if d != METADATA]
         for name in dirnames + filenames:
+            if is_backer_temp(name):  # never a person's: it must be gone, and pins nothing
+                continue
             path = Path(dirpath) / name
             relative = path.relative_to(root).as_posix()
             info = path.lstat()
