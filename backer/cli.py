@@ -38,7 +38,7 @@ from .identity import device_id, home, load_or_create_key, parse_device_id, shor
 from .invite import InviteToken, advertised, parse_address
 from .membership import EventKind
 from .paths import METADATA_DIR
-from .progress import ProgressCallback, reporter
+from .progress import Reporter, reporter
 from .records import Kind, Version, timestamp
 from .replicator import Replicator
 from .session import Session, WireStats
@@ -112,7 +112,7 @@ quiet_option = click.option(
 )
 
 
-def _progress(label: str) -> contextlib.AbstractContextManager[ProgressCallback | None]:
+def _progress(label: str) -> contextlib.AbstractContextManager[Reporter | None]:
     """The command's progress display (see :mod:`backer.progress`), unless ``--quiet``."""
     return reporter(label, click.get_current_context().meta.get("backer.quiet", False))
 
@@ -579,9 +579,17 @@ async def _sync_over(
     replicator = hub.replicator
     with _progress("receiving") as progress:
 
+        def scanning(*counts: int) -> None:  # (before the first session starts)
+            assert progress is not None
+            progress.phase("scanning")
+            progress(*counts)
+
         def report(session: Session) -> None:
             if progress is not None:
+                progress.phase("receiving")
                 progress(*replicator.progress())
+
+        hub.scan_progress = scanning if progress is not None else None
 
         async def one(opening: Callable[[], Awaitable[transport.Streams]]) -> Session:
             keys = [b""] if channel else hub.share.share_keys or [b""]

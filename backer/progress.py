@@ -20,7 +20,6 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     ProgressColumn,
-    TaskID,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -59,29 +58,50 @@ def _columns() -> list[ProgressColumn]:
     ]
 
 
-class _Lines:
-    """Plain progress lines for a non-terminal stderr, at most one per ``every`` seconds."""
+class Reporter:
+    """The running display: call it with the counts; :meth:`phase` starts a new step
+    (a sync scans, then receives) from zero under a new label."""
 
-    def __init__(self, bar: Progress, task: TaskID, label: str, every: float) -> None:
-        self.bar, self.task, self.label = bar, task, label
+    def __init__(self, bar: Progress, label: str, lines_every: float | None) -> None:
+        self.bar, self.label = bar, label
+        self.task = bar.add_task(label, total=None, files=0, files_total=0)
         self.columns = _columns()
-        self.every = every
-        self.next_at = time.monotonic() + every
+        self.every = lines_every  # None: live on a terminal, no plain lines
+        self.next_at = time.monotonic() + (lines_every or 0.0)
 
-    def maybe_print(self) -> None:
+    def __call__(
+        self, files_done: int, files_total: int, bytes_done: int, bytes_total: int
+    ) -> None:
+        self.bar.update(
+            self.task,
+            completed=bytes_done,
+            total=bytes_total or None,
+            files=files_done,
+            files_total=files_total,
+        )
+        self._line()
+
+    def phase(self, label: str) -> None:
+        if label != self.label:
+            self.label = label
+            self.bar.remove_task(self.task)  # (a reset would keep the old total)
+            self.task = self.bar.add_task(label, total=None, files=0, files_total=0)
+
+    def _line(self) -> None:
+        """A plain line on stderr, unless one was printed less than ``every`` s ago."""
         now = time.monotonic()
-        if now < self.next_at:
+        if self.every is None or now < self.next_at:
             return
         self.next_at = now + self.every
-        task = self.bar.tasks[self.task]
+        task = next(t for t in self.bar.tasks if t.id == self.task)
         files, size, rate, left = (str(c.render(task)) for c in self.columns)
         print(f"backer: {self.label}: {files}, {size}, {rate}, {left} left", file=sys.stderr)
         sys.stderr.flush()
 
 
 @contextlib.contextmanager
-def reporter(label: str, quiet: bool = False) -> Iterator[ProgressCallback | None]:
-    """A progress callback for the duration of the block (None when ``quiet``)."""
+def reporter(label: str, quiet: bool = False) -> Iterator[Reporter | None]:
+    """The progress display for the duration of the block (None when ``quiet``)."""
     if quiet:
         yield None
         return
@@ -90,18 +110,4 @@ def reporter(label: str, quiet: bool = False) -> Iterator[ProgressCallback | Non
     columns = [TextColumn("{task.description}"), BarColumn(), *_columns()]
     console = Console(stderr=True)
     with Progress(*columns, transient=True, console=console, disable=not live) as bar:
-        task = bar.add_task(label, total=None, files=0, files_total=0)
-        lines = None if live else _Lines(bar, task, label, every)
-
-        def update(files_done: int, files_total: int, bytes_done: int, bytes_total: int) -> None:
-            bar.update(
-                task,
-                completed=bytes_done,
-                total=bytes_total or None,
-                files=files_done,
-                files_total=files_total,
-            )
-            if lines is not None:
-                lines.maybe_print()
-
-        yield update
+        yield Reporter(bar, label, None if live else every)

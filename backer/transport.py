@@ -35,6 +35,7 @@ from .channel import (
     refusal,
 )
 from .errors import BackerError
+from .progress import ProgressCallback
 from .replicator import Replicator
 from .session import Session
 from .share import Share
@@ -178,6 +179,7 @@ class Hub:
         self.replicator = Replicator(share)
         self._flushers: dict[Session, Callable[[], None]] = {}
         self._closers: dict[Session, Callable[[], None]] = {}
+        self.scan_progress: ProgressCallback | None = None  # the command's display, if any
 
     def flush(self) -> None:
         for flush in list(self._flushers.values()):
@@ -192,7 +194,7 @@ class Hub:
 
     def scan(self) -> None:
         """Scan the share; relay whatever it recorded to every open session."""
-        if self.share.scan().events:
+        if self.share.scan(self.scan_progress).events:
             self.replicator.journal_grew()
             self.replicator.advance()
         self.flush()

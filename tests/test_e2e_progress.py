@@ -50,8 +50,16 @@ def test_progress_is_logged_with_file_counts_and_bytes_when_not_a_terminal(
     b.env["BACKER_PROGRESS_INTERVAL"] = "0"
     port = free_port()
     token = invite(a, f"127.0.0.1:{port}")
-    with a.serving(port):
+    with a.serving(port) as address:
         joined = b.run("join", token, str(b.root)).stderr
+        for i in range(3):  # a sync scans first: that shows as well
+            (b.root / f"new-{i}.bin").write_bytes(os.urandom(FILE_BYTES))
+        synced = b.run("sync", address, "--dir", str(b.root)).stderr
+    rescanned = progress_lines(synced, "scanning")
+    assert rescanned, synced  # (the files just received are hashed again: not settled yet)
+    assert rescanned[-1].group(2) == rescanned[-1].group(3) >= "3"
+    assert rescanned[-1].group(4) == rescanned[-1].group(5)
+    assert all(m.group(5) == "0.0" for m in progress_lines(synced, "receiving"))
     received = progress_lines(joined, "receiving")
     assert received, joined
     assert received[-1].group(2, 3) == (str(FILES), str(FILES))
