@@ -56,7 +56,7 @@ FAMILIES = {
 ALL = frozenset(FAMILIES)
 CLASSIC: frozenset[str] = frozenset()
 DEFAULT_WORLD = frozenset(  # what CI and the tests run: the families that hold today
-    {"faults", "disk", "durability", "unicode", "case", "tmpnames", "strict"}
+    {"faults", "disk", "durability", "unicode", "case", "long", "tmpnames", "strict"}
 )
 NAMES = {
     "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it
