@@ -121,10 +121,10 @@ def test_clear_errors_for_bad_directories(run_cli, share_dir: Path, tmp_path: Pa
 def test_tampered_journal_is_detected_not_crashed_on(run_cli, share_dir: Path) -> None:
     run_cli("init", str(share_dir))
     db = sqlite3.connect(share_dir / ".backer" / "backer.db")
-    raw = db.execute("SELECT raw FROM events WHERE seq = 1").fetchone()[0]
+    rows = db.execute("SELECT seq, raw FROM events").fetchall()
+    seq, raw = next((seq, raw) for seq, raw in rows if b"notes.txt" in raw)
     tampered = raw.replace(b"notes.txt", b"notes.exe")
-    assert tampered != raw
-    db.execute("UPDATE events SET raw = ? WHERE seq = 1", (tampered,))
+    db.execute("UPDATE events SET raw = ? WHERE seq = ?", (tampered, seq))
     db.commit()
     db.close()
     for command in (["status"], ["scan"], ["log"]):

@@ -220,7 +220,8 @@ def test_repair_gives_up_own_events_no_peer_has(pair) -> None:
     b.run("scan", "--dir", str(b.root))
     shutil.rmtree(b.root / ".backer")
     out = _repair(b, "--from", address)
-    assert "gave up 1 events of this device that no peer had" in out
+    # the scan's two events: its client-id declaration and the new file
+    assert "gave up 2 events of this device that no peer had" in out
     assert "recorded 1 added" in out
     b.sync(address)
     assert (a.root / "never-synced.txt").read_text() == "recorded on b, never sent"
