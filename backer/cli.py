@@ -550,8 +550,24 @@ def _report_sync(
             for session in sessions:
                 click.echo("  " + _summary_line([session]).replace("synced with", "from"))
         status = _report_problems(hub.share)
+    _warn_of_forks(hub.share)
     _check_applied(hub, hint)
     return status
+
+
+def _warn_of_forks(share: Share) -> None:
+    """A device that signed two different histories (a copied device key, or a device
+    misbehaving) is said at every sync, not only by ``status``: its diverging events
+    are refused, so what it writes no longer reaches this device."""
+    authors = {fork.author for fork in share.journal.forks()}
+    for author in sorted(authors):
+        name = share.members.names.get(author, "")
+        _say(
+            f"backer: warning: device {short_id(author)} {name} signed two different "
+            "histories (a copied device key?): its diverging events are refused; "
+            "see 'backer status', and remove it with 'backer device remove' if it is not yours",
+            err=True,
+        )
 
 
 def _known_peers(share: Share) -> list[str]:

@@ -70,3 +70,18 @@ def test_events_nobody_received_can_be_given_up_without_losing_files(tmp_path: P
     assert (a.root / "never-synced.txt").read_text() == "recorded, then the disk was restored"
     assert snapshot(a.root) == snapshot(b.root)
     assert _forks(a) == [] and _forks(b) == []
+
+
+def test_sync_says_when_a_device_signed_two_histories(tmp_path: Path) -> None:
+    """A fork was shown only by 'status' while every 'sync' reported success."""
+    a, b, port = _pair(tmp_path)
+    twin = Device(tmp_path, "twin")  # a copy of b, key and all: one author, two logs
+    shutil.copytree(b.root, twin.root, symlinks=True)
+    shutil.copytree(b.home, twin.home, symlinks=True)
+    (b.root / "on-b.txt").write_text("written on b")
+    (twin.root / "on-twin.txt").write_text("written on the copy")
+    with a.serving(port) as address:
+        b.sync(address)
+        result = twin.run("sync", address, "--dir", str(twin.root), check=False)
+    assert "signed two different histories" in result.stderr, result.stderr
+    assert _forks(twin) or _forks(a)
