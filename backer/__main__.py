@@ -1,3 +1,3 @@
-from .cli import main
+from backer.cli import main
 
 main()

@@ -26,23 +26,22 @@ from typing import Any
 
 import click
 
+from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
+from backer.connections import control, transport
+from backer.db.catalog import HistoryEntry, Problem
+from backer.errors import BackerError
+from backer.fs.paths import METADATA_DIR
+from backer.model import repair as repair_mod
+from backer.model import verify as verify_mod
+from backer.model.membership import EventKind
+from backer.model.records import Kind, Version, timestamp
+from backer.model.replicator import Replicator
+from backer.model.share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
+from backer.progress import Reporter, reporter
+from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
+from backer.protocol.invite import InviteToken, advertised, parse_address
+from backer.protocol.session import Session, WireStats
 from journal import JournalError
-
-from . import control, transport
-from . import repair as repair_mod
-from . import verify as verify_mod
-from .catalog import HistoryEntry, Problem
-from .channel import MODE_JOIN, MODE_SYNC, SecureChannel
-from .errors import BackerError
-from .identity import device_id, home, load_or_create_key, parse_device_id, short_id
-from .invite import InviteToken, advertised, parse_address
-from .membership import EventKind
-from .paths import METADATA_DIR
-from .progress import Reporter, reporter
-from .records import Kind, Version, timestamp
-from .replicator import Replicator
-from .session import Session, WireStats
-from .share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
 
 EXIT_ERROR = 1
 EXIT_FILES_FAILED = 3  # the command did its job, but some files could not be recorded/applied

@@ -25,7 +25,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .errors import BackerError
+from backer.errors import BackerError
 
 INTERVAL_ENV = "BACKER_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL = 10.0

@@ -9,11 +9,10 @@ import threading
 import time
 from pathlib import Path
 
+from backer.measure import MIB
 from blake3 import blake3
 
-from backer.content import chunker
-
-from .measure import MIB
+from backer.scanner.content import chunker
 
 
 def _evict(path: Path) -> None:

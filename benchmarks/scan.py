@@ -32,7 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backer.content import manifest_of_file  # noqa: E402
+from backer.scanner.content import manifest_of_file  # noqa: E402
 from journal import Event, Journal  # noqa: E402
 
 MIB = 1024 * 1024
@@ -218,8 +218,8 @@ def bench_catch_up(work: Path, events: int) -> None:
 MEMORY_PROBE = """
 import gc, os, sys, psutil
 sys.path.insert(0, sys.argv[2])
-from backer.records import Kind, Version, new_version_id
-from backer.state import FileState
+from backer.model.records import Kind, Version, new_version_id
+from backer.model.state import FileState
 count = int(sys.argv[1])
 process = psutil.Process()
 gc.collect()

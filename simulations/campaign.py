@@ -6,7 +6,7 @@ import random
 import re
 from typing import Any
 
-from .machine import (
+from backer.machine import (
     CLASSIC,
     DIRS,
     DISK_BUDGETS,

@@ -1,7 +1,7 @@
 """A cluster of real backer nodes in one process, connected by in-memory sessions.
 
 Each node is a real share (journal, state, scanner, materializer) in its own temp
-directory, with one :class:`~backer.replicator.Replicator` shared by all of its open
+directory, with one :class:`~backer.model.replicator.Replicator` shared by all of its open
 connections, as in ``backer serve``. A link is a pair of sans-IO sessions whose
 messages go through the real framing into two FIFO queues (a stream is ordered); the
 seeded scheduler decides which link and which direction delivers next, so deliveries
@@ -25,16 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.signing
+from backer.faults import Disks
+from backer.world import InvariantBroken, Watch, ignored, is_backer_temp
 
-from backer.ignore import IgnoreRules
-from backer.materializer import stale_temps
-from backer.replicator import Replicator
-from backer.session import Session
-from backer.share import Share
-from backer.wire import FrameReader, ProtocolError
-
-from .faults import Disks
-from .world import InvariantBroken, Watch, ignored, is_backer_temp
+from backer.model.materializer import stale_temps
+from backer.model.replicator import Replicator
+from backer.model.share import Share
+from backer.protocol.session import Session
+from backer.protocol.wire import FrameReader, ProtocolError
+from backer.scanner.ignore import IgnoreRules
 
 
 @dataclass

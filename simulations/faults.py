@@ -23,9 +23,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from backer import content, materializer
+from backer.model import materializer
+from backer.scanner import content
 
-FAULTED = frozenset({"backer.materializer", "backer.scanner", "backer.content", "backer.chunks"})
+FAULTED = frozenset(
+    {
+        "backer.model.materializer",
+        "backer.scanner.walk",
+        "backer.scanner.content",
+        "backer.scanner.chunks",
+    }
+)
 CALLERS_SEEN_THROUGH = frozenset({"pathlib", "os", "posixpath", "genericpath", "contextlib"})
 SHORT = "short write"
 

@@ -9,17 +9,8 @@ import tempfile
 from pathlib import Path
 
 import nacl.signing
-from blake3 import blake3
-
-from backer.content import manifest_of_bytes
-from backer.ignore import IgnoreRules
-from backer.materializer import copy_version_id
-from backer.records import Kind, Version
-from backer.share import Share
-from journal import Checkpoint, Event, Range
-
-from .cluster import Cluster
-from .world import (
+from backer.cluster import Cluster
+from backer.world import (
     InvariantBroken,
     entries,
     ignored,
@@ -28,6 +19,14 @@ from .world import (
     synced_tree,
     synced_trees,
 )
+from blake3 import blake3
+
+from backer.model.materializer import copy_version_id
+from backer.model.records import Kind, Version
+from backer.model.share import Share
+from backer.scanner.content import manifest_of_bytes
+from backer.scanner.ignore import IgnoreRules
+from journal import Checkpoint, Event, Range
 
 FRESH_FILE = 200_000
 OVERHEAD = 24 * 1024  # summaries, events, manifests: what a sync costs besides file bytes

@@ -14,21 +14,20 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-
-from backer import entropy, materializer
-from backer.ignore import IGNORE_FILE
-
-from .cluster import Cluster
-from .invariants import (
+from backer.cluster import Cluster
+from backer.invariants import (
     check_bytes_scale_with_difference,
     check_order_independence,
     check_quiescent,
     converge,
     fingerprint,
 )
-from .world import scratch_dir
+from backer.world import scratch_dir
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from backer.model import entropy, materializer
+from backer.scanner.ignore import IGNORE_FILE
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]

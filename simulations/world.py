@@ -19,12 +19,12 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backer.content import manifest_of_bytes
-from backer.ignore import IgnoreRules, is_temp_name
-from backer.materializer import VERSIONS_DIR
-from backer.records import Kind, Version
-from backer.scanner import stat_key_of
-from backer.share import Share
+from backer.model.materializer import VERSIONS_DIR
+from backer.model.records import Kind, Version
+from backer.model.share import Share
+from backer.scanner.content import manifest_of_bytes
+from backer.scanner.ignore import IgnoreRules, is_temp_name
+from backer.scanner.walk import stat_key_of
 
 METADATA = ".backer"
 Entry = tuple[str, bytes]  # ("file", bytes) or ("link", target)
@@ -45,7 +45,7 @@ def scratch_dir() -> str | None:
 
 
 def is_backer_temp(name: str) -> bool:
-    """backer's own temp names (they carry a check, see ``backer.ignore.temp_name``); a
+    """backer's own temp names (they carry a check, see ``backer.scanner.ignore.temp_name``); a
     person's files named ``*.backer-tmp`` are theirs."""
     return is_temp_name(name)
 

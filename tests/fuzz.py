@@ -20,14 +20,21 @@ from pathlib import Path
 
 import nacl.signing
 
-from backer.content import BadManifest, Manifest, check_manifest, manifest_of_bytes
 from backer.errors import BackerError
-from backer.invite import InviteToken
-from backer.records import BadVersion, Kind, Version
-from backer.session import Session
-from backer.share import Share
-from backer.state import BadUpdate, FileState
-from backer.wire import MESSAGE_TYPES, Events, FrameReader, Manifests, Message, ProtocolError
+from backer.model.records import BadVersion, Kind, Version
+from backer.model.share import Share
+from backer.model.state import BadUpdate, FileState
+from backer.protocol.invite import InviteToken
+from backer.protocol.session import Session
+from backer.protocol.wire import (
+    MESSAGE_TYPES,
+    Events,
+    FrameReader,
+    Manifests,
+    Message,
+    ProtocolError,
+)
+from backer.scanner.content import BadManifest, Manifest, check_manifest, manifest_of_bytes
 from journal import Checkpoint, Event, InvalidEvent
 
 CASES = Path(__file__).parent / "fuzz_cases"

@@ -11,10 +11,10 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from backer.membership import EventKind
-from backer.session import Session
-from backer.share import Share
-from backer.wire import PROTOCOL_VERSION, FrameReader, Hello, Message, Summary
+from backer.model.membership import EventKind
+from backer.model.share import Share
+from backer.protocol.session import Session
+from backer.protocol.wire import PROTOCOL_VERSION, FrameReader, Hello, Message, Summary
 from journal import Event
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from backer import transport
-from backer.channel import FAILED, UNKNOWN, refusal
-from backer.membership import EventKind
-from backer.records import Kind, Version, new_version_id
-from backer.session import Session
-from backer.share import Share
-from backer.wire import MAX_FRAME, Events, FrameReader, ProtocolError
+from backer.connections import transport
+from backer.model.membership import EventKind
+from backer.model.records import Kind, Version, new_version_id
+from backer.model.share import Share
+from backer.protocol.channel import FAILED, UNKNOWN, refusal
+from backer.protocol.session import Session
+from backer.protocol.wire import MAX_FRAME, Events, FrameReader, ProtocolError
 from tests.e2e import Device, free_port, invite, snapshot
 from tests.helpers import make_devices, pump, sync, syncing
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from backer.content import manifest_of_bytes
-from backer.ignore import is_temp_name
-from backer.materializer import verify
-from backer.session import Session
-from backer.share import Share
+from backer.model.materializer import verify
+from backer.model.share import Share
+from backer.protocol.session import Session
+from backer.scanner.content import manifest_of_bytes
+from backer.scanner.ignore import is_temp_name
 from tests.helpers import Links, make_devices, small_disk, sync, tree
 
 

@@ -7,7 +7,7 @@ import os
 import nacl.signing
 import pytest
 
-from backer.channel import MODE_SYNC, ChannelError, SecureChannel
+from backer.protocol.channel import MODE_SYNC, ChannelError, SecureChannel
 
 SHARE_ID = os.urandom(16)
 HEADER = MODE_SYNC + SHARE_ID

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from backer.identity import parse_device_id
+from backer.config.identity import parse_device_id
 
 
 def backdate(root: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from backer.ignore import is_temp_name
+from backer.scanner.ignore import is_temp_name
 from tests.e2e import Device, free_port, invite, snapshot, summary_number
 from tests.helpers import small_disk
 

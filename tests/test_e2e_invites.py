@@ -18,12 +18,12 @@ from pathlib import Path
 
 import nacl.signing
 
-from backer import transport
-from backer.channel import MODE_JOIN, SecureChannel
-from backer.invite import InviteToken
-from backer.membership import EventKind, genesis_payload, invite_payload
-from backer.share import Share
-from backer.wire import Error, FrameReader, Welcome
+from backer.connections import transport
+from backer.model.membership import EventKind, genesis_payload, invite_payload
+from backer.model.share import Share
+from backer.protocol.channel import MODE_JOIN, SecureChannel
+from backer.protocol.invite import InviteToken
+from backer.protocol.wire import Error, FrameReader, Welcome
 from tests.e2e import Device, free_port, invite, snapshot
 
 

@@ -19,12 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from backer.content import manifest_of_bytes
-from backer.identity import load_or_create_key
-from backer.ignore import is_temp_name
-from backer.session import Session
-from backer.share import Share
-from backer.transport import (
+from backer.config.identity import load_or_create_key
+from backer.connections.transport import (
     Hub,
     Limits,
     Listener,
@@ -34,7 +30,11 @@ from backer.transport import (
     responder,
     tcp_streams,
 )
-from backer.wire import PROTOCOL_VERSION, Hello, Message, Ping, Summary, WantChunks
+from backer.model.share import Share
+from backer.protocol.session import Session
+from backer.protocol.wire import PROTOCOL_VERSION, Hello, Message, Ping, Summary, WantChunks
+from backer.scanner.content import manifest_of_bytes
+from backer.scanner.ignore import is_temp_name
 from tests.e2e import Device, free_port, invite, snapshot
 from tests.helpers import make_devices, sync
 

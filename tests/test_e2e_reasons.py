@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from backer.invite import InviteToken
+from backer.protocol.invite import InviteToken
 from tests.e2e import Device, free_port, invite
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nacl.signing
 
-from backer.share import Share
+from backer.model.share import Share
 from tests.e2e import Device, free_port, invite, snapshot
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import backer.session
-import backer.share
-from backer.content import MAX_CHUNK, MIN_CHUNK, ChunkRef, Manifest
-from backer.membership import EventKind
-from backer.session import Session
-from backer.wire import MAX_FRAME, ManifestPart, Manifests, Summary, WantManifests
+import backer.model.share
+import backer.protocol.session
+from backer.model.membership import EventKind
+from backer.protocol.session import Session
+from backer.protocol.wire import MAX_FRAME, ManifestPart, Manifests, Summary, WantManifests
+from backer.scanner.content import MAX_CHUNK, MIN_CHUNK, ChunkRef, Manifest
 from tests.helpers import exchange, make_devices, sync
 
 
@@ -56,7 +56,7 @@ def test_finding_13_a_summary_of_many_authors_is_split(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Summary parts are cut by bytes; with a limit below two checkpoints, one each."""
-    monkeypatch.setattr(backer.session, "REPLY_BYTES", 200)
+    monkeypatch.setattr(backer.protocol.session, "REPLY_BYTES", 200)
     a, b, c = make_devices(tmp_path, 3)
     (c.root / "from-c.txt").write_text("c")
     sync(a, b)
@@ -75,7 +75,7 @@ def test_finding_13_many_conflicts_resolve_in_events_that_fit_a_frame(
 ) -> None:
     """One event per RESOLUTIONS_PER_EVENT paths (2,000: ~320 KB); with 100 here, 1,000
     conflicts take ten events, as 100,000 take fifty."""
-    monkeypatch.setattr(backer.share, "RESOLUTIONS_PER_EVENT", 100)
+    monkeypatch.setattr(backer.model.share, "RESOLUTIONS_PER_EVENT", 100)
     a, b = make_devices(tmp_path, 2)
     sync(a, b)
     count = 1000

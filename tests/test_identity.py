@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from backer.config.identity import KEY_FILE, device_id, load_or_create_key, parse_device_id
 from backer.errors import BackerError
-from backer.identity import KEY_FILE, device_id, load_or_create_key, parse_device_id
 
 
 def test_key_is_created_once_owner_only_and_reused(backer_home: Path) -> None:

@@ -11,7 +11,15 @@ import nacl.signing
 import pytest
 from pycrdt import Doc, Map
 
-from backer.content import (
+from backer.config.identity import load_or_create_key
+from backer.model.materializer import conflict_path, resolve
+from backer.model.membership import EventKind
+from backer.model.records import Kind, Version, new_version_id
+from backer.model.share import Share
+from backer.model.state import ROOT
+from backer.protocol.session import MAX_PENDING_BYTES, Session
+from backer.protocol.wire import Events, ProtocolError
+from backer.scanner.content import (
     MAX_CHUNK,
     MIN_CHUNK,
     BadManifest,
@@ -20,14 +28,6 @@ from backer.content import (
     check_manifest,
     manifest_of_bytes,
 )
-from backer.identity import load_or_create_key
-from backer.materializer import conflict_path, resolve
-from backer.membership import EventKind
-from backer.records import Kind, Version, new_version_id
-from backer.session import MAX_PENDING_BYTES, Session
-from backer.share import Share
-from backer.state import ROOT
-from backer.wire import Events, ProtocolError
 from journal import Event
 from tests.e2e import Device, free_port, invite
 from tests.helpers import forge, make_devices, pump, sync, syncing

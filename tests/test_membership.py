@@ -9,12 +9,12 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from backer import membership
 from backer.errors import BackerError
-from backer.membership import EventKind, member_payload, open_key
-from backer.session import Session
-from backer.state import Delta
-from backer.wire import ProtocolError
+from backer.model import membership
+from backer.model.membership import EventKind, member_payload, open_key
+from backer.model.state import Delta
+from backer.protocol.session import Session
+from backer.protocol.wire import ProtocolError
 from tests.helpers import make_devices, pump, sync
 
 

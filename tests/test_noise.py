@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backer.noise import HandshakeState, NoiseError
+from backer.protocol.noise import HandshakeState, NoiseError
 
 VECTORS = (
     Path(__file__).resolve().parents[2] / "shared" / "testdata" / "noise-cacophony-vectors.json"

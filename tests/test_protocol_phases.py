@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from backer.session import Session
-from backer.wire import (
+from backer.protocol.session import Session
+from backer.protocol.wire import (
     PROTOCOL_VERSION,
     CaughtUp,
     Events,

@@ -7,10 +7,10 @@ import asyncio
 import os
 from pathlib import Path
 
-from backer import transport
-from backer.replicator import Replicator
-from backer.session import Session
-from backer.share import Share
+from backer.connections import transport
+from backer.model.replicator import Replicator
+from backer.model.share import Share
+from backer.protocol.session import Session
 from tests.helpers import Links, make_devices, sync, tree
 
 SIZE = 6 * 1024 * 1024
@@ -129,9 +129,9 @@ async def _until(condition: object, seconds: float = 20) -> None:
 def test_a_plan_larger_than_a_window_is_applied_window_by_window(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import backer.replicator
+    import backer.model.replicator
 
-    monkeypatch.setattr(backer.replicator, "WINDOW_FILES", 7)
+    monkeypatch.setattr(backer.model.replicator, "WINDOW_FILES", 7)
     a, b = make_devices(tmp_path, 2)
     for n in range(30):
         (a.root / f"d{n % 3}").mkdir(exist_ok=True)

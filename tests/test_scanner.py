@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from backer.content import manifest_of_bytes
-from backer.ignore import temp_name
-from backer.paths import BadPath, check
-from backer.records import Kind
-from backer.scanner import Seen, read_stable
-from backer.share import Share
+from backer.fs.paths import BadPath, check
+from backer.model.records import Kind
+from backer.model.share import Share
+from backer.scanner.content import manifest_of_bytes
+from backer.scanner.ignore import temp_name
+from backer.scanner.walk import Seen, read_stable
 from tests.helpers import make_devices, sync
 
 
@@ -223,7 +223,7 @@ UNREADABLE_SCRIPT = """
 import sys
 from pathlib import Path
 import nacl.signing
-from backer.share import Share
+from backer.model.share import Share
 root = Path(sys.argv[1])
 share = Share.open(root, nacl.signing.SigningKey(bytes(32)))
 summary = share.scan()

@@ -86,7 +86,7 @@ def test_local_edit_made_after_the_scan_is_never_clobbered(tmp_path: Path) -> No
     a.scan()
     b.scan()
     (b.root / "f.txt").write_text("unscanned edit on b")  # after b's scan, before the sync
-    from backer.session import Session
+    from backer.protocol.session import Session
     from tests.helpers import pump
 
     left, right = Session(a, "a"), Session(b, "b")
@@ -114,7 +114,7 @@ def test_replaced_and_deleted_contents_are_kept_in_versions(tmp_path: Path) -> N
 
 
 def test_a_long_lived_session_pushes_later_changes_both_ways(tmp_path: Path) -> None:
-    from backer.session import Session
+    from backer.protocol.session import Session
     from tests.helpers import exchange, pump
 
     a, b = make_devices(tmp_path, 2)
@@ -188,9 +188,9 @@ def test_a_long_run_of_large_events_is_split_under_the_frame_limit(
 ) -> None:
     """A scan of 100,000 files made a run of ~11 MB that went out as one Events message
     over the 8 MiB frame limit; runs are now split by bytes as well as by count."""
-    import backer.session
+    import backer.protocol.session
 
-    monkeypatch.setattr(backer.session, "EVENT_BYTES_PER_MESSAGE", 2000)
+    monkeypatch.setattr(backer.protocol.session, "EVENT_BYTES_PER_MESSAGE", 2000)
     a, b = make_devices(tmp_path, 2)
     for n in range(60):
         (a.root / f"file-{n:03}.txt").write_text(f"contents {n}")

@@ -6,8 +6,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from backer.records import Kind, Version, new_version_id
-from backer.state import FileState
+from backer.model.records import Kind, Version, new_version_id
+from backer.model.state import FileState
 
 PATHS = ["a.txt", "dir/b.txt", "dir", "c"]
 

@@ -12,7 +12,7 @@ are scanned again. A repair never records a deletion: a file this device wrote a
 longer has comes back from the peers at the next sync.
 
 Which share the folder was comes from an invite token, or from the device home (which
-remembers each share's folder and key, see :mod:`backer.recovery`), or from whatever
+remembers each share's folder and key, see :mod:`backer.db.recovery`), or from whatever
 is still readable in the damaged database.
 """
 
@@ -26,12 +26,13 @@ from pathlib import Path
 
 import nacl.signing
 
-from . import entropy, recovery
-from .errors import BackerError
-from .invite import InviteToken
-from .paths import METADATA_DIR
-from .scanner import cache_entry, observe
-from .share import DB_FILE, DamagedShare, ScanSummary, Share, find_root, take_lock
+from backer.db import recovery
+from backer.errors import BackerError
+from backer.fs.paths import METADATA_DIR
+from backer.model import entropy
+from backer.model.share import DB_FILE, DamagedShare, ScanSummary, Share, find_root, take_lock
+from backer.protocol.invite import InviteToken
+from backer.scanner.walk import cache_entry, observe
 
 DB_SIDECARS = ("", "-wal", "-shm")  # sqlite's files of one database
 

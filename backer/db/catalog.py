@@ -25,9 +25,9 @@ from typing import NamedTuple
 
 import sqlite_utils
 
-from .content import Manifest
-from .records import Kind, Version, split_key
-from .state import Delta
+from backer.model.records import Kind, Version, split_key
+from backer.model.state import Delta
+from backer.scanner.content import Manifest
 
 EMPTY_MANIFEST = Manifest(())
 

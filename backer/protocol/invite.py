@@ -13,10 +13,9 @@ import binascii
 import socket
 from dataclasses import dataclass
 
+from backer.errors import BackerError
+from backer.model.membership import EventKind, parse_invite
 from journal import Event
-
-from .errors import BackerError
-from .membership import EventKind, parse_invite
 
 MAGIC = b"BKI1"
 

@@ -1,6 +1,6 @@
 """The sync logic of one peer connection, as a sans-IO state machine.
 
-It consumes :mod:`backer.wire` messages and returns the messages to send; it never
+It consumes :mod:`backer.protocol.wire` messages and returns the messages to send; it never
 touches a socket, so transports, tests and simulations drive it the same way. It does
 read and write the local share (that is its job), through :class:`Share`.
 
@@ -10,7 +10,7 @@ Both sides run the same machine:
 2. on the peer's ``Summary``: send, in this device's arrival order (a causal order),
    every event the peer lacks, then ``CaughtUp``; forks are recorded, never sent;
 3. on ``Events``: verify and store each author's run (one signature per run), apply it;
-4. once the peer is caught up, the share's :class:`~backer.replicator.Replicator`
+4. once the peer is caught up, the share's :class:`~backer.model.replicator.Replicator`
    (shared by every open session of the device) materializes: resolve conflicts, plan,
    ask for missing manifests and chunks, apply; then push any event this produced, and
    send ``Done``;
@@ -30,11 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from journal import Checkpoint, Event, JournalError, Range
-
-from .replicator import CHUNKS_PER_REQUEST, MANIFESTS_PER_REQUEST, Replicator
-from .share import Share
-from .wire import (
+from backer.model.replicator import CHUNKS_PER_REQUEST, MANIFESTS_PER_REQUEST, Replicator
+from backer.model.share import Share
+from backer.protocol.wire import (
     PROTOCOL_VERSION,
     CaughtUp,
     Chunk,
@@ -52,6 +50,7 @@ from .wire import (
     WantManifests,
     Welcome,
 )
+from journal import Checkpoint, Event, JournalError, Range
 
 EVENTS_PER_MESSAGE = 2000
 EVENT_BYTES_PER_MESSAGE = 4 * 1024 * 1024  # well under the frame limit (a scan event of

@@ -19,9 +19,8 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
+from backer.config.identity import curve_private, curve_public
 from journal import Event
-
-from .identity import curve_private, curve_public
 
 SHARE_ID_BYTES = 16
 KEY_BYTES = 32

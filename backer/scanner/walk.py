@@ -18,13 +18,13 @@ from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
-from . import entropy
-from .catalog import LocalEntry, Problem
-from .content import Manifest, manifest_of_file
-from .ignore import IgnoreRules, is_temp_name
-from .paths import METADATA_DIR, BadPath, check_name, fold, is_reserved
-from .progress import ProgressCallback
-from .records import PERMISSION_BITS, Kind
+from backer.db.catalog import LocalEntry, Problem
+from backer.fs.paths import METADATA_DIR, BadPath, check_name, fold, is_reserved
+from backer.model import entropy
+from backer.model.records import PERMISSION_BITS, Kind
+from backer.progress import ProgressCallback
+from backer.scanner.content import Manifest, manifest_of_file
+from backer.scanner.ignore import IgnoreRules, is_temp_name
 
 READ_ATTEMPTS = 3
 THREADED_FROM = 1024 * 1024  # smaller files hash faster inline than through a thread pool

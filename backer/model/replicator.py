@@ -23,10 +23,7 @@ from typing import TYPE_CHECKING
 
 from blake3 import blake3
 
-from .chunks import ChunkStore
-from .content import BadManifest, Manifest, check_manifest
-from .ignore import IgnoreRules
-from .materializer import (
+from backer.model.materializer import (
     Assembly,
     DiskFull,
     Materializer,
@@ -35,12 +32,15 @@ from .materializer import (
     manifests_needed,
     plan,
 )
-from .records import Kind
-from .share import Share
-from .wire import Done, ProtocolError, WantChunks, WantManifests
+from backer.model.records import Kind
+from backer.model.share import Share
+from backer.protocol.wire import Done, ProtocolError, WantChunks, WantManifests
+from backer.scanner.chunks import ChunkStore
+from backer.scanner.content import BadManifest, Manifest, check_manifest
+from backer.scanner.ignore import IgnoreRules
 
 if TYPE_CHECKING:
-    from .session import Session
+    from backer.protocol.session import Session
 
 MANIFESTS_PER_REQUEST = 500
 CHUNKS_PER_REQUEST = 64

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from blake3 import blake3
 from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
-from . import entropy
-from .paths import BadPath, check
-from .records import BadVersion, Version, check_version_id, make_key, split_key
+from backer.fs.paths import BadPath, check
+from backer.model import entropy
+from backer.model.records import BadVersion, Version, check_version_id, make_key, split_key
 
 ROOT = "files"
 MAX_CLIENT = 2**53  # Yjs client ids are JavaScript-safe integers

@@ -4,7 +4,7 @@ The catalog's chunk index says where a chunk's bytes were last seen (any file of
 share, old versions in ``.backer/versions/`` included); they are re-hashed when read, so
 a stale index row costs a miss, never a wrong byte. Chunks from peers do not pass
 through here: they are written straight into the temp files being assembled (see
-:class:`~backer.materializer.Assembly`).
+:class:`~backer.model.materializer.Assembly`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from .catalog import Catalog
+from backer.db.catalog import Catalog
 
 
 class ChunkStore:

@@ -40,15 +40,15 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from . import entropy
-from .catalog import Catalog, LocalEntry, Problem
-from .chunks import ChunkStore
-from .content import ChunkRef, Manifest, check_manifest
-from .errors import BackerError
-from .ignore import IgnoreRules, temp_name
-from .paths import METADATA_DIR, BadPath, check
-from .records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
-from .scanner import cache_entry, stat_key_of
+from backer.db.catalog import Catalog, LocalEntry, Problem
+from backer.errors import BackerError
+from backer.fs.paths import METADATA_DIR, BadPath, check
+from backer.model import entropy
+from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
+from backer.scanner.chunks import ChunkStore
+from backer.scanner.content import ChunkRef, Manifest, check_manifest
+from backer.scanner.ignore import IgnoreRules, temp_name
+from backer.scanner.walk import cache_entry, stat_key_of
 
 VERSIONS_DIR = "versions"
 

@@ -25,23 +25,12 @@ import nacl.signing
 import sqlite_utils
 from blake3 import blake3
 
-from journal import (
-    Checkpoint,
-    CorruptJournal,
-    Event,
-    IngestResult,
-    Journal,
-    JournalError,
-    RejectedBatch,
-)
-from journal.event import MAX_PAYLOAD
-
-from . import entropy, membership, recovery
-from .catalog import Catalog, LocalEntry, Problem
-from .chunks import ChunkStore
-from .content import Manifest
-from .errors import BackerError
-from .materializer import (
+from backer.db import recovery
+from backer.db.catalog import Catalog, LocalEntry, Problem
+from backer.errors import BackerError
+from backer.fs.paths import METADATA_DIR, is_valid
+from backer.model import entropy, membership
+from backer.model.materializer import (
     Materializer,
     Operation,
     Report,
@@ -51,7 +40,7 @@ from .materializer import (
     resolve_shadowed,
     stale_temps,
 )
-from .membership import (
+from backer.model.membership import (
     INVITE_ID_BYTES,
     NO_INVITE,
     SHARE_ID_BYTES,
@@ -65,11 +54,29 @@ from .membership import (
     parse_invite,
     remove_payload,
 )
-from .paths import METADATA_DIR, is_valid
-from .progress import ProgressCallback
-from .records import MAX_TIME_MS, Kind, Version, new_version_id, split_key
-from .scanner import Observation, Seen, cache_entry, observe
-from .state import CLIENT_NONCE_BYTES, BadUpdate, Delta, FileState, derive_client, parse_update
+from backer.model.records import MAX_TIME_MS, Kind, Version, new_version_id, split_key
+from backer.model.state import (
+    CLIENT_NONCE_BYTES,
+    BadUpdate,
+    Delta,
+    FileState,
+    derive_client,
+    parse_update,
+)
+from backer.progress import ProgressCallback
+from backer.scanner.chunks import ChunkStore
+from backer.scanner.content import Manifest
+from backer.scanner.walk import Observation, Seen, cache_entry, observe
+from journal import (
+    Checkpoint,
+    CorruptJournal,
+    Event,
+    IngestResult,
+    Journal,
+    JournalError,
+    RejectedBatch,
+)
+from journal.event import MAX_PAYLOAD
 
 DB_FILE = "backer.db"
 LOCK_FILE = "lock"

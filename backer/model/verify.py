@@ -6,7 +6,7 @@ that wrote the wrong bytes — go unnoticed. ``backer verify`` re-hashes every f
 re-reads every link) whose stat still matches the scan cache and reports each one whose
 content is no longer its recorded version's. Such a file is never served as that
 version anyway: every chunk read from a local file is re-hashed before it is sent
-(see :mod:`backer.chunks`).
+(see :mod:`backer.scanner.chunks`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from .progress import ProgressCallback
-from .records import Kind
-from .scanner import Seen, read_stable, stat_key_of
-from .share import Share
+from backer.model.records import Kind
+from backer.model.share import Share
+from backer.progress import ProgressCallback
+from backer.scanner.walk import Seen, read_stable, stat_key_of
 
 
 @dataclass

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from . import entropy
+from backer.model import entropy
 
 VERSION_ID_BYTES = 9
 _HEAD = struct.Struct(

@@ -24,7 +24,11 @@ from typing import Any
 
 import nacl.signing
 
-from .channel import (
+from backer.errors import BackerError
+from backer.model.replicator import Replicator
+from backer.model.share import Share
+from backer.progress import ProgressCallback
+from backer.protocol.channel import (
     BUSY,
     HEADER_LEN,
     MODE_JOIN,
@@ -34,12 +38,8 @@ from .channel import (
     SecureChannel,
     refusal,
 )
-from .errors import BackerError
-from .progress import ProgressCallback
-from .replicator import Replicator
-from .session import Session
-from .share import Share
-from .wire import Error, FrameReader, Ping, ProtocolError
+from backer.protocol.session import Session
+from backer.protocol.wire import Error, FrameReader, Ping, ProtocolError
 
 READ_SIZE = 1 << 20
 
@@ -169,7 +169,7 @@ def _write(streams: Streams, data: bytes) -> None:
 
 class Hub:
     """The open sessions of one share in this process. They share one
-    :class:`~backer.replicator.Replicator`, and whatever any step produces for any of
+    :class:`~backer.model.replicator.Replicator`, and whatever any step produces for any of
     them (relayed events, chunk requests spread over peers) is flushed after the step."""
 
     def __init__(self, share: Share, name: str, limits: Limits | None = None) -> None:

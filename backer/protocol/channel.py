@@ -25,9 +25,16 @@ from collections.abc import Callable
 
 import nacl.signing
 
-from .identity import curve_private, curve_public
-from .membership import REMOVED
-from .noise import DH_LEN, MAX_MESSAGE, TAG_LEN, CipherState, HandshakeState, NoiseError
+from backer.config.identity import curve_private, curve_public
+from backer.model.membership import REMOVED
+from backer.protocol.noise import (
+    DH_LEN,
+    MAX_MESSAGE,
+    TAG_LEN,
+    CipherState,
+    HandshakeState,
+    NoiseError,
+)
 
 PROTOCOL_NAME = "Noise_XXpsk0_25519_AESGCM_SHA256"
 PROLOGUE = b"backer/1 "

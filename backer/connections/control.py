@@ -31,8 +31,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import BackerError
-from .paths import METADATA_DIR
+from backer.errors import BackerError
+from backer.fs.paths import METADATA_DIR
 
 CONTROL_FILE = "control"
 MAX_REQUEST = 64 * 1024

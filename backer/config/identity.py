@@ -17,7 +17,7 @@ import nacl.bindings
 import nacl.signing
 import platformdirs
 
-from .errors import BackerError
+from backer.errors import BackerError
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 KEY_FILE = "device.key"
