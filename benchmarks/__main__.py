@@ -26,11 +26,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from backer.datasets import PROFILES, insert_in_large_files
-from backer.measure import MIB, Processes, tree_digest
-from backer.tools import PACKAGES, TOOLS, Step, Tool, available
-
-from backer import limits
+from . import limits
+from .datasets import PROFILES, insert_in_large_files
+from .measure import MIB, Processes, tree_digest
+from .tools import PACKAGES, TOOLS, Step, Tool, available
 
 
 def install_anchors(names: list[str]) -> None:

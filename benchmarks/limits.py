@@ -9,10 +9,11 @@ import threading
 import time
 from pathlib import Path
 
-from backer.measure import MIB
 from blake3 import blake3
 
 from backer.scanner.content import chunker
+
+from .measure import MIB
 
 
 def _evict(path: Path) -> None:

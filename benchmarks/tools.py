@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backer.measure import PeakRss, Processes, free_port, run_measured, tree_listing, wait_for_port
+from .measure import PeakRss, Processes, free_port, run_measured, tree_listing, wait_for_port
 
 STEP_TIMEOUT_S = 1800
 

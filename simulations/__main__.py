@@ -11,8 +11,8 @@ import argparse
 import sys
 import time
 
-from backer.campaign import Failure, run_seed, shrink
-from backer.machine import ALL, DEFAULT_WORLD, FAMILIES
+from .campaign import Failure, run_seed, shrink
+from .machine import ALL, DEFAULT_WORLD, FAMILIES
 
 
 def world_of(text: str) -> frozenset[str]:

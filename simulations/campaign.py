@@ -6,7 +6,7 @@ import random
 import re
 from typing import Any
 
-from backer.machine import (
+from .machine import (
     CLASSIC,
     DIRS,
     DISK_BUDGETS,

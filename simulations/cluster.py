@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.signing
-from backer.faults import Disks
-from backer.world import InvariantBroken, Watch, ignored, is_backer_temp
 
 from backer.model.materializer import stale_temps
 from backer.model.replicator import Replicator
@@ -34,6 +32,9 @@ from backer.model.share import Share
 from backer.protocol.session import Session
 from backer.protocol.wire import FrameReader, ProtocolError
 from backer.scanner.ignore import IgnoreRules
+
+from .faults import Disks
+from .world import InvariantBroken, Watch, ignored, is_backer_temp
 
 
 @dataclass

@@ -9,16 +9,6 @@ import tempfile
 from pathlib import Path
 
 import nacl.signing
-from backer.cluster import Cluster
-from backer.world import (
-    InvariantBroken,
-    entries,
-    ignored,
-    is_backer_temp,
-    scratch_dir,
-    synced_tree,
-    synced_trees,
-)
 from blake3 import blake3
 
 from backer.model.materializer import copy_version_id
@@ -27,6 +17,17 @@ from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
 from journal import Checkpoint, Event, Range
+
+from .cluster import Cluster
+from .world import (
+    InvariantBroken,
+    entries,
+    ignored,
+    is_backer_temp,
+    scratch_dir,
+    synced_tree,
+    synced_trees,
+)
 
 FRESH_FILE = 200_000
 OVERHEAD = 24 * 1024  # summaries, events, manifests: what a sync costs besides file bytes

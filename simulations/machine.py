@@ -14,20 +14,21 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
-from backer.cluster import Cluster
-from backer.invariants import (
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from backer.model import entropy, materializer
+from backer.scanner.ignore import IGNORE_FILE
+
+from .cluster import Cluster
+from .invariants import (
     check_bytes_scale_with_difference,
     check_order_independence,
     check_quiescent,
     converge,
     fingerprint,
 )
-from backer.world import scratch_dir
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-
-from backer.model import entropy, materializer
-from backer.scanner.ignore import IGNORE_FILE
+from .world import scratch_dir
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
