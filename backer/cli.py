@@ -26,6 +26,7 @@ from typing import Any
 
 import click
 
+from backer.config import registry
 from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
 from backer.connections import control, transport
 from backer.db.catalog import HistoryEntry, Problem
@@ -116,9 +117,37 @@ def _progress(label: str) -> contextlib.AbstractContextManager[Reporter | None]:
     return reporter(label, click.get_current_context().meta.get("backer.quiet", False))
 
 
+share_option = click.option(
+    "--share",
+    "--dir",
+    "directory",
+    default=".",
+    metavar="NAME|DIR",
+    help="The share: its name (see 'backer shares') or a directory inside it "
+    "(default: the current directory).",
+)
+
+
+def _locate(text: str) -> Path:
+    """``--share``: a registered share's name (a name wins over a directory of the same
+    name: write ``./NAME`` for that), else a directory, inside a share or not yet one."""
+    if text and os.sep not in text and text not in (".", ".."):
+        for entry in registry.registered(home()):
+            if entry.name == text:
+                return entry.root
+    path = Path(os.path.abspath(text))
+    if not path.exists():
+        raise BackerError(
+            f"no share named {text!r} (see 'backer shares') and no directory {path}"
+            if os.sep not in text
+            else f"directory does not exist: {path}"
+        )
+    return path
+
+
 def _open(directory: str, exclusive: bool = True) -> Share:
-    """The share containing ``directory``; ``exclusive=False`` for read-only commands."""
-    return Share.open(Path(directory), load_or_create_key(), exclusive, home())
+    """The share ``--share`` names; ``exclusive=False`` for read-only commands."""
+    return Share.open(_locate(directory), load_or_create_key(), exclusive, home())
 
 
 def _share_path(share: Share, path: str) -> str:
@@ -249,17 +278,24 @@ def id() -> None:
 @click.argument("directory", default=".", type=click.Path(file_okay=True))
 @quiet_option
 def init(directory: str) -> None:
-    """Make DIRECTORY a new share, with this device as its first member."""
+    """Make DIRECTORY a new share, with this device as its first member (a share of
+    this device already: register it again, see 'backer forget')."""
     root = Path(os.path.abspath(directory))
     key = load_or_create_key()
+    if (root / METADATA_DIR / DB_FILE).exists():
+        with Share.open(root, key, exclusive=False, home=home()) as share:
+            entry = registry.register(share.share_id, share.root, home())
+        _say(f"{root} is a share already ({entry.share_id.hex()}), named {entry.name}")
+        return
     with Share.create(root, key, home=home()) as share:
-        click.echo(f"initialised share {share.share_id.hex()} at {root}")
+        entry = registry.register(share.share_id, share.root, home())
+        _say(f"initialised share {share.share_id.hex()} at {root} (named {entry.name})")
         status = _scan_and_report(share, as_json=False)
     sys.exit(status)
 
 
 @cli.command()
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 @click.option(
     "--forget-lost-history",
     is_flag=True,
@@ -284,7 +320,7 @@ def scan(directory: str, forget_lost_history: bool, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(directory: str, as_json: bool) -> None:
     """Show the share: files, bytes, devices, conflicts, last scan."""
@@ -337,6 +373,31 @@ def status(directory: str, as_json: bool) -> None:
         _say(f"  {device['id']}  {device['name']}")
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def shares(as_json: bool) -> None:
+    """List this device's shares (what 'backer run' serves): name, folder, id."""
+    entries = registry.registered(home())
+    if as_json:
+        rows = [
+            {"name": e.name, "root": str(e.root), "share_id": e.share_id.hex()} for e in entries
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for entry in entries:
+        _say(f"{entry.name}  {entry.root}  {entry.share_id.hex()}")
+
+
+@cli.command()
+@click.argument("name_or_dir", metavar="NAME|DIR")
+def forget(name_or_dir: str) -> None:
+    """Stop serving a share on this device: it is no longer listed by 'backer shares'
+    nor served by 'backer run'. Its files and its .backer/ stay as they are ('backer
+    scan' and the others still work in it); 'backer init DIR' registers it again."""
+    entry = registry.forget(name_or_dir, home())
+    _say(f"forgot share {entry.name} at {entry.root} (its files and .backer/ are untouched)")
+
+
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -363,7 +424,7 @@ def _matches(path: str, wanted: str) -> bool:
 
 @cli.command()
 @click.argument("path", required=False)
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--limit",
@@ -428,7 +489,7 @@ def log(
 
 @cli.command()
 @click.argument("path")
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def history(path: str, directory: str, as_json: bool) -> None:
     """Show every version of PATH: when, by which device, size and hash."""
@@ -465,7 +526,7 @@ def history(path: str, directory: str, as_json: bool) -> None:
     help="The version that was current at WHEN: 'YYYY-MM-DD[ HH:MM[:SS]]' (UTC) or an "
     "age such as 2h.",
 )
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 def restore(path: str, version_id: str | None, at_text: str | None, directory: str) -> None:
     """Bring back an earlier version of PATH (see 'history'). It becomes a new version,
     so every device gets it; what PATH holds now is kept in .backer/versions/."""
@@ -651,7 +712,7 @@ def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list
 
 @cli.command()
 @click.argument("addresses", nargs=-1)
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 @click.option(
     "--command",
     help="Sync over this command's stdin/stdout, e.g. 'ssh host backer stdio --dir DIR'.",
@@ -687,7 +748,7 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_jso
 
 
 @cli.command()
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 def stdio(directory: str) -> None:
     """Serve one sync session over stdin/stdout (the remote end of 'sync --command')."""
     with _open(directory) as share:
@@ -806,7 +867,7 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
 @click.option(
     "--listen", default="0.0.0.0:7654", show_default=True, help="HOST:PORT to accept peers on."
 )
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 def serve(listen: str, directory: str) -> None:
     """Accept sync sessions from members (and joiners with an invite) until interrupted."""
     host, port = parse_address(listen)
@@ -820,7 +881,7 @@ def device() -> None:
 
 
 @device.command("list")
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def device_list(directory: str, as_json: bool) -> None:
     """List the share's devices, removed ones included."""
@@ -845,7 +906,7 @@ def device_list(directory: str, as_json: bool) -> None:
 
 @device.command("remove")
 @click.argument("device_id_text", metavar="DEVICE")
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 def device_remove(device_id_text: str, directory: str) -> None:
     """Remove DEVICE (its id, or its first characters as 'device list' shows them):
     e.g. a lost or stolen laptop. Peers refuse it from then on, its later events are
@@ -878,7 +939,7 @@ def device_remove(device_id_text: str, directory: str) -> None:
 @click.option(
     "--no-wait", is_flag=True, help="Print the token and exit; a running 'serve' admits the joiner."
 )
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 def invite(
     listen: str, addresses: tuple[str, ...], expires: int, no_wait: bool, directory: str
 ) -> None:
@@ -997,7 +1058,8 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
                 failures.append(str(exc))
                 continue
             _remember_peer(share, address)
-            click.echo(f"joined share {share.share_id.hex()} at {root}")
+            entry = registry.register(share.share_id, share.root, home())
+            _say(f"joined share {share.share_id.hex()} at {root} (named {entry.name})")
             hint = "; joined: run 'backer sync' to finish once there is room"
             status = _report_sync(sessions, hub, as_json=False, hint=hint)
             break
@@ -1011,7 +1073,7 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
 
 @cli.command()
 @click.argument("path", required=False)
-@click.option("--dir", "directory", default=".", help="A directory inside the share.")
+@share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet_option
 def verify(path: str | None, directory: str, as_json: bool) -> None:
@@ -1044,14 +1106,14 @@ def verify(path: str | None, directory: str, as_json: bool) -> None:
     "--from", "addresses", multiple=True, help="HOST:PORT of a device of the share (repeatable)."
 )
 @click.option("--token", help="An invite from a device of the share (if this key was lost too).")
-@click.option("--dir", "directory", default=".", help="The share's folder (or a folder inside it).")
+@share_option
 def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> None:
     """Rebuild a damaged or lost .backer/ from a peer, in place: files whose content is
     a live version are recognised as it (no bytes move, no version is recorded); the
     rest is scanned as local changes. The damaged database is kept aside."""
     invitation = InviteToken.decode(token) if token else None
     key = load_or_create_key()
-    target = repair_mod.locate(Path(os.path.abspath(directory)), key, home(), invitation)
+    target = repair_mod.locate(_locate(directory), key, home(), invitation)
     targets = list(addresses) or (list(invitation.addresses) if invitation else target.peers)
     if not targets:
         raise BackerError("no peer to repair from: give one with --from HOST:PORT")
@@ -1076,6 +1138,7 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> Non
         for address, result in zip(targets, outcomes, strict=True):
             if isinstance(result, Session):
                 _remember_peer(share, address)
+        registry.register(share.share_id, share.root, home())
         click.echo(f"repaired share {share.share_id.hex()} at {share.root}")
         click.echo(_summary_line(sessions))
         scan = outcome.scan

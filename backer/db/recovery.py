@@ -31,10 +31,10 @@ def own_length(home: Path, share_id: bytes) -> int:
 
 def record_own_length(home: Path, share_id: bytes, length: int) -> None:
     """Durably note the log's length after an append (temp file, fsync, rename)."""
-    _write_durably(_mark(home, share_id), str(length).encode())
+    write_durably(_mark(home, share_id), str(length).encode())
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_name(path.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -71,7 +71,7 @@ def remember_share(home: Path, share_id: bytes, share_key: bytes, root: Path) ->
             return
     except (FileNotFoundError, UnicodeDecodeError):
         pass
-    _write_durably(path, text.encode())
+    write_durably(path, text.encode())
 
 
 def share_at(home: Path, start: Path) -> KnownShare | None:
