@@ -29,6 +29,7 @@ import click
 from backer.config import registry
 from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
 from backer.connections import control, transport
+from backer.connections.addresses import AddressBook, advertised, loopback_only
 from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
@@ -40,7 +41,7 @@ from backer.model.replicator import Replicator
 from backer.model.share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
 from backer.progress import Reporter, reporter
 from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
-from backer.protocol.invite import InviteToken, advertised, parse_address
+from backer.protocol.invite import InviteToken, parse_address
 from backer.protocol.session import Session, WireStats
 from journal import JournalError
 
@@ -793,6 +794,20 @@ def _remove_device(share: Share, text: str) -> tuple[bytes, str]:
     )
 
 
+def _print_token(token: str) -> None:
+    """The token on stdout; a warning on stderr when it names loopback addresses only."""
+    click.echo(token)
+    sys.stdout.flush()
+    addresses = InviteToken.decode(token).addresses
+    if loopback_only(addresses):
+        _say(
+            f"backer: warning: the token names only {', '.join(addresses)}: no network "
+            "address was found on this device, so only this machine can join with it "
+            "(give --address HOST:PORT to name another)",
+            err=True,
+        )
+
+
 def _new_invite(share: Share, expires: int, addresses: tuple[str, ...]) -> tuple[bytes, str]:
     """Record a single-use invite; its id and the token text naming ``addresses``."""
     invite_id, psk = share.create_invite(expires)
@@ -834,6 +849,7 @@ async def _serve(share: Share, host: str, port: int, until_joined: bytes | None 
         raise BackerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     bound = [s.getsockname()[:2] for s in server.sockets]
     reachable = tuple(dict.fromkeys(a for h, p in bound for a in advertised(h, p)))
+    hub.addresses.announce(parse_address(a) for a in reachable)
 
     async def on_request(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if request.get("op") == "remove":
@@ -957,15 +973,13 @@ def invite(
         wanted = {"op": "invite", "expires": expires, "addresses": addresses, "wait": not no_wait}
         for reply in control.request(busy.root, wanted):
             if "token" in reply:
-                click.echo(reply["token"])
-                sys.stdout.flush()
+                _print_token(reply["token"])
             else:
                 click.echo(f"device {reply['joined']} joined", err=True)
         return
     with share:
         invite_id, token = _new_invite(share, expires, addresses or advertised(host, port))
-        click.echo(token)
-        sys.stdout.flush()
+        _print_token(token)
         if not no_wait:
             asyncio.run(_serve(share, host, port, until_joined=invite_id))
 
@@ -1037,6 +1051,9 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     failures = []
     status = None
     with share:
+        book = AddressBook(share.catalog, share.share_id, key)
+        for address in invitation.addresses:
+            book.learn(invitation.inviter, *parse_address(address), "invite")
         for address in invitation.addresses:  # one at a time: the invite is single-use
 
             def channel() -> SecureChannel:

@@ -24,6 +24,7 @@ from typing import Any
 
 import nacl.signing
 
+from backer.connections.addresses import AddressBook
 from backer.errors import BackerError
 from backer.model.replicator import Replicator
 from backer.model.share import Share
@@ -154,6 +155,7 @@ class Streams:
     sent: int = 0
     spoke: float = field(default_factory=time.monotonic)  # when we last wrote
     exit_status: Callable[[], Awaitable[int | None]] | None = None  # of a child at the other end
+    address: tuple[str, int] | None = None  # what was dialled, for a TCP connection we opened
 
     def abort(self) -> None:
         """Close at once, dropping unsent data (``close`` would still send it)."""
@@ -177,6 +179,7 @@ class Hub:
         self.name = name
         self.limits = limits or Limits.from_env()
         self.replicator = Replicator(share)
+        self.addresses = AddressBook(share.catalog, share.share_id, share.key)
         self._flushers: dict[Session, Callable[[], None]] = {}
         self._closers: dict[Session, Callable[[], None]] = {}
         self.scan_progress: ProgressCallback | None = None  # the command's display, if any
@@ -208,13 +211,35 @@ class Hub:
             self.replicator.journal_grew()
         self.scan()
         return Session(
-            self.share, self.name, welcome=joining, peer=channel.peer, replicator=self.replicator
+            self.share,
+            self.name,
+            welcome=joining,
+            peer=channel.peer,
+            replicator=self.replicator,
+            addresses=self.addresses,
         )
 
     def connect(self, channel: SecureChannel) -> Session:
         """Initiator side once the channel is up: scan, then sync."""
         self.scan()
-        return Session(self.share, self.name, peer=channel.peer, replicator=self.replicator)
+        return Session(
+            self.share,
+            self.name,
+            peer=channel.peer,
+            replicator=self.replicator,
+            addresses=self.addresses,
+        )
+
+    def _note_address(self, session: Session, streams: Streams, dialled: bool) -> None:
+        """The address that reached the peer is its best one; a peer that reached us is
+        at its IP (with the ports it announces, see ``Session._on_addresses``)."""
+        if session.peer is None:
+            return
+        if dialled and streams.address is not None:
+            self.addresses.connected(session.peer, *streams.address)
+        peer = streams.writer.get_extra_info("peername")
+        if not dialled and isinstance(peer, tuple):
+            session.remote_host = str(peer[0])
 
     async def run(
         self,
@@ -331,6 +356,7 @@ class Hub:
                         if established is not None:
                             established()
                         session = open_session(channel)
+                        self._note_address(session, streams, channel.initiator)
                         session.lazy = True
                         session.outbox[:0] = session.start()
                         self._flushers[session] = flush
@@ -487,7 +513,7 @@ async def tcp_streams(host: str, port: int) -> Streams:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
     except (OSError, TimeoutError) as exc:
         raise BackerError(f"cannot reach {host}:{port}: {exc or 'timed out'}") from exc
-    return Streams(reader, writer, writer.close)
+    return Streams(reader, writer, writer.close, address=(host, port))
 
 
 async def command_streams(command: str) -> Streams:

@@ -13,6 +13,9 @@ was this path before" are one indexed lookup instead of a walk of the CRDT.
 - ``members``: devices admitted to the share (``kept`` set once removed: how many of its
   events stay valid); ``invites``: invites seen, with the signed event that made each;
   ``meta``: share id, share keys, positions.
+- ``addresses``: where each device may be reached, whence it was learned, when last seen
+  and last connected to; ``announcements``: the newest signed announcement of each
+  device's listen addresses, to pass on (both local knowledge, never in the journal).
 """
 
 from __future__ import annotations
@@ -87,6 +90,15 @@ class Catalog:
         )
         self.conn.execute(
             "CREATE TABLE IF NOT EXISTS forgotten (path TEXT PRIMARY KEY, vid TEXT) WITHOUT ROWID"
+        )
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS addresses (device BLOB, host TEXT, port INTEGER, "
+            "source TEXT, seen_ms INTEGER, success_ms INTEGER, PRIMARY KEY (device, host, port)) "
+            "WITHOUT ROWID"
+        )
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS announcements (device BLOB PRIMARY KEY, time_ms INTEGER, "
+            "raw BLOB) WITHOUT ROWID"
         )
         self._add_columns()
 
@@ -469,6 +481,59 @@ class Catalog:
         """The signed event that made an invite (empty if unknown)."""
         row = self.conn.execute("SELECT raw FROM invites WHERE id = ?", (invite_id,)).fetchone()
         return row[0] or b"" if row else b""
+
+    # -- addresses -------------------------------------------------------------------
+
+    def note_address(
+        self, device: bytes, host: str, port: int, now_ms: int, source: str | None
+    ) -> None:
+        """Seen now (from ``source``), or, with ``source`` None, connected to now."""
+        success = now_ms if source is None else None
+        self.conn.execute(
+            "INSERT INTO addresses (device, host, port, source, seen_ms, success_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, host, port) DO UPDATE SET "
+            "source = COALESCE(excluded.source, source), seen_ms = excluded.seen_ms, "
+            "success_ms = COALESCE(excluded.success_ms, success_ms)",
+            (device, host, port, source or "dialled", now_ms, success),
+        )
+
+    def addresses_of(self, device: bytes) -> list[tuple[str, int, str, int, int | None]]:
+        """(host, port, source, seen_ms, success_ms), last connected first, then newest."""
+        return self.conn.execute(
+            "SELECT host, port, source, seen_ms, success_ms FROM addresses WHERE device = ? "
+            "ORDER BY success_ms IS NULL, success_ms DESC, seen_ms DESC, host, port",
+            (device,),
+        ).fetchall()
+
+    def address_devices(self) -> list[bytes]:
+        """Devices with an address, the most recently seen or connected to first."""
+        rows = self.conn.execute(
+            "SELECT device FROM addresses GROUP BY device "
+            "ORDER BY MAX(MAX(seen_ms, COALESCE(success_ms, 0))) DESC, device"
+        )
+        return [row[0] for row in rows]
+
+    def drop_addresses(self, device: bytes, keep: int = 0) -> None:
+        """Forget the addresses of ``device`` but the best ``keep`` (in the order above)."""
+        doomed = self.addresses_of(device)[keep:]
+        self.conn.executemany(
+            "DELETE FROM addresses WHERE device = ? AND host = ? AND port = ?",
+            [(device, host, port) for host, port, *_ in doomed],
+        )
+
+    def announcements(self) -> dict[bytes, tuple[int, bytes]]:
+        """device -> (time_ms, raw) of the newest announcement held."""
+        rows = self.conn.execute("SELECT device, time_ms, raw FROM announcements")
+        return {device: (time_ms, raw) for device, time_ms, raw in rows}
+
+    def put_announcement(self, device: bytes, time_ms: int, raw: bytes) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO announcements (device, time_ms, raw) VALUES (?, ?, ?)",
+            (device, time_ms, raw),
+        )
+
+    def drop_announcement(self, device: bytes) -> None:
+        self.conn.execute("DELETE FROM announcements WHERE device = ?", (device,))
 
     # -- totals ----------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import socket
 from dataclasses import dataclass
 
 from backer.errors import BackerError
@@ -76,17 +75,3 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
         raise BackerError(f"not an address (expected HOST:PORT): {text!r}")
     return host.strip("[]"), int(port)
-
-
-def advertised(host: str, port: int) -> tuple[str, ...]:
-    """Addresses to put in a token for a listener on ``host``: a wildcard host stands for
-    every address of this machine (loopback last, as the fallback)."""
-    if host not in ("0.0.0.0", "::", ""):
-        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",)
-    try:
-        infos = socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        infos = []
-    found = dict.fromkeys(str(info[4][0]) for info in infos)
-    outside = [a for a in found if not a.startswith(("127.", "::1", "fe80"))]
-    return tuple(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in [*outside, "127.0.0.1"])

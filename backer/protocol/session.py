@@ -28,12 +28,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from backer.model.replicator import CHUNKS_PER_REQUEST, MANIFESTS_PER_REQUEST, Replicator
 from backer.model.share import Share
+from backer.protocol.announce import Announcement
 from backer.protocol.wire import (
     PROTOCOL_VERSION,
+    Addresses,
     CaughtUp,
     Chunk,
     Done,
@@ -63,6 +65,7 @@ REPLY_BYTES = 4 * 1024 * 1024  # Manifests, Summary parts and ManifestPart slice
 MAX_MANIFEST_BYTES = 128 * 1024 * 1024  # 3.7M chunks: a 57 GB file even at the minimum
 # chunk size
 MAX_SUMMARY_BYTES = 64 * 1024 * 1024
+MAX_ANNOUNCEMENTS = 1024  # per Addresses message: one per member (at most 1,000)
 _NEVER = 2**63
 _CHUNK, _MANIFEST = 0, 1
 T = TypeVar("T")
@@ -98,10 +101,42 @@ LEGAL: dict[int, frozenset[type[Message]]] = {  # which message the peer may sen
     OPENING: frozenset({Welcome, Hello}),  # Welcome: to a joiner, first
     SUMMARY: frozenset({Summary}),  # in parts until ``more`` is 0
     SYNCING: frozenset(
-        {Events, CaughtUp, WantManifests, Manifests, ManifestPart, WantChunks, Chunk, Done}
+        {
+            Events,
+            CaughtUp,
+            WantManifests,
+            Manifests,
+            ManifestPart,
+            WantChunks,
+            Chunk,
+            Done,
+            Addresses,
+        }
     ),
 }
 ANY_PHASE = frozenset({Ping, Error})
+
+
+class AddressGossip(Protocol):
+    """Where a session keeps the listen addresses members announce
+    (:class:`backer.connections.addresses.AddressBook`)."""
+
+    def announcements(self) -> list[bytes]:
+        """This device's own signed announcement (if it listens) and the newest held of
+        every other device."""
+        ...
+
+    def is_news(self, device: bytes, time_ms: int) -> bool:
+        """Whether an announcement of ``device`` made at ``time_ms`` would be kept."""
+        ...
+
+    def heard(self, announcement: Announcement) -> bool:
+        """Keep a verified member's announcement if it is news; whether it was."""
+        ...
+
+    def learn(self, device: bytes, host: str, port: int, source: str) -> bool:
+        """Remember that ``device`` may be reached at ``host``:``port``."""
+        ...
 
 
 @dataclass
@@ -125,12 +160,18 @@ class Session:
         welcome: bool = False,
         peer: bytes | None = None,
         replicator: Replicator | None = None,
+        addresses: AddressGossip | None = None,
     ) -> None:
         """``welcome``: the peer just joined with an invite; start by giving it the key.
         ``peer``: its authenticated device key, when a channel established one.
-        ``replicator``: shared with the device's other open sessions (else a private one)."""
+        ``replicator``: shared with the device's other open sessions (else a private one).
+        ``addresses``: where announcements are kept and taken from (else they are checked
+        and dropped)."""
         self.share = share
         self.peer = peer
+        self.addresses = addresses
+        self.remote_host: str | None = None  # the peer's IP, when it connected to us
+        self.peer_announced = False  # its own announcement was read (with remote_host)
         self.welcome = welcome
         self.replicator = replicator or Replicator(share)
         self.replicator.attach(self)
@@ -242,7 +283,9 @@ class Session:
         for fork in forks:
             self.peer_lengths[fork.author] = _NEVER
             self.forks.append(fork.author.hex())
-        return [*self._events_for(ranges), CaughtUp()]
+        known = self.addresses.announcements()[:MAX_ANNOUNCEMENTS] if self.addresses else []
+        gossip: list[Message] = [Addresses(known)] if known else []  # after the events: the
+        return [*self._events_for(ranges), CaughtUp(), *gossip]  # peer then knows the members
 
     def _events_for(self, ranges: list[Range]) -> list[Message]:
         """Events messages for ``ranges``: runs of one author, in our arrival order."""
@@ -314,6 +357,45 @@ class Session:
         return []
 
     def _on_ping(self, message: Ping) -> list[Message]:
+        return []
+
+    def _on_addresses(self, message: Addresses) -> list[Message]:
+        """Keep the news among members' announcements and relay it to this share's other
+        sessions; from a peer that connected to us, also its IP with its announced ports
+        (once per session). A malformed or forged announcement closes the session; one of
+        a non-member (e.g. removed since), of this device or no newer than the one held
+        is ignored, before its signature is checked. Without an address book, nothing is
+        kept: the announcements are dropped unread."""
+        if len(message.announcements) > MAX_ANNOUNCEMENTS:
+            raise ProtocolError("too many address announcements at once")
+        book = self.addresses
+        if book is None:
+            return []
+        news: list[bytes] = []
+        for raw in message.announcements:
+            try:
+                device, time_ms = Announcement.claims(raw)
+                inbound = self.remote_host is not None and device == self.peer
+                inbound = inbound and not self.peer_announced
+                if not inbound and not book.is_news(device, time_ms):
+                    continue
+                announcement = Announcement.decode(raw)
+            except ValueError as exc:
+                raise ProtocolError(f"bad address announcement: {exc}") from exc
+            if announcement.share_id != self.share.share_id:
+                raise ProtocolError("an address announcement of another share")
+            if device not in self.share.members or device == self.share.device:
+                continue
+            if inbound and self.remote_host is not None:
+                self.peer_announced = True
+                for port in dict.fromkeys(port for _, port in announcement.addresses):
+                    book.learn(device, self.remote_host, port, "inbound")
+            if book.heard(announcement):
+                news.append(raw)
+        if news:
+            for session in self.replicator.sessions:
+                if session is not self and session.addresses is not None:
+                    session.outbox.append(Addresses(news))
         return []
 
     def _on_error(self, message: Error) -> list[Message]:

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: Addresses
 MAX_FRAME = 8 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 
@@ -205,6 +205,15 @@ class Ping(Message):
     TYPE = 13
 
 
+@dataclass
+class Addresses(Message):
+    """Signed announcements of where devices of the share listen (see
+    :mod:`backer.protocol.announce`): the sender's own and the newest it holds of others."""
+
+    TYPE = 14
+    announcements: list[bytes]
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -221,6 +230,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Welcome,
         ManifestPart,
         Ping,
+        Addresses,
     )
 }
 
