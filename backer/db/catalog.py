@@ -76,6 +76,28 @@ def _nfc(text: str) -> str:
 MANIFEST_CACHE = 16_384  # a plan looks each manifest up several times, near in time
 
 
+def read_local(
+    conn: sqlite3.Connection, paths: Iterable[str] | None = None, subtrees: Iterable[str] = ()
+) -> dict[str, LocalEntry]:
+    """Scan-cache rows: all of them (``paths`` None and no ``subtrees``), or those of
+    ``paths`` and of everything below each of ``subtrees``. A function of the connection,
+    so that a scan in a worker thread can read through a connection of its own."""
+    select = "SELECT path, vid, size, mtime_ns, inode, mode, settled FROM local"
+    make = LocalEntry._make
+    subtrees = list(subtrees)
+    if paths is None and not subtrees:
+        return {row[0]: make(row) for row in conn.execute(select)}
+    wanted, found = list(paths or ()), {}
+    for i in range(0, len(wanted), 500):
+        part = wanted[i : i + 500]
+        query = f"{select} WHERE path IN ({','.join('?' * len(part))})"
+        found.update((row[0], make(row)) for row in conn.execute(query, part))
+    for top in subtrees:  # 'a/' < every 'a/...' < 'a0' ('0' follows '/')
+        rows = conn.execute(f"{select} WHERE path > ? AND path < ?", (top + "/", top + "0"))
+        found.update((row[0], make(row)) for row in rows)
+    return found
+
+
 class Catalog:
     def __init__(self, db: sqlite_utils.Database) -> None:
         self.db = db
@@ -255,18 +277,11 @@ class Catalog:
 
     # -- local disk cache ------------------------------------------------------------
 
-    def local_entries(self, paths: Iterable[str] | None = None) -> dict[str, LocalEntry]:
-        """The scan cache: every entry, or only those of ``paths``."""
-        select = "SELECT path, vid, size, mtime_ns, inode, mode, settled FROM local"
-        make = LocalEntry._make
-        if paths is None:
-            return {row[0]: make(row) for row in self.conn.execute(select)}
-        wanted, found = list(paths), {}
-        for i in range(0, len(wanted), 500):
-            part = wanted[i : i + 500]
-            query = f"{select} WHERE path IN ({','.join('?' * len(part))})"
-            found.update((row[0], make(row)) for row in self.conn.execute(query, part))
-        return found
+    def local_entries(
+        self, paths: Iterable[str] | None = None, subtrees: Iterable[str] = ()
+    ) -> dict[str, LocalEntry]:
+        """The scan cache: every entry, or only those of ``paths`` and below ``subtrees``."""
+        return read_local(self.conn, paths, subtrees)
 
     def set_local(self, entries: Iterable[LocalEntry]) -> None:
         self.conn.executemany(

@@ -9,14 +9,18 @@ events after it, so the catalog can always be rebuilt from the journal.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
 import socket
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -26,7 +30,7 @@ import sqlite_utils
 from blake3 import blake3
 
 from backer.db import recovery
-from backer.db.catalog import Catalog, LocalEntry, Problem
+from backer.db.catalog import Catalog, LocalEntry, Problem, read_local
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR, is_valid
 from backer.model import entropy, membership
@@ -66,7 +70,15 @@ from backer.model.state import (
 from backer.progress import ProgressCallback
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import Manifest
-from backer.scanner.walk import Observation, Seen, cache_entry, observe
+from backer.scanner.walk import (
+    Observation,
+    Seen,
+    cache_entry,
+    classify,
+    look,
+    stat_key_of,
+    under_any,
+)
 from journal import (
     Checkpoint,
     CorruptJournal,
@@ -92,6 +104,8 @@ _PAYLOAD_BYTES = {
     EventKind.CLIENT: (CLIENT_NONCE_BYTES, CLIENT_NONCE_BYTES),
 }
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
+RESCANS = 3  # rounds of an off-loop scan for paths that changed while it looked at them
+PROGRESS_EVERY = 0.1  # seconds between progress reports an off-loop scan hands the loop
 
 
 @dataclass
@@ -906,14 +920,96 @@ class Share:
             self._append(EventKind.STATE, update, delta)
         return assigned
 
-    def scan(self, progress: ProgressCallback | None = None) -> ScanSummary:
-        """Scan the folder and record every change as new versions (none while the share
+    def scan(
+        self, progress: ProgressCallback | None = None, paths: Collection[str] | None = None
+    ) -> ScanSummary:
+        """Scan the folder (or only ``paths``: each with its subtree, a path gone from
+        the disk deleted) and record every change as new versions (none while the share
         is behind itself: the change would be an event of our own; see recovery)."""
         if self.repairing:  # the disk is recognised once the journal is back (see repair)
             return ScanSummary(waiting="the share is being repaired")
         started = time.monotonic()
-        local = self.catalog.local_entries()
-        found = observe(self.root, local, self._recorded_content, progress)
+        found = look(self.root, self.catalog.local_entries, paths, progress)
+        return self._record_scan(classify(found, self._recorded_content), started)
+
+    async def scan_off_loop(
+        self, paths: Collection[str] | None = None, progress: ProgressCallback | None = None
+    ) -> ScanSummary:
+        """:meth:`scan` for a process that runs an event loop: the walk, the stats and
+        the hashing happen in a worker thread (through a read connection of its own),
+        only the recording in the loop. Before recording, each path's lstat and scan
+        cache entry must still be what the walk saw: a path that an apply wrote in the
+        meantime, or that changed again, is scanned again instead of being recorded
+        from stale bytes (at most RESCANS times; then it is left to the next scan)."""
+        if self.repairing:
+            return ScanSummary(waiting="the share is being repaired")
+        started = time.monotonic()
+        total = ScanSummary()
+        for _ in range(RESCANS):
+            found = await self._look_apart(paths, progress)
+            stale = self._drop_stale(classify(found, self._recorded_content))
+            summary = self._record_scan(found, started)  # in the same step as the check
+            if summary.waiting is not None:
+                return summary
+            _add_summary(total, summary)
+            if not stale:
+                break
+            paths = stale
+        else:
+            problems = [Problem(p, "kept changing while being scanned; will retry") for p in stale]
+            total.errors += problems
+        total.seconds = time.monotonic() - started
+        return total
+
+    async def _look_apart(
+        self, paths: Collection[str] | None, progress: ProgressCallback | None
+    ) -> Observation:
+        """:func:`look` in a worker thread; cancelled, it stops that thread at its next
+        file or directory."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        database = self.root / METADATA_DIR / DB_FILE
+        shown = _Throttled(loop, progress) if progress is not None else None
+
+        def work() -> Observation:
+            uri = f"file:{urllib.parse.quote(os.fspath(database))}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as reader:
+                local_for = functools.partial(read_local, reader)
+                return look(self.root, local_for, paths, shown, stop=stop)
+
+        try:
+            return await loop.run_in_executor(None, work)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    def _drop_stale(self, found: Observation) -> list[str]:
+        """Take out of ``found`` every path whose scan cache entry or lstat is no longer
+        what the walk saw (an apply wrote it, or it changed again); return them."""
+        on_disk = {seen.path: seen.stat_key for seen, _, _ in found.changed}
+        on_disk.update((entry.path, entry.stat_key) for entry in found.refreshed)
+        touched = [*on_disk, *found.deleted, *found.forgotten]
+        now = self.catalog.local_entries(touched)
+        stale = {path for path in touched if now.get(path) != found.local.get(path)}
+        for path, key in on_disk.items():
+            try:
+                same = stat_key_of(os.lstat(self.root / path)) == key
+            except OSError:
+                same = False
+            if not same:
+                stale.add(path)
+        stale.update(p for p in found.deleted if os.path.lexists(self.root / p))
+        if stale:
+            found.changed = [c for c in found.changed if c[0].path not in stale]
+            found.refreshed = [e for e in found.refreshed if e.path not in stale]
+            found.reindexed = [r for r in found.reindexed if r[0] not in stale]
+            found.deleted = [p for p in found.deleted if p not in stale]
+            found.forgotten = [p for p in found.forgotten if p not in stale]
+        return sorted(stale)
+
+    def _record_scan(self, found: Observation, started: float) -> ScanSummary:
+        """Record what a scan found (see :meth:`scan`)."""
+        local = found.local
         waiting = self.behind_itself if self.own_events_missing else None
         if not self.members:  # a joiner: its log must not start before genesis,
             waiting = WAITING_FOR_GENESIS  # or it could not be relayed
@@ -926,13 +1022,12 @@ class Share:
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )
-        now_ns = entropy.now_ns()
-        now_ms = now_ns // 1_000_000
+        now_ms = entropy.now_ns() // 1_000_000
         device = self.device[:8]
         changed = sorted(found.changed, key=lambda c: c[0].path)
         live = self.catalog.live_for([seen.path for seen, _, _ in changed] + found.deleted)
         basis = self.catalog.forgotten_basis(s.path for s, _, _ in changed if s.path not in local)
-        changed = self._adopt_identical(changed, local, live, basis, found, now_ns)
+        changed = self._adopt_identical(changed, local, live, basis, found, found.observed_ns)
         versions: list[tuple[str, Version]] = []
         # A local change supersedes only the version the disk held (the cached one, or
         # for a path no longer ignored the one it held when the rule came): remote
@@ -956,7 +1051,7 @@ class Share:
         assigned = self.commit(versions)
         summary.events = self.journal.position() - position
         cache = [
-            cache_entry(seen.path, assigned[seen.path], seen.stat_key, now_ns)
+            cache_entry(seen.path, assigned[seen.path], seen.stat_key, found.observed_ns)
             for seen, _, _ in changed
         ]
         with self.db.conn:
@@ -968,13 +1063,22 @@ class Share:
                 [seen.path for seen, _, _ in changed] + [e.path for e in found.refreshed]
             )
             self.catalog.set_meta("last_scan_ms", now_ms)
-            summary.fresh = self._note_problems("scan", found.errors, replace=True)
+            summary.fresh = self._note_scan_problems(found)
             recorded = [seen.path for seen, _, _ in changed] + found.deleted
             self._note_problems("apply", [], resolved=recorded)  # the disk's version won
         self.save_snapshot()
         self._sweep(found.leftovers)
         summary.seconds = time.monotonic() - started
         return summary
+
+    def _note_scan_problems(self, found: Observation) -> list[Problem]:
+        """A whole scan's problems replace the last ones; a scan of some paths resolves
+        only the earlier problems of those paths (and below) that it did not see again."""
+        if found.scope is None:
+            return self._note_problems("scan", found.errors, replace=True)
+        tops = set(found.scope)
+        earlier = [p.path for _, p, _ in self.catalog.problems("scan") if under_any(p.path, tops)]
+        return self._note_problems("scan", found.errors, resolved=earlier)
 
     def restore(self, path: str, version_id: str) -> Report:
         """Make an earlier version of ``path`` current again: a new version with its
@@ -1105,6 +1209,29 @@ class Share:
         if version is None:
             return None
         return version.kind, version.content, version.permissions
+
+
+class _Throttled:
+    """A progress callback for a worker thread: hands the loop at most one report every
+    PROGRESS_EVERY seconds (and always the last), to run there."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, progress: ProgressCallback) -> None:
+        self.loop, self.progress, self.last = loop, progress, 0.0
+
+    def __call__(self, files_done: int, files: int, done: int, total: int) -> None:
+        now = time.monotonic()
+        if files_done == files or now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            self.loop.call_soon_threadsafe(self.progress, files_done, files, done, total)
+
+
+def _add_summary(total: ScanSummary, part: ScanSummary) -> None:
+    """Fold one round of an off-loop scan into the whole scan's summary."""
+    for name in ("added", "modified", "deleted", "errors", "fresh"):
+        getattr(total, name).extend(getattr(part, name))
+    total.unchanged += part.unchanged
+    total.hashed_bytes += part.hashed_bytes
+    total.events += part.events
 
 
 def _check_event(event: Event) -> None:

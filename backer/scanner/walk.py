@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -19,12 +20,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 from backer.db.catalog import LocalEntry, Problem
-from backer.fs.paths import METADATA_DIR, BadPath, check_name, fold, is_reserved
+from backer.fs.paths import METADATA_DIR, BadPath, check_name, fold, is_valid
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, Kind
 from backer.progress import ProgressCallback
 from backer.scanner.content import Manifest, manifest_of_file
-from backer.scanner.ignore import IgnoreRules, is_temp_name
+from backer.scanner.ignore import IGNORE_FILE, IgnoreRules, is_temp_name
 
 READ_ATTEMPTS = 3
 THREADED_FROM = 1024 * 1024  # smaller files hash faster inline than through a thread pool
@@ -65,19 +66,41 @@ class Observation:
     leftovers: list[str] = field(default_factory=list)  # temp files of interrupted writes
     unchanged: int = 0
     hashed_bytes: int = 0
+    # what the walk compared with (:func:`classify` then sorts ``candidates`` out)
+    candidates: list[tuple[Seen, Manifest | None, bytes]] = field(default_factory=list)
+    local: dict[str, LocalEntry] = field(default_factory=dict)  # the scan cache it used
+    scope: list[str] | None = None  # the subtrees scanned; None: the whole share
+    observed_ns: int = 0  # when the walk ended: what "fresh" mtimes are judged against
+
+
+class ScanStopped(Exception):
+    """A scan in a worker thread was asked to stop (its caller was cancelled)."""
+
+
+# The scan cache rows of ``paths`` (None: all) and of everything below ``subtrees``.
+LocalReader = Callable[[list[str] | None, list[str]], dict[str, LocalEntry]]
 
 
 def walk(
-    root: Path, rules: IgnoreRules, errors: list[Problem], leftovers: list[str]
+    root: Path,
+    rules: IgnoreRules,
+    errors: list[Problem],
+    leftovers: list[str],
+    top: str = "",
+    stop: threading.Event | None = None,
 ) -> tuple[dict[str, Seen], set[str]]:
-    """Every non-ignored entry under ``root``; also the directories that could not be read.
+    """Every non-ignored entry under ``root`` (or only its directory ``top`` and what is
+    below it); also the directories that could not be read.
 
     backer's own temp files (from a write that was interrupted) go to ``leftovers``.
     """
     seen: dict[str, Seen] = {}
     unreadable: set[str] = set()
-    stack: list[tuple[str, str]] = [(os.fspath(root), "")]
+    start = os.path.join(root, top) if top else os.fspath(root)
+    stack: list[tuple[str, str]] = [(start, top + "/" if top else "")]
     while stack:
+        if stop is not None and stop.is_set():
+            raise ScanStopped
         directory, prefix = stack.pop()
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
@@ -88,7 +111,8 @@ def walk(
             continue
         folded: dict[str, str] = {}
         for entry in entries:
-            if is_reserved(entry.name):
+            folded_name = fold(entry.name)
+            if folded_name == METADATA_DIR:  # is_reserved(), without folding twice
                 if prefix or entry.name != METADATA_DIR:
                     errors.append(_reserved(prefix + entry.name, entry.path))
                 continue
@@ -97,7 +121,7 @@ def walk(
             except BadPath as exc:
                 errors.append(Problem(repr(prefix + entry.name), f"skipped: {exc}"))
                 continue
-            twin = folded.setdefault(fold(entry.name), path)
+            twin = folded.setdefault(folded_name, path)
             if twin != path:  # both are synced; only some filesystems can hold both
                 errors.append(
                     Problem(
@@ -114,26 +138,41 @@ def walk(
                 errors.append(Problem(path, f"cannot stat: {exc.strerror}"))
                 unreadable.add(path)
                 continue
-            if stat.S_ISDIR(info.st_mode):
-                kind = Kind.DIRECTORY
-            elif stat.S_ISREG(info.st_mode):
-                kind = Kind.FILE
-            elif stat.S_ISLNK(info.st_mode):
-                kind = Kind.SYMLINK
-            else:
-                errors.append(Problem(path, "skipped: not a regular file, directory or symlink"))
-                continue
-            if kind != Kind.DIRECTORY and is_temp_name(entry.name):  # links are staged too
-                leftovers.append(entry.path)
-                continue
-            if rules.ignored(path, kind == Kind.DIRECTORY):
-                continue
-            mtime = 0 if kind == Kind.DIRECTORY else info.st_mtime_ns
-            size = 0 if kind == Kind.DIRECTORY else info.st_size
-            seen[path] = Seen(path, entry.path, kind, size, mtime, info.st_ino, info.st_mode)
-            if kind == Kind.DIRECTORY:
-                stack.append((entry.path, path + "/"))
+            found = _entry(path, entry.path, info, rules, errors, leftovers)
+            if found is not None:
+                seen[path] = found
+                if found.kind == Kind.DIRECTORY:
+                    stack.append((entry.path, path + "/"))
     return seen, unreadable
+
+
+def _entry(
+    path: str,
+    disk_path: str,
+    info: os.stat_result,
+    rules: IgnoreRules,
+    errors: list[Problem],
+    leftovers: list[str],
+) -> Seen | None:
+    """The entry to record for what ``lstat`` found at ``path``; None for what is not
+    recorded (an ignored path, a special file, one of backer's temp files)."""
+    if stat.S_ISDIR(info.st_mode):
+        kind = Kind.DIRECTORY
+    elif stat.S_ISREG(info.st_mode):
+        kind = Kind.FILE
+    elif stat.S_ISLNK(info.st_mode):
+        kind = Kind.SYMLINK
+    else:
+        errors.append(Problem(path, "skipped: not a regular file, directory or symlink"))
+        return None
+    if kind != Kind.DIRECTORY and is_temp_name(path.rpartition("/")[2]):  # links are staged too
+        leftovers.append(disk_path)
+        return None
+    if rules.ignored(path, kind == Kind.DIRECTORY):
+        return None
+    mtime = 0 if kind == Kind.DIRECTORY else info.st_mtime_ns
+    size = 0 if kind == Kind.DIRECTORY else info.st_size
+    return Seen(path, disk_path, kind, size, mtime, info.st_ino, info.st_mode)
 
 
 def _reserved(path: str, disk_path: str) -> Problem:
@@ -198,44 +237,56 @@ def stat_key_of(info: os.stat_result) -> tuple[int, int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ino, info.st_mode
 
 
-def observe(
+def look(
     root: Path,
-    local: dict[str, LocalEntry],
-    recorded_content: Callable[[LocalEntry], tuple[Kind, bytes, int] | None],
+    local_for: LocalReader,
+    paths: Iterable[str] | None = None,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    stop: threading.Event | None = None,
 ) -> Observation:
-    """Compare the disk with the ``local`` cache and return what changed.
+    """Walk the share (or only ``paths``, with the subtrees of directories among them),
+    compare with the scan cache and hash what changed; no verdict yet on whether a
+    hashed file holds new content (that is :func:`classify`, which needs the catalog).
 
-    ``recorded_content`` maps a cache entry to the (kind, content, permissions) of the
-    version it recorded, so a file whose stat changed but whose bytes did not (a
-    touch, a copy-back) produces no new version.
+    Needs nothing but the disk and ``local_for``, so it can run in a worker thread.
+    A path named in ``paths`` and gone from the disk is deleted, with all below it.
+    ``stop`` set: :class:`ScanStopped` is raised at the next directory or file.
     """
     result = Observation()
     rules = IgnoreRules.load(root)
-    seen, unreadable = walk(root, rules, result.errors, result.leftovers)
-    now_ns = entropy.now_ns()
+    scope = None if paths is None else _scope(root, rules, paths, local_for)
+    result.scope = scope
+    if scope is None:
+        result.local = local_for(None, [])
+        seen, unreadable = walk(root, rules, result.errors, result.leftovers, stop=stop)
+    else:
+        result.local = local_for(scope, scope)
+        seen, unreadable = {}, set()
+        for top in scope:
+            _walk_top(root, top, rules, result, seen, unreadable, stop)
+    result.observed_ns = entropy.now_ns()
+    local = result.local
     to_read: list[Seen] = []
     for path, entry in seen.items():
         cached = local.get(path)
         if cached is not None and cached.settled and cached.stat_key == entry.stat_key:
             result.unchanged += 1
         elif entry.kind == Kind.DIRECTORY:
-            recorded = recorded_content(cached) if cached is not None else None
-            if cached is not None and recorded == (Kind.DIRECTORY, b"", entry.permissions):
-                refreshed = cache_entry(entry.path, cached.version_id, entry.stat_key, now_ns)
-                result.refreshed.append(refreshed)
-            else:
-                result.changed.append((entry, None, b""))
+            result.candidates.append((entry, None, b""))
         else:
             to_read.append(entry)
     files_done, done, total = 0, 0, sum(e.size for e in to_read)
     small = [e for e in to_read if e.size < THREADED_FROM]
     large = [e for e in to_read if e.size >= THREADED_FROM]
+
+    def read(seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | None]:
+        if stop is not None and stop.is_set():
+            raise ScanStopped
+        return read_stable(seen)
+
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
-        for entry, manifest, content, error in chain(
-            map(read_stable, small), pool.map(read_stable, large)
-        ):
+        for entry, manifest, content, error in chain(map(read, small), pool.map(read, large)):
             done += entry.size
             files_done += 1
             if progress is not None:
@@ -245,19 +296,9 @@ def observe(
                 unreadable.add(entry.path)
                 continue
             result.hashed_bytes += entry.size if manifest is not None else 0
-            cached = local.get(entry.path)
-            recorded = recorded_content(cached) if cached is not None else None
-            if recorded == (entry.kind, content, entry.permissions):
-                assert cached is not None
-                result.refreshed.append(
-                    cache_entry(entry.path, cached.version_id, entry.stat_key, now_ns)
-                )
-                if manifest is not None:  # read anyway: let peers fetch its chunks here
-                    result.reindexed.append((entry.path, manifest))
-            else:
-                result.changed.append((entry, manifest, content))
+            result.candidates.append((entry, manifest, content))
     for path in sorted(local.keys() - seen.keys()):
-        if _under_any(path, unreadable):
+        if under_any(path, unreadable):
             continue
         if rules.excluded(path, stat.S_ISDIR(local[path].mode)):
             result.forgotten.append(path)  # a rule stops syncing; it never deletes
@@ -266,7 +307,113 @@ def observe(
     return result
 
 
-def _under_any(path: str, prefixes: set[str]) -> bool:
+def _scope(
+    root: Path, rules: IgnoreRules, paths: Iterable[str], local_for: LocalReader
+) -> list[str] | None:
+    """The subtrees to scan for ``paths``: each path, widened to its top-most ancestor
+    that is not a recorded directory on disk (a new directory, or one replaced by a
+    file or a link: what is below it must be seen from there), without those inside
+    another. None (the whole share) when the ignore rules themselves changed."""
+    wanted = set()
+    for path in paths:
+        if path == IGNORE_FILE or path == "":
+            return None
+        if is_valid(path):
+            wanted.add(path)
+    parents = {p.rsplit("/", 1)[0] for p in wanted if "/" in p}
+    ancestors = {"/".join(p.split("/")[:i]) for p in parents for i in range(1, p.count("/") + 2)}
+    recorded = local_for(sorted(ancestors), [])
+    tops = set()
+    for path in wanted:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            ancestor = "/".join(parts[:depth])
+            cached = recorded.get(ancestor)
+            if cached is None or not stat.S_ISDIR(cached.mode) or not _is_directory(root, ancestor):
+                path = ancestor
+                break
+        tops.add(path)
+    return sorted(t for t in tops if not under_any(t, tops - {t}))
+
+
+def _is_directory(root: Path, path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(os.path.join(root, path)).st_mode)
+    except OSError:
+        return False
+
+
+def _walk_top(
+    root: Path,
+    top: str,
+    rules: IgnoreRules,
+    result: Observation,
+    seen: dict[str, Seen],
+    unreadable: set[str],
+    stop: threading.Event | None,
+) -> None:
+    """Add ``top`` (a path whose parents are recorded directories) and, for a directory,
+    everything below it, to ``seen``; a ``top`` that is gone leaves nothing."""
+    disk_path = os.path.join(root, top)
+    try:
+        info = os.lstat(disk_path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        result.errors.append(Problem(top, f"cannot stat: {exc.strerror}"))
+        unreadable.add(top)
+        return
+    if rules.excluded(top, stat.S_ISDIR(info.st_mode)):
+        return
+    found = _entry(top, disk_path, info, rules, result.errors, result.leftovers)
+    if found is None:
+        return
+    seen[top] = found
+    if found.kind == Kind.DIRECTORY:
+        below, lost = walk(root, rules, result.errors, result.leftovers, top, stop)
+        seen.update(below)
+        unreadable.update(lost)
+
+
+def classify(
+    found: Observation, recorded_content: Callable[[LocalEntry], tuple[Kind, bytes, int] | None]
+) -> Observation:
+    """Sort the walk's candidates into changed and refreshed entries (in place).
+
+    ``recorded_content`` maps a cache entry to the (kind, content, permissions) of the
+    version it recorded, so a file whose stat changed but whose bytes did not (a
+    touch, a copy-back) produces no new version.
+    """
+    for entry, manifest, content in found.candidates:
+        cached = found.local.get(entry.path)
+        recorded = recorded_content(cached) if cached is not None else None
+        if recorded == (entry.kind, content, entry.permissions):
+            assert cached is not None
+            refreshed = cache_entry(
+                entry.path, cached.version_id, entry.stat_key, found.observed_ns
+            )
+            found.refreshed.append(refreshed)
+            if manifest is not None:  # read anyway: let peers fetch its chunks here
+                found.reindexed.append((entry.path, manifest))
+        else:
+            found.changed.append((entry, manifest, content))
+    found.candidates = []
+    return found
+
+
+def observe(
+    root: Path,
+    local: dict[str, LocalEntry],
+    recorded_content: Callable[[LocalEntry], tuple[Kind, bytes, int] | None],
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> Observation:
+    """Compare the whole disk with the ``local`` cache and return what changed."""
+    found = look(root, lambda paths, subtrees: local, None, progress, workers)
+    return classify(found, recorded_content)
+
+
+def under_any(path: str, prefixes: set[str]) -> bool:
     """True when ``path`` is, or is below, one of ``prefixes`` ('' is the root)."""
     if "" in prefixes or path in prefixes:
         return True

@@ -1,0 +1,199 @@
+"""Scans of given paths only, and scans whose walk and hashing run off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from backer.model.records import Kind
+from backer.model.share import Share
+from backer.protocol.session import Session
+from backer.scanner.content import manifest_of_bytes
+from tests.helpers import make_devices, pump, sync
+
+
+@pytest.fixture
+def share(tmp_path: Path, key) -> Share:
+    root = tmp_path / "share"
+    root.mkdir()
+    return Share.create(root, key)
+
+
+def live(share: Share) -> dict[str, object]:
+    return {path: version for path, _, version in share.catalog.all_live()}
+
+
+def content_of(share: Share, path: str) -> bytes:
+    (version,) = share.catalog.live_versions(path).values()
+    return version.content
+
+
+def test_partial_scan_records_exactly_the_named_paths(share: Share) -> None:
+    root = share.root
+    for name in ("a", "b", "x"):
+        (root / name).write_bytes(b"old " + name.encode())
+    (root / "d").mkdir()
+    share.scan()
+    (root / "a").write_bytes(b"new a, longer")
+    (root / "b").unlink()
+    (root / "d" / "new").write_bytes(b"new")
+    (root / "x").write_bytes(b"x changed too, but not named")
+    summary = share.scan(paths=["a", "b", "d/new"])
+    assert (summary.added, summary.modified, summary.deleted) == (["d/new"], ["a"], ["b"])
+    assert content_of(share, "x") == manifest_of_bytes(b"old x").id
+    assert share.scan().modified == ["x"]  # the whole scan still finds it
+
+
+def test_partial_scan_of_a_directory_covers_its_subtree_and_its_deletion(share: Share) -> None:
+    root = share.root
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "e" / "f").write_bytes(b"f")
+    (root / "d" / "g").write_bytes(b"g")
+    share.scan()
+    (root / "d" / "e" / "h").write_bytes(b"h")
+    (root / "d" / "g").write_bytes(b"g changed")
+    assert share.scan(paths=["d"]).added == ["d/e/h"]
+    assert share.scan(paths=["d"]).events == 0
+    for path in ("d/e/f", "d/e/h", "d/g"):
+        (root / path).unlink()
+    (root / "d" / "e").rmdir()
+    (root / "d").rmdir()
+    summary = share.scan(paths=["d"])
+    assert sorted(summary.deleted) == ["d", "d/e", "d/e/f", "d/e/h", "d/g"]
+    assert share.scan().events == 0
+
+
+def test_partial_scan_of_a_path_in_a_new_directory_scans_from_that_directory(
+    share: Share,
+) -> None:
+    root = share.root
+    (root / "n" / "m").mkdir(parents=True)
+    (root / "n" / "m" / "f").write_bytes(b"f")
+    (root / "n" / "sibling").write_bytes(b"s")
+    summary = share.scan(paths=["n/m/f"])
+    assert sorted(summary.added) == ["n", "n/m", "n/m/f", "n/sibling"]
+
+
+def test_partial_scan_where_a_directory_became_a_file(share: Share) -> None:
+    root = share.root
+    (root / "d").mkdir()
+    (root / "d" / "f").write_bytes(b"f")
+    share.scan()
+    (root / "d" / "f").unlink()
+    (root / "d").rmdir()
+    (root / "d").write_bytes(b"now a file")
+    summary = share.scan(paths=["d/f"])
+    assert (summary.modified, summary.deleted) == (["d"], ["d/f"])
+    assert live(share)["d"].kind == Kind.FILE
+
+
+def test_partial_scan_of_the_ignore_file_scans_everything(share: Share) -> None:
+    root = share.root
+    (root / "keep").write_bytes(b"k")
+    (root / "build").write_bytes(b"b")
+    share.scan()
+    (root / ".backerignore").write_text("build\n")
+    (root / "other").write_bytes(b"o")
+    summary = share.scan(paths=[".backerignore"])
+    assert sorted(summary.added) == [".backerignore", "other"]
+    assert summary.deleted == []  # a rule forgets, never deletes
+    assert "build" not in share.catalog.local_entries()
+
+
+def test_partial_scan_keeps_the_problems_of_paths_it_did_not_look_at(share: Share) -> None:
+    root = share.root
+    (root / "A.txt").write_bytes(b"1")
+    (root / "a.txt").write_bytes(b"2")
+    share.scan()
+    assert [p.path for _, p, _ in share.catalog.problems("scan")] == ["a.txt"]
+    (root / "z").write_bytes(b"z")
+    share.scan(paths=["z"])
+    assert [p.path for _, p, _ in share.catalog.problems("scan")] == ["a.txt"]
+    (root / "A.txt").unlink()
+    share.scan(paths=["A.txt", "a.txt"])
+    assert share.catalog.problems("scan") == []
+
+
+def test_scan_off_loop_records_like_scan(share: Share) -> None:
+    root = share.root
+    (root / "d").mkdir()
+    (root / "d" / "f").write_bytes(b"f" * 100)
+    reports: list[tuple[int, int, int, int]] = []
+    summary = asyncio.run(share.scan_off_loop(progress=lambda *r: reports.append(r)))
+    assert sorted(summary.added) == ["d", "d/f"]
+    assert reports[-1] == (1, 1, 100, 100)
+    (root / "d" / "f").unlink()
+    summary = asyncio.run(share.scan_off_loop(["d/f"]))
+    assert summary.deleted == ["d/f"]
+
+
+def test_scan_off_loop_leaves_the_loop_free_while_it_hashes(share: Share) -> None:
+    for n in range(4):
+        (share.root / f"big{n}").write_bytes(os.urandom(16 * 1024 * 1024))
+
+    async def main() -> tuple[float, int]:
+        gaps: list[float] = []
+        scan = asyncio.create_task(share.scan_off_loop())
+        last = time.monotonic()
+        while not scan.done():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+        return max(gaps), len((await scan).added)
+
+    longest, added = asyncio.run(main())
+    assert added == 4
+    assert longest < 0.25  # hashing 64 MiB in the loop would hold it far longer
+
+
+def test_apply_between_hash_and_commit_is_not_undone_by_the_scan(tmp_path: Path) -> None:
+    """A remote version applied while an off-loop scan had hashed the old bytes: the
+    scan must not put the old version back in the scan cache (which would make the
+    next scan record the remote bytes as a local edit of the old version)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f").write_bytes(b"version one")
+    sync(a, b)
+    (b.root / "f").write_bytes(b"version two, from b")
+    b.scan()
+    cached = a.catalog.local_entries(["f"])["f"]
+    with a.db.conn:  # as after a write within the mtime granularity: hashed again
+        a.catalog.set_local([cached._replace(settled=False)])
+    applied = []
+
+    def apply_now(*_: int) -> None:
+        if not applied:
+            pump(Session(a, "a"), Session(b, "b"))
+            applied.append((a.root / "f").read_bytes())
+
+    summary = asyncio.run(a.scan_off_loop(progress=apply_now))
+    assert applied == [b"version two, from b"]
+    assert summary.events == 0
+    (remote,) = b.catalog.live_versions("f")
+    assert a.catalog.local_entries(["f"])["f"].version_id == remote
+    assert a.scan().events == 0
+    assert list(a.catalog.live_versions("f")) == [remote]
+
+
+def test_file_changed_again_between_hash_and_commit_is_not_recorded_from_old_bytes(
+    share: Share,
+) -> None:
+    path = share.root / "f"
+    path.write_bytes(b"one")
+    share.scan()
+    path.write_bytes(b"two, longer")
+    position = share.journal.position()
+
+    def write_again(*_: int) -> None:
+        if path.read_bytes() != b"three, longer still":
+            path.write_bytes(b"three, longer still")
+
+    summary = asyncio.run(share.scan_off_loop(progress=write_again))
+    assert summary.modified == ["f"]
+    assert content_of(share, "f") == manifest_of_bytes(b"three, longer still").id
+    versions = [v for _, _, v in share.catalog.versions_at(share.journal.position())]
+    assert len(versions) == 1 and share.journal.position() == position + 1
