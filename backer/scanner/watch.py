@@ -1,0 +1,513 @@
+"""Tell a running node which paths of a share may have changed, as soon as they do.
+
+:class:`Watcher` runs watchdog's inotify observer over the share (its threads owned by
+the ``async with``) and yields :class:`Changes`: first a full scan ("start"), then
+batches of share-relative paths, each to be scanned with its subtree (a directory
+event names the directory; nothing below a path named in the same batch is named). A
+full scan is asked for again every ``rescan_every`` seconds (the safety net for what no
+event reports: a writer that never closes its file) and whenever the kernel's event
+queue overflowed (events were lost).
+
+- Events: only those that can change a name or content (created, deleted, moved,
+  closed after writing, attributes), not every ``write()`` (IN_MODIFY) nor opens and
+  reads: watchdog's default set is what overflows inotify's queue on large trees.
+- Coalescing: a batch is handed over once no event came for ``quiet`` seconds, or
+  ``max_delay`` seconds after its first event, whichever is sooner; while the node
+  scans, new events gather into the next batch.
+- Dropped: ``.backer/`` (never watched), backer's own temp files, ignored paths
+  (``is_ignored(path, is_dir)``, asked about the path itself: give it
+  ``IgnoreRules.excluded``, which also answers for ignored parents).
+- Watch limit: a directory that cannot be watched (``fs.inotify.max_user_watches``
+  reached) is logged once as a warning and polled, with everything below it, every
+  ``poll_every`` seconds by one thread comparing lstat snapshots; the rest stays on
+  inotify. Without inotify at all (instance limit, another OS's observer failing),
+  the whole share is polled.
+
+Start-up measured here (2 shared cores, 100,000 files in 1,101 directories, after a
+clean stop): watching 0.24-0.35 s after ``__aenter__`` begins (one watch per directory,
+added in a worker thread); the "start" scan of that unchanged tree then takes about 4 s,
+off the loop (:meth:`Share.scan_off_loop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import stat
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+
+from backer.fs.paths import METADATA_DIR
+from backer.scanner.ignore import is_temp_name
+from backer.scanner.walk import stat_key_of, under_any
+
+log = logging.getLogger("backer.watch")
+
+EVENTS = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileAttribEvent,
+    DirAttribEvent,
+]
+WATCHES_SYSCTL = "/proc/sys/fs/inotify/max_user_watches"
+POLL_EVERY = 10.0  # seconds between two looks at the directories inotify cannot watch
+LIMIT_HINT = (
+    "inotify watch limit reached (fs.inotify.max_user_watches = {limit}): {path} and "
+    "whatever else cannot be watched is polled every {every:g} s instead, so changes "
+    "there show up later; raise the limit, e.g. "
+    "'sysctl fs.inotify.max_user_watches=1048576'"
+)
+INSTANCES_HINT = (
+    "cannot use inotify ({reason}; see fs.inotify.max_user_instances): the whole share "
+    "is polled every {every:g} s instead"
+)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Paths (share-relative) that may have changed; ``full``: scan everything."""
+
+    paths: frozenset[str]
+    full: bool
+    reason: str  # start, periodic, overflow, events
+
+
+class Watcher:
+    """Watches one share; ``async with`` starts and stops its threads."""
+
+    def __init__(
+        self,
+        root: Path,
+        is_ignored: Callable[[str, bool], bool],
+        *,
+        quiet: float = 0.05,
+        max_delay: float = 1.0,
+        rescan_every: float = 3600.0,
+        poll_every: float = POLL_EVERY,
+    ) -> None:
+        self.root = root
+        self.is_ignored = is_ignored
+        self.quiet, self.max_delay = quiet, max_delay
+        self.rescan_every, self.poll_every = rescan_every, poll_every
+        self._prefix = os.fspath(root) + os.sep
+        self._inbox: list[tuple[str, bool]] = []  # from watchdog's threads, under the lock
+        self._inbox_lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._full: str | None = None
+        self._last = 0.0
+        self._arrived = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._observer: BaseObserver | None = None
+        self._poller: _Poller | None = None
+        self.polled: set[str] = set()  # subtrees polled instead of watched ('' the share)
+        self._warned = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Watcher:
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._observer = await asyncio.to_thread(self._start_observer)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENOSPC, errno.ENOMEM, errno.ENOSYS):
+                raise
+            reason = exc.strerror or str(exc)
+            if exc.errno == errno.ENOSPC:
+                self._warn_limit(self._prefix.rstrip(os.sep))
+            else:
+                log.warning(INSTANCES_HINT.format(reason=reason, every=self.poll_every))
+            self._warned = True
+            self._poll("")
+        if self._poller is not None:  # watching means: every change from now on is seen
+            await asyncio.to_thread(self._poller.caught_up)
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        observer, poller = self._observer, self._poller
+        self._observer = self._poller = None
+        if observer is not None:
+            observer.stop()
+            await asyncio.to_thread(observer.join)
+        if poller is not None:
+            poller.close()
+            await asyncio.to_thread(poller.join)
+
+    def _start_observer(self) -> BaseObserver:
+        """Watch the share (in a worker thread: adding the watches walks every
+        directory); watchdog's inotify observer with backer's hooks on Linux."""
+        handler = _Handler(self)
+        if sys.platform.startswith("linux"):
+            observer: BaseObserver = _InotifyObserver(self)
+        else:
+            from watchdog.observers import Observer
+
+            observer = Observer()
+        observer.schedule(handler, os.fspath(self.root), recursive=True, event_filter=EVENTS)
+        try:
+            observer.start()
+        except BaseException:
+            observer.stop()
+            raise
+        return observer
+
+    # -- what the consumer sees ------------------------------------------------------
+
+    async def changes(self) -> AsyncIterator[Changes]:
+        """Batches of changes, forever: first a full scan ("start")."""
+        loop = asyncio.get_running_loop()
+        next_full = loop.time() + self.rescan_every
+        self._pending.clear()
+        yield Changes(frozenset(), True, "start")
+        while True:
+            try:
+                async with asyncio.timeout_at(next_full):
+                    await self._arrived.wait()
+            except TimeoutError:
+                self._full = self._full or "periodic"
+            else:
+                await self._settle(loop)
+            self._arrived.clear()
+            if self._full is not None:
+                reason, self._full = self._full, None
+                self._pending.clear()  # the full scan sees them all
+                next_full = loop.time() + self.rescan_every
+                yield Changes(frozenset(), True, reason)
+            elif self._pending:
+                paths = _outermost(self._pending)
+                self._pending.clear()
+                yield Changes(paths, False, "events")
+
+    async def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until no event came for ``quiet`` seconds, ``max_delay`` at most."""
+        first = loop.time()
+        while True:
+            due = min(self._last + self.quiet, first + self.max_delay)
+            wait = due - loop.time()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    # -- from watchdog's threads -----------------------------------------------------
+
+    def _relative(self, raw: bytes | str) -> str | None:
+        """The share-relative path of an event's path; None for what is never reported
+        (the share itself, ``.backer/``, backer's temp files, anything outside)."""
+        path = os.fsdecode(raw)
+        if not path.startswith(self._prefix):
+            return None
+        relative = path[len(self._prefix) :]
+        if os.sep != "/":
+            relative = relative.replace(os.sep, "/")
+        first, _, _ = relative.partition("/")
+        if not relative or first == METADATA_DIR or is_temp_name(relative.rpartition("/")[2]):
+            return None
+        return relative
+
+    def _from_thread(self, paths: list[tuple[str, bool]]) -> None:
+        """Queue paths for the loop; one wake-up per batch, not one per event."""
+        with self._inbox_lock:
+            wake = not self._inbox
+            self._inbox += paths
+        if wake:
+            self._call(self._drain)
+
+    def _call(self, callback: Callable[..., object], *args: object) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # it closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(callback, *args)
+
+    def _event(self, event: FileSystemEvent) -> None:
+        found = []
+        for raw in (event.src_path, event.dest_path):
+            relative = self._relative(raw) if raw else None
+            if relative is not None:
+                found.append((relative, event.is_directory))
+        if found:
+            self._from_thread(found)
+
+    def overflowed(self) -> None:
+        """The kernel dropped events: only a full scan can tell what changed."""
+        self._call(self._want_full, "overflow")
+
+    def unwatched(self, raw: bytes) -> None:
+        """A directory could not be watched (the watch limit): poll it instead."""
+        relative = self._relative(raw)
+        if relative is not None:
+            self._call(self._unwatched, relative, os.fsdecode(raw))
+
+    # -- in the loop -----------------------------------------------------------------
+
+    def _drain(self) -> None:
+        with self._inbox_lock:
+            arrived, self._inbox = self._inbox, []
+        fresh = False  # a path seen again keeps the batch open too (the quiet window)
+        for path, is_dir in arrived:
+            if path in self._pending or not self.is_ignored(path, is_dir):
+                self._pending.add(path)
+                fresh = True
+        if fresh:
+            self._wake()
+
+    def _want_full(self, reason: str) -> None:
+        self._full = self._full or reason
+        self._wake()
+
+    def _wake(self) -> None:
+        assert self._loop is not None
+        self._last = self._loop.time()
+        self._arrived.set()
+
+    def _unwatched(self, relative: str, path: str) -> None:
+        if not self._warned:
+            self._warned = True
+            self._warn_limit(path)
+        self._poll(relative)
+
+    def _warn_limit(self, path: str) -> None:
+        limit = "?"
+        for source in ("/proc/sys/user/max_inotify_watches", WATCHES_SYSCTL):
+            with contextlib.suppress(OSError):  # the first: this user namespace's own
+                limit = Path(source).read_text().strip()
+                break
+        log.warning(LIMIT_HINT.format(limit=limit, path=path, every=self.poll_every))
+
+    def _poll(self, relative: str) -> None:
+        """Poll a subtree (unless one around it already is)."""
+        if under_any(relative, self.polled):
+            return
+        self.polled = {p for p in self.polled if not under_any(p, {relative})} | {relative}
+        if self._poller is None:
+            self._poller = _Poller(self)
+            self._poller.start()
+        self._poller.add(relative)
+
+
+def _outermost(paths: set[str]) -> frozenset[str]:
+    """``paths`` without those below another of them (a path is scanned with its
+    subtree: a moved or new directory's own events add nothing)."""
+    kept: set[str] = set()
+    for path in sorted(paths, key=lambda p: p.count("/")):
+        if not under_any(path, kept):
+            kept.add(path)
+    return frozenset(kept)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        self.watcher._event(event)
+
+
+class _Poller(threading.Thread):
+    """One thread polling the subtrees inotify could not watch: every ``poll_every``
+    seconds an lstat snapshot of each, compared with the last one. A subtree is
+    reported as a whole once its first snapshot is taken (what changed before that is
+    in no snapshot)."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        super().__init__(name="backer-poll", daemon=True)
+        self.watcher = watcher
+        self.stop = threading.Event()
+        self._wake = threading.Event()
+        self._added = threading.Condition()
+        self._new: list[str] = []
+        self._wanted = self._taken = 0  # subtrees added, and given their first snapshot
+        self._snapshots: dict[str, dict[str, tuple[int, int, int, int]]] = {}
+
+    def add(self, relative: str) -> None:
+        with self._added:
+            self._new.append(relative)
+            self._wanted += 1
+        self._wake.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self._wake.set()
+
+    def caught_up(self) -> None:
+        """Wait until every subtree added so far has its first snapshot."""
+        with self._added:
+            self._added.wait_for(lambda: self._taken >= self._wanted or self.stop.is_set())
+
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            with self._added:
+                self.stop.set()
+                self._added.notify_all()
+
+    def _run(self) -> None:
+        watcher = self.watcher
+        while not self.stop.is_set():
+            self._wake.clear()
+            changed: list[tuple[str, bool]] = []
+            for top, before in list(self._snapshots.items()):
+                if self.stop.is_set():
+                    return
+                after = self._snapshots[top] = _snapshot(watcher.root, top)
+                for path in before.keys() | after.keys():
+                    if before.get(path) != after.get(path):
+                        key = after.get(path) or before[path]
+                        changed.append((path, stat.S_ISDIR(key[3])))
+            with self._added:
+                new, self._new = self._new, []
+            for top in new:
+                if not under_any(top, set(self._snapshots)):
+                    self._snapshots = {
+                        t: s for t, s in self._snapshots.items() if not under_any(t, {top})
+                    }
+                    self._snapshots[top] = _snapshot(watcher.root, top)
+                    if top:  # what changed before its first snapshot: scanned after it
+                        changed.append((top, True))
+            with self._added:
+                self._taken += len(new)
+                self._added.notify_all()
+            if changed:
+                watcher._from_thread(changed)
+            self._wake.wait(watcher.poll_every)
+
+
+def _snapshot(root: Path, top: str) -> dict[str, tuple[int, int, int, int]]:
+    """lstat keys (as the scanner compares them) of ``top`` and everything below it,
+    without ``.backer/`` and backer's temp files."""
+    found: dict[str, tuple[int, int, int, int]] = {}
+    stack = [top]
+    if top:
+        try:
+            found[top] = stat_key_of(os.lstat(os.path.join(root, top)))
+        except OSError:
+            return found
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(os.path.join(root, directory)))
+        except OSError:
+            continue
+        for entry in entries:
+            if (not directory and entry.name == METADATA_DIR) or is_temp_name(entry.name):
+                continue
+            path = f"{directory}/{entry.name}" if directory else entry.name
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            found[path] = stat_key_of(info)
+            if stat.S_ISDIR(info.st_mode):
+                stack.append(path)
+    return found
+
+
+if sys.platform.startswith("linux"):
+    from watchdog.observers.inotify import InotifyEmitter, InotifyObserver, InotifyWatchGroup
+    from watchdog.observers.inotify_c import InotifyConstants as In
+    from watchdog.observers.inotify_c import InotifyFD, Mask
+
+    # What can change a name or content; IN_DELETE_SELF lets watchdog see the share go.
+    MASK = Mask(
+        In.IN_CREATE
+        | In.IN_DELETE
+        | In.IN_MOVED_FROM
+        | In.IN_MOVED_TO
+        | In.IN_CLOSE_WRITE
+        | In.IN_ATTRIB
+        | In.IN_DELETE_SELF
+    )
+
+    @dataclass
+    class _Watches(InotifyWatchGroup):
+        """watchdog's recursive watches of one share, with what watchdog only logs
+        told to the Watcher (a queue overflow, a directory it could not watch), and
+        ``.backer/`` left unwatched."""
+
+        watcher: Watcher | None = None
+
+        def on_queue_overflow(self) -> None:
+            super().on_queue_overflow()  # the watches are rebuilt first
+            if self.watcher is not None:
+                self.watcher.overflowed()
+
+        def _add_all_callbacks(self, path: bytes) -> None:
+            metadata = os.path.join(self.path, METADATA_DIR.encode())
+            if path == metadata or path.startswith(metadata + b"/"):
+                return
+            self._add_callback(path)
+            if not self.is_recursive or not os.path.isdir(path):
+                return
+            for top, directories, _ in os.walk(path):
+                if top == self.path:
+                    directories[:] = [d for d in directories if d != METADATA_DIR.encode()]
+                for name in directories:
+                    full = os.path.join(top, name)
+                    if not os.path.islink(full):
+                        self._add_callback(full)
+
+        def _add_callback(self, path: bytes) -> None:
+            try:
+                wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
+            except OSError as exc:
+                if path == self.path:
+                    raise
+                if exc.errno == errno.ENOSPC and self.watcher is not None:
+                    self.watcher.unwatched(path)
+                return  # else it is gone or unreadable: the scan reports that
+            self._active_callbacks_by_path[path] = wd
+            self._active_callbacks_by_watch[wd] = path
+
+    class _Emitter(InotifyEmitter):
+        def __init__(self, *args: object, watcher: Watcher, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self._watcher = watcher
+
+        def on_thread_start(self) -> None:
+            self._inotify = _Watches(
+                self._inotify_fd,
+                os.fsencode(self.watch.path),
+                event_mask=MASK,
+                is_recursive=self.watch.is_recursive,
+                follow_symlink=False,
+                watcher=self._watcher,
+            )
+
+    class _InotifyObserver(InotifyObserver):
+        """watchdog's inotify observer, its emitters made with backer's hooks."""
+
+        def __init__(self, watcher: Watcher) -> None:
+            self._inotify_fd = InotifyFD()
+            self._inotify_fd.start()
+            BaseObserver.__init__(self, _Emitter, inotify_fd=self._inotify_fd, watcher=watcher)

@@ -1,0 +1,281 @@
+"""The watcher on real directories: what it reports, how it batches, how it degrades."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from backer.scanner.ignore import temp_name
+from backer.scanner.walk import under_any
+from backer.scanner.watch import Changes, Watcher
+
+Until = Callable[[list[Changes]], bool]
+
+
+async def gather(changes: AsyncIterator[Changes], until: Until, seconds: float) -> list[Changes]:
+    """Batches until ``until`` holds for them (a TimeoutError after ``seconds``)."""
+    got: list[Changes] = []
+    async with asyncio.timeout(seconds):
+        while not until(got):
+            got.append(await anext(changes))
+    return got
+
+
+async def quiet_for(changes: AsyncIterator[Changes], seconds: float) -> list[Changes]:
+    """Whatever batches come within ``seconds`` (none, when nothing happened)."""
+    got: list[Changes] = []
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                got.append(await anext(changes))
+    except TimeoutError:
+        return got
+
+
+def union(batches: list[Changes]) -> set[str]:
+    return set().union(*(b.paths for b in batches))
+
+
+def has(*paths: str) -> Until:
+    return lambda got: set(paths) <= union(got)
+
+
+def in_thread(work: Callable[[], None]) -> threading.Thread:
+    """Make changes from another thread, as another program would, while the loop runs."""
+    thread = threading.Thread(target=work)
+    thread.start()
+    return thread
+
+
+def never(path: str, is_dir: bool) -> bool:
+    return False
+
+
+def test_the_first_batch_is_a_full_start_scan(tmp_path: Path) -> None:
+    async def main() -> Changes:
+        async with Watcher(tmp_path, never) as watcher:
+            return await anext(watcher.changes())
+
+    assert asyncio.run(main()) == Changes(frozenset(), True, "start")
+
+
+def test_hundred_writes_to_one_file_come_as_one_batch(tmp_path: Path) -> None:
+    def write() -> None:
+        for n in range(100):
+            (tmp_path / "f").write_text(f"write {n}")
+            time.sleep(0.002)
+
+    async def main() -> list[Changes]:
+        async with Watcher(tmp_path, never, quiet=0.2, max_delay=5.0) as watcher:
+            changes = watcher.changes()
+            await anext(changes)
+            writer = in_thread(write)
+            got = await gather(changes, has("f"), 10)
+            await asyncio.to_thread(writer.join)
+            return got + await quiet_for(changes, 0.6)
+
+    assert asyncio.run(main()) == [Changes(frozenset({"f"}), False, "events")]
+
+
+def test_burst_of_thousand_creates_arrives_whole_within_the_bounded_delay(tmp_path: Path) -> None:
+    names = {f"d{n % 10}/file{n}" for n in range(1000)}
+    for n in range(10):
+        (tmp_path / f"d{n}").mkdir()
+
+    def create() -> None:
+        for name in sorted(names):
+            (tmp_path / name).write_bytes(b"x")
+
+    async def main() -> tuple[list[Changes], float]:
+        async with Watcher(tmp_path, never, quiet=0.05, max_delay=1.0) as watcher:
+            changes = watcher.changes()
+            await anext(changes)
+            creator = in_thread(create)
+            got = await gather(changes, has(*names), 20)
+            seen = time.monotonic()
+            await asyncio.to_thread(creator.join)
+            return got, seen
+
+    started = time.monotonic()
+    got, seen = asyncio.run(main())
+    assert union(got) == names
+    assert all(not batch.full for batch in got)
+    assert seen - started < 10  # on an idle machine: the creates' time + max_delay
+
+
+def test_renames_moves_deletes_and_directories_are_reported(tmp_path: Path) -> None:
+    root = tmp_path
+    (root / "a").write_bytes(b"a")
+    (root / "sub").mkdir()
+    (root / "gone").write_bytes(b"g")
+    (root / "tree" / "deep").mkdir(parents=True)
+    (root / "tree" / "deep" / "f").write_bytes(b"f")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "in").write_bytes(b"i")
+
+    async def step(changes: AsyncIterator[Changes], act: Callable[[], None], *paths: str) -> None:
+        act()
+        got = await gather(changes, has(*paths), 10)
+        assert all(under_any(path, set(paths)) for path in union(got))
+
+    async def main() -> None:
+        async with Watcher(root, never) as watcher:
+            changes = watcher.changes()
+            await anext(changes)
+            await step(changes, lambda: os.rename(root / "a", root / "b"), "a", "b")
+            await step(changes, lambda: os.rename(root / "b", root / "sub" / "b"), "b", "sub/b")
+            await step(changes, lambda: (root / "gone").unlink(), "gone")
+            await step(changes, lambda: (root / "new" / "inner").mkdir(parents=True), "new")
+            await step(changes, lambda: os.rename(root / "tree", root / "moved"), "tree", "moved")
+            await step(changes, lambda: shutil.rmtree(root / "moved"), "moved")
+            await step(changes, lambda: os.rename(outside / "in", root / "in"), "in")
+            await step(changes, lambda: (root / "sub").chmod(0o700), "sub")
+
+    asyncio.run(main())
+
+
+def test_ignored_temp_and_metadata_paths_are_not_reported(tmp_path: Path) -> None:
+    root = tmp_path
+    (root / ".backer").mkdir()
+
+    def ignored(path: str, is_dir: bool) -> bool:
+        return path == "build" or path.startswith("build/")
+
+    async def main() -> list[Changes]:
+        async with Watcher(root, ignored, quiet=0.1) as watcher:
+            changes = watcher.changes()
+            await anext(changes)
+            (root / ".backer" / "backer.db-wal").write_bytes(b"w")
+            (root / temp_name("f", "v1")).write_bytes(b"t")
+            (root / "build").mkdir()
+            (root / "build" / "out.o").write_bytes(b"o")
+            (root / "marker").write_bytes(b"m")
+            return await gather(changes, has("marker"), 10) + await quiet_for(changes, 0.5)
+
+    assert union(asyncio.run(main())) == {"marker"}
+
+
+def test_a_periodic_full_rescan_comes_without_any_event(tmp_path: Path) -> None:
+    async def main() -> list[Changes]:
+        async with Watcher(tmp_path, never, rescan_every=0.3) as watcher:
+            changes = watcher.changes()
+            return [await anext(changes) for _ in range(3)]
+
+    assert [(c.full, c.reason) for c in asyncio.run(main())] == [
+        (True, "start"),
+        (True, "periodic"),
+        (True, "periodic"),
+    ]
+
+
+def test_observer_threads_end_with_the_watcher(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+
+    async def main() -> int:
+        async with Watcher(tmp_path, never):
+            return len(set(threading.enumerate()) - before)
+
+    assert asyncio.run(main()) > 0
+    assert set(threading.enumerate()) - before == set()
+
+
+QUEUE_LIMIT = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting max_queued_events needs root")
+def test_inotify_queue_overflow_asks_for_a_full_rescan(tmp_path: Path) -> None:
+    """A real overflow: the watcher's inotify instance is made with a 16-event queue
+    (the limit is read when an instance is created, and restored right after)."""
+
+    async def main() -> list[Changes]:
+        saved = QUEUE_LIMIT.read_text()
+        QUEUE_LIMIT.write_text("16")
+        try:
+            watcher = Watcher(tmp_path, never)
+            await watcher.__aenter__()
+        finally:
+            QUEUE_LIMIT.write_text(saved)
+        try:
+            changes = watcher.changes()
+            await anext(changes)
+            for n in range(2000):
+                (tmp_path / f"f{n}").write_bytes(b"x")
+            return await gather(changes, lambda got: any(c.full for c in got), 20)
+        finally:
+            await watcher.__aexit__(None, None, None)
+
+    got = asyncio.run(main())
+    assert got[-1] == Changes(frozenset(), True, "overflow")
+
+
+LIMITED = """
+import asyncio, json, logging, os, sys, time
+from pathlib import Path
+from backer.scanner.watch import Watcher
+
+Path("/proc/sys/user/max_inotify_watches").write_text(sys.argv[2])
+messages = []
+handler = logging.Handler()
+handler.emit = lambda record: messages.append(record.getMessage())
+logging.getLogger("backer.watch").addHandler(handler)
+root = Path(sys.argv[1])
+deep = root / "d9" / "e9"
+
+async def main():
+    async with Watcher(root, lambda p, d: False, poll_every=0.2) as watcher:
+        changes = watcher.changes()
+        await anext(changes)
+        (deep / "new").write_bytes(b"n")
+        got = set()
+        async with asyncio.timeout(10):
+            while "d9/e9/new" not in got:
+                got |= (await anext(changes)).paths
+        (root / "top").write_bytes(b"t")
+        async with asyncio.timeout(10):
+            while "top" not in got:
+                got |= (await anext(changes)).paths
+        return sorted(watcher.polled)
+
+polled = asyncio.run(main())
+print(json.dumps({"messages": messages, "polled": polled}))
+"""
+
+
+@pytest.mark.parametrize(("limit", "polled"), [(8, None), (0, [""])])
+def test_watch_limit_warns_once_and_polls_what_it_cannot_watch(
+    tmp_path: Path, limit: int, polled: list[str] | None
+) -> None:
+    """In a user namespace of its own (so no other process is affected), the limit of
+    inotify watches is set below the share's 111 directories (or to none at all)."""
+    for d in range(10):
+        for e in range(10):
+            (tmp_path / f"d{d}" / f"e{e}").mkdir(parents=True)
+    probe = subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no user namespaces here")
+    result = subprocess.run(
+        ["unshare", "-U", "-r", sys.executable, "-c", LIMITED, str(tmp_path), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (message,) = report["messages"]
+    assert "fs.inotify.max_user_watches" in message
+    if polled is not None:
+        assert report["polled"] == polled
+    else:
+        assert report["polled"] and "" not in report["polled"]
