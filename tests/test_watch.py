@@ -179,6 +179,23 @@ def test_a_periodic_full_rescan_comes_without_any_event(tmp_path: Path) -> None:
     ]
 
 
+def test_a_deleted_share_folder_is_reported_and_asks_for_a_full_scan(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "share"
+    (root / "d").mkdir(parents=True)
+
+    async def main() -> list[Changes]:
+        async with Watcher(root, never) as watcher:
+            changes = watcher.changes()
+            await anext(changes)
+            shutil.rmtree(root)
+            return await gather(changes, lambda got: any(c.full for c in got), 10)
+
+    assert asyncio.run(main())[-1] == Changes(frozenset(), True, "gone")
+    assert "no longer watched" in caplog.text
+
+
 def test_observer_threads_end_with_the_watcher(tmp_path: Path) -> None:
     before = set(threading.enumerate())
 

@@ -16,7 +16,9 @@ queue overflowed (events were lost).
   scans, new events gather into the next batch.
 - Dropped: ``.backer/`` (never watched), backer's own temp files, ignored paths
   (``is_ignored(path, is_dir)``, asked about the path itself: give it
-  ``IgnoreRules.excluded``, which also answers for ignored parents).
+  ``IgnoreRules.excluded``, which also answers for ignored parents). A batch naming
+  ``.backerignore`` means new rules: set ``watcher.is_ignored`` to the reloaded ones
+  (``Share.scan`` makes that batch a whole scan by itself).
 - Watch limit: a directory that cannot be watched (``fs.inotify.max_user_watches``
   reached) is logged once as a warning and polled, with everything below it, every
   ``poll_every`` seconds by one thread comparing lstat snapshots; the rest stays on
@@ -89,6 +91,11 @@ INSTANCES_HINT = (
     "is polled every {every:g} s instead"
 )
 
+GONE = (
+    "the share's folder {root} was deleted: it is no longer watched (only the periodic "
+    "full scan looks at it); restart backer once it is back"
+)
+
 
 @dataclass(frozen=True)
 class Changes:
@@ -96,7 +103,7 @@ class Changes:
 
     paths: frozenset[str]
     full: bool
-    reason: str  # start, periodic, overflow, events
+    reason: str  # start, periodic, overflow, events, gone
 
 
 class Watcher:
@@ -250,6 +257,12 @@ class Watcher:
                 loop.call_soon_threadsafe(callback, *args)
 
     def _event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, DirDeletedEvent) and os.fsdecode(event.src_path) == os.fspath(
+            self.root
+        ):
+            log.warning(GONE.format(root=self.root))
+            self._call(self._want_full, "gone")  # the scan reports the missing folder
+            return
         found = []
         for raw in (event.src_path, event.dest_path):
             relative = self._relative(raw) if raw else None
