@@ -68,10 +68,10 @@ def mixed(root: Path, seed: int) -> None:
         )
 
 
-def many(root: Path, seed: int) -> None:
+def many(root: Path, seed: int, count: int = 100_000) -> None:
     """100,000 files of 1-4 KiB in 1,000 directories."""
     rng = random.Random(seed)
-    for index in range(100_000):
+    for index in range(count):
         _write(root / f"d{index % 1000:03d}" / f"f{index:06d}.txt", seed, rng.randint(KIB, 4 * KIB))
 
 
@@ -84,22 +84,32 @@ def _files(root: Path, exclude: tuple[str, ...]) -> list[Path]:
     )
 
 
-def insert_in_large_files(root: Path, seed: int, exclude: tuple[str, ...]) -> str:
-    """10 bytes inserted in the middle of each file of 4 MiB or more: all after shifts."""
-    touched = 0
+def insert_in_large_files(
+    root: Path, seed: int, exclude: tuple[str, ...], staging: Path | None = None
+) -> str:
+    """10 bytes inserted in the middle of each file of 4 MiB or more: all after shifts.
+
+    Each new version is written next to its file, or in ``staging`` (same file system)
+    when given: then all of them are renamed into place only at the end, at once, so a
+    watching tool sees four renames, not files being written."""
+    written = []
     for path in _files(root, exclude):
         size = path.stat().st_size
         if size < 4 * MIB:
             continue
-        temp = path.with_name(path.name + ".mutating")
+        temp = (staging or path.parent) / (path.name + ".mutating")
         with open(path, "rb") as source, open(temp, "wb") as target:
             target.write(source.read(size // 2))
             target.write(_content(seed, f"insert-{path.name}-{size}", 10))
             while block := source.read(PIECE):
                 target.write(block)
-        os.replace(temp, path)
-        touched += 1
-    return f"10 bytes inserted in the middle of {touched} large files"
+        if staging is None:
+            os.replace(temp, path)
+        written.append((temp, path))
+    if staging is not None:
+        for temp, path in written:
+            os.replace(temp, path)
+    return f"10 bytes inserted in the middle of {len(written)} large files"
 
 
 def modify_small_files(root: Path, seed: int, exclude: tuple[str, ...]) -> str:

@@ -232,14 +232,23 @@ class _Instance:
             if count != 1:
                 raise RuntimeError(f"Syncthing config has {count} <{tag}> elements")
         (home / "config.xml").write_text(config)
-        self.process = processes.start(
-            ["syncthing", "serve", f"--home={home}", "--no-browser", "--no-restart",
+        self.processes = processes
+        self.start()
+
+    def start(self) -> None:
+        """Start the daemon (again, after :meth:`stop`) and wait until REST answers."""
+        self.process = self.processes.start(
+            ["syncthing", "serve", f"--home={self.home}", "--no-browser", "--no-restart",
              "--no-upgrade"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "STNODEFAULTFOLDER": "1"},
         )  # fmt: skip
         wait_for_port(self.gui_port)
         self.id = self._until(lambda: self.rest.call("GET", "/rest/system/status")["myID"])
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM, by PID)."""
+        self.processes.stop(self.process)
 
     @staticmethod
     def _until(probe: Any, seconds: float = 60) -> Any:
@@ -263,11 +272,13 @@ class _Instance:
         )  # fmt: skip
         self.rest.call("PUT", f"/rest/config/devices/{other.id}", device)
 
-    def add_folder(self, path: Path, peer: _Instance) -> None:
+    def add_folder(self, path: Path, peer: _Instance | None) -> None:
+        """The benchmark folder, shared with ``peer`` (none: this device alone), watched
+        with the shortest delay Syncthing allows (``fsWatcherDelayS`` 1)."""
         folder = self.rest.call("GET", "/rest/config/defaults/folder")
+        devices = [{"deviceID": self.id}] + ([] if peer is None else [{"deviceID": peer.id}])
         folder.update(
-            id=FOLDER, label=FOLDER, path=str(path), type="sendreceive",
-            devices=[{"deviceID": self.id}, {"deviceID": peer.id}],
+            id=FOLDER, label=FOLDER, path=str(path), type="sendreceive", devices=devices,
             fsWatcherEnabled=True, fsWatcherDelayS=1, rescanIntervalS=3600,
         )  # fmt: skip
         self.rest.call("PUT", f"/rest/config/folders/{FOLDER}", folder)
@@ -278,6 +289,20 @@ class _Instance:
     def wire_bytes(self, peer: _Instance) -> int:
         connection = self.rest.call("GET", "/rest/system/connections")["connections"][peer.id]
         return int(connection["inBytesTotal"]) + int(connection["outBytesTotal"])
+
+
+def syncthing_pair(work: Path, processes: Processes) -> tuple[_Instance, _Instance]:
+    """Two instances (homes ``work/st-a``, ``work/st-b``) that know each other, connected."""
+    one = _Instance(work / "st-a", processes)
+    two = _Instance(work / "st-b", processes)
+    one.add_device(two)
+    two.add_device(one)
+    _Instance._until(
+        lambda: two.rest.call("GET", "/rest/system/connections")["connections"][one.id][
+            "connected"
+        ]
+    )
+    return one, two
 
 
 class Syncthing(Tool):
@@ -296,15 +321,7 @@ class Syncthing(Tool):
 
     def setup(self) -> None:
         self.weak_hash = True
-        self.one = _Instance(self.work / "st-a", self.processes)
-        self.two = _Instance(self.work / "st-b", self.processes)
-        self.one.add_device(self.two)
-        self.two.add_device(self.one)
-        _Instance._until(
-            lambda: self.two.rest.call("GET", "/rest/system/connections")["connections"][
-                self.one.id
-            ]["connected"]
-        )
+        self.one, self.two = syncthing_pair(self.work, self.processes)
         files = len(tree_listing(self.a))
         self.one.add_folder(self.a, self.two)
         _Instance._until(
