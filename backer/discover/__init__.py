@@ -1,0 +1,1 @@
+"""Finding the devices of a share without configuration (LAN discovery)."""

@@ -1,0 +1,213 @@
+"""LAN discovery: the datagram format, the component on real UDP sockets, and two
+processes in network namespaces joined by a veth pair."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from backer.discover.lan import (
+    MAX_KEYS,
+    PACKET_SIZE,
+    WINDOW_MS,
+    Beacon,
+    LanDiscovery,
+    LanShare,
+    Seen,
+    lan_key,
+    seal,
+    unseal,
+)
+from tests.netns import in_ns, namespaces, needs_netns, subnet_of
+
+SHARE, DEVICE, KEY = os.urandom(16), os.urandom(32), os.urandom(32)
+
+
+def _beacon(time_ms: int | None = None, device: bytes = DEVICE) -> Beacon:
+    return Beacon(SHARE, device, time_ms or int(time.time() * 1000), 7654)
+
+
+# -- the datagram ------------------------------------------------------------------------------
+
+
+def test_a_datagram_opens_with_the_share_key_and_shows_nothing_in_clear() -> None:
+    beacon = _beacon()
+    packets = [seal(beacon, lan_key(KEY)) for _ in range(2)]
+    assert unseal(packets[0], [(SHARE, lan_key(KEY))]) == beacon
+    for packet in packets:
+        assert len(packet) == PACKET_SIZE
+        assert SHARE not in packet and DEVICE not in packet and KEY not in packet
+    first, second = packets
+    assert first[:24] != second[:24] and first[24:] != second[24:]  # unlinkable
+    assert sum(x == y for x, y in zip(first, second, strict=True)) < PACKET_SIZE // 4
+
+
+def test_a_non_member_cannot_open_a_datagram() -> None:
+    packet = seal(_beacon(), lan_key(KEY))
+    assert unseal(packet, [(SHARE, lan_key(os.urandom(32)))]) is None
+
+
+@pytest.mark.parametrize("where", [0, 23, 24, 60, PACKET_SIZE - 1])
+def test_a_tampered_datagram_is_ignored(where: int) -> None:
+    packet = bytearray(seal(_beacon(), lan_key(KEY)))
+    packet[where] ^= 0x40
+    assert unseal(bytes(packet), [(SHARE, lan_key(KEY))]) is None
+
+
+def test_a_datagram_of_the_wrong_size_or_naming_another_share_is_ignored() -> None:
+    packet = seal(_beacon(), lan_key(KEY))
+    assert unseal(packet[:-1], [(SHARE, lan_key(KEY))]) is None
+    assert unseal(packet + b"\0", [(SHARE, lan_key(KEY))]) is None
+    other = seal(Beacon(os.urandom(16), DEVICE, 1, 7654), lan_key(KEY))  # right key, wrong id
+    assert unseal(other, [(SHARE, lan_key(KEY))]) is None
+
+
+def test_no_more_than_max_keys_are_tried_per_datagram() -> None:
+    keys = [(os.urandom(16), lan_key(os.urandom(32))) for _ in range(MAX_KEYS)]
+    packet = seal(_beacon(), lan_key(KEY))
+    assert unseal(packet, [*keys, (SHARE, lan_key(KEY))]) is None
+    assert unseal(packet, [*keys[1:], (SHARE, lan_key(KEY))]) == _beacon(
+        unseal(packet, [(SHARE, lan_key(KEY))]).time_ms  # type: ignore[union-attr]
+    )
+
+
+def test_a_replayed_or_older_datagram_is_not_believed_and_one_outside_the_window_neither() -> None:
+    now = 1_800_000_000.0
+    seen = Seen(lambda: now)
+    at = int(now * 1000)
+    assert seen.fresh(_beacon(at))
+    assert not seen.fresh(_beacon(at))  # the same datagram again
+    assert not seen.fresh(_beacon(at - 1))  # an older one
+    assert seen.fresh(_beacon(at + 1))
+    assert not seen.fresh(_beacon(at - WINDOW_MS - 1, os.urandom(32)))
+    assert not seen.fresh(_beacon(at + WINDOW_MS + 1, os.urandom(32)))
+
+
+# -- the component, on loopback ---------------------------------------------------------------
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_devices_find_each_other_and_a_stranger_finds_nothing() -> None:
+    port = _free_udp_port()
+    devices = [os.urandom(32) for _ in range(3)]
+    found: list[list[tuple[bytes, bytes, list[tuple[str, int]]]]] = [[], [], []]
+    stranger_key = os.urandom(32)
+
+    async def main() -> list[LanDiscovery]:
+        def one(index: int, key: bytes, tcp: int) -> LanDiscovery:
+            share = LanShare(SHARE, (key,), devices[index], tcp)
+            return LanDiscovery(
+                port,
+                lambda: [share],
+                lambda *f: found[index].append(f),
+                interval=0.1,
+                targets=lambda: ["127.255.255.255"],
+            )
+
+        lans = [one(0, KEY, 7001), one(1, KEY, 7002), one(2, stranger_key, 7003)]
+        async with lans[0], lans[1], lans[2]:
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if found[0] and found[1]:
+                    break
+            await asyncio.sleep(0.3)
+        return lans
+
+    lans = asyncio.run(main())
+    assert found[0][0] == (SHARE, devices[1], [("127.0.0.1", 7002)])
+    assert found[1][0] == (SHARE, devices[0], [("127.0.0.1", 7001)])
+    assert found[2] == [] and lans[2].heard > 0  # it heard them, and learned nothing
+    assert {f[1] for f in found[0]} == {devices[1]}  # never itself, never the stranger
+    assert len(found[0]) == 1  # heard several times, reported once (REPORT_EVERY_S)
+
+
+def test_a_flood_of_datagrams_is_read_at_a_bounded_rate() -> None:
+    port = _free_udp_port()
+    found: list[object] = []
+
+    async def main() -> LanDiscovery:
+        share = LanShare(SHARE, (KEY,), DEVICE, 7001)
+        lan = LanDiscovery(port, lambda: [share], found.append, interval=60, targets=list)
+        async with lan:
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            junk = os.urandom(PACKET_SIZE)
+            started = time.monotonic()
+            for _ in range(5000):
+                sender.sendto(junk, ("127.0.0.1", port))
+                if _ % 500 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0.2)
+            sender.close()
+            lan.elapsed = time.monotonic() - started  # type: ignore[attr-defined]
+        return lan
+
+    lan = asyncio.run(main())
+    assert found == []
+    assert 0 < lan.heard <= 100 + 50 * lan.elapsed + 1  # type: ignore[attr-defined]
+
+
+# -- two processes, two namespaces, one veth pair ---------------------------------------------
+
+PEER = Path(__file__).with_name("lan_peer.py")
+
+
+@needs_netns
+def test_lan_discovery_across_a_veth_pair_in_two_namespaces() -> None:
+    devices = [os.urandom(32) for _ in range(2)]
+    with namespaces(2, "lan") as names:
+        subnet = subnet_of(names)
+        common = ["--port", "7654", "--seconds", "3", "--share-id", SHARE.hex(), "--key"]
+        runs = [
+            subprocess.Popen(
+                in_ns(
+                    name,
+                    sys.executable,
+                    str(PEER),
+                    *common,
+                    KEY.hex(),
+                    "--device",
+                    device.hex(),
+                    "--tcp-port",
+                    str(7000 + index),
+                ),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for index, (name, device) in enumerate(zip(names, devices, strict=True))
+        ]
+        sniffer = subprocess.Popen(  # a non-member on the second namespace's side
+            in_ns(
+                names[1], sys.executable, str(PEER), "--port", "7654", "--seconds", "3", "--sniff"
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        outputs = [run.communicate(timeout=60)[0] for run in [*runs, sniffer]]
+    lines = [[json.loads(line) for line in out.splitlines()] for out in outputs]
+    for index in (0, 1):
+        other = 1 - index
+        found = [line for line in lines[index] if "device" in line]
+        assert found, outputs
+        assert {line["device"] for line in found} == {devices[other].hex()}
+        assert found[0]["share"] == SHARE.hex()
+        assert found[0]["addresses"] == [[f"{subnet}.{other + 1}", 7000 + other]]
+        assert lines[index][-1]["sent"] >= 2
+    datagrams = [bytes.fromhex(d) for d in lines[2][0]["datagrams"]]
+    assert len(datagrams) >= 4  # both devices' announcements crossed to the sniffer
+    for datagram in datagrams:
+        assert len(datagram) == PACKET_SIZE
+        assert SHARE not in datagram and not any(d in datagram for d in devices)
+    assert len(set(datagrams)) == len(datagrams)  # every one different: unlinkable
