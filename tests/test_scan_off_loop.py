@@ -13,6 +13,7 @@ from backer.model.records import Kind
 from backer.model.share import Share
 from backer.protocol.session import Session
 from backer.scanner.content import manifest_of_bytes
+from backer.scanner.ignore import temp_name
 from tests.helpers import make_devices, pump, sync
 
 
@@ -197,3 +198,57 @@ def test_file_changed_again_between_hash_and_commit_is_not_recorded_from_old_byt
     assert content_of(share, "f") == manifest_of_bytes(b"three, longer still").id
     versions = [v for _, _, v in share.catalog.versions_at(share.journal.position())]
     assert len(versions) == 1 and share.journal.position() == position + 1
+
+
+def test_partial_scan_never_follows_a_directory_replaced_by_a_link(
+    share: Share, tmp_path: Path
+) -> None:
+    root = share.root
+    (root / "a").mkdir()
+    (root / "a" / "b").write_bytes(b"mine")
+    share.scan()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "b").write_bytes(b"secret outside the share")
+    (root / "a" / "b").unlink()
+    (root / "a").rmdir()
+    (root / "a").symlink_to(outside)
+    summary = share.scan(paths=["a/b"])
+    assert (summary.modified, summary.deleted) == (["a"], ["a/b"])
+    assert live(share)["a"].kind == Kind.SYMLINK
+    secret = manifest_of_bytes(b"secret outside the share").id
+    assert all(v.content != secret for v in live(share).values())
+
+
+def test_partial_scan_skips_named_paths_that_are_ignored_temp_or_metadata(share: Share) -> None:
+    root = share.root
+    (root / ".backerignore").write_text("build/\n")
+    (root / "build").mkdir()
+    (root / "build" / "out.o").write_bytes(b"o")
+    share.scan()
+    (root / "build" / "new.o").write_bytes(b"n")
+    (root / temp_name("f", "v1")).write_bytes(b"t")
+    summary = share.scan(paths=["build/new.o", temp_name("f", "v1"), ".backer/backer.db", "../x"])
+    assert (summary.added, summary.modified, summary.deleted, summary.events) == ([], [], [], 0)
+
+
+def test_a_cancelled_off_loop_scan_stops_its_thread_and_records_nothing(share: Share) -> None:
+    for n in range(300):
+        (share.root / f"f{n}").write_bytes(os.urandom(256 * 1024))
+    position = share.journal.position()
+
+    async def main() -> None:
+        started = asyncio.Event()
+        scan = asyncio.create_task(share.scan_off_loop(progress=lambda *_: started.set()))
+        await started.wait()
+        scan.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scan
+
+    began = time.monotonic()
+    asyncio.run(main())  # returns once the worker thread has ended
+    cancelled = time.monotonic() - began
+    assert share.journal.position() == position
+    began = time.monotonic()
+    assert len(share.scan().added) == 300
+    assert cancelled < (time.monotonic() - began) / 2
