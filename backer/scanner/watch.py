@@ -25,10 +25,12 @@ queue overflowed (events were lost).
   inotify. Without inotify at all (instance limit, another OS's observer failing),
   the whole share is polled.
 
-Start-up measured here (2 shared cores, 100,000 files in 1,101 directories, after a
-clean stop): watching 0.24-0.35 s after ``__aenter__`` begins (one watch per directory,
-added in a worker thread); the "start" scan of that unchanged tree then takes about 4 s,
-off the loop (:meth:`Share.scan_off_loop`).
+Measured here (2 shared cores, 100,000 files in 1,101 directories, warm page cache,
+after a clean stop): watching 0.24-0.35 s after ``__aenter__`` begins (one watch per
+directory, added in a worker thread); the "start" scan of that unchanged tree then
+takes about 4 s, off the loop (:meth:`Share.scan_off_loop`); idle, the watcher used
+0.00 s of CPU over 20 s (38 MiB RSS for the whole process); one saved file is reported
+~50 ms after its close, a burst of 1,000 creates 0.04-0.07 s after the last one.
 """
 
 from __future__ import annotations
