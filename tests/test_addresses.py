@@ -266,20 +266,29 @@ def test_an_invite_names_every_interface_address_not_only_the_host_names(
     a.root.mkdir()
     a.run("init", str(a.root))
     with namespaces(2, "inv") as names:
-        extra = "10.232.77.5"  # a second address no host name resolves to
-        subprocess.run(in_ns(names[0], "ip", "addr", "add", f"{extra}/24", "dev", "lo"), check=True)
-        args = ("invite", "--no-wait", "--listen", "0.0.0.0:7654", "--dir", str(a.root))
-        made = subprocess.run(
-            in_ns(names[0], *a.command(*args)),
-            env=a.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-    addresses = InviteToken.decode(made.stdout.strip()).addresses
-    assert f"{subnet_of(names)}.1:7654" in addresses and f"{extra}:7654" in addresses
-    assert addresses[-1] == "127.0.0.1:7654" and "warning" not in made.stderr
+        extra, extra6 = "10.232.77.5", "fd00:232::5"  # addresses no host name resolves to
+        for family, address in (("-4", f"{extra}/24"), ("-6", f"{extra6}/64")):
+            subprocess.run(
+                in_ns(names[0], "ip", family, "addr", "add", address, "dev", "lo"), check=True
+            )
+        tokens = []
+        for listen in ("0.0.0.0:7654", "[::]:7654"):
+            args = ("invite", "--no-wait", "--listen", listen, "--dir", str(a.root))
+            made = subprocess.run(
+                in_ns(names[0], *a.command(*args)),
+                env=a.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            assert "warning" not in made.stderr
+            tokens.append(InviteToken.decode(made.stdout.strip()).addresses)
+    ipv4, ipv6 = tokens
+    assert f"{subnet_of(names)}.1:7654" in ipv4 and f"{extra}:7654" in ipv4
+    assert ipv4[-1] == "127.0.0.1:7654" and not any("[" in a for a in ipv4)
+    assert f"[{extra6}]:7654" in ipv6 and ipv6[-1] == "[::1]:7654"
+    assert not any("." in a for a in ipv6)
 
 
 @needs_netns

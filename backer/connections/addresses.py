@@ -129,12 +129,13 @@ def _interfaces() -> Iterator[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
         for entry in entries:
             if entry.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            address = entry.address.split("%")[0]
-            netmask = entry.netmask or ("32" if entry.family == socket.AF_INET else "128")
             try:
-                yield ipaddress.ip_interface(f"{address}/{netmask}")
+                ip = ipaddress.ip_address(entry.address.split("%")[0])
+                mask = int(ipaddress.ip_address(entry.netmask)) if entry.netmask else -1
             except ValueError:
                 continue
+            prefix = bin(mask).count("1") if mask >= 0 else ip.max_prefixlen
+            yield ipaddress.ip_interface(f"{ip}/{prefix}")
 
 
 def interface_addresses(version: int | None = None) -> list[str]:
