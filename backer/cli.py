@@ -35,7 +35,7 @@ from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
 from backer.model import repair as repair_mod
 from backer.model import verify as verify_mod
-from backer.model.membership import EventKind
+from backer.model.membership import EventKind, checked_name, host_name
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
 from backer.model.share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
@@ -893,7 +893,7 @@ def serve(listen: str, directory: str) -> None:
 
 @cli.group()
 def device() -> None:
-    """The share's devices: list them, remove a lost or stolen one."""
+    """The share's devices: list them, rename this one, remove a lost or stolen one."""
 
 
 @device.command("list")
@@ -936,6 +936,26 @@ def device_remove(device_id_text: str, directory: str) -> None:
         return
     with share:
         _say(_remove_device(share, device_id_text)[1])
+
+
+@device.command("rename")
+@click.argument("name")
+@share_option
+def device_rename(name: str, directory: str) -> None:
+    """Give this device a new NAME in the share (the hostname until then); the others
+    show it once they sync. A device renames only itself. While 'backer run' serves the
+    share, it does it."""
+    name = checked_name(name)
+    try:
+        share = _open(directory)
+    except ShareBusy as busy:
+        wanted = {"op": "rename", "device": device_id(bytes(load_or_create_key().verify_key))}
+        for reply in control.request(busy.root, {**wanted, "name": name}):
+            _say(f"renamed device {reply['renamed']}")
+        return
+    with share:
+        share.rename_device(share.device, name)
+        _say(f"renamed device {device_id(share.device)} {name}")
 
 
 @cli.command()
@@ -1077,6 +1097,7 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
             _remember_peer(share, address)
             entry = registry.register(share.share_id, share.root, home())
             _say(f"joined share {share.share_id.hex()} at {root} (named {entry.name})")
+            share.rename_device(share.device, host_name())  # admitted as "joined with ..."
             hint = "; joined: run 'backer sync' to finish once there is room"
             status = _report_sync(sessions, hub, as_json=False, hint=hint)
             break

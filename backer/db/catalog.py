@@ -16,6 +16,11 @@ was this path before" are one indexed lookup instead of a walk of the CRDT.
 - ``addresses``: where each device may be reached, whence it was learned, when last seen
   and last connected to; ``announcements``: the newest signed announcement of each
   device's listen addresses, to pass on (both local knowledge, never in the journal).
+        )
+        self.conn.execute(
+  events stay valid); ``renames``: the names each device gave itself; ``invites``:
+  invites seen, with the signed event that made each; ``meta``: share id, share keys,
+  positions.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ from backer.model.state import Delta
 from backer.scanner.content import Manifest
 
 EMPTY_MANIFEST = Manifest(())
+_MEMBER_NAME = (  # a member's name: its last rename, else the name it was admitted with
+    "COALESCE((SELECT r.name FROM renames r WHERE r.key = members.key "
+    "ORDER BY r.seq DESC LIMIT 1), members.name)"
+)
 
 
 class LocalEntry(NamedTuple):
@@ -121,6 +130,10 @@ class Catalog:
         self.conn.execute(
             "CREATE TABLE IF NOT EXISTS announcements (device BLOB PRIMARY KEY, time_ms INTEGER, "
             "raw BLOB) WITHOUT ROWID"
+        )
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS renames (key BLOB, seq INTEGER, name TEXT, "
+            "PRIMARY KEY (key, seq)) WITHOUT ROWID"
         )
         self._add_columns()
 
@@ -456,11 +469,24 @@ class Catalog:
         )
         return restored, dropped
 
+    def rename_member(self, key: bytes, name: str, seq: int) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO renames (key, seq, name) VALUES (?, ?, ?)", (key, seq, name)
+        )
+
+    def undo_renames(self, key: bytes, kept: int) -> str:
+        """Drop the renames a device signed from event ``kept`` on (it was removed at that
+        point); its name now: the last rename before, or the one it was admitted with."""
+        self.conn.execute("DELETE FROM renames WHERE key = ? AND seq >= ?", (key, kept))
+        return self.conn.execute(
+            f"SELECT {_MEMBER_NAME} FROM members WHERE key = ?", (key,)
+        ).fetchone()[0]
+
     def member_table(self) -> tuple[dict[bytes, str], dict[bytes, int]]:
         """(every admitted key -> name, removed key -> how many of its events count)."""
         names, removed = {}, {}
         for key, name, kept in self.conn.execute(
-            "SELECT key, name, kept FROM members ORDER BY rowid"
+            f"SELECT key, {_MEMBER_NAME}, kept FROM members ORDER BY rowid"
         ):
             names[key] = name
             if kept is not None:

@@ -2,7 +2,8 @@
 
 Membership is itself journal events: the share's first event (GENESIS, naming the
 share id) makes its author the founding member; MEMBER_ADD events signed by a member
-admit further devices; MEMBER_REMOVE events remove one, from a point of its log on
+admit further devices; a RENAME event signed by a device gives it a new name (only a
+device renames itself); MEMBER_REMOVE events remove one, from a point of its log on
 (its events from there on are refused), and the remover's KEY event hands a new share
 key to every remaining member, sealed to each one's device key. A CLIENT event binds the
 Yjs client id it derives (from its author's key) to its author before that author's
@@ -12,6 +13,8 @@ member table kept in memory: ingest and every handshake ask it, never the databa
 
 from __future__ import annotations
 
+import socket
+import unicodedata
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -20,6 +23,7 @@ import nacl.public
 import nacl.signing
 
 from backer.config.identity import curve_private, curve_public
+from backer.errors import BackerError
 from journal import Event
 
 SHARE_ID_BYTES = 16
@@ -28,6 +32,7 @@ SEALED_BYTES = 32 + KEY_BYTES + 16  # a sealed box: ephemeral public key, key, t
 KEY_ENTRY_BYTES = 32 + SEALED_BYTES  # a member's device key and the key sealed to it
 INVITE_ID_BYTES = 16
 NO_INVITE = bytes(INVITE_ID_BYTES)
+MAX_DEVICE_NAME = 1024  # bytes of a device name in a membership event
 MAX_MEMBERS = 1000
 """Devices a share may ever admit (removed ones count): one person's devices are a
 handful; the bound keeps a hostile member from growing every device's member table and
@@ -42,6 +47,7 @@ class EventKind(IntEnum):
     MEMBER_REMOVE = 5
     KEY = 6
     CLIENT = 7  # declares a Yjs client id: its nonce, hashed with the author's key
+    RENAME = 8  # a device's new name, signed by that device itself
 
 
 def genesis_payload(share_id: bytes, device_name: str) -> bytes:
@@ -50,6 +56,32 @@ def genesis_payload(share_id: bytes, device_name: str) -> bytes:
 
 def member_payload(device_key: bytes, device_name: str, invite_id: bytes = NO_INVITE) -> bytes:
     return device_key + invite_id + device_name.encode("utf-8")
+
+
+def rename_payload(device_key: bytes, device_name: str) -> bytes:
+    return device_key + device_name.encode("utf-8")
+
+
+def checked_name(name: str) -> str:
+    """``name`` as a device name (surrounding spaces stripped), or :class:`BackerError`:
+    not empty, at most ``MAX_DEVICE_NAME`` bytes, no control characters (peers' names
+    are escaped when printed anyway; ours need not be)."""
+    name = name.strip()
+    if not name:
+        raise BackerError("a device name cannot be empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_DEVICE_NAME:
+        raise BackerError(f"a device name is at most {MAX_DEVICE_NAME} bytes (UTF-8)")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in name):
+        raise BackerError(f"a device name cannot contain control characters: {name!r}")
+    return name
+
+
+def host_name() -> str:
+    """This machine's name: every device's default name (at init and join)."""
+    try:
+        return checked_name(socket.gethostname())
+    except BackerError:
+        return "device"
 
 
 def invite_payload(invite_id: bytes, psk: bytes, expires_ms: int) -> bytes:
@@ -154,3 +186,13 @@ class Members:
         if len(event.payload) != 40 or device == event.author or device not in self.names:
             return None
         return device, min(kept, self.removed.get(device, kept))
+
+    def renaming(self, event: Event) -> tuple[bytes, str] | None:
+        """(device key, new name) a RENAME event gives, if it is valid: signed by that
+        device itself while it counts as a member."""
+        if event.kind != EventKind.RENAME or not self.valid_author(event.author, event.seq):
+            return None
+        device = event.payload[:32]
+        if device != event.author or len(event.payload) <= 32:
+            return None
+        return device, event.payload[32:].decode("utf-8", "replace")

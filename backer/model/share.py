@@ -15,7 +15,6 @@ import dataclasses
 import fcntl
 import functools
 import os
-import socket
 import sqlite3
 import threading
 import time
@@ -46,17 +45,21 @@ from backer.model.materializer import (
 )
 from backer.model.membership import (
     INVITE_ID_BYTES,
+    MAX_DEVICE_NAME,
     NO_INVITE,
     SHARE_ID_BYTES,
     EventKind,
     Members,
+    checked_name,
     genesis_payload,
+    host_name,
     invite_payload,
     key_payload,
     member_payload,
     open_key,
     parse_invite,
     remove_payload,
+    rename_payload,
 )
 from backer.model.records import MAX_TIME_MS, Kind, Version, new_version_id, split_key
 from backer.model.state import (
@@ -94,7 +97,6 @@ DB_FILE = "backer.db"
 LOCK_FILE = "lock"
 RESOLUTIONS_PER_EVENT = 2000  # ~160 bytes each: one event stays far below a frame
 MAX_RESOLUTION_ROUNDS = 50  # copies of one device's same-second losers collide in a chain
-MAX_DEVICE_NAME = 1024  # bytes of a device name in a membership event
 _PAYLOAD_BYTES = {
     EventKind.GENESIS: (SHARE_ID_BYTES, SHARE_ID_BYTES + MAX_DEVICE_NAME),
     EventKind.MEMBER_ADD: (32 + INVITE_ID_BYTES, 32 + INVITE_ID_BYTES + MAX_DEVICE_NAME),
@@ -102,6 +104,7 @@ _PAYLOAD_BYTES = {
     EventKind.MEMBER_REMOVE: (40, 40),
     EventKind.KEY: (4, 4 + membership.KEY_ENTRY_BYTES * membership.MAX_MEMBERS),
     EventKind.CLIENT: (CLIENT_NONCE_BYTES, CLIENT_NONCE_BYTES),
+    EventKind.RENAME: (33, 32 + MAX_DEVICE_NAME),
 }
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 RESCANS = 3  # rounds of an off-loop scan for paths that changed while it looked at them
@@ -340,7 +343,7 @@ class Share:
         db.conn.close()
         share = cls(root, key, home=home)
         if joining is None:
-            share._append(EventKind.GENESIS, genesis_payload(share_id, socket.gethostname()))
+            share._append(EventKind.GENESIS, genesis_payload(share_id, host_name()))
         return share
 
     def admit(self, device_key: bytes, name: str, invite_id: bytes = NO_INVITE) -> Event:
@@ -380,6 +383,21 @@ class Share:
         if found is None or found[2] is None:
             raise BackerError("this invite has expired")
         raise BackerError("this invite has already been used")
+
+    def rename_device(self, device: bytes, name: str) -> Event | None:
+        """Give ``device`` a new name, signed (a RENAME event); None if it has that name
+        already. Only a device renames itself: a member cannot relabel another device
+        to have the wrong one removed (docs/decisions.md)."""
+        if device != self.device:
+            raise BackerError(
+                "a device can only rename itself: run 'backer device rename NAME' on that device"
+            )
+        if device not in self.members:
+            raise BackerError("this device is not a member of the share (yet): sync first")
+        name = checked_name(name)
+        if self.members.names[device] == name:
+            return None
+        return self._append(EventKind.RENAME, rename_payload(device, name))
 
     def create_invite(self, lifetime_s: int) -> tuple[bytes, bytes]:
         """A single-use invite, valid ``lifetime_s`` seconds: (invite id, one-time key)."""
@@ -674,6 +692,10 @@ class Share:
             self.members.names[device_key] = name
             if invite_id != NO_INVITE:
                 self.catalog.use_invite(invite_id, device_key)
+        renaming = self.members.renaming(event)
+        if renaming is not None:
+            self.members.names[renaming[0]] = renaming[1]
+            self.catalog.rename_member(*renaming, event.seq)
         removal = self.members.removal(event)
         if removal is not None:
             self._remove(*removal, event)
@@ -695,6 +717,7 @@ class Share:
         of its removal) are undone; unused invites are revoked (it knows their keys)."""
         self.catalog.remove_member(device, kept, event.author, event.seq)
         self.members.removed[device] = kept
+        self.members.names[device] = self.catalog.undo_renames(device, kept)
         restored, dropped = self.catalog.undo_member_changes(device, kept)
         for key in restored:
             self.members.removed.pop(key, None)
