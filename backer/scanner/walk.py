@@ -260,8 +260,10 @@ def look(
     if scope is None:
         result.local = local_for(None, [])
         seen, unreadable = walk(root, rules, result.errors, result.leftovers, stop=stop)
-    else:
-        result.local = local_for(scope, scope)
+    else:  # what is recorded below a path recorded as a file or link is nothing
+        recorded = local_for(scope, [])
+        below = [t for t in scope if t not in recorded or stat.S_ISDIR(recorded[t].mode)]
+        result.local = {**recorded, **local_for([], below)}
         seen, unreadable = {}, set()
         for top in scope:
             _walk_top(root, top, rules, result, seen, unreadable, stop)
@@ -323,17 +325,19 @@ def _scope(
     parents = {p.rsplit("/", 1)[0] for p in wanted if "/" in p}
     ancestors = {"/".join(p.split("/")[:i]) for p in parents for i in range(1, p.count("/") + 2)}
     recorded = local_for(sorted(ancestors), [])
+    directories = {  # the ancestors that are recorded directories, and still are on disk
+        a for a, e in recorded.items() if stat.S_ISDIR(e.mode) and _is_directory(root, a)
+    }
     tops = set()
     for path in wanted:
         parts = path.split("/")
         for depth in range(1, len(parts)):
             ancestor = "/".join(parts[:depth])
-            cached = recorded.get(ancestor)
-            if cached is None or not stat.S_ISDIR(cached.mode) or not _is_directory(root, ancestor):
+            if ancestor not in directories:
                 path = ancestor
                 break
         tops.add(path)
-    return sorted(t for t in tops if not under_any(t, tops - {t}))
+    return sorted(outermost(tops))
 
 
 def _is_directory(root: Path, path: str) -> bool:
@@ -411,6 +415,15 @@ def observe(
     """Compare the whole disk with the ``local`` cache and return what changed."""
     found = look(root, lambda paths, subtrees: local, None, progress, workers)
     return classify(found, recorded_content)
+
+
+def outermost(paths: Iterable[str]) -> set[str]:
+    """``paths`` without those below another of them (each stands for its subtree)."""
+    kept: set[str] = set()
+    for path in sorted(paths, key=lambda p: p.count("/")):
+        if not under_any(path, kept):
+            kept.add(path)
+    return kept
 
 
 def under_any(path: str, prefixes: set[str]) -> bool:

@@ -65,7 +65,7 @@ from watchdog.observers.api import BaseObserver
 
 from backer.fs.paths import METADATA_DIR
 from backer.scanner.ignore import is_temp_name
-from backer.scanner.walk import stat_key_of, under_any
+from backer.scanner.walk import outermost, stat_key_of, under_any
 
 log = logging.getLogger("backer.watch")
 
@@ -214,7 +214,7 @@ class Watcher:
                 next_full = loop.time() + self.rescan_every
                 yield Changes(frozenset(), True, reason)
             elif self._pending:
-                paths = _outermost(self._pending)
+                paths = frozenset(outermost(self._pending))
                 self._pending.clear()
                 yield Changes(paths, False, "events")
 
@@ -328,16 +328,6 @@ class Watcher:
             self._poller = _Poller(self)
             self._poller.start()
         self._poller.add(relative)
-
-
-def _outermost(paths: set[str]) -> frozenset[str]:
-    """``paths`` without those below another of them (a path is scanned with its
-    subtree: a moved or new directory's own events add nothing)."""
-    kept: set[str] = set()
-    for path in sorted(paths, key=lambda p: p.count("/")):
-        if not under_any(path, kept):
-            kept.add(path)
-    return frozenset(kept)
 
 
 class _Handler(FileSystemEventHandler):
