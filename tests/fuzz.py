@@ -20,19 +20,26 @@ from pathlib import Path
 
 import nacl.signing
 
+from backer.connections.addresses import AddressBook
+from backer.discover.lan import Beacon, lan_key, seal, unseal
 from backer.errors import BackerError
 from backer.model.records import BadVersion, Kind, Version
 from backer.model.share import Share
 from backer.model.state import BadUpdate, FileState
+from backer.protocol.announce import Announcement
 from backer.protocol.invite import InviteToken
 from backer.protocol.session import Session
 from backer.protocol.wire import (
     MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Addresses,
     Events,
     FrameReader,
+    Hello,
     Manifests,
     Message,
     ProtocolError,
+    Summary,
 )
 from backer.scanner.content import BadManifest, Manifest, check_manifest, manifest_of_bytes
 from journal import Checkpoint, Event, InvalidEvent
@@ -40,6 +47,8 @@ from journal import Checkpoint, Event, InvalidEvent
 CASES = Path(__file__).parent / "fuzz_cases"
 _KEY = nacl.signing.SigningKey(bytes(range(32)))
 _OTHER_CLIENT = 7  # a client id "owned by another device" in the state target
+_PEER = nacl.signing.SigningKey(bytes(range(1, 33)))  # announces addresses
+_LAN_KEYS = [(bytes(16), lan_key(bytes(32)))]
 
 
 def _base_state() -> tuple[bytes, int, list[bytes]]:
@@ -112,6 +121,17 @@ def invites(data: bytes) -> None:
         InviteToken.decode(data.decode("utf-8", "replace"))
 
 
+def announcements(data: bytes) -> None:
+    """Signed announcements of listen addresses, as gossiped by members."""
+    with contextlib.suppress(ValueError):
+        Announcement.decode(data)
+
+
+def lan(data: bytes) -> None:
+    """LAN discovery datagrams, as anyone on the network can send them."""
+    unseal(data, _LAN_KEYS)
+
+
 @functools.cache
 def _share() -> Share:
     """A member's share with one file, in a temp dir that lives as long as the process."""
@@ -123,7 +143,8 @@ def _share() -> Share:
 
 def session(data: bytes) -> None:
     """Whole messages as a connected member would send them, handled by a live session."""
-    receiver = Session(_share(), "fuzz")
+    share = _share()
+    receiver = Session(share, "fuzz", addresses=AddressBook(share.catalog, share.share_id, _KEY))
     try:
         for message in FrameReader().feed(data):
             receiver.receive(message)
@@ -135,7 +156,8 @@ def session(data: bytes) -> None:
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
-    f.__name__: f for f in (frames, events, state, versions, manifests, invites, session)
+    f.__name__: f
+    for f in (frames, events, state, versions, manifests, invites, session, announcements, lan)
 }
 
 
@@ -148,6 +170,10 @@ def seeds() -> dict[str, list[bytes]]:
     messages.append(dataclasses.replace(_sample(Events), events=[event.raw]))
     messages.append(Manifests([manifest.id], [manifest.encoded]))
     token = InviteToken(bytes(16), bytes(16), bytes(32), bytes(32), ("127.0.0.1:7654",))
+    announcement = Announcement.make(
+        _PEER, _share().share_id, 1, [("10.0.0.1", 7654), ("fd00::1", 7654)]
+    ).raw
+    opening = Hello(PROTOCOL_VERSION, b"fuzz").encode() + Summary([], 0).encode()
     return {
         "frames": [m.encode() for m in messages],
         "events": [event.raw, checkpoint.encode()],
@@ -157,7 +183,13 @@ def seeds() -> dict[str, list[bytes]]:
         ],
         "manifests": [manifest.size.to_bytes(8, "big") + manifest.encoded],
         "invites": [token.encode().encode()],
-        "session": [b"".join(m.encode() for m in messages[:2]), *(m.encode() for m in messages)],
+        "session": [
+            opening,
+            opening + Addresses([announcement]).encode(),
+            *(m.encode() for m in messages),
+        ],
+        "announcements": [announcement],
+        "lan": [seal(Beacon(bytes(16), bytes(32), 1, 7654), _LAN_KEYS[0][1])],
     }
 
 
