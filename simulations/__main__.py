@@ -58,6 +58,8 @@ def main() -> None:
         "cuts": 0,
         "crashes": 0,
         "restores": 0,
+        "stops": 0,
+        "races": 0,
         "conflicts": 0,
         "bytes": 0,
         "faults": 0,
@@ -94,7 +96,8 @@ def main() -> None:
         f"{totals['scenarios'] + failures} scenarios ({args.nodes} nodes), "
         f"{totals['steps']} steps, "
         f"{totals['syncs']} syncs ({totals['cuts']} cut mid-way), {totals['crashes']} crashes, "
-        f"{totals['restores']} restores from old backups, "
+        f"{totals['restores']} restores from old backups, {totals['stops']} stops, "
+        f"{totals['races']} edits while applying, "
         f"{totals['conflicts']} conflicts resolved, {totals['bytes']} bytes on the wire, "
         f"{totals['faults']} disk faults injected ({totals['aborts']} ended a process), "
         f"{failures} failures, {elapsed:.0f} s"

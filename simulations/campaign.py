@@ -40,7 +40,11 @@ WORLD_RULES = {  # family: (rule, weight)
     "ignore": [("ignore", 4)],
     "faults": [("faults", 3), ("faults_stop", 3)],
     "disk": [("disk_full", 2), ("disk_freed", 2)],
+    "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
 }
+EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
+                   "toggle_exec", "ignore", "race"})  # fmt: skip
+WATCHER_FIRES = 0.6  # resident: how often the watcher scans right after an edit
 
 
 class Failure(Exception):
@@ -48,6 +52,21 @@ class Failure(Exception):
         super().__init__(reason)
         self.reason = reason
         self.steps = steps
+
+
+def _random_steps(
+    rnd: random.Random, nodes: int, world: frozenset[str] = CLASSIC
+) -> list[tuple[str, dict[str, Any]]]:
+    """One step; with resident nodes, an edit is often followed by its node's watcher
+    firing (a scan while its links go on delivering)."""
+    name, arguments = step = _random_step(rnd, nodes, world)
+    if "resident" not in world:
+        return [step]
+    if name == "scan":
+        arguments["during"] = rnd.randrange(0, 30)
+    if name in EDITS and rnd.random() < WATCHER_FIRES:
+        return [step, ("scan", {"node": arguments["node"], "during": rnd.randrange(0, 30)})]
+    return [step]
 
 
 def _random_step(
@@ -98,6 +117,10 @@ def _random_step(
         return choice, {"a": node, "b": rnd.randrange(nodes)}
     if choice == "deliver":
         return choice, {"a": node, "b": rnd.randrange(nodes), "count": rnd.randrange(1, 40)}
+    if choice == "race":
+        data = rnd.choice(contents) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
+        path = rnd.choice(files)
+        return choice, {"node": node, "path": path, "data": data, "limit": rnd.randrange(1, 60)}
     return choice, {"node": node}
 
 
@@ -127,8 +150,10 @@ def replay(
 
 def run_seed(seed: int, nodes: int, count: int, world: frozenset[str] = CLASSIC) -> dict[str, int]:
     rnd = random.Random(seed)
-    steps = [_random_step(rnd, nodes, world) for _ in range(count)]
-    machine = replay(nodes, steps, seed, world)
+    steps: list[tuple[str, dict[str, Any]]] = []
+    while len(steps) < count:
+        steps += _random_steps(rnd, nodes, world)
+    machine = replay(nodes, steps[:count], seed, world)
     return {
         "fingerprint": machine.fingerprint,
         "steps": count,
@@ -136,6 +161,8 @@ def run_seed(seed: int, nodes: int, count: int, world: frozenset[str] = CLASSIC)
         "cuts": machine.stats["cuts"],
         "crashes": machine.stats["crashes"],
         "restores": machine.stats["restores"],
+        "stops": machine.stats["stops"],
+        "races": machine.stats["races"],
         "conflicts": machine.stats["conflicts"],
         "bytes": machine.stats["bytes"],
         "faults": sum(machine.cluster.disks.injected.values()),
@@ -155,23 +182,29 @@ def shrink(
     budget: int = 150,
     world: frozenset[str] = CLASSIC,
 ) -> tuple[list[tuple[str, dict[str, Any]]], str]:
-    """Drop steps one at a time while it still fails the same way (bounded by ``budget``
-    replays); return the shorter list and the failure it produces."""
+    """Drop runs of steps (halves, quarters, … single steps) while it still fails the
+    same way (bounded by ``budget`` replays); return the shorter list and the failure
+    it produces."""
     current, reason = list(steps), ""
     try:
         replay(nodes, current, seed, world)
     except Failure as failure:
         reason = failure.reason
     kind = _kind(reason)
-    index = 0
-    while index < len(current) and budget > 0:
-        candidate = current[:index] + current[index + 1 :]
-        budget -= 1
-        try:
-            replay(nodes, candidate, seed, world)
-        except Failure as failure:
-            if _kind(failure.reason) == kind:
-                current, reason = candidate, failure.reason
-                continue
-        index += 1
+    size = max(1, len(current) // 2)
+    while budget > 0:
+        index = 0
+        while index < len(current) and budget > 0:
+            candidate = current[:index] + current[index + size :]
+            budget -= 1
+            try:
+                replay(nodes, candidate, seed, world)
+            except Failure as failure:
+                if _kind(failure.reason) == kind:
+                    current, reason = candidate, failure.reason
+                    continue
+            index += size
+        if size == 1:
+            break
+        size //= 2
     return current, reason

@@ -7,7 +7,11 @@ messages go through the real framing into two FIFO queues (a stream is ordered);
 seeded scheduler decides which link and which direction delivers next, so deliveries
 across links are delayed and reordered, and files can change while a link is half way.
 A link can be cut at any message; a node can crash (its in-memory state, sessions
-included, is dropped; disk and journal stay). A node's disk can fail or fill up
+included, is dropped; disk and journal stay). In a *resident* cluster nodes behave as
+``backer run`` does: links stay open after a sync, a scan hashes while the node's links
+go on delivering (and applying) before it records, and a node can stop (its links
+closed, its process state discarded) and start again, redialling every peer. A node's
+disk can fail or fill up
 (:mod:`.faults`); an error that escapes backer there ends that node's process, as it
 would end ``backer sync``. Around every step backer takes, :mod:`.world` checks what
 it did to each node's files.
@@ -15,20 +19,25 @@ it did to each node's files.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import random
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 
 from backer.model.materializer import stale_temps
+from backer.model.records import Kind
 from backer.model.replicator import Replicator
-from backer.model.share import Share
+from backer.model.share import ScanSummary, Share
 from backer.protocol.session import Session
 from backer.protocol.wire import FrameReader, ProtocolError
 from backer.scanner.ignore import IgnoreRules
@@ -56,6 +65,9 @@ class Node:
     crashes: int = 0
     conflicts: int = 0  # resolved by replicators this node has had
     stray_after_scan: list[Path] = field(default_factory=list)  # temps a scan left behind
+    edited: bool = True  # its person (or a lost process) changed files since its last scan
+    touched: set[str] | None = None  # the paths edited since (None: a full scan is due)
+    down: bool = False  # stopped: no process, no links, until it starts again
 
     def open(self) -> Share:
         if self.share is None:
@@ -68,31 +80,74 @@ class Node:
             self.replicator = Replicator(self.open())
         return self.replicator
 
-    def scan(self) -> None:
-        """What a file watcher would trigger: scan, and relay to the open links. A rule
-        only stops syncing: no deletion is recorded for a path the rules ignore."""
+    def scan(self, meanwhile: Callable[[], None] | None = None, whole: bool = True) -> None:
+        """Scan (everything, or as a watcher does only the paths edited since the last
+        scan), and relay to the open links. A rule only stops syncing: no deletion is
+        recorded for a path the rules ignore. A node's own applied writes are never
+        recorded as its edits: a scan with no edit since the last one records nothing.
+        ``meanwhile`` is what the node's links do while the scan hashes (see
+        :func:`scan_share`)."""
         share = self.open()
         rules, local = IgnoreRules.load(self.root), share.catalog.local_entries()
-        summary = share.scan()
+        parents = set() if self.edited else _parents_of_live(share)
+        paths = None if whole or self.touched is None else sorted(self.touched)
+        summary = scan_share(share, paths, meanwhile)
+        if self.share is None:  # its process ended while the scan hashed
+            raise Crashed
         for path in summary.deleted:
             if ignored(rules, path, stat.S_ISDIR(local[path].mode)):
                 raise InvariantBroken(f"{self.name} recorded the deletion of ignored {path!r}")
+        if summary.events and not self.edited:
+            recorded = sorted(summary.added + summary.modified + summary.deleted)
+            if set(recorded) - parents:
+                raise InvariantBroken(
+                    f"{self.name} recorded its own applied writes as edits: {recorded[:5]}"
+                )
+        self.edited = bool(summary.errors or summary.waiting)  # recorded later
+        if self.edited or paths is None:
+            self.touched = None if self.edited else set()
+        else:
+            self.touched.clear()
         self.stray_after_scan = self.stray_temp_files()
         if summary.events:
             self.hub().journal_grew()
             self.hub().advance()
+        if meanwhile is not None and not hasattr(share, "scan_off_loop"):
+            meanwhile()  # the scan held the loop: its links move only after it
+
+    def edit(self, paths: Iterable[str] | None) -> None:
+        """Its person changed ``paths`` (None: anything, e.g. the ignore rules)."""
+        self.edited = True
+        if paths is None or self.touched is None:
+            self.touched = None
+        else:
+            self.touched.update(paths)
 
     def crash(self) -> None:
-        """Lose everything in memory (no snapshot saved, no clean close)."""
-        if self.replicator is not None:
-            self.conflicts += self.replicator.stats.conflicts_resolved
-            self.replicator = None
+        """Lose everything in memory (no snapshot saved, no clean close): a window half
+        renamed into place and not committed is on disk as if edited there."""
+        self._drop_replicator()
         if self.share is not None:
             self.share.db.conn.close()
             if self.share._lock is not None:
                 self.share._lock.close()
             self.share = None
             self.crashes += 1
+            self.edit(None)
+
+    def stop(self) -> None:
+        """A clean stop (its links already closed): the share is closed, the process
+        state is gone; nothing runs until :meth:`start`."""
+        self._drop_replicator()
+        if self.share is not None:
+            self.share.close()
+            self.share = None
+        self.down = True
+
+    def _drop_replicator(self) -> None:
+        if self.replicator is not None:
+            self.conflicts += self.replicator.stats.conflicts_resolved
+            self.replicator = None
 
     def stray_temp_files(self) -> list[Path]:
         """Temp files that no assembly in progress is using (a crash's, or one whose
@@ -101,6 +156,60 @@ class Node:
         if self.share is None:
             return found
         return stale_temps(self.root, self.share.catalog, found, self.share.temps_in_use)
+
+
+def _parents_of_live(share: Share) -> set[str]:
+    """Directories that hold a live entry but are not live themselves (deleted on one
+    device while another wrote inside): the materializer makes them to write what they
+    hold, and the next scan records them, once (see docs/simulations.md)."""
+    live: dict[str, bool] = {}
+    for path, _, version in share.catalog.all_live():
+        live[path] = live.get(path, False) or version.kind != Kind.DELETED
+    held = {path.rpartition("/")[0] for path, alive in live.items() if alive}
+    parents = {
+        "/".join(p.split("/")[:depth]) for p in held if p for depth in range(1, p.count("/") + 2)
+    }
+    return {p for p in parents if not live.get(p, False)}
+
+
+class Crashed(Exception):
+    """The node's process ended while one of its scans was hashing."""
+
+
+def scan_share(
+    share: Share, paths: list[str] | None, meanwhile: Callable[[], None] | None
+) -> ScanSummary:
+    """Scan as ``backer run`` does. Its off-loop scan hashes in a worker thread while the
+    event loop goes on (deliveries, applies): ``meanwhile`` runs there, between the
+    hashing and the recording, in a private loop whose executor runs the work at once
+    (so a seed replays). A share without it scans in the loop (``meanwhile`` after)."""
+    off_loop = getattr(share, "scan_off_loop", None)
+    if off_loop is None:
+        return share.scan()
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(_Inline(meanwhile))
+    try:
+        return loop.run_until_complete(off_loop(paths))
+    finally:
+        loop.close()
+
+
+class _Inline(concurrent.futures.Executor):
+    """Runs each job at once; after the first, the rest of the world moves."""
+
+    def __init__(self, meanwhile: Callable[[], None] | None) -> None:
+        self.meanwhile = meanwhile
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to the awaiting coroutine, as a thread would
+            future.set_exception(exc)
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
+        return future
 
 
 @dataclass
@@ -129,6 +238,7 @@ class Cluster:
     disks: Disks = field(default_factory=Disks)
     watch: Watch = field(default_factory=Watch)
     aborts: int = 0  # node processes ended by a disk error
+    resident: bool = False  # nodes run as ``backer run``: see the module's docstring
     _acting: int = 0
 
     def __post_init__(self) -> None:
@@ -179,8 +289,8 @@ class Cluster:
         node's process (False), as it ends ``backer sync``; any other error is a bug."""
         try:
             action()
-        except ProtocolError:
-            raise  # the peer's fault: the session is refused
+        except (ProtocolError, Crashed):
+            raise  # the peer's fault: the session is refused; or the process is gone
         except Exception:
             if not self.disks.active(self.nodes[index].root):
                 raise
@@ -193,7 +303,7 @@ class Cluster:
 
     def connect(self, a: int, b: int) -> Link | None:
         """Open a link (if none is open): both nodes scan, then their sessions start."""
-        if a == b:
+        if a == b or self.nodes[a].down or self.nodes[b].down:
             return None
         key = (min(a, b), max(a, b))
         if key in self.links:
@@ -276,13 +386,15 @@ class Cluster:
         session.outbox += replies  # receiving may have replaced the outbox
 
     def sync(self, a: int, b: int, cut_after: int | None = None) -> bool:
-        """Connect (or reuse the link), deliver on it until it is quiet, then close it;
-        True if both sessions completed. With ``cut_after``, the link drops after that
-        many messages, as a connection lost mid-transfer."""
+        """Connect (or reuse the link), deliver on it until it is quiet, then close it
+        (resident nodes keep it); True if both sessions completed. With ``cut_after``,
+        the link drops after that many messages, as a connection lost mid-transfer."""
         with self.acting():
             return self._sync(a, b, cut_after)
 
     def _sync(self, a: int, b: int, cut_after: int | None) -> bool:
+        """(Resident nodes keep their links open: only a cut drops one.)"""
+        kept = self.resident
         link = self.connect(a, b)
         if link is None:
             return False
@@ -295,21 +407,93 @@ class Cluster:
                 self.disconnect(a, b)
                 return False
         complete = all(s.complete for s in link.sessions)
-        self.disconnect(a, b)
+        if not kept:
+            self.disconnect(a, b)
         return complete
 
-    def scan(self, node: int) -> None:
+    def scan(self, node: int, during: int = 0) -> None:
+        """A watcher firing: the node scans (resident: the paths edited since its last
+        scan); with ``during``, up to that many messages move on its links (and what
+        they bring is applied) while the scan hashes."""
         with self.acting():
-            self._scan(node)
+            self._scan(node, during, whole=not self.resident)
             self._collect()
 
-    def _scan(self, index: int) -> bool:
+    def _scan(self, index: int, during: int = 0, whole: bool = True) -> bool:
         node = self.nodes[index]
-        if not self.guarded(index, node.scan):
+        if node.down:
+            return False
+
+        def meanwhile() -> None:
+            self._collect()
+            self._deliver_around(index, during)
+            if node.share is None:  # its process ended (a disk error while applying)
+                raise Crashed
+
+        scan = functools.partial(node.scan, meanwhile if during else None, whole)
+        try:
+            if not self.guarded(index, scan):
+                return False
+        except Crashed:
             return False
         if self.disks.active(node.root):  # it may not have listed every directory
             node.stray_after_scan = []
+            node.edit(None)
         return True
+
+    def _deliver_around(
+        self, index: int, count: int, until: Callable[[], bool] | None = None
+    ) -> int:
+        """Deliver up to ``count`` messages on the links of node ``index``, the seed
+        choosing the link of each, stopping early once ``until()`` holds."""
+        delivered = 0
+        while delivered < count and not (until and until()):
+            busy = sorted(k for k, link in self.links.items() if index in k and not link.quiet)
+            if not busy:
+                break
+            delivered += self._deliver(self.random.choice(busy), 1)
+        return delivered
+
+    def linked(self, index: int) -> list[int]:
+        """The nodes node ``index`` has an open link with."""
+        return sorted(b if a == index else a for a, b in self.links if index in (a, b))
+
+    def applying(self, index: int, limit: int) -> list[str]:
+        """Deliver on node ``index``'s links (at most ``limit`` messages) until it is
+        applying a plan; return the files and links that plan is about to write."""
+        node = self.nodes[index]
+
+        def planned() -> list[str]:
+            replicator = node.replicator if node.share is not None else None
+            if replicator is None or replicator.operations is None:
+                return []
+            if replicator.assembly is not None:
+                return sorted(replicator.assembly.staged)
+            start = replicator.window_start
+            return sorted(op.path for op in replicator.operations[start:] if op.version.size)
+
+        with self.acting():
+            self._deliver_around(index, limit, lambda: bool(planned()))
+        return planned()
+
+    def stop(self, index: int) -> None:
+        """``backer run`` stopped: links closed, process state discarded."""
+        for a, b in [k for k in self.links if index in k]:
+            self.disconnect(a, b)
+        self.nodes[index].stop()
+
+    def start(self, index: int) -> None:
+        """``backer run`` started again: it opens the share from disk, scans everything,
+        and dials every peer that runs."""
+        node = self.nodes[index]
+        if not node.down:
+            return
+        node.down = False
+        with self.acting():
+            if not self._scan(index):
+                return
+            for other in range(len(self.nodes)):
+                self.connect(index, other)
 
     def backup(self, node: int) -> None:
         """Copy the node's ``.backer/`` as it is on disk now (a crash-consistent copy)."""
@@ -322,7 +506,7 @@ class Cluster:
         """The node crashes and comes back with its last backup of ``.backer/`` (its files
         and its home stay as they are); False if it has no backup."""
         backup = self.base / f"backup{node}"
-        if not backup.exists():
+        if not backup.exists() or self.nodes[node].down:
             return False
         self.crash(node)
         metadata = self.nodes[node].root / ".backer"
@@ -336,6 +520,7 @@ class Cluster:
         self.nodes[node].crash()
 
     def write(self, node: int, path: str, data: bytes) -> None:
+        self.nodes[node].edit([path])
         target = self.nodes[node].root / path
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_symlink() or target.is_dir():

@@ -62,6 +62,33 @@ def converge(cluster: Cluster, rounds: int | None = None) -> int:
     )
 
 
+def check_pushed(cluster: Cluster, limit: int = 20_000) -> None:
+    """Resident nodes push what they record or receive to every open link: with faults
+    stopped, every stopped node started (it dials every peer) and each node's watcher
+    fired once more, delivering on the open links until they are quiet (no new link,
+    no sync) leaves every two linked nodes with the same journal."""
+    for index, node in enumerate(cluster.nodes):
+        if node.down:
+            cluster.start(index)
+    for index in range(len(cluster.nodes)):
+        cluster.scan(index)
+    with cluster.acting():
+        for _ in range(limit):
+            busy = sorted(key for key, link in cluster.links.items() if not link.quiet)
+            if not busy:
+                break
+            cluster._deliver(cluster.random.choice(busy), 1)
+        else:
+            raise InvariantBroken(f"open links still busy after {limit} messages")
+    for a, b in sorted(cluster.links):
+        ours, theirs = (cluster.nodes[i].open().journal.summary() for i in (a, b))
+        if {k: c.length for k, c in ours.items()} != {k: c.length for k, c in theirs.items()}:
+            raise InvariantBroken(
+                f"node{a} and node{b} are linked and quiet but their journals differ "
+                "(an event was not pushed)"
+            )
+
+
 def _differences(prints: list[tuple[list, list]]) -> str:
     """Where the first node that differs from node 0 differs (journals or paths)."""
     for index, (summary, tree) in enumerate(prints[1:], start=1):
@@ -232,6 +259,7 @@ def check_bytes_scale_with_difference(cluster: Cluster, rng: random.Random) -> N
     ]
     for label, change, payload in steps:
         change()
+        cluster.nodes[0].edit(None)
         before = cluster.traffic.bytes
         if not cluster.sync(0, 1):
             raise InvariantBroken(f"the sync after {label} did not complete")

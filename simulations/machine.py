@@ -24,6 +24,7 @@ from .cluster import Cluster
 from .invariants import (
     check_bytes_scale_with_difference,
     check_order_independence,
+    check_pushed,
     check_quiescent,
     converge,
     fingerprint,
@@ -52,11 +53,14 @@ FAMILIES = {
     "tmpnames": "a person's own files named *.backer-tmp",
     "strict": "(a check) a file backer removes or replaces was replaced by a recorded "
     "event, not only kept",
+    "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
+    "while transfers go on (hashing, then recording) and pushes to every open link, edits "
+    "land while a plan is applied, nodes stop and start again",
 }
 ALL = frozenset(FAMILIES)
 CLASSIC: frozenset[str] = frozenset()
 DEFAULT_WORLD = frozenset(  # what CI and the tests run: the families that hold today
-    {"faults", "disk", "durability", "unicode", "case", "long", "tmpnames", "strict"}
+    {"faults", "disk", "durability", "unicode", "case", "long", "tmpnames", "strict", "resident"}
 )
 NAMES = {
     "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it
@@ -87,6 +91,11 @@ def world_files(world: frozenset[str]) -> list[str]:
     )
 
 
+def _ancestors(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:depth]) for depth in range(1, len(parts))]
+
+
 def world_contents(world: frozenset[str]) -> list[bytes]:
     return CONTENTS + ([LARGE] if "durability" in world else [])
 
@@ -113,22 +122,42 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.seeded.callback(setattr, materializer, name, getattr(materializer, name))
                 setattr(materializer, name, value)
         self.base = Path(tempfile.mkdtemp(prefix="backer-sim-", dir=scratch_dir()))
-        self.cluster = Cluster(self.base, seed=seed, size=nodes)
+        self.cluster = Cluster(self.base, seed=seed, size=nodes, resident="resident" in self.world)
         self.cluster.watch.strict = "strict" in self.world
         self.seeded.enter_context(self.cluster.disks.installed())
         self.stats = dict.fromkeys(
-            ("syncs", "cuts", "crashes", "restores", "edits", "conflicts", "bytes"), 0
+            (
+                "syncs",
+                "cuts",
+                "crashes",
+                "restores",
+                "stops",
+                "races",
+                "edits",
+                "conflicts",
+                "bytes",
+            ),
+            0,
         )
         self.fingerprint = b""
 
-    def _fs(self, action, *touched: Path) -> None:
-        """Run a file-system edit; the files it touched get a modification time from the
-        seeded clock (so a seed replays byte for byte)."""
+    def _fs(self, node: int, action, *touched: Path, changed: Iterable[str] | None = ()) -> None:
+        """Run a file-system edit of node ``node``'s person; the files it touched get a
+        modification time from the seeded clock (so a seed replays byte for byte). Its
+        watcher sees the ``touched`` and ``changed`` paths (None: anything) change, and
+        every directory the edit made above them."""
+        root = self.root(node)
+        paths = None
+        if changed is not None:
+            paths = {p.relative_to(root).as_posix() for p in touched} | set(changed)
+            paths |= {a for p in paths for a in _ancestors(p) if not os.path.lexists(root / a)}
         try:
             action()
             self.stats["edits"] += 1
         except OSError:
             return  # the namespace collides (a file where a directory is): nothing happens
+        finally:
+            self.cluster.nodes[node].edit(paths)
         stamp = entropy.now_ns()
         for path in touched:
             if os.path.lexists(path):
@@ -167,7 +196,7 @@ class ClusterMachine(RuleBasedStateMachine):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
 
-        self._fs(act, self.root(node) / spelled)
+        self._fs(node, act, self.root(node) / spelled)
 
     @rule(node=node_index, path=any_file, data=st.binary(min_size=1, max_size=100))
     def append(self, node: int, path: str, data: bytes) -> None:
@@ -175,14 +204,14 @@ class ClusterMachine(RuleBasedStateMachine):
         if spelled is None:
             return
         target = self.root(node) / spelled
-        self._fs(lambda: target.open("ab").write(data) if target.is_file() else None, target)
+        self._fs(node, lambda: target.open("ab").write(data) if target.is_file() else None, target)
 
     @rule(node=node_index, path=any_file)
     def truncate(self, node: int, path: str) -> None:
         spelled = self._path(node, path)
         if spelled is None:
             return
-        self._fs(lambda: os.truncate(self.root(node) / spelled, 1), self.root(node) / spelled)
+        self._fs(node, lambda: os.truncate(self.root(node) / spelled, 1), self.root(node) / spelled)
 
     @rule(node=node_index, path=st.one_of(any_file, dir_path))
     def delete(self, node: int, path: str) -> None:
@@ -197,7 +226,7 @@ class ClusterMachine(RuleBasedStateMachine):
             else:
                 target.unlink()
 
-        self._fs(act)
+        self._fs(node, act, changed=[spelled])
 
     @rule(
         node=node_index,
@@ -216,11 +245,11 @@ class ClusterMachine(RuleBasedStateMachine):
             target.parent.mkdir(parents=True, exist_ok=True)
             (self.root(node) / spelled).rename(target)
 
-        self._fs(act)
+        self._fs(node, act, changed=[spelled, onto])
 
     @rule(node=node_index, path=dir_path)
     def mkdir(self, node: int, path: str) -> None:
-        self._fs(lambda: (self.root(node) / path).mkdir(parents=True))
+        self._fs(node, lambda: (self.root(node) / path).mkdir(parents=True), changed=[path])
 
     @rule(node=node_index, path=any_file, link=st.sampled_from(["f", "../g", "a/c"]))
     def symlink(self, node: int, path: str, link: str) -> None:
@@ -232,7 +261,7 @@ class ClusterMachine(RuleBasedStateMachine):
             (self.root(node) / spelled).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(link, self.root(node) / spelled)
 
-        self._fs(act, self.root(node) / spelled)
+        self._fs(node, act, self.root(node) / spelled)
 
     @rule(node=node_index, path=any_file)
     def toggle_exec(self, node: int, path: str) -> None:
@@ -245,7 +274,7 @@ class ClusterMachine(RuleBasedStateMachine):
             if target.is_file() and not target.is_symlink():
                 target.chmod(target.stat().st_mode ^ 0o111)
 
-        self._fs(act, self.root(node) / spelled)
+        self._fs(node, act, self.root(node) / spelled)
 
     @rule(node=node_index, pattern=st.sampled_from(PATTERNS), add=st.booleans())
     def ignore(self, node: int, pattern: str, add: bool) -> None:
@@ -259,7 +288,7 @@ class ClusterMachine(RuleBasedStateMachine):
             lines = [line for line in lines if line != pattern] + ([pattern] if add else [])
             target.write_text("".join(line + "\n" for line in lines))
 
-        self._fs(act, target)
+        self._fs(node, act, target, changed=None)
 
     @rule(
         node=node_index,
@@ -312,12 +341,60 @@ class ClusterMachine(RuleBasedStateMachine):
     def disconnect(self, a: int, b: int) -> None:
         self.cluster.disconnect(a, b)
 
-    @rule(node=node_index)
-    def scan(self, node: int) -> None:
-        """A file watcher firing: the node records its edits and tells its open links."""
+    @rule(node=node_index, during=st.integers(min_value=0, max_value=30))
+    def scan(self, node: int, during: int = 0) -> None:
+        """A file watcher firing: the node records its edits and tells its open links;
+        resident, up to ``during`` messages move on its links while it hashes."""
         before = self.cluster.traffic.bytes
-        self.cluster.scan(node)
+        self.cluster.scan(node, during if self.cluster.resident else 0)
         self.stats["bytes"] += self.cluster.traffic.bytes - before
+
+    @rule(node=node_index, path=any_file, data=content, limit=st.integers(1, 60))
+    def race(self, node: int, path: str, data: bytes, limit: int) -> None:
+        """The person writes a file while the node applies a plan: deliveries go on (at
+        most ``limit``) until the node is applying (if nothing comes, a linked peer's
+        person writes ``path`` first), then one of the files it is about to rename into
+        place (else ``path``) is written."""
+        if not self.cluster.resident:
+            return
+        before = self.cluster.traffic.bytes
+        if not self.cluster.linked(node):  # its dialer reaches a peer
+            self.cluster.connect(node, self.cluster.random.choice(range(len(self.cluster.nodes))))
+        planned = self.cluster.applying(node, limit)
+        peers = self.cluster.linked(node)
+        if not planned and peers:  # a peer's person writes it first, its watcher pushes
+            peer = self.cluster.random.choice(peers)
+            self.write(peer, path, data + b"'")
+            self.cluster.scan(peer)
+            planned = self.cluster.applying(node, limit)
+        self.stats["bytes"] += self.cluster.traffic.bytes - before
+        if planned:
+            self.stats["races"] += 1
+            path = self.cluster.random.choice(planned)
+            spelled: str | None = path
+        else:
+            spelled = self._path(node, path)
+        if spelled is None:
+            return
+
+        def act() -> None:
+            target = self.root(node) / spelled
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+        self._fs(node, act, self.root(node) / spelled)
+
+    @rule(node=node_index)
+    def stop(self, node: int) -> None:
+        """``backer run`` stops (its links closed); others go on without it."""
+        if self.cluster.resident:
+            self.cluster.stop(node)
+            self.stats["stops"] += 1
+
+    @rule(node=node_index)
+    def start(self, node: int) -> None:
+        """``backer run`` starts again: reopened from disk, a full scan, every peer dialled."""
+        self.cluster.start(node)
 
     @rule(node=node_index)
     def backup(self, node: int) -> None:
@@ -347,6 +424,9 @@ class ClusterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             self.cluster.disks.calm()  # faults stop, disks are freed; then the network heals
+            if self.cluster.resident:
+                check_pushed(self.cluster)
+                self.cluster.resident = False  # the heal below: one-shot syncs, as before
             converge(self.cluster)
             self.stats["conflicts"] = self.cluster.conflicts
             check_quiescent(self.cluster)

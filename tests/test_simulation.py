@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, settings
 
+from backer.model.materializer import Materializer
+from backer.model.replicator import Replicator
 from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
 
@@ -46,10 +48,10 @@ def test_a_seed_replays_byte_for_byte() -> None:
     assert other["fingerprint"] != first["fingerprint"]
 
 
-def _passes(steps: list[tuple[str, dict]], world: frozenset[str]) -> None:
+def _passes(steps: list[tuple[str, dict]], world: frozenset[str]) -> ClusterMachine:
     """Replay a short trace; a broken invariant fails the test with the harness's reason."""
     try:
-        replay(3, steps, 0, world)
+        return replay(3, steps, 0, world)
     except Failure as failure:
         pytest.fail(failure.reason)
 
@@ -147,7 +149,7 @@ def test_a_kept_temp_hides_no_missing_file_from_the_convergence_check() -> None:
         ("sync", {"a": 1, "b": 2, "cut": None}),
         ("sync", {"a": 2, "b": 0, "cut": None}),
     ]
-    _passes(steps, DEFAULT_WORLD)
+    _passes(steps, DEFAULT_WORLD - {"resident"})  # the world it was found in
 
 
 def _scan_with_failing_reads(seed: int) -> tuple[dict[str, int], list[str], bytes]:
@@ -175,3 +177,103 @@ def test_disk_faults_come_from_the_seed_and_only_hit_backer() -> None:
     assert first[0] and first[1], "faults at rate 0.5 must hit some of 8 reads"
     assert first[0] != other[0] or first[1] != other[1]
     assert first[2] == b"the harness's own writes never fail"
+
+
+RESIDENT = frozenset({"resident", "strict"})
+
+
+def test_a_resident_node_pushes_every_scan_to_every_open_link() -> None:
+    """Resident nodes keep their links and push what a watcher's scan records to all of
+    them at once (node 1 and node 2 only hear of node 0's files through their links)."""
+    steps = [
+        ("connect", {"a": 0, "b": 1}),
+        ("connect", {"a": 0, "b": 2}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("write", {"node": 0, "path": "a/f", "data": b"x" * 70_000}),
+        ("scan", {"node": 0, "during": 5}),
+        ("deliver", {"a": 1, "b": 0, "count": 40}),
+    ]
+    machine = _passes(steps, RESIDENT)
+    assert machine.stats["syncs"] == 2
+
+
+def test_the_harness_catches_events_not_pushed_to_open_links() -> None:
+    """With relaying broken (events a scan records or a link brings in reach no other
+    open link), linked nodes that have gone quiet still differ: the harness says so
+    (found as seed 8 with the push removed, shrunk to these steps)."""
+    steps = [
+        ("write", {"node": 1, "path": "g", "data": b"one"}),
+        ("sync", {"a": 1, "b": 0, "cut": None}),
+        ("disk_full", {"node": 2, "budget": 0}),  # its plan stops: no push after a window
+        ("connect", {"a": 2, "b": 1}),
+        ("deliver", {"a": 2, "b": 1, "count": 24}),
+        ("write", {"node": 2, "path": "a/c/h", "data": b""}),
+        ("scan", {"node": 2, "during": 10}),
+    ]
+    _passes(steps, RESIDENT | {"disk"})
+    real = Replicator.journal_grew
+
+    def no_push(self: Replicator) -> None:
+        self.dirty = True
+
+    Replicator.journal_grew = no_push  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Failure, match="not pushed"):
+            replay(3, steps, 0, RESIDENT | {"disk"})
+    finally:
+        Replicator.journal_grew = real  # type: ignore[method-assign]
+
+
+def test_the_harness_catches_applied_writes_recorded_again() -> None:
+    """A node whose apply leaves its scan cache on the version it replaced records the
+    bytes it applied as its own edit at its next scan: the journal grows from nothing
+    its person did, and the harness says so."""
+    steps = [
+        ("write", {"node": 0, "path": "f", "data": b"one"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("write", {"node": 0, "path": "f", "data": b"two"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("scan", {"node": 1, "during": 0}),
+    ]
+    _passes(steps, RESIDENT)
+    real = Materializer._record
+    Materializer._record = lambda self, op, info: None  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Failure, match="recorded its own applied writes as edits"):
+            replay(3, steps, 0, RESIDENT)
+    finally:
+        Materializer._record = real  # type: ignore[method-assign]
+
+
+def test_an_edit_while_a_plan_is_applied_is_kept() -> None:
+    """The person writes the very file a resident node is about to rename into place,
+    after the plan and before its chunks have all come: the edit stays (the apply's
+    re-check sees it), is recorded, and both versions survive as a conflict."""
+    steps = [
+        ("connect", {"a": 0, "b": 1}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("race", {"node": 1, "path": "b/g", "data": b"mine", "limit": 40}),
+        ("scan", {"node": 1, "during": 20}),
+    ]
+    machine = _passes(steps, RESIDENT)
+    assert machine.stats["races"] == 1
+    assert machine.stats["conflicts"] >= 1
+
+
+def test_a_stopped_node_catches_up_when_it_starts_again() -> None:
+    """A node stopped while the others keep pushing, edited by its person meanwhile,
+    starts from its disk, scans everything and redials: no push is missing."""
+    steps = [
+        ("connect", {"a": 0, "b": 1}),
+        ("connect", {"a": 1, "b": 2}),
+        ("stop", {"node": 2}),
+        ("write", {"node": 0, "path": "a/f", "data": b"away"}),
+        ("scan", {"node": 0, "during": 10}),
+        ("write", {"node": 2, "path": "g", "data": b"offline"}),
+        ("deliver", {"a": 0, "b": 1, "count": 40}),
+        ("start", {"node": 2}),
+        ("deliver", {"a": 2, "b": 1, "count": 10}),
+    ]
+    machine = _passes(steps, RESIDENT)
+    assert machine.stats["stops"] == 1
