@@ -80,9 +80,15 @@ class Node:
             self.replicator = Replicator(self.open())
         return self.replicator
 
-    def scan(self, meanwhile: Callable[[], None] | None = None, whole: bool = True) -> None:
+    def scan(
+        self,
+        meanwhile: Callable[[], None] | None = None,
+        whole: bool = True,
+        off_loop: bool = False,
+    ) -> None:
         """Scan (everything, or as a watcher does only the paths edited since the last
-        scan), and relay to the open links. A rule only stops syncing: no deletion is
+        scan; in the loop, or ``off_loop`` as ``backer run`` does), and relay to the
+        open links. A rule only stops syncing: no deletion is
         recorded for a path the rules ignore. A node's own applied writes are never
         recorded as its edits: a scan with no edit since the last one records nothing.
         ``meanwhile`` is what the node's links do while the scan hashes (see
@@ -91,7 +97,7 @@ class Node:
         rules, local = IgnoreRules.load(self.root), share.catalog.local_entries()
         parents = set() if self.edited else _parents_of_live(share)
         paths = None if whole or self.touched is None else sorted(self.touched)
-        summary = scan_share(share, paths, meanwhile)
+        summary = scan_share(share, paths, meanwhile if off_loop else None)
         if self.share is None:  # its process ended while the scan hashed
             raise Crashed
         for path in summary.deleted:
@@ -112,7 +118,7 @@ class Node:
         if summary.events:
             self.hub().journal_grew()
             self.hub().advance()
-        if meanwhile is not None and not hasattr(share, "scan_off_loop"):
+        if meanwhile is not None and not (off_loop and hasattr(share, "scan_off_loop")):
             meanwhile()  # the scan held the loop: its links move only after it
 
     def edit(self, paths: Iterable[str] | None) -> None:
@@ -182,10 +188,11 @@ def scan_share(
     """Scan as ``backer run`` does. Its off-loop scan hashes in a worker thread while the
     event loop goes on (deliveries, applies): ``meanwhile`` runs there, between the
     hashing and the recording, in a private loop whose executor runs the work at once
-    (so a seed replays). A share without it scans in the loop (``meanwhile`` after)."""
+    (so a seed replays). Without ``meanwhile`` (or a share without an off-loop scan),
+    the scan runs in the loop."""
     off_loop = getattr(share, "scan_off_loop", None)
-    if off_loop is None:
-        return share.scan()
+    if off_loop is None or meanwhile is None:
+        return share.scan() if paths is None else share.scan(paths=paths)
     loop = asyncio.new_event_loop()
     loop.set_default_executor(_Inline(meanwhile))
     try:
@@ -194,10 +201,13 @@ def scan_share(
         loop.close()
 
 
-class _Inline(concurrent.futures.Executor):
-    """Runs each job at once; after the first, the rest of the world moves."""
+class _Inline(concurrent.futures.ThreadPoolExecutor):
+    """Runs each job at once, in the caller's thread (asyncio wants a thread pool as the
+    default executor; this one never starts a thread); after the first job, the rest
+    of the world moves."""
 
     def __init__(self, meanwhile: Callable[[], None] | None) -> None:
+        super().__init__(max_workers=1)
         self.meanwhile = meanwhile
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -416,10 +426,12 @@ class Cluster:
         scan); with ``during``, up to that many messages move on its links (and what
         they bring is applied) while the scan hashes."""
         with self.acting():
-            self._scan(node, during, whole=not self.resident)
+            self._scan(node, during, whole=not self.resident, off_loop=self.resident)
             self._collect()
 
-    def _scan(self, index: int, during: int = 0, whole: bool = True) -> bool:
+    def _scan(
+        self, index: int, during: int = 0, whole: bool = True, off_loop: bool = False
+    ) -> bool:
         node = self.nodes[index]
         if node.down:
             return False
@@ -430,7 +442,7 @@ class Cluster:
             if node.share is None:  # its process ended (a disk error while applying)
                 raise Crashed
 
-        scan = functools.partial(node.scan, meanwhile if during else None, whole)
+        scan = functools.partial(node.scan, meanwhile if during else None, whole, off_loop)
         try:
             if not self.guarded(index, scan):
                 return False
@@ -490,7 +502,7 @@ class Cluster:
             return
         node.down = False
         with self.acting():
-            if not self._scan(index):
+            if not self._scan(index, off_loop=True):
                 return
             for other in range(len(self.nodes)):
                 self.connect(index, other)

@@ -91,6 +91,13 @@ def world_files(world: frozenset[str]) -> list[str]:
     )
 
 
+def _inside(root: Path, path: Path) -> str | None:
+    """Where ``path`` really is (links followed), relative to ``root``, if inside it."""
+    real = Path(os.path.realpath(path))
+    base = Path(os.path.realpath(root))
+    return real.relative_to(base).as_posix() if real.is_relative_to(base) else None
+
+
 def _ancestors(path: str) -> list[str]:
     parts = path.split("/")
     return ["/".join(parts[:depth]) for depth in range(1, len(parts))]
@@ -157,6 +164,8 @@ class ClusterMachine(RuleBasedStateMachine):
         except OSError:
             return  # the namespace collides (a file where a directory is): nothing happens
         finally:
+            if paths is not None:  # an edit through a link lands where the link points
+                paths |= {real for p in touched if (real := _inside(root, p)) is not None}
             self.cluster.nodes[node].edit(paths)
         stamp = entropy.now_ns()
         for path in touched:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from backer.model.materializer import Materializer
-from backer.model.replicator import Replicator
+from backer.protocol.session import Session
 from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
 
@@ -199,30 +199,24 @@ def test_a_resident_node_pushes_every_scan_to_every_open_link() -> None:
 
 
 def test_the_harness_catches_events_not_pushed_to_open_links() -> None:
-    """With relaying broken (events a scan records or a link brings in reach no other
-    open link), linked nodes that have gone quiet still differ: the harness says so
-    (found as seed 8 with the push removed, shrunk to these steps)."""
+    """With pushing broken (an open session sends nothing new after its start: not
+    what a scan records, not what another link brings in), linked nodes that have gone
+    quiet still differ, and the harness says so."""
     steps = [
-        ("write", {"node": 1, "path": "g", "data": b"one"}),
         ("sync", {"a": 1, "b": 0, "cut": None}),
-        ("disk_full", {"node": 2, "budget": 0}),  # its plan stops: no push after a window
-        ("connect", {"a": 2, "b": 1}),
-        ("deliver", {"a": 2, "b": 1, "count": 24}),
-        ("write", {"node": 2, "path": "a/c/h", "data": b""}),
-        ("scan", {"node": 2, "during": 10}),
+        ("sync", {"a": 2, "b": 1, "cut": None}),
+        ("write", {"node": 0, "path": "f", "data": b"two"}),
+        ("scan", {"node": 0, "during": 0}),
+        ("deliver", {"a": 0, "b": 1, "count": 40}),
     ]
-    _passes(steps, RESIDENT | {"disk"})
-    real = Replicator.journal_grew
-
-    def no_push(self: Replicator) -> None:
-        self.dirty = True
-
-    Replicator.journal_grew = no_push  # type: ignore[method-assign]
+    _passes(steps, RESIDENT)
+    real = Session.push
+    Session.push = lambda self: []  # type: ignore[method-assign]
     try:
         with pytest.raises(Failure, match="not pushed"):
-            replay(3, steps, 0, RESIDENT | {"disk"})
+            replay(3, steps, 0, RESIDENT)
     finally:
-        Replicator.journal_grew = real  # type: ignore[method-assign]
+        Session.push = real  # type: ignore[method-assign]
 
 
 def test_the_harness_catches_applied_writes_recorded_again() -> None:
