@@ -27,6 +27,7 @@ from typing import Any
 import click
 
 from backer.config import registry
+from backer.config import service as service_mod
 from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
 from backer.connections import control, transport
 from backer.connections.addresses import AddressBook, advertised, loopback_only
@@ -1195,6 +1196,28 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> Non
             click.echo(f"the damaged database is kept as {target.damaged_copy}")
         status = _report_problems(share)
     sys.exit(status)
+
+
+@cli.group()
+def service() -> None:
+    """Run 'backer run' at login: a systemd user unit (Linux) or a launchd agent (macOS)."""
+
+
+@service.command("install")
+def service_install() -> None:
+    """Write the unit that runs this backer's 'backer run' (with the BACKER_HOME set
+    now, if any), and print the command that enables it; nothing is enabled here."""
+    installed = service_mod.install()
+    _say(f"wrote {installed.path}:")
+    click.echo(installed.text.rstrip("\n"))
+    _say(f"enable and start it with: {installed.enable}")
+
+
+@service.command("uninstall")
+def service_uninstall() -> None:
+    """Remove the unit written by 'backer service install'."""
+    path, stop = service_mod.uninstall()
+    _say(f"removed {path}; then run: {stop}")
 
 
 def main() -> None:
