@@ -149,6 +149,15 @@ def test_a_new_announcement_is_relayed_at_once_over_open_sessions(tmp_path: Path
     assert books[2].addresses(a.device) == [("10.0.0.7", 7654)]
 
 
+def test_loopback_is_announced_only_when_it_is_all_there_is(tmp_path: Path) -> None:
+    (a,) = make_devices(tmp_path, 1)
+    book = _book(a)
+    both = [("192.168.1.5", 7654), ("127.0.0.1", 7654), ("::1", 7654)]
+    assert book.announce(both).addresses == (("192.168.1.5", 7654),)
+    alone = [("127.0.0.1", 7001)]
+    assert book.announce(alone).addresses == (("127.0.0.1", 7001),)
+
+
 def test_an_older_announcement_is_ignored_and_a_newer_one_wins(tmp_path: Path) -> None:
     a, b = make_devices(tmp_path, 2)
     sync(a, b)  # b knows a as a member

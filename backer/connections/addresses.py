@@ -89,10 +89,13 @@ class AddressBook:
 
     def announce(self, addresses: Iterable[tuple[str, int]]) -> Announcement:
         """Sign this device's listen addresses anew (later than any earlier one): what
-        sessions opened from now on tell their peers."""
+        sessions opened from now on tell their peers. Loopback ones are left out when
+        there are others: on another machine they would name that machine."""
+        listed = list(addresses)
+        outside = [(host, port) for host, port in listed if not _is_loopback(host.strip("[]"))]
         last = self.own.time_ms if self.own else 0
         self.own = Announcement.make(
-            self.key, self.share_id, max(self.clock(), last + 1), addresses
+            self.key, self.share_id, max(self.clock(), last + 1), outside or listed
         )
         return self.own
 
