@@ -278,10 +278,12 @@ class Watcher:
         self._call(self._want_full, "overflow")
 
     def unwatched(self, raw: bytes) -> None:
-        """A directory could not be watched (the watch limit): poll it instead."""
-        relative = self._relative(raw)
+        """A directory could not be watched (the watch limit): poll it instead (the
+        share itself, when its watches could not be rebuilt after an overflow)."""
+        path = os.fsdecode(raw)
+        relative = "" if path == os.fspath(self.root) else self._relative(raw)
         if relative is not None:
-            self._call(self._unwatched, relative, os.fsdecode(raw))
+            self._call(self._unwatched, relative, path)
 
     # -- in the loop -----------------------------------------------------------------
 
@@ -465,6 +467,8 @@ if sys.platform.startswith("linux"):
         def on_queue_overflow(self) -> None:
             super().on_queue_overflow()  # the watches are rebuilt first
             if self.watcher is not None:
+                if self.is_active and self.path not in self._active_callbacks_by_path:
+                    self.watcher.unwatched(self.path)  # watchdog only logs that
                 self.watcher.overflowed()
 
         def _add_all_callbacks(self, path: bytes) -> None:
