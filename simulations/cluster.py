@@ -40,6 +40,7 @@ from backer.model.replicator import Replicator
 from backer.model.share import ScanSummary, Share
 from backer.protocol.session import Session
 from backer.protocol.wire import FrameReader, ProtocolError
+from backer.scanner import walk
 from backer.scanner.ignore import IgnoreRules
 
 from .faults import Disks
@@ -85,19 +86,20 @@ class Node:
         meanwhile: Callable[[], None] | None = None,
         whole: bool = True,
         off_loop: bool = False,
+        mid_walk: bool = False,
     ) -> None:
         """Scan (everything, or as a watcher does only the paths edited since the last
         scan; in the loop, or ``off_loop`` as ``backer run`` does), and relay to the
         open links. A rule only stops syncing: no deletion is
         recorded for a path the rules ignore. A node's own applied writes are never
         recorded as its edits: a scan with no edit since the last one records nothing.
-        ``meanwhile`` is what the node's links do while the scan hashes (see
-        :func:`scan_share`)."""
+        ``meanwhile`` is what the node's links do while an off-loop scan hashes
+        (``mid_walk``: before its first file; see :func:`scan_share`)."""
         share = self.open()
         rules, local = IgnoreRules.load(self.root), share.catalog.local_entries()
         parents = set() if self.edited else _parents_of_live(share)
         paths = None if whole or self.touched is None else sorted(self.touched)
-        summary = scan_share(share, paths, meanwhile if off_loop else None)
+        summary = scan_share(share, paths, meanwhile if off_loop else None, mid_walk)
         if self.share is None:  # its process ended while the scan hashed
             raise Crashed
         for path in summary.deleted:
@@ -183,18 +185,22 @@ class Crashed(Exception):
 
 
 def scan_share(
-    share: Share, paths: list[str] | None, meanwhile: Callable[[], None] | None
+    share: Share,
+    paths: list[str] | None,
+    meanwhile: Callable[[], None] | None,
+    mid_walk: bool = False,
 ) -> ScanSummary:
     """Scan as ``backer run`` does. Its off-loop scan hashes in a worker thread while the
     event loop goes on (deliveries, applies): ``meanwhile`` runs there, between the
-    hashing and the recording, in a private loop whose executor runs the work at once
-    (so a seed replays). Without ``meanwhile`` (or a share without an off-loop scan),
-    the scan runs in the loop."""
+    hashing and the recording (``mid_walk``: between the walk's stats and the first
+    file's hashing), in a private loop whose executor runs the work at once (so a seed
+    replays). Without ``meanwhile`` (or a share without an off-loop scan), the scan
+    runs in the loop."""
     off_loop = getattr(share, "scan_off_loop", None)
     if off_loop is None or meanwhile is None:
         return share.scan() if paths is None else share.scan(paths=paths)
     loop = asyncio.new_event_loop()
-    loop.set_default_executor(_Inline(meanwhile))
+    loop.set_default_executor(_Inline(meanwhile, mid_walk))
     try:
         return loop.run_until_complete(off_loop(paths))
     finally:
@@ -203,22 +209,36 @@ def scan_share(
 
 class _Inline(concurrent.futures.ThreadPoolExecutor):
     """Runs each job at once, in the caller's thread (asyncio wants a thread pool as the
-    default executor; this one never starts a thread); after the first job, the rest
-    of the world moves."""
+    default executor; this one never starts a thread); during the first job (before
+    it hashes a file, ``mid_walk``) or after it, the rest of the world moves."""
 
-    def __init__(self, meanwhile: Callable[[], None] | None) -> None:
+    def __init__(self, meanwhile: Callable[[], None] | None, mid_walk: bool) -> None:
         super().__init__(max_workers=1)
-        self.meanwhile = meanwhile
+        self.meanwhile, self.mid_walk = meanwhile, mid_walk
+
+    def _world_moves(self) -> None:
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
+        real = walk.read_stable
+
+        def read_stable(*args: Any, **kwargs: Any) -> Any:
+            walk.read_stable = real
+            self._world_moves()
+            return real(*args, **kwargs)
+
+        if self.mid_walk and self.meanwhile is not None:
+            walk.read_stable = read_stable
         try:
             future.set_result(fn(*args, **kwargs))
         except BaseException as exc:  # handed to the awaiting coroutine, as a thread would
             future.set_exception(exc)
-        meanwhile, self.meanwhile = self.meanwhile, None
-        if meanwhile is not None:
-            meanwhile()
+        finally:
+            walk.read_stable = real
+        self._world_moves()  # (if no file was hashed)
         return future
 
 
@@ -442,7 +462,10 @@ class Cluster:
             if node.share is None:  # its process ended (a disk error while applying)
                 raise Crashed
 
-        scan = functools.partial(node.scan, meanwhile if during else None, whole, off_loop)
+        mid_walk = during % 2 == 1  # odd: the world moves before the first file is hashed
+        scan = functools.partial(
+            node.scan, meanwhile if during else None, whole, off_loop, mid_walk
+        )
         try:
             if not self.guarded(index, scan):
                 return False
