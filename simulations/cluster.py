@@ -90,9 +90,9 @@ class Node:
     ) -> None:
         """Scan (everything, or as a watcher does only the paths edited since the last
         scan; in the loop, or ``off_loop`` as ``backer run`` does), and relay to the
-        open links. A rule only stops syncing: no deletion is
-        recorded for a path the rules ignore. A node's own applied writes are never
-        recorded as its edits: a scan with no edit since the last one records nothing.
+        open links. A rule only stops syncing: no deletion is recorded for a path the
+        rules ignore. A node's own applied writes are never recorded as its edits: a
+        scan with no edit since the last one records nothing.
         ``meanwhile`` is what the node's links do while an off-loop scan hashes
         (``mid_walk``: before its first file; see :func:`scan_share`)."""
         share = self.open()
@@ -423,8 +423,6 @@ class Cluster:
             return self._sync(a, b, cut_after)
 
     def _sync(self, a: int, b: int, cut_after: int | None) -> bool:
-        """(Resident nodes keep their links open: only a cut drops one.)"""
-        kept = self.resident
         link = self.connect(a, b)
         if link is None:
             return False
@@ -437,7 +435,7 @@ class Cluster:
                 self.disconnect(a, b)
                 return False
         complete = all(s.complete for s in link.sessions)
-        if not kept:
+        if not self.resident:  # resident nodes keep their links: only a cut drops one
             self.disconnect(a, b)
         return complete
 
@@ -525,7 +523,7 @@ class Cluster:
             return
         node.down = False
         with self.acting():
-            if not self._scan(index, off_loop=True):
+            if not self._scan(index):
                 return
             for other in range(len(self.nodes)):
                 self.connect(index, other)
