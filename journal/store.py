@@ -24,6 +24,8 @@ from .event import NO_PREVIOUS, Checkpoint, Event, InvalidEvent
 from .merkle import Peaks, depth, leaf_span, peak_indices, subtree_hash
 
 KEEP_DEPTH = 5
+PAGE_EVENTS = 1024  # events read at once by a catch-up (see in_ranges)
+PAGE_BYTES = 1 << 20
 
 
 class JournalError(Exception):
@@ -185,20 +187,53 @@ class Journal:
 
     def in_ranges(self, ranges: list[Range]) -> Iterator[Event]:
         """The events of ``ranges``, in the order they arrived here (a causal order),
-        short of any quarantined event and the rest of its author's log (never relayed)."""
-        if not ranges:
-            return
+        short of any quarantined event and the rest of its author's log (never relayed).
+
+        Read a page at a time (at most ``PAGE_EVENTS`` events and ``PAGE_BYTES`` bytes,
+        one event at least), no statement held open in between: a catch-up of the
+        whole journal holds one page, and the journal may grow while it is consumed."""
         held = self.quarantine_starts()
         ids = {key: rowid for rowid, key in self.conn.execute("SELECT id, key FROM authors")}
-        clauses = " OR ".join("(author = ? AND seq >= ? AND seq < ?)" for _ in ranges)
-        params = [
-            value
+        bounds = [
+            (ids[r.author], r.start, min(r.end, held.get(r.author, r.end)))
             for r in ranges
-            for value in (ids[r.author], r.start, min(r.end, held.get(r.author, r.end)))
+            if r.author in ids
         ]
-        rows = self.conn.execute(f"SELECT raw FROM events WHERE {clauses} ORDER BY rowid", params)
-        for (raw,) in rows:
-            yield Event.decode(raw)
+        bounds = [bound for bound in bounds if bound[1] < bound[2]]
+        if not bounds:
+            return
+        # ``+author``: walk the rows in arrival order from ``last`` (an index on author
+        # would collect and sort every wanted row again for each page)
+        clauses = " OR ".join("(+author = ? AND seq >= ? AND seq < ?)" for _ in bounds)
+        params = [value for bound in bounds for value in bound]
+        firsts = [  # start at the earliest event wanted: no scan of the older ones
+            self.conn.execute(
+                "SELECT rowid FROM events WHERE author = ? AND seq = ?", (author, start)
+            ).fetchone()
+            for author, start, _ in bounds
+        ]
+        last = min((row[0] for row in firsts if row), default=1) - 1
+        while True:
+            sizes = self.conn.execute(
+                f"SELECT rowid, length(raw) FROM events WHERE rowid > ? AND ({clauses}) "
+                "ORDER BY rowid LIMIT ?",
+                [last, *params, PAGE_EVENTS],
+            ).fetchall()
+            if not sizes:
+                return
+            cut, total = sizes[0][0], 0
+            for rowid, size in sizes:
+                if total and total + size > PAGE_BYTES:
+                    break
+                cut, total = rowid, total + size
+            rows = self.conn.execute(
+                f"SELECT raw FROM events WHERE rowid > ? AND rowid <= ? AND ({clauses}) "
+                "ORDER BY rowid",
+                [last, cut, *params],
+            ).fetchall()
+            last = cut
+            for (raw,) in rows:
+                yield Event.decode(raw)
 
     # -- quarantine: stored events that cannot be applied --------------------------
 

@@ -123,10 +123,8 @@ def test_a_long_lived_session_pushes_later_changes_both_ways(tmp_path: Path) -> 
     for source, target, pusher in ((a, b, left), (b, a, right)):
         (source.root / f"later-{source.root.name}.txt").write_text("pushed")
         source.scan()
-        if pusher is left:
-            exchange(left, right, left.push(), [])
-        else:
-            exchange(left, right, [], right.push())
+        pusher.push()
+        exchange(left, right, left.take_outbox(), right.take_outbox())
         assert (target.root / f"later-{source.root.name}.txt").read_text() == "pushed"
     assert tree(a.root) == tree(b.root)
 

@@ -330,7 +330,7 @@ class Hub:
                     tasks["read"] = asyncio.ensure_future(streams.reader.read(READ_SIZE))
                 if "finished" not in tasks:
                     tasks["finished"] = asyncio.ensure_future(finished.wait())
-                if session is not None and session.owed and "drain" not in tasks:
+                if session is not None and session.backlog and "drain" not in tasks:
                     tasks["drain"] = asyncio.ensure_future(writer.drain())
                 await asyncio.wait(
                     tasks.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED

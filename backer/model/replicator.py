@@ -121,7 +121,7 @@ class Replicator:
         """New events are in the journal (received, scanned or resolved): relay them."""
         self.dirty = True
         for session in self.sessions:
-            session.outbox += session.push()
+            session.push()
 
     # -- the steps ------------------------------------------------------------------------
 
@@ -171,7 +171,7 @@ class Replicator:
             if self.operations is not None:
                 continue  # the next window of the plan
             for session in self.sessions:
-                session.outbox += session.push()
+                session.push()
             if not self.dirty:
                 self._acknowledge()
                 return

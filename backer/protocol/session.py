@@ -8,7 +8,9 @@ Both sides run the same machine:
 
 1. send ``Hello`` and ``Summary`` (signed checkpoint per author);
 2. on the peer's ``Summary``: send, in this device's arrival order (a causal order),
-   every event the peer lacks, then ``CaughtUp``; forks are recorded, never sent;
+   every event the peer lacks, then ``CaughtUp``; forks are recorded, never sent.
+   Those messages, like every relayed event after them, are built lazily as the peer
+   takes them (below), so a catch-up of the whole journal holds a page of it;
 3. on ``Events``: verify and store each author's run (one signature per run), apply it;
 4. once the peer is caught up, the share's :class:`~backer.model.replicator.Replicator`
    (shared by every open session of the device) materializes: resolve conflicts, plan,
@@ -17,7 +19,8 @@ Both sides run the same machine:
 5. answer ``WantManifests`` / ``WantChunks`` from local data at any time, lazily:
    requests are queued (at most ``MAX_OWED``) and replies are built only as the
    transport asks for them (:meth:`Session.take_outbox` with a byte budget), so a peer
-   that asks without reading costs a bounded amount of memory.
+   that asks without reading, or that claims to hold nothing, costs a bounded amount
+   of memory.
 
 A one-shot sync is complete when the peer caught us up, our materialization is idle,
 and the peer's ``Done`` acknowledges every ``Events`` message we sent.
@@ -26,10 +29,11 @@ and the peer's ``Done`` acknowledges every ``Events`` message we sent.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from backer.model.membership import MAX_MEMBERS
 from backer.model.replicator import CHUNKS_PER_REQUEST, MANIFESTS_PER_REQUEST, Replicator
 from backer.model.share import Share
 from backer.protocol.announce import Announcement
@@ -64,7 +68,6 @@ MAX_OWED = 16_384  # requests queued from one peer (an honest one has at most
 REPLY_BYTES = 4 * 1024 * 1024  # Manifests, Summary parts and ManifestPart slices stay below
 MAX_MANIFEST_BYTES = 128 * 1024 * 1024  # 3.7M chunks: a 57 GB file even at the minimum
 # chunk size
-MAX_SUMMARY_BYTES = 64 * 1024 * 1024
 MAX_ANNOUNCEMENTS = 1024  # per Addresses message: one per member (at most 1,000)
 _NEVER = 2**63
 _CHUNK, _MANIFEST = 0, 1
@@ -79,15 +82,13 @@ def _blob_size(blob: bytes) -> int:
     return len(blob) + 4
 
 
-def _parts(
-    items: list[T], size: Callable[[T], int], limit: int, count: int = 1 << 30
-) -> list[list[T]]:
-    """Consecutive slices of ``items``, each within ``count`` items and ``limit`` bytes
-    (one item at least), so that no message approaches the frame limit."""
+def _parts(items: list[T], size: Callable[[T], int], limit: int) -> list[list[T]]:
+    """Consecutive slices of ``items``, each within ``limit`` bytes (one item at least),
+    so that no message approaches the frame limit."""
     parts: list[list[T]] = [[]]
     total = 0
     for item in items:
-        if parts[-1] and (len(parts[-1]) >= count or total + size(item) > limit):
+        if parts[-1] and total + size(item) > limit:
             parts.append([])
             total = 0
         parts[-1].append(item)
@@ -195,7 +196,8 @@ class Session:
         self.owed: deque[tuple[int, bytes]] = deque()  # requests of the peer not yet answered
         self.sending_part: tuple[bytes, bytes, int] | None = None  # id, body, offset
         self.receiving_part: tuple[bytes, int, bytearray] | None = None  # id, total, so far
-        self.summary_parts: list[bytes] = []
+        self.peer_summary: dict[bytes, Checkpoint] = {}  # checked claims, until the last part
+        self.sending: deque[Iterator[Message]] = deque()  # Events (and CaughtUp) to build
         self.phase = OPENING  # what the peer may send next: see LEGAL
 
     # -- driving ------------------------------------------------------------------------
@@ -213,9 +215,14 @@ class Session:
         return (
             self.peer_caught_up
             and self.replicator.idle
+            and not self.backlog
             and self.peer_acknowledged == self.events_messages_sent
-            and not self.owed
         )
+
+    @property
+    def backlog(self) -> bool:
+        """Messages remain to be built for the peer as its output drains."""
+        return bool(self.owed or self.sending)
 
     def overdue(self, now: float, limit: float) -> bool:
         """Whether requests to this peer have gone unanswered for ``limit`` seconds."""
@@ -234,15 +241,27 @@ class Session:
         return self.take_outbox(0 if self.lazy else None)
 
     def take_outbox(self, budget: int | None = None) -> list[Message]:
-        """The messages queued for the peer, then replies to its requests: all of them
-        (``budget`` None), or about ``budget`` bytes of them (one at least, if positive)."""
+        """The messages queued for the peer, then events it lacks, then replies to its
+        requests: all of them (``budget`` None), or about ``budget`` bytes of them (one
+        at least, if positive)."""
         out, self.outbox = self.outbox, []
         built = 0
-        while self.owed and (budget is None or built < budget):
-            reply = self._reply()
-            built += len(reply.encode()) if budget is not None else 0
-            out.append(reply)
+        while self.backlog and (budget is None or built < budget):
+            message = self._build()
+            if message is not None:
+                built += len(message.encode()) if budget is not None else 0
+                out.append(message)
         return out
+
+    def _build(self) -> Message | None:
+        """The next message owed to the peer: events first (it needs them to ask for
+        anything), then replies to its requests; None when a finished source was dropped."""
+        if self.sending:
+            message = next(self.sending[0], None)
+            if message is None:
+                self.sending.popleft()
+            return message
+        return self._reply()
 
     def close(self) -> None:
         """The connection is gone: hand what was asked of this peer to the others."""
@@ -267,48 +286,78 @@ class Session:
     def _on_summary(self, message: Summary) -> list[Message]:
         if self.peer_lengths is not None:
             raise ProtocolError("a second summary")
-        self.summary_parts += message.checkpoints
-        if sum(map(len, self.summary_parts)) > MAX_SUMMARY_BYTES:
-            raise ProtocolError("the summary is too large")
+        self._take_claims(message.checkpoints)
         if message.more:
             return []
         self.phase = SYNCING
-        raws, self.summary_parts = self.summary_parts, []
-        try:
-            peer = self.share.journal.check_summary(Checkpoint.decode(raw) for raw in raws)
-        except (JournalError, ValueError) as exc:
-            raise ProtocolError(f"bad summary: {exc}") from exc
+        peer, self.peer_summary = self.peer_summary, {}
         ranges, forks = self.share.journal.missing_for(peer)
         self.peer_lengths = {author: c.length for author, c in peer.items()}
         for fork in forks:
             self.peer_lengths[fork.author] = _NEVER
             self.forks.append(fork.author.hex())
         known = self.addresses.announcements()[:MAX_ANNOUNCEMENTS] if self.addresses else []
-        gossip: list[Message] = [Addresses(known)] if known else []  # after the events: the
-        return [*self._events_for(ranges), CaughtUp(), *gossip]  # peer then knows the members
+        gossip: list[Message] = [Addresses(known)] if known else []
+        self._send_events(ranges)
+        self.after_events(CaughtUp(), *gossip)  # after the events: the peer then knows the
+        return []  # members
 
-    def _events_for(self, ranges: list[Range]) -> list[Message]:
-        """Events messages for ``ranges``: runs of one author, in our arrival order."""
+    def _take_claims(self, raws: list[bytes]) -> None:
+        """Check and keep the peer's checkpoints as each part arrives. A share never has
+        more than ``MAX_MEMBERS`` authors, so a summary naming more (or one twice) is
+        refused: a flood of claimed authors costs neither memory nor signature checks."""
+        try:
+            for raw in raws:
+                claim = Checkpoint.decode(raw)
+                if claim.author in self.peer_summary:
+                    raise ProtocolError("a summary names an author twice")
+                if len(self.peer_summary) >= MAX_MEMBERS:
+                    raise ProtocolError(f"a summary of more than {MAX_MEMBERS} authors")
+                self.peer_summary.update(self.share.journal.check_summary([claim]))
+        except (JournalError, ValueError) as exc:
+            raise ProtocolError(f"bad summary: {exc}") from exc
+
+    def _send_events(self, ranges: list[Range]) -> None:
+        """Queue ``ranges`` for the peer; their messages are built as it takes them."""
         assert self.peer_lengths is not None
-        runs: list[list[Event]] = []
+        for r in ranges:
+            self.peer_lengths[r.author] = max(self.peer_lengths.get(r.author, 0), r.end)
+        if ranges:
+            self.sending.append(self._events_for(ranges))
+
+    def after_events(self, *messages: Message) -> None:
+        """Send ``messages`` once the events queued so far are sent (the ``outbox`` goes
+        before them: requests and acknowledgements need not wait)."""
+        self.sending.append(iter(messages))
+
+    def _events_for(self, ranges: list[Range]) -> Iterator[Message]:
+        """Events messages for ``ranges``: runs of one author in our arrival order, each
+        cut by count and bytes; the checkpoint rides on a run's last message."""
+        part: list[Event] = []
+        size = 0
         for event in self.share.journal.in_ranges(ranges):
-            if runs and runs[-1][0].author == event.author:
-                runs[-1].append(event)
-            else:
-                runs.append([event])
-        messages: list[Message] = []
-        for run in runs:
-            author, end = run[0].author, run[-1].seq + 1
-            checkpoint = self.share.journal.checkpoint_at(author, end)
-            parts = _parts(run, _event_size, EVENT_BYTES_PER_MESSAGE, EVENTS_PER_MESSAGE)
-            for index, part in enumerate(parts):
-                last = index == len(parts) - 1
-                raw_checkpoint = checkpoint.encode() if last and checkpoint else b""
-                messages.append(Events(raw_checkpoint, [e.raw for e in part], int(not last)))
-            self.peer_lengths[author] = max(self.peer_lengths.get(author, 0), end)
-            self.stats.events_sent += len(run)
-        self.events_messages_sent += len(messages)
-        return messages
+            if part and event.author != part[0].author:
+                yield self._events_message(part, last=True)
+                part, size = [], 0
+            elif part and (
+                len(part) >= EVENTS_PER_MESSAGE
+                or size + _event_size(event) > EVENT_BYTES_PER_MESSAGE
+            ):
+                yield self._events_message(part, last=False)
+                part, size = [], 0
+            part.append(event)
+            size += _event_size(event)
+        if part:
+            yield self._events_message(part, last=True)
+
+    def _events_message(self, part: list[Event], last: bool) -> Events:
+        checkpoint = (
+            self.share.journal.checkpoint_at(part[0].author, part[-1].seq + 1) if last else None
+        )
+        self.stats.events_sent += len(part)
+        self.events_messages_sent += 1
+        raw_checkpoint = checkpoint.encode() if checkpoint else b""
+        return Events(raw_checkpoint, [e.raw for e in part], int(not last))
 
     def _on_events(self, message: Events) -> list[Message]:
         self.events_messages_received += 1
@@ -395,7 +444,7 @@ class Session:
         if news:
             for session in self.replicator.sessions:
                 if session is not self and session.addresses is not None:
-                    session.outbox.append(Addresses(news))
+                    session.after_events(Addresses(news))
         return []
 
     def _on_error(self, message: Error) -> list[Message]:
@@ -489,17 +538,17 @@ class Session:
         self.replicator.advance()
         return []
 
-    def push(self) -> list[Message]:
-        """Events this device holds that the peer has not been sent: its own new local
-        changes, resolutions, or events another session brought in. Sessions are
-        long-lived: call this whenever the journal grows. Nothing to a removed device."""
+    def push(self) -> None:
+        """Queue the events this device holds that the peer has not been sent: its own
+        new local changes, resolutions, or events another session brought in. Sessions
+        are long-lived: call this whenever the journal grows. Nothing to a removed device."""
         if self.peer_lengths is None or (
             self.peer is not None and self.peer not in self.share.members
         ):
-            return []
+            return
         ranges = []
         for author, checkpoint in self.share.journal.summary().items():
             have = self.peer_lengths.get(author, 0)
             if have < checkpoint.length:
                 ranges.append(Range(author, have, checkpoint.length))
-        return self._events_for(ranges)
+        self._send_events(ranges)
