@@ -40,7 +40,9 @@ def wait_for_port(port: int, seconds: float = 30) -> None:
 
 class PeakRss(threading.Thread):
     """The largest resident size of any single process in each watched tree, sampled
-    every 20 ms while running (a supervisor and its worker count separately)."""
+    every 20 ms while running (a supervisor and its worker count separately); also,
+    under ``NAME (anonymous)``, the largest share of it not backed by a file: a file
+    read through mmap counts in the RSS while the kernel can drop it at any time."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         super().__init__(daemon=True)
@@ -49,6 +51,7 @@ class PeakRss(threading.Thread):
             with contextlib.suppress(psutil.Error):
                 self.processes[name] = psutil.Process(pid)
         self.peaks = dict.fromkeys(pids, 0)
+        self.anonymous = dict.fromkeys(pids, 0)
         self.running = True
 
     def run(self) -> None:
@@ -56,13 +59,16 @@ class PeakRss(threading.Thread):
             for name, process in self.processes.items():
                 with contextlib.suppress(psutil.Error):
                     for one in [process, *process.children(recursive=True)]:
-                        self.peaks[name] = max(self.peaks[name], one.memory_info().rss)
+                        info = one.memory_info()
+                        self.peaks[name] = max(self.peaks[name], info.rss)
+                        self.anonymous[name] = max(self.anonymous[name], info.rss - info.shared)
             time.sleep(0.02)
 
     def stop(self) -> dict[str, float]:
         self.running = False
         self.join()
-        return {name: peak / MIB for name, peak in self.peaks.items()}
+        anonymous = {f"{name} (anonymous)": peak / MIB for name, peak in self.anonymous.items()}
+        return {**{name: peak / MIB for name, peak in self.peaks.items()}, **anonymous}
 
 
 class Processes:

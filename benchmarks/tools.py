@@ -83,9 +83,10 @@ class Backer(Tool):
         return {**os.environ, "BACKER_HOME": str(self.work / f"backer-home-{side}")}
 
     def setup(self) -> None:
-        self.index_seconds, _, _ = run_measured(
+        self.index_seconds, index_rss, _ = run_measured(
             self.processes, [*self._command, "init", str(self.a)], self._env("a")
         )
+        self.index_rss = index_rss
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         self.token = subprocess.run(
@@ -104,8 +105,12 @@ class Backer(Tool):
         seconds, rss, out = run_measured(
             self.processes, [*self._command, *args], self._env("b"), serve=self.serve.pid
         )
-        wire = _number(out, "wire bytes received") + int(out.rsplit("sent ", 1)[1].split()[0])
-        return Step(seconds, wire, {"a (serve)": rss["serve"], "b": rss["command"]})
+        return Step(seconds, self.wire_bytes(out), {"a (serve)": rss["serve"], "b": rss["command"]})
+
+    @staticmethod
+    def wire_bytes(out: str) -> int:
+        """Bytes received and sent, from the summary ``join`` and ``sync`` print."""
+        return _number(out, "wire bytes received") + int(out.rsplit("sent ", 1)[1].split()[0])
 
     def initial(self) -> Step:
         return self._step(["join", self.token, str(self.b)])

@@ -14,6 +14,7 @@ from backer.model.membership import EventKind
 from backer.protocol.session import Session
 from backer.protocol.wire import MAX_FRAME, ManifestPart, Manifests, Summary, WantManifests
 from backer.scanner.content import MAX_CHUNK, MIN_CHUNK, ChunkRef, Manifest
+from journal import Event
 from tests.helpers import exchange, make_devices, sync
 
 
@@ -70,26 +71,43 @@ def test_finding_13_a_summary_of_many_authors_is_split(
     assert (c.root / "from-b.txt").read_text() == "b"
 
 
+def _resolve_conflicts(tmp_path: Path, count: int) -> list[Event]:
+    """``count`` paths that are links to different targets on two devices, synced: every
+    conflict resolved alike on both; returns the resolution events b recorded."""
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    for share, target in ((a, "from-a"), (b, "from-b")):
+        (share.root / "d").mkdir()
+        for n in range(count):
+            os.symlink(target, share.root / "d" / f"l{n}")
+        share.scan()
+    before = b.journal.length(b.device)  # after b's own scan
+    _, right = sync(a, b)
+    assert right.replicator.stats.conflicts_resolved >= count  # and the directory d
+    assert a.catalog.totals()["conflicts"] == b.catalog.totals()["conflicts"] == 0
+    names = sorted(os.listdir(a.root / "d"))
+    assert len(names) == 2 * count and names == sorted(os.listdir(b.root / "d"))
+    return [e for e in b.journal.events(b.device, before) if e.kind == EventKind.STATE]
+
+
 def test_finding_13_many_conflicts_resolve_in_events_that_fit_a_frame(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One event per RESOLUTIONS_PER_EVENT paths (2,000: ~320 KB); with 100 here, 1,000
     conflicts take ten events, as 100,000 take fifty."""
     monkeypatch.setattr(backer.model.share, "RESOLUTIONS_PER_EVENT", 100)
-    a, b = make_devices(tmp_path, 2)
-    sync(a, b)
-    count = 1000
-    for share, target in ((a, "from-a"), (b, "from-b")):
-        (share.root / "d").mkdir()
-        for n in range(count):
-            os.symlink(target, share.root / "d" / f"l{n}")
-    before = b.journal.length(b.device)
-    _, right = sync(a, b)
-    assert right.replicator.stats.conflicts_resolved >= count  # and the directory d
-    own = [e for e in b.journal.events(b.device, before) if e.kind == EventKind.STATE]
-    resolutions = own[1:]  # after b's own scan
-    assert len(resolutions) >= count // 100
+    resolutions = _resolve_conflicts(tmp_path, 1000)
+    assert len(resolutions) >= 1000 // 100
     assert max(len(e.raw) for e in resolutions) < 100 * 400
-    assert a.catalog.totals()["conflicts"] == b.catalog.totals()["conflicts"] == 0
-    names = sorted(os.listdir(a.root / "d"))
-    assert len(names) == 2 * count and names == sorted(os.listdir(b.root / "d"))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("BACKER_LARGE_TESTS"), reason="about 10 min: BACKER_LARGE_TESTS=1"
+)
+def test_finding_13_100000_conflicts_sync(tmp_path: Path) -> None:
+    """The issue's number itself, at the real RESOLUTIONS_PER_EVENT (measured in
+    docs/security.md)."""
+    resolutions = _resolve_conflicts(tmp_path, 100_000)
+    per_event = backer.model.share.RESOLUTIONS_PER_EVENT
+    assert len(resolutions) >= 100_000 // per_event
+    assert max(len(e.raw) for e in resolutions) < min(per_event * 400, MAX_FRAME // 2)
