@@ -194,8 +194,24 @@ def test_a_deleted_share_folder_is_reported_and_asks_for_a_full_scan(
             shutil.rmtree(root)
             return await gather(changes, lambda got: any(c.full for c in got), 10)
 
-    assert asyncio.run(main())[-1] == Changes(frozenset(), True, "gone")
+    last = asyncio.run(main())[-1]
+    assert (last.full, last.reason) == (True, "gone")
     assert "no longer watched" in caplog.text
+
+
+def test_a_full_scan_still_names_the_ignore_file_that_changed(tmp_path: Path) -> None:
+    """A full scan swallows pending paths, but the node must still see that the rules
+    changed (it reloads ``is_ignored`` when ``.backerignore`` is named)."""
+
+    async def main() -> Changes:
+        async with Watcher(tmp_path, never, rescan_every=0.5) as watcher:
+            changes = watcher.changes()
+            await anext(changes)  # then a scan long enough for a periodic one to be due
+            (tmp_path / ".backerignore").write_text("*.o\n")
+            await asyncio.sleep(0.6)
+            return await anext(changes)
+
+    assert asyncio.run(main()) == Changes(frozenset({".backerignore"}), True, "periodic")
 
 
 def test_observer_threads_end_with_the_watcher(tmp_path: Path) -> None:
@@ -237,8 +253,8 @@ def test_inotify_queue_overflow_asks_for_a_full_rescan(tmp_path: Path) -> None:
         finally:
             await watcher.__aexit__(None, None, None)
 
-    got = asyncio.run(main())
-    assert got[-1] == Changes(frozenset(), True, "overflow")
+    last = asyncio.run(main())[-1]
+    assert (last.full, last.reason) == (True, "overflow")
 
 
 LIMITED = """

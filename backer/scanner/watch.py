@@ -101,7 +101,9 @@ GONE = (
 
 @dataclass(frozen=True)
 class Changes:
-    """Paths (share-relative) that may have changed; ``full``: scan everything."""
+    """Paths (share-relative) that may have changed; ``full``: scan everything (the
+    paths are then only what events named meanwhile: ``.backerignore`` among them means
+    new rules)."""
 
     paths: frozenset[str]
     full: bool
@@ -200,22 +202,21 @@ class Watcher:
         self._pending.clear()
         yield Changes(frozenset(), True, "start")
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(next_full):
                     await self._arrived.wait()
-            except TimeoutError:
-                self._full = self._full or "periodic"
-            else:
+            if self._arrived.is_set():
                 await self._settle(loop)
             self._arrived.clear()
+            if loop.time() >= next_full:
+                self._full = self._full or "periodic"
+            paths = frozenset(outermost(self._pending))
+            self._pending.clear()
             if self._full is not None:
                 reason, self._full = self._full, None
-                self._pending.clear()  # the full scan sees them all
                 next_full = loop.time() + self.rescan_every
-                yield Changes(frozenset(), True, reason)
-            elif self._pending:
-                paths = frozenset(outermost(self._pending))
-                self._pending.clear()
+                yield Changes(paths, True, reason)
+            elif paths:
                 yield Changes(paths, False, "events")
 
     async def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
