@@ -266,3 +266,28 @@ def test_an_unchanged_file_unignored_after_a_remote_edit_takes_that_edit(tmp_pat
     assert trees[0] == trees[1]
     assert trees[0]["f.txt"][1] == b"v2, edited on a while b ignored it"
     assert not [p for p in trees[0] if ".sync-conflict-" in p]
+
+
+def test_a_conflict_on_an_ignored_path_makes_no_copy_that_nobody_can_supply(
+    tmp_path: Path,
+) -> None:
+    """Two devices wrote F concurrently; then a rule ignored F and a overwrote its own F
+    (its business now). The conflict copy of a's recorded version must not become a
+    file every device asks for and nobody holds (simulations, seed 117)."""
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    (a.root / "F").write_text("recorded on a")
+    os.utime(a.root / "F", ns=(10**18, 10**18))  # older: a's version loses the conflict
+    (b.root / "F").write_text("recorded on b")
+    a.scan()
+    b.scan()
+    (a.root / ".backerignore").write_text("F\n")
+    a.scan()
+    (a.root / "F").write_text("overwritten on a while ignored")
+    sync(a, b)
+    sync(a, b)
+    for device in (a, b):
+        assert not [p for p in tree(device.root) if ".sync-conflict-" in p]
+        assert not device.catalog.problems("apply")
+    assert (a.root / "F").read_text() == "overwritten on a while ignored"
+    assert (b.root / "F").read_text() == "recorded on b"

@@ -47,7 +47,7 @@ from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import ChunkRef, Manifest, check_manifest
-from backer.scanner.ignore import IgnoreRules, temp_name
+from backer.scanner.ignore import CONFLICT_MARK, IgnoreRules, temp_name
 from backer.scanner.walk import cache_entry, stat_key_of
 
 VERSIONS_DIR = "versions"
@@ -72,7 +72,7 @@ def conflict_path(path: str, version: Version) -> str:
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
     stamp = timestamp(version.time_ms, "%Y%m%d-%H%M%S")
     device = base64.b32encode(version.device).decode()[:7]
-    mark = f".sync-conflict-{stamp}-{device}"
+    mark = f"{CONFLICT_MARK}{stamp}-{device}"
     if len(os.fsencode(mark + ext)) > NAME_MAX // 2:
         stem, ext = name, ""  # an extension that long is part of the name
     copy = _fitted(stem, mark + ext)

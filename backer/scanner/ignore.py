@@ -7,12 +7,14 @@ matching directory is not descended into, as in git.
 A rule only ever stops syncing (as in Syncthing): an ignored path is neither recorded
 nor written nor deleted on this device; a path that becomes ignored is forgotten
 locally (no deletion is recorded for it; the version it held is kept as the basis of
-a later edit), and one that stops being ignored is scanned again.
+a later edit), and one that stops being ignored is scanned again. The conflict copy of
+an ignored path is ignored too: it carries that path's bytes under another name.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pathspec
@@ -21,6 +23,8 @@ from blake3 import blake3
 IGNORE_FILE = ".backerignore"
 TEMP_PREFIX = ".backer-"
 TEMP_SUFFIX = ".tmp"
+CONFLICT_MARK = ".sync-conflict-"  # then YYYYMMDD-HHMMSS-DEVICE (see materializer)
+_CONFLICT = re.compile(re.escape(CONFLICT_MARK) + r"\d{8}-\d{6}-[A-Z2-7]{7}")
 _ID = 16  # hex digits of the (path, version) identity, then as many of its check
 TEMP_NAME_BYTES = len(TEMP_PREFIX) + 2 * _ID + len(TEMP_SUFFIX)  # 44: fits any NAME_MAX
 
@@ -48,6 +52,17 @@ def is_temp_name(name: str) -> bool:
     return name == f"{TEMP_PREFIX}{identity}{_check(identity)}{TEMP_SUFFIX}"
 
 
+def copy_origin(path: str) -> str | None:
+    """The path a conflict copy was made from (every mark removed, for a copy of a
+    copy), or None if ``path``'s name carries no mark. A stem cut to fit NAME_MAX stays
+    cut: such an origin is matched by its shortened name."""
+    parent, slash, name = path.rpartition("/")
+    if CONFLICT_MARK not in name:
+        return None
+    origin = _CONFLICT.sub("", name)
+    return parent + slash + origin if origin != name and origin else None
+
+
 class IgnoreRules:
     """The share's own rules; backer's temp files are always ignored (checked first,
     cheaply, since most shares have no ``.backerignore`` at all)."""
@@ -72,7 +87,10 @@ class IgnoreRules:
             return True
         if self.spec is None:
             return False
-        return self.spec.match_file(path + "/" if is_dir else path)
+        if self.spec.match_file(path + "/" if is_dir else path):
+            return True
+        origin = copy_origin(path)  # a conflict copy is as ignored as what it copies
+        return origin is not None and self.spec.match_file(origin + "/" if is_dir else origin)
 
     def excluded(self, path: str, is_dir: bool = False) -> bool:
         """Whether ``path`` is out of the walk: ignored itself or below an ignored
