@@ -28,6 +28,7 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +44,18 @@ _BLOCK = MIB  # comparison granularity: aligned blocks, so extents may differ in
 
 def make_sparse(path: Path, size: int, regions: int, region_bytes: int, seed: int) -> int:
     """A ``size``-byte file of holes with ``regions`` random regions at seeded offsets
-    (4 KiB aligned, possibly overlapping); returns the bytes written."""
+    (4 KiB aligned, possibly overlapping), last modified an hour ago like a file that
+    has been there a while: one written within 2 s of a scan is re-hashed by the next,
+    and ``serve`` scans in its event loop when a peer connects (a 50 GiB re-hash there
+    outlasts the joiner's 60 s silence deadline). Returns the bytes written."""
     rng = random.Random(seed)
     with open(path, "wb") as handle:
         handle.truncate(size)
         for _ in range(regions):
             handle.seek(rng.randrange(0, size - region_bytes) // 4096 * 4096)
             handle.write(rng.randbytes(region_bytes))
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
     return regions * region_bytes
 
 
