@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import click
 
 from backer.config import registry
 from backer.config import service as service_mod
-from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
+from backer.config.identity import device_id, home, load_or_create_key, short_id
 from backer.connections import control, transport
 from backer.connections.addresses import AddressBook, advertised, loopback_only
 from backer.db.catalog import HistoryEntry, Problem
@@ -40,10 +41,12 @@ from backer.model.membership import EventKind, checked_name, host_name
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
 from backer.model.share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
+from backer.node import commands
+from backer.node.node import Node
 from backer.progress import Reporter, reporter
 from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
 from backer.protocol.invite import InviteToken, parse_address
-from backer.protocol.session import Session, WireStats
+from backer.protocol.session import Session
 from journal import JournalError
 
 EXIT_ERROR = 1
@@ -194,15 +197,6 @@ def _problem_lines(problems: Iterable[Problem], limit: int = SHOWN_PER_REASON) -
     return lines
 
 
-def _problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
-    return [{"path": p.path, "reason": p.reason, "warning": p.warning} for p in problems]
-
-
-def _failures(share: Share) -> int:
-    """How many files this process could not record or apply (warnings aside)."""
-    return sum(1 for problem in share.problems.values() if not problem.warning)
-
-
 def _print_fresh(share: Share) -> list[Problem]:
     """Print (grouped, on stderr) the problems this process met that were not reported
     before and are still there; they are not printed again."""
@@ -221,7 +215,7 @@ def _report_problems(share: Share) -> int:
     known = len(share.problems) - len(fresh)
     if known > 0:
         click.echo(f"{known} problems reported before remain (see 'backer status')", err=True)
-    return EXIT_FILES_FAILED if _failures(share) else 0
+    return EXIT_FILES_FAILED if commands.failures(share) else 0
 
 
 def _scan_and_report(share: Share, as_json: bool) -> int:
@@ -231,22 +225,14 @@ def _scan_and_report(share: Share, as_json: bool) -> int:
     if summary.waiting:
         _say(f"warning: {summary.waiting}", err=True)
     if as_json:
-        report = {
-            "added": summary.added,
-            "modified": summary.modified,
-            "deleted": summary.deleted,
-            "unchanged": summary.unchanged,
-            "hashed_bytes": summary.hashed_bytes,
-            "seconds": round(summary.seconds, 3),
-            "problems": _problems_json(summary.errors),
-        }
+        report = commands.scan_report(share, summary)
         click.echo(json.dumps(report, indent=2))
-        return EXIT_FILES_FAILED if _failures(share) else 0
+        return EXIT_FILES_FAILED if commands.failures(share) else 0
     click.echo(
         f"scanned in {summary.seconds:.2f}s: {len(summary.added)} added, "
         f"{len(summary.modified)} modified, {len(summary.deleted)} deleted, "
         f"{summary.unchanged} unchanged, {summary.hashed_bytes} bytes hashed, "
-        f"{_failures(share)} files failed"
+        f"{commands.failures(share)} files failed"
     )
     return _report_problems(share)
 
@@ -327,38 +313,17 @@ def scan(directory: str, forget_lost_history: bool, as_json: bool) -> None:
 def status(directory: str, as_json: bool) -> None:
     """Show the share: files, bytes, devices, conflicts, last scan."""
     with _open(directory, exclusive=False) as share:
-        totals = share.catalog.totals()
-        last_scan = share.catalog.get_int("last_scan_ms")
-        report = {
-            "root": str(share.root),
-            "share_id": share.share_id.hex(),
-            "device": device_id(share.device),
-            **totals,
-            "devices": [
-                {"id": device_id(key), "name": name} for key, name in share.members.active.items()
-            ],
-            "events": share.journal.count(),
-            "forks": len(share.journal.forks()),
-            "quarantined": [
-                {"author": device_id(author), "seq": seq, "reason": reason}
-                for author, seq, reason in share.journal.quarantined()
-            ],
-            "last_scan": _when(last_scan) if last_scan else None,
-            "problems": [
-                {**_problems_json([problem])[0], "during": source, "since": _when(since)}
-                for source, problem, since in share.catalog.problems()
-            ],
-        }
+        report = commands.status_report(share)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
     _say(f"share     {report['share_id']} at {report['root']}")
     _say(f"device    {report['device']}")
     _say(
-        f"contents  {totals['files']} files, {totals['directories']} directories, "
-        f"{totals['symlinks']} symlinks, {totals['bytes']} bytes"
+        f"contents  {report['files']} files, {report['directories']} directories, "
+        f"{report['symlinks']} symlinks, {report['bytes']} bytes"
     )
-    _say(f"conflicts {totals['conflicts']}")
+    _say(f"conflicts {report['conflicts']}")
     _say(f"journal   {report['events']} events, {report['forks']} forks")
     for held in report["quarantined"]:
         _say(
@@ -560,28 +525,8 @@ def restore(path: str, version_id: str | None, at_text: str | None, directory: s
 # -- replication commands ------------------------------------------------------------------
 
 
-def _summary(sessions: list[Session], replicator: Replicator | None = None) -> dict[str, Any]:
-    """What moved: wire counters of ``sessions``; with ``replicator``, what was applied
-    (and how many files failed in this process)."""
-    total = WireStats()
-    for session in sessions:
-        for name, value in vars(session.stats).items():
-            setattr(total, name, getattr(total, name) + value)
-    summary: dict[str, Any] = {
-        "peers": [device_id(s.peer) if s.peer else None for s in sessions],
-        **vars(total),
-    }
-    if replicator is not None:
-        summary["files_written"] = replicator.stats.files_written
-        summary["files_deleted"] = replicator.stats.files_deleted
-        summary["chunks_reused"] = replicator.stats.chunks_reused
-        summary["local_edits_kept"] = sum(len(r.kept_local_edits) for r in replicator.reports)
-        summary["errors"] = _failures(replicator.share)
-    return summary
-
-
 def _summary_line(sessions: list[Session], replicator: Replicator | None = None) -> str:
-    s = _summary(sessions, replicator)
+    s = commands.sync_summary(sessions, replicator)
     who = ", ".join(p[:7] if p else "peer" for p in s["peers"])
     line = f"synced with {who}: events received {s['events_received']}, sent {s['events_sent']}; "
     if replicator is not None:
@@ -601,11 +546,9 @@ def _report_sync(
     """Print what a sync did (a line per peer too when there were several), and the
     problems; return the exit status (a full disk fails the command, after that)."""
     if as_json:
-        report = _summary(sessions, hub.replicator)
-        report["per_peer"] = [_summary([s]) for s in sessions] if len(sessions) > 1 else []
-        report["problems"] = _problems_json(hub.share.problems.values())
+        report = commands.sync_report(sessions, hub.replicator)
         click.echo(json.dumps(report, indent=2))
-        status = EXIT_FILES_FAILED if _failures(hub.share) else 0
+        status = EXIT_FILES_FAILED if commands.failures(hub.share) else 0
     else:
         click.echo(_summary_line(sessions, hub.replicator))
         if len(sessions) > 1:
@@ -632,28 +575,13 @@ def _warn_of_forks(share: Share) -> None:
         )
 
 
-def _known_peers(share: Share) -> list[str]:
-    return [a for a in (share.catalog.get_meta("peers") or b"").decode().split("\n") if a]
-
-
-def _remember_peer(share: Share, address: str) -> None:
-    known = _known_peers(share)
-    if address not in known:
-        with share.db.conn:
-            share.catalog.set_meta("peers", "\n".join([address, *known]).encode())
-
-
 async def _sync_over(
     hub: transport.Hub,
     openings: list[Callable[[], Awaitable[transport.Streams]]],
     channel: Callable[[], SecureChannel] | None = None,
 ) -> list[Session | BaseException]:
     """One-shot sessions over every stream at once, sharing ``hub`` (so chunk requests
-    spread over all peers); a session's result, or the error that ended it.
-
-    A member presents its newest share key; a peer that has not seen that key's
-    rotation yet refuses the handshake, so the older keys are tried in turn, each on a
-    new connection (see docs/decisions.md)."""
+    spread over all peers); a session's result, or the error that ended it."""
     replicator = hub.replicator
     with _progress("receiving") as progress:
 
@@ -669,19 +597,8 @@ async def _sync_over(
 
         hub.scan_progress = scanning if progress is not None else None
 
-        async def one(opening: Callable[[], Awaitable[transport.Streams]]) -> Session:
-            keys = [b""] if channel else hub.share.share_keys or [b""]
-            for index, psk in enumerate(keys, 1):
-                share, key = hub.share, hub.share.key
-                secure = channel() if channel else transport.initiator(share, key, psk)
-                try:
-                    return await hub.run(await opening(), secure, hub.connect, True, report)
-                except transport.SessionClosed:
-                    if secure.established or index == len(keys):
-                        raise
-            raise AssertionError("unreachable: the last attempt returns or raises")
-
-        return await asyncio.gather(*(one(o) for o in openings), return_exceptions=True)
+        dials = (transport.dial(hub, o, True, channel=channel, progress=report) for o in openings)
+        return await asyncio.gather(*dials, return_exceptions=True)
 
 
 def _name() -> str:
@@ -734,7 +651,7 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_jso
             outcomes = asyncio.run(_sync_over(hub, [opening]))
             status = _report_sync(_results(outcomes, [command]), hub, as_json)
         else:
-            targets = list(addresses) or _known_peers(share)
+            targets = list(addresses) or transport.known_addresses(share)
             if not targets:
                 raise BackerError("no peer known yet: give an address (HOST:PORT)")
             openings = [
@@ -744,7 +661,7 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_jso
             sessions = _results(outcomes, targets)
             for target, outcome in zip(targets, outcomes, strict=True):
                 if isinstance(outcome, Session):
-                    _remember_peer(share, target)
+                    transport.remember_address(share, target)
             status = _report_sync(sessions, hub, as_json)
     sys.exit(status)
 
@@ -769,30 +686,22 @@ def stdio(directory: str) -> None:
         _check_applied(hub)
 
 
-def _find_device(share: Share, text: str) -> bytes:
-    """The member (or removed device) whose id is ``text`` or starts with it."""
-    wanted = text.strip().upper().replace("-", "")
-    if len(wanted) < 7:
-        raise BackerError(f"give a device id, or at least its first 7 characters: {text!r}")
-    if len(wanted) == 56:
-        return parse_device_id(wanted)
-    found = [k for k in share.members.names if device_id(k).replace("-", "").startswith(wanted)]
-    if len(found) != 1:
-        problem = "matches no device" if not found else "matches several devices"
-        raise BackerError(f"{text!r} {problem} of this share (see 'backer device list')")
-    return found[0]
+class _ShownFormatter(logging.Formatter):
+    """Log lines as safe for a terminal as everything else printed (names, paths)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _shown(super().format(record))
 
 
-def _remove_device(share: Share, text: str) -> tuple[bytes, str]:
-    """Remove a device; (its key, what to tell the person)."""
-    device = _find_device(share, text)
-    name = share.members.names.get(device, "")
-    share.remove_device(device)
-    others = len(share.members.active) - 1
-    return device, (
-        f"removed device {device_id(device)} ({name}); the share key was changed and "
-        f"sealed to the {others} other remaining device(s): each gets it at its next sync"
-    )
+def _logger(level: str) -> logging.Logger:
+    """The ``backer`` logger on stderr, with timestamps and levels."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ShownFormatter("%(asctime)s %(levelname)s %(message)s"))
+    log = logging.getLogger("backer")
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+    return log
 
 
 def _print_token(token: str) -> None:
@@ -809,87 +718,41 @@ def _print_token(token: str) -> None:
         )
 
 
-def _new_invite(share: Share, expires: int, addresses: tuple[str, ...]) -> tuple[bytes, str]:
-    """Record a single-use invite; its id and the token text naming ``addresses``."""
-    invite_id, psk = share.create_invite(expires)
-    return invite_id, InviteToken(share.share_id, invite_id, psk, share.device, addresses).encode()
-
-
-async def _invite_outcome(share: Share, invite_id: bytes) -> str:
-    """Wait until the invite is used (the joiner's device id) or expires (raise)."""
-    while (joiner := share.invite_outcome(invite_id)) is None:
-        await asyncio.sleep(0.2)
-    return device_id(joiner)
-
-
-async def _serve(share: Share, host: str, port: int, until_joined: bytes | None = None) -> None:
-    """Accept sessions (all through one hub) and control requests until a signal, or
-    until the invite ``until_joined`` was used."""
+async def _until_signalled(
+    node: Node, also: Callable[[asyncio.Event], Awaitable[None]] | None = None
+) -> None:
+    """Run ``node`` until SIGINT or SIGTERM (or until ``also`` returns)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    hub = transport.Hub(share, _name())
-    listener = transport.Listener(hub, lambda line: _say(line, err=True))
-    listener.install(loop)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = await listener.handle(reader, writer)
-        if session is None:
-            return
-        click.echo(_summary_line([session]), err=True)
-        _print_fresh(share)
-        if hub.replicator.disk_full is not None:
-            click.echo(f"backer: warning: {hub.replicator.disk_full}", err=True)
-        if until_joined is not None and share.catalog.invite(until_joined)[2] is not None:
-            stop.set()
-
     try:
-        server = await asyncio.start_server(handle, host, port)
-    except OSError as exc:
-        raise BackerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    bound = [s.getsockname()[:2] for s in server.sockets]
-    reachable = tuple(dict.fromkeys(a for h, p in bound for a in advertised(h, p)))
-    hub.addresses.announce(parse_address(a) for a in reachable)
-
-    async def on_request(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        if request.get("op") == "remove":
-            try:
-                removed, said = _remove_device(share, str(request.get("device", "")))
-            except BackerError as exc:
-                yield {"error": str(exc)}
-                return
-            hub.disconnect(removed)  # before its removal is relayed: it learns nothing new
-            hub.replicator.journal_grew()
-            hub.flush()
-            yield {"removed": said}
-            return
-        if request.get("op") != "invite":
-            yield {"error": f"unknown request {request.get('op')!r}"}
-            return
-        addresses = tuple(request.get("addresses") or reachable)
-        invite_id, token = _new_invite(share, int(request["expires"]), addresses)
-        hub.replicator.journal_grew()  # connected members learn of it: they may admit too
-        hub.flush()
-        yield {"token": token}
-        if request.get("wait"):
-            yield {"joined": await _invite_outcome(share, invite_id)}
-
-    click.echo(f"listening on {', '.join(f'{h}:{p}' for h, p in bound)}", err=True)
-    async with server, control.serving(share.root, on_request):
-        await stop.wait()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(node.run(stop))
+            if also is not None:
+                await also(stop)
+    except* (BackerError, JournalError) as group:
+        raise group.exceptions[0] from None
 
 
 @cli.command()
 @click.option(
     "--listen", default="0.0.0.0:7654", show_default=True, help="HOST:PORT to accept peers on."
 )
-@share_option
-def serve(listen: str, directory: str) -> None:
-    """Accept sync sessions from members (and joiners with an invite) until interrupted."""
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="What to log on stderr.",
+)
+def run(listen: str, log_level: str) -> None:
+    """Serve every share of this device until interrupted: record local changes as
+    they happen, connect to the other devices and keep them in sync."""
     host, port = parse_address(listen)
-    with _open(directory) as share:
-        asyncio.run(_serve(share, host, port))
+    shares = registry.registered(home())
+    node = Node(shares, load_or_create_key(), listen=(host, port), log=_logger(log_level))
+    asyncio.run(_until_signalled(node))
 
 
 @cli.group()
@@ -927,8 +790,8 @@ def device_list(directory: str, as_json: bool) -> None:
 def device_remove(device_id_text: str, directory: str) -> None:
     """Remove DEVICE (its id, or its first characters as 'device list' shows them):
     e.g. a lost or stolen laptop. Peers refuse it from then on, its later events are
-    rejected, and the share key changes for the remaining devices. While 'serve' runs
-    for the share, 'serve' does it (and drops the device's open sessions)."""
+    rejected, and the share key changes for the remaining devices. While 'backer run'
+    serves the share, it does it (and drops the device's open sessions)."""
     try:
         share = _open(directory)
     except ShareBusy as busy:
@@ -936,7 +799,7 @@ def device_remove(device_id_text: str, directory: str) -> None:
             _say(reply["removed"])
         return
     with share:
-        _say(_remove_device(share, device_id_text)[1])
+        _say(commands.remove_device(share, device_id_text)[1])
 
 
 @device.command("rename")
@@ -974,7 +837,9 @@ def device_rename(name: str, directory: str) -> None:
 )
 @click.option("--expires", default=86400, show_default=True, help="Seconds the invite stays valid.")
 @click.option(
-    "--no-wait", is_flag=True, help="Print the token and exit; a running 'serve' admits the joiner."
+    "--no-wait",
+    is_flag=True,
+    help="Print the token and exit; a running 'backer run' admits the joiner.",
 )
 @share_option
 def invite(
@@ -982,7 +847,7 @@ def invite(
 ) -> None:
     """Print a single-use, expiring invite token, and wait for the device to join.
 
-    While 'serve' runs for the share, it makes the invite (and admits the joiner)."""
+    While 'backer run' serves the share, it makes the invite (and admits the joiner)."""
     if expires <= 0:
         raise BackerError("--expires must be a positive number of seconds")
     for address in addresses:
@@ -993,16 +858,33 @@ def invite(
     except ShareBusy as busy:
         wanted = {"op": "invite", "expires": expires, "addresses": addresses, "wait": not no_wait}
         for reply in control.request(busy.root, wanted):
-            if "token" in reply:
-                _print_token(reply["token"])
-            else:
-                click.echo(f"device {reply['joined']} joined", err=True)
+            _print_invite_reply(reply)
         return
     with share:
-        invite_id, token = _new_invite(share, expires, addresses or advertised(host, port))
-        _print_token(token)
-        if not no_wait:
-            asyncio.run(_serve(share, host, port, until_joined=invite_id))
+        if no_wait:
+            named = addresses or advertised(host, port)
+            _print_token(commands.new_invite(share, expires, named)[1])
+            return
+        entry = registry.RegisteredShare(share.share_id, share.root.name, share.root)
+    node = Node([entry], load_or_create_key(), listen=(host, port), log=_logger("warning"))
+    wanted = {"op": "invite", "expires": expires, "addresses": addresses, "wait": True}
+
+    async def invite_and_wait(stop: asyncio.Event) -> None:
+        await node.started.wait()
+        async for reply in node.ask(entry.share_id, wanted):
+            _print_invite_reply(reply)
+        stop.set()
+
+    asyncio.run(_until_signalled(node, invite_and_wait))
+
+
+def _print_invite_reply(reply: dict[str, Any]) -> None:
+    if "error" in reply:
+        raise BackerError(str(reply["error"]))
+    if "token" in reply:
+        _print_token(reply["token"])
+    else:
+        click.echo(f"device {reply['joined']} joined", err=True)
 
 
 def _read_token(token: str | None, token_file: str | None) -> InviteToken:
@@ -1095,7 +977,7 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
             except BackerError as exc:
                 failures.append(str(exc))
                 continue
-            _remember_peer(share, address)
+            transport.remember_address(share, address)
             entry = registry.register(share.share_id, share.root, home())
             _say(f"joined share {share.share_id.hex()} at {root} (named {entry.name})")
             share.rename_device(share.device, host_name())  # admitted as "joined with ..."
@@ -1176,7 +1058,7 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> Non
     with share:
         for address, result in zip(targets, outcomes, strict=True):
             if isinstance(result, Session):
-                _remember_peer(share, address)
+                transport.remember_address(share, address)
         registry.register(share.share_id, share.root, home())
         click.echo(f"repaired share {share.share_id.hex()} at {share.root}")
         click.echo(_summary_line(sessions))

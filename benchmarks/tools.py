@@ -95,7 +95,7 @@ class Backer(Tool):
             env=self._env("a"), capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
         self.serve = self.processes.start(
-            [*self._command, "serve", "--listen", self.address, "--dir", str(self.a)],
+            [*self._command, "run", "--listen", self.address],
             env=self._env("a"),
             stderr=subprocess.DEVNULL,
         )

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,8 @@ class Device:
         self.root = base / name
         self.env = {**os.environ, "BACKER_HOME": str(self.home)}
         self.env.pop("BACKER_DEBUG", None)
+        self.nodes: list[Node] = []
+        self.serve_log = ""
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "backer", *args]
@@ -43,29 +47,76 @@ class Device:
     def sync(self, address: str) -> str:
         return self.run("sync", address, "--dir", str(self.root)).stdout
 
+    def start(self, port: int | None = None, wait: bool = True, **env: str) -> Node:
+        """``backer run`` on a fresh port by default, ready once its shares are
+        watched (unless not ``wait``); stop it with :meth:`Node.stop` (or use
+        :meth:`serving`)."""
+        node = Node(self, port or free_port(), env)
+        self.nodes.append(node)
+        if wait:
+            node.wait_for("watching")
+        return node
+
     @contextlib.contextmanager
-    def serving(self, port: int | None = None) -> Iterator[str]:
-        """``backer serve`` (on a fresh port by default); stopped by its PID at the end."""
-        port = port or free_port()
-        process = subprocess.Popen(
-            self.command("serve", "--listen", f"127.0.0.1:{port}", "--dir", str(self.root)),
-            env=self.env,
+    def serving(self, port: int | None = None, **env: str) -> Iterator[str]:
+        """``backer run`` for the block; its address. Its log is ``serve_log`` after."""
+        node = self.start(port, **env)
+        try:
+            yield node.address
+        finally:
+            node.stop()
+            self.serve_log = node.log
+
+
+class Node:
+    """A running ``backer run`` of one device; its stderr is collected as it comes."""
+
+    def __init__(self, device: Device, port: int, env: dict[str, str]) -> None:
+        self.device = device
+        self.address = f"127.0.0.1:{port}"
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            device.command("run", "--listen", self.address, "--log-level", "debug"),
+            env={**device.env, **env},
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert process.stderr is not None
-        first = process.stderr.readline()
-        assert "listening" in first, first
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 30) -> None:
+        """Until ``text`` is in ``count`` log lines (or the process ended: fail)."""
+        deadline = time.monotonic() + timeout
+        while sum(text in line for line in list(self.lines)) < count:
+            if self.process.poll() is not None:
+                self.reader.join(5)
+                raise AssertionError(f"backer run exited ({self.process.returncode}):\n{self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log of backer run:\n{self.log}")
+            time.sleep(0.02)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        """Signal it and wait (SIGKILL: at once); its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
         try:
-            yield f"127.0.0.1:{port}"
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            self.serve_log = process.stderr.read()
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.reader.join(5)
+        if self in self.device.nodes:
+            self.device.nodes.remove(self)
+        return self.process.returncode
 
 
 def invite(founder: Device, address: str) -> str:

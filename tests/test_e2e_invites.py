@@ -181,20 +181,14 @@ def test_an_interrupted_join_can_be_run_again_and_sync_says_what_to_do(
     a, port = _founder(tmp_path)
     token = invite(a, f"127.0.0.1:{port}")
     b = Device(tmp_path, "b")
-    serve = subprocess.Popen(
-        a.command("serve", "--listen", f"127.0.0.1:{port}", "--dir", str(a.root)),
-        env=a.env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    serve = a.start(port).process
     try:
-        assert serve.stderr is not None and "listening" in serve.stderr.readline()
         serve.send_signal(signal.SIGSTOP)  # the handshake cannot complete
         join = subprocess.Popen(b.command("join", token, str(b.root)), env=b.env)
         deadline = time.monotonic() + 30
         while not _made(b) and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)  # connected, waiting for the stopped serve
+        time.sleep(0.5)  # connected, waiting for the stopped node
         join.kill()
         join.wait()
         serve.send_signal(signal.SIGCONT)

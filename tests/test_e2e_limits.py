@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import resource
 import signal
@@ -19,11 +20,11 @@ from pathlib import Path
 import psutil
 import pytest
 
+from backer.config import registry
 from backer.config.identity import load_or_create_key
 from backer.connections.transport import (
     Hub,
     Limits,
-    Listener,
     SecureChannel,
     Streams,
     initiator,
@@ -31,6 +32,7 @@ from backer.connections.transport import (
     tcp_streams,
 )
 from backer.model.share import Share
+from backer.node.node import Node
 from backer.protocol.session import Session
 from backer.protocol.wire import PROTOCOL_VERSION, Hello, Message, Ping, Summary, WantChunks
 from backer.scanner.content import manifest_of_bytes
@@ -43,7 +45,7 @@ from tests.helpers import make_devices, sync
 def serving(
     device: Device, port: int, files_limit: int | None = None, **env: str
 ) -> Iterator[subprocess.Popen[str]]:
-    """``backer serve`` with its log in a file (a flood must not block it on a pipe),
+    """``backer run`` with its log in a file (a flood must not block it on a pipe),
     optionally started with a soft limit of ``files_limit`` descriptors (hard: 4,096)."""
 
     def limit() -> None:
@@ -53,7 +55,7 @@ def serving(
     log = device.root.parent / f"serve-{port}.log"
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            device.command("serve", "--listen", f"127.0.0.1:{port}", "--dir", str(device.root)),
+            device.command("run", "--listen", f"127.0.0.1:{port}"),
             env={**device.env, **env},
             stderr=stderr,
             text=True,
@@ -62,7 +64,7 @@ def serving(
     process.log = log  # type: ignore[attr-defined]
     try:
         for _ in range(200):
-            if "listening" in log.read_text():
+            if "watching" in log.read_text():
                 break
             time.sleep(0.05)
         else:
@@ -235,33 +237,45 @@ def test_a_suspended_peer_is_detected_within_the_deadline(tmp_path: Path) -> Non
 def serving_here(
     device: Device, port: int, limits: Limits, log: list[str], send_buffer: int | None = None
 ) -> Iterator[None]:
-    """``device`` served from this process (so that a test can change how its sessions
+    """``device``'s node run in this process (so that a test can change how its sessions
     behave), in a thread of its own; ``send_buffer``: each connection's send buffer size."""
-    stop = threading.Event()
+    logger = logging.getLogger(f"backer.test.{device.root.name}")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(Collect(log))
 
-    async def serve() -> None:
-        with Share.open(device.root, load_or_create_key(device.home), home=device.home) as share:
-            listener = Listener(Hub(share, device.root.name, limits), log.append)
+    class Here(Node):
+        def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if send_buffer is not None:
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+            super()._on_connect(reader, writer)
 
-            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                if send_buffer is not None:
-                    sock = writer.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-                await listener.handle(reader, writer)
-
-            server = await asyncio.start_server(handle, "127.0.0.1", port)
-            async with server:
-                while not stop.is_set():
-                    await asyncio.sleep(0.05)
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    entry = registry.RegisteredShare(b"", device.root.name, device.root)
+    key = load_or_create_key(device.home)
+    listen = ("127.0.0.1", port)
+    node = Here([entry], key, listen=listen, log=logger, limits=limits, home=device.home)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=loop.run_until_complete, args=(node.run(stop),))
     thread.start()
     time.sleep(0.5)
     try:
         yield
     finally:
-        stop.set()
+        loop.call_soon_threadsafe(stop.set)
         thread.join()
+        loop.close()
+
+
+class Collect(logging.Handler):
+    """Log records' messages into a list."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def test_finding_12_a_peer_that_never_answers_requests_is_dropped(

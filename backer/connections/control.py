@@ -1,10 +1,10 @@
 """Ask the process that holds a share to act on it: the control channel.
 
 Only one process may change a share at a time (its lock). A command that must change
-the share while ``serve`` holds it — ``invite``, ``device remove`` — sends its request
-to ``serve`` instead: over TCP on 127.0.0.1, to the port written with a random secret
-and ``serve``'s pid in ``.backer/control`` (mode 0600, so only the share's owner can
-read it). One JSON object per line each way:
+the share while ``backer run`` holds it — ``scan``, ``status``, ``sync``, ``invite``,
+``device remove`` — sends its request to the node instead: over TCP on 127.0.0.1, to
+the port written with a random secret and the node's pid in ``.backer/control``
+(mode 0600, so only the share's owner can read it). One JSON object per line each way:
 
 1. the server sends a challenge (a random nonce);
 2. the client sends its request with its own nonce and an HMAC of both nonces under
@@ -13,7 +13,7 @@ read it). One JSON object per line each way:
    replies, and closes.
 
 Each side thus proves it knows the secret, so a local process that took the port of a
-``serve`` that died cannot answer ``invite`` with a token of its choosing; and a
+node that died cannot answer ``invite`` with a token of its choosing; and a
 control file whose pid is not alive is removed as stale.
 """
 
@@ -69,7 +69,12 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
     """Answer control requests for the share at ``root`` while the block runs."""
     secret = secrets.token_hex(32)
 
+    answering: set[asyncio.Task[None]] = set()  # cancelled when the block ends
+
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        answering.add(task)
         challenge = secrets.token_hex(16)
 
         def send(reply: dict[str, Any]) -> None:
@@ -91,6 +96,7 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
             pass  # a broken request only ends its own connection
         finally:
             writer.close()
+            answering.discard(task)
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     path = root / METADATA_DIR / CONTROL_FILE
@@ -102,6 +108,9 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
             yield
     finally:
         path.unlink(missing_ok=True)
+        for task in answering:
+            task.cancel()
+        await asyncio.gather(*answering, return_exceptions=True)
 
 
 def _alive(pid: int) -> bool:
@@ -127,7 +136,7 @@ def request(root: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise busy from exc
     if not _alive(pid):
-        path.unlink(missing_ok=True)  # left by a serve that was killed
+        path.unlink(missing_ok=True)  # left by a node that was killed
         raise busy
     try:
         connection = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import resource
@@ -26,11 +27,11 @@ import nacl.signing
 
 from backer.connections.addresses import AddressBook
 from backer.errors import BackerError
+from backer.model.materializer import Report
 from backer.model.replicator import Replicator
 from backer.model.share import Share
 from backer.progress import ProgressCallback
 from backer.protocol.channel import (
-    BUSY,
     HEADER_LEN,
     MODE_JOIN,
     MODE_SYNC,
@@ -45,8 +46,8 @@ from backer.protocol.wire import Error, FrameReader, Ping, ProtocolError
 READ_SIZE = 1 << 20
 
 
-def _scale() -> float:
-    """``BACKER_TIME_SCALE`` multiplies every deadline below (tests make them short)."""
+def time_scale() -> float:
+    """``BACKER_TIME_SCALE`` multiplies every deadline and delay (tests make them short)."""
     try:
         return max(float(os.environ.get("BACKER_TIME_SCALE", "1")), 0.001)
     except ValueError:
@@ -67,7 +68,7 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> Limits:
-        scale = _scale()
+        scale = time_scale()
         return cls(**{f.name: f.default * scale for f in fields(cls) if f.name.endswith("_s")})
 
 
@@ -162,6 +163,23 @@ class Streams:
         self.writer.transport.abort()
 
 
+class Hangup:
+    """Ask a running connection to close with a reason (sent to the peer as an
+    ``Error`` when the channel is up): a duplicate session, a shutdown."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._asked = asyncio.Event()
+
+    def __call__(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self._asked.set()
+
+    async def wait(self) -> None:
+        await self._asked.wait()
+
+
 def _write(streams: Streams, data: bytes) -> None:
     if data:
         streams.writer.write(data)
@@ -174,19 +192,29 @@ class Hub:
     :class:`~backer.model.replicator.Replicator`, and whatever any step produces for any of
     them (relayed events, chunk requests spread over peers) is flushed after the step."""
 
-    def __init__(self, share: Share, name: str, limits: Limits | None = None) -> None:
+    def __init__(
+        self, share: Share, name: str, limits: Limits | None = None, scan_first: bool = True
+    ) -> None:
+        """``scan_first``: scan before each session opens (a command); a node's watcher
+        keeps the journal current instead."""
         self.share = share
         self.name = name
         self.limits = limits or Limits.from_env()
+        self.scan_first = scan_first
         self.replicator = Replicator(share)
         self.addresses = AddressBook(share.catalog, share.share_id, share.key)
         self._flushers: dict[Session, Callable[[], None]] = {}
         self._closers: dict[Session, Callable[[], None]] = {}
         self.scan_progress: ProgressCallback | None = None  # the command's display, if any
+        self.applied: Callable[[Report], None] | None = None  # takes each applied window
 
     def flush(self) -> None:
         for flush in list(self._flushers.values()):
             flush()
+        if self.applied is not None and self.replicator.reports:
+            reports, self.replicator.reports = self.replicator.reports, []
+            for report in reports:
+                self.applied(report)
 
     def disconnect(self, device: bytes) -> None:
         """Drop every open session with ``device`` at once, unsent data included (it
@@ -198,9 +226,19 @@ class Hub:
     def scan(self) -> None:
         """Scan the share; relay whatever it recorded to every open session."""
         if self.share.scan(self.scan_progress).events:
-            self.replicator.journal_grew()
-            self.replicator.advance()
+            self.journal_grew()
         self.flush()
+
+    def journal_grew(self) -> None:
+        """Events were recorded outside any session (a scan, an invite, a removal):
+        push them to every open session at once, and plan for them."""
+        self.replicator.journal_grew()
+        self.replicator.advance()
+        self.flush()
+
+    def _opening(self) -> None:
+        if self.scan_first:
+            self.scan()
 
     def accept(self, channel: SecureChannel) -> Session:
         """Responder side once the channel is up: admit a joiner, then sync."""
@@ -209,7 +247,7 @@ class Hub:
         if joining:
             self.share.admit_joiner(channel.peer, channel.header[1:])
             self.replicator.journal_grew()
-        self.scan()
+        self._opening()
         return Session(
             self.share,
             self.name,
@@ -220,8 +258,8 @@ class Hub:
         )
 
     def connect(self, channel: SecureChannel) -> Session:
-        """Initiator side once the channel is up: scan, then sync."""
-        self.scan()
+        """Initiator side once the channel is up: scan (unless a watcher does), then sync."""
+        self._opening()
         return Session(
             self.share,
             self.name,
@@ -249,14 +287,17 @@ class Hub:
         one_shot: bool,
         progress: Callable[[Session], None] | None = None,
         established: Callable[[], None] | None = None,
+        hangup: Hangup | None = None,
     ) -> Session:
         """Drive one connection to its end; return its session (raise SessionClosed).
 
         ``open_session`` is :meth:`accept` or :meth:`connect`; ``established`` is called
-        once the peer is authenticated. One-shot sessions end when both sides are caught
-        up and applied; others run until the peer hangs up. While a one-shot peer has not
-        caught us up, no new plan starts: the plan then sees what every dialled peer
-        brings, and its chunk requests spread over all of them.
+        once the peer is authenticated (it may refuse the session by raising
+        :class:`BackerError`); ``hangup`` closes the connection with its reason.
+        One-shot sessions end when both sides are caught up and applied; others run
+        until the peer hangs up. While a one-shot peer has not caught us up, no new plan
+        starts: the plan then sees what every dialled peer brings, and its chunk requests
+        spread over all of them.
 
         Reading never waits for writing: replies to the peer's requests are built only
         while less than ``limits.reply_bytes`` is unsent, and more as it drains."""
@@ -330,6 +371,8 @@ class Hub:
                     tasks["read"] = asyncio.ensure_future(streams.reader.read(READ_SIZE))
                 if "finished" not in tasks:
                     tasks["finished"] = asyncio.ensure_future(finished.wait())
+                if hangup is not None and "hangup" not in tasks:
+                    tasks["hangup"] = asyncio.ensure_future(hangup.wait())
                 if session is not None and session.backlog and "drain" not in tasks:
                     tasks["drain"] = asyncio.ensure_future(writer.drain())
                 await asyncio.wait(
@@ -337,6 +380,8 @@ class Hub:
                 )
                 done = {name for name, task in tasks.items() if task.done()}
                 results = {name: tasks.pop(name).result() for name in done}
+                if hangup is not None and hangup.reason is not None:
+                    raise BackerError(hangup.reason)
                 if "read" in results:
                     data = results["read"]
                     heard = time.monotonic()
@@ -412,54 +457,47 @@ class Hub:
         return session
 
 
-class Listener:
-    """What ``serve`` does with each accepted connection: admit it among the strangers
-    still in their handshake (see :class:`Admission`), run its session, and log its end
-    in at most one line per reason per interval."""
+async def dial(
+    hub: Hub,
+    opening: Callable[[], Awaitable[Streams]],
+    one_shot: bool,
+    *,
+    channel: Callable[[], SecureChannel] | None = None,
+    progress: Callable[[Session], None] | None = None,
+    established: Callable[[SecureChannel], None] | None = None,
+    hangup: Hangup | None = None,
+) -> Session:
+    """A session with the peer at the end of ``opening`` (a fresh stream per attempt),
+    over ``channel`` (default: a member's channel to its share).
 
-    def __init__(
-        self, hub: Hub, emit: Callable[[str], None], admission: Admission | None = None
-    ) -> None:
-        self.hub = hub
-        self.admission = admission or Admission()
-        self.log = RateLimitedLog(emit)
-
-    def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Route asyncio's own error reports (e.g. ``accept`` out of descriptors) through
-        the rate-limited log, without tracebacks."""
-        loop.set_exception_handler(lambda _, context: self.log(str(context.get("message"))))
-
-    async def handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> Session | None:
-        """Serve one connection; its session, or None if it ended early (logged)."""
-        address = writer.get_extra_info("peername")
-        host = str(address[0] if isinstance(address, tuple) else address)
-        evicted = False
-
-        def evict() -> None:
-            nonlocal evicted
-            evicted = True
-            writer.write(refusal(BUSY))  # goes out at once: the socket's buffer is empty
-            writer.transport.abort()
-
-        ticket = self.admission.enter(host, evict)
-        streams = Streams(reader, writer, writer.close)
-        channel = responder(self.hub.share, self.hub.share.key)
+    A member presents its newest share key; a peer that has not seen that key's rotation
+    yet refuses the handshake, so the older keys are tried in turn, each on a new
+    connection (see docs/decisions.md)."""
+    keys = [b""] if channel else hub.share.share_keys or [b""]
+    for index, psk in enumerate(keys, 1):
+        secure = channel() if channel else initiator(hub.share, hub.share.key, psk)
+        on_established = None if established is None else functools.partial(established, secure)
         try:
-            return await self.hub.run(
-                streams,
-                channel,
-                self.hub.accept,
-                False,
-                established=lambda: self.admission.leave(ticket),
+            return await hub.run(
+                await opening(), secure, hub.connect, one_shot, progress, on_established, hangup
             )
-        except SessionClosed as exc:
-            reason = "closed to make room for newer handshakes" if evicted else str(exc)
-            self.log(reason, f"closed session with {host}: ")
-            return None
-        finally:
-            self.admission.leave(ticket)
+        except SessionClosed:
+            if secure.established or index == len(keys):
+                raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def known_addresses(share: Share) -> list[str]:
+    """The peer addresses this share remembers (from sync, join, repair), newest first."""
+    return [a for a in (share.catalog.get_meta("peers") or b"").decode().split("\n") if a]
+
+
+def remember_address(share: Share, address: str) -> None:
+    """Remember a peer address that answered (dialled again by ``sync`` and ``run``)."""
+    known = known_addresses(share)
+    if address not in known:
+        with share.db.conn:
+            share.catalog.set_meta("peers", "\n".join([address, *known]).encode())
 
 
 # -- the two ends -------------------------------------------------------------------------

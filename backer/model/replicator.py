@@ -149,6 +149,20 @@ class Replicator:
         self.dirty = False
         self._acknowledge()
 
+    def abandon(self) -> None:
+        """The process stops: the window in progress is given up and its temp files are
+        removed, as are those kept for a later attempt (what was applied stays; the next
+        run plans again and fetches what is missing)."""
+        if self.assembly is not None:
+            self.assembly.abort()
+            self.share.note_applied(self.assembly.report)
+        self.share.db.conn.commit()
+        self.operations = self.assembly = None
+        self.share.temps_in_use = set()
+        for temp in self.share.resumable_temps:
+            temp.unlink(missing_ok=True)
+        self.share.resumable_temps.clear()
+
     def _advance(self) -> None:
         while self._fetchers():
             if self.operations is None:

@@ -1,0 +1,1 @@
+"""The resident node: ``backer run``."""

@@ -1,0 +1,286 @@
+"""What a share's commands do, as data: the control-channel ops a running node answers,
+and the reports (``--json`` dicts) the CLI prints, built in one place for both.
+
+Ops (one JSON object per request; every reply may be ``{"error": "one line"}``):
+``scan``, ``status``, ``sync``, ``invite``, ``remove``, ``rename`` (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+
+from backer.config.identity import device_id, parse_device_id
+from backer.connections import control
+from backer.db.catalog import Problem
+from backer.errors import BackerError
+from backer.model.records import timestamp
+from backer.model.replicator import Replicator
+from backer.model.share import ScanSummary, Share
+from backer.protocol.invite import InviteToken, parse_address
+from backer.protocol.session import Session, WireStats
+
+if TYPE_CHECKING:
+    from backer.node.node import Node, Runtime
+
+SYNC_WAIT_S = 120.0  # a node's ``sync`` gives up on a peer that has not caught up by then
+
+
+def problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
+    return [{"path": p.path, "reason": p.reason, "warning": p.warning} for p in problems]
+
+
+def failures(share: Share) -> int:
+    """How many files this process could not record or apply (warnings aside)."""
+    return sum(1 for problem in share.problems.values() if not problem.warning)
+
+
+def scan_report(share: Share, summary: ScanSummary) -> dict[str, Any]:
+    """What ``backer scan --json`` prints."""
+    return {
+        "added": summary.added,
+        "modified": summary.modified,
+        "deleted": summary.deleted,
+        "unchanged": summary.unchanged,
+        "hashed_bytes": summary.hashed_bytes,
+        "seconds": round(summary.seconds, 3),
+        "problems": problems_json(summary.errors),
+    }
+
+
+def status_report(share: Share) -> dict[str, Any]:
+    """What ``backer status --json`` prints (a running node adds each device's state)."""
+    last_scan = share.catalog.get_int("last_scan_ms")
+    return {
+        "root": str(share.root),
+        "share_id": share.share_id.hex(),
+        "device": device_id(share.device),
+        **share.catalog.totals(),
+        "devices": [
+            {"id": device_id(key), "name": name} for key, name in share.members.active.items()
+        ],
+        "events": share.journal.count(),
+        "forks": len(share.journal.forks()),
+        "quarantined": [
+            {"author": device_id(author), "seq": seq, "reason": reason}
+            for author, seq, reason in share.journal.quarantined()
+        ],
+        "last_scan": timestamp(last_scan) if last_scan else None,
+        "problems": [
+            {**problems_json([problem])[0], "during": source, "since": timestamp(since)}
+            for source, problem, since in share.catalog.problems()
+        ],
+    }
+
+
+def sync_summary(sessions: list[Session], replicator: Replicator | None = None) -> dict[str, Any]:
+    """What moved: wire counters of ``sessions``; with ``replicator``, what was applied
+    (and how many files failed in this process)."""
+    total = WireStats()
+    for session in sessions:
+        for name, value in vars(session.stats).items():
+            setattr(total, name, getattr(total, name) + value)
+    summary: dict[str, Any] = {
+        "peers": [device_id(s.peer) if s.peer else None for s in sessions],
+        **vars(total),
+    }
+    if replicator is not None:
+        summary["files_written"] = replicator.stats.files_written
+        summary["files_deleted"] = replicator.stats.files_deleted
+        summary["chunks_reused"] = replicator.stats.chunks_reused
+        summary["local_edits_kept"] = sum(len(r.kept_local_edits) for r in replicator.reports)
+        summary["errors"] = failures(replicator.share)
+    return summary
+
+
+def sync_report(sessions: list[Session], replicator: Replicator) -> dict[str, Any]:
+    """What ``backer sync --json`` prints."""
+    report = sync_summary(sessions, replicator)
+    report["per_peer"] = [sync_summary([s]) for s in sessions] if len(sessions) > 1 else []
+    report["problems"] = problems_json(replicator.share.problems.values())
+    return report
+
+
+def find_device(share: Share, text: str) -> bytes:
+    """The member (or removed device) whose id is ``text`` or starts with it."""
+    wanted = text.strip().upper().replace("-", "")
+    if len(wanted) < 7:
+        raise BackerError(f"give a device id, or at least its first 7 characters: {text!r}")
+    if len(wanted) == 56:
+        return parse_device_id(wanted)
+    found = [k for k in share.members.names if device_id(k).replace("-", "").startswith(wanted)]
+    if len(found) != 1:
+        problem = "matches no device" if not found else "matches several devices"
+        raise BackerError(f"{text!r} {problem} of this share (see 'backer device list')")
+    return found[0]
+
+
+def remove_device(share: Share, text: str) -> tuple[bytes, str]:
+    """Remove a device; (its key, what to tell the person)."""
+    device = find_device(share, text)
+    name = share.members.names.get(device, "")
+    share.remove_device(device)
+    others = len(share.members.active) - 1
+    return device, (
+        f"removed device {device_id(device)} ({name}); the share key was changed and "
+        f"sealed to the {others} other remaining device(s): each gets it at its next sync"
+    )
+
+
+def new_invite(share: Share, expires: int, addresses: tuple[str, ...]) -> tuple[bytes, str]:
+    """Record a single-use invite; its id and the token text naming ``addresses``."""
+    invite_id, psk = share.create_invite(expires)
+    return invite_id, InviteToken(share.share_id, invite_id, psk, share.device, addresses).encode()
+
+
+async def invite_outcome(share: Share, invite_id: bytes) -> str:
+    """Wait until the invite is used (the joiner's device id) or expires (raise)."""
+    while (joiner := share.invite_outcome(invite_id)) is None:
+        await asyncio.sleep(0.2)
+    return device_id(joiner)
+
+
+# -- a running node's answers ------------------------------------------------------------
+
+
+def handler(node: Node, runtime: Runtime) -> control.Handler:
+    """The control-channel handler of one share served by ``node``."""
+
+    async def handle(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        op = request.get("op")
+        try:
+            if op == "scan":
+                yield {"scan": scan_report(runtime.share, await runtime.scan())}
+            elif op == "status":
+                yield {"status": node_status(runtime)}
+            elif op == "sync":
+                yield {"sync": await node_sync(runtime, list(request.get("addresses") or []))}
+            elif op == "invite":
+                async for reply in node_invite(node, runtime, request):
+                    yield reply
+            elif op == "remove":
+                removed, said = remove_device(runtime.share, str(request.get("device", "")))
+                runtime.hub.disconnect(removed)  # before its removal is relayed
+                runtime.hub.journal_grew()
+                yield {"removed": said}
+            elif op == "rename":
+                device = find_device(runtime.share, str(request.get("device", "")))
+                runtime.share.rename_device(device, str(request.get("name", "")))
+                runtime.hub.journal_grew()
+                name = runtime.share.members.names[device]
+                yield {"renamed": f"{device_id(device)} {name}"}
+            else:
+                yield {"error": f"unknown request {op!r}"}
+        except (BackerError, KeyError, TypeError, ValueError) as exc:
+            yield {"error": str(exc) or type(exc).__name__}
+
+    return handle
+
+
+def node_status(runtime: Runtime) -> dict[str, Any]:
+    """``status`` plus, per device, what the node knows of it now."""
+    share = runtime.share
+    report = status_report(share)
+    ours = {author: c.length for author, c in share.journal.summary().items()}
+    replicator = runtime.hub.replicator
+    devices = []
+    for entry in report["devices"]:
+        key = parse_device_id(entry["id"])
+        link = runtime.links.get(key)
+        session = link.session if link is not None else None
+        seen_ms, address = runtime.seen.get(key, (None, None))
+        in_sync = None
+        transfer = None
+        if session is not None and session.peer_lengths is not None:
+            theirs = {a: n for a, n in session.peer_lengths.items() if n}
+            in_sync = (
+                theirs == ours
+                and replicator.idle
+                and session.peer_caught_up
+                and session.peer_acknowledged == session.events_messages_sent
+            )
+            if replicator.operations is not None and session.peer_caught_up:
+                done, total, got, wanted = replicator.progress()
+                transfer = {
+                    "files_done": done,
+                    "files_total": total,
+                    "bytes_done": got,
+                    "bytes_total": wanted,
+                }
+        devices.append(
+            {
+                **entry,
+                "this": key == share.device,
+                "connected": link is not None,
+                "last_seen_ms": seen_ms,
+                "address": link.address if link is not None else address,
+                "in_sync": in_sync,
+                "need_files": None,
+                "need_bytes": None,
+                "transfer": transfer,
+            }
+        )
+    report["devices"] = devices
+    return report
+
+
+async def node_sync(runtime: Runtime, addresses: list[str]) -> dict[str, Any]:
+    """Dial ``addresses`` (none: every known one) now; reply once each peer has caught
+    us up and acknowledged what we sent, and we applied (or its dial failed)."""
+    for address in addresses:
+        parse_address(address)
+    targets = addresses or list(runtime.targets)
+    if not targets and not runtime.links:
+        raise BackerError("no peer known yet: give an address (HOST:PORT)")
+    runtime.learn(None, targets)
+    started = {a: runtime.targets[a].attempts for a in targets}
+    for address in targets:
+        runtime.wake(address=address)
+    deadline = time.monotonic() + SYNC_WAIT_S * runtime.node.scale
+    failed: dict[str, str] = {}
+    while True:
+        sessions: list[Session] = []
+        waiting = False
+        for address in targets:
+            target = runtime.targets[address]
+            link = runtime.links.get(target.device or b"")
+            if link is not None and link.session is not None:
+                sessions.append(link.session)
+                waiting |= not link.session.complete
+                failed.pop(address, None)
+            elif target.attempts > started[address] and not target.dialling and target.error:
+                failed[address] = target.error
+            else:
+                waiting = True
+        if not addresses:  # every connected device too
+            extra = [link.session for link in runtime.links.values() if link.session]
+            for session in extra:
+                if session not in sessions:
+                    sessions.append(session)
+                    waiting |= not session.complete
+        if not waiting or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    if not sessions:
+        raise BackerError("; ".join(f"{a}: {e}" for a, e in failed.items()) or "no peer answered")
+    report = sync_report(sessions, runtime.hub.replicator)
+    report["failed"] = [{"address": a, "reason": e} for a, e in failed.items()]
+    return report
+
+
+async def node_invite(
+    node: Node, runtime: Runtime, request: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """A single-use invite naming the node's addresses (or those asked for); with
+    ``wait``, also the device that joined with it."""
+    expires = int(request["expires"])
+    if expires <= 0:
+        raise BackerError("--expires must be a positive number of seconds")
+    addresses = tuple(str(a) for a in request.get("addresses") or node.addresses)
+    invite_id, token = new_invite(runtime.share, expires, addresses)
+    runtime.hub.journal_grew()  # connected members learn of it: they may admit too
+    yield {"token": token}
+    if request.get("wait"):
+        yield {"joined": await invite_outcome(runtime.share, invite_id)}

@@ -1,0 +1,575 @@
+"""The resident node (``backer run``): one process serving every share of this device.
+
+An I/O edge like :mod:`backer.connections.transport`; the engine underneath stays
+sans-IO. Tasks and their owners (every task is cancelled by its owner on shutdown):
+
+- ``Node.run`` owns one :class:`asyncio.TaskGroup`: one task per inbound connection
+  (its header names the share, or the invite of a joiner) and one ``Runtime.run`` per
+  share;
+- ``Runtime.run`` owns the share's TaskGroup: the watcher loop, the dial loop and one
+  task per dial attempt, while ``control.serving`` answers the share's control channel.
+
+Per share, one :class:`~backer.connections.transport.Hub` holds every session; exactly
+one session per device (see :func:`keeps_new`), sessions stay open, and whatever a scan
+records is pushed to every connected peer at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nacl.signing
+
+from backer.config.identity import home as device_home
+from backer.config.identity import short_id
+from backer.connections import control, transport
+from backer.connections.addresses import advertised, format_address
+from backer.errors import BackerError
+from backer.model.materializer import Report
+from backer.model.share import ScanSummary, Share
+from backer.node.commands import handler
+from backer.protocol.channel import (
+    BUSY,
+    HEADER_LEN,
+    MODE_JOIN,
+    MODE_SYNC,
+    UNKNOWN,
+    SecureChannel,
+    refusal,
+)
+from backer.protocol.invite import parse_address
+from backer.protocol.session import Session
+from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
+from backer.scanner.watch import Watcher
+
+if TYPE_CHECKING:
+    from backer.config.registry import RegisteredShare
+
+BACKOFF_BASE_S = 0.5  # the first retry after a failed dial (with jitter: 0.25-0.5 s)
+BACKOFF_CAP_S = 60.0
+DUPLICATE_WINDOW_S = 5.0  # two sessions with one device opened this close: simultaneous
+STOP_GRACE_S = 2.0  # sessions get this long to say goodbye on shutdown
+
+
+def backoff(attempt: int, rng: random.Random, scale: float = 1.0) -> float:
+    """Seconds to wait before dial attempt ``attempt`` + 1 after ``attempt`` failures in
+    a row: doubling from BACKOFF_BASE_S up to BACKOFF_CAP_S, the upper half of that at
+    random (peers that fail together do not retry in lockstep; never zero, so never a
+    busy loop)."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 32)) * scale
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def keeps_new(
+    old_initiator: bytes, new_initiator: bytes, old_age: float, window: float = DUPLICATE_WINDOW_S
+) -> bool:
+    """Of two sessions with the same device, whether the newer one replaces the older.
+
+    Both devices decide alike: when both dialled at once (the older session is younger
+    than ``window``), the session initiated by the smaller device key wins. Otherwise the
+    newer one wins: the peer dials only when it has no session, so it lost the older."""
+    if old_age > window or old_initiator == new_initiator:
+        return True
+    return new_initiator < old_initiator
+
+
+@dataclass
+class Link:
+    """One authenticated connection with a device of a share."""
+
+    peer: bytes
+    initiator: bytes  # the device key of the side that dialled
+    address: str | None  # where we dialled it; for an inbound one, where it came from
+    hangup: transport.Hangup
+    since: float = field(default_factory=time.monotonic)
+    session: Session | None = None
+    claimed: bool = False  # it was the device's session (its end is logged as such)
+
+
+@dataclass
+class Target:
+    """An address to dial, and what dialling it taught us."""
+
+    address: str
+    device: bytes | None = None  # the device that answered there last
+    failures: int = 0  # failed attempts in a row
+    due: float = 0.0  # monotonic time of the next attempt
+    attempts: int = 0  # every attempt so far (a waiting ``sync`` counts on it)
+    error: str | None = None  # why the last attempt failed
+    dialling: bool = False
+
+
+class Runtime:
+    """One share served by the node: its hub, sessions, dialer, watcher and control."""
+
+    def __init__(self, node: Node, share: Share, name: str) -> None:
+        self.node = node
+        self.share = share
+        self.name = name
+        self.log = node.log
+        self.hub = transport.Hub(share, node.device_name, node.limits, scan_first=False)
+        self.hub.applied = self._applied
+        self.links: dict[bytes, Link] = {}
+        self.targets: dict[str, Target] = {}
+        self.hangups: set[transport.Hangup] = set()
+        self.seen: dict[bytes, tuple[int, str | None]] = {}  # device -> (ms, address)
+        self.poke = asyncio.Event()
+        self.conflicts_logged = 0
+        self.tasks: asyncio.TaskGroup | None = None
+        self.scanning = asyncio.Lock()  # one scan at a time (watcher, control)
+        for address in transport.known_addresses(share):
+            self.targets[address] = Target(address)
+        for device in share.members.active:
+            if device != share.device:
+                found = self.hub.addresses.addresses(device)
+                self.learn(device, [format_address(host, port) for host, port in found])
+
+    # -- the share's tasks ----------------------------------------------------------------
+
+    async def run(self, handle: control.Handler) -> None:
+        """Serve the share until cancelled."""
+        async with control.serving(self.share.root, handle), asyncio.TaskGroup() as tasks:
+            self.tasks = tasks
+            tasks.create_task(self._watch())
+            tasks.create_task(self._dial_loop())
+
+    async def scan(self, paths: frozenset[str] | None = None) -> ScanSummary:
+        """Scan the share (or ``paths``) now, off the event loop; push what it recorded
+        to every connected peer at once."""
+        async with self.scanning:
+            summary = await self.share.scan_off_loop(paths)
+        if summary.events:
+            changed = len(summary.added) + len(summary.modified) + len(summary.deleted)
+            self.log.info(
+                "%s: recorded %d changes (%d added, %d modified, %d deleted)",
+                self.name,
+                changed,
+                len(summary.added),
+                len(summary.modified),
+                len(summary.deleted),
+            )
+            self.hub.journal_grew()
+        self._log_problems()
+        return summary
+
+    async def _watch(self) -> None:
+        """Scan what the watcher says changed, one batch at a time."""
+        root = self.share.root
+        async with Watcher(root, IgnoreRules.load(root).excluded) as watcher:
+            async for changes in watcher.changes():
+                if IGNORE_FILE in changes.paths:
+                    watcher.is_ignored = IgnoreRules.load(root).excluded
+                await self.scan(None if changes.full else changes.paths)
+                if changes.reason == "start":
+                    self.log.info("%s: watching %s", self.name, root)
+
+    def _log_problems(self) -> None:
+        fresh, self.share.fresh_problems = self.share.fresh_problems, []
+        for problem in dict.fromkeys(fresh):
+            label = "warning" if problem.warning else "error"
+            self.log.warning("%s: %s: %s: %s", self.name, label, problem.path, problem.reason)
+
+    def _applied(self, report: Report) -> None:
+        """One log line per applied window of a plan (that did anything)."""
+        conflicts = self.hub.replicator.stats.conflicts_resolved - self.conflicts_logged
+        self.conflicts_logged += conflicts
+        if not (report.written or report.deleted or report.kept_local_edits or report.errors):
+            return
+        self.log.info(
+            "%s: applied %d files (%d bytes), %d deleted, %d conflicts, %d local edits kept, "
+            "%d errors",
+            self.name,
+            len(report.written),
+            report.bytes_written,
+            len(report.deleted),
+            conflicts,
+            len(report.kept_local_edits),
+            len(report.errors),
+        )
+        self._log_problems()
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def connection(
+        self,
+        run: Callable[[Callable[[SecureChannel], None], transport.Hangup], Awaitable[Session]],
+        address: str | None,
+    ) -> None:
+        """Run one connection (``run`` drives it, calling back once the peer is known);
+        keep it as the device's session, or refuse it as a duplicate. Raises
+        SessionClosed if it ended before it became the device's session."""
+        hangup = transport.Hangup()
+        self.hangups.add(hangup)
+        link: Link | None = None
+
+        def established(channel: SecureChannel) -> None:
+            nonlocal link
+            assert channel.peer is not None
+            initiator = self.share.device if channel.initiator else channel.peer
+            link = Link(channel.peer, initiator, address, hangup)
+            self._claim(link)
+
+        try:
+            await run(established, hangup)
+            self._lost(link, "the peer closed the session")
+        except transport.SessionClosed as exc:
+            if not self._lost(link, str(exc)) and (link is None or not link.claimed):
+                raise  # (a session that never became the device's: the caller says why)
+        finally:
+            self.hangups.discard(hangup)
+
+    def _claim(self, link: Link) -> None:
+        """Make ``link`` the session with its device, or refuse it (BackerError)."""
+        if link.peer == self.share.device:
+            raise BackerError("this is the device itself")
+        old = self.links.get(link.peer)
+        if old is not None:
+            if not keeps_new(old.initiator, link.initiator, time.monotonic() - old.since):
+                raise BackerError(
+                    "a session with this device is already open (the one started by "
+                    f"{short_id(old.initiator)} is kept)"
+                )
+            reason = (
+                "replaced by a newer session with this device (the one started by "
+                f"{short_id(link.initiator)} is kept)"
+            )
+            old.hangup(reason)
+            self._lost(old, reason)
+        link.claimed = True
+        self.links[link.peer] = link
+        self.seen[link.peer] = (time.time_ns() // 1_000_000, link.address)
+        self.log.info(
+            "%s: session with %s %s open (%s, %s)",
+            self.name,
+            short_id(link.peer),
+            self.share.members.names.get(link.peer, ""),
+            link.address or "?",
+            "dialled" if link.initiator == self.share.device else "accepted",
+        )
+
+    def _lost(self, link: Link | None, reason: str) -> bool:
+        """The session of ``link`` ended (logged); False if it never was the device's."""
+        if link is None or self.links.get(link.peer) is not link:
+            return False
+        del self.links[link.peer]
+        self.seen[link.peer] = (time.time_ns() // 1_000_000, link.address)
+        self.log.info("%s: session with %s ended: %s", self.name, short_id(link.peer), reason)
+        if not self.node.stopping:
+            self.wake(link.peer)
+        return True
+
+    def bind(self, session: Session) -> None:
+        """The session of a link, once open (status reads it)."""
+        link = self.links.get(session.peer or b"")
+        if link is not None and link.session is None:
+            link.session = session
+
+    def hang_up(self, reason: str) -> None:
+        for hangup in list(self.hangups):
+            hangup(reason)
+
+    # -- dialling -----------------------------------------------------------------------
+
+    def learn(self, device: bytes | None, addresses: list[str]) -> None:
+        """Dial ``addresses`` (of ``device``, if known) from now on."""
+        for address in addresses:
+            target = self.targets.setdefault(address, Target(address))
+            if device is not None:
+                target.device = device
+        self.poke.set()
+
+    def wake(self, device: bytes | None = None, address: str | None = None) -> None:
+        """The peer is back (or should be): dial it again soon, whatever its backoff."""
+        now = time.monotonic()
+        for target in self.targets.values():
+            if (
+                (device is None and address is None)
+                or target.device == device
+                or (address is not None and target.address == address)
+            ):
+                target.failures = 0
+                target.due = now + (0 if address else backoff(0, self.node.rng, self.node.scale))
+        self.poke.set()
+
+    def _wanted(self, target: Target) -> bool:
+        if target.dialling:
+            return False
+        device = target.device
+        if device is None:
+            return True
+        return (
+            device != self.share.device
+            and device in self.share.members
+            and (device not in self.links)
+        )
+
+    async def _dial_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [t for t in self.targets.values() if self._wanted(t)]
+            for target in due:
+                if target.due <= now:
+                    target.dialling = True
+                    assert self.tasks is not None
+                    self.tasks.create_task(self._dial(target))
+            later = [t.due - now for t in due if t.due > now]
+            self.poke.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.poke.wait(), min(later, default=None))
+
+    async def _dial(self, target: Target) -> None:
+        target.attempts += 1
+        self.log.debug("%s: dialling %s", self.name, target.address)
+        opened = False
+
+        def established(channel: SecureChannel) -> None:
+            nonlocal opened
+            target.device = channel.peer
+            opened = True
+
+        async def run(claim: Callable[[SecureChannel], None], hangup: transport.Hangup) -> Session:
+            def both(channel: SecureChannel) -> None:
+                established(channel)
+                claim(channel)
+
+            host, port = parse_address(target.address)
+            return await transport.dial(
+                self.hub,
+                lambda: transport.tcp_streams(host, port),
+                False,
+                progress=self.bind,
+                established=both,
+                hangup=hangup,
+            )
+
+        try:
+            await self.connection(run, target.address)
+            target.error = None
+        except (transport.SessionClosed, BackerError) as exc:
+            target.error = str(exc)
+            if not opened:
+                target.failures += 1
+                delay = backoff(target.failures, self.node.rng, self.node.scale)
+                target.due = time.monotonic() + delay
+                self.log.info(
+                    "%s: cannot connect to %s: %s (attempt %d failed; next in %.1f s)",
+                    self.name,
+                    target.address,
+                    exc,
+                    target.failures,
+                    delay,
+                )
+        finally:
+            if opened:  # it answered: remembered, and dialled again soon if it went away
+                transport.remember_address(self.share, target.address)
+                target.failures = 0
+                if target.due <= time.monotonic():
+                    target.due = time.monotonic() + backoff(0, self.node.rng, self.node.scale)
+            target.dialling = False
+            self.poke.set()
+
+    async def accept(
+        self,
+        streams: transport.Streams,
+        channel: SecureChannel,
+        address: str,
+        admitted: Callable[[], None],
+    ) -> None:
+        """Serve an inbound connection whose header named this share (or its invite)."""
+
+        async def run(claim: Callable[[SecureChannel], None], hangup: transport.Hangup) -> Session:
+            def both() -> None:
+                admitted()
+                claim(channel)
+
+            return await self.hub.run(
+                streams, channel, self.hub.accept, False, self.bind, both, hangup
+            )
+
+        try:
+            await self.connection(run, address)
+        except transport.SessionClosed as exc:
+            self.node.refused(str(exc), f"{self.name}: closed session with {address}: ")
+
+    def close(self) -> None:
+        """Give up what is unfinished (no temp file stays) and close the share."""
+        self.hub.replicator.abandon()
+        self.share.close()
+
+
+class Node:
+    """The resident process: every share of this device, one listener, dialers."""
+
+    def __init__(
+        self,
+        shares: list[RegisteredShare],
+        key: nacl.signing.SigningKey,
+        *,
+        listen: tuple[str, int],
+        log: logging.Logger,
+        limits: transport.Limits | None = None,
+        home: Path | None = None,
+    ) -> None:
+        """``home``: the device's directory (default: ``BACKER_HOME`` or the platform's)."""
+        self.entries = shares
+        self.home = home or device_home()
+        self.key = key
+        self.listen = listen
+        self.log = log
+        self.limits = limits or transport.Limits.from_env()
+        self.scale = transport.time_scale()
+        self.rng = random.Random()
+        self.device_name = socket.gethostname()
+        self.runtimes: dict[bytes, Runtime] = {}
+        self.addresses: tuple[str, ...] = ()  # where peers can reach this node
+        self.admission = transport.Admission()
+        self.refused = transport.RateLimitedLog(lambda line: log.warning("%s", line))
+        self.started = asyncio.Event()
+        self._tasks: asyncio.TaskGroup | None = None
+        self.stopping = False
+
+    # -- what other parts of backer call -------------------------------------------------
+
+    def learn(self, share_id: bytes, device: bytes | None, addresses: list[str]) -> None:
+        """Addresses where ``device`` (a member of the share) may be reached: dialled
+        from now on (the address book and LAN discovery feed this)."""
+        runtime = self.runtimes.get(share_id)
+        if runtime is not None:
+            runtime.learn(device, addresses)
+
+    def wake(self, device: bytes) -> None:
+        """``device`` is back (seen on the network): dial it now, whatever its backoff."""
+        for runtime in self.runtimes.values():
+            runtime.wake(device)
+
+    def ask(self, share_id: bytes, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Answer a control request in process, as the control channel would."""
+        return handler(self, self.runtimes[share_id])(request)
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then close every session with a reason, remove
+        the temp files of unfinished transfers and close the shares."""
+        self._open()
+        try:
+            server = await self._listen()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    self._tasks = tasks
+                    for runtime in self.runtimes.values():
+                        tasks.create_task(runtime.run(handler(self, runtime)))
+                    self.started.set()
+                    await stop.wait()
+                    self.stopping = True
+                    server.close()
+                    self.log.info("stopping")
+                    for runtime in self.runtimes.values():
+                        runtime.hang_up("the device is shutting down")
+                    await self._drain()
+                    raise _Stopped
+            except* _Stopped:
+                pass
+        finally:
+            for runtime in self.runtimes.values():
+                runtime.close()
+            self.log.info("stopped")
+
+    def _open(self) -> None:
+        for entry in self.entries:
+            try:
+                share = Share.open(Path(entry.root), self.key, True, self.home)
+            except BackerError as exc:
+                self.log.error("%s: not served: %s", entry.name, exc)
+                continue
+            if share.share_id in self.runtimes:
+                share.close()
+                continue
+            self.runtimes[share.share_id] = Runtime(self, share, entry.name)
+        if not self.runtimes:
+            self.log.warning("no share to serve: 'backer init' or 'backer join' makes one")
+
+    async def _listen(self) -> asyncio.Server:
+        host, port = self.listen
+        try:
+            server = await asyncio.start_server(self._on_connect, host, port)
+        except OSError as exc:
+            raise BackerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        bound = [s.getsockname()[:2] for s in server.sockets]
+        self.addresses = tuple(dict.fromkeys(a for h, p in bound for a in advertised(h, p)))
+        for runtime in self.runtimes.values():  # what sessions tell the other members
+            runtime.hub.addresses.announce(parse_address(a) for a in self.addresses)
+        self.log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        return server
+
+    async def _drain(self) -> None:
+        """Give the sessions a moment to send their goodbyes."""
+        deadline = time.monotonic() + STOP_GRACE_S * min(self.scale, 1.0)
+        while time.monotonic() < deadline and any(r.hangups for r in self.runtimes.values()):
+            await asyncio.sleep(0.02)
+
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stopping or self._tasks is None:
+            writer.transport.abort()
+            return
+        self._tasks.create_task(self._accept(reader, writer))
+
+    def _route(self, header: bytes) -> Runtime | None:
+        mode, ident = header[:1], header[1:HEADER_LEN]
+        if mode == MODE_SYNC:
+            return self.runtimes.get(ident)
+        if mode == MODE_JOIN:
+            for runtime in self.runtimes.values():
+                if runtime.share.invite_key(ident):
+                    return runtime
+        return None
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """An inbound connection: admitted among those still in their handshake, routed
+        by its clear header to the share it names."""
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0] if isinstance(peer, tuple) else peer)
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else host
+        evicted = False
+
+        def evict() -> None:
+            nonlocal evicted
+            evicted = True
+            writer.write(refusal(BUSY))
+            writer.transport.abort()
+
+        ticket = self.admission.enter(host, evict)
+        try:
+            header = await asyncio.wait_for(reader.readexactly(HEADER_LEN), self.limits.handshake_s)
+            runtime = self._route(header)
+            if runtime is None:
+                writer.write(refusal(UNKNOWN))
+                self.refused("unknown share or invite", f"closed session with {host}: ")
+                return
+            channel = transport.responder(runtime.share, runtime.share.key)
+            channel.receive_data(header)
+            streams = transport.Streams(reader, writer, writer.close)
+            await runtime.accept(streams, channel, address, lambda: self.admission.leave(ticket))
+        except (asyncio.IncompleteReadError, TimeoutError, OSError) as exc:
+            reason = (
+                "closed to make room for newer handshakes"
+                if evicted
+                else (f"no header: {type(exc).__name__}")
+            )
+            self.refused(reason, f"closed session with {host}: ")
+        finally:
+            self.admission.leave(ticket)
+            writer.close()
+
+
+class _Stopped(Exception):
+    """Raised inside the node's TaskGroup to cancel every task it owns."""

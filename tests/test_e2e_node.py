@@ -1,0 +1,214 @@
+"""Three devices each running ``backer run`` over TCP on 127.0.0.1: changes reach the
+others with no command typed, through crashes, stops, simultaneous dials and downtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from backer.connections import control
+from backer.scanner.ignore import is_temp_name
+from tests.e2e import Device, Node, free_port, invite, snapshot
+
+WAIT_S = 30
+
+
+def converged(devices: list[Device], timeout: float = WAIT_S) -> dict[str, tuple]:
+    """Wait until every device's folder is the same; that folder."""
+    deadline = time.monotonic() + timeout
+    while True:
+        views = [snapshot(d.root) for d in devices]
+        if all(v == views[0] for v in views[1:]):
+            return views[0]
+        if time.monotonic() > deadline:
+            differing = {
+                path
+                for view in views
+                for path in view
+                if any(other.get(path) != view[path] for other in views)
+            }
+            raise AssertionError(f"not converged after {timeout} s: {sorted(differing)}")
+        time.sleep(0.1)
+
+
+def status(device: Device) -> dict:
+    """The running node's status of the device's share (over the control channel)."""
+    return next(iter(control.request(device.root, {"op": "status"})))["status"]
+
+
+def authored(device: Device) -> dict[str, int]:
+    """How many events of the device's journal each author signed."""
+    events = json.loads(device.run("log", "--json", "--dir", str(device.root)).stdout)
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event["author"]] = counts.get(event["author"], 0) + 1
+    return counts
+
+
+@pytest.fixture
+def trio(tmp_path: Path) -> Iterator[tuple[Device, Device, Device]]:
+    """a founded the share; b and c joined it and know a's address; all three run."""
+    a, b, c = (Device(tmp_path, name) for name in "abc")
+    a.root.mkdir()
+    (a.root / "readme.txt").write_text("hello\n")
+    a.run("init", str(a.root))
+    port = free_port()
+    tokens = [invite(a, f"127.0.0.1:{port}") for _ in range(2)]
+    a.start(port)
+    b.run("join", tokens[0], str(b.root))
+    c.run("join", tokens[1], str(c.root))
+    b.start()
+    c.start()
+    try:
+        yield a, b, c
+    finally:
+        for device in (a, b, c):
+            for node in list(device.nodes):
+                node.stop()
+
+
+def test_creates_edits_renames_and_deletes_on_each_reach_the_others(trio) -> None:
+    a, b, c = trio
+    converged([a, b, c])
+    (a.root / "from-a.txt").write_text("a\n")
+    (b.root / "dir").mkdir()
+    (b.root / "dir" / "from-b.txt").write_text("b\n")
+    (c.root / "readme.txt").write_text("hello from c\n")
+    view = converged([a, b, c])
+    assert view["dir/from-b.txt"][1] == b"b\n" and view["readme.txt"][1] == b"hello from c\n"
+    (b.root / "from-a.txt").rename(b.root / "renamed.txt")
+    (c.root / "dir" / "from-b.txt").unlink()
+    (a.root / "readme.txt").write_text("hello again\n")
+    view = converged([a, b, c])
+    assert "from-a.txt" not in view and view["renamed.txt"][1] == b"a\n"
+    assert "dir/from-b.txt" not in view and view["readme.txt"][1] == b"hello again\n"
+    devices = status(a)["devices"]
+    assert sorted(d["connected"] for d in devices) == [False, True, True]  # (itself: False)
+    assert all(d["in_sync"] in (True, None) for d in devices)
+
+
+def test_a_node_killed_while_others_edit_converges_when_restarted(trio) -> None:
+    a, b, c = trio
+    converged([a, b, c])
+    b.nodes[0].stop(signal.SIGKILL)
+    for n in range(20):
+        (a.root / f"a{n}.txt").write_text(f"a {n}\n")
+        (c.root / f"c{n}.txt").write_text(f"c {n}\n" * 1000)
+    converged([a, c])
+    b.start()
+    view = converged([a, b, c])
+    assert len([p for p in view if p.startswith(("a", "c"))]) == 40
+
+
+def test_a_laptop_away_while_all_edit_the_same_files_gets_identical_conflict_copies(
+    trio,
+) -> None:
+    a, b, c = trio
+    converged([a, b, c])
+    assert c.nodes[0].stop() == 0
+    (c.root / "readme.txt").write_text("c was offline\n")
+    (c.root / "notes.txt").write_text("c's notes\n")
+    (a.root / "readme.txt").write_text("a stayed\n")
+    converged([a, b])
+    (b.root / "notes.txt").write_text("b's notes\n")
+    converged([a, b])
+    c.start()
+    view = converged([a, b, c])
+    readmes = sorted(content[1] for path, content in view.items() if "readme" in path)
+    notes = sorted(content[1] for path, content in view.items() if "notes" in path)
+    assert readmes == [b"a stayed\n", b"c was offline\n"], view.keys()
+    assert notes == [b"b's notes\n", b"c's notes\n"], view.keys()
+
+
+def test_a_nodes_own_writes_are_not_recorded_again(trio) -> None:
+    a, b, c = trio
+    converged([a, b, c])
+    ids = {device: status(device)["device"] for device in (b, c)}
+    before = {device: authored(device).get(ids[device], 0) for device in (b, c)}
+    for n in range(30):
+        (a.root / f"f{n}.txt").write_text(f"{n}\n" * n)
+    converged([a, b, c])
+    time.sleep(3)  # b and c wrote a's files: their watchers saw every one of them
+    for device in (b, c):  # nothing new of theirs: no edit was made there
+        assert authored(device).get(ids[device], 0) == before[device]
+    assert authored(a) == authored(b) == authored(c)
+
+
+def _pair_knowing_each_other(tmp_path: Path) -> tuple[Device, Device, int, int]:
+    """a and b, each with the other's address remembered (so both dial at start)."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    a_port, b_port = free_port(), free_port()
+    token = invite(a, f"127.0.0.1:{a_port}")
+    with a.serving(a_port):
+        b.run("join", token, str(b.root))
+    with b.serving(b_port):
+        a.run("sync", f"127.0.0.1:{b_port}", "--dir", str(a.root))
+    return a, b, a_port, b_port
+
+
+def _sessions_open(node: Node) -> int:
+    """Sessions the node holds now, by its log: opened minus ended."""
+    lines = list(node.lines)
+    return sum(" open (" in line for line in lines) - sum(" ended: " in line for line in lines)
+
+
+def test_simultaneous_dials_leave_one_session(tmp_path: Path) -> None:
+    a, b, a_port, b_port = _pair_knowing_each_other(tmp_path)
+    for _ in range(3):
+        nodes = [a.start(a_port, wait=False), b.start(b_port, wait=False)]
+        for node in nodes:
+            node.wait_for(" open (")
+        time.sleep(1.5)  # any duplicate is settled by now
+        assert [_sessions_open(node) for node in nodes] == [1, 1], "\n".join(n.log for n in nodes)
+        (a.root / "x.txt").write_text(str(time.time()))
+        converged([a, b])
+        for node in nodes:
+            assert node.stop() == 0
+
+
+def test_a_peer_down_30_s_is_dialled_a_bounded_number_of_times(tmp_path: Path) -> None:
+    a, b, a_port, _ = _pair_knowing_each_other(tmp_path)
+    scale = 0.2  # 30 s of the node's time in 6 s
+    node = b.start(BACKER_TIME_SCALE=str(scale))
+    process = psutil.Process(node.process.pid)
+    cpu_before = sum(process.cpu_times()[:2])
+    time.sleep(30 * scale)
+    attempts = sum(f"dialling 127.0.0.1:{a_port}" in line for line in node.lines)
+    cpu = sum(process.cpu_times()[:2]) - cpu_before
+    assert 3 <= attempts <= 9, node.log
+    assert cpu < 30 * scale * 0.5, cpu  # waiting, not spinning
+    (a.root / "back.txt").write_text("a is back\n")
+    a.start(a_port)
+    converged([a, b], timeout=60 * scale + 10)  # within one capped backoff
+
+
+def test_sigterm_mid_transfer_exits_0_within_5_s_and_leaves_no_temp_file(trio) -> None:
+    a, b, c = trio
+    converged([a, b, c])
+    c.nodes[0].stop()
+    with open(a.root / "big.bin", "wb") as big:
+        for _ in range(64):
+            big.write(os.urandom(4 << 20))
+    deadline = time.monotonic() + WAIT_S
+    temps: list[Path] = []
+    while not temps and time.monotonic() < deadline:
+        temps = [p for p in b.root.rglob("*") if is_temp_name(p.name)]
+        time.sleep(0.005)
+    assert temps, "b never started the transfer"
+    started = time.monotonic()
+    status_code = b.nodes[0].stop()
+    took = time.monotonic() - started
+    assert status_code == 0 and took < 5, (status_code, took)
+    assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
+    assert "the device is shutting down" in a.nodes[0].log
+    b.start()
+    converged([a, b])
