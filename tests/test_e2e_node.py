@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from backer.connections import control
+from backer.errors import BackerError
 from backer.scanner.ignore import is_temp_name
 from tests.e2e import Device, Node, free_port, invite, snapshot
 
@@ -40,7 +41,12 @@ def converged(devices: list[Device], timeout: float = WAIT_S) -> dict[str, tuple
 
 def status(device: Device) -> dict:
     """The running node's status of the device's share (over the control channel)."""
-    return next(iter(control.request(device.root, {"op": "status"})))["status"]
+    return ask(device, {"op": "status"})["status"]
+
+
+def ask(device: Device, request: dict) -> dict:
+    """The running node's (first) reply to ``request``."""
+    return next(iter(control.request(device.root, request)))
 
 
 def authored(device: Device) -> dict[str, int]:
@@ -141,8 +147,10 @@ def test_a_nodes_own_writes_are_not_recorded_again(trio) -> None:
     assert authored(a) == authored(b) == authored(c)
 
 
-def _pair_knowing_each_other(tmp_path: Path) -> tuple[Device, Device, int, int]:
-    """a and b, each with the other's address remembered (so both dial at start)."""
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Device, Device, int, int]]:
+    """a and b, each with the other's address remembered (so both dial at start), and
+    their ports; no node runs yet."""
     a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
     a.root.mkdir()
     a.run("init", str(a.root))
@@ -152,7 +160,12 @@ def _pair_knowing_each_other(tmp_path: Path) -> tuple[Device, Device, int, int]:
         b.run("join", token, str(b.root))
     with b.serving(b_port):
         a.run("sync", f"127.0.0.1:{b_port}", "--dir", str(a.root))
-    return a, b, a_port, b_port
+    try:
+        yield a, b, a_port, b_port
+    finally:
+        for device in (a, b):
+            for node in list(device.nodes):
+                node.stop()
 
 
 def _sessions_open(node: Node) -> int:
@@ -161,8 +174,8 @@ def _sessions_open(node: Node) -> int:
     return sum(" open (" in line for line in lines) - sum(" ended: " in line for line in lines)
 
 
-def test_simultaneous_dials_leave_one_session(tmp_path: Path) -> None:
-    a, b, a_port, b_port = _pair_knowing_each_other(tmp_path)
+def test_simultaneous_dials_leave_one_session(pair) -> None:
+    a, b, a_port, b_port = pair
     for _ in range(3):
         nodes = [a.start(a_port, wait=False), b.start(b_port, wait=False)]
         for node in nodes:
@@ -175,8 +188,8 @@ def test_simultaneous_dials_leave_one_session(tmp_path: Path) -> None:
             assert node.stop() == 0
 
 
-def test_a_peer_down_30_s_is_dialled_a_bounded_number_of_times(tmp_path: Path) -> None:
-    a, b, a_port, _ = _pair_knowing_each_other(tmp_path)
+def test_a_peer_down_30_s_is_dialled_a_bounded_number_of_times(pair) -> None:
+    a, b, a_port, _ = pair
     scale = 0.2  # 30 s of the node's time in 6 s
     node = b.start(BACKER_TIME_SCALE=str(scale))
     process = psutil.Process(node.process.pid)
@@ -212,3 +225,28 @@ def test_sigterm_mid_transfer_exits_0_within_5_s_and_leaves_no_temp_file(trio) -
     assert "the device is shutting down" in a.nodes[0].log
     b.start()
     converged([a, b])
+
+
+def test_the_node_answers_scan_sync_rename_and_remove_on_the_control_channel(trio) -> None:
+    a, b, c = trio
+    converged([a, b, c])
+    (b.root / "new.txt").write_text("scanned on request\n")
+    scanned = ask(b, {"op": "scan"})["scan"]  # (the watcher may have recorded it first)
+    assert scanned["unchanged"] >= 1 and scanned["problems"] == []
+    synced = ask(b, {"op": "sync", "addresses": [a.nodes[0].address]})["sync"]
+    assert synced["peers"] == [status(a)["device"]] and synced["errors"] == 0
+    assert (a.root / "new.txt").read_text() == "scanned on request\n"  # caught up, applied
+    renamed = ask(b, {"op": "rename", "device": status(b)["device"], "name": "laptop"})
+    assert renamed["renamed"].endswith(" laptop")
+    deadline = time.monotonic() + WAIT_S
+    while "laptop" not in [d["name"] for d in status(a)["devices"]]:
+        assert time.monotonic() < deadline, status(a)["devices"]
+        time.sleep(0.1)
+    c_id = status(c)["device"]
+    assert "removed device" in ask(a, {"op": "remove", "device": c_id})["removed"]
+    deadline = time.monotonic() + WAIT_S
+    while any(d["id"] == c_id for d in status(b)["devices"]):  # relayed at once
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(BackerError, match="unknown request"):
+        list(control.request(a.root, {"op": "nonsense"}))

@@ -231,7 +231,12 @@ async def node_sync(runtime: Runtime, addresses: list[str]) -> dict[str, Any]:
     us up and acknowledged what we sent, and we applied (or its dial failed)."""
     for address in addresses:
         parse_address(address)
-    targets = addresses or list(runtime.targets)
+    share = runtime.share
+    targets = addresses or [
+        a
+        for a, t in runtime.targets.items()
+        if t.device is None or (t.device in share.members and t.device != share.device)
+    ]
     if not targets and not runtime.links:
         raise BackerError("no peer known yet: give an address (HOST:PORT)")
     runtime.learn(None, targets)

@@ -126,6 +126,7 @@ class Runtime:
         self.conflicts_logged = 0
         self.tasks: asyncio.TaskGroup | None = None
         self.scanning = asyncio.Lock()  # one scan at a time (watcher, control)
+        self.waiting: str | None = None  # why scans record nothing (logged once)
         for address in transport.known_addresses(share):
             self.targets[address] = Target(address)
         for device in share.members.active:
@@ -147,6 +148,9 @@ class Runtime:
         to every connected peer at once."""
         async with self.scanning:
             summary = await self.share.scan_off_loop(paths)
+        if summary.waiting != self.waiting and summary.waiting is not None:
+            self.log.warning("%s: nothing recorded: %s", self.name, summary.waiting)
+        self.waiting = summary.waiting
         if summary.events:
             changed = len(summary.added) + len(summary.modified) + len(summary.deleted)
             self.log.info(
@@ -461,13 +465,16 @@ class Node:
         """Serve until ``stop`` is set, then close every session with a reason, remove
         the temp files of unfinished transfers and close the shares."""
         self._open()
+        loop = asyncio.get_running_loop()  # asyncio's own reports (accept out of
+        # descriptors...): rate-limited lines, not tracebacks
+        loop.set_exception_handler(lambda _, context: self.refused(str(context.get("message"))))
         try:
             server = await self._listen()
             try:
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
                     for runtime in self.runtimes.values():
-                        tasks.create_task(runtime.run(handler(self, runtime)))
+                        tasks.create_task(self._serve(runtime))
                     self.started.set()
                     await stop.wait()
                     self.stopping = True
@@ -483,6 +490,14 @@ class Node:
             for runtime in self.runtimes.values():
                 runtime.close()
             self.log.info("stopped")
+
+    async def _serve(self, runtime: Runtime) -> None:
+        """Serve one share; if that fails, stop serving it (with a reason), not the rest."""
+        try:
+            await runtime.run(handler(self, runtime))
+        except Exception as exc:
+            self.log.error("%s: no longer served: %s: %s", runtime.name, type(exc).__name__, exc)
+            runtime.hang_up("the share is no longer served on that device")
 
     def _open(self) -> None:
         for entry in self.entries:
