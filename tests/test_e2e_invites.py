@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nacl.signing
 
+from backer.config import registry
 from backer.connections import transport
 from backer.model.membership import EventKind, genesis_payload, invite_payload
 from backer.model.share import Share
@@ -126,6 +127,7 @@ def _fake_share(tmp_path: Path, token: InviteToken) -> Device:
         far = int(time.time() * 1000) + 3_600_000
         fake._append(EventKind.INVITE, invite_payload(token.invite_id, token.psk, far))
         fake.scan()
+    registry.register(token.share_id, x.root, x.home)  # what 'backer run' serves
     return x
 
 

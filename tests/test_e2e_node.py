@@ -25,7 +25,10 @@ def converged(devices: list[Device], timeout: float = WAIT_S) -> dict[str, tuple
     """Wait until every device's folder is the same; that folder."""
     deadline = time.monotonic() + timeout
     while True:
-        views = [snapshot(d.root) for d in devices]
+        try:
+            views = [snapshot(d.root) for d in devices]
+        except FileNotFoundError:  # a temp file renamed into place while listed
+            continue
         if all(v == views[0] for v in views[1:]):
             return views[0]
         if time.monotonic() > deadline:
