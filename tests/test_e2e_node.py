@@ -100,7 +100,12 @@ def test_creates_edits_renames_and_deletes_on_each_reach_the_others(trio) -> Non
     assert "dir/from-b.txt" not in view and view["readme.txt"][1] == b"hello again\n"
     devices = status(a)["devices"]
     assert sorted(d["connected"] for d in devices) == [False, True, True]  # (itself: False)
-    assert all(d["in_sync"] in (True, None) for d in devices)
+    deadline = time.monotonic() + WAIT_S
+    while not all(d["in_sync"] for d in devices if d["connected"]):
+        assert time.monotonic() < deadline, devices
+        time.sleep(0.1)
+        devices = status(a)["devices"]
+    assert all(d["address"] and d["last_seen_ms"] for d in devices if d["connected"]), devices
 
 
 def test_a_node_killed_while_others_edit_converges_when_restarted(trio) -> None:

@@ -3,9 +3,16 @@ sessions with one device to keep."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
+import time
+from pathlib import Path
 
-from backer.node.node import BACKOFF_CAP_S, DUPLICATE_WINDOW_S, backoff, keeps_new
+from backer.config.identity import load_or_create_key
+from backer.config.registry import RegisteredShare
+from backer.node.node import BACKOFF_CAP_S, DUPLICATE_WINDOW_S, Link, Node, backoff, keeps_new
+from tests.e2e import Device, free_port, invite
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
@@ -46,3 +53,54 @@ def test_a_newer_session_replaces_one_the_peer_lost() -> None:
     assert keeps_new(old_initiator=small, new_initiator=large, old_age=DUPLICATE_WINDOW_S + 1)
     # the same side dialled again: it lost the first connection
     assert keeps_new(old_initiator=large, new_initiator=large, old_age=0.1)
+
+
+def test_two_nodes_dialling_each_other_at_once_keep_one_session_the_same_one(
+    tmp_path: Path,
+) -> None:
+    """Both nodes start in one event loop, so both dial in the same instant: each must
+    end with one session with the other, and both with the same connection."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    ports = free_port(), free_port()
+    token = invite(a, f"127.0.0.1:{ports[0]}")
+    with a.serving(ports[0]):
+        b.run("join", token, str(b.root))
+    with b.serving(ports[1]):  # a remembers b's address too: both will dial
+        a.run("sync", f"127.0.0.1:{ports[1]}", "--dir", str(a.root))
+    keys = [load_or_create_key(d.home) for d in (a, b)]
+    smaller = min(bytes(k.verify_key) for k in keys)
+
+    async def scenario() -> list[list[Link]]:
+        nodes = [
+            Node(
+                [RegisteredShare(b"", d.root.name, d.root)],
+                key,
+                listen=("127.0.0.1", port),
+                log=logging.getLogger(f"backer.test.{d.root.name}"),
+                home=d.home,
+            )
+            for d, key, port in zip((a, b), keys, ports, strict=True)
+        ]
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tasks:
+            for node in nodes:
+                tasks.create_task(node.run(stop))
+            deadline = time.monotonic() + 20
+            runtimes = []
+            while len(runtimes) < 2 or not all(r.links for r in runtimes):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+                runtimes = [r for node in nodes for r in node.runtimes.values()]
+            await asyncio.sleep(1)  # any duplicate is settled by now
+            kept = [list(r.links.values()) for r in runtimes]
+            dialled = sum(t.attempts for r in runtimes for t in r.targets.values())
+            stop.set()
+        assert dialled >= 2  # both did dial
+        return kept
+
+    for _ in range(3):
+        kept = asyncio.run(scenario())
+        assert [len(links) for links in kept] == [1, 1]
+        assert kept[0][0].initiator == kept[1][0].initiator == smaller

@@ -185,6 +185,8 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
     report = status_report(share)
     ours = {author: c.length for author, c in share.journal.summary().items()}
     replicator = runtime.hub.replicator
+    done, total, got, wanted = replicator.progress()
+    busy = replicator.operations is not None  # (the totals count every plan of the run)
     devices = []
     for entry in report["devices"]:
         key = parse_device_id(entry["id"])
@@ -201,8 +203,7 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
                 and session.peer_caught_up
                 and session.peer_acknowledged == session.events_messages_sent
             )
-            if replicator.operations is not None and session.peer_caught_up:
-                done, total, got, wanted = replicator.progress()
+            if busy and session.peer_caught_up:  # (what this device fetches, from all)
                 transfer = {
                     "files_done": done,
                     "files_total": total,
@@ -217,8 +218,8 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
                 "last_seen_ms": seen_ms,
                 "address": link.address if link is not None else address,
                 "in_sync": in_sync,
-                "need_files": None,
-                "need_bytes": None,
+                "need_files": (total - done if busy else 0) if key == share.device else None,
+                "need_bytes": (wanted - got if busy else 0) if key == share.device else None,
                 "transfer": transfer,
             }
         )
