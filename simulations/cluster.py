@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import os
 import random
 import shutil
 import stat
@@ -332,14 +333,15 @@ class Cluster:
     # -- links ------------------------------------------------------------------------------
 
     def connect(self, a: int, b: int) -> Link | None:
-        """Open a link (if none is open): both nodes scan, then their sessions start."""
+        """Open a link (if none is open): both nodes scan (resident nodes do not: their
+        watchers keep the journal current), then their sessions start."""
         if a == b or self.nodes[a].down or self.nodes[b].down:
             return None
         key = (min(a, b), max(a, b))
         if key in self.links:
             return self.links[key]
         with self.acting():
-            if not all(self._scan(i) for i in key):
+            if not self.resident and not all(self._scan(i) for i in key):
                 return None
             sessions: list[Session] = []
             for index in key:
@@ -510,10 +512,21 @@ class Cluster:
         return planned()
 
     def stop(self, index: int) -> None:
-        """``backer run`` stopped: links closed, process state discarded."""
-        for a, b in [k for k in self.links if index in k]:
-            self.disconnect(a, b)
-        self.nodes[index].stop()
+        """``backer run`` stopped: links closed, the transfer in progress given up (its
+        temps removed), the share closed, process state discarded."""
+        node = self.nodes[index]
+        with self.acting():
+            for a, b in [k for k in self.links if index in k]:
+                self.disconnect(a, b)
+            share, ours = node.share, set[Path]()
+            if share is not None and node.replicator is not None:
+                ours = share.temps_in_use | share.resumable_temps
+                if not self.guarded(index, node.replicator.abandon):
+                    ours = set()  # its disk failed it: the process ended there
+            node.stop()
+        left = sorted(p for p in ours if os.path.lexists(p))
+        if left:
+            raise InvariantBroken(f"{node.name} stopped and left its temp files {left}")
 
     def start(self, index: int) -> None:
         """``backer run`` started again: it opens the share from disk, scans everything,

@@ -211,7 +211,7 @@ def test_the_harness_catches_events_not_pushed_to_open_links() -> None:
     ]
     _passes(steps, RESIDENT)
     real = Session.push
-    Session.push = lambda self: []  # type: ignore[method-assign]
+    Session.push = lambda self: None  # type: ignore[method-assign]
     try:
         with pytest.raises(Failure, match="not pushed"):
             replay(3, steps, 0, RESIDENT)
@@ -225,8 +225,10 @@ def test_the_harness_catches_applied_writes_recorded_again() -> None:
     its person did, and the harness says so."""
     steps = [
         ("write", {"node": 0, "path": "f", "data": b"one"}),
+        ("scan", {"node": 0, "during": 0}),
         ("sync", {"a": 0, "b": 1, "cut": None}),
         ("write", {"node": 0, "path": "f", "data": b"two"}),
+        ("scan", {"node": 0, "during": 0}),
         ("sync", {"a": 0, "b": 1, "cut": None}),
         ("scan", {"node": 1, "during": 0}),
     ]
