@@ -302,10 +302,13 @@ class Runtime:
                 target.due = now + (0 if address else backoff(0, self.node.rng, self.node.scale))
         self.poke.set()
 
-    def _wanted(self, target: Target) -> bool:
-        if target.dialling:
-            return False
+    def _wanted(self, target: Target, busy: set[bytes | None]) -> bool:
+        """Whether ``target`` is to be dialled when due: not while another address of
+        its device (or another address of unknown device) is being dialled, so that two
+        sessions of ours never race to become the device's one."""
         device = target.device
+        if target.dialling or device in busy:
+            return False
         if device is None:
             return True
         return (
@@ -329,9 +332,11 @@ class Runtime:
                 self._read_address_book()
                 looked = time.monotonic()
             now = time.monotonic()
-            due = [t for t in self.targets.values() if self._wanted(t)]
+            busy = {t.device for t in self.targets.values() if t.dialling}
+            due = [t for t in self.targets.values() if self._wanted(t, busy)]
             for target in due:
-                if target.due <= now:
+                if target.due <= now and target.device not in busy:
+                    busy.add(target.device)
                     target.dialling = True
                     assert self.tasks is not None
                     self.tasks.create_task(self._dial(target))
