@@ -47,6 +47,11 @@ def status(device: Device) -> dict:
     return ask(device, {"op": "status"})["status"]
 
 
+def own_id(device: Device) -> str:
+    """The device id, read from its share (its node need not run)."""
+    return json.loads(device.run("status", "--json", "--dir", str(device.root)).stdout)["device"]
+
+
 def ask(device: Device, request: dict) -> dict:
     """The running node's (first) reply to ``request``."""
     return next(iter(control.request(device.root, request)))
@@ -127,6 +132,8 @@ def test_a_laptop_away_while_all_edit_the_same_files_gets_identical_conflict_cop
     a, b, c = trio
     converged([a, b, c])
     assert c.nodes[0].stop() == 0
+    (away,) = [d for d in status(a)["devices"] if d["id"] == own_id(c)]
+    assert not away["connected"] and away["last_seen_ms"], away
     (c.root / "readme.txt").write_text("c was offline\n")
     (c.root / "notes.txt").write_text("c's notes\n")
     (a.root / "readme.txt").write_text("a stayed\n")
@@ -207,6 +214,9 @@ def test_a_peer_down_30_s_is_dialled_a_bounded_number_of_times(pair) -> None:
     cpu = sum(process.cpu_times()[:2]) - cpu_before
     assert 3 <= attempts <= 9, node.log
     assert cpu < 30 * scale * 0.5, cpu  # waiting, not spinning
+    (seen,) = [d for d in status(b)["devices"] if not d["this"]]  # as when last dialled
+    assert not seen["connected"] and seen["last_seen_ms"] and seen["in_sync"] is None
+    assert seen["address"] == f"127.0.0.1:{a_port}"
     (a.root / "back.txt").write_text("a is back\n")
     a.start(a_port)
     converged([a, b], timeout=60 * scale + 10)  # within one capped backoff

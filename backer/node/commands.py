@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from backer.config.identity import device_id, parse_device_id
 from backer.connections import control
+from backer.connections.addresses import format_address
 from backer.db.catalog import Problem
 from backer.errors import BackerError
 from backer.model.records import timestamp
@@ -193,6 +194,10 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
         link = runtime.links.get(key)
         session = link.session if link is not None else None
         seen_ms, address = runtime.seen.get(key, (None, None))
+        known = share.catalog.addresses_of(key) if key != share.device else []
+        if seen_ms is None and known:  # not met since the node started: as last dialled
+            seen_ms = max((row[4] for row in known if row[4]), default=None)
+            address = format_address(known[0][0], known[0][1])
         in_sync = None
         transfer = None
         if session is not None and session.peer_lengths is not None:
