@@ -283,7 +283,17 @@ async def main():
         async with asyncio.timeout(10):
             while "top" not in got:
                 got |= (await anext(changes)).paths
-        return sorted(watcher.polled)
+        polled = sorted(watcher.polled)
+        (root / "late" / "x").mkdir(parents=True)  # made while watching: no watch left
+        async with asyncio.timeout(10):
+            while not watcher.polled & {"", "late", "late/x"}:
+                await anext(changes)
+        (root / "late" / "x" / "f").write_bytes(b"f")
+        got = set()
+        async with asyncio.timeout(10):
+            while not got & {"late", "late/x", "late/x/f"}:
+                got |= (await anext(changes)).paths
+        return polled
 
 polled = asyncio.run(main())
 print(json.dumps({"messages": messages, "polled": polled}))
