@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from backer.scanner import walk
 from backer.scanner.ignore import IgnoreRules
 
 from .faults import Disks
-from .world import InvariantBroken, Watch, ignored, is_backer_temp
+from .world import InvariantBroken, Watch, ignored, is_backer_temp, pin_directory_times
 
 
 @dataclass
@@ -305,6 +306,7 @@ class Cluster:
     def acting(self) -> Iterator[None]:
         """A step of backer's: what it did to each node's files is checked afterwards."""
         self._acting += 1
+        started = time.time_ns()
         if self._acting == 1:
             self.watch.start([n.root for n in self.nodes])
         try:
@@ -312,6 +314,7 @@ class Cluster:
         finally:
             self._acting -= 1
         if self._acting == 0:
+            pin_directory_times([n.root for n in self.nodes], started)
             names = [n.name for n in self.nodes]
             self.watch.check(names, [n.root for n in self.nodes], [n.share for n in self.nodes])
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,7 +30,7 @@ from .invariants import (
     converge,
     fingerprint,
 )
-from .world import scratch_dir
+from .world import pin_directory_times, scratch_dir
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
@@ -150,9 +151,10 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def _fs(self, node: int, action, *touched: Path, changed: Iterable[str] | None = ()) -> None:
         """Run a file-system edit of node ``node``'s person; the files it touched get a
-        modification time from the seeded clock (so a seed replays byte for byte). Its
-        watcher sees the ``touched`` and ``changed`` paths (None: anything) change, and
-        every directory the edit made above them."""
+        modification time from the seeded clock (so a seed replays byte for byte), and so
+        do the directories. Its watcher sees the ``touched`` and ``changed`` paths (None:
+        anything) change, and every directory the edit made above them."""
+        started = time.time_ns()
         root = self.root(node)
         paths = None
         if changed is not None:
@@ -164,6 +166,7 @@ class ClusterMachine(RuleBasedStateMachine):
         except OSError:
             return  # the namespace collides (a file where a directory is): nothing happens
         finally:
+            pin_directory_times([n.root for n in self.cluster.nodes], started)
             if paths is not None:  # an edit through a link lands where the link points
                 paths |= {real for p in touched if (real := _inside(root, p)) is not None}
             self.cluster.nodes[node].edit(paths)

@@ -19,6 +19,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backer.model import entropy
 from backer.model.materializer import VERSIONS_DIR
 from backer.model.records import Kind, Version
 from backer.model.share import Share
@@ -68,6 +69,23 @@ def entries(root: Path) -> dict[str, Entry]:
                 with open(full, "rb") as handle:
                     found[relative] = ("file", handle.read())
     return found
+
+
+def pin_directory_times(roots: list[Path], since_ns: int) -> None:
+    """Give every directory whose mtime the kernel set since ``since_ns`` (real time) a
+    time from the seeded clock instead, so that the directory times backer records are
+    a function of the seed too (the seeded clock runs months behind the real one; the
+    kernel's file clock may lag the real one by a tick: a second of margin)."""
+    since_ns -= 10**9
+    for root in roots:
+        for dirpath, dirnames, _ in os.walk(root):
+            if dirpath == os.fspath(root):
+                dirnames[:] = [d for d in dirnames if d != METADATA]
+            for name in dirnames:
+                path = os.path.join(dirpath, name)
+                if not os.path.islink(path) and os.lstat(path).st_mtime_ns >= since_ns:
+                    stamp = entropy.now_ns()
+                    os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
 
 
 def ignored(rules: IgnoreRules, path: str, is_dir: bool = False) -> bool:

@@ -149,6 +149,33 @@ def test_a_symlink_keeps_its_own_modification_time(tmp_path: Path) -> None:
     assert (b.root / "target.txt").stat().st_mtime_ns == (a.root / "target.txt").stat().st_mtime_ns
 
 
+def _mtimes(root: Path, names: list[str]) -> list[int]:
+    return [(root / name).lstat().st_mtime_ns for name in names]
+
+
+def test_directory_mtimes_arrive_after_their_entries_and_are_no_change_to_record(
+    tmp_path: Path,
+) -> None:
+    a, b = make_devices(tmp_path, 2)
+    dirs = ["d", "d/e", "empty"]
+    for name in dirs:
+        (a.root / name).mkdir()
+    (a.root / "d" / "e" / "f.txt").write_text("written after its directories")
+    (a.root / "d" / "g.txt").write_text("g")
+    for n, name in enumerate(reversed(dirs)):  # deepest first, as a restore would
+        os.utime(a.root / name, ns=(10**18 + n,) * 2)
+    sync(a, b)
+    assert _mtimes(b.root, dirs) == _mtimes(a.root, dirs)
+    assert b.scan().events == 0  # the writes into d were backer's own
+    (a.root / "d" / "h.txt").write_text("an entry added later")
+    (a.root / "d" / "g.txt").unlink()
+    os.utime(a.root / "d", ns=(2 * 10**18,) * 2)
+    sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert _mtimes(b.root, dirs) == _mtimes(a.root, dirs)
+    assert b.scan().events == 0 and a.scan().events == 0
+
+
 def test_a_deletion_planned_before_a_scan_never_removes_the_version_that_scan_recorded(
     tmp_path: Path,
 ) -> None:

@@ -301,3 +301,21 @@ def test_a_kept_temp_at_a_path_that_became_ignored_is_swept(share: Share) -> Non
     (root / ".backerignore").write_text("f.txt\n")
     share.scan()
     assert not temp.exists()
+
+
+def test_a_directorys_mtime_is_recorded_with_a_change_of_its_entries_not_alone(
+    share: Share,
+) -> None:
+    """A directory is a file whose content is its entries: like a touched file, a
+    touched directory makes no new version; an entry added records its new mtime."""
+    (share.root / "d").mkdir()
+    os.utime(share.root / "d", ns=(10**18, 10**18))
+    share.scan()
+    assert live(share)["d"].mtime_ns == 10**18
+    os.utime(share.root / "d", ns=(2 * 10**18, 2 * 10**18))
+    assert share.scan().events == 0
+    (share.root / "d" / "new.txt").write_text("an entry")
+    os.utime(share.root / "d", ns=(3 * 10**18, 3 * 10**18))
+    summary = share.scan()
+    assert summary.modified == ["d"] and summary.added == ["d/new.txt"]
+    assert live(share)["d"].mtime_ns == 3 * 10**18

@@ -48,7 +48,7 @@ from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Versio
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import ChunkRef, Manifest, check_manifest
 from backer.scanner.ignore import CONFLICT_MARK, IgnoreRules, temp_name
-from backer.scanner.walk import cache_entry, stat_key_of
+from backer.scanner.walk import cache_entry, entry_key, stat_key_of
 
 VERSIONS_DIR = "versions"
 
@@ -526,6 +526,7 @@ class Assembly:
         self._open: dict[Path, int] = {}  # a few temp files kept open while chunks arrive
         self._batch: list[_Staged] = []  # complete files on their way into place
         self.waiting = 0  # staged files still missing chunks (progress)
+        self._mtimes = _directory_mtimes(materializer.root, operations)  # before the window
 
     def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
         self.missing.setdefault(chunk_hash, length)
@@ -655,7 +656,56 @@ class Assembly:
         materializer._commit(batch, report)
         for directory in sorted(deleted_from, reverse=True):
             _fsync_dir_reported(directory, materializer.root, report)
+        self._keep_directory_times()
         return report
+
+    def _keep_directory_times(self) -> None:
+        """Once the window has written into its directories, give each its mtime: a
+        directory version applied in this window gets the writer's, any other the one
+        recorded here — unless the person changed the directory meanwhile (its mtime
+        before the window was not the recorded one): the next scan sees that."""
+        materializer, report = self.materializer, self.report
+        applied = {op.path: op for op in self.operations if op.version.kind == Kind.DIRECTORY}
+        local = materializer.catalog.local_entries(self._mtimes)
+        now_ns, entries = entropy.now_ns(), []
+        for path, before in sorted(self._mtimes.items()):
+            cached = local.get(path)
+            if cached is None or not stat.S_ISDIR(cached.mode):
+                continue
+            op = applied.get(path)
+            if op is not None and op.version_id == cached.version_id:
+                wanted = op.version.mtime_ns
+            elif before == cached.mtime_ns:
+                wanted = cached.mtime_ns
+            else:
+                continue
+            target = materializer.root / path
+            # (a directory of another owner keeps its time: not a problem of its entries)
+            with _reported(path, report), contextlib.suppress(FileNotFoundError, PermissionError):
+                info = os.lstat(target)
+                if not stat.S_ISDIR(info.st_mode) or info.st_ino != cached.inode or not wanted:
+                    continue
+                if info.st_mtime_ns != wanted:
+                    os.utime(target, ns=(info.st_atime_ns, wanted), follow_symlinks=False)
+                    info = os.lstat(target)
+                entries.append(cache_entry(path, cached.version_id, stat_key_of(info), now_ns))
+        materializer.catalog.set_local(entries)
+
+
+def _directory_mtimes(root: Path, operations: list[Operation]) -> dict[str, int | None]:
+    """The mtime of every directory a window writes into or applies, before it starts
+    (every ancestor: a missing parent made on the way changes the one above it)."""
+    paths = {op.path for op in operations if op.version.kind == Kind.DIRECTORY}
+    for op in operations:
+        parts = op.path.split("/")
+        paths.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+    mtimes: dict[str, int | None] = {}
+    for path in paths:
+        try:
+            mtimes[path] = os.lstat(root / path).st_mtime_ns
+        except OSError:  # not there yet (made by this window) or not reachable
+            mtimes[path] = None
+    return mtimes
 
 
 STAGE_FILES = 1000
@@ -777,7 +827,7 @@ class Materializer:
             if cached is None:
                 return None
             raise LocalEdit(str(target)) from None
-        if cached is None or stat_key_of(info) != cached.stat_key:
+        if cached is None or entry_key(stat_key_of(info)) != entry_key(cached.stat_key):
             raise LocalEdit(str(target))
         return info
 

@@ -170,9 +170,8 @@ def _entry(
         return None
     if rules.ignored(path, kind == Kind.DIRECTORY):
         return None
-    mtime = 0 if kind == Kind.DIRECTORY else info.st_mtime_ns
     size = 0 if kind == Kind.DIRECTORY else info.st_size
-    return Seen(path, disk_path, kind, size, mtime, info.st_ino, info.st_mode)
+    return Seen(path, disk_path, kind, size, info.st_mtime_ns, info.st_ino, info.st_mode)
 
 
 def _reserved(path: str, disk_path: str) -> Problem:
@@ -231,10 +230,17 @@ def cache_entry(
 
 
 def stat_key_of(info: os.stat_result) -> tuple[int, int, int, int]:
-    """(size, mtime_ns, inode, mode) as the scanner records them (directories: no size, mtime)."""
-    if stat.S_ISDIR(info.st_mode):
-        return 0, 0, info.st_ino, info.st_mode
-    return info.st_size, info.st_mtime_ns, info.st_ino, info.st_mode
+    """(size, mtime_ns, inode, mode) as the scanner records them (directories: no size)."""
+    size = 0 if stat.S_ISDIR(info.st_mode) else info.st_size
+    return size, info.st_mtime_ns, info.st_ino, info.st_mode
+
+
+def entry_key(key: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """A stat key without a directory's mtime, which moves with every entry put in or
+    taken out: what says that an entry itself changed (its entries speak for
+    themselves)."""
+    size, mtime_ns, inode, mode = key
+    return size, 0 if stat.S_ISDIR(mode) else mtime_ns, inode, mode
 
 
 def look(
@@ -267,6 +273,7 @@ def look(
         seen, unreadable = {}, set()
         for top in scope:
             _walk_top(root, top, rules, result, seen, unreadable, stop)
+        _stat_parents(root, scope, rules, result, seen, local_for)
     result.observed_ns = entropy.now_ns()
     local = result.local
     to_read: list[Seen] = []
@@ -379,6 +386,31 @@ def _walk_top(
         unreadable.update(lost)
 
 
+def _stat_parents(
+    root: Path,
+    scope: list[str],
+    rules: IgnoreRules,
+    result: Observation,
+    seen: dict[str, Seen],
+    local_for: LocalReader,
+) -> None:
+    """The directories holding the ``scope`` of a partial scan (recorded ones: see
+    :func:`_scope`), stat'ed without walking them: an entry added or removed changes
+    their mtime, which :func:`classify` records with it."""
+    parents = sorted({top.rpartition("/")[0] for top in scope} - {""} - seen.keys())
+    result.local.update(local_for(parents, []))
+    for parent in parents:
+        disk_path = os.path.join(root, parent)
+        try:
+            info = os.lstat(disk_path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and parent in result.local:
+            found = _entry(parent, disk_path, info, rules, result.errors, result.leftovers)
+            if found is not None:
+                seen[parent] = found
+
+
 def classify(
     found: Observation, recorded_content: Callable[[LocalEntry], tuple[Kind, bytes, int] | None]
 ) -> Observation:
@@ -386,13 +418,19 @@ def classify(
 
     ``recorded_content`` maps a cache entry to the (kind, content, permissions) of the
     version it recorded, so a file whose stat changed but whose bytes did not (a
-    touch, a copy-back) produces no new version.
+    touch, a copy-back) produces no new version. A directory is a file whose content is
+    its entries: its new mtime is recorded when an entry of it changed in this scan,
+    never for a touch alone nor for backer's own writes (they are recorded already).
     """
+    touched: list[Seen] = []  # directories as recorded but for their mtime
     for entry, manifest, content in found.candidates:
         cached = found.local.get(entry.path)
         recorded = recorded_content(cached) if cached is not None else None
         if recorded == (entry.kind, content, entry.permissions):
             assert cached is not None
+            if entry.kind == Kind.DIRECTORY and cached.mtime_ns != entry.mtime_ns:
+                touched.append(entry)
+                continue
             refreshed = cache_entry(
                 entry.path, cached.version_id, entry.stat_key, found.observed_ns
             )
@@ -402,7 +440,23 @@ def classify(
         else:
             found.changed.append((entry, manifest, content))
     found.candidates = []
+    _record_directory_times(found, touched)
     return found
+
+
+def _record_directory_times(found: Observation, touched: list[Seen]) -> None:
+    """A directory whose mtime moved is recorded again (its new mtime reaches peers)
+    when one of its entries was added, changed or deleted in this scan; otherwise (a
+    touch, a temp file of backer's come and gone) only its cache entry is refreshed."""
+    changed = {seen.path for seen, _, _ in found.changed} | set(found.deleted)
+    parents = {path.rpartition("/")[0] for path in changed}
+    for entry in touched:
+        if entry.path in parents:
+            found.changed.append((entry, None, b""))
+        else:
+            version_id = found.local[entry.path].version_id
+            refreshed = cache_entry(entry.path, version_id, entry.stat_key, found.observed_ns)
+            found.refreshed.append(refreshed)
 
 
 def observe(

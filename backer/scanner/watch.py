@@ -65,7 +65,7 @@ from watchdog.observers.api import BaseObserver
 
 from backer.fs.paths import METADATA_DIR
 from backer.scanner.ignore import is_temp_name
-from backer.scanner.walk import outermost, stat_key_of, under_any
+from backer.scanner.walk import entry_key, outermost, stat_key_of, under_any
 
 log = logging.getLogger("backer.watch")
 
@@ -412,13 +412,14 @@ class _Poller(threading.Thread):
 
 
 def _snapshot(root: Path, top: str) -> dict[str, tuple[int, int, int, int]]:
-    """lstat keys (as the scanner compares them) of ``top`` and everything below it,
-    without ``.backer/`` and backer's temp files."""
+    """lstat keys (as the scanner compares them, a directory's mtime left out: an entry
+    added or removed is reported itself) of ``top`` and everything below it, without
+    ``.backer/`` and backer's temp files."""
     found: dict[str, tuple[int, int, int, int]] = {}
     stack = [top]
     if top:
         try:
-            found[top] = stat_key_of(os.lstat(os.path.join(root, top)))
+            found[top] = entry_key(stat_key_of(os.lstat(os.path.join(root, top))))
         except OSError:
             return found
     while stack:
@@ -435,7 +436,7 @@ def _snapshot(root: Path, top: str) -> dict[str, tuple[int, int, int, int]]:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            found[path] = stat_key_of(info)
+            found[path] = entry_key(stat_key_of(info))
             if stat.S_ISDIR(info.st_mode):
                 stack.append(path)
     return found
