@@ -291,3 +291,30 @@ def test_a_conflict_on_an_ignored_path_makes_no_copy_that_nobody_can_supply(
         assert not device.catalog.problems("apply")
     assert (a.root / "F").read_text() == "overwritten on a while ignored"
     assert (b.root / "F").read_text() == "recorded on b"
+
+
+def test_a_file_overwritten_while_ignored_with_a_peers_bytes_supersedes_what_it_held(
+    tmp_path: Path,
+) -> None:
+    """a held its own version of F when a rule ignored it; meanwhile b wrote F
+    concurrently, and a's person overwrote F with b's very bytes. Taken for b's version
+    when the rule went, a's edit never superseded a's old version: its conflict copy
+    stayed live with its bytes on no disk (simulations, seed 38)."""
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    (a.root / "F").write_text("held on a, overwritten there later")
+    os.utime(a.root / "F", ns=(10**18, 10**18))  # older: a's version loses the conflict
+    (b.root / "F").write_text("written on b")
+    a.scan()
+    b.scan()
+    (a.root / ".backerignore").write_text("F\n")
+    a.scan()
+    (a.root / "F").write_text("written on b")
+    sync(a, b)
+    (a.root / ".backerignore").write_text("")
+    for _ in range(3):
+        sync(a, b)
+    for device in (a, b):
+        assert not [p for p in tree(device.root) if ".sync-conflict-" in p]
+        assert not device.catalog.problems("apply")
+        assert (device.root / "F").read_text() == "written on b"

@@ -37,6 +37,7 @@ from backer.model.materializer import (
     Materializer,
     Operation,
     Report,
+    copy_version_id,
     is_copy_of,
     resolve,
     resolve_moot_copies,
@@ -1200,7 +1201,11 @@ class Share:
         in place by hand) that is identical to a live version, or to the version it held
         when it became ignored, is that version: it is adopted into the scan cache
         instead of recorded again (a newer live version then simply replaces it, as any
-        received version does). The rest is returned."""
+        received version does). But a file that no longer holds the version it held
+        when the rule came, while nothing else replaced that version (it is live, or
+        carried by its conflict copy), is this device's edit of it, whatever its bytes
+        equal: adopting another version would leave the old one standing with its bytes
+        on no disk. The rest is returned."""
         remaining = []
         for seen, manifest, content in changed:
             same = None
@@ -1210,6 +1215,10 @@ class Share:
                 held = basis.get(seen.path)
                 version = self.catalog.version(held) if held else None
                 if held and version is not None:
+                    replaced = self.catalog.superseded_by_other_than(held, copy_version_id(held))
+                    kept = (version.kind, version.content, version.permissions) == wanted
+                    if not kept and not replaced:
+                        candidates = {}  # an edit of what it held
                     candidates.setdefault(held, version)
                 same = next(
                     (
