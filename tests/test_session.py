@@ -318,3 +318,18 @@ def test_a_file_overwritten_while_ignored_with_a_peers_bytes_supersedes_what_it_
         assert not [p for p in tree(device.root) if ".sync-conflict-" in p]
         assert not device.catalog.problems("apply")
         assert (device.root / "F").read_text() == "written on b"
+
+
+def test_a_path_a_received_rule_no_longer_ignores_is_written_in_the_same_sync(
+    tmp_path: Path,
+) -> None:
+    """The plan that writes a new .backerignore was made under the old rules: the paths
+    it stops ignoring were left out, and stayed missing until some later sync
+    (simulations, seed 167)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / ".backerignore").write_text("F\n")
+    sync(a, b)
+    (a.root / "F").write_text("written while ignored")
+    (a.root / ".backerignore").write_text("")
+    sync(a, b)
+    assert (b.root / "F").read_text() == "written while ignored"

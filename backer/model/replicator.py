@@ -37,7 +37,7 @@ from backer.model.share import Share
 from backer.protocol.wire import Done, ProtocolError, WantChunks, WantManifests
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import BadManifest, Manifest, check_manifest
-from backer.scanner.ignore import IgnoreRules
+from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 
 if TYPE_CHECKING:
     from backer.protocol.session import Session
@@ -335,6 +335,8 @@ class Replicator:
         self.stats.files_written += len(report.written)
         self.stats.files_deleted += len(report.deleted)
         self.share.resumable_temps.update(report.kept_temps)
+        if IGNORE_FILE in report.written or IGNORE_FILE in report.deleted:
+            self.dirty = True  # the rules changed: what they no longer ignore is planned now
         if self.window_start >= len(self.operations):
             self.operations = None
             self.share.sweep_resumable()  # a kept temp whose version was since replaced
