@@ -105,7 +105,7 @@ class Node:
         if self.share is None:  # its process ended while the scan hashed
             raise Crashed
         for path in summary.deleted:
-            if ignored(rules, path, stat.S_ISDIR(local[path].mode)):
+            if ignored(rules, path, path in local and stat.S_ISDIR(local[path].mode)):
                 raise InvariantBroken(f"{self.name} recorded the deletion of ignored {path!r}")
         if summary.events and not self.edited:
             recorded = sorted(summary.added + summary.modified + summary.deleted)

@@ -333,3 +333,27 @@ def test_a_path_a_received_rule_no_longer_ignores_is_written_in_the_same_sync(
     (a.root / ".backerignore").write_text("")
     sync(a, b)
     assert (b.root / "F").read_text() == "written while ignored"
+
+
+def test_a_file_deleted_while_ignored_is_deleted_once_the_rule_goes(tmp_path: Path) -> None:
+    """a held the only copy of F when a rule ignored it, and its person deleted F
+    meanwhile. Left standing, a's version was asked of every device with its bytes on
+    no disk (simulations, seed 156); now the deletion is a's, recorded once F is synced
+    again."""
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    (a.root / ".backerignore").write_text("F\n")
+    (a.root / "F").write_text("only on a")
+    a.scan()
+    (a.root / ".backerignore").write_text("")
+    a.scan()  # F recorded
+    (a.root / ".backerignore").write_text("F\n")
+    a.scan()  # F forgotten
+    (a.root / "F").unlink()
+    (a.root / ".backerignore").write_text("")
+    sync(a, b)
+    sync(a, b)
+    assert "F" not in [p for p, _, v in a.catalog.all_live() if v.kind != v.kind.DELETED]
+    for device in (a, b):
+        assert not (device.root / "F").exists()
+        assert not device.catalog.problems("apply")

@@ -329,6 +329,10 @@ class Catalog:
                 found[path] = vid[0]
         return found
 
+    def all_forgotten(self) -> dict[str, str]:
+        """Every path that became ignored and was not recorded since, with its basis."""
+        return dict(self.conn.execute("SELECT path, vid FROM forgotten"))
+
     def drop_forgotten(self, paths: Iterable[str]) -> None:
         self.conn.executemany("DELETE FROM forgotten WHERE path = ?", [(p,) for p in paths])
 

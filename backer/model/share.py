@@ -74,6 +74,7 @@ from backer.model.state import (
 from backer.progress import ProgressCallback
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import Manifest
+from backer.scanner.ignore import IgnoreRules
 from backer.scanner.walk import (
     Observation,
     Seen,
@@ -1063,9 +1064,10 @@ class Share:
             held = basis.get(seen.path)
             version.supersedes = (held,) if held else _based_on(local.get(seen.path))
             versions.append((seen.path, version))
-        for path in found.deleted:
+        vanished = self._deleted_while_ignored(found)
+        for path in [*found.deleted, *vanished]:
             summary.deleted.append(path)
-            based_on = _based_on(local.get(path))
+            based_on = (vanished[path],) if path in vanished else _based_on(local.get(path))
             versions.append(
                 (path, Version(Kind.DELETED, device=device, time_ms=now_ms, supersedes=based_on))
             )
@@ -1084,7 +1086,9 @@ class Share:
             self.catalog.drop_local(found.deleted)
             self.catalog.forget(local[path] for path in found.forgotten)
             self.catalog.drop_forgotten(
-                [seen.path for seen, _, _ in changed] + [e.path for e in found.refreshed]
+                [seen.path for seen, _, _ in changed]
+                + [e.path for e in found.refreshed]
+                + list(vanished)
             )
             self.catalog.set_meta("last_scan_ms", now_ms)
             summary.fresh = self._note_scan_problems(found)
@@ -1094,6 +1098,33 @@ class Share:
         self._sweep(found.leftovers)
         summary.seconds = time.monotonic() - started
         return summary
+
+    def _deleted_while_ignored(self, found: Observation) -> dict[str, str]:
+        """Paths no longer ignored that are gone from the disk, with the version this
+        device held when the rule came, if nothing else replaced it (it is live, or
+        carried by its conflict copy): the person deleted it meanwhile, which is this
+        device's deletion of that version (an edit made meanwhile is its edit, see
+        :meth:`_adopt_identical`). Left standing, it would be asked of every device with
+        its bytes on no disk. Whole scans only; a path that cannot be looked at is not
+        taken for gone."""
+        if found.scope is not None:
+            return {}
+        rules, vanished = IgnoreRules.load(self.root), {}
+        for path, held in self.catalog.all_forgotten().items():
+            version = self.catalog.version(held)
+            is_dir = version is not None and version.kind == Kind.DIRECTORY
+            if version is None or rules.excluded(path, is_dir) or path in found.local:
+                continue
+            try:
+                os.lstat(self.root / path)
+                continue
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            if not self.catalog.superseded_by_other_than(held, copy_version_id(held)):
+                vanished[path] = held
+        return vanished
 
     def _note_scan_problems(self, found: Observation) -> list[Problem]:
         """A whole scan's problems replace the last ones; a scan of some paths resolves
