@@ -43,7 +43,7 @@ from backer.model.share import ScanSummary, Share
 from backer.protocol.session import Session
 from backer.protocol.wire import FrameReader, ProtocolError
 from backer.scanner import walk
-from backer.scanner.ignore import IgnoreRules
+from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 
 from .faults import Disks
 from .world import InvariantBroken, Watch, ignored, is_backer_temp, pin_directory_times
@@ -71,6 +71,7 @@ class Node:
     edited: bool = True  # its person (or a lost process) changed files since its last scan
     touched: set[str] | None = None  # the paths edited since (None: a full scan is due)
     down: bool = False  # stopped: no process, no links, until it starts again
+    rules_seen: str | None = None  # its .backerignore at its last whole scan
 
     def open(self) -> Share:
         if self.share is None:
@@ -107,13 +108,17 @@ class Node:
         for path in summary.deleted:
             if ignored(rules, path, path in local and stat.S_ISDIR(local[path].mode)):
                 raise InvariantBroken(f"{self.name} recorded the deletion of ignored {path!r}")
-        if summary.events and not self.edited:
+        rules_file = self.root / IGNORE_FILE
+        rules_now = rules_file.read_text() if rules_file.is_file() else ""
+        if summary.events and not self.edited and rules_now == self.rules_seen:
             recorded = sorted(summary.added + summary.modified + summary.deleted)
             if set(recorded) - parents:
                 raise InvariantBroken(
                     f"{self.name} recorded its own applied writes as edits: {recorded[:5]}"
                 )
         self.edited = bool(summary.errors or summary.waiting)  # recorded later
+        if paths is None:  # (a received rule records what it stops ignoring, as it is)
+            self.rules_seen = rules_now
         if self.edited or paths is None:
             self.touched = None if self.edited else set()
         else:
