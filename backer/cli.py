@@ -29,9 +29,9 @@ import click
 
 from backer.config import registry
 from backer.config import service as service_mod
-from backer.config.identity import device_id, home, load_or_create_key, short_id
+from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
 from backer.connections import control, transport
-from backer.connections.addresses import AddressBook, advertised, loopback_only
+from backer.connections.addresses import AddressBook, advertised, format_address, loopback_only
 from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
@@ -224,17 +224,42 @@ def _scan_and_report(share: Share, as_json: bool) -> int:
         summary = share.scan(progress)
     if summary.waiting:
         _say(f"warning: {summary.waiting}", err=True)
+    return _print_scan(commands.scan_report(share, summary), as_json, share)
+
+
+def _reported_problems(report: dict[str, Any]) -> list[Problem]:
+    return [Problem(p["path"], p["reason"], p["warning"]) for p in report["problems"]]
+
+
+def _print_scan(report: dict[str, Any], as_json: bool, share: Share | None = None) -> int:
+    """Print a scan's report (this process's, or a node's reply without ``share``) and
+    return the exit status."""
+    problems = _reported_problems(report)
+    failed = commands.failures(share) if share else sum(not p.warning for p in problems)
     if as_json:
-        report = commands.scan_report(share, summary)
         click.echo(json.dumps(report, indent=2))
-        return EXIT_FILES_FAILED if commands.failures(share) else 0
+        return EXIT_FILES_FAILED if failed else 0
     click.echo(
-        f"scanned in {summary.seconds:.2f}s: {len(summary.added)} added, "
-        f"{len(summary.modified)} modified, {len(summary.deleted)} deleted, "
-        f"{summary.unchanged} unchanged, {summary.hashed_bytes} bytes hashed, "
-        f"{commands.failures(share)} files failed"
+        f"scanned in {report['seconds']:.2f}s: {len(report['added'])} added, "
+        f"{len(report['modified'])} modified, {len(report['deleted'])} deleted, "
+        f"{report['unchanged']} unchanged, {report['hashed_bytes']} bytes hashed, "
+        f"{failed} files failed"
     )
-    return _report_problems(share)
+    if share is not None:
+        return _report_problems(share)
+    for line in _problem_lines(problems):
+        _say(line, err=True)
+    return EXIT_FILES_FAILED if failed else 0
+
+
+def _node_answer(root: Path, request: dict[str, Any]) -> Any:
+    """What the node serving the share at ``root`` (``backer run``) answers to
+    ``request``: the value its reply holds under the op's name."""
+    key = {"scan": "scan", "status": "status", "sync": "sync", "rename": "renamed"}[request["op"]]
+    for reply in control.request(root, request):
+        if key in reply:
+            return reply[key]
+    raise BackerError(f"the backer process serving the share {root} gave no {key} answer")
 
 
 @click.group()
@@ -296,8 +321,15 @@ def scan(directory: str, forget_lost_history: bool, as_json: bool) -> None:
     """Record every change made to the share's files since the last scan.
 
     Files that cannot be recorded are listed with the reason (each one once; 'status'
-    keeps listing them until a scan records them) and the exit status is 3."""
-    with _open(directory) as share:
+    keeps listing them until a scan records them) and the exit status is 3. While
+    'backer run' serves the share, it scans (it also does by itself on every change)."""
+    try:
+        share = _open(directory)
+    except ShareBusy as busy:
+        if forget_lost_history:
+            raise BackerError(f"{busy}: stop it to use --forget-lost-history") from None
+        sys.exit(_print_scan(_node_answer(busy.root, {"op": "scan"}), as_json))
+    with share:
         if forget_lost_history:
             lost = share.forget_lost_history()
             click.echo(f"gave up {lost} events of this device that no peer returned", err=as_json)
@@ -311,9 +343,14 @@ def scan(directory: str, forget_lost_history: bool, as_json: bool) -> None:
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(directory: str, as_json: bool) -> None:
-    """Show the share: files, bytes, devices, conflicts, last scan."""
+    """Show the share: files, bytes, devices, conflicts, last scan; per device, while
+    'backer run' serves the share: connected or last seen, address, in sync or not,
+    transfer progress (else when this device last connected to it, if it did)."""
     with _open(directory, exclusive=False) as share:
-        report = commands.status_report(share)
+        if control.answering(share.root):
+            report = _node_answer(share.root, {"op": "status"})
+        else:
+            report = _offline_status(share)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -331,13 +368,71 @@ def status(directory: str, as_json: bool) -> None:
             f"not relayed): {held['reason']}"
         )
     _say(f"last scan {report['last_scan'] or 'never'}")
-    problems = [Problem(p["path"], p["reason"], p["warning"]) for p in report["problems"]]
+    problems = _reported_problems(report)
     _say(f"problems  {len(problems)}")
     for line in _problem_lines(problems):
         _say(f"  {line}")
     _say(f"devices   {len(report['devices'])}")
     for device in report["devices"]:
-        _say(f"  {device['id']}  {device['name']}")
+        _say(_device_line(device))
+
+
+def _device_line(device: dict[str, Any]) -> str:
+    """One device of ``status``: id, name, then what is known of its link and state."""
+    address = device.get("address")
+    where = f" at {address}" if address else ""
+    said = []
+    if device.get("this"):
+        said.append("this device")
+    elif device.get("connected"):
+        said.append(f"connected{where}")
+    elif device.get("last_seen_ms"):
+        said.append(f"last seen {_when(device['last_seen_ms'])}{where}")
+    elif "connected" in device:
+        said.append(f"not connected{where}")
+    if device.get("in_sync"):
+        said.append("in sync")
+    elif device.get("need_files") is not None:
+        said.append(f"needs {device['need_files']} files, {device['need_bytes']} bytes")
+    elif device.get("in_sync") is False:
+        said.append("not in sync yet")
+    if transfer := device.get("transfer"):
+        said.append(
+            f"receiving {transfer['files_done']}/{transfer['files_total']} files, "
+            f"{transfer['bytes_done']}/{transfer['bytes_total']} bytes"
+        )
+    return f"  {device['id']}  {device['name']}" + (f"  ({'; '.join(said)})" if said else "")
+
+
+def _last_contact(share: Share, device: bytes) -> tuple[int | None, str | None]:
+    """When this device last had a session with ``device`` that the share recorded
+    (dialled, or accepted from it) and at which address; without a node running."""
+    best: tuple[int, str] | None = None
+    for host, port, source, seen_ms, success_ms in share.catalog.addresses_of(device):
+        contact = success_ms or (seen_ms if source == "inbound" else None)
+        if contact and (best is None or contact > best[0]):
+            best = (contact, format_address(host, port))
+    return best or (None, None)
+
+
+def _offline_status(share: Share) -> dict[str, Any]:
+    """``status --json`` of a share no node serves: each device as a node shows it, with
+    what the share recorded of the last session with it."""
+    report = commands.status_report(share)
+    for device in report["devices"]:
+        key = parse_device_id(device["id"])
+        last_seen_ms, address = _last_contact(share, key)
+        device.update(
+            this=key == share.device,
+            connected=False,
+            last_seen_ms=last_seen_ms,
+            address=address,
+            in_sync=None,
+            need_files=None,
+            need_bytes=None,
+            transfer=None,
+        )
+    return report
 
 
 @cli.command()
@@ -526,13 +621,18 @@ def restore(path: str, version_id: str | None, at_text: str | None, directory: s
 
 
 def _summary_line(sessions: list[Session], replicator: Replicator | None = None) -> str:
-    s = commands.sync_summary(sessions, replicator)
+    return _sync_line(commands.sync_summary(sessions, replicator))
+
+
+def _sync_line(s: dict[str, Any]) -> str:
+    """A sync summary (``sync_summary``'s dict) as one line; what was applied, if it says."""
+    applied = "files_written" in s
     who = ", ".join(p[:7] if p else "peer" for p in s["peers"])
     line = f"synced with {who}: events received {s['events_received']}, sent {s['events_sent']}; "
-    if replicator is not None:
+    if applied:
         line += f"files written {s['files_written']}, deleted {s['files_deleted']}; "
     line += f"chunk bytes received {s['chunk_bytes_received']}, sent {s['chunk_bytes_sent']}; "
-    if replicator is not None:
+    if applied:
         line += (
             f"chunks reused {s['chunks_reused']}, fetched {s['chunks_fetched']}; "
             f"local edits kept {s['local_edits_kept']}; errors {s['errors']}; "
@@ -540,24 +640,30 @@ def _summary_line(sessions: list[Session], replicator: Replicator | None = None)
     return line + f"wire bytes received {s['wire_bytes_received']}, sent {s['wire_bytes_sent']}"
 
 
-def _report_sync(
-    sessions: list[Session], hub: transport.Hub, as_json: bool, hint: str = ""
-) -> int:
+def _report_sync(sessions: list[Session], hub: transport.Hub, as_json: bool, hint: str = "") -> int:
     """Print what a sync did (a line per peer too when there were several), and the
     problems; return the exit status (a full disk fails the command, after that)."""
-    if as_json:
-        report = commands.sync_report(sessions, hub.replicator)
-        click.echo(json.dumps(report, indent=2))
-        status = EXIT_FILES_FAILED if commands.failures(hub.share) else 0
-    else:
-        click.echo(_summary_line(sessions, hub.replicator))
-        if len(sessions) > 1:
-            for session in sessions:
-                click.echo("  " + _summary_line([session]).replace("synced with", "from"))
-        status = _report_problems(hub.share)
+    report = commands.sync_report(sessions, hub.replicator)
+    status = _print_sync(report, as_json, hub.share)
     _warn_of_forks(hub.share)
     _check_applied(hub, hint)
     return status
+
+
+def _print_sync(report: dict[str, Any], as_json: bool, share: Share | None = None) -> int:
+    """Print a sync's report (this process's, or a node's reply without ``share``) and
+    return the exit status."""
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(_sync_line(report))
+        for peer in report["per_peer"]:
+            click.echo("  " + _sync_line(peer).replace("synced with", "from"))
+        if share is not None:
+            return _report_problems(share)
+        for line in _problem_lines(_reported_problems(report)):
+            _say(line, err=True)
+    return EXIT_FILES_FAILED if report["errors"] else 0
 
 
 def _warn_of_forks(share: Share) -> None:
@@ -643,8 +749,14 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_jso
     else every peer used before. Chunks are fetched from all of them.
 
     Files that cannot be recorded or applied are listed with the reason (each one once;
-    'status' keeps listing them until resolved) and the exit status is 3."""
-    with _open(directory) as share:
+    'status' keeps listing them until resolved) and the exit status is 3. While 'backer
+    run' serves the share, it syncs (it also does by itself, with every device it
+    knows)."""
+    try:
+        share = _open(directory)
+    except ShareBusy as busy:
+        sys.exit(_node_sync(busy, addresses, command, as_json))
+    with share:
         hub = transport.Hub(share, _name())
         if command:
             opening = functools.partial(transport.command_streams, command)
@@ -664,6 +776,23 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_jso
                     transport.remember_address(share, target)
             status = _report_sync(sessions, hub, as_json)
     sys.exit(status)
+
+
+def _node_sync(
+    busy: ShareBusy, addresses: tuple[str, ...], command: str | None, as_json: bool
+) -> int:
+    """``sync`` done by the node serving the share: its report, printed as ours."""
+    if command:
+        raise BackerError(f"{busy}: it syncs by itself; stop it to sync over --command")
+    for address in addresses:
+        parse_address(address)
+    report = _node_answer(busy.root, {"op": "sync", "addresses": list(addresses)})
+    for failed in report.get("failed", []):
+        _say(f"backer: warning: {failed['address']}: sync failed: {failed['reason']}", err=True)
+    status = _print_sync(report, as_json)
+    with Share.open(busy.root, load_or_create_key(), exclusive=False, home=home()) as share:
+        _warn_of_forks(share)
+    return status
 
 
 @cli.command()
@@ -1040,6 +1169,7 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> Non
         raise BackerError("no peer to repair from: give one with --from HOST:PORT")
     openings = [functools.partial(transport.tcp_streams, *parse_address(t)) for t in targets]
     share = repair_mod.begin(target, key, home())
+
     def channel() -> SecureChannel:  # membership is checked once the journal is back
         if invitation is not None:
             header = MODE_JOIN + invitation.invite_id

@@ -123,6 +123,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def answering(root: Path) -> bool:
+    """Whether a live process says it takes control requests for the share at ``root``."""
+    try:
+        return _alive(int(json.loads((root / METADATA_DIR / CONTROL_FILE).read_bytes())["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def request(root: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Send ``message`` to the process serving the share at ``root``; yield its replies."""
     busy = BackerError(
@@ -138,10 +146,11 @@ def request(root: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if not _alive(pid):
         path.unlink(missing_ok=True)  # left by a node that was killed
         raise busy
+    silent = f"the backer process serving the share {root} (pid {pid}) does not answer"
     try:
         connection = socket.create_connection(("127.0.0.1", port), timeout=10)
     except OSError as exc:
-        raise busy from exc
+        raise BackerError(f"{silent}: {exc.strerror or exc}") from exc
     impostor = BackerError(
         f"the process answering for the share {root} does not know its control secret: "
         "its answer was ignored"
@@ -154,6 +163,8 @@ def request(root: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
             stream.write(json.dumps({**message, "nonce": nonce, "proof": proof}).encode() + b"\n")
             stream.flush()
             answer = json.loads(stream.readline())
+        except TimeoutError as exc:
+            raise BackerError(silent) from exc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise impostor from exc
         if "error" in answer:
