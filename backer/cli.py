@@ -942,9 +942,9 @@ def device_rename(name: str, directory: str) -> None:
     try:
         share = _open(directory)
     except ShareBusy as busy:
-        wanted = {"op": "rename", "device": device_id(bytes(load_or_create_key().verify_key))}
-        for reply in control.request(busy.root, {**wanted, "name": name}):
-            _say(f"renamed device {reply['renamed']}")
+        this = device_id(bytes(load_or_create_key().verify_key))
+        request = {"op": "rename", "device": this, "name": name}
+        _say(f"renamed device {_node_answer(busy.root, request)}")
         return
     with share:
         share.rename_device(share.device, name)
