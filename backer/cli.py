@@ -31,7 +31,7 @@ from backer.config import registry
 from backer.config import service as service_mod
 from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
 from backer.connections import control, transport
-from backer.connections.addresses import AddressBook, advertised, format_address, loopback_only
+from backer.connections.addresses import AddressBook, advertised, loopback_only
 from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
@@ -404,24 +404,13 @@ def _device_line(device: dict[str, Any]) -> str:
     return f"  {device['id']}  {device['name']}" + (f"  ({'; '.join(said)})" if said else "")
 
 
-def _last_contact(share: Share, device: bytes) -> tuple[int | None, str | None]:
-    """When this device last had a session with ``device`` that the share recorded
-    (dialled, or accepted from it) and at which address; without a node running."""
-    best: tuple[int, str] | None = None
-    for host, port, source, seen_ms, success_ms in share.catalog.addresses_of(device):
-        contact = success_ms or (seen_ms if source == "inbound" else None)
-        if contact and (best is None or contact > best[0]):
-            best = (contact, format_address(host, port))
-    return best or (None, None)
-
-
 def _offline_status(share: Share) -> dict[str, Any]:
     """``status --json`` of a share no node serves: each device as a node shows it, with
     what the share recorded of the last session with it."""
     report = commands.status_report(share)
     for device in report["devices"]:
         key = parse_device_id(device["id"])
-        last_seen_ms, address = _last_contact(share, key)
+        last_seen_ms, address = commands.last_contact(share, key)
         device.update(
             this=key == share.device,
             connected=False,

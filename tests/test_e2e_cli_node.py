@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 from backer.config.identity import load_or_create_key
 from backer.connections import control
 from backer.model.share import Share
-from tests.e2e import Device
+from tests.e2e import Device, free_port, invite
 
 Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
 
@@ -100,3 +102,79 @@ def test_without_a_control_channel_a_busy_share_still_says_in_use(device: Device
         result = device.run("scan", "--share", "a", check=False)
     assert result.returncode == 1 and "takes no requests" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def _until(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    """Poll ``check`` (bounded in time) until it returns something true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+SCAN_LINE = re.compile(
+    r"scanned in \d+\.\d\ds: \d+ added, \d+ modified, \d+ deleted, \d+ unchanged, "
+    r"\d+ bytes hashed, 0 files failed"
+)
+
+
+def test_share_commands_ask_the_running_node_and_print_as_they_do_alone(tmp_path: Path) -> None:
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "notes.txt").write_text("hello\n")
+    a.run("init", str(a.root))
+    alone = json.loads(a.run("scan", "--json", "--share", "a").stdout)
+    port = free_port()
+    with a.serving(port) as address:
+        b.run("join", invite(a, address), str(b.root))
+    b_id = b.run("id").stdout.strip()
+
+    node_a, node_b = a.start(port), b.start()
+    try:
+
+        def b_connected() -> dict[str, Any] | None:
+            report = json.loads(a.run("status", "--json", "--share", "a").stdout)
+            found = next(d for d in report["devices"] if d["id"] == b_id)
+            return found if found["connected"] and found["in_sync"] else None
+
+        seen = _until(b_connected, "b connected to a's node and in sync")
+        assert seen["address"] and seen["last_seen_ms"] and seen["transfer"] is None
+        text = a.run("status", "--share", "a").stdout
+        assert f"{b_id}  {socket.gethostname()}  (connected at " in text and "in sync" in text
+        assert "(this device)" in text
+
+        scanned = a.run("scan", "--share", "a")  # by the node: no "in use"
+        assert SCAN_LINE.fullmatch(scanned.stdout.strip()), scanned.stdout
+        as_json = json.loads(a.run("scan", "--json", "--share", "a").stdout)
+        assert as_json.keys() == alone.keys()
+
+        synced = a.run("sync", "--share", "a")
+        assert synced.stdout.startswith(f"synced with {b_id[:7]}: events received ")
+        assert json.loads(a.run("sync", "--json", "--share", "a").stdout)["errors"] == 0
+
+        renamed = a.run("device", "rename", "desk", "--share", "a").stdout.strip()
+        a_id = a.run("id").stdout.strip()
+        assert renamed == f"renamed device {a_id} desk"
+        _until(  # pushed by the node to the open session: no sync typed
+            lambda: f"{a_id}  member   desk" in b.run("device", "list", "--share", "b").stdout,
+            "the new name on b",
+        )
+
+        # read-only commands read the share beside the node
+        assert "notes.txt" in a.run("log", "--share", "a").stdout
+        assert a.run("history", str(a.root / "notes.txt"), "--share", "a").returncode == 0
+        assert "verified 1 files" in a.run("verify", "--share", "a").stdout
+        unknown = a.run("device", "remove", "AAAAAAA", "--share", "a", check=False)
+        assert unknown.returncode == 1 and "matches no device" in unknown.stderr
+        assert unknown.stderr.count("\n") == 1
+    finally:
+        node_b.stop()
+        node_a.stop()
+
+    offline = json.loads(b.run("status", "--json", "--share", "b").stdout)
+    a_entry = next(d for d in offline["devices"] if d["id"] == a_id)
+    assert a_entry["connected"] is False and a_entry["name"] == "desk"
+    assert a_entry["last_seen_ms"] and a_entry["address"] == node_a.address
+    assert "desk  (last seen " in b.run("status", "--share", "b").stdout

@@ -143,6 +143,21 @@ async def invite_outcome(share: Share, invite_id: bytes) -> str:
     return device_id(joiner)
 
 
+def last_contact(share: Share, device: bytes) -> tuple[int | None, str | None]:
+    """When this device last had a session with ``device`` that the share recorded
+    (dialled, or accepted from it) and at which address; never: (None, its best known
+    address, if any)."""
+    known = share.catalog.addresses_of(device) if device != share.device else []
+    best: tuple[int | None, str | None] = (None, None)
+    for host, port, source, seen_ms, success_ms in known:
+        contact = success_ms or (seen_ms if source == "inbound" else None)
+        if contact and (best[0] is None or contact > best[0]):
+            best = (contact, format_address(host, port))
+    if best[0] is None and known:
+        best = (None, format_address(known[0][0], known[0][1]))
+    return best
+
+
 # -- a running node's answers ------------------------------------------------------------
 
 
@@ -193,11 +208,7 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
         key = parse_device_id(entry["id"])
         link = runtime.links.get(key)
         session = link.session if link is not None else None
-        seen_ms, address = runtime.seen.get(key, (None, None))
-        known = share.catalog.addresses_of(key) if key != share.device else []
-        if seen_ms is None and known:  # not met since the node started: as last dialled
-            seen_ms = max((row[4] for row in known if row[4]), default=None)
-            address = format_address(known[0][0], known[0][1])
+        seen_ms, address = runtime.seen.get(key) or last_contact(share, key)
         in_sync = None
         transfer = None
         if session is not None and session.peer_lengths is not None:
