@@ -392,7 +392,7 @@ def _device_line(device: dict[str, Any]) -> str:
         said.append(f"not connected{where}")
     if device.get("in_sync"):
         said.append("in sync")
-    elif device.get("need_files") is not None:
+    elif device.get("need_files"):  # (a node says what this device still fetches)
         said.append(f"needs {device['need_files']} files, {device['need_bytes']} bytes")
     elif device.get("in_sync") is False:
         said.append("not in sync yet")
