@@ -71,12 +71,21 @@ class Device:
 class Node:
     """A running ``backer run`` of one device; its stderr is collected as it comes."""
 
-    def __init__(self, device: Device, port: int, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        device: Device,
+        port: int,
+        env: dict[str, str],
+        listen: str | None = None,
+        wrap: tuple[str, ...] = (),
+    ) -> None:
+        """``listen`` instead of 127.0.0.1:``port``; ``wrap``: a command prefix (e.g.
+        ``ip netns exec NAME``) that execs backer in place, so signals still reach it."""
         self.device = device
-        self.address = f"127.0.0.1:{port}"
+        self.address = listen or f"127.0.0.1:{port}"
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            device.command("run", "--listen", self.address, "--log-level", "debug"),
+            [*wrap, *device.command("run", "--listen", self.address, "--log-level", "debug")],
             env={**device.env, **env},
             stderr=subprocess.PIPE,
             text=True,

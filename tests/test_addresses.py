@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import nacl.signing
@@ -265,6 +266,34 @@ def test_serve_announces_its_address_and_members_pass_it_on(tmp_path: Path) -> N
     with contextlib.closing(sqlite3.connect(c.root / ".backer" / "backer.db")) as db:
         devices = {row[0] for row in db.execute("SELECT device FROM announcements")}
     assert len(devices) == 2  # a's, relayed by b, and b's own
+
+
+def test_running_nodes_that_never_met_connect_through_a_member_that_met_both(
+    tmp_path: Path,
+) -> None:
+    a, b, c = (Device(tmp_path, name) for name in "abc")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    ports = {device: free_port() for device in (a, b, c)}
+    with a.serving(ports[a]) as at_a:
+        b.run("join", invite(a, at_a), str(b.root))
+    with b.serving(ports[b]) as at_b:
+        c.run("join", invite(b, at_b), str(c.root))
+    with contextlib.closing(sqlite3.connect(c.root / ".backer" / "backer.db")) as db:
+        db.execute("DELETE FROM addresses WHERE port != ?", (ports[b],))
+        db.execute("DELETE FROM announcements")  # (b passed a's on at the join)
+        db.commit()
+    assert _connected(a) == set() and {p for _, p in _connected(c)} == {ports[b]}
+    nodes = [device.start(ports[device]) for device in (a, b, c)]  # c knows b alone
+    try:
+        between = [f"(127.0.0.1:{ports[c]}, dialled)", f"(127.0.0.1:{ports[a]}, dialled)"]
+        deadline = time.monotonic() + 20  # (sooner than the node's 30 s look at its book)
+        while not (between[0] in nodes[0].log or between[1] in nodes[2].log):
+            assert time.monotonic() < deadline, nodes[0].log + nodes[2].log
+            time.sleep(0.1)
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 @needs_netns

@@ -4,12 +4,16 @@ processes in network namespaces joined by a veth pair."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +30,7 @@ from backer.discover.lan import (
     seal,
     unseal,
 )
+from tests.e2e import Device, Node, invite
 from tests.netns import in_ns, namespaces, needs_netns, subnet_of
 
 SHARE, DEVICE, KEY = os.urandom(16), os.urandom(32), os.urandom(32)
@@ -211,3 +216,56 @@ def test_lan_discovery_across_a_veth_pair_in_two_namespaces() -> None:
         assert len(datagram) == PACKET_SIZE
         assert SHARE not in datagram and not any(d in datagram for d in devices)
     assert len(set(datagrams)) == len(datagrams)  # every one different: unlinkable
+
+
+def _forget_addresses(device: Device) -> None:
+    """Everything ``device`` knows of where the others are."""
+    with contextlib.closing(sqlite3.connect(device.root / ".backer" / "backer.db")) as db:
+        db.execute("DELETE FROM addresses")
+        db.execute("DELETE FROM announcements")
+        db.execute("DELETE FROM meta WHERE key = 'peers'")
+        db.commit()
+
+
+@needs_netns
+def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
+    tmp_path: Path,
+) -> None:
+    """Then one stops: the other's dial backoff grows; it starts again and is dialled as
+    soon as it is heard on the LAN, not when the backoff would have allowed."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    with a.serving() as at_a:
+        b.run("join", invite(a, at_a), str(b.root))
+    for device in (a, b):
+        _forget_addresses(device)
+    nodes: list[Node] = []
+    with namespaces(2, "run") as names:
+        subnet = subnet_of(names)
+        try:
+            for device, name in zip((a, b), names, strict=True):  # a first: it hears b start
+                nodes.append(Node(device, 0, {}, "0.0.0.0:7654", tuple(in_ns(name))))
+                nodes[-1].wait_for("watching")
+            (a.root / "found.txt").write_text("over the LAN")
+            _wait_until(lambda: (b.root / "found.txt").exists(), nodes[0])
+            assert (b.root / "found.txt").read_text() == "over the LAN"
+            nodes[1].stop()
+            nodes[0].wait_for("attempt 5 failed", timeout=60)
+            failed_at = time.monotonic()
+            delay = float(re.findall(r"attempt 5 failed; next in ([\d.]+) s", nodes[0].log)[0])
+            assert delay >= 8  # (backoff: 8-16 s after five failures)
+            nodes.append(Node(b, 0, {}, "0.0.0.0:7654", tuple(in_ns(names[1]))))
+            nodes[0].wait_for(f"({subnet}.2:7654, dialled)", count=2, timeout=delay)
+            assert time.monotonic() < failed_at + delay - 1, nodes[0].log
+        finally:
+            for node in nodes:
+                node.stop()
+    assert nodes[0].log.count(f"heard on the LAN at {subnet}.2") >= 2, nodes[0].log
+
+
+def _wait_until(done: Callable[[], bool], node: Node, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, node.log
+        time.sleep(0.1)

@@ -52,6 +52,7 @@ class AddressBook:
         self.clock = clock
         self.own: Announcement | None = None
         self.held = catalog.announcements()  # device -> (time_ms, raw)
+        self.on_learned: Callable[[bytes, str, int], None] | None = None  # (a node dials it)
 
     # -- addresses --------------------------------------------------------------------
 
@@ -83,6 +84,8 @@ class AddressBook:
                     self.catalog.drop_addresses(stale)
                     self.catalog.drop_announcement(stale)
                     self.held.pop(stale, None)
+        if source is not None and self.on_learned is not None:
+            self.on_learned(device, host, port)
         return True
 
     # -- announcements (backer.protocol.session.AddressGossip) -------------------------

@@ -47,6 +47,7 @@ from backer.connections.addresses import broadcast_addresses
 from backer.errors import BackerError
 
 PORT = 7654  # UDP; the TCP listener's default port number
+INTERVAL_S = 30.0  # between two announcements of a share (± 20 %)
 VERSION = 1
 _PLAIN = struct.Struct(">B16s32sQH")
 NONCE = 24
@@ -193,7 +194,7 @@ class LanDiscovery:
         announcements: Callable[[], list[LanShare]],
         on_found: Found,
         *,
-        interval: float = 30.0,
+        interval: float = INTERVAL_S,
         targets: Callable[[], list[str]] = broadcast_addresses,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -5,7 +5,8 @@ sans-IO. Tasks and their owners (every task is cancelled by its owner on shutdow
 
 - ``Node.run`` owns one :class:`asyncio.TaskGroup`: one task per inbound connection
   (its header names the share, or the invite of a joiner) and one ``Runtime.run`` per
-  share;
+  share; and the :class:`~backer.discover.lan.LanDiscovery` (its socket and sender task),
+  closed in its ``finally``;
 - ``Runtime.run`` owns the share's TaskGroup: the watcher loop, the dial loop and one
   task per dial attempt, while ``control.serving`` answers the share's control channel.
 
@@ -32,7 +33,8 @@ import nacl.signing
 from backer.config.identity import home as device_home
 from backer.config.identity import short_id
 from backer.connections import control, transport
-from backer.connections.addresses import advertised, format_address
+from backer.connections.addresses import advertised, format_address, loopback_only
+from backer.discover import lan
 from backer.errors import BackerError
 from backer.model.materializer import Report
 from backer.model.share import ScanSummary, Share
@@ -131,6 +133,7 @@ class Runtime:
         for address in transport.known_addresses(share):
             self.targets[address] = Target(address)
         self._read_address_book()
+        self.hub.addresses.on_learned = self._learned
 
     # -- the share's tasks ----------------------------------------------------------------
 
@@ -288,6 +291,18 @@ class Runtime:
             if device is not None:
                 target.device = device
         self.poke.set()
+
+    def _learned(self, device: bytes, host: str, port: int) -> None:
+        """The address book learned an address of ``device`` (announced, heard on the
+        LAN, or where it connected from): dial it from now on, and no longer the addresses
+        the book dropped for it (so a member announcing without end adds no targets)."""
+        if device not in self.share.members:
+            return
+        kept = {format_address(h, p) for h, p in self.hub.addresses.addresses(device)}
+        for address, target in list(self.targets.items()):
+            if target.device == device and address not in kept and not target.dialling:
+                del self.targets[address]
+        self.learn(device, [format_address(host, port)])
 
     def wake(self, device: bytes | None = None, address: str | None = None) -> None:
         """The peer is back (or should be): dial it again soon, whatever its backoff."""
@@ -484,8 +499,10 @@ class Node:
         loop = asyncio.get_running_loop()  # asyncio's own reports (accept out of
         # descriptors...): rate-limited lines, not tracebacks
         loop.set_exception_handler(lambda _, context: self.refused(str(context.get("message"))))
+        discovery: lan.LanDiscovery | None = None
         try:
             server = await self._listen()
+            discovery = await self._discover(server)
             try:
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
@@ -503,9 +520,43 @@ class Node:
             except* _Stopped:
                 pass
         finally:
+            if discovery is not None:
+                await discovery.__aexit__(None, None, None)
             for runtime in self.runtimes.values():
                 runtime.close()
             self.log.info("stopped")
+
+    async def _discover(self, server: asyncio.Server) -> lan.LanDiscovery | None:
+        """LAN discovery (see backer.discover.lan), unless the node listens on loopback
+        alone, where no other machine could dial it; without it if its port is taken."""
+        host, _ = self.listen
+        if host not in ("", "0.0.0.0", "::") and loopback_only([format_address(host, 1)]):
+            return None
+        port = server.sockets[0].getsockname()[1]
+
+        def shares() -> list[lan.LanShare]:
+            served = [r.share for r in self.runtimes.values() if r.share.share_key]
+            return [lan.LanShare(s.share_id, tuple(s.share_keys), s.device, port) for s in served]
+
+        discovery = lan.LanDiscovery(
+            lan.PORT, shares, self._found, interval=lan.INTERVAL_S * self.scale
+        )
+        try:
+            return await discovery.__aenter__()
+        except BackerError as exc:
+            self.log.warning("%s: devices on the LAN are not looked for", exc)
+            return None
+
+    def _found(self, share_id: bytes, device: bytes, addresses: list[tuple[str, int]]) -> None:
+        """A member heard on the LAN: into the address book, and dialled now, whatever
+        its backoff (it is back)."""
+        runtime = self.runtimes.get(share_id)
+        if runtime is None or device not in runtime.share.members:
+            return
+        for host, port in addresses:
+            self.log.debug("%s: %s heard on the LAN at %s", runtime.name, short_id(device), host)
+            runtime.hub.addresses.learn(device, host, port, "lan")
+            runtime.wake(device, format_address(host, port))
 
     async def _serve(self, runtime: Runtime) -> None:
         """Serve one share; if that fails, stop serving it (with a reason), not the rest."""
