@@ -322,6 +322,9 @@ class Cluster:
             pin_directory_times([n.root for n in self.nodes], started)
             names = [n.name for n in self.nodes]
             self.watch.check(names, [n.root for n in self.nodes], [n.share for n in self.nodes])
+            for node in self.nodes:  # a failing disk may have left a step half done
+                if self.disks.active(node.root):
+                    node.edit(None)
 
     def guarded(self, index: int, action: Callable[[], object]) -> bool:
         """Run backer code of one node; an error while its disk is failing ends that

@@ -273,3 +273,22 @@ def test_a_stopped_node_catches_up_when_it_starts_again() -> None:
     ]
     machine = _passes(steps, RESIDENT)
     assert machine.stats["stops"] == 1
+
+
+def test_a_directory_made_for_a_file_that_was_not_written_is_removed() -> None:
+    """Node 0 deleted a/c as node 1 had; node 2's new a/c/h then reached it, whose
+    manifest no peer it met still had: the materializer made the missing parent a/c to
+    stage it, failed, and left a/c behind. Its next scan recorded a/c as a new
+    directory, which beat the deletions: a directory deleted everywhere came back
+    (campaign seed 5069)."""
+    steps = [
+        ("race", {"node": 0, "path": "a/c/h", "data": b"mine", "limit": 6}),
+        ("scan", {"node": 0, "during": 11}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("delete", {"node": 1, "path": "a/c"}),
+        ("write", {"node": 2, "path": "a/c/h", "data": b"x" * 70_000}),
+        ("sync", {"a": 1, "b": 2, "cut": None}),
+        ("scan", {"node": 2, "during": 0}),
+        ("delete", {"node": 2, "path": "a"}),
+    ]
+    _passes(steps, RESIDENT)

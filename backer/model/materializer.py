@@ -587,6 +587,7 @@ class Assembly:
         self.staged.clear()
         self._batch = []
         self.materializer.relock(self.report)
+        self.materializer.unmake_unused()
         self._places.clear()
         self.missing.clear()
 
@@ -611,6 +612,7 @@ class Assembly:
                 return self._finish()
         finally:
             self.materializer.relock(self.report)
+            self.materializer.unmake_unused()
 
     def _finish(self) -> Report:
         self._close_all()
@@ -725,6 +727,7 @@ class Materializer:
         # deleted then); None while moving into place, where every path is checked afresh
         self._checked_parents: set[str] | None = None
         self._unlocked: dict[Path, int] = {}  # read-only directories opened while applying
+        self._made: list[Path] = []  # missing parents made for this window's entries
 
     def start(self, operations: list[Operation]) -> Assembly:
         """Begin applying a plan: directories are made now (files need them); every file
@@ -794,6 +797,7 @@ class Materializer:
                 if self.catalog.local_entries([recorded]):  # gone since the last scan: a
                     raise LocalEdit(path) from None  # deletion the scanner must record first
                 current.mkdir()
+                self._made.append(current)
                 continue
             if not stat.S_ISDIR(info.st_mode):
                 raise LocalEdit(path)
@@ -810,6 +814,15 @@ class Materializer:
         mode = stat.S_IMODE(os.lstat(directory).st_mode)
         os.chmod(directory, mode | stat.S_IWUSR | stat.S_IXUSR)
         self._unlocked[directory] = mode
+
+    def unmake_unused(self) -> None:
+        """Remove the missing parents made for this window that hold nothing (what they
+        were made for was not written): left there, the next scan would record them as
+        new directories and bring back a directory deleted elsewhere."""
+        for directory in reversed(self._made):
+            with contextlib.suppress(OSError):  # not empty: it is used
+                os.rmdir(directory)
+        self._made.clear()
 
     def relock(self, report: Report) -> None:
         """Give every directory :meth:`_unlock` opened its mode back."""
