@@ -87,6 +87,28 @@ def test_a_disk_that_fills_mid_transfer_stops_it_with_nothing_torn_and_a_later_s
         assert tree(a.root) == tree(b.root)
 
 
+def test_a_file_too_big_for_the_disk_is_left_out_and_the_others_still_arrive(
+    tmp_path: Path,
+) -> None:
+    """A file that did not fit stopped the whole plan, every later file with it, and a
+    resident node said nothing: one big file starved the device of every change."""
+    with small_disk(tmp_path / "disk", "24m") as disk:
+        a, b = _pair_on(tmp_path, disk / "b")
+        (a.root / "a-huge.bin").write_bytes(os.urandom(30 * 1024 * 1024))
+        for n in range(5):
+            (a.root / f"small{n}.txt").write_text(f"small {n}")
+        a.scan()
+        b.scan()
+        _, right = sync(a, b)
+        problem = right.replicator.disk_full
+        assert problem is not None and f"MB more needed in {b.root}" in str(problem)
+        assert not (b.root / "a-huge.bin").exists()
+        for n in range(5):
+            assert (b.root / f"small{n}.txt").read_text() == f"small {n}"
+        assert [problem.path for _, problem, _ in b.catalog.problems()] == ["a-huge.bin"]
+        assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
+
+
 def test_verify_rejects_a_file_whose_bytes_differ_from_its_manifest(tmp_path: Path) -> None:
     data = os.urandom(300_000)
     (tmp_path / "f").write_bytes(data)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from backer.model.materializer import LEFT_OUT
 from backer.scanner.ignore import is_temp_name
 from tests.e2e import Device, free_port, invite, snapshot, summary_number
 from tests.helpers import small_disk
@@ -62,9 +63,11 @@ def test_join_into_a_full_disk_stops_clearly_and_the_next_sync_finishes(tmp_path
         b.root = disk / "b"
         result = b.run("join", token, str(b.root), check=False)
         assert result.returncode == 1, result
-        error = result.stderr.strip()
-        assert len(error.splitlines()) == 1 and "disk full: " in error, error
+        *left_out, error = result.stderr.strip().splitlines()
+        assert error.startswith("backer: error: disk full: "), error
         assert f"MB more needed in {b.root}" in error, error
+        assert left_out[0].startswith(f"error: {LEFT_OUT}: "), left_out  # files that did
+        assert all(not (b.root / line.strip()).exists() for line in left_out[1:])  # not fit
         _same_or_absent(a.root, b.root)
         result = b.run("sync", address, "--dir", str(b.root), check=False)
         assert result.returncode == 1 and "disk full: " in result.stderr

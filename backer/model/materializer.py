@@ -289,6 +289,7 @@ class LocalEdit(Exception):
 MB = 1024 * 1024
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 SPACE_RESERVE = 8 * MB  # kept free for the database and the directories a window adds
+LEFT_OUT = "not written: no room on the disk for it"
 NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows alike)
 
 
@@ -526,6 +527,7 @@ class Assembly:
         self._open: dict[Path, int] = {}  # a few temp files kept open while chunks arrive
         self._batch: list[_Staged] = []  # complete files on their way into place
         self.waiting = 0  # staged files still missing chunks (progress)
+        self.short_of_room = 0  # bytes more the files left out for lack of room need
         self._mtimes = _directory_mtimes(materializer.root, operations)  # before the window
 
     def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
@@ -734,12 +736,8 @@ class Materializer:
         and link gets its temp file beside its target, filled at once with the chunks any
         local file holds; what is still missing arrives through :meth:`Assembly.place`,
         and :meth:`Assembly.finish` moves everything into place."""
-        needed = self._room_needed(operations)
-        if needed:  # the temp files hold whole new copies (replaced ones are kept)
-            free = _free_bytes(self.root)
-            if needed + SPACE_RESERVE > free:
-                raise DiskFull(self.root, needed + SPACE_RESERVE - free)
         assembly = Assembly(self, operations)
+        operations = self._fitting(operations, assembly)
         local = self.catalog.local_entries(op.path for op in operations)
         self._checked_parents = set()
         try:
@@ -759,22 +757,42 @@ class Materializer:
             self._checked_parents = None
         return assembly
 
-    def _room_needed(self, operations: list[Operation]) -> int:
-        """Bytes the temp files of ``operations`` will take: their chunks that are not
-        all zero (holes), less what the temps of interrupted attempts already hold."""
-        needed = 0
-        for op in operations:
-            if op.version.kind != Kind.FILE:
+    def _room_needed(self, op: Operation) -> int:
+        """Bytes the temp file of ``op`` will take (the temp holds a whole new copy; the
+        replaced one is kept): its chunks that are not all zero (holes), less what the
+        temp of an interrupted attempt already holds."""
+        if op.version.kind != Kind.FILE:
+            return 0
+        manifest = self.catalog.manifest(op.version.content)
+        size = op.version.size
+        if manifest is not None:
+            size = sum(ref.length for ref in manifest.chunks if not is_zero(ref))
+        temp = (self.root / op.path).with_name(temp_name(op.path, op.version_id))
+        with contextlib.suppress(OSError):
+            size -= os.lstat(temp).st_blocks * 512
+        return max(0, size)
+
+    def _fitting(self, operations: list[Operation], assembly: Assembly) -> list[Operation]:
+        """The operations whose files fit in the free space (less SPACE_RESERVE), in plan
+        order. A file that does not fit is reported and left for a later plan, and the
+        files after it still go on: one file too big for the disk must not stop all
+        the others. What the skipped files lack is ``assembly.short_of_room``."""
+        needs = [self._room_needed(op) for op in operations]
+        if not any(needs):
+            return operations
+        room = _free_bytes(self.root) - SPACE_RESERVE
+        fitting: list[Operation] = []
+        skipped = 0
+        for op, need in zip(operations, needs, strict=True):
+            if need > room:
+                skipped += need
+                assembly.report.errors.append(Problem(op.path, LEFT_OUT))
                 continue
-            manifest = self.catalog.manifest(op.version.content)
-            size = op.version.size
-            if manifest is not None:
-                size = sum(ref.length for ref in manifest.chunks if not is_zero(ref))
-            temp = (self.root / op.path).with_name(temp_name(op.path, op.version_id))
-            with contextlib.suppress(OSError):
-                size -= os.lstat(temp).st_blocks * 512
-            needed += max(0, size)
-        return needed
+            room -= need
+            fitting.append(op)
+        if skipped:
+            assembly.short_of_room = skipped - max(0, room)
+        return fitting
 
     def _target(self, path: str) -> Path:
         """The on-disk path, refusing any parent that is not a real directory.

@@ -83,7 +83,8 @@ class Replicator:
         self.lacking: dict[bytes, set[Session]] = {}  # chunk or manifest -> peers without it
         self.gave_up = False  # content no peer had at the last try: ask again when one writes
         self.awaited = 0  # peers being dialled that have not caught us up yet: plan after them
-        self.disk_full: DiskFull | None = None  # why the last plan stopped, if the disk did
+        self.disk_full: DiskFull | None = None  # why the last plan stopped or left files
+        self.short_of_room = 0  # out (the disk), and how many bytes more those files need
 
     @property
     def idle(self) -> bool:
@@ -199,6 +200,7 @@ class Replicator:
     def _plan(self) -> None:
         self.dirty = False
         self.disk_full = None
+        self.short_of_room = 0
         self.chunk_queue.clear()  # (requests of a stopped plan that a lost peer handed back)
         resolved = self.share.resolve_conflicts()
         self.stats.conflicts_resolved += resolved
@@ -328,6 +330,9 @@ class Replicator:
         assert self.operations is not None and self.assembly is not None
         report = self.assembly.finish()
         self.share.db.conn.commit()
+        if self.assembly.short_of_room:  # files left out: the others were applied
+            self.short_of_room += self.assembly.short_of_room
+            self.disk_full = DiskFull(self.share.root, self.short_of_room)
         self.share.temps_in_use = set()
         self.assembly = None
         self.reports.append(report)

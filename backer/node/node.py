@@ -61,6 +61,7 @@ BACKOFF_CAP_S = 60.0
 DUPLICATE_WINDOW_S = 5.0  # two sessions with one device opened this close: simultaneous
 STOP_GRACE_S = 2.0  # sessions get this long to say goodbye on shutdown
 ADDRESS_BOOK_S = 30.0  # how often the dialler reads the address book again
+DISK_FULL_RETRY_S = 60.0  # after a full disk left files out, plan again this much later
 
 
 def backoff(attempt: int, rng: random.Random, scale: float = 1.0) -> float:
@@ -127,6 +128,8 @@ class Runtime:
         self.seen: dict[bytes, tuple[int, str | None]] = {}  # device -> (ms, address)
         self.poke = asyncio.Event()
         self.conflicts_logged = 0
+        self.disk_full_logged: str | None = None
+        self.retrying_when_room = False
         self.tasks: asyncio.TaskGroup | None = None
         self.scanning = asyncio.Lock()  # one scan at a time (watcher, control)
         self.waiting: str | None = None  # why scans record nothing (logged once)
@@ -201,6 +204,22 @@ class Runtime:
             len(report.errors),
         )
         self._log_problems()
+        full = self.hub.replicator.disk_full
+        if full is not None and str(full) != self.disk_full_logged:
+            self.log.warning("%s: %s (the files that fit were applied)", self.name, full)
+        self.disk_full_logged = None if full is None else str(full)
+        if full is not None and not self.retrying_when_room and self.tasks is not None:
+            self.retrying_when_room = True
+            self.tasks.create_task(self._retry_when_room())
+
+    async def _retry_when_room(self) -> None:
+        """Plan again a while after the disk was full: room may have been freed, and no
+        new event would otherwise bring back the files left out."""
+        await asyncio.sleep(DISK_FULL_RETRY_S * self.node.scale)
+        self.retrying_when_room = False
+        self.hub.replicator.dirty = True
+        self.hub.replicator.advance()
+        self.hub.flush()
 
     # -- sessions -----------------------------------------------------------------------
 
