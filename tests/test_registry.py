@@ -51,6 +51,22 @@ def test_find_and_forget_by_name_or_by_a_directory_inside(tmp_path: Path) -> Non
         registry.forget("music", home)
 
 
+def test_a_mistyped_name_inside_a_share_forgets_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'backer forget nosuch' run inside a share took 'nosuch' as a path in it and
+    forgot that share; an empty name picked the current directory's share."""
+    home = tmp_path / "home"
+    (tmp_path / "music").mkdir()
+    music = registry.register(b"\x01" * 16, tmp_path / "music", home)
+    monkeypatch.chdir(tmp_path / "music")
+    for wrong in ("nosuch", ""):
+        with pytest.raises(BackerError, match="backer shares"):
+            registry.forget(wrong, home)
+    assert registry.registered(home) == [music]
+    assert registry.find(".", home) == music
+
+
 def test_a_damaged_registry_is_one_clear_error(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

@@ -95,15 +95,19 @@ def register(share_id: bytes, root: Path, home: Path | None = None) -> Registere
 
 
 def _match(entries: list[RegisteredShare], name_or_dir: str) -> RegisteredShare | None:
-    """A name first; else the share whose folder is the directory or contains it."""
+    """A name first; else the share whose folder is the directory, or contains it when
+    it exists (a mistyped name run inside a share must not pick that share)."""
+    if not name_or_dir.strip():
+        return None
     for entry in entries:
         if entry.name == name_or_dir:
             return entry
     where = Path(os.path.abspath(name_or_dir))
     with contextlib.suppress(OSError):
         where = where.resolve()
+    inside = os.path.lexists(where)
     for entry in entries:
-        if entry.root == where or entry.root in where.parents:
+        if entry.root == where or (inside and entry.root in where.parents):
             return entry
     return None
 
