@@ -54,7 +54,11 @@ class Device:
         node = Node(self, port or free_port(), env)
         self.nodes.append(node)
         if wait:
-            node.wait_for("watching")
+            try:
+                node.wait_for("watching")
+            except AssertionError:
+                node.stop()  # (no test is left to stop it)
+                raise
         return node
 
     @contextlib.contextmanager

@@ -60,7 +60,6 @@ BACKOFF_BASE_S = 0.5  # the first retry after a failed dial (with jitter: 0.25-0
 BACKOFF_CAP_S = 60.0
 DUPLICATE_WINDOW_S = 5.0  # two sessions with one device opened this close: simultaneous
 STOP_GRACE_S = 2.0  # sessions get this long to say goodbye on shutdown
-ADDRESS_BOOK_S = 30.0  # how often the dialler reads the address book again
 DISK_FULL_RETRY_S = 60.0  # after a full disk left files out, plan again this much later
 
 
@@ -352,19 +351,15 @@ class Runtime:
         )
 
     def _read_address_book(self) -> None:
-        """Dial every address the address book holds for a member (announcements that
-        sessions brought in since the last look included)."""
+        """Dial every address the address book holds for a member (what it learns later
+        comes through ``_learned``)."""
         for device in self.share.members.active:
             if device != self.share.device:
                 found = self.hub.addresses.addresses(device)
                 self.learn(device, [format_address(host, port) for host, port in found])
 
     async def _dial_loop(self) -> None:
-        looked = time.monotonic()
         while True:
-            if time.monotonic() - looked > ADDRESS_BOOK_S * self.node.scale:
-                self._read_address_book()
-                looked = time.monotonic()
             now = time.monotonic()
             busy = {t.device for t in self.targets.values() if t.dialling}
             due = [t for t in self.targets.values() if self._wanted(t, busy)]
@@ -375,10 +370,9 @@ class Runtime:
                     assert self.tasks is not None
                     self.tasks.create_task(self._dial(target))
             later = [t.due - now for t in due if t.due > now]
-            later.append(looked + ADDRESS_BOOK_S * self.node.scale - now)
             self.poke.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.poke.wait(), max(min(later), 0))
+                await asyncio.wait_for(self.poke.wait(), min(later, default=None))
 
     async def _dial(self, target: Target) -> None:
         target.attempts += 1
