@@ -268,3 +268,23 @@ def test_the_node_answers_scan_sync_rename_and_remove_on_the_control_channel(tri
         time.sleep(0.1)
     with pytest.raises(BackerError, match="unknown request"):
         list(control.request(a.root, {"op": "nonsense"}))
+
+
+def test_a_removed_device_is_dropped_by_every_member_and_backs_off(trio) -> None:
+    """Members that heard of a removal kept their open session with the removed device,
+    and it redialled every ~0.4 s: its handshake completed before the refusal, which
+    reset its backoff."""
+    a, b, c = trio
+    converged([a, b, c])
+    synced = ask(c, {"op": "sync", "addresses": [b.nodes[0].address]})["sync"]
+    assert status(b)["device"] in synced["peers"]  # c now holds a session with b too
+    c_node = c.nodes[0]
+    ask(a, {"op": "remove", "device": status(c)["device"]})
+    deadline = time.monotonic() + WAIT_S
+    while any(d["connected"] for d in status(c)["devices"]):  # a drops it, and b as soon
+        assert time.monotonic() < deadline, c_node.log  # as the removal is relayed
+        time.sleep(0.1)
+    seen = len(c_node.lines)
+    time.sleep(5)
+    attempts = sum(" dialling " in line for line in list(c_node.lines)[seen:])
+    assert attempts <= 10, c_node.log  # two addresses, backing off (was ~25)

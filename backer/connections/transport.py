@@ -209,6 +209,10 @@ class Hub:
         self.applied: Callable[[Report], None] | None = None  # takes each applied window
 
     def flush(self) -> None:
+        removed = self.share.members.removed
+        for session, close in list(self._closers.items()):
+            if session.peer in removed:  # its removal just arrived: it learns nothing more
+                close()
         for flush in list(self._flushers.values()):
             flush()
         if self.applied is not None and self.replicator.reports:

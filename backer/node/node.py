@@ -44,6 +44,7 @@ from backer.protocol.channel import (
     HEADER_LEN,
     MODE_JOIN,
     MODE_SYNC,
+    PEER_REFUSED,
     UNKNOWN,
     SecureChannel,
     refusal,
@@ -245,8 +246,9 @@ class Runtime:
             await run(established, hangup)
             self._lost(link, "the peer closed the session")
         except transport.SessionClosed as exc:
-            if not self._lost(link, str(exc)) and (link is None or not link.claimed):
-                raise  # (a session that never became the device's: the caller says why)
+            lost = self._lost(link, str(exc))
+            if PEER_REFUSED in str(exc) or (not lost and (link is None or not link.claimed)):
+                raise  # (refused, or never the device's session: the caller says why)
         finally:
             self.hangups.discard(hangup)
 
@@ -286,7 +288,7 @@ class Runtime:
         del self.links[link.peer]
         self.seen[link.peer] = (time.time_ns() // 1_000_000, link.address)
         self.log.info("%s: session with %s ended: %s", self.name, short_id(link.peer), reason)
-        if not self.node.stopping:
+        if not self.node.stopping and PEER_REFUSED not in reason:  # (refused: back off)
             self.wake(link.peer)
         return True
 
@@ -404,6 +406,8 @@ class Runtime:
             target.error = None
         except (transport.SessionClosed, BackerError) as exc:
             target.error = str(exc)
+            if PEER_REFUSED in str(exc):  # our handshake ended, but the peer then refused
+                opened = False  # us (e.g. removed): a failure, backed off like the others
             if not opened:
                 target.failures += 1
                 delay = backoff(target.failures, self.node.rng, self.node.scale)

@@ -46,6 +46,7 @@ RESPONSE_LEN = DH_LEN + (DH_LEN + TAG_LEN) + (32 + TAG_LEN)  # e, s, device key:
 # responder's one handshake message (to a joiner, longer by the invite's proof)
 
 UNKNOWN, NOT_MEMBER, FAILED, BUSY, TOO_SLOW, WAS_REMOVED = 1, 2, 3, 4, 5, 6
+PEER_REFUSED = "the peer refused: "  # how a refusal reads (a dialler backs off on it)
 REFUSALS = {
     UNKNOWN: "unknown share or invite (the token is wrong, used or expired, "
     "or that device does not hold this share)",
@@ -171,7 +172,7 @@ class SecureChannel:
                         if len(self._buffer) - offset < 3:
                             break
                         reason = REFUSALS.get(self._buffer[offset + 2], "no reason given")
-                        raise ChannelError(f"the peer refused: {reason}", None)
+                        raise ChannelError(f"{PEER_REFUSED}{reason}", None)
                     exact = self.header[:1] == MODE_SYNC
                     if (
                         self.initiator
