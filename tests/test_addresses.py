@@ -287,7 +287,7 @@ def test_running_nodes_that_never_met_connect_through_a_member_that_met_both(
     nodes = [device.start(ports[device]) for device in (a, b, c)]  # c knows b alone
     try:
         between = [f"(127.0.0.1:{ports[c]}, dialled)", f"(127.0.0.1:{ports[a]}, dialled)"]
-        deadline = time.monotonic() + 20  # (sooner than the node's 30 s look at its book)
+        deadline = time.monotonic() + 20
         while not (between[0] in nodes[0].log or between[1] in nodes[2].log):
             assert time.monotonic() < deadline, nodes[0].log + nodes[2].log
             time.sleep(0.1)
