@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from backer.scanner.ignore import is_temp_name
 from tests.e2e import Device, Node, free_port, invite, snapshot
 
 WAIT_S = 30
+OPENED = re.compile(r" open \([^,]+, (dialled|accepted)\)$")
 
 
 def converged(devices: list[Device], timeout: float = WAIT_S) -> dict[str, tuple]:
@@ -186,7 +188,8 @@ def pair(tmp_path: Path) -> Iterator[tuple[Device, Device, int, int]]:
 def _sessions_open(node: Node) -> int:
     """Sessions the node holds now, by its log: opened minus ended."""
     lines = list(node.lines)
-    return sum(" open (" in line for line in lines) - sum(" ended: " in line for line in lines)
+    opened = sum(bool(OPENED.search(line)) for line in lines)  # (not a refusal's "already
+    return opened - sum(" ended: " in line for line in lines)  # open (...)")
 
 
 def test_simultaneous_dials_leave_one_session(pair) -> None:
