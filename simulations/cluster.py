@@ -71,7 +71,7 @@ class Node:
     edited: bool = True  # its person (or a lost process) changed files since its last scan
     touched: set[str] | None = None  # the paths edited since (None: a full scan is due)
     down: bool = False  # stopped: no process, no links, until it starts again
-    rules_seen: str | None = None  # its .backerignore at its last whole scan
+    rules_seen: bytes | None = None  # its .backerignore at its last whole scan
 
     def open(self) -> Share:
         if self.share is None:
@@ -109,7 +109,7 @@ class Node:
             if ignored(rules, path, path in local and stat.S_ISDIR(local[path].mode)):
                 raise InvariantBroken(f"{self.name} recorded the deletion of ignored {path!r}")
         rules_file = self.root / IGNORE_FILE
-        rules_now = rules_file.read_text() if rules_file.is_file() else ""
+        rules_now = rules_file.read_bytes() if rules_file.is_file() else b""
         if summary.events and not self.edited and rules_now == self.rules_seen:
             recorded = sorted(summary.added + summary.modified + summary.deleted)
             if set(recorded) - parents:
