@@ -76,6 +76,9 @@ def conflict_path(path: str, version: Version) -> str:
     if len(os.fsencode(mark + ext)) > NAME_MAX // 2:
         stem, ext = name, ""  # an extension that long is part of the name
     copy = _fitted(stem, mark + ext)
+    if copy == name:  # a long copy's own copy, cut back to its name: it would conflict
+        tag = blake3(os.fsencode(path) + version.content).hexdigest()[:8]  # with itself
+        copy = _fitted(stem, f"{mark}-{tag}{ext}")  # for ever (the same on every device)
     return f"{parent}/{copy}" if parent else copy
 
 
