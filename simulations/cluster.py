@@ -176,7 +176,8 @@ class Node:
 def _parents_of_live(share: Share) -> set[str]:
     """Directories that hold a live entry but are not live themselves (deleted on one
     device while another wrote inside): the materializer makes them to write what they
-    hold, and the next scan records them, once (see docs/simulations.md)."""
+    hold, and the next scan records them, once, with the directory each is made in (its
+    time changed: a new entry; see docs/simulations.md)."""
     live: dict[str, bool] = {}
     for path, _, version in share.catalog.all_live():
         live[path] = live.get(path, False) or version.kind != Kind.DELETED
@@ -184,7 +185,8 @@ def _parents_of_live(share: Share) -> set[str]:
     parents = {
         "/".join(p.split("/")[:depth]) for p in held if p for depth in range(1, p.count("/") + 2)
     }
-    return {p for p in parents if not live.get(p, False)}
+    made = {p for p in parents if not live.get(p, False)}
+    return made | {p.rpartition("/")[0] for p in made if "/" in p}
 
 
 class Crashed(Exception):
