@@ -319,3 +319,15 @@ def test_a_directorys_mtime_is_recorded_with_a_change_of_its_entries_not_alone(
     summary = share.scan()
     assert summary.modified == ["d"] and summary.added == ["d/new.txt"]
     assert live(share)["d"].mtime_ns == 3 * 10**18
+
+
+def test_an_invalid_ignore_pattern_is_skipped_and_reported_not_fatal(share: Share) -> None:
+    """A garbled .backerignore line made every scan fail with an internal error
+    (pathspec's GitIgnorePatternError; simulation seed 6456)."""
+    (share.root / ".backerignore").write_bytes(b"*.log\n\x14\xff\xfeEv#\xc3y\\\n")
+    (share.root / "kept.txt").write_text("kept")
+    (share.root / "noise.log").write_text("ignored")
+    summary = share.scan()
+    assert "kept.txt" in summary.added and "noise.log" not in summary.added
+    (warning,) = [p for p in summary.errors if p.path == ".backerignore"]
+    assert warning.warning and "pattern skipped, not valid" in warning.reason

@@ -63,12 +63,24 @@ def copy_origin(path: str) -> str | None:
     return parent + slash + origin if origin != name and origin else None
 
 
+def _valid_pattern(line: str) -> bool:
+    """Whether gitignore syntax accepts ``line`` (a file edited by hand, or garbled,
+    must not stop every scan: its bad lines are skipped and reported)."""
+    try:
+        pathspec.GitIgnoreSpec.from_lines([line])
+    except (ValueError, TypeError):  # (GitIgnorePatternError is a ValueError)
+        return False
+    return True
+
+
 class IgnoreRules:
     """The share's own rules; backer's temp files are always ignored (checked first,
     cheaply, since most shares have no ``.backerignore`` at all)."""
 
     def __init__(self, lines: list[str]) -> None:
         rules = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        self.invalid = [line for line in rules if not _valid_pattern(line)]  # skipped (the
+        rules = [line for line in rules if line not in self.invalid]  # scan says which)
         self.spec = pathspec.GitIgnoreSpec.from_lines(rules) if rules else None
         self._directories: dict[str, bool] = {}  # excluded() asks about parents repeatedly
 
