@@ -201,8 +201,11 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(node=node_index, path=any_file, data=content)
     def write(self, node: int, path: str, data: bytes) -> None:
         spelled = self._path(node, path)
-        if spelled is None:
-            return
+        if spelled is not None:
+            self._write_spelled(node, spelled, data)
+
+    def _write_spelled(self, node: int, spelled: str, data: bytes) -> None:
+        """The person writes ``data`` at ``spelled`` on ``node`` (its parents made)."""
 
         def act() -> None:
             target = self.root(node) / spelled
@@ -388,15 +391,8 @@ class ClusterMachine(RuleBasedStateMachine):
             spelled: str | None = path
         else:
             spelled = self._path(node, path)
-        if spelled is None:
-            return
-
-        def act() -> None:
-            target = self.root(node) / spelled
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-
-        self._fs(node, act, self.root(node) / spelled)
+        if spelled is not None:
+            self._write_spelled(node, spelled, data)
 
     @rule(node=node_index)
     def stop(self, node: int) -> None:
