@@ -11,10 +11,20 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
+from backer.model.share import Share
+
 
 @pytest.fixture
 def key() -> nacl.signing.SigningKey:
     return nacl.signing.SigningKey.generate()
+
+
+@pytest.fixture
+def share(tmp_path: Path, key: nacl.signing.SigningKey) -> Share:
+    """A new share of one device in ``tmp_path/share``."""
+    root = tmp_path / "share"
+    root.mkdir()
+    return Share.create(root, key)
 
 
 @pytest.fixture

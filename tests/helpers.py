@@ -157,3 +157,8 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def live(share: Share) -> dict[str, object]:
+    """Every live version of the share, by path."""
+    return {path: version for path, _, version in share.catalog.all_live()}

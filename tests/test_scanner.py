@@ -17,18 +17,7 @@ from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import temp_name
 from backer.scanner.walk import Seen, read_stable
-from tests.helpers import make_devices, sync
-
-
-@pytest.fixture
-def share(tmp_path: Path, key) -> Share:
-    root = tmp_path / "share"
-    root.mkdir()
-    return Share.create(root, key)
-
-
-def live(share: Share) -> dict[str, object]:
-    return {path: version for path, _, version in share.catalog.all_live()}
+from tests.helpers import live, make_devices, sync
 
 
 def age(path: Path, seconds: int = 10) -> None:
