@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from backer.discover.lan import (
+    FIRST_ROUNDS,
     MAX_KEYS,
+    MIN_GAP_S,
     PACKET_SIZE,
     WINDOW_MS,
     Beacon,
@@ -139,6 +141,46 @@ def test_two_devices_find_each_other_and_a_stranger_finds_nothing() -> None:
     assert len(found[0]) == 1  # heard several times, reported once (REPORT_EVERY_S)
 
 
+def _lan(port: int, device: bytes, found: list[object], interval: float = 60) -> LanDiscovery:
+    share = LanShare(SHARE, (KEY,), device, 7001)
+    return LanDiscovery(
+        port,
+        lambda: [share],
+        lambda *heard: found.append(heard),
+        interval=interval,
+        targets=lambda: ["127.255.255.255"],
+    )
+
+
+def test_a_starting_device_repeats_its_first_announcement_in_case_one_is_lost() -> None:
+    async def main() -> LanDiscovery:
+        async with _lan(_free_udp_port(), DEVICE, []) as lan:
+            await asyncio.sleep(FIRST_ROUNDS * MIN_GAP_S + 0.5)
+        return lan
+
+    assert asyncio.run(main()).sent == FIRST_ROUNDS  # then nothing until the interval
+
+
+def test_a_device_answers_a_newcomer_at_once_not_at_its_next_interval() -> None:
+    """``first`` is done with its first rounds when ``second`` starts; ``second`` hears it
+    within a second because hearing ``second`` made ``first`` announce."""
+    port = _free_udp_port()
+    found: list[list[object]] = [[], []]
+
+    async def main() -> float:
+        async with _lan(port, DEVICE, found[0]):
+            await asyncio.sleep(FIRST_ROUNDS * MIN_GAP_S + 0.2)
+            async with _lan(port, os.urandom(32), found[1]):
+                started = time.monotonic()
+                while not found[1] and time.monotonic() < started + 10:
+                    await asyncio.sleep(0.02)
+                return time.monotonic() - started
+
+    waited = asyncio.run(main())
+    assert found[1] and found[1][0][1] == DEVICE  # type: ignore[index]
+    assert waited < 2 * MIN_GAP_S
+
+
 def test_a_flood_of_datagrams_is_read_at_a_bounded_rate() -> None:
     port = _free_udp_port()
     found: list[object] = []
@@ -248,15 +290,17 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
                 nodes.append(Node(device, 0, {}, "0.0.0.0:7654", tuple(in_ns(name))))
                 nodes[-1].wait_for("watching")
             (a.root / "found.txt").write_text("over the LAN")
-            _wait_until(lambda: (b.root / "found.txt").exists(), nodes[0])
+            _wait_until(lambda: (b.root / "found.txt").exists(), nodes)
             assert (b.root / "found.txt").read_text() == "over the LAN"
             nodes[1].stop()
             nodes[0].wait_for("attempt 5 failed", timeout=60)
             failed_at = time.monotonic()
             delay = float(re.findall(r"attempt 5 failed; next in ([\d.]+) s", nodes[0].log)[0])
             assert delay >= 8  # (backoff: 8-16 s after five failures)
+            dialled = f"({subnet}.2:7654, dialled)"
+            before = nodes[0].log.count(dialled)  # (the first session may have been b's dial)
             nodes.append(Node(b, 0, {}, "0.0.0.0:7654", tuple(in_ns(names[1]))))
-            nodes[0].wait_for(f"({subnet}.2:7654, dialled)", count=2, timeout=delay)
+            nodes[0].wait_for(dialled, count=before + 1, timeout=delay)
             assert time.monotonic() < failed_at + delay - 1, nodes[0].log
         finally:
             for node in nodes:
@@ -264,8 +308,8 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
     assert nodes[0].log.count(f"heard on the LAN at {subnet}.2") >= 2, nodes[0].log
 
 
-def _wait_until(done: Callable[[], bool], node: Node, timeout: float = 30) -> None:
+def _wait_until(done: Callable[[], bool], nodes: list[Node], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not done():
-        assert time.monotonic() < deadline, node.log
+        assert time.monotonic() < deadline, "\n".join(node.log for node in nodes)
         time.sleep(0.1)

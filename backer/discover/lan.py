@@ -58,6 +58,7 @@ WINDOW_MS = 10 * 60 * 1000  # a datagram's time may differ from ours by this muc
 RATE = 50.0  # datagrams read per second at most (a burst of twice that), the rest dropped
 MAX_DEVICES = 4096  # (share, device) pairs whose last time is remembered
 MIN_GAP_S = 1.0  # between two announcing rounds, however often woken
+FIRST_ROUNDS = 3  # rounds MIN_GAP_S apart at start: one lost datagram must not cost a minute
 REPORT_EVERY_S = 5.0  # one report of a device per share at most this often
 _CONTEXT = "backer 2026-12-01 LAN discovery v1"
 log = logging.getLogger("backer.discover")
@@ -247,8 +248,13 @@ class LanDiscovery:
     # -- sending --------------------------------------------------------------------------
 
     async def _announce_loop(self) -> None:
-        """A round every ``interval`` (±20 %, so devices do not fall in step), or sooner
-        when woken, but never two within a second."""
+        """:data:`FIRST_ROUNDS` rounds a second apart (UDP may drop one; mDNS, RFC 6762
+        §8.3, repeats its first announcement likewise), then a round every ``interval``
+        (±20 %, so devices do not fall in step), or sooner when woken, but never two
+        within a second."""
+        for _ in range(FIRST_ROUNDS - 1):
+            self.announce()
+            await asyncio.sleep(min(MIN_GAP_S, self.interval))
         while True:
             started = time.monotonic()
             self.announce()
@@ -307,8 +313,12 @@ class LanDiscovery:
         beacon = unseal(data, keys)
         if beacon is None or beacon.device == own.get(beacon.share_id):
             return
+        pair = (beacon.share_id, beacon.device)
+        newcomer = pair not in self.seen.last
         if not self.seen.fresh(beacon):
             return
+        if newcomer:  # it just started, or we did: let it hear us now, not in a minute
+            self.wake()
         host = str(addr[0])
         if self.seen.worth_reporting(beacon, host):
             self.on_found(beacon.share_id, beacon.device, [(host, beacon.port)])
