@@ -1221,6 +1221,14 @@ def service_uninstall() -> None:
     _say(f"removed {path}; then run: {stop}")
 
 
+def _reason(exc: Exception) -> str:
+    """``PATH: reason`` for a system call's error, as coreutils say it, not Python's
+    ``[Errno N] reason: 'PATH'``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def main() -> None:
     """Console entry point: run the CLI, turning errors into one line and an exit code."""
     transport.raise_fd_limit()
@@ -1240,7 +1248,7 @@ def main() -> None:
             raise
         damaged = isinstance(exc, sqlite3.DatabaseError) and is_damage(exc)
         hint = "; the share database is damaged: run 'backer repair --from HOST:PORT'"
-        _say(f"backer: error: {exc}{hint if damaged else ''}", err=True)
+        _say(f"backer: error: {_reason(exc)}{hint if damaged else ''}", err=True)
         sys.exit(EXIT_ERROR)
     except Exception as exc:
         if os.environ.get("BACKER_DEBUG"):

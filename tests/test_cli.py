@@ -203,6 +203,14 @@ def test_init_on_the_parent_of_a_share_reports_it_and_keeps_its_metadata_out(
     assert (status["files"], status["directories"]) == (1, 1)
 
 
+@pytest.mark.parametrize("where", ["/proc", "/sys/kernel"])
+def test_init_where_nothing_can_be_written_says_so_in_one_plain_line(run_cli, where: str) -> None:
+    result = run_cli("init", where, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"backer: error: {where}/.backer: ")
+    assert "Errno" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
 def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_current(
     run_cli, tmp_path: Path
 ) -> None:
