@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import nacl.signing
 
+from backer.config.identity import device_id, short_id
 from backer.config.identity import home as device_home
-from backer.config.identity import short_id
 from backer.connections import control, transport
 from backer.connections.addresses import advertised, format_address, loopback_only
 from backer.discover import lan
 from backer.errors import BackerError
+from backer.events import Event, EventBus, EventType, paths
 from backer.model.materializer import Report
 from backer.model.share import ScanSummary, Share
 from backer.node.commands import handler
@@ -62,6 +63,7 @@ BACKOFF_CAP_S = 60.0
 DUPLICATE_WINDOW_S = 5.0  # two sessions with one device opened this close: simultaneous
 STOP_GRACE_S = 2.0  # sessions get this long to say goodbye on shutdown
 DISK_FULL_RETRY_S = 60.0  # after a full disk left files out, plan again this much later
+PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often
 
 
 def backoff(attempt: int, rng: random.Random, scale: float = 1.0) -> float:
@@ -133,6 +135,7 @@ class Runtime:
         self.tasks: asyncio.TaskGroup | None = None
         self.scanning = asyncio.Lock()  # one scan at a time (watcher, control)
         self.waiting: str | None = None  # why scans record nothing (logged once)
+        self.paused = False  # no sessions, no dialling; local changes are still recorded
         for address in transport.known_addresses(share):
             self.targets[address] = Target(address)
         self._read_address_book()
@@ -146,12 +149,18 @@ class Runtime:
             self.tasks = tasks
             tasks.create_task(self._watch())
             tasks.create_task(self._dial_loop())
+            tasks.create_task(self._publish_progress())
 
-    async def scan(self, paths: frozenset[str] | None = None) -> ScanSummary:
-        """Scan the share (or ``paths``) now, off the event loop; push what it recorded
-        to every connected peer at once."""
+    def publish(self, kind: EventType, **data: Any) -> Event:
+        """An event of this share on the node's bus."""
+        return self.node.bus.publish(kind, self.name, **data)
+
+    async def scan(self, only: frozenset[str] | None = None) -> ScanSummary:
+        """Scan the share (or the paths ``only``) now, off the event loop; push what it
+        recorded to every connected peer at once."""
         async with self.scanning:
-            summary = await self.share.scan_off_loop(paths)
+            self.publish(EventType.SCAN_STARTED, full=only is None)
+            summary = await self.share.scan_off_loop(only)
         if summary.waiting != self.waiting and summary.waiting is not None:
             self.log.warning("%s: nothing recorded: %s", self.name, summary.waiting)
         self.waiting = summary.waiting
@@ -166,6 +175,15 @@ class Runtime:
                 len(summary.deleted),
             )
             self.hub.journal_grew()
+            for change in ("added", "modified", "deleted"):
+                if names := getattr(summary, change):
+                    self.publish(EventType.LOCAL_CHANGE, change=change, **paths(names))
+        self.publish(
+            EventType.SCAN_FINISHED,
+            full=only is None,
+            changes=len(summary.added) + len(summary.modified) + len(summary.deleted),
+            seconds=round(summary.seconds, 3),
+        )
         self._log_problems()
         return summary
 
@@ -185,11 +203,19 @@ class Runtime:
         for problem in dict.fromkeys(fresh):
             label = "warning" if problem.warning else "error"
             self.log.warning("%s: %s: %s: %s", self.name, label, problem.path, problem.reason)
+            self.publish(
+                EventType.ERROR, path=problem.path, reason=problem.reason, warning=problem.warning
+            )
 
     def _applied(self, report: Report) -> None:
         """One log line per applied window of a plan (that did anything)."""
         conflicts = self.hub.replicator.stats.conflicts_resolved - self.conflicts_logged
         self.conflicts_logged += conflicts
+        if conflicts:
+            self.publish(EventType.CONFLICT, count=conflicts)
+        for change, names in (("written", report.written), ("deleted", report.deleted)):
+            if names:
+                self.publish(EventType.REMOTE_APPLIED, change=change, **paths(names))
         if not (report.written or report.deleted or report.kept_local_edits or report.errors):
             return
         self.log.info(
@@ -272,6 +298,12 @@ class Runtime:
         link.claimed = True
         self.links[link.peer] = link
         self.seen[link.peer] = (time.time_ns() // 1_000_000, link.address)
+        self.publish(
+            EventType.DEVICE_CONNECTED,
+            device=device_id(link.peer),
+            name=self.share.members.names.get(link.peer, ""),
+            address=link.address,
+        )
         self.log.info(
             "%s: session with %s %s open (%s, %s)",
             self.name,
@@ -288,6 +320,12 @@ class Runtime:
         del self.links[link.peer]
         self.seen[link.peer] = (time.time_ns() // 1_000_000, link.address)
         self.log.info("%s: session with %s ended: %s", self.name, short_id(link.peer), reason)
+        self.publish(
+            EventType.DEVICE_DISCONNECTED,
+            device=device_id(link.peer),
+            name=self.share.members.names.get(link.peer, ""),
+            reason=reason,
+        )
         if not self.node.stopping and PEER_REFUSED not in reason:  # (refused: back off)
             self.wake(link.peer)
         return True
@@ -301,6 +339,37 @@ class Runtime:
     def hang_up(self, reason: str) -> None:
         for hangup in list(self.hangups):
             hangup(reason)
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or resume) exchanging with the other devices: sessions closed, none
+        dialled or accepted while paused; local changes are still recorded."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        if paused:
+            self.hang_up("sharing is paused on that device")
+        else:
+            self.wake()
+        self.publish(EventType.PAUSED if paused else EventType.RESUMED)
+
+    async def _publish_progress(self) -> None:
+        """Transfer progress on the bus while a plan runs, at most every
+        PROGRESS_INTERVAL_S and only when it moved."""
+        last: tuple[int, int, int, int] | None = None
+        while True:
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+            replicator = self.hub.replicator
+            now = replicator.progress() if replicator.operations is not None else None
+            if now is not None and now != last:
+                done, total, got, wanted = now
+                self.publish(
+                    EventType.TRANSFER_PROGRESS,
+                    files_done=done,
+                    files_total=total,
+                    bytes_done=got,
+                    bytes_total=wanted,
+                )
+            last = now
 
     # -- dialling -----------------------------------------------------------------------
 
@@ -343,6 +412,8 @@ class Runtime:
         sessions of ours never race to become the device's one."""
         device = target.device
         if target.dialling or device in busy:
+            return False
+        if self.paused:
             return False
         if device is None:
             return True
@@ -486,6 +557,7 @@ class Node:
         self.admission = transport.Admission()
         self.refused = transport.RateLimitedLog(lambda line: log.warning("%s", line))
         self.started = asyncio.Event()
+        self.bus = EventBus()
         self._tasks: asyncio.TaskGroup | None = None
         self.stopping = False
 
@@ -502,6 +574,11 @@ class Node:
         """``device`` is back (seen on the network): dial it now, whatever its backoff."""
         for runtime in self.runtimes.values():
             runtime.wake(device)
+
+    def events(self, since: int | None = None) -> AsyncIterator[Event]:
+        """What happens in this node, as it happens (see :mod:`backer.events`): every
+        event after id ``since`` still buffered, then each new one, until the node stops."""
+        return self.bus.subscribe(since)
 
     def ask(self, share_id: bytes, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Answer a control request in process, as the control channel would."""
@@ -528,6 +605,7 @@ class Node:
                     self.started.set()
                     await stop.wait()
                     self.stopping = True
+                    self.bus.close()
                     server.close()
                     self.log.info("stopping")
                     for runtime in self.runtimes.values():
@@ -581,6 +659,7 @@ class Node:
             await runtime.run(handler(self, runtime))
         except Exception as exc:
             self.log.error("%s: no longer served: %s: %s", runtime.name, type(exc).__name__, exc)
+            runtime.publish(EventType.ERROR, path=None, reason=f"no longer served: {exc}")
             runtime.hang_up("the share is no longer served on that device")
 
     def _open(self) -> None:
@@ -625,10 +704,11 @@ class Node:
     def _route(self, header: bytes) -> Runtime | None:
         mode, ident = header[:1], header[1:HEADER_LEN]
         if mode == MODE_SYNC:
-            return self.runtimes.get(ident)
+            runtime = self.runtimes.get(ident)
+            return None if runtime is None or runtime.paused else runtime
         if mode == MODE_JOIN:
             for runtime in self.runtimes.values():
-                if runtime.share.invite_key(ident):
+                if runtime.share.invite_key(ident) and not runtime.paused:
                     return runtime
         return None
 
