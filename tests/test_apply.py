@@ -254,3 +254,28 @@ def test_a_long_conflict_copy_never_names_itself() -> None:
         copy = conflict_path(path, version)
         assert copy != path and len(os.fsencode(copy.rpartition("/")[2])) <= 255
         path = copy
+
+
+def test_a_rule_added_while_a_plan_waits_for_chunks_binds_that_plan(tmp_path: Path) -> None:
+    """A plan made before the person ignored a path still wrote (and deleted) it once its
+    chunks came: the person's ignored file was replaced (simulation seed 38)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "g").write_text("v1")
+    (a.root / "h").write_text("kept")
+    sync(a, b)
+    (a.root / "g").write_bytes(os.urandom(300_000))  # a window that waits for chunks
+    (a.root / "h").unlink()
+    a.scan()
+    b.scan()
+    left, right = Session(a, "a"), Session(b, "b")
+    links = Links([(left, right)])
+    for _ in range(100):
+        if right.replicator.chunks_asked:
+            break
+        links.step()
+    assert right.replicator.chunks_asked
+    (b.root / ".backerignore").write_text("g\nh\n")
+    links.run()
+    assert (b.root / "g").read_text() == "v1"
+    assert (b.root / "h").read_text() == "kept"
+    assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]

@@ -623,11 +623,17 @@ class Assembly:
         self._close_all()
         report, materializer = self.report, self.materializer
         local = materializer.catalog.local_entries(op.path for op in self.operations)
+        ignored = ignored_now(materializer.root, self.operations, local)
         batch = self._batch = []
         batch_bytes = 0
         deleted_from: set[Path] = set()
         for op in self.operations:
             if op.version.kind == Kind.DIRECTORY:
+                continue
+            if op.path in ignored:  # left alone, as a plan made now would leave it
+                staged = self.staged.pop(op.path, None)
+                if staged is not None:
+                    staged.temp.unlink(missing_ok=True)
                 continue
             full = len(batch) >= STAGE_FILES or batch_bytes >= STAGE_BYTES
             if full or op.version.kind == Kind.DELETED:  # deletions come last
@@ -699,6 +705,23 @@ class Assembly:
         materializer.catalog.set_local(entries)
 
 
+def ignored_now(root: Path, operations: list[Operation], local: dict[str, LocalEntry]) -> set[str]:
+    """The paths of ``operations`` that this device's rules ignore now. A plan waits for
+    chunks (and its window for its turn) while the person may add a rule: from then on
+    the path is theirs alone, never written nor deleted, whatever the plan saw."""
+    rules = IgnoreRules.load(root)
+    if rules.spec is None:
+        return set()
+
+    def is_dir(op: Operation) -> bool:
+        cached = local.get(op.path)
+        if op.version.kind == Kind.DELETED:
+            return cached is not None and stat.S_ISDIR(cached.mode)
+        return op.version.kind == Kind.DIRECTORY
+
+    return {op.path for op in operations if rules.excluded(op.path, is_dir(op))}
+
+
 def _directory_mtimes(root: Path, operations: list[Operation]) -> dict[str, int | None]:
     """The mtime of every directory a window writes into or applies, before it starts
     (every ancestor: a missing parent made on the way changes the one above it)."""
@@ -740,8 +763,9 @@ class Materializer:
         local file holds; what is still missing arrives through :meth:`Assembly.place`,
         and :meth:`Assembly.finish` moves everything into place."""
         assembly = Assembly(self, operations)
-        operations = self._fitting(operations, assembly)
         local = self.catalog.local_entries(op.path for op in operations)
+        ignored = ignored_now(self.root, operations, local)
+        operations = self._fitting([op for op in operations if op.path not in ignored], assembly)
         self._checked_parents = set()
         try:
             with assembly.stopping_when_full():
