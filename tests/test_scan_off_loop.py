@@ -14,7 +14,7 @@ from backer.model.share import Share
 from backer.protocol.session import Session
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import temp_name
-from tests.helpers import live, make_devices, pump, sync
+from tests.helpers import Links, live, make_devices, pump, sync
 
 
 def content_of(share: Share, path: str) -> bytes:
@@ -242,3 +242,27 @@ def test_a_cancelled_off_loop_scan_stops_its_thread_and_records_nothing(share: S
     began = time.monotonic()
     assert len(share.scan().added) == 300
     assert cancelled < (time.monotonic() - began) / 2
+
+
+def test_a_directory_applied_by_a_waiting_window_then_renamed_is_recorded_as_deleted(
+    tmp_path: Path,
+) -> None:
+    """A window records the directories it makes when it starts, then waits for chunks;
+    uncommitted, they were absent for the off-loop scan's reader, so the person's rename
+    of one was recorded as the new name only and the old one's deletion was lost
+    (simulation seed 6248)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "d").mkdir()
+    (a.root / "big").write_bytes(os.urandom(300_000))  # a window that waits for chunks
+    a.scan()
+    b.scan()
+    left, right = Session(a, "a"), Session(b, "b")
+    links = Links([(left, right)])
+    for _ in range(100):
+        if right.replicator.chunks_asked:
+            break
+        links.step()
+    assert right.replicator.chunks_asked and (b.root / "d").is_dir()
+    (b.root / "d").rename(b.root / "e")
+    summary = asyncio.run(b.scan_off_loop(paths=["d", "e"]))
+    assert (summary.added, summary.deleted) == (["e"], ["d"])

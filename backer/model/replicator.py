@@ -288,6 +288,8 @@ class Replicator:
         window = self._window()
         materializer = Materializer(self.share.root, self.share.catalog, self.store)
         self.assembly = materializer.start(window)
+        self.share.db.conn.commit()  # the directories it made are recorded for an off-loop
+        # scan's reader too, or it takes them for absent and misses their deletion
         self.share.temps_in_use = {staged.temp for staged in self.assembly.staged.values()}
         total = 0
         for op in window:
