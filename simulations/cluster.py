@@ -72,6 +72,7 @@ class Node:
     touched: set[str] | None = None  # the paths edited since (None: a full scan is due)
     down: bool = False  # stopped: no process, no links, until it starts again
     rules_seen: bytes | None = None  # its .backerignore at its last whole scan
+    rules_moved: bool = False  # a scan since then saw other rules (they may be back)
 
     def open(self) -> Share:
         if self.share is None:
@@ -100,6 +101,7 @@ class Node:
         (``mid_walk``: before its first file; see :func:`scan_share`)."""
         share = self.open()
         rules, local = IgnoreRules.load(self.root), share.catalog.local_entries()
+        moved = self.rules_moved or self._rules() != self.rules_seen
         parents = set() if self.edited else _parents_of_live(share)
         paths = None if whole or self.touched is None else sorted(self.touched)
         summary = scan_share(share, paths, meanwhile if off_loop else None, mid_walk)
@@ -108,16 +110,20 @@ class Node:
         for path in summary.deleted:
             if ignored(rules, path, path in local and stat.S_ISDIR(local[path].mode)):
                 raise InvariantBroken(f"{self.name} recorded the deletion of ignored {path!r}")
-        rules_file = self.root / IGNORE_FILE
-        rules_now = rules_file.read_bytes() if rules_file.is_file() else b""
-        if summary.events and not self.edited and rules_now == self.rules_seen:
+        rules_now = self._rules()
+        moved = moved or rules_now != self.rules_seen
+        if summary.events and not self.edited and not moved:
             recorded = sorted(summary.added + summary.modified + summary.deleted)
             if set(recorded) - parents:
                 raise InvariantBroken(
                     f"{self.name} recorded its own applied writes as edits: {recorded[:5]}"
                 )
         self.edited = bool(summary.errors or summary.waiting)  # recorded later
-        if paths is None:  # (a received rule records what it stops ignoring, as it is)
+        # A received rule records what it stops ignoring, as it is: a file the person
+        # wrote while it was ignored is theirs, even once the rules are back as they were
+        # at the last whole scan (a rule added, then removed).
+        self.rules_moved = moved and paths is not None
+        if paths is None:
             self.rules_seen = rules_now
         if self.edited or paths is None:
             self.touched = None if self.edited else set()
@@ -129,6 +135,10 @@ class Node:
             self.hub().advance()
         if meanwhile is not None and not (off_loop and hasattr(share, "scan_off_loop")):
             meanwhile()  # the scan held the loop: its links move only after it
+
+    def _rules(self) -> bytes:
+        rules_file = self.root / IGNORE_FILE
+        return rules_file.read_bytes() if rules_file.is_file() else b""
 
     def edit(self, paths: Iterable[str] | None) -> None:
         """Its person changed ``paths`` (None: anything, e.g. the ignore rules)."""

@@ -24,6 +24,7 @@ from .world import (
     entries,
     ignored,
     is_backer_temp,
+    is_pinned,
     scratch_dir,
     synced_tree,
     synced_trees,
@@ -200,7 +201,7 @@ def check_no_lost_write(cluster: Cluster) -> None:
         for vid, (path, version) in decoded.items():
             if version.kind != Kind.FILE or version.content in on_disk:
                 continue
-            if ignored(rules, path) or any(path == p or path.startswith(p + "/") for p in pinned):
+            if ignored(rules, path) or is_pinned(path, pinned):
                 continue  # this device leaves that path alone, or cannot have a file there
             if not accounted(vid):
                 raise InvariantBroken(

@@ -206,15 +206,19 @@ def synced_trees(roots: list[Path]) -> list[dict[str, tuple]]:
     way to a file)."""
     pinned: set[str] = set()
     trees = [synced_tree(root, pinned) for root in roots]
-    return [
-        {p: v for p, v in tree.items() if not any(p == q or p.startswith(q + "/") for q in pinned)}
-        for tree in trees
-    ]
+    return [{p: v for p, v in tree.items() if not is_pinned(p, pinned)} for tree in trees]
+
+
+def is_pinned(path: str, pinned: set[str]) -> bool:
+    """Whether ``path`` is an ignored entry in ``pinned``, inside one, or a directory
+    above one. The other entries of such a directory are compared as any others: an
+    ignored file beside them must not hide one that never arrived."""
+    return any(path == q or path.startswith(q + "/") or q.startswith(path + "/") for q in pinned)
 
 
 def synced_tree(root: Path, pinned: set[str]) -> dict[str, tuple]:
     """Kinds, bytes, link targets and modes by name as spelled on disk, ignored entries
-    left out (they and the directories above them go into ``pinned``). backer's own
+    left out (they go into ``pinned``, see :func:`is_pinned`). backer's own
     temps pin nothing: a kept temp (chunks not yet anywhere) would hide the missing file
     beside it, and convergence would stop a round before it arrives."""
     rules = IgnoreRules.load(root)
@@ -229,8 +233,7 @@ def synced_tree(root: Path, pinned: set[str]) -> dict[str, tuple]:
             relative = path.relative_to(root).as_posix()
             info = path.lstat()
             if ignored(rules, relative, stat.S_ISDIR(info.st_mode)):
-                parts = relative.split("/")
-                pinned.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+                pinned.add(relative)
                 continue
             if path.is_symlink():
                 value: tuple = ("link", os.readlink(path))

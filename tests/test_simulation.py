@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -9,6 +11,7 @@ from backer.model.materializer import Materializer
 from backer.protocol.session import Session
 from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
+from simulations.world import synced_trees
 
 TestCluster = ClusterMachine.TestCase
 TestCluster.settings = settings(
@@ -292,3 +295,40 @@ def test_a_directory_made_for_a_file_that_was_not_written_is_removed() -> None:
         ("delete", {"node": 2, "path": "a"}),
     ]
     _passes(steps, RESIDENT)
+
+
+def test_a_file_written_while_a_received_rule_ignored_it_is_the_persons_edit() -> None:
+    """A rule came from a peer, the person wrote a file it ignored (the watcher's scan
+    left it alone), the rule went again: the next whole scan records the file, which the
+    check took for the node's own applied write because the rules were back as they were
+    at its last whole scan (seed 6336)."""
+    steps = [
+        ("stop", {"node": 1}),
+        ("ignore", {"node": 2, "pattern": "*.backer-tmp", "add": True}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("race", {"node": 2, "path": "a/f", "data": b"y" * 20_000, "limit": 17}),
+        ("scan", {"node": 2, "during": 10}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("write", {"node": 0, "path": "a/notes.backer-tmp", "data": b"mine"}),
+        ("ignore", {"node": 2, "pattern": "*.backer-tmp", "add": False}),
+    ]
+    _passes(steps, frozenset({"resident", "ignore", "tmpnames"}))
+
+
+def test_an_ignored_file_hides_no_missing_file_beside_it_from_the_convergence_check(
+    tmp_path: Path,
+) -> None:
+    """A node holding an ignored file pinned every directory above it, and the check left
+    out everything in those directories on every node: a file still missing beside the
+    ignored one looked converged, convergence stopped a round before it arrived, and the
+    lost-write check failed (seed 6135)."""
+    roots = [tmp_path / "one", tmp_path / "two"]
+    for root in roots:
+        (root / "a").mkdir(parents=True)
+    (roots[0] / ".backerignore").write_text("m*\n")
+    (roots[0] / "a" / "mine").write_text("ignored")
+    (roots[0] / "a" / "f").write_text("arrived here only")
+    (roots[1] / "a" / "mine").write_text("not ignored here")
+    ours, theirs = synced_trees(roots)
+    assert "a/f" in ours and "a/f" not in theirs
+    assert "a" not in ours and "a/mine" not in theirs  # above an ignored entry; the entry
