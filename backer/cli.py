@@ -680,20 +680,20 @@ async def _sync_over(
     replicator = hub.replicator
     with _progress("receiving") as progress:
 
-        def scanning(*counts: int) -> None:  # (before the first session starts)
-            assert progress is not None
-            progress.phase("scanning")
-            progress(*counts)
-
         def report(session: Session) -> None:
             if progress is not None:
-                progress.phase("receiving")
                 progress(*replicator.progress())
-
-        hub.scan_progress = scanning if progress is not None else None
 
         dials = (transport.dial(hub, o, True, channel=channel, progress=report) for o in openings)
         return await asyncio.gather(*dials, return_exceptions=True)
+
+
+def _scan_before_dialing(share: Share) -> None:
+    """Scan once, before any connection opens (the sessions' hub then never scans): a
+    scan inside the event loop stalls every session, and a large share outlasts a
+    peer's handshake deadline; sessions opened later in the run need no rescan."""
+    with _progress("scanning") as progress:
+        share.scan(progress)
 
 
 def _name() -> str:
@@ -746,7 +746,8 @@ def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_jso
     except ShareBusy as busy:
         sys.exit(_node_sync(busy, addresses, command, as_json))
     with share:
-        hub = transport.Hub(share, _name())
+        _scan_before_dialing(share)
+        hub = transport.Hub(share, _name(), scan_first=False)
         if command:
             opening = functools.partial(transport.command_streams, command)
             outcomes = asyncio.run(_sync_over(hub, [opening]))
@@ -1072,6 +1073,7 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     failures = []
     status = None
     with share:
+        _scan_before_dialing(share)  # (a joiner records nothing; it finds local chunks)
         book = AddressBook(share.catalog, share.share_id, key)
         for address in invitation.addresses:
             book.learn(invitation.inviter, *parse_address(address), "invite")
@@ -1087,7 +1089,7 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
                     psk=invitation.psk,
                 )
 
-            hub = transport.Hub(share, _name())
+            hub = transport.Hub(share, _name(), scan_first=False)
             opening = functools.partial(transport.tcp_streams, *parse_address(address))
             outcomes = asyncio.run(_sync_over(hub, [opening], channel))
             try:
@@ -1166,7 +1168,7 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> Non
         header = MODE_SYNC + target.share_id
         return SecureChannel(key, lambda *_: None, header=header, psk=target.share_key)
 
-    hub = transport.Hub(share, _name())
+    hub = transport.Hub(share, _name(), scan_first=False)  # repair.finish scans
     try:
         outcomes = asyncio.run(_sync_over(hub, openings, channel))
         sessions = _results(outcomes, targets)

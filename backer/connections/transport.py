@@ -30,7 +30,6 @@ from backer.errors import BackerError
 from backer.model.materializer import Report
 from backer.model.replicator import Replicator
 from backer.model.share import Share
-from backer.progress import ProgressCallback
 from backer.protocol.channel import (
     HEADER_LEN,
     MODE_JOIN,
@@ -205,7 +204,6 @@ class Hub:
         self.addresses = AddressBook(share.catalog, share.share_id, share.key)
         self._flushers: dict[Session, Callable[[], None]] = {}
         self._closers: dict[Session, Callable[[], None]] = {}
-        self.scan_progress: ProgressCallback | None = None  # the command's display, if any
         self.applied: Callable[[Report], None] | None = None  # takes each applied window
 
     def flush(self) -> None:
@@ -229,7 +227,7 @@ class Hub:
 
     def scan(self) -> None:
         """Scan the share; relay whatever it recorded to every open session."""
-        if self.share.scan(self.scan_progress).events:
+        if self.share.scan().events:
             self.journal_grew()
         self.flush()
 

@@ -1,0 +1,121 @@
+"""One-shot commands scan once, before dialing, never inside their event loop: a scan
+there stalled every session, so a large share outlasted the peer's handshake deadline
+(through the real CLI over TCP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from backer.scanner.walk import look
+from tests.e2e import Device, free_port, invite
+
+
+@contextlib.contextmanager
+def forwarder(upstream: str, on_accept: Callable[[], None]) -> Iterator[str]:
+    """A TCP relay on 127.0.0.1 to ``upstream`` that calls ``on_accept()`` for each
+    connection before relaying it; its address."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    sockets: list[socket.socket] = [listener]
+
+    def pump(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            on_accept()
+            host, port = upstream.rsplit(":", 1)
+            server = socket.create_connection((host, int(port)), timeout=10)
+            sockets.extend((client, server))
+            for ends in ((client, server), (server, client)):
+                threading.Thread(target=pump, args=ends, daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in sockets:
+            sock.close()
+
+
+def recorded(device: Device, path: str) -> bool:
+    found = device.run("history", str(device.root / path), "--dir", str(device.root), check=False)
+    return found.returncode == 0
+
+
+def test_a_one_shot_sync_scans_once_before_dialing_and_not_as_each_session_opens(
+    tmp_path: Path,
+) -> None:
+    a, b, c = (Device(tmp_path, name) for name in "abc")
+    a.root.mkdir()
+    (a.root / "from-a.txt").write_text("a")
+    a.run("init", str(a.root))
+    port = free_port()
+    tokens = [invite(a, f"127.0.0.1:{port}") for _ in range(2)]
+    with a.serving(port) as a_address:
+        b.run("join", tokens[0], str(b.root))
+        c.run("join", tokens[1], str(c.root))
+        b.sync(a_address)  # b learns that c was admitted
+    (b.root / "before.txt").write_text("written before the sync")
+
+    def write_late(name: str) -> Callable[[], None]:  # once the sync dials: after its scan
+        return lambda: (b.root / name).write_text("written while the sync dials")
+
+    with (
+        a.serving() as a_address,
+        c.serving() as c_address,
+        forwarder(a_address, write_late("late-1.txt")) as via_a,
+        forwarder(c_address, write_late("late-2.txt")) as via_c,
+    ):
+        synced = b.run("sync", via_a, via_c, "--dir", str(b.root))
+    assert synced.stdout.count("from ") == 2, synced.stdout + synced.stderr
+    # Each session opening scanned again before: both late files were recorded and sent.
+    assert (b.root / "late-1.txt").exists() and (b.root / "late-2.txt").exists()
+    assert not recorded(b, "late-1.txt") and not recorded(b, "late-2.txt")
+    assert recorded(b, "before.txt")
+    b.run("scan", "--dir", str(b.root))  # the next scan records them
+    assert recorded(b, "late-1.txt") and recorded(b, "late-2.txt")
+
+
+def test_joining_into_a_large_folder_finishes_within_the_inviters_handshake_deadline(
+    tmp_path: Path,
+) -> None:
+    """The joiner's scan of a folder it brings ran between the handshake's second and
+    third message: with more files than the inviter's deadline allows, it refused the
+    join as too slow. The deadline here is a third of what that scan takes."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "from-a.txt").write_text("a")
+    a.run("init", str(a.root))
+    for n in range(12_000):
+        folder = b.root / f"d{n % 60}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{n}").write_bytes(n.to_bytes(4, "big") * 8)
+    started = time.monotonic()
+    look(b.root, lambda paths, subtrees: {})
+    scan_s = time.monotonic() - started
+    handshake_s = max(scan_s / 3, 0.3)
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port, BACKER_TIME_SCALE=str(handshake_s / 20)):
+        joined = b.run("join", token, str(b.root), check=False)
+    assert joined.returncode == 0, f"scan {scan_s:.1f} s:\n{joined.stderr}"
+    assert (b.root / "from-a.txt").read_text() == "a"
+    assert "too slow" not in a.serve_log and "handshake did not complete" not in a.serve_log
