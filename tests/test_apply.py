@@ -279,3 +279,38 @@ def test_a_rule_added_while_a_plan_waits_for_chunks_binds_that_plan(tmp_path: Pa
     assert (b.root / "g").read_text() == "v1"
     assert (b.root / "h").read_text() == "kept"
     assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
+
+
+def test_a_conflict_resolved_by_a_plan_that_a_full_disk_stops_still_reaches_the_peer(
+    tmp_path: Path,
+) -> None:
+    """A plan's conflict resolution is an event of this device, pushed when the plan
+    ends; a full disk stopped the plan before that, and a peer on an open link never got
+    the event (simulation seed 6240). Here both devices share the disk that fills."""
+    with small_disk(tmp_path / "disk", "32m") as disk:
+        a, b = _pair_on(disk, disk / "b")
+        (a.root / "f").write_text("one")
+        sync(a, b)
+        (a.root / "f").write_text("two on a")
+        (b.root / "f").write_text("two on b")
+        for n, share in enumerate((a, b, a, b)):  # windows on both sides wait for chunks
+            (share.root / f"f{n}.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 1000 * n))
+        a.scan()
+        b.scan()
+        left, right = Session(a, "a"), Session(b, "b")
+        links = Links([(left, right)])
+        for _ in range(100):
+            if left.replicator.assembly is not None and right.replicator.assembly is not None:
+                break
+            links.step()
+        assert left.replicator.stats.conflicts_resolved
+        assert right.replicator.stats.conflicts_resolved
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(disk / "filler", "wb") as filler:  # another program fills the disk
+            filler.write(b"x" * (free - 3 * 1024 * 1024))
+        links.run()
+        assert left.replicator.disk_full is not None and right.replicator.disk_full is not None
+        ours, theirs = (
+            {author: c.length for author, c in s.journal.summary().items()} for s in (a, b)
+        )
+        assert ours == theirs

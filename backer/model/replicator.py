@@ -121,6 +121,9 @@ class Replicator:
     def journal_grew(self) -> None:
         """New events are in the journal (received, scanned or resolved): relay them."""
         self.dirty = True
+        self._push()
+
+    def _push(self) -> None:
         for session in self.sessions:
             session.push()
 
@@ -148,6 +151,7 @@ class Replicator:
         self.share.temps_in_use = set()
         self.chunk_queue.clear()
         self.dirty = False
+        self._push()  # what the plan's resolution recorded goes out even so
         self._acknowledge()
 
     def abandon(self) -> None:
@@ -185,8 +189,7 @@ class Replicator:
             self._finish_window()
             if self.operations is not None:
                 continue  # the next window of the plan
-            for session in self.sessions:
-                session.push()
+            self._push()
             if not self.dirty:
                 self._acknowledge()
                 return
