@@ -314,3 +314,32 @@ def test_a_conflict_resolved_by_a_plan_that_a_full_disk_stops_still_reaches_the_
             {author: c.length for author, c in s.journal.summary().items()} for s in (a, b)
         )
         assert ours == theirs
+
+
+def test_a_missing_parent_a_scan_recorded_meanwhile_is_not_removed_behind_its_back(
+    tmp_path: Path,
+) -> None:
+    """A window made a missing parent for a file whose chunks then never came, and
+    removed it as unused when it ended; a scan had recorded the directory meanwhile, so
+    the next scan recorded its deletion, which nobody made (simulation seed 6224)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "d").mkdir()
+    (a.root / "d" / "f").write_text("one")
+    sync(a, b)
+    for child in (b.root / "d").iterdir():
+        child.unlink()
+    (b.root / "d").rmdir()
+    b.scan()  # deleted on b, while a writes inside: d/f stays live, d does not
+    (a.root / "d" / "f").write_bytes(os.urandom(300_000))
+    a.scan()
+    left, right = Session(a, "a"), Session(b, "b")
+    links = Links([(left, right)])
+    for _ in range(100):
+        if right.replicator.chunks_asked:
+            break
+        links.step()
+    assert right.replicator.chunks_asked and (b.root / "d").is_dir()
+    (a.root / "d" / "f").write_bytes(os.urandom(300_000))  # a's chunks are gone
+    assert b.scan(paths=["d"]).added == ["d"]
+    links.run()
+    assert not b.scan().deleted

@@ -863,8 +863,14 @@ class Materializer:
     def unmake_unused(self) -> None:
         """Remove the missing parents made for this window that hold nothing (what they
         were made for was not written): left there, the next scan would record them as
-        new directories and bring back a directory deleted elsewhere."""
+        new directories and bring back a directory deleted elsewhere. One that a scan
+        recorded meanwhile stays: removed, it would be a deletion nobody made."""
+        recorded = self.catalog.local_entries(
+            p.relative_to(self.root).as_posix() for p in self._made
+        )
         for directory in reversed(self._made):
+            if directory.relative_to(self.root).as_posix() in recorded:
+                continue
             with contextlib.suppress(OSError):  # not empty: it is used
                 os.rmdir(directory)
         self._made.clear()
