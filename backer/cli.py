@@ -27,6 +27,7 @@ from typing import Any
 
 import click
 
+from backer.api import access as api_access
 from backer.config import registry
 from backer.config import service as service_mod
 from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
@@ -37,7 +38,7 @@ from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
 from backer.model import repair as repair_mod
 from backer.model import verify as verify_mod
-from backer.model.membership import EventKind, checked_name, host_name
+from backer.model.membership import checked_name, host_name
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
 from backer.model.share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
@@ -78,14 +79,6 @@ def _say(text: str, err: bool = False) -> None:
     click.echo(_shown(text), err=err)
 
 
-def _kind_name(kind: int) -> str:
-    """An event kind as text; a kind this version does not know is shown by number."""
-    try:
-        return EventKind(kind).name.lower()
-    except ValueError:
-        return f"kind-{kind}"
-
-
 def _describe(version: Version) -> str:
     if version.kind == Kind.FILE:
         executable = ", executable" if version.executable else ""
@@ -93,19 +86,6 @@ def _describe(version: Version) -> str:
     if version.kind == Kind.SYMLINK:
         return f"symlink -> {version.link_target}"
     return version.kind.name.lower()
-
-
-def _version_json(version: Version) -> dict[str, Any]:
-    return {
-        "kind": version.kind.name.lower(),
-        "size": version.size,
-        "permissions": oct(version.permissions),
-        "executable": version.executable,
-        "hash": version.content.hex() if version.kind == Kind.FILE else None,
-        "target": version.link_target if version.kind == Kind.SYMLINK else None,
-        "time": _when(version.time_ms),
-        "supersedes": list(version.supersedes),
-    }
 
 
 def _quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -515,14 +495,14 @@ def log(
                     "time": _when(event.time_ms),
                     "author": device_id(event.author),
                     "seq": event.seq,
-                    "kind": _kind_name(event.kind),
+                    "kind": commands.event_kind(event.kind),
                     "id": event.id.hex(),
                     "changes": [
                         {
                             "path": p,
                             "version": vid,
                             "change": share.catalog.change_type(v),
-                            **_version_json(v),
+                            **commands.version_json(v),
                         }
                         for p, vid, v in changes
                     ],
@@ -553,7 +533,7 @@ def history(path: str, directory: str, as_json: bool) -> None:
                 "version": e.version_id,
                 "author": device_id(e.author),
                 "live": e.live,
-                **_version_json(e.version),
+                **commands.version_json(e.version),
             }
             for e in entries
         ]
@@ -865,13 +845,36 @@ async def _until_signalled(
     show_default=True,
     help="What to log on stderr.",
 )
-def run(listen: str, log_level: str) -> None:
+@click.option(
+    "--api",
+    "api_address",
+    default=api_access.DEFAULT_ADDRESS,
+    show_default=True,
+    metavar="HOST:PORT|off",
+    help="Where to serve the web UI and HTTP API; an address other machines can reach "
+    f"needs a password in {api_access.PASSWORD_VARIABLE}.",
+)
+def run(listen: str, log_level: str, api_address: str) -> None:
     """Serve every share of this device until interrupted: record local changes as
     they happen, connect to the other devices and keep them in sync."""
+    from backer.api import server as api_server  # (aiohttp: only the node needs it)
+
     host, port = parse_address(listen)
+    settings = api_access.settings_from(api_address)
     shares = registry.registered(home())
     node = Node(shares, load_or_create_key(), listen=(host, port), log=_logger(log_level))
-    asyncio.run(_until_signalled(node))
+    ui = None if settings is None else functools.partial(api_server.serve, node, settings, home())
+    asyncio.run(_until_signalled(node, ui))
+
+
+@cli.command("open")
+@click.option("--no-browser", is_flag=True, help="Only print the link.")
+def open_ui(no_browser: bool) -> None:
+    """Print a one-time link that logs a browser in to the web UI of the running
+    'backer run' (and open one in a browser, where there is one)."""
+    click.echo(api_access.login_url(home()))
+    if not no_browser:
+        api_access.open_browser(home())
 
 
 @cli.group()

@@ -176,6 +176,15 @@ class Journal:
         for rowid, raw in rows:
             yield rowid, Event.decode(raw)
 
+    def newest_first(self, before: int | None = None) -> Iterator[tuple[int, Event]]:
+        """Events stored before local position ``before`` (None: all), newest first."""
+        rows = self.conn.execute(
+            "SELECT rowid, raw FROM events WHERE rowid < ? ORDER BY rowid DESC",
+            (before if before is not None else 1 << 62,),
+        )
+        for rowid, raw in rows:
+            yield rowid, Event.decode(raw)
+
     def checkpoint_at(self, author: bytes, length: int) -> Checkpoint | None:
         """The author's signed checkpoint at exactly ``length``, if we ever stored one."""
         row = self.conn.execute(

@@ -47,11 +47,13 @@ class Device:
     def sync(self, address: str) -> str:
         return self.run("sync", address, "--dir", str(self.root)).stdout
 
-    def start(self, port: int | None = None, wait: bool = True, **env: str) -> Node:
+    def start(
+        self, port: int | None = None, wait: bool = True, api: str = "off", **env: str
+    ) -> Node:
         """``backer run`` on a fresh port by default, ready once its shares are
         watched (unless not ``wait``); stop it with :meth:`Node.stop` (or use
-        :meth:`serving`)."""
-        node = Node(self, port or free_port(), env)
+        :meth:`serving`). ``api``: where it serves the web UI (none by default)."""
+        node = Node(self, port or free_port(), env, api=api)
         self.nodes.append(node)
         if wait:
             try:
@@ -82,14 +84,17 @@ class Node:
         env: dict[str, str],
         listen: str | None = None,
         wrap: tuple[str, ...] = (),
+        api: str = "off",
     ) -> None:
         """``listen`` instead of 127.0.0.1:``port``; ``wrap``: a command prefix (e.g.
-        ``ip netns exec NAME``) that execs backer in place, so signals still reach it."""
+        ``ip netns exec NAME``) that execs backer in place, so signals still reach it;
+        ``api``: where to serve the web UI (``--api``)."""
         self.device = device
         self.address = listen or f"127.0.0.1:{port}"
         self.lines: list[str] = []
+        command = ("run", "--listen", self.address, "--log-level", "debug", "--api", api)
         self.process = subprocess.Popen(
-            [*wrap, *device.command("run", "--listen", self.address, "--log-level", "debug")],
+            [*wrap, *device.command(*command)],
             env={**device.env, **env},
             stderr=subprocess.PIPE,
             text=True,

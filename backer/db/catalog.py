@@ -247,6 +247,18 @@ class Catalog:
         for path, vid, record in rows:
             yield path, vid, Version.decode(record)
 
+    def live_under(self, directory: str) -> Iterator[tuple[str, str, Version]]:
+        """The live versions of every path below ``directory`` ("": the whole share)."""
+        if not directory:
+            yield from self.all_live()
+            return
+        rows = self.conn.execute(
+            "SELECT path, vid, record FROM live WHERE path > ? AND path < ? ORDER BY path, vid",
+            (directory + "/", directory + "0"),  # ("0" sorts right after "/")
+        )
+        for path, vid, record in rows:
+            yield path, vid, Version.decode(record)
+
     def version(self, version_id: str) -> Version | None:
         row = self.conn.execute(
             "SELECT record FROM versions WHERE vid = ?", (version_id,)

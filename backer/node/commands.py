@@ -17,7 +17,8 @@ from backer.connections import control
 from backer.connections.addresses import format_address
 from backer.db.catalog import Problem
 from backer.errors import BackerError
-from backer.model.records import timestamp
+from backer.model.membership import EventKind
+from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
 from backer.model.share import ScanSummary, Share
 from backer.protocol.invite import InviteToken, parse_address
@@ -36,6 +37,28 @@ def problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
 def failures(share: Share) -> int:
     """How many files this process could not record or apply (warnings aside)."""
     return sum(1 for problem in share.problems.values() if not problem.warning)
+
+
+def event_kind(kind: int) -> str:
+    """A journal event's kind as text; a kind this version does not know, by number."""
+    try:
+        return EventKind(kind).name.lower()
+    except ValueError:
+        return f"kind-{kind}"
+
+
+def version_json(version: Version) -> dict[str, Any]:
+    """One version as ``history --json``, ``log --json`` and the HTTP API show it."""
+    return {
+        "kind": version.kind.name.lower(),
+        "size": version.size,
+        "permissions": oct(version.permissions),
+        "executable": version.executable,
+        "hash": version.content.hex() if version.kind == Kind.FILE else None,
+        "target": version.link_target if version.kind == Kind.SYMLINK else None,
+        "time": timestamp(version.time_ms),
+        "supersedes": list(version.supersedes),
+    }
 
 
 def scan_report(share: Share, summary: ScanSummary) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The web UI and HTTP API served by a running node (see backer.api.server)."""

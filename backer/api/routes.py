@@ -1,0 +1,279 @@
+"""The JSON API of a running node (documented in docs/api.md).
+
+Every view reads or acts on the node's shares in the node's own event loop, through
+the same functions as the control channel and the CLI (``backer.node.commands``,
+``Share.restore``); a share is named in the URL by its registered name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from backer.config.identity import device_id
+from backer.errors import BackerError
+from backer.events import Event
+from backer.model.records import Kind, timestamp
+from backer.node import commands
+
+if TYPE_CHECKING:
+    from backer.node.node import Node, Runtime
+
+NODE: web.AppKey[Node] = web.AppKey("node")
+PAGE_LIMIT = 50  # changes per page unless asked
+MAX_PAGE = 500
+SSE_KEEPALIVE_S = 15.0  # a comment line this often, so a dead client is noticed
+SSE_QUEUE = 256  # events waiting for a slow client (beyond: it falls behind, then `missed`)
+
+routes = web.RouteTableDef()
+
+
+def _fail(status: type[web.HTTPException], reason: str) -> web.HTTPException:
+    return status(text=json.dumps({"error": reason}), content_type="application/json")
+
+
+def _runtime(request: web.Request) -> Runtime:
+    name = request.match_info["share"]
+    for runtime in request.app[NODE].runtimes.values():
+        if runtime.name == name:
+            return runtime
+    raise _fail(web.HTTPNotFound, f"no share named {name!r} is served here")
+
+
+def _path(request: web.Request, body: dict[str, Any] | None = None) -> str:
+    """A share-relative path from the query (or the body): no leading or trailing '/'."""
+    raw = (body or {}).get("path", request.query.get("path", ""))
+    if not isinstance(raw, str):
+        raise _fail(web.HTTPBadRequest, "path must be a string")
+    return raw.strip("/")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise _fail(web.HTTPBadRequest, "the body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise _fail(web.HTTPBadRequest, "the body must be a JSON object")
+    return body
+
+
+def _share_json(runtime: Runtime) -> dict[str, Any]:
+    return {"name": runtime.name, "paused": runtime.paused, **commands.node_status(runtime)}
+
+
+@routes.get("/api/shares")
+async def shares(request: web.Request) -> web.Response:
+    """Every share this node serves, with its state and its devices'."""
+    runtimes = request.app[NODE].runtimes.values()
+    return web.json_response([_share_json(r) for r in runtimes])
+
+
+@routes.get("/api/shares/{share}")
+async def share(request: web.Request) -> web.Response:
+    return web.json_response(_share_json(_runtime(request)))
+
+
+@routes.get("/api/shares/{share}/devices")
+async def devices(request: web.Request) -> web.Response:
+    return web.json_response(commands.node_status(_runtime(request))["devices"])
+
+
+def _int(request: web.Request, name: str, default: int | None) -> int | None:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit():
+        raise _fail(web.HTTPBadRequest, f"{name} must be a whole number")
+    return int(text)
+
+
+@routes.get("/api/shares/{share}/changes")
+async def changes(request: web.Request) -> web.Response:
+    """The journal, newest first, a page at a time (``before``: the ``next`` of the last
+    page), only events touching ``path`` (or below it) and/or by ``device``."""
+    runtime = _runtime(request)
+    share = runtime.share
+    limit = min(_int(request, "limit", PAGE_LIMIT) or PAGE_LIMIT, MAX_PAGE)
+    wanted = _path(request)
+    author = request.query.get("device", "")
+    device = commands.find_device(share, author) if author else None
+    page: list[dict[str, Any]] = []
+    for position, event in share.journal.newest_first(_int(request, "before", None)):
+        if device is not None and event.author != device:
+            continue
+        versions = [
+            (p, vid, v)
+            for p, vid, v in share.catalog.versions_at(position)
+            if not wanted or p == wanted or p.startswith(wanted + "/")
+        ]
+        if wanted and not versions:
+            continue
+        page.append(
+            {
+                "position": position,
+                "time": timestamp(event.time_ms),
+                "time_ms": event.time_ms,
+                "device": device_id(event.author),
+                "device_name": share.members.names.get(event.author, ""),
+                "kind": commands.event_kind(event.kind),
+                "changes": [
+                    {"path": p, "version": vid, "change": share.catalog.change_type(v)}
+                    | commands.version_json(v)
+                    for p, vid, v in versions
+                ],
+            }
+        )
+        if len(page) == limit:
+            break
+    more = len(page) == limit
+    return web.json_response({"changes": page, "next": page[-1]["position"] if more else None})
+
+
+@routes.get("/api/shares/{share}/files")
+async def files(request: web.Request) -> web.Response:
+    """The entries of one directory (``path``; none: the top), each with its live
+    versions (more than one: a conflict); deleted paths are left out."""
+    runtime = _runtime(request)
+    directory = _path(request)
+    entries: dict[str, dict[str, Any]] = {}
+    for path, vid, version in runtime.share.catalog.live_under(directory):
+        name = path[len(directory) + 1 :] if directory else path
+        if "/" in name or version.kind == Kind.DELETED:
+            continue
+        entry = entries.setdefault(path, {"name": name, "path": path, "versions": []})
+        entry["versions"].append({"version": vid, **commands.version_json(version)})
+    for entry in entries.values():
+        entry["kind"] = entry["versions"][0]["kind"]
+        entry["conflict"] = len(entry["versions"]) > 1
+    return web.json_response({"path": directory, "entries": list(entries.values())})
+
+
+@routes.get("/api/shares/{share}/history")
+async def history(request: web.Request) -> web.Response:
+    """Every version of ``path``, oldest first; ``live`` marks the current one(s)."""
+    runtime = _runtime(request)
+    path = _path(request)
+    entries = runtime.share.catalog.history(path)
+    if not entries:
+        raise _fail(web.HTTPNotFound, f"no history for {path!r} in this share")
+    return web.json_response(
+        [
+            {
+                "version": e.version_id,
+                "device": device_id(e.author),
+                "device_name": runtime.share.members.names.get(e.author, ""),
+                "live": e.live,
+                **commands.version_json(e.version),
+            }
+            for e in entries
+        ]
+    )
+
+
+@routes.post("/api/shares/{share}/restore")
+async def restore(request: web.Request) -> web.Response:
+    """Make version ``version`` of ``path`` current again (a new version, sent to
+    every device; what the path holds now is kept in .backer/versions/)."""
+    runtime = _runtime(request)
+    body = await _body(request)
+    path, version = _path(request, body), str(body.get("version", ""))
+    if not any(e.version_id == version for e in runtime.share.catalog.history(path)):
+        raise _fail(web.HTTPNotFound, f"no version {version!r} of {path!r}")
+    async with runtime.scanning:  # (restore scans first: not beside another scan)
+        try:
+            report = runtime.share.restore(path, version)
+        except BackerError as exc:
+            raise _fail(web.HTTPConflict, str(exc)) from exc
+    runtime.hub.journal_grew()
+    if report.kept_local_edits:
+        raise _fail(web.HTTPConflict, f"{path!r} changed while it was being restored")
+    if report.errors:
+        raise _fail(web.HTTPInternalServerError, report.errors[0].reason)
+    return web.json_response({"restored": path, "version": version})
+
+
+@routes.post("/api/shares/{share}/pause")
+async def pause(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    runtime.pause(True)
+    return web.json_response({"paused": True})
+
+
+@routes.post("/api/shares/{share}/resume")
+async def resume(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    runtime.pause(False)
+    return web.json_response({"paused": False})
+
+
+@routes.post("/api/shares/{share}/scan")
+async def scan(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    return web.json_response(commands.scan_report(runtime.share, await runtime.scan()))
+
+
+@routes.post("/api/shares/{share}/invite")
+async def invite(request: web.Request) -> web.Response:
+    """A single-use invite token naming this node's addresses (``expires``: seconds)."""
+    runtime = _runtime(request)
+    body = await _body(request)
+    ask = {"expires": body.get("expires", 86400)}
+    replies = commands.node_invite(request.app[NODE], runtime, ask)
+    try:
+        token = (await anext(replies))["token"]
+    except (BackerError, ValueError, TypeError) as exc:
+        raise _fail(web.HTTPBadRequest, str(exc)) from exc
+    finally:
+        await replies.aclose()
+    return web.json_response({"token": token})
+
+
+def _sse(event: Event) -> bytes:
+    data = json.dumps(event.as_json())
+    return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n".encode()
+
+
+@routes.get("/api/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: every event of the node from now on, or after the id in
+    ``Last-Event-ID`` (or ``?since=``) while it is still buffered (see backer.events)."""
+    since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
+    since = int(since_text) if since_text and since_text.isdigit() else None
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 1000\n\n")
+    queue: asyncio.Queue[Event | None] = asyncio.Queue(SSE_QUEUE)
+
+    async def pump(stream: AsyncIterator[Event]) -> None:
+        async for event in stream:
+            await queue.put(event)
+        await queue.put(None)  # the node stops
+
+    pumping = asyncio.ensure_future(pump(request.app[NODE].events(since)))
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_S)
+            except TimeoutError:
+                await response.write(b": keepalive\n\n")
+                continue
+            if event is None:
+                break
+            await response.write(_sse(event))
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
+        pumping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumping
+    return response

@@ -1,0 +1,167 @@
+"""The node's HTTP server: the web UI and the JSON API, on the node's own event loop.
+
+aiohttp's ``AppRunner``/``TCPSite`` run inside the loop ``backer run`` already has, and
+leave its signal handlers alone (docs/decisions.md). Every request passes, in order:
+
+1. **Host**: the bound address or a loopback name with the bound port, else 403 (a page
+   of another site that a rebinding DNS points at 127.0.0.1 names its own host);
+2. **Origin**: absent or this server's own, else 403 (no CORS is ever answered);
+3. **credentials**: the API key as a bearer token, or a session cookie from a login
+   (see :mod:`backer.api.access`), else 401; with a cookie, a state-changing request
+   also needs the session's CSRF token in ``X-CSRF-Token``, else 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from backer.api import access
+from backer.api.access import Settings
+from backer.api.routes import NODE, routes
+from backer.connections.addresses import advertised, format_address
+from backer.errors import BackerError
+from backer.node.node import Node
+
+COOKIE = "backer_session"
+MAX_BODY = 64 * 1024
+SHUTDOWN_S = 1.0
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+OPEN_PATHS = frozenset({"/login"})  # reachable without credentials (Host, Origin checked)
+HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+}
+CREDENTIALS: web.AppKey[access.Credentials] = web.AppKey("credentials")
+HOSTS: web.AppKey[frozenset[str]] = web.AppKey("hosts")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _refuse(status: type[web.HTTPException], reason: str) -> web.HTTPException:
+    return status(text=json.dumps({"error": reason}), content_type="application/json")
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Host, Origin, credentials and CSRF (see the module docstring), then the view;
+    a BackerError becomes 400 with its one line."""
+    host = (request.headers.get("Host") or "").lower()
+    if host not in request.app[HOSTS]:
+        raise _refuse(web.HTTPForbidden, "this server does not answer for that host")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() != f"{request.scheme}://{host}":
+        raise _refuse(web.HTTPForbidden, "cross-origin requests are refused")
+    credentials = request.app[CREDENTIALS]
+    if request.path not in OPEN_PATHS and not credentials.bearer(
+        request.headers.get("Authorization", "")
+    ):
+        csrf = credentials.csrf(request.cookies.get(COOKIE))
+        if csrf is None:
+            raise _refuse(web.HTTPUnauthorized, "log in first: run 'backer open'")
+        given = request.headers.get("X-CSRF-Token", "")
+        if request.method not in SAFE_METHODS and given != csrf:
+            raise _refuse(web.HTTPForbidden, "missing or wrong CSRF token")
+    try:
+        return await handler(request)
+    except BackerError as exc:
+        raise _refuse(web.HTTPBadRequest, str(exc)) from exc
+
+
+async def _headers(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(HEADERS)
+
+
+def _logged_in(request: web.Request) -> web.Response:
+    """A new session: its cookie set, and on to the page."""
+    cookie = request.app[CREDENTIALS].open_session()
+    response = web.HTTPSeeOther("/")
+    response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", path="/")
+    return response
+
+
+async def login(request: web.Request) -> web.Response:
+    """``GET /login?token=...`` (from ``backer open``), or ``POST /login`` with the
+    password (a form field), opens a session."""
+    credentials = request.app[CREDENTIALS]
+    if request.method == "POST":
+        form = await request.post()
+        if not credentials.check_password(str(form.get("password", ""))):
+            raise _refuse(web.HTTPUnauthorized, "wrong password")
+    elif not credentials.redeem(request.query.get("token", "")):
+        raise _refuse(
+            web.HTTPUnauthorized, "this login link is used or expired: run 'backer open' again"
+        )
+    return _logged_in(request)
+
+
+async def session(request: web.Request) -> web.Response:
+    """The CSRF token of the caller's session (the page sends it back)."""
+    csrf = request.app[CREDENTIALS].csrf(request.cookies.get(COOKIE))
+    return web.json_response({"csrf": csrf})
+
+
+def allowed_hosts(settings: Settings, port: int) -> frozenset[str]:
+    """The Host headers this server answers: loopback names, the bound address, and
+    (bound to every address) each address of this machine."""
+    names = {"localhost", "127.0.0.1", "[::1]"}
+    hosts = {f"{name}:{port}" for name in names}
+    hosts |= {a.lower() for a in advertised(settings.host, port)}
+    return frozenset(hosts)
+
+
+def application(
+    node: Node, credentials: access.Credentials, hosts: frozenset[str]
+) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    app[NODE] = node
+    app[CREDENTIALS] = credentials
+    app[HOSTS] = hosts
+    app.on_response_prepare.append(_headers)
+    app.router.add_get("/login", login)
+    app.router.add_post("/login", login)
+    app.router.add_get("/api/session", session)
+    app.add_routes(routes)
+    return app
+
+
+async def serve(node: Node, settings: Settings, home: Path, stop: asyncio.Event) -> None:
+    """Serve the UI for ``node`` until ``stop`` is set. A port already taken is
+    logged and the node goes on without a UI (syncing matters more)."""
+    credentials = access.Credentials(access.api_key(home), settings.password)
+    await node.started.wait()
+    runner = web.AppRunner(
+        application(node, credentials, allowed_hosts(settings, settings.port)),
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_S,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=SHUTDOWN_S)
+        try:
+            await site.start()
+        except OSError as exc:
+            node.log.warning(
+                "the web UI is not served: cannot listen on %s: %s",
+                format_address(settings.host, settings.port),
+                exc.strerror,
+            )
+            return
+        url = f"http://{format_address(settings.host, settings.port)}"
+        if settings.host in ("0.0.0.0", "::"):
+            url = f"http://{format_address('127.0.0.1', settings.port)}"
+        access.publish_address(home, url)
+        node.log.info("web UI on %s ('backer open' logs a browser in)", url)
+        try:
+            await stop.wait()
+        finally:
+            access.withdraw_address(home)
+    finally:
+        await runner.cleanup()

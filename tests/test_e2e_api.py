@@ -1,0 +1,372 @@
+"""The HTTP API of a real ``backer run`` on 127.0.0.1: docs/api.md's examples, the
+access rules, and the event stream (latency, resuming with Last-Event-ID)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from backer.api.access import KEY_FILE, WEB_FILE
+from tests.e2e import Device, Node, free_port, invite
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+Json = Any
+
+
+class Api:
+    """Plain HTTP requests to one node's API (the Host header is settable)."""
+
+    def __init__(self, node: Node, port: int) -> None:
+        self.port = port
+        self.host = f"127.0.0.1:{port}"
+        self.key = (node.device.home / KEY_FILE).read_text().strip()
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Json = None,
+        *,
+        key: str | None = "",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Json, http.client.HTTPResponse]:
+        """(status, JSON answer, response); ``key`` None: no Authorization header."""
+        sent = {"Host": self.host, **(headers or {})}
+        if key is not None:
+            sent["Authorization"] = f"Bearer {key or self.key}"
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            sent["Content-Type"] = "application/json"
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        connection.request(method, path, body=data, headers=sent)
+        response = connection.getresponse()
+        raw = response.read()
+        connection.close()
+        try:
+            answer = json.loads(raw) if raw else None
+        except ValueError:
+            answer = raw.decode()
+        return response.status, answer, response
+
+    def stream(self, since: int | None = None) -> EventStream:
+        return EventStream(self, since)
+
+
+class EventStream:
+    """A Server-Sent Events client of ``/api/events``."""
+
+    def __init__(self, api: Api, since: int | None) -> None:
+        headers = {"Host": api.host, "Authorization": f"Bearer {api.key}"}
+        if since is not None:
+            headers["Last-Event-ID"] = str(since)
+        self.connection = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
+        self.connection.request("GET", "/api/events", headers=headers)
+        self.response = self.connection.getresponse()
+        assert self.response.status == 200
+        assert self.response.headers["Content-Type"].startswith("text/event-stream")
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], float]]:
+        """Each event (its data, with ``sse_id``) and the monotonic time it arrived."""
+        fields: dict[str, str] = {}
+        while True:
+            line = self.response.readline().decode()
+            if not line:
+                return
+            line = line.rstrip("\n")
+            if line:
+                name, _, value = line.partition(":")
+                fields[name] = value.removeprefix(" ")
+                continue
+            if "data" in fields:
+                event = json.loads(fields["data"])
+                event["sse_id"] = int(fields["id"])
+                assert fields["event"] == event["type"]
+                yield event, time.monotonic()
+            fields = {}
+
+    def until(self, wanted: str, timeout: float = 20, **data: Any) -> tuple[dict[str, Any], float]:
+        deadline = time.monotonic() + timeout
+        for event, arrived in self:
+            if event["type"] == wanted and all(event.get(k) == v for k, v in data.items()):
+                return event, arrived
+            assert time.monotonic() < deadline, f"no {wanted} {data}"
+        raise AssertionError("the stream ended")
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def start(device: Device) -> tuple[Node, Api]:
+    port = free_port()
+    node = device.start(api=f"127.0.0.1:{port}")
+    node.wait_for("web UI on")
+    return node, Api(node, port)
+
+
+def scan(api: Api, share: str) -> Json:
+    status, answer, _ = api.call("POST", f"/api/shares/{share}/scan")
+    assert status == 200, answer
+    return answer
+
+
+# -- docs/api.md ----------------------------------------------------------------------
+
+COMPARED = {"paused", "kind", "change", "path", "name", "restored", "error", "conflict", "live"}
+
+
+def examples() -> list[tuple[str, str, Json, int, Json]]:
+    """(method, path, body, status, answer) of every ```http block of docs/api.md."""
+    found = []
+    for block in re.findall(r"```http\n(.*?)```", DOC.read_text(), re.S):
+        lines = block.strip().splitlines()
+        method, path = lines[0].split(" ", 1)
+        body = json.loads(lines[1]) if len(lines) == 3 else None
+        status, _, answer = lines[-1].removeprefix("→ ").partition(" ")
+        found.append((method, path, body, int(status), json.loads(answer)))
+    return found
+
+
+def same_shape(documented: Json, actual: Json, where: str = "") -> None:
+    """The documented keys are there (nested; a list by its first item), and the values
+    of COMPARED keys are the documented ones (unless shown as "…")."""
+    if isinstance(documented, dict):
+        assert isinstance(actual, dict), (where, actual)
+        for key, value in documented.items():
+            assert key in actual, (where, key, actual)
+            if key in COMPARED and not isinstance(value, (dict, list)) and value != "…":
+                assert actual[key] == value, (where, key, actual[key])
+            same_shape(value, actual[key], f"{where}.{key}")
+    elif isinstance(documented, list) and documented:
+        assert isinstance(actual, list) and actual, (where, actual)
+        same_shape(documented[0], actual[0], f"{where}[0]")
+
+
+def test_every_example_of_the_api_doc_answers_as_documented(tmp_path: Path) -> None:
+    device = Device(tmp_path, "notes")
+    device.root.mkdir()
+    device.run("init", str(device.root))
+    node, api = start(device)
+    try:
+        (device.root / "hello.txt").write_text("hello\n")
+        (device.root / "docs").mkdir()
+        (device.root / "docs" / "plan.md").write_text("hello\n")  # (kept: restorable)
+        scan(api, "notes")
+        time.sleep(0.05)
+        (device.root / "hello.txt").write_text("hello again\n")
+        while "hello.txt" not in scan(api, "notes")["modified"]:  # (the watcher's scan
+            time.sleep(0.1)  # may have taken it: then it is in the history already)
+            if len(api.call("GET", "/api/shares/notes/history?path=hello.txt")[1]) == 2:
+                break
+        history = api.call("GET", "/api/shares/notes/history?path=hello.txt")[1]
+        first = history[0]["version"]
+        ran = 0
+        for method, path, body, status, documented in examples():
+            if body is not None:
+                body = json.loads(json.dumps(body).replace("{version}", first))
+            got, answer, _ = api.call(method, path, body)
+            assert got == status, (method, path, answer)
+            same_shape(documented, answer, f"{method} {path}")
+            ran += 1
+        assert ran >= 12
+        time.sleep(0.2)
+        assert (device.root / "hello.txt").read_text() == "hello\n"  # restored on disk
+    finally:
+        node.stop()
+
+
+# -- access ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lone(tmp_path: Path) -> Iterator[tuple[Device, Node, Api]]:
+    device = Device(tmp_path, "solo")
+    device.root.mkdir()
+    device.run("init", str(device.root))
+    node, api = start(device)
+    try:
+        yield device, node, api
+    finally:
+        node.stop()
+
+
+def test_requests_without_the_key_or_with_a_wrong_one_are_refused_with_401(lone) -> None:
+    _, _, api = lone
+    assert api.call("GET", "/api/shares", key=None)[0] == 401
+    assert api.call("GET", "/api/shares", key="0" * 64)[0] == 401
+    assert api.call("POST", "/api/shares/solo/pause", key=None)[0] == 401
+    assert api.call("GET", "/api/events", key=None)[0] == 401
+    headers = {"Cookie": "backer_session=forged"}
+    assert api.call("GET", "/api/shares", key=None, headers=headers)[0] == 401
+    status, answer, response = api.call("GET", "/api/shares")
+    assert status == 200 and answer[0]["name"] == "solo"
+    assert "Access-Control-Allow-Origin" not in response.headers  # no CORS, ever
+
+
+def test_a_foreign_host_header_is_refused_with_403_even_with_the_key(lone) -> None:
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1."""
+    _, _, api = lone
+    for host in (f"evil.example:{api.port}", "127.0.0.1:80", f"127.0.0.2:{api.port}", ""):
+        status, answer, _ = api.call("GET", "/api/shares", headers={"Host": host})
+        assert status == 403, (host, answer)
+    for host in (f"localhost:{api.port}", f"127.0.0.1:{api.port}"):
+        assert api.call("GET", "/api/shares", headers={"Host": host})[0] == 200
+
+
+def login(api: Api, device: Device) -> str:
+    """The session cookie that ``backer open``'s link sets."""
+    url = device.run("open", "--no-browser").stdout.strip()
+    parts = urlsplit(url)
+    assert parts.netloc == api.host
+    status, _, response = api.call("GET", f"{parts.path}?{parts.query}", key=None)
+    assert status == 303 and response.headers["Location"] == "/"
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    again = api.call("GET", f"{parts.path}?{parts.query}", key=None)[0]
+    assert again == 401  # the link works once
+    return cookie.split(";")[0]
+
+
+def test_the_login_link_opens_one_session_and_posts_need_its_csrf_token(lone) -> None:
+    device, _, api = lone
+    cookie = login(api, device)
+    status, answer, _ = api.call("GET", "/api/session", key=None, headers={"Cookie": cookie})
+    assert status == 200
+    csrf = answer["csrf"]
+    own = {"Cookie": cookie, "Origin": f"http://{api.host}"}
+    assert api.call("GET", "/api/shares/solo", key=None, headers={"Cookie": cookie})[0] == 200
+    # a cross-site form or fetch: no CSRF token, or a foreign Origin even with it
+    assert api.call("POST", "/api/shares/solo/pause", key=None, headers=own)[0] == 403
+    foreign = {"Cookie": cookie, "Origin": "http://evil.example", "X-CSRF-Token": csrf}
+    assert api.call("POST", "/api/shares/solo/pause", key=None, headers=foreign)[0] == 403
+    wrong = {**own, "X-CSRF-Token": csrf[:-1] + ("A" if csrf[-1] != "A" else "B")}
+    assert api.call("POST", "/api/shares/solo/pause", key=None, headers=wrong)[0] == 403
+    assert api.call("GET", "/api/shares/solo", key=None, headers=own)[1]["paused"] is False
+    status, answer, _ = api.call(
+        "POST", "/api/shares/solo/pause", key=None, headers={**own, "X-CSRF-Token": csrf}
+    )
+    assert (status, answer) == (200, {"paused": True})
+
+
+def test_the_api_key_is_private_and_the_ui_address_is_withdrawn_at_stop(lone) -> None:
+    device, node, _ = lone
+    assert (device.home / KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert (device.home / WEB_FILE).stat().st_mode & 0o777 == 0o600
+    assert node.stop() == 0
+    assert not (device.home / WEB_FILE).exists()
+    result = device.run("open", "--no-browser", check=False)
+    assert result.returncode == 1 and "start 'backer run' first" in result.stderr
+
+
+def test_serving_the_ui_beyond_loopback_needs_a_password(tmp_path: Path) -> None:
+    device = Device(tmp_path, "open")
+    device.root.mkdir()
+    device.run("init", str(device.root))
+    args = ("run", "--listen", f"127.0.0.1:{free_port()}", "--api", f"0.0.0.0:{free_port()}")
+    result = device.run(*args, check=False, timeout=60)
+    assert result.returncode == 1
+    assert "BACKER_API_PASSWORD" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- two devices: events, pause --------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Device, Device, Api]]:
+    """a and b running, connected; b serves the API."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port):
+        b.run("join", token, str(b.root))
+    node_a = a.start(port)
+    node_b, api = start(b)
+    try:
+        node_b.wait_for("session with")
+        yield a, b, api
+    finally:
+        node_b.stop()
+        node_a.stop()
+
+
+def wait_for_file(path: Path, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text() == text):
+        assert time.monotonic() < deadline, f"{path} never became {text!r}"
+        time.sleep(0.02)
+
+
+def test_a_change_on_another_device_is_on_the_event_stream_within_1_s_of_being_applied(
+    pair,
+) -> None:
+    a, b, api = pair
+    stream = api.stream()
+    try:
+        lags = []
+        for n in range(5):
+            written = time.monotonic()
+            (a.root / f"note-{n}.txt").write_text(f"note {n}")
+            event, arrived = stream.until("remote-applied", change="written")
+            assert f"note-{n}.txt" in event["paths"]
+            now_ms = time.time_ns() // 1_000_000
+            lags.append(now_ms - event["time_ms"] - (time.monotonic() - arrived) * 1000)
+            assert (b.root / f"note-{n}.txt").read_text() == f"note {n}"
+            print(f"write on a → event on b: {(arrived - written) * 1000:.0f} ms")
+        print(f"applied → event received: max {max(lags):.0f} ms")
+        assert max(lags) < 1000
+    finally:
+        stream.close()
+
+
+def test_a_client_that_reconnects_with_last_event_id_misses_nothing(pair) -> None:
+    a, b, api = pair
+    stream = api.stream()
+    (a.root / "first.txt").write_text("1")
+    first, _ = stream.until("remote-applied")
+    stream.close()
+    for n in range(3):  # while the client is away
+        (a.root / f"away-{n}.txt").write_text(str(n))
+    for n in range(3):
+        wait_for_file(b.root / f"away-{n}.txt", str(n))
+    time.sleep(0.3)
+    resumed = api.stream(since=first["sse_id"])
+    try:
+        ids, applied = [], set()
+        for event, _ in resumed:
+            ids.append(event["sse_id"])
+            if event["type"] == "remote-applied":
+                applied |= set(event["paths"])
+            if {f"away-{n}.txt" for n in range(3)} <= applied:
+                break
+        assert ids == list(range(first["sse_id"] + 1, first["sse_id"] + 1 + len(ids)))
+    finally:
+        resumed.close()
+
+
+def test_pause_closes_the_session_and_resume_brings_what_changed_meanwhile(pair) -> None:
+    a, b, api = pair
+    stream = api.stream()
+    try:
+        assert api.call("POST", "/api/shares/b/pause")[0] == 200
+        stream.until("paused")
+        stream.until("device-disconnected")
+        (a.root / "while-paused.txt").write_text("later")
+        time.sleep(1.5)
+        assert not (b.root / "while-paused.txt").exists()
+        devices = api.call("GET", "/api/shares/b/devices")[1]
+        assert not any(d["connected"] for d in devices)
+        assert api.call("POST", "/api/shares/b/resume")[0] == 200
+        stream.until("resumed")
+        stream.until("device-connected")
+        wait_for_file(b.root / "while-paused.txt", "later")
+    finally:
+        stream.close()
