@@ -17,7 +17,7 @@ from aiohttp import web
 
 from backer.config.identity import device_id
 from backer.errors import BackerError
-from backer.events import Event
+from backer.events import Event, EventType, paths
 from backer.model.records import Kind, timestamp
 from backer.node import commands
 
@@ -193,6 +193,8 @@ async def restore(request: web.Request) -> web.Response:
         except BackerError as exc:
             raise _fail(web.HTTPConflict, str(exc)) from exc
     runtime.hub.journal_grew()
+    if not (report.kept_local_edits or report.errors):
+        runtime.publish(EventType.LOCAL_CHANGE, change="restored", **paths([path]))
     if report.kept_local_edits:
         raise _fail(web.HTTPConflict, f"{path!r} changed while it was being restored")
     if report.errors:

@@ -30,6 +30,7 @@ from backer.node.node import Node
 COOKIE = "backer_session"
 MAX_BODY = 64 * 1024
 SHUTDOWN_S = 1.0
+STATIC = Path(__file__).parent / "static"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/login"})  # reachable without credentials (Host, Origin checked)
 HEADERS = {
@@ -102,6 +103,11 @@ async def login(request: web.Request) -> web.Response:
     return _logged_in(request)
 
 
+async def page(_request: web.Request) -> web.FileResponse:
+    """The web UI: one page, plain HTML/CSS/JS from backer/api/static (no build step)."""
+    return web.FileResponse(STATIC / "index.html")
+
+
 async def session(request: web.Request) -> web.Response:
     """The CSRF token of the caller's session (the page sends it back)."""
     csrf = request.app[CREDENTIALS].csrf(request.cookies.get(COOKIE))
@@ -128,6 +134,8 @@ def application(
     app.router.add_get("/login", login)
     app.router.add_post("/login", login)
     app.router.add_get("/api/session", session)
+    app.router.add_get("/", page)
+    app.router.add_static("/static", STATIC)
     app.add_routes(routes)
     return app
 

@@ -1,0 +1,332 @@
+// backer's page: devices, live activity, files with history and restore, pause/resume.
+// Every name shown comes from other devices: it is only ever set as text, never as HTML.
+"use strict";
+
+const state = { csrf: null, share: null, shares: [], dir: "", selected: null };
+const $ = (id) => document.getElementById(id);
+const FEED_MAX = 200;
+const EVENT_TYPES = [
+  "local-change", "remote-applied", "device-connected", "device-disconnected",
+  "transfer-progress", "conflict", "scan-started", "scan-finished", "paused", "resumed",
+  "error", "missed",
+];
+
+async function api(path, options = {}) {
+  const headers = {};
+  if (options.method && options.method !== "GET") {
+    headers["X-CSRF-Token"] = state.csrf;
+    headers["Content-Type"] = "application/json";
+  }
+  const response = await fetch(path, { ...options, headers, credentials: "same-origin" });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+function notice(text) {
+  $("notice").textContent = text || "";
+  $("notice").hidden = !text;
+}
+
+function sharePath(name) {
+  return `/api/shares/${encodeURIComponent(name)}`;
+}
+
+function size(bytes) {
+  if (bytes === null || bytes === undefined) return "";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let value = bytes, unit = 0;
+  while (value >= 1000 && unit < units.length - 1) { value /= 1000; unit += 1; }
+  return `${unit ? value.toFixed(1) : value} ${units[unit]}`;
+}
+
+function ago(ms) {
+  if (!ms) return "never";
+  const seconds = Math.max(0, (Date.now() - ms) / 1000);
+  if (seconds < 60) return "just now";
+  if (seconds < 3600) return `${Math.round(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.round(seconds / 3600)} h ago`;
+  return new Date(ms).toLocaleString();
+}
+
+// -- shares and devices ----------------------------------------------------------------
+
+async function loadShares() {
+  state.shares = await api("/api/shares");
+  const select = $("share");
+  select.replaceChildren(...state.shares.map((s) => el("option", s.name)));
+  select.hidden = state.shares.length < 2;
+  if (!state.shares.length) {
+    notice("This device serves no share yet: 'backer init' or 'backer join' makes one.");
+    return;
+  }
+  if (!state.shares.some((s) => s.name === state.share)) state.share = state.shares[0].name;
+  select.value = state.share;
+  renderShare();
+}
+
+function current() {
+  return state.shares.find((s) => s.name === state.share);
+}
+
+function renderShare() {
+  const share = current();
+  if (!share) return;
+  $("pause").textContent = share.paused ? "Resume" : "Pause";
+  const others = share.devices.filter((d) => !d.this);
+  const badge = $("state");
+  if (share.paused) {
+    badge.textContent = "paused"; badge.className = "badge warn";
+  } else if (others.length && others.every((d) => d.in_sync)) {
+    badge.textContent = "in sync"; badge.className = "badge ok";
+  } else if (others.some((d) => d.connected)) {
+    badge.textContent = "syncing"; badge.className = "badge warn";
+  } else {
+    badge.textContent = others.length ? "offline" : "only this device"; badge.className = "badge";
+  }
+  const ordered = [...share.devices].sort((a, b) => b.this - a.this);
+  $("devices").replaceChildren(...ordered.map(deviceItem));
+}
+
+function deviceItem(device) {
+  const item = el("li");
+  item.dataset.device = device.id;
+  const name = el("div", null, "device-name");
+  name.append(el("span", null, device.connected || device.this ? "dot on" : "dot"));
+  name.append(device.name || device.id.slice(0, 7));
+  if (device.this) name.append(" ", el("span", "this device", "badge"));
+  item.append(name);
+  let status;
+  if (device.this) {
+    status = device.need_files ? `fetching ${device.need_files} files (${size(device.need_bytes)})` : "up to date";
+  } else if (device.connected) {
+    status = device.in_sync ? "connected · in sync" : "connected · syncing";
+  } else {
+    status = `offline · last seen ${ago(device.last_seen_ms)}`;
+  }
+  const meta = el("div", status, "device-meta");
+  meta.dataset.status = device.connected ? (device.in_sync ? "in-sync" : "connected") : "offline";
+  item.append(meta);
+  item.append(el("div", [device.id.slice(0, 15), device.address].filter(Boolean).join(" · "), "device-meta"));
+  return item;
+}
+
+// -- files and history ------------------------------------------------------------------
+
+async function loadFiles() {
+  if (!state.share) return;
+  let listing;
+  try {
+    listing = await api(`${sharePath(state.share)}/files?path=${encodeURIComponent(state.dir)}`);
+  } catch (error) {
+    if (state.dir) { state.dir = ""; return loadFiles(); }
+    throw error;
+  }
+  renderCrumbs();
+  const rows = listing.entries
+    .sort((a, b) => (b.kind === "directory") - (a.kind === "directory") || a.name.localeCompare(b.name))
+    .map(fileRow);
+  if (!rows.length) {
+    const empty = el("tr");
+    const cell = el("td", "Nothing here yet.");
+    cell.colSpan = 3;
+    empty.append(cell);
+    rows.push(empty);
+  }
+  $("files").tBodies[0].replaceChildren(...rows);
+}
+
+function renderCrumbs() {
+  const crumbs = $("crumbs");
+  const parts = state.dir ? state.dir.split("/") : [];
+  const top = el("a", state.share);
+  top.addEventListener("click", () => openDir(""));
+  crumbs.replaceChildren(top);
+  parts.forEach((part, index) => {
+    const link = el("a", part);
+    const target = parts.slice(0, index + 1).join("/");
+    link.addEventListener("click", () => openDir(target));
+    crumbs.append(" / ", link);
+  });
+}
+
+function fileRow(entry) {
+  const row = el("tr");
+  row.dataset.path = entry.path;
+  if (entry.path === state.selected) row.className = "selected";
+  const live = entry.versions[0] || {};
+  const name = el("td");
+  const link = el("a", entry.kind === "directory" ? `${entry.name}/` : entry.name);
+  link.addEventListener("click", () => (entry.kind === "directory" ? openDir(entry.path) : openHistory(entry.path)));
+  name.append(link);
+  if (entry.conflict) name.append(" ", el("span", "conflict", "badge bad"));
+  row.append(name, el("td", entry.kind === "file" ? size(live.size) : "", "num"), el("td", live.time || "", "when"));
+  return row;
+}
+
+function openDir(path) {
+  state.dir = path;
+  state.selected = null;
+  $("history").hidden = true;
+  loadFiles().catch((e) => notice(e.message));
+}
+
+async function openHistory(path) {
+  state.selected = path;
+  const versions = await api(`${sharePath(state.share)}/history?path=${encodeURIComponent(path)}`);
+  $("history-path").textContent = path;
+  $("versions").replaceChildren(...versions.slice().reverse().map((v) => versionItem(path, v)));
+  $("history").hidden = false;
+  for (const row of $("files").tBodies[0].rows) row.classList.toggle("selected", row.dataset.path === path);
+}
+
+function versionItem(path, version) {
+  const item = el("li");
+  item.dataset.version = version.version;
+  const what = version.kind === "file" ? size(version.size) : version.kind;
+  item.append(el("span", `${version.time} · ${what} · ${version.device_name || version.device.slice(0, 7)}`, "meta"));
+  if (version.live) {
+    item.append(el("span", "current", "badge ok"));
+  } else if (version.kind === "file" || version.kind === "symlink") {
+    const button = el("button", "Restore");
+    button.type = "button";
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        await api(`${sharePath(state.share)}/restore`, {
+          method: "POST", body: JSON.stringify({ path, version: version.version }),
+        });
+        notice("");
+        await openHistory(path);
+        await loadFiles();
+      } catch (error) {
+        notice(`Could not restore: ${error.message}`);
+        button.disabled = false;
+      }
+    });
+    item.append(button);
+  }
+  return item;
+}
+
+// -- live activity ----------------------------------------------------------------------
+
+function who(event) {
+  const short = event.device.slice(0, 7);
+  return event.name ? `${event.name} (${short})` : short;
+}
+
+function describe(event) {
+  const paths = (event.paths || []).join(", ");
+  const more = event.count > (event.paths || []).length ? ` (+${event.count - event.paths.length} more)` : "";
+  switch (event.type) {
+    case "local-change": return `Recorded here: ${event.change} ${paths}${more}`;
+    case "remote-applied": return `From another device: ${event.change} ${paths}${more}`;
+    case "device-connected": return `Connected: ${who(event)}`;
+    case "device-disconnected": return `Disconnected: ${who(event)}: ${event.reason}`;
+    case "conflict": return `${event.count} conflict(s): both versions kept, the other as a conflict copy`;
+    case "paused": return "Paused: no exchange with other devices";
+    case "resumed": return "Resumed";
+    case "error": return `${event.warning ? "Warning" : "Problem"}: ${event.path ? `${event.path}: ` : ""}${event.reason}`;
+    case "missed": return "Some activity happened while this page was away; the lists are reloaded.";
+    default: return null;
+  }
+}
+
+function addToFeed(event) {
+  const text = describe(event);
+  if (!text) return;
+  const item = el("li");
+  item.dataset.type = event.type;
+  const time = el("time", new Date(event.time_ms).toLocaleTimeString());
+  time.dateTime = new Date(event.time_ms).toISOString();
+  item.append(time, el("span", text, event.type === "error" && !event.warning ? "what error" : "what"));
+  const feed = $("feed");
+  feed.prepend(item);
+  while (feed.children.length > FEED_MAX) feed.lastChild.remove();
+}
+
+let refreshTimer = null;
+function refreshSoon() {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(() => {
+    loadShares().then(loadFiles).catch((e) => notice(e.message));
+    if (state.selected) openHistory(state.selected).catch(() => {});
+  }, 150);
+}
+
+function showProgress(event) {
+  const busy = event.files_total > event.files_done;
+  $("transfer").hidden = !busy;
+  $("transfer-bar").max = Math.max(event.bytes_total, 1);
+  $("transfer-bar").value = event.bytes_done;
+  $("transfer-text").textContent = `${event.files_done} of ${event.files_total} files, ${size(event.bytes_done)} of ${size(event.bytes_total)}`;
+}
+
+function listen() {
+  const source = new EventSource("/api/events");
+  const live = $("live");
+  source.onopen = () => { live.textContent = "live"; live.className = "badge ok"; };
+  source.onerror = () => { live.textContent = "reconnecting"; live.className = "badge warn"; };
+  for (const type of EVENT_TYPES) {
+    source.addEventListener(type, (message) => {
+      const event = JSON.parse(message.data);
+      if (event.type === "transfer-progress") {
+        if (event.share === state.share) showProgress(event);
+        return;
+      }
+      addToFeed(event);
+      if (event.type !== "scan-started") refreshSoon();
+    });
+  }
+}
+
+// -- actions ----------------------------------------------------------------------------
+
+async function act(path, done) {
+  try {
+    const answer = await api(`${sharePath(state.share)}/${path}`, { method: "POST" });
+    notice("");
+    if (done) done(answer);
+    await loadShares();
+  } catch (error) {
+    notice(error.message);
+  }
+}
+
+async function start() {
+  try {
+    state.csrf = (await api("/api/session")).csrf;
+    await loadShares();
+    await loadFiles();
+  } catch (error) {
+    notice(`${error.message}`);
+  }
+  listen();
+  $("share").addEventListener("change", () => {
+    state.share = $("share").value;
+    openDir("");
+    renderShare();
+  });
+  $("pause").addEventListener("click", () => act(current().paused ? "resume" : "pause"));
+  $("rescan").addEventListener("click", () => act("scan"));
+  $("invite").addEventListener("click", () => act("invite", (answer) => {
+    $("token").value = answer.token;
+    $("invitation").hidden = false;
+  }));
+  $("copy").addEventListener("click", async () => {
+    $("token").select();
+    try { await navigator.clipboard.writeText($("token").value); } catch { document.execCommand("copy"); }
+    $("copy").textContent = "Copied";
+  });
+  setInterval(() => { if (!document.hidden) loadShares().catch(() => {}); }, 30000);
+}
+
+start();

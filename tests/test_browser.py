@@ -1,0 +1,89 @@
+"""The web page in a real browser (Playwright driving Debian's Chromium) against two
+real nodes: log in with ``backer open``'s link, see the other device connected and in
+sync, see its new file appear without a reload, restore and pause by clicking.
+Screenshots at 375 and 1280 px go to BACKER_TEST_ARTIFACTS (default: test-artifacts/)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_e2e_api import pair, wait_for_file
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(
+    os.environ.get(
+        "BACKER_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"
+    )
+)
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not CHROMIUM.exists():
+    pytest.skip(
+        f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)", allow_module_level=True
+    )
+
+__all__ = ["pair"]  # (the fixture: two connected nodes, b serving the API)
+
+
+def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clicking(
+    pair,
+) -> None:
+    a, b, api = pair
+    (a.root / "notes.txt").write_text("first draft\n")
+    wait_for_file(b.root / "notes.txt", "first draft\n")
+    (a.root / "notes.txt").write_text("second draft\n")
+    wait_for_file(b.root / "notes.txt", "second draft\n")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = b.run("open", "--no-browser").stdout.strip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(url)
+            assert page.url == f"http://{api.host}/"  # the token left the address bar
+            expect = sync_api.expect
+            other = page.locator('#devices li .device-meta[data-status="in-sync"]')
+            expect(other).to_have_count(1, timeout=20_000)
+            expect(page.locator("#live")).to_have_text("live", timeout=10_000)
+            expect(page.locator("#state")).to_have_text("in sync")
+
+            # a file made on the other device appears in the feed and the list, no reload
+            (a.root / "from-a.txt").write_text("hello from a\n")
+            feed_item = page.locator("#feed li", has_text="from-a.txt")
+            expect(feed_item.first).to_be_visible(timeout=10_000)
+            expect(page.locator('tr[data-path="from-a.txt"]')).to_be_visible(timeout=5_000)
+
+            # restore the first draft by clicking: the bytes on disk, here and there
+            page.locator('tr[data-path="notes.txt"] a').click()
+            old = page.locator("#versions li", has=page.locator("button", has_text="Restore"))
+            expect(old).to_have_count(1, timeout=5_000)
+            old.locator("button").click()
+            wait_for_file(b.root / "notes.txt", "first draft\n", timeout=10)
+            wait_for_file(a.root / "notes.txt", "first draft\n", timeout=20)
+            expect(page.locator("#versions li")).to_have_count(3, timeout=5_000)
+
+            # pause and resume by clicking
+            page.locator("#pause").click()
+            expect(page.locator("#state")).to_have_text("paused", timeout=5_000)
+            expect(page.locator("#pause")).to_have_text("Resume")
+            page.locator("#pause").click()
+            expect(page.locator("#pause")).to_have_text("Pause", timeout=5_000)
+            expect(other).to_have_count(1, timeout=20_000)  # back, and in sync again
+
+            page.screenshot(path=str(ARTIFACTS / "web-1280.png"), full_page=True)
+            page.set_viewport_size({"width": 375, "height": 800})
+            time.sleep(0.3)
+            page.screenshot(path=str(ARTIFACTS / "web-375.png"), full_page=True)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 375, f"the page is {width} px wide at 375 px: it scrolls sideways"
+            assert not [p for p in problems if not re.search(r"favicon", p)], problems
+        finally:
+            browser.close()
