@@ -46,7 +46,7 @@ from backer.scanner import walk
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 
 from .faults import Disks
-from .world import InvariantBroken, Watch, ignored, is_backer_temp, pin_directory_times
+from .world import InvariantBroken, Watch, ignored, pin_directory_times, reachable_temps
 
 
 @dataclass
@@ -177,7 +177,7 @@ class Node:
     def stray_temp_files(self) -> list[Path]:
         """Temp files that no assembly in progress is using (a crash's, or one whose
         directory the person renamed mid-transfer): the next scan must sweep them."""
-        found = [p for p in self.root.rglob("*") if is_backer_temp(p.name)]
+        found = reachable_temps(self.root)
         if self.share is None:
             return found
         return stale_temps(self.root, self.share.catalog, found, self.share.temps_in_use)

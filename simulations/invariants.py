@@ -23,8 +23,8 @@ from .world import (
     InvariantBroken,
     entries,
     ignored,
-    is_backer_temp,
     is_pinned,
+    reachable_temps,
     scratch_dir,
     synced_tree,
     synced_trees,
@@ -142,7 +142,7 @@ def check_quiescent(cluster: Cluster) -> None:
             )
         if share.journal.forks():
             raise InvariantBroken(f"{node.name} saw a fork")
-        leftovers = [p for p in node.root.rglob("*") if is_backer_temp(p.name)]
+        leftovers = reachable_temps(node.root)
         if leftovers:
             raise InvariantBroken(f"{node.name} has temp files {leftovers}")
     check_no_lost_write(cluster)

@@ -51,6 +51,21 @@ def is_backer_temp(name: str) -> bool:
     return is_temp_name(name)
 
 
+def reachable_temps(root: Path) -> list[Path]:
+    """backer's temp files under ``root`` that its scans can find and sweep. A temp
+    inside a directory the rules ignore is out of reach: backer never enters such a
+    directory, not even to remove a temp that a crash, or a failing disk, left there
+    as the rule came (a transfer into it was under way); the scan after the rule goes
+    sweeps it. backer writes nothing there once the rule is on disk."""
+    rules = IgnoreRules.load(root)
+    found = []
+    for path in root.rglob("*"):
+        parent = path.parent.relative_to(root).as_posix()
+        if is_backer_temp(path.name) and (parent == "." or not ignored(rules, parent, True)):
+            found.append(path)
+    return found
+
+
 def entries(root: Path) -> dict[str, Entry]:
     """Files and links under ``root`` by their on-disk relative name (outside .backer,
     backer's temps left out)."""

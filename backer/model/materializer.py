@@ -632,8 +632,8 @@ class Assembly:
                 continue
             if op.path in ignored:  # left alone, as a plan made now would leave it
                 staged = self.staged.pop(op.path, None)
-                if staged is not None:
-                    staged.temp.unlink(missing_ok=True)
+                if staged is not None:  # stale now: the sweep after the plan removes it
+                    report.kept_temps.append(staged.temp)
                 continue
             full = len(batch) >= STAGE_FILES or batch_bytes >= STAGE_BYTES
             if full or op.version.kind == Kind.DELETED:  # deletions come last
