@@ -9,9 +9,10 @@ from hypothesis import HealthCheck, settings
 
 from backer.model.materializer import Materializer
 from backer.protocol.session import Session
+from backer.scanner.ignore import temp_name
 from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
-from simulations.world import synced_trees
+from simulations.world import reachable_temps, synced_trees
 
 TestCluster = ClusterMachine.TestCase
 TestCluster.settings = settings(
@@ -332,3 +333,19 @@ def test_an_ignored_file_hides_no_missing_file_beside_it_from_the_convergence_ch
     ours, theirs = synced_trees(roots)
     assert "a/f" in ours and "a/f" not in theirs
     assert "a" not in ours and "a/mine" not in theirs  # above an ignored entry; the entry
+
+
+def test_only_temps_a_scan_can_reach_count_as_leftovers(tmp_path: Path) -> None:
+    """A temp that a failing disk left in a directory that then became ignored is out of
+    every scan's reach until the rule goes (seed 6315); a temp beside an ignored file is
+    in reach, and still counts."""
+    for name in ("b", "a"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".backerignore").write_text("b/\n*.log\n")
+    (tmp_path / "a" / "x.log").write_text("ignored")
+    hidden = tmp_path / "b" / temp_name("b/g", "v1")
+    beside = tmp_path / "a" / temp_name("a/f", "v1")
+    top = tmp_path / temp_name("f", "v1")
+    for temp in (hidden, beside, top):
+        temp.write_text("partial")
+    assert sorted(reachable_temps(tmp_path)) == sorted([beside, top])
