@@ -320,3 +320,15 @@ def test_an_invalid_ignore_pattern_is_skipped_and_reported_not_fatal(share: Shar
     assert "kept.txt" in summary.added and "noise.log" not in summary.added
     (warning,) = [p for p in summary.errors if p.path == ".backerignore"]
     assert warning.warning and "pattern skipped, not valid" in warning.reason
+
+
+def test_an_ignore_pattern_with_a_reversed_range_is_skipped_not_fatal(share: Share) -> None:
+    """`[z-a]` passes gitignore parsing but fails as a regular expression (re.error,
+    not a ValueError): every scan failed with an internal error."""
+    (share.root / ".backerignore").write_text("*.log\n[z-a]\n")
+    (share.root / "kept.txt").write_text("kept")
+    (share.root / "noise.log").write_text("ignored")
+    summary = share.scan()
+    assert "kept.txt" in summary.added and "noise.log" not in summary.added
+    (warning,) = [p for p in summary.errors if p.path == ".backerignore"]
+    assert "[z-a]" in warning.reason

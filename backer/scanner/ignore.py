@@ -68,7 +68,8 @@ def _valid_pattern(line: str) -> bool:
     must not stop every scan: its bad lines are skipped and reported)."""
     try:
         pathspec.GitIgnoreSpec.from_lines([line])
-    except (ValueError, TypeError):  # (GitIgnorePatternError is a ValueError)
+    except (ValueError, TypeError, re.error):  # (GitIgnorePatternError is a ValueError;
+        # a reversed range such as [z-a] fails only when compiled: re.error)
         return False
     return True
 
