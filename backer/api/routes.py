@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +19,9 @@ from aiohttp import web
 from backer.config.identity import device_id
 from backer.errors import BackerError
 from backer.events import Event, EventType, paths
-from backer.model.records import Kind, timestamp
+from backer.model.records import Kind, new_version_id, timestamp
 from backer.node import commands
+from backer.scanner.ignore import IGNORE_FILE, IgnoreRules, temp_name
 
 if TYPE_CHECKING:
     from backer.node.node import Node, Runtime
@@ -236,6 +238,47 @@ async def invite(request: web.Request) -> web.Response:
     finally:
         await replies.aclose()
     return web.json_response({"token": token})
+
+
+def _ignore_text(runtime: Runtime) -> str:
+    try:
+        return (runtime.share.root / IGNORE_FILE).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+@routes.get("/api/shares/{share}/ignore")
+async def ignore_rules(request: web.Request) -> web.Response:
+    """The share's .backerignore, and the lines that are skipped as not valid."""
+    text = _ignore_text(_runtime(request))
+    return web.json_response({"rules": text, "invalid": IgnoreRules(text.splitlines()).invalid})
+
+
+@routes.put("/api/shares/{share}/ignore")
+async def edit_ignore_rules(request: web.Request) -> web.Response:
+    """Replace .backerignore with ``rules``, if it still holds ``previous`` (else 409:
+    someone edited it meanwhile). Written by a temp file, fsynced, renamed; the watcher
+    records it like any edit, and it reaches every device."""
+    runtime = _runtime(request)
+    body = await _body(request)
+    rules, previous = body.get("rules"), body.get("previous")
+    if not isinstance(rules, str) or not isinstance(previous, str):
+        raise _fail(web.HTTPBadRequest, "give rules and previous (the text it replaces)")
+    if _ignore_text(runtime) != previous:
+        raise _fail(web.HTTPConflict, f"{IGNORE_FILE} changed meanwhile: reload it")
+    target = runtime.share.root / IGNORE_FILE
+    temp = target.with_name(temp_name(IGNORE_FILE, new_version_id()))
+    try:
+        with open(temp, "x", encoding="utf-8") as handle:
+            handle.write(rules)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+    summary = await runtime.scan(frozenset({IGNORE_FILE}))
+    invalid = IgnoreRules(rules.splitlines()).invalid
+    return web.json_response({"rules": rules, "invalid": invalid, "recorded": bool(summary.events)})
 
 
 def _sse(event: Event) -> bytes:
