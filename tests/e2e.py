@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -165,3 +165,50 @@ def summary_number(output: str, label: str, last: bool = False) -> int:
     occurrence of ``label``, or the last)."""
     tail = output.rsplit(label, 1)[1] if last else output.split(label, 1)[1]
     return int(tail.split()[0].rstrip(";,"))
+
+
+@contextlib.contextmanager
+def forwarder(
+    upstream: str, on_accept: Callable[[], None] = lambda: None, hold: tuple[int, float] = (0, 0)
+) -> Iterator[str]:
+    """A TCP relay on 127.0.0.1 to ``upstream``; its address. ``on_accept()`` runs for
+    each connection before it is relayed; ``hold=(n, s)``: what the client sends after
+    its first ``n`` reads (n > 0) reaches ``upstream`` ``s`` seconds late."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+    sockets: list[socket.socket] = [listener]
+
+    def pump(source: socket.socket, target: socket.socket, held: int = 0) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                held -= 1
+                if held == 0:
+                    time.sleep(hold[1])
+                target.sendall(data)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            on_accept()
+            host, port = upstream.rsplit(":", 1)
+            server = socket.create_connection((host, int(port)), timeout=10)
+            server.settimeout(None)
+            sockets.extend((client, server))
+            for ends in ((client, server, hold[0] + 1 if hold[0] else 0), (server, client)):
+                threading.Thread(target=pump, args=ends, daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for sock in sockets:
+            sock.close()

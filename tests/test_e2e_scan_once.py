@@ -4,55 +4,12 @@ there stalled every session, so a large share outlasted the peer's handshake dea
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from backer.scanner.walk import look
-from tests.e2e import Device, free_port, invite
-
-
-@contextlib.contextmanager
-def forwarder(upstream: str, on_accept: Callable[[], None]) -> Iterator[str]:
-    """A TCP relay on 127.0.0.1 to ``upstream`` that calls ``on_accept()`` for each
-    connection before relaying it; its address."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-    sockets: list[socket.socket] = [listener]
-
-    def pump(source: socket.socket, target: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(1 << 16):
-                target.sendall(data)
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            on_accept()
-            host, port = upstream.rsplit(":", 1)
-            server = socket.create_connection((host, int(port)), timeout=10)
-            sockets.extend((client, server))
-            for ends in ((client, server), (server, client)):
-                threading.Thread(target=pump, args=ends, daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        for sock in sockets:
-            sock.close()
+from tests.e2e import Device, forwarder, free_port, invite
 
 
 def recorded(device: Device, path: str) -> bool:

@@ -197,8 +197,17 @@ class Replicator:
     def _acknowledge(self) -> None:
         """Tell every peer that what it sent has been taken in (``Done``)."""
         for session in self.sessions:
-            done = Done(session.events_messages_received, self.stats.files_written)
-            session.outbox.append(done)
+            self._done(session)
+
+    def acknowledge(self, session: Session) -> None:
+        """``session``'s peer sent events this device already held (another peer was
+        quicker): nothing to apply, so unless a plan is pending (its end says ``Done``
+        to everyone) say so now, or the peer's one-shot sync waits for it forever."""
+        if self.idle:
+            self._done(session)
+
+    def _done(self, session: Session) -> None:
+        session.outbox.append(Done(session.events_messages_received, self.stats.files_written))
 
     def _plan(self) -> None:
         self.dirty = False

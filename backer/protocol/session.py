@@ -390,6 +390,8 @@ class Session:
         if result.added:
             self.replicator.journal_grew()
         self.replicator.advance()
+        if not result.added:
+            self.replicator.acknowledge(self)
         return []
 
     def _on_caughtup(self, message: CaughtUp) -> list[Message]:
