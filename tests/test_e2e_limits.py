@@ -38,7 +38,7 @@ from backer.protocol.wire import PROTOCOL_VERSION, Hello, Message, Ping, Summary
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import is_temp_name
 from tests.e2e import Device, free_port, invite, snapshot
-from tests.helpers import make_devices, sync
+from tests.helpers import make_devices, sync, timing
 
 
 @contextlib.contextmanager
@@ -128,6 +128,7 @@ class Trickler(threading.Thread):
             sock.close()
 
 
+@timing
 def test_finding_4_slow_unauthenticated_connections_do_not_keep_a_member_out(
     tmp_path: Path,
 ) -> None:
@@ -204,6 +205,7 @@ def test_finding_5_a_member_asking_without_reading_keeps_serve_bounded(tmp_path:
 RSS_BOUND = 64 * 1024 * 1024  # docs/security.md
 
 
+@timing
 def test_a_suspended_peer_is_detected_within_the_deadline(tmp_path: Path) -> None:
     a, b, port = _pair(tmp_path)
     (a.root / "big.bin").write_bytes(os.urandom(96 * 1024 * 1024))
@@ -258,8 +260,11 @@ def serving_here(
     stop = asyncio.Event()
     thread = threading.Thread(target=loop.run_until_complete, args=(node.run(stop),))
     thread.start()
-    time.sleep(0.5)
     try:
+        deadline = time.monotonic() + 60  # its first scan done, as Device.start waits
+        while not any(": watching " in line for line in list(log)):
+            assert thread.is_alive() and time.monotonic() < deadline, "\n".join(log)
+            time.sleep(0.02)
         yield
     finally:
         loop.call_soon_threadsafe(stop.set)
@@ -278,6 +283,7 @@ class Collect(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@timing
 def test_finding_12_a_peer_that_never_answers_requests_is_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,6 +339,7 @@ def test_finding_12_what_a_silent_peer_was_asked_comes_from_another(
     assert (b.root / "big.bin").read_bytes() == data
 
 
+@timing
 def test_finding_14_a_member_that_pings_but_never_reads_is_dropped(tmp_path: Path) -> None:
     a, b, port = _pair(tmp_path)
     for n in range(3000):  # ~330 KB of events for a peer that says it has none
