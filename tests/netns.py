@@ -30,9 +30,12 @@ def in_ns(namespace: str, *command: str) -> list[str]:
 @contextlib.contextmanager
 def namespaces(count: int, tag: str) -> Iterator[list[str]]:
     """``count`` (1 or 2) namespaces, loopback up; two are joined by a veth pair with
-    10.231.<n>.1/24 and .2/24 (``n`` from ``tag``'s hash, so parallel tests differ)."""
+    10.231.<n>.1/24 and .2/24 (``n`` from ``tag``). Namespace names are global to the
+    machine, so they carry this process's id: parallel test workers, another run of the
+    suite at the same time and a namespace left behind by a killed run never collide.
+    Interface names and addresses live inside the namespaces and need no such care."""
     subnet = 1 + sum(tag.encode()) % 250
-    names = [f"bk-{tag}-{index}"[:15] for index in range(count)]
+    names = [f"bk-{tag}-{os.getpid()}-{index}" for index in range(count)]
     made: list[str] = []
     try:
         for name in names:
@@ -66,5 +69,5 @@ def namespaces(count: int, tag: str) -> Iterator[list[str]]:
 
 def subnet_of(names: list[str]) -> str:
     """The ``10.231.<n>`` prefix of namespaces made by :func:`namespaces`."""
-    tag = names[0].removeprefix("bk-").rsplit("-", 1)[0]
+    tag = names[0].removeprefix("bk-").rsplit("-", 2)[0]
     return f"10.231.{1 + sum(tag.encode()) % 250}"
