@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,11 +14,26 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+PORTS = range(20_000, 32_000)  # below Linux's ephemeral range (32768-60999)
+
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, for a listener a test starts (often more than
+    once). Not an ephemeral one: the kernel gives those to outgoing connections, which
+    could take it between the check and a listener's (re)start. Each test worker draws
+    from its own slice, so parallel workers never pick the same port."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = len(PORTS) // 8
+    start = PORTS.start + (worker % 8) * size
+    for _ in range(100):
+        port = random.randrange(start, start + size)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free TCP port in {start}-{start + size}")
 
 
 class Device:
