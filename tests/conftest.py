@@ -1,4 +1,8 @@
-"""Shared fixtures: every test device gets its own BACKER_HOME under tmp_path."""
+"""Shared fixtures: every test device gets its own BACKER_HOME under tmp_path.
+
+The suite runs in parallel workers (pytest-xdist, see pyproject.toml): nothing a test
+makes may have a fixed name outside its tmp_path (ports: tests.e2e.free_port; network
+namespaces: tests.netns)."""
 
 from __future__ import annotations
 
@@ -27,8 +31,16 @@ def share(tmp_path: Path, key: nacl.signing.SigningKey) -> Share:
     return Share.create(root, key)
 
 
-@pytest.fixture
+def pytest_configure(config: pytest.Config) -> None:
+    """The hundreds of ``python -m backer`` subprocesses would each compile backer from
+    source again where the environment forbids writing bytecode (0.1 s of CPU each)."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+@pytest.fixture(autouse=True)
 def backer_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test, even one that forgets it, has its own device home: never the user's,
+    never another (parallel) test's."""
     home = tmp_path / "home"
     monkeypatch.setenv("BACKER_HOME", str(home))
     return home

@@ -162,3 +162,9 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
 def live(share: Share) -> dict[str, object]:
     """Every live version of the share, by path."""
     return {path: version for path, _, version in share.catalog.all_live()}
+
+
+timing = pytest.mark.xdist_group("timing")
+"""For a test that asserts how long something took: the suite runs in parallel workers
+(pyproject.toml), and these run one after another on one of them, so that at least they
+never race each other for the CPU."""

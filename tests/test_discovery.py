@@ -33,6 +33,7 @@ from backer.discover.lan import (
     unseal,
 )
 from tests.e2e import Device, Node, invite
+from tests.helpers import timing
 from tests.netns import in_ns, namespaces, needs_netns, subnet_of
 
 SHARE, DEVICE, KEY = os.urandom(16), os.urandom(32), os.urandom(32)
@@ -152,6 +153,7 @@ def _lan(port: int, device: bytes, found: list[object], interval: float = 60) ->
     )
 
 
+@timing
 def test_a_starting_device_repeats_its_first_announcement_in_case_one_is_lost() -> None:
     async def main() -> LanDiscovery:
         async with _lan(_free_udp_port(), DEVICE, []) as lan:
@@ -161,6 +163,7 @@ def test_a_starting_device_repeats_its_first_announcement_in_case_one_is_lost() 
     assert asyncio.run(main()).sent == FIRST_ROUNDS  # then nothing until the interval
 
 
+@timing
 def test_a_device_answers_a_newcomer_at_once_not_at_its_next_interval() -> None:
     """``first`` is done with its first rounds when ``second`` starts; ``second`` hears it
     within a second because hearing ``second`` made ``first`` announce."""
@@ -181,6 +184,7 @@ def test_a_device_answers_a_newcomer_at_once_not_at_its_next_interval() -> None:
     assert waited < 2 * MIN_GAP_S
 
 
+@timing
 def test_a_flood_of_datagrams_is_read_at_a_bounded_rate() -> None:
     port = _free_udp_port()
     found: list[object] = []
@@ -269,6 +273,7 @@ def _forget_addresses(device: Device) -> None:
         db.commit()
 
 
+@timing
 @needs_netns
 def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
     tmp_path: Path,

@@ -18,6 +18,7 @@ from backer.connections import control
 from backer.errors import BackerError
 from backer.scanner.ignore import is_temp_name
 from tests.e2e import Device, Node, free_port, invite, snapshot
+from tests.helpers import timing
 
 WAIT_S = 30
 OPENED = re.compile(r" open \([^,]+, (dialled|accepted)\)$")
@@ -206,6 +207,7 @@ def test_simultaneous_dials_leave_one_session(pair) -> None:
             assert node.stop() == 0
 
 
+@timing
 def test_a_peer_down_30_s_is_dialled_a_bounded_number_of_times(pair) -> None:
     a, b, a_port, _ = pair
     scale = 0.2  # 30 s of the node's time in 6 s
@@ -225,6 +227,7 @@ def test_a_peer_down_30_s_is_dialled_a_bounded_number_of_times(pair) -> None:
     converged([a, b], timeout=60 * scale + 10)  # within one capped backoff
 
 
+@timing
 def test_sigterm_mid_transfer_exits_0_within_5_s_and_leaves_no_temp_file(trio) -> None:
     a, b, c = trio
     converged([a, b, c])

@@ -15,7 +15,7 @@ from backer.model.membership import EventKind, member_payload, open_key
 from backer.model.state import Delta
 from backer.protocol.session import Session
 from backer.protocol.wire import ProtocolError
-from tests.helpers import make_devices, pump, sync
+from tests.helpers import make_devices, pump, sync, timing
 
 
 def _three(tmp_path: Path):
@@ -109,6 +109,7 @@ def test_members_are_bounded_and_a_member_add_beyond_the_bound_admits_nobody(
     assert one_too_many not in a.members and one_too_many not in b.members
 
 
+@timing
 def test_ingest_never_reads_the_member_table_per_event(tmp_path: Path) -> None:
     """20,000 admissions took 55 s to ingest when every event read the whole table."""
     a, b = make_devices(tmp_path, 2)

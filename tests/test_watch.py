@@ -19,6 +19,7 @@ import pytest
 from backer.scanner.ignore import temp_name
 from backer.scanner.walk import under_any
 from backer.scanner.watch import Changes, Watcher
+from tests.helpers import timing
 
 Until = Callable[[list[Changes]], bool]
 
@@ -88,6 +89,7 @@ def test_hundred_writes_to_one_file_come_as_one_batch(tmp_path: Path) -> None:
     assert asyncio.run(main()) == [Changes(frozenset({"f"}), False, "events")]
 
 
+@timing
 def test_burst_of_thousand_creates_arrives_whole_within_the_bounded_delay(tmp_path: Path) -> None:
     names = {f"d{n % 10}/file{n}" for n in range(1000)}
     for n in range(10):
