@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 PORTS = range(20_000, 32_000)  # below Linux's ephemeral range (32768-60999)
@@ -151,6 +151,19 @@ class Node:
         if self in self.device.nodes:
             self.device.nodes.remove(self)
         return self.process.returncode
+
+
+def wait_until(done: Callable[[], object], nodes: Iterable[Node], timeout: float = 60) -> None:
+    """Poll ``done`` until true; past ``timeout``, fail showing every node's log (one
+    side's log rarely tells why two devices did not meet)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            shown = (
+                f"--- {node.address} of {node.device.root.name}:\n{node.log}" for node in nodes
+            )
+            raise AssertionError(f"not done after {timeout} s:\n" + "\n".join(shown))
+        time.sleep(0.1)
 
 
 def invite(founder: Device, address: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import nacl.signing
@@ -17,7 +16,7 @@ from backer.protocol.announce import MAX_ADDRESSES, Announcement
 from backer.protocol.invite import InviteToken
 from backer.protocol.session import MAX_ANNOUNCEMENTS, Session
 from backer.protocol.wire import Addresses, ProtocolError
-from tests.e2e import Device, free_port, invite
+from tests.e2e import Device, free_port, invite, wait_until
 from tests.helpers import Links, make_devices, pump, sync, syncing
 from tests.netns import in_ns, namespaces, needs_netns, subnet_of
 
@@ -287,10 +286,7 @@ def test_running_nodes_that_never_met_connect_through_a_member_that_met_both(
     nodes = [device.start(ports[device]) for device in (a, b, c)]  # c knows b alone
     try:
         between = [f"(127.0.0.1:{ports[c]}, dialled)", f"(127.0.0.1:{ports[a]}, dialled)"]
-        deadline = time.monotonic() + 20
-        while not (between[0] in nodes[0].log or between[1] in nodes[2].log):
-            assert time.monotonic() < deadline, nodes[0].log + nodes[2].log
-            time.sleep(0.1)
+        wait_until(lambda: between[0] in nodes[0].log or between[1] in nodes[2].log, nodes)
     finally:
         for node in nodes:
             node.stop()

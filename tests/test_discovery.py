@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from backer.discover.lan import (
     seal,
     unseal,
 )
-from tests.e2e import Device, Node, invite
+from tests.e2e import Device, Node, invite, wait_until
 from tests.helpers import timing
 from tests.netns import in_ns, namespaces, needs_netns, subnet_of
 
@@ -295,7 +294,7 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
                 nodes.append(Node(device, 0, {}, "0.0.0.0:7654", tuple(in_ns(name))))
                 nodes[-1].wait_for("watching")
             (a.root / "found.txt").write_text("over the LAN")
-            _wait_until(lambda: (b.root / "found.txt").exists(), nodes)
+            wait_until(lambda: (b.root / "found.txt").exists(), nodes)
             assert (b.root / "found.txt").read_text() == "over the LAN"
             nodes[1].stop()
             nodes[0].wait_for("attempt 5 failed", timeout=60)
@@ -311,10 +310,3 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
             for node in nodes:
                 node.stop()
     assert nodes[0].log.count(f"heard on the LAN at {subnet}.2") >= 2, nodes[0].log
-
-
-def _wait_until(done: Callable[[], bool], nodes: list[Node], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "\n".join(node.log for node in nodes)
-        time.sleep(0.1)

@@ -41,7 +41,10 @@ def converged(devices: list[Device], timeout: float = WAIT_S) -> dict[str, tuple
                 for path in view
                 if any(other.get(path) != view[path] for other in views)
             }
-            raise AssertionError(f"not converged after {timeout} s: {sorted(differing)}")
+            logs = "\n".join(
+                f"--- {n.device.root.name}:\n{n.log}" for d in devices for n in d.nodes
+            )
+            raise AssertionError(f"not converged after {timeout} s: {sorted(differing)}\n{logs}")
         time.sleep(0.1)
 
 
