@@ -16,6 +16,7 @@ import pytest
 
 from backer.api.access import KEY_FILE, WEB_FILE
 from tests.e2e import Device, Node, free_port, invite
+from tests.helpers import timing
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 Json = Any
@@ -276,6 +277,7 @@ def test_the_api_key_is_private_and_the_ui_address_is_withdrawn_at_stop(lone) ->
     assert result.returncode == 1 and "start 'backer run' first" in result.stderr
 
 
+@timing
 def test_a_node_with_an_open_event_stream_still_stops_cleanly_at_once(lone) -> None:
     _, node, api = lone
     stream = api.stream()
@@ -326,6 +328,7 @@ def wait_for_file(path: Path, text: str, timeout: float = 20) -> None:
         time.sleep(0.02)
 
 
+@timing
 def test_a_change_on_another_device_is_on_the_event_stream_within_1_s_of_being_applied(
     pair,
 ) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from backer.scanner.walk import look
 from tests.e2e import Device, forwarder, free_port, invite
+from tests.helpers import timing
 
 
 def recorded(device: Device, path: str) -> bool:
@@ -51,6 +52,7 @@ def test_a_one_shot_sync_scans_once_before_dialing_and_not_as_each_session_opens
     assert recorded(b, "late-1.txt") and recorded(b, "late-2.txt")
 
 
+@timing
 def test_joining_into_a_large_folder_finishes_within_the_inviters_handshake_deadline(
     tmp_path: Path,
 ) -> None:
