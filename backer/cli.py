@@ -36,6 +36,7 @@ from backer.connections.addresses import AddressBook, advertised, loopback_only
 from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
+from backer.model import entropy, revisions
 from backer.model import repair as repair_mod
 from backer.model import verify as verify_mod
 from backer.model.membership import checked_name, host_name
@@ -235,7 +236,14 @@ def _print_scan(report: dict[str, Any], as_json: bool, share: Share | None = Non
 def _node_answer(root: Path, request: dict[str, Any]) -> Any:
     """What the node serving the share at ``root`` (``backer run``) answers to
     ``request``: the value its reply holds under the op's name."""
-    key = {"scan": "scan", "status": "status", "sync": "sync", "rename": "renamed"}[request["op"]]
+    key = {
+        "scan": "scan",
+        "status": "status",
+        "sync": "sync",
+        "rename": "renamed",
+        "restore": "revised",
+        "resolve": "revised",
+    }[request["op"]]
     for reply in control.request(root, request):
         if key in reply:
             return reply[key]
@@ -547,6 +555,71 @@ def history(path: str, directory: str, as_json: bool) -> None:
         )
 
 
+def _user_key(share: Share, path: str) -> str:
+    """A user-given path as the share path recorded for it ("" for the share's top)."""
+    key = _share_path(share, path)
+    return _recorded_path(share, key) if key else ""
+
+
+def _device_name(share: Share, device: bytes) -> str:
+    """The name of the member whose key starts with ``device`` (a version's writer)."""
+    return next((n for k, n in share.members.names.items() if k[:8] == device), "?")
+
+
+def _contender_json(share: Share, contender: revisions.Contender) -> dict[str, Any]:
+    return {
+        "version": contender.version_id,
+        "device": short_id(contender.version.device),
+        "device_name": _device_name(share, contender.version.device),
+        "copy": contender.copy_path,
+        **commands.version_json(contender.version),
+    }
+
+
+@cli.command()
+@share_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def conflicts(directory: str, as_json: bool) -> None:
+    """List every conflict: the path, then each competing version (device, time, size)
+    and where its conflict copy is; the first holds the path now."""
+    with _open(directory, exclusive=False) as share:
+        found = revisions.conflicts(share.catalog)
+        rows = [
+            {"path": c.path, "versions": [_contender_json(share, v) for v in c.contenders]}
+            for c in found
+        ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        _say("no conflicts")
+    for row in rows:
+        _say(row["path"])
+        for v in row["versions"]:
+            where = f"copy {v['copy']}" if v["copy"] else "holds the path"
+            _say(
+                f"  {v['version']}  {v['time']}  {v['device']} {v['device_name']}  "
+                f"{v['size']} bytes  {where}"
+            )
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--keep", "keep", metavar="VERSION", help="Keep this version (see 'conflicts').")
+@click.option("--keep-both", is_flag=True, help="Keep every copy as an ordinary file.")
+@click.option("--keep-newest", is_flag=True, help="Keep the version modified last.")
+@share_option
+def resolve(
+    path: str, keep: str | None, keep_both: bool, keep_newest: bool, directory: str
+) -> None:
+    """Resolve the conflict at PATH: the kept version holds PATH on every device and the
+    conflict copies go away everywhere (the other versions stay in 'history')."""
+    if (keep is not None) + keep_both + keep_newest != 1:
+        raise BackerError("give one of --keep VERSION, --keep-both, --keep-newest")
+    request = {"op": "resolve", "keep": keep, "keep_both": keep_both}
+    sys.exit(_revise(directory, path, request))
+
+
 @cli.command()
 @click.argument("path")
 @click.option("--version", "version_id", help="The version to bring back (an id from 'history').")
@@ -554,36 +627,118 @@ def history(path: str, directory: str, as_json: bool) -> None:
     "--at",
     "at_text",
     metavar="WHEN",
-    help="The version that was current at WHEN: 'YYYY-MM-DD[ HH:MM[:SS]]' (UTC) or an "
-    "age such as 2h.",
+    help="PATH (a file or a folder) as it was at WHEN: 'YYYY-MM-DD[ HH:MM[:SS]]' (UTC) or "
+    "an age such as 2h.",
+)
+@click.option(
+    "--to",
+    "dest",
+    metavar="DEST",
+    help="Restore there instead: a path in the share (recorded), or outside it (written only).",
+)
+@click.option(
+    "--from",
+    "source",
+    metavar="HOST:PORT",
+    help="Fetch bytes this device no longer holds from this device of the share.",
 )
 @share_option
-def restore(path: str, version_id: str | None, at_text: str | None, directory: str) -> None:
-    """Bring back an earlier version of PATH (see 'history'). It becomes a new version,
-    so every device gets it; what PATH holds now is kept in .backer/versions/."""
+def restore(
+    path: str,
+    version_id: str | None,
+    at_text: str | None,
+    dest: str | None,
+    source: str | None,
+    directory: str,
+) -> None:
+    """Bring back a version of PATH, deleted or not, or a whole folder as it was: as new
+    versions, so every device gets them and the restore itself can be undone (what PATH
+    holds now is kept). Bytes this device lacks come from a connected device (through
+    'backer run') or from --from HOST:PORT."""
     if (version_id is None) == (at_text is None):
         raise BackerError("give either --version or --at")
-    with _open(directory) as share:
-        key = _recorded_path(share, _share_path(share, path))
-        entries = share.catalog.history(key)
-        if version_id is not None:
-            chosen = next((e for e in entries if e.version_id == version_id), None)
-            if chosen is None:
-                raise BackerError(f"no version {version_id} of {key!r}")
+    if source is not None:
+        parse_address(source)
+    at_ms = _parse_time(at_text, "--at") if at_text is not None else None
+    request = {"op": "restore", "version": version_id, "at": at_ms, "source": source}
+    if dest is not None:
+        request["to"] = os.path.abspath(dest)
+    sys.exit(_revise(directory, path, request))
+
+
+@cli.command("ls")
+@click.argument("path", default=".")
+@click.option(
+    "--at",
+    "at_text",
+    metavar="WHEN",
+    help="As it was at WHEN: 'YYYY-MM-DD[ HH:MM[:SS]]' (UTC) or an age such as 2h.",
+)
+@share_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ls(path: str, at_text: str | None, directory: str, as_json: bool) -> None:
+    """List the folder PATH (default: the current one) as recorded now, or as it was at
+    WHEN (deleted entries included): kind, size, time, version id, name."""
+    with _open(directory, exclusive=False) as share:
+        key = _user_key(share, path)
+        at_ms = _parse_time(at_text, "--at") if at_text else entropy.now_ms()
+        revisions.check_moment(share, at_ms)
+        entries = revisions.listing(share.catalog, key, at_ms)
+    rows = [
+        {"path": e.path, "version": e.version_id, **commands.version_json(e.version)}
+        for e in entries
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row, entry in zip(rows, entries, strict=True):
+        name = entry.path.rpartition("/")[2] + ("/" if entry.version.kind == Kind.DIRECTORY else "")
+        _say(f"{row['time']}  {row['version']}  {entry.version.size:>12}  {name}")
+
+
+def _revise(directory: str, path: str, request: dict[str, Any]) -> int:
+    """Run a ``restore`` or ``resolve`` here, or ask the node serving the share."""
+    try:
+        share = _open(directory)
+    except ShareBusy as busy:
+        with Share.open(busy.root, load_or_create_key(), exclusive=False, home=home()) as seen:
+            request["path"] = _user_key(seen, path)
+        if request.get("source"):
+            raise BackerError(f"{busy}: it fetches from the devices it is connected to") from None
+        reply = _node_answer(busy.root, request)
+        _say(reply["said"])
+        for line in _problem_lines(_reported_problems(reply)):
+            _say(line, err=True)
+        return EXIT_FILES_FAILED if reply["problems"] else 0
+    with share:
+        request["path"] = _user_key(share, path)
+        share.scan(paths=commands.revision_scope(share, request))
+        if request["op"] == "resolve":
+            keep, both = request["keep"], request["keep_both"]
+            _say(revisions.resolve_conflict(share, request["path"], keep, both))
         else:
-            at_ms = _parse_time(at_text or "", "--at")
-            earlier = [e for e in entries if e.version.time_ms <= at_ms]
-            if not earlier:
-                raise BackerError(f"{key!r} has no version from before {_when(at_ms)}")
-            chosen = max(earlier, key=lambda e: (e.version.time_ms, e.position))
-        report = share.restore(key, chosen.version_id)
-        if report.kept_local_edits:
-            raise BackerError(f"{key!r} changed while it was being restored; nothing replaced")
-        if not report.errors:
-            when = _when(chosen.version.time_ms)
-            _say(f"restored {key} to version {chosen.version_id} of {when}")
-        status = _report_problems(share)
-    sys.exit(status)
+            plan, outside, fetched = commands.restore_plan(share, request)
+            if fetched is not None:
+                try:
+                    _fetch_from(share, fetched, request["source"], plan.summary)
+                except BaseException:
+                    fetched.close()
+                    raise
+            _say(commands.finish_restore(share, plan, outside, fetched))
+        return _report_problems(share)
+
+
+def _fetch_from(share: Share, fetched: revisions.Fetched, source: str | None, what: str) -> None:
+    """Fetch what ``fetched`` wants from the device at ``source`` (a one-shot sync)."""
+    if source is None:
+        raise BackerError(
+            f"the bytes of {what} are not on this device: give --from HOST:PORT of a device "
+            "that has them, or let 'backer run' fetch them from the devices it is connected to"
+        )
+    hub = transport.Hub(share, _name())
+    hub.replicator.retrieve(fetched)
+    opening = functools.partial(transport.tcp_streams, *parse_address(source))
+    _results(asyncio.run(_sync_over(hub, [opening])), [source])
 
 
 # -- replication commands ------------------------------------------------------------------

@@ -240,15 +240,15 @@ def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_curre
     (root / name).unlink()
     run_cli("scan", cwd=root)
     latest = run_cli("restore", name, "--at", "2999-01-01", cwd=root, check=False)
-    assert latest.returncode == 1 and "is its deletion" in latest.stderr
+    assert latest.returncode == 1 and "did not exist at 2999-01-01" in latest.stderr
     run_cli("restore", name, "--version", second["version"], cwd=root)  # from versions/
     assert (root / name).read_text() == "second draft, regretted\n"
     (root / "copy.txt").write_text("edited too\n")
     (root / name).write_text("third\n")
     run_cli("scan", cwd=root)
     gone = run_cli("restore", typed, "--version", first["version"], cwd=root, check=False)
-    assert gone.returncode == 1 and "no longer on this device" in gone.stderr
+    assert gone.returncode == 1 and "are not on this device: give --from" in gone.stderr
     too_early = run_cli("restore", name, "--at", "2000-01-01", cwd=root, check=False)
-    assert too_early.returncode == 1 and "no version from before" in too_early.stderr
+    assert too_early.returncode == 1 and "the share did not exist yet" in too_early.stderr
     neither = run_cli("restore", name, cwd=root, check=False)
     assert neither.returncode == 1 and "--version or --at" in neither.stderr

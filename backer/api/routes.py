@@ -2,7 +2,7 @@
 
 Every view reads or acts on the node's shares in the node's own event loop, through
 the same functions as the control channel and the CLI (``backer.node.commands``,
-``Share.restore``); a share is named in the URL by its registered name.
+``backer.model.revisions``); a share is named in the URL by its registered name.
 """
 
 from __future__ import annotations
@@ -189,18 +189,14 @@ async def restore(request: web.Request) -> web.Response:
     path, version = _path(request, body), str(body.get("version", ""))
     if not any(e.version_id == version for e in runtime.share.catalog.history(path)):
         raise _fail(web.HTTPNotFound, f"no version {version!r} of {path!r}")
-    async with runtime.scanning:  # (restore scans first: not beside another scan)
-        try:
-            report = runtime.share.restore(path, version)
-        except BackerError as exc:
-            raise _fail(web.HTTPConflict, str(exc)) from exc
-    runtime.hub.journal_grew()
-    if not (report.kept_local_edits or report.errors):
-        runtime.publish(EventType.LOCAL_CHANGE, change="restored", **paths([path]))
-    if report.kept_local_edits:
-        raise _fail(web.HTTPConflict, f"{path!r} changed while it was being restored")
-    if report.errors:
-        raise _fail(web.HTTPInternalServerError, report.errors[0].reason)
+    request_ = {"op": "restore", "path": path, "version": version}
+    try:  # (the same code as 'backer restore': scans first, fetches what is missing)
+        revised = await commands.node_revise(runtime, request_)
+    except BackerError as exc:
+        raise _fail(web.HTTPConflict, str(exc)) from exc
+    if revised["problems"]:
+        raise _fail(web.HTTPInternalServerError, revised["problems"][0]["reason"])
+    runtime.publish(EventType.LOCAL_CHANGE, change="restored", **paths([path]))
     return web.json_response({"restored": path, "version": version})
 
 

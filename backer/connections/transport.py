@@ -358,9 +358,10 @@ class Hub:
                     if now - streams.spoke >= limits.keepalive_s:
                         channel.send(Ping().encode())
                         _write(streams, channel.data_to_send())
-                    timeout = max(
-                        min(heard + limits.idle_s, streams.spoke + limits.keepalive_s) - now, 0
-                    ) + 0.01
+                    timeout = (
+                        max(min(heard + limits.idle_s, streams.spoke + limits.keepalive_s) - now, 0)
+                        + 0.01
+                    )
                 delivered = streams.sent - unsent()  # taken by the kernel: the peer reads
                 if delivered > last_delivered or not unsent():
                     last_delivered, draining = delivered, now

@@ -294,6 +294,37 @@ class Catalog:
         )
         return [p for (p,) in rows]
 
+    def live_containing(self, text: str) -> Iterator[tuple[str, str, Version]]:
+        """Live ``(path, vid, version)`` whose path contains ``text`` (conflict copies)."""
+        rows = self.conn.execute(
+            "SELECT path, vid, record FROM live WHERE instr(path, ?) > 0 ORDER BY path", (text,)
+        )
+        for path, vid, record in rows:
+            yield path, vid, Version.decode(record)
+
+    def located(self, version_ids: Iterable[str]) -> dict[str, tuple[str, Version]]:
+        """The path and record of each known version among ``version_ids``."""
+        wanted, found = list(version_ids), {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            marks = ",".join("?" * len(part))
+            query = f"SELECT vid, path, record FROM versions WHERE vid IN ({marks})"
+            rows = self.conn.execute(query, part)
+            found.update((vid, (path, Version.decode(record))) for vid, path, record in rows)
+        return found
+
+    def versions_under(self, top: str) -> Iterator[tuple[str, str, Version]]:
+        """Every version ever recorded at ``top`` or below it ("": the whole share)."""
+        select = "SELECT path, vid, record FROM versions"
+        if top:  # 'a/' < every 'a/...' < 'a0' ('0' follows '/')
+            rows = self.conn.execute(
+                f"{select} WHERE path = ? OR (path > ? AND path < ?)", (top, top + "/", top + "0")
+            )
+        else:
+            rows = self.conn.execute(select)
+        for path, vid, record in rows:
+            yield path, vid, Version.decode(record)
+
     def versions_at(self, position: int) -> list[tuple[str, str, Version]]:
         rows = self.conn.execute(
             "SELECT path, vid, record FROM versions WHERE position = ? ORDER BY path", (position,)
@@ -595,19 +626,17 @@ class Catalog:
     # -- totals ----------------------------------------------------------------------
 
     def totals(self) -> dict[str, int]:
-        """Counts of live entries by kind, bytes of live files, and conflicted paths."""
+        """Counts of live entries by kind, and bytes of live files."""
         counts = {kind: 0 for kind in Kind}
         total_bytes = 0
         for _, _, version in self.all_live():
             counts[version.kind] += 1
             if version.kind == Kind.FILE:
                 total_bytes += version.size
-        conflicts = len(self.conflicted_paths())
         return {
             "files": counts[Kind.FILE],
             "directories": counts[Kind.DIRECTORY],
             "symlinks": counts[Kind.SYMLINK],
             "deleted": counts[Kind.DELETED],
             "bytes": total_bytes,
-            "conflicts": conflicts,
         }

@@ -73,4 +73,3 @@ def check_name(name: str) -> str:
     if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise BadPath(f"name is not portable: {name!r}")
     return name
-

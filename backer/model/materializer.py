@@ -92,7 +92,7 @@ def _signature(version: Version) -> tuple[Kind, bytes, int]:
     return version.kind, version.content, version.permissions
 
 
-def _precedence(item: tuple[str, Version]) -> tuple[bool, int, int, bytes, str]:
+def precedence(item: tuple[str, Version]) -> tuple[bool, int, int, bytes, str]:
     """Which of two concurrent versions keeps the path: a directory over a file, then the
     later modification time on the writer's disk (the edit made last, as Syncthing
     decides — not whichever device happened to scan last), then the later record time,
@@ -117,15 +117,15 @@ def resolve(path: str, live: dict[str, Version]) -> Resolution:
         result.drop = sorted(live)[1:]
         return result
     result.drop = sorted(vid for vid, v in live.items() if v.kind == Kind.DELETED)
-    winner_id, winner = max(existing.items(), key=_precedence)
+    winner_id, winner = max(existing.items(), key=precedence)
     groups: dict[tuple[Kind, bytes, int], list[tuple[str, Version]]] = {}
     for item in existing.items():
         groups.setdefault(_signature(item[1]), []).append(item)
-    for signature, members in sorted(groups.items(), key=lambda g: max(map(_precedence, g[1]))):
+    for signature, members in sorted(groups.items(), key=lambda g: max(map(precedence, g[1]))):
         result.drop.extend(sorted(vid for vid, _ in members if vid != winner_id))
         if signature == _signature(winner):
             continue
-        loser_id, loser = max(members, key=_precedence)
+        loser_id, loser = max(members, key=precedence)
         result.copies.append(_conflict_copy(path, loser_id, loser))
     return result
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from blake3 import blake3
 
@@ -49,6 +49,17 @@ MAX_CHUNKS_IN_FLIGHT = 4096  # per peer, however small the chunks (a peer queues
 MANIFESTS_IN_FLIGHT = 2000  # session.MAX_OWED requests of ours)
 WINDOW_FILES = 5_000
 WINDOW_BYTES = 1024 * 1024 * 1024
+
+
+class ChunkSink(Protocol):
+    """Where chunks fetched outside the plan go (the bytes of an old version to restore,
+    see :class:`backer.model.revisions.Fetched`)."""
+
+    wanted: dict[bytes, int]  # hash -> length, still to arrive
+
+    def place(self, chunk_hash: bytes, data: bytes) -> None: ...
+
+    def unavailable(self, chunk_hash: bytes) -> None: ...
 
 
 @dataclass
@@ -85,10 +96,14 @@ class Replicator:
         self.awaited = 0  # peers being dialled that have not caught us up yet: plan after them
         self.disk_full: DiskFull | None = None  # why the last plan stopped or left files
         self.short_of_room = 0  # out (the disk), and how many bytes more those files need
+        self.sinks: list[ChunkSink] = []  # chunks wanted outside the plan (a restore)
+        self.sink_queue: deque[bytes] = deque()
+        self.sink_asked: dict[bytes, Session] = {}
+        self.sink_lacking: dict[bytes, set[Session]] = {}
 
     @property
     def idle(self) -> bool:
-        return self.operations is None and not self.dirty
+        return self.operations is None and not self.dirty and not self.sinks
 
     def attach(self, session: Session) -> None:
         self.sessions.append(session)
@@ -106,6 +121,10 @@ class Replicator:
                 del table[key]
                 self.lacking.setdefault(key, set()).add(session)
                 queue.appendleft(key)
+        for key in [k for k, asker in self.sink_asked.items() if asker is session]:
+            del self.sink_asked[key]
+            self.sink_lacking.setdefault(key, set()).add(session)
+            self.sink_queue.appendleft(key)
         session.chunks_in_flight = session.manifests_in_flight = session.bytes_in_flight = 0
         session.waiting_since = None
         self.advance()
@@ -132,8 +151,71 @@ class Replicator:
     def _fetchers(self) -> list[Session]:
         return [s for s in self.sessions if s.peer_caught_up]
 
+    def retrieve(self, sink: ChunkSink) -> None:
+        """Fetch ``sink.wanted`` from the caught-up peers, outside the plan: each chunk is
+        asked of one peer after another until one has it (``sink.place``) or every
+        connected peer lacked it (``sink.unavailable``). The sink is dropped once
+        nothing it wants is outstanding."""
+        self.sinks.append(sink)
+        self.sink_queue.extend(sink.wanted)
+        self._request_for_sinks()
+
+    def _request_for_sinks(self) -> None:
+        batches: dict[Session, list[bytes]] = {}
+        fetchers = self._fetchers()
+        while self.sink_queue and fetchers:
+            chunk_hash = self.sink_queue.popleft()
+            wanting = [s for s in self.sinks if chunk_hash in s.wanted]
+            if not wanting or chunk_hash in self.sink_asked:
+                continue
+            lacking = self.sink_lacking.get(chunk_hash, set())
+            session = min(
+                (s for s in fetchers if s not in lacking),
+                key=lambda s: s.bytes_in_flight,
+                default=None,
+            )
+            if session is None:
+                for sink in wanting:
+                    sink.unavailable(chunk_hash)
+                continue
+            self.sink_asked[chunk_hash] = session
+            session.bytes_in_flight += wanting[0].wanted[chunk_hash]
+            session.chunks_in_flight += 1
+            self._asked(session)
+            batch = batches.setdefault(session, [])
+            batch.append(chunk_hash)
+            if len(batch) == CHUNKS_PER_REQUEST:
+                session.outbox.append(WantChunks(batch))
+                batches[session] = []
+        for session, batch in batches.items():
+            if batch:
+                session.outbox.append(WantChunks(batch))
+        self.sinks = [s for s in self.sinks if s.wanted]
+
+    def _sink_chunk(self, session: Session, chunk_hash: bytes, data: bytes) -> None:
+        """A chunk asked for a sink arrived (empty: that peer lacks it)."""
+        del self.sink_asked[chunk_hash]
+        wanting = [s for s in self.sinks if chunk_hash in s.wanted]
+        length = wanting[0].wanted[chunk_hash] if wanting else len(data)
+        session.bytes_in_flight -= length
+        session.chunks_in_flight -= 1
+        self._answered(session)
+        if blake3(data).digest() == chunk_hash and len(data) == length:
+            for sink in wanting:
+                sink.place(chunk_hash, data)
+            session.stats.chunk_bytes_received += len(data)
+            session.stats.chunks_fetched += 1
+        elif data:
+            raise ProtocolError("a chunk does not match its hash")
+        else:
+            self.sink_lacking.setdefault(chunk_hash, set()).add(session)
+            self.sink_queue.appendleft(chunk_hash)
+        self._request_for_sinks()
+
     def advance(self) -> None:
         """Move the materialization forward as far as it can go without waiting."""
+        if self.sinks:
+            self._request_for_sinks()
         try:
             self._advance()
         except DiskFull as problem:
@@ -385,6 +467,11 @@ class Replicator:
         self.share.catalog.put_received_manifest(manifest)
 
     def chunk_arrived(self, session: Session, chunk_hash: bytes, data: bytes) -> None:
+        if self.chunks_asked.get(chunk_hash) is not session and (
+            self.sink_asked.get(chunk_hash) is session
+        ):
+            self._sink_chunk(session, chunk_hash, data)
+            return
         if self.chunks_asked.get(chunk_hash) is not session:
             raise ProtocolError("a chunk we did not ask for")
         del self.chunks_asked[chunk_hash]

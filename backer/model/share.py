@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import functools
 import os
@@ -34,8 +33,6 @@ from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR, is_valid
 from backer.model import entropy, membership
 from backer.model.materializer import (
-    Materializer,
-    Operation,
     Report,
     copy_version_id,
     is_copy_of,
@@ -72,7 +69,6 @@ from backer.model.state import (
     parse_update,
 )
 from backer.progress import ProgressCallback
-from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import Manifest
 from backer.scanner.ignore import IgnoreRules
 from backer.scanner.walk import (
@@ -1135,42 +1131,6 @@ class Share:
         earlier = [p.path for _, p, _ in self.catalog.problems("scan") if under_any(p.path, tops)]
         return self._note_problems("scan", found.errors, resolved=earlier)
 
-    def restore(self, path: str, version_id: str) -> Report:
-        """Make an earlier version of ``path`` current again: a new version with its
-        content, superseding what this disk holds (scanned first), written here the way
-        a received version is (the replaced contents kept in ``.backer/versions/``) and
-        sent to every device by the journal. Only content this device still holds."""
-        if self.own_events_missing:
-            raise BackerError(self.behind_itself)
-        old = self.catalog.version(version_id)
-        if old is None:
-            raise BackerError(f"no version {version_id} of {path!r} in this share")
-        if old.kind == Kind.DELETED:
-            raise BackerError(f"version {version_id} of {path!r} is its deletion")
-        self.scan()  # what the disk holds now is recorded first: the restore replaces it
-        local = self.catalog.local_entries([path]).get(path)
-        current = self.catalog.version(local.version_id) if local is not None else None
-        if current is not None and _same_content(current, old):
-            raise BackerError(f"{path!r} already holds that version's content")
-        store = ChunkStore(self.root, self.catalog)
-        if old.kind == Kind.FILE:
-            manifest = self.catalog.manifest(old.content)
-            if manifest is None or any(store.read(c.hash) is None for c in manifest.chunks):
-                raise BackerError(
-                    f"the content of version {version_id} is no longer on this device "
-                    "(sync with a device that kept it, then try again)"
-                )
-        version = dataclasses.replace(
-            old, device=self.device[:8], time_ms=entropy.now_ms(), supersedes=_based_on(local)
-        )
-        restored = self.commit([(path, version)])[path]
-        assembly = Materializer(self.root, self.catalog, store).start(
-            [Operation(path, restored, version)]
-        )
-        report = assembly.finish()
-        self.note_applied(report)
-        return report
-
     def note_planned(self, paths: set[str]) -> None:
         """A path that failed to apply and is no longer in the plan needs nothing any
         more (deleted or superseded elsewhere, or now as the state says): resolved."""
@@ -1309,10 +1269,6 @@ def _check_event(event: Event) -> None:
     low, high = _PAYLOAD_BYTES.get(kind, (0, MAX_PAYLOAD))
     if not low <= len(event.payload) <= high:
         raise BadUpdate(f"a {kind.name.lower()} event of {len(event.payload)} bytes")
-
-
-def _same_content(a: Version, b: Version) -> bool:
-    return (a.kind, a.content, a.permissions) == (b.kind, b.content, b.permissions)
 
 
 def _based_on(cached: LocalEntry | None) -> tuple[str, ...]:

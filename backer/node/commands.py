@@ -2,7 +2,8 @@
 and the reports (``--json`` dicts) the CLI prints, built in one place for both.
 
 Ops (one JSON object per request; every reply may be ``{"error": "one line"}``):
-``scan``, ``status``, ``sync``, ``invite``, ``remove``, ``rename`` (docs/architecture.md).
+``scan``, ``status``, ``sync``, ``invite``, ``remove``, ``rename``, ``restore``,
+``resolve`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backer.config.identity import device_id, parse_device_id
@@ -17,17 +19,20 @@ from backer.connections import control
 from backer.connections.addresses import format_address
 from backer.db.catalog import Problem
 from backer.errors import BackerError
+from backer.model import revisions
 from backer.model.membership import EventKind
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
 from backer.model.share import ScanSummary, Share
 from backer.protocol.invite import InviteToken, parse_address
 from backer.protocol.session import Session, WireStats
+from backer.scanner.chunks import ChunkStore
 
 if TYPE_CHECKING:
     from backer.node.node import Node, Runtime
 
 SYNC_WAIT_S = 120.0  # a node's ``sync`` gives up on a peer that has not caught up by then
+FETCH_WAIT_S = 120.0  # a node's ``restore`` gives up on bytes that have not arrived by then
 
 
 def problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
@@ -82,6 +87,7 @@ def status_report(share: Share) -> dict[str, Any]:
         "share_id": share.share_id.hex(),
         "device": device_id(share.device),
         **share.catalog.totals(),
+        "conflicts": len(revisions.conflicts(share.catalog)),
         "devices": [
             {"id": device_id(key), "name": name} for key, name in share.members.active.items()
         ],
@@ -125,6 +131,53 @@ def sync_report(sessions: list[Session], replicator: Replicator) -> dict[str, An
     report["per_peer"] = [sync_summary([s]) for s in sessions] if len(sessions) > 1 else []
     report["problems"] = problems_json(replicator.share.problems.values())
     return report
+
+
+def revision_scope(share: Share, request: dict[str, Any]) -> list[str]:
+    """The paths a ``restore`` or ``resolve`` request replaces: scanned before it."""
+    paths = [str(request["path"])]
+    conflict = None
+    if request["op"] == "resolve":
+        conflict = revisions.find_conflict(share.catalog, paths[0])
+        paths = [conflict.path, *(c.copy_path for c in conflict.contenders if c.copy_path)]
+    elif request.get("to") and revisions.outside_target(share, request["to"]) is None:
+        paths.append(revisions.inside_target(share, request["to"]))
+    return paths
+
+
+def restore_plan(
+    share: Share, request: dict[str, Any]
+) -> tuple[revisions.RestorePlan, Path | None, revisions.Fetched | None]:
+    """The plan of a ``restore`` request (after the scan of :func:`revision_scope`),
+    where it goes outside the share if it does, and, when some of its bytes are not on
+    this device, the :class:`~backer.model.revisions.Fetched` to fill from peers."""
+    path, to = str(request["path"]), request.get("to")
+    outside = revisions.outside_target(share, to) if to else None
+    inside = revisions.inside_target(share, to) if to and outside is None else None
+    at = request.get("at")
+    plan = revisions.plan_restore(
+        share, path, request.get("version"), None if at is None else int(at), inside
+    )
+    store = ChunkStore(share.root, share.catalog)
+    missing = revisions.missing_chunks(share.catalog, store, [e.version for e in plan.entries])
+    return plan, outside, revisions.Fetched(share, missing) if missing else None
+
+
+def finish_restore(
+    share: Share,
+    plan: revisions.RestorePlan,
+    outside: Path | None,
+    fetched: revisions.Fetched | None,
+) -> str:
+    """Carry out a restore once what was missing was fetched (if anything was)."""
+    try:
+        if fetched is not None and (fetched.wanted or fetched.lacking):
+            raise revisions.unreachable(plan.summary)
+        store = fetched or ChunkStore(share.root, share.catalog)
+        return revisions.carry_out(share, plan, store, outside)
+    finally:
+        if fetched is not None:
+            fetched.close()
 
 
 def find_device(share: Share, text: str) -> bytes:
@@ -210,6 +263,8 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
                 runtime.hub.journal_grew()
                 name = runtime.share.members.names[device]
                 yield {"renamed": f"{device_id(device)} {name}"}
+            elif op in ("restore", "resolve"):
+                yield {"revised": await node_revise(runtime, request)}
             else:
                 yield {"error": f"unknown request {op!r}"}
         except (BackerError, KeyError, TypeError, ValueError) as exc:
@@ -313,6 +368,46 @@ async def node_sync(runtime: Runtime, addresses: list[str]) -> dict[str, Any]:
     report = sync_report(sessions, runtime.hub.replicator)
     report["failed"] = [{"address": a, "reason": e} for a, e in failed.items()]
     return report
+
+
+async def node_revise(runtime: Runtime, request: dict[str, Any]) -> dict[str, Any]:
+    """``restore`` or ``resolve`` by the node: the paths scanned first, bytes this
+    device lacks fetched from the connected peers, the new versions pushed to them."""
+    share = runtime.share
+    await runtime.scan(frozenset(revision_scope(share, request)))
+    if request["op"] == "resolve":
+        said = revisions.resolve_conflict(
+            share, str(request["path"]), request.get("keep"), bool(request.get("keep_both"))
+        )
+    else:
+        plan, outside, fetched = restore_plan(share, request)
+        if fetched is not None:
+            try:
+                await _fetch(runtime, fetched)
+            except BaseException:
+                fetched.close()
+                raise
+        said = finish_restore(share, plan, outside, fetched)
+    runtime.hub.journal_grew()
+    problems = problems_json(p for p in share.problems.values() if not p.warning)
+    return {"said": said, "problems": problems}
+
+
+async def _fetch(runtime: Runtime, fetched: revisions.Fetched) -> None:
+    """Ask the connected peers for what ``fetched`` wants, until it has it all, every
+    peer lacked some of it, or FETCH_WAIT_S passed."""
+    replicator = runtime.hub.replicator
+    if not any(s.peer_caught_up for s in replicator.sessions):
+        return  # (finish_restore says that no reachable device has them)
+    replicator.retrieve(fetched)
+    runtime.hub.flush()
+    deadline = time.monotonic() + FETCH_WAIT_S * runtime.node.scale
+    while fetched.wanted and time.monotonic() < deadline:
+        if not any(s.peer_caught_up for s in replicator.sessions):
+            break
+        await asyncio.sleep(0.05)
+    if fetched in replicator.sinks:
+        replicator.sinks.remove(fetched)
 
 
 async def node_invite(

@@ -1,0 +1,194 @@
+"""The revisions engine (backer/model/revisions.py) on real shares and in-memory sessions:
+conflicts and their resolution, a folder as it was, restore plans, bytes fetched from
+a peer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from backer.errors import BackerError
+from backer.model import revisions
+from backer.model.records import Kind
+from backer.model.share import Share
+from backer.node import commands
+from backer.protocol.session import Session
+from backer.scanner.chunks import ChunkStore
+from tests.helpers import make_devices, pump, sync
+
+
+def _moment(share: Share) -> int:
+    """A time after everything recorded so far, before anything recorded next."""
+    latest = max(v.time_ms for _, _, v in share.catalog.versions_under(""))
+    time.sleep(0.01)
+    return latest
+
+
+def _conflicted(tmp_path: Path) -> tuple[Share, Share]:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "notes.txt").write_text("first\n")
+    sync(a, b)
+    (a.root / "notes.txt").write_text("a's edit\n")
+    (b.root / "notes.txt").write_text("b's longer edit\n")
+    sync(a, b)
+    sync(a, b)
+    return a, b
+
+
+def test_conflicts_lists_each_copy_under_the_path_its_version_was_written_at(
+    tmp_path: Path,
+) -> None:
+    a, b = _conflicted(tmp_path)
+    for share in (a, b):
+        (conflict,) = revisions.conflicts(share.catalog)
+        assert conflict.path == "notes.txt"
+        held, copied = conflict.contenders
+        assert held.copy_path is None and copied.copy_path is not None
+        assert (share.root / copied.copy_path).read_bytes() in (b"a's edit\n", b"b's longer edit\n")
+        assert share.catalog.conflicted_paths() == []  # (the old count said 0 here)
+        assert commands.status_report(share)["conflicts"] == 1
+
+
+def test_resolving_with_a_losing_version_writes_it_at_the_path_and_removes_the_copy(
+    tmp_path: Path,
+) -> None:
+    a, b = _conflicted(tmp_path)
+    (conflict,) = revisions.conflicts(a.catalog)
+    loser = conflict.contenders[1]
+    said = revisions.resolve_conflict(a, "notes.txt", keep=loser.version_id[:6])
+    assert said == f"resolved notes.txt: kept version {loser.version_id}, 1 copies removed"
+    text = (a.root / "notes.txt").read_bytes()
+    assert not (a.root / str(loser.copy_path)).exists()
+    sync(a, b)
+    for share in (a, b):
+        assert revisions.conflicts(share.catalog) == []
+        assert (share.root / "notes.txt").read_bytes() == text
+        assert sorted(os.listdir(share.root)) == [".backer", "notes.txt"]
+        assert loser.version_id in {e.version_id for e in share.catalog.history("notes.txt")}
+
+
+def test_keep_both_makes_each_copy_an_ordinary_file_without_rewriting_it(tmp_path: Path) -> None:
+    a, b = _conflicted(tmp_path)
+    (conflict,) = revisions.conflicts(a.catalog)
+    copy = a.root / str(conflict.contenders[1].copy_path)
+    inode = copy.stat().st_ino
+    revisions.resolve_conflict(a, "notes.txt", keep_both=True)
+    assert copy.stat().st_ino == inode  # taken over as it is
+    sync(a, b)
+    assert revisions.conflicts(a.catalog) == revisions.conflicts(b.catalog) == []
+    assert (b.root / copy.name).read_bytes() == copy.read_bytes()
+
+
+def test_keep_newest_and_bad_choices(tmp_path: Path) -> None:
+    a, _ = _conflicted(tmp_path)
+    (conflict,) = revisions.conflicts(a.catalog)
+    with pytest.raises(BackerError, match="is not one of the versions of"):
+        revisions.resolve_conflict(a, "notes.txt", keep="nothing")
+    with pytest.raises(BackerError, match="no conflict at 'other"):
+        revisions.resolve_conflict(a, "other.txt")
+    newest = max(conflict.contenders, key=lambda c: c.version.mtime_ns)
+    revisions.resolve_conflict(a, str(conflict.contenders[1].copy_path))  # by its copy
+    assert a.catalog.live_versions("notes.txt")[
+        next(iter(a.catalog.live_versions("notes.txt")))
+    ].same_content(newest.version)
+
+
+def test_a_folder_as_it_was_and_its_restore_deleting_what_was_made_since(share: Share) -> None:
+    (share.root / "album").mkdir()
+    for name in ("one.jpg", "two.jpg"):
+        (share.root / "album" / name).write_bytes(os.urandom(5000))
+    share.scan()
+    moment = _moment(share)
+    (share.root / "album" / "two.jpg").write_bytes(b"edited")
+    (share.root / "album" / "three.jpg").write_bytes(b"made since")
+    (share.root / "album" / "one.jpg").unlink()
+    share.scan()
+    listed = revisions.listing(share.catalog, "album", moment)
+    assert [e.path for e in listed] == ["album/one.jpg", "album/two.jpg"]
+    assert revisions.listing(share.catalog, "", moment)[0].version.kind == Kind.DIRECTORY
+    with pytest.raises(BackerError, match="did not exist"):
+        revisions.plan_restore(share, "album/three.jpg", at_ms=moment)
+    plan = revisions.plan_restore(share, "album", at_ms=moment)
+    assert [(p, v.kind) for p, v in plan.writes] == [
+        ("album/one.jpg", Kind.FILE),
+        ("album/two.jpg", Kind.FILE),
+        ("album/three.jpg", Kind.DELETED),
+    ]
+    store = ChunkStore(share.root, share.catalog)
+    missing = revisions.missing_chunks(share.catalog, store, [v for _, v in plan.writes])
+    assert sum(missing.values()) == 10_000  # a scan keeps no copy of what it replaced
+
+
+def test_restore_records_new_versions_so_it_can_be_undone(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "album").mkdir()
+    (a.root / "album" / "one.jpg").write_bytes(os.urandom(5000))
+    sync(a, b)
+    moment = _moment(a)
+    (a.root / "album" / "one.jpg").unlink()
+    (a.root / "album" / "new.jpg").write_bytes(b"new")
+    sync(a, b)  # b keeps one.jpg's bytes as it deletes it
+    plan = revisions.plan_restore(b, "album", at_ms=moment)
+    before_restore = _moment(b)
+    said = revisions.carry_out(b, plan, ChunkStore(b.root, b.catalog), None)
+    assert said.endswith("(1 written, 1 deleted)")
+    assert sorted(os.listdir(b.root / "album")) == ["one.jpg"]
+    sync(a, b)
+    assert sorted(os.listdir(a.root / "album")) == ["one.jpg"]
+    undo = revisions.plan_restore(b, "album", at_ms=before_restore)
+    assert {p for p, _ in undo.writes} == {"album/one.jpg", "album/new.jpg"}
+
+
+def test_a_version_restored_elsewhere_in_the_share_or_outside_it(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "doc.txt").write_text("one\n")
+    sync(a, b)
+    first = b.catalog.history("doc.txt")[0].version_id
+    (a.root / "doc.txt").write_text("two\n")
+    sync(a, b)
+    store = ChunkStore(b.root, b.catalog)
+    inside = revisions.plan_restore(b, "doc.txt", version_id=first, dest="old/doc.txt")
+    revisions.carry_out(b, inside, store, None)
+    assert (b.root / "old" / "doc.txt").read_text() == "one\n"
+    outside = tmp_path / "exported"
+    outside.mkdir()
+    plan = revisions.plan_restore(b, "doc.txt", version_id=first)
+    said = revisions.carry_out(b, plan, store, outside)
+    assert said.startswith("wrote 1 entries") and (outside / "doc.txt").read_text() == "one\n"
+    with pytest.raises(BackerError, match="already exists; nothing there is replaced"):
+        revisions.carry_out(b, plan, store, outside)
+    assert [p.name for p in outside.iterdir()] == ["doc.txt"]  # no temp file left
+
+
+def test_bytes_only_a_peer_holds_are_fetched_through_the_replicator(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)  # b has joined: its scans record from now on
+    original = os.urandom(20_000)
+    (b.root / "doc.txt").write_bytes(original)
+    sync(a, b)
+    old = b.catalog.history("doc.txt")[0]
+    (b.root / "doc.txt").write_bytes(b"replaced")
+    sync(a, b)  # a keeps the old bytes; b, which replaced them, does not
+    shutil.rmtree(b.root / ".backer" / "versions", ignore_errors=True)
+    plan = revisions.plan_restore(b, "doc.txt", version_id=old.version_id)
+    missing = revisions.missing_chunks(b.catalog, ChunkStore(b.root, b.catalog), [old.version])
+    assert sum(missing.values()) == 20_000
+    fetched = revisions.Fetched(b, {**missing, b"\x01" * 32: 100})  # and one nobody has
+    left, right = Session(a, "a"), Session(b, "b")
+    right.replicator.retrieve(fetched)
+    pump(left, right)
+    assert fetched.wanted == {} and fetched.lacking == {b"\x01" * 32}
+    assert right.stats.chunk_bytes_received == 20_000
+    with pytest.raises(BackerError, match="are on no reachable device"):
+        commands.finish_restore(b, plan, None, fetched)
+    fetched = revisions.Fetched(b, missing)
+    left, right = Session(a, "a"), Session(b, "b")
+    right.replicator.retrieve(fetched)
+    pump(left, right)
+    commands.finish_restore(b, plan, None, fetched)
+    assert (b.root / "doc.txt").read_bytes() == original
+    assert not fetched.path.exists()
