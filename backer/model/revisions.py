@@ -142,8 +142,8 @@ def resolve_conflict(
             ids = ", ".join(c.version_id for c in contenders)
             raise BackerError(f"{keep!r} is not one of the versions of {conflict.path!r}: {ids}")
         chosen = matching[0]
-    if chosen.copy_path is not None:
-        holding = tuple(sorted(share.catalog.live_versions(conflict.path)))
+    holding = tuple(sorted(share.catalog.live_versions(conflict.path)))
+    if chosen.copy_path is not None or len(holding) > 1:  # (not yet planned: no copies)
         writes.append((conflict.path, _mine(share, chosen.version, holding)))
     for c in contenders:
         if c.copy_path is not None and c.copy_id is not None:
@@ -493,7 +493,10 @@ class Fetched(ChunkStore):
         for chunk_hash, length in wanted.items():
             self.offsets[chunk_hash] = (offset, length)
             offset += length
-        self.path = share.root / METADATA_DIR / f"fetched-{secrets.token_hex(8)}.tmp"
+        metadata = share.root / METADATA_DIR
+        for leftover in metadata.glob("fetched-*.tmp"):  # a crash's: we hold the share's lock
+            leftover.unlink(missing_ok=True)
+        self.path = metadata / f"fetched-{secrets.token_hex(8)}.tmp"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
 
     @property
