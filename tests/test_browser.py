@@ -78,6 +78,11 @@ def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clickin
             expect(page.locator("#pause")).to_have_text("Pause", timeout=5_000)
             expect(other).to_have_count(1, timeout=20_000)  # back, and in sync again
 
+            # an invite, with its QR code
+            page.locator("#invite").click()
+            expect(page.locator("#qr svg")).to_be_visible(timeout=5_000)
+            assert page.locator("#token").input_value().strip()
+
             page.screenshot(path=str(ARTIFACTS / "web-1280.png"), full_page=True)
             page.set_viewport_size({"width": 375, "height": 800})
             time.sleep(0.3)

@@ -4,7 +4,9 @@ access rules, and the event stream (latency, resuming with Last-Event-ID)."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from backer.api.access import KEY_FILE, WEB_FILE
+from backer.protocol.invite import InviteToken
 from tests.e2e import Device, Node, free_port, invite
 from tests.helpers import timing
 
@@ -288,6 +291,25 @@ def test_a_node_with_an_open_event_stream_still_stops_cleanly_at_once(lone) -> N
     stream.close()
 
 
+FINDER = ["1111111", "1000001", "1011101", "1011101", "1011101", "1000001", "1111111"]
+
+
+def test_an_invite_comes_with_its_qr_code_for_a_phone(lone) -> None:
+    _, _, api = lone
+    status, answer, _ = api.call("POST", "/api/shares/solo/invite", {"expires": 600})
+    assert status == 200
+    token, rows = answer["token"], answer["qr"]
+    side = len(rows)
+    assert all(len(row) == side for row in rows) and (side - 17) % 4 == 0  # a QR version
+    corners = [(0, 0), (0, side - 7), (side - 7, 0)]  # the three finder patterns
+    for top, left in corners:
+        assert [row[left : left + 7] for row in rows[top : top + 7]] == FINDER
+    assert side * side >= len(token) * 8 // 2  # room for the token (M: about half is data)
+    share_id = api.call("GET", "/api/shares/solo")[1]["share_id"]
+    assert InviteToken.decode(token).share_id.hex() == share_id
+    assert api.call("POST", "/api/shares/solo/invite", {"expires": -1})[0] == 400
+
+
 def test_serving_the_ui_beyond_loopback_needs_a_password(tmp_path: Path) -> None:
     device = Device(tmp_path, "open")
     device.root.mkdir()
@@ -392,5 +414,32 @@ def test_pause_closes_the_session_and_resume_brings_what_changed_meanwhile(pair)
         stream.until("resumed")
         stream.until("device-connected")
         wait_for_file(b.root / "while-paused.txt", "later")
+    finally:
+        stream.close()
+
+
+def test_transfer_progress_is_published_while_a_file_arrives_at_most_twice_a_second(
+    pair,
+) -> None:
+    a, b, api = pair
+    stream = api.stream()
+    try:
+        size = 96 << 20
+        outside = a.root.parent / "big.bin"
+        outside.write_bytes(os.urandom(size))
+        outside.rename(a.root / "big.bin")  # (whole: no partial version on the way)
+        progress = []
+        for event, _ in stream:
+            if event["type"] == "transfer-progress":
+                progress.append(event)
+            if event["type"] == "remote-applied" and "big.bin" in event["paths"]:
+                break
+        assert progress, "no transfer-progress event during a 96 MiB transfer"
+        assert all(0 <= e["bytes_done"] <= e["bytes_total"] for e in progress)
+        assert all(e["rate"] >= 0 for e in progress)
+        times = [e["time_ms"] for e in progress if e["share"] == "b"]
+        assert all(later - earlier >= 400 for earlier, later in itertools.pairwise(times))
+        assert (b.root / "big.bin").stat().st_size == size
+        print(f"{len(progress)} progress events; rates {[e['rate'] for e in progress]}")
     finally:
         stream.close()

@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import segno
 from aiohttp import web
 
 from backer.config.identity import device_id
@@ -233,7 +234,14 @@ async def invite(request: web.Request) -> web.Response:
         raise _fail(web.HTTPBadRequest, str(exc)) from exc
     finally:
         await replies.aclose()
-    return web.json_response({"token": token})
+    return web.json_response({"token": token, "qr": qr_rows(token)})
+
+
+def qr_rows(text: str) -> list[str]:
+    """``text`` as a QR code (error correction M, no quiet zone): one string of 0 and 1
+    per row, 1 dark; the page draws it (so no image crosses the CSP)."""
+    matrix = segno.make(text, error="m", micro=False).matrix
+    return ["".join("1" if module else "0" for module in row) for row in matrix]
 
 
 def _ignore_text(runtime: Runtime) -> str:

@@ -362,12 +362,14 @@ class Runtime:
             now = replicator.progress() if replicator.operations is not None else None
             if now is not None and now != last:
                 done, total, got, wanted = now
+                fetched = got - last[2] if last is not None and got >= last[2] else 0
                 self.publish(
                     EventType.TRANSFER_PROGRESS,
                     files_done=done,
                     files_total=total,
                     bytes_done=got,
                     bytes_total=wanted,
+                    rate=round(fetched / PROGRESS_INTERVAL_S),
                 )
             last = now
 

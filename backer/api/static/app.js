@@ -91,6 +91,7 @@ function renderShare() {
   } else {
     badge.textContent = others.length ? "offline" : "only this device"; badge.className = "badge";
   }
+  if (!share.paused && others.some((d) => d.connected && !d.in_sync)) refreshSoon(2000);
   const ordered = [...share.devices].sort((a, b) => b.this - a.this);
   $("devices").replaceChildren(...ordered.map(deviceItem));
 }
@@ -254,12 +255,13 @@ function addToFeed(event) {
 }
 
 let refreshTimer = null;
-function refreshSoon() {
+function refreshSoon(delay = 150) {
+  // (while a device catches up, its state changes without an event: look again soon)
   clearTimeout(refreshTimer);
   refreshTimer = setTimeout(() => {
     loadShares().then(loadFiles).catch((e) => notice(e.message));
     if (state.selected) openHistory(state.selected).catch(() => {});
-  }, 150);
+  }, delay);
 }
 
 function showProgress(event) {
@@ -267,7 +269,8 @@ function showProgress(event) {
   $("transfer").hidden = !busy;
   $("transfer-bar").max = Math.max(event.bytes_total, 1);
   $("transfer-bar").value = event.bytes_done;
-  $("transfer-text").textContent = `${event.files_done} of ${event.files_total} files, ${size(event.bytes_done)} of ${size(event.bytes_total)}`;
+  const rate = event.rate ? `, ${size(event.rate)}/s` : "";
+  $("transfer-text").textContent = `${event.files_done} of ${event.files_total} files, ${size(event.bytes_done)} of ${size(event.bytes_total)}${rate}`;
 }
 
 function listen() {
@@ -289,6 +292,24 @@ function listen() {
 }
 
 // -- actions ----------------------------------------------------------------------------
+
+function qrCode(rows) {
+  // one path of unit squares, with the 4-module quiet zone a reader needs
+  const svgNS = "http://www.w3.org/2000/svg";
+  const size = rows.length + 8;
+  const svg = document.createElementNS(svgNS, "svg");
+  svg.setAttribute("viewBox", `0 0 ${size} ${size}`);
+  svg.setAttribute("shape-rendering", "crispEdges");
+  let d = "";
+  rows.forEach((row, y) => {
+    for (let x = 0; x < row.length; x += 1) if (row[x] === "1") d += `M${x + 4},${y + 4}h1v1h-1z`;
+  });
+  const path = document.createElementNS(svgNS, "path");
+  path.setAttribute("d", d);
+  path.setAttribute("fill", "#000");
+  svg.append(path);
+  return svg;
+}
 
 async function act(path, done) {
   try {
@@ -319,6 +340,7 @@ async function start() {
   $("rescan").addEventListener("click", () => act("scan"));
   $("invite").addEventListener("click", () => act("invite", (answer) => {
     $("token").value = answer.token;
+    $("qr").replaceChildren(qrCode(answer.qr));
     $("invitation").hidden = false;
   }));
   $("copy").addEventListener("click", async () => {
