@@ -5,6 +5,7 @@ a peer."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -192,3 +193,22 @@ def test_bytes_only_a_peer_holds_are_fetched_through_the_replicator(tmp_path: Pa
     commands.finish_restore(b, plan, None, fetched)
     assert (b.root / "doc.txt").read_bytes() == original
     assert not fetched.path.exists()
+
+
+def test_a_destination_through_a_link_is_refused_before_anything_is_recorded(
+    share: Share, tmp_path: Path
+) -> None:
+    (share.root / "doc.txt").write_text("one\n")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.symlink(outside, share.root / "out")  # a link in the share, to a folder outside
+    os.symlink(share.root, tmp_path / "back")  # a link outside, into the share
+    share.scan()
+    events = share.journal.count()
+    for dest, said in (
+        (share.root / "out" / "doc.txt", "is not a directory (links are not followed)"),
+        (tmp_path / "back" / "doc.txt", "leads into the share through a link"),
+    ):
+        with pytest.raises(BackerError, match=re.escape(said)):
+            commands.restore_plan(share, {"path": "doc.txt", "at": _moment(share), "to": str(dest)})
+    assert share.journal.count() == events and os.listdir(outside) == []

@@ -457,22 +457,38 @@ def _write_file(share: Share, version: Version, target: Path, store: ChunkStore)
 
 
 def outside_target(share: Share, dest: str) -> Path | None:
-    """``dest`` as a place outside the share (None if it is inside: a share path)."""
+    """``dest`` as a place outside the share (None if it is inside: a share path);
+    refused if a link on its way leads back into the share."""
     absolute = Path(os.path.abspath(dest))
     try:
         absolute.relative_to(share.root)
     except ValueError:
-        return absolute
+        existing = absolute
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            Path(os.path.realpath(existing)).relative_to(os.path.realpath(share.root))
+        except ValueError:
+            return absolute
+        raise BackerError(f"{dest} leads into the share through a link") from None
     return None
 
 
 def inside_target(share: Share, dest: str) -> str:
-    """``dest`` (inside the share) as a share path, refused if it is in ``.backer``."""
+    """``dest`` (inside the share) as a share path, refused if it is in ``.backer`` or
+    if anything above it is not a real directory (a link in the share is never
+    followed: the restore would be recorded where no device can write it)."""
     relative = Path(os.path.abspath(dest)).relative_to(share.root).as_posix()
     try:
-        return check(relative) if relative != "." else ""
+        path = check(relative) if relative != "." else ""
     except BadPath as exc:
         raise BackerError(f"{dest}: {exc}") from exc
+    parts = path.split("/")
+    for depth in range(1, len(parts)):
+        parent = share.root.joinpath(*parts[:depth])
+        if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+            raise BackerError(f"{dest}: {parent} is not a directory (links are not followed)")
+    return path
 
 
 # -- bytes fetched from peers -------------------------------------------------------------
