@@ -355,6 +355,8 @@ def status(directory: str, as_json: bool) -> None:
             f"quarantined event {held['seq']} of {held['author'][:7]} (never applied, "
             f"not relayed): {held['reason']}"
         )
+    for reuse in report["invites_used_twice"]:
+        _say(_invite_reuse_line(reuse["invite"], reuse["devices"]))
     _say(f"last scan {report['last_scan'] or 'never'}")
     problems = _reported_problems(report)
     _say(f"problems  {len(problems)}")
@@ -363,6 +365,14 @@ def status(directory: str, as_json: bool) -> None:
     _say(f"devices   {len(report['devices'])}")
     for device in report["devices"]:
         _say(_device_line(device))
+
+
+def _invite_reuse_line(invite: str, devices: list[str]) -> str:
+    return (
+        f"warning: invite {invite[:8]} admitted {len(devices)} devices: "
+        f"{', '.join(devices)} (two devices that were out of touch each let one join "
+        "with the same token): remove any that is not yours with 'backer device remove'"
+    )
 
 
 def _device_line(device: dict[str, Any]) -> str:
@@ -793,7 +803,10 @@ def _print_sync(report: dict[str, Any], as_json: bool, share: Share | None = Non
 def _warn_of_forks(share: Share) -> None:
     """A device that signed two different histories (a copied device key, or a device
     misbehaving) is said at every sync, not only by ``status``: its diverging events
-    are refused, so what it writes no longer reaches this device."""
+    are refused, so what it writes no longer reaches this device. So is an invite that
+    admitted two devices (one of them may be a stranger that saw the token)."""
+    for invite, devices in share.invites_used_twice().items():
+        _say("backer: " + _invite_reuse_line(invite.hex(), list(map(device_id, devices))), err=True)
     authors = {fork.author for fork in share.journal.forks()}
     for author in sorted(authors):
         name = share.members.names.get(author, "")

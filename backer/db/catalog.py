@@ -483,6 +483,11 @@ class Catalog:
             (key, name, added_by, seq),
         )
 
+    def admissions(self) -> list[tuple[bytes, bytes, int]]:
+        """(device, admitting device, seq of its event) of every member, oldest first."""
+        query = "SELECT key, added_by, added_seq FROM members ORDER BY rowid"
+        return [(key, by, seq) for key, by, seq in self.conn.execute(query)]
+
     def remove_member(self, key: bytes, kept: int, removed_by: bytes, seq: int) -> None:
         self.conn.execute(
             "UPDATE members SET kept = ?, removed_by = ?, removed_seq = ? WHERE key = ?",

@@ -58,6 +58,14 @@ def member_payload(device_key: bytes, device_name: str, invite_id: bytes = NO_IN
     return device_key + invite_id + device_name.encode("utf-8")
 
 
+def admission_invite(event: Event) -> bytes | None:
+    """The invite a MEMBER_ADD event says its device joined with (None: none)."""
+    if event.kind != EventKind.MEMBER_ADD:
+        return None
+    invite_id = event.payload[32 : 32 + INVITE_ID_BYTES]
+    return invite_id if len(invite_id) == INVITE_ID_BYTES and invite_id != NO_INVITE else None
+
+
 def rename_payload(device_key: bytes, device_name: str) -> bytes:
     return device_key + device_name.encode("utf-8")
 

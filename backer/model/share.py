@@ -416,6 +416,21 @@ class Share:
             return None
         return psk
 
+    def invites_used_twice(self) -> dict[bytes, list[bytes]]:
+        """Invites that admitted more than one device still a member: invite id -> those
+        devices, oldest admission first. Each device enforces single use atomically,
+        but two members out of touch can each admit a joiner with the same token; once
+        both admissions have reached a device, it shows them here (docs/security.md)."""
+        admitted: dict[bytes, list[bytes]] = {}
+        for device, author, seq in self.catalog.admissions():
+            if device in self.members.removed:
+                continue
+            for event in self.journal.events(author, seq, seq + 1):
+                invite_id = membership.admission_invite(event)
+                if invite_id is not None:
+                    admitted.setdefault(invite_id, []).append(device)
+        return {invite: devices for invite, devices in admitted.items() if len(devices) > 1}
+
     def invite_outcome(self, invite_id: bytes) -> bytes | None:
         """The device that used an invite; None while it is still valid and unused;
         raise once it expired or was revoked."""

@@ -97,6 +97,10 @@ def status_report(share: Share) -> dict[str, Any]:
             {"author": device_id(author), "seq": seq, "reason": reason}
             for author, seq, reason in share.journal.quarantined()
         ],
+        "invites_used_twice": [
+            {"invite": invite.hex(), "devices": [device_id(d) for d in devices]}
+            for invite, devices in share.invites_used_twice().items()
+        ],
         "last_scan": timestamp(last_scan) if last_scan else None,
         "problems": [
             {**problems_json([problem])[0], "during": source, "since": timestamp(since)}
