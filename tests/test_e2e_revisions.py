@@ -132,7 +132,10 @@ def test_restoring_a_folder_after_a_bulk_delete_of_1000_files_sends_no_file_byte
     out = _run(b, "restore", _at(b, "bulk"), "--at", moment).stdout
     assert "(1000 written, 1 deleted)" in out, out  # (bulk/ was made again)
     assert snapshot(b.root) == before
-    synced = c.sync(address)  # a fetches from b; c holds every chunk in its kept contents
+    pushed = b.sync(address)  # a, which deleted them itself, may fetch them from b
+    assert summary_number(pushed, "chunk bytes received") == 0, pushed
+    synced = c.sync(address)  # c kept every chunk when it applied the deletion
+    assert summary_number(synced, "files written") == 1000, synced
     assert summary_number(synced, "chunk bytes received") == 0, synced
     wire = summary_number(synced, "wire bytes received") + summary_number(synced, "sent", True)
     assert 0 < wire < 1000 * 8000 // 10, synced  # metadata of 1,000 versions, no contents
