@@ -7,8 +7,10 @@ import subprocess
 from pathlib import Path
 
 from tests.e2e import Device, forwarder, free_port, invite
+from tests.helpers import timing
 
 
+@timing  # c's node must record and pass on its news while b's messages are held back
 def test_a_sync_relaying_events_the_peer_got_first_from_a_third_device_completes(
     tmp_path: Path,
 ) -> None:
