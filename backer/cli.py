@@ -571,21 +571,6 @@ def _user_key(share: Share, path: str) -> str:
     return _recorded_path(share, key) if key else ""
 
 
-def _device_name(share: Share, device: bytes) -> str:
-    """The name of the member whose key starts with ``device`` (a version's writer)."""
-    return next((n for k, n in share.members.names.items() if k[:8] == device), "?")
-
-
-def _contender_json(share: Share, contender: revisions.Contender) -> dict[str, Any]:
-    return {
-        "version": contender.version_id,
-        "device": short_id(contender.version.device),
-        "device_name": _device_name(share, contender.version.device),
-        "copy": contender.copy_path,
-        **commands.version_json(contender.version),
-    }
-
-
 @cli.command()
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -593,11 +578,7 @@ def conflicts(directory: str, as_json: bool) -> None:
     """List every conflict: the path, then each competing version (device, time, size)
     and where its conflict copy is; the first holds the path now."""
     with _open(directory, exclusive=False) as share:
-        found = revisions.conflicts(share.catalog)
-        rows = [
-            {"path": c.path, "versions": [_contender_json(share, v) for v in c.contenders]}
-            for c in found
-        ]
+        rows = commands.conflicts_report(share)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

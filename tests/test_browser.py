@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e_api import pair, wait_for_file
+from tests.test_e2e_api import conflict_between, pair, wait_for_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(
@@ -77,6 +77,23 @@ def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clickin
             page.locator("#pause").click()
             expect(page.locator("#pause")).to_have_text("Pause", timeout=5_000)
             expect(other).to_have_count(1, timeout=20_000)  # back, and in sync again
+
+            # a conflict, resolved by clicking: a's version kept, on both disks
+            conflict_between(a, b, api)
+            versions = page.locator("#conflicts li[data-version]")
+            expect(versions).to_have_count(2, timeout=20_000)
+            page.screenshot(path=str(ARTIFACTS / "web-conflict-1280.png"), full_page=True)
+            ids = [versions.nth(n).get_attribute("data-version") for n in range(2)]
+            texts = {
+                v["version"]: (b.root / (v["copy"] or "plan.txt")).read_text()
+                for v in api.call("GET", "/api/shares/b/conflicts")[1][0]["versions"]
+            }
+            keep = next(i for i in ids if texts[i] == "from a\n")
+            page.locator(f'#conflicts li[data-version="{keep}"] button').click()
+            expect(page.locator("#conflicts-panel")).to_be_hidden(timeout=10_000)
+            wait_for_file(b.root / "plan.txt", "from a\n", timeout=10)
+            wait_for_file(a.root / "plan.txt", "from a\n", timeout=20)
+            assert not [p for p in b.root.iterdir() if "sync-conflict" in p.name]
 
             # an invite, with its QR code
             page.locator("#invite").click()

@@ -443,3 +443,54 @@ def test_transfer_progress_is_published_while_a_file_arrives_at_most_twice_a_sec
         print(f"{len(progress)} progress events; rates {[e['rate'] for e in progress]}")
     finally:
         stream.close()
+
+
+def conflict_between(a: Device, b: Device, api: Api) -> list[dict[str, Any]]:
+    """plan.txt written differently on a and on b while b is paused, each recorded
+    before b resumes: a conflict, as b's API lists it."""
+    assert api.call("POST", "/api/shares/b/pause")[0] == 200
+    (a.root / "plan.txt").write_text("from a\n")
+    (b.root / "plan.txt").write_text("from b\n")
+    a.run("scan", "--dir", str(a.root))  # (through a's node)
+    scan(api, "b")
+    assert api.call("POST", "/api/shares/b/resume")[0] == 200
+    deadline = time.monotonic() + 30
+    while not (found := api.call("GET", "/api/shares/b/conflicts")[1]):
+        assert time.monotonic() < deadline, "no conflict listed"
+        time.sleep(0.1)
+    return found
+
+
+def test_a_conflict_is_listed_and_resolved_by_keeping_one_version_everywhere(pair) -> None:
+    a, b, api = pair
+    stream = api.stream()
+    try:
+        (conflict,) = conflict_between(a, b, api)
+        assert conflict["path"] == "plan.txt" and len(conflict["versions"]) == 2
+        holder, copy = conflict["versions"]
+        assert holder["copy"] is None and copy["copy"].startswith("plan.sync-conflict-")
+        listing = api.call("GET", "/api/shares/b/files")[1]["entries"]
+        flagged = {e["path"] for e in listing if e["conflict"]}
+        assert flagged == {"plan.txt", copy["copy"]}
+        on_disk = {
+            v["version"]: (b.root / (v["copy"] or "plan.txt")).read_text()
+            for v in conflict["versions"]
+        }
+        keep = next(vid for vid, text in on_disk.items() if text == "from a\n")
+        status, answer, _ = api.call(
+            "POST", "/api/shares/b/resolve", {"path": "plan.txt", "keep": keep}
+        )
+        assert status == 200 and answer["resolved"] == "plan.txt", answer
+        event, _ = stream.until("conflict-resolved", path="plan.txt")
+        assert keep in event["said"]
+        assert api.call("GET", "/api/shares/b/conflicts")[1] == []
+        for device in (b, a):
+            wait_for_file(device.root / "plan.txt", "from a\n")
+            deadline = time.monotonic() + 20
+            while (device.root / copy["copy"]).exists():
+                assert time.monotonic() < deadline, f"the copy stays on {device.root.name}"
+                time.sleep(0.05)
+        status, answer, _ = api.call("POST", "/api/shares/b/resolve", {"path": "plan.txt"})
+        assert status == 409 and "no conflict" in answer["error"]
+    finally:
+        stream.close()

@@ -20,6 +20,7 @@ from aiohttp import web
 from backer.config.identity import device_id
 from backer.errors import BackerError
 from backer.events import Event, EventType, paths
+from backer.model import revisions
 from backer.model.records import Kind, new_version_id, timestamp
 from backer.node import commands
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules, temp_name
@@ -143,7 +144,8 @@ async def changes(request: web.Request) -> web.Response:
 @routes.get("/api/shares/{share}/files")
 async def files(request: web.Request) -> web.Response:
     """The entries of one directory (``path``; none: the top), each with its live
-    versions (more than one: a conflict); deleted paths are left out."""
+    versions, and whether it is part of a conflict (the path or one of its copies);
+    deleted paths are left out."""
     runtime = _runtime(request)
     directory = _path(request)
     entries: dict[str, dict[str, Any]] = {}
@@ -153,9 +155,12 @@ async def files(request: web.Request) -> web.Response:
             continue
         entry = entries.setdefault(path, {"name": name, "path": path, "versions": []})
         entry["versions"].append({"version": vid, **commands.version_json(version)})
+    conflicted = set()
+    for conflict in revisions.conflicts(runtime.share.catalog):
+        conflicted |= {conflict.path, *(c.copy_path for c in conflict.contenders)}
     for entry in entries.values():
         entry["kind"] = entry["versions"][0]["kind"]
-        entry["conflict"] = len(entry["versions"]) > 1
+        entry["conflict"] = entry["path"] in conflicted
     return web.json_response({"path": directory, "entries": list(entries.values())})
 
 
@@ -199,6 +204,30 @@ async def restore(request: web.Request) -> web.Response:
         raise _fail(web.HTTPInternalServerError, revised["problems"][0]["reason"])
     runtime.publish(EventType.LOCAL_CHANGE, change="restored", **paths([path]))
     return web.json_response({"restored": path, "version": version})
+
+
+@routes.get("/api/shares/{share}/conflicts")
+async def conflicts(request: web.Request) -> web.Response:
+    """Every conflict: its path and each competing version, the holder first."""
+    return web.json_response(commands.conflicts_report(_runtime(request).share))
+
+
+@routes.post("/api/shares/{share}/resolve")
+async def resolve(request: web.Request) -> web.Response:
+    """Resolve the conflict at ``path``: keep version ``keep`` (none: the newest), or
+    with ``keep_both`` every copy as an ordinary file (the same code as 'backer
+    resolve'); the losers stay in history."""
+    runtime = _runtime(request)
+    body = await _body(request)
+    path = _path(request, body)
+    ask = {"op": "resolve", "path": path, "keep": body.get("keep")}
+    ask["keep_both"] = bool(body.get("keep_both"))
+    try:
+        revised = await commands.node_revise(runtime, ask)
+    except BackerError as exc:
+        raise _fail(web.HTTPConflict, str(exc)) from exc
+    runtime.publish(EventType.CONFLICT_RESOLVED, path=path, said=revised["said"])
+    return web.json_response({"resolved": path, **revised})
 
 
 @routes.post("/api/shares/{share}/pause")

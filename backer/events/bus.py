@@ -31,7 +31,8 @@ class EventType(StrEnum):
     DEVICE_CONNECTED = "device-connected"
     DEVICE_DISCONNECTED = "device-disconnected"
     TRANSFER_PROGRESS = "transfer-progress"  # at most one per PROGRESS_INTERVAL_S
-    CONFLICT = "conflict"  # concurrent versions of a path were kept as conflict copies
+    CONFLICT_APPEARED = "conflict-appeared"  # concurrent versions kept as conflict copies
+    CONFLICT_RESOLVED = "conflict-resolved"  # someone chose (here: the API's resolve)
     SCAN_STARTED = "scan-started"
     SCAN_FINISHED = "scan-finished"
     PAUSED = "paused"

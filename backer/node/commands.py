@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backer.config.identity import device_id, parse_device_id
+from backer.config.identity import device_id, parse_device_id, short_id
 from backer.connections import control
 from backer.connections.addresses import format_address
 from backer.db.catalog import Problem
@@ -64,6 +64,28 @@ def version_json(version: Version) -> dict[str, Any]:
         "time": timestamp(version.time_ms),
         "supersedes": list(version.supersedes),
     }
+
+
+def conflicts_report(share: Share) -> list[dict[str, Any]]:
+    """What ``backer conflicts --json`` prints (and the HTTP API answers): per conflict,
+    its path and each competing version, the one holding the path first."""
+    names = {key[:8]: name for key, name in share.members.names.items()}
+    return [
+        {
+            "path": conflict.path,
+            "versions": [
+                {
+                    "version": c.version_id,
+                    "device": short_id(c.version.device),
+                    "device_name": names.get(c.version.device, "?"),
+                    "copy": c.copy_path,
+                    **version_json(c.version),
+                }
+                for c in conflict.contenders
+            ],
+        }
+        for conflict in revisions.conflicts(share.catalog)
+    ]
 
 
 def scan_report(share: Share, summary: ScanSummary) -> dict[str, Any]:

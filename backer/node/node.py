@@ -212,7 +212,7 @@ class Runtime:
         conflicts = self.hub.replicator.stats.conflicts_resolved - self.conflicts_logged
         self.conflicts_logged += conflicts
         if conflicts:
-            self.publish(EventType.CONFLICT, count=conflicts)
+            self.publish(EventType.CONFLICT_APPEARED, count=conflicts)
         for change, names in (("written", report.written), ("deleted", report.deleted)):
             if names:
                 self.publish(EventType.REMOTE_APPLIED, change=change, **paths(names))

@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 const FEED_MAX = 200;
 const EVENT_TYPES = [
   "local-change", "remote-applied", "device-connected", "device-disconnected",
-  "transfer-progress", "conflict", "scan-started", "scan-finished", "paused", "resumed",
+  "transfer-progress", "conflict-appeared", "conflict-resolved", "scan-started", "scan-finished", "paused", "resumed",
   "error", "missed",
 ];
 
@@ -217,6 +217,55 @@ function versionItem(path, version) {
   return item;
 }
 
+// -- conflicts --------------------------------------------------------------------------
+
+async function loadConflicts() {
+  if (!state.share) return;
+  const found = await api(`${sharePath(state.share)}/conflicts`);
+  $("conflicts").replaceChildren(...found.map(conflictItem));
+  $("conflicts-panel").hidden = !found.length;
+}
+
+function conflictItem(conflict) {
+  const item = el("li");
+  item.dataset.path = conflict.path;
+  const title = el("div", null, "conflict-path");
+  title.append(el("span", conflict.path));
+  const both = el("button", "Keep all");
+  both.type = "button";
+  both.addEventListener("click", () => resolve(both, { path: conflict.path, keep_both: true }));
+  title.append(both);
+  item.append(title);
+  const list = el("ul", null, "contenders");
+  for (const version of conflict.versions) {
+    const row = el("li");
+    row.dataset.version = version.version;
+    const where = version.copy ? `copy: ${version.copy}` : "in place";
+    const what = version.kind === "file" ? size(version.size) : version.kind;
+    row.append(el("span", `${version.time} · ${what} · ${version.device_name} (${version.device}) · ${where}`, "meta"));
+    const keep = el("button", "Keep this", "primary");
+    keep.type = "button";
+    keep.addEventListener("click", () => resolve(keep, { path: conflict.path, keep: version.version }));
+    row.append(keep);
+    list.append(row);
+  }
+  item.append(list);
+  return item;
+}
+
+async function resolve(button, choice) {
+  button.disabled = true;
+  try {
+    await api(`${sharePath(state.share)}/resolve`, { method: "POST", body: JSON.stringify(choice) });
+    notice("");
+    await loadConflicts();
+    await loadFiles();
+  } catch (error) {
+    notice(`Could not resolve: ${error.message}`);
+    button.disabled = false;
+  }
+}
+
 // -- live activity ----------------------------------------------------------------------
 
 function who(event) {
@@ -225,14 +274,16 @@ function who(event) {
 }
 
 function describe(event) {
-  const paths = (event.paths || []).join(", ");
-  const more = event.count > (event.paths || []).length ? ` (+${event.count - event.paths.length} more)` : "";
+  const named = event.paths || [];
+  const paths = named.join(", ");
+  const more = named.length && event.count > named.length ? ` (+${event.count - named.length} more)` : "";
   switch (event.type) {
     case "local-change": return `Recorded here: ${event.change} ${paths}${more}`;
     case "remote-applied": return `From another device: ${event.change} ${paths}${more}`;
     case "device-connected": return `Connected: ${who(event)}`;
     case "device-disconnected": return `Disconnected: ${who(event)}: ${event.reason}`;
-    case "conflict": return `${event.count} conflict(s): both versions kept, the other as a conflict copy`;
+    case "conflict-appeared": return `${event.count} conflict(s): every version kept, the others as conflict copies`;
+    case "conflict-resolved": return `Conflict resolved: ${event.path}`;
     case "paused": return "Paused: no exchange with other devices";
     case "resumed": return "Resumed";
     case "error": return `${event.warning ? "Warning" : "Problem"}: ${event.path ? `${event.path}: ` : ""}${event.reason}`;
@@ -259,7 +310,7 @@ function refreshSoon(delay = 150) {
   // (while a device catches up, its state changes without an event: look again soon)
   clearTimeout(refreshTimer);
   refreshTimer = setTimeout(() => {
-    loadShares().then(loadFiles).catch((e) => notice(e.message));
+    loadShares().then(loadFiles).then(loadConflicts).catch((e) => notice(e.message));
     if (state.selected) openHistory(state.selected).catch(() => {});
   }, delay);
 }
@@ -327,6 +378,7 @@ async function start() {
     state.csrf = (await api("/api/session")).csrf;
     await loadShares();
     await loadFiles();
+    await loadConflicts();
   } catch (error) {
     notice(`${error.message}`);
   }
@@ -334,6 +386,7 @@ async function start() {
   $("share").addEventListener("change", () => {
     state.share = $("share").value;
     openDir("");
+    loadConflicts().catch((e) => notice(e.message));
     renderShare();
   });
   $("pause").addEventListener("click", () => act(current().paused ? "resume" : "pause"));
