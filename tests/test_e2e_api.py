@@ -447,7 +447,8 @@ def test_transfer_progress_is_published_while_a_file_arrives_at_most_twice_a_sec
 
 def conflict_between(a: Device, b: Device, api: Api) -> list[dict[str, Any]]:
     """plan.txt written differently on a and on b while b is paused, each recorded
-    before b resumes: a conflict, as b's API lists it."""
+    before b resumes: a conflict, as b's API lists it once both versions are on b's
+    disk (the copy is written after the conflict is recorded)."""
     assert api.call("POST", "/api/shares/b/pause")[0] == 200
     (a.root / "plan.txt").write_text("from a\n")
     (b.root / "plan.txt").write_text("from b\n")
@@ -455,10 +456,14 @@ def conflict_between(a: Device, b: Device, api: Api) -> list[dict[str, Any]]:
     scan(api, "b")
     assert api.call("POST", "/api/shares/b/resume")[0] == 200
     deadline = time.monotonic() + 30
-    while not (found := api.call("GET", "/api/shares/b/conflicts")[1]):
-        assert time.monotonic() < deadline, "no conflict listed"
+    while True:  # listed, and both versions written on b's disk
+        found = api.call("GET", "/api/shares/b/conflicts")[1]
+        places = [b.root / (v["copy"] or "plan.txt") for f in found for v in f["versions"]]
+        texts = {p.read_text() for p in places if p.exists()}
+        if len(places) == 2 and texts == {"from a\n", "from b\n"}:
+            return found
+        assert time.monotonic() < deadline, f"no conflict on b's disk: {found}"
         time.sleep(0.1)
-    return found
 
 
 def test_a_conflict_is_listed_and_resolved_by_keeping_one_version_everywhere(pair) -> None:
