@@ -475,6 +475,23 @@ class Catalog:
         )
         return [(row[0], row[1], row[2]) for row in rows]
 
+    def chunk_locations_of(
+        self, hashes: Iterable[bytes]
+    ) -> dict[bytes, list[tuple[str, int, int]]]:
+        """:meth:`chunk_locations` of many chunks at once (one query per 500, not one
+        per chunk: a large file has thousands)."""
+        wanted, found = sorted(set(hashes)), {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i : i + 500]
+            rows = self.conn.execute(
+                "SELECT hash, path, offset, length FROM chunks "
+                f"WHERE hash IN ({','.join('?' * len(part))})",
+                part,
+            )
+            for row in rows:
+                found.setdefault(row[0], []).append((row[1], row[2], row[3]))
+        return found
+
     # -- membership ------------------------------------------------------------------
 
     def add_member(self, key: bytes, name: str, added_by: bytes, seq: int) -> None:

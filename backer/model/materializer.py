@@ -34,7 +34,7 @@ import functools
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +45,8 @@ from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR, BadPath, check
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
-from backer.scanner.chunks import ChunkStore
-from backer.scanner.content import ChunkRef, Manifest, check_manifest
+from backer.scanner.chunks import ChunkStore, write_all
+from backer.scanner.content import MAX_CHUNK, ChunkRef, Manifest, check_manifest
 from backer.scanner.ignore import CONFLICT_MARK, IgnoreRules, temp_name
 from backer.scanner.walk import cache_entry, entry_key, stat_key_of
 
@@ -329,17 +329,6 @@ def _reported(path: str, report: Report) -> Iterator[None]:
         report.errors.append(Problem(path, str(exc)))
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    """``pwrite`` until every byte is written: a short write is continued, and the
-    error that usually follows it (ENOSPC, EIO) is raised."""
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        if written <= 0:
-            raise OSError(errno.EIO, "a write made no progress")
-        view, offset = view[written:], offset + written
-
-
 def _open_directory_at(parent: int, name: str) -> int:
     """The directory ``name`` under the descriptor ``parent``, made (0700) if missing;
     a link there is never followed (ELOOP or ENOTDIR)."""
@@ -356,7 +345,7 @@ def _create_internal(parent: int, name: str, data: bytes) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     fd = os.open(name, flags, 0o600, dir_fd=parent)
     try:
-        _write_all(fd, data, 0)
+        write_all(fd, data, 0)
     finally:
         os.close(fd)
 
@@ -367,22 +356,24 @@ def _fitted(name: str, suffix: str) -> str:
     return os.fsencode(name)[:room].decode("utf-8", "ignore") + suffix
 
 
-def verify(fd: int, manifest: Manifest) -> None:
+def verify(fd: int, manifest: Manifest, checked: Container[int] = ()) -> None:
     """Re-read a finished file and check every chunk's BLAKE3 against the manifest, so
-    that bytes a write lost or mangled never become a recorded version."""
+    that bytes a write lost or mangled never become a recorded version. The chunks at
+    offsets ``checked`` were already read back from this very file after they were
+    written (copied local chunks, see :meth:`ChunkStore.copy`): once is enough."""
     if os.fstat(fd).st_size != manifest.size:
         raise ValueError("the written file has the wrong size")
     for ref in manifest.chunks:
-        if not _holds(fd, ref):
+        if ref.offset not in checked and not _holds(fd, ref):
             raise ValueError("the written bytes do not match the version; not applied")
 
 
-def seal(temp: Path, manifest: Manifest, version: Version) -> None:
+def seal(temp: Path, manifest: Manifest, version: Version, checked: Container[int] = ()) -> None:
     """Verify a complete temp file (:func:`verify`), then give it the version's
     permissions and the writer's modification time (as ``rsync -a`` does)."""
     fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        verify(fd, manifest)
+        verify(fd, manifest, checked)
         os.fchmod(fd, version.permissions or 0o644)
         if version.mtime_ns:
             os.utime(fd, ns=(version.mtime_ns, version.mtime_ns))
@@ -461,14 +452,16 @@ class _Staged:
     target: Path
     missing: int = 0  # chunks still to arrive
     created: bool = False
+    checked: set[int] = field(default_factory=set)  # offsets read back and verified
 
     def open(self) -> int:
-        """A write descriptor on the temp file, which is created (0600, sized: a hole
-        where nothing is written) the first time; the version's permissions are set
-        once it is complete (:func:`seal`), so a read-only file can still be filled."""
+        """A descriptor on the temp file, which is created (0600, sized: a hole where
+        nothing is written) the first time; the version's permissions are set once it
+        is complete (:func:`seal`), so a read-only file can still be filled. It reads
+        too: copied chunks are read back and checked through it."""
         if self.created:
-            return os.open(self.temp, os.O_WRONLY | os.O_NOFOLLOW)
-        fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            return os.open(self.temp, os.O_RDWR | os.O_NOFOLLOW)
+        fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         self.created = True
         os.ftruncate(fd, self.op.version.size)
         return fd
@@ -490,7 +483,7 @@ class _Staged:
                 self.temp.unlink()
                 return set()
             self.created = True
-            return {ref.offset for ref in manifest.chunks if not is_zero(ref) and _holds(fd, ref)}
+            return {ref.offset for ref in data_chunks(manifest) if _holds(fd, ref)}
         finally:
             os.close(fd)
 
@@ -505,10 +498,21 @@ def _zero_hash(length: int) -> bytes:
     return blake3(bytes(length)).digest()
 
 
-def is_zero(ref: ChunkRef) -> bool:
-    """An all-zero chunk: never written nor fetched, the temp file's hole reads as it
-    (so sparse files stay sparse)."""
-    return ref.hash == _zero_hash(ref.length)
+def data_chunks(manifest: Manifest) -> list[ChunkRef]:
+    """The chunks that are not all zero. An all-zero chunk is never written nor fetched:
+    the temp file's hole reads as it (so sparse files stay sparse). FastCDC cuts a run
+    of zeros into MAX_CHUNK pieces (its rolling hash never matches over zeros), so only
+    those and the file's last chunk are compared with a hash of zeros: one hash per
+    length, where comparing every chunk hashed a buffer of zeros per chunk length
+    (nearly every chunk has its own). Any other chunk is taken as data: written, never
+    wrong."""
+    chunks = manifest.chunks
+    last = len(chunks) - 1
+    return [
+        ref
+        for index, ref in enumerate(chunks)
+        if not ((ref.length == MAX_CHUNK or index == last) and ref.hash == _zero_hash(ref.length))
+    ]
 
 
 class Assembly:
@@ -546,7 +550,7 @@ class Assembly:
                 if staged.op.path not in self.staged:
                     continue  # that file already failed
                 with _reported(staged.op.path, self.report), self._dropping(staged):
-                    _write_all(self._fd(staged), data, offset)
+                    write_all(self._fd(staged), data, offset)
                     staged.missing -= 1
                     self.waiting -= staged.missing == 0
             self.missing.pop(chunk_hash, None)
@@ -660,7 +664,7 @@ class Assembly:
                     manifest = materializer.catalog.manifest(op.version.content)
                     if manifest is None:
                         raise ValueError("manifest is missing")
-                    seal(staged.temp, manifest, op.version)
+                    seal(staged.temp, manifest, op.version, staged.checked)
                 elif op.version.mtime_ns:  # a link's own time (never its target's)
                     mtime = op.version.mtime_ns
                     os.utime(staged.temp, ns=(mtime, mtime), follow_symlinks=False)
@@ -793,7 +797,7 @@ class Materializer:
         manifest = self.catalog.manifest(op.version.content)
         size = op.version.size
         if manifest is not None:
-            size = sum(ref.length for ref in manifest.chunks if not is_zero(ref))
+            size = sum(ref.length for ref in data_chunks(manifest))
         temp = (self.root / op.path).with_name(temp_name(op.path, op.version_id))
         with contextlib.suppress(OSError):
             size -= os.lstat(temp).st_blocks * 512
@@ -1010,14 +1014,21 @@ class Materializer:
         check_manifest(manifest, op.version.size)
         fd = None  # created with the first chunk to write: one open per file, not two
         try:
-            held = staged.resume(manifest)
-            for ref in manifest.chunks:
-                if ref.offset in held or is_zero(ref):
+            staged.checked = staged.resume(manifest)
+            wanted = [ref for ref in data_chunks(manifest) if ref.offset not in staged.checked]
+            runs = self.store.locate(wanted)
+            if runs:
+                fd = staged.open()
+                staged.checked.update(self.store.copy(fd, runs))
+            copied = {ref.offset for run in runs for ref in run.chunks}
+            for ref in wanted:
+                if ref.offset in staged.checked:
                     continue
-                data = self.store.read(ref.hash)
+                # a stale source: another place may still hold it (read and verified)
+                data = self.store.read(ref.hash) if ref.offset in copied else None
                 if data is not None and len(data) == ref.length:
                     fd = staged.open() if fd is None else fd
-                    _write_all(fd, data, ref.offset)
+                    write_all(fd, data, ref.offset)
                 else:
                     assembly.wait_for(ref.hash, ref.length, staged, ref.offset)
             if fd is None and not staged.created and not staged.missing:  # nothing to write
