@@ -259,6 +259,52 @@ class Catalog:
         for path, vid, record in rows:
             yield path, vid, Version.decode(record)
 
+    def live_not_on_disk(self) -> Iterator[tuple[str, str, Version]]:
+        """The live versions the scan cache does not name at their path (what a plan
+        may have to write or delete), in path order. Compared inside SQLite, so that a
+        plan decodes the few versions that differ, not every version of the share."""
+        rows = self.conn.execute(
+            "SELECT live.path, live.vid, live.record FROM live "
+            "LEFT JOIN local ON local.path = live.path "
+            "WHERE local.vid IS NULL OR local.vid != live.vid ORDER BY live.path, live.vid"
+        )
+        for path, vid, record in rows:
+            yield path, vid, Version.decode(record)
+
+    def local_without_live(self) -> list[str]:
+        """Paths in the scan cache that have no live version at all."""
+        rows = self.conn.execute(
+            "SELECT path FROM local WHERE NOT EXISTS "
+            "(SELECT 1 FROM live WHERE live.path = local.path) ORDER BY path"
+        )
+        return [path for (path,) in rows]
+
+    def live_above_others(self) -> list[tuple[str, str, Version]]:
+        """The live files, links and deletions that have live entries below their path,
+        each with everything below it: what a file shadowing a directory's entries is
+        found from, without decoding the whole share (directories, the common case of
+        having entries below, are decoded alone and their subtrees never read)."""
+        found: dict[tuple[str, str], Version] = {}
+        rows = self.conn.execute(
+            "SELECT path, vid, record FROM live AS above WHERE EXISTS (SELECT 1 FROM live "
+            "WHERE live.path > above.path || '/' AND live.path < above.path || '0')"
+        ).fetchall()  # 'a/' < every 'a/...' < 'a0' ('0' follows '/')
+        for path, vid, record in rows:
+            version = Version.decode(record)
+            if version.kind == Kind.DIRECTORY:
+                continue
+            found[path, vid] = version
+            found.update(((p, v), below) for p, v, below in self.live_under(path))
+        return [(path, vid, version) for (path, vid), version in sorted(found.items())]
+
+    def live_named(self, fragment: str) -> list[tuple[str, str, Version]]:
+        """Live versions whose path contains ``fragment`` (conflict copies, by their mark)."""
+        rows = self.conn.execute(
+            "SELECT path, vid, record FROM live WHERE instr(path, ?) > 0 ORDER BY path, vid",
+            (fragment,),
+        )
+        return [(path, vid, Version.decode(record)) for path, vid, record in rows]
+
     def version(self, version_id: str) -> Version | None:
         row = self.conn.execute(
             "SELECT record FROM versions WHERE vid = ?", (version_id,)

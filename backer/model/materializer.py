@@ -207,16 +207,14 @@ def plan(catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None) 
     """Operations that bring the disk to the live state: creations and updates in path
     order (parents first), then deletions deepest first. Paths ``excluded`` by this
     device's ignore rules are never written or deleted."""
-    local = catalog.local_entries()
     writes, deletions = [], []
     unresolved = set(catalog.conflicted_paths())  # left for the next resolution round
-    for path, vid, version in catalog.all_live():
-        cached = local.pop(path, None)
-        if path in unresolved:
-            continue
+    differ = [row for row in catalog.live_not_on_disk() if row[0] not in unresolved]
+    orphans = catalog.local_without_live()  # nothing live here any more (moved to a copy)
+    local = catalog.local_entries([*(path for path, _, _ in differ), *orphans])
+    for path, vid, version in differ:
+        cached = local.get(path)
         if excluded is not None and excluded(path, version.kind == Kind.DIRECTORY):
-            continue
-        if cached is not None and cached.version_id == vid:
             continue
         on_disk = cached.version_id if cached is not None else ""
         if version.kind == Kind.DELETED:
@@ -224,7 +222,8 @@ def plan(catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None) 
                 deletions.append(Operation(path, vid, version, on_disk))
         else:
             writes.append(Operation(path, vid, version, on_disk))
-    for path, cached in local.items():  # nothing live here any more (moved to a copy)
+    for path in orphans:
+        cached = local[path]
         if excluded is not None and excluded(path, stat.S_ISDIR(cached.mode)):
             continue
         gone = Version(Kind.DELETED)

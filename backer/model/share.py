@@ -70,7 +70,7 @@ from backer.model.state import (
 )
 from backer.progress import ProgressCallback
 from backer.scanner.content import Manifest
-from backer.scanner.ignore import IgnoreRules
+from backer.scanner.ignore import CONFLICT_MARK, IgnoreRules
 from backer.scanner.walk import (
     Observation,
     Seen,
@@ -894,10 +894,11 @@ class Share:
                 path: resolve(path, self.catalog.live_versions(path))
                 for path in self.catalog.conflicted_paths()
             }
+            if not resolutions:  # (each reads only the versions it can concern)
+                resolutions = resolve_shadowed(self.catalog.live_above_others())
             if not resolutions:
-                resolutions = resolve_shadowed(self.catalog.all_live())
-            if not resolutions:
-                resolutions = resolve_moot_copies(self.catalog.all_live(), self._source_replaced)
+                copies = self.catalog.live_named(CONFLICT_MARK)
+                resolutions = resolve_moot_copies(copies, self._source_replaced)
             changed = False
             paths = list(resolutions.items())
             for start in range(0, len(paths), RESOLUTIONS_PER_EVENT):  # events stay small
