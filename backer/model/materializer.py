@@ -1047,30 +1047,39 @@ class Materializer:
             return
         staged = _make_durable(self.root, staged, report)
         directories: set[Path] = set()
-        for item in staged:
-            op, target = item.op, item.target
-            with _reported(op.path, report):
-                with _removing(item.temp):
-                    previous = self._unchanged(target, item.cached)
-                    if previous is not None and stat.S_ISDIR(previous.st_mode):
-                        try:  # a recorded directory gives way only once it is empty
-                            target.rmdir()
-                        except OSError as exc:
-                            raise LocalEdit(op.path) from exc
-                    elif previous is not None:
-                        self._preserve(target, op.path)
-                    os.replace(item.temp, target)
-                directories.add(target.parent)
-                self._record(op, os.lstat(target))
-                if op.version.kind == Kind.FILE:
-                    manifest = self.catalog.manifest(op.version.content)
-                    assert manifest is not None
-                    self.catalog.put_manifests([(op.path, manifest)])
-                    report.bytes_written += op.version.size
-                report.written.append(op.path)
+        entries: list[LocalEntry] = []  # written once for the batch, not once per file
+        manifests: list[tuple[str, Manifest]] = []  # (after any move of the old chunks')
+        try:
+            for item in staged:
+                op, target = item.op, item.target
+                with _reported(op.path, report):
+                    with _removing(item.temp):
+                        previous = self._unchanged(target, item.cached)
+                        if previous is not None and stat.S_ISDIR(previous.st_mode):
+                            try:  # a recorded directory gives way only once it is empty
+                                target.rmdir()
+                            except OSError as exc:
+                                raise LocalEdit(op.path) from exc
+                        elif previous is not None:
+                            self._preserve(target, op.path)
+                        os.replace(item.temp, target)
+                    directories.add(target.parent)
+                    entries.append(self._entry(op, os.lstat(target)))
+                    if op.version.kind == Kind.FILE:
+                        manifest = self.catalog.manifest(op.version.content)
+                        assert manifest is not None
+                        manifests.append((op.path, manifest))
+                        report.bytes_written += op.version.size
+                    report.written.append(op.path)
+        finally:  # what was moved into place is recorded, even when the disk filled up
+            self.catalog.set_local(entries)
+            self.catalog.put_manifests(manifests)
         for directory in sorted(directories):
             _fsync_dir_reported(directory, self.root, report)
 
     def _record(self, op: Operation, info: os.stat_result) -> None:
-        entry = cache_entry(op.path, op.version_id, stat_key_of(info), entropy.now_ns())
-        self.catalog.set_local([entry])
+        self.catalog.set_local([self._entry(op, info)])
+
+    @staticmethod
+    def _entry(op: Operation, info: os.stat_result) -> LocalEntry:
+        return cache_entry(op.path, op.version_id, stat_key_of(info), entropy.now_ns())
