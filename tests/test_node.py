@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from pathlib import Path
 
+import psutil
+
 from backer.config.identity import load_or_create_key
 from backer.config.registry import RegisteredShare
-from backer.node.node import BACKOFF_CAP_S, DUPLICATE_WINDOW_S, Link, Node, backoff, keeps_new
+from backer.model.share import Share
+from backer.node.node import (
+    BACKOFF_CAP_S,
+    DUPLICATE_WINDOW_S,
+    Link,
+    Node,
+    backoff,
+    keeps_new,
+    release_memory,
+)
 from tests.e2e import Device, free_port, invite
 
 
@@ -104,3 +116,20 @@ def test_two_nodes_dialling_each_other_at_once_keep_one_session_the_same_one(
         kept = asyncio.run(scenario())
         assert [len(links) for links in kept] == [1, 1]
         assert kept[0][0].initiator == kept[1][0].initiator == smaller
+
+
+def test_release_memory_hands_back_the_page_cache_a_whole_scan_filled(share: Share) -> None:
+    """An idle node on 100,000 files kept SQLite's 64 MiB page cache full from its
+    start-up check and scan, and the heap the scan's objects had freed: 152 MiB against
+    Syncthing's 132 MiB."""
+    process = psutil.Process()
+    with share.db.conn:
+        share.db.conn.execute("CREATE TABLE filler (b BLOB)")
+        share.db.conn.executemany(
+            "INSERT INTO filler VALUES (?)", ((os.urandom(64 * 1024),) for _ in range(640))
+        )
+    share.db.conn.execute("PRAGMA cache_size=-65536")
+    share.db.conn.execute("SELECT sum(length(b)) FROM filler").fetchone()  # 40 MiB cached
+    before = process.memory_info().rss
+    release_memory(share)
+    assert process.memory_info().rss < before - 20 * 1024 * 1024
