@@ -759,6 +759,7 @@ class Materializer:
         self._checked_parents: set[str] | None = None
         self._unlocked: dict[Path, int] = {}  # read-only directories opened while applying
         self._made: list[Path] = []  # missing parents made for this window's entries
+        self._recorded: list[LocalEntry] | None = None  # while a batch is moved into place
 
     def start(self, operations: list[Operation]) -> Assembly:
         """Begin applying a plan: directories are made now (files need them); every file
@@ -1047,7 +1048,7 @@ class Materializer:
             return
         staged = _make_durable(self.root, staged, report)
         directories: set[Path] = set()
-        entries: list[LocalEntry] = []  # written once for the batch, not once per file
+        self._recorded = []  # scan-cache rows, written once for the batch, not per file
         manifests: list[tuple[str, Manifest]] = []  # (after any move of the old chunks')
         try:
             for item in staged:
@@ -1064,7 +1065,7 @@ class Materializer:
                             self._preserve(target, op.path)
                         os.replace(item.temp, target)
                     directories.add(target.parent)
-                    entries.append(self._entry(op, os.lstat(target)))
+                    self._record(op, os.lstat(target))
                     if op.version.kind == Kind.FILE:
                         manifest = self.catalog.manifest(op.version.content)
                         assert manifest is not None
@@ -1072,14 +1073,17 @@ class Materializer:
                         report.bytes_written += op.version.size
                     report.written.append(op.path)
         finally:  # what was moved into place is recorded, even when the disk filled up
-            self.catalog.set_local(entries)
+            recorded, self._recorded = self._recorded, None
+            self.catalog.set_local(recorded)
             self.catalog.put_manifests(manifests)
         for directory in sorted(directories):
             _fsync_dir_reported(directory, self.root, report)
 
     def _record(self, op: Operation, info: os.stat_result) -> None:
-        self.catalog.set_local([self._entry(op, info)])
-
-    @staticmethod
-    def _entry(op: Operation, info: os.stat_result) -> LocalEntry:
-        return cache_entry(op.path, op.version_id, stat_key_of(info), entropy.now_ns())
+        """Put what was just written into the scan cache (kept for the batch's single
+        write while :meth:`_commit` runs)."""
+        entry = cache_entry(op.path, op.version_id, stat_key_of(info), entropy.now_ns())
+        if self._recorded is not None:
+            self._recorded.append(entry)
+        else:
+            self.catalog.set_local([entry])

@@ -43,8 +43,8 @@ from backer.model.materializer import (
     Materializer,
     Operation,
     Report,
+    data_chunks,
     is_copy_of,
-    is_zero,
     precedence,
     seal,
 )
@@ -333,8 +333,8 @@ def missing_chunks(
             raise BackerError(
                 f"the chunk list of content {version.content.hex()[:16]} is not on this device"
             )
-        for ref in manifest.chunks:
-            if ref.hash in seen or is_zero(ref):
+        for ref in data_chunks(manifest):
+            if ref.hash in seen:
                 continue
             seen.add(ref.hash)
             if store.read(ref.hash) is None:
@@ -431,9 +431,7 @@ def _write_file(share: Share, version: Version, target: Path, store: ChunkStore)
     try:
         try:
             os.ftruncate(fd, version.size)
-            for ref in manifest.chunks:
-                if is_zero(ref):
-                    continue
+            for ref in data_chunks(manifest):
                 data = store.read(ref.hash)
                 if data is None:
                     raise BackerError(f"a chunk of {target.name} is not on this device")
