@@ -410,6 +410,8 @@ def test_pause_closes_the_session_and_resume_brings_what_changed_meanwhile(pair)
         assert not (b.root / "while-paused.txt").exists()
         devices = api.call("GET", "/api/shares/b/devices")[1]
         assert not any(d["connected"] for d in devices)
+        refused = b.run("sync", "--dir", str(b.root), check=False)
+        assert refused.returncode == 1 and "paused" in refused.stderr
         assert api.call("POST", "/api/shares/b/resume")[0] == 200
         stream.until("resumed")
         stream.until("device-connected")

@@ -352,6 +352,8 @@ async def node_sync(runtime: Runtime, addresses: list[str]) -> dict[str, Any]:
     us up and acknowledged what we sent, and we applied (or its dial failed)."""
     for address in addresses:
         parse_address(address)
+    if runtime.paused:
+        raise BackerError("the share is paused on this device: resume it first (web UI)")
     share = runtime.share
     targets = addresses or [
         a
