@@ -194,8 +194,9 @@ class Hub:
     def __init__(
         self, share: Share, name: str, limits: Limits | None = None, scan_first: bool = True
     ) -> None:
-        """``scan_first``: scan before each session opens (a command); a node's watcher
-        keeps the journal current instead."""
+        """``scan_first``: scan as each session opens (``stdio``, which cannot scan
+        before its peer connects); one-shot commands scan once before dialing, and a
+        node's watcher keeps the journal current."""
         self.share = share
         self.name = name
         self.limits = limits or Limits.from_env()
