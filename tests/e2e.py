@@ -127,7 +127,7 @@ class Node:
     def log(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, text: str, count: int = 1, timeout: float = 30) -> None:
+    def wait_for(self, text: str, count: int = 1, timeout: float = 60) -> None:
         """Until ``text`` is in ``count`` log lines (or the process ended: fail)."""
         deadline = time.monotonic() + timeout
         while sum(text in line for line in list(self.lines)) < count:

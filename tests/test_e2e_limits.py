@@ -55,7 +55,7 @@ def serving(
     log = device.root.parent / f"serve-{port}.log"
     with open(log, "w") as stderr:
         process = subprocess.Popen(
-            device.command("run", "--listen", f"127.0.0.1:{port}"),
+            device.command("run", "--listen", f"127.0.0.1:{port}", "--api", "off"),
             env={**device.env, **env},
             stderr=stderr,
             text=True,
@@ -63,12 +63,11 @@ def serving(
         )
     process.log = log  # type: ignore[attr-defined]
     try:
-        for _ in range(200):
-            if "watching" in log.read_text():
-                break
+        deadline = time.monotonic() + 60  # (10 s were not enough on a loaded machine)
+        while "watching" not in log.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(log.read_text())
             time.sleep(0.05)
-        else:
-            raise AssertionError(log.read_text())
         yield process
     finally:
         os.kill(process.pid, signal.SIGCONT)
