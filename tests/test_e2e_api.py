@@ -291,6 +291,35 @@ def test_a_node_with_an_open_event_stream_still_stops_cleanly_at_once(lone) -> N
     stream.close()
 
 
+def test_beyond_loopback_the_password_opens_a_session_and_a_wrong_one_does_not(
+    tmp_path: Path,
+) -> None:
+    device = Device(tmp_path, "wide")
+    device.root.mkdir()
+    device.run("init", str(device.root))
+    port = free_port()
+    node = device.start(api=f"0.0.0.0:{port}", BACKER_API_PASSWORD="correct horse")
+    try:
+        node.wait_for("web UI on")
+        api = Api(node, port)
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for password, wanted in (("wrong", 401), ("correct+horse", 303)):
+            connection.request(
+                "POST", "/login", body=f"password={password}", headers={"Host": api.host, **form}
+            )
+            response = connection.getresponse()
+            response.read()
+            assert response.status == wanted, password
+        cookie = response.headers["Set-Cookie"].split(";")[0]
+        connection.close()
+        status, answer, _ = api.call("GET", "/api/shares", key=None, headers={"Cookie": cookie})
+        assert status == 200 and answer[0]["name"] == "wide"
+        assert api.call("GET", "/api/shares", key=None)[0] == 401
+    finally:
+        node.stop()
+
+
 FINDER = ["1111111", "1000001", "1011101", "1011101", "1011101", "1000001", "1111111"]
 
 
