@@ -8,24 +8,26 @@
   rules ignore (checked by :meth:`Node.scan`), and an entry that the device's rules
   ignored before a step and still ignore is never removed or changed by backer.
 - **No user file goes without a trace**: a file or link that backer removes or replaces
-  was recorded at that path, is no longer live there, and its bytes are kept in
-  ``.backer/versions/``.
+  was recorded at that path, is no longer live there, and its bytes are kept in the
+  content store ``.backer/store/`` (a link's target in its recorded version).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from backer.model import entropy
-from backer.model.materializer import VERSIONS_DIR
 from backer.model.records import Kind, Version
 from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules, is_temp_name
 from backer.scanner.walk import stat_key_of
+from backer.versioner.store import STORE_DIR
 
 METADATA = ".backer"
 Entry = tuple[str, bytes]  # ("file", bytes) or ("link", target)
@@ -113,9 +115,15 @@ def ignored(rules: IgnoreRules, path: str, is_dir: bool = False) -> bool:
 
 
 def kept_versions(root: Path) -> set[Entry]:
-    """What ``.backer/versions/`` keeps (a kept link is a file holding its target)."""
-    kept = set(entries(root / METADATA / VERSIONS_DIR).values())
-    return kept | {("link", data) for kind, data in kept if kind == "file"}
+    """What the content store keeps, and every link target recorded (a link is kept by
+    its version; an empty file needs no bytes)."""
+    kept = set(entries(root / METADATA / STORE_DIR).values()) | {("file", b"")}
+    with contextlib.closing(sqlite3.connect(root / METADATA / "backer.db")) as conn:
+        for (record,) in conn.execute("SELECT record FROM versions"):
+            version = Version.decode(record)
+            if version.kind == Kind.SYMLINK:
+                kept.add(("link", version.content))
+    return kept
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Applying received versions to disk: every entry kind on every path, checked writes,
-verified files, ``.backer/versions/`` never reachable through a link."""
+verified files (kept contents: see test_versioner_store)."""
 
 from __future__ import annotations
 
@@ -133,20 +133,6 @@ def test_verify_rejects_a_file_whose_bytes_differ_from_its_manifest(tmp_path: Pa
     os.truncate(tmp_path / "f", 100)
     with pytest.raises(ValueError, match="wrong size"):
         check()
-
-
-def test_a_replaced_file_with_a_255_byte_name_is_kept_in_versions(tmp_path: Path) -> None:
-    """``name~STAMP`` exceeded NAME_MAX: the replacement failed on every sync."""
-    a, b = make_devices(tmp_path, 2)
-    name = "é" * 100 + "x" * 55  # 255 bytes in UTF-8
-    (a.root / name).write_text("first")
-    sync(a, b)
-    (a.root / name).write_text("second")
-    _, right = sync(a, b)
-    assert tree(a.root) == tree(b.root)
-    assert not [r.errors for r in right.replicator.reports if r.errors]
-    (kept,) = (b.root / ".backer" / "versions").iterdir()
-    assert kept.read_text() == "first" and len(os.fsencode(kept.name)) <= 255
 
 
 def test_a_sparse_file_arrives_sparse_and_its_holes_are_not_fetched(tmp_path: Path) -> None:

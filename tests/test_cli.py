@@ -234,14 +234,15 @@ def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_curre
     history = json.loads(run_cli("history", typed, "--json", cwd=root).stdout)
     assert len(history) == 3 and history[2]["live"] and history[2]["hash"] == first["hash"]
     assert history[2]["supersedes"] == [second["version"]]
-    kept = [p.read_text() for p in (root / ".backer" / "versions").rglob("*") if p.is_file()]
-    assert kept == ["second draft, regretted\n"]
+    store = (root / ".backer" / "store").rglob("*")
+    kept = [p.read_text() for p in store if p.is_file() and p.stat().st_nlink == 1]
+    assert kept == ["second draft, regretted\n"]  # (the other contents are files here)
     assert "0 added, 0 modified, 0 deleted" in run_cli("scan", cwd=root).stdout
     (root / name).unlink()
     run_cli("scan", cwd=root)
     latest = run_cli("restore", name, "--at", "2999-01-01", cwd=root, check=False)
     assert latest.returncode == 1 and "did not exist at 2999-01-01" in latest.stderr
-    run_cli("restore", name, "--version", second["version"], cwd=root)  # from versions/
+    run_cli("restore", name, "--version", second["version"], cwd=root)  # from the store
     assert (root / name).read_text() == "second draft, regretted\n"
     (root / "copy.txt").write_text("edited too\n")
     (root / name).write_text("third\n")

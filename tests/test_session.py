@@ -99,20 +99,6 @@ def test_local_edit_made_after_the_scan_is_never_clobbered(tmp_path: Path) -> No
     assert tree(a.root) == tree(b.root)
 
 
-def test_replaced_and_deleted_contents_are_kept_in_versions(tmp_path: Path) -> None:
-    a, b = make_devices(tmp_path, 2)
-    (a.root / "doc.txt").write_text("first")
-    (a.root / "gone.txt").write_text("bye")
-    sync(a, b)
-    (a.root / "doc.txt").write_text("second")
-    (a.root / "gone.txt").unlink()
-    sync(a, b)
-    kept = {
-        p.name.split("~")[0]: p.read_text() for p in (b.root / ".backer" / "versions").iterdir()
-    }
-    assert kept == {"doc.txt": "first", "gone.txt": "bye"}
-
-
 def test_a_long_lived_session_pushes_later_changes_both_ways(tmp_path: Path) -> None:
     from backer.protocol.session import Session
     from tests.helpers import exchange, pump

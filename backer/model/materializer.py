@@ -14,7 +14,7 @@
    verified, every write checked, the finished file re-hashed against its manifest,
    made durable, then a re-check that the target is exactly as the plan saw
    it (if not, it is a local edit: it is left alone for the scanner, never clobbered),
-   the old contents hard-linked into ``.backer/versions/``, an atomic rename and a
+   the old contents hard-linked into the content store (``.backer/store/``), an atomic rename and a
    directory fsync. A crash leaves the old file or the new one, never a torn one.
    Writes are staged in batches (up to 1,000 files or 256 MiB): one ``syncfs`` makes a
    whole batch of temp files durable before any of them is renamed, and each directory
@@ -28,11 +28,9 @@ import bisect
 import contextlib
 import ctypes
 import ctypes.util
-import datetime as dt
 import errno
 import functools
 import os
-import secrets
 import stat
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,16 +40,14 @@ from blake3 import blake3
 
 from backer.db.catalog import Catalog, LocalEntry, Problem
 from backer.errors import BackerError
-from backer.fs.paths import METADATA_DIR, BadPath, check
+from backer.fs.paths import BadPath, check
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
 from backer.scanner.chunks import ChunkStore, write_all
-from backer.scanner.content import MAX_CHUNK, ChunkRef, Manifest, check_manifest
+from backer.scanner.content import MAX_CHUNK, ChunkRef, Manifest, check_manifest, manifest_of_file
 from backer.scanner.ignore import CONFLICT_MARK, IgnoreRules, temp_name
 from backer.scanner.walk import cache_entry, entry_key, stat_key_of
-
-VERSIONS_DIR = "versions"
-
+from backer.versioner.store import Store
 
 # -- resolution (pure) ----------------------------------------------------------------------
 
@@ -328,25 +324,6 @@ def _reported(path: str, report: Report) -> Iterator[None]:
         report.errors.append(Problem(path, str(exc)))
 
 
-def _open_directory_at(parent: int, name: str) -> int:
-    """The directory ``name`` under the descriptor ``parent``, made (0700) if missing;
-    a link there is never followed (ELOOP or ENOTDIR)."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-    try:
-        return os.open(name, flags, dir_fd=parent)
-    except FileNotFoundError:
-        os.mkdir(name, 0o700, dir_fd=parent)
-        return os.open(name, flags, dir_fd=parent)
-
-
-def _create_internal(parent: int, name: str, data: bytes) -> None:
-    """A new file of backer's own under ``parent``: ``O_EXCL|O_NOFOLLOW``, mode 0600."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    fd = os.open(name, flags, 0o600, dir_fd=parent)
-    try:
-        write_all(fd, data, 0)
-    finally:
-        os.close(fd)
 
 
 def _fitted(name: str, suffix: str) -> str:
@@ -673,7 +650,20 @@ class Assembly:
         for directory in sorted(deleted_from, reverse=True):
             _fsync_dir_reported(directory, materializer.root, report)
         self._keep_directory_times()
+        self._keep_written()
         return report
+
+    def _keep_written(self) -> None:
+        """Each file written is kept in the content store by a hard link (best effort),
+        so that a later edit or deletion on this device still leaves its bytes here.
+        After the deletions: a file that replaced identical bytes (a rename, a version
+        with the same content) then takes over the store's entry, one copy, not two."""
+        written = set(self.report.written)
+        self.materializer.kept.keep_files(
+            (op.path, op.version.content, op.version.size)
+            for op in self.operations
+            if op.version.kind == Kind.FILE and op.path in written
+        )
 
     def _keep_directory_times(self) -> None:
         """Once the window has written into its directories, give each its mtime: a
@@ -754,6 +744,7 @@ class Materializer:
         self.root = root
         self.catalog = catalog
         self.store = store
+        self.kept = Store(root, catalog)
         # parents seen to be real directories while staging (nothing is renamed or
         # deleted then); None while moving into place, where every path is checked afresh
         self._checked_parents: set[str] | None = None
@@ -899,61 +890,25 @@ class Materializer:
             raise LocalEdit(str(target))
         return info
 
-    def _preserve(self, target: Path, path: str) -> None:
-        """Keep the replaced or deleted contents in ``.backer/versions/``; their chunks
-        stay readable there (a later write in the same plan may need them).
-
-        Nothing there is ever a link, and nothing is reached through one: each directory
-        is opened (or made) by name under its parent's descriptor with ``O_NOFOLLOW``; a
-        file is kept as a hard link made at such a descriptor, a symlink as a small
-        regular file holding its target (``name~STAMP.symlink``). A component that is
-        not a real directory (a name a peer chose to collide) is not entered: the entry
-        is kept in the deepest directory reached."""
-        stamp = dt.datetime.now(tz=dt.UTC).strftime("%Y%m%d-%H%M%S")
-        parent, _, name = path.rpartition("/")
-        fd, reached = self._versions_directory(parent.split("/") if parent else [])
-        try:
-            link = stat.S_ISLNK(os.lstat(target).st_mode)
-            suffix = f"~{stamp}.symlink" if link else f"~{stamp}"
-            text = os.fsencode(os.readlink(target)) if link else None
-            kept = _fitted(name, suffix)
-            for _ in range(8):  # a name taken (same second, or a long name cut): another
-                try:
-                    if text is None:
-                        os.link(target, kept, dst_dir_fd=fd, follow_symlinks=False)
-                    else:
-                        _create_internal(fd, kept, text)
-                    break
-                except FileExistsError:
-                    kept = _fitted(name, f"{suffix}-{secrets.token_hex(3)}")
-            else:
-                raise OSError(errno.EEXIST, "no free name in .backer/versions")
-        finally:
-            os.close(fd)
-        if text is None:
-            kept_path = "/".join([METADATA_DIR, VERSIONS_DIR, *reached, kept])
-            self.catalog.move_chunk_locations(path, kept_path)
-
-    def _versions_directory(self, parts: list[str]) -> tuple[int, list[str]]:
-        """A descriptor on ``.backer/versions/PARTS`` (made as needed), never through a
-        link, and the parts actually reached."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        reached: list[str] = []
-        try:
-            for index, part in enumerate([METADATA_DIR, VERSIONS_DIR, *parts]):
-                try:
-                    child = _open_directory_at(fd, part)
-                except OSError as exc:
-                    if index < 2 or exc.errno not in (errno.ENOTDIR, errno.ELOOP, errno.EEXIST):
-                        raise
-                    break
-                os.close(fd)
-                fd = child
-                reached += [part] if index >= 2 else []
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, reached
+    def _preserve(
+        self, target: Path, path: str, info: os.stat_result, cached: LocalEntry
+    ) -> bytes | None:
+        """Keep a replaced or deleted file's bytes in the content store (a hard link,
+        see :mod:`backer.versioner.store`); its chunks stay readable there (a later write
+        in the same plan may need them). A link's target stays in its recorded version
+        and a directory holds no bytes: nothing to keep. A file the scan cache does not
+        tie to a recorded file version is hashed to find its content id. Returns the
+        content id kept, for :meth:`Store.rejoin` once the file is gone."""
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        version = self.catalog.version(cached.version_id)
+        if version is not None and version.kind == Kind.FILE:
+            content = version.content
+        else:
+            content = manifest_of_file(target, info.st_size).id
+        self.kept.keep(path, content, info.st_size)
+        self.kept.retire(path, content)
+        return content
 
     def _delete(
         self, op: Operation, cached: LocalEntry | None, report: Report, touched: set[Path]
@@ -970,8 +925,11 @@ class Materializer:
                     raise LocalEdit(op.path) from exc
                 raise
         elif info is not None:
-            self._preserve(target, op.path)
+            assert cached is not None  # (_unchanged: a found entry is the cached one)
+            content = self._preserve(target, op.path, info, cached)
             target.unlink()
+            if content is not None:
+                self.kept.rejoin(content)
         touched.add(target.parent)
         self.catalog.drop_local([op.path])
         report.deleted.append(op.path)
@@ -986,7 +944,8 @@ class Materializer:
             raise LocalEdit(op.path)  # scanner has not recorded yet, never to be papered over
         if found is not None and not stat.S_ISDIR(found.st_mode):
             self._unchanged(target, cached)  # a file or link we recorded: replace it
-            self._preserve(target, op.path)
+            assert cached is not None
+            self._preserve(target, op.path, found, cached)
             target.unlink()
             found = None
         if found is None:
@@ -1056,14 +1015,18 @@ class Materializer:
                 with _reported(op.path, report):
                     with _removing(item.temp):
                         previous = self._unchanged(target, item.cached)
+                        replaced = None
                         if previous is not None and stat.S_ISDIR(previous.st_mode):
                             try:  # a recorded directory gives way only once it is empty
                                 target.rmdir()
                             except OSError as exc:
                                 raise LocalEdit(op.path) from exc
                         elif previous is not None:
-                            self._preserve(target, op.path)
+                            assert item.cached is not None
+                            replaced = self._preserve(target, op.path, previous, item.cached)
                         os.replace(item.temp, target)
+                        if replaced is not None:
+                            self.kept.rejoin(replaced)
                     directories.add(target.parent)
                     self._record(op, os.lstat(target))
                     if op.version.kind == Kind.FILE:

@@ -33,6 +33,7 @@ from backer.model import entropy
 from backer.model.share import DB_FILE, DamagedShare, ScanSummary, Share, find_root, take_lock
 from backer.protocol.invite import InviteToken
 from backer.scanner.walk import cache_entry, observe
+from backer.versioner.store import Store
 
 DB_SIDECARS = ("", "-wal", "-shm")  # sqlite's files of one database
 
@@ -195,4 +196,5 @@ def _recognise(share: Share) -> int:
     with share.db.conn:
         share.catalog.set_local(entries)
         share.catalog.put_manifests(manifests)
+        Store(share.root, share.catalog).keep_entries(entries)  # by link: no second copy
     return older

@@ -80,6 +80,7 @@ from backer.scanner.walk import (
     stat_key_of,
     under_any,
 )
+from backer.versioner.store import Store
 from journal import (
     Checkpoint,
     CorruptJournal,
@@ -1106,10 +1107,35 @@ class Share:
             summary.fresh = self._note_scan_problems(found)
             recorded = [seen.path for seen, _, _ in changed] + found.deleted
             self._note_problems("apply", [], resolved=recorded)  # the disk's version won
+            self._keep_recorded(changed, found)
         self.save_snapshot()
         self._sweep(found.leftovers)
         summary.seconds = time.monotonic() - started
         return summary
+
+    def _keep_recorded(
+        self, changed: list[tuple[Seen, Manifest | None, bytes]], found: Observation
+    ) -> None:
+        """The content store after a recorded scan (best effort: a link that cannot be
+        made costs a kept version, never a file): each file as recorded now is kept by
+        a hard link, so that when the person later replaces or deletes it, its bytes
+        are still here; the replaced and deleted contents the store held get their
+        chunk locations there, unless the file was rewritten in place (same inode):
+        then the kept bytes went with it."""
+        store = Store(self.root, self.catalog)
+        on_disk = {seen.path: seen for seen, _, _ in changed}
+        for path in [*on_disk, *found.deleted]:
+            old = found.local.get(path)
+            previous = self.catalog.version(old.version_id) if old is not None else None
+            if old is None or previous is None or previous.kind != Kind.FILE:
+                continue
+            seen = on_disk.get(path)
+            if seen is not None and seen.inode == old.inode:
+                store.edited_in_place(previous.content, old.inode)
+            else:
+                store.register(previous.content)
+        store.keep_files((s.path, c, s.size) for s, _, c in changed if s.kind == Kind.FILE)
+        store.keep_entries(found.refreshed)
 
     def _deleted_while_ignored(self, found: Observation) -> dict[str, str]:
         """Paths no longer ignored that are gone from the disk, with the version this

@@ -1,0 +1,1 @@
+"""Kept contents of replaced and deleted versions: the store and its retention."""

@@ -1,0 +1,254 @@
+"""The content store: file contents kept by their content id, once each.
+
+``.backer/store/AB/ABCD…`` (the 64 hex digits of a version's content id, its BLAKE3
+manifest id) is a hard link to the bytes of that content: kept for free while a file of
+the share still holds them, and the only copy once that file is replaced or deleted.
+Identical contents and renames are one entry; an entry is never a link and never
+reached through one. Table ``store`` (content, size, since_ms) is the index; the
+entry's chunks are registered in the catalog's chunk index once the share file they
+were linked from goes away, so any later write finds them there.
+
+A hard link shares the inode: an edit made *in place* (the same inode rewritten)
+changes the kept bytes too. :meth:`Store.edited_in_place` drops such an entry when a
+scan sees it, and :func:`held_bytes` verifies every byte it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry
+from backer.fs.paths import METADATA_DIR
+from backer.model import entropy
+from backer.model.records import Kind
+from backer.scanner.chunks import ChunkStore
+from backer.scanner.content import manifest_of_bytes, manifest_of_file
+
+STORE_DIR = "store"
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS store (content BLOB PRIMARY KEY, size INTEGER, "
+    "since_ms INTEGER) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS pruned (vid TEXT PRIMARY KEY, ms INTEGER) WITHOUT ROWID",
+)
+
+
+def open_directory_at(parent: int, name: str) -> int:
+    """The directory ``name`` under the descriptor ``parent``, made (0700) if missing;
+    a link there is never followed (ELOOP or ENOTDIR)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except FileNotFoundError:
+        os.mkdir(name, 0o700, dir_fd=parent)
+        return os.open(name, flags, dir_fd=parent)
+
+
+def entry_name(content: bytes) -> str:
+    """An entry's path below the share root (``.backer/store/AB/ABCD…``)."""
+    name = content.hex()
+    return f"{METADATA_DIR}/{STORE_DIR}/{name[:2]}/{name}"
+
+
+class Store:
+    """The kept contents of one share on this device."""
+
+    def __init__(self, root: Path, catalog: Catalog) -> None:
+        self.root = root
+        self.catalog = catalog
+        self.conn = catalog.conn
+        for statement in _SCHEMA:
+            self.conn.execute(statement)
+
+    # -- what is held ---------------------------------------------------------------------
+
+    def has(self, content: bytes) -> bool:
+        """Whether the index holds ``content`` (its bytes are verified when read)."""
+        row = self.conn.execute("SELECT 1 FROM store WHERE content = ?", (content,))
+        return content == EMPTY_MANIFEST.id or row.fetchone() is not None
+
+    def contents(self) -> dict[bytes, int]:
+        """Every content held, with its size."""
+        return dict(self.conn.execute("SELECT content, size FROM store"))
+
+    def pruned(self, version_ids: Iterable[str]) -> dict[str, int]:
+        """When this device dropped the bytes of each of ``version_ids`` that it did."""
+        found = {}
+        for vid in version_ids:
+            row = self.conn.execute("SELECT ms FROM pruned WHERE vid = ?", (vid,)).fetchone()
+            if row is not None:
+                found[vid] = row[0]
+        return found
+
+    def note_pruned(self, version_ids: Iterable[str], now_ms: int) -> None:
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO pruned (vid, ms) VALUES (?, ?)",
+            [(vid, now_ms) for vid in version_ids],
+        )
+
+    # -- keeping --------------------------------------------------------------------------
+
+    def keep(self, path: str, content: bytes, size: int) -> None:
+        """Hold the bytes of the share file at ``path`` (recorded as ``content``) by a
+        hard link. An entry that already holds them stays, unless only the store holds
+        it while this file has the same bytes (checked by hashing it): then the entry
+        becomes this file's inode (one copy on disk, not two). Raises OSError when the
+        link cannot be made."""
+        if content == EMPTY_MANIFEST.id:
+            return
+        source = self.root / path
+        name = content.hex()
+        with self._directory(name[:2]) as fd:
+            try:
+                held = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                held = None
+            live = os.lstat(source)
+            if not stat.S_ISREG(live.st_mode):
+                raise OSError(errno.EINVAL, f"not a regular file: {path}")
+            if held is None:
+                os.link(source, name, dst_dir_fd=fd, follow_symlinks=False)
+            elif (
+                held.st_ino != live.st_ino
+                and held.st_nlink == 1
+                and manifest_of_file(source, live.st_size).id == content
+            ):
+                spare = f"{name}.{secrets.token_hex(4)}.tmp"
+                os.link(source, spare, dst_dir_fd=fd, follow_symlinks=False)
+                os.replace(spare, name, src_dir_fd=fd, dst_dir_fd=fd)
+        self.conn.execute(
+            "INSERT OR IGNORE INTO store (content, size, since_ms) VALUES (?, ?, ?)",
+            (content, size, entropy.now_ms()),
+        )
+
+    def keep_files(self, files: Iterable[tuple[str, bytes, int]]) -> None:
+        """:meth:`keep` each (path, content, size) of files just recorded or written, as
+        far as possible: a link that cannot be made costs a kept version, never a file."""
+        for path, content, size in files:
+            with contextlib.suppress(OSError):
+                self.keep(path, content, size)
+
+    def keep_entries(self, entries: Iterable[LocalEntry]) -> None:
+        """:meth:`keep_files` for scan-cache entries (the file versions among them)."""
+        files = []
+        for entry in entries:
+            version = self.catalog.version(entry.version_id)
+            if version is not None and version.kind == Kind.FILE:
+                files.append((entry.path, version.content, version.size))
+        self.keep_files(files)
+
+    def retire(self, path: str, content: bytes) -> None:
+        """The share file at ``path`` (``content``) is about to go: its chunk locations
+        move to the store's entry, where they can still be read."""
+        if self.has(content) and content != EMPTY_MANIFEST.id:
+            self.catalog.move_chunk_locations(path, entry_name(content))
+
+    def register(self, content: bytes) -> None:
+        """Note the chunks of a held content at its entry (its share file went away
+        before :meth:`retire` could be told, e.g. a person's edit or deletion)."""
+        manifest = self.catalog.manifest(content)
+        if manifest is not None and self.has(content) and content != EMPTY_MANIFEST.id:
+            self.catalog.put_manifests([(entry_name(content), manifest)])
+
+    def rejoin(self, content: bytes) -> None:
+        """After a share file holding ``content`` went away: if only the store holds the
+        entry now while another share file recorded here has the same bytes (a rename,
+        a copy), the entry becomes that file's inode: one copy on disk, not two."""
+        manifest = self.catalog.manifest(content)
+        if manifest is None or not manifest.chunks or not self.has(content):
+            return
+        try:
+            if os.lstat(self.root / entry_name(content)).st_nlink != 1:
+                return
+        except OSError:
+            return
+        paths = [p for p, _, _ in self.catalog.chunk_locations(manifest.chunks[0].hash)]
+        recorded = self.catalog.local_entries(p for p in paths if not p.startswith(METADATA_DIR))
+        for entry in recorded.values():
+            version = self.catalog.version(entry.version_id)
+            if version is not None and version.content == content:
+                with contextlib.suppress(OSError):
+                    self.keep(entry.path, content, version.size)
+                    return
+
+    def edited_in_place(self, content: bytes, inode: int) -> None:
+        """A share file of inode ``inode`` that held ``content`` was rewritten in place:
+        if the entry is that inode, its bytes are gone, so the entry goes."""
+        with contextlib.suppress(OSError), self._directory(content.hex()[:2]) as fd:
+            if os.stat(content.hex(), dir_fd=fd, follow_symlinks=False).st_ino == inode:
+                self.remove(content)
+
+    # -- dropping -------------------------------------------------------------------------
+
+    def freed_by_removing(self, content: bytes) -> int:
+        """Bytes of disk that removing ``content``'s entry would free (none while a
+        share file shares its inode)."""
+        try:
+            info = os.lstat(self.root / entry_name(content))
+        except OSError:
+            return 0
+        return info.st_blocks * 512 if info.st_nlink == 1 else 0
+
+    def remove(self, content: bytes) -> None:
+        """Drop an entry: its file, its index row and its chunk locations."""
+        name = content.hex()
+        with contextlib.suppress(FileNotFoundError), self._directory(name[:2]) as fd:
+            os.unlink(name, dir_fd=fd)
+        self.conn.execute("DELETE FROM store WHERE content = ?", (content,))
+        self.conn.execute("DELETE FROM chunks WHERE path = ?", (entry_name(content),))
+
+    # -- reading --------------------------------------------------------------------------
+
+    def get(self, content: bytes) -> bytes | None:
+        """The verified bytes of ``content`` from its entry (None if not held or no
+        longer those bytes)."""
+        if content == EMPTY_MANIFEST.id:
+            return b""
+        if not self.has(content):
+            return None
+        name = content.hex()
+        try:
+            with self._directory(name[:2]) as fd:
+                handle = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+                with os.fdopen(handle, "rb") as file:
+                    data = file.read()
+        except OSError:
+            return None
+        return data if manifest_of_bytes(data).id == content else None
+
+    @contextlib.contextmanager
+    def _directory(self, fan: str) -> Iterator[int]:
+        """A descriptor on ``.backer/store/FAN`` (made as needed), never through a link."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in (METADATA_DIR, STORE_DIR, fan):
+                child = open_directory_at(fd, part)
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+
+def held_bytes(root: Path, catalog: Catalog, content: bytes) -> bytes | None:
+    """The bytes of content id ``content`` if this device still holds them — in the
+    store, or chunk by chunk in any file of the share — every byte verified; None if
+    not (then a peer must provide them)."""
+    kept = Store(root, catalog).get(content)
+    if kept is not None:
+        return kept
+    manifest = catalog.manifest(content)
+    if manifest is None:
+        return None
+    chunks, parts = ChunkStore(root, catalog), []
+    for ref in manifest.chunks:
+        data = chunks.read(ref.hash)
+        if data is None or len(data) != ref.length:
+            return None
+        parts.append(data)
+    return b"".join(parts)

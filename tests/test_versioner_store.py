@@ -1,0 +1,121 @@
+"""The content store: replaced and deleted contents kept once each, by content id, on
+the device that applied the change and on the one that made it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from backer.model.share import Share
+from backer.scanner.content import manifest_of_bytes
+from backer.versioner.store import Store, held_bytes
+from tests.helpers import make_devices, sync, tree
+
+
+def kept(share: Share) -> dict[bytes, bytes]:
+    """Every entry of the share's store: content id -> bytes (read from disk)."""
+    root = share.root / ".backer" / "store"
+    return {bytes.fromhex(p.name): p.read_bytes() for p in root.glob("*/*")}
+
+
+def store_blocks(share: Share) -> int:
+    """Disk the store costs beyond the share's files: entries no share file links."""
+    root = share.root / ".backer" / "store"
+    return sum(p.lstat().st_blocks * 512 for p in root.glob("*/*") if p.lstat().st_nlink == 1)
+
+
+def cid(data: bytes) -> bytes:
+    return manifest_of_bytes(data).id
+
+
+def test_replaced_and_deleted_contents_are_kept_in_the_store(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "doc.txt").write_text("first")
+    (a.root / "gone.txt").write_text("bye")
+    sync(a, b)
+    (a.root / "doc.txt").write_text("second")
+    (a.root / "gone.txt").unlink()
+    sync(a, b)
+    assert kept(b)[cid(b"first")] == b"first" and kept(b)[cid(b"bye")] == b"bye"
+    assert held_bytes(b.root, b.catalog, cid(b"first")) == b"first"
+    assert held_bytes(b.root, b.catalog, cid(b"bye")) == b"bye"
+    assert held_bytes(b.root, b.catalog, cid(b"never written")) is None
+
+
+def test_a_replaced_file_with_a_255_byte_name_is_kept(tmp_path: Path) -> None:
+    """``name~STAMP`` exceeded NAME_MAX: the replacement failed on every sync (entries
+    are now named by content, whatever the file's name)."""
+    a, b = make_devices(tmp_path, 2)
+    name = "é" * 100 + "x" * 55  # 255 bytes in UTF-8
+    (a.root / name).write_text("first")
+    sync(a, b)
+    (a.root / name).write_text("second")
+    _, right = sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert not [r.errors for r in right.replicator.reports if r.errors]
+    assert kept(b)[cid(b"first")] == b"first"
+
+
+def test_the_device_that_edits_or_deletes_keeps_the_old_contents(tmp_path: Path) -> None:
+    """Only the devices applying a remote change kept the old contents; the one where
+    the edit happened kept nothing."""
+    (a,) = make_devices(tmp_path, 1)
+    (a.root / "report.txt").write_bytes(b"draft one")
+    (a.root / "notes.txt").write_bytes(b"to be deleted")
+    a.scan()
+    new = a.root / "report.txt.new"  # an editor's save: a new file renamed over the old
+    new.write_bytes(b"draft two")
+    new.replace(a.root / "report.txt")
+    (a.root / "notes.txt").unlink()
+    a.scan()
+    assert held_bytes(a.root, a.catalog, cid(b"draft one")) == b"draft one"
+    assert held_bytes(a.root, a.catalog, cid(b"to be deleted")) == b"to be deleted"
+    assert store_blocks(a) > 0  # their only copies now
+
+
+def test_an_edit_in_place_drops_the_kept_bytes_it_overwrote(tmp_path: Path) -> None:
+    """A hard link shares the inode: rewritten in place, the old bytes are gone, and the
+    store must not claim them."""
+    (a,) = make_devices(tmp_path, 1)
+    (a.root / "log.txt").write_bytes(b"line one\n")
+    a.scan()
+    assert Store(a.root, a.catalog).has(cid(b"line one\n"))
+    with open(a.root / "log.txt", "r+b") as handle:
+        handle.write(b"LINE ONE\n")
+    a.scan()
+    assert not Store(a.root, a.catalog).has(cid(b"line one\n"))
+    assert held_bytes(a.root, a.catalog, cid(b"line one\n")) is None
+    assert held_bytes(a.root, a.catalog, cid(b"LINE ONE\n")) == b"LINE ONE\n"
+
+
+def test_identical_contents_and_renames_cost_nothing_twice(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    data = os.urandom(400_000)
+    for name in ("one.bin", "two.bin", "three.bin"):
+        (a.root / name).write_bytes(data)
+    sync(a, b)
+    (a.root / "one.bin").rename(a.root / "renamed.bin")
+    (a.root / "two.bin").unlink()
+    sync(a, b)
+    for share in (a, b):
+        assert list(kept(share)) == [cid(data)]
+        assert store_blocks(share) == 0  # a share file still holds the bytes
+    (a.root / "three.bin").unlink()
+    (a.root / "renamed.bin").unlink()
+    sync(a, b)
+    for share in (a, b):
+        assert kept(share) == {cid(data): data}
+        assert 400_000 <= store_blocks(share) < 2 * 400_000  # one copy
+
+
+def test_identical_bytes_rewritten_by_a_peer_leave_one_copy(tmp_path: Path) -> None:
+    """A version with the same content as the one on disk (a re-recorded share) is
+    written as a new file: the store must then hold the new inode, not keep the old."""
+    a, b = make_devices(tmp_path, 2)
+    data = os.urandom(300_000)
+    (a.root / "big.bin").write_bytes(data)
+    sync(a, b)
+    (a.root / "big.bin").chmod(0o700)  # a new version, the same bytes
+    sync(a, b)
+    assert (b.root / "big.bin").stat().st_mode & 0o777 == 0o700
+    assert store_blocks(b) == 0 and store_blocks(a) == 0
