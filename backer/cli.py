@@ -49,6 +49,9 @@ from backer.progress import Reporter, reporter
 from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
 from backer.protocol.invite import InviteToken, parse_address
 from backer.protocol.session import Session
+from backer.versioner import config as retention_config
+from backer.versioner.prune import prune as prune_share
+from backer.versioner.store import Store
 from journal import JournalError
 
 EXIT_ERROR = 1
@@ -243,6 +246,7 @@ def _node_answer(root: Path, request: dict[str, Any]) -> Any:
         "rename": "renamed",
         "restore": "revised",
         "resolve": "revised",
+        "prune": "prune",
     }[request["op"]]
     for reply in control.request(root, request):
         if key in reply:
@@ -545,6 +549,7 @@ def history(path: str, directory: str, as_json: bool) -> None:
     with _open(directory, exclusive=False) as share:
         key = _recorded_path(share, _share_path(share, path))
         entries: list[HistoryEntry] = share.catalog.history(key)
+        pruned = Store(share.root, share.catalog).pruned(e.version_id for e in entries)
     if as_json:
         rows = [
             {
@@ -552,6 +557,7 @@ def history(path: str, directory: str, as_json: bool) -> None:
                 "author": device_id(e.author),
                 "live": e.live,
                 **commands.version_json(e.version),
+                "pruned": _when(pruned[e.version_id]) if e.version_id in pruned else None,
             }
             for e in entries
         ]
@@ -559,9 +565,12 @@ def history(path: str, directory: str, as_json: bool) -> None:
         return
     for e in entries:
         marker = "*" if e.live else " "
+        gone = (
+            f"  (bytes pruned here {_when(pruned[e.version_id])})" if e.version_id in pruned else ""
+        )
         _say(
             f"{marker} {_when(e.version.time_ms)}  {short_id(e.author)}  "
-            f"{e.version_id}  {_describe(e.version)}"
+            f"{e.version_id}  {_describe(e.version)}{gone}"
         )
 
 
@@ -730,6 +739,58 @@ def _fetch_from(share: Share, fetched: revisions.Fetched, source: str | None, wh
     hub.replicator.retrieve(fetched)
     opening = functools.partial(transport.tcp_streams, *parse_address(source))
     _results(asyncio.run(_sync_over(hub, [opening])), [source])
+
+
+@cli.command()
+@share_option
+@click.option("--dry-run", is_flag=True, help="Only say what would be freed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def prune(directory: str, dry_run: bool, as_json: bool) -> None:
+    """Drop the kept contents of replaced and deleted versions that the share's
+    retention policy no longer keeps (see 'backer config'), and say what that frees.
+    The history of every version stays. 'backer run' does this every hour by itself."""
+    try:
+        with _open(directory) as share, share.db.conn:
+            report = prune_share(share.root, share.catalog, entropy.now_ms(), dry_run).as_json()
+    except ShareBusy as busy:
+        report = _node_answer(busy.root, {"op": "prune", "dry_run": dry_run})
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    verb = "would free" if dry_run else "freed"
+    _say(
+        f"{verb} {report['bytes']} bytes: {report['files']} kept contents of "
+        f"{report['versions']} versions; {report['kept_files']} kept contents left "
+        f"({report['kept_bytes']} bytes, cap {report['cap']} bytes)"
+    )
+
+
+@cli.command("config")
+@click.argument("key", required=False)
+@click.argument("value", required=False)
+@share_option
+def config_command(key: str | None, value: str | None, directory: str) -> None:
+    """Show or change the share's settings on this device: without KEY, all of them;
+    with KEY, its value; with KEY and VALUE, set it. Retention of replaced and deleted
+    contents: every version for keep-all, then one per hour until hourly-for, one per
+    day until daily-for, one per week until weekly-for; at most max-disk of the free
+    disk (durations: 90m, 1h, 30d, 52w; max-disk: a percentage)."""
+    with _open(directory, exclusive=False) as share:
+        if key is not None and value is not None:
+            with share.db.conn:
+                shown = retention_config.set_value(share.catalog, key, value)
+            _say(f"{key} = {shown}")
+            return
+        current = retention_config.settings(share.catalog)
+    if key is not None:
+        if key not in current:
+            known = ", ".join(current)
+            raise BackerError(f"unknown setting {key!r} (settings: {known})")
+        _say(current[key][0])
+        return
+    for name, (shown, was_set, meaning) in current.items():
+        origin = "" if was_set else " (default)"
+        _say(f"{name} = {shown}{origin}  # {meaning}")
 
 
 # -- replication commands ------------------------------------------------------------------

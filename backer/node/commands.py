@@ -3,7 +3,7 @@ and the reports (``--json`` dicts) the CLI prints, built in one place for both.
 
 Ops (one JSON object per request; every reply may be ``{"error": "one line"}``):
 ``scan``, ``status``, ``sync``, ``invite``, ``remove``, ``rename``, ``restore``,
-``resolve`` (docs/architecture.md).
+``resolve``, ``prune`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -273,6 +273,8 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
                 yield {"scan": scan_report(runtime.share, await runtime.scan())}
             elif op == "status":
                 yield {"status": node_status(runtime)}
+            elif op == "prune":
+                yield {"prune": runtime.prune(bool(request.get("dry_run"))).as_json()}
             elif op == "sync":
                 yield {"sync": await node_sync(runtime, list(request.get("addresses") or []))}
             elif op == "invite":

@@ -7,8 +7,9 @@ sans-IO. Tasks and their owners (every task is cancelled by its owner on shutdow
   (its header names the share, or the invite of a joiner) and one ``Runtime.run`` per
   share; and the :class:`~backer.discover.lan.LanDiscovery` (its socket and sender task),
   closed in its ``finally``;
-- ``Runtime.run`` owns the share's TaskGroup: the watcher loop, the dial loop and one
-  task per dial attempt, while ``control.serving`` answers the share's control channel.
+- ``Runtime.run`` owns the share's TaskGroup: the watcher loop, the dial loop, the
+  hourly prune of kept contents and one task per dial attempt, while
+  ``control.serving`` answers the share's control channel.
 
 Per share, one :class:`~backer.connections.transport.Hub` holds every session; exactly
 one session per device (see :func:`keeps_new`), sessions stay open, and whatever a scan
@@ -39,6 +40,7 @@ from backer.connections.addresses import advertised, format_address, loopback_on
 from backer.discover import lan
 from backer.errors import BackerError
 from backer.events import Event, EventBus, EventType, paths
+from backer.model import entropy
 from backer.model.materializer import Report
 from backer.model.share import ScanSummary, Share
 from backer.node.commands import handler
@@ -56,6 +58,7 @@ from backer.protocol.invite import parse_address
 from backer.protocol.session import Session
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 from backer.scanner.watch import Watcher
+from backer.versioner.prune import PruneReport, prune
 
 if TYPE_CHECKING:
     from backer.config.registry import RegisteredShare
@@ -66,6 +69,7 @@ DUPLICATE_WINDOW_S = 5.0  # two sessions with one device opened this close: simu
 STOP_GRACE_S = 2.0  # sessions get this long to say goodbye on shutdown
 DISK_FULL_RETRY_S = 60.0  # after a full disk left files out, plan again this much later
 PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often
+PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and at start)
 
 
 _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
@@ -165,6 +169,7 @@ class Runtime:
             tasks.create_task(self._watch())
             tasks.create_task(self._dial_loop())
             tasks.create_task(self._publish_progress())
+            tasks.create_task(self._prune_loop())
 
     def publish(self, kind: EventType, **data: Any) -> Event:
         """An event of this share on the node's bus."""
@@ -214,6 +219,27 @@ class Runtime:
                     release_memory(self.share)
                 if changes.reason == "start":
                     self.log.info("%s: watching %s", self.name, root)
+
+    async def _prune_loop(self) -> None:
+        """Apply the share's retention policy at start and every PRUNE_EVERY_S."""
+        while True:
+            self.prune()
+            await asyncio.sleep(PRUNE_EVERY_S * self.node.scale)
+
+    def prune(self, dry_run: bool = False) -> PruneReport:
+        """Drop the kept contents the retention policy no longer keeps (in the loop, so
+        never in the middle of an apply or a scan's recording)."""
+        with self.share.db.conn:
+            report = prune(self.share.root, self.share.catalog, entropy.now_ms(), dry_run)
+        if report.files and not dry_run:
+            self.log.info(
+                "%s: pruned the kept contents of %d versions (%d files, %d bytes freed)",
+                self.name,
+                report.versions,
+                report.files,
+                report.bytes,
+            )
+        return report
 
     def _log_problems(self) -> None:
         fresh, self.share.fresh_problems = self.share.fresh_problems, []

@@ -1,0 +1,100 @@
+"""Apply the retention policy to a share's content store (``backer prune``, and the node
+every hour).
+
+The journal keeps every version's metadata for ever; only bytes go. A store entry
+stays while a version the policy keeps needs it, or while a file of the share holds
+that content (live here, or on disk as recorded: it costs nothing then). Every other
+entry is removed, and the versions whose bytes went with it are noted (table
+``pruned``), so ``history`` can say when.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backer.db.catalog import Catalog
+from backer.model.records import Kind, Version
+from backer.versioner.config import policy as share_policy
+from backer.versioner.retention import Candidate, Policy, retained
+from backer.versioner.store import Store
+
+
+@dataclass
+class PruneReport:
+    files: int = 0  # store entries removed (or that would be)
+    bytes: int = 0  # disk space that frees
+    versions: int = 0  # versions whose bytes go
+    kept_files: int = 0  # store entries left
+    kept_bytes: int = 0  # what those cost beyond the share's own files
+    cap: int = 0  # the size cap applied, in bytes
+    dry_run: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        """What ``backer prune --json`` prints (and the node's ``prune`` answer)."""
+        return dataclasses.asdict(self)
+
+
+def candidates(catalog: Catalog, held: dict[bytes, int]) -> tuple[list[Candidate], set[bytes]]:
+    """The replaced and deleted file versions whose content the store holds, each with
+    the time it stopped being current; and the contents this device's files hold
+    (live versions, and what the disk held at the last scan)."""
+    versions: dict[str, tuple[str, Version]] = {}
+    for vid, path, record in catalog.conn.execute("SELECT vid, path, record FROM versions"):
+        versions[vid] = (path, Version.decode(record))
+    live = {vid for (vid,) in catalog.conn.execute("SELECT vid FROM live")}
+    replaced: dict[str, int] = {}
+    for old, new in catalog.conn.execute("SELECT old, new FROM supersedes"):
+        if new in versions:
+            time_ms = versions[new][1].time_ms
+            replaced[old] = min(replaced.get(old, time_ms), time_ms)
+    on_disk = {entry.version_id for entry in catalog.local_entries().values()}
+    free = {
+        version.content
+        for vid, (_, version) in versions.items()
+        if (vid in live or vid in on_disk) and version.kind == Kind.FILE
+    }
+    found = [
+        Candidate(vid, path, replaced.get(vid, version.time_ms), version.content, version.size)
+        for vid, (path, version) in versions.items()
+        if vid not in live and version.kind == Kind.FILE and version.content in held
+    ]
+    return found, free
+
+
+def prune(
+    root: Path,
+    catalog: Catalog,
+    now_ms: int,
+    dry_run: bool = False,
+    policy: Policy | None = None,
+) -> PruneReport:
+    """Remove (or with ``dry_run`` only count) the store entries the share's policy no
+    longer needs; the caller commits."""
+    store = Store(root, catalog)
+    held = store.contents()
+    found, free = candidates(catalog, held)
+    policy = policy or share_policy(catalog)
+    used = sum(size for content, size in held.items() if content not in free)
+    stat = os.statvfs(root)
+    cap = int(policy.max_disk * (stat.f_bavail * stat.f_frsize + used))
+    keep = retained(found, now_ms, policy, cap, free)
+    needed = free | {c.content for c in found if c.version_id in keep}
+    report = PruneReport(cap=cap, dry_run=dry_run)
+    doomed = [content for content in held if content not in needed]
+    for content in doomed:
+        report.files += 1
+        report.bytes += store.freed_by_removing(content)
+        if not dry_run:
+            store.remove(content)
+    gone = set(doomed)
+    dropped = [c.version_id for c in found if c.content in gone]
+    report.versions = len(dropped)
+    report.kept_files = len(held) - len(doomed)
+    report.kept_bytes = sum(held[c] for c in held if c not in gone and c not in free)
+    if not dry_run:
+        store.note_pruned(dropped, now_ms)
+    return report

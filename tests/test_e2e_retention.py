@@ -1,0 +1,156 @@
+"""Retention end to end: `prune` frees exactly what `prune --dry-run` says and nothing
+before; `config` checks what it stores; a whole share re-recorded on a recovered
+device (repair, join) costs no second copy of its files (real CLI processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import Device, free_port, invite
+
+FILES, SIZE = 24, 200_000
+
+
+def disk_use(root: Path) -> int:
+    """Bytes allocated under ``root`` (.backer included), each inode counted once —
+    what ``du`` says."""
+    seen, total = set(), 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            info = os.lstat(os.path.join(dirpath, name))
+            if info.st_ino not in seen:
+                seen.add(info.st_ino)
+                total += info.st_blocks * 512
+    return total
+
+
+def store_files(device: Device) -> dict[str, int]:
+    """The store's entries: name -> link count."""
+    store = device.root / ".backer" / "store"
+    return {p.name: p.stat().st_nlink for p in store.glob("*/*")}
+
+
+def _save(path: Path, data: bytes) -> None:
+    """Save as an editor does: a new file renamed over the old one."""
+    new = path.with_name(path.name + ".saving")
+    new.write_bytes(data)
+    new.replace(path)
+
+
+def _json(device: Device, *args: str) -> dict:
+    return json.loads(device.run(*args, "--json", "--dir", str(device.root)).stdout)
+
+
+@pytest.fixture
+def edited(tmp_path: Path) -> Device:
+    """A share whose files were each saved over three times on this device."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    for i in range(FILES):
+        (a.root / f"doc-{i}.bin").write_bytes(os.urandom(SIZE))
+    a.run("init", str(a.root))
+    for _ in range(3):
+        for i in range(FILES):
+            _save(a.root / f"doc-{i}.bin", os.urandom(SIZE))
+        a.run("scan", "--dir", str(a.root))
+    return a
+
+
+def test_prune_dry_run_changes_nothing_and_prune_frees_what_it_said(edited: Device) -> None:
+    a = edited
+    assert len(store_files(a)) == 4 * FILES  # the device that edited kept the old bytes
+    nothing = _json(a, "prune")  # all within the last hour: kept
+    assert nothing["files"] == 0 and nothing["kept_files"] == 4 * FILES
+    for key, value in (("keep-all", "0s"), ("hourly-for", "0s"), ("daily-for", "0s")):
+        a.run("config", key, value, "--dir", str(a.root))
+    a.run("config", "weekly-for", "0s", "--dir", str(a.root))
+    before, files = disk_use(a.root), store_files(a)
+    said = _json(a, "prune", "--dry-run")
+    assert said["dry_run"] and said["files"] == 3 * FILES and said["versions"] == 3 * FILES
+    assert said["bytes"] >= 3 * FILES * SIZE
+    assert disk_use(a.root) == before and store_files(a) == files  # changed nothing
+    done = _json(a, "prune")
+    assert {k: v for k, v in done.items() if k not in ("dry_run", "cap")} == {
+        k: v for k, v in said.items() if k not in ("dry_run", "cap")
+    }
+    freed = before - disk_use(a.root)
+    assert abs(freed - said["bytes"]) <= 64 * 1024  # (the database's own pages move too)
+    assert len(store_files(a)) == FILES and set(store_files(a).values()) == {2}  # live ones
+    history = _json(a, "history", str(a.root / "doc-0.bin"))
+    assert [row["pruned"] is not None for row in history] == [True, True, True, False]
+    assert _json(a, "prune")["files"] == 0
+
+
+def test_config_checks_every_value_in_one_line(edited: Device) -> None:
+    a = edited
+    for args, words in (
+        (("keep-all", "forever"), "not a duration"),
+        (("max-disk", "120%"), "not a percentage"),
+        (("daily-for", "2h"), "cannot be shorter than"),
+        (("colour", "red"), "unknown setting"),
+        (("colour",), "unknown setting"),
+    ):
+        result = a.run("config", *args, "--dir", str(a.root), check=False)
+        assert result.returncode == 1 and words in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    a.run("config", "max-disk", "5%", "--dir", str(a.root))
+    assert a.run("config", "max-disk", "--dir", str(a.root)).stdout.strip() == "5%"
+    listing = a.run("config", "--dir", str(a.root)).stdout
+    assert "max-disk = 5%  #" in listing and "keep-all = 1h (default)" in listing
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    """a serving, b joined and in sync with it."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    for i in range(FILES):
+        (a.root / f"photo-{i}.bin").write_bytes(os.urandom(SIZE))
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        b.run("join", token, str(b.root))
+        b.sync(address)
+        yield a, b, address
+
+
+def test_repair_re_records_a_whole_share_without_a_second_copy(pair) -> None:
+    """Disk use of a device whose .backer/ was lost (then damaged), recovered by
+    repair: the files are recognised and kept by link, not copied."""
+    _, b, address = pair
+    data = FILES * SIZE
+    before = disk_use(b.root)
+    shutil.rmtree(b.root / ".backer")
+    b.run("repair", "--from", address, "--dir", str(b.root))
+    after_lost = disk_use(b.root)
+    db = b.root / ".backer" / "backer.db"
+    os.truncate(db, db.stat().st_size // 2)  # damaged: the old store stays beside it
+    b.run("repair", "--from", address, "--dir", str(b.root))
+    after_damaged = disk_use(b.root)
+    for after in (after_lost, after_damaged):
+        assert after - before < data // 10, (before, after_lost, after_damaged)
+    assert len(store_files(b)) == FILES and set(store_files(b).values()) == {2}
+    _save(b.root / "photo-0.bin", b"edited on b after the repair")  # the old bytes stay
+    b.sync(address)
+    assert sorted(store_files(b).values()) == [1] + [2] * FILES  # the old photo-0, alone
+
+
+def test_joining_again_into_the_same_files_makes_no_second_copy(pair, tmp_path: Path) -> None:
+    """A device that lost its metadata joins again, with a new device key, into the
+    folder that still holds every file."""
+    a, b, address = pair
+    before = disk_use(b.root)
+    shutil.rmtree(b.root / ".backer")
+    again = Device(tmp_path, "b-again")
+    again.root = b.root
+    token = a.run("invite", "--no-wait", "--address", address, "--dir", str(a.root)).stdout
+    again.run("join", token.strip(), str(again.root))
+    again.sync(address)
+    assert disk_use(b.root) - before < FILES * SIZE // 10
+    assert len(store_files(again)) == FILES
