@@ -189,7 +189,7 @@ async def history(request: web.Request) -> web.Response:
 @routes.post("/api/shares/{share}/restore")
 async def restore(request: web.Request) -> web.Response:
     """Make version ``version`` of ``path`` current again (a new version, sent to
-    every device; what the path holds now is kept in .backer/versions/)."""
+    every device; what the path holds now is kept in the content store)."""
     runtime = _runtime(request)
     body = await _body(request)
     path, version = _path(request, body), str(body.get("version", ""))

@@ -913,7 +913,7 @@ class Materializer:
     def _delete(
         self, op: Operation, cached: LocalEntry | None, report: Report, touched: set[Path]
     ) -> None:
-        """Remove a recorded entry (its contents kept in versions/); its directory goes
+        """Remove a recorded entry (its contents kept in the store); its directory goes
         into ``touched``, to be fsynced once for all deletions."""
         target = self._target(op.path)
         info = self._unchanged(target, cached)

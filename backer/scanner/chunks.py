@@ -1,7 +1,7 @@
 """Where chunk bytes come from: the files already in the share.
 
 The catalog's chunk index says where a chunk's bytes were last seen (any file of the
-share, old versions in ``.backer/versions/`` included); they are re-hashed when read, so
+share, kept contents in ``.backer/store/`` included); they are re-hashed when read, so
 a stale index row costs a miss, never a wrong byte. Chunks from peers do not pass
 through here: they are written straight into the temp files being assembled (see
 :class:`~backer.model.materializer.Assembly`).
