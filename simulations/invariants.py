@@ -16,6 +16,9 @@ from backer.model.records import Kind, Version
 from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
+from backer.versioner.config import policy as retention_policy
+from backer.versioner.prune import replaced_at
+from backer.versioner.store import Store
 from journal import Checkpoint, Event, Range
 
 from .cluster import Cluster
@@ -277,3 +280,24 @@ def fingerprint(cluster: Cluster) -> bytes:
         for author, checkpoint in sorted(node.open().journal.summary().items()):
             parts += [author, checkpoint.length.to_bytes(8, "big"), checkpoint.root]
     return blake3(b"".join(parts)).digest()
+
+
+def check_retention_window(cluster: Cluster) -> None:
+    """Nothing inside the retention window is ever pruned: every version whose bytes a
+    node pruned had stopped being current at least ``keep-all`` before the prune (for
+    a campaign that calls ``backer.versioner.prune.prune`` on its nodes)."""
+    for node in cluster.nodes:
+        catalog = node.open().catalog
+        keep_all = retention_policy(catalog).keep_all_ms
+        versions = {
+            vid: Version.decode(record)
+            for vid, record in catalog.conn.execute("SELECT vid, record FROM versions")
+        }
+        since = replaced_at(catalog, versions)
+        for vid, pruned_ms in Store(node.root, catalog).pruned(versions).items():
+            stopped = since.get(vid, versions[vid].time_ms)
+            if pruned_ms - stopped < keep_all:
+                raise InvariantBroken(
+                    f"{node.name} pruned {vid}, current until {stopped} ms, at {pruned_ms} ms: "
+                    f"inside the {keep_all} ms retention window"
+                )

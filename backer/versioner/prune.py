@@ -38,6 +38,17 @@ class PruneReport:
         return dataclasses.asdict(self)
 
 
+def replaced_at(catalog: Catalog, versions: dict[str, Version]) -> dict[str, int]:
+    """When each superseded version stopped being current: the time of the earliest
+    version (of ``versions``, every one recorded) that supersedes it."""
+    replaced: dict[str, int] = {}
+    for old, new in catalog.conn.execute("SELECT old, new FROM supersedes"):
+        if new in versions:
+            time_ms = versions[new].time_ms
+            replaced[old] = min(replaced.get(old, time_ms), time_ms)
+    return replaced
+
+
 def candidates(catalog: Catalog, held: dict[bytes, int]) -> tuple[list[Candidate], set[bytes]]:
     """The replaced and deleted file versions whose content the store holds, each with
     the time it stopped being current; and the contents this device's files hold
@@ -46,11 +57,7 @@ def candidates(catalog: Catalog, held: dict[bytes, int]) -> tuple[list[Candidate
     for vid, path, record in catalog.conn.execute("SELECT vid, path, record FROM versions"):
         versions[vid] = (path, Version.decode(record))
     live = {vid for (vid,) in catalog.conn.execute("SELECT vid FROM live")}
-    replaced: dict[str, int] = {}
-    for old, new in catalog.conn.execute("SELECT old, new FROM supersedes"):
-        if new in versions:
-            time_ms = versions[new][1].time_ms
-            replaced[old] = min(replaced.get(old, time_ms), time_ms)
+    replaced = replaced_at(catalog, {vid: version for vid, (_, version) in versions.items()})
     on_disk = {entry.version_id for entry in catalog.local_entries().values()}
     free = {
         version.content
