@@ -59,7 +59,7 @@ def _buckets(history: list[Candidate], policy: Policy) -> dict[tuple, list[Candi
     return found
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(histories(), policies(), st.integers(0, 100_000))
 def test_nothing_inside_the_retention_window_is_ever_pruned(
     history: list[Candidate], policy: Policy, cap: int
@@ -69,7 +69,7 @@ def test_nothing_inside_the_retention_window_is_ever_pruned(
     assert young <= kept
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(histories(), policies())
 def test_each_bucket_keeps_exactly_one_its_newest(history: list[Candidate], policy: Policy) -> None:
     """Each bucket in a tier's window keeps its newest version; a version is kept only
@@ -87,7 +87,7 @@ def test_each_bucket_keeps_exactly_one_its_newest(history: list[Candidate], poli
         assert all(c.path == path and c.since_ms // span == bucket for c in members)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(histories(), policies(), st.integers(0, 50_000))
 def test_the_size_cap_holds_unless_only_the_last_hour_is_left(
     history: list[Candidate], policy: Policy, cap: int
