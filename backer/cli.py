@@ -35,6 +35,7 @@ from backer.connections import control, transport
 from backer.connections.addresses import AddressBook, advertised, loopback_only
 from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError
+from backer.errors import reason as error_reason
 from backer.fs.paths import METADATA_DIR
 from backer.model import entropy, revisions
 from backer.model import repair as repair_mod
@@ -45,6 +46,7 @@ from backer.model.replicator import Replicator
 from backer.model.share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
 from backer.node import commands
 from backer.node.node import Node
+from backer.numbers import natural
 from backer.progress import Reporter, reporter
 from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
 from backer.protocol.invite import InviteToken, parse_address
@@ -457,8 +459,9 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 def _parse_time(text: str, option: str) -> int:
     """``--since``, ``--at``: a UTC date and time as printed, or an age (``12h``); in ms."""
     text = text.strip()
-    if text[:-1].isdigit() and text[-1:] in _AGE_UNITS:
-        return max(0, time.time_ns() // 1_000_000 - int(text[:-1]) * _AGE_UNITS[text[-1]] * 1000)
+    age = natural(text[:-1])
+    if age is not None and text[-1:] in _AGE_UNITS:
+        return max(0, time.time_ns() // 1_000_000 - age * _AGE_UNITS[text[-1]] * 1000)
     for pattern in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"):
         try:
             stamp = dt.datetime.strptime(text, pattern).replace(tzinfo=dt.UTC)
@@ -1436,14 +1439,6 @@ def service_uninstall() -> None:
     _say(f"removed {path}; then run: {stop}")
 
 
-def _reason(exc: Exception) -> str:
-    """``PATH: reason`` for a system call's error, as coreutils say it, not Python's
-    ``[Errno N] reason: 'PATH'``."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
-
-
 def main() -> None:
     """Console entry point: run the CLI, turning errors into one line and an exit code."""
     transport.raise_fd_limit()
@@ -1463,7 +1458,7 @@ def main() -> None:
             raise
         damaged = isinstance(exc, sqlite3.DatabaseError) and is_damage(exc)
         hint = "; the share database is damaged: run 'backer repair --from HOST:PORT'"
-        _say(f"backer: error: {_reason(exc)}{hint if damaged else ''}", err=True)
+        _say(f"backer: error: {error_reason(exc)}{hint if damaged else ''}", err=True)
         sys.exit(EXIT_ERROR)
     except Exception as exc:
         if os.environ.get("BACKER_DEBUG"):

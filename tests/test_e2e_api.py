@@ -235,6 +235,19 @@ def test_a_foreign_host_header_is_refused_with_403_even_with_the_key(lone) -> No
         assert api.call("GET", "/api/shares", headers={"Host": host})[0] == 200
 
 
+def test_numbers_that_are_not_plain_digits_are_refused_not_an_internal_error(lone) -> None:
+    """``"²".isdigit()`` holds and ``int`` refuses 5,000 digits: each was a 500."""
+    _, _, api = lone
+    nines = "9" * 5000
+    for path in ("/login?token=a.%C2%B2.b", f"/login?token=a.{nines}.b"):
+        assert api.call("GET", path, key=None)[0] == 401, path
+    for query in ("limit=%C2%B2", f"before={nines}"):
+        assert api.call("GET", f"/api/shares/solo/changes?{query}")[0] == 400, query
+    for expires in (1e400, "abc", True, 0):
+        status, answer, _ = api.call("POST", "/api/shares/solo/invite", {"expires": expires})
+        assert status == 400 and "whole number of seconds" in answer["error"], expires
+
+
 def login(api: Api, device: Device) -> str:
     """The session cookie that ``backer open``'s link sets."""
     url = device.run("open", "--no-browser").stdout.strip()

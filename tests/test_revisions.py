@@ -4,6 +4,7 @@ a peer."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -160,6 +161,48 @@ def test_a_version_restored_elsewhere_in_the_share_or_outside_it(tmp_path: Path)
     with pytest.raises(BackerError, match="already exists; nothing there is replaced"):
         revisions.carry_out(b, plan, store, outside)
     assert [p.name for p in outside.iterdir()] == ["doc.txt"]  # no temp file left
+
+
+def test_a_members_link_with_entries_below_it_is_never_followed_by_a_restore_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """A hostile member's event makes ``evil`` a link to a folder outside while
+    ``evil/planted.txt`` stays live: restored outside the share, neither the link nor
+    what is below it may put a file in that folder."""
+    (share,) = make_devices(tmp_path, 1)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (share.root / "evil").mkdir()
+    (share.root / "evil" / "planted.txt").write_text("planted\n")
+    os.symlink(victim, share.root / "lnk")
+    share.scan()
+    link = next(iter(share.catalog.live_for(["lnk"])["lnk"].values()))
+    (folder,) = share.catalog.live_for(["evil"])["evil"]
+    share.commit([("evil", dataclasses.replace(link, supersedes=(folder,)))])
+    moment = _moment(share)
+    assert "evil/planted.txt" not in revisions.state_at(share.catalog, "", moment)
+    store = ChunkStore(share.root, share.catalog)
+    for top, dest in (("evil", tmp_path / "out" / "x"), ("", tmp_path / "whole")):
+        plan = revisions.plan_restore(share, top, at_ms=moment)
+        revisions.carry_out(share, plan, store, dest)
+    assert list(victim.iterdir()) == []
+    assert (tmp_path / "whole" / "lnk").is_symlink()  # a new folder made, as mkdir -p
+
+
+def test_a_whole_share_restored_into_an_existing_folder_goes_into_a_folder_of_its_name(
+    tmp_path: Path,
+) -> None:
+    (share,) = make_devices(tmp_path, 1)
+    (share.root / "a").mkdir()
+    (share.root / "a" / "b.txt").write_text("b\n")
+    share.scan()
+    moment = _moment(share)
+    (tmp_path / "into").mkdir()
+    store = ChunkStore(share.root, share.catalog)
+    revisions.carry_out(
+        share, revisions.plan_restore(share, "", at_ms=moment), store, tmp_path / "into"
+    )
+    assert (tmp_path / "into" / share.root.name / "a" / "b.txt").read_text() == "b\n"
 
 
 def test_bytes_only_a_peer_holds_are_fetched_through_the_replicator(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from backer.connections.addresses import format_address, loopback_only
 from backer.errors import BackerError
+from backer.numbers import natural
 from backer.protocol.invite import parse_address
 
 DEFAULT_ADDRESS = "127.0.0.1:7655"
@@ -160,9 +161,9 @@ class Credentials:
         self.used = {n: e for n, e in self.used.items() if e >= now_ms}
         nonce, _, rest = token.partition(".")
         expires_text, _, mac = rest.partition(".")
-        if not expires_text.isdigit() or nonce in self.used:
+        expires_ms = natural(expires_text)
+        if expires_ms is None or nonce in self.used:
             return False
-        expires_ms = int(expires_text)
         if not now_ms <= expires_ms <= now_ms + LOGIN_TTL_S * 1000:
             return False
         if not hmac.compare_digest(mac.encode(), _mac(self.key, nonce, expires_ms).encode()):

@@ -23,6 +23,7 @@ from backer.events import Event, EventType, paths
 from backer.model import revisions
 from backer.model.records import Kind, new_version_id, timestamp
 from backer.node import commands
+from backer.numbers import natural
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules, temp_name
 
 if TYPE_CHECKING:
@@ -94,9 +95,10 @@ def _int(request: web.Request, name: str, default: int | None) -> int | None:
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit():
+    number = natural(text)
+    if number is None:
         raise _fail(web.HTTPBadRequest, f"{name} must be a whole number")
-    return int(text)
+    return number
 
 
 @routes.get("/api/shares/{share}/changes")
@@ -255,7 +257,10 @@ async def invite(request: web.Request) -> web.Response:
     """A single-use invite token naming this node's addresses (``expires``: seconds)."""
     runtime = _runtime(request)
     body = await _body(request)
-    ask = {"expires": body.get("expires", 86400)}
+    expires = body.get("expires", 86400)
+    if not isinstance(expires, int) or isinstance(expires, bool) or not 0 < expires < 2**31:
+        raise _fail(web.HTTPBadRequest, "expires must be a whole number of seconds above 0")
+    ask = {"expires": expires}
     replies = commands.node_invite(request.app[NODE], runtime, ask)
     try:
         token = (await anext(replies))["token"]
@@ -324,7 +329,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: every event of the node from now on, or after the id in
     ``Last-Event-ID`` (or ``?since=``) while it is still buffered (see backer.events)."""
     since_text = request.headers.get("Last-Event-ID") or request.query.get("since")
-    since = int(since_text) if since_text and since_text.isdigit() else None
+    since = natural(since_text)
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
     )

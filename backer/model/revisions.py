@@ -203,7 +203,22 @@ def state_at(catalog: Catalog, top: str, at_ms: int) -> dict[str, Entry]:
         moot = superseded_by.get(source, set()) - {vid}
         if source not in holders and not moot and path not in entries:
             entries[path] = Entry(path, vid, version)
-    return dict(sorted(entries.items()))
+    return _a_tree(entries)
+
+
+def _a_tree(entries: dict[str, Entry]) -> dict[str, Entry]:
+    """``entries`` without those below a link or a file: a member's events may hold both
+    ``x`` (a link) and ``x/y``, and no disk can; what was there is only what a tree can
+    hold (else a restore elsewhere would write ``y`` wherever the link points)."""
+    tree: dict[str, Entry] = {}
+    for path, entry in sorted(entries.items()):
+        parent = path.rpartition("/")[0]
+        above = tree.get(parent)
+        below_a_non_folder = above is None or above.version.kind != Kind.DIRECTORY
+        if parent in entries and below_a_non_folder:  # (a link, a file, or left out)
+            continue
+        tree[path] = entry
+    return tree
 
 
 def current(live: dict[str, dict[str, Version]]) -> dict[str, Entry]:
@@ -405,15 +420,25 @@ def export(share: Share, plan: RestorePlan, dest: Path, store: ChunkStore) -> li
     top, written = plan.top, []
     if dest.is_dir():  # into it, as cp does
         dest = dest / (top.rpartition("/")[2] or share.root.name)
+    folders = {""}  # relative paths of the real directories written into (never a link)
+    dest.parent.mkdir(parents=True, exist_ok=True)  # as mkdir -p
+    if not any(entry.path == top for entry in plan.entries):  # a folder: make its top
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            raise BackerError(f"{dest} already exists and is not a directory")
+        dest.mkdir(mode=0o755, parents=True, exist_ok=True)
     for entry in plan.entries:
         relative = entry.path[len(top) :].lstrip("/") if top else entry.path
+        if relative.rpartition("/")[0] not in folders:
+            continue  # below something that is not a directory written here: never followed
         target = dest / relative if relative else dest
         if os.path.lexists(target):
             if entry.version.kind == Kind.DIRECTORY and target.is_dir() and not target.is_symlink():
+                folders.add(relative)
                 continue
             raise BackerError(f"{target} already exists; nothing there is replaced")
         if entry.version.kind == Kind.DIRECTORY:
             target.mkdir(mode=entry.version.permissions or 0o755)
+            folders.add(relative)
         elif entry.version.kind == Kind.SYMLINK:
             os.symlink(entry.version.link_target, target)
         else:

@@ -18,7 +18,7 @@ from backer.config.identity import device_id, parse_device_id, short_id
 from backer.connections import control
 from backer.connections.addresses import format_address
 from backer.db.catalog import Problem
-from backer.errors import BackerError
+from backer.errors import BackerError, reason
 from backer.model import revisions
 from backer.model.membership import EventKind
 from backer.model.records import Kind, Version, timestamp
@@ -296,7 +296,10 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
             else:
                 yield {"error": f"unknown request {op!r}"}
         except (BackerError, KeyError, TypeError, ValueError) as exc:
-            yield {"error": str(exc) or type(exc).__name__}
+            yield {"error": reason(exc)}
+        except OSError as exc:  # (the disk's; the channel's own errors are not raised here)
+            node.log.error("%s: %s failed: %s", runtime.name, op, reason(exc))
+            yield {"error": reason(exc)}
 
     return handle
 
