@@ -119,3 +119,31 @@ def test_identical_bytes_rewritten_by_a_peer_leave_one_copy(tmp_path: Path) -> N
     sync(a, b)
     assert (b.root / "big.bin").stat().st_mode & 0o777 == 0o700
     assert store_blocks(b) == 0 and store_blocks(a) == 0
+
+
+def test_a_deleted_file_is_kept_even_when_its_twin_was_rewritten_in_place(
+    tmp_path: Path,
+) -> None:
+    """The store's entry for two identical files was the other file's inode, rewritten
+    in place (not scanned yet): deleting this one kept nothing of its bytes (seed 535)."""
+    from backer.protocol.session import Session
+    from tests.helpers import pump
+
+    a, b = make_devices(tmp_path, 2)
+    data = os.urandom(50_000)
+    (a.root / "one.bin").write_bytes(data)
+    (a.root / "two.bin").write_bytes(data)
+    sync(a, b)
+    entry = b.root / ".backer" / "store" / cid(data).hex()[:2] / cid(data).hex()
+    twin = next(
+        p for p in ("one.bin", "two.bin") if (b.root / p).stat().st_ino == entry.stat().st_ino
+    )
+    other = "two.bin" if twin == "one.bin" else "one.bin"
+    with open(b.root / twin, "r+b") as handle:  # b's person, not scanned yet
+        handle.write(b"rewritten in place")
+    (a.root / other).unlink()
+    a.scan()
+    left, right = Session(a, "a"), Session(b, "b")
+    pump(left, right)
+    assert not (b.root / other).exists()
+    assert held_bytes(b.root, b.catalog, cid(data)) == data

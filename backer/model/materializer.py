@@ -906,7 +906,7 @@ class Materializer:
             content = version.content
         else:
             content = manifest_of_file(target, info.st_size).id
-        self.kept.keep(path, content, info.st_size)
+        self.kept.keep(path, content, info.st_size, retiring=True)
         self.kept.retire(path, content)
         return content
 

@@ -93,11 +93,14 @@ class Store:
 
     # -- keeping --------------------------------------------------------------------------
 
-    def keep(self, path: str, content: bytes, size: int) -> None:
+    def keep(self, path: str, content: bytes, size: int, retiring: bool = False) -> None:
         """Hold the bytes of the share file at ``path`` (recorded as ``content``) by a
         hard link. An entry that already holds them stays, unless only the store holds
         it while this file has the same bytes (checked by hashing it): then the entry
-        becomes this file's inode (one copy on disk, not two). Raises OSError when the
+        becomes this file's inode (one copy on disk, not two). A file ``retiring`` (about
+        to be replaced or deleted, as recorded) always becomes the entry: an entry that
+        is another file's inode may have been rewritten in place since (:meth:`rejoin`
+        gives the extra copy back once that file is checked). Raises OSError when the
         link cannot be made."""
         if content == EMPTY_MANIFEST.id:
             return
@@ -113,10 +116,9 @@ class Store:
                 raise OSError(errno.EINVAL, f"not a regular file: {path}")
             if held is None:
                 os.link(source, name, dst_dir_fd=fd, follow_symlinks=False)
-            elif (
-                held.st_ino != live.st_ino
-                and held.st_nlink == 1
-                and manifest_of_file(source, live.st_size).id == content
+            elif held.st_ino != live.st_ino and (
+                retiring
+                or (held.st_nlink == 1 and manifest_of_file(source, live.st_size).id == content)
             ):
                 spare = f"{name}.{secrets.token_hex(4)}.tmp"
                 os.link(source, spare, dst_dir_fd=fd, follow_symlinks=False)
