@@ -647,6 +647,7 @@ class Assembly:
                 batch.append(staged)
                 batch_bytes += op.version.size
         materializer._commit(batch, report)
+        materializer.unmake_emptied(deleted_from)
         for directory in sorted(deleted_from, reverse=True):
             _fsync_dir_reported(directory, materializer.root, report)
         self._keep_directory_times()
@@ -869,6 +870,32 @@ class Materializer:
             with contextlib.suppress(OSError):  # not empty: it is used
                 os.rmdir(directory)
         self._made.clear()
+
+    def unmake_emptied(self, directories: set[Path]) -> None:
+        """Remove the directories that deletions left empty where no device wants one:
+        never recorded here and with no live version (a missing parent made earlier for
+        a file since deleted). Left there, the next scan would record each as a new
+        directory and bring back one deleted everywhere (a conflict copy was written
+        into a folder this device had deleted, then the copy was deleted). Their
+        parents, emptied in turn, are looked at too; ``directories`` gets them (fsync)."""
+        pending = sorted(directories, key=lambda d: len(d.parts))
+        while pending:
+            directory = pending.pop()
+            if directory == self.root or not directory.is_relative_to(self.root):
+                continue
+            path = directory.relative_to(self.root).as_posix()
+            if path in self.catalog.local_entries([path]):
+                continue
+            live = self.catalog.live_for([path]).get(path, {})
+            if any(v.kind != Kind.DELETED for v in live.values()):
+                continue
+            try:
+                os.rmdir(directory)  # only if empty: what is in it is someone's
+            except OSError:
+                continue
+            directories.discard(directory)
+            directories.add(directory.parent)
+            pending.append(directory.parent)
 
     def relock(self, report: Report) -> None:
         """Give every directory :meth:`_unlock` opened its mode back."""
