@@ -284,7 +284,9 @@ def test_a_directory_made_for_a_file_that_was_not_written_is_removed() -> None:
     manifest no peer it met still had: the materializer made the missing parent a/c to
     stage it, failed, and left a/c behind. Its next scan recorded a/c as a new
     directory, which beat the deletions: a directory deleted everywhere came back
-    (campaign seed 5069)."""
+    (campaign seed 5069). Since a deletion keeps its bytes, node 1 can write the copy:
+    a/c is made for it, and when the copy is deleted too, a/c (never recorded there,
+    live nowhere) must go with it (Materializer.unmake_emptied)."""
     steps = [
         ("race", {"node": 0, "path": "a/c/h", "data": b"mine", "limit": 6}),
         ("scan", {"node": 0, "during": 11}),
