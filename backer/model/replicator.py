@@ -179,17 +179,8 @@ class Replicator:
                     sink.unavailable(chunk_hash)
                 continue
             self.sink_asked[chunk_hash] = session
-            session.bytes_in_flight += wanting[0].wanted[chunk_hash]
-            session.chunks_in_flight += 1
-            self._asked(session)
-            batch = batches.setdefault(session, [])
-            batch.append(chunk_hash)
-            if len(batch) == CHUNKS_PER_REQUEST:
-                session.outbox.append(WantChunks(batch))
-                batches[session] = []
-        for session, batch in batches.items():
-            if batch:
-                session.outbox.append(WantChunks(batch))
+            self._ask(session, chunk_hash, wanting[0].wanted[chunk_hash], batches)
+        self._send(batches)
         self.sinks = [s for s in self.sinks if s.wanted]
 
     def _sink_chunk(self, session: Session, chunk_hash: bytes, data: bytes) -> None:
@@ -313,6 +304,27 @@ class Replicator:
         candidates = [s for s in self._fetchers() if s not in lacking]
         return min(candidates, key=lambda s: s.bytes_in_flight, default=None)
 
+    def _ask(
+        self, session: Session, chunk_hash: bytes, length: int, batches: dict[Session, list[bytes]]
+    ) -> None:
+        """Count a chunk as in flight from ``session`` and add it to that session's
+        request, sent as soon as it holds :data:`CHUNKS_PER_REQUEST` (the rest by
+        :meth:`_send`)."""
+        session.bytes_in_flight += length
+        session.chunks_in_flight += 1
+        self._asked(session)
+        batch = batches.setdefault(session, [])
+        batch.append(chunk_hash)
+        if len(batch) == CHUNKS_PER_REQUEST:
+            session.outbox.append(WantChunks(batch))
+            batches[session] = []
+
+    @staticmethod
+    def _send(batches: dict[Session, list[bytes]]) -> None:
+        for session, batch in batches.items():
+            if batch:
+                session.outbox.append(WantChunks(batch))
+
     @staticmethod
     def _asked(session: Session) -> None:
         """A request went to ``session``: its answer is awaited from now on, unless an
@@ -410,17 +422,8 @@ class Replicator:
                 break
             self.chunk_queue.popleft()
             self.chunks_asked[chunk_hash] = session
-            session.bytes_in_flight += self.chunk_lengths[chunk_hash]
-            session.chunks_in_flight += 1
-            self._asked(session)
-            batch = batches.setdefault(session, [])
-            batch.append(chunk_hash)
-            if len(batch) == CHUNKS_PER_REQUEST:
-                session.outbox.append(WantChunks(batch))
-                batches[session] = []
-        for session, batch in batches.items():
-            if batch:
-                session.outbox.append(WantChunks(batch))
+            self._ask(session, chunk_hash, self.chunk_lengths[chunk_hash], batches)
+        self._send(batches)
 
     def _finish_window(self) -> None:
         assert self.operations is not None and self.assembly is not None
