@@ -156,7 +156,8 @@ def test_the_default_schedule_by_example() -> None:
         Candidate(f"v{n:06d}", "f", NOW - n * 10 * MINUTE, b"c", 1)
         for n in range(0, 2 * 365 * 24 * 6)
     ]
-    kept = [c for c in history if c.version_id in by_age(history, NOW, Policy())]
+    chosen = by_age(history, NOW, Policy())
+    kept = [c for c in history if c.version_id in chosen]
     ages = [NOW - c.since_ms for c in kept]
     assert sum(a < HOUR for a in ages) == 6
     assert 23 <= sum(HOUR <= a < DAY for a in ages) <= 24
