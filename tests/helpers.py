@@ -119,6 +119,19 @@ class Links:
             session.close()
 
 
+def waiting_for_chunks(a: Share, b: Share) -> tuple[Session, Session, Links]:
+    """A session from a to b stepped until b's plan has asked for chunks: b's window is
+    open and waiting, the moment the person's edits race the plan."""
+    left, right = Session(a, "a"), Session(b, "b")
+    links = Links([(left, right)])
+    for _ in range(100):
+        if right.replicator.chunks_asked:
+            break
+        links.step()
+    assert right.replicator.chunks_asked
+    return left, right, links
+
+
 def sync(a: Share, b: Share) -> tuple[Session, Session]:
     """Scan both, then run one session between them to completion."""
     a.scan()

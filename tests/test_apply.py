@@ -17,7 +17,7 @@ from backer.protocol.session import Session
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import is_temp_name
-from tests.helpers import Links, make_devices, pump, small_disk, sync, tree
+from tests.helpers import Links, make_devices, pump, small_disk, sync, tree, waiting_for_chunks
 
 
 def test_links_mixed_with_files_above_the_syncfs_threshold_are_applied(tmp_path: Path) -> None:
@@ -199,13 +199,7 @@ def test_a_deletion_planned_before_a_scan_never_removes_the_version_that_scan_re
     (a.root / "g.bin").write_bytes(os.urandom(300_000))  # a window that waits for chunks
     a.scan()
     b.scan()
-    left, right = Session(a, "a"), Session(b, "b")
-    links = Links([(left, right)])
-    for _ in range(100):
-        if right.replicator.chunks_asked:
-            break
-        links.step()
-    assert right.replicator.chunks_asked
+    _, right, links = waiting_for_chunks(a, b)
     (b.root / "f.txt").write_text("edited on b after the plan")
     assert b.scan().added == ["f.txt"]  # (live is the deletion, so it counts as added)
     links.run()
@@ -255,13 +249,7 @@ def test_a_rule_added_while_a_plan_waits_for_chunks_binds_that_plan(tmp_path: Pa
     (a.root / "h").unlink()
     a.scan()
     b.scan()
-    left, right = Session(a, "a"), Session(b, "b")
-    links = Links([(left, right)])
-    for _ in range(100):
-        if right.replicator.chunks_asked:
-            break
-        links.step()
-    assert right.replicator.chunks_asked
+    *_, links = waiting_for_chunks(a, b)
     (b.root / ".backerignore").write_text("g\nh\n")
     links.run()
     assert (b.root / "g").read_text() == "v1"
@@ -320,13 +308,8 @@ def test_a_missing_parent_a_scan_recorded_meanwhile_is_not_removed_behind_its_ba
     b.scan()  # deleted on b, while a writes inside: d/f stays live, d does not
     (a.root / "d" / "f").write_bytes(os.urandom(300_000))
     a.scan()
-    left, right = Session(a, "a"), Session(b, "b")
-    links = Links([(left, right)])
-    for _ in range(100):
-        if right.replicator.chunks_asked:
-            break
-        links.step()
-    assert right.replicator.chunks_asked and (b.root / "d").is_dir()
+    *_, links = waiting_for_chunks(a, b)
+    assert (b.root / "d").is_dir()
     (a.root / "d" / "f").write_bytes(os.urandom(300_000))  # a's chunks are gone
     assert b.scan(paths=["d"]).added == ["d"]
     links.run()

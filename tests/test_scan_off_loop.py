@@ -14,7 +14,7 @@ from backer.model.share import Share
 from backer.protocol.session import Session
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import temp_name
-from tests.helpers import Links, live, make_devices, pump, sync
+from tests.helpers import live, make_devices, pump, sync, waiting_for_chunks
 
 
 def content_of(share: Share, path: str) -> bytes:
@@ -256,13 +256,8 @@ def test_a_directory_applied_by_a_waiting_window_then_renamed_is_recorded_as_del
     (a.root / "big").write_bytes(os.urandom(300_000))  # a window that waits for chunks
     a.scan()
     b.scan()
-    left, right = Session(a, "a"), Session(b, "b")
-    links = Links([(left, right)])
-    for _ in range(100):
-        if right.replicator.chunks_asked:
-            break
-        links.step()
-    assert right.replicator.chunks_asked and (b.root / "d").is_dir()
+    _waiting = waiting_for_chunks(a, b)
+    assert (b.root / "d").is_dir()
     (b.root / "d").rename(b.root / "e")
     summary = asyncio.run(b.scan_off_loop(paths=["d", "e"]))
     assert (summary.added, summary.deleted) == (["e"], ["d"])
