@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
@@ -13,6 +14,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from backer.config.identity import load_or_create_key
+from backer.config.registry import RegisteredShare
+from backer.node.node import Node as InProcessNode
 
 PORTS = range(20_000, 32_000)  # below Linux's ephemeral range (32768-60999)
 
@@ -170,6 +175,32 @@ def invite(founder: Device, address: str) -> str:
     """A token naming ``address``, made while no other process holds the share."""
     args = ("invite", "--no-wait", "--address", address, "--dir", str(founder.root))
     return founder.run(*args).stdout.strip()
+
+
+def joined_pair(tmp_path: Path) -> tuple[Device, Device, tuple[int, int]]:
+    """Two members of one share made with the real CLI, and a free port for each."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    ports = free_port(), free_port()
+    token = invite(a, f"127.0.0.1:{ports[0]}")
+    with a.serving(ports[0]):
+        b.run("join", token, str(b.root))
+    return a, b, ports
+
+
+def nodes_in_loop(devices: Iterable[Device], ports: Iterable[int]) -> list[InProcessNode]:
+    """In-process nodes of ``devices`` (for tests that drive several in one event loop)."""
+    return [
+        InProcessNode(
+            [RegisteredShare(b"", d.root.name, d.root)],
+            load_or_create_key(d.home),
+            listen=("127.0.0.1", port),
+            log=logging.getLogger(f"backer.test.{d.root.name}"),
+            home=d.home,
+        )
+        for d, port in zip(devices, ports, strict=True)
+    ]
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

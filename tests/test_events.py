@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from backer.config.identity import load_or_create_key
-from backer.config.registry import RegisteredShare
 from backer.events import Event, EventBus, EventType
-from backer.node.node import Node
-from tests.e2e import Device, free_port, invite
+from tests.e2e import joined_pair, nodes_in_loop
 
 
 async def take(events: AsyncIterator[Event], count: int, timeout: float = 5) -> list[Event]:
@@ -112,26 +108,10 @@ def test_a_running_node_publishes_connections_local_changes_and_applied_remote_o
 ) -> None:
     """Two real nodes in one loop: a file written on a is a local change there and an
     applied remote change on b, and b's bus tells of the session with a."""
-    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
-    a.root.mkdir()
-    a.run("init", str(a.root))
-    ports = free_port(), free_port()
-    token = invite(a, f"127.0.0.1:{ports[0]}")
-    with a.serving(ports[0]):
-        b.run("join", token, str(b.root))
-    keys = [load_or_create_key(d.home) for d in (a, b)]
+    a, b, ports = joined_pair(tmp_path)
 
     async def scenario() -> tuple[list[Event], list[Event], float]:
-        nodes = [
-            Node(
-                [RegisteredShare(b"", d.root.name, d.root)],
-                key,
-                listen=("127.0.0.1", port),
-                log=logging.getLogger(f"backer.test.{d.root.name}"),
-                home=d.home,
-            )
-            for d, key, port in zip((a, b), keys, ports, strict=True)
-        ]
+        nodes = nodes_in_loop((a, b), ports)
         stop = asyncio.Event()
         on_a, on_b = nodes[0].events(since=0), nodes[1].events(since=0)
 

@@ -4,7 +4,6 @@ sessions with one device to keep."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
 import time
@@ -13,18 +12,16 @@ from pathlib import Path
 import psutil
 
 from backer.config.identity import load_or_create_key
-from backer.config.registry import RegisteredShare
 from backer.model.share import Share
 from backer.node.node import (
     BACKOFF_CAP_S,
     DUPLICATE_WINDOW_S,
     Link,
-    Node,
     backoff,
     keeps_new,
     release_memory,
 )
-from tests.e2e import Device, free_port, invite
+from tests.e2e import joined_pair, nodes_in_loop
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
@@ -72,29 +69,14 @@ def test_two_nodes_dialling_each_other_at_once_keep_one_session_the_same_one(
 ) -> None:
     """Both nodes start in one event loop, so both dial in the same instant: each must
     end with one session with the other, and both with the same connection."""
-    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
-    a.root.mkdir()
-    a.run("init", str(a.root))
-    ports = free_port(), free_port()
-    token = invite(a, f"127.0.0.1:{ports[0]}")
-    with a.serving(ports[0]):
-        b.run("join", token, str(b.root))
+    a, b, ports = joined_pair(tmp_path)
     with b.serving(ports[1]):  # a remembers b's address too: both will dial
         a.run("sync", f"127.0.0.1:{ports[1]}", "--dir", str(a.root))
     keys = [load_or_create_key(d.home) for d in (a, b)]
     smaller = min(bytes(k.verify_key) for k in keys)
 
     async def scenario() -> list[list[Link]]:
-        nodes = [
-            Node(
-                [RegisteredShare(b"", d.root.name, d.root)],
-                key,
-                listen=("127.0.0.1", port),
-                log=logging.getLogger(f"backer.test.{d.root.name}"),
-                home=d.home,
-            )
-            for d, key, port in zip((a, b), keys, ports, strict=True)
-        ]
+        nodes = nodes_in_loop((a, b), ports)
         stop = asyncio.Event()
         async with asyncio.TaskGroup() as tasks:
             for node in nodes:
