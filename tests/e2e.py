@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from backer.config.identity import load_or_create_key
@@ -183,10 +183,21 @@ def joined_pair(tmp_path: Path) -> tuple[Device, Device, tuple[int, int]]:
     a.root.mkdir()
     a.run("init", str(a.root))
     ports = free_port(), free_port()
-    token = invite(a, f"127.0.0.1:{ports[0]}")
-    with a.serving(ports[0]):
-        b.run("join", token, str(b.root))
+    join_through(a, [b], ports[0])
     return a, b, ports
+
+
+def join_through(
+    founder: Device, joiners: Sequence[Device], port: int, introduce: bool = False
+) -> None:
+    """Each of ``joiners`` joins ``founder``'s share while ``founder`` serves on ``port``;
+    with ``introduce`` the first then syncs once, so it learns of the others' admission."""
+    tokens = [invite(founder, f"127.0.0.1:{port}") for _ in joiners]
+    with founder.serving(port) as address:
+        for device, token in zip(joiners, tokens, strict=True):
+            device.run("join", token, str(device.root))
+        if introduce:
+            joiners[0].sync(address)
 
 
 def nodes_in_loop(devices: Iterable[Device], ports: Iterable[int]) -> list[InProcessNode]:

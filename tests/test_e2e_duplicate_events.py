@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.e2e import Device, forwarder, free_port, invite
+from tests.e2e import Device, forwarder, free_port, join_through
 from tests.helpers import timing
 
 
@@ -22,11 +22,7 @@ def test_a_sync_relaying_events_the_peer_got_first_from_a_third_device_completes
     a.root.mkdir()
     a.run("init", str(a.root))
     a_port = free_port()
-    tokens = [invite(a, f"127.0.0.1:{a_port}") for _ in range(2)]
-    with a.serving(a_port) as a_address:
-        b.run("join", tokens[0], str(b.root))
-        c.run("join", tokens[1], str(c.root))
-        b.sync(a_address)  # b learns that c was admitted
+    join_through(a, [b, c], a_port, introduce=True)
     (b.root / "from-b").mkdir()  # b's own news keeps its session with a waiting for Done
     a_node = a.start(a_port)
     c_node = c.start()

@@ -9,7 +9,7 @@ from pathlib import Path
 import nacl.signing
 
 from backer.model.share import Share
-from tests.e2e import Device, free_port, invite, snapshot
+from tests.e2e import Device, free_port, join_through, snapshot
 
 
 def _three(tmp_path: Path) -> tuple[Device, Device, Device, int]:
@@ -19,10 +19,7 @@ def _three(tmp_path: Path) -> tuple[Device, Device, Device, int]:
     (a.root / "first.txt").write_text("before the theft")
     a.run("init", str(a.root))
     port = free_port()
-    tokens = [invite(a, f"127.0.0.1:{port}") for _ in range(2)]
-    with a.serving(port):
-        b.run("join", tokens[0], str(b.root))
-        c.run("join", tokens[1], str(c.root))
+    join_through(a, [b, c], port)
     return a, b, c, port
 
 

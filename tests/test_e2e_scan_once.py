@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from backer.scanner.walk import look
-from tests.e2e import Device, forwarder, free_port, invite
+from tests.e2e import Device, forwarder, free_port, invite, join_through
 from tests.helpers import timing
 
 
@@ -25,12 +25,7 @@ def test_a_one_shot_sync_scans_once_before_dialing_and_not_as_each_session_opens
     a.root.mkdir()
     (a.root / "from-a.txt").write_text("a")
     a.run("init", str(a.root))
-    port = free_port()
-    tokens = [invite(a, f"127.0.0.1:{port}") for _ in range(2)]
-    with a.serving(port) as a_address:
-        b.run("join", tokens[0], str(b.root))
-        c.run("join", tokens[1], str(c.root))
-        b.sync(a_address)  # b learns that c was admitted
+    join_through(a, [b, c], free_port(), introduce=True)
     (b.root / "before.txt").write_text("written before the sync")
 
     def write_late(name: str) -> Callable[[], None]:  # once the sync dials: after its scan
