@@ -64,6 +64,9 @@ def main() -> None:
         "bytes": 0,
         "faults": 0,
         "aborts": 0,
+        "prunes": 0,
+        "pruned_versions": 0,
+        "pruned_bytes": 0,
     }
     failures = 0
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -100,6 +103,8 @@ def main() -> None:
         f"{totals['races']} edits while applying, "
         f"{totals['conflicts']} conflicts resolved, {totals['bytes']} bytes on the wire, "
         f"{totals['faults']} disk faults injected ({totals['aborts']} ended a process), "
+        f"{totals['prunes']} prunes ({totals['pruned_versions']} versions' bytes, "
+        f"{totals['pruned_bytes']} bytes freed), "
         f"{failures} failures, {elapsed:.0f} s"
     )
     print(f"world: {','.join(sorted(args.world)) or 'classic'}")

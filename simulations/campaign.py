@@ -6,12 +6,16 @@ import random
 import re
 from typing import Any
 
+from backer.versioner.retention import MINUTE
+
 from .machine import (
+    CAPS,
     CLASSIC,
     DIRS,
     DISK_BUDGETS,
     FAULT_RATES,
     PATTERNS,
+    WAITS,
     ClusterMachine,
     world_contents,
     world_files,
@@ -40,6 +44,7 @@ WORLD_RULES = {  # family: (rule, weight)
     "ignore": [("ignore", 4)],
     "faults": [("faults", 3), ("faults_stop", 3)],
     "disk": [("disk_full", 2), ("disk_freed", 2)],
+    "retention": [("prune", 5), ("cap", 2)],
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
@@ -117,6 +122,10 @@ def _random_step(
         return choice, {"a": node, "b": rnd.randrange(nodes)}
     if choice == "deliver":
         return choice, {"a": node, "b": rnd.randrange(nodes), "count": rnd.randrange(1, 40)}
+    if choice == "prune":
+        return choice, {"node": node, "wait": rnd.choice(WAITS) + rnd.randrange(MINUTE)}
+    if choice == "cap":
+        return choice, {"node": node, "percent": rnd.choice(CAPS)}
     if choice == "race":
         data = rnd.choice(contents) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
         path = rnd.choice(files)
@@ -167,6 +176,9 @@ def run_seed(seed: int, nodes: int, count: int, world: frozenset[str] = CLASSIC)
         "bytes": machine.stats["bytes"],
         "faults": sum(machine.cluster.disks.injected.values()),
         "aborts": machine.cluster.aborts,
+        "prunes": machine.stats["prunes"],
+        "pruned_versions": machine.stats["pruned_versions"],
+        "pruned_bytes": machine.stats["pruned_bytes"],
     }
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import nacl.signing
 
+from backer.model import entropy
 from backer.model.materializer import stale_temps
 from backer.model.records import Kind
 from backer.model.replicator import Replicator
@@ -44,6 +45,8 @@ from backer.protocol.session import Session
 from backer.protocol.wire import FrameReader, ProtocolError
 from backer.scanner import walk
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
+from backer.versioner.prune import PruneReport
+from backer.versioner.prune import prune as prune_share
 
 from .faults import Disks
 from .world import InvariantBroken, Watch, ignored, pin_directory_times, reachable_temps
@@ -563,6 +566,24 @@ class Cluster:
                 return
             for other in range(len(self.nodes)):
                 self.connect(index, other)
+
+    def prune(self, index: int) -> PruneReport | None:
+        """The node drops the kept contents its retention policy no longer keeps, as
+        ``backer prune`` and the node's hourly prune do (the same engine function, in
+        one transaction); None if it is not running or its disk failed it."""
+        node = self.nodes[index]
+        if node.down:
+            return None
+        reports: list[PruneReport] = []
+
+        def prune() -> None:
+            share = node.open()
+            with share.db.conn:
+                reports.append(prune_share(share.root, share.catalog, entropy.now_ms()))
+
+        with self.acting():
+            self.guarded(index, prune)
+        return reports[0] if reports else None
 
     def backup(self, node: int) -> None:
         """Copy the node's ``.backer/`` as it is on disk now (a crash-consistent copy)."""

@@ -17,8 +17,7 @@ from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
 from backer.versioner.config import policy as retention_policy
-from backer.versioner.prune import replaced_at
-from backer.versioner.store import Store
+from backer.versioner.store import Store, held_bytes
 from journal import Checkpoint, Event, Range
 
 from .cluster import Cluster
@@ -282,22 +281,74 @@ def fingerprint(cluster: Cluster) -> bytes:
     return blake3(b"".join(parts)).digest()
 
 
-def check_retention_window(cluster: Cluster) -> None:
+def stopped_being_current(versions: dict[str, Version]) -> dict[str, int]:
+    """When each version stopped being current, from the records alone (not from the
+    pruner's own tables): the time of the earliest version that supersedes it; a version
+    nothing supersedes, its own time."""
+    stopped = {vid: version.time_ms for vid, version in versions.items()}
+    replaced = set()
+    for version in versions.values():
+        for old in version.supersedes:
+            if old in versions and (old not in replaced or version.time_ms < stopped[old]):
+                stopped[old] = version.time_ms
+                replaced.add(old)
+    return stopped
+
+
+def check_retention_window(cluster: Cluster, nodes: list[int] | None = None) -> None:
     """Nothing inside the retention window is ever pruned: every version whose bytes a
-    node pruned had stopped being current at least ``keep-all`` before the prune (for
-    a campaign that calls ``backer.versioner.prune.prune`` on its nodes)."""
-    for node in cluster.nodes:
-        catalog = node.open().catalog
+    node pruned (of ``nodes``, default all) had stopped being current at least
+    ``keep-all`` before the prune, and none is live there now. A node not running is
+    left alone (its process is gone; it is checked once it runs again)."""
+    for index in range(len(cluster.nodes)) if nodes is None else nodes:
+        node = cluster.nodes[index]
+        if node.share is None:
+            continue
+        catalog = node.share.catalog
         keep_all = retention_policy(catalog).keep_all_ms
         versions = {
             vid: Version.decode(record)
             for vid, record in catalog.conn.execute("SELECT vid, record FROM versions")
         }
-        since = replaced_at(catalog, versions)
+        stopped = stopped_being_current(versions)
+        live = {vid for (vid,) in catalog.conn.execute("SELECT vid FROM live")}
         for vid, pruned_ms in Store(node.root, catalog).pruned(versions).items():
-            stopped = since.get(vid, versions[vid].time_ms)
-            if pruned_ms - stopped < keep_all:
+            if vid in live:
+                raise InvariantBroken(f"{node.name} pruned the bytes of {vid}, live there")
+            if pruned_ms - stopped[vid] < keep_all:
                 raise InvariantBroken(
-                    f"{node.name} pruned {vid}, current until {stopped} ms, at {pruned_ms} ms: "
-                    f"inside the {keep_all} ms retention window"
+                    f"{node.name} pruned {vid}, current until {stopped[vid]} ms, at "
+                    f"{pruned_ms} ms: inside the {keep_all} ms retention window"
                 )
+
+
+def recoverable(cluster: Cluster, index: int) -> dict[bytes, set[int]]:
+    """The contents of node ``index``'s live file versions, each with the running nodes
+    that hold its bytes (verified, from a file or the store, whole or chunk by chunk)."""
+    share = cluster.nodes[index].share
+    if share is None:
+        return {}
+    contents = {
+        version.content for _, _, version in share.catalog.all_live() if version.kind == Kind.FILE
+    }
+    return {
+        content: {
+            other
+            for other, node in enumerate(cluster.nodes)
+            if node.share is not None
+            and held_bytes(node.root, node.share.catalog, content) is not None
+        }
+        for content in contents
+    }
+
+
+def check_still_recoverable(cluster: Cluster, index: int, before: dict[bytes, set[int]]) -> None:
+    """A prune on node ``index`` leaves every live version it knows recoverable from
+    some node if it was before (``before``: :func:`recoverable` before the prune)."""
+    after = recoverable(cluster, index)
+    for content, holders in before.items():
+        if holders and content in after and not after[content]:
+            raise InvariantBroken(
+                f"{cluster.nodes[index].name}'s prune made the live content {content.hex()[:16]} "
+                f"unrecoverable (held by {sorted(holders)} before)"
+            )

@@ -20,6 +20,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from backer.model import entropy, materializer
 from backer.scanner.ignore import IGNORE_FILE
+from backer.versioner import config as retention_config
+from backer.versioner.retention import DAY, HOUR, MINUTE, WEEK
 
 from .cluster import Cluster
 from .invariants import (
@@ -27,10 +29,13 @@ from .invariants import (
     check_order_independence,
     check_pushed,
     check_quiescent,
+    check_retention_window,
+    check_still_recoverable,
     converge,
     fingerprint,
+    recoverable,
 )
-from .world import pin_directory_times, scratch_dir
+from .world import Clock, clock_installed, pin_directory_times, scratch_dir
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
@@ -54,6 +59,8 @@ FAMILIES = {
     "tmpnames": "a person's own files named *.backer-tmp",
     "strict": "(a check) a file backer removes or replaces was replaced by a recorded "
     "event, not only kept",
+    "retention": "time passes (minutes to weeks) and nodes prune kept contents as "
+    "`backer prune` does, some with a small size cap set as `backer config` does",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -62,7 +69,7 @@ ALL = frozenset(FAMILIES)
 CLASSIC: frozenset[str] = frozenset()
 DEFAULT_WORLD = frozenset(  # what CI and the tests run: the families that hold today
     {"faults", "disk", "durability", "ignore", "unicode", "case", "long", "tmpnames"}
-    | {"strict", "resident"}
+    | {"strict", "resident", "retention"}
 )
 NAMES = {
     "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it
@@ -79,6 +86,13 @@ SMALL_THRESHOLDS = {  # so a few small files exercise batching and both durabili
     "STAGE_BYTES": 64 * 1024,
 }
 FAULT_RATES = [0.02, 0.1, 0.3]
+WAITS = [  # how long a prune waits (ms): around each tier's edges, minutes to weeks
+    MINUTE, 20 * MINUTE, 59 * MINUTE, 61 * MINUTE, 3 * HOUR, DAY, 3 * DAY, WEEK, 5 * WEEK,
+    20 * WEEK, 52 * WEEK,
+]  # fmt: skip
+CAPS = ["0%", "10%"]  # max-disk: 0% always binds; 10% binds on a full disk (a budget)
+EARLY_MS = 3 * 52 * WEEK  # retention: the clock starts this much earlier, and moves
+# on at most this much, so every time stays behind the real clock
 DISK_BUDGETS = [0, 5_000, 60_000]
 
 
@@ -125,7 +139,10 @@ class ClusterMachine(RuleBasedStateMachine):
             self.world = frozenset(world)
         self.files = set(world_files(self.world))
         self.seeded = contextlib.ExitStack()
-        self.seeded.enter_context(entropy.seeded(seed))  # the run is a function of the seed
+        start = 1_767_225_600 * 10**9 - ("retention" in self.world) * EARLY_MS * 10**6
+        self.clock = Clock(seed, start)  # the run is a function of the seed
+        self.waited = 0
+        self.seeded.enter_context(clock_installed(self.clock))
         if "durability" in self.world:
             for name, value in SMALL_THRESHOLDS.items():
                 self.seeded.callback(setattr, materializer, name, getattr(materializer, name))
@@ -145,6 +162,9 @@ class ClusterMachine(RuleBasedStateMachine):
                 "edits",
                 "conflicts",
                 "bytes",
+                "prunes",
+                "pruned_versions",
+                "pruned_bytes",
             ),
             0,
         )
@@ -406,6 +426,36 @@ class ClusterMachine(RuleBasedStateMachine):
         """``backer run`` starts again: reopened from disk, a full scan, every peer dialled."""
         self.cluster.start(node)
 
+    @rule(node=node_index, wait=st.sampled_from(WAITS))
+    def prune(self, node: int, wait: int) -> None:
+        """``wait`` ms pass, then the node prunes its kept contents: nothing inside the
+        retention window goes, and no live version it knows becomes unrecoverable."""
+        if "retention" not in self.world or self.cluster.nodes[node].down:
+            return
+        wait = min(wait, EARLY_MS - self.waited)
+        self.clock.advance(wait)
+        self.waited += wait
+        self.cluster.nodes[node].open()
+        with self.cluster.disks.paused():
+            before = recoverable(self.cluster, node)
+        report = self.cluster.prune(node)
+        if report is not None:
+            self.stats["prunes"] += 1
+            self.stats["pruned_versions"] += report.versions
+            self.stats["pruned_bytes"] += report.bytes
+        with self.cluster.disks.paused():
+            check_retention_window(self.cluster, [node])
+            check_still_recoverable(self.cluster, node, before)
+
+    @rule(node=node_index, percent=st.sampled_from(CAPS))
+    def cap(self, node: int, percent: str) -> None:
+        """The person caps the node's kept contents (``backer config max-disk``)."""
+        if "retention" not in self.world or self.cluster.nodes[node].down:
+            return
+        share = self.cluster.nodes[node].open()
+        with share.db.conn:
+            retention_config.set_value(share.catalog, "max-disk", percent)
+
     @rule(node=node_index)
     def backup(self, node: int) -> None:
         self.cluster.backup(node)
@@ -440,6 +490,10 @@ class ClusterMachine(RuleBasedStateMachine):
             converge(self.cluster)
             self.stats["conflicts"] = self.cluster.conflicts
             check_quiescent(self.cluster)
+            if "retention" in self.world:  # time passes; every node prunes its full history
+                for index in range(len(self.cluster.nodes)):
+                    self.prune(index, self.cluster.random.choice(WAITS))
+                check_retention_window(self.cluster)
             self.fingerprint = fingerprint(self.cluster)
             check_order_independence(self.cluster, self.cluster.random)
             check_bytes_scale_with_difference(self.cluster, self.cluster.random)

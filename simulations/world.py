@@ -18,6 +18,7 @@ import contextlib
 import os
 import sqlite3
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,24 @@ Entry = tuple[str, bytes]  # ("file", bytes) or ("link", target)
 
 class InvariantBroken(AssertionError):
     """A property of the whole cluster does not hold."""
+
+
+class Clock(entropy.SeededSource):
+    """The seeded source, whose clock a rule moves on (minutes to weeks pass between
+    edits and prunes)."""
+
+    def advance(self, ms: int) -> None:
+        self._now += ms * 1_000_000
+
+
+@contextlib.contextmanager
+def clock_installed(clock: Clock) -> Iterator[Clock]:
+    """Everything backer records takes its randomness and time from ``clock``."""
+    previous, entropy._source = entropy._source, clock
+    try:
+        yield clock
+    finally:
+        entropy._source = previous
 
 
 def scratch_dir() -> str | None:

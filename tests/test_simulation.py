@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, settings
 from backer.model.materializer import Materializer
 from backer.protocol.session import Session
 from backer.scanner.ignore import temp_name
+from backer.versioner import prune as prune_engine
+from backer.versioner.retention import DAY, MINUTE
 from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
 from simulations.world import reachable_temps, synced_trees
@@ -351,3 +353,54 @@ def test_only_temps_a_scan_can_reach_count_as_leftovers(tmp_path: Path) -> None:
     for temp in (hidden, beside, top):
         temp.write_text("partial")
     assert sorted(reachable_temps(tmp_path)) == sorted([beside, top])
+
+
+RETENTION = frozenset({"retention"})
+REPLACED_TWICE = [  # node 1 keeps the two replaced contents of f
+    ("write", {"node": 0, "path": "f", "data": b"one" * 100}),
+    ("sync", {"a": 0, "b": 1, "cut": None}),
+    ("write", {"node": 0, "path": "f", "data": b"two" * 100}),
+    ("sync", {"a": 0, "b": 1, "cut": None}),
+    ("write", {"node": 0, "path": "f", "data": b"three" * 100}),
+    ("sync", {"a": 0, "b": 1, "cut": None}),
+    ("cap", {"node": 1, "percent": "0%"}),
+]
+
+
+def test_a_capped_prune_past_the_window_frees_the_replaced_contents() -> None:
+    """Time passes beyond keep-all; a node capped at 0% (set as ``backer config``
+    does) prunes both replaced contents of f, as ``backer prune`` does."""
+    machine = _passes([*REPLACED_TWICE, ("prune", {"node": 1, "wait": 61 * MINUTE})], RETENTION)
+    assert machine.stats["pruned_versions"] >= 2
+    assert machine.stats["pruned_bytes"] > 0
+
+
+def test_the_harness_catches_a_prune_inside_the_retention_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the size cap allowed to drop versions replaced within keep-all, a capped
+    prune a minute after the edits drops them, and the window check says so."""
+    steps = [*REPLACED_TWICE, ("prune", {"node": 1, "wait": MINUTE})]
+    _passes(steps, RETENTION)
+    monkeypatch.setattr(prune_engine, "retained", lambda found, *rest: set())
+    with pytest.raises(Failure, match="inside the 3600000 ms retention window"):
+        replay(3, steps, 0, RETENTION)
+
+
+def test_the_harness_catches_a_prune_that_drops_a_live_versions_only_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Node 0's person deletes a file it alone recorded, before a scan: its store
+    entry holds the only bytes of a live version. A prune that no longer spares live
+    contents drops them, and the check that live versions stay recoverable says so."""
+    steps = [
+        ("write", {"node": 0, "path": "g", "data": b"only here" * 50}),
+        ("scan", {"node": 0, "during": 0}),
+        ("delete", {"node": 0, "path": "g"}),
+        ("prune", {"node": 0, "wait": DAY}),
+    ]
+    _passes(steps, RETENTION)
+    real = prune_engine.candidates
+    monkeypatch.setattr(prune_engine, "candidates", lambda *a: (real(*a)[0], set()))
+    with pytest.raises(Failure, match="unrecoverable"):
+        replay(3, steps, 0, RETENTION)
