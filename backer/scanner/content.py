@@ -6,16 +6,17 @@ around it and everything after it still matches. Sizes (see docs/decisions.md): 
 256 KiB. A file's manifest lists its chunks as (BLAKE3 hash, length); the file's
 content id is the BLAKE3 hash of its manifest, so identical contents share one id.
 
-Hashing large files is pipelined: one thread cuts (pyfastcdc releases the GIL) while
-another hashes the chunks already cut (BLAKE3 releases it too), and a third reads
-ahead so that a cold file streams from disk.
+Hashing large files is pipelined and bounded: one thread reads a window of the file
+into a reused buffer and cuts it (pyfastcdc releases the GIL) while another hashes the
+chunks of the previous window (BLAKE3 releases it too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import struct
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,8 +29,8 @@ MIN_CHUNK = 16 * 1024
 AVG_CHUNK = 64 * 1024
 MAX_CHUNK = 256 * 1024
 PIPELINE_FROM = 4 * 1024 * 1024
-_BATCH = 64
-_READ_AHEAD = 256 * 1024 * 1024
+_WINDOW = 4 * 1024 * 1024  # read and cut this much at a time
+_WINDOWS = 3  # buffers per file: one being cut, the others being hashed
 _ENTRY = struct.Struct(">32sI")
 
 _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backer-hash")
@@ -108,41 +109,66 @@ def _hash_views(views: list[tuple[int, memoryview]]) -> list[ChunkRef]:
     return [ChunkRef(blake3(view).digest(), offset, len(view)) for offset, view in views]
 
 
-class _ReadAhead:
-    """Reads a file into the page cache a bounded distance ahead of the chunker.
+def _hash_window(
+    views: list[tuple[int, memoryview]], free: queue.SimpleQueue[bytearray], buffer: bytearray
+) -> list[ChunkRef]:
+    """Hash one window's chunks, then hand its buffer back for reuse."""
+    try:
+        return _hash_views(views)
+    finally:
+        views.clear()  # (no view may outlive its buffer's next fill)
+        free.put(buffer)
 
-    The chunker reads through mmap, whose page faults on a cold file come in far below
-    the disk's sequential speed; plain large reads in a helper thread (I/O releases the
-    GIL) keep the disk streaming. It stays at most ``_READ_AHEAD`` bytes ahead so that a
-    file larger than memory is not read twice.
-    """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = path
-        self.position = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="backer-readahead", daemon=True)
+def _fill(fd: int, buffer: bytearray, start: int) -> int:
+    """Read into ``buffer[start:]`` until it is full or the file ends; the bytes held."""
+    view = memoryview(buffer)
+    while start < len(buffer):
+        count = os.readv(fd, [view[start:]])
+        if not count:
+            break
+        start += count
+    return start
 
-    def _run(self) -> None:
-        buffer = bytearray(8 * 1024 * 1024)
-        read = 0
-        with open(self.path, "rb", buffering=0) as handle:
-            while not self._done.is_set():
-                if read - self.position > _READ_AHEAD:
-                    self._done.wait(0.005)
-                    continue
-                count = handle.readinto(buffer)
-                if not count:
-                    return
-                read += count
 
-    def __enter__(self) -> _ReadAhead:
-        self._thread.start()
-        return self
+def _windowed(path: str | os.PathLike[str]) -> list[ChunkRef]:
+    """Chunk and hash a file a window at a time, read into a few reused buffers.
 
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
+    FastCDC decides each cut from at most MAX_CHUNK bytes after the chunk's start, so
+    chunks are cut in a window only while MAX_CHUNK bytes (or the end of the file)
+    follow; the rest is carried into the next window: the same chunks as cutting the
+    whole file at once (tested), in bounded memory (mapping whole files for chunking
+    held hundreds of MiB while large files were rescanned). One thread cuts (pyfastcdc
+    releases the GIL) while the hash thread hashes the previous window (BLAKE3 too)."""
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(_WINDOWS):
+        free.put(bytearray(_WINDOW))
+    pending: list[Future[list[ChunkRef]]] = []
+    cutter = chunker()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a larger read-ahead: the disk keeps streaming
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        base, carried, tail = 0, 0, b""
+        while True:
+            buffer = free.get()
+            buffer[:carried] = tail
+            held = _fill(fd, buffer, carried)
+            end = held < len(buffer)
+            views: list[tuple[int, memoryview]] = []
+            cut = 0
+            for chunk in cutter.cut_buf(memoryview(buffer)[:held]):
+                if not end and held - chunk.offset < MAX_CHUNK:
+                    break
+                views.append((base + chunk.offset, chunk.data))
+                cut = chunk.offset + chunk.length
+            tail, carried, base = bytes(buffer[cut:held]), held - cut, base + cut
+            pending.append(_hasher.submit(_hash_window, views, free, buffer))
+            if end:
+                break
+    finally:
+        os.close(fd)
+    return [ref for future in pending for ref in future.result()]
 
 
 def manifest_of_bytes(data: bytes) -> Manifest:
@@ -156,14 +182,4 @@ def manifest_of_file(path: str | os.PathLike[str], size: int) -> Manifest:
     if size < PIPELINE_FROM:
         with open(path, "rb") as handle:
             return manifest_of_bytes(handle.read())
-    pending: list[Future[list[ChunkRef]]] = []
-    batch: list[tuple[int, memoryview]] = []
-    with _ReadAhead(path) as read_ahead:
-        for chunk in chunker().cut_file(os.fspath(path)):
-            read_ahead.position = chunk.offset
-            batch.append((chunk.offset, chunk.data))
-            if len(batch) == _BATCH:
-                pending.append(_hasher.submit(_hash_views, batch))
-                batch = []
-    refs = [ref for future in pending for ref in future.result()] + _hash_views(batch)
-    return Manifest(tuple(refs))
+    return Manifest(tuple(_windowed(path)))

@@ -1,0 +1,64 @@
+"""Content-defined chunking of files read a window at a time."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backer.scanner import content
+from backer.scanner.content import MAX_CHUNK, manifest_of_bytes, manifest_of_file
+
+
+def _contents(seed: int, size: int, zeros: int) -> bytes:
+    """Random bytes with a run of ``zeros`` zero bytes in the middle (FastCDC cuts zeros
+    into MAX_CHUNK pieces: cuts that land exactly on a window's edge)."""
+    rng = random.Random(seed)
+    zeros = min(zeros, size)
+    head = (size - zeros) // 2
+    return rng.randbytes(head) + bytes(zeros) + rng.randbytes(size - zeros - head)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    window=st.integers(MAX_CHUNK, 3 * MAX_CHUNK),
+    windows=st.integers(0, 3),
+    shift=st.integers(-MAX_CHUNK, MAX_CHUNK),
+    zeros=st.sampled_from([0, MAX_CHUNK - 1, MAX_CHUNK, 3 * MAX_CHUNK + 7]),
+    seed=st.integers(0, 2**32),
+)
+def test_windowed_chunking_cuts_the_chunks_of_whole_file_chunking(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    window: int,
+    windows: int,
+    shift: int,
+    zeros: int,
+    seed: int,
+) -> None:
+    """Files whose size is near a multiple of the window (below, at, just above) get the
+    very chunks that cutting the whole file in memory gives."""
+    monkeypatch.setattr(content, "PIPELINE_FROM", 0)
+    monkeypatch.setattr(content, "_WINDOW", window)
+    size = max(0, windows * window + shift)
+    data = _contents(seed, size, zeros)
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    assert manifest_of_file(path, size) == manifest_of_bytes(data)
+
+
+def test_a_file_of_more_windows_than_buffers_gets_the_chunks_of_whole_file_chunking(
+    tmp_path: Path,
+) -> None:
+    """A 40 MiB file (five real windows: each buffer is reused) is cut as a whole."""
+    data = _contents(7, 40 * 1024 * 1024 + 12345, 5 * MAX_CHUNK)
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    assert manifest_of_file(path, len(data)) == manifest_of_bytes(data)
