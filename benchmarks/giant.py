@@ -150,7 +150,7 @@ def run(
     with processes.running():
         tool = _Backer(work, source, target, processes, reply_bytes=reply_bytes)
         tool.setup()  # init (every byte read and hashed), invite, serve
-        seconds, rss, out = run_measured(
+        seconds, rss, out, _ = run_measured(
             processes,
             [*tool._command, "join", tool.token, str(target)],
             tool._env("b"),

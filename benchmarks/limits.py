@@ -1,5 +1,6 @@
 """Physical limits measured in the same run, so a reader sees how close each tool is:
-cold read of the dataset, BLAKE3 and FastCDC throughput, loopback TCP throughput."""
+cold read of the dataset (page cache dropped first), BLAKE3 and FastCDC throughput,
+loopback TCP throughput."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from blake3 import blake3
@@ -15,9 +17,15 @@ from backer.scanner.content import chunker
 
 from .measure import MIB
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+NOT_DROPPED = (
+    "page cache NOT dropped (needs root): files evicted one by one with fadvise, "
+    "which leaves pages still mapped or dirty — this 'cold' may be partly warm"
+)
+
 
 def _evict(path: Path) -> None:
-    """Drop one file from the page cache (clean pages only; no privileges needed)."""
+    """Drop one file's clean, unmapped pages from the page cache (no privileges needed)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -25,19 +33,33 @@ def _evict(path: Path) -> None:
         os.close(fd)
 
 
-def cold_read(root: Path) -> float:
-    """Bytes per second reading every file below ``root`` from disk, cache evicted."""
-    files = [p for p in root.rglob("*") if p.is_file()]
+def drop_page_cache(paths: Iterable[Path] = ()) -> bool:
+    """Make the next reads come from the disk, so that a cold measurement is one: write
+    back dirty pages and drop the whole page cache (``sync; echo 3 >
+    /proc/sys/vm/drop_caches``, root only). True if done; otherwise ``paths`` are
+    evicted with fadvise, which is not the same (see ``NOT_DROPPED``), and False."""
     os.sync()
-    for path in files:
-        _evict(path)
+    try:
+        DROP_CACHES.write_text("3\n")
+        return True
+    except OSError:
+        for path in paths:
+            _evict(path)
+        return False
+
+
+def cold_read(root: Path) -> tuple[float, bool]:
+    """Bytes per second reading every file below ``root`` from disk, and whether the
+    page cache could be dropped first (see :func:`drop_page_cache`)."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    dropped = drop_page_cache(files)
     buffer = bytearray(4 * MIB)
     total, started = 0, time.perf_counter()
     for path in files:
         with open(path, "rb", buffering=0) as handle:
             while count := handle.readinto(buffer):
                 total += count
-    return total / (time.perf_counter() - started)
+    return total / (time.perf_counter() - started), dropped
 
 
 def blake3_rate(size: int = 256 * MIB) -> float:

@@ -32,11 +32,9 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -45,7 +43,7 @@ from typing import Any
 import psutil
 
 from .datasets import PROFILES, Profile, insert_in_large_files, many
-from .measure import MIB, Processes, free_port, tree_digest
+from .measure import MIB, Processes, free_port, tree_digest, work_directory
 from .tools import FOLDER, Rsync, _Instance, syncthing_pair
 
 LATENCY_TIMEOUT_S = 30
@@ -104,26 +102,27 @@ class BackerNodes(Nodes):
     def version(self) -> str:
         return self._cli("a", "--version").strip()
 
-    def _env(self, side: str) -> dict[str, str]:
+    def env(self, side: str) -> dict[str, str]:
         env = {**os.environ, "BACKER_HOME": str(self.work / f"home-{side}")}
         env.pop("BACKER_DEBUG", None)
         return env
 
     def _cli(self, side: str, *args: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "backer", *args], env=self._env(side),
+            [sys.executable, "-m", "backer", *args], env=self.env(side),
             capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"backer {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
 
-    def _start(self, side: str) -> float:
+    def start(self, side: str, timeout: float = START_TIMEOUT_S) -> float:
         """Start ``backer run``; seconds from the process start to its "watching" line."""
         log = self.work / f"run-{side}.log"
         offset = log.stat().st_size if log.exists() else 0
-        command = [sys.executable, "-m", "backer", "run", "--listen",
-                   f"127.0.0.1:{self.ports[side]}"]  # fmt: skip
+        command = [sys.executable, "-m", "backer", "run",
+                   "--listen", f"127.0.0.1:{self.ports[side]}",
+                   "--api", f"127.0.0.1:{free_port()}"]  # fmt: skip
         if self.profiles is not None:
             self.starts += 1
             stats = self.profiles / f"{self.work.name}-{side}-{self.starts}.prof"
@@ -131,10 +130,10 @@ class BackerNodes(Nodes):
         with open(log, "ab") as handle:
             started = time.perf_counter()
             node = self.processes.start(
-                command, env=self._env(side), stdout=subprocess.DEVNULL, stderr=handle
+                command, env=self.env(side), stdout=subprocess.DEVNULL, stderr=handle
             )
         self.nodes[side] = node
-        deadline = started + START_TIMEOUT_S
+        deadline = started + timeout
         while True:
             with open(log, "rb") as handle:
                 handle.seek(offset)
@@ -143,20 +142,20 @@ class BackerNodes(Nodes):
             if node.poll() is not None:
                 raise RuntimeError(f"backer run exited: {log.read_text()[-2000:]}")
             if time.perf_counter() > deadline:
-                raise RuntimeError(f"backer run not watching after {START_TIMEOUT_S} s")
+                raise RuntimeError(f"backer run not watching after {timeout:.0f} s")
             time.sleep(LATENCY_POLL_S)
 
     def pair(self, a: Path, b: Path) -> None:
         self._cli("a", "init", str(a))
         address = f"127.0.0.1:{self.ports['a']}"
         token = self._cli("a", "invite", "--no-wait", "--address", address, "--dir", str(a))
-        self._start("a")
+        self.start("a")
         self._cli("b", "join", token.strip(), str(b))
-        self._start("b")
+        self.start("b")
 
     def solo(self, root: Path) -> None:
         self._cli("a", "init", str(root))
-        self._start("a")
+        self.start("a")
 
     def pid(self) -> int:
         return self.nodes["a"].pid
@@ -166,7 +165,7 @@ class BackerNodes(Nodes):
         self.processes.stop(self.nodes["a"])
         if self.nodes["a"].returncode != 0:
             raise RuntimeError(f"backer run exited with {self.nodes['a'].returncode} on SIGTERM")
-        return time.perf_counter() - started, self._start("a")
+        return time.perf_counter() - started, self.start("a")
 
 
 class SyncthingNodes(Nodes):
@@ -354,11 +353,12 @@ def shifted_insert(nodes: Nodes, a: Path, b: Path, dataset: Path, seed: int) -> 
     arrived = wait_for_replacements(b, sizes, STEP_TIMEOUT_S) - started
     check_identical(nodes, a, b, "1 GiB in four files")
     insert_in_large_files(a, seed, nodes.exclude, staging=staging)
-    started = time.perf_counter()  # the four renames took microseconds
+    started, cpu = time.perf_counter(), time.process_time()  # the renames took microseconds
     done = wait_for_replacements(b, {n: s + 10 for n, s in sizes.items()}, STEP_TIMEOUT_S)
+    poller = (time.process_time() - cpu) / (done - started)
     check_identical(nodes, a, b, "the insert")
     staging.rmdir()
-    return {"arrival_1gib_s": arrived, "seconds": done - started}
+    return {"arrival_1gib_s": arrived, "seconds": done - started, "poller_cpu_pct": 100 * poller}
 
 
 def rsync_insert(work: Path, dataset: Path, seed: int) -> dict[str, Any]:
@@ -394,23 +394,31 @@ def _largest_rss(process: psutil.Process) -> int:
     return max(one.memory_info().rss for one in [process, *process.children(recursive=True)])
 
 
-def idle(nodes: Nodes, seconds: float, settle: float = 10) -> dict[str, Any]:
-    """CPU and RSS of device A over ``seconds`` idle (after ``settle`` s), then three clean
-    restarts timed to watching. RSS is sampled every 0.5 s (Syncthing's Go runtime hands
-    memory back in steps, so one reading would depend on when it is taken)."""
+def settled(pid: int, seconds: float, settle: float = 10) -> dict[str, float]:
+    """CPU (%) and RSS (MiB, median and peak of 0.5 s samples) of process ``pid`` over
+    ``seconds`` idle, after ``settle`` s. Sampled, not read once: Syncthing's Go runtime
+    hands memory back in steps, so one reading would depend on when it is taken."""
     time.sleep(settle)
-    process = psutil.Process(nodes.pid())
+    process = psutil.Process(pid)
     cpu, started = _cpu_seconds(process), time.perf_counter()
     samples = []
     while time.perf_counter() - started < seconds:
         samples.append(_largest_rss(process) / MIB)
         time.sleep(0.5)
     cpu, wall = _cpu_seconds(process) - cpu, time.perf_counter() - started
-    stops, starts = zip(*(nodes.restart() for _ in range(3)), strict=True)
     return {
         "cpu_pct": 100 * cpu / wall,
         "rss_median_mib": statistics.median(samples),
         "rss_peak_mib": max(samples),
+    }
+
+
+def idle(nodes: Nodes, seconds: float, settle: float = 10) -> dict[str, Any]:
+    """:func:`settled` for device A, then three clean restarts timed to watching."""
+    result = settled(nodes.pid(), seconds, settle)
+    stops, starts = zip(*(nodes.restart() for _ in range(3)), strict=True)
+    return {
+        **result,
         "stop_s": list(stops),
         "startup_s": list(starts),
         "startup_median_s": statistics.median(starts),
@@ -480,6 +488,12 @@ def _met(ok: bool | None) -> str:
     return "—" if ok is None else ("met" if ok else "**not met**")
 
 
+def poller_cpu(side: dict[str, Any]) -> float | None:
+    """The largest share of a core the benchmark's pollers took in any timed step."""
+    steps = [side.get(step, {}).get("poller_cpu_pct") for step in ("latency", "burst", "insert")]
+    return max((p for p in steps if p is not None), default=None)
+
+
 def report(results: dict[str, Any]) -> str:
     """The Markdown table: every measure per tool, backer ÷ Syncthing, the target."""
     backer, st = results.get("backer", {}), results.get("syncthing", {})
@@ -533,6 +547,8 @@ def report(results: dict[str, Any]) -> str:
         "start-up to watching (s)", mine, theirs, _ratio(mine, theirs), "≤ 5 s",
         None if mine is None else mine <= 5,
     ))  # fmt: skip
+    mine, theirs = poller_cpu(backer), poller_cpu(st)
+    rows.append(("benchmark's own CPU while waiting, max (%)", mine, theirs, "—", "small", None))
     lines = [
         "| measure | backer | Syncthing | backer ÷ Syncthing | target | |",
         "|---|---|---|---|---|---|",
@@ -572,10 +588,8 @@ def main() -> None:
         parser.error(f"unknown tool or phase: {', '.join(unknown)}")
     if shutil.which("syncthing") is None and "syncthing" in names:
         parser.error("syncthing is not installed (apt-get install syncthing)")
-    work = Path(tempfile.mkdtemp(prefix="backer-nodebench-", dir=args.workdir))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C
     results: dict[str, Any] = {"load_before": os.getloadavg()}
-    try:
+    with work_directory("backer-nodebench-", args.workdir) as work:
         if "pair" in phases:
             large_set = work / "data-large"
             say("building 4 × 256 MiB")
@@ -598,11 +612,6 @@ def main() -> None:
         print(report(results))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
-    except KeyboardInterrupt:
-        print("interrupted: processes stopped, data removed", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
