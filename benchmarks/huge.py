@@ -1,0 +1,300 @@
+"""A million small files, and how each step grows from 10,000 files to 1,000,000.
+
+    python -m benchmarks.huge [--counts 1000000] [--seed 1] [--cache DIR] [--idle 20]
+                              [--workdir DIR] [--json FILE]
+    python -m benchmarks.huge --counts 10000,100000,1000000     # the scaling table
+
+Per file count, on the ``many`` dataset (files of 1–4 KiB in 1,000 directories; built
+once per count and seed and kept under ``--cache``, whose path is printed — building a
+million files takes minutes; a marker with the parameters makes a stale cache be
+rebuilt), with peak RSS of every process:
+
+- rsync: a daemon on 127.0.0.1 serving the tree, a new copy pulled with ``rsync -a``;
+- ``backer init`` of the tree, then ``backer scan`` of it unchanged;
+- ``backer run`` on it: seconds to "watching", then CPU and RSS idle (settled);
+- a new device's initial sync: ``backer join`` into an empty folder, served by that node.
+
+Each copy is compared with the tree by path, size and SHA-256 (not timed). Syncthing
+and Unison are not run here: see ``SKIPPED``. With several counts, a table gives each
+measure per count, its growth per 10 × more files (10 is linear) and, on paper, the
+value at 10,000,000 files at the last growth. Every process is stopped by its PID and the
+work directory removed at the end (the cache stays), also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from .datasets import Profile, many
+from .measure import Processes, run_measured, tree_digest, work_directory
+from .node import BackerNodes, settled
+from .tools import Rsync
+
+STEP_TIMEOUT_S = 3 * 3600
+CACHE = Path.home() / ".cache" / "backer-bench"
+GENERATOR = "many/1"  # bump when the dataset's make-up changes: caches are rebuilt
+SKIPPED = {
+    "syncthing": "its initial sync of 100,000 files took 105–263 s here, after its own "
+    "index of the source; at 1,000,000 files that is an hour or more per run",
+    "unison": "it compares two local roots (no new device, no node to idle), so it has "
+    "no counterpart of these steps but the copy, which rsync measures",
+}
+
+
+# -- the cached dataset -------------------------------------------------------------------
+
+
+def marker_for(count: int, seed: int) -> dict[str, Any]:
+    """What a cached tree must have been built from to be reused."""
+    return {"generator": GENERATOR, "count": count, "seed": seed}
+
+
+def cached_tree(cache: Path, count: int, seed: int, build: Any = None) -> Path:
+    """The tree of ``count`` files for ``seed`` under ``cache``, built if missing or
+    built from other parameters (or left half-built: the marker is written last).
+    Tool metadata a stopped run left in it is removed. ``build(root)`` makes the tree
+    (default: the ``many`` dataset)."""
+    place = cache / f"many-{count}-seed{seed}"
+    tree, marker = place / "tree", place / "marker.json"
+    expected = marker_for(count, seed)
+    try:
+        fresh = json.loads(marker.read_text()) == expected
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        shutil.rmtree(place, ignore_errors=True)
+        place.mkdir(parents=True)
+        started = time.perf_counter()
+        say(f"building {count:,} files under {tree} (once; reused by later runs)")
+        if build is None:
+            Profile("many", partial(many, count=count), ()).build(tree, seed)
+        else:
+            build(tree)
+        marker.write_text(json.dumps(expected))
+        say(f"built in {time.perf_counter() - started:.0f} s")
+    for name in (*BackerNodes.exclude, ".stfolder", ".stversions"):
+        shutil.rmtree(tree / name, ignore_errors=True)
+    return tree
+
+
+# -- the steps ----------------------------------------------------------------------------
+
+
+def same_trees(expected: dict[str, tuple[int, str]], copy: Path, exclude: tuple[str, ...]) -> None:
+    """Raise unless ``copy`` holds exactly the files of ``expected`` (a tree_digest)."""
+    found = tree_digest(copy, exclude)
+    if found != expected:
+        missing = sorted(set(expected) - set(found))[:3]
+        extra = sorted(set(found) - set(expected))[:3]
+        changed = sorted(p for p in set(found) & set(expected) if found[p] != expected[p])[:3]
+        raise RuntimeError(f"{copy} differs: missing {missing}, extra {extra}, changed {changed}")
+
+
+def measure_rsync(tree: Path, place: Path, digest: dict[str, tuple[int, str]]) -> dict:
+    copy = place / "rsync-copy"
+    with Processes().running() as processes:
+        tool = Rsync(place, tree, copy, processes)
+        tool.setup()
+        step = tool.initial()
+    same_trees(digest, copy, ())
+    shutil.rmtree(copy)
+    return {"seconds": step.seconds, "rss_mib": step.rss_mib}
+
+
+def measure_backer(
+    tree: Path, place: Path, digest: dict[str, tuple[int, str]], idle_s: float
+) -> dict[str, Any]:
+    """init, rescan unchanged, the node's start and idle cost, a new device's join."""
+    result: dict[str, Any] = {}
+    copy = place / "backer-copy"
+    with Processes().running() as processes:
+        nodes = BackerNodes(place, processes)
+        command = [sys.executable, "-m", "backer"]
+        say("backer init")
+        seconds, rss, _, _ = run_measured(
+            processes, [*command, "init", "-q", str(tree)], nodes.env("a")
+        )
+        result["init"] = {"seconds": seconds, "rss_mib": rss["command"]}
+        say(f"backer init {seconds:.1f} s; rescan")
+        scan = [*command, "scan", "-q", "--dir", str(tree)]
+        seconds, rss, _, _ = run_measured(processes, scan, nodes.env("a"))
+        result["rescan"] = {"seconds": seconds, "rss_mib": rss["command"]}
+        address = f"127.0.0.1:{nodes.ports['a']}"
+        invite = [*command, "invite", "--no-wait", "--address", address, "--dir", str(tree)]
+        _, _, token, _ = run_measured(processes, invite, nodes.env("a"))
+        say(f"backer rescan {seconds:.1f} s; backer run")
+        startup = nodes.start("a", timeout=STEP_TIMEOUT_S)
+        say(f"backer run watching after {startup:.1f} s; idle {idle_s:.0f} s")
+        result["node"] = {"startup_s": startup, **settled(nodes.pid(), idle_s)}
+        say(f"idle RSS {result['node']['rss_median_mib']:.0f} MiB; backer join")
+        join = [*command, "join", "-q", token.strip(), str(copy)]
+        seconds, rss, _, _ = run_measured(processes, join, nodes.env("b"), serve=nodes.pid())
+        result["join"] = {
+            "seconds": seconds,
+            "rss_mib": rss["command"],
+            "serve_rss_mib": rss["serve"],
+        }
+        say(f"backer join {seconds:.1f} s")
+    same_trees(digest, copy, BackerNodes.exclude)
+    shutil.rmtree(copy)
+    return result
+
+
+def measure(count: int, seed: int, cache: Path, work: Path, idle_s: float) -> dict[str, Any]:
+    """Every step on ``count`` files, with the load average before and after."""
+    tree = cached_tree(cache, count, seed)
+    load_before = os.getloadavg()
+    say(f"{count:,} files: load {load_before[0]:.2f}; digest of the tree (not timed)")
+    digest = tree_digest(tree)
+    place = work / f"n{count}"
+    place.mkdir()
+    result: dict[str, Any] = {"count": count, "load_before": load_before}
+    if shutil.which("rsync"):
+        say("rsync")
+        result["rsync"] = measure_rsync(tree, place, digest)
+    result["backer"] = measure_backer(tree, place, digest, idle_s)
+    for name in BackerNodes.exclude:
+        shutil.rmtree(tree / name, ignore_errors=True)
+    shutil.rmtree(place)
+    result["load_after"] = os.getloadavg()
+    return result
+
+
+# -- the report ---------------------------------------------------------------------------
+
+# (label, unit, path into a count's result)
+MEASURES: list[tuple[str, str, tuple[str, ...]]] = [
+    ("`backer init`: time", "s", ("backer", "init", "seconds")),
+    ("`backer init`: peak RSS", "MiB", ("backer", "init", "rss_mib")),
+    ("rescan unchanged (`backer scan`): time", "s", ("backer", "rescan", "seconds")),
+    ("rescan unchanged: peak RSS", "MiB", ("backer", "rescan", "rss_mib")),
+    ("`backer run`: start-up to watching", "s", ("backer", "node", "startup_s")),
+    ("`backer run` idle, settled: RSS (median)", "MiB", ("backer", "node", "rss_median_mib")),
+    ("`backer run` idle: CPU", "%", ("backer", "node", "cpu_pct")),
+    ("new device (`backer join`): time", "s", ("backer", "join", "seconds")),
+    ("new device: peak RSS, joining side", "MiB", ("backer", "join", "rss_mib")),
+    ("new device: peak RSS, serving node", "MiB", ("backer", "join", "serve_rss_mib")),
+    ("rsync, new copy: time", "s", ("rsync", "seconds")),
+]
+
+
+def lookup(result: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    value: Any = result
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value)
+
+
+def growth_per_10x(small_count: int, small: float, large_count: int, large: float) -> float:
+    """How much a measure grows for 10 × more files, from two counts (any ratio): 10
+    means linear, 1 constant."""
+    return (large / small) ** (math.log(10) / math.log(large_count / small_count))
+
+
+def _value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.2f} {unit}" if value < 10 else f"{value:,.0f} {unit}"
+
+
+def scaling_table(results: list[dict[str, Any]]) -> str:
+    """Markdown: a row per measure, a column per count, the growth per 10 × between each
+    two counts, and the value at 10 × the last count extrapolated at the last growth."""
+    results = sorted(results, key=lambda r: r["count"])
+    counts = [r["count"] for r in results]
+    pairs = list(itertools.pairwise(results))
+    head = [f"{c:,} files" for c in counts]
+    head += [f"growth {a['count']:,} → {b['count']:,}" for a, b in pairs]
+    head += [f"{10 * counts[-1]:,} on paper"] if pairs else []
+    lines = ["| measure | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for label, unit, path in MEASURES:
+        values = [lookup(r, path) for r in results]
+        if all(v is None for v in values):
+            continue
+        cells = [_value(v, unit) for v in values]
+        growths: list[float | None] = []
+        for (a, b), (va, vb) in zip(pairs, itertools.pairwise(values), strict=True):
+            ok = va is not None and vb is not None and va > 0 and vb > 0
+            growths.append(growth_per_10x(a["count"], va, b["count"], vb) if ok else None)
+        cells += ["—" if g is None else f"{g:.1f} ×" for g in growths]
+        if pairs:
+            last, growth = values[-1], growths[-1]
+            cells.append("—" if last is None or growth is None else _value(last * growth, unit))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_file(results: list[dict[str, Any]]) -> list[str]:
+    """Peak and idle RSS per file, for the ≤ 1 KB per file target."""
+    lines = []
+    for result in sorted(results, key=lambda r: r["count"]):
+        parts = []
+        for label, path in [
+            ("idle node", ("backer", "node", "rss_median_mib")),
+            ("join", ("backer", "join", "rss_mib")),
+            ("serving node", ("backer", "join", "serve_rss_mib")),
+        ]:
+            mib = lookup(result, path)
+            if mib is not None:
+                parts.append(f"{label} {mib * 1024 * 1024 / result['count']:,.0f} B")
+        lines.append(f"- {result['count']:,} files, RSS per file: " + ", ".join(parts))
+    return lines
+
+
+def say(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--counts", default="1000000", help="File counts, comma-separated.")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=CACHE, help=f"default {CACHE}")
+    parser.add_argument("--idle", type=float, default=20, help="Seconds of idle sampling.")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="Also write raw results here.")
+    args = parser.parse_args()
+    try:
+        counts = [int(c) for c in args.counts.split(",") if c]
+    except ValueError:
+        parser.error(f"--counts: not a list of numbers: {args.counts}")
+    if not counts or min(counts) < 1000:
+        parser.error("--counts: at least 1,000 files each")
+    print(f"dataset cache: {args.cache}", flush=True)
+    for name, reason in SKIPPED.items():
+        print(f"skipped {name}: {reason}", flush=True)
+    results: list[dict[str, Any]] = []
+    with work_directory("backer-huge-", args.workdir) as work:
+        for count in counts:
+            results.append(measure(count, args.seed, args.cache, work, args.idle))
+            if args.json:  # after each count: a late failure keeps the earlier ones
+                args.json.write_text(json.dumps(results, indent=1))
+    print(f"\n# backer on many files — {os.cpu_count()} cores")
+    for result in results:
+        before, after = result["load_before"], result["load_after"]
+        print(
+            f"- {result['count']:,} files: load average {before[0]:.2f} before, "
+            f"{after[0]:.2f} after"
+        )
+    print()
+    print(scaling_table(results))
+    print()
+    print("\n".join(per_file(results)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The benchmark harness's own pure parts, on small real inputs: tree comparison, the
+report tables, the dataset cache's marker, the RSS sampler's process tree and the cold
+cache's honesty. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import report
+from benchmarks.huge import cached_tree, growth_per_10x, same_trees, scaling_table
+from benchmarks.measure import PeakRss, tree_digest
+from benchmarks.tools import Step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return root
+
+
+def test_tree_digest_sees_a_changed_byte_of_the_same_size(tmp_path: Path) -> None:
+    a = _tree(tmp_path / "a", {"d/x.txt": b"hello", "y.bin": b"\0" * 10})
+    b = _tree(tmp_path / "b", {"d/x.txt": b"hello", "y.bin": b"\0" * 10})
+    assert tree_digest(a) == tree_digest(b)
+    (b / "d" / "x.txt").write_bytes(b"hellp")
+    assert tree_digest(a) != tree_digest(b)
+    assert tree_digest(a)["d/x.txt"][0] == tree_digest(b)["d/x.txt"][0] == 5
+
+
+def test_tree_digest_skips_a_tools_metadata_at_the_top_only(tmp_path: Path) -> None:
+    a = _tree(tmp_path / "a", {"x": b"1"})
+    b = _tree(tmp_path / "b", {"x": b"1", ".backer/db": b"meta"})
+    assert tree_digest(a) != tree_digest(b)
+    assert tree_digest(a, (".backer",)) == tree_digest(b, (".backer",))
+    _tree(b, {"sub/.backer/db": b"a user's folder of that name"})
+    assert "sub/.backer/db" in tree_digest(b, (".backer",))
+
+
+def test_tree_digest_ignores_symlinks(tmp_path: Path) -> None:
+    a = _tree(tmp_path / "a", {"x": b"1"})
+    (a / "link").symlink_to(a / "x")
+    assert set(tree_digest(a)) == {"x"}
+
+
+def test_same_trees_names_what_is_missing_extra_and_changed(tmp_path: Path) -> None:
+    a = _tree(tmp_path / "a", {"keep": b"k", "gone": b"g", "edit": b"1"})
+    b = _tree(tmp_path / "b", {"keep": b"k", "new": b"n", "edit": b"2"})
+    same_trees(
+        tree_digest(a), _tree(tmp_path / "c", {"keep": b"k", "gone": b"g", "edit": b"1"}), ()
+    )
+    with pytest.raises(
+        RuntimeError, match=r"missing \['gone'\], extra \['new'\], changed \['edit'\]"
+    ):
+        same_trees(tree_digest(a), b, ())
+
+
+def test_report_gives_ratios_per_anchor_and_the_harness_cpu() -> None:
+    results = {
+        "backer": [("initial sync", Step(2.0, 1_000_000, {"a": 100, "b": 50}, "", 1.5))],
+        "rsync": [("initial sync", Step(4.0, 2_000_000, {"a": 6, "b": 7}, "", 0.4))],
+    }
+    table = report("small", 10_000, 83 * 1024 * 1024, results).splitlines()
+    assert table[0] == "### small: 10,000 files, 83 MiB"
+    assert table[4] == "| step | backer | rsync | backer/rsync time |"
+    assert table[6] == (
+        "| initial sync | 2.00 s, 1.00 MB, 100 / 50 MiB | 4.00 s, 2.00 MB, 6 / 7 MiB | 0.50 |"
+    )
+    assert table[-1].endswith("at most: backer 1.5 %, rsync 0.4 %")
+
+
+def test_growth_per_10x_is_10_when_linear_whatever_the_step() -> None:
+    assert growth_per_10x(10_000, 2.0, 100_000, 20.0) == pytest.approx(10)
+    assert growth_per_10x(1_000, 1.0, 4_000, 4.0) == pytest.approx(10)
+    assert growth_per_10x(1_000, 3.0, 100_000, 3.0) == pytest.approx(1)
+    assert growth_per_10x(10_000, 1.0, 100_000, 100.0) == pytest.approx(100)
+
+
+def _result(count: int, init_s: float, rss: float | None) -> dict:
+    backer: dict = {"init": {"seconds": init_s}}
+    if rss is not None:
+        backer["node"] = {"rss_median_mib": rss}
+    return {"count": count, "backer": backer}
+
+
+def test_scaling_table_has_a_growth_per_pair_and_the_next_decade_on_paper() -> None:
+    table = scaling_table(
+        [
+            _result(100_000, 20.0, 200.0),
+            _result(10_000, 2.0, 100.0),
+            _result(1_000_000, 400.0, None),
+        ]
+    ).splitlines()
+    assert table[0] == (
+        "| measure | 10,000 files | 100,000 files | 1,000,000 files | growth 10,000 → 100,000 "
+        "| growth 100,000 → 1,000,000 | 10,000,000 on paper |"
+    )
+    assert table[2] == "| `backer init`: time | 2.00 s | 20 s | 400 s | 10.0 × | 20.0 × | 8,000 s |"
+    # a measure missing at one count: no growth and no extrapolation from it
+    assert (
+        table[3]
+        == "| `backer run` idle, settled: RSS (median) | 100 MiB | 200 MiB | — | 2.0 × | — | — |"
+    )
+    assert len(table) == 4  # measures measured nowhere are left out
+
+
+def test_cached_tree_is_built_once_and_reused(tmp_path: Path) -> None:
+    builds = []
+
+    def build(root: Path) -> None:
+        builds.append(root)
+        _tree(root, {"f": b"data"})
+
+    tree = cached_tree(tmp_path, 1000, 7, build)
+    assert tree_digest(tree) == {"f": (4, tree_digest(tree)["f"][1])}
+    _tree(tree, {".backer/db": b"left by a stopped run"})
+    assert cached_tree(tmp_path, 1000, 7, build) == tree
+    assert len(builds) == 1
+    assert not (tree / ".backer").exists()
+    marker = json.loads((tree.parent / "marker.json").read_text())
+    assert marker == {"generator": "many/1", "count": 1000, "seed": 7}
+
+
+def test_cached_tree_is_rebuilt_when_stale_or_half_built(tmp_path: Path) -> None:
+    builds = []
+
+    def build(root: Path) -> None:
+        builds.append(root)
+        _tree(root, {"f": str(len(builds)).encode()})
+
+    tree = cached_tree(tmp_path, 1000, 7, build)
+    marker = tree.parent / "marker.json"
+    marker.write_text(json.dumps({"generator": "many/0", "count": 1000, "seed": 7}))
+    assert (cached_tree(tmp_path, 1000, 7, build) / "f").read_bytes() == b"2"
+    marker.unlink()  # a build interrupted before its marker
+    assert (cached_tree(tmp_path, 1000, 7, build) / "f").read_bytes() == b"3"
+    assert cached_tree(tmp_path, 1000, 8, build) != tree  # another seed: another tree
+    assert len(builds) == 4
+
+
+def test_peak_rss_counts_a_child_of_the_watched_process() -> None:
+    """The sampler finds the process tree only now and then: a worker started by the
+    watched process (as ``syncthing serve`` starts one) must still be counted."""
+    hold = (
+        "b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(1.5)"
+    )
+    parent = subprocess.Popen(
+        ["sh", "-c", f'{sys.executable} -c "{hold}"; true'], stdout=subprocess.DEVNULL
+    )
+    sampler = PeakRss({"tree": parent.pid})
+    sampler.start()
+    parent.wait()
+    peaks = sampler.stop()
+    assert peaks["tree"] >= 64
+    assert peaks["tree (anonymous)"] >= 60
+    assert sampler.harness_cpu_pct >= 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another user")
+def test_cold_read_says_when_the_page_cache_could_not_be_dropped(tmp_path: Path) -> None:
+    code = "from benchmarks.limits import drop_page_cache; print(drop_page_cache([]))"
+    as_root = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert as_root.stdout.strip() == "True"
+    as_nobody = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert as_nobody.stdout.strip() == "False"
