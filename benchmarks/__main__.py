@@ -90,7 +90,7 @@ def run_tool(
 
 def _cell(step: Step) -> str:
     wire = "—" if step.wire_bytes is None else f"{step.wire_bytes / 1e6:.2f} MB"
-    rss = " / ".join(f"{v:.0f}" for v in step.rss_mib.values())
+    rss = " / ".join(f"{v:.0f}" for k, v in step.rss_mib.items() if not k.endswith("(anonymous)"))
     note = f" ({step.note})" if step.note else ""
     return f"{step.seconds:.2f} s, {wire}, {rss} MiB{note}"
 
@@ -102,9 +102,11 @@ def report(profile: str, files: int, size: int, results: dict[str, list[tuple[st
         "",
         "Each cell: time, bytes on the wire, peak RSS per process (source / target).",
         "",
-        "| step | " + " | ".join(names) + " | " + " | ".join(
-            f"backer/{n} time" for n in names if n != "backer"
-        ) + " |",
+        "| step | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"backer/{n} time" for n in names if n != "backer")
+        + " |",
         "|---" * (1 + len(names) + len([n for n in names if n != "backer"])) + "|",
     ]
     for row in range(len(results[names[0]])):
@@ -113,13 +115,9 @@ def report(profile: str, files: int, size: int, results: dict[str, list[tuple[st
         ratios = []
         if "backer" in results:
             mine = results["backer"][row][1].seconds
-            ratios = [
-                f"{mine / results[n][row][1].seconds:.2f}" for n in names if n != "backer"
-            ]
+            ratios = [f"{mine / results[n][row][1].seconds:.2f}" for n in names if n != "backer"]
         lines.append(f"| {label} | " + " | ".join(cells + ratios) + " |")
-    harness = ", ".join(
-        f"{n} {max(s.harness_cpu_pct for _, s in results[n]):.1f} %" for n in names
-    )
+    harness = ", ".join(f"{n} {max(s.harness_cpu_pct for _, s in results[n]):.1f} %" for n in names)
     lines += ["", f"The benchmark's own CPU while timing (sampler, pollers), at most: {harness}"]
     return "\n".join(lines)
 

@@ -63,9 +63,11 @@ def test_same_trees_names_what_is_missing_extra_and_changed(tmp_path: Path) -> N
         same_trees(tree_digest(a), b, ())
 
 
-def test_report_gives_ratios_per_anchor_and_the_harness_cpu() -> None:
+def test_report_gives_ratios_per_anchor_the_harness_cpu_and_rss_per_side_only() -> None:
     results = {
-        "backer": [("initial sync", Step(2.0, 1_000_000, {"a": 100, "b": 50}, "", 1.5))],
+        "backer": [
+            ("initial sync", Step(2.0, 1_000_000, {"a": 100, "b": 50, "a (anonymous)": 9}, "", 1.5))
+        ],
         "rsync": [("initial sync", Step(4.0, 2_000_000, {"a": 6, "b": 7}, "", 0.4))],
     }
     table = report("small", 10_000, 83 * 1024 * 1024, results).splitlines()
