@@ -346,8 +346,8 @@ def test_a_shifted_insert_is_copied_from_the_old_file_in_runs_and_only_its_chunk
 
 
 def test_a_local_chunk_changed_since_its_scan_is_fetched_not_copied(tmp_path: Path) -> None:
-    """Copied chunks are checked after the copy (read back from the temp file): a
-    source whose bytes changed since it was indexed must not end up in the file."""
+    """Copied chunks are checked as they are copied: a source whose bytes changed
+    since it was indexed must not end up in the file."""
     a, b = make_devices(tmp_path, 2)
     content = os.urandom(2 * 1024 * 1024)
     (a.root / "old.bin").write_bytes(content)

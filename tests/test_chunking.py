@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backer.scanner import content
+from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import MAX_CHUNK, manifest_of_bytes, manifest_of_file
+from tests.helpers import make_devices
 
 
 def _contents(seed: int, size: int, zeros: int) -> bytes:
@@ -62,3 +65,41 @@ def test_a_file_of_more_windows_than_buffers_gets_the_chunks_of_whole_file_chunk
     path = tmp_path / "file"
     path.write_bytes(data)
     assert manifest_of_file(path, len(data)) == manifest_of_bytes(data)
+
+
+def test_a_copied_run_whose_source_changed_since_it_was_indexed_yields_only_intact_chunks(
+    tmp_path: Path,
+) -> None:
+    """Copied chunks are hashed on their way from the old file to the new one (no read
+    back): bytes of the source that changed after its scan must not count as copied,
+    and every chunk that does count holds exactly its bytes in the new file."""
+    (share,) = make_devices(tmp_path, 1)
+    data = _contents(3, 3 * 1024 * 1024, 0)
+    (share.root / "old.bin").write_bytes(data)
+    share.scan()
+    manifest = manifest_of_bytes(data)
+    changed = range(1536 * 1024, 1536 * 1024 + 100)
+    with open(share.root / "old.bin", "r+b") as handle:  # not rescanned
+        handle.seek(changed.start)
+        handle.write(bytes(b ^ 0xFF for b in data[changed.start : changed.stop]))
+    store = ChunkStore(share.root, share.catalog)
+    runs = store.locate(manifest.chunks)
+    assert sum(len(run.chunks) for run in runs) == len(manifest.chunks)
+    fd = os.open(tmp_path / "new.bin", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        verified = store.copy(fd, runs)
+        written = os.pread(fd, len(data), 0)
+    finally:
+        os.close(fd)
+    hit = {
+        r.offset
+        for r in manifest.chunks
+        if r.offset < changed.stop and changed.start < r.offset + r.length
+    }
+    assert hit and verified == {r.offset for r in manifest.chunks} - hit
+    for ref in manifest.chunks:
+        if ref.offset in verified:
+            assert (
+                written[ref.offset : ref.offset + ref.length]
+                == data[ref.offset : ref.offset + ref.length]
+            )

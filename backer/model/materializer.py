@@ -11,7 +11,8 @@
    disk and lists the operations, in a fixed order: directories and files in path
    order, then deletions deepest first.
 3. :class:`Materializer` applies them: temp file in the target directory, every chunk
-   verified, every write checked, the finished file re-hashed against its manifest,
+   verified, every write checked, the finished file re-hashed against its manifest
+   (chunks copied from local files are hashed as they are copied: the bytes written),
    made durable, then a re-check that the target is exactly as the plan saw
    it (if not, it is a local edit: it is left alone for the scanner, never clobbered),
    the old contents hard-linked into the content store (``.backer/store/``), an atomic rename and a
@@ -335,8 +336,9 @@ def _fitted(name: str, suffix: str) -> str:
 def verify(fd: int, manifest: Manifest, checked: Container[int] = ()) -> None:
     """Re-read a finished file and check every chunk's BLAKE3 against the manifest, so
     that bytes a write lost or mangled never become a recorded version. The chunks at
-    offsets ``checked`` were already read back from this very file after they were
-    written (copied local chunks, see :meth:`ChunkStore.copy`): once is enough."""
+    offsets ``checked`` were written from a buffer hashed right before (copied local
+    chunks, see :meth:`ChunkStore.copy`) or re-read when a resumed temp was taken over:
+    once is enough."""
     if os.fstat(fd).st_size != manifest.size:
         raise ValueError("the written file has the wrong size")
     for ref in manifest.chunks:
@@ -428,13 +430,12 @@ class _Staged:
     target: Path
     missing: int = 0  # chunks still to arrive
     created: bool = False
-    checked: set[int] = field(default_factory=set)  # offsets read back and verified
+    checked: set[int] = field(default_factory=set)  # offsets written or found verified
 
     def open(self) -> int:
         """A descriptor on the temp file, which is created (0600, sized: a hole where
         nothing is written) the first time; the version's permissions are set once it
-        is complete (:func:`seal`), so a read-only file can still be filled. It reads
-        too: copied chunks are read back and checked through it."""
+        is complete (:func:`seal`), so a read-only file can still be filled."""
         if self.created:
             return os.open(self.temp, os.O_RDWR | os.O_NOFOLLOW)
         fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

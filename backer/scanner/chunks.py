@@ -20,7 +20,7 @@ from blake3 import blake3
 from backer.db.catalog import Catalog
 from backer.scanner.content import ChunkRef
 
-COPY_PIECE = 1024 * 1024  # copied (and read back) this much at a time, through one buffer
+COPY_PIECE = 1024 * 1024  # copied (and hashed) this much at a time, through one buffer
 
 
 class Run(NamedTuple):
@@ -84,14 +84,15 @@ class ChunkStore:
         return runs
 
     def copy(self, fd: int, runs: list[Run]) -> set[int]:
-        """Copy ``runs`` into the file ``fd`` (opened for reading and writing), reading
-        back what was written and checking every chunk against its hash: the offsets of
-        the chunks that now hold verified bytes. One pass per byte, a piece at a time
-        through reused buffers (on ext4 this beats ``os.copy_file_range``, see
-        docs/decisions.md). A chunk whose source changed since it was indexed fails its
-        check and is not returned: it must come from elsewhere. A write error (a full
-        disk) is raised; an unreadable source only costs its chunks."""
-        buffer, back = memoryview(bytearray(COPY_PIECE)), memoryview(bytearray(COPY_PIECE))
+        """Copy ``runs`` into the file ``fd``, checking every chunk against its hash as it
+        passes through: the offsets of the chunks written with verified bytes. One read
+        and one write per byte, a piece at a time through one reused buffer (on ext4 this
+        beats ``os.copy_file_range``, see docs/decisions.md). The bytes written are the
+        very bytes hashed, so a chunk whose source changed since it was indexed (even
+        while it is being copied) fails its check and is not returned: it must come from
+        elsewhere, and the final verification re-reads whatever was not returned. A write
+        error (a full disk) is raised; an unreadable source only costs its chunks."""
+        buffer = memoryview(bytearray(COPY_PIECE))
         verified: set[int] = set()
         for run in runs:
             source = self._open(run.source)
@@ -105,17 +106,21 @@ class ChunkStore:
                         count = os.preadv(source, [buffer[:size]], run.offset + base - run.start)
                     except OSError:
                         break
-                    write_all(fd, buffer[:count], base)
-                    held = back[: os.preadv(fd, [back[:size]], base)]
-                    for ref in piece:
-                        data = held[ref.offset - base : ref.offset - base + ref.length]
-                        if len(data) == ref.length and blake3(data).digest() == ref.hash:
-                            verified.add(ref.offset)
+                    held = buffer[:count]
+                    good = [ref for ref in piece if _matches(held, ref.offset - base, ref)]
+                    write_all(fd, held, base)
+                    verified.update(ref.offset for ref in good)
                     if count < size:  # the source is shorter than it was
                         break
             finally:
                 os.close(source)
         return verified
+
+
+def _matches(held: memoryview, start: int, ref: ChunkRef) -> bool:
+    """Whether ``held[start:]`` begins with the bytes of the chunk ``ref``."""
+    data = held[start : start + ref.length]
+    return len(data) == ref.length and blake3(data).digest() == ref.hash
 
 
 def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
