@@ -33,7 +33,7 @@ from backer.config import service as service_mod
 from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
 from backer.connections import control, transport
 from backer.connections.addresses import AddressBook, advertised, loopback_only
-from backer.db.catalog import HistoryEntry, Problem
+from backer.db.catalog import Problem
 from backer.errors import BackerError
 from backer.errors import reason as error_reason
 from backer.fs.paths import METADATA_DIR
@@ -52,8 +52,7 @@ from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
 from backer.protocol.invite import InviteToken, parse_address
 from backer.protocol.session import Session
 from backer.versioner import config as retention_config
-from backer.versioner.prune import prune as prune_share
-from backer.versioner.store import Store
+from backer.versioner.prune import prune_share
 from journal import JournalError
 
 EXIT_ERROR = 1
@@ -551,30 +550,26 @@ def history(path: str, directory: str, as_json: bool) -> None:
     """Show every version of PATH: when, by which device, size and hash."""
     with _open(directory, exclusive=False) as share:
         key = _recorded_path(share, _share_path(share, path))
-        entries: list[HistoryEntry] = share.catalog.history(key)
-        pruned = Store(share.root, share.catalog).pruned(e.version_id for e in entries)
+        entries = share.catalog.history(key)
+        rows = commands.history_report(share, entries)
     if as_json:
-        rows = [
-            {
-                "version": e.version_id,
-                "author": device_id(e.author),
-                "live": e.live,
-                **commands.version_json(e.version),
-                "pruned": _when(pruned[e.version_id]) if e.version_id in pruned else None,
-            }
-            for e in entries
-        ]
         click.echo(json.dumps(rows, indent=2))
         return
-    for e in entries:
-        marker = "*" if e.live else " "
-        gone = (
-            f"  (bytes pruned here {_when(pruned[e.version_id])})" if e.version_id in pruned else ""
-        )
+    for e, row in zip(entries, rows, strict=True):
         _say(
-            f"{marker} {_when(e.version.time_ms)}  {short_id(e.author)}  "
-            f"{e.version_id}  {_describe(e.version)}{gone}"
+            f"{'*' if e.live else ' '} {_when(e.version.time_ms)}  {short_id(e.author)}  "
+            f"{e.version_id}  {_describe(e.version)}{_whereabouts(row)}"
         )
+
+
+def _whereabouts(row: dict[str, Any]) -> str:
+    """Where a replaced version's bytes are, when not here (see ``history_report``)."""
+    if row["bytes"] in (None, "here"):
+        return ""
+    lost = f"pruned here {row['pruned']}" if row["pruned"] else "not here"
+    if row["bytes"] == "nowhere":
+        return f"  (bytes {lost}; pruned on every device: no restore can bring them back)"
+    return f"  (bytes {lost}; on {', '.join(row['held_by'])})"
 
 
 def _user_key(share: Share, path: str) -> str:
@@ -753,8 +748,8 @@ def prune(directory: str, dry_run: bool, as_json: bool) -> None:
     retention policy no longer keeps (see 'backer config'), and say what that frees.
     The history of every version stays. 'backer run' does this every hour by itself."""
     try:
-        with _open(directory) as share, share.db.conn:
-            report = prune_share(share.root, share.catalog, entropy.now_ms(), dry_run).as_json()
+        with _open(directory) as share:
+            report = prune_share(share, entropy.now_ms(), dry_run).as_json()
     except ShareBusy as busy:
         report = _node_answer(busy.root, {"op": "prune", "dry_run": dry_run})
     if as_json:

@@ -32,13 +32,14 @@ def make_devices(tmp_path: Path, count: int) -> list[Share]:
     return shares
 
 
-def forge(share: Share, payload: bytes) -> Event:
-    """A validly signed STATE event of ``share``'s device carrying ``payload`` as is,
-    after the CLIENT event declaring the share's Yjs client id if its log lacks one (as
-    the share itself sends it): whether a peer accepts it then depends on the payload."""
+def forge(share: Share, payload: bytes, kind: EventKind = EventKind.STATE) -> Event:
+    """A validly signed event of ``share``'s device carrying ``payload`` as is (a STATE
+    event after the CLIENT event declaring the share's Yjs client id if its log lacks
+    one, as the share itself sends it): whether a peer accepts it depends on the payload."""
     nonce = share.state.nonce
-    entries = [(EventKind.STATE, payload)]
-    if not any(e.payload == nonce for e in share.journal.events(share.device)):
+    entries = [(kind, payload)]
+    declared = any(e.payload == nonce for e in share.journal.events(share.device))
+    if kind == EventKind.STATE and not declared:
         entries.insert(0, (EventKind.CLIENT, nonce))
     return share.journal.append(share.key, entries)[-1]
 

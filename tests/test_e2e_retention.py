@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import Device, free_port, invite
+from tests.e2e import Device, free_port, invite, joined_pair
 
 FILES, SIZE = 24, 200_000
 
@@ -75,9 +75,10 @@ def test_prune_dry_run_changes_nothing_and_prune_frees_what_it_said(edited: Devi
     assert said["bytes"] >= 3 * FILES * SIZE
     assert disk_use(a.root) == before and store_files(a) == files  # changed nothing
     done = _json(a, "prune")
-    assert {k: v for k, v in done.items() if k not in ("dry_run", "cap")} == {
-        k: v for k, v in said.items() if k not in ("dry_run", "cap")
+    assert {k: v for k, v in done.items() if k not in ("dry_run", "cap", "announced")} == {
+        k: v for k, v in said.items() if k not in ("dry_run", "cap", "announced")
     }
+    assert (said["announced"], done["announced"]) == (0, 1)  # 72 contents: one UNHELD event
     freed = before - disk_use(a.root)
     assert abs(freed - said["bytes"]) <= 64 * 1024  # (the database's own pages move too)
     assert len(store_files(a)) == FILES and set(store_files(a).values()) == {2}  # live ones
@@ -154,3 +155,35 @@ def test_joining_again_into_the_same_files_makes_no_second_copy(pair, tmp_path: 
     again.sync(address)
     assert disk_use(b.root) - before < FILES * SIZE // 10
     assert len(store_files(again)) == FILES
+
+
+def test_history_says_when_a_replaced_version_is_pruned_on_every_device(tmp_path: Path) -> None:
+    """`history` said only "pruned here": whether another device still held the bytes
+    (so a restore could fetch them) or none did was nowhere to be seen."""
+    a, b, ports = joined_pair(tmp_path)
+    _save(a.root / "notes.txt", b"first draft")
+    with a.serving(ports[0]) as address:
+        b.sync(address)
+        _save(a.root / "notes.txt", b"second draft")
+        b.sync(address)
+    for device in (a, b):  # keep nothing that was replaced
+        for key in ("keep-all", "hourly-for", "daily-for", "weekly-for"):
+            device.run("config", key, "0s", "--dir", str(device.root))
+    a.run("prune", "--dir", str(a.root))
+    with a.serving(ports[0]) as address:
+        b.sync(address)
+        shown = a.run(
+            "history", str(a.root / "notes.txt"), "--dir", str(a.root)
+        ).stdout.splitlines()
+        assert "(bytes pruned here " in shown[0] and "; on " in shown[0], shown
+        first = _json(a, "history", str(a.root / "notes.txt"))[0]
+        assert (first["bytes"], len(first["held_by"])) == ("elsewhere", 1)
+        b.run("prune", "--dir", str(b.root))
+        b.sync(address)
+    for device in (a, b):
+        first, second = _json(device, "history", str(device.root / "notes.txt"))
+        assert (first["bytes"], first["held_by"], second["bytes"]) == ("nowhere", [], "here")
+        shown = device.run(
+            "history", str(device.root / "notes.txt"), "--dir", str(device.root)
+        ).stdout
+        assert "pruned on every device" in shown.splitlines()[0], shown

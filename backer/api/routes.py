@@ -174,18 +174,7 @@ async def history(request: web.Request) -> web.Response:
     entries = runtime.share.catalog.history(path)
     if not entries:
         raise _fail(web.HTTPNotFound, f"no history for {path!r} in this share")
-    return web.json_response(
-        [
-            {
-                "version": e.version_id,
-                "device": device_id(e.author),
-                "device_name": runtime.share.members.names.get(e.author, ""),
-                "live": e.live,
-                **commands.version_json(e.version),
-            }
-            for e in entries
-        ]
-    )
+    return web.json_response(commands.history_report(runtime.share, entries))
 
 
 @routes.post("/api/shares/{share}/restore")

@@ -135,6 +135,10 @@ class Catalog:
             "CREATE TABLE IF NOT EXISTS renames (key BLOB, seq INTEGER, name TEXT, "
             "PRIMARY KEY (key, seq)) WITHOUT ROWID"
         )
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS unheld (content BLOB, device BLOB, ms INTEGER, "
+            "PRIMARY KEY (content, device)) WITHOUT ROWID"
+        )
         self._add_columns()
 
     def _add_columns(self) -> None:
@@ -319,6 +323,26 @@ class Catalog:
         if any(old is not None and old.kind != Kind.DELETED for old in replaced):
             return "modified"
         return "added"
+
+    def note_unheld(self, device: bytes, contents: Iterable[bytes], ms: int) -> None:
+        """``device`` said (signed) that it no longer holds the bytes of ``contents``."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO unheld (content, device, ms) VALUES (?, ?, ?)",
+            [(content, device, ms) for content in contents],
+        )
+
+    def unheld_here(self, device: bytes) -> set[bytes]:
+        """The contents ``device`` said it no longer holds."""
+        rows = self.conn.execute("SELECT content FROM unheld WHERE device = ?", (device,))
+        return {content for (content,) in rows}
+
+    def unheld_by(self, contents: Iterable[bytes]) -> dict[bytes, set[bytes]]:
+        """For each of ``contents``: the devices that said they no longer hold it."""
+        found: dict[bytes, set[bytes]] = {}
+        for content in set(contents):
+            rows = self.conn.execute("SELECT device FROM unheld WHERE content = ?", (content,))
+            found[content] = {device for (device,) in rows}
+        return found
 
     def history(self, path: str) -> list[HistoryEntry]:
         rows = self.conn.execute(

@@ -48,6 +48,7 @@ class EventKind(IntEnum):
     KEY = 6
     CLIENT = 7  # declares a Yjs client id: its nonce, hashed with the author's key
     RENAME = 8  # a device's new name, signed by that device itself
+    UNHELD = 9  # content ids whose bytes the author no longer holds (pruned, or never had)
 
 
 def genesis_payload(share_id: bytes, device_name: str) -> bytes:

@@ -59,7 +59,14 @@ from backer.model.membership import (
     remove_payload,
     rename_payload,
 )
-from backer.model.records import MAX_TIME_MS, Kind, Version, new_version_id, split_key
+from backer.model.records import (
+    CONTENT_ID_BYTES,
+    MAX_TIME_MS,
+    Kind,
+    Version,
+    new_version_id,
+    split_key,
+)
 from backer.model.state import (
     CLIENT_NONCE_BYTES,
     BadUpdate,
@@ -96,6 +103,7 @@ DB_FILE = "backer.db"
 LOCK_FILE = "lock"
 RESOLUTIONS_PER_EVENT = 2000  # ~160 bytes each: one event stays far below a frame
 MAX_RESOLUTION_ROUNDS = 50  # copies of one device's same-second losers collide in a chain
+UNHELD_PER_EVENT = 2000  # content ids per UNHELD event: 64 KB, far below a frame
 _PAYLOAD_BYTES = {
     EventKind.GENESIS: (SHARE_ID_BYTES, SHARE_ID_BYTES + MAX_DEVICE_NAME),
     EventKind.MEMBER_ADD: (32 + INVITE_ID_BYTES, 32 + INVITE_ID_BYTES + MAX_DEVICE_NAME),
@@ -104,6 +112,7 @@ _PAYLOAD_BYTES = {
     EventKind.KEY: (4, 4 + membership.KEY_ENTRY_BYTES * membership.MAX_MEMBERS),
     EventKind.CLIENT: (CLIENT_NONCE_BYTES, CLIENT_NONCE_BYTES),
     EventKind.RENAME: (33, 32 + MAX_DEVICE_NAME),
+    EventKind.UNHELD: (CONTENT_ID_BYTES, CONTENT_ID_BYTES * UNHELD_PER_EVENT),
 }
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 RESCANS = 3  # rounds of an off-loop scan for paths that changed while it looked at them
@@ -397,6 +406,19 @@ class Share:
         if self.members.names[device] == name:
             return None
         return self._append(EventKind.RENAME, rename_payload(device, name))
+
+    def announce_unheld(self, contents: Collection[bytes]) -> int:
+        """Tell every device (signed UNHELD events) that this one no longer holds the
+        bytes of ``contents``, so ``history`` everywhere can say when a version's bytes
+        are on no device at all; return how many events that took."""
+        ordered = sorted(contents)
+        batches = [
+            b"".join(ordered[i : i + UNHELD_PER_EVENT])
+            for i in range(0, len(ordered), UNHELD_PER_EVENT)
+        ]
+        if batches:
+            self._append_all([(EventKind.UNHELD, batch) for batch in batches])
+        return len(batches)
 
     def create_invite(self, lifetime_s: int) -> tuple[bytes, bytes]:
         """A single-use invite, valid ``lifetime_s`` seconds: (invite id, one-time key)."""
@@ -718,6 +740,10 @@ class Share:
                 self.catalog.add_invite(*parse_invite(event.payload), event.raw)
             elif event.kind == EventKind.KEY:
                 self._take_key(event)
+            elif event.kind == EventKind.UNHELD:
+                self.catalog.note_unheld(
+                    event.author, unheld_contents(event.payload), event.time_ms
+                )
         if delta:
             for key in [k for k in delta.added if not is_valid(split_key(k)[0])]:
                 del delta.added[key]
@@ -1311,6 +1337,13 @@ def _check_event(event: Event) -> None:
     low, high = _PAYLOAD_BYTES.get(kind, (0, MAX_PAYLOAD))
     if not low <= len(event.payload) <= high:
         raise BadUpdate(f"a {kind.name.lower()} event of {len(event.payload)} bytes")
+    if kind == EventKind.UNHELD and len(event.payload) % CONTENT_ID_BYTES:
+        raise BadUpdate(f"an unheld event of {len(event.payload)} bytes")
+
+
+def unheld_contents(payload: bytes) -> list[bytes]:
+    """The content ids of an UNHELD event's payload."""
+    return [payload[i : i + CONTENT_ID_BYTES] for i in range(0, len(payload), CONTENT_ID_BYTES)]
 
 
 def _based_on(cached: LocalEntry | None) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from backer.config.identity import device_id, parse_device_id, short_id
 from backer.connections import control
 from backer.connections.addresses import format_address
-from backer.db.catalog import Problem
+from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError, reason
 from backer.model import revisions
 from backer.model.membership import EventKind
@@ -27,6 +27,7 @@ from backer.model.share import ScanSummary, Share
 from backer.protocol.invite import InviteToken, parse_address
 from backer.protocol.session import Session, WireStats
 from backer.scanner.chunks import ChunkStore
+from backer.versioner.store import Store
 
 if TYPE_CHECKING:
     from backer.node.node import Node, Runtime
@@ -64,6 +65,53 @@ def version_json(version: Version) -> dict[str, Any]:
         "time": timestamp(version.time_ms),
         "supersedes": list(version.supersedes),
     }
+
+
+def history_report(share: Share, entries: list[HistoryEntry]) -> list[dict[str, Any]]:
+    """Every version of a path as ``history --json`` and the HTTP API show it. For a
+    replaced file version whose bytes this device does not hold: ``pruned`` (when it
+    dropped them, if it did), ``held_by`` (the other members that have not said they
+    dropped them) and ``bytes``: ``here``, ``elsewhere``, or ``nowhere`` once every
+    member has said so (then no restore can bring it back)."""
+    store = Store(share.root, share.catalog)
+    pruned = store.pruned(e.version_id for e in entries)
+    dropped = share.catalog.unheld_by(
+        e.version.content for e in entries if e.version.kind == Kind.FILE
+    )
+    others = {k: n for k, n in share.members.active.items() if k != share.device}
+    on_disk: set[bytes] | None = None  # read once, only if a version's bytes are not kept
+    rows = []
+    for e in entries:
+        row: dict[str, Any] = {
+            "version": e.version_id,
+            "device": device_id(e.author),
+            "device_name": share.members.names.get(e.author, ""),
+            "live": e.live,
+            **version_json(e.version),
+            "pruned": timestamp(pruned[e.version_id]) if e.version_id in pruned else None,
+            "bytes": None,
+            "held_by": [],
+        }
+        if e.version.kind == Kind.FILE:
+            gone = dropped.get(e.version.content, set())
+            here = e.live or store.has(e.version.content)
+            if not here:
+                on_disk = _contents_on_disk(share) if on_disk is None else on_disk
+                here = e.version.content in on_disk
+            held_by = [name for key, name in others.items() if key not in gone]
+            row["bytes"] = "here" if here else "elsewhere" if held_by else "nowhere"
+            row["held_by"] = [] if here else held_by
+        rows.append(row)
+    return rows
+
+
+def _contents_on_disk(share: Share) -> set[bytes]:
+    """The contents of the files on disk here as the last scan recorded them (what
+    ``prune`` also counts as held)."""
+    rows = share.catalog.conn.execute(
+        "SELECT versions.record FROM local JOIN versions ON versions.vid = local.vid"
+    )
+    return {Version.decode(record).content for (record,) in rows}
 
 
 def conflicts_report(share: Share) -> list[dict[str, Any]]:

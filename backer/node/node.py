@@ -58,7 +58,7 @@ from backer.protocol.invite import parse_address
 from backer.protocol.session import Session
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 from backer.scanner.watch import Watcher
-from backer.versioner.prune import PruneReport, prune
+from backer.versioner.prune import PruneReport, prune_share
 
 if TYPE_CHECKING:
     from backer.config.registry import RegisteredShare
@@ -229,8 +229,9 @@ class Runtime:
     def prune(self, dry_run: bool = False) -> PruneReport:
         """Drop the kept contents the retention policy no longer keeps (in the loop, so
         never in the middle of an apply or a scan's recording)."""
-        with self.share.db.conn:
-            report = prune(self.share.root, self.share.catalog, entropy.now_ms(), dry_run)
+        report = prune_share(self.share, entropy.now_ms(), dry_run)
+        if report.announced:
+            self.hub.journal_grew()
         if report.files and not dry_run:
             self.log.info(
                 "%s: pruned the kept contents of %d versions (%d files, %d bytes freed)",

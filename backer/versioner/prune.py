@@ -5,22 +5,27 @@ The journal keeps every version's metadata for ever; only bytes go. A store entr
 stays while a version the policy keeps needs it, or while a file of the share holds
 that content (live here, or on disk as recorded: it costs nothing then). Every other
 entry is removed, and the versions whose bytes went with it are noted (table
-``pruned``), so ``history`` can say when.
+``pruned``), so ``history`` can say when. The contents of replaced versions this device
+no longer holds (pruned, or never had) are then announced to every device in signed
+UNHELD events, so ``history`` anywhere can say when a version's bytes are on no device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backer.db.catalog import Catalog
 from backer.model.records import Kind, Version
 from backer.versioner.config import policy as share_policy
 from backer.versioner.retention import Candidate, Policy, retained
 from backer.versioner.store import Store
+
+if TYPE_CHECKING:
+    from backer.model.share import Share
 
 
 @dataclass
@@ -32,10 +37,14 @@ class PruneReport:
     kept_bytes: int = 0  # what those cost beyond the share's own files
     cap: int = 0  # the size cap applied, in bytes
     dry_run: bool = False
+    announced: int = 0  # UNHELD events recorded (contents other devices learn are not here)
+    unheld: set[bytes] = field(default_factory=set, repr=False)  # replaced contents not here
 
     def as_json(self) -> dict[str, Any]:
         """What ``backer prune --json`` prints (and the node's ``prune`` answer)."""
-        return dataclasses.asdict(self)
+        shown = dataclasses.asdict(self)
+        del shown["unheld"]
+        return shown
 
 
 def replaced_at(catalog: Catalog, versions: dict[str, Version]) -> dict[str, int]:
@@ -49,10 +58,13 @@ def replaced_at(catalog: Catalog, versions: dict[str, Version]) -> dict[str, int
     return replaced
 
 
-def candidates(catalog: Catalog, held: dict[bytes, int]) -> tuple[list[Candidate], set[bytes]]:
+def candidates(
+    catalog: Catalog, held: dict[bytes, int]
+) -> tuple[list[Candidate], set[bytes], set[bytes]]:
     """The replaced and deleted file versions whose content the store holds, each with
-    the time it stopped being current; and the contents this device's files hold
-    (live versions, and what the disk held at the last scan)."""
+    the time it stopped being current; the contents this device's files hold (live
+    versions, and what the disk held at the last scan); and the contents of every
+    replaced or deleted file version."""
     versions: dict[str, tuple[str, Version]] = {}
     for vid, path, record in catalog.conn.execute("SELECT vid, path, record FROM versions"):
         versions[vid] = (path, Version.decode(record))
@@ -69,7 +81,12 @@ def candidates(catalog: Catalog, held: dict[bytes, int]) -> tuple[list[Candidate
         for vid, (path, version) in versions.items()
         if vid not in live and version.kind == Kind.FILE and version.content in held
     ]
-    return found, free
+    retired = {
+        version.content
+        for vid, (_, version) in versions.items()
+        if vid not in live and version.kind == Kind.FILE
+    }
+    return found, free, retired
 
 
 def prune(
@@ -83,7 +100,7 @@ def prune(
     longer needs; the caller commits."""
     store = Store(root, catalog)
     held = store.contents()
-    found, free = candidates(catalog, held)
+    found, free, retired = candidates(catalog, held)
     policy = policy or share_policy(catalog)
     used = sum(size for content, size in held.items() if content not in free)
     stat = os.statvfs(root)
@@ -104,4 +121,17 @@ def prune(
     report.kept_bytes = sum(held[c] for c in held if c not in gone and c not in free)
     if not dry_run:
         store.note_pruned(dropped, now_ms)
+    report.unheld = {c for c in retired if c not in free and (c not in held or c in gone)}
+    return report
+
+
+def prune_share(share: Share, now_ms: int, dry_run: bool = False) -> PruneReport:
+    """:func:`prune` in one transaction, then the replaced contents this device does not
+    hold and has not said so of yet announced to every device (``backer prune``, the
+    node)."""
+    with share.db.conn:
+        report = prune(share.root, share.catalog, now_ms, dry_run)
+    if not dry_run:
+        fresh = report.unheld - share.catalog.unheld_here(share.device)
+        report.announced = share.announce_unheld(fresh)
     return report

@@ -195,6 +195,8 @@ function versionItem(path, version) {
   item.append(el("span", `${version.time} · ${what} · ${version.device_name || version.device.slice(0, 7)}`, "meta"));
   if (version.live) {
     item.append(el("span", "current", "badge ok"));
+  } else if (version.bytes === "nowhere") {
+    item.append(el("span", "pruned on every device", "badge"));
   } else if (version.kind === "file" || version.kind === "symlink") {
     const button = el("button", "Restore");
     button.type = "button";
