@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -100,43 +101,48 @@ def same_trees(expected: dict[str, tuple[int, str]], copy: Path, exclude: tuple[
         raise RuntimeError(f"{copy} differs: missing {missing}, extra {extra}, changed {changed}")
 
 
-def measure_rsync(tree: Path, place: Path, digest: dict[str, tuple[int, str]]) -> dict:
+def measure_rsync(tree: Path, place: Path) -> dict:
     copy = place / "rsync-copy"
     with Processes().running() as processes:
         tool = Rsync(place, tree, copy, processes)
         tool.setup()
         step = tool.initial()
-    same_trees(digest, copy, ())
+    say(f"rsync {step.seconds:.1f} s; comparing (not timed)")
+    same_trees(tree_digest(tree), copy, ())
     shutil.rmtree(copy)
     return {"seconds": step.seconds, "rss_mib": step.rss_mib}
 
 
 def measure_backer(
-    tree: Path, place: Path, digest: dict[str, tuple[int, str]], idle_s: float
-) -> dict[str, Any]:
-    """init, rescan unchanged, the node's start and idle cost, a new device's join."""
-    result: dict[str, Any] = {}
+    tree: Path, place: Path, idle_s: float, result: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """init, rescan unchanged, the node's start and idle cost, a new device's join, each
+    into ``result`` and saved as soon as measured (a million files take a while)."""
     copy = place / "backer-copy"
     with Processes().running() as processes:
         nodes = BackerNodes(place, processes)
         command = [sys.executable, "-m", "backer"]
-        say("backer init")
+        say(f"backer init (load {os.getloadavg()[0]:.1f})")
         seconds, rss, _, _ = run_measured(
             processes, [*command, "init", "-q", str(tree)], nodes.env("a")
         )
         result["init"] = {"seconds": seconds, "rss_mib": rss["command"]}
-        say(f"backer init {seconds:.1f} s; rescan")
+        save()
+        say(f"backer init {seconds:.1f} s; rescan (load {os.getloadavg()[0]:.1f})")
         scan = [*command, "scan", "-q", "--dir", str(tree)]
         seconds, rss, _, _ = run_measured(processes, scan, nodes.env("a"))
         result["rescan"] = {"seconds": seconds, "rss_mib": rss["command"]}
+        save()
         address = f"127.0.0.1:{nodes.ports['a']}"
         invite = [*command, "invite", "--no-wait", "--address", address, "--dir", str(tree)]
         _, _, token, _ = run_measured(processes, invite, nodes.env("a"))
-        say(f"backer rescan {seconds:.1f} s; backer run")
+        say(f"backer rescan {seconds:.1f} s; backer run (load {os.getloadavg()[0]:.1f})")
         startup = nodes.start("a", timeout=STEP_TIMEOUT_S)
         say(f"backer run watching after {startup:.1f} s; idle {idle_s:.0f} s")
         result["node"] = {"startup_s": startup, **settled(nodes.pid(), idle_s)}
-        say(f"idle RSS {result['node']['rss_median_mib']:.0f} MiB; backer join")
+        save()
+        rss_idle = result["node"]["rss_median_mib"]
+        say(f"idle RSS {rss_idle:.0f} MiB; backer join (load {os.getloadavg()[0]:.1f})")
         join = [*command, "join", "-q", token.strip(), str(copy)]
         seconds, rss, _, _ = run_measured(processes, join, nodes.env("b"), serve=nodes.pid())
         result["join"] = {
@@ -144,30 +150,39 @@ def measure_backer(
             "rss_mib": rss["command"],
             "serve_rss_mib": rss["serve"],
         }
-        say(f"backer join {seconds:.1f} s")
-    same_trees(digest, copy, BackerNodes.exclude)
+        save()
+        say(f"backer join {seconds:.1f} s; comparing (not timed)")
+    same_trees(tree_digest(tree, BackerNodes.exclude), copy, BackerNodes.exclude)
     shutil.rmtree(copy)
-    return result
 
 
-def measure(count: int, seed: int, cache: Path, work: Path, idle_s: float) -> dict[str, Any]:
-    """Every step on ``count`` files, with the load average before and after."""
+def measure(
+    count: int,
+    seed: int,
+    cache: Path,
+    work: Path,
+    idle_s: float,
+    results: list[dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """Every step on ``count`` files into a new entry of ``results``, with the load
+    average before and after; ``save()`` after each step. backer first, then rsync (its
+    daemon serves the tree once backer's metadata is gone from it)."""
     tree = cached_tree(cache, count, seed)
-    load_before = os.getloadavg()
-    say(f"{count:,} files: load {load_before[0]:.2f}; digest of the tree (not timed)")
-    digest = tree_digest(tree)
     place = work / f"n{count}"
     place.mkdir()
-    result: dict[str, Any] = {"count": count, "load_before": load_before}
-    if shutil.which("rsync"):
-        say("rsync")
-        result["rsync"] = measure_rsync(tree, place, digest)
-    result["backer"] = measure_backer(tree, place, digest, idle_s)
+    result: dict[str, Any] = {"count": count, "load_before": os.getloadavg(), "backer": {}}
+    results.append(result)
+    say(f"{count:,} files: load {result['load_before'][0]:.2f}")
+    measure_backer(tree, place, idle_s, result["backer"], save)
     for name in BackerNodes.exclude:
         shutil.rmtree(tree / name, ignore_errors=True)
+    if shutil.which("rsync"):
+        say(f"rsync (load {os.getloadavg()[0]:.1f})")
+        result["rsync"] = measure_rsync(tree, place)
     shutil.rmtree(place)
     result["load_after"] = os.getloadavg()
-    return result
+    save()
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -267,29 +282,37 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=20, help="Seconds of idle sampling.")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="Also write raw results here.")
+    parser.add_argument(
+        "--report", type=Path, nargs="*", metavar="JSON",
+        help="Results of earlier runs (--json) to report with this one's; --counts '' "
+        "measures nothing more.",
+    )  # fmt: skip
     args = parser.parse_args()
     try:
         counts = [int(c) for c in args.counts.split(",") if c]
     except ValueError:
         parser.error(f"--counts: not a list of numbers: {args.counts}")
-    if not counts or min(counts) < 1000:
+    if min(counts, default=1000) < 1000:
         parser.error("--counts: at least 1,000 files each")
     print(f"dataset cache: {args.cache}", flush=True)
     for name, reason in SKIPPED.items():
         print(f"skipped {name}: {reason}", flush=True)
     results: list[dict[str, Any]] = []
+    for earlier in args.report or []:
+        results += json.loads(earlier.read_text())
+
+    def save() -> None:  # after each step: a late failure keeps what was measured
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+
     with work_directory("backer-huge-", args.workdir) as work:
         for count in counts:
-            results.append(measure(count, args.seed, args.cache, work, args.idle))
-            if args.json:  # after each count: a late failure keeps the earlier ones
-                args.json.write_text(json.dumps(results, indent=1))
+            measure(count, args.seed, args.cache, work, args.idle, results, save)
     print(f"\n# backer on many files — {os.cpu_count()} cores")
     for result in results:
-        before, after = result["load_before"], result["load_after"]
-        print(
-            f"- {result['count']:,} files: load average {before[0]:.2f} before, "
-            f"{after[0]:.2f} after"
-        )
+        after = f"{result['load_after'][0]:.2f}" if "load_after" in result else "—"
+        before = result["load_before"][0]
+        print(f"- {result['count']:,} files: load {before:.2f} before, {after} after")
     print()
     print(scaling_table(results))
     print()
