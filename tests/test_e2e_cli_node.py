@@ -25,9 +25,12 @@ Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
 
 
 @contextlib.contextmanager
-def control_server(device: Device, handle: Handler) -> Iterator[list[dict[str, Any]]]:
+def control_server(
+    device: Device, handle: Handler, starting_s: float = 0
+) -> Iterator[list[dict[str, Any]]]:
     """A real control server for ``device``'s share, in a thread, holding the share's
-    lock as a node does; yields the requests it received."""
+    lock as a node does (and, with ``starting_s``, taking that long to start after
+    saying it is starting); yields the requests it received."""
     received: list[dict[str, Any]] = []
     ready, stop = threading.Event(), threading.Event()
 
@@ -45,9 +48,13 @@ def control_server(device: Device, handle: Handler) -> Iterator[list[dict[str, A
     key = load_or_create_key(device.home)
     with Share.open(device.root, key, home=device.home):
         thread = threading.Thread(target=asyncio.run, args=(serve(),))
-        thread.start()
+        if starting_s:
+            control.announce_starting(device.root)
+            threading.Timer(starting_s, thread.start).start()
+        else:
+            thread.start()
         try:
-            assert ready.wait(10)
+            assert starting_s or ready.wait(10)
             yield received
         finally:
             stop.set()
@@ -94,6 +101,22 @@ def test_a_node_that_does_not_answer_is_one_clear_line(device: Device) -> None:
             result = device.run(*args, "--share", "a", check=False)
             assert result.returncode == 1, args
             assert "does not answer" in result.stderr and result.stderr.count("\n") == 1, args
+
+
+def test_a_command_waits_for_a_node_that_is_still_starting(device: Device) -> None:
+    """A node holds the share from the moment it opens it, but took requests only once
+    it had started (seconds on a large share): a 'backer scan' typed then failed with
+    "in use by another backer process"."""
+
+    async def busy(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        yield {"error": "the node answered"}
+
+    with control_server(device, busy, starting_s=1.5) as received:
+        began = time.monotonic()
+        result = device.run("scan", "--share", "a", check=False)
+        waited = time.monotonic() - began
+    assert result.stderr == "backer: error: the node answered\n"
+    assert [r["op"] for r in received] == ["scan"] and waited >= 1.0
 
 
 def test_without_a_control_channel_a_busy_share_still_says_in_use(device: Device) -> None:

@@ -15,6 +15,10 @@ the port written with a random secret and the node's pid in ``.backer/control``
 Each side thus proves it knows the secret, so a local process that took the port of a
 node that died cannot answer ``invite`` with a token of its choosing; and a
 control file whose pid is not alive is removed as stale.
+
+A node writes the file with its pid and no port as soon as it holds the share, while
+it still opens it and starts: a command then waits for the port (up to
+``STARTING_WAIT_S``) instead of failing with "in use".
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ from backer.fs.paths import METADATA_DIR
 
 CONTROL_FILE = "control"
 MAX_REQUEST = 64 * 1024
+STARTING_WAIT_S = 60.0  # how long a command waits for a starting node to take requests
 
 Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
 
@@ -48,6 +54,31 @@ def _write_private(path: Path, data: bytes) -> None:
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     os.replace(temp, path)
+
+
+def announce_starting(root: Path) -> None:
+    """Say (``.backer/control`` with this pid, no port yet) that the process holding the
+    share will take requests once it has started."""
+    _write_private(root / METADATA_DIR / CONTROL_FILE, json.dumps({"pid": os.getpid()}).encode())
+
+
+def _read_where(root: Path, busy: BackerError) -> dict[str, Any]:
+    """The control file's contents, once it names a port: a node still starting is
+    waited for while its pid lives (``STARTING_WAIT_S`` at most)."""
+    path = root / METADATA_DIR / CONTROL_FILE
+    deadline = time.monotonic() + STARTING_WAIT_S
+    while True:
+        try:
+            where = json.loads(path.read_bytes())
+            pid = int(where["pid"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise busy from exc
+        if not _alive(pid):
+            path.unlink(missing_ok=True)  # left by a node that was killed
+            raise busy
+        if "port" in where or time.monotonic() > deadline:
+            return where
+        time.sleep(0.1)
 
 
 def _proof(secret: str, who: bytes, first: str, second: str) -> str:
@@ -136,17 +167,14 @@ def request(root: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
     busy = BackerError(
         f"the share {root} is in use by another backer process that takes no requests"
     )
-    path = root / METADATA_DIR / CONTROL_FILE
-    try:
-        where = json.loads(path.read_bytes())
-        port, secret, pid = int(where["port"]), str(where["secret"]), int(where["pid"])
-        bytes.fromhex(secret)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise busy from exc
-    if not _alive(pid):
-        path.unlink(missing_ok=True)  # left by a node that was killed
-        raise busy
+    where = _read_where(root, busy)
+    pid = int(where["pid"])
     silent = f"the backer process serving the share {root} (pid {pid}) does not answer"
+    try:
+        port, secret = int(where["port"]), str(where["secret"])
+        bytes.fromhex(secret)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackerError(f"{silent}: it has not finished starting") from exc
     try:
         connection = socket.create_connection(("127.0.0.1", port), timeout=10)
     except OSError as exc:

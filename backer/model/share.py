@@ -146,17 +146,15 @@ WAITING_FOR_GENESIS = "this device has not received the share's history yet: syn
 
 
 class ShareBusy(BackerError):
-    """Another process holds the share (``serve`` can take some requests: see control)."""
+    """Another process holds the share (``run`` takes requests: see control)."""
 
     def __init__(self, root: Path) -> None:
-        super().__init__(
-            f"the share {root} is in use by another backer process (serve, sync or scan)"
-        )
+        super().__init__(f"the share {root} is in use by another backer process (run, sync, scan)")
         self.root = root
 
 
 def take_lock(root: Path) -> IO[bytes]:
-    """One process changes a share at a time (serve, sync, scan, join)."""
+    """One process changes a share at a time (run, sync, scan, join)."""
     handle = open(root / METADATA_DIR / LOCK_FILE, "ab")  # noqa: SIM115 - held until close()
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -718,6 +718,7 @@ class Node:
             if share.share_id in self.runtimes:
                 share.close()
                 continue
+            control.announce_starting(share.root)
             self.runtimes[share.share_id] = Runtime(self, share, entry.name)
         if not self.runtimes:
             self.log.warning("no share to serve: 'backer init' or 'backer join' makes one")
