@@ -329,7 +329,10 @@ class Hub:
                 room = limits.reply_bytes + 1 - unsent()  # so that what is left waits for
                 messages = session.take_outbox(max(room, 0))  # a drain (over the high mark)
                 if messages:
-                    channel.send(b"".join(m.encode() for m in messages))
+                    plaintext = bytearray()
+                    for message in messages:
+                        message.encode_into(plaintext)
+                    channel.send(plaintext)
             _write(streams, channel.data_to_send())
             if one_shot and session is not None and session.complete:
                 finished.set()

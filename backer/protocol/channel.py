@@ -114,12 +114,12 @@ class SecureChannel:
         self._send: CipherState | None = None
         self._receive: CipherState | None = None
         self._buffer = bytearray()
-        self._outgoing = bytearray()
+        self._outgoing: list[bytes | bytearray] = []
         if self.initiator:
             if len(self.header) != HEADER_LEN or psk is None:
                 raise ValueError("an initiator needs a 17-byte header and a psk")
             self._handshake = self._new_handshake(psk)
-            self._outgoing += self.header
+            self._outgoing.append(self.header)
             self._record(self._handshake.write_message())
 
     @property
@@ -136,68 +136,119 @@ class SecureChannel:
         )
 
     def _record(self, message: bytes) -> None:
-        self._outgoing += len(message).to_bytes(2, "big") + message
+        self._outgoing.append(len(message).to_bytes(2, "big") + message)
 
-    def data_to_send(self) -> bytes:
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
+    def data_to_send(self) -> bytes | bytearray:
+        """What to write to the peer now (the buffer is handed over, not copied)."""
+        pending, self._outgoing = self._outgoing, []
+        return pending[0] if len(pending) == 1 else b"".join(pending)
 
-    def send(self, plaintext: bytes) -> None:
-        """Encrypt application data into records (queued for :meth:`data_to_send`)."""
+    def send(self, plaintext: bytes | bytearray | memoryview) -> None:
+        """Encrypt application data into records (queued for :meth:`data_to_send`),
+        each straight into one output buffer: no ciphertext objects, no joins."""
         if self._send is None:
             raise ChannelError("channel is not established")
         view = memoryview(plaintext)
-        for start in range(0, len(view), MAX_PLAINTEXT):
-            self._record(self._send.encrypt(b"", bytes(view[start : start + MAX_PLAINTEXT])))
+        records = -(-len(view) // MAX_PLAINTEXT)
+        out = bytearray(len(view) + records * (2 + TAG_LEN))
+        with memoryview(out) as target:
+            at = 0
+            for start in range(0, len(view), MAX_PLAINTEXT):
+                piece = view[start : start + MAX_PLAINTEXT]
+                size = len(piece) + TAG_LEN
+                target[at : at + 2] = size.to_bytes(2, "big")
+                self._send.encrypt_into(piece, target[at + 2 : at + 2 + size])
+                at += 2 + size
+        if out:
+            self._outgoing.append(out)
 
-    def receive_data(self, data: bytes) -> bytes:
-        """Consume bytes from the peer; return the application plaintext they carried."""
-        self._buffer += data
-        plaintext = bytearray()
+    def receive_data(self, data: bytes | bytearray) -> bytearray:
+        """Consume bytes from the peer; return the application plaintext they carried
+        (a new buffer each call: the caller may keep it)."""
         try:
-            if not self.initiator and not self.header:
-                if len(self._buffer) < HEADER_LEN:
-                    return b""
-                self.header = bytes(self._buffer[:HEADER_LEN])
-                del self._buffer[:HEADER_LEN]
-                self._candidates = self.lookup_psk(self.header) if self.lookup_psk else []
-                if not self._candidates:
-                    raise ChannelError("unknown share or invite", UNKNOWN)
-            offset = 0
-            try:
-                while len(self._buffer) - offset >= 2:
-                    size = int.from_bytes(self._buffer[offset : offset + 2], "big")
-                    if size == 0 and self.initiator:
-                        if len(self._buffer) - offset < 3:
-                            break
-                        reason = REFUSALS.get(self._buffer[offset + 2], "no reason given")
-                        raise ChannelError(f"{PEER_REFUSED}{reason}", None)
-                    exact = self.header[:1] == MODE_SYNC
-                    if (
-                        self.initiator
-                        and self._handshake is not None
-                        and (size != RESPONSE_LEN if exact else size < RESPONSE_LEN)
-                    ):
-                        raise ChannelError(
-                            "the peer does not speak backer's protocol (is it a backer serve?)",
-                            None,
-                        )
-                    if len(self._buffer) - offset < 2 + size:
-                        break
-                    message = bytes(self._buffer[offset + 2 : offset + 2 + size])
-                    offset += 2 + size
-                    if self._receive is not None:
-                        plaintext += self._receive.decrypt(b"", message)
-                    elif self._handshake is None:
-                        self._first_message(message)
-                    else:
-                        self._handshake_step(message)
-            finally:
-                del self._buffer[:offset]  # once per call: not once per record
+            if self._receive is None:
+                self._buffer += data
+                self._handshake_records()
+                if self._receive is None:
+                    return bytearray()
+                data, self._buffer = bytes(self._buffer), bytearray()
+            return self._open_records(data)
         except NoiseError as exc:
             raise ChannelError(f"handshake or record failed: {exc}") from exc
-        return bytes(plaintext)
+
+    def _handshake_records(self) -> None:
+        """Consume the handshake's records from the buffer, up to the channel's
+        establishment (what follows is left for :meth:`_open_records`)."""
+        if not self.initiator and not self.header:
+            if len(self._buffer) < HEADER_LEN:
+                return
+            self.header = bytes(self._buffer[:HEADER_LEN])
+            del self._buffer[:HEADER_LEN]
+            self._candidates = self.lookup_psk(self.header) if self.lookup_psk else []
+            if not self._candidates:
+                raise ChannelError("unknown share or invite", UNKNOWN)
+        offset = 0
+        try:
+            while self._receive is None and len(self._buffer) - offset >= 2:
+                size = int.from_bytes(self._buffer[offset : offset + 2], "big")
+                if size == 0 and self.initiator:
+                    if len(self._buffer) - offset < 3:
+                        break
+                    reason = REFUSALS.get(self._buffer[offset + 2], "no reason given")
+                    raise ChannelError(f"{PEER_REFUSED}{reason}", None)
+                exact = self.header[:1] == MODE_SYNC
+                if (
+                    self.initiator
+                    and self._handshake is not None
+                    and (size != RESPONSE_LEN if exact else size < RESPONSE_LEN)
+                ):
+                    raise ChannelError(
+                        "the peer does not speak backer's protocol (is it a backer serve?)",
+                        None,
+                    )
+                if len(self._buffer) - offset < 2 + size:
+                    break
+                message = bytes(self._buffer[offset + 2 : offset + 2 + size])
+                offset += 2 + size
+                if self._handshake is None:
+                    self._first_message(message)
+                else:
+                    self._handshake_step(message)
+        finally:
+            del self._buffer[:offset]  # once per call: not once per record
+
+    def _open_records(self, data: bytes | bytearray) -> bytearray:
+        """Decrypt every complete transport record: those within ``data`` are read in
+        place and decrypted straight into the one plaintext buffer returned; only a
+        record cut by the end of a read is copied (into ``_buffer``, until complete)."""
+        view = memoryview(data)
+        records: list[memoryview] = []
+        pos = 0
+        while self._buffer and pos < len(view):  # a record begun in an earlier read
+            have = len(self._buffer)
+            need = 2 if have < 2 else 2 + int.from_bytes(self._buffer[:2], "big")
+            step = min(need - have, len(view) - pos)
+            self._buffer += view[pos : pos + step]
+            pos += step
+            if have >= 2 and len(self._buffer) == need:
+                records.append(memoryview(bytes(self._buffer))[2:])
+                self._buffer.clear()
+        while len(view) - pos >= 2:
+            end = pos + 2 + int.from_bytes(view[pos : pos + 2], "big")
+            if end > len(view):
+                break
+            records.append(view[pos + 2 : end])
+            pos = end
+        self._buffer += view[pos:]
+        assert self._receive is not None
+        out = bytearray(sum(max(len(record) - TAG_LEN, 0) for record in records))
+        with memoryview(out) as target:
+            at = 0
+            for record in records:
+                size = max(len(record) - TAG_LEN, 0)
+                self._receive.decrypt_into(record, target[at : at + size])
+                at += size
+        return out
 
     def _first_message(self, message: bytes) -> None:
         """Responder: the initiator's first message opens with one of the candidate keys

@@ -86,26 +86,47 @@ class CipherState:
     def has_key(self) -> bool:
         return self._cipher is not None
 
+    def _next_nonce(self) -> bytes:
+        if self.n >= MAX_NONCE:
+            raise NoiseError("nonce space exhausted: the session must be re-established")
+        return self._nonce(self.n)
+
     def encrypt(self, ad: bytes, plaintext: bytes) -> bytes:
         if self._cipher is None:
             return plaintext
-        if self.n >= MAX_NONCE:
-            raise NoiseError("nonce space exhausted: the session must be re-established")
-        ciphertext = self._cipher.encrypt(self._nonce(self.n), plaintext, ad)
+        ciphertext = self._cipher.encrypt(self._next_nonce(), plaintext, ad)
         self.n += 1
         return ciphertext
+
+    def encrypt_into(self, plaintext: bytes | memoryview, out: memoryview) -> None:
+        """Encrypt a transport message (no associated data) straight into ``out``, which
+        is exactly ``len(plaintext) + TAG_LEN`` bytes: no ciphertext object to copy."""
+        assert self._cipher is not None
+        self._cipher.encrypt_into(self._next_nonce(), plaintext, b"", out)
+        self.n += 1
 
     def decrypt(self, ad: bytes, ciphertext: bytes) -> bytes:
         if self._cipher is None:
             return ciphertext
-        if self.n >= MAX_NONCE:
-            raise NoiseError("nonce space exhausted: the session must be re-established")
         try:
-            plaintext = self._cipher.decrypt(self._nonce(self.n), ciphertext, ad)
+            plaintext = self._cipher.decrypt(self._next_nonce(), ciphertext, ad)
         except InvalidTag as exc:
             raise NoiseError("message failed authentication (wrong key or tampered)") from exc
         self.n += 1
         return plaintext
+
+    def decrypt_into(self, ciphertext: memoryview, out: memoryview) -> None:
+        """Decrypt a transport message (no associated data) into ``out``, which is
+        exactly ``len(ciphertext) - TAG_LEN`` bytes; nothing there is to be trusted
+        unless this returns."""
+        assert self._cipher is not None
+        if len(ciphertext) < TAG_LEN:
+            raise NoiseError("message is shorter than its authentication tag")
+        try:
+            self._cipher.decrypt_into(self._next_nonce(), ciphertext, b"", out)
+        except InvalidTag as exc:
+            raise NoiseError("message failed authentication (wrong key or tampered)") from exc
+        self.n += 1
 
 
 def x25519_public(private: bytes) -> bytes:

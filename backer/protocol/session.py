@@ -249,7 +249,7 @@ class Session:
         while self.backlog and (budget is None or built < budget):
             message = self._build()
             if message is not None:
-                built += len(message.encode()) if budget is not None else 0
+                built += message.size() if budget is not None else 0
                 out.append(message)
         return out
 
