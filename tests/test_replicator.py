@@ -84,6 +84,7 @@ def test_a_relaying_peer_passes_events_on_and_content_follows(tmp_path: Path) ->
     links.run()
     assert (c.root / "new.bin").read_bytes() == data
     assert tree(a.root) == tree(b.root) == tree(c.root)
+    assert not [r.errors for r in c_b.replicator.reports if r.errors]  # it waited, not failed
 
 
 def test_serve_relays_live_over_tcp_between_two_open_sessions(tmp_path: Path) -> None:

@@ -391,7 +391,12 @@ class Replicator:
     def _start_window(self) -> None:
         """Assemble the next window: temp files filled with every chunk found locally;
         the rest is queued for the peers."""
-        window = self._window()
+        catalog = self.share.catalog
+        window = [  # a file whose chunk list no peer had yet waits for the next plan (one
+            op  # is made when a peer writes), rather than failing as an error here
+            for op in self._window()
+            if op.version.kind != Kind.FILE or catalog.manifest(op.version.content) is not None
+        ]
         materializer = Materializer(self.share.root, self.share.catalog, self.store)
         self.assembly = materializer.start(window)
         self.share.db.conn.commit()  # the directories it made are recorded for an off-loop
