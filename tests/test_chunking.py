@@ -67,6 +67,18 @@ def test_a_file_of_more_windows_than_buffers_gets_the_chunks_of_whole_file_chunk
     assert manifest_of_file(path, len(data)) == manifest_of_bytes(data)
 
 
+def test_chunking_works_where_the_system_has_no_posix_fadvise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS has no ``posix_fadvise``: asking for a larger read-ahead there raised
+    AttributeError, and no large file could be scanned."""
+    monkeypatch.delattr(os, "posix_fadvise")
+    data = _contents(11, content.PIPELINE_FROM + 5, 0)
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    assert manifest_of_file(path, len(data)) == manifest_of_bytes(data)
+
+
 def test_a_copied_run_whose_source_changed_since_it_was_indexed_yields_only_intact_chunks(
     tmp_path: Path,
 ) -> None:

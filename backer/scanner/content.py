@@ -147,8 +147,9 @@ def _windowed(path: str | os.PathLike[str]) -> list[ChunkRef]:
     cutter = chunker()
     fd = os.open(path, os.O_RDONLY)
     try:
-        with contextlib.suppress(OSError):  # a larger read-ahead: the disk keeps streaming
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if hasattr(os, "posix_fadvise"):  # (not on macOS) a larger read-ahead
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         base, carried, tail = 0, 0, b""
         while True:
             buffer = free.get()
