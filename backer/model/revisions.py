@@ -104,9 +104,14 @@ def conflicts(catalog: Catalog) -> list[Conflict]:
 
 
 def find_conflict(catalog: Catalog, path: str) -> Conflict:
-    """The conflict at ``path`` (or of which ``path`` is a conflict copy)."""
-    for conflict in conflicts(catalog):
-        if conflict.path == path or any(c.copy_path == path for c in conflict.contenders):
+    """The conflict at ``path``, else the one of which ``path`` is a conflict copy (a
+    copy can have a conflict of its own: that one is meant by its path)."""
+    found = conflicts(catalog)
+    for conflict in found:
+        if conflict.path == path:
+            return conflict
+    for conflict in found:
+        if any(c.copy_path == path for c in conflict.contenders):
             return conflict
     raise BackerError(f"no conflict at {path!r} (see 'backer conflicts')")
 
@@ -372,6 +377,7 @@ def apply(
         raise BackerError("the bytes to restore are not all on this device")
     assigned = share.commit(writes)
     local = share.catalog.local_entries([p for p, _ in writes])
+    live = share.catalog.live_for([p for p, _ in writes])
     operations, adopted = [], []
     for path, version in writes:
         cached = local.get(path)
@@ -381,6 +387,9 @@ def apply(
             continue
         if version.kind == Kind.DELETED and cached is None:
             continue
+        if cached is not None and cached.version_id in live.get(path, {}):
+            continue  # the disk holds a concurrent version this one does not replace: it
+            # stays, and the next plan resolves the two like any concurrent writes
         on_disk = cached.version_id if cached is not None else ""
         operations.append(Operation(path, assigned[path], version, on_disk))
     with share.db.conn:
