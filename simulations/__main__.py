@@ -67,6 +67,8 @@ def main() -> None:
         "prunes": 0,
         "pruned_versions": 0,
         "pruned_bytes": 0,
+        "revised": 0,
+        "refused": 0,
     }
     failures = 0
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -105,6 +107,7 @@ def main() -> None:
         f"{totals['faults']} disk faults injected ({totals['aborts']} ended a process), "
         f"{totals['prunes']} prunes ({totals['pruned_versions']} versions' bytes, "
         f"{totals['pruned_bytes']} bytes freed), "
+        f"{totals['revised']} restores and resolutions ({totals['refused']} refused), "
         f"{failures} failures, {elapsed:.0f} s"
     )
     print(f"world: {','.join(sorted(args.world)) or 'classic'}")

@@ -15,6 +15,7 @@ from .machine import (
     DISK_BUDGETS,
     FAULT_RATES,
     PATTERNS,
+    RESOLUTIONS,
     WAITS,
     ClusterMachine,
     world_contents,
@@ -45,6 +46,7 @@ WORLD_RULES = {  # family: (rule, weight)
     "faults": [("faults", 3), ("faults_stop", 3)],
     "disk": [("disk_full", 2), ("disk_freed", 2)],
     "retention": [("prune", 5), ("cap", 2)],
+    "revisions": [("restore_version", 5), ("restore_at", 3), ("resolve", 6)],
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
@@ -124,6 +126,11 @@ def _random_step(
         return choice, {"a": node, "b": rnd.randrange(nodes), "count": rnd.randrange(1, 40)}
     if choice == "prune":
         return choice, {"node": node, "wait": rnd.choice(WAITS) + rnd.randrange(MINUTE)}
+    if choice in ("restore_version", "restore_at"):
+        where = rnd.choice(paths) if choice == "restore_version" else rnd.choice(["", *DIRS])
+        return choice, {"node": node, "path": where, "pick": rnd.randrange(100)}
+    if choice == "resolve":
+        return choice, {"node": node, "pick": rnd.randrange(100), "how": rnd.choice(RESOLUTIONS)}
     if choice == "cap":
         return choice, {"node": node, "percent": rnd.choice(CAPS)}
     if choice == "race":
@@ -179,6 +186,8 @@ def run_seed(seed: int, nodes: int, count: int, world: frozenset[str] = CLASSIC)
         "prunes": machine.stats["prunes"],
         "pruned_versions": machine.stats["pruned_versions"],
         "pruned_bytes": machine.stats["pruned_bytes"],
+        "revised": machine.stats["revised"],
+        "refused": machine.stats["refused"],
     }
 
 

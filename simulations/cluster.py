@@ -36,11 +36,13 @@ from typing import Any
 
 import nacl.signing
 
-from backer.model import entropy
+from backer.errors import BackerError
+from backer.model import entropy, revisions
 from backer.model.materializer import stale_temps
 from backer.model.records import Kind
 from backer.model.replicator import Replicator
 from backer.model.share import ScanSummary, Share
+from backer.node import commands
 from backer.protocol.session import Session
 from backer.protocol.wire import FrameReader, ProtocolError
 from backer.scanner import walk
@@ -584,6 +586,57 @@ class Cluster:
         with self.acting():
             self.guarded(index, prune)
         return reports[0] if reports else None
+
+    def revise(self, index: int, request: dict[str, Any]) -> str | None:
+        """A person's ``backer restore`` or ``backer resolve`` (``request`` as the CLI
+        sends it to the node) run as the node runs it (``commands.node_revise``): the
+        node scans first, bytes it lacks come from its open links, what it records goes
+        to them. Returns the line it says (``refused: …`` for a one-line refusal), or
+        None if it is not running or its process ended."""
+        node = self.nodes[index]
+        if node.down:
+            return None
+        said: list[str] = []
+
+        def revise() -> None:
+            share = node.open()
+            try:
+                if request["op"] == "resolve":
+                    keep, both = request.get("keep"), bool(request.get("keep_both"))
+                    said.append(revisions.resolve_conflict(share, request["path"], keep, both))
+                    return
+                plan, outside, fetched = commands.restore_plan(share, request)
+                if fetched is not None:
+                    try:
+                        self._fetch(index, fetched)
+                    except BaseException:
+                        fetched.close()
+                        raise
+                said.append(commands.finish_restore(share, plan, outside, fetched))
+            except BackerError as refusal:
+                said.append(f"refused: {refusal}")
+
+        with self.acting():
+            if not self._scan(index, whole=not self.resident) or not self.guarded(index, revise):
+                return None
+            if node.share is not None:
+                node.hub().journal_grew()
+                node.hub().advance()
+            self._collect()
+        return said[0] if said else None
+
+    def _fetch(self, index: int, fetched: revisions.Fetched, limit: int = 400) -> None:
+        """Ask node ``index``'s caught-up peers for what ``fetched`` wants, delivering on
+        its links (at most ``limit`` messages) until it has it all or every peer lacked
+        some of it (``commands._fetch``, with messages for its deadline)."""
+        replicator = self.nodes[index].hub()
+        if not any(s.peer_caught_up for s in replicator.sessions):
+            return
+        replicator.retrieve(fetched)
+        self._collect()
+        self._deliver_around(index, limit, lambda: fetched.settled)
+        if fetched in replicator.sinks:
+            replicator.sinks.remove(fetched)
 
     def backup(self, node: int) -> None:
         """Copy the node's ``.backer/`` as it is on disk now (a crash-consistent copy)."""

@@ -150,6 +150,22 @@ def check_quiescent(cluster: Cluster) -> None:
     check_no_lost_write(cluster)
 
 
+def check_resolved(cluster: Cluster, resolved: set[tuple[str, str]]) -> None:
+    """A resolved conflict leaves no conflict copy on any node once quiescent: none of
+    the ``resolved`` copies (path, version id) is live anywhere, and a copy's path that
+    holds nothing live is gone from every disk (unless its rules ignore it there)."""
+    for node in cluster.nodes:
+        catalog = node.open().catalog
+        rules = IgnoreRules.load(node.root)
+        for path, vid in sorted(resolved):
+            live = catalog.live_versions(path)
+            if vid in live:
+                raise InvariantBroken(f"{node.name} still has the resolved conflict copy {path!r}")
+            empty = all(v.kind == Kind.DELETED for v in live.values())
+            if empty and os.path.lexists(node.root / path) and not ignored(rules, path):
+                raise InvariantBroken(f"{node.name} left the resolved conflict copy {path!r}")
+
+
 def check_no_lost_write(cluster: Cluster) -> None:
     """Every file version ever recorded is on every disk, or is accounted for.
 

@@ -14,11 +14,13 @@ import time
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from backer.model import entropy, materializer
+from backer.model import entropy, materializer, revisions
+from backer.model.records import Kind, Version
 from backer.scanner.ignore import IGNORE_FILE
 from backer.versioner import config as retention_config
 from backer.versioner.retention import DAY, HOUR, MINUTE, WEEK
@@ -29,13 +31,14 @@ from .invariants import (
     check_order_independence,
     check_pushed,
     check_quiescent,
+    check_resolved,
     check_retention_window,
     check_still_recoverable,
     converge,
     fingerprint,
     recoverable,
 )
-from .world import Clock, clock_installed, pin_directory_times, scratch_dir
+from .world import Clock, InvariantBroken, clock_installed, pin_directory_times, scratch_dir
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
@@ -61,6 +64,8 @@ FAMILIES = {
     "event, not only kept",
     "retention": "time passes (minutes to weeks) and nodes prune kept contents as "
     "`backer prune` does, some with a small size cap set as `backer config` does",
+    "revisions": "people restore versions of files (deleted ones too) and folders as they "
+    "were at a past moment, and resolve conflicts (keep one, keep both, keep the newest)",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -90,6 +95,7 @@ WAITS = [  # how long a prune waits (ms): around each tier's edges, minutes to w
     MINUTE, 20 * MINUTE, 59 * MINUTE, 61 * MINUTE, 3 * HOUR, DAY, 3 * DAY, WEEK, 5 * WEEK,
     20 * WEEK, 52 * WEEK,
 ]  # fmt: skip
+RESOLUTIONS = ["keep", "keep-both", "keep-newest"]
 CAPS = ["0%", "10%"]  # max-disk: 0% always binds; 10% binds on a full disk (a budget)
 EARLY_MS = 3 * 52 * WEEK  # retention: the clock starts this much earlier, and moves
 # on at most this much, so every time stays behind the real clock
@@ -165,10 +171,13 @@ class ClusterMachine(RuleBasedStateMachine):
                 "prunes",
                 "pruned_versions",
                 "pruned_bytes",
+                "revised",
+                "refused",
             ),
             0,
         )
         self.fingerprint = b""
+        self.resolved: set[tuple[str, str]] = set()  # (path, version id) of resolved copies
 
     def _fs(self, node: int, action, *touched: Path, changed: Iterable[str] | None = ()) -> None:
         """Run a file-system edit of node ``node``'s person; the files it touched get a
@@ -456,6 +465,81 @@ class ClusterMachine(RuleBasedStateMachine):
         with share.db.conn:
             retention_config.set_value(share.catalog, "max-disk", percent)
 
+    @rule(node=node_index, path=st.one_of(any_file, dir_path), pick=st.integers(0, 99))
+    def restore_version(self, node: int, path: str, pick: int) -> None:
+        """The person restores a recorded version of ``path`` (deleted or not) picked
+        from its history: ``backer restore PATH --version ID``."""
+        if "revisions" not in self.world or self.cluster.nodes[node].down:
+            return
+        history = [
+            h
+            for h in self.cluster.nodes[node].open().catalog.history(path)
+            if h.version.kind != Kind.DELETED
+        ]
+        if history:
+            chosen = history[pick % len(history)]
+            request = {"op": "restore", "path": path, "version": chosen.version_id}
+            self._revise(node, request, (path, chosen.version))
+
+    @rule(node=node_index, path=st.sampled_from(["", *DIRS]), pick=st.integers(0, 99))
+    def restore_at(self, node: int, path: str, pick: int) -> None:
+        """The person brings a folder (or the whole share) back to a past moment, just
+        after one of its recorded versions: ``backer restore DIR --at WHEN``."""
+        if "revisions" not in self.world or self.cluster.nodes[node].down:
+            return
+        catalog = self.cluster.nodes[node].open().catalog
+        moments = sorted({v.time_ms for _, _, v in catalog.versions_under(path)})
+        if moments:
+            self._revise(node, {"op": "restore", "path": path, "at": moments[pick % len(moments)]})
+
+    @rule(node=node_index, pick=st.integers(0, 99), how=st.sampled_from(RESOLUTIONS))
+    def resolve(self, node: int, pick: int, how: str) -> None:
+        """The person resolves one of the conflicts ``backer conflicts`` lists: ``backer
+        resolve PATH --keep VERSION | --keep-both | --keep-newest``."""
+        if "revisions" not in self.world or self.cluster.nodes[node].down:
+            return
+        found = revisions.conflicts(self.cluster.nodes[node].open().catalog)
+        if not found:
+            return
+        conflict = found[pick % len(found)]
+        keep = conflict.contenders[pick % len(conflict.contenders)].version_id
+        request = {
+            "op": "resolve",
+            "path": conflict.path,
+            "keep": keep if how == "keep" else None,
+            "keep_both": how == "keep-both",
+        }
+        if self._revise(node, request):
+            self.resolved |= {
+                (c.copy_path, c.copy_id) for c in conflict.contenders if c.copy_path and c.copy_id
+            }
+
+    def _revise(
+        self, node: int, request: dict[str, Any], restored: tuple[str, Version] | None = None
+    ) -> bool:
+        """Run a revision on ``node``; check that history only grew (every version it
+        knew is still there) and that a version restored is there as a new version of
+        its path. True if it was done."""
+        share = self.cluster.nodes[node].open()
+        before = {vid for (vid,) in share.catalog.conn.execute("SELECT vid FROM versions")}
+        said = self.cluster.revise(node, request)
+        share = self.cluster.nodes[node].share
+        if said is None or share is None:
+            return False
+        after = {vid for (vid,) in share.catalog.conn.execute("SELECT vid FROM versions")}
+        if before - after:
+            raise InvariantBroken(f"{request['op']} rewrote history: {sorted(before - after)[:3]}")
+        if said.startswith("refused: "):
+            self.stats["refused"] += 1
+            return False
+        self.stats["revised"] += bool(after - before)  # (else: nothing to do)
+        if restored is not None and not said.startswith("nothing to restore"):
+            path, version = restored
+            live = share.catalog.live_versions(path)
+            if not any(vid not in before and v.same_content(version) for vid, v in live.items()):
+                raise InvariantBroken(f"{said!r} recorded no new version of {path!r}")
+        return True
+
     @rule(node=node_index)
     def backup(self, node: int) -> None:
         self.cluster.backup(node)
@@ -490,6 +574,7 @@ class ClusterMachine(RuleBasedStateMachine):
             converge(self.cluster)
             self.stats["conflicts"] = self.cluster.conflicts
             check_quiescent(self.cluster)
+            check_resolved(self.cluster, self.resolved)
             if "retention" in self.world:  # time passes; every node prunes its full history
                 for index in range(len(self.cluster.nodes)):
                     self.prune(index, self.cluster.random.choice(WAITS))

@@ -404,3 +404,107 @@ def test_the_harness_catches_a_prune_that_drops_a_live_versions_only_bytes(
     monkeypatch.setattr(prune_engine, "candidates", lambda *a: (real(*a)[0], set()))
     with pytest.raises(Failure, match="unrecoverable"):
         replay(3, steps, 0, RETENTION)
+
+
+REVISIONS = frozenset({"revisions", "strict"})
+
+
+def test_a_deleted_file_restored_on_another_node_is_a_new_version_everywhere() -> None:
+    """Node 2 restores the first version of a file node 0 edited and then deleted: it
+    is recorded as a new version (history only grows), and every node converges on it."""
+    steps = [
+        ("write", {"node": 0, "path": "a/f", "data": b"first" * 30}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("write", {"node": 0, "path": "a/f", "data": b"second" * 30}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("delete", {"node": 0, "path": "a/f"}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("restore_version", {"node": 2, "path": "a/f", "pick": 0}),
+    ]
+    assert _passes(steps, REVISIONS).stats["revised"] == 1
+
+
+def test_a_folder_restored_to_a_moment_before_a_bulk_delete_comes_back() -> None:
+    """Node 1 brings folder a back to the moment its last file was written, after node 0
+    deleted the folder: every file comes back as a new version, on every node."""
+    steps = [
+        ("write", {"node": 0, "path": "a/f", "data": b"one"}),
+        ("write", {"node": 0, "path": "a/c/h", "data": b"two"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("delete", {"node": 0, "path": "a"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("restore_at", {"node": 1, "path": "a", "pick": 0}),
+    ]
+    assert _passes(steps, REVISIONS).stats["revised"] == 1
+
+
+@pytest.mark.parametrize("how", ["keep", "keep-both", "keep-newest"])
+def test_a_resolved_conflict_leaves_no_copy_on_any_node(how: str) -> None:
+    """Two nodes write f concurrently; node 1 resolves the conflict (each way): once
+    quiet, no node has the conflict copy (keep-both: it is an ordinary file)."""
+    steps = [
+        ("write", {"node": 0, "path": "f", "data": b"zero"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("write", {"node": 1, "path": "f", "data": b"one"}),
+        ("write", {"node": 0, "path": "f", "data": b"other"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("resolve", {"node": 1, "pick": 1, "how": how}),
+    ]
+    machine = _passes(steps, REVISIONS)
+    assert machine.stats["revised"] == 1
+    assert machine.resolved
+
+
+def test_resolving_a_copys_own_conflict_resolves_that_one() -> None:
+    """A conflict copy had a conflict of its own (a copy of the copy). ``backer resolve``
+    of the copy's path resolved the conflict of which it is a copy instead (the first
+    match), so the copy of the copy stayed everywhere (seed 2)."""
+    steps = [
+        ("write", {"node": 0, "path": "a/c", "data": b"same"}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("mkdir", {"node": 1, "path": "a/c"}),
+        ("sync", {"a": 2, "b": 1, "cut": None}),
+        ("write", {"node": 2, "path": "b/g", "data": b"d4"}),
+        ("scan", {"node": 2, "during": 8}),
+        ("disconnect", {"a": 2, "b": 1}),
+        ("race", {"node": 1, "path": "b/g", "data": b"d7", "limit": 15}),
+        ("sync", {"a": 2, "b": 0, "cut": None}),
+        ("append", {"node": 2, "path": "b/g", "data": b"more"}),
+        ("scan", {"node": 2, "during": 18}),
+        ("write", {"node": 1, "path": "b/g", "data": b""}),
+        ("scan", {"node": 1, "during": 21}),
+        ("deliver", {"a": 0, "b": 2, "count": 23}),
+        ("scan", {"node": 0, "during": 27}),
+        ("resolve", {"node": 1, "pick": 38, "how": "keep-both"}),
+    ]
+    try:
+        machine = replay(3, steps, 2, RESIDENT | {"revisions", "disk"})
+    except Failure as failure:
+        pytest.fail(failure.reason)
+    assert any(
+        ".sync-conflict-" in path.split("sync-conflict-", 1)[1] for path, _ in machine.resolved
+    )
+
+
+def test_a_resolution_leaves_a_persons_file_at_a_copys_path_alone() -> None:
+    """The person wrote a file at the path of a conflict copy the node had planned but
+    not yet written; the scan recorded it beside the copy. Resolving the conflict
+    deleted the copy's path on disk — the person's file, which the deletion did not
+    replace (seed 28)."""
+    steps = [
+        ("race", {"node": 1, "path": "a/c/h", "data": b"early", "limit": 7}),
+        ("symlink", {"node": 1, "path": "a/f", "link": "f"}),
+        ("write", {"node": 2, "path": "b/g", "data": b"other"}),
+        ("write", {"node": 1, "path": "b/g", "data": b"mine, written last"}),
+        ("scan", {"node": 1, "during": 18}),
+        ("deliver", {"a": 0, "b": 1, "count": 19}),
+        ("resolve", {"node": 1, "pick": 17, "how": "keep-newest"}),
+        ("connect", {"a": 1, "b": 2}),
+        ("race", {"node": 1, "path": "a/f", "data": b"same", "limit": 57}),
+        ("resolve", {"node": 1, "pick": 98, "how": "keep-newest"}),
+    ]
+    try:
+        machine = replay(3, steps, 28, RESIDENT | {"revisions"})
+    except Failure as failure:
+        pytest.fail(failure.reason)
+    assert machine.stats["races"] == 2
