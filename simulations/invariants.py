@@ -150,14 +150,18 @@ def check_quiescent(cluster: Cluster) -> None:
     check_no_lost_write(cluster)
 
 
-def check_resolved(cluster: Cluster, resolved: set[tuple[str, str]]) -> None:
+def check_resolved(cluster: Cluster, resolved: dict[tuple[str, str], set[str]]) -> None:
     """A resolved conflict leaves no conflict copy on any node once quiescent: none of
     the ``resolved`` copies (path, version id) is live anywhere, and a copy's path that
-    holds nothing live is gone from every disk (unless its rules ignore it there)."""
+    holds nothing live is gone from every disk (unless its rules ignore it there). A
+    resolution whose versions no node has (its device came back from an older backup
+    and nobody else had them) resolved nothing."""
     for node in cluster.nodes:
         catalog = node.open().catalog
         rules = IgnoreRules.load(node.root)
-        for path, vid in sorted(resolved):
+        for (path, vid), recorded in sorted(resolved.items()):
+            if not catalog.located(recorded):
+                continue
             live = catalog.live_versions(path)
             if vid in live:
                 raise InvariantBroken(f"{node.name} still has the resolved conflict copy {path!r}")

@@ -177,7 +177,7 @@ class ClusterMachine(RuleBasedStateMachine):
             0,
         )
         self.fingerprint = b""
-        self.resolved: set[tuple[str, str]] = set()  # (path, version id) of resolved copies
+        self.resolved: dict[tuple[str, str], set[str]] = {}  # copy -> what its resolution recorded
 
     def _fs(self, node: int, action, *touched: Path, changed: Iterable[str] | None = ()) -> None:
         """Run a file-system edit of node ``node``'s person; the files it touched get a
@@ -509,36 +509,36 @@ class ClusterMachine(RuleBasedStateMachine):
             "keep": keep if how == "keep" else None,
             "keep_both": how == "keep-both",
         }
-        if self._revise(node, request):
-            self.resolved |= {
-                (c.copy_path, c.copy_id) for c in conflict.contenders if c.copy_path and c.copy_id
-            }
+        recorded = self._revise(node, request)
+        for c in conflict.contenders if recorded else ():
+            if c.copy_path and c.copy_id:
+                self.resolved[c.copy_path, c.copy_id] = recorded
 
     def _revise(
         self, node: int, request: dict[str, Any], restored: tuple[str, Version] | None = None
-    ) -> bool:
+    ) -> set[str]:
         """Run a revision on ``node``; check that history only grew (every version it
         knew is still there) and that a version restored is there as a new version of
-        its path. True if it was done."""
+        its path. Returns the ids of the versions it recorded."""
         share = self.cluster.nodes[node].open()
         before = {vid for (vid,) in share.catalog.conn.execute("SELECT vid FROM versions")}
         said = self.cluster.revise(node, request)
         share = self.cluster.nodes[node].share
         if said is None or share is None:
-            return False
+            return set()
         after = {vid for (vid,) in share.catalog.conn.execute("SELECT vid FROM versions")}
         if before - after:
             raise InvariantBroken(f"{request['op']} rewrote history: {sorted(before - after)[:3]}")
         if said.startswith("refused: "):
             self.stats["refused"] += 1
-            return False
+            return set()
         self.stats["revised"] += bool(after - before)  # (else: nothing to do)
         if restored is not None and not said.startswith("nothing to restore"):
             path, version = restored
             live = share.catalog.live_versions(path)
             if not any(vid not in before and v.same_content(version) for vid, v in live.items()):
                 raise InvariantBroken(f"{said!r} recorded no new version of {path!r}")
-        return True
+        return after - before
 
     @rule(node=node_index)
     def backup(self, node: int) -> None:

@@ -508,3 +508,24 @@ def test_a_resolution_leaves_a_persons_file_at_a_copys_path_alone() -> None:
     except Failure as failure:
         pytest.fail(failure.reason)
     assert machine.stats["races"] == 2
+
+
+def test_a_resolution_its_device_lost_to_an_old_backup_resolved_nothing() -> None:
+    """(harness) Node 1 resolves a conflict, then comes back from a backup taken before
+    it, and nobody had the resolution: it is forgotten and the copy stays, as it should
+    (seed 119 took that for a copy left behind)."""
+    steps = [
+        ("write", {"node": 1, "path": "f", "data": b"other"}),
+        ("backup", {"node": 1}),
+        ("sync", {"a": 0, "b": 1, "cut": 28}),
+        ("write", {"node": 0, "path": "f", "data": b'\x02/"\xe6\xd3\xfa{P\xbe\xa3'}),
+        ("toggle_exec", {"node": 1, "path": "f"}),
+        ("sync", {"a": 1, "b": 0, "cut": None}),
+        ("resolve", {"node": 1, "pick": 13, "how": "keep-newest"}),
+        ("restore", {"node": 1}),
+    ]
+    try:
+        machine = replay(3, steps, 119, frozenset({"revisions", "strict", "faults", "ignore"}))
+    except Failure as failure:
+        pytest.fail(failure.reason)
+    assert machine.stats["revised"] == 1 and machine.stats["restores"] == 1
