@@ -47,8 +47,7 @@ from backer.protocol.session import Session
 from backer.protocol.wire import FrameReader, ProtocolError
 from backer.scanner import walk
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
-from backer.versioner.prune import PruneReport
-from backer.versioner.prune import prune as prune_share
+from backer.versioner.prune import PruneReport, prune_share
 
 from .faults import Disks
 from .world import InvariantBroken, Watch, ignored, pin_directory_times, reachable_temps
@@ -571,20 +570,22 @@ class Cluster:
 
     def prune(self, index: int) -> PruneReport | None:
         """The node drops the kept contents its retention policy no longer keeps, as
-        ``backer prune`` and the node's hourly prune do (the same engine function, in
-        one transaction); None if it is not running or its disk failed it."""
+        ``backer prune`` and the node's hourly prune do (the same engine function: in
+        one transaction, then the contents it no longer holds announced in UNHELD
+        events, pushed to its links); None if it is not running or its disk failed it."""
         node = self.nodes[index]
         if node.down:
             return None
         reports: list[PruneReport] = []
 
         def prune() -> None:
-            share = node.open()
-            with share.db.conn:
-                reports.append(prune_share(share.root, share.catalog, entropy.now_ms()))
+            reports.append(prune_share(node.open(), entropy.now_ms()))
 
         with self.acting():
             self.guarded(index, prune)
+            if reports and reports[0].announced and node.share is not None:
+                node.hub().journal_grew()  # its UNHELD events go to its links
+                self._collect()
         return reports[0] if reports else None
 
     def revise(self, index: int, request: dict[str, Any]) -> str | None:

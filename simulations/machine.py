@@ -578,6 +578,8 @@ class ClusterMachine(RuleBasedStateMachine):
             if "retention" in self.world:  # time passes; every node prunes its full history
                 for index in range(len(self.cluster.nodes)):
                     self.prune(index, self.cluster.random.choice(WAITS))
+                converge(self.cluster)  # (what each announced it no longer holds)
+                check_quiescent(self.cluster)
                 check_retention_window(self.cluster)
             self.fingerprint = fingerprint(self.cluster)
             check_order_independence(self.cluster, self.cluster.random)

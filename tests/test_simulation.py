@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -401,7 +402,12 @@ def test_the_harness_catches_a_prune_that_drops_a_live_versions_only_bytes(
     ]
     _passes(steps, RETENTION)
     real = prune_engine.candidates
-    monkeypatch.setattr(prune_engine, "candidates", lambda *a: (real(*a)[0], set()))
+
+    def sparing_no_live_contents(*args: Any) -> tuple[list, set[bytes], set[bytes]]:
+        found, _, retired = real(*args)
+        return found, set(), retired
+
+    monkeypatch.setattr(prune_engine, "candidates", sparing_no_live_contents)
     with pytest.raises(Failure, match="unrecoverable"):
         replay(3, steps, 0, RETENTION)
 
