@@ -98,6 +98,52 @@ def test_absurd_times_and_sizes_are_refused_at_ingest(tmp_path: Path, version: V
     assert not honest.catalog.live_versions("x.txt")
 
 
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_a_version_id_already_recorded_cannot_be_written_again(
+    tmp_path: Path, elsewhere: bool
+) -> None:
+    """A member reusing the id of a version this device recorded, with another record at
+    its path or at another path, is refused (history would otherwise be rewritten)."""
+    honest, member = make_devices(tmp_path, 2)
+    write_file(honest, "a.txt", b"honest")
+    sync(honest, member)
+    (vid,) = honest.catalog.live_versions("a.txt")
+    path = "b.txt" if elsewhere else "a.txt"
+    forged = Version(Kind.FILE, 6, content=bytes(32), time_ms=1)
+    update, _ = member.state.write([(path, vid, forged)])
+    forge(member, update)
+    with pytest.raises(ProtocolError, match="rewrites the recorded version"):
+        pump(Session(member, "m"), Session(honest, "h"))
+    assert honest.catalog.history("a.txt")[0].version.size == len(b"honest")
+    assert not honest.catalog.live_versions("b.txt")
+
+
+def test_one_update_using_a_version_id_at_two_paths_is_refused(tmp_path: Path) -> None:
+    honest, member = make_devices(tmp_path, 2)
+    sync(honest, member)
+    vid, version = new_version_id(), Version(Kind.FILE, 1, content=bytes(32), time_ms=1)
+    update, _ = member.state.write([("x.txt", vid, version), ("y.txt", vid, version)])
+    forge(member, update)
+    with pytest.raises(ProtocolError, match="rewrites the recorded version"):
+        pump(Session(member, "m"), Session(honest, "h"))
+    assert not honest.catalog.live_versions("x.txt")
+
+
+@pytest.mark.parametrize(
+    "vid", ["AAAAAAAAAAA", "AAAAAAAAAAAAA", "AAAAAAAAAA==", "AAAAAAAAAA+/", "AAAAAAAAAAA\u0661"]
+)
+def test_a_version_id_not_spelled_as_backer_makes_them_is_refused(
+    tmp_path: Path, vid: str
+) -> None:
+    honest, member = make_devices(tmp_path, 2)
+    sync(honest, member)
+    version = Version(Kind.FILE, 1, content=bytes(32), time_ms=1)
+    forge(member, _foreign_value_update(member, f"x.txt\0{vid}", version.encode()))
+    with pytest.raises(ProtocolError, match="bad version id"):
+        pump(Session(member, "m"), Session(honest, "h"))
+    assert not honest.catalog.live_versions("x.txt")
+
+
 def test_a_stored_unappliable_event_is_quarantined_not_fatal_and_not_relayed(
     tmp_path: Path,
 ) -> None:

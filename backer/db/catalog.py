@@ -216,6 +216,20 @@ class Catalog:
             [split_key(key) for key in delta.removed],
         )
 
+    def recorded(self, version_ids: list[str]) -> dict[str, tuple[str, bytes]]:
+        """(path, record) of each of ``version_ids`` already in history: one query per
+        500 ids (a first sync checks 100,000s, one event of ~1,000 at a time)."""
+        found: dict[str, tuple[str, bytes]] = {}
+        for start in range(0, len(version_ids), 500):
+            some = version_ids[start : start + 500]
+            rows = self.conn.execute(
+                "SELECT vid, path, record FROM versions "
+                f"WHERE vid IN ({','.join('?' * len(some))})",
+                some,
+            )
+            found.update((vid, (path, record)) for vid, path, record in rows)
+        return found
+
     def live_for(self, paths: list[str]) -> dict[str, dict[str, Version]]:
         """Live versions of many paths at once (one query per few hundred paths)."""
         found: dict[str, dict[str, Version]] = {}

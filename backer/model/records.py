@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -40,6 +41,9 @@ class Kind(IntEnum):
     DELETED = 4
 
 
+_KINDS = {kind.value: kind for kind in Kind}  # a dict lookup: Kind(n) costs ~1 µs per call
+
+
 def new_version_id() -> str:
     """A random id: unique without coordination, so concurrent writes never share a key."""
     return base64.urlsafe_b64encode(entropy.token(VERSION_ID_BYTES)).decode()
@@ -55,9 +59,15 @@ def _id_bytes(version_id: str) -> bytes:
     return raw
 
 
+_VERSION_ID = re.compile(r"[A-Za-z0-9_-]{12}")  # 9 bytes are 72 bits, exactly 12 digits
+
+
 def check_version_id(version_id: str) -> str:
-    """``version_id`` if it is the one spelling of 9 bytes that :func:`new_version_id` makes."""
-    _id_bytes(version_id)
+    """``version_id`` if it is the one spelling of 9 bytes that :func:`new_version_id` makes
+    (every 12 URL-safe base64 digits are one: checked without decoding, once per entry
+    received, 100,000 times in a first sync of a large share)."""
+    if not isinstance(version_id, str) or _VERSION_ID.fullmatch(version_id) is None:
+        raise BadVersion(f"bad version id {version_id!r}")
     return version_id
 
 
@@ -70,9 +80,10 @@ def timestamp(time_ms: int, form: str = "%Y-%m-%d %H:%M:%S") -> str:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class Version:
-    """The value stored under ``path \\0 version-id`` in the shared map."""
+    """The value stored under ``path \\0 version-id`` in the shared map. Slotted: a plan
+    or a window of a first sync holds one per file (~120 B less each than with a dict)."""
 
     kind: Kind
     size: int = 0
@@ -99,7 +110,8 @@ class Version:
     def decode(cls, data: bytes) -> Version:
         """Parse a record; raise :class:`BadVersion` for bytes no encoder makes (see
         :meth:`check` for the ranges a received record must also respect)."""
-        data = bytes(data)
+        if type(data) is not bytes:  # yrs may hand back a bytearray
+            data = bytes(data)
         if len(data) < _HEAD.size:
             raise BadVersion("version record is truncated")
         kind, permissions, size, mtime_ns, time_ms, device, count = _HEAD.unpack_from(data)
@@ -107,10 +119,9 @@ class Version:
         end = start + count * VERSION_ID_BYTES
         if len(data) < end:
             raise BadVersion("version record is truncated")
-        try:
-            version_kind = Kind(kind)
-        except ValueError as exc:
-            raise BadVersion(f"unknown version kind {kind}") from exc
+        version_kind = _KINDS.get(kind)
+        if version_kind is None:
+            raise BadVersion(f"unknown version kind {kind}")
         supersedes = tuple(
             base64.urlsafe_b64encode(data[i : i + VERSION_ID_BYTES]).decode()
             for i in range(start, end, VERSION_ID_BYTES)

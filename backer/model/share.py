@@ -654,14 +654,13 @@ class Share:
             return Delta()
         shape = self.state.check(event.payload, lambda client: self._refusal(client, author))
         delta = self.state.apply(event.payload, shape)
-        paths: dict[str, str] = {}
+        added: dict[str, tuple[str, bytes]] = {}
         for key, version in delta.added.items():
             path, version_id = split_key(key)
-            row = self.db.conn.execute(
-                "SELECT path, record FROM versions WHERE vid = ?", (version_id,)
-            ).fetchone()
-            known = (path, version.encode()) if row is None else tuple(row)
-            if paths.setdefault(version_id, path) != path or known != (path, version.encode()):
+            if added.setdefault(version_id, (path, version.encode()))[0] != path:
+                raise BadUpdate(f"rewrites the recorded version {version_id}")
+        for version_id, known in self.catalog.recorded(list(added)).items():
+            if known != added[version_id]:
                 raise BadUpdate(f"rewrites the recorded version {version_id}")
         return delta
 
