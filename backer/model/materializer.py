@@ -185,7 +185,7 @@ def resolve_shadowed(live: Iterable[tuple[str, str, Version]]) -> dict[str, Reso
 # -- planning -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a first sync's plan holds one per file
 class Operation:
     path: str
     version_id: str

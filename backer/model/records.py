@@ -16,6 +16,7 @@ import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeVar
 
 from backer.model import entropy
 
@@ -41,7 +42,20 @@ class Kind(IntEnum):
     DELETED = 4
 
 
+T = TypeVar("T", int, bytes)
 _KINDS = {kind.value: kind for kind in Kind}  # a dict lookup: Kind(n) costs ~1 µs per call
+
+
+_SHARED: dict[object, object] = {}  # a few devices, modes and scan times, over and over
+_SHARED_MAX = 4096  # bounded: a peer's records could make each value unique
+
+
+def _shared(value: T) -> T:
+    """One object for equal field values of the versions decoded: a plan holds one
+    version per file, and 100,000 copies of the same device id cost 4 MiB."""
+    if len(_SHARED) >= _SHARED_MAX:
+        _SHARED.clear()
+    return _SHARED.setdefault(value, value)  # type: ignore[return-value]
 
 
 def new_version_id() -> str:
@@ -127,7 +141,14 @@ class Version:
             for i in range(start, end, VERSION_ID_BYTES)
         )
         return cls(
-            version_kind, size, mtime_ns, permissions, data[end:], device, time_ms, supersedes
+            version_kind,
+            size,
+            mtime_ns,
+            _shared(permissions),
+            data[end:],
+            _shared(device),
+            _shared(time_ms),
+            supersedes,
         )
 
     def check(self) -> Version:
