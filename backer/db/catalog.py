@@ -11,16 +11,12 @@ was this path before" are one indexed lookup instead of a walk of the CRDT.
 - ``manifests``: chunk lists by content id; ``chunks``: where a chunk's bytes can be
   read locally (verified by hash when read, so a stale row is harmless).
 - ``members``: devices admitted to the share (``kept`` set once removed: how many of its
-  events stay valid); ``invites``: invites seen, with the signed event that made each;
-  ``meta``: share id, share keys, positions.
-- ``addresses``: where each device may be reached, whence it was learned, when last seen
-  and last connected to; ``announcements``: the newest signed announcement of each
-  device's listen addresses, to pass on (both local knowledge, never in the journal).
-        )
-        self.conn.execute(
   events stay valid); ``renames``: the names each device gave itself; ``invites``:
   invites seen, with the signed event that made each; ``meta``: share id, share keys,
   positions.
+- ``addresses``: where each device may be reached, whence it was learned, when last seen
+  and last connected to; ``announcements``: the newest signed announcement of each
+  device's listen addresses, to pass on (both local knowledge, never in the journal).
 """
 
 from __future__ import annotations
