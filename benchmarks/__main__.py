@@ -135,6 +135,8 @@ def main() -> None:
     args = parser.parse_args()
     profiles = [p for p in args.profiles.split(",") if p]
     names = [t for t in args.tools.split(",") if t]
+    if "huge" in profiles:
+        parser.error("the huge profile has its own steps: python -m benchmarks.huge")
     unknown = [p for p in profiles if p not in PROFILES] + [t for t in names if t not in TOOLS]
     if unknown:
         parser.error(f"unknown profile or tool: {', '.join(unknown)}")
