@@ -24,6 +24,8 @@ work directory removed at the end (the cache stays), also on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import math
@@ -31,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -60,32 +62,40 @@ def marker_for(count: int, seed: int) -> dict[str, Any]:
     return {"generator": GENERATOR, "count": count, "seed": seed}
 
 
-def cached_tree(cache: Path, count: int, seed: int, build: Any = None) -> Path:
+@contextlib.contextmanager
+def cached_tree(cache: Path, count: int, seed: int, build: Any = None) -> Iterator[Path]:
     """The tree of ``count`` files for ``seed`` under ``cache``, built if missing or
-    built from other parameters (or left half-built: the marker is written last).
-    Tool metadata a stopped run left in it is removed. ``build(root)`` makes the tree
-    (default: the ``many`` dataset)."""
+    built from other parameters (or left half-built: the marker is written last), held
+    for this run alone: another run on it would remove this one's metadata from it (it
+    fails at once instead). Tool metadata a stopped run left in it is removed.
+    ``build(root)`` makes the tree (default: the ``many`` dataset)."""
     place = cache / f"many-{count}-seed{seed}"
     tree, marker = place / "tree", place / "marker.json"
-    expected = marker_for(count, seed)
-    try:
-        fresh = json.loads(marker.read_text()) == expected
-    except (OSError, ValueError):
-        fresh = False
-    if not fresh:
-        shutil.rmtree(place, ignore_errors=True)
-        place.mkdir(parents=True)
-        started = time.perf_counter()
-        say(f"building {count:,} files under {tree} (once; reused by later runs)")
-        if build is None:
-            Profile("many", partial(many, count=count), ()).build(tree, seed)
-        else:
-            build(tree)
-        marker.write_text(json.dumps(expected))
-        say(f"built in {time.perf_counter() - started:.0f} s")
-    for name in (*BackerNodes.exclude, ".stfolder", ".stversions"):
-        shutil.rmtree(tree / name, ignore_errors=True)
-    return tree
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{place.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another benchmark run is using {tree}") from None
+        expected = marker_for(count, seed)
+        try:
+            fresh = json.loads(marker.read_text()) == expected
+        except (OSError, ValueError):
+            fresh = False
+        if not fresh:
+            shutil.rmtree(place, ignore_errors=True)
+            place.mkdir(parents=True)
+            started = time.perf_counter()
+            say(f"building {count:,} files under {tree} (once; reused by later runs)")
+            if build is None:
+                Profile("many", partial(many, count=count), ()).build(tree, seed)
+            else:
+                build(tree)
+            marker.write_text(json.dumps(expected))
+            say(f"built in {time.perf_counter() - started:.0f} s")
+        for name in (*BackerNodes.exclude, ".stfolder", ".stversions"):
+            shutil.rmtree(tree / name, ignore_errors=True)
+        yield tree
 
 
 # -- the steps ----------------------------------------------------------------------------
@@ -168,21 +178,21 @@ def measure(
     """Every step on ``count`` files into a new entry of ``results``, with the load
     average before and after; ``save()`` after each step. backer first, then rsync (its
     daemon serves the tree once backer's metadata is gone from it)."""
-    tree = cached_tree(cache, count, seed)
-    place = work / f"n{count}"
-    place.mkdir()
-    result: dict[str, Any] = {"count": count, "load_before": os.getloadavg(), "backer": {}}
-    results.append(result)
-    say(f"{count:,} files: load {result['load_before'][0]:.2f}")
-    measure_backer(tree, place, idle_s, result["backer"], save)
-    for name in BackerNodes.exclude:
-        shutil.rmtree(tree / name, ignore_errors=True)
-    if shutil.which("rsync"):
-        say(f"rsync (load {os.getloadavg()[0]:.1f})")
-        result["rsync"] = measure_rsync(tree, place)
-    shutil.rmtree(place)
-    result["load_after"] = os.getloadavg()
-    save()
+    with cached_tree(cache, count, seed) as tree:
+        place = work / f"n{count}"
+        place.mkdir()
+        result: dict[str, Any] = {"count": count, "load_before": os.getloadavg(), "backer": {}}
+        results.append(result)
+        say(f"{count:,} files: load {result['load_before'][0]:.2f}")
+        measure_backer(tree, place, idle_s, result["backer"], save)
+        for name in BackerNodes.exclude:
+            shutil.rmtree(tree / name, ignore_errors=True)
+        if shutil.which("rsync"):
+            say(f"rsync (load {os.getloadavg()[0]:.1f})")
+            result["rsync"] = measure_rsync(tree, place)
+        shutil.rmtree(place)
+        result["load_after"] = os.getloadavg()
+        save()
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -307,7 +317,10 @@ def main() -> None:
 
     with work_directory("backer-huge-", args.workdir) as work:
         for count in counts:
-            measure(count, args.seed, args.cache, work, args.idle, results, save)
+            try:
+                measure(count, args.seed, args.cache, work, args.idle, results, save)
+            except RuntimeError as error:
+                sys.exit(f"error: {error}")
     print(f"\n# backer on many files — {os.cpu_count()} cores")
     for result in results:
         after = f"{result['load_after'][0]:.2f}" if "load_after" in result else "—"

@@ -121,10 +121,11 @@ def test_cached_tree_is_built_once_and_reused(tmp_path: Path) -> None:
         builds.append(root)
         _tree(root, {"f": b"data"})
 
-    tree = cached_tree(tmp_path, 1000, 7, build)
-    assert tree_digest(tree) == {"f": (4, tree_digest(tree)["f"][1])}
+    with cached_tree(tmp_path, 1000, 7, build) as tree:
+        assert tree_digest(tree) == {"f": (4, tree_digest(tree)["f"][1])}
     _tree(tree, {".backer/db": b"left by a stopped run"})
-    assert cached_tree(tmp_path, 1000, 7, build) == tree
+    with cached_tree(tmp_path, 1000, 7, build) as again:
+        assert again == tree
     assert len(builds) == 1
     assert not (tree / ".backer").exists()
     marker = json.loads((tree.parent / "marker.json").read_text())
@@ -138,14 +139,33 @@ def test_cached_tree_is_rebuilt_when_stale_or_half_built(tmp_path: Path) -> None
         builds.append(root)
         _tree(root, {"f": str(len(builds)).encode()})
 
-    tree = cached_tree(tmp_path, 1000, 7, build)
-    marker = tree.parent / "marker.json"
+    def content(seed: int = 7) -> bytes:
+        with cached_tree(tmp_path, 1000, seed, build) as tree:
+            return (tree / "f").read_bytes()
+
+    assert content() == b"1"
+    marker = tmp_path / "many-1000-seed7" / "marker.json"
     marker.write_text(json.dumps({"generator": "many/0", "count": 1000, "seed": 7}))
-    assert (cached_tree(tmp_path, 1000, 7, build) / "f").read_bytes() == b"2"
+    assert content() == b"2"
     marker.unlink()  # a build interrupted before its marker
-    assert (cached_tree(tmp_path, 1000, 7, build) / "f").read_bytes() == b"3"
-    assert cached_tree(tmp_path, 1000, 8, build) != tree  # another seed: another tree
-    assert len(builds) == 4
+    assert content() == b"3"
+    assert content(seed=8) == b"4"  # another seed: another tree
+    assert content() == b"3"
+
+
+def test_cached_tree_in_use_by_another_run_is_refused_not_cleaned(tmp_path: Path) -> None:
+    """Two runs on one cached tree: the second removed the first's .backer while its
+    init was writing it (seen at 1,000,000 files)."""
+    with cached_tree(tmp_path, 1000, 7, lambda root: _tree(root, {"f": b"x"})) as tree:
+        _tree(tree, {".backer/db": b"the running init's"})
+        with (
+            pytest.raises(RuntimeError, match="another benchmark run is using"),
+            cached_tree(tmp_path, 1000, 7),
+        ):
+            pass
+        assert (tree / ".backer" / "db").exists()
+    with cached_tree(tmp_path, 1000, 7) as tree:  # released: usable again
+        assert not (tree / ".backer").exists()
 
 
 def test_peak_rss_counts_a_child_of_the_watched_process() -> None:
