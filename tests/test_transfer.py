@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
 
+from backer.model import materializer
+from backer.model.share import Share
 from backer.protocol.channel import ChannelError, SecureChannel
+from backer.protocol.session import Session
 from backer.protocol.wire import (
     Chunk,
     FrameReader,
@@ -19,6 +23,7 @@ from backer.protocol.wire import (
     ProtocolError,
     WantChunks,
 )
+from backer.scanner.content import Manifest
 from tests.helpers import make_devices, waiting_for_chunks
 from tests.test_channel import pair, shake
 
@@ -112,3 +117,59 @@ def test_a_chunk_that_does_not_match_its_hash_is_refused_and_never_written(
             right.receive(message)
     assert not (b.root / "big.bin").exists()
 
+
+def _fetch(tmp_path: Path, data: dict[str, bytes]) -> tuple[Share, Session]:
+    """``data`` written on a, fetched by b through a session pair; b's session."""
+    a, b = make_devices(tmp_path, 2)
+    for name, content in data.items():
+        (a.root / name).write_bytes(content)
+    a.scan()
+    _, right, links = waiting_for_chunks(a, b)
+    links.run()
+    return b, right
+
+
+def test_a_large_file_is_checked_and_flushed_off_the_loop_once_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large file is verified and flushed in the worker thread as soon as its last
+    chunk is written, not on the event loop at the commit; a small one at the commit."""
+    monkeypatch.setattr(materializer, "CHECK_EARLY", 200_000)
+    calls: list[tuple[int, str]] = []
+    check = materializer._check_and_flush
+
+    def spy(temp: Path, manifest: Manifest, checked: frozenset[int]) -> None:
+        calls.append((manifest.size, threading.current_thread().name))
+        check(temp, manifest, checked)
+
+    monkeypatch.setattr(materializer, "_check_and_flush", spy)
+    big, later, small = os.urandom(600_000), os.urandom(600_000), os.urandom(100_000)
+    b, right = _fetch(tmp_path, {"big.bin": big, "later.bin": later, "small.bin": small})
+    assert (b.root / "big.bin").read_bytes() == big
+    assert (b.root / "later.bin").read_bytes() == later
+    assert (b.root / "small.bin").read_bytes() == small
+    assert [size for size, _ in calls] == [600_000, 600_000]  # not the small file
+    assert all(thread.startswith("backer-check") for _, thread in calls)
+    assert not right.replicator.reports[-1].errors
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_a_write_that_mangled_a_fetched_chunk_never_becomes_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool
+) -> None:
+    """Bytes a write lost or mangled are caught by the re-read of the complete file,
+    whether that check runs early (a large file) or at the commit."""
+    monkeypatch.setattr(materializer, "CHECK_EARLY", 200_000 if early else 1 << 40)
+    write = materializer.write_all
+
+    def mangling(fd: int, data: bytes | memoryview, offset: int) -> None:
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 0xFF
+        write(fd, damaged if offset == 0 else data, offset)
+
+    monkeypatch.setattr(materializer, "write_all", mangling)
+    b, right = _fetch(tmp_path, {"big.bin": os.urandom(600_000)})
+    assert not (b.root / "big.bin").exists()
+    errors = [str(e) for r in right.replicator.reports for e in r.errors]
+    assert any("do not match" in e for e in errors), errors
+    assert not [p for p in b.root.iterdir() if p.name.startswith("big.bin")]

@@ -34,6 +34,7 @@ import functools
 import os
 import stat
 from collections.abc import Callable, Container, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,6 +360,19 @@ def seal(temp: Path, manifest: Manifest, version: Version, checked: Container[in
         os.close(fd)
 
 
+def _check_and_flush(temp: Path, manifest: Manifest, checked: Container[int]) -> None:
+    """:func:`verify` a complete temp file and fsync it: run in a worker thread as soon
+    as a large file's last chunk is written, while the rest of the window arrives
+    (BLAKE3, ``pread`` and ``fsync`` release the GIL). The commit still verifies the
+    outcome and fsyncs (at once: the pages are clean by then)."""
+    fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        verify(fd, manifest, checked)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -513,6 +527,8 @@ class Assembly:
         self.waiting = 0  # staged files still missing chunks (progress)
         self.short_of_room = 0  # bytes more the files left out for lack of room need
         self._mtimes = _directory_mtimes(materializer.root, operations)  # before the window
+        self._checks: dict[str, Future[None]] = {}  # large files being checked, by path
+        self._checker: ThreadPoolExecutor | None = None  # (one thread, while it has work)
 
     def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
         self.missing.setdefault(chunk_hash, length)
@@ -530,7 +546,41 @@ class Assembly:
                     write_all(self._fd(staged), data, offset)
                     staged.missing -= 1
                     self.waiting -= staged.missing == 0
+                if staged.missing == 0:
+                    self._check_early(staged)
             self.missing.pop(chunk_hash, None)
+
+    def _check_early(self, staged: _Staged) -> None:
+        """A large file has all its chunks: verify and flush it in the worker thread
+        now, overlapping the transfer of the rest (see :func:`_check_and_flush`)."""
+        version = staged.op.version
+        if version.kind != Kind.FILE or version.size < CHECK_EARLY:
+            return
+        manifest = self.materializer.catalog.manifest(version.content)
+        if manifest is None:
+            return  # (reported by the commit)
+        if self._checker is None:
+            self._checker = ThreadPoolExecutor(1, thread_name_prefix="backer-check")
+        checked = frozenset(staged.checked)
+        self._checks[staged.op.path] = self._checker.submit(
+            _check_and_flush, staged.temp, manifest, checked
+        )
+
+    def _checked(self, staged: _Staged, manifest: Manifest) -> Container[int]:
+        """The offsets of ``staged`` already verified: all of them once its early check
+        passed (its failure is raised here, as the commit's own check would)."""
+        early = self._checks.pop(staged.op.path, None)
+        if early is None:
+            return staged.checked
+        early.result()
+        return {ref.offset for ref in manifest.chunks}
+
+    def _stop_checks(self) -> None:
+        """Wait for the worker thread to finish (a check not started is dropped)."""
+        if self._checker is not None:
+            self._checker.shutdown(wait=True, cancel_futures=True)
+            self._checker = None
+        self._checks.clear()
 
     @contextlib.contextmanager
     def _dropping(self, staged: _Staged) -> Iterator[None]:
@@ -567,6 +617,7 @@ class Assembly:
 
     def abort(self) -> None:
         """Give up the window: every temp file of it is removed."""
+        self._stop_checks()
         self._close_all()
         for staged in [*self.staged.values(), *self._batch]:
             staged.temp.unlink(missing_ok=True)
@@ -597,6 +648,7 @@ class Assembly:
             with self.stopping_when_full():
                 return self._finish()
         finally:
+            self._stop_checks()
             self.materializer.relock(self.report)
             self.materializer.unmake_unused()
 
@@ -641,7 +693,7 @@ class Assembly:
                     manifest = materializer.catalog.manifest(op.version.content)
                     if manifest is None:
                         raise ValueError("manifest is missing")
-                    seal(staged.temp, manifest, op.version, staged.checked)
+                    seal(staged.temp, manifest, op.version, self._checked(staged, manifest))
                 elif op.version.mtime_ns:  # a link's own time (never its target's)
                     mtime = op.version.mtime_ns
                     os.utime(staged.temp, ns=(mtime, mtime), follow_symlinks=False)
@@ -737,6 +789,8 @@ STAGE_FILES = 1000
 STAGE_BYTES = 256 * 1024 * 1024
 SYNCFS_BELOW_AVERAGE = 1024 * 1024  # average file size under which one syncfs is cheaper
 OPEN_TEMP_FILES = 64
+CHECK_EARLY = 16 * 1024 * 1024  # files at least this large are checked and flushed once
+# complete, off the event loop (smaller ones: one syncfs at the commit is cheaper)
 
 
 class Materializer:
