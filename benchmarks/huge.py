@@ -16,8 +16,8 @@ rebuilt), with peak RSS of every process:
 
 Each copy is compared with the tree by path, size and SHA-256 (not timed). Syncthing
 and Unison are not run here: see ``SKIPPED``. With several counts, a table gives each
-measure per count, its growth per 10 × more files (10 is linear) and, on paper, the
-value at 10,000,000 files at the last growth. Every process is stopped by its PID and the
+measure per count, its growth per 10 × more files (10 is linear) and, on paper, its
+value at 10 × the last count (see ``on_paper``). Every process is stopped by its PID and the
 work directory removed at the end (the cache stays), also on Ctrl-C or SIGTERM.
 """
 
@@ -228,6 +228,17 @@ def growth_per_10x(small_count: int, small: float, large_count: int, large: floa
     return (large / small) ** (math.log(10) / math.log(large_count / small_count))
 
 
+def on_paper(small_count: int, small: float, large_count: int, large: float) -> float:
+    """A measure at 10 × ``large_count``, from its last two values: the larger of the
+    straight line through them (a fixed cost plus a cost per file: a power law would
+    understate it, as the fixed part hides the per-file part at small counts) and the
+    power law of their growth (a straight line would understate a growth above 10)."""
+    per_file = (large - small) / (large_count - small_count)
+    line = large + per_file * 9 * large_count
+    power = large * growth_per_10x(small_count, small, large_count, large)
+    return max(line, power)
+
+
 def _value(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
@@ -236,7 +247,7 @@ def _value(value: float | None, unit: str) -> str:
 
 def scaling_table(results: list[dict[str, Any]]) -> str:
     """Markdown: a row per measure, a column per count, the growth per 10 × between each
-    two counts, and the value at 10 × the last count extrapolated at the last growth."""
+    two counts, and the value at 10 × the last count on paper (:func:`on_paper`)."""
     results = sorted(results, key=lambda r: r["count"])
     counts = [r["count"] for r in results]
     pairs = list(itertools.pairwise(results))
@@ -255,8 +266,10 @@ def scaling_table(results: list[dict[str, Any]]) -> str:
             growths.append(growth_per_10x(a["count"], va, b["count"], vb) if ok else None)
         cells += ["—" if g is None else f"{g:.1f} ×" for g in growths]
         if pairs:
-            last, growth = values[-1], growths[-1]
-            cells.append("—" if last is None or growth is None else _value(last * growth, unit))
+            (a, b), (va, vb) = pairs[-1], values[-2:]
+            ok = va is not None and vb is not None and va > 0 and vb > 0
+            paper = on_paper(a["count"], va, b["count"], vb) if ok else None  # type: ignore[arg-type]
+            cells.append(_value(paper, unit))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.__main__ import report
-from benchmarks.huge import cached_tree, growth_per_10x, same_trees, scaling_table
+from benchmarks.huge import cached_tree, growth_per_10x, on_paper, same_trees, scaling_table
 from benchmarks.measure import PeakRss, tree_digest
 from benchmarks.tools import Step
 
@@ -84,6 +84,14 @@ def test_growth_per_10x_is_10_when_linear_whatever_the_step() -> None:
     assert growth_per_10x(1_000, 1.0, 4_000, 4.0) == pytest.approx(10)
     assert growth_per_10x(1_000, 3.0, 100_000, 3.0) == pytest.approx(1)
     assert growth_per_10x(10_000, 1.0, 100_000, 100.0) == pytest.approx(100)
+
+
+def test_on_paper_keeps_a_fixed_cost_from_hiding_the_cost_per_file() -> None:
+    # 80 MiB of libraries plus ~0.8 KB per file: the growth (1.9 ×) would say 281 MiB
+    assert on_paper(10_000, 80.0, 100_000, 150.0) == pytest.approx(150 + 70 * 10)
+    # growing faster than linear: the power law, not the straight line
+    assert on_paper(10_000, 1.0, 100_000, 100.0) == pytest.approx(10_000)
+    assert on_paper(10_000, 2.0, 100_000, 20.0) == pytest.approx(200)
 
 
 def _result(count: int, init_s: float, rss: float | None) -> dict:
