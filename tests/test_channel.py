@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 
 import nacl.signing
 import pytest
 
-from backer.protocol.channel import MODE_SYNC, ChannelError, SecureChannel
+from backer.model.membership import REMOVED
+from backer.protocol.channel import (
+    MODE_SYNC,
+    PEER_REFUSED,
+    WAS_REMOVED,
+    ChannelError,
+    SecureChannel,
+    refusal,
+)
 
 SHARE_ID = os.urandom(16)
 HEADER = MODE_SYNC + SHARE_ID
@@ -76,3 +85,27 @@ def test_garbage_instead_of_a_handshake_is_refused() -> None:
     _, _, _, server = pair(psk, psk, set())
     with pytest.raises(ChannelError):
         server.receive_data(HEADER + b"\x00\x20" + os.urandom(32))
+
+
+@pytest.mark.parametrize("split", [None, 1, 2])
+def test_a_refusal_after_the_initiators_last_handshake_message_reads_as_a_refusal(
+    split: int | None,
+) -> None:
+    """The initiator is established once it sends its last handshake message; the
+    responder checks membership only on reading it, and refuses a removed device then.
+    That refusal was read as an encrypted record and failed ("shorter than its
+    authentication tag"): the removed device took it for a broken link and redialled
+    at once, over and over."""
+    psk = os.urandom(32)
+    _, _, client, server = pair(psk, psk, set())
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    assert client.established
+    wire = refusal(WAS_REMOVED)
+    with pytest.raises(ChannelError, match=re.escape(PEER_REFUSED + REMOVED)) as refused:
+        if split is None:
+            client.receive_data(wire)
+        else:
+            client.receive_data(wire[:split])
+            client.receive_data(wire[split:])
+    assert refused.value.refusal is None

@@ -201,3 +201,27 @@ def test_share_commands_ask_the_running_node_and_print_as_they_do_alone(tmp_path
     assert a_entry["connected"] is False and a_entry["name"] == "desk"
     assert a_entry["last_seen_ms"] and a_entry["address"] == node_a.address
     assert "desk  (last seen " in b.run("status", "--share", "b").stdout
+
+
+def test_a_node_started_while_another_process_holds_a_share_serves_it_once_free(
+    device: Device,
+) -> None:
+    """The node opened each share once, at start: a share a 'backer sync' held then was
+    never served until the node was restarted."""
+    key = load_or_create_key(device.home)
+    with Share.open(device.root, key, home=device.home):  # e.g. a long 'backer sync'
+        node = device.start(wait=False, BACKER_TIME_SCALE="0.25")
+        node.wait_for("served once it is free")
+        time.sleep(1)  # a few tries, all refused
+        assert "watching" not in node.log
+    node.wait_for("free now: served")
+    node.wait_for("watching")
+    later = device.root / "later.txt"
+    later.write_text("written once the node serves the share\n")
+
+    def recorded() -> bool:  # by the node's watcher: nobody typed 'scan'
+        shown = device.run("history", str(later), "--dir", str(device.root), check=False)
+        return shown.returncode == 0
+
+    _until(recorded, "the node to record later.txt")
+    node.stop()

@@ -42,7 +42,7 @@ from backer.errors import BackerError
 from backer.events import Event, EventBus, EventType, paths
 from backer.model import entropy
 from backer.model.materializer import Report
-from backer.model.share import ScanSummary, Share
+from backer.model.share import ScanSummary, Share, ShareBusy
 from backer.node.commands import handler
 from backer.protocol.channel import (
     BUSY,
@@ -70,6 +70,7 @@ STOP_GRACE_S = 2.0  # sessions get this long to say goodbye on shutdown
 DISK_FULL_RETRY_S = 60.0  # after a full disk left files out, plan again this much later
 PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often
 PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and at start)
+BUSY_RETRY_S = 2.0  # a share another backer process held at start is tried this often
 
 
 _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
@@ -635,7 +636,7 @@ class Node:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set, then close every session with a reason, remove
         the temp files of unfinished transfers and close the shares."""
-        self._open()
+        busy = self._open()
         loop = asyncio.get_running_loop()  # asyncio's own reports (accept out of
         # descriptors...): rate-limited lines, not tracebacks
         loop.set_exception_handler(lambda _, context: self.refused(str(context.get("message"))))
@@ -648,6 +649,8 @@ class Node:
                     self._tasks = tasks
                     for runtime in self.runtimes.values():
                         tasks.create_task(self._serve(runtime))
+                    if busy:
+                        tasks.create_task(self._open_when_free(busy, tasks))
                     self.started.set()
                     await stop.wait()
                     self.stopping = True
@@ -708,20 +711,56 @@ class Node:
             runtime.publish(EventType.ERROR, path=None, reason=f"no longer served: {exc}")
             runtime.hang_up("the share is no longer served on that device")
 
-    def _open(self) -> None:
+    def _open(self) -> list[RegisteredShare]:
+        """Open every registered share; return those another backer process holds now
+        (a one-shot sync or scan): :meth:`_open_when_free` serves them once it lets go."""
+        busy = []
         for entry in self.entries:
             try:
                 share = Share.open(Path(entry.root), self.key, True, self.home)
+            except ShareBusy as exc:
+                self.log.warning("%s: served once it is free: %s", entry.name, exc)
+                busy.append(entry)
+                continue
             except BackerError as exc:
                 self.log.error("%s: not served: %s", entry.name, exc)
                 continue
-            if share.share_id in self.runtimes:
-                share.close()
-                continue
-            control.announce_starting(share.root)
-            self.runtimes[share.share_id] = Runtime(self, share, entry.name)
-        if not self.runtimes:
+            self._add(share, entry.name)
+        if not self.runtimes and not busy:
             self.log.warning("no share to serve: 'backer init' or 'backer join' makes one")
+        return busy
+
+    def _add(self, share: Share, name: str) -> Runtime | None:
+        """A runtime for an opened share (None, and the share closed, if it is served
+        already under another name)."""
+        if share.share_id in self.runtimes:
+            share.close()
+            return None
+        control.announce_starting(share.root)
+        runtime = self.runtimes[share.share_id] = Runtime(self, share, name)
+        return runtime
+
+    async def _open_when_free(self, busy: list[RegisteredShare], tasks: asyncio.TaskGroup) -> None:
+        """Try the shares another process held at start every BUSY_RETRY_S, and serve
+        each once it is free: a node started while a 'backer sync' ran served the
+        other shares only, until it was restarted."""
+        while busy:
+            await asyncio.sleep(BUSY_RETRY_S * self.scale)
+            for entry in list(busy):
+                try:
+                    share = Share.open(Path(entry.root), self.key, True, self.home)
+                except ShareBusy:
+                    continue
+                except BackerError as exc:
+                    self.log.error("%s: not served: %s", entry.name, exc)
+                    busy.remove(entry)
+                    continue
+                busy.remove(entry)
+                runtime = self._add(share, entry.name)
+                if runtime is not None:
+                    runtime.hub.addresses.announce(parse_address(a) for a in self.addresses)
+                    self.log.info("%s: free now: served", entry.name)
+                    tasks.create_task(self._serve(runtime))
 
     async def _listen(self) -> asyncio.Server:
         host, port = self.listen

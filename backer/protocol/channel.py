@@ -22,6 +22,7 @@ is all it says, so a stranger learns nothing about the share.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NoReturn
 
 import nacl.signing
 
@@ -220,23 +221,30 @@ class SecureChannel:
     def _open_records(self, data: bytes | bytearray) -> bytearray:
         """Decrypt every complete transport record: those within ``data`` are read in
         place and decrypted straight into the one plaintext buffer returned; only a
-        record cut by the end of a read is copied (into ``_buffer``, until complete)."""
+        record cut by the end of a read is copied (into ``_buffer``, until complete).
+        A record of length 0 is a responder's refusal (see :meth:`_refused`)."""
         view = memoryview(data)
         records: list[memoryview] = []
         pos = 0
         while self._buffer and pos < len(view):  # a record begun in an earlier read
             have = len(self._buffer)
-            need = 2 if have < 2 else 2 + int.from_bytes(self._buffer[:2], "big")
+            size = int.from_bytes(self._buffer[:2], "big") if have >= 2 else -1
+            need = 2 if size < 0 else 2 + (size or 1)  # a refusal: its code byte
             step = min(need - have, len(view) - pos)
             self._buffer += view[pos : pos + step]
             pos += step
-            if have >= 2 and len(self._buffer) == need:
+            if size >= 0 and len(self._buffer) == need:
+                if size == 0:
+                    self._refused(self._buffer[2])
                 records.append(memoryview(bytes(self._buffer))[2:])
                 self._buffer.clear()
         while len(view) - pos >= 2:
-            end = pos + 2 + int.from_bytes(view[pos : pos + 2], "big")
+            size = int.from_bytes(view[pos : pos + 2], "big")
+            end = pos + 2 + (size or 1)
             if end > len(view):
                 break
+            if size == 0:
+                self._refused(view[pos + 2])
             records.append(view[pos + 2 : end])
             pos = end
         self._buffer += view[pos:]
@@ -249,6 +257,15 @@ class SecureChannel:
                 self._receive.decrypt_into(record, target[at : at + size])
                 at += size
         return out
+
+    def _refused(self, code: int) -> NoReturn:
+        """A record of length 0 and a code: the responder refused us after we sent our
+        last handshake message (it checks membership on reading it), e.g. because this
+        device was removed. No encrypted record is that short, so from a responder's
+        peer it is only damage."""
+        if not self.initiator:
+            raise ChannelError("a record of no bytes")
+        raise ChannelError(f"{PEER_REFUSED}{REFUSALS.get(code, 'no reason given')}", None)
 
     def _first_message(self, message: bytes) -> None:
         """Responder: the initiator's first message opens with one of the candidate keys
