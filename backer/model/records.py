@@ -24,6 +24,7 @@ VERSION_ID_BYTES = 9
 _HEAD = struct.Struct(
     ">BHQqQ8sB"
 )  # kind, permissions, size, mtime_ns, time_ms, device, n superseded
+_SIZE = struct.Struct(">Q")  # the size field, after kind (1 byte) and permissions (2)
 PERMISSION_BITS = 0o777
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31 23:59:59.999 UTC, the last instant datetime has
 MAX_SIZE = 2**50  # 1 PiB: larger than any file, small enough for every size computation
@@ -188,6 +189,11 @@ class Version:
     @property
     def link_target(self) -> str:
         return self.content.decode("utf-8", "surrogateescape")
+
+
+def record_size(record: bytes) -> int:
+    """The size field of an encoded version, without decoding the rest."""
+    return _SIZE.unpack_from(record, 3)[0]
 
 
 SEPARATOR = "\0"
