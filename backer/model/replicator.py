@@ -243,6 +243,8 @@ class Replicator:
 
     def _advance(self) -> None:
         while self._fetchers():
+            if self.share.root_moved() is not None:  # nothing written into whatever is
+                return  # there now (the node stops serving the share, see Runtime.check_root)
             if self.operations is None:
                 if not self.dirty or self.awaited or self.chunks_asked:  # (asked before a stop)
                     return

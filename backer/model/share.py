@@ -153,6 +153,15 @@ class ShareBusy(BackerError):
         self.root = root
 
 
+def _marker(root: Path) -> tuple[int, int] | None:
+    """The identity (device, inode) of the share's ``.backer`` directory; None if gone."""
+    try:
+        info = os.stat(root / METADATA_DIR)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def take_lock(root: Path) -> IO[bytes]:
     """One process changes a share at a time (run, sync, scan, join)."""
     handle = open(root / METADATA_DIR / LOCK_FILE, "ab")  # noqa: SIM115 - held until close()
@@ -278,6 +287,7 @@ class Share:
         self.key = key
         self.device = bytes(key.verify_key)
         self._lock = take_lock(root) if exclusive else None
+        self.marker = _marker(root)  # what root_moved compares with
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
         self.resumable_temps: set[Path] = set()  # kept for a later attempt at their version
@@ -981,6 +991,18 @@ class Share:
             self._append(EventKind.STATE, update, delta)
         return assigned
 
+    def root_moved(self) -> str | None:
+        """Why the folder at ``root`` is no longer this share, if it is not: its
+        ``.backer`` is not the directory the share was opened from (the folder was moved
+        away or replaced, or its disk unmounted). Nothing is then scanned or applied: an
+        empty mount point scanned would record every file as deleted."""
+        if _marker(self.root) == self.marker:
+            return None
+        return (
+            f"the share folder {self.root} is gone or no longer this share (moved away, "
+            "replaced, or its disk unmounted): nothing is recorded or written until it is back"
+        )
+
     def scan(
         self, progress: ProgressCallback | None = None, paths: Collection[str] | None = None
     ) -> ScanSummary:
@@ -989,6 +1011,8 @@ class Share:
         is behind itself: the change would be an event of our own; see recovery)."""
         if self.repairing:  # the disk is recognised once the journal is back (see repair)
             return ScanSummary(waiting="the share is being repaired")
+        if (moved := self.root_moved()) is not None:
+            return ScanSummary(waiting=moved)
         started = time.monotonic()
         found = look(self.root, self.catalog.local_entries, paths, progress)
         return self._record_scan(classify(found, self._recorded_content), started)
@@ -1004,6 +1028,8 @@ class Share:
         from stale bytes (at most RESCANS times; then it is left to the next scan)."""
         if self.repairing:
             return ScanSummary(waiting="the share is being repaired")
+        if (moved := self.root_moved()) is not None:
+            return ScanSummary(waiting=moved)
         started = time.monotonic()
         total = ScanSummary()
         for _ in range(RESCANS):
@@ -1069,7 +1095,10 @@ class Share:
         return sorted(stale)
 
     def _record_scan(self, found: Observation, started: float) -> ScanSummary:
-        """Record what a scan found (see :meth:`scan`)."""
+        """Record what a scan found (see :meth:`scan`); nothing if the folder was
+        moved away during the walk."""
+        if (moved := self.root_moved()) is not None:
+            return ScanSummary(waiting=moved)
         local = found.local
         waiting = self.behind_itself if self.own_events_missing else None
         if not self.members:  # a joiner: its log must not start before genesis,

@@ -316,6 +316,9 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
 
     async def handle(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         op = request.get("op")
+        if runtime.gone is not None and op != "status":
+            yield {"error": runtime.gone}
+            return
         try:
             if op == "scan":
                 yield {"scan": scan_report(runtime.share, await runtime.scan())}
@@ -397,6 +400,9 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
             }
         )
     report["devices"] = devices
+    if runtime.gone is not None:
+        gone = {"path": "", "reason": runtime.gone, "warning": False}
+        report["problems"].insert(0, {**gone, "during": "serving", "since": None})
     return report
 
 

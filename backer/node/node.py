@@ -71,6 +71,7 @@ DISK_FULL_RETRY_S = 60.0  # after a full disk left files out, plan again this mu
 PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often
 PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and at start)
 BUSY_RETRY_S = 2.0  # a share another backer process held at start is tried this often
+ROOT_CHECK_S = 1.0  # how often the share's folder is checked to still be the share
 
 
 _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
@@ -156,6 +157,7 @@ class Runtime:
         self.scanning = asyncio.Lock()  # one scan at a time (watcher, control)
         self.waiting: str | None = None  # why scans record nothing (logged once)
         self.paused = False  # no sessions, no dialling; local changes are still recorded
+        self.gone: str | None = None  # why the share's folder is not the share now
         for address in transport.known_addresses(share):
             self.targets[address] = Target(address)
         self._read_address_book()
@@ -171,6 +173,7 @@ class Runtime:
             tasks.create_task(self._dial_loop())
             tasks.create_task(self._publish_progress())
             tasks.create_task(self._prune_loop())
+            tasks.create_task(self._guard_root())
 
     def publish(self, kind: EventType, **data: Any) -> Event:
         """An event of this share on the node's bus."""
@@ -179,6 +182,8 @@ class Runtime:
     async def scan(self, only: frozenset[str] | None = None) -> ScanSummary:
         """Scan the share (or the paths ``only``) now, off the event loop; push what it
         recorded to every connected peer at once."""
+        if not self.check_root():
+            return ScanSummary(waiting=self.gone)
         async with self.scanning:
             self.publish(EventType.SCAN_STARTED, full=only is None)
             summary = await self.share.scan_off_loop(only)
@@ -221,10 +226,36 @@ class Runtime:
                 if changes.reason == "start":
                     self.log.info("%s: watching %s", self.name, root)
 
+    async def _guard_root(self) -> None:
+        """Check every ROOT_CHECK_S that the share's folder is still the share."""
+        while True:
+            await asyncio.sleep(ROOT_CHECK_S * self.node.scale)
+            self.check_root()
+
+    def check_root(self) -> bool:
+        """Whether the share's folder is still the share (see Share.root_moved). When
+        it stops being so: one error, every session closed, none dialled or accepted;
+        when it is back: served again, and scanned in full."""
+        moved = self.share.root_moved()
+        if moved == self.gone:
+            return moved is None
+        self.gone = moved
+        if moved is not None:
+            self.log.error("%s: not served: %s", self.name, moved)
+            self.publish(EventType.ERROR, path=None, reason=moved)
+            self.hang_up("the share is not available on that device")
+        else:
+            self.log.info("%s: the share folder is back: served again", self.name)
+            self.wake()
+            if self.tasks is not None:
+                self.tasks.create_task(self.scan())
+        return moved is None
+
     async def _prune_loop(self) -> None:
         """Apply the share's retention policy at start and every PRUNE_EVERY_S."""
         while True:
-            self.prune()
+            if self.check_root():
+                self.prune()
             await asyncio.sleep(PRUNE_EVERY_S * self.node.scale)
 
     def prune(self, dry_run: bool = False) -> PruneReport:
@@ -460,7 +491,7 @@ class Runtime:
         device = target.device
         if target.dialling or device in busy:
             return False
-        if self.paused:
+        if self.paused or self.gone:
             return False
         if device is None:
             return True
@@ -791,10 +822,10 @@ class Node:
         mode, ident = header[:1], header[1:HEADER_LEN]
         if mode == MODE_SYNC:
             runtime = self.runtimes.get(ident)
-            return None if runtime is None or runtime.paused else runtime
+            return None if runtime is None or runtime.paused or runtime.gone else runtime
         if mode == MODE_JOIN:
             for runtime in self.runtimes.values():
-                if runtime.share.invite_key(ident) and not runtime.paused:
+                if runtime.share.invite_key(ident) and not (runtime.paused or runtime.gone):
                     return runtime
         return None
 
