@@ -55,7 +55,16 @@ def test_events_forged_by_a_non_member_are_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["../escape.txt", "/etc/backer-owned", "a/../../up", ".backer/backer.db", "nul\0byte"]
+    "bad",
+    [
+        "../escape.txt",
+        "/etc/backer-owned",
+        "a/../../up",
+        ".backer/backer.db",
+        "nul\0byte",
+        "\u00e9" * 150 + ".txt",  # R18: a 304-byte name no filesystem holds
+        "/".join(f"d{n:03}" for n in range(900)) + "/f.txt",  # R18: 4,506 bytes deep
+    ],
 )
 def test_a_member_naming_bad_paths_gets_nothing_written(tmp_path: Path, bad: str) -> None:
     a, b = make_devices(tmp_path, 2)
@@ -157,3 +166,24 @@ def test_serve_drops_garbage_wrong_keys_and_outsiders_and_keeps_serving(tmp_path
     log = a.serve_log
     assert log.count("closed session") >= 3
     assert "unknown share or invite" in log and "not a member" in log
+
+
+def test_R18_a_path_too_long_here_is_reported_once_and_not_retried(tmp_path: Path) -> None:
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    deep = "/".join(["d" * 200] * 20) + "/" + "f" * 40 + ".txt"  # too long under b's root
+    assert len(deep) < 4096 < len(os.fsencode(b.root / deep))
+    version = Version(Kind.DIRECTORY, permissions=0o755, device=a.device[:8], time_ms=1)
+    update, _ = a.state.write([(deep, new_version_id(), version)])
+    a._append(EventKind.STATE, update)
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert [p.path for p in right.replicator.reports[-1].errors] == [deep]
+    assert sorted(b.root.iterdir()) == [b.root / ".backer"]  # no folder made for it
+    (a.root / "next.txt").write_text("later")  # any later change: a new plan on b
+    a.scan()
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert (b.root / "next.txt").read_text() == "later"
+    assert all(not r.errors for r in right.replicator.reports)  # not tried again
+    assert [p.path for _, p, _ in b.catalog.problems("apply")] == [deep]  # still reported

@@ -4,7 +4,10 @@ A path in the state is relative, '/'-separated Unicode spelled exactly as on the
 of the device that recorded it (NFC or NFD alike: a receiver writes the same bytes),
 with no empty, '.' or '..' component, no NUL or backslash, and no component that is the
 metadata directory's name once case and Unicode normalisation are folded away (on a
-case- or normalisation-insensitive filesystem ``.Backer`` is ``.backer``). Everything
+case- or normalisation-insensitive filesystem ``.Backer`` is ``.backer``), no component
+over :data:`MAX_NAME_BYTES` and no path over :data:`MAX_PATH_BYTES` in UTF-8 (no device
+could hold it: a peer's event naming one would only fail, and be retried, everywhere;
+the byte bound also bounds the depth, at most 2,048 levels). Everything
 that names a path — the scanner, received events — goes through :func:`check`, so
 nothing can point outside the share or into its metadata.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 import unicodedata
 
 METADATA_DIR = ".backer"
+MAX_NAME_BYTES = 255  # NAME_MAX of Linux, macOS and Windows filesystems alike
+MAX_PATH_BYTES = 4096  # Linux PATH_MAX: no longer path is reachable by its name
 
 
 class BadPath(ValueError):
@@ -49,9 +54,15 @@ def check(path: str) -> str:
     if any("\\" in part for part in parts):
         raise BadPath(f"path contains a backslash: {path!r}")
     try:
-        path.encode("utf-8")
+        encoded = path.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise BadPath(f"path is not valid Unicode: {path!r}") from exc
+    if len(encoded) > MAX_PATH_BYTES:
+        raise BadPath(f"path longer than {MAX_PATH_BYTES} bytes: {path[:60]!r}...")
+    if len(encoded) > MAX_NAME_BYTES and any(
+        len(part.encode("utf-8")) > MAX_NAME_BYTES for part in parts
+    ):
+        raise BadPath(f"path has a name longer than {MAX_NAME_BYTES} bytes: {path[:60]!r}...")
     return path
 
 

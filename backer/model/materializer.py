@@ -201,10 +201,15 @@ class Operation:
             raise LocalEdit(self.path)
 
 
-def plan(catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None) -> list[Operation]:
+def plan(
+    catalog: Catalog,
+    excluded: Callable[[str, bool], bool] | None = None,
+    unwritable: Container[tuple[str, str]] = (),
+) -> list[Operation]:
     """Operations that bring the disk to the live state: creations and updates in path
     order (parents first), then deletions deepest first. Paths ``excluded`` by this
-    device's ignore rules are never written or deleted."""
+    device's ignore rules are never written or deleted; versions found ``unwritable``
+    here, (path, version id), are not tried again (their problem stays reported)."""
     writes, deletions = [], []
     unresolved = set(catalog.conflicted_paths())  # left for the next resolution round
     differ = [row for row in catalog.live_not_on_disk() if row[0] not in unresolved]
@@ -215,6 +220,8 @@ def plan(catalog: Catalog, excluded: Callable[[str, bool], bool] | None = None) 
         if excluded is not None and excluded(path, version.kind == Kind.DIRECTORY):
             continue
         on_disk = cached.version_id if cached is not None else ""
+        if (path, vid) in unwritable:
+            continue
         if version.kind == Kind.DELETED:
             if cached is not None:
                 deletions.append(Operation(path, vid, version, on_disk))
@@ -280,6 +287,7 @@ class Report:
     errors: list[Problem] = field(default_factory=list)
     bytes_written: int = 0
     kept_temps: list[Path] = field(default_factory=list)  # incomplete: for a later attempt
+    unwritable: list[tuple[str, str]] = field(default_factory=list)  # (path, version id)
 
 
 class LocalEdit(Exception):
@@ -291,6 +299,9 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 SPACE_RESERVE = 8 * MB  # kept free for the database and the directories a window adds
 LEFT_OUT = "not written: no room on the disk for it"
 NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows alike)
+# what fails the same way on every attempt, for a reason of this device (its filesystem,
+# the share's own path): retrying it on every plan only churns
+LASTING = frozenset({errno.ENAMETOOLONG, errno.EILSEQ})
 
 
 class DiskFull(BackerError):
@@ -305,15 +316,24 @@ class _OutOfSpace(Exception):
     """ENOSPC or EDQUOT: not one file's problem, the whole window stops."""
 
 
+def _path_max(root: Path) -> int:
+    """The longest path (in bytes, with its NUL) this device's filesystem takes."""
+    try:
+        return os.pathconf(root, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
+
+
 def _free_bytes(directory: Path) -> int:
     info = os.statvfs(directory)
     return info.f_bavail * info.f_frsize
 
 
 @contextlib.contextmanager
-def _reported(path: str, report: Report) -> Iterator[None]:
+def _reported(path: str, report: Report, version_id: str = "") -> Iterator[None]:
     """Whatever stops one operation is reported against its path; the others go on.
-    A full disk is not one path's problem: it goes up as :class:`_OutOfSpace`."""
+    A full disk is not one path's problem: it goes up as :class:`_OutOfSpace`. A
+    :data:`LASTING` failure of ``version_id`` is noted as unwritable."""
     try:
         yield
     except LocalEdit:
@@ -321,6 +341,8 @@ def _reported(path: str, report: Report) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in NO_SPACE:
             raise _OutOfSpace(path) from exc
+        if exc.errno in LASTING and version_id:
+            report.unwritable.append((path, version_id))
         report.errors.append(Problem(path, exc.strerror or str(exc)))
     except (BadPath, ValueError) as exc:
         report.errors.append(Problem(path, str(exc)))
@@ -807,6 +829,7 @@ class Materializer:
         self._unlocked: dict[Path, int] = {}  # read-only directories opened while applying
         self._made: list[Path] = []  # missing parents made for this window's entries
         self._recorded: list[LocalEntry] | None = None  # while a batch is moved into place
+        self._path_max = _path_max(root)
 
     def start(self, operations: list[Operation]) -> Assembly:
         """Begin applying a plan: directories are made now (files need them); every file
@@ -823,7 +846,7 @@ class Materializer:
                 for op in operations:
                     if op.version.kind == Kind.DELETED:
                         continue
-                    with _reported(op.path, assembly.report):
+                    with _reported(op.path, assembly.report, op.version_id):
                         check(op.path)
                         cached = local.get(op.path)
                         op.still_planned(cached)
@@ -883,6 +906,8 @@ class Materializer:
         checked = self._checked_parents
         if checked is not None and parent in checked:
             return self.root / path
+        if len(os.fsencode(self.root / path)) >= self._path_max:  # before any folder is made
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         current = self.root
         for part in parent.split("/") if parent else ():
             current = current / part

@@ -291,7 +291,8 @@ class Replicator:
         self.chunk_queue.clear()  # (requests of a stopped plan that a lost peer handed back)
         resolved = self.share.resolve_conflicts()
         self.stats.conflicts_resolved += resolved
-        self.operations = plan(self.share.catalog, IgnoreRules.load(self.share.root).excluded)
+        excluded = IgnoreRules.load(self.share.root).excluded
+        self.operations = plan(self.share.catalog, excluded, self.share.unwritable)
         self.share.note_planned({op.path for op in self.operations})
         written = (Kind.FILE, Kind.SYMLINK)  # (what a report counts as written)
         self.stats.files_to_write += sum(op.version.kind in written for op in self.operations)

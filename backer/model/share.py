@@ -289,6 +289,7 @@ class Share:
         self._lock = take_lock(root) if exclusive else None
         self.marker = _marker(root)  # what root_moved compares with
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
+        self.unwritable: set[tuple[str, str]] = set()  # (path, version id) failed for good here
         self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
         self.resumable_temps: set[Path] = set()  # kept for a later attempt at their version
         self.repairing = False  # rebuilding the journal from a peer: scan and apply nothing
@@ -1227,14 +1228,19 @@ class Share:
 
     def note_planned(self, paths: set[str]) -> None:
         """A path that failed to apply and is no longer in the plan needs nothing any
-        more (deleted or superseded elsewhere, or now as the state says): resolved."""
+        more (deleted or superseded elsewhere, or now as the state says): resolved. One
+        left out as unwritable stays reported."""
+        paths = paths | {path for path, _ in self.unwritable}
         stale = [p.path for _, p, _ in self.catalog.problems("apply") if p.path not in paths]
         if stale:
             with self.db.conn:
                 self._note_problems("apply", [], stale)
 
     def note_applied(self, report: Report) -> None:
-        """Keep the problems of one applied window; a path written or deleted is fine."""
+        """Keep the problems of one applied window; a path written or deleted is fine.
+        A version that failed for a lasting local reason is not planned again (in this
+        process: a restart tries once more)."""
+        self.unwritable.update(report.unwritable)
         with self.db.conn:
             self._note_problems("apply", report.errors, report.written + report.deleted)
 
