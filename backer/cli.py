@@ -45,7 +45,7 @@ from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
 from backer.model.share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
 from backer.node import commands
-from backer.node.node import Node
+from backer.node.node import Node, hold_home
 from backer.numbers import natural
 from backer.progress import Reporter, reporter
 from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
@@ -1069,10 +1069,13 @@ def run(listen: str, log_level: str, api_address: str) -> None:
 
     host, port = parse_address(listen)
     settings = api_access.settings_from(api_address)
-    shares = registry.registered(home())
-    node = Node(shares, load_or_create_key(), listen=(host, port), log=_logger(log_level))
-    ui = None if settings is None else functools.partial(api_server.serve, node, settings, home())
-    asyncio.run(_until_signalled(node, ui))
+    key = load_or_create_key()
+    with hold_home(home()):
+        shares = registry.registered(home())
+        node = Node(shares, key, listen=(host, port), log=_logger(log_level))
+        serve = api_server.serve
+        ui = None if settings is None else functools.partial(serve, node, settings, home())
+        asyncio.run(_until_signalled(node, ui))
 
 
 @cli.command("open")

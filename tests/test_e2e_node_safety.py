@@ -1,12 +1,13 @@
-"""A running node whose share folder goes away or is taken over (findings R15, R16)."""
+"""A running node whose share folder goes away (R15), or a second node on its home (R16)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
-from tests.e2e import joined_pair, snapshot, wait_until
+from tests.e2e import Device, free_port, joined_pair, snapshot, wait_until
 
 
 def test_r15_a_share_folder_moved_away_is_not_served_until_it_is_back(tmp_path: Path) -> None:
@@ -47,3 +48,35 @@ def test_r15_a_share_folder_moved_away_is_not_served_until_it_is_back(tmp_path: 
                 node.stop()
 
 
+
+
+def test_r16_a_second_run_on_the_same_home_exits_at_once_and_leaves_the_first_alone(
+    tmp_path: Path,
+) -> None:
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    first = a.start(api=f"127.0.0.1:{free_port()}")
+    try:
+        first.wait_for("web UI on")
+        web = (a.home / "web").read_bytes()
+        started = time.monotonic()
+        second = subprocess.run(
+            a.command("run", "--listen", f"127.0.0.1:{free_port()}", "--api", "off"),
+            env=a.env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert second.returncode == 1, second.stderr
+        assert time.monotonic() - started < 10
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert "already running" in lines[0] and f"pid {first.process.pid}" in lines[0]
+        assert (a.home / "web").read_bytes() == web
+        assert "http://127.0.0.1:" in a.run("open", "--no-browser").stdout
+        assert first.process.poll() is None
+        (a.root / "still.txt").write_text("the first node still records\n")
+        first.wait_for("recorded 1 changes")
+    finally:
+        first.stop()

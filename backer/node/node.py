@@ -22,14 +22,16 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import logging
+import os
 import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import nacl.signing
 
@@ -72,6 +74,27 @@ PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often
 PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and at start)
 BUSY_RETRY_S = 2.0  # a share another backer process held at start is tried this often
 ROOT_CHECK_S = 1.0  # how often the share's folder is checked to still be the share
+
+
+RUN_LOCK = "run.lock"  # in the device home: held by the one ``backer run``, names its pid
+
+
+def hold_home(home: Path) -> IO[bytes]:
+    """Make this process the device's one node (held until the handle is closed). A
+    second node would find every share busy, serve nothing, and take the first's web
+    UI address (``backer open``) over: it must stop at once instead."""
+    handle = open(home / RUN_LOCK, "a+b")  # noqa: SIM115 - held while the node runs
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read(20).decode(errors="replace").strip() or "?"
+        handle.close()
+        raise BackerError(f"backer run is already running for this device (pid {pid})") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()).encode())
+    handle.flush()
+    return handle
 
 
 _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
