@@ -245,9 +245,16 @@ def synced_trees(roots: list[Path]) -> list[dict[str, tuple]]:
     """What a person sees under each root and backer syncs, comparable across nodes:
     ignored entries are left out, and so is every path at or above an ignored entry on
     any node (a directory holding an ignored file, or an ignored directory, cannot give
-    way to a file)."""
+    way to a file). A path one node's rules leave out is pinned even where that node
+    lacks it: backer writes no path its rules ignore (seed 11772: a garbled
+    ``.backerignore`` that matched everything, itself included)."""
     pinned: set[str] = set()
     trees = [synced_tree(root, pinned) for root in roots]
+    rules = [IgnoreRules.load(root) for root in roots]
+    for tree in trees:
+        for path, value in tree.items():
+            if any(ignored(r, path, value[0] == "dir") for r in rules):
+                pinned.add(path)
     return [{p: v for p, v in tree.items() if not is_pinned(p, pinned)} for tree in trees]
 
 

@@ -340,6 +340,22 @@ def test_an_ignored_file_hides_no_missing_file_beside_it_from_the_convergence_ch
     assert "a" not in ours and "a/mine" not in theirs  # above an ignored entry; the entry
 
 
+def test_a_path_a_nodes_rules_ignore_is_not_expected_there_even_if_absent(
+    tmp_path: Path,
+) -> None:
+    """A person garbled one node's ``.backerignore`` into rules that match everything,
+    the file itself included: that node rightly writes nothing peers hold, and the
+    convergence check took the files it lacks for a failure to converge (seed 11772)."""
+    roots = [tmp_path / "one", tmp_path / "two"]
+    for root in roots:
+        root.mkdir()
+    (roots[0] / "a").mkdir()
+    (roots[0] / "a" / "x.log").write_text("written where nothing is ignored")
+    (roots[1] / ".backerignore").write_bytes(b"\xaa\xd4\n*\n")
+    ours, theirs = synced_trees(roots)
+    assert ours == theirs == {}
+
+
 def test_only_temps_a_scan_can_reach_count_as_leftovers(tmp_path: Path) -> None:
     """A temp that a failing disk left in a directory that then became ignored is out of
     every scan's reach until the rule goes (seed 6315); a temp beside an ignored file is
