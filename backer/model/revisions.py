@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from backer.model.materializer import (
     precedence,
     seal,
 )
+from backer.model.materializer import plan as disk_plan
 from backer.model.records import Kind, Version, timestamp
 from backer.model.share import Share
 from backer.scanner.chunks import ChunkStore
@@ -397,9 +398,44 @@ def apply(
     operations.sort(key=lambda op: (op.version.kind == Kind.DELETED, op.path))
     gone = [op for op in operations if op.version.kind == Kind.DELETED]
     ordered = operations[: len(operations) - len(gone)] + gone[::-1]  # (deepest first)
-    report = Materializer(share.root, share.catalog, store).start(ordered).finish()
+    return _materialize(share, ordered, store)
+
+
+def _materialize(share: Share, operations: list[Operation], store: ChunkStore) -> Report:
+    """Write ``operations`` (writes in path order, then deletions deepest first) the way
+    a received version is written, and keep the outcome's problems."""
+    report = Materializer(share.root, share.catalog, store).start(operations).finish()
     share.db.conn.commit()
     share.note_applied(report)
+    return report
+
+
+def finish_recorded(share: Share, excluded: Callable[[str, bool], bool] | None = None) -> Report:
+    """Write what this device recorded as its own new versions but the disk does not hold
+    yet: a restore or a resolution records its versions before writing them, so a crash
+    in between leaves them live in the journal (peers apply them) and absent here, and
+    nothing else would write them (no peer sends a device its own versions, and a scan
+    only compares the disk with what it last saw). Run at start, before anything else
+    writes the share; versions whose bytes are not all here are left to the replicator,
+    which fetches them from peers."""
+    if share.own_events_missing:
+        return Report()
+    mine = share.device[:8]
+    store = ChunkStore(share.root, share.catalog)
+    operations = []
+    for op in disk_plan(share.catalog, excluded):
+        if op.version.device != mine:
+            continue
+        if op.version.kind == Kind.FILE and (
+            share.catalog.manifest(op.version.content) is None
+            or missing_chunks(share.catalog, store, [op.version])
+        ):
+            continue
+        operations.append(op)
+    if not operations:
+        return Report()
+    report = _materialize(share, operations, store)
+    share.sweep_resumable()
     return report
 
 

@@ -42,7 +42,7 @@ from backer.connections.addresses import advertised, format_address, loopback_on
 from backer.discover import lan
 from backer.errors import BackerError
 from backer.events import Event, EventBus, EventType, paths
-from backer.model import entropy
+from backer.model import entropy, revisions
 from backer.model.materializer import Report
 from backer.model.share import ScanSummary, Share, ShareBusy
 from backer.node.commands import handler
@@ -247,6 +247,7 @@ class Runtime:
                 if changes.full:
                     release_memory(self.share)
                 if changes.reason == "start":
+                    await self._finish_recorded()
                     self.log.info("%s: watching %s", self.name, root)
 
     async def _guard_root(self) -> None:
@@ -273,6 +274,28 @@ class Runtime:
             if self.tasks is not None:
                 self.tasks.create_task(self.scan())
         return moved is None
+
+    async def _finish_recorded(self) -> None:
+        """Write what this device recorded but a crash kept off the disk (a restore or a
+        resolution killed midway), once the start-up scan has recorded what is there."""
+        async with self.scanning:
+            replicator = self.hub.replicator
+            if replicator.operations is None and self.check_root():  # (else its plan does)
+                excluded = IgnoreRules.load(self.share.root).excluded
+                report = revisions.finish_recorded(self.share, excluded)
+                if report.written or report.deleted or report.errors:
+                    self.log.info(
+                        "%s: finished an interrupted restore or resolution: %d written, "
+                        "%d deleted, %d errors",
+                        self.name,
+                        len(report.written),
+                        len(report.deleted),
+                        len(report.errors),
+                    )
+                    self._log_problems()
+            replicator.dirty = True  # what is not here is fetched once a peer caught us up
+            replicator.advance()
+            self.hub.flush()
 
     async def _prune_loop(self) -> None:
         """Apply the share's retention policy at start and every PRUNE_EVERY_S."""
