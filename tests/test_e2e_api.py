@@ -546,3 +546,47 @@ def test_a_conflict_is_listed_and_resolved_by_keeping_one_version_everywhere(pai
         assert status == 409 and "no conflict" in answer["error"]
     finally:
         stream.close()
+
+
+def test_R3_wrongly_typed_json_is_refused_with_400_not_an_internal_error(lone) -> None:
+    """``keep`` of a number, ``keep_both`` a string (``bool("no")`` kept both copies),
+    rules with a lone surrogate: each was a 500 and a traceback in the node's log."""
+    device, node, api = lone
+    (device.root / "f.txt").write_text("x")
+    scan(api, "solo")
+    for body, name in (
+        ({"path": "f.txt", "keep": 5}, "keep"),
+        ({"path": "f.txt", "keep": ["x"]}, "keep"),
+        ({"path": "f.txt", "keep_both": "no"}, "keep_both"),
+        ({"path": "\ud800"}, "path"),
+    ):
+        status, answer, _ = api.call("POST", "/api/shares/solo/resolve", body)
+        assert status == 400 and name in answer["error"], (body, answer)
+    wrong = {"path": "f.txt", "version": 7}
+    status, answer, _ = api.call("POST", "/api/shares/solo/restore", wrong)
+    assert status == 400 and "version" in answer["error"], answer
+    rules = {"rules": "\ud800", "previous": ""}
+    status, answer, _ = api.call("PUT", "/api/shares/solo/ignore", rules)
+    assert status == 400 and "rules" in answer["error"], answer
+    assert "Traceback" not in node.log
+
+
+def test_R2_the_ignore_endpoints_never_read_a_backerignore_that_is_not_a_file(
+    lone, tmp_path: Path
+) -> None:
+    """Through a link the API showed a file outside the share (or hung on a fifo); a
+    folder named .backerignore was a 500."""
+    device, node, api = lone
+    secret = tmp_path / "secret"
+    secret.write_text("SECRET\n")
+    ignore = device.root / ".backerignore"
+    ignore.symlink_to(secret)
+    status, answer, _ = api.call("GET", "/api/shares/solo/ignore")
+    assert status == 409 and "SECRET" not in json.dumps(answer), answer
+    ignore.unlink()
+    ignore.mkdir()
+    status, answer, _ = api.call("GET", "/api/shares/solo/ignore")
+    assert status == 409 and "not a regular file" in answer["error"], answer
+    status, answer, _ = api.call("PUT", "/api/shares/solo/ignore", {"rules": "", "previous": ""})
+    assert status == 409 and ignore.is_dir(), answer
+    assert "Traceback" not in node.log

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import unicodedata
 from pathlib import Path
 
@@ -332,3 +335,49 @@ def test_an_ignore_pattern_with_a_reversed_range_is_skipped_not_fatal(share: Sha
     assert "kept.txt" in summary.added and "noise.log" not in summary.added
     (warning,) = [p for p in summary.errors if p.path == ".backerignore"]
     assert "[z-a]" in warning.reason
+
+
+def test_R2_a_backerignore_that_is_not_a_regular_file_is_never_read(
+    share: Share, tmp_path: Path
+) -> None:
+    """A member can make .backerignore a link (links replicate): to a fifo it froze every
+    device's scan in open(), to a file outside the share it took that file's bytes as
+    rules. Neither, nor a folder or a huge file, is read: one warning, no rules."""
+    ignore = share.root / ".backerignore"
+    (share.root / "kept.txt").write_text("kept")
+    secret = tmp_path / "secret"
+    secret.write_text("*.txt\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    def release() -> None:  # a reader blocked in open() returns once a writer comes
+        with contextlib.suppress(OSError):  # (ENXIO: nobody is reading it, good)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    unblock = threading.Timer(5, release)  # bounds the test if the fifo is opened
+    unblock.start()
+    try:
+        for target in (secret, fifo):
+            ignore.unlink(missing_ok=True)
+            ignore.symlink_to(target)
+            started = time.monotonic()
+            share.scan()
+            assert time.monotonic() - started < 4
+            assert "kept.txt" in live(share)
+            assert [p.reason for p in share.problems.values()] == [
+                ".backerignore is a link, not read"
+            ]
+    finally:
+        unblock.cancel()
+    ignore.unlink()
+    ignore.mkdir()
+    share.scan()
+    assert [p.reason for p in share.problems.values()] == [
+        ".backerignore is not a regular file, not read"
+    ]
+    ignore.rmdir()
+    ignore.write_bytes(b"*.txt\n" + b"#" * (1024 * 1024))
+    share.scan()
+    assert "kept.txt" in live(share)
+    assert [p.reason for p in share.problems.values()] == [
+        ".backerignore is larger than 1048576 bytes, not read"
+    ]

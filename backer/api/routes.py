@@ -24,7 +24,13 @@ from backer.model import revisions
 from backer.model.records import Kind, new_version_id, timestamp
 from backer.node import commands
 from backer.numbers import natural
-from backer.scanner.ignore import IGNORE_FILE, IgnoreRules, temp_name
+from backer.scanner.ignore import (
+    IGNORE_FILE,
+    MAX_IGNORE_BYTES,
+    IgnoreRules,
+    read_rules,
+    temp_name,
+)
 
 if TYPE_CHECKING:
     from backer.node.node import Node, Runtime
@@ -50,12 +56,21 @@ def _runtime(request: web.Request) -> Runtime:
     raise _fail(web.HTTPNotFound, f"no share named {name!r} is served here")
 
 
+def _text(value: Any, name: str) -> str:
+    """``value`` if it is a string that UTF-8 can spell (JSON lets through lone
+    surrogates, which no file or database takes), else 400 naming ``name``."""
+    if not isinstance(value, str):
+        raise _fail(web.HTTPBadRequest, f"{name} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(web.HTTPBadRequest, f"{name} is not valid Unicode") from None
+    return value
+
+
 def _path(request: web.Request, body: dict[str, Any] | None = None) -> str:
     """A share-relative path from the query (or the body): no leading or trailing '/'."""
-    raw = (body or {}).get("path", request.query.get("path", ""))
-    if not isinstance(raw, str):
-        raise _fail(web.HTTPBadRequest, "path must be a string")
-    return raw.strip("/")
+    return _text((body or {}).get("path", request.query.get("path", "")), "path").strip("/")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -183,7 +198,7 @@ async def restore(request: web.Request) -> web.Response:
     every device; what the path holds now is kept in the content store)."""
     runtime = _runtime(request)
     body = await _body(request)
-    path, version = _path(request, body), str(body.get("version", ""))
+    path, version = _path(request, body), _text(body.get("version", ""), "version")
     if not any(e.version_id == version for e in runtime.share.catalog.history(path)):
         raise _fail(web.HTTPNotFound, f"no version {version!r} of {path!r}")
     request_ = {"op": "restore", "path": path, "version": version}
@@ -211,8 +226,11 @@ async def resolve(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body = await _body(request)
     path = _path(request, body)
-    ask = {"op": "resolve", "path": path, "keep": body.get("keep")}
-    ask["keep_both"] = bool(body.get("keep_both"))
+    keep, keep_both = body.get("keep"), body.get("keep_both", False)
+    if not isinstance(keep_both, bool):
+        raise _fail(web.HTTPBadRequest, "keep_both must be true or false")
+    ask = {"op": "resolve", "path": path, "keep": None if keep is None else _text(keep, "keep")}
+    ask["keep_both"] = keep_both
     try:
         revised = await commands.node_revise(runtime, ask)
     except BackerError as exc:
@@ -268,10 +286,12 @@ def qr_rows(text: str) -> list[str]:
 
 
 def _ignore_text(runtime: Runtime) -> str:
-    try:
-        return (runtime.share.root / IGNORE_FILE).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
+    """The share's rules, read as the scanner reads them (409 if it does not: a link,
+    a folder, a fifo or a file too large is never read, here or there)."""
+    text, unread = read_rules(runtime.share.root)
+    if unread is not None:
+        raise _fail(web.HTTPConflict, f"{IGNORE_FILE} {unread}")
+    return text
 
 
 @routes.get("/api/shares/{share}/ignore")
@@ -288,9 +308,11 @@ async def edit_ignore_rules(request: web.Request) -> web.Response:
     records it like any edit, and it reaches every device."""
     runtime = _runtime(request)
     body = await _body(request)
-    rules, previous = body.get("rules"), body.get("previous")
-    if not isinstance(rules, str) or not isinstance(previous, str):
+    if not isinstance(body.get("rules"), str) or not isinstance(body.get("previous"), str):
         raise _fail(web.HTTPBadRequest, "give rules and previous (the text it replaces)")
+    rules, previous = _text(body["rules"], "rules"), _text(body["previous"], "previous")
+    if len(rules.encode("utf-8")) > MAX_IGNORE_BYTES:
+        raise _fail(web.HTTPBadRequest, f"rules longer than {MAX_IGNORE_BYTES} bytes")
     if _ignore_text(runtime) != previous:
         raise _fail(web.HTTPConflict, f"{IGNORE_FILE} changed meanwhile: reload it")
     target = runtime.share.root / IGNORE_FILE

@@ -13,8 +13,10 @@ an ignored path is ignored too: it carries that path's bytes under another name.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from pathlib import Path
 
 import pathspec
@@ -27,6 +29,7 @@ CONFLICT_MARK = ".sync-conflict-"  # then YYYYMMDD-HHMMSS-DEVICE (see materializ
 _CONFLICT = re.compile(re.escape(CONFLICT_MARK) + r"\d{8}-\d{6}-[A-Z2-7]{7}")
 _ID = 16  # hex digits of the (path, version) identity, then as many of its check
 TEMP_NAME_BYTES = len(TEMP_PREFIX) + 2 * _ID + len(TEMP_SUFFIX)  # 44: fits any NAME_MAX
+MAX_IGNORE_BYTES = 1024 * 1024  # a larger .backerignore is not read
 
 
 def _check(identity: str) -> str:
@@ -74,11 +77,42 @@ def _valid_pattern(line: str) -> bool:
     return True
 
 
+def read_rules(root: Path) -> tuple[str, str | None]:
+    """The text of ``root``'s ignore file and, when one is there but not read, why.
+
+    Only a regular file in the share, of at most :data:`MAX_IGNORE_BYTES`, is read: any
+    member can make ``.backerignore`` a link (links replicate as links), a folder or a
+    fifo, and following it would hang every device on a fifo, read a file outside the
+    share into the rules, or read a device until memory runs out."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+    try:
+        fd = os.open(root / IGNORE_FILE, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        return "", None
+    except OSError as exc:
+        link = exc.errno == errno.ELOOP
+        return "", "is a link, not read" if link else f"not read: {exc.strerror}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "", "is not a regular file, not read"
+        data = os.read(fd, MAX_IGNORE_BYTES + 1)
+        while data and len(data) <= MAX_IGNORE_BYTES and (more := os.read(fd, 65536)):
+            data += more
+    except OSError as exc:
+        return "", f"not read: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if len(data) > MAX_IGNORE_BYTES:
+        return "", f"is larger than {MAX_IGNORE_BYTES} bytes, not read"
+    return data.decode("utf-8", errors="replace"), None
+
+
 class IgnoreRules:
     """The share's own rules; backer's temp files are always ignored (checked first,
     cheaply, since most shares have no ``.backerignore`` at all)."""
 
-    def __init__(self, lines: list[str]) -> None:
+    def __init__(self, lines: list[str], unread: str | None = None) -> None:
+        self.unread = unread  # why the ignore file there was not read (no rules, then)
         rules = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
         self.invalid = [line for line in rules if not _valid_pattern(line)]  # skipped (the
         rules = [line for line in rules if line not in self.invalid]  # scan says which)
@@ -87,11 +121,8 @@ class IgnoreRules:
 
     @classmethod
     def load(cls, root: Path) -> IgnoreRules:
-        try:
-            text = (root / IGNORE_FILE).read_text(encoding="utf-8", errors="replace")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            text = ""
-        return cls(text.splitlines())
+        text, unread = read_rules(root)
+        return cls(text.splitlines(), unread)
 
     def ignored(self, path: str, is_dir: bool) -> bool:
         """Whether the rules match ``path`` itself (the walk never enters an ignored

@@ -261,6 +261,8 @@ def look(
     """
     result = Observation()
     rules = IgnoreRules.load(root)
+    if rules.unread is not None:
+        result.errors.append(Problem(IGNORE_FILE, f"{IGNORE_FILE} {rules.unread}", True))
     for line in rules.invalid:
         result.errors.append(Problem(IGNORE_FILE, f"pattern skipped, not valid: {line!r}", True))
     scope = None if paths is None else _scope(root, rules, paths, local_for)
