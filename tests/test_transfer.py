@@ -77,6 +77,19 @@ def test_records_and_frames_cut_anywhere_decode_to_the_same_messages(seed: int) 
     assert not frames.buffer
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_frames_cut_anywhere_decode_to_the_same_messages(seed: int) -> None:
+    """The frame reader alone, fed pieces of 1 byte up: a length prefix, a type byte or
+    a field cut between two feeds, a frame completed by the next one."""
+    stream = b"".join(message.encode() for message in MESSAGES)
+    frames = FrameReader()
+    received: list[Message] = []
+    for piece in _cut(stream, random.Random(seed)):
+        received += frames.feed(piece)
+    assert received == MESSAGES
+    assert not frames.buffer
+
+
 def test_a_message_knows_its_size_without_encoding() -> None:
     for message in MESSAGES:
         assert message.size() == len(message.encode())

@@ -283,30 +283,42 @@ class FrameReader:
         self.max_frame = max_frame
 
     def feed(self, data: bytes | bytearray) -> Iterator[Message]:
-        """Yield every complete message. A ``bytearray`` is taken over, not copied, when
-        nothing is pending (the channel hands over a fresh one per read); messages are
-        decoded from views of the buffer, and what remains of it (part of a frame) is
-        kept as a new buffer at the end: views of the old one may still be alive."""
-        if self.buffer:
-            self.buffer += data
-        else:
-            self.buffer = data if isinstance(data, bytearray) else bytearray(data)
-        buffer, offset = self.buffer, 0
+        """Yield every complete message. Frames are decoded in place, from views of
+        ``data`` (which must not change afterwards; the channel hands over a fresh buffer
+        per read): only a frame cut by the end of ``data`` is copied, into ``buffer``,
+        until the next call completes it."""
+        view = memoryview(data)
+        pos = 0
         try:
-            while len(buffer) - offset >= 4:
-                (size,) = _LENGTH.unpack_from(buffer, offset)
-                if size > self.max_frame or size == 0:
-                    raise ProtocolError(
-                        f"frame of {size} bytes is outside the allowed 1..{self.max_frame}"
-                    )
-                if len(buffer) - offset < 4 + size:
-                    return
-                message_type = MESSAGE_TYPES.get(buffer[offset + 4])
-                if message_type is None:
-                    raise ProtocolError(f"unknown message type {buffer[offset + 4]}")
-                body = memoryview(buffer)[offset + 5 : offset + 4 + size]
-                offset += 4 + size
-                yield message_type.decode_body(_Reader(body))
+            while self.buffer and pos < len(view):  # a frame begun in an earlier call
+                have = len(self.buffer)
+                need = 4 if have < 4 else 4 + self._size(self.buffer, 0)
+                step = min(need - have, len(view) - pos)
+                self.buffer += view[pos : pos + step]
+                pos += step
+                if have >= 4 and len(self.buffer) == need:
+                    frame, self.buffer = self.buffer, bytearray()
+                    yield _decode(memoryview(frame), 0, need)
+            while len(view) - pos >= 4:
+                end = pos + 4 + self._size(view, pos)
+                if end > len(view):
+                    break
+                start, pos = pos, end
+                yield _decode(view, start, end)
         finally:
-            if offset:
-                self.buffer = buffer[offset:]
+            if not self.buffer:
+                self.buffer = bytearray(view[pos:])
+
+    def _size(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        (size,) = _LENGTH.unpack_from(data, offset)
+        if size > self.max_frame or size == 0:
+            raise ProtocolError(f"frame of {size} bytes is outside the allowed 1..{self.max_frame}")
+        return size
+
+
+def _decode(view: memoryview, start: int, end: int) -> Message:
+    """The message framed in ``view[start:end]`` (length prefix included)."""
+    message_type = MESSAGE_TYPES.get(view[start + 4])
+    if message_type is None:
+        raise ProtocolError(f"unknown message type {view[start + 4]}")
+    return message_type.decode_body(_Reader(view[start + 5 : end]))
