@@ -395,15 +395,17 @@ def _device_line(device: dict[str, Any]) -> str:
         said.append(f"not connected{where}")
     if device.get("in_sync"):
         said.append("in sync")
-    elif device.get("need_files"):  # (a node says what this device still fetches)
+    elif device.get("need_files") or device.get("need_bytes"):  # (as the node knows it)
         said.append(f"needs {device['need_files']} files, {device['need_bytes']} bytes")
     elif device.get("in_sync") is False:
         said.append("not in sync yet")
     if transfer := device.get("transfer"):
         said.append(
-            f"receiving {transfer['files_done']}/{transfer['files_total']} files, "
-            f"{transfer['bytes_done']}/{transfer['bytes_total']} bytes"
+            f"{transfer['files_done']}/{transfer['files_total']} files, "
+            f"{transfer['bytes_done']}/{transfer['bytes_total']} bytes done"
         )
+    if device.get("rate_in") or device.get("rate_out"):
+        said.append(f"{device['rate_in']} B/s in, {device['rate_out']} B/s out")
     return f"  {device['id']}  {device['name']}" + (f"  ({'; '.join(said)})" if said else "")
 
 
@@ -413,7 +415,7 @@ def _offline_status(share: Share) -> dict[str, Any]:
     report = commands.status_report(share)
     for device in report["devices"]:
         key = parse_device_id(device["id"])
-        last_seen_ms, address = commands.last_contact(share, key)
+        last_seen_ms, address = commands.last_seen(share, key)
         device.update(
             this=key == share.device,
             connected=False,
@@ -422,6 +424,8 @@ def _offline_status(share: Share) -> dict[str, Any]:
             in_sync=None,
             need_files=None,
             need_bytes=None,
+            rate_in=0,
+            rate_out=0,
             transfer=None,
         )
     return report

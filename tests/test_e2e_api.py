@@ -3,6 +3,7 @@ access rules, and the event stream (latency, resuming with Last-Event-ID)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import json
@@ -19,7 +20,7 @@ import pytest
 from backer.api.access import KEY_FILE, WEB_FILE
 from backer.protocol.invite import InviteToken
 from tests.e2e import Device, Node, free_port, invite
-from tests.helpers import timing
+from tests.helpers import small_disk, timing
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 Json = Any
@@ -365,10 +366,9 @@ def test_serving_the_ui_beyond_loopback_needs_a_password(tmp_path: Path) -> None
 # -- two devices: events, pause --------------------------------------------------------
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Device, Device, Api]]:
+@contextlib.contextmanager
+def running_pair(a: Device, b: Device) -> Iterator[Api]:
     """a and b running, connected; b serves the API."""
-    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
     a.root.mkdir()
     a.run("init", str(a.root))
     port = free_port()
@@ -379,10 +379,43 @@ def pair(tmp_path: Path) -> Iterator[tuple[Device, Device, Api]]:
     node_b, api = start(b)
     try:
         node_b.wait_for("session with")
-        yield a, b, api
+        yield api
     finally:
         node_b.stop()
         node_a.stop()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Device, Device, Api]]:
+    """a and b running, connected; b serves the API."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    with running_pair(a, b) as api:
+        yield a, b, api
+
+
+@pytest.fixture
+def cramped(tmp_path: Path) -> Iterator[tuple[Device, Device, Api]]:
+    """As ``pair``, a's share (and home) on a 16 MiB disk: a file of b's that does not
+    fit there leaves a needing it for as long as it stays."""
+    with small_disk(tmp_path / "disk", "16m") as disk:
+        a, b = Device(disk, "a"), Device(tmp_path, "b")
+        with running_pair(a, b) as api:
+            yield a, b, api
+
+
+def device_entry(api: Api, device: Device) -> Json:
+    """How b's node sees ``device`` now (``GET …/devices``)."""
+    wanted = device.run("id").stdout.strip()
+    return next(d for d in api.call("GET", "/api/shares/b/devices")[1] if d["id"] == wanted)
+
+
+def until(check: Any, what: str, timeout: float = 30) -> Any:
+    """Poll ``check`` until it returns something true; that."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return found
 
 
 def wait_for_file(path: Path, text: str, timeout: float = 20) -> None:
@@ -590,3 +623,78 @@ def test_R2_the_ignore_endpoints_never_read_a_backerignore_that_is_not_a_file(
     status, answer, _ = api.call("PUT", "/api/shares/solo/ignore", {"rules": "", "previous": ""})
     assert status == 409 and ignore.is_dir(), answer
     assert "Traceback" not in node.log
+
+
+# -- the state of each device -----------------------------------------------------------
+
+
+def test_a_device_that_needs_a_file_says_how_much_and_is_in_sync_once_it_needs_none(
+    cramped,
+) -> None:
+    """a tells b what it still needs on their session: a file that a's disk has no room
+    for is needed (files, bytes) until b deletes it; then a is in sync again."""
+    a, b, api = cramped
+    a_id = a.run("id").stdout.strip()
+    until(lambda: device_entry(api, a)["in_sync"], "a in sync at first")
+    size = 12 << 20
+    outside = b.root.parent / "big.bin"
+    outside.write_bytes(os.urandom(size))
+    outside.rename(b.root / "big.bin")
+
+    def needs() -> Json:
+        entry = device_entry(api, a)
+        return entry if entry["need_files"] == 1 else None
+
+    entry = until(needs, "a needing big.bin")
+    assert entry["connected"] and entry["in_sync"] is False and entry["need_bytes"] == size
+    text = b.run("status", "--share", "b").stdout
+    assert f"{a_id}  " in text and f"needs 1 files, {size} bytes" in text, text
+    reported = json.loads(b.run("status", "--json", "--share", "b").stdout)["devices"]
+    assert {d["id"]: d["need_files"] for d in reported}[a_id] == 1
+    (b.root / "big.bin").unlink()
+    entry = until(lambda: (e := device_entry(api, a))["in_sync"] and e, "a in sync again")
+    assert (entry["need_files"], entry["need_bytes"]) == (0, 0)
+    assert not (a.root / "big.bin").exists()
+
+
+def test_transfer_rates_show_while_a_file_moves_and_fall_to_zero_after(pair) -> None:
+    a, b, api = pair
+    size = 64 << 20
+    outside = a.root.parent / "rates.bin"
+    outside.write_bytes(os.urandom(size))
+    outside.rename(a.root / "rates.bin")
+    seen_in, seen_total = 0, 0
+    deadline = time.monotonic() + 60
+    while not ((b.root / "rates.bin").exists() and (b.root / "rates.bin").stat().st_size == size):
+        assert time.monotonic() < deadline, "rates.bin never arrived"
+        devices = api.call("GET", "/api/shares/b/devices")[1]
+        seen_in = max([seen_in] + [d["rate_in"] for d in devices if not d["this"]])
+        seen_total = max([seen_total] + [d["rate_in"] for d in devices if d["this"]])
+        time.sleep(0.05)
+    assert seen_in > 0 and seen_total > 0, (seen_in, seen_total)
+    entry = until(lambda: (e := device_entry(api, a))["rate_in"] == 0 and e, "the rate at 0")
+    assert entry["rate_out"] == 0 and entry["in_sync"]
+    print(f"highest rate seen: {seen_in} bytes/s")
+
+
+def test_last_seen_is_when_the_session_ended_and_survives_a_restart_of_the_node(
+    tmp_path: Path,
+) -> None:
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    with running_pair(a, b) as api:
+        time.sleep(1.5)  # (the session opened well before it ends)
+        before_ms = time.time_ns() // 1_000_000
+        assert a.nodes[0].stop() == 0
+        entry = until(lambda: (e := device_entry(api, a))["connected"] is False and e, "a gone")
+        assert entry["last_seen_ms"] >= before_ms
+        assert b.nodes[0].stop() == 0
+        node, api = start(b)  # a stays away
+        try:
+            again = device_entry(api, a)
+            assert not again["connected"] and again["last_seen_ms"] == entry["last_seen_ms"]
+            assert again["need_files"] is None and again["in_sync"] is None
+        finally:
+            node.stop()
+    offline = json.loads(b.run("status", "--json", "--share", "b").stdout)["devices"]
+    a_id = a.run("id").stdout.strip()
+    assert {d["id"]: d["last_seen_ms"] for d in offline}[a_id] == entry["last_seen_ms"]

@@ -100,6 +100,7 @@ class Replicator:
         self.sink_queue: deque[bytes] = deque()
         self.sink_asked: dict[bytes, Session] = {}
         self.sink_lacking: dict[bytes, set[Session]] = {}
+        self.needed: dict[str, int] = {}  # path -> bytes, of the last plan, until applied
 
     @property
     def idle(self) -> bool:
@@ -282,6 +283,7 @@ class Replicator:
             self._done(session)
 
     def _done(self, session: Session) -> None:
+        session.tell_need(*self.need())  # (first: what it needs is current at Done)
         session.outbox.append(Done(session.events_messages_received, self.stats.files_written))
 
     def _plan(self) -> None:
@@ -293,6 +295,10 @@ class Replicator:
         self.stats.conflicts_resolved += resolved
         excluded = IgnoreRules.load(self.share.root).excluded
         self.operations = plan(self.share.catalog, excluded, self.share.unwritable)
+        self.needed = {
+            op.path: op.version.size if op.version.kind == Kind.FILE else 0
+            for op in self.operations
+        }
         self.share.note_planned({op.path for op in self.operations})
         written = (Kind.FILE, Kind.SYMLINK)  # (what a report counts as written)
         self.stats.files_to_write += sum(op.version.kind in written for op in self.operations)
@@ -391,6 +397,18 @@ class Replicator:
             files += len(self.assembly.staged) - self.assembly.waiting
         return files, self.stats.files_to_write, self.stats.bytes_fetched, self.stats.bytes_to_fetch
 
+    def need(self) -> tuple[int, int]:
+        """(files, bytes) this device still has to write or delete: what the last plan
+        holds that is not applied yet, including what it left out (no room, no peer had
+        the content, an error); the next plan counts again. A file of the current window
+        that has all its chunks no longer counts."""
+        files, size = len(self.needed), sum(self.needed.values())
+        if self.assembly is not None:
+            for path, staged in self.assembly.staged.items():
+                if staged.missing == 0 and path in self.needed:
+                    files, size = files - 1, size - self.needed[path]
+        return files, size
+
     def _start_window(self) -> None:
         """Assemble the next window: temp files filled with every chunk found locally;
         the rest is queued for the peers."""
@@ -444,6 +462,8 @@ class Replicator:
         self.assembly = None
         self.reports.append(report)
         self.share.note_applied(report)
+        for path in (*report.written, *report.deleted, *report.kept_local_edits):
+            self.needed.pop(path, None)
         self.stats.files_written += len(report.written)
         self.stats.files_deleted += len(report.deleted)
         self.share.resumable_temps.update(report.kept_temps)

@@ -9,6 +9,7 @@ Ops (one JSON object per request; every reply may be ``{"error": "one line"}``):
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -293,6 +294,35 @@ async def invite_outcome(share: Share, invite_id: bytes) -> str:
     return device_id(joiner)
 
 
+SEEN_META = "devices_seen"  # device id -> [ms, address]: sessions opened and closed
+
+
+def note_seen(share: Share, device: bytes, address: str | None) -> None:
+    """A session with ``device`` opened or ended now: kept in the share's database, so
+    that 'last seen' survives a restart of the node (and shows in an offline status)."""
+    seen = _seen(share)
+    seen[device.hex()] = [time.time_ns() // 1_000_000, address]
+    with share.db.conn:
+        share.catalog.set_meta(SEEN_META, json.dumps(seen))
+
+
+def _seen(share: Share) -> dict[str, Any]:
+    try:
+        seen = json.loads(share.catalog.get_meta(SEEN_META) or b"{}")
+    except ValueError:
+        return {}
+    return seen if isinstance(seen, dict) else {}
+
+
+def last_seen(share: Share, device: bytes) -> tuple[int | None, str | None]:
+    """When a session with ``device`` last opened or ended, and at which address; never
+    noted: what the address book says (:func:`last_contact`)."""
+    noted = _seen(share).get(device.hex())
+    if isinstance(noted, list) and len(noted) == 2 and isinstance(noted[0], int):
+        return noted[0], noted[1] if isinstance(noted[1], str) else None
+    return last_contact(share, device)
+
+
 def last_contact(share: Share, device: bytes) -> tuple[int | None, str | None]:
     """When this device last had a session with ``device`` that the share recorded
     (dialled, or accepted from it) and at which address; never: (None, its best known
@@ -356,36 +386,32 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
 
 
 def node_status(runtime: Runtime) -> dict[str, Any]:
-    """``status`` plus, per device, what the node knows of it now."""
+    """``status`` plus, per device, what the node knows of it now: connected or last
+    seen, what it still needs (``need_files``/``need_bytes``; another device's as it
+    last said on its session, None while unknown), whether it is in sync, transfer
+    rates (chunk bytes/s from and to it; this device: in all) and progress."""
     share = runtime.share
     report = status_report(share)
     ours = {author: c.length for author, c in share.journal.summary().items()}
     replicator = runtime.hub.replicator
-    done, total, got, wanted = replicator.progress()
-    busy = replicator.operations is not None  # (the totals count every plan of the run)
+    own_need = replicator.need()
     devices = []
     for entry in report["devices"]:
         key = parse_device_id(entry["id"])
         link = runtime.links.get(key)
         session = link.session if link is not None else None
-        seen_ms, address = runtime.seen.get(key) or last_contact(share, key)
-        in_sync = None
-        transfer = None
-        if session is not None and session.peer_lengths is not None:
-            theirs = {a: n for a, n in session.peer_lengths.items() if n}
-            in_sync = (
-                theirs == ours
-                and replicator.idle
-                and session.peer_caught_up
-                and session.peer_acknowledged == session.events_messages_sent
-            )
-            if busy and session.peer_caught_up:  # (what this device fetches, from all)
-                transfer = {
-                    "files_done": done,
-                    "files_total": total,
-                    "bytes_done": got,
-                    "bytes_total": wanted,
-                }
+        seen_ms, address = last_seen(share, key)
+        if key == share.device:
+            every = [k.rates for k in runtime.links.values()]
+            rates = (sum(r for r, _ in every), sum(s for _, s in every))
+            need: tuple[int, int] | None = own_need
+            in_sync = None
+            transfer = _own_transfer(replicator)
+        else:
+            rates = link.rates if link is not None else (0.0, 0.0)
+            need = session.peer_need if session is not None else None
+            in_sync = None if session is None else _in_sync(session, ours)
+            transfer = _peer_transfer(session) if session is not None else None
         devices.append(
             {
                 **entry,
@@ -394,8 +420,10 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
                 "last_seen_ms": seen_ms,
                 "address": link.address if link is not None else address,
                 "in_sync": in_sync,
-                "need_files": (total - done if busy else 0) if key == share.device else None,
-                "need_bytes": (wanted - got if busy else 0) if key == share.device else None,
+                "need_files": None if need is None else need[0],
+                "need_bytes": None if need is None else need[1],
+                "rate_in": round(rates[0]),
+                "rate_out": round(rates[1]),
                 "transfer": transfer,
             }
         )
@@ -404,6 +432,42 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
         gone = {"path": "", "reason": runtime.gone, "warning": False}
         report["problems"].insert(0, {**gone, "during": "serving", "since": None})
     return report
+
+
+def _in_sync(session: Session, ours: dict[bytes, int]) -> bool | None:
+    """Whether the peer of ``session`` holds our journal, took in everything we sent,
+    and says it needs nothing (None: its summary has not arrived yet)."""
+    if session.peer_lengths is None:
+        return None
+    theirs = {a: n for a, n in session.peer_lengths.items() if n}
+    return (
+        theirs == ours
+        and session.replicator.idle
+        and session.peer_caught_up
+        and session.peer_acknowledged == session.events_messages_sent
+        and session.peer_need == (0, 0)
+    )
+
+
+def _own_transfer(replicator: Replicator) -> dict[str, int] | None:
+    """What this device fetches now (the totals count every plan of the run)."""
+    if replicator.operations is None:
+        return None
+    done, total, got, wanted = replicator.progress()
+    return {"files_done": done, "files_total": total, "bytes_done": got, "bytes_total": wanted}
+
+
+def _peer_transfer(session: Session) -> dict[str, int] | None:
+    """How far the peer is since it last needed nothing, from what it said it needs."""
+    if not session.peer_need or session.peer_need == (0, 0):
+        return None
+    (files, size), (most_files, most_bytes) = session.peer_need, session.peer_need_peak
+    return {
+        "files_done": most_files - files,
+        "files_total": most_files,
+        "bytes_done": most_bytes - size,
+        "bytes_total": most_bytes,
+    }
 
 
 async def node_sync(runtime: Runtime, addresses: list[str]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import os
 import random
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from backer.events import Event, EventBus, EventType, paths
 from backer.model import entropy, revisions
 from backer.model.materializer import Report
 from backer.model.share import ScanSummary, Share, ShareBusy
-from backer.node.commands import handler
+from backer.node.commands import handler, note_seen
 from backer.protocol.channel import (
     BUSY,
     HEADER_LEN,
@@ -70,7 +71,9 @@ BACKOFF_CAP_S = 60.0
 DUPLICATE_WINDOW_S = 5.0  # two sessions with one device opened this close: simultaneous
 STOP_GRACE_S = 2.0  # sessions get this long to say goodbye on shutdown
 DISK_FULL_RETRY_S = 60.0  # after a full disk left files out, plan again this much later
-PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often
+PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often, and
+# what this device needs is told to its peers at most this often
+RATE_WINDOW = 4  # transfer rates are averaged over this many progress intervals
 PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and at start)
 BUSY_RETRY_S = 2.0  # a share another backer process held at start is tried this often
 ROOT_CHECK_S = 1.0  # how often the share's folder is checked to still be the share
@@ -143,6 +146,30 @@ class Link:
     since: float = field(default_factory=time.monotonic)
     session: Session | None = None
     claimed: bool = False  # it was the device's session (its end is logged as such)
+    moved: deque[tuple[float, int, int]] = field(default_factory=deque)  # the last
+    # RATE_WINDOW measures: (seconds, chunk bytes received, sent)
+    counted: tuple[int, int] = (0, 0)  # chunk bytes received and sent at the last measure
+
+    def measure(self, seconds: float) -> None:
+        """Note what moved in the last ``seconds`` (called every PROGRESS_INTERVAL_S)."""
+        if self.session is None or seconds <= 0:
+            return
+        stats = self.session.stats
+        now = (stats.chunk_bytes_received, stats.chunk_bytes_sent)
+        self.moved.append((seconds, now[0] - self.counted[0], now[1] - self.counted[1]))
+        self.counted = now
+        while len(self.moved) > RATE_WINDOW:
+            self.moved.popleft()
+
+    @property
+    def rates(self) -> tuple[float, float]:
+        """Chunk bytes/s received from the device and sent to it, over the last
+        RATE_WINDOW measures: smooth, and 0 once nothing moved for that long."""
+        seconds = sum(s for s, _, _ in self.moved)
+        if not seconds:
+            return 0.0, 0.0
+        received = sum(r for _, r, _ in self.moved)
+        return received / seconds, sum(s for _, _, s in self.moved) / seconds
 
 
 @dataclass
@@ -171,7 +198,6 @@ class Runtime:
         self.links: dict[bytes, Link] = {}
         self.targets: dict[str, Target] = {}
         self.hangups: set[transport.Hangup] = set()
-        self.seen: dict[bytes, tuple[int, str | None]] = {}  # device -> (ms, address)
         self.poke = asyncio.Event()
         self.conflicts_logged = 0
         self.disk_full_logged: str | None = None
@@ -419,7 +445,7 @@ class Runtime:
             self._lost(old, reason)
         link.claimed = True
         self.links[link.peer] = link
-        self.seen[link.peer] = (time.time_ns() // 1_000_000, link.address)
+        note_seen(self.share, link.peer, link.address)
         self.publish(
             EventType.DEVICE_CONNECTED,
             device=device_id(link.peer),
@@ -440,7 +466,7 @@ class Runtime:
         if link is None or self.links.get(link.peer) is not link:
             return False
         del self.links[link.peer]
-        self.seen[link.peer] = (time.time_ns() // 1_000_000, link.address)
+        note_seen(self.share, link.peer, link.address)
         self.log.info("%s: session with %s ended: %s", self.name, short_id(link.peer), reason)
         self.publish(
             EventType.DEVICE_DISCONNECTED,
@@ -475,12 +501,21 @@ class Runtime:
         self.publish(EventType.PAUSED if paused else EventType.RESUMED)
 
     async def _publish_progress(self) -> None:
-        """Transfer progress on the bus while a plan runs, at most every
-        PROGRESS_INTERVAL_S and only when it moved."""
+        """Every PROGRESS_INTERVAL_S: transfer rates measured, what this device needs
+        told to its peers (when it changed), and transfer progress on the bus while a
+        plan runs (when it moved)."""
         last: tuple[int, int, int, int] | None = None
+        measured = time.monotonic()
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL_S)
             replicator = self.hub.replicator
+            need = replicator.need()
+            elapsed, measured = time.monotonic() - measured, time.monotonic()
+            for link in self.links.values():
+                link.measure(elapsed)
+                if link.session is not None:
+                    link.session.tell_need(*need)
+            self.hub.flush()
             now = replicator.progress() if replicator.operations is not None else None
             if now is not None and now != last:
                 done, total, got, wanted = now

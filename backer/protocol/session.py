@@ -49,6 +49,7 @@ from backer.protocol.wire import (
     ManifestPart,
     Manifests,
     Message,
+    Need,
     Ping,
     ProtocolError,
     Summary,
@@ -112,6 +113,7 @@ LEGAL: dict[int, frozenset[type[Message]]] = {  # which message the peer may sen
             Chunk,
             Done,
             Addresses,
+            Need,
         }
     ),
 }
@@ -188,6 +190,9 @@ class Session:
         self.events_messages_received = 0
         self.peer_acknowledged = -1
         self.peer_files_written = 0
+        self.peer_need: tuple[int, int] | None = None  # (files, bytes) it last said it needs
+        self.peer_need_peak = (0, 0)  # the most it needed since it last needed nothing
+        self.need_sent: tuple[int, int] | None = None
         self.bytes_in_flight = 0  # chunk bytes asked of this peer (kept by the replicator)
         self.chunks_in_flight = 0  # requests outstanding with this peer, and since when it
         self.manifests_in_flight = 0  # last answered one (None: nothing outstanding)
@@ -408,6 +413,20 @@ class Session:
         return []
 
     def _on_ping(self, message: Ping) -> list[Message]:
+        return []
+
+    def tell_need(self, files: int, size: int) -> None:
+        """Tell the peer what this device still needs, if that changed since it was last
+        told (and only once the peer's summary arrived: it then expects any message)."""
+        if self.peer_lengths is not None and self.need_sent != (files, size):
+            self.need_sent = (files, size)
+            self.outbox.append(Need(files, size))
+
+    def _on_need(self, message: Need) -> list[Message]:
+        need = (message.files, message.size)
+        peak = self.peer_need_peak if need != (0, 0) else (0, 0)
+        self.peer_need_peak = (max(peak[0], need[0]), max(peak[1], need[1]))
+        self.peer_need = need
         return []
 
     def _on_addresses(self, message: Addresses) -> list[Message]:

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-PROTOCOL_VERSION = 3  # 3: Addresses
+PROTOCOL_VERSION = 4  # 3: Addresses; 4: Need
 MAX_FRAME = 8 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 
@@ -254,6 +254,17 @@ class Addresses(Message):
     announcements: list[bytes]
 
 
+@dataclass
+class Need(Message):
+    """What the sender still has to write or delete to hold every live version it
+    knows of: ``files`` entries of ``size`` bytes in all (0 and 0: it is up to date).
+    Sent whenever that changes, at most twice a second (see docs/decisions.md)."""
+
+    TYPE = 15
+    files: int
+    size: int
+
+
 MESSAGE_TYPES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -271,6 +282,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         ManifestPart,
         Ping,
         Addresses,
+        Need,
     )
 }
 
