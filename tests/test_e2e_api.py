@@ -4,6 +4,7 @@ access rules, and the event stream (latency, resuming with Last-Event-ID)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import itertools
 import json
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from backer.api.access import KEY_FILE, WEB_FILE
+from backer.api.access import KEY_FILE, SESSION_TTL_S, SESSIONS_FILE, WEB_FILE, Credentials
 from backer.protocol.invite import InviteToken
 from tests.e2e import Device, Node, free_port, invite
 from tests.helpers import small_disk, timing
@@ -332,6 +333,72 @@ def test_beyond_loopback_the_password_opens_a_session_and_a_wrong_one_does_not(
         assert api.call("GET", "/api/shares", key=None)[0] == 401
     finally:
         node.stop()
+
+
+def post_password(api: Api, password: str) -> http.client.HTTPResponse:
+    form = {"Host": api.host, "Content-Type": "application/x-www-form-urlencoded"}
+    connection = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
+    connection.request("POST", "/login", body=f"password={password}", headers=form)
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response
+
+
+def test_wrong_passwords_are_limited_per_address_with_429_and_logged_once(
+    tmp_path: Path,
+) -> None:
+    device = Device(tmp_path, "wide")
+    device.root.mkdir()
+    device.run("init", str(device.root))
+    port = free_port()
+    node = device.start(api=f"0.0.0.0:{port}", BACKER_API_PASSWORD="correct horse")
+    try:
+        node.wait_for("web UI on")
+        api = Api(node, port)
+        assert [post_password(api, f"guess{n}").status for n in range(5)] == [401] * 5
+        for password in ("guess5", "correct+horse"):  # (even the right one, for now)
+            refused = post_password(api, password)
+            assert refused.status == 429, password
+            assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        node.wait_for("wrong passwords from 127.0.0.1")
+        time.sleep(0.3)
+        assert sum("wrong passwords from" in line for line in node.lines) == 1, node.log
+        assert api.call("GET", "/api/shares")[0] == 200  # the key is not locked out
+    finally:
+        node.stop()
+
+
+def test_a_login_session_survives_a_restart_of_the_node_stored_hashed_and_private(
+    lone,
+) -> None:
+    device, node, api = lone
+    cookie = login(api, device)
+    value = cookie.partition("=")[2]
+    stored = device.home / SESSIONS_FILE
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert value not in stored.read_text()
+    assert node.stop() == 0
+    node, api = start(device)
+    try:
+        headers = {"Cookie": cookie}
+        status, answer, _ = api.call("GET", "/api/session", key=None, headers=headers)
+        assert status == 200 and answer["csrf"]
+        own = {**headers, "Origin": f"http://{api.host}", "X-CSRF-Token": answer["csrf"]}
+        status, answer, _ = api.call("POST", "/api/shares/solo/pause", key=None, headers=own)
+        assert (status, answer) == (200, {"paused": True})
+        forged = {"Cookie": f"backer_session={hashlib.sha256(value.encode()).hexdigest()}"}
+        assert api.call("GET", "/api/shares", key=None, headers=forged)[0] == 401
+    finally:
+        node.stop()
+
+
+def test_a_login_session_expires(tmp_path: Path) -> None:
+    credentials = Credentials("k" * 64, home=tmp_path)
+    cookie = credentials.open_session(now_ms=1_000)
+    assert credentials.csrf(cookie, now_ms=1_000 + SESSION_TTL_S * 1000 - 1)
+    assert credentials.csrf(cookie, now_ms=1_000 + SESSION_TTL_S * 1000) is None
+    assert Credentials("k" * 64, home=tmp_path).sessions == {}  # (expired: not loaded)
 
 
 FINDER = ["1111111", "1000001", "1011101", "1011101", "1011101", "1000001", "1111111"]

@@ -8,6 +8,11 @@
   every state-changing request.
 - A **password** (``BACKER_API_PASSWORD``) is required before the node serves the UI on
   an address other machines can reach; ``POST /login`` with it also opens a session.
+  Wrong passwords are limited per client address (:class:`Attempts`).
+
+Sessions outlive a restart of the node: ``api-sessions`` in the device home (mode 0600)
+holds each session's SHA-256 and expiry, never the cookie itself; the CSRF token is
+derived from the cookie with the key, so nothing else needs keeping.
 
 Only the device's owner can read the key, so only they can sign a login token. Where
 the node serves the UI is written to ``web`` in the device home (with its pid) while it
@@ -20,13 +25,15 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import stat
 import sys
 import time
 import webbrowser
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +46,13 @@ DEFAULT_ADDRESS = "127.0.0.1:7655"
 PASSWORD_VARIABLE = "BACKER_API_PASSWORD"
 KEY_FILE = "api-key"
 WEB_FILE = "web"
+SESSIONS_FILE = "api-sessions"
 LOGIN_TTL_S = 120
-MAX_SESSIONS = 64  # the oldest session is dropped beyond this many
+SESSION_TTL_S = 30 * 86400  # a browser logged in stays so this long (then: 'backer open')
+MAX_SESSIONS = 64  # the session closest to its expiry is dropped beyond this many
+MAX_FAILURES = 5  # wrong passwords from one address within FAILURE_WINDOW_S: then 429
+FAILURE_WINDOW_S = 60.0
+MAX_CLIENTS = 4096  # addresses whose failures are remembered (the oldest forgotten)
 
 
 @dataclass(frozen=True)
@@ -138,15 +150,25 @@ def open_browser(home: Path) -> bool:
     return graphical and webbrowser.open(login_url(home))
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _digest(cookie: str) -> str:
+    return hashlib.sha256(cookie.encode()).hexdigest()
+
+
 @dataclass
 class Credentials:
-    """What the node accepts: the key, one-time login tokens, sessions, a password."""
+    """What the node accepts: the key, one-time login tokens, sessions, a password.
+    With ``home``, sessions are kept in its ``api-sessions`` (see the module docstring)."""
 
     key: str
     password: str | None = None
+    home: Path | None = None
 
     def __post_init__(self) -> None:
-        self.sessions: OrderedDict[str, str] = OrderedDict()  # cookie -> CSRF token
+        self.sessions: dict[str, int] = self._load()  # SHA-256 of the cookie -> expiry ms
         self.used: dict[str, int] = {}  # login nonces taken, until they expire
 
     def bearer(self, header: str) -> bool:
@@ -157,7 +179,7 @@ class Credentials:
 
     def redeem(self, token: str, now_ms: int | None = None) -> bool:
         """Whether ``token`` is a valid login token not used before (then it is used)."""
-        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        now_ms = _now_ms() if now_ms is None else now_ms
         self.used = {n: e for n, e in self.used.items() if e >= now_ms}
         nonce, _, rest = token.partition(".")
         expires_text, _, mac = rest.partition(".")
@@ -176,14 +198,92 @@ class Credentials:
             given.encode(), self.password.encode()
         )
 
-    def open_session(self) -> str:
-        """A new session's cookie value."""
+    def open_session(self, now_ms: int | None = None) -> str:
+        """A new session's cookie value (valid SESSION_TTL_S, kept)."""
+        now_ms = _now_ms() if now_ms is None else now_ms
         cookie = secrets.token_urlsafe(32)
-        self.sessions[cookie] = secrets.token_urlsafe(32)
-        while len(self.sessions) > MAX_SESSIONS:
-            self.sessions.popitem(last=False)
+        live = {d: e for d, e in self.sessions.items() if e > now_ms}
+        live[_digest(cookie)] = now_ms + SESSION_TTL_S * 1000
+        kept = sorted(live.items(), key=lambda item: item[1])[-MAX_SESSIONS:]
+        self.sessions = dict(kept)
+        self._save()
         return cookie
 
-    def csrf(self, cookie: str | None) -> str | None:
-        """The CSRF token of the session ``cookie`` (None: no such session)."""
-        return self.sessions.get(cookie) if cookie else None
+    def csrf(self, cookie: str | None, now_ms: int | None = None) -> str | None:
+        """The CSRF token of the session ``cookie`` (None: no such session, or expired)."""
+        now_ms = _now_ms() if now_ms is None else now_ms
+        if not cookie or self.sessions.get(_digest(cookie), 0) <= now_ms:
+            return None
+        return hmac.new(self.key.encode(), b"backer csrf " + cookie.encode(), "sha256").hexdigest()
+
+    def _load(self) -> dict[str, int]:
+        """The sessions kept by an earlier run (none if the file is absent or damaged)."""
+        if self.home is None:
+            return {}
+        try:
+            kept = json.loads((self.home / SESSIONS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(kept, dict):
+            return {}
+        now_ms = _now_ms()
+        return {
+            d: e for d, e in kept.items() if isinstance(d, str) and type(e) is int and e > now_ms
+        }
+
+    def _save(self) -> None:
+        """Write the sessions (mode 0600, replaced whole, durable)."""
+        if self.home is None:
+            return
+        path = self.home / SESSIONS_FILE
+        temp = self.home / f"{SESSIONS_FILE}.{os.getpid()}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self.sessions, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+
+
+class Attempts:
+    """Wrong passwords per client address: after MAX_FAILURES within FAILURE_WINDOW_S
+    the address is refused (429) until the oldest of them is that old, whatever it
+    sends, and the lock-out is logged once. Bounded: MAX_CLIENTS addresses at most."""
+
+    def __init__(
+        self, log: Callable[[str], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.log = log
+        self.clock = clock
+        self.failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str) -> deque[float]:
+        times = self.failures.get(address, deque())
+        while times and times[0] <= self.clock() - FAILURE_WINDOW_S:
+            times.popleft()
+        return times
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds until ``address`` may try again (None: it may now)."""
+        times = self._recent(address)
+        if len(times) < MAX_FAILURES:
+            return None
+        return max(1, math.ceil(times[-MAX_FAILURES] + FAILURE_WINDOW_S - self.clock()))
+
+    def failed(self, address: str) -> None:
+        """A wrong password from ``address``."""
+        times = self._recent(address)
+        times.append(self.clock())
+        self.failures[address] = times
+        self.failures.move_to_end(address)
+        while len(self.failures) > MAX_CLIENTS:
+            self.failures.popitem(last=False)
+        if len(times) == MAX_FAILURES:
+            self.log(
+                f"web UI: {MAX_FAILURES} wrong passwords from {address} within "
+                f"{FAILURE_WINDOW_S:.0f} s: its logins are refused for "
+                f"{self.retry_after(address)} s"
+            )
+
+    def succeeded(self, address: str) -> None:
+        self.failures.pop(address, None)

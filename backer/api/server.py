@@ -41,6 +41,7 @@ HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'",
 }
 CREDENTIALS: web.AppKey[access.Credentials] = web.AppKey("credentials")
+ATTEMPTS: web.AppKey[access.Attempts] = web.AppKey("attempts")
 HOSTS: web.AppKey[frozenset[str]] = web.AppKey("hosts")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,18 +85,29 @@ def _logged_in(request: web.Request) -> web.Response:
     """A new session: its cookie set, and on to the page."""
     cookie = request.app[CREDENTIALS].open_session()
     response = web.HTTPSeeOther("/")
-    response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", path="/")
+    response.set_cookie(
+        COOKIE, cookie, httponly=True, samesite="Strict", path="/", max_age=access.SESSION_TTL_S
+    )
     return response
 
 
 async def login(request: web.Request) -> web.Response:
     """``GET /login?token=...`` (from ``backer open``), or ``POST /login`` with the
-    password (a form field), opens a session."""
+    password (a form field), opens a session. Too many wrong passwords from one
+    address: 429 with Retry-After, even for the right one, until it is allowed again."""
     credentials = request.app[CREDENTIALS]
     if request.method == "POST":
+        attempts, address = request.app[ATTEMPTS], request.remote or "?"
+        wait = attempts.retry_after(address)
+        if wait is not None:
+            refused = _refuse(web.HTTPTooManyRequests, f"too many wrong passwords: wait {wait} s")
+            refused.headers["Retry-After"] = str(wait)
+            raise refused
         form = await request.post()
         if not credentials.check_password(str(form.get("password", ""))):
+            attempts.failed(address)
             raise _refuse(web.HTTPUnauthorized, "wrong password")
+        attempts.succeeded(address)
     elif not credentials.redeem(request.query.get("token", "")):
         raise _refuse(
             web.HTTPUnauthorized, "this login link is used or expired: run 'backer open' again"
@@ -129,6 +141,7 @@ def application(
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[NODE] = node
     app[CREDENTIALS] = credentials
+    app[ATTEMPTS] = access.Attempts(lambda line: node.log.warning("%s", line))
     app[HOSTS] = hosts
     app.on_response_prepare.append(_headers)
     app.router.add_get("/login", login)
@@ -143,7 +156,7 @@ def application(
 async def serve(node: Node, settings: Settings, home: Path, stop: asyncio.Event) -> None:
     """Serve the UI for ``node`` until ``stop`` is set. A port already taken is
     logged and the node goes on without a UI (syncing matters more)."""
-    credentials = access.Credentials(access.api_key(home), settings.password)
+    credentials = access.Credentials(access.api_key(home), settings.password, home)
     await node.started.wait()
     runner = web.AppRunner(
         application(node, credentials, allowed_hosts(settings, settings.port)),
