@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e_api import conflict_between, pair, wait_for_file
+from tests.test_e2e_api import conflict_between, cramped, pair, wait_for_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(
@@ -27,7 +27,8 @@ if not CHROMIUM.exists():
         f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)", allow_module_level=True
     )
 
-__all__ = ["pair"]  # (the fixture: two connected nodes, b serving the API)
+__all__ = ["cramped", "pair"]  # (the fixtures: two connected nodes, b serving the API)
+TIME_TEXT = re.compile(r"^(\d{1,2} \w{3} )?\d{2}:\d{2}( [AP]M)?, (just now|\d+ min ago)$")
 
 
 def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clicking(
@@ -54,12 +55,19 @@ def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clickin
             expect(other).to_have_count(1, timeout=20_000)
             expect(page.locator("#live")).to_have_text("live", timeout=10_000)
             expect(page.locator("#state")).to_have_text("in sync")
+            expect(other.locator(".badge")).to_have_text("in sync")
 
             # a file made on the other device appears in the feed and the list, no reload
             (a.root / "from-a.txt").write_text("hello from a\n")
             feed_item = page.locator("#feed li", has_text="from-a.txt")
             expect(feed_item.first).to_be_visible(timeout=10_000)
             expect(page.locator('tr[data-path="from-a.txt"]')).to_be_visible(timeout=5_000)
+            times = page.locator("#feed time, #files time")  # one way: local, and how long ago
+            assert times.count() >= 2
+            for n in range(times.count()):
+                shown, iso = times.nth(n).inner_text(), times.nth(n).get_attribute("title")
+                assert TIME_TEXT.match(shown), shown
+                assert iso and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", iso)
 
             # restore the first draft by clicking: the bytes on disk, here and there
             page.locator('tr[data-path="notes.txt"] a').click()
@@ -107,5 +115,44 @@ def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clickin
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 375, f"the page is {width} px wide at 375 px: it scrolls sideways"
             assert not [p for p in problems if not re.search(r"favicon", p)], problems
+        finally:
+            browser.close()
+
+
+def test_the_page_shows_a_device_that_needs_a_file_then_in_sync(cramped) -> None:
+    """a's disk has no room for b's new file: b's page says a needs it (1 file, its
+    size), and that a is in sync once b deleted it; screenshots of both states."""
+    a, b, _ = cramped
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = b.run("open", "--no-browser").stdout.strip()
+    a_id = a.run("id").stdout.strip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(url)
+            expect = sync_api.expect
+            state = page.locator(f'#devices li[data-device="{a_id}"] .device-state')
+            expect(state).to_have_attribute("data-status", "in-sync", timeout=20_000)
+            outside = b.root.parent / "big.bin"
+            outside.write_bytes(os.urandom(12 << 20))
+            outside.rename(b.root / "big.bin")
+            expect(state).to_have_attribute("data-status", "needs", timeout=30_000)
+            expect(state.locator(".badge")).to_have_text("needs 1 file, 12.6 MB")
+            expect(page.locator("#state")).not_to_have_text("in sync")
+            page.screenshot(path=str(ARTIFACTS / "web-needs-1280.png"), full_page=True)
+            page.set_viewport_size({"width": 375, "height": 800})
+            time.sleep(0.3)
+            page.screenshot(path=str(ARTIFACTS / "web-needs-375.png"), full_page=True)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 375, f"the page is {width} px wide at 375 px: it scrolls sideways"
+            (b.root / "big.bin").unlink()
+            expect(state).to_have_attribute("data-status", "in-sync", timeout=30_000)
+            expect(state.locator(".badge")).to_have_text("in sync")
+            expect(page.locator("#state")).to_have_text("in sync")
+            page.screenshot(path=str(ARTIFACTS / "web-in-sync-375.png"), full_page=True)
+            assert not problems, problems
         finally:
             browser.close()

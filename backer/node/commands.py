@@ -64,6 +64,7 @@ def version_json(version: Version) -> dict[str, Any]:
         "hash": version.content.hex() if version.kind == Kind.FILE else None,
         "target": version.link_target if version.kind == Kind.SYMLINK else None,
         "time": timestamp(version.time_ms),
+        "time_ms": version.time_ms,
         "supersedes": list(version.supersedes),
     }
 

@@ -47,13 +47,45 @@ function size(bytes) {
   return `${unit ? value.toFixed(1) : value} ${units[unit]}`;
 }
 
+// Every time on the page is shown one way: local time and how long ago ("14:03, 3 min
+// ago"), the exact UTC time in the tooltip; the "ago" parts are kept current.
 function ago(ms) {
-  if (!ms) return "never";
   const seconds = Math.max(0, (Date.now() - ms) / 1000);
   if (seconds < 60) return "just now";
-  if (seconds < 3600) return `${Math.round(seconds / 60)} min ago`;
-  if (seconds < 86400) return `${Math.round(seconds / 3600)} h ago`;
-  return new Date(ms).toLocaleString();
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+  const days = Math.floor(seconds / 86400);
+  return days === 1 ? "yesterday" : `${days} days ago`;
+}
+
+function localTime(ms) {
+  const date = new Date(ms), now = new Date();
+  const clock = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (date.toDateString() === now.toDateString()) return clock;
+  const day = { day: "numeric", month: "short" };
+  if (date.getFullYear() !== now.getFullYear()) day.year = "numeric";
+  return `${date.toLocaleDateString([], day)} ${clock}`;
+}
+
+function when(ms, never = "never") {
+  const node = el("time", never, "when-text");
+  if (!ms) return node;
+  node.dataset.ms = ms;
+  node.dateTime = new Date(ms).toISOString();
+  node.title = node.dateTime;
+  node.textContent = `${localTime(ms)}, ${ago(ms)}`;
+  return node;
+}
+
+function refreshTimes() {
+  for (const node of document.querySelectorAll("time[data-ms]")) {
+    const ms = Number(node.dataset.ms);
+    node.textContent = `${localTime(ms)}, ${ago(ms)}`;
+  }
+}
+
+function rate(bytes) {
+  return `${size(Math.round(bytes))}/s`;
 }
 
 // -- shares and devices ----------------------------------------------------------------
@@ -91,9 +123,25 @@ function renderShare() {
   } else {
     badge.textContent = others.length ? "offline" : "only this device"; badge.className = "badge";
   }
-  if (!share.paused && others.some((d) => d.connected && !d.in_sync)) refreshSoon(2000);
+  const busy = share.devices.some((d) => d.rate_in || d.rate_out || (d.this && d.need_files));
+  if (!share.paused && (busy || others.some((d) => d.connected && !d.in_sync))) refreshSoon(1500);
   const ordered = [...share.devices].sort((a, b) => b.this - a.this);
   $("devices").replaceChildren(...ordered.map(deviceItem));
+}
+
+function needs(device) {
+  const files = device.need_files === 1 ? "file" : "files";
+  return `needs ${device.need_files} ${files}, ${size(device.need_bytes)}`;
+}
+
+// (what to say, data-status) of one device at a glance
+function deviceState(device) {
+  const needing = device.need_files || device.need_bytes;
+  if (device.this) return needing ? [needs(device), "needs"] : ["up to date", "up-to-date"];
+  if (!device.connected) return ["offline", "offline"];
+  if (device.in_sync) return ["in sync", "in-sync"];
+  if (needing) return [needs(device), "needs"];
+  return ["syncing", "connected"];
 }
 
 function deviceItem(device) {
@@ -104,17 +152,27 @@ function deviceItem(device) {
   name.append(device.name || device.id.slice(0, 7));
   if (device.this) name.append(" ", el("span", "this device", "badge"));
   item.append(name);
-  let status;
-  if (device.this) {
-    status = device.need_files ? `fetching ${device.need_files} files (${size(device.need_bytes)})` : "up to date";
-  } else if (device.connected) {
-    status = device.in_sync ? "connected · in sync" : "connected · syncing";
-  } else {
-    status = `offline · last seen ${ago(device.last_seen_ms)}`;
+  const [status, kind] = deviceState(device);
+  const meta = el("div", null, "device-meta device-state");
+  meta.dataset.status = kind;
+  meta.append(el("span", status, { "in-sync": "badge ok", "up-to-date": "badge ok", needs: "badge warn" }[kind] || "badge"));
+  if (device.rate_in || device.rate_out) {
+    meta.append(el("span", `↓ ${rate(device.rate_in)} · ↑ ${rate(device.rate_out)}`, "rate"));
   }
-  const meta = el("div", status, "device-meta");
-  meta.dataset.status = device.connected ? (device.in_sync ? "in-sync" : "connected") : "offline";
+  if (!device.this && !device.connected) {
+    const seen = el("span", "last seen ");
+    seen.append(when(device.last_seen_ms));
+    meta.append(seen);
+  }
   item.append(meta);
+  const transfer = device.transfer;
+  if (transfer && transfer.bytes_total && (transfer.bytes_done || device.rate_in || device.rate_out)) {
+    const bar = el("progress");
+    bar.max = transfer.bytes_total;
+    bar.value = transfer.bytes_done;
+    bar.title = `${transfer.files_done} of ${transfer.files_total} files, ${size(transfer.bytes_done)} of ${size(transfer.bytes_total)}`;
+    item.append(bar);
+  }
   item.append(el("div", [device.id.slice(0, 15), device.address].filter(Boolean).join(" · "), "device-meta"));
   return item;
 }
@@ -168,7 +226,9 @@ function fileRow(entry) {
   link.addEventListener("click", () => (entry.kind === "directory" ? openDir(entry.path) : openHistory(entry.path)));
   name.append(link);
   if (entry.conflict) name.append(" ", el("span", "conflict", "badge bad"));
-  row.append(name, el("td", entry.kind === "file" ? size(live.size) : "", "num"), el("td", live.time || "", "when"));
+  const changed = el("td", null, "when");
+  changed.append(when(live.time_ms, ""));
+  row.append(name, el("td", entry.kind === "file" ? size(live.size) : "", "num"), changed);
   return row;
 }
 
@@ -192,7 +252,9 @@ function versionItem(path, version) {
   const item = el("li");
   item.dataset.version = version.version;
   const what = version.kind === "file" ? size(version.size) : version.kind;
-  item.append(el("span", `${version.time} · ${what} · ${version.device_name || version.device.slice(0, 7)}`, "meta"));
+  const meta = el("span", null, "meta");
+  meta.append(when(version.time_ms), ` · ${what} · ${version.device_name || version.device.slice(0, 7)}`);
+  item.append(meta);
   if (version.live) {
     item.append(el("span", "current", "badge ok"));
   } else if (version.bytes === "nowhere") {
@@ -244,7 +306,9 @@ function conflictItem(conflict) {
     row.dataset.version = version.version;
     const where = version.copy ? `copy: ${version.copy}` : "in place";
     const what = version.kind === "file" ? size(version.size) : version.kind;
-    row.append(el("span", `${version.time} · ${what} · ${version.device_name} (${version.device}) · ${where}`, "meta"));
+    const meta = el("span", null, "meta");
+    meta.append(when(version.time_ms), ` · ${what} · ${version.device_name} (${version.device}) · ${where}`);
+    row.append(meta);
     const keep = el("button", "Keep this", "primary");
     keep.type = "button";
     keep.addEventListener("click", () => resolve(keep, { path: conflict.path, keep: version.version }));
@@ -299,9 +363,7 @@ function addToFeed(event) {
   if (!text) return;
   const item = el("li");
   item.dataset.type = event.type;
-  const time = el("time", new Date(event.time_ms).toLocaleTimeString());
-  time.dateTime = new Date(event.time_ms).toISOString();
-  item.append(time, el("span", text, event.type === "error" && !event.warning ? "what error" : "what"));
+  item.append(when(event.time_ms), el("span", text, event.type === "error" && !event.warning ? "what error" : "what"));
   const feed = $("feed");
   feed.prepend(item);
   while (feed.children.length > FEED_MAX) feed.lastChild.remove();
@@ -404,6 +466,7 @@ async function start() {
     $("copy").textContent = "Copied";
   });
   setInterval(() => { if (!document.hidden) loadShares().catch(() => {}); }, 30000);
+  setInterval(refreshTimes, 30000);
 }
 
 start();
