@@ -9,7 +9,9 @@ Ops (one JSON object per request; every reply may be ``{"error": "one line"}``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -300,10 +302,11 @@ SEEN_META = "devices_seen"  # device id -> [ms, address]: sessions opened and cl
 
 def note_seen(share: Share, device: bytes, address: str | None) -> None:
     """A session with ``device`` opened or ended now: kept in the share's database, so
-    that 'last seen' survives a restart of the node (and shows in an offline status)."""
+    that 'last seen' survives a restart of the node (and shows in an offline status).
+    Not written on a full disk: a session must not fail for it."""
     seen = _seen(share)
     seen[device.hex()] = [time.time_ns() // 1_000_000, address]
-    with share.db.conn:
+    with contextlib.suppress(sqlite3.OperationalError), share.db.conn:
         share.catalog.set_meta(SEEN_META, json.dumps(seen))
 
 
