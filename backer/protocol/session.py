@@ -423,7 +423,7 @@ class Session:
             self.outbox.append(Need(files, size))
 
     def _on_need(self, message: Need) -> list[Message]:
-        need = (message.files, message.size)
+        need = (message.files, message.file_bytes)
         peak = self.peer_need_peak if need != (0, 0) else (0, 0)
         self.peer_need_peak = (max(peak[0], need[0]), max(peak[1], need[1]))
         self.peer_need = need

@@ -257,12 +257,12 @@ class Addresses(Message):
 @dataclass
 class Need(Message):
     """What the sender still has to write or delete to hold every live version it
-    knows of: ``files`` entries of ``size`` bytes in all (0 and 0: it is up to date).
+    knows of: ``files`` entries of ``file_bytes`` bytes in all (0 and 0: up to date).
     Sent whenever that changes, at most twice a second (see docs/decisions.md)."""
 
     TYPE = 15
     files: int
-    size: int
+    file_bytes: int
 
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
