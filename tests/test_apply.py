@@ -3,6 +3,7 @@ verified files (kept contents: see test_versioner_store)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -445,3 +446,43 @@ def test_a_window_of_small_files_records_its_scan_cache_in_one_write(
     pump(Session(a, "a"), Session(b, "b"))
     assert tree(a.root) == tree(b.root)
     assert len(calls) < 10
+
+
+def test_an_eio_removing_temps_when_the_disk_fills_ends_as_disk_full_not_an_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window stopped by a full disk removes its temps; the failing disk then refused
+    one of those removals too (EIO) and that error escaped instead of the disk-full
+    problem (seed 11177). The temp it kept is resumed by the sync once there is room."""
+    with small_disk(tmp_path / "disk", "32m") as disk:
+        a, b = _pair_on(tmp_path, disk / "b")
+        for n in range(4):
+            (a.root / f"f{n}.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 1000 * n))
+        a.scan()
+        b.scan()
+        left, right = Session(a, "a"), Session(b, "b")
+        links = Links([(left, right)])
+        for _ in range(100):
+            if right.replicator.assembly is not None:
+                break
+            links.step()
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(disk / "filler", "wb") as filler:
+            filler.write(b"x" * (free - 3 * 1024 * 1024))
+        unlink = Path.unlink
+
+        def failing(path: Path, missing_ok: bool = False) -> None:
+            if is_temp_name(path.name):
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+            unlink(path, missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", failing)
+        links.run()
+        problem = right.replicator.disk_full
+        assert problem is not None and str(problem).startswith("disk full: ")
+        assert [p for p in b.root.rglob("*") if is_temp_name(p.name)]  # the EIO kept it
+        monkeypatch.undo()
+        (disk / "filler").unlink()
+        sync(a, b)
+        assert tree(a.root) == tree(b.root)
+        assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
