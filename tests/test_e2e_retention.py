@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,25 @@ def test_config_checks_every_value_in_one_line(edited: Device) -> None:
     assert a.run("config", "max-disk", "--dir", str(a.root)).stdout.strip() == "5%"
     listing = a.run("config", "--dir", str(a.root)).stdout
     assert "max-disk = 5%  #" in listing and "keep-all = 1h (default)" in listing
+
+
+def test_R14_a_stored_value_backer_did_not_write_falls_back_to_its_default(
+    tmp_path: Path,
+) -> None:
+    """An integer (or undecodable bytes) in a retention row made `config` and `prune`
+    an internal error and stopped the node serving the share."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    a.run("config", "weekly-for", "30d", "--dir", str(a.root))
+    with sqlite3.connect(a.root / ".backer" / "backer.db") as db:
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('retention.keep-all', 12345)")
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('retention.max-disk', x'fffe')")
+    listing = a.run("config", "--dir", str(a.root))
+    assert "keep-all = 1h (default)" in listing.stdout and "weekly-for = 30d  #" in listing.stdout
+    warnings = listing.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all("default used" in w for w in warnings), warnings
+    assert a.run("prune", "--dry-run", "--dir", str(a.root)).returncode == 0
 
 
 @pytest.fixture

@@ -1,13 +1,15 @@
 """A share's retention settings (``backer config``), kept in its database on this device.
 
 Each setting is a row ``retention.KEY`` of the ``meta`` table; a key never set has its
-default. Values are checked when set, so a stored value always reads back valid.
+default. Values are checked when set; one stored otherwise (by another version of
+backer, by hand, by a damaged database) is not used: its default is, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import re
 
 from backer.db.catalog import Catalog
@@ -27,6 +29,8 @@ KEYS = {
 }
 _PREFIX = "retention."
 DURATIONS = ("keep-all", "hourly-for", "daily-for", "weekly-for")  # each >= the one before
+log = logging.getLogger("backer.retention")
+_warned: set[tuple[str, object]] = set()  # (key, stored value): each warned of once
 
 
 def duration_text(ms: int) -> str:
@@ -56,13 +60,30 @@ def _parse(key: str, text: str) -> int | float:
     return int(match[1]) * _UNITS[match[2]]
 
 
+def _stored(catalog: Catalog, key: str) -> int | float | None:
+    """The value stored for ``key``, or None (its default) if none is, or if what is
+    there is not a value backer writes: retention must never stop a share being served."""
+    stored = catalog.get_meta(_PREFIX + key)
+    if stored is None:
+        return None
+    try:
+        if not isinstance(stored, str | bytes):
+            raise BackerError(f"{key}: {stored!r} is not text")
+        return _parse(key, stored.decode() if isinstance(stored, bytes) else stored)
+    except (BackerError, UnicodeDecodeError) as exc:
+        if (key, stored) not in _warned:
+            _warned.add((key, stored))
+            log.warning("retention setting ignored, its default used: %s", exc)
+        return None
+
+
 def policy(catalog: Catalog) -> Policy:
     """The share's policy: defaults, with what was set."""
     found = {}
     for key, (field, _) in KEYS.items():
-        stored = catalog.get_meta(_PREFIX + key)
-        if stored is not None:
-            found[field] = _parse(key, stored.decode() if isinstance(stored, bytes) else stored)
+        value = _stored(catalog, key)
+        if value is not None:
+            found[field] = value
     return dataclasses.replace(Policy(), **found)
 
 
@@ -70,7 +91,7 @@ def settings(catalog: Catalog) -> dict[str, tuple[str, bool, str]]:
     """key -> (value as text, whether set here, what it means)."""
     current = policy(catalog)
     return {
-        key: (_text(key, current), catalog.get_meta(_PREFIX + key) is not None, meaning)
+        key: (_text(key, current), _stored(catalog, key) is not None, meaning)
         for key, (_, meaning) in KEYS.items()
     }
 
