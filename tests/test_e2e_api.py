@@ -765,3 +765,44 @@ def test_last_seen_is_when_the_session_ended_and_survives_a_restart_of_the_node(
     offline = json.loads(b.run("status", "--json", "--share", "b").stdout)["devices"]
     a_id = a.run("id").stdout.strip()
     assert {d["id"]: d["last_seen_ms"] for d in offline}[a_id] == entry["last_seen_ms"]
+
+
+def test_R1_a_restore_answers_its_own_outcome_not_the_shares_standing_problems(
+    tmp_path: Path,
+) -> None:
+    device = Device(tmp_path, "notes")
+    device.root.mkdir()
+    (device.root / "back\\slash").write_text("no other system can hold this name\n")
+    (device.root / "hist.txt").write_text("first\n")
+    device.run("init", str(device.root), check=False)  # (exit 3: the skipped file)
+    node, api = start(device)
+    try:
+        standing = api.call("GET", "/api/shares/notes")[1]
+        assert "not portable" in json.dumps(standing), standing  # a standing failure
+        (tmp_path / "new").write_text("second\n")  # (a new file: the old one is kept)
+        os.replace(tmp_path / "new", device.root / "hist.txt")
+        while len(api.call("GET", "/api/shares/notes/history?path=hist.txt")[1]) < 2:
+            scan(api, "notes")
+            time.sleep(0.1)
+        history = api.call("GET", "/api/shares/notes/history?path=hist.txt")[1]
+        first = next(v["version"] for v in history if v["size"] == len("first\n"))
+        status, answer, _ = api.call(
+            "POST", "/api/shares/notes/restore", {"path": "hist.txt", "version": first}
+        )
+        assert status == 200, answer
+        assert (device.root / "hist.txt").read_text() == "first\n"
+
+        second = next(v["version"] for v in history if v["size"] == len("second\n"))
+        by_node = device.run(
+            "restore",
+            str(device.root / "hist.txt"),
+            "--version",
+            second,
+            "--dir",
+            str(device.root),
+            check=False,
+        )
+        assert by_node.returncode == 0, by_node.stderr
+        assert (device.root / "hist.txt").read_text() == "second\n"
+    finally:
+        node.stop()

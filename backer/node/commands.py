@@ -531,6 +531,7 @@ async def node_revise(runtime: Runtime, request: dict[str, Any]) -> dict[str, An
     share = runtime.share
     await runtime.scan(frozenset(revision_scope(share, request)))
     if request["op"] == "resolve":
+        before = dict(share.problems)
         said = revisions.resolve_conflict(
             share, str(request["path"]), request.get("keep"), bool(request.get("keep_both"))
         )
@@ -542,10 +543,19 @@ async def node_revise(runtime: Runtime, request: dict[str, Any]) -> dict[str, An
             except BaseException:
                 fetched.close()
                 raise
+        before = dict(share.problems)
         said = finish_restore(share, plan, outside, fetched)
     runtime.hub.journal_grew()
-    problems = problems_json(p for p in share.problems.values() if not p.warning)
-    return {"said": said, "problems": problems}
+    return {"said": said, "problems": problems_json(_own_failures(share, before))}
+
+
+def _own_failures(share: Share, before: dict[tuple[str, str], Problem]) -> list[Problem]:
+    """The failures noted while an operation ran (no await between ``before`` and now,
+    so nothing else noted them): the share's standing problems (a skipped file) are not
+    the operation's and must not make it look failed."""
+    return [
+        p for key, p in share.problems.items() if not p.warning and before.get(key) is not p
+    ]
 
 
 async def _fetch(runtime: Runtime, fetched: revisions.Fetched) -> None:
