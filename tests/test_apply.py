@@ -11,7 +11,7 @@ import nacl.signing
 import pytest
 
 from backer.db.catalog import Catalog
-from backer.model.materializer import conflict_path, data_chunks, verify
+from backer.model.materializer import Materializer, Operation, conflict_path, data_chunks, verify
 from backer.model.records import Kind, Version
 from backer.model.share import Share
 from backer.protocol.session import Session
@@ -486,3 +486,16 @@ def test_an_eio_removing_temps_when_the_disk_fills_ends_as_disk_full_not_an_exce
         sync(a, b)
         assert tree(a.root) == tree(b.root)
         assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
+
+
+def test_R18_a_stored_path_no_device_may_hold_is_noted_unwritable_not_retried(
+    tmp_path: Path,
+) -> None:
+    """A version taken in before paths were bounded (a 304-byte name) fails its check
+    on every plan: it is noted once and left out of the plans after."""
+    (share,) = make_devices(tmp_path, 1)
+    op = Operation("\u00e9" * 150 + ".txt", "v1", Version(Kind.DIRECTORY, permissions=0o755))
+    store = ChunkStore(share.root, share.catalog)
+    report = Materializer(share.root, share.catalog, store).start([op]).finish()
+    assert [p.path for p in report.errors] == [op.path]
+    assert report.unwritable == [(op.path, "v1")]

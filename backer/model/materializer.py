@@ -333,7 +333,8 @@ def _free_bytes(directory: Path) -> int:
 def _reported(path: str, report: Report, version_id: str = "") -> Iterator[None]:
     """Whatever stops one operation is reported against its path; the others go on.
     A full disk is not one path's problem: it goes up as :class:`_OutOfSpace`. A
-    :data:`LASTING` failure of ``version_id`` is noted as unwritable."""
+    :data:`LASTING` failure of ``version_id``, or a path no device may hold, is noted
+    as unwritable."""
     try:
         yield
     except LocalEdit:
@@ -345,6 +346,8 @@ def _reported(path: str, report: Report, version_id: str = "") -> Iterator[None]
             report.unwritable.append((path, version_id))
         report.errors.append(Problem(path, exc.strerror or str(exc)))
     except (BadPath, ValueError) as exc:
+        if isinstance(exc, BadPath) and version_id:  # (taken in before paths were bounded)
+            report.unwritable.append((path, version_id))
         report.errors.append(Problem(path, str(exc)))
 
 
