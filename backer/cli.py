@@ -399,6 +399,8 @@ def _device_line(device: dict[str, Any]) -> str:
         said.append(f"needs {device['need_files']} files, {device['need_bytes']} bytes")
     elif device.get("in_sync") is False:
         said.append("not in sync yet")
+    if device.get("last_error"):
+        said.append(f"its last session failed: {device['last_error']}")
     if transfer := device.get("transfer"):
         said.append(
             f"{transfer['files_done']}/{transfer['files_total']} files, "

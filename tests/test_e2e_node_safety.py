@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import time
 from pathlib import Path
 
+from backer.config.identity import load_or_create_key
+from backer.model.share import Share
 from tests.e2e import Device, free_port, joined_pair, snapshot, wait_until
 
 
@@ -48,8 +51,6 @@ def test_r15_a_share_folder_moved_away_is_not_served_until_it_is_back(tmp_path: 
                 node.stop()
 
 
-
-
 def test_r16_a_second_run_on_the_same_home_exits_at_once_and_leaves_the_first_alone(
     tmp_path: Path,
 ) -> None:
@@ -80,3 +81,37 @@ def test_r16_a_second_run_on_the_same_home_exits_at_once_and_leaves_the_first_al
         first.wait_for("recorded 1 changes")
     finally:
         first.stop()
+
+
+def _craft_event_out_of_range(device: Device) -> None:
+    """What a member's modified client can record: a version dated 2^62 ms, which every
+    other member rejects (and with it the session that carries it)."""
+    share = Share.open(device.root, load_or_create_key(device.home), True, device.home)
+    with share:
+        _, version = next(iter(share.catalog.live_versions("readme.txt").items()))
+        bad = dataclasses.replace(version, device=share.device[:8], time_ms=2**62, supersedes=())
+        share.commit([("bad.txt", bad)])
+
+
+def test_r7_sessions_closed_on_rejected_events_back_off_and_status_says_why(
+    tmp_path: Path,
+) -> None:
+    a, b, (a_port, b_port) = joined_pair(tmp_path)
+    (a.root / "readme.txt").write_text("hello\n")
+    with a.serving(a_port) as address:
+        b.sync(address)
+    _craft_event_out_of_range(b)
+    a_node, b_node = a.start(a_port), b.start(b_port)
+    try:
+        a_node.wait_for(" open (")
+        time.sleep(20)
+        sessions = sum(" open (" in line for line in a_node.lines)
+        assert sessions <= 9, a_node.log  # ~0.85 per second without a backoff
+        devices = json.loads(a.run("status", "--json", "--dir", str(a.root)).stdout)["devices"]
+        (other,) = [d for d in devices if not d["this"]]
+        assert other["last_error"], other
+        said = a.run("status", "--dir", str(a.root)).stdout
+        assert "its last session failed: " in said, said
+    finally:
+        a_node.stop()
+        b_node.stop()

@@ -72,7 +72,13 @@ class Limits:
 
 
 class SessionClosed(Exception):
-    """The session ended early; the message says why."""
+    """The session ended early; the message says why. ``failed``: it ended on an error
+    of either side once open (events rejected, a malformed message, a bug), which
+    redialling at once would only repeat: the dialler backs off."""
+
+    def __init__(self, reason: str, failed: bool = False) -> None:
+        super().__init__(reason)
+        self.failed = failed
 
 
 class RateLimitedLog:
@@ -432,7 +438,8 @@ class Hub:
                     _write(streams, channel.data_to_send())
                 elif isinstance(exc, ChannelError) and exc.refusal and not channel.initiator:
                     _write(streams, refusal(exc.refusal))
-            raise SessionClosed(str(exc)) from exc
+            ours = hangup is not None and hangup.reason is not None  # (not an error)
+            raise SessionClosed(str(exc), channel.established and not ours) from exc
         except TimeoutError as exc:
             if not channel.initiator:
                 with contextlib.suppress(Exception):
@@ -447,7 +454,7 @@ class Hub:
                 if channel.established:
                     channel.send(Error(b"internal error").encode())
                     _write(streams, channel.data_to_send())
-            raise SessionClosed(f"internal error: {type(exc).__name__}: {exc}") from exc
+            raise SessionClosed(f"internal error: {type(exc).__name__}: {exc}", True) from exc
         finally:
             for task in tasks.values():
                 task.cancel()

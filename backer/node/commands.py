@@ -429,6 +429,7 @@ def node_status(runtime: Runtime) -> dict[str, Any]:
                 "rate_in": round(rates[0]),
                 "rate_out": round(rates[1]),
                 "transfer": transfer,
+                "last_error": runtime.failed.get(key, (0, None))[1],
             }
         )
     report["devices"] = devices

@@ -198,6 +198,8 @@ class Runtime:
         self.links: dict[bytes, Link] = {}
         self.targets: dict[str, Target] = {}
         self.hangups: set[transport.Hangup] = set()
+        self.failed: dict[bytes, tuple[int, str]] = {}  # device -> (sessions that failed
+        # in a row, the last one's reason)
         self.poke = asyncio.Event()
         self.conflicts_logged = 0
         self.disk_full_logged: str | None = None
@@ -420,7 +422,7 @@ class Runtime:
             await run(established, hangup)
             self._lost(link, "the peer closed the session")
         except transport.SessionClosed as exc:
-            lost = self._lost(link, str(exc))
+            lost = self._lost(link, str(exc), exc.failed)
             if PEER_REFUSED in str(exc) or (not lost and (link is None or not link.claimed)):
                 raise  # (refused, or never the device's session: the caller says why)
         finally:
@@ -461,11 +463,22 @@ class Runtime:
             "dialled" if link.initiator == self.share.device else "accepted",
         )
 
-    def _lost(self, link: Link | None, reason: str) -> bool:
-        """The session of ``link`` ended (logged); False if it never was the device's."""
+    def _lost(self, link: Link | None, reason: str, failed: bool = False) -> bool:
+        """The session of ``link`` ended (logged); False if it never was the device's.
+        One that ``failed`` counts as a failed attempt: its device is dialled again after
+        a growing backoff, not at once (or the same error repeats every second)."""
         if link is None or self.links.get(link.peer) is not link:
             return False
         del self.links[link.peer]
+        if failed:
+            count = self.failed.get(link.peer, (0, ""))[0] + 1
+            self.failed[link.peer] = (count, reason)
+            due = time.monotonic() + backoff(count, self.node.rng, self.node.scale)
+            for target in self.targets.values():
+                if target.device == link.peer:
+                    target.failures, target.due = count, max(target.due, due)
+        else:
+            self.failed.pop(link.peer, None)
         note_seen(self.share, link.peer, link.address)
         self.log.info("%s: session with %s ended: %s", self.name, short_id(link.peer), reason)
         self.publish(
@@ -474,7 +487,7 @@ class Runtime:
             name=self.share.members.names.get(link.peer, ""),
             reason=reason,
         )
-        if not self.node.stopping and PEER_REFUSED not in reason:  # (refused: back off)
+        if not (self.node.stopping or failed or PEER_REFUSED in reason):  # (back off)
             self.wake(link.peer)
         return True
 
@@ -653,7 +666,7 @@ class Runtime:
         finally:
             if opened:  # it answered: remembered, and dialled again soon if it went away
                 transport.remember_address(self.share, target.address)
-                target.failures = 0
+                target.failures = self.failed.get(target.device or b"", (0, ""))[0]
                 if target.due <= time.monotonic():
                     target.due = time.monotonic() + backoff(0, self.node.rng, self.node.scale)
             target.dialling = False
