@@ -110,8 +110,9 @@ class EventStream:
         self.connection.close()
 
 
-def start(device: Device) -> tuple[Node, Api]:
-    port = free_port()
+def start(device: Device, port: int | None = None) -> tuple[Node, Api]:
+    """``backer run`` with its web UI on ``port`` (a free one by default)."""
+    port = port or free_port()
     node = device.start(api=f"127.0.0.1:{port}")
     node.wait_for("web UI on")
     return node, Api(node, port)
@@ -250,39 +251,68 @@ def test_numbers_that_are_not_plain_digits_are_refused_not_an_internal_error(lon
         assert status == 400 and "whole number of seconds" in answer["error"], expires
 
 
-def login(api: Api, device: Device) -> str:
-    """The session cookie that ``backer open``'s link sets."""
+def _session(response: http.client.HTTPResponse) -> tuple[str, str]:
+    """The cookie a login sets and the CSRF token in its redirect's fragment."""
+    assert response.status == 303
+    location = urlsplit(response.headers["Location"])
+    assert location.path == "/" and location.fragment.startswith("csrf=")
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    return cookie.split(";")[0], location.fragment.removeprefix("csrf=")
+
+
+def login(api: Api, device: Device) -> tuple[str, str]:
+    """The session cookie that ``backer open``'s link sets, and the session's CSRF
+    token (handed out only in the redirect's fragment, which the page keeps)."""
     url = device.run("open", "--no-browser").stdout.strip()
     parts = urlsplit(url)
     assert parts.netloc == api.host
-    status, _, response = api.call("GET", f"{parts.path}?{parts.query}", key=None)
-    assert status == 303 and response.headers["Location"] == "/"
-    cookie = response.headers["Set-Cookie"]
-    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    *_, response = api.call("GET", f"{parts.path}?{parts.query}", key=None)
+    session = _session(response)
     again = api.call("GET", f"{parts.path}?{parts.query}", key=None)[0]
     assert again == 401  # the link works once
-    return cookie.split(";")[0]
+    return session
 
 
 def test_the_login_link_opens_one_session_and_posts_need_its_csrf_token(lone) -> None:
     device, _, api = lone
-    cookie = login(api, device)
-    status, answer, _ = api.call("GET", "/api/session", key=None, headers={"Cookie": cookie})
-    assert status == 200
-    csrf = answer["csrf"]
+    cookie, csrf = login(api, device)
+    assert cookie.startswith(f"backer_session_{api.port}=")  # two nodes: two cookies
     own = {"Cookie": cookie, "Origin": f"http://{api.host}"}
-    assert api.call("GET", "/api/shares/solo", key=None, headers={"Cookie": cookie})[0] == 200
+    assert (
+        api.call("GET", "/api/shares/solo", key=None, headers={**own, "X-CSRF-Token": csrf})[0]
+        == 200
+    )
     # a cross-site form or fetch: no CSRF token, or a foreign Origin even with it
     assert api.call("POST", "/api/shares/solo/pause", key=None, headers=own)[0] == 403
     foreign = {"Cookie": cookie, "Origin": "http://evil.example", "X-CSRF-Token": csrf}
     assert api.call("POST", "/api/shares/solo/pause", key=None, headers=foreign)[0] == 403
     wrong = {**own, "X-CSRF-Token": csrf[:-1] + ("A" if csrf[-1] != "A" else "B")}
     assert api.call("POST", "/api/shares/solo/pause", key=None, headers=wrong)[0] == 403
-    assert api.call("GET", "/api/shares/solo", key=None, headers=own)[1]["paused"] is False
+    shown = api.call("GET", "/api/shares/solo", key=None, headers={**own, "X-CSRF-Token": csrf})
+    assert shown[1]["paused"] is False
     status, answer, _ = api.call(
         "POST", "/api/shares/solo/pause", key=None, headers={**own, "X-CSRF-Token": csrf}
     )
     assert (status, answer) == (200, {"paused": True})
+
+
+def test_the_session_cookie_alone_opens_nothing(lone) -> None:
+    """A cookie is scoped by host, not port: the browser also sends it to any other
+    server on 127.0.0.1, which then asked GET /api/session for the CSRF token and held
+    the node (an invite, a restore). Without the token, which only the page has, every
+    API request is refused, reads and the event stream included."""
+    device, _, api = lone
+    cookie, csrf = login(api, device)
+    stolen = {"Cookie": cookie}
+    for path in ("/api/session", "/api/shares", "/api/shares/solo/devices", "/api/events"):
+        assert api.call("GET", path, key=None, headers=stolen)[0] in (403, 404), path
+    assert api.call("POST", "/api/shares/solo/invite", {}, key=None, headers=stolen)[0] == 403
+    assert api.call("GET", "/", key=None, headers=stolen)[0] == 200  # the page: no data
+    page = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)  # the page's own
+    page.request("GET", f"/api/events?csrf={csrf}", headers={"Host": api.host, **stolen})
+    assert page.getresponse().status == 200  # (EventSource sends no headers: ?csrf=)
+    page.close()
 
 
 def test_the_api_key_is_private_and_the_ui_address_is_withdrawn_at_stop(lone) -> None:
@@ -326,9 +356,10 @@ def test_beyond_loopback_the_password_opens_a_session_and_a_wrong_one_does_not(
             response = connection.getresponse()
             response.read()
             assert response.status == wanted, password
-        cookie = response.headers["Set-Cookie"].split(";")[0]
+        cookie, csrf = _session(response)
         connection.close()
-        status, answer, _ = api.call("GET", "/api/shares", key=None, headers={"Cookie": cookie})
+        headers = {"Cookie": cookie, "X-CSRF-Token": csrf}
+        status, answer, _ = api.call("GET", "/api/shares", key=None, headers=headers)
         assert status == 200 and answer[0]["name"] == "wide"
         assert api.call("GET", "/api/shares", key=None)[0] == 401
     finally:
@@ -373,21 +404,18 @@ def test_a_login_session_survives_a_restart_of_the_node_stored_hashed_and_privat
     lone,
 ) -> None:
     device, node, api = lone
-    cookie = login(api, device)
-    value = cookie.partition("=")[2]
+    cookie, csrf = login(api, device)
+    name, _, value = cookie.partition("=")
     stored = device.home / SESSIONS_FILE
     assert stored.stat().st_mode & 0o777 == 0o600
     assert value not in stored.read_text()
     assert node.stop() == 0
-    node, api = start(device)
+    node, api = start(device, api.port)  # the UI's port is fixed (7655 by default)
     try:
-        headers = {"Cookie": cookie}
-        status, answer, _ = api.call("GET", "/api/session", key=None, headers=headers)
-        assert status == 200 and answer["csrf"]
-        own = {**headers, "Origin": f"http://{api.host}", "X-CSRF-Token": answer["csrf"]}
+        own = {"Cookie": cookie, "Origin": f"http://{api.host}", "X-CSRF-Token": csrf}
         status, answer, _ = api.call("POST", "/api/shares/solo/pause", key=None, headers=own)
         assert (status, answer) == (200, {"paused": True})
-        forged = {"Cookie": f"backer_session={hashlib.sha256(value.encode()).hexdigest()}"}
+        forged = {"Cookie": f"{name}={hashlib.sha256(value.encode()).hexdigest()}"}
         assert api.call("GET", "/api/shares", key=None, headers=forged)[0] == 401
     finally:
         node.stop()

@@ -7,13 +7,21 @@ leave its signal handlers alone (docs/decisions.md). Every request passes, in or
    of another site that a rebinding DNS points at 127.0.0.1 names its own host);
 2. **Origin**: absent or this server's own, else 403 (no CORS is ever answered);
 3. **credentials**: the API key as a bearer token, or a session cookie from a login
-   (see :mod:`backer.api.access`), else 401; with a cookie, a state-changing request
-   also needs the session's CSRF token in ``X-CSRF-Token``, else 403.
+   (see :mod:`backer.api.access`), else 401; with a cookie, every ``/api/`` request also
+   needs the session's CSRF token in ``X-CSRF-Token`` (``/api/events``, which a
+   browser's EventSource opens without headers: as ``?csrf=``), else 403.
+
+Why every request, reads too: a cookie is scoped by host, not port, so a browser sends
+it to any other server on 127.0.0.1 as well. The token is what such a server cannot
+have: the page gets it once, in the fragment of the login redirect (never sent to a
+server), and keeps it in ``sessionStorage``, which is per origin, port included; no
+endpoint hands it out for a cookie.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,7 +35,7 @@ from backer.connections.addresses import advertised, format_address
 from backer.errors import BackerError
 from backer.node.node import Node
 
-COOKIE = "backer_session"
+COOKIE = "backer_session_{port}"  # per port: two nodes on one machine keep their own
 MAX_BODY = 64 * 1024
 SHUTDOWN_S = 1.0
 STATIC = Path(__file__).parent / "static"
@@ -43,6 +51,7 @@ HEADERS = {
 CREDENTIALS: web.AppKey[access.Credentials] = web.AppKey("credentials")
 ATTEMPTS: web.AppKey[access.Attempts] = web.AppKey("attempts")
 HOSTS: web.AppKey[frozenset[str]] = web.AppKey("hosts")
+COOKIE_NAME: web.AppKey[str] = web.AppKey("cookie_name")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,12 +74,17 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path not in OPEN_PATHS and not credentials.bearer(
         request.headers.get("Authorization", "")
     ):
-        csrf = credentials.csrf(request.cookies.get(COOKIE))
+        csrf = credentials.csrf(request.cookies.get(request.app[COOKIE_NAME]))
         if csrf is None:
             raise _refuse(web.HTTPUnauthorized, "log in first: run 'backer open'")
         given = request.headers.get("X-CSRF-Token", "")
-        if request.method not in SAFE_METHODS and given != csrf:
-            raise _refuse(web.HTTPForbidden, "missing or wrong CSRF token")
+        if request.path == "/api/events" and not given:
+            given = request.query.get("csrf", "")
+        checked = request.path.startswith("/api/") or request.method not in SAFE_METHODS
+        if checked and not hmac.compare_digest(given.encode(), csrf.encode()):
+            raise _refuse(
+                web.HTTPForbidden, "missing or wrong CSRF token: open the page with 'backer open'"
+            )
     try:
         return await handler(request)
     except BackerError as exc:
@@ -82,11 +96,18 @@ async def _headers(_request: web.Request, response: web.StreamResponse) -> None:
 
 
 def _logged_in(request: web.Request) -> web.Response:
-    """A new session: its cookie set, and on to the page."""
-    cookie = request.app[CREDENTIALS].open_session()
-    response = web.HTTPSeeOther("/")
+    """A new session: its cookie set, and on to the page with the session's CSRF token
+    in the fragment (the only way it is ever handed out; see the module docstring)."""
+    credentials = request.app[CREDENTIALS]
+    cookie = credentials.open_session()
+    response = web.HTTPSeeOther(f"/#csrf={credentials.csrf(cookie)}")
     response.set_cookie(
-        COOKIE, cookie, httponly=True, samesite="Strict", path="/", max_age=access.SESSION_TTL_S
+        request.app[COOKIE_NAME],
+        cookie,
+        httponly=True,
+        samesite="Strict",
+        path="/",
+        max_age=access.SESSION_TTL_S,
     )
     return response
 
@@ -120,12 +141,6 @@ async def page(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
-async def session(request: web.Request) -> web.Response:
-    """The CSRF token of the caller's session (the page sends it back)."""
-    csrf = request.app[CREDENTIALS].csrf(request.cookies.get(COOKIE))
-    return web.json_response({"csrf": csrf})
-
-
 def allowed_hosts(settings: Settings, port: int) -> frozenset[str]:
     """The Host headers this server answers: loopback names, the bound address, and
     (bound to every address) each address of this machine."""
@@ -136,17 +151,17 @@ def allowed_hosts(settings: Settings, port: int) -> frozenset[str]:
 
 
 def application(
-    node: Node, credentials: access.Credentials, hosts: frozenset[str]
+    node: Node, credentials: access.Credentials, hosts: frozenset[str], port: int
 ) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[NODE] = node
     app[CREDENTIALS] = credentials
     app[ATTEMPTS] = access.Attempts(lambda line: node.log.warning("%s", line))
     app[HOSTS] = hosts
+    app[COOKIE_NAME] = COOKIE.format(port=port)
     app.on_response_prepare.append(_headers)
     app.router.add_get("/login", login)
     app.router.add_post("/login", login)
-    app.router.add_get("/api/session", session)
     app.router.add_get("/", page)
     app.router.add_static("/static", STATIC)
     app.add_routes(routes)
@@ -159,7 +174,7 @@ async def serve(node: Node, settings: Settings, home: Path, stop: asyncio.Event)
     credentials = access.Credentials(access.api_key(home), settings.password, home)
     await node.started.wait()
     runner = web.AppRunner(
-        application(node, credentials, allowed_hosts(settings, settings.port)),
+        application(node, credentials, allowed_hosts(settings, settings.port), settings.port),
         access_log=None,
         shutdown_timeout=SHUTDOWN_S,
     )

@@ -11,12 +11,21 @@ const EVENT_TYPES = [
   "error", "missed",
 ];
 
-async function api(path, options = {}) {
-  const headers = {};
-  if (options.method && options.method !== "GET") {
-    headers["X-CSRF-Token"] = state.csrf;
-    headers["Content-Type"] = "application/json";
+// The session's CSRF token arrives once, in the fragment of the login redirect, and is
+// kept per tab in sessionStorage (per origin, port included): every API call carries it,
+// because the cookie alone also reaches any other server on this host.
+function csrfToken() {
+  const given = new URLSearchParams(location.hash.slice(1)).get("csrf");
+  if (given) {
+    sessionStorage.setItem("backer-csrf", given);
+    history.replaceState(null, "", location.pathname + location.search);
   }
+  return sessionStorage.getItem("backer-csrf");
+}
+
+async function api(path, options = {}) {
+  const headers = { "X-CSRF-Token": state.csrf || "" };
+  if (options.method && options.method !== "GET") headers["Content-Type"] = "application/json";
   const response = await fetch(path, { ...options, headers, credentials: "same-origin" });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
@@ -389,7 +398,7 @@ function showProgress(event) {
 }
 
 function listen() {
-  const source = new EventSource("/api/events");
+  const source = new EventSource(`/api/events?csrf=${encodeURIComponent(state.csrf || "")}`);
   const live = $("live");
   source.onopen = () => { live.textContent = "live"; live.className = "badge ok"; };
   source.onerror = () => { live.textContent = "reconnecting"; live.className = "badge warn"; };
@@ -439,7 +448,8 @@ async function act(path, done) {
 
 async function start() {
   try {
-    state.csrf = (await api("/api/session")).csrf;
+    state.csrf = csrfToken();
+    if (!state.csrf) throw new Error("Open this page with 'backer open' (it logs this tab in).");
     await loadShares();
     await loadFiles();
     await loadConflicts();
