@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -448,14 +449,23 @@ def test_an_invite_comes_with_its_qr_code_for_a_phone(lone) -> None:
     assert api.call("POST", "/api/shares/solo/invite", {"expires": -1})[0] == 400
 
 
-def test_serving_the_ui_beyond_loopback_needs_a_password(tmp_path: Path) -> None:
+def test_serving_the_ui_beyond_loopback_needs_a_password_of_12_characters(
+    tmp_path: Path,
+) -> None:
+    """A one-character password was accepted for a UI reachable from the network."""
     device = Device(tmp_path, "open")
     device.root.mkdir()
     device.run("init", str(device.root))
     args = ("run", "--listen", f"127.0.0.1:{free_port()}", "--api", f"0.0.0.0:{free_port()}")
-    result = device.run(*args, check=False, timeout=60)
-    assert result.returncode == 1
-    assert "BACKER_API_PASSWORD" in result.stderr and "Traceback" not in result.stderr
+    for password in (None, "x", "eleven char"):
+        env = {} if password is None else {"BACKER_API_PASSWORD": password}
+        result = subprocess.run(
+            device.command(*args), env={**device.env, **env}, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 1, password
+        assert "BACKER_API_PASSWORD" in result.stderr and "12 characters" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 # -- two devices: events, pause --------------------------------------------------------

@@ -50,6 +50,7 @@ SESSIONS_FILE = "api-sessions"
 LOGIN_TTL_S = 120
 SESSION_TTL_S = 30 * 86400  # a browser logged in stays so this long (then: 'backer open')
 MAX_SESSIONS = 64  # the session closest to its expiry is dropped beyond this many
+MIN_PASSWORD = 12  # characters: 5 guesses a minute then take ages on any real password
 MAX_FAILURES = 5  # wrong passwords from one address within FAILURE_WINDOW_S: then 429
 FAILURE_WINDOW_S = 60.0
 MAX_CLIENTS = 4096  # addresses whose failures are remembered (the oldest forgotten)
@@ -68,10 +69,11 @@ class Settings:
         return loopback_only([format_address(self.host, self.port)])
 
     def __post_init__(self) -> None:
-        if not self.loopback and not self.password:
+        if not self.loopback and len(self.password or "") < MIN_PASSWORD:
             raise BackerError(
                 f"the web UI is served on {format_address(self.host, self.port)} (reachable "
-                f"from other machines) only with a password: set {PASSWORD_VARIABLE}"
+                f"from other machines) only with a password of at least {MIN_PASSWORD} "
+                f"characters: set {PASSWORD_VARIABLE}"
             )
 
 
