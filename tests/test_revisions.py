@@ -252,3 +252,58 @@ def test_a_destination_through_a_link_is_refused_before_anything_is_recorded(
         with pytest.raises(BackerError, match=re.escape(said)):
             commands.restore_plan(share, {"path": "doc.txt", "at": _moment(share), "to": str(dest)})
     assert share.journal.count() == events and os.listdir(outside) == []
+
+
+def _make(root: Path, kind: str, who: str) -> None:
+    """``root/x`` made of ``kind`` (it was a file) by ``who``."""
+    path = root / "x"
+    path.unlink()
+    if kind == "file":
+        path.write_text(f"{who}'s file\n")
+    elif kind == "folder":
+        path.mkdir()
+        (path / "inside.txt").write_text(f"{who}'s entry\n")
+    else:
+        os.symlink(f"/nowhere/{who}", path)
+
+
+def _kind_of(path: Path) -> str:
+    return "link" if path.is_symlink() else "folder" if path.is_dir() else "file"
+
+
+KINDS = ("file", "folder", "link")
+
+
+@pytest.mark.parametrize(
+    ("a_kind", "b_kind"),
+    [(a, b) for a in KINDS for b in KINDS if a != b],  # (two folders merge)
+)
+def test_R8_keeping_one_of_two_kinds_holds_the_path_with_it_or_is_refused(
+    tmp_path: Path, a_kind: str, b_kind: str
+) -> None:
+    for keep in (0, 1):
+        (tmp_path / str(keep)).mkdir()
+        a, b = make_devices(tmp_path / str(keep), 2)
+        (a.root / "x").write_text("base\n")
+        sync(a, b)
+        _make(a.root, a_kind, "a")
+        _make(b.root, b_kind, "b")
+        sync(a, b)
+        sync(a, b)
+        (conflict,) = revisions.conflicts(a.catalog)
+        chosen = conflict.contenders[keep]
+        kind = {Kind.FILE: "file", Kind.DIRECTORY: "folder", Kind.SYMLINK: "link"}
+        before = {share.root: sorted(os.listdir(share.root)) for share in (a, b)}
+        try:
+            said = revisions.resolve_conflict(a, "x", keep=chosen.version_id)
+        except BackerError as refused:
+            assert "folder" in str(refused) and "x" in str(refused)
+            assert revisions.conflicts(a.catalog) != []  # nothing was done
+            assert sorted(os.listdir(a.root)) == before[a.root]
+            continue
+        assert said.startswith(f"resolved x: kept version {chosen.version_id}")
+        sync(a, b)
+        for share in (a, b):
+            assert revisions.conflicts(share.catalog) == [], (keep, share.root)
+            assert sorted(os.listdir(share.root)) == [".backer", "x"], (keep, share.root)
+            assert _kind_of(share.root / "x") == kind[chosen.version.kind], (keep, share.root)

@@ -148,6 +148,7 @@ def resolve_conflict(
             ids = ", ".join(c.version_id for c in contenders)
             raise BackerError(f"{keep!r} is not one of the versions of {conflict.path!r}: {ids}")
         chosen = matching[0]
+    _refuse_a_kind_change(share, conflict, chosen)
     holding = tuple(sorted(share.catalog.live_versions(conflict.path)))
     if chosen.copy_path is not None or len(holding) > 1:  # (not yet planned: no copies)
         writes.append((conflict.path, _mine(share, chosen.version, holding)))
@@ -157,6 +158,37 @@ def resolve_conflict(
     apply(share, writes)
     copies = len(contenders) - 1
     return f"resolved {conflict.path}: kept version {chosen.version_id}, {copies} copies removed"
+
+
+_KIND_NAMES = {Kind.FILE: "file", Kind.DIRECTORY: "folder", Kind.SYMLINK: "link"}
+
+
+def _refuse_a_kind_change(share: Share, conflict: Conflict, chosen: Contender) -> None:
+    """Refuse to put a conflict copy in place of a folder, or a folder copy in place of
+    a file or link: a folder's entries are versions of their own paths, which one new
+    version at the path neither deletes nor brings along (the materializer kept the
+    folder and made the kept version a new conflict copy). Said before anything is
+    recorded, with what the person can do instead."""
+    if chosen.copy_path is None:
+        return
+    held = next((c for c in conflict.contenders if c.copy_path is None), None)
+    if held is None or held.version.kind == chosen.version.kind:
+        return
+    if Kind.DIRECTORY not in (held.version.kind, chosen.version.kind):
+        return
+    path, copy = conflict.path, chosen.copy_path
+    kept, there = _KIND_NAMES[chosen.version.kind], _KIND_NAMES[held.version.kind]
+    if held.version.kind == Kind.DIRECTORY:
+        entries = sum(1 for _ in share.catalog.live_under(path))
+        raise BackerError(
+            f"cannot keep the {kept} at {path}: {path} is a folder with {entries} entries, "
+            f"which resolve does not delete; move or delete the folder {path}, then rename "
+            f"{copy} to {path}"
+        )
+    raise BackerError(
+        f"cannot keep the folder {copy} at {path}: {path} is a {there}; move or delete "
+        f"{path}, then rename the folder {copy} to {path}"
+    )
 
 
 # -- time travel --------------------------------------------------------------------------
