@@ -477,6 +477,23 @@ def test_a_resolved_conflict_leaves_no_copy_on_any_node(how: str) -> None:
     assert machine.resolved
 
 
+def test_a_resolved_copy_that_another_device_records_again_stays_superseded() -> None:
+    """A race gives node 0 a conflict at a/c and node 2 the same conflict copy (its id
+    is the same everywhere); node 0 resolves it, deleting the copy. The copy added on
+    node 2 concurrently with that deletion came back live on every node, beside the
+    deletion that supersedes it (seed 11882)."""
+    steps = [
+        ("race", {"node": 0, "path": "a/c", "data": b"same", "limit": 24}),
+        ("scan", {"node": 0, "during": 28}),
+        ("resolve", {"node": 0, "pick": 48, "how": "keep-newest"}),
+    ]
+    try:
+        machine = replay(3, steps, 11882, RESIDENT | {"revisions"})
+    except Failure as failure:
+        pytest.fail(failure.reason)
+    assert machine.resolved
+
+
 def test_resolving_a_copys_own_conflict_resolves_that_one() -> None:
     """A conflict copy had a conflict of its own (a copy of the copy). ``backer resolve``
     of the copy's path resolved the conflict of which it is a copy instead (the first

@@ -191,7 +191,10 @@ class Catalog:
     # -- replicated state ------------------------------------------------------------
 
     def apply_delta(self, delta: Delta, author: bytes, position: int) -> None:
-        """Record what one journal event changed in the live set and in history."""
+        """Record what one journal event changed in the live set and in history. A
+        version that a known version supersedes is never live: two devices may record
+        the same version id (a conflict copy's is the same everywhere), and the CRDT
+        keeps the one added concurrently with the other's removal, on every device."""
         added = [(*split_key(key), version.encode()) for key, version in delta.added.items()]
         self.conn.executemany(
             "INSERT OR IGNORE INTO versions (path, vid, record, author, position) "
@@ -206,11 +209,14 @@ class Catalog:
             [(old, split_key(key)[1]) for key, v in delta.added.items() for old in v.supersedes],
         )
         self.conn.executemany(
-            "INSERT OR REPLACE INTO live (path, vid, record) VALUES (?, ?, ?)", added
+            "INSERT OR REPLACE INTO live (path, vid, record) SELECT ?, ?, ? "
+            "WHERE NOT EXISTS (SELECT 1 FROM supersedes WHERE old = ?)",
+            [(path, vid, record, vid) for path, vid, record in added],
         )
         self.conn.executemany(
             "DELETE FROM live WHERE path = ? AND vid = ?",
-            [split_key(key) for key in delta.removed],
+            [split_key(key) for key in delta.removed]
+            + [(split_key(key)[0], old) for key, v in delta.added.items() for old in v.supersedes],
         )
 
     def recorded(self, version_ids: list[str]) -> dict[str, tuple[str, bytes]]:
