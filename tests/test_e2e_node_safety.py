@@ -115,3 +115,19 @@ def test_r7_sessions_closed_on_rejected_events_back_off_and_status_says_why(
     finally:
         a_node.stop()
         b_node.stop()
+
+
+def test_r11_last_seen_of_an_offline_device_is_when_its_session_ended(tmp_path: Path) -> None:
+    a, b, (a_port, b_port) = joined_pair(tmp_path)
+    a_node, b_node = a.start(a_port), b.start(b_port)
+    try:
+        b_node.wait_for(" open (")
+        time.sleep(4)  # the session lasts a while
+        ended_ms = time.time_ns() // 1_000_000
+        assert b_node.stop() == 0
+    finally:
+        a_node.stop()
+        b_node.stop()
+    devices = json.loads(b.run("status", "--json", "--dir", str(b.root)).stdout)["devices"]
+    (other,) = [d for d in devices if not d["this"]]
+    assert other["last_seen_ms"] >= ended_ms - 500, (other, ended_ms)
