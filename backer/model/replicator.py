@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from blake3 import blake3
 
+from backer.db.catalog import Problem
 from backer.model.materializer import (
     Assembly,
     DiskFull,
@@ -92,6 +93,7 @@ class Replicator:
         self.assembly: Assembly | None = None  # temp files of the plan, filling up
         self.chunks_asked: dict[bytes, Session] = {}
         self.lacking: dict[bytes, set[Session]] = {}  # chunk or manifest -> peers without it
+        self.bad_manifests: dict[bytes, str] = {}  # content id -> why its chunk list was refused
         self.gave_up = False  # content no peer had at the last try: ask again when one writes
         self.awaited = 0  # peers being dialled that have not caught us up yet: plan after them
         self.disk_full: DiskFull | None = None  # why the last plan stopped or left files
@@ -304,6 +306,7 @@ class Replicator:
         self.stats.files_to_write += sum(op.version.kind in written for op in self.operations)
         self.window_start = 0
         self.lacking.clear()
+        self.bad_manifests.clear()
         self.gave_up = False
         self.manifest_queue.extend(manifests_needed(self.operations, self.share.catalog))
 
@@ -413,13 +416,20 @@ class Replicator:
         """Assemble the next window: temp files filled with every chunk found locally;
         the rest is queued for the peers."""
         catalog = self.share.catalog
-        window = [  # a file whose chunk list no peer had yet waits for the next plan (one
-            op  # is made when a peer writes), rather than failing as an error here
-            for op in self._window()
-            if op.version.kind != Kind.FILE or catalog.manifest(op.version.content) is not None
-        ]
+        window, refused = [], []
+        for op in self._window():
+            if op.version.kind != Kind.FILE or catalog.manifest(op.version.content) is not None:
+                window.append(op)
+            elif op.version.content in self.bad_manifests:  # the author's own bad data
+                reason = self.bad_manifests[op.version.content]
+                refused.append(
+                    Problem(op.path, f"not written: its chunk list is invalid: {reason}")
+                )
+            # else no peer had its chunk list yet: it waits for the next plan (one is made
+            # when a peer writes), rather than failing as an error here
         materializer = Materializer(self.share.root, self.share.catalog, self.store)
         self.assembly = materializer.start(window)
+        self.assembly.report.errors.extend(refused)
         self.share.db.conn.commit()  # the directories it made are recorded for an off-loop
         # scan's reader too, or it takes them for absent and misses their deletion
         self.share.temps_in_use = {staged.temp for staged in self.assembly.staged.values()}
@@ -493,7 +503,8 @@ class Replicator:
             raise ProtocolError("a manifest does not match its id")
         try:  # the sender relays what a version's author made: that file's problem
             check_manifest(manifest)
-        except BadManifest:
+        except BadManifest as exc:
+            self.bad_manifests[manifest_id] = str(exc)
             return
         self.share.catalog.put_received_manifest(manifest)
 
