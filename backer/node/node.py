@@ -105,8 +105,8 @@ _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim"
 
 def release_memory(share: Share) -> None:
     """Hand back what a whole scan leaves behind while the node then idles: SQLite's
-    page cache (up to 64 MiB, filled by the start-up check of the database and by the
-    scan; it fills again when needed) and the heap pages the scan's per-file objects
+    page cache (SQLite's default, 2 MB per connection, filled by the start-up check of
+    the database and by the scan; it fills again when needed) and the heap pages the scan's per-file objects
     freed, which glibc would otherwise keep. Measured on 100,000 files: 149 -> 123 MiB."""
     share.db.conn.execute("PRAGMA shrink_memory")
     if _malloc_trim is not None:
