@@ -74,7 +74,7 @@ ALL = frozenset(FAMILIES)
 CLASSIC: frozenset[str] = frozenset()
 DEFAULT_WORLD = frozenset(  # what CI and the tests run: the families that hold today
     {"faults", "disk", "durability", "ignore", "unicode", "case", "long", "tmpnames"}
-    | {"strict", "resident", "retention"}
+    | {"strict", "resident", "retention", "revisions"}
 )
 NAMES = {
     "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it
