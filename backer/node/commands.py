@@ -319,11 +319,13 @@ def _seen(share: Share) -> dict[str, Any]:
 
 
 def last_seen(share: Share, device: bytes) -> tuple[int | None, str | None]:
-    """When a session with ``device`` last opened or ended, and at which address; never
-    noted: what the address book says (:func:`last_contact`)."""
+    """When a session with ``device`` last opened or ended, and where it is reached (the
+    address dialled, else the address book's best); never noted: what the address book
+    says (:func:`last_contact`)."""
     noted = _seen(share).get(device.hex())
     if isinstance(noted, list) and len(noted) == 2 and isinstance(noted[0], int):
-        return noted[0], noted[1] if isinstance(noted[1], str) else None
+        address = noted[1] if isinstance(noted[1], str) else last_contact(share, device)[1]
+        return noted[0], address
     return last_contact(share, device)
 
 

@@ -103,11 +103,18 @@ def hold_home(home: Path) -> IO[bytes]:
 _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
 
 
+def _dialled_address(link: Link, device: bytes) -> str | None:
+    """Where ``link``'s peer can be reached: the address we dialled; an inbound
+    session's source port is not one (the address book then says where)."""
+    return link.address if link.initiator == device else None
+
+
 def release_memory(share: Share) -> None:
     """Hand back what a whole scan leaves behind while the node then idles: SQLite's
     page cache (SQLite's default, 2 MB per connection, filled by the start-up check of
-    the database and by the scan; it fills again when needed) and the heap pages the scan's per-file objects
-    freed, which glibc would otherwise keep. Measured on 100,000 files: 149 -> 123 MiB."""
+    the database and by the scan; it fills again when needed) and the heap pages the
+    scan's per-file objects freed, which glibc would otherwise keep. Measured on 100,000
+    files: 149 -> 123 MiB."""
     share.db.conn.execute("PRAGMA shrink_memory")
     if _malloc_trim is not None:
         _malloc_trim(0)
@@ -447,7 +454,7 @@ class Runtime:
             self._lost(old, reason)
         link.claimed = True
         self.links[link.peer] = link
-        note_seen(self.share, link.peer, link.address)
+        note_seen(self.share, link.peer, _dialled_address(link, self.share.device))
         self.publish(
             EventType.DEVICE_CONNECTED,
             device=device_id(link.peer),
@@ -479,7 +486,7 @@ class Runtime:
                     target.failures, target.due = count, max(target.due, due)
         else:
             self.failed.pop(link.peer, None)
-        note_seen(self.share, link.peer, link.address)
+        note_seen(self.share, link.peer, _dialled_address(link, self.share.device))
         self.log.info("%s: session with %s ended: %s", self.name, short_id(link.peer), reason)
         self.publish(
             EventType.DEVICE_DISCONNECTED,
