@@ -15,7 +15,7 @@ import pytest
 
 from backer.errors import BackerError
 from backer.model import revisions
-from backer.model.records import Kind
+from backer.model.records import Kind, Version
 from backer.model.share import Share
 from backer.node import commands
 from backer.protocol.session import Session
@@ -307,3 +307,26 @@ def test_R8_keeping_one_of_two_kinds_holds_the_path_with_it_or_is_refused(
             assert revisions.conflicts(share.catalog) == [], (keep, share.root)
             assert sorted(os.listdir(share.root)) == [".backer", "x"], (keep, share.root)
             assert _kind_of(share.root / "x") == kind[chosen.version.kind], (keep, share.root)
+
+
+def test_resolving_a_copys_own_conflict_resolves_that_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conflict copy had a conflict of its own (a copy of the copy) while the conflict
+    it is a copy of stood too. Resolving the copy's path resolved the conflict of which
+    it is a copy instead (the first match), so the copy of the copy stayed everywhere
+    (simulation seed 2; the two conflicts are given here as the catalog lists them)."""
+    (share,) = make_devices(tmp_path, 1)
+    version = Version(Kind.FILE, 1, content=bytes(32), device=b"d" * 8, time_ms=1)
+    copy = "f.sync-conflict-20260101-000000-AAAAAAA"
+    of_f = revisions.Conflict("f", [
+        revisions.Contender("A" * 12, version, None),
+        revisions.Contender("B" * 12, version, copy),
+    ])  # fmt: skip
+    of_copy = revisions.Conflict(copy, [
+        revisions.Contender("B" * 12, version, None),
+        revisions.Contender("C" * 12, version, copy + ".sync-conflict-20260101-000000-BBBBBBB"),
+    ])  # fmt: skip
+    monkeypatch.setattr(revisions, "conflicts", lambda catalog: [of_f, of_copy])
+    assert revisions.find_conflict(share.catalog, copy) is of_copy
+    assert revisions.find_conflict(share.catalog, "f") is of_f

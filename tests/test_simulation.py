@@ -494,37 +494,6 @@ def test_a_resolved_copy_that_another_device_records_again_stays_superseded() ->
     assert machine.resolved
 
 
-def test_resolving_a_copys_own_conflict_resolves_that_one() -> None:
-    """A conflict copy had a conflict of its own (a copy of the copy). ``backer resolve``
-    of the copy's path resolved the conflict of which it is a copy instead (the first
-    match), so the copy of the copy stayed everywhere (seed 2)."""
-    steps = [
-        ("write", {"node": 0, "path": "a/c", "data": b"same"}),
-        ("sync", {"a": 0, "b": 2, "cut": None}),
-        ("mkdir", {"node": 1, "path": "a/c"}),
-        ("sync", {"a": 2, "b": 1, "cut": None}),
-        ("write", {"node": 2, "path": "b/g", "data": b"d4"}),
-        ("scan", {"node": 2, "during": 8}),
-        ("disconnect", {"a": 2, "b": 1}),
-        ("race", {"node": 1, "path": "b/g", "data": b"d7", "limit": 15}),
-        ("sync", {"a": 2, "b": 0, "cut": None}),
-        ("append", {"node": 2, "path": "b/g", "data": b"more"}),
-        ("scan", {"node": 2, "during": 18}),
-        ("write", {"node": 1, "path": "b/g", "data": b""}),
-        ("scan", {"node": 1, "during": 21}),
-        ("deliver", {"a": 0, "b": 2, "count": 23}),
-        ("scan", {"node": 0, "during": 27}),
-        ("resolve", {"node": 1, "pick": 38, "how": "keep-both"}),
-    ]
-    try:
-        machine = replay(3, steps, 2, RESIDENT | {"revisions", "disk"})
-    except Failure as failure:
-        pytest.fail(failure.reason)
-    assert any(
-        ".sync-conflict-" in path.split("sync-conflict-", 1)[1] for path, _ in machine.resolved
-    )
-
-
 def test_a_resolution_leaves_a_persons_file_at_a_copys_path_alone() -> None:
     """The person wrote a file at the path of a conflict copy the node had planned but
     not yet written; the scan recorded it beside the copy. Resolving the conflict
