@@ -741,10 +741,15 @@ def test_a_device_that_needs_a_file_says_how_much_and_is_in_sync_once_it_needs_n
     a, b, api = cramped
     a_id = a.run("id").stdout.strip()
     until(lambda: device_entry(api, a)["in_sync"], "a in sync at first")
+    stream = api.stream()
     size = 12 << 20
     outside = b.root.parent / "big.bin"
     outside.write_bytes(os.urandom(size))
     outside.rename(b.root / "big.bin")
+    for event, _ in stream:  # on the bus as it happens: a page need not poll for it
+        if event["type"] == "device-state" and event["device"] == a_id:
+            assert (event["need_files"], event["need_bytes"]) == (1, size)
+            break
 
     def needs() -> Json:
         entry = device_entry(api, a)

@@ -31,6 +31,7 @@ class EventType(StrEnum):
     DEVICE_CONNECTED = "device-connected"
     DEVICE_DISCONNECTED = "device-disconnected"
     TRANSFER_PROGRESS = "transfer-progress"  # at most one per PROGRESS_INTERVAL_S
+    DEVICE_STATE = "device-state"  # what a connected device says it still needs changed
     CONFLICT_APPEARED = "conflict-appeared"  # concurrent versions kept as conflict copies
     CONFLICT_RESOLVED = "conflict-resolved"  # someone chose (here: the API's resolve)
     SCAN_STARTED = "scan-started"

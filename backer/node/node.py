@@ -156,6 +156,7 @@ class Link:
     moved: deque[tuple[float, int, int]] = field(default_factory=deque)  # the last
     # RATE_WINDOW measures: (seconds, chunk bytes received, sent)
     counted: tuple[int, int] = (0, 0)  # chunk bytes received and sent at the last measure
+    need_published: tuple[int, int] | None = None  # the device's need last on the bus
 
     def measure(self, seconds: float) -> None:
         """Note what moved in the last ``seconds`` (called every PROGRESS_INTERVAL_S)."""
@@ -535,6 +536,7 @@ class Runtime:
                 link.measure(elapsed)
                 if link.session is not None:
                     link.session.tell_need(*need)
+                    self._publish_need(link, link.session.peer_need)
             self.hub.flush()
             now = replicator.progress() if replicator.operations is not None else None
             if now is not None and now != last:
@@ -549,6 +551,19 @@ class Runtime:
                     rate=round(fetched / PROGRESS_INTERVAL_S),
                 )
             last = now
+
+    def _publish_need(self, link: Link, told: tuple[int, int] | None) -> None:
+        """What a device says it still needs, on the bus when it changed: a page shows
+        'needs N files' or 'in sync' as it happens, not at its next poll."""
+        if told is None or told == link.need_published:
+            return
+        link.need_published = told
+        self.publish(
+            EventType.DEVICE_STATE,
+            device=device_id(link.peer),
+            need_files=told[0],
+            need_bytes=told[1],
+        )
 
     # -- dialling -----------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 const FEED_MAX = 200;
 const EVENT_TYPES = [
   "local-change", "remote-applied", "device-connected", "device-disconnected",
-  "transfer-progress", "conflict-appeared", "conflict-resolved", "scan-started", "scan-finished", "paused", "resumed",
+  "transfer-progress", "device-state", "conflict-appeared", "conflict-resolved", "scan-started", "scan-finished", "paused", "resumed",
   "error", "missed",
 ];
 
