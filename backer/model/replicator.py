@@ -103,6 +103,7 @@ class Replicator:
         self.sink_asked: dict[bytes, Session] = {}
         self.sink_lacking: dict[bytes, set[Session]] = {}
         self.needed: dict[str, int] = {}  # path -> bytes, of the last plan, until applied
+        self.window_paths: list[str] = []  # the paths of the window being assembled
 
     @property
     def idle(self) -> bool:
@@ -430,6 +431,7 @@ class Replicator:
         materializer = Materializer(self.share.root, self.share.catalog, self.store)
         self.assembly = materializer.start(window)
         self.assembly.report.errors.extend(refused)
+        self.window_paths = [op.path for op in window]
         self.share.db.conn.commit()  # the directories it made are recorded for an off-loop
         # scan's reader too, or it takes them for absent and misses their deletion
         self.share.temps_in_use = {staged.temp for staged in self.assembly.staged.values()}
@@ -472,8 +474,10 @@ class Replicator:
         self.assembly = None
         self.reports.append(report)
         self.share.note_applied(report)
-        for path in (*report.written, *report.deleted, *report.kept_local_edits):
-            self.needed.pop(path, None)
+        failed = {problem.path for problem in report.errors}
+        for path in self.window_paths:  # applied, or moot (already so on disk): done
+            if path not in failed:
+                self.needed.pop(path, None)
         self.stats.files_written += len(report.written)
         self.stats.files_deleted += len(report.deleted)
         self.share.resumable_temps.update(report.kept_temps)
