@@ -381,8 +381,10 @@ function addToFeed(event) {
 let refreshTimer = null;
 function refreshSoon(delay = 150) {
   // (while a device catches up, its state changes without an event: look again soon)
-  clearTimeout(refreshTimer);
+  // At most one refresh waits: a steady stream of events must not put it off for ever.
+  if (refreshTimer !== null) return;
   refreshTimer = setTimeout(() => {
+    refreshTimer = null;
     loadShares().then(loadFiles).then(loadConflicts).catch((e) => notice(e.message));
     if (state.selected) openHistory(state.selected).catch(() => {});
   }, delay);
