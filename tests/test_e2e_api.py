@@ -337,9 +337,10 @@ def test_a_node_with_an_open_event_stream_still_stops_cleanly_at_once(lone) -> N
     stream.close()
 
 
-def test_beyond_loopback_the_password_opens_a_session_and_a_wrong_one_does_not(
-    tmp_path: Path,
-) -> None:
+@contextlib.contextmanager
+def serving_beyond_loopback(tmp_path: Path) -> Iterator[tuple[Api, Node]]:
+    """A share's node with its web UI on every address, behind the password
+    'correct horse'; stopped at the end."""
     device = Device(tmp_path, "wide")
     device.root.mkdir()
     device.run("init", str(device.root))
@@ -347,7 +348,16 @@ def test_beyond_loopback_the_password_opens_a_session_and_a_wrong_one_does_not(
     node = device.start(api=f"0.0.0.0:{port}", BACKER_API_PASSWORD="correct horse")
     try:
         node.wait_for("web UI on")
-        api = Api(node, port)
+        yield Api(node, port), node
+    finally:
+        node.stop()
+
+
+def test_beyond_loopback_the_password_opens_a_session_and_a_wrong_one_does_not(
+    tmp_path: Path,
+) -> None:
+    with serving_beyond_loopback(tmp_path) as (api, _):
+        port = api.port
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         for password, wanted in (("wrong", 401), ("correct+horse", 303)):
@@ -363,8 +373,6 @@ def test_beyond_loopback_the_password_opens_a_session_and_a_wrong_one_does_not(
         status, answer, _ = api.call("GET", "/api/shares", key=None, headers=headers)
         assert status == 200 and answer[0]["name"] == "wide"
         assert api.call("GET", "/api/shares", key=None)[0] == 401
-    finally:
-        node.stop()
 
 
 def post_password(api: Api, password: str) -> http.client.HTTPResponse:
@@ -380,14 +388,7 @@ def post_password(api: Api, password: str) -> http.client.HTTPResponse:
 def test_wrong_passwords_are_limited_per_address_with_429_and_logged_once(
     tmp_path: Path,
 ) -> None:
-    device = Device(tmp_path, "wide")
-    device.root.mkdir()
-    device.run("init", str(device.root))
-    port = free_port()
-    node = device.start(api=f"0.0.0.0:{port}", BACKER_API_PASSWORD="correct horse")
-    try:
-        node.wait_for("web UI on")
-        api = Api(node, port)
+    with serving_beyond_loopback(tmp_path) as (api, node):
         assert [post_password(api, f"guess{n}").status for n in range(5)] == [401] * 5
         for password in ("guess5", "correct+horse"):  # (even the right one, for now)
             refused = post_password(api, password)
@@ -397,8 +398,6 @@ def test_wrong_passwords_are_limited_per_address_with_429_and_logged_once(
         time.sleep(0.3)
         assert sum("wrong passwords from" in line for line in node.lines) == 1, node.log
         assert api.call("GET", "/api/shares")[0] == 200  # the key is not locked out
-    finally:
-        node.stop()
 
 
 def test_a_login_session_survives_a_restart_of_the_node_stored_hashed_and_private(
