@@ -537,3 +537,13 @@ def test_a_resolution_its_device_lost_to_an_old_backup_resolved_nothing() -> Non
     except Failure as failure:
         pytest.fail(failure.reason)
     assert machine.stats["revised"] == 1 and machine.stats["restores"] == 1
+
+
+def test_a_restore_that_writes_nothing_says_so_instead_of_restored() -> None:
+    """A file version restored where a folder now stands (another device wrote inside
+    it) was not written, yet the restore answered "restored" and recorded no new
+    version (seed 13842 of the full default world)."""
+    try:
+        run_seed(13842, 3, 60, DEFAULT_WORLD)
+    except Failure as failure:
+        pytest.fail(failure.reason)

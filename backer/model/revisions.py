@@ -485,6 +485,9 @@ def carry_out(share: Share, plan: RestorePlan, store: ChunkStore, outside: Path 
     if report.kept_local_edits:
         edited = ", ".join(report.kept_local_edits[:3])
         raise BackerError(f"{edited} changed while being restored; that change was kept")
+    if report.errors and not (report.written or report.deleted):  # (e.g. a folder now
+        problem = report.errors[0]  # stands where a file is restored): nothing happened
+        raise BackerError(f"{problem.path}: not restored: {problem.reason}")
     deleted = sum(v.kind == Kind.DELETED for _, v in plan.writes)
     counts = f" ({len(plan.writes) - deleted} written, {deleted} deleted)" if deleted else ""
     return f"restored {plan.summary}{counts}"
