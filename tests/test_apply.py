@@ -56,25 +56,32 @@ def _same_or_absent(source: Path, replica: Path) -> None:
     assert not [p for p in replica.rglob("*") if is_temp_name(p.name)]
 
 
+def _filled_mid_transfer(tmp_path: Path, disk: Path) -> tuple[Share, Share, Session, Links]:
+    """a sends four 2 MiB files to b on ``disk``; once b's window is open, another
+    program fills the disk to 3 MiB short of full."""
+    a, b = _pair_on(tmp_path, disk / "b")
+    for n in range(4):
+        (a.root / f"f{n}.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 1000 * n))
+    a.scan()
+    b.scan()
+    left, right = Session(a, "a"), Session(b, "b")
+    links = Links([(left, right)])
+    for _ in range(100):
+        if right.replicator.assembly is not None:
+            break
+        links.step()
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "filler", "wb") as filler:
+        filler.write(b"x" * (free - 3 * 1024 * 1024))
+    return a, b, right, links
+
+
 def test_a_disk_that_fills_mid_transfer_stops_it_with_nothing_torn_and_a_later_sync_finishes(
     tmp_path: Path,
 ) -> None:
     """Writes were unchecked: a short write at ENOSPC left zeros that were recorded."""
     with small_disk(tmp_path / "disk", "32m") as disk:
-        a, b = _pair_on(tmp_path, disk / "b")
-        for n in range(4):
-            (a.root / f"f{n}.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 1000 * n))
-        a.scan()
-        b.scan()
-        left, right = Session(a, "a"), Session(b, "b")
-        links = Links([(left, right)])
-        for _ in range(100):
-            if right.replicator.assembly is not None:
-                break
-            links.step()
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        with open(disk / "filler", "wb") as filler:  # another program fills the disk
-            filler.write(b"x" * (free - 3 * 1024 * 1024))
+        a, b, right, links = _filled_mid_transfer(tmp_path, disk)
         links.run()
         problem = right.replicator.disk_full
         assert problem is not None and str(problem).startswith("disk full: ")
@@ -455,20 +462,7 @@ def test_an_eio_removing_temps_when_the_disk_fills_ends_as_disk_full_not_an_exce
     one of those removals too (EIO) and that error escaped instead of the disk-full
     problem (seed 11177). The temp it kept is resumed by the sync once there is room."""
     with small_disk(tmp_path / "disk", "32m") as disk:
-        a, b = _pair_on(tmp_path, disk / "b")
-        for n in range(4):
-            (a.root / f"f{n}.bin").write_bytes(os.urandom(2 * 1024 * 1024 + 1000 * n))
-        a.scan()
-        b.scan()
-        left, right = Session(a, "a"), Session(b, "b")
-        links = Links([(left, right)])
-        for _ in range(100):
-            if right.replicator.assembly is not None:
-                break
-            links.step()
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        with open(disk / "filler", "wb") as filler:
-            filler.write(b"x" * (free - 3 * 1024 * 1024))
+        a, b, right, links = _filled_mid_transfer(tmp_path, disk)
         unlink = Path.unlink
 
         def failing(path: Path, missing_ok: bool = False) -> None:
