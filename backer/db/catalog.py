@@ -25,7 +25,7 @@ import sqlite3
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import sqlite_utils
 
@@ -81,6 +81,16 @@ def _nfc(text: str) -> str:
 MANIFEST_CACHE = 16_384  # a plan looks each manifest up several times, near in time
 
 
+def rows_where_in(
+    conn: sqlite3.Connection, select: str, column: str, values: list[Any]
+) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``select`` whose ``column`` is one of ``values``: one query per 500
+    values (SQLite's limit on parameters, and one query rather than one per value)."""
+    for start in range(0, len(values), 500):
+        part = values[start : start + 500]
+        yield from conn.execute(f"{select} WHERE {column} IN ({','.join('?' * len(part))})", part)
+
+
 def read_local(
     conn: sqlite3.Connection, paths: Iterable[str] | None = None, subtrees: Iterable[str] = ()
 ) -> dict[str, LocalEntry]:
@@ -92,11 +102,7 @@ def read_local(
     subtrees = list(subtrees)
     if paths is None and not subtrees:
         return {row[0]: make(row) for row in conn.execute(select)}
-    wanted, found = list(paths or ()), {}
-    for i in range(0, len(wanted), 500):
-        part = wanted[i : i + 500]
-        query = f"{select} WHERE path IN ({','.join('?' * len(part))})"
-        found.update((row[0], make(row)) for row in conn.execute(query, part))
+    found = {row[0]: make(row) for row in rows_where_in(conn, select, "path", list(paths or ()))}
     for top in subtrees:  # 'a/' < every 'a/...' < 'a0' ('0' follows '/')
         rows = conn.execute(f"{select} WHERE path > ? AND path < ?", (top + "/", top + "0"))
         found.update((row[0], make(row)) for row in rows)
@@ -222,16 +228,9 @@ class Catalog:
     def recorded(self, version_ids: list[str]) -> dict[str, tuple[str, bytes]]:
         """(path, record) of each of ``version_ids`` already in history: one query per
         500 ids (a first sync checks 100,000s, one event of ~1,000 at a time)."""
-        found: dict[str, tuple[str, bytes]] = {}
-        for start in range(0, len(version_ids), 500):
-            some = version_ids[start : start + 500]
-            rows = self.conn.execute(
-                "SELECT vid, path, record FROM versions "
-                f"WHERE vid IN ({','.join('?' * len(some))})",
-                some,
-            )
-            found.update((vid, (path, record)) for vid, path, record in rows)
-        return found
+        select = "SELECT vid, path, record FROM versions"
+        rows = rows_where_in(self.conn, select, "vid", version_ids)
+        return {vid: (path, record) for vid, path, record in rows}
 
     def live_for(self, paths: list[str]) -> dict[str, dict[str, Version]]:
         """Live versions of many paths at once (one query per few hundred paths)."""
@@ -567,16 +566,10 @@ class Catalog:
     ) -> dict[bytes, list[tuple[str, int, int]]]:
         """:meth:`chunk_locations` of many chunks at once (one query per 500, not one
         per chunk: a large file has thousands)."""
-        wanted, found = sorted(set(hashes)), {}
-        for i in range(0, len(wanted), 500):
-            part = wanted[i : i + 500]
-            rows = self.conn.execute(
-                "SELECT hash, path, offset, length FROM chunks "
-                f"WHERE hash IN ({','.join('?' * len(part))})",
-                part,
-            )
-            for row in rows:
-                found.setdefault(row[0], []).append((row[1], row[2], row[3]))
+        found: dict[bytes, list[tuple[str, int, int]]] = {}
+        select = "SELECT hash, path, offset, length FROM chunks"
+        for row in rows_where_in(self.conn, select, "hash", sorted(set(hashes))):
+            found.setdefault(row[0], []).append((row[1], row[2], row[3]))
         return found
 
     # -- membership ------------------------------------------------------------------
