@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 
 from .campaign import Failure, run_seed, shrink
 from .machine import ALL, DEFAULT_WORLD, FAMILIES
@@ -69,7 +70,11 @@ def main() -> None:
         "pruned_bytes": 0,
         "revised": 0,
         "refused": 0,
+        "crafted": 0,
+        "hostile_refusals": 0,
+        "hostile_crashes": 0,
     }
+    reasons: Counter[str] = Counter()
     failures = 0
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         if args.max_seconds and time.monotonic() - started > args.max_seconds:
@@ -96,6 +101,7 @@ def main() -> None:
         totals["scenarios"] += 1
         for key in totals.keys() - {"scenarios"}:
             totals[key] += stats[key]
+        reasons.update(stats["reasons"])
     elapsed = time.monotonic() - started
     print(
         f"{totals['scenarios'] + failures} scenarios ({args.nodes} nodes), "
@@ -110,6 +116,14 @@ def main() -> None:
         f"{totals['revised']} restores and resolutions ({totals['refused']} refused), "
         f"{failures} failures, {elapsed:.0f} s"
     )
+    if "hostile" in args.world:
+        print(
+            f"hostile member: {totals['crafted']} crafted changes, "
+            f"{totals['hostile_refusals']} sessions refused by honest nodes, "
+            f"{totals['hostile_crashes']} crashes of its own client"
+        )
+        for reason, count in reasons.most_common():
+            print(f"  refused {count}x: {reason}")
     print(f"world: {','.join(sorted(args.world)) or 'classic'}")
     print(f"simulations: {totals['scenarios']} passed, {failures} failed")
     sys.exit(1 if failures else 0)

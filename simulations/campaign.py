@@ -8,6 +8,7 @@ from typing import Any
 
 from backer.versioner.retention import MINUTE
 
+from .hostile import CRAFTS
 from .machine import (
     CAPS,
     CLASSIC,
@@ -47,6 +48,7 @@ WORLD_RULES = {  # family: (rule, weight)
     "disk": [("disk_full", 2), ("disk_freed", 2)],
     "retention": [("prune", 5), ("cap", 2)],
     "revisions": [("restore_version", 5), ("restore_at", 3), ("resolve", 6)],
+    "hostile": [("craft", 6)],
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
@@ -133,6 +135,8 @@ def _random_step(
         return choice, {"node": node, "pick": rnd.randrange(100), "how": rnd.choice(RESOLUTIONS)}
     if choice == "cap":
         return choice, {"node": node, "percent": rnd.choice(CAPS)}
+    if choice == "craft":
+        return choice, {"kind": rnd.choice(CRAFTS), "pick": rnd.randrange(100)}
     if choice == "race":
         data = rnd.choice(contents) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
         path = rnd.choice(files)
@@ -170,6 +174,7 @@ def run_seed(seed: int, nodes: int, count: int, world: frozenset[str] = CLASSIC)
     while len(steps) < count:
         steps += _random_steps(rnd, nodes, world)
     machine = replay(nodes, steps[:count], seed, world)
+    hostile = machine.cluster.hostile
     return {
         "fingerprint": machine.fingerprint,
         "steps": count,
@@ -188,6 +193,10 @@ def run_seed(seed: int, nodes: int, count: int, world: frozenset[str] = CLASSIC)
         "pruned_bytes": machine.stats["pruned_bytes"],
         "revised": machine.stats["revised"],
         "refused": machine.stats["refused"],
+        "crafted": hostile.crafts if hostile else 0,
+        "hostile_refusals": sum(hostile.refusals.values()) if hostile else 0,
+        "hostile_crashes": hostile.crashes if hostile else 0,
+        "reasons": dict(hostile.refusals) if hostile else {},
     }
 
 

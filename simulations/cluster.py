@@ -50,6 +50,7 @@ from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 from backer.versioner.prune import PruneReport, prune_share
 
 from .faults import Disks
+from .hostile import Hostile, Sandbox, check_sandboxes
 from .world import InvariantBroken, Watch, ignored, pin_directory_times, reachable_temps
 
 
@@ -292,15 +293,27 @@ class Cluster:
     watch: Watch = field(default_factory=Watch)
     aborts: int = 0  # node processes ended by a disk error
     resident: bool = False  # nodes run as ``backer run``: see the module's docstring
+    boxed: bool = False  # one node is hostile, every node lives in a sandbox (see .hostile)
+    hostile: Hostile | None = None
+    boxes: list[Sandbox] = field(default_factory=list)
     _acting: int = 0
 
     def __post_init__(self) -> None:
         self.random = random.Random(self.seed)
         keys = [nacl.signing.SigningKey(self.random.randbytes(32)) for _ in range(self.size)]
         for index, key in enumerate(keys):
-            root = self.base / f"node{index}"
-            root.mkdir(parents=True)
-            self.nodes.append(Node(f"node{index}", key, root, self.base / f"home{index}"))
+            root, home = self.base / f"node{index}", self.base / f"home{index}"
+            if self.boxed:
+                box = Sandbox(self.base / f"box{index}", f"node{index}")
+                box.make()
+                self.boxes.append(box)
+                root, home = box.root, box.home
+            else:
+                root.mkdir(parents=True)
+            self.nodes.append(Node(f"node{index}", key, root, home))
+        if self.boxed:  # never node 0: the honest nodes converge through it
+            index = self.random.randrange(1, self.size)
+            self.hostile = Hostile(index, bytes(keys[index].verify_key))
         founder = Share.create(self.nodes[0].root, keys[0], home=self.nodes[0].home)
         self.nodes[0].share = founder
         for node in self.nodes[1:]:
@@ -338,18 +351,32 @@ class Cluster:
             pin_directory_times([n.root for n in self.nodes], started)
             names = [n.name for n in self.nodes]
             self.watch.check(names, [n.root for n in self.nodes], [n.share for n in self.nodes])
+            self.check_sandboxes()
             for node in self.nodes:  # a failing disk may have left a step half done
                 if self.disks.active(node.root):
                     node.edit(None)
 
+    def check_sandboxes(self) -> None:
+        """Nothing written outside any node's share (see :mod:`.hostile`)."""
+        if self.boxed:
+            check_sandboxes(self.base, self.boxes, [f"node{i}" for i in range(len(self.boxes))])
+
+    def is_hostile(self, index: int) -> bool:
+        return self.hostile is not None and self.hostile.index == index
+
     def guarded(self, index: int, action: Callable[[], object]) -> bool:
         """Run backer code of one node; an error while its disk is failing ends that
-        node's process (False), as it ends ``backer sync``; any other error is a bug."""
+        node's process (False), as it ends ``backer sync``, and so does any error of the
+        hostile node's modified client; any other error is a bug."""
         try:
             action()
         except (ProtocolError, Crashed):
             raise  # the peer's fault: the session is refused; or the process is gone
         except Exception:
+            if self.hostile is not None and self.is_hostile(index):
+                self.hostile.crashes += 1
+                self.crash(index)
+                return False
             if not self.disks.active(self.nodes[index].root):
                 raise
             self.aborts += 1
@@ -401,10 +428,11 @@ class Cluster:
 
     def _collect(self) -> None:
         """Move every session's outbox onto its link, one frame per message."""
-        for link in self.links.values():
+        for key, link in self.links.items():
             for index, session in enumerate(link.sessions):
+                hostile = self.hostile if self.is_hostile(key[index]) else None
                 for message in session.take_outbox():
-                    frame = message.encode()
+                    frame = (hostile.forge(message) if hostile else message).encode()
                     self.traffic.bytes += len(frame)
                     link.queues[1 - index].append(frame)
 
@@ -428,14 +456,20 @@ class Cluster:
             self.traffic.messages += 1
             session = link.sessions[index]
             for message in link.readers[index].feed(frame):
+                if self.is_hostile(key[index]) and self.hostile.drops(message):  # type: ignore[union-attr]
+                    continue
                 try:
                     if not self.guarded(
                         key[index], functools.partial(self._receive, session, message)
                     ):
                         return delivered
-                except ProtocolError as exc:  # every node is honest: nothing must be refused
-                    receiver, sender = (self.nodes[key[i]].name for i in (index, 1 - index))
-                    raise InvariantBroken(f"{receiver} refused {sender}: {exc}") from exc
+                except ProtocolError as exc:  # honest nodes refuse only the hostile one
+                    if self.hostile is None or self.hostile.index not in key:
+                        receiver, sender = (self.nodes[key[i]].name for i in (index, 1 - index))
+                        raise InvariantBroken(f"{receiver} refused {sender}: {exc}") from exc
+                    self.hostile.refused(str(exc))
+                    self.disconnect(*key)
+                    return delivered
             self._collect()
         return delivered
 
@@ -662,6 +696,35 @@ class Cluster:
         for a, b in [k for k in self.links if node in k]:
             self.disconnect(a, b)
         self.nodes[node].crash()
+
+    def craft(self, kind: str, pick: int) -> None:
+        """The hostile node's modified client records a crafted change (see
+        :mod:`.hostile`) and pushes it to its open links, as it pushes a scan's."""
+        hostile = self.hostile
+        if hostile is None or hostile.index < 0 or self.nodes[hostile.index].down:
+            return
+        node = self.nodes[hostile.index]
+        others = [bytes(n.key.verify_key) for n in self.nodes if n is not node]
+
+        def craft() -> None:
+            hostile.craft(node.open(), kind, pick, others)
+            node.hub().journal_grew()
+            node.hub().advance()
+
+        with self.acting():
+            self.guarded(hostile.index, craft)
+            node.edit(None)  # what its own scan makes of it is no honest node's concern
+            self._collect()
+
+    def expel_hostile(self) -> None:
+        """Leave the honest nodes among themselves for the final checks: the hostile
+        node's links close, its process ends and it leaves the list (never node 0)."""
+        if self.hostile is None or self.hostile.index < 0:
+            return
+        for a, b in list(self.links):
+            self.disconnect(a, b)
+        self.nodes.pop(self.hostile.index).stop()
+        self.hostile.index = -1
 
     def write(self, node: int, path: str, data: bytes) -> None:
         self.nodes[node].edit([path])

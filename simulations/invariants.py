@@ -11,6 +11,7 @@ from pathlib import Path
 import nacl.signing
 from blake3 import blake3
 
+from backer.fs.paths import is_valid
 from backer.model.materializer import copy_version_id
 from backer.model.records import Kind, Version
 from backer.model.share import Share
@@ -38,11 +39,39 @@ OVERHEAD = 24 * 1024  # summaries, events, manifests: what a sync costs besides 
 
 def _fingerprint(cluster: Cluster) -> list[tuple]:
     fingerprints = []
-    trees = synced_trees([node.root for node in cluster.nodes])
+    trees = synced_trees([node.root for node in cluster.nodes], blocked_paths(cluster))
     for node, tree in zip(cluster.nodes, trees, strict=True):
         summary = {a: c.length for a, c in node.open().journal.summary().items()}
         fingerprints.append((sorted(summary.items()), sorted(tree.items())))
     return fingerprints
+
+
+def blocked_paths(cluster: Cluster) -> set[str]:
+    """Paths a hostile member blocked: their live versions include one it recorded that
+    no honest node can write — no honest node holds its bytes (they were only ever on
+    the hostile node), or a node refused to apply it with a reason (its chunks do not
+    add up to its size). Each honest node keeps what it had there, and its honest
+    versions; the disks need not agree at such a path."""
+    if cluster.hostile is None:
+        return set()
+    hostile, blocked = cluster.hostile, set[str]()
+    honest = [n for i, n in enumerate(cluster.nodes) if not cluster.is_hostile(i)]
+    refused = {
+        path
+        for node in honest
+        for (path,) in node.open().catalog.conn.execute(
+            "SELECT path FROM problems WHERE source = 'apply'"
+        )
+    }
+    for path, vid, version in honest[0].open().catalog.all_live():
+        if vid not in hostile.crafted and version.device != hostile.device[:8]:
+            continue
+        if path in refused or (
+            version.kind == Kind.FILE
+            and all(held_bytes(n.root, n.open().catalog, version.content) is None for n in honest)
+        ):
+            blocked.add(path)
+    return blocked
 
 
 def converge(cluster: Cluster, rounds: int | None = None) -> int:
@@ -84,6 +113,8 @@ def check_pushed(cluster: Cluster, limit: int = 20_000) -> None:
         else:
             raise InvariantBroken(f"open links still busy after {limit} messages")
     for a, b in sorted(cluster.links):
+        if cluster.is_hostile(a) or cluster.is_hostile(b):
+            continue  # what honest nodes refused of it stays with it
         ours, theirs = (cluster.nodes[i].open().journal.summary() for i in (a, b))
         if {k: c.length for k, c in ours.items()} != {k: c.length for k, c in theirs.items()}:
             raise InvariantBroken(
@@ -122,7 +153,7 @@ def forget_history_nobody_has(cluster: Cluster) -> None:
 
 def check_quiescent(cluster: Cluster) -> None:
     shares = [node.open() for node in cluster.nodes]
-    trees = synced_trees([node.root for node in cluster.nodes])
+    trees = synced_trees([node.root for node in cluster.nodes], blocked_paths(cluster))
     for node, tree in zip(cluster.nodes[1:], trees[1:], strict=True):
         if tree != trees[0]:
             only_here = sorted(set(tree) ^ set(trees[0]))
@@ -197,6 +228,14 @@ def check_no_lost_write(cluster: Cluster) -> None:
     for vid, (path, version) in decoded.items():
         same_content.setdefault((path, version.content), []).append(vid)
 
+    def untrusted(vid: str, version: Version) -> bool:
+        """Whether the hostile member recorded it (crafted, or its person's edit, whose
+        bytes it may never serve): no honest node's file."""
+        hostile = cluster.hostile
+        if hostile is None:
+            return False
+        return vid in hostile.crafted or version.device == hostile.device[:8]
+
     def accounted(vid: str, seen: frozenset[str] = frozenset()) -> bool:
         if vid in superseded:
             return True
@@ -221,7 +260,7 @@ def check_no_lost_write(cluster: Cluster) -> None:
         rules, pinned = IgnoreRules.load(node.root), set[str]()
         synced_tree(node.root, pinned)
         for vid, (path, version) in decoded.items():
-            if version.kind != Kind.FILE or version.content in on_disk:
+            if version.kind != Kind.FILE or version.content in on_disk or untrusted(vid, version):
                 continue
             if ignored(rules, path) or is_pinned(path, pinned):
                 continue  # this device leaves that path alone, or cannot have a file there
@@ -229,6 +268,17 @@ def check_no_lost_write(cluster: Cluster) -> None:
                 raise InvariantBroken(
                     f"{node.name} lost the write {vid} of {path!r} ({version.size} bytes)"
                 )
+
+
+def check_honest_paths(cluster: Cluster) -> None:
+    """No honest node holds a version at a path that is not a valid share path (one a
+    hostile member named: out of the share, impossible here, into the metadata)."""
+    for node in cluster.nodes:
+        share = node.open()
+        stored = share.catalog.conn.execute("SELECT DISTINCT path FROM versions")
+        for path in [p for (p,) in stored] + [p for p, _, _ in share.state.live()]:
+            if not is_valid(path):
+                raise InvariantBroken(f"{node.name} accepted the path {path!r}")
 
 
 def check_order_independence(cluster: Cluster, rng: random.Random) -> None:

@@ -26,8 +26,10 @@ from backer.versioner import config as retention_config
 from backer.versioner.retention import DAY, HOUR, MINUTE, WEEK
 
 from .cluster import Cluster
+from .hostile import BIG_RULES, CRAFTS
 from .invariants import (
     check_bytes_scale_with_difference,
+    check_honest_paths,
     check_order_independence,
     check_pushed,
     check_quiescent,
@@ -66,6 +68,12 @@ FAMILIES = {
     "`backer prune` does, some with a small size cap set as `backer config` does",
     "revisions": "people restore versions of files (deleted ones too) and folders as they "
     "were at a past moment, and resolve conflicts (keep one, keep both, keep the newest)",
+    "hostile": "one node per seed is a member running a modified client: it records "
+    "crafted events (paths out of the share or impossible here, links with files through "
+    "them, a .backerignore link/folder/2 MiB, lying sizes, kind changes, one id at two "
+    "paths, extreme times, floods, another member's name), stops answering chunk requests "
+    "or serves bytes that do not hash; every node lives in a sandbox that must hold "
+    "nothing else",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -155,7 +163,13 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.seeded.callback(setattr, materializer, name, getattr(materializer, name))
                 setattr(materializer, name, value)
         self.base = Path(tempfile.mkdtemp(prefix="backer-sim-", dir=scratch_dir()))
-        self.cluster = Cluster(self.base, seed=seed, size=nodes, resident="resident" in self.world)
+        self.cluster = Cluster(
+            self.base,
+            seed=seed,
+            size=nodes,
+            resident="resident" in self.world,
+            boxed="hostile" in self.world,
+        )
         self.cluster.watch.strict = "strict" in self.world
         self.seeded.enter_context(self.cluster.disks.installed())
         self.stats = dict.fromkeys(
@@ -198,6 +212,8 @@ class ClusterMachine(RuleBasedStateMachine):
             return  # the namespace collides (a file where a directory is): nothing happens
         finally:
             pin_directory_times([n.root for n in self.cluster.nodes], started)
+            if self.cluster.boxes:  # (through a link of theirs, maybe outside the share)
+                self.cluster.boxes[node].person_edited()
             if paths is not None:  # an edit through a link lands where the link points
                 paths |= {real for p in touched if (real := _inside(root, p)) is not None}
             self.cluster.nodes[node].edit(paths)
@@ -424,6 +440,20 @@ class ClusterMachine(RuleBasedStateMachine):
         if spelled is not None:
             self._write_spelled(node, spelled, data)
 
+    @rule(kind=st.sampled_from(CRAFTS), pick=st.integers(0, 99))
+    def craft(self, kind: str, pick: int) -> None:
+        """The hostile member records a crafted change (or its person writes a 2 MiB
+        ``.backerignore``, which its watcher records)."""
+        hostile = self.cluster.hostile
+        if hostile is None or hostile.index < 0:
+            return
+        if kind == "ignore_big":
+            target = self.root(hostile.index) / IGNORE_FILE
+            self._fs(hostile.index, lambda: target.write_bytes(BIG_RULES), target, changed=None)
+            self.cluster.scan(hostile.index)
+            return
+        self.cluster.craft(kind, pick)
+
     @rule(node=node_index)
     def stop(self, node: int) -> None:
         """``backer run`` stops (its links closed); others go on without it."""
@@ -578,6 +608,7 @@ class ClusterMachine(RuleBasedStateMachine):
             if self.cluster.resident:
                 check_pushed(self.cluster)
                 self.cluster.resident = False  # the heal below: one-shot syncs, as before
+            self.cluster.expel_hostile()  # the honest nodes are checked among themselves
             converge(self.cluster)
             self.stats["conflicts"] = self.cluster.conflicts
             check_quiescent(self.cluster)
@@ -591,6 +622,9 @@ class ClusterMachine(RuleBasedStateMachine):
             self.fingerprint = fingerprint(self.cluster)
             check_order_independence(self.cluster, self.cluster.random)
             check_bytes_scale_with_difference(self.cluster, self.cluster.random)
+            if self.cluster.hostile is not None:
+                check_honest_paths(self.cluster)
+                self.cluster.check_sandboxes()
         finally:
             self.cluster.close()
             self.seeded.close()

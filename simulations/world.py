@@ -18,7 +18,7 @@ import contextlib
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,14 +241,14 @@ def _recorded_and_replaced(share: Share, path: str, entry: Entry) -> bool:
     )
 
 
-def synced_trees(roots: list[Path]) -> list[dict[str, tuple]]:
+def synced_trees(roots: list[Path], blocked: Collection[str] = ()) -> list[dict[str, tuple]]:
     """What a person sees under each root and backer syncs, comparable across nodes:
     ignored entries are left out, and so is every path at or above an ignored entry on
     any node (a directory holding an ignored file, or an ignored directory, cannot give
     way to a file). A path one node's rules leave out is pinned even where that node
     lacks it: backer writes no path its rules ignore (seed 11772: a garbled
     ``.backerignore`` that matched everything, itself included)."""
-    pinned: set[str] = set()
+    pinned: set[str] = set(blocked)
     trees = [synced_tree(root, pinned) for root in roots]
     rules = [IgnoreRules.load(root) for root in roots]
     for tree in trees:

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from backer.fs import paths
+from backer.model import state
 from backer.model.materializer import Materializer
 from backer.protocol.session import Session
 from backer.scanner.ignore import temp_name
@@ -547,3 +549,42 @@ def test_a_restore_that_writes_nothing_says_so_instead_of_restored() -> None:
         run_seed(13842, 3, 60, DEFAULT_WORLD)
     except Failure as failure:
         pytest.fail(failure.reason)
+
+
+HOSTILE = frozenset({"hostile"})
+MET = [("sync", {"a": 0, "b": 1, "cut": None}), ("sync", {"a": 0, "b": 2, "cut": None})]
+MET += [("sync", {"a": 1, "b": 2, "cut": None})]  # every node has the share's history
+
+
+def test_a_hostile_member_writes_nothing_outside_any_share_and_is_refused_with_reasons() -> None:
+    """Links out of the share (to its sandbox, its parent, a sentinel) with files
+    recorded through them, a .backerignore that is a link, bad paths and a lying size:
+    every node's sandbox holds only its share and home, the honest nodes converge, and
+    each refusal of the hostile member is counted with its reason."""
+    crafts = [("craft", {"kind": k, "pick": p}) for k, p in [("escape_link", 1),
+              ("escape_link", 2), ("nested_link", 3), ("ignore_link", 0),
+              ("lying_size", 3), ("bad_path", 0), ("bad_path", 9)]]  # fmt: skip
+    again = [("sync", {"a": a, "b": b, "cut": None}) for a, b in [(0, 1), (0, 2), (1, 2)]]
+    machine = _passes(MET + crafts[:5] + again + crafts[5:] + again, HOSTILE)
+    hostile = machine.cluster.hostile
+    assert hostile is not None and hostile.crafts == len(crafts)
+    assert any("bad entry" in reason for reason in hostile.refusals), hostile.refusals
+
+
+def test_the_harness_catches_a_peer_path_with_dot_dot_accepted() -> None:
+    """With the path check broken to let '..' through (a fix of the past undone), the
+    hostile member's '../outside/pwn' is stored by an honest node, and the harness
+    says so."""
+    steps = [*MET, ("craft", {"kind": "bad_path", "pick": 0}), *MET]
+    _passes(steps, HOSTILE)
+    real = paths.check
+
+    def lax(path: str) -> str:
+        return path if ".." in path.split("/") else real(path)
+
+    state.check = lax  # type: ignore[assignment]
+    try:
+        with pytest.raises(Failure, match=r"outside its share|accepted the path"):
+            replay(3, steps, 0, HOSTILE)
+    finally:
+        state.check = real  # type: ignore[assignment]
