@@ -198,7 +198,7 @@ def _sample(cls: type[Message]) -> Message:
     values: list[object] = []
     for field in dataclasses.fields(cls):
         kind = str(field.type)
-        values.append(1 if kind == "int" else b"x" * 32 if kind == "bytes" else [b"x" * 32])
+        values.append(1 if kind == "int" else b"x" * 32 if kind.startswith("bytes") else [b"x" * 32])
     return cls(*values)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backer.model import materializer
+from backer.model import materializer, replicator
 from backer.model.share import Share
 from backer.protocol.channel import ChannelError, SecureChannel
 from backer.protocol.session import Session
@@ -23,10 +23,13 @@ from backer.protocol.wire import (
     ProtocolError,
     WantChunks,
 )
-from backer.scanner.content import Manifest
+from backer.scanner import chunks
+from backer.scanner.chunks import ChunkStore
+from backer.scanner.content import MAX_CHUNK, ChunkRef, Manifest, manifest_of_bytes
 from tests.helpers import make_devices, waiting_for_chunks
 from tests.test_channel import pair, shake
 
+MIB = 1024 * 1024
 MESSAGES: list[Message] = [
     Hello(3, b"a"),
     WantChunks([os.urandom(32) for _ in range(64)]),
@@ -186,3 +189,110 @@ def test_a_write_that_mangled_a_fetched_chunk_never_becomes_the_file(
     errors = [str(e) for r in right.replicator.reports for e in r.errors]
     assert any("do not match" in e for e in errors), errors
     assert not [p for p in b.root.iterdir() if p.name.startswith("big.bin")]
+
+
+def test_the_receiver_asks_for_chunks_a_request_at_a_time_not_one_per_arriving_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once its window is full, the receiver asks again only when a whole request's
+    worth of it has arrived, not for one more chunk as each one arrives; the window
+    still bounds what is in flight."""
+    monkeypatch.setattr(replicator, "MAX_BYTES_IN_FLIGHT", 2 * MIB)
+    monkeypatch.setattr(replicator, "REFILL_BYTES", MIB // 2)
+    requests: list[int] = []
+    in_flight: list[int] = []
+    asked = Session._on_wantchunks
+
+    def counting(session: Session, message: WantChunks) -> list[Message]:
+        requests.append(len(message.hashes))
+        return asked(session, message)
+
+    monkeypatch.setattr(Session, "_on_wantchunks", counting)
+    note = replicator.Replicator._ask
+
+    def noting(self: replicator.Replicator, session: Session, *args: object) -> None:
+        note(self, session, *args)  # type: ignore[arg-type]
+        in_flight.append(session.bytes_in_flight)
+
+    monkeypatch.setattr(replicator.Replicator, "_ask", noting)
+    data = os.urandom(8 * MIB)
+    b, right = _fetch(tmp_path, {"big.bin": data})
+    assert (b.root / "big.bin").read_bytes() == data
+    chunks = sum(requests)
+    assert chunks == right.stats.chunks_fetched > 64
+    assert len(requests) <= chunks // 4, requests  # one per arriving chunk: ~3/4 of them
+    assert max(in_flight) <= 2 * MIB + MAX_CHUNK
+
+
+def _indexed(tmp_path: Path, files: dict[str, bytes]) -> tuple[Share, ChunkStore, list[ChunkRef]]:
+    """A share holding ``files``, scanned; its chunk store and the first file's chunks."""
+    (share,) = make_devices(tmp_path, 1)
+    for name, content in files.items():
+        (share.root / name).write_bytes(content)
+    share.scan()
+    manifest = manifest_of_bytes(next(iter(files.values())))
+    return share, ChunkStore(share.root, share.catalog), manifest.chunks
+
+
+def test_the_sender_reads_a_requests_chunks_with_one_query_and_one_read_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer's request for a file's chunks is served with one index query for all of
+    them and one read per run of chunks that lie back to back: not a query, an open, a
+    read and a close per chunk."""
+    data = os.urandom(3 * MIB)
+    share, store, refs = _indexed(tmp_path, {"big.bin": data})
+    assert 16 < len(refs) <= 64
+    reads: list[int] = []
+    preadv = os.preadv
+
+    def counting(fd: int, buffers: list[bytearray], offset: int) -> int:
+        reads.append(offset)
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(chunks.os, "preadv", counting)
+    monkeypatch.setattr(
+        share.catalog, "chunk_locations", lambda _: pytest.fail("a query per chunk")
+    )
+    found = store.read_many([ref.hash for ref in refs])
+    assert {ref.hash: bytes(found[ref.hash]) for ref in refs} == {
+        ref.hash: data[ref.offset : ref.offset + ref.length] for ref in refs
+    }
+    assert reads == [0]
+
+
+def test_a_chunk_changed_on_disk_since_indexed_is_read_from_another_file_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    """The sender never answers with bytes that do not match the hash asked for: a
+    chunk overwritten since the scan is taken from another file that holds it, and a
+    chunk no file holds any longer is missing from the answer (sent as empty)."""
+    data = os.urandom(2 * MIB)
+    share, store, refs = _indexed(tmp_path, {"a.bin": data, "b.bin": data[: MIB // 2]})
+    early = refs[0]  # b.bin holds it too
+    late = next(ref for ref in refs if ref.offset > MIB)  # only a.bin held it
+    with open(share.root / "a.bin", "r+b") as handle:
+        for ref in (early, late):
+            handle.seek(ref.offset)
+            handle.write(bytes([data[ref.offset] ^ 0xFF]))
+    found = store.read_many([ref.hash for ref in refs])
+    assert late.hash not in found
+    assert {h: bytes(v) for h, v in found.items()} == {
+        ref.hash: data[ref.offset : ref.offset + ref.length] for ref in refs if ref != late
+    }
+
+
+def test_a_received_chunk_is_a_view_of_the_decrypted_read_not_a_copy() -> None:
+    """A chunk's bytes are decoded in place: the data is a view of the buffer the
+    channel decrypted into, whatever else shares the read."""
+    client, server = _established()
+    sent = [Chunk(os.urandom(32), os.urandom(70_000)), WantChunks([os.urandom(32)])]
+    plaintext = bytearray()
+    for message in sent:
+        message.encode_into(plaintext)
+    client.send(plaintext)
+    buffer = server.receive_data(client.data_to_send())
+    received = list(FrameReader().feed(buffer))
+    assert received == sent
+    data = received[0].data  # type: ignore[attr-defined]
+    assert isinstance(data, memoryview) and data.obj is buffer

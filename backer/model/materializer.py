@@ -569,7 +569,7 @@ class Assembly:
         self.waiting += staged.missing == 0
         staged.missing += 1
 
-    def place(self, chunk_hash: bytes, data: bytes) -> None:
+    def place(self, chunk_hash: bytes, data: bytes | memoryview) -> None:
         """Write a verified chunk wherever the plan needs it."""
         with self.stopping_when_full():
             for staged, offset in self._places.pop(chunk_hash, ()):

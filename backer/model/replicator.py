@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 MANIFESTS_PER_REQUEST = 500
 CHUNKS_PER_REQUEST = 64
 MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024  # per peer: requests stop there until chunks arrive
+REFILL_BYTES = 4 * 1024 * 1024  # a peer is asked again once this much of its window
+# arrived (or CHUNKS_PER_REQUEST chunks): one request per ~64 chunks, not one per chunk
 MAX_CHUNKS_IN_FLIGHT = 4096  # per peer, however small the chunks (a peer queues at most
 MANIFESTS_IN_FLIGHT = 2000  # session.MAX_OWED requests of ours)
 WINDOW_FILES = 5_000
@@ -58,7 +60,7 @@ class ChunkSink(Protocol):
 
     wanted: dict[bytes, int]  # hash -> length, still to arrive
 
-    def place(self, chunk_hash: bytes, data: bytes) -> None: ...
+    def place(self, chunk_hash: bytes, data: bytes | memoryview) -> None: ...
 
     def unavailable(self, chunk_hash: bytes) -> None: ...
 
@@ -187,7 +189,9 @@ class Replicator:
         self._send(batches)
         self.sinks = [s for s in self.sinks if s.wanted]
 
-    def _sink_chunk(self, session: Session, chunk_hash: bytes, data: bytes) -> None:
+    def _sink_chunk(
+        self, session: Session, chunk_hash: bytes, data: bytes | memoryview
+    ) -> None:
         """A chunk asked for a sink arrived (empty: that peer lacks it)."""
         del self.sink_asked[chunk_hash]
         wanting = [s for s in self.sinks if chunk_hash in s.wanted]
@@ -444,7 +448,19 @@ class Replicator:
         self.stats.chunks_reused += max(0, total - len(self.chunk_lengths))
         self.chunk_queue.extend(self.chunk_lengths)
 
+    @staticmethod
+    def _refillable(session: Session) -> bool:
+        """Whether a whole request's worth of ``session``'s window has arrived: asking
+        for each chunk as another arrives would cost a message and a pass through the
+        plan per chunk, each way."""
+        return (
+            session.bytes_in_flight <= MAX_BYTES_IN_FLIGHT - REFILL_BYTES
+            and session.chunks_in_flight <= MAX_CHUNKS_IN_FLIGHT - CHUNKS_PER_REQUEST
+        )
+
     def _request_chunks(self) -> None:
+        """Ask the least busy peers for queued chunks, each up to its window, once it
+        has room for a whole request (:meth:`_refillable`)."""
         batches: dict[Session, list[bytes]] = {}
         while self.chunk_queue:
             chunk_hash = self.chunk_queue[0]
@@ -453,6 +469,8 @@ class Replicator:
                 self.chunk_queue.popleft()
                 self.gave_up = True
                 continue
+            if session not in batches and not self._refillable(session):
+                break
             if (
                 session.bytes_in_flight >= MAX_BYTES_IN_FLIGHT
                 or session.chunks_in_flight >= MAX_CHUNKS_IN_FLIGHT
@@ -512,7 +530,17 @@ class Replicator:
             return
         self.share.catalog.put_received_manifest(manifest)
 
-    def chunk_arrived(self, session: Session, chunk_hash: bytes, data: bytes) -> None:
+    def chunk_arrived(
+        self, session: Session, chunk_hash: bytes, data: bytes | memoryview
+    ) -> None:
+        """Take in a chunk from ``session`` (empty: that peer lacks it), then move on if
+        that lets anything move: a request to refill the peer's window, the re-asking of
+        a lacked chunk, the end of the window. Most arrivals only write their bytes."""
+        self._take_chunk(session, chunk_hash, data)
+        if not data or not self.chunks_asked or self.sinks or self._refillable(session):
+            self.advance()
+
+    def _take_chunk(self, session: Session, chunk_hash: bytes, data: bytes | memoryview) -> None:
         if self.chunks_asked.get(chunk_hash) is not session and (
             self.sink_asked.get(chunk_hash) is session
         ):

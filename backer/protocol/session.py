@@ -199,6 +199,7 @@ class Session:
         self.waiting_since: float | None = None
         self.lazy = False  # the transport builds replies as its output drains
         self.owed: deque[tuple[int, bytes]] = deque()  # requests of the peer not yet answered
+        self.read_ahead: dict[bytes, bytes | memoryview] = {}  # owed chunks already read
         self.sending_part: tuple[bytes, bytes, int] | None = None  # id, body, offset
         self.receiving_part: tuple[bytes, int, bytearray] | None = None  # id, total, so far
         self.peer_summary: dict[bytes, Checkpoint] = {}  # checked claims, until the last part
@@ -490,6 +491,19 @@ class Session:
             raise ProtocolError(f"more than {MAX_OWED} requests outstanding")
         self.owed.extend((kind, key) for key in keys)
 
+    def _read_ahead(self) -> None:
+        """Read the chunks of the requests at the head of the queue (one peer's request
+        at most) in one go: one index query, each file opened once, contiguous chunks in
+        one read (:meth:`~backer.scanner.chunks.ChunkStore.read_many`). A chunk no local
+        file holds is answered empty."""
+        keys: list[bytes] = []
+        for kind, key in self.owed:
+            if kind != _CHUNK or len(keys) == CHUNKS_PER_REQUEST:
+                break
+            keys.append(key)
+        found = self.replicator.store.read_many(keys)
+        self.read_ahead = {key: found.get(key, b"") for key in keys}
+
     def _manifest_body(self, manifest_id: bytes) -> bytes:
         manifest = self.share.catalog.manifest(manifest_id)
         return manifest.encoded if manifest else b""
@@ -498,8 +512,10 @@ class Session:
         """The next reply owed: one chunk, a batch of manifests, or a slice of a large one."""
         kind, key = self.owed[0]
         if kind == _CHUNK:
+            if key not in self.read_ahead:
+                self._read_ahead()
             self.owed.popleft()
-            data = self.replicator.store.read(key) or b""
+            data = self.read_ahead.pop(key)
             self.stats.chunk_bytes_sent += len(data)
             return Chunk(key, data)
         if self.sending_part is None:
@@ -556,7 +572,6 @@ class Session:
 
     def _on_chunk(self, message: Chunk) -> list[Message]:
         self.replicator.chunk_arrived(self, message.hash, message.data)
-        self.replicator.advance()
         return []
 
     def push(self) -> None:

@@ -50,6 +50,14 @@ class _Reader:
     def blob(self) -> bytes:
         return self.take(self._number(4))
 
+    def view(self) -> memoryview:
+        """A length-prefixed field left in place: a view of the frame buffer, no copy."""
+        size = self._number(4)
+        if self.offset + size > len(self.data):
+            raise ProtocolError("message is truncated")
+        self.offset += size
+        return self.data[self.offset - size : self.offset]
+
     def blobs(self) -> list[bytes]:
         count = self._number(4)
         if count > MAX_FRAME // 4:
@@ -61,14 +69,16 @@ class _Reader:
             raise ProtocolError("message has trailing bytes")
 
 
-_INT, _BYTES, _LIST = 0, 1, 2
+_INT, _BYTES, _LIST, _VIEW = 0, 1, 2, 3
 
 
 @functools.cache
 def _layout(cls: type[Message]) -> tuple[tuple[str, int], ...]:
     """(name, kind) of each field of a message class, in wire order: looked up once per
-    class, not once per message (a 1 GiB transfer is ~15,000 messages each way)."""
-    kinds = {"int": _INT, "bytes": _BYTES}
+    class, not once per message (a 1 GiB transfer is ~15,000 messages each way). A
+    ``bytes | memoryview`` field (a chunk's data) is sent from either and decoded as a
+    view of the frame buffer: chunk bytes are not copied out of the decrypted read."""
+    kinds = {"int": _INT, "bytes": _BYTES, "bytes | memoryview": _VIEW}
     return tuple((f.name, kinds.get(str(f.type), _LIST)) for f in fields(cls))
 
 
@@ -85,7 +95,7 @@ class Message:
             value = getattr(self, name)
             if kind == _INT:
                 total += 8
-            elif kind == _BYTES:
+            elif kind != _LIST:  # bytes or a view
                 total += 4 + len(value)
             else:
                 total += 4 + sum(4 + len(item) for item in value)
@@ -103,7 +113,7 @@ class Message:
             value = getattr(self, name)
             if kind == _INT:
                 out += value.to_bytes(8, "big")
-            elif kind == _BYTES:
+            elif kind != _LIST:  # bytes or a view
                 out += len(value).to_bytes(4, "big")
                 out += value
             else:
@@ -119,12 +129,14 @@ class Message:
 
     @classmethod
     def decode_body(cls, reader: _Reader) -> Message:
-        values: list[int | bytes | list[bytes]] = []
+        values: list[int | bytes | memoryview | list[bytes]] = []
         for _, kind in _layout(cls):
             if kind == _INT:
                 values.append(reader.integer())
             elif kind == _BYTES:
                 values.append(reader.blob())
+            elif kind == _VIEW:
+                values.append(reader.view())
             else:
                 values.append(reader.blobs())
         reader.finish()
@@ -203,11 +215,12 @@ class WantChunks(Message):
 
 @dataclass
 class Chunk(Message):
-    """One chunk's bytes (empty data: the sender does not have it)."""
+    """One chunk's bytes (empty data: the sender does not have it): a view of the
+    sender's read buffer, and of the receiver's decrypted read (see :func:`_layout`)."""
 
     TYPE = 8
     hash: bytes
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +21,7 @@ from backer.db.catalog import Catalog
 from backer.scanner.content import ChunkRef
 
 COPY_PIECE = 1024 * 1024  # copied (and hashed) this much at a time, through one buffer
+READ_RUN = 4 * 1024 * 1024  # a peer's chunks lying back to back are read this much at a time
 
 
 class Run(NamedTuple):
@@ -48,7 +49,11 @@ class ChunkStore:
 
     def read(self, chunk_hash: bytes) -> bytes | None:
         """The verified bytes of a chunk from any local file that still holds it."""
-        for path, offset, length in self.catalog.chunk_locations(chunk_hash):
+        return self._read_from(chunk_hash, self.catalog.chunk_locations(chunk_hash))
+
+    def _read_from(self, chunk_hash: bytes, places: Iterable[tuple[str, int, int]]) -> bytes | None:
+        """The first of ``places`` that still holds the chunk's bytes (re-hashed)."""
+        for path, offset, length in places:
             fd = self._open(path)
             if fd is None:
                 continue
@@ -61,6 +66,48 @@ class ChunkStore:
             if blake3(data).digest() == chunk_hash:
                 return data
         return None
+
+    def read_many(self, hashes: Sequence[bytes]) -> dict[bytes, bytes | memoryview]:
+        """The verified bytes of those of ``hashes`` that local files still hold, for a
+        peer's request: one index query for all of them, each file opened once, and each
+        run of chunks that lie back to back in it read with one ``preadv`` into one
+        buffer (the chunks are views of it, sent without another copy). Every chunk is
+        re-hashed before it is returned: a file changed since it was indexed costs a
+        miss here (its other places are then tried one by one), never bytes sent under a
+        hash they do not have (the receiver would close the session on them)."""
+        locations = self.catalog.chunk_locations_of(hashes)
+        by_path: dict[str, list[tuple[int, int, bytes]]] = {}
+        for chunk_hash in dict.fromkeys(hashes):
+            places = locations.get(chunk_hash)
+            if places:
+                path, offset, length = places[0]
+                by_path.setdefault(path, []).append((offset, length, chunk_hash))
+        found: dict[bytes, bytes | memoryview] = {}
+        for path, wanted in by_path.items():
+            fd = self._open(path)
+            if fd is None:
+                continue
+            try:
+                for run in _back_to_back(sorted(wanted)):
+                    start = run[0][0]
+                    buffer = bytearray(run[-1][0] + run[-1][1] - start)
+                    try:
+                        count = os.preadv(fd, [buffer], start)
+                    except OSError:
+                        break
+                    held = memoryview(buffer)[:count]
+                    for offset, length, chunk_hash in run:
+                        data = held[offset - start : offset - start + length]
+                        if len(data) == length and blake3(data).digest() == chunk_hash:
+                            found[chunk_hash] = data
+            finally:
+                os.close(fd)
+        for chunk_hash, places in locations.items():
+            if chunk_hash not in found:
+                data = self._read_from(chunk_hash, places[1:])
+                if data is not None:
+                    found[chunk_hash] = data
+        return found
 
     def locate(self, refs: Sequence[ChunkRef]) -> list[Run]:
         """Where the chunks ``refs`` of a file (in offset order) can be copied from, as
@@ -146,3 +193,20 @@ def _pieces(chunks: list[ChunkRef]) -> Iterator[list[ChunkRef]]:
         size += ref.length
     if piece:
         yield piece
+
+
+def _back_to_back(
+    wanted: list[tuple[int, int, bytes]],
+) -> Iterator[list[tuple[int, int, bytes]]]:
+    """(offset, length, hash) in offset order, grouped into runs that follow one another
+    in the file, each at most READ_RUN bytes (one chunk at least)."""
+    run: list[tuple[int, int, bytes]] = []
+    for item in wanted:
+        if run and (
+            item[0] != run[-1][0] + run[-1][1] or item[0] + item[1] - run[0][0] > READ_RUN
+        ):
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
