@@ -198,7 +198,8 @@ def _sample(cls: type[Message]) -> Message:
     values: list[object] = []
     for field in dataclasses.fields(cls):
         kind = str(field.type)
-        values.append(1 if kind == "int" else b"x" * 32 if kind.startswith("bytes") else [b"x" * 32])
+        blob = kind.startswith("bytes")  # (a chunk's data: ``bytes | memoryview``)
+        values.append(1 if kind == "int" else b"x" * 32 if blob else [b"x" * 32])
     return cls(*values)
 
 
