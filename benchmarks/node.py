@@ -193,10 +193,7 @@ class SyncthingNodes(Nodes):
         """Wait for the folder's first scan after event ``since`` to end (scanning → idle)."""
         deadline = time.monotonic() + STEP_TIMEOUT_S
         while time.monotonic() < deadline:
-            events = self.one.rest.call(
-                "GET", f"/rest/events?events=StateChanged&since={since}&timeout=5"
-            )
-            for event in events or []:
+            for event in self.one.rest.events(since, ("StateChanged",), 5):
                 since = max(since, event["id"])
                 data = event["data"]
                 if data["folder"] == FOLDER and data["from"] == "scanning" and data["to"] == "idle":

@@ -3,7 +3,7 @@ empty target ``b``, then ``initial()`` and, after each mutation of ``a``, ``prop
 Each step returns its wall time, bytes on the wire and the peak RSS of every process.
 
 Only loopback is used. "In sync" is never assumed: the runner compares both trees by
-path, size and SHA-256 after every step (and Syncthing's own status decides when to
+path, size and SHA-256 after every step (and Syncthing's own events decide when to
 stop its clock; see :class:`Syncthing`).
 """
 
@@ -12,15 +12,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from .measure import PeakRss, Processes, free_port, run_measured, tree_listing, wait_for_port
 
@@ -33,7 +38,8 @@ class Step:
     wire_bytes: int | None  # None: the tool has no wire (two local roots)
     rss_mib: dict[str, float] = field(default_factory=dict)
     note: str = ""
-    harness_cpu_pct: float = 0.0  # the benchmark's own CPU while timing (sampler, poller)
+    harness_cpu_pct: float = 0.0  # the benchmark's own CPU while timing (sampler, listeners)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # the tool's daemons, user + system
 
 
 class Tool:
@@ -217,6 +223,15 @@ class _Rest:
             payload = response.read()
         return json.loads(payload) if payload.strip() else None
 
+    def events(self, since: int, types: tuple[str, ...], timeout_s: int) -> list[dict[str, Any]]:
+        """The events of ``types`` after id ``since``, waiting up to ``timeout_s`` for the
+        first (a long poll: Syncthing is asked nothing while it works, unlike
+        ``/rest/db/status``, which walks the folder's database at every call). Ids count
+        per set of ``types``, and Syncthing keeps a set's events only from its first request
+        on: ask once with ``timeout_s`` 0 before the events of interest can happen."""
+        query = f"/rest/events?events={','.join(types)}&since={since}&timeout={timeout_s}"
+        return self.call("GET", query) or []
+
 
 class _Instance:
     """One headless Syncthing with its own home, GUI/REST and listen port on 127.0.0.1."""
@@ -312,17 +327,123 @@ def syncthing_pair(work: Path, processes: Processes) -> tuple[_Instance, _Instan
     return one, two
 
 
+def event_time(stamp: str) -> float:
+    """Syncthing's event time (RFC 3339 with up to nanoseconds) as Unix seconds."""
+    found = re.fullmatch(r"(.+T\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", stamp)
+    if found is None:
+        raise ValueError(f"not an RFC 3339 time: {stamp!r}")
+    whole, fraction, zone = found.groups()
+    seconds = datetime.fromisoformat(whole + zone.replace("Z", "+00:00")).timestamp()
+    return seconds + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+
+
+COMPLETION_EVENTS = ("StateChanged", "FolderSummary", "FolderCompletion")
+PULLING = ("sync-waiting", "sync-preparing", "syncing")  # a folder's states while it pulls
+
+
+class Completion:
+    """Whether a step is done, from both instances' events alone: ``a`` idle at a
+    sequence past ``sequence_before`` (it rescanned), ``b`` idle after a pull with
+    nothing needed, and ``a`` rating ``b`` 100 % complete after ``a``'s last sequence.
+
+    ``finished_at`` is Syncthing's own time of ``b``'s last pull ending (a ``PULLING``
+    state → ``idle``): the files are in place then. The summaries that confirm it come later
+    (Syncthing computes them at most every 2 s), and the moment the benchmark reads an
+    event depends on the benchmark, so neither stops the clock."""
+
+    def __init__(self, folder: str, b_id: str, sequence_before: int) -> None:
+        self.folder, self.b_id, self.sequence_before = folder, b_id, sequence_before
+        self.a_sequence, self.a_idle, self.b_complete_on_a = -1, False, False
+        self.b_idle, self.b_needs_nothing = False, False
+        self.finished_at: float | None = None
+
+    def feed(self, side: str, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if data.get("folder") != self.folder:
+            return
+        kind = event.get("type")
+        if kind == "StateChanged":
+            idle = data["to"] == "idle"
+            if side == "a":
+                self.a_idle = idle
+                return
+            self.b_idle = idle
+            if data["to"] in PULLING:  # needs what the summary after the pull will say
+                self.b_needs_nothing = False
+            if idle and data["from"] in PULLING:
+                self.finished_at = event_time(event["time"])
+        elif kind == "FolderSummary":
+            summary = data["summary"]
+            if side == "a":
+                if summary["sequence"] != self.a_sequence:
+                    self.b_complete_on_a = False  # rated against an older index
+                self.a_sequence, self.a_idle = summary["sequence"], summary["state"] == "idle"
+            else:
+                self.b_idle = summary["state"] == "idle"
+                self.b_needs_nothing = summary["needTotalItems"] == 0 and summary["needBytes"] == 0
+        elif kind == "FolderCompletion" and side == "a" and data.get("device") == self.b_id:
+            self.b_complete_on_a = data["completion"] >= 100 and data.get("needItems", 0) == 0
+
+    @property
+    def done(self) -> bool:
+        return (
+            self.a_sequence > self.sequence_before and self.a_idle and self.b_complete_on_a
+            and self.b_idle and self.b_needs_nothing and self.finished_at is not None
+        )  # fmt: skip
+
+
+class _Listener(threading.Thread):
+    """Long-polls one instance's completion events into a queue, ``(side, event)``."""
+
+    WAIT_S = 1  # how long one poll waits when nothing happens (also the stop delay)
+
+    def __init__(self, side: str, rest: _Rest, into: queue.Queue[tuple[str, Any]]) -> None:
+        super().__init__(daemon=True)
+        self.side, self.rest, self.into = side, rest, into
+        events = rest.events(0, COMPLETION_EVENTS, 0)  # also starts Syncthing's buffer
+        self.since = max((e["id"] for e in events), default=0)
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            try:
+                events = self.rest.events(self.since, COMPLETION_EVENTS, self.WAIT_S)
+            except OSError:  # a poll failed: ask again
+                time.sleep(0.1)
+                continue
+            for event in events:
+                self.since = max(self.since, event["id"])
+                self.into.put((self.side, event))
+
+    def stop(self) -> None:
+        self.running = False
+        self.join()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its descendants (``syncthing serve`` runs its
+    worker as a child of a monitor process)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for one in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = one.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
 class Syncthing(Tool):
     """Two headless instances; the folder is shared once ``a`` has indexed it, so its
     initial time, like backer's, starts from an indexed source. Mutations are announced
-    with a REST rescan of ``a`` at once (no watcher delay counted against it). The clock
-    stops when ``a`` has rescanned (its sequence moved), ``b`` is idle needing nothing
-    and ``a`` rates ``b`` 100 % complete (REST only, polled every 0.1 s); both trees are
-    then listed once, off the clock, to check that Syncthing's view was right."""
+    with a REST rescan of ``a`` at once (no watcher delay counted against it). While a
+    step is timed the harness only long-polls both instances' events (see
+    :class:`Completion` for the rule and the time that stops the clock); once they say
+    done, ``/rest/db/status`` of both, ``a``'s completion of ``b`` and a listing of both
+    trees confirm it, off the clock (if not, it waits for further events)."""
 
     name = "syncthing"
     exclude = (".stfolder", ".stversions")
-    POLL_S = 0.1  # REST calls only; the harness's CPU meanwhile is measured and reported
+    QUIET_S = 10.0  # no event for this long: confirm anyway (a summary may never come)
 
     def version(self) -> str:
         out = subprocess.run(["syncthing", "--version"], capture_output=True, text=True).stdout
@@ -339,7 +460,7 @@ class Syncthing(Tool):
         )
 
     def _in_sync(self, sequence_before: int) -> bool:
-        """Syncthing's own view, from REST only: cheap for the harness and for Syncthing."""
+        """Syncthing's own view over REST, asked once a step looks done; then the trees."""
         one, two = self.one.status(), self.two.status()
         if one["state"] != "idle" or one["sequence"] <= sequence_before:
             return False
@@ -348,33 +469,50 @@ class Syncthing(Tool):
         completion = self.one.rest.call(
             "GET", f"/rest/db/completion?folder={FOLDER}&device={self.two.id}"
         )
-        return completion["completion"] >= 100
+        if completion["completion"] < 100:
+            return False
+        return tree_listing(self.a, self.exclude) == tree_listing(self.b, self.exclude)
 
     def _measure(self, start: Any, sequence_before: int) -> Step:
-        """Time ``start()`` until :meth:`_in_sync`, polled every ``POLL_S``; then, with the
-        clock stopped, both trees are listed once (paths and sizes). Should they differ,
-        polling resumes and the step ends at the next REST answer after which they match."""
-        sampler = PeakRss({"a": self.one.process.pid, "b": self.two.process.pid})
-        sampler.start()
+        """Time ``start()`` until the event that completed the step (:class:`Completion`)."""
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        listeners = [_Listener("a", self.one.rest, events), _Listener("b", self.two.rest, events)]
+        pids = {"a": self.one.process.pid, "b": self.two.process.pid}
+        sampler = PeakRss(pids)
         wire_before = self.two.wire_bytes(self.one)
-        started, cpu = time.perf_counter(), time.process_time()
+        cpu_before = {side: _cpu_seconds(pid) for side, pid in pids.items()}
+        completion = Completion(FOLDER, self.two.id, sequence_before)
+        for listener in listeners:
+            listener.start()
+        sampler.start()
+        started_at, cpu = time.time(), time.process_time()
         start()
-        deadline = started + STEP_TIMEOUT_S
+        deadline = time.monotonic() + STEP_TIMEOUT_S
         while True:
-            synced = False
-            with contextlib.suppress(OSError):  # a REST call timed out: ask again
-                synced = self._in_sync(sequence_before)
-            if synced:
-                seconds = time.perf_counter() - started
-                harness = 100 * (time.process_time() - cpu) / seconds  # sampler and poller
-                if tree_listing(self.a, self.exclude) == tree_listing(self.b, self.exclude):
-                    break
-            if time.perf_counter() > deadline:
+            try:
+                completion.feed(*events.get(timeout=self.QUIET_S))
+                quiet = False
+            except queue.Empty:
+                quiet = True
+            if (completion.done or quiet) and completion.finished_at is not None:
+                checked_at, harness_cpu = time.time(), time.process_time() - cpu
+                used = {side: _cpu_seconds(pid) - cpu_before[side] for side, pid in pids.items()}
+                with contextlib.suppress(OSError):
+                    if self._in_sync(sequence_before):
+                        break
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"Syncthing not in sync after {STEP_TIMEOUT_S} s")
-            time.sleep(self.POLL_S)
+        for listener in listeners:
+            listener.stop()
+        while not events.empty():  # a pull that ended before the confirmation began
+            side, event = events.get()
+            if event_time(event["time"]) <= checked_at:
+                completion.feed(side, event)
         rss = sampler.stop()
         wire = self.two.wire_bytes(self.one) - wire_before
-        return Step(seconds, wire, rss, "", harness)
+        harness = 100 * harness_cpu / (checked_at - started_at)
+        seconds = completion.finished_at - started_at
+        return Step(seconds, wire, rss, "", harness, used)
 
     def initial(self) -> Step:
         self.b.mkdir(exist_ok=True)

@@ -1,6 +1,6 @@
 """The benchmark harness's own pure parts, on small real inputs: tree comparison, the
-report tables, the dataset cache's marker, the RSS sampler's process tree and the cold
-cache's honesty. No timing is asserted."""
+report tables, the dataset cache's marker, the RSS sampler's process tree, the cold
+cache's honesty and the rule that stops Syncthing's clock. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from benchmarks.__main__ import report
 from benchmarks.huge import cached_tree, growth_per_10x, on_paper, same_trees, scaling_table
 from benchmarks.measure import PeakRss, tree_digest
-from benchmarks.tools import Step
+from benchmarks.tools import FOLDER, Completion, Step, event_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,3 +208,63 @@ def test_cold_read_says_when_the_page_cache_could_not_be_dropped(tmp_path: Path)
         env={**os.environ, "HOME": str(tmp_path)},
     )  # fmt: skip
     assert as_nobody.stdout.strip() == "False"
+
+
+def _recorded_events() -> list[dict]:
+    """Both instances' completion events during Syncthing's ``small`` initial sync
+    (10,000 files), as long-polled by the benchmark; the middle of the pull is cut."""
+    return json.loads((ROOT / "tests" / "syncthing_events" / "initial-small.json").read_text())
+
+
+def _b_id(events: list[dict]) -> str:
+    return next(e["data"]["device"] for e in events if e["type"] == "FolderCompletion"
+                and e["side"] == "a")  # fmt: skip
+
+
+def test_syncthing_event_time_keeps_nanoseconds_and_the_offset() -> None:
+    base = datetime(2026, 12, 2, 2, 57, 13, tzinfo=UTC).timestamp()
+    assert event_time("2026-12-02T02:57:13.921190811Z") == pytest.approx(base + 0.921190811)
+    assert event_time("2026-12-02T03:57:13.5+01:00") == pytest.approx(base + 0.5)
+    assert event_time("2026-12-02T02:57:13Z") == base
+    with pytest.raises(ValueError, match="not an RFC 3339 time"):
+        event_time("yesterday")
+
+
+def test_syncthing_clock_stops_at_bs_last_pull_once_a_rates_b_complete() -> None:
+    """Recorded events: b rates a 100 % all along and says needs 0 while still empty;
+    only a's rating of b, after b's last pull, completes the step, and the clock stops
+    at that pull's end, not at the later summary that confirmed it."""
+    events = _recorded_events()
+    completion = Completion(FOLDER, _b_id(events), -1)
+    for index, event in enumerate(events):
+        assert not completion.done, f"done too early, before event {index}"
+        completion.feed(event["side"], event)
+    assert completion.done
+    last_pull = [e for e in events if e["side"] == "b" and e["type"] == "StateChanged"
+                 and e["data"]["to"] == "idle" and e["data"]["from"] != "scanning"][-1]  # fmt: skip
+    assert completion.finished_at == event_time(last_pull["time"])
+    assert last_pull["time"] == "2026-12-02T02:57:13.921190811Z"
+
+
+def test_syncthing_step_is_not_done_without_as_rating_of_b_at_its_new_sequence() -> None:
+    events = _recorded_events()
+    without = [e for e in events if not (e["side"] == "a" and e["type"] == "FolderCompletion")]
+    completion = Completion(FOLDER, _b_id(events), -1)
+    for event in without:
+        completion.feed(event["side"], event)
+    assert not completion.done
+    # a has not rescanned: its sequence did not move past the one before the step
+    sequence = next(e["data"]["summary"]["sequence"] for e in events if e["side"] == "a")
+    unmoved = Completion(FOLDER, _b_id(events), sequence)
+    for event in events:
+        unmoved.feed(event["side"], event)
+    assert not unmoved.done
+    # a rescans after rating b complete: that rating no longer counts
+    moved = Completion(FOLDER, _b_id(events), -1)
+    for event in events:
+        moved.feed(event["side"], event)
+    summary = next(e for e in reversed(events) if e["side"] == "a" and e["type"] == "FolderSummary")
+    rescanned = json.loads(json.dumps(summary))
+    rescanned["data"]["summary"]["sequence"] += 1
+    moved.feed("a", rescanned)
+    assert not moved.done
