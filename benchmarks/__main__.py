@@ -83,7 +83,8 @@ def run_tool(
             if tree_digest(source, tool.exclude) != tree_digest(target, tool.exclude):
                 raise RuntimeError(f"{tool.name}: trees differ after '{label}'")
             steps.append((label, step))
-            print(f"  {tool.name:9} {label:52} {step.seconds:8.2f} s", file=sys.stderr)
+            cpu = "".join(f", {side} {seconds:.1f} s CPU" for side, seconds in step.cpu_s.items())
+            print(f"  {tool.name:9} {label:52} {step.seconds:8.2f} s{cpu}", file=sys.stderr)
     shutil.rmtree(place)
     return version, steps
 
