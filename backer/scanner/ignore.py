@@ -14,6 +14,7 @@ an ignored path is ignored too: it carries that path's bytes under another name.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
 import stat
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pathspec
 from blake3 import blake3
+from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
 
 IGNORE_FILE = ".backerignore"
 TEMP_PREFIX = ".backer-"
@@ -66,11 +68,95 @@ def copy_origin(path: str) -> str | None:
     return parent + slash + origin if origin != name and origin else None
 
 
+def _glob_pieces(glob: str) -> list[str]:
+    """The regex of each piece of one path segment's glob between its wildcards ``*``,
+    read as pathspec reads a glob (escapes, ``?``, bracket expressions), except that a
+    bracket expression never matches ``/`` (as in git; pathspec's ``[!a]`` did)."""
+    pieces, regex, i = [], "", 0
+    while i < len(glob):
+        char = glob[i]
+        i += 1
+        if char == "\\":
+            regex += re.escape(glob[i : i + 1])
+            i += 1
+        elif char == "*":
+            pieces.append(regex)
+            regex = ""
+        elif char == "?":
+            regex += "[^/]"
+        elif char == "[" and (close := _bracket_end(glob, i)) != -1:
+            negated = glob[i] in "!^"
+            body = glob[i + negated : close].replace("\\", "\\\\")
+            regex += f"(?!/)[{'^' if negated else ''}{body}]"
+            i = close + 1
+        else:
+            regex += re.escape(char)
+    return [*pieces, regex]
+
+
+def _bracket_end(glob: str, start: int) -> int:
+    """Where the bracket expression opened just before ``start`` closes (-1: it does
+    not, and ``[`` is a literal; pathspec's rule: a leading ``!``/``^``, then a leading
+    ``]``, are part of it)."""
+    j = start + (glob[start : start + 1] in ("!", "^"))
+    j += glob[j : j + 1] == "]"
+    return glob.find("]", j)
+
+
+class LinearPattern(GitIgnoreSpecPattern):
+    """A gitignore pattern compiled so that matching it costs about linear time.
+
+    pathspec's regex gives each ``*`` a ``[^/]*`` and each ``**`` a ``.+``; Python's
+    engine backtracks through every way of splitting a name among them, so a rule such
+    as ``*a*a*a*a*a*a*a*a*b`` against a long name of ``a`` took longer than any scan
+    may: any member can write ``.backerignore`` and name files, and matching runs with
+    the interpreter lock held, so every device's node froze. Here every wildcard but the
+    last of a segment (and every ``**`` but the last of a pattern) takes the first place
+    where what follows it matches, in an atomic group: that is exact, because a glob's
+    pieces between wildcards have fixed lengths (whole segments, for ``**``) and the
+    earliest place for one leaves the most room for the rest. The same paths match."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _translate_segment_glob(pattern: str, range_error: str) -> str:  # type: ignore[override]
+        GitIgnoreSpecPattern._translate_segment_glob(pattern, range_error)  # type: ignore[arg-type]
+        # (pathspec's own, for its refusals: an unclosed bracket, a trailing escape)
+        pieces = _glob_pieces(pattern)
+        if len(pieces) == 1:
+            return pieces[0]
+        middle = "".join(f"(?>[^/]*?{piece})" for piece in pieces[1:-1])
+        return f"{pieces[0]}{middle}[^/]*{pieces[-1]}"
+
+    @classmethod
+    def _GitIgnoreSpecPattern__translate_segments(  # pathspec's (private) segment step
+        cls, is_dir_pattern: bool, segments: list[str]
+    ) -> list[str]:
+        parts = super()._GitIgnoreSpecPattern__translate_segments(  # type: ignore[misc]
+            is_dir_pattern, segments
+        )
+        gaps = [i for i, part in enumerate(parts) if part in _GAPS]
+        for gap, following in reversed(list(itertools.pairwise(gaps))):
+            block = "".join(parts[gap + 1 : following])
+            parts[gap:following] = [_GAPS[parts[gap]].format(block)]
+        return parts
+
+
+_GAPS = {  # pathspec's regex for a leading and an inner '**', here taking the fewest
+    "^(?:.+/)?": "^(?>(?:.+?/)??{}(?=/))",  # segments (the block after it ends where
+    "(?:/.+)?": "(?>(?:/.+?)??{}(?=/))",  # a segment does: the next '**' needs a '/')
+}
+
+
+def _spec(lines: list[str]) -> pathspec.GitIgnoreSpec:
+    return pathspec.GitIgnoreSpec.from_lines(lines, LinearPattern, backend="simple")
+
+
 def _valid_pattern(line: str) -> bool:
     """Whether gitignore syntax accepts ``line`` (a file edited by hand, or garbled,
     must not stop every scan: its bad lines are skipped and reported)."""
     try:
-        pathspec.GitIgnoreSpec.from_lines([line])
+        _spec([line])
     except (ValueError, TypeError, re.error):  # (GitIgnorePatternError is a ValueError;
         # a reversed range such as [z-a] fails only when compiled: re.error)
         return False
@@ -116,7 +202,7 @@ class IgnoreRules:
         rules = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
         self.invalid = [line for line in rules if not _valid_pattern(line)]  # skipped (the
         rules = [line for line in rules if line not in self.invalid]  # scan says which)
-        self.spec = pathspec.GitIgnoreSpec.from_lines(rules) if rules else None
+        self.spec = _spec(rules) if rules else None
         self._directories: dict[str, bool] = {}  # excluded() asks about parents repeatedly
 
     @classmethod
