@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,23 @@ def test_device_id_round_trips_and_catches_every_single_typo(key) -> None:
         typo = alphabet[(alphabet.index(char) + 1) % 32]
         with pytest.raises(BackerError):
             parse_device_id(text[:position] + typo + text[position + 1 :])
+
+
+def test_R21_processes_creating_the_key_at_once_all_use_the_saved_one(backer_home: Path) -> None:
+    """Two commands started at once on a new home each made a key and renamed it into
+    place: one of them went on with a key that was not the saved one."""
+    start = threading.Barrier(8)
+    keys: list[bytes] = []
+
+    def create() -> None:
+        start.wait()
+        keys.append(bytes(load_or_create_key().verify_key))
+
+    workers = [threading.Thread(target=create) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    saved = bytes(load_or_create_key().verify_key)
+    assert keys == [saved] * 8
+    assert sorted(p.name for p in backer_home.iterdir()) == [KEY_FILE]

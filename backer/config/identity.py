@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 from pathlib import Path
 
 import nacl.bindings
@@ -36,21 +37,41 @@ def load_or_create_key(directory: Path | None = None) -> nacl.signing.SigningKey
     try:
         seed = path.read_bytes()
     except FileNotFoundError:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = nacl.signing.SigningKey.generate()
-        temp = path.with_suffix(".tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(bytes(key))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        return key
+        return _create_key(directory, path)
     except OSError as exc:
         raise BackerError(f"cannot read device key {path}: {exc.strerror}") from exc
     if len(seed) != 32:
         raise BackerError(f"device key {path} is damaged (expected 32 bytes, found {len(seed)})")
     return nacl.signing.SigningKey(seed)
+
+
+def _create_key(directory: Path, path: Path) -> nacl.signing.SigningKey:
+    """A new key, saved, unless another process saved one first: then that one. Two
+    commands started at once on a new home each made a key and renamed it into place;
+    one went on with a key that was not the saved one (a share made with it had a
+    founding member no later command could be). The key is written to a temp file of
+    this process, made durable, then hard-linked into place, which never replaces."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = nacl.signing.SigningKey.generate()
+    temp = directory / f"{KEY_FILE}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(bytes(key))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return load_or_create_key(directory)
+    finally:
+        temp.unlink(missing_ok=True)
+    folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # the link itself durable: a new key after a power cut is a new device
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return key
 
 
 def _luhn32(text: str) -> str:
