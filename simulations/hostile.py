@@ -85,7 +85,8 @@ CRAFTS = [
 
 def reason_kind(reason: str) -> str:
     """A refusal without its particulars (paths, ids, numbers), to count it by kind."""
-    return re.sub(r"\s+", " ", re.sub(r"'[^']*'|\"[^\"]*\"|\S*\d\S*|\.\.\.", "", reason)).strip()
+    particulars = r"'[^']*'|\"[^\"]*\"|\S*\d\S*|\.\.\.|\b[\w-]{12}\b"  # (12: a version id)
+    return re.sub(r"\s+", " ", re.sub(particulars, "", reason)).strip()
 
 
 @dataclass
