@@ -68,6 +68,7 @@ CRAFTS = [
     "bad_path",  # refused by every honest node
     "escape_link",  # a link out of the share, then files recorded through it
     "nested_link",  # a folder holding such a link, and files below the link
+    "through_link",  # later: a file below a link recorded before (on disk by now)
     "ignore_link",  # .backerignore recorded as a link (to the outside sentinel)
     "ignore_folder",  # .backerignore recorded as a folder holding a file
     "ignore_big",  # its person writes a 2 MiB .backerignore
@@ -221,6 +222,9 @@ class Hostile:
             folder = Version(Kind.DIRECTORY, device=device, time_ms=now, permissions=0o755)
             symlink = Version(Kind.SYMLINK, content=b"../" + link, device=device, time_ms=now)
             batches = [[("d", folder), ("d/lnk", symlink)], [("d/lnk/sub/pwn", payload)]]
+        elif kind == "through_link":
+            links = sorted(p for p, _, v in share.catalog.all_live() if v.kind == Kind.SYMLINK)
+            batches = [[(f"{links[pick % len(links)]}/pwn", payload)]] if links else []
         elif kind == "ignore_link":
             symlink = Version(Kind.SYMLINK, content=TO_SENTINEL, device=device, time_ms=now)
             batches = [[(IGNORE_FILE, self._over(share, IGNORE_FILE, symlink))]]
