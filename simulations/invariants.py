@@ -234,10 +234,12 @@ def check_no_lost_write(cluster: Cluster) -> None:
 
     def untrusted(vid: str, version: Version) -> bool:
         """Whether the hostile member recorded it (crafted, or its person's edit, whose
-        bytes it may never serve): no honest node's file."""
+        bytes it may never serve), or a conflict copy of one: no honest node's file."""
         hostile = cluster.hostile
         if hostile is None:
             return False
+        if vid in origin and origin[vid] in decoded:  # a conflict copy: as its loser
+            return untrusted(origin[vid], decoded[origin[vid]][1])
         return vid in hostile.crafted or version.device == hostile.device[:8]
 
     def accounted(vid: str, seen: frozenset[str] = frozenset()) -> bool:
