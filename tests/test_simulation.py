@@ -588,3 +588,34 @@ def test_the_harness_catches_a_peer_path_with_dot_dot_accepted() -> None:
             replay(3, steps, 0, HOSTILE)
     finally:
         state.check = real  # type: ignore[assignment]
+
+
+def test_the_harness_catches_a_symlinked_parent_followed_when_writing() -> None:
+    """With the materializer following a link in a file's parent path (the fix of the
+    past undone), the file a hostile member records below its link ``f`` -> ``..`` is
+    written into the sandbox beside the share, and the harness says so (seed 54's
+    shrunk trace)."""
+    steps = [
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("craft", {"kind": "escape_link", "pick": 48}),
+        ("sync", {"a": 2, "b": 1, "cut": None}),
+        ("craft", {"kind": "through_link", "pick": 19}),
+        ("sync", {"a": 2, "b": 1, "cut": None}),
+    ]
+    try:
+        replay(3, steps, 54, HOSTILE)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+    real = Materializer._target
+
+    def following(self: Materializer, path: str) -> Path:
+        target = self.root / path
+        target.parent.mkdir(parents=True, exist_ok=True)  # through any link on the way
+        return target
+
+    Materializer._target = following  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Failure, match="wrote outside its share"):
+            replay(3, steps, 54, HOSTILE)
+    finally:
+        Materializer._target = real  # type: ignore[method-assign]
