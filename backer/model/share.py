@@ -1015,8 +1015,22 @@ class Share:
         if (moved := self.root_moved()) is not None:
             return ScanSummary(waiting=moved)
         started = time.monotonic()
-        found = look(self.root, self.catalog.local_entries, paths, progress)
-        return self._record_scan(classify(found, self._recorded_content), started)
+        total = ScanSummary()
+
+        def record(part: Observation) -> None:
+            _add_summary(total, self._record_scan(classify(part, self._recorded_content), started))
+
+        # A batch is recorded while the walk goes on (bounded memory; a scan stopped
+        # half-way leaves its recorded batches, and the next scan sees the rest as new)
+        # unless nothing would be recorded anyway.
+        streamed = record if self.members and not self.own_events_missing else None
+        found = look(self.root, self.catalog.local_entries, paths, progress, record=streamed)
+        summary = self._record_scan(classify(found, self._recorded_content), started)
+        if summary.waiting is not None:
+            return summary
+        _add_summary(total, summary)
+        total.seconds = time.monotonic() - started
+        return total
 
     async def scan_off_loop(
         self, paths: Collection[str] | None = None, progress: ProgressCallback | None = None
@@ -1157,12 +1171,13 @@ class Share:
                 + list(vanished)
             )
             self.catalog.set_meta("last_scan_ms", now_ms)
-            summary.fresh = self._note_scan_problems(found)
+            summary.fresh = self._note_scan_problems(found) if found.final else []
             recorded = [seen.path for seen, _, _ in changed] + found.deleted
             self._note_problems("apply", [], resolved=recorded)  # the disk's version won
             self._keep_recorded(changed, found)
-        self.save_snapshot()
-        self._sweep(found.leftovers)
+        if found.final:  # (the document grows with the share: saved once per scan)
+            self.save_snapshot()
+            self._sweep(found.leftovers)
         summary.seconds = time.monotonic() - started
         return summary
 
@@ -1196,9 +1211,9 @@ class Share:
         carried by its conflict copy): the person deleted it meanwhile, which is this
         device's deletion of that version (an edit made meanwhile is its edit, see
         :meth:`_adopt_identical`). Left standing, it would be asked of every device with
-        its bytes on no disk. Whole scans only; a path that cannot be looked at is not
-        taken for gone."""
-        if found.scope is not None:
+        its bytes on no disk. Whole scans only (once: with their last batch); a path that
+        cannot be looked at is not taken for gone."""
+        if found.scope is not None or not found.final:
             return {}
         rules, vanished = IgnoreRules.load(self.root), {}
         for path, held in self.catalog.all_forgotten().items():

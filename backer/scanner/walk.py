@@ -5,6 +5,10 @@ inode, mode) with the ``local`` cache; only new or changed regular files are rea
 chunked and hashed, in worker threads. A file that changes while it is being read is
 re-read; one that keeps changing, or cannot be read, is reported and left as it was
 recorded — an unreadable file is never mistaken for a deleted one.
+
+A whole scan streams: the walk yields entries directory by directory and the files to
+read are hashed and handed to the caller BATCH_FILES at a time, so a first scan of a
+million files holds one batch, not the share, in memory.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -30,6 +34,7 @@ from backer.scanner.ignore import IGNORE_FILE, IgnoreRules, is_temp_name
 READ_ATTEMPTS = 3
 THREADED_FROM = 1024 * 1024  # smaller files hash faster inline than through a thread pool
 FRESH_NS = 2_000_000_000  # an mtime this recent may still change within its granularity
+BATCH_FILES = 5000  # files a streamed scan reads before the caller records them
 
 
 class Seen(NamedTuple):
@@ -71,6 +76,9 @@ class Observation:
     local: dict[str, LocalEntry] = field(default_factory=dict)  # the scan cache it used
     scope: list[str] | None = None  # the subtrees scanned; None: the whole share
     observed_ns: int = 0  # when the walk ended: what "fresh" mtimes are judged against
+    final: bool = True  # False: one batch of a streamed scan (the rest comes later)
+    # parents of the paths found changed so far, shared by a streamed scan's batches
+    changed_parents: set[str] = field(default_factory=set)
 
 
 class ScanStopped(Exception):
@@ -86,16 +94,16 @@ def walk(
     rules: IgnoreRules,
     errors: list[Problem],
     leftovers: list[str],
+    unreadable: set[str],
     top: str = "",
     stop: threading.Event | None = None,
-) -> tuple[dict[str, Seen], set[str]]:
+) -> Iterator[Seen]:
     """Every non-ignored entry under ``root`` (or only its directory ``top`` and what is
-    below it); also the directories that could not be read.
+    below it), one directory at a time; the paths that could not be read go to
+    ``unreadable``.
 
     backer's own temp files (from a write that was interrupted) go to ``leftovers``.
     """
-    seen: dict[str, Seen] = {}
-    unreadable: set[str] = set()
     start = os.path.join(root, top) if top else os.fspath(root)
     stack: list[tuple[str, str]] = [(start, top + "/" if top else "")]
     while stack:
@@ -140,10 +148,9 @@ def walk(
                 continue
             found = _entry(path, entry.path, info, rules, errors, leftovers)
             if found is not None:
-                seen[path] = found
+                yield found
                 if found.kind == Kind.DIRECTORY:
                     stack.append((entry.path, path + "/"))
-    return seen, unreadable
 
 
 def _entry(
@@ -250,6 +257,7 @@ def look(
     progress: ProgressCallback | None = None,
     workers: int | None = None,
     stop: threading.Event | None = None,
+    record: Callable[[Observation], None] | None = None,
 ) -> Observation:
     """Walk the share (or only ``paths``, with the subtrees of directories among them),
     compare with the scan cache and hash what changed; no verdict yet on whether a
@@ -258,6 +266,9 @@ def look(
     Needs nothing but the disk and ``local_for``, so it can run in a worker thread.
     A path named in ``paths`` and gone from the disk is deleted, with all below it.
     ``stop`` set: :class:`ScanStopped` is raised at the next directory or file.
+    ``record``: handed each BATCH_FILES files read as an observation of their own (not
+    ``final``) while the walk goes on; what is returned is the rest, with the
+    directories, the deletions and every problem of the whole scan.
     """
     result = Observation()
     rules = IgnoreRules.load(root)
@@ -267,50 +278,51 @@ def look(
         result.errors.append(Problem(IGNORE_FILE, f"pattern skipped, not valid: {line!r}", True))
     scope = None if paths is None else _scope(root, rules, paths, local_for)
     result.scope = scope
+    unreadable: set[str] = set()
+    entries: Iterable[Seen]
     if scope is None:
         result.local = local_for(None, [])
-        seen, unreadable = walk(root, rules, result.errors, result.leftovers, stop=stop)
+        entries = walk(root, rules, result.errors, result.leftovers, unreadable, stop=stop)
     else:  # what is recorded below a path recorded as a file or link is nothing
         recorded = local_for(scope, [])
         below = [t for t in scope if t not in recorded or stat.S_ISDIR(recorded[t].mode)]
         result.local = {**recorded, **local_for([], below)}
-        seen, unreadable = {}, set()
+        seen: dict[str, Seen] = {}
         for top in scope:
             _walk_top(root, top, rules, result, seen, unreadable, stop)
         _stat_parents(root, scope, rules, result, seen, local_for)
-    result.observed_ns = entropy.now_ns()
+        entries = seen.values()
     local = result.local
+    present: set[str] = set()  # the cached paths found on disk
     to_read: list[Seen] = []
-    for path, entry in seen.items():
-        cached = local.get(path)
-        if cached is not None and cached.settled and cached.stat_key == entry.stat_key:
-            result.unchanged += 1
-        elif entry.kind == Kind.DIRECTORY:
-            result.candidates.append((entry, None, b""))
-        else:
-            to_read.append(entry)
-    files_done, done, total = 0, 0, sum(e.size for e in to_read)
-    small = [e for e in to_read if e.size < THREADED_FROM]
-    large = [e for e in to_read if e.size >= THREADED_FROM]
-
-    def read(seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | None]:
-        if stop is not None and stop.is_set():
-            raise ScanStopped
-        return read_stable(seen)
-
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
-        for entry, manifest, content, error in chain(map(read, small), pool.map(read, large)):
-            done += entry.size
-            files_done += 1
-            if progress is not None:
-                progress(files_done, len(to_read), done, total)
-            if error is not None:
-                result.errors.append(error)
-                unreadable.add(entry.path)
+        reader = _Reader(pool, progress, stop, unreadable, result.errors)
+        for entry in entries:
+            cached = local.get(entry.path)
+            if cached is not None:
+                present.add(cached.path)
+                if cached.settled and cached.stat_key == entry.stat_key:
+                    result.unchanged += 1
+                    continue
+            if entry.kind == Kind.DIRECTORY:
+                result.candidates.append((entry, None, b""))
                 continue
-            result.hashed_bytes += entry.size if manifest is not None else 0
-            result.candidates.append((entry, manifest, content))
-    for path in sorted(local.keys() - seen.keys()):
+            reader.found(entry)
+            to_read.append(entry)
+            if record is not None and len(to_read) >= BATCH_FILES:
+                part = Observation(
+                    local=local,
+                    scope=scope,
+                    observed_ns=entropy.now_ns(),
+                    final=False,
+                    changed_parents=result.changed_parents,
+                )
+                reader.read(to_read, part)
+                to_read = []
+                record(part)
+        result.observed_ns = entropy.now_ns()
+        reader.read(to_read, result)
+    for path in sorted(local.keys() - present):
         if under_any(path, unreadable):
             continue
         if rules.excluded(path, stat.S_ISDIR(local[path].mode)):
@@ -318,6 +330,51 @@ def look(
         else:
             result.deleted.append(path)
     return result
+
+
+class _Reader:
+    """Hashes the files a walk found to read, batch by batch, with progress counted
+    over the whole walk (its totals grow as the walk finds more)."""
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        progress: ProgressCallback | None,
+        stop: threading.Event | None,
+        unreadable: set[str],
+        errors: list[Problem],
+    ) -> None:
+        self.pool, self.progress, self.stop = pool, progress, stop
+        self.unreadable, self.errors = unreadable, errors
+        self.files = self.files_done = self.bytes = self.bytes_done = 0
+
+    def found(self, entry: Seen) -> None:
+        self.files += 1
+        self.bytes += entry.size
+
+    def _read(self, seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | None]:
+        if self.stop is not None and self.stop.is_set():
+            raise ScanStopped
+        return read_stable(seen)
+
+    def read(self, entries: list[Seen], into: Observation) -> None:
+        """Hash ``entries`` (small files inline, large ones in the pool) into ``into``'s
+        candidates; a file that cannot be read is a problem of the whole scan."""
+        small = [e for e in entries if e.size < THREADED_FROM]
+        large = [e for e in entries if e.size >= THREADED_FROM]
+        for entry, manifest, content, error in chain(
+            map(self._read, small), self.pool.map(self._read, large)
+        ):
+            self.bytes_done += entry.size
+            self.files_done += 1
+            if self.progress is not None:
+                self.progress(self.files_done, self.files, self.bytes_done, self.bytes)
+            if error is not None:
+                self.errors.append(error)
+                self.unreadable.add(entry.path)
+                continue
+            into.hashed_bytes += entry.size if manifest is not None else 0
+            into.candidates.append((entry, manifest, content))
 
 
 def _scope(
@@ -385,9 +442,8 @@ def _walk_top(
         return
     seen[top] = found
     if found.kind == Kind.DIRECTORY:
-        below, lost = walk(root, rules, result.errors, result.leftovers, top, stop)
-        seen.update(below)
-        unreadable.update(lost)
+        below = walk(root, rules, result.errors, result.leftovers, unreadable, top, stop)
+        seen.update((entry.path, entry) for entry in below)
 
 
 def _stat_parents(
@@ -444,16 +500,20 @@ def classify(
         else:
             found.changed.append((entry, manifest, content))
     found.candidates = []
+    found.changed_parents.update(
+        path.rpartition("/")[0]
+        for path in chain((s.path for s, _, _ in found.changed), found.deleted)
+    )
     _record_directory_times(found, touched)
     return found
 
 
 def _record_directory_times(found: Observation, touched: list[Seen]) -> None:
     """A directory whose mtime moved is recorded again (its new mtime reaches peers)
-    when one of its entries was added, changed or deleted in this scan; otherwise (a
-    touch, a temp file of backer's come and gone) only its cache entry is refreshed."""
-    changed = {seen.path for seen, _, _ in found.changed} | set(found.deleted)
-    parents = {path.rpartition("/")[0] for path in changed}
+    when one of its entries was added, changed or deleted in this scan (in any batch
+    of it); otherwise (a touch, a temp file of backer's come and gone) only its cache
+    entry is refreshed."""
+    parents = found.changed_parents
     for entry in touched:
         if entry.path in parents:
             found.changed.append((entry, None, b""))
