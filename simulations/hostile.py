@@ -207,7 +207,10 @@ class Hostile:
             return
         device, now = share.device[:8], entropy.now_ms()
         live_file = self._a_live_file(share, pick)
-        empty = Version(Kind.FILE, content=EMPTY, device=device, time_ms=now, permissions=0o644)
+        stamp = entropy.now_ns()  # (a folder applied without a time would keep the real
+        # clock's, and the harness would move it to the seeded clock's behind backer's back)
+        empty = Version(Kind.FILE, 0, stamp, 0o644, EMPTY, device, now)
+        folder = Version(Kind.DIRECTORY, 0, stamp, 0o755, b"", device, now)
         payload = live_file or empty
         link = LINK_TARGETS[pick % len(LINK_TARGETS)]
         batches: list[list[tuple[str, Version]]]
@@ -219,7 +222,6 @@ class Hostile:
             symlink = (name, Version(Kind.SYMLINK, content=link, device=device, time_ms=now))
             batches = [[symlink, *through]] if pick % 2 else [[symlink], through]
         elif kind == "nested_link":
-            folder = Version(Kind.DIRECTORY, device=device, time_ms=now, permissions=0o755)
             symlink = Version(Kind.SYMLINK, content=b"../" + link, device=device, time_ms=now)
             batches = [[("d", folder), ("d/lnk", symlink)], [("d/lnk/sub/pwn", payload)]]
         elif kind == "through_link":
@@ -229,7 +231,6 @@ class Hostile:
             symlink = Version(Kind.SYMLINK, content=TO_SENTINEL, device=device, time_ms=now)
             batches = [[(IGNORE_FILE, self._over(share, IGNORE_FILE, symlink))]]
         elif kind == "ignore_folder":
-            folder = Version(Kind.DIRECTORY, device=device, time_ms=now, permissions=0o755)
             batches = [[(IGNORE_FILE, self._over(share, IGNORE_FILE, folder))],
                        [(IGNORE_FILE + "/f", payload)]]  # fmt: skip
         elif kind == "lying_size":
@@ -239,7 +240,6 @@ class Hostile:
             batches = [[("g", dataclasses.replace(payload, content=content, size=1 + pick))]]
         elif kind == "kind_change":
             path = ["a/c", "f", "b"][pick % 3]
-            folder = Version(Kind.DIRECTORY, device=device, time_ms=now, permissions=0o755)
             symlink = Version(Kind.SYMLINK, content=link, device=device, time_ms=now)
             batches = [[(path, v)] for v in (payload, folder, symlink)[pick % 3 :]]
         elif kind == "same_id":
