@@ -10,7 +10,9 @@ import itertools
 import json
 import os
 import re
+import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from backer.api.access import KEY_FILE, SESSION_TTL_S, SESSIONS_FILE, WEB_FILE, Credentials
+from backer.config.identity import load_or_create_key
+from backer.model.share import Share
 from backer.protocol.invite import InviteToken
 from tests.e2e import Device, Node, free_port, invite
 from tests.helpers import small_disk, timing
@@ -373,6 +377,9 @@ def test_beyond_loopback_the_password_opens_a_session_and_a_wrong_one_does_not(
         status, answer, _ = api.call("GET", "/api/shares", key=None, headers=headers)
         assert status == 200 and answer[0]["name"] == "wide"
         assert api.call("GET", "/api/shares", key=None)[0] == 401
+        status, page, _ = api.call("GET", "/", key=None)  # (how a browser gets the form)
+        assert status == 401 and '<form method="post" action="/login">' in page
+        assert 'name="password"' in page
 
 
 def post_password(api: Api, password: str) -> http.client.HTTPResponse:
@@ -471,10 +478,11 @@ def test_serving_the_ui_beyond_loopback_needs_a_password_of_12_characters(
 
 
 @contextlib.contextmanager
-def running_pair(a: Device, b: Device) -> Iterator[Api]:
-    """a and b running, connected; b serves the API."""
-    a.root.mkdir()
-    a.run("init", str(a.root))
+def running_pair(a: Device, b: Device, made: bool = False) -> Iterator[Api]:
+    """a and b running, connected; b serves the API (``made``: a's share exists)."""
+    if not made:
+        a.root.mkdir()
+        a.run("init", str(a.root))
     port = free_port()
     token = invite(a, f"127.0.0.1:{port}")
     with a.serving(port):
@@ -848,3 +856,134 @@ def test_R1_a_restore_answers_its_own_outcome_not_the_shares_standing_problems(
         assert (device.root / "hist.txt").read_text() == "second\n"
     finally:
         node.stop()
+
+
+# -- reads under load, deleted entries, an ended session -----------------------------
+
+MANY_FILES = 8000  # in 80 folders, recorded in events of ~1,000 (as by 'backer init')
+POLLED = (
+    "/api/shares/b",
+    "/api/shares/b/files?path=",
+    "/api/shares/b/changes",
+    "/api/shares/b/changes?path=hist.txt",
+    "/api/shares/b/conflicts",
+)
+HISTORY = 30  # events that edit hist.txt: the journal has pages to read
+POLLERS = 4  # clients asking for POLLED round and round, one request at a time each
+PROPAGATION_S = 8.0  # a small file from a to b while they poll (without them: 1-4 s here)
+
+
+@contextlib.contextmanager
+def polling(api: Api, stop_after_s: float) -> Iterator[list[float]]:
+    """POLLERS threads reading POLLED in a loop (each at most 2,000 requests and
+    ``stop_after_s``) for the block; the seconds each request took. Any answer but 200
+    fails the test after the block."""
+    took: list[float] = []
+    refused: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        deadline = time.monotonic() + stop_after_s
+        for path in itertools.islice(itertools.cycle(POLLED), 2000):
+            if done.is_set() or time.monotonic() > deadline:
+                return
+            started = time.monotonic()
+            status, _, _ = api.call("GET", path)
+            if status != 200:
+                refused.append((path, status))
+            took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=poll, daemon=True) for _ in range(POLLERS)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield took
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(60)
+    assert not refused, refused
+
+
+def test_R4_a_change_arrives_in_time_while_clients_poll_the_heavy_reads_of_a_big_share(
+    tmp_path: Path,
+) -> None:
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    for n in range(MANY_FILES):
+        folder = a.root / f"d{n % 80:02d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"f{n:05d}.txt").write_text(f"file {n}\n")
+    a.run("init", str(a.root))
+    share = Share(a.root, load_or_create_key(a.home))
+    try:  # (one journal event each, as a running node's scans would make them)
+        for n in range(HISTORY):
+            (a.root / "hist.txt").write_text(f"edit {n}\n")
+            share.scan(paths=["hist.txt"])
+    finally:
+        share.close()
+    with running_pair(a, b, made=True) as api:
+        until(lambda: (b.root / "d79" / f"f{MANY_FILES - 1:05d}.txt").exists(), "b has all", 300)
+        wait_for_file(b.root / "hist.txt", f"edit {HISTORY - 1}\n", timeout=60)
+        lags = []
+        with polling(api, stop_after_s=120) as took:
+            until(lambda: len(took) >= POLLERS, "the first answers", 60)
+            for n in range(3):
+                written = time.monotonic()
+                (a.root / f"probe-{n}.txt").write_text(f"probe {n}\n")
+                wait_for_file(b.root / f"probe-{n}.txt", f"probe {n}\n", timeout=60)
+                lags.append(time.monotonic() - written)
+        print(
+            f"a → b while polled: {[round(s, 2) for s in lags]} s; {len(took)} requests, "
+            f"median {statistics.median(took):.3f} s, max {max(took):.3f} s"
+        )
+        assert max(lags) < PROPAGATION_S, lags
+
+
+def test_R10_deleted_entries_are_listed_when_asked_and_restored_from_their_history(
+    lone,
+) -> None:
+    device, _, api = lone
+    (device.root / "gone.txt").write_text("keep me\n")
+    scan(api, "solo")
+    (device.root / "gone.txt").unlink()
+
+    def recorded() -> list[Json]:
+        scan(api, "solo")  # (or the watcher's scan has taken it)
+        return _deleted_listed(api)
+
+    until(recorded, "the deletion recorded")
+    plain = api.call("GET", "/api/shares/solo/files")[1]["entries"]
+    assert "gone.txt" not in [e["path"] for e in plain]
+    (entry,) = _deleted_listed(api)
+    assert entry["kind"] == "file" and entry["versions"][0]["kind"] == "deleted"
+    history = api.call("GET", "/api/shares/solo/history?path=gone.txt")[1]
+    kept = next(v["version"] for v in history if v["kind"] == "file")
+    status, answer, _ = api.call(
+        "POST", "/api/shares/solo/restore", {"path": "gone.txt", "version": kept}
+    )
+    assert status == 200, answer
+    assert (device.root / "gone.txt").read_text() == "keep me\n"
+    assert not _deleted_listed(api)
+
+
+def _deleted_listed(api: Api) -> list[Json]:
+    listing = api.call("GET", "/api/shares/solo/files?deleted=1")[1]["entries"]
+    return [e for e in listing if e["deleted"]]
+
+
+def test_R19_without_a_session_the_page_says_how_to_log_in_and_the_api_answers_json(
+    lone,
+) -> None:
+    _, _, api = lone
+    status, answer, response = api.call("GET", "/", key=None)
+    assert status == 401
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert "Session ended: run 'backer open' again" in answer
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    assert "password" not in answer  # (on loopback: 'backer open' alone)
+    status, answer, response = api.call("GET", "/api/shares", key=None)
+    assert (status, answer) == (401, {"error": "log in first: run 'backer open'"})
+    assert api.call("GET", "/static/app.js", key=None)[0] == 401
+    assert api.call("GET", "/", key="wrong")[0] == 401
+    assert api.call("GET", "/")[0] == 200  # (the key still opens the page)

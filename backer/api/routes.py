@@ -1,8 +1,10 @@
 """The JSON API of a running node (documented in docs/api.md).
 
-Every view reads or acts on the node's shares in the node's own event loop, through
-the same functions as the control channel and the CLI (``backer.node.commands``,
-``backer.model.revisions``); a share is named in the URL by its registered name.
+Every view acts on the node's shares in the node's own event loop, through the same
+functions as the control channel and the CLI (``backer.node.commands``,
+``backer.model.revisions``); what reads more than a few rows of a share's database is
+read off the loop (:mod:`backer.api.reads`). A share is named in the URL by its
+registered name.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import segno
 from aiohttp import web
 
+from backer.api import reads
+from backer.api.reads import Cursor
 from backer.config.identity import device_id
 from backer.errors import BackerError
 from backer.events import Event, EventType, paths
-from backer.model import revisions
 from backer.model.records import Kind, new_version_id, timestamp
 from backer.node import commands
 from backer.numbers import natural
@@ -33,9 +36,11 @@ from backer.scanner.ignore import (
 )
 
 if TYPE_CHECKING:
+    from backer.db.catalog import Catalog
     from backer.node.node import Node, Runtime
 
 NODE: web.AppKey[Node] = web.AppKey("node")
+READER: web.AppKey[reads.Reader] = web.AppKey("reader")
 PAGE_LIMIT = 50  # changes per page unless asked
 MAX_PAGE = 500
 SSE_KEEPALIVE_S = 15.0  # a comment line this often, so a dead client is noticed
@@ -85,25 +90,26 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _share_json(runtime: Runtime) -> dict[str, Any]:
-    return {"name": runtime.name, "paused": runtime.paused, **commands.node_status(runtime)}
+async def _share_json(request: web.Request, runtime: Runtime) -> dict[str, Any]:
+    counts = await request.app[READER].run(runtime.share.root, reads.counts)
+    return {"name": runtime.name, "paused": runtime.paused, **commands.node_status(runtime, counts)}
 
 
 @routes.get("/api/shares")
 async def shares(request: web.Request) -> web.Response:
     """Every share this node serves, with its state and its devices'."""
-    runtimes = request.app[NODE].runtimes.values()
-    return web.json_response([_share_json(r) for r in runtimes])
+    runtimes = list(request.app[NODE].runtimes.values())
+    return web.json_response([await _share_json(request, r) for r in runtimes])
 
 
 @routes.get("/api/shares/{share}")
 async def share(request: web.Request) -> web.Response:
-    return web.json_response(_share_json(_runtime(request)))
+    return web.json_response(await _share_json(request, _runtime(request)))
 
 
 @routes.get("/api/shares/{share}/devices")
 async def devices(request: web.Request) -> web.Response:
-    return web.json_response(commands.node_status(_runtime(request))["devices"])
+    return web.json_response((await _share_json(request, _runtime(request)))["devices"])
 
 
 def _int(request: web.Request, name: str, default: int | None) -> int | None:
@@ -118,67 +124,80 @@ def _int(request: web.Request, name: str, default: int | None) -> int | None:
 
 @routes.get("/api/shares/{share}/changes")
 async def changes(request: web.Request) -> web.Response:
-    """The journal, newest first, a page at a time (``before``: the ``next`` of the last
-    page), only events touching ``path`` (or below it) and/or by ``device``."""
+    """The journal, newest first, a page of at most ``limit`` changes at a time
+    (``before``: the ``next`` of the last page; a large event goes on over several
+    pages), only changes at ``path`` (or below it) and/or events by ``device``."""
     runtime = _runtime(request)
     share = runtime.share
     limit = min(_int(request, "limit", PAGE_LIMIT) or PAGE_LIMIT, MAX_PAGE)
+    try:
+        cursor = Cursor.parse(request.query.get("before"))
+    except ValueError:
+        raise _fail(web.HTTPBadRequest, "before must be the next of an earlier page") from None
     wanted = _path(request)
     author = request.query.get("device", "")
     device = commands.find_device(share, author) if author else None
-    page: list[dict[str, Any]] = []
-    for position, event in share.journal.newest_first(_int(request, "before", None)):
-        if device is not None and event.author != device:
-            continue
-        versions = [
-            (p, vid, v)
-            for p, vid, v in share.catalog.versions_at(position)
-            if not wanted or p == wanted or p.startswith(wanted + "/")
-        ]
-        if wanted and not versions:
-            continue
-        page.append(
-            {
-                "position": position,
-                "time": timestamp(event.time_ms),
-                "time_ms": event.time_ms,
-                "device": device_id(event.author),
-                "device_name": share.members.names.get(event.author, ""),
-                "kind": commands.event_kind(event.kind),
-                "changes": [
-                    {"path": p, "version": vid, "change": share.catalog.change_type(v)}
-                    | commands.version_json(v)
-                    for p, vid, v in versions
-                ],
-            }
-        )
-        if len(page) == limit:
-            break
-    more = len(page) == limit
-    return web.json_response({"changes": page, "next": page[-1]["position"] if more else None})
+    names = dict(share.members.names)
+    page = await request.app[READER].run(
+        share.root, lambda catalog, _: reads.changes_page(catalog, cursor, limit, wanted, device)
+    )
+    events = [
+        {
+            "position": position,
+            "time": timestamp(event.time_ms),
+            "time_ms": event.time_ms,
+            "device": device_id(event.author),
+            "device_name": names.get(event.author, ""),
+            "kind": commands.event_kind(event.kind),
+            "skipped": skipped,
+            "changes": [
+                {"path": p, "version": vid, "change": page.change_types[vid]}
+                | commands.version_json(v)
+                for p, vid, v in versions
+            ],
+        }
+        for position, event, versions, skipped in page.events
+    ]
+    following = str(page.next) if page.next is not None else None
+    return web.json_response({"changes": events, "next": following})
 
 
 @routes.get("/api/shares/{share}/files")
 async def files(request: web.Request) -> web.Response:
     """The entries of one directory (``path``; none: the top), each with its live
-    versions, and whether it is part of a conflict (the path or one of its copies);
-    deleted paths are left out."""
+    versions, and whether it is part of a conflict (the path or one of its copies).
+    Deleted paths only with ``deleted=1``: flagged ``deleted``, with the kind they had
+    (their history has what a restore brings back). Read from the folder index: a
+    folder costs its own entries, not the share's."""
     runtime = _runtime(request)
     directory = _path(request)
-    entries: dict[str, dict[str, Any]] = {}
-    for path, vid, version in runtime.share.catalog.live_under(directory):
-        name = path[len(directory) + 1 :] if directory else path
-        if "/" in name or version.kind == Kind.DELETED:
-            continue
-        entry = entries.setdefault(path, {"name": name, "path": path, "versions": []})
-        entry["versions"].append({"version": vid, **commands.version_json(version)})
-    conflicted = set()
-    for conflict in revisions.conflicts(runtime.share.catalog):
-        conflicted |= {conflict.path, *(c.copy_path for c in conflict.contenders)}
-    for entry in entries.values():
-        entry["kind"] = entry["versions"][0]["kind"]
-        entry["conflict"] = entry["path"] in conflicted
-    return web.json_response({"path": directory, "entries": list(entries.values())})
+    with_deleted = request.query.get("deleted", "0") not in ("0", "false", "")
+
+    def read(catalog: Catalog, cached: reads.Cached) -> dict[str, Any]:
+        entries: dict[str, dict[str, Any]] = {}
+        for path, vid, version in catalog.live_in(directory):
+            if version.kind == Kind.DELETED and not with_deleted:
+                continue
+            name = path[len(directory) + 1 :] if directory else path
+            entry = entries.setdefault(path, {"name": name, "path": path, "versions": []})
+            entry["versions"].append({"version": vid, **commands.version_json(version)})
+        conflicted = reads.conflicted(catalog, cached) if entries else set()
+        for entry in entries.values():
+            kinds = [v["kind"] for v in entry["versions"]]
+            entry["deleted"] = all(kind == "deleted" for kind in kinds)
+            entry["kind"] = next((k for k in kinds if k != "deleted"), None) or _kind_before(
+                catalog, entry["path"]
+            )
+            entry["conflict"] = entry["path"] in conflicted
+        return {"path": directory, "entries": list(entries.values())}
+
+    return web.json_response(await request.app[READER].run(runtime.share.root, read))
+
+
+def _kind_before(catalog: Catalog, path: str) -> str:
+    """What a deleted path was before its deletion ('file' if history has no other)."""
+    kinds = [e.version.kind for e in catalog.history(path) if e.version.kind != Kind.DELETED]
+    return kinds[-1].name.lower() if kinds else "file"
 
 
 @routes.get("/api/shares/{share}/history")
@@ -215,7 +234,9 @@ async def restore(request: web.Request) -> web.Response:
 @routes.get("/api/shares/{share}/conflicts")
 async def conflicts(request: web.Request) -> web.Response:
     """Every conflict: its path and each competing version, the holder first."""
-    return web.json_response(commands.conflicts_report(_runtime(request).share))
+    runtime = _runtime(request)
+    found = await request.app[READER].run(runtime.share.root, reads.conflicts)
+    return web.json_response(commands.conflicts_report(runtime.share, found))
 
 
 @routes.post("/api/shares/{share}/resolve")

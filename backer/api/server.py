@@ -21,8 +21,11 @@ endpoint hands it out for a cookie.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -30,7 +33,8 @@ from aiohttp import web
 
 from backer.api import access
 from backer.api.access import Settings
-from backer.api.routes import NODE, routes
+from backer.api.reads import Reader
+from backer.api.routes import NODE, READER, routes
 from backer.connections.addresses import advertised, format_address
 from backer.errors import BackerError
 from backer.node.node import Node
@@ -48,6 +52,20 @@ HEADERS = {
     "Cache-Control": "no-store",
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'",
 }
+ENDED_PAGE = (STATIC / "ended.html").read_text(encoding="utf-8")
+PASSWORD_FORM = (
+    '<form method="post" action="/login"><input type="password" name="password" '
+    'aria-label="Password" autocomplete="current-password" required>'
+    '<button type="submit">Log in with the password</button></form>'
+)
+_ENDED_STYLE = re.search(r"<style>(.*?)</style>", ENDED_PAGE, re.S)
+assert _ENDED_STYLE is not None
+ENDED_CSP = HEADERS["Content-Security-Policy"].replace(
+    "default-src 'self'",
+    "default-src 'none'; style-src 'sha256-"
+    + base64.b64encode(hashlib.sha256(_ENDED_STYLE.group(1).encode()).digest()).decode()
+    + "'",
+)
 CREDENTIALS: web.AppKey[access.Credentials] = web.AppKey("credentials")
 ATTEMPTS: web.AppKey[access.Attempts] = web.AppKey("attempts")
 HOSTS: web.AppKey[frozenset[str]] = web.AppKey("hosts")
@@ -75,6 +93,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         request.headers.get("Authorization", "")
     ):
         csrf = credentials.csrf(request.cookies.get(request.app[COOKIE_NAME]))
+        if csrf is None and request.path == "/" and request.method in SAFE_METHODS:
+            return _session_ended(credentials.password is not None)
         if csrf is None:
             raise _refuse(web.HTTPUnauthorized, "log in first: run 'backer open'")
         given = request.headers.get("X-CSRF-Token", "")
@@ -92,7 +112,21 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _headers(_request: web.Request, response: web.StreamResponse) -> None:
-    response.headers.update(HEADERS)
+    for name, value in HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+def _session_ended(password: bool) -> web.Response:
+    """The page without a session (a browser's reload once its session is gone): 401
+    and a few words on how to log in again, as HTML a person reads, where an API path
+    answers JSON; served beyond loopback, with the password form (``POST /login``).
+    Its only style is inline, allowed by its hash alone."""
+    return web.Response(
+        status=401,
+        text=ENDED_PAGE.replace("<!--password-->", PASSWORD_FORM if password else ""),
+        content_type="text/html",
+        headers={"Content-Security-Policy": ENDED_CSP},
+    )
 
 
 def _logged_in(request: web.Request) -> web.Response:
@@ -155,6 +189,8 @@ def application(
 ) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[NODE] = node
+    app[READER] = Reader()
+    app.on_cleanup.append(lambda app: app[READER].close())
     app[CREDENTIALS] = credentials
     app[ATTEMPTS] = access.Attempts(lambda line: node.log.warning("%s", line))
     app[HOSTS] = hosts

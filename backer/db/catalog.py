@@ -109,13 +109,23 @@ def read_local(
     return found
 
 
+# A path's parent directory with its '/' ("" at the top), from SQLite's own functions:
+# rtrim strips from the right every character that is not a '/'. An index on it lists
+# one folder without reading the share (and needs no function of ours to maintain it).
+PARENT = "rtrim(path, replace(path, '/', ''))"
+
+
 class Catalog:
-    def __init__(self, db: sqlite_utils.Database) -> None:
+    def __init__(self, db: sqlite_utils.Database, migrate: bool = True) -> None:
+        """``migrate`` False: a reader's connection of its own (read only), for which
+        the share's own connection has brought the schema up to date."""
         self.db = db
         self.conn: sqlite3.Connection = db.conn
         self._manifests: dict[bytes, Manifest] = {}  # content-addressed, so never stale
         self.conn.create_function("nfc", 1, _nfc, deterministic=True)
         self.conn.create_function("record_size", 1, record_size, deterministic=True)
+        if not migrate:
+            return
         if "live" not in db.table_names():
             self._create_schema()
         self.conn.execute(  # added later than the rest: older shares get it on open
@@ -143,6 +153,16 @@ class Catalog:
             "PRIMARY KEY (content, device)) WITHOUT ROWID"
         )
         self._add_columns()
+        self._add_indexes()
+
+    def _add_indexes(self) -> None:
+        """Indexes added since a share was made (built once, on the first open): one
+        folder's entries, and one event's versions in path order."""
+        with self.conn:
+            self.conn.execute(f"CREATE INDEX IF NOT EXISTS live_parent ON live ({PARENT}, path)")
+            self.conn.execute(
+                "CREATE INDEX IF NOT EXISTS versions_position ON versions (position, path, vid)"
+            )
 
     def _add_columns(self) -> None:
         """Columns added since a share was made (a share made by an older backer)."""
@@ -411,9 +431,37 @@ class Catalog:
         for path, vid, record in rows:
             yield path, vid, Version.decode(record)
 
-    def versions_at(self, position: int) -> list[tuple[str, str, Version]]:
+    def versions_at(
+        self, position: int, top: str = "", skip: int = 0, limit: int = -1
+    ) -> list[tuple[str, str, Version]]:
+        """The versions journal event ``position`` added (at ``top`` or below it), in
+        path order, from the ``skip``-th on, at most ``limit`` (-1: all)."""
         rows = self.conn.execute(
-            "SELECT path, vid, record FROM versions WHERE position = ? ORDER BY path", (position,)
+            "SELECT path, vid, record FROM versions WHERE position = ?1 AND (?2 = '' OR "
+            "path = ?2 OR (path > ?2 || '/' AND path < ?2 || '0')) "
+            "ORDER BY path, vid LIMIT ?3 OFFSET ?4",
+            (position, top, limit, skip),
+        )
+        return [(path, vid, Version.decode(record)) for path, vid, record in rows]
+
+    def positions_under(self, top: str, before: int) -> Iterator[int]:
+        """The journal positions below ``before`` of the events that added a version at
+        ``top`` or below it, newest first (from the path index, not the whole history)."""
+        rows = self.conn.execute(
+            "SELECT position FROM versions WHERE path = ?1 AND position < ?2 UNION "
+            "SELECT position FROM versions WHERE path > ?1 || '/' AND path < ?1 || '0' "
+            "AND +position < ?2 ORDER BY position DESC",
+            (top, before),
+        )
+        for (position,) in rows:
+            yield position
+
+    def live_in(self, directory: str) -> list[tuple[str, str, Version]]:
+        """The live versions of the entries directly in ``directory`` ("": the top),
+        by path: one index range, however large the rest of the share."""
+        rows = self.conn.execute(
+            f"SELECT path, vid, record FROM live WHERE {PARENT} = ? ORDER BY path, vid",
+            (directory + "/" if directory else "",),
         )
         return [(path, vid, Version.decode(record)) for path, vid, record in rows]
 

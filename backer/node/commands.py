@@ -118,9 +118,12 @@ def _contents_on_disk(share: Share) -> set[bytes]:
     return {Version.decode(record).content for (record,) in rows}
 
 
-def conflicts_report(share: Share) -> list[dict[str, Any]]:
+def conflicts_report(
+    share: Share, found: list[revisions.Conflict] | None = None
+) -> list[dict[str, Any]]:
     """What ``backer conflicts --json`` prints (and the HTTP API answers): per conflict,
-    its path and each competing version, the one holding the path first."""
+    its path and each competing version, the one holding the path first (``found``:
+    the conflicts as read elsewhere, e.g. off the event loop)."""
     names = {key[:8]: name for key, name in share.members.names.items()}
     return [
         {
@@ -136,7 +139,7 @@ def conflicts_report(share: Share) -> list[dict[str, Any]]:
                 for c in conflict.contenders
             ],
         }
-        for conflict in revisions.conflicts(share.catalog)
+        for conflict in (revisions.conflicts(share.catalog) if found is None else found)
     ]
 
 
@@ -153,15 +156,18 @@ def scan_report(share: Share, summary: ScanSummary) -> dict[str, Any]:
     }
 
 
-def status_report(share: Share) -> dict[str, Any]:
-    """What ``backer status --json`` prints (a running node adds each device's state)."""
+def status_report(share: Share, counts: dict[str, int] | None = None) -> dict[str, Any]:
+    """What ``backer status --json`` prints (a running node adds each device's state).
+    ``counts``: the totals and the number of conflicts as read elsewhere (they scan the
+    whole share: the web API reads them off the event loop)."""
     last_scan = share.catalog.get_int("last_scan_ms")
+    if counts is None:
+        counts = {**share.catalog.totals(), "conflicts": len(revisions.conflicts(share.catalog))}
     return {
         "root": str(share.root),
         "share_id": share.share_id.hex(),
         "device": device_id(share.device),
-        **share.catalog.totals(),
-        "conflicts": len(revisions.conflicts(share.catalog)),
+        **counts,
         "devices": [
             {"id": device_id(key), "name": name} for key, name in share.members.active.items()
         ],
@@ -391,13 +397,14 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
     return handle
 
 
-def node_status(runtime: Runtime) -> dict[str, Any]:
+def node_status(runtime: Runtime, counts: dict[str, int] | None = None) -> dict[str, Any]:
     """``status`` plus, per device, what the node knows of it now: connected or last
     seen, what it still needs (``need_files``/``need_bytes``; another device's as it
     last said on its session, None while unknown), whether it is in sync, transfer
-    rates (chunk bytes/s from and to it; this device: in all) and progress."""
+    rates (chunk bytes/s from and to it; this device: in all) and progress
+    (``counts``: see :func:`status_report`)."""
     share = runtime.share
-    report = status_report(share)
+    report = status_report(share, counts)
     ours = {author: c.length for author, c in share.journal.summary().items()}
     replicator = runtime.hub.replicator
     own_need = replicator.need()
