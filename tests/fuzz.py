@@ -12,10 +12,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import functools
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nacl.signing
@@ -132,13 +131,33 @@ def lan(data: bytes) -> None:
     unseal(data, _LAN_KEYS)
 
 
-@functools.cache
-def _share() -> Share:
-    """A member's share with one file, in a temp dir that lives as long as the process."""
-    root = Path(tempfile.mkdtemp(prefix="backer-fuzz-"))
-    atexit.register(shutil.rmtree, root, True)
+_member: list[Share] = []  # the share of the ``session`` target, while one is open
+
+
+@contextlib.contextmanager
+def member_share(base: Path) -> Iterator[Share]:
+    """The share (one file) a ``session`` target's member holds, made under ``base``
+    (a test's temp dir, removed by its owner) and closed when the block ends."""
+    root, home = base / "share", base / "home"
+    root.mkdir()
     (root / "a.txt").write_bytes(b"content")
-    return Share.create(root, _KEY)
+    share = Share.create(root, _KEY, home=home)
+    _member.append(share)
+    try:
+        yield share
+    finally:
+        _member.remove(share)
+        share.close()
+
+
+def _share() -> Share:
+    """The share of the innermost ``member_share`` block; outside one (the campaign, a
+    plain process), one in a temp dir that is removed when the process exits."""
+    if not _member:
+        base = Path(tempfile.mkdtemp(prefix="backer-fuzz-"))
+        atexit.register(shutil.rmtree, base, True)
+        member_share(base).__enter__()
+    return _member[-1]
 
 
 def session(data: bytes) -> None:
