@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,14 @@ from backer.model import verify as verify_mod
 from backer.model.membership import checked_name, host_name
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
-from backer.model.share import DB_FILE, Share, ShareBusy, is_damage, unfinished_create
+from backer.model.share import (
+    DB_FILE,
+    Share,
+    ShareBusy,
+    find_root,
+    is_damage,
+    unfinished_create,
+)
 from backer.node import commands
 from backer.node.node import Node, hold_home
 from backer.numbers import natural
@@ -111,16 +119,20 @@ share_option = click.option(
     "--share",
     "--dir",
     "directory",
-    default=".",
     metavar="NAME|DIR",
     help="The share: its name (see 'backer shares') or a directory inside it "
-    "(default: the current directory).",
+    "(default: the share holding PATH, if the command takes one, else the current "
+    "directory).",
 )
 
 
-def _locate(text: str) -> Path:
+def _locate(text: str | None, path: str | None = None) -> Path:
     """``--share``: a registered share's name (a name wins over a directory of the same
-    name: write ``./NAME`` for that), else a directory, inside a share or not yet one."""
+    name: write ``./NAME`` for that), else a directory, inside a share or not yet one.
+    Without it: the share holding ``path`` (see :func:`_share_of`), else the current
+    directory."""
+    if text is None:
+        return _share_of(path) if path is not None else Path.cwd()
     if text and os.sep not in text and text not in (".", ".."):
         for entry in registry.registered(home()):
             if entry.name == text:
@@ -135,9 +147,34 @@ def _locate(text: str) -> Path:
     return path
 
 
-def _open(directory: str, exclusive: bool = True) -> Share:
-    """The share ``--share`` names; ``exclusive=False`` for read-only commands."""
-    return Share.open(_locate(directory), load_or_create_key(), exclusive, home())
+def _share_of(path: str) -> Path:
+    """The share a command's PATH is in, when no ``--share`` names one: the registered
+    share whose folder holds it (the innermost), else the share above it on disk (one
+    not registered); a path in no share is an error, whatever the current directory."""
+    absolute = Path(os.path.abspath(path))
+    spellings = dict.fromkeys([absolute, absolute.resolve()])  # (as typed, links resolved)
+    roots = [entry.root for entry in registry.registered(home())]
+    for where in spellings:
+        holding = [root for root in roots if root == where or root in where.parents]
+        if holding:
+            return max(holding, key=lambda root: len(root.parts))
+    for where in spellings:
+        existing = next(p for p in (where, *where.parents) if p.exists())
+        if (root := find_root(existing)) is not None:
+            return root
+        if any((p / METADATA_DIR).is_dir() for p in (existing, *existing.parents)):
+            return existing  # a share that lost its database: Share.open says what to do
+    raise BackerError(
+        f"{absolute} is not inside any share of this device (see 'backer shares'): "
+        "run the command inside the share or name it with --share NAME|DIR"
+    )
+
+
+def _open(directory: str | None, exclusive: bool = True, path: str | None = None) -> Share:
+    """The share ``--share`` names, or else the one holding ``path`` (a command's PATH
+    argument), or else the current directory's; ``exclusive=False`` for read-only
+    commands."""
+    return Share.open(_locate(directory, path), load_or_create_key(), exclusive, home())
 
 
 def _share_path(share: Share, path: str) -> str:
@@ -173,7 +210,7 @@ def _problem_lines(problems: Iterable[Problem], limit: int = SHOWN_PER_REASON) -
     for (warning, reason), paths in sorted(groups.items(), key=lambda g: (g[0][0], -len(g[1]))):
         label = "warning" if warning else "error"
         if len(paths) == 1:
-            lines.append(f"{label}: {paths[0]}: {reason}")
+            lines.append(f"{label}: {paths[0]}: {reason}" if paths[0] else f"{label}: {reason}")
             continue
         lines.append(f"{label}: {reason}: {len(paths)} files")
         lines += [f"    {path}" for path in sorted(paths)[:limit]]
@@ -310,7 +347,7 @@ def init(directory: str) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet_option
-def scan(directory: str, forget_lost_history: bool, as_json: bool) -> None:
+def scan(directory: str | None, forget_lost_history: bool, as_json: bool) -> None:
     """Record every change made to the share's files since the last scan.
 
     Files that cannot be recorded are listed with the reason (each one once; 'status'
@@ -335,7 +372,7 @@ def scan(directory: str, forget_lost_history: bool, as_json: bool) -> None:
 @cli.command()
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(directory: str, as_json: bool) -> None:
+def status(directory: str | None, as_json: bool) -> None:
     """Show the share: files, bytes, devices, conflicts, last scan; per device, while
     'backer run' serves the share: connected or last seen, address, in sync or not,
     transfer progress (else when this device last connected to it, if it did)."""
@@ -500,11 +537,15 @@ def _matches(path: str, wanted: str) -> bool:
     "such as 30m, 12h, 7d.",
 )
 def log(
-    path: str | None, directory: str, as_json: bool, limit: int | None, since_text: str | None
+    path: str | None,
+    directory: str | None,
+    as_json: bool,
+    limit: int | None,
+    since_text: str | None,
 ) -> None:
     """Show the journal, oldest first; with PATH, only events that touched it."""
     since_ms = _parse_time(since_text, "--since") if since_text else 0
-    with _open(directory, exclusive=False) as share:
+    with _open(directory, exclusive=False, path=path) as share:
         wanted = _share_path(share, path) if path else ""
         wanted = _recorded_path(share, wanted) if wanted else ""  # either Unicode spelling
         events = [(p, e) for p, e in share.journal.since(0) if e.time_ms >= since_ms]
@@ -552,9 +593,9 @@ def log(
 @click.argument("path")
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def history(path: str, directory: str, as_json: bool) -> None:
+def history(path: str, directory: str | None, as_json: bool) -> None:
     """Show every version of PATH: when, by which device, size and hash."""
-    with _open(directory, exclusive=False) as share:
+    with _open(directory, exclusive=False, path=path) as share:
         key = _recorded_path(share, _share_path(share, path))
         entries = share.catalog.history(key)
         rows = commands.history_report(share, entries)
@@ -587,7 +628,7 @@ def _user_key(share: Share, path: str) -> str:
 @cli.command()
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def conflicts(directory: str, as_json: bool) -> None:
+def conflicts(directory: str | None, as_json: bool) -> None:
     """List every conflict: the path, then each competing version (device, time, size)
     and where its conflict copy is; the first holds the path now."""
     with _open(directory, exclusive=False) as share:
@@ -614,7 +655,7 @@ def conflicts(directory: str, as_json: bool) -> None:
 @click.option("--keep-newest", is_flag=True, help="Keep the version modified last.")
 @share_option
 def resolve(
-    path: str, keep: str | None, keep_both: bool, keep_newest: bool, directory: str
+    path: str, keep: str | None, keep_both: bool, keep_newest: bool, directory: str | None
 ) -> None:
     """Resolve the conflict at PATH: the kept version holds PATH on every device and the
     conflict copies go away everywhere (the other versions stay in 'history')."""
@@ -653,7 +694,7 @@ def restore(
     at_text: str | None,
     dest: str | None,
     source: str | None,
-    directory: str,
+    directory: str | None,
 ) -> None:
     """Bring back a version of PATH, deleted or not, or a whole folder as it was: as new
     versions, so every device gets them and the restore itself can be undone (what PATH
@@ -680,10 +721,10 @@ def restore(
 )
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def ls(path: str, at_text: str | None, directory: str, as_json: bool) -> None:
+def ls(path: str, at_text: str | None, directory: str | None, as_json: bool) -> None:
     """List the folder PATH (default: the current one) as recorded now, or as it was at
     WHEN (deleted entries included): kind, size, time, version id, name."""
-    with _open(directory, exclusive=False) as share:
+    with _open(directory, exclusive=False, path=path) as share:
         key = _user_key(share, path)
         at_ms = _parse_time(at_text, "--at") if at_text else entropy.now_ms()
         revisions.check_moment(share, at_ms)
@@ -700,10 +741,10 @@ def ls(path: str, at_text: str | None, directory: str, as_json: bool) -> None:
         _say(f"{row['time']}  {row['version']}  {entry.version.size:>12}  {name}")
 
 
-def _revise(directory: str, path: str, request: dict[str, Any]) -> int:
+def _revise(directory: str | None, path: str, request: dict[str, Any]) -> int:
     """Run a ``restore`` or ``resolve`` here, or ask the node serving the share."""
     try:
-        share = _open(directory)
+        share = _open(directory, path=path)
     except ShareBusy as busy:
         with Share.open(busy.root, load_or_create_key(), exclusive=False, home=home()) as seen:
             request["path"] = _user_key(seen, path)
@@ -749,7 +790,7 @@ def _fetch_from(share: Share, fetched: revisions.Fetched, source: str | None, wh
 @share_option
 @click.option("--dry-run", is_flag=True, help="Only say what would be freed.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def prune(directory: str, dry_run: bool, as_json: bool) -> None:
+def prune(directory: str | None, dry_run: bool, as_json: bool) -> None:
     """Drop the kept contents of replaced and deleted versions that the share's
     retention policy no longer keeps (see 'backer config'), and say what that frees.
     The history of every version stays. 'backer run' does this every hour by itself."""
@@ -773,7 +814,7 @@ def prune(directory: str, dry_run: bool, as_json: bool) -> None:
 @click.argument("key", required=False)
 @click.argument("value", required=False)
 @share_option
-def config_command(key: str | None, value: str | None, directory: str) -> None:
+def config_command(key: str | None, value: str | None, directory: str | None) -> None:
     """Show or change the share's settings on this device: without KEY, all of them;
     with KEY, its value; with KEY and VALUE, set it. Retention of replaced and deleted
     contents: every version for keep-all, then one per hour until hourly-for, one per
@@ -927,7 +968,9 @@ def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet_option
-def sync(addresses: tuple[str, ...], directory: str, command: str | None, as_json: bool) -> None:
+def sync(
+    addresses: tuple[str, ...], directory: str | None, command: str | None, as_json: bool
+) -> None:
     """Reconcile with peers both ways, then exit: every ADDRESS at once (HOST:PORT), or
     else every peer used before. Chunks are fetched from all of them.
 
@@ -981,7 +1024,7 @@ def _node_sync(
 
 @cli.command()
 @share_option
-def stdio(directory: str) -> None:
+def stdio(directory: str | None) -> None:
     """Serve one sync session over stdin/stdout (the remote end of 'sync --command')."""
     with _open(directory) as share:
         hub = transport.Hub(share, _name())
@@ -1000,20 +1043,49 @@ def stdio(directory: str) -> None:
 
 
 class _ShownFormatter(logging.Formatter):
-    """Log lines as safe for a terminal as everything else printed (names, paths)."""
+    """Log lines as safe for a terminal as everything else printed (names, paths), one
+    line per record: an error a library logs with its traceback says its exception
+    after the message (the traceback with ``BACKER_DEBUG=1``)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        if (
+            record.exc_info
+            and record.exc_info[1] is not None
+            and not os.environ.get("BACKER_DEBUG")
+        ):
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {error_reason(exc)}"
+            record.args, record.exc_info, record.exc_text = None, None, None
         return _shown(super().format(record))
 
 
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` of the node: a library's warning is one line of its log
+    (with time and level), not Python's two raw lines on stderr."""
+    where = f"{Path(filename).name}:{lineno}"
+    logging.getLogger("py.warnings").warning("%s: %s (%s)", category.__name__, message, where)
+
+
 def _logger(level: str) -> logging.Logger:
-    """The ``backer`` logger on stderr, with timestamps and levels."""
+    """The ``backer`` logger on stderr, with timestamps and levels; the libraries'
+    warnings and errors (watchdog's, ``warnings.warn``) go to the same log."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_ShownFormatter("%(asctime)s %(levelname)s %(message)s"))
     log = logging.getLogger("backer")
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
+    libraries = logging.getLogger()
+    libraries.handlers[:] = [handler]
+    libraries.setLevel(max(logging.WARNING, log.level))
+    warnings.showwarning = _log_warning
     return log
 
 
@@ -1077,8 +1149,7 @@ def run(listen: str, log_level: str, api_address: str) -> None:
     settings = api_access.settings_from(api_address)
     key = load_or_create_key()
     with hold_home(home()):
-        shares = registry.registered(home())
-        node = Node(shares, key, listen=(host, port), log=_logger(log_level))
+        node = Node(None, key, listen=(host, port), log=_logger(log_level))
         serve = api_server.serve
         ui = None if settings is None else functools.partial(serve, node, settings, home())
         asyncio.run(_until_signalled(node, ui))
@@ -1102,7 +1173,7 @@ def device() -> None:
 @device.command("list")
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def device_list(directory: str, as_json: bool) -> None:
+def device_list(directory: str | None, as_json: bool) -> None:
     """List the share's devices, removed ones included."""
     with _open(directory, exclusive=False) as share:
         rows = [
@@ -1126,7 +1197,7 @@ def device_list(directory: str, as_json: bool) -> None:
 @device.command("remove")
 @click.argument("device_id_text", metavar="DEVICE")
 @share_option
-def device_remove(device_id_text: str, directory: str) -> None:
+def device_remove(device_id_text: str, directory: str | None) -> None:
     """Remove DEVICE (its id, or its first characters as 'device list' shows them):
     e.g. a lost or stolen laptop. Peers refuse it from then on, its later events are
     rejected, and the share key changes for the remaining devices. While 'backer run'
@@ -1144,7 +1215,7 @@ def device_remove(device_id_text: str, directory: str) -> None:
 @device.command("rename")
 @click.argument("name")
 @share_option
-def device_rename(name: str, directory: str) -> None:
+def device_rename(name: str, directory: str | None) -> None:
     """Give this device a new NAME in the share (the hostname until then); the others
     show it once they sync. A device renames only itself. While 'backer run' serves the
     share, it does it."""
@@ -1182,7 +1253,7 @@ def device_rename(name: str, directory: str) -> None:
 )
 @share_option
 def invite(
-    listen: str, addresses: tuple[str, ...], expires: int, no_wait: bool, directory: str
+    listen: str, addresses: tuple[str, ...], expires: int, no_wait: bool, directory: str | None
 ) -> None:
     """Print a single-use, expiring invite token, and wait for the device to join.
 
@@ -1337,11 +1408,11 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @quiet_option
-def verify(path: str | None, directory: str, as_json: bool) -> None:
+def verify(path: str | None, directory: str | None, as_json: bool) -> None:
     """Re-hash files (all, or those under PATH) whose stat is as last scanned and report
     each whose bytes no longer match its recorded version (bit rot, a bad disk); exit
     status 3 if any. Such a file is never sent to peers as that version."""
-    with _open(directory, exclusive=False) as share:
+    with _open(directory, exclusive=False, path=path) as share:
         wanted = _recorded_path(share, _share_path(share, path)) if path else ""
         with _progress("verifying") as progress:
             found = verify_mod.verify(share, wanted, progress)
@@ -1368,7 +1439,7 @@ def verify(path: str | None, directory: str, as_json: bool) -> None:
 )
 @click.option("--token", help="An invite from a device of the share (if this key was lost too).")
 @share_option
-def repair(addresses: tuple[str, ...], token: str | None, directory: str) -> None:
+def repair(addresses: tuple[str, ...], token: str | None, directory: str | None) -> None:
     """Rebuild a damaged or lost .backer/ from a peer, in place: files whose content is
     a live version are recognised as it (no bytes move, no version is recorded); the
     rest is scanned as local changes. The damaged database is kept aside."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,7 +118,7 @@ def test_clear_errors_for_bad_directories(run_cli, share_dir: Path, tmp_path: Pa
     assert_clean_error(run_cli("init", str(share_dir / "empty"), check=False), "shares cannot nest")
     assert_clean_error(run_cli("history", "nothing-here", cwd=share_dir, check=False), "no history")
     assert_clean_error(
-        run_cli("history", str(tmp_path), cwd=share_dir, check=False), "not inside the share"
+        run_cli("history", str(tmp_path), cwd=share_dir, check=False), "not inside any share"
     )
 
 
@@ -145,9 +148,6 @@ def test_another_devices_key_cannot_open_the_share(
 ) -> None:
     run_cli("init", str(share_dir))
     env_home = tmp_path / "other-home"
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "backer", "status"],
         cwd=share_dir,
@@ -263,3 +263,69 @@ def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_curre
     assert too_early.returncode == 1 and "the share did not exist yet" in too_early.stderr
     neither = run_cli("restore", name, cwd=root, check=False)
     assert neither.returncode == 1 and "--version or --at" in neither.stderr
+
+
+def test_commands_taking_a_path_find_its_share_from_the_path_outside_the_share(
+    run_cli, share_dir: Path, tmp_path: Path
+) -> None:
+    """Run outside the share, history, restore and resolve needed --dir or --share even
+    for a path in a registered share; a path in no share is one line saying so."""
+    (share_dir / "copy.txt").write_text("first\n")  # (the first bytes stay on this disk)
+    run_cli("init", str(share_dir))
+    notes = share_dir / "notes.txt"
+    notes.write_text("second\n")
+    run_cli("scan", cwd=share_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first, _ = json.loads(run_cli("history", str(notes), "--json", cwd=elsewhere).stdout)
+    assert len(json.loads(run_cli("log", str(notes), "--json", cwd=elsewhere).stdout)) == 2
+    assert "notes.txt" in run_cli("ls", str(share_dir), cwd=elsewhere).stdout
+    assert "verified 1 files" in run_cli("verify", str(notes), cwd=elsewhere).stdout
+    run_cli("restore", str(notes), "--version", first["version"], cwd=elsewhere)
+    assert notes.read_text() == "first\n"
+    unresolved = run_cli("resolve", str(notes), "--keep-both", cwd=elsewhere, check=False)
+    assert unresolved.stderr.startswith("backer: error: no conflict at 'notes.txt'")
+
+    stray = elsewhere / "stray.txt"
+    stray.write_text("in no share\n")
+    said = (
+        f"backer: error: {stray} is not inside any share of this device (see 'backer "
+        "shares'): run the command inside the share or name it with --share NAME|DIR\n"
+    )
+    for args in (
+        ("history", str(stray)),
+        ("restore", str(stray), "--version", first["version"]),
+        ("resolve", str(stray), "--keep-both"),
+    ):
+        for cwd in (elsewhere, share_dir):
+            refused = run_cli(*args, cwd=cwd, check=False)
+            assert (refused.returncode, refused.stderr) == (1, said), (args, cwd)
+    named = run_cli("history", str(notes), "--share", "photos", cwd=elsewhere)
+    assert named.stdout.count("\n") == 3
+
+
+def test_library_warnings_and_errors_are_one_line_of_the_node_log_each() -> None:
+    """What a library warns of (``warnings.warn``) or logs with a traceback reached
+    stderr raw, with no time or level, in the middle of the node's log."""
+    program = (
+        "import logging, warnings\n"
+        "from backer.cli import _logger\n"
+        "_logger('info')\n"
+        "warnings.warn('a library warns', RuntimeWarning)\n"
+        "try:\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "except OSError:\n"
+        "    logging.getLogger('watchdog.observers').exception('cannot rebuild the watches')\n"
+        "logging.getLogger('watchdog.observers').info('not shown: below warning')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "BACKER_DEBUG"}
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60
+    )
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, result.stderr
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    warned = f"{stamp} WARNING RuntimeWarning: a library warns \\(<string>:4\\)"
+    assert re.fullmatch(warned, lines[0]), lines[0]
+    failed = f"{stamp} ERROR cannot rebuild the watches: OSError: No space left on device"
+    assert re.fullmatch(failed, lines[1]), lines[1]

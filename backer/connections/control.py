@@ -133,15 +133,15 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
     path = root / METADATA_DIR / CONTROL_FILE
     port = server.sockets[0].getsockname()[1]
     where = {"port": port, "secret": secret, "pid": os.getpid()}
-    _write_private(path, json.dumps(where).encode())
-    try:
-        async with server:
+    async with server:  # (closed also when the file cannot be written)
+        try:
+            _write_private(path, json.dumps(where).encode())
             yield
-    finally:
-        path.unlink(missing_ok=True)
-        for task in answering:
-            task.cancel()
-        await asyncio.gather(*answering, return_exceptions=True)
+        finally:
+            path.unlink(missing_ok=True)
+            for task in answering:
+                task.cancel()
+            await asyncio.gather(*answering, return_exceptions=True)
 
 
 def _alive(pid: int) -> bool:

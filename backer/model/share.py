@@ -563,9 +563,11 @@ class Share:
         return share
 
     def close(self) -> None:
-        if self._lock is not None:
-            self.save_snapshot()
-        self._release()
+        try:
+            if self._lock is not None:
+                self.save_snapshot()
+        finally:  # (a snapshot that cannot be written must not keep the lock held)
+            self._release()
 
     def _release(self) -> None:
         """Let go of the database and the lock without writing anything more."""

@@ -358,8 +358,9 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
 
     async def handle(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         op = request.get("op")
-        if runtime.gone is not None and op != "status":
-            yield {"error": runtime.gone}
+        unserved = runtime.gone or stopped(runtime)
+        if unserved is not None and op != "status":
+            yield {"error": unserved}
             return
         try:
             if op == "scan":
@@ -390,7 +391,8 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
                 yield {"error": f"unknown request {op!r}"}
         except (BackerError, KeyError, TypeError, ValueError) as exc:
             yield {"error": reason(exc)}
-        except OSError as exc:  # (the disk's; the channel's own errors are not raised here)
+        except (OSError, sqlite3.Error) as exc:  # (the disk's; the channel's own errors
+            # are not raised here)
             node.log.error("%s: %s failed: %s", runtime.name, op, reason(exc))
             yield {"error": reason(exc)}
 
@@ -442,10 +444,19 @@ def node_status(runtime: Runtime, counts: dict[str, int] | None = None) -> dict[
             }
         )
     report["devices"] = devices
-    if runtime.gone is not None:
-        gone = {"path": "", "reason": runtime.gone, "warning": False}
+    unserved = runtime.gone or stopped(runtime)
+    if unserved is not None:
+        gone = {"path": "", "reason": unserved, "warning": False}
         report["problems"].insert(0, {**gone, "during": "serving", "since": None})
     return report
+
+
+def stopped(runtime: Runtime) -> str | None:
+    """Why the share's runtime failed and when it restarts, while it is stopped."""
+    if runtime.stopped is None:
+        return None
+    why, restart = runtime.stopped
+    return f"stopped: {why}, retry in {max(0, round(restart - time.monotonic()))} s"
 
 
 def _in_sync(session: Session, ours: dict[bytes, int]) -> bool | None:

@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import socket
+import sqlite3
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,12 +37,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 import nacl.signing
 
+from backer.config import registry
 from backer.config.identity import device_id, short_id
 from backer.config.identity import home as device_home
 from backer.connections import control, transport
 from backer.connections.addresses import advertised, format_address, loopback_only
 from backer.discover import lan
-from backer.errors import BackerError
+from backer.errors import BackerError, reason
 from backer.events import Event, EventBus, EventType, paths
 from backer.model import entropy, revisions
 from backer.model.materializer import Report
@@ -75,7 +77,10 @@ PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often, 
 # what this device needs is told to its peers at most this often
 RATE_WINDOW = 4  # transfer rates are averaged over this many progress intervals
 PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and at start)
-BUSY_RETRY_S = 2.0  # a share another backer process held at start is tried this often
+REGISTRY_CHECK_S = 1.0  # the share registry is re-read (when it changed) and the shares
+# another backer process held are tried again this often
+RESTART_BASE_S = 2.0  # a share whose runtime failed is restarted after this long, doubling
+RESTART_CAP_S = 60.0  # up to this; a runtime that ran this long starts from the base again
 ROOT_CHECK_S = 1.0  # how often the share's folder is checked to still be the share
 
 
@@ -118,6 +123,30 @@ def release_memory(share: Share) -> None:
     share.db.conn.execute("PRAGMA shrink_memory")
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for what made a share's runtime fail: the first error inside its
+    TaskGroup's exception group, by type and message."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = reason(exc) if isinstance(exc, Exception) else str(exc)
+    return f"{type(exc).__name__}: {text}"
+
+
+def unusable(share: Share) -> str | None:
+    """Why a share whose runtime failed cannot be restarted yet: its database does
+    not take a write (held by another process, a disk error). Probed on the open
+    share, so that until it does the node still answers for the share."""
+    conn = share.db.conn
+    try:
+        if conn.in_transaction:  # (what the failure left half-done is given up)
+            conn.rollback()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.rollback()
+    except sqlite3.Error as exc:
+        return failure_reason(exc)
+    return None
 
 
 def backoff(attempt: int, rng: random.Random, scale: float = 1.0) -> float:
@@ -217,10 +246,18 @@ class Runtime:
         self.waiting: str | None = None  # why scans record nothing (logged once)
         self.paused = False  # no sessions, no dialling; local changes are still recorded
         self.gone: str | None = None  # why the share's folder is not the share now
+        self.stopped: tuple[str, float] | None = None  # why the runtime failed, and the
+        # monotonic time of its restart
         for address in transport.known_addresses(share):
             self.targets[address] = Target(address)
         self._read_address_book()
         self.hub.addresses.on_learned = self._learned
+
+    @property
+    def exchanging(self) -> bool:
+        """Whether sessions are dialled and accepted: not while paused, while the
+        folder is gone, or while the runtime is stopped after a failure."""
+        return not (self.paused or self.gone or self.stopped)
 
     # -- the share's tasks ----------------------------------------------------------------
 
@@ -607,7 +644,7 @@ class Runtime:
         device = target.device
         if target.dialling or device in busy:
             return False
-        if self.paused or self.gone:
+        if not self.exchanging:
             return False
         if device is None:
             return True
@@ -718,9 +755,12 @@ class Runtime:
             self.node.refused(str(exc), f"{self.name}: closed session with {address}: ")
 
     def close(self) -> None:
-        """Give up what is unfinished (no temp file stays) and close the share."""
-        self.hub.replicator.abandon()
-        self.share.close()
+        """Give up what is unfinished (no temp file stays) and close the share (even
+        when giving up fails: its lock must go, or the share could not be opened again)."""
+        try:
+            self.hub.replicator.abandon()
+        finally:
+            self.share.close()
 
 
 class Node:
@@ -728,7 +768,7 @@ class Node:
 
     def __init__(
         self,
-        shares: list[RegisteredShare],
+        shares: list[RegisteredShare] | None,
         key: nacl.signing.SigningKey,
         *,
         listen: tuple[str, int],
@@ -736,9 +776,12 @@ class Node:
         limits: transport.Limits | None = None,
         home: Path | None = None,
     ) -> None:
-        """``home``: the device's directory (default: ``BACKER_HOME`` or the platform's)."""
-        self.entries = shares
+        """``shares``: those to serve; None: every share registered in ``home`` (the
+        device's directory, default: ``BACKER_HOME`` or the platform's), followed as
+        'init', 'join' and 'forget' change the registry while the node runs."""
         self.home = home or device_home()
+        self.registry = shares is None  # follow the registry
+        self.entries = registry.registered(self.home) if shares is None else shares
         self.key = key
         self.listen = listen
         self.log = log
@@ -753,6 +796,7 @@ class Node:
         self.started = asyncio.Event()
         self.bus = EventBus()
         self._tasks: asyncio.TaskGroup | None = None
+        self.serving: dict[bytes, asyncio.Task[None]] = {}  # share id -> its _serve
         self.stopping = False
 
     # -- what other parts of backer call -------------------------------------------------
@@ -794,10 +838,10 @@ class Node:
             try:
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
-                    for runtime in self.runtimes.values():
-                        tasks.create_task(self._serve(runtime))
-                    if busy:
-                        tasks.create_task(self._open_when_free(busy, tasks))
+                    for runtime in list(self.runtimes.values()):
+                        self._start_serving(runtime)
+                    if busy or self.registry:
+                        tasks.create_task(self._follow_registry(busy))
                     self.started.set()
                     await stop.wait()
                     self.stopping = True
@@ -814,7 +858,8 @@ class Node:
             if discovery is not None:
                 await discovery.__aexit__(None, None, None)
             for runtime in self.runtimes.values():
-                runtime.close()
+                with contextlib.suppress(OSError, sqlite3.Error):  # (close every other)
+                    runtime.close()
             self.log.info("stopped")
 
     async def _discover(self, server: asyncio.Server) -> lan.LanDiscovery | None:
@@ -850,17 +895,71 @@ class Node:
             runtime.wake(device, format_address(host, port))
 
     async def _serve(self, runtime: Runtime) -> None:
-        """Serve one share; if that fails, stop serving it (with a reason), not the rest."""
-        try:
-            await runtime.run(handler(self, runtime))
-        except Exception as exc:
-            self.log.error("%s: no longer served: %s: %s", runtime.name, type(exc).__name__, exc)
-            runtime.publish(EventType.ERROR, path=None, reason=f"no longer served: {exc}")
-            runtime.hang_up("the share is no longer served on that device")
+        """Serve one share; when its runtime fails, stop it (with the reason, in the log
+        and in ``status``) and restart it after a backoff doubling from RESTART_BASE_S
+        to RESTART_CAP_S: one failure must not leave the share unserved until the
+        process restarts. While the folder is gone (see Runtime.check_root) the restart
+        waits until it is back."""
+        failures = 0
+        current: Runtime | None = runtime
+        while current is not None:
+            started = time.monotonic()
+            try:
+                await current.run(handler(self, current))
+                return
+            except Exception as exc:
+                why = failure_reason(exc)
+            failures = 1 if time.monotonic() - started > RESTART_CAP_S else failures + 1
+            current = await self._restart(current, why, failures)
+
+    async def _restart(self, runtime: Runtime, why: str, failures: int) -> Runtime | None:
+        """Stop a runtime that failed; once its backoff passed and the share looks
+        usable again (see :func:`unusable`; if not, back off further), open the share
+        again as a new runtime (a fresh database connection and state: the failure may
+        have left the old ones half-changed). None once the share is not registered.
+        Until then the share's control channel answers (``status`` says why it stopped
+        and when it retries; other requests get that as their error)."""
+        async with contextlib.AsyncExitStack() as answering:
+            with contextlib.suppress(OSError):  # (not while its folder is gone)
+                serving = control.serving(runtime.share.root, handler(self, runtime))
+                await answering.enter_async_context(serving)
+            runtime.hang_up("the share is restarting on that device")
+            while True:
+                delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** (failures - 1)) * self.scale
+                runtime.stopped = (why, time.monotonic() + delay)
+                self.log.error("%s: stopped: %s; retry in %.0f s", runtime.name, why, delay)
+                runtime.publish(EventType.ERROR, path=None, reason=f"stopped: {why}")
+                await asyncio.sleep(delay)
+                while (moved := runtime.share.root_moved()) is not None:  # (no use before
+                    runtime.gone = moved  # it is back: status says why meanwhile)
+                    await asyncio.sleep(ROOT_CHECK_S * self.scale)
+                if self.registry and not self._registered(runtime.share.share_id):
+                    return None
+                unready = unusable(runtime.share)
+                if unready is None:
+                    break
+                why, failures = unready, failures + 1
+        del self.runtimes[runtime.share.share_id]
+        with contextlib.suppress(OSError, sqlite3.Error):  # (what failed may fail again)
+            runtime.close()
+        while True:
+            try:
+                share = Share.open(runtime.share.root, self.key, True, self.home)
+                break
+            except (BackerError, OSError, sqlite3.Error) as exc:  # (another process took
+                self.log.error("%s: not served: %s; retry in %.0f s", runtime.name, exc, delay)
+                await asyncio.sleep(delay)  # it meanwhile: it answers for it now)
+            if self.registry and not self._registered(runtime.share.share_id):
+                return None
+        restarted = self._add(share, runtime.name)
+        if restarted is not None:
+            restarted.hub.addresses.announce(parse_address(a) for a in self.addresses)
+            self.log.info("%s: restarted", runtime.name)
+        return restarted
 
     def _open(self) -> list[RegisteredShare]:
         """Open every registered share; return those another backer process holds now
-        (a one-shot sync or scan): :meth:`_open_when_free` serves them once it lets go."""
+        (a one-shot sync or scan): :meth:`_follow_registry` serves them once it lets go."""
         busy = []
         for entry in self.entries:
             try:
@@ -887,12 +986,17 @@ class Node:
         runtime = self.runtimes[share.share_id] = Runtime(self, share, name)
         return runtime
 
-    async def _open_when_free(self, busy: list[RegisteredShare], tasks: asyncio.TaskGroup) -> None:
-        """Try the shares another process held at start every BUSY_RETRY_S, and serve
-        each once it is free: a node started while a 'backer sync' ran served the
-        other shares only, until it was restarted."""
-        while busy:
-            await asyncio.sleep(BUSY_RETRY_S * self.scale)
+    async def _follow_registry(self, busy: list[RegisteredShare]) -> None:
+        """Every REGISTRY_CHECK_S: serve the shares another process held at start once
+        it lets go (a node started while a 'backer sync' ran served the other shares
+        only, until it was restarted); and, following the registry, serve a share that
+        'init' or 'join' registered, and stop serving one that 'forget' removed (both
+        took effect only at the next start)."""
+        stamp = self._registry_stamp()
+        while True:
+            await asyncio.sleep(REGISTRY_CHECK_S * self.scale)
+            if self.registry and stamp != (stamp := self._registry_stamp()):
+                busy = await self._reread_registry(busy)
             for entry in list(busy):
                 try:
                     share = Share.open(Path(entry.root), self.key, True, self.home)
@@ -903,11 +1007,84 @@ class Node:
                     busy.remove(entry)
                     continue
                 busy.remove(entry)
-                runtime = self._add(share, entry.name)
-                if runtime is not None:
-                    runtime.hub.addresses.announce(parse_address(a) for a in self.addresses)
-                    self.log.info("%s: free now: served", entry.name)
-                    tasks.create_task(self._serve(runtime))
+                self._serve_opened(share, entry.name, "free now: served")
+
+    def _registry_stamp(self) -> tuple[int, int, int] | None:
+        """What changes whenever the registry is written (it is replaced by a rename)."""
+        try:
+            info = os.stat(self.home / registry.REGISTRY_FILE)
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_size
+
+    def _registered(self, share_id: bytes) -> bool:
+        """Whether the share is still registered (a damaged registry: assume so)."""
+        try:
+            return any(e.share_id == share_id for e in registry.registered(self.home))
+        except BackerError:
+            return True
+
+    async def _reread_registry(self, busy: list[RegisteredShare]) -> list[RegisteredShare]:
+        """Stop serving the shares no longer registered (or registered at another
+        folder), serve those newly registered; the shares still busy."""
+        try:
+            entries = registry.registered(self.home)
+        except BackerError as exc:
+            self.log.error("%s: the shares served stay as they are", exc)
+            return busy
+        wanted = {entry.share_id: entry for entry in entries}
+        for share_id, runtime in list(self.runtimes.items()):
+            entry = wanted.get(share_id)
+            if entry is None or entry.root != runtime.share.root:
+                await self._retire(runtime)
+        busy = [e for e in busy if wanted.get(e.share_id) == e]
+        known = {*self.runtimes, *(e.share_id for e in busy)}
+        for entry in entries:
+            if entry.share_id in known:
+                continue
+            try:
+                share = Share.open(Path(entry.root), self.key, True, self.home)
+            except ShareBusy:  # ('init' and 'join' hold it while they scan)
+                busy.append(entry)
+                continue
+            except BackerError as exc:
+                self.log.error("%s: not served: %s", entry.name, exc)
+                continue
+            self._serve_opened(share, entry.name, "registered: served")
+        return busy
+
+    def _serve_opened(self, share: Share, name: str, said: str) -> None:
+        """Serve a share opened while the node runs."""
+        runtime = self._add(share, name)
+        if runtime is not None:
+            runtime.hub.addresses.announce(parse_address(a) for a in self.addresses)
+            self.log.info("%s: %s", name, said)
+            self._start_serving(runtime)
+
+    def _start_serving(self, runtime: Runtime) -> None:
+        assert self._tasks is not None
+        share_id = runtime.share.share_id
+        task = self.serving[share_id] = self._tasks.create_task(self._serve(runtime))
+
+        def done(_: asyncio.Task[None]) -> None:
+            if self.serving.get(share_id) is task:
+                del self.serving[share_id]
+
+        task.add_done_callback(done)
+
+    async def _retire(self, runtime: Runtime) -> None:
+        """Stop serving a share that was forgotten: sessions closed with a reason, its
+        tasks cancelled, the share closed."""
+        share_id = runtime.share.share_id
+        self.log.info("%s: no longer registered: not served", runtime.name)
+        runtime.hang_up("the share is no longer served on that device")
+        task = self.serving.get(share_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])  # (a cancellation of this task itself still ends it)
+        runtime = self.runtimes.pop(share_id, runtime)
+        with contextlib.suppress(OSError, sqlite3.Error):
+            runtime.close()
 
     async def _listen(self) -> asyncio.Server:
         host, port = self.listen
@@ -938,10 +1115,10 @@ class Node:
         mode, ident = header[:1], header[1:HEADER_LEN]
         if mode == MODE_SYNC:
             runtime = self.runtimes.get(ident)
-            return None if runtime is None or runtime.paused or runtime.gone else runtime
+            return runtime if runtime is not None and runtime.exchanging else None
         if mode == MODE_JOIN:
             for runtime in self.runtimes.values():
-                if runtime.share.invite_key(ident) and not (runtime.paused or runtime.gone):
+                if runtime.exchanging and runtime.share.invite_key(ident):
                     return runtime
         return None
 

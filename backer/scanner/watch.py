@@ -43,6 +43,7 @@ import os
 import stat
 import sys
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,13 @@ from backer.scanner.ignore import is_temp_name
 from backer.scanner.walk import entry_key, outermost, stat_key_of, under_any
 
 log = logging.getLogger("backer.watch")
+
+# A directory made with subdirectories (``mkdir -p``, a copied tree) is walked for its
+# own event, then again for each of theirs: adding the watch again is harmless, but
+# watchdog warns each time (a RuntimeWarning per directory, hundreds in a busy log).
+warnings.filterwarnings(
+    "ignore", "Callback with id .* already exists", RuntimeWarning, r"backer\.scanner\.watch"
+)
 
 EVENTS = [
     FileCreatedEvent,
