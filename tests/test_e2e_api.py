@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import threading
@@ -339,6 +340,27 @@ def test_a_node_with_an_open_event_stream_still_stops_cleanly_at_once(lone) -> N
     assert time.monotonic() - started < 5
     assert list(stream) == []  # the stream ended with the node
     stream.close()
+
+
+def test_R22_idle_connections_cannot_take_every_descriptor_of_the_node(lone) -> None:
+    """Connections that never send a byte used to stay an hour each: enough of them
+    and the node could open nothing, peers and database included."""
+    from backer.api.server import MAX_CONNECTIONS
+
+    _, node, api = lone
+    fds = Path(f"/proc/{node.process.pid}/fd")
+    before = len(list(fds.iterdir()))
+    flood = []
+    try:
+        for _ in range(3 * MAX_CONNECTIONS):
+            flood.append(socket.create_connection(("127.0.0.1", api.port), timeout=5))
+        time.sleep(0.5)  # let the node accept them all
+        assert len(list(fds.iterdir())) <= before + MAX_CONNECTIONS + 4
+        status, answer, _ = api.call("GET", "/api/shares")  # a real client still gets in
+        assert status == 200 and answer[0]["name"] == "solo"
+    finally:
+        for connection in flood:
+            connection.close()
 
 
 @contextlib.contextmanager

@@ -36,12 +36,16 @@ from backer.api.access import Settings
 from backer.api.reads import Reader
 from backer.api.routes import NODE, READER, routes
 from backer.connections.addresses import advertised, format_address
+from backer.connections.transport import Admission
 from backer.errors import BackerError
 from backer.node.node import Node
 
 COOKIE = "backer_session_{port}"  # per port: two nodes on one machine keep their own
 MAX_BODY = 64 * 1024
 SHUTDOWN_S = 1.0
+MAX_CONNECTIONS = 128  # open HTTP connections, event streams included; the oldest goes first
+MAX_PER_ADDRESS = 32  # beyond loopback, one address churns only its own connections
+IDLE_S = 15.0  # a connection with no request in flight (none yet, too) is closed after this
 STATIC = Path(__file__).parent / "static"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/login"})  # reachable without credentials (Host, Origin checked)
@@ -204,6 +208,40 @@ def application(
     return app
 
 
+class CountedConnection(asyncio.Protocol):
+    """One HTTP connection, admitted by an :class:`Admission` before aiohttp sees it:
+    without a cap, idle connections (aiohttp keeps one an hour by default, before the
+    first request too) held every descriptor of the node, and then its peers, database
+    and scans failed to open anything."""
+
+    def __init__(self, inner: asyncio.Protocol, admission: Admission) -> None:
+        self.inner = inner
+        self.admission = admission
+        self.ticket: object | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else ""
+        self.ticket = self.admission.enter(address, transport.abort)  # type: ignore[attr-defined]
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.admission.leave(self.ticket)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 async def serve(node: Node, settings: Settings, home: Path, stop: asyncio.Event) -> None:
     """Serve the UI for ``node`` until ``stop`` is set. A port already taken is
     logged and the node goes on without a UI (syncing matters more)."""
@@ -213,12 +251,21 @@ async def serve(node: Node, settings: Settings, home: Path, stop: asyncio.Event)
         application(node, credentials, allowed_hosts(settings, settings.port), settings.port),
         access_log=None,
         shutdown_timeout=SHUTDOWN_S,
+        keepalive_timeout=IDLE_S,
     )
     await runner.setup()
+    handlers = runner.server
+    assert handlers is not None
+    admission = Admission(MAX_CONNECTIONS, MAX_PER_ADDRESS)
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=SHUTDOWN_S)
         try:
-            await site.start()
+            listener = await asyncio.get_running_loop().create_server(
+                lambda: CountedConnection(handlers(), admission),
+                settings.host,
+                settings.port,
+                reuse_address=True,
+            )
         except OSError as exc:
             node.log.warning(
                 "the web UI is not served: cannot listen on %s: %s",
@@ -236,4 +283,6 @@ async def serve(node: Node, settings: Settings, home: Path, stop: asyncio.Event)
         finally:
             access.withdraw_address(home)
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()

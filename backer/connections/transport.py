@@ -114,10 +114,11 @@ class RateLimitedLog:
 
 
 class Admission:
-    """Connections still in their handshake (not yet authenticated): at most ``total``,
-    at most ``per_address`` from one address. When full, the oldest is closed to make
-    room: a stranger trickling bytes cannot keep a member out, whose handshake takes
-    milliseconds, and cannot hold more than ``total`` descriptors."""
+    """Connections at most ``total``, at most ``per_address`` from one address: peers
+    still in their handshake (not yet authenticated), or the web UI's HTTP connections.
+    When full, the oldest is closed to make room: a stranger trickling bytes cannot keep
+    a member out, whose handshake takes milliseconds, and cannot hold more than
+    ``total`` descriptors."""
 
     def __init__(self, total: int = 256, per_address: int = 32) -> None:
         self.total = total
