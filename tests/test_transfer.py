@@ -3,6 +3,7 @@ and a chunk that does not match its hash still refused."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import threading
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from backer.connections import transport
 from backer.model import materializer, replicator
 from backer.model.share import Share
 from backer.protocol.channel import ChannelError, SecureChannel
@@ -296,3 +298,40 @@ def test_a_received_chunk_is_a_view_of_the_decrypted_read_not_a_copy() -> None:
     assert received == sent
     data = received[0].data  # type: ignore[attr-defined]
     assert isinstance(data, memoryview) and data.obj is buffer
+
+
+def test_a_dialled_connection_receives_into_two_reused_buffers_not_a_copy_per_read() -> None:
+    """A dialled connection's bytes land straight in two buffers used in turn (a read's
+    view stays valid until the next read), arrive whole and in order however the peer
+    cuts its writes, and the end reads as b""."""
+    sent = os.urandom(5 * MIB + 12_345)
+    rng = random.Random(1)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        at = 0
+        while at < len(sent):
+            size = rng.choice((1, 100, 70_000, 2 * MIB))
+            writer.write(sent[at : at + size])
+            at += size
+            await writer.drain()
+        writer.close()
+
+    async def fetch() -> tuple[bytes, set[int]]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        streams = await transport.tcp_streams("127.0.0.1", port)
+        got, buffers = bytearray(), set()
+        for _ in range(100_000):
+            data = await streams.reader.read(transport.READ_SIZE)
+            if not data:
+                break
+            assert isinstance(data, memoryview)
+            buffers.add(id(data.obj))
+            got += data
+        streams.close()
+        server.close()
+        return bytes(got), buffers
+
+    got, buffers = asyncio.run(fetch())
+    assert got == sent
+    assert len(buffers) == 2

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Protocol
 
 import nacl.signing
 
@@ -153,9 +153,16 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class Incoming(Protocol):
+    """Where a connection's bytes are read from (``asyncio.StreamReader`` or
+    :class:`Received`)."""
+
+    async def read(self, n: int) -> bytes | memoryview: ...
+
+
 @dataclass
 class Streams:
-    reader: asyncio.StreamReader
+    reader: Incoming  # (what a read returns is valid until the next read)
     writer: asyncio.StreamWriter
     close: Callable[[], None]
     received: int = 0  # bytes on the wire, handshake and framing included
@@ -561,12 +568,84 @@ def responder(share: Share, key: nacl.signing.SigningKey) -> SecureChannel:
 # -- streams --------------------------------------------------------------------------------
 
 
+class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
+    """A TCP connection's incoming bytes, received straight into two buffers of
+    ``READ_SIZE`` used in turn: no copy into a stream buffer and out again, no new
+    buffer per read (a dialled connection receives a whole transfer: 1 GiB went through
+    ``StreamReader``'s two copies). :meth:`read` returns a view that stays valid until
+    the next call — the transport hands it to the channel, which keeps no reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffers = [bytearray(READ_SIZE), bytearray(READ_SIZE)]
+        self._filled = 0  # bytes received into _buffers[0], not yet read
+        self._ended = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._full = False  # reading paused: the buffer is full until the next read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffers[0])[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._filled += nbytes
+        if self._filled == READ_SIZE and self._transport is not None:
+            self._full = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._ended = True
+        self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self, n: int = READ_SIZE) -> bytes | memoryview:
+        """What arrived since the last call (up to ``READ_SIZE`` bytes; ``n`` is
+        ignored); b"" at the end; the connection's error if it failed."""
+        while not self._filled and not self._ended:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if not self._filled:
+            if self._error is not None:
+                raise self._error
+            return b""
+        data = memoryview(self._buffers[0])[: self._filled]
+        self._buffers.reverse()
+        self._filled = 0
+        if self._full and self._transport is not None:
+            self._full = False
+            self._transport.resume_reading()
+        return data
+
+
 async def tcp_streams(host: str, port: int) -> Streams:
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+        transport, received = await asyncio.wait_for(
+            loop.create_connection(Received, host, port), 10
+        )
     except (OSError, TimeoutError) as exc:
         raise BackerError(f"cannot reach {host}:{port}: {exc or 'timed out'}") from exc
-    return Streams(reader, writer, writer.close, address=(host, port))
+    writer = asyncio.StreamWriter(transport, received, None, loop)
+    return Streams(received, writer, writer.close, address=(host, port))
 
 
 async def command_streams(command: str) -> Streams:
