@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e_api import conflict_between, cramped, pair, wait_for_file
+from backer.api.access import SESSIONS_FILE
+from tests.test_e2e_api import conflict_between, cramped, lone, pair, start, wait_for_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(
@@ -27,7 +28,8 @@ if not CHROMIUM.exists():
         f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)", allow_module_level=True
     )
 
-__all__ = ["cramped", "pair"]  # (the fixtures: two connected nodes, b serving the API)
+__all__ = ["cramped", "lone", "pair"]  # (the fixtures: two connected nodes, b serving the
+# API; one node serving it)
 TIME_TEXT = re.compile(r"^(\d{1,2} \w{3} )?\d{2}:\d{2}( [AP]M)?, (just now|\d+ min ago)$")
 
 
@@ -156,3 +158,93 @@ def test_the_page_shows_a_device_that_needs_a_file_then_in_sync(cramped) -> None
             assert not problems, problems
         finally:
             browser.close()
+
+
+def screenshots(page: sync_api.Page, name: str) -> None:
+    """``name``-1280.png and ``name``-375.png, and the page fits 375 px."""
+    page.set_viewport_size({"width": 1280, "height": 900})
+    time.sleep(0.3)
+    page.screenshot(path=str(ARTIFACTS / f"{name}-1280.png"), full_page=True)
+    page.set_viewport_size({"width": 375, "height": 800})
+    time.sleep(0.3)
+    page.screenshot(path=str(ARTIFACTS / f"{name}-375.png"), full_page=True)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 375, f"the page is {width} px wide at 375 px: it scrolls sideways"
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_R10_a_file_deleted_on_another_device_is_restored_by_clicking(pair) -> None:
+    a, b, _ = pair
+    (a.root / "report.txt").write_text("the only copy\n")
+    wait_for_file(b.root / "report.txt", "the only copy\n")
+    (a.root / "report.txt").unlink()
+    deadline = time.monotonic() + 20
+    while (b.root / "report.txt").exists():
+        assert time.monotonic() < deadline, "the deletion never reached b"
+        time.sleep(0.05)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = b.run("open", "--no-browser").stdout.strip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(url)
+            expect = sync_api.expect
+            row = page.locator('tr[data-path="report.txt"]')
+            expect(page.locator("#live")).to_have_text("live", timeout=10_000)
+            expect(row).to_have_count(0)  # deleted: not listed unless asked
+            page.locator("#show-deleted").check()
+            expect(row).to_have_class(re.compile(r"\bdeleted\b"), timeout=5_000)
+            expect(row.locator(".badge")).to_have_text("deleted")
+            row.locator("a").click()
+            old = page.locator("#versions li", has=page.locator("button", has_text="Restore"))
+            expect(old).to_have_count(1, timeout=5_000)
+            expect(page.locator("#versions li .badge")).to_have_text("deleted")
+            screenshots(page, "web-deleted")
+            old.locator("button").click()
+            wait_for_file(b.root / "report.txt", "the only copy\n", timeout=10)
+            wait_for_file(a.root / "report.txt", "the only copy\n", timeout=20)
+            expect(row).not_to_have_class(re.compile(r"\bdeleted\b"), timeout=5_000)
+            assert not problems, problems
+        finally:
+            browser.close()
+
+
+def test_R19_after_a_restart_the_page_goes_on_or_says_its_session_ended(lone) -> None:
+    """A restart that keeps the session: the page is live again by itself. One after the
+    session ended (its record gone): the page says so, and a reload shows how to log in
+    again instead of raw JSON."""
+    device, node, api = lone
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = device.run("open", "--no-browser").stdout.strip()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            expect = sync_api.expect
+            live = page.locator("#live")
+            expect(live).to_have_text("live", timeout=10_000)
+            assert node.stop() == 0
+            expect(live).to_have_text("reconnecting", timeout=10_000)
+            node, api = start(device, api.port)
+            expect(live).to_have_text("live", timeout=20_000)
+            (device.root / "after.txt").write_text("after the restart\n")
+            expect(page.locator('tr[data-path="after.txt"]')).to_be_visible(timeout=10_000)
+
+            assert node.stop() == 0
+            (device.home / SESSIONS_FILE).unlink()  # every session ended
+            node, api = start(device, api.port)
+            ended = "Session ended: run 'backer open' again"
+            expect(live).to_have_text("session ended", timeout=20_000)
+            expect(page.locator("#notice")).to_contain_text(ended)
+            screenshots(page, "web-session-ended")
+            page.reload()
+            expect(page.locator("h1")).to_have_text(ended)
+            assert "error" not in page.content()
+            screenshots(page, "web-session-ended-reload")
+        finally:
+            browser.close()
+            node.stop()

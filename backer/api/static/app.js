@@ -2,7 +2,10 @@
 // Every name shown comes from other devices: it is only ever set as text, never as HTML.
 "use strict";
 
-const state = { csrf: null, share: null, shares: [], dir: "", selected: null };
+const state = {
+  csrf: null, share: null, shares: [], dir: "", selected: null,
+  source: null, ended: false, stale: false,
+};
 const $ = (id) => document.getElementById(id);
 const FEED_MAX = 200;
 const EVENT_TYPES = [
@@ -23,13 +26,30 @@ function csrfToken() {
   return sessionStorage.getItem("backer-csrf");
 }
 
+const SESSION_ENDED = "Session ended: run 'backer open' again.";
+
 async function api(path, options = {}) {
   const headers = { "X-CSRF-Token": state.csrf || "" };
   if (options.method && options.method !== "GET") headers["Content-Type"] = "application/json";
   const response = await fetch(path, { ...options, headers, credentials: "same-origin" });
+  if (response.status === 401) {
+    sessionEnded();
+    throw new Error(SESSION_ENDED);
+  }
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
   return body;
+}
+
+// The node no longer knows this tab's session (it was ended, or expired): nothing on
+// the page works until 'backer open' logs the browser in again, so say that, once.
+function sessionEnded() {
+  state.ended = true;
+  if (state.source) state.source.close();
+  const live = $("live");
+  live.textContent = "session ended";
+  live.className = "badge bad";
+  notice(SESSION_ENDED);
 }
 
 function el(tag, text, className) {
@@ -192,7 +212,8 @@ async function loadFiles() {
   if (!state.share) return;
   let listing;
   try {
-    listing = await api(`${sharePath(state.share)}/files?path=${encodeURIComponent(state.dir)}`);
+    const deleted = $("show-deleted").checked ? "&deleted=1" : "";
+    listing = await api(`${sharePath(state.share)}/files?path=${encodeURIComponent(state.dir)}${deleted}`);
   } catch (error) {
     if (state.dir) { state.dir = ""; return loadFiles(); }
     throw error;
@@ -228,16 +249,18 @@ function renderCrumbs() {
 function fileRow(entry) {
   const row = el("tr");
   row.dataset.path = entry.path;
-  if (entry.path === state.selected) row.className = "selected";
+  row.classList.toggle("selected", entry.path === state.selected);
+  row.classList.toggle("deleted", entry.deleted);
   const live = entry.versions[0] || {};
   const name = el("td");
   const link = el("a", entry.kind === "directory" ? `${entry.name}/` : entry.name);
   link.addEventListener("click", () => (entry.kind === "directory" ? openDir(entry.path) : openHistory(entry.path)));
   name.append(link);
+  if (entry.deleted) name.append(" ", el("span", "deleted", "badge"));
   if (entry.conflict) name.append(" ", el("span", "conflict", "badge bad"));
   const changed = el("td", null, "when");
   changed.append(when(live.time_ms, ""));
-  row.append(name, el("td", entry.kind === "file" ? size(live.size) : "", "num"), changed);
+  row.append(name, el("td", live.kind === "file" ? size(live.size) : "", "num"), changed);
   return row;
 }
 
@@ -264,7 +287,9 @@ function versionItem(path, version) {
   const meta = el("span", null, "meta");
   meta.append(when(version.time_ms), ` · ${what} · ${version.device_name || version.device.slice(0, 7)}`);
   item.append(meta);
-  if (version.live) {
+  if (version.live && version.kind === "deleted") {
+    item.append(el("span", "deleted", "badge"));
+  } else if (version.live) {
     item.append(el("span", "current", "badge ok"));
   } else if (version.bytes === "nowhere") {
     item.append(el("span", "pruned on every device", "badge"));
@@ -399,14 +424,35 @@ function showProgress(event) {
   $("transfer-text").textContent = `${event.files_done} of ${event.files_total} files, ${size(event.bytes_done)} of ${size(event.bytes_total)}${rate}`;
 }
 
-function listen() {
-  const source = new EventSource(`/api/events?csrf=${encodeURIComponent(state.csrf || "")}`);
+function listen(lastId) {
+  const query = new URLSearchParams({ csrf: state.csrf || "" });
+  if (lastId) query.set("since", lastId);
+  const source = new EventSource(`/api/events?${query}`);
+  state.source = source;
   const live = $("live");
-  source.onopen = () => { live.textContent = "live"; live.className = "badge ok"; };
-  source.onerror = () => { live.textContent = "reconnecting"; live.className = "badge warn"; };
+  let last = lastId;
+  source.onopen = () => {
+    live.textContent = "live"; live.className = "badge ok";
+    if (state.stale) { state.stale = false; notice(""); refreshSoon(); }
+  };
+  source.onerror = () => {
+    if (state.ended) return;
+    live.textContent = "reconnecting"; live.className = "badge warn";
+    state.stale = true;
+    // The browser retries by itself while the node is away, but gives up for good
+    // on an answer that is not a stream (401 from a node that forgot the session):
+    // then ask why, and listen again unless the session is gone.
+    if (source.readyState !== EventSource.CLOSED) return;
+    setTimeout(() => {
+      api("/api/shares").then(() => listen(last)).catch(() => {
+        if (!state.ended) setTimeout(() => listen(last), 2000);
+      });
+    }, 1000);
+  };
   for (const type of EVENT_TYPES) {
     source.addEventListener(type, (message) => {
       const event = JSON.parse(message.data);
+      last = message.lastEventId || last;
       if (event.type === "transfer-progress") {
         if (event.share === state.share) showProgress(event);
         return;
@@ -465,6 +511,7 @@ async function start() {
     loadConflicts().catch((e) => notice(e.message));
     renderShare();
   });
+  $("show-deleted").addEventListener("change", () => loadFiles().catch((e) => notice(e.message)));
   $("pause").addEventListener("click", () => act(current().paused ? "resume" : "pause"));
   $("rescan").addEventListener("click", () => act("scan"));
   $("invite").addEventListener("click", () => act("invite", (answer) => {
