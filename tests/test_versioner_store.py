@@ -3,12 +3,16 @@ the device that applied the change and on the one that made it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 from pathlib import Path
 
-from backer.model.share import Share
+import nacl.signing
+
+from backer.model.share import DB_FILE, Share
 from backer.scanner.content import manifest_of_bytes
-from backer.versioner.store import Store, held_bytes
+from backer.versioner.store import Store, entry_name, held_bytes
 from tests.helpers import make_devices, sync, tree
 
 
@@ -147,3 +151,47 @@ def test_a_deleted_file_is_kept_even_when_its_twin_was_rewritten_in_place(
     pump(left, right)
     assert not (b.root / other).exists()
     assert held_bytes(b.root, b.catalog, cid(data)) == data
+
+
+def test_a_share_made_before_the_chunk_path_index_gets_it_when_opened(tmp_path: Path) -> None:
+    """Chunk rows are keyed by (hash, path): moving a replaced file's rows to its store
+    entry (``UPDATE … WHERE path = ?``) scanned every chunk row of the share, for every
+    file replaced. A database made before the index gets it when the share is opened,
+    and the move goes through it."""
+    key, root = nacl.signing.SigningKey.generate(), tmp_path / "share"
+    root.mkdir()
+    data = os.urandom(400_000)
+    (root / "doc.bin").write_bytes(data)
+    with Share.create(root, key) as share:
+        share.scan()
+    with contextlib.closing(sqlite3.connect(root / ".backer" / DB_FILE)) as old:
+        old.execute("DROP INDEX chunks_path")  # the layout before it
+        old.commit()
+    with Share.open(root, key) as share:
+        conn = share.catalog.conn
+        query = "EXPLAIN QUERY PLAN UPDATE OR REPLACE chunks SET path = ? WHERE path = ?"
+        plan = " ".join(row[-1] for row in conn.execute(query, ("x", "doc.bin")))
+        assert "chunks_path" in plan, plan
+        manifest = manifest_of_bytes(data)
+        Store(root, share.catalog).retire("doc.bin", manifest.id)
+        found = share.catalog.chunk_locations_of(ref.hash for ref in manifest.chunks)
+        paths = {path for places in found.values() for path, _, _ in places}
+        assert paths == {entry_name(manifest.id)}
+
+
+def test_a_new_version_rewrites_only_the_chunk_rows_whose_place_changed(tmp_path: Path) -> None:
+    """Recording a file's new version rewrote every one of its chunk rows (``INSERT OR
+    REPLACE``), although after an insert the chunks before it are where they were."""
+    (share,) = make_devices(tmp_path, 1)
+    data = os.urandom(3 * 1024 * 1024)
+    old, new = (
+        manifest_of_bytes(data),
+        manifest_of_bytes(data[:1_500_000] + b"x" * 10 + data[1_500_000:]),
+    )
+    share.catalog.put_manifests([("big.bin", old)])
+    before = share.catalog.conn.total_changes
+    share.catalog.put_manifests([("big.bin", new)])
+    placed = {(ref.hash, ref.offset) for ref in old.chunks}
+    moved = [ref for ref in new.chunks if (ref.hash, ref.offset) not in placed]
+    assert 0 < len(moved) < len(new.chunks) - 5
+    assert share.catalog.conn.total_changes - before == 1 + len(moved)  # (+ the manifest)

@@ -157,12 +157,14 @@ class Catalog:
 
     def _add_indexes(self) -> None:
         """Indexes added since a share was made (built once, on the first open): one
-        folder's entries, and one event's versions in path order."""
+        folder's entries, one event's versions in path order, and one path's chunk rows
+        (moving a replaced file's rows to its store entry scanned them all, per file)."""
         with self.conn:
             self.conn.execute(f"CREATE INDEX IF NOT EXISTS live_parent ON live ({PARENT}, path)")
             self.conn.execute(
                 "CREATE INDEX IF NOT EXISTS versions_position ON versions (position, path, vid)"
             )
+            self.conn.execute("CREATE INDEX IF NOT EXISTS chunks_path ON chunks (path)")
 
     def _add_columns(self) -> None:
         """Columns added since a share was made (a share made by an older backer)."""
@@ -561,14 +563,18 @@ class Catalog:
     # -- content ---------------------------------------------------------------------
 
     def put_manifests(self, manifests: Iterable[tuple[str, Manifest]]) -> None:
-        """Store manifests and note where their chunks can be read (path, offset)."""
+        """Store manifests and note where their chunks can be read (path, offset). A
+        row already saying so is left as it is (a file's new version shares most chunks
+        with its old one at the same path, many at the same offset: no write for those)."""
         manifests = list(manifests)
         self.conn.executemany(
             "INSERT OR IGNORE INTO manifests (id, body) VALUES (?, ?)",
             sorted((m.id, m.encoded) for _, m in manifests),  # sorted keys insert ~3x faster
         )
         self.conn.executemany(
-            "INSERT OR REPLACE INTO chunks (hash, path, offset, length) VALUES (?, ?, ?, ?)",
+            "INSERT INTO chunks (hash, path, offset, length) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (hash, path) DO UPDATE SET offset = excluded.offset, "
+            "length = excluded.length WHERE offset != excluded.offset OR length != excluded.length",
             sorted((c.hash, path, c.offset, c.length) for path, m in manifests for c in m.chunks),
         )
 
