@@ -81,6 +81,10 @@ class Nodes:
         """The process of device A."""
         raise NotImplementedError
 
+    def pids(self) -> list[int]:
+        """The processes of both devices of a pair (their CPU time is measured)."""
+        raise NotImplementedError
+
     def restart(self) -> tuple[float, float]:
         """A clean stop of A, then a start: (seconds to stop, seconds to watching)."""
         raise NotImplementedError
@@ -160,6 +164,9 @@ class BackerNodes(Nodes):
     def pid(self) -> int:
         return self.nodes["a"].pid
 
+    def pids(self) -> list[int]:
+        return [self.nodes[side].pid for side in "ab"]
+
     def restart(self) -> tuple[float, float]:
         started = time.perf_counter()
         self.processes.stop(self.nodes["a"])
@@ -178,7 +185,7 @@ class SyncthingNodes(Nodes):
 
     def pair(self, a: Path, b: Path) -> None:
         b.mkdir(exist_ok=True)
-        self.one, two = syncthing_pair(self.work, self.processes)
+        self.one, self.two = two = syncthing_pair(self.work, self.processes)
         self.one.add_folder(a, two)
         two.add_folder(b, self.one)
         for instance in (self.one, two):
@@ -202,6 +209,9 @@ class SyncthingNodes(Nodes):
 
     def pid(self) -> int:
         return self.one.process.pid
+
+    def pids(self) -> list[int]:
+        return [self.one.process.pid, self.two.process.pid]
 
     def restart(self) -> tuple[float, float]:
         started = time.perf_counter()
@@ -344,18 +354,28 @@ def shifted_insert(nodes: Nodes, a: Path, b: Path, dataset: Path, seed: int) -> 
     staging = nodes.work / "staging"
     shutil.copytree(dataset, staging)
     sizes = _large_sizes(staging)
-    started = time.perf_counter()
+    devices = [psutil.Process(pid) for pid in nodes.pids()]
+    started, cpu = time.perf_counter(), [_cpu_seconds(p) for p in devices]
     for name in sizes:
         os.replace(staging / name, a / name)
     arrived = wait_for_replacements(b, sizes, STEP_TIMEOUT_S) - started
+    arrival_cpu = [_cpu_seconds(p) - before for p, before in zip(devices, cpu, strict=True)]
     check_identical(nodes, a, b, "1 GiB in four files")
     insert_in_large_files(a, seed, nodes.exclude, staging=staging)
-    started, cpu = time.perf_counter(), time.process_time()  # the renames took microseconds
+    cpu = [_cpu_seconds(p) for p in devices]
+    started, own = time.perf_counter(), time.process_time()  # the renames took microseconds
     done = wait_for_replacements(b, {n: s + 10 for n, s in sizes.items()}, STEP_TIMEOUT_S)
-    poller = (time.process_time() - cpu) / (done - started)
+    poller = (time.process_time() - own) / (done - started)
+    insert_cpu = [_cpu_seconds(p) - before for p, before in zip(devices, cpu, strict=True)]
     check_identical(nodes, a, b, "the insert")
     staging.rmdir()
-    return {"arrival_1gib_s": arrived, "seconds": done - started, "poller_cpu_pct": 100 * poller}
+    return {
+        "arrival_1gib_s": arrived,
+        "arrival_cpu_s": arrival_cpu,  # [A, B], user + system, until B had the files
+        "seconds": done - started,
+        "cpu_s": insert_cpu,
+        "poller_cpu_pct": 100 * poller,
+    }
 
 
 def rsync_insert(work: Path, dataset: Path, seed: int) -> dict[str, Any]:
@@ -526,6 +546,9 @@ def report(results: dict[str, Any]) -> str:
         if rsync_s else "≤ rsync",
         None if mine is None or rsync_s is None else mine <= rsync_s,
     ))  # fmt: skip
+    mine, theirs = (get(side, "insert", "cpu_s") for side in (backer, st))
+    mine, theirs = (None if cpu is None else sum(cpu) for cpu in (mine, theirs))
+    rows.append(("CPU of A + B in the insert (s)", mine, theirs, _ratio(mine, theirs), "—", None))
     backer_idle, st_idle = backer.get("idle", {}), st.get("idle", {})
     mine, theirs = get(backer_idle, "cpu_pct"), get(st_idle, "cpu_pct")
     rows.append((
