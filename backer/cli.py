@@ -132,7 +132,7 @@ def _locate(text: str | None, path: str | None = None) -> Path:
     Without it: the share holding ``path`` (see :func:`_share_of`), else the current
     directory."""
     if text is None:
-        return _share_of(path) if path is not None else Path.cwd()
+        return _share_of(path) if path is not None else _current_share()
     if text and os.sep not in text and text not in (".", ".."):
         for entry in registry.registered(home()):
             if entry.name == text:
@@ -145,6 +145,23 @@ def _locate(text: str | None, path: str | None = None) -> Path:
             else f"directory does not exist: {path}"
         )
     return path
+
+
+def _current_share() -> Path:
+    """The current directory, for a share command given neither ``--share`` nor PATH;
+    where it is in no share (none on disk, none registered) while this device has
+    shares, the error names them instead of suggesting a repair of the directory."""
+    cwd = Path.cwd()
+    entries = registry.registered(home())
+    if not entries or any(e.root == cwd or e.root in cwd.parents for e in entries):
+        return cwd
+    if find_root(cwd) is None and not any((p / METADATA_DIR).is_dir() for p in (cwd, *cwd.parents)):
+        names = ", ".join(entry.name for entry in entries)
+        raise BackerError(
+            f"not inside a share: {cwd}; this device's shares: {names} (see 'backer "
+            "shares'): run the command inside one or name it with --share NAME"
+        )
+    return cwd
 
 
 def _share_of(path: str) -> Path:
