@@ -292,6 +292,7 @@ class Cluster:
     disks: Disks = field(default_factory=Disks)
     watch: Watch = field(default_factory=Watch)
     aborts: int = 0  # node processes ended by a disk error
+    rolled_back: bool = False  # some node's .backer/ came back from an old backup
     resident: bool = False  # nodes run as ``backer run``: see the module's docstring
     boxed: bool = False  # one node is hostile, every node lives in a sandbox (see .hostile)
     hostile: Hostile | None = None
@@ -690,6 +691,7 @@ class Cluster:
         metadata = self.nodes[node].root / ".backer"
         shutil.rmtree(metadata)
         shutil.copytree(backup, metadata, symlinks=True)
+        self.rolled_back = True
         return True
 
     def crash(self, node: int) -> None:
