@@ -48,9 +48,10 @@ from backer.model.share import (
     DB_FILE,
     Share,
     ShareBusy,
+    abandoned_create,
+    clear_abandoned,
     find_root,
     is_damage,
-    unfinished_create,
 )
 from backer.node import commands
 from backer.node.node import Node, hold_home
@@ -342,7 +343,7 @@ def init(directory: str) -> None:
     this device already: register it again, see 'backer forget')."""
     root = Path(os.path.abspath(directory))
     key = load_or_create_key()
-    if (root / METADATA_DIR / DB_FILE).exists():
+    if (root / METADATA_DIR / DB_FILE).exists() and not abandoned_create(root, home()):
         with Share.open(root, key, exclusive=False, home=home()) as share:
             entry = registry.register(share.share_id, share.root, home())
         _say(f"{root} is a share already ({entry.share_id.hex()}), named {entry.name}")
@@ -1334,10 +1335,8 @@ def _joining_share(root: Path, key: Any, invitation: InviteToken) -> Share:
     """The share to join into: a new one, or the one an interrupted join of the same
     share left (it is resumed: the device it admitted is welcomed again)."""
     metadata = root / METADATA_DIR
-    if (metadata / DB_FILE).exists() and unfinished_create(metadata / DB_FILE):
-        for leftover in metadata.iterdir():  # a join killed while it made its database
-            if leftover.name.startswith(DB_FILE) or leftover.name == "lock":
-                leftover.unlink()
+    if abandoned_create(root, home()):  # a join killed while it made its database
+        clear_abandoned(root)
     if (metadata / DB_FILE).exists():
         share = Share.open(root, key, home=home())
         if share.root != root or share.share_id != invitation.share_id:
@@ -1346,8 +1345,6 @@ def _joining_share(root: Path, key: Any, invitation: InviteToken) -> Share:
         if not share.members:  # welcomed, then cut off before the history: ask again,
             share.set_share_key(b"")  # with the inviter checked as on the first attempt
         return share
-    if metadata.is_dir() and not any(metadata.iterdir()):
-        metadata.rmdir()  # a join killed before it made its database
     return Share.create(root, key, joining=(invitation.share_id, b""), home=home())
 
 

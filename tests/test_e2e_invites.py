@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import nacl.signing
+import pytest
 
 from backer.config import registry
 from backer.connections import transport
@@ -340,3 +341,50 @@ def test_a_join_killed_while_making_its_database_says_to_join_again(tmp_path: Pa
     with a.serving(port):
         b.run("join", token, str(b.root))
     assert snapshot(b.root) == snapshot(a.root)
+
+
+def _left_by_a_killed_init(root: Path, state: str) -> None:
+    """What a kill -9 during ``init`` leaves, at three moments of making the database."""
+    metadata = root / ".backer"
+    metadata.mkdir()
+    if state == "empty database file":
+        (metadata / "backer.db").touch()
+    elif state == "tables, no share id":
+        with contextlib.closing(sqlite3.connect(metadata / "backer.db")) as db:
+            db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB)")
+            db.commit()
+        (metadata / "lock").touch()
+
+
+@pytest.mark.parametrize("state", ["no database", "empty database file", "tables, no share id"])
+def test_R23_an_init_killed_before_its_share_had_an_id_is_made_again_by_init(
+    tmp_path: Path, state: str
+) -> None:
+    """init said 'already a share', status said 'damaged, run repair' (with no peer to
+    repair from) or 'run init again', and run served nothing: only deleting .backer/ by
+    hand got out."""
+    device = Device(tmp_path, "a")
+    device.root.mkdir()
+    (device.root / "notes.txt").write_text("mine")
+    _left_by_a_killed_init(device.root, state)
+    result = device.run("status", "--dir", str(device.root), check=False)
+    assert result.returncode == 1
+    assert "was never finished (an interrupted 'join' or 'init')" in result.stderr
+    assert "'backer init' again" in result.stderr
+    assert "initialised share" in device.run("init", str(device.root)).stdout
+    status = device.run("status", "--dir", str(device.root)).stdout
+    assert "1 files" in status or "1 file" in status, status
+    assert (device.root / "notes.txt").read_text() == "mine"
+
+
+def test_R23_a_real_share_is_never_taken_for_a_killed_init(tmp_path: Path) -> None:
+    """A .backer/ holding more than a database (a content store, a snapshot) or a share
+    this device remembers is not made again: it is damaged, and repair is the way."""
+    device = Device(tmp_path, "a")
+    device.root.mkdir()
+    device.run("init", str(device.root))
+    (device.root / ".backer" / "backer.db").unlink()
+    result = device.run("init", str(device.root), check=False)
+    assert result.returncode == 1 and "already a share" in result.stderr
+    result = device.run("status", "--dir", str(device.root), check=False)
+    assert result.returncode == 1 and "damaged" in result.stderr

@@ -225,6 +225,28 @@ def unfinished_create(path: Path) -> bool:
         return False
 
 
+def abandoned_create(root: Path, home: Path | None) -> bool:
+    """Whether ``root/.backer`` is what a killed ``init`` or ``join`` left before its
+    share had an id: nothing but backer's database and lock files, no share id in them,
+    and no share this device remembers at ``root``. Nothing was recorded, so making the
+    share again loses nothing (it used to say 'already a share' to ``init`` and 'damaged,
+    run repair' to every other command, with no peer to repair from)."""
+    metadata = root / METADATA_DIR
+    if not metadata.is_dir() or (home is not None and recovery.share_at(home, root)):
+        return False
+    names = {entry.name for entry in metadata.iterdir()}
+    database_files = {DB_FILE, f"{DB_FILE}-journal", f"{DB_FILE}-wal", f"{DB_FILE}-shm"}
+    if not names <= database_files | {LOCK_FILE}:
+        return False
+    return DB_FILE not in names or unfinished_create(metadata / DB_FILE)
+
+
+def clear_abandoned(root: Path) -> None:
+    """Remove what :func:`abandoned_create` found (the directory itself stays)."""
+    for leftover in (root / METADATA_DIR).iterdir():
+        leftover.unlink()
+
+
 def is_damage(exc: BaseException) -> bool:
     """Whether an error reading the share's own database means the database is damaged
     (not merely busy, unreadable or on a full disk)."""
@@ -251,6 +273,8 @@ def lost_share_error(start: Path, home: Path | None) -> BackerError:
     share and the folder has files), point at ``backer repair``, not at a new share."""
     for candidate in (start, *start.parents):
         if (candidate / METADATA_DIR).is_dir():  # the directory is there, its database not
+            if abandoned_create(candidate, home):
+                return UnfinishedShare(candidate)
             return DamagedShare(candidate, f"{DB_FILE} is missing")
     known = recovery.share_at(home, start) if home is not None else None
     if known is not None:
@@ -338,14 +362,17 @@ class Share:
             raise BackerError(f"directory does not exist: {root}")
         if not root.is_dir():
             raise BackerError(f"not a directory: {root}")
+        again = not repairing and abandoned_create(root, home)
+        if again:
+            clear_abandoned(root)
         if (root / METADATA_DIR / DB_FILE).exists() or (
-            (root / METADATA_DIR).exists() and not repairing
+            (root / METADATA_DIR).exists() and not repairing and not again
         ):
             raise BackerError(f"already a share: {root}")
         outer = find_root(root.parent)
         if outer is not None:
             raise BackerError(f"{root} is inside the share {outer}; shares cannot nest")
-        (root / METADATA_DIR).mkdir(mode=0o700, exist_ok=repairing)
+        (root / METADATA_DIR).mkdir(mode=0o700, exist_ok=repairing or again)
         db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
         os.chmod(root / METADATA_DIR / DB_FILE, 0o600)
         catalog = Catalog(db)
