@@ -1404,7 +1404,10 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
                 continue
             transport.remember_address(share, address)
             entry = registry.register(share.share_id, share.root, home())
-            _say(f"joined share {share.share_id.hex()} at {root} (named {entry.name})")
+            _say(
+                f"joined share {share.share_id.hex()} at {root} (named {entry.name}); "
+                "'backer run' keeps it in sync"
+            )
             share.rename_device(share.device, host_name())  # admitted as "joined with ..."
             hint = "; joined: run 'backer sync' to finish once there is room"
             status = _report_sync(sessions, hub, as_json=False, hint=hint)

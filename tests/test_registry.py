@@ -104,7 +104,8 @@ def test_init_and_join_register_shares_lists_and_forget_unregisters(
     assert "(named a)" in out
     with founder.serving() as address:
         token = invite(founder, address)
-        other.run("join", token, str(other.root))
+        joined = other.run("join", token, str(other.root)).stdout
+    assert "(named b); 'backer run' keeps it in sync" in joined  # what to do next
     listed = json.loads(other.run("shares", "--json").stdout)
     share_id = json.loads(other.run("status", "--json", "--share", str(other.root)).stdout)[
         "share_id"
