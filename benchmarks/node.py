@@ -185,7 +185,8 @@ class SyncthingNodes(Nodes):
 
     def pair(self, a: Path, b: Path) -> None:
         b.mkdir(exist_ok=True)
-        self.one, self.two = two = syncthing_pair(self.work, self.processes)
+        self.one, self.two = syncthing_pair(self.work, self.processes)
+        two = self.two
         self.one.add_folder(a, two)
         two.add_folder(b, self.one)
         for instance in (self.one, two):
