@@ -24,8 +24,6 @@ import argparse
 import http.client
 import json
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from .measure import Processes, work_directory
+from .measure import Processes, free_port, work_directory
 
 ENDPOINTS = (
     "/api/shares",
@@ -49,20 +47,6 @@ PAGE_RELOAD = ("/api/shares", "/api/shares/b/files?path=", "/api/shares/b/confli
 PROBES = 5
 PROBE_TIMEOUT_S = 120
 POLL_REQUESTS = 100_000  # a polling client's bound (it stops with its phase)
-
-
-def free_port() -> int:
-    """A port free now below the ephemeral range (an outgoing connection cannot take
-    it between a node's stop and its next start)."""
-    for _ in range(100):
-        port = random.randrange(20_000, 32_000)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 class Pair:
