@@ -18,6 +18,7 @@ import nacl.signing
 import pytest
 
 from backer.model.membership import EventKind
+from backer.model.records import Kind
 from backer.model.share import Share
 from backer.scanner import walk
 from tests.helpers import live
@@ -75,19 +76,86 @@ def test_a_directory_whose_new_entries_were_recorded_in_an_earlier_batch_is_reco
     assert live(share)["d001"].mtime_ns == (root / "d001").stat().st_mtime_ns
 
 
-PEAK_OF_A_FIRST_SCAN = """
+def test_a_rescan_reading_the_cache_page_by_page_finds_modified_new_deleted_and_unchanged(
+    tmp_path: Path, key: nacl.signing.SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan cache is read in pages of 3 rows beside the walk (both in path order)
+    while batches of 4 files are recorded: new files between cached ones, names that sort
+    around a directory's entries ('a.b' before 'a/x', 'a0' after), deletions at the
+    start, middle and end of the cache; nothing recorded behind the walk is read back as
+    gone (the next scan finds everything unchanged)."""
+    monkeypatch.setattr(walk, "BATCH_FILES", 4)
+    monkeypatch.setattr(walk, "CACHE_PAGE", 3)
+    root = tmp_path / "share"
+    root.mkdir()
+    _tree(root, 3, 6)
+    for name in ["a/x.txt", "a/y/z.txt", "a.b", "a-c", "a0", "0first.txt", "zlast.txt"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(name.encode())
+    old = time.time() - 3600
+    for path in root.rglob("*"):
+        os.utime(path, (old, old))
+    share = Share.create(root, key)
+    first = share.scan()
+    before = set(share.catalog.local_entries())
+    assert len(first.added) == len(before) == 3 + 18 + 2 + 7
+    modified = ["a.b", "d001/f00003.txt", "a/y/z.txt"]
+    for name in modified:
+        (root / name).write_bytes(b"changed " + name.encode())
+    added = ["a/x0.txt", "a/y.txt", "d001/f00002a.txt", "d002/zz.txt", "a.a"]
+    added += [f"d000/f00001{c}.txt" for c in "abcdef"]
+    for name in added:
+        (root / name).write_bytes(name.encode())
+    deleted = ["0first.txt", "d001/f00004.txt", "a0", "zlast.txt"]
+    for name in deleted:
+        (root / name).unlink()
+    for path in [root / name for name in modified + added] + [root / "a", root / "d001"]:
+        os.utime(path, (old + 60, old + 60))
+    for directory in ["", "d000", "a/y", "d002"]:
+        os.utime(root / directory, (old + 60, old + 60))
+    summary = share.scan()
+    assert sorted(summary.added) == sorted(added)
+    directories = ["a", "a/y", "d000", "d001", "d002"]  # entries added, changed or removed
+    assert sorted(summary.modified) == sorted(modified + directories)
+    assert sorted(summary.deleted) == sorted(deleted)
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*")} - {".backer"}
+    on_disk = {p for p in on_disk if not p.startswith(".backer/")}
+    kept = {path for path, version in live(share).items() if version.kind != Kind.DELETED}
+    assert set(share.catalog.local_entries()) == on_disk == kept
+    again = share.scan()
+    assert (again.added, again.modified, again.deleted) == ([], [], [])
+    assert again.unchanged == len(on_disk)
+
+
+PEAK_OF_A_SCAN = """
 import sys, tracemalloc
 from pathlib import Path
 import nacl.signing
 from backer.model.share import Share
 from backer.scanner import walk
 
-walk.BATCH_FILES = 500
+walk.BATCH_FILES = walk.CACHE_PAGE = 500
 share = Share.create(Path(sys.argv[1]), nacl.signing.SigningKey.generate())
+if sys.argv[2] == "rescan":
+    share.scan()
 tracemalloc.start()
 summary = share.scan()
-print(len(summary.added), tracemalloc.get_traced_memory()[1])
+print(len(summary.added) + summary.unchanged, tracemalloc.get_traced_memory()[1])
 """
+
+
+def _peak_of_a_scan(root: Path, which: str) -> tuple[int, int]:
+    """Files added or unchanged, and the peak of Python objects, in a first scan or a
+    rescan of ``root`` in a process of its own (nothing else allocates there meanwhile)."""
+    measured = subprocess.run(
+        [sys.executable, "-c", PEAK_OF_A_SCAN, str(root), which],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    files, peak = map(int, measured.stdout.split())
+    return files, peak
 
 
 def test_a_first_scan_holds_one_batch_of_files_in_memory(tmp_path: Path) -> None:
@@ -98,16 +166,21 @@ def test_a_first_scan_holds_one_batch_of_files_in_memory(tmp_path: Path) -> None
     root = tmp_path / "share"
     root.mkdir()
     _tree(root, 20, 200)
-    measured = subprocess.run(
-        [sys.executable, "-c", PEAK_OF_A_FIRST_SCAN, str(root)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    added, peak = map(int, measured.stdout.split())
+    added, peak = _peak_of_a_scan(root, "first")
     assert added == 20 + 4000
     assert peak / 4000 < 700, f"{peak / 4000:.0f} bytes per file at the peak"
+
+
+def test_a_rescan_holds_a_page_of_the_scan_cache_not_all_of_it(tmp_path: Path) -> None:
+    """Python objects at the peak of a rescan of 4,000 unchanged files, reading the scan
+    cache 500 rows at a time beside the walk (~450 B per file when the whole cache was
+    read into a dict first: at a million files, the most a rescan or a node's start held)."""
+    root = tmp_path / "share"
+    root.mkdir()
+    _tree(root, 20, 200)
+    unchanged, peak = _peak_of_a_scan(root, "rescan")
+    assert unchanged == 20 + 4000
+    assert peak / 4000 < 200, f"{peak / 4000:.0f} bytes per file at the peak"
 
 
 def test_an_init_killed_between_batches_is_completed_by_the_next_scan(tmp_path: Path) -> None:

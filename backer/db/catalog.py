@@ -109,6 +109,17 @@ def read_local(
     return found
 
 
+def read_local_after(conn: sqlite3.Connection, after: str, limit: int) -> list[LocalEntry]:
+    """At most ``limit`` scan-cache rows after the path ``after``, in path order: a whole
+    scan reads the cache a page at a time beside its walk instead of all of it at once."""
+    rows = conn.execute(
+        "SELECT path, vid, size, mtime_ns, inode, mode, settled FROM local "
+        "WHERE path > ? ORDER BY path LIMIT ?",
+        (after, limit),
+    )
+    return [LocalEntry._make(row) for row in rows]
+
+
 # A path's parent directory with its '/' ("" at the top), from SQLite's own functions:
 # rtrim strips from the right every character that is not a '/'. An index on it lists
 # one folder without reading the share (and needs no function of ours to maintain it).

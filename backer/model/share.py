@@ -28,7 +28,7 @@ import sqlite_utils
 from blake3 import blake3
 
 from backer.db import recovery
-from backer.db.catalog import Catalog, LocalEntry, Problem, read_local
+from backer.db.catalog import Catalog, LocalEntry, Problem, read_local, read_local_after
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR, is_valid
 from backer.model import entropy, membership
@@ -1053,7 +1053,15 @@ class Share:
         # half-way leaves its recorded batches, and the next scan sees the rest as new)
         # unless nothing would be recorded anyway.
         streamed = record if self.members and not self.own_events_missing else None
-        found = look(self.root, self.catalog.local_entries, paths, progress, record=streamed)
+        local_after = functools.partial(read_local_after, self.catalog.conn)
+        found = look(
+            self.root,
+            self.catalog.local_entries,
+            paths,
+            progress,
+            record=streamed,
+            local_after=local_after,
+        )
         summary = self._record_scan(classify(found, self._recorded_content), started)
         if summary.waiting is not None:
             return summary
@@ -1106,7 +1114,8 @@ class Share:
             uri = f"file:{urllib.parse.quote(os.fspath(database))}?mode=ro"
             with contextlib.closing(sqlite3.connect(uri, uri=True)) as reader:
                 local_for = functools.partial(read_local, reader)
-                return look(self.root, local_for, paths, shown, stop=stop)
+                local_after = functools.partial(read_local_after, reader)
+                return look(self.root, local_for, paths, shown, stop=stop, local_after=local_after)
 
         try:
             return await loop.run_in_executor(None, work)
@@ -1245,10 +1254,12 @@ class Share:
         if found.scope is not None or not found.final:
             return {}
         rules, vanished = IgnoreRules.load(self.root), {}
-        for path, held in self.catalog.all_forgotten().items():
+        forgotten = self.catalog.all_forgotten()
+        cached = self.catalog.local_entries(forgotten)  # found.local: only what changed
+        for path, held in forgotten.items():
             version = self.catalog.version(held)
             is_dir = version is not None and version.kind == Kind.DIRECTORY
-            if version is None or rules.excluded(path, is_dir) or path in found.local:
+            if version is None or rules.excluded(path, is_dir) or path in cached:
                 continue
             try:
                 os.lstat(self.root / path)

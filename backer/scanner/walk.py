@@ -13,9 +13,11 @@ million files holds one batch, not the share, in memory.
 
 from __future__ import annotations
 
+import bisect
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -99,58 +101,84 @@ def walk(
     stop: threading.Event | None = None,
 ) -> Iterator[Seen]:
     """Every non-ignored entry under ``root`` (or only its directory ``top`` and what is
-    below it), one directory at a time; the paths that could not be read go to
-    ``unreadable``.
+    below it), in path order (the scan cache's order: a whole scan reads both side by
+    side); the paths that could not be read go to ``unreadable``.
 
+    A directory is listed when the walk reaches the place of its entries: after its
+    siblings whose names sort before ``name + '/'`` (``a.b`` comes before ``a/x``).
     backer's own temp files (from a write that was interrupted) go to ``leftovers``.
     """
     start = os.path.join(root, top) if top else os.fspath(root)
-    stack: list[tuple[str, str]] = [(start, top + "/" if top else "")]
+    stack = [iter(_listing(start, top + "/" if top else "", rules, errors, leftovers, unreadable))]
     while stack:
         if stop is not None and stop.is_set():
             raise ScanStopped
-        directory, prefix = stack.pop()
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError as exc:
-            here = prefix.rstrip("/")
-            errors.append(Problem(here or ".", f"cannot list directory: {exc.strerror}"))
-            unreadable.add(here)
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item[1], Seen):
+            yield item[1]
+        else:  # the entries of a directory, at the place of "name/"
+            directory, prefix = item[1]
+            stack.append(iter(_listing(directory, prefix, rules, errors, leftovers, unreadable)))
+
+
+def _listing(
+    directory: str,
+    prefix: str,
+    rules: IgnoreRules,
+    errors: list[Problem],
+    leftovers: list[str],
+    unreadable: set[str],
+) -> list[tuple[str, Seen | tuple[str, str]]]:
+    """The entries of one directory as (sort key, entry), with (``name/``, (its disk
+    path, its prefix)) for each subdirectory to list, sorted: the order of their paths."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as exc:
+        here = prefix.rstrip("/")
+        errors.append(Problem(here or ".", f"cannot list directory: {exc.strerror}"))
+        unreadable.add(here)
+        return []
+    entries.sort(key=lambda e: e.name)
+    items: list[tuple[str, Seen | tuple[str, str]]] = []
+    folded: dict[str, str] = {}
+    for entry in entries:
+        folded_name = fold(entry.name)
+        if folded_name == METADATA_DIR:  # is_reserved(), without folding twice
+            if prefix or entry.name != METADATA_DIR:
+                errors.append(_reserved(prefix + entry.name, entry.path))
             continue
-        folded: dict[str, str] = {}
-        for entry in entries:
-            folded_name = fold(entry.name)
-            if folded_name == METADATA_DIR:  # is_reserved(), without folding twice
-                if prefix or entry.name != METADATA_DIR:
-                    errors.append(_reserved(prefix + entry.name, entry.path))
-                continue
-            try:
-                path = prefix + check_name(entry.name)
-            except BadPath as exc:
-                errors.append(Problem(repr(prefix + entry.name), f"skipped: {exc}"))
-                continue
-            twin = folded.setdefault(folded_name, path)
-            if twin != path:  # both are synced; only some filesystems can hold both
-                errors.append(
-                    Problem(
-                        path,
-                        f"same name as {twin} once case and Unicode "
-                        "normalisation are ignored: a device whose filesystem ignores them can "
-                        "keep only one",
-                        warning=True,
-                    )
+        try:
+            path = prefix + check_name(entry.name)
+        except BadPath as exc:
+            errors.append(Problem(repr(prefix + entry.name), f"skipped: {exc}"))
+            continue
+        twin = folded.setdefault(folded_name, path)
+        if twin != path:  # both are synced; only some filesystems can hold both
+            errors.append(
+                Problem(
+                    path,
+                    f"same name as {twin} once case and Unicode "
+                    "normalisation are ignored: a device whose filesystem ignores them can "
+                    "keep only one",
+                    warning=True,
                 )
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except OSError as exc:
-                errors.append(Problem(path, f"cannot stat: {exc.strerror}"))
-                unreadable.add(path)
-                continue
-            found = _entry(path, entry.path, info, rules, errors, leftovers)
-            if found is not None:
-                yield found
-                if found.kind == Kind.DIRECTORY:
-                    stack.append((entry.path, path + "/"))
+            )
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            errors.append(Problem(path, f"cannot stat: {exc.strerror}"))
+            unreadable.add(path)
+            continue
+        found = _entry(path, entry.path, info, rules, errors, leftovers)
+        if found is not None:
+            name = path[len(prefix) :]
+            items.append((name, found))
+            if found.kind == Kind.DIRECTORY:
+                items.append((name + "/", (entry.path, path + "/")))
+    items.sort(key=lambda item: item[0])
+    return items
 
 
 def _entry(
@@ -258,12 +286,17 @@ def look(
     workers: int | None = None,
     stop: threading.Event | None = None,
     record: Callable[[Observation], None] | None = None,
+    local_after: LocalPager | None = None,
 ) -> Observation:
     """Walk the share (or only ``paths``, with the subtrees of directories among them),
     compare with the scan cache and hash what changed; no verdict yet on whether a
     hashed file holds new content (that is :func:`classify`, which needs the catalog).
 
     Needs nothing but the disk and ``local_for``, so it can run in a worker thread.
+    A whole scan reads the cache through ``local_after`` (default: ``local_for`` of
+    everything, sorted) a page at a time beside the walk, both in path order, so that it
+    never holds the share's cache; each observation's ``local`` holds the cache rows of
+    its own candidates, deletions and forgotten paths only.
     A path named in ``paths`` and gone from the disk is deleted, with all below it.
     ``stop`` set: :class:`ScanStopped` is raised at the next directory or file.
     ``record``: handed each BATCH_FILES files read as an observation of their own (not
@@ -280,56 +313,130 @@ def look(
     result.scope = scope
     unreadable: set[str] = set()
     entries: Iterable[Seen]
+    cache: _CacheInOrder | None = None
     if scope is None:
-        result.local = local_for(None, [])
+        cache = _CacheInOrder(local_after or pages_of(local_for(None, [])))
+        find = cache.find
         entries = walk(root, rules, result.errors, result.leftovers, unreadable, stop=stop)
     else:  # what is recorded below a path recorded as a file or link is nothing
         recorded = local_for(scope, [])
         below = [t for t in scope if t not in recorded or stat.S_ISDIR(recorded[t].mode)]
-        result.local = {**recorded, **local_for([], below)}
+        local = result.local  # a partial scan's cache rows are few: all kept
+        local.update(recorded)
+        local.update(local_for([], below))
+        find = local.get
         seen: dict[str, Seen] = {}
         for top in scope:
             _walk_top(root, top, rules, result, seen, unreadable, stop)
         _stat_parents(root, scope, rules, result, seen, local_for)
         entries = seen.values()
-    local = result.local
-    present: set[str] = set()  # the cached paths found on disk
+    batch: dict[str, LocalEntry] = {}  # the cache rows of the files to read
     to_read: list[Seen] = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
         reader = _Reader(pool, progress, stop, unreadable, result.errors)
         for entry in entries:
-            cached = local.get(entry.path)
-            if cached is not None:
-                present.add(cached.path)
-                if cached.settled and cached.stat_key == entry.stat_key:
-                    result.unchanged += 1
-                    continue
+            cached = find(entry.path)
+            if cached is not None and cached.settled and cached.stat_key == entry.stat_key:
+                result.unchanged += 1
+                continue
             if entry.kind == Kind.DIRECTORY:
                 result.candidates.append((entry, None, b""))
+                if cached is not None:
+                    result.local[entry.path] = cached
                 continue
+            if cached is not None:
+                batch[entry.path] = cached
             reader.found(entry)
             to_read.append(entry)
             if record is not None and len(to_read) >= BATCH_FILES:
                 part = Observation(
-                    local=local,
+                    local=batch,
                     scope=scope,
                     observed_ns=entropy.now_ns(),
                     final=False,
                     changed_parents=result.changed_parents,
                 )
                 reader.read(to_read, part)
-                to_read = []
+                to_read, batch = [], {}
                 record(part)
         result.observed_ns = entropy.now_ns()
+        result.local.update(batch)
         reader.read(to_read, result)
-    for path in sorted(local.keys() - present):
-        if under_any(path, unreadable):
+    if cache is not None:
+        missing = cache.rest()
+    else:
+        present = {seen.path for seen in entries}
+        missing = [local[path] for path in sorted(local.keys() - present)]
+    for gone in missing:
+        if under_any(gone.path, unreadable):
             continue
-        if rules.excluded(path, stat.S_ISDIR(local[path].mode)):
-            result.forgotten.append(path)  # a rule stops syncing; it never deletes
+        result.local[gone.path] = gone
+        if rules.excluded(gone.path, stat.S_ISDIR(gone.mode)):
+            result.forgotten.append(gone.path)  # a rule stops syncing; it never deletes
         else:
-            result.deleted.append(path)
+            result.deleted.append(gone.path)
     return result
+
+
+# The scan cache rows after a path, in path order, at most so many.
+LocalPager = Callable[[str, int], list[LocalEntry]]
+CACHE_PAGE = 5000  # scan cache rows a whole scan reads at a time
+
+
+def pages_of(local: dict[str, LocalEntry]) -> LocalPager:
+    """A :data:`LocalPager` over a scan cache already in memory."""
+    rows = sorted(local.values())
+    paths = [row.path for row in rows]
+
+    def after(path: str, limit: int) -> list[LocalEntry]:
+        start = bisect.bisect_right(paths, path)
+        return rows[start : start + limit]
+
+    return after
+
+
+class _CacheInOrder:
+    """The scan cache in path order, read a page at a time beside a walk in the same
+    order (a merge join): :meth:`find` is each walked path's row, the rows walked past
+    are the cached paths gone from the disk (:meth:`rest`, at the end).
+
+    A page is read only when the walk has passed the last one, and never again once the
+    cache is read to its end: so the rows a streamed scan records for what it walked
+    (all behind the walk) are never read back as if the walk had missed them."""
+
+    def __init__(self, read_after: LocalPager) -> None:
+        self.read_after = read_after
+        self.rows: deque[LocalEntry] = deque()
+        self.last = ""  # the last path read ("" sorts before every path)
+        self.done = False
+        self.missing: list[LocalEntry] = []
+
+    def _more(self) -> bool:
+        if self.done:
+            return False
+        page = self.read_after(self.last, CACHE_PAGE)
+        self.done = len(page) < CACHE_PAGE
+        if page:
+            self.last = page[-1].path
+            self.rows.extend(page)
+        return bool(page)
+
+    def find(self, path: str) -> LocalEntry | None:
+        rows = self.rows
+        while True:
+            while rows and rows[0].path < path:
+                self.missing.append(rows.popleft())
+            if rows:
+                return rows.popleft() if rows[0].path == path else None
+            if not self._more():
+                return None
+
+    def rest(self) -> list[LocalEntry]:
+        """The rows the walk did not find on disk."""
+        while self.rows or self._more():
+            self.missing.extend(self.rows)
+            self.rows.clear()
+        return self.missing
 
 
 class _Reader:
