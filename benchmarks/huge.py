@@ -7,7 +7,8 @@
 Per file count, on the ``many`` dataset (files of 1–4 KiB in 1,000 directories; built
 once per count and seed and kept under ``--cache``, whose path is printed — building a
 million files takes minutes; a marker with the parameters makes a stale cache be
-rebuilt), with peak RSS of every process:
+rebuilt), with wall time, CPU seconds (user + system: the machine is shared, and a
+loaded machine stretches wall time, not CPU time) and peak RSS of every process:
 
 - rsync: a daemon on 127.0.0.1 serving the tree, a new copy pulled with ``rsync -a``;
 - ``backer init`` of the tree, then ``backer scan`` of it unchanged;
@@ -30,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -38,9 +40,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .datasets import Profile, many
 from .measure import Processes, run_measured, tree_digest, work_directory
-from .node import BackerNodes, settled
+from .node import BackerNodes, _cpu_seconds, settled
 from .tools import Rsync
 
 STEP_TIMEOUT_S = 3 * 3600
@@ -101,6 +105,18 @@ def cached_tree(cache: Path, count: int, seed: int, build: Any = None) -> Iterat
 # -- the steps ----------------------------------------------------------------------------
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's children that have ended so far,
+    theirs included: the difference over a step is the CPU of the commands it ran."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def node_cpu_s(pid: int) -> float:
+    """CPU seconds of a running node (and its children)."""
+    return _cpu_seconds(psutil.Process(pid))
+
+
 def same_trees(expected: dict[str, tuple[int, str]], copy: Path, exclude: tuple[str, ...]) -> None:
     """Raise unless ``copy`` holds exactly the files of ``expected`` (a tree_digest)."""
     found = tree_digest(copy, exclude)
@@ -113,14 +129,16 @@ def same_trees(expected: dict[str, tuple[int, str]], copy: Path, exclude: tuple[
 
 def measure_rsync(tree: Path, place: Path) -> dict:
     copy = place / "rsync-copy"
+    cpu = children_cpu_s()
     with Processes().running() as processes:
         tool = Rsync(place, tree, copy, processes)
         tool.setup()
         step = tool.initial()
-    say(f"rsync {step.seconds:.1f} s; comparing (not timed)")
+    cpu = children_cpu_s() - cpu  # the client and the daemon (ended with the block)
+    say(f"rsync {step.seconds:.1f} s, {cpu:.1f} CPU s; comparing (not timed)")
     same_trees(tree_digest(tree), copy, ())
     shutil.rmtree(copy)
-    return {"seconds": step.seconds, "rss_mib": step.rss_mib}
+    return {"seconds": step.seconds, "cpu_s": cpu, "rss_mib": step.rss_mib}
 
 
 def measure_backer(
@@ -133,35 +151,48 @@ def measure_backer(
         nodes = BackerNodes(place, processes)
         command = [sys.executable, "-m", "backer"]
         say(f"backer init (load {os.getloadavg()[0]:.1f})")
+        cpu = children_cpu_s()
         seconds, rss, _, _ = run_measured(
             processes, [*command, "init", "-q", str(tree)], nodes.env("a")
         )
-        result["init"] = {"seconds": seconds, "rss_mib": rss["command"]}
+        cpu = children_cpu_s() - cpu
+        result["init"] = {"seconds": seconds, "cpu_s": cpu, "rss_mib": rss["command"]}
         save()
-        say(f"backer init {seconds:.1f} s; rescan (load {os.getloadavg()[0]:.1f})")
+        say(f"backer init {seconds:.1f} s, {cpu:.1f} CPU s; rescan (load {os.getloadavg()[0]:.1f})")
         scan = [*command, "scan", "-q", "--dir", str(tree)]
+        cpu = children_cpu_s()
         seconds, rss, _, _ = run_measured(processes, scan, nodes.env("a"))
-        result["rescan"] = {"seconds": seconds, "rss_mib": rss["command"]}
+        cpu = children_cpu_s() - cpu
+        result["rescan"] = {"seconds": seconds, "cpu_s": cpu, "rss_mib": rss["command"]}
         save()
         address = f"127.0.0.1:{nodes.ports['a']}"
         invite = [*command, "invite", "--no-wait", "--address", address, "--dir", str(tree)]
         _, _, token, _ = run_measured(processes, invite, nodes.env("a"))
-        say(f"backer rescan {seconds:.1f} s; backer run (load {os.getloadavg()[0]:.1f})")
+        say(f"backer rescan {seconds:.1f} s, {cpu:.1f} CPU s; backer run (load "
+            f"{os.getloadavg()[0]:.1f})")  # fmt: skip
         startup = nodes.start("a", timeout=STEP_TIMEOUT_S)
-        say(f"backer run watching after {startup:.1f} s; idle {idle_s:.0f} s")
-        result["node"] = {"startup_s": startup, **settled(nodes.pid(), idle_s)}
+        cpu = node_cpu_s(nodes.pid())
+        say(f"backer run watching after {startup:.1f} s, {cpu:.1f} CPU s; idle {idle_s:.0f} s")
+        result["node"] = {"startup_s": startup, "startup_cpu_s": cpu}
+        result["node"].update(settled(nodes.pid(), idle_s))
         save()
         rss_idle = result["node"]["rss_median_mib"]
         say(f"idle RSS {rss_idle:.0f} MiB; backer join (load {os.getloadavg()[0]:.1f})")
         join = [*command, "join", "-q", token.strip(), str(copy)]
+        cpu, serve_cpu = children_cpu_s(), node_cpu_s(nodes.pid())
         seconds, rss, _, _ = run_measured(processes, join, nodes.env("b"), serve=nodes.pid())
+        cpu, serve_cpu = children_cpu_s() - cpu, node_cpu_s(nodes.pid()) - serve_cpu
         result["join"] = {
             "seconds": seconds,
+            "cpu_s": cpu,
+            "serve_cpu_s": serve_cpu,
             "rss_mib": rss["command"],
             "serve_rss_mib": rss["serve"],
         }
         save()
-        say(f"backer join {seconds:.1f} s; comparing (not timed)")
+        say(
+            f"backer join {seconds:.1f} s, {cpu:.1f} + {serve_cpu:.1f} CPU s; comparing (not timed)"
+        )
     same_trees(tree_digest(tree, BackerNodes.exclude), copy, BackerNodes.exclude)
     shutil.rmtree(copy)
 
@@ -200,16 +231,22 @@ def measure(
 # (label, unit, path into a count's result)
 MEASURES: list[tuple[str, str, tuple[str, ...]]] = [
     ("`backer init`: time", "s", ("backer", "init", "seconds")),
+    ("`backer init`: CPU", "CPU s", ("backer", "init", "cpu_s")),
     ("`backer init`: peak RSS", "MiB", ("backer", "init", "rss_mib")),
     ("rescan unchanged (`backer scan`): time", "s", ("backer", "rescan", "seconds")),
+    ("rescan unchanged: CPU", "CPU s", ("backer", "rescan", "cpu_s")),
     ("rescan unchanged: peak RSS", "MiB", ("backer", "rescan", "rss_mib")),
     ("`backer run`: start-up to watching", "s", ("backer", "node", "startup_s")),
+    ("`backer run`: CPU to watching", "CPU s", ("backer", "node", "startup_cpu_s")),
     ("`backer run` idle, settled: RSS (median)", "MiB", ("backer", "node", "rss_median_mib")),
     ("`backer run` idle: CPU", "%", ("backer", "node", "cpu_pct")),
     ("new device (`backer join`): time", "s", ("backer", "join", "seconds")),
+    ("new device: CPU, joining side", "CPU s", ("backer", "join", "cpu_s")),
+    ("new device: CPU, serving node", "CPU s", ("backer", "join", "serve_cpu_s")),
     ("new device: peak RSS, joining side", "MiB", ("backer", "join", "rss_mib")),
     ("new device: peak RSS, serving node", "MiB", ("backer", "join", "serve_rss_mib")),
     ("rsync, new copy: time", "s", ("rsync", "seconds")),
+    ("rsync, new copy: CPU (client and daemon)", "CPU s", ("rsync", "cpu_s")),
 ]
 
 
@@ -280,6 +317,8 @@ def per_file(results: list[dict[str, Any]]) -> list[str]:
     for result in sorted(results, key=lambda r: r["count"]):
         parts = []
         for label, path in [
+            ("init", ("backer", "init", "rss_mib")),
+            ("rescan", ("backer", "rescan", "rss_mib")),
             ("idle node", ("backer", "node", "rss_median_mib")),
             ("join", ("backer", "join", "rss_mib")),
             ("serving node", ("backer", "join", "serve_rss_mib")),
