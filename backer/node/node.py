@@ -317,10 +317,11 @@ class Runtime:
                 if IGNORE_FILE in changes.paths:
                     watcher.is_ignored = IgnoreRules.load(root).excluded
                 await self.scan(None if changes.full else changes.paths)
-                if changes.full:
-                    release_memory(self.share)
                 if changes.reason == "start":
                     await self._finish_recorded()
+                if changes.full:  # (after the start-up pass too: it reads every version)
+                    release_memory(self.share)
+                if changes.reason == "start":
                     self.log.info("%s: watching %s", self.name, root)
 
     async def _guard_root(self) -> None:
