@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import os
 import re
 import socket
@@ -14,10 +15,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from backer.config.identity import load_or_create_key
 from backer.discover.lan import (
     FIRST_ROUNDS,
     MAX_KEYS,
@@ -32,7 +35,7 @@ from backer.discover.lan import (
     seal,
     unseal,
 )
-from tests.e2e import Device, Node, invite, wait_until
+from tests.e2e import Device, Node, invite, joined_pair, nodes_in_loop, wait_until
 from tests.helpers import timing
 from tests.netns import in_ns, namespaces, needs_netns, subnet_of
 
@@ -273,6 +276,50 @@ def _forget_addresses(device: Device) -> None:
         db.commit()
 
 
+def test_a_member_that_only_ever_dialled_in_is_dialled_once_it_goes_away(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``a`` knows no address of ``b``; ``b`` dials ``a``. ``a`` learns where ``b``
+    listens from that session (its announcement, at the IP it came from), and when ``b``
+    stops (closing with its reason: a failed session, backed off) ``a`` dials it after
+    the backoff. The dial loop slept without a deadline while ``b`` was connected, and
+    nothing woke it when that session failed: ``a`` never dialled ``b`` (a CI failure
+    of the LAN test below, when ``b``'s dial won the race)."""
+    a, b, ports = joined_pair(tmp_path)  # b remembers a's address from its invite
+    _forget_addresses(a)
+    b_key = bytes(load_or_create_key(b.home).verify_key)
+
+    async def scenario() -> None:
+        node_a, node_b = nodes_in_loop((a, b), ports)
+        stop_a, stop_b = asyncio.Event(), asyncio.Event()
+
+        async def until(done: Callable[[], object], what: str, seconds: float = 20) -> None:
+            deadline = time.monotonic() + seconds
+            while not done():
+                assert time.monotonic() < deadline, f"no {what} (the nodes' log is below)"
+                await asyncio.sleep(0.02)
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(node_a.run(stop_a))
+            run_b = tasks.create_task(node_b.run(stop_b))
+            try:
+                await until(lambda: node_a.runtimes, "share served by a")
+                at_a = next(iter(node_a.runtimes.values()))
+                await until(lambda: b_key in at_a.links, "session of b with a")
+                assert at_a.links[b_key].initiator == b_key
+                where = f"127.0.0.1:{ports[1]}"
+                await until(lambda: where in at_a.targets, "address of b learned by a")
+                stop_b.set()
+                await run_b
+                await until(lambda: at_a.targets[where].attempts > 0, "dial of b by a", 10)
+            finally:
+                stop_a.set()
+                stop_b.set()
+
+    caplog.set_level(logging.DEBUG, logger="backer.test")  # shown if it fails
+    asyncio.run(scenario())
+
+
 @timing
 @needs_netns
 def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
@@ -288,7 +335,7 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
     for device in (a, b):
         _forget_addresses(device)
     nodes: list[Node] = []
-    with namespaces(2, "run") as names:
+    with namespaces(2, "run") as names, _logs_on_failure(nodes):
         subnet = subnet_of(names)
         try:
             for device, name in zip((a, b), names, strict=True):  # a first: it hears b start
@@ -320,6 +367,18 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
     attempts = int(re.findall(r"attempt (\d+) failed", lines[failures[-1]])[0])
     assert attempts >= 5, nodes[0].log  # its backoff had grown: 8-16 s after five (the
     # session b's stop ended counts as the first: it closed on b's error, not cleanly)
+
+
+@contextlib.contextmanager
+def _logs_on_failure(nodes: list[Node]) -> Iterator[None]:
+    """Print every node's log when the block fails (pytest shows it with the failure):
+    one side's log rarely tells why two devices did not meet."""
+    try:
+        yield
+    except BaseException:
+        for node in nodes:
+            print(f"--- backer run of {node.device.root.name} at {node.address}:\n{node.log}")
+        raise
 
 
 def _logged_at(line: str) -> float:

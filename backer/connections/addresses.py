@@ -52,7 +52,8 @@ class AddressBook:
         self.clock = clock
         self.own: Announcement | None = None
         self.held = catalog.announcements()  # device -> (time_ms, raw)
-        self.on_learned: Callable[[bytes, str, int], None] | None = None  # (a node dials it)
+        self.on_learned: Callable[[bytes, str, int, str], None] | None = None  # (a node
+        # dials it; the last argument is the source)
 
     # -- addresses --------------------------------------------------------------------
 
@@ -85,7 +86,7 @@ class AddressBook:
                     self.catalog.drop_announcement(stale)
                     self.held.pop(stale, None)
         if source is not None and self.on_learned is not None:
-            self.on_learned(device, host, port)
+            self.on_learned(device, host, port, source)
         return True
 
     # -- announcements (backer.protocol.session.AddressGossip) -------------------------

@@ -535,7 +535,8 @@ class Runtime:
         )
         if not (self.node.stopping or failed or PEER_REFUSED in reason):  # (back off)
             self.wake(link.peer)
-        return True
+        self.poke.set()  # the dial loop slept without a deadline while the device was
+        return True  # connected: it must see the device's targets due again
 
     def bind(self, session: Session) -> None:
         """The session of a link, once open (status reads it)."""
@@ -613,12 +614,19 @@ class Runtime:
                 target.device = device
         self.poke.set()
 
-    def _learned(self, device: bytes, host: str, port: int) -> None:
+    def _learned(self, device: bytes, host: str, port: int, source: str) -> None:
         """The address book learned an address of ``device`` (announced, heard on the
         LAN, or where it connected from): dial it from now on, and no longer the addresses
         the book dropped for it (so a member announcing without end adds no targets)."""
         if device not in self.share.members:
             return
+        self.log.debug(
+            "%s: %s may be reached at %s (%s)",
+            self.name,
+            short_id(device),
+            format_address(host, port),
+            source,
+        )
         kept = {format_address(h, p) for h, p in self.hub.addresses.addresses(device)}
         for address, target in list(self.targets.items()):
             if target.device == device and address not in kept and not target.dialling:
