@@ -167,6 +167,36 @@ def test_a_starting_device_repeats_its_first_announcement_in_case_one_is_lost() 
 
 
 @timing
+def test_a_share_served_after_start_gets_its_first_rounds_at_once() -> None:
+    """A node that had no share to announce when it started (one still held by a
+    one-shot command, one joined since) wakes discovery once it serves it: the share
+    goes out at once and is repeated like a starting device's, not once and then next
+    at the interval."""
+    shares: list[LanShare] = []
+
+    async def main() -> tuple[int, int]:
+        lan = LanDiscovery(
+            _free_udp_port(),
+            lambda: shares,
+            lambda *_: None,
+            interval=60,
+            targets=lambda: ["127.255.255.255"],
+        )
+        async with lan:
+            await asyncio.sleep(FIRST_ROUNDS * MIN_GAP_S + 0.2)
+            before = lan.sent
+            shares.append(LanShare(SHARE, (KEY,), DEVICE, 7001))
+            lan.wake()
+            await asyncio.sleep(0.2)
+            first = lan.sent - before
+            await asyncio.sleep(FIRST_ROUNDS * MIN_GAP_S)
+        return first, lan.sent - before
+
+    first, rounds = asyncio.run(main())
+    assert (first, rounds) == (1, FIRST_ROUNDS)
+
+
+@timing
 def test_a_device_answers_a_newcomer_at_once_not_at_its_next_interval() -> None:
     """``first`` is done with its first rounds when ``second`` starts; ``second`` hears it
     within a second because hearing ``second`` made ``first`` announce."""

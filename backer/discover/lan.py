@@ -58,7 +58,8 @@ WINDOW_MS = 10 * 60 * 1000  # a datagram's time may differ from ours by this muc
 RATE = 50.0  # datagrams read per second at most (a burst of twice that), the rest dropped
 MAX_DEVICES = 4096  # (share, device) pairs whose last time is remembered
 MIN_GAP_S = 1.0  # between two announcing rounds, however often woken
-FIRST_ROUNDS = 3  # rounds MIN_GAP_S apart at start: one lost datagram must not cost a minute
+FIRST_ROUNDS = 3  # rounds MIN_GAP_S apart for a share newly announced (at start, or once
+# it is served): one lost datagram must not cost a minute
 REPORT_EVERY_S = 5.0  # one report of a device per share at most this often
 _CONTEXT = "backer 2026-12-01 LAN discovery v1"
 log = logging.getLogger("backer.discover")
@@ -211,6 +212,8 @@ class LanDiscovery:
         self.soon = asyncio.Event()
         self.tokens, self.refilled = 2 * RATE, time.monotonic()
         self._keys: dict[bytes, LanKey] = {}  # share key -> its derived keys
+        self.rounds: dict[bytes, int] = {}  # share id -> rounds it was announced in, up to
+        # FIRST_ROUNDS (shares no longer announced are dropped)
         self.sent = 0  # datagrams sent and read (read: the right size, within the rate)
         self.heard = 0
 
@@ -242,26 +245,27 @@ class LanDiscovery:
             self.transport.close()
 
     def wake(self) -> None:
-        """Announce now (e.g. this device's addresses or shares changed)."""
+        """Announce now (e.g. this device's addresses changed, or a share is served now:
+        it then gets its first rounds too)."""
         self.soon.set()
 
     # -- sending --------------------------------------------------------------------------
 
     async def _announce_loop(self) -> None:
-        """:data:`FIRST_ROUNDS` rounds a second apart (UDP may drop one; mDNS, RFC 6762
-        §8.3, repeats its first announcement likewise), then a round every ``interval``
+        """A share newly announced (at start, or served since) goes out in
+        :data:`FIRST_ROUNDS` rounds a second apart (UDP may drop one; mDNS, RFC 6762
+        §8.3, repeats its first announcement likewise); then a round every ``interval``
         (±20 %, so devices do not fall in step), or sooner when woken, but never two
         within a second."""
-        for _ in range(FIRST_ROUNDS - 1):
-            self.announce()
-            await asyncio.sleep(min(MIN_GAP_S, self.interval))
         while True:
             started = time.monotonic()
             self.announce()
             self.soon.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.soon.wait(), self.interval * random.uniform(0.8, 1.2))
             gap = min(MIN_GAP_S, self.interval)
+            starting = any(rounds < FIRST_ROUNDS for rounds in self.rounds.values())
+            wait = gap if starting else self.interval * random.uniform(0.8, 1.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.soon.wait(), wait)
             await asyncio.sleep(max(0.0, started + gap - time.monotonic()))
 
     def announce(self) -> None:
@@ -270,6 +274,7 @@ class LanDiscovery:
             return
         targets = self.targets()
         now_ms = int(self.clock() * 1000)
+        rounds: dict[bytes, int] = {}
         for share in self.announcements():
             if not share.port or not share.keys:
                 continue
@@ -278,6 +283,8 @@ class LanDiscovery:
             for target in targets:
                 self.transport.sendto(packet, (target, self.port))
                 self.sent += 1
+            rounds[share.share_id] = min(self.rounds.get(share.share_id, 0) + 1, FIRST_ROUNDS)
+        self.rounds = rounds
 
     def _lan_key(self, share_key: bytes) -> LanKey:
         if share_key not in self._keys:

@@ -807,6 +807,7 @@ class Node:
         self._tasks: asyncio.TaskGroup | None = None
         self.serving: dict[bytes, asyncio.Task[None]] = {}  # share id -> its _serve
         self.stopping = False
+        self.discovery: lan.LanDiscovery | None = None
 
     # -- what other parts of backer call -------------------------------------------------
 
@@ -840,10 +841,9 @@ class Node:
         loop = asyncio.get_running_loop()  # asyncio's own reports (accept out of
         # descriptors...): rate-limited lines, not tracebacks
         loop.set_exception_handler(lambda _, context: self.refused(str(context.get("message"))))
-        discovery: lan.LanDiscovery | None = None
         try:
             server = await self._listen()
-            discovery = await self._discover(server)
+            self.discovery = await self._discover(server)
             try:
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
@@ -864,8 +864,9 @@ class Node:
             except* _Stopped:
                 pass
         finally:
-            if discovery is not None:
-                await discovery.__aexit__(None, None, None)
+            if self.discovery is not None:
+                await self.discovery.__aexit__(None, None, None)
+                self.discovery = None
             for runtime in self.runtimes.values():
                 with contextlib.suppress(OSError, sqlite3.Error):  # (close every other)
                     runtime.close()
@@ -962,7 +963,7 @@ class Node:
                 return None
         restarted = self._add(share, runtime.name)
         if restarted is not None:
-            restarted.hub.addresses.announce(parse_address(a) for a in self.addresses)
+            self._announce(restarted)
             self.log.info("%s: restarted", runtime.name)
         return restarted
 
@@ -1066,7 +1067,7 @@ class Node:
         """Serve a share opened while the node runs."""
         runtime = self._add(share, name)
         if runtime is not None:
-            runtime.hub.addresses.announce(parse_address(a) for a in self.addresses)
+            self._announce(runtime)
             self.log.info("%s: %s", name, said)
             self._start_serving(runtime)
 
@@ -1103,10 +1104,19 @@ class Node:
             raise BackerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         bound = [s.getsockname()[:2] for s in server.sockets]
         self.addresses = tuple(dict.fromkeys(a for h, p in bound for a in advertised(h, p)))
-        for runtime in self.runtimes.values():  # what sessions tell the other members
-            runtime.hub.addresses.announce(parse_address(a) for a in self.addresses)
+        for runtime in self.runtimes.values():
+            self._announce(runtime)
         self.log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
         return server
+
+    def _announce(self, runtime: Runtime) -> None:
+        """Tell the other members where this node listens for ``runtime``'s share: in
+        the announcement its sessions gossip, and on the LAN at once, in its first
+        rounds (a share served after start was heard there only at the next round, up
+        to half a minute later)."""
+        runtime.hub.addresses.announce(parse_address(a) for a in self.addresses)
+        if self.discovery is not None:
+            self.discovery.wake()
 
     async def _drain(self) -> None:
         """Give the sessions a moment to send their goodbyes."""
