@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import nacl.signing
 import pytest
 
 from backer.db.catalog import Catalog
+from backer.model import materializer
 from backer.model.materializer import Materializer, Operation, conflict_path, data_chunks, verify
 from backer.model.records import Kind, Version
 from backer.model.share import Share
@@ -493,3 +495,33 @@ def test_R18_a_stored_path_no_device_may_hold_is_noted_unwritable_not_retried(
     report = Materializer(share.root, share.catalog, store).start([op]).finish()
     assert [p.path for p in report.errors] == [op.path]
     assert report.unwritable == [(op.path, "v1")]
+
+
+def test_a_received_chunk_whose_write_fails_in_the_writer_thread_drops_only_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Received chunks are written by a worker thread, not on the event loop; a write
+    that fails there (EIO) is still raised where the chunk is counted: that file is
+    reported and its temp removed, the other file of the window is applied."""
+    a, b = make_devices(tmp_path, 2)
+    good, bad = os.urandom(300_000), os.urandom(300_000)
+    for name, data in (("good", good), ("bad", bad)):  # a temp file is beside its target
+        (a.root / name).mkdir()
+        (a.root / name / "f.bin").write_bytes(data)
+    a.scan()
+    b.scan()
+    write_all, threads = materializer.write_all, set()
+
+    def failing(fd: int, data: bytes | memoryview, offset: int) -> None:
+        threads.add(threading.current_thread())
+        if "/bad/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        write_all(fd, data, offset)
+
+    monkeypatch.setattr(materializer, "write_all", failing)
+    _, right = sync(a, b)
+    assert threads and threading.main_thread() not in threads
+    assert (b.root / "good" / "f.bin").read_bytes() == good
+    assert not (b.root / "bad" / "f.bin").exists()
+    assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
+    assert right.replicator.stats.files_written == 1

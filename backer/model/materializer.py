@@ -33,6 +33,7 @@ import errno
 import functools
 import os
 import stat
+from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -531,6 +532,25 @@ def data_chunks(manifest: Manifest) -> list[ChunkRef]:
     ]
 
 
+class _Dropped(Exception):
+    """(writer thread) The file was dropped from the window: its write is skipped."""
+
+
+@dataclass
+class _Writes:
+    """One received chunk queued for the writer thread: where it goes, its size."""
+
+    future: Future[list[Exception | None]]
+    places: list[tuple[_Staged, int]]
+    size: int
+
+
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
 def _remove_temp(temp: Path) -> None:
     """Remove a temp file of a window given up; if the disk fails that too, the temp
     stays for the next scan's sweep: the fault that stopped the window is what is
@@ -562,6 +582,10 @@ class Assembly:
         self._mtimes = _directory_mtimes(materializer.root, operations)  # before the window
         self._checks: dict[str, Future[None]] = {}  # large files being checked, by path
         self._checker: ThreadPoolExecutor | None = None  # (one thread, while it has work)
+        self._writer: ThreadPoolExecutor | None = None  # writes received chunks, in order
+        self._writes: deque[_Writes] = deque()  # queued for the writer, oldest first
+        self._queued = 0  # bytes of chunk data in _writes
+        self._unflushed: dict[Path, int] = {}  # (writer) bytes written since writeback began
 
     def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
         self.missing.setdefault(chunk_hash, length)
@@ -570,18 +594,83 @@ class Assembly:
         staged.missing += 1
 
     def place(self, chunk_hash: bytes, data: bytes | memoryview) -> None:
-        """Write a verified chunk wherever the plan needs it."""
-        with self.stopping_when_full():
-            for staged, offset in self._places.pop(chunk_hash, ()):
+        """Have a verified chunk written wherever the plan needs it, by the writer
+        thread (``pwrite`` waits for the disk, which the event loop must not: it reads
+        the next chunks meanwhile). A chunk counts once written (:meth:`_collect`);
+        ``data`` must not change afterwards (the channel hands over a fresh buffer per
+        read). At most ``WRITE_QUEUE`` bytes wait: then the loop waits for the disk."""
+        places = self._places.pop(chunk_hash, [])
+        self.missing.pop(chunk_hash, None)
+        if places:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="backer-write")
+            future = self._writer.submit(self._write, places, data)
+            self._writes.append(_Writes(future, places, len(data)))
+            self._queued += len(data)
+        self._collect(self._queued > WRITE_QUEUE)
+
+    def _write(
+        self, places: list[tuple[_Staged, int]], data: bytes | memoryview
+    ) -> list[Exception | None]:
+        """(writer thread) Write ``data`` at each place; start the writeback of every
+        ``WRITEBACK_BYTES`` written to a file, so that its fsync at the end finds its
+        pages mostly on disk already (``sync_file_range``: no durability of its own).
+        Each place's failure is returned, to be raised on the event loop."""
+        outcome: list[Exception | None] = []
+        for staged, offset in places:
+            try:
                 if staged.op.path not in self.staged:
-                    continue  # that file already failed
-                with _reported(staged.op.path, self.report), self._dropping(staged):
-                    write_all(self._fd(staged), data, offset)
-                    staged.missing -= 1
-                    self.waiting -= staged.missing == 0
-                if staged.missing == 0:
-                    self._check_early(staged)
-            self.missing.pop(chunk_hash, None)
+                    raise _Dropped
+                fd = self._fd(staged)
+                write_all(fd, data, offset)
+                written = self._unflushed.get(staged.temp, 0) + len(data)
+                if written >= WRITEBACK_BYTES and _sync_file_range is not None:
+                    _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+                    written = 0
+                self._unflushed[staged.temp] = written
+                outcome.append(None)
+            except Exception as exc:
+                outcome.append(exc)
+        return outcome
+
+    def _collect(self, wait: bool = False) -> None:
+        """Count the chunks the writer has written (all, with ``wait``; else the done
+        ones, and the oldest until at most ``WRITE_QUEUE`` bytes wait); a file complete
+        is checked early. A write that failed is raised here, as it would have been
+        where it was made: its file is dropped (a full disk stops the window)."""
+        with self.stopping_when_full():
+            while self._writes and (
+                wait or self._queued > WRITE_QUEUE or self._writes[0].future.done()
+            ):
+                writes = self._writes.popleft()
+                self._queued -= writes.size
+                outcome = writes.future.result()
+                if any(error is not None for error in outcome):
+                    self._wait_writes()  # the writer idle: _dropping may close its fds
+                for (staged, _), error in zip(writes.places, outcome, strict=True):
+                    if staged.op.path not in self.staged or isinstance(error, _Dropped):
+                        continue  # that file already failed
+                    with _reported(staged.op.path, self.report), self._dropping(staged):
+                        if error is not None:
+                            raise error
+                        staged.missing -= 1
+                        self.waiting -= staged.missing == 0
+                    if staged.missing == 0:
+                        self._check_early(staged)
+
+    def _wait_writes(self) -> None:
+        """Wait until the writer has done every write queued (their outcomes are kept)."""
+        for writes in self._writes:
+            with contextlib.suppress(Exception):
+                writes.future.result()
+
+    def _stop_writer(self) -> None:
+        """Stop the writer thread: a write under way ends, those queued are dropped."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
+            self._writer = None
+        self._writes.clear()
+        self._queued = 0
 
     def _check_early(self, staged: _Staged) -> None:
         """A large file has all its chunks: verify and flush it in the worker thread
@@ -624,6 +713,7 @@ class Assembly:
             self.staged.pop(staged.op.path, None)
             self.waiting -= staged.missing > 0
             fd = self._open.pop(staged.temp, None)
+            self._unflushed.pop(staged.temp, None)
             if fd is not None:
                 os.close(fd)
             _remove_temp(staged.temp)
@@ -650,6 +740,7 @@ class Assembly:
 
     def abort(self) -> None:
         """Give up the window: every temp file of it is removed."""
+        self._stop_writer()
         self._stop_checks()
         self._close_all()
         for staged in [*self.staged.values(), *self._batch]:
@@ -665,7 +756,9 @@ class Assembly:
         fd = self._open.get(staged.temp)
         if fd is None:
             if len(self._open) >= OPEN_TEMP_FILES:
-                os.close(self._open.pop(next(iter(self._open))))
+                closed = next(iter(self._open))
+                os.close(self._open.pop(closed))
+                self._unflushed.pop(closed, None)
             fd = self._open[staged.temp] = staged.open()
         return fd
 
@@ -673,6 +766,7 @@ class Assembly:
         for fd in self._open.values():
             os.close(fd)
         self._open.clear()
+        self._unflushed.clear()
 
     def finish(self) -> Report:
         """Move every complete file into place (plan order, durable batches), report the
@@ -686,6 +780,8 @@ class Assembly:
             self.materializer.unmake_unused()
 
     def _finish(self) -> Report:
+        self._collect(wait=True)
+        self._stop_writer()
         self._close_all()
         report, materializer = self.report, self.materializer
         local = materializer.catalog.local_entries(op.path for op in self.operations)
@@ -822,6 +918,8 @@ STAGE_FILES = 1000
 STAGE_BYTES = 256 * 1024 * 1024
 SYNCFS_BELOW_AVERAGE = 1024 * 1024  # average file size under which one syncfs is cheaper
 OPEN_TEMP_FILES = 64
+WRITE_QUEUE = 32 * 1024 * 1024  # received bytes that may wait for the writer thread
+WRITEBACK_BYTES = 8 * 1024 * 1024  # a temp file's writeback is started after each such run
 CHECK_EARLY = 16 * 1024 * 1024  # files at least this large are checked and flushed once
 # complete, off the event loop (smaller ones: one syncfs at the commit is cheaper)
 
