@@ -48,9 +48,32 @@ def test_members_with_the_share_key_authenticate_each_other_and_talk() -> None:
     assert client.peer == bytes(bob.verify_key) and server.peer == bytes(alice.verify_key)
     big = os.urandom(200_000)
     client.send(big)
-    wire = client.data_to_send()
+    wire = bytes(client.data_to_send())
     assert big not in wire
     assert server.receive_data(wire[:1000]) + server.receive_data(wire[1000:]) == big
+
+
+def test_records_are_encrypted_into_one_reused_buffer_once_the_transport_gave_it_back() -> None:
+    """A send encrypts into the buffer of the last one (not a new buffer per send: a
+    GiB is ~250 of them), but only after ``reuse``: never into one the transport may
+    still hold."""
+    psk = os.urandom(32)
+    _, _, client, server = pair(psk, psk, set())
+    shake(client, server)
+    client.send(b"a" * 100_000)
+    first = client.data_to_send()
+    sent = bytes(first)
+    client.send(b"b" * 100_000)  # the transport still holds the first: a new buffer
+    second = client.data_to_send()
+    assert bytes(first) == sent
+    assert server.receive_data(first) == b"a" * 100_000
+    assert server.receive_data(second) == b"b" * 100_000
+    client.reuse()
+    client.send(b"c" * 1000)
+    third = client.data_to_send()
+    assert isinstance(third, memoryview) and isinstance(second, memoryview)
+    assert third.obj is second.obj
+    assert server.receive_data(third) == b"c" * 1000
 
 
 def test_wrong_share_key_is_refused_before_anything_is_revealed() -> None:

@@ -18,6 +18,7 @@ from backer.protocol.channel import ChannelError, SecureChannel
 from backer.protocol.session import Session
 from backer.protocol.wire import (
     Chunk,
+    Encoder,
     FrameReader,
     Hello,
     Manifests,
@@ -66,10 +67,7 @@ def test_records_and_frames_cut_anywhere_decode_to_the_same_messages(seed: int) 
     rng = random.Random(seed)
     batched = seed % 2 == 0  # all messages in one send, or one send each
     if batched:
-        plaintext = bytearray()
-        for message in MESSAGES:
-            message.encode_into(plaintext)
-        client.send(plaintext)
+        client.send(Encoder().encode(MESSAGES))
     else:
         for message in MESSAGES:
             client.send(message.encode())
@@ -289,10 +287,7 @@ def test_a_received_chunk_is_a_view_of_the_decrypted_read_not_a_copy() -> None:
     channel decrypted into, whatever else shares the read."""
     client, server = _established()
     sent = [Chunk(os.urandom(32), os.urandom(70_000)), WantChunks([os.urandom(32)])]
-    plaintext = bytearray()
-    for message in sent:
-        message.encode_into(plaintext)
-    client.send(plaintext)
+    client.send(Encoder().encode(sent))
     buffer = server.receive_data(client.data_to_send())
     received = list(FrameReader().feed(buffer))
     assert received == sent

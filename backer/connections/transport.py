@@ -40,7 +40,7 @@ from backer.protocol.channel import (
     refusal,
 )
 from backer.protocol.session import Session
-from backer.protocol.wire import Error, FrameReader, Ping, ProtocolError
+from backer.protocol.wire import Encoder, Error, FrameReader, Ping, ProtocolError
 
 READ_SIZE = 1 << 20
 
@@ -61,7 +61,7 @@ class Limits:
     keepalive_s: float = 15.0  # a Ping when nothing was sent for this long
     idle_s: float = 60.0  # nothing received for this long: the peer is gone (or suspended)
     request_s: float = 120.0  # requests outstanding with no answer for this long: same
-    reply_bytes: int = 4 << 20  # replies are built only while less than this is unsent
+    reply_bytes: int = 4 << 20  # replies are built once nothing is unsent, this much at a time
     unsent_bytes: int = 1 << 30  # more than this unsent, or output that has not moved for
     # idle_s: the peer does not read; closed
 
@@ -193,7 +193,7 @@ class Hangup:
         await self._asked.wait()
 
 
-def _write(streams: Streams, data: bytes) -> None:
+def _write(streams: Streams, data: bytes | bytearray | memoryview) -> None:
     if data:
         streams.writer.write(data)
         streams.sent += len(data)
@@ -317,12 +317,12 @@ class Hub:
         spread over all of them.
 
         Reading never waits for writing: replies to the peer's requests are built only
-        while less than ``limits.reply_bytes`` is unsent, and more as it drains."""
+        once nothing is unsent, ``limits.reply_bytes`` at a time, and more as it drains."""
         limits = self.limits
         frames = FrameReader()
         session: Session | None = None
         writer = streams.writer
-        writer.transport.set_write_buffer_limits(high=limits.reply_bytes)
+        writer.transport.set_write_buffer_limits(high=0)  # a drain waits for all of it
         awaited = one_shot
         self.replicator.awaited += awaited
 
@@ -338,16 +338,20 @@ class Hub:
         def unsent() -> int:
             return writer.transport.get_write_buffer_size()
 
+        encoder = Encoder()
+
         def flush() -> None:
+            """Send what is queued, and build replies only once the transport holds
+            nothing: about ``reply_bytes`` of them, which the kernel mostly takes at
+            once, so that little is copied into the transport's buffer and both
+            buffers (plaintext, records) are reused for the next."""
             if session is not None:
-                room = limits.reply_bytes + 1 - unsent()  # so that what is left waits for
-                messages = session.take_outbox(max(room, 0))  # a drain (over the high mark)
+                messages = session.take_outbox(0 if unsent() else limits.reply_bytes)
                 if messages:
-                    plaintext = bytearray()
-                    for message in messages:
-                        message.encode_into(plaintext)
-                    channel.send(plaintext)
+                    channel.send(encoder.encode(messages))
             _write(streams, channel.data_to_send())
+            if not unsent():
+                channel.reuse()
             if one_shot and session is not None and session.complete:
                 finished.set()
 

@@ -115,7 +115,9 @@ class SecureChannel:
         self._send: CipherState | None = None
         self._receive: CipherState | None = None
         self._buffer = bytearray()
-        self._outgoing: list[bytes | bytearray] = []
+        self._outgoing: list[bytes | bytearray | memoryview] = []
+        self._records = bytearray()  # what send encrypts into, once the transport gave it back
+        self._records_free = True
         if self.initiator:
             if len(self.header) != HEADER_LEN or psk is None:
                 raise ValueError("an initiator needs a 17-byte header and a psk")
@@ -139,10 +141,17 @@ class SecureChannel:
     def _record(self, message: bytes) -> None:
         self._outgoing.append(len(message).to_bytes(2, "big") + message)
 
-    def data_to_send(self) -> bytes | bytearray:
-        """What to write to the peer now (the buffer is handed over, not copied)."""
+    def data_to_send(self) -> bytes | bytearray | memoryview:
+        """What to write to the peer now (the buffer is handed over, not copied; after
+        :meth:`reuse` it may be overwritten by the next :meth:`send`)."""
         pending, self._outgoing = self._outgoing, []
         return pending[0] if len(pending) == 1 else b"".join(pending)
+
+    def reuse(self) -> None:
+        """The transport holds nothing :meth:`data_to_send` gave (the kernel took it
+        all): the next :meth:`send` may encrypt into the same buffer, not a new one."""
+        if not self._outgoing:
+            self._records_free = True
 
     def send(self, plaintext: bytes | bytearray | memoryview) -> None:
         """Encrypt application data into records (queued for :meth:`data_to_send`),
@@ -151,7 +160,11 @@ class SecureChannel:
             raise ChannelError("channel is not established")
         view = memoryview(plaintext)
         records = -(-len(view) // MAX_PLAINTEXT)
-        out = bytearray(len(view) + records * (2 + TAG_LEN))
+        size = len(view) + records * (2 + TAG_LEN)
+        if not self._records_free or len(self._records) < size:
+            self._records = bytearray(size)
+        self._records_free = False
+        out = memoryview(self._records)[:size]
         with memoryview(out) as target:
             at = 0
             for start in range(0, len(view), MAX_PLAINTEXT):
