@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import nacl.signing
@@ -17,6 +18,7 @@ from backer.model.materializer import Materializer, Operation, conflict_path, da
 from backer.model.records import Kind, Version
 from backer.model.share import Share
 from backer.protocol.session import Session
+from backer.scanner import chunks
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import is_temp_name
@@ -352,6 +354,75 @@ def test_a_shifted_insert_is_copied_from_the_old_file_in_runs_and_only_its_chunk
     _, right = sync(a, b)
     assert tree(a.root) == tree(b.root)
     assert right.stats.chunks_fetched <= 3
+    assert not [r.errors for r in right.replicator.reports if r.errors]
+
+
+def _window_copying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Share, Share, Session, Links, threading.Event]:
+    """B's window for a 10-byte insert into a 32 MiB file, opened as a node opens it
+    (a ``wake`` set: nothing waits for the copy), on a disk whose queue is full (each
+    MiB's writeback start waits 0.1 s, as ``sync_file_range`` does then)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "big.bin").write_bytes(os.urandom(32 * 1024 * 1024))
+    sync(a, b)
+    _insert(a.root / "big.bin", 16 * 1024 * 1024, b"0123456789")
+    a.scan()
+    writeback = chunks.start_writeback
+
+    def full_queue(fd: int, offset: int, length: int) -> None:
+        time.sleep(0.1)
+        writeback(fd, offset, length)
+
+    monkeypatch.setattr(chunks, "start_writeback", full_queue)
+    left, right = Session(a, "a"), Session(b, "b")
+    woken = threading.Event()
+    right.replicator.wake = woken.set
+    return a, b, right, Links([(left, right)]), woken
+
+
+def _open_window(right: Session, links: Links) -> None:
+    for _ in range(100):
+        if right.replicator.assembly is not None:
+            return
+        links.step()
+
+
+def test_a_stop_during_a_long_local_copy_ends_at_once_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B copied a changed file's old chunks on the event loop, starting each MiB's
+    writeback, which blocks while the disk queue is full: a SIGTERM mid-transfer took
+    9.6 s to end (limit 5 s). The copy runs in a worker thread and stops between two
+    pieces."""
+    _, b, right, links, _ = _window_copying(tmp_path, monkeypatch)
+    started = time.monotonic()
+    _open_window(right, links)
+    assert [p for p in b.root.iterdir() if is_temp_name(p.name)]
+    right.replicator.abandon()
+    took = time.monotonic() - started
+    assert took < 1.5, took  # the whole copy takes 32 x 0.1 s
+    assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
+    assert b.scan().events == 0  # the old file untouched
+
+
+def test_a_window_whose_local_copy_ends_later_is_finished_when_the_copy_wakes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the copy off the event loop the window must not finish before it (nor be
+    forgotten after it): the copy's end calls ``wake``, and the node moves on."""
+    a, b, right, links, woken = _window_copying(tmp_path, monkeypatch)
+    _open_window(right, links)
+    links.run()
+    assert right.replicator.operations is not None  # the copy still runs: not finished
+    assert woken.wait(30)
+    for _ in range(100):  # (the early check that follows the copy wakes it too)
+        right.replicator.advance()
+        links.run()
+        if right.replicator.operations is None:
+            break
+        time.sleep(0.05)
+    assert tree(a.root) == tree(b.root)
     assert not [r.errors for r in right.replicator.reports if r.errors]
 
 

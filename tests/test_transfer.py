@@ -7,6 +7,7 @@ import asyncio
 import os
 import random
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -154,9 +155,9 @@ def test_a_large_file_is_checked_and_flushed_off_the_loop_once_complete(
     calls: list[tuple[int, str]] = []
     check = materializer._check_and_flush
 
-    def spy(temp: Path, manifest: Manifest, checked: frozenset[int]) -> None:
+    def spy(temp: Path, manifest: Manifest, checked: frozenset[int], copy: Future) -> bool:
         calls.append((manifest.size, threading.current_thread().name))
-        check(temp, manifest, checked)
+        return check(temp, manifest, checked, copy)
 
     monkeypatch.setattr(materializer, "_check_and_flush", spy)
     big, later, small = os.urandom(600_000), os.urandom(600_000), os.urandom(100_000)

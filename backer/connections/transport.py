@@ -253,6 +253,20 @@ class Hub:
         self.replicator.advance()
         self.flush()
 
+    def _waker(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """What a worker thread of the replicator calls when a local copy ends: the
+        replicator moves on in the event loop (not at all once the loop has closed)."""
+
+        def woken() -> None:
+            self.replicator.advance()
+            self.flush()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(woken)
+
+        return wake
+
     def _opening(self) -> None:
         if self.scan_first:
             self.scan()
@@ -319,6 +333,8 @@ class Hub:
         Reading never waits for writing: replies to the peer's requests are built only
         once nothing is unsent, ``limits.reply_bytes`` at a time, and more as it drains."""
         limits = self.limits
+        if self.replicator.wake is None:
+            self.replicator.wake = self._waker(asyncio.get_running_loop())
         frames = FrameReader()
         session: Session | None = None
         writer = streams.writer

@@ -34,6 +34,7 @@ import functools
 import os
 import stat
 from collections import deque
+import threading
 from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from backer.errors import BackerError
 from backer.fs.paths import BadPath, check
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
-from backer.scanner.chunks import ChunkStore, write_all
+from backer.scanner.chunks import ChunkStore, Run, write_all
 from backer.scanner.content import MAX_CHUNK, ChunkRef, Manifest, check_manifest, manifest_of_file
 from backer.scanner.ignore import CONFLICT_MARK, IgnoreRules, temp_name
 from backer.scanner.walk import cache_entry, entry_key, stat_key_of
@@ -386,15 +387,58 @@ def seal(temp: Path, manifest: Manifest, version: Version, checked: Container[in
         os.close(fd)
 
 
-def _check_and_flush(temp: Path, manifest: Manifest, checked: Container[int]) -> None:
+def _check_and_flush(
+    temp: Path, manifest: Manifest, checked: frozenset[int], copy: Future[_Copied] | None
+) -> bool:
     """:func:`verify` a complete temp file and fsync it: run in a worker thread as soon
     as a large file's last chunk is written, while the rest of the window arrives
-    (BLAKE3, ``pread`` and ``fsync`` release the GIL). The commit still verifies the
+    (BLAKE3, ``pread`` and ``fsync`` release the GIL), after the file's local ``copy``
+    (another thread: the next file's copy runs while this one is flushed). False, with
+    nothing done, when the copy left chunks to fetch. The commit still verifies the
     outcome and fsyncs (at once: the pages are clean by then)."""
+    if copy is not None:
+        copied = copy.result()
+        if copied.stale:
+            return False
+        checked = checked | copied.verified
     fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         verify(fd, manifest, checked)
         os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+@dataclass
+class _Copied:
+    verified: set[int]  # offsets of the chunks copied with verified bytes
+    stale: list[ChunkRef]  # chunks no local place holds any more: to fetch
+
+
+def _copy_local(
+    store: ChunkStore,
+    fd: int,
+    runs: list[Run],
+    locations: dict[bytes, list[tuple[str, int, int]]],
+    stop: threading.Event,
+) -> _Copied:
+    """Copy a file's local chunks into its temp file ``fd`` (closed at the end), in a
+    worker thread: the runs (:meth:`ChunkStore.copy`), then each chunk whose source
+    changed since it was indexed from another place that holds it (re-hashed). Touches
+    no database: ``locations`` were looked up on the event loop."""
+    try:
+        verified = store.copy(fd, runs, stop)
+        stale = []
+        for ref in (ref for run in runs for ref in run.chunks if ref.offset not in verified):
+            places = [p for p in locations.get(ref.hash, ()) if p[2] == ref.length]
+            data = store.read_from(ref.hash, places)
+            if data is None:
+                stale.append(ref)
+                continue
+            write_all(fd, data, ref.offset)
+            verified.add(ref.offset)
+        return _Copied(verified, stale)
     finally:
         os.close(fd)
 
@@ -568,7 +612,12 @@ class Assembly:
     made durable together. A crash leaves only temp files, removed by the next scan.
     """
 
-    def __init__(self, materializer: Materializer, operations: list[Operation]) -> None:
+    def __init__(
+        self,
+        materializer: Materializer,
+        operations: list[Operation],
+        wake: Callable[[], None] | None = None,
+    ) -> None:
         self.materializer = materializer
         self.operations = operations
         self.report = Report()
@@ -580,12 +629,66 @@ class Assembly:
         self.waiting = 0  # staged files still missing chunks (progress)
         self.short_of_room = 0  # bytes more the files left out for lack of room need
         self._mtimes = _directory_mtimes(materializer.root, operations)  # before the window
-        self._checks: dict[str, Future[None]] = {}  # large files being checked, by path
+        self._checks: dict[str, Future[bool]] = {}  # large files being checked, by path
         self._checker: ThreadPoolExecutor | None = None  # (one thread, while it has work)
         self._writer: ThreadPoolExecutor | None = None  # writes received chunks, in order
         self._writes: deque[_Writes] = deque()  # queued for the writer, oldest first
         self._queued = 0  # bytes of chunk data in _writes
         self._unflushed: dict[Path, int] = {}  # (writer) bytes written since writeback began
+        self._copies: dict[str, Future[_Copied]] = {}  # local copies not yet settled, by path
+        self._copier: ThreadPoolExecutor | None = None  # (one thread: the disk is one)
+        self._stop = threading.Event()  # tells a running copy to end (abort)
+        self.wake = wake  # called from a worker thread when a copy or check ends
+
+    def copy_later(
+        self,
+        staged: _Staged,
+        fd: int,
+        runs: list[Run],
+        locations: dict[bytes, list[tuple[str, int, int]]],
+    ) -> None:
+        """Copy ``runs`` into ``staged``'s temp file ``fd`` (which the copy closes) in the
+        copier thread, off the event loop: chunks from peers are asked for and written
+        meanwhile, and :meth:`settle` takes the outcome."""
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="backer-copy")
+        store = self.materializer.store
+        future = self._copier.submit(_copy_local, store, fd, runs, locations, self._stop)
+        self._copies[staged.op.path] = future
+        self._notify(future)
+
+    def _notify(self, future: Future[_Copied] | Future[bool]) -> None:
+        if self.wake is not None:
+            wake = self.wake
+            future.add_done_callback(lambda _: wake())
+
+    def ready(self) -> bool:
+        """Whether no local copy or early check is still running."""
+        return all(f.done() for f in (*self._copies.values(), *self._checks.values()))
+
+    def settle(self, wait: bool) -> dict[bytes, int] | None:
+        """Take in the ended local copies: None while one still runs (unless ``wait``),
+        else the chunks (hash -> length) that no local place held after all, now
+        awaited from the peers. A copy that failed drops its file (reported)."""
+        if not wait and not self.ready():
+            return None
+        found: dict[bytes, int] = {}
+        with self.stopping_when_full():
+            for path, future in list(self._copies.items()):
+                del self._copies[path]
+                staged = self.staged.get(path)
+                if staged is None:
+                    continue  # that file already failed
+                with _reported(path, self.report), self._dropping(staged):
+                    copied = future.result()
+                if path not in self.staged:
+                    continue
+                staged.checked.update(copied.verified)
+                for ref in copied.stale:
+                    if ref.hash not in self.missing:
+                        found[ref.hash] = ref.length
+                    self.wait_for(ref.hash, ref.length, staged, ref.offset)
+        return found
 
     def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
         self.missing.setdefault(chunk_hash, length)
@@ -684,24 +787,29 @@ class Assembly:
         if self._checker is None:
             self._checker = ThreadPoolExecutor(1, thread_name_prefix="backer-check")
         checked = frozenset(staged.checked)
-        self._checks[staged.op.path] = self._checker.submit(
-            _check_and_flush, staged.temp, manifest, checked
-        )
+        copy = self._copies.get(staged.op.path)
+        future = self._checker.submit(_check_and_flush, staged.temp, manifest, checked, copy)
+        self._checks[staged.op.path] = future
+        self._notify(future)
 
     def _checked(self, staged: _Staged, manifest: Manifest) -> Container[int]:
         """The offsets of ``staged`` already verified: all of them once its early check
         passed (its failure is raised here, as the commit's own check would)."""
         early = self._checks.pop(staged.op.path, None)
-        if early is None:
+        if early is None or not early.result():
             return staged.checked
-        early.result()
         return {ref.offset for ref in manifest.chunks}
 
     def _stop_checks(self) -> None:
-        """Wait for the worker thread to finish (a check not started is dropped)."""
-        if self._checker is not None:
-            self._checker.shutdown(wait=True, cancel_futures=True)
-            self._checker = None
+        """Stop the local copies between two pieces and wait for the worker threads to
+        end (a copy or check not started is dropped): nothing writes into a temp file
+        after this."""
+        self._stop.set()
+        for pool in (self._copier, self._checker):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._copier = self._checker = None
+        self._copies.clear()
         self._checks.clear()
 
     @contextlib.contextmanager
@@ -780,6 +888,7 @@ class Assembly:
             self.materializer.unmake_unused()
 
     def _finish(self) -> Report:
+        self.settle(wait=True)  # (chunks it finds missing now are reported, not fetched)
         self._collect(wait=True)
         self._stop_writer()
         self._close_all()
@@ -940,12 +1049,15 @@ class Materializer:
         self._recorded: list[LocalEntry] | None = None  # while a batch is moved into place
         self._path_max = _path_max(root)
 
-    def start(self, operations: list[Operation]) -> Assembly:
+    def start(
+        self, operations: list[Operation], wake: Callable[[], None] | None = None
+    ) -> Assembly:
         """Begin applying a plan: directories are made now (files need them); every file
-        and link gets its temp file beside its target, filled at once with the chunks any
-        local file holds; what is still missing arrives through :meth:`Assembly.place`,
-        and :meth:`Assembly.finish` moves everything into place."""
-        assembly = Assembly(self, operations)
+        and link gets its temp file beside its target, to be filled with the chunks any
+        local file holds in a worker thread (``wake`` is called from it as each copy
+        ends, see :meth:`Assembly.settle`); what is still missing arrives through
+        :meth:`Assembly.place`, and :meth:`Assembly.finish` moves everything into place."""
+        assembly = Assembly(self, operations, wake)
         local = self.catalog.local_entries(op.path for op in operations)
         ignored = ignored_now(self.root, operations, local)
         operations = self._fitting([op for op in operations if op.path not in ignored], assembly)
@@ -962,7 +1074,9 @@ class Materializer:
                         if op.version.kind == Kind.DIRECTORY:
                             self._make_directory(op, cached)
                         else:
-                            assembly.staged[op.path] = self._stage(op, cached, assembly)
+                            staged = assembly.staged[op.path] = self._stage(op, cached, assembly)
+                            if staged.missing == 0:
+                                assembly._check_early(staged)
         finally:
             self._checked_parents = None
         return assembly
@@ -1175,7 +1289,8 @@ class Materializer:
         self._record(op, info)
 
     def _stage(self, op: Operation, cached: LocalEntry | None, assembly: Assembly) -> _Staged:
-        """A temp file (or link) beside the target, with every chunk found locally."""
+        """A temp file (or link) beside the target; the chunks found locally are copied
+        into it by the copier thread (:meth:`Assembly.copy_later`), the others awaited."""
         target = self._target(op.path)
         temp = target.with_name(temp_name(op.path, op.version_id))
         staged = _Staged(op, cached, temp, target)
@@ -1191,22 +1306,15 @@ class Materializer:
         try:
             staged.checked = staged.resume(manifest)
             wanted = [ref for ref in data_chunks(manifest) if ref.offset not in staged.checked]
-            runs = self.store.locate(wanted)
-            if runs:
-                fd = staged.open()
-                staged.checked.update(self.store.copy(fd, runs))
+            locations = self.store.locations(wanted)
+            runs = self.store.locate(wanted, locations)
             copied = {ref.offset for run in runs for ref in run.chunks}
             for ref in wanted:
-                if ref.offset in staged.checked:
-                    continue
-                # a stale source: another place may still hold it (read and verified)
-                data = self.store.read(ref.hash) if ref.offset in copied else None
-                if data is not None and len(data) == ref.length:
-                    fd = staged.open() if fd is None else fd
-                    write_all(fd, data, ref.offset)
-                else:
+                if ref.offset not in copied:
                     assembly.wait_for(ref.hash, ref.length, staged, ref.offset)
-            if fd is None and not staged.created and not staged.missing:  # nothing to write
+            if runs:
+                assembly.copy_later(staged, staged.open(), runs, locations)  # (it closes it)
+            elif not staged.created and not staged.missing:  # nothing to write
                 fd = staged.open()
         except BaseException:
             temp.unlink(missing_ok=True)

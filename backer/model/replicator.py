@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -106,6 +107,8 @@ class Replicator:
         self.sink_lacking: dict[bytes, set[Session]] = {}
         self.needed: dict[str, int] = {}  # path -> bytes, of the last plan, until applied
         self.window_paths: list[str] = []  # the paths of the window being assembled
+        self.wake: Callable[[], None] | None = None  # (I/O edge) from a worker thread: a
+        # local copy ended; with none, the copies are waited for
 
     @property
     def idle(self) -> bool:
@@ -267,7 +270,7 @@ class Replicator:
             if self.assembly is None:
                 self._start_window()
             self._request_chunks()
-            if self.chunk_queue or self.chunks_asked:
+            if self.chunk_queue or self.chunks_asked or not self._copied():
                 return
             self._finish_window()
             if self.operations is not None:
@@ -433,7 +436,7 @@ class Replicator:
             # else no peer had its chunk list yet: it waits for the next plan (one is made
             # when a peer writes), rather than failing as an error here
         materializer = Materializer(self.share.root, self.share.catalog, self.store)
-        self.assembly = materializer.start(window)
+        self.assembly = materializer.start(window, self.wake)
         self.assembly.report.errors.extend(refused)
         self.window_paths = [op.path for op in window]
         self.share.db.conn.commit()  # the directories it made are recorded for an off-loop
@@ -447,6 +450,21 @@ class Replicator:
         self.stats.bytes_to_fetch += sum(self.chunk_lengths.values())
         self.stats.chunks_reused += max(0, total - len(self.chunk_lengths))
         self.chunk_queue.extend(self.chunk_lengths)
+
+    def _copied(self) -> bool:
+        """Whether the window's local copies (worker threads) have ended; the chunks
+        they found changed at every local place are then asked of the peers."""
+        assert self.assembly is not None
+        stale = self.assembly.settle(wait=self.wake is None)
+        if stale is None:
+            return False  # :attr:`wake` calls :meth:`advance` when they end
+        if not stale:
+            return True
+        self.chunk_lengths.update(stale)
+        self.stats.bytes_to_fetch += sum(stale.values())
+        self.chunk_queue.extend(stale)
+        self._request_chunks()
+        return False
 
     @staticmethod
     def _refillable(session: Session) -> bool:

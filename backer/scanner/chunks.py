@@ -9,8 +9,10 @@ through here: they are written straight into the temp files being assembled (see
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +24,23 @@ from backer.scanner.content import ChunkRef
 
 COPY_PIECE = 1024 * 1024  # copied (and hashed) this much at a time, through one buffer
 READ_RUN = 4 * 1024 * 1024  # a peer's chunks lying back to back are read this much at a time
+SYNC_FILE_RANGE_WRITE = 2  # (linux/fs.h)
+_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+class CopyStopped(Exception):
+    """A local copy was told to stop (the window is given up: the process stops)."""
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` dirty bytes at ``offset`` to disk without waiting for
+    them (Linux ``sync_file_range``; elsewhere nothing): the fsync before the rename
+    then finds them mostly written. It may block while the disk queue is full, so it is
+    only called off the event loop. It is no durability step (the fsync is)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 class Run(NamedTuple):
@@ -49,9 +68,9 @@ class ChunkStore:
 
     def read(self, chunk_hash: bytes) -> bytes | None:
         """The verified bytes of a chunk from any local file that still holds it."""
-        return self._read_from(chunk_hash, self.catalog.chunk_locations(chunk_hash))
+        return self.read_from(chunk_hash, self.catalog.chunk_locations(chunk_hash))
 
-    def _read_from(self, chunk_hash: bytes, places: Iterable[tuple[str, int, int]]) -> bytes | None:
+    def read_from(self, chunk_hash: bytes, places: Iterable[tuple[str, int, int]]) -> bytes | None:
         """The first of ``places`` that still holds the chunk's bytes (re-hashed)."""
         for path, offset, length in places:
             fd = self._open(path)
@@ -104,16 +123,25 @@ class ChunkStore:
                 os.close(fd)
         for chunk_hash, places in locations.items():
             if chunk_hash not in found:
-                data = self._read_from(chunk_hash, places[1:])
+                data = self.read_from(chunk_hash, places[1:])
                 if data is not None:
                     found[chunk_hash] = data
         return found
 
-    def locate(self, refs: Sequence[ChunkRef]) -> list[Run]:
+    def locations(self, refs: Iterable[ChunkRef]) -> dict[bytes, list[tuple[str, int, int]]]:
+        """Every place (path, offset, length) the index knows for each of ``refs``."""
+        return self.catalog.chunk_locations_of(ref.hash for ref in refs)
+
+    def locate(
+        self,
+        refs: Sequence[ChunkRef],
+        locations: dict[bytes, list[tuple[str, int, int]]] | None = None,
+    ) -> list[Run]:
         """Where the chunks ``refs`` of a file (in offset order) can be copied from, as
         runs: after a 10-byte insert a 256 MiB file is two or three runs of its old
         version, not thousands of chunks. Chunks found nowhere are in no run."""
-        locations = self.catalog.chunk_locations_of(ref.hash for ref in refs)
+        if locations is None:
+            locations = self.locations(refs)
         runs: list[Run] = []
         for ref in refs:
             places = [p for p in locations.get(ref.hash, ()) if p[2] == ref.length]
@@ -130,7 +158,7 @@ class ChunkStore:
             runs.append(Run(path, offset, [ref]))
         return runs
 
-    def copy(self, fd: int, runs: list[Run]) -> set[int]:
+    def copy(self, fd: int, runs: list[Run], stop: threading.Event | None = None) -> set[int]:
         """Copy ``runs`` into the file ``fd``, checking every chunk against its hash as it
         passes through: the offsets of the chunks written with verified bytes. One read
         and one write per byte, a piece at a time through one reused buffer (on ext4 this
@@ -138,7 +166,11 @@ class ChunkStore:
         very bytes hashed, so a chunk whose source changed since it was indexed (even
         while it is being copied) fails its check and is not returned: it must come from
         elsewhere, and the final verification re-reads whatever was not returned. A write
-        error (a full disk) is raised; an unreadable source only costs its chunks."""
+        error (a full disk) is raised; an unreadable source only costs its chunks.
+
+        Runs in a worker thread (reads, writes and BLAKE3 release the GIL): each piece's
+        writeback is started at once (:func:`start_writeback`), and ``stop``, once set,
+        ends the copy between two pieces with :class:`CopyStopped`."""
         buffer = memoryview(bytearray(COPY_PIECE))
         verified: set[int] = set()
         for run in runs:
@@ -147,6 +179,8 @@ class ChunkStore:
                 continue
             try:
                 for piece in _pieces(run.chunks):
+                    if stop is not None and stop.is_set():
+                        raise CopyStopped
                     base = piece[0].offset
                     size = piece[-1].offset + piece[-1].length - base
                     try:
@@ -156,6 +190,7 @@ class ChunkStore:
                     held = buffer[:count]
                     good = [ref for ref in piece if _matches(held, ref.offset - base, ref)]
                     write_all(fd, held, base)
+                    start_writeback(fd, base, count)
                     verified.update(ref.offset for ref in good)
                     if count < size:  # the source is shorter than it was
                         break
