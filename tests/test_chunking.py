@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -99,7 +100,7 @@ def test_a_copied_run_whose_source_changed_since_it_was_indexed_yields_only_inta
     assert sum(len(run.chunks) for run in runs) == len(manifest.chunks)
     fd = os.open(tmp_path / "new.bin", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        verified = store.copy(fd, runs)
+        verified = store.copy(fd, runs, threading.Event())
         written = os.pread(fd, len(data), 0)
     finally:
         os.close(fd)

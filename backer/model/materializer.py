@@ -413,31 +413,16 @@ def _check_and_flush(
 @dataclass
 class _Copied:
     verified: set[int]  # offsets of the chunks copied with verified bytes
-    stale: list[ChunkRef]  # chunks no local place holds any more: to fetch
+    stale: list[ChunkRef]  # chunks whose source changed: from another place or a peer
 
 
-def _copy_local(
-    store: ChunkStore,
-    fd: int,
-    runs: list[Run],
-    locations: dict[bytes, list[tuple[str, int, int]]],
-    stop: threading.Event,
-) -> _Copied:
-    """Copy a file's local chunks into its temp file ``fd`` (closed at the end), in a
-    worker thread: the runs (:meth:`ChunkStore.copy`), then each chunk whose source
-    changed since it was indexed from another place that holds it (re-hashed). Touches
-    no database: ``locations`` were looked up on the event loop."""
+def _copy_local(store: ChunkStore, fd: int, runs: list[Run], stop: threading.Event) -> _Copied:
+    """Copy a file's local runs into its temp file ``fd`` (closed at the end) in a worker
+    thread (:meth:`ChunkStore.copy`, no database access); the chunks whose source
+    changed since it was indexed are returned as stale."""
     try:
         verified = store.copy(fd, runs, stop)
-        stale = []
-        for ref in (ref for run in runs for ref in run.chunks if ref.offset not in verified):
-            places = [p for p in locations.get(ref.hash, ()) if p[2] == ref.length]
-            data = store.read_from(ref.hash, places)
-            if data is None:
-                stale.append(ref)
-                continue
-            write_all(fd, data, ref.offset)
-            verified.add(ref.offset)
+        stale = [ref for run in runs for ref in run.chunks if ref.offset not in verified]
         return _Copied(verified, stale)
     finally:
         os.close(fd)
@@ -640,20 +625,14 @@ class Assembly:
         self._stop = threading.Event()  # tells a running copy to end (abort)
         self.wake = wake  # called from a worker thread when a copy or check ends
 
-    def copy_later(
-        self,
-        staged: _Staged,
-        fd: int,
-        runs: list[Run],
-        locations: dict[bytes, list[tuple[str, int, int]]],
-    ) -> None:
+    def copy_later(self, staged: _Staged, fd: int, runs: list[Run]) -> None:
         """Copy ``runs`` into ``staged``'s temp file ``fd`` (which the copy closes) in the
         copier thread, off the event loop: chunks from peers are asked for and written
         meanwhile, and :meth:`settle` takes the outcome."""
         if self._copier is None:
             self._copier = ThreadPoolExecutor(1, thread_name_prefix="backer-copy")
         store = self.materializer.store
-        future = self._copier.submit(_copy_local, store, fd, runs, locations, self._stop)
+        future = self._copier.submit(_copy_local, store, fd, runs, self._stop)
         self._copies[staged.op.path] = future
         self._notify(future)
 
@@ -668,8 +647,9 @@ class Assembly:
 
     def settle(self, wait: bool) -> dict[bytes, int] | None:
         """Take in the ended local copies: None while one still runs (unless ``wait``),
-        else the chunks (hash -> length) that no local place held after all, now
-        awaited from the peers. A copy that failed drops its file (reported)."""
+        else the chunks (hash -> length) that no local place held after all (a stale
+        source's chunk is looked for elsewhere first, re-hashed), now awaited from the
+        peers. A copy that failed drops its file (reported)."""
         if not wait and not self.ready():
             return None
         found: dict[bytes, int] = {}
@@ -685,10 +665,28 @@ class Assembly:
                     continue
                 staged.checked.update(copied.verified)
                 for ref in copied.stale:
-                    if ref.hash not in self.missing:
-                        found[ref.hash] = ref.length
-                    self.wait_for(ref.hash, ref.length, staged, ref.offset)
+                    if path not in self.staged:
+                        break
+                    with _reported(path, self.report), self._dropping(staged):
+                        if self._found_elsewhere(staged, ref):
+                            continue
+                        if ref.hash not in self.missing:
+                            found[ref.hash] = ref.length
+                        self.wait_for(ref.hash, ref.length, staged, ref.offset)
         return found
+
+    def _found_elsewhere(self, staged: _Staged, ref: ChunkRef) -> bool:
+        """Write ``ref`` from another local place that still holds it, if one does."""
+        data = self.materializer.store.read(ref.hash)
+        if data is None or len(data) != ref.length:
+            return False
+        fd = staged.open()
+        try:
+            write_all(fd, data, ref.offset)
+        finally:
+            os.close(fd)
+        staged.checked.add(ref.offset)
+        return True
 
     def wait_for(self, chunk_hash: bytes, length: int, staged: _Staged, offset: int) -> None:
         self.missing.setdefault(chunk_hash, length)
@@ -1306,14 +1304,13 @@ class Materializer:
         try:
             staged.checked = staged.resume(manifest)
             wanted = [ref for ref in data_chunks(manifest) if ref.offset not in staged.checked]
-            locations = self.store.locations(wanted)
-            runs = self.store.locate(wanted, locations)
+            runs = self.store.locate(wanted)
             copied = {ref.offset for run in runs for ref in run.chunks}
             for ref in wanted:
                 if ref.offset not in copied:
                     assembly.wait_for(ref.hash, ref.length, staged, ref.offset)
             if runs:
-                assembly.copy_later(staged, staged.open(), runs, locations)  # (it closes it)
+                assembly.copy_later(staged, staged.open(), runs)  # (which closes it)
             elif not staged.created and not staged.missing:  # nothing to write
                 fd = staged.open()
         except BaseException:

@@ -68,9 +68,9 @@ class ChunkStore:
 
     def read(self, chunk_hash: bytes) -> bytes | None:
         """The verified bytes of a chunk from any local file that still holds it."""
-        return self.read_from(chunk_hash, self.catalog.chunk_locations(chunk_hash))
+        return self._read_from(chunk_hash, self.catalog.chunk_locations(chunk_hash))
 
-    def read_from(self, chunk_hash: bytes, places: Iterable[tuple[str, int, int]]) -> bytes | None:
+    def _read_from(self, chunk_hash: bytes, places: Iterable[tuple[str, int, int]]) -> bytes | None:
         """The first of ``places`` that still holds the chunk's bytes (re-hashed)."""
         for path, offset, length in places:
             fd = self._open(path)
@@ -123,25 +123,16 @@ class ChunkStore:
                 os.close(fd)
         for chunk_hash, places in locations.items():
             if chunk_hash not in found:
-                data = self.read_from(chunk_hash, places[1:])
+                data = self._read_from(chunk_hash, places[1:])
                 if data is not None:
                     found[chunk_hash] = data
         return found
 
-    def locations(self, refs: Iterable[ChunkRef]) -> dict[bytes, list[tuple[str, int, int]]]:
-        """Every place (path, offset, length) the index knows for each of ``refs``."""
-        return self.catalog.chunk_locations_of(ref.hash for ref in refs)
-
-    def locate(
-        self,
-        refs: Sequence[ChunkRef],
-        locations: dict[bytes, list[tuple[str, int, int]]] | None = None,
-    ) -> list[Run]:
+    def locate(self, refs: Sequence[ChunkRef]) -> list[Run]:
         """Where the chunks ``refs`` of a file (in offset order) can be copied from, as
         runs: after a 10-byte insert a 256 MiB file is two or three runs of its old
         version, not thousands of chunks. Chunks found nowhere are in no run."""
-        if locations is None:
-            locations = self.locations(refs)
+        locations = self.catalog.chunk_locations_of(ref.hash for ref in refs)
         runs: list[Run] = []
         for ref in refs:
             places = [p for p in locations.get(ref.hash, ()) if p[2] == ref.length]
@@ -158,7 +149,7 @@ class ChunkStore:
             runs.append(Run(path, offset, [ref]))
         return runs
 
-    def copy(self, fd: int, runs: list[Run], stop: threading.Event | None = None) -> set[int]:
+    def copy(self, fd: int, runs: list[Run], stop: threading.Event) -> set[int]:
         """Copy ``runs`` into the file ``fd``, checking every chunk against its hash as it
         passes through: the offsets of the chunks written with verified bytes. One read
         and one write per byte, a piece at a time through one reused buffer (on ext4 this
@@ -179,7 +170,7 @@ class ChunkStore:
                 continue
             try:
                 for piece in _pieces(run.chunks):
-                    if stop is not None and stop.is_set():
+                    if stop.is_set():
                         raise CopyStopped
                     base = piece[0].offset
                     size = piece[-1].offset + piece[-1].length - base
