@@ -33,8 +33,8 @@ import errno
 import functools
 import os
 import stat
-from collections import deque
 import threading
+from collections import deque
 from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +47,7 @@ from backer.errors import BackerError
 from backer.fs.paths import BadPath, check
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
-from backer.scanner.chunks import ChunkStore, Run, write_all
+from backer.scanner.chunks import ChunkStore, Run, start_writeback, write_all
 from backer.scanner.content import MAX_CHUNK, ChunkRef, Manifest, check_manifest, manifest_of_file
 from backer.scanner.ignore import CONFLICT_MARK, IgnoreRules, temp_name
 from backer.scanner.walk import cache_entry, entry_key, stat_key_of
@@ -574,12 +574,6 @@ class _Writes:
     size: int
 
 
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-SYNC_FILE_RANGE_WRITE = 2
-
-
 def _remove_temp(temp: Path) -> None:
     """Remove a temp file of a window given up; if the disk fails that too, the temp
     stays for the next scan's sweep: the fault that stopped the window is what is
@@ -725,8 +719,8 @@ class Assembly:
                 fd = self._fd(staged)
                 write_all(fd, data, offset)
                 written = self._unflushed.get(staged.temp, 0) + len(data)
-                if written >= WRITEBACK_BYTES and _sync_file_range is not None:
-                    _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+                if written >= WRITEBACK_BYTES:
+                    start_writeback(fd, 0, 0)
                     written = 0
                 self._unflushed[staged.temp] = written
                 outcome.append(None)

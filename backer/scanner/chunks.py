@@ -35,10 +35,10 @@ class CopyStopped(Exception):
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing ``length`` dirty bytes at ``offset`` to disk without waiting for
-    them (Linux ``sync_file_range``; elsewhere nothing): the fsync before the rename
-    then finds them mostly written. It may block while the disk queue is full, so it is
-    only called off the event loop. It is no durability step (the fsync is)."""
+    """Start writing ``length`` dirty bytes at ``offset`` (0: to the end) to disk without
+    waiting for them (Linux ``sync_file_range``; elsewhere nothing): the fsync before
+    the rename then finds them mostly written. It may block while the disk queue is
+    full, so it is only called off the event loop. No durability step (the fsync is)."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
