@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import limits
 from .datasets import PROFILES, insert_in_large_files
-from .measure import MIB, Processes, tree_digest, work_directory
+from .measure import MIB, Processes, file_system, tree_digest, work_directory
 from .tools import PACKAGES, TOOLS, Step, Tool, available
 
 
@@ -83,7 +83,10 @@ def run_tool(
             if tree_digest(source, tool.exclude) != tree_digest(target, tool.exclude):
                 raise RuntimeError(f"{tool.name}: trees differ after '{label}'")
             steps.append((label, step))
-            cpu = "".join(f", {side} {seconds:.1f} s CPU" for side, seconds in step.cpu_s.items())
+            cpu = "".join(
+                f", {side} {seconds:.1f} s CPU ({step.cpu_system_s[side]:.1f} system)"
+                for side, seconds in step.cpu_s.items()
+            )
             print(f"  {tool.name:9} {label:52} {step.seconds:8.2f} s{cpu}", file=sys.stderr)
     shutil.rmtree(place)
     return version, steps
@@ -148,6 +151,10 @@ def main() -> None:
     with work_directory("backer-bench-", args.workdir) as work:
         print(f"# backer benchmarks — {os.cpu_count()} cores, Python {platform.python_version()}")
         print()
+        where = file_system(work)
+        print(f"Work directory on {where}: every tool reads and writes there.")
+        print()
+        raw["file_system"] = where
         for profile in profiles:
             dataset = work / f"data-{profile}"
             print(f"building {profile}", file=sys.stderr)

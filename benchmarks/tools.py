@@ -40,6 +40,7 @@ class Step:
     note: str = ""
     harness_cpu_pct: float = 0.0  # the benchmark's own CPU while timing (sampler, listeners)
     cpu_s: dict[str, float] = field(default_factory=dict)  # the tool's daemons, user + system
+    cpu_system_s: dict[str, float] = field(default_factory=dict)  # of which in the kernel
 
 
 class Tool:
@@ -420,16 +421,18 @@ class _Listener(threading.Thread):
         self.join()
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
     """User + system CPU of ``pid`` and its descendants (``syncthing serve`` runs its
-    worker as a child of a monitor process)."""
+    worker as a child of a monitor process), and the system part alone: the kernel's
+    share (writes, fsyncs, renames) is most of Syncthing's on small files here."""
     root = psutil.Process(pid)
-    total = 0.0
+    total = system = 0.0
     for one in [root, *root.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
             times = one.cpu_times()
             total += times.user + times.system + times.children_user + times.children_system
-    return total
+            system += times.system + times.children_system
+    return total, system
 
 
 class Syncthing(Tool):
@@ -496,7 +499,7 @@ class Syncthing(Tool):
                 quiet = True
             if (completion.done or quiet) and completion.finished_at is not None:
                 checked_at, harness_cpu = time.time(), time.process_time() - cpu
-                used = {side: _cpu_seconds(pid) - cpu_before[side] for side, pid in pids.items()}
+                used = {side: _cpu_seconds(pid) for side, pid in pids.items()}
                 with contextlib.suppress(OSError):
                     if self._in_sync(sequence_before):
                         break
@@ -512,7 +515,9 @@ class Syncthing(Tool):
         wire = self.two.wire_bytes(self.one) - wire_before
         harness = 100 * harness_cpu / (checked_at - started_at)
         seconds = completion.finished_at - started_at
-        return Step(seconds, wire, rss, "", harness, used)
+        total = {side: used[side][0] - cpu_before[side][0] for side in pids}
+        system = {side: used[side][1] - cpu_before[side][1] for side in pids}
+        return Step(seconds, wire, rss, "", harness, total, system)
 
     def initial(self) -> Step:
         self.b.mkdir(exist_ok=True)

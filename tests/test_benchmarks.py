@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.__main__ import report
 from benchmarks.huge import cached_tree, growth_per_10x, on_paper, same_trees, scaling_table
-from benchmarks.measure import PeakRss, tree_digest
+from benchmarks.measure import PeakRss, file_system, tree_digest
 from benchmarks.tools import FOLDER, Completion, Step, event_time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +175,23 @@ def test_cached_tree_in_use_by_another_run_is_refused_not_cleaned(tmp_path: Path
         assert (tree / ".backer" / "db").exists()
     with cached_tree(tmp_path, 1000, 7) as tree:  # released: usable again
         assert not (tree / ".backer").exists()
+
+
+MOUNTS = """/dev/vda / ext4 rw,relatime,discard 0 0
+tmpfs /tmp/bench\\040ram tmpfs rw,relatime,size=2097152k 0 0
+tmpfs /tmp/bench tmpfs rw,nosuid 0 0
+"""
+
+
+def test_file_system_is_the_longest_mount_point_holding_the_path() -> None:
+    """The report names the work directory's file system: a tmpfs mounted below the disk's
+    root wins for paths inside it only (not for a sibling sharing its prefix), and an
+    escaped space in a mount point is read as a space."""
+    assert file_system(Path("/tmp/bench/x/a"), MOUNTS) == "tmpfs tmpfs (rw,nosuid)"
+    assert file_system(Path("/tmp/bench"), MOUNTS) == "tmpfs tmpfs (rw,nosuid)"
+    assert file_system(Path("/tmp/benchmark"), MOUNTS) == "ext4 /dev/vda (rw,relatime,discard)"
+    assert file_system(Path("/tmp/bench ram/a"), MOUNTS).startswith("tmpfs tmpfs (rw,relatime")
+    assert file_system(Path("/tmp")) != "unknown file system"  # this machine's real mounts
 
 
 def test_peak_rss_counts_a_child_of_the_watched_process() -> None:
