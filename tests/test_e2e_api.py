@@ -26,6 +26,7 @@ from backer.api.access import KEY_FILE, SESSION_TTL_S, SESSIONS_FILE, WEB_FILE, 
 from backer.config.identity import load_or_create_key
 from backer.model.share import Share
 from backer.protocol.invite import InviteToken
+from backer.scanner.ignore import MAX_RULES
 from tests.e2e import Device, Node, free_port, invite
 from tests.helpers import small_disk, timing
 
@@ -735,6 +736,19 @@ def test_R3_wrongly_typed_json_is_refused_with_400_not_an_internal_error(lone) -
     rules = {"rules": "\ud800", "previous": ""}
     status, answer, _ = api.call("PUT", "/api/shares/solo/ignore", rules)
     assert status == 400 and "rules" in answer["error"], answer
+    assert "Traceback" not in node.log
+
+
+def test_R27_the_ignore_endpoint_refuses_more_rules_than_are_read(lone) -> None:
+    """Written, such a file would not apply at all (a scan skips it with a warning)."""
+    device, node, api = lone
+    rules = "".join(f"r{n}/\n" for n in range(MAX_RULES + 1))
+    status, answer, _ = api.call("PUT", "/api/shares/solo/ignore", {"rules": rules, "previous": ""})
+    assert status == 400 and "more than" in answer["error"], answer
+    assert not (device.root / ".backerignore").exists()
+    one = {"rules": "r/\n", "previous": ""}
+    status, answer, _ = api.call("PUT", "/api/shares/solo/ignore", one)
+    assert status == 200 and answer["invalid"] == [], answer
     assert "Traceback" not in node.log
 
 

@@ -334,6 +334,9 @@ async def edit_ignore_rules(request: web.Request) -> web.Response:
     rules, previous = _text(body["rules"], "rules"), _text(body["previous"], "previous")
     if len(rules.encode("utf-8")) > MAX_IGNORE_BYTES:
         raise _fail(web.HTTPBadRequest, f"rules longer than {MAX_IGNORE_BYTES} bytes")
+    checked = IgnoreRules(rules.splitlines())
+    if checked.unread is not None:  # (more rules than are read: none would apply)
+        raise _fail(web.HTTPBadRequest, f"rules: the file {checked.unread}")
     if _ignore_text(runtime) != previous:
         raise _fail(web.HTTPConflict, f"{IGNORE_FILE} changed meanwhile: reload it")
     target = runtime.share.root / IGNORE_FILE
@@ -347,7 +350,7 @@ async def edit_ignore_rules(request: web.Request) -> web.Response:
     finally:
         temp.unlink(missing_ok=True)
     summary = await runtime.scan(frozenset({IGNORE_FILE}))
-    invalid = IgnoreRules(rules.splitlines()).invalid
+    invalid = checked.invalid
     return web.json_response({"rules": rules, "invalid": invalid, "recorded": bool(summary.events)})
 
 

@@ -14,6 +14,7 @@ an ignored path is ignored too: it carries that path's bytes under another name.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import os
 import re
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pathspec
 from blake3 import blake3
-from pathspec.patterns.gitignore.spec import GitIgnoreSpecPattern
+from pathspec.patterns.gitignore.spec import _DIR_MARK, GitIgnoreSpecPattern
+from pathspec.util import normalize_file
 
 IGNORE_FILE = ".backerignore"
 TEMP_PREFIX = ".backer-"
@@ -32,6 +34,7 @@ _CONFLICT = re.compile(re.escape(CONFLICT_MARK) + r"\d{8}-\d{6}-[A-Z2-7]{7}")
 _ID = 16  # hex digits of the (path, version) identity, then as many of its check
 TEMP_NAME_BYTES = len(TEMP_PREFIX) + 2 * _ID + len(TEMP_SUFFIX)  # 44: fits any NAME_MAX
 MAX_IGNORE_BYTES = 1024 * 1024  # a larger .backerignore is not read
+MAX_RULES = 1000  # nor one with more rules: every path may be matched against each
 
 
 def _check(identity: str) -> str:
@@ -152,6 +155,28 @@ def _spec(lines: list[str]) -> pathspec.GitIgnoreSpec:
     return pathspec.GitIgnoreSpec.from_lines(lines, LinearPattern, backend="simple")
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(
+    rules: tuple[str, ...],
+) -> tuple[tuple[str, ...], pathspec.GitIgnoreSpec | None, re.Pattern[str] | None]:
+    """The invalid lines of ``rules``, the spec of the others, and one regex matching
+    wherever any rule that ignores matches (None if it cannot be made). Kept for the
+    last few rule sets: the rules are loaded for every scan, plan and apply window, and
+    compiling a large file took seconds with the interpreter lock held."""
+    invalid = tuple(line for line in rules if not _valid_pattern(line))
+    valid = [line for line in rules if line not in invalid]
+    if not valid:
+        return invalid, None, None
+    spec = _spec(valid)
+    ignoring = [p.regex.pattern for p in spec.patterns if p.include and p.regex is not None]
+    branches = [p.replace(f"(?P<{_DIR_MARK}>", "(?:") for p in ignoring]
+    try:
+        any_rule = re.compile("|".join(f"(?:{branch})" for branch in branches) or "(?!)")
+    except re.error:  # (a pattern spelled in a way the union cannot hold: no shortcut)
+        any_rule = None
+    return invalid, spec, any_rule
+
+
 def _valid_pattern(line: str) -> bool:
     """Whether gitignore syntax accepts ``line`` (a file edited by hand, or garbled,
     must not stop every scan: its bad lines are skipped and reported)."""
@@ -199,10 +224,11 @@ class IgnoreRules:
 
     def __init__(self, lines: list[str], unread: str | None = None) -> None:
         self.unread = unread  # why the ignore file there was not read (no rules, then)
-        rules = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        self.invalid = [line for line in rules if not _valid_pattern(line)]  # skipped (the
-        rules = [line for line in rules if line not in self.invalid]  # scan says which)
-        self.spec = _spec(rules) if rules else None
+        rules = tuple(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
+        if len(rules) > MAX_RULES:
+            self.unread, rules = f"has {len(rules)} rules, more than {MAX_RULES}: not read", ()
+        invalid, self.spec, self._any = _compiled(rules)
+        self.invalid = list(invalid)  # skipped (the scan says which)
         self._directories: dict[str, bool] = {}  # excluded() asks about parents repeatedly
 
     @classmethod
@@ -217,10 +243,18 @@ class IgnoreRules:
             return True
         if self.spec is None:
             return False
-        if self.spec.match_file(path + "/" if is_dir else path):
+        if self._matches(path + "/" if is_dir else path):
             return True
         origin = copy_origin(path)  # a conflict copy is as ignored as what it copies
-        return origin is not None and self.spec.match_file(origin + "/" if is_dir else origin)
+        return origin is not None and self._matches(origin + "/" if is_dir else origin)
+
+    def _matches(self, path: str) -> bool:
+        """The spec's answer, after one regex call that rules out most paths: only a
+        rule that ignores can make a path ignored, so none of them matching is a no."""
+        assert self.spec is not None
+        if self._any is not None and not self._any.match(normalize_file(path)):
+            return False
+        return self.spec.match_file(path)
 
     def excluded(self, path: str, is_dir: bool = False) -> bool:
         """Whether ``path`` is out of the walk: ignored itself or below an ignored
