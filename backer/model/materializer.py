@@ -39,6 +39,7 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from blake3 import blake3
 
@@ -534,12 +535,21 @@ class _Staged:
             os.close(fd)
 
 
+class _Prepared(NamedTuple):
+    """What sizing a window found out about one of its files, for staging it: its temp
+    file's path, whether that exists (an earlier attempt's), its chunks not all zero."""
+
+    temp: Path
+    found: bool
+    data: list[ChunkRef] | None
+
+
 def _holds(fd: int, ref: ChunkRef) -> bool:
     """Whether the file ``fd`` holds the chunk ``ref`` at its offset."""
     return blake3(os.pread(fd, ref.length, ref.offset)).digest() == ref.hash
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)  # (small files' last chunks: one length each)
 def _zero_hash(length: int) -> bytes:
     return blake3(bytes(length)).digest()
 
@@ -1040,6 +1050,8 @@ class Materializer:
         self._made: list[Path] = []  # missing parents made for this window's entries
         self._recorded: list[LocalEntry] | None = None  # while a batch is moved into place
         self._path_max = _path_max(root)
+        self._grown: set[Path] = set()  # directories a new directory was made in (fsync)
+        self._prepared: dict[str, _Prepared] = {}  # by path, from _room_needed to _stage
 
     def start(
         self, operations: list[Operation], wake: Callable[[], None] | None = None
@@ -1071,7 +1083,17 @@ class Materializer:
                                 assembly._check_early(staged)
         finally:
             self._checked_parents = None
+            self._prepared.clear()
+            self._flush_grown(assembly.report)
         return assembly
+
+    def _flush_grown(self, report: Report) -> None:
+        """fsync each directory a new directory was made in, once for the window (a first
+        sync makes a thousand directories in one): before the caller commits their records,
+        and before any file is renamed into them."""
+        grown, self._grown = self._grown, set()
+        for directory in sorted(grown):
+            _fsync_dir_reported(directory, self.root, report)
 
     def _room_needed(self, op: Operation) -> int:
         """Bytes the temp file of ``op`` will take (the temp holds a whole new copy; the
@@ -1081,11 +1103,17 @@ class Materializer:
             return 0
         manifest = self.catalog.manifest(op.version.content)
         size = op.version.size
+        data = None
         if manifest is not None:
-            size = sum(ref.length for ref in data_chunks(manifest))
+            data = data_chunks(manifest)
+            size = sum(ref.length for ref in data)
         temp = (self.root / op.path).with_name(temp_name(op.path, op.version_id))
-        with contextlib.suppress(OSError):
+        try:
             size -= os.lstat(temp).st_blocks * 512
+            found = True
+        except OSError:
+            found = False
+        self._prepared[op.path] = _Prepared(temp, found, data)
         return max(0, size)
 
     def _fitting(self, operations: list[Operation], assembly: Assembly) -> list[Operation]:
@@ -1272,7 +1300,7 @@ class Materializer:
             found = None
         if found is None:
             target.mkdir()
-            _fsync_dir(target.parent)
+            self._grown.add(target.parent)  # fsynced once for the window (_flush_grown)
         info = os.lstat(target)
         wanted = op.version.permissions  # exactly, 0o000 included (it is not "unset")
         if stat.S_IMODE(info.st_mode) & PERMISSION_BITS != wanted:
@@ -1284,7 +1312,8 @@ class Materializer:
         """A temp file (or link) beside the target; the chunks found locally are copied
         into it by the copier thread (:meth:`Assembly.copy_later`), the others awaited."""
         target = self._target(op.path)
-        temp = target.with_name(temp_name(op.path, op.version_id))
+        prepared = self._prepared.pop(op.path, None)
+        temp = prepared.temp if prepared else target.with_name(temp_name(op.path, op.version_id))
         staged = _Staged(op, cached, temp, target)
         if op.version.kind == Kind.SYMLINK:
             temp.unlink(missing_ok=True)  # an interrupted attempt's (ours, by its name)
@@ -1296,8 +1325,12 @@ class Materializer:
         check_manifest(manifest, op.version.size)
         fd = None  # created with the first chunk to write: one open per file, not two
         try:
-            staged.checked = staged.resume(manifest)
-            wanted = [ref for ref in data_chunks(manifest) if ref.offset not in staged.checked]
+            if prepared is None or prepared.found:  # (an earlier attempt's temp)
+                staged.checked = staged.resume(manifest)
+            data = prepared.data if prepared is not None else None
+            if data is None:
+                data = data_chunks(manifest)
+            wanted = [ref for ref in data if ref.offset not in staged.checked]
             runs = self.store.locate(wanted)
             copied = {ref.offset for run in runs for ref in run.chunks}
             for ref in wanted:

@@ -553,9 +553,11 @@ class Replicator:
     ) -> None:
         """Take in a chunk from ``session`` (empty: that peer lacks it), then move on if
         that lets anything move: a request to refill the peer's window, the re-asking of
-        a lacked chunk, the end of the window. Most arrivals only write their bytes."""
+        a lacked chunk, the end of the window. Most arrivals only write their bytes:
+        while a window drains (nothing left to ask) a refill would ask nothing."""
         self._take_chunk(session, chunk_hash, data)
-        if not data or not self.chunks_asked or self.sinks or self._refillable(session):
+        refill = self.chunk_queue and self._refillable(session)
+        if not data or not self.chunks_asked or self.sinks or refill:
             self.advance()
 
     def _take_chunk(self, session: Session, chunk_hash: bytes, data: bytes | memoryview) -> None:

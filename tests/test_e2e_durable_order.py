@@ -1,0 +1,112 @@
+"""A first sync writes thousands of small files in batches: every file's bytes must be
+on disk before its rename makes it the truth, every directory fsynced after the renames
+into it, and every new directory's parent after it is made. Checked on the real CLI's
+system calls (strace of every thread of the joining process)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backer.scanner.ignore import TEMP_PREFIX
+from tests.e2e import Device, free_port, invite
+
+FILES = 1_300  # more than one durable batch (materializer.STAGE_FILES)
+LINE = re.compile(r"^(\d+)\s+(.*)$")
+CALL = re.compile(r"^(\w+)\((.*)\)\s+=\s+(-?\d+)")
+UNFINISHED = re.compile(r"^(\w+)\((.*) <unfinished \.\.\.>$")
+RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+)")
+FD_PATH = re.compile(r"^-?\d+<(.*?)>")
+STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+
+
+def _calls(log: str) -> list[tuple[str, str, int, int]]:
+    """(name, arguments, line it began on, line it ended on) of every successful call,
+    in the order they ended; a call another thread interrupted is joined up again."""
+    calls, begun = [], {}
+    for index, line in enumerate(log.splitlines()):
+        pid, text = LINE.match(line).groups()
+        if found := UNFINISHED.match(text):
+            begun[pid] = (found.group(1), found.group(2), index)
+        elif found := RESUMED.match(text):
+            name, arguments, start = begun.pop(pid)
+            if int(found.group(3)) >= 0:
+                calls.append((name, arguments + found.group(2), start, index))
+        elif (found := CALL.match(text)) and int(found.group(3)) >= 0:
+            calls.append((found.group(1), found.group(2), index, index))
+    return calls
+
+
+def _fd_path(arguments: str) -> str:
+    found = FD_PATH.match(arguments)
+    assert found, arguments
+    return found.group(1)
+
+
+def test_a_join_syncs_each_file_before_its_rename_and_each_directory_after(
+    tmp_path: Path,
+) -> None:
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    for index in range(FILES):
+        path = a.root / f"d{index % 13:02d}" / f"e{index % 2}" / f"f{index:05d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(index.to_bytes(4, "big") * (64 + index % 200))
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    log = tmp_path / "strace.log"
+    traced = ("pwrite64", "fsync", "fdatasync", "syncfs", "rename", "mkdir")  # every thread
+    with a.serving(port):
+        joined = subprocess.run(
+            ["strace", "-f", "-qq", "-y", "-s", "4096", "-o", str(log),
+             "-e", f"trace={','.join(traced)}", *b.command("join", token, str(b.root))],
+            env=b.env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    assert joined.returncode == 0, joined.stderr
+    assert len(list(b.root.rglob("f*.txt"))) == FILES
+
+    # a write must end before the sync that covers it begins, the sync end before the
+    # rename begins, a rename or mkdir end before its directory's fsync begins
+    written: dict[str, int] = {}  # temp path -> end of its last write (none: -1)
+    synced: dict[str, int] = {}  # file or directory -> start of its last fsync
+    synced_end: dict[str, int] = {}  # file -> end of its last fsync
+    whole_fs: list[tuple[int, int]] = []  # (start, end) of each syncfs
+    renamed: dict[str, int] = {}  # target -> end of its rename
+    made: dict[str, int] = {}  # directory -> end of its mkdir
+    unsynced = []
+    for name, arguments, start, end in _calls(log.read_text()):
+        if name == "pwrite64":
+            written[_fd_path(arguments)] = end
+        elif name in ("fsync", "fdatasync"):
+            synced[_fd_path(arguments)] = start
+            synced_end[_fd_path(arguments)] = end
+        elif name == "syncfs":
+            whole_fs.append((start, end))
+        elif name == "rename":
+            old, new = STRING.findall(arguments)[:2]
+            if Path(old).name.startswith(TEMP_PREFIX):  # (a file of zeros is never written)
+                last = written.get(old, -1)
+                own = synced.get(old, -1) > last and synced_end[old] < start
+                if not own and not any(last < s <= e < start for s, e in whole_fs):
+                    unsynced.append(new)
+                renamed[new] = end
+        elif name == "mkdir":
+            made[STRING.findall(arguments)[0]] = end
+    assert len(renamed) == FILES
+    assert not unsynced, f"{len(unsynced)} renamed before their bytes were synced"
+    directories = {}  # directory -> index of the last rename into it
+    for new, index in renamed.items():
+        directories[str(Path(new).parent)] = max(index, directories.get(str(Path(new).parent), -1))
+    late = [d for d, index in directories.items() if synced.get(d, -1) < index]
+    assert not late, f"not fsynced after the renames into them: {late[:5]}"
+    shared = {d: index for d, index in made.items() if Path(d).parent.is_relative_to(b.root)}
+    made = {d: index for d, index in shared.items() if ".backer" not in Path(d).parts}
+    orphans = [d for d, index in made.items() if synced.get(str(Path(d).parent), -1) < index]
+    assert not orphans, f"made, their parent never fsynced after: {orphans[:5]}"
+    assert {str(Path(d).relative_to(b.root)) for d in made} >= {"d00", "d00/e1"}
