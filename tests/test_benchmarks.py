@@ -8,15 +8,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
 from benchmarks.__main__ import report
 from benchmarks.huge import cached_tree, growth_per_10x, on_paper, same_trees, scaling_table
 from benchmarks.measure import PeakRss, file_system, tree_digest
-from benchmarks.tools import FOLDER, Completion, Step, event_time
+from benchmarks.tools import FOLDER, Completion, Step, _cpu_seconds, event_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,6 +212,27 @@ def test_peak_rss_counts_a_child_of_the_watched_process() -> None:
     assert peaks["tree"] >= 64
     assert peaks["tree (anonymous)"] >= 60
     assert sampler.harness_cpu_pct >= 0
+
+
+def test_daemon_cpu_counts_a_child_and_gives_the_kernels_share_apart() -> None:
+    """Syncthing's worker is a child of its monitor: both count, and the system part
+    (most of Syncthing's CPU on small files here) is reported within the total."""
+    busy = (
+        "import os, time\nend = time.process_time() + 0.3\n"
+        "while time.process_time() < end: os.stat('/')\ntime.sleep(30)"
+    )
+    parent = subprocess.Popen(["sh", "-c", f'{sys.executable} -c "{busy}"; true'])
+    try:
+        deadline = time.monotonic() + 20
+        while (cpu := _cpu_seconds(parent.pid))[0] < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        total, system = cpu
+        assert total >= 0.3
+        assert 0 < system < total
+    finally:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            child.kill()
+        parent.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another user")
