@@ -58,7 +58,7 @@ from backer.node.node import Node, hold_home
 from backer.numbers import natural
 from backer.progress import Reporter, reporter
 from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
-from backer.protocol.invite import InviteToken, parse_address
+from backer.protocol.invite import MAX_EXPIRES_S, InviteToken, parse_address
 from backer.protocol.session import Session
 from backer.versioner import config as retention_config
 from backer.versioner.prune import prune_share
@@ -1276,8 +1276,8 @@ def invite(
     """Print a single-use, expiring invite token, and wait for the device to join.
 
     While 'backer run' serves the share, it makes the invite (and admits the joiner)."""
-    if expires <= 0:
-        raise BackerError("--expires must be a positive number of seconds")
+    if not 0 < expires <= MAX_EXPIRES_S:
+        raise BackerError(f"--expires must be a number of seconds from 1 to {MAX_EXPIRES_S}")
     for address in addresses:
         parse_address(address)
     host, port = parse_address(listen)

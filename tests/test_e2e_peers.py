@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from backer.protocol.invite import MAX_EXPIRES_S, InviteToken
 from tests.e2e import Device, free_port, invite, snapshot, summary_number
 
 
@@ -68,7 +69,25 @@ def test_an_invite_needs_a_positive_lifetime(tmp_path: Path) -> None:
     a, _ = _founder(tmp_path)
     result = a.run("invite", "--no-wait", "--expires", "0", "--dir", str(a.root), check=False)
     assert result.returncode == 1
-    assert result.stderr.strip() == "backer: error: --expires must be a positive number of seconds"
+    expected = f"backer: error: --expires must be a number of seconds from 1 to {MAX_EXPIRES_S}"
+    assert result.stderr.strip() == expected
+
+
+def test_R30_an_invite_lifetime_beyond_the_bound_is_one_error_line_with_or_without_a_node(
+    tmp_path: Path,
+) -> None:
+    """Its expiry (ms) did not fit the invite event's 64 bits: 'internal error' (exit 70)
+    from the CLI, and through a running node no token, no message and exit status 0."""
+    a, port = _founder(tmp_path)
+    expected = f"backer: error: --expires must be a number of seconds from 1 to {MAX_EXPIRES_S}"
+    args = ("invite", "--no-wait", "--expires", str(10**17), "--dir", str(a.root))
+    alone = a.run(*args, check=False)
+    assert (alone.returncode, alone.stderr.strip()) == (1, expected)
+    with a.serving(port):
+        served = a.run(*args, check=False)
+        assert (served.returncode, served.stderr.strip(), served.stdout) == (1, expected, "")
+        longest = a.run(*args[:3], str(MAX_EXPIRES_S), *args[4:])
+        assert InviteToken.decode(longest.stdout.strip().splitlines()[-1])
 
 
 def test_a_joiners_older_file_never_beats_the_shares_newer_one(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from backer.events import Event, EventType, paths
 from backer.model.records import Kind, new_version_id, timestamp
 from backer.node import commands
 from backer.numbers import natural
+from backer.protocol.invite import MAX_EXPIRES_S
 from backer.scanner.ignore import (
     IGNORE_FILE,
     MAX_IGNORE_BYTES,
@@ -286,8 +287,10 @@ async def invite(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body = await _body(request)
     expires = body.get("expires", 86400)
-    if not isinstance(expires, int) or isinstance(expires, bool) or not 0 < expires < 2**31:
-        raise _fail(web.HTTPBadRequest, "expires must be a whole number of seconds above 0")
+    whole = isinstance(expires, int) and not isinstance(expires, bool)
+    if not whole or not 0 < expires <= MAX_EXPIRES_S:
+        reason = f"expires must be a whole number of seconds from 1 to {MAX_EXPIRES_S}"
+        raise _fail(web.HTTPBadRequest, reason)
     ask = {"expires": expires}
     replies = commands.node_invite(request.app[NODE], runtime, ask)
     try:

@@ -17,6 +17,7 @@ from backer.model.membership import EventKind, parse_invite
 from journal import Event
 
 MAGIC = b"BKI1"
+MAX_EXPIRES_S = 2**31 - 1  # an invite's longest life in seconds (its expiry is a 64-bit ms count)
 
 
 @dataclass(frozen=True)
