@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from backer.scanner.ignore import TEMP_PREFIX
-from tests.e2e import Device, free_port, invite
+from tests.e2e import Device, free_port, invite, snapshot
 
 FILES = 1_300  # more than one durable batch (materializer.STAGE_FILES)
 LINE = re.compile(r"^(\d+)\s+(.*)$")
@@ -22,8 +24,6 @@ UNFINISHED = re.compile(r"^(\w+)\((.*) <unfinished \.\.\.>$")
 RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+)")
 FD_PATH = re.compile(r"^-?\d+<(.*?)>")
 STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
-
-pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 
 
 def _calls(log: str) -> list[tuple[str, str, int, int]]:
@@ -49,6 +49,7 @@ def _fd_path(arguments: str) -> str:
     return found.group(1)
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_a_join_syncs_each_file_before_its_rename_and_each_directory_after(
     tmp_path: Path,
 ) -> None:
@@ -110,3 +111,56 @@ def test_a_join_syncs_each_file_before_its_rename_and_each_directory_after(
     orphans = [d for d, index in made.items() if synced.get(str(Path(d).parent), -1) < index]
     assert not orphans, f"made, their parent never fsynced after: {orphans[:5]}"
     assert {str(Path(d).relative_to(b.root)) for d in made} >= {"d00", "d00/e1"}
+
+
+def test_a_join_killed_between_windows_loses_nothing_and_the_same_token_finishes_it(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of a first sync after its first window of 5,000 files went into place, its
+    peer frozen so that the second window cannot finish: every file already there is
+    whole (never a torn or empty one), the next join with the same token finishes, no
+    temp file stays, and ``verify`` finds every file as recorded."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    for index in range(6_000):  # 60 directories of 100: two windows (WINDOW_FILES)
+        path = a.root / f"d{index // 100:02d}" / f"f{index:05d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(index.to_bytes(4, "big") * (256 + index % 700))
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    node = a.start(port)
+    try:
+        join = subprocess.Popen(b.command("join", token, str(b.root)), env=b.env)
+        last_of_first = b.root / "d45"  # in the first window's last commit batch
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and join.poll() is None:
+            if last_of_first.is_dir() and any(
+                not p.name.startswith(TEMP_PREFIX) for p in last_of_first.iterdir()
+            ):
+                break
+            time.sleep(0.02)
+        node.process.send_signal(signal.SIGSTOP)  # the second window waits for chunks
+        time.sleep(1)
+        assert join.poll() is None, "the join ended before it could be killed mid-plan"
+        join.kill()
+        join.wait()
+        theirs = snapshot(a.root)
+        mine = {
+            p: e
+            for p, e in snapshot(b.root).items()
+            if not p.split("/")[-1].startswith(TEMP_PREFIX)
+        }
+        assert 4_000 < sum(e[0] == "file" for e in mine.values()) < 6_000
+        assert all(theirs[p] == e for p, e in mine.items() if e[0] == "file")
+        node.process.send_signal(signal.SIGCONT)
+        again = b.run("join", token, str(b.root), check=False)
+        assert again.returncode == 0, again.stderr
+    finally:
+        node.process.send_signal(signal.SIGCONT)
+        node.stop()
+    assert snapshot(b.root) == snapshot(a.root)
+    temps = [
+        p for p in b.root.rglob(f"{TEMP_PREFIX}*") if p.relative_to(b.root).parts[0] != ".backer"
+    ]
+    assert not temps
+    b.run("verify", "--dir", str(b.root))
