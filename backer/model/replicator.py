@@ -55,6 +55,11 @@ WINDOW_FILES = 5_000
 WINDOW_BYTES = 1024 * 1024 * 1024
 
 
+def _bytes_of(op: Operation) -> int:
+    """What applying ``op`` writes, for :meth:`Replicator.need`."""
+    return op.version.size if op.version.kind == Kind.FILE else 0
+
+
 class ChunkSink(Protocol):
     """Where chunks fetched outside the plan go (the bytes of an old version to restore,
     see :class:`backer.model.revisions.Fetched`)."""
@@ -105,8 +110,9 @@ class Replicator:
         self.sink_queue: deque[bytes] = deque()
         self.sink_asked: dict[bytes, Session] = {}
         self.sink_lacking: dict[bytes, set[Session]] = {}
-        self.needed: dict[str, int] = {}  # path -> bytes, of the last plan, until applied
-        self.window_paths: list[str] = []  # the paths of the window being assembled
+        self.needed = (0, 0)  # (files, bytes) of the last plan not applied yet: counts, not
+        # a dict of every path (a first sync of 100,000 files held one for its whole length)
+        self.window_operations: list[Operation] = []  # the window being assembled
         self.wake: Callable[[], None] | None = None  # (I/O edge) from a worker thread: a
         # local copy ended; with none, the copies are waited for
 
@@ -305,10 +311,7 @@ class Replicator:
         self.stats.conflicts_resolved += resolved
         excluded = IgnoreRules.load(self.share.root).excluded
         self.operations = plan(self.share.catalog, excluded, self.share.unwritable)
-        self.needed = {
-            op.path: op.version.size if op.version.kind == Kind.FILE else 0
-            for op in self.operations
-        }
+        self.needed = (len(self.operations), sum(map(_bytes_of, self.operations)))
         self.share.note_planned({op.path for op in self.operations})
         written = (Kind.FILE, Kind.SYMLINK)  # (what a report counts as written)
         self.stats.files_to_write += sum(op.version.kind in written for op in self.operations)
@@ -413,11 +416,11 @@ class Replicator:
         holds that is not applied yet, including what it left out (no room, no peer had
         the content, an error); the next plan counts again. A file of the current window
         that has all its chunks no longer counts."""
-        files, size = len(self.needed), sum(self.needed.values())
+        files, size = self.needed
         if self.assembly is not None:
-            for path, staged in self.assembly.staged.items():
-                if staged.missing == 0 and path in self.needed:
-                    files, size = files - 1, size - self.needed[path]
+            for staged in self.assembly.staged.values():
+                if staged.missing == 0:
+                    files, size = files - 1, size - _bytes_of(staged.op)
         return files, size
 
     def _start_window(self) -> None:
@@ -438,7 +441,7 @@ class Replicator:
         materializer = Materializer(self.share.root, self.share.catalog, self.store)
         self.assembly = materializer.start(window, self.wake)
         self.assembly.report.errors.extend(refused)
-        self.window_paths = [op.path for op in window]
+        self.window_operations = window
         self.share.db.conn.commit()  # the directories it made are recorded for an off-loop
         # scan's reader too, or it takes them for absent and misses their deletion
         self.share.temps_in_use = {staged.temp for staged in self.assembly.staged.values()}
@@ -511,9 +514,10 @@ class Replicator:
         self.reports.append(report)
         self.share.note_applied(report)
         failed = {problem.path for problem in report.errors}
-        for path in self.window_paths:  # applied, or moot (already so on disk): done
-            if path not in failed:
-                self.needed.pop(path, None)
+        done = [op for op in self.window_operations if op.path not in failed]  # applied, or
+        files, size = self.needed  # moot (already so on disk)
+        self.needed = (files - len(done), size - sum(map(_bytes_of, done)))
+        self.window_operations = []
         self.stats.files_written += len(report.written)
         self.stats.files_deleted += len(report.deleted)
         self.share.resumable_temps.update(report.kept_temps)
