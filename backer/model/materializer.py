@@ -575,12 +575,15 @@ class _Dropped(Exception):
     """(writer thread) The file was dropped from the window: its write is skipped."""
 
 
+_Place = tuple[_Staged, int, "bytes | memoryview"]  # a chunk's bytes and where they go
+
+
 @dataclass
 class _Writes:
-    """One received chunk queued for the writer thread: where it goes, its size."""
+    """Received chunks queued for the writer thread: where they go, their bytes."""
 
     future: Future[list[Exception | None]]
-    places: list[tuple[_Staged, int]]
+    places: list[_Place]
     size: int
 
 
@@ -621,7 +624,9 @@ class Assembly:
         self._checks: dict[str, Future[bool]] = {}  # large files being checked, by path
         self._checker: ThreadPoolExecutor | None = None  # (one thread, while it has work)
         self._writer: ThreadPoolExecutor | None = None  # writes received chunks, in order
-        self._writes: deque[_Writes] = deque()  # queued for the writer, oldest first
+        self._gathered: list[_Place] = []  # chunks for the writer's next batch
+        self._gathered_bytes = 0
+        self._writes: deque[_Writes] = deque()  # batches queued for the writer, oldest first
         self._queued = 0  # bytes of chunk data in _writes
         self._unflushed: dict[Path, int] = {}  # (writer) bytes written since writeback began
         self._copies: dict[str, Future[_Copied]] = {}  # local copies not yet settled, by path
@@ -701,28 +706,37 @@ class Assembly:
     def place(self, chunk_hash: bytes, data: bytes | memoryview) -> None:
         """Have a verified chunk written wherever the plan needs it, by the writer
         thread (``pwrite`` waits for the disk, which the event loop must not: it reads
-        the next chunks meanwhile). A chunk counts once written (:meth:`_collect`);
-        ``data`` must not change afterwards (the channel hands over a fresh buffer per
-        read). At most ``WRITE_QUEUE`` bytes wait: then the loop waits for the disk."""
+        the next chunks meanwhile), in batches of ``WRITE_BATCH`` bytes (a hand-over
+        per chunk cost more than its write). A chunk counts once written
+        (:meth:`_collect`); ``data`` must not change afterwards (the channel hands over
+        a fresh buffer per read). At most ``WRITE_QUEUE`` bytes wait: then the loop
+        waits for the disk."""
         places = self._places.pop(chunk_hash, [])
         self.missing.pop(chunk_hash, None)
-        if places:
-            if self._writer is None:
-                self._writer = ThreadPoolExecutor(1, thread_name_prefix="backer-write")
-            future = self._writer.submit(self._write, places, data)
-            self._writes.append(_Writes(future, places, len(data)))
-            self._queued += len(data)
+        self._gathered.extend((staged, offset, data) for staged, offset in places)
+        self._gathered_bytes += len(data) if places else 0
+        if self._gathered_bytes >= WRITE_BATCH:
+            self._submit()
         self._collect(self._queued > WRITE_QUEUE)
 
-    def _write(
-        self, places: list[tuple[_Staged, int]], data: bytes | memoryview
-    ) -> list[Exception | None]:
-        """(writer thread) Write ``data`` at each place; start the writeback of every
+    def _submit(self) -> None:
+        """Hand the gathered writes to the writer thread."""
+        if not self._gathered:
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="backer-write")
+        future = self._writer.submit(self._write, self._gathered)
+        self._writes.append(_Writes(future, self._gathered, self._gathered_bytes))
+        self._queued += self._gathered_bytes
+        self._gathered, self._gathered_bytes = [], 0
+
+    def _write(self, places: list[_Place]) -> list[Exception | None]:
+        """(writer thread) Write each chunk at its place; start the writeback of every
         ``WRITEBACK_BYTES`` written to a file, so that its fsync at the end finds its
         pages mostly on disk already (``sync_file_range``: no durability of its own).
         Each place's failure is returned, to be raised on the event loop."""
         outcome: list[Exception | None] = []
-        for staged, offset in places:
+        for staged, offset, data in places:
             try:
                 if staged.op.path not in self.staged:
                     raise _Dropped
@@ -743,6 +757,8 @@ class Assembly:
         ones, and the oldest until at most ``WRITE_QUEUE`` bytes wait); a file complete
         is checked early. A write that failed is raised here, as it would have been
         where it was made: its file is dropped (a full disk stops the window)."""
+        if wait:
+            self._submit()
         with self.stopping_when_full():
             while self._writes and (
                 wait or self._queued > WRITE_QUEUE or self._writes[0].future.done()
@@ -752,7 +768,7 @@ class Assembly:
                 outcome = writes.future.result()
                 if any(error is not None for error in outcome):
                     self._wait_writes()  # the writer idle: _dropping may close its fds
-                for (staged, _), error in zip(writes.places, outcome, strict=True):
+                for (staged, _, _), error in zip(writes.places, outcome, strict=True):
                     if staged.op.path not in self.staged or isinstance(error, _Dropped):
                         continue  # that file already failed
                     with _reported(staged.op.path, self.report), self._dropping(staged):
@@ -776,6 +792,7 @@ class Assembly:
             self._writer = None
         self._writes.clear()
         self._queued = 0
+        self._gathered, self._gathered_bytes = [], 0
 
     def _check_early(self, staged: _Staged) -> None:
         """A large file has all its chunks: verify and flush it in the worker thread
@@ -1030,6 +1047,7 @@ STAGE_BYTES = 256 * 1024 * 1024
 SYNCFS_BELOW_AVERAGE = 1024 * 1024  # average file size under which one syncfs is cheaper
 OPEN_TEMP_FILES = 64
 WRITE_QUEUE = 32 * 1024 * 1024  # received bytes that may wait for the writer thread
+WRITE_BATCH = 1024 * 1024  # received bytes handed to the writer thread at a time
 WRITEBACK_BYTES = 8 * 1024 * 1024  # a temp file's writeback is started after each such run
 CHECK_EARLY = 16 * 1024 * 1024  # files at least this large are checked and flushed once
 # complete, off the event loop (smaller ones: one syncfs at the commit is cheaper)
