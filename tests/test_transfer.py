@@ -331,3 +331,62 @@ def test_a_dialled_connection_receives_into_two_reused_buffers_not_a_copy_per_re
     got, buffers = asyncio.run(fetch())
     assert got == sent
     assert len(buffers) == 2
+
+
+def test_an_accepted_connection_receives_into_two_reused_buffers_after_its_header() -> None:
+    """A node's accepted connections went through ``StreamReader`` (a copy into its
+    buffer and out again); they now receive as dialled ones do. The clear header is
+    taken exactly (whatever came with it is read next), an end before it is an
+    ``IncompleteReadError``."""
+    sent = os.urandom(3 * MIB + 777)
+    header = os.urandom(17)
+    results: list[tuple[bytes, bytes, set[int]]] = []
+    short: list[BaseException] = []
+
+    async def receive(reader: transport.Received, writer: asyncio.StreamWriter) -> None:
+        try:
+            first = await reader.readexactly(len(header))
+        except asyncio.IncompleteReadError as exc:
+            short.append(exc)
+            writer.close()
+            return
+        got, buffers = bytearray(), set()
+        for _ in range(100_000):
+            data = await reader.read(transport.READ_SIZE)
+            if not data:
+                break
+            assert isinstance(data, memoryview)
+            buffers.add(id(data.obj))
+            got += data
+        results.append((first, bytes(got), buffers))
+        writer.close()
+
+    async def run() -> None:
+        tasks: set[asyncio.Task[None]] = set()
+
+        def accepted(reader: transport.Received, writer: asyncio.StreamWriter) -> None:
+            tasks.add(asyncio.ensure_future(receive(reader, writer)))
+
+        server = await transport.tcp_server(accepted, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(header + sent[:1000])  # the header and more in one segment
+        writer.write(sent[1000:])
+        await writer.drain()
+        writer.close()
+        _, cut = await asyncio.open_connection("127.0.0.1", port)
+        cut.write(header[:5])
+        await cut.drain()
+        cut.close()
+        for _ in range(500):
+            if len(results) + len(short) == 2:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        server.close()
+
+    asyncio.run(run())
+    [(first, got, buffers)] = results
+    assert first == header and got == sent
+    assert len(buffers) == 2
+    assert isinstance(short[0], asyncio.IncompleteReadError) and short[0].partial == header[:5]

@@ -634,15 +634,39 @@ class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    async def readexactly(self, n: int) -> bytes:
+        """The next ``n`` bytes (at most ``READ_SIZE``), copied; what arrived after them
+        stays for :meth:`read`. Raises ``asyncio.IncompleteReadError`` at an early end."""
+        while self._filled < n and not self._ended:
+            await self._arrival()
+        buffer = self._buffers[0]
+        if self._filled < n:
+            if self._error is not None:
+                raise self._error
+            raise asyncio.IncompleteReadError(bytes(buffer[: self._filled]), n)
+        taken = bytes(buffer[:n])
+        buffer[: self._filled - n] = buffer[n : self._filled]  # (same length: no resize)
+        self._filled -= n
+        self._resume()
+        return taken
+
+    async def _arrival(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _resume(self) -> None:
+        if self._full and self._transport is not None:
+            self._full = False
+            self._transport.resume_reading()
+
     async def read(self, n: int = READ_SIZE) -> bytes | memoryview:
         """What arrived since the last call (up to ``READ_SIZE`` bytes; ``n`` is
         ignored); b"" at the end; the connection's error if it failed."""
         while not self._filled and not self._ended:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._arrival()
         if not self._filled:
             if self._error is not None:
                 raise self._error
@@ -650,10 +674,34 @@ class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
         data = memoryview(self._buffers[0])[: self._filled]
         self._buffers.reverse()
         self._filled = 0
-        if self._full and self._transport is not None:
-            self._full = False
-            self._transport.resume_reading()
+        self._resume()
         return data
+
+
+Accepted = Callable[[Received, asyncio.StreamWriter], None]
+"""Takes a connection a server accepted: its incoming bytes and its writer."""
+
+
+class _AcceptedReceived(Received):
+    """A server's connection: handed to ``accepted`` as soon as it is made."""
+
+    def __init__(self, accepted: Accepted) -> None:
+        super().__init__()
+        self._accepted = accepted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert isinstance(transport, asyncio.Transport)
+        loop = asyncio.get_running_loop()
+        self._accepted(self, asyncio.StreamWriter(transport, self, None, loop))
+
+
+async def tcp_server(accepted: Accepted, host: str, port: int) -> asyncio.Server:
+    """Listen on ``host:port``; each connection's bytes are received as a dialled one's
+    (:class:`Received`: into two reused buffers, not through ``StreamReader``'s copies),
+    for whichever side of a transfer the connection turns out to be."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _AcceptedReceived(accepted), host, port)
 
 
 async def tcp_streams(host: str, port: int) -> Streams:

@@ -1099,7 +1099,7 @@ class Node:
     async def _listen(self) -> asyncio.Server:
         host, port = self.listen
         try:
-            server = await asyncio.start_server(self._on_connect, host, port)
+            server = await transport.tcp_server(self._on_connect, host, port)
         except OSError as exc:
             raise BackerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         bound = [s.getsockname()[:2] for s in server.sockets]
@@ -1124,7 +1124,7 @@ class Node:
         while time.monotonic() < deadline and any(r.hangups for r in self.runtimes.values()):
             await asyncio.sleep(0.02)
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_connect(self, reader: transport.Received, writer: asyncio.StreamWriter) -> None:
         if self.stopping or self._tasks is None:
             writer.transport.abort()
             return
@@ -1141,7 +1141,7 @@ class Node:
                     return runtime
         return None
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: transport.Received, writer: asyncio.StreamWriter) -> None:
         """An inbound connection: admitted among those still in their handshake, routed
         by its clear header to the share it names."""
         peer = writer.get_extra_info("peername")
