@@ -34,6 +34,8 @@ from tests.helpers import make_devices, waiting_for_chunks
 from tests.test_channel import pair, shake
 
 MIB = 1024 * 1024
+GROWN_BUFFERS = 2 + 2 * (transport.READ_SIZE // transport.FIRST_READ).bit_length()  # a read's
+# buffers: two, each replaced by one twice its size while reads fill them
 MESSAGES: list[Message] = [
     Hello(3, b"a"),
     WantChunks([os.urandom(32) for _ in range(64)]),
@@ -330,7 +332,7 @@ def test_a_dialled_connection_receives_into_two_reused_buffers_not_a_copy_per_re
 
     got, buffers = asyncio.run(fetch())
     assert got == sent
-    assert len(buffers) == 2
+    assert len(buffers) <= GROWN_BUFFERS
 
 
 def test_an_accepted_connection_receives_into_two_reused_buffers_after_its_header() -> None:
@@ -388,5 +390,5 @@ def test_an_accepted_connection_receives_into_two_reused_buffers_after_its_heade
     asyncio.run(run())
     [(first, got, buffers)] = results
     assert first == header and got == sent
-    assert len(buffers) == 2
+    assert len(buffers) <= GROWN_BUFFERS
     assert isinstance(short[0], asyncio.IncompleteReadError) and short[0].partial == header[:5]

@@ -43,6 +43,7 @@ from backer.protocol.session import Session
 from backer.protocol.wire import Encoder, Error, FrameReader, Ping, ProtocolError
 
 READ_SIZE = 1 << 20
+FIRST_READ = 16 << 10
 
 
 def time_scale() -> float:
@@ -589,15 +590,17 @@ def responder(share: Share, key: nacl.signing.SigningKey) -> SecureChannel:
 
 
 class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
-    """A TCP connection's incoming bytes, received straight into two buffers of
-    ``READ_SIZE`` used in turn: no copy into a stream buffer and out again, no new
-    buffer per read (a dialled connection receives a whole transfer: 1 GiB went through
-    ``StreamReader``'s two copies). :meth:`read` returns a view that stays valid until
-    the next call — the transport hands it to the channel, which keeps no reference."""
+    """A TCP connection's incoming bytes, received straight into two buffers used in
+    turn: no copy into a stream buffer and out again, no new buffer per read (a
+    connection may receive a whole transfer: 1 GiB went through ``StreamReader``'s two
+    copies). :meth:`read` returns a view that stays valid until the next call — the
+    transport hands it to the channel, which keeps no reference. The buffers start at
+    ``FIRST_READ`` bytes and double, up to ``READ_SIZE``, each time a read fills one: a
+    stranger trickling a handshake costs a few KiB, not two MiB zeroed."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._buffers = [bytearray(READ_SIZE), bytearray(READ_SIZE)]
+        self._buffers = [bytearray(FIRST_READ), bytearray(FIRST_READ)]
         self._filled = 0  # bytes received into _buffers[0], not yet read
         self._ended = False
         self._error: BaseException | None = None
@@ -614,7 +617,7 @@ class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._filled += nbytes
-        if self._filled == READ_SIZE and self._transport is not None:
+        if self._filled == len(self._buffers[0]) and self._transport is not None:
             self._full = True
             self._transport.pause_reading()
         self._wake()
@@ -635,7 +638,7 @@ class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
             self._waiter.set_result(None)
 
     async def readexactly(self, n: int) -> bytes:
-        """The next ``n`` bytes (at most ``READ_SIZE``), copied; what arrived after them
+        """The next ``n`` bytes (at most ``FIRST_READ``), copied; what arrived after them
         stays for :meth:`read`. Raises ``asyncio.IncompleteReadError`` at an early end."""
         while self._filled < n and not self._ended:
             await self._arrival()
@@ -673,6 +676,8 @@ class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
             return b""
         data = memoryview(self._buffers[0])[: self._filled]
         self._buffers.reverse()
+        if self._filled == len(data.obj) < READ_SIZE:  # (data.obj: the buffer read)
+            self._buffers[0] = bytearray(min(2 * self._filled, READ_SIZE))
         self._filled = 0
         self._resume()
         return data
