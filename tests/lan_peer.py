@@ -1,14 +1,22 @@
 """One LAN discovery participant as a process (run inside a network namespace by
-tests/test_discovery.py): announce one share for ``--seconds``, print each device found as
-a JSON line, then a summary. With ``--sniff``, be a non-member instead: keep every
-datagram heard on the port and print them (hex) at the end."""
+tests/test_discovery.py): announce one share until stdin closes (at most ``--seconds``),
+print each device found as a JSON line, then a summary. With ``--sniff``, be a
+non-member instead: keep every datagram heard on the port until stdin closes and
+``--least`` were heard (or ``--seconds`` passed), and print them (hex) at the end.
+
+The test ends them when it has what it waits for, not after a fixed time: on a loaded
+machine a process may start, or be scheduled, seconds late."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import select
 import socket
+import sys
 import time
 
 from backer.discover.lan import LanDiscovery, LanShare
@@ -26,8 +34,18 @@ async def member(args: argparse.Namespace) -> None:
         line = {"share": share_id.hex(), "device": device.hex(), "addresses": addresses}
         print(json.dumps(line), flush=True)
 
+    closed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        if not os.read(sys.stdin.fileno(), 4096):
+            loop.remove_reader(sys.stdin.fileno())
+            closed.set()
+
+    loop.add_reader(sys.stdin.fileno(), readable)
     async with LanDiscovery(args.port, lambda: [share], found, interval=args.interval) as lan:
-        await asyncio.sleep(args.seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closed.wait(), args.seconds)
     print(json.dumps({"sent": lan.sent, "heard": lan.heard}), flush=True)
 
 
@@ -36,14 +54,17 @@ def sniff(args: argparse.Namespace) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("", args.port))
-    sock.settimeout(0.2)
     heard: list[str] = []
+    closed = False
     end = time.monotonic() + args.seconds
     while time.monotonic() < end and len(heard) < 1000:
-        try:
+        if closed and len(heard) >= args.least:
+            break
+        ready, _, _ = select.select([sock] if closed else [sock, sys.stdin], [], [], 0.2)
+        if sock in ready:
             heard.append(sock.recv(2048).hex())
-        except TimeoutError:
-            continue
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 4096):
+            closed = True
     print(json.dumps({"datagrams": heard}), flush=True)
 
 
@@ -57,6 +78,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="")
     parser.add_argument("--tcp-port", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.3)
+    parser.add_argument("--least", type=int, default=0)
     options = parser.parse_args()
     if options.sniff:
         sniff(options)
