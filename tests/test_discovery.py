@@ -298,7 +298,6 @@ def test_lan_discovery_across_a_veth_pair_in_two_namespaces() -> None:
         assert {line["device"] for line in found} == {devices[other].hex()}
         assert found[0]["share"] == SHARE.hex()
         assert found[0]["addresses"] == [[f"{subnet}.{other + 1}", 7000 + other]]
-        assert lines[index][-1]["sent"] >= 2
     datagrams = [bytes.fromhex(d) for d in lines[2][0]["datagrams"]]
     assert len(datagrams) >= 4  # both devices' announcements crossed to the sniffer
     for datagram in datagrams:
