@@ -536,14 +536,14 @@ def test_an_eio_removing_temps_when_the_disk_fills_ends_as_disk_full_not_an_exce
     problem (seed 11177). The temp it kept is resumed by the sync once there is room."""
     with small_disk(tmp_path / "disk", "32m") as disk:
         a, b, right, links = _filled_mid_transfer(tmp_path, disk)
-        unlink = Path.unlink
+        unlink = os.unlink
 
-        def failing(path: Path, missing_ok: bool = False) -> None:
-            if is_temp_name(path.name):
-                raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
-            unlink(path, missing_ok)
+        def failing(path: str, *, dir_fd: int | None = None) -> None:
+            if is_temp_name(os.path.basename(path)):
+                raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+            unlink(path, dir_fd=dir_fd)
 
-        monkeypatch.setattr(Path, "unlink", failing)
+        monkeypatch.setattr(os, "unlink", failing)
         links.run()
         problem = right.replicator.disk_full
         assert problem is not None and str(problem).startswith("disk full: ")

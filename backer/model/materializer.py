@@ -45,6 +45,7 @@ from blake3 import blake3
 
 from backer.db.catalog import Catalog, LocalEntry, Problem
 from backer.errors import BackerError
+from backer.fs.dirs import Directories, InShare, NotADirectory
 from backer.fs.paths import BadPath, check
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
@@ -354,8 +355,6 @@ def _reported(path: str, report: Report, version_id: str = "") -> Iterator[None]
         report.errors.append(Problem(path, str(exc)))
 
 
-
-
 def _fitted(name: str, suffix: str) -> str:
     """``name + suffix``, the name cut (on a character boundary) to fit NAME_MAX bytes."""
     room = NAME_MAX - len(os.fsencode(suffix))
@@ -375,10 +374,12 @@ def verify(fd: int, manifest: Manifest, checked: Container[int] = ()) -> None:
             raise ValueError("the written bytes do not match the version; not applied")
 
 
-def seal(temp: Path, manifest: Manifest, version: Version, checked: Container[int] = ()) -> None:
+def seal(
+    temp: Path | InShare, manifest: Manifest, version: Version, checked: Container[int] = ()
+) -> None:
     """Verify a complete temp file (:func:`verify`), then give it the version's
     permissions and the writer's modification time (as ``rsync -a`` does)."""
-    fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = _open_read(temp)
     try:
         verify(fd, manifest, checked)
         os.fchmod(fd, version.permissions or 0o644)
@@ -389,7 +390,7 @@ def seal(temp: Path, manifest: Manifest, version: Version, checked: Container[in
 
 
 def _check_and_flush(
-    temp: Path, manifest: Manifest, checked: frozenset[int], copy: Future[_Copied] | None
+    temp: InShare, manifest: Manifest, checked: frozenset[int], copy: Future[_Copied] | None
 ) -> bool:
     """:func:`verify` a complete temp file and fsync it: run in a worker thread as soon
     as a large file's last chunk is written, while the rest of the window arrives
@@ -402,7 +403,7 @@ def _check_and_flush(
         if copied.stale:
             return False
         checked = checked | copied.verified
-    fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = temp.open(os.O_RDONLY)
     try:
         verify(fd, manifest, checked)
         os.fsync(fd)
@@ -429,20 +430,22 @@ def _copy_local(store: ChunkStore, fd: int, runs: list[Run], stop: threading.Eve
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+def _open_read(temp: Path | InShare) -> int:
+    if isinstance(temp, InShare):
+        return temp.open(os.O_RDONLY)
+    return os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+
+
+def _fsync_dir_reported(dirs: Directories, directory: str, report: Report) -> None:
+    """fsync a directory (relative to the share) after renames or removals in it (one
+    gone since, deleted after its entries, needs none); a failure is reported against
+    it."""
+    with (
+        _reported(directory or ".", report),
+        contextlib.suppress(FileNotFoundError, NotADirectory),
+        dirs.at(directory) as fd,
+    ):
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir_reported(directory: Path, root: Path, report: Report) -> None:
-    """fsync a directory after renames or removals in it (one gone since, deleted after
-    its entries, needs none); a failure is reported against it."""
-    path = directory.relative_to(root).as_posix() or "."
-    with _reported(path, report), contextlib.suppress(FileNotFoundError):
-        _fsync_dir(directory)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -469,7 +472,7 @@ def _make_durable(root: Path, staged: list[_Staged], report: Report) -> list[_St
     for item in staged:
         if item.op.version.kind == Kind.FILE:
             with _reported(item.op.path, report), _removing(item.temp):
-                fd = os.open(item.temp, os.O_RDONLY | os.O_NOFOLLOW)
+                fd = item.temp.open(os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
@@ -481,7 +484,7 @@ def _make_durable(root: Path, staged: list[_Staged], report: Report) -> list[_St
 
 
 @contextlib.contextmanager
-def _removing(temp: Path) -> Iterator[None]:
+def _removing(temp: InShare) -> Iterator[None]:
     """Remove ``temp`` if the block fails: a temp file whose write failed never stays."""
     try:
         yield
@@ -496,8 +499,8 @@ class _Staged:
 
     op: Operation
     cached: LocalEntry | None
-    temp: Path
-    target: Path
+    temp: InShare
+    target: InShare
     missing: int = 0  # chunks still to arrive
     created: bool = False
     checked: set[int] = field(default_factory=set)  # offsets written or found verified
@@ -507,8 +510,8 @@ class _Staged:
         nothing is written) the first time; the version's permissions are set once it
         is complete (:func:`seal`), so a read-only file can still be filled."""
         if self.created:
-            return os.open(self.temp, os.O_RDWR | os.O_NOFOLLOW)
-        fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            return self.temp.open(os.O_RDWR)
+        fd = self.temp.open(os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.created = True
         os.ftruncate(fd, self.op.version.size)
         return fd
@@ -518,7 +521,7 @@ class _Staged:
         path and version, so the same temp name) already wrote: each is re-read and
         kept only if its hash matches. A temp of the wrong size or kind is removed."""
         try:
-            fd = os.open(self.temp, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = self.temp.open(os.O_RDONLY)
         except FileNotFoundError:
             return set()
         except OSError:  # a link of ours (links are staged under the same names)
@@ -587,7 +590,7 @@ class _Writes:
     size: int
 
 
-def _remove_temp(temp: Path) -> None:
+def _remove_temp(temp: InShare) -> None:
     """Remove a temp file of a window given up; if the disk fails that too, the temp
     stays for the next scan's sweep: the fault that stopped the window is what is
     reported, never an exception out of the clean-up (seed 11177)."""
@@ -616,7 +619,7 @@ class Assembly:
         self.staged: dict[str, _Staged] = {}
         self.missing: dict[bytes, int] = {}  # chunk hash -> length, in plan order
         self._places: dict[bytes, list[tuple[_Staged, int]]] = {}
-        self._open: dict[Path, int] = {}  # a few temp files kept open while chunks arrive
+        self._open: dict[InShare, int] = {}  # a few temp files kept open while chunks arrive
         self._batch: list[_Staged] = []  # complete files on their way into place
         self.waiting = 0  # staged files still missing chunks (progress)
         self.short_of_room = 0  # bytes more the files left out for lack of room need
@@ -628,7 +631,7 @@ class Assembly:
         self._gathered_bytes = 0
         self._writes: deque[_Writes] = deque()  # batches queued for the writer, oldest first
         self._queued = 0  # bytes of chunk data in _writes
-        self._unflushed: dict[Path, int] = {}  # (writer) bytes written since writeback began
+        self._unflushed: dict[InShare, int] = {}  # (writer) bytes written since writeback began
         self._copies: dict[str, Future[_Copied]] = {}  # local copies not yet settled, by path
         self._copier: ThreadPoolExecutor | None = None  # (one thread: the disk is one)
         self._stop = threading.Event()  # tells a running copy to end (abort)
@@ -876,6 +879,7 @@ class Assembly:
         self._batch = []
         self.materializer.relock(self.report)
         self.materializer.unmake_unused()
+        self.materializer.dirs.close()
         self._places.clear()
         self.missing.clear()
 
@@ -905,6 +909,7 @@ class Assembly:
             self._stop_checks()
             self.materializer.relock(self.report)
             self.materializer.unmake_unused()
+            self.materializer.dirs.close()
 
     def _finish(self) -> Report:
         self.settle(wait=True)  # (chunks it finds missing now are reported, not fetched)
@@ -916,14 +921,14 @@ class Assembly:
         ignored = ignored_now(materializer.root, self.operations, local)
         batch = self._batch = []
         batch_bytes = 0
-        deleted_from: set[Path] = set()
+        deleted_from: set[str] = set()
         for op in self.operations:
             if op.version.kind == Kind.DIRECTORY:
                 continue
             if op.path in ignored:  # left alone, as a plan made now would leave it
                 staged = self.staged.pop(op.path, None)
                 if staged is not None:  # stale now: the sweep after the plan removes it
-                    report.kept_temps.append(staged.temp)
+                    report.kept_temps.append(staged.temp.path)
                 continue
             full = len(batch) >= STAGE_FILES or batch_bytes >= STAGE_BYTES
             if full or op.version.kind == Kind.DELETED:  # deletions come last
@@ -943,7 +948,7 @@ class Assembly:
             if staged.missing:  # its temp stays: a later attempt keeps what did arrive
                 missing = f"{staged.missing} chunks were not available"
                 report.errors.append(Problem(op.path, missing))
-                report.kept_temps.append(staged.temp)
+                report.kept_temps.append(staged.temp.path)
                 continue
             with _reported(op.path, report), _removing(staged.temp):
                 if op.version.kind == Kind.FILE:
@@ -953,13 +958,13 @@ class Assembly:
                     seal(staged.temp, manifest, op.version, self._checked(staged, manifest))
                 elif op.version.mtime_ns:  # a link's own time (never its target's)
                     mtime = op.version.mtime_ns
-                    os.utime(staged.temp, ns=(mtime, mtime), follow_symlinks=False)
+                    staged.temp.utime_ns((mtime, mtime))
                 batch.append(staged)
                 batch_bytes += op.version.size
         materializer._commit(batch, report)
         materializer.unmake_emptied(deleted_from)
         for directory in sorted(deleted_from, reverse=True):
-            _fsync_dir_reported(directory, materializer.root, report)
+            _fsync_dir_reported(materializer.dirs, directory, report)
         self._keep_directory_times()
         self._keep_written()
         return report
@@ -996,15 +1001,18 @@ class Assembly:
                 wanted = cached.mtime_ns
             else:
                 continue
-            target = materializer.root / path
+            target = InShare.of(materializer.dirs, path)
             # (a directory of another owner keeps its time: not a problem of its entries)
-            with _reported(path, report), contextlib.suppress(FileNotFoundError, PermissionError):
-                info = os.lstat(target)
+            with (
+                _reported(path, report),
+                contextlib.suppress(FileNotFoundError, PermissionError, NotADirectory),
+            ):
+                info = target.lstat()
                 if not stat.S_ISDIR(info.st_mode) or info.st_ino != cached.inode or not wanted:
                     continue
                 if info.st_mtime_ns != wanted:
-                    os.utime(target, ns=(info.st_atime_ns, wanted), follow_symlinks=False)
-                    info = os.lstat(target)
+                    target.utime_ns((info.st_atime_ns, wanted))
+                    info = target.lstat()
                 entries.append(cache_entry(path, cached.version_id, stat_key_of(info), now_ns))
         materializer.catalog.set_local(entries)
 
@@ -1061,14 +1069,14 @@ class Materializer:
         self.catalog = catalog
         self.store = store
         self.kept = Store(root, catalog)
-        # parents seen to be real directories while staging (nothing is renamed or
-        # deleted then); None while moving into place, where every path is checked afresh
-        self._checked_parents: set[str] | None = None
-        self._unlocked: dict[Path, int] = {}  # read-only directories opened while applying
-        self._made: list[Path] = []  # missing parents made for this window's entries
+        # every change is made relative to a parent opened with no link followed
+        # (backer.fs.dirs); closed at the end of each window, so each checks afresh
+        self.dirs = Directories(root)
+        self._unlocked: dict[str, int] = {}  # read-only directories opened while applying
+        self._made: list[str] = []  # missing parents made for this window's entries
         self._recorded: list[LocalEntry] | None = None  # while a batch is moved into place
         self._path_max = _path_max(root)
-        self._grown: set[Path] = set()  # directories a new directory was made in (fsync)
+        self._grown: set[str] = set()  # directories a new directory was made in (fsync)
         self._prepared: dict[str, _Prepared] = {}  # by path, from _room_needed to _stage
 
     def start(
@@ -1083,7 +1091,7 @@ class Materializer:
         local = self.catalog.local_entries(op.path for op in operations)
         ignored = ignored_now(self.root, operations, local)
         operations = self._fitting([op for op in operations if op.path not in ignored], assembly)
-        self._checked_parents = set()
+        self.dirs.close()
         try:
             with assembly.stopping_when_full():
                 for op in operations:
@@ -1100,7 +1108,6 @@ class Materializer:
                             if staged.missing == 0:
                                 assembly._check_early(staged)
         finally:
-            self._checked_parents = None
             self._prepared.clear()
             self._flush_grown(assembly.report)
         return assembly
@@ -1111,7 +1118,7 @@ class Materializer:
         and before any file is renamed into them."""
         grown, self._grown = self._grown, set()
         for directory in sorted(grown):
-            _fsync_dir_reported(directory, self.root, report)
+            _fsync_dir_reported(self.dirs, directory, report)
 
     def _room_needed(self, op: Operation) -> int:
         """Bytes the temp file of ``op`` will take (the temp holds a whole new copy; the
@@ -1156,45 +1163,42 @@ class Materializer:
             assembly.short_of_room = skipped - max(0, room)
         return fitting
 
-    def _target(self, path: str) -> Path:
-        """The on-disk path, refusing any parent that is not a real directory.
+    def _target(self, path: str) -> InShare:
+        """The entry at ``path``, its parent opened with no link followed (every
+        change to it is then made relative to that directory: see backer.fs.dirs);
+        a parent that is not a real directory is refused.
 
         A missing parent is created: an entry that is live needs its directories even
         if one of them was deleted concurrently elsewhere (the next scan records them,
         and a re-created directory beats its deletion like any modification).
         """
-        parent, _, name = path.rpartition("/")
-        checked = self._checked_parents
-        if checked is not None and parent in checked:
-            return self.root / path
         if len(os.fsencode(self.root / path)) >= self._path_max:  # before any folder is made
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
-        current = self.root
-        for part in parent.split("/") if parent else ():
-            current = current / part
-            try:
-                info = os.lstat(current)
-            except FileNotFoundError:
-                recorded = current.relative_to(self.root).as_posix()
-                if self.catalog.local_entries([recorded]):  # gone since the last scan: a
-                    raise LocalEdit(path) from None  # deletion the scanner must record first
-                current.mkdir()
-                self._made.append(current)
-                continue
-            if not stat.S_ISDIR(info.st_mode):
-                raise LocalEdit(path)
-        self._unlock(current)
-        if checked is not None:
-            checked.add(parent)
-        return current / name
+        entry = InShare.of(self.dirs, path)
 
-    def _unlock(self, directory: Path) -> None:
+        def make(parent: str) -> bool:
+            if self.catalog.local_entries([parent]):  # gone since the last scan: a
+                raise LocalEdit(path)  # deletion the scanner must record first
+            self._made.append(parent)
+            return True
+
+        try:
+            self.dirs.open(entry.parent, make)
+        except NotADirectory:
+            raise LocalEdit(path) from None
+        self._unlock(entry.parent)
+        return entry
+
+    def _unlock(self, directory: str) -> None:
         """Make a read-only directory of ours writable (u+w) while entries are put into
         or taken out of it; :meth:`relock` gives it back its mode at the end."""
-        if directory in self._unlocked or os.access(directory, os.W_OK):
+        if directory in self._unlocked:
             return
-        mode = stat.S_IMODE(os.lstat(directory).st_mode)
-        os.chmod(directory, mode | stat.S_IWUSR | stat.S_IXUSR)
+        with self.dirs.at(directory) as fd:
+            if os.access(".", os.W_OK, dir_fd=fd):
+                return
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            os.fchmod(fd, mode | stat.S_IWUSR | stat.S_IXUSR)
         self._unlocked[directory] = mode
 
     def unmake_unused(self) -> None:
@@ -1202,64 +1206,65 @@ class Materializer:
         were made for was not written): left there, the next scan would record them as
         new directories and bring back a directory deleted elsewhere. One that a scan
         recorded meanwhile stays: removed, it would be a deletion nobody made."""
-        recorded = self.catalog.local_entries(
-            p.relative_to(self.root).as_posix() for p in self._made
-        )
+        recorded = self.catalog.local_entries(self._made)
         for directory in reversed(self._made):
-            if directory.relative_to(self.root).as_posix() in recorded:
+            if directory in recorded:
                 continue
             with contextlib.suppress(OSError):  # not empty: it is used
-                os.rmdir(directory)
+                InShare.of(self.dirs, directory).rmdir()
         self._made.clear()
 
-    def unmake_emptied(self, directories: set[Path]) -> None:
+    def unmake_emptied(self, directories: set[str]) -> None:
         """Remove the directories that deletions left empty where no device wants one:
         never recorded here and with no live version (a missing parent made earlier for
         a file since deleted). Left there, the next scan would record each as a new
         directory and bring back one deleted everywhere (a conflict copy was written
         into a folder this device had deleted, then the copy was deleted). Their
         parents, emptied in turn, are looked at too; ``directories`` gets them (fsync)."""
-        pending = sorted(directories, key=lambda d: len(d.parts))
+        pending = sorted(directories, key=lambda d: d.count("/") + bool(d))
         while pending:
-            directory = pending.pop()
-            if directory == self.root or not directory.is_relative_to(self.root):
+            path = pending.pop()
+            if not path:  # (the share's root)
                 continue
-            path = directory.relative_to(self.root).as_posix()
             if path in self.catalog.local_entries([path]):
                 continue
             live = self.catalog.live_for([path]).get(path, {})
             if any(v.kind != Kind.DELETED for v in live.values()):
                 continue
+            entry = InShare.of(self.dirs, path)
             try:
-                os.rmdir(directory)  # only if empty: what is in it is someone's
+                entry.rmdir()  # only if empty: what is in it is someone's
             except OSError:
                 continue
-            directories.discard(directory)
-            directories.add(directory.parent)
-            pending.append(directory.parent)
+            directories.discard(path)
+            directories.add(entry.parent)
+            pending.append(entry.parent)
 
     def relock(self, report: Report) -> None:
         """Give every directory :meth:`_unlock` opened its mode back."""
         for directory, mode in sorted(self._unlocked.items(), reverse=True):
-            path = directory.relative_to(self.root).as_posix() or "."
-            with _reported(path, report), contextlib.suppress(FileNotFoundError):
-                os.chmod(directory, mode)
+            with (
+                _reported(directory or ".", report),
+                contextlib.suppress(FileNotFoundError, NotADirectory),
+                self.dirs.at(directory) as fd,
+            ):
+                os.fchmod(fd, mode)
         self._unlocked.clear()
 
-    def _unchanged(self, target: Path, cached: LocalEntry | None) -> os.stat_result | None:
+    def _unchanged(self, target: InShare, cached: LocalEntry | None) -> os.stat_result | None:
         """The target's stat if it is exactly as last recorded; raise LocalEdit if not."""
         try:
-            info = os.lstat(target)
+            info = target.lstat()
         except FileNotFoundError:
             if cached is None:
                 return None
-            raise LocalEdit(str(target)) from None
+            raise LocalEdit(str(target.path)) from None
         if cached is None or entry_key(stat_key_of(info)) != entry_key(cached.stat_key):
-            raise LocalEdit(str(target))
+            raise LocalEdit(str(target.path))
         return info
 
     def _preserve(
-        self, target: Path, path: str, info: os.stat_result, cached: LocalEntry
+        self, target: InShare, path: str, info: os.stat_result, cached: LocalEntry
     ) -> bytes | None:
         """Keep a replaced or deleted file's bytes in the content store (a hard link,
         see :mod:`backer.versioner.store`); its chunks stay readable there (a later write
@@ -1273,8 +1278,8 @@ class Materializer:
         if version is not None and version.kind == Kind.FILE:
             content = version.content
         else:
-            content = manifest_of_file(target, info.st_size).id
-        self.kept.keep(path, content, info.st_size, retiring=True)
+            content = manifest_of_file(target.path, info.st_size).id
+        self.kept.keep(path, content, info.st_size, retiring=True, source=target)
         self.kept.retire(path, content)
         return content
 
@@ -1305,7 +1310,7 @@ class Materializer:
     def _make_directory(self, op: Operation, cached: LocalEntry | None) -> None:
         target = self._target(op.path)
         try:
-            found: os.stat_result | None = os.lstat(target)
+            found: os.stat_result | None = target.lstat()
         except FileNotFoundError:
             found = None
         if found is None and cached is not None:  # recorded here and gone: a deletion the
@@ -1319,11 +1324,11 @@ class Materializer:
         if found is None:
             target.mkdir()
             self._grown.add(target.parent)  # fsynced once for the window (_flush_grown)
-        info = os.lstat(target)
+        info = target.lstat()
         wanted = op.version.permissions  # exactly, 0o000 included (it is not "unset")
         if stat.S_IMODE(info.st_mode) & PERMISSION_BITS != wanted:
-            os.chmod(target, wanted)
-            info = os.lstat(target)
+            target.chmod(wanted)
+            info = target.lstat()
         self._record(op, info)
 
     def _stage(self, op: Operation, cached: LocalEntry | None, assembly: Assembly) -> _Staged:
@@ -1331,11 +1336,12 @@ class Materializer:
         into it by the copier thread (:meth:`Assembly.copy_later`), the others awaited."""
         target = self._target(op.path)
         prepared = self._prepared.pop(op.path, None)
-        temp = prepared.temp if prepared else target.with_name(temp_name(op.path, op.version_id))
+        name = prepared.temp.name if prepared else temp_name(op.path, op.version_id)
+        temp = target.with_name(name)
         staged = _Staged(op, cached, temp, target)
         if op.version.kind == Kind.SYMLINK:
             temp.unlink(missing_ok=True)  # an interrupted attempt's (ours, by its name)
-            os.symlink(op.version.link_target, temp)
+            temp.symlink(op.version.link_target)
             return staged
         manifest = self.catalog.manifest(op.version.content)
         if manifest is None or manifest.id != op.version.content:
@@ -1372,7 +1378,7 @@ class Materializer:
         if not staged:
             return
         staged = _make_durable(self.root, staged, report)
-        directories: set[Path] = set()
+        directories: set[str] = set()
         self._recorded = []  # scan-cache rows, written once for the batch, not per file
         manifests: list[tuple[str, Manifest]] = []  # (after any move of the old chunks')
         try:
@@ -1390,11 +1396,11 @@ class Materializer:
                         elif previous is not None:
                             assert item.cached is not None
                             replaced = self._preserve(target, op.path, previous, item.cached)
-                        os.replace(item.temp, target)
+                        item.temp.replace(target)
                         if replaced is not None:
                             self.kept.rejoin(replaced)
                     directories.add(target.parent)
-                    self._record(op, os.lstat(target))
+                    self._record(op, target.lstat())
                     if op.version.kind == Kind.FILE:
                         manifest = self.catalog.manifest(op.version.content)
                         assert manifest is not None
@@ -1406,7 +1412,7 @@ class Materializer:
             self.catalog.set_local(recorded)
             self.catalog.put_manifests(manifests)
         for directory in sorted(directories):
-            _fsync_dir_reported(directory, self.root, report)
+            _fsync_dir_reported(self.dirs, directory, report)
 
     def _record(self, op: Operation, info: os.stat_result) -> None:
         """Put what was just written into the scan cache (kept for the batch's single

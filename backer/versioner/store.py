@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry
+from backer.fs.dirs import InShare
 from backer.fs.paths import METADATA_DIR
 from backer.model.records import Kind
 from backer.scanner.chunks import ChunkStore
@@ -99,40 +100,64 @@ class Store:
 
     # -- keeping --------------------------------------------------------------------------
 
-    def keep(self, path: str, content: bytes, size: int, retiring: bool = False) -> None:
+    def keep(
+        self,
+        path: str,
+        content: bytes,
+        size: int,
+        retiring: bool = False,
+        source: InShare | None = None,
+    ) -> None:
         """Hold the bytes of the share file at ``path`` (recorded as ``content``) by a
         hard link. An entry that already holds them stays, unless only the store holds
         it while this file has the same bytes (checked by hashing it): then the entry
         becomes this file's inode (one copy on disk, not two). A file ``retiring`` (about
         to be replaced or deleted, as recorded) always becomes the entry: an entry that
         is another file's inode may have been rewritten in place since (:meth:`rejoin`
-        gives the extra copy back once that file is checked). Raises OSError when the
-        link cannot be made."""
+        gives the extra copy back once that file is checked). ``source``: the file,
+        reached through its parent's descriptor (see backer.fs.dirs) rather than by
+        name. Raises OSError when the link cannot be made."""
         if content == EMPTY_MANIFEST.id:
             return
         with self._directory(content.hex()[:2]) as fd:
-            self._link(fd, path, content, retiring)
+            self._link(fd, path, content, retiring, source)
         self._note([(content, size)])
 
-    def _link(self, fd: int, path: str, content: bytes, retiring: bool = False) -> None:
+    def _link(
+        self,
+        fd: int,
+        path: str,
+        content: bytes,
+        retiring: bool = False,
+        source: InShare | None = None,
+    ) -> None:
         """:meth:`keep`'s link, in the entry's fan directory ``fd``."""
-        source = self.root / path
         name = content.hex()
         try:
             held = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             held = None
-        live = os.lstat(source)
+        live = os.lstat(self.root / path) if source is None else source.lstat()
         if not stat.S_ISREG(live.st_mode):
             raise OSError(errno.EINVAL, f"not a regular file: {path}")
+
+        def link(as_name: str) -> None:
+            if source is None:
+                os.link(self.root / path, as_name, dst_dir_fd=fd, follow_symlinks=False)
+            else:
+                source.link_into(fd, as_name)
+
         if held is None:
-            os.link(source, name, dst_dir_fd=fd, follow_symlinks=False)
+            link(name)
         elif held.st_ino != live.st_ino and (
             retiring
-            or (held.st_nlink == 1 and manifest_of_file(source, live.st_size).id == content)
+            or (
+                held.st_nlink == 1
+                and manifest_of_file(self.root / path, live.st_size).id == content
+            )
         ):
             spare = f"{name}.{secrets.token_hex(4)}.tmp"
-            os.link(source, spare, dst_dir_fd=fd, follow_symlinks=False)
+            link(spare)
             os.replace(spare, name, src_dir_fd=fd, dst_dir_fd=fd)
 
     def _note(self, kept: list[tuple[bytes, int]]) -> None:

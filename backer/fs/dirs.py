@@ -1,0 +1,226 @@
+"""Writing into a share without ever following a link on the way.
+
+Checking that every parent of a path is a real directory and then writing by that path
+leaves a window: a parent swapped for a link in between (a person moving a folder away
+and linking it back, any program with write access to the share) sends the write
+wherever the link points, outside the share. So the materializer makes every change
+relative to a descriptor of the entry's parent directory, opened one component at a
+time from the share's root with ``O_NOFOLLOW``: the change lands in that very
+directory, whatever happens to the path meanwhile (:class:`InShare`).
+
+The descriptors of one window are kept in :class:`Directories` (a few dozen at most,
+least recently used closed first) and closed when the window ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+OPEN_DIRECTORIES = 64
+DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+class NotADirectory(OSError):
+    """A component of the path is a link or not a directory: nothing is written there."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(errno.ENOTDIR, "not a directory (or a link to one)", path)
+
+
+def open_directory(root: Path, relative: str, make: Callable[[str], bool] | None = None) -> int:
+    """A descriptor of the directory ``relative`` ('' for ``root``), reached from
+    ``root`` one component at a time, never through a link. A missing component is
+    made when ``make(its relative path)`` says so (else FileNotFoundError)."""
+    fd = os.open(os.path.join(root, ""), DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
+    done: list[str] = []
+    try:
+        for part in relative.split("/") if relative else ():
+            done.append(part)
+            try:
+                child = os.open(part, DIRECTORY_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if make is None or not make("/".join(done)):
+                    raise
+                os.mkdir(part, dir_fd=fd)
+                child = os.open(part, DIRECTORY_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise NotADirectory("/".join(done)) from exc
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Directories:
+    """Open descriptors of a share's directories, by relative path (thread-safe: the
+    writer and checker threads use them too). A descriptor stays the directory it was
+    opened on: after removing a directory, :meth:`forget` it (and what is under it)."""
+
+    def __init__(self, root: Path, limit: int = OPEN_DIRECTORIES) -> None:
+        self.root = root
+        self.limit = limit
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._using: dict[str, int] = {}  # descriptors lent out: never closed meanwhile
+        self._lock = threading.Lock()
+
+    def open(self, relative: str, make: Callable[[str], bool] | None = None) -> None:
+        """Open ``relative`` (see :func:`open_directory`) unless it is open already."""
+        with self._lock:
+            if relative in self._fds:
+                self._fds.move_to_end(relative)
+                return
+        fd = open_directory(self.root, relative, make)
+        with self._lock:
+            if relative in self._fds:  # opened meanwhile by another thread
+                os.close(fd)
+                return
+            self._fds[relative] = fd
+            self._evict()
+
+    @contextlib.contextmanager
+    def at(self, relative: str) -> Iterator[int]:
+        """The descriptor of directory ``relative``, opened if need be, for the block."""
+        self.open(relative)
+        with self._lock:
+            fd = self._fds[relative]
+            self._using[relative] = self._using.get(relative, 0) + 1
+        try:
+            yield fd
+        finally:
+            with self._lock:
+                self._using[relative] -= 1
+                if not self._using[relative]:
+                    del self._using[relative]
+                    if self._fds.get(relative) != fd:
+                        os.close(fd)  # forgotten while lent
+                self._evict()
+
+    def forget(self, relative: str) -> None:
+        """Drop the descriptors of ``relative`` and of every directory under it (it
+        was removed, or replaced)."""
+        prefix = relative + "/"
+        with self._lock:
+            for path in [p for p in self._fds if p == relative or p.startswith(prefix)]:
+                fd = self._fds.pop(path)
+                if path not in self._using:
+                    os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for path, fd in self._fds.items():
+                if path not in self._using:
+                    os.close(fd)
+            self._fds.clear()
+
+    def _evict(self) -> None:
+        """(lock held) Close the least recently used descriptors beyond the limit."""
+        for path in list(self._fds):
+            if len(self._fds) <= self.limit:
+                return
+            if path not in self._using:
+                os.close(self._fds.pop(path))
+
+
+@dataclass(frozen=True)
+class InShare:
+    """An entry of the share, every change to it made relative to its parent's
+    descriptor (see the module's docstring)."""
+
+    dirs: Directories
+    parent: str  # relative to the share's root, '' for the root itself
+    name: str
+
+    @classmethod
+    def of(cls, dirs: Directories, path: str) -> InShare:
+        parent, _, name = path.rpartition("/")
+        return cls(dirs, parent, name)
+
+    @property
+    def path(self) -> Path:
+        """Where it is by name (for messages and reports, never for a change)."""
+        return self.dirs.root / self.parent / self.name
+
+    @property
+    def relative(self) -> str:
+        return f"{self.parent}/{self.name}" if self.parent else self.name
+
+    def with_name(self, name: str) -> InShare:
+        return InShare(self.dirs, self.parent, name)
+
+    def lstat(self) -> os.stat_result:
+        with self.dirs.at(self.parent) as fd:
+            return os.stat(self.name, dir_fd=fd, follow_symlinks=False)
+
+    def open(self, flags: int, mode: int = 0o777) -> int:
+        """``os.open`` of the entry itself, never of a link's target."""
+        with self.dirs.at(self.parent) as fd:
+            return os.open(self.name, flags | os.O_NOFOLLOW, mode, dir_fd=fd)
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        with self.dirs.at(self.parent) as fd:
+            try:
+                os.unlink(self.name, dir_fd=fd)
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
+
+    def rmdir(self) -> None:
+        with self.dirs.at(self.parent) as fd:
+            os.rmdir(self.name, dir_fd=fd)
+        self.dirs.forget(self.relative)
+
+    def mkdir(self) -> None:
+        with self.dirs.at(self.parent) as fd:
+            os.mkdir(self.name, dir_fd=fd)
+
+    def symlink(self, link_target: str) -> None:
+        """Make the entry a link to ``link_target`` (which is never followed here)."""
+        with self.dirs.at(self.parent) as fd:
+            os.symlink(link_target, self.name, dir_fd=fd)
+
+    def replace(self, target: InShare) -> None:
+        """Rename this entry onto ``target`` (atomic), both by their parents."""
+        with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
+            os.replace(self.name, target.name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+
+    def link_into(self, directory_fd: int, name: str) -> None:
+        """Hard-link this entry (a regular file) as ``name`` in ``directory_fd``."""
+        with self.dirs.at(self.parent) as fd:
+            os.link(self.name, name, src_dir_fd=fd, dst_dir_fd=directory_fd, follow_symlinks=False)
+
+    def utime_ns(self, times: tuple[int, int]) -> None:
+        """Set the entry's own times (a link's, never its target's)."""
+        with self.dirs.at(self.parent) as fd:
+            os.utime(self.name, ns=times, dir_fd=fd, follow_symlinks=False)
+
+    def chmod(self, mode: int) -> None:
+        """Set a file's or directory's permissions; a link found there is left alone
+        (its own mode means nothing on Linux, and following it could reach outside)."""
+        with self.dirs.at(self.parent) as fd:
+            if stat.S_ISLNK(os.stat(self.name, dir_fd=fd, follow_symlinks=False).st_mode):
+                raise NotADirectory(self.relative)
+            try:
+                entry = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+            except PermissionError:  # (unreadable: by name, the last component checked above)
+                os.chmod(self.name, mode, dir_fd=fd)
+                return
+            try:
+                os.fchmod(entry, mode)
+            finally:
+                os.close(entry)
+
+    def fsync_parent(self) -> None:
+        with self.dirs.at(self.parent) as fd:
+            os.fsync(fd)

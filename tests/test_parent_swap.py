@@ -1,0 +1,112 @@
+"""A folder of the share swapped for a link to somewhere outside while a window is
+applied (a person moving a folder away and linking it back, any program with write
+access to the share) never receives a write through that link: every change is made
+relative to the parent's descriptor, opened with no link followed (backer.fs.dirs)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backer.model import materializer
+from backer.model.share import Share
+from tests.helpers import make_devices, sync, tree
+
+NAMES = [f"h{i}.txt" for i in range(12)]
+
+
+def _swap(folder: Path, outside: Path) -> Path:
+    """``folder`` renamed beside itself and a link to ``outside`` put in its place."""
+    real = folder.with_name(folder.name + ".real")
+    folder.rename(real)
+    os.symlink(outside, folder)
+    return real
+
+
+def _unswap(folder: Path, real: Path) -> None:
+    folder.unlink()
+    real.rename(folder)
+
+
+def _pair_with_folder(tmp_path: Path) -> tuple[Share, Share, Path]:
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "d3").mkdir()
+    (a.root / "d3" / "base.txt").write_text("base")
+    sync(a, b)
+    for name in NAMES:
+        (a.root / "d3" / name).write_text(name)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    return a, b, outside
+
+
+def _swapping_once(
+    monkeypatch: pytest.MonkeyPatch, cls: type, method: str, swap: Callable[[], None], after: bool
+) -> list[bool]:
+    """Patch ``cls.method`` to swap the folder once: right before its first call that
+    has files staged, or right after its first call returned."""
+    original = getattr(cls, method)
+    done: list[bool] = []
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not done and not after and getattr(self, "staged", None):
+            done.append(True)
+            swap()
+        result = original(self, *args, **kwargs)
+        if not done and after:
+            done.append(True)
+            swap()
+        return result
+
+    monkeypatch.setattr(cls, method, patched)
+    return done
+
+
+@pytest.mark.parametrize("when", ["while staging", "before the renames"])
+def test_R26_a_parent_swapped_for_a_link_mid_window_gets_nothing_written_outside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """The folder is swapped after the first file of the window was staged (the others'
+    temps used to be created through the link, then renamed there: files written
+    outside, and deleted everywhere once the next scan missed them), or after every
+    temp was staged, before they are moved into place."""
+    a, b, outside = _pair_with_folder(tmp_path)
+    real: list[Path] = []
+
+    def swap() -> None:
+        real.append(_swap(b.root / "d3", outside))
+
+    if when == "while staging":
+        done = _swapping_once(monkeypatch, materializer.Materializer, "_stage", swap, after=True)
+    else:
+        done = _swapping_once(monkeypatch, materializer.Assembly, "finish", swap, after=False)
+    sync(a, b)
+    monkeypatch.undo()
+    assert done and real
+    assert sorted(os.listdir(outside)) == []  # no file, no temp
+    # what was written went into the folder itself, whatever its name now
+    assert sorted(os.listdir(real[0])) == sorted(["base.txt", *NAMES])
+    _unswap(b.root / "d3", real[0])
+    sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    assert sorted(os.listdir(a.root / "d3")) == sorted(["base.txt", *NAMES])  # none deleted
+
+
+def test_R26_a_parent_that_is_a_link_when_the_window_starts_is_refused(tmp_path: Path) -> None:
+    """Nothing is written through a link found in place of a parent (it is a local
+    change the scanner records first); the files are written once the folder is back."""
+    a, b, outside = _pair_with_folder(tmp_path)
+    real = _swap(b.root / "d3", outside)
+    b.scan = lambda *args, **kwargs: None  # type: ignore[method-assign]  # (it would record the link)
+    _, right = sync(a, b)
+    assert sorted(os.listdir(outside)) == []
+    written = {path for report in right.replicator.reports for path in report.written}
+    assert not written & {f"d3/{name}" for name in NAMES}
+    del b.scan
+    _unswap(b.root / "d3", real)
+    sync(a, b)
+    assert tree(a.root) == tree(b.root)
