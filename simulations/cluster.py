@@ -50,8 +50,10 @@ from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 from backer.versioner.prune import PruneReport, prune_share
 
 from .faults import Disks
-from .hostile import Hostile, Sandbox, check_sandboxes
+from .hostile import OUTSIDE, Hostile, Sandbox, check_sandboxes
 from .world import InvariantBroken, Watch, ignored, pin_directory_times, reachable_temps
+
+MEDDLE_RATE = 0.2  # share of the file creations in a boxed node's folders raced by a swap
 
 
 @dataclass
@@ -315,6 +317,9 @@ class Cluster:
         if self.boxed:  # never node 0: the honest nodes converge through it
             index = self.random.randrange(1, self.size)
             self.hostile = Hostile(index, bytes(keys[index].verify_key))
+            for box in self.boxes:  # (links to their outside/: the sandbox checks it)
+                outside = box.box / OUTSIDE
+                self.disks.meddle(box.root, outside, self.random.getrandbits(32), MEDDLE_RATE)
         founder = Share.create(self.nodes[0].root, keys[0], home=self.nodes[0].home)
         self.nodes[0].share = founder
         for node in self.nodes[1:]:

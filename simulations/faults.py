@@ -8,6 +8,12 @@ materializer, scanner, hasher and chunk store, and only on a node whose faults a
 switched on (a plan). The harness's own edits, the journal and the database are never
 touched. A plan can also be a disk budget: ``statvfs`` reports it as the free space,
 writes beyond it are short, then fail with ``ENOSPC``, until the disk is freed.
+
+A node may also have a meddling person (:meth:`Disks.meddle`): right before backer
+creates a file in one of the share's folders, the folder is moved aside and a link to a
+folder outside the share put in its place, undone right after the creation — the race
+a person moving a folder away and linking it back makes with backer's writes. Nothing
+may then land outside the share (the sandboxes of :mod:`.hostile` check it).
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from backer.fs.paths import METADATA_DIR
 from backer.model import materializer
 from backer.scanner import content
 
 FAULTED = frozenset(
     {
         "backer.model.materializer",
+        "backer.fs.dirs",
         "backer.scanner.walk",
         "backer.scanner.content",
         "backer.scanner.chunks",
@@ -79,6 +87,8 @@ class Disks:
         self.plans: dict[str, Plan] = {}
         self.fds: dict[int, Plan] = {}
         self.injected: Counter[str] = Counter()
+        self.meddlers: dict[str, tuple[str, random.Random, float]] = {}  # root -> (outside, ...)
+        self._real: dict[str, Callable[..., Any]] = {}
 
     # -- switching ---------------------------------------------------------------------
 
@@ -98,6 +108,41 @@ class Disks:
 
     def free(self, root: os.PathLike[str]) -> None:
         self._plan(root).budget = None
+
+    def meddle(
+        self, root: os.PathLike[str], outside: os.PathLike[str], seed: int, rate: float
+    ) -> None:
+        """Before a ``rate`` share of backer's file creations in a folder of the share at
+        ``root``, swap that folder for a link to ``outside`` (see the module's docstring)."""
+        self.meddlers[os.fspath(root) + os.sep] = (os.fspath(outside), random.Random(seed), rate)
+
+    def _meddle(self, path: Any, flags: int, dir_fd: int | None) -> tuple[str, str] | None:
+        """Swap the folder of a file backer is about to create; its undo's arguments."""
+        if not flags & os.O_CREAT or not self.meddlers or not _from_backer():
+            return None
+        name = os.fsdecode(path)
+        if dir_fd is not None and not os.path.isabs(name):
+            folder = os.readlink(f"/proc/self/fd/{dir_fd}")
+        else:
+            folder = os.path.dirname(name)
+        for root, (outside, chance, rate) in self.meddlers.items():
+            inside = folder[len(root) :]
+            if (
+                folder.startswith(root)
+                and inside
+                and not inside.startswith(METADATA_DIR)  # (a person's folders only)
+                and chance.random() < rate
+            ):
+                aside = folder + ".aside"
+                self._real["rename"](folder, aside)
+                self._real["symlink"](outside, folder)
+                self.injected["folder swapped for a link"] += 1
+                return folder, aside
+        return None
+
+    def _unmeddle(self, folder: str, aside: str) -> None:
+        self._real["unlink"](folder)
+        self._real["rename"](aside, folder)
 
     def active(self, root: os.PathLike[str]) -> bool:
         plan = self.plans.get(os.fspath(root) + os.sep)
@@ -160,7 +205,7 @@ class Disks:
 
     @contextmanager
     def installed(self) -> Iterator[Disks]:
-        real = {name: getattr(os, name) for name in _PROXIES}
+        real = self._real = {name: getattr(os, name) for name in _PROXIES}
         real_syncfs = materializer._syncfs
         proxies = {name: make(self, real[name]) for name, make in _PROXIES.items()}
         try:
@@ -197,7 +242,12 @@ def _open(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
     def proxy(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
         plan = disks._for_path(path, kw.get("dir_fd"))
         disks._maybe_fail(plan, "create" if flags & os.O_CREAT else "read", path)
-        fd = real(path, flags, mode, **kw)
+        swapped = disks._meddle(path, flags, kw.get("dir_fd"))
+        try:
+            fd = real(path, flags, mode, **kw)
+        finally:
+            if swapped is not None:
+                disks._unmeddle(*swapped)
         if plan is not None:
             disks.fds[fd] = plan
         return fd
@@ -250,7 +300,7 @@ def _on_path(call: str, argument: int = 0) -> Proxy:
     def make(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
         def proxy(*args: Any, **kw: Any) -> Any:
             path = args[argument] if len(args) > argument else None
-            at = kw.get("dst_dir_fd" if argument else "dir_fd")
+            at = kw.get("dst_dir_fd", kw.get("dir_fd")) if argument else kw.get("dir_fd")
             disks._maybe_fail(disks._for_path(path, at), call, path)
             return real(*args, **kw)
 

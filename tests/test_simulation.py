@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from backer.fs import paths
+from backer.fs import dirs, paths
+from backer.fs.dirs import InShare
 from backer.model import state
 from backer.model.materializer import Materializer
 from backer.protocol.session import Session
@@ -608,14 +610,16 @@ def test_the_harness_catches_a_symlinked_parent_followed_when_writing() -> None:
         pytest.fail(failure.reason)
     real = Materializer._target
 
-    def following(self: Materializer, path: str) -> Path:
-        target = self.root / path
-        target.parent.mkdir(parents=True, exist_ok=True)  # through any link on the way
-        return target
+    def following(self: Materializer, path: str) -> InShare:
+        (self.root / path).parent.mkdir(parents=True, exist_ok=True)  # through any link
+        return InShare.of(self.dirs, path)
 
     Materializer._target = following  # type: ignore[method-assign]
+    flags = dirs.DIRECTORY_FLAGS
+    dirs.DIRECTORY_FLAGS = flags & ~os.O_NOFOLLOW
     try:
         with pytest.raises(Failure, match="wrote outside its share"):
             replay(3, steps, 54, HOSTILE)
     finally:
         Materializer._target = real  # type: ignore[method-assign]
+        dirs.DIRECTORY_FLAGS = flags

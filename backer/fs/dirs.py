@@ -107,6 +107,21 @@ class Directories:
                         os.close(fd)  # forgotten while lent
                 self._evict()
 
+    def moved(self, relative: str) -> bool:
+        """Whether the directory open as ``relative`` is no longer the one that path
+        reaches (renamed, removed, or a link put in its place since it was opened)."""
+        with self.at(relative) as fd:
+            held = os.fstat(fd)
+        try:
+            fresh = open_directory(self.root, relative)
+        except (FileNotFoundError, NotADirectory):
+            return True
+        try:
+            now = os.fstat(fresh)
+        finally:
+            os.close(fresh)
+        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+
     def forget(self, relative: str) -> None:
         """Drop the descriptors of ``relative`` and of every directory under it (it
         was removed, or replaced)."""

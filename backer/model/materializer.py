@@ -1072,6 +1072,7 @@ class Materializer:
         # every change is made relative to a parent opened with no link followed
         # (backer.fs.dirs); closed at the end of each window, so each checks afresh
         self.dirs = Directories(root)
+        self._settled: set[str] | None = None  # parents found still in place, per batch
         self._unlocked: dict[str, int] = {}  # read-only directories opened while applying
         self._made: list[str] = []  # missing parents made for this window's entries
         self._recorded: list[LocalEntry] | None = None  # while a batch is moved into place
@@ -1252,7 +1253,14 @@ class Materializer:
         self._unlocked.clear()
 
     def _unchanged(self, target: InShare, cached: LocalEntry | None) -> os.stat_result | None:
-        """The target's stat if it is exactly as last recorded; raise LocalEdit if not."""
+        """The target's stat if it is exactly as last recorded; raise LocalEdit if not,
+        or if its folder is no longer where its path says (moved or swapped for a link
+        since the window opened it: what is in it now is not what the plan saw there)."""
+        if self._settled is None or target.parent not in self._settled:
+            if self.dirs.moved(target.parent):
+                raise LocalEdit(str(target.path))
+            if self._settled is not None:
+                self._settled.add(target.parent)
         try:
             info = target.lstat()
         except FileNotFoundError:
@@ -1379,6 +1387,7 @@ class Materializer:
             return
         staged = _make_durable(self.root, staged, report)
         directories: set[str] = set()
+        self._settled = set()  # (a folder checked once per batch)
         self._recorded = []  # scan-cache rows, written once for the batch, not per file
         manifests: list[tuple[str, Manifest]] = []  # (after any move of the old chunks')
         try:
@@ -1408,6 +1417,7 @@ class Materializer:
                         report.bytes_written += op.version.size
                     report.written.append(op.path)
         finally:  # what was moved into place is recorded, even when the disk filled up
+            self._settled = None
             recorded, self._recorded = self._recorded, None
             self.catalog.set_local(recorded)
             self.catalog.put_manifests(manifests)
