@@ -155,6 +155,9 @@ class Node:
         else:
             self.touched.update(paths)
 
+    def edit_one(self, path: str) -> None:
+        self.edit([path])
+
     def crash(self) -> None:
         """Lose everything in memory (no snapshot saved, no clean close): a window half
         renamed into place and not committed is on disk as if edited there."""
@@ -317,9 +320,10 @@ class Cluster:
         if self.boxed:  # never node 0: the honest nodes converge through it
             index = self.random.randrange(1, self.size)
             self.hostile = Hostile(index, bytes(keys[index].verify_key))
-            for box in self.boxes:  # (links to their outside/: the sandbox checks it)
-                outside = box.box / OUTSIDE
-                self.disks.meddle(box.root, outside, self.random.getrandbits(32), MEDDLE_RATE)
+            for box, node in zip(self.boxes, self.nodes, strict=True):  # (links to their
+                seed = self.random.getrandbits(32)  # outside/: the sandbox checks it)
+                person = node.edit_one
+                self.disks.meddle(box.root, box.box / OUTSIDE, seed, MEDDLE_RATE, person)
         founder = Share.create(self.nodes[0].root, keys[0], home=self.nodes[0].home)
         self.nodes[0].share = founder
         for node in self.nodes[1:]:

@@ -80,6 +80,16 @@ class Plan:
         return self.rate > 0 or self.budget is not None
 
 
+@dataclass
+class Meddler:
+    """A node's person who races backer's file creations (see :meth:`Disks.meddle`)."""
+
+    outside: str
+    random: random.Random
+    rate: float
+    person: Callable[[str], None]
+
+
 class Disks:
     """The fault plans of every node, by root directory; a context manager installs them."""
 
@@ -87,7 +97,7 @@ class Disks:
         self.plans: dict[str, Plan] = {}
         self.fds: dict[int, Plan] = {}
         self.injected: Counter[str] = Counter()
-        self.meddlers: dict[str, tuple[str, random.Random, float]] = {}  # root -> (outside, ...)
+        self.meddlers: dict[str, Meddler] = {}  # by root
         self._real: dict[str, Callable[..., Any]] = {}
 
     # -- switching ---------------------------------------------------------------------
@@ -110,11 +120,18 @@ class Disks:
         self._plan(root).budget = None
 
     def meddle(
-        self, root: os.PathLike[str], outside: os.PathLike[str], seed: int, rate: float
+        self,
+        root: os.PathLike[str],
+        outside: os.PathLike[str],
+        seed: int,
+        rate: float,
+        person: Callable[[str], None],
     ) -> None:
         """Before a ``rate`` share of backer's file creations in a folder of the share at
-        ``root``, swap that folder for a link to ``outside`` (see the module's docstring)."""
-        self.meddlers[os.fspath(root) + os.sep] = (os.fspath(outside), random.Random(seed), rate)
+        ``root``, swap that folder for a link to ``outside`` (see the module's docstring);
+        ``person(folder)`` is told, as the folder's times are the person's doing."""
+        key = os.fspath(root) + os.sep
+        self.meddlers[key] = Meddler(os.fspath(outside), random.Random(seed), rate, person)
 
     def _meddle(self, path: Any, flags: int, dir_fd: int | None) -> tuple[str, str] | None:
         """Swap the folder of a file backer is about to create; its undo's arguments."""
@@ -125,17 +142,18 @@ class Disks:
             folder = os.readlink(f"/proc/self/fd/{dir_fd}")
         else:
             folder = os.path.dirname(name)
-        for root, (outside, chance, rate) in self.meddlers.items():
+        for root, meddler in self.meddlers.items():
             inside = folder[len(root) :]
             if (
                 folder.startswith(root)
                 and inside
                 and not inside.startswith(METADATA_DIR)  # (a person's folders only)
-                and chance.random() < rate
+                and meddler.random.random() < meddler.rate
             ):
                 aside = folder + ".aside"
                 self._real["rename"](folder, aside)
-                self._real["symlink"](outside, folder)
+                self._real["symlink"](meddler.outside, folder)
+                meddler.person(inside)
                 self.injected["folder swapped for a link"] += 1
                 return folder, aside
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -623,3 +624,25 @@ def test_the_harness_catches_a_symlinked_parent_followed_when_writing() -> None:
     finally:
         Materializer._target = real  # type: ignore[method-assign]
         dirs.DIRECTORY_FLAGS = flags
+
+
+def test_the_harness_catches_a_file_created_by_its_path_while_its_folder_is_swapped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the materializer creating temp files by their path again (parents checked,
+    then the file opened by name: the race of R26), the boxed nodes' person, who swaps a
+    folder for a link to the sandbox's outside/ around backer's file creations, gets
+    temp files written there, and the harness says so."""
+    try:
+        run_seed(3, 3, 40, HOSTILE)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+    def by_name(self: InShare, flags: int, mode: int = 0o777) -> int:
+        return os.open(self.path, flags | os.O_NOFOLLOW, mode)
+
+    # (a function of backer.fs.dirs: the fault layer acts on backer's own calls only)
+    by_name = types.FunctionType(by_name.__code__, vars(dirs), "open", by_name.__defaults__)
+    monkeypatch.setattr(InShare, "open", by_name)
+    with pytest.raises(Failure, match="wrote outside its share"):
+        run_seed(3, 3, 40, HOSTILE)
