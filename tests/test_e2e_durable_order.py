@@ -5,6 +5,7 @@ system calls (strace of every thread of the joining process)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -24,6 +25,7 @@ UNFINISHED = re.compile(r"^(\w+)\((.*) <unfinished \.\.\.>$")
 RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)\)\s+=\s+(-?\d+)")
 FD_PATH = re.compile(r"^-?\d+<(.*?)>")
 STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
+AT = re.compile(r'(?:-?\d+<([^>]*)>|AT_FDCWD), "((?:[^"\\]|\\.)*)"')  # a path by its directory
 
 
 def _calls(log: str) -> list[tuple[str, str, int, int]]:
@@ -41,6 +43,15 @@ def _calls(log: str) -> list[tuple[str, str, int, int]]:
         elif (found := CALL.match(text)) and int(found.group(3)) >= 0:
             calls.append((found.group(1), found.group(2), index, index))
     return calls
+
+
+def _paths(arguments: str) -> list[str]:
+    """The paths a call names: plain strings, or (the *at calls) a name relative to a
+    directory descriptor, which ``strace -y`` shows with its path."""
+    found = AT.findall(arguments)
+    if found:
+        return [os.path.join(directory, name) if directory else name for directory, name in found]
+    return STRING.findall(arguments)
 
 
 def _fd_path(arguments: str) -> str:
@@ -62,7 +73,8 @@ def test_a_join_syncs_each_file_before_its_rename_and_each_directory_after(
     port = free_port()
     token = invite(a, f"127.0.0.1:{port}")
     log = tmp_path / "strace.log"
-    traced = ("pwrite64", "fsync", "fdatasync", "syncfs", "rename", "mkdir")  # every thread
+    traced = ("pwrite64", "fsync", "fdatasync", "syncfs", "rename", "renameat", "renameat2",
+              "mkdir", "mkdirat")  # fmt: skip  # (every thread)
     with a.serving(port):
         joined = subprocess.run(
             ["strace", "-f", "-qq", "-y", "-s", "4096", "-o", str(log),
@@ -89,16 +101,16 @@ def test_a_join_syncs_each_file_before_its_rename_and_each_directory_after(
             synced_end[_fd_path(arguments)] = end
         elif name == "syncfs":
             whole_fs.append((start, end))
-        elif name == "rename":
-            old, new = STRING.findall(arguments)[:2]
+        elif name in ("rename", "renameat", "renameat2"):
+            old, new = _paths(arguments)[:2]
             if Path(old).name.startswith(TEMP_PREFIX):  # (a file of zeros is never written)
                 last = written.get(old, -1)
                 own = synced.get(old, -1) > last and synced_end[old] < start
                 if not own and not any(last < s <= e < start for s, e in whole_fs):
                     unsynced.append(new)
                 renamed[new] = end
-        elif name == "mkdir":
-            made[STRING.findall(arguments)[0]] = end
+        elif name in ("mkdir", "mkdirat"):
+            made[_paths(arguments)[0]] = end
     assert len(renamed) == FILES
     assert not unsynced, f"{len(unsynced)} renamed before their bytes were synced"
     directories = {}  # directory -> index of the last rename into it
