@@ -381,3 +381,28 @@ def test_R2_a_backerignore_that_is_not_a_regular_file_is_never_read(
     assert [p.reason for p in share.problems.values()] == [
         ".backerignore is larger than 1048576 bytes, not read"
     ]
+
+
+def test_a_directory_is_not_recorded_again_for_an_entry_adopted_as_a_live_version(
+    tmp_path: Path,
+) -> None:
+    """An entry that appears unrecorded but equal to a live version (a path no longer
+    ignored; a missing parent a waiting window made) is adopted, not recorded: the
+    mtime it moved on its directory is no edit either, or every peer would get a
+    version of the directory that nobody made (hostile seed 2)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "d").mkdir()
+    sync(a, b)
+    (a.root / "d" / "e").mkdir()
+    (b.root / ".backerignore").write_bytes(b"e\n")
+    sync(a, b)
+    assert not (b.root / "d" / "e").exists()
+    before = live(b)["d"]
+    (b.root / "d" / "e").mkdir()
+    old = time.time() - 60
+    os.utime(b.root / "d", (old, old))
+    (b.root / ".backerignore").write_bytes(b"zzz\n")
+    summary = b.scan()
+    assert summary.added == [] and summary.modified == [".backerignore"]
+    assert live(b)["d"] == before
+    assert b.catalog.local_entries(["d"])["d"].mtime_ns == (b.root / "d").stat().st_mtime_ns

@@ -1170,7 +1170,9 @@ class Share:
         changed = sorted(found.changed, key=lambda c: c[0].path)
         live = self.catalog.live_for([seen.path for seen, _, _ in changed] + found.deleted)
         basis = self.catalog.forgotten_basis(s.path for s, _, _ in changed if s.path not in local)
+        adopting = changed
         changed = self._adopt_identical(changed, local, live, basis, found, found.observed_ns)
+        changed = self._only_changed_parents(adopting, changed, local, found)
         versions: list[tuple[str, Version]] = []
         # A local change supersedes only the version the disk held (the cached one, or
         # for a path no longer ignored the one it held when the rule came): remote
@@ -1380,6 +1382,38 @@ class Share:
             found.refreshed.append(cache_entry(seen.path, same, seen.stat_key, now_ns))
             if manifest is not None:
                 found.reindexed.append((seen.path, manifest))
+        return remaining
+
+    def _only_changed_parents(
+        self,
+        before: list[tuple[Seen, Manifest | None, bytes]],
+        changed: list[tuple[Seen, Manifest | None, bytes]],
+        local: dict[str, LocalEntry],
+        found: Observation,
+    ) -> list[tuple[Seen, Manifest | None, bytes]]:
+        """A directory recorded again only for its new mtime (the walk saw an entry of it
+        change) keeps its version when each such entry was adopted: an entry that is a
+        live version is no change, and the mtime moved by it (a missing parent a waiting
+        window made, a path no longer ignored) would otherwise reach every peer as an
+        edit nobody made. Its cache entry takes the new mtime. (``before``: the changes
+        before adoption.) The rest is returned."""
+        kept = {seen.path for seen, _, _ in changed}
+        adopted = {s.path.rpartition("/")[0] for s, _, _ in before if s.path not in kept}
+        parents = {path.rpartition("/")[0] for path in kept | set(found.deleted)}
+        remaining = []
+        for seen, manifest, content in changed:
+            cached = local.get(seen.path)
+            if (
+                seen.kind == Kind.DIRECTORY
+                and seen.path in adopted
+                and seen.path not in parents
+                and cached is not None
+                and self._recorded_content(cached) == (seen.kind, content, seen.permissions)
+            ):
+                entry = cache_entry(seen.path, cached.version_id, seen.stat_key, found.observed_ns)
+                found.refreshed.append(entry)
+                continue
+            remaining.append((seen, manifest, content))
         return remaining
 
     def _recorded_content(self, entry: LocalEntry) -> tuple[Kind, bytes, int] | None:
