@@ -261,3 +261,25 @@ def test_a_directory_applied_by_a_waiting_window_then_renamed_is_recorded_as_del
     (b.root / "d").rename(b.root / "e")
     summary = asyncio.run(b.scan_off_loop(paths=["d", "e"]))
     assert (summary.added, summary.deleted) == (["e"], ["d"])
+
+
+def test_R24_an_edit_through_one_name_of_a_hard_link_records_every_name(share: Share) -> None:
+    """The watcher names only the path written; the other names hold the same new bytes
+    and are recorded in the same partial scan (in the loop's worker thread too)."""
+    root = share.root
+    (root / "d").mkdir()
+    (root / "hl1.txt").write_bytes(b"one\n")
+    os.link(root / "hl1.txt", root / "d" / "hl2.txt")
+    os.link(root / "hl1.txt", root / "hl3.txt")
+    share.scan()
+    with open(root / "hl1.txt", "ab") as f:
+        f.write(b"more\n")
+    summary = share.scan(paths=["hl1.txt"])
+    assert sorted(summary.modified) == ["d/hl2.txt", "hl1.txt", "hl3.txt"]
+    new = manifest_of_bytes(b"one\nmore\n").id
+    assert {content_of(share, p) for p in ("hl1.txt", "d/hl2.txt", "hl3.txt")} == {new}
+    with open(root / "d" / "hl2.txt", "ab") as f:
+        f.write(b"again\n")
+    summary = asyncio.run(share.scan_off_loop(paths=["d/hl2.txt"]))
+    assert sorted(summary.modified) == ["d/hl2.txt", "hl1.txt", "hl3.txt"]
+    assert share.scan().events == 0

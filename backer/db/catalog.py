@@ -109,6 +109,12 @@ def read_local(
     return found
 
 
+def read_local_names(conn: sqlite3.Connection, inodes: list[int]) -> list[str]:
+    """The scan-cache paths recorded with one of ``inodes``: the other names of a
+    hard-linked file (index ``local_inode``)."""
+    return [row[0] for row in rows_where_in(conn, "SELECT path FROM local", "inode", inodes)]
+
+
 def read_local_after(conn: sqlite3.Connection, after: str, limit: int) -> list[LocalEntry]:
     """At most ``limit`` scan-cache rows after the path ``after``, in path order: a whole
     scan reads the cache a page at a time beside its walk instead of all of it at once."""
@@ -168,9 +174,12 @@ class Catalog:
 
     def _add_indexes(self) -> None:
         """Indexes added since a share was made (built once, on the first open): one
-        folder's entries, one event's versions in path order, and one path's chunk rows
-        (moving a replaced file's rows to its store entry scanned them all, per file)."""
+        folder's entries, one event's versions in path order, one path's chunk rows
+        (moving a replaced file's rows to its store entry scanned them all, per file),
+        and the names of one inode (every recorded file has a second link, the store's,
+        so an edited file's other names are looked up by inode, not by link count)."""
         with self.conn:
+            self.conn.execute("CREATE INDEX IF NOT EXISTS local_inode ON local (inode)")
             self.conn.execute(f"CREATE INDEX IF NOT EXISTS live_parent ON live ({PARENT}, path)")
             self.conn.execute(
                 "CREATE INDEX IF NOT EXISTS versions_position ON versions (position, path, vid)"

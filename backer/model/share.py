@@ -28,7 +28,14 @@ import sqlite_utils
 from blake3 import blake3
 
 from backer.db import recovery
-from backer.db.catalog import Catalog, LocalEntry, Problem, read_local, read_local_after
+from backer.db.catalog import (
+    Catalog,
+    LocalEntry,
+    Problem,
+    read_local,
+    read_local_after,
+    read_local_names,
+)
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR, is_valid
 from backer.model import entropy, membership
@@ -1061,6 +1068,7 @@ class Share:
             progress,
             record=streamed,
             local_after=local_after,
+            names_of=functools.partial(read_local_names, self.catalog.conn),
         )
         summary = self._record_scan(classify(found, self._recorded_content), started)
         if summary.waiting is not None:
@@ -1115,7 +1123,16 @@ class Share:
             with contextlib.closing(sqlite3.connect(uri, uri=True)) as reader:
                 local_for = functools.partial(read_local, reader)
                 local_after = functools.partial(read_local_after, reader)
-                return look(self.root, local_for, paths, shown, stop=stop, local_after=local_after)
+                names_of = functools.partial(read_local_names, reader)
+                return look(
+                    self.root,
+                    local_for,
+                    paths,
+                    shown,
+                    stop=stop,
+                    local_after=local_after,
+                    names_of=names_of,
+                )
 
         try:
             return await loop.run_in_executor(None, work)

@@ -89,6 +89,8 @@ class ScanStopped(Exception):
 
 # The scan cache rows of ``paths`` (None: all) and of everything below ``subtrees``.
 LocalReader = Callable[[list[str] | None, list[str]], dict[str, LocalEntry]]
+# The scan-cache paths recorded with one of some inodes.
+NamesReader = Callable[[list[int]], list[str]]
 
 
 def walk(
@@ -287,6 +289,7 @@ def look(
     stop: threading.Event | None = None,
     record: Callable[[Observation], None] | None = None,
     local_after: LocalPager | None = None,
+    names_of: NamesReader | None = None,
 ) -> Observation:
     """Walk the share (or only ``paths``, with the subtrees of directories among them),
     compare with the scan cache and hash what changed; no verdict yet on whether a
@@ -298,6 +301,8 @@ def look(
     never holds the share's cache; each observation's ``local`` holds the cache rows of
     its own candidates, deletions and forgotten paths only.
     A path named in ``paths`` and gone from the disk is deleted, with all below it.
+    ``names_of``: a partial scan that finds a changed file with more than one link scans
+    the other recorded names of its inode too (an edit through one name changes all).
     ``stop`` set: :class:`ScanStopped` is raised at the next directory or file.
     ``record``: handed each BATCH_FILES files read as an observation of their own (not
     ``final``) while the walk goes on; what is returned is the rest, with the
@@ -328,6 +333,12 @@ def look(
         seen: dict[str, Seen] = {}
         for top in scope:
             _walk_top(root, top, rules, result, seen, unreadable, stop)
+        linked = _other_names(scope, seen, local, names_of) if names_of is not None else []
+        if linked:
+            local.update(local_for(linked, []))
+            for name in linked:
+                _walk_top(root, name, rules, result, seen, unreadable, stop)
+            scope = result.scope = sorted(outermost([*scope, *linked]))
         _stat_parents(root, scope, rules, result, seen, local_for)
         entries = seen.values()
     batch: dict[str, LocalEntry] = {}  # the cache rows of the files to read
@@ -513,6 +524,29 @@ def _scope(
                 break
         tops.add(path)
     return sorted(outermost(tops))
+
+
+def _other_names(
+    scope: list[str], seen: dict[str, Seen], local: dict[str, LocalEntry], names_of: NamesReader
+) -> list[str]:
+    """The recorded names, outside ``scope``, of the inodes of the changed files in
+    ``seen`` that have more than one link (nearly all: the store holds one): the watcher
+    names only the path written, and the other names hold the same new bytes."""
+    inodes = set()
+    for entry in seen.values():
+        cached = local.get(entry.path)
+        if entry.kind != Kind.FILE or (cached is not None and cached.stat_key == entry.stat_key):
+            continue
+        try:
+            info = os.lstat(entry.disk_path)
+        except OSError:
+            continue
+        if info.st_nlink > 1 and info.st_ino == entry.inode:
+            inodes.add(entry.inode)
+    if not inodes:
+        return []
+    tops = set(scope)
+    return sorted({name for name in names_of(sorted(inodes)) if not under_any(name, tops)})
 
 
 def _is_directory(root: Path, path: str) -> bool:
