@@ -17,7 +17,7 @@ import pytest
 from backer.connections import control
 from backer.errors import BackerError
 from backer.scanner.ignore import is_temp_name
-from tests.e2e import Device, Node, free_port, invite, snapshot
+from tests.e2e import Device, Node, free_port, invite, snapshot, wait_until
 from tests.helpers import timing
 
 WAIT_S = 30
@@ -249,7 +249,8 @@ def test_sigterm_mid_transfer_exits_0_within_5_s_and_leaves_no_temp_file(trio) -
     took = time.monotonic() - started
     assert status_code == 0 and took < 5, (status_code, took)
     assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
-    assert "the device is shutting down" in a.nodes[0].log
+    shut = "the device is shutting down"  # (a logs it once it has read b's close)
+    wait_until(lambda: shut in a.nodes[0].log, [a.nodes[0]], timeout=10)
     b.start()
     converged([a, b])
 

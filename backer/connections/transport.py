@@ -221,6 +221,7 @@ class Hub:
         self._flushers: dict[Session, Callable[[], None]] = {}
         self._closers: dict[Session, Callable[[], None]] = {}
         self.applied: Callable[[Report], None] | None = None  # takes each applied window
+        self._wake_loop: asyncio.AbstractEventLoop | None = None
 
     def flush(self) -> None:
         removed = self.share.members.removed
@@ -259,8 +260,9 @@ class Hub:
         replicator moves on in the event loop (not at all once the loop has closed)."""
 
         def woken() -> None:
-            self.replicator.advance()
-            self.flush()
+            if self.replicator.wake is not None:  # (None: abandoned, the process stops)
+                self.replicator.advance()
+                self.flush()
 
         def wake() -> None:
             with contextlib.suppress(RuntimeError):
@@ -334,8 +336,10 @@ class Hub:
         Reading never waits for writing: replies to the peer's requests are built only
         once nothing is unsent, ``limits.reply_bytes`` at a time, and more as it drains."""
         limits = self.limits
-        if self.replicator.wake is None:
-            self.replicator.wake = self._waker(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if self._wake_loop is not loop:  # (a Hub outlives one asyncio.run in tests)
+            self._wake_loop = loop
+            self.replicator.wake = self._waker(loop)
         frames = FrameReader()
         session: Session | None = None
         writer = streams.writer

@@ -247,7 +247,9 @@ class Replicator:
     def abandon(self) -> None:
         """The process stops: the window in progress is given up and its temp files are
         removed, as are those kept for a later attempt (what was applied stays; the next
-        run plans again and fetches what is missing)."""
+        run plans again and fetches what is missing). A worker thread's late wake does
+        nothing after this."""
+        self.wake = None
         if self.assembly is not None:
             self.assembly.abort()
             self.share.note_applied(self.assembly.report)
