@@ -56,6 +56,8 @@ PACKET_SIZE = NONCE + HINT + _PLAIN.size + 16
 MAX_KEYS = 64  # keys tried per datagram, over every share
 WINDOW_MS = 10 * 60 * 1000  # a datagram's time may differ from ours by this much
 RATE = 50.0  # datagrams read per second at most (a burst of twice that), the rest dropped
+RECEIVE_BUFFER = 16 * 1024  # bytes the kernel queues for the socket; a flood's excess is dropped
+PAUSE_S = 0.2  # a spent budget stops reading for this long (RATE * PAUSE_S datagrams' worth)
 MAX_DEVICES = 4096  # (share, device) pairs whose last time is remembered
 MIN_GAP_S = 1.0  # between two announcing rounds, however often woken
 FIRST_ROUNDS = 3  # rounds MIN_GAP_S apart for a share newly announced (at start, or once
@@ -171,17 +173,6 @@ class Seen:
         return True
 
 
-class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, owner: LanDiscovery) -> None:
-        self.owner = owner
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.owner.received(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("LAN discovery: %s", exc)
-
-
 class LanDiscovery:
     """Announce this device's shares on the LAN and report members heard there.
 
@@ -207,7 +198,8 @@ class LanDiscovery:
         self.targets = targets
         self.clock = clock
         self.seen = Seen(clock)
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None
+        self.resume: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.soon = asyncio.Event()
         self.tokens, self.refilled = 2 * RATE, time.monotonic()
@@ -225,14 +217,16 @@ class LanDiscovery:
             if hasattr(socket, "SO_REUSEPORT"):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            sock.setblocking(False)
             sock.bind(("", self.port))
         except OSError as exc:
             sock.close()
             raise BackerError(
                 f"LAN discovery cannot listen on UDP port {self.port}: {exc.strerror}"
             ) from exc
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
-        self.transport = transport  # type: ignore[assignment]
+        self.sock = sock
+        loop.add_reader(sock.fileno(), self._readable)
         self.task = asyncio.create_task(self._announce_loop())
         return self
 
@@ -241,8 +235,11 @@ class LanDiscovery:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-        if self.transport is not None:
-            self.transport.close()
+        if self.resume is not None:
+            self.resume.cancel()
+        if self.sock is not None:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
 
     def wake(self) -> None:
         """Announce now (e.g. this device's addresses changed, or a share is served now:
@@ -270,7 +267,7 @@ class LanDiscovery:
 
     def announce(self) -> None:
         """One datagram per share with a port, to every broadcast address."""
-        if self.transport is None:
+        if self.sock is None:
             return
         targets = self.targets()
         now_ms = int(self.clock() * 1000)
@@ -281,8 +278,11 @@ class LanDiscovery:
             beacon = Beacon(share.share_id, share.device, now_ms, share.port)
             packet = seal(beacon, self._lan_key(share.keys[0]))
             for target in targets:
-                self.transport.sendto(packet, (target, self.port))
-                self.sent += 1
+                try:
+                    self.sock.sendto(packet, (target, self.port))
+                    self.sent += 1
+                except OSError as exc:  # a full send buffer, an unreachable network
+                    log.debug("LAN discovery: %s", exc)
             rounds[share.share_id] = min(self.rounds.get(share.share_id, 0) + 1, FIRST_ROUNDS)
         self.rounds = rounds
 
@@ -305,8 +305,31 @@ class LanDiscovery:
         self.tokens -= 1
         return True
 
+    def _readable(self) -> None:
+        """Read datagrams while the budget lasts, whatever their size (each read costs
+        the loop); once it is spent, stop reading for :data:`PAUSE_S` and let the kernel
+        drop the excess (a small receive buffer): a flood costs the budget, no more."""
+        assert self.sock is not None
+        while self._admit():
+            try:
+                data, addr = self.sock.recvfrom(2 * PACKET_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.debug("LAN discovery: %s", exc)
+                return
+            self.received(data, addr)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        self.resume = loop.call_later(PAUSE_S, self._resume)
+
+    def _resume(self) -> None:
+        if self.sock is not None:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
     def received(self, data: bytes, addr: Any) -> None:
-        if len(data) != PACKET_SIZE or not self._admit():
+        """One datagram read within the budget: a beacon of a member is reported."""
+        if len(data) != PACKET_SIZE:
             return
         self.heard += 1
         shares = self.announcements()
