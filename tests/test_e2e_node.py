@@ -3,12 +3,13 @@ others with no command typed, through crashes, stops, simultaneous dials and dow
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psutil
@@ -16,6 +17,7 @@ import pytest
 
 from backer.connections import control
 from backer.errors import BackerError
+from backer.fs.paths import METADATA_DIR
 from backer.scanner.ignore import is_temp_name
 from tests.e2e import Device, Node, free_port, invite, snapshot, wait_until
 from tests.helpers import timing
@@ -298,3 +300,41 @@ def test_a_removed_device_is_dropped_by_every_member_and_backs_off(trio) -> None
     time.sleep(5)
     attempts = sum(" dialling " in line for line in list(c_node.lines)[seen:])
     assert attempts <= 10, c_node.log  # two addresses, backing off (was ~25)
+
+
+def test_R30_a_request_the_node_fails_on_is_answered_with_an_error_and_logged_once(
+    tmp_path: Path,
+) -> None:
+    """A request whose handling raised what no check foresaw killed the control handler
+    (an asyncio warning) and the CLI printed nothing and exited 0."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    node = a.start()
+    try:
+        with pytest.raises(BackerError, match="has no attribute"):
+            list(control.request(a.root, {"op": "sync", "addresses": [5]}))
+        assert status(a)["device"]  # the node still answers
+        node.wait_for("sync failed: AttributeError")
+        assert node.log.count("sync failed") == 1 and "Unhandled exception" not in node.log
+    finally:
+        node.stop()
+
+
+def test_R30_a_request_closed_unanswered_fails_the_client(tmp_path: Path) -> None:
+    """The client fails (one line) when the serving process closes a request without its
+    end; it used to take that for a request answered with nothing."""
+    (tmp_path / METADATA_DIR).mkdir()
+
+    async def dies(request: dict) -> AsyncIterator[dict]:
+        yield {"status": "first"}
+        raise RuntimeError("broken handler")
+
+    async def main() -> list[dict]:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda *_: None)  # the handler's death is the point
+        async with control.serving(tmp_path, dies):
+            return await asyncio.to_thread(lambda: list(control.request(tmp_path, {})))
+
+    with pytest.raises(BackerError, match="closed the request unanswered"):
+        asyncio.run(main())

@@ -123,6 +123,8 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
             async for reply in handle(request):
                 send(reply)
                 await writer.drain()
+            send({"done": True})  # a request closed without it was not answered
+            await writer.drain()
         except (OSError, ValueError, TimeoutError):
             pass  # a broken request only ends its own connection
         finally:
@@ -206,4 +208,10 @@ def request(root: Path, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
             reply = json.loads(line)
             if "error" in reply:
                 raise BackerError(str(reply["error"]))
+            if reply.get("done"):
+                return
             yield reply
+    raise BackerError(
+        f"the backer process serving the share {root} (pid {pid}) closed the request "
+        "unanswered (see its log)"
+    )

@@ -391,9 +391,9 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
                 yield {"error": f"unknown request {op!r}"}
         except (BackerError, KeyError, TypeError, ValueError) as exc:
             yield {"error": reason(exc)}
-        except (OSError, sqlite3.Error) as exc:  # (the disk's; the channel's own errors
-            # are not raised here)
-            node.log.error("%s: %s failed: %s", runtime.name, op, reason(exc))
+        except Exception as exc:  # the disk's, or one no check foresaw: answered and
+            # logged once, never a dead handler and a request closed unanswered
+            node.log.error("%s: %s failed: %s: %s", runtime.name, op, type(exc).__name__, exc)
             yield {"error": reason(exc)}
 
     return handle
