@@ -423,6 +423,7 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
     nodes: list[Node] = []
     with namespaces(2, "run") as names, _logs_on_failure(nodes):
         subnet = subnet_of(names)
+        heard_b = f"heard on the LAN at {subnet}.2"
         try:
             for device, name in zip((a, b), names, strict=True):  # a first: it hears b start
                 nodes.append(Node(device, 0, {}, "0.0.0.0:7654", tuple(in_ns(name))))
@@ -432,17 +433,18 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
             assert (b.root / "found.txt").read_text() == "over the LAN"
             nodes[1].stop()
             nodes[0].wait_for("attempt 5 failed", timeout=60)
-            dialled = f"({subnet}.2:7654, dialled)"
-            before = nodes[0].log.count(dialled)  # (the first session may have been b's dial)
+            before = nodes[0].log.count(heard_b)
             nodes.append(Node(b, 0, {}, "0.0.0.0:7654", tuple(in_ns(names[1]))))
-            nodes[0].wait_for(dialled, count=before + 1, timeout=120)
+            # a dials b once it hears it; which session is kept is the tie-break's (b
+            # dials a too): a's dial is what counts, not a session a dialled
+            wait_until(lambda: _dialled_after(nodes[0], heard_b, before, subnet), nodes, 120)
         finally:
             for node in nodes:
                 node.stop()
     # Timed from a's log, not the test's clock (b's start-up may take long on a busy
     # machine): once b is heard again it is dialled at once, before a's backoff was due.
     lines = nodes[0].log.splitlines()
-    heard = max(i for i, line in enumerate(lines) if f"heard on the LAN at {subnet}.2" in line)
+    heard = [i for i, line in enumerate(lines) if heard_b in line][before]
     failures = [i for i, line in enumerate(lines[:heard]) if "failed; next in" in line]
     due = _logged_at(lines[failures[-1]]) + float(
         re.findall(r"next in ([\d.]+) s", lines[failures[-1]])[0]
@@ -453,6 +455,14 @@ def test_two_nodes_that_know_no_address_find_each_other_on_the_lan_and_sync(
     attempts = int(re.findall(r"attempt (\d+) failed", lines[failures[-1]])[0])
     assert attempts >= 5, nodes[0].log  # its backoff had grown: 8-16 s after five (the
     # session b's stop ended counts as the first: it closed on b's error, not cleanly)
+
+
+def _dialled_after(node: Node, heard: str, before: int, subnet: str) -> bool:
+    """Whether ``node`` logged ``heard`` more than ``before`` times and dialled
+    ``subnet``.2 after the first of those lines."""
+    lines = node.log.splitlines()
+    found = [i for i, line in enumerate(lines) if heard in line]
+    return len(found) > before and any(f"dialling {subnet}.2" in x for x in lines[found[before] :])
 
 
 @contextlib.contextmanager
