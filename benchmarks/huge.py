@@ -40,11 +40,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from .datasets import Profile, many
-from .measure import Processes, run_measured, tree_digest, work_directory
-from .node import BackerNodes, _cpu_seconds, settled
+from .measure import Processes, cpu_seconds, run_measured, tree_digest, work_directory
+from .node import BackerNodes, settled
 from .tools import Rsync
 
 STEP_TIMEOUT_S = 3 * 3600
@@ -114,7 +112,7 @@ def children_cpu_s() -> float:
 
 def node_cpu_s(pid: int) -> float:
     """CPU seconds of a running node (and its children)."""
-    return _cpu_seconds(psutil.Process(pid))
+    return cpu_seconds(pid)[0]
 
 
 def same_trees(expected: dict[str, tuple[int, str]], copy: Path, exclude: tuple[str, ...]) -> None:

@@ -61,6 +61,20 @@ def file_system(path: Path, mounts: str | None = None) -> str:
     return best[1]
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of process ``pid`` and its descendants (``syncthing
+    serve`` runs its worker as a child of a monitor process), and the system part alone:
+    the kernel's share (writes, fsyncs, renames) is most of a sync of small files."""
+    root = psutil.Process(pid)
+    total = system = 0.0
+    for one in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = one.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+            system += times.system + times.children_system
+    return total, system
+
+
 def wait_for_port(port: int, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -43,7 +43,7 @@ from typing import Any
 import psutil
 
 from .datasets import PROFILES, Profile, insert_in_large_files, many
-from .measure import MIB, Processes, free_port, tree_digest, work_directory
+from .measure import MIB, Processes, cpu_seconds, free_port, tree_digest, work_directory
 from .tools import FOLDER, Rsync, _Instance, syncthing_pair
 
 LATENCY_TIMEOUT_S = 30
@@ -356,18 +356,18 @@ def shifted_insert(nodes: Nodes, a: Path, b: Path, dataset: Path, seed: int) -> 
     shutil.copytree(dataset, staging)
     sizes = _large_sizes(staging)
     devices = [psutil.Process(pid) for pid in nodes.pids()]
-    started, cpu = time.perf_counter(), [_cpu_seconds(p) for p in devices]
+    started, cpu = time.perf_counter(), [cpu_seconds(p.pid)[0] for p in devices]
     for name in sizes:
         os.replace(staging / name, a / name)
     arrived = wait_for_replacements(b, sizes, STEP_TIMEOUT_S) - started
-    arrival_cpu = [_cpu_seconds(p) - before for p, before in zip(devices, cpu, strict=True)]
+    arrival_cpu = [cpu_seconds(p.pid)[0] - before for p, before in zip(devices, cpu, strict=True)]
     check_identical(nodes, a, b, "1 GiB in four files")
     insert_in_large_files(a, seed, nodes.exclude, staging=staging)
-    cpu = [_cpu_seconds(p) for p in devices]
+    cpu = [cpu_seconds(p.pid)[0] for p in devices]
     started, own = time.perf_counter(), time.process_time()  # the renames took microseconds
     done = wait_for_replacements(b, {n: s + 10 for n, s in sizes.items()}, STEP_TIMEOUT_S)
     poller = (time.process_time() - own) / (done - started)
-    insert_cpu = [_cpu_seconds(p) - before for p, before in zip(devices, cpu, strict=True)]
+    insert_cpu = [cpu_seconds(p.pid)[0] - before for p, before in zip(devices, cpu, strict=True)]
     check_identical(nodes, a, b, "the insert")
     staging.rmdir()
     return {
@@ -398,14 +398,6 @@ def rsync_insert(work: Path, dataset: Path, seed: int) -> dict[str, Any]:
     return {"version": version, "seconds": step.seconds}
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    total = 0.0
-    for one in [process, *process.children(recursive=True)]:
-        times = one.cpu_times()
-        total += times.user + times.system
-    return total
-
-
 def _largest_rss(process: psutil.Process) -> int:
     """The largest single process of the tree, as :class:`~.measure.PeakRss` counts
     (``syncthing serve`` keeps a small monitor process as the parent of its worker)."""
@@ -418,12 +410,12 @@ def settled(pid: int, seconds: float, settle: float = 10) -> dict[str, float]:
     hands memory back in steps, so one reading would depend on when it is taken."""
     time.sleep(settle)
     process = psutil.Process(pid)
-    cpu, started = _cpu_seconds(process), time.perf_counter()
+    cpu, started = cpu_seconds(process.pid)[0], time.perf_counter()
     samples = []
     while time.perf_counter() - started < seconds:
         samples.append(_largest_rss(process) / MIB)
         time.sleep(0.5)
-    cpu, wall = _cpu_seconds(process) - cpu, time.perf_counter() - started
+    cpu, wall = cpu_seconds(process.pid)[0] - cpu, time.perf_counter() - started
     return {
         "cpu_pct": 100 * cpu / wall,
         "rss_median_mib": statistics.median(samples),

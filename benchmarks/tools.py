@@ -25,9 +25,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from .measure import PeakRss, Processes, free_port, run_measured, tree_listing, wait_for_port
+from .measure import (
+    PeakRss,
+    Processes,
+    cpu_seconds,
+    free_port,
+    run_measured,
+    tree_listing,
+    wait_for_port,
+)
 
 STEP_TIMEOUT_S = 1800
 
@@ -421,20 +427,6 @@ class _Listener(threading.Thread):
         self.join()
 
 
-def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """User + system CPU of ``pid`` and its descendants (``syncthing serve`` runs its
-    worker as a child of a monitor process), and the system part alone: the kernel's
-    share (writes, fsyncs, renames) is most of Syncthing's on small files here."""
-    root = psutil.Process(pid)
-    total = system = 0.0
-    for one in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = one.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-            system += times.system + times.children_system
-    return total, system
-
-
 class Syncthing(Tool):
     """Two headless instances; the folder is shared once ``a`` has indexed it, so its
     initial time, like backer's, starts from an indexed source. Mutations are announced
@@ -483,7 +475,7 @@ class Syncthing(Tool):
         pids = {"a": self.one.process.pid, "b": self.two.process.pid}
         sampler = PeakRss(pids)
         wire_before = self.two.wire_bytes(self.one)
-        cpu_before = {side: _cpu_seconds(pid) for side, pid in pids.items()}
+        cpu_before = {side: cpu_seconds(pid) for side, pid in pids.items()}
         completion = Completion(FOLDER, self.two.id, sequence_before)
         for listener in listeners:
             listener.start()
@@ -499,7 +491,7 @@ class Syncthing(Tool):
                 quiet = True
             if (completion.done or quiet) and completion.finished_at is not None:
                 checked_at, harness_cpu = time.time(), time.process_time() - cpu
-                used = {side: _cpu_seconds(pid) for side, pid in pids.items()}
+                used = {side: cpu_seconds(pid) for side, pid in pids.items()}
                 with contextlib.suppress(OSError):
                     if self._in_sync(sequence_before):
                         break

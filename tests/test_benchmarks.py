@@ -17,8 +17,8 @@ import pytest
 
 from benchmarks.__main__ import report
 from benchmarks.huge import cached_tree, growth_per_10x, on_paper, same_trees, scaling_table
-from benchmarks.measure import PeakRss, file_system, tree_digest
-from benchmarks.tools import FOLDER, Completion, Step, _cpu_seconds, event_time
+from benchmarks.measure import PeakRss, cpu_seconds, file_system, tree_digest
+from benchmarks.tools import FOLDER, Completion, Step, event_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_daemon_cpu_counts_a_child_and_gives_the_kernels_share_apart() -> None:
     parent = subprocess.Popen(["sh", "-c", f'{sys.executable} -c "{busy}"; true'])
     try:
         deadline = time.monotonic() + 20
-        while (cpu := _cpu_seconds(parent.pid))[0] < 0.3 and time.monotonic() < deadline:
+        while (cpu := cpu_seconds(parent.pid))[0] < 0.3 and time.monotonic() < deadline:
             time.sleep(0.1)
         total, system = cpu
         assert total >= 0.3
