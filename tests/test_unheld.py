@@ -43,6 +43,7 @@ def test_history_says_where_replaced_bytes_are_until_every_device_pruned_them(
     assert (first["bytes"], first["held_by"]) == ("here", [])
 
     clock.now += 400 * DAY * 1_000_000  # far past every retention tier
+    _save(a, "later.txt", b"later")  # an event that shows the time passed (see R31)
     report = prune_share(a, entropy.now_ms())
     assert report.versions == 1 and report.announced == 1
     sync(a, b)

@@ -107,3 +107,24 @@ def test_the_size_cap_holds_on_a_small_disk(tmp_path: Path, clock: Clock) -> Non
 def _versions(share: Share) -> dict[str, tuple[str, Version]]:
     rows = share.catalog.conn.execute("SELECT vid, path, record FROM versions")
     return {vid: (path, Version.decode(record)) for vid, path, record in rows}
+
+
+def test_R31_a_clock_that_jumps_ahead_drops_no_kept_version(tmp_path: Path, clock: Clock) -> None:
+    """A clock 400 days ahead (an RTC reset) made the next prune drop every replaced
+    version; a clock more than a day past the newest event recorded is not believed for
+    ages, and an event made at the new time (the time really passed) is."""
+    (share,) = make_devices(tmp_path, 1)
+    for n in range(3):
+        clock.now += HOUR * 1_000_000
+        _save(share, "ver.txt", f"version {n}".encode())
+    held = _held(share)
+    assert len(held) == 3
+    jumped = clock.now // 1_000_000 + 400 * DAY
+    with share.db.conn:
+        report = prune(share.root, share.catalog, jumped)
+    assert (report.versions, _held(share)) == (0, held)
+    clock.now = jumped * 1_000_000  # the time has passed: an edit made now shows it
+    _save(share, "ver.txt", b"version 3")
+    with share.db.conn:
+        report = prune(share.root, share.catalog, jumped + HOUR)
+    assert report.versions == 2  # the two oldest: the third was replaced within the hour

@@ -21,11 +21,15 @@ from typing import TYPE_CHECKING, Any
 from backer.db.catalog import Catalog
 from backer.model.records import Kind, Version
 from backer.versioner.config import policy as share_policy
-from backer.versioner.retention import Candidate, Policy, retained
+from backer.versioner.retention import DAY, Candidate, Policy, retained
 from backer.versioner.store import Store
 
 if TYPE_CHECKING:
     from backer.model.share import Share
+
+# A clock further than this past the newest event of the journal (any device's) is not
+# believed for ages: it jumped ahead (an RTC reset, an NTP step), or the share is idle.
+MAX_AHEAD_MS = DAY
 
 
 @dataclass
@@ -60,11 +64,11 @@ def replaced_at(catalog: Catalog, versions: dict[str, Version]) -> dict[str, int
 
 def candidates(
     catalog: Catalog, held: dict[bytes, int]
-) -> tuple[list[Candidate], set[bytes], set[bytes]]:
+) -> tuple[list[Candidate], set[bytes], set[bytes], int]:
     """The replaced and deleted file versions whose content the store holds, each with
     the time it stopped being current; the contents this device's files hold (live
-    versions, and what the disk held at the last scan); and the contents of every
-    replaced or deleted file version."""
+    versions, and what the disk held at the last scan); the contents of every
+    replaced or deleted file version; and the time of the newest version recorded."""
     versions: dict[str, tuple[str, Version]] = {}
     for vid, path, record in catalog.conn.execute("SELECT vid, path, record FROM versions"):
         versions[vid] = (path, Version.decode(record))
@@ -86,7 +90,8 @@ def candidates(
         for vid, (_, version) in versions.items()
         if vid not in live and version.kind == Kind.FILE
     }
-    return found, free, retired
+    newest = max((version.time_ms for _, version in versions.values()), default=0)
+    return found, free, retired, newest
 
 
 def prune(
@@ -97,15 +102,19 @@ def prune(
     policy: Policy | None = None,
 ) -> PruneReport:
     """Remove (or with ``dry_run`` only count) the store entries the share's policy no
-    longer needs; the caller commits."""
+    longer needs; the caller commits. Versions age by ``now_ms`` unless it is more than
+    :data:`MAX_AHEAD_MS` past the newest version recorded: then by that version's time,
+    so a clock that jumped ahead drops nothing an earlier prune would not have (the
+    time is believed once an event made then shows it)."""
     store = Store(root, catalog)
     held = store.contents()
-    found, free, retired = candidates(catalog, held)
+    found, free, retired, newest_ms = candidates(catalog, held)
     policy = policy or share_policy(catalog)
     used = sum(size for content, size in held.items() if content not in free)
     stat = os.statvfs(root)
     cap = int(policy.max_disk * (stat.f_bavail * stat.f_frsize + used))
-    keep = retained(found, now_ms, policy, cap, free)
+    age_ms = newest_ms if 0 < newest_ms < now_ms - MAX_AHEAD_MS else now_ms
+    keep = retained(found, age_ms, policy, cap, free)
     needed = free | {c.content for c in found if c.version_id in keep}
     report = PruneReport(cap=cap, dry_run=dry_run)
     doomed = [content for content in held if content not in needed]
