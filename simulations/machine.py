@@ -206,6 +206,9 @@ class ClusterMachine(RuleBasedStateMachine):
         anything) change, and every directory the edit made above them."""
         started = time.time_ns()
         root = self.root(node)
+        boxes = self.cluster.boxes  # a person stays in their box: a link out of it (a
+        if boxes and any(_inside(boxes[node].box, p) is None for p in touched):  # hostile
+            return  # one, applied as it is) is not theirs to write through
         paths = None
         if changed is not None:
             paths = {p.relative_to(root).as_posix() for p in touched} | set(changed)

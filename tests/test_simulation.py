@@ -557,11 +557,12 @@ def test_a_restore_that_writes_nothing_says_so_instead_of_restored() -> None:
 HOSTILE = frozenset({"hostile"})
 
 
-@pytest.mark.parametrize(("seed", "nodes", "steps"), [(2, 3, 40)])
+@pytest.mark.parametrize(("seed", "nodes", "steps"), [(2, 3, 40), (114, 3, 40)])
 def test_hostile_seeds_that_once_failed(seed: int, nodes: int, steps: int) -> None:
     """Seeds of the hostile world that found bugs: a directory recorded again for the
     mtime a waiting window's missing parent moved, though that parent was adopted as
-    the live version it equals (2)."""
+    the live version it equals (2); the harness's person writing through a hostile
+    link to ``../..`` beside the sandboxes (114)."""
     assert run_seed(seed, nodes, steps, HOSTILE)["steps"] == steps
 MET = [("sync", {"a": 0, "b": 1, "cut": None}), ("sync", {"a": 0, "b": 2, "cut": None})]
 MET += [("sync", {"a": 1, "b": 2, "cut": None})]  # every node has the share's history
