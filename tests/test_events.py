@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from backer.events import Event, EventBus, EventType
+from backer.events.bus import CAPACITY, REPLAY
 from tests.e2e import joined_pair, nodes_in_loop
 
 
@@ -144,3 +145,21 @@ def test_a_running_node_publishes_connections_local_changes_and_applied_remote_o
     assert local.data["paths"] == ["note.txt"] and local.data["count"] == 1
     assert applied.data["paths"] == ["note.txt"]
     assert lag_ms < 1000
+
+
+def test_R28_an_old_since_replays_at_most_REPLAY_events() -> None:
+    """A stream opened with an old ``since`` replayed the whole 4,096-event buffer on the
+    loop (~50 ms each); the newest REPLAY follow one ``missed`` now, whatever the id."""
+
+    async def scenario(since: int) -> list[Event]:
+        bus = EventBus(first_id=1)
+        for n in range(CAPACITY):
+            bus.publish(EventType.LOCAL_CHANGE, "s", n=n)
+        got = await take(bus.subscribe(since=since), REPLAY + 1)
+        bus.publish(EventType.SCAN_STARTED)  # then what comes, as it comes
+        return got + await take(bus.subscribe(since=got[-1].id), 1)
+
+    for since, reason in ((1, "too old"), (CAPACITY + 10, "unknown")):
+        got = asyncio.run(scenario(since))
+        assert got[0].type == EventType.MISSED and got[0].data["reason"] == reason
+        assert [e.id for e in got[1:]] == [*range(CAPACITY - REPLAY + 1, CAPACITY + 2)]

@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 CAPACITY = 4096  # events kept for subscribers that resume
+REPLAY = 256  # events a new subscription replays at most (older ones: one ``missed``)
 PATHS_PER_EVENT = 100  # an event names at most this many paths (and counts them all)
 
 
@@ -98,17 +99,25 @@ class EventBus:
         """Every event after ``since`` (None: from now on), then each new one as it is
         published, until the bus is closed. Events after ``since`` that are no longer
         buffered, or a ``since`` from another run of the node, are announced by one
-        ``missed`` event (its id: the last one missed, so a resume from it is exact)."""
+        ``missed`` event (its id: the last one missed, so a resume from it is exact).
+        At most :data:`REPLAY` buffered events are replayed (older ones are announced
+        as ``missed``, "too old"): a whole buffer cost the loop ~50 ms per request."""
         cursor = self.last_id if since is None else since
         if cursor > self.last_id or cursor < self._first - 1:
-            cursor = self._first - 1  # not an id of ours: everything we have is new
+            # not an id of ours: everything we have is new (the newest REPLAY of it)
+            cursor = max(self._first - 1, self.last_id - REPLAY)
             yield self._missed(cursor, "unknown", since)
+        floor = self.last_id - REPLAY  # for the first round only
         while True:
             wake = self._wake
             oldest = self._buffer[0].id if self._buffer else self._next
-            if cursor + 1 < oldest:
-                yield self._missed(oldest - 1, "dropped", cursor + 1)
-                cursor = oldest - 1
+            if cursor + 1 < max(oldest, floor + 1):
+                last = max(oldest - 1, floor)
+                yield self._missed(
+                    last, "dropped" if cursor + 1 < oldest else "too old", cursor + 1
+                )
+                cursor = last
+            floor = 0
             for event in list(self._buffer)[max(0, cursor + 1 - oldest) :]:
                 cursor = event.id
                 yield event
