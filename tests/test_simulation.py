@@ -424,9 +424,9 @@ def test_the_harness_catches_a_prune_that_drops_a_live_versions_only_bytes(
     _passes(steps, RETENTION)
     real = prune_engine.candidates
 
-    def sparing_no_live_contents(*args: Any) -> tuple[list, set[bytes], set[bytes]]:
-        found, _, retired = real(*args)
-        return found, set(), retired
+    def sparing_no_live_contents(*args: Any) -> tuple[list, set[bytes], set[bytes], int]:
+        found, _, retired, newest_ms = real(*args)
+        return found, set(), retired, newest_ms
 
     monkeypatch.setattr(prune_engine, "candidates", sparing_no_live_contents)
     with pytest.raises(Failure, match="unrecoverable"):

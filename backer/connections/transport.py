@@ -627,9 +627,11 @@ class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
         self._wake()
 
     def eof_received(self) -> bool:
+        """The peer is done sending; our side stays open for what we still have to say
+        (a refusal's reason, as ``StreamReader``'s protocol does): True keeps it."""
         self._ended = True
         self._wake()
-        return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
