@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from backer.fs.dirs import Directories, InShare
 from backer.model import materializer
 from backer.model.share import Share
 from tests.helpers import make_devices, sync, tree
@@ -112,3 +113,26 @@ def test_R26_a_parent_that_is_a_link_when_the_window_starts_is_refused(tmp_path:
     _unswap(b.root / "d3", real)
     sync(a, b)
     assert tree(a.root) == tree(b.root)
+
+
+def test_a_temp_given_up_is_removed_where_its_path_reaches_after_its_folder_was_made_again(
+    tmp_path: Path,
+) -> None:
+    """The window holds its folders open; a folder removed and made again meanwhile
+    (here: moved aside and a new one made) is another directory. A temp given up at
+    the end must go from the folder its path reaches now too, or it stays behind (a
+    stopped node left one: CI campaign seeds 17, 18, 21)."""
+    (tmp_path / "d3").mkdir()
+    folders = Directories(tmp_path)
+    try:
+        folders.open("d3")  # (the window's descriptor)
+        (tmp_path / "d3").rename(tmp_path / "d3.old")
+        (tmp_path / "d3").mkdir()
+        temp = InShare.of(folders, "d3/.backer-0123.tmp")
+        (tmp_path / "d3" / ".backer-0123.tmp").write_bytes(b"half")
+        (tmp_path / "d3.old" / ".backer-0123.tmp").write_bytes(b"half")
+        temp.remove()
+    finally:
+        folders.close()
+    assert os.listdir(tmp_path / "d3") == []
+    assert os.listdir(tmp_path / "d3.old") == []

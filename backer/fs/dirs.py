@@ -110,9 +110,9 @@ class Directories:
     def moved(self, relative: str) -> bool:
         """Whether the directory open as ``relative`` is no longer the one that path
         reaches (renamed, removed, or a link put in its place since it was opened)."""
-        with self.at(relative) as fd:
-            held = os.fstat(fd)
         try:
+            with self.at(relative) as fd:
+                held = os.fstat(fd)
             fresh = open_directory(self.root, relative)
         except (FileNotFoundError, NotADirectory):
             return True
@@ -184,12 +184,27 @@ class InShare:
             return os.open(self.name, flags | os.O_NOFOLLOW, mode, dir_fd=fd)
 
     def unlink(self, missing_ok: bool = False) -> None:
-        with self.dirs.at(self.parent) as fd:
-            try:
+        try:
+            with self.dirs.at(self.parent) as fd:
                 os.unlink(self.name, dir_fd=fd)
-            except FileNotFoundError:
-                if not missing_ok:
-                    raise
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+    def remove(self) -> None:
+        """Remove this entry (a temp file given up) from the directory its parent's
+        descriptor holds and, if that folder is no longer at its path (moved, or removed
+        and made again since the window opened it), from the one the path reaches now:
+        a temp made in either must not stay behind."""
+        with contextlib.suppress(NotADirectory):
+            self.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectory):
+            fresh = open_directory(self.dirs.root, self.parent)  # (not the window's)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.name, dir_fd=fresh)
+            finally:
+                os.close(fresh)
 
     def rmdir(self) -> None:
         with self.dirs.at(self.parent) as fd:

@@ -492,7 +492,7 @@ def _removing(temp: InShare) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        temp.unlink(missing_ok=True)
+        temp.remove()
         raise
 
 
@@ -598,7 +598,7 @@ def _remove_temp(temp: InShare) -> None:
     stays for the next scan's sweep: the fault that stopped the window is what is
     reported, never an exception out of the clean-up (seed 11177)."""
     with contextlib.suppress(OSError):
-        temp.unlink(missing_ok=True)
+        temp.remove()
 
 
 class Assembly:

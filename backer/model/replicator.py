@@ -446,7 +446,7 @@ class Replicator:
         self.window_operations = window
         self.share.db.conn.commit()  # the directories it made are recorded for an off-loop
         # scan's reader too, or it takes them for absent and misses their deletion
-        self.share.temps_in_use = {staged.temp for staged in self.assembly.staged.values()}
+        self.share.temps_in_use = {staged.temp.path for staged in self.assembly.staged.values()}
         total = 0
         for op in window:
             manifest = self.share.catalog.manifest(op.version.content)
