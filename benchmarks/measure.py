@@ -29,18 +29,19 @@ import psutil
 MIB = 1024 * 1024
 
 
-def free_port() -> int:
-    """A port free now below the ephemeral range (an outgoing connection cannot take
-    it between a node's stop and its next start)."""
+def free_port(low: int = 20_000, high: int = 32_000) -> int:
+    """A port of 127.0.0.1 free now in ``low``..``high``, by default below the ephemeral
+    range (an outgoing connection cannot take it between a node's stop and its next
+    start)."""
     for _ in range(100):
-        port = random.randrange(20_000, 32_000)
+        port = random.randrange(low, high)
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port")
+    raise RuntimeError(f"no free TCP port in {low}-{high}")
 
 
 def file_system(path: Path, mounts: str | None = None) -> str:

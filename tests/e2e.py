@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 from backer.config.identity import load_or_create_key
 from backer.config.registry import RegisteredShare
 from backer.node.node import Node as InProcessNode
+from benchmarks import measure
 
 PORTS = range(20_000, 32_000)  # below Linux's ephemeral range (32768-60999)
 
@@ -30,15 +30,7 @@ def free_port() -> int:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     size = len(PORTS) // 8
     start = PORTS.start + (worker % 8) * size
-    for _ in range(100):
-        port = random.randrange(start, start + size)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError(f"no free TCP port in {start}-{start + size}")
+    return measure.free_port(start, start + size)
 
 
 class Device:
