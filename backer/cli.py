@@ -61,7 +61,7 @@ from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
 from backer.protocol.invite import MAX_EXPIRES_S, InviteToken, parse_address
 from backer.protocol.session import Session
 from backer.versioner import config as retention_config
-from backer.versioner.prune import prune_share
+from backer.versioner.prune import DROP_ALL, prune_share
 from journal import JournalError
 
 EXIT_ERROR = 1
@@ -807,16 +807,25 @@ def _fetch_from(share: Share, fetched: revisions.Fetched, source: str | None, wh
 @cli.command()
 @share_option
 @click.option("--dry-run", is_flag=True, help="Only say what would be freed.")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Drop every kept content, the last hour's too (a full disk: deleting files frees "
+    "nothing, their contents are kept).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def prune(directory: str | None, dry_run: bool, as_json: bool) -> None:
+def prune(directory: str | None, dry_run: bool, everything: bool, as_json: bool) -> None:
     """Drop the kept contents of replaced and deleted versions that the share's
     retention policy no longer keeps (see 'backer config'), and say what that frees.
     The history of every version stays. 'backer run' does this every hour by itself."""
+    policy = DROP_ALL if everything else None
     try:
         with _open(directory) as share:
-            report = prune_share(share, entropy.now_ms(), dry_run).as_json()
+            report = prune_share(share, entropy.now_ms(), dry_run, policy).as_json()
     except ShareBusy as busy:
-        report = _node_answer(busy.root, {"op": "prune", "dry_run": dry_run})
+        request = {"op": "prune", "dry_run": dry_run, "all": everything}
+        report = _node_answer(busy.root, request)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -956,7 +965,7 @@ def _name() -> str:
 def _check_applied(hub: transport.Hub, hint: str = "") -> None:
     """A plan stopped by a full disk fails the command (after its summary)."""
     if hub.replicator.disk_full is not None:
-        raise BackerError(f"{hub.replicator.disk_full}{hint}")
+        raise BackerError(f"{commands.disk_full_line(hub.share, hub.replicator.disk_full)}{hint}")
 
 
 def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list[Session]:

@@ -224,3 +224,34 @@ def test_files_inside_a_read_only_directory_are_written_and_its_mode_kept(
             if path.is_dir() and not path.is_symlink():
                 path.chmod(0o755)
         shutil.rmtree(base)
+
+
+def test_R25_a_full_disk_says_what_kept_versions_hold_and_prune_all_frees_it(
+    tmp_path: Path,
+) -> None:
+    """Deleting a file frees nothing for keep-all (its content is kept as a version): the
+    disk-full error says how much kept versions hold and which command frees it now."""
+    a, b = _founder(tmp_path)
+    (a.root / "ten.bin").write_bytes(os.urandom(10 * 1024 * 1024))
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with small_disk(tmp_path / "disk", "30m") as disk, a.serving(port) as address:
+        b.root = disk / "b"
+        b.run("join", token, str(b.root))
+        (b.root / "filler.bin").write_bytes(os.urandom(12 * 1024 * 1024))
+        b.run("scan", "--dir", str(b.root))
+        (b.root / "filler.bin").unlink()
+        b.run("scan", "--dir", str(b.root))  # the filler's content is a kept version now
+        (a.root / "ten.bin").write_bytes(os.urandom(10 * 1024 * 1024))
+        a.run("scan", "--dir", str(a.root))
+        result = b.run("sync", address, "--dir", str(b.root), check=False)
+        assert result.returncode == 1, result
+        error = result.stderr.strip().splitlines()[-1]
+        assert error.startswith("backer: error: disk full: "), error
+        assert "kept versions of replaced and deleted files hold 12 MB" in error, error
+        assert "'backer prune --all' frees it now" in error, error
+        pruned = b.run("prune", "--all", "--dir", str(b.root)).stdout
+        assert pruned.startswith("freed 1258"), pruned  # the filler's 12 MiB
+        b.sync(address)
+        assert snapshot(b.root) == snapshot(a.root)

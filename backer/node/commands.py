@@ -22,7 +22,7 @@ from backer.connections import control
 from backer.connections.addresses import format_address
 from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError, reason
-from backer.model import revisions
+from backer.model import entropy, revisions
 from backer.model.membership import EventKind
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
@@ -30,17 +30,31 @@ from backer.model.share import ScanSummary, Share
 from backer.protocol.invite import InviteToken, parse_address
 from backer.protocol.session import Session, WireStats
 from backer.scanner.chunks import ChunkStore
+from backer.versioner.prune import held_by_kept
 from backer.versioner.store import Store
 
 if TYPE_CHECKING:
     from backer.node.node import Node, Runtime
 
+MB = 1024 * 1024
 SYNC_WAIT_S = 120.0  # a node's ``sync`` gives up on a peer that has not caught up by then
 FETCH_WAIT_S = 120.0  # a node's ``restore`` gives up on bytes that have not arrived by then
 
 
 def problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
     return [{"path": p.path, "reason": p.reason, "warning": p.warning} for p in problems]
+
+
+def disk_full_line(share: Share, full: BaseException) -> str:
+    """A full disk as one line that says what frees room now: deleting files does not
+    (their contents are kept as versions for keep-all), ``backer prune --all`` does."""
+    held = held_by_kept(share, entropy.now_ms())
+    if held == 0:
+        return str(full)
+    return (
+        f"{full}; kept versions of replaced and deleted files hold {-(-held // MB)} MB "
+        "(deleting files frees nothing until keep-all ends): 'backer prune --all' frees it now"
+    )
 
 
 def failures(share: Share) -> int:
@@ -368,7 +382,8 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
             elif op == "status":
                 yield {"status": node_status(runtime)}
             elif op == "prune":
-                yield {"prune": runtime.prune(bool(request.get("dry_run"))).as_json()}
+                pruned = runtime.prune(bool(request.get("dry_run")), bool(request.get("all")))
+                yield {"prune": pruned.as_json()}
             elif op == "sync":
                 yield {"sync": await node_sync(runtime, list(request.get("addresses") or []))}
             elif op == "invite":
@@ -444,6 +459,9 @@ def node_status(runtime: Runtime, counts: dict[str, int] | None = None) -> dict[
             }
         )
     report["devices"] = devices
+    if runtime.disk_full_said is not None:
+        full = {"path": "", "reason": runtime.disk_full_said, "warning": False}
+        report["problems"].insert(0, {**full, "during": "applying", "since": None})
     unserved = runtime.gone or stopped(runtime)
     if unserved is not None:
         gone = {"path": "", "reason": unserved, "warning": False}

@@ -48,7 +48,7 @@ from backer.events import Event, EventBus, EventType, paths
 from backer.model import entropy, revisions
 from backer.model.materializer import Report
 from backer.model.share import ScanSummary, Share, ShareBusy
-from backer.node.commands import handler, note_seen
+from backer.node.commands import disk_full_line, handler, note_seen
 from backer.protocol.channel import (
     BUSY,
     HEADER_LEN,
@@ -63,7 +63,7 @@ from backer.protocol.invite import parse_address
 from backer.protocol.session import Session
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 from backer.scanner.watch import Watcher
-from backer.versioner.prune import PruneReport, prune_share
+from backer.versioner.prune import DROP_ALL, PruneReport, prune_share
 
 if TYPE_CHECKING:
     from backer.config.registry import RegisteredShare
@@ -240,6 +240,7 @@ class Runtime:
         self.poke = asyncio.Event()
         self.conflicts_logged = 0
         self.disk_full_logged: str | None = None
+        self.disk_full_said: str | None = None  # the logged line, with what frees room
         self.retrying_when_room = False
         self.tasks: asyncio.TaskGroup | None = None
         self.scanning = asyncio.Lock()  # one scan at a time (watcher, control)
@@ -378,10 +379,12 @@ class Runtime:
                 self.prune()
             await asyncio.sleep(PRUNE_EVERY_S * self.node.scale)
 
-    def prune(self, dry_run: bool = False) -> PruneReport:
-        """Drop the kept contents the retention policy no longer keeps (in the loop, so
-        never in the middle of an apply or a scan's recording)."""
-        report = prune_share(self.share, entropy.now_ms(), dry_run)
+    def prune(self, dry_run: bool = False, everything: bool = False) -> PruneReport:
+        """Drop the kept contents the retention policy no longer keeps, or with
+        ``everything`` all of them (in the loop, so never in the middle of an apply or a
+        scan's recording)."""
+        policy = DROP_ALL if everything else None
+        report = prune_share(self.share, entropy.now_ms(), dry_run, policy)
         if report.announced:
             self.hub.journal_grew()
         if report.files and not dry_run:
@@ -427,8 +430,11 @@ class Runtime:
         )
         self._log_problems()
         full = self.hub.replicator.disk_full
-        if full is not None and str(full) != self.disk_full_logged:
-            self.log.warning("%s: %s (the files that fit were applied)", self.name, full)
+        if full is None:
+            self.disk_full_said = None
+        elif str(full) != self.disk_full_logged:
+            self.disk_full_said = said = disk_full_line(self.share, full)
+            self.log.warning("%s: %s (the files that fit were applied)", self.name, said)
         self.disk_full_logged = None if full is None else str(full)
         if full is not None and not self.retrying_when_room and self.tasks is not None:
             self.retrying_when_room = True

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 # A clock further than this past the newest event of the journal (any device's) is not
 # believed for ages: it jumped ahead (an RTC reset, an NTP step), or the share is idle.
 MAX_AHEAD_MS = DAY
+# ``backer prune --all``: no version keeps its bytes, not even the last hour's (a full disk
+# that deleting files cannot relieve, since what is deleted is kept)
+DROP_ALL = Policy(keep_all_ms=0, hourly_until_ms=0, daily_until_ms=0, weekly_until_ms=0)
 
 
 @dataclass
@@ -134,13 +137,21 @@ def prune(
     return report
 
 
-def prune_share(share: Share, now_ms: int, dry_run: bool = False) -> PruneReport:
+def prune_share(
+    share: Share, now_ms: int, dry_run: bool = False, policy: Policy | None = None
+) -> PruneReport:
     """:func:`prune` in one transaction, then the replaced contents this device does not
     hold and has not said so of yet announced to every device (``backer prune``, the
     node)."""
     with share.db.conn:
-        report = prune(share.root, share.catalog, now_ms, dry_run)
+        report = prune(share.root, share.catalog, now_ms, dry_run, policy)
     if not dry_run:
         fresh = report.unheld - share.catalog.unheld_here(share.device)
         report.announced = share.announce_unheld(fresh)
     return report
+
+
+def held_by_kept(share: Share, now_ms: int) -> int:
+    """Bytes of disk that ``backer prune --all`` would free now: what the kept contents of
+    replaced and deleted versions take beyond the share's own files."""
+    return prune(share.root, share.catalog, now_ms, dry_run=True, policy=DROP_ALL).bytes
