@@ -76,7 +76,7 @@ DISK_FULL_RETRY_S = 60.0  # after a full disk left files out, plan again this mu
 PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often, and
 # what this device needs is told to its peers at most this often
 RATE_WINDOW = 4  # transfer rates are averaged over this many progress intervals
-PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and at start)
+PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and once watching)
 REGISTRY_CHECK_S = 1.0  # the share registry is re-read (when it changed) and the shares
 # another backer process held are tried again this often
 RESTART_BASE_S = 2.0  # a share whose runtime failed is restarted after this long, doubling
@@ -244,6 +244,7 @@ class Runtime:
         self.retrying_when_room = False
         self.tasks: asyncio.TaskGroup | None = None
         self.scanning = asyncio.Lock()  # one scan at a time (watcher, control)
+        self.watching = asyncio.Event()  # the start-up scan is done, the watcher is on
         self.waiting: str | None = None  # why scans record nothing (logged once)
         self.paused = False  # no sessions, no dialling; local changes are still recorded
         self.gone: str | None = None  # why the share's folder is not the share now
@@ -324,6 +325,7 @@ class Runtime:
                     release_memory(self.share)
                 if changes.reason == "start":
                     self.log.info("%s: watching %s", self.name, root)
+                    self.watching.set()
 
     async def _guard_root(self) -> None:
         """Check every ROOT_CHECK_S that the share's folder is still the share."""
@@ -373,7 +375,10 @@ class Runtime:
             self.hub.flush()
 
     async def _prune_loop(self) -> None:
-        """Apply the share's retention policy at start and every PRUNE_EVERY_S."""
+        """Apply the share's retention policy once the start-up scan is done and every
+        PRUNE_EVERY_S. Not before: it reads every recorded version in the loop (seconds
+        on a large share), which held the start-up scan back."""
+        await self.watching.wait()
         while True:
             if self.check_root():
                 self.prune()
