@@ -35,6 +35,7 @@ from backer.config.identity import device_id, home, load_or_create_key, parse_de
 from backer.connections import control, transport
 from backer.connections.addresses import AddressBook, advertised, loopback_only
 from backer.db.catalog import Problem
+from backer.db.recovery import make_directories
 from backer.errors import BackerError
 from backer.errors import reason as error_reason
 from backer.fs.paths import METADATA_DIR
@@ -1381,7 +1382,7 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     root = Path(os.path.abspath(directory or "."))
     if directory is None:
         _say(f"joining into the current directory, {root}", err=True)
-    root.mkdir(parents=True, exist_ok=True)
+    make_directories(root)
     key = load_or_create_key()
     share = _joining_share(root, key, invitation)
     failures = []

@@ -176,3 +176,87 @@ def test_a_join_killed_between_windows_loses_nothing_and_the_same_token_finishes
     ]
     assert not temps
     b.run("verify", "--dir", str(b.root))
+
+
+def _traced(device: Device, log: Path, *args: str, inject: str = "") -> int:
+    """Run ``backer ARGS`` under strace (mkdirs, fsyncs, renames of every thread);
+    ``inject``: an strace fault to inject. Return its exit status."""
+    traced = "mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2"
+    extra = ["-e", f"inject={inject}"] if inject else []
+    return subprocess.run(
+        ["strace", "-f", "-qq", "-y", "-o", str(log), "-e", f"trace={traced}", *extra,
+         *device.command(*args)],
+        env=device.env, capture_output=True, text=True, timeout=120,
+    ).returncode  # fmt: skip
+
+
+def _registered_after_durable_folders(log: Path, made: list[Path], home: Path) -> None:
+    """Each of ``made`` was made, then its parent fsynced, before the device registry's
+    rename; the registry's folder is fsynced after that rename."""
+    calls = _calls(log.read_text())
+    registry = next(
+        i for i, (name, arguments, _, _) in enumerate(calls)
+        if name.startswith("rename") and _paths(arguments)[1] == str(home / "shares.json")
+    )  # fmt: skip
+    for directory in made:
+        mkdir = next(
+            i for i, (name, arguments, _, _) in enumerate(calls)
+            if name.startswith("mkdir") and _paths(arguments)[0] == str(directory)
+        )  # fmt: skip
+        assert any(
+            name == "fsync" and _fd_path(arguments) == str(directory.parent)
+            for name, arguments, _, _ in calls[mkdir + 1 : registry]
+        ), f"{directory} made, its parent not fsynced before the share was registered"
+    assert any(
+        name == "fsync" and _fd_path(arguments) == str(home)
+        for name, arguments, _, _ in calls[registry + 1 :]
+    ), "the registry's rename never made durable"
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_join_and_init_make_their_folders_durable_before_registering_the_share(
+    tmp_path: Path,
+) -> None:
+    """A power cut right after ``join`` or ``init`` must not leave the device registry
+    naming a share whose folder or ``.backer/`` the disk never kept."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "x.txt").write_text("x")
+    assert _traced(a, tmp_path / "init.log", "init", str(a.root)) == 0
+    _registered_after_durable_folders(tmp_path / "init.log", [a.root / ".backer"], a.home)
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    b.root = tmp_path / "new" / "b"
+    with a.serving(port):
+        assert _traced(b, tmp_path / "join.log", "join", token, str(b.root)) == 0
+    made = [tmp_path / "new", b.root, b.root / ".backer"]
+    _registered_after_durable_folders(tmp_path / "join.log", made, b.home)
+    assert snapshot(b.root) == snapshot(a.root)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_a_join_killed_at_any_fsync_before_it_registered_is_finished_by_the_same_token(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL at each of the first fsyncs of a join (folders made, key, .backer/, the
+    database, the first file, the registry): running the same join again finishes it,
+    and the share is registered and readable."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    (a.root / "x.txt").write_text("x")
+    a.run("init", str(a.root))
+    port = free_port()
+    kills = range(1, 12)
+    tokens = [invite(a, f"127.0.0.1:{port}") for _ in kills]
+    with a.serving(port):
+        for when, token in zip(kills, tokens, strict=True):
+            b = Device(tmp_path, f"b{when}")
+            b.root = tmp_path / f"new{when}" / "b"
+            log = tmp_path / f"kill{when}.log"
+            kill = f"fsync:signal=KILL:when={when}"
+            killed = _traced(b, log, "join", token, str(b.root), inject=kill)
+            assert killed != 0, f"the join ended before its fsync number {when}"
+            b.run("join", token, str(b.root))
+            assert snapshot(b.root) == snapshot(a.root), when
+            assert str(b.root) in b.run("shares").stdout, when
+            b.run("status", "--dir", str(b.root))

@@ -18,6 +18,7 @@ import nacl.bindings
 import nacl.signing
 import platformdirs
 
+from backer.db.recovery import make_directories
 from backer.errors import BackerError
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
@@ -51,7 +52,7 @@ def _create_key(directory: Path, path: Path) -> nacl.signing.SigningKey:
     one went on with a key that was not the saved one (a share made with it had a
     founding member no later command could be). The key is written to a temp file of
     this process, made durable, then hard-linked into place, which never replaces."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_directories(directory, mode=0o700)
     key = nacl.signing.SigningKey.generate()
     temp = directory / f"{KEY_FILE}.{secrets.token_hex(8)}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

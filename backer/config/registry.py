@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backer.config.identity import home as device_home
-from backer.db.recovery import write_durably
+from backer.db.recovery import make_directories, sync_directory, write_durably
 from backer.errors import BackerError
 
 REGISTRY_FILE = "shares.json"
@@ -54,13 +54,14 @@ def _changing(home: Path | None) -> Iterator[list[RegisteredShare]]:
     """The entries, to change in place, written back when the block ends; one writer
     at a time (a lock file beside the registry)."""
     path = _path(home)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_directories(path.parent, mode=0o700)
     with open(path.with_name(LOCK_FILE), "ab") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         entries = _read(path)
         yield entries
         body = [{"id": e.share_id.hex(), "name": e.name, "root": str(e.root)} for e in entries]
         write_durably(path, json.dumps({"shares": body}, indent=2).encode() + b"\n")
+        sync_directory(path.parent)  # the rename too: a registration that stays
 
 
 def registered(home: Path | None = None) -> list[RegisteredShare]:

@@ -34,8 +34,31 @@ def record_own_length(home: Path, share_id: bytes, length: int) -> None:
     write_durably(_mark(home, share_id), str(length).encode())
 
 
+def sync_directory(path: Path) -> None:
+    """fsync a directory: what was made, renamed or removed in it survives a power cut
+    (a file's own fsync does not cover its name)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_directories(path: Path, mode: int = 0o777) -> None:
+    """``mkdir -p`` that survives a power cut: each directory it makes is followed by an
+    fsync of its parent, so nothing later recorded about it (a share's registration)
+    can outlive the directory itself."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=mode, exist_ok=True)
+        sync_directory(directory.parent)
+
+
 def write_durably(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_directories(path.parent, mode=0o700)
     temp = path.with_name(path.name + ".tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -380,6 +380,8 @@ class Share:
         if outer is not None:
             raise BackerError(f"{root} is inside the share {outer}; shares cannot nest")
         (root / METADATA_DIR).mkdir(mode=0o700, exist_ok=repairing or again)
+        recovery.sync_directory(root)  # (a power cut must not leave the device home
+        # remembering a share whose .backer/ the disk never kept)
         db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
         os.chmod(root / METADATA_DIR / DB_FILE, 0o600)
         catalog = Catalog(db)
@@ -392,6 +394,7 @@ class Share:
             catalog.set_meta("share_key", share_key)
             catalog.set_meta("device", bytes(key.verify_key))
         db.conn.close()
+        recovery.sync_directory(root / METADATA_DIR)
         share = cls(root, key, home=home)
         if joining is None:
             share._append(EventKind.GENESIS, genesis_payload(share_id, host_name()))
