@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
+import pytest
 
 from backer.model.share import DB_FILE, Share
 from backer.scanner.content import manifest_of_bytes
@@ -195,3 +198,55 @@ def test_a_new_version_rewrites_only_the_chunk_rows_whose_place_changed(tmp_path
     moved = [ref for ref in new.chunks if (ref.hash, ref.offset) not in placed]
     assert 0 < len(moved) < len(new.chunks) - 5
     assert share.catalog.conn.total_changes - before == 1 + len(moved)  # (+ the manifest)
+
+
+def _many_files(share: Share, count: int) -> dict[str, bytes]:
+    """``count`` files of distinct contents in a few folders: path -> content id."""
+    files = {}
+    for n in range(count):
+        path = f"d{n % 7}/f{n:04d}.txt"
+        (share.root / path).parent.mkdir(exist_ok=True)
+        (share.root / path).write_text(f"file {n}")
+        files[path] = cid(f"file {n}".encode())
+    return files
+
+
+def _assert_all_kept(share: Share, files: dict[str, bytes]) -> None:
+    """Every file is held by a hard link to its own inode and noted in the index."""
+    assert set(Store(share.root, share.catalog).contents()) == set(files.values())
+    for path, content in files.items():
+        entry = share.root / entry_name(content)
+        assert entry.lstat().st_ino == (share.root / path).lstat().st_ino, path
+
+
+def test_a_first_scan_of_many_files_links_and_notes_every_one(tmp_path: Path) -> None:
+    """A scan's files are kept in one pass (fan directories opened once, one INSERT):
+    none may be skipped, nor kept as a copy."""
+    (a,) = make_devices(tmp_path, 1)
+    files = _many_files(a, 600)
+    a.scan()
+    _assert_all_kept(a, files)
+
+
+def test_a_fan_directory_removed_mid_batch_is_made_again_with_every_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store keeps a fan directory open while it links a scan's files into it; one
+    removed meanwhile took the links made so far along and refused the rest (ENOENT):
+    those files had no kept copy left for a later edit or deletion."""
+    (a,) = make_devices(tmp_path, 1)
+    files = _many_files(a, 300)
+    original, seen, removed = Store._link, set(), []
+
+    def link_then_remove(self: Store, fd: int, path: str, content: bytes, *rest: Any) -> None:
+        fan = content.hex()[:2]
+        if fan in seen and not removed:  # a link is in it already: the fan goes
+            shutil.rmtree(a.root / ".backer" / "store" / fan)
+            removed.append(fan)
+        seen.add(fan)
+        original(self, fd, path, content, *rest)
+
+    monkeypatch.setattr(Store, "_link", link_then_remove)
+    a.scan()
+    assert removed
+    _assert_all_kept(a, files)

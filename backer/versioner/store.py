@@ -24,6 +24,7 @@ import stat
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry
 from backer.fs.dirs import InShare
@@ -49,6 +50,36 @@ def open_directory_at(parent: int, name: str) -> int:
     except FileNotFoundError:
         os.mkdir(name, 0o700, dir_fd=parent)
         return os.open(name, flags, dir_fd=parent)
+
+
+class ShareFile(Protocol):
+    """A share file as the store links it: by its parent's descriptor (InShare) or
+    :class:`AtDirectory`."""
+
+    def lstat(self) -> os.stat_result: ...
+
+    def link_into(self, directory_fd: int, name: str) -> None: ...
+
+
+class AtDirectory(NamedTuple):
+    """A share file by its path relative to a descriptor of the share's root (or by its
+    absolute path, ``directory`` None): one lookup from there, not from ``/``."""
+
+    directory: int | None
+    path: str
+
+    def lstat(self) -> os.stat_result:
+        return os.stat(self.path, dir_fd=self.directory, follow_symlinks=False)
+
+    def link_into(self, directory_fd: int, name: str) -> None:
+        os.link(
+            self.path, name, src_dir_fd=self.directory, dst_dir_fd=directory_fd,
+            follow_symlinks=False,
+        )  # fmt: skip
+
+
+class _FanRemoved(Exception):
+    """The fan directory being linked into was removed (see Store._keep_in_fan)."""
 
 
 def _fan(item: tuple[str, bytes, int]) -> str:
@@ -119,37 +150,27 @@ class Store:
         name. Raises OSError when the link cannot be made."""
         if content == EMPTY_MANIFEST.id:
             return
+        file: ShareFile = source or AtDirectory(None, str(self.root / path))
         with self._directory(content.hex()[:2]) as fd:
-            self._link(fd, path, content, retiring, source)
+            self._link(fd, path, content, file, retiring)
         self._note([(content, size)])
 
     def _link(
-        self,
-        fd: int,
-        path: str,
-        content: bytes,
-        retiring: bool = False,
-        source: InShare | None = None,
+        self, fd: int, path: str, content: bytes, source: ShareFile, retiring: bool = False
     ) -> None:
-        """:meth:`keep`'s link, in the entry's fan directory ``fd``."""
+        """:meth:`keep`'s link, in the entry's fan directory ``fd``. The link is tried
+        first: a first scan finds no entry for nearly every file, so the entry is only
+        looked at when one is there."""
         name = content.hex()
-        try:
-            held = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            held = None
-        live = os.lstat(self.root / path) if source is None else source.lstat()
+        live = source.lstat()
         if not stat.S_ISREG(live.st_mode):
             raise OSError(errno.EINVAL, f"not a regular file: {path}")
-
-        def link(as_name: str) -> None:
-            if source is None:
-                os.link(self.root / path, as_name, dst_dir_fd=fd, follow_symlinks=False)
-            else:
-                source.link_into(fd, as_name)
-
-        if held is None:
-            link(name)
-        elif held.st_ino != live.st_ino and (
+        try:
+            source.link_into(fd, name)
+            return
+        except FileExistsError:
+            held = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if held.st_ino != live.st_ino and (
             retiring
             or (
                 held.st_nlink == 1
@@ -157,7 +178,7 @@ class Store:
             )
         ):
             spare = f"{name}.{secrets.token_hex(4)}.tmp"
-            link(spare)
+            source.link_into(fd, spare)
             os.replace(spare, name, src_dir_fd=fd, dst_dir_fd=fd)
 
     def _note(self, kept: list[tuple[bytes, int]]) -> None:
@@ -170,16 +191,42 @@ class Store:
     def keep_files(self, files: Iterable[tuple[str, bytes, int]]) -> None:
         """:meth:`keep` each (path, content, size) of files just recorded or written, as
         far as possible: a link that cannot be made costs a kept version, never a file.
-        Each fan directory is opened once (a first scan keeps 100,000s of files)."""
+        A first scan keeps 100,000s of files: each fan directory is opened once, every
+        file is reached from one descriptor of the share's root, and the index gets one
+        INSERT for them all."""
         wanted = sorted((f for f in files if f[1] != EMPTY_MANIFEST.id), key=_fan)
         kept: list[tuple[bytes, int]] = []
-        for fan, group in itertools.groupby(wanted, key=_fan):
-            with contextlib.suppress(OSError), self._directory(fan) as fd:
-                for path, content, size in group:
-                    with contextlib.suppress(OSError):
-                        self._link(fd, path, content)
-                        kept.append((content, size))
+        with contextlib.suppress(OSError), self._share_root() as root:
+            for fan, group in itertools.groupby(wanted, key=_fan):
+                kept += self._keep_in_fan(root, fan, list(group))
         self._note(kept)
+
+    def _keep_in_fan(
+        self, root: int, fan: str, group: list[tuple[str, bytes, int]]
+    ) -> list[tuple[bytes, int]]:
+        """:meth:`keep_files` for the files whose entries go into ``fan``. A fan
+        directory removed meanwhile (by a person cleaning up .backer) takes the links
+        already made in it along: it is made again and the whole group linked into it
+        again, once (linking a file that is there already changes nothing)."""
+        kept: list[tuple[bytes, int]] = []
+        for _ in range(2):
+            kept = []
+            try:
+                with self._directory(fan) as fd:
+                    for path, content, size in group:
+                        try:
+                            self._link(fd, path, content, AtDirectory(root, path))
+                        except OSError:
+                            if os.fstat(fd).st_nlink == 0:
+                                raise _FanRemoved from None
+                            continue
+                        kept.append((content, size))
+                return kept
+            except _FanRemoved:
+                continue
+            except OSError:
+                break
+        return kept
 
     def keep_entries(self, entries: Iterable[LocalEntry]) -> None:
         """:meth:`keep_files` for scan-cache entries (the file versions among them)."""
@@ -268,6 +315,14 @@ class Store:
         except OSError:
             return None
         return data if manifest_of_bytes(data).id == content else None
+
+    @contextlib.contextmanager
+    def _share_root(self) -> Iterator[int]:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _directory(self, fan: str) -> Iterator[int]:
