@@ -28,7 +28,6 @@ import base64
 import bisect
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -451,7 +450,7 @@ def _fsync_dir_reported(dirs: Directories, directory: str, report: Report) -> No
         os.fsync(fd)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # (the process's own libc: find_library runs ldconfig)
 _syncfs = getattr(_libc, "syncfs", None)
 
 
@@ -765,10 +764,10 @@ class Assembly:
         where it was made: its file is dropped (a full disk stops the window)."""
         if wait:
             self._submit()
+        if not self._collectable(wait):
+            return  # (most arrivals: no context entered)
         with self.stopping_when_full():
-            while self._writes and (
-                wait or self._queued > WRITE_QUEUE or self._writes[0].future.done()
-            ):
+            while self._collectable(wait):
                 writes = self._writes.popleft()
                 self._queued -= writes.size
                 outcome = writes.future.result()
@@ -777,13 +776,20 @@ class Assembly:
                 for (staged, _, _), error in zip(writes.places, outcome, strict=True):
                     if staged.op.path not in self.staged or isinstance(error, _Dropped):
                         continue  # that file already failed
-                    with _reported(staged.op.path, self.report), self._dropping(staged):
-                        if error is not None:
+                    if error is not None:  # (no context managers per chunk written)
+                        with _reported(staged.op.path, self.report), self._dropping(staged):
                             raise error
-                        staged.missing -= 1
-                        self.waiting -= staged.missing == 0
+                        continue
+                    staged.missing -= 1
+                    self.waiting -= staged.missing == 0
                     if staged.missing == 0:
                         self._check_early(staged)
+
+    def _collectable(self, wait: bool) -> bool:
+        """Whether :meth:`_collect` has a batch to take now."""
+        return bool(self._writes) and (
+            wait or self._queued > WRITE_QUEUE or self._writes[0].future.done()
+        )
 
     def _wait_writes(self) -> None:
         """Wait until the writer has done every write queued (their outcomes are kept)."""

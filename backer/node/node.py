@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import logging
 import os
@@ -105,7 +104,7 @@ def hold_home(home: Path) -> IO[bytes]:
     return handle
 
 
-_malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # (find_library runs ldconfig)
 
 
 def _dialled_address(link: Link, device: bytes) -> str | None:
