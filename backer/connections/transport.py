@@ -42,7 +42,7 @@ from backer.protocol.channel import (
 from backer.protocol.session import Session
 from backer.protocol.wire import Encoder, Error, FrameReader, Ping, ProtocolError
 
-READ_SIZE = 1 << 20
+READ_SIZE = 4 << 20
 FIRST_READ = 16 << 10
 
 

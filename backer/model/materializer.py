@@ -1064,7 +1064,7 @@ STAGE_BYTES = 256 * 1024 * 1024
 SYNCFS_BELOW_AVERAGE = 1024 * 1024  # average file size under which one syncfs is cheaper
 OPEN_TEMP_FILES = 64
 WRITE_QUEUE = 32 * 1024 * 1024  # received bytes that may wait for the writer thread
-WRITE_BATCH = 1024 * 1024  # received bytes handed to the writer thread at a time
+WRITE_BATCH = 4 * 1024 * 1024  # received bytes handed to the writer thread at a time
 WRITEBACK_BYTES = 8 * 1024 * 1024  # a temp file's writeback is started after each such run
 CHECK_EARLY = 16 * 1024 * 1024  # files at least this large are checked and flushed once
 # complete, off the event loop (smaller ones: one syncfs at the commit is cheaper)
