@@ -15,7 +15,7 @@ from backer.model.records import Version
 from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.versioner import config
-from backer.versioner.prune import prune
+from backer.versioner.prune import aging_time, prune
 from backer.versioner.retention import DAY, HOUR, MINUTE, Candidate, Policy, by_age
 from backer.versioner.store import Store
 from tests.helpers import make_devices, small_disk
@@ -24,13 +24,18 @@ START_MS = 1_780_000_000_000
 
 
 class Clock(entropy.Source):
-    """The real randomness, a clock the test moves."""
+    """The real randomness, a clock the test moves; the boot clock moves with it but
+    for the ``jumped`` nanoseconds (a wall clock set ahead)."""
 
     def __init__(self, now_ms: int) -> None:
         self.now = now_ms * 1_000_000
+        self.jumped = 0
 
     def now_ns(self) -> int:
         return self.now
+
+    def since_boot(self) -> tuple[str, int] | None:
+        return ("test boot", self.now - self.jumped)
 
 
 @pytest.fixture
@@ -102,6 +107,39 @@ def test_the_size_cap_holds_on_a_small_disk(tmp_path: Path, clock: Clock) -> Non
         flags = [content in _held(share) for _, content in by_time]
         assert flags == sorted(flags) and flags[-1]  # the oldest went first
         share.close()
+
+
+def test_R33_a_clock_that_jumped_ahead_is_not_believed_after_edits_made_at_it(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """R31's guard held only until the first edit: a version recorded after the jump
+    carries the jumped time, and the next prune believed it and dropped every replaced
+    version. Within one boot the wall clock is held to the boot clock's pace; once the
+    real time has passed (the boot clock moved too) versions age as usual."""
+    (share,) = make_devices(tmp_path, 1)
+    for n in range(3):
+        clock.now += HOUR * 1_000_000
+        _save(share, "ver.txt", f"version {n}".encode())
+    with share.db.conn:
+        prune(share.root, share.catalog, clock.now // 1_000_000)  # (the node's, at start)
+    held = _held(share)
+    assert len(held) == 3
+    clock.now += 400 * DAY * 1_000_000
+    clock.jumped += 400 * DAY * 1_000_000  # an RTC reset, an NTP step: the boot clock stays
+    for hour in range(3):  # edits at the jumped time, and the node's hourly prunes
+        clock.now += HOUR * 1_000_000
+        _save(share, f"later{hour}.txt", b"later")
+        with share.db.conn:
+            report = prune(share.root, share.catalog, clock.now // 1_000_000)
+        assert (report.versions, _held(share) & held) == (0, held)
+    clock.now += 2 * DAY * 1_000_000  # two days really pass (the boot clock moves too)
+    with share.db.conn:
+        report = prune(share.root, share.catalog, clock.now // 1_000_000)
+    assert report.versions == 1  # past the hourly tier: one a day stays (and the live one)
+    clock.jumped = 0  # the clock is set right: the boot clock and the wall agree again
+    clock.now -= 400 * DAY * 1_000_000
+    with share.db.conn:
+        assert aging_time(share.catalog, clock.now // 1_000_000, 0) == clock.now // 1_000_000
 
 
 def _versions(share: Share) -> dict[str, tuple[str, Version]]:

@@ -12,6 +12,9 @@ import random
 import secrets
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class Source:
@@ -22,6 +25,16 @@ class Source:
 
     def now_ns(self) -> int:
         return time.time_ns()
+
+    def since_boot(self) -> tuple[str, int] | None:
+        """This boot's id and the nanoseconds elapsed since it, suspend included: a clock
+        no wall-clock step moves (None where the system offers none)."""
+        clock = getattr(time, "CLOCK_BOOTTIME", None)
+        try:
+            boot = BOOT_ID.read_text().strip()
+        except OSError:
+            return None
+        return None if clock is None else (boot, time.clock_gettime_ns(clock))
 
 
 class SeededSource(Source):
@@ -38,6 +51,9 @@ class SeededSource(Source):
         self._now += 1_000_000
         return self._now
 
+    def since_boot(self) -> tuple[str, int] | None:
+        return ("seeded", self._now)  # (its clock never jumps: it is the boot clock)
+
 
 _source: Source = Source()
 
@@ -52,6 +68,10 @@ def now_ns() -> int:
 
 def now_ms() -> int:
     return _source.now_ns() // 1_000_000
+
+
+def since_boot() -> tuple[str, int] | None:
+    return _source.since_boot()
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ UNHELD events, so ``history`` anywhere can say when a version's bytes are on no 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backer.db.catalog import Catalog
+from backer.model import entropy
 from backer.model.records import Kind, Version
 from backer.versioner.config import policy as share_policy
 from backer.versioner.retention import DAY, Candidate, Policy, retained
@@ -33,6 +35,7 @@ MAX_AHEAD_MS = DAY
 # ``backer prune --all``: no version keeps its bytes, not even the last hour's (a full disk
 # that deleting files cannot relieve, since what is deleted is kept)
 DROP_ALL = Policy(keep_all_ms=0, hourly_until_ms=0, daily_until_ms=0, weekly_until_ms=0)
+CLOCK_KEY = "prune.clock"  # meta: boot id, ns since boot, wall ms, ms the wall is ahead by
 
 
 @dataclass
@@ -116,7 +119,7 @@ def prune(
     used = sum(size for content, size in held.items() if content not in free)
     stat = os.statvfs(root)
     cap = int(policy.max_disk * (stat.f_bavail * stat.f_frsize + used))
-    age_ms = newest_ms if 0 < newest_ms < now_ms - MAX_AHEAD_MS else now_ms
+    age_ms = aging_time(catalog, now_ms, newest_ms, dry_run)
     keep = retained(found, age_ms, policy, cap, free)
     needed = free | {c.content for c in found if c.version_id in keep}
     report = PruneReport(cap=cap, dry_run=dry_run)
@@ -135,6 +138,30 @@ def prune(
         store.note_pruned(dropped, now_ms)
     report.unheld = {c for c in retired if c not in free and (c not in held or c in gone)}
     return report
+
+
+def aging_time(catalog: Catalog, now_ms: int, newest_ms: int, dry_run: bool = False) -> int:
+    """The time versions age by at ``now_ms``. Within one boot the wall clock must move
+    with the boot clock: what it gained beyond that since the last prune (by more than
+    :data:`MAX_AHEAD_MS`: a jump, not a slew) is taken off, for as long as it lasts,
+    since the versions this device records meanwhile carry the jumped time and so show
+    nothing (R33). Then, as for a new boot, a time more than :data:`MAX_AHEAD_MS` past
+    the newest version recorded is not believed (R31). A real prune notes the clocks."""
+    boot = entropy.since_boot()
+    ahead = 0
+    noted = catalog.get_meta(CLOCK_KEY)
+    if boot is not None and noted is not None:
+        with contextlib.suppress(ValueError):  # (a note we did not write: none)
+            text = noted.decode() if isinstance(noted, bytes) else str(noted)
+            boot_id, boot_ns, wall_ms, ahead_ms = text.rsplit(" ", 3)
+            if boot_id == boot[0]:
+                gained = now_ms - int(wall_ms) - (boot[1] - int(boot_ns)) // 1_000_000
+                ahead = int(ahead_ms) + (gained if abs(gained) > MAX_AHEAD_MS else 0)
+                ahead = max(0, ahead)
+    if boot is not None and not dry_run:
+        catalog.set_meta(CLOCK_KEY, f"{boot[0]} {boot[1]} {now_ms} {ahead}")
+    age_ms = now_ms - ahead
+    return newest_ms if 0 < newest_ms < age_ms - MAX_AHEAD_MS else age_ms
 
 
 def prune_share(
