@@ -7,12 +7,14 @@ import os
 import tracemalloc
 from pathlib import Path
 
+import psutil
 import sqlite_utils
 
-from backer.db.catalog import Catalog
+from backer.db.catalog import PAGE_CACHE_KIB, Catalog
 from backer.model.materializer import plan
 from backer.model.records import Kind, Version, make_key, new_version_id
 from backer.model.state import Delta
+from journal.store import Journal
 
 FILES = 5_000
 
@@ -39,3 +41,27 @@ def test_a_first_sync_plan_holds_under_500_bytes_per_file(tmp_path: Path) -> Non
     assert len(operations) == FILES
     assert {op.version.kind for op in operations} == {Kind.FILE}
     assert held / FILES < 500, f"{held / FILES:.0f} bytes per planned file"
+
+
+def test_sqlite_page_cache_of_a_share_connection_stays_bounded(tmp_path: Path) -> None:
+    """The journal asked SQLite for a 64 MiB page cache on the share's connection: a
+    first sync of 100,000 files reads and writes a ~100 MB database on each side and
+    filled it (up to 64 MiB of each side's peak RSS). Reading 40 MiB through the
+    share's connection now keeps at most PAGE_CACHE_KIB of it."""
+    path = str(tmp_path / "share.db")
+    filler = sqlite_utils.Database(path)
+    with filler.conn:
+        filler.conn.execute("CREATE TABLE filler (b BLOB)")
+        filler.conn.executemany(
+            "INSERT INTO filler VALUES (?)", ((os.urandom(64 * 1024),) for _ in range(640))
+        )
+    filler.conn.close()
+    db = sqlite_utils.Database(path)
+    Journal(db)  # (as a share opens: the journal first, then the catalog)
+    Catalog(db)
+    process = psutil.Process()
+    before = process.memory_info().rss
+    for _ in db.conn.execute("SELECT b FROM filler"):  # every page through the cache
+        pass
+    grown = process.memory_info().rss - before
+    assert grown < PAGE_CACHE_KIB * 1024 + 4 * 1024 * 1024, f"{grown / 2**20:.0f} MiB"
