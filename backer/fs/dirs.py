@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,23 +89,9 @@ class Directories:
             self._fds[relative] = fd
             self._evict()
 
-    @contextlib.contextmanager
-    def at(self, relative: str) -> Iterator[int]:
+    def at(self, relative: str) -> _Lent:
         """The descriptor of directory ``relative``, opened if need be, for the block."""
-        self.open(relative)
-        with self._lock:
-            fd = self._fds[relative]
-            self._using[relative] = self._using.get(relative, 0) + 1
-        try:
-            yield fd
-        finally:
-            with self._lock:
-                self._using[relative] -= 1
-                if not self._using[relative]:
-                    del self._using[relative]
-                    if self._fds.get(relative) != fd:
-                        os.close(fd)  # forgotten while lent
-                self._evict()
+        return _Lent(self, relative)
 
     def moved(self, relative: str) -> bool:
         """Whether the directory open as ``relative`` is no longer the one that path
@@ -140,12 +126,45 @@ class Directories:
             self._fds.clear()
 
     def _evict(self) -> None:
-        """(lock held) Close the least recently used descriptors beyond the limit."""
+        """(lock held) Close the least recently used descriptors beyond the limit (the
+        common case, none, costs one comparison: this runs after every change made)."""
+        if len(self._fds) <= self.limit:
+            return
         for path in list(self._fds):
             if len(self._fds) <= self.limit:
                 return
             if path not in self._using:
                 os.close(self._fds.pop(path))
+
+
+class _Lent:
+    """:meth:`Directories.at`'s block (a class, not a generator: a first sync enters a
+    dozen of them per file, and the generator's machinery cost more than the calls)."""
+
+    __slots__ = ("dirs", "fd", "relative")
+
+    def __init__(self, dirs: Directories, relative: str) -> None:
+        self.dirs = dirs
+        self.relative = relative
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        dirs, relative = self.dirs, self.relative
+        dirs.open(relative)
+        with dirs._lock:
+            fd = self.fd = dirs._fds[relative]
+            dirs._using[relative] = dirs._using.get(relative, 0) + 1
+        return fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        dirs, relative = self.dirs, self.relative
+        with dirs._lock:
+            dirs._using[relative] -= 1
+            if not dirs._using[relative]:
+                del dirs._using[relative]
+                if dirs._fds.get(relative) != self.fd:
+                    os.close(self.fd)  # forgotten while lent
+            dirs._evict()
 
 
 @dataclass(frozen=True)

@@ -542,9 +542,9 @@ class _Staged:
 
 class _Prepared(NamedTuple):
     """What sizing a window found out about one of its files, for staging it: its temp
-    file's path, whether that exists (an earlier attempt's), its chunks not all zero."""
+    file's name, whether that exists (an earlier attempt's), its chunks not all zero."""
 
-    temp: Path
+    temp: str
     found: bool
     data: list[ChunkRef] | None
 
@@ -1083,9 +1083,11 @@ class Materializer:
         self.dirs = Directories(root)
         self._settled: set[str] | None = None  # parents found still in place, per batch
         self._unlocked: dict[str, int] = {}  # read-only directories opened while applying
+        self._writable: set[str] = set()  # directories found writable (asked once a window)
         self._made: list[str] = []  # missing parents made for this window's entries
         self._recorded: list[LocalEntry] | None = None  # while a batch is moved into place
         self._path_max = _path_max(root)
+        self._root_bytes = len(os.fsencode(root)) + 1  # (with the separator)
         self._grown: set[str] = set()  # directories a new directory was made in (fsync)
         self._prepared: dict[str, _Prepared] = {}  # by path, from _room_needed to _stage
 
@@ -1142,9 +1144,10 @@ class Materializer:
         if manifest is not None:
             data = data_chunks(manifest)
             size = sum(ref.length for ref in data)
-        temp = (self.root / op.path).with_name(temp_name(op.path, op.version_id))
-        try:
-            size -= os.lstat(temp).st_blocks * 512
+        temp = temp_name(op.path, op.version_id)
+        where = os.path.join(self.root, op.path.rpartition("/")[0], temp)  # (not pathlib:
+        try:  # it cost more than the lstat, per file)
+            size -= os.lstat(where).st_blocks * 512
             found = True
         except OSError:
             found = False
@@ -1182,7 +1185,7 @@ class Materializer:
         if one of them was deleted concurrently elsewhere (the next scan records them,
         and a re-created directory beats its deletion like any modification).
         """
-        if len(os.fsencode(self.root / path)) >= self._path_max:  # before any folder is made
+        if self._root_bytes + len(os.fsencode(path)) >= self._path_max:  # before any folder is made
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         entry = InShare.of(self.dirs, path)
 
@@ -1202,10 +1205,11 @@ class Materializer:
     def _unlock(self, directory: str) -> None:
         """Make a read-only directory of ours writable (u+w) while entries are put into
         or taken out of it; :meth:`relock` gives it back its mode at the end."""
-        if directory in self._unlocked:
+        if directory in self._unlocked or directory in self._writable:
             return
         with self.dirs.at(directory) as fd:
             if os.access(".", os.W_OK, dir_fd=fd):
+                self._writable.add(directory)
                 return
             mode = stat.S_IMODE(os.fstat(fd).st_mode)
             os.fchmod(fd, mode | stat.S_IWUSR | stat.S_IXUSR)
@@ -1260,6 +1264,7 @@ class Materializer:
             ):
                 os.fchmod(fd, mode)
         self._unlocked.clear()
+        self._writable.clear()
 
     def _unchanged(self, target: InShare, cached: LocalEntry | None) -> os.stat_result | None:
         """The target's stat if it is exactly as last recorded; raise LocalEdit if not,
@@ -1353,7 +1358,7 @@ class Materializer:
         into it by the copier thread (:meth:`Assembly.copy_later`), the others awaited."""
         target = self._target(op.path)
         prepared = self._prepared.pop(op.path, None)
-        name = prepared.temp.name if prepared else temp_name(op.path, op.version_id)
+        name = prepared.temp if prepared else temp_name(op.path, op.version_id)
         temp = target.with_name(name)
         staged = _Staged(op, cached, temp, target)
         if op.version.kind == Kind.SYMLINK:
