@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import gc
 import json
 import logging
 import os
@@ -1543,6 +1544,7 @@ def service_uninstall() -> None:
 
 def main() -> None:
     """Console entry point: run the CLI, turning errors into one line and an exit code."""
+    gc.freeze()  # what the imports made lives as long as the process: no collection scans it
     transport.raise_fd_limit()
     try:
         cli.main(standalone_mode=False)
