@@ -136,3 +136,38 @@ def test_a_temp_given_up_is_removed_where_its_path_reaches_after_its_folder_was_
         folders.close()
     assert os.listdir(tmp_path / "d3") == []
     assert os.listdir(tmp_path / "d3.old") == []
+
+
+def test_R34_a_deep_tree_costs_one_open_per_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every folder was opened from the share's root, and checked from it again before
+    its files were renamed in: O(depth) opens per folder, O(depth²) per window, on the
+    node's event loop (1,000 levels: 7 s of CPU; a peer's session timed out). Opened
+    from the nearest folder held, and checked from the nearest one checked, a deep
+    tree costs a few opens per folder, and a swap below a checked folder is still seen."""
+    root = tmp_path / "share"
+    depth = 300
+    chain = ["/".join(f"d{i % 10}" for i in range(1, n + 1)) for n in range(1, depth + 1)]
+    (root / chain[-1]).mkdir(parents=True)
+    opens = 0
+    real_open = os.open
+
+    def counting(*args: Any, **kwargs: Any) -> int:
+        nonlocal opens
+        opens += 1
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting)
+    dirs = Directories(root)
+    settled: set[str] = set()
+    for folder in chain:
+        dirs.open(folder)
+        assert not dirs.moved(folder, settled)
+        settled.add(folder)
+    assert opens <= 4 * depth
+    deep = root / chain[200]
+    real = _swap(deep, tmp_path)  # below the checked chain[100]: still seen from there
+    assert dirs.moved(chain[250], {chain[100]})
+    _unswap(deep, real)
+    dirs.close()

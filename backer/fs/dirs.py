@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +35,27 @@ class NotADirectory(OSError):
         super().__init__(errno.ENOTDIR, "not a directory (or a link to one)", path)
 
 
-def open_directory(root: Path, relative: str, make: Callable[[str], bool] | None = None) -> int:
+def open_directory(
+    root: Path,
+    relative: str,
+    make: Callable[[str], bool] | None = None,
+    start: tuple[str, int] | None = None,
+) -> int:
     """A descriptor of the directory ``relative`` ('' for ``root``), reached from
-    ``root`` one component at a time, never through a link. A missing component is
-    made when ``make(its relative path)`` says so (else FileNotFoundError)."""
-    fd = os.open(os.path.join(root, ""), DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
-    done: list[str] = []
+    ``root`` one component at a time, never through a link; or, with ``start`` (an
+    ancestor's relative path and a descriptor of it, left open), from that ancestor. A
+    missing component is made when ``make(its relative path)`` says so (else
+    FileNotFoundError)."""
+    if start is None:
+        fd = os.open(os.path.join(root, ""), DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
+        done = []
+        rest = relative
+    else:
+        fd = os.dup(start[1])
+        done = [start[0]] if start[0] else []
+        rest = relative[len(start[0]) :].lstrip("/")
     try:
-        for part in relative.split("/") if relative else ():
+        for part in rest.split("/") if rest else ():
             done.append(part)
             try:
                 child = os.open(part, DIRECTORY_FLAGS, dir_fd=fd)
@@ -63,6 +76,13 @@ def open_directory(root: Path, relative: str, make: Callable[[str], bool] | None
     return fd
 
 
+def _ancestors(relative: str) -> Iterator[str]:
+    """The strict ancestors of ``relative``, nearest first, the root ('') last."""
+    while relative:
+        relative = relative.rpartition("/")[0]
+        yield relative
+
+
 class Directories:
     """Open descriptors of a share's directories, by relative path (thread-safe: the
     writer and checker threads use them too). A descriptor stays the directory it was
@@ -76,12 +96,20 @@ class Directories:
         self._lock = threading.Lock()
 
     def open(self, relative: str, make: Callable[[str], bool] | None = None) -> None:
-        """Open ``relative`` (see :func:`open_directory`) unless it is open already."""
+        """Open ``relative`` (see :func:`open_directory`) unless it is open already: from
+        the nearest ancestor open here (a deep tree costs one open per folder, not one
+        per folder and level), which is no looser than holding ``relative`` itself
+        since the ancestor was opened: :meth:`moved` checks from the root."""
         with self._lock:
             if relative in self._fds:
                 self._fds.move_to_end(relative)
                 return
-        fd = open_directory(self.root, relative, make)
+            near = next((a for a in _ancestors(relative) if a in self._fds), None)
+        if near is None:
+            fd = open_directory(self.root, relative, make)
+        else:
+            with self.at(near) as start:
+                fd = open_directory(self.root, relative, make, (near, start))
         with self._lock:
             if relative in self._fds:  # opened meanwhile by another thread
                 os.close(fd)
@@ -93,13 +121,20 @@ class Directories:
         """The descriptor of directory ``relative``, opened if need be, for the block."""
         return _Lent(self, relative)
 
-    def moved(self, relative: str) -> bool:
+    def moved(self, relative: str, settled: Container[str] = ()) -> bool:
         """Whether the directory open as ``relative`` is no longer the one that path
-        reaches (renamed, removed, or a link put in its place since it was opened)."""
+        reaches (renamed, removed, or a link put in its place since it was opened).
+        ``settled``: directories found in place by this check's caller a moment ago
+        (held open here): the walk starts at the nearest of them instead of the root."""
+        near = next((a for a in _ancestors(relative) if a and a in settled), None)
         try:
             with self.at(relative) as fd:
                 held = os.fstat(fd)
-            fresh = open_directory(self.root, relative)
+            if near is None:
+                fresh = open_directory(self.root, relative)
+            else:
+                with self.at(near) as start:
+                    fresh = open_directory(self.root, relative, start=(near, start))
         except (FileNotFoundError, NotADirectory):
             return True
         try:

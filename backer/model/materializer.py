@@ -1271,7 +1271,7 @@ class Materializer:
         or if its folder is no longer where its path says (moved or swapped for a link
         since the window opened it: what is in it now is not what the plan saw there)."""
         if self._settled is None or target.parent not in self._settled:
-            if self.dirs.moved(target.parent):
+            if self.dirs.moved(target.parent, self._settled or ()):
                 raise LocalEdit(str(target.path))
             if self._settled is not None:
                 self._settled.add(target.parent)
