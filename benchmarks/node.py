@@ -424,14 +424,23 @@ def settled(pid: int, seconds: float, settle: float = 10) -> dict[str, float]:
 
 
 def idle(nodes: Nodes, seconds: float, settle: float = 10) -> dict[str, Any]:
-    """:func:`settled` for device A, then three clean restarts timed to watching."""
+    """:func:`settled` for device A, then three clean restarts timed to watching, each
+    with the CPU seconds the started process (tree) used until then: comparable between
+    runs on a loaded machine, where the wall time is not."""
     result = settled(nodes.pid(), seconds, settle)
-    stops, starts = zip(*(nodes.restart() for _ in range(3)), strict=True)
+    stops, starts, cpus = [], [], []
+    for _ in range(3):
+        stop, start = nodes.restart()
+        stops.append(stop)
+        starts.append(start)
+        cpus.append(cpu_seconds(nodes.pid())[0])
     return {
         **result,
-        "stop_s": list(stops),
-        "startup_s": list(starts),
+        "stop_s": stops,
+        "startup_s": starts,
         "startup_median_s": statistics.median(starts),
+        "startup_cpu_s": cpus,
+        "startup_cpu_median_s": statistics.median(cpus),
     }
 
 
@@ -560,6 +569,10 @@ def report(results: dict[str, Any]) -> str:
         "start-up to watching (s)", mine, theirs, _ratio(mine, theirs), "≤ 5 s",
         None if mine is None else mine <= 5,
     ))  # fmt: skip
+    mine, theirs = get(backer_idle, "startup_cpu_median_s"), get(st_idle, "startup_cpu_median_s")
+    rows.append(
+        ("CPU of a start until watching (s)", mine, theirs, _ratio(mine, theirs), "—", None)
+    )
     mine, theirs = poller_cpu(backer), poller_cpu(st)
     rows.append(("benchmark's own CPU while waiting, max (%)", mine, theirs, "—", "small", None))
     lines = [
