@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from tests.e2e import Device
@@ -41,3 +42,28 @@ def test_the_retention_policy_is_applied_after_the_start_up_scan_not_before(
     node.wait_for("pruned the kept contents of 4 versions")
     node.stop()
     assert _line(node.log, ": watching ") < _line(node.log, "pruned the kept contents")
+
+
+def test_the_database_is_checked_at_start_after_a_kill_not_after_a_clean_stop(
+    tmp_path: Path,
+) -> None:
+    """A start after SIGTERM skips `PRAGMA quick_check` (0.9 s on 100,000 files);
+    one after SIGKILL still runs it, whatever the kill interrupted."""
+    checked = "share database checked: it was not closed cleanly"
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    (a.root / "doc.txt").write_text("one")
+    a.run("init", str(a.root))
+    first = a.start()
+    assert first.stop() == 0
+    assert checked not in first.log  # ('init' closed it cleanly too)
+    second = a.start()
+    (a.root / "doc.txt").write_text("two")
+    second.wait_for("recorded 1 changes")
+    second.stop(signal.SIGKILL)
+    assert checked not in second.log
+    third = a.start()
+    assert third.stop() == 0
+    assert checked in third.log
+    assert checked not in a.start().log
+    a.nodes[-1].stop()

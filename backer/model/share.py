@@ -27,7 +27,7 @@ import nacl.signing
 import sqlite_utils
 from blake3 import blake3
 
-from backer.db import recovery
+from backer.db import integrity, recovery
 from backer.db.catalog import (
     Catalog,
     LocalEntry,
@@ -180,10 +180,12 @@ def take_lock(root: Path) -> IO[bytes]:
     return handle
 
 
-def _check_db(db: sqlite_utils.Database) -> None:
-    """Raise if the database is not a whole share database (sqlite's quick check, and
-    the tables and identity every share has; an emptied file would otherwise look new)."""
-    db.conn.execute("PRAGMA quick_check").fetchone()
+def _check_db(db: sqlite_utils.Database, whole: bool) -> None:
+    """Raise if the database is not a whole share database (with ``whole``, sqlite's
+    quick check; always the tables and identity every share has: an emptied file would
+    otherwise look new)."""
+    if whole:
+        db.conn.execute("PRAGMA quick_check").fetchone()
     if not {"meta", "live"} <= set(db.table_names()):
         raise ValueError("its tables are missing")
     if db.conn.execute("SELECT 1 FROM meta WHERE key = 'share_id'").fetchone() is None:
@@ -327,9 +329,12 @@ class Share:
         self.problems: dict[tuple[str, str], Problem] = {}  # this process's, by (source, path)
         self._pending_clients: dict[int, bytes] = {}  # declared by checked, unstored events
         self.fresh_problems: list[Problem] = []  # this process's not reported before
-        self.db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
+        database = root / METADATA_DIR / DB_FILE
+        # the integrity check only after an unclean close (see backer.db.integrity)
+        self.checked = not integrity.closed_cleanly(database, consume=exclusive)
+        self.db = sqlite_utils.Database(str(database))
         try:
-            _check_db(self.db)
+            _check_db(self.db, self.checked)
             self.journal = Journal(self.db)
             self.catalog = Catalog(self.db)
             self.members = Members(*self.catalog.member_table())
@@ -600,16 +605,22 @@ class Share:
         return share
 
     def close(self) -> None:
+        saved = False
         try:
             if self._lock is not None:
                 self.save_snapshot()
+                saved = True
         finally:  # (a snapshot that cannot be written must not keep the lock held)
-            self._release()
+            self._release(saved)
 
-    def _release(self) -> None:
-        """Let go of the database and the lock without writing anything more."""
+    def _release(self, cleanly: bool = False) -> None:
+        """Let go of the database and the lock without writing anything more;
+        ``cleanly``: say so beside the database, so that the next open need not check
+        it (see backer.db.integrity)."""
         self.db.conn.close()
         if self._lock is not None:
+            if cleanly:
+                integrity.mark_closed(self.root / METADATA_DIR / DB_FILE)
             self._lock.close()
 
     def __enter__(self) -> Share:

@@ -381,6 +381,7 @@ class Runtime:
         while True:
             if self.check_root():
                 self.prune()
+                release_memory(self.share)  # (it read every recorded version)
             await asyncio.sleep(PRUNE_EVERY_S * self.node.scale)
 
     def prune(self, dry_run: bool = False, everything: bool = False) -> PruneReport:
@@ -1002,6 +1003,8 @@ class Node:
         if share.share_id in self.runtimes:
             share.close()
             return None
+        if share.checked:
+            self.log.info("%s: share database checked: it was not closed cleanly", name)
         control.announce_starting(share.root)
         runtime = self.runtimes[share.share_id] = Runtime(self, share, name)
         return runtime
