@@ -18,7 +18,7 @@ import pytest
 from benchmarks.__main__ import report
 from benchmarks.huge import cached_tree, growth_per_10x, on_paper, same_trees, scaling_table
 from benchmarks.measure import PeakRss, cpu_seconds, file_system, tree_digest
-from benchmarks.tools import FOLDER, Completion, Step, event_time
+from benchmarks.tools import FOLDER, Completion, Step, _wait_until_idle, event_time
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,3 +308,19 @@ def test_syncthing_step_is_not_done_without_as_rating_of_b_at_its_new_sequence()
     rescanned["data"]["summary"]["sequence"] += 1
     moved.feed("a", rescanned)
     assert not moved.done
+
+
+def test_backer_setup_waits_for_the_nodes_start_up_work_to_end() -> None:
+    """``backer run`` rescans its share and prunes as it starts: on 100,000 files that
+    work ran during the timed initial sync (and in the source's peak RSS), while
+    Syncthing's setup waits for its index. The wait returns once the process is idle."""
+    work = "import time\nend = time.time() + 2\nwhile time.time() < end: pass\ntime.sleep(30)"
+    busy = subprocess.Popen([sys.executable, "-c", work])
+    try:
+        started = time.monotonic()
+        _wait_until_idle(busy.pid)
+        waited = time.monotonic() - started
+    finally:
+        busy.kill()
+        busy.wait()
+    assert 1.5 < waited < 10
