@@ -329,3 +329,36 @@ def test_watch_limit_warns_once_and_polls_what_it_cannot_watch(
         assert report["polled"] == polled
     else:
         assert report["polled"] and "" not in report["polled"]
+
+
+def test_R35_a_tree_deeper_than_the_recursion_limit_is_watched(tmp_path: Path) -> None:
+    """The watches were added with os.walk, which recurses: a tree of 1,000 levels (a
+    3 KB path, valid; any member can make one) raised RecursionError at every start of
+    the watcher, so the node never served the share again. A change at the bottom of
+    a 1,200-level tree is now reported."""
+    root = tmp_path / "share"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(1200):  # (by descriptor: the path is beyond what pathlib recurses)
+            os.mkdir("d", dir_fd=fd)
+            fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+            os.close(parent)
+        bottom = "/".join(["d"] * 1200)
+
+        async def main() -> list[Changes]:
+            async with Watcher(root, never, quiet=0.05) as watcher:
+                changes = watcher.changes()
+                await anext(changes)
+                os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+                return await gather(changes, has(f"{bottom}/f"), 10)
+
+        assert f"{bottom}/f" in union(asyncio.run(main()))
+    finally:
+        os.close(fd)
+        top = os.open(root, os.O_RDONLY)  # removed here: shutil.rmtree recurses too
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{bottom}/f", dir_fd=top)
+        for depth in range(1200, 0, -1):
+            os.rmdir("/".join(["d"] * depth), dir_fd=top)
+        os.close(top)

@@ -488,13 +488,16 @@ if sys.platform.startswith("linux"):
             self._add_callback(path)
             if not self.is_recursive or not os.path.isdir(path):
                 return
-            for top, directories, _ in os.walk(path):
-                if top == self.path:
-                    directories[:] = [d for d in directories if d != METADATA_DIR.encode()]
-                for name in directories:
-                    full = os.path.join(top, name)
-                    if not os.path.islink(full):
-                        self._add_callback(full)
+            pending = [path]  # (not os.walk: it recurses, and 1,000 levels raised
+            while pending:  # RecursionError at every start: the share was never served, R35)
+                top = pending.pop()
+                with contextlib.suppress(OSError), os.scandir(top) as entries:
+                    for entry in entries:
+                        if top == self.path and entry.name == METADATA_DIR.encode():
+                            continue
+                        if entry.is_dir(follow_symlinks=False):
+                            self._add_callback(entry.path)
+                            pending.append(entry.path)
 
         def _add_callback(self, path: bytes) -> None:
             try:
