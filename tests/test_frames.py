@@ -111,3 +111,33 @@ def test_finding_13_100000_conflicts_sync(tmp_path: Path) -> None:
     per_event = backer.model.share.RESOLUTIONS_PER_EVENT
     assert len(resolutions) >= 100_000 // per_event
     assert max(len(e.raw) for e in resolutions) < min(per_event * 400, MAX_FRAME // 2)
+
+
+def test_serving_small_manifests_reads_them_500_at_a_time(tmp_path: Path) -> None:
+    """A first sync of 100,000 small files asks for 100,000 manifests: the serving side
+    looked each up with a query of its own. Now one query reads a request's run of small
+    ones; a large one is still read alone (and still sent in parts), a missing one empty."""
+    a, b = make_devices(tmp_path, 2)
+    left, right = sync(a, b)
+    small = [_manifest(1, n) for n in range(1_000, 2_000)]
+    large = _manifest(40_000, 3)  # ~1.4 MB: read alone, never in a batch
+    for manifest in (*small, large):
+        a.catalog.put_received_manifest(manifest)
+    missing = _manifest(1, 4).id
+    wanted = [m.id for m in small[:400]] + [large.id, missing] + [m.id for m in small[400:]]
+    for manifest_id in wanted:
+        right.replicator.manifests_asked[manifest_id] = right
+    right.manifests_in_flight = len(wanted)
+    queries: list[str] = []
+    a.db.conn.set_trace_callback(queries.append)
+    try:
+        for start in range(0, len(wanted), 500):
+            replies = left.receive(WantManifests(wanted[start : start + 500]))
+            exchange(left, right, replies, [])
+    finally:
+        a.db.conn.set_trace_callback(None)
+    reads = [q for q in queries if "FROM manifests" in q]
+    assert len(reads) <= 8, len(reads)
+    assert set(right.replicator.manifests_asked) == set()
+    for manifest in (*small, large):
+        assert b.catalog.manifest(manifest.id) == manifest

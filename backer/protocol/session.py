@@ -66,6 +66,7 @@ MAX_PENDING_BYTES = 256 * 1024 * 1024  # per session, over every author: the aut
 # read from bytes not verified yet, so a per-author cap would be no cap
 MAX_OWED = 16_384  # requests queued from one peer (an honest one has at most
 # MAX_CHUNKS_IN_FLIGHT + MANIFESTS_IN_FLIGHT outstanding)
+BATCHED_MANIFEST_BYTES = 4096  # manifests read 500 at a time: a small file's (~1 chunk)
 REPLY_BYTES = 4 * 1024 * 1024  # Manifests, Summary parts and ManifestPart slices stay below
 MAX_MANIFEST_BYTES = 128 * 1024 * 1024  # 3.7M chunks: a 57 GB file even at the minimum
 # chunk size
@@ -200,6 +201,7 @@ class Session:
         self.lazy = False  # the transport builds replies as its output drains
         self.owed: deque[tuple[int, bytes]] = deque()  # requests of the peer not yet answered
         self.read_ahead: dict[bytes, bytes | memoryview] = {}  # owed chunks already read
+        self.bodies_ahead: dict[bytes, bytes | None] = {}  # owed manifests already read
         self.sending_part: tuple[bytes, bytes, int] | None = None  # id, body, offset
         self.receiving_part: tuple[bytes, int, bytearray] | None = None  # id, total, so far
         self.peer_summary: dict[bytes, Checkpoint] = {}  # checked claims, until the last part
@@ -505,8 +507,22 @@ class Session:
         self.read_ahead = {key: found.get(key, b"") for key in keys}
 
     def _manifest_body(self, manifest_id: bytes) -> bytes:
-        manifest = self.share.catalog.manifest(manifest_id)
-        return manifest.encoded if manifest else b""
+        """The manifest owed at the head of the queue (empty: not held here). The small
+        ones owed behind it are read with it, in one query; a larger one, or one not
+        found then, is looked up alone (at the time it is sent)."""
+        if manifest_id not in self.bodies_ahead:
+            keys = []
+            for kind, key in self.owed:
+                if kind != _MANIFEST or len(keys) == MANIFESTS_PER_REQUEST:
+                    break
+                keys.append(key)
+            found = self.share.catalog.manifest_bodies(keys, BATCHED_MANIFEST_BYTES)
+            self.bodies_ahead = {key: found.get(key) for key in keys}
+        body = self.bodies_ahead.get(manifest_id)
+        if body is None:
+            manifest = self.share.catalog.manifest(manifest_id)
+            return manifest.encoded if manifest else b""
+        return body
 
     def _reply(self) -> Message:
         """The next reply owed: one chunk, a batch of manifests, or a slice of a large one."""
