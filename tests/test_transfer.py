@@ -247,13 +247,13 @@ def test_the_sender_reads_a_requests_chunks_with_one_query_and_one_read_per_run(
     share, store, refs = _indexed(tmp_path, {"big.bin": data})
     assert 16 < len(refs) <= 64
     reads: list[int] = []
-    preadv = os.preadv
+    pread = os.pread
 
-    def counting(fd: int, buffers: list[bytearray], offset: int) -> int:
+    def counting(fd: int, length: int, offset: int) -> bytes:
         reads.append(offset)
-        return preadv(fd, buffers, offset)
+        return pread(fd, length, offset)
 
-    monkeypatch.setattr(chunks.os, "preadv", counting)
+    monkeypatch.setattr(chunks.os, "pread", counting)
     monkeypatch.setattr(
         share.catalog, "chunk_locations", lambda _: pytest.fail("a query per chunk")
     )

@@ -89,7 +89,7 @@ class ChunkStore:
     def read_many(self, hashes: Sequence[bytes]) -> dict[bytes, bytes | memoryview]:
         """The verified bytes of those of ``hashes`` that local files still hold, for a
         peer's request: one index query for all of them, each file opened once, and each
-        run of chunks that lie back to back in it read with one ``preadv`` into one
+        run of chunks that lie back to back in it read with one ``pread`` into one
         buffer (the chunks are views of it, sent without another copy). Every chunk is
         re-hashed before it is returned: a file changed since it was indexed costs a
         miss here (its other places are then tried one by one), never bytes sent under a
@@ -109,12 +109,10 @@ class ChunkStore:
             try:
                 for run in _back_to_back(sorted(wanted)):
                     start = run[0][0]
-                    buffer = bytearray(run[-1][0] + run[-1][1] - start)
-                    try:
-                        count = os.preadv(fd, [buffer], start)
+                    try:  # (into a new bytes: no zeroing first, as a bytearray has)
+                        held = memoryview(os.pread(fd, run[-1][0] + run[-1][1] - start, start))
                     except OSError:
                         break
-                    held = memoryview(buffer)[:count]
                     for offset, length, chunk_hash in run:
                         data = held[offset - start : offset - start + length]
                         if len(data) == length and blake3(data).digest() == chunk_hash:
