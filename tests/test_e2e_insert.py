@@ -1,6 +1,5 @@
-"""Large files edited while both nodes run (each recorded and pushed on its own as soon
-as it is hashed): nodes killed in the middle converge once restarted, nothing lost, no
-temp file left."""
+"""A shifted insert into large files while both nodes run: nodes killed in the middle
+of it converge once restarted, nothing lost, no temp file left."""
 
 from __future__ import annotations
 
@@ -13,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from backer.scanner.ignore import is_temp_name
-from backer.scanner.walk import APART_FROM
 from tests.e2e import Device, free_port, invite, snapshot
 
 WAIT_S = 120
-SIZE = APART_FROM + 1024 * 1024  # each file recorded and pushed on its own
+SIZE = 72 * 1024 * 1024
 FILES = 3
 
 

@@ -255,12 +255,6 @@ class Hub:
         self.replicator.advance()
         self.flush()
 
-    def push(self) -> None:
-        """A scan still under way recorded events: push them to every open session now
-        (peers start on them); the plan waits for the scan's end (:meth:`journal_grew`)."""
-        self.replicator.journal_grew()
-        self.flush()
-
     def _waker(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         """What a worker thread of the replicator calls when a local copy ends: the
         replicator moves on in the event loop (not at all once the loop has closed)."""

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -1092,47 +1092,30 @@ class Share:
         return total
 
     async def scan_off_loop(
-        self,
-        paths: Collection[str] | None = None,
-        progress: ProgressCallback | None = None,
-        recorded: Callable[[], None] | None = None,
+        self, paths: Collection[str] | None = None, progress: ProgressCallback | None = None
     ) -> ScanSummary:
         """:meth:`scan` for a process that runs an event loop: the walk, the stats and
         the hashing happen in a worker thread (through a read connection of its own),
         only the recording in the loop. Before recording, each path's lstat and scan
         cache entry must still be what the walk saw: a path that an apply wrote in the
         meantime, or that changed again, is scanned again instead of being recorded
-        from stale bytes (at most RESCANS times; then it is left to the next scan).
-        Each file of APART_FROM bytes or more is recorded alone as soon as it is hashed,
-        and ``recorded`` called then: a node pushes it to its peers, who start writing
-        it while the next is hashed, instead of after the last."""
+        from stale bytes (at most RESCANS times; then it is left to the next scan)."""
         if self.repairing:
             return ScanSummary(waiting="the share is being repaired")
         if (moved := self.root_moved()) is not None:
             return ScanSummary(waiting=moved)
         started = time.monotonic()
         total = ScanSummary()
-        stale: list[str] = []
-
-        def record(part: Observation) -> None:
-            stale.extend(self._drop_stale(classify(part, self._recorded_content)))
-            summary = self._record_scan(part, started)
-            _add_summary(total, summary)
-            if summary.events and recorded is not None:
-                recorded()
-
-        streamed = record if self.members and not self.own_events_missing else None
         for _ in range(RESCANS):
-            stale.clear()
-            found = await self._look_apart(paths, progress, streamed)
-            stale.extend(self._drop_stale(classify(found, self._recorded_content)))
+            found = await self._look_apart(paths, progress)
+            stale = self._drop_stale(classify(found, self._recorded_content))
             summary = self._record_scan(found, started)  # in the same step as the check
             if summary.waiting is not None:
                 return summary
             _add_summary(total, summary)
             if not stale:
                 break
-            paths = sorted(set(stale))
+            paths = stale
         else:
             problems = [Problem(p, "kept changing while being scanned; will retry") for p in stale]
             total.errors += problems
@@ -1140,26 +1123,14 @@ class Share:
         return total
 
     async def _look_apart(
-        self,
-        paths: Collection[str] | None,
-        progress: ProgressCallback | None,
-        record: Callable[[Observation], None] | None = None,
+        self, paths: Collection[str] | None, progress: ProgressCallback | None
     ) -> Observation:
         """:func:`look` in a worker thread; cancelled, it stops that thread at its next
-        file or directory. ``record`` (in the loop) takes each large file apart as soon
-        as it is hashed: the loop runs it before the rest is returned (both are handed
-        over in order), and never once the scan is cancelled."""
+        file or directory."""
         loop = asyncio.get_running_loop()
         stop = threading.Event()
         database = self.root / METADATA_DIR / DB_FILE
         shown = _Throttled(loop, progress) if progress is not None else None
-
-        def in_loop(part: Observation) -> None:
-            if not stop.is_set() and record is not None:
-                record(part)
-
-        def handed(part: Observation) -> None:
-            loop.call_soon_threadsafe(in_loop, part)
 
         def work() -> Observation:
             uri = f"file:{urllib.parse.quote(os.fspath(database))}?mode=ro"
@@ -1173,10 +1144,8 @@ class Share:
                     paths,
                     shown,
                     stop=stop,
-                    record=handed if record is not None else None,
                     local_after=local_after,
                     names_of=names_of,
-                    large_apart=True,
                 )
 
         try:

@@ -283,7 +283,7 @@ class Runtime:
             return ScanSummary(waiting=self.gone)
         async with self.scanning:
             self.publish(EventType.SCAN_STARTED, full=only is None)
-            summary = await self.share.scan_off_loop(only, recorded=self.hub.push)
+            summary = await self.share.scan_off_loop(only)
         if summary.waiting != self.waiting and summary.waiting is not None:
             self.log.warning("%s: nothing recorded: %s", self.name, summary.waiting)
         self.waiting = summary.waiting

@@ -19,7 +19,7 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -37,7 +37,6 @@ READ_ATTEMPTS = 3
 THREADED_FROM = 1024 * 1024  # smaller files hash faster inline than through a thread pool
 FRESH_NS = 2_000_000_000  # an mtime this recent may still change within its granularity
 BATCH_FILES = 5000  # files a streamed scan reads before the caller records them
-APART_FROM = 64 * 1024 * 1024  # with ``large_apart``, files this large are handed over alone
 
 
 class Seen(NamedTuple):
@@ -291,7 +290,6 @@ def look(
     record: Callable[[Observation], None] | None = None,
     local_after: LocalPager | None = None,
     names_of: NamesReader | None = None,
-    large_apart: bool = False,
 ) -> Observation:
     """Walk the share (or only ``paths``, with the subtrees of directories among them),
     compare with the scan cache and hash what changed; no verdict yet on whether a
@@ -308,10 +306,7 @@ def look(
     ``stop`` set: :class:`ScanStopped` is raised at the next directory or file.
     ``record``: handed each BATCH_FILES files read as an observation of their own (not
     ``final``) while the walk goes on; what is returned is the rest, with the
-    directories, the deletions and every problem of the whole scan. With
-    ``large_apart`` too, each file of APART_FROM bytes or more is hashed as soon as the
-    walk finds it and handed over alone once hashed (a node pushes it to its peers, who
-    start writing it, while the next is hashed).
+    directories, the deletions and every problem of the whole scan.
     """
     result = Observation()
     rules = IgnoreRules.load(root)
@@ -350,12 +345,7 @@ def look(
     to_read: list[Seen] = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
         reader = _Reader(pool, progress, stop, unreadable, result.errors)
-        apart = None
-        if large_apart and record is not None:
-            apart = _Apart(reader, record, scope, result.changed_parents)
         for entry in entries:
-            if apart is not None:
-                apart.hand_over(wait=False)
             cached = find(entry.path)
             if cached is not None and cached.settled and cached.stat_key == entry.stat_key:
                 result.unchanged += 1
@@ -365,12 +355,9 @@ def look(
                 if cached is not None:
                     result.local[entry.path] = cached
                 continue
-            reader.found(entry)
-            if apart is not None and entry.kind == Kind.FILE and entry.size >= APART_FROM:
-                apart.read(entry, cached)
-                continue
             if cached is not None:
                 batch[entry.path] = cached
+            reader.found(entry)
             to_read.append(entry)
             if record is not None and len(to_read) >= BATCH_FILES:
                 part = Observation(
@@ -383,8 +370,6 @@ def look(
                 reader.read(to_read, part)
                 to_read, batch = [], {}
                 record(part)
-        if apart is not None:
-            apart.hand_over(wait=True)
         result.observed_ns = entropy.now_ns()
         result.local.update(batch)
         reader.read(to_read, result)
@@ -465,10 +450,6 @@ class _CacheInOrder:
         return self.missing
 
 
-# A file read: its (re-statted) entry, manifest, content bytes and problem (read_stable)
-_Read = tuple[Seen, Manifest | None, bytes, Problem | None]
-
-
 class _Reader:
     """Hashes the files a walk found to read, batch by batch, with progress counted
     over the whole walk (its totals grow as the walk finds more)."""
@@ -499,57 +480,19 @@ class _Reader:
         candidates; a file that cannot be read is a problem of the whole scan."""
         small = [e for e in entries if e.size < THREADED_FROM]
         large = [e for e in entries if e.size >= THREADED_FROM]
-        for read in chain(map(self._read, small), self.pool.map(self._read, large)):
-            self.take(read, into)
-
-    def take(self, read: _Read, into: Observation) -> bool:
-        """Count one file read (progress) and add it to ``into``'s candidates; False for
-        a file that could not be read (a problem of the whole scan)."""
-        entry, manifest, content, error = read
-        self.bytes_done += entry.size
-        self.files_done += 1
-        if self.progress is not None:
-            self.progress(self.files_done, self.files, self.bytes_done, self.bytes)
-        if error is not None:
-            self.errors.append(error)
-            self.unreadable.add(entry.path)
-            return False
-        into.hashed_bytes += entry.size if manifest is not None else 0
-        into.candidates.append((entry, manifest, content))
-        return True
-
-
-class _Apart:
-    """Large files hashed in the reader's pool as the walk finds them, each handed to
-    ``record`` alone as an observation of its own once hashed, in the order found."""
-
-    def __init__(
-        self,
-        reader: _Reader,
-        record: Callable[[Observation], None],
-        scope: list[str] | None,
-        changed_parents: set[str],
-    ) -> None:
-        self.reader, self.record = reader, record
-        self.scope, self.changed_parents = scope, changed_parents
-        self.pending: deque[tuple[Observation, Future[_Read]]] = deque()
-
-    def read(self, entry: Seen, cached: LocalEntry | None) -> None:
-        part = Observation(
-            local={} if cached is None else {entry.path: cached},
-            scope=self.scope,
-            observed_ns=entropy.now_ns(),
-            final=False,
-            changed_parents=self.changed_parents,
-        )
-        self.pending.append((part, self.reader.pool.submit(self.reader._read, entry)))
-
-    def hand_over(self, wait: bool) -> None:
-        """Hand over the files hashed so far in order (all of them, with ``wait``)."""
-        while self.pending and (wait or self.pending[0][1].done()):
-            part, future = self.pending.popleft()
-            if self.reader.take(future.result(), part):
-                self.record(part)
+        for entry, manifest, content, error in chain(
+            map(self._read, small), self.pool.map(self._read, large)
+        ):
+            self.bytes_done += entry.size
+            self.files_done += 1
+            if self.progress is not None:
+                self.progress(self.files_done, self.files, self.bytes_done, self.bytes)
+            if error is not None:
+                self.errors.append(error)
+                self.unreadable.add(entry.path)
+                continue
+            into.hashed_bytes += entry.size if manifest is not None else 0
+            into.candidates.append((entry, manifest, content))
 
 
 def _scope(
