@@ -6,15 +6,20 @@ in bytes.)"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import re
 import select
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
-from tests.e2e import Device, free_port, invite, snapshot
+import pytest
+
+from backer.scanner.ignore import TEMP_PREFIX
+from tests.e2e import Device, free_port, invite, joined_pair, snapshot, wait_until
 
 LINE = re.compile(
     r"^backer: (\w+): (\d+)/(\d+) files, ([\d.]+)/([\d.]+) ([kMG]?B), (\S+ \S+|\?), (\S+) left$"
@@ -126,3 +131,56 @@ def test_on_a_terminal_the_live_display_shows_files_and_bytes(tmp_path: Path) ->
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
     assert "scanning" in text and f"/{FILES} files" in text, text
     assert not progress_lines(text, "scanning")  # live, not log lines
+
+
+def _this_device(device: Device, which: str | None = None) -> dict[str, object]:
+    """``device``'s status entry of itself (or of the device with id ``which``)."""
+    report = json.loads(device.run("status", "--json", "--dir", str(device.root)).stdout)
+    return next(d for d in report["devices"] if (d["id"] == which if which else d["this"]))
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_status_says_a_file_is_needed_until_its_slowed_local_copy_is_in_place(
+    tmp_path: Path,
+) -> None:
+    """A file whose chunks b holds already is a local copy (slowed here: every read of
+    b's node delayed), with nothing to wait for from the peer. While the copy runs, b
+    still needs the file (it is not in place), by its own status and by what a's status
+    says of it."""
+    size = 48 * 1024 * 1024
+    a, b, (port_a, port_b) = joined_pair(tmp_path)
+    original = os.urandom(size)
+    (a.root / "big.bin").write_bytes(original)
+    node_a, node_b = a.start(port_a), b.start(port_b)
+    slowing = None
+    try:
+        b_id = _this_device(b)["id"]
+        wait_until(lambda: (b.root / "big.bin").exists() and snapshot(b.root) == snapshot(a.root),
+                   [node_a, node_b])  # fmt: skip
+        slowing = subprocess.Popen(
+            ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node_b.process.pid),
+             "-e", "trace=preadv2", "-e", "inject=preadv2:delay_enter=400000"],
+        )  # fmt: skip
+        time.sleep(1)  # (attached to every thread)
+        (a.root / "copy.bin").write_bytes(original)  # every chunk of it is on b already
+        needed = (1, size)
+        copying = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(copying) < 3:
+            if any(p.name.startswith(TEMP_PREFIX) for p in b.root.iterdir()):
+                copying.append((_this_device(b), _this_device(a, b_id)))
+            time.sleep(0.2)
+        assert len(copying) == 3, "no local copy seen under way"
+        for own, told in copying[1:]:  # (the first may precede b's plan's count)
+            assert (own["need_files"], own["need_bytes"]) == needed, own
+            assert not told["in_sync"], told
+        told = copying[-1][1]  # (b tells a its need every 0.5 s)
+        assert (told["need_files"], told["need_bytes"]) == needed, told
+        wait_until(lambda: snapshot(b.root) == snapshot(a.root), [node_a, node_b], timeout=120)
+        wait_until(lambda: _this_device(b)["need_files"] == 0, [node_b])
+    finally:
+        if slowing is not None:
+            slowing.terminate()
+            slowing.wait()
+        node_a.stop()
+        node_b.stop()

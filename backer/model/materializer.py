@@ -655,6 +655,12 @@ class Assembly:
             wake = self.wake
             future.add_done_callback(lambda _: wake())
 
+    def copying(self) -> int:
+        """How many staged files that miss no chunk from a peer still wait for their
+        local copy (it runs, or :meth:`settle` has not taken it in): not complete yet."""
+        staged = (self.staged.get(path) for path in self._copies)
+        return sum(1 for s in staged if s is not None and s.missing == 0)
+
     def ready(self) -> bool:
         """Whether no local copy or early check is still running."""
         return all(f.done() for f in (*self._copies.values(), *self._checks.values()))

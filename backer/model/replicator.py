@@ -407,23 +407,21 @@ class Replicator:
 
     def progress(self) -> tuple[int, int, int, int]:
         """(files done, files planned, chunk bytes fetched, chunk bytes planned): a file
-        of the current window is done once it has all its chunks."""
+        of the current window is done once it has all its chunks, its local copy ended."""
         files = self.stats.files_written
         if self.assembly is not None:
-            files += len(self.assembly.staged) - self.assembly.waiting
+            assembly = self.assembly
+            files += len(assembly.staged) - assembly.waiting - assembly.copying()
         return files, self.stats.files_to_write, self.stats.bytes_fetched, self.stats.bytes_to_fetch
 
     def need(self) -> tuple[int, int]:
         """(files, bytes) this device still has to write or delete: what the last plan
-        holds that is not applied yet, including what it left out (no room, no peer had
-        the content, an error); the next plan counts again. A file of the current window
-        that has all its chunks no longer counts."""
-        files, size = self.needed
-        if self.assembly is not None:
-            for staged in self.assembly.staged.values():
-                if staged.missing == 0:
-                    files, size = files - 1, size - _bytes_of(staged.op)
-        return files, size
+        holds that is not in place yet, including what it left out (no room, no peer had
+        the content, an error); the next plan counts again. A file counts until its
+        window is renamed into place: one complete in its temp file (a local copy still
+        running, its check, its rename) is not on disk as the truth yet, and a peer told
+        (0, 0) shows this device in sync."""
+        return self.needed
 
     def _start_window(self) -> None:
         """Assemble the next window: temp files filled with every chunk found locally;
