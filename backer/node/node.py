@@ -62,7 +62,7 @@ from backer.protocol.invite import parse_address
 from backer.protocol.session import Session
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 from backer.scanner.watch import Watcher
-from backer.versioner.prune import DROP_ALL, PruneReport, prune_share
+from backer.versioner.prune import DROP_ALL, PruneReport, Survey, prune_share, survey_apart
 
 if TYPE_CHECKING:
     from backer.config.registry import RegisteredShare
@@ -76,6 +76,8 @@ PROGRESS_INTERVAL_S = 0.5  # transfer progress is published at most this often, 
 # what this device needs is told to its peers at most this often
 RATE_WINDOW = 4  # transfer rates are averaged over this many progress intervals
 PRUNE_EVERY_S = 3600.0  # the retention policy is applied this often (and once watching)
+PRUNE_TRIES = 5  # a prune whose survey the share's changes outdated reads again this often
+PRUNE_RETRY_S = 5.0  # ... after this long
 REGISTRY_CHECK_S = 1.0  # the share registry is re-read (when it changed) and the shares
 # another backer process held are tried again this often
 RESTART_BASE_S = 2.0  # a share whose runtime failed is restarted after this long, doubling
@@ -380,16 +382,36 @@ class Runtime:
         await self.watching.wait()
         while True:
             if self.check_root():
-                self.prune()
+                await self.prune_apart()
                 release_memory(self.share)  # (it read every recorded version)
             await asyncio.sleep(PRUNE_EVERY_S * self.node.scale)
 
-    def prune(self, dry_run: bool = False, everything: bool = False) -> PruneReport:
+    async def prune_apart(self) -> PruneReport | None:
+        """:meth:`prune` with its survey of every recorded version (~30 CPU s at a million
+        files: sessions' handshakes timed out behind it) in a worker thread. Its removals
+        are made in the loop only if the catalog did not change while it read (else it
+        reads again, PRUNE_TRIES times at most, then waits for the next round)."""
+        loop = asyncio.get_running_loop()
+        conn = self.share.db.conn
+        for _ in range(PRUNE_TRIES):
+            while conn.in_transaction:  # (a reader would see the state before it)
+                await asyncio.sleep(PRUNE_RETRY_S * self.node.scale)
+            before = conn.total_changes
+            surveyed = await loop.run_in_executor(None, survey_apart, self.share.root)
+            if conn.total_changes == before and not conn.in_transaction:
+                return self.prune(surveyed=surveyed)
+            await asyncio.sleep(PRUNE_RETRY_S * self.node.scale)
+        self.log.debug("%s: prune put off: the share kept changing while it read", self.name)
+        return None
+
+    def prune(
+        self, dry_run: bool = False, everything: bool = False, surveyed: Survey | None = None
+    ) -> PruneReport:
         """Drop the kept contents the retention policy no longer keeps, or with
         ``everything`` all of them (in the loop, so never in the middle of an apply or a
         scan's recording)."""
         policy = DROP_ALL if everything else None
-        report = prune_share(self.share, entropy.now_ms(), dry_run, policy)
+        report = prune_share(self.share, entropy.now_ms(), dry_run, policy, surveyed)
         if report.announced:
             self.hub.journal_grew()
         if report.files and not dry_run:

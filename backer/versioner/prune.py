@@ -15,13 +15,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sqlite3
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import sqlite_utils
+
 from backer.db.catalog import Catalog
 from backer.model import entropy
 from backer.model.records import Kind, Version
+from backer.model.share import DB_FILE, METADATA_DIR
 from backer.versioner.config import policy as share_policy
 from backer.versioner.retention import DAY, Candidate, Policy, retained
 from backer.versioner.store import Store
@@ -100,21 +105,51 @@ def candidates(
     return found, free, retired, newest
 
 
+@dataclass(frozen=True)
+class Survey:
+    """What a prune decides on, read from the catalog: every content the store holds
+    with its size, and :func:`candidates` of them."""
+
+    held: dict[bytes, int]
+    found: list[Candidate]
+    free: set[bytes]
+    retired: set[bytes]
+    newest_ms: int
+
+
+def survey(catalog: Catalog) -> Survey:
+    """Read and decode every recorded version (seconds on a large share: the node does
+    it in a worker thread, on a connection of its own: :func:`survey_apart`)."""
+    held = dict(catalog.conn.execute("SELECT content, size FROM store"))
+    return Survey(held, *candidates(catalog, held))
+
+
+def survey_apart(root: Path) -> Survey:
+    """:func:`survey` on a read-only connection of its own, for a worker thread."""
+    database = os.fspath(root / METADATA_DIR / DB_FILE)
+    uri = f"file:{urllib.parse.quote(database)}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, check_same_thread=False)) as conn:
+        return survey(Catalog(sqlite_utils.Database(conn), migrate=False))
+
+
 def prune(
     root: Path,
     catalog: Catalog,
     now_ms: int,
     dry_run: bool = False,
     policy: Policy | None = None,
+    surveyed: Survey | None = None,
 ) -> PruneReport:
     """Remove (or with ``dry_run`` only count) the store entries the share's policy no
     longer needs; the caller commits. Versions age by ``now_ms`` unless it is more than
     :data:`MAX_AHEAD_MS` past the newest version recorded: then by that version's time,
     so a clock that jumped ahead drops nothing an earlier prune would not have (the
-    time is believed once an event made then shows it)."""
+    time is believed once an event made then shows it). ``surveyed``: the catalog read
+    beforehand, by a caller that knows nothing changed since."""
     store = Store(root, catalog)
-    held = store.contents()
-    found, free, retired, newest_ms = candidates(catalog, held)
+    found_out = surveyed or survey(catalog)
+    held, found, free = found_out.held, found_out.found, found_out.free
+    retired, newest_ms = found_out.retired, found_out.newest_ms
     policy = policy or share_policy(catalog)
     used = sum(size for content, size in held.items() if content not in free)
     stat = os.statvfs(root)
@@ -165,13 +200,17 @@ def aging_time(catalog: Catalog, now_ms: int, newest_ms: int, dry_run: bool = Fa
 
 
 def prune_share(
-    share: Share, now_ms: int, dry_run: bool = False, policy: Policy | None = None
+    share: Share,
+    now_ms: int,
+    dry_run: bool = False,
+    policy: Policy | None = None,
+    surveyed: Survey | None = None,
 ) -> PruneReport:
     """:func:`prune` in one transaction, then the replaced contents this device does not
     hold and has not said so of yet announced to every device (``backer prune``, the
     node)."""
     with share.db.conn:
-        report = prune(share.root, share.catalog, now_ms, dry_run, policy)
+        report = prune(share.root, share.catalog, now_ms, dry_run, policy, surveyed)
     if not dry_run:
         fresh = report.unheld - share.catalog.unheld_here(share.device)
         report.announced = share.announce_unheld(fresh)
