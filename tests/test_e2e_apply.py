@@ -255,3 +255,55 @@ def test_R25_a_full_disk_says_what_kept_versions_hold_and_prune_all_frees_it(
         assert pruned.startswith("freed 1258"), pruned  # the filler's 12 MiB
         b.sync(address)
         assert snapshot(b.root) == snapshot(a.root)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_R32_a_disk_filled_while_a_window_receives_is_warned_of_listed_and_retried(
+    tmp_path: Path,
+) -> None:
+    """The disk fills while the node writes a received file (its writes slowed so that
+    it surely does): one disk-full warning, the file listed as left out in status, and
+    once room is freed the file arrives with no new event to prompt it."""
+    a, b = _founder(tmp_path)
+    (a.root / "small.txt").write_text("small")
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with small_disk(tmp_path / "disk", "80m") as disk:
+        with a.serving(port):
+            b.root = disk / "b"
+            b.run("join", token, str(b.root))
+        node_a, node_b = a.start(port), b.start(BACKER_TIME_SCALE="0.25")
+        slowing = None
+        filler = b.root / ".backer" / "filler"  # (no event: .backer is not shared)
+        try:
+            slowing = subprocess.Popen(
+                ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node_b.process.pid),
+                 "-e", "trace=pwrite64", "-e", "inject=pwrite64:delay_enter=100000"],
+            )  # fmt: skip
+            time.sleep(1)  # (attached to every thread)
+            (a.root / "r40.bin").write_bytes(os.urandom(40 * 1024 * 1024))
+            deadline = time.monotonic() + 60
+            while not any(is_temp_name(p.name) for p in b.root.iterdir()):
+                assert time.monotonic() < deadline, node_b.log
+                time.sleep(0.02)
+            with open(filler, "wb") as handle:
+                free = os.statvfs(b.root).f_bavail * os.statvfs(b.root).f_frsize
+                os.posix_fallocate(handle.fileno(), 0, free - 256 * 1024)  # (all but)
+            node_b.wait_for("disk full: ", timeout=60)
+            status = b.run("status", "--json", "--dir", str(b.root)).stdout
+            assert f'"path": "r40.bin",\n      "reason": "{LEFT_OUT}"' in status, status
+            slowing.terminate()
+            slowing.wait()
+            slowing = None
+            filler.unlink()
+            deadline = time.monotonic() + 120
+            while snapshot(b.root) != snapshot(a.root):
+                assert time.monotonic() < deadline, node_b.log
+                time.sleep(0.2)
+        finally:
+            if slowing is not None:
+                slowing.terminate()
+                slowing.wait()
+            node_a.stop()
+            node_b.stop()

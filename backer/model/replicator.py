@@ -26,6 +26,7 @@ from blake3 import blake3
 
 from backer.db.catalog import Problem
 from backer.model.materializer import (
+    LEFT_OUT,
     Assembly,
     DiskFull,
     Materializer,
@@ -234,8 +235,15 @@ class Replicator:
         self.disk_full = problem
         self.share.db.conn.commit()
         if self.assembly is not None:
-            self.reports.append(self.assembly.report)
-            self.share.note_applied(self.assembly.report)
+            report = self.assembly.report
+            done = {*report.written, *(problem.path for problem in report.errors)}
+            report.errors += [  # (a write that met the full disk left them out)
+                Problem(op.path, LEFT_OUT)
+                for op in self.window_operations
+                if op.version.kind == Kind.FILE and op.path not in done
+            ]
+            self.reports.append(report)
+            self.share.note_applied(report)
         self.operations = self.assembly = None
         self.share.temps_in_use = set()
         self.chunk_queue.clear()

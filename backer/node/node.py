@@ -434,7 +434,8 @@ class Runtime:
             )
 
     def _applied(self, report: Report) -> None:
-        """One log line per applied window of a plan (that did anything)."""
+        """One log line per applied window of a plan (that did anything); a full disk
+        warned of and a later plan scheduled, whatever the window held."""
         conflicts = self.hub.replicator.stats.conflicts_resolved - self.conflicts_logged
         self.conflicts_logged += conflicts
         if conflicts:
@@ -442,21 +443,20 @@ class Runtime:
         for change, names in (("written", report.written), ("deleted", report.deleted)):
             if names:
                 self.publish(EventType.REMOTE_APPLIED, change=change, **paths(names))
-        if not (report.written or report.deleted or report.kept_local_edits or report.errors):
-            return
-        self.log.info(
-            "%s: applied %d files (%d bytes), %d deleted, %d conflicts, %d local edits kept, "
-            "%d errors",
-            self.name,
-            len(report.written),
-            report.bytes_written,
-            len(report.deleted),
-            conflicts,
-            len(report.kept_local_edits),
-            len(report.errors),
-        )
-        self._log_problems()
-        full = self.hub.replicator.disk_full
+        if report.written or report.deleted or report.kept_local_edits or report.errors:
+            self.log.info(
+                "%s: applied %d files (%d bytes), %d deleted, %d conflicts, %d local edits "
+                "kept, %d errors",
+                self.name,
+                len(report.written),
+                report.bytes_written,
+                len(report.deleted),
+                conflicts,
+                len(report.kept_local_edits),
+                len(report.errors),
+            )
+            self._log_problems()
+        full = self.hub.replicator.disk_full  # (a window stopped by it may hold nothing)
         if full is None:
             self.disk_full_said = None
         elif str(full) != self.disk_full_logged:
