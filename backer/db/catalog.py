@@ -21,6 +21,7 @@ was this path before" are one indexed lookup instead of a walk of the CRDT.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -94,6 +95,23 @@ def rows_where_in(
         yield from conn.execute(f"{select} WHERE {column} IN ({','.join('?' * len(part))})", part)
 
 
+@contextlib.contextmanager
+def one_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """Statements in one commit, schema changes too: Python's sqlite3 opens no
+    transaction before a CREATE or an ALTER, so each was a commit of its own (a new
+    share's schema took ~90 fdatasyncs before it held anything)."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+
+
 def read_local(
     conn: sqlite3.Connection, paths: Iterable[str] | None = None, subtrees: Iterable[str] = ()
 ) -> dict[str, LocalEntry]:
@@ -147,7 +165,12 @@ class Catalog:
         self.conn.create_function("record_size", 1, record_size, deterministic=True)
         if not migrate:
             return
-        if "live" not in db.table_names():
+        with one_transaction(self.conn):
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the schema up to date: every table, column and index of this version."""
+        if "live" not in self.db.table_names():
             self._create_schema()
         self.conn.execute(  # added later than the rest: older shares get it on open
             "CREATE TABLE IF NOT EXISTS problems (path TEXT, source TEXT, reason TEXT, "
@@ -182,13 +205,12 @@ class Catalog:
         (moving a replaced file's rows to its store entry scanned them all, per file),
         and the names of one inode (every recorded file has a second link, the store's,
         so an edited file's other names are looked up by inode, not by link count)."""
-        with self.conn:
-            self.conn.execute("CREATE INDEX IF NOT EXISTS local_inode ON local (inode)")
-            self.conn.execute(f"CREATE INDEX IF NOT EXISTS live_parent ON live ({PARENT}, path)")
-            self.conn.execute(
-                "CREATE INDEX IF NOT EXISTS versions_position ON versions (position, path, vid)"
-            )
-            self.conn.execute("CREATE INDEX IF NOT EXISTS chunks_path ON chunks (path)")
+        self.conn.execute("CREATE INDEX IF NOT EXISTS local_inode ON local (inode)")
+        self.conn.execute(f"CREATE INDEX IF NOT EXISTS live_parent ON live ({PARENT}, path)")
+        self.conn.execute(
+            "CREATE INDEX IF NOT EXISTS versions_position ON versions (position, path, vid)"
+        )
+        self.conn.execute("CREATE INDEX IF NOT EXISTS chunks_path ON chunks (path)")
 
     def _add_columns(self) -> None:
         """Columns added since a share was made (a share made by an older backer)."""
@@ -201,31 +223,28 @@ class Catalog:
         ):
             names = [row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")]
             if column not in names:
-                with self.conn:
-                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+                self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
     def _create_schema(self) -> None:
-        with self.conn:
-            for statement in (
-                "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB)",
-                "CREATE TABLE live (path TEXT, vid TEXT, record BLOB, "
-                "PRIMARY KEY (path, vid)) WITHOUT ROWID",
-                "CREATE TABLE versions (vid TEXT PRIMARY KEY, path TEXT, record BLOB, "
-                "author BLOB, position INTEGER)",
-                "CREATE INDEX versions_path ON versions (path, position)",
-                "CREATE TABLE local (path TEXT PRIMARY KEY, vid TEXT, size INTEGER, "
-                "mtime_ns INTEGER, inode INTEGER, mode INTEGER, settled INTEGER) WITHOUT ROWID",
-                "CREATE TABLE manifests (id BLOB PRIMARY KEY, body BLOB) WITHOUT ROWID",
-                "CREATE TABLE chunks (hash BLOB, path TEXT, offset INTEGER, "
-                "length INTEGER, PRIMARY KEY (hash, path)) WITHOUT ROWID",
-                "CREATE TABLE supersedes (old TEXT, new TEXT, PRIMARY KEY (old, new)) "
-                "WITHOUT ROWID",
-                "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB, "
-                "added_seq INTEGER, kept INTEGER, removed_by BLOB, removed_seq INTEGER)",
-                "CREATE TABLE invites (id BLOB PRIMARY KEY, psk BLOB, expires_ms INTEGER, "
-                "used_by BLOB, raw BLOB)",
-            ):
-                self.conn.execute(statement)
+        for statement in (
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB)",
+            "CREATE TABLE live (path TEXT, vid TEXT, record BLOB, "
+            "PRIMARY KEY (path, vid)) WITHOUT ROWID",
+            "CREATE TABLE versions (vid TEXT PRIMARY KEY, path TEXT, record BLOB, "
+            "author BLOB, position INTEGER)",
+            "CREATE INDEX versions_path ON versions (path, position)",
+            "CREATE TABLE local (path TEXT PRIMARY KEY, vid TEXT, size INTEGER, "
+            "mtime_ns INTEGER, inode INTEGER, mode INTEGER, settled INTEGER) WITHOUT ROWID",
+            "CREATE TABLE manifests (id BLOB PRIMARY KEY, body BLOB) WITHOUT ROWID",
+            "CREATE TABLE chunks (hash BLOB, path TEXT, offset INTEGER, "
+            "length INTEGER, PRIMARY KEY (hash, path)) WITHOUT ROWID",
+            "CREATE TABLE supersedes (old TEXT, new TEXT, PRIMARY KEY (old, new)) WITHOUT ROWID",
+            "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB, "
+            "added_seq INTEGER, kept INTEGER, removed_by BLOB, removed_seq INTEGER)",
+            "CREATE TABLE invites (id BLOB PRIMARY KEY, psk BLOB, expires_ms INTEGER, "
+            "used_by BLOB, raw BLOB)",
+        ):
+            self.conn.execute(statement)
 
     # -- meta ------------------------------------------------------------------------
 
