@@ -54,6 +54,26 @@ def test_a_share_whose_runtime_failed_is_restarted_with_backoff_and_status_says_
         b_node.stop()
 
 
+def test_R35_a_failed_runtime_logs_where_it_failed_at_debug_level(tmp_path: Path) -> None:
+    """'stopped: RecursionError: ...' named no file: the traceback is logged at debug."""
+    device = Device(tmp_path, "a")
+    device.root.mkdir()
+    device.run("init", str(device.root))
+    node = device.start()
+    try:
+        database = device.root / METADATA_DIR / DB_FILE
+        with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as holder:
+            holder.execute("BEGIN EXCLUSIVE")
+            (device.root / "during.txt").write_text("written while the database is held\n")
+            node.wait_for("a: stopped: OperationalError")
+            holder.execute("ROLLBACK")
+        node.wait_for("a: restarted")
+        where = re.search(r"a: it failed in (\S+/backer/\S+\.py):\d+ in \w+", node.log)
+        assert where and Path(where.group(1)).is_file(), node.log
+    finally:
+        node.stop()
+
+
 def test_init_and_forget_while_the_node_runs_take_effect_within_seconds(tmp_path: Path) -> None:
     """The node read the registry once, at start: a share made by 'init' was not served
     and a forgotten one still was, until the node was restarted."""

@@ -28,6 +28,7 @@ import random
 import socket
 import sqlite3
 import time
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -133,6 +134,20 @@ def failure_reason(exc: BaseException) -> str:
         exc = exc.exceptions[0]
     text = reason(exc) if isinstance(exc, Exception) else str(exc)
     return f"{type(exc).__name__}: {text}"
+
+
+def failure_place(exc: BaseException) -> str:
+    """Where a runtime's failure was raised, as ``file:line in function``: the deepest
+    frame of backer's own code (a RecursionError's last frames are the library's), so
+    that a one-line reason with no file can be traced from the log."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if f"{os.sep}backer{os.sep}" in f.filename] or frames
+    if not own:
+        return "an unknown place"
+    frame = own[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"
 
 
 def unusable(share: Share) -> str | None:
@@ -952,6 +967,7 @@ class Node:
                 return
             except Exception as exc:
                 why = failure_reason(exc)
+                self.log.debug("%s: it failed in %s", current.name, failure_place(exc))
             failures = 1 if time.monotonic() - started > RESTART_CAP_S else failures + 1
             current = await self._restart(current, why, failures)
 
