@@ -273,10 +273,11 @@ def test_R32_a_disk_filled_while_a_window_receives_is_warned_of_listed_and_retri
         with a.serving(port):
             b.root = disk / "b"
             b.run("join", token, str(b.root))
-        node_a, node_b = a.start(port), b.start(BACKER_TIME_SCALE="0.25")
+        a.start(port)
         slowing = None
         filler = b.root / ".backer" / "filler"  # (no event: .backer is not shared)
         try:
+            node_b = b.start(BACKER_TIME_SCALE="0.25")
             slowing = subprocess.Popen(
                 ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node_b.process.pid),
                  "-e", "trace=pwrite64", "-e", "inject=pwrite64:delay_enter=100000"],
@@ -305,5 +306,5 @@ def test_R32_a_disk_filled_while_a_window_receives_is_warned_of_listed_and_retri
             if slowing is not None:
                 slowing.terminate()
                 slowing.wait()
-            node_a.stop()
-            node_b.stop()
+            for node in [*a.nodes, *b.nodes]:
+                node.stop()

@@ -151,9 +151,10 @@ def test_status_says_a_file_is_needed_until_its_slowed_local_copy_is_in_place(
     a, b, (port_a, port_b) = joined_pair(tmp_path)
     original = os.urandom(size)
     (a.root / "big.bin").write_bytes(original)
-    node_a, node_b = a.start(port_a), b.start(port_b)
+    node_a = a.start(port_a)
     slowing = None
     try:
+        node_b = b.start(port_b)
         b_id = _this_device(b)["id"]
         wait_until(lambda: (b.root / "big.bin").exists() and snapshot(b.root) == snapshot(a.root),
                    [node_a, node_b])  # fmt: skip
@@ -182,5 +183,5 @@ def test_status_says_a_file_is_needed_until_its_slowed_local_copy_is_in_place(
         if slowing is not None:
             slowing.terminate()
             slowing.wait()
-        node_a.stop()
-        node_b.stop()
+        for node in [*a.nodes, *b.nodes]:
+            node.stop()
