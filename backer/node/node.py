@@ -392,8 +392,8 @@ class Runtime:
 
     async def _prune_loop(self) -> None:
         """Apply the share's retention policy once the start-up scan is done and every
-        PRUNE_EVERY_S. Not before: it reads every recorded version in the loop (seconds
-        on a large share), which held the start-up scan back."""
+        PRUNE_EVERY_S. Not before: it reads every recorded version (seconds of CPU on a
+        large share), which held the start-up scan back."""
         await self.watching.wait()
         while True:
             if self.check_root():
