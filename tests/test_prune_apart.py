@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,12 +79,12 @@ def test_the_node_drops_a_survey_the_share_changed_under(
     async def run() -> object:
         loop = asyncio.get_running_loop()
 
-        def read(root: Path) -> Survey:
+        def read(root: Path, stop: threading.Event) -> Survey:
             nonlocal reads
             reads += 1
             if reads <= outdated:  # (runs in the loop before the read is handed back)
                 loop.call_soon_threadsafe(change_in_the_loop, reads)
-            return survey_apart(root)
+            return survey_apart(root, stop)
 
         monkeypatch.setattr(node_module, "survey_apart", read)
         return await Runtime.prune_apart(_runtime(share, used))  # type: ignore[arg-type]
@@ -95,4 +97,16 @@ def test_the_node_drops_a_survey_the_share_changed_under(
     else:
         assert reads == node_module.PRUNE_TRIES and not used and report is None
         assert set(Store(share.root, share.catalog).contents()) == held
+    share.close()
+
+
+def test_a_survey_stops_at_its_next_step_once_told(tmp_path: Path) -> None:
+    """A node stopping waits for its worker threads: a survey of a million versions
+    (~30 CPU s) must end as soon as the node says stop."""
+    share = _edited(tmp_path)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        survey_apart(share.root, stop)
+    assert survey_apart(share.root, threading.Event()).held  # (not set: it reads)
     share.close()

@@ -27,6 +27,7 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
 import traceback
 from collections import deque
@@ -412,7 +413,12 @@ class Runtime:
             while conn.in_transaction:  # (a reader would see the state before it)
                 await asyncio.sleep(PRUNE_RETRY_S * self.node.scale)
             before = conn.total_changes
-            surveyed = await loop.run_in_executor(None, survey_apart, self.share.root)
+            stop = threading.Event()
+            try:
+                surveyed = await loop.run_in_executor(None, survey_apart, self.share.root, stop)
+            except asyncio.CancelledError:
+                stop.set()
+                raise
             if conn.total_changes == before and not conn.in_transaction:
                 return self.prune(surveyed=surveyed)
             await asyncio.sleep(PRUNE_RETRY_S * self.node.scale)

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import sqlite3
+import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ MAX_AHEAD_MS = DAY
 # ``backer prune --all``: no version keeps its bytes, not even the last hour's (a full disk
 # that deleting files cannot relieve, since what is deleted is kept)
 DROP_ALL = Policy(keep_all_ms=0, hourly_until_ms=0, daily_until_ms=0, weekly_until_ms=0)
+STOP_CHECK_STEPS = 10_000  # a survey checks for a stop every this many SQLite steps
 CLOCK_KEY = "prune.clock"  # meta: boot id, ns since boot, wall ms, ms the wall is ahead by
 
 
@@ -124,11 +126,15 @@ def survey(catalog: Catalog) -> Survey:
     return Survey(held, *candidates(catalog, held))
 
 
-def survey_apart(root: Path) -> Survey:
-    """:func:`survey` on a read-only connection of its own, for a worker thread."""
+def survey_apart(root: Path, stop: threading.Event | None = None) -> Survey:
+    """:func:`survey` on a read-only connection of its own, for a worker thread; once
+    ``stop`` is set its next query step raises (a node stopping must not wait for it:
+    shutting down waits for its worker threads)."""
     database = os.fspath(root / METADATA_DIR / DB_FILE)
     uri = f"file:{urllib.parse.quote(database)}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True, check_same_thread=False)) as conn:
+        if stop is not None:
+            conn.set_progress_handler(stop.is_set, STOP_CHECK_STEPS)
         return survey(Catalog(sqlite_utils.Database(conn), migrate=False))
 
 
