@@ -17,6 +17,7 @@ import pytest
 from backer.model.share import Share
 from backer.node import node as node_module
 from backer.node.node import Runtime
+from backer.versioner import prune as prune_module
 from backer.versioner.prune import DROP_ALL, Survey, prune, prune_share, survey_apart
 from backer.versioner.store import Store
 from tests.helpers import make_devices
@@ -100,9 +101,12 @@ def test_the_node_drops_a_survey_the_share_changed_under(
     share.close()
 
 
-def test_a_survey_stops_at_its_next_step_once_told(tmp_path: Path) -> None:
+def test_a_survey_stops_at_its_next_step_once_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A node stopping waits for its worker threads: a survey of a million versions
     (~30 CPU s) must end as soon as the node says stop."""
+    monkeypatch.setattr(prune_module, "STOP_CHECK_STEPS", 1)  # (this share is tiny)
     share = _edited(tmp_path)
     stop = threading.Event()
     stop.set()
