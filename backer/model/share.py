@@ -1329,8 +1329,16 @@ class Share:
         A version that failed for a lasting local reason is not planned again (in this
         process: a restart tries once more)."""
         self.unwritable.update(report.unwritable)
-        with self.db.conn:
-            self._note_problems("apply", report.errors, report.written + report.deleted)
+        done = report.written + report.deleted
+        try:
+            with self.db.conn:
+                self._note_problems("apply", report.errors, done)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
+            # the disk that stopped the window has no room for its problems either: this
+            # process still tells them (log, warning, summary); status once there is room
+            self._tally("apply", report.errors, report.errors, done)
 
     def _note_problems(
         self,
@@ -1344,13 +1352,25 @@ class Share:
         fresh = self.catalog.note_problems(
             source, problems, entropy.now_ms(), resolved or (), replace
         )
+        self._tally(source, problems, fresh, resolved or (), replace)
+        return fresh
+
+    def _tally(
+        self,
+        source: str,
+        problems: list[Problem],
+        fresh: list[Problem],
+        resolved: Iterable[str] = (),
+        replace: bool = False,
+    ) -> None:
+        """This process's tally of problems (a command's summary and exit status, the
+        node's log), whether or not the catalog could record them."""
         if replace:
             self.problems = {k: p for k, p in self.problems.items() if k[0] != source}
-        for path in resolved or ():
+        for path in resolved:
             self.problems.pop((source, path), None)
         self.problems.update(((source, p.path), p) for p in problems)
         self.fresh_problems += fresh
-        return fresh
 
     def _sweep(self, leftovers: list[str]) -> None:
         """Remove the temp files a scan found that nothing will use, judged by what is
