@@ -331,34 +331,48 @@ def test_watch_limit_warns_once_and_polls_what_it_cannot_watch(
         assert report["polled"] and "" not in report["polled"]
 
 
+def _chain(root: int, name: str, depth: int) -> int:
+    """A descriptor of the bottom of ``name``/``name``/... ``depth`` levels under
+    ``root`` (made by descriptor: the path is beyond what pathlib recurses)."""
+    fd = os.dup(root)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        fd, parent = os.open(name, os.O_RDONLY, dir_fd=fd), fd
+        os.close(parent)
+    return fd
+
+
+def _unchain(root: int, name: str, depth: int) -> None:
+    """Remove such a chain (shutil.rmtree, as pytest's tmp_path clean-up, recurses)."""
+    for level in range(depth, 0, -1):
+        folder = "/".join([name] * level)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{folder}/f", dir_fd=root)
+        os.rmdir(folder, dir_fd=root)
+
+
 def test_R35_a_tree_deeper_than_the_recursion_limit_is_watched(tmp_path: Path) -> None:
-    """The watches were added with os.walk, which recurses: a tree of 1,000 levels (a
-    3 KB path, valid; any member can make one) raised RecursionError at every start of
-    the watcher, so the node never served the share again. A change at the bottom of
-    a 1,200-level tree is now reported."""
+    """The watches were added with os.walk, and watchdog walks a new folder with it
+    too: both recurse. A tree of 1,000 levels (a 3 KB path, valid; any member can make
+    one) raised RecursionError at every start of the watcher (the node never served
+    the share again), and one made while watching killed the watcher's thread (nothing
+    was reported any more). Now such a tree is watched to the bottom."""
     root = tmp_path / "share"
     root.mkdir()
-    fd = os.open(root, os.O_RDONLY)
+    top = os.open(root, os.O_RDONLY)
+    old = _chain(top, "d", 1200)
+    deep_old = "/".join(["d"] * 1200)
     try:
-        for _ in range(1200):  # (by descriptor: the path is beyond what pathlib recurses)
-            os.mkdir("d", dir_fd=fd)
-            fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
-            os.close(parent)
-        bottom = "/".join(["d"] * 1200)
 
         async def main() -> list[Changes]:
             async with Watcher(root, never, quiet=0.05) as watcher:
                 changes = watcher.changes()
                 await anext(changes)
-                os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-                return await gather(changes, has(f"{bottom}/f"), 10)
+                os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=old))
+                return await gather(changes, has(f"{deep_old}/f"), 10)
 
-        assert f"{bottom}/f" in union(asyncio.run(main()))
+        assert f"{deep_old}/f" in union(asyncio.run(main()))
     finally:
-        os.close(fd)
-        top = os.open(root, os.O_RDONLY)  # removed here: shutil.rmtree recurses too
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{bottom}/f", dir_fd=top)
-        for depth in range(1200, 0, -1):
-            os.rmdir("/".join(["d"] * depth), dir_fd=top)
+        os.close(old)
+        _unchain(top, "d", 1200)
         os.close(top)

@@ -44,7 +44,7 @@ import stat
 import sys
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -453,7 +453,22 @@ def _snapshot(root: Path, top: str) -> dict[str, tuple[int, int, int, int]]:
 if sys.platform.startswith("linux"):
     from watchdog.observers.inotify import InotifyEmitter, InotifyObserver, InotifyWatchGroup
     from watchdog.observers.inotify_c import InotifyConstants as In
-    from watchdog.observers.inotify_c import InotifyFD, Mask
+    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, Mask
+
+    def _walk(path: bytes, skip: bytes) -> Iterator[tuple[bytes, list[os.DirEntry[bytes]]]]:
+        """Every folder under ``path`` (itself first) but ``skip``, with its entries
+        (``skip`` left out), no link followed; iterative (os.walk recurses: 1,000
+        levels raised RecursionError and killed the watcher's thread, R35)."""
+        pending = [path]
+        while pending:
+            top = pending.pop()
+            try:
+                with os.scandir(top) as found:
+                    entries = [e for e in found if e.path != skip]
+            except OSError:
+                continue
+            yield top, entries
+            pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
 
     # What can change a name or content; IN_DELETE_SELF lets watchdog see the share go.
     MASK = Mask(
@@ -482,22 +497,30 @@ if sys.platform.startswith("linux"):
                 self.watcher.overflowed()
 
         def _add_all_callbacks(self, path: bytes) -> None:
+            """Watch ``path`` and every folder below it (iteratively: R35)."""
             metadata = os.path.join(self.path, METADATA_DIR.encode())
             if path == metadata or path.startswith(metadata + b"/"):
                 return
             self._add_callback(path)
             if not self.is_recursive or not os.path.isdir(path):
                 return
-            pending = [path]  # (not os.walk: it recurses, and 1,000 levels raised
-            while pending:  # RecursionError at every start: the share was never served, R35)
-                top = pending.pop()
-                with contextlib.suppress(OSError), os.scandir(top) as entries:
-                    for entry in entries:
-                        if top == self.path and entry.name == METADATA_DIR.encode():
-                            continue
-                        if entry.is_dir(follow_symlinks=False):
-                            self._add_callback(entry.path)
-                            pending.append(entry.path)
+            for _top, entries in _walk(path, metadata):
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        self._add_callback(entry.path)
+
+        def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
+            """watchdog's events for what a new folder already holds (not os.walk: R35)."""
+            events = []
+            for top, entries in _walk(src_path, os.path.join(self.path, METADATA_DIR.encode())):
+                wd = self._active_callbacks_by_path.get(top)
+                if wd is None:  # not watched: its own IN_CREATE reports it
+                    continue
+                for entry in entries:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    mask = Mask(In.IN_CREATE | In.IN_ISDIR) if is_dir else In.IN_CREATE
+                    events.append(InotifyEvent(wd, mask, 0, entry.name))
+            return events
 
         def _add_callback(self, path: bytes) -> None:
             try:
