@@ -59,6 +59,7 @@ def _runtime(share: Share, surveys: list[Survey]) -> SimpleNamespace:
         name="test",
         log=logging.getLogger("test"),
         prune=pruned,
+        check_root=lambda: True,
     )
 
 

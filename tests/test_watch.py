@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from backer.scanner import watch
 from backer.scanner.ignore import temp_name
 from backer.scanner.walk import under_any
 from backer.scanner.watch import Changes, Watcher
@@ -376,3 +377,31 @@ def test_R35_a_tree_deeper_than_the_recursion_limit_is_watched(tmp_path: Path) -
         os.close(old)
         _unchain(top, "d", 1200)
         os.close(top)
+
+
+def test_a_watcher_whose_thread_died_says_so_instead_of_going_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in watchdog's thread (R35: a RecursionError on a deep tree) ended it,
+    and the node then saw no local change until the hourly full scan. The watcher now
+    checks its threads and raises, so that the node restarts the share."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("inotify's own thread")
+    monkeypatch.setattr(watch, "ALIVE_EVERY", 0.1)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the expected one)
+
+    def broken(self: object, path: bytes) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    async def main() -> None:
+        async with Watcher(tmp_path, never, quiet=0.05) as watcher:
+            changes = watcher.changes()
+            await anext(changes)
+            monkeypatch.setattr(watch._Watches, "_add_all_callbacks", broken)
+            (tmp_path / "new-folder").mkdir()
+            async with asyncio.timeout(10):
+                with pytest.raises(watch.WatcherStopped):
+                    while True:
+                        await anext(changes)
+
+    asyncio.run(main())

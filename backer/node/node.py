@@ -406,7 +406,9 @@ class Runtime:
         """:meth:`prune` with its survey of every recorded version (~30 CPU s at a million
         files: sessions' handshakes timed out behind it) in a worker thread. Its removals
         are made in the loop only if the catalog did not change while it read (else it
-        reads again, PRUNE_TRIES times at most, then waits for the next round)."""
+        reads again, PRUNE_TRIES times at most, then waits for the next round). The
+        survey opens the database by its path: a share folder moved away meanwhile puts
+        the prune off (the root guard reports the folder)."""
         loop = asyncio.get_running_loop()
         conn = self.share.db.conn
         for _ in range(PRUNE_TRIES):
@@ -419,7 +421,10 @@ class Runtime:
             except asyncio.CancelledError:
                 stop.set()
                 raise
-            if conn.total_changes == before and not conn.in_transaction:
+            except sqlite3.Error as exc:
+                self.log.debug("%s: prune put off: %s", self.name, exc)
+                return None
+            if conn.total_changes == before and not conn.in_transaction and self.check_root():
                 return self.prune(surveyed=surveyed)
             await asyncio.sleep(PRUNE_RETRY_S * self.node.scale)
         self.log.debug("%s: prune put off: the share kept changing while it read", self.name)

@@ -90,6 +90,8 @@ EVENTS = [
 ]
 WATCHES_SYSCTL = "/proc/sys/fs/inotify/max_user_watches"
 POLL_EVERY = 10.0  # seconds between two looks at the directories inotify cannot watch
+ALIVE_EVERY = 5.0  # seconds between two checks that the watcher's threads still run: an
+# exception in watchdog's thread ends it, and no change was seen again until the hourly scan
 LIMIT_HINT = (
     "inotify watch limit reached (fs.inotify.max_user_watches = {limit}): {path} and "
     "whatever else cannot be watched is polled every {every:g} s instead, so changes "
@@ -105,6 +107,11 @@ GONE = (
     "the share's folder {root} was deleted: it is no longer watched (only the periodic "
     "full scan looks at it); restart backer once it is back"
 )
+
+
+class WatcherStopped(Exception):
+    """A thread of the watcher ended while it ran: changes are no longer seen (the node
+    restarts the share, whose start-up scan finds what was missed)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,7 @@ class Watcher:
         self._poller: _Poller | None = None
         self.polled: set[str] = set()  # subtrees polled instead of watched ('' the share)
         self._warned = False
+        self._gone = False  # the share's folder was deleted: no longer watched
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -211,8 +219,10 @@ class Watcher:
         yield Changes(frozenset(), True, "start")
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(next_full):
+                async with asyncio.timeout_at(min(next_full, loop.time() + ALIVE_EVERY)):
                     await self._arrived.wait()
+            if (ended := self.ended()) is not None:
+                raise WatcherStopped(f"the watcher's thread {ended} ended: changes went unseen")
             if self._arrived.is_set():
                 await self._settle(loop)
             self._arrived.clear()
@@ -226,6 +236,19 @@ class Watcher:
                 yield Changes(paths, True, reason)
             elif paths:
                 yield Changes(paths, False, "events")
+
+    def ended(self) -> str | None:
+        """The name of a thread of the watcher that is no longer running, if one is
+        (after the share's folder went, watchdog's ends by design)."""
+        threads: list[object] = []
+        if self._observer is not None and not self._gone:
+            observer = self._observer
+            threads += [observer, *observer.emitters, getattr(observer, "_inotify_fd", None)]
+        threads.append(self._poller)
+        for thread in threads:
+            if isinstance(thread, threading.Thread) and not thread.is_alive():
+                return thread.name
+        return None
 
     async def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until no event came for ``quiet`` seconds, ``max_delay`` at most."""
@@ -272,6 +295,7 @@ class Watcher:
             self.root
         ):
             log.warning(GONE.format(root=self.root))
+            self._gone = True  # (watchdog's thread for it ends: that is expected)
             self._call(self._want_full, "gone")  # the scan reports the missing folder
             return
         found = []
