@@ -575,8 +575,8 @@ class Cluster:
                 return []
             if replicator.assembly is not None:
                 return sorted(replicator.assembly.staged)
-            start = replicator.window_start
-            return sorted(op.path for op in replicator.operations[start:] if op.version.size)
+            # (the plan holds what no window has taken yet)
+            return sorted(op.path for op in replicator.operations if op.version.size)
 
         with self.acting():
             self._deliver_around(index, limit, lambda: bool(planned()))
