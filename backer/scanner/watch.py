@@ -155,11 +155,14 @@ class Watcher:
         self.polled: set[str] = set()  # subtrees polled instead of watched ('' the share)
         self._warned = False
         self._gone = False  # the share's folder was deleted: no longer watched
+        self._root_id: tuple[int, int] | None = None  # (inode, device) of the folder watched
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> Watcher:
         self._loop = asyncio.get_running_loop()
+        info = os.lstat(self.root)
+        self._root_id = (info.st_ino, info.st_dev)
         try:
             self._observer = await asyncio.to_thread(self._start_observer)
         except OSError as exc:
@@ -241,7 +244,7 @@ class Watcher:
         """The name of a thread of the watcher that is no longer running, if one is
         (after the share's folder went, watchdog's ends by design)."""
         threads: list[object] = []
-        if self._observer is not None and not self._gone:
+        if self._observer is not None and not self._gone and not self._root_went():
             observer = self._observer
             threads += [observer, *observer.emitters, getattr(observer, "_inotify_fd", None)]
         threads.append(self._poller)
@@ -249,6 +252,15 @@ class Watcher:
             if isinstance(thread, threading.Thread) and not thread.is_alive():
                 return thread.name
         return None
+
+    def _root_went(self) -> bool:
+        """Whether the share's folder is not the one watched any more (watchdog's thread
+        ends once it is deleted, a moment before its event says so)."""
+        try:
+            info = os.lstat(self.root)
+        except OSError:
+            return True
+        return (info.st_ino, info.st_dev) != self._root_id
 
     async def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until no event came for ``quiet`` seconds, ``max_delay`` at most."""
