@@ -16,7 +16,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from backer.db.recovery import write_durably
+from backer.db.recovery import sync_directory, write_durably
 
 MARKER = "closed-cleanly"
 # SQLite's files of a write in progress: one beside the database means it was not
@@ -48,11 +48,7 @@ def closed_cleanly(database: Path, consume: bool) -> bool:
     if consume:
         try:
             marker.unlink()
-            directory = os.open(marker.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            sync_directory(marker.parent)
         except OSError:  # (a marker left behind stops matching at the first write)
             return False
     return clean

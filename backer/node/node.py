@@ -128,11 +128,17 @@ def release_memory(share: Share) -> None:
         _malloc_trim(0)
 
 
-def failure_reason(exc: BaseException) -> str:
-    """One line for what made a share's runtime fail: the first error inside its
-    TaskGroup's exception group, by type and message."""
+def _first_failure(exc: BaseException) -> BaseException:
+    """The first error inside a runtime's TaskGroup's exception group."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
+    return exc
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for what made a share's runtime fail: its first error, by type and
+    message."""
+    exc = _first_failure(exc)
     text = reason(exc) if isinstance(exc, Exception) else str(exc)
     return f"{type(exc).__name__}: {text}"
 
@@ -141,9 +147,7 @@ def failure_place(exc: BaseException) -> str:
     """Where a runtime's failure was raised, as ``file:line in function``: the deepest
     frame of backer's own code (a RecursionError's last frames are the library's), so
     that a one-line reason with no file can be traced from the log."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = traceback.extract_tb(_first_failure(exc).__traceback__)
     own = [f for f in frames if f"{os.sep}backer{os.sep}" in f.filename] or frames
     if not own:
         return "an unknown place"
