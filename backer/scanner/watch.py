@@ -154,7 +154,6 @@ class Watcher:
         self._poller: _Poller | None = None
         self.polled: set[str] = set()  # subtrees polled instead of watched ('' the share)
         self._warned = False
-        self._gone = False  # the share's folder was deleted: no longer watched
         self._root_id: tuple[int, int] | None = None  # (inode, device) of the folder watched
 
     # -- lifecycle -------------------------------------------------------------------
@@ -244,7 +243,7 @@ class Watcher:
         """The name of a thread of the watcher that is no longer running, if one is
         (after the share's folder went, watchdog's ends by design)."""
         threads: list[object] = []
-        if self._observer is not None and not self._gone and not self._root_went():
+        if self._observer is not None and not self._root_went():
             observer = self._observer
             threads += [observer, *observer.emitters, getattr(observer, "_inotify_fd", None)]
         threads.append(self._poller)
@@ -307,7 +306,6 @@ class Watcher:
             self.root
         ):
             log.warning(GONE.format(root=self.root))
-            self._gone = True  # (watchdog's thread for it ends: that is expected)
             self._call(self._want_full, "gone")  # the scan reports the missing folder
             return
         found = []
