@@ -14,6 +14,7 @@ import nacl.signing
 import pytest
 
 from backer.model.share import DB_FILE, Share
+from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
 from backer.versioner.store import Store, entry_name, held_bytes
 from tests.helpers import make_devices, sync, tree
@@ -250,3 +251,26 @@ def test_a_fan_directory_removed_mid_batch_is_made_again_with_every_link(
     a.scan()
     assert removed
     _assert_all_kept(a, files)
+
+
+def test_a_file_that_became_ignored_then_replaced_is_still_served_from_the_store(
+    tmp_path: Path,
+) -> None:
+    """Seed 50434: a recorded file became ignored, then was replaced while nothing
+    watched it. Its version can still be needed (as a conflict copy once the rule
+    goes), and the store's entry is its only copy: a peer's chunk request, and this
+    device's own writes, must find the chunks there, not only at the stale path."""
+    (a,) = make_devices(tmp_path, 1)
+    data = os.urandom(300_000)
+    (a.root / "h").write_bytes(data)
+    a.scan()
+    (a.root / ".backerignore").write_text("h\n")
+    a.scan()  # h is forgotten: no longer watched
+    fresh = a.root / "h.new"
+    fresh.write_bytes(os.urandom(300_000))
+    fresh.replace(a.root / "h")
+    manifest = a.catalog.manifest(cid(data))
+    assert manifest is not None
+    hashes = [ref.hash for ref in manifest.chunks]
+    served = ChunkStore(a.root, a.catalog).read_many(hashes)
+    assert b"".join(bytes(served[h]) for h in hashes) == data

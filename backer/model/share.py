@@ -1260,10 +1260,13 @@ class Share:
         a hard link, so that when the person later replaces or deletes it, its bytes
         are still here; the replaced and deleted contents the store held get their
         chunk locations there, unless the file was rewritten in place (same inode):
-        then the kept bytes went with it."""
+        then the kept bytes went with it. So do the contents of paths that became
+        ignored: nothing watches those files any more, and a version they held may
+        still be needed (its conflict copy, once the rule goes) with the store's entry
+        its only copy."""
         store = Store(self.root, self.catalog)
         on_disk = {seen.path: seen for seen, _, _ in changed}
-        for path in [*on_disk, *found.deleted]:
+        for path in [*on_disk, *found.deleted, *found.forgotten]:
             old = found.local.get(path)
             previous = self.catalog.version(old.version_id) if old is not None else None
             if old is None or previous is None or previous.kind != Kind.FILE:
