@@ -63,7 +63,7 @@ from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
 from backer.protocol.invite import MAX_EXPIRES_S, InviteToken, parse_address
 from backer.protocol.session import Session
 from backer.versioner import config as retention_config
-from backer.versioner.prune import DROP_ALL, prune_share
+from backer.versioner.prune import DROP_ALL, held_by_kept, prune_share
 from journal import JournalError
 
 EXIT_ERROR = 1
@@ -966,8 +966,9 @@ def _name() -> str:
 
 def _check_applied(hub: transport.Hub, hint: str = "") -> None:
     """A plan stopped by a full disk fails the command (after its summary)."""
-    if hub.replicator.disk_full is not None:
-        raise BackerError(f"{commands.disk_full_line(hub.share, hub.replicator.disk_full)}{hint}")
+    if (full := hub.replicator.disk_full) is not None:
+        held = held_by_kept(hub.share.root, hub.share.catalog, entropy.now_ms())
+        raise BackerError(f"{commands.disk_full_line(full, held)}{hint}")
 
 
 def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list[Session]:

@@ -12,13 +12,25 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import nacl.signing
 import pytest
 
+from backer.model import entropy
+from backer.model.materializer import DiskFull
+from backer.model.records import Version
 from backer.model.share import Share
 from backer.node import node as node_module
-from backer.node.node import Runtime
+from backer.node.commands import MB, warn_disk_full
+from backer.node.node import Node, Runtime
 from backer.versioner import prune as prune_module
-from backer.versioner.prune import DROP_ALL, Survey, prune, prune_share, survey_apart
+from backer.versioner.prune import (
+    DROP_ALL,
+    Survey,
+    held_by_kept,
+    prune,
+    prune_share,
+    survey_apart,
+)
 from backer.versioner.store import Store
 from tests.helpers import make_devices
 
@@ -114,4 +126,79 @@ def test_a_survey_stops_at_its_next_step_once_told(
     with pytest.raises(sqlite3.OperationalError, match="interrupted"):
         survey_apart(share.root, stop)
     assert survey_apart(share.root, threading.Event()).held  # (not set: it reads)
+    share.close()
+
+
+def _replaced(tmp_path: Path, files: int) -> Share:
+    """A share of ``files`` files, each then saved again by an editor (a new file
+    renamed over it): ``files`` replaced versions kept in the store."""
+    (share,) = make_devices(tmp_path, 1)
+    for n in range(files):
+        (share.root / f"f{n}.txt").write_bytes(os.urandom(5000))
+    share.scan()
+    for n in range(files):
+        (share.root / "saving").write_bytes(os.urandom(5000))
+        (share.root / "saving").replace(share.root / f"f{n}.txt")
+    share.scan()
+    return share
+
+
+def test_a_full_disk_line_reads_kept_versions_off_the_loop_once_until_the_catalog_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node's disk-full warning read and decoded every recorded version in the loop,
+    each time the line's wording changed (every retry: "N MB more needed"): seconds of
+    a stalled loop at a million files, and sessions timed out. Now the loop's own
+    connection does a bounded number of SQLite steps and decodes no version, whatever
+    the share's size, and the reading is not repeated until the catalog changes."""
+    files = 1000
+    share = _replaced(tmp_path, files)
+    in_place = held_by_kept(share.root, share.catalog, entropy.now_ms())
+    assert in_place >= files * 5000
+    decoded: dict[str, int] = {"loop": 0, "worker": 0}
+    real_decode = Version.decode
+    loop_thread = threading.get_ident()
+
+    def counted(record: bytes) -> Version:
+        decoded["loop" if threading.get_ident() == loop_thread else "worker"] += 1
+        return real_decode(record)
+
+    monkeypatch.setattr(Version, "decode", staticmethod(counted))
+    steps = 0
+
+    def step() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    share.db.conn.set_progress_handler(step, 1)  # every step of the loop's connection
+
+    async def run() -> tuple[Runtime, int]:
+        node = Node([], nacl.signing.SigningKey.generate(), listen=("127.0.0.1", 0),
+                    log=logging.getLogger("backer.test"), home=tmp_path / "home")  # fmt: skip
+        runtime = Runtime(node, share, "big")
+        full = DiskFull(share.root, 3 * MB)
+        runtime.disk_full_logged = str(full)  # (what Runtime._applied notes, then warns)
+        before = steps
+        await warn_disk_full(runtime, full)
+        return runtime, steps - before
+
+    with caplog.at_level(logging.WARNING, "backer.test"):
+        runtime, loop_steps = asyncio.run(run())
+    share.db.conn.set_progress_handler(None, 1)
+    said = runtime.disk_full_said
+    assert said is not None and said.startswith(f"disk full: 3 MB more needed in {share.root}")
+    assert f"hold {-(-in_place // MB)} MB" in said and "'backer prune --all' frees it now" in said
+    assert said in caplog.text
+    assert decoded["loop"] == 0 and decoded["worker"] >= 2 * files
+    assert loop_steps < 100, loop_steps  # (the read in place: several per version)
+
+    async def again() -> int:
+        return await runtime.kept.measure(share)
+
+    decoded["worker"] = 0
+    assert asyncio.run(again()) == in_place and decoded["worker"] == 0  # nothing changed
+    (share.root / "f0.txt").unlink()
+    share.scan()  # its content is kept now: prune --all would free more
+    assert asyncio.run(again()) > in_place and decoded["worker"] >= 2 * files
     share.close()

@@ -22,7 +22,7 @@ from backer.connections import control
 from backer.connections.addresses import format_address
 from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError, reason
-from backer.model import entropy, revisions
+from backer.model import revisions
 from backer.model.membership import EventKind
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
@@ -30,7 +30,6 @@ from backer.model.share import ScanSummary, Share
 from backer.protocol.invite import InviteToken, parse_address
 from backer.protocol.session import Session, WireStats
 from backer.scanner.chunks import ChunkStore
-from backer.versioner.prune import held_by_kept
 from backer.versioner.store import Store
 
 if TYPE_CHECKING:
@@ -45,16 +44,25 @@ def problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
     return [{"path": p.path, "reason": p.reason, "warning": p.warning} for p in problems]
 
 
-def disk_full_line(share: Share, full: BaseException) -> str:
+def disk_full_line(full: BaseException, held: int) -> str:
     """A full disk as one line that says what frees room now: deleting files does not
-    (their contents are kept as versions for keep-all), ``backer prune --all`` does."""
-    held = held_by_kept(share, entropy.now_ms())
+    (their contents are kept as versions for keep-all), ``backer prune --all`` does
+    (``held``: what it frees, :func:`held_by_kept`)."""
     if held == 0:
         return str(full)
     return (
         f"{full}; kept versions of replaced and deleted files hold {-(-held // MB)} MB "
         "(deleting files frees nothing until keep-all ends): 'backer prune --all' frees it now"
     )
+
+
+async def warn_disk_full(runtime: Runtime, full: BaseException) -> None:
+    """Log a full disk with what frees room, and say so in ``status`` while the disk is
+    in that state; what kept versions hold is read off the loop (``runtime.kept``)."""
+    said = disk_full_line(full, await runtime.kept.measure(runtime.share))
+    runtime.log.warning("%s: %s (the files that fit were applied)", runtime.name, said)
+    if runtime.disk_full_logged == str(full):  # (not after a later state of the disk)
+        runtime.disk_full_said = said
 
 
 def failures(share: Share) -> int:

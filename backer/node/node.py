@@ -49,7 +49,7 @@ from backer.events import Event, EventBus, EventType, paths
 from backer.model import entropy, revisions
 from backer.model.materializer import Report
 from backer.model.share import ScanSummary, Share, ShareBusy
-from backer.node.commands import disk_full_line, handler, note_seen
+from backer.node.commands import handler, note_seen, warn_disk_full
 from backer.protocol.channel import (
     BUSY,
     HEADER_LEN,
@@ -64,7 +64,14 @@ from backer.protocol.invite import parse_address
 from backer.protocol.session import Session
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 from backer.scanner.watch import Watcher
-from backer.versioner.prune import DROP_ALL, PruneReport, Survey, prune_share, survey_apart
+from backer.versioner.prune import (
+    DROP_ALL,
+    KeptBytes,
+    PruneReport,
+    Survey,
+    prune_share,
+    survey_apart,
+)
 
 if TYPE_CHECKING:
     from backer.config.registry import RegisteredShare
@@ -262,6 +269,7 @@ class Runtime:
         self.conflicts_logged = 0
         self.disk_full_logged: str | None = None
         self.disk_full_said: str | None = None  # the logged line, with what frees room
+        self.kept = KeptBytes()  # what 'backer prune --all' frees, for that line
         self.retrying_when_room = False
         self.tasks: asyncio.TaskGroup | None = None
         self.scanning = asyncio.Lock()  # one scan at a time (watcher, control)
@@ -489,9 +497,9 @@ class Runtime:
         full = self.hub.replicator.disk_full  # (a window stopped by it may hold nothing)
         if full is None:
             self.disk_full_said = None
-        elif str(full) != self.disk_full_logged:
-            self.disk_full_said = said = disk_full_line(self.share, full)
-            self.log.warning("%s: %s (the files that fit were applied)", self.name, said)
+        elif str(full) != self.disk_full_logged and self.tasks is not None:
+            self.disk_full_said = str(full)  # (what frees room is added once read)
+            self.tasks.create_task(warn_disk_full(self, full))
         self.disk_full_logged = None if full is None else str(full)
         if full is not None and not self.retrying_when_room and self.tasks is not None:
             self.retrying_when_room = True

@@ -12,12 +12,14 @@ UNHELD events, so ``history`` anywhere can say when a version's bytes are on no 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
 import sqlite3
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,16 +128,24 @@ def survey(catalog: Catalog) -> Survey:
     return Survey(held, *candidates(catalog, held))
 
 
-def survey_apart(root: Path, stop: threading.Event | None = None) -> Survey:
-    """:func:`survey` on a read-only connection of its own, for a worker thread; once
-    ``stop`` is set its next query step raises (a node stopping must not wait for it:
-    shutting down waits for its worker threads)."""
+@contextlib.contextmanager
+def read_apart(root: Path, stop: threading.Event | None = None) -> Iterator[Catalog]:
+    """The share's catalog on a read-only connection of its own, for a worker thread
+    (WAL: the loop's writes neither wait for it nor are seen half-made); once ``stop``
+    is set its next query step raises (a node stopping must not wait for it: shutting
+    down waits for its worker threads)."""
     database = os.fspath(root / METADATA_DIR / DB_FILE)
     uri = f"file:{urllib.parse.quote(database)}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True, check_same_thread=False)) as conn:
         if stop is not None:
             conn.set_progress_handler(stop.is_set, STOP_CHECK_STEPS)
-        return survey(Catalog(sqlite_utils.Database(conn), migrate=False))
+        yield Catalog(sqlite_utils.Database(conn), migrate=False)
+
+
+def survey_apart(root: Path, stop: threading.Event | None = None) -> Survey:
+    """:func:`survey` through :func:`read_apart`."""
+    with read_apart(root, stop) as catalog:
+        return survey(catalog)
 
 
 def prune(
@@ -223,7 +233,45 @@ def prune_share(
     return report
 
 
-def held_by_kept(share: Share, now_ms: int) -> int:
+def held_by_kept(root: Path, catalog: Catalog, now_ms: int) -> int:
     """Bytes of disk that ``backer prune --all`` would free now: what the kept contents of
-    replaced and deleted versions take beyond the share's own files."""
-    return prune(share.root, share.catalog, now_ms, dry_run=True, policy=DROP_ALL).bytes
+    replaced and deleted versions take beyond the share's own files (it reads and
+    decodes every recorded version: seconds at a million files)."""
+    return prune(root, catalog, now_ms, dry_run=True, policy=DROP_ALL).bytes
+
+
+def held_by_kept_apart(root: Path, now_ms: int, stop: threading.Event | None = None) -> int:
+    """:func:`held_by_kept` through :func:`read_apart`."""
+    with read_apart(root, stop) as catalog:
+        return held_by_kept(root, catalog, now_ms)
+
+
+class KeptBytes:
+    """:func:`held_by_kept` of one share for a running node: read in a worker thread
+    (in the loop it stalled every session for seconds on a large share, each time a
+    full disk's wording changed) and kept until the node's connection changes the
+    catalog (``total_changes``: the node is the share's only writer)."""
+
+    def __init__(self) -> None:
+        self._known: tuple[int, int] | None = None  # (total_changes when read, bytes)
+        self._reading = asyncio.Lock()  # one read at a time; a second caller reuses it
+
+    async def measure(self, share: Share) -> int:
+        """What ``backer prune --all`` would free in ``share`` now."""
+        async with self._reading:
+            conn = share.db.conn
+            changes = conn.total_changes
+            if self._known is not None and self._known[0] == changes:
+                return self._known[1]
+            settled = not conn.in_transaction  # (else its commit changes no count)
+            stop = threading.Event()
+            loop = asyncio.get_running_loop()
+            now = entropy.now_ms()
+            try:
+                held = await loop.run_in_executor(None, held_by_kept_apart, share.root, now, stop)
+            except asyncio.CancelledError:
+                stop.set()
+                raise
+            if settled:
+                self._known = (changes, held)
+            return held
