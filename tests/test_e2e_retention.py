@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,38 @@ def test_history_says_when_a_replaced_version_is_pruned_on_every_device(tmp_path
             "history", str(device.root / "notes.txt"), "--dir", str(device.root)
         ).stdout
         assert "pruned on every device" in shown.splitlines()[0], shown
+
+
+class ClockBehind(Device):
+    """A device whose wall clock is two years behind (an RTC reset, a board without a
+    battery that booted before NTP answered)."""
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tests.clock_offset", str(-2 * 365 * 86400), *args]
+
+
+def test_R36_a_file_deleted_on_a_device_whose_clock_is_behind_is_kept_for_the_hour(
+    tmp_path: Path,
+) -> None:
+    """A deletion recorded by a device whose clock was two years behind carried that
+    time, and retention aged the deleted version by it: every other device dropped its
+    bytes at its next prune, seconds after the deletion ("every version for an hour"),
+    and told every device so. A version now stops being current no earlier than when
+    this device learned that it did."""
+    a, behind = Device(tmp_path, "a"), ClockBehind(tmp_path, "b")
+    a.root.mkdir()
+    work = os.urandom(300_000)
+    (a.root / "thesis.txt").write_bytes(work)
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        behind.run("join", token, str(behind.root))
+        (behind.root / "thesis.txt").unlink()
+        behind.sync(address)
+        assert not (a.root / "thesis.txt").exists()  # the deletion was applied here
+        report = _json(a, "prune")
+        assert (report["versions"], report["files"], report["announced"]) == (0, 0, 0), report
+        first = _json(a, "history", str(a.root / "thesis.txt"))[0]
+        a.run("restore", str(a.root / "thesis.txt"), "--version", first["version"])
+    assert (a.root / "thesis.txt").read_bytes() == work

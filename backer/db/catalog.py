@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import sqlite_utils
 
+from backer.model import entropy
 from backer.model.records import Kind, Version, record_size, split_key
 from backer.model.state import Delta
 from backer.scanner.content import Manifest
@@ -220,6 +221,7 @@ class Catalog:
             ("members", "removed_by"),
             ("members", "removed_seq"),
             ("invites", "raw"),
+            ("supersedes", "recorded_ms"),
         ):
             names = [row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")]
             if column not in names:
@@ -238,7 +240,8 @@ class Catalog:
             "CREATE TABLE manifests (id BLOB PRIMARY KEY, body BLOB) WITHOUT ROWID",
             "CREATE TABLE chunks (hash BLOB, path TEXT, offset INTEGER, "
             "length INTEGER, PRIMARY KEY (hash, path)) WITHOUT ROWID",
-            "CREATE TABLE supersedes (old TEXT, new TEXT, PRIMARY KEY (old, new)) WITHOUT ROWID",
+            "CREATE TABLE supersedes (old TEXT, new TEXT, recorded_ms INTEGER, "
+            "PRIMARY KEY (old, new)) WITHOUT ROWID",
             "CREATE TABLE members (key BLOB PRIMARY KEY, name TEXT, added_by BLOB, "
             "added_seq INTEGER, kept INTEGER, removed_by BLOB, removed_seq INTEGER)",
             "CREATE TABLE invites (id BLOB PRIMARY KEY, psk BLOB, expires_ms INTEGER, "
@@ -265,7 +268,11 @@ class Catalog:
         """Record what one journal event changed in the live set and in history. A
         version that a known version supersedes is never live: two devices may record
         the same version id (a conflict copy's is the same everywhere), and the CRDT
-        keeps the one added concurrently with the other's removal, on every device."""
+        keeps the one added concurrently with the other's removal, on every device. Each
+        supersession notes when this device learned of it, by its own clock: retention
+        cannot take the author's word for it (a clock reset to the past would make a
+        version replaced now look replaced years ago)."""
+        recorded_ms = entropy.now_ms()
         added = [(*split_key(key), version.encode()) for key, version in delta.added.items()]
         self.conn.executemany(
             "INSERT OR IGNORE INTO versions (path, vid, record, author, position) "
@@ -276,8 +283,12 @@ class Catalog:
             ),
         )
         self.conn.executemany(
-            "INSERT OR IGNORE INTO supersedes (old, new) VALUES (?, ?)",
-            [(old, split_key(key)[1]) for key, v in delta.added.items() for old in v.supersedes],
+            "INSERT OR IGNORE INTO supersedes (old, new, recorded_ms) VALUES (?, ?, ?)",
+            [
+                (old, split_key(key)[1], recorded_ms)
+                for key, v in delta.added.items()
+                for old in v.supersedes
+            ],
         )
         self.conn.executemany(
             "INSERT OR REPLACE INTO live (path, vid, record) SELECT ?, ?, ? "

@@ -31,7 +31,7 @@ from backer.model import entropy
 from backer.model.records import Kind, Version
 from backer.model.share import DB_FILE, METADATA_DIR
 from backer.versioner.config import policy as share_policy
-from backer.versioner.retention import DAY, Candidate, Policy, retained
+from backer.versioner.retention import DAY, MINUTE, Candidate, Policy, retained
 from backer.versioner.store import Store
 
 if TYPE_CHECKING:
@@ -44,6 +44,10 @@ MAX_AHEAD_MS = DAY
 # that deleting files cannot relieve, since what is deleted is kept)
 DROP_ALL = Policy(keep_all_ms=0, hourly_until_ms=0, daily_until_ms=0, weekly_until_ms=0)
 STOP_CHECK_STEPS = 10_000  # a survey checks for a stop every this many SQLite steps
+# A version recorded here later than this after its author's time ages from when it was
+# recorded here, less this: the author's clock may be behind (an online peer's change
+# arrives within seconds; one that was offline is kept longer, never shorter)
+LATE_MS = MINUTE
 CLOCK_KEY = "prune.clock"  # meta: boot id, ns since boot, wall ms, ms the wall is ahead by
 
 
@@ -68,11 +72,15 @@ class PruneReport:
 
 def replaced_at(catalog: Catalog, versions: dict[str, Version]) -> dict[str, int]:
     """When each superseded version stopped being current: the time of the earliest
-    version (of ``versions``, every one recorded) that supersedes it."""
+    version (of ``versions``, every one recorded) that supersedes it, but never more
+    than :data:`LATE_MS` before this device recorded that version (by its own clock,
+    not the author's: a device whose clock was reset to the past made every device drop
+    at once what it replaced, R36)."""
     replaced: dict[str, int] = {}
-    for old, new in catalog.conn.execute("SELECT old, new FROM supersedes"):
+    rows = catalog.conn.execute("SELECT old, new, recorded_ms FROM supersedes")
+    for old, new, recorded_ms in rows:
         if new in versions:
-            time_ms = versions[new].time_ms
+            time_ms = max(versions[new].time_ms, (recorded_ms or 0) - LATE_MS)
             replaced[old] = min(replaced.get(old, time_ms), time_ms)
     return replaced
 
