@@ -332,6 +332,79 @@ def test_watch_limit_warns_once_and_polls_what_it_cannot_watch(
         assert report["polled"] and "" not in report["polled"]
 
 
+SHORT_OF_DESCRIPTORS = """
+import asyncio, json, os, resource, sys
+from pathlib import Path
+from backer.scanner.walk import under_any
+from backer.scanner.watch import Watcher
+
+root, count = Path(sys.argv[1]), int(sys.argv[2])
+folders = {f"d{n}" for n in range(count)}
+
+async def until(changes, wanted, seconds):
+    got = set()
+    try:
+        async with asyncio.timeout(seconds):
+            while not all(under_any(path, got) for path in wanted):
+                got |= (await changes.get()).paths
+    except TimeoutError:
+        pass
+    return got
+
+async def pump(watcher, changes):
+    async for batch in watcher.changes():
+        changes.put_nowait(batch)
+
+async def main():
+    async with Watcher(root, lambda p, d: False) as watcher:
+        changes = asyncio.Queue()
+        pumping = asyncio.create_task(pump(watcher, changes))
+        await changes.get()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd")) - 1  # (the listing's own descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+        for folder in sorted(folders):  # no descriptor needed to make these
+            os.makedirs(root / folder / "sub")
+            os.mknod(root / folder / "sub" / "early")
+        named = await until(changes, folders, 10)
+        await until(changes, {"never"}, 0.5)  # (whatever the burst still brings)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        again = await until(changes, folders, 10)  # no event: the watcher's own retry
+        for folder in folders:
+            (root / folder / "sub" / "late").write_bytes(b"late")
+        late = await until(changes, {f"{f}/sub/late" for f in folders}, 10)
+        pumping.cancel()
+        return named, again, late
+
+print(json.dumps([sorted(paths) for paths in asyncio.run(main())]))
+"""
+
+
+def test_folders_that_could_not_be_listed_for_want_of_descriptors_are_walked_again(
+    tmp_path: Path,
+) -> None:
+    """A burst of new folders meets the process's descriptor limit (lowered for real, in
+    a process of its own): the watcher could not list them, so their subfolders went
+    unwatched and what they held unreported until some later event. Once descriptors
+    are free again it walks them again by itself and reports them whole (a scan then
+    records what a scan at the limit could not), and what is later written in their
+    subfolders is seen."""
+    count = 20
+    result = subprocess.run(
+        [sys.executable, "-c", SHORT_OF_DESCRIPTORS, str(tmp_path), str(count)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    named, again, late = (set(paths) for paths in json.loads(result.stdout))
+    folders = {f"d{n}" for n in range(count)}
+    assert folders <= named  # (their own events need no descriptor)
+    assert folders <= again, again
+    assert all(under_any(f"{folder}/sub/late", late) for folder in folders), late
+
+
 def _chain(root: int, name: str, depth: int) -> int:
     """A descriptor of the bottom of ``name``/``name``/... ``depth`` levels under
     ``root`` (made by descriptor: the path is beyond what pathlib recurses)."""
