@@ -243,3 +243,34 @@ def test_R36_a_file_deleted_on_a_device_whose_clock_is_behind_is_kept_for_the_ho
         first = _json(a, "history", str(a.root / "thesis.txt"))[0]
         a.run("restore", str(a.root / "thesis.txt"), "--version", first["version"])
     assert (a.root / "thesis.txt").read_bytes() == work
+
+
+class ClockAhead(Device):
+    """A device whose wall clock is two years ahead."""
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tests.clock_offset", str(2 * 365 * 86400), *args]
+
+
+def test_R37_prune_all_frees_what_a_device_whose_clock_is_ahead_replaced(
+    tmp_path: Path,
+) -> None:
+    """A deletion recorded by a device whose clock was two years ahead made the deleted
+    version younger than "now" on every other device, and `prune --all` (the way to
+    free a full disk) kept it: its age was negative, below a keep-all of 0."""
+    a, ahead = Device(tmp_path, "a"), ClockAhead(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "big.bin").write_bytes(os.urandom(2_000_000))
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        ahead.run("join", token, str(ahead.root))
+        (ahead.root / "big.bin").unlink()
+        ahead.sync(address)
+        assert not (a.root / "big.bin").exists()
+        assert _json(a, "prune")["files"] == 0  # (inside the hour: kept)
+        report = _json(a, "prune", "--all")
+    assert (report["files"], report["kept_files"]) == (1, 0), report
+    assert report["bytes"] >= 2_000_000, report
+    assert store_files(a) == {}

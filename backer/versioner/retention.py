@@ -58,6 +58,14 @@ class Candidate:
     size: int
 
 
+def recent(candidate: Candidate, now_ms: int, policy: Policy) -> bool:
+    """Whether ``candidate`` is inside the ``keep_all`` window. One replaced after
+    ``now_ms`` (an author's clock ahead of ours) is as young as one replaced now, not
+    younger: with ``keep_all`` 0 (``prune --all``) it goes too, or a peer's clock set
+    years ahead would keep what it replaced past every prune, a full disk included."""
+    return max(0, now_ms - candidate.since_ms) < policy.keep_all_ms
+
+
 def by_age(candidates: Iterable[Candidate], now_ms: int, policy: Policy) -> set[str]:
     """The version ids the staggered schedule keeps: every one younger than
     ``keep_all``, and the newest of each bucket of each tier that reaches into the
@@ -65,7 +73,7 @@ def by_age(candidates: Iterable[Candidate], now_ms: int, policy: Policy) -> set[
     kept: set[str] = set()
     newest: dict[tuple[str, int, int], Candidate] = {}
     for candidate in candidates:
-        if now_ms - candidate.since_ms < policy.keep_all_ms:  # (ahead of our clock too)
+        if recent(candidate, now_ms, policy):
             kept.add(candidate.version_id)
         for until, span in policy.tiers:
             bucket = candidate.since_ms // span
@@ -94,7 +102,7 @@ def capped(
     cost = sum(sizes[content] for content in needs if content not in free)
     kept = set(kept)
     for candidate in chosen:
-        if cost <= cap or now_ms - candidate.since_ms < policy.keep_all_ms:
+        if cost <= cap or recent(candidate, now_ms, policy):
             break  # oldest first: every one after is younger still
         kept.discard(candidate.version_id)
         needs[candidate.content] -= 1
