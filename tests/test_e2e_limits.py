@@ -26,6 +26,7 @@ from backer.connections.transport import (
     Hub,
     Limits,
     SecureChannel,
+    SessionClosed,
     Streams,
     initiator,
     responder,
@@ -398,3 +399,46 @@ def test_an_idle_open_session_costs_no_cpu(tmp_path: Path) -> None:
         return spent
 
     assert asyncio.run(scenario()) < 0.1
+
+
+def test_a_device_busy_with_what_the_peer_sent_does_not_call_the_peer_unresponsive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new device ingesting 1,000,000 files' events spent longer than ``idle_s`` in
+    its own work and closed the session: "peer unresponsive: nothing received for 60 s".
+    Here b's ingest holds the one event loop both ends share for 5 × ``idle_s``: neither
+    end may take its own (or the other's) busy time for the peer's silence."""
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)  # b learns the members
+    for n in range(20):
+        (a.root / f"f{n}.txt").write_text(str(n))
+    a.scan()
+    limits = Limits(keepalive_s=0.2, idle_s=0.5)
+    ingest = Share.ingest
+
+    def busy_ingest(self: Share, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self is b:
+            time.sleep(5 * limits.idle_s)  # our own work, not the peer's silence
+        return ingest(self, *args, **kwargs)
+
+    monkeypatch.setattr(Share, "ingest", busy_ingest)
+
+    async def scenario() -> Session:
+        served = Hub(a, "a", limits)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            streams = Streams(reader, writer, writer.close)
+            with contextlib.suppress(SessionClosed):
+                await served.run(streams, responder(a, a.key), served.accept, False)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        try:
+            hub = Hub(b, "b", limits)
+            streams = await tcp_streams("127.0.0.1", server.sockets[0].getsockname()[1])
+            return await hub.run(streams, initiator(b, b.key), hub.connect, True)
+        finally:
+            server.close()
+
+    session = asyncio.run(scenario())
+    assert session.complete
+    assert {p.name for p in b.root.glob("f*.txt")} == {f"f{n}.txt" for n in range(20)}

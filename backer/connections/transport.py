@@ -72,6 +72,9 @@ class Limits:
         return cls(**{f.name: f.default * scale for f in fields(cls) if f.name.endswith("_s")})
 
 
+LOOP_HELD_S = 1.0  # a wait that overran its timeout by more: the loop was busy elsewhere
+
+
 class SessionClosed(Exception):
     """The session ended early; the message says why. ``failed``: it ended on an error
     of either side once open (events rejected, a malformed message, a bug), which
@@ -192,6 +195,18 @@ class Hangup:
 
     async def wait(self) -> None:
         await self._asked.wait()
+
+
+def _silence(waited: float, took: float, timeout: float, heard: bool) -> float:
+    """Seconds the peer has been silent, after a wait of ``took`` seconds for it: only
+    time spent waiting counts, never our own work (a new device busy for minutes with
+    the events of 1,000,000 files took that for the peer's silence and closed the
+    session). A wait that overran what it asked for by over ``LOOP_HELD_S`` was held
+    by other work on the loop, and the peer's bytes may be in the socket unread: it
+    does not count."""
+    if heard:
+        return 0.0
+    return waited if took > timeout + LOOP_HELD_S else waited + took
 
 
 def _write(streams: Streams, data: bytes | bytearray | memoryview) -> None:
@@ -377,7 +392,7 @@ class Hub:
                 finished.set()
 
         start = time.monotonic()
-        heard = start  # when the peer last sent anything
+        waited = 0.0  # seconds spent waiting for the peer since it last sent anything
         draining, last_delivered = start, 0  # when our output last moved, and how far
         tasks: dict[str, asyncio.Future[Any]] = {}
         _write(streams, channel.data_to_send())
@@ -389,7 +404,7 @@ class Hub:
                     if timeout <= 0:
                         raise TimeoutError
                 else:
-                    if now - heard > limits.idle_s:
+                    if waited > limits.idle_s:
                         raise BackerError(
                             f"peer unresponsive: nothing received for {limits.idle_s:.0f} s"
                         )
@@ -402,7 +417,10 @@ class Hub:
                         channel.send(Ping().encode())
                         _write(streams, channel.data_to_send())
                     timeout = (
-                        max(min(heard + limits.idle_s, streams.spoke + limits.keepalive_s) - now, 0)
+                        max(
+                            min(limits.idle_s - waited, streams.spoke + limits.keepalive_s - now),
+                            0,
+                        )
                         + 0.01
                     )
                 delivered = streams.sent - unsent()  # taken by the kernel: the peer reads
@@ -421,6 +439,7 @@ class Hub:
                     tasks["hangup"] = asyncio.ensure_future(hangup.wait())
                 if session is not None and session.backlog and "drain" not in tasks:
                     tasks["drain"] = asyncio.ensure_future(writer.drain())
+                before = time.monotonic()
                 await asyncio.wait(
                     tasks.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -428,9 +447,9 @@ class Hub:
                 results = {name: tasks.pop(name).result() for name in done}
                 if hangup is not None and hangup.reason is not None:
                     raise BackerError(hangup.reason)
+                waited = _silence(waited, time.monotonic() - before, timeout, "read" in results)
                 if "read" in results:
                     data = results["read"]
-                    heard = time.monotonic()
                     streams.received += len(data)
                     if not data:
                         if session is not None and not one_shot:
