@@ -621,10 +621,18 @@ class Catalog:
         row already saying so is left as it is (a file's new version shares most chunks
         with its old one at the same path, many at the same offset: no write for those)."""
         manifests = list(manifests)
+        self.put_manifest_bodies(m for _, m in manifests)
+        self.put_chunk_locations(manifests)
+
+    def put_manifest_bodies(self, manifests: Iterable[Manifest]) -> None:
+        """Store manifests (what a peer asks for), without their chunks' locations."""
         self.conn.executemany(
             "INSERT OR IGNORE INTO manifests (id, body) VALUES (?, ?)",
-            sorted((m.id, m.encoded) for _, m in manifests),  # sorted keys insert ~3x faster
+            sorted((m.id, m.encoded) for m in manifests),  # sorted keys insert ~3x faster
         )
+
+    def put_chunk_locations(self, manifests: Iterable[tuple[str, Manifest]]) -> None:
+        """Note where the chunks of each (path, manifest) can be read; see put_manifests."""
         self.conn.executemany(
             "INSERT INTO chunks (hash, path, offset, length) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (hash, path) DO UPDATE SET offset = excluded.offset, "
@@ -634,10 +642,7 @@ class Catalog:
 
     def put_received_manifest(self, manifest: Manifest) -> None:
         """Store a manifest received from a peer (its chunks are not local yet)."""
-        self.conn.execute(
-            "INSERT OR IGNORE INTO manifests (id, body) VALUES (?, ?)",
-            (manifest.id, manifest.encoded),
-        )
+        self.put_manifest_bodies([manifest])
 
     def manifest_bodies(self, manifest_ids: list[bytes], at_most: int) -> dict[bytes, bytes | None]:
         """The stored (encoded) manifests of ``manifest_ids`` held here, as a peer is sent

@@ -18,10 +18,10 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import nacl.signing
 import sqlite_utils
@@ -124,6 +124,8 @@ _PAYLOAD_BYTES = {
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
 RESCANS = 3  # rounds of an off-loop scan for paths that changed while it looked at them
 PROGRESS_EVERY = 0.1  # seconds between progress reports an off-loop scan hands the loop
+_Item = TypeVar("_Item")
+INDEX_STEP_ROWS = 4096  # chunk rows per step of a scan's index: ~one 256 MiB file, ~10 ms
 
 
 @dataclass
@@ -138,6 +140,19 @@ class ScanSummary:
     hashed_bytes: int = 0
     events: int = 0
     seconds: float = 0.0
+
+
+@dataclass
+class Indexing:
+    """What a recorded scan still has to write to the chunk index: each new file's chunk
+    locations, with its scan-cache entry (written unsettled with the recording, settled
+    only here: a crash in between leaves the file to be hashed and indexed again by the
+    next scan), and the replaced contents' locations under their store entries. Apart
+    from the recording so that the node can push the new versions first: the index
+    rows are most of a large file's recording (docs/decisions.md)."""
+
+    files: list[tuple[LocalEntry, Manifest]] = field(default_factory=list)
+    kept: list[bytes] = field(default_factory=list)  # contents now held by the store alone
 
 
 def find_root(start: Path) -> Path | None:
@@ -326,6 +341,7 @@ class Share:
         self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
         self.resumable_temps: set[Path] = set()  # kept for a later attempt at their version
         self.repairing = False  # rebuilding the journal from a peer: scan and apply nothing
+        self.indexing = False  # a scan's chunk locations are being written: not read yet
         self.problems: dict[tuple[str, str], Problem] = {}  # this process's, by (source, path)
         self._pending_clients: dict[int, bytes] = {}  # declared by checked, unstored events
         self.fresh_problems: list[Problem] = []  # this process's not reported before
@@ -1068,7 +1084,7 @@ class Share:
         total = ScanSummary()
 
         def record(part: Observation) -> None:
-            _add_summary(total, self._record_scan(classify(part, self._recorded_content), started))
+            _add_summary(total, self._record_and_index(part, started))
 
         # A batch is recorded while the walk goes on (bounded memory; a scan stopped
         # half-way leaves its recorded batches, and the next scan sees the rest as new)
@@ -1084,22 +1100,36 @@ class Share:
             local_after=local_after,
             names_of=functools.partial(read_local_names, self.catalog.conn),
         )
-        summary = self._record_scan(classify(found, self._recorded_content), started)
+        summary = self._record_and_index(found, started)
         if summary.waiting is not None:
             return summary
         _add_summary(total, summary)
         total.seconds = time.monotonic() - started
         return total
 
+    def _record_and_index(self, found: Observation, started: float) -> ScanSummary:
+        """Classify what a walk found, record it and write its chunk index at once."""
+        summary, indexing = self._record_scan(classify(found, self._recorded_content), started)
+        for step in self._index_steps(indexing):
+            step()
+        return summary
+
     async def scan_off_loop(
-        self, paths: Collection[str] | None = None, progress: ProgressCallback | None = None
+        self,
+        paths: Collection[str] | None = None,
+        progress: ProgressCallback | None = None,
+        recorded: Callable[[], None] | None = None,
     ) -> ScanSummary:
         """:meth:`scan` for a process that runs an event loop: the walk, the stats and
         the hashing happen in a worker thread (through a read connection of its own),
         only the recording in the loop. Before recording, each path's lstat and scan
         cache entry must still be what the walk saw: a path that an apply wrote in the
         meantime, or that changed again, is scanned again instead of being recorded
-        from stale bytes (at most RESCANS times; then it is left to the next scan)."""
+        from stale bytes (at most RESCANS times; then it is left to the next scan).
+
+        ``recorded`` is called as soon as new versions are in the journal (the node
+        pushes them); the chunk index follows, one file per step, the loop free between
+        steps to answer peers (their chunk requests wait for it: :attr:`indexing`)."""
         if self.repairing:
             return ScanSummary(waiting="the share is being repaired")
         if (moved := self.root_moved()) is not None:
@@ -1109,9 +1139,10 @@ class Share:
         for _ in range(RESCANS):
             found = await self._look_apart(paths, progress)
             stale = self._drop_stale(classify(found, self._recorded_content))
-            summary = self._record_scan(found, started)  # in the same step as the check
+            summary, indexing = self._record_scan(found, started)  # in the same step as the check
             if summary.waiting is not None:
                 return summary
+            await self._index_apart(indexing, recorded if summary.events else None)
             _add_summary(total, summary)
             if not stale:
                 break
@@ -1121,6 +1152,49 @@ class Share:
             total.errors += problems
         total.seconds = time.monotonic() - started
         return total
+
+    async def _index_apart(self, indexing: Indexing, recorded: Callable[[], None] | None) -> None:
+        """Call ``recorded``, then write a recorded scan's chunk index a step at a time,
+        letting the loop run between steps; peers' chunk requests wait from the first
+        until the last (:attr:`indexing`)."""
+        self.indexing = True
+        try:
+            if recorded is not None:
+                recorded()
+            for step in self._index_steps(indexing):
+                await asyncio.sleep(0)
+                step()
+        finally:
+            self.indexing = False
+
+    def _index_steps(self, indexing: Indexing) -> Iterator[Callable[[], None]]:
+        """The writes of :class:`Indexing` in steps of about INDEX_STEP_ROWS chunk
+        rows, one transaction each: files' locations with their settled scan-cache
+        entries, then the kept contents' locations at their store entries. A file whose
+        scan-cache entry is no longer the one the recording wrote (an apply or a restore
+        wrote it since, with its own) is left as it is."""
+        store = Store(self.root, self.catalog)
+
+        def index_files(files: list[tuple[LocalEntry, Manifest]]) -> None:
+            with self.db.conn:
+                now = self.catalog.local_entries([entry.path for entry, _ in files])
+                files = [f for f in files if now.get(f[0].path) == f[0]._replace(settled=False)]
+                self.catalog.put_chunk_locations((entry.path, m) for entry, m in files)
+                self.catalog.set_local(entry for entry, _ in files)
+
+        def register(contents: list[bytes]) -> None:
+            with self.db.conn:
+                for content in contents:
+                    store.register(content)
+
+        def rows_of(content: bytes) -> int:
+            manifest = self.catalog.manifest(content)
+            return len(manifest.chunks) if manifest is not None else 0
+
+        for files in _steps(indexing.files, lambda f: len(f[1].chunks)):
+            yield functools.partial(index_files, files)
+        for contents in _steps(indexing.kept, rows_of):
+            yield functools.partial(register, contents)
 
     async def _look_apart(
         self, paths: Collection[str] | None, progress: ProgressCallback | None
@@ -1178,11 +1252,12 @@ class Share:
             found.forgotten = [p for p in found.forgotten if p not in stale]
         return sorted(stale)
 
-    def _record_scan(self, found: Observation, started: float) -> ScanSummary:
+    def _record_scan(self, found: Observation, started: float) -> tuple[ScanSummary, Indexing]:
         """Record what a scan found (see :meth:`scan`); nothing if the folder was
-        moved away during the walk."""
+        moved away during the walk. The chunk index of the new files is left to the
+        caller (:class:`Indexing`)."""
         if (moved := self.root_moved()) is not None:
-            return ScanSummary(waiting=moved)
+            return ScanSummary(waiting=moved), Indexing()
         local = found.local
         waiting = self.behind_itself if self.own_events_missing else None
         if not self.members:  # a joiner: its log must not start before genesis,
@@ -1192,7 +1267,7 @@ class Share:
                 self.catalog.put_manifests(found.reindexed)
                 self.catalog.put_manifests((s.path, m) for s, m, _ in found.changed if m)
             self._sweep(found.leftovers)
-            return ScanSummary(waiting=waiting)
+            return ScanSummary(waiting=waiting), Indexing()
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )
@@ -1224,13 +1299,17 @@ class Share:
             )
         position = self.journal.position()
         with self.db.conn:
-            self.catalog.put_manifests((s.path, m) for s, m, _ in changed if m is not None)
+            self.catalog.put_manifest_bodies(m for _, m, _ in changed if m is not None)
         assigned = self.commit(versions)
         summary.events = self.journal.position() - position
-        cache = [
-            cache_entry(seen.path, assigned[seen.path], seen.stat_key, found.observed_ns)
-            for seen, _, _ in changed
-        ]
+        indexing = Indexing()
+        cache = []
+        for seen, manifest, _ in changed:
+            entry = cache_entry(seen.path, assigned[seen.path], seen.stat_key, found.observed_ns)
+            if manifest is not None:
+                indexing.files.append((entry, manifest))
+                entry = entry._replace(settled=False)
+            cache.append(entry)
         with self.db.conn:
             self.catalog.set_local([*cache, *found.refreshed])
             self.catalog.put_manifests(found.reindexed)
@@ -1245,16 +1324,16 @@ class Share:
             summary.fresh = self._note_scan_problems(found) if found.final else []
             recorded = [seen.path for seen, _, _ in changed] + found.deleted
             self._note_problems("apply", [], resolved=recorded)  # the disk's version won
-            self._keep_recorded(changed, found)
+            indexing.kept = self._keep_recorded(changed, found)
         if found.final:  # (the document grows with the share: saved once per scan)
             self.save_snapshot()
             self._sweep(found.leftovers)
         summary.seconds = time.monotonic() - started
-        return summary
+        return summary, indexing
 
     def _keep_recorded(
         self, changed: list[tuple[Seen, Manifest | None, bytes]], found: Observation
-    ) -> None:
+    ) -> list[bytes]:
         """The content store after a recorded scan (best effort: a link that cannot be
         made costs a kept version, never a file): each file as recorded now is kept by
         a hard link, so that when the person later replaces or deletes it, its bytes
@@ -1263,9 +1342,11 @@ class Share:
         then the kept bytes went with it. So do the contents of paths that became
         ignored: nothing watches those files any more, and a version they held may
         still be needed (its conflict copy, once the rule goes) with the store's entry
-        its only copy."""
+        its only copy. Returns the contents whose locations go to their store entries
+        (:meth:`Store.register`, part of :class:`Indexing`)."""
         store = Store(self.root, self.catalog)
         on_disk = {seen.path: seen for seen, _, _ in changed}
+        kept = []
         for path in [*on_disk, *found.deleted, *found.forgotten]:
             old = found.local.get(path)
             previous = self.catalog.version(old.version_id) if old is not None else None
@@ -1275,9 +1356,10 @@ class Share:
             if seen is not None and seen.inode == old.inode:
                 store.edited_in_place(previous.content, old.inode)
             else:
-                store.register(previous.content)
+                kept.append(previous.content)
         store.keep_files((s.path, c, s.size) for s, _, c in changed if s.kind == Kind.FILE)
         store.keep_entries(found.refreshed)
+        return kept
 
     def _deleted_while_ignored(self, found: Observation) -> dict[str, str]:
         """Paths no longer ignored that are gone from the disk, with the version this
@@ -1489,6 +1571,20 @@ class _Throttled:
         if files_done == files or now - self.last >= PROGRESS_EVERY:
             self.last = now
             self.loop.call_soon_threadsafe(self.progress, files_done, files, done, total)
+
+
+def _steps(items: list[_Item], rows: Callable[[_Item], int]) -> Iterator[list[_Item]]:
+    """``items`` in runs of about INDEX_STEP_ROWS rows (at least one item each)."""
+    step: list[_Item] = []
+    size = 0
+    for item in items:
+        if step and size + rows(item) > INDEX_STEP_ROWS:
+            yield step
+            step, size = [], 0
+        step.append(item)
+        size += rows(item)
+    if step:
+        yield step
 
 
 def _add_summary(total: ScanSummary, part: ScanSummary) -> None:

@@ -308,12 +308,13 @@ class Runtime:
 
     async def scan(self, only: frozenset[str] | None = None) -> ScanSummary:
         """Scan the share (or the paths ``only``) now, off the event loop; push what it
-        recorded to every connected peer at once."""
+        recorded to every connected peer at once, before its chunk index is written."""
         if not self.check_root():
             return ScanSummary(waiting=self.gone)
         async with self.scanning:
             self.publish(EventType.SCAN_STARTED, full=only is None)
-            summary = await self.share.scan_off_loop(only)
+            summary = await self.share.scan_off_loop(only, recorded=self.hub.journal_grew)
+        self.hub.flush()  # the chunk requests that waited for the scan's index
         if summary.waiting != self.waiting and summary.waiting is not None:
             self.log.warning("%s: nothing recorded: %s", self.name, summary.waiting)
         self.waiting = summary.waiting
@@ -327,7 +328,6 @@ class Runtime:
                 len(summary.modified),
                 len(summary.deleted),
             )
-            self.hub.journal_grew()
             for change in ("added", "modified", "deleted"):
                 if names := getattr(summary, change):
                     self.publish(EventType.LOCAL_CHANGE, change=change, **paths(names))

@@ -223,14 +223,17 @@ class Session:
         return (
             self.peer_caught_up
             and self.replicator.idle
-            and not self.backlog
+            and not (self.owed or self.sending)
             and self.peer_acknowledged == self.events_messages_sent
         )
 
     @property
     def backlog(self) -> bool:
-        """Messages remain to be built for the peer as its output drains."""
-        return bool(self.owed or self.sending)
+        """Messages remain to be built for the peer as its output drains. A chunk
+        request waits while the share writes a scan's chunk index (Share.indexing):
+        read before, a chunk just recorded would be answered as missing."""
+        held = bool(self.owed) and self.owed[0][0] == _CHUNK and self.share.indexing
+        return bool(self.sending) or (bool(self.owed) and not held)
 
     def overdue(self, now: float, limit: float) -> bool:
         """Whether requests to this peer have gone unanswered for ``limit`` seconds."""
