@@ -29,7 +29,7 @@ def test_a_first_sync_plan_holds_under_500_bytes_per_file(tmp_path: Path) -> Non
         version = Version(
             Kind.FILE, 2048, scanned_ms * 10**6 + i, 0o644, os.urandom(32), device, scanned_ms
         )
-        delta.added[make_key(f"d{i % 1000:03d}/f{i:06d}.txt", new_version_id())] = version
+        delta.added[make_key(f"d{i % 1000:03d}/f{i:06d}.txt", new_version_id())] = version.encode()
     with catalog.conn:
         catalog.apply_delta(delta, os.urandom(32), 1)
     tracemalloc.start()

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import sqlite_utils
 
 from backer.model import entropy
-from backer.model.records import Kind, Version, record_size, split_key
+from backer.model.records import Kind, Version, record_size, record_supersedes, split_key
 from backer.model.state import Delta
 from backer.scanner.content import Manifest
 
@@ -273,7 +273,7 @@ class Catalog:
         cannot take the author's word for it (a clock reset to the past would make a
         version replaced now look replaced years ago)."""
         recorded_ms = entropy.now_ms()
-        added = [(*split_key(key), version.encode()) for key, version in delta.added.items()]
+        added = [(*split_key(key), record) for key, record in delta.added.items()]
         self.conn.executemany(
             "INSERT OR IGNORE INTO versions (path, vid, record, author, position) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -282,13 +282,12 @@ class Catalog:
                 key=lambda row: row[1],  # by primary key: sorted inserts are much faster
             ),
         )
+        superseding = [
+            (path, vid, old) for path, vid, record in added for old in record_supersedes(record)
+        ]
         self.conn.executemany(
             "INSERT OR IGNORE INTO supersedes (old, new, recorded_ms) VALUES (?, ?, ?)",
-            [
-                (old, split_key(key)[1], recorded_ms)
-                for key, v in delta.added.items()
-                for old in v.supersedes
-            ],
+            [(old, vid, recorded_ms) for _, vid, old in superseding],
         )
         self.conn.executemany(
             "INSERT OR REPLACE INTO live (path, vid, record) SELECT ?, ?, ? "
@@ -298,7 +297,7 @@ class Catalog:
         self.conn.executemany(
             "DELETE FROM live WHERE path = ? AND vid = ?",
             [split_key(key) for key in delta.removed]
-            + [(split_key(key)[0], old) for key, v in delta.added.items() for old in v.supersedes],
+            + [(path, old) for path, _, old in superseding],
         )
 
     def recorded(self, version_ids: list[str]) -> dict[str, tuple[str, bytes]]:

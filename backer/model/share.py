@@ -732,9 +732,9 @@ class Share:
         shape = self.state.check(event.payload, lambda client: self._refusal(client, author))
         delta = self.state.apply(event.payload, shape)
         added: dict[str, tuple[str, bytes]] = {}
-        for key, version in delta.added.items():
+        for key, record in delta.added.items():
             path, version_id = split_key(key)
-            if added.setdefault(version_id, (path, version.encode()))[0] != path:
+            if added.setdefault(version_id, (path, record))[0] != path:
                 raise BadUpdate(f"rewrites the recorded version {version_id}")
         for version_id, known in self.catalog.recorded(list(added)).items():
             if known != added[version_id]:
@@ -881,11 +881,11 @@ class Share:
         disk: point the scan cache at it (with a stat that never matches, so the next
         scan re-reads the file), so that what the disk holds now — the same bytes, an
         edit, or nothing — is recorded as seen after it, never beside it."""
-        for key, version in delta.added.items():
+        for key, record in delta.added.items():
             path, version_id = split_key(key)
             if not is_valid(path):
                 continue
-            if version.kind == Kind.DELETED:
+            if Version.decode(record).kind == Kind.DELETED:
                 self.catalog.drop_local([path])
             else:
                 self.catalog.set_local([LocalEntry(path, version_id, -1, 0, 0, 0, False)])

@@ -54,13 +54,13 @@ class BadUpdate(ValueError):
 class UpdateShape:
     """What a parsed update would do: per client id the clock range it adds, the
     ``(key, value)`` of each item that names its key, and the ids its items continue;
-    once :meth:`FileState.check` accepted it, each key's value and its decoded version
-    (decoded once: a first sync of a large share receives 100,000s of them)."""
+    once :meth:`FileState.check` accepted it, each key's checked value (checked once: a
+    first sync of a large share receives 100,000s of them)."""
 
     clients: dict[int, tuple[int, int]] = field(default_factory=dict)
     writes: list[tuple[str, bytes]] = field(default_factory=list)
     origins: list[tuple[int, int]] = field(default_factory=list)
-    checked: dict[str, tuple[bytes, Version]] = field(default_factory=dict)  # by check()
+    checked: dict[str, bytes] = field(default_factory=dict)  # by check()
 
 
 class _Cursor:
@@ -192,9 +192,12 @@ def derive_client(device: bytes, nonce: bytes) -> int:
 
 @dataclass
 class Delta:
-    """Keys that became live and keys that stopped being live in one transaction."""
+    """Keys that became live (each with its encoded version, the bytes the catalog
+    stores: a first sync's run of events holds 100,000s of them until it is stored,
+    and a decoded :class:`Version` costs twice the bytes) and keys that stopped being
+    live in one transaction."""
 
-    added: dict[str, Version] = field(default_factory=dict)
+    added: dict[str, bytes] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
@@ -238,22 +241,16 @@ class FileState:
     def _on_transaction(self, event: TransactionEvent) -> None:
         self._update = event.update
 
-    def _take(
-        self, checked: dict[str, tuple[bytes, Version]] | None = None
-    ) -> tuple[bytes, Delta]:
+    def _take(self, checked: dict[str, bytes] | None = None) -> tuple[bytes, Delta]:
         """The transaction's update and delta. With ``checked`` (a received update's
         checked entries), every entry not among them with that very value is checked."""
         update, delta, added = self._update, self._delta, self._added
         self._reset()
         for key, value in added.items():
-            if checked is None:
-                delta.added[key] = Version.decode(value)
-                continue
-            known = checked.get(key)
-            if known is not None and known[0] == value:
-                delta.added[key] = known[1]
-            else:
-                delta.added[key] = check_entry(key, value)[2]
+            record = bytes(value)  # (yrs may hand back a bytearray)
+            if checked is not None and checked.get(key) != record:
+                check_entry(key, record)
+            delta.added[key] = record
         return update, delta
 
     def write(
@@ -313,7 +310,8 @@ class FileState:
         after what the document holds, and every entry it continues already present."""
         shape = parse_update(update)
         for key, value in shape.writes:
-            shape.checked[key] = (value, check_entry(key, value)[2])
+            check_entry(key, value)
+            shape.checked[key] = value
         vector = self.clock()
         for client, (start, _) in shape.clients.items():
             reason = refusal(client)
