@@ -13,7 +13,7 @@ import sqlite_utils
 from backer.db.catalog import PAGE_CACHE_KIB, Catalog
 from backer.model.materializer import plan
 from backer.model.records import Kind, Version, make_key, new_version_id
-from backer.model.state import Delta
+from backer.model.state import Delta, FileState
 from journal.store import Journal
 
 FILES = 5_000
@@ -41,6 +41,33 @@ def test_a_first_sync_plan_holds_under_500_bytes_per_file(tmp_path: Path) -> Non
     assert len(operations) == FILES
     assert {op.version.kind for op in operations} == {Kind.FILE}
     assert held / FILES < 500, f"{held / FILES:.0f} bytes per planned file"
+
+
+def test_a_received_updates_delta_holds_under_260_bytes_per_entry() -> None:
+    """A first sync's run of events keeps every event's delta until the journal stores
+    the run (100,000 entries for a 100,000-file share): each entry holds its encoded
+    record, not a decoded version as well (346 bytes per entry with one)."""
+    writer, device = FileState(device=os.urandom(32)), os.urandom(8)
+    scanned_ms = 1_700_000_000_000
+    update, _ = writer.write(
+        (
+            f"d{i % 1000:03d}/f{i:06d}.txt",
+            new_version_id(),
+            Version(
+                Kind.FILE, 2048, scanned_ms * 10**6 + i, 0o644, os.urandom(32), device, scanned_ms
+            ),
+        )
+        for i in range(FILES)
+    )
+    receiver = FileState(device=os.urandom(32))
+    tracemalloc.start()
+    try:
+        delta = receiver.apply(update, receiver.check(update, lambda client: None))
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(delta.added) == FILES
+    assert held / FILES < 260, f"{held / FILES:.0f} bytes per received entry"
 
 
 def test_sqlite_page_cache_of_a_share_connection_stays_bounded(tmp_path: Path) -> None:
