@@ -245,10 +245,11 @@ class Hub:
                 close()
         for flush in list(self._flushers.values()):
             flush()
-        if self.applied is not None and self.replicator.reports:
-            reports, self.replicator.reports = self.replicator.reports, []
-            for report in reports:
-                self.applied(report)
+        if self.replicator.reports:  # taken even with no one to hand them to: a join of
+            reports, self.replicator.reports = self.replicator.reports, []  # 100,000 files
+            for report in reports:  # held every path it wrote until it exited (~7 MB)
+                if self.applied is not None:
+                    self.applied(report)
 
     def disconnect(self, device: bytes) -> None:
         """Drop every open session with ``device`` at once, unsent data included (it

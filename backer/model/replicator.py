@@ -81,6 +81,7 @@ class ApplyStats:
     conflicts_resolved: int = 0
     bytes_to_fetch: int = 0  # chunk bytes planned to arrive, and those that did (progress)
     bytes_fetched: int = 0
+    local_edits_kept: int = 0  # (counted here: the windows' reports are handed on, not held)
 
 
 class Replicator:
@@ -242,8 +243,7 @@ class Replicator:
                 for op in self.window_operations
                 if op.version.kind == Kind.FILE and op.path not in done
             ]
-            self.reports.append(report)
-            self.share.note_applied(report)
+            self._took(report)
         self.operations = self.assembly = None
         self.share.temps_in_use = set()
         self.chunk_queue.clear()
@@ -519,8 +519,7 @@ class Replicator:
             self.disk_full = DiskFull(self.share.root, self.short_of_room)
         self.share.temps_in_use = set()
         self.assembly = None
-        self.reports.append(report)
-        self.share.note_applied(report)
+        self._took(report)
         failed = {problem.path for problem in report.errors}
         done = [op for op in self.window_operations if op.path not in failed]  # applied, or
         files, size = self.needed  # moot (already so on disk)
@@ -534,6 +533,12 @@ class Replicator:
         if not self.operations:
             self.operations = None
             self.share.sweep_resumable()  # a kept temp whose version was since replaced
+
+    def _took(self, report: Report) -> None:
+        """A window ended: its problems are kept, its report waits for the transport."""
+        self.reports.append(report)
+        self.stats.local_edits_kept += len(report.kept_local_edits)
+        self.share.note_applied(report)
 
     # -- answers from peers ---------------------------------------------------------------
 

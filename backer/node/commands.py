@@ -226,7 +226,7 @@ def sync_summary(sessions: list[Session], replicator: Replicator | None = None) 
         summary["files_written"] = replicator.stats.files_written
         summary["files_deleted"] = replicator.stats.files_deleted
         summary["chunks_reused"] = replicator.stats.chunks_reused
-        summary["local_edits_kept"] = sum(len(r.kept_local_edits) for r in replicator.reports)
+        summary["local_edits_kept"] = replicator.stats.local_edits_kept
         summary["errors"] = failures(replicator.share)
     return summary
 
