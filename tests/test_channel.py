@@ -50,7 +50,26 @@ def test_members_with_the_share_key_authenticate_each_other_and_talk() -> None:
     client.send(big)
     wire = bytes(client.data_to_send())
     assert big not in wire
-    assert server.receive_data(wire[:1000]) + server.receive_data(wire[1000:]) == big
+    assert bytes(server.receive_data(wire[:1000])) + bytes(server.receive_data(wire[1000:])) == big
+
+
+def test_received_plaintext_held_by_the_caller_is_never_decrypted_over() -> None:
+    """Plaintext is decrypted into reused buffers (a fresh 4 MiB one per read cost its
+    zeroing and page faults), but never into one that the caller still views: chunks
+    wait as views of it for the writer thread."""
+    psk = os.urandom(32)
+    _, _, client, server = pair(psk, psk, set())
+    shake(client, server)
+    messages = [os.urandom(300_000) for _ in range(4)]
+    held = []
+    for message in messages:
+        client.send(message)
+        held.append(server.receive_data(bytes(client.data_to_send()))[100:])
+    assert [bytes(view) for view in held] == [message[100:] for message in messages]
+    first = held[0].obj
+    held.clear()  # nothing views the buffers now: the next read reuses one
+    client.send(messages[0])
+    assert server.receive_data(bytes(client.data_to_send())).obj is first
 
 
 def test_records_are_encrypted_into_one_reused_buffer_once_the_transport_gave_it_back() -> None:

@@ -719,9 +719,9 @@ class Assembly:
         thread (``pwrite`` waits for the disk, which the event loop must not: it reads
         the next chunks meanwhile), in batches of ``WRITE_BATCH`` bytes (a hand-over
         per chunk cost more than its write). A chunk counts once written
-        (:meth:`_collect`); ``data`` must not change afterwards (the channel hands over
-        a fresh buffer per read). At most ``WRITE_QUEUE`` bytes wait: then the loop
-        waits for the disk."""
+        (:meth:`_collect`); ``data`` must not change while it is held (the channel
+        decrypts into its buffer again only once no view of it is left). At most
+        ``WRITE_QUEUE`` bytes wait: then the loop waits for the disk."""
         places = self._places.pop(chunk_hash, [])
         self.missing.pop(chunk_hash, None)
         self._gathered.extend((staged, offset, data) for staged, offset in places)

@@ -26,6 +26,7 @@ from typing import NoReturn
 
 import nacl.signing
 
+from backer.buffers import Buffers
 from backer.config.identity import curve_private, curve_public
 from backer.model.membership import REMOVED
 from backer.protocol.noise import (
@@ -118,6 +119,7 @@ class SecureChannel:
         self._outgoing: list[bytes | bytearray | memoryview] = []
         self._records = bytearray()  # what send encrypts into, once the transport gave it back
         self._records_free = True
+        self._plaintext = Buffers()  # what received records are decrypted into
         if self.initiator:
             if len(self.header) != HEADER_LEN or psk is None:
                 raise ValueError("an initiator needs a 17-byte header and a psk")
@@ -176,15 +178,16 @@ class SecureChannel:
         if out:
             self._outgoing.append(out)
 
-    def receive_data(self, data: bytes | bytearray) -> bytearray:
-        """Consume bytes from the peer; return the application plaintext they carried
-        (a new buffer each call: the caller may keep it)."""
+    def receive_data(self, data: bytes | bytearray | memoryview) -> bytes | memoryview:
+        """Consume bytes from the peer; return the application plaintext they carried:
+        a view the caller may keep (its buffer is decrypted into again only once no
+        view of it is left, see :class:`~backer.buffers.Buffers`)."""
         try:
             if self._receive is None:
                 self._buffer += data
                 self._handshake_records()
                 if self._receive is None:
-                    return bytearray()
+                    return b""
                 data, self._buffer = bytes(self._buffer), bytearray()
             return self._open_records(data)
         except NoiseError as exc:
@@ -231,9 +234,9 @@ class SecureChannel:
         finally:
             del self._buffer[:offset]  # once per call: not once per record
 
-    def _open_records(self, data: bytes | bytearray) -> bytearray:
+    def _open_records(self, data: bytes | bytearray | memoryview) -> memoryview:
         """Decrypt every complete transport record: those within ``data`` are read in
-        place and decrypted straight into the one plaintext buffer returned; only a
+        place and decrypted straight into the one plaintext view returned; only a
         record cut by the end of a read is copied (into ``_buffer``, until complete).
         A record of length 0 is a responder's refusal (see :meth:`_refused`)."""
         view = memoryview(data)
@@ -262,13 +265,12 @@ class SecureChannel:
             pos = end
         self._buffer += view[pos:]
         assert self._receive is not None
-        out = bytearray(sum(max(len(record) - TAG_LEN, 0) for record in records))
-        with memoryview(out) as target:
-            at = 0
-            for record in records:
-                size = max(len(record) - TAG_LEN, 0)
-                self._receive.decrypt_into(record, target[at : at + size])
-                at += size
+        out = self._plaintext.take(sum(max(len(record) - TAG_LEN, 0) for record in records))
+        at = 0
+        for record in records:
+            size = max(len(record) - TAG_LEN, 0)
+            self._receive.decrypt_into(record, out[at : at + size])
+            at += size
         return out
 
     def _refused(self, code: int) -> NoReturn:

@@ -342,11 +342,11 @@ class FrameReader:
         self.buffer = bytearray()
         self.max_frame = max_frame
 
-    def feed(self, data: bytes | bytearray) -> Iterator[Message]:
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Message]:
         """Yield every complete message. Frames are decoded in place, from views of
-        ``data`` (which must not change afterwards; the channel hands over a fresh buffer
-        per read): only a frame cut by the end of ``data`` is copied, into ``buffer``,
-        until the next call completes it."""
+        ``data`` (which must not change while a view of it is held: the channel decrypts
+        into a buffer again only once none is left): only a frame cut by the end of
+        ``data`` is copied, into ``buffer``, until the next call completes it."""
         view = memoryview(data)
         pos = 0
         try:
