@@ -351,6 +351,7 @@ _PROXIES: dict[str, Proxy] = {
     "close": _close,
     "pwrite": _pwrite,
     "pread": _on_fd("read"),
+    "preadv": _on_fd("read"),  # (a peer's chunks and local copies are read with it)
     "fsync": _on_fd("fsync"),
     "ftruncate": _on_fd("truncate"),
     "fchmod": _on_fd("metadata"),

@@ -18,6 +18,7 @@ from backer.model.share import Share
 from backer.protocol.channel import ChannelError, SecureChannel
 from backer.protocol.session import Session
 from backer.protocol.wire import (
+    APART_FROM,
     Chunk,
     Encoder,
     FrameReader,
@@ -70,7 +71,7 @@ def test_records_and_frames_cut_anywhere_decode_to_the_same_messages(seed: int) 
     rng = random.Random(seed)
     batched = seed % 2 == 0  # all messages in one send, or one send each
     if batched:
-        client.send(Encoder().encode(MESSAGES))
+        client.send(*Encoder().encode(MESSAGES))
     else:
         for message in MESSAGES:
             client.send(message.encode())
@@ -305,12 +306,29 @@ def test_a_chunk_changed_on_disk_since_indexed_is_read_from_another_file_or_not_
     }
 
 
+def test_a_sent_chunk_is_encrypted_from_its_read_buffer_not_copied_into_the_plaintext() -> None:
+    """The framing goes into the encoder's buffer; a chunk's bytes (from ``APART_FROM``)
+    are a piece of their own, the very buffer they were read into, which the channel
+    encrypts in place of a copy. A small chunk is copied with its framing."""
+    read = bytearray(os.urandom(100_000))
+    messages: list[Message] = [
+        Chunk(os.urandom(32), memoryview(read)[10:90_000]),
+        Chunk(os.urandom(32), os.urandom(APART_FROM - 1)),
+        WantChunks([os.urandom(32)]),
+    ]
+    encoder = Encoder()
+    pieces = encoder.encode(messages)
+    assert [piece.obj is read for piece in pieces] == [False, True, False]
+    assert pieces[0].obj is encoder.buffer and pieces[2].obj is encoder.buffer
+    assert b"".join(pieces) == b"".join(message.encode() for message in messages)
+
+
 def test_a_received_chunk_is_a_view_of_the_decrypted_read_not_a_copy() -> None:
     """A chunk's bytes are decoded in place: the data is a view of the buffer the
     channel decrypted into, whatever else shares the read."""
     client, server = _established()
     sent = [Chunk(os.urandom(32), os.urandom(70_000)), WantChunks([os.urandom(32)])]
-    client.send(Encoder().encode(sent))
+    client.send(*Encoder().encode(sent))
     buffer = server.receive_data(client.data_to_send())
     received = list(FrameReader().feed(buffer))
     assert received == sent

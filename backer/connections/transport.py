@@ -385,7 +385,7 @@ class Hub:
             if session is not None:
                 messages = session.take_outbox(0 if unsent() else limits.reply_bytes)
                 if messages:
-                    channel.send(encoder.encode(messages))
+                    channel.send(*encoder.encode(messages))
             _write(streams, channel.data_to_send())
             if not unsent():
                 channel.reuse()

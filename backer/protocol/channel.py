@@ -155,26 +155,29 @@ class SecureChannel:
         if not self._outgoing:
             self._records_free = True
 
-    def send(self, plaintext: bytes | bytearray | memoryview) -> None:
-        """Encrypt application data into records (queued for :meth:`data_to_send`),
-        each straight into one output buffer: no ciphertext objects, no joins."""
+    def send(self, *plaintext: bytes | bytearray | memoryview) -> None:
+        """Encrypt application data, given in pieces, into records (queued for
+        :meth:`data_to_send`), each piece straight into one output buffer: no ciphertext
+        objects, no joins, and no copy of the pieces into one plaintext first (a record
+        never spans two pieces; where records are cut does not matter to the peer)."""
         if self._send is None:
             raise ChannelError("channel is not established")
-        view = memoryview(plaintext)
-        records = -(-len(view) // MAX_PLAINTEXT)
-        size = len(view) + records * (2 + TAG_LEN)
+        views = [memoryview(piece) for piece in plaintext]
+        records = sum(-(-len(view) // MAX_PLAINTEXT) for view in views)
+        size = sum(map(len, views)) + records * (2 + TAG_LEN)
         if not self._records_free or len(self._records) < size:
             self._records = bytearray(size)
         self._records_free = False
         out = memoryview(self._records)[:size]
         with memoryview(out) as target:
             at = 0
-            for start in range(0, len(view), MAX_PLAINTEXT):
-                piece = view[start : start + MAX_PLAINTEXT]
-                size = len(piece) + TAG_LEN
-                target[at : at + 2] = size.to_bytes(2, "big")
-                self._send.encrypt_into(piece, target[at + 2 : at + 2 + size])
-                at += 2 + size
+            for view in views:
+                for start in range(0, len(view), MAX_PLAINTEXT):
+                    piece = view[start : start + MAX_PLAINTEXT]
+                    size = len(piece) + TAG_LEN
+                    target[at : at + 2] = size.to_bytes(2, "big")
+                    self._send.encrypt_into(piece, target[at + 2 : at + 2 + size])
+                    at += 2 + size
         if out:
             self._outgoing.append(out)
 
