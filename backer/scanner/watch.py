@@ -49,7 +49,7 @@ import stat
 import sys
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -538,25 +538,17 @@ if sys.platform.startswith("linux"):
     from watchdog.observers.inotify_c import InotifyConstants as In
     from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, Mask
 
-    def _walk(
-        path: bytes, skip: bytes, unlisted: list[bytes]
-    ) -> Iterator[tuple[bytes, list[os.DirEntry[bytes]]]]:
-        """Every folder under ``path`` (itself first) but ``skip``, with its entries
-        (``skip`` left out), no link followed; iterative (os.walk recurses: 1,000
-        levels raised RecursionError and killed the watcher's thread, R35). A folder
-        that cannot be listed for want of file descriptors goes into ``unlisted``."""
-        pending = [path]
-        while pending:
-            top = pending.pop()
-            try:
-                with os.scandir(top) as found:
-                    entries = [e for e in found if e.path != skip]
-            except OSError as exc:
-                if exc.errno in SHORT_OF_DESCRIPTORS:
-                    unlisted.append(top)
-                continue
-            yield top, entries
-            pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+    def _listing(top: bytes, skip: bytes, unlisted: list[bytes]) -> list[os.DirEntry[bytes]]:
+        """The entries of the folder ``top`` but ``skip``; none if it cannot be listed
+        (gone, unreadable: the scan reports it), and then, when that was for want of
+        file descriptors, ``top`` goes into ``unlisted``."""
+        try:
+            with os.scandir(top) as found:
+                return [e for e in found if e.path != skip]
+        except OSError as exc:
+            if exc.errno in SHORT_OF_DESCRIPTORS:
+                unlisted.append(top)
+            return []
 
     # What can change a name or content; IN_DELETE_SELF lets watchdog see the share go.
     MASK = Mask(
@@ -589,7 +581,11 @@ if sys.platform.startswith("linux"):
             self._watch_below(path)
 
         def _watch_below(self, path: bytes) -> bool:
-            """:meth:`_add_all_callbacks`; whether ``path`` could be listed."""
+            """:meth:`_add_all_callbacks`; whether ``path`` could be listed. A folder
+            below it that was already watched is not walked again: what it held when its
+            watch was added was walked then, and what came since raised its own events.
+            (watchdog walks every folder below each new one: a chain of new folders
+            made faster than the watcher reads their events cost O(depth²) listings.)"""
             metadata = os.path.join(self.path, METADATA_DIR.encode())
             if path == metadata or path.startswith(metadata + b"/"):
                 return True
@@ -597,10 +593,11 @@ if sys.platform.startswith("linux"):
             if not self.is_recursive or not os.path.isdir(path):
                 return True
             unlisted: list[bytes] = []
-            for _top, entries in _walk(path, metadata, unlisted):
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        self._add_callback(entry.path)
+            pending = [path]  # (iteratively: os.walk recursed and 1,000 levels raised, R35)
+            while pending:
+                for entry in _listing(pending.pop(), metadata, unlisted):
+                    if entry.is_dir(follow_symlinks=False) and self._watch(entry.path):
+                        pending.append(entry.path)
             self._tell_unlisted(unlisted)
             return path not in unlisted
 
@@ -617,22 +614,18 @@ if sys.platform.startswith("linux"):
                     self.watcher.unlisted(path, self.walk_again)
 
         def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
-            """watchdog's events for what a new folder already holds (not os.walk: R35)."""
-            events = []
-            unlisted: list[bytes] = []
-            metadata = os.path.join(self.path, METADATA_DIR.encode())
-            for top, entries in _walk(src_path, metadata, unlisted):
-                wd = self._active_callbacks_by_path.get(top)
-                if wd is None:  # not watched: its own IN_CREATE reports it
-                    continue
-                for entry in entries:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                    mask = Mask(In.IN_CREATE | In.IN_ISDIR) if is_dir else In.IN_CREATE
-                    events.append(InotifyEvent(wd, mask, 0, entry.name))
-            self._tell_unlisted(unlisted)
-            return events
+            """None: watchdog's made-up events for what a new folder already holds. The
+            folder's own event, handed over once its watches are added, makes the node
+            scan its whole subtree; those events named nothing more, for a walk of the
+            subtree at each new level (O(depth²) on a chain of new folders)."""
+            return []
 
         def _add_callback(self, path: bytes) -> None:
+            self._watch(path)
+
+        def _watch(self, path: bytes) -> bool:
+            """Watch ``path``; whether that made a new watch (its folder was not watched
+            already, under this name or another)."""
             try:
                 wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
             except OSError as exc:
@@ -640,9 +633,11 @@ if sys.platform.startswith("linux"):
                     raise
                 if exc.errno == errno.ENOSPC and self.watcher is not None:
                     self.watcher.unwatched(path)
-                return  # else it is gone or unreadable: the scan reports that
+                return False  # else it is gone or unreadable: the scan reports that
+            new = wd not in self._active_callbacks_by_watch
             self._active_callbacks_by_path[path] = wd
             self._active_callbacks_by_watch[wd] = path
+            return new
 
     class _Emitter(InotifyEmitter):
         def __init__(self, *args: object, watcher: Watcher, **kwargs: object) -> None:
