@@ -274,3 +274,37 @@ def test_a_file_that_became_ignored_then_replaced_is_still_served_from_the_store
     hashes = [ref.hash for ref in manifest.chunks]
     served = ChunkStore(a.root, a.catalog).read_many(hashes)
     assert b"".join(bytes(served[h]) for h in hashes) == data
+
+
+def test_R38_the_store_links_only_the_file_recorded_never_one_through_a_swapped_folder(
+    tmp_path: Path,
+) -> None:
+    """The store linked a recorded file by its path after the scan: a folder on the way
+    swapped for a link meanwhile (a person moving it away and linking it back) made
+    the store hard-link a file outside the share, and a file replaced meanwhile made
+    the entry of the recorded content hold other bytes (the recorded ones then gone)."""
+    (share,) = make_devices(tmp_path, 1)
+    (share.root / "d").mkdir()
+    (share.root / "d" / "f.txt").write_bytes(b"recorded in d")
+    (share.root / "g.txt").write_bytes(b"recorded g")
+    recorded = {p: os.lstat(share.root / p).st_ino for p in ("d/f.txt", "g.txt")}
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f.txt").write_bytes(b"not the share's")
+    (share.root / "d").rename(tmp_path / "moved-away")
+    (share.root / "d").symlink_to(outside)
+    (share.root / "g.new").write_bytes(b"saved over g")
+    (share.root / "g.new").replace(share.root / "g.txt")
+    store = Store(share.root, share.catalog)
+    with share.db.conn:
+        store.keep_files(
+            [
+                ("d/f.txt", cid(b"recorded in d"), 13, recorded["d/f.txt"]),
+                ("g.txt", cid(b"recorded g"), 10, recorded["g.txt"]),
+            ]
+        )
+    assert (outside / "f.txt").stat().st_nlink == 1  # never linked into the store
+    assert (share.root / "g.txt").stat().st_nlink == 1
+    assert kept(share) == {}
+    assert not {cid(b"recorded in d"), cid(b"recorded g")} & set(store.contents())
+    share.close()

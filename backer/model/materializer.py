@@ -989,11 +989,13 @@ class Assembly:
         so that a later edit or deletion on this device still leaves its bytes here.
         After the deletions: a file that replaced identical bytes (a rename, a version
         with the same content) then takes over the store's entry, one copy, not two."""
-        written = set(self.report.written)
+        written = self.materializer.catalog.local_entries(self.report.written)
         self.materializer.kept.keep_files(
-            (op.path, op.version.content, op.version.size)
+            (op.path, op.version.content, op.version.size, written[op.path].inode)
             for op in self.operations
-            if op.version.kind == Kind.FILE and op.path in written
+            if op.version.kind == Kind.FILE
+            and op.path in written
+            and written[op.path].version_id == op.version_id
         )
 
     def _keep_directory_times(self) -> None:

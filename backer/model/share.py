@@ -1357,7 +1357,7 @@ class Share:
                 store.edited_in_place(previous.content, old.inode)
             else:
                 kept.append(previous.content)
-        store.keep_files((s.path, c, s.size) for s, _, c in changed if s.kind == Kind.FILE)
+        store.keep_files((s.path, c, s.size, s.inode) for s, _, c in changed if s.kind == Kind.FILE)
         store.keep_entries(found.refreshed)
         return kept
 
