@@ -12,6 +12,8 @@ from .hostile import CRAFTS
 from .machine import (
     CAPS,
     CLASSIC,
+    DEEP_MOST,
+    DEEP_OPS,
     DIRS,
     DISK_BUDGETS,
     FAULT_RATES,
@@ -45,14 +47,15 @@ WEIGHTS = [25, 6, 3, 8, 6, 4, 2, 2, 22, 3, 4, 14, 2, 3, 2, 1]
 WORLD_RULES = {  # family: (rule, weight)
     "ignore": [("ignore", 4)],
     "faults": [("faults", 3), ("faults_stop", 3)],
-    "disk": [("disk_full", 2), ("disk_freed", 2)],
+    "disk": [("disk_full", 2), ("disk_fills", 2), ("disk_freed", 3)],
     "retention": [("prune", 5), ("cap", 2)],
     "revisions": [("restore_version", 5), ("restore_at", 3), ("resolve", 6)],
     "hostile": [("craft", 6)],
+    "deep": [("deep", 1)],
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
-                   "toggle_exec", "ignore", "race"})  # fmt: skip
+                   "toggle_exec", "ignore", "race", "deep"})  # fmt: skip
 WATCHER_FIRES = 0.6  # resident: how often the watcher scans right after an edit
 
 
@@ -119,6 +122,9 @@ def _random_step(
         return choice, {"node": node, "seed": rnd.getrandbits(32), "rate": rnd.choice(FAULT_RATES)}
     if choice == "disk_full":
         return choice, {"node": node, "budget": rnd.choice(DISK_BUDGETS)}
+    if choice == "disk_fills":
+        budget, limit = rnd.choice(DISK_BUDGETS), rnd.randrange(1, 60)
+        return choice, {"node": node, "budget": budget, "limit": limit}
     if choice == "sync":
         cut = rnd.randrange(1, 30) if rnd.random() < 0.2 else None
         return choice, {"a": node, "b": rnd.randrange(nodes), "cut": cut}
@@ -135,6 +141,10 @@ def _random_step(
         return choice, {"node": node, "pick": rnd.randrange(100), "how": rnd.choice(RESOLUTIONS)}
     if choice == "cap":
         return choice, {"node": node, "percent": rnd.choice(CAPS)}
+    if choice == "deep":
+        data = rnd.choice(contents) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
+        op, level = rnd.choice(DEEP_OPS), rnd.randrange(DEEP_MOST + 1)
+        return choice, {"node": node, "op": op, "level": level, "data": data}
     if choice == "craft":
         return choice, {"kind": rnd.choice(CRAFTS), "pick": rnd.randrange(100)}
     if choice == "race":

@@ -37,10 +37,9 @@ from typing import Any
 import nacl.signing
 
 from backer.errors import BackerError
-from backer.model import entropy, revisions
-from backer.model.materializer import stale_temps
+from backer.model import entropy, replicator, revisions
+from backer.model.materializer import DiskFull, stale_temps
 from backer.model.records import Kind
-from backer.model.replicator import Replicator
 from backer.model.share import ScanSummary, Share
 from backer.node import commands
 from backer.protocol.session import Session
@@ -51,9 +50,45 @@ from backer.versioner.prune import PruneReport, prune_share
 
 from .faults import Disks
 from .hostile import OUTSIDE, Hostile, Sandbox, check_sandboxes
-from .world import InvariantBroken, Watch, ignored, pin_directory_times, reachable_temps
+from .world import (
+    InvariantBroken,
+    Watch,
+    check_folder_opens,
+    ignored,
+    pin_directory_times,
+    reachable_temps,
+    remove_tree,
+)
 
+UNLIMITED_PAGES = 2**32 - 2  # SQLite's own largest max_page_count
 MEDDLE_RATE = 0.2  # share of the file creations in a boxed node's folders raced by a swap
+
+
+class Replicator(replicator.Replicator):
+    """backer's replicator, checked where a full disk stops a window: each of the
+    window's files that it did not write is reported as a problem (the device lists it;
+    never silently "in sync"). A disk that filled while the writer thread wrote a
+    window's chunks stopped it with an empty report: nothing was listed (R32)."""
+
+    def __init__(self, share: Share, node: str) -> None:
+        super().__init__(share)
+        self.node = node
+        self.silent: list[str] = []  # what broke that rule
+
+    def _stop(self, problem: DiskFull) -> None:
+        window = list(self.window_operations) if self.assembly is not None else []
+        super()._stop(problem)
+        if not window:
+            return
+        report = self.reports[-1]
+        told = {*report.written, *report.kept_local_edits}
+        for op in window:
+            reported = ("apply", op.path) in self.share.problems
+            if op.version.kind == Kind.FILE and op.path not in told and not reported:
+                self.silent.append(
+                    f"{self.node}'s window stopped by a full disk left out {op.path!r} and "
+                    "reported no problem with it"
+                )
 
 
 @dataclass
@@ -89,7 +124,7 @@ class Node:
     def hub(self) -> Replicator:
         """The replicator all of this node's open links share."""
         if self.replicator is None:
-            self.replicator = Replicator(self.open())
+            self.replicator = Replicator(self.open(), self.name)
         return self.replicator
 
     def scan(
@@ -202,9 +237,11 @@ def _parents_of_live(share: Share) -> set[str]:
     for path, _, version in share.catalog.all_live():
         live[path] = live.get(path, False) or version.kind != Kind.DELETED
     held = {path.rpartition("/")[0] for path, alive in live.items() if alive}
-    parents = {
-        "/".join(p.split("/")[:depth]) for p in held if p for depth in range(1, p.count("/") + 2)
-    }
+    parents: set[str] = set()
+    for folder in held:  # (each with those above it, up to one already there: a deep
+        while folder and folder not in parents:  # tree's levels are not joined again)
+            parents.add(folder)
+            folder = folder.rpartition("/")[0]
     made = {p for p in parents if not live.get(p, False)}
     return made | {p.rpartition("/")[0] for p in made if "/" in p}
 
@@ -317,6 +354,7 @@ class Cluster:
             else:
                 root.mkdir(parents=True)
             self.nodes.append(Node(f"node{index}", key, root, home))
+            self.disks.track(root)
         if self.boxed:  # never node 0: the honest nodes converge through it
             index = self.random.randrange(1, self.size)
             self.hostile = Hostile(index, bytes(keys[index].verify_key))
@@ -337,7 +375,8 @@ class Cluster:
             if node.share is not None:
                 node.share.close()
                 node.share = None
-        shutil.rmtree(self.base, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(self.base)
 
     @property
     def conflicts(self) -> int:
@@ -350,21 +389,40 @@ class Cluster:
     def acting(self) -> Iterator[None]:
         """A step of backer's: what it did to each node's files is checked afterwards."""
         self._acting += 1
-        started = time.time_ns()
+        started, opens = time.time_ns(), self.disks.folder_opens
         if self._acting == 1:
             self.watch.start([n.root for n in self.nodes])
+            self.limit_catalogs()
         try:
             yield
         finally:
             self._acting -= 1
         if self._acting == 0:
-            pin_directory_times([n.root for n in self.nodes], started)
+            folders = pin_directory_times([n.root for n in self.nodes], started)
+            check_folder_opens(self.disks.folder_opens - opens, folders + self.watch.folders)
+            for node in self.nodes:
+                if node.replicator is not None and node.replicator.silent:
+                    raise InvariantBroken(node.replicator.silent[0])
             names = [n.name for n in self.nodes]
             self.watch.check(names, [n.root for n in self.nodes], [n.share for n in self.nodes])
             self.check_sandboxes()
             for node in self.nodes:  # a failing disk may have left a step half done
                 if self.disks.active(node.root):
                     node.edit(None)
+
+    def limit_catalogs(self) -> None:
+        """A full disk has no room for the catalog either (SQLITE_FULL, 'database or
+        disk is full'): the database of a node whose disk takes ``budget`` more bytes
+        may grow by that many bytes' pages in the step, as the writes do."""
+        for node in self.nodes:
+            if node.share is None:
+                continue
+            conn, budget = node.share.db.conn, self.disks.budget(node.root)
+            limit = UNLIMITED_PAGES
+            if budget is not None:
+                pages = conn.execute("PRAGMA page_count").fetchone()[0]
+                limit = pages + budget // conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {limit}")
 
     def check_sandboxes(self) -> None:
         """Nothing written outside any node's share (see :mod:`.hostile`)."""
@@ -560,13 +618,19 @@ class Cluster:
             delivered += self._deliver(self.random.choice(busy), 1)
         return delivered
 
+    def deliver_around(self, index: int, count: int) -> int:
+        """Deliver up to ``count`` messages on node ``index``'s links (a step of its own)."""
+        with self.acting():
+            return self._deliver_around(index, count)
+
     def linked(self, index: int) -> list[int]:
         """The nodes node ``index`` has an open link with."""
         return sorted(b if a == index else a for a, b in self.links if index in (a, b))
 
-    def applying(self, index: int, limit: int) -> list[str]:
+    def applying(self, index: int, limit: int, window: bool = False) -> list[str]:
         """Deliver on node ``index``'s links (at most ``limit`` messages) until it is
-        applying a plan; return the files and links that plan is about to write."""
+        applying a plan (with ``window``: until a window of it started, its free space
+        checked); return the files and links that plan is about to write."""
         node = self.nodes[index]
 
         def planned() -> list[str]:
@@ -576,11 +640,11 @@ class Cluster:
             if replicator.assembly is not None:
                 return sorted(replicator.assembly.staged)
             # (the plan holds what no window has taken yet)
-            return sorted(op.path for op in replicator.operations if op.version.size)
+            return [] if window else [o.path for o in replicator.operations if o.version.size]
 
         with self.acting():
             self._deliver_around(index, limit, lambda: bool(planned()))
-        return planned()
+        return sorted(planned())
 
     def stop(self, index: int) -> None:
         """``backer run`` stopped: links closed, the transfer in progress given up (its

@@ -97,6 +97,8 @@ class Disks:
         self.plans: dict[str, Plan] = {}
         self.fds: dict[int, Plan] = {}
         self.injected: Counter[str] = Counter()
+        self.unflushed: set[int | None] = set()  # inodes written on a budget, not flushed yet
+        self.folder_opens = 0  # by backer, on any node: a deep tree must not make it O(depth²)
         self.meddlers: dict[str, Meddler] = {}  # by root
         self._real: dict[str, Callable[..., Any]] = {}
 
@@ -118,6 +120,11 @@ class Disks:
 
     def free(self, root: os.PathLike[str]) -> None:
         self._plan(root).budget = None
+
+    def budget(self, root: os.PathLike[str]) -> int | None:
+        """The bytes the node's disk still takes (None: no limit)."""
+        plan = self.plans.get(os.fspath(root) + os.sep)
+        return None if plan is None else plan.budget
 
     def meddle(
         self,
@@ -186,19 +193,30 @@ class Disks:
         self, path: Any, dir_fd: int | None = None, modules: frozenset[str] = FAULTED
     ) -> Plan | None:
         """The active plan of the node ``path`` is on, for a call from ``modules``."""
+        plan = self._node_plan(path, dir_fd)
+        return plan if plan is not None and plan.active and _from_backer(modules) else None
+
+    def _node_plan(self, path: Any, dir_fd: int | None = None) -> Plan | None:
+        """The plan of the node ``path`` is on (switched on or not)."""
         if not isinstance(path, str | bytes | os.PathLike):
             return None
         name = os.fsdecode(path)
         if dir_fd is not None and not os.path.isabs(name):  # relative to an open directory
-            return self._for_fd(dir_fd)
+            return self.fds.get(dir_fd)
         for root, plan in self.plans.items():
-            if plan.active and name.startswith(root):
-                return plan if _from_backer(modules) else None
+            if name.startswith(root):
+                return plan
         return None
 
     def _for_fd(self, fd: int) -> Plan | None:
         plan = self.fds.get(fd)
         return plan if plan is not None and plan.active and _from_backer() else None
+
+    def track(self, root: os.PathLike[str]) -> None:
+        """Know ``root`` as a node's: what backer opens there keeps its node's plan, so a
+        disk that fills (or starts failing) later reaches the descriptors already open
+        (a window's temp files, written by the writer and copier threads)."""
+        self._plan(root)
 
     def _maybe_fail(self, plan: Plan | None, call: str, path: Any = None) -> int | str | None:
         """Raise (or, for a short write, return ``SHORT``) when the plan says so."""
@@ -243,13 +261,18 @@ class Disks:
 def _from_backer(modules: frozenset[str] = FAULTED) -> bool:
     """True when the os call comes from backer's disk I/O in ``modules`` (through
     pathlib or not)."""
+    return _caller() in modules
+
+
+def _caller() -> str:
+    """The module that made the os call (seen through pathlib and the like)."""
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if module != __name__ and module not in CALLERS_SEEN_THROUGH:
-            return module in modules
+            return module
         frame = frame.f_back
-    return False
+    return ""
 
 
 # Each proxy takes the fault plans and the real function.
@@ -258,8 +281,12 @@ Proxy = Callable[[Disks, Callable[..., Any]], Callable[..., Any]]
 
 def _open(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
     def proxy(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
-        plan = disks._for_path(path, kw.get("dir_fd"))
-        disks._maybe_fail(plan, "create" if flags & os.O_CREAT else "read", path)
+        caller = _caller()
+        if flags & os.O_DIRECTORY and caller.startswith("backer."):
+            disks.folder_opens += 1
+        plan = disks._node_plan(path, kw.get("dir_fd")) if caller in FAULTED else None
+        if plan is not None and plan.active:
+            disks._maybe_fail(plan, "create" if flags & os.O_CREAT else "read", path)
         swapped = disks._meddle(path, flags, kw.get("dir_fd"))
         try:
             fd = real(path, flags, mode, **kw)
@@ -296,6 +323,7 @@ def _pwrite(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
         written = real(fd, view, offset)
         if plan.budget is not None:
             plan.budget -= written
+            disks.unflushed.add(os.fstat(fd).st_ino)
         return written
 
     return proxy
@@ -304,8 +332,14 @@ def _pwrite(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
 def _on_fd(call: str) -> Proxy:
     def make(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
         def proxy(fd: int, *args: Any) -> Any:
-            disks._maybe_fail(disks._for_fd(fd), call)
-            return real(fd, *args)
+            plan = disks._for_fd(fd)
+            flushed = os.fstat(fd).st_ino if call == "fsync" and disks.unflushed else None
+            if flushed in disks.unflushed and plan is not None and plan.budget == 0:
+                disks._raise(call, errno.ENOSPC, None)  # its pages got no blocks
+            disks._maybe_fail(plan, call)
+            result = real(fd, *args)
+            disks.unflushed.discard(flushed)
+            return result
 
         return proxy
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import time
 import unicodedata
@@ -41,7 +40,15 @@ from .invariants import (
     fingerprint,
     recoverable,
 )
-from .world import Clock, InvariantBroken, clock_installed, pin_directory_times, scratch_dir
+from .watching import reported
+from .world import (
+    Clock,
+    InvariantBroken,
+    clock_installed,
+    pin_directory_times,
+    remove_tree,
+    scratch_dir,
+)
 
 NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
@@ -75,6 +82,10 @@ FAMILIES = {
     "paths, extreme times, floods, another member's name), stops answering chunk requests "
     "or serves bytes that do not hash; every node lives in a sandbox that must hold "
     "nothing else",
+    "deep": "chains of nested folders 1,100 to 1,200 levels deep (past Python's recursion "
+    "limit) with a file at the bottom, made, extended, renamed at any level and deleted; "
+    "the watcher walks them as it does; backer may open each folder a bounded number of "
+    "times per step",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -83,7 +94,7 @@ ALL = frozenset(FAMILIES)
 CLASSIC: frozenset[str] = frozenset()
 DEFAULT_WORLD = frozenset(  # what CI and the tests run: the families that hold today
     {"faults", "disk", "durability", "ignore", "unicode", "case", "long", "tmpnames"}
-    | {"strict", "resident", "retention", "revisions"}
+    | {"strict", "resident", "retention", "revisions", "deep"}
 )
 NAMES = {
     "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it
@@ -110,6 +121,12 @@ SEEDED_START_NS = 1_767_225_600 * 10**9  # entropy's seeded clock starts at 2026
 EARLY_MS = 3 * 52 * WEEK  # retention: the clock starts this much earlier, and moves
 # on at most this much, so every time stays behind the real clock
 DISK_BUDGETS = [0, 5_000, 60_000]
+DEEP_TOP, DEEP_ASIDE = "d", "e"  # a chain's folders (one letter: 1,200 levels fit PATH_MAX)
+DEEP_LEVELS = 1_100  # past the recursion limit (1,000) with room for the caller's frames
+DEEP_MOST = 1_200  # no deeper: the path stays well under MAX_PATH_BYTES (4,096)
+DEEP_GROWTH = 7  # levels a chain already there grows by
+DEEP_OPS = ["grow", "rename", "delete", "write"]
+DEEP_FILE = "z"
 
 
 def world_files(world: frozenset[str]) -> list[str]:
@@ -133,6 +150,47 @@ def _inside(root: Path, path: Path) -> str | None:
 def _ancestors(path: str) -> list[str]:
     parts = path.split("/")
     return ["/".join(parts[:depth]) for depth in range(1, len(parts))]
+
+
+def deep_chain(root: Path) -> list[str]:
+    """The folders of the chain under ``root`` (``d``, then each level's ``d`` or, once
+    renamed, ``e``), top first; opened one level at a time (a path of 1,000 levels costs
+    the kernel 1,000 lookups each time it is named)."""
+    chain: list[str] = []
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            for name in (DEEP_TOP, DEEP_ASIDE) if chain else (DEEP_TOP,):
+                try:
+                    child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError:
+                    continue
+                os.close(fd)
+                fd = child
+                chain.append(f"{chain[-1]}/{name}" if chain else name)
+                break
+            else:
+                return chain
+    finally:
+        os.close(fd)
+
+
+def make_levels(root: Path, below: str, count: int) -> str:
+    """``count`` folders, each in the last, under ``below`` ('' for ``root``): made one
+    level at a time from the last one's descriptor (``Path.mkdir(parents=True)``
+    recurses). Returns the deepest."""
+    fd = os.open(root / below if below else root, os.O_RDONLY | os.O_DIRECTORY)
+    path = below
+    try:
+        for _ in range(count):
+            os.mkdir(DEEP_TOP, dir_fd=fd)
+            child = os.open(DEEP_TOP, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            path = f"{path}/{DEEP_TOP}" if path else DEEP_TOP
+    finally:
+        os.close(fd)
+    return path
 
 
 def world_contents(world: frozenset[str]) -> list[bytes]:
@@ -292,7 +350,7 @@ class ClusterMachine(RuleBasedStateMachine):
         def act() -> None:
             target = self.root(node) / spelled
             if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
+                remove_tree(target)
             else:
                 target.unlink()
 
@@ -346,6 +404,54 @@ class ClusterMachine(RuleBasedStateMachine):
 
         self._fs(node, act, self.root(node) / spelled)
 
+    @rule(
+        node=node_index,
+        op=st.sampled_from(DEEP_OPS),
+        level=st.integers(0, DEEP_MOST),
+        data=content,
+    )
+    def deep(self, node: int, op: str, level: int, data: bytes) -> None:
+        """The person works on a chain of nested folders deeper than Python's recursion
+        limit: ``grow`` makes it (``DEEP_LEVELS`` levels) or adds a few levels at its
+        bottom, a file ``z`` at the new bottom; ``rename`` moves the folder at ``level``
+        (of the chain's length) aside (``d`` <-> ``e``), the tree below it with it;
+        ``delete`` removes it with its tree; ``write`` writes the ``z`` at that level.
+        The node's watcher walks what appeared (see :mod:`.watching`)."""
+        if "deep" not in self.world:
+            return
+        root = self.root(node)
+        chain = deep_chain(root)
+        at = chain[level % len(chain)] if chain else ""
+        bottom = chain[-1] if chain else ""
+        count = max(DEEP_LEVELS - len(chain), DEEP_GROWTH)
+        if op == "grow":
+            if len(chain) >= DEEP_MOST:
+                return
+            grown = "/".join(filter(None, [bottom, *[DEEP_TOP] * count]))
+            made, written = bottom + "/" * bool(bottom) + DEEP_TOP, f"{grown}/{DEEP_FILE}"
+        elif op == "rename" and at.count("/"):
+            parent, _, name = at.rpartition("/")
+            made, written = f"{parent}/{DEEP_ASIDE if name == DEEP_TOP else DEEP_TOP}", ""
+        elif op in ("delete", "write") and at:
+            made, written = "", f"{at}/{DEEP_FILE}" if op == "write" else ""
+        else:
+            return
+
+        def act() -> None:
+            if op == "grow":
+                make_levels(root, bottom, count)
+            elif op == "rename":
+                os.rename(root / at, root / made)
+            elif op == "delete":
+                remove_tree(root / at)
+            if written:
+                (root / written).write_bytes(data)
+
+        touched = [root / written] if written else []
+        self._fs(node, act, *touched, changed=[at, made] if op == "rename" else [at or made])
+        if made and os.path.isdir(root / made):
+            self.cluster.nodes[node].edit(reported(root, made))
+
     @rule(node=node_index, pattern=st.sampled_from(PATTERNS), add=st.booleans())
     def ignore(self, node: int, pattern: str, add: bool) -> None:
         """A person adds or removes a ``.backerignore`` pattern (matching files that exist)."""
@@ -380,6 +486,26 @@ class ClusterMachine(RuleBasedStateMachine):
         """The node's disk takes ``budget`` more bytes, then is full."""
         if "disk" in self.world:
             self.cluster.disks.fill(self.root(node), budget)
+
+    @rule(
+        node=node_index,
+        budget=st.sampled_from(DISK_BUDGETS),
+        limit=st.integers(1, 60),
+    )
+    def disk_fills(self, node: int, budget: int, limit: int) -> None:
+        """The node's disk fills while it applies a window: its links deliver (at most
+        ``limit`` messages) until it has a plan in progress, then the disk takes only
+        ``budget`` more bytes, and up to ``limit`` more messages move: the writer and
+        copier threads, their fsyncs and the catalog meet the full disk mid-window."""
+        if "disk" not in self.world or self.cluster.nodes[node].down:
+            return
+        if not self.cluster.linked(node):
+            self.cluster.connect(node, self.cluster.random.choice(range(len(self.cluster.nodes))))
+        self.cluster.applying(node, limit, window=True)
+        self.cluster.disks.fill(self.root(node), budget)
+        before = self.cluster.traffic.bytes
+        self.cluster.deliver_around(node, limit)
+        self.stats["bytes"] += self.cluster.traffic.bytes - before
 
     @rule(node=node_index)
     def disk_freed(self, node: int) -> None:

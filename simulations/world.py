@@ -18,6 +18,7 @@ import contextlib
 import os
 import sqlite3
 import stat
+import weakref
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,78 @@ def scratch_dir() -> str | None:
     return chosen
 
 
+@dataclass
+class Folder:
+    """One folder of a :func:`walk`: its path, a descriptor of it (open while it is
+    visited) and its entries (links to folders among the folders, never entered)."""
+
+    path: str
+    relative: str  # its path below the walk's root ('' for the root)
+    fd: int
+    folders: list[os.DirEntry[str]]
+    others: list[os.DirEntry[str]]
+
+    def below(self, entry: os.DirEntry[str]) -> str:
+        """``entry``'s path relative to the walk's root."""
+        return f"{self.relative}/{entry.name}" if self.relative else entry.name
+
+    def read(self, entry: os.DirEntry[str]) -> bytes:
+        fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd)
+        with open(fd, "rb") as handle:
+            return handle.read()
+
+    def target(self, entry: os.DirEntry[str]) -> str:
+        return os.readlink(entry.name, dir_fd=self.fd)
+
+
+DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def walk(root: os.PathLike[str] | str) -> Iterator[Folder]:
+    """Every folder under ``root`` (itself first), top down in ``os.walk``'s order,
+    without recursion and each opened from its parent's descriptor: ``os.walk`` and
+    ``shutil.rmtree`` recurse (Python 3.11), and a tree deeper than the recursion
+    limit is valid (the ``deep`` family); a path of 1,000 levels costs the kernel 1,000
+    lookups each time it is named. A caller may prune ``folders`` as with os.walk."""
+    try:
+        pending = [(os.fspath(root), "", os.open(root, DIRECTORY))]
+    except OSError:
+        return
+    while pending:
+        top, relative, fd = pending.pop()
+        try:
+            with os.scandir(fd) as found:
+                listed = list(found)
+            folder = Folder(top, relative, fd, [], [])
+            for entry in listed:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                (folder.folders if is_dir else folder.others).append(entry)
+            yield folder
+            for entry in reversed(folder.folders):
+                if not entry.is_symlink():
+                    with contextlib.suppress(OSError):
+                        child = os.open(entry.name, DIRECTORY, dir_fd=fd)
+                        pending.append((os.path.join(top, entry.name), folder.below(entry), child))
+        finally:
+            os.close(fd)
+
+
+def remove_tree(root: os.PathLike[str] | str) -> None:
+    """``shutil.rmtree(root)`` without recursion (see :func:`walk`): everything inside
+    is removed as it is listed, then the folders, deepest first. An OSError is raised
+    (what was removed before it stays removed, as with rmtree)."""
+    folders = []
+    for folder in walk(root):
+        folders.append(folder.path)
+        for entry in folder.others + [e for e in folder.folders if e.is_symlink()]:
+            os.unlink(entry.name, dir_fd=folder.fd)
+    for path in reversed(folders):
+        os.rmdir(path)
+
+
 def is_backer_temp(name: str) -> bool:
     """backer's own temp names (they carry a check, see ``backer.scanner.ignore.temp_name``); a
     person's files named ``*.backer-tmp`` are theirs."""
@@ -80,10 +153,11 @@ def reachable_temps(root: Path) -> list[Path]:
     sweeps it. backer writes nothing there once the rule is on disk."""
     rules = IgnoreRules.load(root)
     found = []
-    for path in root.rglob("*"):
-        parent = path.parent.relative_to(root).as_posix()
-        if is_backer_temp(path.name) and (parent == "." or not ignored(rules, parent, True)):
-            found.append(path)
+    for folder in walk(root):
+        if folder.relative and ignored(rules, folder.relative, True):
+            continue
+        found += [Path(folder.path, e.name) for e in folder.folders + folder.others
+                  if is_backer_temp(e.name)]  # fmt: skip
     return found
 
 
@@ -91,46 +165,78 @@ def entries(root: Path) -> dict[str, Entry]:
     """Files and links under ``root`` by their on-disk relative name (outside .backer,
     backer's temps left out)."""
     found: dict[str, Entry] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == os.fspath(root):
-            dirnames[:] = [d for d in dirnames if d != METADATA]
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            if is_backer_temp(name):
+    for folder in walk(root):
+        if not folder.relative:
+            folder.folders[:] = [e for e in folder.folders if e.name != METADATA]
+        for entry in folder.others + [e for e in folder.folders if e.is_symlink()]:
+            if is_backer_temp(entry.name):
                 continue
-            full = os.path.join(dirpath, name)
-            relative = os.path.relpath(full, root).replace(os.sep, "/")
-            if os.path.islink(full):
-                found[relative] = ("link", os.fsencode(os.readlink(full)))
+            if entry.is_symlink():
+                found[folder.below(entry)] = ("link", os.fsencode(folder.target(entry)))
             else:
-                with open(full, "rb") as handle:
-                    found[relative] = ("file", handle.read())
+                found[folder.below(entry)] = ("file", folder.read(entry))
     return found
 
 
-def pin_directory_times(roots: list[Path], since_ns: int) -> None:
+def pin_directory_times(roots: list[Path], since_ns: int) -> int:
     """Give every directory whose mtime the kernel set since ``since_ns`` (real time) a
     time from the seeded clock instead, so that the directory times backer records are
     a function of the seed too (the seeded clock runs months behind the real one; the
-    kernel's file clock may lag the real one by a tick: a second of margin)."""
+    kernel's file clock may lag the real one by a tick: a second of margin). Returns
+    how many directories the roots hold."""
     since_ns -= 10**9
+    count = 0
     for root in roots:
-        for dirpath, dirnames, _ in os.walk(root):
-            if dirpath == os.fspath(root):
-                dirnames[:] = [d for d in dirnames if d != METADATA]
-            for name in dirnames:
-                path = os.path.join(dirpath, name)
-                if not os.path.islink(path) and os.lstat(path).st_mtime_ns >= since_ns:
+        for folder in walk(root):
+            if not folder.relative:
+                folder.folders[:] = [e for e in folder.folders if e.name != METADATA]
+            count += len(folder.folders)
+            for entry in folder.folders:
+                if not entry.is_symlink() and entry.stat().st_mtime_ns >= since_ns:
                     stamp = entropy.now_ns()
-                    os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
+                    os.utime(entry.name, ns=(stamp, stamp), dir_fd=folder.fd)
+    return count
+
+
+OPENS_PER_FOLDER = 8  # folder opens a step of backer's may make per folder on any disk
+OPENS_ANYWAY = 2_000  # and beyond that (small trees: a few windows, each from the root)
+
+
+def check_folder_opens(opens: int, folders: int) -> None:
+    """The folders backer opened in one step are bounded by the folders on the disks
+    (before and after it): each window, scan and check opens a folder from the nearest
+    one it holds, not from the share's root. Walking from the root costs O(depth) opens
+    per folder, O(depth²) for a deep tree: a 1,000-level tree blocked the receiver's
+    loop for minutes (R34)."""
+    if opens > OPENS_PER_FOLDER * folders + OPENS_ANYWAY:
+        raise InvariantBroken(
+            f"backer opened folders {opens} times in one step, with {folders} folders on "
+            "the disks before and after it (a walk from the share's root per folder?)"
+        )
 
 
 def ignored(rules: IgnoreRules, path: str, is_dir: bool = False) -> bool:
     """Whether the scanner leaves ``path`` alone: it, or a directory above it, is ignored."""
-    parts = path.split("/")
-    for depth in range(1, len(parts)):
-        if rules.ignored("/".join(parts[:depth]), True):
-            return True
-    return rules.ignored(path, is_dir)
+    folder = path.rpartition("/")[0]
+    return (folder != "" and _folder_ignored(rules, folder)) or rules.ignored(path, is_dir)
+
+
+_FOLDERS: weakref.WeakKeyDictionary[IgnoreRules, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def _folder_ignored(rules: IgnoreRules, folder: str) -> bool:
+    """Whether ``folder`` or one above it is ignored, remembered per rules object: a
+    tree of 1,000 levels asks about each level for each path below it (O(depth) per
+    new folder, not per path)."""
+    memo = _FOLDERS.setdefault(rules, {})
+    pending, above = [], folder
+    while above and above not in memo:
+        pending.append(above)
+        above = above.rpartition("/")[0]
+    found = memo.get(above, False)
+    for name in reversed(pending):
+        found = memo[name] = found or rules.ignored(name, True)
+    return memo[folder]
 
 
 def kept_versions(root: Path) -> set[Entry]:
@@ -155,8 +261,11 @@ class Watch:
 
     rules: list[IgnoreRules] = field(default_factory=list)
 
+    folders: int = 0  # how many the roots held before the step
+
     def start(self, roots: list[Path]) -> None:
         self.before = [entries(root) for root in roots]
+        self.folders = sum(1 for root in roots for folder in walk(root) for _ in folder.folders)
         self.rules = [IgnoreRules.load(root) for root in roots]
 
     def check(self, names: list[str], roots: list[Path], shares: list[Share | None]) -> None:
@@ -170,6 +279,8 @@ class Watch:
     def check_recorded_bytes(self, name: str, root: Path, share: Share) -> None:
         """A recorded local version whose file is as recorded holds that version's bytes."""
         for entry in share.catalog.local_entries().values():
+            if stat.S_ISDIR(entry.mode):
+                continue  # (no bytes; a deep tree has a thousand)
             try:
                 info = os.lstat(root / entry.path)
             except OSError:  # gone, or a name this filesystem cannot hold
@@ -272,23 +383,22 @@ def synced_tree(root: Path, pinned: set[str]) -> dict[str, tuple]:
     beside it, and convergence would stop a round before it arrives."""
     rules = IgnoreRules.load(root)
     result: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        if dirpath == os.fspath(root):
-            dirnames[:] = [d for d in dirnames if d != METADATA]
-        for name in dirnames + filenames:
-            if is_backer_temp(name):  # never a person's: it must be gone, and pins nothing
+    for folder in walk(root):
+        if not folder.relative:
+            folder.folders[:] = [e for e in folder.folders if e.name != METADATA]
+        for entry in folder.folders + folder.others:
+            if is_backer_temp(entry.name):  # never a person's: it must be gone, and pins nothing
                 continue
-            path = Path(dirpath) / name
-            relative = path.relative_to(root).as_posix()
-            info = path.lstat()
+            relative = folder.below(entry)
+            info = entry.stat(follow_symlinks=False)
             if ignored(rules, relative, stat.S_ISDIR(info.st_mode)):
                 pinned.add(relative)
                 continue
-            if path.is_symlink():
-                value: tuple = ("link", os.readlink(path))
-            elif path.is_dir():
+            if stat.S_ISLNK(info.st_mode):
+                value: tuple = ("link", folder.target(entry))
+            elif stat.S_ISDIR(info.st_mode):
                 value = ("dir", info.st_mode & 0o777)
             else:
-                value = ("file", path.read_bytes(), info.st_mode & 0o777)
+                value = ("file", folder.read(entry), info.st_mode & 0o777)
             result[relative] = value
     return result

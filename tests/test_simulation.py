@@ -655,3 +655,39 @@ def test_the_harness_catches_a_file_created_by_its_path_while_its_folder_is_swap
     monkeypatch.setattr(InShare, "open", by_name)
     with pytest.raises(Failure, match="wrote outside its share"):
         run_seed(3, 3, 40, HOSTILE)
+
+
+def test_a_disk_that_fills_mid_window_lists_what_it_left_out_then_converges() -> None:
+    """The disk fills after a window started (its free space check passed) while the
+    writer thread writes the received chunks: the window stops, and each file it did not
+    write is among the node's problems (a disk full in the writer thread left an empty
+    report: the file was dropped without a word, R32). Once the disk is freed, the next
+    sync writes everything."""
+    steps = [
+        ("write", {"node": 0, "path": "f", "data": b"x" * 70_000}),
+        ("write", {"node": 0, "path": "a/f", "data": b"y" * 70_000}),
+        ("scan", {"node": 0}),
+        ("connect", {"a": 0, "b": 1}),
+        ("disk_fills", {"node": 1, "budget": 5_000, "limit": 40}),
+        ("deliver", {"a": 0, "b": 1, "count": 40}),
+        ("disk_freed", {"node": 1}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+    ]
+    machine = _passes(steps, frozenset({"disk"}))
+    assert machine.cluster.disks.injected["write ENOSPC"]
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_watched_synced_and_checked() -> None:
+    """A chain of 1,107 nested folders with files at two depths: the watcher walks it
+    (its walks recursed: RecursionError killed its thread, R35), the receiver makes it
+    opening each folder from the one above (each open and check walked from the share's
+    root: O(depth²) opens, minutes of a blocked loop, R34), and every check of the
+    harness walks it without recursing."""
+    steps = [
+        ("deep", {"node": 0, "op": "grow", "level": 0, "data": b"bottom"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("deep", {"node": 1, "op": "grow", "level": 0, "data": b"deeper"}),
+        ("deep", {"node": 1, "op": "write", "level": 700, "data": b"middle"}),
+        ("sync", {"a": 1, "b": 0, "cut": None}),
+    ]
+    assert _passes(steps, frozenset({"deep"})).stats["edits"] == 3

@@ -1,0 +1,37 @@
+"""What ``backer run``'s watcher makes of a folder its person made or moved in.
+
+The simulation's resident nodes scan the paths their person edited, as told by the
+harness; a folder that appears with a whole tree inside is the one edit whose paths a
+real watcher finds by walking: watchdog watches every folder below it and simulates the
+creation of what it already holds. Those walks run here for real (backer's
+``_Watches`` over a real inotify descriptor, closed at once), and the node scans what
+they report: a walk that recursed raised RecursionError on a tree of 1,000 levels and
+killed the watcher's thread (R35).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from watchdog.observers.inotify_c import InotifyFD
+
+from backer.scanner.watch import MASK, _Watches
+
+
+def reported(root: Path, folder: str) -> list[str]:
+    """``folder`` (relative to the share ``root``) and every path below it, as the
+    watcher reports them: its watches added over the whole share (as when it starts or
+    rebuilds them), then the creations simulated for ``folder``'s content."""
+    share = os.fsencode(root)
+    inotify = InotifyFD()
+    try:
+        watches = _Watches(inotify, share, event_mask=MASK, is_recursive=True)
+        found = [folder]
+        for event in watches._recursive_simulate(os.path.join(share, os.fsencode(folder))):
+            where = os.path.join(watches._active_callbacks_by_watch[event.wd], event.name)
+            found.append(os.fsdecode(os.path.relpath(where, share)))
+        watches.deactivate()
+    finally:
+        inotify.close()
+    return found
