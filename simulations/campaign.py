@@ -47,7 +47,8 @@ WEIGHTS = [25, 6, 3, 8, 6, 4, 2, 2, 22, 3, 4, 14, 2, 3, 2, 1]
 WORLD_RULES = {  # family: (rule, weight)
     "ignore": [("ignore", 4)],
     "faults": [("faults", 3), ("faults_stop", 3)],
-    "disk": [("disk_full", 2), ("disk_fills", 2), ("disk_freed", 3)],
+    "disk": [("disk_full", 2), ("disk_freed", 2)],
+    "fills": [("disk_fills", 2)],
     "retention": [("prune", 5), ("cap", 2)],
     "revisions": [("restore_version", 5), ("restore_at", 3), ("resolve", 6)],
     "hostile": [("craft", 6)],

@@ -66,6 +66,9 @@ FAMILIES = {
     "and checker threads, their fsyncs and the catalog) and is freed later",
     "durability": "small batching thresholds and 20 KB files: symlinks and large files "
     "share batches, so both durability paths run",
+    "fills": "(generates disk_fills, not yet in the default world: any new rule shifts the "
+    "CI seeds, and the shifted seed 7 fails on main, see docs/simulations.md) a node's disk "
+    "fills while it applies a window",
     "ignore": ".backerignore patterns added and removed, matching existing files",
     "unicode": "NFD and NFC spellings of names (macOS writes NFD)",
     "long": "names of 200, 240 and 255 bytes (NAME_MAX counts bytes, temp names too)",
@@ -498,7 +501,7 @@ class ClusterMachine(RuleBasedStateMachine):
         ``limit`` messages) until it has a plan in progress, then the disk takes only
         ``budget`` more bytes, and up to ``limit`` more messages move: the writer and
         copier threads, their fsyncs and the catalog meet the full disk mid-window."""
-        if "disk" not in self.world or self.cluster.nodes[node].down:
+        if not {"disk", "fills"} & self.world or self.cluster.nodes[node].down:
             return
         if not self.cluster.linked(node):
             self.cluster.connect(node, self.cluster.random.choice(range(len(self.cluster.nodes))))
