@@ -397,6 +397,8 @@ class Cluster:
             yield
         finally:
             self._acting -= 1
+            if self._acting == 0:
+                self.limit_catalogs(lifted=True)
         if self._acting == 0:
             folders = pin_directory_times([n.root for n in self.nodes], started)
             check_folder_opens(self.disks.folder_opens - opens, folders + self.watch.folders)
@@ -410,16 +412,17 @@ class Cluster:
                 if self.disks.active(node.root):
                     node.edit(None)
 
-    def limit_catalogs(self) -> None:
+    def limit_catalogs(self, lifted: bool = False) -> None:
         """A full disk has no room for the catalog either (SQLITE_FULL, 'database or
-        disk is full'): the database of a node whose disk takes ``budget`` more bytes
-        may grow by that many bytes' pages in the step, as the writes do."""
+        disk is full'): in a step of backer's, the database of a node whose disk takes
+        ``budget`` more bytes may grow by that many bytes' pages, as the writes do
+        (``lifted``: the step is over; the harness's own reads create what they need)."""
         for node in self.nodes:
             if node.share is None:
                 continue
             conn, budget = node.share.db.conn, self.disks.budget(node.root)
             limit = UNLIMITED_PAGES
-            if budget is not None:
+            if budget is not None and not lifted:
                 pages = conn.execute("PRAGMA page_count").fetchone()[0]
                 limit = pages + budget // conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count = {limit}")
