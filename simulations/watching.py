@@ -1,12 +1,13 @@
 """What ``backer run``'s watcher makes of a folder its person made or moved in.
 
 The simulation's resident nodes scan the paths their person edited, as told by the
-harness; a folder that appears with a whole tree inside is the one edit whose paths a
-real watcher finds by walking: watchdog watches every folder below it and simulates the
-creation of what it already holds. Those walks run here for real (backer's
-``_Watches`` over a real inotify descriptor, closed at once), and the node scans what
-they report: a walk that recursed raised RecursionError on a tree of 1,000 levels and
-killed the watcher's thread (R35).
+harness; a folder that appears with a whole tree inside is the one edit a real watcher
+walks: it watches every folder below it, and watchdog's hook for the creations it
+already holds is called (backer's answers none: the folder's own event makes the node
+scan its subtree). Those walks run here for real (backer's ``_Watches`` over a real
+inotify descriptor, closed at once), and the node scans what they report: a walk that
+recursed raised RecursionError on a tree of 1,000 levels and killed the watcher's
+thread (R35).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from backer.scanner.watch import MASK, _Watches
 
 
 def reported(root: Path, folder: str) -> list[str]:
-    """``folder`` (relative to the share ``root``) and every path below it, as the
-    watcher reports them: its watches added over the whole share (as when it starts or
-    rebuilds them), then the creations simulated for ``folder``'s content."""
+    """``folder`` (relative to the share ``root``; its subtree is scanned) and whatever
+    the watcher reports below it: its watches added over the whole share (as when it
+    starts or rebuilds them), then watchdog's simulated creations for ``folder``."""
     share = os.fsencode(root)
     inotify = InotifyFD()
     try:
