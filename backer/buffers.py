@@ -1,8 +1,8 @@
 """Buffers for bulk bytes, reused once nothing views them any more.
 
-A transfer's bytes are held as views of large buffers (a decrypted read whose chunks
-wait for the writer thread, a run of chunks read for a peer until it is encrypted), so
-a buffer cannot simply be overwritten by the next read. A fresh 4 MiB ``bytearray`` per
+A received transfer's bytes are held as views of large buffers (a decrypted read whose
+chunks wait for the writer thread), so a buffer cannot simply be overwritten by the
+next read. A fresh 4 MiB ``bytearray`` per
 read costs its zeroing and its page faults: ~0.3 CPU s per GiB received, on the
 receiver's event loop. :class:`Buffers` hands a buffer out again only once no view of
 it is left, which CPython tells without any bookkeeping: a ``bytearray`` that some
@@ -12,7 +12,7 @@ view still exports cannot be resized.
 from __future__ import annotations
 
 POOLED_FROM = 64 * 1024  # smaller requests get a fresh buffer (no bulk transfer under way)
-BUFFER_BYTES = 4 * 1024 * 1024  # each pooled buffer at least: a read, a run of chunks
+BUFFER_BYTES = 4 * 1024 * 1024  # each pooled buffer at least: a whole read
 
 
 def _unviewed(buffer: bytearray) -> bool:

@@ -248,13 +248,13 @@ def test_the_sender_reads_a_requests_chunks_with_one_query_and_one_read_per_run(
     share, store, refs = _indexed(tmp_path, {"big.bin": data})
     assert 16 < len(refs) <= 64
     reads: list[int] = []
-    preadv = os.preadv
+    pread = os.pread
 
-    def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
+    def counting(fd: int, length: int, offset: int) -> bytes:
         reads.append(offset)
-        return preadv(fd, buffers, offset)
+        return pread(fd, length, offset)
 
-    monkeypatch.setattr(chunks.os, "preadv", counting)
+    monkeypatch.setattr(chunks.os, "pread", counting)
     monkeypatch.setattr(
         share.catalog, "chunk_locations", lambda _: pytest.fail("a query per chunk")
     )
@@ -263,26 +263,6 @@ def test_the_sender_reads_a_requests_chunks_with_one_query_and_one_read_per_run(
         ref.hash: data[ref.offset : ref.offset + ref.length] for ref in refs
     }
     assert reads == [0]
-
-
-def test_chunks_read_for_a_peer_stay_intact_while_held_and_their_buffer_is_reused_after(
-    tmp_path: Path,
-) -> None:
-    """Runs are read into reused buffers (a new 4 MiB one per run cost its page
-    faults), but never into one whose chunks still wait to be sent."""
-    data = os.urandom(3 * MIB)
-    _, store, refs = _indexed(tmp_path, {"big.bin": data})
-    half = len(refs) // 2
-    first = store.read_many([ref.hash for ref in refs[:half]])
-    second = store.read_many([ref.hash for ref in refs[half:]])
-    expected = {ref.hash: data[ref.offset : ref.offset + ref.length] for ref in refs}
-    assert {h: bytes(v) for h, v in (first | second).items()} == expected
-    owner = next(iter(first.values())).obj  # type: ignore[union-attr]
-    assert all(view.obj is not owner for view in second.values())  # type: ignore[union-attr]
-    first.clear()
-    third = store.read_many([ref.hash for ref in refs[:half]])  # (>= 64 KiB: pooled)
-    assert all(view.obj is owner for view in third.values())  # type: ignore[union-attr]
-    assert {h: bytes(v) for h, v in third.items()} == {h: expected[h] for h in third}
 
 
 def test_a_chunk_changed_on_disk_since_indexed_is_read_from_another_file_or_not_at_all(

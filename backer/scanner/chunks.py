@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 from blake3 import blake3
 
-from backer.buffers import Buffers
 from backer.db.catalog import Catalog
 from backer.scanner.content import ChunkRef
 
@@ -60,7 +59,6 @@ class ChunkStore:
     def __init__(self, root: Path, catalog: Catalog) -> None:
         self.root = root
         self.catalog = catalog
-        self._runs = Buffers()  # what read_many reads peers' chunks into
 
     def _open(self, path: str) -> int | None:
         try:
@@ -91,9 +89,8 @@ class ChunkStore:
     def read_many(self, hashes: Sequence[bytes]) -> dict[bytes, bytes | memoryview]:
         """The verified bytes of those of ``hashes`` that local files still hold, for a
         peer's request: one index query for all of them, each file opened once, and each
-        run of chunks that lie back to back in it read with one ``preadv`` into one
-        buffer, reused once the chunks sent from it are gone (the chunks are views of
-        it, sent without another copy). Every chunk is
+        run of chunks that lie back to back in it read with one ``pread`` into one
+        buffer (the chunks are views of it, sent without another copy). Every chunk is
         re-hashed before it is returned: a file changed since it was indexed costs a
         miss here (its other places are then tried one by one), never bytes sent under a
         hash they do not have (the receiver would close the session on them)."""
@@ -112,9 +109,8 @@ class ChunkStore:
             try:
                 for run in _back_to_back(sorted(wanted)):
                     start = run[0][0]
-                    buffer = self._runs.take(run[-1][0] + run[-1][1] - start)
-                    try:
-                        held = buffer[: os.preadv(fd, [buffer], start)]
+                    try:  # (into a new bytes: no zeroing first, as a bytearray has)
+                        held = memoryview(os.pread(fd, run[-1][0] + run[-1][1] - start, start))
                     except OSError:
                         break
                     for offset, length, chunk_hash in run:
