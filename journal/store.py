@@ -194,6 +194,16 @@ class Journal:
         ).fetchone()
         return Checkpoint.decode(row[0]) if row else None
 
+    def last_checkpoint_within(self, author: bytes, low: int, high: int) -> Checkpoint | None:
+        """The author's signed checkpoint of the greatest length in ``[low, high]`` that
+        we stored, if any: where a long run of its events can end."""
+        row = self.conn.execute(
+            "SELECT c.raw FROM checkpoints c JOIN authors a ON a.id = c.author "
+            "WHERE a.key = ? AND c.length BETWEEN ? AND ? ORDER BY c.length DESC LIMIT 1",
+            (author, low, high),
+        ).fetchone()
+        return Checkpoint.decode(row[0]) if row else None
+
     def in_ranges(self, ranges: list[Range]) -> Iterator[Event]:
         """The events of ``ranges``, in the order they arrived here (a causal order),
         short of any quarantined event and the rest of its author's log (never relayed).

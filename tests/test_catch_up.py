@@ -83,6 +83,36 @@ def test_a_catch_up_of_200000_events_is_built_as_the_peer_reads_it(tmp_path: Pat
     print(f"catch-up of {receiver.count()} events: peak {peak / 2**20:.1f} MiB")
 
 
+def test_a_long_run_of_one_author_is_taken_in_at_its_checkpoints(tmp_path: Path) -> None:
+    """One author's 20,000 events, signed 2,000 at a time, reach a fresh peer as ten
+    runs, each ending at a checkpoint the author signed and each verified and applied
+    alone: a new device used to receive the founder's whole log (1,000,000 files) as one
+    run, applied in one call that held its event loop for minutes."""
+    (a,) = make_devices(tmp_path, 1)
+    appended = 0
+    while appended < 20_000:
+        a.journal.append(a.key, [(EventKind.CLIENT, os.urandom(16)) for _ in range(2000)])
+        appended += 2000
+    session = Session(a, "a")
+    session.lazy = True
+    session.outbox[:0] = session.start()
+    session.take_outbox()
+    messages = session.receive(Hello(PROTOCOL_VERSION, b"fresh"))
+    messages += session.receive(Summary([], 0)) + session.take_outbox(BUDGET)
+    runs: list[int] = []
+    run = 0
+    while messages:
+        for message in messages:
+            if isinstance(message, Events):
+                run += len(message.events)
+                if not message.more:
+                    assert message.checkpoint, "a run ends with the author's checkpoint"
+                    runs.append(run)
+                    run = 0
+        messages = session.take_outbox(BUDGET)
+    assert sum(runs) == a.journal.count() and max(runs) <= 2000, runs
+
+
 def _claims(count: int, signed: int) -> list[bytes]:
     """Checkpoints of ``count`` distinct authors, the first ``signed`` validly signed."""
     claims = []

@@ -343,32 +343,44 @@ class Session:
 
     def _events_for(self, ranges: list[Range]) -> Iterator[Message]:
         """Events messages for ``ranges``: runs of one author in our arrival order, each
-        cut by count and bytes; the checkpoint rides on a run's last message."""
+        cut by count and bytes; the checkpoint rides on a run's last message. A full
+        message ends its run at the last checkpoint it holds, if the author signed one
+        there: the peer verifies and applies a message's worth at a time (a new device
+        took the founder's 1,000,000 files as one run, applied in one call that held
+        its event loop for minutes), one signature check still vouching for each run."""
         part: list[Event] = []
         size = 0
         for event in self.share.journal.in_ranges(ranges):
             if part and event.author != part[0].author:
-                yield self._events_message(part, last=True)
+                yield self._events_message(part, self._checkpoint_after(part))
                 part, size = [], 0
             elif part and (
                 len(part) >= EVENTS_PER_MESSAGE
                 or size + _event_size(event) > EVENT_BYTES_PER_MESSAGE
             ):
-                yield self._events_message(part, last=False)
-                part, size = [], 0
+                checkpoint = self.share.journal.last_checkpoint_within(
+                    part[0].author, part[0].seq + 1, part[-1].seq + 1
+                )
+                cut = len(part) if checkpoint is None else checkpoint.length - part[0].seq
+                yield self._events_message(part[:cut], checkpoint, more=checkpoint is None)
+                part = part[cut:]
+                size = sum(map(_event_size, part))
             part.append(event)
             size += _event_size(event)
         if part:
-            yield self._events_message(part, last=True)
+            yield self._events_message(part, self._checkpoint_after(part))
 
-    def _events_message(self, part: list[Event], last: bool) -> Events:
-        checkpoint = (
-            self.share.journal.checkpoint_at(part[0].author, part[-1].seq + 1) if last else None
-        )
+    def _checkpoint_after(self, part: list[Event]) -> Checkpoint | None:
+        """The author's signed checkpoint just after ``part``, if this device holds one."""
+        return self.share.journal.checkpoint_at(part[0].author, part[-1].seq + 1)
+
+    def _events_message(
+        self, part: list[Event], checkpoint: Checkpoint | None, more: bool = False
+    ) -> Events:
         self.stats.events_sent += len(part)
         self.events_messages_sent += 1
         raw_checkpoint = checkpoint.encode() if checkpoint else b""
-        return Events(raw_checkpoint, [e.raw for e in part], int(not last))
+        return Events(raw_checkpoint, [e.raw for e in part], int(more))
 
     def _on_events(self, message: Events) -> list[Message]:
         self.events_messages_received += 1
