@@ -4,11 +4,13 @@ device (repair, join) costs no second copy of its files (real CLI processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,23 @@ def test_history_says_when_a_replaced_version_is_pruned_on_every_device(tmp_path
         assert "pruned on every device" in shown.splitlines()[0], shown
 
 
+@contextlib.contextmanager
+def _deleted_by(skewed: Device, a: Device, name: str, data: bytes) -> Iterator[str]:
+    """``a`` makes a share holding ``name``; ``skewed`` joins it and deletes the file,
+    and the deletion reaches ``a``, which is serving at the address yielded."""
+    a.root.mkdir()
+    (a.root / name).write_bytes(data)
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        skewed.run("join", token, str(skewed.root))
+        (skewed.root / name).unlink()
+        skewed.sync(address)
+        assert not (a.root / name).exists()  # the deletion was applied here
+        yield address
+
+
 class ClockBehind(Device):
     """A device whose wall clock is two years behind (an RTC reset, a board without a
     battery that booted before NTP answered)."""
@@ -226,18 +245,9 @@ def test_R36_a_file_deleted_on_a_device_whose_clock_is_behind_is_kept_for_the_ho
     bytes at its next prune, seconds after the deletion ("every version for an hour"),
     and told every device so. A version now stops being current no earlier than when
     this device learned that it did."""
-    a, behind = Device(tmp_path, "a"), ClockBehind(tmp_path, "b")
-    a.root.mkdir()
+    a = Device(tmp_path, "a")
     work = os.urandom(300_000)
-    (a.root / "thesis.txt").write_bytes(work)
-    a.run("init", str(a.root))
-    port = free_port()
-    token = invite(a, f"127.0.0.1:{port}")
-    with a.serving(port) as address:
-        behind.run("join", token, str(behind.root))
-        (behind.root / "thesis.txt").unlink()
-        behind.sync(address)
-        assert not (a.root / "thesis.txt").exists()  # the deletion was applied here
+    with _deleted_by(ClockBehind(tmp_path, "b"), a, "thesis.txt", work):
         report = _json(a, "prune")
         assert (report["versions"], report["files"], report["announced"]) == (0, 0, 0), report
         first = _json(a, "history", str(a.root / "thesis.txt"))[0]
@@ -258,17 +268,8 @@ def test_R37_prune_all_frees_what_a_device_whose_clock_is_ahead_replaced(
     """A deletion recorded by a device whose clock was two years ahead made the deleted
     version younger than "now" on every other device, and `prune --all` (the way to
     free a full disk) kept it: its age was negative, below a keep-all of 0."""
-    a, ahead = Device(tmp_path, "a"), ClockAhead(tmp_path, "b")
-    a.root.mkdir()
-    (a.root / "big.bin").write_bytes(os.urandom(2_000_000))
-    a.run("init", str(a.root))
-    port = free_port()
-    token = invite(a, f"127.0.0.1:{port}")
-    with a.serving(port) as address:
-        ahead.run("join", token, str(ahead.root))
-        (ahead.root / "big.bin").unlink()
-        ahead.sync(address)
-        assert not (a.root / "big.bin").exists()
+    a = Device(tmp_path, "a")
+    with _deleted_by(ClockAhead(tmp_path, "b"), a, "big.bin", os.urandom(2_000_000)):
         assert _json(a, "prune")["files"] == 0  # (inside the hour: kept)
         report = _json(a, "prune", "--all")
     assert (report["files"], report["kept_files"]) == (1, 0), report
