@@ -596,3 +596,24 @@ def test_a_received_chunk_whose_write_fails_in_the_writer_thread_drops_only_its_
     assert not (b.root / "bad" / "f.bin").exists()
     assert not [p for p in b.root.rglob("*") if is_temp_name(p.name)]
     assert right.replicator.stats.files_written == 1
+
+
+def test_a_full_disk_met_by_the_fsync_of_a_windows_new_folders_is_disk_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsync of the folders a window made ran after its disk-full guard: ENOSPC
+    there escaped as an internal exception instead of the disk-full problem that stops
+    the window and is retried once there is room (seed 80327)."""
+    (share,) = make_devices(tmp_path, 1)
+    op = Operation("new", "v1", Version(Kind.DIRECTORY, permissions=0o755))
+    store = ChunkStore(share.root, share.catalog)
+    fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(materializer.DiskFull):
+        Materializer(share.root, share.catalog, store).start([op])

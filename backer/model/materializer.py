@@ -318,8 +318,13 @@ class DiskFull(BackerError):
         super().__init__(f"disk full: {max(1, -(-short // MB))} MB more needed in {directory}")
 
 
-class _OutOfSpace(Exception):
-    """ENOSPC or EDQUOT: not one file's problem, the whole window stops."""
+class _OutOfSpace(OSError):
+    """ENOSPC or EDQUOT: not one file's problem, the whole window stops. Still an
+    ``OSError`` of its errno: where no window catches it (a restore's last directory
+    fsync) it is the full disk it was, for the caller's own handling of one."""
+
+    def __init__(self, path: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror, path)
 
 
 def _path_max(root: Path) -> int:
@@ -347,7 +352,7 @@ def _reported(path: str, report: Report, version_id: str = "") -> Iterator[None]
         report.kept_local_edits.append(path)
     except OSError as exc:
         if exc.errno in NO_SPACE:
-            raise _OutOfSpace(path) from exc
+            raise _OutOfSpace(path, exc) from exc
         if exc.errno in LASTING and version_id:
             report.unwritable.append((path, version_id))
         report.errors.append(Problem(path, exc.strerror or str(exc)))
@@ -1113,23 +1118,26 @@ class Materializer:
         operations = self._fitting([op for op in operations if op.path not in ignored], assembly)
         self.dirs.close()
         try:
-            with assembly.stopping_when_full():
-                for op in operations:
-                    if op.version.kind == Kind.DELETED:
-                        continue
-                    with _reported(op.path, assembly.report, op.version_id):
-                        check(op.path)
-                        cached = local.get(op.path)
-                        op.still_planned(cached)
-                        if op.version.kind == Kind.DIRECTORY:
-                            self._make_directory(op, cached)
-                        else:
-                            staged = assembly.staged[op.path] = self._stage(op, cached, assembly)
-                            if staged.missing == 0:
-                                assembly._check_early(staged)
+            with assembly.stopping_when_full():  # (the folders' fsync too: it can meet it)
+                try:
+                    for op in operations:
+                        if op.version.kind == Kind.DELETED:
+                            continue
+                        with _reported(op.path, assembly.report, op.version_id):
+                            check(op.path)
+                            cached = local.get(op.path)
+                            op.still_planned(cached)
+                            if op.version.kind == Kind.DIRECTORY:
+                                self._make_directory(op, cached)
+                            else:
+                                staged = self._stage(op, cached, assembly)
+                                assembly.staged[op.path] = staged
+                                if staged.missing == 0:
+                                    assembly._check_early(staged)
+                finally:
+                    self._flush_grown(assembly.report)
         finally:
             self._prepared.clear()
-            self._flush_grown(assembly.report)
         return assembly
 
     def _flush_grown(self, report: Report) -> None:
