@@ -222,6 +222,33 @@ def test_a_deletion_planned_before_a_scan_never_removes_the_version_that_scan_re
     assert (a.root / "f.txt").read_text() == "edited on b after the plan"
 
 
+def test_a_file_recorded_then_deleted_while_a_window_waits_is_not_written_over(
+    tmp_path: Path,
+) -> None:
+    """A window checks each file's scan-cache entry again when it moves it into place: a
+    window that began before the person's file was recorded wrote the peer's version
+    where the person had deleted it since, and the deletion was never recorded (the
+    recorded version stayed live, its bytes indexed nowhere: simulation CI seed 7)."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f.txt").write_text("from a")
+    (a.root / "g.bin").write_bytes(os.urandom(300_000))  # a window that waits for chunks
+    a.scan()
+    b.scan()
+    _, right, links = waiting_for_chunks(a, b)
+    (b.root / "f.txt").write_text("written on b")
+    assert b.scan().modified == ["f.txt"]  # concurrent with a's version
+    (b.root / "f.txt").unlink()
+    links.run()
+    assert not (b.root / "f.txt").exists()
+    assert any("f.txt" in report.kept_local_edits for report in right.replicator.reports)
+    assert b.scan().deleted == ["f.txt"]
+    sync(a, b)
+    sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    texts = [data for kind, data, _ in tree(b.root).values() if len(data) < 100]
+    assert texts == [b"from a"]  # (at f.txt or as its conflict copy: b's was deleted)
+
+
 def test_a_conflict_on_a_255_byte_name_gets_a_copy_that_fits_name_max(tmp_path: Path) -> None:
     """The copy's name added 33 bytes to the original's: it could never be written."""
     a, b = make_devices(tmp_path, 2)

@@ -971,6 +971,10 @@ class Assembly:
                 report.kept_temps.append(staged.temp.path)
                 continue
             with _reported(op.path, report), _removing(staged.temp):
+                # A scan may have recorded a version here since the window began: if its
+                # file is gone now, writing would paper over the person's deletion.
+                staged.cached = local.get(op.path)
+                op.still_planned(staged.cached)
                 if op.version.kind == Kind.FILE:
                     manifest = materializer.catalog.manifest(op.version.content)
                     if manifest is None:
