@@ -5,7 +5,11 @@ nothing (its next scan hashes the file again and indexes it, recording nothing t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +20,10 @@ from backer.protocol.session import Session
 from backer.protocol.wire import Chunk, WantChunks
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import ChunkRef, manifest_of_bytes
+from tests.e2e import Device
 from tests.helpers import make_devices, syncing
+
+REPO = Path(__file__).resolve().parent.parent
 
 SIZE = 4 * 1024 * 1024
 
@@ -92,3 +99,46 @@ def test_a_node_dead_between_its_push_and_its_index_indexes_on_its_next_scan(
         for ref in fresh:
             assert _bytes_of(again, ref) == new[ref.offset : ref.offset + ref.length]
         assert again.catalog.local_entries(["large.bin"])["large.bin"].settled
+
+
+_DIE_AT_PUSH = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from backer.config.identity import load_or_create_key
+from backer.model.share import Share
+share = Share.open(Path(sys.argv[1]), load_or_create_key(Path(os.environ["BACKER_HOME"])))
+asyncio.run(share.scan_off_loop(recorded=lambda: os.kill(os.getpid(), signal.SIGKILL)))
+"""
+
+
+def test_R39_a_node_killed_between_its_push_and_its_index_keeps_the_replaced_versions(
+    tmp_path: Path,
+) -> None:
+    """A node SIGKILLed once a scan's versions were pushed, before the chunk index was
+    written: the replaced and deleted contents' bytes were in the store, history said
+    so, and no restore (nor a peer) could read them, for good: their chunk locations
+    were noted only in the index steps that never ran."""
+    device = Device(tmp_path, "a")
+    device.root.mkdir()
+    old = {name: os.urandom(300_000) for name in ("edited", "deleted")}
+    for name, data in old.items():
+        (device.root / name).write_bytes(data)
+    device.run("init", str(device.root), "-q")
+    versions = {
+        name: json.loads(device.run("history", str(device.root / name), "--json").stdout)[0]
+        for name in old
+    }
+    staged = tmp_path / "edited.new"  # replaced, as an editor saves: a new inode
+    staged.write_bytes(os.urandom(300_000))
+    os.replace(staged, device.root / "edited")
+    (device.root / "deleted").unlink()
+    died = subprocess.run(
+        [sys.executable, "-c", _DIE_AT_PUSH, str(device.root)], env=device.env, cwd=REPO
+    )
+    assert died.returncode == -signal.SIGKILL
+    device.run("scan", "--dir", str(device.root), "-q")
+    for name, data in old.items():
+        version = versions[name]["version"]
+        target = tmp_path / f"{name}.restored"
+        device.run("restore", str(device.root / name), "--version", version, "--to", str(target))
+        assert target.read_bytes() == data

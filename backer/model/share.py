@@ -360,6 +360,9 @@ class Share:
                 self._bind_stored_clients()
             self._replay()
             self.own_events_missing = self._own_events_missing()
+            if exclusive:  # what a scan killed before its chunk index left (R39)
+                with self.db.conn:
+                    Store(root, self.catalog).register_left()
         except Exception as exc:
             self._release()
             remembered = home is not None and recovery.share_at(home, root) is not None
@@ -1357,6 +1360,7 @@ class Share:
                 store.edited_in_place(previous.content, old.inode)
             else:
                 kept.append(previous.content)
+        store.to_register(kept)
         store.keep_files((s.path, c, s.size, s.inode) for s, _, c in changed if s.kind == Kind.FILE)
         store.keep_entries(found.refreshed)
         return kept

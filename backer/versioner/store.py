@@ -38,6 +38,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store (content BLOB PRIMARY KEY, size INTEGER, "
     "since_ms INTEGER) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS pruned (vid TEXT PRIMARY KEY, ms INTEGER) WITHOUT ROWID",
+    # contents to register (Store.register) that a crash may have left unregistered
+    "CREATE TABLE IF NOT EXISTS unregistered (content BLOB PRIMARY KEY) WITHOUT ROWID",
 )
 
 
@@ -266,6 +268,21 @@ class Store:
         manifest = self.catalog.manifest(content)
         if manifest is not None and self.has(content) and content != EMPTY_MANIFEST.id:
             self.catalog.put_manifests([(entry_name(content), manifest)])
+        self.conn.execute("DELETE FROM unregistered WHERE content = ?", (content,))
+
+    def to_register(self, contents: Iterable[bytes]) -> None:
+        """Note, in the transaction that records their replacement, contents to
+        :meth:`register` later: a crash before then leaves them to
+        :meth:`register_left`. Unregistered, an entry's bytes are on disk and no read
+        finds them (a restore says they are not on this device; R39)."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO unregistered (content) VALUES (?)", [(c,) for c in contents]
+        )
+
+    def register_left(self) -> None:
+        """:meth:`register` what a process that died left noted by :meth:`to_register`."""
+        for (content,) in self.conn.execute("SELECT content FROM unregistered").fetchall():
+            self.register(content)
 
     def rejoin(self, content: bytes) -> None:
         """After a share file holding ``content`` went away: if only the store holds the
@@ -313,6 +330,7 @@ class Store:
             os.unlink(name, dir_fd=fd)
         self.conn.execute("DELETE FROM store WHERE content = ?", (content,))
         self.conn.execute("DELETE FROM chunks WHERE path = ?", (entry_name(content),))
+        self.conn.execute("DELETE FROM unregistered WHERE content = ?", (content,))
 
     # -- reading --------------------------------------------------------------------------
 
