@@ -353,8 +353,12 @@ class Journal:
         key: nacl.signing.SigningKey,
         entries: Sequence[tuple[int, bytes]],
         time_ms: int | None = None,
+        alongside: Callable[[list[Event]], None] | None = None,
     ) -> list[Event]:
-        """Sign ``(kind, payload)`` entries onto our own log, with one checkpoint."""
+        """Sign ``(kind, payload)`` entries onto our own log, with one checkpoint.
+
+        ``alongside`` runs inside the append's transaction with the new events: what
+        the application derives from them commits with them, or neither does."""
         author = bytes(key.verify_key)
         state = self._author(author)
         seq = state.peaks.length if state else 0
@@ -370,6 +374,8 @@ class Journal:
         checkpoint = Checkpoint.create(key, peaks.length, peaks.root())
         with self.conn:
             self._store(author, state, events, peaks, nodes, checkpoint)
+            if alongside is not None:
+                alongside(events)
         return events
 
     def ingest(

@@ -408,25 +408,31 @@ def apply(
     store = store or ChunkStore(share.root, share.catalog)
     if missing_chunks(share.catalog, store, [v for _, v in writes]):
         raise BackerError("the bytes to restore are not all on this device")
-    assigned = share.commit(writes)
-    local = share.catalog.local_entries([p for p, _ in writes])
-    live = share.catalog.live_for([p for p, _ in writes])
-    operations, adopted = [], []
-    for path, version in writes:
-        cached = local.get(path)
-        held = share.catalog.version(cached.version_id) if cached is not None else None
-        if cached is not None and version.same_content(held):
-            adopted.append(cached._replace(version_id=assigned[path]))
-            continue
-        if version.kind == Kind.DELETED and cached is None:
-            continue
-        if cached is not None and cached.version_id in live.get(path, {}):
-            continue  # the disk holds a concurrent version this one does not replace: it
-            # stays, and the next plan resolves the two like any concurrent writes
-        on_disk = cached.version_id if cached is not None else ""
-        operations.append(Operation(path, assigned[path], version, on_disk))
-    with share.db.conn:
+    wanted = dict(writes)
+    operations = []
+
+    def settle(assigned: dict[str, str]) -> None:
+        """Within each event's transaction (see :meth:`Share.commit`): a version whose
+        content the disk holds takes over its scan-cache entry there."""
+        local = share.catalog.local_entries(list(assigned))
+        live = share.catalog.live_for(list(assigned))
+        adopted = []
+        for path, version_id in assigned.items():
+            version, cached = wanted[path], local.get(path)
+            held = share.catalog.version(cached.version_id) if cached is not None else None
+            if cached is not None and version.same_content(held):
+                adopted.append(cached._replace(version_id=version_id))
+                continue
+            if version.kind == Kind.DELETED and cached is None:
+                continue
+            if cached is not None and cached.version_id in live.get(path, {}):
+                continue  # the disk holds a concurrent version this one does not replace:
+                # it stays, and the next plan resolves the two like any concurrent writes
+            on_disk = cached.version_id if cached is not None else ""
+            operations.append(Operation(path, version_id, version, on_disk))
         share.catalog.set_local(adopted)
+
+    share.commit(writes, settle)
     operations.sort(key=lambda op: (op.version.kind == Kind.DELETED, op.path))
     gone = [op for op in operations if op.version.kind == Kind.DELETED]
     ordered = operations[: len(operations) - len(gone)] + gone[::-1]  # (deepest first)

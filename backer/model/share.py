@@ -843,27 +843,47 @@ class Share:
             self.members.removed.pop(key, None)
         self.catalog.revoke_invites(REVOKED)
 
-    def _append(self, kind: EventKind, payload: bytes, delta: Delta | None = None) -> Event:
-        return self._append_all([(kind, payload)], delta)
+    def _append(
+        self,
+        kind: EventKind,
+        payload: bytes,
+        delta: Delta | None = None,
+        alongside: Callable[[], None] | None = None,
+    ) -> Event:
+        return self._append_all([(kind, payload)], delta, alongside)
 
     def _append_all(
-        self, entries: list[tuple[EventKind, bytes]], delta: Delta | None = None
+        self,
+        entries: list[tuple[EventKind, bytes]],
+        delta: Delta | None = None,
+        alongside: Callable[[], None] | None = None,
     ) -> Event:
         """Sign ``entries`` onto our log in one append (``delta``: of a single STATE
         entry), preceded by the declaration of our client id before its first STATE
-        event; fold them into the catalog; return the last event."""
+        event; fold them into the catalog, and run ``alongside``, in the journal's
+        transaction; return the last event. If any of it fails, none of it is stored
+        and the document is rebuilt from what is."""
         if self.own_events_missing:
             raise BackerError(self.behind_itself)
         writes = any(kind == EventKind.STATE for kind, _ in entries)
         if writes and self._owner(self.state.doc.client_id) != self.device:
             entries = [(EventKind.CLIENT, self.state.nonce), *entries]
-        events = self.journal.append(self.key, entries, entropy.now_ms())
-        position = self.journal.position() - len(events)
-        with self.db.conn:
+
+        def fold(events: list[Event]) -> None:
+            position = self.journal.position() - len(events)
             for event in events:
                 position += 1
                 state = event.kind == EventKind.STATE
                 self._record(position, event, (delta or Delta()) if state else Delta())
+            if alongside is not None:
+                alongside()
+
+        try:
+            events = self.journal.append(self.key, entries, entropy.now_ms(), fold)
+        except Exception:
+            self.members = Members(*self.catalog.member_table())
+            self._reload_state()
+            raise
         if self.home is not None:
             recovery.record_own_length(self.home, self.share_id, events[-1].seq + 1)
         return events[-1]
@@ -1047,18 +1067,26 @@ class Share:
 
     # -- local changes -----------------------------------------------------------------
 
-    def commit(self, versions: list[tuple[str, Version]]) -> dict[str, str]:
+    def commit(
+        self,
+        versions: list[tuple[str, Version]],
+        settle: Callable[[dict[str, str]], None] | None = None,
+    ) -> dict[str, str]:
         """Record local versions (their ``supersedes`` already set), one journal event
-        per batch; returns the new version id of each path."""
+        per batch; returns the new version id of each path. ``settle`` gets each
+        batch's ids inside its event's transaction, to write the scan cache there: a
+        device that recorded a version without knowing its disk holds it would record
+        the person's next edit of that file beside it, not after it."""
         assigned: dict[str, str] = {}
         for start in range(0, len(versions), BATCH_VERSIONS):
-            writes = []
+            writes, batch = [], {}
             for path, version in versions[start : start + BATCH_VERSIONS]:
-                version_id = new_version_id()
-                assigned[path] = version_id
-                writes.append((path, version_id, version))
+                batch[path] = new_version_id()
+                writes.append((path, batch[path], version))
             update, delta = self.state.write(writes)
-            self._append(EventKind.STATE, update, delta)
+            alongside = None if settle is None else functools.partial(settle, batch)
+            self._append(EventKind.STATE, update, delta, alongside)
+            assigned.update(batch)
         return assigned
 
     def root_moved(self) -> str | None:
@@ -1303,20 +1331,28 @@ class Share:
         position = self.journal.position()
         with self.db.conn:
             self.catalog.put_manifest_bodies(m for _, m, _ in changed if m is not None)
-        assigned = self.commit(versions)
-        summary.events = self.journal.position() - position
         indexing = Indexing()
-        cache = []
-        for seen, manifest, _ in changed:
-            entry = cache_entry(seen.path, assigned[seen.path], seen.stat_key, found.observed_ns)
-            if manifest is not None:
-                indexing.files.append((entry, manifest))
-                entry = entry._replace(settled=False)
-            cache.append(entry)
+        seen_at = {seen.path: (seen, manifest) for seen, manifest, _ in changed}
+
+        def settle(assigned: dict[str, str]) -> None:
+            cache = []
+            for path, version_id in assigned.items():
+                if path not in seen_at:
+                    continue
+                seen, manifest = seen_at[path]
+                entry = cache_entry(path, version_id, seen.stat_key, found.observed_ns)
+                if manifest is not None:
+                    indexing.files.append((entry, manifest))
+                    entry = entry._replace(settled=False)
+                cache.append(entry)
+            self.catalog.set_local(cache)
+            self.catalog.drop_local([path for path in assigned if path not in seen_at])
+
+        self.commit(versions, settle)
+        summary.events = self.journal.position() - position
         with self.db.conn:
-            self.catalog.set_local([*cache, *found.refreshed])
+            self.catalog.set_local(found.refreshed)
             self.catalog.put_manifests(found.reindexed)
-            self.catalog.drop_local(found.deleted)
             self.catalog.forget(local[path] for path in found.forgotten)
             self.catalog.drop_forgotten(
                 [seen.path for seen, _, _ in changed]
