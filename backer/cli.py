@@ -1136,18 +1136,23 @@ def _print_token(token: str) -> None:
 async def _until_signalled(
     node: Node, also: Callable[[asyncio.Event], Awaitable[None]] | None = None
 ) -> None:
-    """Run ``node`` until SIGINT or SIGTERM (or until ``also`` returns)."""
+    """Run ``node`` until SIGINT or SIGTERM (or until ``also`` returns). A failure the
+    user can act on is raised after the ``except*``, not inside it: Python 3.11.0-3.11.3
+    (Debian 12's) wrap an exception raised there in a group, an "internal error"."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    failure: BaseException | None = None
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(node.run(stop))
             if also is not None:
                 await also(stop)
     except* (BackerError, JournalError) as group:
-        raise group.exceptions[0] from None
+        failure = group.exceptions[0]
+    if failure is not None:
+        raise failure
 
 
 @cli.command()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -1175,7 +1176,13 @@ class Node:
         try:
             server = await transport.tcp_server(self._on_connect, host, port)
         except OSError as exc:
-            raise BackerError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+            # (asyncio's strerror repeats the address: the errno's own text says it once)
+            why = os.strerror(exc.errno) if exc.errno else reason(exc)
+            if exc.errno == errno.EADDRINUSE:
+                why += (
+                    " (another 'backer run' or program holds it: --listen HOST:PORT picks another)"
+                )
+            raise BackerError(f"cannot listen on {host}:{port}: {why}") from exc
         bound = [s.getsockname()[:2] for s in server.sockets]
         self.addresses = tuple(dict.fromkeys(a for h, p in bound for a in advertised(h, p)))
         for runtime in self.runtimes.values():

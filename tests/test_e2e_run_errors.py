@@ -1,0 +1,73 @@
+"""``backer run`` refusing to start: one line and exit status 1, on every Python 3.11
+it may run on (real ``backer run`` processes)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import Device, free_port
+
+
+def _interpreters() -> list[str]:
+    """This interpreter, and the system's ``python3`` when it is another 3.11 (Debian
+    12's 3.11.2 wraps an exception raised inside ``except*`` in a group, 3.11.4 not)."""
+    found = [sys.executable]
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system and os.path.realpath(system) != os.path.realpath(sys.executable):
+        minor = subprocess.run(
+            [system, "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if minor == str(sys.version_info[:2]):
+            found.append(system)
+    return found
+
+
+@pytest.mark.parametrize("python", _interpreters())
+def test_a_taken_port_is_one_line_and_exit_1_not_an_internal_error(
+    tmp_path: Path, python: str
+) -> None:
+    """A second device tried on one machine (README: BACKER_HOME) meets the first one's
+    port: under Python 3.11.2 with the web UI on, ``run`` said "internal error:
+    ExceptionGroup" and exited 70."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    a.run("init", "-q", str(a.root))
+    source = str(Path(__file__).resolve().parent.parent)
+    env = {**a.env, "PYTHONPATH": os.pathsep.join([source, sysconfig.get_path("purelib")])}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                python,
+                "-m",
+                "backer",
+                "run",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--api",
+                f"127.0.0.1:{free_port()}",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"backer: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(another 'backer run' or program holds it: --listen HOST:PORT picks another)"
+    )
