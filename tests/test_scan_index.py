@@ -142,3 +142,50 @@ def test_R39_a_node_killed_between_its_push_and_its_index_keeps_the_replaced_ver
         target = tmp_path / f"{name}.restored"
         device.run("restore", str(device.root / name), "--version", version, "--to", str(target))
         assert target.read_bytes() == data
+
+
+_DIE_AFTER_RECORDING = """
+import os, signal, sys
+from pathlib import Path
+from backer.config.identity import load_or_create_key
+from backer.db.catalog import Catalog
+from backer.model.share import Share
+share = Share.open(Path(sys.argv[1]), load_or_create_key(Path(os.environ["BACKER_HOME"])))
+set_meta = Catalog.set_meta
+def die_at(catalog, key, value):
+    if key == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    set_meta(catalog, key, value)
+Catalog.set_meta = die_at
+share.scan()
+"""
+
+
+@pytest.mark.parametrize("dies_at", ["catalog_position", "last_scan_ms"])
+def test_R40_a_scan_killed_once_its_versions_are_recorded_records_nothing_twice(
+    tmp_path: Path, dies_at: str
+) -> None:
+    """A scan killed once its journal events were stored, before the catalog took them
+    in (``catalog_position``) or before the transaction that wrote its scan cache
+    (``last_scan_ms``): the next scan found every change still unrecorded and recorded
+    it again, beside the first (one conflict per edited file, on every device)."""
+    device = Device(tmp_path, "a")
+    device.root.mkdir()
+    names = [f"f{n}" for n in range(5)]
+    for name in names:
+        (device.root / name).write_bytes(os.urandom(1000))
+    device.run("init", str(device.root), "-q")
+    for name in names[:3]:  # edited, as an editor saves; the rest deleted
+        staged = tmp_path / "new"
+        staged.write_bytes(os.urandom(1000))
+        os.replace(staged, device.root / name)
+    for name in names[3:]:
+        (device.root / name).unlink()
+    script = [sys.executable, "-c", _DIE_AFTER_RECORDING, str(device.root), dies_at]
+    died = subprocess.run(script, env=device.env, cwd=REPO)
+    assert died.returncode == -signal.SIGKILL
+    device.run("scan", "--dir", str(device.root), "-q")
+    assert json.loads(device.run("conflicts", "--dir", str(device.root), "--json").stdout) == []
+    for name in names:
+        history = json.loads(device.run("history", str(device.root / name), "--json").stdout)
+        assert [v["live"] for v in history] == [False, True], name
