@@ -659,8 +659,11 @@ class Cluster:
             share, ours = node.share, set[Path]()
             if share is not None and node.replicator is not None:
                 ours = share.temps_in_use | share.resumable_temps
+                faults = sum(self.disks.injected.values())
                 if not self.guarded(index, node.replicator.abandon):
                     ours = set()  # its disk failed it: the process ended there
+                if sum(self.disks.injected.values()) != faults:  # a temp whose removal
+                    ours = set()  # failed stays for the next scan's sweep (seed 11177)
             node.stop()
         left = sorted(p for p in ours if os.path.lexists(p))
         if left:
