@@ -74,23 +74,6 @@ def blocked_paths(cluster: Cluster) -> set[str]:
     return blocked
 
 
-def bytes_nowhere(cluster: Cluster) -> set[str]:
-    """Live files whose bytes no node holds, once some node's ``.backer/`` (its content
-    store too) was taken back to an old backup: the only copy may have been in it (seed
-    2: a conflict copy's bytes kept in one node's store, not yet on any other node).
-    Every node reports the file as unavailable and may keep the temp it started, waiting
-    for bytes that no longer exist. Without a rollback, bytes on no node are a loss."""
-    if not cluster.rolled_back:
-        return set()
-    catalogs = [(node.root, node.open().catalog) for node in cluster.nodes]
-    return {
-        path
-        for path, _, version in catalogs[0][1].all_live()
-        if version.kind == Kind.FILE
-        and all(held_bytes(root, catalog, version.content) is None for root, catalog in catalogs)
-    }
-
-
 def converge(cluster: Cluster, rounds: int | None = None) -> int:
     """Heal every link; sync node 0 with each other node until all journals and trees
     agree (resolutions made during one round reach the others in the next)."""
@@ -184,12 +167,7 @@ def check_quiescent(cluster: Cluster) -> None:
     summaries = [{a: c.length for a, c in share.journal.summary().items()} for share in shares]
     if any(summary != summaries[0] for summary in summaries):
         raise InvariantBroken(f"journals differ: {summaries}")
-    blocked = blocked_paths(cluster)
-    unsuppliable = bytes_nowhere(cluster)
     for node, share in zip(cluster.nodes, shares, strict=True):
-        # a temp kept for a retry of a blocked path waits for bytes no honest node has
-        waiting = {(node.root / p).parent for p in blocked | unsuppliable}
-        waiting = {t.parent for t in share.resumable_temps if t.parent in waiting}
         share.journal.verify()
         if share.catalog.conflicted_paths():
             raise InvariantBroken(
@@ -197,7 +175,8 @@ def check_quiescent(cluster: Cluster) -> None:
             )
         if share.journal.forks():
             raise InvariantBroken(f"{node.name} saw a fork")
-        leftovers = [t for t in reachable_temps(node.root) if t.parent not in waiting]
+        # (none waits for bytes no connected device has: such a file keeps no temp)
+        leftovers = reachable_temps(node.root)
         if leftovers:
             raise InvariantBroken(f"{node.name} has temp files {leftovers}")
     check_no_lost_write(cluster)

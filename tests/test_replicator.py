@@ -11,6 +11,7 @@ from backer.connections import transport
 from backer.model.replicator import Replicator
 from backer.model.share import Share
 from backer.protocol.session import Session
+from backer.scanner.ignore import is_temp_name
 from tests.helpers import Links, make_devices, sync, tree
 
 SIZE = 6 * 1024 * 1024
@@ -144,3 +145,29 @@ def test_a_plan_larger_than_a_window_is_applied_window_by_window(
         (a.root / f"d{n % 3}" / f"{n}.bin").unlink()
     _, right = sync(a, b)
     assert tree(a.root) == tree(b.root)
+
+
+def test_a_version_no_connected_device_holds_keeps_no_temp_and_is_reported(
+    tmp_path: Path,
+) -> None:
+    """A file whose chunks every connected device lacks is a problem to show, not a
+    transfer to resume: its temp was kept for a retry that nobody could ever complete
+    (its only copy was rewritten in place on its author's device: its other chunks came),
+    for ever."""
+    a, b = make_devices(tmp_path, 2)
+    sync(a, b)
+    (a.root / "f.bin").write_bytes(os.urandom(300_000))
+    a.scan()
+    with (a.root / "f.bin").open("r+b") as rewritten:  # its end, in place, not scanned
+        rewritten.seek(299_000)
+        rewritten.write(os.urandom(1000))
+    left, right = Session(a, "a"), Session(b, "b")
+    Links([(left, right)]).run()
+    assert not (b.root / "f.bin").exists()
+    assert not [p for p in b.root.iterdir() if is_temp_name(p.name)]
+    problems = {problem.path: problem.reason for _, problem, _ in b.catalog.problems()}
+    assert "no connected device has its bytes" in problems["f.bin"]
+    assert right.replicator.need() == (1, 300_000)  # not in sync
+    sync(a, b)  # a records what its disk holds now: that version arrives
+    assert tree(a.root) == tree(b.root)
+    assert not b.catalog.problems()

@@ -292,7 +292,7 @@ class Report:
     kept_local_edits: list[str] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
     bytes_written: int = 0
-    kept_temps: list[Path] = field(default_factory=list)  # incomplete: for a later attempt
+    kept_temps: list[Path] = field(default_factory=list)  # ignored since: for the sweep
     unwritable: list[tuple[str, str]] = field(default_factory=list)  # (path, version id)
 
 
@@ -360,6 +360,12 @@ def _reported(path: str, report: Report, version_id: str = "") -> Iterator[None]
         if isinstance(exc, BadPath) and version_id:  # (taken in before paths were bounded)
             report.unwritable.append((path, version_id))
         report.errors.append(Problem(path, str(exc)))
+
+
+def unavailable(chunks: int) -> str:
+    """Why a file whose chunks every connected device lacked was not written: its
+    version stays live and unwritten here, asked again of each device that connects."""
+    return f"not written: no connected device has its bytes ({chunks} chunks missing)"
 
 
 def _fitted(name: str, suffix: str) -> str:
@@ -965,10 +971,9 @@ class Assembly:
             staged = self.staged.pop(op.path, None)
             if staged is None:
                 continue  # already reported
-            if staged.missing:  # its temp stays: a later attempt keeps what did arrive
-                missing = f"{staged.missing} chunks were not available"
-                report.errors.append(Problem(op.path, missing))
-                report.kept_temps.append(staged.temp.path)
+            if staged.missing:  # every connected device lacked them (see docs/decisions.md)
+                report.errors.append(Problem(op.path, unavailable(staged.missing)))
+                _remove_temp(staged.temp)
                 continue
             with _reported(op.path, report), _removing(staged.temp):
                 # A scan may have recorded a version here since the window began: if its
