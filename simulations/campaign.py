@@ -8,6 +8,7 @@ from typing import Any
 
 from backer.versioner.retention import MINUTE
 
+from .clocks import CORRECTED, OFFSETS
 from .hostile import CRAFTS
 from .machine import (
     CAPS,
@@ -54,6 +55,7 @@ WORLD_RULES = {  # family: (rule, weight)
     "hostile": [("craft", 6)],
     "deep": [("deep", 1)],
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
+    "clocks": [("set_clock", 2), ("reboot", 2), ("prune_all", 2)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
                    "toggle_exec", "ignore", "race", "deep"})  # fmt: skip
@@ -140,6 +142,9 @@ def _random_step(
         return choice, {"node": node, "path": where, "pick": rnd.randrange(100)}
     if choice == "resolve":
         return choice, {"node": node, "pick": rnd.randrange(100), "how": rnd.choice(RESOLUTIONS)}
+    if choice in ("set_clock", "reboot"):
+        corrected = choice == "reboot" and rnd.random() < 0.5  # NTP sets it right at boot
+        return choice, {"node": node, "offset": CORRECTED if corrected else rnd.choice(OFFSETS)}
     if choice == "cap":
         return choice, {"node": node, "percent": rnd.choice(CAPS)}
     if choice == "deep":

@@ -26,6 +26,7 @@ import functools
 import os
 import random
 import shutil
+import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,8 +47,9 @@ from backer.protocol.session import Session
 from backer.protocol.wire import FrameReader, ProtocolError
 from backer.scanner import walk
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
-from backer.versioner.prune import PruneReport, prune_share
+from backer.versioner.prune import DROP_ALL, PruneReport, prune_share
 
+from .clocks import Learned
 from .faults import Disks
 from .hostile import OUTSIDE, Hostile, Sandbox, check_sandboxes
 from .world import (
@@ -55,6 +57,7 @@ from .world import (
     Watch,
     check_folder_opens,
     ignored,
+    on_node,
     pin_directory_times,
     reachable_temps,
     remove_tree,
@@ -118,7 +121,8 @@ class Node:
 
     def open(self) -> Share:
         if self.share is None:
-            self.share = Share(self.root, self.key, home=self.home)
+            with on_node(self.name):
+                self.share = Share(self.root, self.key, home=self.home)
         return self.share
 
     def hub(self) -> Replicator:
@@ -246,6 +250,14 @@ def _parents_of_live(share: Share) -> set[str]:
     return made | {p.rpartition("/")[0] for p in made if "/" in p}
 
 
+def _pruned(share: Share) -> set[tuple[str, int]]:
+    """The versions whose bytes the node dropped, and when (its table, once there)."""
+    conn = share.catalog.conn
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'pruned'").fetchone() is None:
+        return set()
+    return set(conn.execute("SELECT vid, ms FROM pruned"))
+
+
 class Crashed(Exception):
     """The node's process ended while one of its scans was hashing."""
 
@@ -339,6 +351,7 @@ class Cluster:
     boxed: bool = False  # one node is hostile, every node lives in a sandbox (see .hostile)
     hostile: Hostile | None = None
     boxes: list[Sandbox] = field(default_factory=list)
+    learned: Learned | None = None  # (clocks) when each node learned of each version
     _acting: int = 0
 
     def __post_init__(self) -> None:
@@ -362,12 +375,15 @@ class Cluster:
                 seed = self.random.getrandbits(32)  # outside/: the sandbox checks it)
                 person = node.edit_one
                 self.disks.meddle(box.root, box.box / OUTSIDE, seed, MEDDLE_RATE, person)
-        founder = Share.create(self.nodes[0].root, keys[0], home=self.nodes[0].home)
+        with on_node(self.nodes[0].name):
+            founder = Share.create(self.nodes[0].root, keys[0], home=self.nodes[0].home)
         self.nodes[0].share = founder
         for node in self.nodes[1:]:
-            founder.admit(bytes(node.key.verify_key), node.name)
+            with on_node(self.nodes[0].name):
+                founder.admit(bytes(node.key.verify_key), node.name)
             joined = (founder.share_id, founder.share_key)
-            node.share = Share.create(node.root, node.key, joining=joined, home=node.home)
+            with on_node(node.name):
+                node.share = Share.create(node.root, node.key, joining=joined, home=node.home)
 
     def close(self) -> None:
         self.links.clear()
@@ -393,6 +409,8 @@ class Cluster:
         if self._acting == 1:
             self.watch.start([n.root for n in self.nodes])
             self.limit_catalogs()
+            if self.learned is not None:
+                self.learned.step_starts([n.name for n in self.nodes])
         try:
             yield
         finally:
@@ -400,7 +418,8 @@ class Cluster:
             if self._acting == 0:
                 self.limit_catalogs(lifted=True)
         if self._acting == 0:
-            folders = pin_directory_times([n.root for n in self.nodes], started)
+            nodes = self.nodes
+            folders = pin_directory_times([n.root for n in nodes], started, [n.name for n in nodes])
             check_folder_opens(self.disks.folder_opens - opens, folders + self.watch.folders)
             for node in self.nodes:
                 if node.replicator is not None and node.replicator.silent:
@@ -411,6 +430,23 @@ class Cluster:
             for node in self.nodes:  # a failing disk may have left a step half done
                 if self.disks.active(node.root):
                     node.edit(None)
+            self.note_learned()
+
+    def note_learned(self) -> None:
+        """(``clocks``) Note the versions each node holds now (see :class:`Learned`),
+        from its database on disk if its process is gone."""
+        if self.learned is None:
+            return
+        for node in self.nodes:
+            if node.share is not None:
+                rows = node.share.catalog.conn.execute("SELECT vid FROM versions")
+                self.learned.note(node.name, {vid for (vid,) in rows})
+                continue
+            database = node.root / ".backer" / "backer.db"
+            uri = f"{database.as_uri()}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+                rows = conn.execute("SELECT vid FROM versions")
+                self.learned.note(node.name, {vid for (vid,) in rows})
 
     def limit_catalogs(self, lifted: bool = False) -> None:
         """A full disk has no room for the catalog either (SQLITE_FULL, 'database or
@@ -440,7 +476,8 @@ class Cluster:
         node's process (False), as it ends ``backer sync``, and so does any error of the
         hostile node's modified client; any other error is a bug."""
         try:
-            action()
+            with on_node(self.nodes[index].name):
+                action()
         except (ProtocolError, Crashed):
             raise  # the peer's fault: the session is refused; or the process is gone
         except Exception:
@@ -682,23 +719,31 @@ class Cluster:
             for other in range(len(self.nodes)):
                 self.connect(index, other)
 
-    def prune(self, index: int) -> PruneReport | None:
+    def prune(self, index: int, everything: bool = False) -> PruneReport | None:
         """The node drops the kept contents its retention policy no longer keeps, as
         ``backer prune`` and the node's hourly prune do (the same engine function: in
         one transaction, then the contents it no longer holds announced in UNHELD
-        events, pushed to its links); None if it is not running or its disk failed it."""
+        events, pushed to its links); with ``everything``, every one no file holds, as
+        ``backer prune --all`` does. None if it is not running or its disk failed it."""
         node = self.nodes[index]
         if node.down:
             return None
         reports: list[PruneReport] = []
 
         def prune() -> None:
-            reports.append(prune_share(node.open(), entropy.now_ms()))
+            share = node.open()
+            before = _pruned(share) if everything else set()
+            policy = DROP_ALL if everything else None
+            reports.append(prune_share(share, entropy.now_ms(), policy=policy))
+            if everything and self.learned is not None:  # (may drop inside the window)
+                dropped = _pruned(share) - before
+                self.learned.dropped_by_all.setdefault(node.name, set()).update(dropped)
 
         with self.acting():
             self.guarded(index, prune)
             if reports and reports[0].announced and node.share is not None:
-                node.hub().journal_grew()  # its UNHELD events go to its links
+                with on_node(node.name):
+                    node.hub().journal_grew()  # its UNHELD events go to its links
                 self._collect()
         return reports[0] if reports else None
 
@@ -735,8 +780,9 @@ class Cluster:
             if not self._scan(index, whole=not self.resident) or not self.guarded(index, revise):
                 return None
             if node.share is not None:
-                node.hub().journal_grew()
-                node.hub().advance()
+                with on_node(node.name):
+                    node.hub().journal_grew()
+                    node.hub().advance()
             self._collect()
         return said[0] if said else None
 
@@ -771,6 +817,7 @@ class Cluster:
         shutil.rmtree(metadata)
         shutil.copytree(backup, metadata, symlinks=True)
         self.rolled_back = True
+        self.note_learned()  # (what it learned since the backup, it learns again)
         return True
 
     def crash(self, node: int) -> None:

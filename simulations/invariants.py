@@ -18,9 +18,11 @@ from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
 from backer.versioner.config import policy as retention_policy
+from backer.versioner.prune import LATE_MS
 from backer.versioner.store import Store, held_bytes
 from journal import Checkpoint, Event, Range
 
+from .clocks import Learned, learned_replacement
 from .cluster import Cluster
 from .world import (
     InvariantBroken,
@@ -368,11 +370,16 @@ def stopped_being_current(versions: dict[str, Version]) -> dict[str, int]:
     return stopped
 
 
-def check_retention_window(cluster: Cluster, nodes: list[int] | None = None) -> None:
+def check_retention_window(
+    cluster: Cluster, nodes: list[int] | None = None, learned: Learned | None = None
+) -> None:
     """Nothing inside the retention window is ever pruned: every version whose bytes a
     node pruned (of ``nodes``, default all) had stopped being current at least
     ``keep-all`` before the prune, and none is live there now. A node not running is
-    left alone (its process is gone; it is checked once it runs again)."""
+    left alone (its process is gone; it is checked once it runs again). With clocks of
+    their own (``learned``), also by what the node could know: ``keep-all`` after it
+    learned of the replacement, by its own clock (less a minute: an online peer's change
+    arrives within it), whatever the author's clock said; a ``prune --all`` excepted."""
     for index in range(len(cluster.nodes)) if nodes is None else nodes:
         node = cluster.nodes[index]
         if node.share is None:
@@ -384,15 +391,22 @@ def check_retention_window(cluster: Cluster, nodes: list[int] | None = None) -> 
             for vid, record in catalog.conn.execute("SELECT vid, record FROM versions")
         }
         stopped = stopped_being_current(versions)
+        known: dict[str, int] = {}
+        if learned is not None:
+            known = learned_replacement(learned.at.get(node.name, {}), versions, LATE_MS)
+        dropped = learned.dropped_by_all.get(node.name, set()) if learned else set()
         live = {vid for (vid,) in catalog.conn.execute("SELECT vid FROM live")}
         for vid, pruned_ms in Store(node.root, catalog).pruned(versions).items():
             if vid in live:
                 raise InvariantBroken(f"{node.name} pruned the bytes of {vid}, live there")
-            if pruned_ms - stopped[vid] < keep_all:
-                raise InvariantBroken(
-                    f"{node.name} pruned {vid}, current until {stopped[vid]} ms, at "
-                    f"{pruned_ms} ms: inside the {keep_all} ms retention window"
-                )
+            if (vid, pruned_ms) in dropped:
+                continue
+            for since, whose in ((stopped[vid], "by the records"), (known.get(vid), "as it knew")):
+                if since is not None and pruned_ms - since < keep_all:
+                    raise InvariantBroken(
+                        f"{node.name} pruned {vid}, current until {since} ms ({whose}), at "
+                        f"{pruned_ms} ms: inside the {keep_all} ms retention window"
+                    )
 
 
 def recoverable(cluster: Cluster, index: int) -> dict[bytes, set[int]]:

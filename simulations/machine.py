@@ -25,6 +25,7 @@ from backer.scanner.ignore import IGNORE_FILE
 from backer.versioner import config as retention_config
 from backer.versioner.retention import DAY, HOUR, MINUTE, WEEK
 
+from .clocks import OFFSETS, Learned, SkewedClock, check_all_pruned, check_own_times_ascend
 from .cluster import Cluster
 from .hostile import BIG_RULES, CRAFTS
 from .invariants import (
@@ -45,6 +46,7 @@ from .world import (
     Clock,
     InvariantBroken,
     clock_installed,
+    on_node,
     pin_directory_times,
     remove_tree,
     scratch_dir,
@@ -90,6 +92,9 @@ FAMILIES = {
     "limit) with a file at the bottom, made, extended, renamed at any level and deleted; "
     "the watcher walks them as it does; backer may open each folder a bounded number of "
     "times per step",
+    "clocks": "each device's wall clock is off by its own amount (minutes to days, either "
+    "way), stepped while it runs or at a reboot (NTP correcting it); `prune --all` frees "
+    "every replaced content",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -218,7 +223,9 @@ class ClusterMachine(RuleBasedStateMachine):
         self.files = set(world_files(self.world))
         self.seeded = contextlib.ExitStack()
         early = ("retention" in self.world) * EARLY_MS * 10**6
-        self.clock = Clock(seed, SEEDED_START_NS - early)  # the run is a function of the seed
+        start = SEEDED_START_NS - early  # the run is a function of the seed
+        skewed = "clocks" in self.world
+        self.clock = SkewedClock(seed, start, nodes) if skewed else Clock(seed, start)
         self.waited = 0
         self.seeded.enter_context(clock_installed(self.clock))
         if "durability" in self.world:
@@ -238,6 +245,9 @@ class ClusterMachine(RuleBasedStateMachine):
             boxed="hostile" in self.world,
         )
         self.cluster.watch.strict = "strict" in self.world
+        if isinstance(self.clock, SkewedClock):
+            self.cluster.learned = Learned(self.clock)
+            self.cluster.note_learned()
         self.seeded.enter_context(self.cluster.disks.installed())
         self.stats = dict.fromkeys(
             (
@@ -281,13 +291,15 @@ class ClusterMachine(RuleBasedStateMachine):
         except OSError:
             return  # the namespace collides (a file where a directory is): nothing happens
         finally:
-            pin_directory_times([n.root for n in self.cluster.nodes], started)
+            nodes = self.cluster.nodes
+            pin_directory_times([n.root for n in nodes], started, [n.name for n in nodes])
             if self.cluster.boxes:  # (through a link of theirs, maybe outside the share)
                 self.cluster.boxes[node].person_edited()
             if paths is not None:  # an edit through a link lands where the link points
                 paths |= {real for p in touched if (real := _inside(root, p)) is not None}
             self.cluster.nodes[node].edit(paths)
-        stamp = entropy.now_ns()
+        with on_node(self.cluster.nodes[node].name):  # its device's clock
+            stamp = entropy.now_ns()
         for path in touched:
             if os.path.lexists(path):
                 os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
@@ -622,7 +634,7 @@ class ClusterMachine(RuleBasedStateMachine):
             self.stats["pruned_versions"] += report.versions
             self.stats["pruned_bytes"] += report.bytes
         with self.cluster.disks.paused():
-            check_retention_window(self.cluster, [node])
+            check_retention_window(self.cluster, [node], self.cluster.learned)
             check_still_recoverable(self.cluster, node, before)
 
     @rule(node=node_index, percent=st.sampled_from(CAPS))
@@ -633,6 +645,43 @@ class ClusterMachine(RuleBasedStateMachine):
         share = self.cluster.nodes[node].open()
         with share.db.conn:
             retention_config.set_value(share.catalog, "max-disk", percent)
+
+    @rule(node=node_index, offset=st.sampled_from(OFFSETS))
+    def set_clock(self, node: int, offset: int) -> None:
+        """The node's wall clock is stepped to ``offset`` ms off (NTP correcting it, or its
+        person setting it) while backer runs."""
+        if "clocks" in self.world:
+            self.clock.set(self.cluster.nodes[node].name, offset)
+
+    @rule(node=node_index, offset=st.sampled_from(OFFSETS))
+    def reboot(self, node: int, offset: int) -> None:
+        """The device reboots: its process is lost (no clean close) and it boots with its
+        clock ``offset`` ms off (0: NTP set it right); a resident node runs again."""
+        if "clocks" not in self.world:
+            return
+        name, down = self.cluster.nodes[node].name, self.cluster.nodes[node].down
+        self.cluster.crash(node)
+        self.clock.set(name, offset)
+        self.clock.reboot(name)
+        if self.cluster.resident and not down:
+            self.cluster.nodes[node].down = True  # (its process is gone: it starts again)
+            self.cluster.start(node)
+
+    @rule(node=node_index)
+    def prune_all(self, node: int) -> None:
+        """``backer prune --all`` (a full disk): every replaced or deleted content whose
+        bytes no file of the share holds goes, however recent (R37: a version a device
+        whose clock was ahead replaced stayed)."""
+        if "clocks" not in self.world or self.cluster.nodes[node].down:
+            return
+        self.cluster.nodes[node].open()
+        with self.cluster.disks.paused():
+            before = recoverable(self.cluster, node)
+        if self.cluster.prune(node, everything=True) is not None:
+            self.stats["prunes"] += 1
+        with self.cluster.disks.paused():
+            check_all_pruned(self.cluster, node)
+            check_still_recoverable(self.cluster, node, before)
 
     @rule(node=node_index, path=st.one_of(any_file, dir_path), pick=st.integers(0, 99))
     def restore_version(self, node: int, path: str, pick: int) -> None:
@@ -756,7 +805,9 @@ class ClusterMachine(RuleBasedStateMachine):
                     self.prune(index, self.cluster.random.choice(WAITS))
                 converge(self.cluster)  # (what each announced it no longer holds)
                 check_quiescent(self.cluster)
-                check_retention_window(self.cluster)
+                check_retention_window(self.cluster, learned=self.cluster.learned)
+            if "clocks" in self.world:
+                check_own_times_ascend(self.cluster)
             self.fingerprint = fingerprint(self.cluster)
             check_order_independence(self.cluster, self.cluster.random)
             check_bytes_scale_with_difference(self.cluster, self.cluster.random)

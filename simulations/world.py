@@ -46,6 +46,17 @@ class Clock(entropy.SeededSource):
     def advance(self, ms: int) -> None:
         self._now += ms * 1_000_000
 
+    def node(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time read within is node ``name``'s own clock (one clock for all here; see
+        :class:`simulations.clocks.SkewedClock`)."""
+        return contextlib.nullcontext()
+
+
+def on_node(name: str) -> contextlib.AbstractContextManager[None]:
+    """Within, backer and the person act for node ``name``: its clock tells the time."""
+    source = entropy._source
+    return source.node(name) if isinstance(source, Clock) else contextlib.nullcontext()
+
 
 @contextlib.contextmanager
 def clock_installed(clock: Clock) -> Iterator[Clock]:
@@ -178,23 +189,25 @@ def entries(root: Path) -> dict[str, Entry]:
     return found
 
 
-def pin_directory_times(roots: list[Path], since_ns: int) -> int:
+def pin_directory_times(roots: list[Path], since_ns: int, names: list[str]) -> int:
     """Give every directory whose mtime the kernel set since ``since_ns`` (real time) a
-    time from the seeded clock instead, so that the directory times backer records are
-    a function of the seed too (the seeded clock runs months behind the real one; the
-    kernel's file clock may lag the real one by a tick: a second of margin). Returns
-    how many directories the roots hold."""
+    time from the seeded clock instead (of the node ``names`` says: the kernel stamps
+    with its device's clock), so that the directory times backer records are a function
+    of the seed too (the seeded clock runs months behind the real one; the kernel's file
+    clock may lag the real one by a tick: a second of margin). Returns how many
+    directories the roots hold."""
     since_ns -= 10**9
     count = 0
-    for root in roots:
-        for folder in walk(root):
-            if not folder.relative:
-                folder.folders[:] = [e for e in folder.folders if e.name != METADATA]
-            count += len(folder.folders)
-            for entry in folder.folders:
-                if not entry.is_symlink() and entry.stat().st_mtime_ns >= since_ns:
-                    stamp = entropy.now_ns()
-                    os.utime(entry.name, ns=(stamp, stamp), dir_fd=folder.fd)
+    for root, name in zip(roots, names, strict=True):
+        with on_node(name):
+            for folder in walk(root):
+                if not folder.relative:
+                    folder.folders[:] = [e for e in folder.folders if e.name != METADATA]
+                count += len(folder.folders)
+                for entry in folder.folders:
+                    if not entry.is_symlink() and entry.stat().st_mtime_ns >= since_ns:
+                        stamp = entropy.now_ns()
+                        os.utime(entry.name, ns=(stamp, stamp), dir_fd=folder.fd)
     return count
 
 
