@@ -38,7 +38,6 @@ from blake3 import blake3
 from backer.db.catalog import Catalog
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR, BadPath, check
-from backer.model import entropy
 from backer.model.materializer import (
     Materializer,
     Operation,
@@ -361,13 +360,13 @@ def _moved(then: dict[str, Entry], top: str, target: str) -> list[str]:
 def _mine(share: Share, old: Version, supersedes: tuple[str, ...]) -> Version:
     """``old``'s content as a new version written by this device now."""
     return dataclasses.replace(
-        old, device=share.device[:8], time_ms=entropy.now_ms(), supersedes=supersedes
+        old, device=share.device[:8], time_ms=share.now_ms(), supersedes=supersedes
     )
 
 
 def _deletion(share: Share, supersedes: tuple[str, ...]) -> Version:
     return Version(
-        Kind.DELETED, device=share.device[:8], time_ms=entropy.now_ms(), supersedes=supersedes
+        Kind.DELETED, device=share.device[:8], time_ms=share.now_ms(), supersedes=supersedes
     )
 
 

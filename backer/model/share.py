@@ -879,7 +879,7 @@ class Share:
                 alongside()
 
         try:
-            events = self.journal.append(self.key, entries, entropy.now_ms(), fold)
+            events = self.journal.append(self.key, entries, self.now_ms(), fold)
         except Exception:
             self.members = Members(*self.catalog.member_table())
             self._reload_state()
@@ -893,6 +893,15 @@ class Share:
     def _own_length(self) -> int:
         checkpoint = self.journal.summary().get(self.device)
         return checkpoint.length if checkpoint else 0
+
+    def now_ms(self) -> int:
+        """The time this device records now: its clock, but never before its last event.
+        A clock stepped back (NTP correcting one that was ahead, at a reboot or not)
+        would otherwise date its next edits before what they replace: ``history``, ``ls
+        --at`` and ``restore --at`` would show the newer version as the older one."""
+        length = self.journal.length(self.device)
+        last = next(self.journal.events(self.device, length - 1), None) if length else None
+        return max(entropy.now_ms(), last.time_ms if last is not None else 0)
 
     def _own_events_missing(self) -> int:
         if self.home is None:
@@ -1302,7 +1311,7 @@ class Share:
         summary = ScanSummary(
             errors=found.errors, unchanged=found.unchanged, hashed_bytes=found.hashed_bytes
         )
-        now_ms = entropy.now_ns() // 1_000_000
+        now_ms = self.now_ms()
         device = self.device[:8]
         changed = sorted(found.changed, key=lambda c: c[0].path)
         live = self.catalog.live_for([seen.path for seen, _, _ in changed] + found.deleted)
