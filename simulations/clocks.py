@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 # either way (the seeded clock stays behind the real one: see machine.SEEDED_START_NS)
 OFFSETS = [0, 0, 0, 0, -3 * DAY, -DAY, -HOUR, -2 * MINUTE, 2 * MINUTE, HOUR, DAY, 3 * DAY]
 CORRECTED = 0  # a clock NTP set right
+# A replacement learned this long after its author's time may still age from that time
+# (the design: an online peer's change arrives within it, docs/decisions.md)
+LATE_MS = MINUTE
 
 
 class SkewedClock(Clock):

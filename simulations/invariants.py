@@ -18,11 +18,10 @@ from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
 from backer.versioner.config import policy as retention_policy
-from backer.versioner.prune import LATE_MS
 from backer.versioner.store import Store, held_bytes
 from journal import Checkpoint, Event, Range
 
-from .clocks import Learned, learned_replacement
+from .clocks import LATE_MS, Learned, learned_replacement
 from .cluster import Cluster
 from .world import (
     InvariantBroken,

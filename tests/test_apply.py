@@ -16,12 +16,13 @@ from backer.db.catalog import Catalog
 from backer.model import materializer
 from backer.model.materializer import Materializer, Operation, conflict_path, data_chunks, verify
 from backer.model.records import Kind, Version
+from backer.model.replicator import Replicator
 from backer.model.share import Share
 from backer.protocol.session import Session
 from backer.scanner import chunks
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
-from backer.scanner.ignore import is_temp_name
+from backer.scanner.ignore import is_temp_name, temp_name
 from tests.helpers import Links, make_devices, pump, small_disk, sync, tree, waiting_for_chunks
 
 
@@ -644,3 +645,24 @@ def test_a_full_disk_met_by_the_fsync_of_a_windows_new_folders_is_disk_full(
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(materializer.DiskFull):
         Materializer(share.root, share.catalog, store).start([op])
+
+
+def test_a_kept_temp_whose_folder_became_a_file_is_swept_as_gone(tmp_path: Path) -> None:
+    """An interrupted transfer kept its temp in folder ``a/c``; the folder then became a
+    file. Sweeping that temp met ENOTDIR, not ENOENT, and the error escaped the window
+    being finished, or a stopping node's (found by the clocks simulation family, seed 37)."""
+    [share] = make_devices(tmp_path, 1)
+    folder = share.root / "a" / "c"
+    folder.mkdir(parents=True)
+    temp = folder / temp_name("a/c/h", "not-live")
+    temp.write_bytes(b"verified chunks of a version since replaced")
+    share.resumable_temps.add(temp)
+    temp.unlink()
+    folder.rmdir()
+    folder.write_bytes(b"a file now")
+    share.sweep_resumable()
+    assert not share.resumable_temps
+    share.resumable_temps.add(temp)  # and a node that stops gives up its kept temps
+    Replicator(share).abandon()
+    assert not share.resumable_temps
+    assert folder.read_bytes() == b"a file now"

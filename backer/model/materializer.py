@@ -253,6 +253,13 @@ def manifests_needed(operations: Iterable[Operation], catalog: Catalog) -> list[
     return [content for content in wanted if content not in held]
 
 
+def discard_temp(temp: Path) -> None:
+    """Remove a kept temp file. One already gone is no error, nor one whose folder has
+    since become a file (ENOTDIR, not ENOENT: the temp went with the folder)."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        temp.unlink()
+
+
 def stale_temps(
     root: Path, catalog: Catalog, found: Iterable[Path], in_use: set[Path]
 ) -> list[Path]:

@@ -32,6 +32,7 @@ from backer.model.materializer import (
     Materializer,
     Operation,
     Report,
+    discard_temp,
     manifests_needed,
     plan,
 )
@@ -264,7 +265,7 @@ class Replicator:
         self.operations = self.assembly = None
         self.share.temps_in_use = set()
         for temp in self.share.resumable_temps:
-            temp.unlink(missing_ok=True)
+            discard_temp(temp)
         self.share.resumable_temps.clear()
 
     def _advance(self) -> None:

@@ -42,6 +42,7 @@ from backer.model import entropy, membership
 from backer.model.materializer import (
     Report,
     copy_version_id,
+    discard_temp,
     is_copy_of,
     resolve,
     resolve_moot_copies,
@@ -1518,7 +1519,7 @@ class Share:
         Run after every scan and every plan, so none outlives its version."""
         stale = stale_temps(self.root, self.catalog, self.resumable_temps, self.temps_in_use)
         for leftover in stale:
-            leftover.unlink(missing_ok=True)
+            discard_temp(leftover)
         self.resumable_temps.difference_update(stale)
 
     def _adopt_identical(
