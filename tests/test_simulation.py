@@ -17,6 +17,7 @@ from backer.model.materializer import Materializer
 from backer.protocol.session import Session
 from backer.scanner.ignore import temp_name
 from backer.versioner import prune as prune_engine
+from backer.versioner import retention
 from backer.versioner.retention import DAY, MINUTE
 from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
@@ -433,6 +434,77 @@ def test_the_harness_catches_a_prune_that_drops_a_live_versions_only_bytes(
         replay(3, steps, 0, RETENTION)
 
 
+CLOCKS = frozenset({"retention", "clocks"})
+
+
+def _skewed(offset: int) -> list[tuple[str, dict[str, Any]]]:
+    """Node 2's clock is ``offset`` ms off from its first event on (the founder's step
+    back would be held at its genesis: see docs/decisions.md), node 1's is right; node 1
+    records a file of its own, then node 2 replaces f twice and node 1 learns of it,
+    capped at 0% (as REPLACED_TWICE)."""
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("set_clock", {"node": 2, "offset": offset}),
+        ("set_clock", {"node": 1, "offset": 0}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),  # (the joiners get the genesis)
+        ("write", {"node": 1, "path": "g", "data": b"node 1's own"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+    ]
+    for data in (b"one" * 100, b"two" * 100, b"three" * 100):
+        steps += [
+            ("write", {"node": 2, "path": "f", "data": data}),
+            ("sync", {"a": 2, "b": 1, "cut": None}),
+        ]
+    return [*steps, ("cap", {"node": 1, "percent": "0%"})]
+
+
+def _author_time_only(catalog: Any, versions: dict[str, Any]) -> dict[str, int]:
+    """Retention before R36: a version stopped being current at its replacer's time."""
+    replaced: dict[str, int] = {}
+    for old, new in catalog.conn.execute("SELECT old, new FROM supersedes"):
+        if new in versions:
+            replaced[old] = min(replaced.get(old, versions[new].time_ms), versions[new].time_ms)
+    return replaced
+
+
+def test_the_harness_catches_a_prune_by_a_clock_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node 2's clock is three days behind; it replaces f twice, node 1 learns of it and
+    prunes a minute later, capped at 0%. Aged by node 2's times (R36), the replaced
+    contents went at once; the harness judges by when node 1 learned of them."""
+    steps = [*_skewed(-3 * DAY), ("prune", {"node": 1, "wait": MINUTE})]
+    _passes(steps, CLOCKS)
+    monkeypatch.setattr(prune_engine, "replaced_at", _author_time_only)
+    with pytest.raises(Failure, match=r"\(as it knew\).*inside the 3600000 ms retention window"):
+        replay(3, steps, 0, CLOCKS)
+
+
+def test_the_harness_catches_prune_all_keeping_what_a_clock_ahead_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Node 2's clock is three days ahead; what it replaced is younger than node 1's now,
+    and ``prune --all`` kept it (R37: its age was negative, below a keep-all of 0)."""
+    steps = [*_skewed(3 * DAY), ("prune_all", {"node": 1})]
+    _passes(steps, CLOCKS)
+    monkeypatch.setattr(
+        retention, "recent", lambda c, now_ms, policy: now_ms - c.since_ms < policy.keep_all_ms
+    )
+    with pytest.raises(Failure, match="prune --all kept 2 contents"):
+        replay(3, steps, 0, CLOCKS)
+
+
+def test_the_harness_catches_a_clock_stepped_back_dating_edits_before_the_last() -> None:
+    """A clock three days ahead, set right across a reboot: the next edits must not be
+    dated before the events the device recorded already (see docs/decisions.md)."""
+    steps = [
+        ("set_clock", {"node": 0, "offset": 3 * DAY}),
+        ("write", {"node": 0, "path": "f", "data": b"one"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("reboot", {"node": 0, "offset": 0}),
+        ("write", {"node": 0, "path": "f", "data": b"two"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+    ]
+    _passes(steps, CLOCKS)
+
+
 REVISIONS = frozenset({"revisions", "strict"})
 
 
@@ -564,6 +636,8 @@ def test_hostile_seeds_that_once_failed(seed: int, nodes: int, steps: int) -> No
     the live version it equals (2); the harness's person writing through a hostile
     link to ``../..`` beside the sandboxes (114)."""
     assert run_seed(seed, nodes, steps, HOSTILE)["steps"] == steps
+
+
 MET = [("sync", {"a": 0, "b": 1, "cut": None}), ("sync", {"a": 0, "b": 2, "cut": None})]
 MET += [("sync", {"a": 1, "b": 2, "cut": None})]  # every node has the share's history
 
