@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import Device, free_port
+from tests.e2e import Device, Node, free_port
 
 
 def _interpreters() -> list[str]:
@@ -71,3 +72,28 @@ def test_a_taken_port_is_one_line_and_exit_1_not_an_internal_error(
         f"backer: error: cannot listen on 127.0.0.1:{port}: Address already in use "
         "(another 'backer run' or program holds it: --listen HOST:PORT picks another)"
     )
+
+
+def test_a_stopping_node_dials_no_new_session(tmp_path: Path) -> None:
+    """Ctrl-C hung up the sessions, and the hang-up woke the dial loop, which dialled the
+    peer at its other address and opened a new session before the node stopped (then
+    waited up to 2 s for its goodbye): the peer saw a device that was shutting down
+    connect again. Every device reachable at two addresses (a LAN's and the token's)
+    did that at each stop."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    port = free_port()
+    addresses = ("--address", f"127.0.0.1:{port}", "--address", f"127.0.0.2:{port}")
+    token = a.run("invite", "--no-wait", *addresses, "--dir", str(a.root)).stdout.strip()
+    first = Node(a, port, {}, listen=f"0.0.0.0:{port}")
+    try:
+        first.wait_for("watching")
+        b.run("join", token, str(b.root))
+        second = b.start()
+        second.wait_for(" open (")
+        assert second.stop(signal.SIGINT) == 0
+    finally:
+        first.stop()
+    after = second.log.split(" INFO stopping", 1)[1]
+    assert " open (" not in after, second.log

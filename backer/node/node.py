@@ -288,8 +288,9 @@ class Runtime:
     @property
     def exchanging(self) -> bool:
         """Whether sessions are dialled and accepted: not while paused, while the
-        folder is gone, or while the runtime is stopped after a failure."""
-        return not (self.paused or self.gone or self.stopped)
+        folder is gone, while the runtime is stopped after a failure, or once the node
+        is stopping (a hang-up wakes the dial loop, which would dial the device again)."""
+        return not (self.paused or self.gone or self.stopped or self.node.stopping)
 
     # -- the share's tasks ----------------------------------------------------------------
 
