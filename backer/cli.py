@@ -530,7 +530,10 @@ def _parse_time(text: str, option: str) -> int:
         except ValueError:
             continue
         return int(stamp.timestamp() * 1000)
-    raise BackerError(f"{option}: not a date ('YYYY-MM-DD[ HH:MM[:SS]]', UTC) or an age: {text!r}")
+    raise BackerError(
+        f"{option}: not a date ('YYYY-MM-DD[ HH:MM[:SS]]', UTC) or an age "
+        f"('30m', '12h', '7d': a number and one of {', '.join(_AGE_UNITS)}): {text!r}"
+    )
 
 
 _MARKS = {"added": "+", "modified": "~", "deleted": "-"}

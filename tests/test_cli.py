@@ -211,14 +211,18 @@ def test_init_where_nothing_can_be_written_says_so_in_one_plain_line(run_cli, wh
     assert "Errno" not in result.stderr and len(result.stderr.splitlines()) == 1
 
 
-@pytest.mark.parametrize("when", ["²h", "9" * 5000 + "h", "yesterday"])
+@pytest.mark.parametrize("when", ["²h", "9" * 5000 + "h", "yesterday", "5 minutes ago"])
 def test_a_time_that_is_not_one_is_refused_in_one_line(run_cli, tmp_path: Path, when: str) -> None:
+    """The line shows how an age is written ("or an age" alone left '5 minutes ago',
+    '5min' to guesswork)."""
     (tmp_path / "s").mkdir()
     run_cli("init", str(tmp_path / "s"))
     for args in (("ls", "--at", when), ("restore", "x", "--at", when)):
         result = run_cli(*args, cwd=tmp_path / "s", check=False)
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("backer: error: --at: not a date"), result.stderr
+        assert "('30m', '12h', '7d': a number and one of s, m, h, d, w)" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
 
 
 def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_current(
