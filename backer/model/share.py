@@ -123,6 +123,7 @@ _PAYLOAD_BYTES = {
     EventKind.UNHELD: (CONTENT_ID_BYTES, CONTENT_ID_BYTES * UNHELD_PER_EVENT),
 }
 BATCH_VERSIONS = 1000  # versions per journal event: keeps events well under frame limits
+MAX_ANCESTRY = 64  # versions looked at to tell whether a live version replaced one held
 RESCANS = 3  # rounds of an off-loop scan for paths that changed while it looked at them
 PROGRESS_EVERY = 0.1  # seconds between progress reports an off-loop scan hands the loop
 _Item = TypeVar("_Item")
@@ -1539,13 +1540,22 @@ class Share:
         when the rule came, while nothing else replaced that version (it is live, or
         carried by its conflict copy), is this device's edit of it, whatever its bytes
         equal: adopting another version would leave the old one standing with its bytes
-        on no disk. The rest is returned."""
+        on no disk. A recorded path identical to a live version that replaced the one
+        recorded there (a window killed between moving a received file into place and
+        writing its cache entry) is that version too, not an edit beside it (R41). The
+        rest is returned."""
         remaining = []
         for seen, manifest, content in changed:
-            same = None
-            if seen.path not in local:
-                wanted = (seen.kind, content, seen.permissions)
-                candidates = dict(sorted(live.get(seen.path, {}).items()))
+            wanted = (seen.kind, content, seen.permissions)
+            candidates = dict(sorted(live.get(seen.path, {}).items()))
+            if seen.path in local:
+                recorded = local[seen.path].version_id
+                candidates = {
+                    vid: v
+                    for vid, v in candidates.items()
+                    if (v.kind, v.content, v.permissions) == wanted and self._replaced(recorded, v)
+                }
+            else:
                 held = basis.get(seen.path)
                 version = self.catalog.version(held) if held else None
                 if held and version is not None:
@@ -1554,14 +1564,14 @@ class Share:
                     if not kept and not replaced:
                         candidates = {}  # an edit of what it held
                     candidates.setdefault(held, version)
-                same = next(
-                    (
-                        vid
-                        for vid, v in candidates.items()
-                        if (v.kind, v.content, v.permissions) == wanted
-                    ),
-                    None,
-                )
+            same = next(
+                (
+                    vid
+                    for vid, v in candidates.items()
+                    if (v.kind, v.content, v.permissions) == wanted
+                ),
+                None,
+            )
             if same is None:
                 remaining.append((seen, manifest, content))
                 continue
@@ -1569,6 +1579,20 @@ class Share:
             if manifest is not None:
                 found.reindexed.append((seen.path, manifest))
         return remaining
+
+    def _replaced(self, recorded: str, version: Version) -> bool:
+        """Whether ``version`` replaced ``recorded``, directly or through versions since
+        replaced (looking at MAX_ANCESTRY of them at most)."""
+        looked, pending = set(), list(version.supersedes)
+        while pending and len(looked) < MAX_ANCESTRY:
+            older = pending.pop()
+            if older == recorded:
+                return True
+            if older not in looked:
+                looked.add(older)
+                ancestor = self.catalog.version(older)
+                pending += ancestor.supersedes if ancestor is not None else ()
+        return False
 
     def _only_changed_parents(
         self,

@@ -1,0 +1,62 @@
+"""A device killed while a window moves received files into place: what it wrote is
+taken for what it received at its next scan, never for an edit of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e import joined_pair
+
+REPO = Path(__file__).resolve().parent.parent
+
+_SYNC_DYING_AT_ITS_CACHE = """
+import os, signal, sys
+from backer.cli import main
+from backer.db.catalog import Catalog
+set_local = Catalog.set_local
+def die_at_the_windows_cache(catalog, entries):
+    if sys._getframe(1).f_code.co_name == "_commit":  # the files are in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    set_local(catalog, entries)
+Catalog.set_local = die_at_the_windows_cache
+sys.argv = ["backer", *sys.argv[1:]]
+main()
+"""
+
+
+def test_R41_files_written_by_a_window_killed_before_its_cache_are_not_recorded_as_edits(
+    tmp_path: Path,
+) -> None:
+    """Killed after a window moved its files into place, before it wrote their scan
+    cache: the next scan took each received file for this device's own edit of the
+    version it held before, concurrent with the one received (the same bytes), and
+    every device got a conflict per file."""
+    a, b, ports = joined_pair(tmp_path)
+    names = [f"f{n}" for n in range(3)]
+    for name in names:
+        (a.root / name).write_bytes(os.urandom(50_000))
+    a.run("scan", "--dir", str(a.root), "-q")
+    with a.serving(ports[0]) as address:
+        b.sync(address)
+        for name in names:  # edited on a, as an editor saves
+            staged = tmp_path / "new"
+            staged.write_bytes(os.urandom(50_000))
+            os.replace(staged, a.root / name)
+        a.run("scan", "--dir", str(a.root), "-q")
+        script = [sys.executable, "-c", _SYNC_DYING_AT_ITS_CACHE, "sync", address]
+        died = subprocess.run([*script, "--dir", str(b.root)], env=b.env, cwd=REPO)
+        assert died.returncode == -signal.SIGKILL
+        assert all((b.root / n).read_bytes() == (a.root / n).read_bytes() for n in names)
+        b.run("scan", "--dir", str(b.root), "-q")
+        b.sync(address)
+    for device in (a, b):
+        conflicts = device.run("conflicts", "--dir", str(device.root), "--json").stdout
+        assert json.loads(conflicts) == [], device.root.name
+        for name in names:
+            history = json.loads(device.run("history", str(device.root / name), "--json").stdout)
+            assert [v["live"] for v in history] == [False, True], (device.root.name, name)
