@@ -354,17 +354,16 @@ class Catalog:
         for path, vid, record in rows:
             yield path, vid, Version.decode(record)
 
-    def live_not_on_disk(self) -> Iterator[tuple[str, str, Version]]:
-        """The live versions the scan cache does not name at their path (what a plan
-        may have to write or delete), in path order. Compared inside SQLite, so that a
-        plan decodes the few versions that differ, not every version of the share."""
-        rows = self.conn.execute(
+    def live_not_on_disk(self) -> Iterator[tuple[str, str, bytes]]:
+        """The live versions (path, id, record) the scan cache does not name at their
+        path (what a plan may have to write or delete), in path order. Compared inside
+        SQLite, so that a plan decodes the few versions that differ, not every version of
+        the share; records stay encoded for the plan to keep as they are."""
+        return self.conn.execute(
             "SELECT live.path, live.vid, live.record FROM live "
             "LEFT JOIN local ON local.path = live.path "
             "WHERE local.vid IS NULL OR local.vid != live.vid ORDER BY live.path, live.vid"
         )
-        for path, vid, record in rows:
-            yield path, vid, Version.decode(record)
 
     def local_without_live(self) -> list[str]:
         """Paths in the scan cache that have no live version at all."""

@@ -31,9 +31,9 @@ from backer.model.materializer import (
     DiskFull,
     Materializer,
     Operation,
+    Plan,
     Report,
     discard_temp,
-    manifests_needed,
     plan,
 )
 from backer.model.records import Kind
@@ -95,7 +95,7 @@ class Replicator:
         self.stats = ApplyStats()
         self.reports: list[Report] = []
         self.dirty = False
-        self.operations: list[Operation] | None = None
+        self.operations: Plan | None = None
         self.manifests_asked: dict[bytes, Session] = {}
         self.manifest_queue: deque[bytes] = deque()  # needed, not yet asked of a peer
         self.chunk_queue: deque[bytes] = deque()
@@ -245,7 +245,8 @@ class Replicator:
                 if op.version.kind == Kind.FILE and op.path not in done
             ]
             self._took(report)
-        self.operations = self.assembly = None
+        self._drop_plan()
+        self.assembly = None
         self.share.temps_in_use = set()
         self.chunk_queue.clear()
         self.dirty = False
@@ -262,7 +263,8 @@ class Replicator:
             self.assembly.abort()
             self.share.note_applied(self.assembly.report)
         self.share.db.conn.commit()
-        self.operations = self.assembly = None
+        self._drop_plan()
+        self.assembly = None
         self.share.temps_in_use = set()
         for temp in self.share.resumable_temps:
             discard_temp(temp)
@@ -321,14 +323,13 @@ class Replicator:
         self.stats.conflicts_resolved += resolved
         excluded = IgnoreRules.load(self.share.root).excluded
         self.operations = plan(self.share.catalog, excluded, self.share.unwritable)
-        self.needed = (len(self.operations), sum(map(_bytes_of, self.operations)))
-        self.share.note_planned({op.path for op in self.operations})
-        written = (Kind.FILE, Kind.SYMLINK)  # (what a report counts as written)
-        self.stats.files_to_write += sum(op.version.kind in written for op in self.operations)
+        self.needed = (self.operations.files, self.operations.bytes)
+        self.share.note_planned(self.operations)
+        self.stats.files_to_write += self.operations.writes
         self.lacking.clear()
         self.bad_manifests.clear()
         self.gave_up = False
-        self.manifest_queue.extend(manifests_needed(self.operations, self.share.catalog))
+        self.manifest_queue.extend(self.operations.manifests_needed(self.share.catalog))
 
     def _least_busy(self, key: bytes) -> Session | None:
         """The fetching session with the fewest bytes in flight that may have ``key``."""
@@ -396,23 +397,9 @@ class Replicator:
     def _window(self) -> list[Operation]:
         """The next slice of the plan to assemble: up to WINDOW_FILES files or
         WINDOW_BYTES bytes, so that memory stays bounded and a long first sync keeps what
-        it has written if it is interrupted. Deletions (last in a plan) come as one. The
-        window leaves the plan: what was applied is not held for the rest of the sync
-        (423 bytes per file: 43 MB for the whole of a 100,000-file first sync)."""
+        it has written if it is interrupted. Deletions (last in a plan) come as one."""
         assert self.operations is not None
-        end = files = size = 0
-        while end < len(self.operations) and files < WINDOW_FILES and size < WINDOW_BYTES:
-            version = self.operations[end].version
-            if version.kind == Kind.DELETED:
-                if end == 0:
-                    end = len(self.operations)
-                break
-            files += 1
-            size += version.size
-            end += 1
-        window = self.operations[:end]
-        del self.operations[:end]
-        return window
+        return self.operations.take(WINDOW_FILES, WINDOW_BYTES)
 
     def progress(self) -> tuple[int, int, int, int]:
         """(files done, files planned, chunk bytes fetched, chunk bytes planned): a file
@@ -532,8 +519,14 @@ class Replicator:
         if IGNORE_FILE in report.written or IGNORE_FILE in report.deleted:
             self.dirty = True  # the rules changed: what they no longer ignore is planned now
         if not self.operations:
-            self.operations = None
+            self._drop_plan()
             self.share.sweep_resumable()  # a kept temp whose version was since replaced
+
+    def _drop_plan(self) -> None:
+        """The plan ended (applied, stopped or given up): its temporary database goes."""
+        if self.operations is not None:
+            self.operations.close()
+        self.operations = None
 
     def _took(self, report: Report) -> None:
         """A window ended: its problems are kept, its report waits for the transport."""

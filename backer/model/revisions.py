@@ -460,15 +460,16 @@ def finish_recorded(share: Share, excluded: Callable[[str, bool], bool] | None =
     mine = share.device[:8]
     store = ChunkStore(share.root, share.catalog)
     operations = []
-    for op in disk_plan(share.catalog, excluded):
-        if op.version.device != mine:
-            continue
-        if op.version.kind == Kind.FILE and (
-            share.catalog.manifest(op.version.content) is None
-            or missing_chunks(share.catalog, store, [op.version])
-        ):
-            continue
-        operations.append(op)
+    with disk_plan(share.catalog, excluded) as planned:
+        for op in planned:
+            if op.version.device != mine:
+                continue
+            if op.version.kind == Kind.FILE and (
+                share.catalog.manifest(op.version.content) is None
+                or missing_chunks(share.catalog, store, [op.version])
+            ):
+                continue
+            operations.append(op)
     if not operations:
         return Report()
     report = _materialize(share, operations, store)

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TypeVar
@@ -1450,12 +1450,16 @@ class Share:
         earlier = [p.path for _, p, _ in self.catalog.problems("scan") if under_any(p.path, tops)]
         return self._note_problems("scan", found.errors, resolved=earlier)
 
-    def note_planned(self, paths: set[str]) -> None:
+    def note_planned(self, paths: Container[str]) -> None:
         """A path that failed to apply and is no longer in the plan needs nothing any
         more (deleted or superseded elsewhere, or now as the state says): resolved. One
         left out as unwritable stays reported."""
-        paths = paths | {path for path, _ in self.unwritable}
-        stale = [p.path for _, p, _ in self.catalog.problems("apply") if p.path not in paths]
+        kept = {path for path, _ in self.unwritable}
+        stale = [
+            p.path
+            for _, p, _ in self.catalog.problems("apply")
+            if p.path not in kept and p.path not in paths
+        ]
         if stale:
             with self.db.conn:
                 self._note_problems("apply", [], stale)
