@@ -1416,7 +1416,13 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
 
             hub = transport.Hub(share, _name(), scan_first=False)
             opening = functools.partial(transport.tcp_streams, *parse_address(address))
-            outcomes = asyncio.run(_sync_over(hub, [opening], channel))
+            try:
+                outcomes = asyncio.run(_sync_over(hub, [opening], channel))
+            except KeyboardInterrupt:  # ("aborted" alone left the temp files unexplained)
+                raise BackerError(
+                    "join interrupted: run the same 'backer join' again to go on from "
+                    "what it received (the .backer-*.tmp files it left)"
+                ) from None
             try:
                 sessions = _results(outcomes, [address])
             except BackerError as exc:

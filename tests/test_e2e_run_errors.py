@@ -10,11 +10,12 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e import Device, Node, free_port
+from tests.e2e import Device, Node, forwarder, free_port
 
 
 def _interpreters() -> list[str]:
@@ -97,3 +98,28 @@ def test_a_stopping_node_dials_no_new_session(tmp_path: Path) -> None:
         first.stop()
     after = second.log.split(" INFO stopping", 1)[1]
     assert " open (" not in after, second.log
+
+
+def test_an_interrupted_join_says_how_to_go_on(tmp_path: Path) -> None:
+    """Ctrl-C during a join printed "aborted" and left .backer-*.tmp files in the
+    folder unexplained: it now says that the same join goes on from them."""
+    a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+    a.root.mkdir()
+    (a.root / "doc.bin").write_bytes(os.urandom(100_000))
+    a.run("init", str(a.root))
+    with a.serving() as address, forwarder(address, hold=(2, 30.0)) as slow:
+        token = a.run("invite", "--no-wait", "--address", slow, "--dir", str(a.root))
+        joining = subprocess.Popen(
+            b.command("join", token.stdout.strip(), str(b.root)),
+            env=b.env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3)
+        joining.send_signal(signal.SIGINT)
+        _, stderr = joining.communicate(timeout=10)
+    assert joining.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "backer: error: join interrupted: run the same 'backer join' again to go on from "
+        "what it received (the .backer-*.tmp files it left)"
+    )
