@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from backer.fs.dirs import Directories, InShare
+from backer.fs.dirs import Directories, Identity, InShare
 from backer.model import materializer
 from backer.model.share import Share
 from tests.helpers import make_devices, sync, tree
@@ -160,14 +160,14 @@ def test_R34_a_deep_tree_costs_one_open_per_folder(
 
     monkeypatch.setattr(os, "open", counting)
     dirs = Directories(root)
-    settled: set[str] = set()
+    settled: dict[str, Identity] = {}
     for folder in chain:
         dirs.open(folder)
         assert not dirs.moved(folder, settled)
-        settled.add(folder)
     assert opens <= 4 * depth
     deep = root / chain[200]
+    checked = os.stat(root / chain[100])
     real = _swap(deep, tmp_path)  # below the checked chain[100]: still seen from there
-    assert dirs.moved(chain[250], {chain[100]})
+    assert dirs.moved(chain[250], {chain[100]: (checked.st_dev, checked.st_ino)})
     _unswap(deep, real)
     dirs.close()

@@ -9,7 +9,11 @@ time from the share's root with ``O_NOFOLLOW``: the change lands in that very
 directory, whatever happens to the path meanwhile (:class:`InShare`).
 
 The descriptors of one window are kept in :class:`Directories` (a few dozen at most,
-least recently used closed first) and closed when the window ends.
+least recently used closed first) and closed when the window ends. Each folder is opened
+from the nearest one held, above it or below it (``..``, taken only if it leads to the
+very folder found at that path before): a window works down a tree for its writes and
+up it for its deletions (deepest first), and either way a deep tree costs a few opens
+per folder, not one per folder and level.
 """
 
 from __future__ import annotations
@@ -20,12 +24,19 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 OPEN_DIRECTORIES = 64
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+Identity = tuple[int, int]  # a directory's (st_dev, st_ino): which folder it is, wherever
+
+
+def identity(fd: int) -> Identity:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
 
 
 class NotADirectory(OSError):
@@ -40,16 +51,19 @@ def open_directory(
     relative: str,
     make: Callable[[str], bool] | None = None,
     start: tuple[str, int] | None = None,
+    found: dict[str, Identity] | None = None,
 ) -> int:
     """A descriptor of the directory ``relative`` ('' for ``root``), reached from
     ``root`` one component at a time, never through a link; or, with ``start`` (an
     ancestor's relative path and a descriptor of it, left open), from that ancestor. A
     missing component is made when ``make(its relative path)`` says so (else
-    FileNotFoundError)."""
+    FileNotFoundError). ``found`` gets the identity of each folder the walk reached."""
     if start is None:
         fd = os.open(os.path.join(root, ""), DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
         done = []
         rest = relative
+        if found is not None:
+            found[""] = identity(fd)
     else:
         fd = os.dup(start[1])
         done = [start[0]] if start[0] else []
@@ -70,10 +84,25 @@ def open_directory(
                 raise
             os.close(fd)
             fd = child
+            if found is not None:
+                found["/".join(done)] = identity(fd)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _depth(relative: str) -> int:
+    """Levels below the share's root: 0 for the root itself."""
+    return relative.count("/") + 1 if relative else 0
+
+
+def _under(path: str, folder: str) -> bool:
+    """Whether ``path`` is strictly below ``folder`` ('' for the root)."""
+    if not folder:
+        return bool(path)
+    size = len(folder)
+    return len(path) > size and path[size] == "/" and path.startswith(folder)
 
 
 def _ancestors(relative: str) -> Iterator[str]:
@@ -93,23 +122,31 @@ class Directories:
         self.limit = limit
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._using: dict[str, int] = {}  # descriptors lent out: never closed meanwhile
+        self._found: dict[str, Identity] = {}  # the folder each walk found at each path
         self._lock = threading.Lock()
 
     def open(self, relative: str, make: Callable[[str], bool] | None = None) -> None:
-        """Open ``relative`` (see :func:`open_directory`) unless it is open already: from
-        the nearest ancestor open here (a deep tree costs one open per folder, not one
-        per folder and level), which is no looser than holding ``relative`` itself
-        since the ancestor was opened: :meth:`moved` checks from the root."""
+        """Open ``relative`` unless it is open already: from the nearest folder open here,
+        above it (see :func:`open_directory`) or below it (``..`` a level at a time, kept
+        only if that reaches the very folder a walk found at ``relative`` before), so a
+        deep tree costs one open per folder, not one per folder and level, whether the
+        window goes down it (writes) or up it (deletions, deepest first). Neither is
+        looser than holding ``relative`` itself since then: :meth:`moved` checks."""
         with self._lock:
             if relative in self._fds:
                 self._fds.move_to_end(relative)
                 return
-            near = next((a for a in _ancestors(relative) if a in self._fds), None)
-        if near is None:
-            fd = open_directory(self.root, relative, make)
-        else:
-            with self.at(near) as start:
-                fd = open_directory(self.root, relative, make, (near, start))
+            above, below, levels = self._nearest(relative)
+        fd = None if below is None else self._climb(relative, below, levels)
+        if fd is None:
+            found: dict[str, Identity] = {}
+            if above is None:
+                fd = open_directory(self.root, relative, make, found=found)
+            else:
+                with self.at(above) as start:
+                    fd = open_directory(self.root, relative, make, (above, start), found)
+            with self._lock:
+                self._found.update(found)
         with self._lock:
             if relative in self._fds:  # opened meanwhile by another thread
                 os.close(fd)
@@ -117,37 +154,102 @@ class Directories:
             self._fds[relative] = fd
             self._evict()
 
+    def _nearest(self, relative: str) -> tuple[str | None, str | None, int]:
+        """(lock held) The nearest folders open here above ``relative`` and below it,
+        one look at each (a deep path has more ancestors than there are descriptors
+        here). The one below (and how many levels below) only if a climb from it is
+        shorter than the walk down, and a walk found ``relative`` before (a climb is
+        checked against what it found)."""
+        parent = relative.rpartition("/")[0]
+        if relative and parent in self._fds:  # (the common case: no closer folder)
+            return parent, None, 0
+        above = below = None
+        known = relative in self._found
+        for path in self._fds:
+            if _under(relative, path):
+                if above is None or len(path) > len(above):
+                    above = path
+            elif known and _under(path, relative) and (below is None or len(path) < len(below)):
+                below = path
+        if below is None:
+            return above, None, 0
+        depth = _depth(relative)
+        levels_down = depth + 1 if above is None else depth - _depth(above)  # (root: opened)
+        levels_up = _depth(below) - depth
+        return (above, None, 0) if levels_up >= levels_down else (above, below, levels_up)
+
+    def _climb(self, relative: str, below: str, levels: int) -> int | None:
+        """A descriptor of ``relative`` reached from the folder open as ``below``,
+        ``levels`` under it, by ``..``; None if it is not the folder found at
+        ``relative`` before (it moved, or ``below`` did: a walk down decides then)."""
+        try:
+            with self.at(below) as start:
+                fd = os.open("..", DIRECTORY_FLAGS, dir_fd=start)
+            try:
+                for _ in range(levels - 1):
+                    parent = os.open("..", DIRECTORY_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = parent
+                reached = identity(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError:
+            return None
+        with self._lock:
+            wanted = self._found.get(relative)
+        if reached != wanted:
+            os.close(fd)
+            return None
+        return fd
+
     def at(self, relative: str) -> _Lent:
         """The descriptor of directory ``relative``, opened if need be, for the block."""
         return _Lent(self, relative)
 
-    def moved(self, relative: str, settled: Container[str] = ()) -> bool:
+    def moved(self, relative: str, settled: dict[str, Identity] | None = None) -> bool:
         """Whether the directory open as ``relative`` is no longer the one that path
         reaches (renamed, removed, or a link put in its place since it was opened).
-        ``settled``: directories found in place by this check's caller a moment ago
-        (held open here): the walk starts at the nearest of them instead of the root."""
-        near = next((a for a in _ancestors(relative) if a and a in settled), None)
+        ``settled``: the folders this check's caller found at their paths a moment ago,
+        by identity: ``relative`` among them is compared with that, no walk; else the
+        walk starts at the nearest of them above it (if the folder open here as that one
+        is still it) instead of the root, and every folder it reaches is settled too —
+        going up a deep tree, deepest first, then costs no walk per folder."""
+        found: dict[str, Identity] = {}
         try:
             with self.at(relative) as fd:
-                held = os.fstat(fd)
-            if near is None:
-                fresh = open_directory(self.root, relative)
-            else:
-                with self.at(near) as start:
-                    fresh = open_directory(self.root, relative, start=(near, start))
+                held = identity(fd)
+            if settled is not None and relative in settled:
+                return settled[relative] != held
+            fresh = self._walk(relative, settled or {}, found)
         except (FileNotFoundError, NotADirectory):
             return True
         try:
-            now = os.fstat(fresh)
+            now = identity(fresh)
         finally:
             os.close(fresh)
-        return (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)
+        if settled is not None:
+            settled.update(found)
+        with self._lock:
+            self._found.update(found)
+        return now != held
+
+    def _walk(self, relative: str, settled: dict[str, Identity], found: dict[str, Identity]) -> int:
+        """A fresh descriptor of ``relative``: from the nearest ``settled`` folder above
+        it that is open here as itself, else from the root."""
+        near = next((a for a in _ancestors(relative) if a and a in settled), None)
+        if near is not None:
+            with self.at(near) as start:
+                if identity(start) == settled[near]:
+                    return open_directory(self.root, relative, start=(near, start), found=found)
+        return open_directory(self.root, relative, found=found)
 
     def forget(self, relative: str) -> None:
         """Drop the descriptors of ``relative`` and of every directory under it (it
         was removed, or replaced)."""
         prefix = relative + "/"
         with self._lock:
+            self._found.pop(relative, None)
             for path in [p for p in self._fds if p == relative or p.startswith(prefix)]:
                 fd = self._fds.pop(path)
                 if path not in self._using:
@@ -159,6 +261,7 @@ class Directories:
                 if path not in self._using:
                     os.close(fd)
             self._fds.clear()
+            self._found.clear()
 
     def _evict(self) -> None:
         """(lock held) Close the least recently used descriptors beyond the limit (the

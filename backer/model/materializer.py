@@ -46,7 +46,7 @@ from blake3 import blake3
 
 from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry, Problem, rows_where_in
 from backer.errors import BackerError
-from backer.fs.dirs import Directories, InShare, NotADirectory
+from backer.fs.dirs import Directories, Identity, InShare, NotADirectory
 from backer.fs.paths import BadPath, check
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
@@ -744,7 +744,7 @@ class Assembly:
         self._batch: list[_Staged] = []  # complete files on their way into place
         self.waiting = 0  # staged files still missing chunks (progress)
         self.short_of_room = 0  # bytes more the files left out for lack of room need
-        self._mtimes = _directory_mtimes(materializer.root, operations)  # before the window
+        self._mtimes = _directory_mtimes(materializer.dirs, operations)  # before the window
         self._checks: dict[str, Future[bool]] = {}  # large files being checked, by path
         self._checker: ThreadPoolExecutor | None = None  # (one thread, while it has work)
         self._writer: ThreadPoolExecutor | None = None  # writes received chunks, in order
@@ -1055,7 +1055,7 @@ class Assembly:
         ignored = ignored_now(materializer.root, self.operations, local)
         batch = self._batch = []
         batch_bytes = 0
-        deleted_from: set[str] = set()
+        deletions: list[Operation] = []  # (last in every plan: after the writes)
         for op in self.operations:
             if op.version.kind == Kind.DIRECTORY:
                 continue
@@ -1064,18 +1064,13 @@ class Assembly:
                 if staged is not None:  # stale now: the sweep after the plan removes it
                     report.kept_temps.append(staged.temp.path)
                 continue
-            full = len(batch) >= STAGE_FILES or batch_bytes >= STAGE_BYTES
-            if full or op.version.kind == Kind.DELETED:  # deletions come last
+            if op.version.kind == Kind.DELETED:
+                deletions.append(op)
+                continue
+            if len(batch) >= STAGE_FILES or batch_bytes >= STAGE_BYTES:
                 materializer._commit(batch, report)
                 batch.clear()
                 batch_bytes = 0
-            if op.version.kind == Kind.DELETED:
-                with _reported(op.path, report):
-                    check(op.path)
-                    cached = local.get(op.path)
-                    op.still_planned(cached)
-                    materializer._delete(op, cached, report, deleted_from)
-                continue
             staged = self.staged.pop(op.path, None)
             if staged is None:
                 continue  # already reported
@@ -1099,6 +1094,8 @@ class Assembly:
                 batch.append(staged)
                 batch_bytes += op.version.size
         materializer._commit(batch, report)
+        deleted_from: set[str] = set()
+        materializer._delete_all(deletions, local, report, deleted_from)
         materializer.unmake_emptied(deleted_from)
         for directory in sorted(deleted_from, reverse=True):
             _fsync_dir_reported(materializer.dirs, directory, report)
@@ -1173,17 +1170,27 @@ def ignored_now(root: Path, operations: list[Operation], local: dict[str, LocalE
     return {op.path for op in operations if rules.excluded(op.path, is_dir(op))}
 
 
-def _directory_mtimes(root: Path, operations: list[Operation]) -> dict[str, int | None]:
+def _directory_mtimes(dirs: Directories, operations: list[Operation]) -> dict[str, int | None]:
     """The mtime of every directory a window writes into or applies, before it starts
-    (every ancestor: a missing parent made on the way changes the one above it)."""
-    paths = {op.path for op in operations if op.version.kind == Kind.DIRECTORY}
+    (every ancestor: a missing parent made on the way changes the one above it). Each
+    ancestor is named once, however many paths share it, and looked up in its parent,
+    parents first (each folder opened from the one above: joining every ancestor of
+    every path, each looked up from the root, cost O(depth³) for a deep tree)."""
+    ancestors: set[str] = set()
     for op in operations:
-        parts = op.path.split("/")
-        paths.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+        above = op.path.rpartition("/")[0]
+        while above and above not in ancestors:
+            ancestors.add(above)
+            above = above.rpartition("/")[0]
+    ancestors.update(op.path for op in operations if op.version.kind == Kind.DIRECTORY)
     mtimes: dict[str, int | None] = {}
-    for path in paths:
+    for path in sorted(ancestors):
+        parent = path.rpartition("/")[0]
+        if parent and mtimes[parent] is None:  # (nor is anything in it)
+            mtimes[path] = None
+            continue
         try:
-            mtimes[path] = os.lstat(root / path).st_mtime_ns
+            mtimes[path] = InShare.of(dirs, path).lstat().st_mtime_ns
         except OSError:  # not there yet (made by this window) or not reachable
             mtimes[path] = None
     return mtimes
@@ -1211,7 +1218,7 @@ class Materializer:
         # every change is made relative to a parent opened with no link followed
         # (backer.fs.dirs); closed at the end of each window, so each checks afresh
         self.dirs = Directories(root)
-        self._settled: set[str] | None = None  # parents found still in place, per batch
+        self._settled: dict[str, Identity] | None = None  # folders found in place, per batch
         self._unlocked: dict[str, int] = {}  # read-only directories opened while applying
         self._writable: set[str] = set()  # directories found writable (asked once a window)
         self._made: list[str] = []  # missing parents made for this window's entries
@@ -1403,11 +1410,8 @@ class Materializer:
         """The target's stat if it is exactly as last recorded; raise LocalEdit if not,
         or if its folder is no longer where its path says (moved or swapped for a link
         since the window opened it: what is in it now is not what the plan saw there)."""
-        if self._settled is None or target.parent not in self._settled:
-            if self.dirs.moved(target.parent, self._settled or ()):
-                raise LocalEdit(str(target.path))
-            if self._settled is not None:
-                self._settled.add(target.parent)
+        if self.dirs.moved(target.parent, self._settled):
+            raise LocalEdit(str(target.path))
         try:
             info = target.lstat()
         except FileNotFoundError:
@@ -1438,11 +1442,35 @@ class Materializer:
         self.kept.retire(path, content)
         return content
 
+    def _delete_all(
+        self,
+        operations: list[Operation],
+        local: dict[str, LocalEntry],
+        report: Report,
+        touched: set[str],
+    ) -> None:
+        """Apply the deletions (deepest first) in batches of ``STAGE_FILES``, as the
+        writes are: within one, a folder found in place is trusted to stay there (see
+        :meth:`Directories.moved`), so going up a deep tree checks each folder once,
+        not each from the share's root."""
+        for first in range(0, len(operations), STAGE_FILES):
+            self._settled = {}
+            try:
+                for op in operations[first : first + STAGE_FILES]:
+                    with _reported(op.path, report):
+                        check(op.path)
+                        cached = local.get(op.path)
+                        op.still_planned(cached)
+                        self._delete(op, cached, report, touched)
+            finally:
+                self._settled = None
+
     def _delete(
-        self, op: Operation, cached: LocalEntry | None, report: Report, touched: set[Path]
+        self, op: Operation, cached: LocalEntry | None, report: Report, touched: set[str]
     ) -> None:
         """Remove a recorded entry (its contents kept in the store); its directory goes
-        into ``touched``, to be fsynced once for all deletions."""
+        into ``touched``, to be fsynced once for all deletions (a directory removed
+        leaves it: nothing to fsync or to find empty there)."""
         target = self._target(op.path)
         info = self._unchanged(target, cached)
         if info is not None and stat.S_ISDIR(info.st_mode):
@@ -1452,6 +1480,7 @@ class Materializer:
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                     raise LocalEdit(op.path) from exc
                 raise
+            touched.discard(op.path)
         elif info is not None:
             assert cached is not None  # (_unchanged: a found entry is the cached one)
             content = self._preserve(target, op.path, info, cached)
@@ -1534,7 +1563,7 @@ class Materializer:
             return
         staged = _make_durable(self.root, staged, report)
         directories: set[str] = set()
-        self._settled = set()  # (a folder checked once per batch)
+        self._settled = {}  # (a folder checked once per batch)
         self._recorded = []  # scan-cache rows, written once for the batch, not per file
         manifests: list[tuple[str, Manifest]] = []  # (after any move of the old chunks')
         try:
