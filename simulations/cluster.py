@@ -734,10 +734,12 @@ class Cluster:
             share = node.open()
             before = _pruned(share) if everything else set()
             policy = DROP_ALL if everything else None
-            reports.append(prune_share(share, entropy.now_ms(), policy=policy))
-            if everything and self.learned is not None:  # (may drop inside the window)
-                dropped = _pruned(share) - before
-                self.learned.dropped_by_all.setdefault(node.name, set()).update(dropped)
+            try:
+                reports.append(prune_share(share, entropy.now_ms(), policy=policy))
+            finally:  # (committed before a failing disk ended the process, maybe)
+                if everything and self.learned is not None:  # (may drop inside the window)
+                    dropped = _pruned(share) - before
+                    self.learned.dropped_by_all.setdefault(node.name, set()).update(dropped)
 
         with self.acting():
             self.guarded(index, prune)
