@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from backer.fs import paths
 from backer.fs.dirs import Directories, identity
+from backer.model.records import Kind, Version
 from backer.model.share import Share
 from backer.protocol.session import Session
 from tests.helpers import make_devices, pump, sync
@@ -181,3 +182,30 @@ def test_check_accepts_exactly_what_a_component_by_component_check_accepts(
         assert not paths.is_valid(path)
     else:
         assert paths.check(path) == path
+
+
+def test_a_deleted_deep_tree_under_a_new_file_is_read_once_by_conflict_resolution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One device deletes a 200-level chain while another writes a file at its bottom:
+    every level is a live deletion with live entries below it, which the resolution
+    of shadowed entries reads with its subtree. Each level's subtree was read again
+    (O(depth²) records decoded at every plan); one read of the top one holds them all."""
+    a, b = make_devices(tmp_path, 2)
+    bottom = _chain(a.root, 200)
+    sync(a, b)
+    _remove_chain(b.root / "d")
+    (a.root / bottom / "new").write_bytes(b"new")
+    sync(a, b)
+    decoded = [0]
+    real = Version.decode.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Version], data: bytes) -> Version:
+        decoded[0] += 1
+        return real(cls, data)
+
+    monkeypatch.setattr(Version, "decode", classmethod(counting))
+    shadowing = b.catalog.live_above_others()
+    monkeypatch.undo()
+    assert sum(1 for _, _, v in shadowing if v.kind == Kind.DELETED) >= 199
+    assert decoded[0] <= 4 * len(shadowing)  # (before: 20,498)

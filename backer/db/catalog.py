@@ -383,12 +383,16 @@ class Catalog:
             "SELECT path, vid, record FROM live AS above WHERE EXISTS (SELECT 1 FROM live "
             "WHERE live.path > above.path || '/' AND live.path < above.path || '0')"
         ).fetchall()  # 'a/' < every 'a/...' < 'a0' ('0' follows '/')
-        for path, vid, record in rows:
+        read = "\0"  # the last path whose subtree was read: what is below it was too
+        for path, vid, record in sorted(rows):
+            if path[len(read) : len(read) + 1] == "/" and path.startswith(read):
+                continue  # (a deleted deep tree read each level's subtree again: O(depth²))
             version = Version.decode(record)
             if version.kind == Kind.DIRECTORY:
                 continue
             found[path, vid] = version
             found.update(((p, v), below) for p, v, below in self.live_under(path))
+            read = path
         return [(path, vid, version) for (path, vid), version in sorted(found.items())]
 
     def live_named(self, fragment: str) -> list[tuple[str, str, Version]]:
