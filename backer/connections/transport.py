@@ -72,6 +72,7 @@ class Limits:
         return cls(**{f.name: f.default * scale for f in fields(cls) if f.name.endswith("_s")})
 
 
+GOODBYE_S = 1.0  # after our reason for closing is sent: how long the peer has to read it
 LOOP_HELD_S = 1.0  # a wait that overran its timeout by more: the loop was busy elsewhere
 
 
@@ -207,6 +208,26 @@ def _silence(waited: float, took: float, timeout: float, heard: bool) -> float:
     if heard:
         return 0.0
     return waited if took > timeout + LOOP_HELD_S else waited + took
+
+
+async def _say_goodbye(streams: Streams, reading: asyncio.Future[bytes] | None) -> None:
+    """After our reason for closing is written: half-close, then read and drop what the
+    peer still sends until it closes (at most GOODBYE_S). Closed with the peer's data
+    unread, the socket would reset the connection, and the peer — busy sending, say
+    chunks — would lose our reason with the bytes it had not read yet."""
+    if streams.writer.can_write_eof():
+        streams.writer.write_eof()
+    deadline = time.monotonic() + GOODBYE_S
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            reading = reading or asyncio.ensure_future(streams.reader.read(READ_SIZE))
+            done, _ = await asyncio.wait({reading}, timeout=left)
+            if not done or not reading.result():
+                return  # out of time, or the peer closed
+            reading = None
+    finally:
+        if reading is not None:
+            reading.cancel()
 
 
 def _write(streams: Streams, data: bytes | bytearray | memoryview) -> None:
@@ -492,6 +513,9 @@ class Hub:
                 elif isinstance(exc, ChannelError) and exc.refusal and not channel.initiator:
                     _write(streams, refusal(exc.refusal))
             ours = hangup is not None and hangup.reason is not None  # (not an error)
+            if ours and channel.established:
+                with contextlib.suppress(Exception):
+                    await _say_goodbye(streams, tasks.pop("read", None))
             raise SessionClosed(str(exc), channel.established and not ours) from exc
         except TimeoutError as exc:
             if not channel.initiator:
