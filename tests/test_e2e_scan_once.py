@@ -38,7 +38,8 @@ def test_a_one_shot_sync_scans_once_before_dialing_and_not_as_each_session_opens
         forwarder(c_address, write_late("late-2.txt")) as via_c,
     ):
         synced = b.run("sync", via_a, via_c, "--dir", str(b.root))
-    assert synced.stdout.count("from ") == 2, synced.stdout + synced.stderr
+    logs = synced.stdout + synced.stderr + a.serve_log + c.serve_log
+    assert synced.stdout.count("from ") == 2, logs
     # Each session opening scanned again before: both late files were recorded and sent.
     assert (b.root / "late-1.txt").exists() and (b.root / "late-2.txt").exists()
     assert not recorded(b, "late-1.txt") and not recorded(b, "late-2.txt")

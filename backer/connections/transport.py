@@ -514,6 +514,8 @@ class Hub:
                     _write(streams, refusal(exc.refusal))
             ours = hangup is not None and hangup.reason is not None  # (not an error)
             if ours and channel.established:
+                if session is not None:  # half-closed: what the share's other sessions
+                    self._flushers.pop(session, None)  # flush must not be written to it
                 with contextlib.suppress(Exception):
                     await _say_goodbye(streams, tasks.pop("read", None))
             raise SessionClosed(str(exc), channel.established and not ours) from exc
