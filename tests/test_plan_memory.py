@@ -35,9 +35,10 @@ def test_a_first_sync_plan_holds_its_operations_outside_python_objects(tmp_path:
         delta.added[make_key(f"d{i % 1000:03d}/f{i:06d}.txt", new_version_id())] = version.encode()
     with catalog.conn:
         catalog.apply_delta(delta, os.urandom(32), 1)
+    (tmp_path / ".backer").mkdir()  # (where a plan is held)
     tracemalloc.start()
     try:
-        planned = plan(catalog)
+        planned = plan(catalog, tmp_path)
         held = tracemalloc.get_traced_memory()[0]
         window = planned.take(WINDOW, 2**40)
         held_with_window = tracemalloc.get_traced_memory()[0]
@@ -119,7 +120,8 @@ def test_a_plan_gives_its_writes_in_path_order_then_every_deletion_deepest_first
     with catalog.conn:
         catalog.apply_delta(delta, os.urandom(32), 1)
         catalog.set_local(LocalEntry(p, new_version_id(), 0, 0, 0, 0o644, True) for p in gone)
-    with plan(catalog) as planned:
+    (tmp_path / ".backer").mkdir()
+    with plan(catalog, tmp_path) as planned:
         assert (planned.files, planned.writes, planned.bytes) == (8, 4, 400)
         assert "a/x" in planned and "old/deep" in planned and "d" not in planned
         assert [op.path for op in planned.take(3, 10**9)] == ["a/x", "a/y", "b"]

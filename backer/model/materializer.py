@@ -32,6 +32,7 @@ import errno
 import functools
 import itertools
 import os
+import secrets
 import sqlite3
 import stat
 import threading
@@ -47,7 +48,7 @@ from blake3 import blake3
 from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry, Problem, rows_where_in
 from backer.errors import BackerError
 from backer.fs.dirs import Directories, Identity, InShare, NotADirectory
-from backer.fs.paths import BadPath, check
+from backer.fs.paths import METADATA_DIR, BadPath, check
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
 from backer.scanner.chunks import ChunkStore, Run, start_writeback, write_all
@@ -207,15 +208,29 @@ class Operation:
 
 
 class Plan:
-    """A plan's operations, held in a private temporary SQLite database instead of as
+    """A plan's operations, held in a private SQLite database instead of as
     objects: a first sync plans one operation per file (~423 bytes each: 43 MB for
     100,000 files, at the join's peak), and only the window being applied is decoded.
     Writes are taken in path order, then every deletion at once, deepest first; each
     leaves the plan as it is taken. Iterating reads what is left without taking it."""
 
-    def __init__(self) -> None:
-        self._db = sqlite3.connect("")  # SQLite's: in memory up to its 2 MiB cache, then
-        # a temp file deleted on close
+    def __init__(self, directory: Path) -> None:
+        """The database is a file in ``directory`` (the share's ``.backer/``: the disk
+        the plan is for, whose room backer checks), unlinked as soon as it exists, as
+        SQLite's own temp files are: nothing of it outlives the process. Its one
+        transaction is never committed: a plan within the page cache (2 MiB) never
+        touches the disk; a larger one spills its pages there. SQLite's temp
+        database (``""``) spilled to the system's temp directory instead, which may be
+        a small or full tmpfs while the share's disk has room (R42). An unlink that
+        fails (EIO) is tried again at :meth:`close`."""
+        self._name = directory / f"plan-{secrets.token_hex(8)}.db"
+        self._db = sqlite3.connect(self._name, isolation_level=None)
+        try:
+            self._db.execute("PRAGMA journal_mode=OFF")  # (a plan need not survive a crash)
+            self._db.execute("PRAGMA temp_store=MEMORY")  # (its sorts: not in TMPDIR either)
+        finally:
+            self._unlink()
+        self._db.execute("BEGIN")
         self._db.execute(
             "CREATE TABLE ops (path TEXT, vid TEXT, record BLOB, on_disk TEXT, "
             "deletion INTEGER, content BLOB)"
@@ -241,11 +256,15 @@ class Plan:
     def ready(self) -> Plan:
         """Every operation is added: index the paths for ``in``."""
         self._db.execute("CREATE INDEX ops_path ON ops (path)")
-        self._db.commit()
         return self
 
     def close(self) -> None:
         self._db.close()
+        self._unlink()
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(OSError):
+            self._name.unlink(missing_ok=True)
 
     def __enter__(self) -> Plan:
         return self
@@ -324,15 +343,36 @@ def _batches(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
 
 def plan(
     catalog: Catalog,
+    root: Path,
     excluded: Callable[[str, bool], bool] | None = None,
     unwritable: Container[tuple[str, str]] = (),
 ) -> Plan:
-    """Operations that bring the disk to the live state: creations and updates in path
-    order (parents first), then deletions deepest first. Paths ``excluded`` by this
-    device's ignore rules are never written or deleted; versions found ``unwritable``
-    here, (path, version id), are not tried again (their problem stays reported).
-    Read from the catalog a few hundred rows at a time, never all at once."""
-    planned = Plan()
+    """Operations that bring the share at ``root`` to the live state: creations and
+    updates in path order (parents first), then deletions deepest first. Paths
+    ``excluded`` by this device's ignore rules are never written or deleted; versions
+    found ``unwritable`` here, (path, version id), are not tried again (their problem
+    stays reported). Read from the catalog a few hundred rows at a time, never all at
+    once; held in ``root``'s ``.backer/`` (DiskFull if that disk has no room for it)."""
+    planned = Plan(root / METADATA_DIR)
+    try:
+        return _fill(planned, catalog, excluded, unwritable)
+    except BaseException as exc:
+        planned.close()
+        if (
+            isinstance(exc, sqlite3.OperationalError)
+            and exc.sqlite_errorcode == sqlite3.SQLITE_FULL
+        ):
+            raise DiskFull(root, SPACE_RESERVE) from exc
+        raise
+
+
+def _fill(
+    planned: Plan,
+    catalog: Catalog,
+    excluded: Callable[[str, bool], bool] | None,
+    unwritable: Container[tuple[str, str]],
+) -> Plan:
+    """:func:`plan`'s operations added to ``planned``."""
     unresolved = set(catalog.conflicted_paths())  # left for the next resolution round
     differ = (row for row in catalog.live_not_on_disk() if row[0] not in unresolved)
     for rows in _batches(differ, PLAN_LOOKUPS):

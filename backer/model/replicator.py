@@ -322,7 +322,9 @@ class Replicator:
         resolved = self.share.resolve_conflicts()
         self.stats.conflicts_resolved += resolved
         excluded = IgnoreRules.load(self.share.root).excluded
-        self.operations = plan(self.share.catalog, excluded, self.share.unwritable)
+        self.operations = plan(
+            self.share.catalog, self.share.root, excluded, self.share.unwritable
+        )
         self.needed = (self.operations.files, self.operations.bytes)
         self.share.note_planned(self.operations)
         self.stats.files_to_write += self.operations.writes

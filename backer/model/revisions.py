@@ -460,7 +460,7 @@ def finish_recorded(share: Share, excluded: Callable[[str, bool], bool] | None =
     mine = share.device[:8]
     store = ChunkStore(share.root, share.catalog)
     operations = []
-    with disk_plan(share.catalog, excluded) as planned:
+    with disk_plan(share.catalog, share.root, excluded) as planned:
         for op in planned:
             if op.version.device != mine:
                 continue
