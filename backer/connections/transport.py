@@ -403,8 +403,12 @@ class Hub:
             nothing: about ``reply_bytes`` of them, which the kernel mostly takes at
             once, so that little is copied into the transport's buffer and both
             buffers (plaintext, records) are reused for the next."""
+            drained = not unsent()
+            if drained:  # the transport took all it was given since: the records
+                channel.reuse()  # buffer is free again (not only when the kernel took
+                # a whole flush at once, which it mostly does not: a fresh 4 MiB per flush)
             if session is not None:
-                messages = session.take_outbox(0 if unsent() else limits.reply_bytes)
+                messages = session.take_outbox(limits.reply_bytes if drained else 0)
                 if messages:
                     channel.send(*encoder.encode(messages))
             _write(streams, channel.data_to_send())
