@@ -248,13 +248,18 @@ def test_the_sender_reads_a_requests_chunks_with_one_query_and_one_read_per_run(
     share, store, refs = _indexed(tmp_path, {"big.bin": data})
     assert 16 < len(refs) <= 64
     reads: list[int] = []
-    pread = os.pread
+    pread, preadv = os.pread, os.preadv
 
     def counting(fd: int, length: int, offset: int) -> bytes:
         reads.append(offset)
         return pread(fd, length, offset)
 
+    def counting_into(fd: int, buffers: list[memoryview], offset: int) -> int:
+        reads.append(offset)
+        return preadv(fd, buffers, offset)
+
     monkeypatch.setattr(chunks.os, "pread", counting)
+    monkeypatch.setattr(chunks.os, "preadv", counting_into)
     monkeypatch.setattr(
         share.catalog, "chunk_locations", lambda _: pytest.fail("a query per chunk")
     )
@@ -263,6 +268,30 @@ def test_the_sender_reads_a_requests_chunks_with_one_query_and_one_read_per_run(
         ref.hash: data[ref.offset : ref.offset + ref.length] for ref in refs
     }
     assert reads == [0]
+
+
+def test_the_senders_read_buffers_are_reused_only_once_the_chunks_read_into_them_are_gone(
+    tmp_path: Path,
+) -> None:
+    """A request's runs are read into reused buffers (a new one per run cost its page
+    faults), never into one whose chunks are still held (read ahead, or waiting to be
+    encrypted): those keep their bytes while later requests are read."""
+    data = os.urandom(12 * MIB)
+    _, store, refs = _indexed(tmp_path, {"big.bin": data})
+    first = refs[: len(refs) // 2]
+    held = store.read_many([ref.hash for ref in first])
+    owners = {id(view.obj) for view in held.values()}
+    for _ in range(3):  # more requests while the first one's chunks are held
+        later = store.read_many([ref.hash for ref in refs[len(refs) // 2 :]])
+        assert owners.isdisjoint(id(view.obj) for view in later.values())
+        del later
+    assert {ref.hash: bytes(held[ref.hash]) for ref in first} == {
+        ref.hash: data[ref.offset : ref.offset + ref.length] for ref in first
+    }
+    buffer = next(iter(held.values())).obj
+    del held
+    again = store.read_many([ref.hash for ref in first])
+    assert any(view.obj is buffer for view in again.values())
 
 
 def test_a_chunk_changed_on_disk_since_indexed_is_read_from_another_file_or_not_at_all(
