@@ -58,6 +58,7 @@ def main() -> None:
         "syncs": 0,
         "cuts": 0,
         "crashes": 0,
+        "kills": 0,
         "restores": 0,
         "stops": 0,
         "races": 0,
@@ -107,6 +108,7 @@ def main() -> None:
         f"{totals['scenarios'] + failures} scenarios ({args.nodes} nodes), "
         f"{totals['steps']} steps, "
         f"{totals['syncs']} syncs ({totals['cuts']} cut mid-way), {totals['crashes']} crashes, "
+        f"{totals['kills']} killed inside an operation, "
         f"{totals['restores']} restores from old backups, {totals['stops']} stops, "
         f"{totals['races']} edits while applying, "
         f"{totals['conflicts']} conflicts resolved, {totals['bytes']} bytes on the wire, "

@@ -18,6 +18,7 @@ from .machine import (
     DIRS,
     DISK_BUDGETS,
     FAULT_RATES,
+    KILLED_IN,
     PATTERNS,
     RESOLUTIONS,
     WAITS,
@@ -56,6 +57,7 @@ WORLD_RULES = {  # family: (rule, weight)
     "deep": [("deep", 1)],
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
     "clocks": [("set_clock", 2), ("reboot", 2), ("prune_all", 2)],
+    "kills": [("kill", 4)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
                    "toggle_exec", "ignore", "race", "deep"})  # fmt: skip
@@ -151,6 +153,15 @@ def _random_step(
         data = rnd.choice(contents) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
         op, level = rnd.choice(DEEP_OPS), rnd.randrange(DEEP_MOST + 1)
         return choice, {"node": node, "op": op, "level": level, "data": data}
+    if choice == "kill":
+        nth = rnd.randrange(1, 13) if rnd.random() < 0.7 else rnd.randrange(13, 61)
+        return choice, {
+            "node": node,
+            "op": rnd.choice(KILLED_IN),
+            "nth": nth,
+            "other": rnd.randrange(nodes),
+            "pick": rnd.randrange(100),
+        }
     if choice == "craft":
         return choice, {"kind": rnd.choice(CRAFTS), "pick": rnd.randrange(100)}
     if choice == "race":
@@ -197,6 +208,7 @@ def run_seed(seed: int, nodes: int, count: int, world: frozenset[str] = CLASSIC)
         "syncs": machine.stats["syncs"],
         "cuts": machine.stats["cuts"],
         "crashes": machine.stats["crashes"],
+        "kills": machine.stats["kills"],
         "restores": machine.stats["restores"],
         "stops": machine.stats["stops"],
         "races": machine.stats["races"],

@@ -118,6 +118,7 @@ class Node:
     down: bool = False  # stopped: no process, no links, until it starts again
     rules_seen: bytes | None = None  # its .backerignore at its last whole scan
     rules_moved: bool = False  # a scan since then saw other rules (they may be back)
+    killed: bool = False  # killed at a kill point (the harness restarts it)
 
     def open(self) -> Share:
         if self.share is None:
@@ -197,9 +198,11 @@ class Node:
     def edit_one(self, path: str) -> None:
         self.edit([path])
 
-    def crash(self) -> None:
+    def crash(self, killed: bool = False) -> None:
         """Lose everything in memory (no snapshot saved, no clean close): a window half
-        renamed into place and not committed is on disk as if edited there."""
+        renamed into place and not committed is on disk as if edited there. ``killed``:
+        at a kill point (:meth:`.faults.Disks.kill_at`), where the harness knows what
+        is on disk: its person's edits are as they were; what backer wrote is no edit."""
         self._drop_replicator()
         if self.share is not None:
             self.share.db.conn.close()
@@ -207,7 +210,10 @@ class Node:
                 self.share._lock.close()
             self.share = None
             self.crashes += 1
-            self.edit(None)
+            if killed:
+                self.killed = True
+            else:
+                self.edit(None)
 
     def stop(self) -> None:
         """A clean stop (its links already closed): the share is closed, the process
@@ -475,20 +481,29 @@ class Cluster:
         """Run backer code of one node; an error while its disk is failing ends that
         node's process (False), as it ends ``backer sync``, and so does any error of the
         hostile node's modified client; any other error is a bug."""
+        root = self.nodes[index].root
         try:
             with on_node(self.nodes[index].name):
                 action()
         except (ProtocolError, Crashed):
-            raise  # the peer's fault: the session is refused; or the process is gone
+            if not self.disks.killed(root):
+                raise  # the peer's fault: the session is refused; or the process is gone
         except Exception:
-            if self.hostile is not None and self.is_hostile(index):
+            if self.disks.killed(root):
+                pass  # what the process did after its kill point is no more
+            elif self.hostile is not None and self.is_hostile(index):
                 self.hostile.crashes += 1
                 self.crash(index)
                 return False
-            if not self.disks.active(self.nodes[index].root):
+            elif not self.disks.active(root):
                 raise
-            self.aborts += 1
-            self.crash(index)
+            else:
+                self.aborts += 1
+                self.crash(index)
+                return False
+        if self.disks.killed(root):  # its process ends at the kill point
+            self.crash(index, killed=True)
+            self.disks.disarm(root, None)
             return False
         return True
 
@@ -522,8 +537,9 @@ class Cluster:
             self._collect()
         return link
 
-    def disconnect(self, a: int, b: int) -> None:
-        """Drop a link: what was in flight is lost; each side hands its requests on."""
+    def disconnect(self, a: int, b: int, dead: int | None = None) -> None:
+        """Drop a link: what was in flight is lost; each side hands its requests on
+        (but a ``dead`` node's process, killed, does nothing more)."""
         key = (min(a, b), max(a, b))
         link = self.links.pop(key, None)
         if link is None:
@@ -531,7 +547,8 @@ class Cluster:
         with self.acting():
             for index, session in zip(key, link.sessions, strict=True):
                 session.take_outbox()
-                self.guarded(index, session.close)
+                if index != dead:
+                    self.guarded(index, session.close)
             self._collect()
 
     def _collect(self) -> None:
@@ -822,10 +839,10 @@ class Cluster:
         self.note_learned()  # (what it learned since the backup, it learns again)
         return True
 
-    def crash(self, node: int) -> None:
+    def crash(self, node: int, killed: bool = False) -> None:
         for a, b in [k for k in self.links if node in k]:
-            self.disconnect(a, b)
-        self.nodes[node].crash()
+            self.disconnect(a, b, dead=node if killed else None)
+        self.nodes[node].crash(killed)
 
     def craft(self, kind: str, pick: int) -> None:
         """The hostile node's modified client records a crafted change (see

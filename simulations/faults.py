@@ -14,6 +14,14 @@ creates a file in one of the share's folders, the folder is moved aside and a li
 folder outside the share put in its place, undone right after the creation — the race
 a person moving a folder away and linking it back makes with backer's writes. Nothing
 may then land outside the share (the sandboxes of :mod:`.hostile` check it).
+
+A node's process may also be killed inside one of backer's operations
+(:meth:`Disks.kill_at`): backer's Nth durable step on that node (a commit of its
+database, a rename, an unlink or rmdir, an fsync or syncfs, a link into the content
+store) does not happen, and neither does any change backer would make there after it:
+each fails as ``Killed`` (a denied commit as SQLite's 'not authorized'). The harness
+then ends the process; its open transaction is rolled back, the page cache (the files
+already written) survives, as with SIGKILL.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import builtins
 import errno
 import os
 import random
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -61,10 +70,37 @@ FAILURES: dict[str, tuple[int | str, ...]] = {
     "remove": (errno.EIO,),
 }
 NEEDS_SPACE = frozenset({"create", "mkdir", "link"})
+DURABLE = frozenset({"fsync", "syncfs", "rename", "link", "remove"})  # steps a kill counts
+CHANGES = frozenset({"create", "write", "truncate", "metadata", "mkdir"}) | DURABLE
+KILLED_BY = ("backer.", "journal.")  # the modules whose calls a killed process no longer makes
+SQLITE_READS = frozenset(
+    {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+)
 
 
 class InjectedFault(OSError):
     """An error the fault layer made up (never one the code under test raised)."""
+
+
+class Killed(InjectedFault):
+    """The node's process was killed before this call (see :meth:`Disks.kill_at`)."""
+
+
+@dataclass
+class Kill:
+    """A node's process dies at its ``countdown``-th durable step from now."""
+
+    countdown: int
+    roots: tuple[str, str]  # the node's root as backer names it, and as the kernel does
+    fired: bool = False
+    at: str = ""  # the step it died before
+
+    def step(self, call: str) -> bool:
+        """Count a durable step; True if the process is dead before it."""
+        if not self.fired:
+            self.countdown -= 1
+            self.fired, self.at = self.countdown <= 0, call
+        return self.fired
 
 
 @dataclass
@@ -100,6 +136,7 @@ class Disks:
         self.unflushed: set[int | None] = set()  # inodes written on a budget, not flushed yet
         self.folder_opens = 0  # by backer, on any node: a deep tree must not make it O(depth²)
         self.meddlers: dict[str, Meddler] = {}  # by root
+        self.kills: dict[str, Kill] = {}  # by root
         self._real: dict[str, Callable[..., Any]] = {}
 
     # -- switching ---------------------------------------------------------------------
@@ -172,6 +209,52 @@ class Disks:
     def active(self, root: os.PathLike[str]) -> bool:
         plan = self.plans.get(os.fspath(root) + os.sep)
         return plan is not None and plan.active
+
+    # -- killing -----------------------------------------------------------------------
+
+    def kill_at(self, root: os.PathLike[str], nth: int, conn: sqlite3.Connection) -> None:
+        """The process of the node at ``root`` (its database ``conn``) dies before its
+        ``nth`` durable step from now (see the module's docstring)."""
+        named = os.fspath(root) + os.sep
+        kill = self.kills[named] = Kill(nth, (named, os.path.realpath(root) + os.sep))
+
+        def authorize(action: int, what: str | None, *_: object) -> int:
+            if kill.fired and action not in SQLITE_READS:
+                return sqlite3.SQLITE_DENY  # (a BEGIN too: nothing is written after it)
+            if action == sqlite3.SQLITE_TRANSACTION and what == "COMMIT":
+                return sqlite3.SQLITE_DENY if kill.step("commit") else sqlite3.SQLITE_OK
+            return sqlite3.SQLITE_OK
+
+        conn.set_authorizer(authorize)  # (SQLite prepares each COMMIT and BEGIN anew)
+
+    def killed(self, root: os.PathLike[str]) -> Kill | None:
+        """The node's kill, if it fired."""
+        kill = self.kills.get(os.fspath(root) + os.sep)
+        return kill if kill is not None and kill.fired else None
+
+    def disarm(self, root: os.PathLike[str], conn: sqlite3.Connection | None) -> None:
+        """No kill pending on the node (``conn``: its database, if still open)."""
+        self.kills.pop(os.fspath(root) + os.sep, None)
+        if conn is not None:
+            conn.set_authorizer(None)
+
+    def _check_kill(self, call: str, path: Any = None, dir_fd: int | None = None) -> None:
+        """Raise Killed if backer's ``call`` on a node that is being killed is at or
+        after its kill point (``path``: a path, or an open descriptor's number)."""
+        if call not in CHANGES or not _caller().startswith(KILLED_BY):
+            return
+        if isinstance(path, int):
+            name = self._real["readlink"](f"/proc/self/fd/{path}")
+        elif isinstance(path, str | bytes | os.PathLike):
+            name = os.fsdecode(path)
+            if dir_fd is not None and not os.path.isabs(name):
+                name = os.path.join(self._real["readlink"](f"/proc/self/fd/{dir_fd}"), name)
+        else:
+            return
+        for kill in self.kills.values():
+            mine = (name + os.sep).startswith(kill.roots)
+            if mine and (kill.fired or (call in DURABLE and kill.step(call))):
+                raise Killed(errno.EIO, "killed", name)
 
     def calm(self) -> None:
         """Faults stop and every disk is freed (the network heals next)."""
@@ -284,6 +367,8 @@ def _open(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
         caller = _caller()
         if flags & os.O_DIRECTORY and caller.startswith("backer."):
             disks.folder_opens += 1
+        if disks.kills and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            disks._check_kill("create", path, kw.get("dir_fd"))
         plan = disks._node_plan(path, kw.get("dir_fd")) if caller in FAULTED else None
         if plan is not None and plan.active:
             disks._maybe_fail(plan, "create" if flags & os.O_CREAT else "read", path)
@@ -310,6 +395,8 @@ def _close(disks: Disks, real: Callable[..., None]) -> Callable[..., None]:
 
 def _pwrite(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
     def proxy(fd: int, data: bytes, offset: int) -> int:
+        if disks.kills:
+            disks._check_kill("write", fd)
         plan = disks._for_fd(fd)
         if plan is None:
             return real(fd, data, offset)
@@ -332,6 +419,8 @@ def _pwrite(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
 def _on_fd(call: str) -> Proxy:
     def make(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
         def proxy(fd: int, *args: Any) -> Any:
+            if disks.kills:
+                disks._check_kill(call, fd)
             plan = disks._for_fd(fd)
             flushed = os.fstat(fd).st_ino if call == "fsync" and disks.unflushed else None
             if flushed in disks.unflushed and plan is not None and plan.budget == 0:
@@ -353,6 +442,8 @@ def _on_path(call: str, argument: int = 0) -> Proxy:
         def proxy(*args: Any, **kw: Any) -> Any:
             path = args[argument] if len(args) > argument else None
             at = kw.get("dst_dir_fd", kw.get("dir_fd")) if argument else kw.get("dir_fd")
+            if disks.kills:
+                disks._check_kill(call, path, at)
             disks._maybe_fail(disks._for_path(path, at), call, path)
             return real(*args, **kw)
 
@@ -417,6 +508,8 @@ def _faulty_open(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
 def _faulty_syncfs(disks: Disks, real: Callable[[int], int]) -> Callable[[int], int]:
     def proxy(fd: int) -> int:
         try:
+            if disks.kills:
+                disks._check_kill("syncfs", fd)
             disks._maybe_fail(disks._for_fd(fd), "syncfs")
         except InjectedFault:
             return -1

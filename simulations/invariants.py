@@ -15,6 +15,7 @@ from backer.fs.paths import is_valid
 from backer.model.materializer import copy_version_id
 from backer.model.records import Kind, Version
 from backer.model.share import Share
+from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
 from backer.versioner.config import policy as retention_policy
@@ -439,4 +440,45 @@ def check_still_recoverable(cluster: Cluster, index: int, before: dict[bytes, se
             raise InvariantBroken(
                 f"{cluster.nodes[index].name}'s prune made the live content {content.hex()[:16]} "
                 f"unrecoverable (held by {sorted(holders)} before)"
+            )
+
+
+def check_recorded_once(cluster: Cluster, index: int) -> None:
+    """Node ``index`` never holds two live versions of its own at one path: each version
+    it records replaces every one it knew there. A change recorded again by a process
+    that did not know it had recorded it (killed between its events and its catalog or
+    scan cache: R40) is a conflict of the device with itself. (A node brought back from
+    an old backup forgets what it recorded since: not checked there.)"""
+    node = cluster.nodes[index]
+    if node.share is None or cluster.rolled_back:
+        return
+    own = bytes(node.key.verify_key)[:8]
+    mine: dict[str, int] = {}
+    for path, _, version in node.share.catalog.all_live():
+        if version.device == own:
+            mine[path] = mine.get(path, 0) + 1
+    twice = sorted(path for path, count in mine.items() if count > 1)
+    if twice:
+        raise InvariantBroken(
+            f"{node.name} recorded a change twice, concurrent with itself: {twice[:5]}"
+        )
+
+
+def check_kept_readable(cluster: Cluster, index: int) -> None:
+    """Every content node ``index``'s store holds is readable through the chunk index, as
+    a peer's request and a restore read it: kept bytes that no read finds are lost to
+    them (a process killed before it noted them: R39)."""
+    node = cluster.nodes[index]
+    if node.share is None:
+        return
+    catalog = node.share.catalog
+    store, chunks = Store(node.root, catalog), ChunkStore(node.root, catalog)
+    for content in store.contents():
+        manifest = catalog.manifest(content)
+        if manifest is None or store.get(content) is None:
+            continue  # (nothing there to read)
+        if any(chunks.read(ref.hash) is None for ref in manifest.chunks):
+            raise InvariantBroken(
+                f"{node.name} keeps the content {content.hex()[:16]} in its store where no "
+                "read finds it"
             )

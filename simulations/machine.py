@@ -31,9 +31,11 @@ from .hostile import BIG_RULES, CRAFTS
 from .invariants import (
     check_bytes_scale_with_difference,
     check_honest_paths,
+    check_kept_readable,
     check_order_independence,
     check_pushed,
     check_quiescent,
+    check_recorded_once,
     check_resolved,
     check_retention_window,
     check_still_recoverable,
@@ -93,6 +95,10 @@ FAMILIES = {
     "clocks": "each device's wall clock is off by its own amount (minutes to days, either "
     "way), stepped while it runs or at a reboot (NTP correcting it); `prune --all` frees "
     "every replaced content",
+    "kills": "a node's process is killed inside one of backer's operations (a scan, a "
+    "sync's ingest and windows, a delivery, a prune, a restore): before its Nth durable "
+    "step (a database commit, rename, unlink, rmdir, fsync, syncfs, link), then restarts "
+    "as after SIGKILL; no change is recorded twice and every kept content stays readable",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -134,6 +140,7 @@ DEEP_MOST = 1_200  # no deeper: the path stays well under MAX_PATH_BYTES (4,096)
 DEEP_GROWTH = 7  # levels a chain already there grows by
 DEEP_OPS = ["grow", "rename", "delete", "write"]
 DEEP_FILE = "z"
+KILLED_IN = ["scan", "sync", "deliver", "prune", "restore"]  # the operations a kill ends
 
 
 def world_files(world: frozenset[str]) -> list[str]:
@@ -252,6 +259,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 "syncs",
                 "cuts",
                 "crashes",
+                "kills",
                 "restores",
                 "stops",
                 "races",
@@ -771,6 +779,65 @@ class ClusterMachine(RuleBasedStateMachine):
         """The device comes back from an old backup of its ``.backer/``."""
         if self.cluster.restore(node):
             self.stats["restores"] += 1
+
+    @rule(
+        node=node_index,
+        op=st.sampled_from(KILLED_IN),
+        nth=st.integers(1, 60),
+        other=node_index,
+        pick=st.integers(0, 99),
+    )
+    def kill(self, node: int, op: str, nth: int, other: int, pick: int) -> None:
+        """The node's process is killed before its ``nth`` durable step inside ``op``
+        (with peer ``other``; ``pick`` picks what a delivery, prune or restore does), then
+        starts again as after SIGKILL: it opens the share, scans, and (resident) dials
+        its peers. Nothing it recorded is recorded again; what it keeps stays readable."""
+        cluster = self.cluster
+        if "kills" not in self.world or cluster.nodes[node].down:
+            return
+        if node == other:
+            other = (node + 1) % len(cluster.nodes)
+        root, share = self.root(node), cluster.nodes[node].open()
+        cluster.nodes[node].killed = False
+        cluster.disks.kill_at(root, nth, share.db.conn)
+        try:
+            self._killed_in(node, op, other, pick)
+        finally:
+            if cluster.disks.killed(root):  # (ended outside a guarded step of backer's)
+                cluster.crash(node, killed=True)
+            share = cluster.nodes[node].share
+            cluster.disks.disarm(root, share.db.conn if share is not None else None)
+        if not cluster.nodes[node].killed:
+            return
+        self.stats["kills"] += 1
+        if cluster.resident:
+            cluster.nodes[node].down = True
+            cluster.start(node)
+        else:
+            cluster.scan(node)
+        with cluster.disks.paused():
+            check_recorded_once(cluster, node)
+            check_kept_readable(cluster, node)
+
+    def _killed_in(self, node: int, op: str, other: int, pick: int) -> None:
+        """Run the operation a kill ends (see :meth:`kill`)."""
+        cluster = self.cluster
+        if op == "scan":
+            self.scan(node, pick % 30)
+        elif op == "sync":
+            self.sync(node, other, None)
+        elif op == "deliver":
+            if not cluster.linked(node):
+                cluster.connect(node, other)
+            cluster.deliver_around(node, pick + 1)
+        elif op == "prune":
+            cluster.prune(node, everything=pick % 2 == 1)
+        else:
+            catalog = cluster.nodes[node].open().catalog
+            moments = sorted({v.time_ms for _, _, v in catalog.versions_under("")})
+            if moments:
+                request = {"op": "restore", "path": "", "at": moments[pick % len(moments)]}
+                cluster.revise(node, request)
 
     @rule(node=node_index)
     def crash(self, node: int) -> None:
