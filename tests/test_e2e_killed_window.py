@@ -60,3 +60,74 @@ def test_R41_files_written_by_a_window_killed_before_its_cache_are_not_recorded_
         for name in names:
             history = json.loads(device.run("history", str(device.root / name), "--json").stdout)
             assert [v["live"] for v in history] == [False, True], (device.root.name, name)
+
+
+_SYNC_DYING_AFTER_A_DELETION = """
+import os, signal, sys
+from backer.cli import main
+from backer.db.catalog import Catalog
+drop_local = Catalog.drop_local
+def die_after_the_unlink(catalog, paths):
+    if sys._getframe(1).f_code.co_name == "_delete":  # the file is gone, not its entry
+        os.kill(os.getpid(), signal.SIGKILL)
+    drop_local(catalog, paths)
+Catalog.drop_local = die_after_the_unlink
+sys.argv = ["backer", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_deletion_applied_by_a_window_killed_before_its_commit_is_not_recorded_again(
+    tmp_path: Path,
+) -> None:
+    """Killed after a window removed a file it received the deletion of, before the
+    transaction that drops its scan-cache entry: the next scan found the file gone and
+    recorded this device's own deletion of the version the deletion received had
+    already replaced, two live deletions of one version (the simulations' ``kills``
+    family, 'recorded a change twice')."""
+    a, b, ports = joined_pair(tmp_path)
+    (a.root / "f").write_bytes(os.urandom(50_000))
+    a.run("scan", "--dir", str(a.root), "-q")
+    with a.serving(ports[0]) as address:
+        b.sync(address)
+        (a.root / "f").unlink()
+        a.run("scan", "--dir", str(a.root), "-q")
+        script = [sys.executable, "-c", _SYNC_DYING_AFTER_A_DELETION, "sync", address]
+        died = subprocess.run([*script, "--dir", str(b.root)], env=b.env, cwd=REPO)
+        assert died.returncode == -signal.SIGKILL
+        assert not (b.root / "f").exists()
+        b.run("scan", "--dir", str(b.root), "-q")
+        b.sync(address)
+    for device in (a, b):
+        history = json.loads(device.run("history", str(device.root / "f"), "--json").stdout)
+        assert [(v["kind"], v["live"]) for v in history] == [
+            ("file", False),
+            ("deleted", True),
+        ], device.root.name
+
+
+def test_a_version_replaced_by_a_window_killed_before_its_cache_stays_restorable(
+    tmp_path: Path,
+) -> None:
+    """Killed after a window moved a received file over the one it had written before,
+    before its commit: the next scan adopted the new file (R41), but the old version's
+    chunk locations still named the path, which now held other bytes, and not its
+    store entry: its bytes were in `.backer/store`, and no restore could read them."""
+    a, b, ports = joined_pair(tmp_path)
+    first = os.urandom(50_000)
+    (a.root / "f").write_bytes(first)
+    a.run("scan", "--dir", str(a.root), "-q")
+    with a.serving(ports[0]) as address:
+        b.sync(address)
+        old = json.loads(b.run("history", str(b.root / "f"), "--json").stdout)[0]["version"]
+        staged = tmp_path / "new"
+        staged.write_bytes(os.urandom(50_000))
+        os.replace(staged, a.root / "f")
+        a.run("scan", "--dir", str(a.root), "-q")
+        script = [sys.executable, "-c", _SYNC_DYING_AT_ITS_CACHE, "sync", address]
+        died = subprocess.run([*script, "--dir", str(b.root)], env=b.env, cwd=REPO)
+        assert died.returncode == -signal.SIGKILL
+        b.run("scan", "--dir", str(b.root), "-q")
+    target = tmp_path / "restored"  # (a is gone: b's own store must serve it)
+    b.run("restore", str(b.root / "f"), "--version", old, "--to", str(target))
+    assert target.read_bytes() == first

@@ -1321,6 +1321,8 @@ class Share:
         adopting = changed
         changed = self._adopt_identical(changed, local, live, basis, found, found.observed_ns)
         changed = self._only_changed_parents(adopting, changed, local, found)
+        applied = self._applied_deletions(found.deleted, local, live)
+        found.deleted = [path for path in found.deleted if path not in applied]
         versions: list[tuple[str, Version]] = []
         # A local change supersedes only the version the disk held (the cached one, or
         # for a path no longer ignored the one it held when the rule came): remote
@@ -1365,6 +1367,7 @@ class Share:
             self.catalog.set_local(found.refreshed)
             self.catalog.put_manifests(found.reindexed)
             self.catalog.forget(local[path] for path in found.forgotten)
+            self.catalog.drop_local(applied)
             self.catalog.drop_forgotten(
                 [seen.path for seen, _, _ in changed]
                 + [e.path for e in found.refreshed]
@@ -1374,7 +1377,7 @@ class Share:
             summary.fresh = self._note_scan_problems(found) if found.final else []
             recorded = [seen.path for seen, _, _ in changed] + found.deleted
             self._note_problems("apply", [], resolved=recorded)  # the disk's version won
-            indexing.kept = self._keep_recorded(changed, found)
+            indexing.kept = self._keep_recorded(changed, found, applied)
         if found.final:  # (the document grows with the share: saved once per scan)
             self.save_snapshot()
             self._sweep(found.leftovers)
@@ -1382,7 +1385,10 @@ class Share:
         return summary, indexing
 
     def _keep_recorded(
-        self, changed: list[tuple[Seen, Manifest | None, bytes]], found: Observation
+        self,
+        changed: list[tuple[Seen, Manifest | None, bytes]],
+        found: Observation,
+        applied: list[str],
     ) -> list[bytes]:
         """The content store after a recorded scan (best effort: a link that cannot be
         made costs a kept version, never a file): each file as recorded now is kept by
@@ -1392,18 +1398,24 @@ class Share:
         then the kept bytes went with it. So do the contents of paths that became
         ignored: nothing watches those files any more, and a version they held may
         still be needed (its conflict copy, once the rule goes) with the store's entry
-        its only copy. Returns the contents whose locations go to their store entries
-        (:meth:`Store.register`, part of :class:`Indexing`)."""
+        its only copy (and so do those of the ``applied`` deletions and of the versions an
+        adopted one replaced). Returns the contents
+        whose locations go to their store entries (:meth:`Store.register`, part of
+        :class:`Indexing`)."""
         store = Store(self.root, self.catalog)
-        on_disk = {seen.path: seen for seen, _, _ in changed}
-        kept = []
-        for path in [*on_disk, *found.deleted, *found.forgotten]:
+        inodes = {seen.path: seen.inode for seen, _, _ in changed}
+        adopted = {  # a version that replaced the recorded one, put in place by a window
+            e.path: e.inode  # killed before its commit (R41): the old one is replaced too
+            for e in found.refreshed
+            if (old := found.local.get(e.path)) is not None and old.version_id != e.version_id
+        }
+        kept, now = [], inodes | adopted
+        for path in [*inodes, *found.deleted, *found.forgotten, *applied, *adopted]:
             old = found.local.get(path)
             previous = self.catalog.version(old.version_id) if old is not None else None
             if old is None or previous is None or previous.kind != Kind.FILE:
                 continue
-            seen = on_disk.get(path)
-            if seen is not None and seen.inode == old.inode:
+            if now.get(path) == old.inode:
                 store.edited_in_place(previous.content, old.inode)
             else:
                 kept.append(previous.content)
@@ -1583,6 +1595,25 @@ class Share:
             if manifest is not None:
                 found.reindexed.append((seen.path, manifest))
         return remaining
+
+    def _applied_deletions(
+        self, deleted: list[str], local: dict[str, LocalEntry], live: dict[str, dict[str, Version]]
+    ) -> list[str]:
+        """The paths gone from the disk whose deletion is already recorded: a live
+        deletion replaced the version the scan cache names there (a received or
+        restored deletion applied, its process killed before the cache entry went).
+        Recorded again, it would be this device's second deletion of one version,
+        concurrent with the first; its cache entry goes instead (as R41 adopts a
+        received file)."""
+        return [
+            path
+            for path in deleted
+            if path in local
+            and any(
+                v.kind == Kind.DELETED and self._replaced(local[path].version_id, v)
+                for v in live.get(path, {}).values()
+            )
+        ]
 
     def _replaced(self, recorded: str, version: Version) -> bool:
         """Whether ``version`` replaced ``recorded``, directly or through versions since
