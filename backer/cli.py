@@ -152,13 +152,16 @@ def _locate(text: str | None, path: str | None = None) -> Path:
 
 def _current_share() -> Path:
     """The current directory, for a share command given neither ``--share`` nor PATH;
-    where it is in no share (none on disk, none registered) while this device has
-    shares, the error names them instead of suggesting a repair of the directory."""
+    where it is in no share (none on disk, none registered): this device's only share
+    (as ``--share`` would name it), or, while it has several, an error naming them
+    (rather than suggesting a repair of the directory)."""
     cwd = Path.cwd()
     entries = registry.registered(home())
     if not entries or any(e.root == cwd or e.root in cwd.parents for e in entries):
         return cwd
     if find_root(cwd) is None and not any((p / METADATA_DIR).is_dir() for p in (cwd, *cwd.parents)):
+        if len(entries) == 1:
+            return entries[0].root
         names = ", ".join(entry.name for entry in entries)
         raise BackerError(
             f"not inside a share: {cwd}; this device's shares: {names} (see 'backer "
@@ -420,6 +423,8 @@ def status(directory: str | None, as_json: bool) -> None:
     for reuse in report["invites_used_twice"]:
         _say(_invite_reuse_line(reuse["invite"], reuse["devices"]))
     _say(f"last scan {report['last_scan'] or 'never'}")
+    if "listening" in report:
+        _say(f"listening {', '.join(report['listening']) or 'nowhere'} (backer run)")
     problems = _reported_problems(report)
     _say(f"problems  {len(problems)}")
     for line in _problem_lines(problems):
@@ -735,7 +740,7 @@ def restore(
 
 
 @cli.command("ls")
-@click.argument("path", default=".")
+@click.argument("path", required=False)
 @click.option(
     "--at",
     "at_text",
@@ -744,11 +749,15 @@ def restore(
 )
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def ls(path: str, at_text: str | None, directory: str | None, as_json: bool) -> None:
-    """List the folder PATH (default: the current one) as recorded now, or as it was at
-    WHEN (deleted entries included): kind, size, time, version id, name."""
+def ls(path: str | None, at_text: str | None, directory: str | None, as_json: bool) -> None:
+    """List the folder PATH (default: the current one, or the share's top from outside
+    it) as recorded now, or as it was at WHEN (deleted entries included): kind, size,
+    time, version id, name."""
     with _open(directory, exclusive=False, path=path) as share:
-        key = _user_key(share, path)
+        cwd = Path.cwd()
+        if path is None and (cwd == share.root or share.root in cwd.parents):
+            path = "."
+        key = _user_key(share, path) if path is not None else ""
         at_ms = _parse_time(at_text, "--at") if at_text else entropy.now_ms()
         revisions.check_moment(share, at_ms)
         entries = revisions.listing(share.catalog, key, at_ms)
@@ -1160,7 +1169,10 @@ async def _until_signalled(
 
 @cli.command()
 @click.option(
-    "--listen", default="0.0.0.0:7654", show_default=True, help="HOST:PORT to accept peers on."
+    "--listen",
+    default="0.0.0.0:7654",
+    show_default=True,
+    help="HOST:PORT to accept peers on (port 0: any free port, logged and shown by status).",
 )
 @click.option(
     "--log-level",
@@ -1183,7 +1195,7 @@ def run(listen: str, log_level: str, api_address: str) -> None:
     they happen, connect to the other devices and keep them in sync."""
     from backer.api import server as api_server  # (aiohttp: only the node needs it)
 
-    host, port = parse_address(listen)
+    host, port = parse_address(listen, listening=True)
     settings = api_access.settings_from(api_address)
     key = load_or_create_key()
     with hold_home(home()):

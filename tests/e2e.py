@@ -48,10 +48,15 @@ class Device:
         return [sys.executable, "-m", "backer", *args]
 
     def run(
-        self, *args: str, check: bool = True, timeout: float = 300
+        self, *args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            self.command(*args), env=self.env, capture_output=True, text=True, timeout=timeout
+            self.command(*args),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"backer {' '.join(args)} failed:\n{result.stderr}")

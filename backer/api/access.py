@@ -81,7 +81,7 @@ def settings_from(text: str) -> Settings | None:
     """``--api HOST:PORT`` (or ``off``) and the password from the environment."""
     if text.strip().lower() == "off":
         return None
-    host, port = parse_address(text)
+    host, port = parse_address(text, listening=True)
     return Settings(host, port, os.environ.get(PASSWORD_VARIABLE) or None)
 
 

@@ -244,38 +244,43 @@ class CountedConnection(asyncio.Protocol):
 
 async def serve(node: Node, settings: Settings, home: Path, stop: asyncio.Event) -> None:
     """Serve the UI for ``node`` until ``stop`` is set. A port already taken is
-    logged and the node goes on without a UI (syncing matters more)."""
+    logged and the node goes on without a UI (syncing matters more). The socket is
+    bound before the application is made: it answers Host headers and names its
+    cookie by the port bound (``--api HOST:0`` asks for any free one)."""
     credentials = access.Credentials(access.api_key(home), settings.password, home)
     await node.started.wait()
+    admission = Admission(MAX_CONNECTIONS, MAX_PER_ADDRESS)
+    handlers: web.Server  # (set before the listener starts serving)
+    try:
+        listener = await asyncio.get_running_loop().create_server(
+            lambda: CountedConnection(handlers(), admission),
+            settings.host,
+            settings.port,
+            reuse_address=True,
+            start_serving=False,
+        )
+    except OSError as exc:
+        node.log.warning(
+            "the web UI is not served: cannot listen on %s: %s",
+            format_address(settings.host, settings.port),
+            exc.strerror,
+        )
+        return
+    port = listener.sockets[0].getsockname()[1]
     runner = web.AppRunner(
-        application(node, credentials, allowed_hosts(settings, settings.port), settings.port),
+        application(node, credentials, allowed_hosts(settings, port), port),
         access_log=None,
         shutdown_timeout=SHUTDOWN_S,
         keepalive_timeout=IDLE_S,
     )
-    await runner.setup()
-    handlers = runner.server
-    assert handlers is not None
-    admission = Admission(MAX_CONNECTIONS, MAX_PER_ADDRESS)
-    listener: asyncio.Server | None = None
     try:
-        try:
-            listener = await asyncio.get_running_loop().create_server(
-                lambda: CountedConnection(handlers(), admission),
-                settings.host,
-                settings.port,
-                reuse_address=True,
-            )
-        except OSError as exc:
-            node.log.warning(
-                "the web UI is not served: cannot listen on %s: %s",
-                format_address(settings.host, settings.port),
-                exc.strerror,
-            )
-            return
-        url = f"http://{format_address(settings.host, settings.port)}"
+        await runner.setup()
+        assert runner.server is not None
+        handlers = runner.server
+        await listener.start_serving()
+        url = f"http://{format_address(settings.host, port)}"
         if settings.host in ("0.0.0.0", "::"):
-            url = f"http://{format_address('127.0.0.1', settings.port)}"
+            url = f"http://{format_address('127.0.0.1', port)}"
         access.publish_address(home, url)
         node.log.info("web UI on %s ('backer open' logs a browser in)", url)
         try:
@@ -283,6 +288,5 @@ async def serve(node: Node, settings: Settings, home: Path, stop: asyncio.Event)
         finally:
             access.withdraw_address(home)
     finally:
-        if listener is not None:
-            listener.close()
+        listener.close()
         await runner.cleanup()

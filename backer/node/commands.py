@@ -423,11 +423,12 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
 
 
 def node_status(runtime: Runtime, counts: dict[str, int] | None = None) -> dict[str, Any]:
-    """``status`` plus, per device, what the node knows of it now: connected or last
-    seen, what it still needs (``need_files``/``need_bytes``; another device's as it
-    last said on its session, None while unknown), whether it is in sync, transfer
-    rates (chunk bytes/s from and to it; this device: in all) and progress
-    (``counts``: see :func:`status_report`)."""
+    """``status`` plus where the node listens (``listening``: the addresses peers can
+    dial, with the port bound) and, per device, what the node knows of it now:
+    connected or last seen, what it still needs (``need_files``/``need_bytes``;
+    another device's as it last said on its session, None while unknown), whether it
+    is in sync, transfer rates (chunk bytes/s from and to it; this device: in all) and
+    progress (``counts``: see :func:`status_report`)."""
     share = runtime.share
     report = status_report(share, counts)
     ours = {author: c.length for author, c in share.journal.summary().items()}
@@ -467,6 +468,7 @@ def node_status(runtime: Runtime, counts: dict[str, int] | None = None) -> dict[
             }
         )
     report["devices"] = devices
+    report["listening"] = list(runtime.node.addresses)  # (as bound: --listen HOST:0 too)
     if runtime.disk_full_said is not None:
         full = {"path": "", "reason": runtime.disk_full_said, "warning": False}
         report["problems"].insert(0, {**full, "during": "applying", "since": None})

@@ -1,0 +1,77 @@
+"""What a newcomer meets walking through the README with the real CLI: ports chosen
+by the system, share commands run from outside the share."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import Device, Node
+
+
+@pytest.fixture
+def founder(tmp_path: Path) -> Device:
+    device = Device(tmp_path, "a")
+    device.root.mkdir()
+    (device.root / "notes.txt").write_text("hello\n")
+    device.run("init", "-q", str(device.root))
+    return device
+
+
+def test_run_listens_on_any_free_port_and_says_which(founder: Device, tmp_path: Path) -> None:
+    """``--listen 127.0.0.1:0`` was refused as 'not an address': port 0 (any free port)
+    is what scripts and tests want. The node logs the port bound, ``status`` and the
+    API show it, an invite names it (a device joins through it), and ``--api HOST:0``
+    serves the web UI on a port of its own that ``backer open`` names."""
+    node = Node(founder, 0, {}, listen="127.0.0.1:0", api="127.0.0.1:0")
+    try:
+        node.wait_for("watching")
+        node.wait_for("web UI on")
+        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", node.log).group(1))
+        assert port != 0
+        status = founder.run("status", "--share", str(founder.root)).stdout
+        assert f"listening 127.0.0.1:{port} (backer run)" in status, status
+        token = founder.run("invite", "--no-wait", "--share", str(founder.root)).stdout.strip()
+        joiner = Device(tmp_path, "b")
+        joiner.run("join", "-q", token, str(joiner.root))
+        assert (joiner.root / "notes.txt").read_text() == "hello\n"
+        link = founder.run("open", "--no-browser").stdout.strip()
+        api_port = int(re.match(r"http://127\.0\.0\.1:(\d+)/login\?token=", link).group(1))
+        assert api_port not in (0, port)
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with browser.open(link, timeout=30) as response:  # (logs in, redirects to the page)
+            assert response.status == 200
+    finally:
+        assert node.stop() == 0, node.log
+
+
+def test_a_port_0_to_dial_is_still_refused(founder: Device) -> None:
+    """Port 0 means 'any' only where backer listens: a peer cannot be dialled at it."""
+    result = founder.run("sync", "127.0.0.1:0", "--share", str(founder.root), check=False)
+    assert result.returncode == 1
+    assert "not an address (expected HOST:PORT): '127.0.0.1:0'" in result.stderr
+
+
+def test_outside_any_share_the_only_share_is_used(founder: Device, tmp_path: Path) -> None:
+    """``backer status`` (and every share command) run outside any share refused when
+    this device has exactly one share: with one, it is the share, as ``--share`` would
+    name it; with several, the error lists them and asks for ``--share``."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for args in (["status"], ["log"], ["conflicts"], ["ls"], ["device", "list"], ["config"]):
+        result = founder.run(*args, cwd=outside)
+        assert result.returncode == 0, (args, result.stderr)
+    assert f"at {founder.root}" in founder.run("status", cwd=outside).stdout
+    assert "notes.txt" in founder.run("ls", cwd=outside).stdout
+    other = tmp_path / "other"
+    other.mkdir()
+    founder.run("init", "-q", str(other))
+    result = founder.run("status", cwd=outside, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"backer: error: not inside a share: {outside}; this device's shares: a, other "
+        "(see 'backer shares'): run the command inside one or name it with --share NAME"
+    )
