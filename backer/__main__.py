@@ -1,3 +1,3 @@
-from backer.cli import main
+from backer.entry import main
 
 main()

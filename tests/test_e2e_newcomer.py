@@ -4,6 +4,9 @@ by the system, share commands run from outside the share."""
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -75,3 +78,28 @@ def test_outside_any_share_the_only_share_is_used(founder: Device, tmp_path: Pat
         f"backer: error: not inside a share: {outside}; this device's shares: a, other "
         "(see 'backer shares'): run the command inside one or name it with --share NAME"
     )
+
+
+def test_ctrl_c_while_backer_starts_is_one_line_not_a_traceback(founder: Device) -> None:
+    """Ctrl-C in the second or so ``backer run`` takes to load its modules printed the
+    traceback of the import it interrupted. Signalled at several moments of its start
+    (SIGINT as a terminal sends it), it ends with at most one line each time (what the
+    interpreter says when its own start is interrupted is not backer's)."""
+    for delay in (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0):
+        process = subprocess.Popen(
+            founder.command("run", "--listen", "127.0.0.1:0", "--api", "off"),
+            env=founder.env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        try:
+            _, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        if err.startswith("Fatal Python error: init_import_site"):
+            continue  # (the interpreter's own start, before any of backer's code runs)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
+        assert process.returncode in (0, 1, -signal.SIGINT), (delay, process.returncode, err)
