@@ -17,7 +17,8 @@ that its chunks then held until the writer thread had written them (+35 MiB of a
 from __future__ import annotations
 
 POOLED_FROM = 64 * 1024  # smaller requests get a fresh buffer (no bulk transfer under way)
-BUFFER_BYTES = 4 * 1024 * 1024  # each pooled buffer at least: a whole read
+BUFFER_BYTES = (4 << 20) + (64 << 10)  # each pooled buffer at least: a whole read's
+# plaintext (a 4 MiB read and the record the read before it left cut)
 
 
 def _unviewed(buffer: bytearray) -> bool:

@@ -44,3 +44,16 @@ def test_the_pool_is_bounded_and_small_requests_let_go_of_free_buffers() -> None
     assert len(small) == 100 and all(small.obj is not owner for owner in owners)
     fresh = buffers.take(POOLED_FROM)  # the free ones were let go
     assert all(fresh.obj is not owner for owner in owners)
+
+
+def test_a_whole_reads_plaintext_is_served_from_a_pool_full_of_buffers_for_smaller_reads() -> None:
+    """A read of 4 MiB carries on from a record the read before it left cut, so its
+    plaintext can be up to a record larger: pooled buffers of exactly 4 MiB never held
+    it, and once the pool was full such a read took a fresh zeroed buffer every time
+    (69 per GiB received)."""
+    buffers = Buffers(keep=2)
+    held = [buffers.take(4 << 20) for _ in range(2)]
+    owners = [view.obj for view in held]
+    held.clear()
+    whole_read = buffers.take((4 << 20) + 65_519)
+    assert any(whole_read.obj is owner for owner in owners)

@@ -383,6 +383,38 @@ def test_a_dialled_connection_receives_into_two_reused_buffers_not_a_copy_per_re
     assert len(buffers) <= GROWN_BUFFERS
 
 
+class _Flooding(asyncio.Transport):
+    """A transport whose peer always has more to send (pausing changes nothing)."""
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def test_a_flooded_connection_keeps_its_two_grown_buffers() -> None:
+    """Each read that fills its buffer grows the other one, and never replaces it with
+    one of the same size: once one buffer was 4 MiB and the other 2 MiB, every read that
+    filled the small one replaced the large one with a new zeroed 4 MiB, and the small
+    one never grew (140 new buffers per GiB received)."""
+
+    async def flood() -> list[object]:
+        received = transport.Received()
+        received.connection_made(_Flooding())
+        read: list[object] = []  # every buffer read, kept: ids are not reused
+        for _ in range(60):
+            received.buffer_updated(len(received.get_buffer(-1)))  # filled
+            data = await received.read()
+            assert isinstance(data, memoryview)
+            read.append(data.obj)
+        return read
+
+    read = asyncio.run(flood())
+    assert len({id(buffer) for buffer in read}) <= GROWN_BUFFERS
+    assert {len(buffer) for buffer in read[-2:]} == {transport.READ_SIZE}  # type: ignore[arg-type]
+
+
 def test_an_accepted_connection_receives_into_two_reused_buffers_after_its_header() -> None:
     """A node's accepted connections went through ``StreamReader`` (a copy into its
     buffer and out again); they now receive as dialled ones do. The clear header is

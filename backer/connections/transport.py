@@ -732,8 +732,9 @@ class Received(asyncio.streams.FlowControlMixin, asyncio.BufferedProtocol):
             return b""
         data = memoryview(self._buffers[0])[: self._filled]
         self._buffers.reverse()
-        if self._filled == len(data.obj) < READ_SIZE:  # (data.obj: the buffer read)
-            self._buffers[0] = bytearray(min(2 * self._filled, READ_SIZE))
+        grown = min(2 * self._filled, READ_SIZE)
+        if self._filled == len(data.obj) and len(self._buffers[0]) < grown:  # (data.obj:
+            self._buffers[0] = bytearray(grown)  # the buffer read; [0]: the next one)
         self._filled = 0
         self._resume()
         return data
