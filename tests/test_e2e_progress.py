@@ -75,6 +75,10 @@ def test_progress_is_logged_with_file_counts_and_bytes_when_not_a_terminal(
     assert received[-1].group(4, 5, 6) == (total, total, "MB")
     done = [int(m.group(2)) for m in received]
     assert done == sorted(done) and any(0 < n < FILES for n in done)  # file by file
+    moving = [m for m in received if float(m.group(4)) > 0]
+    assert moving, joined  # once bytes have arrived, a rate and a time left (the first
+    # such line said '?' and '-:--:--': rich estimates only from a second update on)
+    assert all(m.group(7) != "?" and m.group(8) != "-:--:--" for m in moving), joined
     assert snapshot(b.root) == snapshot(a.root)
 
 
