@@ -1138,9 +1138,9 @@ def _print_token(token: str) -> None:
     addresses = InviteToken.decode(token).addresses
     if loopback_only(addresses):
         _say(
-            f"backer: warning: the token names only {', '.join(addresses)}: no network "
-            "address was found on this device, so only this machine can join with it "
-            "(give --address HOST:PORT to name another)",
+            f"backer: warning: the token names only {', '.join(addresses)} (loopback: the "
+            "node listens there alone, or this device has no network address), so only "
+            "this machine can join with it (give --address HOST:PORT to name another)",
             err=True,
         )
 

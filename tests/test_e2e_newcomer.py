@@ -41,6 +41,7 @@ def test_run_listens_on_any_free_port_and_says_which(founder: Device, tmp_path: 
         joiner = Device(tmp_path, "b")
         joiner.run("join", "-q", token, str(joiner.root))
         assert (joiner.root / "notes.txt").read_text() == "hello\n"
+        assert re.search(r"session with [A-Z2-7]{7} open \(127\.0\.0\.1:\d+, accepted\)", node.log)
         link = founder.run("open", "--no-browser").stdout.strip()
         api_port = int(re.match(r"http://127\.0\.0\.1:(\d+)/login\?token=", link).group(1))
         assert api_port not in (0, port)

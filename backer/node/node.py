@@ -573,11 +573,12 @@ class Runtime:
             name=self.share.members.names.get(link.peer, ""),
             address=link.address,
         )
+        name = self.share.members.names.get(link.peer)
+        named = f"{short_id(link.peer)} {name}" if name else short_id(link.peer)
         self.log.info(
-            "%s: session with %s %s open (%s, %s)",
+            "%s: session with %s open (%s, %s)",  # (a joiner has no name yet)
             self.name,
-            short_id(link.peer),
-            self.share.members.names.get(link.peer, ""),
+            named,
             link.address or "?",
             "dialled" if link.initiator == self.share.device else "accepted",
         )
