@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,58 @@ def test_a_copied_run_whose_source_changed_since_it_was_indexed_yields_only_inta
                 written[ref.offset : ref.offset + ref.length]
                 == data[ref.offset : ref.offset + ref.length]
             )
+
+
+def test_the_replaced_files_chunks_are_located_in_it_without_asking_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that replaces a file takes the chunks the file's last scan recorded from
+    the file itself: the index is asked only about the others (after a 10-byte insert,
+    for a handful of chunks instead of thousands, each found in every kept version).
+    A replaced file changed since its scan yields only its intact chunks, as a stale
+    index row does."""
+    (share,) = make_devices(tmp_path, 1)
+    data = _contents(5, 3 * 1024 * 1024, 0)
+    (share.root / "old.bin").write_bytes(data)
+    (share.root / "other.bin").write_bytes(data[: 512 * 1024] + b"x" * 1000)
+    share.scan()
+    old = manifest_of_bytes(data)
+    new_data = data[: 1024 * 1024] + b"0123456789" + data[1024 * 1024 :] + b"y" * 70_000
+    new = manifest_of_bytes(new_data)
+    asked: list[bytes] = []
+    locations_of = share.catalog.chunk_locations_of
+
+    def counted(hashes: Iterable[bytes]) -> dict[bytes, list[tuple[str, int, int]]]:
+        hashes = list(hashes)
+        asked.extend(hashes)
+        return locations_of(hashes)
+
+    monkeypatch.setattr(share.catalog, "chunk_locations_of", counted)
+    store = ChunkStore(share.root, share.catalog)
+    changed = range(2 * 1024 * 1024, 2 * 1024 * 1024 + 100)
+    with open(share.root / "old.bin", "r+b") as handle:  # not rescanned
+        handle.seek(changed.start)
+        handle.write(bytes(b ^ 0xFF for b in data[changed.start : changed.stop]))
+    runs = store.locate(new.chunks, ("old.bin", old))
+    held = {ref.hash for ref in old.chunks}
+    assert asked and not held.intersection(asked)
+    assert {ref.hash for ref in new.chunks} - held == set(asked)
+    assert {run.source for run in runs} == {"old.bin"} and len(runs) == 2
+    fd = os.open(tmp_path / "new.bin", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        verified = store.copy(fd, runs, threading.Event())
+        written = os.pread(fd, len(new_data), 0)
+    finally:
+        os.close(fd)
+    copied = {ref for run in runs for ref in run.chunks}
+    old_at = {ref.hash: ref.offset for ref in old.chunks}
+    hit = {
+        ref.offset
+        for ref in copied
+        if old_at[ref.hash] < changed.stop and changed.start < old_at[ref.hash] + ref.length
+    }
+    assert hit and verified == {ref.offset for ref in copied} - hit
+    for ref in copied:
+        if ref.offset in verified:
+            piece = written[ref.offset : ref.offset + ref.length]
+            assert piece == new_data[ref.offset : ref.offset + ref.length]

@@ -1579,7 +1579,7 @@ class Materializer:
             if data is None:
                 data = data_chunks(manifest)
             wanted = [ref for ref in data if ref.offset not in staged.checked]
-            runs = self.store.locate(wanted)
+            runs = self.store.locate(wanted, self._replaced(cached))
             copied = {ref.offset for run in runs for ref in run.chunks}
             for ref in wanted:
                 if ref.offset not in copied:
@@ -1595,6 +1595,17 @@ class Materializer:
             if fd is not None:
                 os.close(fd)
         return staged
+
+    def _replaced(self, cached: LocalEntry | None) -> tuple[str, Manifest] | None:
+        """The file a write replaces, as its last scan recorded it (path, manifest): the
+        first place to copy unchanged chunks from (:meth:`ChunkStore.locate`)."""
+        if cached is None:
+            return None
+        version = self.catalog.version(cached.version_id)
+        if version is None or version.kind != Kind.FILE:
+            return None
+        manifest = self.catalog.manifest(version.content)
+        return None if manifest is None else (cached.path, manifest)
 
     def _commit(self, staged: list[_Staged], report: Report) -> None:
         """Make the staged temp files durable, then move each into place if its target is
