@@ -13,7 +13,8 @@ then ``backer run`` on both; Syncthing: two headless instances set up as in
 2. **burst**: 1,000 small files created on A in one go, until all are identical on B;
 3. **shifted insert**: four 256 MiB files renamed into A and synced, then 10 bytes
    inserted in the middle of each (new versions written outside the share, renamed in
-   at once) until identical on B; rsync (daemon, delta transfer) times the same step;
+   at once) until identical on B; rsync (daemon, delta transfer) times the same step,
+   by default and with ``--fsync`` (each file it writes flushed, as backer flushes them);
 4. **idle** (phase ``idle``): one device on a 100,000-file share: CPU over 60 s idle,
    RSS, and start-up to watching after a clean stop (three times).
 
@@ -382,14 +383,18 @@ def shifted_insert(nodes: Nodes, a: Path, b: Path, dataset: Path, seed: int) -> 
     }
 
 
-def rsync_insert(work: Path, dataset: Path, seed: int) -> dict[str, Any]:
-    """rsync's time for the same insert, run as ``python -m benchmarks`` runs it."""
+def rsync_insert(
+    work: Path, dataset: Path, seed: int, options: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """rsync's time for the same insert, run as ``python -m benchmarks`` runs it (with
+    ``options`` added: ``--fsync`` makes it fsync each file it writes, as backer does)."""
     place = work / "rsync"
     place.mkdir()
     source, target = place / "a", place / "b"
     shutil.copytree(dataset, source)
     with Processes().running() as processes:
         tool = Rsync(place, source, target, processes)
+        tool.options = options
         version = tool.version()
         tool.setup()
         tool.initial()
@@ -544,10 +549,11 @@ def report(results: dict[str, Any]) -> str:
     mine, theirs = get(backer, "insert", "arrival_1gib_s"), get(st, "insert", "arrival_1gib_s")
     rows.append(("1 GiB (four files) arrives (s)", mine, theirs, _ratio(mine, theirs), "—", None))
     mine, theirs = get(backer, "insert", "seconds"), get(st, "insert", "seconds")
-    rsync_s = get(rsync, "seconds")
+    rsync_s, fsynced = get(rsync, "seconds"), get(results.get("rsync_fsync", {}), "seconds")
+    also = f"; rsync --fsync {fsynced:.2f} s, ÷ {_ratio(mine, fsynced)}" if fsynced else ""
     rows.append((
         "10 B inserted mid-file ×4 (s)", mine, theirs, _ratio(mine, theirs),
-        f"≤ rsync ({rsync_s:.2f} s; backer ÷ rsync {_ratio(mine, rsync_s)})"
+        f"≤ rsync ({rsync_s:.2f} s; backer ÷ rsync {_ratio(mine, rsync_s)}{also})"
         if rsync_s else "≤ rsync",
         None if mine is None or rsync_s is None else mine <= rsync_s,
     ))  # fmt: skip
@@ -627,6 +633,7 @@ def main() -> None:
                 results[name] = run_pair(NODES[name], work, args, large_set)
             if shutil.which("rsync"):
                 results["rsync"] = rsync_insert(work, large_set, args.seed)
+                results["rsync_fsync"] = rsync_insert(work, large_set, args.seed, ("--fsync",))
             shutil.rmtree(large_set)
         if "idle" in phases:
             many_set = work / "data-many"

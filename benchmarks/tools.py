@@ -153,6 +153,7 @@ class Rsync(Tool):
     """An rsync daemon serving ``a`` (so the delta algorithm runs); ``b`` pulls."""
 
     name = "rsync"
+    options: tuple[str, ...] = ()  # more rsync options (``--fsync``: as durable as backer)
 
     def version(self) -> str:
         out = subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout
@@ -176,7 +177,7 @@ class Rsync(Tool):
         url = f"rsync://127.0.0.1:{self.port}/data/"
         run = run_measured(
             self.processes,
-            ["rsync", "-a", "--delete", "--stats", url, f"{self.b}/"],
+            ["rsync", "-a", "--delete", "--stats", *self.options, url, f"{self.b}/"],
             daemon=self.daemon.pid,
         )
         wire = _number(run.stdout, "Total bytes sent") + _number(run.stdout, "Total bytes received")
