@@ -189,3 +189,49 @@ def test_R40_a_scan_killed_once_its_versions_are_recorded_records_nothing_twice(
     for name in names:
         history = json.loads(device.run("history", str(device.root / name), "--json").stdout)
         assert [v["live"] for v in history] == [False, True], name
+
+
+def test_a_peers_request_is_handled_whole_between_two_steps_of_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer asks for the new manifests as soon as the versions are pushed, while the
+    index is being written: handling a request takes the loop several turns (read,
+    decrypt, answer, send), and with one turn between two steps it was answered only
+    after several steps (B waited 0.4-0.8 s for the manifests after a 10-byte insert
+    into four 256 MiB files). A pause between steps lets the whole request through."""
+    monkeypatch.setattr("backer.model.share.INDEX_STEP_ROWS", 1)  # a step per file
+    (share,) = make_devices(tmp_path, 1)
+    names = [f"file-{n}.bin" for n in range(6)]
+    for name in names:
+        (share.root / name).write_bytes(os.urandom(64 * 1024))
+    share.scan()
+    for name in names:  # changed, with a settled mtime (the next scan trusts it)
+        (share.root / name).write_bytes(os.urandom(64 * 1024))
+        hour_ago = time.time_ns() - 3600 * 10**9
+        os.utime(share.root / name, ns=(hour_ago, hour_ago))
+    steps_of = Share._index_steps
+    done: list[int] = []
+    answered: list[int] = []
+
+    def counted(self: Share, indexing: object) -> object:
+        for step in steps_of(self, indexing):  # type: ignore[arg-type]
+            yield lambda step=step: (step(), done.append(1))
+
+    monkeypatch.setattr(Share, "_index_steps", counted)
+
+    async def request() -> None:  # a request that needs four turns of the loop
+        for _ in range(4):
+            await asyncio.sleep(0)
+        answered.append(len(done))
+
+    async def scan() -> None:
+        tasks = []
+        summary = await share.scan_off_loop(
+            names, recorded=lambda: tasks.append(asyncio.ensure_future(request()))
+        )
+        await asyncio.gather(*tasks)
+        assert sorted(summary.modified) == names
+
+    asyncio.run(scan())
+    assert len(done) >= 6
+    assert answered and answered[0] <= 1, f"answered after {answered[0]} of {len(done)} steps"

@@ -128,6 +128,7 @@ RESCANS = 3  # rounds of an off-loop scan for paths that changed while it looked
 PROGRESS_EVERY = 0.1  # seconds between progress reports an off-loop scan hands the loop
 _Item = TypeVar("_Item")
 INDEX_STEP_ROWS = 4096  # chunk rows per step of a scan's index: ~one 256 MiB file, ~10 ms
+INDEX_PAUSE_S = 0.005  # the loop's turn between two steps: long enough to answer a request
 
 
 @dataclass
@@ -1197,14 +1198,15 @@ class Share:
 
     async def _index_apart(self, indexing: Indexing, recorded: Callable[[], None] | None) -> None:
         """Call ``recorded``, then write a recorded scan's chunk index a step at a time,
-        letting the loop run between steps; peers' chunk requests wait from the first
-        until the last (:attr:`indexing`)."""
+        letting the loop run for INDEX_PAUSE_S between steps (a peer's request for the
+        pushed manifests takes several turns of it); peers' chunk requests wait from the
+        first step until the last (:attr:`indexing`)."""
         self.indexing = True
         try:
             if recorded is not None:
                 recorded()
             for step in self._index_steps(indexing):
-                await asyncio.sleep(0)
+                await asyncio.sleep(INDEX_PAUSE_S)
                 step()
         finally:
             self.indexing = False
