@@ -104,3 +104,28 @@ def test_ctrl_c_while_backer_starts_is_one_line_not_a_traceback(founder: Device)
             continue  # (the interpreter's own start, before any of backer's code runs)
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
         assert process.returncode in (0, 1, -signal.SIGINT), (delay, process.returncode, err)
+
+
+def test_forget_then_init_while_the_node_runs_leaves_the_share_closed_cleanly(
+    founder: Device,
+) -> None:
+    """``backer forget DIR`` then ``backer init DIR`` while the node serves the share:
+    the node closes it when it is forgotten and serves it again once registered, and
+    its next start finds the database closed cleanly (no 'not closed cleanly')."""
+    node = founder.start()
+    try:
+        founder.run("forget", str(founder.root))
+        node.wait_for("a: no longer registered: not served", timeout=10)
+        again = founder.run("init", str(founder.root))
+        assert "is a share already" in again.stdout, again.stdout
+        node.wait_for("a: watching", count=2, timeout=10)
+        (founder.root / "after.txt").write_text("recorded by the node\n")
+        node.wait_for("a: recorded 1 changes", timeout=10)
+    finally:
+        assert node.stop() == 0, node.log
+    restarted = founder.start()
+    try:
+        assert "not closed cleanly" not in restarted.log, restarted.log
+    finally:
+        assert restarted.stop() == 0, restarted.log
+    assert "not closed cleanly" not in founder.run("status").stderr
