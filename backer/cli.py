@@ -1404,7 +1404,10 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     root = Path(os.path.abspath(directory or "."))
     if directory is None:
         _say(f"joining into the current directory, {root}", err=True)
-    make_directories(root)
+    try:
+        make_directories(root)
+    except FileExistsError as exc:  # (a file where a folder of DIRECTORY should be)
+        raise BackerError(f"not a directory: {exc.filename}") from exc
     key = load_or_create_key()
     share = _joining_share(root, key, invitation)
     failures = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import Device, Node
+from tests.e2e import Device, Node, invite
 
 
 @pytest.fixture
@@ -129,3 +129,19 @@ def test_forget_then_init_while_the_node_runs_leaves_the_share_closed_cleanly(
     finally:
         assert restarted.stop() == 0, restarted.log
     assert "not closed cleanly" not in founder.run("status").stderr
+
+
+def test_join_into_a_file_says_it_is_not_a_directory(founder: Device, tmp_path: Path) -> None:
+    """``backer join TOKEN FILE`` said 'FILE: File exists', where ``init`` says 'not a
+    directory: FILE'; a file inside DIRECTORY's path is named the same way."""
+    token = invite(founder, "127.0.0.1:9")
+    joiner = Device(tmp_path, "b")
+    stray = tmp_path / "stray.txt"
+    stray.write_text("a file\n")
+    for target in (stray, stray / "below"):
+        result = joiner.run("join", "-q", token, str(target), check=False)
+        assert (result.returncode, result.stderr) == (
+            1,
+            f"backer: error: not a directory: {stray}\n",
+        ), target
+    assert stray.read_text() == "a file\n"
