@@ -57,7 +57,7 @@ WORLD_RULES = {  # family: (rule, weight)
     "deep": [("deep", 1)],
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
     "clocks": [("set_clock", 2), ("reboot", 2), ("prune_all", 2)],
-    "kills": [("kill", 4)],
+    "kills": [("kill", 10)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
                    "toggle_exec", "ignore", "race", "deep"})  # fmt: skip
@@ -154,7 +154,7 @@ def _random_step(
         op, level = rnd.choice(DEEP_OPS), rnd.randrange(DEEP_MOST + 1)
         return choice, {"node": node, "op": op, "level": level, "data": data}
     if choice == "kill":
-        nth = rnd.randrange(1, 13) if rnd.random() < 0.7 else rnd.randrange(13, 61)
+        nth = rnd.randrange(1, 7) if rnd.random() < 0.7 else rnd.randrange(7, 41)
         return choice, {
             "node": node,
             "op": rnd.choice(KILLED_IN),

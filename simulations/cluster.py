@@ -761,8 +761,7 @@ class Cluster:
         with self.acting():
             self.guarded(index, prune)
             if reports and reports[0].announced and node.share is not None:
-                with on_node(node.name):
-                    node.hub().journal_grew()  # its UNHELD events go to its links
+                self._push(index, advance=False)  # its UNHELD events go to its links
                 self._collect()
         return reports[0] if reports else None
 
@@ -799,11 +798,21 @@ class Cluster:
             if not self._scan(index, whole=not self.resident) or not self.guarded(index, revise):
                 return None
             if node.share is not None:
-                with on_node(node.name):
-                    node.hub().journal_grew()
-                    node.hub().advance()
+                self._push(index)
             self._collect()
         return said[0] if said else None
+
+    def _push(self, index: int, advance: bool = True) -> None:
+        """Node ``index``'s links take what its journal grew by (``advance``: and its
+        plan goes on), as backer's own step there (a kill may end it)."""
+        hub = self.nodes[index].hub()
+
+        def push() -> None:
+            hub.journal_grew()
+            if advance:
+                hub.advance()
+
+        self.guarded(index, push)
 
     def _fetch(self, index: int, fetched: revisions.Fetched, limit: int = 400) -> None:
         """Ask node ``index``'s caught-up peers for what ``fetched`` wants, delivering on

@@ -76,6 +76,7 @@ KILLED_BY = ("backer.", "journal.")  # the modules whose calls a killed process 
 SQLITE_READS = frozenset(
     {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 )
+HARNESS_PRAGMAS = frozenset({"page_count", "page_size", "max_page_count"})  # (limit_catalogs)
 
 
 class InjectedFault(OSError):
@@ -219,7 +220,8 @@ class Disks:
         kill = self.kills[named] = Kill(nth, (named, os.path.realpath(root) + os.sep))
 
         def authorize(action: int, what: str | None, *_: object) -> int:
-            if kill.fired and action not in SQLITE_READS:
+            harness = action == sqlite3.SQLITE_PRAGMA and what in HARNESS_PRAGMAS
+            if kill.fired and action not in SQLITE_READS and not harness:
                 return sqlite3.SQLITE_DENY  # (a BEGIN too: nothing is written after it)
             if action == sqlite3.SQLITE_TRANSACTION and what == "COMMIT":
                 return sqlite3.SQLITE_DENY if kill.step("commit") else sqlite3.SQLITE_OK

@@ -448,14 +448,16 @@ def check_recorded_once(cluster: Cluster, index: int) -> None:
     it records replaces every one it knew there. A change recorded again by a process
     that did not know it had recorded it (killed between its events and its catalog or
     scan cache: R40) is a conflict of the device with itself. (A node brought back from
-    an old backup forgets what it recorded since: not checked there.)"""
+    an old backup forgets what it recorded since: not checked there; nor a directory
+    the materializer made for what a peer wrote inside it after this device deleted
+    it: its scan records the directory anew, beside its own deletion, by design.)"""
     node = cluster.nodes[index]
     if node.share is None or cluster.rolled_back:
         return
     own = bytes(node.key.verify_key)[:8]
     mine: dict[str, int] = {}
     for path, _, version in node.share.catalog.all_live():
-        if version.device == own:
+        if version.device == own and version.kind != Kind.DIRECTORY:
             mine[path] = mine.get(path, 0) + 1
     twice = sorted(path for path, count in mine.items() if count > 1)
     if twice:

@@ -783,7 +783,7 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(
         node=node_index,
         op=st.sampled_from(KILLED_IN),
-        nth=st.integers(1, 60),
+        nth=st.integers(1, 40),
         other=node_index,
         pick=st.integers(0, 99),
     )
