@@ -185,11 +185,13 @@ def replay(
             done.append((name, arguments))
             getattr(machine, name)(**arguments)
             machine.no_stray_temp_files()
+            machine.no_saved_file_replaced()
     except Exception as exc:
         machine.abandon()
         raise Failure(f"{type(exc).__name__}: {exc}", done) from exc
     try:
         machine.teardown()
+        machine.no_saved_file_replaced()  # (also while the network healed)
     except Exception as exc:
         raise Failure(f"{type(exc).__name__}: {exc}", done) from exc
     return machine

@@ -114,6 +114,7 @@ class Node:
     conflicts: int = 0  # resolved by replicators this node has had
     stray_after_scan: list[Path] = field(default_factory=list)  # temps a scan left behind
     edited: bool = True  # its person (or a lost process) changed files since its last scan
+    edits: int = 0  # its person's edits so far (one made while a scan ran is not seen by it)
     touched: set[str] | None = None  # the paths edited since (None: a full scan is due)
     down: bool = False  # stopped: no process, no links, until it starts again
     rules_seen: bytes | None = None  # its .backerignore at its last whole scan
@@ -147,6 +148,7 @@ class Node:
         ``meanwhile`` is what the node's links do while an off-loop scan hashes
         (``mid_walk``: before its first file; see :func:`scan_share`)."""
         share = self.open()
+        edits = self.edits
         rules, local = IgnoreRules.load(self.root), share.catalog.local_entries()
         moved = self.rules_moved or self._rules() != self.rules_seen
         parents = set() if self.edited else _parents_of_live(share)
@@ -165,7 +167,9 @@ class Node:
                 raise InvariantBroken(
                     f"{self.name} recorded its own applied writes as edits: {recorded[:5]}"
                 )
-        self.edited = bool(summary.errors or summary.waiting)  # recorded later
+        # recorded later, or made while the scan ran (a person who saved a file where a
+        # window moving files meanwhile was about to put one: see faults.save_first)
+        self.edited = bool(summary.errors or summary.waiting) or self.edits != edits
         # A received rule records what it stops ignoring, as it is: a file the person
         # wrote while it was ignored is theirs, even once the rules are back as they were
         # at the last whole scan (a rule added, then removed).
@@ -190,6 +194,7 @@ class Node:
     def edit(self, paths: Iterable[str] | None) -> None:
         """Its person changed ``paths`` (None: anything, e.g. the ignore rules)."""
         self.edited = True
+        self.edits += 1
         if paths is None or self.touched is None:
             self.touched = None
         else:

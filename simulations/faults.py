@@ -22,11 +22,16 @@ store) does not happen, and neither does any change backer would make there afte
 each fails as ``Killed`` (a denied commit as SQLite's 'not authorized'). The harness
 then ends the process; its open transaction is rolled back, the page cache (the files
 already written) survives, as with SIGKILL.
+
+A node may also have a person who saves first (:meth:`Disks.save_first`): right before
+backer renames a file onto a path of the share where nothing is, the person saves a new
+file there. backer must leave it (the next scan records it), never replace it.
 """
 
 from __future__ import annotations
 
 import builtins
+import ctypes
 import errno
 import os
 import random
@@ -38,8 +43,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from backer.fs import dirs
 from backer.fs.paths import METADATA_DIR
-from backer.model import materializer
+from backer.model import entropy, materializer
 from backer.scanner import content
 
 FAULTED = frozenset(
@@ -127,6 +133,16 @@ class Meddler:
     person: Callable[[str], None]
 
 
+@dataclass
+class Saver:
+    """A node's person who saves a file where backer is about to rename one (see
+    :meth:`Disks.save_first`)."""
+
+    random: random.Random
+    rate: float
+    person: Callable[[str], None]
+
+
 class Disks:
     """The fault plans of every node, by root directory; a context manager installs them."""
 
@@ -138,6 +154,8 @@ class Disks:
         self.folder_opens = 0  # by backer, on any node: a deep tree must not make it O(depth²)
         self.meddlers: dict[str, Meddler] = {}  # by root
         self.kills: dict[str, Kill] = {}  # by root
+        self.savers: dict[str, Saver] = {}  # by root
+        self.replaced: list[str] = []  # files the person saved that backer replaced
         self._real: dict[str, Callable[..., Any]] = {}
 
     # -- switching ---------------------------------------------------------------------
@@ -203,6 +221,54 @@ class Disks:
                 return folder, aside
         return None
 
+    def save_first(
+        self, root: os.PathLike[str], seed: int, rate: float, person: Callable[[str], None]
+    ) -> None:
+        """Before a ``rate`` share of backer's renames onto a path of the share at
+        ``root`` where nothing is, the person saves a new file there (``person(path)``
+        is told, as its watcher would be); one that backer's rename replaced goes into
+        :attr:`replaced`."""
+        self.savers[os.fspath(root) + os.sep] = Saver(random.Random(seed), rate, person)
+
+    def _save_first(self, name: Any, dir_fd: int | None) -> tuple[str, str, bytes] | None:
+        """The person saves a file where backer is about to rename one (if nothing is
+        there); (its path, its path in the share, its bytes) for :meth:`_saved`."""
+        if not self.savers or not isinstance(name, str | bytes | os.PathLike):
+            return None
+        if not _from_backer():
+            return None
+        target = os.fsdecode(name)
+        if dir_fd is not None and not os.path.isabs(target):
+            target = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), target)
+        for root, saver in self.savers.items():
+            inside = target[len(root) :]
+            if (
+                target.startswith(root)
+                and inside
+                and not inside.startswith(METADATA_DIR)  # (a person's files only)
+                and not os.path.lexists(target)
+                and saver.random.random() < saver.rate
+            ):
+                data = b"saved by the person first " + saver.random.randbytes(8).hex().encode()
+                with builtins.open(target, "xb") as saved:
+                    saved.write(data)
+                now = entropy.now_ns()  # (the node's seeded clock: a seed replays alike)
+                self._real["utime"](target, ns=(now, now))
+                saver.person(inside)
+                self.injected["file saved before a rename"] += 1
+                return target, inside, data
+        return None
+
+    def _saved(self, target: str, inside: str, data: bytes) -> None:
+        """After backer's rename: the person's file must still be there as saved."""
+        try:
+            with builtins.open(target, "rb") as saved:
+                kept = saved.read() == data and not os.path.islink(target)
+        except OSError:
+            kept = False
+        if not kept:
+            self.replaced.append(inside)
+
     def _unmeddle(self, folder: str, aside: str) -> None:
         self._real["unlink"](folder)
         self._real["rename"](aside, folder)
@@ -259,9 +325,11 @@ class Disks:
                 raise Killed(errno.EIO, "killed", name)
 
     def calm(self) -> None:
-        """Faults stop and every disk is freed (the network heals next)."""
+        """Faults stop, every disk is freed and no person saves first any more (the
+        network heals next, and the checks that count bytes on the wire follow)."""
         for plan in self.plans.values():
             plan.rate, plan.budget = 0.0, None
+        self.savers.clear()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -328,6 +396,7 @@ class Disks:
     def installed(self) -> Iterator[Disks]:
         real = self._real = {name: getattr(os, name) for name in _PROXIES}
         real_syncfs = materializer._syncfs
+        real_renameat2 = dirs._renameat2
         proxies = {name: make(self, real[name]) for name, make in _PROXIES.items()}
         try:
             for name, proxy in proxies.items():
@@ -335,12 +404,15 @@ class Disks:
             content.open = _faulty_open(self, builtins.open)  # type: ignore[attr-defined]
             if real_syncfs is not None:
                 materializer._syncfs = _faulty_syncfs(self, real_syncfs)
+            if real_renameat2 is not None:
+                dirs._renameat2 = _faulty_renameat2(self, real_renameat2)
             yield self
         finally:
             for name, function in real.items():
                 setattr(os, name, function)
             del content.open  # type: ignore[attr-defined]
             materializer._syncfs = real_syncfs
+            dirs._renameat2 = real_renameat2
 
 
 def _from_backer(modules: frozenset[str] = FAULTED) -> bool:
@@ -454,6 +526,22 @@ def _on_path(call: str, argument: int = 0) -> Proxy:
     return make
 
 
+def _rename(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+    """``os.replace`` and ``os.rename``: they can fail, and a person may save a file at
+    the target first (which they must then not replace: see :meth:`Disks.save_first`)."""
+    faulty = _on_path("rename", 1)(disks, real)
+
+    def proxy(*args: Any, **kw: Any) -> Any:
+        saved = disks._save_first(args[1] if len(args) > 1 else None, kw.get("dst_dir_fd"))
+        try:
+            return faulty(*args, **kw)
+        finally:
+            if saved is not None:
+                disks._saved(*saved)
+
+    return proxy
+
+
 def _statvfs(disks: Disks, real: Callable[..., os.statvfs_result]) -> Callable[..., Any]:
     """Free space as the budget says, on a node whose disk is filling up (also to the
     pruner, which asks about the share's root itself)."""
@@ -482,8 +570,8 @@ _PROXIES: dict[str, Proxy] = {
     "fsync": _on_fd("fsync"),
     "ftruncate": _on_fd("truncate"),
     "fchmod": _on_fd("metadata"),
-    "replace": _on_path("rename", 1),
-    "rename": _on_path("rename", 1),
+    "replace": _rename,
+    "rename": _rename,
     "mkdir": _on_path("mkdir"),
     "link": _on_path("link", 1),
     "symlink": _on_path("link", 1),
@@ -503,6 +591,27 @@ def _faulty_open(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
     def proxy(path: Any, *args: Any, **kw: Any) -> Any:
         disks._maybe_fail(disks._for_path(path), "read", path)
         return real(path, *args, **kw)
+
+    return proxy
+
+
+def _faulty_renameat2(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
+    """``renameat2`` (through ctypes: -1 and errno on failure), as :func:`_rename`."""
+
+    def proxy(source_fd: int, source: bytes, target_fd: int, target: bytes, flags: int) -> int:
+        try:
+            if disks.kills:
+                disks._check_kill("rename", target, target_fd)
+            disks._maybe_fail(disks._for_fd(target_fd), "rename")
+        except InjectedFault as fault:
+            ctypes.set_errno(fault.errno)
+            return -1
+        saved = disks._save_first(target, target_fd)
+        try:
+            return real(source_fd, source, target_fd, target, flags)
+        finally:
+            if saved is not None:
+                disks._saved(*saved)
 
     return proxy
 

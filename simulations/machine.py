@@ -99,6 +99,8 @@ FAMILIES = {
     "sync's ingest and windows, a delivery, a prune, a restore): before its Nth durable "
     "step (a database commit, rename, unlink, rmdir, fsync, syncfs, link), then restarts "
     "as after SIGKILL; no change is recorded twice and every kept content stays readable",
+    "saves": "a person saves a new file at the very path a window is about to rename a "
+    "received file to, between the window's look and its rename (it must stay: a conflict)",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -107,7 +109,7 @@ ALL = frozenset(FAMILIES)
 CLASSIC: frozenset[str] = frozenset()
 DEFAULT_WORLD = frozenset(  # what CI and the tests run: the families that hold today
     {"faults", "disk", "fills", "durability", "ignore", "unicode", "case", "long", "tmpnames"}
-    | {"strict", "resident", "retention", "revisions", "clocks"}
+    | {"strict", "resident", "retention", "revisions", "clocks", "saves"}
 )  # (not deep: a seed with a 1,100-level chain costs backer a minute; see docs/simulations.md)
 NAMES = {
     "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it
@@ -124,6 +126,7 @@ SMALL_THRESHOLDS = {  # so a few small files exercise batching and both durabili
     "STAGE_BYTES": 64 * 1024,
 }
 FAULT_RATES = [0.02, 0.1, 0.3]
+SAVE_RATE = 0.2  # share of the renames onto an empty path that a person races (saves)
 WAITS = [  # how long a prune waits (ms): around each tier's edges, minutes to weeks
     MINUTE, 20 * MINUTE, 59 * MINUTE, 61 * MINUTE, 3 * HOUR, DAY, 3 * DAY, WEEK, 5 * WEEK,
     20 * WEEK, 52 * WEEK,
@@ -254,6 +257,10 @@ class ClusterMachine(RuleBasedStateMachine):
             self.cluster.learned = Learned(self.clock)
             self.cluster.note_learned()
         self.seeded.enter_context(self.cluster.disks.installed())
+        if "saves" in self.world:
+            for index, node in enumerate(self.cluster.nodes):
+                saves = seed * 1009 + index  # (not drawn from the cluster's: traces stay)
+                self.cluster.disks.save_first(node.root, saves, SAVE_RATE, node.edit_one)
         self.stats = dict.fromkeys(
             (
                 "syncs",
@@ -843,6 +850,11 @@ class ClusterMachine(RuleBasedStateMachine):
     def crash(self, node: int) -> None:
         self.cluster.crash(node)
         self.stats["crashes"] += 1
+
+    @invariant()
+    def no_saved_file_replaced(self) -> None:
+        replaced = self.cluster.disks.replaced  # (see simulations.faults.Disks.save_first)
+        assert not replaced, f"a file the person had just saved was replaced: {replaced}"
 
     @invariant()
     def no_stray_temp_files(self) -> None:

@@ -765,3 +765,25 @@ def test_a_tree_deeper_than_the_recursion_limit_is_watched_synced_and_checked() 
         ("sync", {"a": 1, "b": 0, "cut": None}),
     ]
     assert _passes(steps, frozenset({"deep"})).stats["edits"] == 3
+
+
+def test_the_harness_catches_a_saved_file_replaced_by_a_rename(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the window moving files to a path it found empty by ``os.replace`` again
+    (R43's race: a look, then a rename that replaces whatever came meanwhile), the
+    person who saves a file there between the two loses it, and the harness says so."""
+    try:
+        run_seed(515100, 3, 60, DEFAULT_WORLD)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+    def replacing(self: InShare, target: InShare) -> None:
+        with self.dirs.at(self.parent) as source, self.dirs.at(target.parent) as into:
+            os.replace(self.name, target.name, src_dir_fd=source, dst_dir_fd=into)
+
+    # (a function of backer.fs.dirs: the fault layer acts on backer's own calls only)
+    replacing = types.FunctionType(replacing.__code__, vars(dirs), "rename_new")
+    monkeypatch.setattr(InShare, "rename_new", replacing)
+    with pytest.raises(Failure, match="a file the person had just saved was replaced"):
+        run_seed(515100, 3, 60, DEFAULT_WORLD)

@@ -19,6 +19,7 @@ per folder, not one per folder and level.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import stat
@@ -29,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OPEN_DIRECTORIES = 64
+RENAME_NOREPLACE = 1  # renameat2's flag (linux/fs.h)
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # (glibc 2.28+)
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 Identity = tuple[int, int]  # a directory's (st_dev, st_ino): which folder it is, wherever
@@ -381,6 +386,26 @@ class InShare:
         """Rename this entry onto ``target`` (atomic), both by their parents."""
         with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
             os.replace(self.name, target.name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+
+    def rename_new(self, target: InShare) -> None:
+        """Rename this entry to ``target``, found absent a moment ago: FileExistsError
+        if something was put there since (a file the person just made is never
+        replaced). One step with ``renameat2(RENAME_NOREPLACE)``; where the kernel or
+        the filesystem lacks it, a look just before :func:`os.replace`."""
+        with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
+            if _renameat2 is not None:
+                source, name = os.fsencode(self.name), os.fsencode(target.name)
+                if not _renameat2(source_fd, source, target_fd, name, RENAME_NOREPLACE):
+                    return
+                code = ctypes.get_errno()
+                if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise OSError(code, os.strerror(code), str(target.path))
+            try:
+                os.stat(target.name, dir_fd=target_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.replace(self.name, target.name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+                return
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target.path))
 
     def link_into(self, directory_fd: int, name: str) -> None:
         """Hard-link this entry (a regular file) as ``name`` in ``directory_fd``."""

@@ -1629,10 +1629,17 @@ class Materializer:
                                 target.rmdir()
                             except OSError as exc:
                                 raise LocalEdit(op.path) from exc
+                            previous = None
                         elif previous is not None:
                             assert item.cached is not None
                             replaced = self._preserve(target, op.path, previous, item.cached)
-                        item.temp.replace(target)
+                        if previous is None:  # nothing there: nothing may be replaced
+                            try:
+                                item.temp.rename_new(target)
+                            except FileExistsError:  # the person's, made since the look
+                                raise LocalEdit(op.path) from None
+                        else:
+                            item.temp.replace(target)
                         if replaced is not None:
                             self.kept.rejoin(replaced)
                     directories.add(target.parent)

@@ -1,0 +1,49 @@
+"""A file the person makes at a path while a window moves a received file there (R43):
+the check that the path is still empty and the rename are one step, so the person's
+file is never replaced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backer.fs.dirs import InShare
+from backer.model.materializer import Materializer
+from backer.protocol.session import Session
+from tests.helpers import make_devices, pump
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_R43_a_file_made_between_the_windows_look_and_its_rename_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The window found the path empty and, a moment later, renamed its temp there with
+    ``os.replace``: a file the person saved in between (a download, an editor's first
+    save) was replaced, its bytes kept nowhere. Now it stays, reported as a local edit,
+    and the next scan records it (a conflict with the received version, both kept)."""
+    a, b = make_devices(tmp_path, 2)
+    if kind == "file":
+        (a.root / "report.txt").write_text("from a")
+    else:
+        (a.root / "report.txt").symlink_to("elsewhere")
+    a.scan()
+    b.scan()
+    looked = Materializer._unchanged
+
+    def person_saves_meanwhile(self: Materializer, target: InShare, cached: object) -> object:
+        found = looked(self, target, cached)  # (the window's look: nothing there)
+        if target.relative == "report.txt":
+            (b.root / "report.txt").write_text("the person's own")
+        return found
+
+    monkeypatch.setattr(Materializer, "_unchanged", person_saves_meanwhile)
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert (b.root / "report.txt").read_text() == "the person's own"
+    assert right.replicator.reports[-1].kept_local_edits == ["report.txt"]
+    assert not [p for p in b.root.iterdir() if p.name.endswith(".tmp")]  # (temp removed)
+    monkeypatch.undo()
+    b.scan()
+    live = b.catalog.live_for(["report.txt"])["report.txt"]
+    assert len(live) == 2  # the person's version beside a's: a conflict, nothing lost
