@@ -15,7 +15,8 @@ import pytest
 from backer.fs.dirs import Directories, Identity, InShare
 from backer.model import materializer
 from backer.model.share import Share
-from tests.helpers import make_devices, sync, tree
+from backer.protocol.session import Session
+from tests.helpers import make_devices, pump, sync, tree
 
 NAMES = [f"h{i}.txt" for i in range(12)]
 
@@ -171,3 +172,42 @@ def test_R34_a_deep_tree_costs_one_open_per_folder(
     assert dirs.moved(chain[250], {chain[100]: (checked.st_dev, checked.st_ino)})
     _unswap(deep, real)
     dirs.close()
+
+
+def test_R44_a_folder_renamed_while_its_files_deletions_go_on_keeps_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer deleted folder x; while this device applied it, its person renamed x to y.
+    The deletions trusted a folder found in place for their whole batch (a deep tree's
+    deletion goes up it from the folder below), so they went on through the descriptor
+    of x, now y, and deleted the person's files there (their bytes only in the store,
+    under x's history). The file deleted as the rename happened is gone (nothing can
+    tell); the ones after it stay in y, local edits that the next scan records."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "x").mkdir()
+    for n in range(3):
+        (a.root / "x" / f"f{n}").write_text(f"file {n}")
+    sync(a, b)
+    for n in range(3):
+        (a.root / "x" / f"f{n}").unlink()
+    (a.root / "x").rmdir()
+    a.scan()
+    b.scan()
+    keep = materializer.Materializer._preserve
+    kept: list[str] = []
+
+    def person_renames_meanwhile(self: materializer.Materializer, *args: Any) -> Any:
+        found = keep(self, *args)
+        if not kept:  # (x/f2's bytes are kept: it is deleted next, then x/f1, x/f0)
+            (b.root / "x").rename(b.root / "y")
+        kept.append(args[1])
+        return found
+
+    monkeypatch.setattr(materializer.Materializer, "_preserve", person_renames_meanwhile)
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert sorted(p.name for p in (b.root / "y").iterdir()) == ["f0", "f1"]
+    assert right.replicator.reports[-1].kept_local_edits == ["x/f1", "x/f0", "x"]
+    monkeypatch.undo()
+    b.scan()
+    assert {"y/f0", "y/f1"} <= set(b.catalog.live_for(["y/f0", "y/f1"]))

@@ -239,6 +239,20 @@ class Directories:
             self._found.update(found)
         return now != held
 
+    def at_its_path(self, relative: str) -> bool:
+        """Whether the folder open as ``relative`` is the one its path names now, by one
+        stat of the whole path (the kernel's walk: no descriptor per level). What
+        :meth:`moved` trusts within a batch — a folder found in place a moment ago —
+        this sees renamed since; a link put in place of a folder on the way it
+        follows (the walks of :meth:`moved` are what refuse those)."""
+        try:
+            with self.at(relative) as fd:
+                held = identity(fd)
+            now = os.stat(os.path.join(self.root, relative), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return (now.st_dev, now.st_ino) == held
+
     def _walk(self, relative: str, settled: dict[str, Identity], found: dict[str, Identity]) -> int:
         """A fresh descriptor of ``relative``: from the nearest ``settled`` folder above
         it that is open here as itself, else from the root."""

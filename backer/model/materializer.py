@@ -1460,7 +1460,9 @@ class Materializer:
             raise LocalEdit(str(target.path)) from None
         if cached is None or entry_key(stat_key_of(info)) != entry_key(cached.stat_key):
             raise LocalEdit(str(target.path))
-        return info
+        if not stat.S_ISDIR(info.st_mode) and not self.dirs.at_its_path(target.parent):
+            raise LocalEdit(str(target.path))  # its folder was renamed since the batch
+        return info  # found it: the file is the person's there now (R44)
 
     def _preserve(
         self, target: InShare, path: str, info: os.stat_result, cached: LocalEntry
