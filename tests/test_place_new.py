@@ -47,3 +47,38 @@ def test_R43_a_file_made_between_the_windows_look_and_its_rename_is_never_replac
     b.scan()
     live = b.catalog.live_for(["report.txt"])["report.txt"]
     assert len(live) == 2  # the person's version beside a's: a conflict, nothing lost
+
+
+def test_R45_a_file_saved_over_a_recorded_one_between_the_look_and_the_rename_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window found the recorded file unchanged, kept its bytes, then replaced it
+    with ``os.replace``: an editor that saved the person's new text over it in between
+    (a new file renamed over the old) lost it for good. Now the swap is one step and
+    what comes out must be the file looked at: the person's is put back, a local edit,
+    recorded by the next scan beside the received version."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "notes.txt").write_text("first")
+    a.scan()
+    pump(Session(a, "a"), Session(b, "b"))
+    (a.root / "notes.txt").write_text("a's second")
+    a.scan()
+    b.scan()
+    looked = Materializer._unchanged
+
+    def editor_saves_meanwhile(self: Materializer, target: InShare, cached: object) -> object:
+        found = looked(self, target, cached)
+        if target.relative == "notes.txt" and found is not None:
+            (b.root / "saved.tmp").write_text("the person's second")
+            (b.root / "saved.tmp").replace(b.root / "notes.txt")
+        return found
+
+    monkeypatch.setattr(Materializer, "_unchanged", editor_saves_meanwhile)
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert (b.root / "notes.txt").read_text() == "the person's second"
+    assert right.replicator.reports[-1].kept_local_edits == ["notes.txt"]
+    assert not [p for p in b.root.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    b.scan()
+    assert len(b.catalog.live_for(["notes.txt"])["notes.txt"]) == 2  # a conflict

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OPEN_DIRECTORIES = 64
-RENAME_NOREPLACE = 1  # renameat2's flag (linux/fs.h)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # (glibc 2.28+)
 if _renameat2 is not None:
     _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
@@ -400,6 +400,20 @@ class InShare:
         """Rename this entry onto ``target`` (atomic), both by their parents."""
         with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
             os.replace(self.name, target.name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+
+    def exchange(self, target: InShare) -> bool:
+        """Swap this entry and ``target`` in one step (``renameat2(RENAME_EXCHANGE)``);
+        False, with nothing done, where the kernel or the filesystem cannot."""
+        if _renameat2 is None:
+            return False
+        with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
+            source, name = os.fsencode(self.name), os.fsencode(target.name)
+            if not _renameat2(source_fd, source, target_fd, name, RENAME_EXCHANGE):
+                return True
+            code = ctypes.get_errno()
+            if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return False
+            raise OSError(code, os.strerror(code), str(target.path))
 
     def rename_new(self, target: InShare) -> None:
         """Rename this entry to ``target``, found absent a moment ago: FileExistsError

@@ -644,6 +644,21 @@ def _make_durable(root: Path, staged: list[_Staged], report: Report) -> list[_St
     return durable
 
 
+def _replace_looked_at(temp: InShare, target: InShare, looked: os.stat_result) -> None:
+    """Put ``temp`` in place of the recorded entry found at ``target`` a moment ago (its
+    bytes kept in the store): swapped in one step, the entry swapped out must be the one
+    looked at — else the person replaced it in between (an editor's save): theirs is
+    swapped back and it is a local edit (R45). Where no swap can be made, os.replace."""
+    if not temp.exchange(target):
+        temp.replace(target)
+        return
+    out = temp.lstat()
+    if (out.st_dev, out.st_ino) != (looked.st_dev, looked.st_ino):
+        temp.exchange(target)
+        raise LocalEdit(target.relative)
+    temp.unlink()
+
+
 @contextlib.contextmanager
 def _removing(temp: InShare) -> Iterator[None]:
     """Remove ``temp`` if the block fails: a temp file whose write failed never stays."""
@@ -1641,7 +1656,7 @@ class Materializer:
                             except FileExistsError:  # the person's, made since the look
                                 raise LocalEdit(op.path) from None
                         else:
-                            item.temp.replace(target)
+                            _replace_looked_at(item.temp, target, previous)
                         if replaced is not None:
                             self.kept.rejoin(replaced)
                     directories.add(target.parent)
