@@ -191,6 +191,39 @@ def test_R40_a_scan_killed_once_its_versions_are_recorded_records_nothing_twice(
         assert [v["live"] for v in history] == [False, True], name
 
 
+def test_a_scan_killed_once_its_versions_are_recorded_keeps_the_replaced_versions_readable(
+    tmp_path: Path,
+) -> None:
+    """A scan killed after the transaction of its events and scan cache, before the
+    one that noted the replaced and deleted contents to register at their store
+    entries (``last_scan_ms`` is written there): the cache no longer named the old
+    versions, so no later scan noted them, and their kept bytes were in the store
+    where no read found them (a restore said they were not on this device)."""
+    device = Device(tmp_path, "a")
+    device.root.mkdir()
+    old = {name: os.urandom(300_000) for name in ("edited", "deleted")}
+    for name, data in old.items():
+        (device.root / name).write_bytes(data)
+    device.run("init", str(device.root), "-q")
+    versions = {
+        name: json.loads(device.run("history", str(device.root / name), "--json").stdout)[0]
+        for name in old
+    }
+    staged = tmp_path / "edited.new"  # replaced, as an editor saves: a new inode
+    staged.write_bytes(os.urandom(300_000))
+    os.replace(staged, device.root / "edited")
+    (device.root / "deleted").unlink()
+    script = [sys.executable, "-c", _DIE_AFTER_RECORDING, str(device.root), "last_scan_ms"]
+    died = subprocess.run(script, env=device.env, cwd=REPO)
+    assert died.returncode == -signal.SIGKILL
+    device.run("scan", "--dir", str(device.root), "-q")
+    for name, data in old.items():
+        version = versions[name]["version"]
+        target = tmp_path / f"{name}.restored"
+        device.run("restore", str(device.root / name), "--version", version, "--to", str(target))
+        assert target.read_bytes() == data
+
+
 def test_a_peers_request_is_handled_whole_between_two_steps_of_the_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1344,8 +1344,10 @@ class Share:
                 (path, Version(Kind.DELETED, device=device, time_ms=now_ms, supersedes=based_on))
             )
         position = self.journal.position()
-        with self.db.conn:
+        kept, rewritten = self._replaced_contents(changed, found, applied)
+        with self.db.conn:  # noted before the events that replace them (see _keep_recorded)
             self.catalog.put_manifest_bodies(m for _, m, _ in changed if m is not None)
+            Store(self.root, self.catalog).to_register(kept)
         indexing = Indexing()
         seen_at = {seen.path: (seen, manifest) for seen, manifest, _ in changed}
 
@@ -1379,52 +1381,65 @@ class Share:
             summary.fresh = self._note_scan_problems(found) if found.final else []
             recorded = [seen.path for seen, _, _ in changed] + found.deleted
             self._note_problems("apply", [], resolved=recorded)  # the disk's version won
-            indexing.kept = self._keep_recorded(changed, found, applied)
+            self._keep_recorded(changed, found, rewritten)
+            indexing.kept = kept
         if found.final:  # (the document grows with the share: saved once per scan)
             self.save_snapshot()
             self._sweep(found.leftovers)
         summary.seconds = time.monotonic() - started
         return summary, indexing
 
-    def _keep_recorded(
+    def _replaced_contents(
         self,
         changed: list[tuple[Seen, Manifest | None, bytes]],
         found: Observation,
         applied: list[str],
-    ) -> list[bytes]:
-        """The content store after a recorded scan (best effort: a link that cannot be
-        made costs a kept version, never a file): each file as recorded now is kept by
-        a hard link, so that when the person later replaces or deletes it, its bytes
-        are still here; the replaced and deleted contents the store held get their
-        chunk locations there, unless the file was rewritten in place (same inode):
-        then the kept bytes went with it. So do the contents of paths that became
-        ignored: nothing watches those files any more, and a version they held may
-        still be needed (its conflict copy, once the rule goes) with the store's entry
-        its only copy (and so do those of the ``applied`` deletions and of the versions an
-        adopted one replaced). Returns the contents
-        whose locations go to their store entries (:meth:`Store.register`, part of
-        :class:`Indexing`)."""
-        store = Store(self.root, self.catalog)
+    ) -> tuple[list[bytes], list[tuple[bytes, int]]]:
+        """The contents a scan's record replaces or deletes: those whose chunk locations
+        go to their store entries (:meth:`Store.register`, part of :class:`Indexing`),
+        and (content, inode) of those rewritten in place, whose kept bytes went with the
+        file. So go the contents of paths that became ignored: nothing watches those
+        files any more, and a version they held may still be needed (its conflict copy,
+        once the rule goes) with the store's entry its only copy; and so do those of the
+        ``applied`` deletions and of the versions an adopted one replaced."""
         inodes = {seen.path: seen.inode for seen, _, _ in changed}
         adopted = {  # a version that replaced the recorded one, put in place by a window
             e.path: e.inode  # killed before its commit (R41): the old one is replaced too
             for e in found.refreshed
             if (old := found.local.get(e.path)) is not None and old.version_id != e.version_id
         }
-        kept, now = [], inodes | adopted
+        kept, rewritten, now = [], [], inodes | adopted
         for path in [*inodes, *found.deleted, *found.forgotten, *applied, *adopted]:
             old = found.local.get(path)
             previous = self.catalog.version(old.version_id) if old is not None else None
             if old is None or previous is None or previous.kind != Kind.FILE:
                 continue
             if now.get(path) == old.inode:
-                store.edited_in_place(previous.content, old.inode)
+                rewritten.append((previous.content, old.inode))
             else:
                 kept.append(previous.content)
-        store.to_register(kept)
+        return kept, rewritten
+
+    def _keep_recorded(
+        self,
+        changed: list[tuple[Seen, Manifest | None, bytes]],
+        found: Observation,
+        rewritten: list[tuple[bytes, int]],
+    ) -> None:
+        """The content store after a recorded scan (best effort: a link that cannot be
+        made costs a kept version, never a file): each file as recorded now is kept by
+        a hard link, so that when the person later replaces or deletes it, its bytes
+        are still here; an entry of a file ``rewritten`` in place goes. The contents to
+        register at their entries were noted before the scan's events, in a transaction
+        of their own (:meth:`_replaced_contents`): noted with the rest of the scan's
+        cache, after those events and the entries they drop, a process killed in
+        between left the kept bytes where no read found them, and no later scan knew of
+        them (R46)."""
+        store = Store(self.root, self.catalog)
+        for content, inode in rewritten:
+            store.edited_in_place(content, inode)
         store.keep_files((s.path, c, s.size, s.inode) for s, _, c in changed if s.kind == Kind.FILE)
         store.keep_entries(found.refreshed)
-        return kept
 
     def _deleted_while_ignored(self, found: Observation) -> dict[str, str]:
         """Paths no longer ignored that are gone from the disk, with the version this
