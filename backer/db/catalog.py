@@ -113,6 +113,14 @@ def one_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.commit()
 
 
+def scratch_in_memory(conn: sqlite3.Connection) -> None:
+    """Keep SQLite's scratch (statement journals past 64 KiB, sorts past the page cache,
+    transient indices) in memory, not in TMPDIR or /tmp: a full system temp directory
+    failed a scan or an ingest with 'database or disk is full' while the share's disk had
+    room (R46; docs/decisions.md says what bounds it)."""
+    conn.execute("PRAGMA temp_store=MEMORY")
+
+
 def read_local(
     conn: sqlite3.Connection, paths: Iterable[str] | None = None, subtrees: Iterable[str] = ()
 ) -> dict[str, LocalEntry]:
@@ -162,6 +170,7 @@ class Catalog:
         self.conn: sqlite3.Connection = db.conn
         self._manifests: dict[bytes, Manifest] = {}  # content-addressed, so never stale
         self.conn.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
+        scratch_in_memory(self.conn)
         self.conn.create_function("nfc", 1, _nfc, deterministic=True)
         self.conn.create_function("record_size", 1, record_size, deterministic=True)
         if not migrate:

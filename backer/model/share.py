@@ -35,6 +35,7 @@ from backer.db.catalog import (
     read_local,
     read_local_after,
     read_local_names,
+    scratch_in_memory,
 )
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR, is_valid
@@ -1253,6 +1254,7 @@ class Share:
         def work() -> Observation:
             uri = f"file:{urllib.parse.quote(os.fspath(database))}?mode=ro"
             with contextlib.closing(sqlite3.connect(uri, uri=True)) as reader:
+                scratch_in_memory(reader)
                 local_for = functools.partial(read_local, reader)
                 local_after = functools.partial(read_local_after, reader)
                 names_of = functools.partial(read_local_names, reader)
