@@ -3,11 +3,13 @@ taken for what it received at its next scan, never for an edit of its own."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.e2e import joined_pair
@@ -131,3 +133,55 @@ def test_a_version_replaced_by_a_window_killed_before_its_cache_stays_restorable
     target = tmp_path / "restored"  # (a is gone: b's own store must serve it)
     b.run("restore", str(b.root / "f"), "--version", old, "--to", str(target))
     assert target.read_bytes() == first
+
+
+_SYNC_DYING_AT_ITS_FIRST_WINDOW = """
+import os, signal, sys
+from backer.cli import main
+from backer.model.materializer import Materializer
+def die(*args, **kwargs):  # the conflict is resolved and recorded; nothing is written
+    os.kill(os.getpid(), signal.SIGKILL)
+Materializer.start = die
+sys.argv = ["backer", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_path_a_killed_restore_removed_is_not_deleted_again_when_its_version_went_to_a_copy(
+    tmp_path: Path,
+) -> None:
+    """The file at ``f`` held this device's version, which lost a conflict (its copy
+    carries it: recorded, not yet written) when a restore to a moment before ``f``
+    deleted the winner and removed the file, and was killed before its commit: the next
+    scan found ``f`` gone, the scan cache still naming the lost version, and recorded a
+    deletion of it beside the restore's — a version no longer live at ``f`` deleted
+    again (the simulations' ``kills`` family, seed 2280)."""
+    a, b, ports = joined_pair(tmp_path)
+    (a.root / "g").write_bytes(b"before f")
+    a.run("scan", "--dir", str(a.root), "-q")
+    time.sleep(1.1)
+    moment = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    time.sleep(1.1)
+    (a.root / "f").write_bytes(os.urandom(50_000))
+    a.run("scan", "--dir", str(a.root), "-q")
+    with a.serving(ports[0]) as address:
+        b.sync(address)
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for device, mtime in ((a, hour_ago), (b, time.time_ns())):  # b's edit is the later
+        (device.root / "f").write_bytes(os.urandom(50_000))
+        os.utime(device.root / "f", ns=(mtime, mtime))
+        device.run("scan", "--dir", str(device.root), "-q")
+    mine = (a.root / "f").read_bytes()
+    with b.serving(ports[1]) as address:
+        script = [sys.executable, "-c", _SYNC_DYING_AT_ITS_FIRST_WINDOW, "sync", address]
+        died = subprocess.run([*script, "--dir", str(a.root)], env=a.env, cwd=REPO)
+        assert died.returncode == -signal.SIGKILL
+    assert (a.root / "f").read_bytes() == mine  # the lost version, where it was
+    script = [sys.executable, "-c", _SYNC_DYING_AFTER_A_DELETION, "restore", str(a.root)]
+    died = subprocess.run([*script, "--at", moment], env=a.env, cwd=REPO)
+    assert died.returncode == -signal.SIGKILL
+    assert not (a.root / "f").exists()
+    a.run("scan", "--dir", str(a.root), "-q")
+    history = json.loads(a.run("history", str(a.root / "f"), "--json").stdout)
+    assert [(v["kind"], v["live"]) for v in history if v["live"]] == [("deleted", True)]
+    assert len(history) == 4  # the first version, the two edits, the restore's deletion

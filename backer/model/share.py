@@ -1618,21 +1618,27 @@ class Share:
     def _applied_deletions(
         self, deleted: list[str], local: dict[str, LocalEntry], live: dict[str, dict[str, Version]]
     ) -> list[str]:
-        """The paths gone from the disk whose deletion is already recorded: a live
-        deletion replaced the version the scan cache names there (a received or
-        restored deletion applied, its process killed before the cache entry went).
-        Recorded again, it would be this device's second deletion of one version,
-        concurrent with the first; its cache entry goes instead (as R41 adopts a
-        received file)."""
+        """The paths gone from the disk whose deletion is already recorded (a received or
+        restored deletion applied, its process killed before the cache entry went):
+        a live deletion replaced the version the scan cache names there, or that
+        version went elsewhere (a conflict copy carries it) and nothing but deletions
+        is live at the path. Recorded again, it would be this device's second deletion
+        of one version, or a deletion of one no longer live, beside the first; its
+        cache entry goes instead (as R41 adopts a received file)."""
         return [
             path
             for path in deleted
-            if path in local
-            and any(
-                v.kind == Kind.DELETED and self._replaced(local[path].version_id, v)
-                for v in live.get(path, {}).values()
-            )
+            if path in local and self._deletion_recorded(local[path].version_id, live.get(path, {}))
         ]
+
+    def _deletion_recorded(self, recorded: str, live: dict[str, Version]) -> bool:
+        """Whether the state already has the path deleted whose scan cache names
+        ``recorded`` (``live``: the path's live versions); see :meth:`_applied_deletions`."""
+        deletions = [v for v in live.values() if v.kind == Kind.DELETED]
+        if any(self._replaced(recorded, v) for v in deletions):
+            return True
+        gone = recorded not in live and self.catalog.version(recorded) is not None
+        return gone and len(deletions) == len(live)
 
     def _replaced(self, recorded: str, version: Version) -> bool:
         """Whether ``version`` replaced ``recorded``, directly or through versions since
