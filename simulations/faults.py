@@ -24,8 +24,9 @@ then ends the process; its open transaction is rolled back, the page cache (the 
 already written) survives, as with SIGKILL.
 
 A node may also have a person who saves first (:meth:`Disks.save_first`): right before
-backer renames a file onto a path of the share where nothing is, the person saves a new
-file there. backer must leave it (the next scan records it), never replace it.
+backer renames (or hard-links) a file onto a path of the share where nothing is, the
+person saves a new file there. backer must leave it (the next scan records it), never
+replace it. A node's filesystem may lack renameat2's flags (:meth:`Disks.plain_renames`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class Plan:
     rate: float = 0.0
     random: random.Random = field(default_factory=random.Random)
     budget: int | None = None  # bytes the disk still takes; None: no limit
+    plain_renames: bool = False  # renameat2 has no flags here (EINVAL), as on NFS
 
     @property
     def active(self) -> bool:
@@ -173,6 +175,11 @@ class Disks:
     def fill(self, root: os.PathLike[str], budget: int) -> None:
         """The node's disk takes ``budget`` more bytes, then is full."""
         self._plan(root).budget = budget
+
+    def plain_renames(self, root: os.PathLike[str]) -> None:
+        """The node's filesystem lacks renameat2's flags (EINVAL, as NFS and some FUSE
+        do): backer's no-replace rename and its swap take their fallbacks."""
+        self._plan(root).plain_renames = True
 
     def free(self, root: os.PathLike[str]) -> None:
         self._plan(root).budget = None
@@ -542,6 +549,22 @@ def _rename(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
     return proxy
 
 
+def _link(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+    """``os.link``: it can fail, and a person may save a file at the target first (a
+    link is how a file goes to a path where renameat2 has no RENAME_NOREPLACE)."""
+    faulty = _on_path("link", 1)(disks, real)
+
+    def proxy(*args: Any, **kw: Any) -> Any:
+        saved = disks._save_first(args[1] if len(args) > 1 else None, kw.get("dst_dir_fd"))
+        try:
+            return faulty(*args, **kw)
+        finally:
+            if saved is not None:
+                disks._saved(*saved)
+
+    return proxy
+
+
 def _statvfs(disks: Disks, real: Callable[..., os.statvfs_result]) -> Callable[..., Any]:
     """Free space as the budget says, on a node whose disk is filling up (also to the
     pruner, which asks about the share's root itself)."""
@@ -573,7 +596,7 @@ _PROXIES: dict[str, Proxy] = {
     "replace": _rename,
     "rename": _rename,
     "mkdir": _on_path("mkdir"),
-    "link": _on_path("link", 1),
+    "link": _link,
     "symlink": _on_path("link", 1),
     "utime": _on_path("metadata"),
     "chmod": _on_path("metadata"),
@@ -599,6 +622,10 @@ def _faulty_renameat2(disks: Disks, real: Callable[..., int]) -> Callable[..., i
     """``renameat2`` (through ctypes: -1 and errno on failure), as :func:`_rename`."""
 
     def proxy(source_fd: int, source: bytes, target_fd: int, target: bytes, flags: int) -> int:
+        plan = disks.fds.get(target_fd)
+        if flags and plan is not None and plan.plain_renames:
+            ctypes.set_errno(errno.EINVAL)
+            return -1
         try:
             if disks.kills:
                 disks._check_kill("rename", target, target_fd)

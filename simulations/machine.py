@@ -101,6 +101,9 @@ FAMILIES = {
     "as after SIGKILL; no change is recorded twice and every kept content stays readable",
     "saves": "a person saves a new file at the very path a window is about to rename a "
     "received file to, between the window's look and its rename (it must stay: a conflict)",
+    "plainrename": "one node's filesystem lacks renameat2's flags (EINVAL, as NFS): a "
+    "received file goes to an empty path by a hard link, a recorded one is replaced by a "
+    "rename (with saves: the person's file must stay there too)",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -261,6 +264,8 @@ class ClusterMachine(RuleBasedStateMachine):
             for index, node in enumerate(self.cluster.nodes):
                 saves = seed * 1009 + index  # (not drawn from the cluster's: traces stay)
                 self.cluster.disks.save_first(node.root, saves, SAVE_RATE, node.edit_one)
+        if "plainrename" in self.world:
+            self.cluster.disks.plain_renames(self.cluster.nodes[seed % nodes].root)
         self.stats = dict.fromkeys(
             (
                 "syncs",

@@ -4,10 +4,15 @@ file is never replaced."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from backer.fs import dirs
 from backer.fs.dirs import InShare
 from backer.model.materializer import Materializer
 from backer.protocol.session import Session
@@ -82,3 +87,45 @@ def test_R45_a_file_saved_over_a_recorded_one_between_the_look_and_the_rename_st
     monkeypatch.undo()
     b.scan()
     assert len(b.catalog.live_for(["notes.txt"])["notes.txt"]) == 2  # a conflict
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_R47_without_renameat2_a_file_saved_just_before_the_rename_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Where renameat2's flags are missing (EINVAL: NFS, some FUSE, older kernels),
+    the window looked once more and then renamed with ``os.replace``: a file the person
+    saved between that look and the rename was replaced, its bytes kept nowhere. Now a
+    hard link puts the temp there, which fails if anything is there."""
+    a, b = make_devices(tmp_path, 2)
+    if kind == "file":
+        (a.root / "report.txt").write_text("from a")
+    else:
+        (a.root / "report.txt").symlink_to("elsewhere")
+    a.scan()
+    b.scan()
+
+    def no_flags(*args: object) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    def saved_first(real: Callable[..., None]) -> Callable[..., None]:
+        def call(source: str, target: str, **kw: object) -> None:
+            if target == "report.txt" and not (b.root / "report.txt").exists():
+                (b.root / "report.txt").write_text("the person's own")
+            real(source, target, **kw)
+
+        return call
+
+    monkeypatch.setattr(dirs, "_renameat2", no_flags)
+    for call in ("replace", "link"):  # (whichever puts the temp at the path)
+        monkeypatch.setattr(os, call, saved_first(getattr(os, call)))
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert not (b.root / "report.txt").is_symlink()
+    assert (b.root / "report.txt").read_text() == "the person's own"
+    assert right.replicator.reports[-1].kept_local_edits == ["report.txt"]
+    assert not [p for p in b.root.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    b.scan()
+    assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 2  # a conflict

@@ -34,6 +34,8 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # (glibc 2.28+)
 if _renameat2 is not None:
     _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # a flag the filesystem lacks
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 Identity = tuple[int, int]  # a directory's (st_dev, st_ino): which folder it is, wherever
@@ -411,7 +413,7 @@ class InShare:
             if not _renameat2(source_fd, source, target_fd, name, RENAME_EXCHANGE):
                 return True
             code = ctypes.get_errno()
-            if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            if code in _UNSUPPORTED:
                 return False
             raise OSError(code, os.strerror(code), str(target.path))
 
@@ -419,15 +421,32 @@ class InShare:
         """Rename this entry to ``target``, found absent a moment ago: FileExistsError
         if something was put there since (a file the person just made is never
         replaced). One step with ``renameat2(RENAME_NOREPLACE)``; where the kernel or
-        the filesystem lacks it, a look just before :func:`os.replace`."""
+        the filesystem lacks it (NFS, some FUSE), a hard link to ``target``, which
+        fails with EEXIST if anything is there, then the temp name's unlink (R47);
+        only where neither exists (a directory, a filesystem without hard links), a
+        look just before :func:`os.replace`."""
         with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
             if _renameat2 is not None:
                 source, name = os.fsencode(self.name), os.fsencode(target.name)
                 if not _renameat2(source_fd, source, target_fd, name, RENAME_NOREPLACE):
                     return
                 code = ctypes.get_errno()
-                if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                if code not in _UNSUPPORTED:
                     raise OSError(code, os.strerror(code), str(target.path))
+            try:
+                os.link(
+                    self.name,
+                    target.name,
+                    src_dir_fd=source_fd,
+                    dst_dir_fd=target_fd,
+                    follow_symlinks=False,
+                )
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise  # (FileExistsError: something is there)
+            else:
+                os.unlink(self.name, dir_fd=source_fd)
+                return
             try:
                 os.stat(target.name, dir_fd=target_fd, follow_symlinks=False)
             except FileNotFoundError:
