@@ -185,3 +185,38 @@ def test_a_path_a_killed_restore_removed_is_not_deleted_again_when_its_version_w
     history = json.loads(a.run("history", str(a.root / "f"), "--json").stdout)
     assert [(v["kind"], v["live"]) for v in history if v["live"]] == [("deleted", True)]
     assert len(history) == 4  # the first version, the two edits, the restore's deletion
+
+
+def test_the_winner_of_a_conflict_a_killed_window_moved_into_place_is_not_recorded_as_an_edit(
+    tmp_path: Path,
+) -> None:
+    """A window that resolved a conflict (this device's version of ``f`` lost to a
+    concurrent one, now carried by its conflict copy) moved the winner into place and
+    was killed before its cache: the next scan took the winner's bytes for this
+    device's own edit of the version it had held, a new version beside the winner; and
+    as that version replaced the one the conflict copy carries, the copy was moot and
+    went from every device (the simulations' ``kills`` family, seed 314)."""
+    a, b, ports = joined_pair(tmp_path)
+    (a.root / "f").write_bytes(os.urandom(50_000))
+    a.run("scan", "--dir", str(a.root), "-q")
+    with a.serving(ports[0]) as address:
+        b.sync(address)
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for device, mtime in ((a, hour_ago), (b, time.time_ns())):  # b's edit is the later
+        (device.root / "f").write_bytes(os.urandom(50_000))
+        os.utime(device.root / "f", ns=(mtime, mtime))
+        device.run("scan", "--dir", str(device.root), "-q")
+    mine, theirs = (a.root / "f").read_bytes(), (b.root / "f").read_bytes()
+    with b.serving(ports[1]) as address:
+        script = [sys.executable, "-c", _SYNC_DYING_AT_ITS_CACHE, "sync", address]
+        died = subprocess.run([*script, "--dir", str(a.root)], env=a.env, cwd=REPO)
+        assert died.returncode == -signal.SIGKILL
+        assert (a.root / "f").read_bytes() == theirs
+        a.run("scan", "--dir", str(a.root), "-q")
+        a.sync(address)
+    history = json.loads(a.run("history", str(a.root / "f"), "--json").stdout)
+    assert len(history) == 3, history  # the first version and the two edits
+    (copy,) = a.root.glob("f.sync-conflict-*")
+    assert copy.read_bytes() == mine
+    assert (b.root / copy.name).read_bytes() == mine
+

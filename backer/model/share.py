@@ -1577,18 +1577,22 @@ class Share:
         equal: adopting another version would leave the old one standing with its bytes
         on no disk. A recorded path identical to a live version that replaced the one
         recorded there (a window killed between moving a received file into place and
-        writing its cache entry) is that version too, not an edit beside it (R41). The
-        rest is returned."""
+        writing its cache entry) is that version too, not an edit beside it (R41); so is
+        one identical to any live version once the recorded one is no longer live there
+        (a conflict copy carries it: the window moved the winner into place). The rest
+        is returned."""
         remaining = []
         for seen, manifest, content in changed:
             wanted = (seen.kind, content, seen.permissions)
             candidates = dict(sorted(live.get(seen.path, {}).items()))
             if seen.path in local:
                 recorded = local[seen.path].version_id
+                moved_on = self._moved_on(recorded, candidates)
                 candidates = {
                     vid: v
                     for vid, v in candidates.items()
-                    if (v.kind, v.content, v.permissions) == wanted and self._replaced(recorded, v)
+                    if (v.kind, v.content, v.permissions) == wanted
+                    and (moved_on or self._replaced(recorded, v))
                 }
             else:
                 held = basis.get(seen.path)
@@ -1637,8 +1641,15 @@ class Share:
         deletions = [v for v in live.values() if v.kind == Kind.DELETED]
         if any(self._replaced(recorded, v) for v in deletions):
             return True
-        gone = recorded not in live and self.catalog.version(recorded) is not None
-        return gone and len(deletions) == len(live)
+        return self._moved_on(recorded, live) and len(deletions) == len(live)
+
+    def _moved_on(self, recorded: str, live: dict[str, Version]) -> bool:
+        """Whether the version a scan-cache entry names, ``recorded``, is a version this
+        device knows that is no longer live at its path (``live``: the path's live
+        versions): replaced, or carried by its conflict copy. What the disk holds there
+        was then put there for the versions that are (a window or restore killed before
+        its commit), or is the person's edit of what is live, not of ``recorded``."""
+        return recorded not in live and self.catalog.version(recorded) is not None
 
     def _replaced(self, recorded: str, version: Version) -> bool:
         """Whether ``version`` replaced ``recorded``, directly or through versions since
