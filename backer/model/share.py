@@ -1436,7 +1436,7 @@ class Share:
         of their own (:meth:`_replaced_contents`): noted with the rest of the scan's
         cache, after those events and the entries they drop, a process killed in
         between left the kept bytes where no read found them, and no later scan knew of
-        them (R47)."""
+        them (R48)."""
         store = Store(self.root, self.catalog)
         for content, inode in rewritten:
             store.edited_in_place(content, inode)
