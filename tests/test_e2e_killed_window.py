@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.e2e import joined_pair
+from tests.e2e import Device, joined_pair
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -220,3 +220,27 @@ def test_the_winner_of_a_conflict_a_killed_window_moved_into_place_is_not_record
     assert copy.read_bytes() == mine
     assert (b.root / copy.name).read_bytes() == mine
 
+
+def test_a_folder_a_killed_restore_removed_a_file_from_keeps_its_version(
+    tmp_path: Path,
+) -> None:
+    """A restore to a moment before ``d/new`` was made removed it and was killed before
+    its commit: the next scan took the deletion for the one recorded, but recorded
+    ``d`` anew for the time the removal moved, an edit nobody made that went to every
+    device (the simulations' ``kills`` family, seeds 523 and 1047)."""
+    device = Device(tmp_path, "a")
+    (device.root / "d").mkdir(parents=True)
+    (device.root / "d" / "old").write_bytes(b"before the moment")
+    device.run("init", str(device.root), "-q")
+    time.sleep(1.1)
+    moment = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    time.sleep(1.1)
+    (device.root / "d" / "new").write_bytes(os.urandom(50_000))
+    device.run("scan", "--dir", str(device.root), "-q")
+    folder = json.loads(device.run("history", str(device.root / "d"), "--json").stdout)
+    script = [sys.executable, "-c", _SYNC_DYING_AFTER_A_DELETION, "restore", str(device.root)]
+    died = subprocess.run([*script, "--at", moment], env=device.env, cwd=REPO)
+    assert died.returncode == -signal.SIGKILL
+    assert not (device.root / "d" / "new").exists()
+    device.run("scan", "--dir", str(device.root), "-q")
+    assert json.loads(device.run("history", str(device.root / "d"), "--json").stdout) == folder

@@ -1324,9 +1324,9 @@ class Share:
         basis = self.catalog.forgotten_basis(s.path for s, _, _ in changed if s.path not in local)
         adopting = changed
         changed = self._adopt_identical(changed, local, live, basis, found, found.observed_ns)
-        changed = self._only_changed_parents(adopting, changed, local, found)
         applied = self._applied_deletions(found.deleted, local, live)
         found.deleted = [path for path in found.deleted if path not in applied]
+        changed = self._only_changed_parents(adopting, changed, local, found, applied)
         versions: list[tuple[str, Version]] = []
         # A local change supersedes only the version the disk held (the cached one, or
         # for a path no longer ignored the one it held when the rule came): remote
@@ -1671,15 +1671,19 @@ class Share:
         changed: list[tuple[Seen, Manifest | None, bytes]],
         local: dict[str, LocalEntry],
         found: Observation,
+        applied: list[str],
     ) -> list[tuple[Seen, Manifest | None, bytes]]:
         """A directory recorded again only for its new mtime (the walk saw an entry of it
-        change) keeps its version when each such entry was adopted: an entry that is a
-        live version is no change, and the mtime moved by it (a missing parent a waiting
-        window made, a path no longer ignored) would otherwise reach every peer as an
-        edit nobody made. Its cache entry takes the new mtime. (``before``: the changes
-        before adoption.) The rest is returned."""
+        change) keeps its version when each such entry was adopted or is an ``applied``
+        deletion: an entry that is a live version, or a removal already recorded, is no
+        change, and the mtime moved by it (a missing parent a waiting window made, a
+        path no longer ignored, a file a window or restore killed before its commit
+        removed) would otherwise reach every peer as an edit nobody made. Its cache entry
+        takes the new mtime. (``before``: the changes before adoption.) The rest is
+        returned."""
         kept = {seen.path for seen, _, _ in changed}
         adopted = {s.path.rpartition("/")[0] for s, _, _ in before if s.path not in kept}
+        adopted.update(path.rpartition("/")[0] for path in applied)
         parents = {path.rpartition("/")[0] for path in kept | set(found.deleted)}
         remaining = []
         for seen, manifest, content in changed:
