@@ -90,7 +90,7 @@ def test_R45_a_file_saved_over_a_recorded_one_between_the_look_and_the_rename_st
 
 
 @pytest.mark.parametrize("kind", ["file", "link"])
-def test_R48_without_renameat2_a_file_saved_just_before_the_rename_is_never_replaced(
+def test_R47_without_renameat2_a_file_saved_just_before_the_rename_is_never_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """Where renameat2's flags are missing (EINVAL: NFS, some FUSE, older kernels),

@@ -422,7 +422,7 @@ class InShare:
         if something was put there since (a file the person just made is never
         replaced). One step with ``renameat2(RENAME_NOREPLACE)``; where the kernel or
         the filesystem lacks it (NFS, some FUSE), a hard link to ``target``, which
-        fails with EEXIST if anything is there, then the temp name's unlink (R48);
+        fails with EEXIST if anything is there, then the temp name's unlink (R47);
         only where neither exists (a directory, a filesystem without hard links), a
         look just before :func:`os.replace`."""
         with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
