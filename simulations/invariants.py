@@ -12,7 +12,7 @@ import nacl.signing
 from blake3 import blake3
 
 from backer.fs.paths import is_valid
-from backer.model.materializer import copy_version_id
+from backer.model.materializer import copy_version_id, is_copy_of
 from backer.model.records import Kind, Version
 from backer.model.share import Share
 from backer.scanner.chunks import ChunkStore
@@ -444,25 +444,35 @@ def check_still_recoverable(cluster: Cluster, index: int, before: dict[bytes, se
 
 
 def check_recorded_once(cluster: Cluster, index: int) -> None:
-    """Node ``index`` never holds two live versions of its own at one path: each version
-    it records replaces every one it knew there. A change recorded again by a process
-    that did not know it had recorded it (killed between its events and its catalog or
-    scan cache: R40) is a conflict of the device with itself. (A node brought back from
-    an old backup forgets what it recorded since: not checked there; nor a directory
-    the materializer made for what a peer wrote inside it after this device deleted
-    it: its scan records the directory anew, beside its own deletion, by design.)"""
+    """Node ``index`` never records one change twice: no two live versions of its own at
+    one path replace the same version (or both nothing). A change recorded again by a
+    process that did not know it had recorded it (killed between its events and its
+    catalog or scan cache: R40) is a conflict of the device with itself. Two live
+    versions that replace different ones are two changes: a file the person made anew
+    where this device had deleted another (its scan knew of nothing there to replace).
+    (A node brought back from an old backup forgets what it recorded since: not checked
+    there; nor a directory the materializer made for what a peer wrote inside it after
+    this device deleted it: its scan records the directory anew, beside its own
+    deletion, by design. Nor a conflict copy: it names the device of the version it
+    carries, and every device records it.)"""
     node = cluster.nodes[index]
     if node.share is None or cluster.rolled_back:
         return
     own = bytes(node.key.verify_key)[:8]
-    mine: dict[str, int] = {}
-    for path, _, version in node.share.catalog.all_live():
-        if version.device == own and version.kind != Kind.DIRECTORY:
-            mine[path] = mine.get(path, 0) + 1
-    twice = sorted(path for path, count in mine.items() if count > 1)
+    mine: dict[str, list[set[str]]] = {}
+    twice: set[str] = set()
+    for path, vid, version in node.share.catalog.all_live():
+        copy = is_copy_of(vid, version) is not None
+        if version.device != own or version.kind == Kind.DIRECTORY or copy:
+            continue
+        replaced = set(version.supersedes)
+        others = mine.setdefault(path, [])
+        if any(replaced & other or not (replaced or other) for other in others):
+            twice.add(path)
+        others.append(replaced)
     if twice:
         raise InvariantBroken(
-            f"{node.name} recorded a change twice, concurrent with itself: {twice[:5]}"
+            f"{node.name} recorded a change twice, concurrent with itself: {sorted(twice)[:5]}"
         )
 
 

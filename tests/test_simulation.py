@@ -787,3 +787,63 @@ def test_the_harness_catches_a_saved_file_replaced_by_a_rename(
     monkeypatch.setattr(InShare, "rename_new", replacing)
     with pytest.raises(Failure, match="a file the person had just saved was replaced"):
         run_seed(515100, 3, 60, DEFAULT_WORLD)
+
+
+KILLS = DEFAULT_WORLD | {"kills"}
+Z = b"Z" * 24
+KILLED_TRACES = {  # seed: a shrunk trace of default world + kills that failed
+    2225: [  # the person saved at a copy's path before the window's rename: their file
+        ("sync", {"a": 0, "b": 1, "cut": None}),  # beside the copy, which names the
+        ("write", {"node": 1, "path": "a/f", "data": b"other"}),  # device of the
+        ("sync", {"a": 1, "b": 2, "cut": None}),  # version it carries (the check's)
+        ("race", {"node": 1, "path": "x.log", "data": Z, "limit": 42}),
+        ("scan", {"node": 1, "during": 28}),
+        ("write", {"node": 1, "path": "n" * 255, "data": b"C(ps"}),
+        ("scan", {"node": 1, "during": 20}),
+        ("scan", {"node": 0, "during": 7}),
+        ("kill", {"node": 0, "op": "deliver", "nth": 3, "other": 2, "pick": 37}),
+    ],
+    2295: [  # the device's deletion of a copy (a resolution) beside the file the person
+        ("reboot", {"node": 2, "offset": 0}),  # saved at its path: two changes
+        ("write", {"node": 1, "path": "a/F", "data": b"other"}),  # (the check's)
+        ("write", {"node": 2, "path": "a/" + "m" * 240, "data": Z}),
+        ("scan", {"node": 2, "during": 27}),
+        ("sync", {"a": 1, "b": 2, "cut": None}),
+        ("race", {"node": 1, "path": "a/c", "data": Z, "limit": 1}),
+        ("scan", {"node": 1, "during": 0}),
+        ("sync", {"a": 1, "b": 0, "cut": None}),
+        ("disconnect", {"a": 2, "b": 0}),
+        ("scan", {"node": 2, "during": 15}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("crash", {"node": 0}),
+        ("resolve", {"node": 0, "pick": 18, "how": "keep"}),
+        ("kill", {"node": 0, "op": "scan", "nth": 3, "other": 2, "pick": 11}),
+    ],
+    2277: [  # a scan killed between its events and the notes of what they replace (R48)
+        ("race", {"node": 0, "path": "notes.backer-tmp", "data": Z, "limit": 49}),
+        ("delete", {"node": 2, "path": "notes.backer-tmp"}),
+        ("kill", {"node": 2, "op": "restore", "nth": 3, "other": 1, "pick": 89}),
+    ],
+    2280: [  # a restore killed after removing a file whose version its copy carries
+        ("reboot", {"node": 0, "offset": -86400000}),
+        ("ignore", {"node": 0, "pattern": "*.log", "add": False}),
+        ("scan", {"node": 0, "during": 9}),
+        ("race", {"node": 1, "path": "notes.backer-tmp", "data": Z, "limit": 19}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("kill", {"node": 1, "op": "sync", "nth": 5, "other": 1, "pick": 94}),
+        ("sync", {"a": 2, "b": 0, "cut": None}),
+        ("scan", {"node": 1, "during": 18}),
+        ("scan", {"node": 0, "during": 2}),
+        ("kill", {"node": 0, "op": "restore", "nth": 6, "other": 0, "pick": 44}),
+    ],
+}
+
+
+@pytest.mark.parametrize("seed", sorted(KILLED_TRACES))
+def test_killed_operations_that_once_failed(seed: int) -> None:
+    """Traces of the ``kills`` family (docs/simulations.md, "Kill points"), each with
+    the seed it was drawn from (a person's save before a rename comes from it)."""
+    try:
+        replay(3, KILLED_TRACES[seed], seed, KILLS)
+    except Failure as failure:
+        pytest.fail(failure.reason)
