@@ -381,7 +381,9 @@ def check_retention_window(
     left alone (its process is gone; it is checked once it runs again). With clocks of
     their own (``learned``), also by what the node could know: ``keep-all`` after it
     learned of the replacement, by its own clock (less a minute: an online peer's change
-    arrives within it), whatever the author's clock said; a ``prune --all`` excepted."""
+    arrives within it), whatever the author's clock said, and by the records no later
+    than that (an author's clock ahead dates a replacement after it arrived); a
+    ``prune --all`` excepted."""
     for index in range(len(cluster.nodes)) if nodes is None else nodes:
         node = cluster.nodes[index]
         if node.share is None:
@@ -403,7 +405,10 @@ def check_retention_window(
                 raise InvariantBroken(f"{node.name} pruned the bytes of {vid}, live there")
             if (vid, pruned_ms) in dropped:
                 continue
-            for since, whose in ((stopped[vid], "by the records"), (known.get(vid), "as it knew")):
+            by_records = stopped[vid]
+            if vid in known:  # (never after the node learned of it: an author ahead, R49)
+                by_records = min(by_records, known[vid] + LATE_MS)
+            for since, whose in ((by_records, "by the records"), (known.get(vid), "as it knew")):
                 if since is not None and pruned_ms - since < keep_all:
                     raise InvariantBroken(
                         f"{node.name} pruned {vid}, current until {since} ms ({whose}), at "

@@ -275,3 +275,40 @@ def test_R37_prune_all_frees_what_a_device_whose_clock_is_ahead_replaced(
     assert (report["files"], report["kept_files"]) == (1, 0), report
     assert report["bytes"] >= 2_000_000, report
     assert store_files(a) == {}
+
+
+class ClockHoursAhead(Device):
+    """``a`` itself, three hours later: its prune sees what it learned as that old."""
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tests.clock_offset", str(3 * 3600), *args]
+
+
+def test_R49_what_a_device_once_years_ahead_replaces_ages_from_when_it_arrived(
+    tmp_path: Path,
+) -> None:
+    """A device whose clock was two years ahead edited a file, then had its clock set
+    right: it dates everything at its last event at the earliest, so its next edits
+    carried that future time for two years, and every other device took what they
+    replaced as replaced in the future: inside keep-all, which the size cap spares, for
+    two years. A version is now replaced no later than when this device
+    recorded what replaced it."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    (a.root / "doc.bin").write_bytes(os.urandom(300_000))
+    a.run("init", str(a.root))
+    a.run("config", "max-disk", "0%", "--dir", str(a.root))  # (all but the last hour)
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port) as address:
+        ahead = ClockAhead(tmp_path, "b")
+        ahead.run("join", token, str(ahead.root))
+        (ahead.root / "doc.bin").write_bytes(os.urandom(300_000))
+        ahead.sync(address)
+        set_right = Device(tmp_path, "b")  # (the same device, its clock corrected)
+        (set_right.root / "doc.bin").write_bytes(os.urandom(300_000))
+        set_right.sync(address)
+    later = ClockHoursAhead(tmp_path, "a")
+    report = json.loads(later.run("prune", "--json", "--dir", str(a.root)).stdout)
+    assert report["files"] == 2, report  # a's first version and b's from the future
+    assert report["kept_files"] == 1, report  # (the live version's, in the share)

@@ -73,14 +73,18 @@ class PruneReport:
 def replaced_at(catalog: Catalog, versions: dict[str, Version]) -> dict[str, int]:
     """When each superseded version stopped being current: the time of the earliest
     version (of ``versions``, every one recorded) that supersedes it, but never more
-    than :data:`LATE_MS` before this device recorded that version (by its own clock,
-    not the author's: a device whose clock was reset to the past made every device drop
-    at once what it replaced, R36)."""
+    than :data:`LATE_MS` before this device recorded that version, nor after it (by its
+    own clock, not the author's: a device whose clock was reset to the past made every
+    device drop at once what it replaced, R36; one whose clock was once years ahead
+    dates its edits at that time until it passes, and made every device keep what they
+    replaced, inside keep-all, for years, R49)."""
     replaced: dict[str, int] = {}
     rows = catalog.conn.execute("SELECT old, new, recorded_ms FROM supersedes")
     for old, new, recorded_ms in rows:
         if new in versions:
-            time_ms = max(versions[new].time_ms, (recorded_ms or 0) - LATE_MS)
+            time_ms = versions[new].time_ms
+            if recorded_ms is not None:  # (rows older than the column: the author's time)
+                time_ms = min(max(time_ms, recorded_ms - LATE_MS), recorded_ms)
             replaced[old] = min(replaced.get(old, time_ms), time_ms)
     return replaced
 
