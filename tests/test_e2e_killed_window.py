@@ -244,3 +244,37 @@ def test_a_folder_a_killed_restore_removed_a_file_from_keeps_its_version(
     assert not (device.root / "d" / "new").exists()
     device.run("scan", "--dir", str(device.root), "-q")
     assert json.loads(device.run("history", str(device.root / "d"), "--json").stdout) == folder
+
+
+def test_a_file_whose_version_lost_a_conflict_rewritten_in_place_as_the_winner_is_an_edit(
+    tmp_path: Path,
+) -> None:
+    """This device's version of ``f`` lost a conflict (its copy recorded, not yet
+    written: the sync died first) and the person rewrote the file in place with the
+    winner's very bytes: that is their edit of the version the copy carries, whose bytes
+    went with it, not the winner put there by a window; taken for the winner, the copy
+    stayed live with its bytes on no disk (the simulations' ``kills`` family, seed 400
+    of ``kills,resident``)."""
+    a, b, ports = joined_pair(tmp_path)
+    (a.root / "f").write_bytes(os.urandom(50_000))
+    a.run("scan", "--dir", str(a.root), "-q")
+    with a.serving(ports[0]) as address:
+        b.sync(address)
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for device, mtime in ((a, hour_ago), (b, time.time_ns())):  # b's edit is the later
+        (device.root / "f").write_bytes(os.urandom(50_000))
+        os.utime(device.root / "f", ns=(mtime, mtime))
+        device.run("scan", "--dir", str(device.root), "-q")
+    with b.serving(ports[1]) as address:
+        script = [sys.executable, "-c", _SYNC_DYING_AT_ITS_FIRST_WINDOW, "sync", address]
+        died = subprocess.run([*script, "--dir", str(a.root)], env=a.env, cwd=REPO)
+        assert died.returncode == -signal.SIGKILL
+        inode = os.stat(a.root / "f").st_ino
+        with open(a.root / "f", "r+b") as edited:  # in place: the inode stays
+            edited.write((b.root / "f").read_bytes())
+        assert os.stat(a.root / "f").st_ino == inode
+        a.run("scan", "--dir", str(a.root), "-q")
+        a.sync(address)
+    history = json.loads(a.run("history", str(a.root / "f"), "--json").stdout)
+    assert len(history) == 4, history  # the first version, the two edits, the person's
+    assert not list(a.root.glob("f.sync-conflict-*"))  # (moot: its version was edited)

@@ -1579,15 +1579,18 @@ class Share:
         recorded there (a window killed between moving a received file into place and
         writing its cache entry) is that version too, not an edit beside it (R41); so is
         one identical to any live version once the recorded one is no longer live there
-        (a conflict copy carries it: the window moved the winner into place). The rest
-        is returned."""
+        (a conflict copy carries it: the window moved the winner into place), unless it
+        is the recorded file rewritten in place: the person's edit of the version the
+        copy carries, whose bytes went with it. The rest is returned."""
         remaining = []
         for seen, manifest, content in changed:
             wanted = (seen.kind, content, seen.permissions)
             candidates = dict(sorted(live.get(seen.path, {}).items()))
             if seen.path in local:
                 recorded = local[seen.path].version_id
-                moved_on = self._moved_on(recorded, candidates)
+                # (a file rewritten in place is the person's edit of the recorded one)
+                moved = seen.inode != local[seen.path].inode
+                moved_on = moved and self._moved_on(recorded, candidates)
                 candidates = {
                     vid: v
                     for vid, v in candidates.items()
