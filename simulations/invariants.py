@@ -48,6 +48,9 @@ def _fingerprint(cluster: Cluster) -> list[tuple]:
     return fingerprints
 
 
+COPIES_OF_COPIES = 3  # a crafted version's conflict copies, and theirs, are its too
+
+
 def blocked_paths(cluster: Cluster) -> set[str]:
     """Paths a hostile member blocked: their live versions include one it recorded that
     no honest node can write — no honest node holds its bytes (they were only ever on
@@ -65,8 +68,11 @@ def blocked_paths(cluster: Cluster) -> set[str]:
             "SELECT path FROM problems WHERE source = 'apply'"
         )
     }
+    crafted = set(hostile.crafted)
+    for _ in range(COPIES_OF_COPIES):  # (a crafted version moved to a conflict copy's name)
+        crafted |= {copy_version_id(vid) for vid in crafted}
     for path, vid, version in honest[0].open().catalog.all_live():
-        if vid not in hostile.crafted and version.device != hostile.device[:8]:
+        if vid not in crafted and version.device != hostile.device[:8]:
             continue
         if path in refused or (
             version.kind == Kind.FILE

@@ -847,3 +847,14 @@ def test_killed_operations_that_once_failed(seed: int) -> None:
         replay(3, KILLED_TRACES[seed], seed, KILLS)
     except Failure as failure:
         pytest.fail(failure.reason)
+
+
+def test_the_harness_takes_a_crafted_contents_conflict_copy_as_blocked() -> None:
+    """A hostile member's version of a content nobody holds, moved by a conflict to a
+    copy's name: one honest node kept the file it had there (it cannot write the
+    crafted bytes), the other had none, and the harness took it for divergence, since
+    the copy's id is not one the member recorded (seed 818319, 60 steps)."""
+    try:
+        run_seed(818319, 3, 60, frozenset({"hostile", "clocks", "resident", "retention"}))
+    except Failure as failure:
+        pytest.fail(failure.reason)
