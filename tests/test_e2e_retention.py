@@ -312,3 +312,27 @@ def test_R49_what_a_device_once_years_ahead_replaces_ages_from_when_it_arrived(
     report = json.loads(later.run("prune", "--json", "--dir", str(a.root)).stdout)
     assert report["files"] == 2, report  # a's first version and b's from the future
     assert report["kept_files"] == 1, report  # (the live version's, in the share)
+
+
+def test_a_share_behind_itself_prunes_and_announces_once_it_has_its_events_back(
+    tmp_path: Path,
+) -> None:
+    """A share restored from an older copy of its ``.backer/`` appends nothing until a
+    peer gives its own newer events back; ``prune`` still frees its disk, and says what
+    it no longer holds once it may append again. It pruned, then failed on that
+    announcement with the restore's error (exit 1, half done)."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    (a.root / "f").write_bytes(os.urandom(SIZE))
+    a.run("init", str(a.root), "-q")
+    _save(a.root / "f", os.urandom(SIZE))
+    a.run("scan", "--dir", str(a.root), "-q")
+    backup = tmp_path / "backup"
+    shutil.copytree(a.root / ".backer", backup, symlinks=True)
+    _save(a.root / "f", os.urandom(SIZE))
+    a.run("scan", "--dir", str(a.root), "-q")
+    shutil.rmtree(a.root / ".backer")
+    shutil.copytree(backup, a.root / ".backer", symlinks=True)
+    pruned = _json(a, "prune", "--all")
+    assert pruned["versions"] == 1 and pruned["announced"] == 0, pruned
+    assert _json(a, "prune", "--all", "--dry-run")["versions"] == 0  # (freed already)

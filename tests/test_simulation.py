@@ -792,6 +792,19 @@ def test_the_harness_catches_a_saved_file_replaced_by_a_rename(
 KILLS = DEFAULT_WORLD | {"kills"}
 Z = b"Z" * 24
 KILLED_TRACES = {  # seed: a shrunk trace of default world + kills that failed
+    3: [  # a prune by a share restored from an older copy: its announcement escaped
+        ("kill", {"node": 2, "op": "sync", "nth": 6, "other": 0, "pick": 95}),
+        ("write", {"node": 2, "path": "g", "data": Z}),
+        ("scan", {"node": 2, "during": 18}),
+        ("disk_fills", {"node": 2, "budget": 0, "limit": 58}),
+        ("append", {"node": 1, "path": "g", "data": Z}),
+        ("scan", {"node": 1, "during": 11}),
+        ("backup", {"node": 1}),
+        ("write", {"node": 1, "path": "b/g", "data": b""}),
+        ("scan", {"node": 1, "during": 16}),
+        ("restore", {"node": 1}),
+        ("kill", {"node": 1, "op": "prune", "nth": 3, "other": 0, "pick": 76}),
+    ],
     2225: [  # the person saved at a copy's path before the window's rename: their file
         ("sync", {"a": 0, "b": 1, "cut": None}),  # beside the copy, which names the
         ("write", {"node": 1, "path": "a/f", "data": b"other"}),  # device of the

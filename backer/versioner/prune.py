@@ -236,10 +236,11 @@ def prune_share(
 ) -> PruneReport:
     """:func:`prune` in one transaction, then the replaced contents this device does not
     hold and has not said so of yet announced to every device (``backer prune``, the
-    node)."""
+    node); by a share restored from an older copy, only once it has its own newer events
+    back (it appends nothing until then: a later prune announces them)."""
     with share.db.conn:
         report = prune(share.root, share.catalog, now_ms, dry_run, policy, surveyed)
-    if not dry_run:
+    if not dry_run and not share.own_events_missing:
         fresh = report.unheld - share.catalog.unheld_here(share.device)
         report.announced = share.announce_unheld(fresh)
     return report
