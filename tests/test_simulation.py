@@ -14,6 +14,7 @@ from backer.fs import dirs, paths
 from backer.fs.dirs import InShare
 from backer.model import state
 from backer.model.materializer import Materializer
+from backer.model.records import Version
 from backer.protocol.session import Session
 from backer.scanner.ignore import temp_name
 from backer.versioner import prune as prune_engine
@@ -457,12 +458,15 @@ def _skewed(offset: int) -> list[tuple[str, dict[str, Any]]]:
     return [*steps, ("cap", {"node": 1, "percent": "0%"})]
 
 
-def _author_time_only(catalog: Any, versions: dict[str, Any]) -> dict[str, int]:
+def _author_time_only(catalog: Any) -> dict[str, int]:
     """Retention before R36: a version stopped being current at its replacer's time."""
     replaced: dict[str, int] = {}
-    for old, new in catalog.conn.execute("SELECT old, new FROM supersedes"):
-        if new in versions:
-            replaced[old] = min(replaced.get(old, versions[new].time_ms), versions[new].time_ms)
+    rows = catalog.conn.execute(
+        "SELECT s.old, v.record FROM supersedes s JOIN versions v ON v.vid = s.new"
+    )
+    for old, record in rows:
+        time_ms = Version.decode(record).time_ms
+        replaced[old] = min(replaced.get(old, time_ms), time_ms)
     return replaced
 
 

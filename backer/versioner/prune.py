@@ -70,22 +70,24 @@ class PruneReport:
         return shown
 
 
-def replaced_at(catalog: Catalog, versions: dict[str, Version]) -> dict[str, int]:
+def replaced_at(catalog: Catalog) -> dict[str, int]:
     """When each superseded version stopped being current: the time of the earliest
-    version (of ``versions``, every one recorded) that supersedes it, but never more
-    than :data:`LATE_MS` before this device recorded that version, nor after it (by its
-    own clock, not the author's: a device whose clock was reset to the past made every
-    device drop at once what it replaced, R36; one whose clock was once years ahead
-    dates its edits at that time until it passes, and made every device keep what they
-    replaced, inside keep-all, for years, R49)."""
+    recorded version that supersedes it, but never more than :data:`LATE_MS` before
+    this device recorded that version, nor after it (by its own clock, not the
+    author's: a device whose clock was reset to the past made every device drop at once
+    what it replaced, R36; one whose clock was once years ahead dates its edits at that
+    time until it passes, and made every device keep what they replaced, inside
+    keep-all, for years, R49). Read joined in SQL: only the superseded versions are
+    held."""
     replaced: dict[str, int] = {}
-    rows = catalog.conn.execute("SELECT old, new, recorded_ms FROM supersedes")
-    for old, new, recorded_ms in rows:
-        if new in versions:
-            time_ms = versions[new].time_ms
-            if recorded_ms is not None:  # (rows older than the column: the author's time)
-                time_ms = min(max(time_ms, recorded_ms - LATE_MS), recorded_ms)
-            replaced[old] = min(replaced.get(old, time_ms), time_ms)
+    rows = catalog.conn.execute(
+        "SELECT s.old, v.record, s.recorded_ms FROM supersedes s JOIN versions v ON v.vid = s.new"
+    )
+    for old, record, recorded_ms in rows:
+        time_ms = Version.decode(record).time_ms
+        if recorded_ms is not None:  # (rows older than the column: the author's time)
+            time_ms = min(max(time_ms, recorded_ms - LATE_MS), recorded_ms)
+        replaced[old] = min(replaced.get(old, time_ms), time_ms)
     return replaced
 
 
@@ -95,29 +97,33 @@ def candidates(
     """The replaced and deleted file versions whose content the store holds, each with
     the time it stopped being current; the contents this device's files hold (live
     versions, and what the disk held at the last scan); the contents of every
-    replaced or deleted file version; and the time of the newest version recorded."""
-    versions: dict[str, tuple[str, Version]] = {}
-    for vid, path, record in catalog.conn.execute("SELECT vid, path, record FROM versions"):
-        versions[vid] = (path, Version.decode(record))
-    live = {vid for (vid,) in catalog.conn.execute("SELECT vid FROM live")}
-    replaced = replaced_at(catalog, {vid: version for vid, (_, version) in versions.items()})
-    on_disk = {entry.version_id for entry in catalog.local_entries().values()}
-    free = {
-        version.content
-        for vid, (_, version) in versions.items()
-        if (vid in live or vid in on_disk) and version.kind == Kind.FILE
-    }
-    found = [
-        Candidate(vid, path, replaced.get(vid, version.time_ms), version.content, version.size)
-        for vid, (path, version) in versions.items()
-        if vid not in live and version.kind == Kind.FILE and version.content in held
-    ]
-    retired = {
-        version.content
-        for vid, (_, version) in versions.items()
-        if vid not in live and version.kind == Kind.FILE
-    }
-    newest = max((version.time_ms for _, version in versions.values()), default=0)
+    replaced or deleted file version; and the time of the newest version recorded.
+
+    The versions are read as one stream, each marked live or on disk by SQL, and only
+    what the answer needs is held: holding every decoded version, the live set and the
+    scan cache at once cost ~1.1 KB per file (the node's peak, after its start-up)."""
+    replaced = replaced_at(catalog)
+    found: list[Candidate] = []
+    free: set[bytes] = set()
+    retired: set[bytes] = set()
+    newest = 0
+    rows = catalog.conn.execute(
+        "SELECT vid, path, record, vid IN (SELECT vid FROM live), "
+        "vid IN (SELECT vid FROM local WHERE vid IS NOT NULL) FROM versions"
+    )
+    for vid, path, record, live, on_disk in rows:
+        version = Version.decode(record)
+        newest = max(newest, version.time_ms)
+        if version.kind != Kind.FILE:
+            continue
+        if live or on_disk:
+            free.add(version.content)
+        if live:
+            continue
+        retired.add(version.content)
+        if version.content in held:
+            since_ms = replaced.get(vid, version.time_ms)
+            found.append(Candidate(vid, path, since_ms, version.content, version.size))
     return found, free, retired, newest
 
 
