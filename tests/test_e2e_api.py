@@ -281,6 +281,34 @@ def login(api: Api, device: Device) -> tuple[str, str]:
     return session
 
 
+def test_R50_backer_open_gives_the_browser_no_login_token_on_its_command_line(
+    lone, tmp_path: Path
+) -> None:
+    """A program's command line is readable by every user of the machine
+    (/proc/PID/cmdline): ``backer open`` started the browser with the login URL, so
+    another user who watched for it could log in first, then make an invite and join
+    the share. The browser now gets a page only the owner can read, which leads on."""
+    device, _, api = lone
+    said = tmp_path / "browser-argv"
+    browser = tmp_path / "browser"
+    browser.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {said}\n')
+    browser.chmod(0o755)
+    env = {**device.env, "BROWSER": f"{browser} %s", "DISPLAY": ":0"}
+    env.pop("WAYLAND_DISPLAY", None)
+    subprocess.run(device.command("open"), env=env, check=True, capture_output=True, timeout=60)
+    argv = said.read_text()
+    assert "token=" not in argv, f"the browser's command line holds a login token: {argv}"
+    (opened,) = argv.split()
+    page = Path(urlsplit(opened).path)
+    assert opened.startswith("file://") and page.parent == device.home
+    assert page.stat().st_mode & 0o077 == 0  # only its owner reads it
+    (link,) = re.findall(r'url=([^"]+)"', page.read_text())
+    parts = urlsplit(link.replace("&amp;", "&"))
+    assert parts.netloc == api.host
+    *_, response = api.call("GET", f"{parts.path}?{parts.query}", key=None)
+    _session(response)  # the page's link logs the browser in
+
+
 def test_the_login_link_opens_one_session_and_posts_need_its_csrf_token(lone) -> None:
     device, _, api = lone
     cookie, csrf = login(api, device)

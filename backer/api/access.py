@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import html
 import json
 import math
 import os
@@ -47,6 +48,7 @@ PASSWORD_VARIABLE = "BACKER_API_PASSWORD"
 KEY_FILE = "api-key"
 WEB_FILE = "web"
 SESSIONS_FILE = "api-sessions"
+LOGIN_PAGE = "login.html"
 LOGIN_TTL_S = 120
 SESSION_TTL_S = 30 * 86400  # a browser logged in stays so this long (then: 'backer open')
 MAX_SESSIONS = 64  # the session closest to its expiry is dropped beyond this many
@@ -114,13 +116,18 @@ def login_token(key: str, now_ms: int | None = None) -> str:
     return f"{nonce}.{expires_ms}.{_mac(key, nonce, expires_ms)}"
 
 
-def publish_address(home: Path, url: str) -> None:
-    """Tell ``backer open`` where this node serves the UI (mode 0600, replaced whole)."""
-    temp = home / f"{WEB_FILE}.{os.getpid()}.tmp"
+def _write_private(path: Path, text: str) -> None:
+    """Write ``path`` (mode 0600, replaced whole, never through a link left there)."""
+    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:
-        json.dump({"url": url, "pid": os.getpid()}, handle)
-    os.replace(temp, home / WEB_FILE)
+        handle.write(text)
+    os.replace(temp, path)
+
+
+def publish_address(home: Path, url: str) -> None:
+    """Tell ``backer open`` where this node serves the UI (mode 0600, replaced whole)."""
+    _write_private(home / WEB_FILE, json.dumps({"url": url, "pid": os.getpid()}))
 
 
 def withdraw_address(home: Path) -> None:
@@ -143,13 +150,29 @@ def login_url(home: Path) -> str:
     return f"{url}/login?token={login_token(api_key(home))}"
 
 
+def login_page(home: Path) -> Path:
+    """A page (``login.html`` in the device home, mode 0600) that sends a browser on to
+    a login URL of its own one-time token. A browser is started with what it opens on
+    its command line, which every user of the machine can read (``/proc/PID/cmdline``):
+    given the URL, another user could redeem the token before the browser did (R50)."""
+    url = html.escape(login_url(home))
+    page = home / LOGIN_PAGE
+    _write_private(
+        page,
+        f'<!doctype html><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
+        f'<meta http-equiv="refresh" content="0; url={url}">'
+        f'<title>backer</title><a href="{url}">Log in to backer</a>\n',
+    )
+    return page
+
+
 def open_browser(home: Path) -> bool:
-    """Open a login URL (its own one-time token) in a browser, where there is a
-    graphical one to open; whether it was."""
+    """Open the :func:`login_page` in a browser, where there is a graphical one to
+    open; whether it was."""
     graphical = sys.platform in ("darwin", "win32") or any(
         os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY")
     )
-    return graphical and webbrowser.open(login_url(home))
+    return graphical and webbrowser.open(login_page(home).as_uri())
 
 
 def _now_ms() -> int:
