@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -338,3 +339,32 @@ def test_R30_a_request_closed_unanswered_fails_the_client(tmp_path: Path) -> Non
 
     with pytest.raises(BackerError, match="closed the request unanswered"):
         asyncio.run(main())
+
+
+def test_R51_connections_that_never_prove_the_control_secret_cannot_take_the_nodes_descriptors(
+    tmp_path: Path,
+) -> None:
+    """Any user of the machine can connect to the control port (listed in
+    /proc/net/tcp); each connection used to be held, with up to 64 KiB of what it sent,
+    until its request line came or 10 s passed: connections opened faster than that took
+    every descriptor of the node, and its memory with them."""
+    device = Device(tmp_path, "solo")
+    device.root.mkdir()
+    device.run("init", str(device.root))
+    node = device.start()
+    flood: list[socket.socket] = []
+    try:
+        port = json.loads((device.root / METADATA_DIR / control.CONTROL_FILE).read_text())["port"]
+        fds = Path(f"/proc/{node.process.pid}/fd")
+        before = len(list(fds.iterdir()))
+        for _ in range(1_000):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+            connection.sendall(b"x" * 60_000)  # no end of line: a request still coming
+            flood.append(connection)
+        time.sleep(1)  # let the node accept them all
+        assert len(list(fds.iterdir())) <= before + control.MAX_UNPROVEN + 4
+        assert "solo" in device.run("status", "--dir", str(device.root)).stdout
+    finally:
+        for connection in flood:
+            connection.close()
+        node.stop()

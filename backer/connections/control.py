@@ -16,6 +16,11 @@ Each side thus proves it knows the secret, so a local process that took the port
 node that died cannot answer ``invite`` with a token of its choosing; and a
 control file whose pid is not alive is removed as stale.
 
+Any local user can connect (the port is in ``/proc/net/tcp``): at most
+:data:`MAX_UNPROVEN` connections wait for their proof at a time, the oldest closed to
+make room (an owner's command proves itself within milliseconds), so connections
+opened faster than they time out cannot take the node's descriptors (R51).
+
 A node writes the file with its pid and no port as soon as it holds the share, while
 it still opens it and starts: a command then waits for the port (up to
 ``STARTING_WAIT_S``) instead of failing with "in use".
@@ -36,11 +41,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from backer.connections.transport import Admission
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
 
 CONTROL_FILE = "control"
 MAX_REQUEST = 64 * 1024
+MAX_UNPROVEN = 32  # connections that have not proved the secret yet (the oldest goes first)
 STARTING_WAIT_S = 60.0  # how long a command waits for a starting node to take requests
 
 Handler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
@@ -101,11 +108,13 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
     secret = secrets.token_hex(32)
 
     answering: set[asyncio.Task[None]] = set()  # cancelled when the block ends
+    unproven = Admission(MAX_UNPROVEN, MAX_UNPROVEN)  # (all come from 127.0.0.1)
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         answering.add(task)
+        ticket = unproven.enter("", writer.transport.abort)
         challenge = secrets.token_hex(16)
 
         def send(reply: dict[str, Any]) -> None:
@@ -119,6 +128,7 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
             if not hmac.compare_digest(str(request.pop("proof", "")), expected):
                 send({"error": "not authorized"})
                 return
+            unproven.leave(ticket)
             send({"proof": _proof(secret, b"server", nonce, challenge)})
             async for reply in handle(request):
                 send(reply)
@@ -128,6 +138,7 @@ async def serving(root: Path, handle: Handler) -> AsyncIterator[None]:
         except (OSError, ValueError, TimeoutError):
             pass  # a broken request only ends its own connection
         finally:
+            unproven.leave(ticket)
             writer.close()
             answering.discard(task)
 
