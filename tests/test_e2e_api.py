@@ -479,6 +479,22 @@ def test_a_login_session_survives_a_restart_of_the_node_stored_hashed_and_privat
         node.stop()
 
 
+def test_R52_a_used_login_link_opens_nothing_after_a_restart_of_the_node(lone) -> None:
+    """The links a node had redeemed were remembered in its memory alone: restarted
+    within a link's 2 minutes, it took a used one again (read off a terminal, or a
+    browser's history) and opened a new session to whoever sent it."""
+    device, node, api = lone
+    parts = urlsplit(device.run("open", "--no-browser").stdout.strip())
+    link = f"{parts.path}?{parts.query}"
+    _session(api.call("GET", link, key=None)[2])
+    assert node.stop() == 0
+    node, api = start(device, api.port)
+    try:
+        assert api.call("GET", link, key=None)[0] == 401
+    finally:
+        node.stop()
+
+
 def test_a_login_session_expires(tmp_path: Path) -> None:
     credentials = Credentials("k" * 64, home=tmp_path)
     cookie = credentials.open_session(now_ms=1_000)

@@ -10,6 +10,9 @@
   an address other machines can reach; ``POST /login`` with it also opens a session.
   Wrong passwords are limited per client address (:class:`Attempts`).
 
+A login token is used once: the node remembers the ones it took until they expire, and
+takes none made before it started (a link it took before a restart stays used).
+
 Sessions outlive a restart of the node: ``api-sessions`` in the device home (mode 0600)
 holds each session's SHA-256 and expiry, never the cookie itself; the CSRF token is
 derived from the cookie with the key, so nothing else needs keeping.
@@ -195,6 +198,8 @@ class Credentials:
     def __post_init__(self) -> None:
         self.sessions: dict[str, int] = self._load()  # SHA-256 of the cookie -> expiry ms
         self.used: dict[str, int] = {}  # login nonces taken, until they expire
+        self.since_ms = _now_ms()  # tokens made before are refused: ``used`` was another
+        # run's, and a link it redeemed would open a session again (R52)
 
     def bearer(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
@@ -212,6 +217,8 @@ class Credentials:
         if expires_ms is None or nonce in self.used:
             return False
         if not now_ms <= expires_ms <= now_ms + LOGIN_TTL_S * 1000:
+            return False
+        if expires_ms - LOGIN_TTL_S * 1000 < self.since_ms:
             return False
         if not hmac.compare_digest(mac.encode(), _mac(self.key, nonce, expires_ms).encode()):
             return False
