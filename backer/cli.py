@@ -751,8 +751,9 @@ def restore(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def ls(path: str | None, at_text: str | None, directory: str | None, as_json: bool) -> None:
     """List the folder PATH (default: the current one, or the share's top from outside
-    it) as recorded now, or as it was at WHEN (deleted entries included): kind, size,
-    time, version id, name."""
+    it) as recorded now, or as it was at WHEN (what was deleted since included): time,
+    version id, size, name. A PATH that was no folder then (a file, a link, deleted)
+    is an error: see 'backer history PATH'."""
     with _open(directory, exclusive=False, path=path) as share:
         cwd = Path.cwd()
         if path is None and (cwd == share.root or share.root in cwd.parents):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -223,6 +224,22 @@ def test_a_time_that_is_not_one_is_refused_in_one_line(run_cli, tmp_path: Path, 
         assert result.stderr.startswith("backer: error: --at: not a date"), result.stderr
         assert "('30m', '12h', '7d': a number and one of s, m, h, d, w)" in result.stderr
         assert len(result.stderr.splitlines()) == 1
+
+
+def test_ls_of_what_is_no_folder_says_so_instead_of_listing_nothing(
+    run_cli, share_dir: Path
+) -> None:
+    """'backer ls' of a deleted folder, a file or a link printed nothing and exited 0,
+    which reads as an empty folder; an empty folder still lists nothing."""
+    (share_dir / "link").symlink_to("notes.txt")
+    run_cli("init", str(share_dir))
+    shutil.rmtree(share_dir / "2024")
+    run_cli("scan", cwd=share_dir)
+    for name, was in (("2024", "not there"), ("notes.txt", "a file"), ("link", "a link")):
+        result = run_cli("ls", name, cwd=share_dir, check=False)
+        assert_clean_error(result, "not a folder at ")
+        assert f"'{name}' was {was}" in result.stderr and result.stdout == "", result.stderr
+    assert run_cli("ls", "empty", cwd=share_dir).stdout == ""
 
 
 def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_current(

@@ -271,11 +271,24 @@ def current(live: dict[str, dict[str, Version]]) -> dict[str, Entry]:
 
 
 def listing(catalog: Catalog, directory: str, at_ms: int) -> list[Entry]:
-    """The entries directly in ``directory`` ("" for the share's top) at ``at_ms``."""
+    """The entries directly in ``directory`` ("" for the share's top) at ``at_ms``.
+
+    A ``directory`` that was no folder then (a file, a link, deleted, not made yet) is
+    an error, not an empty listing: that read as an empty folder."""
+    state = state_at(catalog, directory, at_ms)
+    held = state.get(directory)
+    if directory and (held is None or held.version.kind != Kind.DIRECTORY):
+        what = "not there (deleted, or not made yet)" if held is None else "a file"
+        if held is not None and held.version.kind == Kind.SYMLINK:
+            what = "a link"
+        raise BackerError(
+            f"not a folder at {timestamp(at_ms)}: {directory!r} was {what}"
+            f" (see 'backer history {directory}')"
+        )
     prefix = directory + "/" if directory else ""
     return [
         e
-        for p, e in state_at(catalog, directory, at_ms).items()
+        for p, e in state.items()
         if p.startswith(prefix) and "/" not in p[len(prefix) :] and p != directory
     ]
 
