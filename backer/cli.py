@@ -213,6 +213,11 @@ def _share_path(share: Share, path: str) -> str:
 def _recorded_path(share: Share, key: str) -> str:
     """The path as recorded: ``key`` itself, or the one recorded spelling that differs
     from it only by Unicode normalisation (NFC as typed, NFD as macOS writes, or back)."""
+    if not key:  # ("no history for ''" read as a bug)
+        raise BackerError(
+            "the share's top folder has no versions of its own: name a path inside it"
+            " ('backer log' lists every change, 'backer ls' the top folder)"
+        )
     if share.catalog.history(key):
         return key
     spellings = share.catalog.spellings(key)

@@ -242,6 +242,14 @@ def test_ls_of_what_is_no_folder_says_so_instead_of_listing_nothing(
     assert run_cli("ls", "empty", cwd=share_dir).stdout == ""
 
 
+def test_history_of_the_share_top_says_to_name_a_path_inside_it(run_cli, share_dir: Path) -> None:
+    """'backer history .' at the share's top said "no history for '' in this share"."""
+    run_cli("init", str(share_dir))
+    for where in (".", str(share_dir)):
+        result = run_cli("history", where, cwd=share_dir, check=False)
+        assert_clean_error(result, "the share's top folder has no versions of its own")
+
+
 def test_restore_brings_back_an_earlier_version_as_a_new_one_and_keeps_the_current(
     run_cli, tmp_path: Path
 ) -> None:
