@@ -488,6 +488,9 @@ def test_the_harness_catches_prune_all_keeping_what_a_clock_ahead_replaced(
     and ``prune --all`` kept it (R37: its age was negative, below a keep-all of 0)."""
     steps = [*_skewed(3 * DAY), ("prune_all", {"node": 1})]
     _passes(steps, CLOCKS)
+    monkeypatch.setattr(  # (and R49's bound, which no longer dates a replacement ahead)
+        prune_engine, "replaced_at", _author_time_only
+    )
     monkeypatch.setattr(
         retention, "recent", lambda c, now_ms, policy: now_ms - c.since_ms < policy.keep_all_ms
     )
@@ -852,6 +855,24 @@ KILLED_TRACES = {  # seed: a shrunk trace of default world + kills that failed
         ("scan", {"node": 1, "during": 18}),
         ("scan", {"node": 0, "during": 2}),
         ("kill", {"node": 0, "op": "restore", "nth": 6, "other": 0, "pick": 44}),
+    ],
+    6033: [  # a conflict copy nothing supersedes, learned late: aged by its author's time
+        ("symlink", {"node": 1, "path": "a/" + "m" * 240, "link": "a/c"}),
+        ("write", {"node": 1, "path": "notes.backer-tmp", "data": b"other"}),
+        ("kill", {"node": 0, "op": "scan", "nth": 3, "other": 2, "pick": 98}),
+        ("kill", {"node": 1, "op": "sync", "nth": 14, "other": 2, "pick": 92}),
+        ("deliver", {"a": 1, "b": 0, "count": 24}),
+        ("reboot", {"node": 2, "offset": 0}),
+        ("race", {"node": 2, "path": "a/F", "data": b"other", "limit": 14}),
+        ("scan", {"node": 2, "during": 19}),
+        ("cap", {"node": 1, "percent": "0%"}),
+        ("deliver", {"a": 1, "b": 0, "count": 23}),
+        ("delete", {"node": 1, "path": "a/F"}),
+        ("scan", {"node": 1, "during": 0}),
+        ("restore_version", {"node": 2, "path": "a/" + "m" * 240, "pick": 58}),
+        ("prune", {"node": 0, "wait": 3024029564}),
+        ("write", {"node": 0, "path": "a/re\u0301sume\u0301", "data": b"y" * 20_000}),
+        ("deliver", {"a": 1, "b": 0, "count": 27}),
     ],
 }
 

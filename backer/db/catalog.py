@@ -231,6 +231,7 @@ class Catalog:
             ("members", "removed_seq"),
             ("invites", "raw"),
             ("supersedes", "recorded_ms"),
+            ("versions", "recorded_ms"),
         ):
             names = [row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")]
             if column not in names:
@@ -242,7 +243,7 @@ class Catalog:
             "CREATE TABLE live (path TEXT, vid TEXT, record BLOB, "
             "PRIMARY KEY (path, vid)) WITHOUT ROWID",
             "CREATE TABLE versions (vid TEXT PRIMARY KEY, path TEXT, record BLOB, "
-            "author BLOB, position INTEGER)",
+            "author BLOB, position INTEGER, recorded_ms INTEGER)",
             "CREATE INDEX versions_path ON versions (path, position)",
             "CREATE TABLE local (path TEXT PRIMARY KEY, vid TEXT, size INTEGER, "
             "mtime_ns INTEGER, inode INTEGER, mode INTEGER, settled INTEGER) WITHOUT ROWID",
@@ -278,16 +279,19 @@ class Catalog:
         version that a known version supersedes is never live: two devices may record
         the same version id (a conflict copy's is the same everywhere), and the CRDT
         keeps the one added concurrently with the other's removal, on every device. Each
-        supersession notes when this device learned of it, by its own clock: retention
+        version and supersession notes when this device learned of it, by its own clock: retention
         cannot take the author's word for it (a clock reset to the past would make a
         version replaced now look replaced years ago)."""
         recorded_ms = entropy.now_ms()
         added = [(*split_key(key), record) for key, record in delta.added.items()]
         self.conn.executemany(
-            "INSERT OR IGNORE INTO versions (path, vid, record, author, position) "
-            "VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO versions (path, vid, record, author, position, recorded_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
             sorted(
-                ((path, vid, record, author, position) for path, vid, record in added),
+                (
+                    (path, vid, record, author, position, recorded_ms)
+                    for path, vid, record in added
+                ),
                 key=lambda row: row[1],  # by primary key: sorted inserts are much faster
             ),
         )

@@ -70,6 +70,15 @@ class PruneReport:
         return shown
 
 
+def learned_time(time_ms: int, recorded_ms: int | None) -> int:
+    """An author's ``time_ms`` for a change this device recorded at ``recorded_ms`` (by
+    its own clock), believed only within :data:`LATE_MS` before that and never after
+    (a row older than the column: the author's time)."""
+    if recorded_ms is None:
+        return time_ms
+    return min(max(time_ms, recorded_ms - LATE_MS), recorded_ms)
+
+
 def replaced_at(catalog: Catalog) -> dict[str, int]:
     """When each superseded version stopped being current: the time of the earliest
     recorded version that supersedes it, but never more than :data:`LATE_MS` before
@@ -84,9 +93,7 @@ def replaced_at(catalog: Catalog) -> dict[str, int]:
         "SELECT s.old, v.record, s.recorded_ms FROM supersedes s JOIN versions v ON v.vid = s.new"
     )
     for old, record, recorded_ms in rows:
-        time_ms = Version.decode(record).time_ms
-        if recorded_ms is not None:  # (rows older than the column: the author's time)
-            time_ms = min(max(time_ms, recorded_ms - LATE_MS), recorded_ms)
+        time_ms = learned_time(Version.decode(record).time_ms, recorded_ms)
         replaced[old] = min(replaced.get(old, time_ms), time_ms)
     return replaced
 
@@ -109,9 +116,9 @@ def candidates(
     newest = 0
     rows = catalog.conn.execute(
         "SELECT vid, path, record, vid IN (SELECT vid FROM live), "
-        "vid IN (SELECT vid FROM local WHERE vid IS NOT NULL) FROM versions"
+        "vid IN (SELECT vid FROM local WHERE vid IS NOT NULL), recorded_ms FROM versions"
     )
-    for vid, path, record, live, on_disk in rows:
+    for vid, path, record, live, on_disk, recorded_ms in rows:
         version = Version.decode(record)
         newest = max(newest, version.time_ms)
         if version.kind != Kind.FILE:
@@ -122,7 +129,9 @@ def candidates(
             continue
         retired.add(version.content)
         if version.content in held:
-            since_ms = replaced.get(vid, version.time_ms)
+            since_ms = replaced.get(vid)
+            if since_ms is None:  # (not current, though nothing this device holds replaced it)
+                since_ms = learned_time(version.time_ms, recorded_ms)
             found.append(Candidate(vid, path, since_ms, version.content, version.size))
     return found, free, retired, newest
 
