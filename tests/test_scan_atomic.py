@@ -14,6 +14,7 @@ import pytest
 from backer.db.catalog import Catalog
 from backer.model import revisions
 from backer.model.records import Kind, Version
+from backer.model.share import Share
 from tests.helpers import make_devices
 
 
@@ -71,3 +72,29 @@ def test_a_restore_whose_cache_write_is_refused_records_nothing(
     monkeypatch.undo()
     assert share.journal.position() == position
     assert list(share.catalog.live_versions("f")) == [vid]
+
+
+def test_a_share_closed_on_a_full_disk_lets_go_and_opens_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The document's snapshot is a start-up cache: a close that cannot write it (the
+    disk full, SQLITE_FULL) still closes, not cleanly, and the next open has every
+    change. It raised out of close, and a node's stop or the simulation's failed on it."""
+    (share,) = make_devices(tmp_path, 1)
+    for n in range(50):
+        (share.root / f"f{n}").write_bytes(os.urandom(100))
+    share.scan()
+    share.create_invite(60)  # (an event since the scan's snapshot)
+    (pages,) = share.db.conn.execute("PRAGMA page_count").fetchone()
+    share.db.conn.execute(f"PRAGMA max_page_count = {pages}")
+    grown = share.state.snapshot() + bytes(8 * 4096)  # (a document grown past the room)
+    monkeypatch.setattr(share.state, "snapshot", lambda: grown)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        share.save_snapshot()  # (what close tries first)
+    share.close()
+    reopened = Share.open(share.root, share.key)
+    try:
+        assert reopened.checked  # not marked closed cleanly: its database was checked
+        assert len(reopened.catalog.live_versions("f49")) == 1
+    finally:
+        reopened.close()

@@ -628,11 +628,17 @@ class Share:
         return share
 
     def close(self) -> None:
+        """Save the document's snapshot and let go. A disk with no room for it closes
+        the share all the same, not cleanly: the snapshot is a start-up cache (the next
+        open checks the database and replays what came after the last one)."""
         saved = False
         try:
             if self._lock is not None:
                 self.save_snapshot()
                 saved = True
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL:
+                raise
         finally:  # (a snapshot that cannot be written must not keep the lock held)
             self._release(saved)
 
