@@ -662,8 +662,9 @@ def _user_key(share: Share, path: str) -> str:
 @share_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def conflicts(directory: str | None, as_json: bool) -> None:
-    """List every conflict: the path, then each competing version (device, time, size)
-    and where its conflict copy is; the first holds the path now."""
+    """List every conflict: the path, then each competing version (when the file was
+    modified, device, size) and where its conflict copy is; the first holds the path
+    now."""
     with _open(directory, exclusive=False) as share:
         rows = commands.conflicts_report(share)
     if as_json:
@@ -676,7 +677,7 @@ def conflicts(directory: str | None, as_json: bool) -> None:
         for v in row["versions"]:
             where = f"copy {v['copy']}" if v["copy"] else "holds the path"
             _say(
-                f"  {v['version']}  {v['time']}  {v['device']} {v['device_name']}  "
+                f"  {v['version']}  modified {v['modified']}  {v['device']} {v['device_name']}  "
                 f"{v['size']} bytes  {where}"
             )
 
@@ -685,7 +686,9 @@ def conflicts(directory: str | None, as_json: bool) -> None:
 @click.argument("path")
 @click.option("--keep", "keep", metavar="VERSION", help="Keep this version (see 'conflicts').")
 @click.option("--keep-both", is_flag=True, help="Keep every copy as an ordinary file.")
-@click.option("--keep-newest", is_flag=True, help="Keep the version modified last.")
+@click.option(
+    "--keep-newest", is_flag=True, help="Keep the version modified last ('backer conflicts')."
+)
 @share_option
 def resolve(
     path: str, keep: str | None, keep_both: bool, keep_newest: bool, directory: str | None

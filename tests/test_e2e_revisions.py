@@ -171,6 +171,26 @@ def test_a_conflict_resolved_on_one_device_is_gone_on_all(trio) -> None:
     assert snapshot(a.root) == snapshot(b.root) == snapshot(c.root)
 
 
+def test_conflicts_show_when_each_file_was_modified_which_keep_newest_goes_by(trio) -> None:
+    """'backer conflicts' showed when each version was recorded, while --keep-newest
+    keeps the one modified last: an edit made while its node was stopped is recorded at
+    the node's next start, so the listing named as newest the version it did not keep."""
+    a, b, c, address = trio
+    older = b.root / "docs" / "readme.txt"
+    older.write_text("b's version, saved long ago\n")
+    long_ago = dt.datetime(2020, 1, 2, 3, 4, 5, tzinfo=dt.UTC).timestamp()
+    os.utime(older, (long_ago, long_ago))
+    (c.root / "docs" / "readme.txt").write_text("c's version\n")
+    converge([a, b, c], address, rounds=2)
+    listed = _run(a, "conflicts").stdout
+    assert "modified 2020-01-02 03:04:05" in listed, listed
+    (conflict,) = _conflicts(a)
+    modified = {v["modified"] for v in conflict["versions"]}
+    assert "2020-01-02 03:04:05" in modified and len(modified) == 2, conflict
+    _run(a, "resolve", _at(a, "docs/readme.txt"), "--keep-newest")
+    assert (a.root / "docs" / "readme.txt").read_text() == "c's version\n"
+
+
 def test_bad_revision_requests_are_one_line_and_fail(trio) -> None:
     _, b, _, _ = trio
     readme = _at(b, "docs/readme.txt")

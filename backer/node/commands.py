@@ -145,7 +145,9 @@ def conflicts_report(
 ) -> list[dict[str, Any]]:
     """What ``backer conflicts --json`` prints (and the HTTP API answers): per conflict,
     its path and each competing version, the one holding the path first (``found``:
-    the conflicts as read elsewhere, e.g. off the event loop)."""
+    the conflicts as read elsewhere, e.g. off the event loop). ``modified`` is the
+    file's own time, which ``--keep-newest`` goes by; ``time`` is when it was recorded,
+    which for an edit made while the node was stopped is its next start."""
     names = {key[:8]: name for key, name in share.members.names.items()}
     return [
         {
@@ -157,6 +159,7 @@ def conflicts_report(
                     "device_name": names.get(c.version.device, "?"),
                     "copy": c.copy_path,
                     **version_json(c.version),
+                    "modified": timestamp(c.version.mtime_ns // 1_000_000),
                 }
                 for c in conflict.contenders
             ],
