@@ -107,10 +107,11 @@ def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clickin
         expect(versions).to_have_count(2, timeout=20_000)
         page.screenshot(path=str(ARTIFACTS / "web-conflict-1280.png"), full_page=True)
         ids = [versions.nth(n).get_attribute("data-version") for n in range(2)]
-        texts = {
-            v["version"]: (b.root / (v["copy"] or "plan.txt")).read_text()
-            for v in api.call("GET", "/api/shares/b/conflicts")[1][0]["versions"]
-        }
+        listed = api.call("GET", "/api/shares/b/conflicts")[1][0]["versions"]
+        texts = {v["version"]: (b.root / (v["copy"] or "plan.txt")).read_text() for v in listed}
+        for v in listed:  # when the file was modified (what "keep newest" goes by)
+            shown = page.locator(f'#conflicts li[data-version="{v["version"]}"] time')
+            assert shown.get_attribute("data-ms") == str(v["modified_ms"]), v
         keep = next(i for i in ids if texts[i] == "from a\n")
         page.locator(f'#conflicts li[data-version="{keep}"] button').click()
         expect(page.locator("#conflicts-panel")).to_be_hidden(timeout=10_000)

@@ -160,6 +160,7 @@ def conflicts_report(
                     "copy": c.copy_path,
                     **version_json(c.version),
                     "modified": timestamp(c.version.mtime_ns // 1_000_000),
+                    "modified_ms": c.version.mtime_ns // 1_000_000,
                 }
                 for c in conflict.contenders
             ],

@@ -341,7 +341,7 @@ function conflictItem(conflict) {
     const where = version.copy ? `copy: ${version.copy}` : "in place";
     const what = version.kind === "file" ? size(version.size) : version.kind;
     const meta = el("span", null, "meta");
-    meta.append(when(version.time_ms), ` · ${what} · ${version.device_name} (${version.device}) · ${where}`);
+    meta.append(when(version.modified_ms), ` · ${what} · ${version.device_name} (${version.device}) · ${where}`);
     row.append(meta);
     const keep = el("button", "Keep this", "primary");
     keep.type = "button";
