@@ -533,36 +533,26 @@ def _on_path(call: str, argument: int = 0) -> Proxy:
     return make
 
 
-def _rename(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
-    """``os.replace`` and ``os.rename``: they can fail, and a person may save a file at
-    the target first (which they must then not replace: see :meth:`Disks.save_first`)."""
-    faulty = _on_path("rename", 1)(disks, real)
+def _saved_first(op: str) -> Proxy:
+    """A call that puts something at its second argument's path (``os.replace``,
+    ``os.rename``, ``os.link``: a link is how a file goes to a path where renameat2 has
+    no RENAME_NOREPLACE): it can fail, and a person may save a file at the target
+    first (which backer must then not replace: see :meth:`Disks.save_first`)."""
 
-    def proxy(*args: Any, **kw: Any) -> Any:
-        saved = disks._save_first(args[1] if len(args) > 1 else None, kw.get("dst_dir_fd"))
-        try:
-            return faulty(*args, **kw)
-        finally:
-            if saved is not None:
-                disks._saved(*saved)
+    def make(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+        faulty = _on_path(op, 1)(disks, real)
 
-    return proxy
+        def proxy(*args: Any, **kw: Any) -> Any:
+            saved = disks._save_first(args[1] if len(args) > 1 else None, kw.get("dst_dir_fd"))
+            try:
+                return faulty(*args, **kw)
+            finally:
+                if saved is not None:
+                    disks._saved(*saved)
 
+        return proxy
 
-def _link(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
-    """``os.link``: it can fail, and a person may save a file at the target first (a
-    link is how a file goes to a path where renameat2 has no RENAME_NOREPLACE)."""
-    faulty = _on_path("link", 1)(disks, real)
-
-    def proxy(*args: Any, **kw: Any) -> Any:
-        saved = disks._save_first(args[1] if len(args) > 1 else None, kw.get("dst_dir_fd"))
-        try:
-            return faulty(*args, **kw)
-        finally:
-            if saved is not None:
-                disks._saved(*saved)
-
-    return proxy
+    return make
 
 
 def _statvfs(disks: Disks, real: Callable[..., os.statvfs_result]) -> Callable[..., Any]:
@@ -593,10 +583,10 @@ _PROXIES: dict[str, Proxy] = {
     "fsync": _on_fd("fsync"),
     "ftruncate": _on_fd("truncate"),
     "fchmod": _on_fd("metadata"),
-    "replace": _rename,
-    "rename": _rename,
+    "replace": _saved_first("rename"),
+    "rename": _saved_first("rename"),
     "mkdir": _on_path("mkdir"),
-    "link": _link,
+    "link": _saved_first("link"),
     "symlink": _on_path("link", 1),
     "utime": _on_path("metadata"),
     "chmod": _on_path("metadata"),
@@ -619,7 +609,7 @@ def _faulty_open(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _faulty_renameat2(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
-    """``renameat2`` (through ctypes: -1 and errno on failure), as :func:`_rename`."""
+    """``renameat2`` (through ctypes: -1 and errno on failure), as :func:`_saved_first`."""
 
     def proxy(source_fd: int, source: bytes, target_fd: int, target: bytes, flags: int) -> int:
         plan = disks.fds.get(target_fd)

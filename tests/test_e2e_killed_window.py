@@ -16,9 +16,17 @@ from tests.e2e import Device, joined_pair
 
 REPO = Path(__file__).resolve().parent.parent
 
-_SYNC_DYING_AT_ITS_CACHE = """
-import os, signal, sys
-from backer.cli import main
+
+def _backer_dying_where(patch: str) -> str:
+    """A ``python -c`` script: the real CLI (its arguments), with ``patch`` run first to
+    make the process SIGKILL itself at one point of its work."""
+    return f"import os, signal, sys\nfrom backer.cli import main\n{patch}" + (
+        'sys.argv = ["backer", *sys.argv[1:]]\nmain()\n'
+    )
+
+
+_SYNC_DYING_AT_ITS_CACHE = _backer_dying_where(
+    """
 from backer.db.catalog import Catalog
 set_local = Catalog.set_local
 def die_at_the_windows_cache(catalog, entries):
@@ -26,9 +34,8 @@ def die_at_the_windows_cache(catalog, entries):
         os.kill(os.getpid(), signal.SIGKILL)
     set_local(catalog, entries)
 Catalog.set_local = die_at_the_windows_cache
-sys.argv = ["backer", *sys.argv[1:]]
-main()
 """
+)
 
 
 def test_R41_files_written_by_a_window_killed_before_its_cache_are_not_recorded_as_edits(
@@ -64,9 +71,8 @@ def test_R41_files_written_by_a_window_killed_before_its_cache_are_not_recorded_
             assert [v["live"] for v in history] == [False, True], (device.root.name, name)
 
 
-_SYNC_DYING_AFTER_A_DELETION = """
-import os, signal, sys
-from backer.cli import main
+_SYNC_DYING_AFTER_A_DELETION = _backer_dying_where(
+    """
 from backer.db.catalog import Catalog
 drop_local = Catalog.drop_local
 def die_after_the_unlink(catalog, paths):
@@ -74,9 +80,8 @@ def die_after_the_unlink(catalog, paths):
         os.kill(os.getpid(), signal.SIGKILL)
     drop_local(catalog, paths)
 Catalog.drop_local = die_after_the_unlink
-sys.argv = ["backer", *sys.argv[1:]]
-main()
 """
+)
 
 
 def test_a_deletion_applied_by_a_window_killed_before_its_commit_is_not_recorded_again(
@@ -135,16 +140,14 @@ def test_a_version_replaced_by_a_window_killed_before_its_cache_stays_restorable
     assert target.read_bytes() == first
 
 
-_SYNC_DYING_AT_ITS_FIRST_WINDOW = """
-import os, signal, sys
-from backer.cli import main
+_SYNC_DYING_AT_ITS_FIRST_WINDOW = _backer_dying_where(
+    """
 from backer.model.materializer import Materializer
 def die(*args, **kwargs):  # the conflict is resolved and recorded; nothing is written
     os.kill(os.getpid(), signal.SIGKILL)
 Materializer.start = die
-sys.argv = ["backer", *sys.argv[1:]]
-main()
 """
+)
 
 
 def test_a_path_a_killed_restore_removed_is_not_deleted_again_when_its_version_went_to_a_copy(
@@ -187,15 +190,9 @@ def test_a_path_a_killed_restore_removed_is_not_deleted_again_when_its_version_w
     assert len(history) == 4  # the first version, the two edits, the restore's deletion
 
 
-def test_the_winner_of_a_conflict_a_killed_window_moved_into_place_is_not_recorded_as_an_edit(
-    tmp_path: Path,
-) -> None:
-    """A window that resolved a conflict (this device's version of ``f`` lost to a
-    concurrent one, now carried by its conflict copy) moved the winner into place and
-    was killed before its cache: the next scan took the winner's bytes for this
-    device's own edit of the version it had held, a new version beside the winner; and
-    as that version replaced the one the conflict copy carries, the copy was moot and
-    went from every device (the simulations' ``kills`` family, seed 314)."""
+def _edited_on_both(tmp_path: Path) -> tuple[Device, Device, list[int]]:
+    """Two joined devices that each edited ``f`` (b's edit the later) and scanned, not
+    synced since: their next sync is a conflict that b's version wins."""
     a, b, ports = joined_pair(tmp_path)
     (a.root / "f").write_bytes(os.urandom(50_000))
     a.run("scan", "--dir", str(a.root), "-q")
@@ -206,6 +203,19 @@ def test_the_winner_of_a_conflict_a_killed_window_moved_into_place_is_not_record
         (device.root / "f").write_bytes(os.urandom(50_000))
         os.utime(device.root / "f", ns=(mtime, mtime))
         device.run("scan", "--dir", str(device.root), "-q")
+    return a, b, ports
+
+
+def test_the_winner_of_a_conflict_a_killed_window_moved_into_place_is_not_recorded_as_an_edit(
+    tmp_path: Path,
+) -> None:
+    """A window that resolved a conflict (this device's version of ``f`` lost to a
+    concurrent one, now carried by its conflict copy) moved the winner into place and
+    was killed before its cache: the next scan took the winner's bytes for this
+    device's own edit of the version it had held, a new version beside the winner; and
+    as that version replaced the one the conflict copy carries, the copy was moot and
+    went from every device (the simulations' ``kills`` family, seed 314)."""
+    a, b, ports = _edited_on_both(tmp_path)
     mine, theirs = (a.root / "f").read_bytes(), (b.root / "f").read_bytes()
     with b.serving(ports[1]) as address:
         script = [sys.executable, "-c", _SYNC_DYING_AT_ITS_CACHE, "sync", address]
@@ -255,16 +265,7 @@ def test_a_file_whose_version_lost_a_conflict_rewritten_in_place_as_the_winner_i
     went with it, not the winner put there by a window; taken for the winner, the copy
     stayed live with its bytes on no disk (the simulations' ``kills`` family, seed 400
     of ``kills,resident``)."""
-    a, b, ports = joined_pair(tmp_path)
-    (a.root / "f").write_bytes(os.urandom(50_000))
-    a.run("scan", "--dir", str(a.root), "-q")
-    with a.serving(ports[0]) as address:
-        b.sync(address)
-    hour_ago = time.time_ns() - 3600 * 10**9
-    for device, mtime in ((a, hour_ago), (b, time.time_ns())):  # b's edit is the later
-        (device.root / "f").write_bytes(os.urandom(50_000))
-        os.utime(device.root / "f", ns=(mtime, mtime))
-        device.run("scan", "--dir", str(device.root), "-q")
+    a, b, ports = _edited_on_both(tmp_path)
     with b.serving(ports[1]) as address:
         script = [sys.executable, "-c", _SYNC_DYING_AT_ITS_FIRST_WINDOW, "sync", address]
         died = subprocess.run([*script, "--dir", str(a.root)], env=a.env, cwd=REPO)

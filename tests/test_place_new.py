@@ -15,8 +15,21 @@ import pytest
 from backer.fs import dirs
 from backer.fs.dirs import InShare
 from backer.model.materializer import Materializer
+from backer.model.share import Share
 from backer.protocol.session import Session
 from tests.helpers import make_devices, pump
+
+
+def _report_made_on_a(tmp_path: Path, kind: str) -> tuple[Share, Share]:
+    """Two members, ``report.txt`` (a file or a link, as ``kind``) recorded on a only."""
+    a, b = make_devices(tmp_path, 2)
+    if kind == "file":
+        (a.root / "report.txt").write_text("from a")
+    else:
+        (a.root / "report.txt").symlink_to("elsewhere")
+    a.scan()
+    b.scan()
+    return a, b
 
 
 @pytest.mark.parametrize("kind", ["file", "link"])
@@ -27,13 +40,7 @@ def test_R43_a_file_made_between_the_windows_look_and_its_rename_is_never_replac
     ``os.replace``: a file the person saved in between (a download, an editor's first
     save) was replaced, its bytes kept nowhere. Now it stays, reported as a local edit,
     and the next scan records it (a conflict with the received version, both kept)."""
-    a, b = make_devices(tmp_path, 2)
-    if kind == "file":
-        (a.root / "report.txt").write_text("from a")
-    else:
-        (a.root / "report.txt").symlink_to("elsewhere")
-    a.scan()
-    b.scan()
+    a, b = _report_made_on_a(tmp_path, kind)
     looked = Materializer._unchanged
 
     def person_saves_meanwhile(self: Materializer, target: InShare, cached: object) -> object:
@@ -97,13 +104,7 @@ def test_R47_without_renameat2_a_file_saved_just_before_the_rename_is_never_repl
     the window looked once more and then renamed with ``os.replace``: a file the person
     saved between that look and the rename was replaced, its bytes kept nowhere. Now a
     hard link puts the temp there, which fails if anything is there."""
-    a, b = make_devices(tmp_path, 2)
-    if kind == "file":
-        (a.root / "report.txt").write_text("from a")
-    else:
-        (a.root / "report.txt").symlink_to("elsewhere")
-    a.scan()
-    b.scan()
+    a, b = _report_made_on_a(tmp_path, kind)
 
     def no_flags(*args: object) -> int:
         ctypes.set_errno(errno.EINVAL)

@@ -111,13 +111,12 @@ asyncio.run(share.scan_off_loop(recorded=lambda: os.kill(os.getpid(), signal.SIG
 """
 
 
-def test_R39_a_node_killed_between_its_push_and_its_index_keeps_the_replaced_versions(
+def _one_edited_one_deleted(
     tmp_path: Path,
-) -> None:
-    """A node SIGKILLed once a scan's versions were pushed, before the chunk index was
-    written: the replaced and deleted contents' bytes were in the store, history said
-    so, and no restore (nor a peer) could read them, for good: their chunk locations
-    were noted only in the index steps that never ran."""
+) -> tuple[Device, dict[str, bytes], dict[str, dict[str, object]]]:
+    """A share whose files ``edited`` (replaced as an editor saves: a new inode) and
+    ``deleted`` changed since its init, not scanned yet: their first bytes and their
+    first versions as ``history --json`` gave them."""
     device = Device(tmp_path, "a")
     device.root.mkdir()
     old = {name: os.urandom(300_000) for name in ("edited", "deleted")}
@@ -132,6 +131,17 @@ def test_R39_a_node_killed_between_its_push_and_its_index_keeps_the_replaced_ver
     staged.write_bytes(os.urandom(300_000))
     os.replace(staged, device.root / "edited")
     (device.root / "deleted").unlink()
+    return device, old, versions
+
+
+def test_R39_a_node_killed_between_its_push_and_its_index_keeps_the_replaced_versions(
+    tmp_path: Path,
+) -> None:
+    """A node SIGKILLed once a scan's versions were pushed, before the chunk index was
+    written: the replaced and deleted contents' bytes were in the store, history said
+    so, and no restore (nor a peer) could read them, for good: their chunk locations
+    were noted only in the index steps that never ran."""
+    device, old, versions = _one_edited_one_deleted(tmp_path)
     died = subprocess.run(
         [sys.executable, "-c", _DIE_AT_PUSH, str(device.root)], env=device.env, cwd=REPO
     )
@@ -199,20 +209,7 @@ def test_a_scan_killed_once_its_versions_are_recorded_keeps_the_replaced_version
     entries (``last_scan_ms`` is written there): the cache no longer named the old
     versions, so no later scan noted them, and their kept bytes were in the store
     where no read found them (a restore said they were not on this device)."""
-    device = Device(tmp_path, "a")
-    device.root.mkdir()
-    old = {name: os.urandom(300_000) for name in ("edited", "deleted")}
-    for name, data in old.items():
-        (device.root / name).write_bytes(data)
-    device.run("init", str(device.root), "-q")
-    versions = {
-        name: json.loads(device.run("history", str(device.root / name), "--json").stdout)[0]
-        for name in old
-    }
-    staged = tmp_path / "edited.new"  # replaced, as an editor saves: a new inode
-    staged.write_bytes(os.urandom(300_000))
-    os.replace(staged, device.root / "edited")
-    (device.root / "deleted").unlink()
+    device, old, versions = _one_edited_one_deleted(tmp_path)
     script = [sys.executable, "-c", _DIE_AFTER_RECORDING, str(device.root), "last_scan_ms"]
     died = subprocess.run(script, env=device.env, cwd=REPO)
     assert died.returncode == -signal.SIGKILL
