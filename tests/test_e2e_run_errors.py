@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -107,7 +108,11 @@ def test_an_interrupted_join_says_how_to_go_on(tmp_path: Path) -> None:
     a.root.mkdir()
     (a.root / "doc.bin").write_bytes(os.urandom(100_000))
     a.run("init", str(a.root))
-    with a.serving() as address, forwarder(address, hold=(2, 30.0)) as slow:
+    dialled = threading.Event()
+    with (
+        a.serving() as address,
+        forwarder(address, on_accept=dialled.set, hold=(2, 30.0)) as slow,
+    ):
         token = a.run("invite", "--no-wait", "--address", slow, "--dir", str(a.root))
         joining = subprocess.Popen(
             b.command("join", token.stdout.strip(), str(b.root)),
@@ -115,7 +120,8 @@ def test_an_interrupted_join_says_how_to_go_on(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(3)
+        assert dialled.wait(60), "the join never dialled"
+        time.sleep(1)  # (its session under way: the forwarder holds what comes next)
         joining.send_signal(signal.SIGINT)
         _, stderr = joining.communicate(timeout=10)
     assert joining.returncode == 1, stderr
