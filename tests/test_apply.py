@@ -266,15 +266,19 @@ def test_a_conflict_on_a_255_byte_name_gets_a_copy_that_fits_name_max(tmp_path: 
     assert not [r.errors for r in right.replicator.reports if r.errors]
 
 
-def test_a_long_conflict_copy_never_names_itself() -> None:
-    """A copy of a copy whose name was cut to NAME_MAX came out as the very same name:
-    every resolution wrote a new conflict at that path, for ever (simulation seed 5278:
-    devices linked by `backer run` resolved it back and forth without end)."""
+@pytest.mark.parametrize("name", ["m" * 250 + ".txt", "m" * 240])
+def test_a_long_conflict_copy_never_names_itself_nor_an_earlier_copy(name: str) -> None:
+    """A copy of a copy whose name was cut to NAME_MAX came out as the very same name
+    (simulation seed 5278), or as the name of the copy two steps before it (seed 130395):
+    every resolution wrote a new conflict at that path, for ever (devices linked by
+    `backer run` resolved it back and forth without end)."""
     version = Version(Kind.FILE, 4, content=b"\1" * 32, device=b"d" * 32, time_ms=1_767_225_600)
-    path = "a/" + "m" * 250 + ".txt"
-    for _ in range(4):  # a copy of a copy of a copy...: always a new name, still fitting
+    path = "a/" + name
+    line = [path]
+    for _ in range(8):  # a copy of a copy of a copy...: always a new name, still fitting
         copy = conflict_path(path, version)
-        assert copy != path and len(os.fsencode(copy.rpartition("/")[2])) <= 255
+        assert copy not in line and len(os.fsencode(copy.rpartition("/")[2])) <= 255, line
+        line.append(copy)
         path = copy
 
 

@@ -898,3 +898,14 @@ def test_the_harness_takes_a_crafted_contents_conflict_copy_as_blocked() -> None
         run_seed(818319, 3, 60, frozenset({"hostile", "clocks", "resident", "retention"}))
     except Failure as failure:
         pytest.fail(failure.reason)
+
+
+def test_conflict_copies_of_long_names_settle() -> None:
+    """Seed 130395 (default world, 60 steps): a 240-byte name's conflict copies, their
+    names cut to NAME_MAX, came back two copies later to a name already taken; the
+    linked nodes resolved the two paths into each other without end (78,000 versions
+    in 8 minutes, 21 live) and the campaign never finished."""
+    try:
+        run_seed(130395, 3, 60, DEFAULT_WORLD)
+    except Failure as failure:
+        pytest.fail(failure.reason)

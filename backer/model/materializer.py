@@ -70,7 +70,11 @@ class Resolution:
 
 def conflict_path(path: str, version: Version) -> str:
     """``dir/name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext``, from the version's own data;
-    the stem (then the extension) is cut so that the name fits NAME_MAX bytes."""
+    the stem (then the extension) is cut so that the name fits NAME_MAX bytes. A cut
+    name also carries a tag of the path and the content (the same on every device): cut
+    back, a copy's copy came out as the name itself or as the name of an earlier copy in
+    its line, each conflicting with the next, and devices linked by ``backer run``
+    resolved them back and forth without end."""
     parent, _, name = path.rpartition("/")
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
@@ -79,10 +83,11 @@ def conflict_path(path: str, version: Version) -> str:
     mark = f"{CONFLICT_MARK}{stamp}-{device}"
     if len(os.fsencode(mark + ext)) > NAME_MAX // 2:
         stem, ext = name, ""  # an extension that long is part of the name
-    copy = _fitted(stem, mark + ext)
-    if copy == name:  # a long copy's own copy, cut back to its name: it would conflict
-        tag = blake3(os.fsencode(path) + version.content).hexdigest()[:8]  # with itself
-        copy = _fitted(stem, f"{mark}-{tag}{ext}")  # for ever (the same on every device)
+    if len(os.fsencode(stem + mark + ext)) <= NAME_MAX:
+        copy = stem + mark + ext
+    else:
+        tag = blake3(os.fsencode(path) + version.content).hexdigest()[:8]
+        copy = _fitted(stem, f"{mark}-{tag}{ext}")
     return f"{parent}/{copy}" if parent else copy
 
 
