@@ -165,15 +165,7 @@ def test_a_path_a_killed_restore_removed_is_not_deleted_again_when_its_version_w
     time.sleep(1.1)
     moment = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
     time.sleep(1.1)
-    (a.root / "f").write_bytes(os.urandom(50_000))
-    a.run("scan", "--dir", str(a.root), "-q")
-    with a.serving(ports[0]) as address:
-        b.sync(address)
-    hour_ago = time.time_ns() - 3600 * 10**9
-    for device, mtime in ((a, hour_ago), (b, time.time_ns())):  # b's edit is the later
-        (device.root / "f").write_bytes(os.urandom(50_000))
-        os.utime(device.root / "f", ns=(mtime, mtime))
-        device.run("scan", "--dir", str(device.root), "-q")
+    _edit_on_both(a, b, ports)
     mine = (a.root / "f").read_bytes()
     with b.serving(ports[1]) as address:
         script = [sys.executable, "-c", _SYNC_DYING_AT_ITS_FIRST_WINDOW, "sync", address]
@@ -190,10 +182,17 @@ def test_a_path_a_killed_restore_removed_is_not_deleted_again_when_its_version_w
     assert len(history) == 4  # the first version, the two edits, the restore's deletion
 
 
-def _edited_on_both(tmp_path: Path) -> tuple[Device, Device, list[int]]:
+def _edited_on_both(tmp_path: Path) -> tuple[Device, Device, tuple[int, int]]:
     """Two joined devices that each edited ``f`` (b's edit the later) and scanned, not
     synced since: their next sync is a conflict that b's version wins."""
     a, b, ports = joined_pair(tmp_path)
+    _edit_on_both(a, b, ports)
+    return a, b, ports
+
+
+def _edit_on_both(a: Device, b: Device, ports: tuple[int, int]) -> None:
+    """``f`` made on a and synced to b, then edited on each (b's edit the later) and
+    scanned, not synced since."""
     (a.root / "f").write_bytes(os.urandom(50_000))
     a.run("scan", "--dir", str(a.root), "-q")
     with a.serving(ports[0]) as address:
@@ -203,7 +202,6 @@ def _edited_on_both(tmp_path: Path) -> tuple[Device, Device, list[int]]:
         (device.root / "f").write_bytes(os.urandom(50_000))
         os.utime(device.root / "f", ns=(mtime, mtime))
         device.run("scan", "--dir", str(device.root), "-q")
-    return a, b, ports
 
 
 def test_the_winner_of_a_conflict_a_killed_window_moved_into_place_is_not_recorded_as_an_edit(
