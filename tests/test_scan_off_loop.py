@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 
+import nacl.signing
 import pytest
 
 from backer.model.records import Kind
@@ -283,3 +285,45 @@ def test_R24_an_edit_through_one_name_of_a_hard_link_records_every_name(share: S
     summary = asyncio.run(share.scan_off_loop(paths=["d/hl2.txt"]))
     assert sorted(summary.modified) == ["d/hl2.txt", "hl1.txt", "hl3.txt"]
     assert share.scan().events == 0
+
+
+def test_a_deletion_is_recorded_by_the_scan_during_which_a_restored_share_catches_up(
+    tmp_path: Path,
+) -> None:
+    """A device restored from an older copy of ``.backer/`` waits for its own newer
+    events; its person deletes a file those events recorded, and the watcher's scan
+    starts. The events come back from a peer while the scan hashes: its walk had
+    compared the disk with the older copy, which knew nothing of the file, so the
+    deletion went unrecorded until a whole scan (seed 140717 of the campaign)."""
+    key, home = nacl.signing.SigningKey.generate(), tmp_path / "home-a"
+    (tmp_path / "a").mkdir()
+    a = Share.create(tmp_path / "a", key, home=home)
+    b_key = nacl.signing.SigningKey.generate()
+    a.admit(bytes(b_key.verify_key), "b")
+    (tmp_path / "b").mkdir()
+    b = Share.create(tmp_path / "b", b_key, joining=(a.share_id, a.share_key))
+    a.close()
+    backup = tmp_path / "backup"
+    shutil.copytree(tmp_path / "a" / ".backer", backup)
+    a = Share(tmp_path / "a", key, home=home)
+    (a.root / "f").write_bytes(b"recorded after the backup")
+    a.scan()
+    pump(Session(a, "a"), Session(b, "b"))
+    a.close()
+    shutil.rmtree(a.root / ".backer")
+    shutil.copytree(backup, a.root / ".backer")
+    a = Share(tmp_path / "a", key, home=home)
+    assert a.own_events_missing
+    (a.root / "f").unlink()
+    (a.root / "g").write_bytes(b"a file to hash")
+    given_back = []
+
+    def give_back(*_: int) -> None:
+        if not given_back:
+            pump(Session(a, "a"), Session(b, "b"))
+            given_back.append(a.own_events_missing)
+
+    summary = asyncio.run(a.scan_off_loop(progress=give_back))
+    assert given_back == [0]
+    assert (summary.added, summary.deleted) == (["g"], ["f"])
+    assert a.scan().events == 0

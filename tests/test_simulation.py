@@ -909,3 +909,30 @@ def test_conflict_copies_of_long_names_settle() -> None:
         run_seed(130395, 3, 60, DEFAULT_WORLD)
     except Failure as failure:
         pytest.fail(failure.reason)
+
+
+def test_a_deletion_made_while_a_restored_node_waits_for_its_events_is_recorded() -> None:
+    """Seed 140717 (default world, 60 steps), shrunk: node 2 comes back from a backup
+    taken before it wrote ``a/m×240``; its person deletes the file and its watcher scans
+    while a rebooted peer gives the node its events back. The scan's walk had compared
+    the disk with the older copy's catalog, which knew nothing of the file, and the
+    deletion was recorded only at the next whole scan ("recorded its own applied writes
+    as edits")."""
+    long_name = "a/" + "m" * 240
+    steps = [
+        ("backup", {"node": 2}),
+        ("sync", {"a": 2, "b": 1, "cut": None}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("write", {"node": 2, "path": long_name, "data": b"same"}),
+        ("scan", {"node": 2, "during": 27}),
+        ("scan", {"node": 2, "during": 23}),
+        ("restore", {"node": 2}),
+        ("sync", {"a": 1, "b": 0, "cut": None}),
+        ("reboot", {"node": 0, "offset": 0}),
+        ("delete", {"node": 2, "path": long_name}),
+        ("scan", {"node": 2, "during": 13}),
+    ]
+    try:
+        replay(3, steps, 140717, DEFAULT_WORLD)
+    except Failure as failure:
+        pytest.fail(failure.reason)

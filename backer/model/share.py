@@ -1187,7 +1187,13 @@ class Share:
         started = time.monotonic()
         total = ScanSummary()
         for _ in range(RESCANS):
+            behind = self.own_events_missing
             found = await self._look_apart(paths, progress)
+            if behind and not self.own_events_missing:
+                # its own events came back during the walk, which compared the disk with
+                # the older copy's scan cache: a file of theirs that the person deleted was
+                # in neither, and its deletion would go unrecorded until a whole scan
+                found = await self._look_apart(paths, progress)
             stale = self._drop_stale(classify(found, self._recorded_content))
             summary, indexing = self._record_scan(found, started)  # in the same step as the check
             if summary.waiting is not None:
