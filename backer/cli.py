@@ -1157,13 +1157,16 @@ def _print_token(token: str) -> None:
 async def _until_signalled(
     node: Node, also: Callable[[asyncio.Event], Awaitable[None]] | None = None
 ) -> None:
-    """Run ``node`` until SIGINT or SIGTERM (or until ``also`` returns). A failure the
-    user can act on is raised after the ``except*``, not inside it: Python 3.11.0-3.11.3
-    (Debian 12's) wrap an exception raised there in a group, an "internal error"."""
+    """Run ``node`` until SIGINT or SIGTERM (or until ``also`` returns); a SIGINT the
+    parent ignores stays ignored, as during start-up (SIGTERM, a service manager's stop,
+    always stops). A failure the user can act on is raised after the ``except*``, not
+    inside it: Python 3.11.0-3.11.3 (Debian 12's) wrap an exception raised there in a
+    group, an "internal error"."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
+            loop.add_signal_handler(signum, stop.set)
     failure: BaseException | None = None
     try:
         async with asyncio.TaskGroup() as tasks:

@@ -7,6 +7,7 @@ namespaces: tests.netns)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,8 +34,13 @@ def share(tmp_path: Path, key: nacl.signing.SigningKey) -> Share:
 
 def pytest_configure(config: pytest.Config) -> None:
     """The hundreds of ``python -m backer`` subprocesses would each compile backer from
-    source again where the environment forbids writing bytecode (0.1 s of CPU each)."""
+    source again where the environment forbids writing bytecode (0.1 s of CPU each).
+    They get SIGINT as from a terminal even where the suite runs as a script's
+    background job, whose shell ignores SIGINT (children inherit that, and backer then
+    keeps ignoring it: the Ctrl-C tests would see nothing)."""
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

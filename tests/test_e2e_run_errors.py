@@ -101,6 +101,26 @@ def test_a_stopping_node_dials_no_new_session(tmp_path: Path) -> None:
     assert " open (" not in after, second.log
 
 
+def test_a_sigint_the_parent_ignores_stays_ignored_and_sigterm_stops(tmp_path: Path) -> None:
+    """A shell script's background job (``backer run &``) starts with SIGINT ignored, so
+    that the terminal's Ctrl-C meant for the script leaves it running. The node ignored
+    SIGINT while it started, then stopped on the first one once it watched: a Ctrl-C
+    lost or obeyed by chance of timing. It now stays ignored; SIGTERM stops it."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    a.run("init", str(a.root))
+    ignoring = ("sh", "-c", 'trap "" INT; exec "$@"', "sh")
+    node = Node(a, free_port(), {}, wrap=ignoring)
+    try:
+        node.wait_for("watching")
+        node.process.send_signal(signal.SIGINT)
+        (a.root / "after.txt").write_text("recorded: the node runs on\n")
+        node.wait_for("a: recorded 1 changes", timeout=20)
+        assert node.process.poll() is None, node.log
+    finally:
+        assert node.stop(signal.SIGTERM) == 0, node.log
+
+
 def test_an_interrupted_join_says_how_to_go_on(tmp_path: Path) -> None:
     """Ctrl-C during a join printed "aborted" and left .backer-*.tmp files in the
     folder unexplained: it now says that the same join goes on from them."""
