@@ -1,0 +1,133 @@
+"""A hostile member (tests/hostile_member.py: the real handshake, then crafted messages
+and crafted, signed events) against the real CLI's join and against ``backer run``: the
+device attacked ends with one line and exit status 1, or converges on what is valid;
+never a write outside its folder, an unverified byte in a user file, a traceback or a
+hang."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from backer.protocol.session import Session
+from backer.protocol.wire import Message
+from simulations.hostile import OUTSIDE, SENTINEL, SENTINEL_BYTES, Hostile
+from tests.e2e import Device, free_port, invite, snapshot
+from tests.hostile_member import HostileMember, Tactic
+
+SCALE = "0.1"  # every deadline a tenth: the idle one is 6 s
+JOIN_BOUND_S = 90  # a join against any of these peers ends well within this
+
+
+class Forges(Tactic):
+    """What the simulation's hostile member serves when it tampers: chunks and
+    manifests that do not hash to what they claim."""
+
+    def __init__(self, hostile: Hostile) -> None:
+        self.hostile = hostile
+
+    def outgoing(self, session: Session, messages: list[Message]) -> list[Message]:
+        return [self.hostile.forge(m) for m in messages]
+
+
+def _founded(tmp_path: Path) -> tuple[Device, Device, int, str]:
+    """The hostile device founds a share of two files and invites the victim; beside
+    them an ``outside`` folder holding a sentinel, which nothing may touch."""
+    hostile, victim = Device(tmp_path, "hostile"), Device(tmp_path, "victim")
+    hostile.root.mkdir()
+    (hostile.root / "f").write_bytes(os.urandom(300_000))
+    (hostile.root / "g").write_bytes(b"gee")
+    (tmp_path / OUTSIDE).mkdir()
+    (tmp_path / OUTSIDE / SENTINEL).write_bytes(SENTINEL_BYTES)
+    hostile.run("init", str(hostile.root))
+    port = free_port()
+    return hostile, victim, port, invite(hostile, f"127.0.0.1:{port}")
+
+
+def _join(victim: Device, token: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI's join, every deadline a tenth (a hang fails the test at
+    JOIN_BOUND_S)."""
+    try:
+        joined = subprocess.run(
+            victim.command("join", token, str(victim.root)),
+            env={**victim.env, "BACKER_TIME_SCALE": SCALE},
+            capture_output=True,
+            text=True,
+            timeout=JOIN_BOUND_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the join still ran after {JOIN_BOUND_S} s: {exc.stderr!r}") from exc
+    return joined
+
+
+def _beside(tmp_path: Path) -> list[str]:
+    """What lies beside the two devices' folders and homes."""
+    return sorted(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("craft", "exit_status", "said"),
+    [
+        ("bad_path", 1, "rejected events"),  # '../outside/pwn', refused before storing
+        ("spoof", 0, ""),  # a version under another's name: it is the member's own
+        ("lying_size", 3, "error: f:"),  # a size its content does not have: not written
+        ("escape_link", 0, ""),  # a link out of the share and files recorded through it
+        ("tamper", 1, "malformed manifest"),  # manifests and chunks that do not hash
+    ],
+)
+def test_a_join_from_a_hostile_inviter_writes_nothing_outside_and_no_unverified_byte(
+    tmp_path: Path, craft: str, exit_status: int, said: str
+) -> None:
+    hostile, victim, port, token = _founded(tmp_path)
+    outside = snapshot(tmp_path / OUTSIDE)
+    member = Hostile(0, b"")
+    with HostileMember(hostile.root, hostile.home, Forges(member)).running(port) as peer:
+        assert peer.share is not None
+        member.device = peer.share.device
+        peer.call(lambda: member.craft(peer.share, craft, 0, [peer.share.device]))
+        joined = _join(victim, token)
+    assert joined.returncode == exit_status, joined.stderr
+    assert said in joined.stderr
+    assert "Traceback" not in joined.stderr
+    assert snapshot(tmp_path / OUTSIDE) == outside
+    assert _beside(tmp_path) == sorted(
+        ["hostile", "hostile-home", "victim", "victim-home", OUTSIDE]
+    )
+    sent = {"f": (hostile.root / "f").read_bytes(), "g": b"gee"}
+    for path, entry in snapshot(victim.root).items():
+        if entry[0] == "file":  # every file written is one the inviter holds, verified
+            assert entry[1] in sent.values(), path
+
+
+def test_a_removed_member_cannot_push_events_to_a_node_or_come_back_with_its_invite(
+    tmp_path: Path,
+) -> None:
+    """The removed device keeps its key, its old share key and the invite it joined
+    with: the node refuses it every way, and records nothing it sends."""
+    founder, removed = Device(tmp_path, "founder"), Device(tmp_path, "removed")
+    founder.root.mkdir()
+    (founder.root / "kept").write_bytes(b"founder's")
+    founder.run("init", str(founder.root))
+    port = free_port()
+    token = invite(founder, f"127.0.0.1:{port}")
+    with founder.serving(port):
+        removed.run("join", token, str(removed.root))
+    device = removed.run("status", "--dir", str(removed.root)).stdout.split("device")[1].split()[0]
+    founder.run("device", "remove", device[:7], "--dir", str(founder.root))
+    (removed.root / "kept").write_bytes(b"overwritten by the removed device")
+    removed.run("scan", "--dir", str(removed.root))
+    node = founder.start(port)
+    try:
+        peer = HostileMember(removed.root, removed.home, Tactic())
+        with peer.running():
+            reason = peer.dial(node.address, timeout=30)
+        assert "removed" in reason, reason
+        again = removed.run("join", token, str(tmp_path / "again"), check=False)
+        assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+    finally:
+        node.stop()
+    assert (founder.root / "kept").read_bytes() == b"founder's"
+    assert "Traceback" not in node.log
