@@ -13,13 +13,44 @@ from pathlib import Path
 import pytest
 
 from backer.protocol.session import Session
-from backer.protocol.wire import Message
+from backer.protocol.wire import CaughtUp, Done, Events, Hello, Message, Ping, Summary, Welcome
 from simulations.hostile import OUTSIDE, SENTINEL, SENTINEL_BYTES, Hostile
 from tests.e2e import Device, free_port, invite, snapshot
 from tests.hostile_member import HostileMember, Tactic
 
 SCALE = "0.1"  # every deadline a tenth: the idle one is 6 s
 JOIN_BOUND_S = 90  # a join against any of these peers ends well within this
+
+
+class PingsOnly(Tactic):
+    """Completes the handshake, says Hello and its Summary, then only keeps the
+    connection alive: no events, no CaughtUp."""
+
+    def outgoing(self, session: Session, messages: list[Message]) -> list[Message]:
+        return [m for m in messages if isinstance(m, Ping | Hello | Summary | Welcome)]
+
+
+class ReplaysEvents(Tactic):
+    """Sends its first Events message, and then that message again each time the
+    joiner acknowledges it, instead of the rest and CaughtUp."""
+
+    def __init__(self) -> None:
+        self.first: Events | None = None
+
+    def outgoing(self, session: Session, messages: list[Message]) -> list[Message]:
+        out: list[Message] = []
+        for message in messages:
+            if isinstance(message, Events):
+                self.first = self.first or message
+                message = self.first
+            if not isinstance(message, CaughtUp):
+                out.append(message)
+        return out
+
+    def incoming(self, session: Session, message: Message) -> list[Message] | None:
+        if isinstance(message, Done) and self.first is not None:
+            return [self.first]
+        return None
 
 
 class Forges(Tactic):
@@ -66,6 +97,26 @@ def _join(victim: Device, token: str) -> subprocess.CompletedProcess[str]:
 def _beside(tmp_path: Path) -> list[str]:
     """What lies beside the two devices' folders and homes."""
     return sorted(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("tactic", [PingsOnly, ReplaysEvents])
+def test_R54_a_join_leaves_an_inviter_that_keeps_it_open_without_catching_it_up(
+    tmp_path: Path, tactic: type[Tactic]
+) -> None:
+    """A peer that answers with pings, or with the same events again and again, kept a
+    join (any one-shot sync) running for ever: each message reset the silence deadline.
+    Only a catch-up that moves on holds the session open now."""
+    hostile, victim, port, token = _founded(tmp_path)
+    with HostileMember(hostile.root, hostile.home, tactic()).running(port):
+        joined = _join(victim, token)
+    assert joined.returncode == 1, joined.stderr
+    lines = joined.stderr.strip().splitlines()
+    assert "peer unresponsive: its catch-up did not move" in lines[-1]
+    assert "Traceback" not in joined.stderr
+    assert not [p for p in os.listdir(victim.root) if p != ".backer"]
+    assert _beside(tmp_path) == sorted(
+        ["hostile", "hostile-home", "victim", "victim-home", OUTSIDE]
+    )
 
 
 @pytest.mark.parametrize(

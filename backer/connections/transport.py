@@ -419,6 +419,8 @@ class Hub:
 
         start = time.monotonic()
         waited = 0.0  # seconds spent waiting for the peer since it last sent anything
+        stalled, moved = 0.0, 0  # the same since its catch-up last moved (one-shot), and
+        # how far it had moved then (Session.catching_up)
         draining, last_delivered = start, 0  # when our output last moved, and how far
         tasks: dict[str, asyncio.Future[Any]] = {}
         _write(streams, channel.data_to_send())
@@ -433,6 +435,11 @@ class Hub:
                     if waited > limits.idle_s:
                         raise BackerError(
                             f"peer unresponsive: nothing received for {limits.idle_s:.0f} s"
+                        )
+                    if stalled > limits.idle_s:
+                        raise BackerError(
+                            f"peer unresponsive: its catch-up did not move for "
+                            f"{limits.idle_s:.0f} s"
                         )
                     if session.overdue(now, limits.request_s):
                         raise BackerError(
@@ -473,7 +480,8 @@ class Hub:
                 results = {name: tasks.pop(name).result() for name in done}
                 if hangup is not None and hangup.reason is not None:
                     raise BackerError(hangup.reason)
-                waited = _silence(waited, time.monotonic() - before, timeout, "read" in results)
+                took = time.monotonic() - before
+                waited = _silence(waited, took, timeout, "read" in results)
                 if "read" in results:
                     data = results["read"]
                     streams.received += len(data)
@@ -505,6 +513,11 @@ class Hub:
                             stop_awaiting()
                         if progress is not None:
                             progress(session)
+                if one_shot and session is not None and not session.peer_caught_up:
+                    # a peer that pings, or sends the same events again, holds a join or
+                    # a sync open for ever: only a catch-up that moves on counts
+                    stalled = _silence(stalled, took, timeout, session.catching_up != moved)
+                    moved = session.catching_up
                 flush()
                 self.flush()
         except SessionClosed:

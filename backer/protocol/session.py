@@ -185,6 +185,9 @@ class Session:
         self.forks: list[str] = []
         self.peer_lengths: dict[bytes, int] | None = None
         self.peer_caught_up = False
+        self.catching_up = 0  # grows each time the peer's catch-up moves forward: see
+        self.sent_up_to: dict[bytes, int] = {}  # _on_events (per author: the end of what
+        # it sent in this session)
         self.pending_run: dict[bytes, list[bytes]] = {}
         self.pending_bytes = 0
         self.events_messages_sent = 0
@@ -304,6 +307,7 @@ class Session:
         peer, self.peer_summary = self.peer_summary, {}
         ranges, forks = self.share.journal.missing_for(peer)
         self.peer_lengths = {author: c.length for author, c in peer.items()}
+        self.catching_up += 1
         for fork in forks:
             self.peer_lengths[fork.author] = _NEVER
             self.forks.append(fork.author.hex())
@@ -388,8 +392,12 @@ class Session:
             raise ProtocolError("empty Events message")
         try:
             author = Event.decode(message.events[0]).author
+            end = Event.decode(message.events[-1]).seq + 1
         except ValueError as exc:
             raise ProtocolError(f"malformed event: {exc}") from exc
+        if end > self.sent_up_to.get(author, 0):  # further than before: a stream moves on,
+            self.sent_up_to[author] = end  # a message sent again and again does not
+            self.catching_up += 1
         run = self.pending_run.setdefault(author, [])
         run.extend(message.events)
         self.pending_bytes += sum(map(len, message.events))
