@@ -936,3 +936,25 @@ def test_a_deletion_made_while_a_restored_node_waits_for_its_events_is_recorded(
         replay(3, steps, 140717, DEFAULT_WORLD)
     except Failure as failure:
         pytest.fail(failure.reason)
+
+
+def test_a_copy_a_node_recorded_itself_goes_when_a_copy_of_it_supersedes_it() -> None:
+    """Seed 140479 (default world, 60 steps), shrunk: a conflict at ``a/résumé`` gives a
+    copy that node 2 records as well, concurrently with node 1's second conflict, which
+    moves the copy to a copy's copy. The move supersedes the copy at the copy's name;
+    node 2 learned of it after its own record and kept the copy live, and the cluster
+    never converged (node 2 alone kept the copy on disk)."""
+    steps = [
+        ("reboot", {"node": 0, "offset": 0}),
+        ("race", {"node": 0, "path": "a/re\u0301sume\u0301", "data": b"", "limit": 38}),
+        ("scan", {"node": 0, "during": 15}),
+        ("write", {"node": 1, "path": "a/x.log", "data": b"x" * 70_000}),
+        ("scan", {"node": 1, "during": 21}),
+        ("scan", {"node": 1, "during": 8}),
+        ("prune", {"node": 1, "wait": 86422186}),
+        ("restore_at", {"node": 0, "path": "", "pick": 93}),
+    ]
+    try:
+        replay(3, steps, 140479, DEFAULT_WORLD)
+    except Failure as failure:
+        pytest.fail(failure.reason)

@@ -278,10 +278,12 @@ class Catalog:
         """Record what one journal event changed in the live set and in history. A
         version that a known version supersedes is never live: two devices may record
         the same version id (a conflict copy's is the same everywhere), and the CRDT
-        keeps the one added concurrently with the other's removal, on every device. Each
-        version and supersession notes when this device learned of it, by its own clock: retention
-        cannot take the author's word for it (a clock reset to the past would make a
-        version replaced now look replaced years ago)."""
+        keeps the one added concurrently with the other's removal, on every device,
+        whichever of the two arrives first; the superseding version may be at another
+        path (a conflict copy supersedes, at the copy's name, the version it carries).
+        Each version and supersession notes when this device learned of it, by its own
+        clock: retention cannot take the author's word for it (a clock reset to the past
+        would make a version replaced now look replaced years ago)."""
         recorded_ms = entropy.now_ms()
         added = [(*split_key(key), record) for key, record in delta.added.items()]
         self.conn.executemany(
@@ -308,9 +310,11 @@ class Catalog:
             [(path, vid, record, vid) for path, vid, record in added],
         )
         self.conn.executemany(
-            "DELETE FROM live WHERE path = ? AND vid = ?",
-            [split_key(key) for key in delta.removed]
-            + [(path, old) for path, _, old in superseding],
+            "DELETE FROM live WHERE path = ? AND vid = ?", [split_key(key) for key in delta.removed]
+        )
+        self.conn.executemany(  # (each where it is, not at the superseding version's path)
+            "DELETE FROM live WHERE vid = ? AND path = (SELECT path FROM versions WHERE vid = ?)",
+            [(old, old) for _, _, old in superseding],
         )
 
     def recorded(self, version_ids: list[str]) -> dict[str, tuple[str, bytes]]:
