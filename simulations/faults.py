@@ -158,6 +158,7 @@ class Disks:
         self.kills: dict[str, Kill] = {}  # by root
         self.savers: dict[str, Saver] = {}  # by root
         self.replaced: list[str] = []  # files the person saved that backer replaced
+        self.saved: set[bytes] = set()  # the contents (manifest ids) of the files saved first
         self._real: dict[str, Callable[..., Any]] = {}
 
     # -- switching ---------------------------------------------------------------------
@@ -263,6 +264,7 @@ class Disks:
                 self._real["utime"](target, ns=(now, now))
                 saver.person(inside)
                 self.injected["file saved before a rename"] += 1
+                self.saved.add(content.manifest_of_bytes(data).id)
                 return target, inside, data
         return None
 

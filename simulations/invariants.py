@@ -465,22 +465,30 @@ def check_recorded_once(cluster: Cluster, index: int) -> None:
     there; nor a directory the materializer made for what a peer wrote inside it after
     this device deleted it: its scan records the directory anew, beside its own
     deletion, by design. Nor a conflict copy: it names the device of the version it
-    carries, and every device records it.)"""
+    carries, and every device records it. Nor a file the person saved where backer was
+    about to rename one (``saves``), beside the version backer meant to put there: two
+    changes, each made without knowing of the other, as a restore's version at a path
+    where the person saved first is, its rename having left their file in place; the
+    same saved file recorded twice is still one change twice.)"""
     node = cluster.nodes[index]
     if node.share is None or cluster.rolled_back:
         return
-    own = bytes(node.key.verify_key)[:8]
-    mine: dict[str, list[set[str]]] = {}
+    own, saved = bytes(node.key.verify_key)[:8], cluster.disks.saved
+    mine: dict[str, list[tuple[set[str], bytes]]] = {}
     twice: set[str] = set()
     for path, vid, version in node.share.catalog.all_live():
         copy = is_copy_of(vid, version) is not None
         if version.device != own or version.kind == Kind.DIRECTORY or copy:
             continue
-        replaced = set(version.supersedes)
+        replaced, content = set(version.supersedes), version.content
         others = mine.setdefault(path, [])
-        if any(replaced & other or not (replaced or other) for other in others):
+        if any(
+            (replaced & other or not (replaced or other))
+            and not (content != theirs and saved & {content, theirs})
+            for other, theirs in others
+        ):
             twice.add(path)
-        others.append(replaced)
+        others.append((replaced, content))
     if twice:
         raise InvariantBroken(
             f"{node.name} recorded a change twice, concurrent with itself: {sorted(twice)[:5]}"

@@ -814,6 +814,26 @@ KILLED_TRACES = {  # seed: a shrunk trace of default world + kills that failed
         ("restore", {"node": 1}),
         ("kill", {"node": 1, "op": "prune", "nth": 3, "other": 0, "pick": 76}),
     ],
+    20: [  # the person saved where a restore --at was about to rename a file: two
+        ("sync", {"a": 0, "b": 1, "cut": None}),  # changes of node 2, neither replacing
+        ("write", {"node": 1, "path": "a/F", "data": b"one" * 20}),  # anything (the
+        ("scan", {"node": 1, "during": 0}),  # check's)
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("write", {"node": 0, "path": "f", "data": b"two" * 20}),
+        ("write", {"node": 2, "path": "a/F", "data": b"three" * 20}),
+        ("scan", {"node": 2, "during": 27}),
+        ("kill", {"node": 1, "op": "restore", "nth": 2, "other": 0, "pick": 44}),
+        ("write", {"node": 0, "path": "a/c/h", "data": b"four" * 20}),
+        ("deliver", {"a": 2, "b": 0, "count": 20}),
+        ("deliver", {"a": 0, "b": 1, "count": 31}),
+        ("disconnect", {"a": 2, "b": 1}),
+        ("write", {"node": 0, "path": "F", "data": b"five" * 20}),
+        ("scan", {"node": 0, "during": 2}),
+        ("truncate", {"node": 2, "path": "a/F"}),
+        ("scan", {"node": 2, "during": 25}),
+        ("restore_at", {"node": 2, "path": "a", "pick": 40}),
+        ("kill", {"node": 2, "op": "restore", "nth": 1, "other": 0, "pick": 57}),
+    ],
     2225: [  # the person saved at a copy's path before the window's rename: their file
         ("sync", {"a": 0, "b": 1, "cut": None}),  # beside the copy, which names the
         ("write", {"node": 1, "path": "a/f", "data": b"other"}),  # device of the
