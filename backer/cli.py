@@ -1533,7 +1533,7 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str | None)
     try:
         outcomes = asyncio.run(_sync_over(hub, openings, channel))
         sessions = _results(outcomes, targets)
-        outcome = repair_mod.finish(share, [s.peer for s in sessions])
+        outcome = repair_mod.finish(share, [s.peer for s in sessions], target.founder)
     except BaseException:
         repair_mod.abandon(share)
         raise

@@ -7,11 +7,16 @@ hang."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from backer.config.identity import load_or_create_key
+from backer.db import recovery
+from backer.model.membership import EventKind, genesis_payload
+from backer.model.share import Share
 from backer.protocol.session import Session
 from backer.protocol.wire import CaughtUp, Done, Events, Hello, Message, Ping, Summary, Welcome
 from simulations.hostile import OUTSIDE, SENTINEL, SENTINEL_BYTES, Hostile
@@ -182,3 +187,48 @@ def test_a_removed_member_cannot_push_events_to_a_node_or_come_back_with_its_inv
         node.stop()
     assert (founder.root / "kept").read_bytes() == b"founder's"
     assert "Traceback" not in node.log
+
+
+def test_R55_a_repair_refuses_a_history_founded_by_another_device_under_the_shares_id(
+    tmp_path: Path,
+) -> None:
+    """A share's id is only a name its GENESIS event carries. A device that knows the
+    share key (a removed one that still has the key this device presents) founded a
+    share of that id, admitted the repairing device and served it: the repair took it,
+    and the device was from then on in that device's share (its files sent there). The
+    founder the device home remembers must found the history given back."""
+    founder, victim = Device(tmp_path, "founder"), Device(tmp_path, "victim")
+    founder.root.mkdir()
+    (founder.root / "kept").write_bytes(b"the share's file")
+    founder.run("init", str(founder.root))
+    port = free_port()
+    token = invite(founder, f"127.0.0.1:{port}")
+    with founder.serving(port):
+        victim.run("join", token, str(victim.root))
+    (victim.root / "mine").write_bytes(b"the victim's own file")
+    victim.run("scan", "--dir", str(victim.root))
+    known = recovery.share_at(victim.home, victim.root)
+    assert known is not None
+    impostor_home, impostor_root = tmp_path / "impostor-home", tmp_path / "impostor"
+    impostor_root.mkdir()
+    impostor = Share.create(
+        impostor_root,
+        load_or_create_key(impostor_home),
+        joining=(known.share_id, known.share_key),
+    )
+    impostor._append(EventKind.GENESIS, genesis_payload(known.share_id, "impostor"))
+    impostor.admit(bytes(load_or_create_key(victim.home).verify_key), "victim")
+    (impostor_root / "planted").write_bytes(b"the impostor's file")
+    impostor.scan()
+    impostor.close()
+    shutil.rmtree(victim.root / ".backer")  # lost
+    before = snapshot(victim.root)
+    with HostileMember(impostor_root, impostor_home, Tactic()).running(port):
+        repaired = victim.run("repair", "--from", f"127.0.0.1:{port}", check=False)
+    assert repaired.returncode == 1, repaired.stdout + repaired.stderr
+    assert "another share" in repaired.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in repaired.stderr
+    assert snapshot(victim.root) == before
+    with founder.serving(port) as address:  # the share's own history is taken
+        victim.run("repair", "--from", address)
+    assert snapshot(victim.root) == before

@@ -10,6 +10,7 @@ those events described are still on disk and are simply scanned again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -75,20 +76,37 @@ SHARE_SUFFIX = ".share"
 
 
 class KnownShare(NamedTuple):
-    """What the device home remembers of a share: enough to rejoin it in place."""
+    """What the device home remembers of a share: enough to rejoin it in place, and
+    its founder's key (empty if not known yet), which no other device can sign as."""
 
     share_id: bytes
     share_key: bytes
     root: Path
+    founder: bytes = b""
 
 
-def remember_share(home: Path, share_id: bytes, share_key: bytes, root: Path) -> None:
-    """Note the share's folder and key beside its log length (only when they changed).
+def _read_share(path: Path) -> KnownShare:
+    key_hex, root, founder_hex = [*path.read_text().split("\n"), ""][:3]  # (no founder
+    # line: written before it was kept)
+    return KnownShare(
+        bytes.fromhex(path.stem), bytes.fromhex(key_hex), Path(root), bytes.fromhex(founder_hex)
+    )
+
+
+def remember_share(
+    home: Path, share_id: bytes, share_key: bytes, root: Path, founder: bytes = b""
+) -> None:
+    """Note the share's folder, key and founder beside its log length (only when they
+    changed). The founder first noted stays: a share's id is only a name its GENESIS
+    event carries, and the founder is what a repair checks the history it is given by
+    (another device holding the share key could found a share of that id).
 
     The share key is as secret as the device key next to it (same directory, mode 0600);
     with both, ``backer repair`` can rebuild a lost ``.backer/`` from any peer."""
     path = _mark(home, share_id).with_suffix(SHARE_SUFFIX)
-    text = f"{share_key.hex()}\n{root}\n"
+    with contextlib.suppress(OSError, ValueError):
+        founder = _read_share(path).founder or founder
+    text = f"{share_key.hex()}\n{root}\n{founder.hex()}\n"
     try:
         if path.read_text() == text:
             return
@@ -102,8 +120,7 @@ def share_at(home: Path, start: Path) -> KnownShare | None:
     wanted = {start, *start.parents}
     for path in sorted((home / MARKS_DIR).glob("*" + SHARE_SUFFIX)):
         try:
-            key_hex, root = path.read_text().split("\n")[:2]
-            known = KnownShare(bytes.fromhex(path.stem), bytes.fromhex(key_hex), Path(root))
+            known = _read_share(path)
         except (OSError, ValueError):
             continue
         if known.root in wanted:

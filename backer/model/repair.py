@@ -47,6 +47,7 @@ class Target:
     share_key: bytes  # empty with an invite: the peer sends it
     peers: list[str] = field(default_factory=list)  # addresses the damaged copy knew
     damaged_copy: Path | None = None
+    founder: bytes = b""  # the founder's key, if the device home knows it
 
 
 @dataclass
@@ -126,7 +127,8 @@ def locate(
             raise BackerError(f"the invite is for another share than the one at {root}")
     share_key = b"" if token else known.share_key if known else meta.get("share_key", b"")
     peers = [a for a in meta.get("peers", b"").decode(errors="replace").split("\n") if a]
-    return Target(root, share_id, share_key, peers, damaged_copy)
+    founder = known.founder if known else b""
+    return Target(root, share_id, share_key, peers, damaged_copy, founder)
 
 
 def begin(target: Target, key: nacl.signing.SigningKey, home: Path) -> Share:
@@ -147,13 +149,20 @@ def abandon(share: Share) -> None:
         Path(f"{share.root / METADATA_DIR / DB_FILE}{suffix}").unlink(missing_ok=True)
 
 
-def finish(share: Share, peers: list[bytes | None]) -> Outcome:
-    """The journal is back: check that it came from members (the peers could not be
-    checked before: only members know the share key or an invite's, but a removed
-    device may still know the key), give up own events no peer had, then recognise the
-    disk."""
+def finish(share: Share, peers: list[bytes | None], founder: bytes = b"") -> Outcome:
+    """The journal is back: check that it is the share's (founded by ``founder``, when
+    the device home knows it: a share's id is only a name its GENESIS event carries, and
+    a device that knows the share key, removed since, could found a share of that id and
+    admit us) and came from members (the peers could not be checked before: only members
+    know the share key or an invite's, but a removed device may still know the key),
+    give up own events no peer had, then recognise the disk."""
     if not share.members:
         raise BackerError("the peer did not give the share's history back")
+    if founder and next(iter(share.members.names)) != founder:
+        raise BackerError(
+            "the peer gave back the history of another share under this share's id "
+            "(founded by another device): refused"
+        )
     if any(peer not in share.members for peer in peers):
         raise BackerError("a peer that is not a member of the share answered")
     lost = share.forget_lost_history() if share.own_events_missing else 0

@@ -376,8 +376,7 @@ class Share:
             if is_damage(exc):
                 raise DamagedShare(root, exc) from exc
             raise
-        if home is not None and self.share_key:
-            recovery.remember_share(home, self.share_id, self.share_key, root)
+        self._remember()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -666,8 +665,14 @@ class Share:
     def set_share_key(self, share_key: bytes) -> None:
         with self.db.conn:
             self.catalog.set_meta("share_key", share_key)
-        if self.home is not None:
-            recovery.remember_share(self.home, self.share_id, share_key, self.root)
+        self._remember()
+
+    def _remember(self) -> None:
+        """Note in the device home where this share is, its key, and its founder once
+        known (not from a history a repair has not checked yet: see repair.finish)."""
+        if self.home is not None and self.share_key:
+            founder = b"" if self.repairing else next(iter(self.members.names), b"")
+            recovery.remember_share(self.home, self.share_id, self.share_key, self.root, founder)
 
     @property
     def share_id(self) -> bytes:
@@ -971,15 +976,16 @@ class Share:
         with this share's GENESIS event.
         """
         members = self.members
-        if not members:
+        founding = not members
+        if founding:
             first = Event.decode(raws[0]) if raws else None
-            founding = (
+            genesis = (
                 first is not None
                 and first.seq == 0
                 and first.kind == EventKind.GENESIS
                 and first.payload[:SHARE_ID_BYTES] == self.share_id
             )
-            if not founding:
+            if not genesis:
                 raise RejectedBatch("a new device must first receive the share's genesis")
         raws, checkpoint = self._within_removal(raws, checkpoint)
         held = self.journal.quarantine_starts()
@@ -1020,6 +1026,8 @@ class Share:
                     self._adopt_own(delta)
         if self.own_events_missing and raws and Event.decode(raws[0]).author == self.device:
             self.own_events_missing = self._own_events_missing()  # a peer gave some back
+        if founding and result.added:
+            self._remember()  # (a joiner: its founder is known from now on)
         return result
 
     def resolve_conflicts(self) -> int:
