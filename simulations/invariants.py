@@ -115,11 +115,13 @@ def check_pushed(cluster: Cluster, limit: int = 20_000) -> None:
     for index in range(len(cluster.nodes)):
         cluster.scan(index)
     with cluster.acting():
-        for _ in range(limit):
+        settling = cluster.settling()
+        for delivered in range(limit):
             busy = sorted(key for key, link in cluster.links.items() if not link.quiet)
             if not busy:
                 break
             cluster._deliver(cluster.random.choice(busy), 1)
+            settling(delivered + 1)
         else:
             raise InvariantBroken(f"open links still busy after {limit} messages")
     for a, b in sorted(cluster.links):

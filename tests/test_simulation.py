@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import types
 from pathlib import Path
 from typing import Any
 
 import pytest
+from blake3 import blake3
 from hypothesis import HealthCheck, settings
 
 from backer.fs import dirs, paths
 from backer.fs.dirs import InShare
-from backer.model import state
+from backer.model import materializer, state
 from backer.model.materializer import Materializer
-from backer.model.records import Version
+from backer.model.records import Version, timestamp
 from backer.model.share import Share
 from backer.protocol.session import Session
-from backer.scanner.ignore import temp_name
+from backer.scanner.ignore import CONFLICT_MARK, temp_name
 from backer.versioner import prune as prune_engine
 from backer.versioner import retention
 from backer.versioner.retention import DAY, MINUTE
@@ -978,3 +980,30 @@ def test_a_copy_a_node_recorded_itself_goes_when_a_copy_of_it_supersedes_it() ->
         replay(3, steps, 140479, DEFAULT_WORLD)
     except Failure as failure:
         pytest.fail(failure.reason)
+
+
+def test_the_harness_fails_a_livelock_within_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 130395 with conflict copies named as before 38998c0 (a long name cut back to
+    NAME_MAX with no tag, so a copy's copy could come back to an earlier copy's name):
+    the linked nodes resolved two paths into each other without end, and the harness,
+    bounding its loops by messages only, ran 8 minutes (78,000 versions) before it was
+    stopped by hand. Nodes that record more than LIVELOCK_EVENTS events of their own
+    while their links settle now fail the seed at once, naming where they record."""
+
+    def cut_back(path: str, version: Version) -> str:
+        parent, _, name = path.rpartition("/")
+        dot = name.rfind(".")
+        stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+        stamp = timestamp(version.time_ms, "%Y%m%d-%H%M%S")
+        mark = f"{CONFLICT_MARK}{stamp}-{base64.b32encode(version.device).decode()[:7]}"
+        if len(os.fsencode(mark + ext)) > materializer.NAME_MAX // 2:
+            stem, ext = name, ""
+        copy = materializer._fitted(stem, mark + ext)
+        if copy == name:
+            tag = blake3(os.fsencode(path) + version.content).hexdigest()[:8]
+            copy = materializer._fitted(stem, f"{mark}-{tag}{ext}")
+        return f"{parent}/{copy}" if parent else copy
+
+    monkeypatch.setattr(materializer, "conflict_path", cut_back)
+    with pytest.raises(Failure, match=r"livelock: .* last versions are at .*sync-conflict"):
+        run_seed(130395, 3, 60, DEFAULT_WORLD)
