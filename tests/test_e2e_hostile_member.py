@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+import nacl.signing
 import pytest
 
 from backer.config.identity import load_or_create_key
@@ -19,6 +21,7 @@ from backer.model.membership import EventKind, genesis_payload
 from backer.model.share import Share
 from backer.protocol.session import Session
 from backer.protocol.wire import CaughtUp, Done, Events, Hello, Message, Ping, Summary, Welcome
+from journal.event import NO_PREVIOUS, Event
 from simulations.hostile import OUTSIDE, SENTINEL, SENTINEL_BYTES, Hostile
 from tests.e2e import Device, free_port, invite, snapshot
 from tests.hostile_member import HostileMember, Tactic
@@ -232,3 +235,72 @@ def test_R55_a_repair_refuses_a_history_founded_by_another_device_under_the_shar
     with founder.serving(port) as address:  # the share's own history is taken
         victim.run("repair", "--from", address)
     assert snapshot(victim.root) == before
+
+
+class PushesOnce(Tactic):
+    """An honest session, plus one crafted Events message right after its Summary."""
+
+    def __init__(self, craft: Callable[[Share], Events]) -> None:
+        self.craft = craft
+        self.sent = False
+
+    def outgoing(self, session: Session, messages: list[Message]) -> list[Message]:
+        if self.sent or not any(isinstance(m, Summary) for m in messages):
+            return messages
+        self.sent = True
+        return [*messages, self.craft(session.share)]
+
+
+def _tampered(share: Share) -> Events:
+    """The member's next event with one bit of its body flipped."""
+    raw = bytearray(share.rename_device(share.device, f"renamed {os.urandom(4).hex()}").raw)
+    raw[-70] ^= 1
+    return Events(b"", [bytes(raw)], 0)
+
+
+def _skipping(share: Share) -> Events:
+    """The third of the member's next three events, alone."""
+    made = [share.rename_device(share.device, f"name {os.urandom(4).hex()}") for _ in range(3)]
+    return Events(b"", [made[2].raw], 0)
+
+
+def _a_strangers(share: Share) -> Events:
+    """The GENESIS of a share of this id, signed by a device that is no member."""
+    stranger = nacl.signing.SigningKey.generate()
+    payload = genesis_payload(share.share_id, "stranger")
+    event = Event.create(stranger, 0, NO_PREVIOUS, 1, EventKind.GENESIS, payload)
+    return Events(b"", [event.raw], 0)
+
+
+@pytest.mark.parametrize(
+    ("craft", "reason"),
+    [
+        (_tampered, "bad signature"),
+        (_skipping, "gap in log"),
+        (_a_strangers, "is not a member"),
+    ],
+)
+def test_a_node_closes_a_member_session_pushing_forged_events_and_serves_on(
+    tmp_path: Path, craft: Callable[[Share], Events], reason: str
+) -> None:
+    founder, member = Device(tmp_path, "founder"), Device(tmp_path, "member")
+    founder.root.mkdir()
+    (founder.root / "kept").write_bytes(b"founder's")
+    founder.run("init", str(founder.root))
+    port = free_port()
+    token = invite(founder, f"127.0.0.1:{port}")
+    with founder.serving(port):
+        member.run("join", token, str(member.root))
+    node = founder.start(port)
+    try:
+        member.sync(node.address)
+        with HostileMember(member.root, member.home, PushesOnce(craft)).running() as peer:
+            closed = peer.dial(node.address, timeout=30)
+        assert "rejected events" in closed and reason in closed, closed
+        (founder.root / "later").write_bytes(b"after the attack")
+        member.sync(node.address)
+    finally:
+        node.stop()
+    assert (member.root / "later").read_bytes() == b"after the attack"
+    assert (founder.root / "kept").read_bytes() == b"founder's"
+    assert "Traceback" not in node.log
