@@ -26,7 +26,8 @@ already written) survives, as with SIGKILL.
 A node may also have a person who saves first (:meth:`Disks.save_first`): right before
 backer renames (or hard-links) a file onto a path of the share where nothing is, the
 person saves a new file there. backer must leave it (the next scan records it), never
-replace it. A node's filesystem may lack renameat2's flags (:meth:`Disks.plain_renames`).
+replace it. A node's filesystem may lack renameat2's flags (:meth:`Disks.plain_renames`)
+or hard links (:meth:`Disks.no_hard_links`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class Plan:
     random: random.Random = field(default_factory=random.Random)
     budget: int | None = None  # bytes the disk still takes; None: no limit
     plain_renames: bool = False  # renameat2 has no flags here (EINVAL), as on NFS
+    no_hard_links: bool = False  # link() fails with EPERM here, as on exFAT or FAT
 
     @property
     def active(self) -> bool:
@@ -181,6 +183,11 @@ class Disks:
         """The node's filesystem lacks renameat2's flags (EINVAL, as NFS and some FUSE
         do): backer's no-replace rename and its swap take their fallbacks."""
         self._plan(root).plain_renames = True
+
+    def no_hard_links(self, root: os.PathLike[str]) -> None:
+        """The node's filesystem has no hard links (EPERM, as exFAT, FAT and many FUSE or
+        SMB mounts): the content store copies, a no-replace rename takes its fallback."""
+        self._plan(root).no_hard_links = True
 
     def free(self, root: os.PathLike[str]) -> None:
         self._plan(root).budget = None
@@ -557,6 +564,24 @@ def _saved_first(op: str) -> Proxy:
     return make
 
 
+def _link(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+    """``os.link``, as :func:`_saved_first`; EPERM on a node without hard links."""
+    saved_first = _saved_first("link")(disks, real)
+
+    def proxy(*args: Any, **kw: Any) -> Any:
+        target, at = os.fsdecode(args[1]), kw.get("dst_dir_fd")
+        if at is not None and not os.path.isabs(target):  # (by any module: the filesystem's
+            folder = disks._real["readlink"](f"/proc/self/fd/{at}")  # own limit, not a fault)
+            target = os.path.join(folder, target)
+        plan = disks._node_plan(target)
+        if plan is not None and plan.no_hard_links:
+            disks.injected["link without hard links"] += 1
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), args[1])
+        return saved_first(*args, **kw)
+
+    return proxy
+
+
 def _statvfs(disks: Disks, real: Callable[..., os.statvfs_result]) -> Callable[..., Any]:
     """Free space as the budget says, on a node whose disk is filling up (also to the
     pruner, which asks about the share's root itself)."""
@@ -588,7 +613,7 @@ _PROXIES: dict[str, Proxy] = {
     "replace": _saved_first("rename"),
     "rename": _saved_first("rename"),
     "mkdir": _on_path("mkdir"),
-    "link": _saved_first("link"),
+    "link": _link,
     "symlink": _on_path("link", 1),
     "utime": _on_path("metadata"),
     "chmod": _on_path("metadata"),

@@ -104,6 +104,8 @@ FAMILIES = {
     "plainrename": "one node's filesystem lacks renameat2's flags (EINVAL, as NFS): a "
     "received file goes to an empty path by a hard link, a recorded one is replaced by a "
     "rename (with saves: the person's file must stay there too)",
+    "nolinks": "one node's filesystem has no hard links (EPERM, as exFAT or FAT): the "
+    "content store keeps copies, and every replaced content stays readable",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -266,6 +268,8 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.cluster.disks.save_first(node.root, saves, SAVE_RATE, node.edit_one)
         if "plainrename" in self.world:
             self.cluster.disks.plain_renames(self.cluster.nodes[seed % nodes].root)
+        if "nolinks" in self.world:
+            self.cluster.disks.no_hard_links(self.cluster.nodes[seed % nodes].root)
         self.stats = dict.fromkeys(
             (
                 "syncs",

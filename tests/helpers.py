@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,6 +172,34 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def exfat_disk(path: Path, size_mib: int = 64) -> Iterator[Path]:
+    """An exFAT filesystem (no hard links, no ``renameat2`` exchange) mounted through
+    FUSE at ``path`` from an image file beside it (root, exfatprogs and exfat-fuse
+    only); unmounted and detached at the end."""
+    tools = ("mkfs.exfat", "mount.exfat-fuse", "losetup")
+    if os.geteuid() != 0 or not all(map(shutil.which, tools)) or not Path("/dev/fuse").exists():
+        pytest.skip("an exFAT mount needs root, /dev/fuse, exfatprogs and exfat-fuse")
+    image = path.with_name(path.name + ".img")
+    with open(image, "wb") as file:
+        file.truncate(size_mib << 20)
+    subprocess.run(["mkfs.exfat", str(image)], check=True, capture_output=True)
+    made = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"no loop device: {made.stderr.strip()}")
+    loop = made.stdout.strip()
+    try:
+        path.mkdir()
+        subprocess.run(["mount.exfat-fuse", loop, str(path)], check=True, capture_output=True)
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", str(path)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+        image.unlink()
 
 
 def live(share: Share) -> dict[str, object]:

@@ -4,6 +4,7 @@ the device that applied the change and on the one that made it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sqlite3
@@ -308,3 +309,61 @@ def test_R38_the_store_links_only_the_file_recorded_never_one_through_a_swapped_
     assert kept(share) == {}
     assert not {cid(b"recorded in d"), cid(b"recorded g")} & set(store.contents())
     share.close()
+
+
+def _no_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``link()`` fails with EPERM, as on exFAT, FAT and many FUSE or SMB mounts."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+
+
+def test_without_hard_links_every_replaced_content_is_kept_by_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On exFAT a share kept no version at all: every entry was a hard link, and a link
+    that cannot be made cost the version. An edit in place, an editor's save (a new
+    file renamed over the old), a deletion, and a peer's edit applied here: each old
+    content is still readable, from a copy."""
+    _no_hard_links(monkeypatch)
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "inplace.txt").write_bytes(b"in place one")
+    (a.root / "saved.txt").write_bytes(b"saved one")
+    (a.root / "gone.txt").write_bytes(b"deleted one")
+    sync(a, b)
+    with open(a.root / "inplace.txt", "r+b") as file:  # the same inode, rewritten
+        file.write(b"IN PLACE TWO")
+    new = a.root / "saved.txt.new"
+    new.write_bytes(b"saved two")
+    new.replace(a.root / "saved.txt")
+    (a.root / "gone.txt").unlink()
+    sync(a, b)
+    for old in (b"in place one", b"saved one", b"deleted one"):
+        assert held_bytes(a.root, a.catalog, cid(old)) == old, old
+        assert held_bytes(b.root, b.catalog, cid(old)) == old, old
+    assert ChunkStore(a.root, a.catalog).read(manifest_of_bytes(b"in place one").chunks[0].hash)
+    assert not [p for p in (a.root / ".backer" / "store").rglob("*.tmp")]
+
+
+def test_without_hard_links_a_file_that_changes_while_copied_leaves_no_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy is of the file the scan hashed: one rewritten under it (its size or time
+    no longer those looked at) gives no entry, rather than one whose name lies."""
+    _no_hard_links(monkeypatch)
+    (a,) = make_devices(tmp_path, 1)
+    path = a.root / "busy.txt"
+    path.write_bytes(b"as hashed")
+    copy_file_range = os.copy_file_range
+
+    def rewritten_meanwhile(source: int, target: int, count: int, *args: Any) -> int:
+        done = copy_file_range(source, target, count, *args)
+        path.write_bytes(b"rewritten while it was copied")
+        return done
+
+    monkeypatch.setattr(os, "copy_file_range", rewritten_meanwhile)
+    a.scan()
+    assert not Store(a.root, a.catalog).has(cid(b"as hashed"))
+    assert not [p for p in (a.root / ".backer" / "store").rglob("*") if p.is_file()]

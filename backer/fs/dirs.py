@@ -35,7 +35,7 @@ _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # (g
 if _renameat2 is not None:
     _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
 _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # a flag the filesystem lacks
-_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 Identity = tuple[int, int]  # a directory's (st_dev, st_ino): which folder it is, wherever
@@ -419,40 +419,9 @@ class InShare:
 
     def rename_new(self, target: InShare) -> None:
         """Rename this entry to ``target``, found absent a moment ago: FileExistsError
-        if something was put there since (a file the person just made is never
-        replaced). One step with ``renameat2(RENAME_NOREPLACE)``; where the kernel or
-        the filesystem lacks it (NFS, some FUSE), a hard link to ``target``, which
-        fails with EEXIST if anything is there, then the temp name's unlink (R47);
-        only where neither exists (a directory, a filesystem without hard links), a
-        look just before :func:`os.replace`."""
+        if something was put there since (see :func:`rename_new_at`)."""
         with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
-            if _renameat2 is not None:
-                source, name = os.fsencode(self.name), os.fsencode(target.name)
-                if not _renameat2(source_fd, source, target_fd, name, RENAME_NOREPLACE):
-                    return
-                code = ctypes.get_errno()
-                if code not in _UNSUPPORTED:
-                    raise OSError(code, os.strerror(code), str(target.path))
-            try:
-                os.link(
-                    self.name,
-                    target.name,
-                    src_dir_fd=source_fd,
-                    dst_dir_fd=target_fd,
-                    follow_symlinks=False,
-                )
-            except OSError as exc:
-                if exc.errno not in _NO_HARD_LINKS:
-                    raise  # (FileExistsError: something is there)
-            else:
-                os.unlink(self.name, dir_fd=source_fd)
-                return
-            try:
-                os.stat(target.name, dir_fd=target_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                os.replace(self.name, target.name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
-                return
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target.path))
+            rename_new_at(source_fd, self.name, target_fd, target.name, str(target.path))
 
     def link_into(self, directory_fd: int, name: str) -> None:
         """Hard-link this entry (a regular file) as ``name`` in ``directory_fd``."""
@@ -483,3 +452,35 @@ class InShare:
     def fsync_parent(self) -> None:
         with self.dirs.at(self.parent) as fd:
             os.fsync(fd)
+
+
+def rename_new_at(source_fd: int, source: str, target_fd: int, name: str, shown: str) -> None:
+    """Rename ``source`` to ``name`` (each in its directory's descriptor), found absent
+    a moment ago: FileExistsError (naming ``shown``) if something was put there since (a
+    file the person just made is never replaced). One step with
+    ``renameat2(RENAME_NOREPLACE)``; where the kernel or the filesystem lacks it (NFS,
+    some FUSE), a hard link to ``name``, which fails with EEXIST if anything is there,
+    then the temp name's unlink (R47); only where neither exists (a directory, a
+    filesystem without hard links), a look just before :func:`os.replace`."""
+    if _renameat2 is not None:
+        if not _renameat2(
+            source_fd, os.fsencode(source), target_fd, os.fsencode(name), RENAME_NOREPLACE
+        ):
+            return
+        code = ctypes.get_errno()
+        if code not in _UNSUPPORTED:
+            raise OSError(code, os.strerror(code), shown)
+    try:
+        os.link(source, name, src_dir_fd=source_fd, dst_dir_fd=target_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise  # (FileExistsError: something is there)
+    else:
+        os.unlink(source, dir_fd=source_fd)
+        return
+    try:
+        os.stat(name, dir_fd=target_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.replace(source, name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), shown)

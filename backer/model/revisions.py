@@ -37,6 +37,7 @@ from blake3 import blake3
 
 from backer.db.catalog import Catalog
 from backer.errors import BackerError
+from backer.fs.dirs import rename_new_at
 from backer.fs.paths import METADATA_DIR, BadPath, check
 from backer.model.materializer import (
     Materializer,
@@ -568,14 +569,14 @@ def _write_file(share: Share, version: Version, target: Path, store: ChunkStore)
         finally:
             os.close(fd)
         seal(temp, manifest, version)
-        os.link(temp, target)  # never replaces what is there (EEXIST)
+        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # never replaces what is there (EEXIST), with or without hard links
+            rename_new_at(directory, temp.name, directory, target.name, str(target))
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     finally:
         temp.unlink(missing_ok=True)
-    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def outside_target(share: Share, dest: str) -> Path | None:

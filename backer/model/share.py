@@ -1423,7 +1423,9 @@ class Share:
         file. So go the contents of paths that became ignored: nothing watches those
         files any more, and a version they held may still be needed (its conflict copy,
         once the rule goes) with the store's entry its only copy; and so do those of the
-        ``applied`` deletions and of the versions an adopted one replaced."""
+        ``applied`` deletions and of the versions an adopted one replaced. A file
+        rewritten in place whose entry is not its inode (a copy, where the filesystem
+        has no hard links; another file's bytes) still holds them: it is kept."""
         inodes = {seen.path: seen.inode for seen, _, _ in changed}
         adopted = {  # a version that replaced the recorded one, put in place by a window
             e.path: e.inode  # killed before its commit (R41): the old one is replaced too
@@ -1431,12 +1433,13 @@ class Share:
             if (old := found.local.get(e.path)) is not None and old.version_id != e.version_id
         }
         kept, rewritten, now = [], [], inodes | adopted
+        store = Store(self.root, self.catalog)
         for path in [*inodes, *found.deleted, *found.forgotten, *applied, *adopted]:
             old = found.local.get(path)
             previous = self.catalog.version(old.version_id) if old is not None else None
             if old is None or previous is None or previous.kind != Kind.FILE:
                 continue
-            if now.get(path) == old.inode:
+            if now.get(path) == old.inode and not store.holds_apart(previous.content, old.inode):
                 rewritten.append((previous.content, old.inode))
             else:
                 kept.append(previous.content)

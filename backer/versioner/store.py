@@ -11,6 +11,10 @@ were linked from goes away, so any later write finds them there.
 A hard link shares the inode: an edit made *in place* (the same inode rewritten)
 changes the kept bytes too. :meth:`Store.edited_in_place` drops such an entry when a
 scan sees it, and :func:`held_bytes` verifies every byte it returns.
+
+Where the filesystem has no hard links (exFAT, FAT, some FUSE and SMB mounts) the entry
+is a copy, made durable before it is noted: without it every edit there lost the
+version it replaced (see docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry
-from backer.fs.dirs import InShare
+from backer.fs.dirs import NO_HARD_LINKS, InShare
 from backer.fs.paths import METADATA_DIR
 from backer.model.records import Kind
 from backer.scanner.chunks import ChunkStore
@@ -60,6 +64,8 @@ class ShareFile(Protocol):
 
     def lstat(self) -> os.stat_result: ...
 
+    def open(self, flags: int) -> int: ...
+
     def link_into(self, directory_fd: int, name: str) -> None: ...
 
 
@@ -72,6 +78,9 @@ class AtDirectory(NamedTuple):
 
     def lstat(self) -> os.stat_result:
         return os.stat(self.path, dir_fd=self.directory, follow_symlinks=False)
+
+    def open(self, flags: int) -> int:
+        return os.open(self.path, flags | os.O_NOFOLLOW, dir_fd=self.directory)
 
     def link_into(self, directory_fd: int, name: str) -> None:
         os.link(
@@ -188,6 +197,11 @@ class Store:
             return
         except FileExistsError:
             held = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in NO_HARD_LINKS:
+                raise
+            _copy_into(fd, name, source, live)
+            return
         if held.st_ino != live.st_ino and (
             retiring
             or (
@@ -196,7 +210,12 @@ class Store:
             )
         ):
             spare = f"{name}.{secrets.token_hex(4)}.tmp"
-            source.link_into(fd, spare)
+            try:
+                source.link_into(fd, spare)
+            except OSError as exc:
+                if exc.errno in NO_HARD_LINKS:
+                    return  # (the entry is a copy: no share file can rewrite it)
+                raise
             os.replace(spare, name, src_dir_fd=fd, dst_dir_fd=fd)
 
     def _note(self, kept: list[tuple[bytes, int]]) -> None:
@@ -305,6 +324,14 @@ class Store:
                     self.keep(entry.path, content, version.size, inode=entry.inode)
                     return
 
+    def holds_apart(self, content: bytes, inode: int) -> bool:
+        """Whether an entry holds ``content`` in an inode other than ``inode`` (a share
+        file's, which an edit in place would rewrite)."""
+        with contextlib.suppress(OSError), self._directory(content.hex()[:2]) as fd:
+            held = os.stat(content.hex(), dir_fd=fd, follow_symlinks=False)
+            return self.has(content) and held.st_ino != inode
+        return False
+
     def edited_in_place(self, content: bytes, inode: int) -> None:
         """A share file of inode ``inode`` that held ``content`` was rewritten in place:
         if the entry is that inode, its bytes are gone, so the entry goes."""
@@ -371,6 +398,53 @@ class Store:
             yield fd
         finally:
             os.close(fd)
+
+
+def _copy_into(directory_fd: int, name: str, source: ShareFile, looked: os.stat_result) -> None:
+    """Make entry ``name`` a copy of ``source`` (the file ``looked`` at), on a filesystem
+    without hard links: written under a temp name, fsync'd (once its share file is
+    replaced, it is the only copy), then renamed in. A file that changed while it was
+    copied (size, time or inode not those looked at) leaves no entry: OSError."""
+    spare = f"{name}.{secrets.token_hex(4)}.tmp"
+    reading = source.open(os.O_RDONLY)
+    try:
+        writing = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory_fd)
+        try:
+            if _stamp(os.fstat(reading)) != _stamp(looked):
+                raise OSError(errno.ESTALE, "the file changed before it was kept")
+            copied = _copy_bytes(reading, writing, looked.st_size)
+            if copied != looked.st_size or _stamp(os.fstat(reading)) != _stamp(looked):
+                raise OSError(errno.ESTALE, "the file changed while it was kept")
+            os.fsync(writing)
+        finally:
+            os.close(writing)
+        os.replace(spare, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spare, dir_fd=directory_fd)
+        raise
+    finally:
+        os.close(reading)
+
+
+def _copy_bytes(reading: int, writing: int, size: int) -> int:
+    """Copy up to ``size`` bytes in the kernel (``copy_file_range``), or through a
+    buffer where the filesystem cannot; the bytes copied."""
+    done = 0
+    try:
+        while done < size and (step := os.copy_file_range(reading, writing, size - done)):
+            done += step
+        return done
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while done < size and (block := os.pread(reading, min(size - done, 1 << 20), done)):
+        done += os.pwrite(writing, block, done)
+    return done
+
+
+def _stamp(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def held_bytes(root: Path, catalog: Catalog, content: bytes) -> bytes | None:

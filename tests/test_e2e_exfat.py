@@ -1,0 +1,49 @@
+"""A share on exFAT (a USB stick, an SD card): no hard links and no ``renameat2``
+exchange. Real CLI processes on a real exFAT mount (FUSE, from an image file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.e2e import Device
+from tests.helpers import exfat_disk
+
+
+def _history_ids(device: Device, path: str) -> list[str]:
+    lines = device.run("history", path, cwd=device.root).stdout.splitlines()
+    return [line.split()[3] for line in lines]
+
+
+def test_on_exfat_an_edited_file_and_a_peer_replaced_one_can_be_restored(tmp_path: Path) -> None:
+    """Every entry of the content store was a hard link, and a link that cannot be made
+    cost the version: on exFAT, 'history' showed the replaced version as pruned on every
+    device and no restore brought it back. Now the store keeps copies there: the
+    person's own edit in place and a peer's edit applied by 'sync' are both restored
+    from this device alone, and a version written outside the share on the stick
+    (it was put in place by a hard link: 'Operation not permitted')."""
+    with exfat_disk(tmp_path / "stick") as stick:
+        a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+        a.root = stick / "a"
+        a.root.mkdir()
+        (a.root / "mine.txt").write_text("my first draft\n")
+        (a.root / "shared.txt").write_text("shared, as first written\n")
+        a.run("init", str(a.root))
+        with a.serving():
+            token = a.run("invite", "--no-wait", "--dir", str(a.root)).stdout.strip()
+            b.run("join", token, str(b.root))
+        with open(a.root / "mine.txt", "r+") as file:  # rewritten in place, as 'echo >' does
+            file.write("MY SECOND DRAFT\n")
+        a.run("scan", "--dir", str(a.root))
+        (b.root / "shared.txt").write_text("shared, as the peer rewrote it\n")
+        with b.serving() as address:
+            a.sync(address)
+        assert (a.root / "shared.txt").read_text() == "shared, as the peer rewrote it\n"
+        firsts = {"mine.txt": "my first draft\n", "shared.txt": "shared, as first written\n"}
+        for path, old in firsts.items():
+            a.run("restore", path, "--version", _history_ids(a, path)[0], cwd=a.root)
+            assert (a.root / path).read_text() == old, path
+        outside = stick / "restored.txt"  # a restore --to a place outside the share
+        a.run("restore", "mine.txt", "--version", _history_ids(a, "mine.txt")[1], "--to",
+              str(outside), cwd=a.root)  # fmt: skip
+        assert outside.read_text() == "MY SECOND DRAFT\n"
+        assert not list(stick.rglob("*.tmp"))
