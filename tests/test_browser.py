@@ -60,7 +60,11 @@ def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clickin
     (a.root / "notes.txt").write_text("first draft\n")
     wait_for_file(b.root / "notes.txt", "first draft\n")
     (a.root / "notes.txt").write_text("second draft\n")
+    (a.root / "latest").symlink_to("notes.txt")
     wait_for_file(b.root / "notes.txt", "second draft\n")
+    deadline = time.monotonic() + 20
+    while not (b.root / "latest").is_symlink() and time.monotonic() < deadline:
+        time.sleep(0.05)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     url = b.run("open", "--no-browser").stdout.strip()
     with browser_page(url, console=True) as (page, problems):
@@ -71,6 +75,15 @@ def test_the_page_shows_devices_live_activity_and_restores_and_pauses_by_clickin
         expect(page.locator("#live")).to_have_text("live", timeout=10_000)
         expect(page.locator("#state")).to_have_text("in sync")
         expect(other.locator(".badge")).to_have_text("in sync")
+
+        # the feed opens with the share's latest changes (it was empty until an event
+        # came), and a link shows where it points
+        earlier = page.locator("#feed li.past", has_text="modified notes.txt")
+        expect(earlier.first).to_be_visible(timeout=5_000)
+        expect(earlier.first).to_contain_text("From ")  # (a, whose name is the host's)
+        link = page.locator('tr[data-path="latest"]')
+        expect(link).to_contain_text("latest → notes.txt", timeout=5_000)
+        expect(link.locator(".badge")).to_have_text("link")
 
         # a file made on the other device appears in the feed and the list, no reload
         (a.root / "from-a.txt").write_text("hello from a\n")

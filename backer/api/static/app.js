@@ -254,8 +254,10 @@ function fileRow(entry) {
   const live = entry.versions[0] || {};
   const name = el("td");
   const link = el("a", entry.kind === "directory" ? `${entry.name}/` : entry.name);
+  if (live.kind === "symlink") link.textContent = `${entry.name} → ${live.target}`;
   link.addEventListener("click", () => (entry.kind === "directory" ? openDir(entry.path) : openHistory(entry.path)));
   name.append(link);
+  if (live.kind === "symlink") name.append(" ", el("span", "link", "badge"));
   if (entry.deleted) name.append(" ", el("span", "deleted", "badge"));
   if (entry.conflict) name.append(" ", el("span", "conflict", "badge bad"));
   const changed = el("td", null, "when");
@@ -403,6 +405,27 @@ function addToFeed(event) {
   while (feed.children.length > FEED_MAX) feed.lastChild.remove();
 }
 
+// What the feed shows before the page heard anything live: the share's latest changes
+// from its journal (the live events then go above them), again for another share.
+const RECENT = 20;
+
+async function loadRecent() {
+  if (!state.share) return;
+  const page = await api(`${sharePath(state.share)}/changes?limit=${RECENT}`);
+  const here = (current()?.devices || []).find((d) => d.this)?.id;
+  const items = page.changes.filter((e) => e.changes.length).map((e) => {
+    const paths = e.changes.slice(0, 3).map((c) => `${c.change} ${c.path}`).join(", ");
+    const more = e.changes.length > 3 || e.skipped ? " and more" : "";
+    const by = e.device === here ? "Recorded here" : `From ${e.device_name || e.device.slice(0, 7)}`;
+    const item = el("li", null, "past");
+    item.append(when(e.time_ms), el("span", `${by}: ${paths}${more}`, "what"));
+    return item;
+  });
+  const feed = $("feed");
+  for (const old of feed.querySelectorAll("li.past")) old.remove();
+  feed.append(...items);
+}
+
 let refreshTimer = null;
 function refreshSoon(delay = 150) {
   // (while a device catches up, its state changes without an event: look again soon)
@@ -501,6 +524,7 @@ async function start() {
     await loadShares();
     await loadFiles();
     await loadConflicts();
+    await loadRecent();
   } catch (error) {
     notice(`${error.message}`);
   }
@@ -509,6 +533,7 @@ async function start() {
     state.share = $("share").value;
     openDir("");
     loadConflicts().catch((e) => notice(e.message));
+    loadRecent().catch((e) => notice(e.message));
     renderShare();
   });
   $("show-deleted").addEventListener("change", () => loadFiles().catch((e) => notice(e.message)));
