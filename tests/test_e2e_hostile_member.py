@@ -61,6 +61,13 @@ class ReplaysEvents(Tactic):
         return None
 
 
+class NeverAcknowledges(Tactic):
+    """An honest inviter in all but one thing: it never sends Done."""
+
+    def outgoing(self, session: Session, messages: list[Message]) -> list[Message]:
+        return [m for m in messages if not isinstance(m, Done)]
+
+
 class Forges(Tactic):
     """What the simulation's hostile member serves when it tampers: chunks and
     manifests that do not hash to what they claim."""
@@ -125,6 +132,20 @@ def test_R54_a_join_leaves_an_inviter_that_keeps_it_open_without_catching_it_up(
     assert _beside(tmp_path) == sorted(
         ["hostile", "hostile-home", "victim", "victim-home", OUTSIDE]
     )
+
+
+def test_R56_a_join_ends_without_the_inviters_acknowledgement_of_nothing(
+    tmp_path: Path,
+) -> None:
+    """An inviter that gave everything but never acknowledged (Done) kept the join
+    running for ever, though the joiner had sent it nothing to acknowledge; the join
+    now ends one idle deadline after it has everything."""
+    hostile, victim, port, token = _founded(tmp_path)
+    with HostileMember(hostile.root, hostile.home, NeverAcknowledges()).running(port):
+        joined = _join(victim, token)
+    assert joined.returncode == 0, joined.stderr
+    assert "Traceback" not in joined.stderr
+    assert snapshot(victim.root) == snapshot(hostile.root)
 
 
 @pytest.mark.parametrize(

@@ -421,6 +421,7 @@ class Hub:
         waited = 0.0  # seconds spent waiting for the peer since it last sent anything
         stalled, moved = 0.0, 0  # the same since its catch-up last moved (one-shot), and
         # how far it had moved then (Session.catching_up)
+        courtesy = 0.0  # the same for a Done that would acknowledge nothing (one-shot)
         draining, last_delivered = start, 0  # when our output last moved, and how far
         tasks: dict[str, asyncio.Future[Any]] = {}
         _write(streams, channel.data_to_send())
@@ -518,6 +519,12 @@ class Hub:
                     # a sync open for ever: only a catch-up that moves on counts
                     stalled = _silence(stalled, took, timeout, session.catching_up != moved)
                     moved = session.catching_up
+                if one_shot and session is not None and session.awaiting_courtesy:
+                    courtesy = _silence(courtesy, took, timeout, False)
+                    if courtesy > limits.idle_s:  # a peer that never acknowledges held a
+                        break  # join open for ever; it owes us nothing: done
+                else:
+                    courtesy = 0.0
                 flush()
                 self.flush()
         except SessionClosed:

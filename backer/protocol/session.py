@@ -223,12 +223,18 @@ class Session:
     @property
     def complete(self) -> bool:
         """A one-shot sync may end: both sides caught up and applied, nothing owed."""
-        return (
-            self.peer_caught_up
-            and self.replicator.idle
-            and not (self.owed or self.sending)
-            and self.peer_acknowledged == self.events_messages_sent
-        )
+        return self._ours_done and self.peer_acknowledged == self.events_messages_sent
+
+    @property
+    def awaiting_courtesy(self) -> bool:
+        """Complete but for the peer's ``Done``, which would acknowledge nothing: no
+        ``Events`` were sent to it (a joiner's case). A peer that never sends it holds
+        nothing of ours, so the wait for it is bounded (``transport.Hub.run``)."""
+        return self._ours_done and self.events_messages_sent == 0 and self.peer_acknowledged < 0
+
+    @property
+    def _ours_done(self) -> bool:
+        return self.peer_caught_up and self.replicator.idle and not (self.owed or self.sending)
 
     @property
     def backlog(self) -> bool:
