@@ -95,6 +95,7 @@ NamesReader = Callable[[list[int]], list[str]]
 
 def walk(
     root: Path,
+    device: int,
     rules: IgnoreRules,
     errors: list[Problem],
     leftovers: list[str],
@@ -104,14 +105,16 @@ def walk(
 ) -> Iterator[Seen]:
     """Every non-ignored entry under ``root`` (or only its directory ``top`` and what is
     below it), in path order (the scan cache's order: a whole scan reads both side by
-    side); the paths that could not be read go to ``unreadable``.
+    side); the paths that could not be read go to ``unreadable``. ``device``: the
+    share's filesystem (its root's ``st_dev``), which the walk never leaves.
 
     A directory is listed when the walk reaches the place of its entries: after its
     siblings whose names sort before ``name + '/'`` (``a.b`` comes before ``a/x``).
     backer's own temp files (from a write that was interrupted) go to ``leftovers``.
     """
     start = os.path.join(root, top) if top else os.fspath(root)
-    stack = [iter(_listing(start, top + "/" if top else "", rules, errors, leftovers, unreadable))]
+    listed = (device, rules, errors, leftovers, unreadable)
+    stack = [iter(_listing(start, top + "/" if top else "", *listed))]
     while stack:
         if stop is not None and stop.is_set():
             raise ScanStopped
@@ -122,12 +125,13 @@ def walk(
             yield item[1]
         else:  # the entries of a directory, at the place of "name/"
             directory, prefix = item[1]
-            stack.append(iter(_listing(directory, prefix, rules, errors, leftovers, unreadable)))
+            stack.append(iter(_listing(directory, prefix, *listed)))
 
 
 def _listing(
     directory: str,
     prefix: str,
+    device: int,
     rules: IgnoreRules,
     errors: list[Problem],
     leftovers: list[str],
@@ -174,6 +178,8 @@ def _listing(
             unreadable.add(path)
             continue
         found = _entry(path, entry.path, info, rules, errors, leftovers)
+        if found is not None and _mounted(found, info, device, errors, unreadable):
+            continue
         if found is not None:
             name = path[len(prefix) :]
             items.append((name, found))
@@ -209,6 +215,26 @@ def _entry(
         return None
     size = 0 if kind == Kind.DIRECTORY else info.st_size
     return Seen(path, disk_path, kind, size, info.st_mtime_ns, info.st_ino, info.st_mode)
+
+
+def _mounted(
+    found: Seen, info: os.stat_result, device: int, errors: list[Problem], unreadable: set[str]
+) -> bool:
+    """True (reported, and kept as recorded, like an unreadable folder) for a folder on
+    another filesystem than the share's: a disk or a bind mounted inside the share is
+    not followed. Unmounted, it would be an empty folder, and every device would delete
+    what was recorded below it; as a share of its own, backer sees it go."""
+    if found.kind != Kind.DIRECTORY or info.st_dev == device:
+        return False
+    errors.append(Problem(found.path, MOUNTED, warning=True))
+    unreadable.add(found.path)
+    return True
+
+
+MOUNTED = (
+    "skipped: another filesystem is mounted here, and backer does not follow mount "
+    "points (make it a share of its own to sync it)"
+)
 
 
 def _reserved(path: str, disk_path: str) -> Problem:
@@ -314,6 +340,7 @@ def look(
         result.errors.append(Problem(IGNORE_FILE, f"{IGNORE_FILE} {rules.unread}", True))
     for line in rules.invalid:
         result.errors.append(Problem(IGNORE_FILE, f"pattern skipped, not valid: {line!r}", True))
+    device = os.stat(root).st_dev
     scope = None if paths is None else _scope(root, rules, paths, local_for)
     result.scope = scope
     unreadable: set[str] = set()
@@ -322,7 +349,7 @@ def look(
     if scope is None:
         cache = _CacheInOrder(local_after or pages_of(local_for(None, [])))
         find = cache.find
-        entries = walk(root, rules, result.errors, result.leftovers, unreadable, stop=stop)
+        entries = walk(root, device, rules, result.errors, result.leftovers, unreadable, stop=stop)
     else:  # what is recorded below a path recorded as a file or link is nothing
         recorded = local_for(scope, [])
         below = [t for t in scope if t not in recorded or stat.S_ISDIR(recorded[t].mode)]
@@ -332,14 +359,14 @@ def look(
         find = local.get
         seen: dict[str, Seen] = {}
         for top in scope:
-            _walk_top(root, top, rules, result, seen, unreadable, stop)
+            _walk_top(root, device, top, rules, result, seen, unreadable, stop)
         linked = _other_names(scope, seen, local, names_of) if names_of is not None else []
         if linked:
             local.update(local_for(linked, []))
             for name in linked:
-                _walk_top(root, name, rules, result, seen, unreadable, stop)
+                _walk_top(root, device, name, rules, result, seen, unreadable, stop)
             scope = result.scope = sorted(outermost([*scope, *linked]))
-        _stat_parents(root, scope, rules, result, seen, local_for)
+        _stat_parents(root, device, scope, rules, result, seen, unreadable, local_for)
         entries = seen.values()
     batch: dict[str, LocalEntry] = {}  # the cache rows of the files to read
     to_read: list[Seen] = []
@@ -558,6 +585,7 @@ def _is_directory(root: Path, path: str) -> bool:
 
 def _walk_top(
     root: Path,
+    device: int,
     top: str,
     rules: IgnoreRules,
     result: Observation,
@@ -566,7 +594,8 @@ def _walk_top(
     stop: threading.Event | None,
 ) -> None:
     """Add ``top`` (a path whose parents are recorded directories) and, for a directory,
-    everything below it, to ``seen``; a ``top`` that is gone leaves nothing."""
+    everything below it, to ``seen``; a ``top`` that is gone leaves nothing, one on
+    another filesystem (a watcher's event below a mount point) stays as recorded."""
     disk_path = os.path.join(root, top)
     try:
         info = os.lstat(disk_path)
@@ -579,20 +608,32 @@ def _walk_top(
     if rules.excluded(top, stat.S_ISDIR(info.st_mode)):
         return
     found = _entry(top, disk_path, info, rules, result.errors, result.leftovers)
-    if found is None:
+    if found is None or _mounted(found, info, device, result.errors, unreadable):
+        return
+    if found.kind != Kind.DIRECTORY and _device_of(os.path.dirname(disk_path)) != device:
+        unreadable.add(top)
         return
     seen[top] = found
     if found.kind == Kind.DIRECTORY:
-        below = walk(root, rules, result.errors, result.leftovers, unreadable, top, stop)
+        below = walk(root, device, rules, result.errors, result.leftovers, unreadable, top, stop)
         seen.update((entry.path, entry) for entry in below)
+
+
+def _device_of(directory: str) -> int | None:
+    try:
+        return os.stat(directory).st_dev
+    except OSError:
+        return None
 
 
 def _stat_parents(
     root: Path,
+    device: int,
     scope: list[str],
     rules: IgnoreRules,
     result: Observation,
     seen: dict[str, Seen],
+    unreadable: set[str],
     local_for: LocalReader,
 ) -> None:
     """The directories holding the ``scope`` of a partial scan (recorded ones: see
@@ -608,7 +649,7 @@ def _stat_parents(
             continue
         if stat.S_ISDIR(info.st_mode) and parent in result.local:
             found = _entry(parent, disk_path, info, rules, result.errors, result.leftovers)
-            if found is not None:
+            if found is not None and not _mounted(found, info, device, result.errors, unreadable):
                 seen[parent] = found
 
 

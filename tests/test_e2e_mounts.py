@@ -1,0 +1,46 @@
+"""A filesystem mounted inside a share (a USB disk, a bind, a tmpfs): real CLI processes,
+a real mount."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.e2e import joined_pair
+from tests.helpers import small_disk
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if ".backer" not in p.parts
+    )
+
+
+def test_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers(
+    tmp_path: Path,
+) -> None:
+    """The walk followed a mount point inside the share: its files were recorded, and
+    once the disk was unmounted the folder was empty, so the next scan recorded every
+    one of them as deleted and each peer deleted them too (a USB disk mounted at
+    ~/Backer/usb, unplugged). A mount point is now not followed: reported on one line,
+    nothing below it recorded, and unmounting it deletes nothing anywhere."""
+    a, b, (port, _) = joined_pair(tmp_path)
+    (a.root / "notes.txt").write_text("on the share's own disk\n")
+    with small_disk(a.root / "usb", "4m"):
+        (a.root / "usb" / "photo.jpg").write_bytes(b"\xff\xd8 a photo")
+        scanned = a.run("scan", "--dir", str(a.root))
+        with a.serving(port) as address:
+            b.sync(address)
+        before = _files(b.root)
+        (b.root / "usb").mkdir(exist_ok=True)
+        (b.root / "usb" / "own.txt").write_text("b's file in its own usb folder\n")
+        b.run("scan", "--dir", str(b.root))
+    a.run("scan", "--dir", str(a.root))
+    with a.serving(port) as address:
+        b.sync(address)
+    assert set(before) <= set(_files(b.root)), "unmounting a's disk deleted files on b"
+    assert before == ["notes.txt"]  # nothing below the mount point was recorded
+    assert scanned.stderr.count("\n") == 1, scanned.stderr  # one line
+    assert "usb: skipped: another filesystem is mounted here" in scanned.stderr
+    assert _files(b.root) == ["notes.txt", "usb", "usb/own.txt"]
+    assert (a.root / "usb" / "own.txt").read_text() == "b's file in its own usb folder\n"
+    assert "photo.jpg" not in a.run("log", "--dir", str(a.root)).stdout
