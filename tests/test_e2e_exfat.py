@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.e2e import Device
+from tests.e2e import Device, snapshot
 from tests.helpers import exfat_disk
 
 
@@ -47,3 +47,31 @@ def test_on_exfat_an_edited_file_and_a_peer_replaced_one_can_be_restored(tmp_pat
               str(outside), cwd=a.root)  # fmt: skip
         assert outside.read_text() == "MY SECOND DRAFT\n"
         assert not list(stick.rglob("*.tmp"))
+
+
+def test_folders_twinned_by_case_leave_the_case_sensitive_peer_as_it_was(tmp_path: Path) -> None:
+    """exFAT ignores case: a received 'Dir/x' went into the folder 'DIR' already there and
+    was recorded at 'Dir/x', so the stick's next scan found 'Dir' and 'Dir/x' gone (and
+    'DIR/x' new) and the peer, whose disk keeps both folders, deleted its 'Dir' with
+    'Dir/x' in it. Now what the stick holds under another spelling is not written there,
+    and the join says so on one line; every file of the peer stays where it was."""
+    with exfat_disk(tmp_path / "stick") as stick:
+        a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+        a.root.mkdir()
+        b.root = stick / "b"
+        (a.root / "DIR").mkdir()
+        (a.root / "DIR" / "y").write_text("in DIR\n")
+        (a.root / "Dir").mkdir()
+        (a.root / "Dir" / "x").write_text("in Dir\n")
+        a.run("init", str(a.root))
+        before = snapshot(a.root)
+        with a.serving():
+            token = a.run("invite", "--no-wait", "--dir", str(a.root)).stdout.strip()
+            joined = b.run("join", token, str(b.root), check=False)
+        b.run("scan", "--dir", str(b.root))
+        with b.serving() as address:
+            a.sync(address)
+        assert snapshot(a.root) == before
+        assert snapshot(b.root) == {"DIR": ("dir",), "DIR/y": ("file", b"in DIR\n", 0o777)}
+        assert "Dir is here under another spelling" in joined.stderr, joined.stderr
+        assert joined.returncode == 3  # (a file not written)

@@ -49,6 +49,7 @@ from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry, Problem, rows
 from backer.errors import BackerError
 from backer.fs.dirs import Directories, Identity, InShare, NotADirectory
 from backer.fs.paths import METADATA_DIR, BadPath, check
+from backer.fs.spelling import Spellings
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
 from backer.scanner.chunks import ChunkStore, Run, start_writeback, write_all
@@ -1278,6 +1279,7 @@ class Materializer:
         # every change is made relative to a parent opened with no link followed
         # (backer.fs.dirs); closed at the end of each window, so each checks afresh
         self.dirs = Directories(root)
+        self.spellings = Spellings(root)
         self._settled: dict[str, Identity] | None = None  # folders found in place, per batch
         self._unlocked: dict[str, int] = {}  # read-only directories opened while applying
         self._writable: set[str] = set()  # directories found writable (asked once a window)
@@ -1301,6 +1303,7 @@ class Materializer:
         ignored = ignored_now(self.root, operations, local)
         operations = self._fitting([op for op in operations if op.path not in ignored], assembly)
         self.dirs.close()
+        self.spellings.forget()
         try:
             with assembly.stopping_when_full():  # (the folders' fsync too: it can meet it)
                 try:
@@ -1387,6 +1390,10 @@ class Materializer:
         """
         if self._root_bytes + len(os.fsencode(path)) >= self._path_max:  # before any folder is made
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        other = self.spellings.other(path)
+        if other is not None:  # the disk's own entry there is another path's: kept
+            raise OSError(errno.EEXIST, f"not written: this filesystem ignores case: {other} "
+                          "is here under another spelling")  # fmt: skip
         entry = InShare.of(self.dirs, path)
 
         def make(parent: str) -> bool:
