@@ -57,7 +57,7 @@ WORLD_RULES = {  # family: (rule, weight)
     "deep": [("deep", 1)],
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
     "clocks": [("set_clock", 2), ("reboot", 2), ("prune_all", 2)],
-    "kills": [("kill", 10)],
+    "kills": [("kill", 5)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
                    "toggle_exec", "ignore", "race", "deep"})  # fmt: skip

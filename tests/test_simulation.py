@@ -27,6 +27,7 @@ from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
 from simulations.world import reachable_temps, synced_trees
 
+BEFORE_KILLS = DEFAULT_WORLD - {"kills"}  # a seed drawn without kills keeps its steps
 TestCluster = ClusterMachine.TestCase
 TestCluster.settings = settings(
     max_examples=15,
@@ -646,7 +647,7 @@ def test_a_restore_that_writes_nothing_says_so_instead_of_restored() -> None:
     it) was not written, yet the restore answered "restored" and recorded no new
     version (seed 13842 of the full default world)."""
     try:
-        run_seed(13842, 3, 60, DEFAULT_WORLD - {"fills", "clocks"})  # the world it was found in
+        run_seed(13842, 3, 60, DEFAULT_WORLD - {"fills", "clocks", "kills"})  # its world
     except Failure as failure:
         pytest.fail(failure.reason)
 
@@ -799,7 +800,7 @@ def test_the_harness_catches_a_saved_file_replaced_by_a_rename(
     (R43's race: a look, then a rename that replaces whatever came meanwhile), the
     person who saves a file there between the two loses it, and the harness says so."""
     try:
-        run_seed(515100, 3, 60, DEFAULT_WORLD)
+        run_seed(515100, 3, 60, BEFORE_KILLS)
     except Failure as failure:
         pytest.fail(failure.reason)
 
@@ -811,10 +812,9 @@ def test_the_harness_catches_a_saved_file_replaced_by_a_rename(
     replacing = types.FunctionType(replacing.__code__, vars(dirs), "rename_new")
     monkeypatch.setattr(InShare, "rename_new", replacing)
     with pytest.raises(Failure, match="a file the person had just saved was replaced"):
-        run_seed(515100, 3, 60, DEFAULT_WORLD)
+        run_seed(515100, 3, 60, BEFORE_KILLS)
 
 
-KILLS = DEFAULT_WORLD | {"kills"}
 Z = b"Z" * 24
 KILLED_TRACES = {  # seed: a shrunk trace of default world + kills that failed
     3: [  # a prune by a share restored from an older copy: its announcement escaped
@@ -920,7 +920,7 @@ def test_killed_operations_that_once_failed(seed: int) -> None:
     """Traces of the ``kills`` family (docs/simulations.md, "Kill points"), each with
     the seed it was drawn from (a person's save before a rename comes from it)."""
     try:
-        replay(3, KILLED_TRACES[seed], seed, KILLS)
+        replay(3, KILLED_TRACES[seed], seed, DEFAULT_WORLD)
     except Failure as failure:
         pytest.fail(failure.reason)
 
@@ -942,7 +942,7 @@ def test_conflict_copies_of_long_names_settle() -> None:
     linked nodes resolved the two paths into each other without end (78,000 versions
     in 8 minutes, 21 live) and the campaign never finished."""
     try:
-        run_seed(130395, 3, 60, DEFAULT_WORLD)
+        run_seed(130395, 3, 60, BEFORE_KILLS)
     except Failure as failure:
         pytest.fail(failure.reason)
 
@@ -1020,4 +1020,4 @@ def test_the_harness_fails_a_livelock_within_seconds(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(materializer, "conflict_path", cut_back)
     with pytest.raises(Failure, match=r"livelock: .* last versions are at .*sync-conflict"):
-        run_seed(130395, 3, 60, DEFAULT_WORLD)
+        run_seed(130395, 3, 60, BEFORE_KILLS)
