@@ -34,7 +34,7 @@ def test_finding_13_manifests_larger_than_a_frame_cross_a_session(tmp_path: Path
     huge = _manifest(300_000, 1)  # a ~40 GB file: 10.8 MB of manifest
     many = [_manifest(500, n) for n in range(2, 502)]  # 500 files of ~65 MB: 9 MB
     for manifest in (huge, *many):
-        a.catalog.put_received_manifest(manifest)
+        a.catalog.put_manifest_bodies([manifest])
     wanted = [m.id for m in (*many[:250], huge, *many[250:])]
     for manifest_id in wanted:  # as b's replicator does when it asks
         right.replicator.manifests_asked[manifest_id] = right
@@ -122,7 +122,7 @@ def test_serving_small_manifests_reads_them_500_at_a_time(tmp_path: Path) -> Non
     small = [_manifest(1, n) for n in range(1_000, 2_000)]
     large = _manifest(40_000, 3)  # ~1.4 MB: read alone, never in a batch
     for manifest in (*small, large):
-        a.catalog.put_received_manifest(manifest)
+        a.catalog.put_manifest_bodies([manifest])
     missing = _manifest(1, 4).id
     wanted = [m.id for m in small[:400]] + [large.id, missing] + [m.id for m in small[400:]]
     for manifest_id in wanted:

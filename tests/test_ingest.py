@@ -418,7 +418,7 @@ def test_a_manifest_declaring_more_than_its_chunks_hold_never_becomes_a_file(
     lying_length = 2**30 - sum(c.length for c in head)  # the last chunk "is" the rest of 1 GiB
     lie = Manifest((*head, last._replace(length=lying_length)))
     with member.db.conn:
-        member.catalog.put_received_manifest(lie)
+        member.catalog.put_manifest_bodies([lie])
     _publish(member, "big.bin", Version(Kind.FILE, 2**30, content=lie.id, time_ms=1))
     receiver = _receive(honest, member)
     assert not (honest.root / "big.bin").exists()
@@ -447,7 +447,7 @@ def test_a_received_chunk_must_be_as_long_as_its_manifest_says(tmp_path: Path) -
     short, long = a._replace(length=20 * 1024), b._replace(offset=20 * 1024, length=60 * 1024)
     swapped = Manifest((short, long))  # adds up, within bounds, but the lengths are lies
     with member.db.conn:
-        member.catalog.put_received_manifest(swapped)
+        member.catalog.put_manifest_bodies([swapped])
     _publish(member, "c.bin", Version(Kind.FILE, 80 * 1024, content=swapped.id, time_ms=1))
     receiver = _receive(honest, member)
     assert not (honest.root / "c.bin").exists()

@@ -659,10 +659,6 @@ class Catalog:
             sorted((c.hash, path, c.offset, c.length) for path, m in manifests for c in m.chunks),
         )
 
-    def put_received_manifest(self, manifest: Manifest) -> None:
-        """Store a manifest received from a peer (its chunks are not local yet)."""
-        self.put_manifest_bodies([manifest])
-
     def manifest_bodies(self, manifest_ids: list[bytes], at_most: int) -> dict[bytes, bytes | None]:
         """The stored (encoded) manifests of ``manifest_ids`` held here, as a peer is sent
         them, one query per 500, none decoded (a first sync of 100,000 files asks for
@@ -683,11 +679,21 @@ class Catalog:
         row = self.conn.execute(
             "SELECT body FROM manifests WHERE id = ?", (manifest_id,)
         ).fetchone()
-        if row is None:
-            return None
+        return None if row is None else self._cache(manifest_id, row[0])
+
+    def load_manifests(self, manifest_ids: Iterable[bytes]) -> None:
+        """Bring the stored manifests of ``manifest_ids`` into the cache :meth:`manifest`
+        reads, one query per 500: a window of a first sync looks up 5,000 manifests, one
+        query each took ~9 µs more per manifest (at most MANIFEST_CACHE are kept)."""
+        wanted = list(dict.fromkeys(m for m in manifest_ids if m not in self._manifests))
+        select = "SELECT id, body FROM manifests"
+        for manifest_id, body in rows_where_in(self.conn, select, "id", wanted[:MANIFEST_CACHE]):
+            self._cache(manifest_id, body)
+
+    def _cache(self, manifest_id: bytes, body: bytes) -> Manifest:
         if len(self._manifests) >= MANIFEST_CACHE:  # forget the oldest (dicts keep order)
             del self._manifests[next(iter(self._manifests))]
-        manifest = self._manifests[manifest_id] = Manifest.decode(row[0])
+        manifest = self._manifests[manifest_id] = Manifest.decode(body)
         return manifest
 
     def move_chunk_locations(self, old_path: str, new_path: str) -> None:

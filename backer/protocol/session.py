@@ -591,8 +591,7 @@ class Session:
     def _on_manifests(self, message: Manifests) -> list[Message]:
         if len(message.ids) != len(message.bodies):
             raise ProtocolError("manifest ids and bodies differ in number")
-        for manifest_id, body in zip(message.ids, message.bodies, strict=True):
-            self.replicator.manifest_arrived(self, manifest_id, body)
+        self.replicator.manifests_arrived(self, message.ids, message.bodies)
         self.share.db.conn.commit()
         self.replicator.advance()
         return []
