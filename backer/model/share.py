@@ -1087,7 +1087,7 @@ class Share:
             return
         snapshot = self.state.snapshot()
         with self.db.conn:
-            self.catalog.set_meta("doc_snapshot", snapshot)
+            self.catalog.set_meta_large("doc_snapshot", snapshot)
             self.catalog.set_meta("doc_snapshot_hash", blake3(snapshot).digest())
             self.catalog.set_meta("doc_position", position)
         self._doc_position = position
