@@ -30,7 +30,7 @@ from backer.model import entropy
 from backer.model.membership import EventKind
 from backer.model.records import MAX_TIME_MS, Kind, Version, new_version_id
 from backer.model.share import Share
-from backer.protocol.wire import Chunk, Manifests, Message, WantChunks, WantManifests
+from backer.protocol.wire import Chunks, Manifests, Message, WantChunks, WantManifests
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IGNORE_FILE, read_rules
 
@@ -190,8 +190,11 @@ class Hostile:
         """What the hostile node sends instead of ``message`` when it tampers."""
         if not self.tamper:
             return message
-        if isinstance(message, Chunk) and message.data:
-            return Chunk(message.hash, bytes([message.data[0] ^ 1]) + message.data[1:])
+        if isinstance(message, Chunks) and any(message.data):
+            data = list(message.data)
+            at = next(i for i, chunk in enumerate(data) if chunk)  # the first it holds
+            data[at] = bytes([data[at][0] ^ 1]) + bytes(data[at][1:])
+            return Chunks(message.hashes, data)
         if isinstance(message, Manifests):
             return Manifests(message.ids, [b + b"\0" * 40 if b else b for b in message.bodies])
         return message

@@ -17,7 +17,7 @@ import pytest
 
 from backer.model.share import Share
 from backer.protocol.session import Session
-from backer.protocol.wire import Chunk, WantChunks
+from backer.protocol.wire import Chunks, WantChunks
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import ChunkRef, manifest_of_bytes
 from tests.e2e import Device
@@ -69,9 +69,10 @@ def test_a_chunk_request_during_the_index_waits_and_gets_the_new_bytes(tmp_path:
 
     summary = asyncio.run(share.scan_off_loop(["large.bin"], recorded=pushed))
     assert summary.modified == ["large.bin"]
-    assert not any(isinstance(m, Chunk) for m in held_back)  # not answered "missing"
-    (answer,) = [m for m in peer.take_outbox() if isinstance(m, Chunk)]
-    assert bytes(answer.data) == new[wanted.offset : wanted.offset + wanted.length]
+    assert not any(isinstance(m, Chunks) for m in held_back)  # not answered "missing"
+    (answer,) = [m for m in peer.take_outbox() if isinstance(m, Chunks)]
+    assert answer.hashes == [wanted.hash]
+    assert bytes(answer.data[0]) == new[wanted.offset : wanted.offset + wanted.length]
     entry = share.catalog.local_entries(["large.bin"])["large.bin"]
     assert entry.settled
 

@@ -19,7 +19,8 @@ from backer.protocol.channel import ChannelError, SecureChannel
 from backer.protocol.session import Session
 from backer.protocol.wire import (
     APART_FROM,
-    Chunk,
+    CHUNKS_BYTES,
+    Chunks,
     Encoder,
     FrameReader,
     Hello,
@@ -40,10 +41,10 @@ GROWN_BUFFERS = 2 + 2 * (transport.READ_SIZE // transport.FIRST_READ).bit_length
 MESSAGES: list[Message] = [
     Hello(3, b"a"),
     WantChunks([os.urandom(32) for _ in range(64)]),
-    Chunk(os.urandom(32), os.urandom(200_000)),  # spans four records
-    Chunk(os.urandom(32), b""),
+    Chunks([os.urandom(32)], [os.urandom(200_000)]),  # spans four records
+    Chunks([os.urandom(32), os.urandom(32)], [b"", os.urandom(70_000)]),
     Manifests([os.urandom(32), os.urandom(32)], [os.urandom(5000), b""]),
-    Chunk(os.urandom(32), os.urandom(65_519 - 41)),  # exactly one record's plaintext
+    Chunks([os.urandom(32)], [os.urandom(65_519 - 49)]),  # exactly one record's plaintext
 ]
 
 
@@ -130,7 +131,7 @@ def test_a_chunk_that_does_not_match_its_hash_is_refused_and_never_written(
     asked = next(iter(right.replicator.chunks_asked))
     length = right.replicator.chunk_lengths[asked]
     client, server = _established()
-    client.send(Chunk(asked, os.urandom(length)).encode())
+    client.send(Chunks([asked], [os.urandom(length)]).encode())
     frames = FrameReader()
     with pytest.raises(ProtocolError, match="does not match its hash"):
         for message in frames.feed(server.receive_data(client.data_to_send())):
@@ -228,6 +229,33 @@ def test_the_receiver_asks_for_chunks_a_request_at_a_time_not_one_per_arriving_c
     assert max(in_flight) <= 2 * MIB + MAX_CHUNK
 
 
+def test_the_sender_answers_a_request_with_several_chunks_a_message_in_the_order_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request's chunks go back several to a ``Chunks`` message, up to CHUNKS_BYTES of
+    them, in the order asked: not a frame, a message and a dispatch per chunk on each
+    side. The receiver takes every chunk of each message in."""
+    sent: list[Chunks] = []
+    chunks_of = Session._chunks
+
+    def noting(session: Session) -> Chunks:
+        message = chunks_of(session)
+        sent.append(message)
+        return message
+
+    monkeypatch.setattr(Session, "_chunks", noting)
+    data = os.urandom(8 * MIB)
+    b, right = _fetch(tmp_path, {"big.bin": data})
+    assert (b.root / "big.bin").read_bytes() == data
+    hashes = [h for message in sent for h in message.hashes]
+    assert [ref.hash for ref in manifest_of_bytes(data).chunks] == hashes
+    assert right.stats.chunks_fetched == len(hashes)
+    assert len(sent) <= len(hashes) // 4, [len(message.hashes) for message in sent]
+    for message in sent:
+        size = sum(map(len, message.data))
+        assert len(message.hashes) == 1 or size <= CHUNKS_BYTES
+
+
 def _indexed(tmp_path: Path, files: dict[str, bytes]) -> tuple[Share, ChunkStore, list[ChunkRef]]:
     """A share holding ``files``, scanned; its chunk store and the first file's chunks."""
     (share,) = make_devices(tmp_path, 1)
@@ -319,16 +347,18 @@ def test_a_sent_chunk_is_encrypted_from_its_read_buffer_not_copied_into_the_plai
     """The framing goes into the encoder's buffer; a chunk's bytes (from ``APART_FROM``)
     are a piece of their own, the very buffer they were read into, which the channel
     encrypts in place of a copy. A small chunk is copied with its framing."""
-    read = bytearray(os.urandom(100_000))
+    read = bytearray(os.urandom(200_000))
     messages: list[Message] = [
-        Chunk(os.urandom(32), memoryview(read)[10:90_000]),
-        Chunk(os.urandom(32), os.urandom(APART_FROM - 1)),
+        Chunks(
+            [os.urandom(32), os.urandom(32), os.urandom(32)],
+            [memoryview(read)[10:90_000], os.urandom(APART_FROM - 1), memoryview(read)[90_000:]],
+        ),
         WantChunks([os.urandom(32)]),
     ]
     encoder = Encoder()
     pieces = encoder.encode(messages)
-    assert [piece.obj is read for piece in pieces] == [False, True, False]
-    assert pieces[0].obj is encoder.buffer and pieces[2].obj is encoder.buffer
+    assert [piece.obj is read for piece in pieces] == [False, True, False, True, False]
+    assert all(pieces[at].obj is encoder.buffer for at in (0, 2, 4))
     assert b"".join(pieces) == b"".join(message.encode() for message in messages)
 
 
@@ -336,14 +366,17 @@ def test_a_received_chunk_is_a_view_of_the_decrypted_read_not_a_copy() -> None:
     """A chunk's bytes are decoded in place: the data is a view of the buffer the
     channel decrypted into, whatever else shares the read."""
     client, server = _established()
-    sent = [Chunk(os.urandom(32), os.urandom(70_000)), WantChunks([os.urandom(32)])]
+    sent = [
+        Chunks([os.urandom(32), os.urandom(32)], [os.urandom(70_000), os.urandom(100)]),
+        WantChunks([os.urandom(32)]),
+    ]
     client.send(*Encoder().encode(sent))
     buffer = server.receive_data(client.data_to_send())
     received = list(FrameReader().feed(buffer))
     assert received == sent
     data = received[0].data  # type: ignore[attr-defined]
-    assert isinstance(data, memoryview) and isinstance(buffer, memoryview)
-    assert data.obj is buffer.obj
+    assert isinstance(buffer, memoryview)
+    assert all(isinstance(view, memoryview) and view.obj is buffer.obj for view in data)
 
 
 def test_a_dialled_connection_receives_into_two_reused_buffers_not_a_copy_per_read() -> None:

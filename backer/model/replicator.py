@@ -582,16 +582,20 @@ class Replicator:
             return None
         return manifest
 
-    def chunk_arrived(
-        self, session: Session, chunk_hash: bytes, data: bytes | memoryview
+    def chunks_arrived(
+        self, session: Session, hashes: list[bytes], data: list[bytes | memoryview]
     ) -> None:
-        """Take in a chunk from ``session`` (empty: that peer lacks it), then move on if
-        that lets anything move: a request to refill the peer's window, the re-asking of
-        a lacked chunk, the end of the window. Most arrivals only write their bytes:
-        while a window drains (nothing left to ask) a refill would ask nothing."""
-        self._take_chunk(session, chunk_hash, data)
+        """Take in chunks from ``session`` (empty data: that peer lacks that one), then
+        move on if that lets anything move: a request to refill the peer's window, the
+        re-asking of a lacked chunk, the end of the window. Most arrivals only write
+        their bytes: while a window drains (nothing left to ask) a refill would ask
+        nothing."""
+        lacked = False
+        for chunk_hash, chunk in zip(hashes, data, strict=True):
+            self._take_chunk(session, chunk_hash, chunk)
+            lacked = lacked or not chunk
         refill = self.chunk_queue and self._refillable(session)
-        if not data or not self.chunks_asked or self.sinks or refill:
+        if lacked or not self.chunks_asked or self.sinks or refill:
             self.advance()
 
     def _take_chunk(self, session: Session, chunk_hash: bytes, data: bytes | memoryview) -> None:

@@ -38,10 +38,11 @@ from backer.model.replicator import CHUNKS_PER_REQUEST, MANIFESTS_PER_REQUEST, R
 from backer.model.share import Share
 from backer.protocol.announce import Announcement
 from backer.protocol.wire import (
+    CHUNKS_BYTES,
     PROTOCOL_VERSION,
     Addresses,
     CaughtUp,
-    Chunk,
+    Chunks,
     Done,
     Error,
     Events,
@@ -111,7 +112,7 @@ LEGAL: dict[int, frozenset[type[Message]]] = {  # which message the peer may sen
             Manifests,
             ManifestPart,
             WantChunks,
-            Chunk,
+            Chunks,
             Done,
             Addresses,
             Need,
@@ -535,6 +536,29 @@ class Session:
         found = self.replicator.store.read_many(keys)
         self.read_ahead = {key: found.get(key, b"") for key in keys}
 
+    def _chunks(self) -> Chunks:
+        """The chunks owed at the head of the queue, read together (:meth:`_read_ahead`):
+        as many as one read brought, up to ``CHUNKS_BYTES`` (one at least)."""
+        hashes: list[bytes] = []
+        data: list[bytes | memoryview] = []
+        size = 0
+        while self.owed and self.owed[0][0] == _CHUNK:
+            key = self.owed[0][1]
+            if key not in self.read_ahead:
+                if hashes:
+                    break  # (the next message reads the next request's)
+                self._read_ahead()
+            found = self.read_ahead[key]
+            if hashes and size + len(found) > CHUNKS_BYTES:
+                break
+            self.owed.popleft()
+            del self.read_ahead[key]
+            hashes.append(key)
+            data.append(found)
+            size += len(found)
+        self.stats.chunk_bytes_sent += size
+        return Chunks(hashes, data)
+
     def _manifest_body(self, manifest_id: bytes) -> bytes:
         """The manifest owed at the head of the queue (empty: not held here). The small
         ones owed behind it are read with it, in one query; a larger one, or one not
@@ -554,15 +578,10 @@ class Session:
         return body
 
     def _reply(self) -> Message:
-        """The next reply owed: one chunk, a batch of manifests, or a slice of a large one."""
+        """The next reply owed: chunks, a batch of manifests, or a slice of a large one."""
         kind, key = self.owed[0]
         if kind == _CHUNK:
-            if key not in self.read_ahead:
-                self._read_ahead()
-            self.owed.popleft()
-            data = self.read_ahead.pop(key)
-            self.stats.chunk_bytes_sent += len(data)
-            return Chunk(key, data)
+            return self._chunks()
         if self.sending_part is None:
             body = self._manifest_body(key)
             if len(body) > REPLY_BYTES:
@@ -614,8 +633,10 @@ class Session:
         self.receiving_part = None
         return self._on_manifests(Manifests([manifest_id], [bytes(body)]))
 
-    def _on_chunk(self, message: Chunk) -> list[Message]:
-        self.replicator.chunk_arrived(self, message.hash, message.data)
+    def _on_chunks(self, message: Chunks) -> list[Message]:
+        if len(message.hashes) != len(message.data):
+            raise ProtocolError("chunk hashes and data differ in number")
+        self.replicator.chunks_arrived(self, message.hashes, message.data)
         return []
 
     def push(self) -> None:

@@ -13,9 +13,11 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-PROTOCOL_VERSION = 4  # 3: Addresses; 4: Need
+PROTOCOL_VERSION = 5  # 3: Addresses; 4: Need; 5: Chunks (several chunks a message)
 MAX_FRAME = 8 * 1024 * 1024
 APART_FROM = 16 * 1024  # a chunk's bytes this long are encrypted from where they lie
+CHUNKS_BYTES = 1024 * 1024  # a Chunks message's data at most (beyond one chunk): ~13
+# chunks a message; a frame a read cuts is copied whole, so not the frame limit
 _LENGTH = struct.Struct(">I")
 
 
@@ -70,27 +72,33 @@ class _Reader:
         self.offset += size
         return self.data[self.offset - size : self.offset]
 
-    def blobs(self) -> list[bytes]:
+    def _count(self) -> int:
         count = self._number(4)
         if count > MAX_FRAME // 4:
             raise ProtocolError("list is longer than a frame could hold")
-        return [self.blob() for _ in range(count)]
+        return count
+
+    def blobs(self) -> list[bytes]:
+        return [self.blob() for _ in range(self._count())]
+
+    def views(self) -> list[memoryview]:
+        return [self.view() for _ in range(self._count())]
 
     def finish(self) -> None:
         if self.offset != len(self.data):
             raise ProtocolError("message has trailing bytes")
 
 
-_INT, _BYTES, _LIST, _VIEW = 0, 1, 2, 3
+_INT, _BYTES, _LIST, _VIEWS = 0, 1, 2, 3
 
 
 @functools.cache
 def _layout(cls: type[Message]) -> tuple[tuple[str, int], ...]:
     """(name, kind) of each field of a message class, in wire order: looked up once per
-    class, not once per message (a 1 GiB transfer is ~15,000 messages each way). A
-    ``bytes | memoryview`` field (a chunk's data) is sent from either and decoded as a
-    view of the frame buffer: chunk bytes are not copied out of the decrypted read."""
-    kinds = {"int": _INT, "bytes": _BYTES, "bytes | memoryview": _VIEW}
+    class, not once per message. A ``list[bytes | memoryview]`` field (chunks' data) is
+    sent from either and decoded as views of the frame buffer: chunk bytes are not
+    copied out of the decrypted read."""
+    kinds = {"int": _INT, "bytes": _BYTES, "list[bytes | memoryview]": _VIEWS}
     return tuple((f.name, kinds.get(str(f.type), _LIST)) for f in fields(cls))
 
 
@@ -107,9 +115,9 @@ class Message:
             value = getattr(self, name)
             if kind == _INT:
                 total += 8
-            elif kind != _LIST:  # bytes or a view
+            elif kind == _BYTES:
                 total += 4 + len(value)
-            else:
+            else:  # a list of bytes or of views
                 total += 4 + sum(4 + len(item) for item in value)
         return total
 
@@ -119,9 +127,10 @@ class Message:
         """Write the framed message into ``out`` at ``at`` (room for :meth:`size` bytes);
         return where it ends. Each field is copied once, into the buffer that is then
         encrypted: no parts, joins or growing buffers (the sender reuses that buffer).
-        With ``apart``, a chunk's bytes of at least ``APART_FROM`` are not copied: only
-        their length is written, and (where they belong in ``out``, the bytes) is noted
-        in ``apart``, so that they are encrypted from where they lie (:class:`Encoder`)."""
+        With ``apart``, each chunk's bytes of at least ``APART_FROM`` are not copied:
+        only their length is written, and (where they belong in ``out``, the bytes) is
+        noted in ``apart``, so that they are encrypted from where they lie
+        (:class:`Encoder`)."""
         body = self.size() - 4
         if body > MAX_FRAME:
             raise ValueError(f"{type(self).__name__} of {body} bytes exceeds the frame limit")
@@ -133,17 +142,18 @@ class Message:
             if kind == _INT:
                 _INTEGER.pack_into(out, at, value)
                 at += 8
-            elif kind == _VIEW and apart is not None and len(value) >= APART_FROM:
-                _LENGTH.pack_into(out, at, len(value))
-                at += 4
-                apart.append((at, value))
-            elif kind != _LIST:  # bytes or a view
+            elif kind == _BYTES:
                 at = _put(out, at, value)
             else:
                 _LENGTH.pack_into(out, at, len(value))
                 at += 4
                 for item in value:
-                    at = _put(out, at, item)
+                    if kind == _VIEWS and apart is not None and len(item) >= APART_FROM:
+                        _LENGTH.pack_into(out, at, len(item))
+                        at += 4
+                        apart.append((at, item))
+                    else:
+                        at = _put(out, at, item)
         return at
 
     def encode(self) -> bytes:
@@ -160,8 +170,8 @@ class Message:
                 values.append(reader.integer())
             elif kind == _BYTES:
                 values.append(reader.blob())
-            elif kind == _VIEW:
-                values.append(reader.view())
+            elif kind == _VIEWS:
+                values.append(reader.views())
             else:
                 values.append(reader.blobs())
         reader.finish()
@@ -239,13 +249,16 @@ class WantChunks(Message):
 
 
 @dataclass
-class Chunk(Message):
-    """One chunk's bytes (empty data: the sender does not have it): a view of the
-    sender's read buffer, and of the receiver's decrypted read (see :func:`_layout`)."""
+class Chunks(Message):
+    """Pairs: hashes[i] has the bytes data[i] (empty: the sender does not have it),
+    asked by one ``WantChunks``, in its order, up to ``CHUNKS_BYTES``: views of the
+    sender's read buffers, and of the receiver's decrypted read (see :func:`_layout`).
+    Several chunks a message, not one: a message costs each side a frame, an object and
+    a dispatch, ~13,400 times per GiB one by one (docs/decisions.md)."""
 
-    TYPE = 8
-    hash: bytes
-    data: bytes | memoryview
+    TYPE = 16
+    hashes: list[bytes]
+    data: list[bytes | memoryview]
 
 
 @dataclass
@@ -313,7 +326,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         WantManifests,
         Manifests,
         WantChunks,
-        Chunk,
+        Chunks,
         Done,
         Error,
         Welcome,
