@@ -90,7 +90,7 @@ class Journal:
         if isinstance(database, sqlite_utils.Database):
             self.db = database
         else:
-            self.db = sqlite_utils.Database(str(database))
+            self.db = sqlite_utils.Database(str(database), execute_plugins=False)
         self.conn: sqlite3.Connection = self.db.conn
         try:
             self.db.enable_wal()

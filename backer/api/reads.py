@@ -96,7 +96,9 @@ class Reader:
             database = os.fspath(root / METADATA_DIR / DB_FILE)
             uri = f"file:{urllib.parse.quote(database)}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, timeout=5)
-            catalog = self._catalogs[root] = Catalog(sqlite_utils.Database(conn), migrate=False)
+            catalog = self._catalogs[root] = Catalog(
+                sqlite_utils.Database(conn, execute_plugins=False), migrate=False
+            )
         cached = self._cached.setdefault(root, Cached())
         with catalog.conn:  # one read transaction: one snapshot for the whole answer
             catalog.conn.execute("BEGIN")

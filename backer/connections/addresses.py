@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import nacl.signing
-import psutil
 
 from backer.db.catalog import Catalog
 from backer.protocol.announce import Announcement
@@ -129,6 +128,8 @@ class AddressBook:
 
 def _interfaces() -> Iterator[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
     """Every address of every interface that is up (loopback included)."""
+    import psutil  # (here: ~20 ms to load, which only invites and a listening node need)
+
     stats = psutil.net_if_stats()
     for name, entries in psutil.net_if_addrs().items():
         if name in stats and not stats[name].isup:

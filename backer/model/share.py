@@ -352,7 +352,10 @@ class Share:
         database = root / METADATA_DIR / DB_FILE
         # the integrity check only after an unclean close (see backer.db.integrity)
         self.checked = not integrity.closed_cleanly(database, consume=exclusive)
-        self.db = sqlite_utils.Database(str(database))
+        # (no sqlite-utils plugins: finding them reads every installed package's metadata,
+        # ~40 ms of CPU before every command's first byte, and they would hook this
+        # connection; backer uses none)
+        self.db = sqlite_utils.Database(str(database), execute_plugins=False)
         try:
             _check_db(self.db, self.checked)
             self.journal = Journal(self.db)
@@ -409,7 +412,7 @@ class Share:
         (root / METADATA_DIR).mkdir(mode=0o700, exist_ok=repairing or again)
         recovery.sync_directory(root)  # (a power cut must not leave the device home
         # remembering a share whose .backer/ the disk never kept)
-        db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE))
+        db = sqlite_utils.Database(str(root / METADATA_DIR / DB_FILE), execute_plugins=False)
         os.chmod(root / METADATA_DIR / DB_FILE, 0o600)
         catalog = Catalog(db)
         share_id, share_key = joining or (

@@ -166,7 +166,7 @@ def read_apart(root: Path, stop: threading.Event | None = None) -> Iterator[Cata
     with contextlib.closing(sqlite3.connect(uri, uri=True, check_same_thread=False)) as conn:
         if stop is not None:
             conn.set_progress_handler(stop.is_set, STOP_CHECK_STEPS)
-        yield Catalog(sqlite_utils.Database(conn), migrate=False)
+        yield Catalog(sqlite_utils.Database(conn, execute_plugins=False), migrate=False)
 
 
 def survey_apart(root: Path, stop: threading.Event | None = None) -> Survey:
