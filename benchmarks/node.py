@@ -45,7 +45,7 @@ import psutil
 
 from .datasets import PROFILES, Profile, insert_in_large_files, many
 from .measure import MIB, Processes, cpu_seconds, free_port, tree_digest, work_directory
-from .tools import FOLDER, Rsync, _Instance, syncthing_pair
+from .tools import FOLDER, Rsync, _Instance, backer_env, syncthing_pair
 
 LATENCY_TIMEOUT_S = 30
 LATENCY_POLL_S = 0.005
@@ -108,12 +108,7 @@ class BackerNodes(Nodes):
         return self._cli("a", "--version").strip()
 
     def env(self, side: str) -> dict[str, str]:
-        env = {**os.environ, "BACKER_HOME": str(self.work / f"home-{side}")}
-        env.pop("BACKER_DEBUG", None)
-        # an installed backer has its bytecode; where the environment forbids writing
-        # it, every start compiled backer from source again (0.2 s of CPU, in the timing)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        return env
+        return backer_env(self.work / f"home-{side}")
 
     def _cli(self, side: str, *args: str) -> str:
         done = subprocess.run(
