@@ -308,3 +308,32 @@ def test_R32_a_disk_filled_while_a_window_receives_is_warned_of_listed_and_retri
                 slowing.wait()
             for node in [*a.nodes, *b.nodes]:
                 node.stop()
+
+
+def test_a_folder_replaced_by_a_file_again_is_a_file_after_one_sync(tmp_path: Path) -> None:
+    """A file that became a folder (with a file in it) and then a file again: the
+    receiver's window wrote the file first, found the folder it replaces not yet empty
+    (its file's deletion comes in the window after the writes) and kept the folder as a
+    local edit, and nothing planned again: the peer kept an empty folder where the file
+    is, until some later change or a restart. Now a plan whose deletions may have emptied
+    such a folder is made again, and the file goes in its place in the same sync."""
+    a, b = _founder(tmp_path)
+    a.run("init", str(a.root))
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    spot = a.root / "spot"
+    spot.write_text("a file\n")
+    with a.serving(port) as address:
+        b.run("join", token, str(b.root))
+        spot.unlink()
+        spot.mkdir()
+        (spot / "inner.txt").write_text("in the folder\n")
+        a.run("scan", "--dir", str(a.root))
+        b.sync(address)
+        assert (b.root / "spot" / "inner.txt").read_text() == "in the folder\n"
+        shutil.rmtree(spot)
+        spot.write_text("a file again\n")
+        a.run("scan", "--dir", str(a.root))
+        b.sync(address)
+    assert snapshot(b.root) == snapshot(a.root)
+    assert (b.root / "spot").read_text() == "a file again\n"

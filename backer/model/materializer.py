@@ -448,6 +448,8 @@ class Report:
     bytes_written: int = 0
     kept_temps: list[Path] = field(default_factory=list)  # ignored since: for the sweep
     unwritable: list[tuple[str, str]] = field(default_factory=list)  # (path, version id)
+    # recorded folders a file or link was to replace, not empty yet (kept_local_edits too)
+    folders_in_the_way: list[str] = field(default_factory=list)
 
 
 class LocalEdit(Exception):
@@ -1657,6 +1659,7 @@ class Materializer:
                             try:  # a recorded directory gives way only once it is empty
                                 target.rmdir()
                             except OSError as exc:
+                                report.folders_in_the_way.append(op.path)
                                 raise LocalEdit(op.path) from exc
                             previous = None
                         elif previous is not None:

@@ -95,6 +95,7 @@ class Replicator:
         self.stats = ApplyStats()
         self.reports: list[Report] = []
         self.dirty = False
+        self.folder_in_the_way = False  # a write of this plan met a folder not yet emptied
         self.operations: Plan | None = None
         self.manifests_asked: dict[bytes, Session] = {}
         self.manifest_queue: deque[bytes] = deque()  # needed, not yet asked of a peer
@@ -316,6 +317,7 @@ class Replicator:
 
     def _plan(self) -> None:
         self.dirty = False
+        self.folder_in_the_way = False
         self.disk_full = None
         self.short_of_room = 0
         self.chunk_queue.clear()  # (requests of a stopped plan that a lost peer handed back)
@@ -524,6 +526,9 @@ class Replicator:
         self.share.resumable_temps.update(report.kept_temps)
         if IGNORE_FILE in report.written or IGNORE_FILE in report.deleted:
             self.dirty = True  # the rules changed: what they no longer ignore is planned now
+        self.folder_in_the_way |= bool(report.folders_in_the_way)
+        if report.deleted and self.folder_in_the_way:  # (the deletions: a later window)
+            self.dirty = True  # what was below it may be gone now: the file goes in its place
         if not self.operations:
             self._drop_plan()
             self.share.sweep_resumable()  # a kept temp whose version was since replaced
