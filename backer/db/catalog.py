@@ -83,7 +83,7 @@ def _nfc(text: str) -> str:
 PAGE_CACHE_KIB = 8 * 1024  # SQLite's page cache per connection: the journal asks 64 MiB
 # for its bulk ingest, which a 100,000-file share's ~100 MB database then fills on each
 # side of a first sync (RSS); reads that miss it are served by the kernel's page cache
-MANIFEST_CACHE = 16_384  # a plan looks each manifest up several times, near in time
+MANIFEST_CACHE = 8_192  # a window (5,000 files) looks each manifest up several times
 LARGE_VALUE_PIECE = 1024 * 1024  # see Catalog.set_meta_large
 
 
