@@ -182,19 +182,26 @@ def test_a_join_from_a_hostile_inviter_writes_nothing_outside_and_no_unverified_
             assert entry[1] in sent.values(), path
 
 
-def test_a_removed_member_cannot_push_events_to_a_node_or_come_back_with_its_invite(
-    tmp_path: Path,
-) -> None:
-    """The removed device keeps its key, its old share key and the invite it joined
-    with: the node refuses it every way, and records nothing it sends."""
-    founder, removed = Device(tmp_path, "founder"), Device(tmp_path, "removed")
+def _founder_and_member(tmp_path: Path, name: str) -> tuple[Device, Device, int, str]:
+    """A founder's share holding ``kept``, and a device ``name`` that joined it over
+    the port returned (the founder's node stopped again), with the token it used."""
+    founder, member = Device(tmp_path, "founder"), Device(tmp_path, name)
     founder.root.mkdir()
     (founder.root / "kept").write_bytes(b"founder's")
     founder.run("init", str(founder.root))
     port = free_port()
     token = invite(founder, f"127.0.0.1:{port}")
     with founder.serving(port):
-        removed.run("join", token, str(removed.root))
+        member.run("join", token, str(member.root))
+    return founder, member, port, token
+
+
+def test_a_removed_member_cannot_push_events_to_a_node_or_come_back_with_its_invite(
+    tmp_path: Path,
+) -> None:
+    """The removed device keeps its key, its old share key and the invite it joined
+    with: the node refuses it every way, and records nothing it sends."""
+    founder, removed, port, token = _founder_and_member(tmp_path, "removed")
     device = removed.run("status", "--dir", str(removed.root)).stdout.split("device")[1].split()[0]
     founder.run("device", "remove", device[:7], "--dir", str(founder.root))
     (removed.root / "kept").write_bytes(b"overwritten by the removed device")
@@ -221,14 +228,7 @@ def test_R55_a_repair_refuses_a_history_founded_by_another_device_under_the_shar
     share of that id, admitted the repairing device and served it: the repair took it,
     and the device was from then on in that device's share (its files sent there). The
     founder the device home remembers must found the history given back."""
-    founder, victim = Device(tmp_path, "founder"), Device(tmp_path, "victim")
-    founder.root.mkdir()
-    (founder.root / "kept").write_bytes(b"the share's file")
-    founder.run("init", str(founder.root))
-    port = free_port()
-    token = invite(founder, f"127.0.0.1:{port}")
-    with founder.serving(port):
-        victim.run("join", token, str(victim.root))
+    founder, victim, port, _ = _founder_and_member(tmp_path, "victim")
     (victim.root / "mine").write_bytes(b"the victim's own file")
     victim.run("scan", "--dir", str(victim.root))
     known = recovery.share_at(victim.home, victim.root)
@@ -304,14 +304,7 @@ def _a_strangers(share: Share) -> Events:
 def test_a_node_closes_a_member_session_pushing_forged_events_and_serves_on(
     tmp_path: Path, craft: Callable[[Share], Events], reason: str
 ) -> None:
-    founder, member = Device(tmp_path, "founder"), Device(tmp_path, "member")
-    founder.root.mkdir()
-    (founder.root / "kept").write_bytes(b"founder's")
-    founder.run("init", str(founder.root))
-    port = free_port()
-    token = invite(founder, f"127.0.0.1:{port}")
-    with founder.serving(port):
-        member.run("join", token, str(member.root))
+    founder, member, port, _ = _founder_and_member(tmp_path, "member")
     node = founder.start(port)
     try:
         member.sync(node.address)
