@@ -5,17 +5,12 @@ the ``async with``) and yields :class:`Changes`: first a full scan ("start"), th
 batches of share-relative paths, each to be scanned with its subtree (a directory
 event names the directory; nothing below a path named in the same batch is named). A
 full scan is asked for again every ``rescan_every`` seconds (the safety net for what no
-event reports: a write through ``mmap``) and whenever the kernel's event
+event reports: a writer that never closes its file) and whenever the kernel's event
 queue overflowed (events were lost).
 
 - Events: only those that can change a name or content (created, deleted, moved,
-  closed after writing, attributes, written), not opens and reads: watchdog's default
-  set is what overflows inotify's queue on large trees.
-- Written, not closed: a file written (IN_MODIFY) whose close does not follow (a log
-  kept open, a database, ``truncate(2)``) is reported once no write came for
-  ``written_quiet`` seconds, or ``written_max`` seconds after its first one while the
-  writes go on, rather than at the hourly scan; its close, when it comes, reports it at
-  once as usual and drops the wait.
+  closed after writing, attributes), not every ``write()`` (IN_MODIFY) nor opens and
+  reads: watchdog's default set is what overflows inotify's queue on large trees.
 - Coalescing: a batch is handed over once no event came for ``quiet`` seconds, or
   ``max_delay`` seconds after its first event, whichever is sooner; while the node
   scans, new events gather into the next batch.
@@ -68,7 +63,6 @@ from watchdog.events import (
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
-    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -98,10 +92,7 @@ EVENTS = [
     FileClosedEvent,
     FileAttribEvent,
     DirAttribEvent,
-    FileModifiedEvent,
 ]
-WRITTEN_QUIET = 10.0  # seconds without a write before a file written but not closed is
-WRITTEN_MAX = 60.0  # reported; at most this long after its first write (Syncthing: 10, 60)
 WATCHES_SYSCTL = "/proc/sys/fs/inotify/max_user_watches"
 POLL_EVERY = 10.0  # seconds between two looks at the directories inotify cannot watch
 SHORT_RETRY = (1.0, 30.0)  # seconds before walking again a directory that could not be
@@ -154,19 +145,15 @@ class Watcher:
         max_delay: float = 1.0,
         rescan_every: float = 3600.0,
         poll_every: float = POLL_EVERY,
-        written_quiet: float = WRITTEN_QUIET,
-        written_max: float = WRITTEN_MAX,
     ) -> None:
         self.root = root
         self.is_ignored = is_ignored
         self.quiet, self.max_delay = quiet, max_delay
-        self.written_quiet, self.written_max = written_quiet, written_max
         self.rescan_every, self.poll_every = rescan_every, poll_every
         self._prefix = os.fspath(root) + os.sep
-        self._inbox: list[tuple[str, bool, bool]] = []  # (path, is_dir, written): from
-        self._inbox_lock = threading.Lock()  # watchdog's threads, under the lock
+        self._inbox: list[tuple[str, bool]] = []  # from watchdog's threads, under the lock
+        self._inbox_lock = threading.Lock()
         self._pending: set[str] = set()
-        self._written: dict[str, tuple[float, float]] = {}  # path: its first, last write
         self._full: str | None = None
         self._last = 0.0
         self._arrived = asyncio.Event()
@@ -250,9 +237,8 @@ class Watcher:
         self._pending.clear()
         yield Changes(frozenset(), True, "start")
         while True:
-            due = min(next_full, loop.time() + ALIVE_EVERY, *self._written_due().values())
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(due):
+                async with asyncio.timeout_at(min(next_full, loop.time() + ALIVE_EVERY)):
                     await self._arrived.wait()
             if (ended := self.ended()) is not None:
                 raise WatcherStopped(f"the watcher's thread {ended} ended: changes went unseen")
@@ -261,16 +247,11 @@ class Watcher:
             self._arrived.clear()
             if loop.time() >= next_full:
                 self._full = self._full or "periodic"
-            for path, at in self._written_due().items():
-                if at <= loop.time():
-                    self._pending.add(path)
-                    del self._written[path]
             paths = frozenset(outermost(self._pending))
             self._pending.clear()
             if self._full is not None:
                 reason, self._full = self._full, None
                 next_full = loop.time() + self.rescan_every
-                self._written.clear()  # (what a scan from now on sees)
                 yield Changes(paths, True, reason)
             elif paths:
                 yield Changes(paths, False, "events")
@@ -296,11 +277,6 @@ class Watcher:
         except OSError:
             return True
         return (info.st_ino, info.st_dev) != self._root_id
-
-    def _written_due(self) -> dict[str, float]:
-        """When each file written but not closed is to be reported."""
-        quiet, longest = self.written_quiet, self.written_max
-        return {p: min(last + quiet, first + longest) for p, (first, last) in self._written.items()}
 
     async def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until no event came for ``quiet`` seconds, ``max_delay`` at most."""
@@ -328,12 +304,11 @@ class Watcher:
             return None
         return relative
 
-    def _from_thread(self, paths: list[tuple[str, bool]], written: bool = False) -> None:
-        """Queue paths for the loop (``written``: by a write, not closed yet), in the
-        order they came; one wake-up per batch, not one per event."""
+    def _from_thread(self, paths: list[tuple[str, bool]]) -> None:
+        """Queue paths for the loop; one wake-up per batch, not one per event."""
         with self._inbox_lock:
             wake = not self._inbox
-            self._inbox += [(path, is_dir, written) for path, is_dir in paths]
+            self._inbox += paths
         if wake:
             self._call(self._drain)
 
@@ -356,7 +331,7 @@ class Watcher:
             if relative is not None:
                 found.append((relative, event.is_directory))
         if found:
-            self._from_thread(found, isinstance(event, FileModifiedEvent))
+            self._from_thread(found)
 
     def overflowed(self) -> None:
         """The kernel dropped events: only a full scan can tell what changed."""
@@ -381,16 +356,8 @@ class Watcher:
         with self._inbox_lock:
             arrived, self._inbox = self._inbox, []
         fresh = False  # a path seen again keeps the batch open too (the quiet window)
-        now = self._loop.time() if self._loop is not None else 0.0
-        for path, is_dir, written in arrived:
+        for path, is_dir in arrived:
             if path in self._pending or not self.is_ignored(path, is_dir):
-                if written:
-                    if not self._written:  # (the loop's wait may be longer than this one's)
-                        self._arrived.set()
-                    first, _ = self._written.get(path, (now, now))
-                    self._written[path] = (first, now)
-                    continue
-                self._written.pop(path, None)  # (closed: reported now)
                 self._pending.add(path)
                 fresh = True
         if fresh:
@@ -584,7 +551,6 @@ if sys.platform.startswith("linux"):
             return []
 
     # What can change a name or content; IN_DELETE_SELF lets watchdog see the share go.
-    # (IN_MODIFY: one per write, but the kernel merges it with the one queued before it.)
     MASK = Mask(
         In.IN_CREATE
         | In.IN_DELETE
@@ -592,7 +558,6 @@ if sys.platform.startswith("linux"):
         | In.IN_MOVED_TO
         | In.IN_CLOSE_WRITE
         | In.IN_ATTRIB
-        | In.IN_MODIFY
         | In.IN_DELETE_SELF
     )
 
