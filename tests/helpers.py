@@ -192,7 +192,9 @@ def exfat_disk(path: Path, size_mib: int = 64) -> Iterator[Path]:
     loop = made.stdout.strip()
     try:
         path.mkdir()
-        subprocess.run(["mount.exfat-fuse", loop, str(path)], check=True, capture_output=True)
+        mounted = subprocess.run(["mount.exfat-fuse", loop, str(path)], capture_output=True)
+        if mounted.returncode != 0:  # (a container may have /dev/fuse and not the right)
+            pytest.skip(f"cannot mount through FUSE here: {mounted.stderr.decode().strip()}")
         try:
             yield path
         finally:
