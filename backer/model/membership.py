@@ -151,6 +151,12 @@ class Members:
         return bool(self.names)
 
     @property
+    def founder(self) -> bytes:
+        """The device whose GENESIS began the share (the first admitted; empty before
+        any): what names the share beside its id (see repair.finish)."""
+        return next(iter(self.names), b"")
+
+    @property
     def active(self) -> dict[bytes, str]:
         """Current members, in admission order."""
         return {k: n for k, n in self.names.items() if k not in self.removed}

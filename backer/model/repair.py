@@ -158,7 +158,7 @@ def finish(share: Share, peers: list[bytes | None], founder: bytes = b"") -> Out
     give up own events no peer had, then recognise the disk."""
     if not share.members:
         raise BackerError("the peer did not give the share's history back")
-    if founder and next(iter(share.members.names)) != founder:
+    if founder and share.members.founder != founder:
         raise BackerError(
             "the peer gave back the history of another share under this share's id "
             "(founded by another device): refused"

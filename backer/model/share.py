@@ -674,7 +674,7 @@ class Share:
         """Note in the device home where this share is, its key, and its founder once
         known (not from a history a repair has not checked yet: see repair.finish)."""
         if self.home is not None and self.share_key:
-            founder = b"" if self.repairing else next(iter(self.members.names), b"")
+            founder = b"" if self.repairing else self.members.founder
             recovery.remember_share(self.home, self.share_id, self.share_key, self.root, founder)
 
     @property
