@@ -327,10 +327,12 @@ class Store:
     def holds_apart(self, content: bytes, inode: int) -> bool:
         """Whether an entry holds ``content`` in an inode other than ``inode`` (a share
         file's, which an edit in place would rewrite)."""
-        with contextlib.suppress(OSError), self._directory(content.hex()[:2]) as fd:
-            held = os.stat(content.hex(), dir_fd=fd, follow_symlinks=False)
-            return self.has(content) and held.st_ino != inode
-        return False
+        if not self.has(content):
+            return False
+        try:  # (a look, as freed_by_removing's: no fan directory made for it)
+            return os.lstat(self.root / entry_name(content)).st_ino != inode
+        except OSError:
+            return False
 
     def edited_in_place(self, content: bytes, inode: int) -> None:
         """A share file of inode ``inode`` that held ``content`` was rewritten in place:
