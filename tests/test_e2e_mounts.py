@@ -15,14 +15,19 @@ def _files(root: Path) -> list[str]:
     )
 
 
-def test_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers(
+def test_R57_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers(
     tmp_path: Path,
 ) -> None:
     """The walk followed a mount point inside the share: its files were recorded, and
     once the disk was unmounted the folder was empty, so the next scan recorded every
     one of them as deleted and each peer deleted them too (a USB disk mounted at
     ~/Backer/usb, unplugged). A mount point is now not followed: reported on one line,
-    nothing below it recorded, and unmounting it deletes nothing anywhere."""
+    nothing below it recorded, and unmounting it deletes nothing anywhere.
+
+    A window still wrote a peer's files below it, onto the mounted disk, and recorded
+    them there: unmounted, they were deleted on every device, b's usb/own.txt from its
+    own disk (R57). A path below a mount point is now not written: reported, left live,
+    and written once the folder is the share's own again."""
     a, b, (port, _) = joined_pair(tmp_path)
     (a.root / "notes.txt").write_text("on the share's own disk\n")
     with small_disk(a.root / "usb", "4m"):
@@ -34,6 +39,9 @@ def test_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers(
         (b.root / "usb").mkdir(exist_ok=True)
         (b.root / "usb" / "own.txt").write_text("b's file in its own usb folder\n")
         b.run("scan", "--dir", str(b.root))
+        with b.serving() as address:
+            synced = a.run("sync", address, "--dir", str(a.root), check=False)
+        on_the_disk = sorted(p.name for p in (a.root / "usb").iterdir())
     a.run("scan", "--dir", str(a.root))
     with a.serving(port) as address:
         b.sync(address)
@@ -42,5 +50,7 @@ def test_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers(
     assert scanned.stderr.count("\n") == 1, scanned.stderr  # one line
     assert "usb: skipped: another filesystem is mounted here" in scanned.stderr
     assert _files(b.root) == ["notes.txt", "usb", "usb/own.txt"]
+    assert on_the_disk == ["photo.jpg"], "b's file was written onto a's disk"
+    assert "usb/own.txt: not written: another filesystem is mounted at usb" in synced.stderr
     assert (a.root / "usb" / "own.txt").read_text() == "b's file in its own usb folder\n"
     assert "photo.jpg" not in a.run("log", "--dir", str(a.root)).stdout

@@ -53,18 +53,34 @@ class NotADirectory(OSError):
         super().__init__(errno.ENOTDIR, "not a directory (or a link to one)", path)
 
 
+class MountedHere(OSError):
+    """A folder on the way is another filesystem mounted inside the share (a USB disk, a
+    bind): nothing is written below it. The scan does not follow a mount point, so what
+    a window put there would be recorded, and once the disk was unmounted the next scan
+    would record it deleted, on every device (docs/security.md, R57)."""
+
+    def __init__(self, mount_point: str) -> None:
+        super().__init__(
+            errno.EXDEV, f"not written: another filesystem is mounted at {mount_point}"
+        )
+
+
+
 def open_directory(
     root: Path,
     relative: str,
     make: Callable[[str], bool] | None = None,
     start: tuple[str, int] | None = None,
     found: dict[str, Identity] | None = None,
+    device: int | None = None,
 ) -> int:
     """A descriptor of the directory ``relative`` ('' for ``root``), reached from
     ``root`` one component at a time, never through a link; or, with ``start`` (an
     ancestor's relative path and a descriptor of it, left open), from that ancestor. A
     missing component is made when ``make(its relative path)`` says so (else
-    FileNotFoundError). ``found`` gets the identity of each folder the walk reached."""
+    FileNotFoundError). ``found`` gets the identity of each folder the walk reached.
+    With ``device`` (the share's filesystem), a folder on another one is
+    :class:`MountedHere`, before anything is made in it."""
     if start is None:
         fd = os.open(os.path.join(root, ""), DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
         done = []
@@ -91,8 +107,12 @@ def open_directory(
                 raise
             os.close(fd)
             fd = child
-            if found is not None:
-                found["/".join(done)] = identity(fd)
+            if found is not None or device is not None:
+                reached = identity(fd)
+                if device is not None and reached[0] != device:
+                    raise MountedHere("/".join(done))
+                if found is not None:
+                    found["/".join(done)] = reached
     except BaseException:
         os.close(fd)
         raise
@@ -131,6 +151,7 @@ class Directories:
         self._using: dict[str, int] = {}  # descriptors lent out: never closed meanwhile
         self._found: dict[str, Identity] = {}  # the folder each walk found at each path
         self._lock = threading.Lock()
+        self._device: int | None = None  # the share's filesystem: never left
 
     def open(self, relative: str, make: Callable[[str], bool] | None = None) -> None:
         """Open ``relative`` unless it is open already: from the nearest folder open here,
@@ -147,11 +168,14 @@ class Directories:
         fd = None if below is None else self._climb(relative, below, levels)
         if fd is None:
             found: dict[str, Identity] = {}
+            if self._device is None:
+                self._device = os.stat(self.root).st_dev
             if above is None:
-                fd = open_directory(self.root, relative, make, found=found)
+                fd = open_directory(self.root, relative, make, None, found, self._device)
             else:
                 with self.at(above) as start:
-                    fd = open_directory(self.root, relative, make, (above, start), found)
+                    start_at = (above, start)
+                    fd = open_directory(self.root, relative, make, start_at, found, self._device)
             with self._lock:
                 self._found.update(found)
         with self._lock:
