@@ -20,7 +20,18 @@ from backer.db import recovery
 from backer.model.membership import EventKind, genesis_payload
 from backer.model.share import Share
 from backer.protocol.session import Session
-from backer.protocol.wire import CaughtUp, Done, Events, Hello, Message, Ping, Summary, Welcome
+from backer.protocol.wire import (
+    MAX_FRAME,
+    CaughtUp,
+    Chunks,
+    Done,
+    Events,
+    Hello,
+    Message,
+    Ping,
+    Summary,
+    Welcome,
+)
 from journal.event import NO_PREVIOUS, Event
 from simulations.hostile import OUTSIDE, SENTINEL, SENTINEL_BYTES, Hostile
 from tests.e2e import Device, free_port, invite, snapshot
@@ -261,7 +272,7 @@ def test_R55_a_repair_refuses_a_history_founded_by_another_device_under_the_shar
 class PushesOnce(Tactic):
     """An honest session, plus one crafted Events message right after its Summary."""
 
-    def __init__(self, craft: Callable[[Share], Events]) -> None:
+    def __init__(self, craft: Callable[[Share], Message]) -> None:
         self.craft = craft
         self.sent = False
 
@@ -317,4 +328,36 @@ def test_a_node_closes_a_member_session_pushing_forged_events_and_serves_on(
         node.stop()
     assert (member.root / "later").read_bytes() == b"after the attack"
     assert (founder.root / "kept").read_bytes() == b"founder's"
+    assert "Traceback" not in node.log
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_R58_a_chunks_message_of_two_million_empty_chunks_costs_a_node_no_memory(
+    tmp_path: Path,
+) -> None:
+    """Each chunk of a Chunks message is decoded as a view of the frame (~184 bytes),
+    and their number was bounded by the frame alone: one 8 MiB message of 2,097,149
+    empty chunks took a node to ~650 MiB more before the session saw that none was
+    asked for, again at each message. A Chunks message holds at most what one request
+    asks (64): more is refused as the count is read."""
+    founder, member, port, _ = _founder_and_member(tmp_path, "member")
+    node = founder.start(port)
+    try:
+        before = _peak_rss_mib(node.process.pid)
+        empty = Chunks([], [b""] * ((MAX_FRAME - 9) // 4))  # (type, two counts: 9 bytes)
+        with HostileMember(member.root, member.home, PushesOnce(lambda _: empty)).running() as peer:
+            closed = peer.dial(node.address, timeout=30)
+        grown = _peak_rss_mib(node.process.pid) - before
+        (founder.root / "later").write_bytes(b"after the attack")
+        member.sync(node.address)
+    finally:
+        node.stop()
+    assert grown < 64, f"the node's peak grew by {grown:.0f} MiB"
+    assert "list of 2097149 items: at most 64 can be sent" in closed, closed
+    assert (member.root / "later").read_bytes() == b"after the attack"
     assert "Traceback" not in node.log

@@ -38,7 +38,13 @@ from backer.model.materializer import (
 )
 from backer.model.records import Kind
 from backer.model.share import Share
-from backer.protocol.wire import Done, ProtocolError, WantChunks, WantManifests
+from backer.protocol.wire import (
+    CHUNKS_PER_REQUEST,
+    Done,
+    ProtocolError,
+    WantChunks,
+    WantManifests,
+)
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import BadManifest, Manifest, check_manifest
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
@@ -47,7 +53,6 @@ if TYPE_CHECKING:
     from backer.protocol.session import Session
 
 MANIFESTS_PER_REQUEST = 500
-CHUNKS_PER_REQUEST = 64
 MAX_BYTES_IN_FLIGHT = 16 * 1024 * 1024  # per peer: requests stop there until chunks arrive
 REFILL_BYTES = 4 * 1024 * 1024  # a peer is asked again once this much of its window
 # arrived (or CHUNKS_PER_REQUEST chunks): one request per ~64 chunks, not one per chunk

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from backer.model.membership import MAX_MEMBERS
-from backer.model.replicator import CHUNKS_PER_REQUEST, MANIFESTS_PER_REQUEST, Replicator
+from backer.model.replicator import MANIFESTS_PER_REQUEST, Replicator
 from backer.model.share import Share
 from backer.protocol.announce import Announcement
 from backer.protocol.wire import (
     CHUNKS_BYTES,
+    CHUNKS_PER_REQUEST,
     PROTOCOL_VERSION,
     Addresses,
     CaughtUp,

@@ -18,6 +18,9 @@ MAX_FRAME = 8 * 1024 * 1024
 APART_FROM = 16 * 1024  # a chunk's bytes this long are encrypted from where they lie
 CHUNKS_BYTES = 1024 * 1024  # a Chunks message's data at most (beyond one chunk): ~13
 # chunks a message; a frame a read cuts is copied whole, so not the frame limit
+CHUNKS_PER_REQUEST = 64  # chunks a WantChunks asks at most, so a Chunks holds at most
+# as many: each is a view of the frame (~184 bytes), so a list of them is bounded by
+# this, not by the frame (2 million empty ones cost ~650 MiB, R58)
 _LENGTH = struct.Struct(">I")
 
 
@@ -72,17 +75,17 @@ class _Reader:
         self.offset += size
         return self.data[self.offset - size : self.offset]
 
-    def _count(self) -> int:
+    def _count(self, most: int = MAX_FRAME // 4) -> int:
         count = self._number(4)
-        if count > MAX_FRAME // 4:
-            raise ProtocolError("list is longer than a frame could hold")
+        if count > most:
+            raise ProtocolError(f"list of {count} items: at most {most} can be sent")
         return count
 
     def blobs(self) -> list[bytes]:
         return [self.blob() for _ in range(self._count())]
 
     def views(self) -> list[memoryview]:
-        return [self.view() for _ in range(self._count())]
+        return [self.view() for _ in range(self._count(CHUNKS_PER_REQUEST))]
 
     def finish(self) -> None:
         if self.offset != len(self.data):
