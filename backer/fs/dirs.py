@@ -39,6 +39,20 @@ NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 Identity = tuple[int, int]  # a directory's (st_dev, st_ino): which folder it is, wherever
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular(path: str | os.PathLike[str], directory: int | None = None) -> int:
+    """A descriptor of the regular file at ``path`` to read, never a link's target and
+    never a wait: a share file looked at a moment ago may be a fifo or a link by now
+    (anyone writing in the share can swap it), whose open blocked until a writer came,
+    or, through a link to ``/dev/zero``, read without end. Anything but a regular
+    file is OSError."""
+    fd = os.open(path, READ_FLAGS, dir_fd=directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
 
 
 def identity(fd: int) -> Identity:

@@ -21,6 +21,7 @@ from blake3 import blake3
 
 from backer.buffers import POOLED_FROM, Buffers
 from backer.db.catalog import Catalog
+from backer.fs.dirs import open_regular
 from backer.scanner.content import ChunkRef, Manifest
 
 COPY_PIECE = 1024 * 1024  # copied (and hashed) this much at a time, through one buffer
@@ -66,7 +67,7 @@ class ChunkStore:
 
     def _open(self, path: str) -> int | None:
         try:
-            return os.open(self.root / path, os.O_RDONLY | os.O_NOFOLLOW)  # never via a link
+            return open_regular(self.root / path)  # never via a link, never a fifo's wait
         except OSError:
             return None
 

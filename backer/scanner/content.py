@@ -25,6 +25,8 @@ from typing import NamedTuple
 from blake3 import blake3
 from pyfastcdc import FastCDC
 
+from backer.fs.dirs import open_regular
+
 MIN_CHUNK = 16 * 1024
 AVG_CHUNK = 64 * 1024
 MAX_CHUNK = 256 * 1024
@@ -145,7 +147,7 @@ def _windowed(path: str | os.PathLike[str]) -> list[ChunkRef]:
         free.put(bytearray(_WINDOW))
     pending: list[Future[list[ChunkRef]]] = []
     cutter = chunker()
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_regular(path)
     try:
         if hasattr(os, "posix_fadvise"):  # (not on macOS) a larger read-ahead
             with contextlib.suppress(OSError):
@@ -181,6 +183,6 @@ def manifest_of_bytes(data: bytes) -> Manifest:
 def manifest_of_file(path: str | os.PathLike[str], size: int) -> Manifest:
     """Chunk and hash a file; ``size`` (from a stat just before) picks the strategy."""
     if size < PIPELINE_FROM:
-        with open(path, "rb") as handle:
+        with os.fdopen(open_regular(path), "rb") as handle:
             return manifest_of_bytes(handle.read())
     return Manifest(tuple(_windowed(path)))

@@ -249,6 +249,17 @@ def _stat_key(path: str) -> tuple[int, int, int, int]:
     return stat_key_of(os.lstat(path))
 
 
+def _changed_from(
+    path: str, before: tuple[int, int, int, int]
+) -> tuple[int, int, int, int] | None:
+    """What ``lstat`` finds at ``path`` now, if it is no longer ``before``."""
+    try:
+        after = _stat_key(path)
+    except OSError:
+        return None
+    return None if after == before else after
+
+
 def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | None]:
     """Hash a file, or read a link, making sure it did not change while being read.
 
@@ -257,8 +268,8 @@ def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | Non
     """
     current = seen
     for _ in range(READ_ATTEMPTS):
+        before = (current.size, current.mtime_ns, current.inode, current.mode)
         try:
-            before = (current.size, current.mtime_ns, current.inode, current.mode)
             if current.kind == Kind.SYMLINK:
                 manifest, content = None, os.fsencode(os.readlink(current.disk_path))
             else:
@@ -266,7 +277,10 @@ def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | Non
                 content = manifest.id
             after = _stat_key(current.disk_path)
         except OSError as exc:
-            return current, None, b"", Problem(seen.path, f"cannot read: {exc.strerror}")
+            changed = _changed_from(current.disk_path, before)
+            if changed is None:
+                return current, None, b"", Problem(seen.path, f"cannot read: {exc.strerror}")
+            after = changed  # (swapped for a link or a fifo since the walk: looked at again)
         if after == before:
             return current, manifest, content, None
         size, mtime_ns, inode, mode = after

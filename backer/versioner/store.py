@@ -408,7 +408,7 @@ def _copy_into(directory_fd: int, name: str, source: ShareFile, looked: os.stat_
     replaced, it is the only copy), then renamed in. A file that changed while it was
     copied (size, time or inode not those looked at) leaves no entry: OSError."""
     spare = f"{name}.{secrets.token_hex(4)}.tmp"
-    reading = source.open(os.O_RDONLY)
+    reading = source.open(os.O_RDONLY | os.O_NONBLOCK)  # (a fifo put there: not waited on)
     try:
         writing = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory_fd)
         try:
