@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -331,9 +332,10 @@ def test_a_node_closes_a_member_session_pushing_forged_events_and_serves_on(
     assert "Traceback" not in node.log
 
 
-def _peak_rss_mib(pid: int) -> float:
+def _memory_mib(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak resident memory (``VmHWM``), or its current one (``VmRSS``)."""
     with open(f"/proc/{pid}/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
+        line = next(line for line in status if line.startswith(f"{field}:"))
     return int(line.split()[1]) / 1024
 
 
@@ -348,11 +350,11 @@ def test_R58_a_chunks_message_of_two_million_empty_chunks_costs_a_node_no_memory
     founder, member, port, _ = _founder_and_member(tmp_path, "member")
     node = founder.start(port)
     try:
-        before = _peak_rss_mib(node.process.pid)
+        before = _memory_mib(node.process.pid)
         empty = Chunks([], [b""] * ((MAX_FRAME - 9) // 4))  # (type, two counts: 9 bytes)
         with HostileMember(member.root, member.home, PushesOnce(lambda _: empty)).running() as peer:
             closed = peer.dial(node.address, timeout=30)
-        grown = _peak_rss_mib(node.process.pid) - before
+        grown = _memory_mib(node.process.pid) - before
         (founder.root / "later").write_bytes(b"after the attack")
         member.sync(node.address)
     finally:
@@ -360,4 +362,45 @@ def test_R58_a_chunks_message_of_two_million_empty_chunks_costs_a_node_no_memory
     assert grown < 64, f"the node's peak grew by {grown:.0f} MiB"
     assert "list of 2097149 items: at most 64 can be sent" in closed, closed
     assert (member.root / "later").read_bytes() == b"after the attack"
+
+
+class FloodsThenBreaks(Tactic):
+    """After its Summary: ``count`` Events messages of one run that never ends (64 KiB
+    events, 8 MiB a message, nothing verified before the run's end), then a malformed
+    one, so that the node closes the session with all of them buffered."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.sent = False
+
+    def outgoing(self, session: Session, messages: list[Message]) -> list[Message]:
+        if self.sent or not any(isinstance(m, Summary) for m in messages):
+            return messages
+        self.sent = True
+        real = session.share.rename_device(session.share.device, "flooding").raw
+        events = [real, *[bytes(64 << 10)] * 126, real]
+        return [*messages, *[Events(b"", events, 1)] * self.count, Events(b"", [], 0)]
+
+
+def test_a_node_hands_back_what_a_members_ended_session_buffered(tmp_path: Path) -> None:
+    """64 MiB of events buffered by a member's session stayed in the node after the
+    session ended: the progress task's loop still named the last link (and its session),
+    and glibc kept the pages freed. The node returns to near its idle RSS."""
+    founder, member, port, _ = _founder_and_member(tmp_path, "member")
+    node = founder.start(port)
+    try:
+        member.sync(node.address)
+        rss = lambda: _memory_mib(node.process.pid, "VmRSS")  # noqa: E731
+        idle = rss()
+        with HostileMember(member.root, member.home, FloodsThenBreaks(8)).running() as peer:
+            closed = peer.dial(node.address, timeout=30)
+        assert "Events message" in closed, closed
+        node.wait_for("session with", count=4)  # (its end logged: the release follows)
+        deadline = time.monotonic() + 10
+        while (after := rss()) > idle + 24 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert after <= idle + 24, (idle, after)
+        member.sync(node.address)
+    finally:
+        node.stop()
     assert "Traceback" not in node.log

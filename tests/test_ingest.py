@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import nacl.signing
@@ -17,8 +18,9 @@ from backer.model.membership import EventKind
 from backer.model.records import Kind, Version, new_version_id
 from backer.model.share import Share
 from backer.model.state import ROOT
-from backer.protocol.session import MAX_PENDING_BYTES, Session
-from backer.protocol.wire import Events, ProtocolError
+from backer.protocol import session as session_module
+from backer.protocol.session import EVENTS_PER_MESSAGE, MAX_PENDING_BYTES, Session
+from backer.protocol.wire import Events, FrameReader, ProtocolError
 from backer.scanner.content import (
     MAX_CHUNK,
     MIN_CHUNK,
@@ -489,6 +491,34 @@ def test_pending_events_of_fake_authors_share_one_cap_per_session(tmp_path: Path
     assert sum(map(len, (r for run in session.pending_run.values() for r in run))) <= (
         MAX_PENDING_BYTES + len(payload) + 1024
     )
+
+
+def test_pending_events_count_what_they_hold_not_their_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each buffered event is a bytes object and a list slot: counted by length, tiny
+    ones held 28 times what the cap counted (2 bytes each, 56 held). Decoded from the
+    wire as a node receives them, so each is an object of its own."""
+    (honest,) = make_devices(tmp_path, 1)
+    session = syncing(Session(honest, "h"))
+    cap = 2 << 20
+    monkeypatch.setattr(session_module, "MAX_PENDING_BYTES", cap)
+    real = honest.rename_device(honest.device, "x").raw
+    frame = Events(b"", [real, *[b"xy"] * (EVENTS_PER_MESSAGE - 2), real], 1).encode()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(ProtocolError, match="cap"):
+            for _ in range(4 * cap // (EVENTS_PER_MESSAGE * 56)):  # 4 times the cap, held
+                (message,) = FrameReader().feed(frame)
+                session.receive(message)
+                held = tracemalloc.get_traced_memory()[0] - start
+        assert held <= cap * 1.1
+    finally:
+        tracemalloc.stop()
+    too_many = Events(b"", [real] * (EVENTS_PER_MESSAGE + 1), 1)
+    with pytest.raises(ProtocolError, match=f"of {EVENTS_PER_MESSAGE + 1} events"):
+        syncing(Session(honest, "h")).receive(too_many)
 
 
 # -- the variant that makes yrs panic ---------------------------------------------------------

@@ -546,6 +546,15 @@ class Runtime:
                 raise  # (refused, or never the device's session: the caller says why)
         finally:
             self.hangups.discard(hangup)
+            if link is not None and link.claimed:  # once its frames are gone (its channel's
+                asyncio.get_running_loop().call_soon(self._release_memory)  # buffers)
+
+    def _release_memory(self) -> None:
+        """Hand back what an ended session held (events awaiting their run's end, up to
+        the session's cap; its channel's buffers): glibc kept it, and a node that one
+        member took to 350 MiB stayed at 110 MiB, its idle RSS 66 MiB."""
+        if not self.node.stopping and self.node.runtimes.get(self.share.share_id) is self:
+            release_memory(self.share)  # (not once its share closed)
 
     def _claim(self, link: Link) -> None:
         """Make ``link`` the session with its device, or refuse it (BackerError)."""
@@ -645,11 +654,7 @@ class Runtime:
             replicator = self.hub.replicator
             need = replicator.need()
             elapsed, measured = time.monotonic() - measured, time.monotonic()
-            for link in self.links.values():
-                link.measure(elapsed)
-                if link.session is not None:
-                    link.session.tell_need(*need)
-                    self._publish_need(link, link.session.peer_need)
+            self._measure_links(elapsed, need)
             self.hub.flush()
             now = replicator.progress() if replicator.operations is not None else None
             if now is not None and now != last:
@@ -664,6 +669,17 @@ class Runtime:
                     rate=round(fetched / PROGRESS_INTERVAL_S),
                 )
             last = now
+
+    def _measure_links(self, elapsed: float, need: tuple[int, int]) -> None:
+        """Each link's rates measured, and ``need`` told to its device. A function of its
+        own: the loop's variable would otherwise stay in the sleeping coroutine's frame,
+        and with it the last link's session long after it ended (a member's session
+        that buffered 256 MiB of events held them until another device connected)."""
+        for link in self.links.values():
+            link.measure(elapsed)
+            if link.session is not None:
+                link.session.tell_need(*need)
+                self._publish_need(link, link.session.peer_need)
 
     def _publish_need(self, link: Link, told: tuple[int, int] | None) -> None:
         """What a device says it still needs, on the bus when it changed: a page shows
