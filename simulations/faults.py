@@ -49,6 +49,7 @@ from backer.fs import dirs
 from backer.fs.paths import METADATA_DIR
 from backer.model import entropy, materializer
 from backer.scanner import content
+from backer.scanner.ignore import is_temp_name
 
 FAULTED = frozenset(
     {
@@ -60,6 +61,7 @@ FAULTED = frozenset(
     }
 )
 SEES_BUDGET = frozenset({"backer.versioner.prune"})  # its size cap: a share of the free disk
+PLACEHOLDERS = "_rename_onto_placeholder"  # backer's function that holds a name (O_EXCL)
 CALLERS_SEEN_THROUGH = frozenset({"pathlib", "os", "posixpath", "genericpath", "contextlib"})
 SHORT = "short write"
 
@@ -161,6 +163,8 @@ class Disks:
         self.savers: dict[str, Saver] = {}  # by root
         self.replaced: list[str] = []  # files the person saved that backer replaced
         self.saved: set[bytes] = set()  # the contents (manifest ids) of the files saved first
+        self.placeholders: dict[int, str] = {}  # backer's open placeholders (fd: path)
+        self.written_into: dict[str, tuple[str, str, bytes]] = {}  # placeholders saved into
         self._real: dict[str, Callable[..., Any]] = {}
 
     # -- switching ---------------------------------------------------------------------
@@ -247,33 +251,45 @@ class Disks:
 
     def _save_first(self, name: Any, dir_fd: int | None) -> tuple[str, str, bytes] | None:
         """The person saves a file where backer is about to rename one (if nothing is
-        there); (its path, its path in the share, its bytes) for :meth:`_saved`."""
+        there); (its path, its path in the share, its bytes) for :meth:`_saved`. Where
+        backer holds an empty placeholder there (a filesystem with neither renameat2's
+        flags nor hard links), the person's program writes into it instead, as an editor
+        saving a new file does, and the look waits until backer closes it."""
         if not self.savers or not isinstance(name, str | bytes | os.PathLike):
             return None
         if not _from_backer():
             return None
-        target = os.fsdecode(name)
-        if dir_fd is not None and not os.path.isabs(target):
-            target = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), target)
+        target = self._absolute(name, dir_fd)
+        placeholder = target in self.placeholders.values()
         for root, saver in self.savers.items():
             inside = target[len(root) :]
             if (
                 target.startswith(root)
                 and inside
                 and not inside.startswith(METADATA_DIR)  # (a person's files only)
-                and not os.path.lexists(target)
+                and not is_temp_name(os.path.basename(inside))  # (backer's, named at random)
+                and (placeholder or not os.path.lexists(target))
                 and saver.random.random() < saver.rate
             ):
                 data = b"saved by the person first " + saver.random.randbytes(8).hex().encode()
-                with builtins.open(target, "xb") as saved:
+                with builtins.open(target, "r+b" if placeholder else "xb") as saved:
                     saved.write(data)
                 now = entropy.now_ns()  # (the node's seeded clock: a seed replays alike)
                 self._real["utime"](target, ns=(now, now))
                 saver.person(inside)
                 self.injected["file saved before a rename"] += 1
                 self.saved.add(content.manifest_of_bytes(data).id)
+                if placeholder:
+                    self.written_into[target] = (target, inside, data)
+                    return None
                 return target, inside, data
         return None
+
+    def _absolute(self, name: Any, dir_fd: int | None) -> str:
+        target = os.fsdecode(name)
+        if dir_fd is not None and not os.path.isabs(target):
+            target = os.path.join(self._real["readlink"](f"/proc/self/fd/{dir_fd}"), target)
+        return target
 
     def _saved(self, target: str, inside: str, data: bytes) -> None:
         """After backer's rename: the person's file must still be there as saved."""
@@ -470,6 +486,8 @@ def _open(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
                 disks._unmeddle(*swapped)
         if plan is not None:
             disks.fds[fd] = plan
+        if disks.savers and sys._getframe(1).f_code.co_name == PLACEHOLDERS:
+            disks.placeholders[fd] = disks._absolute(path, kw.get("dir_fd"))
         return fd
 
     return proxy
@@ -478,7 +496,10 @@ def _open(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
 def _close(disks: Disks, real: Callable[..., None]) -> Callable[..., None]:
     def proxy(fd: int) -> None:
         disks.fds.pop(fd, None)
+        placeholder = disks.placeholders.pop(fd, None)
         real(fd)
+        if placeholder in disks.written_into:  # backer is done with it: the person's stays
+            disks._saved(*disks.written_into.pop(placeholder))
 
     return proxy
 

@@ -130,3 +130,43 @@ def test_R47_without_renameat2_a_file_saved_just_before_the_rename_is_never_repl
     monkeypatch.undo()
     b.scan()
     assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 2  # a conflict
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_without_renameat2_or_hard_links_a_file_saved_before_the_rename_is_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """exFAT through FUSE has neither renameat2's flags nor hard links: the window looked
+    once more and renamed with ``os.replace``, so a file the person saved between that
+    look and the rename (an editor: open, truncate, write) was replaced. Now an empty
+    placeholder holds the name across the rename; what the person wrote into it is put
+    back and the received file gives way (a conflict, as when the file came first)."""
+    a, b = _report_made_on_a(tmp_path, kind)
+
+    def no_flags(*args: object) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    def no_link(*args: object, **kw: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    real_replace = os.replace
+
+    def saved_first(source: str, target: str, **kw: object) -> None:
+        if target == "report.txt":  # the person's program: open, truncate, write
+            with open(b.root / "report.txt", "w") as saved:
+                saved.write("the person's own")
+        real_replace(source, target, **kw)
+
+    monkeypatch.setattr(dirs, "_renameat2", no_flags)
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "replace", saved_first)
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert not (b.root / "report.txt").is_symlink()
+    assert (b.root / "report.txt").read_text() == "the person's own"
+    assert right.replicator.reports[-1].kept_local_edits == ["report.txt"]
+    assert not [p for p in b.root.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    b.scan()
+    assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 2  # a conflict

@@ -498,8 +498,8 @@ def rename_new_at(source_fd: int, source: str, target_fd: int, name: str, shown:
     file the person just made is never replaced). One step with
     ``renameat2(RENAME_NOREPLACE)``; where the kernel or the filesystem lacks it (NFS,
     some FUSE), a hard link to ``name``, which fails with EEXIST if anything is there,
-    then the temp name's unlink (R47); only where neither exists (a directory, a
-    filesystem without hard links), a look just before :func:`os.replace`."""
+    then the temp name's unlink (R47); where neither exists (exFAT through FUSE, FAT),
+    :func:`_rename_onto_placeholder`."""
     if _renameat2 is not None:
         if not _renameat2(
             source_fd, os.fsencode(source), target_fd, os.fsencode(name), RENAME_NOREPLACE
@@ -516,9 +516,82 @@ def rename_new_at(source_fd: int, source: str, target_fd: int, name: str, shown:
     else:
         os.unlink(source, dir_fd=source_fd)
         return
+    moved = os.stat(source, dir_fd=source_fd, follow_symlinks=False)
+    if stat.S_ISDIR(moved.st_mode):
+        _rename_directory_new(source_fd, source, target_fd, name, shown)
+    else:
+        _rename_onto_placeholder(source_fd, source, target_fd, name, shown, moved)
+
+
+def _rename_directory_new(
+    source_fd: int, source: str, target_fd: int, name: str, shown: str
+) -> None:
+    """A directory onto an absent name, with neither primitive: a look just before the
+    rename (a directory replaces only an empty directory, so no file can be lost)."""
     try:
         os.stat(name, dir_fd=target_fd, follow_symlinks=False)
     except FileNotFoundError:
         os.replace(source, name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
         return
     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), shown)
+
+
+def _rename_onto_placeholder(
+    source_fd: int, source: str, target_fd: int, name: str, shown: str, moved: os.stat_result
+) -> None:
+    """A file onto an absent name where the filesystem has neither an atomic no-replace
+    rename nor hard links. An empty placeholder made with ``O_EXCL`` takes the name
+    first (a person's exclusive create then fails instead of being replaced), and backer
+    keeps it open across the rename: a person's program that wrote into it meanwhile (as
+    an editor saving a new file does: open, truncate, write) left bytes that only that
+    descriptor still reaches, so they are put back at ``name`` and the received file goes
+    back to ``source`` (FileExistsError: the person's file stands). Left: a program that
+    renames its own file over the placeholder in the microseconds between the last look
+    and the rename; and a crash in that window leaves an empty file at ``name``, which
+    the next scan records and which meets the received version as a conflict."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        held = os.open(name, flags, 0o600, dir_fd=target_fd)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), shown) from None
+    try:
+        made = os.fstat(held)
+        there = os.stat(name, dir_fd=target_fd, follow_symlinks=False)
+        if _written_since(held, made) or (there.st_dev, there.st_ino) != (made.st_dev, made.st_ino):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), shown)
+        os.replace(source, name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+        if _written_since(held, made):
+            _give_back(held, source_fd, source, target_fd, name, moved)
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), shown)
+    finally:
+        os.close(held)
+
+
+def _written_since(held: int, made: os.stat_result) -> bool:
+    now = os.fstat(held)
+    return now.st_size != 0 or now.st_mtime_ns != made.st_mtime_ns
+
+
+def _give_back(
+    held: int, source_fd: int, source: str, target_fd: int, name: str, moved: os.stat_result
+) -> None:
+    """The person wrote into the placeholder the rename just took away: the received
+    file (``moved``) goes back to ``source`` and their bytes to ``name``, flushed (a
+    newer file of theirs found at ``name`` instead stands)."""
+    there = os.stat(name, dir_fd=target_fd, follow_symlinks=False)
+    if (there.st_dev, there.st_ino) != (moved.st_dev, moved.st_ino):
+        return
+    os.replace(name, source, src_dir_fd=target_fd, dst_dir_fd=source_fd)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        restored = os.open(name, flags, 0o644, dir_fd=target_fd)
+    except FileExistsError:
+        return
+    try:
+        offset = 0
+        while block := os.pread(held, 1 << 20, offset):
+            os.write(restored, block)
+            offset += len(block)
+        os.fsync(restored)
+    finally:
+        os.close(restored)
