@@ -168,7 +168,7 @@ def test_status_says_a_file_is_needed_until_its_slowed_local_copy_is_in_place(
                    [node_a, node_b])  # fmt: skip
         slowing = subprocess.Popen(
             ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node_b.process.pid),
-             "-e", "trace=preadv2", "-e", "inject=preadv2:delay_enter=400000"],
+             "-e", "trace=preadv2", "-e", "inject=preadv2:delay_enter=1000000"],
         )  # fmt: skip
         time.sleep(1)  # (attached to every thread)
         (a.root / "copy.bin").write_bytes(original)  # every chunk of it is on b already
@@ -185,6 +185,9 @@ def test_status_says_a_file_is_needed_until_its_slowed_local_copy_is_in_place(
             assert not told["in_sync"], told
         told = copying[-1][1]  # (b tells a its need every 0.5 s)
         assert (told["need_files"], told["need_bytes"]) == needed, told
+        slowing.terminate()  # (the rest of the copy at full speed)
+        slowing.wait()
+        slowing = None
         wait_until(lambda: snapshot(b.root) == snapshot(a.root), [node_a, node_b], timeout=120)
         wait_until(lambda: _this_device(b)["need_files"] == 0, [node_b])
     finally:
