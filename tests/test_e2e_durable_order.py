@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from backer.config import registry
 from backer.scanner.ignore import TEMP_PREFIX
 from tests.e2e import Device, free_port, invite, snapshot
 
@@ -258,5 +259,5 @@ def test_a_join_killed_at_any_fsync_before_it_registered_is_finished_by_the_same
             assert killed != 0, f"the join ended before its fsync number {when}"
             b.run("join", token, str(b.root))
             assert snapshot(b.root) == snapshot(a.root), when
-            assert str(b.root) in b.run("shares").stdout, when
+            assert b.root in [entry.root for entry in registry.registered(b.home)], when
             b.run("status", "--dir", str(b.root))
