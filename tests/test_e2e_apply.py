@@ -280,7 +280,7 @@ def test_R32_a_disk_filled_while_a_window_receives_is_warned_of_listed_and_retri
             node_b = b.start(BACKER_TIME_SCALE="0.25")
             slowing = subprocess.Popen(
                 ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node_b.process.pid),
-                 "-e", "trace=pwrite64", "-e", "inject=pwrite64:delay_enter=100000"],
+                 "-e", "trace=pwrite64", "-e", "inject=pwrite64:delay_enter=20000"],
             )  # fmt: skip
             time.sleep(1)  # (attached to every thread)
             (a.root / "r40.bin").write_bytes(os.urandom(40 * 1024 * 1024))
