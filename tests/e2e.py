@@ -16,7 +16,9 @@ from pathlib import Path
 
 from backer.config.identity import load_or_create_key
 from backer.config.registry import RegisteredShare
+from backer.model.share import Share
 from backer.node.node import Node as InProcessNode
+from backer.versioner import config as retention_config
 from benchmarks import measure
 
 PORTS = range(20_000, 32_000)  # below Linux's ephemeral range (32768-60999)
@@ -195,6 +197,16 @@ def join_through(
             device.run("join", token, str(device.root))
         if introduce:
             joiners[0].sync(address)
+
+
+def keep_nothing_replaced(device: Device) -> None:
+    """Retention set to keep no replaced or deleted content (``backer config KEY 0s``
+    of each duration), in this process: a set-up step, one CLI start saved per key."""
+    key = load_or_create_key(device.home)
+    share = Share.open(device.root, key, exclusive=False, home=device.home)
+    with share, share.db.conn:
+        for name in retention_config.DURATIONS:
+            retention_config.set_value(share.catalog, name, "0s")
 
 
 def nodes_in_loop(devices: Iterable[Device], ports: Iterable[int]) -> list[InProcessNode]:

@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from tests.e2e import Device
+from tests.e2e import Device, keep_nothing_replaced
 
 
 def _save(path: Path, data: bytes) -> None:
@@ -36,8 +36,7 @@ def test_the_retention_policy_is_applied_after_the_start_up_scan_not_before(
     for i in range(4):
         _save(a.root / f"doc-{i}.bin", os.urandom(5000))
     a.run("scan", "--dir", str(a.root))
-    for key in ("keep-all", "hourly-for", "daily-for", "weekly-for"):
-        a.run("config", key, "0s", "--dir", str(a.root))
+    keep_nothing_replaced(a)
     node = a.start()
     node.wait_for("pruned the kept contents of 4 versions")
     node.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import Device, free_port, invite, joined_pair
+from tests.e2e import Device, free_port, invite, joined_pair, keep_nothing_replaced
 
 FILES, SIZE = 24, 200_000
 
@@ -70,9 +70,7 @@ def test_prune_dry_run_changes_nothing_and_prune_frees_what_it_said(edited: Devi
     assert len(store_files(a)) == 4 * FILES  # the device that edited kept the old bytes
     nothing = _json(a, "prune")  # all within the last hour: kept
     assert nothing["files"] == 0 and nothing["kept_files"] == 4 * FILES
-    for key, value in (("keep-all", "0s"), ("hourly-for", "0s"), ("daily-for", "0s")):
-        a.run("config", key, value, "--dir", str(a.root))
-    a.run("config", "weekly-for", "0s", "--dir", str(a.root))
+    keep_nothing_replaced(a)
     before, files = disk_use(a.root), store_files(a)
     said = _json(a, "prune", "--dry-run")
     assert said["dry_run"] and said["files"] == 3 * FILES and said["versions"] == 3 * FILES
@@ -189,9 +187,8 @@ def test_history_says_when_a_replaced_version_is_pruned_on_every_device(tmp_path
         b.sync(address)
         _save(a.root / "notes.txt", b"second draft")
         b.sync(address)
-    for device in (a, b):  # keep nothing that was replaced
-        for key in ("keep-all", "hourly-for", "daily-for", "weekly-for"):
-            device.run("config", key, "0s", "--dir", str(device.root))
+    for device in (a, b):
+        keep_nothing_replaced(device)
     a.run("prune", "--dir", str(a.root))
     with a.serving(ports[0]) as address:
         b.sync(address)
