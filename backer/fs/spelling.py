@@ -21,17 +21,29 @@ def ignores_case(root: Path) -> bool:
 
 
 class Spellings:
-    """The names each directory of a share holds, listed once a window (and again when a
-    name it did not hold is there now); only where the filesystem ignores case."""
+    """The names each directory of a share holds, listed once a window, and once again
+    when a name it did not hold is there now (made since by the person); the window's
+    own folders are added as it makes them (:meth:`made`). Only where the filesystem
+    ignores case. Listing again at each such name made a window of n case twins in a
+    folder of n names cost n listings of it: 4,000 took 31 s on exFAT (R60)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.folds = ignores_case(root)
         self._names: dict[str, set[str] | None] = {}
+        self._relisted: set[str] = set()
 
     def forget(self) -> None:
         """Drop the listings (at the start of a window: the person changes the disk)."""
         self._names.clear()
+        self._relisted.clear()
+
+    def made(self, path: str) -> None:
+        """The window made the folder ``path``, spelled so: its folder's listing holds it."""
+        parent, _, name = path.rpartition("/")
+        names = self._names.get(parent)
+        if names is not None:
+            names.add(name)
 
     def other(self, path: str) -> str | None:
         """The first part of ``path`` (a component and its parents) that is on the disk
@@ -46,7 +58,9 @@ class Spellings:
                 continue
             if names is None or not os.path.lexists(os.path.join(self.root, parent, name)):
                 return None  # the rest is made with its own spelling
-            names = self._listing(parent, again=True)  # (made since it was listed?)
+            if parent not in self._relisted:  # (made since it was listed?)
+                self._relisted.add(parent)
+                names = self._listing(parent, again=True)
             if names is not None and name not in names:
                 return "/".join(parts[: depth + 1])
         return None

@@ -1402,6 +1402,7 @@ class Materializer:
             if self.catalog.local_entries([parent]):  # gone since the last scan: a
                 raise LocalEdit(path)  # deletion the scanner must record first
             self._made.append(parent)
+            self.spellings.made(parent)
             return True
 
         try:
@@ -1578,6 +1579,7 @@ class Materializer:
             found = None
         if found is None:
             target.mkdir()
+            self.spellings.made(op.path)
             self._grown.add(target.parent)  # fsynced once for the window (_flush_grown)
         info = target.lstat()
         wanted = op.version.permissions  # exactly, 0o000 included (it is not "unset")
