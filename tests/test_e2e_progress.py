@@ -13,6 +13,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -196,3 +197,37 @@ def test_status_says_a_file_is_needed_until_its_slowed_local_copy_is_in_place(
             slowing.wait()
         for node in [*a.nodes, *b.nodes]:
             node.stop()
+
+
+class SmallWindows(Device):
+    """A device that applies at most ``WINDOW`` files per window."""
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tests.small_windows", str(WINDOW), *args]
+
+
+WINDOW, WINDOWED_FILES, WINDOWED_BYTES = 10, 40, 30_000
+
+
+def test_a_join_of_several_windows_counts_every_byte_to_come_from_its_first_line(
+    tmp_path: Path,
+) -> None:
+    """The bytes to receive were those of the windows begun so far: a join of four
+    windows showed its first window's bytes as the whole, and a time left of a quarter
+    of the truth (a join of 12,000 files: '0/12000 files, 5.4/15.0 MB, 0:00:02 left'
+    forty seconds before its end, of 36 MB)."""
+    a = Device(tmp_path, "a")
+    a.root.mkdir()
+    for i in range(WINDOWED_FILES):
+        (a.root / f"file-{i:02}.bin").write_bytes(os.urandom(WINDOWED_BYTES))
+    a.run("init", str(a.root), "-q")
+    b = SmallWindows(tmp_path, "b")
+    b.env["BACKER_PROGRESS_INTERVAL"] = "0"
+    port = free_port()
+    token = invite(a, f"127.0.0.1:{port}")
+    with a.serving(port):
+        joined = b.run("join", token, str(b.root)).stderr
+    received = progress_lines(joined, "receiving")
+    total = f"{WINDOWED_FILES * WINDOWED_BYTES / 1e6:.1f}"
+    assert received and received[-1].group(4) == total, joined
+    assert {m.group(5, 6) for m in received} == {(total, "MB")}, joined

@@ -244,6 +244,7 @@ class Plan:
         self.files = self.bytes = self.writes = 0  # planned: operations, their bytes, the
         # files and links among them
         self._taken = 0  # operations taken
+        self.bytes_untaken = 0  # of the files not taken yet (a window's fetch not known yet)
         self._after = 0  # the rowid of the last write taken
         self._deletions_taken = False
 
@@ -257,6 +258,7 @@ class Plan:
         )
         self.files += 1
         self.bytes += version.size if version.kind == Kind.FILE else 0
+        self.bytes_untaken += version.size if version.kind == Kind.FILE else 0
         self.writes += version.kind in (Kind.FILE, Kind.SYMLINK)
 
     def ready(self) -> Plan:
@@ -319,6 +321,7 @@ class Plan:
                 self._after = rowid
                 size += version.size
             taken.append(Operation(path, vid, version, on_disk))
+            self.bytes_untaken -= version.size if version.kind == Kind.FILE else 0
         self._taken += len(taken)
         return taken
 

@@ -412,12 +412,19 @@ class Replicator:
 
     def progress(self) -> tuple[int, int, int, int]:
         """(files done, files planned, chunk bytes fetched, chunk bytes planned): a file
-        of the current window is done once it has all its chunks, its local copy ended."""
+        of the current window is done once it has all its chunks, its local copy ended.
+        The bytes planned are the chunks the windows so far fetch and all the bytes of the
+        plan's files in no window yet (some may be found here): counting the first
+        window's alone, a join of several windows showed its first as the whole, and a
+        time left of seconds where minutes were to come."""
         files = self.stats.files_written
         if self.assembly is not None:
             assembly = self.assembly
             files += len(assembly.staged) - assembly.waiting - assembly.copying()
-        return files, self.stats.files_to_write, self.stats.bytes_fetched, self.stats.bytes_to_fetch
+        planned = self.stats.bytes_to_fetch
+        if self.operations is not None:
+            planned += self.operations.bytes_untaken
+        return files, self.stats.files_to_write, self.stats.bytes_fetched, planned
 
     def need(self) -> tuple[int, int]:
         """(files, bytes) this device still has to write or delete: what the last plan
