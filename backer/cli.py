@@ -643,13 +643,17 @@ def history(path: str, directory: str | None, as_json: bool) -> None:
 
 
 def _whereabouts(row: dict[str, Any]) -> str:
-    """Where a replaced version's bytes are, when not here (see ``history_report``)."""
+    """Where a replaced version's bytes may be, when not here (see ``history_report``):
+    only what is known. A device that never held them (the version was replaced before
+    it was stored) says it lacks them as one that pruned them does, so "pruned" is said
+    only of this device, where it is recorded; the others "may" hold what they have not
+    said they lack."""
     if row["bytes"] in (None, "here"):
         return ""
     lost = f"pruned here {row['pruned']}" if row["pruned"] else "not here"
     if row["bytes"] == "nowhere":
-        return f"  (bytes {lost}; pruned on every device: no restore can bring them back)"
-    return f"  (bytes {lost}; on {', '.join(row['held_by'])})"
+        return f"  (bytes {lost}; no device holds them: no restore can bring them back)"
+    return f"  (bytes {lost}; perhaps on {', '.join(row['held_by'])}: not said to lack them)"
 
 
 def _user_key(share: Share, path: str) -> str:

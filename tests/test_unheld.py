@@ -1,6 +1,6 @@
 """Where a replaced version's bytes still are: each device announces (signed UNHELD
 events) the replaced contents it no longer holds, so ``history`` on any device can say
-"on B" or "pruned on every device" instead of only "pruned here"."""
+"perhaps on B" or "no device holds them" instead of only "pruned here"."""
 
 from __future__ import annotations
 

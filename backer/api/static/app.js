@@ -294,7 +294,7 @@ function versionItem(path, version) {
   } else if (version.live) {
     item.append(el("span", "current", "badge ok"));
   } else if (version.bytes === "nowhere") {
-    item.append(el("span", "pruned on every device", "badge"));
+    item.append(el("span", "bytes on no device", "badge"));
   } else if (version.kind === "file" || version.kind === "symlink") {
     const button = el("button", "Restore");
     button.type = "button";
