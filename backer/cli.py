@@ -72,8 +72,19 @@ EXIT_INTERNAL = 70
 SHOWN_PER_REASON = 10
 
 
+AHEAD_MS = 60_000  # a time more than this past this device's clock is in its future
+
+
 def _when(time_ms: int) -> str:
     return timestamp(time_ms)
+
+
+def _dated(time_ms: int) -> str:
+    """A recorded time as ``history`` and ``log`` show it: one in this device's future
+    was made on a device whose clock was ahead, and is said to be."""
+    if time_ms > time.time_ns() // 1_000_000 + AHEAD_MS:
+        return f"{_when(time_ms)} (ahead of this device's clock)"
+    return _when(time_ms)
 
 
 _UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -529,17 +540,26 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _parse_time(text: str, option: str) -> int:
-    """``--since``, ``--at``: a UTC date and time as printed, or an age (``12h``); in ms."""
+    """``--since``, ``--at``: a UTC date and time as printed, or an age (``12h``); in ms.
+    A time in this device's future is refused: a share has no state yet at it, and
+    ``--at 2099-01-01`` silently meant "now" (a mistyped year, or a local time taken
+    for UTC, is said at once)."""
     text = text.strip()
+    now_ms = time.time_ns() // 1_000_000
     age = natural(text[:-1])
     if age is not None and text[-1:] in _AGE_UNITS:
-        return max(0, time.time_ns() // 1_000_000 - age * _AGE_UNITS[text[-1]] * 1000)
+        return max(0, now_ms - age * _AGE_UNITS[text[-1]] * 1000)
     for pattern in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"):
         try:
             stamp = dt.datetime.strptime(text, pattern).replace(tzinfo=dt.UTC)
         except ValueError:
             continue
-        return int(stamp.timestamp() * 1000)
+        stamp_ms = int(stamp.timestamp() * 1000)
+        if stamp_ms > now_ms + AHEAD_MS:
+            raise BackerError(
+                f"{option}: {text!r} is in the future: it is {_when(now_ms)} UTC on this device"
+            )
+        return stamp_ms
     raise BackerError(
         f"{option}: not a date ('YYYY-MM-DD[ HH:MM[:SS]]', UTC) or an age "
         f"('30m', '12h', '7d': a number and one of {', '.join(_AGE_UNITS)}): {text!r}"
@@ -597,6 +617,7 @@ def log(
                 {
                     "position": position,
                     "time": _when(event.time_ms),
+                    "time_ms": event.time_ms,
                     "author": device_id(event.author),
                     "seq": event.seq,
                     "kind": commands.event_kind(event.kind),
@@ -617,7 +638,7 @@ def log(
         click.echo(json.dumps(lines, indent=2))
         return
     for line in lines:
-        _say(f"{line['time']}  {line['author'][:7]}#{line['seq']}  {line['kind']}")
+        _say(f"{_dated(line['time_ms'])}  {line['author'][:7]}#{line['seq']}  {line['kind']}")
         for change in line["changes"]:
             _say(f"    {_MARKS[change['change']]} {change['path']}")
 
@@ -637,7 +658,7 @@ def history(path: str, directory: str | None, as_json: bool) -> None:
         return
     for e, row in zip(entries, rows, strict=True):
         _say(
-            f"{'*' if e.live else ' '} {_when(e.version.time_ms)}  {short_id(e.author)}  "
+            f"{'*' if e.live else ' '} {_dated(e.version.time_ms)}  {short_id(e.author)}  "
             f"{e.version_id}  {_describe(e.version)}{_whereabouts(row)}"
         )
 
