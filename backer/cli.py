@@ -445,6 +445,13 @@ def status(directory: str | None, as_json: bool) -> None:
     _say(f"problems  {len(problems)}")
     for line in _problem_lines(problems):
         _say(f"  {line}")
+    if (missing := report.get("not_here")) and missing["files"]:
+        _say(f"not here  {missing['files']} files, {missing['bytes']} bytes the share lists")
+        shown = missing["paths"][:SHOWN_PER_REASON]
+        for path in shown:
+            _say(f"  {path}")
+        if missing["files"] > len(shown):
+            _say(f"  ... and {missing['files'] - len(shown)} more")
     _say(f"devices   {len(report['devices'])}")
     for device in report["devices"]:
         _say(_device_line(device))
@@ -493,17 +500,19 @@ def _offline_status(share: Share) -> dict[str, Any]:
     """``status --json`` of a share no node serves: each device as a node shows it, with
     what the share recorded of the last session with it."""
     report = commands.status_report(share)
+    missing = report["not_here"]
     for device in report["devices"]:
         key = parse_device_id(device["id"])
         last_seen_ms, address = commands.last_seen(share, key)
+        this = key == share.device
         device.update(
-            this=key == share.device,
+            this=this,
             connected=False,
             last_seen_ms=last_seen_ms,
             address=address,
             in_sync=None,
-            need_files=None,
-            need_bytes=None,
+            need_files=missing["files"] if this else None,
+            need_bytes=missing["bytes"] if this else None,
             rate_in=0,
             rate_out=0,
             transfer=None,
@@ -933,6 +942,8 @@ def _sync_line(s: dict[str, Any]) -> str:
             f"chunks reused {s['chunks_reused']}, fetched {s['chunks_fetched']}; "
             f"local edits kept {s['local_edits_kept']}; errors {s['errors']}; "
         )
+    if "not_here" in s:
+        line += f"not here {s['not_here']['files']}; "
     return line + f"wire bytes received {s['wire_bytes_received']}, sent {s['wire_bytes_sent']}"
 
 
@@ -949,6 +960,7 @@ def _report_sync(sessions: list[Session], hub: transport.Hub, as_json: bool, hin
 def _print_sync(report: dict[str, Any], as_json: bool, share: Share | None = None) -> int:
     """Print a sync's report (this process's, or a node's reply without ``share``) and
     return the exit status."""
+    missing = report["not_here"]
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -956,10 +968,31 @@ def _print_sync(report: dict[str, Any], as_json: bool, share: Share | None = Non
         for peer in report["per_peer"]:
             click.echo("  " + _sync_line(peer).replace("synced with", "from"))
         if share is not None:
-            return _report_problems(share)
-        for line in _problem_lines(_reported_problems(report)):
+            status = _report_problems(share)
+        else:
+            for line in _problem_lines(_reported_problems(report)):
+                _say(line, err=True)
+        for line in _not_here_lines(missing, SHOWN_PER_REASON):
             _say(line, err=True)
-    return EXIT_FILES_FAILED if report["errors"] else 0
+        if share is not None:
+            return status or (EXIT_FILES_FAILED if missing["files"] else 0)
+    return EXIT_FILES_FAILED if report["errors"] or missing["files"] else 0
+
+
+def _not_here_lines(missing: dict[str, Any], limit: int) -> list[str]:
+    """The entries a sync's report lists as not here (``commands.sync_report``): one
+    line each up to ``limit``, how many more, and a summary."""
+    files, paths = missing["files"], missing["paths"][:limit]
+    if not files:
+        return []
+    lines = [f"error: {path}: not here: {missing['reason']}" for path in paths]
+    if files > len(paths):
+        lines.append(f"error: ... and {files - len(paths)} more not here")
+    lines.append(
+        f"{files} files ({missing['bytes']} bytes) the share lists are not here: "
+        f"{missing['reason']}; 'backer status' names them until they are"
+    )
+    return lines
 
 
 def _warn_of_forks(share: Share) -> None:

@@ -15,6 +15,7 @@ from backer.fs.paths import is_valid
 from backer.model.materializer import copy_version_id, is_copy_of
 from backer.model.records import Kind, Version
 from backer.model.share import Share
+from backer.node import commands
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
@@ -283,6 +284,45 @@ def check_no_lost_write(cluster: Cluster) -> None:
                 raise InvariantBroken(
                     f"{node.name} lost the write {vid} of {path!r} ({version.size} bytes)"
                 )
+
+
+_KINDS = {Kind.FILE: "file", Kind.DIRECTORY: "dir", Kind.SYMLINK: "link"}
+
+
+def check_said_what_is_missing(cluster: Cluster, index: int) -> None:
+    """After a sync that completed, every entry the node's share lists is on its disk
+    (as a file of the listed size, a folder or a link), or the sync said why not: a
+    problem, a local edit kept, or ``not here`` in its report. A file whose content no
+    device reached had was once simply absent after a sync that said "errors 0"."""
+    node = cluster.nodes[index]
+    if node.share is None or node.replicator is None or cluster.is_hostile(index):
+        return
+    if node.edited and node.touched is None:
+        return  # its person changed what no scan has seen yet (``backer sync`` scans first)
+    unscanned = node.touched or set()  # (a link opened before them: no scan since)
+    share, replicator = node.share, node.replicator
+    report = commands.sync_report([], replicator)
+    said = {p.path for _, p, _ in share.catalog.problems()} | replicator.edits_kept
+    said |= set(commands.not_here(share, said, shown=report["not_here"]["files"])["paths"])
+    pinned = set[str]()
+    tree = synced_tree(node.root, pinned)
+    rules, conflicted = IgnoreRules.load(node.root), set(share.catalog.conflicted_paths())
+    for path, _, version in share.catalog.all_live():
+        if version.kind == Kind.DELETED or path in said or path in conflicted:
+            continue
+        if ignored(rules, path, version.kind == Kind.DIRECTORY) or is_pinned(path, pinned):
+            continue
+        if is_pinned(path, unscanned):
+            continue
+        found = tree.get(path)
+        if found is not None and found[0] == _KINDS[version.kind] and (
+            version.kind != Kind.FILE or len(found[1]) == version.size
+        ):
+            continue
+        raise InvariantBroken(
+            f"{node.name}'s sync reported nothing about {path!r}, listed as a "
+            f"{_KINDS[version.kind]} of {version.size} bytes, and its disk has {found and found[0]}"
+        )
 
 
 def check_honest_paths(cluster: Cluster) -> None:

@@ -38,6 +38,7 @@ from .invariants import (
     check_recorded_once,
     check_resolved,
     check_retention_window,
+    check_said_what_is_missing,
     check_still_recoverable,
     converge,
     fingerprint,
@@ -556,7 +557,10 @@ class ClusterMachine(RuleBasedStateMachine):
         if a == b:
             return
         before = self.cluster.traffic.bytes
-        self.cluster.sync(a, b, cut)
+        complete = self.cluster.sync(a, b, cut)
+        if complete and not self.cluster.resident:  # (what a one-shot sync reports on)
+            for node in (a, b):
+                check_said_what_is_missing(self.cluster, node)
         self.stats["bytes"] += self.cluster.traffic.bytes - before
         self.stats["syncs"] += 1
         self.stats["cuts"] += cut is not None

@@ -18,6 +18,7 @@ from backer.model import materializer, state
 from backer.model.materializer import Materializer
 from backer.model.records import Version, timestamp
 from backer.model.share import Share
+from backer.node import commands
 from backer.protocol.session import Session
 from backer.scanner.ignore import CONFLICT_MARK, temp_name
 from backer.versioner import prune as prune_engine
@@ -1021,3 +1022,19 @@ def test_the_harness_fails_a_livelock_within_seconds(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(materializer, "conflict_path", cut_back)
     with pytest.raises(Failure, match=r"livelock: .* last versions are at .*sync-conflict"):
         run_seed(130395, 3, 60, BEFORE_KILLS)
+
+
+def test_the_harness_catches_a_sync_silent_about_a_file_it_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hostile member lists a file whose content nobody holds: an honest node's sync
+    that left it out said so ('not here'). With that report taken out (as before it
+    existed: the file was simply absent after a sync that said "errors 0"), the
+    harness says so."""
+    again = [("sync", {"a": a, "b": b, "cut": None}) for a, b in [(0, 1), (0, 2), (1, 2)]]
+    steps = [*MET, ("craft", {"kind": "unknown_content", "pick": 0}), *again]
+    _passes(steps, HOSTILE)
+    nothing = {"files": 0, "bytes": 0, "paths": []}
+    monkeypatch.setattr(commands, "not_here", lambda *args, **kwargs: nothing)
+    with pytest.raises(Failure, match="sync reported nothing about 'g'"):
+        replay(3, steps, 0, HOSTILE)

@@ -403,6 +403,22 @@ def _fill(
     return planned.ready()
 
 
+def not_in_place(catalog: Catalog, root: Path) -> Iterator[tuple[str, Version]]:
+    """The live files, links and folders that this device does not hold as the state
+    says (its scan cache names another version at their path, or none), in path order:
+    what a plan would still write, but where this device's rules ignore the path or a
+    conflict waits for its resolution. What a one-shot sync left out, and ``status``
+    names: a file listed that no reachable device could give is not silently absent."""
+    excluded = IgnoreRules.load(root).excluded
+    unresolved = set(catalog.conflicted_paths())
+    for path, _, record in catalog.live_not_on_disk():
+        version = Version.decode(record)
+        if version.kind == Kind.DELETED or path in unresolved:
+            continue
+        if not excluded(path, version.kind == Kind.DIRECTORY):
+            yield path, version
+
+
 def discard_temp(temp: Path) -> None:
     """Remove a kept temp file. One already gone is no error, nor one whose folder has
     since become a file (ENOTDIR, not ENOENT: the temp went with the folder)."""

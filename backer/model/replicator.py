@@ -99,6 +99,7 @@ class Replicator:
         self.sessions: list[Session] = []
         self.stats = ApplyStats()
         self.reports: list[Report] = []
+        self.edits_kept: set[str] = set()  # paths the last plan left to a local edit
         self.dirty = False
         self.folder_in_the_way = False  # a write of this plan met a folder not yet emptied
         self.operations: Plan | None = None
@@ -323,6 +324,7 @@ class Replicator:
     def _plan(self) -> None:
         self.dirty = False
         self.folder_in_the_way = False
+        self.edits_kept = set()  # (a later plan meets them again while they differ)
         self.disk_full = None
         self.short_of_room = 0
         self.chunk_queue.clear()  # (requests of a stopped plan that a lost peer handed back)
@@ -555,6 +557,7 @@ class Replicator:
         """A window ended: its problems are kept, its report waits for the transport."""
         self.reports.append(report)
         self.stats.local_edits_kept += len(report.kept_local_edits)
+        self.edits_kept.update(report.kept_local_edits)
         self.share.note_applied(report)
 
     # -- answers from peers ---------------------------------------------------------------

@@ -13,7 +13,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Container, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from backer.connections.addresses import format_address
 from backer.db.catalog import HistoryEntry, Problem
 from backer.errors import BackerError, reason
 from backer.model import revisions
+from backer.model.materializer import not_in_place
 from backer.model.membership import EventKind
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 MB = 1024 * 1024
 SYNC_WAIT_S = 120.0  # a node's ``sync`` gives up on a peer that has not caught up by then
 FETCH_WAIT_S = 120.0  # a node's ``restore`` gives up on bytes that have not arrived by then
+NOT_HERE_SHOWN = 100  # paths ``status --json`` and ``sync --json`` name of those not here
 
 
 def problems_json(problems: Iterable[Problem]) -> list[dict[str, Any]]:
@@ -131,6 +133,23 @@ def history_report(share: Share, entries: list[HistoryEntry]) -> list[dict[str, 
     return rows
 
 
+def not_here(
+    share: Share, skip: Container[str] = (), shown: int = NOT_HERE_SHOWN
+) -> dict[str, Any]:
+    """What the share lists that this device does not hold (``not_in_place``), but the
+    paths in ``skip``: how many entries, their bytes, and the first ``shown`` paths."""
+    files = size = 0
+    paths: list[str] = []
+    for path, version in not_in_place(share.catalog, share.root):
+        if path in skip:
+            continue
+        files += 1
+        size += version.size if version.kind == Kind.FILE else 0
+        if len(paths) < shown:
+            paths.append(path)
+    return {"files": files, "bytes": size, "paths": paths}
+
+
 def _contents_on_disk(share: Share) -> set[bytes]:
     """The contents of the files on disk here as the last scan recorded them (what
     ``prune`` also counts as held)."""
@@ -185,11 +204,14 @@ def scan_report(share: Share, summary: ScanSummary) -> dict[str, Any]:
 def status_report(share: Share, counts: dict[str, int] | None = None) -> dict[str, Any]:
     """What ``backer status --json`` prints (a running node adds each device's state).
     ``counts``: the totals and the number of conflicts as read elsewhere (they scan the
-    whole share: the web API reads them off the event loop)."""
+    whole share: the web API reads them off the event loop; it has no ``not_here``,
+    the entries listed that this device does not hold, which a command's status names)."""
     last_scan = share.catalog.get_int("last_scan_ms")
+    missing = None
     if counts is None:
         counts = {**share.catalog.totals(), "conflicts": len(revisions.conflicts(share.catalog))}
-    return {
+        missing = not_here(share)
+    report = {
         "root": str(share.root),
         "share_id": share.share_id.hex(),
         "device": device_id(share.device),
@@ -213,6 +235,9 @@ def status_report(share: Share, counts: dict[str, int] | None = None) -> dict[st
             for source, problem, since in share.catalog.problems()
         ],
     }
+    if missing is not None:
+        report["not_here"] = missing
+    return report
 
 
 def sync_summary(sessions: list[Session], replicator: Replicator | None = None) -> dict[str, Any]:
@@ -236,11 +261,25 @@ def sync_summary(sessions: list[Session], replicator: Replicator | None = None) 
 
 
 def sync_report(sessions: list[Session], replicator: Replicator) -> dict[str, Any]:
-    """What ``backer sync --json`` prints."""
+    """What ``backer sync --json`` prints. ``not_here``: what the share lists that this
+    device still does not hold, but the files listed with a problem and those a local
+    edit kept (the summary's ``local edits kept``), and why."""
+    share = replicator.share
     report = sync_summary(sessions, replicator)
     report["per_peer"] = [sync_summary([s]) for s in sessions] if len(sessions) > 1 else []
-    report["problems"] = problems_json(replicator.share.problems.values())
+    report["problems"] = problems_json(share.problems.values())
+    explained = {p.path for _, p, _ in share.catalog.problems()} | replicator.edits_kept
+    report["not_here"] = {**not_here(share, explained), "reason": _why_not_here(replicator)}
     return report
+
+
+def _why_not_here(replicator: Replicator) -> str:
+    """Why the files a sync's report lists as not here are not."""
+    if replicator.disk_full is not None:
+        return "no room on the disk for them"
+    if not replicator.idle:
+        return "still arriving"
+    return "no device reached had their content"
 
 
 def revision_scope(share: Share, request: dict[str, Any]) -> list[str]:
