@@ -327,9 +327,13 @@ def test_a_chunk_changed_on_disk_since_indexed_is_read_from_another_file_or_not_
 ) -> None:
     """The sender never answers with bytes that do not match the hash asked for: a
     chunk overwritten since the scan is taken from another file that holds it, and a
-    chunk no file holds any longer is missing from the answer (sent as empty)."""
+    chunk no file holds any longer is missing from the answer (sent as empty). The file
+    found changed is named to ``on_stale`` (a running node scans it: written with no
+    event its watcher hears of, it would be seen at the hourly scan)."""
     data = os.urandom(2 * MIB)
     share, store, refs = _indexed(tmp_path, {"a.bin": data, "b.bin": data[: MIB // 2]})
+    stale: list[str] = []
+    store.on_stale = stale.append
     early = refs[0]  # b.bin holds it too
     late = next(ref for ref in refs if ref.offset > MIB)  # only a.bin held it
     with open(share.root / "a.bin", "r+b") as handle:
@@ -341,6 +345,7 @@ def test_a_chunk_changed_on_disk_since_indexed_is_read_from_another_file_or_not_
     assert {h: bytes(v) for h, v in found.items()} == {
         ref.hash: data[ref.offset : ref.offset + ref.length] for ref in refs if ref != late
     }
+    assert set(stale) == {"a.bin"}
 
 
 def test_a_sent_chunk_is_encrypted_from_its_read_buffer_not_copied_into_the_plaintext() -> None:

@@ -541,3 +541,34 @@ def test_a_watcher_whose_thread_died_says_so_instead_of_going_quiet(
                         await anext(changes)
 
     asyncio.run(main())
+
+
+def test_a_file_written_and_not_closed_is_reported_once_its_writes_pause(tmp_path: Path) -> None:
+    """A file kept open and written (a log, a database) or cut by ``truncate(2)`` raised
+    no event the watcher listened to: a running node saw it only at the hourly scan
+    (a 200 MiB file truncated to 0 stayed current on its device and unreadable to its
+    peers). Reported after ``written_quiet`` s without a write; a closed file at once."""
+    (tmp_path / "kept.log").write_text("")
+    (tmp_path / "cut.bin").write_bytes(b"x" * 100_000)
+    log = open(tmp_path / "kept.log", "a")  # noqa: SIM115 (kept open on purpose)
+
+    async def main() -> tuple[list[Changes], list[Changes], float]:
+        async with Watcher(tmp_path, never, written_quiet=0.3, written_max=5.0) as watcher:
+            changes = watcher.changes()
+            await anext(changes)
+            started = time.monotonic()
+            log.write("a line, flushed, the file still open\n")
+            log.flush()
+            os.truncate(tmp_path / "cut.bin", 10)
+            got = await gather(changes, has("kept.log", "cut.bin"), 10)
+            waited = time.monotonic() - started
+            (tmp_path / "closed.txt").write_text("saved\n")
+            return got, await gather(changes, has("closed.txt"), 10), waited
+
+    try:
+        written, closed, waited = asyncio.run(main())
+    finally:
+        log.close()
+    assert union(written) == {"kept.log", "cut.bin"} and all(not b.full for b in written)
+    assert waited >= 0.3, waited  # (after the writes paused, not at the first of them)
+    assert union(closed) == {"closed.txt"}

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -64,7 +65,7 @@ from backer.protocol.channel import (
 from backer.protocol.invite import parse_address
 from backer.protocol.session import Session
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
-from backer.scanner.watch import Watcher
+from backer.scanner.watch import WRITTEN_MAX, WRITTEN_QUIET, Watcher
 from backer.versioner.prune import (
     DROP_ALL,
     KeptBytes,
@@ -345,7 +346,17 @@ class Runtime:
     async def _watch(self) -> None:
         """Scan what the watcher says changed, one batch at a time."""
         root = self.share.root
-        async with Watcher(root, IgnoreRules.load(root).excluded) as watcher:
+        scale = self.node.scale
+        async with Watcher(
+            root,
+            IgnoreRules.load(root).excluded,
+            written_quiet=WRITTEN_QUIET * scale,
+            written_max=WRITTEN_MAX * scale,
+        ) as watcher:
+            store = self.hub.replicator.store
+            store.on_stale = functools.partial(
+                asyncio.get_running_loop().call_soon_threadsafe, watcher.changed
+            )
             async for changes in watcher.changes():
                 if IGNORE_FILE in changes.paths:
                     watcher.is_ignored = IgnoreRules.load(root).excluded

@@ -2,7 +2,8 @@
 
 The catalog's chunk index says where a chunk's bytes were last seen (any file of the
 share, kept contents in ``.backer/store/`` included); they are re-hashed when read, so
-a stale index row costs a miss, never a wrong byte. Chunks from peers do not pass
+a stale index row costs a miss, never a wrong byte, and a file of the share found
+changed so is named to ``on_stale`` (the running node scans it). Chunks from peers do not pass
 through here: they are written straight into the temp files being assembled (see
 :class:`~backer.model.materializer.Assembly`).
 """
@@ -13,7 +14,7 @@ import ctypes
 import errno
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ from blake3 import blake3
 from backer.buffers import POOLED_FROM, Buffers
 from backer.db.catalog import Catalog
 from backer.fs.dirs import open_regular
+from backer.fs.paths import METADATA_DIR
 from backer.scanner.content import ChunkRef, Manifest
 
 COPY_PIECE = 1024 * 1024  # copied (and hashed) this much at a time, through one buffer
@@ -64,6 +66,13 @@ class ChunkStore:
         self.root = root
         self.catalog = catalog
         self._reads = Buffers(keep=READS_KEPT, size=READ_RUN)  # for :meth:`read_many`
+        self.on_stale: Callable[[str], None] | None = None  # told each file of the share
+        # whose indexed bytes a read found changed: written with no event the watcher
+        # listens to (kept open, truncate(2)), so its running node scans it now
+
+    def _stale(self, path: str) -> None:
+        if self.on_stale is not None and path.partition("/")[0] != METADATA_DIR:
+            self.on_stale(path)
 
     def _open(self, path: str) -> int | None:
         try:
@@ -89,6 +98,7 @@ class ChunkStore:
                 os.close(fd)
             if blake3(data).digest() == chunk_hash:
                 return data
+            self._stale(path)
         return None
 
     def read_many(self, hashes: Sequence[bytes]) -> dict[bytes, bytes | memoryview]:
@@ -122,6 +132,8 @@ class ChunkStore:
                         data = held[offset - start : offset - start + length]
                         if len(data) == length and blake3(data).digest() == chunk_hash:
                             found[chunk_hash] = data
+                        else:
+                            self._stale(path)
             finally:
                 os.close(fd)
         for chunk_hash, places in locations.items():
@@ -257,9 +269,7 @@ def _back_to_back(
     in the file, each at most READ_RUN bytes (one chunk at least)."""
     run: list[tuple[int, int, bytes]] = []
     for item in wanted:
-        if run and (
-            item[0] != run[-1][0] + run[-1][1] or item[0] + item[1] - run[0][0] > READ_RUN
-        ):
+        if run and (item[0] != run[-1][0] + run[-1][1] or item[0] + item[1] - run[0][0] > READ_RUN):
             yield run
             run = []
         run.append(item)

@@ -5,12 +5,21 @@ the ``async with``) and yields :class:`Changes`: first a full scan ("start"), th
 batches of share-relative paths, each to be scanned with its subtree (a directory
 event names the directory; nothing below a path named in the same batch is named). A
 full scan is asked for again every ``rescan_every`` seconds (the safety net for what no
-event reports: a writer that never closes its file) and whenever the kernel's event
-queue overflowed (events were lost).
+event reports: a write through ``mmap``) and whenever the kernel's event queue
+overflowed (events were lost).
 
 - Events: only those that can change a name or content (created, deleted, moved,
   closed after writing, attributes), not every ``write()`` (IN_MODIFY) nor opens and
   reads: watchdog's default set is what overflows inotify's queue on large trees.
+- Written, not closed (Linux): a file written and kept open (a log, a database) or cut
+  by ``truncate(2)`` raises IN_MODIFY alone. A second inotify instance listens to
+  IN_MODIFY and IN_CLOSE_WRITE only, on the same folders, and is read at most every
+  ``WRITTEN_GATHER`` seconds, so that the kernel folds a file's successive writes into
+  one queued event and a large write wakes no thread per ``write()``. A file written
+  and not closed by then is reported once no write came for ``written_quiet``
+  seconds, or ``written_max`` seconds after its first one while the writes go on; its
+  close reports it at once (the main instance) and drops the wait. Watches of the main
+  instance come first: at the watch limit this one gives its own back.
 - Coalescing: a batch is handed over once no event came for ``quiet`` seconds, or
   ``max_delay`` seconds after its first event, whichever is sooner; while the node
   scans, new events gather into the next batch.
@@ -42,10 +51,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
 import os
+import select
 import stat
+import struct
 import sys
 import threading
 import warnings
@@ -93,6 +105,11 @@ EVENTS = [
     FileAttribEvent,
     DirAttribEvent,
 ]
+WRITTEN_QUIET = 10.0  # seconds without a write before a file written and not closed is
+WRITTEN_MAX = 60.0  # reported; at most this long after its first write (Syncthing: 10, 60)
+WRITTEN_GATHER = 0.5  # seconds the written-file instance lets its events gather: the
+# kernel merges an event with the one queued just before it, so a file's writes in that
+# time are one event (16,384 queued at most: 32,000 distinct files a second)
 WATCHES_SYSCTL = "/proc/sys/fs/inotify/max_user_watches"
 POLL_EVERY = 10.0  # seconds between two looks at the directories inotify cannot watch
 SHORT_RETRY = (1.0, 30.0)  # seconds before walking again a directory that could not be
@@ -145,15 +162,20 @@ class Watcher:
         max_delay: float = 1.0,
         rescan_every: float = 3600.0,
         poll_every: float = POLL_EVERY,
+        written_quiet: float = WRITTEN_QUIET,
+        written_max: float = WRITTEN_MAX,
     ) -> None:
         self.root = root
         self.is_ignored = is_ignored
         self.quiet, self.max_delay = quiet, max_delay
         self.rescan_every, self.poll_every = rescan_every, poll_every
+        self.written_quiet, self.written_max = written_quiet, written_max
         self._prefix = os.fspath(root) + os.sep
         self._inbox: list[tuple[str, bool]] = []  # from watchdog's threads, under the lock
         self._inbox_lock = threading.Lock()
         self._pending: set[str] = set()
+        self._written: dict[str, tuple[float, float]] = {}  # path: its first, last write
+        self.writes: _Writes | None = None  # the written-file instance (Linux)
         self._full: str | None = None
         self._last = 0.0
         self._arrived = asyncio.Event()
@@ -198,6 +220,7 @@ class Watcher:
         traceback: TracebackType | None,
     ) -> None:
         observer, poller, retrying = self._observer, self._poller, self._retrying
+        writes, self.writes = self.writes, None
         self._observer = self._poller = self._retrying = None
         if retrying is not None:
             retrying.cancel()
@@ -209,12 +232,17 @@ class Watcher:
         if poller is not None:
             poller.close()
             await asyncio.to_thread(poller.join)
+        if writes is not None:
+            writes.close()
+            await asyncio.to_thread(writes.join)
 
     def _start_observer(self) -> BaseObserver:
         """Watch the share (in a worker thread: adding the watches walks every
         directory); watchdog's inotify observer with backer's hooks on Linux."""
         handler = _Handler(self)
         if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError):  # (no instance left: closes only)
+                self.writes = _Writes(self)
             observer: BaseObserver = _InotifyObserver(self)
         else:
             from watchdog.observers import Observer
@@ -223,8 +251,13 @@ class Watcher:
         observer.schedule(handler, os.fspath(self.root), recursive=True, event_filter=EVENTS)
         try:
             observer.start()
+            if self.writes is not None:
+                self.writes.start()
         except BaseException:
             observer.stop()
+            if self.writes is not None:
+                self.writes.close()
+                self.writes = None
             raise
         return observer
 
@@ -237,8 +270,9 @@ class Watcher:
         self._pending.clear()
         yield Changes(frozenset(), True, "start")
         while True:
+            due = min(next_full, loop.time() + ALIVE_EVERY, *self._written_due().values())
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(min(next_full, loop.time() + ALIVE_EVERY)):
+                async with asyncio.timeout_at(due):
                     await self._arrived.wait()
             if (ended := self.ended()) is not None:
                 raise WatcherStopped(f"the watcher's thread {ended} ended: changes went unseen")
@@ -247,11 +281,16 @@ class Watcher:
             self._arrived.clear()
             if loop.time() >= next_full:
                 self._full = self._full or "periodic"
+            for path, at in self._written_due().items():
+                if at <= loop.time():
+                    self._pending.add(path)
+                    del self._written[path]
             paths = frozenset(outermost(self._pending))
             self._pending.clear()
             if self._full is not None:
                 reason, self._full = self._full, None
                 next_full = loop.time() + self.rescan_every
+                self._written.clear()  # (what a scan from now on sees)
                 yield Changes(paths, True, reason)
             elif paths:
                 yield Changes(paths, False, "events")
@@ -263,7 +302,7 @@ class Watcher:
         if self._observer is not None and not self._root_went():
             observer = self._observer
             threads += [observer, *observer.emitters, getattr(observer, "_inotify_fd", None)]
-        threads.append(self._poller)
+        threads += [self._poller, self.writes]
         for thread in threads:
             if isinstance(thread, threading.Thread) and not thread.is_alive():
                 return thread.name
@@ -277,6 +316,11 @@ class Watcher:
         except OSError:
             return True
         return (info.st_ino, info.st_dev) != self._root_id
+
+    def _written_due(self) -> dict[str, float]:
+        """When each file written and not closed is to be reported."""
+        quiet, longest = self.written_quiet, self.written_max
+        return {p: min(last + quiet, first + longest) for p, (first, last) in self._written.items()}
 
     async def _settle(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wait until no event came for ``quiet`` seconds, ``max_delay`` at most."""
@@ -333,6 +377,13 @@ class Watcher:
         if found:
             self._from_thread(found)
 
+    def written(self, paths: list[tuple[bytes, bool]]) -> None:
+        """Files written (from the written-file instance's thread), each with whether
+        it was closed since: a closed one was reported by its close."""
+        found = [(r, closed) for raw, closed in paths if (r := self._relative(raw)) is not None]
+        if found:
+            self._call(self._wrote, found)
+
     def overflowed(self) -> None:
         """The kernel dropped events: only a full scan can tell what changed."""
         self._call(self._want_full, "overflow")
@@ -362,6 +413,25 @@ class Watcher:
                 fresh = True
         if fresh:
             self._wake()
+
+    def _wrote(self, found: list[tuple[str, bool]]) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        waiting = bool(self._written)
+        for path, closed in found:
+            if closed:
+                self._written.pop(path, None)
+            elif not self.is_ignored(path, False):
+                first, _ = self._written.get(path, (now, now))
+                self._written[path] = (first, now)
+        if self._written and not waiting:  # (the loop's wait may be longer than this one's)
+            self._arrived.set()
+
+    def changed(self, path: str) -> None:
+        """``path`` changed though no event said so (in the loop): a read for a peer
+        found its recorded bytes gone. Scanned with the next batch, as if watched."""
+        self._pending.add(path)
+        self._wake()
 
     def _want_full(self, reason: str) -> None:
         self._full = self._full or reason
@@ -536,7 +606,15 @@ def _snapshot(root: Path, top: str) -> dict[str, tuple[int, int, int, int]]:
 if sys.platform.startswith("linux"):
     from watchdog.observers.inotify import InotifyEmitter, InotifyObserver, InotifyWatchGroup
     from watchdog.observers.inotify_c import InotifyConstants as In
-    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, Mask
+    from watchdog.observers.inotify_c import (
+        InotifyEvent,
+        InotifyFD,
+        Mask,
+        WatchDescriptor,
+        inotify_add_watch,
+        inotify_init,
+        inotify_rm_watch,
+    )
 
     def _listing(top: bytes, skip: bytes, unlisted: list[bytes]) -> list[os.DirEntry[bytes]]:
         """The entries of the folder ``top`` but ``skip``; none if it cannot be listed
@@ -624,10 +702,16 @@ if sys.platform.startswith("linux"):
             self._watch(path)
 
         def _watch(self, path: bytes) -> bool:
-            """Watch ``path``; whether that made a new watch (its folder was not watched
-            already, under this name or another)."""
+            """Watch ``path`` (for written files too); whether that made a new watch (its
+            folder was not watched already, under this name or another)."""
+            writes = self.watcher.writes if self.watcher is not None else None
             try:
-                wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
+                try:
+                    wd = self._add_watch(path)
+                except OSError as exc:  # the written-file watches are given back first
+                    if exc.errno != errno.ENOSPC or writes is None or not writes.give_back():
+                        raise
+                    wd = self._add_watch(path)
             except OSError as exc:
                 if path == self.path:
                     raise
@@ -637,7 +721,131 @@ if sys.platform.startswith("linux"):
             new = wd not in self._active_callbacks_by_watch
             self._active_callbacks_by_path[path] = wd
             self._active_callbacks_by_watch[wd] = path
+            if writes is not None:
+                writes.watch(path, wd, self._active_callbacks_by_watch)
             return new
+
+        def _add_watch(self, path: bytes) -> WatchDescriptor:
+            return self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
+
+    WRITES_MASK = In.IN_MODIFY | In.IN_CLOSE_WRITE | In.IN_ONLYDIR | In.IN_EXCL_UNLINK
+    _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; name
+
+    class _Writes(threading.Thread):
+        """The written-file instance (see the module's docstring): its own inotify
+        descriptor, a watch on each folder the main instance watches, read at most every
+        WRITTEN_GATHER seconds. A folder is named by the main instance's watch (which
+        watchdog moves with the folder)."""
+
+        def __init__(self, watcher: Watcher) -> None:
+            super().__init__(name="backer-writes", daemon=True)
+            self.watcher = watcher
+            fd = inotify_init()
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "inotify_init failed")
+            self._fd = fd
+            os.set_blocking(fd, False)
+            self._stop_r, self._stop_w = os.pipe()
+            self._folders: dict[int, tuple[int, dict[WatchDescriptor, bytes]]] = {}  # wd:
+            # the main instance's wd of that folder and where that instance names it
+            self._lock = threading.Lock()
+            self._full = False  # at the watch limit: no more watches of its own
+
+        def watch(
+            self, path: bytes, main: WatchDescriptor, names: dict[WatchDescriptor, bytes]
+        ) -> None:
+            """Watch the folder ``path`` too, as the main instance does with ``main``."""
+            with self._lock:
+                if self._full or self._fd < 0:
+                    return
+                wd = inotify_add_watch(self._fd, path, WRITES_MASK)
+                if wd >= 0:
+                    self._folders[wd] = (main, names)
+                elif ctypes.get_errno() == errno.ENOSPC:
+                    self._full = True
+                    log.debug(
+                        "at the watch limit: files written and not closed are seen "
+                        "at the periodic scan only below %s",
+                        path,
+                    )
+
+        def give_back(self) -> bool:
+            """Remove every watch of its own, for the main instance's (at the watch limit:
+            a folder watched matters more than its files written and not closed); whether
+            there were any."""
+            with self._lock:
+                self._full = True
+                held, self._folders = self._folders, {}
+                for wd in held:
+                    inotify_rm_watch(self._fd, wd)
+            if held:
+                log.info(
+                    "inotify watch limit reached: files written and not closed "
+                    "are seen at the periodic scan only"
+                )
+            return bool(held)
+
+        def close(self) -> None:
+            if self.ident is None:  # never started
+                self._release()
+                return
+            with contextlib.suppress(OSError):
+                os.write(self._stop_w, b"!")
+
+        def _release(self) -> None:
+            with self._lock:
+                if self._fd >= 0:
+                    for fd in (self._fd, self._stop_r, self._stop_w):
+                        os.close(fd)
+                    self._fd = -1
+
+        def run(self) -> None:
+            try:
+                poller = select.poll()
+                poller.register(self._fd, select.POLLIN)
+                poller.register(self._stop_r, select.POLLIN)
+                while True:
+                    ready = {fd for fd, _ in poller.poll()}
+                    if self._stop_r in ready:
+                        return
+                    # (a close meanwhile ends the wait: the gathered events are dropped)
+                    if select.select([self._stop_r], [], [], WRITTEN_GATHER)[0]:
+                        return
+                    self._read()
+            finally:
+                self._release()
+
+        def _read(self) -> None:
+            """Everything queued, told to the watcher: each file written, with whether it
+            was closed since (backer's temp files left out). Events are only gathered by
+            (folder, name) in the loop over them: a window's interleaved writes into its
+            temp files are not merged by the kernel."""
+            last: dict[tuple[int, bytes], int] = {}  # (wd, name): the mask of its last event
+            size = _EVENT.size
+            while True:
+                try:
+                    buffer = os.read(self._fd, 65536)
+                except BlockingIOError:
+                    break
+                at = 0
+                while at + size <= len(buffer):
+                    wd, mask, _, length = _EVENT.unpack_from(buffer, at)
+                    last[wd, buffer[at + size : at + size + length]] = mask
+                    at += size + length
+            written: list[tuple[bytes, bool]] = []
+            for (wd, raw), mask in last.items():
+                name = raw.rstrip(b"\0")
+                if mask & In.IN_Q_OVERFLOW:
+                    self.watcher.overflowed()
+                elif mask & In.IN_IGNORED:
+                    with self._lock:
+                        self._folders.pop(wd, None)
+                elif name and not is_temp_name(os.fsdecode(name)):
+                    main, names = self._folders.get(wd, (-1, {}))
+                    if (folder := names.get(main)) is not None:
+                        written.append((os.path.join(folder, name), bool(mask & In.IN_CLOSE_WRITE)))
+            if written:
+                self.watcher.written(written)
 
     class _Emitter(InotifyEmitter):
         def __init__(self, *args: object, watcher: Watcher, **kwargs: object) -> None:
