@@ -21,6 +21,7 @@ from .machine import (
     KILLED_IN,
     PATTERNS,
     RESOLUTIONS,
+    UNSEEN,
     WAITS,
     ClusterMachine,
     world_contents,
@@ -58,6 +59,7 @@ WORLD_RULES = {  # family: (rule, weight)
     "resident": [("race", 4), ("stop", 1), ("start", 2), ("connect", 4), ("deliver", 10)],
     "clocks": [("set_clock", 2), ("reboot", 2), ("prune_all", 2)],
     "kills": [("kill", 5)],
+    "unseen": [("unseen", 4)],
 }
 EDITS = frozenset({"write", "append", "truncate", "delete", "rename", "mkdir", "symlink",
                    "toggle_exec", "ignore", "race", "deep"})  # fmt: skip
@@ -161,6 +163,14 @@ def _random_step(
             "nth": nth,
             "other": rnd.randrange(nodes),
             "pick": rnd.randrange(100),
+        }
+    if choice == "unseen":
+        data = rnd.choice(contents) if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(300))
+        return choice, {
+            "node": node,
+            "path": rnd.choice(files),
+            "kind": rnd.choice(UNSEEN),
+            "data": data,
         }
     if choice == "craft":
         return choice, {"kind": rnd.choice(CRAFTS), "pick": rnd.randrange(100)}

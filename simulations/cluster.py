@@ -122,6 +122,11 @@ class Node:
     rules_seen: bytes | None = None  # its .backerignore at its last whole scan
     rules_moved: bool = False  # a scan since then saw other rules (they may be back)
     killed: bool = False  # killed at a kill point (the harness restarts it)
+    heard_later: set[str] = field(default_factory=set)  # written, no close: its watcher
+    # reports them once the writes pause (at its next scan, not the one right after)
+    unheard: set[str] = field(default_factory=set)  # changed with no event at all (mmap)
+    stale: set[str] = field(default_factory=set)  # what a read for a peer found changed:
+    # ``backer run`` scans them at once (see Cluster.scan_stale)
 
     def open(self) -> Share:
         if self.share is None:
@@ -133,6 +138,7 @@ class Node:
         """The replicator all of this node's open links share."""
         if self.replicator is None:
             self.replicator = Replicator(self.open(), self.name)
+            self.replicator.store.on_stale = self.stale.add
         return self.replicator
 
     def scan(
@@ -150,6 +156,10 @@ class Node:
         ``meanwhile`` is what the node's links do while an off-loop scan hashes
         (``mid_walk``: before its first file; see :func:`scan_share`)."""
         share = self.open()
+        if self.touched is not None:  # (what its watcher reported since the last scan)
+            self.touched |= self.heard_later | self.stale
+        self.heard_later.clear()
+        self.stale.clear()
         edits = self.edits
         rules, local = IgnoreRules.load(self.root), share.catalog.local_entries()
         moved = self.rules_moved or self._rules() != self.rules_seen
@@ -163,12 +173,15 @@ class Node:
                 raise InvariantBroken(f"{self.name} recorded the deletion of ignored {path!r}")
         rules_now = self._rules()
         moved = moved or rules_now != self.rules_seen
-        if summary.events and not self.edited and not moved:
-            recorded = sorted(summary.added + summary.modified + summary.deleted)
-            if set(recorded) - parents:
-                raise InvariantBroken(
-                    f"{self.name} recorded its own applied writes as edits: {recorded[:5]}"
-                )
+        recorded = sorted(summary.added + summary.modified + summary.deleted)
+        unheard, self.unheard = self.unheard, self.unheard - set(recorded) - set(paths or ())
+        if paths is None:
+            self.unheard = set()  # (what this scan looked at, or recorded, is heard now)
+        own = set(recorded) - parents - unheard
+        if summary.events and not self.edited and not moved and own:
+            raise InvariantBroken(
+                f"{self.name} recorded its own applied writes as edits: {recorded[:5]}"
+            )
         # recorded later, or made while the scan ran (a person who saved a file where a
         # window moving files meanwhile was about to put one: see faults.save_first)
         self.edited = bool(summary.errors or summary.waiting) or self.edits != edits
@@ -201,6 +214,12 @@ class Node:
             self.touched = None
         else:
             self.touched.update(paths)
+
+    def edit_unheard(self, paths: Iterable[str], later: bool) -> None:
+        """Its person changed ``paths`` with no event its watcher hears at once:
+        ``later`` (written and not closed) once the writes pause, else never (mmap)."""
+        self.edit([])
+        (self.heard_later if later else self.unheard).update(paths)
 
     def edit_one(self, path: str) -> None:
         self.edit([path])
@@ -573,7 +592,19 @@ class Cluster:
         direction of each; return how many were delivered."""
         key = (min(a, b), max(a, b))
         with self.acting():
-            return self._deliver(key, count)
+            delivered = self._deliver(key, count)
+            self.scan_stale()
+            return delivered
+
+    def scan_stale(self) -> bool:
+        """Resident nodes scan what a read for a peer found changed since it was
+        recorded (``backer run`` does at once: a file written with no event its watcher
+        heard); whether any did."""
+        stale = [i for i, n in enumerate(self.nodes) if self.resident and n.stale and not n.down]
+        for index in stale:
+            self._scan(index, whole=False, off_loop=True)
+            self._collect()
+        return bool(stale)
 
     def _deliver(self, key: tuple[int, int], count: int) -> int:
         delivered = 0

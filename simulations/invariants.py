@@ -12,13 +12,14 @@ import nacl.signing
 from blake3 import blake3
 
 from backer.fs.paths import is_valid
-from backer.model.materializer import copy_version_id, is_copy_of
+from backer.model.materializer import copy_version_id, is_copy_of, unavailable
 from backer.model.records import Kind, Version
 from backer.model.share import Share
 from backer.node import commands
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
+from backer.scanner.walk import stat_key_of
 from backer.versioner.config import policy as retention_policy
 from backer.versioner.store import Store, held_bytes
 from journal import Checkpoint, Event, Range
@@ -120,6 +121,8 @@ def check_pushed(cluster: Cluster, limit: int = 20_000) -> None:
         for delivered in range(limit):
             busy = sorted(key for key, link in cluster.links.items() if not link.quiet)
             if not busy:
+                if cluster.scan_stale():  # (what it recorded goes out next)
+                    continue
                 break
             cluster._deliver(cluster.random.choice(busy), 1)
             settling(delivered + 1)
@@ -134,6 +137,36 @@ def check_pushed(cluster: Cluster, limit: int = 20_000) -> None:
                 f"node{a} and node{b} are linked and quiet but their journals differ "
                 "(an event was not pushed)"
             )
+    check_served(cluster)
+
+
+UNAVAILABLE = unavailable(0).partition(" (")[0]
+
+
+def check_served(cluster: Cluster) -> None:
+    """Linked and quiet, no node waits for the bytes of a file a linked peer holds on
+    its disk changed since it recorded it (its scan cache's stat no longer the file's:
+    written with no event its watcher heard): a read for a peer that finds the recorded
+    bytes gone has the file scanned, and its new version is what the node then fetches."""
+    for a, b in sorted(cluster.links):
+        if cluster.is_hostile(a) or cluster.is_hostile(b):
+            continue
+        for waiting, holder in ((a, b), (b, a)):
+            node, peer = cluster.nodes[waiting], cluster.nodes[holder]
+            local = peer.open().catalog.local_entries()
+            for (source, path), problem in sorted(node.open().problems.items()):
+                if source != "apply" or not problem.reason.startswith(UNAVAILABLE):
+                    continue
+                try:
+                    info = os.lstat(peer.root / path)
+                except OSError:
+                    continue
+                recorded = local.get(path)
+                if recorded is not None and recorded.stat_key != stat_key_of(info):
+                    raise InvariantBroken(
+                        f"{node.name} waits for the bytes of {path!r}, which {peer.name} "
+                        "holds on its disk changed since recorded, and does not scan"
+                    )
 
 
 def _differences(prints: list[tuple[list, list]]) -> str:

@@ -7,6 +7,7 @@ none, a scenario is exactly what it was before they existed (old seeds replay).
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 import time
@@ -59,6 +60,7 @@ NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
 FILES = ["f", "g", "a/f", "a/c/h", "b/g", "a/c"]
 CONTENTS = [b"", b"same", b"other", b"x" * 70_000]
+UNSEEN = ["truncate", "append", "mmap"]  # how a file changes with no event heard at once
 
 node_index = st.integers(min_value=0, max_value=NODES - 1)
 dir_path = st.sampled_from(DIRS)
@@ -110,6 +112,10 @@ FAMILIES = {
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
+    "unseen": "(with resident) a person changes a file with no event the watcher hears at "
+    "once: cut by truncate(2) or appended to and kept open (the written-file watch reports "
+    "it once its writes pause: at a later scan), or written through mmap (no event at all: "
+    "only a peer's request that finds its recorded bytes gone, or a whole scan, sees it)",
 }
 ALL = frozenset(FAMILIES)
 CLASSIC: frozenset[str] = frozenset()
@@ -294,11 +300,20 @@ class ClusterMachine(RuleBasedStateMachine):
         self.fingerprint = b""
         self.resolved: dict[tuple[str, str], set[str]] = {}  # copy -> what its resolution recorded
 
-    def _fs(self, node: int, action, *touched: Path, changed: Iterable[str] | None = ()) -> None:
+    def _fs(
+        self,
+        node: int,
+        action,
+        *touched: Path,
+        changed: Iterable[str] | None = (),
+        heard: str = "now",
+    ) -> None:
         """Run a file-system edit of node ``node``'s person; the files it touched get a
         modification time from the seeded clock (so a seed replays byte for byte), and so
         do the directories. Its watcher sees the ``touched`` and ``changed`` paths (None:
-        anything) change, and every directory the edit made above them."""
+        anything) change, and every directory the edit made above them: ``heard`` "now",
+        "later" (a write with no close, reported once the writes pause) or "never" (see
+        :meth:`.cluster.Node.edit_unheard`)."""
         started = time.time_ns()
         root = self.root(node)
         boxes = self.cluster.boxes  # a person stays in their box: a link out of it (a
@@ -320,7 +335,10 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.cluster.boxes[node].person_edited()
             if paths is not None:  # an edit through a link lands where the link points
                 paths |= {real for p in touched if (real := _inside(root, p)) is not None}
-            self.cluster.nodes[node].edit(paths)
+            if heard == "now" or paths is None:
+                self.cluster.nodes[node].edit(paths)
+            else:
+                self.cluster.nodes[node].edit_unheard(paths, later=heard == "later")
         with on_node(self.cluster.nodes[node].name):  # its device's clock
             stamp = entropy.now_ns()
         for path in touched:
@@ -379,6 +397,32 @@ class ClusterMachine(RuleBasedStateMachine):
         if spelled is None:
             return
         self._fs(node, lambda: os.truncate(self.root(node) / spelled, 1), self.root(node) / spelled)
+
+    @rule(node=node_index, path=any_file, kind=st.sampled_from(UNSEEN), data=content)
+    def unseen(self, node: int, path: str, kind: str, data: bytes) -> None:
+        """The person changes a file with no event the watcher hears at once (the
+        ``unseen`` family): ``truncate`` cuts it to half (truncate(2)), ``append`` writes
+        ``data`` at its end and keeps it open (no close), both reported once the writes
+        pause; ``mmap`` writes ``data`` over its start through a mapping (no event)."""
+        spelled = self._path(node, path) if "unseen" in self.world else None
+        target = self.root(node) / spelled if spelled is not None else None
+        if target is None or not target.is_file() or target.is_symlink():
+            return
+
+        def act() -> None:
+            size = target.stat().st_size
+            if kind == "truncate":
+                os.truncate(target, size // 2)
+            elif kind == "append":
+                with target.open("ab") as handle:
+                    handle.write(data or b"+")
+            elif size:
+                with target.open("r+b") as handle, mmap.mmap(handle.fileno(), size) as mapped:
+                    piece = (data or b"+")[:size]
+                    mapped[: len(piece)] = bytes(b ^ 0x5A for b in piece)
+                    mapped.flush()
+
+        self._fs(node, act, target, heard="never" if kind == "mmap" else "later")
 
     @rule(node=node_index, path=st.one_of(any_file, dir_path))
     def delete(self, node: int, path: str) -> None:

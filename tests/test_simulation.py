@@ -20,6 +20,7 @@ from backer.model.records import Version, timestamp
 from backer.model.share import Share
 from backer.node import commands
 from backer.protocol.session import Session
+from backer.scanner.chunks import ChunkStore
 from backer.scanner.ignore import CONFLICT_MARK, temp_name
 from backer.versioner import prune as prune_engine
 from backer.versioner import retention
@@ -1038,3 +1039,24 @@ def test_the_harness_catches_a_sync_silent_about_a_file_it_left_out(
     monkeypatch.setattr(commands, "not_here", lambda *args, **kwargs: nothing)
     with pytest.raises(Failure, match="sync reported nothing about 'g'"):
         replay(3, steps, 0, HOSTILE)
+
+
+def test_the_harness_catches_a_file_changed_unheard_whose_bytes_a_peer_asks_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Node 0 records f, then its person writes f through mmap (no event its watcher
+    hears); node 1, linked later, asks for f's bytes. Node 0's read finds them gone and
+    scans f (as ``backer run`` does), so node 1 gets the new version. Without that scan
+    node 1 waits, quiet and linked, for bytes no one serves, and the harness says so."""
+    steps = [
+        ("write", {"node": 0, "path": "f", "data": bytes(range(256)) * 2}),
+        ("scan", {"node": 0, "during": 0}),
+        ("unseen", {"node": 0, "path": "f", "kind": "mmap", "data": b"changed"}),
+        ("connect", {"a": 0, "b": 1}),
+        ("deliver", {"a": 0, "b": 1, "count": 60}),
+    ]
+    world = RESIDENT | {"unseen"}
+    _passes(steps, world)
+    monkeypatch.setattr(ChunkStore, "_stale", lambda self, path: None)
+    with pytest.raises(Failure, match="waits for the bytes of 'f'"):
+        replay(3, steps, 0, world)
