@@ -3,9 +3,13 @@ a real mount."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
-from tests.e2e import joined_pair
+import pytest
+
+from tests.e2e import Device, joined_pair
 from tests.helpers import small_disk
 
 
@@ -54,3 +58,31 @@ def test_R57_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers
     assert "usb/own.txt: not written: another filesystem is mounted at usb" in synced.stderr
     assert (a.root / "usb" / "own.txt").read_text() == "b's file in its own usb folder\n"
     assert "photo.jpg" not in a.run("log", "--dir", str(a.root)).stdout
+
+
+def test_R61_a_folder_bound_from_the_same_disk_and_unbound_deletes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A mount point was told by its device number alone, and a bind of a folder of the
+    same filesystem (``mount --bind ~/Photos ~/Backer/photos``, the way to sync a folder
+    that lives elsewhere) has the share's: the walk followed it, and once it was
+    unbound (a reboot, without an fstab line) the next scan recorded every file that
+    had been below it as deleted, for every device to delete. Mount points are now also
+    read from the mount table: reported on one line, nothing below recorded."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    a = Device(tmp_path, "a")
+    (a.root / "photos").mkdir(parents=True)
+    (a.root / "notes.txt").write_text("on the share's own disk\n")
+    (tmp_path / "Photos").mkdir()
+    (tmp_path / "Photos" / "photo.jpg").write_bytes(b"\xff\xd8 a photo")
+    bind = ["mount", "--bind", str(tmp_path / "Photos"), str(a.root / "photos")]
+    subprocess.run(bind, check=True)
+    try:
+        scanned = a.run("init", str(a.root))
+    finally:
+        subprocess.run(["umount", "-l", str(a.root / "photos")], check=True)
+    a.run("scan", "--dir", str(a.root))
+    log = a.run("log", "--dir", str(a.root)).stdout
+    assert "photo.jpg" not in log, log
+    assert "photos: skipped: another filesystem is mounted here" in scanned.stderr, scanned.stderr

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from backer.fs.mounts import ShareDisk, share_disk
+
 OPEN_DIRECTORIES = 64
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # (glibc 2.28+)
@@ -86,15 +88,15 @@ def open_directory(
     make: Callable[[str], bool] | None = None,
     start: tuple[str, int] | None = None,
     found: dict[str, Identity] | None = None,
-    device: int | None = None,
+    disk: ShareDisk | None = None,
 ) -> int:
     """A descriptor of the directory ``relative`` ('' for ``root``), reached from
     ``root`` one component at a time, never through a link; or, with ``start`` (an
     ancestor's relative path and a descriptor of it, left open), from that ancestor. A
     missing component is made when ``make(its relative path)`` says so (else
     FileNotFoundError). ``found`` gets the identity of each folder the walk reached.
-    With ``device`` (the share's filesystem), a folder on another one is
-    :class:`MountedHere`, before anything is made in it."""
+    With ``disk`` (the share's filesystem and mount points), a folder on another one, or
+    a bind, is :class:`MountedHere`, before anything is made in it."""
     if start is None:
         fd = os.open(os.path.join(root, ""), DIRECTORY_FLAGS & ~os.O_NOFOLLOW)
         done = []
@@ -121,9 +123,11 @@ def open_directory(
                 raise
             os.close(fd)
             fd = child
-            if found is not None or device is not None:
+            if found is not None or disk is not None:
                 reached = identity(fd)
-                if device is not None and reached[0] != device:
+                if disk is not None and (
+                    reached[0] != disk.device or "/".join(done) in disk.mount_points
+                ):
                     raise MountedHere("/".join(done))
                 if found is not None:
                     found["/".join(done)] = reached
@@ -165,7 +169,7 @@ class Directories:
         self._using: dict[str, int] = {}  # descriptors lent out: never closed meanwhile
         self._found: dict[str, Identity] = {}  # the folder each walk found at each path
         self._lock = threading.Lock()
-        self._device: int | None = None  # the share's filesystem: never left
+        self._disk: ShareDisk | None = None  # the share's filesystem: never left
 
     def open(self, relative: str, make: Callable[[str], bool] | None = None) -> None:
         """Open ``relative`` unless it is open already: from the nearest folder open here,
@@ -182,14 +186,14 @@ class Directories:
         fd = None if below is None else self._climb(relative, below, levels)
         if fd is None:
             found: dict[str, Identity] = {}
-            if self._device is None:
-                self._device = os.stat(self.root).st_dev
+            if self._disk is None:
+                self._disk = share_disk(self.root)
             if above is None:
-                fd = open_directory(self.root, relative, make, None, found, self._device)
+                fd = open_directory(self.root, relative, make, None, found, self._disk)
             else:
                 with self.at(above) as start:
                     start_at = (above, start)
-                    fd = open_directory(self.root, relative, make, start_at, found, self._device)
+                    fd = open_directory(self.root, relative, make, start_at, found, self._disk)
             with self._lock:
                 self._found.update(found)
         with self._lock:
@@ -321,6 +325,7 @@ class Directories:
                     os.close(fd)
             self._fds.clear()
             self._found.clear()
+            self._disk = None  # (read again by the next window: disks come and go)
 
     def _evict(self) -> None:
         """(lock held) Close the least recently used descriptors beyond the limit (the

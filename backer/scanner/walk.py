@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from backer.db.catalog import LocalEntry, Problem
+from backer.fs.mounts import ShareDisk, share_disk
 from backer.fs.paths import METADATA_DIR, BadPath, check_name, fold, is_valid
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, Kind
@@ -95,7 +96,7 @@ NamesReader = Callable[[list[int]], list[str]]
 
 def walk(
     root: Path,
-    device: int,
+    disk: ShareDisk,
     rules: IgnoreRules,
     errors: list[Problem],
     leftovers: list[str],
@@ -105,15 +106,15 @@ def walk(
 ) -> Iterator[Seen]:
     """Every non-ignored entry under ``root`` (or only its directory ``top`` and what is
     below it), in path order (the scan cache's order: a whole scan reads both side by
-    side); the paths that could not be read go to ``unreadable``. ``device``: the
-    share's filesystem (its root's ``st_dev``), which the walk never leaves.
+    side); the paths that could not be read go to ``unreadable``. ``disk``: the
+    share's filesystem and mount points, which the walk never crosses.
 
     A directory is listed when the walk reaches the place of its entries: after its
     siblings whose names sort before ``name + '/'`` (``a.b`` comes before ``a/x``).
     backer's own temp files (from a write that was interrupted) go to ``leftovers``.
     """
     start = os.path.join(root, top) if top else os.fspath(root)
-    listed = (device, rules, errors, leftovers, unreadable)
+    listed = (disk, rules, errors, leftovers, unreadable)
     stack = [iter(_listing(start, top + "/" if top else "", *listed))]
     while stack:
         if stop is not None and stop.is_set():
@@ -131,7 +132,7 @@ def walk(
 def _listing(
     directory: str,
     prefix: str,
-    device: int,
+    disk: ShareDisk,
     rules: IgnoreRules,
     errors: list[Problem],
     leftovers: list[str],
@@ -178,7 +179,7 @@ def _listing(
             unreadable.add(path)
             continue
         found = _entry(path, entry.path, info, rules, errors, leftovers)
-        if found is not None and _mounted(found, info, device, errors, unreadable):
+        if found is not None and _mounted(found, info, disk, errors, unreadable):
             continue
         if found is not None:
             name = path[len(prefix) :]
@@ -218,13 +219,14 @@ def _entry(
 
 
 def _mounted(
-    found: Seen, info: os.stat_result, device: int, errors: list[Problem], unreadable: set[str]
+    found: Seen, info: os.stat_result, disk: ShareDisk, errors: list[Problem], unreadable: set[str]
 ) -> bool:
     """True (reported, and kept as recorded, like an unreadable folder) for a folder on
     another filesystem than the share's: a disk or a bind mounted inside the share is
     not followed. Unmounted, it would be an empty folder, and every device would delete
-    what was recorded below it; as a share of its own, backer sees it go."""
-    if found.kind != Kind.DIRECTORY or info.st_dev == device:
+    what was recorded below it; as a share of its own, backer sees it go. A bind of a
+    folder of the same filesystem has the share's device: the mount table names it."""
+    if found.kind != Kind.DIRECTORY or not disk.crosses(found.path, info):
         return False
     errors.append(Problem(found.path, MOUNTED, warning=True))
     unreadable.add(found.path)
@@ -354,7 +356,7 @@ def look(
         result.errors.append(Problem(IGNORE_FILE, f"{IGNORE_FILE} {rules.unread}", True))
     for line in rules.invalid:
         result.errors.append(Problem(IGNORE_FILE, f"pattern skipped, not valid: {line!r}", True))
-    device = os.stat(root).st_dev
+    disk = share_disk(root)
     scope = None if paths is None else _scope(root, rules, paths, local_for)
     result.scope = scope
     unreadable: set[str] = set()
@@ -363,7 +365,7 @@ def look(
     if scope is None:
         cache = _CacheInOrder(local_after or pages_of(local_for(None, [])))
         find = cache.find
-        entries = walk(root, device, rules, result.errors, result.leftovers, unreadable, stop=stop)
+        entries = walk(root, disk, rules, result.errors, result.leftovers, unreadable, stop=stop)
     else:  # what is recorded below a path recorded as a file or link is nothing
         recorded = local_for(scope, [])
         below = [t for t in scope if t not in recorded or stat.S_ISDIR(recorded[t].mode)]
@@ -373,14 +375,14 @@ def look(
         find = local.get
         seen: dict[str, Seen] = {}
         for top in scope:
-            _walk_top(root, device, top, rules, result, seen, unreadable, stop)
+            _walk_top(root, disk, top, rules, result, seen, unreadable, stop)
         linked = _other_names(scope, seen, local, names_of) if names_of is not None else []
         if linked:
             local.update(local_for(linked, []))
             for name in linked:
-                _walk_top(root, device, name, rules, result, seen, unreadable, stop)
+                _walk_top(root, disk, name, rules, result, seen, unreadable, stop)
             scope = result.scope = sorted(outermost([*scope, *linked]))
-        _stat_parents(root, device, scope, rules, result, seen, unreadable, local_for)
+        _stat_parents(root, disk, scope, rules, result, seen, unreadable, local_for)
         entries = seen.values()
     batch: dict[str, LocalEntry] = {}  # the cache rows of the files to read
     to_read: list[Seen] = []
@@ -599,7 +601,7 @@ def _is_directory(root: Path, path: str) -> bool:
 
 def _walk_top(
     root: Path,
-    device: int,
+    disk: ShareDisk,
     top: str,
     rules: IgnoreRules,
     result: Observation,
@@ -622,14 +624,17 @@ def _walk_top(
     if rules.excluded(top, stat.S_ISDIR(info.st_mode)):
         return
     found = _entry(top, disk_path, info, rules, result.errors, result.leftovers)
-    if found is None or _mounted(found, info, device, result.errors, unreadable):
+    if found is None or _mounted(found, info, disk, result.errors, unreadable):
         return
-    if found.kind != Kind.DIRECTORY and _device_of(os.path.dirname(disk_path)) != device:
+    elsewhere = found.kind != Kind.DIRECTORY and (
+        _device_of(os.path.dirname(disk_path)) != disk.device
+    )
+    if elsewhere or disk.below_mount(top):
         unreadable.add(top)
         return
     seen[top] = found
     if found.kind == Kind.DIRECTORY:
-        below = walk(root, device, rules, result.errors, result.leftovers, unreadable, top, stop)
+        below = walk(root, disk, rules, result.errors, result.leftovers, unreadable, top, stop)
         seen.update((entry.path, entry) for entry in below)
 
 
@@ -642,7 +647,7 @@ def _device_of(directory: str) -> int | None:
 
 def _stat_parents(
     root: Path,
-    device: int,
+    disk: ShareDisk,
     scope: list[str],
     rules: IgnoreRules,
     result: Observation,
@@ -663,7 +668,7 @@ def _stat_parents(
             continue
         if stat.S_ISDIR(info.st_mode) and parent in result.local:
             found = _entry(parent, disk_path, info, rules, result.errors, result.leftovers)
-            if found is not None and not _mounted(found, info, device, result.errors, unreadable):
+            if found is not None and not _mounted(found, info, disk, result.errors, unreadable):
                 seen[parent] = found
 
 
