@@ -29,7 +29,8 @@ from simulations.campaign import Failure, replay, run_seed
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
 from simulations.world import reachable_temps, synced_trees
 
-BEFORE_KILLS = DEFAULT_WORLD - {"kills"}  # a seed drawn without kills keeps its steps
+BEFORE_EXFAT = DEFAULT_WORLD - {"nolinks", "plainrename"}  # the world its seeds were found in
+BEFORE_KILLS = BEFORE_EXFAT - {"kills"}  # a seed drawn without kills keeps its steps
 TestCluster = ClusterMachine.TestCase
 TestCluster.settings = settings(
     max_examples=15,
@@ -183,7 +184,7 @@ def test_a_kept_temp_hides_no_missing_file_from_the_convergence_check() -> None:
         ("sync", {"a": 1, "b": 2, "cut": None}),
         ("sync", {"a": 2, "b": 0, "cut": None}),
     ]
-    _passes(steps, DEFAULT_WORLD - {"resident", "clocks"})  # the world it was found in
+    _passes(steps, BEFORE_EXFAT - {"resident", "clocks"})  # the world it was found in
 
 
 def _scan_with_failing_reads(seed: int) -> tuple[dict[str, int], list[str], bytes]:
@@ -649,7 +650,7 @@ def test_a_restore_that_writes_nothing_says_so_instead_of_restored() -> None:
     it) was not written, yet the restore answered "restored" and recorded no new
     version (seed 13842 of the full default world)."""
     try:
-        run_seed(13842, 3, 60, DEFAULT_WORLD - {"fills", "clocks", "kills"})  # its world
+        run_seed(13842, 3, 60, BEFORE_EXFAT - {"fills", "clocks", "kills"})  # its world
     except Failure as failure:
         pytest.fail(failure.reason)
 
@@ -922,7 +923,7 @@ def test_killed_operations_that_once_failed(seed: int) -> None:
     """Traces of the ``kills`` family (docs/simulations.md, "Kill points"), each with
     the seed it was drawn from (a person's save before a rename comes from it)."""
     try:
-        replay(3, KILLED_TRACES[seed], seed, DEFAULT_WORLD)
+        replay(3, KILLED_TRACES[seed], seed, BEFORE_EXFAT)
     except Failure as failure:
         pytest.fail(failure.reason)
 
@@ -971,7 +972,7 @@ def test_a_deletion_made_while_a_restored_node_waits_for_its_events_is_recorded(
         ("scan", {"node": 2, "during": 13}),
     ]
     try:
-        replay(3, steps, 140717, DEFAULT_WORLD)
+        replay(3, steps, 140717, BEFORE_EXFAT)
     except Failure as failure:
         pytest.fail(failure.reason)
 
@@ -993,7 +994,7 @@ def test_a_copy_a_node_recorded_itself_goes_when_a_copy_of_it_supersedes_it() ->
         ("restore_at", {"node": 0, "path": "", "pick": 93}),
     ]
     try:
-        replay(3, steps, 140479, DEFAULT_WORLD)
+        replay(3, steps, 140479, BEFORE_EXFAT)
     except Failure as failure:
         pytest.fail(failure.reason)
 
