@@ -35,6 +35,7 @@ def test_R57_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers
     a, b, (port, _) = joined_pair(tmp_path)
     (a.root / "notes.txt").write_text("on the share's own disk\n")
     with small_disk(a.root / "usb", "4m"):
+        mode = (a.root / "usb").stat().st_mode  # (the disk's root's)
         (a.root / "usb" / "photo.jpg").write_bytes(b"\xff\xd8 a photo")
         scanned = a.run("scan", "--dir", str(a.root))
         with a.serving(port) as address:
@@ -46,6 +47,7 @@ def test_R57_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers
         with b.serving() as address:
             synced = a.run("sync", address, "--dir", str(a.root), check=False)
         on_the_disk = sorted(p.name for p in (a.root / "usb").iterdir())
+        assert (a.root / "usb").stat().st_mode == mode, "b's folder's mode went to a's disk"
     a.run("scan", "--dir", str(a.root))
     with a.serving(port) as address:
         b.sync(address)
@@ -55,7 +57,8 @@ def test_R57_a_disk_unmounted_from_inside_the_share_deletes_nothing_on_the_peers
     assert "usb: skipped: another filesystem is mounted here" in scanned.stderr
     assert _files(b.root) == ["notes.txt", "usb", "usb/own.txt"]
     assert on_the_disk == ["photo.jpg"], "b's file was written onto a's disk"
-    assert "usb/own.txt: not written: another filesystem is mounted at usb" in synced.stderr
+    assert "not written: another filesystem is mounted at usb: 2 files" in synced.stderr
+    assert "    usb/own.txt\n" in synced.stderr, synced.stderr
     assert (a.root / "usb" / "own.txt").read_text() == "b's file in its own usb folder\n"
     assert "photo.jpg" not in a.run("log", "--dir", str(a.root)).stdout
 

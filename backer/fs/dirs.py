@@ -203,6 +203,14 @@ class Directories:
             self._fds[relative] = fd
             self._evict()
 
+    def refuse_mount_point(self, relative: str, info: os.stat_result) -> None:
+        """:class:`MountedHere` if the folder at ``relative`` (``info``: its lstat) is a
+        mount point: its mode and times are the mounted disk's, not the share's."""
+        if self._disk is None:
+            self._disk = share_disk(self.root)
+        if stat.S_ISDIR(info.st_mode) and self._disk.crosses(relative, info):
+            raise MountedHere(relative)
+
     def _nearest(self, relative: str) -> tuple[str | None, str | None, int]:
         """(lock held) The nearest folders open here above ``relative`` and below it,
         one look at each (a deep path has more ancestors than there are descriptors

@@ -1590,6 +1590,8 @@ class Materializer:
             found = None
         if found is None and cached is not None:  # recorded here and gone: a deletion the
             raise LocalEdit(op.path)  # scanner has not recorded yet, never to be papered over
+        if found is not None:
+            self.dirs.refuse_mount_point(op.path, found)
         if found is not None and not stat.S_ISDIR(found.st_mode):
             self._unchanged(target, cached)  # a file or link we recorded: replace it
             assert cached is not None
