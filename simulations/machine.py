@@ -318,8 +318,9 @@ class ClusterMachine(RuleBasedStateMachine):
         started = time.time_ns()
         root = self.root(node)
         boxes = self.cluster.boxes  # a person stays in their box: a link out of it (a
-        if boxes and any(_inside(boxes[node].box, p) is None for p in touched):  # hostile
-            return  # one, applied as it is) is not theirs to write through
+        folders = [(root / p).parent for p in changed or ()]  # hostile one, applied as it
+        if boxes and any(_inside(boxes[node].box, p) is None for p in [*touched, *folders]):
+            return  # is) is not theirs to write, move into or delete through
         paths = None
         if changed is not None:
             paths = {p.relative_to(root).as_posix() for p in touched} | set(changed)

@@ -667,6 +667,27 @@ def test_hostile_seeds_that_once_failed(seed: int, nodes: int, steps: int) -> No
     assert run_seed(seed, nodes, steps, HOSTILE)["steps"] == steps
 
 
+def test_a_person_moves_nothing_through_a_hostile_link_out_of_their_box() -> None:
+    """Seed 171024 (hostile,disk,fills,ignore,unicode; 150 steps), shrunk: the hostile
+    member (node 1) records ``b`` as a link to ``../..``, which its own disk holds as
+    it is; its person then moves ``g`` to ``b/g``, into the folder holding the
+    sandboxes. That is the person's own write through a link (mv follows it as the
+    kernel does), not backer's, yet the harness let it happen and blamed a node ("a
+    node wrote beside the sandboxes: ['g']"): a person's edit stayed in their box only
+    for the paths it writes, not for those it moves, deletes or makes folders at."""
+    steps = [
+        ("craft", {"kind": "kind_change", "pick": 38}),
+        ("write", {"node": 1, "path": "g", "data": b"other"}),
+        ("sync", {"a": 1, "b": 2, "cut": None}),
+        ("rename", {"node": 1, "source": "g", "destination": "b/g"}),
+    ]
+    world = frozenset({"hostile", "disk", "fills", "ignore", "unicode"})
+    try:
+        replay(3, steps, 171024, world)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
 MET = [("sync", {"a": 0, "b": 1, "cut": None}), ("sync", {"a": 0, "b": 2, "cut": None})]
 MET += [("sync", {"a": 1, "b": 2, "cut": None})]  # every node has the share's history
 
