@@ -583,6 +583,8 @@ class Cluster:
             for index, session in enumerate(link.sessions):
                 hostile = self.hostile if self.is_hostile(key[index]) else None
                 for message in session.take_outbox():
+                    if hostile is not None and hostile.withholds(message):
+                        continue
                     frame = (hostile.forge(message) if hostile else message).encode()
                     self.traffic.bytes += len(frame)
                     link.queues[1 - index].append(frame)

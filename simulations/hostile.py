@@ -7,8 +7,9 @@ journal): paths that leave the share or cannot exist, links to outside the share
 files recorded through them, a ``.backerignore`` that is a link, a folder or 2 MiB,
 sizes and contents that lie, kind changes, one version id at two paths, times at the
 ends of the range, floods of tiny events, versions under another member's name; it
-may stop answering chunk requests half way through a transfer, or serve chunks and
-manifests that do not hash to what they claim.
+may stop answering chunk requests half way through a transfer, serve chunks and
+manifests that do not hash to what they claim, or never acknowledge the events it is
+sent.
 
 Every node lives in a sandbox directory: its share root, its home, a sentinel file and
 an ``outside/`` directory (with its own sentinel) that the hostile links point to.
@@ -30,7 +31,7 @@ from backer.model import entropy
 from backer.model.membership import EventKind
 from backer.model.records import MAX_TIME_MS, Kind, Version, new_version_id
 from backer.model.share import Share
-from backer.protocol.wire import Chunks, Manifests, Message, WantChunks, WantManifests
+from backer.protocol.wire import Chunks, Done, Manifests, Message, WantChunks, WantManifests
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IGNORE_FILE, read_rules
 
@@ -81,6 +82,7 @@ CRAFTS = [
     "spoof",  # a version under another member's name
     "mute",  # stops answering chunk and manifest requests
     "tamper",  # serves chunks and manifests that do not hash to what they claim
+    "deaf",  # never acknowledges the events it is sent (no Done), while it pings
 ]
 
 
@@ -175,6 +177,7 @@ class Hostile:
     crashes: int = 0  # its own client failed on what it crafted (not a bug of backer's)
     mute: bool = False
     tamper: bool = False
+    deaf: bool = False
 
     def refused(self, reason: str) -> None:
         """An honest node closed its session with the hostile one: with a reason."""
@@ -185,6 +188,13 @@ class Hostile:
     def drops(self, message: Message) -> bool:
         """Whether the hostile node, muted, leaves ``message`` unanswered."""
         return self.mute and isinstance(message, WantChunks | WantManifests)
+
+    def withholds(self, message: Message) -> bool:
+        """Whether the hostile node, deaf, does not send ``message``: it takes the events
+        honest nodes send it and never acknowledges them (real nodes close such a
+        session after ``transport.Limits.acknowledge_s``; here the link stays, and the
+        honest nodes must converge among themselves all the same)."""
+        return self.deaf and isinstance(message, Done)
 
     def forge(self, message: Message) -> Message:
         """What the hostile node sends instead of ``message`` when it tampers."""
@@ -207,6 +217,9 @@ class Hostile:
             return
         if kind == "tamper":
             self.tamper = True
+            return
+        if kind == "deaf":
+            self.deaf = True
             return
         device, now = share.device[:8], entropy.now_ms()
         live_file = self._a_live_file(share, pick)

@@ -404,3 +404,65 @@ def test_a_node_hands_back_what_a_members_ended_session_buffered(tmp_path: Path)
     finally:
         node.stop()
     assert "Traceback" not in node.log
+
+
+class TakesEventsSilently(Tactic):
+    """Takes whatever events it is sent without storing them, and never acknowledges
+    them (no Done); it only keeps the connection alive."""
+
+    def outgoing(self, session: Session, messages: list[Message]) -> list[Message]:
+        return [m for m in messages if not isinstance(m, Done)]
+
+    def incoming(self, session: Session, message: Message) -> list[Message] | None:
+        return [] if isinstance(message, Events) else None
+
+
+ACK_SCALE = "0.05"  # the acknowledgement's deadline 6 s, the idle one 3 s
+
+
+def test_a_sync_ends_when_its_peer_never_acknowledges_the_events_sent_to_it(
+    tmp_path: Path,
+) -> None:
+    """A peer that took the events a sync sent and then only pinged kept the sync
+    running for ever: it ends with one line and status 1, and loses nothing (the next
+    sync with an honest peer brings the file)."""
+    founder, member, port, _ = _founder_and_member(tmp_path, "member")
+    (member.root / "new").write_bytes(b"the member's new file")
+    with HostileMember(founder.root, founder.home, TakesEventsSilently()).running(port):
+        try:
+            synced = subprocess.run(
+                member.command("sync", f"127.0.0.1:{port}", "--dir", str(member.root)),
+                env={**member.env, "BACKER_TIME_SCALE": ACK_SCALE},
+                capture_output=True,
+                text=True,
+                timeout=JOIN_BOUND_S,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"the sync still ran after {JOIN_BOUND_S} s") from exc
+    assert synced.returncode == 1, synced.stdout + synced.stderr
+    assert "not acknowledged" in synced.stderr.strip().splitlines()[-1], synced.stderr
+    assert "Traceback" not in synced.stderr
+    assert not (founder.root / "new").exists()
+    with founder.serving(port) as address:
+        member.sync(address)
+    assert (founder.root / "new").read_bytes() == b"the member's new file"
+
+
+def test_a_node_closes_a_session_whose_peer_never_acknowledges_its_events(
+    tmp_path: Path,
+) -> None:
+    """A member that took a node's events and then only pinged held its session (a
+    slot, whatever it had buffered) as long as it liked: the node closes it with the
+    reason and serves on."""
+    founder, member, port, _ = _founder_and_member(tmp_path, "member")
+    (founder.root / "later").write_bytes(b"recorded while the member was away")
+    node = founder.start(port, BACKER_TIME_SCALE=ACK_SCALE)
+    try:
+        with HostileMember(member.root, member.home, TakesEventsSilently()).running() as peer:
+            closed = peer.dial(node.address, timeout=JOIN_BOUND_S)
+        assert "not acknowledged" in closed, closed
+        member.sync(node.address)
+    finally:
+        node.stop()
+    assert (member.root / "later").read_bytes() == b"recorded while the member was away"
+    assert "Traceback" not in node.log

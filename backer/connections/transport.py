@@ -62,6 +62,8 @@ class Limits:
     keepalive_s: float = 15.0  # a Ping when nothing was sent for this long
     idle_s: float = 60.0  # nothing received for this long: the peer is gone (or suspended)
     request_s: float = 120.0  # requests outstanding with no answer for this long: same
+    acknowledge_s: float = 120.0  # events sent, and nothing but Pings from the peer for
+    # this long without its acknowledgement: the session closes (the events stay)
     reply_bytes: int = 4 << 20  # replies are built once nothing is unsent, this much at a time
     unsent_bytes: int = 1 << 30  # more than this unsent, or output that has not moved for
     # idle_s: the peer does not read; closed
@@ -422,6 +424,8 @@ class Hub:
         stalled, moved = 0.0, 0  # the same since its catch-up last moved (one-shot), and
         # how far it had moved then (Session.catching_up)
         courtesy = 0.0  # the same for a Done that would acknowledge nothing (one-shot)
+        unacknowledged, heard = 0.0, 0  # the same for a Done of the events we sent, and
+        # how many messages (not Pings) the peer had sent then (Session.messages_received)
         draining, last_delivered = start, 0  # when our output last moved, and how far
         tasks: dict[str, asyncio.Future[Any]] = {}
         _write(streams, channel.data_to_send())
@@ -441,6 +445,11 @@ class Hub:
                         raise BackerError(
                             f"peer unresponsive: its catch-up did not move for "
                             f"{limits.idle_s:.0f} s"
+                        )
+                    if unacknowledged > limits.acknowledge_s:
+                        raise BackerError(
+                            f"peer unresponsive: the events sent to it not acknowledged for "
+                            f"{limits.acknowledge_s:.0f} s (a later sync sends what it lacks)"
                         )
                     if session.overdue(now, limits.request_s):
                         raise BackerError(
@@ -519,6 +528,15 @@ class Hub:
                     # a sync open for ever: only a catch-up that moves on counts
                     stalled = _silence(stalled, took, timeout, session.catching_up != moved)
                     moved = session.catching_up
+                if session is not None and session.awaiting_acknowledgement:
+                    # a peer that took our events and then only pinged held a sync open
+                    # for ever, and a node's session (a slot) as long as it liked
+                    spoke = session.messages_received != heard
+                    unacknowledged = _silence(unacknowledged, took, timeout, spoke)
+                else:
+                    unacknowledged = 0.0
+                if session is not None:
+                    heard = session.messages_received
                 if one_shot and session is not None and session.awaiting_courtesy:
                     courtesy = _silence(courtesy, took, timeout, False)
                     if courtesy > limits.idle_s:  # a peer that never acknowledges held a

@@ -203,6 +203,7 @@ class Session:
         self.pending_bytes = 0
         self.events_messages_sent = 0
         self.events_messages_received = 0
+        self.messages_received = 0  # every message of the peer but its Pings
         self.peer_acknowledged = -1
         self.peer_files_written = 0
         self.peer_need: tuple[int, int] | None = None  # (files, bytes) it last said it needs
@@ -244,6 +245,14 @@ class Session:
         return self._ours_done and self.events_messages_sent == 0 and self.peer_acknowledged < 0
 
     @property
+    def awaiting_acknowledgement(self) -> bool:
+        """Every ``Events`` message owed to the peer was built, and some of them it has
+        not acknowledged (``Done``) yet. An honest peer talks while it takes them in
+        (requests, chunks, what it still needs); one that only pings is bounded
+        (``transport.Hub.run``)."""
+        return self.peer_acknowledged < self.events_messages_sent and not self.sending
+
+    @property
     def _ours_done(self) -> bool:
         return self.peer_caught_up and self.replicator.idle and not (self.owed or self.sending)
 
@@ -267,6 +276,7 @@ class Session:
         kind = type(message)
         if kind not in LEGAL[self.phase] and kind not in ANY_PHASE:
             raise ProtocolError(f"unexpected {kind.__name__} {PHASE_NAMES[self.phase]}")
+        self.messages_received += kind is not Ping
         replies = getattr(self, f"_on_{kind.__name__.lower()}")(message)
         self.outbox += replies  # after what was queued before (e.g. our own Hello)
         return self.take_outbox(0 if self.lazy else None)
