@@ -16,7 +16,8 @@ from pathlib import Path
 
 from backer.config.identity import load_or_create_key
 from backer.config.registry import RegisteredShare
-from backer.model.share import Share
+from backer.model.share import Share, ShareBusy
+from backer.node import commands
 from backer.node.node import Node as InProcessNode
 from backer.versioner import config as retention_config
 from benchmarks import measure
@@ -170,10 +171,23 @@ def wait_until(done: Callable[[], object], nodes: Iterable[Node], timeout: float
         time.sleep(0.1)
 
 
+INVITE_EXPIRES_S = 86400  # (backer invite's default)
+
+
 def invite(founder: Device, address: str) -> str:
-    """A token naming ``address``, made while no other process holds the share."""
+    """A token naming ``address``: made in this process as ``backer invite --no-wait``
+    makes it (a set-up step: one CLI start saved each time), by that command where a
+    node holds the share (it asks the node) or the device's commands run otherwise
+    (another user, another clock)."""
     args = ("invite", "--no-wait", "--address", address, "--dir", str(founder.root))
-    return founder.run(*args).stdout.strip()
+    if type(founder).command is not Device.command:
+        return founder.run(*args).stdout.strip()
+    try:
+        share = Share.open(founder.root, load_or_create_key(founder.home), home=founder.home)
+    except ShareBusy:
+        return founder.run(*args).stdout.strip()
+    with share:
+        return commands.new_invite(share, INVITE_EXPIRES_S, (address,))[1]
 
 
 def joined_pair(tmp_path: Path) -> tuple[Device, Device, tuple[int, int]]:
