@@ -458,6 +458,61 @@ def test_a_window_whose_local_copy_ends_later_is_finished_when_the_copy_wakes_it
     assert not [r.errors for r in right.replicator.reports if r.errors]
 
 
+def test_a_large_file_complete_is_moved_into_place_while_the_next_one_is_still_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B moved the files of a window into place one after another once the last had
+    arrived: with a 10-byte insert into each of four 256 MiB files, each file's commit
+    (its old chunks' rows moved to the store entry, its own inserted, 0.12-0.6 s) waited
+    for every copy and then for the commits before it. A large file whose early check
+    has passed is now committed at once, and recorded, while the next one is copied."""
+    monkeypatch.setattr(materializer, "CHECK_EARLY", 200_000)
+    a, b = make_devices(tmp_path, 2)
+    for name in ("first.bin", "second.bin"):
+        (a.root / name).write_bytes(os.urandom(4 * 1024 * 1024))
+    sync(a, b)
+    for name in ("first.bin", "second.bin"):
+        _insert(a.root / name, 2 * 1024 * 1024, b"0123456789")
+    a.scan()
+    release, copy = threading.Event(), materializer._copy_local
+
+    def held(
+        store: ChunkStore, fd: int, runs: list[chunks.Run], stop: threading.Event
+    ) -> materializer._Copied:
+        if runs[0].source == "second.bin":
+            release.wait(30)
+        return copy(store, fd, runs, stop)
+
+    monkeypatch.setattr(materializer, "_copy_local", held)
+    left, right = Session(a, "a"), Session(b, "b")
+    woken = threading.Event()
+    right.replicator.wake = woken.set
+    links = Links([(left, right)])
+    try:
+        for _ in range(100):  # (bounded: 100 x 0.05 s)
+            links.run()
+            right.replicator.advance()
+            if (b.root / "first.bin").read_bytes() == (a.root / "first.bin").read_bytes():
+                break
+            woken.wait(0.05)
+            woken.clear()
+        assert (b.root / "first.bin").read_bytes() == (a.root / "first.bin").read_bytes()
+        assert right.replicator.operations is not None  # the second one still copies
+        assert not b.db.conn.in_transaction  # recorded, and committed
+        assert b.scan().events == 0  # recorded as the version it is
+    finally:
+        release.set()
+    for _ in range(100):
+        links.run()
+        right.replicator.advance()
+        if right.replicator.operations is None:
+            break
+        woken.wait(0.05)
+        woken.clear()
+    assert tree(a.root) == tree(b.root)
+    assert not [r.errors for r in right.replicator.reports if r.errors]
+
+
 def test_a_local_chunk_changed_since_its_scan_is_fetched_not_copied(tmp_path: Path) -> None:
     """Copied chunks are checked as they are copied: a source whose bytes changed
     since it was indexed must not end up in the file."""

@@ -41,7 +41,7 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from blake3 import blake3
 
@@ -851,7 +851,7 @@ class Assembly:
         self._copies[staged.op.path] = future
         self._notify(future)
 
-    def _notify(self, future: Future[_Copied] | Future[bool]) -> None:
+    def _notify(self, future: Future[Any]) -> None:
         if self.wake is not None:
             wake = self.wake
             future.add_done_callback(lambda _: wake())
@@ -927,17 +927,21 @@ class Assembly:
         self.missing.pop(chunk_hash, None)
         self._gathered.extend((staged, offset, data) for staged, offset in places)
         self._gathered_bytes += len(data) if places else 0
-        if self._gathered_bytes >= WRITE_BATCH:
-            self._submit()
+        if self._gathered_bytes >= WRITE_BATCH or not self.missing:
+            self._submit(last=not self.missing)
         self._collect(self._queued > WRITE_QUEUE)
 
-    def _submit(self) -> None:
-        """Hand the gathered writes to the writer thread."""
+    def _submit(self, last: bool = False) -> None:
+        """Hand the gathered writes to the writer thread; the ``last`` of the window
+        wakes the loop once written, so that its files are complete at once
+        (:meth:`commit_complete`), not when the window ends."""
         if not self._gathered:
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="backer-write")
         future = self._writer.submit(self._write, self._gathered)
+        if last:
+            self._notify(future)
         self._writes.append(_Writes(future, self._gathered, self._gathered_bytes))
         self._queued += self._gathered_bytes
         self._gathered, self._gathered_bytes = [], 0
@@ -1155,24 +1159,12 @@ class Assembly:
                 batch_bytes = 0
             staged = self.staged.pop(op.path, None)
             if staged is None:
-                continue  # already reported
+                continue  # already reported, or moved into place early (commit_complete)
             if staged.missing:  # every connected device lacked them (see docs/decisions.md)
                 report.errors.append(Problem(op.path, unavailable(staged.missing)))
                 _remove_temp(staged.temp)
                 continue
-            with _reported(op.path, report), _removing(staged.temp):
-                # A scan may have recorded a version here since the window began: if its
-                # file is gone now, writing would paper over the person's deletion.
-                staged.cached = local.get(op.path)
-                op.still_planned(staged.cached)
-                if op.version.kind == Kind.FILE:
-                    manifest = materializer.catalog.manifest(op.version.content)
-                    if manifest is None:
-                        raise ValueError("manifest is missing")
-                    seal(staged.temp, manifest, op.version, self._checked(staged, manifest))
-                elif op.version.mtime_ns:  # a link's own time (never its target's)
-                    mtime = op.version.mtime_ns
-                    staged.temp.utime_ns((mtime, mtime))
+            if self._sealed(staged, local.get(op.path)):
                 batch.append(staged)
                 batch_bytes += op.version.size
         materializer._commit(batch, report)
@@ -1184,6 +1176,58 @@ class Assembly:
         self._keep_directory_times()
         self._keep_written()
         return report
+
+    def _sealed(self, staged: _Staged, cached: LocalEntry | None) -> bool:
+        """Ready a complete temp file (taken out of :attr:`staged`) for its commit: the
+        version is still the one to write here and the bytes are verified (:func:`seal`).
+        False, its temp removed, when not (reported)."""
+        op, report = staged.op, self.report
+        with _reported(op.path, report), _removing(staged.temp):
+            # A scan may have recorded a version here since the window began: if its
+            # file is gone now, writing would paper over the person's deletion.
+            staged.cached = cached
+            op.still_planned(cached)
+            if op.version.kind == Kind.FILE:
+                manifest = self.materializer.catalog.manifest(op.version.content)
+                if manifest is None:
+                    raise ValueError("manifest is missing")
+                seal(staged.temp, manifest, op.version, self._checked(staged, manifest))
+            elif op.version.mtime_ns:  # a link's own time (never its target's)
+                mtime = op.version.mtime_ns
+                staged.temp.utime_ns((mtime, mtime))
+            return True
+        return False
+
+    def commit_complete(self) -> bool:
+        """Move into place now each large file whose early check has passed (all its
+        chunks written, verified and flushed), while the rest of the window is copied or
+        fetched: its commit (the replaced file kept, the records written) then overlaps
+        that work, where at :meth:`finish` the files were committed one after another
+        once the last had arrived. Each is committed as :meth:`finish` commits a batch,
+        checked against the disk and this device's rules first. Whether any was (the
+        caller commits the transaction)."""
+        self._collect()
+        done = [
+            path
+            for path, check in self._checks.items()
+            if check.done() and check.exception() is None and check.result()
+        ]
+        materializer, committed = self.materializer, False
+        for path in done:
+            staged = self.staged.get(path)
+            if staged is None or staged.missing:
+                continue
+            local = materializer.catalog.local_entries([path])
+            if ignored_now(materializer.root, [staged.op], local):
+                continue  # (left to finish, which leaves it alone)
+            del self.staged[path]
+            with self.stopping_when_full():
+                if self._sealed(staged, local.get(path)):
+                    self._batch = [staged]
+                    materializer._commit(self._batch, self.report)
+                    self._batch = []
+            committed = True
+        return committed
 
     def _keep_written(self) -> None:
         """Each file written is kept in the content store by a hard link (best effort),

@@ -295,6 +295,8 @@ class Replicator:
             if self.assembly is None:
                 self._start_window()
             self._request_chunks()
+            if self.wake is not None and self.assembly.commit_complete():  # (waited for
+                self.share.db.conn.commit()  # without a loop: the window then ends at once)
             if self.chunk_queue or self.chunks_asked or not self._copied():
                 return
             self._finish_window()
@@ -422,7 +424,8 @@ class Replicator:
         files = self.stats.files_written
         if self.assembly is not None:
             assembly = self.assembly
-            files += len(assembly.staged) - assembly.waiting - assembly.copying()
+            done = len(assembly.report.written)  # (moved into place early: commit_complete)
+            files += done + len(assembly.staged) - assembly.waiting - assembly.copying()
         planned = self.stats.bytes_to_fetch
         if self.operations is not None:
             planned += self.operations.bytes_untaken
