@@ -16,7 +16,7 @@ from backer.fs import dirs, paths
 from backer.fs.dirs import InShare
 from backer.model import materializer, state
 from backer.model.materializer import Materializer
-from backer.model.records import Version, timestamp
+from backer.model.records import Kind, Version, timestamp
 from backer.model.share import Share
 from backer.node import commands
 from backer.protocol.session import Session
@@ -26,8 +26,9 @@ from backer.versioner import prune as prune_engine
 from backer.versioner import retention
 from backer.versioner.retention import DAY, MINUTE
 from simulations.campaign import Failure, replay, run_seed
+from simulations.invariants import check_kept_readable
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
-from simulations.world import reachable_temps, synced_trees
+from simulations.world import InvariantBroken, reachable_temps, synced_trees
 
 BEFORE_EXFAT = DEFAULT_WORLD - {"nolinks", "plainrename"}  # the world its seeds were found in
 BEFORE_KILLS = BEFORE_EXFAT - {"kills"}  # a seed drawn without kills keeps its steps
@@ -1018,6 +1019,45 @@ def test_a_copy_a_node_recorded_itself_goes_when_a_copy_of_it_supersedes_it() ->
         replay(3, steps, 140479, BEFORE_EXFAT)
     except Failure as failure:
         pytest.fail(failure.reason)
+
+
+def test_a_deleted_files_kept_bytes_are_noted_once_a_restored_node_records_again() -> None:
+    """Seed 172039 (the default world before nolinks and plainrename; 150 steps), shrunk: node 0's
+    ``.backer/`` comes back from a backup taken before two events of its own that
+    reached no peer; its person deletes ``F`` and the node is killed in a sync. Its
+    scans wait for those events (as ``backer scan`` says), so the deletion is not
+    recorded and the chunk index still finds F's bytes at ``F``, not at the store's
+    entry: the harness called them kept where no read finds them, though a restore
+    reads the entry. Once the person gives the events up (``--forget-lost-history``)
+    the next scan records the deletion and notes the bytes at the entry."""
+    steps = [
+        ("connect", {"a": 1, "b": 0}),
+        ("scan", {"node": 0, "during": 16}),
+        ("write", {"node": 1, "path": "F", "data": b"F" * 73}),
+        ("scan", {"node": 1, "during": 4}),
+        ("sync", {"a": 1, "b": 2, "cut": None}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("backup", {"node": 0}),
+        ("race", {"node": 1, "path": "a/notes.backer-tmp", "data": b"n" * 300, "limit": 42}),
+        ("scan", {"node": 1, "during": 29}),
+        ("scan", {"node": 1, "during": 21}),
+        ("restore", {"node": 0}),
+        ("delete", {"node": 0, "path": "F"}),
+        ("kill", {"node": 0, "op": "sync", "nth": 1, "other": 2, "pick": 71}),
+    ]
+    machine = ClusterMachine(3, 172039, BEFORE_EXFAT)
+    try:
+        for name, arguments in steps:
+            getattr(machine, name)(**arguments)
+        share = machine.cluster.nodes[0].open()
+        assert share.forget_lost_history() == 2
+        machine.scan(0)
+        assert [v.kind for v in share.catalog.live_versions("F").values()] == [Kind.DELETED]
+        check_kept_readable(machine.cluster, 0)
+        machine.teardown()
+    except InvariantBroken as broken:
+        machine.abandon()
+        pytest.fail(str(broken))
 
 
 def test_the_harness_fails_a_livelock_within_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
