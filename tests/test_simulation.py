@@ -1060,6 +1060,56 @@ def test_a_deleted_files_kept_bytes_are_noted_once_a_restored_node_records_again
         pytest.fail(str(broken))
 
 
+def test_a_copys_version_a_killed_window_wrote_from_an_older_plan_is_not_an_edit() -> None:
+    """Seed 172084 (the default world before nolinks and plainrename; 60 steps), shrunk:
+    node 1's ``F`` loses a conflict to node 0's and goes to its copy; node 1's person
+    saves a file of their own at the copy's name just before node 1 writes the copy
+    there, so the copy loses in turn and moves to a copy's copy. Node 0 planned while
+    the first copy was live at that name, learned of the second conflict meanwhile,
+    went on with its plan and was killed after moving the copy's bytes into place,
+    before their cache entry: its next scan recorded them as its own new file there
+    ("recorded its own applied writes as edits"), a third conflict at the name."""
+    steps = [
+        ("sync", {"a": 1, "b": 0, "cut": None}),
+        ("sync", {"a": 0, "b": 2, "cut": 19}),
+        ("write", {"node": 0, "path": "b/g", "data": b"other"}),
+        ("scan", {"node": 0, "during": 25}),
+        ("sync", {"a": 1, "b": 0, "cut": 6}),
+        ("write", {"node": 1, "path": "a/x.log", "data": b""}),
+        ("scan", {"node": 1, "during": 8}),
+        ("write", {"node": 0, "path": "notes.backer-tmp", "data": b"x" * 70_000}),
+        ("race", {"node": 2, "path": "x.log", "data": b"same", "limit": 3}),
+        ("scan", {"node": 2, "during": 16}),
+        ("write", {"node": 2, "path": "a/f", "data": b"g" * 17}),
+        ("scan", {"node": 2, "during": 16}),
+        ("write", {"node": 0, "path": "n" * 255, "data": b"y" * 20_000}),
+        ("restore_at", {"node": 2, "path": "b", "pick": 49}),
+        ("scan", {"node": 0, "during": 29}),
+        ("sync", {"a": 1, "b": 0, "cut": None}),
+        ("write", {"node": 1, "path": "caf\u00e9", "data": b""}),
+        ("scan", {"node": 1, "during": 3}),
+        ("disk_fills", {"node": 0, "budget": 60000, "limit": 45}),
+        ("race", {"node": 2, "path": "b/g", "data": b"same", "limit": 33}),
+        ("scan", {"node": 2, "during": 20}),
+        ("write", {"node": 1, "path": "F", "data": b"f" * 200}),
+        ("scan", {"node": 1, "during": 12}),
+        ("mkdir", {"node": 0, "path": "a/c"}),
+        ("scan", {"node": 0, "during": 24}),
+        ("scan", {"node": 0, "during": 16}),
+        ("disk_freed", {"node": 0}),
+        ("race", {"node": 1, "path": "notes.backer-tmp", "data": b"r" * 150, "limit": 10}),
+        ("deliver", {"a": 2, "b": 0, "count": 6}),
+        ("restore_version", {"node": 1, "path": "n" * 255, "pick": 12}),
+        ("scan", {"node": 0, "during": 20}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("kill", {"node": 0, "op": "deliver", "nth": 5, "other": 1, "pick": 49}),
+    ]
+    try:
+        replay(3, steps, 172084, BEFORE_EXFAT)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
 def test_the_harness_fails_a_livelock_within_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seed 130395 with conflict copies named as before 38998c0 (a long name cut back to
     NAME_MAX with no tag, so a copy's copy could come back to an earlier copy's name):

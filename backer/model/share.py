@@ -42,6 +42,7 @@ from backer.fs.paths import METADATA_DIR, is_valid
 from backer.model import entropy, membership
 from backer.model.materializer import (
     Report,
+    conflict_path,
     copy_version_id,
     discard_temp,
     is_copy_of,
@@ -1607,7 +1608,10 @@ class Share:
         one identical to any live version once the recorded one is no longer live there
         (a conflict copy carries it: the window moved the winner into place), unless it
         is the recorded file rewritten in place: the person's edit of the version the
-        copy carries, whose bytes went with it. The rest is returned."""
+        copy carries, whose bytes went with it. An unrecorded path where something is
+        live, identical to a version once there that its live conflict copy carries, is
+        that version (a window planned before the conflict, killed before its cache;
+        :meth:`_carried_by_copies`). The rest is returned."""
         remaining = []
         for seen, manifest, content in changed:
             wanted = (seen.kind, content, seen.permissions)
@@ -1640,6 +1644,15 @@ class Share:
                 ),
                 None,
             )
+            if same is None and seen.path not in local and seen.path in live:
+                same = next(
+                    (
+                        vid
+                        for vid, v in self._carried_by_copies(seen.path).items()
+                        if (v.kind, v.content, v.permissions) == wanted
+                    ),
+                    None,
+                )
             if same is None:
                 remaining.append((seen, manifest, content))
                 continue
@@ -1647,6 +1660,20 @@ class Share:
             if manifest is not None:
                 found.reindexed.append((seen.path, manifest))
         return remaining
+
+    def _carried_by_copies(self, path: str) -> dict[str, Version]:
+        """The versions once at ``path`` that a live conflict copy now carries. A window
+        planned while one was live there writes it even if the state has since moved it
+        to its copy (a plan is applied as planned; the next one corrects the disk); killed
+        before its cache entry, the file is that version, not this device's edit beside
+        what is live: adopted, it is replaced as any recorded version is, and its bytes
+        stay live at the copy whoever wrote them."""
+        return {
+            vid: version
+            for at, vid, version in self.catalog.versions_under(path)
+            if at == path
+            and copy_version_id(vid) in self.catalog.live_versions(conflict_path(path, version))
+        }
 
     def _applied_deletions(
         self, deleted: list[str], local: dict[str, LocalEntry], live: dict[str, dict[str, Version]]
