@@ -291,15 +291,25 @@ class Disks:
             target = os.path.join(self._real["readlink"](f"/proc/self/fd/{dir_fd}"), target)
         return target
 
-    def _saved(self, target: str, inside: str, data: bytes) -> None:
-        """After backer's rename: the person's file must still be there as saved."""
+    def _saved(self, target: str, inside: str, data: bytes, beside: bool = False) -> None:
+        """After backer's rename: the person's file must still be there as saved (or,
+        ``beside``, for what they wrote into a placeholder: in a file of its folder,
+        where a newer file at the name or a fault or kill in the give-back left it)."""
+        folder = os.path.dirname(target)
         try:
-            with builtins.open(target, "rb") as saved:
-                kept = saved.read() == data and not os.path.islink(target)
+            others = [os.path.join(folder, n) for n in os.listdir(folder)] if beside else []
         except OSError:
-            kept = False
-        if not kept:
+            others = []
+        if not any(self._holds(name, data) for name in [target, *others]):
             self.replaced.append(inside)
+
+    @staticmethod
+    def _holds(path: str, data: bytes) -> bool:
+        try:
+            with builtins.open(path, "rb") as saved:
+                return saved.read() == data and not os.path.islink(path)
+        except OSError:
+            return False
 
     def _unmeddle(self, folder: str, aside: str) -> None:
         self._real["unlink"](folder)
@@ -499,7 +509,7 @@ def _close(disks: Disks, real: Callable[..., None]) -> Callable[..., None]:
         placeholder = disks.placeholders.pop(fd, None)
         real(fd)
         if placeholder in disks.written_into:  # backer is done with it: the person's stays
-            disks._saved(*disks.written_into.pop(placeholder))
+            disks._saved(*disks.written_into.pop(placeholder), beside=True)
 
     return proxy
 

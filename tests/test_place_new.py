@@ -170,3 +170,97 @@ def test_without_renameat2_or_hard_links_a_file_saved_before_the_rename_is_never
     monkeypatch.undo()
     b.scan()
     assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 2  # a conflict
+
+
+def _written_into_the_placeholder(
+    monkeypatch: pytest.MonkeyPatch, b: Share, fail: Callable[[str], None]
+) -> None:
+    """As above (no renameat2 flags, no hard links, the person writing into the
+    placeholder before the rename); once the received file is at report.txt, each of
+    the give-back's ``open`` (O_CREAT), ``pread`` and ``replace`` calls first goes
+    through ``fail(call)``, which may raise."""
+    armed = [False]
+
+    def no_flags(*args: object) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    def no_link(*args: object, **kw: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    real_replace, real_open, real_pread = os.replace, os.open, os.pread
+
+    def replace(source: str, target: str, **kw: object) -> None:
+        if armed[0]:
+            fail("replace")
+        if target == "report.txt" and not armed[0]:  # the person: open, truncate, write
+            with open(b.root / "report.txt", "w") as saved:
+                saved.write("the person's own")
+            real_replace(source, target, **kw)
+            armed[0] = True
+            return
+        real_replace(source, target, **kw)
+
+    def open_(path: str, flags: int, *args: object, **kw: object) -> int:
+        if armed[0] and flags & os.O_CREAT:
+            fail("open")
+        return real_open(path, flags, *args, **kw)
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        if armed[0]:
+            fail("pread")
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(dirs, "_renameat2", no_flags)
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pread", pread)
+
+
+def _failing_once(call: str, code: int) -> Callable[[str], None]:
+    left = [1]
+
+    def fail(made: str) -> None:
+        if made == call and left[0]:
+            left[0] -= 1
+            raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+@pytest.mark.parametrize(("call", "code"), [("pread", errno.EIO), ("open", errno.ENOSPC)])
+def test_a_fault_while_the_placeholders_bytes_are_copied_out_loses_none_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, code: int
+) -> None:
+    """What the person wrote into the placeholder is reached only through backer's
+    descriptor once the received file took the name: the give-back moved the received
+    file away first, then read those bytes and wrote them to a new file at the name, so
+    a read's EIO or no room for the new file lost them (the name left empty). Now a
+    read is made again, no room removes the received file (a copy peers hold) and the
+    copy is tried again."""
+    a, b = _report_made_on_a(tmp_path, "file")
+    _written_into_the_placeholder(monkeypatch, b, _failing_once(call, code))
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    monkeypatch.undo()
+    assert (b.root / "report.txt").read_text() == "the person's own"
+    assert right.replicator.reports[-1].kept_local_edits == ["report.txt"]
+    assert sorted(p.name for p in b.root.iterdir()) == [".backer", "report.txt"]
+
+
+def test_a_fault_or_kill_at_the_give_backs_rename_leaves_the_persons_bytes_beside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The give-back's first step moved the received file away from the name: a fault
+    there (or a kill) left the received file at the name and the person's bytes only in
+    the descriptor, lost when it closed. Now they are first copied, flushed, into a file
+    of their own beside the name: where the rename onto the name fails, they stay there,
+    which the next scan records as the person's new file."""
+    a, b = _report_made_on_a(tmp_path, "file")
+    _written_into_the_placeholder(monkeypatch, b, _failing_once("replace", errno.EIO))
+    pump(Session(a, "a"), Session(b, "b"))
+    monkeypatch.undo()
+    assert (b.root / "report.saved.txt").read_text() == "the person's own"
+    b.scan()
+    assert b.catalog.live_for(["report.saved.txt"])["report.saved.txt"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backer.fs.mounts import ShareDisk, share_disk
+from backer.fs.paths import fitted_name
 
 OPEN_DIRECTORIES = 64
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)
@@ -557,11 +558,11 @@ def _rename_onto_placeholder(
     first (a person's exclusive create then fails instead of being replaced), and backer
     keeps it open across the rename: a person's program that wrote into it meanwhile (as
     an editor saving a new file does: open, truncate, write) left bytes that only that
-    descriptor still reaches, so they are put back at ``name`` and the received file goes
-    back to ``source`` (FileExistsError: the person's file stands). Left: a program that
-    renames its own file over the placeholder in the microseconds between the last look
-    and the rename; and a crash in that window leaves an empty file at ``name``, which
-    the next scan records and which meets the received version as a conflict."""
+    descriptor still reaches, so :func:`_give_back` puts them back at ``name``
+    (FileExistsError: the person's file stands). Left: a program that renames its own
+    file over the placeholder in the microseconds between the last look and the rename;
+    and a crash in that window leaves an empty file at ``name``, which the next scan
+    records and which meets the received version as a conflict."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         held = os.open(name, flags, 0o600, dir_fd=target_fd)
@@ -574,7 +575,7 @@ def _rename_onto_placeholder(
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), shown)
         os.replace(source, name, src_dir_fd=source_fd, dst_dir_fd=target_fd)
         if _written_since(held, made):
-            _give_back(held, source_fd, source, target_fd, name, moved)
+            _give_back(held, target_fd, name, moved)
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), shown)
     finally:
         os.close(held)
@@ -585,26 +586,87 @@ def _written_since(held: int, made: os.stat_result) -> bool:
     return now.st_size != 0 or now.st_mtime_ns != made.st_mtime_ns
 
 
-def _give_back(
-    held: int, source_fd: int, source: str, target_fd: int, name: str, moved: os.stat_result
-) -> None:
-    """The person wrote into the placeholder the rename just took away: the received
-    file (``moved``) goes back to ``source`` and their bytes to ``name``, flushed (a
-    newer file of theirs found at ``name`` instead stands)."""
-    there = os.stat(name, dir_fd=target_fd, follow_symlinks=False)
-    if (there.st_dev, there.st_ino) != (moved.st_dev, moved.st_ino):
-        return
-    os.replace(name, source, src_dir_fd=target_fd, dst_dir_fd=source_fd)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+def _give_back(held: int, target_fd: int, name: str, moved: os.stat_result) -> None:
+    """The person wrote into the placeholder the rename just took away, and only
+    ``held`` still reaches their bytes. They are first copied into a file of their own
+    beside ``name`` and flushed (a kill from then on leaves them there, the person's new
+    file under that name), and only then does that file replace the received one
+    (``moved``) at ``name``, in one rename. A newer file of theirs found at ``name``
+    stands, their earlier bytes beside it. The received file is dropped: a verified copy
+    of a version peers hold, which a later window writes again. Left: a kill between
+    the rename and the copy's last write, and a disk that fails every try of
+    :func:`_copy_out` (the error is raised): the person's bytes are then lost."""
+    aside = _copy_out(held, target_fd, name, moved)
     try:
-        restored = os.open(name, flags, 0o644, dir_fd=target_fd)
-    except FileExistsError:
-        return
+        there = os.stat(name, dir_fd=target_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        there = None  # (the received file was removed to make room for the copy)
+    if there is None or (there.st_dev, there.st_ino) == (moved.st_dev, moved.st_ino):
+        os.replace(aside, name, src_dir_fd=target_fd, dst_dir_fd=target_fd)
+    os.fsync(target_fd)
+
+
+GIVE_BACK_TRIES = 10  # copies of a placeholder's bytes tried before they are given up
+READ_TRIES = 5  # reads of one block of the placeholder, within one copy
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _copy_out(held: int, target_fd: int, name: str, moved: os.stat_result) -> str:
+    """The name of a new, flushed file beside ``name`` holding what ``held`` holds. A
+    read that fails is made again (:data:`READ_TRIES`); a failed try (a write's error, a
+    flush's, no room) removes its partial copy and is made again, up to
+    :data:`GIVE_BACK_TRIES` times (a flush that failed may have dropped what it was to
+    write: the whole copy is written anew); no room first removes the received file
+    (``moved``) at ``name`` if it is still there, which gives back its space."""
+    for _ in range(GIVE_BACK_TRIES - 1):
+        try:
+            return _copy_once(held, target_fd, name)
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                _remove_if_still(target_fd, name, moved)
+    return _copy_once(held, target_fd, name)
+
+
+def _copy_once(held: int, target_fd: int, name: str) -> str:
+    """One try of :func:`_copy_out`: ``stem.saved.ext`` (``.saved-2`` ... if taken)."""
+    dot = name.rfind(".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for number in range(1, 100):
+        aside = fitted_name(stem, f".saved{'' if number == 1 else f'-{number}'}{ext}")
+        try:
+            copy = os.open(aside, flags, 0o644, dir_fd=target_fd)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name)
     try:
         offset = 0
-        while block := os.pread(held, 1 << 20, offset):
-            os.write(restored, block)
-            offset += len(block)
-        os.fsync(restored)
-    finally:
-        os.close(restored)
+        while block := _read_retried(held, offset):
+            view = memoryview(block)
+            while view:
+                done = os.pwrite(copy, view, offset)
+                view, offset = view[done:], offset + done
+        os.fsync(copy)
+    except BaseException:
+        os.close(copy)
+        with contextlib.suppress(OSError):
+            os.unlink(aside, dir_fd=target_fd)
+        raise
+    os.close(copy)
+    return aside
+
+
+def _read_retried(held: int, offset: int) -> bytes:
+    for _ in range(READ_TRIES - 1):
+        with contextlib.suppress(OSError):
+            return os.pread(held, 1 << 20, offset)
+    return os.pread(held, 1 << 20, offset)
+
+
+def _remove_if_still(target_fd: int, name: str, moved: os.stat_result) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        there = os.stat(name, dir_fd=target_fd, follow_symlinks=False)
+        if (there.st_dev, there.st_ino) == (moved.st_dev, moved.st_ino):
+            os.unlink(name, dir_fd=target_fd)

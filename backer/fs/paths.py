@@ -14,6 +14,7 @@ nothing can point outside the share or into its metadata.
 
 from __future__ import annotations
 
+import os
 import unicodedata
 
 METADATA_DIR = ".backer"
@@ -23,6 +24,13 @@ MAX_PATH_BYTES = 4096  # Linux PATH_MAX: no longer path is reachable by its name
 
 class BadPath(ValueError):
     """A path that must never be stored or written."""
+
+
+def fitted_name(name: str, suffix: str) -> str:
+    """``name + suffix``, the name cut (on a character boundary) to fit
+    :data:`MAX_NAME_BYTES`."""
+    room = MAX_NAME_BYTES - len(os.fsencode(suffix))
+    return os.fsencode(name)[:room].decode("utf-8", "ignore") + suffix
 
 
 def fold(name: str) -> str:

@@ -48,7 +48,7 @@ from blake3 import blake3
 from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry, Problem, rows_where_in
 from backer.errors import BackerError
 from backer.fs.dirs import Directories, Identity, InShare, NotADirectory
-from backer.fs.paths import METADATA_DIR, BadPath, check
+from backer.fs.paths import METADATA_DIR, BadPath, check, fitted_name
 from backer.fs.spelling import Spellings
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
@@ -88,7 +88,7 @@ def conflict_path(path: str, version: Version) -> str:
         copy = stem + mark + ext
     else:
         tag = blake3(os.fsencode(path) + version.content).hexdigest()[:8]
-        copy = _fitted(stem, f"{mark}-{tag}{ext}")
+        copy = fitted_name(stem, f"{mark}-{tag}{ext}")
     return f"{parent}/{copy}" if parent else copy
 
 
@@ -541,12 +541,6 @@ def unavailable(chunks: int) -> str:
     """Why a file whose chunks every connected device lacked was not written: its
     version stays live and unwritten here, asked again of each device that connects."""
     return f"not written: no connected device has its bytes ({chunks} chunks missing)"
-
-
-def _fitted(name: str, suffix: str) -> str:
-    """``name + suffix``, the name cut (on a character boundary) to fit NAME_MAX bytes."""
-    room = NAME_MAX - len(os.fsencode(suffix))
-    return os.fsencode(name)[:room].decode("utf-8", "ignore") + suffix
 
 
 def verify(fd: int, manifest: Manifest, checked: Container[int] = ()) -> None:
