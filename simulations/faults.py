@@ -260,7 +260,7 @@ class Disks:
         if not _from_backer():
             return None
         target = self._absolute(name, dir_fd)
-        placeholder = target in self.placeholders.values()
+        placeholder = self._placeholder_at(target)
         for root, saver in self.savers.items():
             inside = target[len(root) :]
             if (
@@ -285,6 +285,19 @@ class Disks:
                 return target, inside, data
         return None
 
+    def _placeholder_at(self, target: str) -> bool:
+        """Whether ``target`` is one of backer's open placeholders (not what backer
+        renamed over it since: the person's program wrote into the placeholder)."""
+        try:
+            there = os.lstat(target)
+        except OSError:
+            return False
+        for fd, path in self.placeholders.items():
+            held = os.fstat(fd)
+            if path == target and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+                return True
+        return False
+
     def _absolute(self, name: Any, dir_fd: int | None) -> str:
         target = os.fsdecode(name)
         if dir_fd is not None and not os.path.isabs(target):
@@ -300,8 +313,13 @@ class Disks:
             others = [os.path.join(folder, n) for n in os.listdir(folder)] if beside else []
         except OSError:
             others = []
-        if not any(self._holds(name, data) for name in [target, *others]):
+        holding = [name for name in [target, *others] if self._holds(name, data)]
+        if not holding:
             self.replaced.append(inside)
+        elif target not in holding:  # (the person's file now, heard as theirs)
+            for root, saver in self.savers.items():
+                if target.startswith(root):
+                    saver.person(holding[0][len(root) :])
 
     @staticmethod
     def _holds(path: str, data: bytes) -> bool:

@@ -596,13 +596,9 @@ def _give_back(held: int, target_fd: int, name: str, moved: os.stat_result) -> N
     of a version peers hold, which a later window writes again. Left: a kill between
     the rename and the copy's last write, and a disk that fails every try of
     :func:`_copy_out` (the error is raised): the person's bytes are then lost."""
-    aside = _copy_out(held, target_fd, name, moved)
-    try:
-        there = os.stat(name, dir_fd=target_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        there = None  # (the received file was removed to make room for the copy)
-    if there is None or (there.st_dev, there.st_ino) == (moved.st_dev, moved.st_ino):
-        os.replace(aside, name, src_dir_fd=target_fd, dst_dir_fd=target_fd)
+    copy = _copy_out(held, target_fd, name, moved)
+    if copy != name and _holds(target_fd, name, moved):
+        os.replace(copy, name, src_dir_fd=target_fd, dst_dir_fd=target_fd)
     os.fsync(target_fd)
 
 
@@ -628,12 +624,11 @@ def _copy_out(held: int, target_fd: int, name: str, moved: os.stat_result) -> st
 
 
 def _copy_once(held: int, target_fd: int, name: str) -> str:
-    """One try of :func:`_copy_out`: ``stem.saved.ext`` (``.saved-2`` ... if taken)."""
-    dot = name.rfind(".")
-    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    """One try of :func:`_copy_out`, at ``name`` itself if it is free (the received
+    file removed to make room), else at ``stem.saved.ext`` (``.saved-2`` ... if taken),
+    each made with ``O_EXCL``: nothing is replaced."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for number in range(1, 100):
-        aside = fitted_name(stem, f".saved{'' if number == 1 else f'-{number}'}{ext}")
+    for aside in _copy_names(name):
         try:
             copy = os.open(aside, flags, 0o644, dir_fd=target_fd)
         except FileExistsError:
@@ -658,6 +653,16 @@ def _copy_once(held: int, target_fd: int, name: str) -> str:
     return aside
 
 
+def _copy_names(name: str) -> Iterator[str]:
+    """``name``, then ``stem.saved.ext``, ``stem.saved-2.ext`` ... (100 in all)."""
+    dot = name.rfind(".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    yield name
+    yield fitted_name(stem, f".saved{ext}")
+    for number in range(2, 100):
+        yield fitted_name(stem, f".saved-{number}{ext}")
+
+
 def _read_retried(held: int, offset: int) -> bytes:
     for _ in range(READ_TRIES - 1):
         with contextlib.suppress(OSError):
@@ -666,7 +671,14 @@ def _read_retried(held: int, offset: int) -> bytes:
 
 
 def _remove_if_still(target_fd: int, name: str, moved: os.stat_result) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    if _holds(target_fd, name, moved):
+        os.unlink(name, dir_fd=target_fd)
+
+
+def _holds(target_fd: int, name: str, moved: os.stat_result) -> bool:
+    """Whether ``name`` is still the file ``moved``."""
+    try:
         there = os.stat(name, dir_fd=target_fd, follow_symlinks=False)
-        if (there.st_dev, there.st_ino) == (moved.st_dev, moved.st_ino):
-            os.unlink(name, dir_fd=target_fd)
+    except FileNotFoundError:
+        return False
+    return (there.st_dev, there.st_ino) == (moved.st_dev, moved.st_ino)
