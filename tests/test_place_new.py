@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backer.fs import dirs
+from backer.fs import dirs, placeholders
 from backer.fs.dirs import InShare
 from backer.model.materializer import Materializer
 from backer.model.share import Share
@@ -264,3 +264,27 @@ def test_a_fault_or_kill_at_the_give_backs_rename_leaves_the_persons_bytes_besid
     assert (b.root / "report.saved.txt").read_text() == "the person's own"
     b.scan()
     assert b.catalog.live_for(["report.saved.txt"])["report.saved.txt"]
+
+
+@pytest.mark.parametrize("written", ["", "the person's own"])
+def test_a_placeholder_a_kill_left_is_removed_at_the_next_scan_not_recorded(
+    tmp_path: Path, written: str
+) -> None:
+    """A process killed between the placeholder's creation and the rename left the
+    empty file at the name, and the next scan recorded it as the person's new file (a
+    conflict with the received version on every device). The note written before the
+    placeholder has the scan remove it; a file the person wrote into stays theirs."""
+    a, b = _report_made_on_a(tmp_path, "file")
+    killed = placeholders.noted(b.root, "report.txt")
+    killed.__enter__()  # (the process dies inside: the note is never removed)
+    (b.root / "report.txt").write_text(written)  # the placeholder
+    b.scan()
+    assert not list((b.root / ".backer" / placeholders.NOTES).iterdir())
+    if written:
+        assert (b.root / "report.txt").read_text() == written
+        return
+    assert not (b.root / "report.txt").exists()
+    assert not b.catalog.live_for(["report.txt"]).get("report.txt")
+    pump(Session(a, "a"), Session(b, "b"))
+    assert (b.root / "report.txt").read_text() == "from a"
+    assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 1

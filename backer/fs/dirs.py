@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import stat
 import threading
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from backer.fs.mounts import ShareDisk, share_disk
 from backer.fs.paths import fitted_name
+from backer.fs.placeholders import noted
 
 OPEN_DIRECTORIES = 64
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # renameat2's flags (linux/fs.h)
@@ -473,7 +475,8 @@ class InShare:
         """Rename this entry to ``target``, found absent a moment ago: FileExistsError
         if something was put there since (see :func:`rename_new_at`)."""
         with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
-            rename_new_at(source_fd, self.name, target_fd, target.name, str(target.path))
+            note = functools.partial(noted, self.dirs.root, target.relative)
+            rename_new_at(source_fd, self.name, target_fd, target.name, str(target.path), note)
 
     def link_into(self, directory_fd: int, name: str) -> None:
         """Hard-link this entry (a regular file) as ``name`` in ``directory_fd``."""
@@ -506,14 +509,22 @@ class InShare:
             os.fsync(fd)
 
 
-def rename_new_at(source_fd: int, source: str, target_fd: int, name: str, shown: str) -> None:
+def rename_new_at(
+    source_fd: int,
+    source: str,
+    target_fd: int,
+    name: str,
+    shown: str,
+    note: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+) -> None:
     """Rename ``source`` to ``name`` (each in its directory's descriptor), found absent
     a moment ago: FileExistsError (naming ``shown``) if something was put there since (a
     file the person just made is never replaced). One step with
     ``renameat2(RENAME_NOREPLACE)``; where the kernel or the filesystem lacks it (NFS,
     some FUSE), a hard link to ``name``, which fails with EEXIST if anything is there,
     then the temp name's unlink (R47); where neither exists (exFAT through FUSE, FAT),
-    :func:`_rename_onto_placeholder`."""
+    :func:`_rename_onto_placeholder`, within ``note()`` (for a share's path:
+    :func:`backer.fs.placeholders.noted`)."""
     if _renameat2 is not None:
         if not _renameat2(
             source_fd, os.fsencode(source), target_fd, os.fsencode(name), RENAME_NOREPLACE
@@ -534,7 +545,8 @@ def rename_new_at(source_fd: int, source: str, target_fd: int, name: str, shown:
     if stat.S_ISDIR(moved.st_mode):
         _rename_directory_new(source_fd, source, target_fd, name, shown)
     else:
-        _rename_onto_placeholder(source_fd, source, target_fd, name, shown, moved)
+        with note():
+            _rename_onto_placeholder(source_fd, source, target_fd, name, shown, moved)
 
 
 def _rename_directory_new(
@@ -560,9 +572,9 @@ def _rename_onto_placeholder(
     an editor saving a new file does: open, truncate, write) left bytes that only that
     descriptor still reaches, so :func:`_give_back` puts them back at ``name``
     (FileExistsError: the person's file stands). Left: a program that renames its own
-    file over the placeholder in the microseconds between the last look and the rename;
-    and a crash in that window leaves an empty file at ``name``, which the next scan
-    records and which meets the received version as a conflict."""
+    file over the placeholder in the microseconds between the last look and the rename.
+    A crash in that window leaves an empty file at ``name``, which the caller's note
+    has the next scan remove (see :mod:`backer.fs.placeholders`)."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         held = os.open(name, flags, 0o600, dir_fd=target_fd)
@@ -619,7 +631,8 @@ def _copy_out(held: int, target_fd: int, name: str, moved: os.stat_result) -> st
             return _copy_once(held, target_fd, name)
         except OSError as exc:
             if exc.errno in _NO_ROOM:
-                _remove_if_still(target_fd, name, moved)
+                with contextlib.suppress(OSError):  # (room is only tried for)
+                    _remove_if_still(target_fd, name, moved)
     return _copy_once(held, target_fd, name)
 
 

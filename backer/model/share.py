@@ -38,7 +38,9 @@ from backer.db.catalog import (
     scratch_in_memory,
 )
 from backer.errors import BackerError
+from backer.fs.dirs import open_directory
 from backer.fs.paths import METADATA_DIR, is_valid
+from backer.fs.placeholders import remove_left
 from backer.model import entropy, membership
 from backer.model.materializer import (
     Report,
@@ -1142,6 +1144,7 @@ class Share:
             return ScanSummary(waiting="the share is being repaired")
         if (moved := self.root_moved()) is not None:
             return ScanSummary(waiting=moved)
+        self._remove_left_placeholders()
         started = time.monotonic()
         total = ScanSummary()
 
@@ -1168,6 +1171,19 @@ class Share:
         _add_summary(total, summary)
         total.seconds = time.monotonic() - started
         return total
+
+    def _remove_left_placeholders(self) -> None:
+        """Remove the empty placeholders a killed window left before this scan records
+        them as the person's files (see :mod:`backer.fs.placeholders`)."""
+
+        def recorded(path: str, info: os.stat_result) -> bool:
+            entry = self.catalog.local_entries([path]).get(path)
+            return entry is not None and entry.stat_key == stat_key_of(info)
+
+        def open_parent(path: str) -> int:
+            return open_directory(self.root, path.rpartition("/")[0])
+
+        remove_left(self.root, recorded, open_parent)
 
     def _record_and_index(self, found: Observation, started: float) -> ScanSummary:
         """Classify what a walk found, record it and write its chunk index at once."""
@@ -1196,6 +1212,7 @@ class Share:
             return ScanSummary(waiting="the share is being repaired")
         if (moved := self.root_moved()) is not None:
             return ScanSummary(waiting=moved)
+        self._remove_left_placeholders()
         started = time.monotonic()
         total = ScanSummary()
         for _ in range(RESCANS):
