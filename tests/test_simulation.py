@@ -1126,10 +1126,10 @@ def test_the_harness_fails_a_livelock_within_seconds(monkeypatch: pytest.MonkeyP
         mark = f"{CONFLICT_MARK}{stamp}-{base64.b32encode(version.device).decode()[:7]}"
         if len(os.fsencode(mark + ext)) > materializer.NAME_MAX // 2:
             stem, ext = name, ""
-        copy = materializer._fitted(stem, mark + ext)
+        copy = paths.fitted_name(stem, mark + ext)
         if copy == name:
             tag = blake3(os.fsencode(path) + version.content).hexdigest()[:8]
-            copy = materializer._fitted(stem, f"{mark}-{tag}{ext}")
+            copy = paths.fitted_name(stem, f"{mark}-{tag}{ext}")
         return f"{parent}/{copy}" if parent else copy
 
     monkeypatch.setattr(materializer, "conflict_path", cut_back)
