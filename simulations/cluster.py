@@ -387,6 +387,7 @@ class Cluster:
     _acting: int = 0
 
     def __post_init__(self) -> None:
+        self.watch.placeholders = self.disks.made_placeholders
         self.random = random.Random(self.seed)
         keys = [nacl.signing.SigningKey(self.random.randbytes(32)) for _ in range(self.size)]
         for index, key in enumerate(keys):

@@ -164,6 +164,7 @@ class Disks:
         self.replaced: list[str] = []  # files the person saved that backer replaced
         self.saved: set[bytes] = set()  # the contents (manifest ids) of the files saved first
         self.placeholders: dict[int, str] = {}  # backer's open placeholders (fd: path)
+        self.made_placeholders: set[tuple[int, int]] = set()  # every one's (device, inode)
         self.written_into: dict[str, tuple[str, str, bytes]] = {}  # placeholders saved into
         self._real: dict[str, Callable[..., Any]] = {}
 
@@ -514,8 +515,11 @@ def _open(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
                 disks._unmeddle(*swapped)
         if plan is not None:
             disks.fds[fd] = plan
-        if disks.savers and sys._getframe(1).f_code.co_name == PLACEHOLDERS:
-            disks.placeholders[fd] = disks._absolute(path, kw.get("dir_fd"))
+        if sys._getframe(1).f_code.co_name == PLACEHOLDERS:
+            made = os.fstat(fd)
+            disks.made_placeholders.add((made.st_dev, made.st_ino))
+            if disks.savers:
+                disks.placeholders[fd] = disks._absolute(path, kw.get("dir_fd"))
         return fd
 
     return proxy

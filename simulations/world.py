@@ -275,16 +275,31 @@ class Watch:
     rules: list[IgnoreRules] = field(default_factory=list)
 
     folders: int = 0  # how many the roots held before the step
+    placeholders: set[tuple[int, int]] = field(default_factory=set)  # backer made (Disks)
+    left: list[set[str]] = field(default_factory=list)  # placeholders a kill left, per root
 
     def start(self, roots: list[Path]) -> None:
         self.before = [entries(root) for root in roots]
+        self.left = [
+            {path for path, entry in before.items() if self._placeholder(root / path, entry)}
+            for root, before in zip(roots, self.before, strict=True)
+        ]
         self.folders = sum(1 for root in roots for folder in walk(root) for _ in folder.folders)
         self.rules = [IgnoreRules.load(root) for root in roots]
 
+    def _placeholder(self, path: Path, entry: Entry) -> bool:
+        """Whether ``path`` is an empty placeholder of backer's (which the next scan
+        removes: see backer.fs.placeholders)."""
+        if entry != ("file", b"") or not self.placeholders:
+            return False
+        found = path.lstat()
+        return (found.st_dev, found.st_ino) in self.placeholders
+
     def check(self, names: list[str], roots: list[Path], shares: list[Share | None]) -> None:
-        for name, root, share, before, rules in zip(
-            names, roots, shares, self.before, self.rules, strict=True
+        for name, root, share, before, rules, left in zip(
+            names, roots, shares, self.before, self.rules, self.left, strict=True
         ):
+            before = {path: entry for path, entry in before.items() if path not in left}
             check_untouched(name, root, share if self.strict else None, before, rules)
             if share is not None:
                 self.check_recorded_bytes(name, root, share)
