@@ -32,6 +32,27 @@ def _report_made_on_a(tmp_path: Path, kind: str) -> tuple[Share, Share]:
     return a, b
 
 
+def _no_rename_flags(*args: object) -> int:
+    """``renameat2`` where the filesystem lacks its flags (NFS, some FUSE): EINVAL."""
+    ctypes.set_errno(errno.EINVAL)
+    return -1
+
+
+def _the_persons_file_stands(a: Share, b: Share, monkeypatch: pytest.MonkeyPatch) -> None:
+    """b takes a's report.txt: the person's file saved there first stays, the received
+    one gives way (kept as a local edit, no temp left), and b's next scan makes the two
+    a conflict."""
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert not (b.root / "report.txt").is_symlink()
+    assert (b.root / "report.txt").read_text() == "the person's own"
+    assert right.replicator.reports[-1].kept_local_edits == ["report.txt"]
+    assert not [p for p in b.root.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    b.scan()
+    assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 2  # a conflict
+
+
 @pytest.mark.parametrize("kind", ["file", "link"])
 def test_R43_a_file_made_between_the_windows_look_and_its_rename_is_never_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
@@ -106,10 +127,6 @@ def test_R47_without_renameat2_a_file_saved_just_before_the_rename_is_never_repl
     hard link puts the temp there, which fails if anything is there."""
     a, b = _report_made_on_a(tmp_path, kind)
 
-    def no_flags(*args: object) -> int:
-        ctypes.set_errno(errno.EINVAL)
-        return -1
-
     def saved_first(real: Callable[..., None]) -> Callable[..., None]:
         def call(source: str, target: str, **kw: object) -> None:
             if target == "report.txt" and not (b.root / "report.txt").exists():
@@ -118,18 +135,10 @@ def test_R47_without_renameat2_a_file_saved_just_before_the_rename_is_never_repl
 
         return call
 
-    monkeypatch.setattr(dirs, "_renameat2", no_flags)
+    monkeypatch.setattr(dirs, "_renameat2", _no_rename_flags)
     for call in ("replace", "link"):  # (whichever puts the temp at the path)
         monkeypatch.setattr(os, call, saved_first(getattr(os, call)))
-    right = Session(b, "b")
-    pump(Session(a, "a"), right)
-    assert not (b.root / "report.txt").is_symlink()
-    assert (b.root / "report.txt").read_text() == "the person's own"
-    assert right.replicator.reports[-1].kept_local_edits == ["report.txt"]
-    assert not [p for p in b.root.iterdir() if p.name.endswith(".tmp")]
-    monkeypatch.undo()
-    b.scan()
-    assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 2  # a conflict
+    _the_persons_file_stands(a, b, monkeypatch)
 
 
 @pytest.mark.parametrize("kind", ["file", "link"])
@@ -143,10 +152,6 @@ def test_without_renameat2_or_hard_links_a_file_saved_before_the_rename_is_never
     back and the received file gives way (a conflict, as when the file came first)."""
     a, b = _report_made_on_a(tmp_path, kind)
 
-    def no_flags(*args: object) -> int:
-        ctypes.set_errno(errno.EINVAL)
-        return -1
-
     def no_link(*args: object, **kw: object) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
@@ -158,18 +163,10 @@ def test_without_renameat2_or_hard_links_a_file_saved_before_the_rename_is_never
                 saved.write("the person's own")
         real_replace(source, target, **kw)
 
-    monkeypatch.setattr(dirs, "_renameat2", no_flags)
+    monkeypatch.setattr(dirs, "_renameat2", _no_rename_flags)
     monkeypatch.setattr(os, "link", no_link)
     monkeypatch.setattr(os, "replace", saved_first)
-    right = Session(b, "b")
-    pump(Session(a, "a"), right)
-    assert not (b.root / "report.txt").is_symlink()
-    assert (b.root / "report.txt").read_text() == "the person's own"
-    assert right.replicator.reports[-1].kept_local_edits == ["report.txt"]
-    assert not [p for p in b.root.iterdir() if p.name.endswith(".tmp")]
-    monkeypatch.undo()
-    b.scan()
-    assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 2  # a conflict
+    _the_persons_file_stands(a, b, monkeypatch)
 
 
 def _written_into_the_placeholder(
@@ -180,10 +177,6 @@ def _written_into_the_placeholder(
     the give-back's ``open`` (O_CREAT), ``pread`` and ``replace`` calls first goes
     through ``fail(call)``, which may raise."""
     armed = [False]
-
-    def no_flags(*args: object) -> int:
-        ctypes.set_errno(errno.EINVAL)
-        return -1
 
     def no_link(*args: object, **kw: object) -> None:
         raise PermissionError(errno.EPERM, "Operation not permitted")
@@ -211,7 +204,7 @@ def _written_into_the_placeholder(
             fail("pread")
         return real_pread(fd, size, offset)
 
-    monkeypatch.setattr(dirs, "_renameat2", no_flags)
+    monkeypatch.setattr(dirs, "_renameat2", _no_rename_flags)
     monkeypatch.setattr(os, "link", no_link)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "open", open_)
