@@ -417,7 +417,7 @@ class TakesEventsSilently(Tactic):
         return [] if isinstance(message, Events) else None
 
 
-ACK_SCALE = "0.05"  # the acknowledgement's deadline 6 s, the idle one 3 s
+ACK_SCALE = "0.05"  # the acknowledgement's deadline 12 s, the idle one 3 s
 
 
 def test_a_sync_ends_when_its_peer_never_acknowledges_the_events_sent_to_it(

@@ -62,8 +62,9 @@ class Limits:
     keepalive_s: float = 15.0  # a Ping when nothing was sent for this long
     idle_s: float = 60.0  # nothing received for this long: the peer is gone (or suspended)
     request_s: float = 120.0  # requests outstanding with no answer for this long: same
-    acknowledge_s: float = 120.0  # events sent, and nothing but Pings from the peer for
-    # this long without its acknowledgement: the session closes (the events stay)
+    acknowledge_s: float = 240.0  # events sent, and nothing but Pings from the peer for
+    # this long without its acknowledgement: the session closes (the events stay). Twice
+    # request_s: a peer waiting on a silent third device drops it and asks us first
     reply_bytes: int = 4 << 20  # replies are built once nothing is unsent, this much at a time
     unsent_bytes: int = 1 << 30  # more than this unsent, or output that has not moved for
     # idle_s: the peer does not read; closed
