@@ -20,13 +20,13 @@ from backer.protocol.session import Session
 from tests.helpers import make_devices, pump
 
 
-def _report_made_on_a(tmp_path: Path, kind: str) -> tuple[Share, Share]:
-    """Two members, ``report.txt`` (a file or a link, as ``kind``) recorded on a only."""
+def _report_made_on_a(tmp_path: Path, kind: str, name: str = "report.txt") -> tuple[Share, Share]:
+    """Two members, ``name`` (a file or a link, as ``kind``) recorded on a only."""
     a, b = make_devices(tmp_path, 2)
     if kind == "file":
-        (a.root / "report.txt").write_text("from a")
+        (a.root / name).write_text("from a")
     else:
-        (a.root / "report.txt").symlink_to("elsewhere")
+        (a.root / name).symlink_to("elsewhere")
     a.scan()
     b.scan()
     return a, b
@@ -170,10 +170,13 @@ def test_without_renameat2_or_hard_links_a_file_saved_before_the_rename_is_never
 
 
 def _written_into_the_placeholder(
-    monkeypatch: pytest.MonkeyPatch, b: Share, fail: Callable[[str], None]
+    monkeypatch: pytest.MonkeyPatch,
+    b: Share,
+    fail: Callable[[str], None],
+    name: str = "report.txt",
 ) -> None:
     """As above (no renameat2 flags, no hard links, the person writing into the
-    placeholder before the rename); once the received file is at report.txt, each of
+    placeholder before the rename); once the received file is at ``name``, each of
     the give-back's ``open`` (O_CREAT), ``pread`` and ``replace`` calls first goes
     through ``fail(call)``, which may raise."""
     armed = [False]
@@ -186,8 +189,8 @@ def _written_into_the_placeholder(
     def replace(source: str, target: str, **kw: object) -> None:
         if armed[0]:
             fail("replace")
-        if target == "report.txt" and not armed[0]:  # the person: open, truncate, write
-            with open(b.root / "report.txt", "w") as saved:
+        if target == name and not armed[0]:  # the person: open, truncate, write
+            with open(b.root / name, "w") as saved:
                 saved.write("the person's own")
             real_replace(source, target, **kw)
             armed[0] = True
@@ -257,6 +260,27 @@ def test_a_fault_or_kill_at_the_give_backs_rename_leaves_the_persons_bytes_besid
     assert (b.root / "report.saved.txt").read_text() == "the person's own"
     b.scan()
     assert b.catalog.live_for(["report.saved.txt"])["report.saved.txt"]
+
+
+def test_R62_a_name_with_a_long_extension_gets_its_placeholders_bytes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The give-back's copy goes beside the name as ``stem.saved.ext``, cut to fit
+    NAME_MAX by its stem alone: where the extension (all after the last dot) took 250
+    bytes or more, every such name was longer than NAME_MAX, each try failed with
+    ENAMETOOLONG, and what the person had written into the placeholder was lost when
+    its descriptor closed. An extension that long is now part of the stem, as in a
+    conflict copy's name."""
+    name = ("Re. minutes of the meeting about the move" + " and the move" * 20)[:255]
+    assert len(name[name.rfind(".") :]) == 253  # (all but "Re")
+    a, b = _report_made_on_a(tmp_path, "file", name)
+    _written_into_the_placeholder(monkeypatch, b, lambda call: None, name)
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    monkeypatch.undo()
+    assert (b.root / name).read_text() == "the person's own"
+    assert right.replicator.reports[-1].kept_local_edits == [name]
+    assert sorted(p.name for p in b.root.iterdir()) == [".backer", name]
 
 
 @pytest.mark.parametrize("written", ["", "the person's own"])

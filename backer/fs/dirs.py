@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backer.fs.mounts import ShareDisk, share_disk
-from backer.fs.paths import fitted_name
+from backer.fs.paths import fitted_name, stem_and_extension
 from backer.fs.placeholders import noted
 
 OPEN_DIRECTORIES = 64
@@ -667,9 +667,9 @@ def _copy_once(held: int, target_fd: int, name: str) -> str:
 
 
 def _copy_names(name: str) -> Iterator[str]:
-    """``name``, then ``stem.saved.ext``, ``stem.saved-2.ext`` ... (100 in all)."""
-    dot = name.rfind(".")
-    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    """``name``, then ``stem.saved.ext``, ``stem.saved-2.ext`` ... (100 in all), each
+    within NAME_MAX (a name with no room for one failed with ENAMETOOLONG, R62)."""
+    stem, ext = stem_and_extension(name, ".saved-99")
     yield name
     yield fitted_name(stem, f".saved{ext}")
     for number in range(2, 100):

@@ -33,6 +33,18 @@ def fitted_name(name: str, suffix: str) -> str:
     return os.fsencode(name)[:room].decode("utf-8", "ignore") + suffix
 
 
+def stem_and_extension(name: str, mark: str) -> tuple[str, str]:
+    """``name`` split at its last dot (not a leading one), for a name made of the stem,
+    then ``mark``, then the extension: an extension that with ``mark`` takes more than
+    half of :data:`MAX_NAME_BYTES` is part of the stem, so that cutting the stem alone
+    always makes such a name fit."""
+    dot = name.rfind(".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    if len(os.fsencode(mark + ext)) > MAX_NAME_BYTES // 2:
+        return name, ""
+    return stem, ext
+
+
 def fold(name: str) -> str:
     """The form under which two names are one on a case- and normalisation-insensitive
     filesystem (macOS, Windows): Unicode's canonical caseless match, NFD(casefold(NFD))."""

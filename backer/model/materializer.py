@@ -48,7 +48,7 @@ from blake3 import blake3
 from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry, Problem, rows_where_in
 from backer.errors import BackerError
 from backer.fs.dirs import Directories, Identity, InShare, NotADirectory
-from backer.fs.paths import METADATA_DIR, BadPath, check, fitted_name
+from backer.fs.paths import METADATA_DIR, BadPath, check, fitted_name, stem_and_extension
 from backer.fs.spelling import Spellings
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
@@ -77,13 +77,10 @@ def conflict_path(path: str, version: Version) -> str:
     its line, each conflicting with the next, and devices linked by ``backer run``
     resolved them back and forth without end."""
     parent, _, name = path.rpartition("/")
-    dot = name.rfind(".")
-    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
     stamp = timestamp(version.time_ms, "%Y%m%d-%H%M%S")
     device = base64.b32encode(version.device).decode()[:7]
     mark = f"{CONFLICT_MARK}{stamp}-{device}"
-    if len(os.fsencode(mark + ext)) > NAME_MAX // 2:
-        stem, ext = name, ""  # an extension that long is part of the name
+    stem, ext = stem_and_extension(name, mark)
     if len(os.fsencode(stem + mark + ext)) <= NAME_MAX:
         copy = stem + mark + ext
     else:
