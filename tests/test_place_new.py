@@ -17,7 +17,7 @@ from backer.fs.dirs import InShare
 from backer.model.materializer import Materializer
 from backer.model.share import Share
 from backer.protocol.session import Session
-from tests.helpers import make_devices, pump
+from tests.helpers import make_devices, pump, small_disk
 
 
 def _report_made_on_a(tmp_path: Path, kind: str, name: str = "report.txt") -> tuple[Share, Share]:
@@ -305,3 +305,23 @@ def test_a_placeholder_a_kill_left_is_removed_at_the_next_scan_not_recorded(
     pump(Session(a, "a"), Session(b, "b"))
     assert (b.root / "report.txt").read_text() == "from a"
     assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 1
+
+
+def test_R63_a_placeholders_note_does_not_reach_onto_a_disk_mounted_since(
+    tmp_path: Path,
+) -> None:
+    """A note left by a kill names a path where backer was making a placeholder; the
+    next scan removed an empty file it found there, reached through whatever folders
+    stood on the way by then: a disk mounted at one of them since (a USB stick at
+    ``usb``, put in while backer was down) lost its own empty file there (a marker, a
+    ``.nomedia``), a removal on another filesystem. The note's folders must now be the
+    share's own."""
+    _, b = make_devices(tmp_path, 2)
+    killed = placeholders.noted(b.root, "usb/.nomedia")
+    killed.__enter__()  # (the process dies inside: the note is never removed)
+    with small_disk(b.root / "usb", "1m") as stick:
+        (stick / ".nomedia").touch()
+        b.scan()
+        assert (stick / ".nomedia").exists(), "the stick's file was removed"
+    assert not list((b.root / ".backer" / placeholders.NOTES).iterdir())
+

@@ -39,6 +39,7 @@ from backer.db.catalog import (
 )
 from backer.errors import BackerError
 from backer.fs.dirs import open_directory
+from backer.fs.mounts import share_disk
 from backer.fs.paths import METADATA_DIR, is_valid
 from backer.fs.placeholders import remove_left
 from backer.model import entropy, membership
@@ -1180,8 +1181,10 @@ class Share:
             entry = self.catalog.local_entries([path]).get(path)
             return entry is not None and entry.stat_key == stat_key_of(info)
 
-        def open_parent(path: str) -> int:
-            return open_directory(self.root, path.rpartition("/")[0])
+        disk = functools.cache(functools.partial(share_disk, self.root))  # (once notes are)
+
+        def open_parent(path: str) -> int:  # (a disk mounted there since is not the share: R63)
+            return open_directory(self.root, path.rpartition("/")[0], disk=disk())
 
         remove_left(self.root, recorded, open_parent)
 
