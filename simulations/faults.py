@@ -122,7 +122,7 @@ class Plan:
     random: random.Random = field(default_factory=random.Random)
     budget: int | None = None  # bytes the disk still takes; None: no limit
     plain_renames: bool = False  # renameat2 has no flags here (EINVAL), as on NFS
-    no_hard_links: bool = False  # link() fails with EPERM here, as on exFAT or FAT
+    no_hard_links: bool = False  # link() fails here (EPERM), as on exFAT or FAT
 
     @property
     def active(self) -> bool:
@@ -617,8 +617,29 @@ def _saved_first(op: str) -> Proxy:
     return make
 
 
+def link_without_hard_links(
+    source: Any,
+    target: Any,
+    *,
+    src_dir_fd: int | None = None,
+    dst_dir_fd: int | None = None,
+    follow_symlinks: bool = True,
+) -> None:
+    """``os.link`` as a filesystem without hard links answers it (exFAT through FUSE,
+    FAT): the kernel looks both names up before it asks the filesystem, so a missing
+    source is ENOENT and a name already taken EEXIST; only then is the link refused,
+    EPERM (``tests/test_e2e_exfat.py`` compares the two on a real mount)."""
+    os.stat(source, dir_fd=src_dir_fd, follow_symlinks=follow_symlinks)
+    try:
+        os.stat(target, dir_fd=dst_dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), target) from None
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), target)
+
+
 def _link(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
-    """``os.link``, as :func:`_saved_first`; EPERM on a node without hard links."""
+    """``os.link``, as :func:`_saved_first`; on a node without hard links, as
+    :func:`link_without_hard_links`."""
     saved_first = _saved_first("link")(disks, real)
 
     def proxy(*args: Any, **kw: Any) -> Any:
@@ -629,7 +650,7 @@ def _link(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
         plan = disks._node_plan(target)
         if plan is not None and plan.no_hard_links:
             disks.injected["link without hard links"] += 1
-            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), args[1])
+            link_without_hard_links(*args, **kw)
         return saved_first(*args, **kw)
 
     return proxy

@@ -3,8 +3,11 @@ exchange. Real CLI processes on a real exFAT mount (FUSE, from an image file).""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
+from simulations.faults import Disks
 from tests.e2e import Device, snapshot
 from tests.helpers import exfat_disk
 
@@ -75,3 +78,48 @@ def test_folders_twinned_by_case_leave_the_case_sensitive_peer_as_it_was(tmp_pat
         assert snapshot(b.root) == {"DIR": ("dir",), "DIR/y": ("file", b"in DIR\n", 0o777)}
         assert "Dir is here under another spelling" in joined.stderr, joined.stderr
         assert joined.returncode == 3  # (a file not written)
+
+
+def _link_answers(root: Path) -> list[str]:
+    """What ``os.link`` answers in ``root`` onto a name taken, onto a free one and from a
+    missing source; by paths and by the folder's descriptor, as the content store links."""
+    (root / "one").write_bytes(b"one")
+    (root / "taken").write_bytes(b"taken")
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    answers = []
+    try:
+        for source, target in (("one", "taken"), ("one", "free"), ("missing", "free")):
+            by_path = ((root / source, root / target), {})
+            by_folder = ((source, target), {"src_dir_fd": folder, "dst_dir_fd": folder})
+            for args, at in (by_path, by_folder):
+                try:
+                    os.link(*args, **at)
+                    answers.append("linked")
+                except OSError as exc:
+                    answers.append(errno.errorcode[exc.errno])
+    finally:
+        os.close(folder)
+    return answers
+
+
+def test_the_simulations_disk_without_hard_links_answers_a_link_as_exfat_does(
+    tmp_path: Path,
+) -> None:
+    """The simulation's node without hard links (family ``nolinks``) refused every link
+    with EPERM, also onto a name already taken, where the kernel looks the name up and
+    answers EEXIST before it asks the filesystem. So the content store, whose entry for
+    a content was there already (a copy), copied over it the share file recorded with
+    that content, which its person had rewritten in place since: a wrong model, and a
+    false data loss (seed 185101 of the default world with ``nolinks``: 'node1 changed
+    a/x.log without keeping its old bytes'). On a real mount the store finds the entry
+    and keeps it."""
+    with exfat_disk(tmp_path / "stick") as stick:
+        real = _link_answers(stick)
+    modelled = tmp_path / "modelled"
+    modelled.mkdir()
+    disks = Disks()
+    disks.no_hard_links(modelled)
+    with disks.installed():
+        model = _link_answers(modelled)
+    assert real == ["EEXIST"] * 2 + ["EPERM"] * 2 + ["ENOENT"] * 2
+    assert model == real

@@ -124,6 +124,31 @@ def test_a_node_without_hard_links_takes_its_peers_edits_and_keeps_what_they_rep
     assert machine.cluster.disks.injected["link without hard links"] > 0
 
 
+def test_a_kept_copy_is_not_replaced_by_a_file_rewritten_in_place_since() -> None:
+    """Seed 185101 (default world with ``nolinks``, 60 steps), shrunk: node 1 (no hard
+    links) holds ``x.log`` and ``a/x.log`` with one content, kept by a copy; its person
+    rewrites ``x.log`` in place, and a resolution replaces ``a/x.log`` while the watcher
+    scans. The harness's filesystem refused a link onto the copy's name with EPERM
+    where the kernel answers EEXIST, so the store copied the rewritten ``x.log`` over
+    the kept copy ("node1 changed 'a/x.log' without keeping its old bytes"); answered
+    as on a real exFAT mount, the copy stays."""
+    steps = [
+        ("write", {"node": 0, "path": "a/x.log", "data": b"same"}),
+        ("scan", {"node": 0, "during": 6}),
+        ("kill", {"node": 2, "op": "deliver", "nth": 13, "other": 0, "pick": 79}),
+        ("write", {"node": 2, "path": "x.log", "data": b"same"}),
+        ("scan", {"node": 2, "during": 16}),
+        ("deliver", {"a": 2, "b": 1, "count": 33}),
+        ("resolve", {"node": 2, "pick": 11, "how": "keep"}),
+        ("write", {"node": 1, "path": "x.log", "data": b'\xdeIq\x9b]M\x1c\x8c"\x8e'}),
+        ("scan", {"node": 1, "during": 19}),
+    ]
+    try:
+        replay(3, steps, 185101, BEFORE_EXFAT | {"nolinks"})
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
 def test_a_full_disk_then_freed_converges() -> None:
     """A receiver whose disk fills up in the middle of a file (a short write, then
     ENOSPC) records nothing it did not verify and leaves no temp behind; once space is

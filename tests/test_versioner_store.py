@@ -4,7 +4,6 @@ the device that applied the change and on the one that made it."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import sqlite3
@@ -18,6 +17,7 @@ from backer.model.share import DB_FILE, Share
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
 from backer.versioner.store import Store, entry_name, held_bytes
+from simulations.faults import link_without_hard_links
 from tests.helpers import make_devices, sync, tree
 
 
@@ -312,12 +312,34 @@ def test_R38_the_store_links_only_the_file_recorded_never_one_through_a_swapped_
 
 
 def _no_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``link()`` fails with EPERM, as on exFAT, FAT and many FUSE or SMB mounts."""
+    """``link()`` fails as on exFAT, FAT and many FUSE or SMB mounts (EPERM, once both
+    names are looked up: EEXIST onto a name taken)."""
+    monkeypatch.setattr(os, "link", link_without_hard_links)
 
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise PermissionError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(os, "link", refuse)
+def test_without_hard_links_a_kept_copy_outlives_a_twin_rewritten_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two files with one content, kept by one copy; the person rewrites one in place
+    (not scanned yet) and a peer deletes the other: the store, told the content's last
+    file went, looks for another recorded file holding it, finds the rewritten one and
+    tries to keep it. The copy already kept must stay as it is (seed 185101)."""
+    from backer.protocol.session import Session
+    from tests.helpers import pump
+
+    _no_hard_links(monkeypatch)
+    a, b = make_devices(tmp_path, 2)
+    data = os.urandom(50_000)
+    (a.root / "one.bin").write_bytes(data)
+    (a.root / "two.bin").write_bytes(data)
+    sync(a, b)
+    with open(b.root / "one.bin", "r+b") as handle:  # b's person, not scanned yet
+        handle.write(b"rewritten in place")
+    (a.root / "two.bin").unlink()
+    a.scan()
+    pump(Session(a, "a"), Session(b, "b"))
+    assert not (b.root / "two.bin").exists()
+    assert held_bytes(b.root, b.catalog, cid(data)) == data
 
 
 def test_without_hard_links_every_replaced_content_is_kept_by_a_copy(
