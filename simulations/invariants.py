@@ -336,7 +336,8 @@ def check_said_what_is_missing(cluster: Cluster, index: int) -> None:
     share, replicator = node.share, node.replicator
     report = commands.sync_report([], replicator)
     said = {p.path for _, p, _ in share.catalog.problems()} | replicator.edits_kept
-    said |= set(commands.not_here(share, said, shown=report["not_here"]["files"])["paths"])
+    missing = commands.not_here(share.catalog, share.root, said, shown=report["not_here"]["files"])
+    said |= set(missing["paths"])
     pinned = set[str]()
     tree = synced_tree(node.root, pinned)
     rules, conflicted = IgnoreRules.load(node.root), set(share.catalog.conflicted_paths())

@@ -16,6 +16,7 @@ import pytest
 
 from backer.api.access import SESSIONS_FILE
 from tests.test_e2e_api import conflict_between, cramped, lone, pair, start, wait_for_file
+from tests.test_e2e_not_here import listing_what_it_lacks, run
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(
@@ -251,5 +252,23 @@ def test_R19_after_a_restart_the_page_goes_on_or_says_its_session_ended(lone) ->
             expect(page.locator("h1")).to_have_text(ended)
             assert "error" not in page.content()
             screenshots(page, "web-session-ended-reload")
+    finally:
+        node.stop()
+
+
+def test_the_page_says_a_listed_file_no_device_could_give_is_not_here(tmp_path: Path) -> None:
+    """A joined device lacks a file the share lists and no reachable device holds: its
+    page says so ("1 listed file not here"), never "up to date" or "in sync"."""
+    with listing_what_it_lacks(tmp_path) as (joiner, token, _):
+        assert run(joiner, "join", token, str(joiner.root)).returncode == 3
+    node, _ = start(joiner)
+    try:
+        url = joiner.run("open", "--no-browser").stdout.strip()
+        this = joiner.run("id").stdout.strip()
+        with browser_page(url) as (page, problems):
+            state = page.locator(f'#devices li[data-device="{this}"] .device-state')
+            sync_api.expect(state.locator(".badge")).to_have_text("1 listed file not here")
+            sync_api.expect(page.locator("#state")).to_have_text("1 listed file not here")
+            assert not problems, problems
     finally:
         node.stop()

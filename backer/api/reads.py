@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlite_utils
 
@@ -30,6 +30,7 @@ from backer.fs.paths import METADATA_DIR
 from backer.model import revisions
 from backer.model.records import Version
 from backer.model.share import DB_FILE
+from backer.node import commands
 from backer.numbers import natural
 from journal.event import Event
 
@@ -135,6 +136,16 @@ def counts(catalog: Catalog, cached: Cached) -> dict[str, int]:
     if cached.counts is None:
         cached.counts = {**catalog.totals(), "conflicts": len(conflicts(catalog, cached))}
     return cached.counts
+
+
+def share_state(root: Path) -> Callable[[Catalog, Cached], tuple[dict[str, int], dict[str, Any]]]:
+    """The reads a share's status needs: :func:`counts`, and what the share lists that
+    this device does not hold (read each time: the journal does not grow as files land)."""
+
+    def read(catalog: Catalog, cached: Cached) -> tuple[dict[str, int], dict[str, Any]]:
+        return counts(catalog, cached), commands.not_here(catalog, root)
+
+    return read
 
 
 def conflicted(catalog: Catalog, cached: Cached) -> set[str]:

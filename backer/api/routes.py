@@ -92,8 +92,10 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 async def _share_json(request: web.Request, runtime: Runtime) -> dict[str, Any]:
-    counts = await request.app[READER].run(runtime.share.root, reads.counts)
-    return {"name": runtime.name, "paused": runtime.paused, **commands.node_status(runtime, counts)}
+    root = runtime.share.root
+    counts, missing = await request.app[READER].run(root, reads.share_state(root))
+    status = commands.node_status(runtime, counts, missing)
+    return {"name": runtime.name, "paused": runtime.paused, **status}
 
 
 @routes.get("/api/shares")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from backer.config.identity import device_id, parse_device_id, short_id
 from backer.connections import control
 from backer.connections.addresses import format_address
-from backer.db.catalog import HistoryEntry, Problem
+from backer.db.catalog import Catalog, HistoryEntry, Problem
 from backer.errors import BackerError, reason
 from backer.model import revisions
 from backer.model.materializer import not_in_place
@@ -134,13 +134,14 @@ def history_report(share: Share, entries: list[HistoryEntry]) -> list[dict[str, 
 
 
 def not_here(
-    share: Share, skip: Container[str] = (), shown: int = NOT_HERE_SHOWN
+    catalog: Catalog, root: Path, skip: Container[str] = (), shown: int = NOT_HERE_SHOWN
 ) -> dict[str, Any]:
-    """What the share lists that this device does not hold (``not_in_place``), but the
-    paths in ``skip``: how many entries, their bytes, and the first ``shown`` paths."""
+    """What the share at ``root`` lists that this device does not hold
+    (``not_in_place``), but the paths in ``skip``: how many entries, their bytes, and
+    the first ``shown`` paths."""
     files = size = 0
     paths: list[str] = []
-    for path, version in not_in_place(share.catalog, share.root):
+    for path, version in not_in_place(catalog, root):
         if path in skip:
             continue
         files += 1
@@ -201,16 +202,17 @@ def scan_report(share: Share, summary: ScanSummary) -> dict[str, Any]:
     }
 
 
-def status_report(share: Share, counts: dict[str, int] | None = None) -> dict[str, Any]:
+def status_report(
+    share: Share, counts: dict[str, int] | None = None, missing: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What ``backer status --json`` prints (a running node adds each device's state).
-    ``counts``: the totals and the number of conflicts as read elsewhere (they scan the
-    whole share: the web API reads them off the event loop; it has no ``not_here``,
-    the entries listed that this device does not hold, which a command's status names)."""
+    ``counts``: the totals and the number of conflicts, and ``missing``: the entries
+    listed that this device does not hold (``not_here``), as read elsewhere; they scan
+    the whole share, so the web API reads them off the event loop."""
     last_scan = share.catalog.get_int("last_scan_ms")
-    missing = None
     if counts is None:
         counts = {**share.catalog.totals(), "conflicts": len(revisions.conflicts(share.catalog))}
-        missing = not_here(share)
+        missing = not_here(share.catalog, share.root)
     report = {
         "root": str(share.root),
         "share_id": share.share_id.hex(),
@@ -269,7 +271,10 @@ def sync_report(sessions: list[Session], replicator: Replicator) -> dict[str, An
     report["per_peer"] = [sync_summary([s]) for s in sessions] if len(sessions) > 1 else []
     report["problems"] = problems_json(share.problems.values())
     explained = {p.path for _, p, _ in share.catalog.problems()} | replicator.edits_kept
-    report["not_here"] = {**not_here(share, explained), "reason": _why_not_here(replicator)}
+    report["not_here"] = {
+        **not_here(share.catalog, share.root, explained),
+        "reason": _why_not_here(replicator),
+    }
     return report
 
 
@@ -465,15 +470,17 @@ def handler(node: Node, runtime: Runtime) -> control.Handler:
     return handle
 
 
-def node_status(runtime: Runtime, counts: dict[str, int] | None = None) -> dict[str, Any]:
+def node_status(
+    runtime: Runtime, counts: dict[str, int] | None = None, missing: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``status`` plus where the node listens (``listening``: the addresses peers can
     dial, with the port bound) and, per device, what the node knows of it now:
     connected or last seen, what it still needs (``need_files``/``need_bytes``;
     another device's as it last said on its session, None while unknown), whether it
     is in sync, transfer rates (chunk bytes/s from and to it; this device: in all) and
-    progress (``counts``: see :func:`status_report`)."""
+    progress (``counts``, ``missing``: see :func:`status_report`)."""
     share = runtime.share
-    report = status_report(share, counts)
+    report = status_report(share, counts, missing)
     ours = {author: c.length for author, c in share.journal.summary().items()}
     replicator = runtime.hub.replicator
     own_need = replicator.need()

@@ -145,6 +145,8 @@ function renderShare() {
   const badge = $("state");
   if (share.paused) {
     badge.textContent = "paused"; badge.className = "badge warn";
+  } else if (missing(share)) {
+    badge.textContent = notHere(share); badge.className = "badge warn";
   } else if (others.length && others.every((d) => d.in_sync)) {
     badge.textContent = "in sync"; badge.className = "badge ok";
   } else if (others.some((d) => d.connected)) {
@@ -155,7 +157,18 @@ function renderShare() {
   const busy = share.devices.some((d) => d.rate_in || d.rate_out || (d.this && d.need_files));
   if (!share.paused && (busy || others.some((d) => d.connected && !d.in_sync))) refreshSoon(1500);
   const ordered = [...share.devices].sort((a, b) => b.this - a.this);
-  $("devices").replaceChildren(...ordered.map(deviceItem));
+  $("devices").replaceChildren(...ordered.map((device) => deviceItem(device, share)));
+}
+
+// files the share lists that this device holds nowhere and is not fetching now
+function missing(share) {
+  const here = share.devices.find((d) => d.this);
+  return share.not_here && share.not_here.files && !(here && here.need_files) ? share.not_here.files : 0;
+}
+
+function notHere(share) {
+  const count = missing(share);
+  return `${count} listed ${count === 1 ? "file" : "files"} not here`;
 }
 
 function needs(device) {
@@ -164,16 +177,17 @@ function needs(device) {
 }
 
 // (what to say, data-status) of one device at a glance
-function deviceState(device) {
+function deviceState(device, share) {
   const needing = device.need_files || device.need_bytes;
-  if (device.this) return needing ? [needs(device), "needs"] : ["up to date", "up-to-date"];
+  if (device.this && needing) return [needs(device), "needs"];
+  if (device.this) return missing(share) ? [notHere(share), "needs"] : ["up to date", "up-to-date"];
   if (!device.connected) return ["offline", "offline"];
   if (device.in_sync) return ["in sync", "in-sync"];
   if (needing) return [needs(device), "needs"];
   return ["syncing", "connected"];
 }
 
-function deviceItem(device) {
+function deviceItem(device, share) {
   const item = el("li");
   item.dataset.device = device.id;
   const name = el("div", null, "device-name");
@@ -181,7 +195,7 @@ function deviceItem(device) {
   name.append(device.name || device.id.slice(0, 7));
   if (device.this) name.append(" ", el("span", "this device", "badge"));
   item.append(name);
-  const [status, kind] = deviceState(device);
+  const [status, kind] = deviceState(device, share);
   const meta = el("div", null, "device-meta device-state");
   meta.dataset.status = kind;
   meta.append(el("span", status, { "in-sync": "badge ok", "up-to-date": "badge ok", needs: "badge warn" }[kind] || "badge"));
