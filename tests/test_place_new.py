@@ -325,3 +325,30 @@ def test_R63_a_placeholders_note_does_not_reach_onto_a_disk_mounted_since(
         assert (stick / ".nomedia").exists(), "the stick's file was removed"
     assert not list((b.root / ".backer" / placeholders.NOTES).iterdir())
 
+
+def test_R64_an_empty_file_the_person_made_after_a_kill_at_a_noted_path_stays(
+    tmp_path: Path,
+) -> None:
+    """The next scan after a kill removed any empty, unrecorded file at a path a note
+    named: a person who, while backer was down, deleted the empty file they found there
+    and saved an empty file of their own (an ``__init__.py``, a ``.gitkeep``) lost it, and
+    the received file took its name. A placeholder is made right after its note; a file
+    made at that path long after the note is the person's and stays, to be recorded as
+    their new file (beside the received version: a conflict, both kept)."""
+    a, b = _report_made_on_a(tmp_path, "file")
+    killed = placeholders.noted(b.root, "report.txt")
+    killed.__enter__()  # (the process dies inside: the note is never removed)
+    (note,) = (b.root / ".backer" / placeholders.NOTES).iterdir()
+    an_hour_ago = note.stat().st_mtime - 3600
+    os.utime(note, (an_hour_ago, an_hour_ago))  # (the kill was an hour ago)
+    (b.root / "report.txt").touch()  # the person's own empty file
+    b.scan()
+    assert (b.root / "report.txt").exists(), "the person's empty file was removed"
+    assert not list((b.root / ".backer" / placeholders.NOTES).iterdir())
+    right = Session(b, "b")
+    pump(Session(a, "a"), right)
+    assert (b.root / "report.txt").read_bytes() == b""
+    assert right.replicator.reports[-1].kept_local_edits == ["report.txt"]
+    b.scan()
+    assert len(b.catalog.live_for(["report.txt"])["report.txt"]) == 2  # a conflict
+

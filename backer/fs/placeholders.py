@@ -7,9 +7,10 @@ would record as the person's new file (a conflict with the received version on e
 device). So a note naming the path is written and flushed in ``.backer/placeholders/``
 before the placeholder is made, and removed once it is gone; at the next scan
 :func:`remove_left` removes an empty regular file that a note names and that the scan
-cache does not record (a placeholder, or the received file if it was empty and the kill
-came before its record: the next window writes it again), then the note. A file the
-person wrote into has bytes and stays.
+cache does not record and that was made when the note was (a placeholder, or the received
+file if it was empty and the kill came before its record: the next window writes it
+again), then the note. A file the person wrote into has bytes and stays; so does an
+empty file made there later (R64: the person's own, saved while backer was down).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 from backer.fs.paths import METADATA_DIR, BadPath, check
 
 NOTES = "placeholders"  # the folder of notes under .backer/
+MADE_WITHIN_NS = 120 * 10**9  # a placeholder's mtime after its note's: two fsyncs apart,
+MADE_BEFORE_NS = 2 * 10**9  # on a slow stick; before it by FAT's 2-second time steps
 Recorded = Callable[[str, os.stat_result], bool]  # whether the scan cache records a file
 OpenParent = Callable[[str], int]  # a descriptor of a path's folder, reached without links
 
@@ -62,16 +65,21 @@ def remove_left(root: Path, recorded: Recorded, open_parent: OpenParent) -> list
     for note in notes:
         try:
             relative = check(os.fsdecode(note.read_bytes()))
+            noted_ns = note.stat().st_mtime_ns
         except (OSError, BadPath):
             relative = None
-        if relative is not None and _remove_if_placeholder(relative, recorded, open_parent):
+        if relative is not None and _remove_if_placeholder(
+            relative, noted_ns, recorded, open_parent
+        ):
             removed.append(relative)
         with contextlib.suppress(FileNotFoundError):
             note.unlink()
     return removed
 
 
-def _remove_if_placeholder(relative: str, recorded: Recorded, open_parent: OpenParent) -> bool:
+def _remove_if_placeholder(
+    relative: str, noted_ns: int, recorded: Recorded, open_parent: OpenParent
+) -> bool:
     try:
         fd = open_parent(relative)
     except OSError:
@@ -82,7 +90,10 @@ def _remove_if_placeholder(relative: str, recorded: Recorded, open_parent: OpenP
             info = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
-        if not stat.S_ISREG(info.st_mode) or info.st_size or recorded(relative, info):
+        made = noted_ns - MADE_BEFORE_NS <= info.st_mtime_ns <= noted_ns + MADE_WITHIN_NS
+        if not stat.S_ISREG(info.st_mode) or info.st_size or not made:
+            return False
+        if recorded(relative, info):
             return False
         os.unlink(name, dir_fd=fd)
         return True
