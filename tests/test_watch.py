@@ -572,3 +572,44 @@ def test_a_file_written_and_not_closed_is_reported_once_its_writes_pause(tmp_pat
     assert union(written) == {"kept.log", "cut.bin"} and all(not b.full for b in written)
     assert waited >= 0.3, waited  # (after the writes paused, not at the first of them)
     assert union(closed) == {"closed.txt"}
+
+
+def test_R65_a_file_read_stale_again_and_again_is_scanned_as_a_written_one_is(
+    tmp_path: Path,
+) -> None:
+    """A read for a peer that finds a recorded file's bytes changed names the file to the
+    watcher (``changed``), and it was scanned with the very next batch: a file rewritten
+    without pause (a database, a VM image) whose chunks a peer kept asking for (a member
+    on purpose, or an honest peer taking each version it was told of) was hashed whole
+    and recorded again at every batch. A stale read still has the file scanned at once,
+    but once more within ``written_quiet`` s only when that time is over."""
+    (tmp_path / "db.bin").write_bytes(b"x" * 1000)
+
+    async def main() -> tuple[list[Changes], float]:
+        async with Watcher(
+            tmp_path, never, quiet=0.01, max_delay=0.05, written_quiet=0.25, written_max=0.5
+        ) as watcher:
+            changes = watcher.changes()
+            await anext(changes)
+            loop = asyncio.get_running_loop()
+            got: list[tuple[float, Changes]] = []
+
+            async def collect() -> None:
+                async for batch in changes:
+                    got.append((loop.time(), batch))
+
+            collecting = asyncio.create_task(collect())
+            started = loop.time()
+            for _ in range(100):  # ~2 s of reads for a peer that find the file changed
+                watcher.changed("db.bin")
+                asked = loop.time()
+                await asyncio.sleep(0.02)
+            async with asyncio.timeout(5):  # (its last report)
+                while not got or got[-1][0] < asked:
+                    await asyncio.sleep(0.05)
+            collecting.cancel()
+            return [batch for _, batch in got], loop.time() - started
+
+    batches, seconds = asyncio.run(main())
+    assert all(b.paths == {"db.bin"} for b in batches)
+    assert 1 <= len(batches) <= 2 * seconds / 0.25 + 2, (len(batches), seconds)  # (not 100)

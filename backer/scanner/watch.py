@@ -175,6 +175,7 @@ class Watcher:
         self._inbox_lock = threading.Lock()
         self._pending: set[str] = set()
         self._written: dict[str, tuple[float, float]] = {}  # path: its first, last write
+        self._stale_at: dict[str, float] = {}  # path: when ``changed`` last reported it
         self.writes: _Writes | None = None  # the written-file instance (Linux)
         self._full: str | None = None
         self._last = 0.0
@@ -429,7 +430,20 @@ class Watcher:
 
     def changed(self, path: str) -> None:
         """``path`` changed though no event said so (in the loop): a read for a peer
-        found its recorded bytes gone. Scanned with the next batch, as if watched."""
+        found its recorded bytes gone. Scanned with the next batch, as if watched; but
+        once more within ``written_quiet`` s of that, only when that time is over (as a
+        file written and not closed is): a file rewritten without pause whose bytes a peer
+        kept asking for was hashed whole and recorded again at every batch (R65)."""
+        assert self._loop is not None
+        now = self._loop.time()
+        while self._stale_at and now - next(iter(self._stale_at.values())) >= self.written_quiet:
+            del self._stale_at[next(iter(self._stale_at))]  # (oldest first: bounded)
+        if (last := self._stale_at.get(path)) is not None:
+            if path not in self._written:
+                self._written[path] = (last, last)  # (due when its quiet time is over)
+                self._arrived.set()
+            return
+        self._stale_at[path] = now
         self._pending.add(path)
         self._wake()
 
