@@ -119,7 +119,7 @@ class Node:
     edits: int = 0  # its person's edits so far (one made while a scan ran is not seen by it)
     touched: set[str] | None = None  # the paths edited since (None: a full scan is due)
     down: bool = False  # stopped: no process, no links, until it starts again
-    rules_seen: bytes | None = None  # its .backerignore at its last whole scan
+    rules_seen: bytes | None = None  # its .backerignore as its last whole scan walked
     rules_moved: bool = False  # a scan since then saw other rules (they may be back)
     killed: bool = False  # killed at a kill point (the harness restarts it)
     heard_later: set[str] = field(default_factory=set)  # written, no close: its watcher
@@ -162,7 +162,8 @@ class Node:
         self.stale.clear()
         edits = self.edits
         rules, local = IgnoreRules.load(self.root), share.catalog.local_entries()
-        moved = self.rules_moved or self._rules() != self.rules_seen
+        walked = self._rules()  # (the walk reads them as it starts: a rule its links bring
+        moved = self.rules_moved or walked != self.rules_seen  # in meanwhile binds it not)
         parents = set() if self.edited else _parents_of_live(share)
         paths = None if whole or self.touched is None else sorted(self.touched)
         summary = scan_share(share, paths, meanwhile if off_loop else None, mid_walk)
@@ -190,7 +191,7 @@ class Node:
         # at the last whole scan (a rule added, then removed).
         self.rules_moved = moved and paths is not None
         if paths is None:
-            self.rules_seen = rules_now
+            self.rules_seen = walked
         if self.edited or paths is None:
             self.touched = None if self.edited else set()
         else:

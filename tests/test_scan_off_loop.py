@@ -327,3 +327,35 @@ def test_a_deletion_is_recorded_by_the_scan_during_which_a_restored_share_catche
     assert given_back == [0]
     assert (summary.added, summary.deleted) == (["g"], ["f"])
     assert a.scan().events == 0
+
+
+def test_a_rule_removed_while_a_scan_hashes_leaves_what_it_ignored_to_the_next_scan(
+    tmp_path: Path,
+) -> None:
+    """The walk reads the ignore rules as it starts. A peer's removal of the rule that
+    ignored the person's ``a/x.log`` here, applied while the watcher's scan hashes,
+    leaves that file to the next scan, which the rules file's change makes a whole one
+    (the watcher hears it go): recorded then, once, as the person's file. (The
+    simulation took that record for the node's own applied write: seed 185151.)"""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / ".backerignore").write_text("*.log\n")
+    an_hour_ago = time.time() - 3600  # (a rule written just now is hashed again: its
+    os.utime(a.root / ".backerignore", (an_hour_ago, an_hour_ago))  # rescan is whole)
+    sync(a, b)
+    (b.root / "a").mkdir()
+    (b.root / "a" / "x.log").write_bytes(b"the person's log, ignored as written")
+    (b.root / "g").write_bytes(b"a file to hash")
+    (a.root / ".backerignore").unlink()
+    a.scan()
+    arrived = []
+
+    def bring_the_removal(*_: int) -> None:
+        if not arrived:
+            pump(Session(a, "a"), Session(b, "b"))
+            arrived.append((b.root / ".backerignore").exists())
+
+    summary = asyncio.run(b.scan_off_loop(progress=bring_the_removal))
+    assert arrived == [False]
+    assert summary.added == ["a", "g"]
+    assert b.scan(paths=[".backerignore"]).added == ["a/x.log"]
+    assert b.scan().events == 0

@@ -1135,6 +1135,32 @@ def test_a_copys_version_a_killed_window_wrote_from_an_older_plan_is_not_an_edit
         pytest.fail(failure.reason)
 
 
+def test_a_file_a_rule_removed_during_a_scan_stops_ignoring_is_the_persons_edit() -> None:
+    """Seed 185151 (default world, 60 steps), shrunk: node 2's person wrote ``a/x.log``
+    and a rule from node 1 then ignored it; node 1's restore removed the rule, which
+    reached node 2 while its watcher's whole scan hashed. The walk had read the rules
+    as it started, so the file was left to the next scan, and the harness, which took
+    the rules at that scan's end for those it had seen, called that record the node's
+    own applied write ("node2 recorded its own applied writes as edits: ['a/x.log']";
+    what backer does: tests/test_scan_off_loop.py)."""
+    steps = [
+        ("reboot", {"node": 1, "offset": -120000}),
+        ("write", {"node": 2, "path": "a/x.log", "data": b"the person's log"}),
+        ("prune", {"node": 2, "wait": 604806487}),
+        ("scan", {"node": 1, "during": 27}),
+        ("race", {"node": 2, "path": "a/c/h", "data": b"raced", "limit": 34}),
+        ("ignore", {"node": 1, "pattern": "*.log", "add": True}),
+        ("scan", {"node": 1, "during": 5}),
+        ("sync", {"a": 1, "b": 2, "cut": None}),
+        ("restore_at", {"node": 1, "path": "", "pick": 24}),
+        ("scan", {"node": 2, "during": 12}),
+    ]
+    try:
+        replay(3, steps, 185151, BEFORE_EXFAT)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
 def test_the_harness_fails_a_livelock_within_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Seed 130395 with conflict copies named as before 38998c0 (a long name cut back to
     NAME_MAX with no tag, so a copy's copy could come back to an earlier copy's name):
