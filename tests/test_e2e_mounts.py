@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from backer.fs.mounts import ShareDisk
+from backer.scanner import walk
 from tests.e2e import Device, joined_pair
-from tests.helpers import small_disk
+from tests.helpers import make_devices, small_disk
 
 
 def _files(root: Path) -> list[str]:
@@ -89,3 +91,39 @@ def test_R61_a_folder_bound_from_the_same_disk_and_unbound_deletes_nothing(
     log = a.run("log", "--dir", str(a.root)).stdout
     assert "photo.jpg" not in log, log
     assert "photos: skipped: another filesystem is mounted here" in scanned.stderr, scanned.stderr
+
+
+def test_R66_a_bind_made_while_a_scan_walks_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mount table is read as a scan starts, and a whole scan walks for minutes on a
+    large share: a bind of a folder of the same filesystem made meanwhile (at start-up,
+    a mount unit after the node's) was followed, its files recorded, and once it was
+    unbound the next scan recorded them deleted, for every device to delete (R61 by a
+    race). The walk now also asks the kernel whether each folder is a mount's root."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    a, _ = make_devices(tmp_path, 2)
+    (a.root / "photos").mkdir()
+    a.scan()
+    (tmp_path / "Photos").mkdir()
+    (tmp_path / "Photos" / "photo.jpg").write_bytes(b"\xff\xd8 a photo")
+    read_as_the_scan_starts = walk.share_disk
+
+    def bound_meanwhile(root: Path) -> ShareDisk:
+        disk = read_as_the_scan_starts(root)
+        if not os.path.ismount(root / "photos"):
+            bind = ["mount", "--bind", str(tmp_path / "Photos"), str(root / "photos")]
+            subprocess.run(bind, check=True)
+        return disk
+
+    monkeypatch.setattr(walk, "share_disk", bound_meanwhile)
+    try:
+        scanned = a.scan()
+    finally:
+        subprocess.run(["umount", "-l", str(a.root / "photos")], check=True)
+    monkeypatch.undo()
+    a.scan()
+    assert "photos/photo.jpg" not in scanned.added
+    assert [p.path for p in scanned.errors] == ["photos"]  # (skipped: mounted)
+    assert not a.catalog.live_for(["photos/photo.jpg"]).get("photos/photo.jpg")

@@ -127,10 +127,9 @@ def open_directory(
             os.close(fd)
             fd = child
             if found is not None or disk is not None:
-                reached = identity(fd)
-                if disk is not None and (
-                    reached[0] != disk.device or "/".join(done) in disk.mount_points
-                ):
+                info = os.fstat(fd)
+                reached = info.st_dev, info.st_ino
+                if disk is not None and disk.crosses("/".join(done), info, fd):
                     raise MountedHere("/".join(done))
                 if found is not None:
                     found["/".join(done)] = reached
@@ -211,7 +210,8 @@ class Directories:
         mount point: its mode and times are the mounted disk's, not the share's."""
         if self._disk is None:
             self._disk = share_disk(self.root)
-        if stat.S_ISDIR(info.st_mode) and self._disk.crosses(relative, info):
+        at = os.path.join(self.root, relative)
+        if stat.S_ISDIR(info.st_mode) and self._disk.crosses(relative, info, at):
             raise MountedHere(relative)
 
     def _nearest(self, relative: str) -> tuple[str | None, str | None, int]:

@@ -8,13 +8,21 @@ recorded as deleted on every device; so the mount table is read too.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
 MOUNT_TABLE = "/proc/self/mountinfo"  # (Linux; elsewhere the device number alone)
 _ESCAPED = re.compile(rb"\\([0-7]{3})")  # a space, tab, newline or backslash in a path
+_statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)  # (glibc 2.28+)
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
+_AT_FDCWD, _AT_SYMLINK_NOFOLLOW, _AT_NO_AUTOMOUNT, _AT_EMPTY_PATH = -100, 0x100, 0x800, 0x1000
+_STATX_TYPE, _STATX_ATTR_MOUNT_ROOT = 0x1, 0x2000  # (the attribute: Linux 5.8+)
+_STATX_SIZE = 256
 
 
 class ShareDisk(NamedTuple):
@@ -24,9 +32,11 @@ class ShareDisk(NamedTuple):
     device: int
     mount_points: frozenset[str]
 
-    def crosses(self, path: str, info: os.stat_result) -> bool:
-        """Whether the folder at ``path`` (``info``: its stat) is a mount point."""
-        return info.st_dev != self.device or path in self.mount_points
+    def crosses(self, path: str, info: os.stat_result, at: str | int) -> bool:
+        """Whether the folder at ``path`` (``info``: its stat; ``at``: its path on disk,
+        or a descriptor of it) is a mount point. The table was read a while ago (a whole
+        scan walks for minutes), so the kernel is asked too (R66)."""
+        return info.st_dev != self.device or path in self.mount_points or is_mount_root(at)
 
     def below_mount(self, path: str) -> bool:
         """Whether ``path`` is a mount point or lies below one of the table's."""
@@ -55,3 +65,23 @@ def mount_points_below(root: Path | str) -> frozenset[str]:
             if point.startswith(prefix) and len(point) > len(prefix):
                 found.add(point[len(prefix) :])
     return frozenset(found)
+
+
+def is_mount_root(at: str | int) -> bool:
+    """Whether the folder at the path ``at`` (not followed if a link), or open as the
+    descriptor ``at``, is the root of a mount now, a bind of the same filesystem
+    included (``statx``'s STATX_ATTR_MOUNT_ROOT); False where the kernel cannot say
+    (before Linux 5.8, or no ``statx``): the table alone decides there."""
+    if _statx is None:
+        return False
+    flags = _AT_SYMLINK_NOFOLLOW | _AT_NO_AUTOMOUNT
+    if isinstance(at, int):
+        fd, path, flags = at, b"", flags | _AT_EMPTY_PATH
+    else:
+        fd, path = _AT_FDCWD, os.fsencode(at)
+    buffer = ctypes.create_string_buffer(_STATX_SIZE)
+    if _statx(fd, path, flags, _STATX_TYPE, buffer) != 0:
+        return False
+    (attributes,) = struct.unpack_from("=Q", buffer, 8)  # stx_attributes
+    (known,) = struct.unpack_from("=Q", buffer, 56)  # stx_attributes_mask
+    return bool(attributes & known & _STATX_ATTR_MOUNT_ROOT)

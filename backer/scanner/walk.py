@@ -226,7 +226,7 @@ def _mounted(
     not followed. Unmounted, it would be an empty folder, and every device would delete
     what was recorded below it; as a share of its own, backer sees it go. A bind of a
     folder of the same filesystem has the share's device: the mount table names it."""
-    if found.kind != Kind.DIRECTORY or not disk.crosses(found.path, info):
+    if found.kind != Kind.DIRECTORY or not disk.crosses(found.path, info, found.disk_path):
         return False
     errors.append(Problem(found.path, MOUNTED, warning=True))
     unreadable.add(found.path)
