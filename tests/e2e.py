@@ -171,6 +171,41 @@ def wait_until(done: Callable[[], object], nodes: Iterable[Node], timeout: float
         time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def slowed(node: Node, syscall: str, delay_us: int) -> Iterator[Callable[[], None]]:
+    """Every ``syscall`` of ``node``'s process (each thread, also those it starts later)
+    delayed ``delay_us`` microseconds on entry, by strace, for the block; it yields a
+    function that ends the slowing early (the rest at full speed). The block begins once
+    strace traces every thread: a fixed wait for that ran out on a loaded machine, and
+    what the block slows ran unslowed."""
+    pid = node.process.pid
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(pid),
+         "-e", f"trace={syscall}", "-e", f"inject={syscall}:delay_enter={delay_us}"],
+    )  # fmt: skip
+
+    def traced() -> bool:
+        if tracer.poll() is not None:
+            raise AssertionError(f"strace exited ({tracer.returncode})")
+        tracers = set()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # (a thread that just ended)
+                status = (task / "status").read_text()
+                tracers.add(status.split("TracerPid:", 1)[1].split()[0])
+        return tracers == {str(tracer.pid)}
+
+    def stop() -> None:
+        if tracer.poll() is None:
+            tracer.terminate()
+        tracer.wait()
+
+    try:
+        wait_until(traced, [node])
+        yield stop
+    finally:
+        stop()
+
+
 INVITE_EXPIRES_S = 86400  # (backer invite's default)
 
 

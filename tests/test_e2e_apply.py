@@ -16,7 +16,7 @@ import pytest
 
 from backer.model.materializer import LEFT_OUT
 from backer.scanner.ignore import is_temp_name
-from tests.e2e import Device, free_port, invite, snapshot, summary_number
+from tests.e2e import Device, free_port, invite, slowed, snapshot, summary_number
 from tests.helpers import small_disk
 
 
@@ -275,46 +275,35 @@ def test_R32_a_disk_filled_while_a_window_receives_is_warned_of_listed_and_retri
             b.root = disk / "b"
             b.run("join", token, str(b.root))
         a.start(port)
-        slowing = None
         filler = b.root / ".backer" / "filler"  # (no event: .backer is not shared)
         try:
             node_b = b.start(BACKER_TIME_SCALE="0.25")
-            slowing = subprocess.Popen(
-                ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node_b.process.pid),
-                 "-e", "trace=pwrite64", "-e", "inject=pwrite64:delay_enter=20000"],
-            )  # fmt: skip
-            time.sleep(1)  # (attached to every thread)
-            (a.root / "r40.bin").write_bytes(os.urandom(40 * 1024 * 1024))
-            deadline = time.monotonic() + 60
-            while not any(is_temp_name(p.name) for p in b.root.iterdir()):
-                assert time.monotonic() < deadline, node_b.log
-                time.sleep(0.02)
-            with open(filler, "wb") as handle:
-                for _ in range(5):  # (the node writes meanwhile: what it took is not free)
-                    free = os.statvfs(b.root).f_bavail * os.statvfs(b.root).f_frsize
-                    try:
-                        os.posix_fallocate(handle.fileno(), 0, free - 256 * 1024)  # (all but)
-                        break
-                    except OSError as exc:
-                        if exc.errno != errno.ENOSPC:
-                            raise
-                else:
-                    raise AssertionError("the disk could not be filled")
-            node_b.wait_for("disk full: ", timeout=60)
-            status = b.run("status", "--json", "--dir", str(b.root)).stdout
-            assert f'"path": "r40.bin",\n      "reason": "{LEFT_OUT}"' in status, status
-            slowing.terminate()
-            slowing.wait()
-            slowing = None
+            with slowed(node_b, "pwrite64", 20_000):
+                (a.root / "r40.bin").write_bytes(os.urandom(40 * 1024 * 1024))
+                deadline = time.monotonic() + 60
+                while not any(is_temp_name(p.name) for p in b.root.iterdir()):
+                    assert time.monotonic() < deadline, node_b.log
+                    time.sleep(0.02)
+                with open(filler, "wb") as handle:
+                    for _ in range(5):  # (the node writes meanwhile: what it took is not free)
+                        free = os.statvfs(b.root).f_bavail * os.statvfs(b.root).f_frsize
+                        try:
+                            os.posix_fallocate(handle.fileno(), 0, free - 256 * 1024)  # (all but)
+                            break
+                        except OSError as exc:
+                            if exc.errno != errno.ENOSPC:
+                                raise
+                    else:
+                        raise AssertionError("the disk could not be filled")
+                node_b.wait_for("disk full: ", timeout=60)
+                status = b.run("status", "--json", "--dir", str(b.root)).stdout
+                assert f'"path": "r40.bin",\n      "reason": "{LEFT_OUT}"' in status, status
             filler.unlink()
             deadline = time.monotonic() + 120
             while snapshot(b.root) != snapshot(a.root):
                 assert time.monotonic() < deadline, node_b.log
                 time.sleep(0.2)
         finally:
-            if slowing is not None:
-                slowing.terminate()
-                slowing.wait()
             for node in [*a.nodes, *b.nodes]:
                 node.stop()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from backer.scanner.ignore import TEMP_PREFIX
-from tests.e2e import Device, free_port, invite, joined_pair, snapshot, wait_until
+from tests.e2e import Device, free_port, invite, joined_pair, slowed, snapshot, wait_until
 
 LINE = re.compile(
     r"^backer: (\w+): (\d+)/(\d+) files, ([\d.]+)/([\d.]+) ([kMG]?B), (\S+ \S+|\?), (\S+) left$"
@@ -161,40 +161,38 @@ def test_status_says_a_file_is_needed_until_its_slowed_local_copy_is_in_place(
     original = os.urandom(size)
     (a.root / "big.bin").write_bytes(original)
     node_a = a.start(port_a)
-    slowing = None
     try:
         node_b = b.start(port_b)
         b_id = _this_device(b)["id"]
         wait_until(lambda: (b.root / "big.bin").exists() and snapshot(b.root) == snapshot(a.root),
                    [node_a, node_b])  # fmt: skip
-        slowing = subprocess.Popen(
-            ["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(node_b.process.pid),
-             "-e", "trace=preadv2", "-e", "inject=preadv2:delay_enter=1000000"],
-        )  # fmt: skip
-        time.sleep(1)  # (attached to every thread)
-        (a.root / "copy.bin").write_bytes(original)  # every chunk of it is on b already
-        needed = (1, size)
-        copying = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(copying) < 3:
-            if any(p.name.startswith(TEMP_PREFIX) for p in b.root.iterdir()):
-                copying.append((_this_device(b), _this_device(a, b_id)))
-            time.sleep(0.2)
-        assert len(copying) == 3, "no local copy seen under way"
-        for own, told in copying[1:]:  # (the first may precede b's plan's count)
-            assert (own["need_files"], own["need_bytes"]) == needed, own
-            assert not told["in_sync"], told
-        told = copying[-1][1]  # (b tells a its need every 0.5 s)
-        assert (told["need_files"], told["need_bytes"]) == needed, told
-        slowing.terminate()  # (the rest of the copy at full speed)
-        slowing.wait()
-        slowing = None
+
+        def under_way() -> bool:
+            return any(p.name.startswith(TEMP_PREFIX) for p in b.root.iterdir())
+
+        # 5 s a MiB read: the copy outlasts the samples however slow the status commands
+        # are (at load 20 three samples took longer than the 48 s of 1 s a read)
+        with slowed(node_b, "preadv2", 5_000_000) as full_speed:
+            (a.root / "copy.bin").write_bytes(original)  # every chunk of it is on b already
+            needed = (1, size)
+            copying = []
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and len(copying) < 3:
+                if under_way():
+                    sample = (_this_device(b), _this_device(a, b_id))
+                    if under_way():  # (still: both were asked while the copy ran)
+                        copying.append(sample)
+                time.sleep(0.2)
+            assert len(copying) == 3, "no local copy seen under way"
+            for own, told in copying[1:]:  # (the first may precede b's plan's count)
+                assert (own["need_files"], own["need_bytes"]) == needed, own
+                assert not told["in_sync"], told
+            told = copying[-1][1]  # (b tells a its need every 0.5 s)
+            assert (told["need_files"], told["need_bytes"]) == needed, told
+            full_speed()  # (the rest of the copy at full speed)
         wait_until(lambda: snapshot(b.root) == snapshot(a.root), [node_a, node_b], timeout=120)
         wait_until(lambda: _this_device(b)["need_files"] == 0, [node_b])
     finally:
-        if slowing is not None:
-            slowing.terminate()
-            slowing.wait()
         for node in [*a.nodes, *b.nodes]:
             node.stop()
 
