@@ -7,7 +7,6 @@ with status 70 (set ``BACKER_DEBUG=1`` for the traceback).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import functools
@@ -25,46 +24,42 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+# What every command loads stays small: click and the modules that need neither the
+# database nor the CRDT nor the network, so that '--version', '--help', 'id', 'shares',
+# 'forget', 'open' and 'service' start in a fraction of the engine's import time (every
+# process pays it, tests run hundreds). A command imports the engine's parts it uses in
+# its own body (tests/test_startup.py checks what the light commands load).
 from backer.api import access as api_access
 from backer.config import registry
 from backer.config import service as service_mod
 from backer.config.identity import device_id, home, load_or_create_key, parse_device_id, short_id
-from backer.connections import control, transport
-from backer.connections.addresses import AddressBook, advertised, loopback_only
-from backer.db.catalog import Problem
+from backer.connections.addresses import advertised, loopback_only, parse_address
+from backer.connections.limits import raise_fd_limit
 from backer.db.recovery import make_directories
 from backer.errors import BackerError
 from backer.errors import reason as error_reason
 from backer.fs.paths import METADATA_DIR
-from backer.model import entropy, revisions
-from backer.model import repair as repair_mod
-from backer.model import verify as verify_mod
-from backer.model.membership import checked_name, host_name
+from backer.model import entropy
 from backer.model.records import Kind, Version, timestamp
-from backer.model.replicator import Replicator
-from backer.model.share import (
-    DB_FILE,
-    Share,
-    ShareBusy,
-    abandoned_create,
-    clear_abandoned,
-    find_root,
-    is_damage,
-)
-from backer.node import commands
-from backer.node.node import Node, hold_home
 from backer.numbers import natural
-from backer.progress import Reporter, reporter
-from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
-from backer.protocol.invite import MAX_EXPIRES_S, InviteToken, parse_address
-from backer.protocol.session import Session
-from backer.versioner import config as retention_config
-from backer.versioner.prune import DROP_ALL, held_by_kept, prune_share
-from journal import JournalError
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from backer.connections import transport
+    from backer.db.catalog import Problem
+    from backer.model import revisions
+    from backer.model.replicator import Replicator
+    from backer.model.share import Share, ShareBusy
+    from backer.node.node import Node
+    from backer.progress import Reporter
+    from backer.protocol.channel import SecureChannel
+    from backer.protocol.invite import InviteToken
+    from backer.protocol.session import Session
 
 EXIT_ERROR = 1
 EXIT_FILES_FAILED = 3  # the command did its job, but some files could not be recorded/applied
@@ -126,6 +121,8 @@ quiet_option = click.option(
 
 def _progress(label: str) -> contextlib.AbstractContextManager[Reporter | None]:
     """The command's progress display (see :mod:`backer.progress`), unless ``--quiet``."""
+    from backer.progress import reporter
+
     return reporter(label, click.get_current_context().meta.get("backer.quiet", False))
 
 
@@ -166,6 +163,8 @@ def _current_share() -> Path:
     where it is in no share (none on disk, none registered): this device's only share
     (as ``--share`` would name it), or, while it has several, an error naming them
     (rather than suggesting a repair of the directory)."""
+    from backer.model.share import find_root
+
     cwd = Path.cwd()
     entries = registry.registered(home())
     if not entries or any(e.root == cwd or e.root in cwd.parents for e in entries):
@@ -185,6 +184,8 @@ def _share_of(path: str) -> Path:
     """The share a command's PATH is in, when no ``--share`` names one: the registered
     share whose folder holds it (the innermost), else the share above it on disk (one
     not registered); a path in no share is an error, whatever the current directory."""
+    from backer.model.share import find_root
+
     absolute = Path(os.path.abspath(path))
     spellings = dict.fromkeys([absolute, absolute.resolve()])  # (as typed, links resolved)
     roots = [entry.root for entry in registry.registered(home())]
@@ -208,6 +209,8 @@ def _open(directory: str | None, exclusive: bool = True, path: str | None = None
     """The share ``--share`` names, or else the one holding ``path`` (a command's PATH
     argument), or else the current directory's; ``exclusive=False`` for read-only
     commands."""
+    from backer.model.share import Share
+
     return Share.open(_locate(directory, path), load_or_create_key(), exclusive, home())
 
 
@@ -272,6 +275,8 @@ def _print_fresh(share: Share) -> list[Problem]:
 def _report_problems(share: Share) -> int:
     """Print this process's problems not reported before (grouped) on stderr, and the
     exit status they call for."""
+    from backer.node import commands
+
     fresh = _print_fresh(share)
     known = len(share.problems) - len(fresh)
     if known > 0:
@@ -281,6 +286,8 @@ def _report_problems(share: Share) -> int:
 
 def _scan_and_report(share: Share, as_json: bool) -> int:
     """Scan, print the summary (or JSON), and return the exit status."""
+    from backer.node import commands
+
     with _progress("scanning") as progress:
         summary = share.scan(progress)
     if summary.waiting:
@@ -289,12 +296,16 @@ def _scan_and_report(share: Share, as_json: bool) -> int:
 
 
 def _reported_problems(report: dict[str, Any]) -> list[Problem]:
+    from backer.db.catalog import Problem
+
     return [Problem(p["path"], p["reason"], p["warning"]) for p in report["problems"]]
 
 
 def _print_scan(report: dict[str, Any], as_json: bool, share: Share | None = None) -> int:
     """Print a scan's report (this process's, or a node's reply without ``share``) and
     return the exit status."""
+    from backer.node import commands
+
     problems = _reported_problems(report)
     failed = commands.failures(share) if share else sum(not p.warning for p in problems)
     if as_json:
@@ -316,6 +327,8 @@ def _print_scan(report: dict[str, Any], as_json: bool, share: Share | None = Non
 def _node_answer(root: Path, request: dict[str, Any]) -> Any:
     """What the node serving the share at ``root`` (``backer run``) answers to
     ``request``: the value its reply holds under the op's name."""
+    from backer.connections import control
+
     key = {
         "scan": "scan",
         "status": "status",
@@ -362,6 +375,8 @@ def id() -> None:
 def init(directory: str) -> None:
     """Make DIRECTORY a new share, with this device as its first member (a share of
     this device already: register it again, see 'backer forget')."""
+    from backer.model.share import DB_FILE, Share, abandoned_create
+
     root = Path(os.path.abspath(directory))
     key = load_or_create_key()
     if (root / METADATA_DIR / DB_FILE).exists() and not abandoned_create(root, home()):
@@ -392,6 +407,8 @@ def scan(directory: str | None, forget_lost_history: bool, as_json: bool) -> Non
     Files that cannot be recorded are listed with the reason (each one once; 'status'
     keeps listing them until a scan records them) and the exit status is 3. While
     'backer run' serves the share, it scans (it also does by itself on every change)."""
+    from backer.model.share import ShareBusy
+
     try:
         share = _open(directory)
     except ShareBusy as busy:
@@ -415,6 +432,8 @@ def status(directory: str | None, as_json: bool) -> None:
     """Show the share: files, bytes, devices, conflicts, last scan; per device, while
     'backer run' serves the share: connected or last seen, address, in sync or not,
     transfer progress (else when this device last connected to it, if it did)."""
+    from backer.connections import control
+
     with _open(directory, exclusive=False) as share:
         if control.answering(share.root):
             report = _node_answer(share.root, {"op": "status"})
@@ -499,6 +518,8 @@ def _device_line(device: dict[str, Any]) -> str:
 def _offline_status(share: Share) -> dict[str, Any]:
     """``status --json`` of a share no node serves: each device as a node shows it, with
     what the share recorded of the last session with it."""
+    from backer.node import commands
+
     report = commands.status_report(share)
     missing = report["not_here"]
     for device in report["devices"]:
@@ -606,6 +627,8 @@ def log(
     since_text: str | None,
 ) -> None:
     """Show the journal, oldest first; with PATH, only events that touched it."""
+    from backer.node import commands
+
     since_ms = _parse_time(since_text, "--since") if since_text else 0
     with _open(directory, exclusive=False, path=path) as share:
         wanted = _share_path(share, path) if path else ""
@@ -658,6 +681,8 @@ def log(
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def history(path: str, directory: str | None, as_json: bool) -> None:
     """Show every version of PATH: when, by which device, size and hash."""
+    from backer.node import commands
+
     with _open(directory, exclusive=False, path=path) as share:
         key = _recorded_path(share, _share_path(share, path))
         entries = share.catalog.history(key)
@@ -699,6 +724,8 @@ def conflicts(directory: str | None, as_json: bool) -> None:
     """List every conflict: the path, then each competing version (when the file was
     modified, device, size) and where its conflict copy is; the first holds the path
     now."""
+    from backer.node import commands
+
     with _open(directory, exclusive=False) as share:
         rows = commands.conflicts_report(share)
     if as_json:
@@ -796,6 +823,9 @@ def ls(path: str | None, at_text: str | None, directory: str | None, as_json: bo
     it) as recorded now, or as it was at WHEN (what was deleted since included): time,
     version id, size, name. A PATH that was no folder then (a file, a link, deleted)
     is an error: see 'backer history PATH'."""
+    from backer.model import revisions
+    from backer.node import commands
+
     with _open(directory, exclusive=False, path=path) as share:
         cwd = Path.cwd()
         if path is None and (cwd == share.root or share.root in cwd.parents):
@@ -818,6 +848,10 @@ def ls(path: str | None, at_text: str | None, directory: str | None, as_json: bo
 
 def _revise(directory: str | None, path: str, request: dict[str, Any]) -> int:
     """Run a ``restore`` or ``resolve`` here, or ask the node serving the share."""
+    from backer.model import revisions
+    from backer.model.share import Share, ShareBusy
+    from backer.node import commands
+
     try:
         share = _open(directory, path=path)
     except ShareBusy as busy:
@@ -850,6 +884,10 @@ def _revise(directory: str | None, path: str, request: dict[str, Any]) -> int:
 
 def _fetch_from(share: Share, fetched: revisions.Fetched, source: str | None, what: str) -> None:
     """Fetch what ``fetched`` wants from the device at ``source`` (a one-shot sync)."""
+    import asyncio
+
+    from backer.connections import transport
+
     if source is None:
         raise BackerError(
             f"the bytes of {what} are not on this device: give --from HOST:PORT of a device "
@@ -876,6 +914,9 @@ def prune(directory: str | None, dry_run: bool, everything: bool, as_json: bool)
     """Drop the kept contents of replaced and deleted versions that the share's
     retention policy no longer keeps (see 'backer config'), and say what that frees.
     The history of every version stays. 'backer run' does this every hour by itself."""
+    from backer.model.share import ShareBusy
+    from backer.versioner.prune import DROP_ALL, prune_share
+
     policy = DROP_ALL if everything else None
     try:
         with _open(directory) as share:
@@ -904,6 +945,8 @@ def config_command(key: str | None, value: str | None, directory: str | None) ->
     contents: every version for keep-all, then one per hour until hourly-for, one per
     day until daily-for, one per week until weekly-for; at most max-disk of the free
     disk (durations: 90m, 1h, 30d, 52w; max-disk: a percentage)."""
+    from backer.versioner import config as retention_config
+
     with _open(directory, exclusive=False) as share:
         if key is not None and value is not None:
             with share.db.conn:
@@ -926,6 +969,8 @@ def config_command(key: str | None, value: str | None, directory: str | None) ->
 
 
 def _summary_line(sessions: list[Session], replicator: Replicator | None = None) -> str:
+    from backer.node import commands
+
     return _sync_line(commands.sync_summary(sessions, replicator))
 
 
@@ -950,6 +995,8 @@ def _sync_line(s: dict[str, Any]) -> str:
 def _report_sync(sessions: list[Session], hub: transport.Hub, as_json: bool, hint: str = "") -> int:
     """Print what a sync did (a line per peer too when there were several), and the
     problems; return the exit status (a full disk fails the command, after that)."""
+    from backer.node import commands
+
     report = commands.sync_report(sessions, hub.replicator)
     status = _print_sync(report, as_json, hub.share)
     _warn_of_forks(hub.share)
@@ -1020,6 +1067,11 @@ async def _sync_over(
 ) -> list[Session | BaseException]:
     """One-shot sessions over every stream at once, sharing ``hub`` (so chunk requests
     spread over all peers); a session's result, or the error that ended it."""
+    import asyncio
+
+    from backer.connections import transport
+
+    _imported()
     replicator = hub.replicator
     with _progress("receiving") as progress:
 
@@ -1045,6 +1097,9 @@ def _name() -> str:
 
 def _check_applied(hub: transport.Hub, hint: str = "") -> None:
     """A plan stopped by a full disk fails the command (after its summary)."""
+    from backer.node import commands
+    from backer.versioner.prune import held_by_kept
+
     if (full := hub.replicator.disk_full) is not None:
         held = held_by_kept(hub.share.root, hub.share.catalog, entropy.now_ms())
         raise BackerError(f"{commands.disk_full_line(full, held)}{hint}")
@@ -1052,6 +1107,9 @@ def _check_applied(hub: transport.Hub, hint: str = "") -> None:
 
 def _results(outcomes: list[Session | BaseException], labels: list[str]) -> list[Session]:
     """The sessions that completed; report the others (raise if none completed)."""
+    from backer.connections import transport
+    from backer.protocol.session import Session
+
     failures = []
     for label, outcome in zip(labels, outcomes, strict=True):
         if isinstance(outcome, transport.SessionClosed):
@@ -1087,6 +1145,12 @@ def sync(
     'status' keeps listing them until resolved) and the exit status is 3. While 'backer
     run' serves the share, it syncs (it also does by itself, with every device it
     knows)."""
+    import asyncio
+
+    from backer.connections import transport
+    from backer.model.share import ShareBusy
+    from backer.protocol.session import Session
+
     try:
         share = _open(directory)
     except ShareBusy as busy:
@@ -1118,6 +1182,8 @@ def _node_sync(
     busy: ShareBusy, addresses: tuple[str, ...], command: str | None, as_json: bool
 ) -> int:
     """``sync`` done by the node serving the share: its report, printed as ours."""
+    from backer.model.share import Share
+
     if command:
         raise BackerError(f"{busy}: it syncs by itself; stop it to sync over --command")
     for address in addresses:
@@ -1135,6 +1201,11 @@ def _node_sync(
 @share_option
 def stdio(directory: str | None) -> None:
     """Serve one sync session over stdin/stdout (the remote end of 'sync --command')."""
+    import asyncio
+
+    from backer.connections import transport
+
+    _imported()
     with _open(directory) as share:
         hub = transport.Hub(share, _name())
 
@@ -1200,6 +1271,8 @@ def _logger(level: str) -> logging.Logger:
 
 def _print_token(token: str) -> None:
     """The token on stdout; a warning on stderr when it names loopback addresses only."""
+    from backer.protocol.invite import InviteToken
+
     click.echo(token)
     sys.stdout.flush()
     addresses = InviteToken.decode(token).addresses
@@ -1220,6 +1293,10 @@ async def _until_signalled(
     always stops). A failure the user can act on is raised after the ``except*``, not
     inside it: Python 3.11.0-3.11.3 (Debian 12's) wrap an exception raised there in a
     group, an "internal error"."""
+    import asyncio
+
+    from journal import JournalError
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -1263,8 +1340,12 @@ async def _until_signalled(
 def run(listen: str, log_level: str, api_address: str) -> None:
     """Serve every share of this device until interrupted: record local changes as
     they happen, connect to the other devices and keep them in sync."""
-    from backer.api import server as api_server  # (aiohttp: only the node needs it)
+    import asyncio
 
+    from backer.api import server as api_server  # (aiohttp: only the node needs it)
+    from backer.node.node import Node, hold_home
+
+    _imported()
     host, port = parse_address(listen, listening=True)
     settings = api_access.settings_from(api_address)
     key = load_or_create_key()
@@ -1322,6 +1403,10 @@ def device_remove(device_id_text: str, directory: str | None) -> None:
     e.g. a lost or stolen laptop. Peers refuse it from then on, its later events are
     rejected, and the share key changes for the remaining devices. While 'backer run'
     serves the share, it does it (and drops the device's open sessions)."""
+    from backer.connections import control
+    from backer.model.share import ShareBusy
+    from backer.node import commands
+
     try:
         share = _open(directory)
     except ShareBusy as busy:
@@ -1339,6 +1424,9 @@ def device_rename(name: str, directory: str | None) -> None:
     """Give this device a new NAME in the share (the hostname until then); the others
     show it once they sync. A device renames only itself. While 'backer run' serves the
     share, it does it."""
+    from backer.model.membership import checked_name
+    from backer.model.share import ShareBusy
+
     name = checked_name(name)
     try:
         share = _open(directory)
@@ -1378,6 +1466,14 @@ def invite(
     """Print a single-use, expiring invite token, and wait for the device to join.
 
     While 'backer run' serves the share, it makes the invite (and admits the joiner)."""
+    import asyncio
+
+    from backer.connections import control
+    from backer.model.share import ShareBusy
+    from backer.node import commands
+    from backer.node.node import Node
+    from backer.protocol.invite import MAX_EXPIRES_S
+
     if not 0 < expires <= MAX_EXPIRES_S:
         raise BackerError(f"--expires must be a number of seconds from 1 to {MAX_EXPIRES_S}")
     for address in addresses:
@@ -1419,6 +1515,8 @@ def _print_invite_reply(reply: dict[str, Any]) -> None:
 
 def _read_token(token: str | None, token_file: str | None) -> InviteToken:
     """The invite token from the argument, from stdin (``-``) or from a file."""
+    from backer.protocol.invite import InviteToken
+
     if token_file is not None:
         try:
             text = Path(token_file).read_text()
@@ -1436,6 +1534,8 @@ def _read_token(token: str | None, token_file: str | None) -> InviteToken:
 def _joining_share(root: Path, key: Any, invitation: InviteToken) -> Share:
     """The share to join into: a new one, or the one an interrupted join of the same
     share left (it is resumed: the device it admitted is welcomed again)."""
+    from backer.model.share import DB_FILE, Share, abandoned_create, clear_abandoned
+
     metadata = root / METADATA_DIR
     if abandoned_create(root, home()):  # a join killed while it made its database
         clear_abandoned(root)
@@ -1466,6 +1566,13 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     TOKEN '-' reads the token from stdin. A TOKEN on the command line is visible to
     other users of this machine (e.g. in 'ps') while join runs: prefer '-' or
     --token-file. An interrupted join can be run again with the same token."""
+    import asyncio
+
+    from backer.connections import transport
+    from backer.connections.addresses import AddressBook
+    from backer.model.membership import host_name
+    from backer.protocol.channel import MODE_JOIN, SecureChannel
+
     if token_file is not None and token is not None:
         if directory is not None:
             raise BackerError("give either TOKEN or --token-file, not both")
@@ -1540,6 +1647,8 @@ def verify(path: str | None, directory: str | None, as_json: bool) -> None:
     """Re-hash files (all, or those under PATH) whose stat is as last scanned and report
     each whose bytes no longer match its recorded version (bit rot, a bad disk); exit
     status 3 if any. Such a file is never sent to peers as that version."""
+    from backer.model import verify as verify_mod
+
     with _open(directory, exclusive=False, path=path) as share:
         wanted = _recorded_path(share, _share_path(share, path)) if path else ""
         with _progress("verifying") as progress:
@@ -1571,6 +1680,14 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str | None)
     """Rebuild a damaged or lost .backer/ from a peer, in place: files whose content is
     a live version are recognised as it (no bytes move, no version is recorded); the
     rest is scanned as local changes. The damaged database is kept aside."""
+    import asyncio
+
+    from backer.connections import transport
+    from backer.model import repair as repair_mod
+    from backer.protocol.channel import MODE_JOIN, MODE_SYNC, SecureChannel
+    from backer.protocol.invite import InviteToken
+    from backer.protocol.session import Session
+
     invitation = InviteToken.decode(token) if token else None
     key = load_or_create_key()
     target = repair_mod.locate(_locate(directory), key, home(), invitation)
@@ -1642,10 +1759,17 @@ def service_uninstall() -> None:
     _say(f"removed {path}; then run: {stop}")
 
 
+def _imported() -> None:
+    """What the imports made lives as long as the process: no collection scans it again
+    (a 1 GiB join ran a full collection over ~46,000 such objects). Called at start and
+    by the long commands once they have loaded the engine."""
+    gc.freeze()
+
+
 def main() -> None:
     """Console entry point: run the CLI, turning errors into one line and an exit code."""
-    gc.freeze()  # what the imports made lives as long as the process: no collection scans it
-    transport.raise_fd_limit()
+    _imported()
+    raise_fd_limit()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -1654,18 +1778,36 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (BackerError, JournalError) as exc:
+    except BackerError as exc:
         _say(f"backer: error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     except (sqlite3.DatabaseError, OSError) as exc:
         if os.environ.get("BACKER_DEBUG"):
             raise
-        damaged = isinstance(exc, sqlite3.DatabaseError) and is_damage(exc)
+        damaged = isinstance(exc, sqlite3.DatabaseError) and _is_damage(exc)
         hint = "; the share database is damaged: run 'backer repair --from HOST:PORT'"
         _say(f"backer: error: {error_reason(exc)}{hint if damaged else ''}", err=True)
         sys.exit(EXIT_ERROR)
     except Exception as exc:
+        if _is_journal_error(exc):
+            _say(f"backer: error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
         if os.environ.get("BACKER_DEBUG"):
             raise
         _say(f"backer: internal error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(EXIT_INTERNAL)
+
+
+def _is_journal_error(exc: Exception) -> bool:
+    """A journal's error is one the user can act on, said as a :class:`BackerError` is
+    (the journal is loaded here, on the way out, not by every command's start)."""
+    from journal import JournalError
+
+    return isinstance(exc, JournalError)
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite says the share database is damaged (see ``share.is_damage``)."""
+    from backer.model.share import is_damage
+
+    return is_damage(exc)

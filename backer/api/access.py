@@ -41,10 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backer.connections.addresses import format_address, loopback_only
+from backer.connections.addresses import format_address, loopback_only, parse_address
 from backer.errors import BackerError
 from backer.numbers import natural
-from backer.protocol.invite import parse_address
 
 DEFAULT_ADDRESS = "127.0.0.1:7655"
 PASSWORD_VARIABLE = "BACKER_API_PASSWORD"

@@ -36,7 +36,7 @@ from backer.api.access import Settings
 from backer.api.reads import Reader
 from backer.api.routes import NODE, READER, routes
 from backer.connections.addresses import advertised, format_address
-from backer.connections.transport import Admission
+from backer.connections.limits import Admission
 from backer.errors import BackerError
 from backer.node.node import Node
 

@@ -17,11 +17,15 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import nacl.signing
 
-from backer.db.catalog import Catalog
+from backer.errors import BackerError
 from backer.protocol.announce import Announcement
+
+if TYPE_CHECKING:
+    from backer.db.catalog import Catalog
 
 MAX_PER_DEVICE = 16  # addresses kept per device (the worst are forgotten first)
 MAX_DEVICES = 1024  # devices with addresses (a share has at most 1,000 members)
@@ -168,6 +172,17 @@ def broadcast_addresses() -> list[str]:
         if network.version == 4 and not interface.ip.is_loopback and network.prefixlen < 31:
             found.append(str(network.broadcast_address))
     return list(dict.fromkeys(found))
+
+
+def parse_address(text: str, listening: bool = False) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:port``) into a (host, port) pair; ``listening``:
+    an address to listen on, where port 0 asks the system for any free port (what a
+    script or a test wants), which the listener then reports as bound."""
+    host, sep, port = text.strip().rpartition(":")
+    lowest = 0 if listening else 1
+    if not sep or not port.isdigit() or not lowest <= int(port) < 65536 or not host:
+        raise BackerError(f"not an address (expected HOST:PORT): {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def format_address(host: str, port: int) -> str:

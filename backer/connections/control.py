@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from backer.connections.transport import Admission
+from backer.connections.limits import Admission
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
 

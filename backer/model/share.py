@@ -21,7 +21,7 @@ import urllib.parse
 from collections.abc import Callable, Collection, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 import nacl.signing
 import sqlite_utils
@@ -88,7 +88,6 @@ from backer.model.state import (
     derive_client,
     parse_update,
 )
-from backer.progress import ProgressCallback
 from backer.scanner.content import Manifest
 from backer.scanner.ignore import CONFLICT_MARK, IgnoreRules
 from backer.scanner.walk import (
@@ -111,6 +110,9 @@ from journal import (
     RejectedBatch,
 )
 from journal.event import MAX_PAYLOAD
+
+if TYPE_CHECKING:
+    from backer.progress import ProgressCallback
 
 DB_FILE = "backer.db"
 LOCK_FILE = "lock"

@@ -14,11 +14,14 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from backer.model.records import Kind
 from backer.model.share import Share
-from backer.progress import ProgressCallback
 from backer.scanner.walk import Seen, read_stable, stat_key_of
+
+if TYPE_CHECKING:
+    from backer.progress import ProgressCallback
 
 
 @dataclass

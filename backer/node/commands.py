@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from backer.config.identity import device_id, parse_device_id, short_id
 from backer.connections import control
-from backer.connections.addresses import format_address
+from backer.connections.addresses import format_address, parse_address
 from backer.db.catalog import Catalog, HistoryEntry, Problem
 from backer.errors import BackerError, reason
 from backer.model import revisions
@@ -28,7 +28,7 @@ from backer.model.membership import EventKind
 from backer.model.records import Kind, Version, timestamp
 from backer.model.replicator import Replicator
 from backer.model.share import ScanSummary, Share
-from backer.protocol.invite import InviteToken, parse_address
+from backer.protocol.invite import InviteToken
 from backer.protocol.session import Session, WireStats
 from backer.scanner.chunks import ChunkStore
 from backer.versioner.store import Store

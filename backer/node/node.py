@@ -44,7 +44,13 @@ from backer.config import registry
 from backer.config.identity import device_id, short_id
 from backer.config.identity import home as device_home
 from backer.connections import control, transport
-from backer.connections.addresses import advertised, format_address, loopback_only
+from backer.connections.addresses import (
+    advertised,
+    format_address,
+    loopback_only,
+    parse_address,
+)
+from backer.connections.limits import Admission
 from backer.discover import lan
 from backer.errors import BackerError, reason
 from backer.events import Event, EventBus, EventType, paths
@@ -62,7 +68,6 @@ from backer.protocol.channel import (
     SecureChannel,
     refusal,
 )
-from backer.protocol.invite import parse_address
 from backer.protocol.session import Session
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules
 from backer.scanner.watch import WRITTEN_MAX, WRITTEN_QUIET, Watcher
@@ -901,7 +906,7 @@ class Node:
         self.device_name = socket.gethostname()
         self.runtimes: dict[bytes, Runtime] = {}
         self.addresses: tuple[str, ...] = ()  # where peers can reach this node
-        self.admission = transport.Admission()
+        self.admission = Admission()
         self.refused = transport.RateLimitedLog(lambda line: log.warning("%s", line))
         self.started = asyncio.Event()
         self.bus = EventBus()

@@ -68,14 +68,3 @@ class InviteToken:
             and event.kind == EventKind.INVITE
             and (invite_id, psk) == (self.invite_id, self.psk)
         )
-
-
-def parse_address(text: str, listening: bool = False) -> tuple[str, int]:
-    """``host:port`` (IPv6 as ``[::1]:port``) into a (host, port) pair; ``listening``:
-    an address to listen on, where port 0 asks the system for any free port (what a
-    script or a test wants), which the listener then reports as bound."""
-    host, sep, port = text.strip().rpartition(":")
-    lowest = 0 if listening else 1
-    if not sep or not port.isdigit() or not lowest <= int(port) < 65536 or not host:
-        raise BackerError(f"not an address (expected HOST:PORT): {text!r}")
-    return host.strip("[]"), int(port)

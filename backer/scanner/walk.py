@@ -23,16 +23,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from backer.db.catalog import LocalEntry, Problem
 from backer.fs.mounts import ShareDisk, share_disk
 from backer.fs.paths import METADATA_DIR, BadPath, check_name, fold, is_valid
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, Kind
-from backer.progress import ProgressCallback
 from backer.scanner.content import Manifest, manifest_of_file
 from backer.scanner.ignore import IGNORE_FILE, IgnoreRules, is_temp_name
+
+if TYPE_CHECKING:
+    from backer.progress import ProgressCallback
 
 READ_ATTEMPTS = 3
 THREADED_FROM = 1024 * 1024  # smaller files hash faster inline than through a thread pool
