@@ -80,16 +80,16 @@ def remove_left(root: Path, recorded: Recorded, open_parent: OpenParent) -> list
 def _remove_if_placeholder(
     relative: str, noted_ns: int, recorded: Recorded, open_parent: OpenParent
 ) -> bool:
+    """Whether the placeholder at ``relative`` was there and is removed now. A file that
+    cannot be looked at or removed (its folder made read-only since, the file immutable)
+    is left, to be recorded as the person's: an error here ended every scan (R67)."""
     try:
         fd = open_parent(relative)
     except OSError:
         return False
     try:
         name = relative.rpartition("/")[2]
-        try:
-            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
+        info = os.stat(name, dir_fd=fd, follow_symlinks=False)
         made = noted_ns - MADE_BEFORE_NS <= info.st_mtime_ns <= noted_ns + MADE_WITHIN_NS
         if not stat.S_ISREG(info.st_mode) or info.st_size or not made:
             return False
@@ -97,6 +97,8 @@ def _remove_if_placeholder(
             return False
         os.unlink(name, dir_fd=fd)
         return True
+    except OSError:
+        return False
     finally:
         os.close(fd)
 
