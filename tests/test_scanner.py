@@ -20,6 +20,7 @@ from backer.model.share import Share
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import temp_name
 from backer.scanner.walk import Seen, read_stable
+from backer.versioner.store import held_bytes
 from tests.helpers import live, make_devices, sync
 
 
@@ -381,6 +382,33 @@ def test_R2_a_backerignore_that_is_not_a_regular_file_is_never_read(
     assert [p.reason for p in share.problems.values()] == [
         ".backerignore is larger than 1048576 bytes, not read"
     ]
+
+
+def test_an_older_version_a_killed_window_wrote_from_its_plan_is_that_version(
+    tmp_path: Path,
+) -> None:
+    """A window planned while version one of ``f`` was live here writes it even once
+    version two has come (a plan is applied as planned); killed after moving it into
+    place, before its scan-cache entry, it left ``f`` unrecorded with version one's
+    bytes, and the next scan recorded them as this device's new file beside version
+    two: a conflict on every device (seed 200044: 'node2 recorded its own applied
+    writes as edits'). It is version one, adopted; the next sync puts version two in
+    its place and keeps version one's bytes."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f").write_bytes(b"version one")
+    a.scan()
+    (a.root / "f").write_bytes(b"version two, which replaced one")
+    sync(a, b)
+    (two,) = b.catalog.live_versions("f")
+    with b.db.conn:  # as the killed window left b
+        b.catalog.drop_local(["f"])
+    (b.root / "f").unlink()
+    (b.root / "f").write_bytes(b"version one")
+    assert b.scan().events == 0
+    sync(a, b)
+    assert (b.root / "f").read_bytes() == b"version two, which replaced one"
+    assert list(b.catalog.live_versions("f")) == [two]
+    assert held_bytes(b.root, b.catalog, manifest_of_bytes(b"version one").id) == b"version one"
 
 
 def test_a_directory_is_not_recorded_again_for_an_entry_adopted_as_a_live_version(

@@ -1631,9 +1631,10 @@ class Share:
         (a conflict copy carries it: the window moved the winner into place), unless it
         is the recorded file rewritten in place: the person's edit of the version the
         copy carries, whose bytes went with it. An unrecorded path where something is
-        live, identical to a version once there that its live conflict copy carries, is
-        that version (a window planned before the conflict, killed before its cache;
-        :meth:`_carried_by_copies`). The rest is returned."""
+        live, identical to a version once there that a live version replaced or its
+        live conflict copy carries, is that version (a window planned before the newer
+        version or the conflict came, killed before its cache; :meth:`_moved_on_from`).
+        The rest is returned."""
         remaining = []
         for seen, manifest, content in changed:
             wanted = (seen.kind, content, seen.permissions)
@@ -1670,7 +1671,7 @@ class Share:
                 same = next(
                     (
                         vid
-                        for vid, v in self._carried_by_copies(seen.path).items()
+                        for vid, v in self._moved_on_from(seen.path, live[seen.path]).items()
                         if (v.kind, v.content, v.permissions) == wanted
                     ),
                     None,
@@ -1683,18 +1684,23 @@ class Share:
                 found.reindexed.append((seen.path, manifest))
         return remaining
 
-    def _carried_by_copies(self, path: str) -> dict[str, Version]:
-        """The versions once at ``path`` that a live conflict copy now carries. A window
-        planned while one was live there writes it even if the state has since moved it
-        to its copy (a plan is applied as planned; the next one corrects the disk); killed
-        before its cache entry, the file is that version, not this device's edit beside
-        what is live: adopted, it is replaced as any recorded version is, and its bytes
-        stay live at the copy whoever wrote them."""
+    def _moved_on_from(self, path: str, live: dict[str, Version]) -> dict[str, Version]:
+        """The versions once at ``path`` that the state has moved on from: replaced by a
+        version ``live`` there, or carried by a live conflict copy. A window planned
+        while one was live there writes it even if a newer version or a conflict has
+        since come (a plan is applied as planned; the next one corrects the disk);
+        killed before its cache entry, the file is that version, not this device's edit
+        beside what is live: adopted, it is replaced as any recorded version is, its
+        bytes kept (and live at the copy) whoever wrote them."""
         return {
             vid: version
             for at, vid, version in self.catalog.versions_under(path)
             if at == path
-            and copy_version_id(vid) in self.catalog.live_versions(conflict_path(path, version))
+            and vid not in live
+            and (
+                any(self._replaced(vid, newer) for newer in live.values())
+                or copy_version_id(vid) in self.catalog.live_versions(conflict_path(path, version))
+            )
         }
 
     def _applied_deletions(
