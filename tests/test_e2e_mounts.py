@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from backer.fs import dirs
 from backer.fs.mounts import ShareDisk
+from backer.protocol.session import Session
 from backer.scanner import walk
 from tests.e2e import Device, joined_pair
-from tests.helpers import make_devices, small_disk
+from tests.helpers import make_devices, pump, small_disk
 
 
 def _files(root: Path) -> list[str]:
@@ -110,20 +112,58 @@ def test_R66_a_bind_made_while_a_scan_walks_is_not_followed(
     (tmp_path / "Photos" / "photo.jpg").write_bytes(b"\xff\xd8 a photo")
     read_as_the_scan_starts = walk.share_disk
 
+    bound: list[Path] = []
+
     def bound_meanwhile(root: Path) -> ShareDisk:
         disk = read_as_the_scan_starts(root)
-        if not os.path.ismount(root / "photos"):
+        if not bound:  # (os.path.ismount cannot tell a bind of the same filesystem)
             bind = ["mount", "--bind", str(tmp_path / "Photos"), str(root / "photos")]
             subprocess.run(bind, check=True)
+            bound.append(root / "photos")
         return disk
 
     monkeypatch.setattr(walk, "share_disk", bound_meanwhile)
     try:
         scanned = a.scan()
     finally:
-        subprocess.run(["umount", "-l", str(a.root / "photos")], check=True)
+        for point in bound:
+            subprocess.run(["umount", "-l", str(point)], check=True)
     monkeypatch.undo()
     a.scan()
     assert "photos/photo.jpg" not in scanned.added
     assert [p.path for p in scanned.errors] == ["photos"]  # (skipped: mounted)
     assert not a.catalog.live_for(["photos/photo.jpg"]).get("photos/photo.jpg")
+
+
+def test_R66_a_window_writes_nothing_into_a_bind_made_after_it_read_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window reads the mount table once too: a bind made after that, at a folder
+    it then wrote into, took the peer's file into the bound folder, outside the share.
+    Each folder the window opens is now asked of the kernel through its descriptor."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "photos").mkdir()
+    (a.root / "photos" / "from_a.jpg").write_bytes(b"\xff\xd8 a's photo")
+    a.scan()
+    (b.root / "photos").mkdir()
+    (tmp_path / "Photos").mkdir()
+    read_before = dirs.share_disk(b.root)  # (what any read of the window saw)
+    bound: list[Path] = []
+
+    def bound_meanwhile(root: Path) -> ShareDisk:
+        if not bound:  # (os.path.ismount cannot tell a bind of the same filesystem)
+            bind = ["mount", "--bind", str(tmp_path / "Photos"), str(b.root / "photos")]
+            subprocess.run(bind, check=True)
+            bound.append(b.root / "photos")
+        return read_before
+
+    monkeypatch.setattr(dirs, "share_disk", bound_meanwhile)
+    try:
+        pump(Session(a, "a"), Session(b, "b"))
+    finally:
+        for point in bound:
+            subprocess.run(["umount", "-l", str(point)], check=True)
+    assert bound, "the window read no mount table"
+    assert list((tmp_path / "Photos").iterdir()) == [], "written outside the share"
