@@ -785,7 +785,7 @@ class Cluster:
                 self.disconnect(a, b)
             share, ours = node.share, set[Path]()
             if share is not None and node.replicator is not None:
-                ours = share.temps_in_use | share.resumable_temps
+                ours = {share.root / t for t in share.temps_in_use} | share.resumable_temps
                 faults = sum(self.disks.injected.values())
                 if not self.guarded(index, node.replicator.abandon):
                     ours = set()  # its disk failed it: the process ended there

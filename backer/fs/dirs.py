@@ -363,21 +363,33 @@ class _Lent:
 
     def __enter__(self) -> int:
         dirs, relative = self.dirs, self.relative
+        with dirs._lock:  # (the common case, open already: one pass through the lock)
+            if relative in dirs._fds:
+                dirs._fds.move_to_end(relative)
+                return self._lend()
         dirs.open(relative)
         with dirs._lock:
-            fd = self.fd = dirs._fds[relative]
-            dirs._using[relative] = dirs._using.get(relative, 0) + 1
+            return self._lend()
+
+    def _lend(self) -> int:
+        """(lock held) The descriptor, counted as lent until :meth:`__exit__`."""
+        dirs, relative = self.dirs, self.relative
+        fd = self.fd = dirs._fds[relative]
+        dirs._using[relative] = dirs._using.get(relative, 0) + 1
         return fd
 
     def __exit__(self, *exc_info: object) -> None:
         dirs, relative = self.dirs, self.relative
         with dirs._lock:
-            dirs._using[relative] -= 1
-            if not dirs._using[relative]:
-                del dirs._using[relative]
-                if dirs._fds.get(relative) != self.fd:
-                    os.close(self.fd)  # forgotten while lent
-            dirs._evict()
+            using = dirs._using[relative] - 1
+            if using:
+                dirs._using[relative] = using
+                return
+            del dirs._using[relative]
+            if dirs._fds.get(relative) != self.fd:
+                os.close(self.fd)  # forgotten while lent
+            if len(dirs._fds) > dirs.limit:
+                dirs._evict()
 
 
 @dataclass(frozen=True)
@@ -476,7 +488,8 @@ class InShare:
         if something was put there since (see :func:`rename_new_at`)."""
         with self.dirs.at(self.parent) as source_fd, self.dirs.at(target.parent) as target_fd:
             note = functools.partial(noted, self.dirs.root, target.relative)
-            rename_new_at(source_fd, self.name, target_fd, target.name, str(target.path), note)
+            shown = os.path.join(self.dirs.root, target.parent, target.name)  # (not .path:
+            rename_new_at(source_fd, self.name, target_fd, target.name, shown, note)  # per file)
 
     def link_into(self, directory_fd: int, name: str) -> None:
         """Hard-link this entry (a regular file) as ``name`` in ``directory_fd``."""

@@ -424,14 +424,16 @@ def discard_temp(temp: Path) -> None:
 
 
 def stale_temps(
-    root: Path, catalog: Catalog, found: Iterable[Path], in_use: set[Path]
+    root: Path, catalog: Catalog, found: Iterable[Path], in_use: set[str]
 ) -> list[Path]:
     """The temp files among ``found`` (backer's, by their names) that nothing will use:
-    neither an assembly in progress (``in_use``) nor the next attempt at a version
-    still to be written here — an interrupted transfer's temp is kept, so that its
-    verified chunks are not fetched again. A version at a path this device's rules
-    ignore is never written here, so its temp goes too."""
-    candidates = [p for p in found if p not in in_use]
+    neither an assembly in progress (``in_use``, paths relative to ``root``: a window
+    names each of its thousands of temps there, a ``Path`` each cost more than the
+    look-up ever saves) nor the next attempt at a version still to be written here —
+    an interrupted transfer's temp is kept, so that its verified chunks are not fetched
+    again. A version at a path this device's rules ignore is never written here, so its
+    temp goes too."""
+    candidates = [p for p in found if p.relative_to(root).as_posix() not in in_use]
     if not candidates:
         return []
     directories = {p.parent for p in candidates}
@@ -512,26 +514,39 @@ def _free_bytes(directory: Path) -> int:
     return info.f_bavail * info.f_frsize
 
 
-@contextlib.contextmanager
-def _reported(path: str, report: Report, version_id: str = "") -> Iterator[None]:
+class _reported:
     """Whatever stops one operation is reported against its path; the others go on.
     A full disk is not one path's problem: it goes up as :class:`_OutOfSpace`. A
     :data:`LASTING` failure of ``version_id``, or a path no device may hold, is noted
-    as unwritable."""
-    try:
-        yield
-    except LocalEdit:
-        report.kept_local_edits.append(path)
-    except OSError as exc:
-        if exc.errno in NO_SPACE:
-            raise _OutOfSpace(path, exc) from exc
-        if exc.errno in LASTING and version_id:
-            report.unwritable.append((path, version_id))
-        report.errors.append(Problem(path, exc.strerror or str(exc)))
-    except (BadPath, ValueError) as exc:
-        if isinstance(exc, BadPath) and version_id:  # (taken in before paths were bounded)
-            report.unwritable.append((path, version_id))
-        report.errors.append(Problem(path, str(exc)))
+    as unwritable. (A class, not a generator: a first sync enters three per file.)"""
+
+    __slots__ = ("path", "report", "version_id")
+
+    def __init__(self, path: str, report: Report, version_id: str = "") -> None:
+        self.path, self.report, self.version_id = path, report, version_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> bool:
+        if exc is None:
+            return False
+        path, report, version_id = self.path, self.report, self.version_id
+        if isinstance(exc, LocalEdit):
+            report.kept_local_edits.append(path)
+        elif isinstance(exc, OSError):
+            if exc.errno in NO_SPACE:
+                raise _OutOfSpace(path, exc) from exc
+            if exc.errno in LASTING and version_id:
+                report.unwritable.append((path, version_id))
+            report.errors.append(Problem(path, exc.strerror or str(exc)))
+        elif isinstance(exc, BadPath | ValueError):
+            if isinstance(exc, BadPath) and version_id:  # (taken in before paths were bounded)
+                report.unwritable.append((path, version_id))
+            report.errors.append(Problem(path, str(exc)))
+        else:
+            return False
+        return True
 
 
 def unavailable(chunks: int) -> str:
@@ -677,14 +692,22 @@ def _replace_looked_at(temp: InShare, target: InShare, looked: os.stat_result) -
     temp.unlink()
 
 
-@contextlib.contextmanager
-def _removing(temp: InShare) -> Iterator[None]:
-    """Remove ``temp`` if the block fails: a temp file whose write failed never stays."""
-    try:
-        yield
-    except BaseException:
-        temp.remove()
-        raise
+class _removing:
+    """Remove ``temp`` if the block fails: a temp file whose write failed never stays.
+    (A class, not a generator: a first sync enters two per file.)"""
+
+    __slots__ = ("temp",)
+
+    def __init__(self, temp: InShare) -> None:
+        self.temp = temp
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> bool:
+        if exc is not None:
+            self.temp.remove()
+        return False
 
 
 @dataclass
@@ -1345,6 +1368,7 @@ class Materializer:
         self._root_bytes = len(os.fsencode(root)) + 1  # (with the separator)
         self._grown: set[str] = set()  # directories a new directory was made in (fsync)
         self._prepared: dict[str, _Prepared] = {}  # by path, from _room_needed to _stage
+        self._indexed: dict[bytes, list[tuple[str, int, int]]] = {}  # (_index_new_files)
 
     def start(
         self, operations: list[Operation], wake: Callable[[], None] | None = None
@@ -1358,6 +1382,7 @@ class Materializer:
         local = self.catalog.local_entries(op.path for op in operations)
         ignored = ignored_now(self.root, operations, local)
         operations = self._fitting([op for op in operations if op.path not in ignored], assembly)
+        self._index_new_files(operations, local)
         self.dirs.close()
         self.spellings.forget()
         try:
@@ -1381,7 +1406,22 @@ class Materializer:
                     self._flush_grown(assembly.report)
         finally:
             self._prepared.clear()
+            self._indexed = {}
         return assembly
+
+    def _index_new_files(self, operations: list[Operation], local: dict[str, LocalEntry]) -> None:
+        """Look up in the chunk index, at once, where the chunks of the window's files
+        that replace nothing here are (:meth:`_stage` copies them from there): a first
+        sync's window of 5,000 small files asked once per file. A file that replaces
+        one is looked up on its own, after the chunks the replaced file holds."""
+        self._indexed = self.catalog.chunk_locations_of(
+            ref.hash
+            for op in operations
+            if op.path not in local
+            and (prepared := self._prepared.get(op.path)) is not None
+            and prepared.data is not None
+            for ref in prepared.data
+        )
 
     def _flush_grown(self, report: Report) -> None:
         """fsync each directory a new directory was made in, once for the window (a first
@@ -1668,7 +1708,10 @@ class Materializer:
             if data is None:
                 data = data_chunks(manifest)
             wanted = [ref for ref in data if ref.offset not in staged.checked]
-            runs = self.store.locate(wanted, self._replaced(cached))
+            if cached is None and prepared is not None and prepared.data is not None:
+                runs = self.store.locate(wanted, None, self._indexed)
+            else:
+                runs = self.store.locate(wanted, self._replaced(cached))
             copied = {ref.offset for run in runs for ref in run.chunks}
             for ref in wanted:
                 if ref.offset not in copied:

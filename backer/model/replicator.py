@@ -469,7 +469,7 @@ class Replicator:
         self.window_operations = window
         self.share.db.conn.commit()  # the directories it made are recorded for an off-loop
         # scan's reader too, or it takes them for absent and misses their deletion
-        self.share.temps_in_use = {staged.temp.path for staged in self.assembly.staged.values()}
+        self.share.temps_in_use = {staged.temp.relative for staged in self.assembly.staged.values()}
         self.chunk_lengths = dict(self.assembly.missing)
         self.stats.bytes_to_fetch += sum(self.chunk_lengths.values())
         self.stats.chunks_reused += max(0, total - len(self.chunk_lengths))

@@ -348,7 +348,7 @@ class Share:
         self.marker = _marker(root)  # what root_moved compares with
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self.unwritable: set[tuple[str, str]] = set()  # (path, version id) failed for good here
-        self.temps_in_use: set[Path] = set()  # files being assembled: not leftovers
+        self.temps_in_use: set[str] = set()  # files being assembled (relative): not leftovers
         self.resumable_temps: set[Path] = set()  # kept for a later attempt at their version
         self.repairing = False  # rebuilding the journal from a peer: scan and apply nothing
         self.indexing = False  # a scan's chunk locations are being written: not read yet

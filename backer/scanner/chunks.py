@@ -154,7 +154,10 @@ class ChunkStore:
         return held[: os.preadv(fd, [held], start)]
 
     def locate(
-        self, refs: Sequence[ChunkRef], replaced: tuple[str, Manifest] | None = None
+        self,
+        refs: Sequence[ChunkRef],
+        replaced: tuple[str, Manifest] | None = None,
+        indexed: dict[bytes, list[tuple[str, int, int]]] | None = None,
     ) -> list[Run]:
         """Where the chunks ``refs`` of a file (in offset order) can be copied from, as
         runs: after a 10-byte insert a 256 MiB file is two or three runs of its old
@@ -165,15 +168,20 @@ class ChunkStore:
         holds them there too and, for each, in every kept version (a query per 500
         chunks and a row per place: 0.15-0.6 s per 256 MiB file). A stale manifest
         costs what a stale index row costs: the copy's check fails, the chunk is looked
-        for elsewhere."""
+        for elsewhere.
+
+        ``indexed``: what the index says of these chunks, looked up already for many
+        files at once (:meth:`Catalog.chunk_locations_of`; a window of small new files
+        made one query per file), taken instead of asking it again."""
         held: dict[bytes, list[tuple[str, int, int]]] = {}
         if replaced is not None:
             path, manifest = replaced
             for ref in manifest.chunks:
                 held.setdefault(ref.hash, []).append((path, ref.offset, ref.length))
-        elsewhere = (ref.hash for ref in refs if ref.hash not in held)
-        locations = self.catalog.chunk_locations_of(elsewhere)
-        locations.update(held)
+        if indexed is None:
+            elsewhere = (ref.hash for ref in refs if ref.hash not in held)
+            indexed = self.catalog.chunk_locations_of(elsewhere)
+        locations = {**indexed, **held} if held else indexed
         runs: list[Run] = []
         for ref in refs:
             places = [p for p in locations.get(ref.hash, ()) if p[2] == ref.length]
