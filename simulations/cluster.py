@@ -178,7 +178,10 @@ class Node:
         unheard, self.unheard = self.unheard, self.unheard - set(recorded) - set(paths or ())
         if paths is None:
             self.unheard = set()  # (what this scan looked at, or recorded, is heard now)
-        own = set(recorded) - parents - unheard
+        # (a folder whose entry changed is recorded with its mtime, whoever moved it:
+        # a window's temp in it, for one; see backer.scanner.walk.classify)
+        folders = {path.rpartition("/")[0] for path in unheard.intersection(recorded)}
+        own = set(recorded) - parents - unheard - folders
         if summary.events and not self.edited and not moved and own:
             raise InvariantBroken(
                 f"{self.name} recorded its own applied writes as edits: {recorded[:5]}"

@@ -384,6 +384,26 @@ def test_R2_a_backerignore_that_is_not_a_regular_file_is_never_read(
     ]
 
 
+def test_a_folder_whose_mtime_a_temp_moved_is_recorded_with_an_entry_changed_in_place(
+    share: Share,
+) -> None:
+    """A file rewritten in place moves no folder's mtime, but a temp of backer's made
+    and gone in that folder (a window's) does: the scan that records the file records
+    the folder with it, its mtime moved, as for any entry changed in it (the simulation
+    took that folder for the node's own applied write: seed 200304)."""
+    (share.root / "b").mkdir()
+    (share.root / "b" / "g").write_bytes(b"as first written")
+    an_hour_ago = time.time_ns() - 3600 * 10**9  # (the temp surely moves it)
+    os.utime(share.root / "b", ns=(an_hour_ago, an_hour_ago))
+    share.scan()
+    temp = share.root / "b" / temp_name("b/g", "v1")
+    temp.write_bytes(b"")
+    temp.unlink()
+    with open(share.root / "b" / "g", "r+b") as handle:
+        handle.write(b"AS")
+    assert share.scan(paths=["b/g"]).modified == ["b", "b/g"]
+
+
 def test_an_older_version_a_killed_window_wrote_from_its_plan_is_that_version(
     tmp_path: Path,
 ) -> None:
