@@ -1072,7 +1072,6 @@ async def _sync_over(
 
     from backer.connections import transport
 
-    _imported()
     replicator = hub.replicator
     with _progress("receiving") as progress:
 
@@ -1151,6 +1150,8 @@ def sync(
     from backer.connections import transport
     from backer.model.share import ShareBusy
     from backer.protocol.session import Session
+
+    _imported()
 
     try:
         share = _open(directory)
@@ -1577,6 +1578,8 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     from backer.model.membership import host_name
     from backer.protocol.channel import MODE_JOIN, SecureChannel
 
+    _imported()
+
     if token_file is not None and token is not None:
         if directory is not None:
             raise BackerError("give either TOKEN or --token-file, not both")
@@ -1692,6 +1695,8 @@ def repair(addresses: tuple[str, ...], token: str | None, directory: str | None)
     from backer.protocol.invite import InviteToken
     from backer.protocol.session import Session
 
+    _imported()
+
     invitation = InviteToken.decode(token) if token else None
     key = load_or_create_key()
     target = repair_mod.locate(_locate(directory), key, home(), invitation)
@@ -1765,8 +1770,10 @@ def service_uninstall() -> None:
 
 def _imported() -> None:
     """What the imports made lives as long as the process: no collection scans it again
-    (a 1 GiB join ran a full collection over ~46,000 such objects). Called at start and
-    by the long commands once they have loaded the engine."""
+    (a 1 GiB join ran a full collection over ~46,000 such objects). Called at start, and
+    by the long commands (sync, join, repair, stdio, run) once they have imported the
+    engine, before they open a share: a frozen object is never collected, so nothing
+    but what the imports made may be frozen."""
     gc.freeze()
 
 
