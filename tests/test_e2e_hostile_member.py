@@ -222,7 +222,7 @@ def test_a_removed_member_cannot_push_events_to_a_node_or_come_back_with_its_inv
     try:
         peer = HostileMember(removed.root, removed.home, Tactic())
         with peer.running():
-            reason = peer.dial(node.address, timeout=30)
+            reason = peer.dial(node.address)
         assert "removed" in reason, reason
         again = removed.run("join", token, str(tmp_path / "again"), check=False)
         assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
@@ -321,7 +321,7 @@ def test_a_node_closes_a_member_session_pushing_forged_events_and_serves_on(
     try:
         member.sync(node.address)
         with HostileMember(member.root, member.home, PushesOnce(craft)).running() as peer:
-            closed = peer.dial(node.address, timeout=30)
+            closed = peer.dial(node.address)
         assert "rejected events" in closed and reason in closed, closed
         (founder.root / "later").write_bytes(b"after the attack")
         member.sync(node.address)
@@ -353,7 +353,7 @@ def test_R58_a_chunks_message_of_two_million_empty_chunks_costs_a_node_no_memory
         before = _memory_mib(node.process.pid)
         empty = Chunks([], [b""] * ((MAX_FRAME - 9) // 4))  # (type, two counts: 9 bytes)
         with HostileMember(member.root, member.home, PushesOnce(lambda _: empty)).running() as peer:
-            closed = peer.dial(node.address, timeout=30)
+            closed = peer.dial(node.address)
         grown = _memory_mib(node.process.pid) - before
         (founder.root / "later").write_bytes(b"after the attack")
         member.sync(node.address)
@@ -393,10 +393,10 @@ def test_a_node_hands_back_what_a_members_ended_session_buffered(tmp_path: Path)
         rss = lambda: _memory_mib(node.process.pid, "VmRSS")  # noqa: E731
         idle = rss()
         with HostileMember(member.root, member.home, FloodsThenBreaks(8)).running() as peer:
-            closed = peer.dial(node.address, timeout=30)
+            closed = peer.dial(node.address)
         assert "Events message" in closed, closed
         node.wait_for("session with", count=4)  # (its end logged: the release follows)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while (after := rss()) > idle + 24 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert after <= idle + 24, (idle, after)

@@ -467,6 +467,11 @@ class Hub:
                         )
                     plaintext = channel.receive_data(data)
                     if channel.established and session is None:
+                        # the handshake's last message goes out before the session does
+                        # any work: it waited for the first flush, so a first message
+                        # slow to build (8 MiB of them, on a loaded machine) ran the
+                        # peer's handshake deadline out
+                        _write(streams, channel.data_to_send())
                         if established is not None:
                             established()
                         session = open_session(channel)
