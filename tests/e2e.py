@@ -132,7 +132,7 @@ class Node:
     def log(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, text: str, count: int = 1, timeout: float = 60) -> None:
+    def wait_for(self, text: str, count: int = 1, timeout: float = 180) -> None:
         """Until ``text`` is in ``count`` log lines (or the process ended: fail)."""
         deadline = time.monotonic() + timeout
         while sum(text in line for line in list(self.lines)) < count:
@@ -158,7 +158,7 @@ class Node:
         return self.process.returncode
 
 
-def wait_until(done: Callable[[], object], nodes: Iterable[Node], timeout: float = 60) -> None:
+def wait_until(done: Callable[[], object], nodes: Iterable[Node], timeout: float = 180) -> None:
     """Poll ``done`` until true; past ``timeout``, fail showing every node's log (one
     side's log rarely tells why two devices did not meet)."""
     deadline = time.monotonic() + timeout

@@ -588,7 +588,7 @@ def device_entry(api: Api, device: Device) -> Json:
     return next(d for d in api.call("GET", "/api/shares/b/devices")[1] if d["id"] == wanted)
 
 
-def until(check: Any, what: str, timeout: float = 30) -> Any:
+def until(check: Any, what: str, timeout: float = 120) -> Any:
     """Poll ``check`` until it returns something true; that."""
     deadline = time.monotonic() + timeout
     while not (found := check()):
@@ -597,7 +597,7 @@ def until(check: Any, what: str, timeout: float = 30) -> Any:
     return found
 
 
-def wait_for_file(path: Path, text: str, timeout: float = 20) -> None:
+def wait_for_file(path: Path, text: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text() == text):
         assert time.monotonic() < deadline, f"{path} never became {text!r}"

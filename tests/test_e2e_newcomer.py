@@ -115,12 +115,12 @@ def test_forget_then_init_while_the_node_runs_leaves_the_share_closed_cleanly(
     node = founder.start()
     try:
         founder.run("forget", str(founder.root))
-        node.wait_for("a: no longer registered: not served", timeout=10)
+        node.wait_for("a: no longer registered: not served")
         again = founder.run("init", str(founder.root))
         assert "is a share already" in again.stdout, again.stdout
-        node.wait_for("a: watching", count=2, timeout=10)
+        node.wait_for("a: watching", count=2)
         (founder.root / "after.txt").write_text("recorded by the node\n")
-        node.wait_for("a: recorded 1 changes", timeout=10)
+        node.wait_for("a: recorded 1 changes")
     finally:
         assert node.stop() == 0, node.log
     restarted = founder.start()

@@ -86,14 +86,14 @@ def test_init_and_forget_while_the_node_runs_take_effect_within_seconds(tmp_path
         later.mkdir()
         (later / "first.txt").write_text("recorded by init\n")
         device.run("init", str(later))
-        node.wait_for("later: watching", timeout=10)  # (served once 'init' let it go)
+        node.wait_for("later: watching")  # (served once 'init' let it go)
         (later / "second.txt").write_text("recorded by the node\n")
-        node.wait_for("later: recorded 1 changes", timeout=10)
+        node.wait_for("later: recorded 1 changes")
         assert control.answering(later)
 
         device.run("forget", str(device.root))
-        node.wait_for("a: no longer registered: not served", timeout=10)
-        wait_until(lambda: not control.answering(device.root), [node], timeout=10)
+        node.wait_for("a: no longer registered: not served")
+        wait_until(lambda: not control.answering(device.root), [node])
         alone = device.run("scan", "--dir", str(device.root))  # no longer "in use"
         assert "scanned in" in alone.stdout
         assert control.answering(later)

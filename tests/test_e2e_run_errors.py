@@ -115,7 +115,7 @@ def test_a_sigint_the_parent_ignores_stays_ignored_and_sigterm_stops(tmp_path: P
         node.wait_for("watching")
         node.process.send_signal(signal.SIGINT)
         (a.root / "after.txt").write_text("recorded: the node runs on\n")
-        node.wait_for("a: recorded 1 changes", timeout=20)
+        node.wait_for("a: recorded 1 changes")
         assert node.process.poll() is None, node.log
     finally:
         assert node.stop(signal.SIGTERM) == 0, node.log
