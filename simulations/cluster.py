@@ -166,7 +166,14 @@ class Node:
         moved = self.rules_moved or walked != self.rules_seen  # in meanwhile binds it not)
         parents = set() if self.edited else _parents_of_live(share)
         paths = None if whole or self.touched is None else sorted(self.touched)
-        summary = scan_share(share, paths, meanwhile if off_loop else None, mid_walk)
+        hub = self.hub()
+        summary = scan_share(
+            share,
+            paths,
+            meanwhile if off_loop else None,
+            mid_walk,
+            lambda: (hub.journal_grew(), hub.advance()),
+        )
         if self.share is None:  # its process ended while the scan hashed
             raise Crashed
         for path in summary.deleted:
@@ -202,7 +209,8 @@ class Node:
         self.stray_after_scan = self.stray_temp_files()
         if summary.events:
             self.hub().journal_grew()
-            self.hub().advance()
+        self.hub().advance()  # (as backer run does after each scan: a plan may have waited
+        # for its chunk index)
         if meanwhile is not None and not (off_loop and hasattr(share, "scan_off_loop")):
             meanwhile()  # the scan held the loop: its links move only after it
 
@@ -303,20 +311,23 @@ def scan_share(
     paths: list[str] | None,
     meanwhile: Callable[[], None] | None,
     mid_walk: bool = False,
+    recorded: Callable[[], object] | None = None,
 ) -> ScanSummary:
     """Scan as ``backer run`` does. Its off-loop scan hashes in a worker thread while the
     event loop goes on (deliveries, applies): ``meanwhile`` runs there, between the
     hashing and the recording (``mid_walk``: between the walk's stats and the first
     file's hashing), in a private loop whose executor runs the work at once (so a seed
-    replays). Without ``meanwhile`` (or a share without an off-loop scan), the scan
-    runs in the loop."""
+    replays). ``recorded`` is called as the node's is, once the scan's versions are in
+    the journal and before their chunk index is written (the node pushes them and plans).
+    Without ``meanwhile`` (or a share without an off-loop scan), the scan runs in the
+    loop."""
     off_loop = getattr(share, "scan_off_loop", None)
     if off_loop is None or meanwhile is None:
         return share.scan() if paths is None else share.scan(paths=paths)
     loop = asyncio.new_event_loop()
     loop.set_default_executor(_Inline(meanwhile, mid_walk))
     try:
-        return loop.run_until_complete(off_loop(paths))
+        return loop.run_until_complete(off_loop(paths, recorded=recorded))
     finally:
         loop.close()
 

@@ -1245,3 +1245,23 @@ def test_the_harness_catches_a_file_changed_unheard_whose_bytes_a_peer_asks_for(
     monkeypatch.setattr(ChunkStore, "_stale", lambda self, path: None)
     with pytest.raises(Failure, match="waits for the bytes of 'f'"):
         replay(3, steps, 0, world)
+
+
+def test_a_node_plans_only_once_its_scans_chunk_index_is_written() -> None:
+    """Seed 730026 (the default world, 60 steps), shrunk, once the harness scans as
+    ``backer run`` does, calling ``recorded`` (the node pushes and plans) before the
+    scan's chunk index is written. Node 1's person renamed ``a/x.log`` to ``b`` where
+    node 0 had just made a folder ``b``; node 1 recorded its file and planned at once:
+    the folder wins, so the file goes to a conflict copy, whose chunks no lookup found
+    (not indexed yet): asked of node 0, which never had them, then given up and never
+    asked again, so node 0 never got the file ("lost the write"). A plan now waits
+    until the index is written."""
+    steps = [
+        ("write", {"node": 1, "path": "a/x.log", "data": b"x" * 60}),
+        ("mkdir", {"node": 0, "path": "b"}),
+        ("scan", {"node": 0, "during": 25}),
+        ("connect", {"a": 0, "b": 1}),
+        ("rename", {"node": 1, "source": "a/x.log", "destination": "b"}),
+        ("scan", {"node": 1, "during": 23}),
+    ]
+    _passes(steps, DEFAULT_WORLD)

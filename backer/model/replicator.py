@@ -284,6 +284,8 @@ class Replicator:
             if self.operations is None:
                 if not self.dirty or self.awaited or self.chunks_asked:  # (asked before a stop)
                     return
+                if self.share.indexing:  # its own new files' chunks are not found yet: a
+                    return  # window would ask the peers for them (the scan advances after)
                 if self.share.own_events_missing or self.share.repairing:  # restored from
                     self.dirty = False  # an older copy, or being repaired: nothing is applied
                     self._acknowledge()  # (its scan cache would misjudge its disk)

@@ -322,7 +322,8 @@ class Runtime:
         async with self.scanning:
             self.publish(EventType.SCAN_STARTED, full=only is None)
             summary = await self.share.scan_off_loop(only, recorded=self.hub.journal_grew)
-        self.hub.flush()  # the chunk requests that waited for the scan's index
+        self.hub.replicator.advance()  # the plan that waited for the scan's index
+        self.hub.flush()  # and the chunk requests
         if summary.waiting != self.waiting and summary.waiting is not None:
             self.log.warning("%s: nothing recorded: %s", self.name, summary.waiting)
         self.waiting = summary.waiting
