@@ -431,6 +431,25 @@ def test_an_older_version_a_killed_window_wrote_from_its_plan_is_that_version(
     assert held_bytes(b.root, b.catalog, manifest_of_bytes(b"version one").id) == b"version one"
 
 
+def test_a_deleted_file_restored_from_a_backup_is_a_new_file_and_stays(
+    tmp_path: Path,
+) -> None:
+    """The person deleted ``f`` and later put it back from a backup, its bytes those of
+    the version the deletion replaced: a new file of theirs, recorded and sent. Taken
+    for that old version (as a killed window's leftover is, above), the next window
+    deleted it again on both devices."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f").write_bytes(b"version one")
+    sync(a, b)
+    (a.root / "f").unlink()
+    a.scan()
+    sync(a, b)
+    (a.root / "f").write_bytes(b"version one")  # from the backup
+    assert a.scan().added == ["f"]
+    sync(a, b)
+    assert (a.root / "f").read_bytes() == (b.root / "f").read_bytes() == b"version one"
+
+
 def test_a_directory_is_not_recorded_again_for_an_entry_adopted_as_a_live_version(
     tmp_path: Path,
 ) -> None:

@@ -1691,14 +1691,19 @@ class Share:
         since come (a plan is applied as planned; the next one corrects the disk);
         killed before its cache entry, the file is that version, not this device's edit
         beside what is live: adopted, it is replaced as any recorded version is, its
-        bytes kept (and live at the copy) whoever wrote them."""
+        bytes kept (and live at the copy) whoever wrote them. Never one a deletion
+        replaced: the person who restores a deleted file from a backup made a new file,
+        which adopted would be deleted again by the next window."""
         return {
             vid: version
             for at, vid, version in self.catalog.versions_under(path)
             if at == path
             and vid not in live
             and (
-                any(self._replaced(vid, newer) for newer in live.values())
+                any(
+                    newer.kind != Kind.DELETED and self._replaced(vid, newer)
+                    for newer in live.values()
+                )
                 or copy_version_id(vid) in self.catalog.live_versions(conflict_path(path, version))
             )
         }
