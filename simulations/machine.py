@@ -122,7 +122,7 @@ CLASSIC: frozenset[str] = frozenset()
 DEFAULT_WORLD = frozenset(  # what CI and the tests run: the families that hold today
     {"faults", "disk", "fills", "durability", "ignore", "unicode", "case", "long", "tmpnames"}
     | {"strict", "resident", "retention", "revisions", "clocks", "saves", "kills"}
-    # (not nolinks with plainrename, exFAT through FUSE: see docs/simulations.md)
+    | {"nolinks", "plainrename", "unseen"}
 )  # (not deep: a seed with a 1,100-level chain costs backer a minute; see docs/simulations.md)
 NAMES = {
     "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it

@@ -30,7 +30,7 @@ from simulations.invariants import check_kept_readable
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
 from simulations.world import InvariantBroken, reachable_temps, synced_trees
 
-BEFORE_EXFAT = DEFAULT_WORLD - {"nolinks", "plainrename"}  # the world its seeds were found in
+BEFORE_EXFAT = DEFAULT_WORLD - {"nolinks", "plainrename", "unseen"}  # where its seeds were found
 BEFORE_KILLS = BEFORE_EXFAT - {"kills"}  # a seed drawn without kills keeps its steps
 TestCluster = ClusterMachine.TestCase
 TestCluster.settings = settings(
