@@ -342,6 +342,23 @@ def test_without_hard_links_a_kept_copy_outlives_a_twin_rewritten_in_place(
     assert held_bytes(b.root, b.catalog, cid(data)) == data
 
 
+def test_without_hard_links_a_copy_of_other_bytes_than_those_recorded_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is told ``f`` holds what was recorded, but its person rewrote it in
+    place since (same size, not scanned yet). A hard link would only name that file; a
+    copy keeps its bytes for good under the recorded content's name, where every later
+    save meets the entry and keeps it, and the recorded bytes were lost there."""
+    _no_hard_links(monkeypatch)
+    (a,) = make_devices(tmp_path, 1)
+    (a.root / "f").write_bytes(b"written over")
+    store = Store(a.root, a.catalog)
+    with pytest.raises(OSError, match="no longer holds the bytes recorded"):
+        store.keep("f", cid(b"recorded f!!"), 12)
+    assert not (a.root / entry_name(cid(b"recorded f!!"))).exists()
+    assert [p.name for p in (a.root / entry_name(cid(b"recorded f!!"))).parent.iterdir()] == []
+
+
 def test_without_hard_links_every_replaced_content_is_kept_by_a_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -133,7 +133,7 @@ def _fill(fd: int, buffer: bytearray, start: int) -> int:
     return start
 
 
-def _windowed(path: str | os.PathLike[str]) -> list[ChunkRef]:
+def _windowed(path: str | os.PathLike[str], directory: int | None = None) -> list[ChunkRef]:
     """Chunk and hash a file a window at a time, read into a few reused buffers.
 
     FastCDC decides each cut from at most MAX_CHUNK bytes after the chunk's start, so
@@ -147,7 +147,7 @@ def _windowed(path: str | os.PathLike[str]) -> list[ChunkRef]:
         free.put(bytearray(_WINDOW))
     pending: list[Future[list[ChunkRef]]] = []
     cutter = chunker()
-    fd = open_regular(path)
+    fd = open_regular(path, directory)
     try:
         if hasattr(os, "posix_fadvise"):  # (not on macOS) a larger read-ahead
             with contextlib.suppress(OSError):
@@ -180,9 +180,12 @@ def manifest_of_bytes(data: bytes) -> Manifest:
     return Manifest(tuple(_hash_views(views)))
 
 
-def manifest_of_file(path: str | os.PathLike[str], size: int) -> Manifest:
-    """Chunk and hash a file; ``size`` (from a stat just before) picks the strategy."""
+def manifest_of_file(
+    path: str | os.PathLike[str], size: int, directory: int | None = None
+) -> Manifest:
+    """Chunk and hash a file (``path`` relative to the descriptor ``directory`` if
+    given); ``size`` (from a stat just before) picks the strategy."""
     if size < PIPELINE_FROM:
-        with os.fdopen(open_regular(path), "rb") as handle:
+        with os.fdopen(open_regular(path, directory), "rb") as handle:
             return manifest_of_bytes(handle.read())
-    return Manifest(tuple(_windowed(path)))
+    return Manifest(tuple(_windowed(path, directory)))

@@ -200,7 +200,7 @@ class Store:
         except OSError as exc:
             if exc.errno not in NO_HARD_LINKS:
                 raise
-            _copy_into(fd, name, source, live)
+            _copy_into(fd, name, source, live, content)
             return
         if held.st_ino != live.st_ino and (
             retiring
@@ -402,11 +402,16 @@ class Store:
             os.close(fd)
 
 
-def _copy_into(directory_fd: int, name: str, source: ShareFile, looked: os.stat_result) -> None:
-    """Make entry ``name`` a copy of ``source`` (the file ``looked`` at), on a filesystem
-    without hard links: written under a temp name, fsync'd (once its share file is
-    replaced, it is the only copy), then renamed in. A file that changed while it was
-    copied (size, time or inode not those looked at) leaves no entry: OSError."""
+def _copy_into(
+    directory_fd: int, name: str, source: ShareFile, looked: os.stat_result, content: bytes
+) -> None:
+    """Make entry ``name`` a copy of ``source`` (the file ``looked`` at, recorded as
+    ``content``), on a filesystem without hard links: written under a temp name,
+    fsync'd (once its share file is replaced, it is the only copy), checked, then
+    renamed in. A file that changed while it was copied (size, time or inode not those
+    looked at), or whose bytes are not ``content`` (rewritten in place since it was
+    recorded: a copy, unlike a link, would keep the wrong bytes under the entry's name
+    for good), leaves no entry: OSError."""
     spare = f"{name}.{secrets.token_hex(4)}.tmp"
     reading = source.open(os.O_RDONLY | os.O_NONBLOCK)  # (a fifo put there: not waited on)
     try:
@@ -420,6 +425,8 @@ def _copy_into(directory_fd: int, name: str, source: ShareFile, looked: os.stat_
             os.fsync(writing)
         finally:
             os.close(writing)
+        if manifest_of_file(spare, copied, directory_fd).id != content:
+            raise OSError(errno.ESTALE, "the file no longer holds the bytes recorded")
         os.replace(spare, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
