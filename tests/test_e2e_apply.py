@@ -258,6 +258,24 @@ def test_R25_a_full_disk_says_what_kept_versions_hold_and_prune_all_frees_it(
         assert snapshot(b.root) == snapshot(a.root)
 
 
+def fill_all_but(filler: Path, spare: int) -> None:
+    """Take every free block of ``filler``'s disk but ``spare`` bytes, while a node
+    writes there too: a megabyte at a time, then less once one does not fit (one
+    allocation of all that statvfs said was free failed as the node's writes took some
+    first, five times in a row under load), then give ``spare`` back."""
+    size, step = 0, 1 << 20
+    with open(filler, "wb") as handle:
+        while step >= 4096:  # (each success takes a block of a finite disk: bounded)
+            try:
+                os.posix_fallocate(handle.fileno(), size, step)
+                size += step
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                step //= 2
+        os.ftruncate(handle.fileno(), max(size - spare, 0))
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_R32_a_disk_filled_while_a_window_receives_is_warned_of_listed_and_retried(
     tmp_path: Path,
@@ -284,17 +302,7 @@ def test_R32_a_disk_filled_while_a_window_receives_is_warned_of_listed_and_retri
                 while not any(is_temp_name(p.name) for p in b.root.iterdir()):
                     assert time.monotonic() < deadline, node_b.log
                     time.sleep(0.02)
-                with open(filler, "wb") as handle:
-                    for _ in range(5):  # (the node writes meanwhile: what it took is not free)
-                        free = os.statvfs(b.root).f_bavail * os.statvfs(b.root).f_frsize
-                        try:
-                            os.posix_fallocate(handle.fileno(), 0, free - 256 * 1024)  # (all but)
-                            break
-                        except OSError as exc:
-                            if exc.errno != errno.ENOSPC:
-                                raise
-                    else:
-                        raise AssertionError("the disk could not be filled")
+                fill_all_but(filler, 256 * 1024)
                 node_b.wait_for("disk full: ", timeout=60)
                 status = b.run("status", "--json", "--dir", str(b.root)).stdout
                 assert f'"path": "r40.bin",\n      "reason": "{LEFT_OUT}"' in status, status
