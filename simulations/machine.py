@@ -372,8 +372,13 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(node=node_index, path=any_file, data=content)
     def write(self, node: int, path: str, data: bytes) -> None:
         spelled = self._path(node, path)
-        if spelled is not None:
-            self._write_spelled(node, spelled, data)
+        if spelled is None:
+            return
+        self._write_spelled(node, spelled, data)
+        if spelled.isascii() and (self.root(node) / spelled).is_file():  # (as recorded)
+            written = self.cluster.nodes[node]  # (not race's: a write in the last instant
+            # before a window's rename or removal is the race no check can close)
+            self.cluster.watch.person_wrote(written.name, written.share, spelled, data)
 
     def _write_spelled(self, node: int, spelled: str, data: bytes) -> None:
         """The person writes ``data`` at ``spelled`` on ``node`` (its parents made)."""

@@ -277,6 +277,14 @@ class Watch:
     folders: int = 0  # how many the roots held before the step
     placeholders: set[tuple[int, int]] = field(default_factory=set)  # backer made (Disks)
     left: list[set[str]] = field(default_factory=list)  # placeholders a kill left, per root
+    put: dict[tuple[str, str], tuple[bytes, set[str]]] = field(default_factory=dict)
+    # (node, path) -> the bytes its person last wrote there, and the versions live there then
+
+    def person_wrote(self, name: str, share: Share | None, path: str, data: bytes) -> None:
+        """Node ``name``'s person wrote ``data`` at ``path``: remember what was live there
+        then (with the strict check, backer may remove that file only on a newer event)."""
+        if share is not None:
+            self.put[(name, path)] = (data, set(share.catalog.live_for([path]).get(path, {})))
 
     def start(self, roots: list[Path]) -> None:
         self.before = [entries(root) for root in roots]
@@ -301,8 +309,30 @@ class Watch:
         ):
             before = {path: entry for path, entry in before.items() if path not in left}
             check_untouched(name, root, share if self.strict else None, before, rules)
+            if self.strict and share is not None:
+                self.check_put_back(name, root, share, before)
             if share is not None:
                 self.check_recorded_bytes(name, root, share)
+
+    def check_put_back(
+        self, name: str, root: Path, share: Share, before: dict[str, Entry]
+    ) -> None:
+        """A file its person wrote that backer removed was removed by a version newer
+        than the person's write: not by one live there already, which the file its
+        person wrote since supersedes (a deleted file put back from a backup, its old
+        bytes those of the version the deletion replaced, was taken for that version and
+        deleted again)."""
+        for (node, path), (data, live_then) in self.put.items():
+            if not live_then or node != name or before.get(path) != ("file", data):
+                continue
+            if os.path.lexists(root / path):
+                continue
+            live_now = set(share.catalog.live_for([path]).get(path, {}))
+            if live_now <= live_then:
+                raise InvariantBroken(
+                    f"{name} removed {path!r}, which its person wrote after the versions "
+                    "live there (no newer event asked for it)"
+                )
 
     def check_recorded_bytes(self, name: str, root: Path, share: Share) -> None:
         """A recorded local version whose file is as recorded holds that version's bytes."""

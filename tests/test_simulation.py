@@ -78,6 +78,41 @@ def _passes(steps: list[tuple[str, dict]], world: frozenset[str]) -> ClusterMach
         pytest.fail(failure.reason)
 
 
+def test_the_harness_catches_a_deleted_file_put_back_and_deleted_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Node 0's person deletes f and later puts it back with its old bytes (from a
+    backup): a new file of theirs. Taken for the version the deletion replaced (as the
+    adoption of a killed window's leftover once did), the next sync deleted it again;
+    the strict check excused it, its bytes being a replaced version's. Now the harness
+    says so."""
+    steps = [
+        ("write", {"node": 0, "path": "f", "data": b"one"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("delete", {"node": 0, "path": "f"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("write", {"node": 0, "path": "f", "data": b"one"}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+        ("sync", {"a": 0, "b": 1, "cut": None}),
+    ]
+    strict = frozenset({"strict"})
+    _passes(steps, strict)
+    replaced = Share._replaced
+    monkeypatch.setattr(  # (the adoption taking what a deletion replaced, as before 40dd15b)
+        Share,
+        "_moved_on_from",
+        lambda self, path, live: {
+            vid: version
+            for at, vid, version in self.catalog.versions_under(path)
+            if at == path
+            and vid not in live
+            and any(replaced(self, vid, newer) for newer in live.values())
+        },
+    )
+    with pytest.raises(Failure, match="which its person wrote after the versions live there"):
+        replay(3, steps, 0, strict)
+
+
 def test_a_link_beside_a_large_file_syncs() -> None:
     """A staged link in a batch above the syncfs threshold took the per-file fsync path,
     which opened it with O_NOFOLLOW (ELOOP): the whole session failed."""
