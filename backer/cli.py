@@ -1297,6 +1297,7 @@ async def _until_signalled(
     group, an "internal error"."""
     import asyncio
 
+    from backer.entry import raise_if_interrupted
     from journal import JournalError
 
     stop = asyncio.Event()
@@ -1304,6 +1305,7 @@ async def _until_signalled(
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
             loop.add_signal_handler(signum, stop.set)
+    raise_if_interrupted()  # (one Python swallowed before the handlers above were in place)
     failure: BaseException | None = None
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -1773,17 +1775,21 @@ def _imported() -> None:
     (a 1 GiB join ran a full collection over ~46,000 such objects). Called at start, and
     by the long commands (sync, join, repair, stdio, run) once they have imported the
     engine, before they open a share: a frozen object is never collected, so nothing
-    but what the imports made may be frozen."""
+    but what the imports made may be frozen. A Ctrl-C Python swallowed while they
+    loaded ends the command here (see backer.entry)."""
+    from backer.entry import raise_if_interrupted
+
+    raise_if_interrupted()
     gc.freeze()
 
 
 def main() -> None:
     """Console entry point: run the CLI, turning errors into one line and an exit code."""
-    _imported()
-    raise_fd_limit()
     try:
+        _imported()
+        raise_fd_limit()
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         sys.exit(EXIT_ERROR)
     except click.ClickException as exc:

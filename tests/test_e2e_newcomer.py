@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -104,6 +105,56 @@ def test_ctrl_c_while_backer_starts_is_one_line_not_a_traceback(founder: Device)
             continue  # (the interpreter's own start, before any of backer's code runs)
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
         assert process.returncode in (0, 1, -signal.SIGINT), (delay, process.returncode, err)
+
+
+SWALLOWED_INTERRUPT_THEN_RUN = """
+import asyncio, sys, weakref
+import backer.entry
+
+started = asyncio.run
+
+
+def run_after_a_swallowed_interrupt(main, **options):
+    # What a Ctrl-C landing in the import system's clean-up does: a KeyboardInterrupt
+    # raised in a callback Python calls itself, reported as 'Exception ignored in'.
+    class ModuleLock:
+        pass
+
+    def cleanup(_):
+        raise KeyboardInterrupt
+
+    lock = ModuleLock()
+    reference = weakref.ref(lock, cleanup)
+    del lock
+    return started(main, **options)
+
+
+asyncio.run = run_after_a_swallowed_interrupt
+sys.argv = ["backer", *sys.argv[1:]]
+backer.entry.main()
+"""
+
+
+def test_ctrl_c_python_swallows_while_the_node_loads_still_stops_it(founder: Device) -> None:
+    """A Ctrl-C that lands in the import system's own clean-up while ``backer run``
+    loads its node (after the CLI's modules, which hold it) is swallowed by Python: it
+    printed 'Exception ignored in ... KeyboardInterrupt' and the node served on for good
+    (the Ctrl-C test above hung so once). Swallowed just before the node's loop starts,
+    it now ends the command with one line."""
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SWALLOWED_INTERRUPT_THEN_RUN,
+            *["run", "--listen", "127.0.0.1:0", "--api", "off"],
+        ],
+        env=founder.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.stderr.strip() == "aborted", process.stderr
+    assert process.returncode == 1
 
 
 def test_forget_then_init_while_the_node_runs_leaves_the_share_closed_cleanly(
