@@ -13,7 +13,7 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from backer.scanner.content import chunker
+from backer.scanner.content import chunker, manifest_of_file
 
 from .measure import MIB
 
@@ -102,3 +102,32 @@ def loopback_rate(size: int = 2048 * MIB) -> float:
     reader.join()
     server.close()
     return received / (time.perf_counter() - started)
+
+
+def durable_rewrite(files: Iterable[Path]) -> float:
+    """Seconds to write a copy of each file durably, as a receiver must before it
+    renames one in: a temp file beside it from the page-cached original, one 1 MiB
+    piece at a time, fsync'd, then renamed over the original (the disk's floor for
+    replacing those files; rsync writes without the fsync)."""
+    buffer = bytearray(MIB)
+    started = time.perf_counter()
+    for path in files:
+        temp = path.with_name(path.name + ".durable")
+        with open(path, "rb", buffering=0) as source, open(temp, "wb", buffering=0) as copy:
+            while count := source.readinto(buffer):
+                copy.write(memoryview(buffer)[:count])
+            os.fsync(copy.fileno())
+        os.replace(temp, path)
+    return time.perf_counter() - started
+
+
+def manifest_seconds(path: Path) -> float:
+    """Seconds backer takes to chunk and hash one page-cached file (what a sender needs
+    before it can say what changed)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:  # (page-cached, as the file just written is)
+        while handle.read(4 * MIB):
+            pass
+    started = time.perf_counter()
+    manifest_of_file(path, size)
+    return time.perf_counter() - started

@@ -43,6 +43,7 @@ from typing import Any
 
 import psutil
 
+from . import limits
 from .datasets import PROFILES, Profile, insert_in_large_files, many
 from .measure import MIB, Processes, cpu_seconds, free_port, tree_digest, work_directory
 from .tools import FOLDER, Rsync, _Instance, backer_env, syncthing_pair
@@ -401,6 +402,21 @@ def rsync_insert(
     return {"version": version, "seconds": step.seconds}
 
 
+def insert_floor(work: Path, dataset: Path, seed: int) -> dict[str, Any]:
+    """What no durable receiver of the insert can beat on this machine: the sender's
+    manifest of one changed file (before it, nothing says what changed) plus the
+    receiver's durable write of the four new versions (temp file, fsync, rename; B must
+    write every byte of each: ext4 cannot share extents between files)."""
+    place = work / "floor"
+    shutil.copytree(dataset, place)
+    insert_in_large_files(place, seed, ())
+    files = sorted(path for path in place.iterdir() if path.stat().st_size >= 4 * MIB)
+    manifest = limits.manifest_seconds(files[0])
+    write = limits.durable_rewrite(files)
+    shutil.rmtree(place)
+    return {"first_manifest_s": manifest, "durable_write_s": write, "seconds": manifest + write}
+
+
 def _largest_rss(process: psutil.Process) -> int:
     """The largest single process of the tree, as :class:`~.measure.PeakRss` counts
     (``syncthing serve`` keeps a small monitor process as the parent of its worker)."""
@@ -552,6 +568,13 @@ def report(results: dict[str, Any]) -> str:
         if rsync_s else "≤ rsync",
         None if mine is None or rsync_s is None else mine <= rsync_s,
     ))  # fmt: skip
+    floor = results.get("floor", {})
+    first, write = get(floor, "first_manifest_s"), get(floor, "durable_write_s")
+    parts = f" (manifest {first:.2f} s + write {write:.2f} s)" if floor else ""
+    rows.append((
+        "its durable floor (s)", get(floor, "seconds"), None, "—",
+        f"backer ÷ floor {_ratio(mine, get(floor, 'seconds'))}{parts}", None,
+    ))  # fmt: skip
     mine, theirs = (get(side, "insert", "cpu_s") for side in (backer, st))
     mine, theirs = (None if cpu is None else sum(cpu) for cpu in (mine, theirs))
     rows.append(("CPU of A + B in the insert (s)", mine, theirs, _ratio(mine, theirs), "—", None))
@@ -629,6 +652,7 @@ def main() -> None:
             if shutil.which("rsync"):
                 results["rsync"] = rsync_insert(work, large_set, args.seed)
                 results["rsync_fsync"] = rsync_insert(work, large_set, args.seed, ("--fsync",))
+            results["floor"] = insert_floor(work, large_set, args.seed)
             shutil.rmtree(large_set)
         if "idle" in phases:
             many_set = work / "data-many"
