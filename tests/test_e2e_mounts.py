@@ -167,3 +167,91 @@ def test_R66_a_window_writes_nothing_into_a_bind_made_after_it_read_the_table(
             subprocess.run(["umount", "-l", str(point)], check=True)
     assert bound, "the window read no mount table"
     assert list((tmp_path / "Photos").iterdir()) == [], "written outside the share"
+
+
+def _bind(source: Path, target: Path, bound: list[Path]) -> None:
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    bound.append(target)
+
+
+def _unbind(bound: list[Path]) -> None:
+    for point in reversed(bound):
+        subprocess.run(["umount", "-l", str(point)], check=True)
+    bound.clear()
+
+
+def test_R69_a_file_bound_into_the_share_is_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only folders were checked for a mount: a file bound onto a share's file (``mount
+    --bind /etc/hostname share/hostname``) was read, its bytes recorded and sent to
+    every device, and once unbound the share's own file came back as a change. A file
+    that is a mount point is now skipped as a mounted folder is, and stays as recorded:
+    whether the table names it (bound before the scan) or only the kernel does (bound
+    while the scan walks, after its read of the table)."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    a, _ = make_devices(tmp_path, 2)
+    (a.root / "hostname").write_bytes(b"the share's own\n")
+    (a.root / "late").write_bytes(b"the share's own too\n")
+    a.scan()
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hostname").write_bytes(b"outside the share\n")
+    read_as_the_scan_starts = walk.share_disk
+    bound: list[Path] = []
+
+    def bound_meanwhile(root: Path) -> ShareDisk:
+        disk = read_as_the_scan_starts(root)
+        if len(bound) == 1:
+            _bind(tmp_path / "etc" / "hostname", root / "late", bound)
+        return disk
+
+    monkeypatch.setattr(walk, "share_disk", bound_meanwhile)
+    try:
+        _bind(tmp_path / "etc" / "hostname", a.root / "hostname", bound)
+        scanned = a.scan()
+    finally:
+        _unbind(bound)
+    monkeypatch.undo()
+    after = a.scan()
+    assert sorted(p.path for p in scanned.errors) == ["hostname", "late"], scanned.errors
+    assert all("a file is mounted here" in p.reason for p in scanned.errors)
+    assert not scanned.modified and not after.modified and not after.added
+    for path, own in (("hostname", b"the share's own\n"), ("late", b"the share's own too\n")):
+        (version,) = a.catalog.live_for([path])[path].values()
+        assert version.size == len(own), f"{path}: the bound file's bytes were recorded"
+
+
+def test_R69_a_window_neither_replaces_nor_deletes_a_bound_file(tmp_path: Path) -> None:
+    """A file a window was to replace or delete is checked as its folders are: a file
+    bound onto (here onto itself, so that it is exactly as recorded) is reported as
+    mounted, its bytes and the mount left alone, the peer's version live to be written
+    once it is unbound; before, the rename over it failed with EBUSY, after a copy of
+    what was bound into the store."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "x").write_bytes(b"x as both had it\n")
+    (a.root / "y").write_bytes(b"y as both had it\n")
+    a.scan()
+    pump(Session(a, "a"), Session(b, "b"))
+    (a.root / "x").write_bytes(b"x as a changed it\n")
+    (a.root / "y").unlink()
+    a.scan()
+    bound: list[Path] = []
+    try:
+        _bind(b.root / "x", b.root / "x", bound)
+        _bind(b.root / "y", b.root / "y", bound)
+        pump(Session(a, "a"), Session(b, "b"))
+        problems = {p.path: p.reason for _, p, _ in b.catalog.problems("apply")}
+        assert (b.root / "x").read_bytes() == b"x as both had it\n"
+        assert (b.root / "y").exists()
+    finally:
+        _unbind(bound)
+    assert problems == {
+        "x": "not written: another filesystem is mounted at x",
+        "y": "not written: another filesystem is mounted at y",
+    }, problems
+    pump(Session(a, "a"), Session(b, "b"))
+    assert (b.root / "x").read_bytes() == b"x as a changed it\n"
+    assert not (b.root / "y").exists()

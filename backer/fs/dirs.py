@@ -206,12 +206,13 @@ class Directories:
             self._evict()
 
     def refuse_mount_point(self, relative: str, info: os.stat_result) -> None:
-        """:class:`MountedHere` if the folder at ``relative`` (``info``: its lstat) is a
-        mount point: its mode and times are the mounted disk's, not the share's."""
+        """:class:`MountedHere` if the entry at ``relative`` (``info``: its lstat) is a
+        mount point: a folder's mode and times are the mounted disk's, not the share's,
+        and a bound file's bytes are outside the share; neither is the share's to
+        replace or remove (the scan does not record them either)."""
         if self._disk is None:
             self._disk = share_disk(self.root)
-        at = os.path.join(self.root, relative)
-        if stat.S_ISDIR(info.st_mode) and self._disk.crosses(relative, info, at):
+        if self._disk.crosses(relative, info, os.path.join(self.root, relative)):
             raise MountedHere(relative)
 
     def _nearest(self, relative: str) -> tuple[str | None, str | None, int]:

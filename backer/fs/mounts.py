@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -33,10 +34,14 @@ class ShareDisk(NamedTuple):
     mount_points: frozenset[str]
 
     def crosses(self, path: str, info: os.stat_result, at: str | int) -> bool:
-        """Whether the folder at ``path`` (``info``: its stat; ``at``: its path on disk,
-        or a descriptor of it) is a mount point. The table was read a while ago (a whole
-        scan walks for minutes), so the kernel is asked too (R66)."""
-        return info.st_dev != self.device or path in self.mount_points or is_mount_root(at)
+        """Whether the entry at ``path`` (``info``: its lstat; ``at``: its path on disk,
+        or a descriptor of it) is a mount point: a folder, or a file bound onto
+        (``mount --bind /etc/hostname share/x``, R69). The table was read a while ago (a
+        whole scan walks for minutes), so the kernel is asked too (R66). Only a folder's
+        device number tells: a file's can be its lower layer's (an overlayfs)."""
+        if stat.S_ISDIR(info.st_mode) and info.st_dev != self.device:
+            return True
+        return path in self.mount_points or is_mount_root(at)
 
     def below_mount(self, path: str) -> bool:
         """Whether ``path`` is a mount point or lies below one of the table's."""
@@ -68,7 +73,7 @@ def mount_points_below(root: Path | str) -> frozenset[str]:
 
 
 def is_mount_root(at: str | int) -> bool:
-    """Whether the folder at the path ``at`` (not followed if a link), or open as the
+    """Whether the folder or file at the path ``at`` (not followed if a link), or open as the
     descriptor ``at``, is the root of a mount now, a bind of the same filesystem
     included (``statx``'s STATX_ATTR_MOUNT_ROOT); False where the kernel cannot say
     (before Linux 5.8, or no ``statx``): the table alone decides there."""

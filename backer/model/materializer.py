@@ -1573,7 +1573,8 @@ class Materializer:
     def _unchanged(self, target: InShare, cached: LocalEntry | None) -> os.stat_result | None:
         """The target's stat if it is exactly as last recorded; raise LocalEdit if not,
         or if its folder is no longer where its path says (moved or swapped for a link
-        since the window opened it: what is in it now is not what the plan saw there)."""
+        since the window opened it: what is in it now is not what the plan saw there);
+        :class:`MountedHere` if it is a mount point (a file bound onto: never ours)."""
         if self.dirs.moved(target.parent, self._settled):
             raise LocalEdit(str(target.path))
         try:
@@ -1582,6 +1583,7 @@ class Materializer:
             if cached is None:
                 return None
             raise LocalEdit(str(target.path)) from None
+        self.dirs.refuse_mount_point(target.relative, info)  # (the scan skips it: R69)
         if cached is None or entry_key(stat_key_of(info)) != entry_key(cached.stat_key):
             raise LocalEdit(str(target.path))
         if not stat.S_ISDIR(info.st_mode) and not self.dirs.at_its_path(target.parent):

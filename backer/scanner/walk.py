@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from backer.db.catalog import LocalEntry, Problem
-from backer.fs.mounts import ShareDisk, share_disk
+from backer.fs.mounts import ShareDisk, is_mount_root, share_disk
 from backer.fs.paths import METADATA_DIR, BadPath, check_name, fold, is_valid
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, Kind
@@ -227,10 +227,16 @@ def _mounted(
     another filesystem than the share's: a disk or a bind mounted inside the share is
     not followed. Unmounted, it would be an empty folder, and every device would delete
     what was recorded below it; as a share of its own, backer sees it go. A bind of a
-    folder of the same filesystem has the share's device: the mount table names it."""
-    if found.kind != Kind.DIRECTORY or not disk.crosses(found.path, info, found.disk_path):
+    folder of the same filesystem has the share's device: the mount table names it.
+    A file bound onto (R69) is not the share's either: the table names it here, the
+    kernel once it is to be read (:func:`read_stable`): a bind changes what the file's
+    lstat shows, so it is read again, and an unchanged file costs no statx."""
+    if found.kind == Kind.DIRECTORY:
+        if not disk.crosses(found.path, info, found.disk_path):
+            return False
+    elif found.path not in disk.mount_points:
         return False
-    errors.append(Problem(found.path, MOUNTED, warning=True))
+    errors.append(Problem(found.path, MOUNTED if found.kind == Kind.DIRECTORY else BOUND, True))
     unreadable.add(found.path)
     return True
 
@@ -239,6 +245,7 @@ MOUNTED = (
     "skipped: another filesystem is mounted here, and backer does not follow mount "
     "points (make it a share of its own to sync it)"
 )
+BOUND = "skipped: a file is mounted here (a bind), and backer does not follow mount points"
 
 
 def _reserved(path: str, disk_path: str) -> Problem:
@@ -268,10 +275,13 @@ def read_stable(seen: Seen) -> tuple[Seen, Manifest | None, bytes, Problem | Non
     """Hash a file, or read a link, making sure it did not change while being read.
 
     Returns the (possibly re-statted) entry, its manifest for files, the content bytes
-    of the version (manifest id or link target) and the problem, if any.
+    of the version (manifest id or link target) and the problem, if any: a file that
+    is a mount point (a bind, R69) is not read.
     """
     current = seen
     for _ in range(READ_ATTEMPTS):
+        if current.kind == Kind.FILE and is_mount_root(current.disk_path):
+            return current, None, b"", Problem(seen.path, BOUND, warning=True)
         before = (current.size, current.mtime_ns, current.inode, current.mode)
         try:
             if current.kind == Kind.SYMLINK:
