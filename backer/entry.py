@@ -11,6 +11,11 @@ swallowed interrupt is now remembered, quietly, and :func:`raise_if_interrupted`
 the command at its next check (the long commands check once loaded, the node once its
 own signal handlers are in place).
 
+What runs before the hold is in place is as short as it can be: this module imports
+nothing but ``signal`` (``typing`` made most of a window where a Ctrl-C printed the
+traceback of that import), and ``python -m backer`` turns a Ctrl-C that comes while it
+loads this module into the same one line.
+
 A SIGINT its parent ignores (a shell script's background job: ``backer run &``) stays
 ignored, as Python leaves it, here and in the node (see docs/decisions.md)."""
 
@@ -18,14 +23,13 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
 
 EXIT_ERROR = 1  # (backer.cli's: that module is what may not be loaded yet)
 
-_swallowed: list[Any] = []  # (KeyboardInterrupts Python could not raise: see above)
+_swallowed: list[KeyboardInterrupt] = []  # (KeyboardInterrupts Python could not raise: see above)
 
 
-def _remember_swallowed_interrupts(unraisable: Any) -> None:
+def _remember_swallowed_interrupts(unraisable: sys.UnraisableHookArgs) -> None:
     """``sys.unraisablehook``: keep a KeyboardInterrupt raised where Python cannot raise
     it (a callback it calls itself) for :func:`raise_if_interrupted`, instead of printing
     its traceback; say anything else as Python would."""
@@ -42,19 +46,23 @@ def raise_if_interrupted() -> None:
 
 
 def main() -> None:
-    sys.unraisablehook = _remember_swallowed_interrupts
-    interrupted: list[int] = []
-    held = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
-    if held:
-        previous = signal.signal(signal.SIGINT, lambda signum, _: interrupted.append(signum))
+    """Hold a Ctrl-C while the CLI's modules load, then run the command; one that comes
+    before the hold is in place, or after it ends but before the command handles its own,
+    ends the command the same way."""
     try:
-        from backer.cli import main as run
-    except KeyboardInterrupt:  # (one that came before the handler above was in place)
-        interrupted.append(signal.SIGINT)
-    finally:
+        sys.unraisablehook = _remember_swallowed_interrupts
+        interrupted: list[int] = []
+        held = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
         if held:
-            signal.signal(signal.SIGINT, previous)
-    if interrupted or _swallowed:
+            previous = signal.signal(signal.SIGINT, lambda signum, _: interrupted.append(signum))
+        try:
+            from backer.cli import main as run
+        finally:
+            if held:
+                signal.signal(signal.SIGINT, previous)
+        if interrupted or _swallowed:
+            raise KeyboardInterrupt
+        run()
+    except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         sys.exit(EXIT_ERROR)
-    run()
