@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import nacl.signing
 import pytest
 
 from backer.model.share import Share
+from tests.e2e import run_backer
 
 
 @pytest.fixture
@@ -63,16 +63,6 @@ def run_cli(tmp_path: Path) -> Callable[..., CliResult]:
     def run(*args: str, cwd: Path | None = None, check: bool = True) -> CliResult:
         env = {**os.environ, "BACKER_HOME": str(home)}
         env.pop("BACKER_DEBUG", None)
-        result = subprocess.run(
-            [sys.executable, "-m", "backer", *args],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"backer {args} failed: {result.stderr}")
-        return result
+        return run_backer(*args, env=env, check=check, timeout=120, cwd=cwd)
 
     return run

@@ -36,6 +36,28 @@ def free_port() -> int:
     return measure.free_port(start, start + size)
 
 
+def run_backer(
+    *args: str,
+    env: dict[str, str],
+    check: bool = True,
+    timeout: float = 300,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """The real ``backer ARGS`` in a subprocess, its output captured; a failure raised
+    with its stderr when ``check``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "backer", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"backer {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
 class Device:
     """One device: its own BACKER_HOME and share directory."""
 
@@ -53,17 +75,7 @@ class Device:
     def run(
         self, *args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            self.command(*args),
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=cwd,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"backer {' '.join(args)} failed:\n{result.stderr}")
-        return result
+        return run_backer(*args, env=self.env, check=check, timeout=timeout, cwd=cwd)
 
     def sync(self, address: str) -> str:
         return self.run("sync", address, "--dir", str(self.root)).stdout

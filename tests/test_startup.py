@@ -7,13 +7,11 @@ display they do not show; a node loads the web server only when it serves the we
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.e2e import Device, Node
+from tests.e2e import Device, Node, run_backer
 
 IMPORT_TIME = "PYTHONPROFILEIMPORTTIME"  # (python -X importtime)
 METADATA = "importlib.metadata"  # (finds the installed packages' metadata on disk)
@@ -34,16 +32,7 @@ def loaded(*args: str, cwd: Path | None = None, env: dict[str, str] | None = Non
     """The modules ``backer ARGS`` imports."""
     env = {**(env or os.environ), IMPORT_TIME: "1"}
     env.pop("BACKER_DEBUG", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "backer", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return imported(result.stderr)
+    return imported(run_backer(*args, env=env, timeout=60, cwd=cwd).stderr)
 
 
 def imported(stderr: str) -> set[str]:
