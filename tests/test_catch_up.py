@@ -39,7 +39,7 @@ def test_a_catch_up_of_100000_events_is_built_as_the_peer_reads_it(tmp_path: Pat
     keys = [a.key] + [nacl.signing.SigningKey.generate() for _ in range(2)]
     for n, key in enumerate(keys[1:]):
         a.admit(bytes(key.verify_key), f"other{n}")
-    rounds = [(keys[0], 2500), (keys[1], 1000), (keys[2], 500)]  # runs longer than a message
+    rounds = [(keys[0], 2000), (keys[1], 1000), (keys[2], 500)]  # a message's worth, and less
     while a.journal.count() < EVENTS:
         for key, count in rounds:
             a.journal.append(key, [(EventKind.CLIENT, os.urandom(16)) for _ in range(count)])
@@ -111,6 +111,36 @@ def test_a_long_run_of_one_author_is_taken_in_at_its_checkpoints(tmp_path: Path)
                     run = 0
         messages = session.take_outbox(BUDGET)
     assert sum(runs) == a.journal.count() and max(runs) <= 2000, runs
+
+
+def test_R70_an_append_larger_than_a_message_is_sent_as_runs_of_one_message(
+    tmp_path: Path,
+) -> None:
+    """One append of 5,000 events (a prune announcing 10,000,000 contents no longer held
+    is 5,000 UNHELD events) has one checkpoint, at its end: it reached a peer as one run
+    over three messages, which the peer held unverified until the last. Each message now
+    ends its run, without a checkpoint where the author signed none (the peer checks each
+    event's own signature), and the peer takes all of it in."""
+    (a,) = make_devices(tmp_path, 1)
+    a.journal.append(a.key, [(EventKind.CLIENT, os.urandom(16)) for _ in range(5000)])
+    session = Session(a, "a")
+    session.lazy = True
+    session.outbox[:0] = session.start()
+    session.take_outbox()
+    messages = session.receive(Hello(PROTOCOL_VERSION, b"fresh"))
+    messages += session.receive(Summary([], 0)) + session.take_outbox(BUDGET)
+    receiver = Journal(tmp_path / "receiver.db")
+    runs: list[tuple[int, bool]] = []
+    while messages:
+        for message in messages:
+            if isinstance(message, Events):
+                assert not message.more, "a run spans messages"
+                signed = Checkpoint.decode(message.checkpoint) if message.checkpoint else None
+                receiver.ingest(message.events, signed, lambda author: True)
+                runs.append((len(message.events), signed is not None))
+        messages = session.take_outbox(BUDGET)
+    assert runs[-3:] == [(2000, False), (2000, False), (1000, True)], runs
+    assert receiver.summary() == a.journal.summary()
 
 
 def _claims(count: int, signed: int) -> list[bytes]:

@@ -383,7 +383,7 @@ class FloodsThenBreaks(Tactic):
 
 
 def test_a_node_hands_back_what_a_members_ended_session_buffered(tmp_path: Path) -> None:
-    """64 MiB of events buffered by a member's session stayed in the node after the
+    """56 MiB of events buffered by a member's session stayed in the node after the
     session ended: the progress task's loop still named the last link (and its session),
     and glibc kept the pages freed. The node returns to near its idle RSS."""
     founder, member, port, _ = _founder_and_member(tmp_path, "member")
@@ -392,7 +392,7 @@ def test_a_node_hands_back_what_a_members_ended_session_buffered(tmp_path: Path)
         member.sync(node.address)
         rss = lambda: _memory_mib(node.process.pid, "VmRSS")  # noqa: E731
         idle = rss()
-        with HostileMember(member.root, member.home, FloodsThenBreaks(8)).running() as peer:
+        with HostileMember(member.root, member.home, FloodsThenBreaks(7)).running() as peer:
             closed = peer.dial(node.address)
         assert "Events message" in closed, closed
         node.wait_for("session with", count=4)  # (its end logged: the release follows)
@@ -403,6 +403,30 @@ def test_a_node_hands_back_what_a_members_ended_session_buffered(tmp_path: Path)
         member.sync(node.address)
     finally:
         node.stop()
+    assert "Traceback" not in node.log
+
+
+def test_R70_a_node_closes_a_session_whose_event_run_never_ends(tmp_path: Path) -> None:
+    """Events a member's session sends are held unverified until their run ends (a
+    message with ``more`` 0): a member that began a run and never ended it, while it
+    pinged, held what it had sent (up to 256 MiB) for as long as it liked. The node now
+    closes such a session once the run has waited ``run_s`` (6 s here), and serves on.
+    (The run's author is made up: nothing is checked before the run ends.)"""
+    founder, member, port, _ = _founder_and_member(tmp_path, "member")
+    (member.root / "new").write_bytes(b"the member's, synced after the attack")
+    member.run("scan", "--dir", str(member.root))
+    stranger = nacl.signing.SigningKey.generate()
+    begun = Event.create(stranger, 0, NO_PREVIOUS, 1, EventKind.STATE, bytes(1 << 20))
+    node = founder.start(port, BACKER_TIME_SCALE=ACK_SCALE)
+    try:
+        never_ends = PushesOnce(lambda _: Events(b"", [begun.raw], 1))
+        with HostileMember(member.root, member.home, never_ends).running() as peer:
+            closed = peer.dial(node.address, timeout=60)
+        assert "awaited the end of their run for 6 s" in closed, closed
+        member.sync(node.address)
+    finally:
+        node.stop()
+    assert (founder.root / "new").read_bytes() == b"the member's, synced after the attack"
     assert "Traceback" not in node.log
 
 

@@ -19,7 +19,12 @@ from backer.model.records import Kind, Version, new_version_id
 from backer.model.share import Share
 from backer.model.state import ROOT
 from backer.protocol import session as session_module
-from backer.protocol.session import EVENTS_PER_MESSAGE, MAX_PENDING_BYTES, Session
+from backer.protocol.session import (
+    EVENTS_PER_MESSAGE,
+    MAX_PENDING_BYTES,
+    MAX_PENDING_EVENTS,
+    Session,
+)
 from backer.protocol.wire import Events, FrameReader, ProtocolError
 from backer.scanner.content import (
     MAX_CHUNK,
@@ -503,6 +508,7 @@ def test_pending_events_count_what_they_hold_not_their_length(
     session = syncing(Session(honest, "h"))
     cap = 2 << 20
     monkeypatch.setattr(session_module, "MAX_PENDING_BYTES", cap)
+    monkeypatch.setattr(session_module, "MAX_PENDING_EVENTS", 10**9)  # (the bytes' cap here)
     real = honest.rename_device(honest.device, "x").raw
     frame = Events(b"", [real, *[b"xy"] * (EVENTS_PER_MESSAGE - 2), real], 1).encode()
     tracemalloc.start()
@@ -519,6 +525,23 @@ def test_pending_events_count_what_they_hold_not_their_length(
     too_many = Events(b"", [real] * (EVENTS_PER_MESSAGE + 1), 1)
     with pytest.raises(ProtocolError, match=f"of {EVENTS_PER_MESSAGE + 1} events"):
         syncing(Session(honest, "h")).receive(too_many)
+
+
+def test_R70_pending_events_are_counted_too(tmp_path: Path) -> None:
+    """Tiny events of a run that never ends were bounded by what they hold alone
+    (~1,200,000 of 2 bytes in 64 MiB): their number is bounded too, four messages'
+    worth, whatever they hold."""
+    (honest,) = make_devices(tmp_path, 1)
+    session = syncing(Session(honest, "h"))
+    real = honest.rename_device(honest.device, "x").raw
+    tiny = Events(b"", [real, *[b"xy"] * (EVENTS_PER_MESSAGE - 2), real], 1)
+    received = 0
+    with pytest.raises(ProtocolError, match=f"cap \\({MAX_PENDING_EVENTS} events"):
+        while received <= MAX_PENDING_EVENTS:
+            session.receive(tiny)
+            received += EVENTS_PER_MESSAGE
+    assert received == MAX_PENDING_EVENTS
+    assert session.pending_bytes < MAX_PENDING_BYTES // 64
 
 
 # -- the variant that makes yrs panic ---------------------------------------------------------

@@ -64,6 +64,8 @@ class Limits:
     acknowledge_s: float = 240.0  # events sent, and nothing but Pings from the peer for
     # this long without its acknowledgement: the session closes (the events stay). Twice
     # request_s: a peer waiting on a silent third device drops it and asks us first
+    run_s: float = 120.0  # events of the peer awaiting their run's end for this long (as
+    # silence is counted): the session closes. An honest run ends within its message (R70)
     reply_bytes: int = 4 << 20  # replies are built once nothing is unsent, this much at a time
     unsent_bytes: int = 1 << 30  # more than this unsent, or output that has not moved for
     # idle_s: the peer does not read; closed
@@ -386,6 +388,7 @@ class Hub:
         courtesy = 0.0  # the same for a Done that would acknowledge nothing (one-shot)
         unacknowledged, heard = 0.0, 0  # the same for a Done of the events we sent, and
         # how many messages (not Pings) the peer had sent then (Session.messages_received)
+        unfinished = 0.0  # the same while events of the peer await their run's end
         draining, last_delivered = start, 0  # when our output last moved, and how far
         tasks: dict[str, asyncio.Future[Any]] = {}
         _write(streams, channel.data_to_send())
@@ -410,6 +413,11 @@ class Hub:
                         raise BackerError(
                             f"peer unresponsive: the events sent to it not acknowledged for "
                             f"{limits.acknowledge_s:.0f} s (a later sync sends what it lacks)"
+                        )
+                    if unfinished > limits.run_s:
+                        raise BackerError(
+                            f"peer unresponsive: its events awaited the end of their run for "
+                            f"{limits.run_s:.0f} s"
                         )
                     if session.overdue(now, limits.request_s):
                         raise BackerError(
@@ -502,6 +510,10 @@ class Hub:
                     unacknowledged = 0.0
                 if session is not None:
                     heard = session.messages_received
+                # a member that began a run and never ended it held its events (64 MiB)
+                # for as long as the session lasted
+                held = session is not None and session.holding_run
+                unfinished = _silence(unfinished, took, timeout, not held)
                 if one_shot and session is not None and session.awaiting_courtesy:
                     courtesy = _silence(courtesy, took, timeout, False)
                     if courtesy > limits.idle_s:  # a peer that never acknowledges held a

@@ -64,9 +64,12 @@ from journal import Checkpoint, Event, JournalError, Range
 EVENTS_PER_MESSAGE = 2000
 EVENT_BYTES_PER_MESSAGE = 4 * 1024 * 1024  # well under the frame limit (a scan event of
 # 1,000 files is ~110 KB)
-MAX_PENDING_BYTES = 256 * 1024 * 1024  # per session, over every author: the author is
+MAX_PENDING_BYTES = 64 * 1024 * 1024  # per session, over every author: the author is
 # read from bytes not verified yet, so a per-author cap would be no cap. Counted as held
-# (each event a bytes object and a list slot), not as the events' own length
+# (each event a bytes object and a list slot), not as the events' own length. No run of
+# an honest sender spans messages (_events_for); an older one's spans them only for an
+# append larger than a message (a prune's UNHELD events: 64 MiB is 2,000,000 contents)
+MAX_PENDING_EVENTS = 4 * EVENTS_PER_MESSAGE  # per session, over every author: four messages' worth
 MAX_OWED = 16_384  # requests queued from one peer (an honest one has at most
 # MAX_CHUNKS_IN_FLIGHT + MANIFESTS_IN_FLIGHT outstanding)
 BATCHED_MANIFEST_BYTES = 4096  # manifests read 500 at a time: a small file's (~1 chunk)
@@ -199,8 +202,8 @@ class Session:
         self.catching_up = 0  # grows each time the peer's catch-up moves forward: see
         self.sent_up_to: dict[bytes, int] = {}  # _on_events (per author: the end of what
         # it sent in this session)
-        self.pending_run: dict[bytes, list[bytes]] = {}
-        self.pending_bytes = 0
+        self.pending_run: dict[bytes, list[bytes]] = {}  # events awaiting their run's end
+        self.pending_bytes = self.pending_events = 0  # (what they hold, how many)
         self.events_messages_sent = 0
         self.events_messages_received = 0
         self.messages_received = 0  # every message of the peer but its Pings
@@ -251,6 +254,13 @@ class Session:
         (requests, chunks, what it still needs); one that only pings is bounded
         (``transport.Hub.run``)."""
         return self.peer_acknowledged < self.events_messages_sent and not self.sending
+
+    @property
+    def holding_run(self) -> bool:
+        """Events of the peer wait, unverified, for the end of their run: an honest peer
+        ends each run within its message, so one that never ends is bounded
+        (``transport.Hub.run``), as the bytes and events it may hold are (R70)."""
+        return bool(self.pending_run)
 
     @property
     def _ours_done(self) -> bool:
@@ -309,7 +319,7 @@ class Session:
         let go of what its messages left buffered (events awaiting their run's end,
         chunks and manifests read ahead), whoever still holds the session."""
         self.replicator.detach(self)
-        self.pending_run, self.pending_bytes = {}, 0
+        self.pending_run, self.pending_bytes, self.pending_events = {}, 0, 0
         self.read_ahead, self.bodies_ahead = {}, {}
         self.receiving_part = self.sending_part = None
         self.peer_summary = {}
@@ -384,7 +394,11 @@ class Session:
         message ends its run at the last checkpoint it holds, if the author signed one
         there: the peer verifies and applies a message's worth at a time (a new device
         took the founder's 1,000,000 files as one run, applied in one call that held
-        its event loop for minutes), one signature check still vouching for each run."""
+        its event loop for minutes), one signature check still vouching for each run.
+        A full message that holds none (one append larger than a message: a prune's
+        UNHELD events) ends its run all the same, without a checkpoint: the peer checks
+        each event's own signature. So no run spans messages, and the peer never holds
+        events unverified while it waits for the rest (which it bounds: R70)."""
         part: list[Event] = []
         size = 0
         for event in self.share.journal.in_ranges(ranges):
@@ -399,7 +413,7 @@ class Session:
                     part[0].author, part[0].seq + 1, part[-1].seq + 1
                 )
                 cut = len(part) if checkpoint is None else checkpoint.length - part[0].seq
-                yield self._events_message(part[:cut], checkpoint, more=checkpoint is None)
+                yield self._events_message(part[:cut], checkpoint)
                 part = part[cut:]
                 size = sum(map(_event_size, part))
             part.append(event)
@@ -411,13 +425,11 @@ class Session:
         """The author's signed checkpoint just after ``part``, if this device holds one."""
         return self.share.journal.checkpoint_at(part[0].author, part[-1].seq + 1)
 
-    def _events_message(
-        self, part: list[Event], checkpoint: Checkpoint | None, more: bool = False
-    ) -> Events:
+    def _events_message(self, part: list[Event], checkpoint: Checkpoint | None) -> Events:
         self.stats.events_sent += len(part)
         self.events_messages_sent += 1
         raw_checkpoint = checkpoint.encode() if checkpoint else b""
-        return Events(raw_checkpoint, [e.raw for e in part], int(more))
+        return Events(raw_checkpoint, [e.raw for e in part], 0)
 
     def _on_events(self, message: Events) -> list[Message]:
         self.events_messages_received += 1
@@ -437,12 +449,17 @@ class Session:
         run = self.pending_run.setdefault(author, [])
         run.extend(message.events)
         self.pending_bytes += _held(message.events)
-        if self.pending_bytes > MAX_PENDING_BYTES:
-            raise ProtocolError("events awaiting the end of their run exceed the session's cap")
+        self.pending_events += len(message.events)
+        if self.pending_bytes > MAX_PENDING_BYTES or self.pending_events > MAX_PENDING_EVENTS:
+            raise ProtocolError(
+                f"events awaiting the end of their run exceed the session's cap "
+                f"({MAX_PENDING_EVENTS} events, {MAX_PENDING_BYTES >> 20} MiB)"
+            )
         if message.more:
             return []
         del self.pending_run[author]
         self.pending_bytes -= _held(run)
+        self.pending_events -= len(run)
         try:
             checkpoint = Checkpoint.decode(message.checkpoint) if message.checkpoint else None
             result = self.share.ingest(run, checkpoint)
