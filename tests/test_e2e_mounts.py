@@ -255,3 +255,46 @@ def test_R69_a_window_neither_replaces_nor_deletes_a_bound_file(tmp_path: Path) 
     pump(Session(a, "a"), Session(b, "b"))
     assert (b.root / "x").read_bytes() == b"x as a changed it\n"
     assert not (b.root / "y").exists()
+
+
+def test_R66_a_partial_scan_reads_nothing_below_a_bind_made_after_its_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial scan (the paths a watcher's batch or a peer's stale read names) reads
+    the mount table as it starts, then each path: a bind made meanwhile at a folder
+    above one of them (two levels up, here) was not looked for (only the path itself
+    was asked of the kernel), so the bound folder's file and its folder were read and
+    recorded as the share's, the file's bytes sent to every device, and once unbound
+    the share's own came back as a change. Each folder above such a path is asked too."""
+    if os.geteuid() != 0:
+        pytest.skip("a bind mount needs root")
+    a, _ = make_devices(tmp_path, 2)
+    (a.root / "photos" / "2024").mkdir(parents=True)
+    own = b"\xff\xd8 the share's own photo"
+    (a.root / "photos" / "2024" / "photo.jpg").write_bytes(own)
+    a.scan()
+    (tmp_path / "Photos" / "2024").mkdir(parents=True)
+    (tmp_path / "Photos" / "2024" / "photo.jpg").write_bytes(b"\xff\xd8 a photo from outside")
+    read_as_the_scan_starts = walk.share_disk
+    bound: list[Path] = []
+    tables: list[ShareDisk] = []
+
+    def bound_meanwhile(root: Path) -> ShareDisk:
+        tables.append(read_as_the_scan_starts(root))
+        if not bound:
+            _bind(tmp_path / "Photos", root / "photos", bound)
+        return tables[-1]
+
+    monkeypatch.setattr(walk, "share_disk", bound_meanwhile)
+    try:
+        scanned = a.scan(paths=["photos/2024/photo.jpg"])
+    finally:
+        _unbind(bound)
+    monkeypatch.undo()
+    after = a.scan()
+    assert tables, "the scan read no mount table"
+    assert not scanned.modified, "the bound folder's file was recorded"
+    assert not after.modified and not after.added
+    path = "photos/2024/photo.jpg"
+    (version,) = a.catalog.live_for([path])[path].values()
+    assert version.size == len(own), "the bound file's bytes were recorded"

@@ -641,13 +641,26 @@ def _walk_top(
     elsewhere = found.kind != Kind.DIRECTORY and (
         _device_of(os.path.dirname(disk_path)) != disk.device
     )
-    if elsewhere or disk.below_mount(top):
+    if elsewhere or disk.below_mount(top) or _mounted_above(root, top):
         unreadable.add(top)
         return
     seen[top] = found
     if found.kind == Kind.DIRECTORY:
         below = walk(root, disk, rules, result.errors, result.leftovers, unreadable, top, stop)
         seen.update((entry.path, entry) for entry in below)
+
+
+def _mounted_above(root: Path, top: str) -> bool:
+    """Whether a folder above ``top`` (below the share's root) is a mount's root now,
+    as the kernel says: a bind made since the scan read the mount table (R66), which
+    :meth:`ShareDisk.below_mount` cannot know of. A whole walk asks each folder it
+    reaches; a partial scan reaches ``top`` without passing through them."""
+    parent = top.rpartition("/")[0]
+    while parent:
+        if is_mount_root(os.path.join(root, parent)):
+            return True
+        parent = parent.rpartition("/")[0]
+    return False
 
 
 def _device_of(directory: str) -> int | None:
