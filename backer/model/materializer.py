@@ -48,7 +48,14 @@ from blake3 import blake3
 from backer.db.catalog import EMPTY_MANIFEST, Catalog, LocalEntry, Problem, rows_where_in
 from backer.errors import BackerError
 from backer.fs.dirs import Directories, Identity, InShare, NotADirectory
-from backer.fs.paths import METADATA_DIR, BadPath, check, fitted_name, stem_and_extension
+from backer.fs.paths import (
+    MAX_NAME_BYTES,
+    METADATA_DIR,
+    BadPath,
+    check,
+    fitted_name,
+    stem_and_extension,
+)
 from backer.fs.spelling import Spellings
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, VERSION_ID_BYTES, Kind, Version, timestamp
@@ -71,7 +78,7 @@ class Resolution:
 
 def conflict_path(path: str, version: Version) -> str:
     """``dir/name.sync-conflict-YYYYMMDD-HHMMSS-DEVICE.ext``, from the version's own data;
-    the stem (then the extension) is cut so that the name fits NAME_MAX bytes. A cut
+    the stem (then the extension) is cut so that the name fits MAX_NAME_BYTES. A cut
     name also carries a tag of the path and the content (the same on every device): cut
     back, a copy's copy came out as the name itself or as the name of an earlier copy in
     its line, each conflicting with the next, and devices linked by ``backer run``
@@ -81,7 +88,7 @@ def conflict_path(path: str, version: Version) -> str:
     device = base64.b32encode(version.device).decode()[:7]
     mark = f"{CONFLICT_MARK}{stamp}-{device}"
     stem, ext = stem_and_extension(name, mark)
-    if len(os.fsencode(stem + mark + ext)) <= NAME_MAX:
+    if len(os.fsencode(stem + mark + ext)) <= MAX_NAME_BYTES:
         copy = stem + mark + ext
     else:
         tag = blake3(os.fsencode(path) + version.content).hexdigest()[:8]
@@ -478,7 +485,6 @@ MB = 1024 * 1024
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 SPACE_RESERVE = 8 * MB  # kept free for the database and the directories a window adds
 LEFT_OUT = "not written: no room on the disk for it"
-NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows alike)
 # what fails the same way on every attempt, for a reason of this device (its filesystem,
 # the share's own path): retrying it on every plan only churns
 LASTING = frozenset({errno.ENAMETOOLONG, errno.EILSEQ})
