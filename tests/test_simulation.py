@@ -1228,12 +1228,9 @@ def test_the_harness_fails_a_livelock_within_seconds(monkeypatch: pytest.MonkeyP
 
     def cut_back(path: str, version: Version) -> str:
         parent, _, name = path.rpartition("/")
-        dot = name.rfind(".")
-        stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
         stamp = timestamp(version.time_ms, "%Y%m%d-%H%M%S")
         mark = f"{CONFLICT_MARK}{stamp}-{base64.b32encode(version.device).decode()[:7]}"
-        if len(os.fsencode(mark + ext)) > materializer.NAME_MAX // 2:
-            stem, ext = name, ""
+        stem, ext = paths.stem_and_extension(name, mark)
         copy = paths.fitted_name(stem, mark + ext)
         if copy == name:
             tag = blake3(os.fsencode(path) + version.content).hexdigest()[:8]
