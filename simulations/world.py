@@ -252,6 +252,15 @@ def _folder_ignored(rules: IgnoreRules, folder: str) -> bool:
     return memo[folder]
 
 
+def check_no_spares(name: str, root: Path) -> None:
+    """A running node's content store holds no spare (an entry being made, a whole
+    file's copy without hard links): a keep ends within its step, and what a kill left
+    is removed once the share is open again. Before, a kill mid-copy left it for good."""
+    left = sorted(p.name for p in (root / METADATA / STORE_DIR).rglob("*.tmp"))
+    if left:
+        raise InvariantBroken(f"{name}'s content store holds spares a kill left: {left[:3]}")
+
+
 def kept_versions(root: Path) -> set[Entry]:
     """What the content store keeps, and every link target recorded (a link is kept by
     its version; an empty file needs no bytes)."""
@@ -313,6 +322,7 @@ class Watch:
                 self.check_put_back(name, root, share, before)
             if share is not None:
                 self.check_recorded_bytes(name, root, share)
+                check_no_spares(name, root)
 
     def check_put_back(
         self, name: str, root: Path, share: Share, before: dict[str, Entry]

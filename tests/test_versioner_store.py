@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -406,3 +409,54 @@ def test_without_hard_links_a_file_that_changes_while_copied_leaves_no_entry(
     a.scan()
     assert not Store(a.root, a.catalog).has(cid(b"as hashed"))
     assert not [p for p in (a.root / ".backer" / "store").rglob("*") if p.is_file()]
+
+
+KILLED_MID_COPY = """
+import os, sys, time
+import nacl.signing
+from backer.model.share import Share
+from backer.versioner import store
+from simulations.faults import link_without_hard_links
+
+os.link = link_without_hard_links  # (exFAT, FAT: the store copies)
+copy_bytes = store._copy_bytes
+
+
+def copied_then_stopped(reading, writing, size):
+    done = copy_bytes(reading, writing, size)
+    print("copied", flush=True)
+    time.sleep(120)  # (killed here, the copy not yet renamed in)
+    return done
+
+
+store._copy_bytes = copied_then_stopped
+key = nacl.signing.SigningKey(bytes.fromhex(sys.argv[2]))
+share = Share.open(__import__("pathlib").Path(sys.argv[1]), key)
+share.scan()
+"""
+
+
+def test_a_copy_a_kill_left_in_the_store_is_removed_at_the_next_open(tmp_path: Path) -> None:
+    """Without hard links a store entry is a whole copy of its file, written under a
+    spare name and renamed in once checked: a process killed meanwhile left the copy
+    in the store for good (nothing ever removed a spare), a file's size of the stick
+    per kill. Spares are made in ``.backer/store/spares/``, emptied by the next process
+    that opens the share to change it."""
+    key = nacl.signing.SigningKey.generate()
+    root = tmp_path / "share"
+    root.mkdir()
+    Share.create(root, key).close()
+    (root / "video.bin").write_bytes(os.urandom(300_000))
+    command = [sys.executable, "-c", KILLED_MID_COPY, str(root), bytes(key).hex()]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], 120)
+        assert ready and child.stdout.readline() == b"copied\n", "the copy did not start"
+        spares = [p for p in (root / ".backer" / "store").rglob("*.tmp")]
+        assert len(spares) == 1 and spares[0].stat().st_size == 300_000
+    finally:
+        child.kill()
+        child.wait(30)
+    Share.open(root, key).close()
+    assert list((root / ".backer" / "store").rglob("*.tmp")) == [], "the kill's copy is left"

@@ -99,7 +99,7 @@ from backer.scanner.walk import (
     stat_key_of,
     under_any,
 )
-from backer.versioner.store import Store
+from backer.versioner.store import Store, remove_spares
 from journal import (
     Checkpoint,
     CorruptJournal,
@@ -345,6 +345,8 @@ class Share:
         self.key = key
         self.device = bytes(key.verify_key)
         self._lock = take_lock(root) if exclusive else None
+        if exclusive:
+            remove_spares(root)  # (a killed process's: the lock is ours now)
         self.marker = _marker(root)  # what root_moved compares with
         self.rejected_paths: list[str] = []  # from peers: never indexed, never written
         self.unwritable: set[tuple[str, str]] = set()  # (path, version id) failed for good here

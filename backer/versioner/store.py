@@ -15,6 +15,10 @@ scan sees it, and :func:`held_bytes` verifies every byte it returns.
 Where the filesystem has no hard links (exFAT, FAT, some FUSE and SMB mounts) the entry
 is a copy, made durable before it is noted: without it every edit there lost the
 version it replaced (see docs/decisions.md).
+
+An entry is made under a spare name in ``.backer/store/spares/`` and renamed into its
+fan directory; what a killed process left there (a whole file's copy, at most, per
+kill) is removed when the share is next opened to be changed (:func:`remove_spares`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes, manifest_of_file
 
 STORE_DIR = "store"
+SPARES = "spares"  # under STORE_DIR: entries being made (not a fan: those are 2 hex digits)
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS store (content BLOB PRIMARY KEY, size INTEGER, "
     "since_ms INTEGER) WITHOUT ROWID",
@@ -200,7 +205,8 @@ class Store:
         except OSError as exc:
             if exc.errno not in NO_HARD_LINKS:
                 raise
-            _copy_into(fd, name, source, live, content)
+            with self._directory(SPARES) as spares:
+                _copy_into(spares, fd, name, source, live, content)
             return
         if held.st_ino != live.st_ino and (
             retiring
@@ -209,14 +215,15 @@ class Store:
                 and manifest_of_file(self.root / path, live.st_size).id == content
             )
         ):
-            spare = f"{name}.{secrets.token_hex(4)}.tmp"
-            try:
-                source.link_into(fd, spare)
-            except OSError as exc:
-                if exc.errno in NO_HARD_LINKS:
-                    return  # (the entry is a copy: no share file can rewrite it)
-                raise
-            os.replace(spare, name, src_dir_fd=fd, dst_dir_fd=fd)
+            with self._directory(SPARES) as spares:
+                spare = _spare_name(name)
+                try:
+                    source.link_into(spares, spare)
+                except OSError as exc:
+                    if exc.errno in NO_HARD_LINKS:
+                        return  # (the entry is a copy: no share file can rewrite it)
+                    raise
+                os.replace(spare, name, src_dir_fd=spares, dst_dir_fd=fd)
 
     def _note(self, kept: list[tuple[bytes, int]]) -> None:
         now_ms = time.time_ns() // 1_000_000  # (not entropy's: a note only)
@@ -390,7 +397,8 @@ class Store:
 
     @contextlib.contextmanager
     def _directory(self, fan: str) -> Iterator[int]:
-        """A descriptor on ``.backer/store/FAN`` (made as needed), never through a link."""
+        """A descriptor on ``.backer/store/FAN`` (or SPARES; made as needed), never
+        through a link."""
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for part in (METADATA_DIR, STORE_DIR, fan):
@@ -402,20 +410,54 @@ class Store:
             os.close(fd)
 
 
+def _spare_name(name: str) -> str:
+    return f"{name}.{secrets.token_hex(4)}.tmp"
+
+
+def remove_spares(root: Path) -> None:
+    """Remove what a killed process left in ``.backer/store/spares/`` (the share at
+    ``root``): entries it was making, a whole file's copy each where the filesystem has
+    no hard links, which nothing else would ever remove. Only for the holder of the
+    share's lock, before it keeps anything: every spare there is then a dead one's.
+    Nothing is made here (a killed ``init``'s ``.backer`` must stay as it left it)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        for part in (METADATA_DIR, STORE_DIR, SPARES):  # (never through a link)
+            child = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        for left in os.listdir(fd):
+            with contextlib.suppress(OSError):
+                os.unlink(left, dir_fd=fd)
+    except OSError:
+        return  # (none yet, most often)
+    finally:
+        os.close(fd)
+
+
 def _copy_into(
-    directory_fd: int, name: str, source: ShareFile, looked: os.stat_result, content: bytes
+    spares: int,
+    directory_fd: int,
+    name: str,
+    source: ShareFile,
+    looked: os.stat_result,
+    content: bytes,
 ) -> None:
-    """Make entry ``name`` a copy of ``source`` (the file ``looked`` at, recorded as
-    ``content``), on a filesystem without hard links: written under a temp name,
-    fsync'd (once its share file is replaced, it is the only copy), checked, then
-    renamed in. A file that changed while it was copied (size, time or inode not those
-    looked at), or whose bytes are not ``content`` (rewritten in place since it was
-    recorded: a copy, unlike a link, would keep the wrong bytes under the entry's name
-    for good), leaves no entry: OSError."""
-    spare = f"{name}.{secrets.token_hex(4)}.tmp"
+    """Make entry ``name`` (in ``directory_fd``) a copy of ``source`` (the file
+    ``looked`` at, recorded as ``content``), on a filesystem without hard links: written
+    under a spare name in ``spares``, fsync'd (once its share file is replaced, it is
+    the only copy), checked, then renamed in. A file that changed while it was copied
+    (size, time or inode not those looked at), or whose bytes are not ``content``
+    (rewritten in place since it was recorded: a copy, unlike a link, would keep the
+    wrong bytes under the entry's name for good), leaves no entry: OSError."""
+    spare = _spare_name(name)
     reading = source.open(os.O_RDONLY | os.O_NONBLOCK)  # (a fifo put there: not waited on)
     try:
-        writing = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=directory_fd)
+        writing = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=spares)
         try:
             if _stamp(os.fstat(reading)) != _stamp(looked):
                 raise OSError(errno.ESTALE, "the file changed before it was kept")
@@ -425,12 +467,12 @@ def _copy_into(
             os.fsync(writing)
         finally:
             os.close(writing)
-        if manifest_of_file(spare, copied, directory_fd).id != content:
+        if manifest_of_file(spare, copied, spares).id != content:
             raise OSError(errno.ESTALE, "the file no longer holds the bytes recorded")
-        os.replace(spare, name, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+        os.replace(spare, name, src_dir_fd=spares, dst_dir_fd=directory_fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(spare, dir_fd=directory_fd)
+            os.unlink(spare, dir_fd=spares)
         raise
     finally:
         os.close(reading)
