@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from backer.protocol.wire import (
     Message,
     Ping,
     Summary,
+    WantChunks,
     Welcome,
 )
 from journal.event import NO_PREVIOUS, Event
@@ -428,6 +430,75 @@ def test_R70_a_node_closes_a_session_whose_event_run_never_ends(tmp_path: Path) 
         node.stop()
     assert (founder.root / "new").read_bytes() == b"the member's, synced after the attack"
     assert "Traceback" not in node.log
+
+
+class AnswersLackingOneAtATime(Tactic):
+    """Asked for chunks it holds, answers that it lacks one of them every ``every``
+    seconds, and nothing else of them: it gives nothing and is never silent for long."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.asked: list[bytes] = []
+        self.last = time.monotonic()
+
+    def incoming(self, session: Session, message: Message) -> list[Message] | None:
+        if isinstance(message, WantChunks):
+            self.asked += message.hashes
+            return []
+        return None
+
+    def outgoing(self, session: Session, messages: list[Message]) -> list[Message]:
+        if self.asked and time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            messages = [*messages, Chunks([self.asked.pop(0)], [b""])]
+        return messages
+
+
+def test_R71_a_member_that_holds_back_chunks_is_cut_not_the_peer_waiting_on_it(
+    tmp_path: Path,
+) -> None:
+    """b waits for a file's chunks that only the member c holds; c answers, every 2 s,
+    that it lacks one of them. Each answer restarted b's clock for its requests, so b
+    never gave up on c, and its window (with a's file, written meanwhile) waited for
+    good: a's node, its events unacknowledged and b saying nothing but pings, cut b at
+    its acknowledgement deadline (here 12 s, 240 s unscaled), again at each of its
+    changes while b's next plan waited on c the same way. Now
+    an answer that gives nothing does not restart the clock, so b cuts c (6 s), and a
+    waiting b tells a what it still needs instead of pinging."""
+    founder, b, port, _ = _founder_and_member(tmp_path, "b")
+    c = Device(tmp_path, "c")
+    token = invite(founder, f"127.0.0.1:{port}")
+    with founder.serving(port) as address:
+        c.run("join", token, str(c.root))
+        b.sync(address)  # b learns that c is a member
+    (c.root / "held back").write_bytes(os.urandom(1 << 20))  # ~16 chunks
+    c.run("scan", "--dir", str(c.root))
+    a_node = founder.start(port, BACKER_TIME_SCALE=ACK_SCALE)
+    b_node = b.start(BACKER_TIME_SCALE=ACK_SCALE)
+    tactic = AnswersLackingOneAtATime(2.0)
+    closed: list[str] = []
+    try:
+        b_node.wait_for("session with")
+        with HostileMember(c.root, c.home, tactic).running() as peer:
+            dialling = threading.Thread(
+                target=lambda: closed.append(peer.dial(b_node.address, timeout=40)), daemon=True
+            )
+            dialling.start()
+            deadline = time.monotonic() + 60
+            while len(tactic.asked) < 8 and time.monotonic() < deadline:  # b's window waits
+                time.sleep(0.05)  # on c: 16 s of answers to come, one every 2 s
+            (founder.root / "note").write_bytes(b"a's, while b waits on c")
+            deadline = time.monotonic() + 60
+            while not (b.root / "note").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            dialling.join(60)
+    finally:
+        b_node.stop()
+        a_node.stop()
+    assert "not acknowledged" not in a_node.log, a_node.log
+    assert (b.root / "note").read_bytes() == b"a's, while b waits on c"
+    assert closed and "no answer to a request for 6 s" in closed[0], closed
+    assert not (b.root / "held back").exists()
 
 
 class TakesEventsSilently(Tactic):

@@ -11,8 +11,9 @@ from backer.connections import transport
 from backer.model.replicator import Replicator
 from backer.model.share import Share
 from backer.protocol.session import Session
+from backer.protocol.wire import Need, Ping, WantChunks, WantManifests
 from backer.scanner.ignore import is_temp_name
-from tests.helpers import Links, make_devices, sync, tree
+from tests.helpers import Links, exchange, make_devices, sync, tree
 
 SIZE = 6 * 1024 * 1024
 
@@ -171,3 +172,24 @@ def test_a_version_no_connected_device_holds_keeps_no_temp_and_is_reported(
     sync(a, b)  # a records what its disk holds now: that version arrives
     assert tree(a.root) == tree(b.root)
     assert not b.catalog.problems()
+
+
+def test_R71_a_device_applying_a_peers_events_keeps_it_told_not_pinged(tmp_path: Path) -> None:
+    """While the events a peer sent wait to be applied here (their file's chunks asked
+    and not in yet: from a third device that holds them back, say), the keepalive is
+    this device's Need, not a Ping: the peer's acknowledgement deadline counts only
+    Pings, and cut an honest device for what another one withheld. Once applied and
+    acknowledged (Done), the keepalive is a Ping again."""
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f").write_bytes(os.urandom(200_000))
+    a.scan()
+    sa, sb = Session(a, "a"), Session(b, "b")
+    to_b = [reply for message in sb.start() for reply in sa.receive(message)]
+    to_b[:0] = sa.start()
+    requests = [request for message in to_b for request in sb.receive(message)]
+    assert any(isinstance(r, WantManifests | WantChunks) for r in requests), requests
+    assert isinstance(sb.keepalive(), Need)
+    exchange(sa, sb, [], requests)
+    assert (b.root / "f").read_bytes() == (a.root / "f").read_bytes()
+    assert isinstance(sb.keepalive(), Ping)
+    assert isinstance(sa.keepalive(), Ping)

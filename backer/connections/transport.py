@@ -39,7 +39,7 @@ from backer.protocol.channel import (
     refusal,
 )
 from backer.protocol.session import Session
-from backer.protocol.wire import Encoder, Error, FrameReader, Ping, ProtocolError
+from backer.protocol.wire import Encoder, Error, FrameReader, ProtocolError
 
 READ_SIZE = 4 << 20
 FIRST_READ = 16 << 10
@@ -58,7 +58,7 @@ class Limits:
     """What one connection may cost and how long it may stay silent (docs/security.md)."""
 
     handshake_s: float = 20.0  # from connect to an established channel, whatever trickles in
-    keepalive_s: float = 15.0  # a Ping when nothing was sent for this long
+    keepalive_s: float = 15.0  # a Ping (Session.keepalive) when nothing was sent for this long
     idle_s: float = 60.0  # nothing received for this long: the peer is gone (or suspended)
     request_s: float = 120.0  # requests outstanding with no answer for this long: same
     acknowledge_s: float = 240.0  # events sent, and nothing but Pings from the peer for
@@ -425,7 +425,7 @@ class Hub:
                             f"{limits.request_s:.0f} s"
                         )
                     if now - streams.spoke >= limits.keepalive_s:
-                        channel.send(Ping().encode())
+                        channel.send(session.keepalive().encode())
                         _write(streams, channel.data_to_send())
                     timeout = (
                         max(

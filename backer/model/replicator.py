@@ -216,7 +216,7 @@ class Replicator:
         length = wanting[0].wanted[chunk_hash] if wanting else len(data)
         session.bytes_in_flight -= length
         session.chunks_in_flight -= 1
-        self._answered(session)
+        self._answered(session, bool(data))
         if blake3(data).digest() == chunk_hash and len(data) == length:
             for sink in wanting:
                 sink.place(chunk_hash, data)
@@ -324,6 +324,7 @@ class Replicator:
     def _done(self, session: Session) -> None:
         session.tell_need(*self.need())  # (first: what it needs is current at Done)
         session.outbox.append(Done(session.events_messages_received, self.stats.files_written))
+        session.acknowledged_up_to = session.events_messages_received
 
     def _plan(self) -> None:
         self.dirty = False
@@ -381,11 +382,16 @@ class Replicator:
             session.waiting_since = time.monotonic()
 
     @staticmethod
-    def _answered(session: Session) -> None:
-        """An answer came from ``session``: the clock restarts, or stops if nothing more
-        is outstanding."""
-        outstanding = session.chunks_in_flight or session.manifests_in_flight
-        session.waiting_since = time.monotonic() if outstanding else None
+    def _answered(session: Session, gave: bool) -> None:
+        """An answer came from ``session``: the clock stops if nothing more is
+        outstanding, and restarts only if the answer ``gave`` what was asked. One that
+        says the peer lacks it does not: a member that answered 'lacking' to one chunk
+        at a time, every 100 s, was never overdue, gave nothing, and held this device's
+        window (and its acknowledgement of every other peer's events) for ever (R71)."""
+        if not (session.chunks_in_flight or session.manifests_in_flight):
+            session.waiting_since = None
+        elif gave:
+            session.waiting_since = time.monotonic()
 
     def _request_manifests(self) -> None:
         """Ask for queued manifests, up to MANIFESTS_IN_FLIGHT per peer."""
@@ -589,7 +595,7 @@ class Replicator:
             raise ProtocolError("a manifest we did not ask for")
         del self.manifests_asked[manifest_id]
         session.manifests_in_flight -= 1
-        self._answered(session)
+        self._answered(session, bool(body))
         if not body:
             self.lacking.setdefault(manifest_id, set()).add(session)
             self.manifest_queue.appendleft(manifest_id)
@@ -634,7 +640,7 @@ class Replicator:
         del self.chunks_asked[chunk_hash]
         session.bytes_in_flight -= self.chunk_lengths[chunk_hash]
         session.chunks_in_flight -= 1
-        self._answered(session)
+        self._answered(session, bool(data))
         if not data:
             self.lacking.setdefault(chunk_hash, set()).add(session)
             self.chunk_queue.appendleft(chunk_hash)

@@ -206,6 +206,7 @@ class Session:
         self.pending_bytes = self.pending_events = 0  # (what they hold, how many)
         self.events_messages_sent = 0
         self.events_messages_received = 0
+        self.acknowledged_up_to = 0  # the Events messages our last Done acknowledged
         self.messages_received = 0  # every message of the peer but its Pings
         self.peer_acknowledged = -1
         self.peer_files_written = 0
@@ -500,6 +501,18 @@ class Session:
         if self.peer_lengths is not None and self.need_sent != (files, size):
             self.need_sent = (files, size)
             self.outbox.append(Need(files, size))
+
+    def keepalive(self) -> Message:
+        """What keeps the connection alive when nothing was sent for a while: a ``Ping``;
+        or, while events the peer sent wait to be applied here (no ``Done`` for them
+        yet), what this device still needs, again. That is not a ``Ping``, so the peer's
+        acknowledgement deadline sees this device at work: waiting on chunks a third
+        device holds back (a member answering one chunk every 100 s), it was cut every
+        240 s for what that device did (R71)."""
+        if self.peer_lengths is None or self.events_messages_received <= self.acknowledged_up_to:
+            return Ping()
+        self.need_sent = self.replicator.need()
+        return Need(*self.need_sent)
 
     def _on_need(self, message: Need) -> list[Message]:
         need = (message.files, message.file_bytes)
