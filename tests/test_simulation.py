@@ -1297,3 +1297,41 @@ def test_a_node_plans_only_once_its_scans_chunk_index_is_written() -> None:
         ("scan", {"node": 1, "during": 23}),
     ]
     _passes(steps, DEFAULT_WORLD)
+
+
+def test_a_store_copy_a_kill_left_is_gone_once_the_node_runs_again() -> None:
+    """A seed of ``disk,faults,kills,nolinks,resident`` (917080, 60 steps), shrunk, its
+    files' bytes made a pattern of their lengths: node 2, whose disk has no hard links,
+    is killed inside a store entry's copy while it takes in a delivery, and
+    restarts. The spare copy stayed in the store's fan folder for
+    good ("node2's content store holds spares a kill left"); the share's next opening
+    now empties ``.backer/store/spares/``."""
+
+    def pattern(path: str, size: int) -> bytes:
+        return bytes((14 + len(path) + 13 * i) % 256 for i in range(size))
+
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("sync", {"a": 1, "b": 2, "cut": None}),
+        ("rename", {"node": 2, "source": "b", "destination": "a/c/h"}),
+        ("scan", {"node": 2, "during": 5}),
+        ("write", {"node": 1, "path": "g", "data": b""}),
+        ("race", {"node": 0, "path": "a/f", "data": pattern("a/f", 175), "limit": 53}),
+        ("write", {"node": 0, "path": "b/g", "data": pattern("b/g", 160)}),
+        ("deliver", {"a": 0, "b": 2, "count": 5}),
+        ("connect", {"a": 1, "b": 0}),
+        ("scan", {"node": 0, "during": 21}),
+        ("write", {"node": 1, "path": "f", "data": pattern("f", 214)}),
+        ("scan", {"node": 1, "during": 27}),
+        ("race", {"node": 0, "path": "a/c/h", "data": pattern("a/c/h", 152), "limit": 59}),
+        ("scan", {"node": 0, "during": 24}),
+        ("deliver", {"a": 2, "b": 1, "count": 12}),
+        ("crash", {"node": 2}),
+        ("write", {"node": 1, "path": "f", "data": pattern("f", 129)}),
+        ("scan", {"node": 1, "during": 14}),
+        ("kill", {"node": 2, "op": "deliver", "nth": 24, "other": 0, "pick": 12}),
+    ]
+    try:
+        replay(3, steps, 917080, frozenset({"disk", "faults", "kills", "nolinks", "resident"}))
+    except Failure as failure:
+        pytest.fail(failure.reason)
