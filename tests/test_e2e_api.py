@@ -30,6 +30,8 @@ from backer.scanner.ignore import MAX_RULES
 from tests.e2e import Device, Node, free_port, invite
 from tests.helpers import small_disk, timing
 
+WAIT_S = 120  # the bound of a wait for a state: what takes a second may take a minute loaded
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 Json = Any
 
@@ -105,7 +107,9 @@ class EventStream:
                 yield event, time.monotonic()
             fields = {}
 
-    def until(self, wanted: str, timeout: float = 20, **data: Any) -> tuple[dict[str, Any], float]:
+    def until(
+        self, wanted: str, timeout: float = WAIT_S, **data: Any
+    ) -> tuple[dict[str, Any], float]:
         deadline = time.monotonic() + timeout
         for event, arrived in self:
             if event["type"] == wanted and all(event.get(k) == v for k, v in data.items()):
@@ -588,7 +592,7 @@ def device_entry(api: Api, device: Device) -> Json:
     return next(d for d in api.call("GET", "/api/shares/b/devices")[1] if d["id"] == wanted)
 
 
-def until(check: Any, what: str, timeout: float = 120) -> Any:
+def until(check: Any, what: str, timeout: float = WAIT_S) -> Any:
     """Poll ``check`` until it returns something true; that."""
     deadline = time.monotonic() + timeout
     while not (found := check()):
@@ -597,7 +601,7 @@ def until(check: Any, what: str, timeout: float = 120) -> Any:
     return found
 
 
-def wait_for_file(path: Path, text: str, timeout: float = 120) -> None:
+def wait_for_file(path: Path, text: str, timeout: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout
     while not (path.exists() and path.read_text() == text):
         assert time.monotonic() < deadline, f"{path} never became {text!r}"
@@ -711,7 +715,7 @@ def conflict_between(a: Device, b: Device, api: Api) -> list[dict[str, Any]]:
     a.run("scan", "--dir", str(a.root))  # (through a's node)
     scan(api, "b")
     assert api.call("POST", "/api/shares/b/resume")[0] == 200
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_S
     while True:  # listed, and both versions written on b's disk
         found = api.call("GET", "/api/shares/b/conflicts")[1]
         places = [b.root / (v["copy"] or "plan.txt") for f in found for v in f["versions"]]
@@ -744,13 +748,13 @@ def test_a_conflict_is_listed_and_resolved_by_keeping_one_version_everywhere(pai
         assert status == 200 and answer["resolved"] == "plan.txt", answer
         event, _ = stream.until("conflict-resolved", path="plan.txt")
         assert keep in event["said"]
-        deadline = time.monotonic() + 20  # (a's own copy of the conflict may still be
+        deadline = time.monotonic() + WAIT_S  # (a's own copy of the conflict may still be
         while (listed := api.call("GET", "/api/shares/b/conflicts")[1]) != []:  # on its way)
             assert time.monotonic() < deadline, f"still listed after resolving: {listed}"
             time.sleep(0.1)
         for device in (b, a):
             wait_for_file(device.root / "plan.txt", "from a\n")
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + WAIT_S
             while (device.root / copy["copy"]).exists():
                 assert time.monotonic() < deadline, f"the copy stays on {device.root.name}"
                 time.sleep(0.05)

@@ -54,7 +54,7 @@ def control_server(
         else:
             thread.start()
         try:
-            assert starting_s or ready.wait(10)
+            assert starting_s or ready.wait(120)
             yield received
         finally:
             stop.set()

@@ -188,7 +188,7 @@ def test_an_interrupted_join_can_be_run_again_and_sync_says_what_to_do(
     try:
         serve.send_signal(signal.SIGSTOP)  # the handshake cannot complete
         join = subprocess.Popen(b.command("join", token, str(b.root)), env=b.env)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while not _made(b) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)  # connected, waiting for the stopped node

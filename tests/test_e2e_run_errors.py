@@ -143,7 +143,7 @@ def test_an_interrupted_join_says_how_to_go_on(tmp_path: Path) -> None:
         assert dialled.wait(60), "the join never dialled"
         time.sleep(1)  # (its session under way: the forwarder holds what comes next)
         joining.send_signal(signal.SIGINT)
-        _, stderr = joining.communicate(timeout=10)
+        _, stderr = joining.communicate(timeout=120)
     assert joining.returncode == 1, stderr
     assert stderr.strip().splitlines()[-1] == (
         "backer: error: join interrupted: run the same 'backer join' again to go on from "
