@@ -42,11 +42,13 @@ def run_backer(
     check: bool = True,
     timeout: float = 300,
     cwd: Path | None = None,
+    command: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The real ``backer ARGS`` in a subprocess, its output captured; a failure raised
-    with its stderr when ``check``."""
+    with its stderr when ``check``. ``command``: the whole command line instead (a
+    :meth:`Device.command`, which may wrap backer: a shifted clock, a slowed disk)."""
     result = subprocess.run(
-        [sys.executable, "-m", "backer", *args],
+        command or [sys.executable, "-m", "backer", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -75,7 +77,10 @@ class Device:
     def run(
         self, *args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
-        return run_backer(*args, env=self.env, check=check, timeout=timeout, cwd=cwd)
+        command = self.command(*args)
+        return run_backer(
+            *args, env=self.env, check=check, timeout=timeout, cwd=cwd, command=command
+        )
 
     def sync(self, address: str) -> str:
         return self.run("sync", address, "--dir", str(self.root)).stdout
