@@ -8,8 +8,8 @@ files recorded through them, a ``.backerignore`` that is a link, a folder or 2 M
 sizes and contents that lie, kind changes, one version id at two paths, times at the
 ends of the range, floods of tiny events, versions under another member's name; it
 may stop answering chunk requests half way through a transfer, serve chunks and
-manifests that do not hash to what they claim, or never acknowledge the events it is
-sent.
+manifests that do not hash to what they claim, answer that it lacks every chunk it is
+asked for, never end a run of its events, or never acknowledge the events it is sent.
 
 Every node lives in a sandbox directory: its share root, its home, a sentinel file and
 an ``outside/`` directory (with its own sentinel) that the hostile links point to.
@@ -31,7 +31,15 @@ from backer.model import entropy
 from backer.model.membership import EventKind
 from backer.model.records import MAX_TIME_MS, Kind, Version, new_version_id
 from backer.model.share import Share
-from backer.protocol.wire import Chunks, Done, Manifests, Message, WantChunks, WantManifests
+from backer.protocol.wire import (
+    Chunks,
+    Done,
+    Events,
+    Manifests,
+    Message,
+    WantChunks,
+    WantManifests,
+)
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IGNORE_FILE, read_rules
 
@@ -83,6 +91,8 @@ CRAFTS = [
     "mute",  # stops answering chunk and manifest requests
     "tamper",  # serves chunks and manifests that do not hash to what they claim
     "deaf",  # never acknowledges the events it is sent (no Done), while it pings
+    "stingy",  # answers every chunk request saying it lacks each chunk (R71)
+    "hoard",  # never ends a run of its events: honest nodes hold them, unverified (R70)
 ]
 
 
@@ -178,6 +188,8 @@ class Hostile:
     mute: bool = False
     tamper: bool = False
     deaf: bool = False
+    stingy: bool = False
+    hoard: bool = False
 
     def refused(self, reason: str) -> None:
         """An honest node closed its session with the hostile one: with a reason."""
@@ -197,7 +209,16 @@ class Hostile:
         return self.deaf and isinstance(message, Done)
 
     def forge(self, message: Message) -> Message:
-        """What the hostile node sends instead of ``message`` when it tampers."""
+        """What the hostile node sends instead of ``message`` when it tampers, answers
+        that it lacks every chunk asked of it (stingy: real nodes drop such a peer
+        after ``transport.Limits.request_s``, as such an answer does not restart the
+        clock; here the honest nodes must get the chunks elsewhere or go without), or
+        never ends a run of its events (hoard: real nodes close the session after
+        ``Limits.run_s``; here honest nodes hold the run, within the session's caps)."""
+        if self.stingy and isinstance(message, Chunks):
+            return Chunks(message.hashes, [b""] * len(message.hashes))
+        if self.hoard and isinstance(message, Events):
+            return Events(b"", message.events, 1)
         if not self.tamper:
             return message
         if isinstance(message, Chunks) and any(message.data):
@@ -218,8 +239,8 @@ class Hostile:
         if kind == "tamper":
             self.tamper = True
             return
-        if kind == "deaf":
-            self.deaf = True
+        if kind in ("deaf", "stingy", "hoard"):
+            setattr(self, kind, True)
             return
         device, now = share.device[:8], entropy.now_ms()
         live_file = self._a_live_file(share, pick)

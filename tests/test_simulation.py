@@ -768,6 +768,23 @@ def test_a_hostile_member_writes_nothing_outside_any_share_and_is_refused_with_r
     assert any("bad entry" in reason for reason in hostile.refusals), hostile.refusals
 
 
+@pytest.mark.parametrize("kind", ["stingy", "hoard"])
+def test_a_hostile_member_that_gives_nothing_holds_nothing_up(kind: str) -> None:
+    """The hostile member answers every chunk request saying it lacks each chunk (R71),
+    or never ends a run of its events (R70); each node writes a file, and the syncs go
+    through the hostile one first: the honest nodes get each other's files from each
+    other all the same, and converge among themselves."""
+    paths = ["f", "g", "a/f"]
+    steps = [*MET, ("craft", {"kind": kind, "pick": 0})]
+    for n in (0, 1, 2):
+        steps.append(("write", {"node": n, "path": paths[n], "data": bytes([n]) * 70_000}))
+    steps += [("scan", {"node": n}) for n in (0, 1, 2)]
+    pairs = [(0, 2), (1, 2), (0, 1), (1, 2), (0, 2), (0, 1)]
+    steps += [("sync", {"a": a, "b": b, "cut": None}) for a, b in pairs]
+    machine = _passes(steps, HOSTILE)
+    assert machine.cluster.hostile is not None and getattr(machine.cluster.hostile, kind)
+
+
 def test_the_harness_catches_a_peer_path_with_dot_dot_accepted() -> None:
     """With the path check broken to let '..' through (a fix of the past undone), the
     hostile member's '../outside/pwn' is stored by an honest node, and the harness
