@@ -38,9 +38,9 @@ def test_R20_a_scan_under_such_a_rule_finishes(tmp_path: Path) -> None:
     (tmp_path / ".backerignore").write_text(f"{EVIL}\n{DEEP}\n")
     (tmp_path / ("a" * 64)).write_text("x")
     (tmp_path / ("a" * 63 + "b")).write_text("ignored")
-    started = time.monotonic()
-    found = look(tmp_path, lambda paths, subtrees: {})
-    assert time.monotonic() - started < 5
+    walks = []
+    assert _cpu(lambda: walks.append(look(tmp_path, lambda paths, subtrees: {}))) < 5
+    (found,) = walks
     assert sorted(seen.path for seen, _, _ in found.candidates) == [".backerignore", "a" * 64]
 
 
