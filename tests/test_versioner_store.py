@@ -460,3 +460,35 @@ def test_a_copy_a_kill_left_in_the_store_is_removed_at_the_next_open(tmp_path: P
         child.wait(30)
     Share.open(root, key).close()
     assert list((root / ".backer" / "store").rglob("*.tmp")) == [], "the kill's copy is left"
+
+
+def test_without_hard_links_a_file_rewritten_under_its_recorded_stat_is_recorded_not_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b's person rewrites f in place, same size, and puts its time back (or writes it
+    within the filesystem's time step): the scan trusts the stat, so the window that
+    applies a's edit, with no copy of f's recorded bytes in b's store, finds f no longer
+    holding them and cannot keep them.
+    It failed so at every window, a's version never landed; the window now has f hashed
+    again, b's bytes become b's edit, a conflict with a's, and the path converges with
+    both versions on both devices."""
+    _no_hard_links(monkeypatch)
+    a, b = make_devices(tmp_path, 2)
+    (a.root / "f.txt").write_bytes(b"first version")
+    os.utime(a.root / "f.txt", (1_700_000_000, 1_700_000_000))  # (settled: never re-hashed)
+    sync(a, b)
+    with b.db.conn:  # b kept no copy of it (a full stick refuses one: keep_files goes on)
+        Store(b.root, b.catalog).remove(cid(b"first version"))
+    looked = (b.root / "f.txt").stat()
+    with open(b.root / "f.txt", "r+b") as handle:  # b's person, the stat kept
+        handle.write(b"FIRST")
+    os.utime(b.root / "f.txt", ns=(looked.st_atime_ns, looked.st_mtime_ns))
+    (a.root / "f.txt").write_bytes(b"a's second version")
+    for _ in range(3):
+        sync(a, b)
+    assert tree(a.root) == tree(b.root)
+    held = {data for kind, data, _ in tree(b.root).values() if kind == "file"}
+    assert held == {b"FIRST version", b"a's second version"}
+    assert [p.path for _, p, _ in b.catalog.problems()] == []
+    a.close()
+    b.close()

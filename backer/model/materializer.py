@@ -1604,7 +1604,14 @@ class Materializer:
         in the same plan may need them). A link's target stays in its recorded version
         and a directory holds no bytes: nothing to keep. A file the scan cache does not
         tie to a recorded file version is hashed to find its content id. Returns the
-        content id kept, for :meth:`Store.rejoin` once the file is gone."""
+        content id kept, for :meth:`Store.rejoin` once the file is gone.
+
+        A file that no longer holds its recorded bytes under its recorded stat (rewritten
+        in place, its time put back or within the filesystem's step; only a copy, where
+        there are no hard links, hashes it) is the person's edit that no scan would see:
+        every window failed on it and the peer's version never landed (R72). Its scan
+        cache entry is unsettled and a scan of it asked for, which records its bytes as
+        this device's version (a conflict with the peer's); the window leaves it."""
         if not stat.S_ISREG(info.st_mode):
             return None
         version = self.catalog.version(cached.version_id)
@@ -1612,7 +1619,14 @@ class Materializer:
             content = version.content
         else:
             content = manifest_of_file(target.path, info.st_size).id
-        self.kept.keep(path, content, info.st_size, retiring=True, source=target)
+        try:
+            self.kept.keep(path, content, info.st_size, retiring=True, source=target)
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+            self.catalog.set_local([cached._replace(settled=False)])
+            self.store.stale(path)
+            raise LocalEdit(path) from exc
         self.kept.retire(path, content)
         return content
 

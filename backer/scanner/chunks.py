@@ -70,7 +70,9 @@ class ChunkStore:
         # whose indexed bytes a read found changed: written with no event the watcher
         # listens to (kept open, truncate(2)), so its running node scans it now
 
-    def _stale(self, path: str) -> None:
+    def stale(self, path: str) -> None:
+        """Have the running node scan ``path``, a file of the share found not to hold
+        the bytes its scan cache says (none without a node: its next scan does)."""
         if self.on_stale is not None and path.partition("/")[0] != METADATA_DIR:
             self.on_stale(path)
 
@@ -98,7 +100,7 @@ class ChunkStore:
                 os.close(fd)
             if blake3(data).digest() == chunk_hash:
                 return data
-            self._stale(path)
+            self.stale(path)
         return None
 
     def read_many(self, hashes: Sequence[bytes]) -> dict[bytes, bytes | memoryview]:
@@ -133,7 +135,7 @@ class ChunkStore:
                         if len(data) == length and blake3(data).digest() == chunk_hash:
                             found[chunk_hash] = data
                         else:
-                            self._stale(path)
+                            self.stale(path)
             finally:
                 os.close(fd)
         for chunk_hash, places in locations.items():
