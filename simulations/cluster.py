@@ -127,6 +127,8 @@ class Node:
     unheard: set[str] = field(default_factory=set)  # changed with no event at all (mmap)
     stale: set[str] = field(default_factory=set)  # what a read for a peer found changed:
     # ``backer run`` scans them at once (see Cluster.scan_stale)
+    rewritten_under_stat: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    # files its person rewrote in place keeping size and time: path -> their stat key
 
     def open(self) -> Share:
         if self.share is None:
@@ -188,7 +190,9 @@ class Node:
         # (a folder whose entry changed is recorded with its mtime, whoever moved it:
         # a window's temp in it, for one; see backer.scanner.walk.classify)
         folders = {path.rpartition("/")[0] for path in unheard.intersection(recorded)}
-        own = set(recorded) - parents - unheard - folders
+        own = set(recorded) - parents - unheard - folders - set(self.rewritten_under_stat)
+        for path in recorded:  # (a window had it hashed again: seen now, R72)
+            self.rewritten_under_stat.pop(path, None)
         if summary.events and not self.edited and not moved and own:
             raise InvariantBroken(
                 f"{self.name} recorded its own applied writes as edits: {recorded[:5]}"

@@ -25,7 +25,7 @@ from backer.versioner.store import Store, held_bytes
 from journal import Checkpoint, Event, Range
 
 from .clocks import LATE_MS, Learned, learned_replacement
-from .cluster import Cluster
+from .cluster import Cluster, Node
 from .world import (
     InvariantBroken,
     entries,
@@ -43,11 +43,43 @@ OVERHEAD = 24 * 1024  # summaries, events, manifests: what a sync costs besides 
 
 def _fingerprint(cluster: Cluster) -> list[tuple]:
     fingerprints = []
-    trees = synced_trees([node.root for node in cluster.nodes], blocked_paths(cluster))
+    trees = synced_trees([node.root for node in cluster.nodes], unagreed_paths(cluster))
     for node, tree in zip(cluster.nodes, trees, strict=True):
         summary = {a: c.length for a, c in node.open().journal.summary().items()}
         fingerprints.append((sorted(summary.items()), sorted(tree.items())))
     return fingerprints
+
+
+def unagreed_paths(cluster: Cluster) -> set[str]:
+    """Paths where the disks need not agree: those a hostile member blocked, and those
+    a person rewrote unseen (see :func:`rewritten_unseen`)."""
+    paths = blocked_paths(cluster)
+    for node in cluster.nodes:
+        paths |= rewritten_unseen(node)
+    return paths
+
+
+def rewritten_unseen(node: Node) -> set[str]:
+    """The files ``node``'s person rewrote in place keeping size and time that are still
+    so and still hold the version the node last recorded there, which is live: as bit
+    rot, no scan sees such bytes (``backer verify`` does), so they need not reach any
+    device. One a peer's version was to replace is no longer exempt: the window that
+    finds its bytes changed has it recorded as the person's edit (R72)."""
+    if not node.rewritten_under_stat:
+        return set()
+    catalog = node.open().catalog
+    local = catalog.local_entries(list(node.rewritten_under_stat))
+    unseen = set()
+    for path, key in list(node.rewritten_under_stat.items()):
+        try:
+            now = stat_key_of(os.lstat(node.root / path))
+        except OSError:
+            now = None
+        if now != key:  # replaced or edited since: seen as any file is
+            del node.rewritten_under_stat[path]
+        elif path in local and local[path].version_id in catalog.live_versions(path):
+            unseen.add(path)
+    return unseen
 
 
 COPIES_OF_COPIES = 3  # a crafted version's conflict copies, and theirs, are its too
@@ -199,7 +231,7 @@ def forget_history_nobody_has(cluster: Cluster) -> None:
 
 def check_quiescent(cluster: Cluster) -> None:
     shares = [node.open() for node in cluster.nodes]
-    trees = synced_trees([node.root for node in cluster.nodes], blocked_paths(cluster))
+    trees = synced_trees([node.root for node in cluster.nodes], unagreed_paths(cluster))
     for node, tree in zip(cluster.nodes[1:], trees[1:], strict=True):
         if tree != trees[0]:
             only_here = sorted(set(tree) ^ set(trees[0]))
@@ -306,7 +338,7 @@ def check_no_lost_write(cluster: Cluster) -> None:
             for kind, data in entries(node.root).values()
             if kind == "file"
         }
-        rules, pinned = IgnoreRules.load(node.root), set[str]()
+        rules, pinned = IgnoreRules.load(node.root), rewritten_unseen(node)
         synced_tree(node.root, pinned)
         for vid, (path, version) in decoded.items():
             if version.kind != Kind.FILE or version.content in on_disk or untrusted(vid, version):
@@ -349,8 +381,10 @@ def check_said_what_is_missing(cluster: Cluster, index: int) -> None:
         if is_pinned(path, unscanned):
             continue
         found = tree.get(path)
-        if found is not None and found[0] == _KINDS[version.kind] and (
-            version.kind != Kind.FILE or len(found[1]) == version.size
+        if (
+            found is not None
+            and found[0] == _KINDS[version.kind]
+            and (version.kind != Kind.FILE or len(found[1]) == version.size)
         ):
             continue
         raise InvariantBroken(

@@ -60,7 +60,7 @@ NODES = int(os.environ.get("BACKER_SIM_NODES", "3"))
 DIRS = ["a", "b", "a/c"]
 FILES = ["f", "g", "a/f", "a/c/h", "b/g", "a/c"]
 CONTENTS = [b"", b"same", b"other", b"x" * 70_000]
-UNSEEN = ["truncate", "append", "mmap"]  # how a file changes with no event heard at once
+UNSEEN = ["truncate", "append", "mmap", "kept"]  # how a file changes with no event heard at once
 
 node_index = st.integers(min_value=0, max_value=NODES - 1)
 dir_path = st.sampled_from(DIRS)
@@ -276,8 +276,9 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.cluster.disks.save_first(node.root, saves, SAVE_RATE, node.edit_one)
         if "plainrename" in self.world:
             self.cluster.disks.plain_renames(self.cluster.nodes[seed % nodes].root)
-        if "nolinks" in self.world:
-            self.cluster.disks.no_hard_links(self.cluster.nodes[seed % nodes].root)
+        self.no_links_node = seed % nodes if "nolinks" in self.world else None
+        if self.no_links_node is not None:
+            self.cluster.disks.no_hard_links(self.cluster.nodes[self.no_links_node].root)
         self.stats = dict.fromkeys(
             (
                 "syncs",
@@ -410,10 +411,18 @@ class ClusterMachine(RuleBasedStateMachine):
         """The person changes a file with no event the watcher hears at once (the
         ``unseen`` family): ``truncate`` cuts it to half (truncate(2)), ``append`` writes
         ``data`` at its end and keeps it open (no close), both reported once the writes
-        pause; ``mmap`` writes ``data`` over its start through a mapping (no event)."""
+        pause; ``mmap`` writes ``data`` over its start through a mapping (no event);
+        ``kept`` (on a disk without hard links, with ``nolinks``) writes ``data`` over
+        its start in place and puts its time back (as a tool that keeps dates, or a write
+        within FAT's 2 s step): no scan sees it, only a window that copies it into the
+        store before replacing it (R72)."""
         spelled = self._path(node, path) if "unseen" in self.world else None
         target = self.root(node) / spelled if spelled is not None else None
         if target is None or not target.is_file() or target.is_symlink():
+            return
+        if kind == "kept":
+            if self.no_links_node == node and spelled is not None:
+                self._rewrite_under_stat(node, spelled, data)
             return
 
         def act() -> None:
@@ -430,6 +439,23 @@ class ClusterMachine(RuleBasedStateMachine):
                     mapped.flush()
 
         self._fs(node, act, target, heard="never" if kind == "mmap" else "later")
+
+    def _rewrite_under_stat(self, node: int, spelled: str, data: bytes) -> None:
+        """:meth:`unseen`'s ``kept``: the bytes change, the stat does not (size, times,
+        inode); the node remembers it (see ``invariants.rewritten_unseen``)."""
+        target = self.root(node) / spelled
+        looked = target.stat()
+        piece = bytes(b ^ 0x5A for b in (data or b"+")[: looked.st_size])
+        if not piece:
+            return
+
+        def act() -> None:
+            with target.open("r+b") as handle:
+                handle.write(piece)
+            os.utime(target, ns=(looked.st_atime_ns, looked.st_mtime_ns))
+
+        self._fs(node, act, changed=[spelled], heard="never")
+        self.cluster.nodes[node].rewritten_under_stat[spelled] = walk.stat_key_of(target.lstat())
 
     @rule(node=node_index, path=st.one_of(any_file, dir_path))
     def delete(self, node: int, path: str) -> None:

@@ -1291,7 +1291,7 @@ def test_the_harness_catches_a_file_changed_unheard_whose_bytes_a_peer_asks_for(
     ]
     world = RESIDENT | {"unseen"}
     _passes(steps, world)
-    monkeypatch.setattr(ChunkStore, "_stale", lambda self, path: None)
+    monkeypatch.setattr(ChunkStore, "stale", lambda self, path: None)
     with pytest.raises(Failure, match="waits for the bytes of 'f'"):
         replay(3, steps, 0, world)
 
@@ -1350,5 +1350,29 @@ def test_a_store_copy_a_kill_left_is_gone_once_the_node_runs_again() -> None:
     ]
     try:
         replay(3, steps, 917080, frozenset({"disk", "faults", "kills", "nolinks", "resident"}))
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
+def test_a_file_rewritten_under_its_stat_on_a_disk_without_hard_links_is_not_replaced_unkept() -> (
+    None
+):
+    """A seed of ``kills,nolinks,resident,unseen`` (972039, 60 steps), shrunk: node 0,
+    whose disk has no hard links, has f rewritten in place by its person, its size and
+    time kept (``unseen`` kind ``kept``); node 2's edit of f reached it, and the window
+    replaced f unread, since the store held a copy of f's recorded bytes: "node0
+    changed 'f' without keeping its old bytes". The window now hashes the file it is
+    about to replace there, and has it recorded as the person's edit (R72)."""
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("connect", {"a": 0, "b": 2}),
+        ("write", {"node": 2, "path": "f", "data": b"x" * 30}),
+        ("scan", {"node": 0, "during": 18}),
+        ("scan", {"node": 2, "during": 10}),
+        ("scan", {"node": 2, "during": 21}),
+        ("unseen", {"node": 0, "path": "f", "kind": "kept", "data": b"same"}),
+        ("write", {"node": 2, "path": "f", "data": b""}),
+    ]
+    try:
+        replay(3, steps, 972039, frozenset({"kills", "nolinks", "resident", "unseen"}))
     except Failure as failure:
         pytest.fail(failure.reason)

@@ -462,23 +462,26 @@ def test_a_copy_a_kill_left_in_the_store_is_removed_at_the_next_open(tmp_path: P
     assert list((root / ".backer" / "store").rglob("*.tmp")) == [], "the kill's copy is left"
 
 
-def test_without_hard_links_a_file_rewritten_under_its_recorded_stat_is_recorded_not_stuck(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("copy_in_store", [False, True])
+def test_without_hard_links_a_file_rewritten_under_its_recorded_stat_is_recorded_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copy_in_store: bool
 ) -> None:
     """b's person rewrites f in place, same size, and puts its time back (or writes it
-    within the filesystem's time step): the scan trusts the stat, so the window that
-    applies a's edit, with no copy of f's recorded bytes in b's store, finds f no longer
-    holding them and cannot keep them.
-    It failed so at every window, a's version never landed; the window now has f hashed
-    again, b's bytes become b's edit, a conflict with a's, and the path converges with
-    both versions on both devices."""
+    within the filesystem's time step): the scan trusts the stat. The window that
+    applies a's edit failed at every attempt where b's store held no copy of f's
+    recorded bytes (it hashes the copy it makes: f no longer held them), and a's version
+    never landed; where it held one (as it does once f was scanned or written), the
+    window replaced f unread and b's bytes were lost. The window now has f hashed again:
+    b's bytes become b's edit, a conflict with a's, and both devices hold both (R72)."""
     _no_hard_links(monkeypatch)
     a, b = make_devices(tmp_path, 2)
     (a.root / "f.txt").write_bytes(b"first version")
     os.utime(a.root / "f.txt", (1_700_000_000, 1_700_000_000))  # (settled: never re-hashed)
     sync(a, b)
-    with b.db.conn:  # b kept no copy of it (a full stick refuses one: keep_files goes on)
-        Store(b.root, b.catalog).remove(cid(b"first version"))
+    assert Store(b.root, b.catalog).has(cid(b"first version"))
+    if not copy_in_store:  # (as a copy a full stick refused: keep_files goes on)
+        with b.db.conn:
+            Store(b.root, b.catalog).remove(cid(b"first version"))
     looked = (b.root / "f.txt").stat()
     with open(b.root / "f.txt", "r+b") as handle:  # b's person, the stat kept
         handle.write(b"FIRST")

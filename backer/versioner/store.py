@@ -220,9 +220,15 @@ class Store:
                 try:
                     source.link_into(spares, spare)
                 except OSError as exc:
-                    if exc.errno in NO_HARD_LINKS:
-                        return  # (the entry is a copy: no share file can rewrite it)
-                    raise
+                    if exc.errno not in NO_HARD_LINKS:
+                        raise
+                    # the entry is a copy (no share file can rewrite it); the file about
+                    # to go must hold it too, or its bytes are the person's, not kept (R72)
+                    if manifest_of_file(self.root / path, live.st_size).id != content:
+                        raise OSError(
+                            errno.ESTALE, "the file no longer holds the bytes recorded"
+                        ) from None
+                    return
                 os.replace(spare, name, src_dir_fd=spares, dst_dir_fd=fd)
 
     def _note(self, kept: list[tuple[bytes, int]]) -> None:
