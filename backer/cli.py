@@ -121,9 +121,15 @@ quiet_option = click.option(
 
 
 def _progress(label: str) -> contextlib.AbstractContextManager[Reporter | None]:
-    """The command's progress display (see :mod:`backer.progress`), unless ``--quiet``."""
+    """The command's progress display (see :mod:`backer.progress`), unless ``--quiet``.
+    Each call starts a step of a long command (a scan; a sync's sessions, once the event
+    loop answers Ctrl-C itself): a Ctrl-C Python swallowed since the command's start-up
+    check (see backer.entry), in the display's own loading of rich or in a finalizer
+    while the scan ran, ends the command here."""
+    from backer.entry import raise_if_interrupted
     from backer.progress import reporter
 
+    raise_if_interrupted()
     return reporter(label, click.get_current_context().meta.get("backer.quiet", False))
 
 

@@ -235,6 +235,77 @@ def test_ctrl_c_python_swallows_while_the_node_loads_still_stops_it(founder: Dev
     assert process.returncode == 1
 
 
+SWALLOWED_INTERRUPT_LATER = """
+import importlib.abc, sys, weakref
+import backer.entry
+from backer.model.share import Share
+
+
+def swallowed():
+    # What a Ctrl-C landing in a callback Python calls itself does (the import system's
+    # clean-up, a finalizer): a KeyboardInterrupt it reports as 'Exception ignored in'.
+    class ModuleLock:
+        pass
+
+    def cleanup(_):
+        raise KeyboardInterrupt
+
+    lock = ModuleLock()
+    reference = weakref.ref(lock, cleanup)
+    del lock
+
+
+class AtTheProgressDisplay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "backer.progress":  # (it loads rich)
+            sys.meta_path.remove(self)
+            swallowed()
+        return None
+
+
+def scanned_then_swallowed(share, *args, **options):
+    try:
+        return scan(share, *args, **options)
+    finally:
+        swallowed()
+
+
+if sys.argv[1] == "display":
+    sys.meta_path.insert(0, AtTheProgressDisplay())
+else:
+    scan, Share.scan = Share.scan, scanned_then_swallowed
+sys.argv = ["backer", *sys.argv[2:]]
+backer.entry.main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "moment"), [("sync", "display"), ("join", "display"), ("sync", "scanned")]
+)
+def test_a_ctrl_c_python_swallows_after_the_start_up_check_ends_the_command(
+    founder: Device, tmp_path: Path, command: str, moment: str
+) -> None:
+    """A Ctrl-C swallowed by Python (see the test above) after the command's start-up
+    check: as its progress display loads rich, or as its scan ends (``-q``: no display).
+    ``sync`` and ``join`` ran to their end (here: each dial of a closed port). They now
+    end with 'aborted', exit 1, as a Ctrl-C there does: once the display is loaded, and
+    where the event loop takes Ctrl-C over."""
+    if command == "sync":
+        device, args = founder, ["sync", "-q", "127.0.0.1:9", "--dir", str(founder.root)]
+    else:
+        device = Device(tmp_path, "b")
+        args = ["join", invite(founder, "127.0.0.1:9"), str(tmp_path / "joined")]
+    process = subprocess.run(
+        [sys.executable, "-c", SWALLOWED_INTERRUPT_LATER, moment, *args],
+        env=device.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.stderr.strip() == "aborted", process.stderr
+    assert process.returncode == 1
+
+
 def test_forget_then_init_while_the_node_runs_leaves_the_share_closed_cleanly(
     founder: Device,
 ) -> None:
