@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from backer.scanner.ignore import (
     MAX_IGNORE_BYTES,
     IgnoreRules,
     read_rules,
-    temp_name,
+    replace_rules,
 )
 
 if TYPE_CHECKING:
@@ -344,16 +343,8 @@ async def edit_ignore_rules(request: web.Request) -> web.Response:
         raise _fail(web.HTTPBadRequest, f"rules: the file {checked.unread}")
     if _ignore_text(runtime) != previous:
         raise _fail(web.HTTPConflict, f"{IGNORE_FILE} changed meanwhile: reload it")
-    target = runtime.share.root / IGNORE_FILE
-    temp = target.with_name(temp_name(IGNORE_FILE, new_version_id()))
-    try:
-        with open(temp, "x", encoding="utf-8") as handle:
-            handle.write(rules)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
+    if not replace_rules(runtime.share.root, rules, previous, new_version_id()):
+        raise _fail(web.HTTPConflict, f"{IGNORE_FILE} changed meanwhile: reload it")
     summary = await runtime.scan(frozenset({IGNORE_FILE}))
     invalid = checked.invalid
     return web.json_response({"rules": rules, "invalid": invalid, "recorded": bool(summary.events)})

@@ -188,8 +188,9 @@ def _valid_pattern(line: str) -> bool:
     return True
 
 
-def read_rules(root: Path) -> tuple[str, str | None]:
-    """The text of ``root``'s ignore file and, when one is there but not read, why.
+def read_rules(root: Path, name: str = IGNORE_FILE) -> tuple[str, str | None]:
+    """The text of ``root``'s ignore file (or of the file ``name`` beside it) and, when
+    one is there but not read, why.
 
     Only a regular file in the share, of at most :data:`MAX_IGNORE_BYTES`, is read: any
     member can make ``.backerignore`` a link (links replicate as links), a folder or a
@@ -197,7 +198,7 @@ def read_rules(root: Path) -> tuple[str, str | None]:
     share into the rules, or read a device until memory runs out."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
     try:
-        fd = os.open(root / IGNORE_FILE, flags)
+        fd = os.open(root / name, flags)
     except (FileNotFoundError, NotADirectoryError):
         return "", None
     except OSError as exc:
@@ -216,6 +217,48 @@ def read_rules(root: Path) -> tuple[str, str | None]:
     if len(data) > MAX_IGNORE_BYTES:
         return "", f"is larger than {MAX_IGNORE_BYTES} bytes, not read"
     return data.decode("utf-8", errors="replace"), None
+
+
+def replace_rules(root: Path, rules: str, previous: str, version_id: str) -> bool:
+    """Make ``rules`` the share's ignore file if it still holds ``previous`` when it is
+    replaced; False, with nothing changed, if someone edited it meanwhile. Written to a
+    temp file beside it and fsynced first; then swapped with the file in one step, and
+    the file swapped out must still read ``previous`` (else it is swapped back): an edit
+    saved while the temp was written is never overwritten. A file that was not there
+    is made only if there is still none. Where no swap can be made, the check comes just
+    before the rename."""
+    from backer.fs.dirs import Directories, InShare
+
+    dirs = Directories(root)
+    target = InShare.of(dirs, IGNORE_FILE)
+    temp = target.with_name(temp_name(IGNORE_FILE, version_id))
+    try:
+        fd = temp.open(os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, rules.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not os.path.lexists(target.path):
+            if previous:
+                return False
+            try:
+                temp.rename_new(target)
+            except FileExistsError:
+                return False
+            return True
+        if temp.exchange(target):
+            if read_rules(root, temp.name) == (previous, None):
+                return True
+            temp.exchange(target)
+            return False
+        if read_rules(root) != (previous, None):
+            return False
+        temp.replace(target)
+        return True
+    finally:
+        temp.unlink(missing_ok=True)
+        dirs.close()
 
 
 class IgnoreRules:
