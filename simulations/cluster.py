@@ -129,6 +129,8 @@ class Node:
     # ``backer run`` scans them at once (see Cluster.scan_stale)
     rewritten_under_stat: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     # files its person rewrote in place keeping size and time: path -> their stat key
+    written_unheard: set[bytes] = field(default_factory=set)  # the contents (manifest ids)
+    # its person gave files with no event heard at once (the ``unseen`` family)
 
     def open(self) -> Share:
         if self.share is None:

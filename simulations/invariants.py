@@ -579,11 +579,16 @@ def check_recorded_once(cluster: Cluster, index: int) -> None:
     about to rename one (``saves``), beside the version backer meant to put there: two
     changes, each made without knowing of the other, as a restore's version at a path
     where the person saved first is, its rename having left their file in place; the
-    same saved file recorded twice is still one change twice.)"""
+    same saved file recorded twice is still one change twice. Nor the person's edit of a
+    file that no event told of (``unseen``: ``node.written_unheard``) beside what this
+    device recorded there without knowing of it: a ``restore --at`` records the
+    deletion of the version it knew, finds the file edited, keeps it, and the
+    next scan records the edit as replacing that version too; the same edit recorded
+    twice is still one change twice.)"""
     node = cluster.nodes[index]
     if node.share is None or cluster.rolled_back:
         return
-    own, saved = bytes(node.key.verify_key)[:8], cluster.disks.saved
+    own, saved = bytes(node.key.verify_key)[:8], cluster.disks.saved | node.written_unheard
     mine: dict[str, list[tuple[set[str], bytes]]] = {}
     twice: set[str] = set()
     for path, vid, version in node.share.catalog.all_live():

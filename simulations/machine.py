@@ -22,6 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from backer.model import entropy, materializer, revisions
 from backer.model.records import Kind, Version
 from backer.scanner import walk
+from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IGNORE_FILE
 from backer.versioner import config as retention_config
 from backer.versioner.retention import DAY, HOUR, MINUTE, WEEK
@@ -437,8 +438,17 @@ class ClusterMachine(RuleBasedStateMachine):
                     piece = (data or b"+")[:size]
                     mapped[: len(piece)] = bytes(b ^ 0x5A for b in piece)
                     mapped.flush()
+            self._wrote_unheard(node, target)
 
         self._fs(node, act, target, heard="never" if kind == "mmap" else "later")
+
+    def _wrote_unheard(self, node: int, target: Path) -> None:
+        """Note the content node ``node``'s person just gave ``target`` unheard: a
+        version of it beside one backer recorded at that path without knowing of it (a
+        restore's deletion, say) is a second change, not one recorded twice (see
+        ``invariants.check_recorded_once``)."""
+        data = target.read_bytes()
+        self.cluster.nodes[node].written_unheard.add(manifest_of_bytes(data).id)
 
     def _rewrite_under_stat(self, node: int, spelled: str, data: bytes) -> None:
         """:meth:`unseen`'s ``kept``: the bytes change, the stat does not (size, times,
@@ -453,6 +463,7 @@ class ClusterMachine(RuleBasedStateMachine):
             with target.open("r+b") as handle:
                 handle.write(piece)
             os.utime(target, ns=(looked.st_atime_ns, looked.st_mtime_ns))
+            self._wrote_unheard(node, target)
 
         self._fs(node, act, changed=[spelled], heard="never")
         self.cluster.nodes[node].rewritten_under_stat[spelled] = walk.stat_key_of(target.lstat())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import types
 from pathlib import Path
@@ -26,7 +27,7 @@ from backer.versioner import prune as prune_engine
 from backer.versioner import retention
 from backer.versioner.retention import DAY, MINUTE
 from simulations.campaign import Failure, replay, run_seed
-from simulations.invariants import check_kept_readable
+from simulations.invariants import check_kept_readable, check_recorded_once
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
 from simulations.world import InvariantBroken, reachable_temps, synced_trees
 
@@ -1376,3 +1377,59 @@ def test_a_file_rewritten_under_its_stat_on_a_disk_without_hard_links_is_not_rep
         replay(3, steps, 972039, frozenset({"kills", "nolinks", "resident", "unseen"}))
     except Failure as failure:
         pytest.fail(failure.reason)
+
+
+UNSEEN_WORLD = frozenset({"kills", "nolinks", "resident", "unseen"})
+RESTORE_OVER_AN_UNHEARD_EDIT: list[tuple[str, dict[str, Any]]] = [
+    ("sync", {"a": 0, "b": 1, "cut": 7}),
+    ("race", {"node": 0, "path": "a/f", "data": b"other", "limit": 4}),
+    ("write", {"node": 1, "path": "f", "data": b"other"}),
+    ("scan", {"node": 0, "during": 1}),
+    ("sync", {"a": 2, "b": 1, "cut": None}),
+    ("scan", {"node": 1, "during": 15}),
+    ("kill", {"node": 1, "op": "restore", "nth": 5, "other": 0, "pick": 94}),
+    ("write", {"node": 0, "path": "a/c/h", "data": b"x" * 24}),
+    ("scan", {"node": 0, "during": 12}),
+    ("unseen", {"node": 0, "path": "a/c/h", "kind": "mmap", "data": b"same"}),
+    ("kill", {"node": 0, "op": "restore", "nth": 9, "other": 1, "pick": 73}),
+]
+
+
+def test_a_restore_over_an_edit_no_event_told_of_is_two_changes() -> None:
+    """A seed of ``kills,nolinks,resident,unseen`` (972013, 60 steps), shrunk: node 0's
+    person rewrote a/c/h through a mapping (no event), then restored the share to a
+    moment before a/c/h was made; the restore recorded a/c/h's deletion, was killed,
+    and the scan at the restart recorded the edit, replacing the version the deletion
+    replaces too. backer kept the edit (every device ends with it, no conflict copy):
+    two changes, each made without knowing of the other, which "recorded a change
+    twice" took for one change recorded twice."""
+    try:
+        replay(3, RESTORE_OVER_AN_UNHEARD_EDIT, 972013, UNSEEN_WORLD)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
+def test_an_edit_no_event_told_of_recorded_twice_is_still_caught() -> None:
+    """The exception above is for a second change beside the edit: node 0 recording
+    the same unheard edit twice, each replacing the version it knew (a process that
+    forgot it had recorded it, R40), is still "recorded a change twice"."""
+    machine = ClusterMachine(3, 972013, UNSEEN_WORLD)
+    try:
+        for name, arguments in RESTORE_OVER_AN_UNHEARD_EDIT[:-1]:
+            getattr(machine, name)(**arguments)
+        node = machine.cluster.nodes[0]
+        share = node.open()
+        [(known_id, known)] = [
+            (vid, v) for path, vid, v in share.catalog.all_live() if path == "a/c/h"
+        ]
+        [edited] = node.written_unheard
+        edit = dataclasses.replace(known, content=edited, supersedes=(known_id,))
+        deletion = Version(Kind.DELETED, device=known.device, supersedes=(known_id,))
+        share.commit([("a/c/h", deletion)])
+        share.commit([("a/c/h", edit)])
+        check_recorded_once(machine.cluster, 0)  # the restore's deletion, the edit
+        share.commit([("a/c/h", edit)])
+        with pytest.raises(InvariantBroken, match="recorded a change twice"):
+            check_recorded_once(machine.cluster, 0)
+    finally:
+        machine.abandon()
