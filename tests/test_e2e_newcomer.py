@@ -185,58 +185,8 @@ def test_the_entry_point_loads_nothing_but_signal_before_it_holds_a_ctrl_c() -> 
     assert set(loaded[1]) - set(loaded[0]) == {"backer", "backer.entry"}
 
 
-SWALLOWED_INTERRUPT_THEN_RUN = """
-import asyncio, sys, weakref
-import backer.entry
-
-started = asyncio.run
-
-
-def run_after_a_swallowed_interrupt(main, **options):
-    # What a Ctrl-C landing in the import system's clean-up does: a KeyboardInterrupt
-    # raised in a callback Python calls itself, reported as 'Exception ignored in'.
-    class ModuleLock:
-        pass
-
-    def cleanup(_):
-        raise KeyboardInterrupt
-
-    lock = ModuleLock()
-    reference = weakref.ref(lock, cleanup)
-    del lock
-    return started(main, **options)
-
-
-asyncio.run = run_after_a_swallowed_interrupt
-sys.argv = ["backer", *sys.argv[1:]]
-backer.entry.main()
-"""
-
-
-def test_ctrl_c_python_swallows_while_the_node_loads_still_stops_it(founder: Device) -> None:
-    """A Ctrl-C that lands in the import system's own clean-up while ``backer run``
-    loads its node (after the CLI's modules, which hold it) is swallowed by Python: it
-    printed 'Exception ignored in ... KeyboardInterrupt' and the node served on for good
-    (the Ctrl-C test above hung so once). Swallowed just before the node's loop starts,
-    it now ends the command with one line."""
-    process = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SWALLOWED_INTERRUPT_THEN_RUN,
-            *["run", "--listen", "127.0.0.1:0", "--api", "off"],
-        ],
-        env=founder.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert process.stderr.strip() == "aborted", process.stderr
-    assert process.returncode == 1
-
-
-SWALLOWED_INTERRUPT_LATER = """
-import importlib.abc, sys, weakref
+SWALLOWED_INTERRUPT = """
+import asyncio, importlib.abc, sys, weakref
 import backer.entry
 from backer.model.share import Share
 
@@ -270,13 +220,43 @@ def scanned_then_swallowed(share, *args, **options):
         swallowed()
 
 
+def loop_started_after_one_swallowed(main, **options):
+    swallowed()
+    return started(main, **options)
+
+
 if sys.argv[1] == "display":
     sys.meta_path.insert(0, AtTheProgressDisplay())
+elif sys.argv[1] == "loop":
+    started, asyncio.run = asyncio.run, loop_started_after_one_swallowed
 else:
     scan, Share.scan = Share.scan, scanned_then_swallowed
 sys.argv = ["backer", *sys.argv[2:]]
 backer.entry.main()
 """
+
+
+def _swallowed_then(moment: str, args: list[str], env: dict[str, str]) -> None:
+    """Run ``backer ARGS`` with a Ctrl-C swallowed by Python at ``moment``: it must end
+    the command with 'aborted', exit 1."""
+    process = subprocess.run(
+        [sys.executable, "-c", SWALLOWED_INTERRUPT, moment, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.stderr.strip() == "aborted", process.stderr
+    assert process.returncode == 1
+
+
+def test_ctrl_c_python_swallows_while_the_node_loads_still_stops_it(founder: Device) -> None:
+    """A Ctrl-C that lands in the import system's own clean-up while ``backer run``
+    loads its node (after the CLI's modules, which hold it) is swallowed by Python: it
+    printed 'Exception ignored in ... KeyboardInterrupt' and the node served on for good
+    (the Ctrl-C test above hung so once). Swallowed just before the node's loop starts,
+    it now ends the command with one line."""
+    _swallowed_then("loop", ["run", "--listen", "127.0.0.1:0", "--api", "off"], founder.env)
 
 
 @pytest.mark.parametrize(
@@ -295,15 +275,7 @@ def test_a_ctrl_c_python_swallows_after_the_start_up_check_ends_the_command(
     else:
         device = Device(tmp_path, "b")
         args = ["join", invite(founder, "127.0.0.1:9"), str(tmp_path / "joined")]
-    process = subprocess.run(
-        [sys.executable, "-c", SWALLOWED_INTERRUPT_LATER, moment, *args],
-        env=device.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert process.stderr.strip() == "aborted", process.stderr
-    assert process.returncode == 1
+    _swallowed_then(moment, args, device.env)
 
 
 def test_forget_then_init_while_the_node_runs_leaves_the_share_closed_cleanly(
