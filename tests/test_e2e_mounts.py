@@ -117,17 +117,14 @@ def test_R66_a_bind_made_while_a_scan_walks_is_not_followed(
     def bound_meanwhile(root: Path) -> ShareDisk:
         disk = read_as_the_scan_starts(root)
         if not bound:  # (os.path.ismount cannot tell a bind of the same filesystem)
-            bind = ["mount", "--bind", str(tmp_path / "Photos"), str(root / "photos")]
-            subprocess.run(bind, check=True)
-            bound.append(root / "photos")
+            _bind(tmp_path / "Photos", root / "photos", bound)
         return disk
 
     monkeypatch.setattr(walk, "share_disk", bound_meanwhile)
     try:
         scanned = a.scan()
     finally:
-        for point in bound:
-            subprocess.run(["umount", "-l", str(point)], check=True)
+        _unbind(bound)
     monkeypatch.undo()
     a.scan()
     assert "photos/photo.jpg" not in scanned.added
