@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import tracemalloc
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -67,6 +68,26 @@ def test_a_file_of_more_windows_than_buffers_gets_the_chunks_of_whole_file_chunk
     path = tmp_path / "file"
     path.write_bytes(data)
     assert manifest_of_file(path, len(data)) == manifest_of_bytes(data)
+
+
+def test_a_file_grown_since_its_stat_is_read_only_past_the_size_it_had(tmp_path: Path) -> None:
+    """A file stat'd small as it was created (a tool writing 256 MiB next to its target)
+    was read whole, however large it had grown by then: a node rescanning a large
+    profile's insert peaked at 383 MiB. It is read one byte past the stat's size, so its
+    manifest matches no content of that size and the caller's second stat sees the
+    change."""
+    data = _contents(3, 48 * 1024 * 1024, 0)
+    path = tmp_path / "growing"
+    path.write_bytes(data)
+    tracemalloc.start()
+    try:
+        manifest = manifest_of_file(path, 100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert manifest.size == 101
+    assert manifest != manifest_of_bytes(data[:100])
+    assert peak < 1024 * 1024
 
 
 def test_chunking_works_where_the_system_has_no_posix_fadvise(

@@ -184,8 +184,13 @@ def manifest_of_file(
     path: str | os.PathLike[str], size: int, directory: int | None = None
 ) -> Manifest:
     """Chunk and hash a file (``path`` relative to the descriptor ``directory`` if
-    given); ``size`` (from a stat just before) picks the strategy."""
+    given); ``size`` (from a stat just before) picks the strategy. A small file is read
+    whole, but never past ``size + 1`` bytes: one still being written can be far larger
+    by the time it is read (a 256 MiB file stat'd as it was created took 256 MiB of
+    memory at once); one byte more than the stat said is enough to make its manifest
+    match no content of ``size`` bytes, and the caller's stat after the read sees the
+    change."""
     if size < PIPELINE_FROM:
         with os.fdopen(open_regular(path, directory), "rb") as handle:
-            return manifest_of_bytes(handle.read())
+            return manifest_of_bytes(handle.read(size + 1))
     return Manifest(tuple(_windowed(path, directory)))
