@@ -19,7 +19,6 @@ from backer.node.node import (
     Link,
     backoff,
     keeps_new,
-    release_memory,
 )
 from tests.e2e import joined_pair, nodes_in_loop
 
@@ -113,5 +112,5 @@ def test_release_memory_hands_back_the_page_cache_a_whole_scan_filled(share: Sha
         )
     share.db.conn.execute("SELECT sum(length(b)) FROM filler").fetchone()  # 40 MiB cached
     before = process.memory_info().rss
-    release_memory(share)
+    share.release_memory()
     assert process.memory_info().rss < before - 20 * 1024 * 1024

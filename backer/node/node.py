@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -122,24 +121,10 @@ def hold_home(home: Path) -> IO[bytes]:
     return handle
 
 
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # (find_library runs ldconfig)
-
-
 def _dialled_address(link: Link, device: bytes) -> str | None:
     """Where ``link``'s peer can be reached: the address we dialled; an inbound
     session's source port is not one (the address book then says where)."""
     return link.address if link.initiator == device else None
-
-
-def release_memory(share: Share) -> None:
-    """Hand back what a whole scan leaves behind while the node then idles: SQLite's
-    page cache (SQLite's default, 2 MB per connection, filled by the start-up check of
-    the database and by the scan; it fills again when needed) and the heap pages the
-    scan's per-file objects freed, which glibc would otherwise keep. Measured on 100,000
-    files: 149 -> 123 MiB."""
-    share.db.conn.execute("PRAGMA shrink_memory")
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 def _first_failure(exc: BaseException) -> BaseException:
@@ -370,7 +355,7 @@ class Runtime:
                 if changes.reason == "start":
                     await self._finish_recorded()
                 if changes.full:  # (after the start-up pass too: it reads every version)
-                    release_memory(self.share)
+                    self.share.release_memory()
                 if changes.reason == "start":
                     self.log.info("%s: watching %s", self.name, root)
                     self.watching.set()
@@ -430,7 +415,7 @@ class Runtime:
         while True:
             if self.check_root():
                 await self.prune_apart()
-                release_memory(self.share)  # (it read every recorded version)
+                self.share.release_memory()  # (it read every recorded version)
             await asyncio.sleep(PRUNE_EVERY_S * self.node.scale)
 
     async def prune_apart(self) -> PruneReport | None:
@@ -571,7 +556,7 @@ class Runtime:
         the session's cap; its channel's buffers): glibc kept it, and a node that one
         member took to 350 MiB stayed at 110 MiB, its idle RSS 66 MiB."""
         if not self.node.stopping and self.node.runtimes.get(self.share.share_id) is self:
-            release_memory(self.share)  # (not once its share closed)
+            self.share.release_memory()  # (not once its share closed)
 
     def _claim(self, link: Link) -> None:
         """Make ``link`` the session with its device, or refuse it (BackerError)."""
