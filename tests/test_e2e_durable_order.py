@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from backer.config import registry
+from backer.model.materializer import STAGE_FILES
+from backer.model.replicator import WINDOW_FILES
 from backer.scanner.ignore import TEMP_PREFIX
 from tests.e2e import Device, free_port, invite, snapshot
 
@@ -129,12 +131,13 @@ def test_a_join_syncs_each_file_before_its_rename_and_each_directory_after(
 def test_a_join_killed_between_windows_loses_nothing_and_the_same_token_finishes_it(
     tmp_path: Path,
 ) -> None:
-    """kill -9 of a first sync after its first window of 5,000 files went into place, its
+    """kill -9 of a first sync after its first window of files went into place, its
     peer frozen so that the second window cannot finish: every file already there is
     whole (never a torn or empty one), the next join with the same token finishes, no
     temp file stays, and ``verify`` finds every file as recorded."""
     a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
-    for index in range(6_000):  # 60 directories of 100: two windows (WINDOW_FILES)
+    files = WINDOW_FILES * 6 // 5  # directories of 100: two windows
+    for index in range(files):
         path = a.root / f"d{index // 100:02d}" / f"f{index:05d}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(index.to_bytes(4, "big") * (256 + index % 700))
@@ -144,7 +147,8 @@ def test_a_join_killed_between_windows_loses_nothing_and_the_same_token_finishes
     node = a.start(port)
     try:
         join = subprocess.Popen(b.command("join", token, str(b.root)), env=b.env)
-        last_of_first = b.root / "d45"  # in the first window's last commit batch
+        last_of_first = b.root / f"d{(WINDOW_FILES - 500) // 100:02d}"  # in the first
+        # window's last commit batch
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and join.poll() is None:
             if last_of_first.is_dir() and any(
@@ -163,7 +167,7 @@ def test_a_join_killed_between_windows_loses_nothing_and_the_same_token_finishes
             for p, e in snapshot(b.root).items()
             if not p.split("/")[-1].startswith(TEMP_PREFIX)
         }
-        assert 4_000 < sum(e[0] == "file" for e in mine.values()) < 6_000
+        assert WINDOW_FILES - STAGE_FILES < sum(e[0] == "file" for e in mine.values()) < files
         assert all(theirs[p] == e for p, e in mine.items() if e[0] == "file")
         node.process.send_signal(signal.SIGCONT)
         again = b.run("join", token, str(b.root), check=False)

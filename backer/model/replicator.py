@@ -58,7 +58,7 @@ REFILL_BYTES = 4 * 1024 * 1024  # a peer is asked again once this much of its wi
 # arrived (or CHUNKS_PER_REQUEST chunks): one request per ~64 chunks, not one per chunk
 MAX_CHUNKS_IN_FLIGHT = 4096  # per peer, however small the chunks (a peer queues at most
 MANIFESTS_IN_FLIGHT = 2000  # session.MAX_OWED requests of ours)
-WINDOW_FILES = 5_000
+WINDOW_FILES = 2_000  # (see docs/decisions.md, "Large plans are applied in windows")
 WINDOW_BYTES = 1024 * 1024 * 1024
 
 
