@@ -87,37 +87,53 @@ class SkewedClock(Clock):
 class Learned:
     """When each running node first held each version, by its own clock (noted by the
     harness at the start of the step it appeared in, from the catalog's version ids, not
-    from anything backer notes about them), and the versions a ``prune --all`` dropped
-    there (that one may drop what the window keeps)."""
+    from anything backer notes about them), when each version it held stopped being
+    live there (a conflict copy stops when its original is replaced, before any version
+    replacing the copy itself arrives), and the versions a ``prune --all`` dropped there
+    (that one may drop what the window keeps)."""
 
     clock: SkewedClock
     at: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> vid -> ms
+    retired: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> vid -> ms
     dropped_by_all: dict[str, set[str]] = field(default_factory=dict)
     started: dict[str, int] = field(default_factory=dict)  # each node's clock at step start
 
     def step_starts(self, names: list[str]) -> None:
         self.started = {name: self.clock.reading(name) for name in names}
 
-    def note(self, name: str, held: set[str]) -> None:
-        """Node ``name`` holds the versions ``held`` after a step: those new to it were
-        learned within the step, no earlier than its start. One it no longer holds (its
-        ``.backer/`` came back from an old backup) is learned again when it returns."""
+    def note(self, name: str, held: set[str], live: set[str]) -> None:
+        """Node ``name`` holds the versions ``held``, ``live`` of them current, after a
+        step: those new to it were learned within the step, no earlier than its start,
+        and so were those no longer live (one live again is current again). One it no
+        longer holds (its ``.backer/`` came back from an old backup) is learned again
+        when it returns."""
         known = self.at.setdefault(name, {})
+        retired = self.retired.setdefault(name, {})
         for vid in set(known) - held:
             del known[vid]
+            retired.pop(vid, None)
         stamp = self.started.get(name, self.clock.reading(name))
         for vid in held - set(known):
             known[vid] = stamp
+        for vid in held - live - set(retired):
+            retired[vid] = stamp
+        for vid in live & set(retired):
+            del retired[vid]
 
 
 def learned_replacement(
-    learned: dict[str, int], versions: dict[str, Version], late_ms: int
+    learned: dict[str, int],
+    versions: dict[str, Version],
+    late_ms: int,
+    retired: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """The earliest a node could know each version it holds stopped being current: when
-    it learned of the first version it holds that supersedes it (one nothing supersedes:
-    of the version itself), less ``late_ms``. No author's clock can move that earlier
-    (R36: one behind made every device drop the replaced bytes at once)."""
-    replaced: dict[str, int] = {}
+    it learned of the first version it holds that supersedes it, or when the version
+    stopped being live there (``retired``) if that was earlier (one neither: when it
+    learned of the version itself), less ``late_ms``. No author's clock can move that
+    earlier (R36: one behind made every device drop the replaced bytes at once), and no
+    replacement that reached the node after a prune makes the prune a different one."""
+    replaced: dict[str, int] = dict(retired or {})
     for vid, version in versions.items():
         for old in version.supersedes:
             if vid in learned:

@@ -487,20 +487,24 @@ class Cluster:
             self.note_learned()
 
     def note_learned(self) -> None:
-        """(``clocks``) Note the versions each node holds now (see :class:`Learned`),
-        from its database on disk if its process is gone."""
+        """(``clocks``) Note the versions each node holds now and which of them are live
+        (see :class:`Learned`), from its database on disk if its process is gone."""
         if self.learned is None:
             return
         for node in self.nodes:
             if node.share is not None:
-                rows = node.share.catalog.conn.execute("SELECT vid FROM versions")
-                self.learned.note(node.name, {vid for (vid,) in rows})
+                self._note_learned(node.name, node.share.catalog.conn)
                 continue
             database = node.root / ".backer" / "backer.db"
             uri = f"{database.as_uri()}?mode=ro"
             with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-                rows = conn.execute("SELECT vid FROM versions")
-                self.learned.note(node.name, {vid for (vid,) in rows})
+                self._note_learned(node.name, conn)
+
+    def _note_learned(self, name: str, conn: sqlite3.Connection) -> None:
+        assert self.learned is not None
+        held = {vid for (vid,) in conn.execute("SELECT vid FROM versions")}
+        live = {vid for (vid,) in conn.execute("SELECT vid FROM live")}
+        self.learned.note(name, held, live)
 
     def limit_catalogs(self, lifted: bool = False) -> None:
         """A full disk has no room for the catalog either (SQLITE_FULL, 'database or

@@ -496,10 +496,11 @@ def check_retention_window(
     ``keep-all`` before the prune, and none is live there now. A node not running is
     left alone (its process is gone; it is checked once it runs again). With clocks of
     their own (``learned``), also by what the node could know: ``keep-all`` after it
-    learned of the replacement, by its own clock (less a minute: an online peer's change
-    arrives within it), whatever the author's clock said, and by the records no later
-    than that (an author's clock ahead dates a replacement after it arrived); a
-    ``prune --all`` excepted."""
+    learned of the replacement or saw the version stop being live, whichever came
+    first, by its own clock (less a minute: an online peer's change arrives within it),
+    whatever the author's clock said, and by the records no later than that (an
+    author's clock ahead dates a replacement after it arrived); a ``prune --all``
+    excepted."""
     for index in range(len(cluster.nodes)) if nodes is None else nodes:
         node = cluster.nodes[index]
         if node.share is None:
@@ -513,7 +514,12 @@ def check_retention_window(
         stopped = stopped_being_current(versions)
         known: dict[str, int] = {}
         if learned is not None:
-            known = learned_replacement(learned.at.get(node.name, {}), versions, LATE_MS)
+            known = learned_replacement(
+                learned.at.get(node.name, {}),
+                versions,
+                LATE_MS,
+                learned.retired.get(node.name, {}),
+            )
         dropped = learned.dropped_by_all.get(node.name, set()) if learned else set()
         live = {vid for (vid,) in catalog.conn.execute("SELECT vid FROM live")}
         for vid, pruned_ms in Store(node.root, catalog).pruned(versions).items():

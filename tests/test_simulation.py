@@ -26,8 +26,13 @@ from backer.scanner.ignore import CONFLICT_MARK, temp_name
 from backer.versioner import prune as prune_engine
 from backer.versioner import retention
 from backer.versioner.retention import DAY, MINUTE
+from backer.versioner.store import Store
 from simulations.campaign import Failure, replay, run_seed
-from simulations.invariants import check_kept_readable, check_recorded_once
+from simulations.invariants import (
+    check_kept_readable,
+    check_recorded_once,
+    check_retention_window,
+)
 from simulations.machine import DEFAULT_WORLD, ClusterMachine
 from simulations.world import InvariantBroken, reachable_temps, synced_trees
 
@@ -594,6 +599,63 @@ def test_the_harness_catches_a_clock_stepped_back_dating_edits_before_the_last()
         ("sync", {"a": 0, "b": 1, "cut": None}),
     ]
     _passes(steps, CLOCKS)
+
+
+# Seed 976053 of the default world (60 steps), shrunk: node 0 makes a conflict copy of
+# its a/x.log beside node 1's, its person then writes a/x.log (the copy is no longer
+# live there: its original is replaced), an hour later node 0 prunes, and only then
+# learns of node 2's resolution, which deletes the copy
+COPY_RETIRED_BEFORE_ITS_DELETION: list[tuple[str, dict[str, Any]]] = [
+    ("write", {"node": 1, "path": "k" * 200, "data": b"y" * 20000}),
+    ("reboot", {"node": 0, "offset": 0}),
+    ("race", {"node": 1, "path": "a/x.log", "data": b"", "limit": 9}),
+    ("scan", {"node": 1, "during": 22}),
+    ("disk_fills", {"node": 0, "budget": 0, "limit": 50}),
+    ("write", {"node": 0, "path": "a/x.log", "data": b"y" * 20000}),
+    ("scan", {"node": 0, "during": 8}),
+    ("resolve", {"node": 2, "pick": 47, "how": "keep-newest"}),
+    ("prune", {"node": 0, "wait": 3669215}),
+]
+
+
+def test_a_prune_is_not_undone_by_a_replacement_learned_after_it() -> None:
+    """Node 0 pruned the conflict copy an hour after it stopped being live there (its
+    original replaced), which the window allows; the deletion of the copy that reached
+    it afterwards dated the copy's end to then, and the harness took the prune for one
+    inside the window."""
+    try:
+        replay(3, COPY_RETIRED_BEFORE_ITS_DELETION, 976053, DEFAULT_WORLD)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
+def test_the_harness_catches_a_copy_pruned_within_the_window_after_it_retired() -> None:
+    """The window runs from when a version stopped being live, not from when it was
+    learned: the copy, held an hour before its original is replaced, dropped a minute
+    after that, is a prune inside the window."""
+    steps = COPY_RETIRED_BEFORE_ITS_DELETION[:5]
+    steps += [("prune", {"node": 0, "wait": 61 * MINUTE}), *COPY_RETIRED_BEFORE_ITS_DELETION[5:7]]
+    machine = ClusterMachine(3, 976053, DEFAULT_WORLD)
+    try:
+        for name, arguments in steps:
+            getattr(machine, name)(**arguments)
+        cluster = machine.cluster
+        share = cluster.nodes[0].open()
+        live = {vid for (vid,) in share.catalog.conn.execute("SELECT vid FROM live")}
+        [copy] = [
+            vid
+            for vid, path in share.catalog.conn.execute("SELECT vid, path FROM versions")
+            if CONFLICT_MARK in path and vid not in live
+        ]
+        assert cluster.learned is not None
+        now_ms = cluster.learned.clock.reading("node0") + MINUTE
+        check_retention_window(cluster, [0], cluster.learned)
+        with share.db.conn:
+            Store(share.root, share.catalog).note_pruned([copy], now_ms)
+        with pytest.raises(InvariantBroken, match=f"pruned {copy}.*as it knew"):
+            check_retention_window(cluster, [0], cluster.learned)
+    finally:
+        machine.abandon()
 
 
 REVISIONS = frozenset({"revisions", "strict"})
