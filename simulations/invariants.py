@@ -19,7 +19,7 @@ from backer.node import commands
 from backer.scanner.chunks import ChunkStore
 from backer.scanner.content import manifest_of_bytes
 from backer.scanner.ignore import IgnoreRules
-from backer.scanner.walk import stat_key_of
+from backer.scanner.walk import stat_key_of, under_any
 from backer.versioner.config import policy as retention_policy
 from backer.versioner.store import Store, held_bytes
 from journal import Checkpoint, Event, Range
@@ -623,18 +623,42 @@ def check_kept_readable(cluster: Cluster, index: int) -> None:
     for its own events lost with an older copy of ``.backer/``: a file its person
     deleted meanwhile is not recorded as deleted yet, so the index still finds its
     bytes at its path, and they are noted at the store's entry once the scan records
-    the deletion (a restore reads the entry meanwhile)."""
+    the deletion (a restore reads the entry meanwhile). Nor a content whose index
+    waits for a scan that can read its file (:func:`unread_since_recorded`)."""
     node = cluster.nodes[index]
     if node.share is None or node.share.own_events_missing:
         return
     catalog = node.share.catalog
     store, chunks = Store(node.root, catalog), ChunkStore(node.root, catalog)
+    waiting = unread_since_recorded(node.share)
     for content in store.contents():
         manifest = catalog.manifest(content)
-        if manifest is None or store.get(content) is None:
-            continue  # (nothing there to read)
+        if manifest is None or store.get(content) is None or content in waiting:
+            continue  # (nothing there to read; or not indexed yet)
         if any(chunks.read(ref.hash) is None for ref in manifest.chunks):
             raise InvariantBroken(
                 f"{node.name} keeps the content {content.hex()[:16]} in its store where no "
                 "read finds it"
             )
+
+
+def unread_since_recorded(share: Share) -> set[bytes]:
+    """The contents of files whose chunk index is still to be written by a scan that
+    can read them. The scan that records a file writes its index after its events, its
+    cache entry unsettled until then, so a process killed in between has its next scan
+    hash the file again and index it; where that scan could not read the file or list a
+    folder above it (a failing disk: the path's problem says so), the index waits for
+    one that can (the next scan there; the watcher's hourly full scan at the latest)."""
+    unread = {
+        "" if problem.path == "." else problem.path
+        for _, problem, _ in share.catalog.problems("scan")
+        if not problem.warning
+    }
+    contents = set()
+    for entry in share.catalog.local_entries().values():
+        if entry.settled or not under_any(entry.path, unread):
+            continue
+        version = share.catalog.version(entry.version_id)
+        if version is not None and version.kind == Kind.FILE:
+            contents.add(version.content)
+    return contents
