@@ -1090,6 +1090,35 @@ def test_killed_operations_that_once_failed(seed: int) -> None:
         pytest.fail(failure.reason)
 
 
+NESTED_RESTORE = [  # seed 977032 of disk,faults,kills,nolinks,durability (60 steps)
+    ("sync", {"a": 0, "b": 2, "cut": None}),
+    ("write", {"node": 2, "path": "a/f", "data": b"same"}),
+    ("symlink", {"node": 0, "path": "f", "link": "f"}),
+    ("connect", {"a": 2, "b": 1}),
+    ("connect", {"a": 0, "b": 1}),
+    ("write", {"node": 2, "path": "b/g", "data": b"same"}),
+    ("write", {"node": 0, "path": "a/c/h", "data": b"other"}),
+    ("write", {"node": 0, "path": "g", "data": b"x" * 70_000}),
+    ("kill", {"node": 2, "op": "restore", "nth": 6, "other": 2, "pick": 0}),
+    ("write", {"node": 2, "path": "a/f", "data": b"y" * 84}),
+    ("sync", {"a": 0, "b": 2, "cut": 17}),
+    ("kill", {"node": 2, "op": "restore", "nth": 25, "other": 2, "pick": 55}),
+]
+
+
+def test_a_folder_whose_subfolder_a_killed_restore_emptied_keeps_its_version() -> None:
+    """A restore --at to a moment before ``a/c/h`` was made removed it and put back an
+    older ``a/f``, and was killed before its commit: the next scan took the removal for
+    the recorded deletion and ``a/f`` for the restored version, and kept ``a/c``'s
+    version for its moved time, but recorded ``a`` anew, since one of its entries
+    (``a/c``) had changed: an edit nobody made, sent to every device."""
+    world = frozenset({"disk", "faults", "kills", "nolinks", "durability"})
+    try:
+        replay(3, NESTED_RESTORE, 977032, world)
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
 def test_the_harness_takes_a_crafted_contents_conflict_copy_as_blocked() -> None:
     """A hostile member's version of a content nobody holds, moved by a conflict to a
     copy's name: one honest node kept the file it had there (it cannot write the

@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Collection, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1781,28 +1782,32 @@ class Share:
         deletion: an entry that is a live version, or a removal already recorded, is no
         change, and the mtime moved by it (a missing parent a waiting window made, a
         path no longer ignored, a file a window or restore killed before its commit
-        removed) would otherwise reach every peer as an edit nobody made. Its cache entry
-        takes the new mtime. (``before``: the changes before adoption.) The rest is
-        returned."""
+        removed) would otherwise reach every peer as an edit nobody made. A directory
+        that keeps its version so is such an entry of its own parent: the deepest are
+        looked at first, so ``a`` keeps its version when ``a/c`` did for a removal in
+        it. Its cache entry takes the new mtime. (``before``: the changes before
+        adoption.) The rest is returned."""
         kept = {seen.path for seen, _, _ in changed}
         adopted = {s.path.rpartition("/")[0] for s, _, _ in before if s.path not in kept}
         adopted.update(path.rpartition("/")[0] for path in applied)
-        parents = {path.rpartition("/")[0] for path in kept | set(found.deleted)}
-        remaining = []
-        for seen, manifest, content in changed:
+        changing = Counter(path.rpartition("/")[0] for path in kept | set(found.deleted))
+        unchanged: set[str] = set()
+        for seen, _, content in sorted(changed, key=lambda c: -c[0].path.count("/")):
             cached = local.get(seen.path)
             if (
                 seen.kind == Kind.DIRECTORY
                 and seen.path in adopted
-                and seen.path not in parents
+                and not changing[seen.path]
                 and cached is not None
                 and self._recorded_content(cached) == (seen.kind, content, seen.permissions)
             ):
                 entry = cache_entry(seen.path, cached.version_id, seen.stat_key, found.observed_ns)
                 found.refreshed.append(entry)
-                continue
-            remaining.append((seen, manifest, content))
-        return remaining
+                unchanged.add(seen.path)
+                parent = seen.path.rpartition("/")[0]
+                changing[parent] -= 1
+                adopted.add(parent)
+        return [change for change in changed if change[0].path not in unchanged]
 
     def _recorded_content(self, entry: LocalEntry) -> tuple[Kind, bytes, int] | None:
         version = self.catalog.version(entry.version_id)
