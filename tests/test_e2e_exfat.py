@@ -80,6 +80,35 @@ def test_folders_twinned_by_case_leave_the_case_sensitive_peer_as_it_was(tmp_pat
         assert joined.returncode == 3  # (a file not written)
 
 
+def test_the_sticks_mode_is_not_recorded_as_a_change_of_permission_bits(tmp_path: Path) -> None:
+    """exFAT shows every file with the mount's mode (0o777 here) and ignores chmod: a
+    scan of the stick took that mode for the person's change and sent it to every peer,
+    whose files became writable by all. Now the recorded bits stand on such a disk (an
+    edit keeps them too) and a new file gets 0o644."""
+    with exfat_disk(tmp_path / "stick") as stick:
+        a, b = Device(tmp_path, "a"), Device(tmp_path, "b")
+        a.root.mkdir()
+        (a.root / "run.sh").write_text("echo hi\n")
+        (a.root / "run.sh").chmod(0o755)
+        (a.root / "notes.txt").write_text("first\n")
+        (a.root / "notes.txt").chmod(0o600)
+        a.run("init", str(a.root))
+        with a.serving():
+            token = a.run("invite", "--no-wait", "--dir", str(a.root)).stdout.strip()
+            b.run("join", token, str(stick / "b"))
+        b.root = stick / "b"
+        assert (b.root / "notes.txt").stat().st_mode & 0o777 == 0o777  # (the mount's mode)
+        (b.root / "notes.txt").write_text("edited on the stick\n")
+        (b.root / "new.txt").write_text("made on the stick\n")
+        os.utime(b.root / "run.sh")  # (touched: read again, same bytes)
+        b.run("scan", "--dir", str(b.root))
+        with b.serving() as address:
+            a.sync(address)
+        assert (a.root / "notes.txt").read_text() == "edited on the stick\n"
+        modes = {name: (a.root / name).stat().st_mode & 0o777 for name in os.listdir(a.root)}
+        assert modes == {"run.sh": 0o755, "notes.txt": 0o600, "new.txt": 0o644, ".backer": 0o700}
+
+
 def _link_answers(root: Path) -> list[str]:
     """What ``os.link`` answers in ``root`` onto a name taken, onto a free one and from a
     missing source; by paths and by the folder's descriptor, as the content store links."""

@@ -8,11 +8,13 @@ recorded as deleted on every device; so the mount table is read too.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
 import stat
 import struct
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -90,3 +92,35 @@ def is_mount_root(at: str | int) -> bool:
     (attributes,) = struct.unpack_from("=Q", buffer, 8)  # stx_attributes
     (known,) = struct.unpack_from("=Q", buffer, 56)  # stx_attributes_mask
     return bool(attributes & known & _STATX_ATTR_MOUNT_ROOT)
+
+
+_KEEPS_PERMISSIONS: dict[tuple[str, int], bool] = {}
+PERMISSIONS_PROBE = ".permissions-probe-"
+
+
+def keeps_permissions(folder: Path | str) -> bool:
+    """Whether the filesystem of ``folder`` keeps permission bits. exFAT, FAT and many
+    FUSE and SMB mounts show every entry with the mount's mode (often 0o777) and ignore
+    chmod: a scan there must not take that mode for a person's change. Probed once per
+    folder and filesystem (a file in ``folder`` given two modes); unknown is taken as
+    kept, as before the probe existed."""
+    try:
+        key = (os.fspath(folder), os.stat(folder).st_dev)
+    except OSError:
+        return True
+    if key not in _KEEPS_PERMISSIONS:
+        try:
+            descriptor, probe = tempfile.mkstemp(dir=folder, prefix=PERMISSIONS_PROBE)
+            os.close(descriptor)
+            try:
+                modes = []
+                for mode in (0o600, 0o640):
+                    with contextlib.suppress(PermissionError):
+                        os.chmod(probe, mode)
+                    modes.append(stat.S_IMODE(os.lstat(probe).st_mode))
+            finally:
+                os.unlink(probe)
+        except OSError:
+            return True
+        _KEEPS_PERMISSIONS[key] = modes == [0o600, 0o640]
+    return _KEEPS_PERMISSIONS[key]

@@ -98,6 +98,7 @@ from backer.scanner.walk import (
     cache_entry,
     classify,
     look,
+    permissions_of,
     stat_key_of,
     under_any,
 )
@@ -1395,7 +1396,7 @@ class Share:
         for seen, _, content in changed:
             existed = any(v.kind != Kind.DELETED for v in live.get(seen.path, {}).values())
             (summary.modified if existed else summary.added).append(seen.path)
-            version = _version_of(seen, content, device, now_ms)
+            version = _version_of(seen, content, permissions_of(found, seen), device, now_ms)
             held = basis.get(seen.path)
             version.supersedes = (held,) if held else _based_on(local.get(seen.path))
             versions.append((seen.path, version))
@@ -1652,7 +1653,8 @@ class Share:
         The rest is returned."""
         remaining = []
         for seen, manifest, content in changed:
-            wanted = (seen.kind, content, seen.permissions)
+            wanted = (seen.kind, content, permissions_of(found, seen))
+            kept_bits = found.permissions_kept
             candidates = dict(sorted(live.get(seen.path, {}).items()))
             if seen.path in local:
                 recorded = local[seen.path].version_id
@@ -1662,7 +1664,7 @@ class Share:
                 candidates = {
                     vid: v
                     for vid, v in candidates.items()
-                    if (v.kind, v.content, v.permissions) == wanted
+                    if _same_entry(v, wanted, kept_bits)
                     and (moved_on or self._replaced(recorded, v))
                 }
             else:
@@ -1670,7 +1672,7 @@ class Share:
                 version = self.catalog.version(held) if held else None
                 if held and version is not None:
                     replaced = self.catalog.superseded_by_other_than(held, copy_version_id(held))
-                    kept = (version.kind, version.content, version.permissions) == wanted
+                    kept = _same_entry(version, wanted, kept_bits)
                     if not kept and not replaced:
                         candidates = {}  # an edit of what it held
                     candidates.setdefault(held, version)
@@ -1678,7 +1680,7 @@ class Share:
                 (
                     vid
                     for vid, v in candidates.items()
-                    if (v.kind, v.content, v.permissions) == wanted
+                    if _same_entry(v, wanted, kept_bits)
                 ),
                 None,
             )
@@ -1687,7 +1689,7 @@ class Share:
                     (
                         vid
                         for vid, v in self._moved_on_from(seen.path, live[seen.path]).items()
-                        if (v.kind, v.content, v.permissions) == wanted
+                        if _same_entry(v, wanted, kept_bits)
                     ),
                     None,
                 )
@@ -1799,7 +1801,8 @@ class Share:
                 and seen.path in adopted
                 and not changing[seen.path]
                 and cached is not None
-                and self._recorded_content(cached) == (seen.kind, content, seen.permissions)
+                and self._recorded_content(cached)
+                == (seen.kind, content, permissions_of(found, seen))
             ):
                 entry = cache_entry(seen.path, cached.version_id, seen.stat_key, found.observed_ns)
                 found.refreshed.append(entry)
@@ -1878,12 +1881,22 @@ def _based_on(cached: LocalEntry | None) -> tuple[str, ...]:
     return (cached.version_id,) if cached is not None else ()
 
 
-def _version_of(seen: Seen, content: bytes, device: bytes, now_ms: int) -> Version:
+def _same_entry(version: Version, wanted: tuple[Kind, bytes, int], bits_kept: bool) -> bool:
+    """Whether ``version`` is what a scan found (``wanted``: kind, content, permission
+    bits). Where the disk keeps no bits (``bits_kept`` False) any version's are the file's."""
+    if bits_kept:
+        return (version.kind, version.content, version.permissions) == wanted
+    return (version.kind, version.content) == wanted[:2]
+
+
+def _version_of(
+    seen: Seen, content: bytes, permissions: int, device: bytes, now_ms: int
+) -> Version:
     return Version(
         seen.kind,
         seen.size,
         seen.mtime_ns,
-        seen.permissions,
+        permissions,
         content,
         device,
         now_ms,

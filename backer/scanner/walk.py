@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from backer.db.catalog import LocalEntry, Problem
-from backer.fs.mounts import ShareDisk, is_mount_root, share_disk
+from backer.fs.mounts import ShareDisk, is_mount_root, keeps_permissions, share_disk
 from backer.fs.paths import METADATA_DIR, BadPath, check_name, fold, is_valid
 from backer.model import entropy
 from backer.model.records import PERMISSION_BITS, Kind
@@ -84,6 +84,19 @@ class Observation:
     final: bool = True  # False: one batch of a streamed scan (the rest comes later)
     # parents of the paths found changed so far, shared by a streamed scan's batches
     changed_parents: set[str] = field(default_factory=set)
+    permissions_kept: bool = True  # False: the disk shows no real permission bits
+    # ... and then the bits recorded for each candidate (see :func:`classify`)
+    permissions: dict[str, int] = field(default_factory=dict)
+
+
+# The permission bits recorded for a new entry where the disk keeps none (Syncthing's
+# choice for such folders too): never the mount's 0o777 on every peer.
+DEFAULT_PERMISSIONS = {Kind.FILE: 0o644, Kind.DIRECTORY: 0o755, Kind.SYMLINK: 0}
+
+
+def permissions_of(found: Observation, seen: Seen) -> int:
+    """The permission bits to record for ``seen``: its own, unless the disk keeps none."""
+    return found.permissions.get(seen.path, seen.permissions)
 
 
 class ScanStopped(Exception):
@@ -362,7 +375,7 @@ def look(
     ``final``) while the walk goes on; what is returned is the rest, with the
     directories, the deletions and every problem of the whole scan.
     """
-    result = Observation()
+    result = Observation(permissions_kept=keeps_permissions(root / METADATA_DIR))
     rules = IgnoreRules.load(root)
     if rules.unread is not None:
         result.errors.append(Problem(IGNORE_FILE, f"{IGNORE_FILE} {rules.unread}", True))
@@ -421,6 +434,7 @@ def look(
                     observed_ns=entropy.now_ns(),
                     final=False,
                     changed_parents=result.changed_parents,
+                    permissions_kept=result.permissions_kept,
                 )
                 reader.read(to_read, part)
                 to_read, batch = [], {}
@@ -701,6 +715,8 @@ def classify(
     found: Observation, recorded_content: Callable[[LocalEntry], tuple[Kind, bytes, int] | None]
 ) -> Observation:
     """Sort the walk's candidates into changed and refreshed entries (in place).
+    On a disk that keeps no permission bits, the bits recorded stand (a new entry gets
+    DEFAULT_PERMISSIONS): the mount's mode is no person's change.
 
     ``recorded_content`` maps a cache entry to the (kind, content, permissions) of the
     version it recorded, so a file whose stat changed but whose bytes did not (a
@@ -712,7 +728,11 @@ def classify(
     for entry, manifest, content in found.candidates:
         cached = found.local.get(entry.path)
         recorded = recorded_content(cached) if cached is not None else None
-        if recorded == (entry.kind, content, entry.permissions):
+        if not found.permissions_kept:  # the recorded bits stand; a new entry's: default
+            same_kind = recorded is not None and recorded[0] == entry.kind
+            bits = recorded[2] if same_kind else DEFAULT_PERMISSIONS[entry.kind]
+            found.permissions[entry.path] = bits
+        if recorded == (entry.kind, content, permissions_of(found, entry)):
             assert cached is not None
             if entry.kind == Kind.DIRECTORY and cached.mtime_ns != entry.mtime_ns:
                 touched.append(entry)
