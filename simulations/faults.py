@@ -33,11 +33,13 @@ or hard links (:meth:`Disks.no_hard_links`).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import errno
 import os
 import random
 import sqlite3
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -123,6 +125,7 @@ class Plan:
     budget: int | None = None  # bytes the disk still takes; None: no limit
     plain_renames: bool = False  # renameat2 has no flags here (EINVAL), as on NFS
     no_hard_links: bool = False  # link() fails here (EPERM), as on exFAT or FAT
+    mount_mode: int | None = None  # every entry shows this mode, chmod is ignored (exFAT)
 
     @property
     def active(self) -> bool:
@@ -193,6 +196,27 @@ class Disks:
         """The node's filesystem has no hard links (EPERM, as exFAT, FAT and many FUSE or
         SMB mounts): the content store copies, a no-replace rename takes its fallback."""
         self._plan(root).no_hard_links = True
+
+    def no_permission_bits(self, root: os.PathLike[str], mode: int) -> None:
+        """The node's filesystem keeps no permission bits (exFAT, FAT, many FUSE and SMB
+        mounts): every entry shows the mount's ``mode`` and chmod changes nothing.
+        Entries made since are given it by :meth:`show_mount_mode`, which the machine
+        calls after every step."""
+        self._plan(root).mount_mode = mode
+        self.show_mount_mode(root)
+
+    def show_mount_mode(self, root: os.PathLike[str]) -> None:
+        """Every entry under ``root`` (not links) shows its disk's mount mode, if any."""
+        mode = self._plan(root).mount_mode
+        if mode is None:
+            return
+        chmod = self._real.get("chmod", os.chmod)
+        for folder, folders, files in os.walk(root):
+            for name in folders + files:
+                path = os.path.join(folder, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if not stat.S_ISLNK(os.lstat(path).st_mode):
+                        chmod(path, mode)
 
     def free(self, root: os.PathLike[str]) -> None:
         self._plan(root).budget = None
@@ -656,6 +680,34 @@ def _link(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
     return proxy
 
 
+def _chmod(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+    """``os.chmod``, as :func:`_on_path`; on a disk without permission bits the entry
+    keeps the mount's mode, whoever asks (the person too)."""
+    faulty = _on_path("metadata")(disks, real)
+
+    def proxy(path: Any, mode: int, **kw: Any) -> Any:
+        plan = disks._node_plan(path, kw.get("dir_fd"))
+        if plan is not None and plan.mount_mode is not None:
+            mode = plan.mount_mode
+        return faulty(path, mode, **kw)
+
+    return proxy
+
+
+def _fchmod(disks: Disks, real: Callable[..., Any]) -> Callable[..., Any]:
+    """``os.fchmod``, as :func:`_on_fd`; on a disk without permission bits the file keeps
+    the mount's mode."""
+    faulty = _on_fd("metadata")(disks, real)
+
+    def proxy(fd: int, mode: int) -> Any:
+        plan = disks._node_plan(disks._real["readlink"](f"/proc/self/fd/{fd}"))
+        if plan is not None and plan.mount_mode is not None:
+            mode = plan.mount_mode
+        return faulty(fd, mode)
+
+    return proxy
+
+
 def _statvfs(disks: Disks, real: Callable[..., os.statvfs_result]) -> Callable[..., Any]:
     """Free space as the budget says, on a node whose disk is filling up (also to the
     pruner, which asks about the share's root itself)."""
@@ -683,14 +735,14 @@ _PROXIES: dict[str, Proxy] = {
     "preadv": _on_fd("read"),  # (a peer's chunks and local copies are read with it)
     "fsync": _on_fd("fsync"),
     "ftruncate": _on_fd("truncate"),
-    "fchmod": _on_fd("metadata"),
+    "fchmod": _fchmod,
     "replace": _saved_first("rename"),
     "rename": _saved_first("rename"),
     "mkdir": _on_path("mkdir"),
     "link": _link,
     "symlink": _on_path("link", 1),
     "utime": _on_path("metadata"),
-    "chmod": _on_path("metadata"),
+    "chmod": _chmod,
     "unlink": _on_path("remove"),
     "rmdir": _on_path("remove"),
     "scandir": _on_path("read"),

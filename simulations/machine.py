@@ -48,6 +48,8 @@ from .invariants import (
 )
 from .watching import reported
 from .world import (
+    MODELESS_ROOTS,
+    MOUNT_MODE,
     Clock,
     InvariantBroken,
     clock_installed,
@@ -110,6 +112,9 @@ FAMILIES = {
     "rename (with saves: the person's file must stay there too)",
     "nolinks": "one node's filesystem has no hard links (EPERM, as exFAT or FAT): the "
     "content store keeps copies, and every replaced content stays readable",
+    "nomodes": "one node's filesystem keeps no permission bits (exFAT, FAT): every entry "
+    "shows the mount's mode and chmod changes nothing; that mode never reaches a disk "
+    "that keeps bits, where the bits a person set stay",
     "resident": "nodes run as `backer run`: links stay open, the watcher scans after edits "
     "while transfers go on (hashing, then recording) and pushes to every open link, edits "
     "land while a plan is applied, nodes stop and start again",
@@ -123,7 +128,7 @@ CLASSIC: frozenset[str] = frozenset()
 DEFAULT_WORLD = frozenset(  # what CI and the tests run: the families that hold today
     {"faults", "disk", "fills", "durability", "ignore", "unicode", "case", "long", "tmpnames"}
     | {"strict", "resident", "retention", "revisions", "clocks", "saves", "kills"}
-    | {"nolinks", "plainrename", "unseen"}
+    | {"nolinks", "plainrename", "unseen", "nomodes"}
 )  # (not deep: a seed with a 1,100-level chain costs backer a minute; see docs/simulations.md)
 NAMES = {
     "unicode": ["caf\u00e9", "a/re\u0301sume\u0301"],  # NFC; NFD, as macOS writes it
@@ -280,6 +285,11 @@ class ClusterMachine(RuleBasedStateMachine):
         self.no_links_node = seed % nodes if "nolinks" in self.world else None
         if self.no_links_node is not None:
             self.cluster.disks.no_hard_links(self.cluster.nodes[self.no_links_node].root)
+        MODELESS_ROOTS.clear()
+        if "nomodes" in self.world:
+            modeless = self.cluster.nodes[(seed + 1) % nodes].root
+            self.cluster.disks.no_permission_bits(modeless, MOUNT_MODE)
+            MODELESS_ROOTS.add(os.fspath(modeless))
         self.stats = dict.fromkeys(
             (
                 "syncs",
@@ -951,6 +961,13 @@ class ClusterMachine(RuleBasedStateMachine):
     def crash(self, node: int) -> None:
         self.cluster.crash(node)
         self.stats["crashes"] += 1
+
+    @invariant()
+    def mount_mode_shown(self) -> None:
+        """(Not a check: a disk without permission bits shows its mount's mode on what
+        was made during the step, as exFAT does at once.)"""
+        for node in self.cluster.nodes:
+            self.cluster.disks.show_mount_mode(node.root)
 
     @invariant()
     def no_saved_file_replaced(self) -> None:

@@ -420,6 +420,25 @@ def _recorded_and_replaced(share: Share, path: str, entry: Entry) -> bool:
     )
 
 
+# A disk without permission bits (the ``nomodes`` family) shows every entry with this
+# mode: no person's umask or exec toggle makes it, so met on a disk that keeps bits it
+# can only have come from that disk, recorded as a change.
+MOUNT_MODE = 0o705
+MODELESS_ROOTS: set[str] = set()  # the roots of such disks in this run
+
+
+def _mode(root: Path, relative: str, info: os.stat_result) -> int:
+    """The permission bits of an entry, for comparison across nodes; an entry of a disk
+    that keeps bits must not have the mode a disk without them shows."""
+    mode = info.st_mode & 0o777
+    if mode == MOUNT_MODE and MODELESS_ROOTS and os.fspath(root) not in MODELESS_ROOTS:
+        raise InvariantBroken(
+            f"{relative} on {root} has {MOUNT_MODE:o}, the mode of a disk without "
+            "permission bits: a scan there took it for a person's change"
+        )
+    return mode
+
+
 def synced_trees(roots: list[Path], blocked: Collection[str] = ()) -> list[dict[str, tuple]]:
     """What a person sees under each root and backer syncs, comparable across nodes:
     ignored entries are left out, and so is every path at or above an ignored entry on
@@ -429,6 +448,13 @@ def synced_trees(roots: list[Path], blocked: Collection[str] = ()) -> list[dict[
     ``.backerignore`` that matched everything, itself included)."""
     pinned: set[str] = set(blocked)
     trees = [synced_tree(root, pinned) for root in roots]
+    keeping = [t for r, t in zip(roots, trees, strict=True) if os.fspath(r) not in MODELESS_ROOTS]
+    for root, tree in zip(roots, trees, strict=True):
+        if os.fspath(root) in MODELESS_ROOTS and keeping:  # its modes are not compared:
+            for path, value in tree.items():  # it shows whatever the others hold
+                other = keeping[0].get(path)
+                if other is not None and other[:-1] == value[:-1] and value[0] != "link":
+                    tree[path] = other
     rules = [IgnoreRules.load(root) for root in roots]
     for tree in trees:
         for path, value in tree.items():
@@ -465,8 +491,8 @@ def synced_tree(root: Path, pinned: set[str]) -> dict[str, tuple]:
             if stat.S_ISLNK(info.st_mode):
                 value: tuple = ("link", folder.target(entry))
             elif stat.S_ISDIR(info.st_mode):
-                value = ("dir", info.st_mode & 0o777)
+                value = ("dir", _mode(root, relative, info))
             else:
-                value = ("file", folder.read(entry), info.st_mode & 0o777)
+                value = ("file", folder.read(entry), _mode(root, relative, info))
             result[relative] = value
     return result
