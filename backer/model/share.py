@@ -1651,10 +1651,9 @@ class Share:
         live conflict copy carries, is that version (a window planned before the newer
         version or the conflict came, killed before its cache; :meth:`_moved_on_from`).
         The rest is returned."""
-        remaining = []
+        remaining, kept_bits = [], found.permissions_kept
         for seen, manifest, content in changed:
             wanted = (seen.kind, content, permissions_of(found, seen))
-            kept_bits = found.permissions_kept
             candidates = dict(sorted(live.get(seen.path, {}).items()))
             if seen.path in local:
                 recorded = local[seen.path].version_id
