@@ -750,9 +750,11 @@ class Cluster:
             node.scan, meanwhile if during else None, whole, off_loop, mid_walk
         )
         try:
-            if not self.guarded(index, scan):
-                return False
+            completed = self.guarded(index, scan)
         except Crashed:
+            completed = False
+        if not completed:  # its process ended after the scan: what the scan left is for
+            node.stray_after_scan = []  # the next process's first scan, a whole one
             return False
         if self.disks.active(node.root):  # it may not have listed every directory
             node.stray_after_scan = []
