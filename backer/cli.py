@@ -1089,10 +1089,11 @@ async def _sync_over(
         return await asyncio.gather(*dials, return_exceptions=True)
 
 
-def _scan_before_dialing(share: Share) -> None:
-    """Scan once, before any connection opens (the sessions' hub then never scans): a
-    scan inside the event loop stalls every session, and a large share outlasts a
-    peer's handshake deadline; sessions opened later in the run need no rescan."""
+def _scan_share(share: Share) -> None:
+    """Scan outside any session: before the connections open (the sessions' hub then
+    never scans: a scan inside the event loop stalls every session, and a large share
+    outlasts a peer's handshake deadline), and again after them only when the share
+    got its own lost events back (its scans waited for them)."""
     with _progress("scanning") as progress:
         share.scan(progress)
 
@@ -1164,25 +1165,27 @@ def sync(
     except ShareBusy as busy:
         sys.exit(_node_sync(busy, addresses, command, as_json))
     with share:
-        _scan_before_dialing(share)
+        _scan_share(share)
         hub = transport.Hub(share, _name(), scan_first=False)
         if command:
-            opening = functools.partial(transport.command_streams, command)
-            outcomes = asyncio.run(_sync_over(hub, [opening]))
-            status = _report_sync(_results(outcomes, [command]), hub, as_json)
+            labels = [command]
+            openings = [functools.partial(transport.command_streams, command)]
         else:
-            targets = list(addresses) or transport.known_addresses(share)
-            if not targets:
+            labels = list(addresses) or transport.known_addresses(share)
+            if not labels:
                 raise BackerError("no peer known yet: give an address (HOST:PORT)")
             openings = [
-                functools.partial(transport.tcp_streams, *parse_address(t)) for t in targets
+                functools.partial(transport.tcp_streams, *parse_address(t)) for t in labels
             ]
-            outcomes = asyncio.run(_sync_over(hub, openings))
-            sessions = _results(outcomes, targets)
-            for target, outcome in zip(targets, outcomes, strict=True):
+        outcomes = asyncio.run(_sync_over(hub, openings))
+        if share.rescan_due:  # its own events came back from a peer (Share._rescan_now)
+            _scan_share(share)
+        sessions = _results(outcomes, labels)
+        if not command:
+            for target, outcome in zip(labels, outcomes, strict=True):
                 if isinstance(outcome, Session):
                     transport.remember_address(share, target)
-            status = _report_sync(sessions, hub, as_json)
+        status = _report_sync(sessions, hub, as_json)
     sys.exit(status)
 
 
@@ -1605,7 +1608,7 @@ def join(token: str | None, directory: str | None, token_file: str | None) -> No
     failures = []
     status = None
     with share:
-        _scan_before_dialing(share)  # (a joiner records nothing; it finds local chunks)
+        _scan_share(share)  # (a joiner records nothing; it finds local chunks)
         book = AddressBook(share.catalog, share.share_id, key)
         for address in invitation.addresses:
             book.learn(invitation.inviter, *parse_address(address), "invite")

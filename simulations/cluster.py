@@ -627,12 +627,23 @@ class Cluster:
     def scan_stale(self) -> bool:
         """Resident nodes scan what a read for a peer found changed since it was
         recorded (``backer run`` does at once: a file written with no event its watcher
-        heard); whether any did."""
+        heard), and a node whose own lost events came back scans everything
+        (``Share.rescan_due``: ``backer run`` at once, ``backer sync`` once its sessions
+        end); whether any did."""
         stale = [i for i, n in enumerate(self.nodes) if self.resident and n.stale and not n.down]
         for index in stale:
             self._scan(index, whole=False, off_loop=True)
             self._collect()
-        return bool(stale)
+        due = [
+            i
+            for i, n in enumerate(self.nodes)
+            if n.share is not None and n.share.rescan_due and not n.down
+            and (self.resident or not self.linked(i))
+        ]  # fmt: skip
+        for index in due:
+            self._scan(index, off_loop=self.resident)
+            self._collect()
+        return bool(stale or due)
 
     def _deliver(self, key: tuple[int, int], count: int) -> int:
         delivered = 0
@@ -674,7 +685,9 @@ class Cluster:
         (resident nodes keep it); True if both sessions completed. With ``cut_after``,
         the link drops after that many messages, as a connection lost mid-transfer."""
         with self.acting():
-            return self._sync(a, b, cut_after)
+            complete = self._sync(a, b, cut_after)
+            self.scan_stale()  # (one-shot: the sessions ended)
+            return complete
 
     def _sync(self, a: int, b: int, cut_after: int | None) -> bool:
         link = self.connect(a, b)

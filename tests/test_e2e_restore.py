@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
 import nacl.signing
 
 from backer.model.share import Share
-from tests.e2e import Device, free_port, invite, snapshot
+from tests.e2e import Device, free_port, invite, snapshot, wait_until
 
 
 def _pair(tmp_path: Path) -> tuple[Device, Device, int]:
@@ -85,3 +87,54 @@ def test_sync_says_when_a_device_signed_two_histories(tmp_path: Path) -> None:
         result = twin.run("sync", address, "--dir", str(twin.root), check=False)
     assert "signed two different histories" in result.stderr, result.stderr
     assert _forks(twin) or _forks(a)
+
+
+def test_a_restored_device_back_in_step_records_what_it_skipped_and_finds_its_kept_bytes(
+    tmp_path: Path,
+) -> None:
+    """Seed 991056, as real processes. After the backup, the device saved a new copy of
+    ``notes.txt`` (its first bytes kept in its store) and then came back from that
+    backup. Once a sync gave it its events back: the edit its person made while it
+    waited was recorded only by a later scan, and a restore of the first notes said they
+    were not on this device, because the older copy's chunk index still found them at
+    the path, which holds the second notes."""
+    a, b, port = _pair(tmp_path)
+    notes, first, second = b.root / "notes.txt", b"the first notes\n" * 300, b"second\n" * 300
+    notes.write_bytes(first)
+    backup = tmp_path / "b-backup"
+    with a.serving(port) as address:
+        b.sync(address)
+        shutil.copytree(b.root / ".backer", backup, symlinks=True)
+        (b.root / "notes.new").write_bytes(second)
+        os.replace(b.root / "notes.new", notes)  # saved as editors save: a new file
+        b.sync(address)
+        _restore(b, backup)
+        (b.root / "while-behind.txt").write_text("written while the device waited")
+        b.sync(address)  # its own events come back
+        history = b.run("history", str(b.root / "while-behind.txt"), "--json", "--dir", str(b.root))
+        assert len(json.loads(history.stdout)) == 1
+    old = json.loads(b.run("history", str(notes), "--json", "--dir", str(b.root)).stdout)[0]
+    restored = b.run("restore", str(notes), "--version", old["version"], "--dir", str(b.root))
+    assert f"restored notes.txt to version {old['version']}" in restored.stdout
+    assert notes.read_bytes() == first
+    assert _forks(b) == []
+
+
+def test_a_restored_node_scans_as_soon_as_a_peer_gives_its_events_back(tmp_path: Path) -> None:
+    """``backer run`` on a device back from an old ``.backer/``: its start-up scan and
+    its watcher's scans record nothing while it waits; the edit made meanwhile used to
+    wait for the hourly full scan, and now goes out once a peer gives the events back."""
+    a, b, port = _pair(tmp_path)
+    backup = tmp_path / "b-backup"
+    shutil.copytree(b.root / ".backer", backup, symlinks=True)
+    (b.root / "after-backup.txt").write_text("written after the backup")
+    with a.serving(port) as address:
+        b.sync(address)
+        _restore(b, backup)
+        (b.root / "while-behind.txt").write_text("written while the device waited")
+        node = b.start()
+        try:
+            wait_until(lambda: (a.root / "while-behind.txt").exists(), [node], timeout=120)
+        finally:
+            node.stop()
+    assert snapshot(a.root) == snapshot(b.root)

@@ -1229,6 +1229,30 @@ def test_a_deleted_files_kept_bytes_are_noted_once_a_restored_node_records_again
         pytest.fail(str(broken))
 
 
+def test_a_restored_node_notes_the_bytes_it_kept_after_the_backup_once_back_in_step() -> None:
+    """Seed 991056 (``faults,kills,nolinks,nomodes,resident,unseen``, 60 steps), shrunk:
+    after node 0's backup, its person rewrote ``a/f``; the scan kept the first bytes in
+    the store and noted them at the store's entry. Back from the backup and given its
+    events again, the node's older chunk index still found them at ``a/f``, which holds
+    the second bytes, and no scan corrected it: kept where no read finds them."""
+    steps = [
+        ("write", {"node": 0, "path": "a/f", "data": b"f" * 227}),
+        ("scan", {"node": 0, "during": 27}),
+        ("sync", {"a": 0, "b": 2, "cut": None}),
+        ("backup", {"node": 0}),
+        ("write", {"node": 0, "path": "a/f", "data": b"g" * 111}),
+        ("scan", {"node": 0, "during": 15}),
+        ("scan", {"node": 2, "during": 21}),
+        ("restore", {"node": 0}),
+        ("sync", {"a": 2, "b": 0, "cut": None}),
+        ("kill", {"node": 0, "op": "restore", "nth": 3, "other": 1, "pick": 10}),
+    ]
+    try:
+        replay(3, steps, 991056, frozenset({"kills", "resident"}))
+    except Failure as failure:
+        pytest.fail(failure.reason)
+
+
 UNREAD_AFTER_A_KILL = [  # seed 982196 (default world, 60 steps), shrunk; its bytes simplified
     ("faults", {"node": 1, "seed": 485518768, "rate": 0.3}),
     ("sync", {"a": 1, "b": 0, "cut": None}),

@@ -356,6 +356,8 @@ class Share:
         self.temps_in_use: set[str] = set()  # files being assembled (relative): not leftovers
         self.resumable_temps: set[Path] = set()  # kept for a later attempt at their version
         self.repairing = False  # rebuilding the journal from a peer: scan and apply nothing
+        self.rescan_due = False  # its own events came back: its disk is to be scanned whole
+        self.on_rescan_due: Callable[[], None] | None = None  # told when it becomes due
         self.indexing = False  # a scan's chunk locations are being written: not read yet
         self.problems: dict[tuple[str, str], Problem] = {}  # this process's, by (source, path)
         self._pending_clients: dict[int, bytes] = {}  # declared by checked, unstored events
@@ -942,15 +944,32 @@ class Share:
         """A version this device recorded and lost with the restore described its own
         disk: point the scan cache at it (with a stat that never matches, so the next
         scan re-reads the file), so that what the disk holds now — the same bytes, an
-        edit, or nothing — is recorded as seen after it, never beside it."""
+        edit, or nothing — is recorded as seen after it, never beside it. The version
+        that cache named there was replaced by one of those lost records, which kept its
+        bytes in the store and noted them at the store's entry: the older copy's chunk
+        index still finds them at the path, so they are noted at the entry again."""
+        store = Store(self.root, self.catalog)
         for key, record in delta.added.items():
             path, version_id = split_key(key)
             if not is_valid(path):
                 continue
+            held = self.catalog.local_entries([path]).get(path)
+            replaced = self.catalog.version(held.version_id) if held is not None else None
+            if replaced is not None and replaced.kind == Kind.FILE and store.has(replaced.content):
+                store.register(replaced.content)
             if Version.decode(record).kind == Kind.DELETED:
                 self.catalog.drop_local([path])
             else:
                 self.catalog.set_local([LocalEntry(path, version_id, -1, 0, 0, 0, False)])
+
+    def _rescan_now(self) -> None:
+        """Its own events are back: the scans it skipped meanwhile are due. Until one
+        runs, a file it rewrote after the older copy was taken is still indexed at its
+        path under the older version, whose bytes only the store's entry holds: a
+        peer's request or a restore of that version would not find them here."""
+        self.rescan_due = True
+        if self.on_rescan_due is not None:
+            self.on_rescan_due()
 
     @property
     def behind_itself(self) -> str:
@@ -1041,6 +1060,8 @@ class Share:
                     self._adopt_own(delta)
         if self.own_events_missing and raws and Event.decode(raws[0]).author == self.device:
             self.own_events_missing = self._own_events_missing()  # a peer gave some back
+            if not self.own_events_missing:
+                self._rescan_now()
         if founding and result.added:
             self._remember()  # (a joiner: its founder is known from now on)
         return result
@@ -1450,6 +1471,7 @@ class Share:
         if found.final:  # (the document grows with the share: saved once per scan)
             self.save_snapshot()
             self._sweep(found.leftovers)
+            self.rescan_due = self.rescan_due and found.scope is not None
         summary.seconds = time.monotonic() - started
         return summary, indexing
 

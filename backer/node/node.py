@@ -348,6 +348,7 @@ class Runtime:
             store.on_stale = functools.partial(
                 asyncio.get_running_loop().call_soon_threadsafe, watcher.changed
             )
+            self.share.on_rescan_due = functools.partial(watcher.rescan, "own events back")
             async for changes in watcher.changes():
                 if IGNORE_FILE in changes.paths:
                     watcher.is_ignored = IgnoreRules.load(root).excluded

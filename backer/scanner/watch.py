@@ -147,7 +147,7 @@ class Changes:
 
     paths: frozenset[str]
     full: bool
-    reason: str  # start, periodic, overflow, events, gone
+    reason: str  # start, periodic, overflow, events, gone, or a caller's (see rescan)
 
 
 class Watcher:
@@ -388,6 +388,11 @@ class Watcher:
     def overflowed(self) -> None:
         """The kernel dropped events: only a full scan can tell what changed."""
         self._call(self._want_full, "overflow")
+
+    def rescan(self, reason: str) -> None:
+        """Ask for a full scan with the next batch (from any thread): something other
+        than the disk says that the share's record of it is out of date."""
+        self._call(self._want_full, reason)
 
     def unlisted(self, raw: bytes, walk_again: Callable[[bytes], bool]) -> None:
         """A directory could not be listed for want of file descriptors (its
