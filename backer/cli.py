@@ -1174,9 +1174,7 @@ def sync(
             labels = list(addresses) or transport.known_addresses(share)
             if not labels:
                 raise BackerError("no peer known yet: give an address (HOST:PORT)")
-            openings = [
-                functools.partial(transport.tcp_streams, *parse_address(t)) for t in labels
-            ]
+            openings = [functools.partial(transport.tcp_streams, *parse_address(t)) for t in labels]
         outcomes = asyncio.run(_sync_over(hub, openings))
         if share.rescan_due:  # its own events came back from a peer (Share._rescan_now)
             _scan_share(share)
