@@ -963,10 +963,9 @@ class Share:
                 self.catalog.set_local([LocalEntry(path, version_id, -1, 0, 0, 0, False)])
 
     def _rescan_now(self) -> None:
-        """Its own events are back: the scans it skipped meanwhile are due. Until one
-        runs, a file it rewrote after the older copy was taken is still indexed at its
-        path under the older version, whose bytes only the store's entry holds: a
-        peer's request or a restore of that version would not find them here."""
+        """Its own events are back: a whole scan is due now. The scans made while it
+        waited recorded nothing, so what its person did meanwhile would otherwise wait
+        for the next full scan (the node's is hourly)."""
         self.rescan_due = True
         if self.on_rescan_due is not None:
             self.on_rescan_due()
