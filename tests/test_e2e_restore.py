@@ -25,6 +25,15 @@ def _pair(tmp_path: Path) -> tuple[Device, Device, int]:
     return a, b, port
 
 
+def _backed_up_then_edited(tmp_path: Path) -> tuple[Device, Device, int, Path]:
+    """A pair whose ``b`` has a backup of its ``.backer/`` and, since, a new file."""
+    a, b, port = _pair(tmp_path)
+    backup = tmp_path / "b-backup"
+    shutil.copytree(b.root / ".backer", backup, symlinks=True)
+    (b.root / "after-backup.txt").write_text("written after the backup")
+    return a, b, port, backup
+
+
 def _restore(device: Device, backup: Path) -> None:
     shutil.rmtree(device.root / ".backer")
     shutil.copytree(backup, device.root / ".backer", symlinks=True)
@@ -39,10 +48,7 @@ def _forks(device: Device) -> list:
 
 
 def test_a_restored_device_waits_for_its_own_events_then_goes_on(tmp_path: Path) -> None:
-    a, b, port = _pair(tmp_path)
-    backup = tmp_path / "b-backup"
-    shutil.copytree(b.root / ".backer", backup, symlinks=True)
-    (b.root / "after-backup.txt").write_text("written after the backup")
+    a, b, port, backup = _backed_up_then_edited(tmp_path)
     with a.serving(port) as address:
         b.sync(address)
         _restore(b, backup)
@@ -124,10 +130,7 @@ def test_a_restored_node_scans_as_soon_as_a_peer_gives_its_events_back(tmp_path:
     """``backer run`` on a device back from an old ``.backer/``: its start-up scan and
     its watcher's scans record nothing while it waits; the edit made meanwhile used to
     wait for the hourly full scan, and now goes out once a peer gives the events back."""
-    a, b, port = _pair(tmp_path)
-    backup = tmp_path / "b-backup"
-    shutil.copytree(b.root / ".backer", backup, symlinks=True)
-    (b.root / "after-backup.txt").write_text("written after the backup")
+    a, b, port, backup = _backed_up_then_edited(tmp_path)
     with a.serving(port) as address:
         b.sync(address)
         _restore(b, backup)
