@@ -30,7 +30,15 @@ from backer.db import recovery
 from backer.errors import BackerError
 from backer.fs.paths import METADATA_DIR
 from backer.model import entropy
-from backer.model.share import DB_FILE, DamagedShare, ScanSummary, Share, find_root, take_lock
+from backer.model.share import (
+    DB_FILE,
+    DamagedShare,
+    ScanSummary,
+    Share,
+    find_root,
+    same_entry,
+    take_lock,
+)
 from backer.protocol.invite import InviteToken
 from backer.scanner.walk import cache_entry, observe
 from backer.versioner.store import Store
@@ -178,10 +186,11 @@ def finish(share: Share, peers: list[bytes | None], founder: bytes = b"") -> Out
 
 
 def _recognise(share: Share) -> int:
-    """Take every entry on disk that equals a version of its path (kind, content,
-    permission bits) as that version: a live one, else the newest older one (the device
-    was behind; the next sync updates it like any stale copy). Entries the recovered
-    own versions already describe are left to the scan. Returns how many were older."""
+    """Take every entry on disk that equals a version of its path (kind, content, and
+    permission bits where the disk keeps them) as that version: a live one, else the
+    newest older one (the device was behind; the next sync updates it like any stale
+    copy). Entries the recovered own versions already describe are left to the scan.
+    Returns how many were older."""
     local = share.catalog.local_entries()
     found = observe(share.root, local, lambda entry: None)
     now_ns = entropy.now_ns()
@@ -193,7 +202,7 @@ def _recognise(share: Share) -> int:
         equal = [
             h
             for h in share.catalog.history(seen.path)
-            if (h.version.kind, h.version.content, h.version.permissions) == wanted
+            if same_entry(h.version, wanted, found.permissions_kept)
         ]
         if not equal:
             continue

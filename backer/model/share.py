@@ -1684,7 +1684,7 @@ class Share:
                 candidates = {
                     vid: v
                     for vid, v in candidates.items()
-                    if _same_entry(v, wanted, kept_bits)
+                    if same_entry(v, wanted, kept_bits)
                     and (moved_on or self._replaced(recorded, v))
                 }
             else:
@@ -1692,7 +1692,7 @@ class Share:
                 version = self.catalog.version(held) if held else None
                 if held and version is not None:
                     replaced = self.catalog.superseded_by_other_than(held, copy_version_id(held))
-                    kept = _same_entry(version, wanted, kept_bits)
+                    kept = same_entry(version, wanted, kept_bits)
                     if not kept and not replaced:
                         candidates = {}  # an edit of what it held
                     candidates.setdefault(held, version)
@@ -1700,7 +1700,7 @@ class Share:
                 (
                     vid
                     for vid, v in candidates.items()
-                    if _same_entry(v, wanted, kept_bits)
+                    if same_entry(v, wanted, kept_bits)
                 ),
                 None,
             )
@@ -1709,7 +1709,7 @@ class Share:
                     (
                         vid
                         for vid, v in self._moved_on_from(seen.path, live[seen.path]).items()
-                        if _same_entry(v, wanted, kept_bits)
+                        if same_entry(v, wanted, kept_bits)
                     ),
                     None,
                 )
@@ -1901,9 +1901,10 @@ def _based_on(cached: LocalEntry | None) -> tuple[str, ...]:
     return (cached.version_id,) if cached is not None else ()
 
 
-def _same_entry(version: Version, wanted: tuple[Kind, bytes, int], bits_kept: bool) -> bool:
+def same_entry(version: Version, wanted: tuple[Kind, bytes, int], bits_kept: bool) -> bool:
     """Whether ``version`` is what a scan found (``wanted``: kind, content, permission
-    bits). Where the disk keeps no bits (``bits_kept`` False) any version's are the file's."""
+    bits). Where the disk keeps no bits (``bits_kept`` False) any version's are the file's:
+    adoption and ``backer repair``'s recognition must not tell versions apart by them."""
     if bits_kept:
         return (version.kind, version.content, version.permissions) == wanted
     return (version.kind, version.content) == wanted[:2]
