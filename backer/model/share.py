@@ -949,11 +949,12 @@ class Share:
         bytes in the store and noted them at the store's entry: the older copy's chunk
         index still finds them at the path, so they are noted at the entry again."""
         store = Store(self.root, self.catalog)
-        for key, record in delta.added.items():
-            path, version_id = split_key(key)
+        added = [(*split_key(key), record) for key, record in delta.added.items()]
+        cached = self.catalog.local_entries(path for path, _, _ in added if is_valid(path))
+        for path, version_id, record in added:
             if not is_valid(path):
                 continue
-            held = self.catalog.local_entries([path]).get(path)
+            held = cached.get(path)
             replaced = self.catalog.version(held.version_id) if held is not None else None
             if replaced is not None and replaced.kind == Kind.FILE and store.has(replaced.content):
                 store.register(replaced.content)
