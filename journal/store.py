@@ -26,6 +26,12 @@ from .merkle import Peaks, depth, leaf_span, peak_indices, subtree_hash
 KEEP_DEPTH = 5
 PAGE_EVENTS = 1024  # events read at once by a catch-up (see in_ranges)
 PAGE_BYTES = 1 << 20
+# Pages the write-ahead log may hold before it is copied into the database (SQLite's
+# default is 1,000). A bulk scan or sync dirties the same index pages in commit after
+# commit; a checkpoint copies each page once however often the log holds it, so a larger
+# log copies fewer: at 100,000 files a join wrote 20 % less, a first scan 23 % less
+# (docs/benchmarks.md). The log is cut back to this size after a checkpoint.
+WAL_PAGES = 16384
 
 
 class JournalError(Exception):
@@ -95,6 +101,8 @@ class Journal:
         try:
             self.db.enable_wal()
             self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            self.conn.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             self.conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: bulk ingest is ~1.5x faster
             self._create_schema()
         except sqlite3.DatabaseError as exc:

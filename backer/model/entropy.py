@@ -17,14 +17,31 @@ from pathlib import Path
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+SERIAL_BITS = 40
+
+
 class Source:
     """The real thing: ``secrets`` and the wall clock."""
+
+    _serial: int | None = None
 
     def token(self, size: int) -> bytes:
         return secrets.token_bytes(size)
 
     def now_ns(self) -> int:
         return time.time_ns()
+
+    def now_s(self) -> int:
+        """The wall clock's second (a seeded clock is not moved by reading it here)."""
+        return time.time_ns() // 1_000_000_000
+
+    def serial(self) -> int:
+        """The next of a run of numbers that starts at random (once per source, so once
+        per process) and then counts up by one, modulo ``2**SERIAL_BITS``."""
+        if self._serial is None:
+            self._serial = int.from_bytes(self.token(SERIAL_BITS // 8), "big")
+        self._serial = (self._serial + 1) % (1 << SERIAL_BITS)
+        return self._serial
 
     def since_boot(self) -> tuple[str, int] | None:
         """This boot's id and the nanoseconds elapsed since it, suspend included: a clock
@@ -51,6 +68,9 @@ class SeededSource(Source):
         self._now += 1_000_000
         return self._now
 
+    def now_s(self) -> int:
+        return self._now // 1_000_000_000
+
     def since_boot(self) -> tuple[str, int] | None:
         return ("seeded", self._now)  # (its clock never jumps: it is the boot clock)
 
@@ -68,6 +88,14 @@ def now_ns() -> int:
 
 def now_ms() -> int:
     return _source.now_ns() // 1_000_000
+
+
+def now_s() -> int:
+    return _source.now_s()
+
+
+def serial() -> int:
+    return _source.serial()
 
 
 def since_boot() -> tuple[str, int] | None:
