@@ -56,6 +56,26 @@ def test_a_whole_scan_records_each_batch_while_it_walks(
     assert (again.added, again.modified, again.unchanged) == ([], [], 3 + 36)
 
 
+def test_batches_grow_with_the_share_so_a_large_first_scan_commits_fewer_times(
+    tmp_path: Path, key: nacl.signing.SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 10 at first, then an eighth of what was walked (each commit rewrote a
+    page per row of the hash-keyed indexes: fixed batches made a first scan's writes grow
+    with the square of its files); every file recorded once all the same."""
+    monkeypatch.setattr(walk, "BATCH_FILES", 10)
+    root = tmp_path / "share"
+    root.mkdir()
+    _tree(root, 4, 100)
+    share = Share.create(root, key)
+    summary = share.scan()
+    assert len(summary.added) == 4 + 400
+    assert len(share.catalog.local_entries()) == 4 + 400
+    assert [walk.batch_files(n) for n in (0, 80, 160, 400)] == [10, 10, 20, 50]
+    assert _state_events(share) < 30  # 40 batches of 10 before
+    again = share.scan()
+    assert (again.added, again.modified, again.unchanged) == ([], [], 4 + 400)
+
+
 def test_a_directory_whose_new_entries_were_recorded_in_an_earlier_batch_is_recorded_again(
     tmp_path: Path, key: nacl.signing.SigningKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:

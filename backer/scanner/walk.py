@@ -7,8 +7,9 @@ re-read; one that keeps changing, or cannot be read, is reported and left as it 
 recorded — an unreadable file is never mistaken for a deleted one.
 
 A whole scan streams: the walk yields entries directory by directory and the files to
-read are hashed and handed to the caller BATCH_FILES at a time, so a first scan of a
-million files holds one batch, not the share, in memory.
+read are hashed and handed to the caller a batch at a time (:func:`batch_files`: 5,000
+files, growing to 50,000 in a large share), so a first scan of a million files holds
+one batch, not the share, in memory.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ if TYPE_CHECKING:
 READ_ATTEMPTS = 3
 THREADED_FROM = 1024 * 1024  # smaller files hash faster inline than through a thread pool
 FRESH_NS = 2_000_000_000  # an mtime this recent may still change within its granularity
-BATCH_FILES = 5000  # files a streamed scan reads before the caller records them
+BATCH_FILES = 5000  # files a streamed scan reads before the caller records them, at least
+BATCH_SHARE = 8  # and at least this fraction (1/8) of the files walked so far,
+MAX_BATCH_FILES = 50_000  # up to this many (see batch_files)
 
 
 class Seen(NamedTuple):
@@ -347,6 +350,16 @@ def entry_key(key: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     return size, 0 if stat.S_ISDIR(mode) else mtime_ns, inode, mode
 
 
+def batch_files(walked: int) -> int:
+    """How many files a streamed scan reads before the caller records them, once it has
+    walked ``walked`` entries. Each recorded batch is a commit, and a commit writes a
+    page per row of the indexes keyed by content or chunk hash once they outgrow it: a
+    first scan of 1,000,000 files in batches of 5,000 rewrote each such page ~200 times.
+    Batches that grow with the share (to a bound on what one holds in memory) keep that
+    from growing with the square of the files (docs/decisions.md)."""
+    return max(BATCH_FILES, min(MAX_BATCH_FILES, walked // BATCH_SHARE))
+
+
 def look(
     root: Path,
     local_for: LocalReader,
@@ -371,8 +384,8 @@ def look(
     ``names_of``: a partial scan that finds a changed file with more than one link scans
     the other recorded names of its inode too (an edit through one name changes all).
     ``stop`` set: :class:`ScanStopped` is raised at the next directory or file.
-    ``record``: handed each BATCH_FILES files read as an observation of their own (not
-    ``final``) while the walk goes on; what is returned is the rest, with the
+    ``record``: handed each batch of files read (:func:`batch_files`) as an observation
+    of their own (not ``final``) while the walk goes on; what is returned is the rest, with the
     directories, the deletions and every problem of the whole scan.
     """
     result = Observation(permissions_kept=keeps_permissions(root / METADATA_DIR))
@@ -413,7 +426,7 @@ def look(
     to_read: list[Seen] = []
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
         reader = _Reader(pool, progress, stop, unreadable, result.errors)
-        for entry in entries:
+        for walked, entry in enumerate(entries):
             cached = find(entry.path)
             if cached is not None and cached.settled and cached.stat_key == entry.stat_key:
                 result.unchanged += 1
@@ -427,7 +440,7 @@ def look(
                 batch[entry.path] = cached
             reader.found(entry)
             to_read.append(entry)
-            if record is not None and len(to_read) >= BATCH_FILES:
+            if record is not None and len(to_read) >= batch_files(walked):
                 part = Observation(
                     local=batch,
                     scope=scope,
