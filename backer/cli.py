@@ -752,7 +752,12 @@ def conflicts(directory: str | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("path")
-@click.option("--keep", "keep", metavar="VERSION", help="Keep this version (see 'conflicts').")
+@click.option(
+    "--keep",
+    "keep",
+    metavar="VERSION",
+    help="Keep this version: its id (see 'conflicts'), or any part of it naming one.",
+)
 @click.option("--keep-both", is_flag=True, help="Keep every copy as an ordinary file.")
 @click.option(
     "--keep-newest", is_flag=True, help="Keep the version modified last ('backer conflicts')."

@@ -61,7 +61,7 @@ def test_resolving_with_a_losing_version_writes_it_at_the_path_and_removes_the_c
     a, b = _conflicted(tmp_path)
     (conflict,) = revisions.conflicts(a.catalog)
     loser = conflict.contenders[1]
-    said = revisions.resolve_conflict(a, "notes.txt", keep=loser.version_id[:6])
+    said = revisions.resolve_conflict(a, "notes.txt", keep=loser.version_id[-6:])
     assert said == f"resolved notes.txt: kept version {loser.version_id}, 1 copies removed"
     text = (a.root / "notes.txt").read_bytes()
     assert not (a.root / str(loser.copy_path)).exists()
@@ -90,6 +90,11 @@ def test_keep_newest_and_bad_choices(tmp_path: Path) -> None:
     (conflict,) = revisions.conflicts(a.catalog)
     with pytest.raises(BackerError, match="is not one of the versions of"):
         revisions.resolve_conflict(a, "notes.txt", keep="nothing")
+    first, second = (c.version_id for c in conflict.contenders)
+    shared = first[: next(i for i, (x, y) in enumerate(zip(first, second, strict=True)) if x != y)]
+    assert shared  # (the first digit is the top of the second: the same for decades)
+    with pytest.raises(BackerError, match="is not one of the versions of"):
+        revisions.resolve_conflict(a, "notes.txt", keep=shared)  # names both
     with pytest.raises(BackerError, match="no conflict at 'other"):
         revisions.resolve_conflict(a, "other.txt")
     newest = max(conflict.contenders, key=lambda c: c.version.mtime_ns)

@@ -123,8 +123,10 @@ def resolve_conflict(
     """Record how the conflict at ``path`` is resolved, apply it here, and say so in one
     line (per-file problems are the share's).
 
-    ``keep``: the version id (or a unique prefix of it) that keeps the path; None with
-    ``keep_both`` False: the newest (latest modification); ``keep_both``: every copy
+    ``keep``: the version id (or any part of it that names one contender: ids made in
+    the same second share their first digits, so the end tells them apart) that keeps
+    the path; None with ``keep_both`` False: the newest (latest modification);
+    ``keep_both``: every copy
     stays as an ordinary file. The conflict copies are deleted as new versions (the
     losers stay in history), so every device removes them; peers get it as events.
     Scan the paths first: a resolution supersedes what the disk holds."""
@@ -143,7 +145,7 @@ def resolve_conflict(
             contenders, key=lambda c: (c.version.mtime_ns, c.version.time_ms, c.version_id)
         )
     else:
-        matching = [c for c in contenders if c.version_id.startswith(keep) and keep]
+        matching = [c for c in contenders if keep and keep in c.version_id]
         if len(matching) != 1:
             ids = ", ".join(c.version_id for c in contenders)
             raise BackerError(f"{keep!r} is not one of the versions of {conflict.path!r}: {ids}")
