@@ -173,16 +173,26 @@ class Directories:
         self._lock = threading.Lock()
         self._disk: ShareDisk | None = None  # the share's filesystem: never left
 
-    def open(self, relative: str, make: Callable[[str], bool] | None = None) -> None:
+    def open(
+        self,
+        relative: str,
+        make: Callable[[str], bool] | None = None,
+        lend: _Lent | None = None,
+    ) -> None:
         """Open ``relative`` unless it is open already: from the nearest folder open here,
         above it (see :func:`open_directory`) or below it (``..`` a level at a time, kept
         only if that reaches the very folder a walk found at ``relative`` before), so a
         deep tree costs one open per folder, not one per folder and level, whether the
         window goes down it (writes) or up it (deletions, deepest first). Neither is
-        looser than holding ``relative`` itself since then: :meth:`moved` checks."""
+        looser than holding ``relative`` itself since then: :meth:`moved` checks.
+        ``lend``: lent to it in the same pass through the lock that finds or adds it —
+        between two passes, other threads' opens could evict it (a join's writer
+        threads failed with a KeyError of a folder's name)."""
         with self._lock:
             if relative in self._fds:
                 self._fds.move_to_end(relative)
+                if lend is not None:
+                    lend.take()
                 return
             above, below, levels = self._nearest(relative)
         fd = None if below is None else self._climb(relative, below, levels)
@@ -201,8 +211,11 @@ class Directories:
         with self._lock:
             if relative in self._fds:  # opened meanwhile by another thread
                 os.close(fd)
-                return
-            self._fds[relative] = fd
+                self._fds.move_to_end(relative)
+            else:
+                self._fds[relative] = fd
+            if lend is not None:
+                lend.take()  # (before the eviction: what is lent is never closed)
             self._evict()
 
     def refuse_mount_point(self, relative: str, info: os.stat_result) -> None:
@@ -363,21 +376,15 @@ class _Lent:
         self.fd = -1
 
     def __enter__(self) -> int:
-        dirs, relative = self.dirs, self.relative
-        with dirs._lock:  # (the common case, open already: one pass through the lock)
-            if relative in dirs._fds:
-                dirs._fds.move_to_end(relative)
-                return self._lend()
-        dirs.open(relative)
-        with dirs._lock:
-            return self._lend()
+        self.dirs.open(self.relative, lend=self)  # (open already: one pass through the lock)
+        return self.fd
 
-    def _lend(self) -> int:
-        """(lock held) The descriptor, counted as lent until :meth:`__exit__`."""
+    def take(self) -> None:
+        """(lock held, the folder open) Take its descriptor, counted as lent until
+        :meth:`__exit__`."""
         dirs, relative = self.dirs, self.relative
-        fd = self.fd = dirs._fds[relative]
+        self.fd = dirs._fds[relative]
         dirs._using[relative] = dirs._using.get(relative, 0) + 1
-        return fd
 
     def __exit__(self, *exc_info: object) -> None:
         dirs, relative = self.dirs, self.relative
