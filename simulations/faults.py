@@ -41,6 +41,7 @@ import random
 import sqlite3
 import stat
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -162,6 +163,10 @@ class Disks:
         self.unflushed: set[int | None] = set()  # inodes written on a budget, not flushed yet
         self.folder_opens = 0  # by backer, on any node: a deep tree must not make it O(depth²)
         self.meddlers: dict[str, Meddler] = {}  # by root
+        # one swap at a time, from the look at the folder to the undo: two writer threads
+        # creating in one folder at once swapped it twice (the second took the folder
+        # already moved aside for its own), and the undos left it aside for good
+        self.meddling = threading.Lock()
         self.kills: dict[str, Kill] = {}  # by root
         self.savers: dict[str, Saver] = {}  # by root
         self.replaced: list[str] = []  # files the person saved that backer replaced
@@ -531,12 +536,14 @@ def _open(disks: Disks, real: Callable[..., int]) -> Callable[..., int]:
         plan = disks._node_plan(path, kw.get("dir_fd")) if caller in FAULTED else None
         if plan is not None and plan.active:
             disks._maybe_fail(plan, "create" if flags & os.O_CREAT else "read", path)
-        swapped = disks._meddle(path, flags, kw.get("dir_fd"))
-        try:
-            fd = real(path, flags, mode, **kw)
-        finally:
-            if swapped is not None:
-                disks._unmeddle(*swapped)
+        meddling = disks.meddling if disks.meddlers else contextlib.nullcontext()
+        with meddling:
+            swapped = disks._meddle(path, flags, kw.get("dir_fd"))
+            try:
+                fd = real(path, flags, mode, **kw)
+            finally:
+                if swapped is not None:
+                    disks._unmeddle(*swapped)
         if plan is not None:
             disks.fds[fd] = plan
         if sys._getframe(1).f_code.co_name == PLACEHOLDERS:

@@ -164,9 +164,9 @@ class Directories:
     writer and checker threads use them too). A descriptor stays the directory it was
     opened on: after removing a directory, :meth:`forget` it (and what is under it)."""
 
-    def __init__(self, root: Path, limit: int = OPEN_DIRECTORIES) -> None:
+    def __init__(self, root: Path, limit: int | None = None) -> None:
         self.root = root
-        self.limit = limit
+        self.limit = OPEN_DIRECTORIES if limit is None else limit  # (read when made)
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._using: dict[str, int] = {}  # descriptors lent out: never closed meanwhile
         self._found: dict[str, Identity] = {}  # the folder each walk found at each path
