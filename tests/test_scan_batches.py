@@ -39,21 +39,34 @@ def _state_events(share: Share) -> int:
     return sum(1 for _, e in share.journal.since(0) if e.kind == EventKind.STATE)
 
 
-def test_a_whole_scan_records_each_batch_while_it_walks(
-    tmp_path: Path, key: nacl.signing.SigningKey, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _scanned_in_batches_from_ten(
+    tmp_path: Path,
+    key: nacl.signing.SigningKey,
+    monkeypatch: pytest.MonkeyPatch,
+    directories: int,
+    files: int,
+) -> Share:
+    """A share of ``directories`` folders of ``files`` files after its first scan, in
+    batches of 10 files at least: every path recorded once, and a rescan finds every one
+    unchanged."""
     monkeypatch.setattr(walk, "BATCH_FILES", 10)
     root = tmp_path / "share"
     root.mkdir()
-    _tree(root, 3, 12)
+    _tree(root, directories, files)
     share = Share.create(root, key)
-    summary = share.scan()
-    assert len(summary.added) == 3 + 36
-    assert len(live(share)) == 3 + 36
-    assert _state_events(share) >= 4  # 3 batches of 10 files, then the rest
-    assert len(share.catalog.local_entries()) == 3 + 36
+    paths = directories * (1 + files)
+    assert len(share.scan().added) == paths
+    assert len(live(share)) == len(share.catalog.local_entries()) == paths
     again = share.scan()
-    assert (again.added, again.modified, again.unchanged) == ([], [], 3 + 36)
+    assert (again.added, again.modified, again.unchanged) == ([], [], paths)
+    return share
+
+
+def test_a_whole_scan_records_each_batch_while_it_walks(
+    tmp_path: Path, key: nacl.signing.SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    share = _scanned_in_batches_from_ten(tmp_path, key, monkeypatch, 3, 12)
+    assert _state_events(share) >= 4  # 3 batches of 10 files, then the rest
 
 
 def test_batches_grow_with_the_share_so_a_large_first_scan_commits_fewer_times(
@@ -62,18 +75,9 @@ def test_batches_grow_with_the_share_so_a_large_first_scan_commits_fewer_times(
     """Batches of 10 at first, then an eighth of what was walked (each commit rewrote a
     page per row of the hash-keyed indexes: fixed batches made a first scan's writes grow
     with the square of its files); every file recorded once all the same."""
-    monkeypatch.setattr(walk, "BATCH_FILES", 10)
-    root = tmp_path / "share"
-    root.mkdir()
-    _tree(root, 4, 100)
-    share = Share.create(root, key)
-    summary = share.scan()
-    assert len(summary.added) == 4 + 400
-    assert len(share.catalog.local_entries()) == 4 + 400
+    share = _scanned_in_batches_from_ten(tmp_path, key, monkeypatch, 4, 100)
     assert [walk.batch_files(n) for n in (0, 80, 160, 400)] == [10, 10, 20, 50]
     assert _state_events(share) < 30  # 40 batches of 10 before
-    again = share.scan()
-    assert (again.added, again.modified, again.unchanged) == ([], [], 4 + 400)
 
 
 def test_a_directory_whose_new_entries_were_recorded_in_an_earlier_batch_is_recorded_again(
