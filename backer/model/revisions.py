@@ -126,9 +126,9 @@ def resolve_conflict(
     ``keep``: the version id (or any part of it that names one contender: ids made in
     the same second share their first digits, so the end tells them apart) that keeps
     the path; None with ``keep_both`` False: the newest (latest modification);
-    ``keep_both``: every copy
-    stays as an ordinary file. The conflict copies are deleted as new versions (the
-    losers stay in history), so every device removes them; peers get it as events.
+    ``keep_both``: every copy stays as an ordinary file. The conflict copies are deleted
+    as new versions (the losers stay in history), so every device removes them; peers
+    get it as events.
     Scan the paths first: a resolution supersedes what the disk holds."""
     conflict = find_conflict(share.catalog, path)
     contenders = conflict.contenders

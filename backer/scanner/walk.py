@@ -385,8 +385,8 @@ def look(
     the other recorded names of its inode too (an edit through one name changes all).
     ``stop`` set: :class:`ScanStopped` is raised at the next directory or file.
     ``record``: handed each batch of files read (:func:`batch_files`) as an observation
-    of their own (not ``final``) while the walk goes on; what is returned is the rest, with the
-    directories, the deletions and every problem of the whole scan.
+    of their own (not ``final``) while the walk goes on; what is returned is the rest,
+    with the directories, the deletions and every problem of the whole scan.
     """
     result = Observation(permissions_kept=keeps_permissions(root / METADATA_DIR))
     rules = IgnoreRules.load(root)
